@@ -1,0 +1,198 @@
+"""Load ``gateway.yaml``: YAML with line numbers, ``${VAR}`` interpolation, pydantic validation.
+
+Every error names the key path and the YAML line it came from, e.g.::
+
+    gateway.yaml: plugins[1].config.limits -> line 23: Input should be a valid string
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .model import GatewayConfig
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is a message fit for an operator."""
+
+    def __init__(self, problems: list[str], source: str = "gateway.yaml") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+Path_ = tuple[Any, ...]
+
+
+class _Lines:
+    """Maps key paths (tuples of keys / indexes) to the YAML line they start on."""
+
+    def __init__(self) -> None:
+        self.lines: dict[Path_, int] = {}
+
+    def find(self, path: Iterable[Any]) -> int | None:
+        path = tuple(path)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get(())
+
+
+def fmt_path(path: Iterable[Any]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{fmt_path(path)} -> line {line}: environment variable {name} is not set "
+                        f"(use ${{{name}:-default}} to give a default)")
+        return ""
+
+    return _VAR.sub(repl, value)
+
+
+def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str], env: dict[str, str]) -> Any:
+    lines.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for knode, vnode in node.value:
+            key = yaml.safe_load(yaml.serialize(knode)) if not isinstance(knode, yaml.ScalarNode) else knode.value
+            if key in out:
+                problems.append(f"{fmt_path(path + (key,))} -> line {knode.start_mark.line + 1}: duplicate key")
+            lines.lines[path + (key,)] = knode.start_mark.line + 1
+            out[key] = _construct(vnode, path + (key,), lines, problems, env)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, path + (i,), lines, problems, env) for i, v in enumerate(node.value)]
+    # Scalars: resolve with the safe constructor, then interpolate strings.
+    value = yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
+    if isinstance(value, str) and "${" in value:
+        value = _interpolate(value, path, node.start_mark.line + 1, problems, env)
+        # An interpolated value is re-read as a YAML scalar so "${PORT:-8080}" is a number.
+        if node.style is None:
+            try:
+                value = yaml.safe_load(value) if value != "" else None
+            except yaml.YAMLError:
+                pass
+    return value
+
+
+def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], _Lines]:
+    env = dict(os.environ) if env is None else env
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"], source) from None
+    lines = _Lines()
+    problems: list[str] = []
+    data = _construct(node, (), lines, problems, env) if node is not None else {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["line 1: the top level must be a mapping"], source)
+    if problems:
+        raise ConfigError(problems, source)
+    return data, lines
+
+
+def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[str]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = prefix + tuple(e["loc"])
+        line = lines.find(loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}")
+    return out
+
+
+def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str] | None = None) -> GatewayConfig:
+    data, lines = parse_yaml(text, source, env)
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(validation_problems(e, lines), source) from None
+    # Plugin configs are validated against each plugin's own model.
+    from gateway.plugin import registry  # late import: the core depends on config, not the reverse
+
+    problems: list[str] = []
+    for i, spec in enumerate(cfg.plugins):
+        cls = registry.get(spec.name)
+        if cls is None:
+            problems.append(f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name'))}: "
+                            f"unknown plugin {spec.name!r} (known: {', '.join(sorted(registry.names()))})")
+            continue
+        try:
+            spec._validated = cls.Config.model_validate(spec.config)
+        except ValidationError as e:
+            problems += validation_problems(e, lines, ("plugins", i, "config"))
+    names = [p.name for p in cfg.plugins]
+    for j, route in enumerate(cfg.routes):
+        for pname, ov in route.plugins.items():
+            if pname not in names:
+                problems.append(f"routes[{j}].plugins.{pname} -> line {lines.find(('routes', j, 'plugins', pname))}: "
+                                f"plugin {pname!r} is not in the plugins list")
+                continue
+            spec = cfg.plugins[names.index(pname)]
+            if ov.config and spec.validated is not None:
+                cls = registry.get(pname)
+                merged = deep_merge(spec.config, ov.config)
+                try:
+                    ov._validated = cls.Config.model_validate(merged)
+                except ValidationError as e:
+                    problems += validation_problems(e, lines, ("routes", j, "plugins", pname, "config"))
+    if problems:
+        raise ConfigError(problems, source)
+    cfg._source = source
+    return cfg
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror}"], str(p)) from None
+    cfg = load_config_text(text, str(p), env)
+    cfg._path = str(p.resolve())
+    return cfg
+
+
+def plugin_config_problems(model: type[BaseModel], data: dict[str, Any]) -> list[str]:
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        return validation_problems(e, _Lines())
+    return []

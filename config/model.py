@@ -1,0 +1,219 @@
+"""The validated model of ``gateway.yaml``.
+
+Every section forbids unknown keys, so a typo stops start-up with the key path and line.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 10**6, "mb": 10**6,
+          "mi": 2**20, "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30}
+
+
+def parse_size(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected a size such as 1048576 or '10MiB'")
+    if isinstance(v, int):
+        return v
+    m = _SIZE.match(str(v))
+    if not m:
+        raise ValueError("expected a size such as 1048576 or '10MiB'")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerConfig(Model):
+    host: str = Field("0.0.0.0", description="Address of the public listener.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
+    max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    trusted_proxies: list[str] = Field(default_factory=list,
+                                       description="CIDRs whose X-Forwarded-For is believed (read right to left).")
+    server_timing: bool = Field(False, description="Add a Server-Timing header with each plugin's duration.")
+    paths: list[str] = Field(default_factory=lambda: ["/"],
+                             description="Path prefixes proxied to the upstream; others get 404.")
+
+    _networks: list[Any] = PrivateAttr(default_factory=list)
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"not a CIDR: {c!r}") from None
+        return v
+
+    def model_post_init(self, _: Any) -> None:
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies]
+
+    @property
+    def networks(self) -> list[Any]:
+        return self._networks
+
+
+class AdminConfig(Model):
+    enabled: bool = Field(True, description="Run the admin listener.")
+    host: str = Field("127.0.0.1", description="Address of the admin listener (loopback by default).")
+    port: int = Field(8081, ge=0, le=65535)
+    token: str | None = Field(None, description="Bearer token for the admin API (at least 16 characters).",
+                              repr=False)
+
+    @model_validator(mode="after")
+    def _token(self) -> "AdminConfig":
+        if self.enabled and (not self.token or len(self.token) < 16):
+            raise ValueError("the admin listener needs a token of at least 16 characters "
+                             "(set admin.token, e.g. ${GATEWAY_ADMIN_TOKEN}, or admin.enabled: false)")
+        return self
+
+
+class TimeoutsConfig(Model):
+    connect: float = Field(5.0, gt=0, description="Seconds to connect to the upstream.")
+    first_byte: float = Field(120.0, gt=0, description="Seconds from sending the request to the response head.")
+    idle: float = Field(120.0, gt=0, description="Seconds allowed between two body chunks.")
+
+
+class UpstreamConfig(Model):
+    url: str = Field(description="Base URL of the OpenAI-compatible backend, e.g. http://127.0.0.1:8000")
+    headers: dict[str, str] = Field(default_factory=dict, repr=False,
+                                    description="Headers added to every upstream request (its credentials).")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    max_connections: int = Field(256, ge=1, description="Connection pool size to the upstream.")
+    health_path: str | None = Field(None, description="GET this path for /readyz; default: TCP connect only.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class DatabaseConfig(Model):
+    url: str = Field("sqlite+aiosqlite:///gateway.db", repr=False,
+                     description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...")
+    auto_migrate: bool | None = Field(None, description="Apply migrations at start (default: yes for SQLite).")
+    busy_timeout_ms: int = Field(5000, ge=0, description="SQLite busy_timeout.")
+    pool_size: int = Field(10, ge=1)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("sqlite+aiosqlite://") or v.startswith("postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return v
+
+
+class LoggingConfig(Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+
+class PluginSpec(Model):
+    name: str = Field(description="Registered plugin name.")
+    enabled: bool = Field(True, description="Globally on; a route can turn it on or off.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The plugin's own settings.")
+
+    _validated: Any = PrivateAttr(None)
+
+    @property
+    def validated(self) -> Any:
+        """The plugin's config model instance, set by the loader."""
+        return self._validated
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class PluginOverride(Model):
+    enabled: bool | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    _validated: Any = PrivateAttr(None)
+
+    @property
+    def validated(self) -> Any:
+        """The plugin's config model instance, set by the loader."""
+        return self._validated
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class RouteConfig(Model):
+    name: str | None = None
+    path_prefix: str = Field(description="Applies to request paths starting with this prefix.")
+    methods: list[str] = Field(default_factory=list, description="HTTP methods; empty means all.")
+    plugins: dict[str, PluginOverride] = Field(default_factory=dict)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slash(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        return [m.upper() for m in v]
+
+
+class GatewayConfig(Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=lambda: AdminConfig(enabled=False))
+    upstream: UpstreamConfig
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    plugins: list[PluginSpec] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    _source: str = PrivateAttr("gateway.yaml")
+    _path: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def path(self) -> str | None:
+        """Absolute path of the file this was loaded from (used by reload)."""
+        return self._path
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "GatewayConfig":
+        seen = set()
+        for p in self.plugins:
+            if p.name in seen:
+                raise ValueError(f"plugin {p.name!r} is listed twice")
+            seen.add(p.name)
+        return self
+
+    def reload_key(self) -> dict[str, Any]:
+        """The sections a reload cannot change (they need a restart)."""
+        return {"server": self.server.model_dump(), "admin": self.admin.model_dump(),
+                "database": self.database.model_dump(), "upstream": {"url": self.upstream.url}}

@@ -1,0 +1,151 @@
+"""The admin listener: health, readiness, metrics, config reload, the OpenAPI document, and the
+routes plugins contribute. Everything but /healthz and /readyz needs the admin token."""
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import json_error
+from .plugin import registry
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+ADMIN_IDENTITY = web.AppKey("admin_identity", str)
+
+
+def admin_identity(request: web.Request) -> str:
+    """Who made an admin call (for the audit trail); never the token itself."""
+    return request.get("admin_identity", "admin")
+
+
+def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = token.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        h = request.headers.get("Authorization", "")
+        given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
+        if not given:
+            return json_error(401, "Admin token required (Authorization: Bearer <admin token>).",
+                              "invalid_request_error", "admin_token_missing",
+                              headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given, expected):
+            return json_error(401, "Invalid admin token.", "invalid_request_error", "admin_token_invalid",
+                              headers={"WWW-Authenticate": "Bearer"})
+        request["admin_identity"] = "admin"
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Admin errors in the same JSON shape as the public ones; never a traceback."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 409: "conflict",
+                422: "invalid_value"}.get(e.status, "error")
+        msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        return json_error(e.status, msg, "invalid_request_error", code)
+    except Exception:
+        import logging
+
+        logging.getLogger("gateway.admin").exception("admin handler failed: %s %s", request.method, request.path)
+        return json_error(500, "The admin API failed to handle the request.", "server_error", "internal_error")
+
+
+def build_admin_app(gw: "Gateway") -> web.Application:
+    assert gw.cfg.admin.token
+    app = web.Application(middlewares=[errors_middleware, make_auth_middleware(gw.cfg.admin.token)])
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        up_ok, up_detail = await gw.upstream.ready()
+        db_ok = await gw.db.ping() if gw.db is not None else True
+        ok = up_ok and db_ok
+        body = {"status": "ready" if ok else "not_ready",
+                "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
+                           "database": {"ok": db_ok}}}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(gw.services.metrics),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def reload(request: web.Request) -> web.Response:
+        ok, detail = await gw.reload(actor=admin_identity(request))
+        if ok:
+            return web.json_response({"status": "reloaded", "plugins": [p.name for p in gw.cfg.plugins]})
+        return json_error(400, f"Reload rejected, the running config is unchanged: {detail}",
+                          "invalid_request_error", "config_invalid")
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.json_response(openapi_document(gw))
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/config/reload", reload)
+    app.router.add_get("/openapi.json", openapi)
+    seen = set()
+    for spec in gw.cfg.plugins:
+        cls = registry.get(spec.name)
+        if cls is None or cls in seen:
+            continue
+        seen.add(cls)
+        app.router.add_routes(cls.admin_routes(gw.services))
+    return app
+
+
+_ERR = {"description": "Error (OpenAI error shape)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def openapi_document(gw: "Gateway") -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"summary": "Readiness: upstream and database reachable", "security": [],
+                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"},
+                                                                           "401": _ERR}}},
+        "/config/reload": {"post": {"summary": "Validate gateway.yaml and swap it in atomically, or change nothing",
+                                    "responses": {"200": {"description": "reloaded"}, "400": _ERR, "401": _ERR}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+    }
+    seen = set()
+    for spec in gw.cfg.plugins:
+        cls = registry.get(spec.name)
+        if cls is None or cls in seen:
+            continue
+        seen.add(cls)
+        paths.update(cls.openapi_paths())
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gateway admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "code": {"type": ["string", "null"]}, "param": {"type": ["string", "null"]}}}}}},
+        },
+        "security": [{"adminToken": []}],
+        "paths": paths,
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str)

@@ -1,0 +1,171 @@
+"""Wiring and lifecycle: listeners, the shared upstream session, the runtime, reloads, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import Counter
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+from .admin import build_admin_app
+from .db import Database
+from .proxy import Proxy
+from .runtime import Runtime
+from .services import Services
+from .upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+
+def uses_database(cfg: GatewayConfig) -> bool:
+    from .plugin import registry
+
+    return any(getattr(registry.get(p.name), "uses_database", False) for p in cfg.plugins)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        d = cfg.database
+        self.db: Database | None = Database(d.url, busy_timeout_ms=d.busy_timeout_ms, pool_size=d.pool_size,
+                                            echo=d.echo)
+        self.services = Services(cfg, self.db)
+        self.services.gateway = self
+        self.upstream = Upstream(cfg.upstream)
+        self.runtime = Runtime(cfg, self.services)
+        self.proxy = Proxy(self)
+        self._public: web.AppRunner | None = None
+        self._admin: web.AppRunner | None = None
+        self.public_port = 0
+        self.admin_port = 0
+        self._reloads = Counter("gateway_config_reloads_total", "Config reloads by result", ["result"],
+                                registry=self.services.metrics)
+        self._reload_lock = asyncio.Lock()
+        self._old_runtimes: set[asyncio.Task[None]] = set()
+
+    async def migrate_if_configured(self) -> None:
+        assert self.db is not None
+        auto = self.cfg.database.auto_migrate
+        if auto is None:
+            auto = self.db.is_sqlite
+        if auto:
+            await self.db.upgrade()
+        await self.db.check()
+
+    async def start(self) -> None:
+        if uses_database(self.cfg):
+            await self.migrate_if_configured()
+        trace_configs = [tc for p in self.runtime.instances for tc in p.trace_configs()]
+        self.upstream = Upstream(self.cfg.upstream, trace_configs)
+        await self.upstream.start()
+        await self.runtime.startup()
+        middlewares = [m for p in self.runtime.instances for m in p.middlewares()]
+        app = web.Application(middlewares=middlewares, client_max_size=self.cfg.server.max_body_size)
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        self._public = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=self.cfg.server.shutdown_timeout)
+        await self._public.setup()
+        site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
+        await site.start()
+        self.public_port = _port(self._public)
+        if self.cfg.admin.enabled:
+            self._admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5)
+            await self._admin.setup()
+            await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port).start()
+            self.admin_port = _port(self._admin)
+        log.info("gateway listening", extra={"fields": {
+            "public": f"{self.cfg.server.host}:{self.public_port}",
+            "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
+            "upstream": self.cfg.upstream.url, "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
+        plugins down (they flush what they buffered) and close the shared resources."""
+        if self._public is not None:
+            await self._public.cleanup()
+            self._public = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        for t in list(self._old_runtimes):
+            await t
+        await self.runtime.shutdown(wait=0)
+        await self.upstream.close()
+        await self.services.close()
+        if self.db is not None:
+            await self.db.close()
+        log.info("gateway stopped")
+
+    async def reload(self, actor: str = "signal") -> tuple[bool, str]:
+        """Load and validate the config file again, start the new chain, swap it in atomically.
+        On any error the running config is left untouched."""
+        async with self._reload_lock:
+            ok, detail = await self._reload()
+        self._reloads.labels("success" if ok else "failure").inc()
+        self.services.events.emit("config.reloaded", actor=actor, result="success" if ok else "failure",
+                                  detail=detail)
+        (log.info if ok else log.error)("config reload %s: %s", "applied" if ok else "rejected", detail)
+        return ok, detail
+
+    async def _reload(self) -> tuple[bool, str]:
+        if not self.cfg.path:
+            return False, "the running config was not loaded from a file"
+        try:
+            new = load_config(self.cfg.path)
+        except ConfigError as e:
+            return False, str(e)
+        if new.reload_key() != self.cfg.reload_key():
+            return False, "server, admin, database and upstream.url cannot change without a restart"
+        if uses_database(new) and not uses_database(self.cfg):
+            assert self.db is not None
+            try:
+                await self.migrate_if_configured()
+            except Exception as e:
+                return False, f"database not ready: {type(e).__name__}"
+        rt = Runtime(new, self.services)
+        try:
+            await rt.startup()
+        except Exception as e:
+            log.exception("a plugin failed to start during reload")
+            return False, f"a plugin failed to start: {type(e).__name__}: {e}"
+        old, self.runtime, self.cfg = self.runtime, rt, new
+        self.upstream.static_headers = dict(new.upstream.headers)
+        self.upstream.timeouts = new.upstream.timeouts
+        task = asyncio.create_task(old.shutdown(wait=new.server.shutdown_timeout))
+        self._old_runtimes.add(task)
+        task.add_done_callback(self._old_runtimes.discard)
+        return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s)"
+
+
+def _port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, (tuple, list)) and len(addr) >= 2:
+            return int(addr[1])
+    return 0
+
+
+async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set); SIGHUP reloads the config."""
+    gw = Gateway(cfg)
+    await gw.start()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload(actor="SIGHUP")))
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass
+    if ready is not None:
+        await ready(gw)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %ss)", cfg.server.shutdown_timeout)
+    await gw.stop()
+    return 0

@@ -1,0 +1,216 @@
+"""``gateway`` command line: serve, check, db, demo, and the subcommands plugins add
+(``keys``, ``audit``, ``conversations`` ...)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "config" / "profiles" / "default.yaml"
+
+
+def _packaged_default() -> Path:
+    try:
+        import gateway.config as c
+
+        return Path(c.__file__).parent / "profiles" / "default.yaml"
+    except Exception:
+        return DEFAULT_PROFILE
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("GATEWAY_CONFIG") or "gateway.yaml"
+
+
+def load(args: argparse.Namespace, env: dict[str, str] | None = None) -> GatewayConfig:
+    """Load the config named by ``-c`` (or exit 2 with the problems, one per line)."""
+    try:
+        return load_config(config_path(args), env=env)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def open_database(cfg: GatewayConfig, migrate: bool = True) -> Any:
+    """For CLI commands that work on the configured database directly (no admin listener needed)."""
+    from .db import Database
+
+    d = cfg.database
+    db = Database(d.url, busy_timeout_ms=d.busy_timeout_ms, pool_size=2)
+    return db
+
+
+async def cli_services(cfg: GatewayConfig) -> Any:
+    """Database + Services for a CLI command; applies migrations if the config says so."""
+    from .services import Services
+
+    db = open_database(cfg)
+    auto = cfg.database.auto_migrate
+    if auto is None:
+        auto = db.is_sqlite
+    if auto:
+        await db.upgrade()
+    return Services(cfg, db)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="path to gateway.yaml (default: ./gateway.yaml or $GATEWAY_CONFIG)")
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+    from .logs import setup_logging
+
+    cfg = load(args)
+    setup_logging(cfg.logging.level, cfg.logging.format)
+    return asyncio.run(serve(cfg))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    enabled = [p.name for p in cfg.plugins if p.enabled]
+    print(f"{config_path(args)}: OK ({len(cfg.plugins)} plugin(s): {', '.join(enabled) or 'none'}; "
+          f"{len(cfg.routes)} route override(s); upstream {cfg.upstream.url})")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from .db import current_sync, upgrade_sync
+
+    cfg = load(args)
+    if args.db_command == "upgrade":
+        heads = upgrade_sync(cfg.database.url)
+        print(f"database at head: {', '.join(heads) or '(no migrations)'}")
+    else:
+        for line in current_sync(cfg.database.url):
+            print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .app import serve
+    from .demo import start_demo_upstream
+    from .logs import setup_logging
+
+    path = Path(config_path(args))
+    if not path.exists():
+        path = _packaged_default()
+    env = dict(os.environ)
+    token = env.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    env["GATEWAY_ADMIN_TOKEN"] = token
+
+    async def main() -> int:
+        runner, port = await start_demo_upstream("127.0.0.1", args.upstream_port)
+        env["UPSTREAM_URL"] = f"http://127.0.0.1:{port}"
+        try:
+            cfg = load_config(path, env=env)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        setup_logging(cfg.logging.level, cfg.logging.format)
+
+        async def ready(gw: Any) -> None:
+            found: dict[str, str] = {}
+            for p in gw.runtime.instances:
+                found.update(await p.demo_setup())
+            print(demo_instructions(gw, found, token), flush=True)
+
+        try:
+            return await serve(cfg, ready=ready)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def demo_instructions(gw: Any, found: dict[str, str], admin_token: str) -> str:
+    host = gw.cfg.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{host}:{gw.public_port}"
+    key = found.get("api_key")
+    auth = f" \\\n  -H 'Authorization: Bearer {key}'" if key else ""
+    lines = [
+        "",
+        "gateway demo is running",
+        f"  public listener : {base}  ->  demo backend {gw.cfg.upstream.url}",
+    ]
+    if gw.admin_port:
+        lines.append(f"  admin listener  : http://{gw.cfg.admin.host}:{gw.admin_port}  (admin token: {admin_token})")
+    if key:
+        lines.append(f"  demo API key    : {key}   (shown once; only its hash is stored)")
+    for k, v in found.items():
+        if k != "api_key":
+            lines.append(f"  {k:<16}: {v}")
+    lines += [
+        "",
+        "Try it with curl:",
+        f"  curl -s {base}/v1/chat/completions{auth} \\\n  -H 'Content-Type: application/json' \\\n"
+        "  -d '{\"model\": \"demo-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'",
+        "",
+        "Or with the OpenAI Python SDK (pip install openai):",
+        "  python - <<'PY'",
+        "from openai import OpenAI",
+        f"client = OpenAI(base_url=\"{base}/v1\", api_key=\"{key or 'unused'}\")",
+        "r = client.chat.completions.create(model=\"demo-chat\", messages=[{\"role\": \"user\", \"content\": \"Hello!\"}])",
+        "print(r.choices[0].message.content)",
+        "for chunk in client.chat.completions.create(model=\"demo-chat\", stream=True,",
+        "        messages=[{\"role\": \"user\", \"content\": \"Stream please\"}]):",
+        "    print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True) if chunk.choices else None",
+        "print()",
+        "PY",
+        "",
+        "Press Ctrl-C to stop.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .plugin import registry
+
+    parser = argparse.ArgumentParser(prog="gateway", description="A gateway for OpenAI-compatible chat backends.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the gateway")
+    add_config_arg(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check", help="validate the config and exit (non-zero on error)")
+    add_config_arg(p)
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("db", help="database schema")
+    add_config_arg(p)
+    p.add_argument("db_command", choices=["upgrade", "current"])
+    p.set_defaults(func=cmd_db)
+    p = sub.add_parser("demo", help="run the gateway with a built-in demo backend and print a first call")
+    add_config_arg(p)
+    p.add_argument("--upstream-port", type=int, default=0, help="port for the demo backend (default: any free)")
+    p.set_defaults(func=cmd_demo)
+    for name in sorted(registry.names()):
+        cls = registry.get(name)
+        if cls is not None:
+            cls.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        rc = 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

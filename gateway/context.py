@@ -1,0 +1,152 @@
+"""The per-request context: cheap to create, points at the shared runtime.
+
+This is the contract between the core and the plugins (plugins never import each other; what they
+share goes through here). Fields are set by the core unless noted.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .observe import Completion
+
+
+class RequestContext:
+    __slots__ = (
+        "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
+        "trusted", "upstream_headers", "identity", "conversation_id", "state", "status", "source",
+        "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
+        "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
+        "strip_usage_chunk", "response_headers",
+    )
+
+    def __init__(self, request: "web.Request", request_id: str, route: str, trusted: list[Any]) -> None:
+        self.request = request
+        self.request_id = request_id
+        self.method: str = request.method
+        self.path: str = request.path
+        self.route = route                      # name of the matched route ("default" if none)
+        self.t_start = time.perf_counter()
+        self.body: bytes = b""                  # the request body, read in full (bounded by max_body_size)
+        self._json: Any = None
+        self._client_ip: str | None = None
+        self.trusted = trusted
+        self.upstream_headers: dict[str, str] = {}   # plugins add headers for the upstream request here
+        #: Set by key_auth: {"key_id", "owner", "name", "team", "scopes", "limits": {...}, "metadata"}.
+        self.identity: dict[str, Any] | None = None
+        self.conversation_id: str | None = None  # set by the conversations plugin
+        self.state: dict[str, Any] = {}          # private per-plugin state, keyed by plugin name
+        self.status = 0                          # status sent to the client
+        self.source = "gateway"                  # "upstream" (proxied) or "gateway" (reply / error)
+        #: How the exchange ended: "ok", "refused", "error", "client_disconnected", "upstream_error",
+        #: "upstream_timeout", "upstream_disconnected".
+        self.outcome = "ok"
+        self.error: str | None = None            # error code when the gateway produced an error
+        #: Set by a plugin that refused the request: {"plugin", "reason", ...} (e.g. auth reason, limit).
+        self.refusal: dict[str, Any] | None = None
+        self.streamed = False                    # response was text/event-stream
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.t_upstream: float | None = None     # upstream request sent
+        self.t_headers: float | None = None      # upstream response head received
+        self.t_first_byte: float | None = None   # first body byte sent to the client
+        self.t_end: float | None = None
+        #: (plugin, phase, start, end) perf_counter seconds, recorded when timings are on.
+        self.timings: list[tuple[str, str, float, float]] | None = None
+        self.observe = False                     # a plugin wants ctx.completion filled
+        self.completion: "Completion | None" = None
+        self.client_wants_usage = False
+        self.strip_usage_chunk = False
+        self.response_headers: dict[str, str] = {}  # extra headers for the client response
+
+    # -- request body ---------------------------------------------------------------------------
+    @property
+    def json(self) -> Any:
+        """The request body parsed as JSON (a dict for OpenAI requests), or None."""
+        if self._json is None and self.body:
+            try:
+                self._json = json.loads(self.body)
+            except (ValueError, UnicodeDecodeError):
+                self._json = False
+        return self._json or None
+
+    def set_json(self, data: Any) -> None:
+        """Replace the body sent upstream (e.g. history prepended, stream_options added)."""
+        self._json = data
+        self.body = json.dumps(data).encode()
+
+    @property
+    def model(self) -> str | None:
+        j = self.json
+        m = j.get("model") if isinstance(j, dict) else None
+        return m if isinstance(m, str) else None
+
+    @property
+    def stream_requested(self) -> bool:
+        j = self.json
+        return isinstance(j, dict) and j.get("stream") is True
+
+    def want_usage(self) -> None:
+        """Ask the core to fill ``ctx.completion`` and, for streamed chat/completions, to request the
+        upstream's usage chunk (hidden from a client that did not ask for it)."""
+        self.observe = True
+
+    # -- identity of the caller -----------------------------------------------------------------
+    @property
+    def key_id(self) -> str | None:
+        return self.identity.get("key_id") if self.identity else None
+
+    @property
+    def owner(self) -> str | None:
+        return self.identity.get("owner") if self.identity else None
+
+    @property
+    def client_ip(self) -> str:
+        """The socket peer, or, when the peer is a trusted proxy, the right-most untrusted
+        address of X-Forwarded-For."""
+        if self._client_ip is None:
+            self._client_ip = resolve_client_ip(self.request, self.trusted)
+        return self._client_ip
+
+    # -- timing ---------------------------------------------------------------------------------
+    def elapsed_ms(self, since: float | None = None, until: float | None = None) -> float | None:
+        if since is None:
+            return None
+        return round(((until or self.t_end or time.perf_counter()) - since) * 1000, 3)
+
+
+def _peer(request: "web.Request") -> str:
+    t = request.transport
+    peer = t.get_extra_info("peername") if t is not None else None
+    if isinstance(peer, (tuple, list)) and peer:
+        return str(peer[0])
+    return request.remote or ""
+
+
+def _in(addr: str, nets: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in n for n in nets)
+
+
+def resolve_client_ip(request: "web.Request", trusted: list[Any]) -> str:
+    peer = _peer(request)
+    if not trusted or not _in(peer, trusted):
+        return peer
+    hops = []
+    for h in request.headers.getall("X-Forwarded-For", []):
+        hops += [p.strip() for p in h.split(",") if p.strip()]
+    for addr in reversed(hops):
+        if not _in(addr, trusted):
+            try:
+                return str(ipaddress.ip_address(addr))
+            except ValueError:
+                return peer  # garbage in the header: fall back to the proxy itself
+    return hops[0] if hops else peer

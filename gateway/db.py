@@ -1,0 +1,125 @@
+"""The database layer shared by every plugin that persists.
+
+One SQLAlchemy 2 async engine. SQLite (the default) gets WAL, ``busy_timeout`` and
+``synchronous=NORMAL`` on every connection, and :meth:`Database.check` reads them back so a
+start-up never assumes they took. PostgreSQL is the same code with a ``postgresql+asyncpg`` URL.
+The schema is owned by Alembic migrations (``gateway db upgrade``); each plugin that stores data
+has its own migration branch in ``gateway/migrations/versions``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase
+
+log = logging.getLogger("gateway.db")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every table the gateway stores."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class DatabaseError(Exception):
+    pass
+
+
+class Database:
+    def __init__(self, url: str, *, busy_timeout_ms: int = 5000, pool_size: int = 10, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.busy_timeout_ms = busy_timeout_ms
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
+        if not self.is_sqlite:
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", self._sqlite_pragmas)
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    def session(self) -> AsyncSession:
+        return self.sessionmaker()
+
+    async def check(self) -> dict[str, Any]:
+        """Connect and, for SQLite, read the pragmas back; raises if they did not apply."""
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            if not self.is_sqlite:
+                return {}
+            got = {
+                "journal_mode": (await conn.execute(text("PRAGMA journal_mode"))).scalar(),
+                "busy_timeout": (await conn.execute(text("PRAGMA busy_timeout"))).scalar(),
+                "synchronous": (await conn.execute(text("PRAGMA synchronous"))).scalar(),
+            }
+        want = {"journal_mode": "wal", "busy_timeout": self.busy_timeout_ms, "synchronous": 1}
+        if str(got["journal_mode"]).lower() != "wal" or got["busy_timeout"] != want["busy_timeout"] \
+                or got["synchronous"] != 1:
+            raise DatabaseError(f"SQLite pragmas not applied: got {got}, want {want}")
+        return got
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    async def upgrade(self) -> list[str]:
+        """Apply every migration branch up to its head; returns the heads now applied."""
+        return await asyncio.to_thread(upgrade_sync, self.url)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("version_locations", str(Path(__file__).parent / "migrations" / "versions"))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def upgrade_sync(url: str) -> list[str]:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "heads")
+    return sorted(ScriptDirectory.from_config(cfg).get_heads())
+
+
+def current_sync(url: str) -> list[str]:
+    from alembic import command
+
+    cfg = alembic_config(url)
+    out: list[str] = []
+    cfg.print_stdout = lambda msg, *a: out.append(msg % a if a else msg)  # type: ignore[method-assign]
+    command.current(cfg)
+    return out

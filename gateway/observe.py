@@ -1,0 +1,247 @@
+"""Watching a response go by: SSE framing, usage, model, finish reasons and the assistant message.
+
+The core runs a :class:`ResponseObserver` only when a plugin asked for it (``ctx.want_usage()``).
+It sees the body exactly as the client gets it, so what it assembles is what was delivered.
+For streams where the core itself asked the upstream for usage (``stream_options.include_usage``),
+the observer also removes that extra usage-only chunk so the client never sees it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
+
+
+class Completion:
+    """What the upstream answered, as far as it was delivered."""
+
+    __slots__ = ("usage", "model", "response_id", "finish_reasons", "content", "tool_calls", "role",
+                 "deltas", "done", "message", "t_first_token", "kind", "raw")
+
+    def __init__(self) -> None:
+        self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
+        self.model: str | None = None
+        self.response_id: str | None = None
+        self.finish_reasons: list[str] = []
+        self.content: str | None = None            # assistant text of choice 0 (streams: assembled)
+        self.tool_calls: list[dict[str, Any]] = []  # choice 0 tool calls (streams: assembled from deltas)
+        self.role: str | None = None
+        self.deltas = 0        # content / tool-call deltas seen (roughly one per generated token)
+        self.done = False      # saw the end ([DONE], a finish_reason, or a complete JSON body)
+        self.message: dict[str, Any] | None = None  # the assistant message as an OpenAI message dict
+        self.t_first_token: float | None = None
+        self.kind = "json"     # "json" or "sse"
+        self.raw: Any = None   # the parsed JSON body (non-streamed)
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return _int(self.usage.get("prompt_tokens")) if self.usage else None
+
+    @property
+    def completion_tokens(self) -> int | None:
+        return _int(self.usage.get("completion_tokens")) if self.usage else None
+
+    def assistant_message(self) -> dict[str, Any] | None:
+        if self.message is not None:
+            return self.message
+        if self.content is None and not self.tool_calls and self.role is None:
+            return None
+        msg: dict[str, Any] = {"role": self.role or "assistant", "content": self.content}
+        if self.tool_calls:
+            msg["tool_calls"] = self.tool_calls
+        return msg
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+class ResponseObserver:
+    def __init__(self, streamed: bool, strip_usage_chunk: bool) -> None:
+        self.c = Completion()
+        self.c.kind = "sse" if streamed else "json"
+        self.streamed = streamed
+        self.strip = strip_usage_chunk and streamed
+        self._buf = bytearray()
+        self._too_big = False
+
+    # -- feeding ---------------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> bytes:
+        """Observe one upstream chunk; returns what to pass on to the client."""
+        if not self.streamed:
+            if not self._too_big:
+                if len(self._buf) + len(chunk) > MAX_JSON_BODY:
+                    self._too_big = True
+                    self._buf.clear()
+                else:
+                    self._buf += chunk
+            return chunk
+        self._buf += chunk
+        out = bytearray() if self.strip else None
+        while True:
+            end, sep = _find_event_end(self._buf)
+            if end < 0:
+                break
+            event = bytes(self._buf[:end + sep])
+            del self._buf[:end + sep]
+            keep = self._event(event)
+            if out is not None and keep:
+                out += event
+        if out is None:
+            return chunk
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        """End of body: parse what is left; returns any bytes still to send."""
+        if not self.streamed:
+            if self._buf and not self._too_big:
+                try:
+                    self._json(json.loads(self._buf))
+                except (ValueError, UnicodeDecodeError):
+                    pass
+            self._buf.clear()
+            return b""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        if rest.strip():
+            keep = self._event(rest)
+            if self.strip:
+                return rest if keep else b""
+        return b""
+
+    # -- parsing ---------------------------------------------------------------------------------
+    def _event(self, event: bytes) -> bool:
+        """Handle one SSE event; returns False if it must not reach the client."""
+        data_lines = []
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                v = line[5:]
+                data_lines.append(v[1:] if v.startswith(b" ") else v)
+        if not data_lines:
+            return True
+        data = b"\n".join(data_lines)
+        if data.strip() == b"[DONE]":
+            self.c.done = True
+            return True
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return True
+        if not isinstance(obj, dict):
+            return True
+        c = self.c
+        if obj.get("model") and not c.model:
+            c.model = obj["model"]
+        if obj.get("id") and not c.response_id:
+            c.response_id = obj["id"]
+        usage = obj.get("usage")
+        choices = obj.get("choices") or []
+        if isinstance(usage, dict):
+            c.usage = usage
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            if ch.get("finish_reason"):
+                c.finish_reasons.append(ch["finish_reason"])
+            if ch.get("index", 0) != 0:
+                continue
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                self._delta(delta)
+            elif isinstance(ch.get("text"), str):  # legacy /v1/completions stream
+                self._text(ch["text"])
+        if self.strip and isinstance(usage, dict) and not choices:
+            return False
+        return True
+
+    def _text(self, text: str) -> None:
+        c = self.c
+        if text:
+            if c.t_first_token is None:
+                c.t_first_token = time.perf_counter()
+            c.deltas += 1
+        c.content = (c.content or "") + text
+
+    def _delta(self, d: dict[str, Any]) -> None:
+        c = self.c
+        if d.get("role"):
+            c.role = d["role"]
+        if isinstance(d.get("content"), str):
+            self._text(d["content"])
+        tcs = d.get("tool_calls")
+        if isinstance(tcs, list):
+            if c.t_first_token is None:
+                c.t_first_token = time.perf_counter()
+            c.deltas += 1
+            for tc in tcs:
+                if not isinstance(tc, dict):
+                    continue
+                i = tc.get("index", len(c.tool_calls))
+                while len(c.tool_calls) <= i:
+                    c.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot = c.tool_calls[i]
+                if tc.get("id"):
+                    slot["id"] = tc["id"]
+                if tc.get("type"):
+                    slot["type"] = tc["type"]
+                fn = tc.get("function") or {}
+                if fn.get("name"):
+                    slot["function"]["name"] += fn["name"]
+                if fn.get("arguments"):
+                    slot["function"]["arguments"] += fn["arguments"]
+
+    def _json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        c = self.c
+        c.raw = obj
+        c.done = True
+        c.model = obj.get("model") if isinstance(obj.get("model"), str) else None
+        c.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+        if isinstance(obj.get("usage"), dict):
+            c.usage = obj["usage"]
+        for ch in obj.get("choices") or []:
+            if not isinstance(ch, dict):
+                continue
+            if ch.get("finish_reason"):
+                c.finish_reasons.append(ch["finish_reason"])
+            if ch.get("index", 0) != 0:
+                continue
+            msg = ch.get("message")
+            if isinstance(msg, dict):
+                c.message = msg
+                c.role = msg.get("role")
+                c.content = msg.get("content") if isinstance(msg.get("content"), str) else None
+                c.tool_calls = msg.get("tool_calls") or []
+            elif isinstance(ch.get("text"), str):
+                c.content = ch["text"]
+                c.role = "assistant"
+
+
+def _find_event_end(buf: bytearray) -> tuple[int, int]:
+    """Index of the blank line ending the first event, and the separator length."""
+    best, sep = -1, 0
+    for s in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        i = buf.find(s)
+        if i >= 0 and (best < 0 or i < best):
+            best, sep = i, len(s)
+    return best, sep
+
+
+def ask_for_usage(ctx: Any) -> None:
+    """For a streamed chat/completions request, make the upstream report usage in a final chunk.
+
+    Remembers whether the client asked for it itself, so the core can hide the chunk otherwise."""
+    j = ctx.json
+    if not isinstance(j, dict) or j.get("stream") is not True:
+        return
+    opts = j.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        ctx.client_wants_usage = True
+        return
+    new = dict(j)
+    new["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    ctx.set_json(new)
+    ctx.strip_usage_chunk = True

@@ -1,0 +1,183 @@
+"""The plugin protocol, the short-circuit ``Reply`` and the registry.
+
+A plugin is a class with a validated ``Config`` model and any of these hooks (the base class is a
+pass-through, so a plugin overrides only what it needs; the chain skips hooks left as they are):
+
+``on_request(ctx) -> Reply | None``
+    In YAML order, after the request body is read. Returning a ``Reply`` stops the chain and sends it.
+``on_response(ctx, head)``
+    In reverse order, before the response head is sent (upstream answers, replies and gateway errors);
+    ``head.headers`` may be changed.
+``on_chunk(ctx, chunk, last) -> bytes``
+    In reverse order, for each response body chunk as it streams (``last`` is True once, at the end,
+    with an empty chunk). Returns the bytes to send on. Never buffer the body here.
+``on_complete(ctx)``
+    Exactly once for every request that reached the chain: proxied, refused, failed or aborted.
+    Runs after the client has the whole response. Must be quick (enqueue, don't write).
+``startup()`` / ``shutdown()``
+    Once per plugin instance; shutdown flushes what the plugin buffered.
+
+Plugins are found by name: built-ins and third-party packages register a class in the
+``gateway.plugins`` entry-point group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+from multidict import CIMultiDict
+from pydantic import BaseModel, ConfigDict
+
+from .errors import error_body
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .services import Services
+
+log = logging.getLogger("gateway.plugin")
+
+ENTRY_POINT_GROUP = "gateway.plugins"
+
+
+class PluginConfig(BaseModel):
+    """Base for plugin config models: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response a plugin sends instead of forwarding the request."""
+
+    status: int
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, status: int, data: Any, headers: Mapping[str, str] | None = None) -> "Reply":
+        return cls(status, json.dumps(data, default=str).encode(), dict(headers or {}))
+
+    @classmethod
+    def error(cls, status: int, message: str, type: str, code: str | None,
+              headers: Mapping[str, str] | None = None) -> "Reply":
+        return cls(status, error_body(message, type, code), dict(headers or {}))
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """The status and headers about to be sent to the client; ``on_response`` may change them."""
+
+    status: int
+    headers: CIMultiDict[str]
+    source: str  # "upstream" | "gateway"
+
+
+class Plugin:
+    """Pass-through base class. Subclasses set ``name`` and ``Config`` and override hooks."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = PluginConfig
+    #: Set True if the plugin needs ``ctx.completion`` (usage, model, assembled assistant message).
+    observes_response: ClassVar[bool] = False
+    #: Set True if the plugin reads ``ctx.timings`` (per-plugin hook durations).
+    wants_timings: ClassVar[bool] = False
+
+    def __init__(self, config: Any, services: "Services") -> None:
+        self.config = config
+        self.services = services
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    async def on_request(self, ctx: "RequestContext") -> Reply | None:
+        return None
+
+    async def on_response(self, ctx: "RequestContext", head: ResponseHead) -> None:
+        return None
+
+    async def on_chunk(self, ctx: "RequestContext", chunk: bytes, last: bool) -> bytes:
+        return chunk
+
+    async def on_complete(self, ctx: "RequestContext") -> None:
+        return None
+
+    # -- optional class-level extension points ---------------------------------------------------
+    @classmethod
+    def admin_routes(cls, services: "Services") -> list[Any]:
+        """aiohttp ``RouteDef`` objects to mount on the admin listener (behind the admin token)."""
+        return []
+
+    @classmethod
+    def openapi_paths(cls) -> dict[str, Any]:
+        """OpenAPI ``paths`` entries describing :meth:`admin_routes`."""
+        return {}
+
+    @classmethod
+    def add_cli(cls, subparsers: Any) -> None:
+        """Add ``gateway <command>`` subcommands (argparse subparsers)."""
+
+    def middlewares(self) -> list[Any]:
+        """aiohttp middlewares for the public app (collected once, at start-up)."""
+        return []
+
+    def trace_configs(self) -> list[Any]:
+        """aiohttp ``TraceConfig`` objects for the shared upstream client session (start-up only)."""
+        return []
+
+    async def demo_setup(self) -> dict[str, str]:
+        """For ``gateway demo``: create what a first call needs; returns values to print (e.g. api_key)."""
+        return {}
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        return getattr(cls, hook) is not getattr(Plugin, hook)
+
+
+class Registry:
+    """Plugin classes by name, from the ``gateway.plugins`` entry points plus explicit registrations."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, type[Plugin]] = {}
+        self._loaded = False
+        self._errors: dict[str, str] = {}
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in self._classes:
+                continue
+            try:
+                cls = ep.load()
+            except Exception as e:  # a broken third-party plugin must not stop the others
+                self._errors[ep.name] = f"{type(e).__name__}: {e}"
+                log.debug("cannot load plugin %s: %s", ep.name, e)
+                continue
+            self._classes[ep.name] = cls
+
+    def register(self, cls: type[Plugin], name: str | None = None) -> type[Plugin]:
+        self._classes[name or cls.name] = cls
+        return cls
+
+    def get(self, name: str) -> type[Plugin] | None:
+        self._load()
+        return self._classes.get(name)
+
+    def names(self) -> list[str]:
+        self._load()
+        return list(self._classes)
+
+    def error(self, name: str) -> str | None:
+        self._load()
+        return self._errors.get(name)
+
+
+registry = Registry()

@@ -1,0 +1,294 @@
+"""The request handler: read the body, run the chain, forward, stream the answer back.
+
+Kept minimal on purpose: the empty-chain path does no more than a bare aiohttp pass-through
+(request id, header hygiene, bounded body read). Everything optional is skipped when no plugin
+asked for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .context import RequestContext
+from .errors import GatewayError, InternalError, NotFound, PayloadTooLarge
+from .observe import ResponseObserver, ask_for_usage
+from .plugin import Reply, ResponseHead
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .runtime import Chain
+
+log = logging.getLogger("gateway.proxy")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
+_USAGE_PATHS = ("/chat/completions", "/completions")
+_perf = time.perf_counter
+
+
+class PluginFailed(Exception):
+    def __init__(self, plugin: str, phase: str) -> None:
+        super().__init__(f"plugin {plugin} failed in {phase}")
+        self.plugin, self.phase = plugin, phase
+
+
+class Proxy:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+        s = gw.cfg.server
+        self.max_body = s.max_body_size
+        self.trusted = s.networks
+        self.paths = tuple(s.paths)
+        self.server_timing = s.server_timing
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rt = self.gw.runtime
+        rid = request.headers.get("X-Request-ID")
+        if rid is None or not _SAFE_ID(rid):
+            rid = uuid.uuid4().hex
+        chain = rt.match(request.method, request.path)
+        ctx = RequestContext(request, rid, chain.name, self.trusted)
+        if self.server_timing or rt.record_timings:
+            ctx.timings = []
+        rt.enter()
+        try:
+            return await self._handle(ctx, chain)
+        except asyncio.CancelledError:
+            ctx.outcome = "client_disconnected"
+            raise
+        finally:
+            ctx.t_end = _perf()
+            for p in chain.complete:
+                try:
+                    await p.on_complete(ctx)
+                except Exception:
+                    log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
+            rt.leave()
+
+    async def _handle(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
+        request = ctx.request
+        try:
+            if not request.path.startswith(self.paths):
+                raise NotFound(f"No route for {request.path}.")
+            await self._read_body(ctx)
+            timings = ctx.timings
+            for p in chain.request:
+                try:
+                    if timings is None:
+                        reply = await p.on_request(ctx)
+                    else:
+                        t0 = _perf()
+                        reply = await p.on_request(ctx)
+                        timings.append((p.name, "request", t0, _perf()))
+                except GatewayError:
+                    raise
+                except Exception:
+                    log.exception("plugin %s failed in on_request (request %s)", p.name, ctx.request_id)
+                    raise PluginFailed(p.name, "on_request") from None
+                if reply is not None:
+                    ctx.outcome = "refused"
+                    if ctx.refusal is None:
+                        ctx.refusal = {"plugin": p.name, "reason": "refused"}
+                    return await self._send_reply(ctx, chain, reply)
+            if chain.observe or ctx.observe:
+                ctx.observe = True
+                if request.method == "POST" and request.path.endswith(_USAGE_PATHS):
+                    ask_for_usage(ctx)
+            return await self._forward(ctx, chain)
+        except GatewayError as e:
+            return await self._send_error(ctx, chain, e)
+        except PluginFailed:
+            return await self._send_error(ctx, chain, InternalError())
+
+    async def _read_body(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        if not request.body_exists:
+            return
+        cl = request.content_length
+        if cl is not None and cl > self.max_body:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+        content = request.content
+        if cl is not None:
+            body = await content.read(cl) if cl else b""
+            while len(body) < cl:  # read() may return short on a slow client
+                more = await content.read(cl - len(body))
+                if not more:
+                    break
+                body += more
+        else:
+            buf = bytearray()
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > self.max_body:
+                    raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+            body = bytes(buf)
+        ctx.body = body
+        ctx.bytes_in = len(body)
+
+    # -- responses the gateway makes itself -------------------------------------------------------
+    async def _send_reply(self, ctx: RequestContext, chain: "Chain", reply: Reply) -> web.StreamResponse:
+        headers: CIMultiDict[str] = CIMultiDict(reply.headers)
+        headers["Content-Type"] = reply.content_type
+        return await self._send_local(ctx, chain, reply.status, reply.body, headers)
+
+    async def _send_error(self, ctx: RequestContext, chain: "Chain", err: GatewayError) -> web.StreamResponse:
+        ctx.error = err.code
+        if ctx.outcome in ("ok", "refused"):
+            ctx.outcome = "error"
+        headers: CIMultiDict[str] = CIMultiDict(err.headers)
+        headers["Content-Type"] = "application/json"
+        return await self._send_local(ctx, chain, err.status, err.body(), headers)
+
+    async def _send_local(self, ctx: RequestContext, chain: "Chain", status: int, body: bytes,
+                          headers: CIMultiDict[str]) -> web.StreamResponse:
+        ctx.source = "gateway"
+        head = ResponseHead(status, headers, "gateway")
+        try:
+            await self._run_on_response(ctx, chain, head)
+        except PluginFailed:
+            err = InternalError()
+            ctx.error, ctx.outcome = err.code, "error"
+            head = ResponseHead(err.status, CIMultiDict({"Content-Type": "application/json"}), "gateway")
+            body = err.body()
+        head.headers["X-Request-ID"] = ctx.request_id
+        resp = web.Response(status=head.status, body=body, headers=head.headers)
+        ctx.status = head.status
+        await resp.prepare(ctx.request)
+        await resp.write_eof()
+        ctx.bytes_out = len(body)
+        ctx.t_first_byte = _perf()
+        return resp
+
+    async def _run_on_response(self, ctx: RequestContext, chain: "Chain", head: ResponseHead) -> None:
+        timings = ctx.timings
+        for p in chain.response:
+            try:
+                if timings is None:
+                    await p.on_response(ctx, head)
+                else:
+                    t0 = _perf()
+                    await p.on_response(ctx, head)
+                    timings.append((p.name, "response", t0, _perf()))
+            except Exception:
+                log.exception("plugin %s failed in on_response (request %s)", p.name, ctx.request_id)
+                raise PluginFailed(p.name, "on_response") from None
+        for k, v in ctx.response_headers.items():
+            head.headers[k] = v
+        if self.server_timing and timings is not None:
+            head.headers["Server-Timing"] = server_timing(ctx)
+
+    # -- forwarding --------------------------------------------------------------------------------
+    async def _forward(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
+        up = self.gw.upstream
+        ctx.t_upstream = _perf()
+        resp = await up.send(ctx)
+        ctx.t_headers = _perf()
+        ctx.source = "upstream"
+        try:
+            return await self._relay(ctx, chain, resp)
+        finally:
+            resp.close()  # releases (or, if not fully read, drops) the upstream connection
+
+    async def _relay(self, ctx: RequestContext, chain: "Chain", resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        request = ctx.request
+        ctype = resp.headers.get("Content-Type", "")
+        streamed = ctype.startswith("text/event-stream")
+        ctx.streamed = streamed
+        observer = None
+        if ctx.observe:
+            observer = ResponseObserver(streamed, ctx.strip_usage_chunk and not ctx.client_wants_usage)
+            ctx.completion = observer.c
+        chunk_plugins = chain.chunk
+        transform = bool(chunk_plugins) or (observer is not None and observer.strip)
+        headers = self.gw.upstream.response_headers(resp, keep_length=not transform)
+        has_length = "Content-Length" in headers
+        head = ResponseHead(resp.status, headers, "upstream")
+        await self._run_on_response(ctx, chain, head)
+        head.headers["X-Request-ID"] = ctx.request_id
+        out = web.StreamResponse(status=head.status, reason=resp.reason, headers=head.headers)
+        ctx.status = head.status
+        await out.prepare(request)
+        idle = self.gw.upstream.timeouts.idle
+        content = resp.content
+        sent = 0
+        complete = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    ctx.outcome = "upstream_timeout"
+                    log.warning("upstream idle timeout mid-response (request %s)", ctx.request_id)
+                    break
+                except (aiohttp.ClientError, OSError) as e:
+                    ctx.outcome = "upstream_disconnected"
+                    log.warning("upstream ended mid-response (request %s): %s", ctx.request_id, type(e).__name__)
+                    break
+                if not chunk:
+                    complete = True
+                    break
+                if observer is not None:
+                    chunk = observer.feed(chunk)
+                for p in chunk_plugins:
+                    chunk = await self._on_chunk(ctx, p, chunk, False)
+                if chunk:
+                    if sent == 0:
+                        ctx.t_first_byte = _perf()
+                    await out.write(chunk)
+                    sent += len(chunk)
+            tail = observer.finish() if observer is not None else b""
+            for p in chunk_plugins:
+                tail = await self._on_chunk(ctx, p, tail, True)
+            if tail:
+                await out.write(tail)
+                sent += len(tail)
+            ctx.bytes_out = sent
+            if not complete and has_length:
+                # A fixed-length body that came up short: the client must see the connection drop,
+                # not a silently truncated message.
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            ctx.outcome = "client_disconnected"
+            ctx.bytes_out = sent
+        except PluginFailed:
+            ctx.outcome = "error"
+            ctx.error = "internal_error"
+            ctx.bytes_out = sent
+            if request.transport is not None:
+                request.transport.close()
+        return out
+
+    async def _on_chunk(self, ctx: RequestContext, p: Any, chunk: bytes, last: bool) -> bytes:
+        try:
+            if ctx.timings is None:
+                return await p.on_chunk(ctx, chunk, last)
+            t0 = _perf()
+            r = await p.on_chunk(ctx, chunk, last)
+            ctx.timings.append((p.name, "chunk", t0, _perf()))
+            return r
+        except Exception:
+            log.exception("plugin %s failed in on_chunk (request %s)", p.name, ctx.request_id)
+            raise PluginFailed(p.name, "on_chunk") from None
+
+
+def server_timing(ctx: RequestContext) -> str:
+    total: dict[str, float] = {}
+    for name, _phase, t0, t1 in ctx.timings or ():
+        total[name] = total.get(name, 0.0) + (t1 - t0)
+    parts = [f"{n};dur={d * 1000:.3f}" for n, d in total.items()]
+    if ctx.t_upstream is not None and ctx.t_headers is not None:
+        parts.append(f"upstream;dur={(ctx.t_headers - ctx.t_upstream) * 1000:.3f}")
+    return ", ".join(parts)

@@ -1,0 +1,126 @@
+"""The chain as data: plugin instances built once from the config, and per-route chains.
+
+A :class:`Runtime` is immutable once started; a config reload builds a new one, starts it, and
+swaps it in atomically. Requests hold the runtime they started with, so the old one is shut down
+only after its in-flight requests are done.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .plugin import Plugin, registry
+
+if TYPE_CHECKING:
+    from gateway.config.model import GatewayConfig
+
+    from .services import Services
+
+log = logging.getLogger("gateway")
+
+
+class Chain:
+    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe")
+
+    def __init__(self, name: str, plugins: list[Plugin]) -> None:
+        self.name = name
+        self.plugins = plugins
+        self.request = [p for p in plugins if type(p).overrides("on_request")]
+        self.response = [p for p in reversed(plugins) if type(p).overrides("on_response")]
+        self.chunk = [p for p in reversed(plugins) if type(p).overrides("on_chunk")]
+        self.complete = [p for p in plugins if type(p).overrides("on_complete")]
+        self.observe = any(type(p).observes_response for p in plugins)
+
+
+class Route:
+    __slots__ = ("name", "prefix", "methods", "chain")
+
+    def __init__(self, name: str, prefix: str, methods: frozenset[str], chain: Chain) -> None:
+        self.name, self.prefix, self.methods, self.chain = name, prefix, methods, chain
+
+
+class Runtime:
+    def __init__(self, cfg: "GatewayConfig", services: "Services") -> None:
+        self.cfg = cfg
+        self.services = services
+        self.instances: list[Plugin] = []
+        self.by_name: dict[str, Plugin] = {}
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+        def make(name: str, validated: Any) -> Plugin:
+            cls = registry.get(name)
+            assert cls is not None, name
+            inst = cls(validated, services)
+            self.instances.append(inst)
+            return inst
+
+        base: list[tuple[str, Plugin, bool]] = []
+        for spec in cfg.plugins:
+            inst = make(spec.name, spec.validated)
+            self.by_name[spec.name] = inst
+            base.append((spec.name, inst, spec.enabled))
+        self.default = Chain("default", [p for _, p, on in base if on])
+        routes = []
+        for i, rc in enumerate(cfg.routes):
+            plugins = []
+            for name, inst, on in base:
+                ov = rc.plugins.get(name)
+                if ov is not None and ov.enabled is not None:
+                    on = ov.enabled
+                if not on:
+                    continue
+                if ov is not None and ov.validated is not None:
+                    inst = make(name, ov.validated)
+                plugins.append(inst)
+            rname = rc.name or f"{rc.path_prefix}" + (f" {','.join(rc.methods)}" if rc.methods else "")
+            routes.append(Route(rname, rc.path_prefix, frozenset(rc.methods), Chain(rname, plugins)))
+        # Most specific first: longer prefixes, then routes that name methods.
+        routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
+        self.routes = routes
+        self.record_timings = any(type(p).wants_timings for p in self.instances)
+        self.started: list[Plugin] = []
+
+    def match(self, method: str, path: str) -> Chain:
+        for r in self.routes:
+            if path.startswith(r.prefix) and (not r.methods or method in r.methods):
+                return r.chain
+        return self.default
+
+    @property
+    def all_chains(self) -> list[Chain]:
+        return [self.default] + [r.chain for r in self.routes]
+
+    async def startup(self) -> None:
+        try:
+            for p in self.instances:
+                await p.startup()
+                self.started.append(p)
+        except BaseException:
+            await self.shutdown(wait=0)
+            raise
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def shutdown(self, wait: float = 30.0) -> None:
+        if wait and self.inflight:
+            try:
+                async with asyncio.timeout(wait):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("shutting plugins down with %d request(s) still in flight", self.inflight)
+        for p in reversed(self.started):
+            try:
+                await p.shutdown()
+            except Exception:
+                log.exception("plugin %s failed to shut down", type(p).name)
+        self.started.clear()

@@ -1,0 +1,88 @@
+"""What the core hands every plugin: settings, the database, metrics, events, shared resources."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from .writer import BatchWriter, WriterMetrics
+
+if TYPE_CHECKING:
+    from gateway.config.model import GatewayConfig
+
+    from .db import Database
+
+log = logging.getLogger("gateway")
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class Events:
+    """A tiny in-process bus for gateway events that are not requests: admin actions
+    (``key.created``, ``conversation.deleted`` ...) and ``config.reloaded``. The audit plugin
+    subscribes; anything may emit. Listeners must not block (enqueue and return)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, fn: Listener) -> Callable[[], None]:
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(type_, fields)
+            except Exception:
+                log.exception("event listener failed for %s", type_)
+
+
+class Services:
+    def __init__(self, settings: "GatewayConfig", db: "Database | None", registry: CollectorRegistry | None = None,
+                 events: Events | None = None) -> None:
+        self.settings = settings
+        self._db = db
+        self.metrics = registry or CollectorRegistry()
+        self.events = events or Events()
+        self._writer_metrics: WriterMetrics | None = None
+        self._resources: dict[str, Any] = {}
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._lock = asyncio.Lock()
+        self.gateway: Any = None  # the running Gateway, when there is one (admin routes use it)
+
+    @property
+    def db(self) -> "Database":
+        if self._db is None:
+            raise RuntimeError("no database configured")
+        return self._db
+
+    def writer(self, name: str, write: Callable[[Sequence[Any]], Awaitable[None]], **kw: Any) -> BatchWriter[Any]:
+        """A background batch writer whose depth/dropped counters appear on /metrics."""
+        if self._writer_metrics is None:
+            self._writer_metrics = WriterMetrics(self.metrics)
+        return BatchWriter(name, write, self._writer_metrics, **kw)
+
+    def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
+        """A process-wide object shared by plugin instances and kept across config reloads
+        (e.g. in-memory rate-limit counters, a key cache). Built on first use, closed at exit."""
+        if key not in self._resources:
+            obj = factory()
+            self._resources[key] = obj
+            if close is not None:
+                self._closers.append(lambda: close(obj))
+        return self._resources[key]
+
+    def metric(self, key: str, factory: Callable[[CollectorRegistry], Any]) -> Any:
+        """A metric registered once per registry (plugin instances and reloads share it)."""
+        return self.resource("metric:" + key, lambda: factory(self.metrics))
+
+    async def close(self) -> None:
+        for c in reversed(self._closers):
+            try:
+                await c()
+            except Exception:
+                log.exception("closing a shared resource failed")
+        self._closers.clear()
+        self._resources.clear()

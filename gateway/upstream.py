@@ -1,0 +1,141 @@
+"""The upstream seam: one pooled ``aiohttp.ClientSession``, header hygiene, and the one place that
+maps client errors to the gateway's error tree."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .errors import UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.config.model import UpstreamConfig
+
+    from .context import RequestContext
+
+log = logging.getLogger("gateway.upstream")
+
+# RFC 9110 7.6.1 connection-specific fields, plus the legacy ones proxies also drop.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "proxy-authenticate", "proxy-authorization"})
+# Never copied from the client: framing is recomputed, Host is the upstream's, credentials come from
+# the config, the gateway sets the forwarding headers itself, and a compressed request body was
+# already decoded by the server (so its Content-Encoding no longer applies).
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "expect", "x-request-id",
+                             "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for"}
+RESPONSE_DROP = HOP_BY_HOP
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    vals = headers.getall("Connection", ())
+    if not vals:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in vals for t in v.split(",") if t.strip())
+
+
+class Upstream:
+    def __init__(self, cfg: "UpstreamConfig", trace_configs: list[Any] | None = None) -> None:
+        self.cfg = cfg
+        self.base = cfg.url
+        u = urlsplit(cfg.url)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.timeouts = cfg.timeouts
+        self.static_headers = dict(cfg.headers)
+        self._trace_configs = trace_configs or []
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
+                                    keepalive_timeout=30, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(
+            connector=conn, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect,
+                                          sock_connect=self.timeouts.connect),
+            trace_configs=self._trace_configs or None, cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def request_headers(self, ctx: "RequestContext") -> CIMultiDict[str]:
+        req = ctx.request
+        src = req.headers
+        drop = connection_tokens(src)
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in src.items():
+            lk = k.lower()
+            if lk in REQUEST_DROP or lk in drop:
+                continue
+            out.add(k, v)
+        peer = req.remote or ""
+        prior = src.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        out["X-Forwarded-Proto"] = req.scheme
+        out["X-Forwarded-Host"] = req.host
+        out["X-Request-ID"] = ctx.request_id
+        for k, v in self.static_headers.items():
+            out[k] = v
+        for k, v in ctx.upstream_headers.items():
+            if v is None:
+                out.popall(k, None)
+            else:
+                out[k] = v
+        if ctx.observe:
+            out["Accept-Encoding"] = "identity"  # the observer reads usage from the body
+        return out
+
+    async def send(self, ctx: "RequestContext") -> aiohttp.ClientResponse:
+        """Send the request; returns once the response head arrived. Maps failures to 502/504."""
+        assert self.session is not None
+        req = ctx.request
+        url = self.base + req.rel_url.raw_path_qs
+        headers = self.request_headers(ctx)
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte):
+                return await self.session.request(req.method, url, data=ctx.body or None, headers=headers,
+                                                  allow_redirects=False, compress=None)
+        except TimeoutError:
+            ctx.outcome = "upstream_timeout"
+            raise UpstreamTimeout("The upstream did not send a response in time.") from None
+        except aiohttp.ServerTimeoutError:
+            ctx.outcome = "upstream_timeout"
+            raise UpstreamTimeout("Timed out connecting to the upstream.") from None
+        except (aiohttp.ClientError, OSError) as e:
+            ctx.outcome = "upstream_error"
+            log.warning("upstream request failed: %s: %s", type(e).__name__, e)
+            raise UpstreamUnavailable() from None
+
+    def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool) -> CIMultiDict[str]:
+        src = resp.headers
+        drop = connection_tokens(src)
+        out: CIMultiDict[str] = CIMultiDict()
+        for k, v in src.items():
+            lk = k.lower()
+            if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
+                continue
+            out.add(k, v)
+        return out
+
+    async def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
+        """Readiness: a TCP connect, or a GET of ``health_path`` when configured."""
+        try:
+            async with asyncio.timeout(timeout):
+                if self.cfg.health_path and self.session is not None:
+                    async with self.session.get(self.base + self.cfg.health_path, headers=self.static_headers,
+                                                allow_redirects=False) as r:
+                        return (r.status < 500, f"HTTP {r.status}")
+                _, w = await asyncio.open_connection(self.host, self.port, family=socket.AF_UNSPEC)
+                w.close()
+                return True, "ok"
+        except (TimeoutError, OSError, aiohttp.ClientError) as e:
+            return False, type(e).__name__

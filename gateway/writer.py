@@ -1,0 +1,188 @@
+"""A background batch writer: the one way plugins persist records off the request path.
+
+``put()`` is called on the request path and never waits on the database: it enqueues into a
+bounded queue. A single task drains the queue in batches, calls ``write(batch)``, retries with
+backoff while the store is down, and on shutdown flushes what is left. When the queue is full the
+policy decides: ``wait`` (up to ``full_wait`` seconds, then drop) or ``drop``. Every record that is
+finally not written is counted (``gateway_writer_dropped_total{writer, reason}``) and logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Generic, Literal, Sequence, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+log = logging.getLogger("gateway.writer")
+T = TypeVar("T")
+
+
+class WriterMetrics:
+    """Shared per-registry metric families (one set of label values per writer)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.depth = Gauge("gateway_writer_queue_depth", "Records waiting in a background writer's queue",
+                           ["writer"], registry=registry)
+        self.written = Counter("gateway_writer_written_total", "Records written by a background writer",
+                               ["writer"], registry=registry)
+        self.dropped = Counter("gateway_writer_dropped_total",
+                               "Records a background writer could not write (never silent)",
+                               ["writer", "reason"], registry=registry)
+        self.retries = Counter("gateway_writer_retries_total", "Failed batch writes that were retried",
+                               ["writer"], registry=registry)
+
+
+class BatchWriter(Generic[T]):
+    def __init__(self, name: str, write: Callable[[Sequence[T]], Awaitable[None]], metrics: WriterMetrics, *,
+                 max_queue: int = 10000, batch_size: int = 500, flush_interval: float = 0.2,
+                 on_full: Literal["wait", "drop"] = "wait", full_wait: float = 0.5,
+                 retry_for: float = 30.0, shutdown_retry_for: float = 5.0) -> None:
+        self.name = name
+        self._write = write
+        self._q: asyncio.Queue[T] = asyncio.Queue(maxsize=max_queue)
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.on_full = on_full
+        self.full_wait = full_wait
+        self.retry_for = retry_for
+        self.shutdown_retry_for = shutdown_retry_for
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._m = metrics
+        self._depth = metrics.depth.labels(name)
+        self._depth.set_function(self._q.qsize)
+        self._written = metrics.written.labels(name)
+        self.written = 0
+        self.dropped = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- request path -----------------------------------------------------------------------------
+    def put_nowait(self, item: T) -> bool:
+        """Enqueue without waiting; a full queue counts the record as dropped."""
+        try:
+            self._q.put_nowait(item)
+            self._idle.clear()
+            return True
+        except asyncio.QueueFull:
+            self._drop(1, "queue_full")
+            return False
+
+    async def put(self, item: T) -> bool:
+        """Enqueue; with ``on_full: wait`` waits up to ``full_wait`` seconds for room."""
+        if self._closing:
+            self._drop(1, "closed")
+            return False
+        try:
+            self._q.put_nowait(item)
+            self._idle.clear()
+            return True
+        except asyncio.QueueFull:
+            if self.on_full == "drop":
+                self._drop(1, "queue_full")
+                return False
+        try:
+            async with asyncio.timeout(self.full_wait):
+                await self._q.put(item)
+            self._idle.clear()
+            return True
+        except TimeoutError:
+            self._drop(1, "queue_full")
+            return False
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    # -- background -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"writer:{self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._q.get()
+            batch = [first]
+            deadline = time.monotonic() + self.flush_interval
+            while len(batch) < self.batch_size:
+                try:
+                    batch.append(self._q.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        batch.append(await self._q.get())
+                except TimeoutError:
+                    break
+            await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
+            if self._q.empty():
+                self._idle.set()
+
+    async def _write_with_retry(self, batch: list[T], budget: float) -> None:
+        give_up = time.monotonic() + budget
+        delay = 0.05
+        while True:
+            try:
+                await self._write(batch)
+                self.written += len(batch)
+                self._written.inc(len(batch))
+                return
+            except asyncio.CancelledError:
+                self._drop(len(batch), "cancelled")
+                raise
+            except Exception as e:
+                if time.monotonic() + delay > give_up:
+                    log.error("writer %s: giving up on %d records after retries: %s: %s",
+                              self.name, len(batch), type(e).__name__, _short(e))
+                    self._drop(len(batch), "write_failed")
+                    return
+                self._m.retries.labels(self.name).inc()
+                log.warning("writer %s: write of %d records failed, retrying in %.2fs: %s: %s",
+                            self.name, len(batch), delay, type(e).__name__, _short(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything queued so far is written (or given up on)."""
+        if self._task is None:
+            self.start()
+        async with asyncio.timeout(timeout):
+            while not self._q.empty() or not self._idle.is_set():
+                await self._idle.wait()
+                await asyncio.sleep(0)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued (retrying for a short while), then stop. Leftovers are counted."""
+        self._closing = True
+        try:
+            await self.flush(timeout)
+        except TimeoutError:
+            pass
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        left = self._q.qsize()
+        if left:
+            while not self._q.empty():
+                self._q.get_nowait()
+            self._drop(left, "shutdown")
+
+    def _drop(self, n: int, reason: str) -> None:
+        self.dropped += n
+        self._m.dropped.labels(self.name, reason).inc(n)
+        log.error("writer %s: %d record(s) not written (%s)", self.name, n, reason)
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).splitlines()[0] if str(e) else ""
+    return s[:200]

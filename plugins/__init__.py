@@ -1,0 +1,1 @@
+"""Built-in plugins, one module each. They register through the ``gateway.plugins`` entry-point group."""

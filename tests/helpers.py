@@ -1,0 +1,252 @@
+"""Test helpers: free ports, config files, a gateway on a real socket (in-process or as a
+subprocess), and private Redis / PostgreSQL servers on loopback."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(upstream_url: str, tmp: Path, plugins: list[dict[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5},
+        "admin": {"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
+        "upstream": {"url": upstream_url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 10}},
+        "database": {"url": f"sqlite+aiosqlite:///{tmp / 'gateway.db'}"},
+        "logging": {"level": "INFO", "format": "json"},
+        "plugins": plugins or [],
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any] | str) -> Path:
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class RunningGateway:
+    """A gateway started in this process (same event loop as the test)."""
+
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self.url = f"http://127.0.0.1:{gw.public_port}"
+        self.admin_url = f"http://127.0.0.1:{gw.admin_port}" if gw.admin_port else None
+        self.stopped = False
+
+    @property
+    def services(self) -> Any:
+        return self.gw.services
+
+    def plugin(self, name: str) -> Any:
+        return self.gw.runtime.by_name[name]
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.gw.stop()
+
+
+async def start_gateway(config_path: Path) -> RunningGateway:
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    cfg = load_config(config_path)
+    gw = Gateway(cfg)
+    await gw.start()
+    return RunningGateway(gw)
+
+
+class GatewayProcess:
+    """``gateway serve`` as a real subprocess (for SIGTERM and multi-instance tests)."""
+
+    def __init__(self, config_path: Path, port: int, admin_port: int | None, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.admin_port = admin_port
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}" if admin_port else None
+        self.log_path = log_path or config_path.with_suffix(f".{port}.log")
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "GatewayProcess":
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = (self.admin_url or self.url) + ("/healthz" if self.admin_url else "/")
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log()[-2000:]}")
+                try:
+                    async with s.get(url, timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        if r.status < 500 or not self.admin_url:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
+        raise TimeoutError(f"gateway not ready: {self.log()[-2000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+# -- Redis ----------------------------------------------------------------------------------------
+class RedisServer:
+    def __init__(self, port: int, dir_: Path) -> None:
+        self.port = port
+        self.dir = dir_
+        self.url = f"redis://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RedisServer":
+        exe = shutil.which("redis-server")
+        assert exe
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def have_redis() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+class PostgresCluster:
+    """A private PostgreSQL cluster in a temp dir (run as the ``postgres`` user when we are root)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="gw-pg-"))
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
+
+    @staticmethod
+    def bindir() -> str | None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if found:
+            return os.path.dirname(found[-1])
+        exe = shutil.which("initdb")
+        return os.path.dirname(exe) if exe else None
+
+    def _run(self, args: list[str]) -> None:
+        if os.geteuid() == 0:
+            args = ["runuser", "-u", "postgres", "--"] + args
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> "PostgresCluster":
+        b = self.bindir()
+        assert b
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        data = self.dir / "data"
+        self._run([f"{b}/initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"])
+        self._run([f"{b}/pg_ctl", "-D", str(data), "-l", str(self.dir / "log"), "-w", "-t", "30",
+                   "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                         f"-c max_connections=200", "start"])
+        return self
+
+    def stop(self) -> None:
+        b = self.bindir()
+        with contextlib.suppress(Exception):
+            self._run([f"{b}/pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "stop"])
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+
+async def create_pg_database(admin_dsn: str, name: str) -> str:
+    """Create a fresh database; returns its SQLAlchemy URL."""
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    rest = admin_dsn.split("://", 1)[1].rsplit("/", 1)[0]
+    return f"postgresql+asyncpg://{rest}/{name}"
