@@ -1,0 +1,318 @@
+"""``audit``: an audit trail of every request and every admin action, tamper-evident.
+
+::
+
+    - name: audit
+      config:
+        sinks: [database, {type: jsonl, path: audit.jsonl}]
+        retention_days: 90
+
+One event per request that reached the chain (proxied, refused, failed or aborted), typed
+``request``, ``auth_failure`` or ``rate_limited``; plus the admin and system events emitted on the
+services event bus (``key.created``, ``config.reloaded``, ``audit.purged`` ...). Events are queued
+on the request path and written in batches off it. Request and response bodies and headers are
+never recorded. See docs/audit.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, ClassVar, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from gateway.context import RequestContext
+from gateway.plugin import Plugin, PluginConfig
+
+from . import store
+from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
+
+log = logging.getLogger("gateway.audit")
+
+#: Refusal / event fields that must never reach the trail, whatever a plugin put there.
+_SECRET_WORDS = ("secret", "token", "password", "authorization", "api_key", "apikey", "credential", "cookie")
+
+
+class SinkSpec(PluginConfig):
+    type: Literal["database", "jsonl", "stdout"] = Field(description="database, jsonl or stdout.")
+    path: str | None = Field(None, description="File for the jsonl sink (appended to).")
+
+
+class AuditConfig(PluginConfig):
+    sinks: list[Union[Literal["database", "stdout"], SinkSpec]] = Field(
+        default_factory=lambda: ["database"],
+        description="Where events go; several at once: database, stdout, {type: jsonl, path: ...}.")
+    retention_days: float | None = Field(
+        None, ge=0, description="Delete database events older than this many days (none/0: keep forever).")
+    purge_interval: float = Field(3600.0, gt=0, description="Seconds between retention purges.")
+    queue_size: int = Field(10000, ge=1, description="Events each sink's writer may hold in memory.")
+    batch_size: int = Field(500, ge=1, description="Events written per batch.")
+    flush_interval: float = Field(0.2, gt=0, description="Longest wait before a partial batch is written.")
+    on_full: Literal["wait", "drop"] = Field(
+        "wait", description="Queue full: wait (up to full_wait) or drop at once; drops are counted and logged.")
+    full_wait: float = Field(0.5, ge=0, description="Seconds to wait for room with on_full: wait.")
+    retry_for: float = Field(30.0, gt=0, description="Seconds a failing batch is retried before it is dropped.")
+    events: bool = Field(True, description="Record admin/system events from the event bus.")
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sinks(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AuditConfig":
+        seen = set()
+        for s in self.sinks:
+            spec = s if isinstance(s, SinkSpec) else SinkSpec(type=s)
+            if spec.type == "jsonl" and not spec.path:
+                raise ValueError("the jsonl sink needs a path")
+            key = (spec.type, spec.path)
+            if key in seen:
+                raise ValueError(f"sink {spec.type} listed twice")
+            seen.add(key)
+        return self
+
+    def specs(self) -> list[SinkSpec]:
+        return [s if isinstance(s, SinkSpec) else SinkSpec(type=s) for s in self.sinks]
+
+
+def _answered_by(ctx: RequestContext) -> str:
+    if ctx.outcome == "client_disconnected":
+        return "client_abort"
+    if ctx.refusal is not None or ctx.outcome == "refused":
+        return "gateway_refusal"
+    if ctx.source == "upstream":
+        return "upstream"
+    return "error"
+
+
+def _clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """Scalars and small nested dicts/lists only; keys that look secret are dropped."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        k = str(k)
+        lk = k.lower()
+        if any(w in lk for w in _SECRET_WORDS) and lk not in ("key_id",):
+            continue
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, dict) and depth < 2:
+            out[k] = _clean(v, depth + 1)
+        elif isinstance(v, (list, tuple, set, frozenset)) and depth < 2:
+            out[k] = [x if x is None or isinstance(x, (bool, int, float, str)) else str(x) for x in list(v)[:100]]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _trace_id() -> str | None:
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+        return None
+    sc = trace.get_current_span().get_span_context()
+    return format(sc.trace_id, "032x") if sc.is_valid else None
+
+
+def _ms(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return round((b - a) * 1000, 3)
+
+
+def request_event(ctx: RequestContext) -> dict[str, Any]:
+    now = time.time()
+    end = ctx.t_end or time.perf_counter()
+    started = now - (time.perf_counter() - ctx.t_start)
+    refusal = ctx.refusal or {}
+    rtype = refusal.get("type")
+    etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
+    total = _ms(ctx.t_start, end)
+    upstream = _ms(ctx.t_upstream, end)
+    c = ctx.completion
+    usage_in = c.prompt_tokens if c is not None else None
+    usage_out = c.completion_tokens if c is not None else None
+    ev: dict[str, Any] = {
+        "time": store.iso(started),
+        "type": etype,
+        "request_id": ctx.request_id,
+        "trace_id": _trace_id(),
+        "key_id": ctx.key_id or (refusal.get("key_id") if isinstance(refusal.get("key_id"), str) else None),
+        "owner": ctx.owner,
+        "client_ip": ctx.client_ip,
+        "method": ctx.method,
+        "path": ctx.path,
+        "route": ctx.route,
+        "model": ctx.model,
+        "response_model": c.model if c is not None else None,
+        "status": ctx.status,
+        "answered_by": _answered_by(ctx),
+        "source": ctx.source,
+        "outcome": ctx.outcome,
+        "error": ctx.error,
+        "latency_ms": total,
+        "upstream_ms": upstream,
+        "upstream_headers_ms": _ms(ctx.t_upstream, ctx.t_headers),
+        "overhead_ms": round(total - upstream, 3) if total is not None and upstream is not None else total,
+        "ttfb_ms": _ms(ctx.t_start, ctx.t_first_byte),
+        "tokens_in": usage_in,
+        "tokens_out": usage_out,
+        "streamed": ctx.streamed,
+        "bytes_in": ctx.bytes_in,
+        "bytes_out": ctx.bytes_out,
+        "conversation_id": ctx.conversation_id,
+    }
+    if refusal:
+        r = _clean(refusal)
+        ev["refusal"] = r
+        if etype == "auth_failure":
+            ev["reason"] = r.get("reason")
+        elif etype == "rate_limited":
+            ev["limit"] = r.get("limit") or r.get("reason")
+    return ev
+
+
+def bus_event(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
+    ev = _clean(fields)
+    ev.pop("type", None)
+    ev.pop("seq", None)
+    t = ev.pop("time", None)
+    return {"time": t if isinstance(t, str) and len(t) == 27 else store.iso(), "type": type_, **ev,
+            "actor": ev.get("actor") or "system"}
+
+
+class Audit(Plugin):
+    name = "audit"
+    Config = AuditConfig
+    observes_response = True
+    uses_database: ClassVar[bool] = True
+
+    def __init__(self, config: AuditConfig, services: Any) -> None:
+        super().__init__(config, services)
+        self.sinks: list[tuple[Sink, Any]] = []
+        self._unsubscribe: Any = None
+        self._purger: asyncio.Task[None] | None = None
+        self._wait = config.on_full == "wait"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _sink(self, spec: SinkSpec) -> Sink:
+        if spec.type == "database":
+            return DatabaseSink(self.services.db)
+        if spec.type == "jsonl":
+            assert spec.path
+            return JsonlSink(spec.path)
+        return StdoutSink()
+
+    async def startup(self) -> None:
+        cfg = self.config
+        for spec in cfg.specs():
+            sink = self._sink(spec)
+
+            def factory(sink: Sink = sink) -> Any:
+                w = self.services.writer(f"audit:{sink.kind}", sink.write, max_queue=cfg.queue_size,
+                                         batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                                         on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
+                w.start()
+                return w
+
+            # Shared across plugin instances and config reloads: one queue (and one chain writer) per sink.
+            writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
+            self.sinks.append((sink, writer))
+        if cfg.events:
+            self._unsubscribe = self.services.events.subscribe(self._on_event)
+        if cfg.retention_days and any(s.kind == "database" for s, _ in self.sinks):
+            self._purger = asyncio.create_task(self._purge_loop(), name="audit:retention")
+
+    async def shutdown(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._purger is not None:
+            self._purger.cancel()
+            try:
+                await self._purger
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._purger = None
+        for _, w in self.sinks:
+            try:
+                await w.flush(timeout=10)
+            except TimeoutError:
+                log.error("audit sink %s: flush timed out with %d event(s) queued", w.name, w.depth)
+
+    def _active(self) -> bool:
+        """The instance that records bus events and purges: the running runtime's base instance
+        (not a per-route override, not a runtime that is being replaced by a reload)."""
+        gw = self.services.gateway
+        if gw is None:
+            return True
+        return gw.runtime.by_name.get(self.name) is self
+
+    # -- recording -------------------------------------------------------------------------------
+    async def record(self, event: dict[str, Any], skip: str | None = None) -> None:
+        for sink, w in self.sinks:
+            if sink.kind == skip:
+                continue
+            if self._wait:
+                await w.put(event)
+            else:
+                w.put_nowait(event)
+
+    def _record_nowait(self, event: dict[str, Any], skip: str | None = None) -> None:
+        for sink, w in self.sinks:
+            if sink.kind != skip:
+                w.put_nowait(event)
+
+    async def on_complete(self, ctx: RequestContext) -> None:
+        await self.record(request_event(ctx))
+
+    def _on_event(self, type_: str, fields: dict[str, Any]) -> None:
+        if self._active():
+            self._record_nowait(bus_event(type_, fields))
+
+    # -- retention -------------------------------------------------------------------------------
+    async def purge_once(self, actor: str = "retention") -> dict[str, Any] | None:
+        days = self.config.retention_days
+        if not days:
+            return None
+        ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor)
+        if ev is not None:
+            log.info("audit retention purged %d event(s) older than %s", ev["deleted"], ev["before"])
+            self._record_nowait(ev, skip="database")  # the database sink stored it with the purge
+        return ev
+
+    async def _purge_loop(self) -> None:
+        while True:
+            if self._active():
+                try:
+                    await self.purge_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.error("audit retention purge failed: %s: %s", type(e).__name__, str(e)[:200])
+            await asyncio.sleep(self.config.purge_interval)
+
+    # -- admin API and CLI -------------------------------------------------------------------------
+    @classmethod
+    def admin_routes(cls, services: Any) -> list[Any]:
+        from .api import routes
+
+        return routes(services)
+
+    @classmethod
+    def openapi_paths(cls) -> dict[str, Any]:
+        from .api import OPENAPI
+
+        return OPENAPI
+
+    @classmethod
+    def add_cli(cls, subparsers: Any) -> None:
+        from .cli import add_cli
+
+        add_cli(subparsers)
+
+
+__all__ = ["Audit", "AuditConfig", "request_event"]

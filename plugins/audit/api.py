@@ -1,0 +1,117 @@
+"""Admin API: ``GET /audit`` (filtered, paginated) and ``GET /audit/verify``."""
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import json_error
+
+from . import store
+
+MAX_LIMIT = 1000
+_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+FILTERS = ("since", "until", "type", "key_id", "owner", "ip", "status")
+
+
+def parse_time(v: str) -> str:
+    """ISO 8601 (``2026-01-31``, ``2026-01-31T12:00:00Z``, with offset), a Unix time, or a
+    relative age (``15m``, ``24h``, ``7d``: that long ago) -> the stored timestamp format."""
+    v = v.strip()
+    m = _REL.match(v)
+    if m:
+        return store.iso(time.time() - float(m.group(1)) * _UNIT[m.group(2)])
+    try:
+        return store.iso(float(v))
+    except ValueError:
+        pass
+    s = v[:-1] + "+00:00" if v.endswith(("Z", "z")) else v
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return store.iso(dt.timestamp())
+
+
+def parse_filters(get: Any) -> dict[str, Any]:
+    """Validate filter values (raises ValueError with a message naming the bad one)."""
+    f: dict[str, Any] = {}
+    for k in FILTERS:
+        v = get(k)
+        if v in (None, ""):
+            continue
+        if k in ("since", "until"):
+            try:
+                f[k] = parse_time(v)
+            except ValueError:
+                raise ValueError(f"{k}: expected ISO 8601 time, Unix seconds or an age like 24h") from None
+        elif k == "status":
+            s = str(v).lower()
+            if not (s.isdigit() or (len(s) == 3 and s[0].isdigit() and s[1:] == "xx")):
+                raise ValueError("status: expected a status code (429) or a class (4xx)")
+            f[k] = s
+        else:
+            f[k] = str(v)
+    return f
+
+
+def routes(services: Any) -> list[Any]:
+    async def list_events(request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            f = parse_filters(q.get)
+            limit = int(q.get("limit", "100"))
+            if not 1 <= limit <= MAX_LIMIT:
+                raise ValueError(f"limit: expected 1..{MAX_LIMIT}")
+            cursor = int(q["cursor"]) if q.get("cursor") else None
+            order = q.get("order", "desc")
+            if order not in ("asc", "desc"):
+                raise ValueError("order: expected asc or desc")
+        except ValueError as e:
+            msg = str(e) if ":" in str(e) else "limit and cursor must be integers"
+            return json_error(400, msg, "invalid_request_error", "invalid_value")
+        data, nxt = await store.query(services.db, f, limit=limit, cursor=cursor, order=order)
+        return web.json_response({"object": "list", "data": data,
+                                  "next_cursor": str(nxt) if nxt is not None else None})
+
+    async def verify(_: web.Request) -> web.Response:
+        res = await store.verify(services.db)
+        return web.json_response({**res.as_dict(), "message": res.message()})
+
+    return [web.get("/audit", list_events), web.get("/audit/verify", verify)]
+
+
+_ERR = {"description": "Error (OpenAI error shape)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _param(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": desc,
+            "schema": schema or {"type": "string"}}
+
+
+OPENAPI: dict[str, Any] = {
+    "/audit": {"get": {
+        "summary": "Audit events, newest first (filters combine with AND)",
+        "parameters": [
+            _param("since", "From this time (inclusive): ISO 8601, Unix seconds, or an age like 24h"),
+            _param("until", "Before this time (exclusive), same formats"),
+            _param("type", "Event type(s), comma-separated: request, auth_failure, rate_limited, key.created ..."),
+            _param("key_id", "API key id"),
+            _param("owner", "Key owner"),
+            _param("ip", "Client IP"),
+            _param("status", "HTTP status (429) or class (4xx)"),
+            _param("limit", f"Page size, 1..{MAX_LIMIT} (default 100)", {"type": "integer"}),
+            _param("cursor", "next_cursor from the previous page"),
+            _param("order", "desc (default, newest first) or asc", {"type": "string", "enum": ["asc", "desc"]}),
+        ],
+        "responses": {"200": {"description": "{object: list, data: [event], next_cursor}"},
+                      "400": _ERR, "401": _ERR}}},
+    "/audit/verify": {"get": {
+        "summary": "Walk the hash chain; reports the first broken link",
+        "responses": {"200": {"description": "{ok, rows, first_seq, last_seq, head_hash, anchor, broken, message}"},
+                      "401": _ERR}}},
+}

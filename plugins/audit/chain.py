@@ -1,0 +1,122 @@
+"""The hash chain: canonical JSON, row hashes and the verification walk.
+
+Each stored event carries ``seq`` (1, 2, 3 ... with no gaps), ``prev_hash`` (the previous row's
+hash; 64 zeros for the first row ever) and ``hash = SHA-256(prev_hash || data)`` where ``data`` is
+the canonical JSON of the event (sorted keys, no spaces, ``seq`` included). Editing a row changes
+its hash; deleting a row leaves a gap in ``seq``; inserting a row breaks the next row's
+``prev_hash``. A retention purge deletes the oldest rows and records an ``audit.purged`` event
+carrying the anchor (seq and hash of the last deleted row), so the walk can start after it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+GENESIS = "0" * 64
+#: Columns copied out of the hashed record for filtering; verify checks they still agree with it.
+INDEXED = ("time", "type", "request_id", "key_id", "owner", "client_ip", "status")
+
+
+def canonical(event: dict[str, Any]) -> str:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def row_hash(prev_hash: str, data: str) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + data.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class VerifyResult:
+    ok: bool = True
+    rows: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head_hash: str | None = None
+    anchor: dict[str, Any] | None = None
+    broken: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "rows": self.rows, "first_seq": self.first_seq, "last_seq": self.last_seq,
+                "head_hash": self.head_hash, "anchor": self.anchor, "broken": self.broken}
+
+    def message(self) -> str:
+        if self.ok:
+            if not self.rows:
+                return "audit chain intact: no events stored"
+            s = f"audit chain intact: {self.rows} events, seq {self.first_seq}..{self.last_seq}, head {self.head_hash}"
+            if self.anchor:
+                s += f" (starts after purge anchor seq {self.anchor['seq']})"
+            return s
+        assert self.broken is not None
+        return f"audit chain BROKEN at seq {self.broken['seq']} ({self.broken['problem']}): {self.broken['detail']}"
+
+
+def _fail(res: VerifyResult, seq: int, problem: str, detail: str) -> VerifyResult:
+    res.ok = False
+    res.broken = {"seq": seq, "problem": problem, "detail": detail}
+    return res
+
+
+async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None) -> VerifyResult:
+    """Walk rows (objects with seq, prev_hash, hash, data and the indexed columns) in seq order.
+
+    ``anchor`` is the ``{"seq", "hash"}`` recorded by the latest ``audit.purged`` event, if any."""
+    res = VerifyResult()
+    prev_seq: int | None = None
+    prev_hash: str | None = None
+    async for r in rows:
+        seq = int(r.seq)
+        if prev_seq is None:
+            res.first_seq = seq
+            if seq == 1:
+                if r.prev_hash != GENESIS:
+                    return _fail(res, seq, "inserted",
+                                 "the first row does not start the chain (prev_hash is not the genesis value)")
+            elif anchor is None:
+                return _fail(res, seq, "deleted",
+                             f"rows 1..{seq - 1} are missing and no audit.purged event accounts for them")
+            elif int(anchor.get("seq", -1)) != seq - 1 or anchor.get("hash") != r.prev_hash:
+                return _fail(res, seq, "deleted",
+                             f"the first row does not follow the purge anchor (anchor seq {anchor.get('seq')}): "
+                             "rows were deleted or the first row was replaced")
+            else:
+                res.anchor = {"seq": int(anchor["seq"]), "hash": anchor["hash"]}
+        else:
+            if seq != prev_seq + 1:
+                missing = f"seq {prev_seq + 1}" if seq == prev_seq + 2 else f"seq {prev_seq + 1}..{seq - 1}"
+                return _fail(res, seq, "deleted", f"{missing} missing after seq {prev_seq}")
+            if r.prev_hash != prev_hash:
+                return _fail(res, seq, "inserted",
+                             f"prev_hash does not match the hash of seq {prev_seq}: "
+                             "a row was inserted or replaced before this one")
+        if row_hash(r.prev_hash, r.data) != r.hash:
+            return _fail(res, seq, "edited", "the stored record does not match its hash (the row was edited)")
+        try:
+            data = json.loads(r.data)
+        except ValueError:
+            return _fail(res, seq, "edited", "the stored record is not valid JSON")
+        if data.get("seq") != seq:
+            return _fail(res, seq, "edited", "the seq column differs from the hashed record")
+        for col in INDEXED:
+            if getattr(r, col) != _col_value(col, data.get(col)):
+                return _fail(res, seq, "edited", f"column {col!r} differs from the hashed record")
+        prev_seq, prev_hash = seq, r.hash
+        res.rows += 1
+    res.last_seq = prev_seq
+    res.head_hash = prev_hash
+    return res
+
+
+def _col_value(col: str, v: Any) -> Any:
+    """How a record field is stored in its indexed column (see store.row_values)."""
+    if v is None:
+        return None
+    if col == "status":
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+    return str(v)[:_COL_LEN[col]]
+
+
+_COL_LEN = {"time": 32, "type": 64, "request_id": 128, "key_id": 128, "owner": 256, "client_ip": 64}

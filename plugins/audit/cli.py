@@ -1,0 +1,132 @@
+"""``gateway audit tail [-f] | query [filters] | verify | export`` on the configured database."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from . import store
+from .api import FILTERS, parse_filters
+from .sinks import jsonl
+
+
+def add_cli(subparsers: Any) -> None:
+    from gateway.cli import add_config_arg
+
+    p = subparsers.add_parser("audit", help="read and verify the audit trail")
+    sub = p.add_subparsers(dest="audit_command", required=True)
+
+    t = sub.add_parser("tail", help="the latest events, oldest first (-f: keep printing new ones)")
+    add_config_arg(t)
+    t.add_argument("-n", "--lines", type=int, default=20, help="how many events (default 20)")
+    t.add_argument("-f", "--follow", action="store_true", help="keep polling for new events")
+    t.add_argument("--interval", type=float, default=1.0, help="poll interval for -f, seconds")
+
+    q = sub.add_parser("query", help="events matching filters, newest first, as JSON lines")
+    add_config_arg(q)
+    _filter_args(q)
+    q.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
+    q.add_argument("--asc", action="store_true", help="oldest first")
+
+    v = sub.add_parser("verify", help="check the hash chain; exit 1 and report the first broken link")
+    add_config_arg(v)
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    e = sub.add_parser("export", help="every event (or the filtered ones) in seq order")
+    add_config_arg(e)
+    _filter_args(e)
+    e.add_argument("--format", choices=["jsonl", "json"], default="jsonl", help="jsonl (default) or a JSON array")
+    e.add_argument("-o", "--output", help="write to this file instead of stdout")
+    e.add_argument("--with-chain", action="store_true", help="include prev_hash and hash (re-verifiable offline)")
+    p.set_defaults(func=cmd_audit)
+
+
+def _filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", help="ISO 8601 time, Unix seconds or an age like 24h")
+    p.add_argument("--until", help="same formats; exclusive")
+    p.add_argument("--type", help="event type(s), comma-separated")
+    p.add_argument("--key-id", dest="key_id")
+    p.add_argument("--owner")
+    p.add_argument("--ip")
+    p.add_argument("--status", help="429 or 4xx")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from gateway.cli import load
+
+    cfg = load(args)
+    try:
+        f = parse_filters(lambda k: getattr(args, k, None)) if any(hasattr(args, k) for k in FILTERS) else {}
+    except ValueError as e:
+        print(f"gateway audit: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(cfg, args, f))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
+    from gateway.cli import cli_services
+
+    services = await cli_services(cfg)
+    db = services.db
+    try:
+        cmd = args.audit_command
+        if cmd == "verify":
+            res = await store.verify(db)
+            if args.json:
+                print(json.dumps({**res.as_dict(), "message": res.message()}, indent=2))
+            else:
+                print(res.message())
+            return 0 if res.ok else 1
+        if cmd == "query":
+            data, _ = await store.query(db, f, limit=max(1, args.limit), order="asc" if args.asc else "desc")
+            _emit(data)
+            return 0
+        if cmd == "tail":
+            data, _ = await store.query(db, {}, limit=max(1, args.lines), order="desc")
+            data.reverse()
+            _emit(data)
+            last = data[-1]["seq"] if data else (await store.head(db))[0]
+            while args.follow:
+                await asyncio.sleep(args.interval)
+                async for r in store.iter_rows(db, after=last):
+                    _emit([store._out(r)])
+                    last = int(r.seq)
+            return 0
+        if cmd == "export":
+            out = open(args.output, "w", encoding="ascii") if args.output else sys.stdout
+            try:
+                first = True
+                if args.format == "json":
+                    out.write("[")
+                async for r in store.iter_rows(db, f=f or None):
+                    ev = json.loads(r.data)
+                    if args.with_chain:
+                        ev["prev_hash"], ev["hash"] = r.prev_hash, r.hash
+                    if args.format == "json":
+                        out.write(("\n" if first else ",\n") + jsonl(ev))
+                    else:
+                        out.write(jsonl(ev) + "\n")
+                    first = False
+                if args.format == "json":
+                    out.write("\n]\n")
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+            return 0
+        return 2
+    finally:
+        await services.close()
+        await db.close()
+
+
+def _emit(events: list[dict[str, Any]]) -> None:
+    for ev in events:
+        sys.stdout.write(jsonl(ev) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,204 @@
+"""The ``audit_events`` table: chained appends, retention purge, queries and the verify walk.
+
+Appends are serialised across every gateway instance sharing the database: on PostgreSQL with
+``pg_advisory_xact_lock`` inside the write transaction, on SQLite with ``BEGIN IMMEDIATE`` (the
+database's single write lock). The chain head is read inside the same transaction, so two
+instances can never both chain onto the same row.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, delete, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.db import Base, Database
+
+from .chain import INDEXED, VerifyResult, _col_value, canonical, row_hash, verify_rows, GENESIS
+
+LOCK_ID = 0x6175646974  # "audit"
+
+events = Table(
+    "audit_events", Base.metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", String(32), nullable=False, index=True),
+    Column("type", String(64), nullable=False, index=True),
+    Column("request_id", String(128)),
+    Column("key_id", String(128), index=True),
+    Column("owner", String(256), index=True),
+    Column("client_ip", String(64)),
+    Column("status", Integer),
+    Column("data", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+
+def iso(ts: float | None = None) -> str:
+    """Fixed-width UTC timestamp; sorts as text the same way as in time."""
+    return datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@asynccontextmanager
+async def locked(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A write transaction holding the audit append lock."""
+    async with db.engine.connect() as conn:
+        if db.is_sqlite:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                try:
+                    await conn.exec_driver_sql("ROLLBACK")
+                except Exception:
+                    pass
+                raise
+            await conn.exec_driver_sql("COMMIT")
+        else:
+            async with conn.begin():
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_ID})
+                yield conn
+
+
+async def _head(conn: AsyncConnection) -> tuple[int, str]:
+    row = (await conn.execute(select(events.c.seq, events.c.hash).order_by(events.c.seq.desc()).limit(1))).first()
+    if row is None:
+        return 0, GENESIS
+    return int(row.seq), row.hash
+
+
+def row_values(seq: int, prev: str, event: dict[str, Any]) -> dict[str, Any]:
+    ev = dict(event)
+    ev["seq"] = seq
+    data = canonical(ev)
+    vals = {c: _col_value(c, ev.get(c)) for c in INDEXED}
+    vals.update(seq=seq, data=data, prev_hash=prev, hash=row_hash(prev, data))
+    return vals
+
+
+async def _append(conn: AsyncConnection, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seq, prev = await _head(conn)
+    rows = []
+    for ev in batch:
+        seq += 1
+        vals = row_values(seq, prev, ev)
+        prev = vals["hash"]
+        rows.append(vals)
+    if rows:
+        await conn.execute(insert(events), rows)
+    return rows
+
+
+async def append(db: Database, batch: list[dict[str, Any]]) -> None:
+    async with locked(db) as conn:
+        await _append(conn, batch)
+
+
+async def purge(db: Database, before: str, actor: str = "retention") -> dict[str, Any] | None:
+    """Delete the events older than ``before`` (ISO time) and, in the same transaction, append an
+    ``audit.purged`` event with the anchor. Returns that event, or None if nothing was old enough."""
+    async with locked(db) as conn:
+        last_old = (await conn.execute(select(func.max(events.c.seq)).where(events.c.time < before))).scalar()
+        if last_old is None:
+            return None
+        anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= last_old)
+                                     .order_by(events.c.seq.desc()).limit(1))).first()
+        first = (await conn.execute(select(func.min(events.c.seq)))).scalar()
+        res = await conn.execute(delete(events).where(events.c.seq <= last_old))
+        ev = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
+              "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
+              "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
+        await _append(conn, [ev])
+    return ev
+
+
+def _filters(q: Any, f: dict[str, Any]) -> Any:
+    c = events.c
+    if f.get("since"):
+        q = q.where(c.time >= f["since"])
+    if f.get("until"):
+        q = q.where(c.time < f["until"])
+    if f.get("type"):
+        types = [t for t in str(f["type"]).split(",") if t]
+        q = q.where(c.type.in_(types))
+    for k in ("key_id", "owner"):
+        if f.get(k):
+            q = q.where(getattr(c, k) == f[k])
+    if f.get("ip"):
+        q = q.where(c.client_ip == f["ip"])
+    st = f.get("status")
+    if st:
+        st = str(st).lower()
+        if len(st) == 3 and st.endswith("xx") and st[0].isdigit():
+            lo = int(st[0]) * 100
+            q = q.where(c.status >= lo, c.status < lo + 100)
+        else:
+            q = q.where(c.status == int(st))
+    return q
+
+
+def _out(r: Any) -> dict[str, Any]:
+    d = json.loads(r.data)
+    d["hash"] = r.hash
+    return d
+
+
+async def query(db: Database, f: dict[str, Any], limit: int = 100, cursor: int | None = None,
+                order: str = "desc") -> tuple[list[dict[str, Any]], int | None]:
+    """Events matching the filters; ``cursor`` is the seq to continue from (exclusive)."""
+    c = events.c
+    q = _filters(select(c.seq, c.data, c.hash), f)
+    if order == "asc":
+        if cursor is not None:
+            q = q.where(c.seq > cursor)
+        q = q.order_by(c.seq.asc())
+    else:
+        if cursor is not None:
+            q = q.where(c.seq < cursor)
+        q = q.order_by(c.seq.desc())
+    q = q.limit(limit + 1)
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(q)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [_out(r) for r in rows], (int(rows[-1].seq) if more and rows else None)
+
+
+async def iter_rows(db: Database, after: int = 0, page: int = 1000, f: dict[str, Any] | None = None) -> AsyncIterator[Any]:
+    """Every row in seq order, paged so a long trail never sits in memory."""
+    cols = [events.c[n] for n in ("seq", "prev_hash", "hash", "data", *INDEXED)]
+    while True:
+        q = select(*cols).where(events.c.seq > after)
+        if f:
+            q = _filters(q, f)
+        q = q.order_by(events.c.seq.asc()).limit(page)
+        async with db.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        for r in rows:
+            yield r
+        if len(rows) < page:
+            return
+        after = int(rows[-1].seq)
+
+
+async def head(db: Database) -> tuple[int, str]:
+    async with db.engine.connect() as conn:
+        return await _head(conn)
+
+
+async def verify(db: Database) -> VerifyResult:
+    async with db.engine.connect() as conn:
+        last_purge = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
+                                         .order_by(events.c.seq.desc()).limit(1))).scalar()
+    anchor = None
+    if last_purge:
+        try:
+            anchor = json.loads(last_purge).get("anchor")
+        except ValueError:
+            anchor = None
+    return await verify_rows(iter_rows(db), anchor)
