@@ -1,0 +1,268 @@
+"""``rate_limit``: request and token limits on the `limits` library, plus persisted token quotas.
+
+Rules count requests or tokens, keyed by key / owner / ip / route / model (or global); several apply
+at once and the strictest decides. Counters live in a `limits` storage (memory, or Redis so several
+instances share them); quotas (tokens per key per UTC day / month) live in the database. Every
+response under a limit carries IETF ``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*`` and
+OpenAI-style ``x-ratelimit-*`` headers; a refusal is a 429 with ``Retry-After``. See docs/rate_limit.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any, ClassVar
+
+from prometheus_client import Counter
+
+from gateway.context import RequestContext
+from gateway.plugin import Plugin, Reply, ResponseHead
+
+from . import headers as hdr
+from .config import RateLimitConfig
+from .quota import QuotaStore, periods
+from .rules import Limit, compile_rules, identifiers, max_tokens, override_limit, prompt_estimate
+from .store import CounterStore, StoreDown
+
+log = logging.getLogger("gateway.rate_limit")
+NAME = "rate_limit"
+
+
+class _State:
+    __slots__ = ("standings", "token_limits", "estimate", "prompt", "subject", "quota_periods")
+
+    def __init__(self) -> None:
+        self.standings: list[hdr.Standing] = []
+        self.token_limits: list[tuple[Limit, tuple[str, ...]]] = []
+        self.estimate = 0
+        self.prompt = 0
+        self.subject: str | None = None
+        self.quota_periods: list[str] = []
+
+
+class RateLimit(Plugin):
+    name = NAME
+    Config = RateLimitConfig
+    uses_database: ClassVar[bool] = True
+
+    def __init__(self, config: RateLimitConfig, services: Any) -> None:
+        super().__init__(config, services)
+        c = config
+        self.store = CounterStore(services, c.storage, c.strategy, c.storage_timeout, c.storage_retry)
+        self.limits = compile_rules(c.rules)
+        self.request_limits = [x for x in self.limits if x.counts == "requests"]
+        self.token_limits = [x for x in self.limits if x.counts == "tokens"]
+        self.has_quotas = c.quotas.daily_tokens is not None or c.quotas.monthly_tokens is not None
+        self._quota: QuotaStore | None = None
+        self._overrides: dict[tuple[str, int], Limit] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.refused = services.metric("rate_limit_refused", lambda reg: Counter(
+            "gateway_ratelimit_refused_total", "Requests refused by the rate_limit plugin",
+            ["rule", "reason"], registry=reg))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        if self.has_quotas or self.config.key_overrides:
+            self._quota = self.services.resource(
+                "rate_limit:quota", lambda: QuotaStore(self.services, self.config.quotas.cache_ttl),
+                lambda q: q.close())
+
+    async def shutdown(self) -> None:
+        await self.drain(5.0)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for the token charges still running in the background."""
+        if self._tasks:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            except TimeoutError:
+                log.warning("rate_limit: %d token charge(s) still pending at shutdown", len(self._tasks))
+
+    # -- the request -------------------------------------------------------------------------------
+    def _override(self, counts: str, amount: int) -> Limit:
+        k = (counts, amount)
+        lim = self._overrides.get(k)
+        if lim is None:
+            lim = self._overrides[k] = override_limit(counts, amount)
+        return lim
+
+    def _applicable(self, ctx: RequestContext) -> tuple[list[Limit], list[Limit], dict[str, int | None]]:
+        req, tok = self.request_limits, self.token_limits
+        quota = {"daily": self.config.quotas.daily_tokens, "monthly": self.config.quotas.monthly_tokens}
+        ident = ctx.identity
+        if self.config.key_overrides and ident and ident.get("key_id"):
+            lim = ident.get("limits") or {}
+            rpm, tpm = lim.get("rpm"), lim.get("tpm")
+            if isinstance(rpm, int):
+                req = [x for x in req if not x.per_key] + [self._override("requests", rpm)]
+            if isinstance(tpm, int):
+                tok = [x for x in tok if not x.per_key] + [self._override("tokens", tpm)]
+            if isinstance(lim.get("daily_tokens"), int):
+                quota["daily"] = lim["daily_tokens"]
+            if isinstance(lim.get("monthly_tokens"), int):
+                quota["monthly"] = lim["monthly_tokens"]
+        return req, tok, quota
+
+    async def on_request(self, ctx: RequestContext) -> Reply | None:
+        req, tok, quota = self._applicable(ctx)
+        has_quota = quota["daily"] is not None or quota["monthly"] is not None
+        if not (req or tok or has_quota):
+            return None
+        st = _State()
+        ctx.state[NAME] = st
+        store = self.store
+        deadline = time.monotonic() + store.timeout
+        try:
+            if tok or has_quota:
+                ctx.want_usage()
+                body = ctx.json
+                st.prompt = prompt_estimate(body)
+                default = self.config.estimate_default_max_tokens
+                if ctx.path.endswith("/embeddings"):
+                    default = 0
+                for lim in tok:
+                    ids = identifiers(lim, ctx)
+                    st.token_limits.append((lim, ids))
+                est = st.prompt + max_tokens(body, default)
+                st.estimate = est
+                for lim, ids in st.token_limits:
+                    reset, remaining = await store.stats(lim.item, ids, deadline)
+                    s = self._standing(lim, remaining, reset)
+                    st.standings.append(s)
+                    if remaining < est:
+                        return self._refuse(ctx, lim, s, "rate_limit_exceeded", est)
+                if has_quota and self._quota is not None:
+                    refusal = await self._check_quota(ctx, st, quota, est)
+                    if refusal is not None:
+                        return refusal
+            if req:
+                if store.memory or len(req) == 1:
+                    results = [await self._hit(lim, identifiers(lim, ctx), deadline) for lim in req]
+                else:
+                    results = await asyncio.gather(*[self._hit(lim, identifiers(lim, ctx), deadline)
+                                                     for lim in req])
+                refused = None
+                for lim, (ok, s) in zip(req, results):
+                    st.standings.append(s)
+                    if not ok and (refused is None or s.reset_in > refused[1].reset_in):
+                        refused = (lim, s)
+                if refused is not None:
+                    return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
+        except StoreDown as e:
+            return self._store_down(ctx, str(e))
+        return None
+
+    async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float) -> tuple[bool, hdr.Standing]:
+        ok = await self.store.hit(lim.item, ids, 1, deadline)
+        reset, remaining = await self.store.stats(lim.item, ids, deadline)
+        return ok, self._standing(lim, remaining, reset)
+
+    @staticmethod
+    def _standing(lim: Limit, remaining: int, reset: float) -> hdr.Standing:
+        return hdr.Standing(lim.policy_name, lim.counts, lim.item.amount, remaining,
+                            max(0.0, reset - time.time()), lim.window)
+
+    async def _check_quota(self, ctx: RequestContext, st: _State, quota: dict[str, int | None],
+                           est: int) -> Reply | None:
+        assert self._quota is not None
+        k = ctx.key_id
+        st.subject = f"key:{k}" if k else f"ip:{ctx.client_ip}"
+        (day, day_left), (month, month_left) = periods()
+        timeout = max(1.0, self.store.timeout)
+        for label, amount, period, left, window in (("daily-tokens", quota["daily"], day, day_left, 86400),
+                                                    ("monthly-tokens", quota["monthly"], month, month_left,
+                                                     31 * 86400)):
+            if amount is None:
+                continue
+            st.quota_periods.append(period)
+            try:
+                used = await self._quota.used(st.subject, period, timeout)
+            except Exception as e:  # the database is a store too: same policy
+                self.store.errors.labels("database", "timeout" if isinstance(e, TimeoutError) else "error").inc()
+                log.warning("rate_limit: quota read failed: %s", type(e).__name__)
+                raise StoreDown("quota read failed") from None
+            s = hdr.Standing(label, "quota", amount, amount - used, left, window)
+            st.standings.append(s)
+            if amount - used < est:
+                return self._refuse(ctx, None, s, "insufficient_quota", est)
+        return None
+
+    def _refuse(self, ctx: RequestContext, lim: Limit | None, s: hdr.Standing, reason: str,
+                needed: int) -> Reply:
+        retry = max(1, math.ceil(s.reset_in))
+        if lim is None:
+            label = f"{s.name} quota ({s.limit} tokens)"
+            msg = (f"You exceeded your {s.name.replace('-', ' ')} quota: limit {s.limit}, used "
+                   f"{s.limit - max(0, s.remaining)}, requested about {needed}. Retry in {retry}s or ask for a "
+                   f"larger quota.")
+            err_type = "insufficient_quota"
+        else:
+            label = lim.label
+            unit = "requests" if lim.counts == "requests" else "tokens"
+            msg = (f"Rate limit reached for {unit} on rule {lim.label}: limit {lim.item.amount}, remaining "
+                   f"{max(0, s.remaining)}, requested {needed}. Retry in {retry}s.")
+            err_type = unit
+        ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": reason, "limit": label}
+        self.refused.labels(lim.rule if lim else s.name, reason).inc()
+        return Reply.error(429, msg, err_type, reason, headers={"Retry-After": str(retry)})
+
+    def _store_down(self, ctx: RequestContext, why: str) -> Reply | None:
+        ctx.state.pop(NAME, None)
+        if self.config.on_store_error == "allow":
+            return None
+        ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": "store_unavailable", "limit": None}
+        self.refused.labels("-", "store_unavailable").inc()
+        return Reply.error(503, "Rate limiting is temporarily unavailable; retry shortly.", "server_error",
+                           "rate_limit_unavailable", headers={"Retry-After": "1"})
+
+    # -- the response ------------------------------------------------------------------------------
+    async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        st = ctx.state.get(NAME)
+        if st is None or not self.config.headers or not st.standings:
+            return
+        for k, v in hdr.build(st.standings).items():
+            head.headers[k] = v
+
+    async def on_complete(self, ctx: RequestContext) -> None:
+        st: _State | None = ctx.state.get(NAME)
+        if st is None or ctx.t_upstream is None or not (st.token_limits or st.quota_periods):
+            return
+        tokens = used_tokens(ctx, st.prompt)
+        if tokens <= 0:
+            return
+        if st.subject is not None and self._quota is not None:
+            for period in st.quota_periods:
+                self._quota.charge(st.subject, period, tokens)
+        if st.token_limits:
+            t = asyncio.create_task(self._charge(st.token_limits, tokens))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _charge(self, limits: list[tuple[Limit, tuple[str, ...]]], tokens: int) -> None:
+        deadline = time.monotonic() + self.store.timeout
+        for lim, ids in limits:
+            try:
+                await self.store.charge(lim.item, ids, tokens, deadline)
+            except StoreDown:
+                return  # counted and logged by the store
+
+
+def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
+    """Tokens the exchange cost: the upstream's usage when it reported one; for a stream that ended
+    early without usage, the prompt estimate plus one token per delta delivered."""
+    c = ctx.completion
+    if c is None:
+        return 0
+    u = c.usage
+    if isinstance(u, dict):
+        total = u.get("total_tokens")
+        if isinstance(total, int) and not isinstance(total, bool):
+            return total
+        p, q = c.prompt_tokens or 0, c.completion_tokens or 0
+        if p or q:
+            return p + q
+    if c.deltas or ctx.outcome in ("client_disconnected", "upstream_disconnected", "upstream_timeout"):
+        return prompt_estimate + c.deltas
+    return 0

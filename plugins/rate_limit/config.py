@@ -1,0 +1,93 @@
+"""The ``rate_limit`` plugin's configuration model."""
+from __future__ import annotations
+
+from typing import Literal
+
+from limits import parse_many
+from pydantic import Field, field_validator, model_validator
+
+from gateway.plugin import PluginConfig
+
+KEY_PARTS = ("key", "owner", "ip", "route", "model")
+
+
+class RuleConfig(PluginConfig):
+    name: str = Field(description="Rule name, shown in headers and refusal messages.",
+                      pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    limit: str = Field(description='Limit(s) in `limits` notation: "60/minute", "10/second; 1000/day".')
+    counts: Literal["requests", "tokens"] = Field("requests", description="What the rule counts.")
+    key_by: list[Literal["key", "owner", "ip", "route", "model"]] | Literal["global"] = Field(
+        default_factory=lambda: ["key"],
+        description='What each counter is kept per: a list of key, owner, ip, route, model, or "global". '
+                    "key/owner fall back to the client IP when no identity is set.")
+    estimate_default_max_tokens: int | None = Field(
+        None, ge=0, description="Token rules: completion tokens assumed when the request sets no max_tokens "
+                                "(defaults to the plugin-wide value).")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: str) -> str:
+        try:
+            items = parse_many(v)
+        except ValueError as e:
+            raise ValueError(f"not a limit: {v!r} ({e})") from None
+        if not items:
+            raise ValueError(f"not a limit: {v!r}")
+        return v
+
+    @field_validator("key_by", mode="before")
+    @classmethod
+    def _key_by(cls, v: object) -> object:
+        if isinstance(v, str) and v != "global":
+            return [v]
+        return v
+
+
+class QuotaConfig(PluginConfig):
+    daily_tokens: int | None = Field(None, ge=0, description="Tokens per key per UTC day (None: no daily quota).")
+    monthly_tokens: int | None = Field(None, ge=0,
+                                       description="Tokens per key per UTC month (None: no monthly quota).")
+    cache_ttl: float = Field(5.0, gt=0, description="Seconds a quota's usage read from the database is reused "
+                                                   "before it is read again (other instances' usage shows up "
+                                                   "within this time).")
+
+
+class RateLimitConfig(PluginConfig):
+    strategy: Literal["sliding", "fixed", "moving"] = Field(
+        "sliding", description="sliding: sliding-window counter; fixed: fixed window; moving: moving window.")
+    storage: str = Field("memory://", description="Counter storage: memory://, redis://host:port/db, "
+                                                  "rediss://..., redis+sentinel://host:port/service, "
+                                                  "redis+cluster://host:port,host:port.")
+    storage_timeout: float = Field(0.25, gt=0, le=10,
+                                   description="Seconds a request waits for the counter store at most.")
+    storage_retry: float = Field(1.0, ge=0, description="After a store failure, seconds during which the store "
+                                                         "is not tried again (on_store_error applies at once).")
+    on_store_error: Literal["allow", "deny"] = Field(
+        "allow", description="When the store fails or times out: let the request through, or refuse it (503).")
+    rules: list[RuleConfig] = Field(default_factory=list, description="Limits that apply together; the "
+                                                                        "strictest decides.")
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig, description="Daily/monthly token quotas per key, "
+                                                                          "persisted in the database.")
+    key_overrides: bool = Field(True, description="Apply per-key limits (rpm, tpm, daily_tokens, monthly_tokens) "
+                                                  "from the caller's identity, set by key_auth.")
+    estimate_default_max_tokens: int = Field(256, ge=0, description="Completion tokens assumed by the pre-check "
+                                                                    "when a request sets no max_tokens.")
+    headers: bool = Field(True, description="Add RateLimit / X-RateLimit / x-ratelimit-* headers to responses.")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        ok = ("memory://", "redis://", "rediss://", "redis+unix://", "redis+sentinel://", "redis+cluster://",
+              "async+")
+        if not v.startswith(ok):
+            raise ValueError("must be memory://, redis://, rediss://, redis+unix://, redis+sentinel:// or "
+                             "redis+cluster://")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> "RateLimitConfig":
+        names = [r.name for r in self.rules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate rule names: {sorted(dup)}")
+        return self

@@ -1,0 +1,80 @@
+"""Rate-limit response headers in the three forms clients read.
+
+- IETF (draft-ietf-httpapi-ratelimit-headers): ``RateLimit-Policy: "per-key";q=60;w=60`` lists every
+  policy that applied, ``RateLimit: "per-key";r=59;t=42`` the remaining quota and seconds to reset
+  of each (token policies carry ``qu="tokens"``).
+- ``X-RateLimit-Limit / -Remaining / -Reset`` (reset in seconds) for the most restrictive request
+  limit (the one with the least remaining), else the most restrictive token limit.
+- OpenAI style: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,
+  ``x-ratelimit-reset-requests`` (a duration such as ``1s`` or ``6m0s``) and the ``-tokens`` twins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Standing:
+    """Where the caller stands against one limit (or quota) for this request."""
+
+    name: str          # policy name (rule, rule-1, daily-tokens ...)
+    counts: str        # "requests" | "tokens" | "quota" (a daily/monthly token quota)
+    limit: int
+    remaining: int
+    reset_in: float    # seconds until the window resets / a unit frees
+    window: int        # window length in seconds
+
+
+def duration(seconds: float) -> str:
+    """A duration the way OpenAI's headers show it: 20ms, 1s, 1.5s, 6m0s, 1h2m3s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s = ms / 1000
+    s_txt = (f"{s:.3f}".rstrip("0").rstrip(".")) + "s"
+    if h:
+        return f"{h}h{m}m{s_txt}"
+    if m:
+        return f"{m}m{s_txt}"
+    return s_txt
+
+
+def _strictest(items: list[Standing]) -> Standing | None:
+    if not items:
+        return None
+    return min(items, key=lambda s: (s.remaining / s.limit if s.limit else 0, -s.reset_in))
+
+
+def _secs(x: float) -> int:
+    return max(0, math.ceil(x))
+
+
+def build(standings: list[Standing]) -> dict[str, str]:
+    if not standings:
+        return {}
+    h: dict[str, str] = {}
+    pol, cur = [], []
+    for s in standings:
+        qu = ';qu="tokens"' if s.counts in ("tokens", "quota") else ""
+        pol.append(f'"{s.name}";q={s.limit}{qu};w={s.window}')
+        cur.append(f'"{s.name}";r={max(0, s.remaining)};t={_secs(s.reset_in)}')
+    h["RateLimit-Policy"] = ", ".join(pol)
+    h["RateLimit"] = ", ".join(cur)
+    req = _strictest([s for s in standings if s.counts == "requests"])
+    tok = _strictest([s for s in standings if s.counts == "tokens"])
+    main = req or tok or _strictest([s for s in standings if s.counts == "quota"])
+    assert main is not None
+    h["X-RateLimit-Limit"] = str(main.limit)
+    h["X-RateLimit-Remaining"] = str(max(0, main.remaining))
+    h["X-RateLimit-Reset"] = str(_secs(main.reset_in))
+    for kind, s in (("requests", req), ("tokens", tok)):
+        if s is not None:
+            h[f"x-ratelimit-limit-{kind}"] = str(s.limit)
+            h[f"x-ratelimit-remaining-{kind}"] = str(max(0, s.remaining))
+            h[f"x-ratelimit-reset-{kind}"] = duration(s.reset_in)
+    return h

@@ -1,0 +1,125 @@
+"""Token quotas per key per UTC day / month, persisted in the database.
+
+One row per (subject, period) with the tokens used. Reads at request time come from a small
+in-memory cache (refreshed every ``cache_ttl`` seconds); charges are added to the cache at once and
+written in batches by a background writer (an upsert that adds), so the request path never waits on
+a write and the usage survives a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from typing import Any, Sequence
+
+from sqlalchemy import BigInteger, DateTime, String, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.db import Base
+
+log = logging.getLogger("gateway.rate_limit")
+
+
+class QuotaUsage(Base):
+    __tablename__ = "rate_limit_quota_usage"
+
+    subject: Mapped[str] = mapped_column(String(200), primary_key=True)  # "key:<id>" or "ip:<addr>"
+    period: Mapped[str] = mapped_column(String(16), primary_key=True)    # "d:2026-11-25" or "m:2026-11"
+    tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+def periods(now: dt.datetime | None = None) -> tuple[tuple[str, float], tuple[str, float]]:
+    """((day period, seconds to its end), (month period, seconds to its end)) in UTC."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    tomorrow = (now + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    next_month = (first + dt.timedelta(days=32)).replace(day=1)
+    return ((f"d:{now:%Y-%m-%d}", (tomorrow - now).total_seconds()),
+            (f"m:{now:%Y-%m}", (next_month - now).total_seconds()))
+
+
+class _Entry:
+    __slots__ = ("db", "pending", "loaded")
+
+    def __init__(self) -> None:
+        self.db = 0          # tokens in the database as last read (plus our writes since)
+        self.pending = 0     # charged here, not yet written
+        self.loaded = 0.0    # monotonic time of the last read (0 = never)
+
+
+class QuotaStore:
+    """Shared by plugin instances and reloads (a process-wide resource)."""
+
+    def __init__(self, services: Any, cache_ttl: float) -> None:
+        self.db = services.db
+        self.cache_ttl = cache_ttl
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.writer = services.writer("rate_limit_quota", self._write, batch_size=500, flush_interval=0.2)
+        self.writer.start()
+
+    async def used(self, subject: str, period: str, timeout: float) -> int:
+        """Tokens used in the period (database + not yet written here)."""
+        k = (subject, period)
+        e = self._cache.get(k)
+        if e is None or time.monotonic() - e.loaded > self.cache_ttl:
+            lock = self._locks.setdefault(k, asyncio.Lock())
+            async with lock:
+                e = self._cache.get(k)
+                if e is None or time.monotonic() - e.loaded > self.cache_ttl:
+                    async with asyncio.timeout(timeout):
+                        async with self.db.session() as s:
+                            v = (await s.execute(select(QuotaUsage.tokens).where(
+                                QuotaUsage.subject == subject, QuotaUsage.period == period))).scalar()
+                    e = self._cache.get(k) or _Entry()
+                    e.db = int(v or 0)
+                    e.loaded = time.monotonic()
+                    self._cache[k] = e
+                    self._prune()
+        return e.db + e.pending
+
+    def charge(self, subject: str, period: str, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        k = (subject, period)
+        e = self._cache.get(k)
+        if e is None:
+            e = self._cache[k] = _Entry()
+        e.pending += tokens
+        if not self.writer.put_nowait((subject, period, tokens)):
+            e.pending -= tokens
+
+    async def _write(self, batch: Sequence[tuple[str, str, int]]) -> None:
+        sums: dict[tuple[str, str], int] = {}
+        for subject, period, n in batch:
+            sums[(subject, period)] = sums.get((subject, period), 0) + n
+        now = dt.datetime.now(dt.timezone.utc)
+        if self.db.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        rows = [{"subject": s, "period": p, "tokens": n, "updated_at": now} for (s, p), n in sums.items()]
+        stmt = insert(QuotaUsage).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[QuotaUsage.subject, QuotaUsage.period],
+            set_={"tokens": QuotaUsage.tokens + stmt.excluded.tokens, "updated_at": stmt.excluded.updated_at})
+        async with self.db.session() as s:
+            await s.execute(stmt)
+            await s.commit()
+        for k, n in sums.items():
+            e = self._cache.get(k)
+            if e is not None:
+                e.pending = max(0, e.pending - n)
+                e.db += n
+
+    def _prune(self) -> None:
+        if len(self._cache) > 50000:
+            cutoff = time.monotonic() - self.cache_ttl
+            for k in [k for k, e in self._cache.items() if e.loaded < cutoff and not e.pending]:
+                self._cache.pop(k, None)
+                self._locks.pop(k, None)
+
+    async def close(self) -> None:
+        await self.writer.close()

@@ -1,0 +1,119 @@
+"""Rules compiled once: `limits` items, what they count and what they are keyed by; token estimates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
+
+from gateway.context import RequestContext
+
+from .config import RuleConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One `limits` item of one rule (a rule "10/second; 1000/day" gives two)."""
+
+    rule: str
+    item: RateLimitItem
+    counts: str                  # "requests" | "tokens"
+    key_by: tuple[str, ...]      # () = global
+    per_key: bool                # keyed by the API key (replaced by a key's own rpm/tpm)
+    max_tokens_default: int | None
+    index: int                   # position within the rule
+
+    @property
+    def label(self) -> str:
+        return f"{self.rule} ({self.item.amount}/{_window_text(self.item)})"
+
+    @property
+    def policy_name(self) -> str:
+        return self.rule if self.index == 0 else f"{self.rule}-{self.index}"
+
+    @property
+    def window(self) -> int:
+        return int(self.item.get_expiry())
+
+
+def _window_text(item: RateLimitItem) -> str:
+    g = item.GRANULARITY.name
+    return g if item.multiples == 1 else f"{item.multiples} {g}s"
+
+
+def compile_rules(rules: list[RuleConfig]) -> list[Limit]:
+    out = []
+    for r in rules:
+        key_by = () if r.key_by == "global" else tuple(dict.fromkeys(r.key_by))
+        for i, item in enumerate(parse_many(r.limit)):
+            out.append(Limit(r.name, item, r.counts, key_by, "key" in key_by, r.estimate_default_max_tokens, i))
+    return out
+
+
+def override_limit(counts: str, amount: int) -> Limit:
+    """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind."""
+    name = "key-rpm" if counts == "requests" else "key-tpm"
+    return Limit(name, RateLimitItemPerMinute(amount), counts, ("key",), True, None, 0)
+
+
+def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
+    """The counter's identity: the rule name and the values of its key_by parts."""
+    ids = [limit.rule]
+    for part in limit.key_by:
+        if part == "key":
+            k = ctx.key_id
+            ids.append(f"key:{k}" if k else f"ip:{ctx.client_ip}")
+        elif part == "owner":
+            o = ctx.owner
+            ids.append(f"owner:{o}" if o else f"ip:{ctx.client_ip}")
+        elif part == "ip":
+            ids.append(f"ip:{ctx.client_ip}")
+        elif part == "route":
+            ids.append(f"route:{ctx.route}")
+        elif part == "model":
+            ids.append(f"model:{ctx.model or '-'}")
+    return tuple(_safe(i) for i in ids)
+
+
+def _safe(s: str) -> str:
+    # limits joins identifiers with "/"; keep them from colliding and keep keys short.
+    return s.replace("/", "%2F")[:200]
+
+
+def prompt_estimate(body: Any) -> int:
+    """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input)."""
+    if not isinstance(body, dict):
+        return 0
+    chars = 0
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict):
+                chars += _chars(m.get("content"))
+    for k in ("prompt", "input"):
+        if k in body:
+            chars += _chars(body[k])
+    return (chars + 3) // 4
+
+
+def _chars(v: Any) -> int:
+    if isinstance(v, str):
+        return len(v)
+    if isinstance(v, list):
+        n = 0
+        for p in v:
+            if isinstance(p, str):
+                n += len(p)
+            elif isinstance(p, dict) and isinstance(p.get("text"), str):
+                n += len(p["text"])
+        return n
+    return 0
+
+
+def max_tokens(body: Any, default: int) -> int:
+    if isinstance(body, dict):
+        for k in ("max_completion_tokens", "max_tokens"):
+            v = body.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                return v
+    return default
