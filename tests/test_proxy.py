@@ -1,0 +1,684 @@
+"""End-to-end proxying through a real gateway socket: JSON, SSE timing, the OpenAI SDK as client,
+header hygiene (hop-by-hop, framing, forwarding headers, credentials), redirects, compression,
+and every error path in the OpenAI error shape."""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import re
+import socket
+import time
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from gateway.plugin import Plugin, Reply, registry
+
+T = aiohttp.ClientTimeout(total=20)
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}]}
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+# -- test-only plugins -------------------------------------------------------------------------------
+class ProxyRecorder(Plugin):
+    """Records how each exchange ended (on_complete) for assertions."""
+
+    name = "t_proxy_recorder"
+    seen: list[dict[str, Any]] = []
+
+    async def on_complete(self, ctx: Any) -> None:
+        type(self).seen.append({"outcome": ctx.outcome, "status": ctx.status, "error": ctx.error,
+                                "source": ctx.source, "path": ctx.path, "streamed": ctx.streamed,
+                                "bytes_out": ctx.bytes_out})
+
+
+class Exploder(Plugin):
+    """Raises in the hook named by the request header X-Explode."""
+
+    name = "t_proxy_exploder"
+
+    async def on_request(self, ctx: Any) -> Reply | None:
+        if ctx.request.headers.get("X-Explode") == "request":
+            raise RuntimeError("secret internal detail 42")
+        return None
+
+    async def on_response(self, ctx: Any, head: Any) -> None:
+        if ctx.request.headers.get("X-Explode") == "response" and head.source == "upstream":
+            raise RuntimeError("secret internal detail 43")
+
+
+registry.register(ProxyRecorder)
+registry.register(Exploder)
+
+
+@pytest.fixture(autouse=True)
+def _clear_recorder() -> None:
+    ProxyRecorder.seen.clear()
+
+
+async def wait_for(pred: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def assert_error_shape(body: Any, code: str | None = None) -> None:
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert {"message", "type", "code"} <= set(err), err
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+
+
+# -- a purpose-built upstream for precise control ------------------------------------------------------
+class Fake:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.sends: list[float] = []
+        self.stream_closed = asyncio.Event()
+        self.stream_sent = 0
+        self.url = ""
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> "Fake":
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_get("/sse", self.sse)
+        app.router.add_get("/endless", self.endless)
+        app.router.add_get("/hop", self.hop)
+        app.router.add_get("/redirect", self.redirect)
+        app.router.add_get("/gzip", self.gzipped)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def record(self, request: web.Request) -> bytes:
+        body = await request.read()
+        self.requests.append({"method": request.method, "path_qs": request.path_qs,
+                              "headers": request.headers.copy(), "body": body,
+                              "chunked": request.headers.get("Transfer-Encoding") == "chunked"})
+        return body
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await self.record(request)
+        return web.json_response({"method": request.method, "path_qs": request.path_qs,
+                                  "body": body.decode("utf-8", "replace")})
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        await self.record(request)
+        n = int(request.query.get("n", "5"))
+        pause = float(request.query.get("pause", "0.25"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(pause)
+            self.sends.append(time.monotonic())
+            await resp.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def endless(self, request: web.Request) -> web.StreamResponse:
+        """Streams until the reader goes away; records that it noticed."""
+        await self.record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(400):
+                await resp.write(f"data: {i}\n\n".encode())
+                self.stream_sent += 1
+                await asyncio.sleep(0.05)
+        except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self.stream_closed.set()
+            raise
+        return resp
+
+    async def hop(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return web.Response(body=b'{"ok": true}', content_type="application/json", headers={
+            "Connection": "keep-alive, X-Resp-Private",
+            "Keep-Alive": "timeout=5, max=100",
+            "X-Resp-Private": "must not reach the client",
+            "Trailer": "X-Checksum",
+            "Upgrade": "h2c",
+            "Proxy-Authenticate": "Basic realm=upstream",
+            "Proxy-Authorization": "Basic dXA6c3RyZWFt",
+            "X-Resp-End-To-End": "kept",
+        })
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return web.Response(status=302, headers={"Location": "/elsewhere?x=1"}, text="moved")
+
+    async def gzipped(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        raw = gzip.compress(json.dumps({"compressed": True, "pad": "x" * 2000}).encode())
+        return web.Response(body=raw, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def fake() -> Any:
+    f = await Fake().start()
+    yield f
+    await f.stop()
+
+
+async def gateway_to(make_gateway: Any, url: str, plugins: list[dict[str, Any]] | None = None,
+                     timeouts: dict[str, float] | None = None, **sections: Any) -> Any:
+    up: dict[str, Any] = {"url": url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 10, **(timeouts or {})}}
+    up.update(sections.pop("upstream", {}))
+    return await make_gateway(plugins, upstream=up, **sections)
+
+
+# -- plain JSON ------------------------------------------------------------------------------------
+async def test_openai_endpoints_relayed(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway()
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            body = await r.json()
+            assert body["object"] == "chat.completion"
+            assert body["choices"][0]["message"]["content"].endswith("hello there")
+            assert body["usage"]["prompt_tokens"] == 3
+        async with s.post(g.url + "/v1/completions", json={"model": "demo-chat", "prompt": "say it"}) as r:
+            assert r.status == 200
+            assert (await r.json())["object"] == "text_completion"
+        async with s.post(g.url + "/v1/embeddings", json={"model": "demo-embed", "input": ["a b", "c"]}) as r:
+            assert r.status == 200
+            body = await r.json()
+            assert [d["index"] for d in body["data"]] == [0, 1]
+            assert body["usage"]["prompt_tokens"] == 3
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+            assert [m["id"] for m in (await r.json())["data"]] == ["demo-chat", "demo-embed"]
+        # The upstream's own error statuses and bodies are relayed as they are.
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Status": "429"}) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["message"] == "demo backend answered 429 as asked"
+    seen = [r["path"] for r in upstream.requests]
+    assert seen[:4] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"]
+    assert upstream.requests[0]["body"] == CHAT
+
+
+async def test_arbitrary_method_path_and_query(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for method in ("PATCH", "DELETE", "PUT", "OPTIONS"):
+            async with s.request(method, g.url + "/v1/some/thing%2Fencoded?b=2&a=x%20y&a=z",
+                                 data=b"raw \x00 bytes" if method != "OPTIONS" else None) as r:
+                assert r.status == 200, await r.text()
+                got = await r.json()
+                assert got["method"] == method
+                assert got["path_qs"] == "/v1/some/thing%2Fencoded?b=2&a=x%20y&a=z"
+        async with s.head(g.url + "/v1/whatever?q=1") as r:
+            assert r.status == 200
+    reqs = fake.requests
+    assert [q["method"] for q in reqs] == ["PATCH", "DELETE", "PUT", "OPTIONS", "HEAD"]
+    assert reqs[0]["body"] == b"raw \x00 bytes"
+    assert reqs[-1]["path_qs"] == "/v1/whatever?q=1"
+
+
+async def test_request_id(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway(server={"paths": ["/v1"]})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/v1/models", headers={"X-Request-ID": "client-id_1.2:3"}) as r:
+            assert r.status == 200
+            assert r.headers["X-Request-ID"] == "client-id_1.2:3"
+        assert upstream.requests[-1]["headers"]["X-Request-ID"] == "client-id_1.2:3"
+        for bad in ("has space", "x" * 200, "semi;colon", "<script>"):
+            async with s.get(g.url + "/v1/models", headers={"X-Request-ID": bad}) as r:
+                rid = r.headers["X-Request-ID"]
+                assert rid != bad and HEX32.match(rid)
+            assert upstream.requests[-1]["headers"]["X-Request-ID"] == rid
+        async with s.get(g.url + "/v1/models") as r:
+            rid = r.headers["X-Request-ID"]
+            assert HEX32.match(rid)
+        assert upstream.requests[-1]["headers"]["X-Request-ID"] == rid
+        # Errors carry it too: a path outside server.paths (404), an upstream error relayed.
+        async with s.get(g.url + "/elsewhere", headers={"X-Request-ID": "err-1"}) as r:
+            assert r.status == 404
+            assert r.headers["X-Request-ID"] == "err-1"
+            assert_error_shape(await r.json(), "not_found")
+        async with s.get(g.url + "/v1/models", headers={"X-Demo-Status": "503"}) as r:
+            assert r.status == 503
+            assert HEX32.match(r.headers["X-Request-ID"])
+    # The id is unique per request.
+    ids = [q["headers"]["X-Request-ID"] for q in upstream.requests]
+    assert len(set(ids[1:])) == len(ids) - 1
+
+
+# -- streaming -------------------------------------------------------------------------------------
+async def test_sse_events_arrive_one_by_one(make_gateway: Any, fake: Any) -> None:
+    n = 5
+    g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
+    arrivals: list[float] = []
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + f"/sse?n={n}&pause=0.3") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            buf = b""
+            async for chunk in r.content.iter_any():
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if event != b"data: [DONE]":
+                        arrivals.append(time.monotonic())
+                        assert json.loads(event[6:])["i"] == len(arrivals) - 1
+    assert len(arrivals) == n and len(fake.sends) == n
+    for i in range(n - 1):
+        # event i reached the client before the upstream even sent event i+1
+        assert arrivals[i] < fake.sends[i + 1], (i, arrivals, fake.sends)
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "ok" and ProxyRecorder.seen[0]["streamed"] is True
+
+
+async def test_demo_stream_relayed_whole(make_gateway: Any) -> None:
+    g = await make_gateway()
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"X-Demo-Words": "7"}) as r:
+            assert r.status == 200
+            text = (await r.read()).decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    deltas = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[:-1]]
+    assert len([d for d in deltas if d]) == 7
+
+
+# -- the OpenAI SDK as a client ----------------------------------------------------------------------
+async def test_openai_sdk_plain_and_stream(make_gateway: Any) -> None:
+    g = await make_gateway()
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="sk-client-side", max_retries=0, timeout=20)
+    try:
+        r = await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi sdk"}])
+        assert r.choices[0].message.content == "Hello from the demo backend. You said: hi sdk"
+        assert r.usage is not None and r.usage.completion_tokens == 9
+        parts = []
+        stream = await client.chat.completions.create(model="demo-chat", stream=True,
+                                                      stream_options={"include_usage": True},
+                                                      messages=[{"role": "user", "content": "stream it"}])
+        usage = None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.usage:
+                usage = chunk.usage
+        assert "".join(parts) == "Hello from the demo backend. You said: stream it"
+        assert usage is not None and usage.completion_tokens == len(parts)
+        emb = await client.embeddings.create(model="demo-embed", input="one two")
+        assert len(emb.data[0].embedding) == 8
+        models = [m.id async for m in client.models.list()]
+        assert models == ["demo-chat", "demo-embed"]
+    finally:
+        await client.close()
+
+
+def _sync_sdk(url: str) -> str:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sk-x", max_retries=0, timeout=20)
+    try:
+        out = ""
+        for chunk in client.chat.completions.create(model="demo-chat", stream=True,
+                                                    messages=[{"role": "user", "content": "sync"}]):
+            if chunk.choices:
+                out += chunk.choices[0].delta.content or ""
+        return out
+    finally:
+        client.close()
+
+
+async def test_openai_sync_sdk_in_thread(make_gateway: Any) -> None:
+    g = await make_gateway()
+    assert await asyncio.to_thread(_sync_sdk, g.url) == "Hello from the demo backend. You said: sync"
+
+
+# -- header hygiene ----------------------------------------------------------------------------------
+async def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer (the request asks for Connection: close)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(data)
+        await w.drain()
+        async with asyncio.timeout(timeout):
+            raw = await r.read()
+    finally:
+        w.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if headers.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    return status, headers, body
+
+
+async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url,
+                         upstream={"headers": {"Authorization": "Bearer upstream-secret"}})
+    port = g.gw.public_port
+    req = (b"POST /v1/anything?x=1 HTTP/1.1\r\n"
+           b"Host: gw.example:1234\r\n"
+           b"Connection: close, X-Req-Private\r\n"
+           b"Keep-Alive: timeout=5\r\n"
+           b"TE: trailers\r\n"
+           b"Trailer: X-Checksum\r\n"
+           b"Upgrade: foo/1\r\n"
+           b"Proxy-Authorization: Basic Y2xpZW50OnNlY3JldA==\r\n"
+           b"Proxy-Connection: keep-alive\r\n"
+           b"X-Req-Private: must not go upstream\r\n"
+           b"X-End-To-End: kept\r\n"
+           b"Authorization: Bearer client-secret\r\n"
+           b"X-Forwarded-For: 203.0.113.7\r\n"
+           b"Content-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n"
+           b"5\r\n{\"a\":\r\n"
+           b"4\r\n 12}\r\n"
+           b"0\r\n\r\n")
+    status, headers, body = await raw_request(port, req)
+    assert status == 200, body
+    got = fake.requests[-1]
+    h = got["headers"]
+    for name in ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Authorization", "Proxy-Connection",
+                 "X-Req-Private"):
+        assert name not in h, name
+    assert "X-Req-Private" not in h.get("Connection", "")
+    assert h["X-End-To-End"] == "kept"
+    # Credentials are the configured ones, never the client's.
+    assert h.getall("Authorization") == ["Bearer upstream-secret"]
+    # Framing is recomputed: the body arrived whole, with a correct Content-Length of its own.
+    assert got["body"] == b'{"a": 12}'
+    assert h["Content-Length"] == str(len(b'{"a": 12}'))
+    assert "Transfer-Encoding" not in h
+    # Forwarding headers.
+    assert h["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http"
+    assert h["X-Forwarded-Host"] == "gw.example:1234"
+    assert h["Host"] == fake.url.split("//")[1]
+    assert got["path_qs"] == "/v1/anything?x=1"
+    assert "x-request-id" in headers
+
+
+async def test_hop_by_hop_stripped_on_the_way_down(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/hop") as r:
+            assert r.status == 200
+            assert await r.json() == {"ok": True}
+            h = r.headers
+            for name in ("Keep-Alive", "Trailer", "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
+                         "X-Resp-Private"):
+                assert name not in h, name
+            assert "X-Resp-Private" not in h.get("Connection", "")
+            assert h["X-Resp-End-To-End"] == "kept"
+
+
+async def test_redirect_relayed_not_followed(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/redirect", allow_redirects=False) as r:
+            assert r.status == 302
+            assert r.headers["Location"] == "/elsewhere?x=1"
+            assert await r.text() == "moved"
+    assert [q["path_qs"] for q in fake.requests] == ["/redirect"]
+
+
+async def test_gzip_relayed_byte_for_byte(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    async with aiohttp.ClientSession(timeout=T, auto_decompress=False) as s:
+        async with s.get(g.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Encoding"] == "gzip"
+            raw = await r.read()
+            assert r.headers["Content-Length"] == str(len(raw))
+    assert json.loads(gzip.decompress(raw))["compressed"] is True
+    assert fake.requests[-1]["headers"]["Accept-Encoding"] == "gzip"
+    # An ordinary client decodes it transparently.
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/gzip") as r:
+            assert (await r.json())["compressed"] is True
+
+
+# -- error paths -------------------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_upstream_refused_is_502(make_gateway: Any) -> None:
+    g = await gateway_to(make_gateway, f"http://127.0.0.1:{_closed_port()}", [{"name": "t_proxy_recorder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 502
+            assert r.headers["Content-Type"].startswith("application/json")
+            assert HEX32.match(r.headers["X-Request-ID"])
+            body = await r.json()
+    assert_error_shape(body, "upstream_unavailable")
+    assert body["error"]["type"] == "upstream_error"
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_error"
+    assert ProxyRecorder.seen[0]["status"] == 502
+
+
+async def test_first_byte_timeout_is_504(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_recorder"}],
+                           upstream={"timeouts": {"connect": 2, "first_byte": 0.3, "idle": 10}})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "3"}) as r:
+            assert r.status == 504
+            body = await r.json()
+    assert_error_shape(body, "upstream_timeout")
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
+
+
+async def test_connect_timeout_is_504(make_gateway: Any) -> None:
+    """A listener whose accept queue is full drops new SYNs, so connecting hangs (Linux loopback)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    port = lsock.getsockname()[1]
+    fillers = []
+    try:
+        # Fill the accept queue; once full, further connects hang in SYN-SENT.
+        for _ in range(8):
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(c)
+        await asyncio.sleep(0.2)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", port))
+            pytest.skip("this kernel completes connections to a full accept queue; connect timeout not testable")
+        except (TimeoutError, socket.timeout):
+            pass
+        finally:
+            probe.close()
+        g = await gateway_to(make_gateway, f"http://127.0.0.1:{port}", [{"name": "t_proxy_recorder"}],
+                             timeouts={"connect": 0.3, "first_byte": 10})
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.get(g.url + "/v1/models") as r:
+                assert r.status == 504
+                body = await r.json()
+        assert time.monotonic() - t0 < 8  # the connect timeout fired, not first_byte
+        assert_error_shape(body, "upstream_timeout")
+        assert "connect" in body["error"]["message"].lower()
+        await wait_for(lambda: ProxyRecorder.seen)
+        assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
+    finally:
+        for c in fillers:
+            c.close()
+        lsock.close()
+
+
+async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_recorder"}],
+                           upstream={"timeouts": {"connect": 2, "first_byte": 10, "idle": 0.3}})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"X-Demo-Delay": "2", "X-Demo-Words": "3"}) as r:
+            assert r.status == 200
+            text = (await r.read()).decode()  # ends cleanly (no exception), just early
+    assert "[DONE]" not in text
+    assert text.startswith("data: ")
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
+    assert ProxyRecorder.seen[0]["status"] == 200
+
+
+async def test_upstream_dies_mid_stream(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_recorder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"X-Demo-Die-After": "3", "X-Demo-Words": "10"}) as r:
+            assert r.status == 200
+            text = (await r.read()).decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert 1 <= len(events) <= 4 and "[DONE]" not in text
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
+
+
+async def test_body_too_large_with_content_length(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_recorder"}], server={"max_body_size": 1000})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/embeddings", data=b"x" * 5000,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413
+            body = await r.json()
+            assert HEX32.match(r.headers["X-Request-ID"])
+        # at the limit is fine
+        async with s.post(g.url + "/v1/echo", data=b"y" * 1000) as r:
+            assert r.status == 200
+    assert_error_shape(body, "request_too_large")
+    assert [q["path"] for q in upstream.requests] == ["/v1/echo"]
+    await wait_for(lambda: len(ProxyRecorder.seen) == 2)
+    assert ProxyRecorder.seen[0]["status"] == 413 and ProxyRecorder.seen[0]["outcome"] == "error"
+
+
+async def test_body_too_large_chunked(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway(server={"max_body_size": 1000})
+
+    async def body(n: int) -> Any:
+        for _ in range(n):
+            yield b"z" * 300
+            await asyncio.sleep(0)
+
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/embeddings", data=body(10)) as r:
+            assert r.status == 413
+            assert_error_shape(await r.json(), "request_too_large")
+        async with s.post(g.url + "/v1/echo", data=body(3)) as r:  # 900 bytes, chunked, fine
+            assert r.status == 200
+            assert (await r.json())["body"] == "z" * 900
+    assert [q["path"] for q in upstream.requests] == ["/v1/echo"]
+
+
+async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, caplog: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_recorder"}, {"name": "t_proxy_exploder"}])
+    caplog.set_level(logging.ERROR, logger="gateway")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for where in ("request", "response"):
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Explode": where}) as r:
+                assert r.status == 500
+                text = await r.text()
+                assert HEX32.match(r.headers["X-Request-ID"])
+            assert "secret internal detail" not in text and "Traceback" not in text and "RuntimeError" not in text
+            body = json.loads(text)
+            assert_error_shape(body, "internal_error")
+            assert body["error"]["message"] == "The gateway failed to handle the request."
+    # Only the response-hook failure reached the upstream (the request-hook one stopped before).
+    assert len(upstream.requests) == 1
+    logged = caplog.text
+    assert "secret internal detail 42" in logged and "secret internal detail 43" in logged
+    assert "t_proxy_exploder" in logged
+    await wait_for(lambda: len(ProxyRecorder.seen) == 2)
+    assert [s["outcome"] for s in ProxyRecorder.seen] == ["error", "error"]
+
+
+async def test_sdk_surfaces_gateway_errors(make_gateway: Any) -> None:
+    g = await gateway_to(make_gateway, f"http://127.0.0.1:{_closed_port()}", server={"max_body_size": 2000})
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="sk-x", max_retries=0, timeout=20)
+    try:
+        with pytest.raises(openai.APIStatusError) as ei:
+            await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}])
+        assert ei.value.status_code == 502
+        assert "The upstream could not be reached." in ei.value.message
+        assert ei.value.code == "upstream_unavailable" and ei.value.type == "upstream_error"
+        with pytest.raises(openai.APIStatusError) as ei:
+            await client.chat.completions.create(model="demo-chat",
+                                                 messages=[{"role": "user", "content": "x" * 5000}])
+        assert ei.value.status_code == 413
+        assert "exceeds the limit of 2000 bytes" in ei.value.message
+        with pytest.raises(openai.APIStatusError) as ei:
+            stream = await client.chat.completions.create(model="demo-chat", stream=True,
+                                                          messages=[{"role": "user", "content": "x"}])
+            async for _ in stream:
+                pass
+        assert ei.value.status_code == 502
+    finally:
+        await client.close()
+
+
+async def test_sdk_surfaces_timeout_and_plugin_errors(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "t_proxy_exploder"}],
+                           upstream={"timeouts": {"connect": 2, "first_byte": 0.3, "idle": 10}})
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="sk-x", max_retries=0, timeout=20)
+    try:
+        with pytest.raises(openai.APIStatusError) as ei:
+            await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}],
+                                                 extra_headers={"X-Demo-Head-Delay": "3"})
+        assert ei.value.status_code == 504 and ei.value.code == "upstream_timeout"
+        with pytest.raises(openai.InternalServerError) as ei2:
+            await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}],
+                                                 extra_headers={"X-Explode": "request"})
+        assert "The gateway failed to handle the request." in ei2.value.message
+    finally:
+        await client.close()
+
+
+async def test_client_disconnect_cancels_upstream(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.get(g.url + "/endless")
+        assert r.status == 200
+        await r.content.readuntil(b"\n\n")
+        await r.content.readuntil(b"\n\n")
+        r.close()  # drop the connection mid-stream
+    async with asyncio.timeout(5):
+        await fake.stream_closed.wait()
+    assert fake.stream_sent < 100
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "client_disconnected"
