@@ -1,0 +1,340 @@
+"""``key_auth``: every request must carry a gateway API key.
+
+The key is read from ``Authorization: Bearer`` (what the OpenAI SDKs send) or from the configured
+headers (``X-API-Key``, ``api-key``), never from the query string, and is stripped before the request
+goes upstream. A valid key sets ``ctx.identity`` for the plugins after this one; usage is rolled up
+per key per day in the background. See docs/key_auth.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import fnmatch
+import logging
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from gateway.plugin import Plugin, PluginConfig, Reply
+
+from .keys import hash_secret, loose_key_id, parse_key, secrets_match
+from .store import KeyStore, UsageRecord, normalise_scopes
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+    from gateway.services import Services
+
+log = logging.getLogger("gateway.plugins.key_auth")
+
+IDENTITY_FIELDS = Literal["key_id", "owner", "name", "team"]
+_DUMMY_HASH = "0" * 64
+
+
+class UsageWriterConfig(PluginConfig):
+    max_queue: int = Field(10000, ge=1, description="Usage records buffered before new ones are dropped (counted).")
+    batch_size: int = Field(500, ge=1, description="Records aggregated into one upsert.")
+    flush_interval: float = Field(1.0, gt=0, description="Seconds a batch waits to fill up before it is written.")
+
+
+class KeyAuthConfig(PluginConfig):
+    headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "X-API-Key", "api-key"],
+        description="Request headers read for the key, in order. 'Authorization' is read as 'Bearer <key>'; "
+                    "the others hold the bare key. The query string is never read. All are removed before "
+                    "the request is forwarded.")
+    pepper: str = Field("", repr=False,
+                        description="Server-side secret mixed into the stored key hashes (HMAC-SHA-256), e.g. "
+                                    "${GATEWAY_KEY_PEPPER:-}. Empty: plain SHA-256. Changing it invalidates "
+                                    "every existing key.")
+    cache_ttl: float = Field(5.0, ge=0, le=300,
+                             description="Seconds a key lookup is cached in memory. A revoke through this "
+                                         "instance applies at once; through another instance within this time.")
+    cache_size: int = Field(100000, ge=1, description="Most key ids kept in the validation cache.")
+    store_timeout: float = Field(2.0, gt=0, description="Seconds a key lookup may take before the request "
+                                                        "is refused with 503 (fail closed).")
+    rotation_grace: float = Field(86400.0, ge=0, description="Default seconds the previous secret keeps "
+                                                             "working after a rotation.")
+    forward_identity_headers: dict[str, IDENTITY_FIELDS] = Field(
+        default_factory=dict,
+        description="Headers sent upstream with the caller's identity, e.g. {X-Gateway-Key-Id: key_id, "
+                    "X-Gateway-Owner: owner}. Default: none.")
+    track_usage: bool = Field(True, description="Roll usage up per key per day.")
+    usage_writer: UsageWriterConfig = Field(default_factory=UsageWriterConfig,
+                                            description="Background writer for usage rollups.")
+    last_used_interval: float = Field(60.0, ge=0, description="last_used_at is written at most this often "
+                                                              "per key (seconds).")
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one header is needed")
+        return v
+
+
+class _Entry:
+    """A cached key record: what validation needs, and the identity handed to later plugins."""
+
+    __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "models", "identity")
+
+    def __init__(self, row: Any) -> None:
+        self.hash: str = row.secret_hash
+        self.prev_hash: str | None = row.prev_secret_hash
+        self.prev_until = row.prev_valid_until.timestamp() if row.prev_valid_until else None
+        self.expires = row.expires_at.timestamp() if row.expires_at else None
+        self.revoked = row.revoked_at is not None
+        scopes = normalise_scopes(row.scopes)
+        self.paths = tuple(scopes["paths"])
+        self.models = tuple(scopes["models"])
+        self.identity: dict[str, Any] = {
+            "key_id": row.id, "owner": row.owner, "name": row.name, "team": row.team, "scopes": scopes,
+            "metadata": row.meta or {},
+            "limits": {"rpm": row.rpm, "tpm": row.tpm, "daily_tokens": row.daily_tokens,
+                       "monthly_tokens": row.monthly_tokens},
+        }
+
+
+class KeyCache:
+    """key id -> (entry or None for unknown, time fetched). Shared by every key_auth instance and the
+    admin routes of this process, so an admin change here invalidates at once."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[_Entry | None, float]] = {}
+        self.inflight: dict[str, asyncio.Task[_Entry | None]] = {}
+        self.gen = 0  # bumped by every invalidation, so a lookup that raced it is not cached
+
+    def invalidate(self, key_id: str | None = None) -> None:
+        self.gen += 1
+        if key_id is None:
+            self.entries.clear()
+            self.inflight.clear()
+        else:
+            self.entries.pop(key_id, None)
+            self.inflight.pop(key_id, None)
+
+    def done(self, key_id: str, task: "asyncio.Task[_Entry | None]") -> None:
+        if self.inflight.get(key_id) is task:
+            del self.inflight[key_id]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an outage with no waiter left is not reported twice
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+def key_cache(services: "Services") -> KeyCache:
+    return services.resource("key_auth.cache", KeyCache)
+
+
+def key_store(services: "Services") -> KeyStore:
+    return services.resource("key_auth.store", lambda: KeyStore(services.db))
+
+
+class KeyAuth(Plugin):
+    name = "key_auth"
+    Config = KeyAuthConfig
+    uses_database: ClassVar[bool] = True
+
+    def __init__(self, config: KeyAuthConfig, services: "Services") -> None:
+        super().__init__(config, services)
+        self.cache = key_cache(services)
+        self.store = key_store(services)
+        up = {h.lower() for h in services.settings.upstream.headers}
+        # Remove the client's key from the upstream request, except a header the upstream config
+        # sets itself (e.g. an upstream that authenticates with 'api-key'): that one is replaced anyway.
+        self._strip = [h for h in config.headers if h.lower() != "authorization" and h.lower() not in up]
+        self._bearer_only = [h.lower() == "authorization" for h in config.headers]
+        self.writer: Any = None
+        self._touched: dict[str, float] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        if self.config.track_usage:
+            w = self.config.usage_writer
+            self.writer = self.services.writer("key_auth.usage", self._write_usage, max_queue=w.max_queue,
+                                               batch_size=w.batch_size, flush_interval=w.flush_interval,
+                                               on_full="drop")
+            self.writer.start()
+
+    async def shutdown(self) -> None:
+        if self.writer is not None:
+            await self.writer.close()
+
+    # -- the request path -------------------------------------------------------------------------------
+    def _extract(self, ctx: "RequestContext") -> str | None:
+        headers = ctx.request.headers
+        for h in self._strip:
+            ctx.upstream_headers[h] = None
+        for h, bearer in zip(self.config.headers, self._bearer_only):
+            v = headers.get(h)
+            if not v:
+                continue
+            v = v.strip()
+            if v[:7].lower() == "bearer ":
+                v = v[7:].strip()
+            elif bearer:
+                continue
+            if v:
+                return v
+        return None
+
+    def _refuse(self, ctx: "RequestContext", status: int, reason: str, key_id: str | None, message: str,
+                code: str, type_: str = "invalid_request_error") -> Reply:
+        ctx.refusal = {"plugin": self.name, "type": "auth", "reason": reason, "key_id": key_id}
+        headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else None
+        return Reply.error(status, message, type_, code, headers)
+
+    async def on_request(self, ctx: "RequestContext") -> Reply | None:
+        raw = self._extract(ctx)
+        if raw is None:
+            return self._refuse(ctx, 401, "missing", None,
+                                "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
+        parsed = parse_key(raw)
+        if parsed is None:
+            return self._refuse(ctx, 401, "malformed", loose_key_id(raw),
+                                "Malformed API key: it is not a gateway key or it was mistyped (checksum "
+                                "mismatch).", "invalid_api_key")
+        key_id, secret = parsed
+        try:
+            entry = await self._entry(key_id)
+        except StoreUnavailable:
+            return self._refuse(ctx, 503, "store_unavailable", key_id,
+                                "The API key could not be checked because the key store is unavailable; "
+                                "try again shortly.", "key_store_unavailable", "server_error")
+        digest = hash_secret(self.config.pepper, secret)
+        now = time.time()
+        if entry is None:
+            secrets_match(digest, _DUMMY_HASH)  # same work as for a known id
+            ok = False
+        else:
+            ok = secrets_match(digest, entry.hash) or (
+                entry.prev_until is not None and now < entry.prev_until and secrets_match(digest, entry.prev_hash))
+        if not ok:
+            # Unknown key id and wrong secret look the same: nothing confirms that an id exists.
+            return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
+        assert entry is not None
+        if entry.revoked:
+            return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
+        if entry.expires is not None and now >= entry.expires:
+            return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key")
+        if entry.paths and not ctx.path.startswith(entry.paths):
+            return self._refuse(ctx, 403, "scope_path", key_id,
+                                f"This API key is not allowed to call {ctx.path}.", "key_scope_denied",
+                                "permission_error")
+        if entry.models:
+            model = ctx.model
+            if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in entry.models):
+                return self._refuse(ctx, 403, "scope_model", key_id,
+                                    f"This API key is not allowed to use the model {model!r}.",
+                                    "key_scope_denied", "permission_error")
+        ident = entry.identity
+        ctx.identity = dict(ident)
+        for h, field in self.config.forward_identity_headers.items():
+            v = ident.get(field)
+            ctx.upstream_headers[h] = str(v) if v is not None else None
+        ctx.state[self.name] = key_id
+        ctx.want_usage()
+        return None
+
+    async def _entry(self, key_id: str) -> _Entry | None:
+        cache = self.cache
+        hit = cache.entries.get(key_id)
+        if hit is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
+            return hit[0]
+        task = cache.inflight.get(key_id)
+        if task is None:
+            # One lookup per key id at a time, in its own task: a client that goes away does not
+            # cancel the lookup the other waiting requests share.
+            task = asyncio.create_task(self._fetch(key_id, cache.gen))
+            cache.inflight[key_id] = task
+            task.add_done_callback(lambda t: cache.done(key_id, t))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key_id: str, gen: int) -> _Entry | None:
+        try:
+            async with asyncio.timeout(self.config.store_timeout):
+                row = await self.store.get_row(key_id)
+        except Exception as e:
+            log.error("key store lookup failed, refusing the request (503): %s", type(e).__name__)
+            raise StoreUnavailable() from None
+        entry = _Entry(row) if row is not None else None
+        cache = self.cache
+        if self.config.cache_ttl > 0 and cache.gen == gen:  # no admin change raced this lookup
+            if len(cache.entries) >= self.config.cache_size:
+                cache.entries.pop(next(iter(cache.entries)))
+            cache.entries[key_id] = (entry, time.monotonic())
+        return entry
+
+    # -- usage ------------------------------------------------------------------------------------------
+    async def on_complete(self, ctx: "RequestContext") -> None:
+        key_id = ctx.state.get(self.name)
+        if key_id is None or self.writer is None or ctx.t_upstream is None:
+            return
+        c = ctx.completion
+        prompt = completion = 0
+        if c is not None:
+            prompt = c.prompt_tokens or 0
+            completion = c.completion_tokens or 0
+            if c.usage is None and c.kind == "sse":
+                completion = c.deltas  # a stream cut short before the usage chunk: what was generated
+        now = dt.datetime.now(dt.timezone.utc)
+        self.writer.put_nowait(UsageRecord(key_id, now.date(), prompt, completion, now))
+
+    async def _write_usage(self, batch: list[UsageRecord]) -> None:
+        latest: dict[str, dt.datetime] = {}
+        for r in batch:
+            if r.key_id not in latest or latest[r.key_id] < r.at:
+                latest[r.key_id] = r.at
+        mono = time.monotonic()
+        touch = [(k, at) for k, at in latest.items()
+                 if mono - self._touched.get(k, -1e18) >= self.config.last_used_interval]
+        await self.store.record_usage(batch, touch)
+        for k, _ in touch:
+            self._touched[k] = mono
+        if len(self._touched) > 100000:
+            self._touched.clear()
+
+    # -- demo, admin, CLI ---------------------------------------------------------------------------------
+    async def demo_setup(self) -> dict[str, str]:
+        _, key = await self.store.create(pepper=self.config.pepper, owner="demo", name="demo")
+        return {"api_key": key}
+
+    @classmethod
+    def admin_routes(cls, services: "Services") -> list[Any]:
+        from .admin import routes
+
+        return routes(services)
+
+    @classmethod
+    def openapi_paths(cls) -> dict[str, Any]:
+        from .admin import openapi_paths
+
+        return openapi_paths()
+
+    @classmethod
+    def add_cli(cls, subparsers: Any) -> None:
+        from .cli import add_cli
+
+        add_cli(subparsers)
+
+
+def current_config(services: "Services") -> KeyAuthConfig:
+    """The running key_auth config (follows reloads), or the one in the settings, or the defaults."""
+    gw = services.gateway
+    if gw is not None:
+        inst = gw.runtime.by_name.get(KeyAuth.name)
+        if inst is not None:
+            return inst.config
+    return config_from_settings(services.settings)
+
+
+def config_from_settings(settings: Any) -> KeyAuthConfig:
+    for spec in settings.plugins:
+        if spec.name == KeyAuth.name and spec.validated is not None:
+            return spec.validated
+    return KeyAuthConfig()
+
+
+__all__ = ["KeyAuth", "KeyAuthConfig", "KeyCache", "current_config", "config_from_settings"]

@@ -1,0 +1,341 @@
+"""Admin API for keys (mounted on the admin listener, behind the admin token) and its OpenAPI paths.
+
+Every change is emitted on ``services.events`` (``key.created`` / ``key.updated`` / ``key.rotated`` /
+``key.revoked``) with the admin identity as actor and the key id, never the key, and invalidates this
+process's validation cache at once.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.admin import admin_identity
+from gateway.errors import error_body
+
+from . import current_config, key_cache, key_store
+from .keys import KEY_ID
+from .store import KeyRevoked
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Scopes(_Body):
+    paths: list[str] = Field(default_factory=list,
+                             description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
+    models: list[str] = Field(default_factory=list,
+                              description="Allowed models (shell-style patterns such as gpt-4o*). Empty: any model.")
+
+    @field_validator("paths")
+    @classmethod
+    def _slash(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"path prefix {p!r} must start with '/'")
+        return v
+
+
+class Limits(_Body):
+    rpm: int | None = Field(None, ge=1, description="Requests per minute for this key (overrides the YAML default).")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute for this key.")
+    daily_tokens: int | None = Field(None, ge=1, description="Token quota per UTC day.")
+    monthly_tokens: int | None = Field(None, ge=1, description="Token quota per UTC month.")
+
+
+class CreateKey(_Body):
+    owner: str = Field(min_length=1, max_length=200, description="The user the key belongs to.")
+    name: str = Field("", max_length=200, description="A label for people.")
+    team: str | None = Field(None, max_length=200)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON kept with the key.")
+    scopes: Scopes = Field(default_factory=Scopes)
+    limits: Limits = Field(default_factory=Limits)
+    expires_at: AwareDatetime | None = Field(None, description="When the key stops working (RFC 3339 with offset).")
+
+
+class UpdateKey(_Body):
+    name: str | None = Field(None, max_length=200)
+    team: str | None = Field(None, max_length=200, description="null clears it.")
+    metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata.")
+    scopes: Scopes | None = Field(None, description="Replaces the scopes.")
+    limits: Limits | None = Field(None, description="Only the fields given change; null clears an override.")
+    expires_at: AwareDatetime | None = Field(None, description="null: never expires.")
+
+
+class RotateKey(_Body):
+    grace_seconds: float | None = Field(None, ge=0, le=90 * 86400,
+                                        description="Seconds the old secret keeps working (default: the "
+                                                    "plugin's rotation_grace).")
+
+
+def _err(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(message, "invalid_request_error", code, param),
+                        content_type="application/json")
+
+
+def _not_found(key_id: str) -> web.Response:
+    return _err(404, f"No API key with id {key_id!r}.", "key_not_found", "id")
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
+    raw = await request.read()
+    if not raw.strip():
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return _err(400, "The request body is not valid JSON.", "invalid_json")
+    if not isinstance(data, dict):
+        return _err(400, "The request body must be a JSON object.", "invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"]) or None
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        return _err(422, f"{loc}: {msg}" if loc else msg, "invalid_value", loc)
+
+
+def _key_id(request: web.Request) -> str | None:
+    k = request.match_info["key_id"]
+    return k if KEY_ID.match(k) else None
+
+
+def _date(v: str | None, default: dt.date) -> dt.date:
+    return dt.date.fromisoformat(v) if v else default
+
+
+def routes(services: "Services") -> list[web.RouteDef]:
+    store = key_store(services)
+    cache = key_cache(services)
+    events = services.events
+
+    async def create(request: web.Request) -> web.Response:
+        body = await _body(request, CreateKey)
+        if isinstance(body, web.Response):
+            return body
+        assert isinstance(body, CreateKey)
+        rec, key = await store.create(pepper=current_config(services).pepper, owner=body.owner, name=body.name,
+                                      team=body.team, metadata=body.metadata, scopes=body.scopes.model_dump(),
+                                      limits=body.limits.model_dump(), expires_at=body.expires_at)
+        cache.invalidate(rec["id"])
+        events.emit("key.created", actor=admin_identity(request), key_id=rec["id"], owner=rec["owner"],
+                    name=rec["name"])
+        return web.json_response({**rec, "key": key}, status=201)
+
+    async def list_keys(request: web.Request) -> web.Response:
+        q = request.query
+        status = q.get("status")
+        if status not in (None, "active", "revoked", "expired"):
+            return _err(400, "status must be one of active, revoked, expired.", "invalid_value", "status")
+        try:
+            limit = int(q.get("limit", "100"))
+            offset = int(q.get("offset", "0"))
+        except ValueError:
+            return _err(400, "limit and offset must be integers.", "invalid_value", "limit")
+        if not 1 <= limit <= 1000 or offset < 0:
+            return _err(400, "limit must be 1..1000 and offset >= 0.", "invalid_value", "limit")
+        data = await store.list(owner=q.get("owner"), status=status, team=q.get("team"), limit=limit,
+                                offset=offset)
+        return web.json_response({"object": "list", "data": data, "limit": limit, "offset": offset})
+
+    async def show(request: web.Request) -> web.Response:
+        key_id = _key_id(request)
+        rec = await store.get(key_id) if key_id else None
+        if rec is None:
+            return _not_found(request.match_info["key_id"])
+        return web.json_response(rec)
+
+    async def patch(request: web.Request) -> web.Response:
+        key_id = _key_id(request)
+        if key_id is None:
+            return _not_found(request.match_info["key_id"])
+        body = await _body(request, UpdateKey)
+        if isinstance(body, web.Response):
+            return body
+        assert isinstance(body, UpdateKey)
+        changes: dict[str, Any] = {}
+        for f in body.model_fields_set:
+            v = getattr(body, f)
+            if f == "limits":
+                changes["limits"] = {lf: getattr(v, lf) for lf in v.model_fields_set} if v is not None else {}
+            elif f == "scopes":
+                changes["scopes"] = v.model_dump() if v is not None else {}
+            elif f == "name" and v is None:
+                return _err(422, "name: must be a string", "invalid_value", "name")
+            else:
+                changes[f] = v
+        rec = await store.update(key_id, changes)
+        if rec is None:
+            return _not_found(key_id)
+        cache.invalidate(key_id)
+        events.emit("key.updated", actor=admin_identity(request), key_id=key_id, fields=sorted(changes))
+        return web.json_response(rec)
+
+    async def rotate(request: web.Request) -> web.Response:
+        key_id = _key_id(request)
+        if key_id is None:
+            return _not_found(request.match_info["key_id"])
+        body = await _body(request, RotateKey)
+        if isinstance(body, web.Response):
+            return body
+        assert isinstance(body, RotateKey)
+        cfg = current_config(services)
+        grace = cfg.rotation_grace if body.grace_seconds is None else body.grace_seconds
+        try:
+            res = await store.rotate(key_id, pepper=cfg.pepper, grace_seconds=grace)
+        except KeyRevoked:
+            return _err(409, "A revoked key cannot be rotated; create a new one.", "key_revoked", "id")
+        if res is None:
+            return _not_found(key_id)
+        rec, key = res
+        cache.invalidate(key_id)
+        events.emit("key.rotated", actor=admin_identity(request), key_id=key_id, grace_seconds=grace)
+        return web.json_response({**rec, "key": key})
+
+    async def revoke(request: web.Request) -> web.Response:
+        key_id = _key_id(request)
+        rec = await store.revoke(key_id) if key_id else None
+        if rec is None:
+            return _not_found(request.match_info["key_id"])
+        assert key_id is not None
+        cache.invalidate(key_id)
+        events.emit("key.revoked", actor=admin_identity(request), key_id=key_id)
+        return web.json_response(rec)
+
+    async def usage(request: web.Request) -> web.Response:
+        key_id = _key_id(request)
+        if key_id is None or await store.get(key_id) is None:
+            return _not_found(request.match_info["key_id"])
+        today = dt.datetime.now(dt.timezone.utc).date()
+        try:
+            start = _date(request.query.get("from"), today.replace(day=1))
+            end = _date(request.query.get("to"), today)
+        except ValueError:
+            return _err(400, "from and to must be dates (YYYY-MM-DD).", "invalid_value", "from")
+        if end < start:
+            return _err(400, "to is before from.", "invalid_value", "to")
+        return web.json_response(await store.usage(key_id, start, end))
+
+    return [
+        web.post("/keys", create),
+        web.get("/keys", list_keys),
+        web.get("/keys/{key_id}", show),
+        web.patch("/keys/{key_id}", patch),
+        web.post("/keys/{key_id}/rotate", rotate),
+        web.post("/keys/{key_id}/revoke", revoke),
+        web.get("/keys/{key_id}/usage", usage),
+    ]
+
+
+# -- OpenAPI ------------------------------------------------------------------------------------------------
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` inlined (the paths must stand alone)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(dict(defs[ref.split("/")[-1]]))
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+_ERR = {"description": "Error (OpenAI error shape)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_KEY = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "description": "Key id (not secret)."},
+        "name": {"type": "string"}, "owner": {"type": "string"}, "team": {"type": ["string", "null"]},
+        "metadata": {"type": "object"},
+        "scopes": _inline(Scopes.model_json_schema()),
+        "limits": _inline(Limits.model_json_schema()),
+        "status": {"type": "string", "enum": ["active", "expired", "revoked"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "updated_at": {"type": "string", "format": "date-time"},
+        "expires_at": {"type": ["string", "null"], "format": "date-time"},
+        "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+        "rotated_at": {"type": ["string", "null"], "format": "date-time"},
+        "previous_secret_valid_until": {"type": ["string", "null"], "format": "date-time",
+                                        "description": "End of the grace period of the previous secret."},
+        "last_used_at": {"type": ["string", "null"], "format": "date-time",
+                         "description": "Written coarsely (see last_used_interval)."},
+    },
+}
+_KEY_WITH_SECRET = {"allOf": [_KEY, {"type": "object", "properties": {"key": {
+    "type": "string", "description": "The API key. Shown only in this response; only its hash is stored."}}}]}
+_USAGE_ROW = {"type": "object", "properties": {f: {"type": "integer"} for f in
+                                                 ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}}
+_USAGE = {"type": "object", "properties": {
+    "key_id": {"type": "string"}, "from": {"type": "string", "format": "date"}, "to": {"type": "string", "format": "date"},
+    "days": {"type": "array", "items": {"allOf": [_USAGE_ROW, {"type": "object", "properties": {
+        "date": {"type": "string", "format": "date"}}}]}},
+    "totals": _USAGE_ROW}}
+_ID = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Key id."}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _req(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": _inline(model.model_json_schema())}}}
+
+
+def openapi_paths() -> dict[str, Any]:
+    errs = {"400": _ERR, "401": _ERR, "422": _ERR}
+    return {
+        "/keys": {
+            "post": {"summary": "Create an API key (the key is in the response, and only there)",
+                     "tags": ["keys"], "requestBody": _req(CreateKey),
+                     "responses": {"201": _json(_KEY_WITH_SECRET, "created"), **errs}},
+            "get": {"summary": "List API keys", "tags": ["keys"], "parameters": [
+                {"name": "owner", "in": "query", "schema": {"type": "string"}},
+                {"name": "team", "in": "query", "schema": {"type": "string"}},
+                {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["active", "revoked", "expired"]}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "object": {"const": "list"}, "data": {"type": "array", "items": _KEY},
+                    "limit": {"type": "integer"}, "offset": {"type": "integer"}}}, "keys"), "400": _ERR, "401": _ERR}},
+        },
+        "/keys/{key_id}": {
+            "get": {"summary": "Show an API key", "tags": ["keys"], "parameters": [_ID],
+                    "responses": {"200": _json(_KEY, "the key"), "401": _ERR, "404": _ERR}},
+            "patch": {"summary": "Change name, team, metadata, scopes, limits or expiry", "tags": ["keys"],
+                      "parameters": [_ID], "requestBody": _req(UpdateKey),
+                      "responses": {"200": _json(_KEY, "updated"), "404": _ERR, **errs}},
+        },
+        "/keys/{key_id}/rotate": {
+            "post": {"summary": "Issue a new secret; the old one works for the grace period", "tags": ["keys"],
+                     "parameters": [_ID], "requestBody": _req(RotateKey, required=False),
+                     "responses": {"200": _json(_KEY_WITH_SECRET, "rotated"), "404": _ERR, "409": _ERR, **errs}},
+        },
+        "/keys/{key_id}/revoke": {
+            "post": {"summary": "Revoke a key for good", "tags": ["keys"], "parameters": [_ID],
+                     "responses": {"200": _json(_KEY, "revoked"), "401": _ERR, "404": _ERR}},
+        },
+        "/keys/{key_id}/usage": {
+            "get": {"summary": "Usage per UTC day and totals", "tags": ["keys"], "parameters": [
+                _ID,
+                {"name": "from", "in": "query", "schema": {"type": "string", "format": "date"},
+                 "description": "First day (default: first day of this month)."},
+                {"name": "to", "in": "query", "schema": {"type": "string", "format": "date"},
+                 "description": "Last day, inclusive (default: today)."}],
+                "responses": {"200": _json(_USAGE, "usage"), "400": _ERR, "401": _ERR, "404": _ERR}},
+        },
+    }

@@ -1,0 +1,211 @@
+"""``gateway keys create|list|show|update|rotate|revoke|usage``: key administration from the shell.
+
+Works on the configured database directly, so it needs no running gateway and no admin token. A
+running gateway sees a change made here within its ``cache_ttl``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import sys
+from typing import Any
+
+from gateway import cli as core_cli
+
+_UNSET: Any = object()  # an option not given (None means "clear it")
+_REL = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(v: str) -> dt.datetime | None:
+    """'never', a relative time ('30d', '12h'), a date or an ISO datetime (UTC if no offset)."""
+    v = v.strip()
+    if v.lower() in ("never", "none", ""):
+        return None
+    m = _REL.match(v)
+    if m:
+        return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
+    try:
+        d = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {v!r} (use e.g. 30d, 12h, 2027-01-01, never)") from None
+    return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
+
+
+def _limit(v: str) -> int | None:
+    if v.lower() in ("none", "default", ""):
+        return None
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 (or 'none' to use the YAML default)")
+    return n
+
+
+def _kv(v: str) -> tuple[str, str]:
+    if "=" not in v:
+        raise argparse.ArgumentTypeError("expected key=value")
+    k, _, val = v.partition("=")
+    return k, val
+
+
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("keys", help="manage API keys (works on the configured database directly)")
+    sub = p.add_subparsers(dest="keys_command", required=True)
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help_)
+        core_cli.add_config_arg(c)
+        c.add_argument("--json", action="store_true", help="print JSON for scripts")
+        c.set_defaults(func=run)
+        return c
+
+    def attrs(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--name", help="a label for people")
+        c.add_argument("--team")
+        c.add_argument("--meta", action="append", type=_kv, metavar="KEY=VALUE", help="metadata (repeatable)")
+        c.add_argument("--scope-path", action="append", metavar="PREFIX",
+                       help="allowed path prefix (repeatable; on update replaces the list, '' clears it)")
+        c.add_argument("--scope-model", action="append", metavar="MODEL",
+                       help="allowed model or pattern (repeatable; on update replaces the list, '' clears it)")
+        for f in ("rpm", "tpm", "daily-tokens", "monthly-tokens"):
+            c.add_argument(f"--{f}", type=_limit, metavar="N", default=_UNSET, help=f"{f} override ('none' clears it)")
+        c.add_argument("--expires", type=parse_when, metavar="WHEN", default=_UNSET,
+                       help="expiry: 30d, 12h, 2027-01-01, an ISO time, or 'never'")
+
+    c = cmd("create", "create a key and print it (shown once)")
+    c.add_argument("--owner", required=True, help="user id the key belongs to")
+    attrs(c)
+    c = cmd("list", "list keys")
+    c.add_argument("--owner")
+    c.add_argument("--team")
+    c.add_argument("--status", choices=["active", "revoked", "expired"])
+    c.add_argument("--limit", type=int, default=1000)
+    c = cmd("show", "show one key")
+    c.add_argument("key_id")
+    c = cmd("update", "change a key's name, team, metadata, scopes, limits or expiry")
+    c.add_argument("key_id")
+    attrs(c)
+    c = cmd("rotate", "issue a new secret (printed once); the old one works for the grace period")
+    c.add_argument("key_id")
+    c.add_argument("--grace", type=float, metavar="SECONDS", help="grace period (default: rotation_grace)")
+    c = cmd("revoke", "revoke a key for good")
+    c.add_argument("key_id")
+    c = cmd("usage", "usage per day and totals")
+    c.add_argument("key_id")
+    c.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first day (default: 1st of this month)")
+    c.add_argument("--to", dest="end", type=dt.date.fromisoformat, help="last day (default: today)")
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    ch: dict[str, Any] = {}
+    if args.name is not None:
+        ch["name"] = args.name
+    if args.team is not None:
+        ch["team"] = args.team or None
+    if args.meta:
+        ch["metadata"] = dict(args.meta)
+    if args.scope_path is not None or args.scope_model is not None:
+        ch["scopes"] = {"paths": [p for p in args.scope_path or [] if p],
+                        "models": [m for m in args.scope_model or [] if m]}
+    limits = {}
+    for f in ("rpm", "tpm", "daily_tokens", "monthly_tokens"):
+        if getattr(args, f) is not _UNSET:
+            limits[f] = getattr(args, f)
+    if limits:
+        ch["limits"] = limits
+    if args.expires is not _UNSET:
+        ch["expires_at"] = args.expires
+    return ch
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = core_cli.load(args)
+    return asyncio.run(_run(args, cfg))
+
+
+async def _run(args: argparse.Namespace, cfg: Any) -> int:
+    from . import config_from_settings
+    from .store import KeyRevoked, KeyStore
+
+    services = await core_cli.cli_services(cfg)
+    store = KeyStore(services.db)
+    kcfg = config_from_settings(cfg)
+    try:
+        c = args.keys_command
+        if c == "create":
+            ch = _changes(args)
+            for p in ch.get("scopes", {}).get("paths", []):
+                if not p.startswith("/"):
+                    return _fail(f"--scope-path {p!r} must start with '/'")
+            rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
+                                          team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
+                                          limits=ch.get("limits"), expires_at=ch.get("expires_at"))
+            return _out(args, {**rec, "key": key}, secret=key)
+        if c == "list":
+            rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit)
+            if args.json:
+                core_cli.print_json(rows)
+            else:
+                print(f"{'ID':<12}  {'STATUS':<8}  {'OWNER':<20}  {'NAME':<20}  {'EXPIRES':<20}  LAST USED")
+                for r in rows:
+                    print(f"{r['id']:<12}  {r['status']:<8}  {r['owner'][:20]:<20}  {r['name'][:20]:<20}  "
+                          f"{(r['expires_at'] or '-')[:20]:<20}  {r['last_used_at'] or '-'}")
+            return 0
+        if c == "show":
+            rec = await store.get(args.key_id)
+            return _out(args, rec) if rec else _fail(f"no key with id {args.key_id!r}")
+        if c == "update":
+            ch = _changes(args)
+            if not ch:
+                return _fail("nothing to change (see gateway keys update --help)")
+            rec = await store.update(args.key_id, ch)
+            return _out(args, rec) if rec else _fail(f"no key with id {args.key_id!r}")
+        if c == "rotate":
+            grace = kcfg.rotation_grace if args.grace is None else args.grace
+            try:
+                res = await store.rotate(args.key_id, pepper=kcfg.pepper, grace_seconds=grace)
+            except KeyRevoked:
+                return _fail("a revoked key cannot be rotated; create a new one")
+            if res is None:
+                return _fail(f"no key with id {args.key_id!r}")
+            return _out(args, {**res[0], "key": res[1]}, secret=res[1])
+        if c == "revoke":
+            rec = await store.revoke(args.key_id)
+            return _out(args, rec) if rec else _fail(f"no key with id {args.key_id!r}")
+        if c == "usage":
+            if await store.get(args.key_id) is None:
+                return _fail(f"no key with id {args.key_id!r}")
+            today = dt.datetime.now(dt.timezone.utc).date()
+            u = await store.usage(args.key_id, args.start or today.replace(day=1), args.end or today)
+            if args.json:
+                core_cli.print_json(u)
+            else:
+                print(f"{'DATE':<10}  {'REQUESTS':>10}  {'PROMPT':>12}  {'COMPLETION':>12}  {'TOTAL':>12}")
+                for d in u["days"] + [{"date": "total", **u["totals"]}]:
+                    print(f"{d['date']:<10}  {d['requests']:>10}  {d['prompt_tokens']:>12}  "
+                          f"{d['completion_tokens']:>12}  {d['total_tokens']:>12}")
+            return 0
+        return _fail(f"unknown command {c}")
+    finally:
+        await services.db.close()
+
+
+def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = None) -> int:
+    if args.json:
+        core_cli.print_json(rec)
+        return 0
+    if secret:
+        print(f"API key (shown once, store it now): {secret}")
+    for k, v in rec.items():
+        if k == "key":
+            continue
+        print(f"{k:<28} {json.dumps(v) if isinstance(v, (dict, list)) else ('-' if v is None else v)}")
+    return 0
+
+
+def _fail(msg: str) -> int:
+    print(f"gateway keys: {msg}", file=sys.stderr)
+    return 1

@@ -1,0 +1,94 @@
+"""API key format, parsing and hashing.
+
+A key looks like ``gw_<key id>_<secret><checksum>``:
+
+* ``gw_`` a fixed prefix, so secret scanners (and people) recognise a leaked gateway key;
+* the key id: 12 base62 characters, not secret, the primary key of the stored record;
+* the secret: 24 base62 characters from :mod:`secrets` (about 142 bits of randomness);
+* the checksum: CRC32 of everything before it, as 6 base62 characters, so a mistyped or truncated
+  key is rejected without touching the database.
+
+Only ``HMAC-SHA-256(pepper, secret)`` is stored (plain SHA-256 when no pepper is configured). The
+keys are long random strings, so a fast hash is enough: there is nothing to brute-force.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import zlib
+
+PREFIX = "gw_"
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+ID_LEN = 12
+SECRET_LEN = 24
+CHECKSUM_LEN = 6
+KEY_LEN = len(PREFIX) + ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN
+
+_KEY = re.compile(rf"^gw_([0-9A-Za-z]{{{ID_LEN}}})_([0-9A-Za-z]{{{SECRET_LEN}}})([0-9A-Za-z]{{{CHECKSUM_LEN}}})$")
+_ID_ONLY = re.compile(rf"^gw_([0-9A-Za-z]{{{ID_LEN}}})_")
+KEY_ID = re.compile(rf"^[0-9A-Za-z]{{{ID_LEN}}}$")
+
+
+def _random(n: int) -> str:
+    return "".join(secrets.choice(ALPHABET) for _ in range(n))
+
+
+def _base62(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, 62)
+        out.append(ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def checksum(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), CHECKSUM_LEN)
+
+
+def new_key_id() -> str:
+    return _random(ID_LEN)
+
+
+def new_secret() -> str:
+    return _random(SECRET_LEN)
+
+
+def format_key(key_id: str, secret: str) -> str:
+    body = f"{PREFIX}{key_id}_{secret}"
+    return body + checksum(body)
+
+
+def parse_key(raw: str) -> tuple[str, str] | None:
+    """``(key_id, secret)`` for a well-formed key with a valid checksum, else None."""
+    if len(raw) != KEY_LEN:
+        return None
+    m = _KEY.match(raw)
+    if m is None:
+        return None
+    key_id, secret, check = m.groups()
+    if not hmac.compare_digest(check, checksum(raw[:-CHECKSUM_LEN])):
+        return None
+    return key_id, secret
+
+
+def loose_key_id(raw: str) -> str | None:
+    """The key id of something that looks like a key but failed to parse (for the audit trail;
+    the key id is not secret)."""
+    m = _ID_ONLY.match(raw)
+    return m.group(1) if m else None
+
+
+def hash_secret(pepper: str, secret: str) -> str:
+    """Hex HMAC-SHA-256 of the secret with the server-side pepper (plain SHA-256 without one)."""
+    if pepper:
+        return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def secrets_match(a: str, b: str | None) -> bool:
+    """Constant-time comparison of two hex digests."""
+    if b is None:
+        return False
+    return hmac.compare_digest(a.encode(), b.encode())

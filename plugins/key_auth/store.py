@@ -1,0 +1,292 @@
+"""Key storage: the SQLAlchemy models and every query the plugin, the admin API and the CLI make.
+
+Only this module knows SQL. Two tables:
+
+``api_keys``
+    One row per key id: attributes, the hash of the current secret and, during a rotation's grace
+    period, the hash of the previous one with the time it stops working.
+``api_key_usage_daily``
+    Usage rolled up per key per UTC day (requests, prompt tokens, completion tokens); written in
+    batches by an upsert, so "usage for key X this month" reads at most 31 small rows.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import JSON, BigInteger, Date, DateTime, Integer, String, TypeDecorator, func, or_, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from gateway.db import Base, Database
+
+from .keys import format_key, hash_secret, new_key_id, new_secret
+
+UTC = dt.timezone.utc
+LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    team: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    scopes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    daily_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    monthly_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    prev_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    prev_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rotated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class KeyUsageDaily(Base):
+    __tablename__ = "api_key_usage_daily"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+def status_of(row: ApiKey, now: dt.datetime | None = None) -> str:
+    now = now or utcnow()
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def public(row: ApiKey) -> dict[str, Any]:
+    """The key as the admin API and the CLI show it: never a secret, never a hash."""
+    now = utcnow()
+    grace = row.prev_valid_until if row.prev_secret_hash and row.prev_valid_until and \
+        row.prev_valid_until > now else None
+    return {
+        "id": row.id, "name": row.name, "owner": row.owner, "team": row.team, "metadata": row.meta or {},
+        "scopes": normalise_scopes(row.scopes), "limits": {f: getattr(row, f) for f in LIMIT_FIELDS},
+        "status": status_of(row, now), "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+        "expires_at": _iso(row.expires_at), "revoked_at": _iso(row.revoked_at), "rotated_at": _iso(row.rotated_at),
+        "previous_secret_valid_until": _iso(grace), "last_used_at": _iso(row.last_used_at),
+    }
+
+
+def _iso(v: dt.datetime | None) -> str | None:
+    return v.astimezone(UTC).isoformat().replace("+00:00", "Z") if v is not None else None
+
+
+def normalise_scopes(s: Any) -> dict[str, list[str]]:
+    s = s if isinstance(s, dict) else {}
+    return {"paths": list(s.get("paths") or []), "models": list(s.get("models") or [])}
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    key_id: str
+    day: dt.date
+    prompt_tokens: int
+    completion_tokens: int
+    at: dt.datetime
+
+
+class KeyStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def create(self, *, pepper: str, owner: str, name: str = "", team: str | None = None,
+                     metadata: dict[str, Any] | None = None, scopes: dict[str, Any] | None = None,
+                     limits: dict[str, int | None] | None = None,
+                     expires_at: dt.datetime | None = None) -> tuple[dict[str, Any], str]:
+        """Create a key; returns its public record and the full key (the only time it exists)."""
+        now = utcnow()
+        secret = new_secret()
+        limits = limits or {}
+        async with self.db.session() as s:
+            for _ in range(5):  # a key id collision is astronomically unlikely; retry anyway
+                key_id = new_key_id()
+                if await s.get(ApiKey, key_id) is None:
+                    break
+            row = ApiKey(id=key_id, name=name, owner=owner, team=team, meta=metadata or {},
+                         scopes=normalise_scopes(scopes), secret_hash=hash_secret(pepper, secret),
+                         created_at=now, updated_at=now, expires_at=expires_at,
+                         **{f: limits.get(f) for f in LIMIT_FIELDS})
+            s.add(row)
+            await s.commit()
+            return public(row), format_key(key_id, secret)
+
+    async def get_row(self, key_id: str) -> ApiKey | None:
+        async with self.db.session() as s:
+            return await s.get(ApiKey, key_id)
+
+    async def get(self, key_id: str) -> dict[str, Any] | None:
+        row = await self.get_row(key_id)
+        return public(row) if row is not None else None
+
+    async def list(self, *, owner: str | None = None, status: str | None = None, team: str | None = None,
+                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        now = utcnow()
+        q = select(ApiKey)
+        if owner is not None:
+            q = q.where(ApiKey.owner == owner)
+        if team is not None:
+            q = q.where(ApiKey.team == team)
+        if status == "revoked":
+            q = q.where(ApiKey.revoked_at.is_not(None))
+        elif status == "expired":
+            q = q.where(ApiKey.revoked_at.is_(None), ApiKey.expires_at.is_not(None), ApiKey.expires_at <= now)
+        elif status == "active":
+            q = q.where(ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now))
+        q = q.order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)
+        async with self.db.session() as s:
+            return [public(r) for r in (await s.execute(q)).scalars()]
+
+    async def update(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply ``changes`` (name, team, metadata, scopes, expires_at, and limit fields; a limit
+        given as None clears the override)."""
+        async with self.db.session() as s:
+            row = await s.get(ApiKey, key_id)
+            if row is None:
+                return None
+            for k, v in changes.items():
+                if k == "metadata":
+                    row.meta = v or {}
+                elif k == "scopes":
+                    row.scopes = normalise_scopes(v)
+                elif k == "limits":
+                    for f, lv in (v or {}).items():
+                        if f in LIMIT_FIELDS:
+                            setattr(row, f, lv)
+                elif k in ("name", "team", "expires_at") or k in LIMIT_FIELDS:
+                    setattr(row, k, v)
+                else:
+                    raise ValueError(f"unknown field {k}")
+            row.updated_at = utcnow()
+            await s.commit()
+            return public(row)
+
+    async def rotate(self, key_id: str, *, pepper: str, grace_seconds: float) -> tuple[dict[str, Any], str] | None:
+        """Issue a new secret for the same key id; the current one keeps working for
+        ``grace_seconds`` (a secret from an earlier rotation still in its grace stops now)."""
+        now = utcnow()
+        secret = new_secret()
+        async with self.db.session() as s:
+            row = await s.get(ApiKey, key_id)
+            if row is None:
+                return None
+            if row.revoked_at is not None:
+                raise KeyRevoked(key_id)
+            if grace_seconds > 0:
+                row.prev_secret_hash = row.secret_hash
+                row.prev_valid_until = now + dt.timedelta(seconds=grace_seconds)
+            else:
+                row.prev_secret_hash = None
+                row.prev_valid_until = None
+            row.secret_hash = hash_secret(pepper, secret)
+            row.rotated_at = now
+            row.updated_at = now
+            await s.commit()
+            return public(row), format_key(key_id, secret)
+
+    async def revoke(self, key_id: str) -> dict[str, Any] | None:
+        """Revoke for good (idempotent: a second revoke keeps the first time)."""
+        now = utcnow()
+        async with self.db.session() as s:
+            row = await s.get(ApiKey, key_id)
+            if row is None:
+                return None
+            if row.revoked_at is None:
+                row.revoked_at = now
+                row.prev_secret_hash = None
+                row.prev_valid_until = None
+                row.updated_at = now
+                await s.commit()
+            return public(row)
+
+    # -- usage ----------------------------------------------------------------------------------------
+    async def record_usage(self, records: Sequence[UsageRecord], touch: Iterable[tuple[str, dt.datetime]] = ()) -> None:
+        """Add a batch of per-request usage to the daily rollups (one upsert) and move
+        ``last_used_at`` forward for the keys in ``touch``."""
+        agg: dict[tuple[str, dt.date], list[int]] = {}
+        for r in records:
+            a = agg.setdefault((r.key_id, r.day), [0, 0, 0])
+            a[0] += 1
+            a[1] += r.prompt_tokens
+            a[2] += r.completion_tokens
+        t = KeyUsageDaily.__table__
+        if self.db.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+        async with self.db.session() as s:
+            if agg:
+                rows = [{"key_id": k, "day": d, "requests": v[0], "prompt_tokens": v[1], "completion_tokens": v[2]}
+                        for (k, d), v in sorted(agg.items())]
+                stmt = insert(t).values(rows)
+                ex = stmt.excluded
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[t.c.key_id, t.c.day],
+                    set_={"requests": t.c.requests + ex.requests,
+                          "prompt_tokens": t.c.prompt_tokens + ex.prompt_tokens,
+                          "completion_tokens": t.c.completion_tokens + ex.completion_tokens})
+                await s.execute(stmt)
+            for key_id, at in touch:
+                await s.execute(update(ApiKey).where(ApiKey.id == key_id, or_(
+                    ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at)).values(last_used_at=at))
+            await s.commit()
+
+    async def usage(self, key_id: str, start: dt.date, end: dt.date) -> dict[str, Any]:
+        """Per-day rows and totals for ``start`` .. ``end`` (inclusive, UTC days)."""
+        q = (select(KeyUsageDaily).where(KeyUsageDaily.key_id == key_id, KeyUsageDaily.day >= start,
+                                         KeyUsageDaily.day <= end).order_by(KeyUsageDaily.day))
+        async with self.db.session() as s:
+            rows = list((await s.execute(q)).scalars())
+        days = [{"date": r.day.isoformat(), "requests": r.requests, "prompt_tokens": r.prompt_tokens,
+                 "completion_tokens": r.completion_tokens, "total_tokens": r.prompt_tokens + r.completion_tokens}
+                for r in rows]
+        totals = {f: sum(d[f] for d in days) for f in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
+        return {"key_id": key_id, "from": start.isoformat(), "to": end.isoformat(), "days": days, "totals": totals}
+
+    async def count(self) -> int:
+        async with self.db.session() as s:
+            return int((await s.execute(select(func.count()).select_from(ApiKey))).scalar_one())
+
+
+class KeyRevoked(Exception):
+    pass
