@@ -548,11 +548,13 @@ async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
                            upstream={"timeouts": {"connect": 2, "first_byte": 10, "idle": 0.3}})
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                          headers={"X-Demo-Delay": "2", "X-Demo-Words": "3"}) as r:
+                          headers={"X-Demo-Delay": "3", "X-Demo-Words": "3"}) as r:
             assert r.status == 200
             text = (await r.read()).decode()  # ends cleanly (no exception), just early
-    assert "[DONE]" not in text
-    assert text.startswith("data: ")
+    # The upstream sends the role frame at once, then pauses far longer than `idle` before the
+    # first word: the gateway must give up during that pause, so only the role frame got through.
+    events = [json.loads(e[6:]) for e in text.split("\n\n") if e]
+    assert [e["choices"][0]["delta"] for e in events] == [{"role": "assistant", "content": ""}]
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
     assert ProxyRecorder.seen[0]["status"] == 200
