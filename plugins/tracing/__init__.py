@@ -1,0 +1,263 @@
+"""``tracing``: OpenTelemetry spans for every request, exported over OTLP.
+
+Per request (when sampled):
+
+* a SERVER span from ``opentelemetry-instrumentation-aiohttp-server``, continuing the caller's W3C
+  ``traceparent``; the gateway adds request id, route, outcome, key id and owner (never the key);
+* a CLIENT span for the upstream call from ``opentelemetry-instrumentation-aiohttp-client``, which also
+  sends the trace context upstream;
+* one INTERNAL span per plugin and hook that ran (``key_auth.on_request`` ...), from the core's timings;
+* a ``chat <model>`` span (``text_completion``, ``embeddings``) covering the model exchange from the
+  upstream request to the last byte, with the GenAI semantic-convention attributes.
+
+The plugin uses its own TracerProvider, never the global one. Its only hook is ``on_complete``, which
+returns at once for unsampled requests; span export happens on a background thread through a bounded
+queue, so a slow or dead collector costs requests nothing (spans are dropped when the queue is full).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, ClassVar, Literal
+
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from pydantic import Field, field_validator
+
+from gateway.context import RequestContext
+from gateway.plugin import Plugin, PluginConfig
+
+from . import genai
+from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, ActiveTracerProvider, ProviderEntry,
+                   Providers, prepare_server_instrumentation, server_middleware)
+
+log = logging.getLogger("gateway.tracing")
+
+#: Paths whose name is a fixed, low-cardinality endpoint: the server span is named after them.
+_KNOWN_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models", "/moderations", "/responses",
+                    "/audio/speech", "/audio/transcriptions", "/audio/translations", "/images/generations")
+
+
+class ExporterConfig(PluginConfig):
+    type: Literal["otlp_http", "otlp_grpc", "console", "none", "memory"] = Field(
+        "otlp_http", description="Where spans go: OTLP over HTTP/protobuf or gRPC, the console (stdout), "
+        "nowhere (`none`: tracing off, the caller's traceparent is passed on untouched), or `memory` "
+        "(kept in process: for tests).")
+    endpoint: str | None = Field(
+        None, description="Collector URL. Unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, then the OTLP default (http://localhost:4318/v1/traces for HTTP, "
+        "localhost:4317 for gRPC). For HTTP, a URL without a path gets /v1/traces appended.")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Headers sent with every export (e.g. a vendor API key: use "
+        "${VAR}). Empty: OTEL_EXPORTER_OTLP_TRACES_HEADERS / OTEL_EXPORTER_OTLP_HEADERS.")
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds per export request (retries included). Unset: "
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT / OTEL_EXPORTER_OTLP_TIMEOUT, else 10.")
+    insecure: bool | None = Field(
+        None, description="gRPC only: plaintext connection. Unset: from the endpoint scheme "
+        "(http:// is plaintext) or OTEL_EXPORTER_OTLP_INSECURE.")
+
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _blank(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+
+class BatchConfig(PluginConfig):
+    max_queue_size: int = Field(2048, ge=1, description="Finished spans waiting for export; beyond it new "
+                                "spans are dropped (never blocks a request).")
+    max_export_batch_size: int = Field(512, ge=1, description="Spans per export request.")
+    schedule_delay_ms: int = Field(1000, ge=1, description="Export at least this often (milliseconds).")
+    shutdown_timeout: float = Field(5.0, ge=0, description="Seconds to flush pending spans at shutdown "
+                                    "or when a reload retires this exporter; what is left is dropped.")
+
+
+class TracingConfig(PluginConfig):
+    exporter: ExporterConfig = Field(default_factory=ExporterConfig, description="Span exporter.")
+    sampling_ratio: float | None = Field(
+        None, ge=0, le=1, description="Fraction of new traces recorded, parent-based (a caller's sampled "
+        "flag is followed). Unset: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else always on.")
+    service_name: str | None = Field(
+        None, description="service.name resource attribute. Unset: OTEL_SERVICE_NAME, else `gateway`. "
+        "OTEL_RESOURCE_ATTRIBUTES are added either way.")
+    record_content: bool = Field(
+        False, description="Put prompt and completion text on the GenAI span (gen_ai.input.messages, "
+        "gen_ai.output.messages). Off by default: traces often reach more people than the data should.")
+    max_content_chars: int = Field(4096, ge=16, description="With record_content: each text part is cut "
+                                   "to this many characters.")
+    plugin_spans: bool = Field(True, description="A span per plugin hook that ran (from the core's timings).")
+    genai_provider: str = Field("openai", description="gen_ai.provider.name on the GenAI span (the "
+                                "upstream's API flavour); empty to leave it out.")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="Background export queue.")
+
+    def provider_key(self) -> str:
+        """Settings that make a provider; instances that agree on them share one."""
+        return json.dumps({"e": self.exporter.model_dump(), "s": self.sampling_ratio, "n": self.service_name,
+                           "b": self.batch.model_dump()}, sort_keys=True)
+
+
+class Tracing(Plugin):
+    name = "tracing"
+    Config = TracingConfig
+    observes_response = True
+    wants_timings = True
+    config: TracingConfig
+
+    _RESOURCE: ClassVar[str] = "tracing:providers"
+
+    def __init__(self, config: TracingConfig, services: Any) -> None:
+        super().__init__(config, services)
+        self.entry: ProviderEntry | None = None
+        self._chains: dict[Any, Tracing | None] = {}  # this runtime's chains -> their tracing instance
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def _providers(self) -> Providers:
+        return self.services.resource(self._RESOURCE, Providers, lambda p: p.close())
+
+    async def startup(self) -> None:
+        if self.config.exporter.type != "none":
+            prepare_server_instrumentation()
+        self.entry = self._providers().acquire(self.config)
+
+    async def shutdown(self) -> None:
+        entry, self.entry = self.entry, None
+        await self._providers().release(self.config, entry)
+
+    @property
+    def memory_exporter(self) -> Any:
+        """The InMemorySpanExporter when ``exporter.type`` is ``memory`` (tests), else None."""
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        e = self.entry.exporter if self.entry is not None else None
+        return e if isinstance(e, InMemorySpanExporter) else None
+
+    def force_flush(self, timeout_s: float = 5.0) -> bool:
+        """Export what is queued now (blocking; for tests and tools, not the request path)."""
+        return self.entry.provider.force_flush(int(timeout_s * 1000)) if self.entry is not None else True
+
+    # -- what the core collects once at start-up ----------------------------------------------------
+    def middlewares(self) -> list[Any]:
+        p = self._providers()
+        if p.middleware_given:
+            return []
+        p.middleware_given = True
+        return [server_middleware(self.services, _find)]
+
+    def trace_configs(self) -> list[Any]:
+        p = self._providers()
+        if p.trace_config_given:
+            return []
+        p.trace_config_given = True
+        from opentelemetry.instrumentation import aiohttp_server as srv
+        from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+        prepare_server_instrumentation()  # so the client follows the same semantic-convention mode
+        return [create_trace_config(tracer_provider=ActiveTracerProvider(),
+                                    sem_conv_opt_in_mode=srv._sem_conv_opt_in_mode,
+                                    sensitive_headers=list(SENSITIVE_HEADERS))]
+
+    # -- per request ----------------------------------------------------------------------------------
+    async def on_complete(self, ctx: RequestContext) -> None:
+        span = ctx.request.get(SERVER_SPAN)
+        if span is None or not span.is_recording() or self.entry is None:
+            return
+        cfg = self.config
+        # One clock pairing per request: perf_counter seconds -> epoch nanoseconds.
+        offset = time.time_ns() - int(time.perf_counter() * 1e9)
+
+        def ns(t: float) -> int:
+            return int(t * 1e9) + offset
+
+        attrs = span.attributes
+        for k in SENSITIVE_SERVER_ATTRS:
+            if k in attrs:
+                span.set_attribute(k, "[REDACTED]")
+        a: dict[str, Any] = {"gateway.request_id": ctx.request_id, "gateway.route": ctx.route,
+                             "gateway.outcome": ctx.outcome, "gateway.source": ctx.source,
+                             "gateway.streamed": ctx.streamed, "gateway.bytes_in": ctx.bytes_in,
+                             "gateway.bytes_out": ctx.bytes_out}
+        ident = _identity(ctx)
+        a.update(ident)
+        if ctx.error:
+            a["gateway.error"] = ctx.error
+        r = ctx.refusal
+        if r:
+            for k in ("plugin", "type", "reason"):
+                if r.get(k) is not None:
+                    a[f"gateway.refusal.{k}"] = str(r[k])
+        if ctx.path.endswith(_KNOWN_ENDPOINTS):
+            span.update_name(f"{ctx.method} {ctx.path}")
+            a["http.route"] = ctx.path
+        span.set_attributes(a)
+
+        tracer = self.entry.gateway_tracer
+        parent = trace.set_span_in_context(span)
+        if cfg.plugin_spans and ctx.timings:
+            groups: dict[tuple[str, str], list[Any]] = {}
+            for name, phase, t0, t1 in ctx.timings:
+                g = groups.get((name, phase))
+                if g is None:
+                    groups[(name, phase)] = [t0, t1, 1, t1 - t0]
+                else:
+                    g[1] = t1
+                    g[2] += 1
+                    g[3] += t1 - t0
+            for (name, phase), (t0, t1, n, busy) in groups.items():
+                pa: dict[str, Any] = {"gateway.plugin": name, "gateway.plugin.hook": f"on_{phase}"}
+                if n > 1:
+                    pa["gateway.plugin.calls"] = n
+                    pa["gateway.plugin.busy_ms"] = round(busy * 1000, 3)
+                s = tracer.start_span(f"{name}.on_{phase}", parent, SpanKind.INTERNAL, pa, start_time=ns(t0))
+                s.end(end_time=ns(t1))
+
+        op = genai.operation(ctx.path) if ctx.method == "POST" else None
+        if op is not None and ctx.t_upstream is not None:
+            ga = genai.attributes(op, ctx, cfg.genai_provider, cfg.record_content, cfg.max_content_chars)
+            ga.update(ident)
+            c = ctx.completion
+            if c is not None and c.t_first_token is not None:
+                ga["gateway.time_to_first_token_ms"] = round((c.t_first_token - ctx.t_upstream) * 1000, 3)
+            model = ga.get("gen_ai.request.model") or ga.get("gen_ai.response.model")
+            s = tracer.start_span(f"{op} {model}" if model else op, parent, SpanKind.CLIENT, ga,
+                                  start_time=ns(ctx.t_upstream))
+            if ctx.outcome != "ok" or ctx.status >= 400:
+                s.set_attribute("error.type", ctx.error or (str(ctx.status) if ctx.status >= 400 else ctx.outcome))
+                s.set_status(Status(StatusCode.ERROR, ctx.outcome))
+            s.end(end_time=ns(ctx.t_end if ctx.t_end is not None else time.perf_counter()))
+
+
+def _identity(ctx: RequestContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if ctx.key_id:
+        out["gateway.key_id"] = ctx.key_id
+    if ctx.owner:
+        out["gateway.owner"] = ctx.owner
+    return out
+
+
+def _find(services: Any, request: web.Request) -> Tracing | None:
+    """The tracing instance in the chain this request will run, or None (tracing off for it)."""
+    gw = services.gateway
+    if gw is None:
+        return None
+    rt = gw.runtime
+    base = rt.by_name.get(Tracing.name)
+    if base is None:
+        return None
+    chain = rt.match(request.method, request.path)
+    try:
+        return base._chains[chain]
+    except KeyError:
+        t = next((p for p in chain.plugins if isinstance(p, Tracing)), None)
+        base._chains[chain] = t
+        return t
+
+
+__all__ = ["Tracing", "TracingConfig"]

@@ -1,0 +1,134 @@
+"""GenAI semantic-convention attributes from what the gateway saw of an exchange.
+
+Only counts, names and ids by default. Message text (``gen_ai.input.messages``,
+``gen_ai.output.messages``, in the semantic conventions' parts format, each text part cut at
+``max_chars``) is added only when the config opts in with ``record_content: true``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Operation by path suffix, most specific first (``/chat/completions`` also ends in ``/completions``).
+OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"))
+
+_REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
+                   ("max_completion_tokens", "gen_ai.request.max_tokens"),
+                   ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
+                   ("frequency_penalty", "gen_ai.request.frequency_penalty"),
+                   ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
+
+
+def operation(path: str) -> str | None:
+    for suffix, op in OPERATIONS:
+        if path.endswith(suffix):
+            return op
+    return None
+
+
+def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars: int) -> dict[str, Any]:
+    a: dict[str, Any] = {"gen_ai.operation.name": op}
+    if provider:
+        a["gen_ai.provider.name"] = provider
+    body = ctx.json
+    if isinstance(body, dict):
+        model = body.get("model")
+        if isinstance(model, str):
+            a["gen_ai.request.model"] = model
+        for key, attr in _REQUEST_PARAMS:
+            v = body.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                a[attr] = v
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            a["gen_ai.request.stop_sequences"] = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+            a["gen_ai.request.stop_sequences"] = stop
+        n = body.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n != 1:
+            a["gen_ai.request.choice.count"] = n
+        if op == "embeddings" and isinstance(body.get("encoding_format"), str):
+            a["gen_ai.request.encoding_formats"] = [body["encoding_format"]]
+    if ctx.conversation_id:
+        a["gen_ai.conversation.id"] = ctx.conversation_id
+    c = ctx.completion
+    if c is not None:
+        if c.model:
+            a["gen_ai.response.model"] = c.model
+        if c.response_id:
+            a["gen_ai.response.id"] = c.response_id
+        if c.finish_reasons:
+            a["gen_ai.response.finish_reasons"] = list(c.finish_reasons)
+        u = c.usage
+        if u:
+            it, ot = u.get("prompt_tokens", u.get("input_tokens")), u.get("completion_tokens", u.get("output_tokens"))
+            if _is_int(it):
+                a["gen_ai.usage.input_tokens"] = it
+            if _is_int(ot):
+                a["gen_ai.usage.output_tokens"] = ot
+            details = u.get("prompt_tokens_details")
+            if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
+                a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
+    if record_content:
+        _content(a, op, body, c, max_chars)
+    return a
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars] + "…"
+
+
+def _parts(content: Any, max_chars: int) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "content": _cut(content, max_chars)}]
+    out: list[dict[str, Any]] = []
+    if isinstance(content, list):
+        for p in content:
+            if isinstance(p, dict) and isinstance(p.get("text"), str):
+                out.append({"type": "text", "content": _cut(p["text"], max_chars)})
+            elif isinstance(p, dict):
+                out.append({"type": str(p.get("type", "unknown"))})  # images, audio: the kind only
+    return out
+
+
+def _message(m: dict[str, Any], max_chars: int) -> dict[str, Any]:
+    parts = _parts(m.get("content"), max_chars)
+    for tc in m.get("tool_calls") or []:
+        if isinstance(tc, dict):
+            fn = tc.get("function") or {}
+            parts.append({"type": "tool_call", "id": tc.get("id"), "name": fn.get("name"),
+                          "arguments": _cut(str(fn.get("arguments") or ""), max_chars)})
+    if m.get("role") == "tool":
+        parts = [{"type": "tool_call_response", "id": m.get("tool_call_id"),
+                  "response": _cut(str(m.get("content") or ""), max_chars)}]
+    return {"role": m.get("role"), "parts": parts}
+
+
+def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> None:
+    if not isinstance(body, dict):
+        return
+    if op == "chat" and isinstance(body.get("messages"), list):
+        msgs = [_message(m, max_chars) for m in body["messages"] if isinstance(m, dict)]
+        a["gen_ai.input.messages"] = json.dumps(msgs, ensure_ascii=False)
+    elif op == "text_completion" and isinstance(body.get("prompt"), str):
+        a["gen_ai.input.messages"] = json.dumps([{"role": "user", "parts": _parts(body["prompt"], max_chars)}],
+                                                ensure_ascii=False)
+    elif op == "embeddings":
+        inp = body.get("input")
+        texts = [inp] if isinstance(inp, str) else [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
+        if texts:
+            a["gen_ai.input.messages"] = json.dumps(
+                [{"role": "user", "parts": [{"type": "text", "content": _cut(t, max_chars)} for t in texts]}],
+                ensure_ascii=False)
+    if c is not None and op in ("chat", "text_completion"):
+        msg = c.assistant_message()
+        if msg is not None:
+            out = _message(msg, max_chars)
+            out["role"] = out["role"] or "assistant"
+            if c.finish_reasons:
+                out["finish_reason"] = c.finish_reasons[0]
+            a["gen_ai.output.messages"] = json.dumps([out], ensure_ascii=False)

@@ -1,0 +1,330 @@
+"""OpenTelemetry plumbing for the tracing plugin: providers, exporters, the server middleware and the
+upstream client trace config.
+
+Nothing here touches the global ``TracerProvider``. Each distinct exporter/sampling setup gets its own
+SDK ``TracerProvider`` (shared, reference-counted, by plugin instances with the same settings, so a
+config reload that keeps the settings keeps the exporter and its queue).
+
+Two pieces are collected by the core once, at start-up, while plugin instances come and go with config
+reloads and per-route overrides. So they hold no provider themselves; they find the right one per request:
+
+* the server middleware looks up the tracing instance in the chain the request will run, and delegates
+  to that instance's ``opentelemetry-instrumentation-aiohttp-server`` middleware (built for its provider);
+* the upstream client ``TraceConfig`` (``opentelemetry-instrumentation-aiohttp-client``) is given a
+  tracer provider whose tracers resolve, per call, to the provider of the instance serving the current
+  request (a context variable set by the middleware). Calls outside a traced request (the readiness
+  probe, a route with tracing off) get no span, and whatever ``traceparent`` the client sent passes on
+  unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+if TYPE_CHECKING:
+    from . import Tracing, TracingConfig
+
+log = logging.getLogger("gateway.tracing")
+
+#: The tracing plugin instance serving the request being handled (set by the server middleware).
+ACTIVE: ContextVar["Tracing | None"] = ContextVar("gateway_tracing_active", default=None)
+#: Where the middleware leaves the server span on the aiohttp request, for ``on_complete``.
+SERVER_SPAN = "gateway.tracing.server_span"
+
+#: Header values never put on a span, whatever OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_* say.
+SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
+                     "x-admin-token")
+SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS) + \
+    tuple(f"http.response.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS)
+
+
+# -- the aiohttp-server instrumentation ----------------------------------------------------------------
+_server_ready = False
+
+
+def prepare_server_instrumentation() -> None:
+    """Make ``create_aiohttp_middleware`` usable without patching ``aiohttp.web.Application``.
+
+    The middleware it returns reads module state (URL exclusions from
+    ``OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS``, the semantic-convention mode, its request meters) that
+    only ``AioHttpServerInstrumentor.instrument()`` initialises; without it every request fails. That
+    call also replaces ``web.Application`` process-wide (every app, the admin one included, would get
+    a middleware bound to the *global* provider). So: run the instrumentor's own initialisation and
+    undo its patch straight away (no await in between, so no application is created meanwhile), then
+    add the middleware, bound to our provider, to the public app only.
+    """
+    global _server_ready
+    if _server_ready:
+        return
+    from opentelemetry.instrumentation import aiohttp_server as srv
+
+    inst = srv.AioHttpServerInstrumentor()
+    if inst.is_instrumented_by_opentelemetry:
+        log.warning("aiohttp server auto-instrumentation is active: every app gets a second server span; "
+                    "set OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=aiohttp-server,aiohttp-client")
+    else:
+        original = web.Application
+        inst.instrument(skip_dep_check=True)
+        inst.uninstrument()
+        web.Application = original  # type: ignore[misc]  # (uninstrument restores it; be explicit)
+    if getattr(srv, "_excluded_urls", None) is None or getattr(srv, "active_requests_counter", None) is None:
+        raise RuntimeError("this version of opentelemetry-instrumentation-aiohttp-server cannot be "
+                           "initialised without instrumenting every aiohttp application")
+    _server_ready = True
+
+
+# -- a tracer provider that resolves to the instance serving the current request -----------------------
+class _ActiveTracer(trace.Tracer):
+    def __init__(self, scope: tuple[Any, ...]) -> None:
+        self._scope = scope
+
+    def _target(self) -> trace.Tracer | None:
+        t = ACTIVE.get()
+        return t.entry.tracer(self._scope) if t is not None and t.entry is not None else None
+
+    def start_span(self, name: str, context: Any = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+                   attributes: Any = None, links: Any = None, start_time: int | None = None,
+                   record_exception: bool = True, set_status_on_exception: bool = True) -> trace.Span:
+        target = self._target()
+        if target is None:
+            return trace.INVALID_SPAN
+        return target.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                                 set_status_on_exception)
+
+    @contextmanager
+    def start_as_current_span(self, name: str, context: Any = None, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+                              attributes: Any = None, links: Any = None, start_time: int | None = None,
+                              record_exception: bool = True, set_status_on_exception: bool = True,
+                              end_on_exit: bool = True) -> Iterator[trace.Span]:
+        span = self.start_span(name, context, kind, attributes, links, start_time, record_exception,
+                               set_status_on_exception)
+        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
+                            set_status_on_exception=set_status_on_exception) as s:
+            yield s
+
+
+class ActiveTracerProvider(trace.TracerProvider):
+    """Hands out tracers that use the provider of the tracing instance serving the current request."""
+
+    def get_tracer(self, instrumenting_module_name: str, instrumenting_library_version: str | None = None,
+                   schema_url: str | None = None, attributes: Any = None) -> trace.Tracer:
+        return _ActiveTracer((instrumenting_module_name, instrumenting_library_version, schema_url))
+
+
+# -- providers, shared by settings --------------------------------------------------------------------
+class ProviderEntry:
+    """One SDK TracerProvider with its processor, and the aiohttp-server middleware bound to it."""
+
+    def __init__(self, provider: TracerProvider, processor: SpanProcessor | None,
+                 exporter: Any, flush_timeout: float) -> None:
+        self.provider = provider
+        self.processor = processor
+        self.exporter = exporter
+        self.flush_timeout = flush_timeout
+        self.refs = 0
+        self._tracers: dict[tuple[Any, ...], trace.Tracer] = {}
+        from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
+
+        self.server_middleware = create_aiohttp_middleware(tracer_provider=provider)
+        self.gateway_tracer = provider.get_tracer("gateway")
+
+    def tracer(self, scope: tuple[Any, ...]) -> trace.Tracer:
+        t = self._tracers.get(scope)
+        if t is None:
+            t = self._tracers[scope] = self.provider.get_tracer(scope[0], scope[1], scope[2])
+        return t
+
+    async def close(self) -> None:
+        """Flush and stop, bounded by ``flush_timeout``: a dead collector never holds shutdown up."""
+        if self.processor is None:
+            return
+        processor, timeout = self.processor, self.flush_timeout
+        self.processor = None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:
+            try:
+                if isinstance(processor, BatchSpanProcessor):
+                    processor._batch_processor.shutdown(timeout_millis=int(timeout * 1000))
+                else:
+                    processor.shutdown()
+            except Exception:
+                log.exception("tracing exporter shutdown failed")
+            finally:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+        # A daemon thread (not the default executor): an export stuck past the deadline must not keep
+        # the process alive at exit.
+        threading.Thread(target=run, name="gateway-tracing-shutdown", daemon=True).start()
+        try:
+            async with asyncio.timeout(timeout + 1.0):
+                await done
+        except TimeoutError:
+            log.warning("tracing: spans still unexported after %.1fs at shutdown were dropped", timeout)
+
+
+class Providers:
+    """Per-Services registry of providers keyed by their settings, plus the once-only core hooks."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, ProviderEntry] = {}
+        self.middleware_given = False
+        self.trace_config_given = False
+
+    def acquire(self, cfg: "TracingConfig") -> ProviderEntry | None:
+        if cfg.exporter.type == "none":
+            return None
+        key = cfg.provider_key()
+        e = self.entries.get(key)
+        if e is None:
+            e = self.entries[key] = build_provider(cfg)
+        e.refs += 1
+        return e
+
+    async def release(self, cfg: "TracingConfig", entry: ProviderEntry | None) -> None:
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            key = cfg.provider_key()
+            if self.entries.get(key) is entry:
+                del self.entries[key]
+            await entry.close()
+
+    async def close(self) -> None:
+        for e in list(self.entries.values()):
+            await e.close()
+        self.entries.clear()
+
+
+def build_provider(cfg: "TracingConfig") -> ProviderEntry:
+    from gateway import __version__
+
+    resource = Resource.create({"service.version": __version__})  # + OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME
+    if cfg.service_name:
+        resource = resource.merge(Resource({"service.name": cfg.service_name}))
+    elif str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "gateway"}))
+    sampler = None if cfg.sampling_ratio is None else ParentBased(TraceIdRatioBased(cfg.sampling_ratio))
+    # sampler=None: the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on).
+    provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+    exporter = build_exporter(cfg)
+    b = cfg.batch
+    processor: SpanProcessor
+    if cfg.exporter.type == "memory":
+        processor = SimpleSpanProcessor(exporter)
+    else:
+        processor = BatchSpanProcessor(exporter, max_queue_size=b.max_queue_size,
+                                       schedule_delay_millis=b.schedule_delay_ms,
+                                       max_export_batch_size=min(b.max_export_batch_size, b.max_queue_size),
+                                       export_timeout_millis=int((cfg.exporter.timeout or 10) * 1000))
+    provider.add_span_processor(processor)
+    quiet_exporter_logs()
+    return ProviderEntry(provider, processor, exporter, b.shutdown_timeout)
+
+
+def otlp_http_endpoint(endpoint: str) -> str:
+    """A base URL (``http://collector:4318``) gets the traces path; a full URL is kept as given."""
+    if urlsplit(endpoint).path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def build_exporter(cfg: "TracingConfig") -> Any:
+    e = cfg.exporter
+    if e.type == "memory":
+        return InMemorySpanExporter()
+    if e.type == "console":
+        return ConsoleSpanExporter(out=sys.stdout)
+    if e.type == "otlp_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        return HttpExporter(endpoint=otlp_http_endpoint(e.endpoint) if e.endpoint else None,
+                            headers=dict(e.headers) or None, timeout=e.timeout)
+    if e.type == "otlp_grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=e.endpoint or None, headers=dict(e.headers) or None, timeout=e.timeout,
+                            insecure=e.insecure)
+    raise ValueError(f"unknown exporter type {e.type!r}")
+
+
+# -- exporter log hygiene -------------------------------------------------------------------------------
+class _RateLimited(logging.Filter):
+    """At most one record per message template per ``every`` seconds; says how many were held back.
+
+    A dead collector makes the SDK warn once per dropped span ("Queue full") and per retry: without
+    this, an outage turns into a log flood on the request path."""
+
+    def __init__(self, every: float = 60.0) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} similar messages suppressed)"
+        return True
+
+
+_quieted = False
+
+
+def quiet_exporter_logs() -> None:
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    f = _RateLimited()
+    for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                 "opentelemetry.exporter.otlp.common.http", "opentelemetry.exporter.otlp.proto.grpc.exporter"):
+        logging.getLogger(name).addFilter(f)
+
+
+def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing | None"]) -> Any:
+    """The one middleware the core mounts on the public app."""
+
+    @web.middleware
+    async def tracing_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        t = find(services, request)
+        if t is None or t.entry is None:
+            return await handler(request)
+
+        async def inner(req: web.Request) -> web.StreamResponse:
+            req[SERVER_SPAN] = trace.get_current_span()
+            return await handler(req)
+
+        token = ACTIVE.set(t)
+        try:
+            return await t.entry.server_middleware(request, inner)
+        finally:
+            ACTIVE.reset(token)
+
+    return tracing_middleware
