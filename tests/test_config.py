@@ -1,0 +1,231 @@
+"""Config validation: every problem names the key path and the YAML line; env interpolation."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, load_config, load_config_text
+
+BASE = """\
+server:
+  host: 127.0.0.1
+  port: 0
+admin:
+  enabled: false
+upstream:
+  url: http://127.0.0.1:9
+"""
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    seen = 0
+    for i, line in enumerate(text.splitlines(), 1):
+        if needle in line:
+            seen += 1
+            if seen == nth:
+                return i
+    raise AssertionError(f"{needle!r} not in config text")
+
+
+def problems(text: str, env: dict[str, str] | None = None, source: str = "gateway.yaml") -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        load_config_text(text, source, env or {})
+    msg = str(ei.value)
+    assert msg.splitlines() == [f"{source}: {p}" for p in ei.value.problems]
+    return ei.value.problems
+
+
+def one(text: str, env: dict[str, str] | None = None) -> str:
+    ps = problems(text, env)
+    assert len(ps) == 1, ps
+    return ps[0]
+
+
+def test_valid_config_and_defaults() -> None:
+    cfg = load_config_text(BASE + "plugins:\n  - name: headers\n", env={})
+    assert cfg.server.port == 0 and cfg.server.max_body_size == 10 * 2**20
+    assert cfg.upstream.timeouts.first_byte == 120
+    assert cfg.plugins[0].validated.response == {}
+
+
+def test_unknown_key() -> None:
+    text = BASE.replace("  port: 0\n", "  port: 0\n  hots: 1.2.3.4\n")
+    assert one(text) == f"server.hots -> line {line_of(text, 'hots')}: unknown key"
+    text = BASE + "extra_section: {}\n"
+    assert one(text) == f"extra_section -> line {line_of(text, 'extra_section')}: unknown key"
+    text = BASE + "  timeouts:\n    conect: 1\n"
+    assert one(text) == f"upstream.timeouts.conect -> line {line_of(text, 'conect')}: unknown key"
+
+
+def test_wrong_type() -> None:
+    text = BASE.replace("port: 0", "port: eighty")
+    p = one(text)
+    assert p.startswith(f"server.port -> line {line_of(text, 'eighty')}: ")
+    assert "integer" in p
+    text = BASE + "plugins: {name: headers}\n"
+    assert one(text).startswith(f"plugins -> line {line_of(text, 'plugins:')}: ")
+
+
+@pytest.mark.parametrize("replace,path,needle,words", [
+    (("port: 0", "port: 70000"), "server.port", "70000", "less than or equal to 65535"),
+    (("port: 0", "port: 0\n  max_body_size: 10XB"), "server.max_body_size", "10XB", "size"),
+    (("port: 0", "port: 0\n  trusted_proxies: [10.0.0.0/8, nonsense]"), "server.trusted_proxies", "nonsense",
+     "not a CIDR: 'nonsense'"),
+    (("url: http://127.0.0.1:9", "url: ftp://example"), "upstream.url", "ftp://", "http:// or https://"),
+    (("port: 0", "port: 0\n  shutdown_timeout: -1"), "server.shutdown_timeout", "shutdown_timeout",
+     "greater than or equal to 0"),
+])
+def test_bad_value(replace: tuple[str, str], path: str, needle: str, words: str) -> None:
+    text = BASE.replace(*replace)
+    p = one(text)
+    assert p.startswith(f"{path} -> line {line_of(text, needle)}: "), p
+    assert words in p
+
+
+def test_bad_values_elsewhere() -> None:
+    text = BASE + "database:\n  url: mysql://db/x\n"
+    assert one(text).startswith(f"database.url -> line {line_of(text, 'mysql')}: ")
+    text = BASE + "logging:\n  level: LOUD\n"
+    assert one(text).startswith(f"logging.level -> line {line_of(text, 'LOUD')}: ")
+    text = BASE.replace("  enabled: false\n", "  token: short\n")
+    p = one(text)
+    assert p.startswith(f"admin -> line {line_of(text, 'admin:')}: ") and "16 characters" in p
+    assert "short" not in p.split(":", 1)[1]  # the (bad) token itself is not echoed
+    text = BASE.replace("upstream:\n  url: http://127.0.0.1:9\n", "")
+    assert one(text).startswith("upstream -> line ")
+
+
+def test_several_problems_reported_together() -> None:
+    text = BASE.replace("port: 0", "port: x").replace("host: 127.0.0.1", "host: 127.0.0.1\n  colour: red")
+    ps = problems(text)
+    assert len(ps) == 2
+    assert any(p.startswith(f"server.port -> line {line_of(text, 'port: x')}") for p in ps)
+    assert any(p == f"server.colour -> line {line_of(text, 'colour')}: unknown key" for p in ps)
+
+
+def test_unknown_plugin() -> None:
+    text = BASE + "plugins:\n  - name: headers\n  - name: no_such_plugin\n"
+    p = one(text)
+    assert p.startswith(f"plugins[1].name -> line {line_of(text, 'no_such_plugin')}: unknown plugin 'no_such_plugin'")
+    assert "headers" in p  # lists the known ones
+
+
+def test_bad_plugin_config() -> None:
+    text = BASE + textwrap.dedent("""\
+        plugins:
+          - name: headers
+            config:
+              response: {X-A: "1"}
+              request:
+                X-Team: [not, a, string]
+              colour: red
+        """)
+    ps = problems(text)
+    assert f"plugins[0].config.request.X-Team -> line {line_of(text, 'X-Team')}: Input should be a valid string" in ps
+    assert f"plugins[0].config.colour -> line {line_of(text, 'colour')}: unknown key" in ps
+    assert len(ps) == 2
+
+
+def test_plugin_listed_twice() -> None:
+    text = BASE + "plugins:\n  - name: headers\n  - name: headers\n"
+    assert "listed twice" in one(text)
+
+
+def test_missing_env_var() -> None:
+    text = BASE.replace("url: http://127.0.0.1:9", "url: http://127.0.0.1:9\n  headers:\n"
+                                                   "    Authorization: Bearer ${UPSTREAM_KEY}")
+    p = one(text, env={})
+    assert p == (f"upstream.headers.Authorization -> line {line_of(text, 'UPSTREAM_KEY')}: environment variable "
+                 "UPSTREAM_KEY is not set (use ${UPSTREAM_KEY:-default} to give a default)")
+    cfg = load_config_text(text, env={"UPSTREAM_KEY": "sk-up"})
+    assert cfg.upstream.headers["Authorization"] == "Bearer sk-up"
+    # An empty variable counts as unset.
+    assert "UPSTREAM_KEY is not set" in one(text, env={"UPSTREAM_KEY": ""})
+
+
+def test_env_defaults_and_types() -> None:
+    text = BASE.replace("port: 0", "port: ${GW_PORT:-8089}").replace(
+        "url: http://127.0.0.1:9", "url: ${UP_URL:-http://127.0.0.1:9}/\n"
+        "  headers: {Authorization: 'Bearer ${KEY:-none}', X-Quoted: '${NUM:-42}'}\n"
+        "  timeouts:\n    idle: ${IDLE:-7.5}")
+    cfg = load_config_text(text, env={})
+    assert cfg.server.port == 8089
+    assert cfg.upstream.url == "http://127.0.0.1:9"
+    assert cfg.upstream.headers == {"Authorization": "Bearer none", "X-Quoted": "42"}
+    assert cfg.upstream.timeouts.idle == 7.5
+    cfg = load_config_text(text, env={"GW_PORT": "9001", "UP_URL": "https://up.example", "KEY": "k", "IDLE": "3"})
+    assert cfg.server.port == 9001 and cfg.upstream.url == "https://up.example"
+    assert cfg.upstream.headers["Authorization"] == "Bearer k" and cfg.upstream.timeouts.idle == 3
+    # A default of the wrong type is reported at its line like any value.
+    bad = BASE.replace("port: 0", "port: ${GW_PORT:-lots}")
+    assert one(bad).startswith(f"server.port -> line {line_of(bad, 'lots')}: ")
+
+
+def test_bad_route_override() -> None:
+    head = BASE + "plugins:\n  - name: headers\n    config: {response: {X-A: a}}\n"
+    text = head + "routes:\n  - path_prefix: /v1/embeddings\n    plugins:\n      key_auth: {enabled: false}\n"
+    p = one(text)
+    assert p.startswith(f"routes[0].plugins.key_auth -> line {line_of(text, 'key_auth')}: ")
+    assert "not in the plugins list" in p
+    text = head + ("routes:\n  - path_prefix: /v1/embeddings\n    plugins:\n      headers:\n"
+                   "        config:\n          response: {X-A: [1]}\n")
+    p = one(text)
+    assert p.startswith(f"routes[0].plugins.headers.config.response.X-A -> line {line_of(text, '[1]')}: ")
+    text = head + "routes:\n  - path_prefix: v1\n"
+    assert one(text).startswith(f"routes[0].path_prefix -> line {line_of(text, 'path_prefix')}: ")
+    text = head + "routes:\n  - path_prefix: /v1\n    plugins:\n      headers: {enabled: maybe}\n"
+    assert one(text).startswith(f"routes[0].plugins.headers.enabled -> line {line_of(text, 'maybe')}: ")
+    text = head + "routes:\n  - path_prefix: /v1\n    method: [GET]\n"
+    assert one(text) == f"routes[0].method -> line {line_of(text, 'method')}: unknown key"
+
+
+def test_route_override_config_is_merged_and_validated() -> None:
+    text = BASE + textwrap.dedent("""\
+        plugins:
+          - name: headers
+            config: {response: {X-A: a}, request: {X-R: r}}
+        routes:
+          - path_prefix: /v1/embeddings
+            methods: [post]
+            plugins:
+              headers: {config: {response: {X-B: b}}}
+        """)
+    cfg = load_config_text(text, env={})
+    ov = cfg.routes[0].plugins["headers"].validated
+    assert ov.response == {"X-A": "a", "X-B": "b"} and ov.request == {"X-R": "r"}
+    assert cfg.routes[0].methods == ["POST"]
+
+
+def test_yaml_syntax_and_duplicates() -> None:
+    text = BASE + "plugins: [\n"
+    assert one(text).startswith("line ")
+    assert "invalid YAML" in one(text)
+    text = BASE.replace("  port: 0\n", "  port: 0\n  port: 1\n")
+    assert one(text) == f"server.port -> line {line_of(text, 'port: 1')}: duplicate key"
+    assert one("- a\n- b\n") == "line 1: the top level must be a mapping"
+
+
+def test_load_config_file(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text(BASE.replace("port: 0", "port: [1]"))
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, env={})
+    assert str(ei.value).startswith(f"{p}: server.port -> line 3: ")
+    p.write_text(BASE)
+    cfg = load_config(p, env={})
+    assert cfg.path == str(p.resolve())
+    with pytest.raises(ConfigError) as ei:
+        load_config(tmp_path / "missing.yaml")
+    assert "cannot read" in str(ei.value)
+
+
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env: dict[str, Any] = {"GATEWAY_ADMIN_TOKEN": "x" * 24}
+    for p in (root / "gateway.yaml", root / "config" / "profiles" / "default.yaml"):
+        cfg = load_config(p, env=env)
+        assert cfg.admin.token == "x" * 24
+        assert [s.name for s in cfg.plugins][:1]
