@@ -59,6 +59,9 @@ class Proxy:
         rt.enter()
         try:
             return await self._handle(ctx, chain)
+        except ConnectionResetError:  # the client went away while we were answering
+            ctx.outcome = "client_disconnected"
+            return web.Response(status=499)
         except asyncio.CancelledError:
             ctx.outcome = "client_disconnected"
             raise
@@ -217,16 +220,14 @@ class Proxy:
         out = web.StreamResponse(status=head.status, reason=resp.reason, headers=head.headers)
         ctx.status = head.status
         await out.prepare(request)
-        idle = self.gw.upstream.timeouts.idle
         content = resp.content
         sent = 0
         complete = False
         try:
             while True:
                 try:
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
-                except TimeoutError:
+                    chunk = await content.readany()  # the connection's read timeout is `idle`
+                except (aiohttp.ServerTimeoutError, TimeoutError):
                     ctx.outcome = "upstream_timeout"
                     log.warning("upstream idle timeout mid-response (request %s)", ctx.request_id)
                     break

@@ -52,13 +52,24 @@ class Upstream:
         self._trace_configs = trace_configs or []
         self.session: aiohttp.ClientSession | None = None
 
+    @property
+    def timeouts(self) -> Any:
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, t: Any) -> None:
+        # sock_read bounds the wait for the response head (first_byte); once the head is in,
+        # send() switches the connection's read timeout to `idle` for the body.
+        self._timeouts = t
+        self._client_timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
+                                                     sock_read=t.first_byte)
+
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
                                     keepalive_timeout=30, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
             connector=conn, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeouts.connect,
-                                          sock_connect=self.timeouts.connect),
+            timeout=self._client_timeout,
             trace_configs=self._trace_configs or None, cookie_jar=aiohttp.DummyCookieJar(),
         )
 
@@ -101,19 +112,24 @@ class Upstream:
         url = self.base + req.rel_url.raw_path_qs
         headers = self.request_headers(ctx)
         try:
-            async with asyncio.timeout(self.timeouts.first_byte):
-                return await self.session.request(req.method, url, data=ctx.body or None, headers=headers,
-                                                  allow_redirects=False, compress=None)
-        except TimeoutError:
-            ctx.outcome = "upstream_timeout"
-            raise UpstreamTimeout("The upstream did not send a response in time.") from None
-        except aiohttp.ServerTimeoutError:
+            resp = await self.session.request(req.method, url, data=ctx.body or None, headers=headers,
+                                              allow_redirects=False, compress=None,
+                                              timeout=self._client_timeout)
+        except aiohttp.ConnectionTimeoutError:
             ctx.outcome = "upstream_timeout"
             raise UpstreamTimeout("Timed out connecting to the upstream.") from None
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            ctx.outcome = "upstream_timeout"
+            raise UpstreamTimeout("The upstream did not send a response in time.") from None
         except (aiohttp.ClientError, OSError) as e:
             ctx.outcome = "upstream_error"
             log.warning("upstream request failed: %s: %s", type(e).__name__, e)
             raise UpstreamUnavailable() from None
+        conn = resp.connection
+        if conn is not None and conn.protocol is not None:
+            # From here on, `idle` bounds each gap between body chunks (counted from the next chunk).
+            conn.protocol.read_timeout = self.timeouts.idle
+        return resp
 
     def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool) -> CIMultiDict[str]:
         src = resp.headers
