@@ -1,0 +1,566 @@
+"""key_auth end to end: the real gateway on a socket, the demo backend, real SQLite files (and a real
+PostgreSQL server for the lifecycle and store outages), the OpenAI SDK as the client."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import glob
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.plugin import Plugin, registry
+from gateway.plugins.key_auth.keys import KEY_LEN, format_key, new_key_id, new_secret, parse_key
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there gateway"}]}
+
+
+class Probe(Plugin):
+    """Placed after key_auth: records what the chain saw (identity, refusal) for each request."""
+
+    name = "ka_probe"
+    seen: list[dict[str, Any]] = []
+
+    async def on_complete(self, ctx: Any) -> None:
+        Probe.seen.append({"refusal": ctx.refusal, "identity": ctx.identity, "status": ctx.status,
+                           "path": ctx.path})
+
+
+registry.register(Probe)
+
+
+def ka(**config: Any) -> list[dict[str, Any]]:
+    return [{"name": "key_auth", "config": config}, {"name": "ka_probe"}]
+
+
+async def admin(g: Any, method: str, path: str, body: Any = None, token: str | None = ADMIN_TOKEN,
+                raw: bytes | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, g.admin_url + path, json=body if raw is None else None, data=raw,
+                             headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def new_key(g: Any, **body: Any) -> dict[str, Any]:
+    st, rec = await admin(g, "POST", "/keys", {"owner": "alice", "name": "test", **body})
+    assert st == 201, rec
+    return rec
+
+
+def client(g: Any, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=10)
+
+
+async def chat(g: Any, key: str, **kw: Any) -> Any:
+    async with client(g, key) as c:
+        return await c.chat.completions.create(**{**CHAT, **kw})
+
+
+async def raw_call(url: str, headers: dict[str, str] | None = None, path: str = "/v1/chat/completions",
+                   body: Any = CHAT) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + path, json=body, headers=headers or {},
+                          timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def expect_auth_error(g: Any, key: str, code: str, fragment: str) -> None:
+    with pytest.raises(openai.AuthenticationError) as ei:
+        await chat(g, key)
+    err = ei.value.body
+    assert ei.value.status_code == 401
+    assert err["code"] == code and fragment in err["message"], err
+
+
+# -- key format -------------------------------------------------------------------------------------------
+def test_key_format_and_checksum() -> None:
+    kid, secret = new_key_id(), new_secret()
+    key = format_key(kid, secret)
+    assert key.startswith(f"gw_{kid}_") and len(key) == KEY_LEN
+    assert parse_key(key) == (kid, secret)
+    assert len(secret) == 24  # 24 base62 characters: log2(62**24) > 142 bits
+    for i in range(3, len(key)):  # any single mistyped character is caught by the checksum
+        if key[i] == "_":
+            continue
+        bad = key[:i] + ("A" if key[i] != "A" else "B") + key[i + 1:]
+        assert parse_key(bad) is None, i
+    assert parse_key(key[:-1]) is None and parse_key("sk-" + key[3:]) is None
+
+
+# -- lifecycle with the OpenAI SDK ------------------------------------------------------------------------
+async def lifecycle(g: Any, upstream: Any) -> None:
+    rec = await new_key(g, team="search", metadata={"cost_center": "42"}, limits={"rpm": 60, "tpm": 1000})
+    key, kid = rec["key"], rec["id"]
+    assert rec["status"] == "active" and "secret_hash" not in json.dumps(rec)
+    r = await chat(g, key)
+    assert r.choices[0].message.content.endswith("hello there gateway")
+    sent = upstream.requests[-1]["headers"]
+    assert key not in json.dumps(sent) and sent.get("X-Gateway-Key-Id") == kid and sent.get("X-Gateway-Owner") == "alice"
+    ident = Probe.seen[-1]["identity"]
+    assert ident == {"key_id": kid, "owner": "alice", "name": "test", "team": "search",
+                     "scopes": {"paths": [], "models": []}, "metadata": {"cost_center": "42"},
+                     "limits": {"rpm": 60, "tpm": 1000, "daily_tokens": None, "monthly_tokens": None}}
+
+    st, rot = await admin(g, "POST", f"/keys/{kid}/rotate", {"grace_seconds": 1.5})
+    assert st == 200 and rot["id"] == kid and rot["key"] != key and rot["previous_secret_valid_until"]
+    new = rot["key"]
+    t_rot = time.monotonic()
+    assert (await chat(g, new)).choices  # the new secret works
+    assert (await chat(g, key)).choices  # the old one too, during the grace period
+    await asyncio.sleep(max(0.0, 1.7 - (time.monotonic() - t_rot)))
+    await expect_auth_error(g, key, "invalid_api_key", "Invalid API key")  # after the grace period
+    assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": "invalid", "key_id": kid}
+    assert (await chat(g, new)).choices
+
+    st, rev = await admin(g, "POST", f"/keys/{kid}/revoke")
+    assert st == 200 and rev["status"] == "revoked"
+    await expect_auth_error(g, new, "revoked_api_key", "revoked")  # at once: same instance
+    st, shown = await admin(g, "GET", f"/keys/{kid}")
+    assert st == 200 and shown["status"] == "revoked" and "key" not in shown
+
+
+async def test_lifecycle_with_openai_sdk(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway(ka(cache_ttl=300, forward_identity_headers={"X-Gateway-Key-Id": "key_id",
+                                                                       "X-Gateway-Owner": "owner"}))
+    await lifecycle(g, upstream)
+
+
+async def test_lifecycle_on_postgresql(make_gateway: Any, upstream: Any, pg_url: str) -> None:
+    g = await make_gateway(ka(forward_identity_headers={"X-Gateway-Key-Id": "key_id", "X-Gateway-Owner": "owner"}),
+                           database={"url": pg_url, "auto_migrate": True})
+    await lifecycle(g, upstream)
+    rec = await new_key(g)
+    await chat(g, rec["key"])
+    await chat(g, rec["key"], stream=False)
+    await g.plugin("key_auth").writer.flush(10)
+    st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage")
+    assert st == 200 and u["totals"]["requests"] == 2
+
+
+async def test_expiry(make_gateway: Any) -> None:
+    g = await make_gateway(ka(cache_ttl=300))
+    soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1.2)).isoformat()
+    rec = await new_key(g, expires_at=soon)
+    assert (await chat(g, rec["key"])).choices
+    await asyncio.sleep(1.4)  # the cached entry expires exactly: expiry is checked on every request
+    await expect_auth_error(g, rec["key"], "expired_api_key", "expired")
+    st, rows = await admin(g, "GET", "/keys?status=expired")
+    assert [r["id"] for r in rows["data"]] == [rec["id"]]
+    # An admin can expire a key now, or lift the expiry.
+    other = await new_key(g)
+    assert (await chat(g, other["key"])).choices
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)).isoformat()
+    st, _ = await admin(g, "PATCH", f"/keys/{other['id']}", {"expires_at": past})
+    assert st == 200
+    await expect_auth_error(g, other["key"], "expired_api_key", "expired")
+    st, upd = await admin(g, "PATCH", f"/keys/{other['id']}", {"expires_at": None})
+    assert st == 200 and upd["status"] == "active"
+    assert (await chat(g, other["key"])).choices
+
+
+async def test_scopes_path_and_model(make_gateway: Any) -> None:
+    g = await make_gateway(ka())
+    rec = await new_key(g, scopes={"paths": ["/v1/chat/"], "models": ["demo-c*"]})
+    key = rec["key"]
+    assert (await chat(g, key)).choices
+    async with client(g, key) as c:
+        with pytest.raises(openai.PermissionDeniedError) as ei:
+            await c.embeddings.create(model="demo-embed", input="x")
+        assert ei.value.status_code == 403 and ei.value.body["code"] == "key_scope_denied"
+        assert "/v1/embeddings" in ei.value.body["message"]
+        assert Probe.seen[-1]["refusal"]["reason"] == "scope_path"
+        with pytest.raises(openai.PermissionDeniedError) as ei:
+            await c.chat.completions.create(**{**CHAT, "model": "other-model"})
+        assert "other-model" in ei.value.body["message"]
+        assert Probe.seen[-1]["refusal"]["reason"] == "scope_model"
+    st, _ = await admin(g, "PATCH", f"/keys/{rec['id']}", {"scopes": {"paths": [], "models": []}})
+    assert st == 200
+    async with client(g, key) as c:
+        assert (await c.embeddings.create(model="demo-embed", input="x")).data
+
+
+async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway(ka())
+    rec = await new_key(g)
+    key, kid = rec["key"], rec["id"]
+    ok, body = await raw_call(g.url, bearer(key))
+    assert ok == 200
+    for h in ("X-API-Key", "api-key"):  # the other configured headers work, and are stripped
+        st, _ = await raw_call(g.url, {h: key})
+        assert st == 200
+        assert h.lower() not in {k.lower() for k in upstream.requests[-1]["headers"]}
+
+    cases: list[tuple[dict[str, str], str, int, str, str, str | None]] = []
+    cases.append(({}, "", 401, "missing_api_key", "missing", None))
+    # The query string is never read.
+    st, b = await raw_call(g.url, {}, path=f"/v1/chat/completions?api_key={key}")
+    assert st == 401 and b["error"]["code"] == "missing_api_key"
+    cases.append((bearer("sk-not-a-gateway-key"), "", 401, "invalid_api_key", "malformed", None))
+    bad_checksum = key[:-1] + ("x" if key[-1] != "x" else "y")
+    cases.append((bearer(bad_checksum), "", 401, "invalid_api_key", "malformed", kid))
+    unknown = format_key(new_key_id(), new_secret())
+    cases.append((bearer(unknown), "", 401, "invalid_api_key", "invalid", parse_key(unknown)[0]))  # type: ignore[index]
+    wrong_secret = format_key(kid, new_secret())
+    cases.append((bearer(wrong_secret), "", 401, "invalid_api_key", "invalid", kid))
+    bodies = {}
+    for headers, _, status, code, reason, rid in cases:
+        st, b = await raw_call(g.url, headers)
+        assert st == status and b["error"]["code"] == code, (reason, b)
+        assert set(b["error"]) == {"message", "type", "code", "param"} and b["error"]["type"] == "invalid_request_error"
+        assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": reason, "key_id": rid}
+        assert Probe.seen[-1]["identity"] is None
+        bodies[(reason, rid)] = b
+    # An unknown key id and a wrong secret for an existing one cannot be told apart.
+    assert bodies[("invalid", kid)] == bodies[("invalid", parse_key(unknown)[0])]  # type: ignore[index]
+    assert "Missing" in bodies[("missing", None)]["error"]["message"]
+    assert "Malformed" in bodies[("malformed", None)]["error"]["message"]
+
+    exp = await new_key(g, expires_at=(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=0.5)).isoformat())
+    await asyncio.sleep(0.6)
+    rev = await new_key(g)
+    await admin(g, "POST", f"/keys/{rev['id']}/revoke")
+    scoped = await new_key(g, scopes={"models": ["nothing-else"]})
+    for k, status, code, reason in ((exp, 401, "expired_api_key", "expired"), (rev, 401, "revoked_api_key", "revoked"),
+                                    (scoped, 403, "key_scope_denied", "scope_model")):
+        st, b = await raw_call(g.url, bearer(k["key"]))
+        assert st == status and b["error"]["code"] == code, b
+        assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": reason, "key_id": k["id"]}
+    # A revoked or expired key with a wrong secret says nothing about the key's state.
+    st, b = await raw_call(g.url, bearer(format_key(rev["id"], new_secret())))
+    assert st == 401 and b == bodies[("invalid", kid)]
+    # The SDK maps the 401 to AuthenticationError with the message intact.
+    with pytest.raises(openai.AuthenticationError) as ei:
+        await chat(g, unknown)
+    assert ei.value.body["message"] == "Invalid API key."
+
+
+async def test_canary_secret_never_logged_or_stored(make_gateway: Any, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    g = await make_gateway(ka(pepper="canary-pepper-value"))
+    rec = await new_key(g, name="canary")
+    key = rec["key"]
+    secret = parse_key(key)[1]  # type: ignore[index]
+    assert (await chat(g, key)).choices
+    async with client(g, key) as c:
+        async for _ in await c.chat.completions.create(**CHAT, stream=True):
+            pass
+    wrong = format_key(rec["id"], new_secret())
+    await raw_call(g.url, bearer(wrong))
+    await raw_call(g.url, bearer(key[:-2]))  # malformed
+    st, rot = await admin(g, "POST", f"/keys/{rec['id']}/rotate", {"grace_seconds": 60})
+    new = rot["key"]
+    assert (await chat(g, new)).choices
+    await g.plugin("key_auth").writer.flush(10)
+    await g.stop()  # flush everything to the files
+    needles = [key, secret, new, parse_key(new)[1], parse_key(wrong)[1]]  # type: ignore[index]
+    text = caplog.text
+    assert "key_auth" in text or text  # something was logged
+    for n in needles:
+        assert n not in text
+    files = [p for p in glob.glob(str(tmp_path / "gateway.db*"))]
+    assert any(f.endswith("gateway.db") for f in files)
+    blob = b"".join(Path(f).read_bytes() for f in files)
+    assert rec["id"].encode() in blob  # the key id is stored, and is not secret
+    for n in needles:
+        assert n.encode() not in blob, n
+    # What is stored is the HMAC, not the secret.
+    row = sqlite3.connect(tmp_path / "gateway.db").execute("SELECT secret_hash FROM api_keys").fetchone()
+    assert len(row[0]) == 64 and secret not in row[0]
+
+
+ADMIN_ROUTES = [("POST", "/keys"), ("GET", "/keys"), ("GET", "/keys/{id}"), ("PATCH", "/keys/{id}"),
+                ("POST", "/keys/{id}/rotate"), ("POST", "/keys/{id}/revoke"), ("GET", "/keys/{id}/usage")]
+
+
+async def test_admin_api_auth(make_gateway: Any) -> None:
+    g = await make_gateway(ka())
+    rec = await new_key(g)
+    for method, path in ADMIN_ROUTES:
+        p = path.replace("{id}", rec["id"])
+        for token, code in ((None, "admin_token_missing"), ("wrong-token-0123456789abcdef", "admin_token_invalid"),
+                            (rec["key"], "admin_token_invalid")):
+            st, b = await admin(g, method, p, {"owner": "x"}, token=token)
+            assert st == 401 and b["error"]["code"] == code, (method, p, token is None)
+    st, b = await admin(g, "GET", f"/keys/{rec['id']}")
+    assert st == 200 and b["status"] == "active"  # none of the above changed anything
+
+
+async def test_admin_api_validation_events_and_openapi(make_gateway: Any) -> None:
+    g = await make_gateway(ka(rotation_grace=7))
+    events: list[tuple[str, dict[str, Any]]] = []
+    g.services.events.subscribe(lambda t, f: events.append((t, f)))
+    st, b = await admin(g, "POST", "/keys", {})
+    assert st == 422 and b["error"]["param"] == "owner" and b["error"]["type"] == "invalid_request_error"
+    st, b = await admin(g, "POST", "/keys", {"owner": "a", "colour": "red"})
+    assert st == 422 and b["error"]["param"] == "colour"
+    st, b = await admin(g, "POST", "/keys", {"owner": "a", "scopes": {"paths": ["v1"]}})
+    assert st == 422
+    st, b = await admin(g, "POST", "/keys", raw=b"{not json")
+    assert st == 400 and b["error"]["code"] == "invalid_json"
+    for method, path in ADMIN_ROUTES[2:]:
+        st, b = await admin(g, method, path.replace("{id}", "AAAAAAAAAAAA"), {})
+        assert st == 404 and b["error"]["code"] == "key_not_found", (method, path)
+    rec = await new_key(g, owner="bob", limits={"rpm": 5})
+    kid = rec["id"]
+    st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"tpm": 100}, "name": "renamed", "team": "t1",
+                                                     "metadata": {"a": 1}})
+    assert st == 200 and b["limits"] == {"rpm": 5, "tpm": 100, "daily_tokens": None, "monthly_tokens": None}
+    assert b["name"] == "renamed" and b["team"] == "t1" and b["metadata"] == {"a": 1}
+    st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"rpm": None, "daily_tokens": 1000,
+                                                                "monthly_tokens": 20000}})
+    assert b["limits"] == {"rpm": None, "tpm": 100, "daily_tokens": 1000, "monthly_tokens": 20000}
+    st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"rpm": 0}})
+    assert st == 422 and b["error"]["param"] == "limits.rpm"
+    st, b = await admin(g, "POST", f"/keys/{kid}/rotate")  # default grace from the config
+    assert st == 200
+    until = dt.datetime.fromisoformat(b["previous_secret_valid_until"].replace("Z", "+00:00"))
+    assert 5 < (until - dt.datetime.now(dt.timezone.utc)).total_seconds() <= 7
+    await admin(g, "POST", f"/keys/{kid}/revoke")
+    st, b = await admin(g, "POST", f"/keys/{kid}/rotate")
+    assert st == 409 and b["error"]["code"] == "key_revoked"
+    st, b = await admin(g, "GET", "/keys?owner=bob")
+    assert [r["id"] for r in b["data"]] == [kid]
+    st, b = await admin(g, "GET", "/keys?owner=bob&status=active")
+    assert b["data"] == []
+    st, b = await admin(g, "GET", "/keys?status=bogus")
+    assert st == 400
+    st, b = await admin(g, "GET", f"/keys/{kid}/usage?from=2026-13-01")
+    assert st == 400
+    assert [t for t, _ in events] == ["key.created", "key.updated", "key.updated", "key.rotated", "key.revoked"]
+    assert all(f["actor"] == "admin" and f["key_id"] == kid for _, f in events)
+    assert events[1][1]["fields"] == ["limits", "metadata", "name", "team"]
+    assert "gw_" not in json.dumps([f for _, f in events])
+    st, doc = await admin(g, "GET", "/openapi.json")
+    assert st == 200
+    for method, path in ADMIN_ROUTES:
+        assert method.lower() in doc["paths"][path.replace("{id}", "{key_id}")], path
+    assert "owner" in doc["paths"]["/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["required"]
+    assert "$defs" not in json.dumps(doc)
+
+
+async def test_demo_setup_key_works(make_gateway: Any) -> None:
+    g = await make_gateway(ka())
+    out = await g.plugin("key_auth").demo_setup()
+    assert (await chat(g, out["api_key"])).choices
+    assert Probe.seen[-1]["identity"]["owner"] == "demo"
+
+
+# -- usage ------------------------------------------------------------------------------------------------
+async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> None:
+    g = await make_gateway(ka(last_used_interval=0))
+    rec = await new_key(g)
+    key, kid = rec["key"], rec["id"]
+    want = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def add(usage: Any) -> None:
+        want["requests"] += 1
+        want["prompt_tokens"] += usage.prompt_tokens
+        want["completion_tokens"] += usage.completion_tokens
+
+    async with client(g, key) as c:
+        for i in range(3):
+            r = await c.chat.completions.create(model="demo-chat",
+                                                messages=[{"role": "user", "content": "word " * (i + 1)}])
+            add(r.usage)
+        # Streamed, the client asking for usage: the final chunk carries it.
+        usage = None
+        async for ch in await c.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}):
+            usage = ch.usage or usage
+        add(usage)
+        # Streamed without asking: the gateway asks upstream and counts it; the client sees no usage chunk.
+        chunks = [ch async for ch in await c.chat.completions.create(**CHAT, stream=True)]
+        assert all(ch.usage is None for ch in chunks)
+        add(usage)  # the same request as above: the demo backend reports the same usage
+        s2 = await c.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True})
+        async for ch in s2:
+            if ch.usage:
+                add(ch.usage)
+    # A stream the client cancels after a few chunks: counted from what was generated.
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", headers={**bearer(key), "X-Demo-Delay": "0.05",
+                                                                   "X-Demo-Words": "40"},
+                          json={**CHAT, "stream": True}) as r:
+            got = 0
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    got += 1
+                if got >= 4:
+                    break
+    await asyncio.sleep(0.3)
+    w = g.plugin("key_auth").writer
+    await w.flush(10)
+    st, u = await admin(g, "GET", f"/keys/{kid}/usage")
+    assert st == 200
+    today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+    assert [d["date"] for d in u["days"]] == [today]
+    t = u["totals"]
+    assert t["requests"] == want["requests"] + 1
+    assert t["prompt_tokens"] == want["prompt_tokens"]
+    extra = t["completion_tokens"] - want["completion_tokens"]
+    assert 3 <= extra < 40, extra  # the cancelled stream: the content chunks relayed before the cancel
+    assert t["total_tokens"] == t["prompt_tokens"] + t["completion_tokens"]
+    st, shown = await admin(g, "GET", f"/keys/{kid}")
+    assert shown["last_used_at"] is not None
+    st, empty = await admin(g, "GET", f"/keys/{kid}/usage?from=2020-01-01&to=2020-01-31")
+    assert empty["days"] == [] and empty["totals"]["requests"] == 0
+    # Refused requests are not usage.
+    await raw_call(g.url, bearer(format_key(kid, new_secret())))
+    await w.flush(10)
+    st, u2 = await admin(g, "GET", f"/keys/{kid}/usage")
+    assert u2["totals"] == u["totals"]
+
+
+# -- store outage: fail closed ------------------------------------------------------------------------------
+async def test_fail_closed_when_sqlite_store_breaks(make_gateway: Any, tmp_path: Path) -> None:
+    g = await make_gateway(ka(cache_ttl=0))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    db = sqlite3.connect(tmp_path / "gateway.db")
+    db.execute("ALTER TABLE api_keys RENAME TO api_keys_away")
+    db.commit()
+    st, b = await raw_call(g.url, bearer(rec["key"]))
+    assert st == 503 and b["error"]["code"] == "key_store_unavailable" and b["error"]["type"] == "server_error"
+    assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": "store_unavailable",
+                                         "key_id": rec["id"]}
+    db.execute("ALTER TABLE api_keys_away RENAME TO api_keys")
+    db.commit()
+    db.close()
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+
+
+async def test_fail_closed_when_postgresql_hangs_or_refuses(make_gateway: Any, pg_url: str, pg_cluster: str) -> None:
+    import asyncpg
+
+    g = await make_gateway(ka(cache_ttl=0, store_timeout=0.5), database={"url": pg_url, "auto_migrate": True})
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    dbname = pg_url.rsplit("/", 1)[1]
+    # 1. The table is locked by another session: the lookup hangs and is cut off by store_timeout.
+    locker = await asyncpg.connect(pg_cluster.rsplit("/", 1)[0] + "/" + dbname)
+    tr = locker.transaction()
+    await tr.start()
+    await locker.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+    st, b = await raw_call(g.url, bearer(rec["key"]))
+    assert st == 503 and b["error"]["code"] == "key_store_unavailable"
+    await tr.rollback()
+    await locker.close()
+    for _ in range(20):  # the pool replaces the connection the timeout cut off
+        st, _ = await raw_call(g.url, bearer(rec["key"]))
+        if st == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert st == 200
+    # 2. The database refuses connections altogether.
+    admin_conn = await asyncpg.connect(pg_cluster)
+    try:
+        await admin_conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        await admin_conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 "
+                                 "AND pid <> pg_backend_pid()", dbname)
+        st, b = await raw_call(g.url, bearer(rec["key"]))
+        assert st == 503 and b["error"]["code"] == "key_store_unavailable"
+        await admin_conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+    finally:
+        await admin_conn.close()
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+
+
+# -- two gateway processes on one database ------------------------------------------------------------------
+async def test_revocation_across_two_processes(tmp_path: Path, upstream: Any) -> None:
+    ttl = 2.0
+    procs = []
+    try:
+        for name in ("a", "b"):
+            port, aport = free_port(), free_port()
+            cfg = base_config(upstream.url, tmp_path, [{"name": "key_auth", "config": {"cache_ttl": ttl}}],
+                              server={"port": port}, admin={"port": aport})
+            p = GatewayProcess(write_config(tmp_path / f"{name}.yaml", cfg), port, aport).start()
+            await p.wait_ready()  # one after the other: the first one migrates the shared file
+            procs.append(p)
+        a, b = procs
+        rec = await new_key(a)
+        key = rec["key"]
+        assert (await raw_call(a.url, bearer(key)))[0] == 200
+        assert (await raw_call(b.url, bearer(key)))[0] == 200  # B has it cached now
+        st, _ = await admin(a, "POST", f"/keys/{rec['id']}/revoke")
+        assert st == 200
+        t0 = time.monotonic()
+        assert (await raw_call(a.url, bearer(key)))[0] == 401  # A: at once
+        deadline = t0 + ttl + 5
+        while time.monotonic() < deadline:
+            st, body = await raw_call(b.url, bearer(key))
+            if st == 401:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - t0
+        assert st == 401 and body["error"]["code"] == "revoked_api_key", body
+        print(f"revocation reached the other instance after {took:.2f}s (cache_ttl {ttl}s)")
+        assert took <= ttl + 1.5
+    finally:
+        for p in procs:
+            p.stop()
+    for p in procs:  # the subprocesses' whole log output never shows the key
+        log = p.log()
+        assert "gateway listening" in log and key not in log and parse_key(key)[1] not in log  # type: ignore[index]
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+def gw_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args, "-c", str(cfg)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ})
+
+
+async def test_cli_create_list_update_revoke(make_gateway: Any, tmp_path: Path, upstream: Any) -> None:
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, ka_cli := [
+        {"name": "key_auth", "config": {"pepper": "cli-pepper", "cache_ttl": 0.5}}], admin={"enabled": False}))
+    r = await asyncio.to_thread(gw_cli, cfg, "create", "--owner", "carol", "--name", "ci", "--rpm", "30",
+                                "--scope-model", "demo-*", "--expires", "30d", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    key, kid = rec["key"], rec["id"]
+    assert rec["limits"]["rpm"] == 30 and rec["scopes"]["models"] == ["demo-*"] and rec["expires_at"]
+    r = await asyncio.to_thread(gw_cli, cfg, "list", "--owner", "carol", "--json")
+    listed = json.loads(r.stdout)
+    assert [x["id"] for x in listed] == [kid] and "key" not in listed[0] and key not in r.stdout
+    r = await asyncio.to_thread(gw_cli, cfg, "list")
+    assert kid in r.stdout and "active" in r.stdout
+    # The same database, served: the CLI-made key works (same pepper from the same config).
+    g = await make_gateway(ka_cli, name="cli.yaml")
+    assert (await chat(g, key)).choices
+    r = await asyncio.to_thread(gw_cli, cfg, "update", kid, "--tpm", "500", "--rpm", "none", "--daily-tokens", "9",
+                                "--monthly-tokens", "99", "--scope-path", "/v1/", "--name", "renamed",
+                                "--expires", "never", "--json")
+    upd = json.loads(r.stdout)
+    assert upd["limits"] == {"rpm": None, "tpm": 500, "daily_tokens": 9, "monthly_tokens": 99}
+    assert upd["scopes"] == {"paths": ["/v1/"], "models": []} and upd["expires_at"] is None and upd["name"] == "renamed"
+    r = await asyncio.to_thread(gw_cli, cfg, "revoke", kid, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "revoked"
+    r = await asyncio.to_thread(gw_cli, cfg, "list", "--status", "revoked", "--json")
+    assert [x["id"] for x in json.loads(r.stdout)] == [kid]
+    deadline = time.monotonic() + 5
+    st = 200
+    while st != 401 and time.monotonic() < deadline:  # the running gateway notices within cache_ttl
+        st, _ = await raw_call(g.url, bearer(key))
+        await asyncio.sleep(0.1)
+    assert st == 401
+    r = await asyncio.to_thread(gw_cli, cfg, "usage", kid, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["key_id"] == kid
+    r = await asyncio.to_thread(gw_cli, cfg, "show", "AAAAAAAAAAAA")
+    assert r.returncode == 1 and "no key" in r.stderr
