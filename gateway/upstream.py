@@ -127,8 +127,12 @@ class Upstream:
             raise UpstreamUnavailable() from None
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
-            # From here on, `idle` bounds each gap between body chunks (counted from the next chunk).
+            # From here on, `idle` bounds each gap between body chunks, starting now (the protocol
+            # re-arms its timer on each chunk; re-arm it here so the first gap counts too).
             conn.protocol.read_timeout = self.timeouts.idle
+            rearm = getattr(conn.protocol, "_reschedule_timeout", None)
+            if rearm is not None:
+                rearm()
         return resp
 
     def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool) -> CIMultiDict[str]:
