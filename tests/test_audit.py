@@ -1,0 +1,410 @@
+"""Audit trail end to end: one event per request under load, the hash chain against tampering,
+retention, hostile strings in the JSON-lines sink, flush on SIGTERM, admin events, the admin API
+and CLI, and two gateways appending to one PostgreSQL database."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.db import Database
+from gateway.plugins.audit import store
+from gateway.plugins.audit.chain import row_hash
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello audit trail"}]}
+T = aiohttp.ClientTimeout(total=20)
+
+
+def rows(db_path: Path, where: str = "1=1") -> list[dict[str, Any]]:
+    con = sqlite3.connect(db_path)
+    try:
+        out = [json.loads(d) for (d,) in con.execute(f"SELECT data FROM audit_events WHERE {where} ORDER BY seq")]
+    finally:
+        con.close()
+    return out
+
+
+async def wait_for(pred: Any, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def cli(cfg: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "audit", *args, "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+async def acli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, cfg, *args)
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: Any = CHAT, **headers: str) -> tuple[int, bytes]:
+    async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+        return r.status, await r.read()
+
+
+async def abort_mid_stream(url: str, key: str) -> int:
+    """Start a slow stream, read the first chunk, then drop the connection."""
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"Authorization": f"Bearer {key}", "X-Demo-Delay": "0.2", "X-Demo-Words": "40"})
+        assert r.status == 200
+        await r.content.readany()
+        r.close()  # closes the connection under the gateway's feet
+        return r.status
+
+
+async def create_key(s: aiohttp.ClientSession, admin_url: str, owner: str, **extra: Any) -> dict[str, Any]:
+    async with s.post(admin_url + "/keys", json={"owner": owner, **extra}, headers=AUTH) as r:
+        assert r.status == 201, await r.text()
+        return await r.json()
+
+
+# -- one event per request ----------------------------------------------------------------------------
+async def test_one_event_per_request_under_concurrent_load(make_gateway, tmp_path):
+    db_path = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit"}, {"name": "audit"}])
+    # A second instance on the same SQLite file whose upstream is unreachable: both append to one chain.
+    dead = await make_gateway([{"name": "audit"}], name="dead.yaml",
+                              upstream={"url": f"http://127.0.0.1:{free_port()}"})
+    sem = asyncio.Semaphore(16)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        alice = await create_key(s, g.admin_url, "alice")
+        bob = await create_key(s, g.admin_url, "bob", limits={"rpm": 3})
+        ka = {"Authorization": f"Bearer {alice['key']}"}
+        kb = {"Authorization": f"Bearer {bob['key']}"}
+        bad_key = "gw_not-a-real-key-but-a-secret-looking-string"
+
+        async def one(url: str, body: Any = CHAT, **h: str) -> int:
+            async with sem:
+                return (await post(s, url, body, **h))[0]
+
+        jobs = ([one(g.url, **ka) for _ in range(20)]
+                + [one(g.url, {**CHAT, "stream": True}, **ka) for _ in range(10)]
+                + [one(g.url, **ka, **{"X-Demo-Status": "500"}) for _ in range(5)]
+                + [one(g.url) for _ in range(5)]
+                + [one(g.url, Authorization=f"Bearer {bad_key}") for _ in range(5)]
+                + [one(g.url, **kb) for _ in range(8)]
+                + [one(dead.url) for _ in range(4)]
+                + [abort_mid_stream(g.url, alice["key"]) for _ in range(4)])
+        statuses = await asyncio.wait_for(asyncio.gather(*jobs), 60)
+    sent = Counter(statuses)
+    assert sent[200] == 20 + 10 + 3 + 4 and sent[500] == 5 and sent[401] == 10 and sent[429] == 5
+    assert sent[502] == 4
+    total = len(statuses)
+    req_types = "type IN ('request','auth_failure','rate_limited')"
+    await wait_for(lambda: len(rows(db_path, req_types)) == total, what=f"{total} audit rows")
+    await g.stop()
+    await dead.stop()
+
+    evs = rows(db_path, req_types)
+    assert len(evs) == total
+    assert len({e["request_id"] for e in evs}) == total
+    assert Counter(e["status"] for e in evs) == sent
+    by = Counter(e["answered_by"] for e in evs)
+    assert by == {"upstream": 20 + 10 + 5 + 3, "gateway_refusal": 15, "error": 4, "client_abort": 4}
+
+    auth = [e for e in evs if e["type"] == "auth_failure"]
+    assert len(auth) == 10 and {e["reason"] for e in auth} >= {"missing"}
+    assert all(e["client_ip"] == "127.0.0.1" and e["status"] == 401 for e in auth)
+    limited = [e for e in evs if e["type"] == "rate_limited"]
+    assert len(limited) == 5
+    assert all(e["key_id"] == bob["id"] and e["owner"] == "bob" and e["limit"] for e in limited)
+
+    ok = [e for e in evs if e["status"] == 200 and e["answered_by"] == "upstream"]
+    assert all(e["tokens_in"] and e["tokens_out"] and e["model"] == "demo-chat" for e in ok)
+    assert sum(e["streamed"] for e in ok) == 10
+    for e in ok:
+        assert e["latency_ms"] >= e["upstream_ms"] >= 0 and e["overhead_ms"] >= 0
+        assert e["ttfb_ms"] is not None and e["bytes_out"] > 0 and e["bytes_in"] > 0
+    assert all(e["outcome"] == "client_disconnected" and e["streamed"] for e in evs if e["answered_by"] == "client_abort")
+    errs = [e for e in evs if e["answered_by"] == "error"]
+    assert all(e["outcome"] == "upstream_error" and e["error"] == "upstream_unavailable" for e in errs)
+    alice_ok = [e for e in evs if e["key_id"] == alice["id"]]
+    assert alice_ok and all(e["owner"] == "alice" for e in alice_ok)
+
+    # The admin actions went through the event bus into the same trail, with the admin identity.
+    created = rows(db_path, "type = 'key.created'")
+    assert {e["key_id"] for e in created} == {alice["id"], bob["id"]}
+    assert all(e["actor"] == "admin" for e in created)
+
+    raw = db_path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("gateway.db-*"))
+    for secret in (bad_key, alice["key"], bob["key"], ADMIN_TOKEN):
+        assert secret.encode() not in raw
+
+    db = Database(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        res = await store.verify(db)
+    finally:
+        await db.close()
+    assert res.ok, res.message()
+    assert res.rows == total + 2
+
+
+# -- tamper evidence ----------------------------------------------------------------------------------
+def _copy_db(src: Path, dst: Path) -> None:
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    try:
+        a.backup(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def _config_for(tmp_path: Path, upstream_url: str, db: Path, name: str) -> Path:
+    cfg = base_config(upstream_url, tmp_path, [{"name": "audit"}], database={"url": f"sqlite+aiosqlite:///{db}"})
+    return write_config(tmp_path / name, cfg)
+
+
+async def test_chain_detects_edited_deleted_and_inserted_rows(make_gateway, upstream, tmp_path):
+    g = await make_gateway([{"name": "audit"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for i in range(12):
+            await post(s, g.url, **({"X-Demo-Status": "500"} if i == 3 else {}))
+    await wait_for(lambda: len(rows(tmp_path / "gateway.db")) == 12, what="12 rows")
+    await g.stop()
+    cfg = tmp_path / "gateway.yaml"
+
+    intact, export, query, tail = await asyncio.gather(
+        acli(cfg, "verify"), acli(cfg, "export", "--format", "jsonl"),
+        acli(cfg, "query", "--status", "5xx"), acli(cfg, "tail", "-n", "3"))
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert "intact" in intact.stdout and "12 events" in intact.stdout
+    lines = export.stdout.splitlines()
+    assert export.returncode == 0 and [json.loads(x)["seq"] for x in lines] == list(range(1, 13))
+    q = [json.loads(x) for x in query.stdout.splitlines()]
+    assert [e["status"] for e in q] == [500]
+    assert [json.loads(x)["seq"] for x in tail.stdout.splitlines()] == [10, 11, 12]
+
+    cases = {}
+    for case in ("edited", "deleted", "inserted"):
+        p = tmp_path / f"{case}.db"
+        _copy_db(tmp_path / "gateway.db", p)
+        con = sqlite3.connect(p)
+        with con:
+            if case == "edited":
+                # Someone rewrites a failed request as a success, keeping the columns consistent.
+                (data,) = con.execute("SELECT data FROM audit_events WHERE seq = 4").fetchone()
+                assert '"status":500' in data
+                con.execute("UPDATE audit_events SET data = ?, status = 200 WHERE seq = 4",
+                            (data.replace('"status":500', '"status":200'),))
+            elif case == "deleted":
+                con.execute("DELETE FROM audit_events WHERE seq = 6")
+            else:
+                # Make room after seq 7 and insert a well-formed row chained onto seq 7.
+                con.execute("UPDATE audit_events SET seq = seq + 1000 WHERE seq > 7")
+                con.execute("UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000")
+                (h7,) = con.execute("SELECT hash FROM audit_events WHERE seq = 7").fetchone()
+                ev = {"time": store.iso(), "type": "request", "request_id": "forged", "status": 200, "seq": 8,
+                      "key_id": None, "owner": None, "client_ip": "10.0.0.1"}
+                data = json.dumps(ev, sort_keys=True, separators=(",", ":"))
+                con.execute("INSERT INTO audit_events (seq, time, type, request_id, key_id, owner, client_ip, "
+                            "status, data, prev_hash, hash) VALUES (8, ?, 'request', 'forged', NULL, NULL, "
+                            "'10.0.0.1', 200, ?, ?, ?)", (ev["time"], data, h7, row_hash(h7, data)))
+        con.close()
+        cases[case] = _config_for(tmp_path, upstream.url, p, f"{case}.yaml")
+    results = await asyncio.gather(*(acli(c, "verify") for c in cases.values()))
+    got = dict(zip(cases, results))
+    assert got["edited"].returncode == 1 and "BROKEN at seq 4 (edited)" in got["edited"].stdout
+    assert got["deleted"].returncode == 1 and "BROKEN at seq 7 (deleted)" in got["deleted"].stdout
+    assert "seq 6 missing" in got["deleted"].stdout
+    assert got["inserted"].returncode == 1 and "BROKEN at seq 9 (inserted)" in got["inserted"].stdout
+
+
+async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path):
+    jl = tmp_path / "audit.jsonl"
+    g = await make_gateway([{"name": "audit", "config": {
+        "sinks": ["database", {"type": "jsonl", "path": str(jl)}],
+        "retention_days": 3.0 / 86400, "purge_interval": 0.3}}])
+    db_path = tmp_path / "gateway.db"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for _ in range(6):
+            await post(s, g.url)
+        await wait_for(lambda: len(rows(db_path, "type = 'audit.purged'")) >= 1, what="a purge")
+        for _ in range(3):
+            await post(s, g.url)
+    await wait_for(lambda: len(rows(db_path, "type = 'request'")) >= 3, what="new rows")
+    await g.stop()
+    purged = rows(db_path, "type = 'audit.purged'")
+    first = purged[0]
+    assert first["deleted"] >= 6 and first["anchor"]["seq"] >= 6 and first["actor"] == "retention"
+    remaining = rows(db_path)
+    assert all(e["type"] != "request" or e["seq"] > first["anchor"]["seq"] for e in remaining)
+    res = await acli(tmp_path / "gateway.yaml", "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "purge anchor" in res.stdout
+    # The purge is in the other sinks too.
+    assert any(json.loads(x)["type"] == "audit.purged" for x in jl.read_text().splitlines())
+    # Deleting the first row left after the purge is still caught.
+    con = sqlite3.connect(db_path)
+    with con:
+        con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
+    con.close()
+    res = await acli(tmp_path / "gateway.yaml", "verify")
+    assert res.returncode == 1 and "(deleted)" in res.stdout
+
+
+# -- JSON lines -----------------------------------------------------------------------------------------
+async def test_jsonl_sink_one_valid_line_per_event_with_hostile_strings(make_gateway, tmp_path):
+    jl = tmp_path / "audit.jsonl"
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {
+        "sinks": [{"type": "jsonl", "path": str(jl)}]}}])
+    hostile_model = 'evil\n"}\r{"type":"forged"}\u2028\u2029\x00\x1b[31m \\ üñï 💥'
+    hostile_path = "/v1/chat/completions/%0A%0D%22%7D%7B%5C%E2%80%A8%F0%9F%92%A5"
+    hostile_key = 'gw_abc"def\\ghi{}<%0a>'
+    sent = 0
+    async with aiohttp.ClientSession(timeout=T) as s:
+        key = (await create_key(s, g.admin_url, 'own"er\nname'))["key"]
+        for auth in (f"Bearer {key}", f"Bearer {hostile_key}", None):
+            h = {"Authorization": auth} if auth else {}
+            await post(s, g.url, {**CHAT, "model": hostile_model}, **h)
+            async with s.post(g.url + hostile_path, json=CHAT, headers=h) as r:
+                await r.read()
+            sent += 2
+    await g.stop()
+    data = jl.read_bytes()
+    data.decode("ascii")  # everything non-ASCII is escaped
+    lines = data.split(b"\n")
+    assert lines[-1] == b""
+    evs = [json.loads(x) for x in lines[:-1]]
+    assert len(evs) == sent + 1  # + key.created
+    reqs = [e for e in evs if e["type"] != "key.created"]
+    assert {e["model"] for e in reqs if e["path"] == "/v1/chat/completions"} == {hostile_model}
+    assert {e["path"] for e in reqs} == {"/v1/chat/completions", '/v1/chat/completions/\n\r"}{\\\u2028💥'}
+    assert [e["owner"] for e in evs if e["type"] == "key.created"] == ['own"er\nname']
+    assert key.encode() not in data and b"abc\\\"def" not in data
+
+
+# -- shutdown ------------------------------------------------------------------------------------------
+async def test_events_survive_sigterm(upstream, tmp_path):
+    jl = tmp_path / "audit.jsonl"
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "audit", "config": {
+        "sinks": ["database", "stdout", {"type": "jsonl", "path": str(jl)}],
+        "flush_interval": 1.0, "batch_size": 10000}}],
+        server={"port": port}, admin={"port": admin_port})
+    path = write_config(tmp_path / "gw.yaml", cfg)
+    p = GatewayProcess(path, port, admin_port).start()
+    try:
+        await p.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            statuses = await asyncio.gather(*(post(s, p.url) for _ in range(30)))
+        assert all(st == 200 for st, _ in statuses)
+        p.signal(signal.SIGTERM)  # right away: the events are still queued
+        assert await asyncio.to_thread(p.wait, 30) == 0
+    finally:
+        p.stop()
+    assert len(rows(tmp_path / "gateway.db", "type = 'request'")) == 30
+    assert len([x for x in jl.read_text().splitlines() if json.loads(x)["type"] == "request"]) == 30
+    out = [json.loads(x) for x in p.log().splitlines() if x.startswith("{")]
+    assert len([e for e in out if e.get("type") == "request"]) == 30
+
+
+# -- admin events, API -------------------------------------------------------------------------------
+async def test_admin_events_and_reads(make_gateway, tmp_path):
+    g = await make_gateway([{"name": "audit"}])
+    db_path = tmp_path / "gateway.db"
+    g.services.events.emit("conversation.deleted", actor="admin", conversation_id="c-1",
+                           api_key="sk-must-not-be-stored", detail={"token": "x", "count": 2})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for i in range(5):
+            await post(s, g.url, **({"X-Demo-Status": "429"} if i == 0 else {}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200
+        g.services.events.emit("conversations.purged", actor="cli", deleted=3)
+        await wait_for(lambda: len(rows(db_path)) == 8, what="8 rows")
+        evs = rows(db_path)
+        assert Counter(e["type"] for e in evs) == {"request": 5, "conversation.deleted": 1,
+                                                   "config.reloaded": 1, "conversations.purged": 1}
+        cd = next(e for e in evs if e["type"] == "conversation.deleted")
+        assert cd["actor"] == "admin" and cd["conversation_id"] == "c-1" and "api_key" not in cd
+        assert cd["detail"] == {"count": 2}
+        rl = next(e for e in evs if e["type"] == "config.reloaded")
+        assert rl["actor"] == "admin" and rl["result"] == "success"
+
+        # GET /audit: filters and cursor pagination.
+        seen, cursor = [], None
+        while True:
+            q = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+            async with s.get(g.admin_url + "/audit", params=q, headers=AUTH) as r:
+                assert r.status == 200
+                page = await r.json()
+            seen += [e["seq"] for e in page["data"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == list(range(8, 0, -1))
+        for params, want in (({"type": "request"}, 5), ({"status": "429"}, 1), ({"status": "2xx"}, 4),
+                             ({"type": "config.reloaded,conversations.purged"}, 2), ({"ip": "127.0.0.1"}, 5),
+                             ({"since": "1h", "until": store.iso(time.time() + 60)}, 8),
+                             ({"until": "2000-01-01"}, 0), ({"key_id": "nobody"}, 0)):
+            async with s.get(g.admin_url + "/audit", params=params, headers=AUTH) as r:
+                assert r.status == 200, params
+                assert len((await r.json())["data"]) == want, params
+        async with s.get(g.admin_url + "/audit", params={"since": "yesterday-ish"}, headers=AUTH) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+            assert err["type"] == "invalid_request_error" and "since" in err["message"]
+        async with s.get(g.admin_url + "/audit", params={"limit": "0"}, headers=AUTH) as r:
+            assert r.status == 400
+        async with s.get(g.admin_url + "/audit") as r:
+            assert r.status == 401
+        async with s.get(g.admin_url + "/audit/verify", headers=AUTH) as r:
+            v = await r.json()
+            assert v["ok"] is True and v["rows"] == 8
+        async with s.get(g.admin_url + "/openapi.json", headers=AUTH) as r:
+            assert "/audit" in (await r.json())["paths"]
+    # After the reload only the new instance records bus events (no duplicates).
+    g.services.events.emit("key.revoked", actor="admin", key_id="k-1")
+    await wait_for(lambda: len(rows(db_path)) == 9, what="9 rows")
+    await asyncio.sleep(0.3)
+    assert len(rows(db_path, "type = 'key.revoked'")) == 1
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------------
+async def test_postgres_two_gateways_append_to_one_chain(make_gateway, pg_url, tmp_path):
+    db = {"url": pg_url, "auto_migrate": True}
+    a = await make_gateway([{"name": "audit", "config": {"flush_interval": 0.01, "batch_size": 5}}],
+                           name="a.yaml", database=db)
+    b = await make_gateway([{"name": "audit", "config": {"flush_interval": 0.01, "batch_size": 5}}],
+                           name="b.yaml", database=db)
+    sem = asyncio.Semaphore(20)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async def one(url: str) -> int:
+            async with sem:
+                return (await post(s, url))[0]
+        statuses = await asyncio.gather(*(one(u) for _ in range(40) for u in (a.url, b.url)))
+    assert statuses.count(200) == 80
+    await a.stop()
+    await b.stop()
+    d = Database(pg_url)
+    try:
+        res = await store.verify(d)
+        assert res.ok, res.message()
+        assert res.rows == 80 and res.first_seq == 1 and res.last_seq == 80
+        from sqlalchemy import text
+        async with d.engine.begin() as conn:
+            await conn.execute(text("UPDATE audit_events SET client_ip = '10.9.9.9' WHERE seq = 40"))
+    finally:
+        await d.close()
+    res = await acli(tmp_path / "a.yaml", "verify")
+    assert res.returncode == 1 and "BROKEN at seq 40 (edited)" in res.stdout and "client_ip" in res.stdout
