@@ -1,0 +1,507 @@
+"""rate_limit end to end: real gateway on a loopback socket, the demo upstream, real SQLite files and,
+where the feature is about it, real redis-server processes (one shared by three `gateway serve`
+subprocesses for the multi-instance test)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pydantic import Field
+
+from gateway.config import ConfigError, load_config_text
+from gateway.plugin import Plugin, PluginConfig, registry
+from gateway.plugins.rate_limit.headers import duration
+from gateway.plugins.rate_limit.rules import prompt_estimate
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+
+CHAT = "/v1/chat/completions"
+T = aiohttp.ClientTimeout(total=15)
+
+
+# -- a tiny identity plugin (stands in for key_auth where a test must not depend on it) ------------
+class IdentityConfig(PluginConfig):
+    keys: dict[str, dict[str, Any]] = Field(default_factory=dict, description="key id -> limits")
+
+
+class TestIdentity(Plugin):
+    """Test-only: sets ctx.identity from an X-Test-Key header, with the limits configured for it."""
+
+    name = "test_identity"
+    Config = IdentityConfig
+
+    async def on_request(self, ctx: Any) -> None:
+        k = ctx.request.headers.get("X-Test-Key")
+        if k:
+            ctx.identity = {"key_id": k, "owner": f"owner-{k}", "name": k, "team": None, "scopes": {},
+                            "metadata": {}, "limits": {"rpm": None, "tpm": None, "daily_tokens": None,
+                                                       "monthly_tokens": None, **self.config.keys.get(k, {})}}
+        return None
+
+
+TestIdentity.__test__ = False  # type: ignore[attr-defined]
+registry.register(TestIdentity)
+
+
+def rl(**config: Any) -> dict[str, Any]:
+    return {"name": "rate_limit", "config": config}
+
+
+def chat_body(text: str = "hello there", **kw: Any) -> dict[str, Any]:
+    return {"model": "demo-chat", "messages": [{"role": "user", "content": text}], **kw}
+
+
+async def settle(g: Any) -> None:
+    """Wait until every request's on_complete ran and the token charges landed."""
+    deadline = time.monotonic() + 5
+    while g.gw.runtime.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await g.plugin("rate_limit").drain()
+
+
+def ietf(value: str) -> dict[str, dict[str, str]]:
+    """Parse RateLimit / RateLimit-Policy: '"name";r=1;t=2, ...' -> {name: {r: 1, t: 2}}."""
+    out = {}
+    for item in value.split(","):
+        parts = item.strip().split(";")
+        out[parts[0].strip('"')] = dict(p.split("=", 1) for p in parts[1:])
+    return out
+
+
+async def post(s: aiohttp.ClientSession, url: str, body: dict[str, Any] | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    async with s.post(url + CHAT, json=body or chat_body(), headers=headers or {}, timeout=T) as r:
+        data = await r.json(content_type=None)
+        return r.status, data, dict(r.headers)
+
+
+# -- exactness ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["sliding", "fixed", "moving"])
+async def test_exactly_limit_of_2L_concurrent_pass_on_one_instance(make_gateway, upstream, strategy):
+    L = 25
+    g = await make_gateway([rl(strategy=strategy, rules=[{"name": "all", "limit": f"{L}/minute",
+                                                           "key_by": "global"}])])
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*[post(s, g.url) for _ in range(2 * L)])
+    statuses = [st for st, _, _ in results]
+    print(f"{strategy}: {statuses.count(200)} passed, {statuses.count(429)} refused of {2 * L}")
+    assert statuses.count(200) == L
+    assert statuses.count(429) == L
+    assert len([r for r in upstream.requests if r["path"] == CHAT]) == L
+    refused = [(d, h) for st, d, h in results if st == 429]
+    d, h = refused[0]
+    assert d["error"]["code"] == "rate_limit_exceeded"
+    assert "all (25/minute)" in d["error"]["message"]
+    assert int(h["Retry-After"]) >= 1
+    assert h["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_three_processes_on_one_redis_never_exceed_the_limit(tmp_path, upstream, redis_server):
+    redis = redis_server()
+    L = 20
+    procs = []
+    for i in range(3):
+        port, aport = free_port(), free_port()
+        cfg = base_config(upstream.url, tmp_path, [rl(storage=redis.url, storage_timeout=2, rules=[
+            {"name": "shared", "limit": f"{L}/hour", "key_by": "global"}])],
+                          server={"port": port}, admin={"port": aport},
+                          database={"url": f"sqlite+aiosqlite:///{tmp_path / f'gw{i}.db'}"})
+        procs.append(GatewayProcess(write_config(tmp_path / f"gw{i}.yaml", cfg), port, aport).start())
+    try:
+        await asyncio.gather(*[p.wait_ready() for p in procs])
+        async with aiohttp.ClientSession() as s:
+            results = await asyncio.gather(*[post(s, procs[i % 3].url) for i in range(2 * L)])
+        per = {p.url: [0, 0] for p in procs}
+        for i, (st, _, _) in enumerate(results):
+            per[procs[i % 3].url][0 if st == 200 else 1] += 1
+            assert st in (200, 429), results[i]
+        passed = sum(v[0] for v in per.values())
+        print(f"\nlimit {L}/hour, {2 * L} concurrent requests over 3 processes on one Redis:")
+        for i, p in enumerate(procs):
+            print(f"  process {i}: {per[p.url][0]} passed, {per[p.url][1]} refused")
+        print(f"  total: {passed} passed")
+        for p in procs:
+            errs = [line for line in p.log().splitlines() if "gateway.rate_limit" in line]
+            assert not errs, errs[:5]
+        assert passed <= L
+        assert passed == L  # the Lua scripts are atomic: nothing lost either
+        assert all(v[0] > 0 for v in per.values())  # every process took part in the same counter
+        # A later request on any process is refused too: the counter is shared.
+        async with aiohttp.ClientSession() as s:
+            st, body, _ = await post(s, procs[1].url)
+        assert st == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# -- window boundaries per strategy ----------------------------------------------------------------
+# One schedule for every strategy, limit 2/second, times relative to a whole second k (limits' clock).
+# What each strategy lets through follows from the library's semantics:
+#   fixed:   a window starts at the first hit and lasts 1 s (refused hits count too)
+#   moving:  a hit passes if fewer than 2 passed in the last second
+#   sliding: previous window's count weighted by its remaining overlap + current count
+SCHEDULE = [("A", .05), ("B", .55), ("C", .55), ("D", 1.2), ("E", 1.2), ("F", 1.2), ("G", 1.62), ("H", 1.62),
+            ("I", 2.08), ("J", 2.08)]
+EXPECT = {
+    "fixed":   "PPR" "PPR" "RR" "RR",
+    "moving":  "PPR" "PRR" "PR" "RR",
+    "sliding": "PPR" "PRR" "PR" "PR",
+}
+
+
+def _timing_ok(t: dict[str, tuple[float, float]], k: float) -> bool:
+    """The schedule's assumptions held (each hit happened inside the span its outcome depends on)."""
+    s, r = {n: v[0] for n, v in t.items()}, {n: v[1] for n, v in t.items()}
+    checks = [
+        s["A"] >= k and r["C"] < k + 1,
+        all(s[n] > r["A"] + 1 and r[n] < min(k + 1.5, s["B"] + 1) for n in "DEF"),
+        all(s[n] > max(r["B"] + 1, k + 1.5) and r[n] < min(k + 2, s["D"] + 1) for n in "GH"),
+        all(s[n] > k + 2 and r[n] < min(k + 2.5, s["D"] + 1) for n in "IJ"),
+    ]
+    return all(checks)
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "moving", "sliding"])
+async def test_window_boundary_behaviour_per_strategy(make_gateway, strategy):
+    g = await make_gateway([rl(strategy=strategy, rules=[{"name": "burst", "limit": "2/second",
+                                                           "key_by": ["model"]}])])
+    async with aiohttp.ClientSession() as s:
+        for attempt in range(5):
+            model = f"m-{strategy}-{attempt}"  # a fresh counter per attempt
+            k = math.ceil(time.time()) + 1
+            outcome, times = "", {}
+            for name, off in SCHEDULE:
+                await asyncio.sleep(max(0.0, k + off - time.time()))
+                t0 = time.time()
+                st, _, _ = await post(s, g.url, chat_body(model=model))
+                times[name] = (t0, time.time())
+                outcome += "P" if st == 200 else "R"
+            if _timing_ok(times, k):
+                print(f"{strategy}: {outcome} (attempt {attempt + 1})")
+                assert outcome == EXPECT[strategy]
+                return
+            print(f"{strategy}: machine too slow for the schedule on attempt {attempt + 1}, retrying")
+        pytest.fail("could not run the boundary schedule within its timing assumptions in 5 attempts")
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forwarding(make_gateway, upstream):
+    g = await make_gateway([rl(strategy="fixed", estimate_default_max_tokens=10, rules=[
+        {"name": "tpm", "limit": "60/minute", "counts": "tokens", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + CHAT, json=chat_body("one two three", stream=True, max_tokens=20),
+                          timeout=T) as r:
+            assert r.status == 200
+            assert r.headers["x-ratelimit-remaining-tokens"] == "60"
+            raw = (await r.read()).decode()
+        # The client did not ask for usage: the extra chunk the gateway asked for is not passed on.
+        assert '"usage"' not in raw
+        assert upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+        await settle(g)
+        # demo usage: prompt = 3 words + 1, completion = one token per chunk
+        chunks = [json.loads(line[6:]) for line in raw.splitlines()
+                  if line.startswith("data: {")]
+        completion = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content"))
+        used = 4 + completion
+        st, _, h = await post(s, g.url, chat_body("x", max_tokens=1))
+        assert st == 200
+        assert int(h["x-ratelimit-remaining-tokens"]) == 60 - used
+        await settle(g)
+        # A client that asked for usage gets it, counted the same way.
+        async with s.post(g.url + CHAT, json=chat_body("a", stream=True, max_tokens=1,
+                                                       stream_options={"include_usage": True}), timeout=T) as r:
+            assert '"usage"' in (await r.read()).decode()
+        await settle(g)
+        # Now ask for more than is left: refused before the upstream sees it.
+        n_before = len(upstream.requests)
+        st, body, h = await post(s, g.url, chat_body("hello", max_tokens=59))
+        assert st == 429
+        assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "tokens"
+        assert "tpm (60/minute)" in body["error"]["message"]
+        assert len(upstream.requests) == n_before
+        assert int(h["Retry-After"]) >= 1
+
+
+async def test_cancelled_stream_is_charged_for_what_was_generated(make_gateway, upstream):
+    g = await make_gateway([rl(strategy="fixed", rules=[
+        {"name": "tpm", "limit": "10000/minute", "counts": "tokens", "key_by": ["ip"]}])])
+    prompt = "please write a long answer"
+    est = prompt_estimate(chat_body(prompt))
+    async with aiohttp.ClientSession() as s:
+        seen = 0
+        async with s.post(g.url + CHAT, json=chat_body(prompt, stream=True),
+                          headers={"X-Demo-Delay": "0.02", "X-Demo-Words": "400"}, timeout=T) as r:
+            assert r.status == 200
+            async for line in r.content:
+                if line.startswith(b"data: {") and b'"content": "' in line and b'"content": ""' not in line:
+                    seen += 1
+                    if seen == 10:
+                        break
+            r.close()  # the client goes away mid-stream
+        await settle(g)
+        await asyncio.sleep(0.1)
+        await settle(g)
+        st, _, h = await post(s, g.url, chat_body("x", max_tokens=1))
+        charged = 10000 - int(h["x-ratelimit-remaining-tokens"])
+        print(f"cancelled after {seen} chunks: charged {charged} tokens (prompt estimate {est})")
+        assert charged >= est + seen          # what was generated (and the prompt) is paid for
+        assert charged < est + 400            # but not the full answer that was never generated
+
+
+# -- per-key overrides ----------------------------------------------------------------------------
+async def test_per_key_overrides_take_precedence(make_gateway):
+    g = await make_gateway([
+        {"name": "test_identity", "config": {"keys": {"small": {"rpm": 2}, "quota": {"daily_tokens": 30},
+                                                      "tok": {"tpm": 20}}}},
+        rl(strategy="fixed", estimate_default_max_tokens=5, rules=[
+            {"name": "per-key", "limit": "5/minute", "key_by": ["key"]},
+            {"name": "per-key-tokens", "limit": "100000/minute", "counts": "tokens", "key_by": ["key"]}])])
+    async with aiohttp.ClientSession() as s:
+        async def run(key: str, n: int) -> list[tuple[int, Any, dict[str, str]]]:
+            return [await post(s, g.url, headers={"X-Test-Key": key}) for _ in range(n)]
+
+        small = await run("small", 3)
+        assert [r[0] for r in small] == [200, 200, 429]
+        assert small[0][2]["x-ratelimit-limit-requests"] == "2"
+        assert "key-rpm (2/minute)" in small[2][1]["error"]["message"]
+        big = await run("default", 6)
+        assert [r[0] for r in big] == [200] * 5 + [429]
+        assert big[0][2]["x-ratelimit-limit-requests"] == "5"
+        # tpm override: 20 tokens per minute for this key instead of 100000
+        st, _, h = await post(s, g.url, chat_body("a b c"), headers={"X-Test-Key": "tok"})
+        assert st == 200 and h["x-ratelimit-limit-tokens"] == "20"
+        await settle(g)
+        st, body, _ = await post(s, g.url, chat_body("a b c", max_tokens=15), headers={"X-Test-Key": "tok"})
+        assert st == 429 and "key-tpm (20/minute)" in body["error"]["message"]
+        # daily token quota override -> insufficient_quota
+        st, _, h = await post(s, g.url, chat_body("one two three"), headers={"X-Test-Key": "quota"})
+        assert st == 200
+        assert ietf(h["RateLimit-Policy"])["daily-tokens"]["q"] == "30"
+        await settle(g)
+        codes = []
+        for _ in range(5):
+            st, body, h = await post(s, g.url, chat_body("one two three"), headers={"X-Test-Key": "quota"})
+            await settle(g)
+            codes.append(st)
+            if st == 429:
+                break
+        assert codes[-1] == 429
+        assert body["error"]["code"] == "insufficient_quota" and body["error"]["type"] == "insufficient_quota"
+        assert int(h["Retry-After"]) >= 1
+
+
+async def test_per_key_overrides_through_key_auth(make_gateway):
+    if registry.get("key_auth") is None:
+        pytest.skip("key_auth plugin not available")
+    g = await make_gateway([{"name": "key_auth", "config": {}},
+                            rl(rules=[{"name": "per-key", "limit": "5/minute", "key_by": ["key"]}])])
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "alice", "name": "small",
+                                                       "limits": {"rpm": 2}}, headers=admin, timeout=T) as r:
+            if r.status != 201:
+                pytest.skip(f"key_auth admin API not ready ({r.status})")
+            small = (await r.json())["key"]
+        async with s.post(g.admin_url + "/keys", json={"owner": "bob"}, headers=admin, timeout=T) as r:
+            plain = (await r.json())["key"]
+        res_small = [(await post(s, g.url, headers={"Authorization": f"Bearer {small}"}))[0] for _ in range(3)]
+        res_plain = [(await post(s, g.url, headers={"Authorization": f"Bearer {plain}"}))[0] for _ in range(6)]
+    assert res_small == [200, 200, 429]
+    assert res_plain == [200] * 5 + [429]
+
+
+# -- quotas survive a restart ---------------------------------------------------------------------
+async def test_quota_persists_across_restart(make_gateway, tmp_path):
+    plugins = [rl(estimate_default_max_tokens=2, quotas={"daily_tokens": 40, "monthly_tokens": 1000})]
+    g = await make_gateway(plugins)
+    used = 0
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            st, body, _ = await post(s, g.url, chat_body("one two three four", max_tokens=2))
+            assert st == 200
+            used += body["usage"]["total_tokens"]
+    await settle(g)
+    await g.stop()  # flushes the quota writer into the SQLite file
+    g2 = await make_gateway(plugins)  # same database file, fresh process state
+    async with aiohttp.ClientSession() as s:
+        st, _, h = await post(s, g2.url, chat_body("x", max_tokens=1))
+        assert st == 200
+        cur = ietf(h["RateLimit"])
+        assert int(cur["daily-tokens"]["r"]) == 40 - used
+        assert int(cur["monthly-tokens"]["r"]) == 1000 - used
+        used += 3  # that request: prompt 1 word + 1, completion 1
+        await settle(g2)
+        st, body, _ = await post(s, g2.url, chat_body("y " * 60, max_tokens=2))
+        assert st == 429 and body["error"]["code"] == "insufficient_quota"
+        assert "daily tokens quota" in body["error"]["message"]
+    await g2.stop()
+    from sqlalchemy import create_engine, text
+    eng = create_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    with eng.connect() as c:
+        rows = c.execute(text("SELECT subject, period, tokens FROM rate_limit_quota_usage ORDER BY period")).all()
+    eng.dispose()
+    assert [r[0] for r in rows] == ["ip:127.0.0.1", "ip:127.0.0.1"]
+    assert all(r[2] == used for r in rows)
+
+
+# -- store failures -------------------------------------------------------------------------------
+async def _timed_posts(url: str, n: int) -> list[tuple[int, float, Any]]:
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            t0 = time.monotonic()
+            st, body, _ = await post(s, url)
+            out.append((st, time.monotonic() - t0, body))
+    return out
+
+
+async def _metric(g: Any, name: str) -> float:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.admin_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("failure", ["stopped", "frozen"])
+async def test_store_failure_allow_and_deny_never_hang(make_gateway, redis_server, failure):
+    timeout = 0.3
+    redis = redis_server()
+    rules = [{"name": "r", "limit": "3/minute", "key_by": ["ip"]}]
+    allow = await make_gateway([rl(storage=redis.url, storage_timeout=timeout, rules=rules)], name="a.yaml")
+    deny = await make_gateway([rl(storage=redis.url + "/1", storage_timeout=timeout, on_store_error="deny",
+                                  rules=rules)], name="d.yaml")
+    ok = await _timed_posts(allow.url, 1)
+    assert ok[0][0] == 200
+    if failure == "stopped":
+        redis.stop()
+    else:
+        redis.pause()
+    try:
+        a = await _timed_posts(allow.url, 5)  # more than the limit: all pass while the store is down
+        d = await _timed_posts(deny.url, 3)
+    finally:
+        if failure == "frozen":
+            redis.resume()
+    print(f"{failure}: allow {[(st, round(t, 3)) for st, t, _ in a]}, deny {[(st, round(t, 3)) for st, t, _ in d]}")
+    assert [st for st, _, _ in a] == [200] * 5
+    assert [st for st, _, _ in d] == [503] * 3
+    assert d[0][2]["error"]["code"] == "rate_limit_unavailable"
+    for _, t, _ in a + d:
+        assert t < timeout + 2.0, "a request waited past the store timeout"
+    assert await _metric(allow, "gateway_ratelimit_store_errors_total") >= 1
+    assert await _metric(deny, "gateway_ratelimit_store_errors_total") >= 1
+    if failure == "frozen":
+        # Once Redis answers again (and the retry pause is over) the limit is enforced again.
+        await asyncio.sleep(1.2)
+        res = await _timed_posts(allow.url, 5)
+        assert 429 in [st for st, _, _ in res], res
+
+
+# -- client IP ------------------------------------------------------------------------------------
+async def test_rotating_forwarded_for_gains_nothing(make_gateway):
+    rules = [{"name": "per-ip", "limit": "3/minute", "key_by": ["ip"]}]
+    g = await make_gateway([rl(rules=rules)], name="plain.yaml")
+    async with aiohttp.ClientSession() as s:
+        res = [await post(s, g.url, headers={"X-Forwarded-For": f"203.0.113.{i}"}) for i in range(6)]
+    assert [r[0] for r in res] == [200, 200, 200, 429, 429, 429]
+    # Behind a trusted proxy (the test client is 127.0.0.1) the header is believed, right to left.
+    t = await make_gateway([rl(rules=rules)], name="trusted.yaml",
+                           server={"trusted_proxies": ["127.0.0.1/32"]})
+    async with aiohttp.ClientSession() as s:
+        res = [await post(s, t.url, headers={"X-Forwarded-For": f"198.51.100.{i % 2}"}) for i in range(8)]
+        spoof = [await post(s, t.url, headers={"X-Forwarded-For": f"10.9.9.{i}, 198.51.100.0"}) for i in range(2)]
+    assert [r[0] for r in res] == [200] * 6 + [429, 429]
+    # A client prepending fake hops does not escape: the right-most untrusted address counts.
+    assert [r[0] for r in spoof] == [429, 429]
+
+
+# -- headers --------------------------------------------------------------------------------------
+async def test_header_values_match_the_remaining_budget(make_gateway):
+    g = await make_gateway([rl(strategy="fixed", estimate_default_max_tokens=5, rules=[
+        {"name": "rpm", "limit": "5/minute", "key_by": ["ip"]},
+        {"name": "rph", "limit": "100/hour", "key_by": ["ip"]},
+        {"name": "tpm", "limit": "1000/minute", "counts": "tokens", "key_by": ["ip"]}])])
+    p = g.plugin("rate_limit")
+    spent = 0
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            st, body, h = await post(s, g.url, chat_body("a b c d", max_tokens=3))
+            assert st == 200
+            # requests: the strictest rule (least remaining) is reported, after this request
+            assert h["x-ratelimit-limit-requests"] == "5"
+            assert h["x-ratelimit-remaining-requests"] == str(4 - i)
+            assert h["X-RateLimit-Limit"] == "5" and h["X-RateLimit-Remaining"] == str(4 - i)
+            cur, pol = ietf(h["RateLimit"]), ietf(h["RateLimit-Policy"])
+            assert pol["rpm"] == {"q": "5", "w": "60"} and pol["rph"] == {"q": "100", "w": "3600"}
+            assert pol["tpm"] == {"q": "1000", "qu": '"tokens"', "w": "60"}
+            assert cur["rpm"]["r"] == str(4 - i) and cur["rph"]["r"] == str(99 - i)
+            # tokens: what is left before this request's usage is charged
+            assert h["x-ratelimit-remaining-tokens"] == str(1000 - spent) == cur["tpm"]["r"]
+            # the store agrees with the headers
+            lim = next(x for x in p.limits if x.rule == "rpm")
+            _, remaining = await p.store.stats(lim.item, ("rpm", "ip:127.0.0.1"))
+            assert remaining == 4 - i
+            reset = int(h["X-RateLimit-Reset"])
+            assert 0 <= reset <= 60 and int(cur["rpm"]["t"]) == reset
+            assert h["x-ratelimit-reset-requests"].endswith("s")
+            spent += body["usage"]["total_tokens"]
+            await settle(g)
+        st, body, h = await post(s, g.url)
+        assert st == 429 and h["x-ratelimit-remaining-requests"] == "0"
+        assert 1 <= int(h["Retry-After"]) <= 60
+
+
+def test_openai_duration_format():
+    assert duration(0) == "0s"
+    assert duration(0.02) == "20ms"
+    assert duration(1) == "1s"
+    assert duration(1.5) == "1.5s"
+    assert duration(360) == "6m0s"
+    assert duration(3723) == "1h2m3s"
+
+
+async def test_openai_sdk_gets_rate_limit_error(make_gateway):
+    openai = pytest.importorskip("openai")
+    g = await make_gateway([rl(rules=[{"name": "per-ip", "limit": "1/minute", "key_by": ["ip"]}])])
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=0, timeout=10)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(model="demo-chat",
+                                                                     messages=[{"role": "user", "content": "hi"}])
+        assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+        with pytest.raises(openai.RateLimitError) as ei:
+            await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}])
+        e = ei.value
+        assert e.status_code == 429 and e.code == "rate_limit_exceeded"
+        assert int(e.response.headers["retry-after"]) >= 1
+    finally:
+        await client.close()
+
+
+# -- config ---------------------------------------------------------------------------------------
+async def test_reload_keeps_in_memory_counters(make_gateway):
+    g = await make_gateway([rl(rules=[{"name": "per-ip", "limit": "3/minute", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, g.url))[0] == 200
+        assert (await post(s, g.url))[0] == 200
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        assert [(await post(s, g.url))[0] for _ in range(2)] == [200, 429]
+
+
+def test_bad_config_is_rejected(tmp_path: Path):
+    for bad in ({"rules": [{"name": "x", "limit": "lots"}]},
+                {"strategy": "leaky"},
+                {"storage": "mongodb://x"},
+                {"rules": [{"name": "x", "limit": "1/second", "key_by": ["colour"]}]},
+                {"rules": [{"name": "x", "limit": "1/second"}, {"name": "x", "limit": "2/second"}]}):
+        cfg = base_config("http://127.0.0.1:9", tmp_path, [rl(**bad)])
+        import yaml
+        with pytest.raises(ConfigError):
+            load_config_text(yaml.safe_dump(cfg))
