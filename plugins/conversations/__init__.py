@@ -1,0 +1,407 @@
+"""``conversations``: durable, ordered chat history with per-message tokens, and memory for stateless
+backends.
+
+Every ``POST .../chat/completions`` belongs to a conversation, named by the ``X-Conversation-ID``
+request header (or a new one, returned in that response header). Only messages the conversation
+does not have yet are stored (prefix matching by canonical JSON); a history that diverges from the
+stored one starts a fork. The assistant answer is what the client actually received (the core's
+``ctx.completion``), partial answers included. Writes go through the core's background writer.
+
+With memory on, the stored history is prepended to what the client sent before forwarding. The
+caller API (own conversations, on the public listener) lives under ``api_prefix``; the admin API
+and the ``gateway conversations`` CLI manage everything. See docs/conversations.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import string
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from gateway.context import RequestContext
+from gateway.errors import error_body
+from gateway.plugin import Plugin, PluginConfig, Reply
+
+from .state import Shared, View
+from .store import TurnRecord, dumps, message_row, utcnow
+
+log = logging.getLogger("gateway.conversations")
+
+__all__ = ["Conversations", "ConversationsConfig"]
+
+_B62 = string.ascii_letters + string.digits
+_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
+ANONYMOUS = "anonymous"
+
+
+def new_id() -> str:
+    """``conv_`` + 22 base62 characters from the OS CSPRNG (about 131 bits)."""
+    return "conv_" + "".join(secrets.choice(_B62) for _ in range(22))
+
+
+def canonical(m: Any) -> str:
+    """The form used to decide whether two messages are the same: keys sorted, empty values
+    (``None``, ``""`` content, ``[]``, ``{}``) dropped, tool calls reduced to id/type/name/arguments."""
+    if not isinstance(m, dict):
+        return json.dumps(m, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        if v is None or v == [] or v == {} or (k == "content" and v == ""):
+            continue
+        if k == "tool_calls" and isinstance(v, list):
+            v = [{"id": tc.get("id"), "type": tc.get("type") or "function",
+                  "function": {"name": (tc.get("function") or {}).get("name"),
+                               "arguments": (tc.get("function") or {}).get("arguments")}}
+                 if isinstance(tc, dict) else tc for tc in v]
+        out[k] = v
+    return json.dumps(out, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def digest(m: Any) -> str:
+    return hashlib.blake2b(canonical(m).encode(), digest_size=16).hexdigest()
+
+
+def text_len(m: dict[str, Any]) -> int:
+    """Characters of a message that the model reads: text content, text parts, tool-call name and
+    arguments, plus the role (so an empty message still weighs something)."""
+    c = m.get("content")
+    n = len(str(m.get("role") or ""))
+    if isinstance(c, str):
+        n += len(c)
+    elif isinstance(c, list):
+        for p in c:
+            if isinstance(p, dict):
+                n += len(str(p.get("text") or ""))
+    for tc in m.get("tool_calls") or []:
+        if isinstance(tc, dict):
+            fn = tc.get("function") or {}
+            n += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
+    return max(1, n)
+
+
+def estimate_tokens(m: dict[str, Any]) -> int:
+    return max(1, text_len(m) // 4)
+
+
+def split_tokens(total: int, weights: list[int]) -> list[int]:
+    """Distribute ``total`` over ``weights`` proportionally; the parts add up to ``total`` exactly."""
+    s = sum(weights) or 1
+    raw = [total * w / s for w in weights]
+    parts = [int(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - parts[i], reverse=True)[:total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+class MemoryConfig(PluginConfig):
+    enabled: bool = Field(False, description="Prepend the stored history to what the client sends "
+                                             "(X-Conversation-Memory: on|off overrides per request).")
+    max_messages: int | None = Field(50, ge=1, description="Most messages forwarded (history + new, "
+                                                            "the system message included); null: no limit.")
+    max_tokens: int | None = Field(None, ge=1, description="Most prompt tokens forwarded (stored counts; "
+                                                           "estimated for new messages); null: no limit.")
+
+
+class ConversationsConfig(PluginConfig):
+    api_prefix: str = Field("/gateway/conversations",
+                            description="Path prefix of the caller API on the public listener (never forwarded).")
+    caller_api: bool = Field(True, description="Serve the caller API (list/read/delete own conversations).")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory for stateless backends.")
+    retention_days: float | None = Field(None, gt=0, description="Delete conversations with no activity for "
+                                                                 "this many days (background, hourly); null: keep.")
+    retention_interval: float = Field(3600.0, gt=0, description="Seconds between retention runs.")
+    queue_size: int = Field(10000, ge=1, description="Records the background writer may hold.")
+    batch_size: int = Field(200, ge=1, description="Records written per database transaction.")
+    flush_interval: float = Field(0.2, gt=0, description="Seconds the writer waits to fill a batch.")
+    on_queue_full: Literal["wait", "drop"] = Field("wait", description="Queue full: wait up to queue_full_wait "
+                                                                       "seconds then drop, or drop at once. "
+                                                                       "Drops are counted.")
+    queue_full_wait: float = Field(0.5, ge=0, description="Seconds to wait for room with on_queue_full: wait.")
+    retry_for: float = Field(30.0, ge=0, description="Seconds a failing batch is retried before it is "
+                                                     "counted as dropped.")
+    cache_conversations: int = Field(10000, ge=1, description="Recent conversations kept in memory.")
+    cache_messages: int = Field(64, ge=1, description="Newest messages kept in memory per cached conversation.")
+    cache_ttl: float | None = Field(5.0, ge=0, description="Seconds before a cached conversation is checked "
+                                                           "against the database (catches appends by other "
+                                                           "instances); 0: every request; null: never.")
+    page_size: int = Field(50, ge=1, le=1000, description="Default page size of the caller and admin lists.")
+
+    @field_validator("api_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        v = v.rstrip("/")
+        if not v.startswith("/") or len(v) < 2:
+            raise ValueError("must start with '/' and not be '/'")
+        if v == "/v1" or v.startswith("/v1/"):
+            raise ValueError("must not be under /v1 (the upstream's API)")
+        return v
+
+
+class Plan:
+    __slots__ = ("view", "create", "parent_id", "fork_position", "base", "new", "new_digests", "forwarded",
+                 "known", "memory", "owner", "key_id", "created_at")
+
+    def __init__(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def _not_found() -> Reply:
+    return Reply(404, error_body("No conversation with this id exists for this caller.", "invalid_request_error",
+                                 "conversation_not_found", "X-Conversation-ID"))
+
+
+class Conversations(Plugin):
+    name = "conversations"
+    Config = ConversationsConfig
+    observes_response = True
+    uses_database = True
+
+    def __init__(self, config: ConversationsConfig, services: Any) -> None:
+        super().__init__(config, services)
+        self.shared: Shared | None = None
+
+    async def startup(self) -> None:
+        self.shared = Shared.get(self.services, self.config)
+        self.shared.acquire(self)
+
+    async def shutdown(self) -> None:
+        if self.shared is not None:
+            await self.shared.release(self)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued so far is written (tests, admin reads)."""
+        assert self.shared is not None
+        await self.shared.flush(timeout)
+
+    # -- request ---------------------------------------------------------------------------------
+    async def on_request(self, ctx: RequestContext) -> Reply | None:
+        cfg = self.config
+        path = ctx.path
+        if cfg.caller_api and (path == cfg.api_prefix or path.startswith(cfg.api_prefix + "/")):
+            from .api import caller_api
+            return await caller_api(self, ctx)
+        if ctx.method != "POST" or not path.endswith("/chat/completions"):
+            return None
+        j = ctx.json
+        msgs = j.get("messages") if isinstance(j, dict) else None
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            return None  # not a chat request the upstream will accept; nothing to record
+        headers = ctx.request.headers
+        ctx.upstream_headers["X-Conversation-ID"] = None
+        ctx.upstream_headers["X-Conversation-Memory"] = None
+        memory = cfg.memory.enabled
+        mh = headers.get("X-Conversation-Memory")
+        if mh is not None:
+            v = mh.strip().lower()
+            if v in ("on", "true", "1", "yes"):
+                memory = True
+            elif v in ("off", "false", "0", "no"):
+                memory = False
+            else:
+                ctx.refusal = {"plugin": self.name, "type": "invalid", "reason": "invalid_memory_header"}
+                return Reply(400, error_body("X-Conversation-Memory must be 'on' or 'off'.", "invalid_request_error",
+                                             "invalid_header", "X-Conversation-Memory"))
+        owner = ctx.owner or ANONYMOUS
+        key_id = ctx.key_id
+        shared = self.shared
+        assert shared is not None
+        digests = [digest(m) for m in msgs]
+        cid = headers.get("X-Conversation-ID")
+        parent_id = fork_position = None
+        if cid:
+            cid = cid.strip()
+            try:
+                v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
+            except Exception as e:
+                log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
+                ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
+                return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
+                                             "server_error", "conversation_store_unavailable", None),
+                             {"Retry-After": "1"})
+            if v is None or v.owner != owner:
+                ctx.refusal = {"plugin": self.name, "type": "not_found", "reason": "conversation_not_found"}
+                return _not_found()
+            n = v.count
+            k = 0
+            while k < n and k < len(digests) and v.digests[k] == digests[k]:
+                k += 1
+            create = False
+            if k < n and not (memory and k == 0):
+                parent_id, fork_position = v.id, k
+                v = shared.remember(v.fork(new_id(), k))
+                create = True
+            base = v.count if (memory and k == 0) else k
+            new = msgs[k:]
+            new_digests = digests[k:]
+        else:
+            v = shared.remember(View(new_id(), owner, key_id))
+            create, k, base, new, new_digests = True, 0, 0, msgs, digests
+        v.busy += 1
+        forwarded = msgs
+        known: int | None = None
+        if memory and v.count:
+            try:
+                history = await self._history(v, new)
+            except Exception as e:
+                v.busy -= 1
+                log.warning("conversation history unavailable (request %s): %s", ctx.request_id, type(e).__name__)
+                ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
+                return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
+                                             "server_error", "conversation_store_unavailable", None),
+                             {"Retry-After": "1"})
+            forwarded = [m for m, _ in history] + new
+            toks = [t for _, t in history]
+            known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
+            if len(history) != k or len(forwarded) != len(msgs):
+                ctx.set_json({**j, "messages": forwarded})
+        elif k:
+            toks = v.tokens[:k]
+            known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
+        elif not k:
+            known = 0
+        ctx.state[self.name] = Plan(view=v, create=create, parent_id=parent_id, fork_position=fork_position,
+                                    base=base, new=new, new_digests=new_digests, forwarded=forwarded, known=known,
+                                    memory=memory, owner=owner, key_id=key_id, created_at=utcnow())
+        ctx.conversation_id = v.id
+        ctx.response_headers["X-Conversation-ID"] = v.id
+        if parent_id is not None:
+            ctx.response_headers["X-Conversation-Parent-ID"] = parent_id
+        return None
+
+    async def _history(self, v: View, new: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int | None]]:
+        """The stored history to prepend, trimmed oldest first to max_messages / max_tokens; a leading
+        system (or developer) message is always kept, and the client's new messages are never cut."""
+        mem = self.config.memory
+        first, start, rest = await self.shared.history(v, mem.max_messages)  # type: ignore[union-attr]
+        pinned: list[tuple[dict[str, Any], int | None]] = []
+        if first is not None and first.get("role") in ("system", "developer"):
+            pinned = [(first, v.tokens[0] if v.tokens else None)]
+            if start == 0:
+                rest = rest[1:]
+        n_budget = float("inf") if mem.max_messages is None else mem.max_messages - len(new) - len(pinned)
+        t_budget = float("inf")
+        if mem.max_tokens is not None:
+            t_budget = mem.max_tokens - sum(estimate_tokens(m) for m in new) \
+                - sum(t if t is not None else estimate_tokens(m) for m, t in pinned)
+        taken: list[tuple[dict[str, Any], int | None]] = []
+        for m, t in reversed(rest):
+            if len(taken) >= n_budget:
+                break
+            cost = t if t is not None else estimate_tokens(m)
+            if cost > t_budget:
+                break
+            t_budget -= cost
+            taken.append((m, t))
+        taken.reverse()
+        while taken and taken[0][0].get("role") == "tool":
+            taken.pop(0)  # a tool result without the assistant call that asked for it is rejected upstream
+        return pinned + taken
+
+    # -- completion ------------------------------------------------------------------------------
+    async def on_complete(self, ctx: RequestContext) -> None:
+        plan: Plan | None = ctx.state.pop(self.name, None)
+        if plan is None:
+            return
+        v: View = plan.view
+        v.busy -= 1
+        comp = ctx.completion
+        produced = ctx.source == "upstream" and 200 <= ctx.status < 300
+        if ctx.outcome == "ok":
+            status = ("complete" if comp is None or comp.done else "incomplete") if produced else "upstream_error"
+        else:
+            status = ctx.outcome
+        usage = comp.usage if comp is not None else None
+        prompt_tokens = comp.prompt_tokens if comp is not None else None
+        completion_tokens = comp.completion_tokens if comp is not None else None
+        model = (comp.model if comp is not None else None) or ctx.model
+        latency = ctx.elapsed_ms(ctx.t_start)
+        ttft = None
+        if comp is not None and comp.t_first_token is not None:
+            ttft = ctx.elapsed_ms(ctx.t_start, comp.t_first_token)
+        elif ctx.t_first_byte is not None and produced:
+            ttft = ctx.elapsed_ms(ctx.t_start, ctx.t_first_byte)
+        now = utcnow()
+        common = {"model": model, "request_id": ctx.request_id, "key_id": plan.key_id, "owner": plan.owner}
+        rows: list[dict[str, Any]] = []
+        msgs: list[dict[str, Any]] = []
+        digests: list[str] = []
+        tokens: list[int | None] = []
+        if produced:
+            new_tokens = self._derive(plan, prompt_tokens)
+            for m, d, t in zip(plan.new, plan.new_digests, new_tokens):
+                rows.append(message_row(m, d, tokens=t, tokens_derived=t is not None, created_at=plan.created_at,
+                                        **common))
+                msgs.append(m)
+                digests.append(d)
+                tokens.append(t)
+            asst = comp.assistant_message() if comp is not None else None
+            if asst is not None and (status == "complete" or asst.get("content") or asst.get("tool_calls")):
+                t, derived = completion_tokens, False
+                if t is None and comp is not None and comp.deltas:
+                    t, derived = comp.deltas, True
+                d = digest(asst)
+                rows.append(message_row(asst, d, tokens=t, tokens_derived=derived, created_at=now, status=status,
+                                        finish_reason=comp.finish_reasons[0] if comp and comp.finish_reasons else None,
+                                        latency_ms=latency, ttft_ms=ttft, **common))
+                msgs.append(asst)
+                digests.append(d)
+                tokens.append(t)
+        turn = {**common, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
+                "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": usage.get("total_tokens") if isinstance(usage, dict) and
+                isinstance(usage.get("total_tokens"), int) else None,
+                "usage": dumps(usage) if usage is not None else None, "latency_ms": latency, "ttft_ms": ttft,
+                "created_at": now}
+        rec = TurnRecord(v.id, plan.owner, plan.key_id, plan.create, plan.parent_id, plan.fork_position,
+                         plan.base, rows, turn, plan.created_at)
+        shared = self.shared
+        assert shared is not None
+        if rows:
+            v.append(msgs, digests, tokens, self.config.cache_messages)
+        v.records.append(rec)
+        if shared.views.get(v.id) is not v:
+            cur = shared.views.get(v.id)
+            if cur is not None:
+                cur.stale = True
+        if not await shared.writer.put(rec):
+            v.records.remove(rec)
+            v.stale = True
+
+    def _derive(self, plan: Plan, prompt_tokens: int | None) -> list[int | None]:
+        """Token counts for the new input messages, from the upstream's prompt_tokens: what the prompt
+        cost minus what the already-stored messages in it are known to cost, split over the new
+        messages by character length. If that does not add up (unknown or larger stored counts),
+        the new messages' share of the whole prompt by character length."""
+        new = plan.new
+        if prompt_tokens is None or not new:
+            return [None] * len(new)
+        weights = [text_len(m) for m in new]
+        if plan.known is not None and prompt_tokens - plan.known >= len(new):
+            total = prompt_tokens - plan.known
+        else:
+            all_chars = sum(text_len(m) for m in plan.forwarded) or 1
+            total = round(prompt_tokens * sum(weights) / all_chars)
+        return list(split_tokens(max(0, total), weights))
+
+    # -- class-level extension points ---------------------------------------------------------------
+    @classmethod
+    def admin_routes(cls, services: Any) -> list[Any]:
+        from .api import admin_routes
+        return admin_routes(services)
+
+    @classmethod
+    def openapi_paths(cls) -> dict[str, Any]:
+        from .api import openapi_paths
+        return openapi_paths()
+
+    @classmethod
+    def add_cli(cls, subparsers: Any) -> None:
+        from .cli import add_cli
+        add_cli(subparsers)

@@ -1,0 +1,322 @@
+"""The caller API (public listener, own conversations only) and the admin API (admin listener)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.admin import admin_identity
+from gateway.errors import error_body, json_error
+from gateway.plugin import Reply
+
+from .state import Shared
+from .store import dumps, parse_time, utcnow
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
+
+    from . import Conversations
+
+log = logging.getLogger("gateway.conversations")
+_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
+MAX_LIMIT = 1000
+
+
+class BadParam(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _limit(q: Any, default: int) -> int:
+    try:
+        n = int(q.get("limit", default))
+    except ValueError:
+        raise BadParam("limit", "limit must be an integer.") from None
+    if not 1 <= n <= MAX_LIMIT:
+        raise BadParam("limit", f"limit must be 1..{MAX_LIMIT}.")
+    return n
+
+
+def _after(q: Any) -> int:
+    try:
+        return int(q.get("after", -1))
+    except ValueError:
+        raise BadParam("after", "after must be a message position (integer).") from None
+
+
+def _time(q: Any, name: str) -> dt.datetime | None:
+    v = q.get(name)
+    if not v:
+        return None
+    try:
+        return parse_time(v)
+    except ValueError:
+        raise BadParam(name, f"{name} must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z.") from None
+
+
+def _err_reply(status: int, message: str, code: str, param: str | None = None,
+               type_: str = "invalid_request_error") -> Reply:
+    return Reply(status, error_body(message, type_, code, param))
+
+
+# -- caller API ---------------------------------------------------------------------------------------
+async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
+    """``GET {prefix}`` list, ``GET {prefix}/{id}`` read, ``DELETE {prefix}/{id}`` delete, for the
+    caller's own owner. Served by the gateway; never forwarded upstream."""
+    cfg = plugin.config
+    shared = plugin.shared
+    assert shared is not None
+    store = shared.store
+    owner = ctx.owner or "anonymous"
+    rest = ctx.path[len(cfg.api_prefix):].strip("/")
+    q = ctx.request.query
+    ctx.refusal = {"plugin": plugin.name, "type": "served", "reason": "conversations_api"}
+    try:
+        if rest == "":
+            if ctx.method != "GET":
+                return _err_reply(405, "Use GET to list conversations.", "method_not_allowed")
+            data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"))
+            return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
+                                    "next_cursor": nxt})
+        if "/" in rest or not _ID_OK(rest):
+            return _err_reply(404, "No conversation with this id exists for this caller.", "conversation_not_found")
+        cid = rest
+        if ctx.method == "GET":
+            v = shared.views.get(cid)
+            if v is not None and v.owner == owner:
+                await shared.settle(v, 5.0)
+            conv = await store.get(cid)
+            if conv is None or conv["owner"] != owner:
+                return _err_reply(404, "No conversation with this id exists for this caller.",
+                                  "conversation_not_found")
+            msgs, more = await store.messages(cid, after=_after(q), limit=_limit(q, cfg.page_size))
+            return Reply.json(200, {**conv, "messages": msgs, "has_more": more,
+                                    "next_after": msgs[-1]["position"] if more and msgs else None})
+        if ctx.method == "DELETE":
+            v = shared.views.get(cid)
+            if v is not None and v.owner == owner:
+                await shared.settle(v, 5.0)
+            if not await store.delete(cid, owner=owner):
+                return _err_reply(404, "No conversation with this id exists for this caller.",
+                                  "conversation_not_found")
+            shared.forget(cid)
+            plugin.services.events.emit("conversation.deleted", actor=f"owner:{owner}", conversation_id=cid,
+                                        owner=owner, key_id=ctx.key_id)
+            return Reply.json(200, {"id": cid, "object": "conversation.deleted", "deleted": True})
+        return _err_reply(405, "Use GET or DELETE on a conversation.", "method_not_allowed")
+    except BadParam as e:
+        return _err_reply(400, str(e), "invalid_value", e.param)
+    except ValueError as e:
+        return _err_reply(400, str(e), "invalid_value", "cursor")
+    except Exception as e:
+        log.warning("conversation API failed (request %s): %s", ctx.request_id, type(e).__name__)
+        return _err_reply(503, "The conversation store is unavailable; try again shortly.",
+                          "conversation_store_unavailable", type_="server_error")
+
+
+# -- admin API ----------------------------------------------------------------------------------------
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bad(e: BadParam) -> web.Response:
+    return web.Response(status=400, body=error_body(str(e), "invalid_request_error", "invalid_value", e.param),
+                        content_type="application/json")
+
+
+def _not_found() -> web.Response:
+    return json_error(404, "No such conversation.", "invalid_request_error", "conversation_not_found")
+
+
+def admin_routes(services: Any) -> list[Any]:
+    def shared() -> Shared:
+        return Shared.get(services)
+
+    async def fresh(s: Shared) -> None:
+        if s.writer._task is not None:
+            try:
+                await s.flush(5.0)
+            except TimeoutError:
+                pass
+
+    def guarded(fn: Handler) -> Handler:
+        async def h(request: web.Request) -> web.StreamResponse:
+            try:
+                return await fn(request)
+            except BadParam as e:
+                return _bad(e)
+        return h
+
+    async def list_(request: web.Request) -> web.Response:
+        s = shared()
+        await fresh(s)
+        q = request.query
+        try:
+            data, nxt = await s.store.list(owner=q.get("owner"), key_id=q.get("key_id"), since=_time(q, "since"),
+                                           until=_time(q, "until"), q=q.get("q") or None,
+                                           limit=_limit(q, 50), cursor=q.get("cursor"))
+        except BadParam:
+            raise
+        except ValueError:
+            raise BadParam("cursor", "cursor is not valid.") from None
+        return web.json_response({"object": "list", "data": data, "has_more": nxt is not None, "next_cursor": nxt})
+
+    async def show(request: web.Request) -> web.Response:
+        s = shared()
+        await fresh(s)
+        cid = request.match_info["cid"]
+        conv = await s.store.get(cid)
+        if conv is None:
+            return _not_found()
+        q = request.query
+        msgs, more = await s.store.messages(cid, after=_after(q), limit=_limit(q, 100))
+        out = {**conv, "messages": msgs, "has_more": more, "next_after": msgs[-1]["position"] if more and msgs else None}
+        if q.get("turns") in ("1", "true", "yes"):
+            out["turns"] = await s.store.turns(cid)
+        return web.json_response(out, dumps=dumps)
+
+    async def stream_jsonl(request: web.Request, name: str, **where: Any) -> tuple[web.StreamResponse, int]:
+        s = shared()
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": "application/x-ndjson; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{name}.jsonl"'})
+        await resp.prepare(request)
+        n = 0
+        buf: list[str] = []
+        try:
+            async for m in s.store.export(**where):
+                buf.append(dumps(m))
+                n += 1
+                if len(buf) >= 200:
+                    await resp.write(("\n".join(buf) + "\n").encode())
+                    buf.clear()
+            if buf:
+                await resp.write(("\n".join(buf) + "\n").encode())
+            await resp.write_eof()
+        except (ConnectionResetError, OSError):
+            log.info("conversation export: client went away after %d message(s)", n)
+        except Exception as e:  # headers are sent: all we can do is cut the stream short
+            log.error("conversation export failed after %d message(s): %s", n, type(e).__name__)
+            if request.transport is not None:
+                request.transport.close()
+        return resp, n
+
+    async def export_one(request: web.Request) -> web.StreamResponse:
+        s = shared()
+        await fresh(s)
+        cid = request.match_info["cid"]
+        if await s.store.get(cid) is None:
+            return _not_found()
+        resp, n = await stream_jsonl(request, cid, cid=cid)
+        services.events.emit("conversation.exported", actor=admin_identity(request), conversation_id=cid, messages=n)
+        return resp
+
+    async def export_owner(request: web.Request) -> web.StreamResponse:
+        owner = request.query.get("owner")
+        if not owner:
+            raise BadParam("owner", "owner is required (export of one owner's conversations).")
+        await fresh(shared())
+        resp, n = await stream_jsonl(request, "conversations", owner=owner)
+        services.events.emit("conversation.exported", actor=admin_identity(request), owner=owner, messages=n)
+        return resp
+
+    async def delete_one(request: web.Request) -> web.Response:
+        s = shared()
+        await fresh(s)
+        cid = request.match_info["cid"]
+        conv = await s.store.get(cid)
+        if conv is None or not await s.store.delete(cid):
+            return _not_found()
+        s.forget(cid)
+        services.events.emit("conversation.deleted", actor=admin_identity(request), conversation_id=cid,
+                             owner=conv["owner"])
+        return web.json_response({"id": cid, "object": "conversation.deleted", "deleted": True})
+
+    async def delete_owner(request: web.Request) -> web.Response:
+        owner = request.query.get("owner")
+        if not owner:
+            raise BadParam("owner", "owner is required (this deletes every conversation of that owner).")
+        s = shared()
+        await fresh(s)
+        ids = await s.store.delete_owner(owner)
+        s.forget_owner(owner)
+        services.events.emit("conversation.deleted", actor=admin_identity(request), owner=owner, deleted=len(ids))
+        return web.json_response({"object": "conversation.deleted", "owner": owner, "deleted": len(ids)})
+
+    async def purge(request: web.Request) -> web.Response:
+        try:
+            days = float(request.query.get("older_than_days", ""))
+        except ValueError:
+            raise BadParam("older_than_days", "older_than_days must be a number of days (> 0).") from None
+        if not days > 0:
+            raise BadParam("older_than_days", "older_than_days must be a number of days (> 0).")
+        s = shared()
+        await fresh(s)
+        ids = await s.store.purge(utcnow() - dt.timedelta(days=days))
+        for cid in ids:
+            s.forget(cid)
+        services.events.emit("conversations.purged", actor=admin_identity(request), older_than_days=days,
+                             deleted=len(ids))
+        return web.json_response({"object": "conversations.purged", "older_than_days": days, "deleted": len(ids)})
+
+    return [
+        web.get("/conversations", guarded(list_)),
+        web.delete("/conversations", guarded(delete_owner)),
+        web.get("/conversations/export", guarded(export_owner)),
+        web.post("/conversations/purge", guarded(purge)),
+        web.get("/conversations/{cid}", guarded(show)),
+        web.get("/conversations/{cid}/export", guarded(export_one)),
+        web.delete("/conversations/{cid}", guarded(delete_one)),
+    ]
+
+
+def _p(name: str, where: str, desc: str, required: bool = False, type_: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "description": desc, "schema": {"type": type_}}
+
+
+_E = {"description": "Error (OpenAI error shape)",
+      "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_CID = _p("cid", "path", "Conversation id", True)
+_PAGE = [_p("limit", "query", "Page size (1..1000)", type_="integer"),
+         _p("after", "query", "Return messages after this position", type_="integer")]
+
+
+def openapi_paths() -> dict[str, Any]:
+    return {
+        "/conversations": {
+            "get": {"summary": "List/search conversations, newest activity first", "parameters": [
+                _p("owner", "query", "Only this owner"), _p("key_id", "query", "Only conversations started by this key"),
+                _p("since", "query", "Last activity at or after (ISO 8601)"),
+                _p("until", "query", "Last activity before (ISO 8601)"),
+                _p("q", "query", "Text search in message content (case-insensitive)"),
+                _p("limit", "query", "Page size (1..1000, default 50)", type_="integer"),
+                _p("cursor", "query", "next_cursor of the previous page")],
+                "responses": {"200": {"description": "{object: list, data, has_more, next_cursor}"},
+                              "400": _E, "401": _E}},
+            "delete": {"summary": "Delete every conversation of an owner (right to erasure)",
+                       "parameters": [_p("owner", "query", "Owner whose conversations are deleted", True)],
+                       "responses": {"200": {"description": "{deleted: n}"}, "400": _E, "401": _E}},
+        },
+        "/conversations/export": {"get": {
+            "summary": "Export an owner's conversations as JSONL (streamed, one line per message)",
+            "parameters": [_p("owner", "query", "Owner", True)],
+            "responses": {"200": {"description": "application/x-ndjson"}, "400": _E, "401": _E}}},
+        "/conversations/purge": {"post": {
+            "summary": "Delete conversations with no activity for N days",
+            "parameters": [_p("older_than_days", "query", "Days", True, "number")],
+            "responses": {"200": {"description": "{deleted: n}"}, "400": _E, "401": _E}}},
+        "/conversations/{cid}": {
+            "get": {"summary": "One conversation with its messages (paginated by position)",
+                    "parameters": [_CID, *_PAGE, _p("turns", "query", "Include per-request usage rows (true)")],
+                    "responses": {"200": {"description": "conversation, messages, has_more, next_after"},
+                                  "404": _E, "401": _E}},
+            "delete": {"summary": "Delete one conversation", "parameters": [_CID],
+                       "responses": {"200": {"description": "deleted"}, "404": _E, "401": _E}},
+        },
+        "/conversations/{cid}/export": {"get": {
+            "summary": "Export one conversation as JSONL (streamed, one line per message)", "parameters": [_CID],
+            "responses": {"200": {"description": "application/x-ndjson"}, "404": _E, "401": _E}}},
+    }

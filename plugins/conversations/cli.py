@@ -1,0 +1,160 @@
+"""``gateway conversations list|show|export|delete|purge`` on the configured database."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import re
+import sys
+from typing import Any
+
+from gateway import cli
+
+from .store import ConversationStore, dumps, parse_time, utcnow
+
+_DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
+
+
+def parse_duration(s: str) -> dt.timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``; a bare number is days."""
+    m = _DUR.match(s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {s!r} (e.g. 30d, 12h, 90m)")
+    n, unit = float(m.group(1)), m.group(2) or "d"
+    return dt.timedelta(**{{"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[unit]: n})
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser("conversations", help="list, show, export, delete and purge stored conversations")
+    cs = p.add_subparsers(dest="conv_command", required=True)
+
+    def common(x: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        cli.add_config_arg(x)
+        x.add_argument("--json", action="store_true", help="machine-readable output")
+        x.set_defaults(func=run)
+        return x
+
+    x = common(cs.add_parser("list", help="list conversations, newest activity first"))
+    x.add_argument("--owner")
+    x.add_argument("--key-id")
+    x.add_argument("--since", help="ISO 8601 time")
+    x.add_argument("--until", help="ISO 8601 time")
+    x.add_argument("-q", "--query", help="text search in message content")
+    x.add_argument("--limit", type=int, default=50)
+    x.add_argument("--cursor")
+    x = common(cs.add_parser("show", help="one conversation with its messages"))
+    x.add_argument("id")
+    x.add_argument("--limit", type=int, default=1000)
+    x = common(cs.add_parser("export", help="JSONL, one line per message (stdout or -o FILE)"))
+    x.add_argument("id", nargs="?")
+    x.add_argument("--owner")
+    x.add_argument("-o", "--output")
+    x = common(cs.add_parser("delete", help="delete one conversation, or all of an owner's (--owner)"))
+    x.add_argument("id", nargs="?")
+    x.add_argument("--owner")
+    x = common(cs.add_parser("purge", help="delete conversations with no activity for a while"))
+    x.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 30d, 12h")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = cli.load(args)
+    return asyncio.run(_run(args, cfg))
+
+
+async def _run(args: argparse.Namespace, cfg: Any) -> int:
+    services = await cli.cli_services(cfg)
+    store = ConversationStore(services.db)
+    try:
+        return await _cmd(args, store, services)
+    finally:
+        await services.close()
+        await services.db.close()
+
+
+def _out(args: argparse.Namespace, obj: Any, text: str) -> None:
+    if args.json:
+        cli.print_json(obj)
+    else:
+        print(text)
+
+
+async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any) -> int:
+    c = args.conv_command
+    if c == "list":
+        try:
+            since = parse_time(args.since) if args.since else None
+            until = parse_time(args.until) if args.until else None
+        except ValueError:
+            print("--since/--until must be ISO 8601 times", file=sys.stderr)
+            return 2
+        data, nxt = await store.list(owner=args.owner, key_id=args.key_id, since=since, until=until,
+                                     q=args.query, limit=args.limit, cursor=args.cursor)
+        lines = [f"{'ID':<28} {'OWNER':<20} {'MSGS':>5} {'TOKENS':>8}  UPDATED"]
+        for d in data:
+            lines.append(f"{d['id']:<28} {d['owner'][:20]:<20} {d['message_count']:>5} "
+                         f"{d['prompt_tokens'] + d['completion_tokens']:>8}  {d['updated_at']}")
+        if nxt:
+            lines.append(f"(more: --cursor {nxt})")
+        _out(args, {"object": "list", "data": data, "has_more": nxt is not None, "next_cursor": nxt}, "\n".join(lines))
+        return 0
+    if c == "show":
+        conv = await store.get(args.id)
+        if conv is None:
+            print(f"no conversation {args.id}", file=sys.stderr)
+            return 1
+        msgs, more = await store.messages(args.id, limit=args.limit)
+        lines = [f"{conv['id']}  owner={conv['owner']}  messages={conv['message_count']}"
+                 + (f"  forked from {conv['parent_id']} at {conv['fork_position']}" if conv["parent_id"] else "")]
+        for m in msgs:
+            body = m["content"] if isinstance(m["content"], str) else dumps(m["content"])
+            if m.get("tool_calls"):
+                body = (body or "") + " tool_calls=" + dumps(m["tool_calls"])
+            tok = "" if m["tokens"] is None else f" [{m['tokens']}{'~' if m['tokens_derived'] else ''} tok]"
+            st = f" ({m['status']})" if m.get("status") and m["status"] != "complete" else ""
+            lines.append(f"  {m['position']:>3} {m['role']:<9}{tok}{st} {body}")
+        _out(args, {**conv, "messages": msgs, "has_more": more}, "\n".join(lines))
+        return 0
+    if c == "export":
+        if bool(args.id) == bool(args.owner):
+            print("give a conversation id or --owner", file=sys.stderr)
+            return 2
+        if args.id and await store.get(args.id) is None:
+            print(f"no conversation {args.id}", file=sys.stderr)
+            return 1
+        f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        n = 0
+        try:
+            async for m in store.export(cid=args.id, owner=args.owner):
+                f.write(dumps(m) + "\n")
+                n += 1
+        finally:
+            if args.output:
+                f.close()
+        services.events.emit("conversation.exported", actor="cli", conversation_id=args.id, owner=args.owner,
+                             messages=n)
+        if args.output:
+            print(f"exported {n} message(s) to {args.output}", file=sys.stderr)
+        return 0
+    if c == "delete":
+        if bool(args.id) == bool(args.owner):
+            print("give a conversation id or --owner", file=sys.stderr)
+            return 2
+        if args.id:
+            ok = await store.delete(args.id)
+            n = 1 if ok else 0
+            if not ok:
+                print(f"no conversation {args.id}", file=sys.stderr)
+                return 1
+        else:
+            n = len(await store.delete_owner(args.owner))
+        services.events.emit("conversation.deleted", actor="cli", conversation_id=args.id, owner=args.owner, deleted=n)
+        _out(args, {"deleted": n}, f"deleted {n} conversation(s)")
+        return 0
+    if c == "purge":
+        td: dt.timedelta = args.older_than
+        ids = await store.purge(utcnow() - td)
+        services.events.emit("conversations.purged", actor="cli", older_than_days=td.total_seconds() / 86400,
+                             deleted=len(ids))
+        _out(args, {"deleted": len(ids)}, f"purged {len(ids)} conversation(s) with no activity for {args.older_than}")
+        return 0
+    return 2

@@ -1,0 +1,285 @@
+"""Process-wide conversation state shared by every plugin instance (route overrides, reloads) and
+the admin API: one background writer, the cache of recent conversations, the retention task.
+
+The cache holds, per recently used conversation, the digests and token counts of all its messages
+(for prefix matching) and the last ``cache_messages`` messages themselves (for memory). It is
+updated in ``on_complete`` before the record is queued, so it always includes writes that are still
+pending; a conversation with pending writes is never evicted. When a write is finally given up on,
+or another instance appended to the conversation, the entry is marked stale: the next request waits
+for this conversation's pending writes and reloads it from the database.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from prometheus_client import Counter, Gauge
+
+from .store import ConversationStore, TurnRecord, utcnow
+
+if TYPE_CHECKING:
+    from gateway.services import Services
+
+log = logging.getLogger("gateway.conversations")
+RESOURCE = "conversations:shared"
+ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
+
+
+class View:
+    """What this process knows about one conversation (stored + pending)."""
+
+    __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
+                 "busy", "stale", "checked", "touched")
+
+    def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
+                 tokens: list[int | None] | None = None) -> None:
+        self.id = cid
+        self.owner = owner
+        self.key_id = key_id
+        self.digests: list[str] = digests or []
+        self.tokens: list[int | None] = tokens or []
+        self.tail: list[dict[str, Any]] = []     # messages at positions [tail_start, count)
+        self.tail_start = len(self.digests)
+        self.first: dict[str, Any] | None = None  # the message at position 0, when known
+        self.records: list[TurnRecord] = []       # queued, not yet written
+        self.busy = 0                             # requests in flight on this conversation
+        self.stale = False
+        self.checked = time.monotonic()
+        self.touched = utcnow()
+
+    @property
+    def count(self) -> int:
+        return len(self.digests)
+
+    def append(self, msgs: list[dict[str, Any]], digests: list[str], tokens: list[int | None], keep: int) -> None:
+        if self.count == 0 and msgs:
+            self.first = msgs[0]
+        self.digests.extend(digests)
+        self.tokens.extend(tokens)
+        self.tail.extend(msgs)
+        if len(self.tail) > keep:
+            cut = len(self.tail) - keep
+            del self.tail[:cut]
+            self.tail_start += cut
+        self.touched = utcnow()
+
+    def fork(self, cid: str, at: int) -> "View":
+        v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at])
+        if self.tail_start <= at:
+            v.tail = self.tail[:at - self.tail_start]
+            v.tail_start = self.tail_start
+        v.first = self.first if at > 0 else None
+        return v
+
+    def pending(self) -> list[TurnRecord]:
+        now = time.monotonic()
+        keep = []
+        for r in self.records:
+            if r.done:
+                continue
+            if r.failed_at is not None and r.attempted_at is not None and r.attempted_at <= r.failed_at \
+                    and now - r.failed_at > ABANDON_AFTER:
+                self.stale = True  # the writer gave up on it: the database is the truth again
+                continue
+            keep.append(r)
+        self.records = keep
+        return keep
+
+
+class Shared:
+    def __init__(self, services: "Services", cfg: Any) -> None:
+        self.services = services
+        self.cfg = cfg
+        self.store = ConversationStore(services.db)
+        self.views: collections.OrderedDict[str, View] = collections.OrderedDict()
+        self.writer = services.writer("conversations", self._write, max_queue=cfg.queue_size,
+                                      batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                                      on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait,
+                                      retry_for=cfg.retry_for)
+        self.users: dict[int, Any] = {}
+        self._written = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.skipped = services.metric("conversations_skipped", lambda reg: Counter(
+            "gateway_conversations_skipped_total",
+            "Conversation records not applied because the conversation was deleted meanwhile",
+            ["reason"], registry=reg))
+        services.metric("conversations_cache", lambda reg: Gauge(
+            "gateway_conversations_cached", "Conversations held in the in-memory cache",
+            registry=reg)).set_function(lambda: len(self.views))
+
+    @classmethod
+    def get(cls, services: "Services", cfg: Any = None) -> "Shared":
+        if cfg is None:
+            from . import ConversationsConfig
+            cfg = ConversationsConfig()
+        return services.resource(RESOURCE, lambda: cls(services, cfg), close=lambda s: s.close())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def acquire(self, inst: Any) -> None:
+        self.users[id(inst)] = inst.config
+        self.writer.start()
+        if self._task is None:
+            self._task = asyncio.create_task(self._maintenance(), name="conversations:retention")
+
+    async def release(self, inst: Any) -> None:
+        self.users.pop(id(inst), None)
+        if not self.users:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        await self.writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))
+
+    def retention_days(self) -> float | None:
+        """The longest retention any live instance asks for (none if any keeps forever)."""
+        vals = [c.retention_days for c in self.users.values()]
+        if not vals or any(v is None for v in vals):
+            return None
+        return max(vals)
+
+    def retention_interval(self) -> float:
+        return min((c.retention_interval for c in self.users.values()), default=3600.0)
+
+    async def _maintenance(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_interval())
+            days = self.retention_days()
+            if days is None:
+                continue
+            try:
+                ids = await self.store.purge(utcnow() - dt.timedelta(days=days))
+            except Exception as e:
+                log.warning("conversation retention purge failed: %s", type(e).__name__)
+                continue
+            for cid in ids:
+                self.views.pop(cid, None)
+            if ids:
+                log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
+                self.services.events.emit("conversations.purged", actor="retention", older_than_days=days,
+                                          deleted=len(ids))
+
+    # -- the writer ------------------------------------------------------------------------------
+    async def _write(self, batch: Sequence[TurnRecord]) -> None:
+        now = time.monotonic()
+        for r in batch:
+            r.attempted_at = now
+        try:
+            missing, moved = await self.store.write(batch)
+        except Exception:
+            t = time.monotonic()
+            for r in batch:
+                r.failed_at = t
+            raise
+        for r in batch:
+            r.done = True
+        for cid in missing:
+            self.views.pop(cid, None)
+            self.skipped.labels("deleted").inc()
+            log.info("conversation %s no longer exists; its pending messages were not stored", cid)
+        for cid in moved:
+            v = self.views.get(cid)
+            if v is not None:
+                v.stale = True
+        ev, self._written = self._written, asyncio.Event()
+        ev.set()
+
+    async def settle(self, v: View, timeout: float = 10.0) -> None:
+        """Wait until this conversation's queued writes are in the database (or given up on)."""
+        deadline = time.monotonic() + timeout
+        while v.pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("conversation writes still pending")
+            ev = self._written
+            try:
+                await asyncio.wait_for(ev.wait(), min(left, 0.5))
+            except TimeoutError:
+                pass
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        await self.writer.flush(timeout)
+
+    # -- the cache -------------------------------------------------------------------------------
+    def remember(self, v: View) -> View:
+        old = self.views.get(v.id)
+        if old is not None and not old.stale:
+            self.views.move_to_end(v.id)
+            return old
+        self.views[v.id] = v
+        limit = self.cfg.cache_conversations
+        if len(self.views) > limit:
+            for cid in list(self.views):
+                if len(self.views) <= limit:
+                    break
+                x = self.views[cid]
+                if x.busy or x.pending():
+                    continue
+                del self.views[cid]
+        return v
+
+    async def view(self, cid: str, ttl: float | None) -> View | None:
+        """The conversation's view: from the cache, else the database. None if it does not exist."""
+        v = self.views.get(cid)
+        if v is not None:
+            self.views.move_to_end(cid)
+            pend = v.pending()
+            if v.stale:
+                await self.settle(v)
+                return await self._load(cid)
+            if ttl is not None and not pend and time.monotonic() - v.checked > ttl:
+                n = await self.store.message_count(cid)
+                if n is None:
+                    self.views.pop(cid, None)
+                    return None
+                if n != v.count:
+                    return await self._load(cid)
+                v.checked = time.monotonic()
+            return v
+        return await self._load(cid)
+
+    async def _load(self, cid: str) -> View | None:
+        d = await self.store.load_view(cid)
+        if d is None:
+            self.views.pop(cid, None)
+            return None
+        v = View(cid, d["owner"], d["key_id"], d["digests"], d["tokens"])
+        self.views.pop(cid, None)
+        return self.remember(v)
+
+    async def history(self, v: View, last: int | None) -> tuple[dict[str, Any] | None, int,
+                                                                 list[tuple[dict[str, Any], int | None]]]:
+        """The message at position 0, the start position, and the messages at positions
+        >= start = count - last (all if None), each with its token count."""
+        n = v.count
+        start = 0 if last is None else max(0, n - last)
+        if v.tail_start <= start and (start == 0 or v.first is not None or n == 0):
+            tail = v.tail[start - v.tail_start:]
+            first = v.first if v.first is not None or start > 0 or not tail else tail[0]
+            return first, start, list(zip(tail, v.tokens[start:]))
+        await self.settle(v)
+        rows = await self.store.load_messages(v.id, start, with_first=True)
+        first = next((m for p, m, _ in rows if p == 0), None)
+        rest = [(m, t) for p, m, t in rows if p >= start]
+        if len(rest) == n - start:  # nothing appended meanwhile: refresh the cached tail
+            v.first = first
+            keep = max(self.cfg.cache_messages, len(rest))
+            v.tail = [m for m, _ in rest][-keep:]
+            v.tail_start = n - len(v.tail)
+        return first, start, rest
+
+    def forget(self, cid: str) -> None:
+        self.views.pop(cid, None)
+
+    def forget_owner(self, owner: str) -> None:
+        for cid in [c for c, v in self.views.items() if v.owner == owner]:
+            self.views.pop(cid, None)

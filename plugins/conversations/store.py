@@ -1,0 +1,439 @@
+"""The conversation store: tables and every query. Only this module knows SQL.
+
+Three tables (migration branch ``conversations``):
+
+``conversations``          one row per conversation: owner, creating key, fork parent, counters.
+``conversation_messages``  one row per message; ``(conversation_id, position)`` is unique and positions
+                           are gap-free (the writer assigns them under a row lock on the conversation).
+``conversation_turns``     one row per proxied request: usage exactly as the upstream reported it.
+
+Message content is stored as JSON text (``ensure_ascii=False``) so a string, a multi-part list, or
+``null`` comes back exactly as it went in; tool calls and any other message keys likewise.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from typing import Any, AsyncIterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import bindparam, func, select
+
+from gateway.db import Base
+
+UTC = dt.timezone.utc
+KNOWN_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC (stored the same way on SQLite and PostgreSQL)."""
+    return dt.datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(t: dt.datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC).replace(tzinfo=None)
+    return t.isoformat(timespec="microseconds") + "Z"
+
+
+def dumps(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+
+_BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class ConversationRow(Base):
+    __tablename__ = "conversations"
+    id = sa.Column(sa.String(64), primary_key=True)
+    owner = sa.Column(sa.String(200), nullable=False)
+    key_id = sa.Column(sa.String(64), nullable=True)
+    parent_id = sa.Column(sa.String(64), nullable=True)
+    fork_position = sa.Column(sa.Integer, nullable=True)
+    created_at = sa.Column(sa.DateTime, nullable=False)
+    updated_at = sa.Column(sa.DateTime, nullable=False)
+    message_count = sa.Column(sa.Integer, nullable=False, default=0)
+    turn_count = sa.Column(sa.Integer, nullable=False, default=0)
+    prompt_tokens = sa.Column(sa.BigInteger, nullable=False, default=0)
+    completion_tokens = sa.Column(sa.BigInteger, nullable=False, default=0)
+    last_model = sa.Column(sa.String(200), nullable=True)
+    __table_args__ = (
+        sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
+        sa.Index("ix_conversations_key_id", "key_id"),
+        sa.Index("ix_conversations_updated_at", "updated_at"),
+        sa.Index("ix_conversations_parent_id", "parent_id"),
+    )
+
+
+class MessageRow(Base):
+    __tablename__ = "conversation_messages"
+    id = sa.Column(_BigInt, primary_key=True, autoincrement=True)
+    conversation_id = sa.Column(sa.String(64), sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+                                nullable=False)
+    position = sa.Column(sa.Integer, nullable=False)
+    role = sa.Column(sa.String(32), nullable=False)
+    name = sa.Column(sa.String(200), nullable=True)
+    content = sa.Column(sa.Text, nullable=False)          # JSON text
+    tool_calls = sa.Column(sa.Text, nullable=True)        # JSON text
+    tool_call_id = sa.Column(sa.String(200), nullable=True)
+    extra = sa.Column(sa.Text, nullable=True)             # JSON text: any other message keys
+    digest = sa.Column(sa.String(32), nullable=False)     # of the canonical form (prefix matching)
+    tokens = sa.Column(sa.Integer, nullable=True)
+    tokens_derived = sa.Column(sa.Boolean, nullable=False, default=False)
+    model = sa.Column(sa.String(200), nullable=True)
+    request_id = sa.Column(sa.String(128), nullable=True)
+    key_id = sa.Column(sa.String(64), nullable=True)
+    owner = sa.Column(sa.String(200), nullable=False)
+    status = sa.Column(sa.String(32), nullable=True)      # assistant: complete | client_disconnected | ...
+    finish_reason = sa.Column(sa.String(64), nullable=True)
+    latency_ms = sa.Column(sa.Float, nullable=True)
+    ttft_ms = sa.Column(sa.Float, nullable=True)
+    created_at = sa.Column(sa.DateTime, nullable=False)
+    __table_args__ = (
+        sa.UniqueConstraint("conversation_id", "position", name="uq_conversation_messages_position"),
+    )
+
+
+class TurnRow(Base):
+    __tablename__ = "conversation_turns"
+    id = sa.Column(_BigInt, primary_key=True, autoincrement=True)
+    conversation_id = sa.Column(sa.String(64), sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+                                nullable=False)
+    request_id = sa.Column(sa.String(128), nullable=True)
+    key_id = sa.Column(sa.String(64), nullable=True)
+    owner = sa.Column(sa.String(200), nullable=False)
+    model = sa.Column(sa.String(200), nullable=True)
+    status = sa.Column(sa.String(32), nullable=False)
+    http_status = sa.Column(sa.Integer, nullable=True)
+    memory = sa.Column(sa.Boolean, nullable=False, default=False)
+    stream = sa.Column(sa.Boolean, nullable=False, default=False)
+    first_position = sa.Column(sa.Integer, nullable=True)
+    messages_stored = sa.Column(sa.Integer, nullable=False, default=0)
+    prompt_tokens = sa.Column(sa.Integer, nullable=True)
+    completion_tokens = sa.Column(sa.Integer, nullable=True)
+    total_tokens = sa.Column(sa.Integer, nullable=True)
+    usage = sa.Column(sa.Text, nullable=True)             # JSON text, exactly as reported
+    latency_ms = sa.Column(sa.Float, nullable=True)
+    ttft_ms = sa.Column(sa.Float, nullable=True)
+    created_at = sa.Column(sa.DateTime, nullable=False)
+    __table_args__ = (sa.Index("ix_conversation_turns_conversation_id", "conversation_id"),)
+
+
+C = ConversationRow.__table__
+M = MessageRow.__table__
+T = TurnRow.__table__
+
+
+# -- records the writer persists ----------------------------------------------------------------
+class TurnRecord:
+    """Everything one request adds to a conversation; built in ``on_complete``, written in a batch."""
+
+    __slots__ = ("conversation_id", "owner", "key_id", "create", "parent_id", "fork_position", "base",
+                 "messages", "turn", "created_at", "done", "failed_at", "attempted_at")
+
+    def __init__(self, conversation_id: str, owner: str, key_id: str | None, create: bool, parent_id: str | None,
+                 fork_position: int | None, base: int, messages: list[dict[str, Any]], turn: dict[str, Any],
+                 created_at: dt.datetime) -> None:
+        self.conversation_id = conversation_id
+        self.owner = owner
+        self.key_id = key_id
+        self.create = create
+        self.parent_id = parent_id
+        self.fork_position = fork_position
+        self.base = base              # the position the first message expects (the view's count)
+        self.messages = messages      # message rows (without conversation_id/position)
+        self.turn = turn
+        self.created_at = created_at
+        self.done = False
+        self.failed_at: float | None = None
+        self.attempted_at: float | None = None
+
+
+def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
+    extra = {k: v for k, v in msg.items() if k not in KNOWN_KEYS}
+    tc = msg.get("tool_calls")
+    return {
+        "role": str(msg.get("role") or "user")[:32],
+        "name": msg.get("name") if isinstance(msg.get("name"), str) else None,
+        "content": dumps(msg.get("content")),
+        "tool_calls": dumps(tc) if tc is not None else None,
+        "tool_call_id": msg.get("tool_call_id") if isinstance(msg.get("tool_call_id"), str) else None,
+        "extra": dumps(extra) if extra else None,
+        "digest": digest,
+        # every row carries every key: an executemany compiles the statement from the first row
+        "status": None, "finish_reason": None, "latency_ms": None, "ttft_ms": None,
+        **meta,
+    }
+
+
+def row_message(r: Any) -> dict[str, Any]:
+    """The OpenAI message dict back from a stored row (lossless)."""
+    m: dict[str, Any] = {"role": r.role, "content": json.loads(r.content)}
+    if r.name is not None:
+        m["name"] = r.name
+    if r.tool_calls is not None:
+        m["tool_calls"] = json.loads(r.tool_calls)
+    if r.tool_call_id is not None:
+        m["tool_call_id"] = r.tool_call_id
+    if r.extra:
+        m.update(json.loads(r.extra))
+    return m
+
+
+def message_out(r: Any, conversation_id: str | None = None) -> dict[str, Any]:
+    out = {"object": "conversation.message", "conversation_id": conversation_id or r.conversation_id,
+           "position": r.position, **row_message(r),
+           "tokens": r.tokens, "tokens_derived": bool(r.tokens_derived), "model": r.model,
+           "request_id": r.request_id, "key_id": r.key_id, "owner": r.owner, "created_at": iso(r.created_at)}
+    if r.role == "assistant":
+        out.update(status=r.status, finish_reason=r.finish_reason, latency_ms=r.latency_ms, ttft_ms=r.ttft_ms)
+    return out
+
+
+def conversation_out(r: Any) -> dict[str, Any]:
+    return {"id": r.id, "object": "conversation", "owner": r.owner, "key_id": r.key_id,
+            "parent_id": r.parent_id, "fork_position": r.fork_position, "created_at": iso(r.created_at),
+            "updated_at": iso(r.updated_at), "message_count": r.message_count, "turn_count": r.turn_count,
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "model": r.last_model}
+
+
+def encode_cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(dumps(list(parts)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(s: str) -> list[Any]:
+    try:
+        v = json.loads(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
+    except (ValueError, TypeError):
+        raise ValueError("invalid cursor") from None
+    if not isinstance(v, list):
+        raise ValueError("invalid cursor")
+    return v
+
+
+def parse_time(s: str) -> dt.datetime:
+    """ISO 8601 (``Z`` or offset allowed) to naive UTC."""
+    t = dt.datetime.fromisoformat(s.strip().replace("Z", "+00:00"))
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC).replace(tzinfo=None)
+    return t
+
+
+class ConversationStore:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.is_sqlite = db.is_sqlite
+
+    # -- the writer ------------------------------------------------------------------------------
+    async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
+        """Persist a batch in one transaction. Returns (conversation ids that were missing, i.e.
+        deleted meanwhile, conversation ids whose stored count differed from what the request saw)."""
+        missing: set[str] = set()
+        moved: set[str] = set()
+        now = utcnow()
+        async with self.db.engine.begin() as conn:
+            ids = sorted({r.conversation_id for r in batch})
+            q = select(C.c.id, C.c.owner, C.c.message_count).where(C.c.id.in_(ids)).order_by(C.c.id)
+            if not self.is_sqlite:
+                q = q.with_for_update()  # several instances may append to one conversation
+            counts: dict[str, int] = {}
+            owners: dict[str, str] = {}
+            for row in (await conn.execute(q)).all():
+                counts[row.id], owners[row.id] = row.message_count, row.owner
+            msg_rows: list[dict[str, Any]] = []
+            turn_rows: list[dict[str, Any]] = []
+            touched: dict[str, dict[str, Any]] = {}
+            for rec in batch:
+                cid = rec.conversation_id
+                if cid not in counts:
+                    if not rec.create:
+                        missing.add(cid)
+                        continue
+                    await conn.execute(C.insert().values(
+                        id=cid, owner=rec.owner, key_id=rec.key_id, parent_id=rec.parent_id,
+                        fork_position=rec.fork_position, created_at=rec.created_at, updated_at=rec.created_at,
+                        message_count=0, turn_count=0, prompt_tokens=0, completion_tokens=0))
+                    counts[cid], owners[cid] = 0, rec.owner
+                    if rec.parent_id is not None and rec.fork_position:
+                        if msg_rows:  # the parent's messages of this batch must be there first
+                            await conn.execute(M.insert(), msg_rows)
+                            msg_rows = []
+                        counts[cid] = await self._copy_prefix(conn, rec.parent_id, cid, rec.fork_position)
+                elif owners[cid] != rec.owner:
+                    missing.add(cid)  # never append to someone else's conversation
+                    continue
+                pos = counts[cid]
+                msgs = rec.messages
+                if pos != rec.base:
+                    moved.add(cid)
+                    if pos > rec.base and msgs:
+                        msgs = await self._skip_stored(conn, cid, rec.base, pos, msgs)
+                for m in msgs:
+                    msg_rows.append({**m, "conversation_id": cid, "position": pos})
+                    pos += 1
+                counts[cid] = pos
+                t = rec.turn
+                turn_rows.append({**t, "conversation_id": cid,
+                                  "first_position": pos - len(msgs) if msgs else None,
+                                  "messages_stored": len(msgs)})
+                u = touched.setdefault(cid, {"b_id": cid, "turns": 0, "pt": 0, "ct": 0, "model": None})
+                u["turns"] += 1
+                u["pt"] += t.get("prompt_tokens") or 0
+                u["ct"] += t.get("completion_tokens") or 0
+                u["model"] = t.get("model") or u["model"]
+            if msg_rows:
+                await conn.execute(M.insert(), msg_rows)
+            if turn_rows:
+                await conn.execute(T.insert(), turn_rows)
+            if touched:
+                params = [{**u, "count": counts[cid], "now": now} for cid, u in touched.items()]
+                await conn.execute(
+                    C.update().where(C.c.id == bindparam("b_id")).values(
+                        message_count=bindparam("count"), updated_at=bindparam("now"),
+                        turn_count=C.c.turn_count + bindparam("turns"),
+                        prompt_tokens=C.c.prompt_tokens + bindparam("pt"),
+                        completion_tokens=C.c.completion_tokens + bindparam("ct"),
+                        last_model=func.coalesce(bindparam("model", type_=sa.String), C.c.last_model)),
+                    params)
+        return missing, moved
+
+    async def _copy_prefix(self, conn: Any, parent: str, child: str, upto: int) -> int:
+        cols = [c for c in M.c if c.name not in ("id", "conversation_id")]
+        sel = select(sa.literal(child, sa.String(64)).label("conversation_id"), *cols).where(
+            M.c.conversation_id == parent, M.c.position < upto).order_by(M.c.position)
+        await conn.execute(M.insert().from_select(["conversation_id"] + [c.name for c in cols], sel))
+        n = (await conn.execute(select(func.count()).select_from(M).where(M.c.conversation_id == child))).scalar()
+        return int(n or 0)
+
+    async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Another instance appended since this request looked: drop our leading messages that are
+        already stored there (same digests), append the rest."""
+        stored = [r.digest for r in (await conn.execute(
+            select(M.c.digest).where(M.c.conversation_id == cid, M.c.position >= base).order_by(M.c.position)))]
+        i = 0
+        while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
+            i += 1
+        return msgs[i:]
+
+    # -- reads for the request path ---------------------------------------------------------------
+    async def load_view(self, cid: str) -> dict[str, Any] | None:
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(C.c.owner, C.c.key_id, C.c.message_count).where(C.c.id == cid))).first()
+            if row is None:
+                return None
+            msgs = (await conn.execute(select(M.c.position, M.c.digest, M.c.tokens).where(
+                M.c.conversation_id == cid).order_by(M.c.position))).all()
+        return {"owner": row.owner, "key_id": row.key_id, "digests": [m.digest for m in msgs],
+                "tokens": [m.tokens for m in msgs]}
+
+    async def message_count(self, cid: str) -> int | None:
+        async with self.db.engine.connect() as conn:
+            return (await conn.execute(select(C.c.message_count).where(C.c.id == cid))).scalar()
+
+    async def load_messages(self, cid: str, start: int, with_first: bool) -> list[tuple[int, dict[str, Any], int | None]]:
+        """Messages at positions >= start (and position 0 when asked), oldest first."""
+        cond = M.c.position >= start
+        if with_first and start > 0:
+            cond = sa.or_(cond, M.c.position == 0)
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, cond).order_by(M.c.position))).all()
+        return [(r.position, row_message(r), r.tokens) for r in rows]
+
+    # -- reads for the APIs ----------------------------------------------------------------------
+    async def get(self, cid: str) -> dict[str, Any] | None:
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(C).where(C.c.id == cid))).first()
+        return conversation_out(row) if row is not None else None
+
+    async def list(self, *, owner: str | None = None, key_id: str | None = None, since: dt.datetime | None = None,
+                   until: dt.datetime | None = None, q: str | None = None, limit: int = 50,
+                   cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest activity first; ``cursor`` continues after the last item of the previous page."""
+        stmt = select(C)
+        if owner is not None:
+            stmt = stmt.where(C.c.owner == owner)
+        if key_id is not None:
+            stmt = stmt.where(C.c.key_id == key_id)
+        if since is not None:
+            stmt = stmt.where(C.c.updated_at >= since)
+        if until is not None:
+            stmt = stmt.where(C.c.updated_at < until)
+        if q:
+            stmt = stmt.where(sa.exists().where(M.c.conversation_id == C.c.id,
+                                                M.c.content.icontains(q, autoescape=True)))
+        if cursor:
+            ts, last = decode_cursor(cursor)
+            t = parse_time(ts)
+            stmt = stmt.where(sa.or_(C.c.updated_at < t, sa.and_(C.c.updated_at == t, C.c.id < last)))
+        stmt = stmt.order_by(C.c.updated_at.desc(), C.c.id.desc()).limit(limit + 1)
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = encode_cursor(iso(rows[-1].updated_at), rows[-1].id) if more and rows else None
+        return [conversation_out(r) for r in rows], nxt
+
+    async def messages(self, cid: str, *, after: int = -1, limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, M.c.position > after)
+                                       .order_by(M.c.position).limit(limit + 1))).all()
+        return [message_out(r) for r in rows[:limit]], len(rows) > limit
+
+    async def turns(self, cid: str) -> list[dict[str, Any]]:
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(select(T).where(T.c.conversation_id == cid).order_by(T.c.id))).all()
+        out = []
+        for r in rows:
+            d = {c.name: getattr(r, c.name) for c in T.c if c.name not in ("id", "usage", "created_at")}
+            d["usage"] = json.loads(r.usage) if r.usage else None
+            d["created_at"] = iso(r.created_at)
+            out.append(d)
+        return out
+
+    async def export(self, *, cid: str | None = None, owner: str | None = None,
+                     chunk: int = 500) -> AsyncIterator[dict[str, Any]]:
+        """Every message, one dict each, streamed from the database (never the whole set in memory)."""
+        stmt = select(M)
+        if cid is not None:
+            stmt = stmt.where(M.c.conversation_id == cid).order_by(M.c.position)
+        else:
+            stmt = stmt.where(M.c.conversation_id.in_(select(C.c.id).where(C.c.owner == owner))) \
+                .order_by(M.c.conversation_id, M.c.position)
+        async with self.db.engine.connect() as conn:
+            result = await conn.stream(stmt.execution_options(yield_per=chunk))
+            async for r in result:
+                yield message_out(r)
+
+    # -- deletes ---------------------------------------------------------------------------------
+    async def _delete_where(self, cond: Any) -> list[str]:
+        async with self.db.engine.begin() as conn:
+            ids = [r.id for r in (await conn.execute(select(C.c.id).where(cond)))]
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
+                await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
+                await conn.execute(C.delete().where(C.c.id.in_(part)))
+        return ids
+
+    async def delete(self, cid: str, owner: str | None = None) -> bool:
+        cond = C.c.id == cid
+        if owner is not None:
+            cond = sa.and_(cond, C.c.owner == owner)
+        return bool(await self._delete_where(cond))
+
+    async def delete_owner(self, owner: str) -> list[str]:
+        return await self._delete_where(C.c.owner == owner)
+
+    async def purge(self, older_than: dt.datetime) -> list[str]:
+        """Delete conversations with no activity since ``older_than`` (messages and turns too)."""
+        return await self._delete_where(C.c.updated_at < older_than)
+
+    async def counts(self) -> dict[str, int]:
+        async with self.db.engine.connect() as conn:
+            out = {}
+            for name, t in (("conversations", C), ("messages", M), ("turns", T)):
+                out[name] = int((await conn.execute(select(func.count()).select_from(t))).scalar() or 0)
+        return out
