@@ -141,8 +141,10 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
     for i, spec in enumerate(cfg.plugins):
         cls = registry.get(spec.name)
         if cls is None:
-            problems.append(f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name'))}: "
-                            f"unknown plugin {spec.name!r} (known: {', '.join(sorted(registry.names()))})")
+            broken = registry.error(spec.name)
+            problems.append(f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name'))}: " + (
+                f"plugin {spec.name!r} is installed but failed to load: {broken}" if broken else
+                f"unknown plugin {spec.name!r} (known: {', '.join(sorted(registry.names()))})"))
             continue
         try:
             spec._validated = cls.Config.model_validate(spec.config)
