@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in sorted(registry.names()):
         cls = registry.get(name)
         if cls is not None:
-            cls.add_cli(sub)
+            try:
+                cls.add_cli(sub)
+            except Exception as e:  # one broken plugin must not take the whole command line down
+                print(f"warning: plugin {name!r} could not add its commands: {type(e).__name__}: {e}",
+                      file=sys.stderr)
     return parser
 
 
