@@ -1,0 +1,122 @@
+"""Prometheus metrics scraped from the admin /metrics and checked against the traffic sent, and the
+core's optional Server-Timing header."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter, defaultdict
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import ADMIN_TOKEN, free_port
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "count my tokens please"}]}
+T = aiohttp.ClientTimeout(total=20)
+
+
+async def scrape(s: aiohttp.ClientSession, admin_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    async with s.get(admin_url + "/metrics", headers=AUTH) as r:
+        assert r.status == 200
+        text = await r.text()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[smp.name][tuple(sorted(smp.labels.items()))] = smp.value
+    return out
+
+
+def total(samples: dict[tuple[tuple[str, str], ...], float], **match: str) -> float:
+    return sum(v for k, v in samples.items() if all(dict(k).get(a) == b for a, b in match.items()))
+
+
+async def chat(s: aiohttp.ClientSession, url: str, stream: bool = False, **headers: str) -> tuple[int, dict[str, Any] | None]:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}} if stream else CHAT
+    async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+        raw = await r.read()
+        if r.status != 200:
+            return r.status, None
+        if not stream:
+            return r.status, json.loads(raw).get("usage")
+        usage = None
+        for line in raw.decode().splitlines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+        return r.status, usage
+
+
+async def test_metrics_match_the_traffic(make_gateway):
+    g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit"}, {"name": "metrics"}])
+    dead = await make_gateway([{"name": "metrics"}], name="dead.yaml",
+                              upstream={"url": f"http://127.0.0.1:{free_port()}"})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/metrics") as r:
+            assert r.status == 401
+        keys = {}
+        for owner, extra in (("alice", {}), ("bob", {"limits": {"rpm": 2}})):
+            async with s.post(g.admin_url + "/keys", json={"owner": owner, **extra}, headers=AUTH) as r:
+                keys[owner] = {"Authorization": "Bearer " + (await r.json())["key"]}
+        a, b = keys["alice"], keys["bob"]
+        jobs = ([chat(s, g.url, **a) for _ in range(10)]
+                + [chat(s, g.url, stream=True, **a) for _ in range(6)]
+                + [chat(s, g.url, **a, **{"X-Demo-Status": "500"}) for _ in range(4)]
+                + [chat(s, g.url) for _ in range(3)]
+                + [chat(s, g.url, Authorization="Bearer not-a-gateway-key") for _ in range(2)]
+                + [chat(s, g.url, stream=True, **a, **{"X-Demo-Die-After": "2", "X-Demo-Words": "20"})])
+        results = list(await asyncio.gather(*jobs))
+        for _ in range(4):  # bob: 2 allowed, then refused
+            results.append(await chat(s, g.url, **b))
+        dead_results = await asyncio.gather(*(chat(s, dead.url) for _ in range(3)))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200
+        m = await scrape(s, g.admin_url)
+        md = await scrape(s, dead.admin_url)
+
+    sent = Counter(st for st, _ in results)
+    assert sent == {200: 10 + 6 + 1 + 2, 500: 4, 401: 5, 429: 2}
+    reqs = m["gateway_requests_total"]
+    for status, n in sent.items():
+        assert total(reqs, status=str(status)) == n, status
+    assert total(reqs, source="upstream") == 10 + 6 + 1 + 2 + 4
+    assert total(reqs, source="gateway") == 5 + 2
+    assert total(reqs, route="default") == len(results)
+
+    usages = [u for st, u in results if u]
+    assert len(usages) == 10 + 6 + 2
+    assert total(m["gateway_tokens_total"], model="demo-chat", direction="input") == sum(u["prompt_tokens"] for u in usages)
+    assert total(m["gateway_tokens_total"], model="demo-chat", direction="output") == \
+        sum(u["completion_tokens"] for u in usages)
+
+    assert total(m["gateway_auth_failures_total"]) == 5
+    assert total(m["gateway_auth_failures_total"], reason="missing") == 3
+    assert total(m["gateway_ratelimit_refusals_total"]) == 2
+    assert total(m["gateway_upstream_errors_total"], kind="disconnected") == 1
+    assert total(m["gateway_request_duration_seconds_count"], route="default") == len(results)
+    assert total(m["gateway_ttfb_seconds_count"], route="default") == len(results)
+    assert total(m["gateway_upstream_duration_seconds_count"], route="default") == 10 + 6 + 1 + 2 + 4
+    assert total(m["gateway_overhead_seconds_count"], route="default") == len(results)
+    assert total(m["gateway_request_duration_seconds_sum"]) >= total(m["gateway_upstream_duration_seconds_sum"])
+    assert total(m["gateway_config_reloads_total"], result="success") == 1
+    assert "gateway_writer_queue_depth" in m  # the core's background writers (key_auth usage)
+
+    assert [st for st, _ in dead_results] == [502] * 3
+    assert total(md["gateway_requests_total"], status="502", source="gateway") == 3
+    assert total(md["gateway_upstream_errors_total"], kind="error") == 3
+    assert total(md["gateway_upstream_duration_seconds_count"]) == 3  # time spent trying
+
+
+async def test_server_timing_header(make_gateway):
+    on = await make_gateway([{"name": "headers", "config": {"response": {"X-A": "1"}}}, {"name": "metrics"}],
+                            server={"server_timing": True})
+    off = await make_gateway([{"name": "metrics"}], name="off.yaml")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(on.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            st = r.headers["Server-Timing"]
+        async with s.post(off.url + "/v1/chat/completions", json=CHAT) as r:
+            assert "Server-Timing" not in r.headers
+    parts = dict(p.strip().split(";dur=") for p in st.split(","))
+    assert set(parts) >= {"headers", "upstream"}
+    assert all(float(v) >= 0 for v in parts.values())
