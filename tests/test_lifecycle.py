@@ -1,0 +1,317 @@
+"""Lifecycle and the admin listener: graceful SIGTERM with a stream in flight, health and
+readiness, admin paths kept off the public port, config reload over HTTP and by SIGHUP."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+
+T = aiohttp.ClientTimeout(total=30)
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+MARKER_PLUGIN = '''
+import os
+from gateway.plugin import Plugin, registry
+
+
+def _mark(line):
+    with open(os.environ["LIFECYCLE_MARKS"], "a") as f:
+        f.write(line + "\\n")
+
+
+class Marker(Plugin):
+    """Writes each lifecycle step to a file so the test can see it from outside the process."""
+    name = "t_lifecycle_marker"
+
+    async def startup(self):
+        _mark("startup")
+
+    async def on_complete(self, ctx):
+        _mark(f"complete {ctx.path} {ctx.outcome} {ctx.status} {ctx.bytes_out}")
+
+    async def shutdown(self):
+        _mark("shutdown")
+
+
+registry.register(Marker)
+'''
+
+
+class MarkedGatewayProcess(GatewayProcess):
+    """`gateway serve` in a subprocess with one extra test plugin registered before the CLI runs."""
+
+    def start(self) -> "MarkedGatewayProcess":
+        import subprocess
+
+        self._log = open(self.log_path, "ab")
+        code = "import marker_plugin, sys; from gateway.cli import main; raise SystemExit(main(sys.argv[1:]))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, "serve", "-c", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+async def test_sigterm_drains_stream_then_shuts_down(tmp_path: Path, upstream: Any) -> None:
+    (tmp_path / "marker_plugin.py").write_text(MARKER_PLUGIN)
+    marks = tmp_path / "marks.txt"
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "t_lifecycle_marker"}],
+                      server={"port": port, "shutdown_timeout": 20}, admin={"port": admin_port})
+    path = write_config(tmp_path / "gateway.yaml", cfg)
+    proc = MarkedGatewayProcess(path, port, admin_port,
+                                env={"PYTHONPATH": str(tmp_path), "LIFECYCLE_MARKS": str(marks)}).start()
+    try:
+        await proc.wait_ready()
+        words = 30
+        first = asyncio.Event()
+
+        async def read_stream() -> str:
+            async with aiohttp.ClientSession(timeout=T) as s:
+                async with s.post(proc.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                                  headers={"X-Demo-Delay": "0.1", "X-Demo-Words": str(words)}) as r:
+                    assert r.status == 200
+                    out = await r.content.readuntil(b"\n\n")
+                    first.set()
+                    return (out + await r.read()).decode()
+
+        reader = asyncio.create_task(read_stream())
+        async with asyncio.timeout(10):
+            await first.wait()
+        proc.signal(signal.SIGTERM)
+        # New connections are refused while the stream is still being served.
+        deadline = time.monotonic() + 5
+        while not _refused(port):
+            assert time.monotonic() < deadline, "the listener kept accepting after SIGTERM"
+            await asyncio.sleep(0.02)
+        assert not reader.done(), "the stream ended before the listener closed"
+        async with asyncio.timeout(20):
+            text = await reader
+        events = [e for e in text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        contents = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[:-1]]
+        assert len([c for c in contents if c]) == words
+        rc = await asyncio.to_thread(proc.wait, 20)
+        assert rc == 0, proc.log()[-3000:]
+        lines = marks.read_text().splitlines()
+        assert lines[0] == "startup"
+        assert lines[1].startswith("complete /v1/chat/completions ok 200 ")
+        assert lines[-1] == "shutdown" and lines.count("shutdown") == 1
+        log = proc.log()
+        assert "shutting down" in log and "gateway stopped" in log
+        assert "Traceback" not in log
+    finally:
+        proc.stop()
+
+
+async def test_health_ready_and_admin_auth(make_gateway: Any) -> None:
+    g = await make_gateway()
+    assert g.gw.cfg.admin.host == "127.0.0.1"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/healthz") as r:
+            assert r.status == 200 and await r.json() == {"status": "ok"}
+        async with s.get(g.admin_url + "/readyz") as r:
+            assert r.status == 200
+            body = await r.json()
+            assert body["status"] == "ready"
+            assert body["checks"]["upstream"]["ok"] and body["checks"]["database"]["ok"]
+        for path in ("/metrics", "/openapi.json"):
+            async with s.get(g.admin_url + path) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "admin_token_missing"
+            async with s.get(g.admin_url + path, headers={"Authorization": "Bearer wrong-token-0123456789"}) as r:
+                assert r.status == 401
+                text = await r.text()
+                assert json.loads(text)["error"]["code"] == "admin_token_invalid"
+                assert "wrong-token" not in text
+        async with s.post(g.admin_url + "/config/reload") as r:
+            assert r.status == 401
+        async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:
+            assert r.status == 200
+            assert "gateway_config_reloads_total" in await r.text()
+        async with s.get(g.admin_url + "/openapi.json", headers=AUTH) as r:
+            doc = await r.json()
+            assert doc["openapi"].startswith("3.") and "/config/reload" in doc["paths"]
+        async with s.get(g.admin_url + "/no/such/admin/path", headers=AUTH) as r:
+            assert r.status == 404
+            assert set((await r.json())["error"]) >= {"message", "type", "code"}
+
+
+async def test_readyz_503_when_upstream_down(make_gateway: Any) -> None:
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        dead = sk.getsockname()[1]
+    g = await make_gateway(upstream={"url": f"http://127.0.0.1:{dead}"})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/readyz") as r:
+            assert r.status == 503
+            body = await r.json()
+            assert body["status"] == "not_ready"
+            assert body["checks"]["upstream"]["ok"] is False
+            assert body["checks"]["database"]["ok"] is True
+        async with s.get(g.admin_url + "/healthz") as r:
+            assert r.status == 200  # alive, just not ready
+
+
+async def test_admin_paths_never_on_public_port(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway()
+    admin_paths = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/config/reload"]
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for p in admin_paths:
+            method = "POST" if p == "/config/reload" else "GET"
+            async with s.request(method, g.url + p, headers=AUTH) as r:
+                assert r.status == 200
+                body = await r.json()
+                assert body["path"] == p  # the demo backend's echo answered: it was proxied
+                assert "status" not in body and "openapi" not in body
+    assert [q["path"] for q in upstream.requests] == admin_paths
+    # With the public paths restricted, they are plain 404s in the OpenAI error shape.
+    g2 = await make_gateway(server={"paths": ["/v1"]}, name="restricted.yaml")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for p in admin_paths:
+            async with s.get(g2.url + p, headers=AUTH) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["code"] == "not_found"
+
+
+def _edit(path: Path, fn: Any) -> None:
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def test_config_reload_over_http(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}}])
+    path = Path(g.gw.cfg.path)
+    old_runtime = g.gw.runtime
+
+    async def version(s: aiohttp.ClientSession) -> str | None:
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+            return r.headers.get("X-Version")
+
+    async with aiohttp.ClientSession(timeout=T) as s:
+        assert await version(s) == "1"
+        _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json()) == {"status": "reloaded", "plugins": ["headers"]}
+        assert await version(s) == "2"
+        assert g.gw.runtime is not old_runtime
+        # An invalid edit is rejected with the problem and its line; the old config keeps serving.
+        good = path.read_text()
+        path.write_text(good.replace("X-Version: '2'", "X-Version: '3'\n    colour: red"))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+            assert err["code"] == "config_invalid"
+            assert "plugins[0].config.colour -> line " in err["message"] and "unknown key" in err["message"]
+        assert await version(s) == "2"
+        # Sections that need a restart are refused too.
+        path.write_text(good)
+        _edit(path, lambda c: c["server"].update({"max_body_size": 123}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 400
+            assert "restart" in (await r.json())["error"]["message"]
+        assert await version(s) == "2"
+        async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:
+            text = await r.text()
+        assert 'gateway_config_reloads_total{result="success"} 1.0' in text
+        assert 'gateway_config_reloads_total{result="failure"} 2.0' in text
+
+
+async def test_reload_waits_for_inflight_requests(make_gateway: Any) -> None:
+    """The old chain serves the requests it started; it is shut down only after they finish."""
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}}])
+    path = Path(g.gw.cfg.path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.1", "X-Demo-Words": "10"})
+        assert r.headers["X-Version"] == "1"
+        old = g.gw.runtime
+        _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as rr:
+            assert rr.status == 200
+        async with s.get(g.url + "/v1/models") as r2:
+            assert r2.headers["X-Version"] == "2"
+        assert old.inflight == 1 and old.started  # still serving the stream, not shut down
+        text = (await r.read()).decode()
+        r.close()
+        assert text.endswith("data: [DONE]\n\n")
+    deadline = time.monotonic() + 5
+    while old.started:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert old.inflight == 0
+
+
+async def test_sighup_reload_on_subprocess(tmp_path: Path, upstream: Any) -> None:
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "headers", "config": {"response": {"X-Version": "1"}}}],
+                      server={"port": port}, admin={"port": admin_port})
+    path = write_config(tmp_path / "gateway.yaml", cfg)
+    proc = GatewayProcess(path, port, admin_port).start()
+
+    async def version(s: aiohttp.ClientSession) -> str | None:
+        async with s.get(proc.url + "/v1/models") as r:
+            return r.headers.get("X-Version")
+
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            assert await version(s) == "1"
+            _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+            proc.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while await version(s) != "2":
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+            path.write_text(path.read_text().replace("plugins:", "plugins:\n- name: no_such_plugin"))
+            proc.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "config reload rejected" not in proc.log():
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+            assert await version(s) == "2"
+            assert "no_such_plugin" in proc.log()
+        assert proc.proc is not None and proc.proc.poll() is None  # still running
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.stop()
+
+
+async def test_start_fails_cleanly_on_bad_config(tmp_path: Path, upstream: Any) -> None:
+    path = write_config(tmp_path / "gateway.yaml", textwrap.dedent(f"""\
+        admin: {{enabled: false}}
+        upstream:
+          url: {upstream.url}
+          timeouts: {{idle: -1}}
+        """))
+    import subprocess
+
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
+                                capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "upstream.timeouts.idle -> line 4: Input should be greater than 0" in r.stderr
+    assert "Traceback" not in r.stderr
