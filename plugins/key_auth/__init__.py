@@ -34,7 +34,7 @@ _DUMMY_HASH = "0" * 64
 class UsageWriterConfig(PluginConfig):
     max_queue: int = Field(10000, ge=1, description="Usage records buffered before new ones are dropped (counted).")
     batch_size: int = Field(500, ge=1, description="Records aggregated into one upsert.")
-    flush_interval: float = Field(1.0, gt=0, description="Seconds a batch waits to fill up before it is written.")
+    flush_interval: float = Field(0.5, gt=0, description="Seconds a batch waits to fill up before it is written.")
 
 
 class KeyAuthConfig(PluginConfig):
