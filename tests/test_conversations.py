@@ -1,0 +1,363 @@
+"""conversations: recording through the real gateway and the OpenAI SDK, on SQLite and PostgreSQL.
+
+Every test here runs twice (``db`` fixture): on a real SQLite file and on a real PostgreSQL server
+(``database.auto_migrate: true``)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+from openai import AsyncOpenAI, NotFoundError
+from sqlalchemy import select
+
+from gateway.plugins.conversations import canonical
+from gateway.plugins.conversations.store import C, M, T, row_message
+
+from .helpers import ADMIN_TOKEN, create_pg_database
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "look something up",
+                                           "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}}]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db(request: Any, tmp_path: Any) -> dict[str, Any]:
+    if request.param == "sqlite":
+        return {"url": f"sqlite+aiosqlite:///{tmp_path / 'conv.db'}"}
+    dsn = request.getfixturevalue("pg_cluster")
+    url = await create_pg_database(dsn, "gw_" + uuid.uuid4().hex[:12])
+    return {"url": url, "auto_migrate": True}
+
+
+async def start(make_gateway: Any, db: dict[str, Any], conv: dict[str, Any] | None = None,
+                key_auth: bool = False, **sections: Any) -> Any:
+    plugins = [{"name": "key_auth"}] if key_auth else []
+    plugins.append({"name": "conversations", "config": conv or {}})
+    return await make_gateway(plugins, database=db, **sections)
+
+
+async def stored(g: Any, cid: str) -> list[Any]:
+    await g.plugin("conversations").flush()
+    async with g.gw.db.engine.connect() as conn:
+        return list((await conn.execute(select(M).where(M.c.conversation_id == cid).order_by(M.c.position))).all())
+
+
+async def turns(g: Any, cid: str) -> list[Any]:
+    async with g.gw.db.engine.connect() as conn:
+        return list((await conn.execute(select(T).where(T.c.conversation_id == cid).order_by(T.c.id))).all())
+
+
+async def conv_row(g: Any, cid: str) -> Any:
+    async with g.gw.db.engine.connect() as conn:
+        return (await conn.execute(select(C).where(C.c.id == cid))).first()
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return canonical(a) == canonical(b)
+
+
+def sdk(g: Any, key: str = "sk-unused") -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+
+async def chat(g: Any, messages: list[dict[str, Any]], cid: str | None = None, headers: dict[str, str] | None = None,
+               key: str | None = None, **body: Any) -> tuple[int, dict[str, Any], Any]:
+    h = dict(headers or {})
+    if cid:
+        h["X-Conversation-ID"] = cid
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": messages, **body},
+                          headers=h, timeout=aiohttp.ClientTimeout(total=20)) as r:
+            return r.status, dict(r.headers), await r.json()
+
+
+# -- recording through the SDK -----------------------------------------------------------------------
+async def test_sdk_multi_turn_plain_stream_and_tools(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db)
+    client = sdk(g)
+    sent: list[dict[str, Any]] = [{"role": "system", "content": "You are terse."},
+                                  {"role": "user", "content": [{"type": "text", "text": "Hello, multi-part"}]}]
+    # turn 1: plain
+    raw = await client.chat.completions.with_raw_response.create(model="demo-chat", messages=sent)
+    cid = raw.headers["X-Conversation-ID"]
+    assert cid.startswith("conv_") and len(cid) == 27
+    r1 = raw.parse()
+    a1 = r1.choices[0].message.model_dump(exclude_none=True)
+    sent.append(a1)
+    sent.append({"role": "user", "content": "Look up the answer, with tools"})
+    # turn 2: streamed, the backend answers with a tool call
+    raw = await client.chat.completions.with_raw_response.create(
+        model="demo-chat", messages=sent, tools=TOOLS, stream=True, extra_headers={"X-Conversation-ID": cid})
+    assert raw.headers["X-Conversation-ID"] == cid
+    calls: dict[int, dict[str, Any]] = {}
+    async for chunk in raw.parse():
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            slot = calls.setdefault(tc.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+            slot["id"] = tc.id or slot["id"]
+            slot["function"]["name"] += tc.function.name or ""
+            slot["function"]["arguments"] += tc.function.arguments or ""
+    assert calls and json.loads(calls[0]["function"]["arguments"])["query"]
+    a2 = {"role": "assistant", "content": None, "tool_calls": [calls[0]]}
+    sent.append(a2)
+    sent.append({"role": "tool", "tool_call_id": calls[0]["id"], "content": "42"})
+    # turn 3: streamed with usage shown to the client; history resent as-is
+    raw = await client.chat.completions.with_raw_response.create(
+        model="demo-chat", messages=sent, stream=True, stream_options={"include_usage": True},
+        extra_headers={"X-Conversation-ID": cid})
+    text, usage = "", None
+    async for chunk in raw.parse():
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "The tool returned: 42" and usage is not None
+
+    rows = await stored(g, cid)
+    assert [r.position for r in rows] == list(range(7))  # every message once, in order, no gaps
+    expect = sent + [{"role": "assistant", "content": text}]
+    for r, m in zip(rows, expect):
+        assert same(row_message(r), m), (row_message(r), m)
+    assert row_message(rows[1])["content"] == sent[1]["content"]            # multi-part kept as a list
+    assert row_message(rows[4])["tool_calls"][0]["function"] == calls[0]["function"]
+    assert rows[5].tool_call_id == calls[0]["id"] and rows[5].role == "tool"
+    assert row_message(rows[6])["content"] == text                          # byte-identical to what was streamed
+    assert [r.status for r in rows if r.role == "assistant"] == ["complete"] * 3
+    assert rows[2].finish_reason == "stop" and rows[4].finish_reason == "tool_calls"
+    assert all(r.tokens_derived for r in rows if r.role != "assistant")
+    assert not any(r.tokens_derived for r in rows if r.role == "assistant")
+    assert rows[2].tokens == r1.usage.completion_tokens and rows[6].tokens == usage.completion_tokens
+    assert rows[0].tokens + rows[1].tokens == r1.usage.prompt_tokens   # first turn: the whole prompt is new
+    assert all(r.latency_ms is not None and r.ttft_ms is not None for r in rows if r.role == "assistant")
+    assert {r.request_id for r in rows[:3]} == {rows[2].request_id} and rows[0].owner == "anonymous"
+    ts = await turns(g, cid)
+    assert len(ts) == 3 and [t.status for t in ts] == ["complete"] * 3
+    assert (ts[0].prompt_tokens, ts[0].completion_tokens) == (r1.usage.prompt_tokens, r1.usage.completion_tokens)
+    assert (ts[2].prompt_tokens, ts[2].completion_tokens, ts[2].total_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    assert json.loads(ts[2].usage) == usage.model_dump(exclude_none=True)
+    c = await conv_row(g, cid)
+    assert c.message_count == 7 and c.turn_count == 3
+    assert c.prompt_tokens == sum(t.prompt_tokens for t in ts)
+
+    # the same history sent again without a new message: nothing stored twice
+    raw = await client.chat.completions.with_raw_response.create(
+        model="demo-chat", messages=expect, extra_headers={"X-Conversation-ID": cid})
+    rows = await stored(g, cid)
+    assert len(rows) == 8 and rows[7].role == "assistant"
+    await client.close()
+
+
+async def test_fork_on_edited_history(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db)
+    msgs = [{"role": "user", "content": "first question"}]
+    st, h, b = await chat(g, msgs)
+    cid = h["X-Conversation-ID"]
+    msgs += [b["choices"][0]["message"], {"role": "user", "content": "second question"}]
+    st, h, b = await chat(g, msgs, cid)
+    assert h["X-Conversation-ID"] == cid
+    before = [row_message(r) for r in await stored(g, cid)]
+    assert len(before) == 4
+    edited = [msgs[0], msgs[1], {"role": "user", "content": "an edited second question"}]
+    st, h, b = await chat(g, edited, cid)
+    assert st == 200
+    fork = h["X-Conversation-ID"]
+    assert fork != cid and h["X-Conversation-Parent-ID"] == cid
+    assert [row_message(r) for r in await stored(g, cid)] == before      # the parent is never overwritten
+    rows = await stored(g, fork)
+    assert [r.position for r in rows] == [0, 1, 2, 3]
+    assert [row_message(r) for r in rows[:2]] == before[:2]
+    assert row_message(rows[2])["content"] == "an edited second question"
+    assert rows[3].content == json.dumps(b["choices"][0]["message"]["content"], ensure_ascii=False)
+    c = await conv_row(g, fork)
+    assert (c.parent_id, c.fork_position, c.message_count) == (cid, 2, 4)
+    # the fork continues on its own
+    st, h, _ = await chat(g, edited + [b["choices"][0]["message"], {"role": "user", "content": "more"}], fork)
+    assert h["X-Conversation-ID"] == fork
+    assert len(await stored(g, fork)) == 6
+
+
+async def test_memory_mode_prepends_trimmed_history(make_gateway: Any, db: dict[str, Any], upstream: Any) -> None:
+    g = await start(make_gateway, db, {"memory": {"enabled": True, "max_messages": 5}, "cache_ttl": 0})
+    system = {"role": "system", "content": "Remember everything."}
+    st, h, b = await chat(g, [system, {"role": "user", "content": "u1"}])
+    cid = h["X-Conversation-ID"]
+    history = [system, {"role": "user", "content": "u1"}, b["choices"][0]["message"]]
+    for i in (2, 3, 4):
+        new = {"role": "user", "content": f"u{i}"}
+        st, h, b = await chat(g, [new], cid)   # only the new message: the gateway remembers
+        assert st == 200 and h["X-Conversation-ID"] == cid
+        seen = upstream.requests[-1]["body"]["messages"]
+        want = history + [new]
+        want = [want[0]] + want[1:][-(5 - 1):]  # system kept, oldest trimmed to max_messages
+        assert seen == want, (i, seen)
+        assert "X-Conversation-ID" not in upstream.requests[-1]["headers"]
+        assert b["choices"][0]["message"]["content"].endswith(f"u{i}")
+        history += [new, b["choices"][0]["message"]]
+    rows = await stored(g, cid)
+    assert [same(row_message(r), m) for r, m in zip(rows, history)] == [True] * len(history) == [True] * len(rows)
+    # per request off: forwarded as sent
+    st, h, b = await chat(g, [{"role": "user", "content": "alone"}], headers={"X-Conversation-Memory": "off"})
+    assert upstream.requests[-1]["body"]["messages"] == [{"role": "user", "content": "alone"}]
+    st, h, b = await chat(g, [{"role": "user", "content": "x"}], cid, headers={"X-Conversation-Memory": "maybe"})
+    assert st == 400 and b["error"]["code"] == "invalid_header"
+
+
+async def test_memory_token_trim_route_override_and_db_fallback(make_gateway: Any, db: dict[str, Any],
+                                                              upstream: Any) -> None:
+    # memory off globally, on (with a token budget) for one route; a tiny cache tail and a slow writer
+    # force the history to come from the database after this conversation's pending writes land
+    g = await start(make_gateway, db, {"cache_messages": 1, "flush_interval": 0.5},
+                    routes=[{"path_prefix": "/v1/chat", "plugins": {"conversations": {
+                        "config": {"memory": {"enabled": True, "max_messages": None, "max_tokens": 40}}}}}])
+    system = {"role": "system", "content": "sys"}
+    st, h, b = await chat(g, [system, {"role": "user", "content": "one two three four five six seven eight nine ten"}])
+    cid = h["X-Conversation-ID"]
+    a1 = b["choices"][0]["message"]
+    st, h, b = await chat(g, [{"role": "user", "content": "short"}], cid)   # immediately: writes still queued
+    seen = upstream.requests[-1]["body"]["messages"]
+    assert seen[0] == system and seen[-1] == {"role": "user", "content": "short"}
+    assert seen[1:-1] == [{"role": "user", "content": "one two three four five six seven eight nine ten"}, a1]
+    for i in range(4):
+        st, h, b = await chat(g, [{"role": "user", "content": f"more words number {i} " * 3}], cid)
+    seen = upstream.requests[-1]["body"]["messages"]
+    rows = await stored(g, cid)
+    assert seen[0] == system and len(seen) < len(rows) + 1       # trimmed by the token budget
+    n_hist = len(seen) - 2
+    tail = [row_message(r) for r in rows[-2 - n_hist:-2]]  # rows end with the new user message + answer
+    assert n_hist >= 1 and seen[1:-1] == tail                                    # the newest stored messages, in order
+    assert seen[1]["role"] != "tool"
+
+
+# -- ownership -------------------------------------------------------------------------------------
+async def test_ownership_isolation(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db, key_auth=True)
+    keys = {}
+    async with aiohttp.ClientSession() as s:
+        for owner in ("alice", "bob"):
+            async with s.post(g.admin_url + "/keys", json={"owner": owner, "name": owner}, headers=ADMIN) as r:
+                assert r.status == 201, await r.text()
+                keys[owner] = (await r.json())["key"]
+    st, h, b = await chat(g, [{"role": "user", "content": "alice's secret"}], key=keys["alice"])
+    cid = h["X-Conversation-ID"]
+    before = len(await stored(g, cid))
+    # bob with alice's id: 404 in the OpenAI shape, and nothing is read or appended
+    st, h, b = await chat(g, [{"role": "user", "content": "alice's secret"}], cid, key=keys["bob"])
+    assert st == 404 and "X-Conversation-ID" not in h
+    assert b == {"error": {"message": "No conversation with this id exists for this caller.",
+                           "type": "invalid_request_error", "code": "conversation_not_found",
+                           "param": "X-Conversation-ID"}}
+    st, h, b2 = await chat(g, [{"role": "user", "content": "x"}], "conv_doesnotexist0000000000", key=keys["alice"])
+    assert st == 404 and b2 == b                                # unknown and foreign ids look the same
+    client = sdk(g, keys["bob"])
+    with pytest.raises(NotFoundError):
+        await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                             extra_headers={"X-Conversation-ID": cid})
+    await client.close()
+    assert len(await stored(g, cid)) == before
+    base = g.url + "/gateway/conversations"
+    async with aiohttp.ClientSession() as s:
+        bob = {"Authorization": f"Bearer {keys['bob']}"}
+        alice = {"Authorization": f"Bearer {keys['alice']}"}
+        async with s.get(base, headers=bob) as r:
+            assert r.status == 200 and (await r.json())["data"] == []
+        for method in ("GET", "DELETE"):
+            async with s.request(method, f"{base}/{cid}", headers=bob) as r:
+                assert r.status == 404 and (await r.json())["error"]["code"] == "conversation_not_found"
+        async with s.get(base, headers=alice) as r:
+            assert [c["id"] for c in (await r.json())["data"]] == [cid]
+        async with s.get(f"{base}/{cid}", headers=alice) as r:
+            body = await r.json()
+            assert body["owner"] == "alice" and body["messages"][0]["content"] == "alice's secret"
+            assert body["messages"][0]["key_id"] and body["key_id"] == body["messages"][0]["key_id"]
+        async with s.get(base) as r:  # no key: key_auth refuses before the API is reached
+            assert r.status == 401
+
+
+# -- partial answers -------------------------------------------------------------------------------
+async def test_client_disconnect_and_upstream_death_mid_stream(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db)
+    msgs = [{"role": "user", "content": "tell me a long story"}]
+    # client goes away after a few chunks
+    got = ""
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": msgs, "stream": True},
+                         headers={"X-Demo-Delay": "0.05", "X-Demo-Words": "60"})
+        cid = r.headers["X-Conversation-ID"]
+        chunks = 0
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                d = json.loads(line[6:])
+                got += d["choices"][0]["delta"].get("content") or ""
+                chunks += 1
+                if chunks == 6:
+                    break
+        r.close()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        rows = await stored(g, cid)
+        if len(rows) == 2:
+            break
+    rows = await stored(g, cid)
+    assert len(rows) == 2 and rows[1].status == "client_disconnected"
+    text = json.loads(rows[1].content)
+    full_len = 60
+    assert text.startswith(got) and len(text.split()) < full_len
+    assert rows[1].tokens_derived and rows[1].tokens >= 5
+    assert (await turns(g, cid))[0].status == "client_disconnected"
+
+    # the upstream dies after 5 chunks: the client got exactly those, and so does the store
+    got = ""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions",
+                          json={"model": "demo-chat", "messages": msgs, "stream": True},
+                          headers={"X-Demo-Die-After": "5", "X-Demo-Words": "20"}) as r:
+            cid2 = r.headers["X-Conversation-ID"]
+            try:
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        got += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            except aiohttp.ClientPayloadError:
+                pass
+    rows = await stored(g, cid2)
+    assert len(rows) == 2 and json.loads(rows[1].content) == got and len(got.split()) == 5
+    assert rows[1].status == "upstream_disconnected" and rows[1].finish_reason is None
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+async def test_50_concurrent_conversations(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db, {"batch_size": 64})
+    client = sdk(g)
+
+    async def one(i: int) -> tuple[str, list[dict[str, Any]]]:
+        msgs: list[dict[str, Any]] = [{"role": "user", "content": f"conversation {i} turn 0"}]
+        cid = None
+        for t in range(3):
+            if t:
+                msgs.append({"role": "user", "content": f"conversation {i} turn {t}"})
+            raw = await client.chat.completions.with_raw_response.create(
+                model="demo-chat", messages=msgs, extra_headers={"X-Conversation-ID": cid} if cid else None)
+            cid = raw.headers["X-Conversation-ID"]
+            msgs.append(raw.parse().choices[0].message.model_dump(exclude_none=True))
+        assert cid
+        return cid, msgs
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    await client.close()
+    assert len({cid for cid, _ in results}) == 50
+    await g.plugin("conversations").flush()
+    async with g.gw.db.engine.connect() as conn:
+        all_rows = (await conn.execute(select(M).order_by(M.c.conversation_id, M.c.position))).all()
+    by: dict[str, list[Any]] = {}
+    for r in all_rows:
+        by.setdefault(r.conversation_id, []).append(r)
+    assert len(all_rows) == 50 * 6
+    for cid, msgs in results:
+        rows = by[cid]
+        assert [r.position for r in rows] == list(range(6))
+        assert all(same(row_message(r), m) for r, m in zip(rows, msgs))
