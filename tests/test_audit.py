@@ -247,6 +247,7 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
     purged = rows(db_path, "type = 'audit.purged'")
     first = purged[0]
     assert first["deleted"] >= 6 and first["anchor"]["seq"] >= 6 and first["actor"] == "retention"
+    assert first["seq"] > first["anchor"]["seq"]
     remaining = rows(db_path)
     assert all(e["type"] != "request" or e["seq"] > first["anchor"]["seq"] for e in remaining)
     res = await acli(tmp_path / "gateway.yaml", "verify")

@@ -81,8 +81,9 @@ def row_values(seq: int, prev: str, event: dict[str, Any]) -> dict[str, Any]:
     return vals
 
 
-async def _append(conn: AsyncConnection, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    seq, prev = await _head(conn)
+async def _append(conn: AsyncConnection, batch: list[dict[str, Any]],
+                  head: tuple[int, str] | None = None) -> list[dict[str, Any]]:
+    seq, prev = head if head is not None else await _head(conn)
     rows = []
     for ev in batch:
         seq += 1
@@ -109,11 +110,12 @@ async def purge(db: Database, before: str, actor: str = "retention") -> dict[str
         anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= last_old)
                                      .order_by(events.c.seq.desc()).limit(1))).first()
         first = (await conn.execute(select(func.min(events.c.seq)))).scalar()
+        top = await _head(conn)  # read before the delete: the purge event continues the chain
         res = await conn.execute(delete(events).where(events.c.seq <= last_old))
         ev = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
               "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
               "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-        await _append(conn, [ev])
+        await _append(conn, [ev], head=top)
     return ev
 
 
