@@ -1,0 +1,151 @@
+"""The database layer: SQLite pragmas applied and read back, Alembic migrations by `gateway db upgrade`
+on a fresh SQLite file and on PostgreSQL, auto-migration at start for the embedded default."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+
+from gateway.db import Database, DatabaseError, alembic_config
+from gateway.plugin import Plugin, registry
+
+from .helpers import write_config
+
+
+class NeedsDb(Plugin):
+    name = "t_db_user"
+    uses_database: ClassVar[bool] = True
+
+
+registry.register(NeedsDb)
+
+
+def heads() -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_heads())
+
+
+def gateway_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+async def test_sqlite_pragmas_applied_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    db = Database(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=1234)
+    try:
+        got = await db.check()
+        assert got == {"journal_mode": "wal", "busy_timeout": 1234, "synchronous": 1}
+        # Every pooled connection gets them, not just the first one.
+        conns = [await db.engine.connect() for _ in range(3)]
+        try:
+            for c in conns:
+                assert (await c.execute(text("PRAGMA busy_timeout"))).scalar() == 1234
+                assert (await c.execute(text("PRAGMA synchronous"))).scalar() == 1
+                assert (await c.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+        finally:
+            for c in conns:
+                await c.close()
+        async with db.session() as s:
+            await s.execute(text("CREATE TABLE t (x INTEGER)"))
+            await s.execute(text("INSERT INTO t VALUES (1)"))
+            await s.commit()
+        assert await db.ping()
+    finally:
+        await db.close()
+    # WAL is a property of the file: a plain sqlite3 connection sees it, and the -wal file exists.
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        raw.close()
+
+
+async def test_check_refuses_when_pragmas_do_not_apply() -> None:
+    db = Database("sqlite+aiosqlite:///:memory:")  # an in-memory database cannot be WAL
+    try:
+        with pytest.raises(DatabaseError) as ei:
+            await db.check()
+        assert "journal_mode" in str(ei.value)
+    finally:
+        await db.close()
+
+
+async def test_unreachable_database_ping_is_false() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = Database(f"postgresql+asyncpg://nobody@127.0.0.1:{port}/x")
+    try:
+        assert await db.ping(timeout=3) is False
+    finally:
+        await db.close()
+
+
+def _versions_sqlite(path: Path) -> set[str]:
+    raw = sqlite3.connect(path)
+    try:
+        return {r[0] for r in raw.execute("SELECT version_num FROM alembic_version")}
+    finally:
+        raw.close()
+
+
+def _config(tmp_path: Path, url: str) -> Path:
+    return write_config(tmp_path / "gateway.yaml", f"admin: {{enabled: false}}\nupstream: {{url: http://127.0.0.1:9}}\n"
+                                                   f"database:\n  url: {url}\n")
+
+
+def test_db_upgrade_fresh_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "fresh.db"
+    cfg = _config(tmp_path, f"sqlite+aiosqlite:///{path}")
+    assert not path.exists()
+    r = gateway_cli("db", "upgrade", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = heads()
+    assert r.stdout.strip() == f"database at head: {', '.join(sorted(want)) or '(no migrations)'}"
+    if want:
+        assert _versions_sqlite(path) == want
+    # `db current` reports the same heads.
+    r = gateway_cli("db", "current", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for h in want:
+        assert h in r.stdout
+    assert not (tmp_path / "gateway.db").exists()  # only the configured file was touched
+
+
+async def test_db_upgrade_postgresql(tmp_path: Path, pg_url: str) -> None:
+    cfg = _config(tmp_path, pg_url)
+    r = await asyncio.to_thread(gateway_cli, "db", "upgrade", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    want = heads()
+    db = Database(pg_url)
+    try:
+        assert await db.check() == {}
+        assert await db.ping()
+        if want:
+            async with db.engine.connect() as c:
+                got = {row[0] for row in await c.execute(text("SELECT version_num FROM alembic_version"))}
+            assert got == want
+        assert set(await db.upgrade()) == want  # running it again is a no-op
+    finally:
+        await db.close()
+
+
+async def test_gateway_start_migrates_embedded_sqlite(make_gateway: Any, tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "t_db_user"}])
+    path = tmp_path / "gateway.db"
+    assert g.gw.db.is_sqlite and path.exists()
+    want = heads()
+    if want:
+        assert _versions_sqlite(path) == want
+    async with g.gw.db.engine.connect() as c:
+        assert (await c.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
