@@ -409,3 +409,16 @@ async def test_postgres_two_gateways_append_to_one_chain(make_gateway, pg_url, t
         await d.close()
     res = await acli(tmp_path / "a.yaml", "verify")
     assert res.returncode == 1 and "BROKEN at seq 40 (edited)" in res.stdout and "client_ip" in res.stdout
+
+
+# -- trace id -------------------------------------------------------------------------------------------
+async def test_trace_id_comes_from_the_current_span(make_gateway, tmp_path):
+    g = await make_gateway([{"name": "tracing", "config": {"exporter": {"type": "memory"}}}, {"name": "audit"}])
+    tid = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        await post(s, g.url, traceparent=f"00-{tid}-00f067aa0ba902b7-01")
+        await post(s, g.url)
+    await wait_for(lambda: len(rows(tmp_path / "gateway.db")) == 2, what="2 rows")
+    first, second = rows(tmp_path / "gateway.db")
+    assert first["trace_id"] == tid
+    assert len(second["trace_id"]) == 32 and second["trace_id"] != tid
