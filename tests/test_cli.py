@@ -1,0 +1,171 @@
+"""The command line: `gateway check` exit codes, and `gateway demo` whose printed curl command and
+Python snippet are run exactly as printed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .helpers import free_port, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gateway(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def run_main(*args: str) -> int:
+    """The same entry point in-process (fast): returns the exit code."""
+    from gateway.cli import main
+
+    try:
+        return main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_check_exit_codes(tmp_path: Path) -> None:
+    good = write_config(tmp_path / "good.yaml", "admin: {enabled: false}\nupstream: {url: http://127.0.0.1:9}\n"
+                                                "plugins:\n  - name: headers\n")
+    r = gateway("check", "-c", str(good))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{good}: OK (1 plugin(s): headers;")
+    bad = write_config(tmp_path / "bad.yaml", "admin: {enabled: false}\nupstream:\n  url: http://127.0.0.1:9\n"
+                                              "  timeout: 5\nserver: {port: x}\n")
+    r = gateway("check", "-c", str(bad))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert f"{bad}: upstream.timeout -> line 4: unknown key" in lines
+    assert any(ln.startswith(f"{bad}: server.port -> line 5: ") for ln in lines)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_check_config_lookup(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    good = write_config(tmp_path / "good.yaml", "admin: {enabled: false}\nupstream: {url: http://127.0.0.1:9}\n")
+    assert run_main("check", "-c", str(tmp_path / "missing.yaml")) == 2
+    assert "cannot read" in capsys.readouterr().err
+    monkeypatch.setenv("GATEWAY_CONFIG", str(good))
+    assert run_main("check") == 0
+    monkeypatch.delenv("GATEWAY_CONFIG")
+    monkeypatch.chdir(tmp_path)
+    assert run_main("check") == 2  # ./gateway.yaml does not exist here
+    (tmp_path / "gateway.yaml").write_text(good.read_text())
+    assert run_main("check") == 0
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "")
+    capsys.readouterr()
+    assert run_main("check", "-c", str(ROOT / "gateway.yaml")) == 2
+    assert "GATEWAY_ADMIN_TOKEN is not set" in capsys.readouterr().err
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", "t" * 32)
+    assert run_main("check", "-c", str(ROOT / "gateway.yaml")) == 0
+
+
+def test_usage(capsys: Any) -> None:
+    assert run_main() == 2
+    assert "usage:" in capsys.readouterr().err
+    assert run_main("--help") == 0
+    out = capsys.readouterr().out
+    for cmd in ("serve", "check", "db", "demo"):
+        assert cmd in out
+
+
+class Demo:
+    """`gateway demo` as a subprocess; collects stdout until the instructions are complete."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
+        env.update(GATEWAY_PORT=str(self.port), GATEWAY_ADMIN_PORT=str(self.admin_port), GATEWAY_HOST="127.0.0.1",
+                   GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", PYTHONUNBUFFERED="1")
+        self.log = open(tmp_path / "demo.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.lines: list[str] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("Press Ctrl-C"):
+                self.done.set()
+        self.done.set()
+
+    def instructions(self, timeout: float = 45) -> list[str]:
+        if not self.done.wait(timeout) or not any(ln.startswith("Press Ctrl-C") for ln in self.lines):
+            raise AssertionError("demo did not print its instructions:\n" + "\n".join(self.lines) +
+                                 Path(self.log.name).read_text(errors="replace")[-3000:])
+        return self.lines
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def curl_command(lines: list[str]) -> str:
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("curl "))
+    cmd = []
+    for ln in lines[start:]:
+        cmd.append(ln)
+        if not ln.rstrip().endswith("\\"):
+            break
+    return "\n".join(cmd)
+
+
+def python_snippet(lines: list[str]) -> str:
+    start = next(i for i, ln in enumerate(lines) if "<<'PY'" in ln)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == "PY")
+    return "\n".join(lines[start:end + 1])
+
+
+def test_demo_prints_commands_that_work(tmp_path: Path) -> None:
+    demo = Demo(tmp_path)
+    try:
+        lines = demo.instructions()
+        text = "\n".join(lines)
+        assert f"http://127.0.0.1:{demo.port}" in text
+        curl = curl_command(lines)
+        assert f"http://127.0.0.1:{demo.port}/v1/chat/completions" in curl
+        r = subprocess.run(curl + " -w '\\n%{http_code}'", shell=True, executable="/bin/bash", capture_output=True,
+                           text=True, timeout=30)
+        body, _, code = r.stdout.rpartition("\n")
+        assert code == "200", (curl, r.stdout, r.stderr)
+        answer = json.loads(body)
+        assert answer["choices"][0]["message"]["content"] == "Hello from the demo backend. You said: Hello!"
+        assert answer["usage"]["total_tokens"] > 0
+        # The SDK snippet, run with the same interpreter as `python`.
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        (bindir / "python").symlink_to(sys.executable)
+        snippet = python_snippet(lines)
+        r = subprocess.run(snippet, shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+        assert r.returncode == 0, (snippet, r.stderr)
+        out = r.stdout.splitlines()
+        assert out[0] == "Hello from the demo backend. You said: Hello!"
+        assert out[1] == "Hello from the demo backend. You said: Stream please"
+        # The admin listener works with the printed token.
+        m = re.search(r"admin listener\s*:\s*(http://\S+)\s+\(admin token: (\S+)\)", text)
+        assert m, text
+        r = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                            f"Authorization: Bearer {m.group(2)}", m.group(1) + "/metrics"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.stdout == "200"
+    finally:
+        rc = demo.stop()
+    assert rc == 0, Path(demo.log.name).read_text(errors="replace")[-3000:]
