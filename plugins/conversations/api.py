@@ -79,6 +79,7 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
         if rest == "":
             if ctx.method != "GET":
                 return _err_reply(405, "Use GET to list conversations.", "method_not_allowed")
+            await shared.settle_owner(owner)
             data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"))
             return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
                                     "next_cursor": nxt})

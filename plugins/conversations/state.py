@@ -206,6 +206,10 @@ class Shared:
             except TimeoutError:
                 pass
 
+    async def settle_owner(self, owner: str, timeout: float = 5.0) -> None:
+        for v in [v for v in self.views.values() if v.owner == owner and v.pending()]:
+            await self.settle(v, timeout)
+
     async def flush(self, timeout: float = 10.0) -> None:
         await self.writer.flush(timeout)
 

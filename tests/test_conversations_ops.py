@@ -1,0 +1,336 @@
+"""conversations: caller and admin APIs, CLI, retention, queue policy, database outage, SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+from .test_conversations import ADMIN, chat, db, start, stored  # noqa: F401  (db is a fixture)
+
+
+async def metric(g: Any, name: str, **labels: str) -> float:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
+            text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and line.split(" ")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -- caller API ----------------------------------------------------------------------------------------
+async def test_caller_api_list_read_delete_paginated(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"}, {"page_size": 2})
+    ids = []
+    for i in range(3):
+        st, h, b = await chat(g, [{"role": "system", "content": "s"}, {"role": "user", "content": f"hello {i}"}])
+        ids.append(h["X-Conversation-ID"])
+    n_upstream = len(upstream.requests)
+    base = g.url + "/gateway/conversations"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base) as r:
+            p1 = await r.json()
+        assert p1["object"] == "list" and len(p1["data"]) == 2 and p1["has_more"]
+        async with s.get(base, params={"cursor": p1["next_cursor"]}) as r:
+            p2 = await r.json()
+        assert len(p2["data"]) == 1 and not p2["has_more"]
+        assert {c["id"] for c in p1["data"] + p2["data"]} == set(ids)
+        assert p1["data"][0]["id"] == ids[-1]           # newest activity first
+        async with s.get(f"{base}/{ids[0]}", params={"limit": 2}) as r:
+            c = await r.json()
+        assert [m["position"] for m in c["messages"]] == [0, 1] and c["has_more"] and c["message_count"] == 3
+        async with s.get(f"{base}/{ids[0]}", params={"after": c["next_after"]}) as r:
+            c2 = await r.json()
+        assert [m["role"] for m in c2["messages"]] == ["assistant"] and not c2["has_more"]
+        assert c2["messages"][0]["status"] == "complete"
+        async with s.delete(f"{base}/{ids[0]}") as r:
+            assert r.status == 200 and (await r.json())["deleted"] is True
+        async with s.get(f"{base}/{ids[0]}") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "conversation_not_found"
+        async with s.post(base) as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+        async with s.get(f"{base}/a/b") as r:
+            assert r.status == 404
+        async with s.get(base, params={"limit": "x"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "limit"
+        async with s.get(base, params={"cursor": "!!"}) as r:
+            assert r.status == 400
+    assert len(upstream.requests) == n_upstream          # the caller API is never forwarded
+    st, h, b = await chat(g, [{"role": "user", "content": "again"}], ids[0])
+    assert st == 404                                     # a deleted conversation cannot be continued
+
+
+# -- admin API -------------------------------------------------------------------------------------------
+async def test_admin_api_search_show_export_delete_purge(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db, key_auth=True)
+    events: list[tuple[str, dict[str, Any]]] = []
+    g.services.events.subscribe(lambda t, f: events.append((t, f)))
+    keys = {}
+    async with aiohttp.ClientSession() as s:
+        for owner in ("alice", "bob"):
+            async with s.post(g.admin_url + "/keys", json={"owner": owner, "name": owner}, headers=ADMIN) as r:
+                keys[owner] = await r.json()
+    st, h, _ = await chat(g, [{"role": "user", "content": "Zebra stripes"}], key=keys["alice"]["key"])
+    a1 = h["X-Conversation-ID"]
+    st, h, _ = await chat(g, [{"role": "user", "content": "café crème"}], key=keys["alice"]["key"])
+    a2 = h["X-Conversation-ID"]
+    st, h, _ = await chat(g, [{"role": "user", "content": "bob here"}], key=keys["bob"]["key"])
+    b1 = h["X-Conversation-ID"]
+    adm = g.admin_url
+    async with aiohttp.ClientSession(headers=ADMIN) as s:
+        async def get(path: str, **params: Any) -> Any:
+            async with s.get(adm + path, params=params) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+        assert {c["id"] for c in (await get("/conversations"))["data"]} == {a1, a2, b1}
+        assert {c["id"] for c in (await get("/conversations", owner="alice"))["data"]} == {a1, a2}
+        assert {c["id"] for c in (await get("/conversations", key_id=keys["bob"]["id"]))["data"]} == {b1}
+        assert [c["id"] for c in (await get("/conversations", q="zebra"))["data"]] == [a1]
+        assert [c["id"] for c in (await get("/conversations", q="CAFÉ"))["data"]] in ([a2], [])  # case folding of
+        assert [c["id"] for c in (await get("/conversations", q="café"))["data"]] == [a2]           # non-ASCII varies
+        assert (await get("/conversations", since="2999-01-01T00:00:00Z"))["data"] == []
+        assert len((await get("/conversations", until="2999-01-01T00:00:00Z"))["data"]) == 3
+        p1 = await get("/conversations", limit=2)
+        p2 = await get("/conversations", limit=2, cursor=p1["next_cursor"])
+        assert len(p1["data"]) == 2 and p1["has_more"] and len(p2["data"]) == 1 and not p2["has_more"]
+        one = await get(f"/conversations/{a1}", turns="true")
+        assert one["owner"] == "alice" and len(one["messages"]) == 2 and one["turns"][0]["prompt_tokens"] > 0
+        async with s.get(adm + f"/conversations/{a1}/export") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/x-ndjson")
+            lines = (await r.text()).splitlines()
+        assert [json.loads(x)["position"] for x in lines] == [0, 1]
+        assert json.loads(lines[0])["content"] == "Zebra stripes"
+        async with s.get(adm + "/conversations/export", params={"owner": "alice"}) as r:
+            lines = [json.loads(x) for x in (await r.text()).splitlines()]
+        assert len(lines) == 4 and {x["conversation_id"] for x in lines} == {a1, a2}
+        for path, code in (("/conversations/export", 400), ("/conversations/conv_nope/export", 404),
+                           ("/conversations/conv_nope", 404)):
+            async with s.get(adm + path) as r:
+                assert r.status == code and "error" in await r.json()
+        async with s.delete(adm + "/conversations") as r:       # erasure needs an owner
+            assert r.status == 400 and (await r.json())["error"]["param"] == "owner"
+        async with s.delete(adm + f"/conversations/{b1}") as r:
+            assert r.status == 200
+        async with s.delete(adm + "/conversations", params={"owner": "alice"}) as r:
+            assert (await r.json())["deleted"] == 2
+        assert (await get("/conversations"))["data"] == []
+        st, h, _ = await chat(g, [{"role": "user", "content": "new"}], key=keys["bob"]["key"])
+        async with s.post(adm + "/conversations/purge", params={"older_than_days": "30"}) as r:
+            assert (await r.json())["deleted"] == 0
+        async with s.post(adm + "/conversations/purge", params={"older_than_days": "-1"}) as r:
+            assert r.status == 400
+        async with s.get(adm + "/openapi.json") as r:
+            paths = (await r.json())["paths"]
+        assert {"/conversations", "/conversations/{cid}", "/conversations/{cid}/export", "/conversations/export",
+                "/conversations/purge"} <= set(paths)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(adm + "/conversations") as r:
+            assert r.status == 401
+    kinds = [t for t, _ in events if t.startswith("conversation")]
+    assert kinds == ["conversation.exported", "conversation.exported", "conversation.deleted",
+                     "conversation.deleted", "conversations.purged"]
+    assert all(f["actor"] == "admin" for t, f in events if t.startswith("conversation"))
+
+
+async def test_retention_runs_in_background(make_gateway: Any, tmp_path: Path) -> None:
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"},
+                    {"retention_days": 1 / 86400, "retention_interval": 0.3})
+    events: list[str] = []
+    g.services.events.subscribe(lambda t, f: events.append(t))
+    st, h, _ = await chat(g, [{"role": "user", "content": "short-lived"}])
+    cid = h["X-Conversation-ID"]
+    assert len(await stored(g, cid)) == 2
+    for _ in range(60):
+        await asyncio.sleep(0.1)
+        if not await stored(g, cid):
+            break
+    assert await stored(g, cid) == [] and "conversations.purged" in events
+    st, h, b = await chat(g, [{"role": "user", "content": "x"}], cid)
+    assert st == 404
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+def run_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real command line, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "gateway", "conversations", *args, "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def run_cli_here(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same entry point (gateway.cli.main) in this process: subprocess start-up costs seconds."""
+    from gateway.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(["conversations", *args, "-c", str(cfg)])
+        except SystemExit as e:
+            rc = int(e.code or 0)
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+async def test_cli_list_show_export_delete_purge(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    dbfile = tmp_path / "cli.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{dbfile}"})
+    ids = []
+    for owner_text in ("first", "second"):
+        st, h, _ = await chat(g, [{"role": "user", "content": f"{owner_text} conversation"}])
+        ids.append(h["X-Conversation-ID"])
+    await g.plugin("conversations").flush()
+    await g.stop()
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "conversations"}],
+                                                          database={"url": f"sqlite+aiosqlite:///{dbfile}"}))
+    r = await asyncio.to_thread(run_cli, cfg, "list", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {c["id"] for c in json.loads(r.stdout)["data"]} == set(ids)
+    r = await asyncio.to_thread(run_cli_here, cfg, "list", "-q", "second")
+    assert ids[1] in r.stdout and ids[0] not in r.stdout
+    r = await asyncio.to_thread(run_cli_here, cfg, "show", ids[0])
+    assert "first conversation" in r.stdout and "assistant" in r.stdout
+    r = await asyncio.to_thread(run_cli_here, cfg, "export", ids[0])
+    assert [json.loads(x)["role"] for x in r.stdout.splitlines()] == ["user", "assistant"]
+    out = tmp_path / "all.jsonl"
+    r = await asyncio.to_thread(run_cli_here, cfg, "export", "--owner", "anonymous", "-o", str(out))
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 4
+    r = await asyncio.to_thread(run_cli_here, cfg, "delete", ids[0], "--json")
+    assert json.loads(r.stdout) == {"deleted": 1}
+    r = await asyncio.to_thread(run_cli_here, cfg, "show", ids[0])
+    assert r.returncode == 1
+    r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "30d")
+    assert r.returncode == 0 and "purged 0" in r.stdout
+    r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "0s", "--json")
+    assert json.loads(r.stdout) == {"deleted": 1}
+    r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "soon")
+    assert r.returncode == 2
+
+
+# -- the writer under pressure ---------------------------------------------------------------------------
+def lock_sqlite(path: Path) -> sqlite3.Connection:
+    """Another process-level writer holding the database: every write from the gateway gets SQLITE_BUSY."""
+    c = sqlite3.connect(path, isolation_level=None, timeout=5)
+    c.execute("BEGIN EXCLUSIVE")
+    return c
+
+
+async def test_queue_full_drops_are_counted(make_gateway: Any, tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 100},
+                    {"queue_size": 2, "batch_size": 1, "on_queue_full": "drop", "flush_interval": 0.05})
+    st, h, _ = await chat(g, [{"role": "user", "content": "warm up"}])
+    await g.plugin("conversations").flush()
+    lock = lock_sqlite(path)
+    try:
+        res = await asyncio.gather(*(chat(g, [{"role": "user", "content": f"m{i}"}]) for i in range(12)))
+        assert all(st == 200 for st, _, _ in res)        # the request path never waits on the database
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    await g.plugin("conversations").flush()
+    written = await metric(g, "gateway_writer_written_total", writer="conversations")
+    dropped = await metric(g, "gateway_writer_dropped_total", writer="conversations", reason="queue_full")
+    assert dropped >= 1 and written + dropped == 13      # every record is written or counted
+    lost = [h["X-Conversation-ID"] for _, h, _ in res]
+    found = [len(await stored(g, cid)) for cid in lost]
+    assert sorted(set(found)) in ([0, 2], [2], [0])
+    assert found.count(0) == dropped
+    # a conversation whose only record was dropped does not exist: its id answers 404, not stale data
+    gone = lost[found.index(0)]
+    st, _, b = await chat(g, [{"role": "user", "content": "m"}], gone)
+    assert st == 404
+
+
+async def test_database_outage_during_traffic(make_gateway: Any, db: dict[str, Any], tmp_path: Path) -> None:
+    url = db["url"]
+    if url.startswith("sqlite"):
+        db = {**db, "busy_timeout_ms": 100}
+    g = await start(make_gateway, db, {"flush_interval": 0.05, "retry_for": 60})
+    st, h, b = await chat(g, [{"role": "user", "content": "before the outage"}])
+    cid = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    history = [{"role": "user", "content": "before the outage"}, b["choices"][0]["message"]]
+    if url.startswith("sqlite"):
+        lock = lock_sqlite(Path(url.split("///", 1)[1]))
+    else:
+        name = url.rsplit("/", 1)[1]
+        admin = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql").rsplit("/", 1)[0] + "/postgres")
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+    try:
+        new_ids = []
+        for i in range(5):    # new conversations and a cached one keep working while the store is down
+            st, h, _ = await chat(g, [{"role": "user", "content": f"during {i}"}])
+            assert st == 200
+            new_ids.append(h["X-Conversation-ID"])
+            history.append({"role": "user", "content": f"turn {i}"})
+            st, h, b = await chat(g, history, cid)
+            assert st == 200 and h["X-Conversation-ID"] == cid
+            history.append(b["choices"][0]["message"])
+        t0 = time.monotonic()
+        while await metric(g, "gateway_writer_retries_total", writer="conversations") == 0:
+            assert time.monotonic() - t0 < 10
+            await asyncio.sleep(0.1)
+    finally:
+        if url.startswith("sqlite"):
+            lock.execute("ROLLBACK")
+            lock.close()
+        else:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+    await g.plugin("conversations").flush(30)
+    assert await metric(g, "gateway_writer_dropped_total", writer="conversations") == 0
+    for nid in new_ids:
+        assert len(await stored(g, nid)) == 2
+    rows = await stored(g, cid)
+    assert [r.position for r in rows] == list(range(len(history)))
+
+
+async def test_sigterm_flushes_queued_writes(upstream: Any, tmp_path: Path) -> None:
+    dbfile = tmp_path / "sig.db"
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "conversations", "config": {"flush_interval": 3.0,
+                                                                                     "batch_size": 1000}}],
+                      server={"port": port}, admin={"port": admin_port},
+                      database={"url": f"sqlite+aiosqlite:///{dbfile}"})
+    p = GatewayProcess(write_config(tmp_path / "sig.yaml", cfg), port, admin_port).start()
+    try:
+        await p.wait_ready()
+        async with aiohttp.ClientSession() as s:
+            async def one(i: int) -> int:
+                async with s.post(p.url + "/v1/chat/completions", json={
+                        "model": "demo-chat", "messages": [{"role": "user", "content": f"q{i}"}]}) as r:
+                    await r.read()
+                    return r.status
+            assert await asyncio.gather(*(one(i) for i in range(30))) == [200] * 30
+        c = sqlite3.connect(dbfile)
+        queued = c.execute("SELECT count(*) FROM conversation_messages").fetchone()[0]
+        c.close()
+        assert queued < 60                                # still in the writer's queue
+        p.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(p.wait, 30) == 0
+    finally:
+        p.stop()
+    c = sqlite3.connect(dbfile)
+    try:
+        assert c.execute("SELECT count(*) FROM conversation_messages").fetchone()[0] == 60
+        assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] == 30
+        assert c.execute("SELECT count(*) FROM conversation_turns").fetchone()[0] == 30
+    finally:
+        c.close()
+    assert "not written" not in p.log()
