@@ -190,8 +190,9 @@ class Audit(Plugin):
     observes_response = True
     uses_database: ClassVar[bool] = True
 
-    def __init__(self, config: AuditConfig, services: Any) -> None:
+    def __init__(self, config: AuditConfig, services: Any, cli: bool = False) -> None:
         super().__init__(config, services)
+        self.cli = cli
         self.sinks: list[tuple[Sink, Any]] = []
         self._unsubscribe: Any = None
         self._purger: asyncio.Task[None] | None = None
@@ -209,6 +210,8 @@ class Audit(Plugin):
     async def startup(self) -> None:
         cfg = self.config
         for spec in cfg.specs():
+            if self.cli and spec.type == "stdout":
+                continue  # a CLI command's stdout is its output
             sink = self._sink(spec)
 
             def factory(sink: Sink = sink) -> Any:
@@ -223,7 +226,7 @@ class Audit(Plugin):
             self.sinks.append((sink, writer))
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event)
-        if cfg.retention_days and any(s.kind == "database" for s, _ in self.sinks):
+        if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
             self._purger = asyncio.create_task(self._purge_loop(), name="audit:retention")
 
     async def shutdown(self) -> None:
@@ -296,6 +299,13 @@ class Audit(Plugin):
             await asyncio.sleep(self.config.purge_interval)
 
     # -- admin API and CLI -------------------------------------------------------------------------
+    @classmethod
+    async def cli_attach(cls, config: AuditConfig, services: Any) -> "Audit":
+        """Record the events a CLI command emits (``actor: cli``); flushed by ``services.close()``."""
+        inst = cls(config, services, cli=True)
+        await inst.startup()
+        return inst
+
     @classmethod
     def admin_routes(cls, services: Any) -> list[Any]:
         from .api import routes
