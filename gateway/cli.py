@@ -57,7 +57,16 @@ async def cli_services(cfg: GatewayConfig) -> Any:
         auto = db.is_sqlite
     if auto:
         await db.upgrade()
-    return Services(cfg, db)
+    services = Services(cfg, db)
+    # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
+    # what they queue is flushed by services.close().
+    from .plugin import registry
+
+    for spec in cfg.plugins:
+        attach = getattr(registry.get(spec.name), "cli_attach", None)
+        if spec.enabled and attach is not None:
+            await attach(spec.validated, services)
+    return services
 
 
 def print_json(obj: Any) -> None:
