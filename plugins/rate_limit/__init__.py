@@ -63,6 +63,9 @@ class RateLimit(Plugin):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def startup(self) -> None:
+        if not self.store.memory and not await self.store.check():
+            log.warning("rate_limit: counter store %s not reachable at start; on_store_error=%s applies "
+                        "until it is", self.store.label, self.config.on_store_error)
         if self.has_quotas or self.config.key_overrides:
             self._quota = self.services.resource(
                 "rate_limit:quota", lambda: QuotaStore(self.services, self.config.quotas.cache_ttl),
@@ -162,7 +165,7 @@ class RateLimit(Plugin):
     @staticmethod
     def _standing(lim: Limit, remaining: int, reset: float) -> hdr.Standing:
         return hdr.Standing(lim.policy_name, lim.counts, lim.item.amount, remaining,
-                            max(0.0, reset - time.time()), lim.window)
+                            max(0.0, reset - time.time()), lim.window, lim.policy)
 
     async def _check_quota(self, ctx: RequestContext, st: _State, quota: dict[str, int | None],
                            est: int) -> Reply | None:
@@ -222,8 +225,7 @@ class RateLimit(Plugin):
         st = ctx.state.get(NAME)
         if st is None or not self.config.headers or not st.standings:
             return
-        for k, v in hdr.build(st.standings).items():
-            head.headers[k] = v
+        head.headers.update(hdr.build(st.standings))
 
     async def on_complete(self, ctx: RequestContext) -> None:
         st: _State | None = ctx.state.get(NAME)

@@ -24,6 +24,12 @@ class Standing:
     remaining: int
     reset_in: float    # seconds until the window resets / a unit frees
     window: int        # window length in seconds
+    policy: str = ""   # the RateLimit-Policy item, when precomputed
+
+
+def policy_item(name: str, counts: str, limit: int, window: int) -> str:
+    qu = ';qu="tokens"' if counts in ("tokens", "quota") else ""
+    return f'"{name}";q={limit}{qu};w={window}'
 
 
 def duration(seconds: float) -> str:
@@ -60,8 +66,7 @@ def build(standings: list[Standing]) -> dict[str, str]:
     h: dict[str, str] = {}
     pol, cur = [], []
     for s in standings:
-        qu = ';qu="tokens"' if s.counts in ("tokens", "quota") else ""
-        pol.append(f'"{s.name}";q={s.limit}{qu};w={s.window}')
+        pol.append(s.policy or policy_item(s.name, s.counts, s.limit, s.window))
         cur.append(f'"{s.name}";r={max(0, s.remaining)};t={_secs(s.reset_in)}')
     h["RateLimit-Policy"] = ", ".join(pol)
     h["RateLimit"] = ", ".join(cur)

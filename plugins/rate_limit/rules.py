@@ -9,6 +9,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
 from gateway.context import RequestContext
 
 from .config import RuleConfig
+from .headers import policy_item
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,14 +23,17 @@ class Limit:
     per_key: bool                # keyed by the API key (replaced by a key's own rpm/tpm)
     max_tokens_default: int | None
     index: int                   # position within the rule
+    policy_name: str = ""
+    policy: str = ""             # its RateLimit-Policy item
+
+    def __post_init__(self) -> None:
+        name = self.rule if self.index == 0 else f"{self.rule}-{self.index}"
+        object.__setattr__(self, "policy_name", name)
+        object.__setattr__(self, "policy", policy_item(name, self.counts, self.item.amount, self.window))
 
     @property
     def label(self) -> str:
         return f"{self.rule} ({self.item.amount}/{_window_text(self.item)})"
-
-    @property
-    def policy_name(self) -> str:
-        return self.rule if self.index == 0 else f"{self.rule}-{self.index}"
 
     @property
     def window(self) -> int:

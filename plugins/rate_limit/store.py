@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from limits import RateLimitItem
+from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.strategies import (FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter,
                                    SlidingWindowCounterRateLimiter)
 from limits.storage import storage_from_string
@@ -59,12 +59,18 @@ def build_storage(uri: str, timeout: float) -> Any:
 
 
 class Health:
-    """Shared per storage: when the store last failed (all instances back off together)."""
+    """Shared per storage: when the store last failed (all instances back off together), and whether
+    the connection needs warming up (first use, or after a failure)."""
 
-    __slots__ = ("down_until",)
+    __slots__ = ("down_until", "cold", "lock")
 
     def __init__(self) -> None:
         self.down_until = 0.0
+        self.cold = True
+        self.lock = asyncio.Lock()
+
+
+WARMUP_ITEM = RateLimitItemPerSecond(1_000_000_000)
 
 
 class CounterStore:
@@ -78,13 +84,10 @@ class CounterStore:
         self.health: Health = services.resource(f"rate_limit:health:{async_uri(uri)}", Health)
         self.limiter: RateLimiter = STRATEGIES[strategy](self.storage)
         self.fixed = strategy == "fixed"
+        self.memory = async_uri(uri).startswith("async+memory")
         self.errors = services.metric("rate_limit_store_errors", lambda reg: Counter(
             "gateway_ratelimit_store_errors_total", "Rate-limit counter store calls that failed or timed out",
             ["storage", "kind"], registry=reg))
-
-    @property
-    def memory(self) -> bool:
-        return async_uri(self.uri).startswith("async+memory")
 
     async def call(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         """Run one store operation under the deadline (absolute monotonic time, default now+timeout)."""
@@ -96,6 +99,8 @@ class CounterStore:
             if left <= 0:
                 raise TimeoutError
             async with asyncio.timeout(left):
+                if self.health.cold:
+                    await self._warm()
                 return await fn()
         except TimeoutError:
             self._failed("timeout", None)
@@ -104,20 +109,47 @@ class CounterStore:
             self._failed("error", e)
             raise StoreDown(type(e).__name__) from None
 
+    async def _warm(self) -> None:
+        """One request at a time runs the strategy's scripts once before the others go ahead: on a
+        fresh (or restarted) Redis the scripts are not loaded yet, and many concurrent first calls
+        racing to load them can lose their connection."""
+        async with self.health.lock:
+            if self.health.cold:
+                await self.limiter.hit(WARMUP_ITEM, "gateway-warmup")
+                await self.limiter.get_window_stats(WARMUP_ITEM, "gateway-warmup")
+                self.health.cold = False
+
+    async def check(self) -> bool:
+        """Connect and warm up (bounded by the timeout); False if the store is not reachable."""
+        if self.memory:
+            return True
+        try:
+            await self.call(_noop)
+            return True
+        except StoreDown:
+            return False
+
     def _failed(self, kind: str, e: BaseException | None) -> None:
         self.errors.labels(self.label, kind).inc()
+        self.health.cold = True
         self.health.down_until = time.monotonic() + self.retry
         log.warning("rate-limit store %s %s%s", self.label, "timed out" if kind == "timeout" else "failed",
                     f": {type(e).__name__}: {str(e)[:200]}" if e is not None else "")
 
     # -- operations ------------------------------------------------------------------------------
+    # In-process memory cannot hang or fail like a network store: it is called directly (no timer).
     async def hit(self, item: RateLimitItem, ids: tuple[str, ...], cost: int = 1,
                   deadline: float | None = None) -> bool:
+        if self.memory:
+            return await self.limiter.hit(item, *ids, cost=cost)
         return await self.call(lambda: self.limiter.hit(item, *ids, cost=cost), deadline)
 
     async def stats(self, item: RateLimitItem, ids: tuple[str, ...], deadline: float | None = None) -> tuple[float, int]:
-        ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
-        return float(ws.reset_time), int(ws.remaining)
+        if self.memory:
+            ws = await self.limiter.get_window_stats(item, *ids)
+        else:
+            ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
+        return ws[0], ws[1]
 
     async def charge(self, item: RateLimitItem, ids: tuple[str, ...], cost: int,
                      deadline: float | None = None) -> None:
@@ -136,6 +168,10 @@ class CounterStore:
                 return
             if await self.hit(item, ids, n, deadline):
                 return
+
+
+async def _noop() -> None:
+    return None
 
 
 async def _close_storage(storage: Any) -> None:
