@@ -13,6 +13,7 @@ and the ``gateway conversations`` CLI manage everything. See docs/conversations.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ __all__ = ["Conversations", "ConversationsConfig"]
 
 _B62 = string.ascii_letters + string.digits
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
+_GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 ANONYMOUS = "anonymous"
 
 
@@ -218,6 +220,10 @@ class Conversations(Plugin):
             cid = cid.strip()
             try:
                 v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
+                if v is None and _GENERATED(cid):
+                    # Made by another instance a moment ago? Its write may still be queued there.
+                    await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
+                    v = await shared.view(cid, cfg.cache_ttl)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
                 ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}

@@ -221,14 +221,15 @@ class Shared:
             return old
         self.views[v.id] = v
         limit = self.cfg.cache_conversations
-        if len(self.views) > limit:
-            for cid in list(self.views):
-                if len(self.views) <= limit:
+        while len(self.views) > limit:
+            victim = None
+            for cid, x in self.views.items():  # least recently used first; in-use entries stay
+                if not x.busy and not x.pending():
+                    victim = cid
                     break
-                x = self.views[cid]
-                if x.busy or x.pending():
-                    continue
-                del self.views[cid]
+            if victim is None:
+                break
+            del self.views[victim]
         return v
 
     async def view(self, cid: str, ttl: float | None) -> View | None:

@@ -229,39 +229,42 @@ class ConversationStore:
 
     # -- the writer ------------------------------------------------------------------------------
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
-        """Persist a batch in one transaction. Returns (conversation ids that were missing, i.e.
-        deleted meanwhile, conversation ids whose stored count differed from what the request saw)."""
+        """Persist a batch in one transaction with a handful of statements (one executemany per
+        table). Returns (conversation ids that were missing, i.e. deleted meanwhile, conversation
+        ids whose stored count differed from what the request saw)."""
         missing: set[str] = set()
         moved: set[str] = set()
         now = utcnow()
         async with self.db.engine.begin() as conn:
-            ids = sorted({r.conversation_id for r in batch})
-            q = select(C.c.id, C.c.owner, C.c.message_count).where(C.c.id.in_(ids)).order_by(C.c.id)
-            if not self.is_sqlite:
-                q = q.with_for_update()  # several instances may append to one conversation
+            ids = sorted({r.conversation_id for r in batch if not r.create})
             counts: dict[str, int] = {}
             owners: dict[str, str] = {}
-            for row in (await conn.execute(q)).all():
-                counts[row.id], owners[row.id] = row.message_count, row.owner
+            if ids:
+                q = select(C.c.id, C.c.owner, C.c.message_count).where(C.c.id.in_(ids)).order_by(C.c.id)
+                if not self.is_sqlite:
+                    q = q.with_for_update()  # several instances may append to one conversation
+                for row in (await conn.execute(q)).all():
+                    counts[row.id], owners[row.id] = row.message_count, row.owner
+            created: dict[str, dict[str, Any]] = {}
+            forks: list[TurnRecord] = []
             msg_rows: list[dict[str, Any]] = []
             turn_rows: list[dict[str, Any]] = []
             touched: dict[str, dict[str, Any]] = {}
             for rec in batch:
                 cid = rec.conversation_id
-                if cid not in counts:
-                    if not rec.create:
-                        missing.add(cid)
-                        continue
-                    await conn.execute(C.insert().values(
-                        id=cid, owner=rec.owner, key_id=rec.key_id, parent_id=rec.parent_id,
-                        fork_position=rec.fork_position, created_at=rec.created_at, updated_at=rec.created_at,
-                        message_count=0, turn_count=0, prompt_tokens=0, completion_tokens=0))
-                    counts[cid], owners[cid] = 0, rec.owner
+                if rec.create and cid not in counts:
+                    created[cid] = {"id": cid, "owner": rec.owner, "key_id": rec.key_id, "parent_id": rec.parent_id,
+                                    "fork_position": rec.fork_position, "created_at": rec.created_at,
+                                    "updated_at": now, "message_count": 0, "turn_count": 0, "prompt_tokens": 0,
+                                    "completion_tokens": 0, "last_model": None}
+                    owners[cid] = rec.owner
+                    counts[cid] = 0
                     if rec.parent_id is not None and rec.fork_position:
-                        if msg_rows:  # the parent's messages of this batch must be there first
-                            await conn.execute(M.insert(), msg_rows)
-                            msg_rows = []
-                        counts[cid] = await self._copy_prefix(conn, rec.parent_id, cid, rec.fork_position)
+                        forks.append(rec)
+                        counts[cid] = rec.fork_position  # the shared prefix is copied below
+                elif cid not in counts:
+                    missing.add(cid)
+                    continue
                 elif owners[cid] != rec.owner:
                     missing.add(cid)  # never append to someone else's conversation
                     continue
@@ -269,8 +272,8 @@ class ConversationStore:
                 msgs = rec.messages
                 if pos != rec.base:
                     moved.add(cid)
-                    if pos > rec.base and msgs:
-                        msgs = await self._skip_stored(conn, cid, rec.base, pos, msgs)
+                    if pos > rec.base and msgs and cid not in created:
+                        msgs = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows)
                 for m in msgs:
                     msg_rows.append({**m, "conversation_id": cid, "position": pos})
                     pos += 1
@@ -279,13 +282,22 @@ class ConversationStore:
                 turn_rows.append({**t, "conversation_id": cid,
                                   "first_position": pos - len(msgs) if msgs else None,
                                   "messages_stored": len(msgs)})
-                u = touched.setdefault(cid, {"b_id": cid, "turns": 0, "pt": 0, "ct": 0, "model": None})
-                u["turns"] += 1
-                u["pt"] += t.get("prompt_tokens") or 0
-                u["ct"] += t.get("completion_tokens") or 0
-                u["model"] = t.get("model") or u["model"]
+                u = created.get(cid)
+                if u is None:
+                    u = touched.setdefault(cid, {"b_id": cid, "turn_count": 0, "prompt_tokens": 0,
+                                                 "completion_tokens": 0, "last_model": None})
+                u["turn_count"] += 1
+                u["prompt_tokens"] += t.get("prompt_tokens") or 0
+                u["completion_tokens"] += t.get("completion_tokens") or 0
+                u["last_model"] = t.get("model") or u["last_model"]
+            if created:
+                for cid, row in created.items():
+                    row["message_count"] = counts[cid]
+                await conn.execute(C.insert(), list(created.values()))
             if msg_rows:
                 await conn.execute(M.insert(), msg_rows)
+            for rec in forks:
+                await self._copy_prefix(conn, rec.parent_id, rec.conversation_id, rec.fork_position)  # type: ignore[arg-type]
             if turn_rows:
                 await conn.execute(T.insert(), turn_rows)
             if touched:
@@ -293,26 +305,26 @@ class ConversationStore:
                 await conn.execute(
                     C.update().where(C.c.id == bindparam("b_id")).values(
                         message_count=bindparam("count"), updated_at=bindparam("now"),
-                        turn_count=C.c.turn_count + bindparam("turns"),
-                        prompt_tokens=C.c.prompt_tokens + bindparam("pt"),
-                        completion_tokens=C.c.completion_tokens + bindparam("ct"),
-                        last_model=func.coalesce(bindparam("model", type_=sa.String), C.c.last_model)),
+                        turn_count=C.c.turn_count + bindparam("turn_count"),
+                        prompt_tokens=C.c.prompt_tokens + bindparam("prompt_tokens"),
+                        completion_tokens=C.c.completion_tokens + bindparam("completion_tokens"),
+                        last_model=func.coalesce(bindparam("last_model", type_=sa.String), C.c.last_model)),
                     params)
         return missing, moved
 
-    async def _copy_prefix(self, conn: Any, parent: str, child: str, upto: int) -> int:
+    async def _copy_prefix(self, conn: Any, parent: str, child: str, upto: int) -> None:
         cols = [c for c in M.c if c.name not in ("id", "conversation_id")]
         sel = select(sa.literal(child, sa.String(64)).label("conversation_id"), *cols).where(
             M.c.conversation_id == parent, M.c.position < upto).order_by(M.c.position)
         await conn.execute(M.insert().from_select(["conversation_id"] + [c.name for c in cols], sel))
-        n = (await conn.execute(select(func.count()).select_from(M).where(M.c.conversation_id == child))).scalar()
-        return int(n or 0)
 
-    async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Another instance appended since this request looked: drop our leading messages that are
+    async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]],
+                           queued: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Another request appended since this one looked: drop our leading messages that are
         already stored there (same digests), append the rest."""
         stored = [r.digest for r in (await conn.execute(
             select(M.c.digest).where(M.c.conversation_id == cid, M.c.position >= base).order_by(M.c.position)))]
+        stored += [m["digest"] for m in queued if m["conversation_id"] == cid and m["position"] >= base]
         i = 0
         while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
             i += 1
