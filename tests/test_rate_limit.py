@@ -505,3 +505,19 @@ def test_bad_config_is_rejected(tmp_path: Path):
         import yaml
         with pytest.raises(ConfigError):
             load_config_text(yaml.safe_dump(cfg))
+
+
+async def test_route_scoped_rules(make_gateway):
+    g = await make_gateway(
+        [rl(rules=[{"name": "per-ip", "limit": "100/minute", "key_by": ["ip"]}])],
+        routes=[{"path_prefix": "/v1/embeddings", "methods": ["POST"],
+                 "plugins": {"rate_limit": {"config": {"rules": [
+                     {"name": "embed-per-ip", "limit": "2/minute", "key_by": ["ip", "route"]}]}}}}])
+    async with aiohttp.ClientSession() as s:
+        emb = []
+        for _ in range(3):
+            async with s.post(g.url + "/v1/embeddings", json={"model": "demo-embed", "input": "hi"}, timeout=T) as r:
+                emb.append((r.status, r.headers.get("x-ratelimit-limit-requests")))
+        chat = [(await post(s, g.url))[0] for _ in range(3)]
+    assert emb == [(200, "2"), (200, "2"), (429, "2")]
+    assert chat == [200, 200, 200]
