@@ -227,6 +227,12 @@ async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forward
         assert "tpm (60/minute)" in body["error"]["message"]
         assert len(upstream.requests) == n_before
         assert int(h["Retry-After"]) >= 1
+        # Larger than the whole limit: can never fit, and the message says so.
+        st, body, _ = await post(s, g.url, chat_body("hello", max_tokens=500))
+        assert st == 429 and "Request too large for rule tpm (60/minute)" in body["error"]["message"]
+        # A GET generates no tokens: not refused for an estimate.
+        async with s.get(g.url + "/v1/models", timeout=T) as r:
+            assert r.status == 200
 
 
 async def test_cancelled_stream_is_charged_for_what_was_generated(make_gateway, upstream):

@@ -121,15 +121,15 @@ class RateLimit(Plugin):
             if tok or has_quota:
                 ctx.want_usage()
                 body = ctx.json
-                st.prompt = prompt_estimate(body)
-                default = self.config.estimate_default_max_tokens
-                if ctx.path.endswith("/embeddings"):
-                    default = 0
-                for lim in tok:
-                    ids = identifiers(lim, ctx)
-                    st.token_limits.append((lim, ids))
-                est = st.prompt + max_tokens(body, default)
+                if ctx.method == "POST" and isinstance(body, dict):
+                    st.prompt = prompt_estimate(body)
+                    default = 0 if ctx.path.endswith("/embeddings") else self.config.estimate_default_max_tokens
+                    est = st.prompt + max_tokens(body, default)
+                else:
+                    est = 0  # GET /v1/models and the like generate no tokens
                 st.estimate = est
+                for lim in tok:
+                    st.token_limits.append((lim, identifiers(lim, ctx)))
                 for lim, ids in st.token_limits:
                     reset, remaining = await store.stats(lim.item, ids, deadline)
                     s = self._standing(lim, remaining, reset)
@@ -201,6 +201,11 @@ class RateLimit(Plugin):
                    f"{s.limit - max(0, s.remaining)}, requested about {needed}. Retry in {retry}s or ask for a "
                    f"larger quota.")
             err_type = "insufficient_quota"
+        elif needed > lim.item.amount:
+            label = lim.label
+            err_type = "tokens"
+            msg = (f"Request too large for rule {lim.label}: about {needed} tokens estimated (prompt plus "
+                   f"max_tokens), more than the limit of {lim.item.amount}. Lower max_tokens or shorten the prompt.")
         else:
             label = lim.label
             unit = "requests" if lim.counts == "requests" else "tokens"
