@@ -347,6 +347,7 @@ async def test_exporter_none_is_off_and_config_is_validated(make_gateway, upstre
     assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
     assert upstream.requests[-1]["headers"]["traceparent"] == TRACEPARENT
     assert g.plugin("tracing").entry is None
+    assert g.plugin("tracing").middlewares() == [] and g.plugin("tracing").trace_configs() == []
 
     from gateway.config import ConfigError, load_config_text
 
@@ -357,3 +358,12 @@ async def test_exporter_none_is_off_and_config_is_validated(make_gateway, upstre
         with pytest.raises(ConfigError):
             load_config_text(yaml.safe_dump(base_config(upstream.url, __import__("pathlib").Path("/tmp"),
                                                         [{"name": "tracing", "config": bad}])))
+
+
+async def test_genai_on_the_server_span_when_asked(make_gateway, upstream):
+    g = await make_gateway([tracing(genai_span=False)])
+    assert (await post(g.url + "/v1/chat/completions", CHAT))[0] == 200
+    spans = by_name(g.plugin("tracing").memory_exporter.get_finished_spans())
+    assert set(spans) == {"POST /v1/chat/completions", "POST"}
+    a = spans["POST /v1/chat/completions"].attributes
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.usage.output_tokens"] > 0

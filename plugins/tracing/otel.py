@@ -308,6 +308,32 @@ def quiet_exporter_logs() -> None:
         logging.getLogger(name).addFilter(f)
 
 
+def gate_client_trace_config(tc: Any) -> Any:
+    """Run the client instrumentation only for requests whose server span is recorded.
+
+    The instrumentation builds attributes and copies every header before it asks the sampler, so on
+    its own it costs an unsampled or untraced request nearly as much as a sampled one. Gated: no tracing
+    for this request -> nothing (the caller's traceparent passes on as it came); not sampled -> only the
+    context is injected (the upstream learns the "not sampled" decision); sampled -> the full client span.
+    """
+    from opentelemetry.propagate import inject
+
+    starts = list(tc.on_request_start)
+    tc.on_request_start.clear()
+
+    async def on_request_start(session: Any, tctx: Any, params: Any) -> None:
+        if ACTIVE.get() is None:
+            return
+        if not trace.get_current_span().is_recording():
+            inject(params.headers)
+            return
+        for cb in starts:
+            await cb(session, tctx, params)
+
+    tc.on_request_start.append(on_request_start)
+    return tc
+
+
 def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing | None"]) -> Any:
     """The one middleware the core mounts on the public app."""
 
