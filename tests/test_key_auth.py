@@ -149,7 +149,7 @@ async def test_lifecycle_on_postgresql(make_gateway: Any, upstream: Any, pg_url:
     rec = await new_key(g)
     await chat(g, rec["key"])
     await chat(g, rec["key"], stream=False)
-    await g.plugin("key_auth").writer.flush(10)
+    await g.plugin("key_auth").flush_usage()
     st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage")
     assert st == 200 and u["totals"]["requests"] == 2
 
@@ -268,7 +268,7 @@ async def test_canary_secret_never_logged_or_stored(make_gateway: Any, tmp_path:
     st, rot = await admin(g, "POST", f"/keys/{rec['id']}/rotate", {"grace_seconds": 60})
     new = rot["key"]
     assert (await chat(g, new)).choices
-    await g.plugin("key_auth").writer.flush(10)
+    await g.plugin("key_auth").flush_usage()
     needles = [key, secret, new, parse_key(new)[1], parse_key(wrong)[1]]  # type: ignore[index]
 
     def db_bytes() -> bytes:
@@ -411,8 +411,8 @@ async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> N
                 if got >= 4:
                     break
     await asyncio.sleep(0.3)
-    w = g.plugin("key_auth").writer
-    await w.flush(10)
+    ka_plugin = g.plugin("key_auth")
+    await ka_plugin.flush_usage()
     st, u = await admin(g, "GET", f"/keys/{kid}/usage")
     assert st == 200
     today = dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -429,7 +429,7 @@ async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> N
     assert empty["days"] == [] and empty["totals"]["requests"] == 0
     # Refused requests are not usage.
     await raw_call(g.url, bearer(format_key(kid, new_secret())))
-    await w.flush(10)
+    await ka_plugin.flush_usage()
     st, u2 = await admin(g, "GET", f"/keys/{kid}/usage")
     assert u2["totals"] == u["totals"]
 

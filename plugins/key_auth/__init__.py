@@ -147,7 +147,12 @@ class KeyAuth(Plugin):
         self._strip = [h for h in config.headers if h.lower() != "authorization" and h.lower() not in up]
         self._bearer_only = [h.lower() == "authorization" for h in config.headers]
         self.writer: Any = None
-        self._touched: dict[str, float] = {}
+        # Usage since the last hand-over to the writer: (key id, UTC day) -> [requests, prompt, completion].
+        # The request path only adds to this dict; a background task hands it over every flush_interval.
+        self._pending: dict[tuple[str, dt.date], list[int]] = {}
+        self._last_seen: dict[str, float] = {}     # key id -> wall time of its latest request
+        self._touched: dict[str, float] = {}       # key id -> monotonic time last_used_at was written
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -157,9 +162,18 @@ class KeyAuth(Plugin):
                                                batch_size=w.batch_size, flush_interval=w.flush_interval,
                                                on_full="drop")
             self.writer.start()
+            self._flusher = asyncio.create_task(self._hand_over_loop(w.flush_interval), name="key_auth.usage")
 
     async def shutdown(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
         if self.writer is not None:
+            self._hand_over()
             await self.writer.close()
 
     # -- the request path -------------------------------------------------------------------------------
@@ -235,7 +249,8 @@ class KeyAuth(Plugin):
             v = ident.get(field)
             ctx.upstream_headers[h] = str(v) if v is not None else None
         ctx.state[self.name] = key_id
-        ctx.want_usage()
+        if self.writer is not None:
+            ctx.want_usage()
         return None
 
     async def _entry(self, key_id: str) -> _Entry | None:
@@ -279,22 +294,47 @@ class KeyAuth(Plugin):
             completion = c.completion_tokens or 0
             if c.usage is None and c.kind == "sse":
                 completion = c.deltas  # a stream cut short before the usage chunk: what was generated
-        now = dt.datetime.now(dt.timezone.utc)
-        self.writer.put_nowait(UsageRecord(key_id, now.date(), prompt, completion, now))
+        now = time.time()
+        k = (key_id, _utc_day(now))
+        a = self._pending.get(k)
+        if a is None:
+            a = self._pending[k] = [0, 0, 0]
+        a[0] += 1
+        a[1] += prompt
+        a[2] += completion
+        self._last_seen[key_id] = now
+
+    def _hand_over(self) -> None:
+        """Move the usage gathered so far into the writer's queue (one record per key and day)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for (key_id, day), (n, p, c) in pending.items():
+            self.writer.put_nowait(UsageRecord(key_id, day, n, p, c))
+
+    async def _hand_over_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._hand_over()
+
+    async def flush_usage(self, timeout: float = 10.0) -> None:
+        """Write everything counted so far (tests, shutdown)."""
+        if self.writer is not None:
+            self._hand_over()
+            await self.writer.flush(timeout)
 
     async def _write_usage(self, batch: list[UsageRecord]) -> None:
-        latest: dict[str, dt.datetime] = {}
-        for r in batch:
-            if r.key_id not in latest or latest[r.key_id] < r.at:
-                latest[r.key_id] = r.at
         mono = time.monotonic()
-        touch = [(k, at) for k, at in latest.items()
-                 if mono - self._touched.get(k, -1e18) >= self.config.last_used_interval]
+        keys = {r.key_id for r in batch}
+        touch = [(k, dt.datetime.fromtimestamp(self._last_seen[k], dt.timezone.utc)) for k in keys
+                 if k in self._last_seen and mono - self._touched.get(k, -1e18) >= self.config.last_used_interval]
         await self.store.record_usage(batch, touch)
         for k, _ in touch:
             self._touched[k] = mono
         if len(self._touched) > 100000:
             self._touched.clear()
+        if len(self._last_seen) > 100000:
+            self._last_seen.clear()
 
     # -- demo, admin, CLI ---------------------------------------------------------------------------------
     async def demo_setup(self) -> dict[str, str]:
@@ -318,6 +358,17 @@ class KeyAuth(Plugin):
         from .cli import add_cli
 
         add_cli(subparsers)
+
+
+_day_cache: tuple[int, dt.date] = (-1, dt.date.min)
+
+
+def _utc_day(ts: float) -> dt.date:
+    global _day_cache
+    n = int(ts // 86400)
+    if n != _day_cache[0]:
+        _day_cache = (n, dt.date(1970, 1, 1) + dt.timedelta(days=n))
+    return _day_cache[1]
 
 
 def current_config(services: "Services") -> KeyAuthConfig:

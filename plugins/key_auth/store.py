@@ -118,11 +118,13 @@ def normalise_scopes(s: Any) -> dict[str, list[str]]:
 
 @dataclass(slots=True)
 class UsageRecord:
+    """Usage of one key on one UTC day since the last record: a delta added to the rollup row."""
+
     key_id: str
     day: dt.date
+    requests: int
     prompt_tokens: int
     completion_tokens: int
-    at: dt.datetime
 
 
 class KeyStore:
@@ -241,12 +243,12 @@ class KeyStore:
 
     # -- usage ----------------------------------------------------------------------------------------
     async def record_usage(self, records: Sequence[UsageRecord], touch: Iterable[tuple[str, dt.datetime]] = ()) -> None:
-        """Add a batch of per-request usage to the daily rollups (one upsert) and move
+        """Add a batch of usage deltas to the daily rollups (one upsert) and move
         ``last_used_at`` forward for the keys in ``touch``."""
         agg: dict[tuple[str, dt.date], list[int]] = {}
         for r in records:
             a = agg.setdefault((r.key_id, r.day), [0, 0, 0])
-            a[0] += 1
+            a[0] += r.requests
             a[1] += r.prompt_tokens
             a[2] += r.completion_tokens
         t = KeyUsageDaily.__table__
