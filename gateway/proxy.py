@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .context import RequestContext
-from .errors import GatewayError, InternalError, NotFound, PayloadTooLarge
+from .errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.proxy")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
+# "." / ".." path segments (request.path is decoded, so %2e%2e counts): what the chain matches must be
+# what the upstream serves, and the upstream would resolve them.
+_DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)").search
 _USAGE_PATHS = ("/chat/completions", "/completions")
 _perf = time.perf_counter
 
@@ -77,6 +80,8 @@ class Proxy:
     async def _handle(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
         request = ctx.request
         try:
+            if "." in request.path and _DOT_SEGMENT(request.path):
+                raise BadRequest("The request path must not contain '.' or '..' segments.")
             if not request.path.startswith(self.paths):
                 raise NotFound(f"No route for {request.path}.")
             await self._read_body(ctx)
