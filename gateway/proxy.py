@@ -122,7 +122,9 @@ class Proxy:
         if cl is not None and cl > self.max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
         content = request.content
-        if cl is not None:
+        # With a Content-Encoding the server hands us the decoded body, whose size Content-Length
+        # does not give: read it to the end, bounded like a chunked one.
+        if cl is not None and "Content-Encoding" not in request.headers:
             body = await content.read(cl) if cl else b""
             while len(body) < cl:  # read() may return short on a slow client
                 more = await content.read(cl - len(body))
