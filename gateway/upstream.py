@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from .errors import UpstreamTimeout, UpstreamUnavailable
 
@@ -109,7 +110,8 @@ class Upstream:
         """Send the request; returns once the response head arrived. Maps failures to 502/504."""
         assert self.session is not None
         req = ctx.request
-        url = self.base + req.rel_url.raw_path_qs
+        # The request target exactly as the client sent it (re-quoting would change its bytes).
+        url = URL(self.base + req.rel_url.raw_path_qs, encoded=True)
         headers = self.request_headers(ctx)
         try:
             resp = await self.session.request(req.method, url, data=ctx.body or None, headers=headers,
