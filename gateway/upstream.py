@@ -90,7 +90,7 @@ class Upstream:
                 continue
             out.add(k, v)
         peer = req.remote or ""
-        prior = src.get("X-Forwarded-For")
+        prior = ", ".join(src.getall("X-Forwarded-For", ()))  # several lines = one comma-joined list
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         out["X-Forwarded-Proto"] = req.scheme
         out["X-Forwarded-Host"] = req.host
