@@ -96,6 +96,9 @@ class Fake:
         app.router.add_get("/hop", self.hop)
         app.router.add_get("/redirect", self.redirect)
         app.router.add_get("/gzip", self.gzipped)
+        app.router.add_get("/short", self.short)
+        app.router.add_get("/nocontent", self.nocontent)
+        app.router.add_get("/cookies", self.cookies)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self.runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self.runner.setup()
@@ -167,6 +170,29 @@ class Fake:
         await self.record(request)
         raw = gzip.compress(json.dumps({"compressed": True, "pad": "x" * 2000}).encode())
         return web.Response(body=raw, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    async def short(self, request: web.Request) -> web.StreamResponse:
+        """Promises 1000 bytes, sends 100, then drops the connection."""
+        await self.record(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b"a" * 100)
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    async def nocontent(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        return web.Response(status=204, headers={"X-Empty": "yes"})
+
+    async def cookies(self, request: web.Request) -> web.Response:
+        await self.record(request)
+        resp = web.Response(text="ok")
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; Path=/")
+        return resp
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -684,3 +710,88 @@ async def test_client_disconnect_cancels_upstream(make_gateway: Any, fake: Any) 
     assert fake.stream_sent < 100
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "client_disconnected"
+
+
+# -- what is matched is what is forwarded ----------------------------------------------------------------
+async def raw_get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    return await raw_request(port, f"GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode())
+
+
+async def test_dot_segments_cannot_escape_paths_or_routes(make_gateway: Any, upstream: Any) -> None:
+    """`/v1/embeddings/../models` must not be matched as /v1/embeddings (a route that may turn auth
+    off) and then served by the upstream as /v1/models; nor may `/v1/../x` escape server.paths."""
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Chain": "default"}}}],
+                           server={"paths": ["/v1"]},
+                           routes=[{"path_prefix": "/v1/embeddings", "plugins": {"headers": {"enabled": False}}}])
+    port = g.gw.public_port
+    for target in ("/v1/../secret", "/v1/%2e%2e/secret", "/v1/embeddings/../models", "/v1/embeddings/%2E%2E/models",
+                   "/v1/./models", "/v1/embeddings/.."):
+        status, headers, body = await raw_get(port, target)
+        assert status == 400, (target, status, body)
+        assert_error_shape(json.loads(body), "bad_request")
+    assert list(upstream.requests) == []
+    # Dots inside a segment are ordinary characters.
+    status, _, body = await raw_get(port, "/v1/files/report..v2.txt?x=../y")
+    assert status == 200, body
+    assert upstream.requests[-1]["path"] == "/v1/files/report..v2.txt?x=../y"
+
+
+async def test_request_target_forwarded_verbatim(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    target = "/v1/x%20y/%7Efoo/a%2Fb?q=a+b&r=%2B&s=%zz&t=caf%C3%A9&empty=&flag"
+    status, _, body = await raw_get(g.gw.public_port, target)
+    assert status == 200, body
+    assert fake.requests[-1]["path_qs"] == target
+
+
+async def test_compressed_request_body(make_gateway: Any, fake: Any) -> None:
+    """The server decodes a Content-Encoding: gzip request body; the upstream gets it whole and plain,
+    and max_body_size bounds the decoded size (a small gzip bomb is refused)."""
+    g = await gateway_to(make_gateway, fake.url, server={"max_body_size": 50_000})
+    plain = json.dumps({"messages": [{"role": "user", "content": "word " * 2000}]}).encode()
+    packed = gzip.compress(plain)
+    assert len(packed) < len(plain) // 10
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/echo", data=packed,
+                          headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+            assert r.status == 200
+        got = fake.requests[-1]
+        assert got["body"] == plain
+        assert "Content-Encoding" not in got["headers"]
+        assert got["headers"]["Content-Length"] == str(len(plain))
+        bomb = gzip.compress(b"0" * 2_000_000)
+        assert len(bomb) < 50_000
+        async with s.post(g.url + "/v1/echo", data=bomb, headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 413
+            assert_error_shape(await r.json(), "request_too_large")
+    assert len(fake.requests) == 1
+
+
+async def test_response_edge_cases(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/nocontent") as r:
+            assert r.status == 204 and r.headers["X-Empty"] == "yes"
+            assert await r.read() == b""
+        async with s.get(g.url + "/cookies") as r:
+            assert r.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        # A fixed-length body that comes up short must not look complete to the client.
+        async with s.get(g.url + "/short") as r:
+            assert r.status == 200 and r.headers["Content-Length"] == "1000"
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    await wait_for(lambda: len(ProxyRecorder.seen) == 3)
+    assert ProxyRecorder.seen[2]["outcome"] == "upstream_disconnected"
+
+
+async def test_forwarding_headers_keep_every_hop(make_gateway: Any, fake: Any) -> None:
+    """Several X-Forwarded-For lines mean the same as one comma-joined line (RFC 9110 5.3)."""
+    g = await gateway_to(make_gateway, fake.url)
+    req = (b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+           b"X-Forwarded-For: 198.51.100.1, 198.51.100.2\r\nX-Forwarded-For: 198.51.100.3\r\n"
+           b"Authorization: Bearer client-key\r\n\r\n")
+    status, _, _ = await raw_request(g.gw.public_port, req)
+    assert status == 200
+    h = fake.requests[-1]["headers"]
+    assert h.getall("X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 198.51.100.3, 127.0.0.1"]
+    assert "Authorization" not in h  # no upstream.headers configured: the client's is still never sent
