@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, ClassVar, Literal, Union
 
@@ -30,8 +31,11 @@ from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
 
 log = logging.getLogger("gateway.audit")
 
-#: Refusal / event fields that must never reach the trail, whatever a plugin put there.
-_SECRET_WORDS = ("secret", "token", "password", "authorization", "api_key", "apikey", "credential", "cookie")
+#: Refusal / event fields that must never reach the trail, whatever a plugin put there: a field whose
+#: name has one of these words (``api_key``, ``admin_token``, ``secret`` ...; not ``tokens``, ``key_id``).
+_SECRET_WORDS = frozenset({"secret", "secrets", "token", "password", "passwd", "authorization", "apikey",
+                           "credential", "credentials", "cookie", "pepper", "key", "bearer"})
+_WORDS = re.compile(r"[a-z0-9]+")
 
 
 class SinkSpec(PluginConfig):
@@ -94,8 +98,7 @@ def _clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in fields.items():
         k = str(k)
-        lk = k.lower()
-        if any(w in lk for w in _SECRET_WORDS) and lk not in ("key_id",):
+        if _secret_name(k):
             continue
         if v is None or isinstance(v, (bool, int, float, str)):
             out[k] = v
@@ -106,6 +109,13 @@ def _clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         else:
             out[k] = str(v)
     return out
+
+
+def _secret_name(k: str) -> bool:
+    words = _WORDS.findall(k.lower())
+    if words and words[-1] == "id":  # key_id, token_id: identifiers, not secrets
+        return False
+    return any(w in _SECRET_WORDS for w in words)
 
 
 def _trace_id() -> str | None:
