@@ -65,6 +65,11 @@ class KeyAuthConfig(PluginConfig):
     last_used_interval: float = Field(60.0, ge=0, description="last_used_at is written at most this often "
                                                               "per key (seconds).")
 
+    @field_validator("pepper", mode="before")
+    @classmethod
+    def _pepper(cls, v: Any) -> Any:
+        return "" if v is None else v  # "${GATEWAY_KEY_PEPPER:-}" with the variable unset
+
     @field_validator("headers")
     @classmethod
     def _headers(cls, v: list[str]) -> list[str]:
