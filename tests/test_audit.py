@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import yaml
 
 from gateway.db import Database
 from gateway.plugins.audit import store
