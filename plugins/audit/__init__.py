@@ -250,6 +250,8 @@ class Audit(Plugin):
             except (asyncio.CancelledError, Exception):
                 pass
             self._purger = None
+        if not self._active():
+            return  # replaced by a reload: the shared writers keep running for the new instance
         for _, w in self.sinks:
             try:
                 await w.flush(timeout=10)
