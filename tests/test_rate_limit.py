@@ -527,3 +527,57 @@ async def test_route_scoped_rules(make_gateway):
         chat = [(await post(s, g.url))[0] for _ in range(3)]
     assert emb == [(200, "2"), (200, "2"), (429, "2")]
     assert chat == [200, 200, 200]
+
+
+async def test_quota_persists_on_postgresql(make_gateway, pg_url):
+    plugins = [rl(estimate_default_max_tokens=2, quotas={"daily_tokens": 30})]
+    db = {"url": pg_url, "auto_migrate": True}
+    g = await make_gateway(plugins, database=db)
+    async with aiohttp.ClientSession() as s:
+        st, body, _ = await post(s, g.url, chat_body("one two three", max_tokens=2))
+        st2, body2, _ = await post(s, g.url, chat_body("one two three", max_tokens=2))
+    assert st == st2 == 200
+    used = body["usage"]["total_tokens"] + body2["usage"]["total_tokens"]
+    await settle(g)
+    await g.stop()
+    g2 = await make_gateway(plugins, database=db)
+    async with aiohttp.ClientSession() as s:
+        st, _, h = await post(s, g2.url, chat_body("x", max_tokens=1))
+    assert st == 200 and int(ietf(h["RateLimit"])["daily-tokens"]["r"]) == 30 - used
+
+
+def test_storage_uri_password_is_redacted():
+    from gateway.plugins.rate_limit.store import async_uri, redacted
+    assert redacted("redis://:s3cret@10.0.0.1:6379/0") == "redis://***@10.0.0.1:6379/0"
+    assert redacted("redis://10.0.0.1:6379") == "redis://10.0.0.1:6379"
+    assert async_uri("redis+sentinel://h:26379/svc") == "async+redis+sentinel://h:26379/svc"
+    assert async_uri("memory://") == "async+memory://"
+
+
+async def test_redis_sentinel_storage(make_gateway, redis_server, tmp_path):
+    import shutil
+    import subprocess
+    primary = redis_server()
+    sport = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sport}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1\n")
+    exe = shutil.which("redis-server")
+    assert exe
+    sentinel = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        g = await make_gateway([rl(storage=f"redis+sentinel://127.0.0.1:{sport}/mymaster", storage_timeout=2,
+                                   on_store_error="deny",
+                                   rules=[{"name": "s", "limit": "3/minute", "key_by": ["ip"]}])])
+        async with aiohttp.ClientSession() as s:
+            res = [(await post(s, g.url))[0] for _ in range(4)]
+        assert res == [200, 200, 200, 429]
+        # the counter really is on the primary the sentinel named
+        import socket
+        with socket.create_connection(("127.0.0.1", primary.port), timeout=2) as c:
+            c.sendall(b"KEYS LIMITS*\r\n")
+            assert b"LIMITS" in c.recv(4096)
+    finally:
+        sentinel.terminate()
+        sentinel.wait(5)

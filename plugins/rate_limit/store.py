@@ -53,9 +53,17 @@ def build_storage(uri: str, timeout: float) -> Any:
         return storage_from_string(uri)
     from coredis.retry import NoRetryPolicy
 
-    # Short socket timeouts and no client-side retries: the plugin's own deadline decides.
-    return storage_from_string(uri, wrap_exceptions=True, connect_timeout=timeout, stream_timeout=timeout,
-                               retry_policy=NoRetryPolicy())
+    # Short socket timeouts and no client-side retries (a retried hit whose first attempt reached
+    # Redis would count twice): the plugin's own deadline decides.
+    opts: dict[str, Any] = {"connect_timeout": timeout, "stream_timeout": timeout}
+    if "+sentinel" in uri:
+        storage = storage_from_string(uri, wrap_exceptions=True, **opts)
+        # Sentinel takes connection options only; the clients it hands out get the policy here.
+        for client in (getattr(storage.bridge, "storage", None), getattr(storage.bridge, "storage_replica", None)):
+            if client is not None and hasattr(client, "retry_policy"):
+                client.retry_policy = NoRetryPolicy()
+        return storage
+    return storage_from_string(uri, wrap_exceptions=True, retry_policy=NoRetryPolicy(), **opts)
 
 
 class Health:
