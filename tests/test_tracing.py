@@ -367,3 +367,22 @@ async def test_genai_on_the_server_span_when_asked(make_gateway, upstream):
     assert set(spans) == {"POST /v1/chat/completions", "POST"}
     a = spans["POST /v1/chat/completions"].attributes
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.usage.output_tokens"] > 0
+
+
+async def test_sampling_decision_is_consistent(make_gateway, upstream):
+    """Ratio sampling: about that share of new traces is recorded (decided once per trace), and the
+    upstream is told the same decision, for the same trace id, that the gateway acted on."""
+    g = await make_gateway([tracing(sampling_ratio=0.5, plugin_spans=False)])
+    sem = asyncio.Semaphore(10)
+
+    async def one(i: int) -> None:
+        async with sem:
+            assert (await post(g.url + "/v1/embeddings", {"model": "e", "input": f"x{i}"}))[0] == 200
+
+    await asyncio.gather(*[one(i) for i in range(120)])
+    recorded = {hexid(s.context.trace_id, 32) for s in g.plugin("tracing").memory_exporter.get_finished_spans()
+                if s.kind == SpanKind.SERVER}
+    sent = [r["headers"]["traceparent"].split("-") for r in list(upstream.requests)[-120:]]
+    assert len({tid for _, tid, _, _ in sent}) == 120
+    assert {tid for _, tid, _, flags in sent if int(flags, 16) & 1} == recorded
+    assert 35 <= len(recorded) <= 85, len(recorded)  # ratio 0.5 of 120 (a double decision would give ~30)

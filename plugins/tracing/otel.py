@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ log = logging.getLogger("gateway.tracing")
 
 #: The tracing plugin instance serving the request being handled (set by the server middleware).
 ACTIVE: ContextVar["Tracing | None"] = ContextVar("gateway_tracing_active", default=None)
+#: A trace id chosen (and sampled) by the middleware, for the server span's SDK to use.
+_NEXT_TRACE_ID: ContextVar[int] = ContextVar("gateway_tracing_next_trace_id", default=0)
 #: Where the middleware leaves the server span on the aiohttp request, for ``on_complete``.
 SERVER_SPAN = "gateway.tracing.server_span"
 
@@ -127,6 +130,13 @@ class ActiveTracerProvider(trace.TracerProvider):
 
 
 # -- providers, shared by settings --------------------------------------------------------------------
+class PresetIdGenerator(RandomIdGenerator):
+    """Random ids, except a root server span takes the trace id the middleware already sampled on."""
+
+    def generate_trace_id(self) -> int:
+        return _NEXT_TRACE_ID.get() or super().generate_trace_id()
+
+
 class ProviderEntry:
     """One SDK TracerProvider with its processor, and the aiohttp-server middleware bound to it."""
 
@@ -137,6 +147,8 @@ class ProviderEntry:
         self.exporter = exporter
         self.flush_timeout = flush_timeout
         self.refs = 0
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
         self._tracers: dict[tuple[Any, ...], trace.Tracer] = {}
         from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
 
@@ -223,7 +235,8 @@ def build_provider(cfg: "TracingConfig") -> ProviderEntry:
         resource = resource.merge(Resource({"service.name": "gateway"}))
     sampler = None if cfg.sampling_ratio is None else ParentBased(TraceIdRatioBased(cfg.sampling_ratio))
     # sampler=None: the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on).
-    provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False,
+                              id_generator=PresetIdGenerator())
     exporter = build_exporter(cfg)
     b = cfg.batch
     processor: SpanProcessor
@@ -335,21 +348,53 @@ def gate_client_trace_config(tc: Any) -> Any:
 
 
 def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing | None"]) -> Any:
-    """The one middleware the core mounts on the public app."""
+    """The one middleware the core mounts on the public app.
+
+    It makes the sampling decision itself, from the incoming trace context, before the server
+    instrumentation runs: that one builds a dozen attributes before it asks the sampler, which an
+    unsampled request does not need. Unsampled: a non-recording span carrying the trace context is made
+    current (the upstream still learns the decision, plugins can still read the trace id). Sampled: the
+    instrumentation's middleware makes the server span, with the same trace id (so it reaches the same
+    decision).
+    """
+    from opentelemetry import context as context_api
+    from opentelemetry.instrumentation.aiohttp_server import getter
+    from opentelemetry.propagate import extract
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
     @web.middleware
     async def tracing_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         t = find(services, request)
         if t is None or t.entry is None:
             return await handler(request)
-
-        async def inner(req: web.Request) -> web.StreamResponse:
-            req[SERVER_SPAN] = trace.get_current_span()
-            return await handler(req)
-
+        e = t.entry
+        parent = extract(request, getter=getter)
+        psc = trace.get_current_span(parent).get_span_context()
+        root = not psc.is_valid
+        tid = e.ids.generate_trace_id() if root else psc.trace_id
+        result = e.sampler.should_sample(parent, tid, request.path, SpanKind.SERVER)
         token = ACTIVE.set(t)
         try:
-            return await t.entry.server_middleware(request, inner)
+            if result.decision.is_sampled():
+                if root:
+                    _NEXT_TRACE_ID.set(tid)
+
+                async def inner(req: web.Request) -> web.StreamResponse:
+                    _NEXT_TRACE_ID.set(0)
+                    req[SERVER_SPAN] = trace.get_current_span()
+                    return await handler(req)
+
+                try:
+                    return await e.server_middleware(request, inner)
+                finally:
+                    _NEXT_TRACE_ID.set(0)
+            sc = SpanContext(tid, e.ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT),
+                             trace_state=result.trace_state)
+            ctoken = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sc), parent))
+            try:
+                return await handler(request)
+            finally:
+                context_api.detach(ctoken)
         finally:
             ACTIVE.reset(token)
 
