@@ -570,3 +570,48 @@ async def test_cli_create_list_update_revoke(make_gateway: Any, tmp_path: Path, 
     assert r.returncode == 0 and json.loads(r.stdout)["key_id"] == kid
     r = await asyncio.to_thread(gw_cli, cfg, "show", "AAAAAAAAAAAA")
     assert r.returncode == 1 and "no key" in r.stderr
+
+
+async def test_header_hygiene_and_concurrent_first_use(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway(ka(forward_identity_headers={"X-Gateway-Owner": "owner", "X-Gateway-Team": "team"}),
+                           upstream={"headers": {"api-key": "upstream-credential"}})
+    rec = await new_key(g)
+    # A client cannot spoof the identity headers, and its key never reaches the upstream; a header the
+    # upstream config sets itself (here the upstream's own api-key) is the configured value.
+    st, _ = await raw_call(g.url, {"api-key": rec["key"], "X-Gateway-Owner": "mallory", "X-Gateway-Team": "evil"})
+    assert st == 200
+    sent = {k.lower(): v for k, v in upstream.requests[-1]["headers"].items()}
+    assert sent["x-gateway-owner"] == "alice" and "x-gateway-team" not in sent  # team is null: removed
+    assert sent["api-key"] == "upstream-credential"
+    assert rec["key"] not in json.dumps(sent)
+    # Many requests with a key nobody used yet: all pass, one lookup serves them.
+    from sqlalchemy import event
+
+    lookups: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM api_keys" in statement:
+            lookups.append(statement)
+
+    rec2 = await new_key(g)
+    event.listen(g.gw.db.engine.sync_engine, "before_cursor_execute", count)
+    results = await asyncio.gather(*(raw_call(g.url, bearer(rec2["key"])) for _ in range(30)))
+    event.remove(g.gw.db.engine.sync_engine, "before_cursor_execute", count)
+    assert [st for st, _ in results] == [200] * 30
+    assert len(lookups) == 1, lookups
+    bad = await asyncio.gather(*(raw_call(g.url, bearer(format_key(rec2["id"], new_secret()))) for _ in range(10)))
+    assert {b["error"]["code"] for _, b in bad} == {"invalid_api_key"}
+
+
+async def test_reload_keeps_keys_working(make_gateway: Any, tmp_path: Path, upstream: Any) -> None:
+    g = await make_gateway(ka(rotation_grace=5))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    write_config(tmp_path / "gateway.yaml", base_config(upstream.url, tmp_path, ka(rotation_grace=60)))
+    st, b = await admin(g, "POST", "/config/reload")
+    assert st == 200, b
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    st, rot = await admin(g, "POST", f"/keys/{rec['id']}/rotate")  # the admin API follows the new config
+    until = dt.datetime.fromisoformat(rot["previous_secret_valid_until"].replace("Z", "+00:00"))
+    assert (until - dt.datetime.now(dt.timezone.utc)).total_seconds() > 50
+    assert (await raw_call(g.url, bearer(rot["key"])))[0] == 200
