@@ -73,8 +73,9 @@ class Gateway:
             self._public = web.AppRunner(app, **runner_kw)
         else:
             # One catch-all handler needs no router: the low-level server skips URL dispatch.
-            server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None,
-                                client_max_size=self.cfg.server.max_body_size)
+            # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
+            # every setting and warn on each connection; the proxy bounds bodies itself)
+            server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
             self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
