@@ -315,3 +315,43 @@ async def test_start_fails_cleanly_on_bad_config(tmp_path: Path, upstream: Any) 
     assert r.returncode == 2
     assert "upstream.timeouts.idle -> line 4: Input should be greater than 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+class LifeRec:
+    events: list[str] = []
+
+
+def _register_liferec() -> None:
+    from gateway.plugin import Plugin, registry
+
+    class _Rec(Plugin):
+        name = "t_lifecycle_rec"
+
+        async def on_complete(self, ctx: Any) -> None:
+            LifeRec.events.append(f"complete {ctx.outcome}")
+
+        async def shutdown(self) -> None:
+            LifeRec.events.append("shutdown")
+
+    registry.register(_Rec)
+
+
+_register_liferec()
+
+
+async def test_shutdown_timeout_bounds_the_drain(make_gateway: Any) -> None:
+    """A stream longer than shutdown_timeout is cut; the plugins still complete and shut down."""
+    LifeRec.events.clear()
+    g = await make_gateway([{"name": "t_lifecycle_rec"}], server={"shutdown_timeout": 0.5})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
+        got = await r.content.readuntil(b"\n\n")
+        await g.stop()
+        try:
+            got += await r.read()
+        except aiohttp.ClientPayloadError:
+            pass
+        r.close()
+    assert b"[DONE]" not in got  # cut well before the 200 words
+    assert LifeRec.events == ["complete client_disconnected", "shutdown"]

@@ -51,6 +51,11 @@ class Exploder(Plugin):
         if ctx.request.headers.get("X-Explode") == "response" and head.source == "upstream":
             raise RuntimeError("secret internal detail 43")
 
+    async def on_chunk(self, ctx: Any, chunk: bytes, last: bool) -> bytes:
+        if ctx.request.headers.get("X-Explode") == "chunk" and b"[DONE]" in chunk:
+            raise RuntimeError("secret internal detail 44")
+        return chunk
+
 
 registry.register(ProxyRecorder)
 registry.register(Exploder)
@@ -795,3 +800,30 @@ async def test_forwarding_headers_keep_every_hop(make_gateway: Any, fake: Any) -
     h = fake.requests[-1]["headers"]
     assert h.getall("X-Forwarded-For") == ["198.51.100.1, 198.51.100.2, 198.51.100.3, 127.0.0.1"]
     assert "Authorization" not in h  # no upstream.headers configured: the client's is still never sent
+
+
+async def test_no_warning_per_connection(make_gateway: Any, caplog: Any) -> None:
+    """The public listener is built with handler settings aiohttp accepts (no per-connection fallback
+    that would also drop them)."""
+    caplog.set_level(logging.WARNING)
+    g = await make_gateway()
+    for _ in range(3):
+        async with aiohttp.ClientSession(timeout=T) as s:  # a new connection each time
+            async with s.get(g.url + "/v1/models") as r:
+                assert r.status == 200
+    assert "Failed to create request handler" not in caplog.text
+
+
+async def test_plugin_raising_mid_stream(make_gateway: Any, caplog: Any) -> None:
+    """After the head is sent an error cannot be a 500 any more: the client sees the stream break
+    (never a clean end that would pass for a complete answer), and the details are only logged."""
+    g = await make_gateway([{"name": "t_proxy_recorder"}, {"name": "t_proxy_exploder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"X-Explode": "chunk", "X-Demo-Words": "3", "X-Demo-Delay": "0.05"}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "error"
+    assert "secret internal detail 44" in caplog.text
