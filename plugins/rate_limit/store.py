@@ -47,10 +47,37 @@ def redacted(uri: str) -> str:
     return scheme + sep + rest
 
 
+SWEEP_EVERY = 1.0
+
+
+def throttle_sweep(storage: Any) -> Any:
+    """Run `limits`' in-memory expiry sweep at most once per ``SWEEP_EVERY`` seconds.
+
+    The library schedules a sweep task after every increment, and the sweep walks every key (for the
+    moving window through a worker thread per key): with many clients that is O(keys) work per
+    request. Expired counters are already dropped when they are read, so sweeping once a second only
+    bounds memory; the counts stay the library's own. (If the library's private hook is renamed,
+    its own behaviour is kept.)"""
+    original = getattr(storage, "_MemoryStorage__schedule_expiry", None)
+    if original is None:
+        return storage
+    last = [0.0]
+
+    async def throttled() -> None:
+        now = time.monotonic()
+        if now - last[0] < SWEEP_EVERY:
+            return
+        last[0] = now
+        await original()
+
+    storage._MemoryStorage__schedule_expiry = throttled
+    return storage
+
+
 def build_storage(uri: str, timeout: float) -> Any:
     uri = async_uri(uri)
     if uri.startswith("async+memory"):
-        return storage_from_string(uri)
+        return throttle_sweep(storage_from_string(uri))
     from coredis.retry import NoRetryPolicy
 
     # Short socket timeouts and no client-side retries (a retried hit whose first attempt reached
