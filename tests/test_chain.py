@@ -203,7 +203,7 @@ async def test_on_complete_exactly_once(make_gateway: Any, upstream: Any, caplog
         await r.content.readuntil(b"\n\n")
         r.close()
         # client aborts while waiting for the response head
-        task = asyncio.create_task(s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "3",
+        task = asyncio.create_task(s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "1.5",
                                                                         "X-Request-ID": "abort-head"}))
         await wait_for(lambda: any(c[3] == "abort-head" for c in CALLS if c[2] == "request"))
         task.cancel()

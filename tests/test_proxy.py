@@ -521,7 +521,7 @@ async def test_first_byte_timeout_is_504(make_gateway: Any) -> None:
     g = await make_gateway([{"name": "t_proxy_recorder"}],
                            upstream={"timeouts": {"connect": 2, "first_byte": 0.3, "idle": 10}})
     async with aiohttp.ClientSession(timeout=T) as s:
-        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "3"}) as r:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "1.5"}) as r:
             assert r.status == 504
             body = await r.json()
     assert_error_shape(body, "upstream_timeout")
@@ -579,7 +579,7 @@ async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
                            upstream={"timeouts": {"connect": 2, "first_byte": 10, "idle": 0.3}})
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                          headers={"X-Demo-Delay": "3", "X-Demo-Words": "3"}) as r:
+                          headers={"X-Demo-Delay": "1.5", "X-Demo-Words": "3"}) as r:
             assert r.status == 200
             text = (await r.read()).decode()  # ends cleanly (no exception), just early
     # The upstream sends the role frame at once, then pauses far longer than `idle` before the
@@ -692,7 +692,7 @@ async def test_sdk_surfaces_timeout_and_plugin_errors(make_gateway: Any) -> None
     try:
         with pytest.raises(openai.APIStatusError) as ei:
             await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}],
-                                                 extra_headers={"X-Demo-Head-Delay": "3"})
+                                                 extra_headers={"X-Demo-Head-Delay": "1.5"})
         assert ei.value.status_code == 504 and ei.value.code == "upstream_timeout"
         with pytest.raises(openai.InternalServerError) as ei2:
             await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "x"}],
