@@ -386,3 +386,30 @@ async def test_sampling_decision_is_consistent(make_gateway, upstream):
     assert len({tid for _, tid, _, _ in sent}) == 120
     assert {tid for _, tid, _, flags in sent if int(flags, 16) & 1} == recorded
     assert 35 <= len(recorded) <= 85, len(recorded)  # ratio 0.5 of 120 (a double decision would give ~30)
+
+
+async def test_client_abort_and_upstream_failure_are_recorded(make_gateway, upstream):
+    g = await make_gateway([tracing()])
+    exp = g.plugin("tracing").memory_exporter
+    # The client goes away mid-stream.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "40"})
+        assert r.status == 200
+        await r.content.readany()
+        r.close()
+    async with asyncio.timeout(10):
+        while not any(sp.kind == SpanKind.SERVER for sp in exp.get_finished_spans()):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    spans = by_name(exp.get_finished_spans())
+    assert spans["POST /v1/chat/completions"].attributes["gateway.outcome"] == "client_disconnected"
+    genai = spans["chat demo-chat"]
+    assert genai.status.is_ok is False and genai.attributes["error.type"] == "client_disconnected"
+    # The upstream drops the connection mid-stream.
+    exp.clear()
+    status, _ = await post(g.url + "/v1/chat/completions", {**CHAT, "stream": True}, {"X-Demo-Die-After": "2"})
+    assert status == 200
+    spans = by_name(exp.get_finished_spans())
+    assert spans["POST /v1/chat/completions"].attributes["gateway.outcome"] == "upstream_disconnected"
+    assert spans["chat demo-chat"].attributes["error.type"] == "upstream_disconnected"
