@@ -41,16 +41,27 @@ _GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 ANONYMOUS = "anonymous"
 
 
+_SPACE = 62 ** 22
+
+
 def new_id() -> str:
     """``conv_`` + 22 base62 characters from the OS CSPRNG (about 131 bits)."""
-    return "conv_" + "".join(secrets.choice(_B62) for _ in range(22))
+    n = secrets.randbelow(_SPACE)
+    out = []
+    for _ in range(22):
+        n, r = divmod(n, 62)
+        out.append(_B62[r])
+    return "conv_" + "".join(out)
+
+
+_canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
 
 
 def canonical(m: Any) -> str:
     """The form used to decide whether two messages are the same: keys sorted, empty values
     (``None``, ``""`` content, ``[]``, ``{}``) dropped, tool calls reduced to id/type/name/arguments."""
     if not isinstance(m, dict):
-        return json.dumps(m, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return _canon(m)
     out: dict[str, Any] = {}
     for k, v in m.items():
         if v is None or v == [] or v == {} or (k == "content" and v == ""):
@@ -61,7 +72,7 @@ def canonical(m: Any) -> str:
                                "arguments": (tc.get("function") or {}).get("arguments")}}
                  if isinstance(tc, dict) else tc for tc in v]
         out[k] = v
-    return json.dumps(out, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _canon(out)
 
 
 def digest(m: Any) -> str:
@@ -148,9 +159,13 @@ class Plan:
     __slots__ = ("view", "create", "parent_id", "fork_position", "base", "new", "new_digests", "forwarded",
                  "known", "memory", "owner", "key_id", "created_at")
 
-    def __init__(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            setattr(self, k, v)
+    def __init__(self, view: View, create: bool, parent_id: str | None, fork_position: int | None, base: int,
+                 new: list[dict[str, Any]], new_digests: list[str], forwarded: list[dict[str, Any]],
+                 known: int | None, memory: bool, owner: str, key_id: str | None, created_at: Any) -> None:
+        self.view, self.create, self.parent_id, self.fork_position, self.base = \
+            view, create, parent_id, fork_position, base
+        self.new, self.new_digests, self.forwarded, self.known = new, new_digests, forwarded, known
+        self.memory, self.owner, self.key_id, self.created_at = memory, owner, key_id, created_at
 
 
 def _not_found() -> Reply:
@@ -388,10 +403,13 @@ class Conversations(Plugin):
         new = plan.new
         if prompt_tokens is None or not new:
             return [None] * len(new)
-        weights = [text_len(m) for m in new]
         if plan.known is not None and prompt_tokens - plan.known >= len(new):
             total = prompt_tokens - plan.known
+            if len(new) == 1:
+                return [total]
+            weights = [text_len(m) for m in new]
         else:
+            weights = [text_len(m) for m in new]
             all_chars = sum(text_len(m) for m in plan.forwarded) or 1
             total = round(prompt_tokens * sum(weights) / all_chars)
         return list(split_tokens(max(0, total), weights))

@@ -221,15 +221,16 @@ class Shared:
             return old
         self.views[v.id] = v
         limit = self.cfg.cache_conversations
-        while len(self.views) > limit:
-            victim = None
-            for cid, x in self.views.items():  # least recently used first; in-use entries stay
-                if not x.busy and not x.pending():
-                    victim = cid
-                    break
-            if victim is None:
-                break
-            del self.views[victim]
+        checks = 0
+        while len(self.views) > limit and checks < 8:
+            # least recently used first; an entry in use (request in flight, writes queued) is moved
+            # to the back instead, so the cache may briefly exceed its size but never scans it all
+            checks += 1
+            cid, x = next(iter(self.views.items()))
+            if x.busy or x.pending():
+                self.views.move_to_end(cid)
+            else:
+                del self.views[cid]
         return v
 
     async def view(self, cid: str, ttl: float | None) -> View | None:

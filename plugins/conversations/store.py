@@ -24,6 +24,7 @@ from gateway.db import Base
 
 UTC = dt.timezone.utc
 KNOWN_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+_KNOWN = frozenset(KNOWN_KEYS)
 
 
 def utcnow() -> dt.datetime:
@@ -39,8 +40,8 @@ def iso(t: dt.datetime | None) -> str | None:
     return t.isoformat(timespec="microseconds") + "Z"
 
 
-def dumps(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""Compact JSON text, non-ASCII kept as is (one encoder built once)."""
 
 
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -64,7 +65,6 @@ class ConversationRow(Base):
         sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
         sa.Index("ix_conversations_key_id", "key_id"),
         sa.Index("ix_conversations_updated_at", "updated_at"),
-        sa.Index("ix_conversations_parent_id", "parent_id"),
     )
 
 
@@ -153,7 +153,7 @@ class TurnRecord:
 
 
 def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
-    extra = {k: v for k, v in msg.items() if k not in KNOWN_KEYS}
+    extra = None if msg.keys() <= _KNOWN else {k: v for k, v in msg.items() if k not in _KNOWN}
     tc = msg.get("tool_calls")
     return {
         "role": str(msg.get("role") or "user")[:32],

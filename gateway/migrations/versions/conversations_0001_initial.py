@@ -37,7 +37,6 @@ def upgrade() -> None:
     op.create_index("ix_conversations_owner_updated", "conversations", ["owner", "updated_at"])
     op.create_index("ix_conversations_key_id", "conversations", ["key_id"])
     op.create_index("ix_conversations_updated_at", "conversations", ["updated_at"])
-    op.create_index("ix_conversations_parent_id", "conversations", ["parent_id"])
     op.create_table(
         "conversation_messages",
         sa.Column("id", _BigInt, nullable=False, autoincrement=True),
@@ -98,7 +97,6 @@ def downgrade() -> None:
     op.drop_index("ix_conversation_turns_conversation_id", table_name="conversation_turns")
     op.drop_table("conversation_turns")
     op.drop_table("conversation_messages")
-    op.drop_index("ix_conversations_parent_id", table_name="conversations")
     op.drop_index("ix_conversations_updated_at", table_name="conversations")
     op.drop_index("ix_conversations_key_id", table_name="conversations")
     op.drop_index("ix_conversations_owner_updated", table_name="conversations")
