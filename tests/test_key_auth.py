@@ -615,3 +615,15 @@ async def test_reload_keeps_keys_working(make_gateway: Any, tmp_path: Path, upst
     until = dt.datetime.fromisoformat(rot["previous_secret_valid_until"].replace("Z", "+00:00"))
     assert (until - dt.datetime.now(dt.timezone.utc)).total_seconds() > 50
     assert (await raw_call(g.url, bearer(rot["key"])))[0] == 200
+
+
+async def test_per_key_rpm_override_reaches_rate_limit(make_gateway: Any) -> None:
+    """The identity contract end to end: a key's rpm (set through the admin API) is what rate_limit enforces."""
+    g = await make_gateway([{"name": "key_auth"},
+                            {"name": "rate_limit", "config": {"strategy": "moving", "rules": [
+                                {"name": "per-key", "limit": "100/minute", "key_by": ["key"]}]}}])
+    rec = await new_key(g, limits={"rpm": 2})
+    statuses = [(await raw_call(g.url, bearer(rec["key"])))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    other = await new_key(g)  # no override: the YAML default applies
+    assert [(await raw_call(g.url, bearer(other["key"])))[0] for _ in range(3)] == [200, 200, 200]
