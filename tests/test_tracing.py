@@ -413,3 +413,39 @@ async def test_client_abort_and_upstream_failure_are_recorded(make_gateway, upst
     spans = by_name(exp.get_finished_spans())
     assert spans["POST /v1/chat/completions"].attributes["gateway.outcome"] == "upstream_disconnected"
     assert spans["chat demo-chat"].attributes["error.type"] == "upstream_disconnected"
+
+
+async def test_otel_environment_variables_fill_what_the_yaml_leaves_out(make_gateway, upstream, receiver, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.url)  # the exporter appends /v1/traces
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-from-env=yes")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "gw-from-env")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    g = await make_gateway([tracing(exporter={"type": "otlp_http"}, batch={"schedule_delay_ms": 50})])
+    assert (await post(g.url + "/v1/chat/completions", CHAT))[0] == 200
+    await receiver.wait_for(lambda: any(sp.kind == sp.SPAN_KIND_SERVER for _, sp in receiver.spans))
+    res = receiver.spans[0][0]
+    assert res["service.name"] == "gw-from-env" and res["deployment.environment"] == "test"
+    assert receiver.headers[0]["x-from-env"] == "yes"
+
+
+async def test_sigterm_flushes_queued_spans(tmp_path, upstream, receiver):
+    """A real `gateway serve` process: spans still queued at SIGTERM reach the collector."""
+    from .helpers import GatewayProcess, base_config, write_config
+
+    port = free_port()
+    cfg = base_config(upstream.url, tmp_path, [tracing(exporter={"type": "otlp_http", "endpoint": receiver.url},
+                                                       batch={"schedule_delay_ms": 600000})],
+                      server={"port": port}, admin={"enabled": False})
+    p = GatewayProcess(write_config(tmp_path / "gw.yaml", cfg), port, None).start()
+    try:
+        await p.wait_ready()
+        receiver.spans.clear()
+        for _ in range(3):
+            assert (await post(p.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
+        assert not receiver.spans  # nothing exported yet: the schedule is 10 minutes
+        p.signal(__import__("signal").SIGTERM)
+        await asyncio.get_running_loop().run_in_executor(None, p.wait, 30)
+        assert sum(1 for _, sp in receiver.spans if sp.kind == sp.SPAN_KIND_SERVER and
+                   sp.trace_id.hex() == TRACE_ID) == 3, p.log()[-2000:]
+    finally:
+        p.stop()
