@@ -606,3 +606,12 @@ async def test_memory_storage_sweeps_at_most_once_a_second():
     await asyncio.sleep(0.05)
     assert "LIMITER/k1/1/1/second" not in st.storage  # and the sweep ran again after a second
     first.cancel()
+
+
+async def test_headers_can_be_turned_off(make_gateway):
+    g = await make_gateway([rl(headers=False, rules=[{"name": "per-ip", "limit": "2/minute", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        res = [await post(s, g.url) for _ in range(3)]
+    assert [r[0] for r in res] == [200, 200, 429]
+    assert not any(k.lower().startswith(("ratelimit", "x-ratelimit")) for r in res for k in r[2])
+    assert int(res[2][2]["Retry-After"]) >= 1

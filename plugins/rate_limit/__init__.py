@@ -148,6 +148,8 @@ class RateLimit(Plugin):
                                                      for lim in req])
                 refused = None
                 for lim, (ok, s) in zip(req, results):
+                    if s is None:
+                        continue
                     st.standings.append(s)
                     if not ok and (refused is None or s.reset_in > refused[1].reset_in):
                         refused = (lim, s)
@@ -157,8 +159,10 @@ class RateLimit(Plugin):
             return self._store_down(ctx, str(e))
         return None
 
-    async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float) -> tuple[bool, hdr.Standing]:
+    async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float) -> tuple[bool, hdr.Standing | None]:
         ok = await self.store.hit(lim.item, ids, 1, deadline)
+        if ok and not self.config.headers:
+            return ok, None  # no headers wanted: one store call instead of two
         reset, remaining = await self.store.stats(lim.item, ids, deadline)
         return ok, self._standing(lim, remaining, reset)
 
