@@ -166,6 +166,33 @@ async def test_retention_runs_in_background(make_gateway: Any, tmp_path: Path) -
     assert st == 404
 
 
+async def test_reload_keeps_recording(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    dbu = {"url": f"sqlite+aiosqlite:///{tmp_path / 'rl.db'}"}
+    g = await start(make_gateway, dbu)
+    st, h, b = await chat(g, [{"role": "user", "content": "before reload"}])
+    cid = h["X-Conversation-ID"]
+    history = [{"role": "user", "content": "before reload"}, b["choices"][0]["message"]]
+    path = tmp_path / "gateway.yaml"
+
+    async def reload(plugins: list[dict[str, Any]]) -> None:
+        write_config(path, base_config(upstream.url, tmp_path, plugins, database=dbu))
+        async with aiohttp.ClientSession(headers=ADMIN) as s:
+            async with s.post(g.admin_url + "/config/reload") as r:
+                assert r.status == 200, await r.text()
+
+    await reload([{"name": "conversations", "config": {"memory": {"enabled": True}}}])
+    st, h, b = await chat(g, [{"role": "user", "content": "after reload"}], cid)  # memory now on
+    assert st == 200 and h["X-Conversation-ID"] == cid
+    history += [{"role": "user", "content": "after reload"}, b["choices"][0]["message"]]
+    await reload([])                                              # plugin removed: its writer flushes
+    await reload([{"name": "conversations"}])                     # and back
+    history.append({"role": "user", "content": "back again"})
+    st, h, b = await chat(g, history, cid)
+    assert st == 200 and h["X-Conversation-ID"] == cid
+    rows = await stored(g, cid)
+    assert [r.position for r in rows] == list(range(6)) and rows[4].content == '"back again"'
+
+
 # -- CLI -----------------------------------------------------------------------------------------------
 def run_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The real command line, in a subprocess."""

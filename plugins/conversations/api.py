@@ -137,7 +137,7 @@ def admin_routes(services: Any) -> list[Any]:
         return Shared.get(services)
 
     async def fresh(s: Shared) -> None:
-        if s.writer._task is not None:
+        if s.users and not s.closed:  # a running plugin: make its queued writes visible first
             try:
                 await s.flush(5.0)
             except TimeoutError:

@@ -96,11 +96,9 @@ class Shared:
         self.cfg = cfg
         self.store = ConversationStore(services.db)
         self.views: collections.OrderedDict[str, View] = collections.OrderedDict()
-        self.writer = services.writer("conversations", self._write, max_queue=cfg.queue_size,
-                                      batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                                      on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait,
-                                      retry_for=cfg.retry_for)
+        self.writer = self._new_writer(cfg)
         self.users: dict[int, Any] = {}
+        self.closed = False
         self._written = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.skipped = services.metric("conversations_skipped", lambda reg: Counter(
@@ -111,6 +109,12 @@ class Shared:
             "gateway_conversations_cached", "Conversations held in the in-memory cache",
             registry=reg)).set_function(lambda: len(self.views))
 
+    def _new_writer(self, cfg: Any) -> Any:
+        return self.services.writer("conversations", self._write, max_queue=cfg.queue_size,
+                                    batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                                    on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait,
+                                    retry_for=cfg.retry_for)
+
     @classmethod
     def get(cls, services: "Services", cfg: Any = None) -> "Shared":
         if cfg is None:
@@ -120,6 +124,11 @@ class Shared:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def acquire(self, inst: Any) -> None:
+        if not self.users and self.closed:
+            # every instance had gone (a reload without the plugin); this one brings it back
+            self.cfg = inst.config
+            self.writer = self._new_writer(inst.config)
+            self.closed = False
         self.users[id(inst)] = inst.config
         self.writer.start()
         if self._task is None:
@@ -138,7 +147,9 @@ class Shared:
             except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
-        await self.writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))
+        if not self.closed:
+            self.closed = True
+            await self.writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))
 
     def retention_days(self) -> float | None:
         """The longest retention any live instance asks for (none if any keeps forever)."""
