@@ -29,3 +29,4 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.addHandler(h)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations log one line per plugin setup
