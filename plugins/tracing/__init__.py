@@ -17,7 +17,6 @@ queue, so a slow or dead collector costs requests nothing (spans are dropped whe
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any, ClassVar, Literal
 
@@ -31,10 +30,7 @@ from gateway.plugin import Plugin, PluginConfig
 
 from . import genai
 from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, ActiveTracerProvider, ProviderEntry,
-                   gate_client_trace_config,
-                   Providers, prepare_server_instrumentation, server_middleware)
-
-log = logging.getLogger("gateway.tracing")
+                   Providers, gate_client_trace_config, prepare_server_instrumentation, server_middleware)
 
 #: Paths whose name is a fixed, low-cardinality endpoint: the server span is named after them.
 _KNOWN_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models", "/moderations", "/responses",

@@ -119,7 +119,10 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> N
                                                 ensure_ascii=False)
     elif op == "embeddings":
         inp = body.get("input")
-        texts = [inp] if isinstance(inp, str) else [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
+        if isinstance(inp, str):
+            texts = [inp]
+        else:
+            texts = [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
         if texts:
             a["gen_ai.input.messages"] = json.dumps(
                 [{"role": "user", "parts": [{"type": "text", "content": _cut(t, max_chars)} for t in texts]}],
