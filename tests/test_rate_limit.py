@@ -486,8 +486,27 @@ async def test_openai_sdk_gets_rate_limit_error(make_gateway):
         e = ei.value
         assert e.status_code == 429 and e.code == "rate_limit_exceeded"
         assert int(e.response.headers["retry-after"]) >= 1
+        assert 1 <= int(e.response.headers["retry-after-ms"]) <= 60000
     finally:
         await client.close()
+
+
+async def test_openai_sdk_backs_off_and_retries_after_429(make_gateway, upstream):
+    openai = pytest.importorskip("openai")
+    g = await make_gateway([rl(strategy="fixed", rules=[{"name": "per-ip", "limit": "1/second",
+                                                          "key_by": ["ip"]}])])
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=3, timeout=10)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        first = await client.chat.completions.create(model="demo-chat", messages=msgs)
+        second = await client.chat.completions.create(model="demo-chat", messages=msgs)  # 429, waits, retries
+    finally:
+        await client.close()
+    assert first.choices[0].message.content and second.choices[0].message.content
+    refused = await _metric(g, "gateway_ratelimit_refused_total")
+    print(f"SDK got {int(refused)} 429(s) before its retry passed")
+    assert refused >= 1
+    assert len([r for r in upstream.requests if r["path"] == CHAT]) == 2
 
 
 # -- config ---------------------------------------------------------------------------------------

@@ -218,7 +218,9 @@ class RateLimit(Plugin):
             err_type = unit
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": reason, "limit": label}
         self.refused.labels(lim.rule if lim else s.name, reason).inc()
-        return Reply.error(429, msg, err_type, reason, headers={"Retry-After": str(retry)})
+        # retry-after-ms lets the OpenAI SDKs wait exactly as long as needed (they prefer it).
+        return Reply.error(429, msg, err_type, reason, headers={
+            "Retry-After": str(retry), "retry-after-ms": str(max(1, math.ceil(s.reset_in * 1000)))})
 
     def _store_down(self, ctx: RequestContext, why: str) -> Reply | None:
         ctx.state.pop(NAME, None)
