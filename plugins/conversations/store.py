@@ -222,10 +222,42 @@ def parse_time(s: str) -> dt.datetime:
     return t
 
 
+_SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DateTime on SQLite
+
+
 class ConversationStore:
     def __init__(self, db: Any) -> None:
         self.db = db
         self.is_sqlite = db.is_sqlite
+        self._sql: dict[tuple[str, tuple[str, ...]], tuple[str, list[int], list[int]]] = {}
+
+    async def _insert(self, conn: Any, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """executemany; on SQLite straight to the driver (the same values SQLAlchemy would bind,
+        without its per-row processing: this is the writer's hot loop)."""
+        if not self.is_sqlite:
+            await conn.execute(table.insert(), rows)
+            return
+        cols = tuple(rows[0])
+        key = (table.name, cols)
+        prep = self._sql.get(key)
+        if prep is None:
+            names = ", ".join(f'"{c}"' for c in cols)
+            sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" * len(cols))})'
+            dts = [i for i, c in enumerate(cols) if isinstance(table.c[c].type, sa.DateTime)]
+            bools = [i for i, c in enumerate(cols) if isinstance(table.c[c].type, sa.Boolean)]
+            prep = self._sql[key] = (sql, dts, bools)
+        sql, dts, bools = prep
+        params = []
+        for r in rows:
+            t = [r[c] for c in cols]
+            for i in dts:
+                if t[i] is not None:
+                    t[i] = t[i].strftime(_SQLITE_TS)
+            for i in bools:
+                if t[i] is not None:
+                    t[i] = 1 if t[i] else 0
+            params.append(tuple(t))
+        await conn.exec_driver_sql(sql, params)
 
     # -- the writer ------------------------------------------------------------------------------
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
@@ -290,21 +322,22 @@ class ConversationStore:
                 u["prompt_tokens"] += t.get("prompt_tokens") or 0
                 u["completion_tokens"] += t.get("completion_tokens") or 0
                 u["last_model"] = t.get("model") or u["last_model"]
+                u["updated_at"] = t.get("created_at") or now  # last activity: when the request finished
             if created:
                 for cid, row in created.items():
                     row["message_count"] = counts[cid]
-                await conn.execute(C.insert(), list(created.values()))
+                await self._insert(conn, C, list(created.values()))
             if msg_rows:
-                await conn.execute(M.insert(), msg_rows)
+                await self._insert(conn, M, msg_rows)
             for rec in forks:
                 await self._copy_prefix(conn, rec.parent_id, rec.conversation_id, rec.fork_position)  # type: ignore[arg-type]
             if turn_rows:
-                await conn.execute(T.insert(), turn_rows)
+                await self._insert(conn, T, turn_rows)
             if touched:
-                params = [{**u, "count": counts[cid], "now": now} for cid, u in touched.items()]
+                params = [{**u, "count": counts[cid]} for cid, u in touched.items()]
                 await conn.execute(
                     C.update().where(C.c.id == bindparam("b_id")).values(
-                        message_count=bindparam("count"), updated_at=bindparam("now"),
+                        message_count=bindparam("count"), updated_at=bindparam("updated_at"),
                         turn_count=C.c.turn_count + bindparam("turn_count"),
                         prompt_tokens=C.c.prompt_tokens + bindparam("prompt_tokens"),
                         completion_tokens=C.c.completion_tokens + bindparam("completion_tokens"),
