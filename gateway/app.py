@@ -69,7 +69,8 @@ class Gateway:
                                          shutdown_timeout=self.cfg.server.shutdown_timeout)
         if middlewares:
             app = web.Application(middlewares=middlewares, client_max_size=self.cfg.server.max_body_size)
-            app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+            # Expect: 100-continue is answered by the proxy, after its body-size check.
+            app.router.add_route("*", "/{tail:.*}", self.proxy.handle, expect_handler=_no_expect)
             self._public = web.AppRunner(app, **runner_kw)
         else:
             # One catch-all handler needs no router: the low-level server skips URL dispatch.
@@ -157,6 +158,10 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+async def _no_expect(_: web.Request) -> None:
+    return None
 
 
 def _port(runner: web.BaseRunner) -> int:

@@ -121,6 +121,11 @@ class Proxy:
         cl = request.content_length
         if cl is not None and cl > self.max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+        if "Expect" in request.headers and request.headers["Expect"].lower() == "100-continue" \
+                and request.version == aiohttp.HttpVersion11:
+            # The client waits for this before sending the body: only once the size check passed.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
         content = request.content
         # With a Content-Encoding the server hands us the decoded body, whose size Content-Length
         # does not give: read it to the end, bounded like a chunked one.
