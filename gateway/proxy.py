@@ -225,7 +225,7 @@ class Proxy:
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform)
-        has_length = "Content-Length" in headers
+        has_length = "Content-Length" in resp.headers  # the upstream's framing, even if we re-frame
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id
