@@ -827,3 +827,66 @@ async def test_plugin_raising_mid_stream(make_gateway: Any, caplog: Any) -> None
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "error"
     assert "secret internal detail 44" in caplog.text
+
+
+class WithMiddleware(Plugin):
+    """A plugin contributing an aiohttp middleware, which puts the public listener on an Application."""
+
+    name = "t_proxy_middleware"
+
+    def middlewares(self) -> list[Any]:
+        @web.middleware
+        async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+            resp = await handler(request)
+            return resp
+
+        return [mw]
+
+
+registry.register(WithMiddleware)
+
+
+@pytest.mark.parametrize("plugins", [[], [{"name": "t_proxy_middleware"}]], ids=["server", "application"])
+async def test_expect_100_continue(make_gateway: Any, upstream: Any, plugins: Any) -> None:
+    """A client that asks before sending its body (curl does for large ones) gets 100 Continue once,
+    and only after the size check: an oversized body is refused without being sent."""
+    g = await make_gateway(plugins, server={"max_body_size": 1000})
+    body = b'{"model": "demo-embed", "input": "a b c"}'
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    try:
+        w.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        await w.drain()
+        async with asyncio.timeout(5):
+            assert await r.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(body)
+        await w.drain()
+        async with asyncio.timeout(10):
+            rest = await r.read()
+    finally:
+        w.close()
+    assert rest.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in rest
+    assert upstream.requests[-1]["body"]["input"] == "a b c"
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    try:
+        w.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 5000\r\n\r\n")
+        await w.drain()
+        async with asyncio.timeout(5):
+            head = await r.readuntil(b"\r\n\r\n")
+    finally:
+        w.close()
+    assert head.startswith(b"HTTP/1.1 413 ")
+
+
+async def test_short_fixed_length_body_with_chunk_plugin(make_gateway: Any, fake: Any) -> None:
+    """With an on_chunk plugin the body is re-framed (chunked), but a truncated upstream body must
+    still not end cleanly."""
+    g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}, {"name": "t_proxy_exploder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/short") as r:
+            assert r.status == 200 and "Content-Length" not in r.headers
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
