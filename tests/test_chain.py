@@ -375,3 +375,33 @@ def test_broken_third_party_plugin_is_reported(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     r = _check(tmp_path, site, "  - name: headers\n")  # a broken plugin nobody uses stops nothing
     assert r.returncode == 0, r.stderr
+
+
+class ClientIp(Plugin):
+    name = "t_chain_client_ip"
+    seen: list[str] = []
+
+    async def on_request(self, ctx: Any) -> Reply | None:
+        type(self).seen.append(ctx.client_ip)
+        return None
+
+
+registry.register(ClientIp)
+
+
+@pytest.mark.parametrize("trusted,xff,want", [
+    ([], ["203.0.113.9"], "127.0.0.1"),                                  # untrusted peer: XFF ignored
+    (["127.0.0.0/8"], ["203.0.113.9, 10.0.0.1"], "10.0.0.1"),            # right-most untrusted hop
+    (["127.0.0.0/8", "10.0.0.0/8"], ["203.0.113.9, 10.0.0.1"], "203.0.113.9"),
+    (["127.0.0.0/8", "10.0.0.0/8"], ["203.0.113.9", "10.0.0.1"], "203.0.113.9"),  # several lines
+    (["127.0.0.0/8"], [], "127.0.0.1"),
+    (["127.0.0.0/8"], ["not-an-ip"], "127.0.0.1"),
+])
+async def test_client_ip_and_trusted_proxies(make_gateway: Any, trusted: list[str], xff: list[str], want: str) -> None:
+    ClientIp.seen.clear()
+    g = await make_gateway([{"name": "t_chain_client_ip"}], server={"trusted_proxies": trusted})
+    headers = [("X-Forwarded-For", v) for v in xff]
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/v1/models", headers=headers) as r:
+            assert r.status == 200
+    assert ClientIp.seen == [want]

@@ -355,3 +355,68 @@ async def test_shutdown_timeout_bounds_the_drain(make_gateway: Any) -> None:
         r.close()
     assert b"[DONE]" not in got  # cut well before the 200 words
     assert LifeRec.events == ["complete client_disconnected", "shutdown"]
+
+
+def _register_failstart() -> None:
+    from pydantic import Field
+
+    from gateway.plugin import Plugin, PluginConfig, registry
+
+    class FailConfig(PluginConfig):
+        fail: bool = Field(False, description="Raise in startup.")
+
+    class _FailStart(Plugin):
+        name = "t_lifecycle_failstart"
+        Config = FailConfig
+
+        async def startup(self) -> None:
+            if self.config.fail:
+                raise RuntimeError("cannot start on purpose")
+            LifeRec.events.append("failstart started")
+
+        async def shutdown(self) -> None:
+            LifeRec.events.append("failstart shutdown")
+
+    registry.register(_FailStart)
+
+
+_register_failstart()
+
+
+async def test_reload_applies_upstream_settings_and_survives_a_failing_plugin(make_gateway: Any, upstream: Any) -> None:
+    LifeRec.events.clear()
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}},
+                            {"name": "t_lifecycle_failstart"}],
+                           upstream={"headers": {"X-Upstream-Key": "one"}})
+    path = Path(g.gw.cfg.path)
+
+    def timeouts_and_key(c: dict[str, Any]) -> None:
+        c["upstream"]["timeouts"]["first_byte"] = 0.3
+        c["upstream"]["headers"] = {"X-Upstream-Key": "two"}
+
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "0.6"}) as r:
+            assert r.status == 200
+        assert upstream.requests[-1]["headers"]["X-Upstream-Key"] == "one"
+        _edit(path, timeouts_and_key)
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200
+        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "0.6"}) as r:
+            assert r.status == 504  # the new first_byte applies
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+        assert upstream.requests[-1]["headers"]["X-Upstream-Key"] == "two"
+        # A plugin that fails to start makes the reload fail as a whole; the running chain stays.
+        before = g.gw.runtime
+        _edit(path, lambda c: (c["plugins"][1].update({"config": {"fail": True}}),
+                               c["plugins"][0]["config"]["response"].update({"X-Version": "3"})))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 400
+            msg = (await r.json())["error"]["message"]
+            assert "failed to start" in msg and "cannot start on purpose" in msg
+        assert g.gw.runtime is before
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.headers["X-Version"] == "1"
+    # the reload's instances that did start were shut down again; the running one is still up
+    assert LifeRec.events.count("failstart started") == 2
+    assert LifeRec.events.count("failstart shutdown") == 1  # the one replaced by the first reload
