@@ -3,7 +3,7 @@ spans, answers 200 with an empty ExportTraceServiceResponse. Nothing is stored.
 
 Run it next to a gateway whose tracing plugin exports to it::
 
-    python bench/otlp_receiver.py --port 4318            # prints "ready <port>" then a count every 5 s
+    python bench/otlp_receiver.py 4318       # (or --port 4318) prints "ready <port>", then counts every 5 s
     GET /stats -> {"requests": ..., "spans": ..., "bytes": ...}
 
 or start it in-process: ``runner, port, stats = await start_receiver("127.0.0.1", 0)``.
@@ -81,10 +81,14 @@ async def _main(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("port_arg", nargs="?", type=int, metavar="PORT", help="same as --port")
     p.add_argument("--port", type=int, default=4318, help="0 picks a free port (printed as 'ready <port>')")
     p.add_argument("--no-decode", action="store_true", help="count requests and bytes only")
     p.add_argument("--every", type=float, default=5.0, help="seconds between stats lines (0: only at exit)")
-    asyncio.run(_main(p.parse_args()))
+    args = p.parse_args()
+    if args.port_arg is not None:
+        args.port = args.port_arg
+    asyncio.run(_main(args))
 
 
 if __name__ == "__main__":
