@@ -58,6 +58,7 @@ class BatchWriter(Generic[T]):
         self.dropped = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._wake = asyncio.Event()  # a full batch is waiting, or close() was called
 
     # -- request path -----------------------------------------------------------------------------
     def put_nowait(self, item: T) -> bool:
@@ -65,6 +66,8 @@ class BatchWriter(Generic[T]):
         try:
             self._q.put_nowait(item)
             self._idle.clear()
+            if self._q.qsize() >= self.batch_size:
+                self._wake.set()
             return True
         except asyncio.QueueFull:
             self._drop(1, "queue_full")
@@ -78,6 +81,8 @@ class BatchWriter(Generic[T]):
         try:
             self._q.put_nowait(item)
             self._idle.clear()
+            if self._q.qsize() >= self.batch_size:
+                self._wake.set()
             return True
         except asyncio.QueueFull:
             if self.on_full == "drop":
@@ -105,20 +110,19 @@ class BatchWriter(Generic[T]):
         while True:
             first = await self._q.get()
             batch = [first]
-            deadline = time.monotonic() + self.flush_interval
+            if self._q.qsize() + 1 < self.batch_size and not self._closing:
+                # Let the batch gather for flush_interval without waking up for every record;
+                # a full batch or close() ends the wait early.
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(self.flush_interval):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
             while len(batch) < self.batch_size:
                 try:
                     batch.append(self._q.get_nowait())
-                    continue
                 except asyncio.QueueEmpty:
-                    pass
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closing:
-                    break
-                try:
-                    async with asyncio.timeout(left):
-                        batch.append(await self._q.get())
-                except TimeoutError:
                     break
             await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
             if self._q.empty():
@@ -160,6 +164,7 @@ class BatchWriter(Generic[T]):
     async def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued (retrying for a short while), then stop. Leftovers are counted."""
         self._closing = True
+        self._wake.set()
         try:
             await self.flush(timeout)
         except TimeoutError:
