@@ -449,3 +449,37 @@ async def test_sigterm_flushes_queued_spans(tmp_path, upstream, receiver):
                    sp.trace_id.hex() == TRACE_ID) == 3, p.log()[-2000:]
     finally:
         p.stop()
+
+
+async def test_otlp_grpc_export_to_a_real_receiver(make_gateway, upstream):
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pb_grpc
+
+    got: list[Any] = []
+    metadata: list[dict[str, str]] = []
+
+    class Service(pb_grpc.TraceServiceServicer):
+        async def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the gRPC method name)
+            metadata.append(dict(context.invocation_metadata()))
+            got.extend(sp for rs in request.resource_spans for ss in rs.scope_spans for sp in ss.spans)
+            return ExportTraceServiceResponse()
+
+    server = grpc.aio.server()
+    pb_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        g = await make_gateway([tracing(exporter={"type": "otlp_grpc", "endpoint": f"http://127.0.0.1:{port}",
+                                                  "headers": {"x-tenant": "t1"}, "timeout": 5},
+                                        batch={"schedule_delay_ms": 50})])
+        assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
+        async with asyncio.timeout(10):
+            while len(got) < 3:
+                await asyncio.sleep(0.05)
+        assert {sp.name for sp in got} == {"POST /v1/chat/completions", "POST", "chat demo-chat"}
+        assert {sp.trace_id.hex() for sp in got} == {TRACE_ID}
+        assert metadata[0]["x-tenant"] == "t1"
+        async with asyncio.timeout(15):
+            await g.stop()
+    finally:
+        await server.stop(None)
