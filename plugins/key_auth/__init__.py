@@ -254,8 +254,8 @@ class KeyAuth(Plugin):
             v = ident.get(field)
             ctx.upstream_headers[h] = str(v) if v is not None else None
         ctx.state[self.name] = key_id
-        if self.writer is not None:
-            ctx.want_usage()
+        if self.writer is not None and ctx.method == "POST":
+            ctx.want_usage()  # token usage only comes with POST (chat, completions, embeddings ...)
         return None
 
     async def _entry(self, key_id: str) -> _Entry | None:
