@@ -69,7 +69,8 @@ class Upstream:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
                                     keepalive_timeout=30, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(
-            connector=conn, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            connector=conn, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # relay, don't invent
             timeout=self._client_timeout,
             trace_configs=self._trace_configs or None, cookie_jar=aiohttp.DummyCookieJar(),
         )
