@@ -114,7 +114,8 @@ class Fake:
 
     async def record(self, request: web.Request) -> bytes:
         body = await request.read()
-        self.requests.append({"method": request.method, "path_qs": request.path_qs,
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append({"method": request.method, "path_qs": request.path_qs, "peer": peer,
                               "headers": request.headers.copy(), "body": body,
                               "chunked": request.headers.get("Transfer-Encoding") == "chunked"})
         return body
@@ -890,3 +891,29 @@ async def test_short_fixed_length_body_with_chunk_plugin(make_gateway: Any, fake
                 await r.read()
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
+
+
+async def test_no_invented_content_type(make_gateway: Any, fake: Any) -> None:
+    """The upstream gets the client's Content-Type, or none if the client sent none."""
+    g = await gateway_to(make_gateway, fake.url)
+    port = g.gw.public_port
+    for body in (b"", b"raw"):
+        req = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        status, _, _ = await raw_request(port, req)
+        assert status == 200
+        h = fake.requests[-1]["headers"]
+        assert "Content-Type" not in h, h
+        assert h["Content-Length"] == str(len(body)) and fake.requests[-1]["body"] == body
+    req = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Type: text/x-mine\r\nContent-Length: 3\r\n\r\nabc"
+    await raw_request(port, req)
+    assert fake.requests[-1]["headers"].getall("Content-Type") == ["text/x-mine"]
+
+
+async def test_upstream_connections_are_pooled(make_gateway: Any, fake: Any) -> None:
+    g = await gateway_to(make_gateway, fake.url)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for i in range(5):
+            async with s.post(g.url + f"/v1/x?i={i}", json={"i": i}) as r:
+                assert r.status == 200
+    # one upstream connection, kept alive and reused (clients' connections are not passed through)
+    assert len({q["peer"] for q in fake.requests}) == 1
