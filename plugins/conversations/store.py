@@ -252,7 +252,7 @@ class ConversationStore:
             t = [r[c] for c in cols]
             for i in dts:
                 if t[i] is not None:
-                    t[i] = t[i].strftime(_SQLITE_TS)
+                    t[i] = t[i].isoformat(" ", "microseconds")  # == strftime(_SQLITE_TS), faster
             for i in bools:
                 if t[i] is not None:
                     t[i] = 1 if t[i] else 0
