@@ -361,3 +361,37 @@ async def test_sigterm_flushes_queued_writes(upstream: Any, tmp_path: Path) -> N
     finally:
         c.close()
     assert "not written" not in p.log()
+
+
+async def test_store_writes_a_large_batch_in_chunks(db: dict[str, Any]) -> None:
+    """A batch bigger than one statement's parameter limit is split, rows keep their exact values."""
+    import datetime as dt
+
+    from gateway.db import Database
+    from gateway.plugins.conversations import digest, new_id
+    from gateway.plugins.conversations.store import ConversationStore, TurnRecord, message_row
+
+    d = Database(db["url"])
+    await d.upgrade()
+    store = ConversationStore(d)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5)
+    recs = []
+    for i in range(1000):
+        msgs = [{"role": "user", "content": f"q{i}", "name": "n"}, {"role": "assistant", "content": [{"type": "text", "text": "é"}]}]
+        rows = [message_row(m, digest(m), tokens=i, tokens_derived=j == 0, created_at=t0, model="m", request_id=str(i),
+                            key_id=None, owner="o") for j, m in enumerate(msgs)]
+        recs.append(TurnRecord(new_id(), "o", None, True, None, None, 0, rows,
+                               {"model": "m", "request_id": str(i), "key_id": None, "owner": "o", "status": "complete",
+                                "http_status": 200, "memory": False, "stream": False, "prompt_tokens": i,
+                                "completion_tokens": 1, "total_tokens": i + 1, "usage": None, "latency_ms": 1.5,
+                                "ttft_ms": None, "created_at": t0}, t0))
+    await store.write(recs)
+    assert (await store.counts()) == {"conversations": 1000, "messages": 2000, "turns": 1000}
+    msgs, _ = await store.messages(recs[777].conversation_id)
+    assert [(m["position"], m["role"], m["content"], m["tokens"], m["tokens_derived"], m["created_at"]) for m in msgs] == [
+        (0, "user", "q777", 777, True, "2026-01-02T03:04:05.000000Z"),
+        (1, "assistant", [{"type": "text", "text": "é"}], 777, False, "2026-01-02T03:04:05.000000Z")]
+    assert msgs[0]["name"] == "n"
+    data, _ = await store.list(owner="o", since=t0, limit=5)
+    assert len(data) == 5 and data[0]["message_count"] == 2 and data[0]["prompt_tokens"] in range(1000)
+    await d.close()

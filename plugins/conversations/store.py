@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import sqlite3
 from typing import Any, AsyncIterator, Sequence
 
 import sqlalchemy as sa
@@ -223,6 +224,7 @@ def parse_time(s: str) -> dt.datetime:
 
 
 _SQLITE_TS = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores DateTime on SQLite
+_MAX_PARAMS = 999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000  # SQLITE_MAX_VARIABLE_NUMBER
 
 
 class ConversationStore:
@@ -242,12 +244,11 @@ class ConversationStore:
         prep = self._sql.get(key)
         if prep is None:
             names = ", ".join(f'"{c}"' for c in cols)
-            sql = f'INSERT INTO "{table.name}" ({names}) VALUES ({", ".join("?" * len(cols))})'
             dts = [i for i, c in enumerate(cols) if isinstance(table.c[c].type, sa.DateTime)]
             bools = [i for i, c in enumerate(cols) if isinstance(table.c[c].type, sa.Boolean)]
-            prep = self._sql[key] = (sql, dts, bools)
-        sql, dts, bools = prep
-        params = []
+            prep = self._sql[key] = (f'INSERT INTO "{table.name}" ({names}) VALUES ', dts, bools)
+        head, dts, bools = prep
+        params: list[Any] = []
         for r in rows:
             t = [r[c] for c in cols]
             for i in dts:
@@ -256,8 +257,15 @@ class ConversationStore:
             for i in bools:
                 if t[i] is not None:
                     t[i] = 1 if t[i] else 0
-            params.append(tuple(t))
-        await conn.exec_driver_sql(sql, params)
+            params += t
+        # Many rows per statement: one sqlite3_step instead of one per row, which keeps the
+        # driver thread from taking the GIL back and forth with the event loop for every row.
+        one = "(" + ", ".join("?" * len(cols)) + ")"
+        per = max(1, _MAX_PARAMS // len(cols))
+        n = len(cols)
+        for i in range(0, len(rows), per):
+            k = min(per, len(rows) - i)
+            await conn.exec_driver_sql(head + ", ".join([one] * k), tuple(params[i * n:(i + k) * n]))
 
     # -- the writer ------------------------------------------------------------------------------
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
