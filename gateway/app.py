@@ -174,7 +174,17 @@ def _port(runner: web.BaseRunner) -> int:
 async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set); SIGHUP reloads the config."""
     gw = Gateway(cfg)
-    await gw.start()
+    try:
+        await gw.start()
+    except Exception as e:
+        # e.g. the port is taken or a plugin's backend is unreachable: say so in one line (a
+        # traceback only for what is not an OS-level error), and undo what had started.
+        if isinstance(e, OSError):
+            log.error("start-up failed: %s", e)
+        else:
+            log.exception("start-up failed: %s: %s", type(e).__name__, e)
+        await gw.stop()
+        return 1
     tune_gc()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
