@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -246,7 +247,7 @@ async def test_reload_waits_for_inflight_requests(make_gateway: Any) -> None:
     path = Path(g.gw.cfg.path)
     async with aiohttp.ClientSession(timeout=T) as s:
         r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                         headers={"X-Demo-Delay": "0.1", "X-Demo-Words": "10"})
+                         headers={"X-Demo-Delay": "0.1", "X-Demo-Words": "25"})
         assert r.headers["X-Version"] == "1"
         old = g.gw.runtime
         _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
@@ -391,17 +392,17 @@ async def test_reload_applies_upstream_settings_and_survives_a_failing_plugin(ma
     path = Path(g.gw.cfg.path)
 
     def timeouts_and_key(c: dict[str, Any]) -> None:
-        c["upstream"]["timeouts"]["first_byte"] = 0.3
+        c["upstream"]["timeouts"]["first_byte"] = 0.8
         c["upstream"]["headers"] = {"X-Upstream-Key": "two"}
 
     async with aiohttp.ClientSession(timeout=T) as s:
-        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "0.6"}) as r:
+        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "1.6"}) as r:
             assert r.status == 200
         assert upstream.requests[-1]["headers"]["X-Upstream-Key"] == "one"
         _edit(path, timeouts_and_key)
         async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
             assert r.status == 200
-        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "0.6"}) as r:
+        async with s.get(g.url + "/v1/models", headers={"X-Demo-Head-Delay": "1.6"}) as r:
             assert r.status == 504  # the new first_byte applies
         async with s.get(g.url + "/v1/models") as r:
             assert r.status == 200
@@ -420,3 +421,25 @@ async def test_reload_applies_upstream_settings_and_survives_a_failing_plugin(ma
     # the reload's instances that did start were shut down again; the running one is still up
     assert LifeRec.events.count("failstart started") == 2
     assert LifeRec.events.count("failstart shutdown") == 1  # the one replaced by the first reload
+
+
+async def test_start_fails_cleanly_when_port_busy(tmp_path: Path, upstream: Any) -> None:
+    import subprocess
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = base_config(upstream.url, tmp_path, [{"name": "t_lifecycle_marker"}], server={"port": port})
+        path = write_config(tmp_path / "gateway.yaml", cfg)
+        (tmp_path / "marker_plugin.py").write_text(MARKER_PLUGIN)
+        marks = tmp_path / "marks.txt"
+        code = "import marker_plugin, sys; from gateway.cli import main; raise SystemExit(main(sys.argv[1:]))"
+        r = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", code, "serve", "-c", str(path)], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path), "LIFECYCLE_MARKS": str(marks)})
+    assert r.returncode == 1, r.stderr
+    assert "address already in use" in r.stderr
+    assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr
+    # the plugins that had started were shut down again
+    assert marks.read_text().splitlines() == ["startup", "shutdown"]

@@ -302,7 +302,7 @@ async def test_sse_events_arrive_one_by_one(make_gateway: Any, fake: Any) -> Non
     g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
     arrivals: list[float] = []
     async with aiohttp.ClientSession(timeout=T) as s:
-        async with s.get(g.url + f"/sse?n={n}&pause=0.3") as r:
+        async with s.get(g.url + f"/sse?n={n}&pause=0.4") as r:
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("text/event-stream")
             buf = b""
