@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .helpers import free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,13 +81,14 @@ def test_usage(capsys: Any) -> None:
 class Demo:
     """`gateway demo` as a subprocess; collects stdout until the instructions are complete."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, config: Path | None = None) -> None:
         self.port, self.admin_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
         env.update(GATEWAY_PORT=str(self.port), GATEWAY_ADMIN_PORT=str(self.admin_port), GATEWAY_HOST="127.0.0.1",
                    GATEWAY_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}", PYTHONUNBUFFERED="1")
         self.log = open(tmp_path / "demo.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo"], cwd=ROOT, env=env,
+        args = ["-c", str(config)] if config is not None else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.lines: list[str] = []
         self.done = threading.Event()
@@ -133,13 +136,28 @@ def python_snippet(lines: list[str]) -> str:
     return "\n".join(lines[start:end + 1])
 
 
-def test_demo_prints_commands_that_work(tmp_path: Path) -> None:
-    demo = Demo(tmp_path)
+def with_key_auth(tmp_path: Path) -> Path:
+    """The shipped config with key_auth first in the chain (as a deployment would run it)."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+    names = [p["name"] for p in cfg.get("plugins") or []]
+    if "key_auth" not in names:
+        cfg["plugins"] = [{"name": "key_auth"}] + (cfg.get("plugins") or [])
+    return write_config(tmp_path / "with_key_auth.yaml", (ROOT / "gateway.yaml").read_text().split("plugins:")[0]
+                        + yaml.safe_dump({"plugins": cfg["plugins"]}, sort_keys=False))
+
+
+@pytest.mark.parametrize("variant", ["shipped", "key_auth"])
+def test_demo_prints_commands_that_work(tmp_path: Path, variant: str) -> None:
+    demo = Demo(tmp_path, with_key_auth(tmp_path) if variant == "key_auth" else None)
     try:
         lines = demo.instructions()
         text = "\n".join(lines)
         assert f"http://127.0.0.1:{demo.port}" in text
         curl = curl_command(lines)
+        if variant == "key_auth":
+            assert "Authorization: Bearer gw_" in curl  # the demo made a key and put it in the command
         assert f"http://127.0.0.1:{demo.port}/v1/chat/completions" in curl
         r = subprocess.run(curl + " -w '\\n%{http_code}'", shell=True, executable="/bin/bash", capture_output=True,
                            text=True, timeout=30)

@@ -898,13 +898,15 @@ async def test_no_invented_content_type(make_gateway: Any, fake: Any) -> None:
     g = await gateway_to(make_gateway, fake.url)
     port = g.gw.public_port
     for body in (b"", b"raw"):
-        req = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        req = (b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))
         status, _, _ = await raw_request(port, req)
         assert status == 200
         h = fake.requests[-1]["headers"]
         assert "Content-Type" not in h, h
         assert h["Content-Length"] == str(len(body)) and fake.requests[-1]["body"] == body
-    req = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Type: text/x-mine\r\nContent-Length: 3\r\n\r\nabc"
+    req = (b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Type: text/x-mine\r\n"
+           b"Content-Length: 3\r\n\r\nabc")
     await raw_request(port, req)
     assert fake.requests[-1]["headers"].getall("Content-Type") == ["text/x-mine"]
 
