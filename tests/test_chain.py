@@ -3,7 +3,6 @@ exactly once whatever happens, per-route overrides, entry-point discovery, respo
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
