@@ -54,6 +54,27 @@ class _Families:
         self.upstream_errors = Counter("gateway_upstream_errors",
                                        "Upstream failures: error (unreachable), timeout, disconnected",
                                        ["kind"], registry=reg)
+        # Label children looked up once (labels() takes a lock and builds keys on every call).
+        self._routes: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._requests: dict[tuple[str, int, str], Any] = {}
+
+    def route(self, route: str) -> tuple[Any, Any, Any, Any]:
+        r = self._routes.get(route)
+        if r is None:
+            r = (self.duration.labels(route), self.upstream.labels(route), self.overhead.labels(route),
+                 self.ttfb.labels(route))
+            if len(self._routes) < 1000:
+                self._routes[route] = r
+        return r
+
+    def request(self, route: str, status: int, source: str) -> Any:
+        k = (route, status, source)
+        c = self._requests.get(k)
+        if c is None:
+            c = self.requests.labels(route, str(status), source)
+            if len(self._requests) < 10000:
+                self._requests[k] = c
+        return c
 
 
 class Metrics(Plugin):
@@ -68,20 +89,20 @@ class Metrics(Plugin):
 
     async def on_complete(self, ctx: RequestContext) -> None:
         m = self.m
-        route = ctx.route
-        m.requests.labels(route, str(ctx.status), ctx.source).inc()
+        m.request(ctx.route, ctx.status, ctx.source).inc()
+        duration, upstream, overhead, ttfb = m.route(ctx.route)
         end = ctx.t_end
         if end is not None:
             total = end - ctx.t_start
-            m.duration.labels(route).observe(total)
+            duration.observe(total)
             if ctx.t_upstream is not None:
                 up = end - ctx.t_upstream
-                m.upstream.labels(route).observe(up)
-                m.overhead.labels(route).observe(max(total - up, 0.0))
+                upstream.observe(up)
+                overhead.observe(max(total - up, 0.0))
             else:
-                m.overhead.labels(route).observe(total)
+                overhead.observe(total)
         if ctx.t_first_byte is not None:
-            m.ttfb.labels(route).observe(ctx.t_first_byte - ctx.t_start)
+            ttfb.observe(ctx.t_first_byte - ctx.t_start)
         c = ctx.completion
         if c is not None and c.usage and self.config.tokens:
             model = c.model or ctx.model or "unknown"
