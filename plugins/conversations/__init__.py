@@ -395,7 +395,9 @@ class Conversations(Plugin):
         shared = self.shared
         assert shared is not None
         if rows:
-            v.append(msgs, digests, tokens, self.config.cache_messages)
+            # message bodies are cached only where memory may need them; otherwise digests suffice
+            keep = self.config.cache_messages if plan.memory or self.config.memory.enabled else 0
+            v.append(msgs, digests, tokens, keep)
         v.records.append(rec)
         if shared.views.get(v.id) is not v:
             cur = shared.views.get(v.id)

@@ -56,11 +56,15 @@ class View:
         return len(self.digests)
 
     def append(self, msgs: list[dict[str, Any]], digests: list[str], tokens: list[int | None], keep: int) -> None:
-        if self.count == 0 and msgs:
+        if self.count == 0 and msgs and keep > 0:
             self.first = msgs[0]
         self.digests.extend(digests)
         self.tokens.extend(tokens)
-        self.tail.extend(msgs)
+        if keep <= 0:  # no memory in use: keep no message bodies (the database has them)
+            self.tail.clear()
+            self.tail_start = self.count
+        else:
+            self.tail.extend(msgs)
         if len(self.tail) > keep:
             cut = len(self.tail) - keep
             del self.tail[:cut]
