@@ -225,7 +225,7 @@ class Audit(Plugin):
             sink = self._sink(spec)
 
             def factory(sink: Sink = sink) -> Any:
-                w = self.services.writer(f"audit:{sink.kind}", sink.write, max_queue=cfg.queue_size,
+                w = self.services.writer(f"audit:{sink.key}", sink.write, max_queue=cfg.queue_size,
                                          batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
                                          on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
                 w.start()
