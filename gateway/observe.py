@@ -234,6 +234,8 @@ def ask_for_usage(ctx: Any) -> None:
     """For a streamed chat/completions request, make the upstream report usage in a final chunk.
 
     Remembers whether the client asked for it itself, so the core can hide the chunk otherwise."""
+    if b'"stream"' not in ctx.body:  # not a streamed request: no need to parse the body here
+        return
     j = ctx.json
     if not isinstance(j, dict) or j.get("stream") is not True:
         return
