@@ -149,3 +149,24 @@ async def test_gateway_start_migrates_embedded_sqlite(make_gateway: Any, tmp_pat
         assert _versions_sqlite(path) == want
     async with g.gw.db.engine.connect() as c:
         assert (await c.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+
+
+
+async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """Instances starting together migrate one after the other (advisory lock), none fails."""
+    cfg = _config(tmp_path, pg_url)
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "db", "upgrade", "-c", str(cfg),
+                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+             for _ in range(3)]
+    async with asyncio.timeout(90):
+        results = [await p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()
+    db = Database(pg_url)
+    try:
+        if heads():
+            async with db.engine.connect() as c:
+                got = {row[0] for row in await c.execute(text("SELECT version_num FROM alembic_version"))}
+            assert got == heads()
+    finally:
+        await db.close()
