@@ -100,9 +100,10 @@ class Proxy:
                     log.exception("plugin %s failed in on_request (request %s)", p.name, ctx.request_id)
                     raise PluginFailed(p.name, "on_request") from None
                 if reply is not None:
-                    ctx.outcome = "refused"
-                    if ctx.refusal is None:
-                        ctx.refusal = {"plugin": p.name, "reason": "refused"}
+                    if reply.status >= 400:  # a refusal; a 2xx/3xx reply is a plugin answering itself
+                        ctx.outcome = "refused"
+                        if ctx.refusal is None:
+                            ctx.refusal = {"plugin": p.name, "reason": "refused"}
                     return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
