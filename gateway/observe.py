@@ -114,14 +114,17 @@ class ResponseObserver:
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
         """Handle one SSE event; returns False if it must not reach the client."""
-        data_lines = []
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                v = line[5:]
-                data_lines.append(v[1:] if v.startswith(b" ") else v)
-        if not data_lines:
-            return True
-        data = b"\n".join(data_lines)
+        if event.startswith(b"data: ") and event.count(b"\n", 0, len(event) - 2) == 0:
+            data = event[6:].rstrip(b"\r\n")  # the common one-line event
+        else:
+            data_lines = []
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    v = line[5:]
+                    data_lines.append(v[1:] if v.startswith(b" ") else v)
+            if not data_lines:
+                return True
+            data = b"\n".join(data_lines)
         if data.strip() == b"[DONE]":
             self.c.done = True
             return True
@@ -222,6 +225,8 @@ class ResponseObserver:
 
 def _find_event_end(buf: bytearray) -> tuple[int, int]:
     """Index of the blank line ending the first event, and the separator length."""
+    if b"\r" not in buf:  # the common case: LF line endings only
+        return buf.find(b"\n\n"), 2
     best, sep = -1, 0
     for s in (b"\n\n", b"\r\n\r\n", b"\r\r"):
         i = buf.find(s)
