@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,18 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+# Alembic keeps its migration context in module globals: two runs at once in one process (each
+# Database.upgrade() runs in its own thread) would use each other's connections and hang or fail.
+_ALEMBIC = threading.Lock()
+
+
 def upgrade_sync(url: str) -> list[str]:
     from alembic import command
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(url)
-    command.upgrade(cfg, "heads")
+    with _ALEMBIC:
+        command.upgrade(cfg, "heads")
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
 
 
@@ -121,5 +128,6 @@ def current_sync(url: str) -> list[str]:
     cfg = alembic_config(url)
     out: list[str] = []
     cfg.print_stdout = lambda msg, *a: out.append(msg % a if a else msg)  # type: ignore[method-assign]
-    command.current(cfg)
+    with _ALEMBIC:
+        command.current(cfg)
     return out
