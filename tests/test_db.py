@@ -170,3 +170,30 @@ async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) ->
             assert got == heads()
     finally:
         await db.close()
+
+
+CONCURRENT_IN_PROCESS = """
+import asyncio, sys
+from gateway.db import Database
+
+async def main():
+    dbs = [Database(f"sqlite+aiosqlite:///{sys.argv[1]}/c{i}.db") for i in range(3)]
+    heads = await asyncio.gather(*(db.upgrade() for db in dbs))
+    for db in dbs:
+        await db.close()
+    print(sorted(set(map(tuple, heads))))
+
+asyncio.run(main())
+"""
+
+
+def test_concurrent_upgrades_in_one_process(tmp_path: Path) -> None:
+    """Alembic's context is process-global: upgrades started together in one process (two gateways,
+    a reload) must not mix up their connections. Run in a subprocess so a hang cannot hang the suite."""
+    r = subprocess.run([sys.executable, "-c", CONCURRENT_IN_PROCESS, str(tmp_path)], capture_output=True, text=True,
+                       timeout=45)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == str([tuple(sorted(heads()))])
+    for i in range(3):
+        if heads():
+            assert _versions_sqlite(tmp_path / f"c{i}.db") == heads()
