@@ -143,6 +143,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
                                           team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
                                           limits=ch.get("limits"), expires_at=ch.get("expires_at"))
+            services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
             return _out(args, {**rec, "key": key}, secret=key)
         if c == "list":
             rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit)
@@ -162,7 +163,10 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if not ch:
                 return _fail("nothing to change (see gateway keys update --help)")
             rec = await store.update(args.key_id, ch)
-            return _out(args, rec) if rec else _fail(f"no key with id {args.key_id!r}")
+            if rec is None:
+                return _fail(f"no key with id {args.key_id!r}")
+            services.events.emit("key.updated", actor="cli", key_id=args.key_id, fields=sorted(ch))
+            return _out(args, rec)
         if c == "rotate":
             grace = kcfg.rotation_grace if args.grace is None else args.grace
             try:
@@ -171,10 +175,14 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 return _fail("a revoked key cannot be rotated; create a new one")
             if res is None:
                 return _fail(f"no key with id {args.key_id!r}")
+            services.events.emit("key.rotated", actor="cli", key_id=args.key_id, grace_seconds=grace)
             return _out(args, {**res[0], "key": res[1]}, secret=res[1])
         if c == "revoke":
             rec = await store.revoke(args.key_id)
-            return _out(args, rec) if rec else _fail(f"no key with id {args.key_id!r}")
+            if rec is None:
+                return _fail(f"no key with id {args.key_id!r}")
+            services.events.emit("key.revoked", actor="cli", key_id=args.key_id)
+            return _out(args, rec)
         if c == "usage":
             if await store.get(args.key_id) is None:
                 return _fail(f"no key with id {args.key_id!r}")
@@ -190,6 +198,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             return 0
         return _fail(f"unknown command {c}")
     finally:
+        await services.close()  # flushes what the audit trail queued for the events above
         await services.db.close()
 
 
