@@ -116,15 +116,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = Path(config_path(args))
     if not path.exists():
         path = _packaged_default()
-    env = dict(os.environ)
-    token = env.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    env["GATEWAY_ADMIN_TOKEN"] = token
+    token = os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    # The demo's values go into the process environment (not just a copy of it): SIGHUP and
+    # POST /config/reload re-read the file with os.environ and must see the same token and upstream.
+    os.environ["GATEWAY_ADMIN_TOKEN"] = token
 
     async def main() -> int:
         runner, port = await start_demo_upstream("127.0.0.1", args.upstream_port)
-        env["UPSTREAM_URL"] = f"http://127.0.0.1:{port}"
+        os.environ["UPSTREAM_URL"] = f"http://127.0.0.1:{port}"
         try:
-            cfg = load_config(path, env=env)
+            cfg = load_config(path)
         except ConfigError as e:
             print(str(e), file=sys.stderr)
             return 2

@@ -57,3 +57,27 @@ async def test_cli_key_changes_are_audited(tmp_path):
     assert secret not in json.dumps(evs)
     res = await agw_cli(cfg, "audit", "verify")
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+async def test_demo_config_reload_keeps_demo_values(tmp_path):
+    """`gateway demo` then POST /config/reload: the re-read file sees the demo's upstream and admin token."""
+    from .test_cli import Demo
+
+    demo = Demo(tmp_path)
+    try:
+        lines = await asyncio.to_thread(demo.instructions)
+        token = next(ln for ln in lines if "admin token:" in ln).split("admin token: ")[1].rstrip(")")
+        key = next(ln for ln in lines if "demo API key" in ln).split()[4]
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.post(f"http://127.0.0.1:{demo.admin_port}/config/reload",
+                              headers={"Authorization": f"Bearer {token}"}) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                assert body["status"] == "reloaded"
+            async with s.post(f"http://127.0.0.1:{demo.port}/v1/chat/completions",
+                              json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]},
+                              headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200, await r.text()
+    finally:
+        rc = await asyncio.to_thread(demo.stop)
+    assert rc == 0
