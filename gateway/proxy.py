@@ -33,6 +33,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)").search
 _USAGE_PATHS = ("/chat/completions", "/completions")
 _perf = time.perf_counter
+#: Sent when the upstream names no server (instead of aiohttp's default, which carries versions).
+SERVER = "gateway"
 
 
 class PluginFailed(Exception):
@@ -167,13 +169,15 @@ class Proxy:
     async def _send_local(self, ctx: RequestContext, chain: "Chain", status: int, body: bytes,
                           headers: CIMultiDict[str]) -> web.StreamResponse:
         ctx.source = "gateway"
+        headers.setdefault("Server", SERVER)
         head = ResponseHead(status, headers, "gateway")
         try:
             await self._run_on_response(ctx, chain, head)
         except PluginFailed:
             err = InternalError()
             ctx.error, ctx.outcome = err.code, "error"
-            head = ResponseHead(err.status, CIMultiDict({"Content-Type": "application/json"}), "gateway")
+            head = ResponseHead(err.status, CIMultiDict({"Content-Type": "application/json", "Server": SERVER}),
+                                "gateway")
             body = err.body()
         head.headers["X-Request-ID"] = ctx.request_id
         resp = web.Response(status=head.status, body=body, headers=head.headers)
@@ -227,6 +231,7 @@ class Proxy:
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform)
         has_length = "Content-Length" in resp.headers  # the upstream's framing, even if we re-frame
+        headers.setdefault("Server", SERVER)
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id

@@ -6,7 +6,7 @@ The smallest useful plugin, and the proof of the chain::
       config:
         request: {X-Team: search}       # added to the upstream request
         response: {X-Served-By: gateway} # added to the client response
-        remove_response: [Server]
+        remove_response: [X-Powered-By]
 """
 from __future__ import annotations
 
