@@ -81,3 +81,29 @@ async def test_demo_config_reload_keeps_demo_values(tmp_path):
     finally:
         rc = await asyncio.to_thread(demo.stop)
     assert rc == 0
+
+
+async def test_key_limit_out_of_range_is_422_not_500(make_gateway, upstream, tmp_path):
+    """A limit larger than its column holds is a 422 naming the field (admin API) or a usage error (CLI),
+    not a 500 from the database."""
+    g = await make_gateway(plugins=[{"name": "key_auth"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for field, value in (("rpm", 2**31), ("tpm", 10**30), ("daily_tokens", 2**63)):
+            async with s.post(g.admin_url + "/keys", headers=AUTH,
+                              json={"owner": "bob", "limits": {field: value}}) as r:
+                body = await r.json()
+                assert r.status == 422, body
+                assert body["error"]["param"] == f"limits.{field}" and body["error"]["code"] == "invalid_value"
+        async with s.post(g.admin_url + "/keys", headers=AUTH, json={"owner": "bob"}) as r:
+            kid = (await r.json())["id"]
+        async with s.patch(g.admin_url + f"/keys/{kid}", headers=AUTH,
+                           json={"limits": {"monthly_tokens": 10**40}}) as r:
+            assert r.status == 422, await r.text()
+        async with s.patch(g.admin_url + f"/keys/{kid}", headers=AUTH,
+                           json={"limits": {"rpm": 2**31 - 1, "daily_tokens": 2**63 - 1}}) as r:
+            rec = await r.json()
+            assert r.status == 200 and rec["limits"]["daily_tokens"] == 2**63 - 1, rec
+    cfg = write_config(tmp_path / "cli.yaml", base_config("http://127.0.0.1:9", tmp_path, [{"name": "key_auth"}]))
+    for bad in ("99999999999999999999", "abc", "0"):
+        res = await agw_cli(cfg, "keys", "update", kid, "--rpm", bad)
+        assert res.returncode == 2 and "--rpm" in res.stderr and "Traceback" not in res.stderr, res.stderr

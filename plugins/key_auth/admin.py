@@ -18,7 +18,7 @@ from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store
 from .keys import KEY_ID
-from .store import KeyRevoked
+from .store import LIMIT_MAX, KeyRevoked
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -44,10 +44,14 @@ class Scopes(_Body):
 
 
 class Limits(_Body):
-    rpm: int | None = Field(None, ge=1, description="Requests per minute for this key (overrides the YAML default).")
-    tpm: int | None = Field(None, ge=1, description="Tokens per minute for this key.")
-    daily_tokens: int | None = Field(None, ge=1, description="Token quota per UTC day.")
-    monthly_tokens: int | None = Field(None, ge=1, description="Token quota per UTC month.")
+    rpm: int | None = Field(None, ge=1, le=LIMIT_MAX["rpm"],
+                            description="Requests per minute for this key (overrides the YAML default).")
+    tpm: int | None = Field(None, ge=1, le=LIMIT_MAX["tpm"],
+                            description="Tokens per minute for this key.")
+    daily_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["daily_tokens"],
+                                     description="Token quota per UTC day.")
+    monthly_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["monthly_tokens"],
+                                       description="Token quota per UTC month.")
 
 
 class CreateKey(_Body):

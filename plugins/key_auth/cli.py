@@ -35,13 +35,22 @@ def parse_when(v: str) -> dt.datetime | None:
     return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
 
 
-def _limit(v: str) -> int | None:
-    if v.lower() in ("none", "default", ""):
-        return None
-    n = int(v)
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1 (or 'none' to use the YAML default)")
-    return n
+def _limit(field: str) -> Any:
+    from .store import LIMIT_MAX
+
+    def parse(v: str) -> int | None:
+        if v.lower() in ("none", "default", ""):
+            return None
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+        if not 1 <= n <= LIMIT_MAX[field]:
+            raise argparse.ArgumentTypeError(f"must be 1..{LIMIT_MAX[field]} (or 'none' to use the YAML default)")
+        return n
+
+    parse.__name__ = "limit"
+    return parse
 
 
 def _kv(v: str) -> tuple[str, str]:
@@ -71,7 +80,7 @@ def add_cli(subparsers: Any) -> None:
         c.add_argument("--scope-model", action="append", metavar="MODEL",
                        help="allowed model or pattern (repeatable; on update replaces the list, '' clears it)")
         for f in ("rpm", "tpm", "daily-tokens", "monthly-tokens"):
-            c.add_argument(f"--{f}", type=_limit, metavar="N", default=_UNSET, help=f"{f} override ('none' clears it)")
+            c.add_argument(f"--{f}", type=_limit(f.replace("-", "_")), metavar="N", default=_UNSET, help=f"{f} override ('none' clears it)")
         c.add_argument("--expires", type=parse_when, metavar="WHEN", default=_UNSET,
                        help="expiry: 30d, 12h, 2027-01-01, an ISO time, or 'never'")
 

@@ -24,6 +24,8 @@ from .keys import format_key, hash_secret, new_key_id, new_secret
 
 UTC = dt.timezone.utc
 LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens")
+# Largest value each limit column holds (rpm/tpm are INTEGER, the token quotas BIGINT).
+LIMIT_MAX = {"rpm": 2**31 - 1, "tpm": 2**31 - 1, "daily_tokens": 2**63 - 1, "monthly_tokens": 2**63 - 1}
 
 
 def utcnow() -> dt.datetime:
