@@ -107,3 +107,19 @@ async def test_key_limit_out_of_range_is_422_not_500(make_gateway, upstream, tmp
     for bad in ("99999999999999999999", "abc", "0"):
         res = await agw_cli(cfg, "keys", "update", kid, "--rpm", bad)
         assert res.returncode == 2 and "--rpm" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+async def test_query_string_secrets_stay_out_of_spans(make_gateway, upstream):
+    """A key or token a client puts in the URL never reaches a span: not the server span's target/URL
+    (refused or forwarded request) and not the upstream CLIENT span's URL."""
+    secret = "gw_QUERYCANARY_abcdefghijklmnopqrstuvwxyz0123"
+    g = await make_gateway([{"name": "tracing", "config": {"exporter": {"type": "memory"}}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + f"/v1/models?api_key={secret}&limit=3&token={secret}") as r:
+            assert r.status == 200
+    spans = g.plugin("tracing").memory_exporter.get_finished_spans()
+    assert len(spans) >= 2
+    dumped = json.dumps([dict(sp.attributes) for sp in spans], default=str)
+    assert secret not in dumped
+    assert "api_key=REDACTED" in dumped and "limit=3" in dumped
+    assert secret in upstream.requests[-1]["path"]  # only the spans are redacted, the request is relayed as sent

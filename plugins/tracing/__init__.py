@@ -29,8 +29,9 @@ from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
 
 from . import genai
-from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, ActiveTracerProvider, ProviderEntry,
-                   Providers, gate_client_trace_config, prepare_server_instrumentation, server_middleware)
+from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, URL_SERVER_ATTRS, ActiveTracerProvider,
+                   ProviderEntry, Providers, gate_client_trace_config, prepare_server_instrumentation, redact_query,
+                   server_middleware)
 
 #: Paths whose name is a fixed, low-cardinality endpoint: the server span is named after them.
 _KNOWN_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models", "/moderations", "/responses",
@@ -161,7 +162,7 @@ class Tracing(Plugin):
         prepare_server_instrumentation()  # so the client follows the same semantic-convention mode
         tc = create_trace_config(tracer_provider=ActiveTracerProvider(),
                                  sem_conv_opt_in_mode=srv._sem_conv_opt_in_mode,
-                                 sensitive_headers=list(SENSITIVE_HEADERS))
+                                 sensitive_headers=list(SENSITIVE_HEADERS), url_filter=redact_query)
         return [gate_client_trace_config(tc)]
 
     # -- per request ----------------------------------------------------------------------------------
@@ -180,6 +181,12 @@ class Tracing(Plugin):
         for k in SENSITIVE_SERVER_ATTRS:
             if k in attrs:
                 span.set_attribute(k, "[REDACTED]")
+        for k in URL_SERVER_ATTRS:  # a key or token a client put in the query string
+            v = attrs.get(k)
+            if isinstance(v, str) and "=" in v:
+                r = redact_query(v)
+                if r != v:
+                    span.set_attribute(k, r)
         a: dict[str, Any] = {"gateway.request_id": ctx.request_id, "gateway.route": ctx.route,
                              "gateway.outcome": ctx.outcome, "gateway.source": ctx.source,
                              "gateway.streamed": ctx.streamed, "gateway.bytes_in": ctx.bytes_in,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import threading
 import time
@@ -54,6 +55,25 @@ SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-k
                      "x-admin-token")
 SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS) + \
     tuple(f"http.response.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS)
+
+#: Query parameters whose values never go on a span (a key or token a client put in the URL).
+SENSITIVE_QUERY_PARAMS = ("key", "api_key", "api-key", "apikey", "x-api-key", "access_token", "token", "id_token",
+                          "refresh_token", "auth", "authorization", "secret", "client_secret", "password", "passwd",
+                          "pwd", "sig", "signature", "awsaccesskeyid", "x-goog-signature")
+_SENSITIVE_QUERY = re.compile(r"([?&](?:%s)=)[^&#]*" % "|".join(re.escape(n) for n in SENSITIVE_QUERY_PARAMS),
+                              re.IGNORECASE)
+#: Server span attributes that carry the request URL or its query string.
+URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
+
+
+def redact_query(url: Any) -> str:
+    """``url`` with the values of sensitive query parameters replaced by ``REDACTED``."""
+    s = str(url)
+    if "?" not in s and "=" not in s:
+        return s
+    if "?" not in s:  # url.query holds the query without its "?"
+        return _SENSITIVE_QUERY.sub(r"\1REDACTED", "?" + s)[1:]
+    return _SENSITIVE_QUERY.sub(r"\1REDACTED", s)
 
 
 # -- the aiohttp-server instrumentation ----------------------------------------------------------------
