@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load(args)
     enabled = [p.name for p in cfg.plugins if p.enabled]
     print(f"{config_path(args)}: OK ({len(cfg.plugins)} plugin(s): {', '.join(enabled) or 'none'}; "
-          f"{len(cfg.routes)} route override(s); upstream {cfg.upstream.url})")
+          f"{len(cfg.routes)} route override(s); upstream {redact_url(str(cfg.upstream.url))})")
     return 0
 
 
@@ -216,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` (or any text containing URLs) with the password part of ``user:password@`` masked."""
+    return _URL_USERINFO.sub(r"\1***@", url)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -223,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         rc = 130
+    except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"gateway {args.command}: error: {type(e).__name__}" + (f": {redact_url(first)}" if first else ""),
+              file=sys.stderr)
+        rc = 1
     return int(rc or 0)
 
 

@@ -123,3 +123,23 @@ async def test_query_string_secrets_stay_out_of_spans(make_gateway, upstream):
     assert secret not in dumped
     assert "api_key=REDACTED" in dumped and "limit=3" in dumped
     assert secret in upstream.requests[-1]["path"]  # only the spans are redacted, the request is relayed as sent
+
+
+async def test_cli_unreachable_database_and_credentials_in_urls(tmp_path):
+    """CLI commands against an unreachable PostgreSQL exit 1 with one line (no traceback, no password);
+    `gateway check` does not print the upstream URL's password."""
+    from .helpers import free_port
+
+    port = free_port()
+    cfg = base_config("http://gwuser:UPSTREAMCANARY@127.0.0.1:9", tmp_path, [
+        {"name": "key_auth"}, {"name": "conversations"}, {"name": "audit"}],
+        database={"url": f"postgresql+asyncpg://gw:DBCANARY@127.0.0.1:{port}/gw"})
+    path = write_config(tmp_path / "pg.yaml", cfg)
+    res = await agw_cli(path, "check")
+    assert res.returncode == 0 and "UPSTREAMCANARY" not in res.stdout and "gwuser:***@" in res.stdout, res.stdout
+    for args in (("keys", "list"), ("keys", "create", "--owner", "a"), ("conversations", "list"),
+                 ("audit", "tail"), ("db", "upgrade")):
+        res = await agw_cli(path, *args)
+        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr and "CANARY" not in res.stderr + res.stdout, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "error" in res.stderr, (args, res.stderr)
