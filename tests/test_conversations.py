@@ -204,6 +204,7 @@ async def test_memory_mode_prepends_trimmed_history(make_gateway: Any, db: dict[
     # per request off: forwarded as sent
     st, h, b = await chat(g, [{"role": "user", "content": "alone"}], headers={"X-Conversation-Memory": "off"})
     assert upstream.requests[-1]["body"]["messages"] == [{"role": "user", "content": "alone"}]
+    assert "X-Conversation-Memory" not in upstream.requests[-1]["headers"]
     st, h, b = await chat(g, [{"role": "user", "content": "x"}], cid, headers={"X-Conversation-Memory": "maybe"})
     assert st == 400 and b["error"]["code"] == "invalid_header"
 
@@ -361,3 +362,24 @@ async def test_50_concurrent_conversations(make_gateway: Any, db: dict[str, Any]
         rows = by[cid]
         assert [r.position for r in rows] == list(range(6))
         assert all(same(row_message(r), m) for r, m in zip(rows, msgs))
+
+
+def test_canonical_form_and_generated_ids() -> None:
+    """The direct path for plain text messages writes exactly what the generic encoder writes;
+    generated ids have the documented shape, are unique and sort by creation second."""
+    import json
+    import time
+
+    from gateway.plugins.conversations import canonical, new_id
+
+    enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+    for m in ({"role": "user", "content": "hello"}, {"content": 'é "q" \\ \n \u2028 \x00 😀', "role": "user"},
+              {"role": "user", "content": ""}, {"role": "user", "content": None}, {"role": "tool", "name": "x"},
+              {"role": "user", "content": [{"type": "text", "text": "a"}]}):
+        slow = {k: v for k, v in m.items() if v is not None and v != [] and v != {} and not (k == "content" and v == "")}
+        assert canonical(m) == enc(slow)
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000 and all(i.startswith("conv_") and len(i) == 27 and i[5:].isalnum() for i in ids)
+    first = new_id()
+    time.sleep(1.01)
+    assert new_id()[:11] > first[:11]

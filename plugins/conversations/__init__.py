@@ -38,18 +38,19 @@ __all__ = ["Conversations", "ConversationsConfig"]
 
 # digits in ASCII order, so ids made later sort after ids made earlier (byte-wise, as SQLite compares)
 _B62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
-_B62_2 = [a + b for a in _B62 for b in _B62]  # two base62 digits per table lookup
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
 _GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 ANONYMOUS = "anonymous"
 
 
-_RANDOM_SPACE = 62 ** 16
-_RANDOM_BYTES = 13  # 2**104 is about 419 * 62**16: after the modulo no value is more than 1/419 likelier
-
-
-_pool = bytearray()
-_pool_pid = 0
+# os.urandom bytes mapped to base62 characters: a byte below 248 (= 4 * 62) becomes _B62[b % 62],
+# a byte from 248 up is discarded, so every character is exactly uniform (5.95 bits each).
+_TO_B62 = bytes(ord(_B62[b % 62]) for b in range(256))
+_DISCARD = bytes(range(248, 256))
+_chars = ""
+_chars_pid = 0
+_second = -1
+_prefix = ""
 
 
 def new_id() -> str:
@@ -57,30 +58,37 @@ def new_id() -> str:
     (about 95 bits, so ids cannot be guessed). The time prefix makes ids made later sort later:
     the database inserts a new conversation's rows next to the newest ones instead of at random
     places in its indexes (a random id touches a different index page per row, which costs a
-    page write per row once the tables outgrow the cache). Random bytes are drawn from
-    ``os.urandom`` 4 KiB at a time (one system call per ~300 ids)."""
-    global _pool, _pool_pid
-    if len(_pool) < _RANDOM_BYTES or _pool_pid != os.getpid():  # never share drawn bytes with a forked child
-        _pool, _pool_pid = bytearray(os.urandom(4082)), os.getpid()
-    n = int.from_bytes(_pool[-_RANDOM_BYTES:], "big") % _RANDOM_SPACE
-    del _pool[-_RANDOM_BYTES:]
+    page write per row once the tables outgrow the cache). Random characters are drawn from
+    ``os.urandom`` 4 KiB at a time (one system call per ~250 ids)."""
+    global _chars, _chars_pid, _second, _prefix
+    if len(_chars) < 16 or _chars_pid != os.getpid():  # never share drawn bytes with a forked child
+        _chars = os.urandom(4096).translate(_TO_B62, _DISCARD).decode("ascii")
+        _chars_pid = os.getpid()
+    r, _chars = _chars[:16], _chars[16:]
     t = int(time.time())
-    t2 = _B62_2
-    t, a = divmod(t, 3844)
-    t, b = divmod(t, 3844)
-    out = [t2[t % 3844], t2[b], t2[a]]
-    for _ in range(8):
-        n, r = divmod(n, 3844)
-        out.append(t2[r])
-    return "conv_" + "".join(out)
+    if t != _second:
+        _second, n = t, t
+        out = []
+        for _ in range(6):
+            n, d = divmod(n, 62)
+            out.append(_B62[d])
+        _prefix = "conv_" + "".join(reversed(out))
+    return _prefix + r
 
 
 _canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+_qstr = json.encoder.encode_basestring  # what _canon writes for a str (ensure_ascii=False)
 
 
 def canonical(m: Any) -> str:
     """The form used to decide whether two messages are the same: keys sorted, empty values
     (``None``, ``""`` content, ``[]``, ``{}``) dropped, tool calls reduced to id/type/name/arguments."""
+    if type(m) is dict and len(m) == 2:
+        # the common plain text message, written out directly (the same text the encoder makes)
+        c = m.get("content")
+        r = m.get("role")
+        if type(c) is str and type(r) is str and c:
+            return '{"content":' + _qstr(c) + ',"role":' + _qstr(r) + "}"
     if not isinstance(m, dict):
         return _canon(m)
     out: dict[str, Any] = {}
@@ -231,11 +239,10 @@ class Conversations(Plugin):
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
             return None  # not a chat request the upstream will accept; nothing to record
         headers = ctx.request.headers
-        ctx.upstream_headers["X-Conversation-ID"] = None
-        ctx.upstream_headers["X-Conversation-Memory"] = None
         memory = cfg.memory.enabled
         mh = headers.get("X-Conversation-Memory")
         if mh is not None:
+            ctx.upstream_headers["X-Conversation-Memory"] = None  # ours, never forwarded
             v = mh.strip().lower()
             if v in ("on", "true", "1", "yes"):
                 memory = True
@@ -252,6 +259,8 @@ class Conversations(Plugin):
         digests = [digest(m) for m in msgs]
         cid = headers.get("X-Conversation-ID")
         parent_id = fork_position = None
+        if cid is not None:
+            ctx.upstream_headers["X-Conversation-ID"] = None  # ours, never forwarded
         if cid:
             cid = cid.strip()
             try:

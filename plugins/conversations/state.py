@@ -242,7 +242,7 @@ class Shared:
             # to the back instead, so the cache may briefly exceed its size but never scans it all
             checks += 1
             cid, x = next(iter(self.views.items()))
-            if x.busy or x.pending():
+            if x.busy or (x.records and x.pending()):
                 self.views.move_to_end(cid)
             else:
                 del self.views[cid]
