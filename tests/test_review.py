@@ -143,3 +143,28 @@ async def test_cli_unreachable_database_and_credentials_in_urls(tmp_path):
         assert res.returncode == 1, (args, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr and "CANARY" not in res.stderr + res.stdout, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "error" in res.stderr, (args, res.stderr)
+
+
+async def test_cli_key_values_checked_like_admin_api(tmp_path):
+    """`gateway keys` applies the admin API's rules: empty owner, over-long name, a scope path without '/',
+    a grace period out of range are refused (exit 1, one line) and nothing is written."""
+    cfg = write_config(tmp_path / "gateway.yaml", base_config("http://127.0.0.1:9", tmp_path, [{"name": "key_auth"}]))
+    res = await agw_cli(cfg, "keys", "create", "--owner", "a", "--json")
+    assert res.returncode == 0, res.stderr
+    kid = json.loads(res.stdout)["id"]
+    for args, word in ((("create", "--owner", ""), "owner"), (("create", "--owner", "a", "--name", "n" * 201), "name"),
+                       (("create", "--owner", "a", "--scope-path", "v1"), "scopes.paths"),
+                       (("update", kid, "--scope-path", "v1"), "scopes.paths"),
+                       (("rotate", kid, "--grace", "-1"), "--grace")):
+        res = await agw_cli(cfg, "keys", *args)
+        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+    res = await agw_cli(cfg, "keys", "list", "--limit", "0")
+    assert res.returncode == 2 and "--limit" in res.stderr
+    res = await agw_cli(cfg, "keys", "show", kid, "--json")
+    rec = json.loads(res.stdout)
+    assert rec["scopes"] == {"paths": [], "models": []} and rec["rotated_at"] is None
+    con = sqlite3.connect(tmp_path / "gateway.db")
+    try:
+        assert con.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
+    finally:
+        con.close()

@@ -91,7 +91,7 @@ def add_cli(subparsers: Any) -> None:
     c.add_argument("--owner")
     c.add_argument("--team")
     c.add_argument("--status", choices=["active", "revoked", "expired"])
-    c.add_argument("--limit", type=int, default=1000)
+    c.add_argument("--limit", type=_positive, default=1000, help="at most this many keys (default 1000)")
     c = cmd("show", "show one key")
     c.add_argument("key_id")
     c = cmd("update", "change a key's name, team, metadata, scopes, limits or expiry")
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from . import config_from_settings
+    from .admin import CreateKey, RotateKey, UpdateKey
     from .store import KeyRevoked, KeyStore
 
     services = await core_cli.cli_services(cfg)
@@ -146,9 +147,11 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         c = args.keys_command
         if c == "create":
             ch = _changes(args)
-            for p in ch.get("scopes", {}).get("paths", []):
-                if not p.startswith("/"):
-                    return _fail(f"--scope-path {p!r} must start with '/'")
+            problem = _invalid(CreateKey, {"owner": args.owner, "name": ch.get("name") or "", "team": ch.get("team"),
+                                           "metadata": ch.get("metadata") or {}, "scopes": ch.get("scopes") or {},
+                                           "limits": ch.get("limits") or {}, "expires_at": ch.get("expires_at")})
+            if problem:
+                return _fail(problem)
             rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
                                           team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
                                           limits=ch.get("limits"), expires_at=ch.get("expires_at"))
@@ -171,6 +174,9 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             ch = _changes(args)
             if not ch:
                 return _fail("nothing to change (see gateway keys update --help)")
+            problem = _invalid(UpdateKey, ch)
+            if problem:
+                return _fail(problem)
             rec = await store.update(args.key_id, ch)
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")
@@ -178,6 +184,9 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             return _out(args, rec)
         if c == "rotate":
             grace = kcfg.rotation_grace if args.grace is None else args.grace
+            problem = _invalid(RotateKey, {"grace_seconds": grace})
+            if problem:
+                return _fail(problem.replace("grace_seconds", "--grace"))
             try:
                 res = await store.rotate(args.key_id, pepper=kcfg.pepper, grace_seconds=grace)
             except KeyRevoked:
@@ -209,6 +218,29 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     finally:
         await services.close()  # flushes what the audit trail queued for the events above
         await services.db.close()
+
+
+def _invalid(model: Any, data: dict[str, Any]) -> str | None:
+    """The first problem the admin API would report for the same values (one rule set for both), or None."""
+    from pydantic import ValidationError
+
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        return f"{loc}: {first['msg']}" if loc else first["msg"]
+    return None
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
 
 
 def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = None) -> int:
