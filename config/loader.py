@@ -138,6 +138,10 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
     from gateway.plugin import registry  # late import: the core depends on config, not the reverse
 
     problems: list[str] = []
+    for name, value in cfg.upstream.headers.items():
+        bad = header_problem(name, value)
+        if bad:  # the value is a credential: the message never repeats it
+            problems.append(f"upstream.headers.{name} -> line {lines.find(('upstream', 'headers', name)) or '?'}: {bad}")
     for i, spec in enumerate(cfg.plugins):
         cls = registry.get(spec.name)
         if cls is None:
@@ -169,6 +173,18 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
         raise ConfigError(problems, source)
     cfg._source = source
     return cfg
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why ``name: value`` cannot be sent as an HTTP header (None if it can); never quotes the value."""
+    if not _TOKEN.match(name):
+        return "not a valid header name"
+    if any(c in value for c in "\r\n\x00"):
+        return "header value must not contain CR, LF or NUL"
+    return None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

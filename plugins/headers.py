@@ -10,7 +10,7 @@ The smallest useful plugin, and the proof of the chain::
 """
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig, ResponseHead
@@ -21,6 +21,17 @@ class HeadersConfig(PluginConfig):
     remove_request: list[str] = Field(default_factory=list, description="Headers removed before forwarding.")
     response: dict[str, str] = Field(default_factory=dict, description="Headers set on the client response.")
     remove_response: list[str] = Field(default_factory=list, description="Headers removed from the response.")
+
+    @field_validator("request", "response")
+    @classmethod
+    def _sendable(cls, v: dict[str, str]) -> dict[str, str]:
+        from gateway.config.loader import header_problem
+
+        for name, value in v.items():
+            bad = header_problem(name, value)
+            if bad:
+                raise ValueError(f"{name}: {bad}")
+        return v
 
 
 class Headers(Plugin):

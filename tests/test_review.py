@@ -168,3 +168,21 @@ async def test_cli_key_values_checked_like_admin_api(tmp_path):
         assert con.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
     finally:
         con.close()
+
+
+async def test_unsendable_header_values_rejected_at_load(tmp_path):
+    """A CR/LF in an upstream.headers value (or in the headers plugin) made every request a plain-text 500;
+    now `gateway check` refuses the file, naming the key and line, without repeating the credential."""
+    cfg = base_config("http://127.0.0.1:9", tmp_path, [
+        {"name": "headers", "config": {"request": {"X-A": "v\nX-B: 2"}, "response": {"X:Y": "ok"}}}],
+        upstream={"url": "http://127.0.0.1:9", "headers": {"Authorization": "Bearer HDRCANARY\r\nX-Evil: 1"}})
+    path = write_config(tmp_path / "h.yaml", cfg)
+    res = await agw_cli(path, "check")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "HDRCANARY" not in res.stderr and "Traceback" not in res.stderr
+    assert "upstream.headers.Authorization -> line" in res.stderr
+    assert "plugins[0].config.request -> line" in res.stderr and "plugins[0].config.response -> line" in res.stderr
+    ok = base_config("http://127.0.0.1:9", tmp_path, [{"name": "headers", "config": {"request": {"X-A": "v"}}}],
+                     upstream={"url": "http://127.0.0.1:9", "headers": {"Authorization": "Bearer x"}})
+    res = await agw_cli(write_config(tmp_path / "ok.yaml", ok), "check")
+    assert res.returncode == 0, res.stderr
