@@ -55,7 +55,7 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         if e.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 409: "conflict",
-                422: "invalid_value"}.get(e.status, "error")
+                413: "request_too_large", 422: "invalid_value"}.get(e.status, "error")
         msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return json_error(e.status, msg, "invalid_request_error", code)
     except Exception:

@@ -186,3 +186,29 @@ async def test_unsendable_header_values_rejected_at_load(tmp_path):
                      upstream={"url": "http://127.0.0.1:9", "headers": {"Authorization": "Bearer x"}})
     res = await agw_cli(write_config(tmp_path / "ok.yaml", ok), "check")
     assert res.returncode == 0, res.stderr
+
+
+async def test_admin_keys_hostile_bodies_and_params(make_gateway, upstream):
+    """Deeply nested JSON, an offset past the database's integer range, a body over the admin limit and a
+    NaN grace period each get a 4xx in the error shape, not a 500."""
+    g = await make_gateway(plugins=[{"name": "key_auth"}])
+    nested = '{"owner": "x", "metadata": {"a": ' + "[" * 100000 + "]" * 100000 + "}}"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.admin_url + "/keys", headers={**AUTH, "Content-Type": "application/json"},
+                          data=nested) as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["code"] == "invalid_json", body
+        async with s.get(g.admin_url + "/keys?offset=99999999999999999999999", headers=AUTH) as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["param"] == "limit", body
+        async with s.post(g.admin_url + "/keys", headers=AUTH, data=b"a" * (2 * 2**20)) as r:
+            body = await r.json()
+            assert r.status == 413 and body["error"]["code"] == "request_too_large", body
+        async with s.post(g.admin_url + "/keys", headers=AUTH, json={"owner": "x"}) as r:
+            kid = (await r.json())["id"]
+        async with s.post(g.admin_url + f"/keys/{kid}/rotate", headers={**AUTH, "Content-Type": "application/json"},
+                          data='{"grace_seconds": NaN}') as r:
+            body = await r.json()
+            assert r.status == 422 and body["error"]["param"] == "grace_seconds", body
+        async with s.get(g.admin_url + f"/keys/{kid}", headers=AUTH) as r:
+            assert (await r.json())["rotated_at"] is None

@@ -74,7 +74,7 @@ class UpdateKey(_Body):
 
 
 class RotateKey(_Body):
-    grace_seconds: float | None = Field(None, ge=0, le=90 * 86400,
+    grace_seconds: float | None = Field(None, ge=0, le=90 * 86400, allow_inf_nan=False,
                                         description="Seconds the old secret keeps working (default: the "
                                                     "plugin's rotation_grace).")
 
@@ -95,7 +95,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web
     else:
         try:
             data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             return _err(400, "The request body is not valid JSON.", "invalid_json")
     if not isinstance(data, dict):
         return _err(400, "The request body must be a JSON object.", "invalid_json")
@@ -145,7 +145,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             offset = int(q.get("offset", "0"))
         except ValueError:
             return _err(400, "limit and offset must be integers.", "invalid_value", "limit")
-        if not 1 <= limit <= 1000 or offset < 0:
+        if not 1 <= limit <= 1000 or not 0 <= offset <= 2**62:
             return _err(400, "limit must be 1..1000 and offset >= 0.", "invalid_value", "limit")
         data = await store.list(owner=q.get("owner"), status=status, team=q.get("team"), limit=limit,
                                 offset=offset)
