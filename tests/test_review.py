@@ -212,3 +212,25 @@ async def test_admin_keys_hostile_bodies_and_params(make_gateway, upstream):
             assert r.status == 422 and body["error"]["param"] == "grace_seconds", body
         async with s.get(g.admin_url + f"/keys/{kid}", headers=AUTH) as r:
             assert (await r.json())["rotated_at"] is None
+
+
+async def test_identity_headers_never_carry_control_characters(make_gateway, upstream):
+    """A key owner/name with CR/LF made every request of that key a plain-text 500 once the identity was
+    forwarded in headers. The admin API now refuses such labels, and a row that already has them is
+    forwarded with the control characters replaced (no header injection, no 500)."""
+    from gateway.plugins.key_auth import key_store
+
+    g = await make_gateway(plugins=[{"name": "key_auth", "config": {
+        "forward_identity_headers": {"X-Owner": "owner", "X-Key-Name": "name"}}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for body in ({"owner": "a\r\nX-Evil: 1"}, {"owner": "a", "name": "n\nm"}, {"owner": "a", "team": "t\x00"}):
+            async with s.post(g.admin_url + "/keys", headers=AUTH, json=body) as r:
+                err = await r.json()
+                assert r.status == 422 and "control characters" in err["error"]["message"], err
+        _, key = await key_store(g.gw.services).create(pepper="", owner="old\r\nX-Evil: 1", name="José 日本")
+        async with s.get(g.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200, await r.text()
+    seen = upstream.requests[-1]["headers"]
+    assert "X-Evil" not in seen and seen["X-Owner"] == "old  X-Evil: 1" and seen["X-Key-Name"] == "José 日本"
+    res = await agw_cli(g.gw.cfg.path, "keys", "create", "--owner", "bad\nowner")
+    assert res.returncode == 1 and "control characters" in res.stderr, res.stderr

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import fnmatch
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -29,6 +30,8 @@ log = logging.getLogger("gateway.plugins.key_auth")
 
 IDENTITY_FIELDS = Literal["key_id", "owner", "name", "team"]
 _DUMMY_HASH = "0" * 64
+#: Control characters cannot go into an HTTP header value (CR/LF would end it): replaced by a space.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class UsageWriterConfig(PluginConfig):
@@ -75,6 +78,16 @@ class KeyAuthConfig(PluginConfig):
     def _headers(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one header is needed")
+        return v
+
+    @field_validator("headers", "forward_identity_headers")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        from gateway.config.loader import header_problem
+
+        for name in v:
+            if header_problem(name, ""):
+                raise ValueError(f"{name!r} is not a valid header name")
         return v
 
 
@@ -252,7 +265,7 @@ class KeyAuth(Plugin):
         ctx.identity = dict(ident)
         for h, field in self.config.forward_identity_headers.items():
             v = ident.get(field)
-            ctx.upstream_headers[h] = str(v) if v is not None else None
+            ctx.upstream_headers[h] = _CONTROL.sub(" ", str(v)) if v is not None else None
         ctx.state[self.name] = key_id
         if self.writer is not None and ctx.method == "POST":
             ctx.want_usage()  # token usage only comes with POST (chat, completions, embeddings ...)

@@ -28,6 +28,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _no_control(v: Any) -> Any:
+    """owner/name/team are labels that also travel in headers: no control characters."""
+    if isinstance(v, str) and any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError("must not contain control characters (newlines, tabs ...)")
+    return v
+
+
 class Scopes(_Body):
     paths: list[str] = Field(default_factory=list,
                              description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
@@ -63,6 +70,11 @@ class CreateKey(_Body):
     limits: Limits = Field(default_factory=Limits)
     expires_at: AwareDatetime | None = Field(None, description="When the key stops working (RFC 3339 with offset).")
 
+    @field_validator("owner", "name", "team")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        return _no_control(v)
+
 
 class UpdateKey(_Body):
     name: str | None = Field(None, max_length=200)
@@ -71,6 +83,11 @@ class UpdateKey(_Body):
     scopes: Scopes | None = Field(None, description="Replaces the scopes.")
     limits: Limits | None = Field(None, description="Only the fields given change; null clears an override.")
     expires_at: AwareDatetime | None = Field(None, description="null: never expires.")
+
+    @field_validator("name", "team")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        return _no_control(v)
 
 
 class RotateKey(_Body):
