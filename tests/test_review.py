@@ -234,3 +234,20 @@ async def test_identity_headers_never_carry_control_characters(make_gateway, ups
     assert "X-Evil" not in seen and seen["X-Owner"] == "old  X-Evil: 1" and seen["X-Key-Name"] == "José 日本"
     res = await agw_cli(g.gw.cfg.path, "keys", "create", "--owner", "bad\nowner")
     assert res.returncode == 1 and "control characters" in res.stderr, res.stderr
+
+
+async def test_rate_limit_counters_of_long_owners_do_not_collide(make_gateway, upstream):
+    """Counter identifiers were cut at 200 characters: two owners (up to 200 characters each) sharing their
+    first 194 characters shared one counter, so one user's traffic throttled the other."""
+    g = await make_gateway(plugins=[{"name": "key_auth"}, {"name": "rate_limit", "config": {
+        "rules": [{"name": "per-owner", "limit": "1/minute", "key_by": ["owner"]}]}}])
+    keys = []
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for last in "ab":
+            async with s.post(g.admin_url + "/keys", headers=AUTH, json={"owner": "o" * 199 + last}) as r:
+                keys.append((await r.json())["key"])
+        statuses = []
+        for key in keys + keys:
+            async with s.get(g.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 200, 429, 429]

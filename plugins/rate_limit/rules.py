@@ -1,6 +1,7 @@
 """Rules compiled once: `limits` items, what they count and what they are keyed by; token estimates."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +81,12 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
 
 
 def _safe(s: str) -> str:
-    # limits joins identifiers with "/"; keep them from colliding and keep keys short.
-    return s.replace("/", "%2F")[:200]
+    # limits joins identifiers with "/"; keep them from colliding and keep keys short. A long value
+    # keeps a prefix and gets a digest of the whole, so two values sharing a prefix never share a counter.
+    s = s.replace("%", "%25").replace("/", "%2F")
+    if len(s) > 200:
+        s = s[:160] + "#" + hashlib.sha256(s.encode()).hexdigest()[:32]
+    return s
 
 
 def prompt_estimate(body: Any) -> int:
