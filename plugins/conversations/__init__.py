@@ -30,7 +30,7 @@ from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .state import Shared, View
-from .store import TurnRecord, dumps, message_row, utcnow
+from .store import TurnRecord, dumps, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
 
@@ -48,7 +48,6 @@ ANONYMOUS = "anonymous"
 _TO_B62 = bytes(ord(_B62[b % 62]) for b in range(256))
 _DISCARD = bytes(range(248, 256))
 _chars = ""
-_chars_pid = 0
 _second = -1
 _prefix = ""
 
@@ -60,10 +59,9 @@ def new_id() -> str:
     places in its indexes (a random id touches a different index page per row, which costs a
     page write per row once the tables outgrow the cache). Random characters are drawn from
     ``os.urandom`` 4 KiB at a time (one system call per ~250 ids)."""
-    global _chars, _chars_pid, _second, _prefix
-    if len(_chars) < 16 or _chars_pid != os.getpid():  # never share drawn bytes with a forked child
+    global _chars, _second, _prefix
+    if len(_chars) < 16:
         _chars = os.urandom(4096).translate(_TO_B62, _DISCARD).decode("ascii")
-        _chars_pid = os.getpid()
     r, _chars = _chars[:16], _chars[16:]
     t = int(time.time())
     if t != _second:
@@ -74,6 +72,15 @@ def new_id() -> str:
             out.append(_B62[d])
         _prefix = "conv_" + "".join(reversed(out))
     return _prefix + r
+
+
+def _forget_drawn() -> None:
+    global _chars
+    _chars = ""  # never share drawn characters with a forked child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_drawn)
 
 
 _canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
@@ -378,32 +385,31 @@ class Conversations(Plugin):
         elif ctx.t_first_byte is not None and produced:
             ttft = ctx.elapsed_ms(ctx.t_start, ctx.t_first_byte)
         now = utcnow()
-        common = {"model": model, "request_id": ctx.request_id, "key_id": plan.key_id, "owner": plan.owner}
+        rid, key_id, owner = ctx.request_id, plan.key_id, plan.owner
         rows: list[dict[str, Any]] = []
         msgs: list[dict[str, Any]] = []
         digests: list[str] = []
         tokens: list[int | None] = []
         if produced:
             new_tokens = self._derive(plan, prompt_tokens)
-            for m, d, t in zip(plan.new, plan.new_digests, new_tokens):
-                rows.append(message_row(m, d, tokens=t, tokens_derived=t is not None, created_at=plan.created_at,
-                                        **common))
-                msgs.append(m)
-                digests.append(d)
-                tokens.append(t)
+            created = plan.created_at
+            msgs.extend(plan.new)
+            digests.extend(plan.new_digests)
+            tokens.extend(new_tokens)
+            rows = [new_row(m, d, t, t is not None, created, model, rid, key_id, owner)
+                    for m, d, t in zip(plan.new, plan.new_digests, new_tokens)]
             asst = comp.assistant_message() if comp is not None else None
             if asst is not None and (status == "complete" or asst.get("content") or asst.get("tool_calls")):
                 t, derived = completion_tokens, False
                 if t is None and comp is not None and comp.deltas:
                     t, derived = comp.deltas, True
                 d = digest(asst)
-                rows.append(message_row(asst, d, tokens=t, tokens_derived=derived, created_at=now, status=status,
-                                        finish_reason=comp.finish_reasons[0] if comp and comp.finish_reasons else None,
-                                        latency_ms=latency, ttft_ms=ttft, **common))
+                rows.append(new_row(asst, d, t, derived, now, model, rid, key_id, owner, status,
+                                    comp.finish_reasons[0] if comp and comp.finish_reasons else None, latency, ttft))
                 msgs.append(asst)
                 digests.append(d)
                 tokens.append(t)
-        turn = {**common, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
+        turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": usage.get("total_tokens") if isinstance(usage, dict) and

@@ -16,6 +16,7 @@ import base64
 import datetime as dt
 import json
 import sqlite3
+from operator import itemgetter
 from typing import Any, AsyncIterator, Sequence
 
 import sqlalchemy as sa
@@ -154,19 +155,35 @@ class TurnRecord:
 
 
 def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
-    extra = None if msg.keys() <= _KNOWN else {k: v for k, v in msg.items() if k not in _KNOWN}
-    tc = msg.get("tool_calls")
+    row = new_row(msg, digest, None, False, None, None, None, None, None)
+    row.update(meta)
+    return row
+
+
+def new_row(msg: dict[str, Any], digest: str, tokens: int | None, tokens_derived: bool, created_at: Any,
+            model: str | None, request_id: str | None, key_id: str | None, owner: str | None,
+            status: str | None = None, finish_reason: str | None = None, latency_ms: float | None = None,
+            ttft_ms: float | None = None) -> dict[str, Any]:
+    """A message row without conversation_id/position (the writer adds those). Every row carries
+    every key: an executemany compiles the statement from the first row."""
+    if len(msg) == 2 and "role" in msg and "content" in msg:  # the common plain message
+        extra = name = tc = tcid = None
+    else:
+        extra = None if msg.keys() <= _KNOWN else {k: v for k, v in msg.items() if k not in _KNOWN}
+        tc = msg.get("tool_calls")
+        name = msg.get("name")
+        tcid = msg.get("tool_call_id")
+    role = msg.get("role")
     return {
-        "role": str(msg.get("role") or "user")[:32],
-        "name": msg.get("name") if isinstance(msg.get("name"), str) else None,
+        "role": role[:32] if type(role) is str and role else str(role or "user")[:32],
+        "name": name if isinstance(name, str) else None,
         "content": dumps(msg.get("content")),
         "tool_calls": dumps(tc) if tc is not None else None,
-        "tool_call_id": msg.get("tool_call_id") if isinstance(msg.get("tool_call_id"), str) else None,
+        "tool_call_id": tcid if isinstance(tcid, str) else None,
         "extra": dumps(extra) if extra else None,
-        "digest": digest,
-        # every row carries every key: an executemany compiles the statement from the first row
-        "status": None, "finish_reason": None, "latency_ms": None, "ttft_ms": None,
-        **meta,
+        "digest": digest, "tokens": tokens, "tokens_derived": tokens_derived, "model": model,
+        "request_id": request_id, "key_id": key_id, "owner": owner, "status": status,
+        "finish_reason": finish_reason, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "created_at": created_at,
     }
 
 
@@ -249,11 +266,17 @@ class ConversationStore:
             prep = self._sql[key] = (f'INSERT INTO "{table.name}" ({names}) VALUES ', dts, bools)
         head, dts, bools = prep
         params: list[Any] = []
+        get = itemgetter(*cols)
+        stamps: dict[dt.datetime, str] = {}  # the rows of one request share their timestamps
         for r in rows:
-            t = [r[c] for c in cols]
+            t = list(get(r))
             for i in dts:
-                if t[i] is not None:
-                    t[i] = t[i].isoformat(" ", "microseconds")  # == strftime(_SQLITE_TS), faster
+                v = t[i]
+                if v is not None:
+                    s = stamps.get(v)
+                    if s is None:
+                        s = stamps[v] = v.isoformat(" ", "microseconds")  # == strftime(_SQLITE_TS), faster
+                    t[i] = s
             for i in bools:
                 if t[i] is not None:
                     t[i] = 1 if t[i] else 0
@@ -314,14 +337,17 @@ class ConversationStore:
                     moved.add(cid)
                     if pos > rec.base and msgs and cid not in created:
                         msgs = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows)
-                for m in msgs:
-                    msg_rows.append({**m, "conversation_id": cid, "position": pos})
+                for m in msgs:  # the record's own dicts: set again on every attempt, so a retry is the same
+                    m["conversation_id"] = cid
+                    m["position"] = pos
+                    msg_rows.append(m)
                     pos += 1
                 counts[cid] = pos
                 t = rec.turn
-                turn_rows.append({**t, "conversation_id": cid,
-                                  "first_position": pos - len(msgs) if msgs else None,
-                                  "messages_stored": len(msgs)})
+                t["conversation_id"] = cid
+                t["first_position"] = pos - len(msgs) if msgs else None
+                t["messages_stored"] = len(msgs)
+                turn_rows.append(t)
                 u = created.get(cid)
                 if u is None:
                     u = touched.setdefault(cid, {"b_id": cid, "turn_count": 0, "prompt_tokens": 0,
