@@ -252,3 +252,21 @@ async def test_rate_limit_counters_of_long_owners_do_not_collide(make_gateway, u
                 statuses.append(r.status)
     assert statuses == [200, 200, 429, 429]
 
+
+
+async def test_redis_password_in_query_stays_out_of_logs_and_metrics(make_gateway, upstream, caplog):
+    """A Redis URL carrying its password as ?password= (which redis-py accepts) was logged and used as a
+    metric label in clear when the store failed; only user:password@ was masked."""
+    from .helpers import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0?password=QUERYCANARY&socket_timeout=1"
+    g = await make_gateway(plugins=[{"name": "rate_limit", "config": {
+        "storage": url, "on_store_error": "allow", "rules": [{"name": "r", "limit": "100/minute", "key_by": ["ip"]}]}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+        async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:
+            metrics = await r.text()
+    assert "gateway_ratelimit_store_errors_total{" in metrics and "password=***" in metrics
+    assert "QUERYCANARY" not in metrics and "QUERYCANARY" not in caplog.text
+    assert "password=***" in caplog.text

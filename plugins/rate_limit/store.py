@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -39,12 +40,17 @@ def async_uri(uri: str) -> str:
     return uri if uri.startswith("async+") else "async+" + uri
 
 
+_QUERY_SECRET = re.compile(r"([?&][^=&#]*(?:password|passwd|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redacted(uri: str) -> str:
-    """The URI without a password, for logs and metric labels."""
+    """The URI without a password (user:password@ and ?password= alike), for logs and metric labels."""
     scheme, sep, rest = uri.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
+    m = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL)
+    netloc, tail = (m.group(1), m.group(2)) if m else (rest, "")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + _QUERY_SECRET.sub(r"\1***", tail)
 
 
 SWEEP_EVERY = 1.0
