@@ -271,7 +271,7 @@ async def test_jsonl_sink_one_valid_line_per_event_with_hostile_strings(make_gat
     hostile_key = 'gw_abc"def\\ghi{}<%0a>'
     sent = 0
     async with aiohttp.ClientSession(timeout=T) as s:
-        key = (await create_key(s, g.admin_url, 'own"er\nname'))["key"]
+        key = (await create_key(s, g.admin_url, 'own"er\\name ü'))["key"]
         for auth in (f"Bearer {key}", f"Bearer {hostile_key}", None):
             h = {"Authorization": auth} if auth else {}
             await post(s, g.url, {**CHAT, "model": hostile_model}, **h)
@@ -288,7 +288,7 @@ async def test_jsonl_sink_one_valid_line_per_event_with_hostile_strings(make_gat
     reqs = [e for e in evs if e["type"] != "key.created"]
     assert {e["model"] for e in reqs if e["path"] == "/v1/chat/completions"} == {hostile_model}
     assert {e["path"] for e in reqs} == {"/v1/chat/completions", '/v1/chat/completions/\n\r"}{\\\u2028💥'}
-    assert [e["owner"] for e in evs if e["type"] == "key.created"] == ['own"er\nname']
+    assert [e["owner"] for e in evs if e["type"] == "key.created"] == ['own"er\\name ü']
     assert key.encode() not in data and b"abc\\\"def" not in data
 
 

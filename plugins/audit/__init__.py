@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any, ClassVar, Literal, Union
 
@@ -27,15 +26,10 @@ from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
 
 from . import store
+from .events import bus_event, capture, request_event
 from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
 
 log = logging.getLogger("gateway.audit")
-
-#: Refusal / event fields that must never reach the trail, whatever a plugin put there: a field whose
-#: name has one of these words (``api_key``, ``admin_token``, ``secret`` ...; not ``tokens``, ``key_id``).
-_SECRET_WORDS = frozenset({"secret", "secrets", "token", "password", "passwd", "authorization", "apikey",
-                           "credential", "credentials", "cookie", "pepper", "key", "bearer"})
-_WORDS = re.compile(r"[a-z0-9]+")
 
 
 class SinkSpec(PluginConfig):
@@ -83,117 +77,6 @@ class AuditConfig(PluginConfig):
         return [s if isinstance(s, SinkSpec) else SinkSpec(type=s) for s in self.sinks]
 
 
-def _answered_by(ctx: RequestContext) -> str:
-    if ctx.outcome == "client_disconnected":
-        return "client_abort"
-    if ctx.refusal is not None or ctx.outcome == "refused":
-        return "gateway_refusal"
-    if ctx.source == "upstream":
-        return "upstream"
-    return "error"
-
-
-def _clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
-    """Scalars and small nested dicts/lists only; keys that look secret are dropped."""
-    out: dict[str, Any] = {}
-    for k, v in fields.items():
-        k = str(k)
-        if _secret_name(k):
-            continue
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[k] = v
-        elif isinstance(v, dict) and depth < 2:
-            out[k] = _clean(v, depth + 1)
-        elif isinstance(v, (list, tuple, set, frozenset)) and depth < 2:
-            out[k] = [x if x is None or isinstance(x, (bool, int, float, str)) else str(x) for x in list(v)[:100]]
-        else:
-            out[k] = str(v)
-    return out
-
-
-def _secret_name(k: str) -> bool:
-    words = _WORDS.findall(k.lower())
-    if words and words[-1] == "id":  # key_id, token_id: identifiers, not secrets
-        return False
-    return any(w in _SECRET_WORDS for w in words)
-
-
-def _trace_id() -> str | None:
-    try:
-        from opentelemetry import trace
-    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
-        return None
-    sc = trace.get_current_span().get_span_context()
-    return format(sc.trace_id, "032x") if sc.is_valid else None
-
-
-def _ms(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None:
-        return None
-    return round((b - a) * 1000, 3)
-
-
-def request_event(ctx: RequestContext) -> dict[str, Any]:
-    now = time.time()
-    end = ctx.t_end or time.perf_counter()
-    started = now - (time.perf_counter() - ctx.t_start)
-    refusal = ctx.refusal or {}
-    rtype = refusal.get("type")
-    etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
-    total = _ms(ctx.t_start, end)
-    upstream = _ms(ctx.t_upstream, end)
-    c = ctx.completion
-    usage_in = c.prompt_tokens if c is not None else None
-    usage_out = c.completion_tokens if c is not None else None
-    ev: dict[str, Any] = {
-        "time": store.iso(started),
-        "type": etype,
-        "request_id": ctx.request_id,
-        "trace_id": _trace_id(),
-        "key_id": ctx.key_id or (refusal.get("key_id") if isinstance(refusal.get("key_id"), str) else None),
-        "owner": ctx.owner,
-        "client_ip": ctx.client_ip,
-        "method": ctx.method,
-        "path": ctx.path,
-        "route": ctx.route,
-        "model": ctx.model,
-        "response_model": c.model if c is not None else None,
-        "status": ctx.status,
-        "answered_by": _answered_by(ctx),
-        "source": ctx.source,
-        "outcome": ctx.outcome,
-        "error": ctx.error,
-        "latency_ms": total,
-        "upstream_ms": upstream,
-        "upstream_headers_ms": _ms(ctx.t_upstream, ctx.t_headers),
-        "overhead_ms": round(total - upstream, 3) if total is not None and upstream is not None else total,
-        "ttfb_ms": _ms(ctx.t_start, ctx.t_first_byte),
-        "tokens_in": usage_in,
-        "tokens_out": usage_out,
-        "streamed": ctx.streamed,
-        "bytes_in": ctx.bytes_in,
-        "bytes_out": ctx.bytes_out,
-        "conversation_id": ctx.conversation_id,
-    }
-    if refusal:
-        r = _clean(refusal)
-        ev["refusal"] = r
-        if etype == "auth_failure":
-            ev["reason"] = r.get("reason")
-        elif etype == "rate_limited":
-            ev["limit"] = r.get("limit") or r.get("reason")
-    return ev
-
-
-def bus_event(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
-    ev = _clean(fields)
-    ev.pop("type", None)
-    ev.pop("seq", None)
-    t = ev.pop("time", None)
-    return {"time": t if isinstance(t, str) and len(t) == 27 else store.iso(), "type": type_, **ev,
-            "actor": ev.get("actor") or "system"}
-
-
 class Audit(Plugin):
     name = "audit"
     Config = AuditConfig
@@ -204,6 +87,7 @@ class Audit(Plugin):
         super().__init__(config, services)
         self.cli = cli
         self.sinks: list[tuple[Sink, Any]] = []
+        self._writers: list[Any] = []
         self._unsubscribe: Any = None
         self._purger: asyncio.Task[None] | None = None
         self._wait = config.on_full == "wait"
@@ -234,6 +118,7 @@ class Audit(Plugin):
             # Shared across plugin instances and config reloads: one queue (and one chain writer) per sink.
             writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
             self.sinks.append((sink, writer))
+        self._writers = [w for _, w in self.sinks]
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
@@ -282,7 +167,14 @@ class Audit(Plugin):
                 w.put_nowait(event)
 
     async def on_complete(self, ctx: RequestContext) -> None:
-        await self.record(request_event(ctx))
+        # Only the raw values are captured here; the sink writers build the record off the request path.
+        item = capture(ctx)
+        if self._wait:
+            for w in self._writers:
+                await w.put(item)
+        else:
+            for w in self._writers:
+                w.put_nowait(item)
 
     def _on_event(self, type_: str, fields: dict[str, Any]) -> None:
         if self._active():

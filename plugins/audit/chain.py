@@ -1,11 +1,13 @@
-"""The hash chain: canonical JSON, row hashes and the verification walk.
+"""The hash chain: the stored record text, row hashes and the verification walk.
 
 Each stored event carries ``seq`` (1, 2, 3 ... with no gaps), ``prev_hash`` (the previous row's
 hash; 64 zeros for the first row ever) and ``hash = SHA-256(prev_hash || data)`` where ``data`` is
-the canonical JSON of the event (sorted keys, no spaces, ``seq`` included). Editing a row changes
-its hash; deleting a row leaves a gap in ``seq``; inserting a row breaks the next row's
-``prev_hash``. A retention purge deletes the oldest rows and records an ``audit.purged`` event
-carrying the anchor (seq and hash of the last deleted row), so the walk can start after it.
+the record's JSON text exactly as stored: no whitespace, ``seq`` first, then the event's fields
+(a request event's in their fixed order, other events' sorted by name). The hash covers the stored
+text itself, so verification never re-serialises a record. Editing a row changes its hash;
+deleting a row leaves a gap in ``seq``; inserting a row breaks the next row's ``prev_hash``. A
+retention purge deletes the oldest rows and records an ``audit.purged`` event carrying the anchor
+(seq and hash of the last deleted row), so the walk can start after it.
 """
 from __future__ import annotations
 
@@ -19,12 +21,31 @@ GENESIS = "0" * 64
 INDEXED = ("time", "type", "request_id", "key_id", "owner", "client_ip", "status")
 
 
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_encode_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str, sort_keys=True).encode
+
+
+def record_body(event: dict[str, Any], sort: bool = False) -> str:
+    """The event's fields as JSON without the opening brace (``record_text`` puts ``seq`` first)."""
+    if "seq" in event:
+        event = {k: v for k, v in event.items() if k != "seq"}
+    return (_encode_sorted(event) if sort else _encode(event))[1:]
+
+
+def record_text(seq: int, body: str) -> str:
+    """The stored (and hashed) record: ``{"seq":N,`` followed by ``record_body``."""
+    return f'{{"seq":{seq},{body}' if body != "}" else f'{{"seq":{seq}}}'
+
+
 def canonical(event: dict[str, Any]) -> str:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    """The record text for an event that already carries its ``seq``."""
+    ev = dict(event)
+    seq = ev.pop("seq")
+    return record_text(seq, record_body(ev, sort=True))
 
 
 def row_hash(prev_hash: str, data: str) -> str:
-    return hashlib.sha256(prev_hash.encode("ascii") + data.encode("utf-8")).hexdigest()
+    return hashlib.sha256((prev_hash + data).encode("utf-8")).hexdigest()
 
 
 @dataclass

@@ -8,7 +8,6 @@ non-ASCII character in a string is escaped, so one event is always exactly one l
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,10 +15,13 @@ from typing import Any, Sequence
 from gateway.db import Database
 
 from . import store
+from .events import as_event, jsonl
+
+__all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "jsonl"]
 
 
-def jsonl(event: dict[str, Any]) -> str:
-    return json.dumps(event, ensure_ascii=True, separators=(",", ":"), default=str)
+def _lines(batch: Sequence[Any]) -> str:
+    return "".join([jsonl(as_event(e)) + "\n" for e in batch])
 
 
 class Sink:
@@ -29,7 +31,7 @@ class Sink:
     def key(self) -> str:
         return self.kind
 
-    async def write(self, batch: Sequence[dict[str, Any]]) -> None:
+    async def write(self, batch: Sequence[Any]) -> None:
         raise NotImplementedError
 
 
@@ -39,8 +41,8 @@ class DatabaseSink(Sink):
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def write(self, batch: Sequence[dict[str, Any]]) -> None:
-        await store.append(self.db, list(batch))
+    async def write(self, batch: Sequence[Any]) -> None:
+        await store.append(self.db, batch)
 
 
 class JsonlSink(Sink):
@@ -59,14 +61,13 @@ class JsonlSink(Sink):
             f.write(data)
             f.flush()
 
-    async def write(self, batch: Sequence[dict[str, Any]]) -> None:
-        data = "".join(jsonl(e) + "\n" for e in batch)
-        await asyncio.to_thread(self._write, data)
+    async def write(self, batch: Sequence[Any]) -> None:
+        await asyncio.to_thread(self._write, _lines(batch))
 
 
 class StdoutSink(Sink):
     kind = "stdout"
 
-    async def write(self, batch: Sequence[dict[str, Any]]) -> None:
-        sys.stdout.write("".join(jsonl(e) + "\n" for e in batch))
+    async def write(self, batch: Sequence[Any]) -> None:
+        sys.stdout.write(_lines(batch))
         sys.stdout.flush()

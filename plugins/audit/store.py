@@ -7,18 +7,20 @@ instances can never both chain onto the same row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.db import Base, Database
 
-from .chain import INDEXED, VerifyResult, _col_value, canonical, row_hash, verify_rows, GENESIS
+from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, verify_rows
+from .events import build, iso
+
+__all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "verify"]
 
 LOCK_ID = 0x6175646974  # "audit"
 
@@ -36,11 +38,6 @@ events = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
-
-
-def iso(ts: float | None = None) -> str:
-    """Fixed-width UTC timestamp; sorts as text the same way as in time."""
-    return datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @asynccontextmanager
@@ -75,12 +72,24 @@ async def _head(conn: AsyncConnection) -> tuple[int, str]:
 COLUMNS = ("seq", *INDEXED, "data", "prev_hash", "hash")
 
 
-def row_values(seq: int, prev: str, event: dict[str, Any]) -> tuple[Any, ...]:
-    """The row for ``event`` chained onto ``prev``, in COLUMNS order."""
-    ev = dict(event)
-    ev["seq"] = seq
-    data = canonical(ev)
-    return (seq, *[_col_value(c, ev.get(c)) for c in INDEXED], data, prev, row_hash(prev, data))
+def _cut(v: Any, n: int) -> Any:
+    """How a string field is stored in its indexed column (see chain._col_value)."""
+    if v is None:
+        return None
+    return v if type(v) is str and len(v) <= n else str(v)[:n]
+
+
+def prepare(item: Any) -> tuple[tuple[Any, ...], str]:
+    """A queued item -> its indexed column values (INDEXED order) and its record body.
+
+    Done before the append lock is taken: under the lock only ``seq`` and the hashes remain."""
+    if isinstance(item, dict):
+        return tuple(_col_value(c, item.get(c)) for c in INDEXED), record_body(item, sort=True)
+    ev = build(item)
+    status = ev["status"]
+    cols = (ev["time"], ev["type"], _cut(ev["request_id"], 128), _cut(ev["key_id"], 128), _cut(ev["owner"], 256),
+            _cut(ev["client_ip"], 64), status if type(status) is int else None)
+    return cols, record_body(ev)
 
 
 def _insert_sql(conn: AsyncConnection) -> str:
@@ -92,22 +101,26 @@ def _insert_sql(conn: AsyncConnection) -> str:
     return f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES ({', '.join(marks)})"
 
 
-async def _append(conn: AsyncConnection, batch: list[dict[str, Any]],
+async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
                   head: tuple[int, str] | None = None) -> None:
     seq, prev = head if head is not None else await _head(conn)
+    sha256 = hashlib.sha256
     rows = []
-    for ev in batch:
+    for cols, body in prepared:
         seq += 1
-        row = row_values(seq, prev, ev)
-        prev = row[-1]
-        rows.append(row)
+        data = record_text(seq, body)
+        h = sha256((prev + data).encode()).hexdigest()  # chain.row_hash
+        rows.append((seq, *cols, data, prev, h))
+        prev = h
     if rows:
         await conn.exec_driver_sql(_insert_sql(conn), rows)
 
 
-async def append(db: Database, batch: list[dict[str, Any]]) -> None:
+async def append(db: Database, batch: Sequence[Any]) -> None:
+    """Chain and insert a batch of queued items (captured request tuples or event dicts)."""
+    prepared = [prepare(x) for x in batch]
     async with locked(db) as conn:
-        await _append(conn, batch)
+        await _append(conn, prepared)
 
 
 async def purge(db: Database, before: str, actor: str = "retention") -> dict[str, Any] | None:
@@ -125,7 +138,7 @@ async def purge(db: Database, before: str, actor: str = "retention") -> dict[str
         ev = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
               "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
               "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-        await _append(conn, [ev], head=top)
+        await _append(conn, [prepare(ev)], head=top)
     return ev
 
 

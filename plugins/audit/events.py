@@ -1,0 +1,198 @@
+"""Audit events: what is captured on the request path, and how it becomes a record.
+
+The request path does as little as possible: :func:`capture` copies the handful of raw values the
+record needs out of the request context into a tuple (no dict, no formatting, no JSON). The sink
+writers turn captured tuples into records (:func:`build`) off the request path, in batches.
+Admin and system events from the event bus are small dicts and are cleaned when they arrive.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from gateway.context import RequestContext
+
+try:
+    from opentelemetry.trace import get_current_span as _current_span
+except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+    _current_span = None
+
+#: Refusal / event fields that must never reach the trail, whatever a plugin put there: a field whose
+#: name has one of these words (``api_key``, ``admin_token``, ``secret`` ...; not ``tokens``, ``key_id``).
+_SECRET_WORDS = frozenset({"secret", "secrets", "token", "password", "passwd", "authorization", "apikey",
+                           "credential", "credentials", "cookie", "pepper", "key", "bearer"})
+_WORDS = re.compile(r"[a-z0-9]+")
+
+#: The fields of a request event, in the order they are recorded (and hashed).
+REQUEST_FIELDS = (
+    "time", "type", "request_id", "trace_id", "key_id", "owner", "client_ip", "method", "path", "route",
+    "model", "response_model", "status", "answered_by", "source", "outcome", "error", "latency_ms",
+    "upstream_ms", "upstream_headers_ms", "overhead_ms", "ttfb_ms", "tokens_in", "tokens_out", "streamed",
+    "bytes_in", "bytes_out", "conversation_id",
+)
+
+_perf = time.perf_counter
+_time = time.time
+
+
+# -- time ---------------------------------------------------------------------------------------------
+_iso_cache: tuple[int, str] = (-1 << 62, "")
+
+
+def iso(ts: float | None = None) -> str:
+    """Fixed-width UTC timestamp (``2026-01-31T12:00:00.123456Z``); sorts as text the same way as in
+    time. The date and time of day are formatted once per second."""
+    global _iso_cache
+    if ts is None:
+        ts = _time()
+    sec = math.floor(ts)
+    us = round((ts - sec) * 1e6)
+    if us >= 1000000:
+        sec += 1
+        us -= 1000000
+    cached_sec, prefix = _iso_cache
+    if sec != cached_sec:
+        prefix = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _iso_cache = (sec, prefix)
+    return f"{prefix}.{us:06d}Z"
+
+
+def _ms(a: float | None, b: float | None) -> float | None:
+    """Milliseconds from a to b (perf_counter seconds), to the microsecond."""
+    if a is None or b is None:
+        return None
+    return int((b - a) * 1e6 + 0.5) / 1000
+
+
+# -- request events -----------------------------------------------------------------------------------
+def capture(ctx: RequestContext) -> tuple[Any, ...]:
+    """The raw values a request event is built from; runs on the request path (in ``on_complete``)."""
+    t_start = ctx.t_start
+    ident = ctx.identity
+    c = ctx.completion
+    refusal = ctx.refusal
+    return (
+        _time() - (_perf() - t_start),  # wall-clock time the request arrived
+        t_start, ctx.t_end or _perf(), ctx.t_upstream, ctx.t_headers, ctx.t_first_byte,
+        _current_span().get_span_context() if _current_span is not None else None,
+        ctx.request_id,
+        ident.get("key_id") if ident else None,
+        ident.get("owner") if ident else None,
+        ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
+        c.model if c is not None else None,
+        c.usage if c is not None else None,
+        ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
+        ctx.conversation_id,
+        None if refusal is None else clean(refusal),  # secrets never leave the request path
+        refusal is not None,
+    )
+
+
+def _int(v: Any) -> int | None:
+    return v if type(v) is int else None
+
+
+def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:
+    """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
+    (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
+     route, model, response_model, usage, status, source, outcome, error, streamed, bytes_in, bytes_out,
+     conversation_id, refusal, refused) = item
+    rtype = refusal.get("type") if refusal else None
+    etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
+    if not key_id and refusal:
+        rk = refusal.get("key_id")
+        key_id = rk if isinstance(rk, str) else key_id
+    if outcome == "client_disconnected":
+        answered_by = "client_abort"
+    elif refused or outcome == "refused":
+        answered_by = "gateway_refusal"
+    elif source == "upstream":
+        answered_by = "upstream"
+    else:
+        answered_by = "error"
+    trace_id = format(span.trace_id, "032x") if span is not None and span.is_valid else None
+    total = int((end - t_start) * 1e6 + 0.5) / 1000
+    if t_up is None:
+        upstream = upstream_headers = None
+        overhead = total
+    else:
+        upstream = int((end - t_up) * 1e6 + 0.5) / 1000
+        upstream_headers = _ms(t_up, t_head)
+        overhead = int((t_up - t_start) * 1e6 + 0.5) / 1000
+    if usage:
+        tokens_in, tokens_out = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+    else:
+        tokens_in = tokens_out = None
+    return [
+        iso(started), etype, request_id, trace_id, key_id, owner, client_ip, method, path, route,
+        model, response_model, status, answered_by, source, outcome, error, total,
+        upstream, upstream_headers, overhead, _ms(t_start, t_fb), tokens_in, tokens_out, streamed,
+        bytes_in, bytes_out, conversation_id,
+    ], refusal
+
+
+def build(item: tuple[Any, ...]) -> dict[str, Any]:
+    """A captured tuple -> the request event (a dict in REQUEST_FIELDS order, then refusal details)."""
+    values, refusal = request_values(item)
+    ev = dict(zip(REQUEST_FIELDS, values))
+    if refusal:
+        ev["refusal"] = refusal
+        etype = values[1]
+        if etype == "auth_failure":
+            ev["reason"] = refusal.get("reason")
+        elif etype == "rate_limited":
+            ev["limit"] = refusal.get("limit") or refusal.get("reason")
+    return ev
+
+
+def request_event(ctx: RequestContext) -> dict[str, Any]:
+    """The request event for ``ctx`` (what a sink records for it)."""
+    return build(capture(ctx))
+
+
+def as_event(item: Any) -> dict[str, Any]:
+    """A queued item (a captured request tuple, or an event dict) -> the event dict."""
+    return item if isinstance(item, dict) else build(item)
+
+
+# -- cleaning -----------------------------------------------------------------------------------------
+def clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """Scalars and small nested dicts/lists only; keys that look secret are dropped."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        k = str(k)
+        if _secret_name(k):
+            continue
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, dict) and depth < 2:
+            out[k] = clean(v, depth + 1)
+        elif isinstance(v, (list, tuple, set, frozenset)) and depth < 2:
+            out[k] = [x if x is None or isinstance(x, (bool, int, float, str)) else str(x) for x in list(v)[:100]]
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _secret_name(k: str) -> bool:
+    words = _WORDS.findall(k.lower())
+    if words and words[-1] == "id":  # key_id, token_id: identifiers, not secrets
+        return False
+    return any(w in _SECRET_WORDS for w in words)
+
+
+def bus_event(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
+    ev = clean(fields)
+    ev.pop("type", None)
+    ev.pop("seq", None)
+    t = ev.pop("time", None)
+    return {"time": t if isinstance(t, str) and len(t) == 27 else iso(), "type": type_, **ev,
+            "actor": ev.get("actor") or "system"}
+
+
+#: JSON for the JSON-lines and stdout sinks: every non-ASCII and control character escaped.
+jsonl = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
