@@ -270,3 +270,40 @@ async def test_redis_password_in_query_stays_out_of_logs_and_metrics(make_gatewa
     assert "gateway_ratelimit_store_errors_total{" in metrics and "password=***" in metrics
     assert "QUERYCANARY" not in metrics and "QUERYCANARY" not in caplog.text
     assert "password=***" in caplog.text
+
+
+async def test_env_secrets_are_taken_verbatim(tmp_path, upstream, monkeypatch):
+    """An interpolated value was re-read as a YAML document: a pepper or token starting with '#' became
+    empty (keys silently hashed without the pepper), 'a #b' lost its end, 'a: b' became a mapping.
+    Now such values are kept verbatim; numbers and flow lists ("[10.0.0.0/8]") are still typed."""
+    from .helpers import start_gateway
+
+    text = ("server:\n  host: 127.0.0.1\n  port: 0\n  trusted_proxies: ${PROXIES:-[10.0.0.0/8]}\n"
+            "admin:\n  host: 127.0.0.1\n  port: ${APORT:-0}\n  token: ${TOK}\n"
+            f"upstream: {{url: {upstream.url}}}\n"
+            f"database: {{url: 'sqlite+aiosqlite:///{tmp_path / 'gateway.db'}'}}\n"
+            "plugins:\n  - name: key_auth\n    config:\n      pepper: ${PEPPER:-}\n      cache_ttl: 0\n")
+    cfg = write_config(tmp_path / "gateway.yaml", text)
+    monkeypatch.setenv("TOK", "#admin: token #with-hash")
+    monkeypatch.setenv("PEPPER", "#first-pepper")
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "create", "--owner", "o",
+                                                   "--json", "-c", str(cfg)], capture_output=True, text=True,
+                                  timeout=60)
+    assert res.returncode == 0, res.stderr
+    key = json.loads(res.stdout)["key"]
+    statuses = []
+    for pepper in ("#first-pepper", "#second-pepper"):
+        monkeypatch.setenv("PEPPER", pepper)
+        g = await start_gateway(cfg)
+        try:
+            assert g.gw.cfg.admin.token == "#admin: token #with-hash"
+            assert g.gw.cfg.server.trusted_proxies == ["10.0.0.0/8"] and g.gw.admin_port
+            async with aiohttp.ClientSession(timeout=T) as s:
+                async with s.get(g.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                    statuses.append(r.status)
+                async with s.get(g.admin_url + "/keys", headers={"Authorization": "Bearer #admin: token #with-hash"}) as r:
+                    assert r.status == 200
+        finally:
+            await g.stop()
+    assert statuses == [200, 401]  # the pepper is really in use: another pepper rejects the key
+
