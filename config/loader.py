@@ -156,6 +156,9 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
         bad = header_problem(name, value)
         if bad:  # the value is a credential: the message never repeats it
             problems.append(f"upstream.headers.{name} -> line {lines.find(('upstream', 'headers', name)) or '?'}: {bad}")
+    if not database_url_ok(cfg.database.url):
+        problems.append(f"database.url -> line {lines.find(('database', 'url')) or '?'}: not a valid database URL "
+                        "(driver://user:password@host:port/name; percent-encode special characters)")
     for i, spec in enumerate(cfg.plugins):
         cls = registry.get(spec.name)
         if cls is None:
@@ -199,6 +202,18 @@ def header_problem(name: str, value: str) -> str | None:
     if any(c in value for c in "\r\n\x00"):
         return "header value must not contain CR, LF or NUL"
     return None
+
+
+def database_url_ok(url: str) -> bool:
+    """True if SQLAlchemy can parse ``url`` (host, port and all); the URL itself is never echoed."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+        u.port  # noqa: B018  (a non-numeric port only fails when read)
+    except Exception:
+        return False
+    return True
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -307,3 +307,16 @@ async def test_env_secrets_are_taken_verbatim(tmp_path, upstream, monkeypatch):
             await g.stop()
     assert statuses == [200, 401]  # the pepper is really in use: another pepper rejects the key
 
+
+async def test_check_rejects_unparsable_database_url(tmp_path):
+    """`gateway check` said OK for a database URL SQLAlchemy cannot parse (a non-numeric port, an
+    unclosed IPv6 bracket), which then failed at start; now it names the key and line, never the URL."""
+    for url in ("postgresql+asyncpg://u:DBCANARY@db:notaport/gw", "postgresql+asyncpg://u:DBCANARY@[::1/gw"):
+        cfg = write_config(tmp_path / "db.yaml", base_config("http://127.0.0.1:9", tmp_path, database={"url": url}))
+        res = await agw_cli(cfg, "check")
+        assert res.returncode == 2 and "database.url -> line" in res.stderr, res.stdout + res.stderr
+        assert "DBCANARY" not in res.stderr
+    cfg = write_config(tmp_path / "ok.yaml", base_config("http://127.0.0.1:9", tmp_path, database={
+        "url": "postgresql+asyncpg://u:p%40ss@db:5432/gw"}))
+    res = await agw_cli(cfg, "check")
+    assert res.returncode == 0, res.stderr
