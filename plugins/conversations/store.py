@@ -286,9 +286,14 @@ class ConversationStore:
         one = "(" + ", ".join("?" * len(cols)) + ")"
         per = max(1, _MAX_PARAMS // len(cols))
         n = len(cols)
+        # Straight to the aiosqlite connection, inside SQLAlchemy's transaction: one hand-off to the
+        # driver thread per statement (SQLAlchemy's cursor adapter takes three: cursor, execute,
+        # close). Under load each hand-off waits for the busy event loop and for the GIL, which is
+        # what bounds the writer's throughput.
+        driver = (await conn.get_raw_connection()).driver_connection
         for i in range(0, len(rows), per):
             k = min(per, len(rows) - i)
-            await conn.exec_driver_sql(head + ", ".join([one] * k), tuple(params[i * n:(i + k) * n]))
+            await driver.execute_fetchall(head + ", ".join([one] * k), params[i * n:(i + k) * n])
 
     # -- the writer ------------------------------------------------------------------------------
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
