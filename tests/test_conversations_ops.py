@@ -395,3 +395,38 @@ async def test_store_writes_a_large_batch_in_chunks(db: dict[str, Any]) -> None:
     data, _ = await store.list(owner="o", since=t0, limit=5)
     assert len(data) == 5 and data[0]["message_count"] == 2 and data[0]["prompt_tokens"] in range(1000)
     await d.close()
+
+
+async def test_store_batch_is_atomic(db: dict[str, Any]) -> None:
+    """A batch whose last statement fails leaves nothing behind: the rows inserted before it in the
+    same transaction are rolled back too, and the same records written again are stored once."""
+    import datetime as dt
+
+    from gateway.db import Database
+    from gateway.plugins.conversations import digest, new_id
+    from gateway.plugins.conversations.store import ConversationStore, TurnRecord, message_row
+
+    d = Database(db["url"])
+    await d.upgrade()
+    store = ConversationStore(d)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5)
+    recs = []
+    for i in range(3):
+        m = {"role": "user", "content": f"q{i}"}
+        rows = [message_row(m, digest(m), tokens=1, tokens_derived=True, created_at=t0, model="m", request_id=str(i),
+                            key_id=None, owner="o")]
+        recs.append(TurnRecord(new_id(), "o", None, True, None, None, 0, rows,
+                               {"model": "m", "request_id": str(i), "key_id": None, "owner": "o", "status": "complete",
+                                "http_status": 200, "memory": False, "stream": False, "prompt_tokens": 1,
+                                "completion_tokens": 1, "total_tokens": 2, "usage": None, "latency_ms": 1.0,
+                                "ttft_ms": None, "created_at": t0}, t0))
+    recs[2].turn["owner"] = None  # NOT NULL: the turns insert, the batch's last statement, fails
+    with pytest.raises(Exception):
+        await store.write(recs)
+    assert (await store.counts()) == {"conversations": 0, "messages": 0, "turns": 0}
+    recs[2].turn["owner"] = "o"
+    await store.write(recs)  # the writer's retry: the same records again
+    assert (await store.counts()) == {"conversations": 3, "messages": 3, "turns": 3}
+    msgs, _ = await store.messages(recs[1].conversation_id)
+    assert [(m["position"], m["content"]) for m in msgs] == [(0, "q1")]
+    await d.close()
