@@ -11,9 +11,13 @@ same registry. See docs/metrics.md.
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from bisect import bisect_left
+from typing import Any, Iterator
 
-from prometheus_client import Counter, Histogram
+import prometheus_client.metrics as _pm
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 from pydantic import Field
 
 from gateway.context import RequestContext
@@ -31,49 +35,144 @@ class MetricsConfig(PluginConfig):
                                           description="Histogram buckets (seconds) for the gateway's own overhead.")
 
 
-class _Families:
-    def __init__(self, reg: Any, lat: tuple[float, ...], over: tuple[float, ...]) -> None:
-        self.requests = Counter("gateway_requests", "Requests that reached the chain, by route, status and source",
-                                ["route", "status", "source"], registry=reg)
-        self.duration = Histogram("gateway_request_duration_seconds", "Total request time, first byte in to last out",
-                                  ["route"], buckets=lat, registry=reg)
-        self.upstream = Histogram("gateway_upstream_duration_seconds",
-                                  "Time from sending upstream to the end of the response", ["route"],
-                                  buckets=lat, registry=reg)
-        self.overhead = Histogram("gateway_overhead_seconds",
-                                  "Gateway's own time: total minus upstream time", ["route"],
-                                  buckets=over, registry=reg)
-        self.ttfb = Histogram("gateway_ttfb_seconds", "Time to the first response byte sent to the client",
-                              ["route"], buckets=lat, registry=reg)
-        self.tokens = Counter("gateway_tokens", "Tokens by model and direction, as the upstream reported them",
-                              ["model", "direction"], registry=reg)
-        self.auth_failures = Counter("gateway_auth_failures", "Requests refused by authentication, by reason",
-                                     ["reason"], registry=reg)
-        self.ratelimit = Counter("gateway_ratelimit_refusals", "Requests refused by a rate limit, by limit",
-                                 ["limit"], registry=reg)
-        self.upstream_errors = Counter("gateway_upstream_errors",
-                                       "Upstream failures: error (unreachable), timeout, disconnected",
-                                       ["kind"], registry=reg)
-        # Label children looked up once (labels() takes a lock and builds keys on every call).
-        self._routes: dict[str, tuple[Any, Any, Any, Any]] = {}
-        self._requests: dict[tuple[str, int, str], Any] = {}
+def _created() -> bool:
+    return getattr(_pm, "_use_created", True)  # PROMETHEUS_DISABLE_CREATED_SERIES, as prometheus-client
 
-    def route(self, route: str) -> tuple[Any, Any, Any, Any]:
+
+class _Hist:
+    """One label value's histogram: per-bucket counts (the last one is +Inf), sum, creation time."""
+
+    __slots__ = ("bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1  # first bucket with v <= le
+        self.sum += v
+
+
+class _HistFamily:
+    def __init__(self, name: str, doc: str, label: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = tuple(sorted(bounds))
+        self.les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self.children: dict[str, _Hist] = {}
+
+    def child(self, value: str) -> _Hist:
+        h = self.children.get(value)
+        if h is None:
+            h = self.children[value] = _Hist(self.bounds)
+        return h
+
+    def collect(self, created: bool) -> Metric:
+        m = Metric(self.name, self.doc, "histogram")
+        name, label = self.name, self.label
+        for value, h in list(self.children.items()):
+            acc = 0.0
+            for le, n in zip(self.les, list(h.counts)):
+                acc += n
+                m.add_sample(name + "_bucket", {label: value, "le": le}, acc)
+            m.add_sample(name + "_count", {label: value}, acc)
+            m.add_sample(name + "_sum", {label: value}, h.sum)
+            if created:
+                m.add_sample(name + "_created", {label: value}, h.created)
+        return m
+
+
+class _CounterFamily:
+    """Counter values by label tuple: [value, created] lists updated in place."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.children: dict[tuple[str, ...], list[float]] = {}
+
+    def child(self, *values: str) -> list[float]:
+        c = self.children.get(values)
+        if c is None:
+            c = self.children[values] = [0, time.time()]
+        return c
+
+    def inc(self, *values: str, amount: float = 1) -> None:
+        self.child(*values)[0] += amount
+
+    def collect(self, created: bool) -> Metric:
+        m = Metric(self.name, self.doc, "counter")
+        for values, (v, t) in list(self.children.items()):
+            labels = dict(zip(self.labels, values))
+            m.add_sample(self.name + "_total", labels, v)
+            if created:
+                m.add_sample(self.name + "_created", labels, t)
+        return m
+
+
+class _Families:
+    """The plugin's metric families, exposed through one registry collector.
+
+    Updated on the event loop with plain integer/float arithmetic (no locks, no per-call label
+    handling); the Prometheus samples are only built when /metrics is scraped. The exposition is
+    the same as prometheus-client's Counter and Histogram (``_total``/``_bucket``/``_count``/
+    ``_sum``/``_created``)."""
+
+    def __init__(self, reg: Any, lat: tuple[float, ...], over: tuple[float, ...]) -> None:
+        self.requests = _CounterFamily("gateway_requests", "Requests that reached the chain, by route, status and source",
+                                       ("route", "status", "source"))
+        self.duration = _HistFamily("gateway_request_duration_seconds", "Total request time, first byte in to last out",
+                                    "route", lat)
+        self.upstream = _HistFamily("gateway_upstream_duration_seconds",
+                                    "Time from sending upstream to the end of the response", "route", lat)
+        self.overhead = _HistFamily("gateway_overhead_seconds", "Gateway's own time: total minus upstream time",
+                                    "route", over)
+        self.ttfb = _HistFamily("gateway_ttfb_seconds", "Time to the first response byte sent to the client",
+                                "route", lat)
+        self.tokens = _CounterFamily("gateway_tokens", "Tokens by model and direction, as the upstream reported them",
+                                     ("model", "direction"))
+        self.auth_failures = _CounterFamily("gateway_auth_failures", "Requests refused by authentication, by reason",
+                                            ("reason",))
+        self.ratelimit = _CounterFamily("gateway_ratelimit_refusals", "Requests refused by a rate limit, by limit",
+                                        ("limit",))
+        self.upstream_errors = _CounterFamily("gateway_upstream_errors",
+                                              "Upstream failures: error (unreachable), timeout, disconnected", ("kind",))
+        self._families = (self.requests, self.duration, self.upstream, self.overhead, self.ttfb, self.tokens,
+                          self.auth_failures, self.ratelimit, self.upstream_errors)
+        # Per-route and per-(route, status, source) children looked up with one dict get per request.
+        self._routes: dict[str, tuple[_Hist, _Hist, _Hist, _Hist]] = {}
+        self._requests: dict[tuple[str, int, str], list[float]] = {}
+        self._tokens: dict[tuple[str, str], list[float]] = {}
+        reg.register(self)
+
+    # -- prometheus-client collector protocol -------------------------------------------------------
+    def describe(self) -> Iterator[Metric]:
+        for f in self._families:
+            yield Metric(f.name, f.doc, "histogram" if isinstance(f, _HistFamily) else "counter")
+
+    def collect(self) -> Iterator[Metric]:
+        created = _created()
+        for f in self._families:
+            yield f.collect(created)
+
+    # -- hot path -----------------------------------------------------------------------------------
+    def route(self, route: str) -> tuple[_Hist, _Hist, _Hist, _Hist]:
         r = self._routes.get(route)
         if r is None:
-            r = (self.duration.labels(route), self.upstream.labels(route), self.overhead.labels(route),
-                 self.ttfb.labels(route))
-            if len(self._routes) < 1000:
-                self._routes[route] = r
+            r = self._routes[route] = (self.duration.child(route), self.upstream.child(route),
+                                       self.overhead.child(route), self.ttfb.child(route))
         return r
 
-    def request(self, route: str, status: int, source: str) -> Any:
+    def request(self, route: str, status: int, source: str) -> list[float]:
         k = (route, status, source)
         c = self._requests.get(k)
         if c is None:
-            c = self.requests.labels(route, str(status), source)
-            if len(self._requests) < 10000:
-                self._requests[k] = c
+            c = self._requests[k] = self.requests.child(route, str(status), source)
+        return c
+
+    def token_counters(self, model: str) -> tuple[list[float], list[float]]:
+        c = self._tokens.get(model)
+        if c is None:
+            c = self._tokens[model] = (self.tokens.child(model, "input"), self.tokens.child(model, "output"))
         return c
 
 
@@ -86,36 +185,42 @@ class Metrics(Plugin):
         super().__init__(config, services)
         lat, over = tuple(config.latency_buckets), tuple(config.overhead_buckets)
         self.m: _Families = services.metric("metrics:families", lambda reg: _Families(reg, lat, over))
+        self.tokens = config.tokens
 
     async def on_complete(self, ctx: RequestContext) -> None:
         m = self.m
-        m.request(ctx.route, ctx.status, ctx.source).inc()
+        m.request(ctx.route, ctx.status, ctx.source)[0] += 1
         duration, upstream, overhead, ttfb = m.route(ctx.route)
+        t_start = ctx.t_start
         end = ctx.t_end
         if end is not None:
-            total = end - ctx.t_start
+            total = end - t_start
             duration.observe(total)
-            if ctx.t_upstream is not None:
-                up = end - ctx.t_upstream
-                upstream.observe(up)
-                overhead.observe(max(total - up, 0.0))
+            t_up = ctx.t_upstream
+            if t_up is not None:
+                upstream.observe(end - t_up)
+                overhead.observe(max(t_up - t_start, 0.0))
             else:
                 overhead.observe(total)
         if ctx.t_first_byte is not None:
-            ttfb.observe(ctx.t_first_byte - ctx.t_start)
+            ttfb.observe(ctx.t_first_byte - t_start)
         c = ctx.completion
-        if c is not None and c.usage and self.config.tokens:
-            model = c.model or ctx.model or "unknown"
-            if c.prompt_tokens:
-                m.tokens.labels(model, "input").inc(c.prompt_tokens)
-            if c.completion_tokens:
-                m.tokens.labels(model, "output").inc(c.completion_tokens)
+        if c is not None and c.usage and self.tokens:
+            usage = c.usage
+            tin, tout = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
+                cin, cout = m.token_counters(str(c.model or ctx.model or "unknown"))
+                if type(tin) is int and tin > 0:
+                    cin[0] += tin
+                if type(tout) is int and tout > 0:
+                    cout[0] += tout
         r = ctx.refusal
         if r:
             kind = r.get("type")
             if kind == "auth":
-                m.auth_failures.labels(str(r.get("reason") or "unknown")).inc()
+                m.auth_failures.inc(str(r.get("reason") or "unknown"))
             elif kind == "rate_limit":
-                m.ratelimit.labels(str(r.get("limit") or r.get("reason") or "unknown")).inc()
-        if ctx.outcome.startswith("upstream_"):
-            m.upstream_errors.labels(ctx.outcome[len("upstream_"):]).inc()
+                m.ratelimit.inc(str(r.get("limit") or r.get("reason") or "unknown"))
+        outcome = ctx.outcome
+        if outcome.startswith("upstream_"):
+            m.upstream_errors.inc(outcome[9:])

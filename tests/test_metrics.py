@@ -120,3 +120,32 @@ async def test_server_timing_header(make_gateway):
     parts = dict(p.strip().split(";dur=") for p in st.split(","))
     assert set(parts) >= {"headers", "upstream"}
     assert all(float(v) >= 0 for v in parts.values())
+
+
+def test_exposition_matches_prometheus_client_for_the_same_observations():
+    """The plugin's lock-free families print exactly what prometheus-client's Counter/Histogram would."""
+    from prometheus_client import CollectorRegistry, Counter as PCounter, Histogram, generate_latest
+
+    from gateway.plugins.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, _Families
+
+    ours, ref = CollectorRegistry(), CollectorRegistry()
+    fam = _Families(ours, LATENCY_BUCKETS, OVERHEAD_BUCKETS)
+    hist = Histogram("gateway_request_duration_seconds", "Total request time, first byte in to last out",
+                     ["route"], buckets=LATENCY_BUCKETS, registry=ref)
+    reqs = PCounter("gateway_requests", "Requests that reached the chain, by route, status and source",
+                    ["route", "status", "source"], registry=ref)
+    values = [0.0, 0.005, 0.0050001, 0.01, 0.3, 299.9, 300.0, 300.1, 1e9] + list(LATENCY_BUCKETS)
+    for i, v in enumerate(values):
+        route = "a" if i % 3 else "b"
+        fam.route(route)[0].observe(v)
+        hist.labels(route).observe(v)
+        fam.request(route, 200 + i % 2, "upstream")[0] += 1
+        reqs.labels(route, str(200 + i % 2), "upstream").inc()
+
+    def lines(reg: CollectorRegistry, names: tuple[str, ...]) -> list[str]:
+        text = generate_latest(reg).decode()
+        return sorted(x for x in text.splitlines() if x.startswith(names) and "_created" not in x)
+
+    names = ("gateway_request_duration_seconds", "gateway_requests_total")
+    assert lines(ours, names) == lines(ref, names)
+    assert any('le="0.005"' in x and x.endswith(" 2.0") for x in lines(ours, names) if 'route="b"' in x)
