@@ -21,8 +21,18 @@ GENESIS = "0" * 64
 INDEXED = ("time", "type", "request_id", "key_id", "owner", "client_ip", "status")
 
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 _encode_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str, sort_keys=True).encode
+try:
+    # The C encoder made once and reused (json.dumps builds one per call); no circular-reference
+    # bookkeeping: records are freshly built, acyclic dicts of scalars.
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+
+    _c_encoder = _c_make_encoder(None, str, _encode_str, None, ":", ",", False, False, True)
+
+    def _encode(event: dict[str, Any]) -> str:
+        return "".join(_c_encoder(event, 0))
+except (ImportError, TypeError):  # pragma: no cover - Python without the C accelerator
+    _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
 
 
 def record_body(event: dict[str, Any], sort: bool = False) -> str:
