@@ -196,3 +196,13 @@ def bus_event(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
 
 #: JSON for the JSON-lines and stdout sinks: every non-ASCII and control character escaped.
 jsonl = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
+try:
+    # One C encoder reused for every line (json.dumps makes one per call); events are acyclic.
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring_ascii as _ascii
+
+    _c_jsonl = _c_make_encoder(None, str, _ascii, None, ":", ",", False, False, True)
+
+    def jsonl(event: dict[str, Any]) -> str:  # noqa: F811
+        return "".join(_c_jsonl(event, 0))
+except (ImportError, TypeError):  # pragma: no cover - Python without the C accelerator
+    pass
