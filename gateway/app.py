@@ -13,6 +13,7 @@ from prometheus_client import Counter
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 from .admin import build_admin_app
+from .cli import redact_url
 from .db import Database
 from .proxy import Proxy
 from .runtime import Runtime
@@ -90,7 +91,7 @@ class Gateway:
         log.info("gateway listening", extra={"fields": {
             "public": f"{self.cfg.server.host}:{self.public_port}",
             "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
-            "upstream": self.cfg.upstream.url, "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
+            "upstream": redact_url(self.cfg.upstream.url), "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the

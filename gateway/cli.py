@@ -30,8 +30,16 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or os.environ.get("GATEWAY_CONFIG") or "gateway.yaml"
 
 
-def load(args: argparse.Namespace, env: dict[str, str] | None = None) -> GatewayConfig:
-    """Load the config named by ``-c`` (or exit 2 with the problems, one per line)."""
+def load(args: argparse.Namespace, env: dict[str, str] | None = None, *, serving: bool = False) -> GatewayConfig:
+    """Load the config named by ``-c`` (or exit 2 with the problems, one per line).
+
+    Commands that run no listener (keys, audit, conversations, db) do not need the admin token:
+    if it is unset, a throwaway value satisfies the config so ops can use them with just the
+    database settings."""
+    if not serving:
+        env = dict(os.environ if env is None else env)
+        if not env.get("GATEWAY_ADMIN_TOKEN"):
+            env["GATEWAY_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
     try:
         return load_config(config_path(args), env=env)
     except ConfigError as e:
@@ -83,13 +91,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import serve
     from .logs import setup_logging
 
-    cfg = load(args)
+    cfg = load(args, serving=True)
     setup_logging(cfg.logging.level, cfg.logging.format)
     return asyncio.run(serve(cfg))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    cfg = load(args)
+    cfg = load(args, serving=True)
     enabled = [p.name for p in cfg.plugins if p.enabled]
     print(f"{config_path(args)}: OK ({len(cfg.plugins)} plugin(s): {', '.join(enabled) or 'none'}; "
           f"{len(cfg.routes)} route override(s); upstream {redact_url(str(cfg.upstream.url))})")

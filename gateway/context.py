@@ -71,7 +71,7 @@ class RequestContext:
         if self._json is None and self.body:
             try:
                 self._json = json.loads(self.body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly nested
                 self._json = False
         return self._json or None
 

@@ -23,6 +23,8 @@ from aiohttp import web
 
 MODELS = ["demo-chat", "demo-embed"]
 REQUESTS = web.AppKey("requests", collections.deque)
+# Never echoed back: the gateway adds the upstream's credentials, and a caller must not read them.
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
 
 
 def _text_of(content: Any) -> str:
@@ -56,8 +58,8 @@ def _answer(messages: list[Any], words: int | None) -> list[str]:
 
 
 def _err(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "code": None}},
-                             status=status)
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "code": None,
+                                        "param": None}}, status=status)
 
 
 async def _knobs(request: web.Request) -> web.Response | None:
@@ -78,8 +80,10 @@ def _record(request: web.Request, body: Any) -> None:
 async def chat(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return _err(400, "body is not JSON")
+    if not isinstance(body, dict):
+        return _err(400, "body must be a JSON object")
     _record(request, body)
     knob = await _knobs(request)
     if knob is not None:
@@ -163,8 +167,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return _err(400, "body is not JSON")
+    if not isinstance(body, dict):
+        return _err(400, "body must be a JSON object")
     _record(request, body)
     knob = await _knobs(request)
     if knob is not None:
@@ -199,8 +205,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.Response:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return _err(400, "body is not JSON")
+    if not isinstance(body, dict):
+        return _err(400, "body must be a JSON object")
     _record(request, body)
     knob = await _knobs(request)
     if knob is not None:
@@ -232,7 +240,8 @@ async def echo(request: web.Request) -> web.Response:
     knob = await _knobs(request)
     if knob is not None:
         return knob
-    return web.json_response({"method": request.method, "path": request.path_qs, "headers": dict(request.headers),
+    headers = {k: ("<redacted>" if k.lower() in _SECRET_HEADERS else v) for k, v in request.headers.items()}
+    return web.json_response({"method": request.method, "path": request.path_qs, "headers": headers,
                               "body": body.decode("utf-8", "replace")})
 
 

@@ -29,4 +29,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.addHandler(h)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations log one line per plugin setup
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # At DEBUG these log every statement's parameters (stored content); never let them through.
+    for noisy in ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # migrations log one line per plugin setup

@@ -99,7 +99,7 @@ class ResponseObserver:
             if self._buf and not self._too_big:
                 try:
                     self._json(json.loads(self._buf))
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, UnicodeDecodeError, RecursionError):
                     pass
             self._buf.clear()
             return b""
@@ -130,7 +130,7 @@ class ResponseObserver:
             return True
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return True
         if not isinstance(obj, dict):
             return True

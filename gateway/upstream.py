@@ -12,7 +12,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import UpstreamTimeout, UpstreamUnavailable
+from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -128,6 +128,10 @@ class Upstream:
             ctx.outcome = "upstream_error"
             log.warning("upstream request failed: %s: %s", type(e).__name__, e)
             raise UpstreamUnavailable() from None
+        except Exception:  # e.g. a header value a plugin set that HTTP cannot carry
+            ctx.outcome = "error"
+            log.exception("building the upstream request failed (request %s)", ctx.request_id)
+            raise InternalError() from None
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
             # From here on, `idle` bounds each gap between body chunks, starting now (the protocol
