@@ -555,7 +555,9 @@ async def test_cli_create_list_update_revoke(make_gateway: Any, tmp_path: Path, 
                                 "--expires", "never", "--json")
     upd = json.loads(r.stdout)
     assert upd["limits"] == {"rpm": None, "tpm": 500, "daily_tokens": 9, "monthly_tokens": 99}
-    assert upd["scopes"] == {"paths": ["/v1/"], "models": []} and upd["expires_at"] is None and upd["name"] == "renamed"
+    # --scope-path replaces the path scopes only; the model scopes given at creation stay.
+    assert upd["scopes"] == {"paths": ["/v1/"], "models": ["demo-*"]} and upd["expires_at"] is None
+    assert upd["name"] == "renamed"
     r = await asyncio.to_thread(gw_cli, cfg, "revoke", kid, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "revoked"
     r = await asyncio.to_thread(gw_cli, cfg, "list", "--status", "revoked", "--json")
