@@ -72,6 +72,6 @@ class InternalError(GatewayError):
 
 
 def json_error(status: int, message: str, type_: str, code: str | None,
-               headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(message, type_, code), content_type="application/json",
-                        headers=headers)
+               headers: Mapping[str, str] | None = None, param: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(message, type_, code, param),
+                        content_type="application/json", headers=headers)

@@ -46,7 +46,7 @@ def parse_filters(get: Any) -> dict[str, Any]:
         if k in ("since", "until"):
             try:
                 f[k] = parse_time(v)
-            except ValueError:
+            except (ValueError, OverflowError, OSError):  # out-of-range times too
                 raise ValueError(f"{k}: expected ISO 8601 time, Unix seconds or an age like 24h") from None
         elif k == "status":
             s = str(v).lower()
@@ -66,13 +66,17 @@ def routes(services: Any) -> list[Any]:
             limit = int(q.get("limit", "100"))
             if not 1 <= limit <= MAX_LIMIT:
                 raise ValueError(f"limit: expected 1..{MAX_LIMIT}")
-            cursor = int(q["cursor"]) if q.get("cursor") else None
+            raw = q.get("cursor")
+            if raw and not (raw.isdigit() and len(raw) <= 18):  # an event seq: fits a BIGINT
+                raise ValueError("cursor: expected next_cursor from the previous page")
+            cursor = int(raw) if raw else None
             order = q.get("order", "desc")
             if order not in ("asc", "desc"):
                 raise ValueError("order: expected asc or desc")
         except ValueError as e:
-            msg = str(e) if ":" in str(e) else "limit and cursor must be integers"
-            return json_error(400, msg, "invalid_request_error", "invalid_value")
+            msg = str(e) if ": expected" in str(e) else "limit: expected an integer"
+            param = msg.split(":", 1)[0]
+            return json_error(400, msg, "invalid_request_error", "invalid_value", param=param)
         data, nxt = await store.query(services.db, f, limit=limit, cursor=cursor, order=order)
         return web.json_response({"object": "list", "data": data,
                                   "next_cursor": str(nxt) if nxt is not None else None})
