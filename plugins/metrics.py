@@ -24,6 +24,7 @@ from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MAX_MODEL_LABELS = 200  # distinct `model` label values before the rest count as "other"
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -172,6 +173,13 @@ class _Families:
     def token_counters(self, model: str) -> tuple[list[float], list[float]]:
         c = self._tokens.get(model)
         if c is None:
+            # The model name comes from the client or the upstream: cap the label values so a
+            # caller inventing model names cannot grow the series without bound.
+            if len(self._tokens) >= MAX_MODEL_LABELS:
+                model = "other"
+                c = self._tokens.get(model)
+                if c is not None:
+                    return c
             c = self._tokens[model] = (self.tokens.child(model, "input"), self.tokens.child(model, "output"))
         return c
 

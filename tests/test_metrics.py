@@ -149,3 +149,28 @@ def test_exposition_matches_prometheus_client_for_the_same_observations():
     names = ("gateway_request_duration_seconds", "gateway_requests_total")
     assert lines(ours, names) == lines(ref, names)
     assert any('le="0.005"' in x and x.endswith(" 2.0") for x in lines(ours, names) if 'route="b"' in x)
+
+
+async def test_model_label_values_are_capped(make_gateway):
+    """Model names come from callers: past MAX_MODEL_LABELS distinct values they count as "other"."""
+    import aiohttp
+
+    from gateway.plugins import metrics as m
+
+    g = await make_gateway([{"name": "metrics"}])
+    fam = g.plugin("metrics")
+    old = m.MAX_MODEL_LABELS
+    m.MAX_MODEL_LABELS = 3
+    try:
+        async with aiohttp.ClientSession() as s:
+            for i in range(6):
+                async with s.post(g.url + "/v1/chat/completions",
+                                  json={"model": f"made-up-{i}", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                    assert r.status == 200
+            async with s.get(g.admin_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                text = await r.text()
+    finally:
+        m.MAX_MODEL_LABELS = old
+    models = {line.split('model="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("gateway_tokens_total{")}
+    assert models == {"made-up-0", "made-up-1", "made-up-2", "other"}, (models, fam)
