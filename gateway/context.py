@@ -70,7 +70,7 @@ class RequestContext:
         """The request body parsed as JSON (a dict for OpenAI requests), or None."""
         if self._json is None and self.body:
             try:
-                self._json = json.loads(self.body)
+                self._json = json.loads(self.body.decode())  # str input skips encoding detection
             except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly nested
                 self._json = False
         return self._json or None
