@@ -129,16 +129,23 @@ SCENARIOS: list[Scenario] = [
     Scenario("direct", None, note="the fake upstream itself"),
     Scenario("bare", None, note="minimal aiohttp pass-through"),
     Scenario("empty", [], note="gateway, empty chain"),
-    Scenario("key_auth", [{"name": "key_auth"}], setup=create_key, note="cached key check"),
+    Scenario("key_auth", [{"name": "key_auth", "config": {"track_usage": False}}], setup=create_key,
+             note="cached key check"),
+    Scenario("key_auth+usage", [{"name": "key_auth"}], setup=create_key, note="cached check + usage rollup"),
     Scenario("rate_limit:memory", [{"name": "rate_limit", "config": {
         "storage": "memory://", "rules": [{"name": "bench", "limit": "100000000/minute", "key_by": ["ip"]}]}}]),
     Scenario("rate_limit:redis", [{"name": "rate_limit", "config": {
         "storage": "{redis}", "rules": [{"name": "bench", "limit": "100000000/minute", "key_by": ["ip"]}]}}],
         needs_redis=True),
     Scenario("conversations:sqlite", [{"name": "conversations"}], note="2 messages stored per request"),
+    Scenario("shipped-chain", [{"name": "key_auth"}, {"name": "rate_limit", "config": {
+        "rules": [{"name": "k", "limit": "100000000/minute", "key_by": ["key"]}]}}, {"name": "conversations"},
+        {"name": "audit"}, {"name": "metrics"}], setup=create_key, note="key_auth+rate_limit+conversations+audit+metrics"),
     Scenario("audit:database", [{"name": "audit", "config": {"sinks": ["database"]}}]),
     Scenario("tracing:otlp", [{"name": "tracing", "config": {
-        "exporter": {"type": "otlp_http", "endpoint": "{otlp}"}}}], note="OTLP/HTTP to a local receiver"),
+        "exporter": {"type": "otlp_http", "endpoint": "{otlp}"}}}], note="every request, OTLP/HTTP to a local receiver"),
+    Scenario("tracing:otlp@1%", [{"name": "tracing", "config": {
+        "exporter": {"type": "otlp_http", "endpoint": "{otlp}"}, "sampling_ratio": 0.01}}], note="1% sampled"),
     Scenario("metrics", [{"name": "metrics"}]),
 ]
 
