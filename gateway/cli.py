@@ -27,7 +27,14 @@ def _packaged_default() -> Path:
 
 
 def config_path(args: argparse.Namespace) -> str:
-    return args.config or os.environ.get("GATEWAY_CONFIG") or "gateway.yaml"
+    """``-c``, else $GATEWAY_CONFIG, else ./gateway.yaml, else the packaged default profile (the
+    same file ``gateway demo`` runs, so ops commands work where the demo ran)."""
+    explicit = getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")
+    if explicit:
+        return explicit
+    if Path("gateway.yaml").exists():
+        return "gateway.yaml"
+    return str(_packaged_default())
 
 
 def load(args: argparse.Namespace, env: dict[str, str] | None = None, *, serving: bool = False) -> GatewayConfig:

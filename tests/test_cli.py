@@ -187,3 +187,19 @@ def test_demo_prints_commands_that_work(tmp_path: Path, variant: str) -> None:
     finally:
         rc = demo.stop()
     assert rc == 0, Path(demo.log.name).read_text(errors="replace")[-3000:]
+
+
+def test_ops_commands_without_a_config_file_use_the_packaged_default(tmp_path):
+    """Where `gateway demo` ran (no gateway.yaml in the directory), `gateway audit verify` and
+    `gateway keys list` work on the same default database, without the admin token."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GATEWAY_CONFIG", "GATEWAY_ADMIN_TOKEN")}
+    r = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--owner", "ops", "--json"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "gateway.db").exists()
+    r = subprocess.run([sys.executable, "-m", "gateway", "keys", "list", "--owner", "ops"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ops" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
