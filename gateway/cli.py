@@ -73,7 +73,7 @@ async def cli_services(cfg: GatewayConfig) -> Any:
         auto = db.is_sqlite
     if auto:
         await db.upgrade()
-    services = Services(cfg, db)
+    services = Services(cfg, db, owns_db=True)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
     # what they queue is flushed by services.close().
     from .plugin import registry

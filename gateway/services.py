@@ -41,7 +41,7 @@ class Events:
 
 class Services:
     def __init__(self, settings: "GatewayConfig", db: "Database | None", registry: CollectorRegistry | None = None,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, *, owns_db: bool = False) -> None:
         self.settings = settings
         self._db = db
         self.metrics = registry or CollectorRegistry()
@@ -51,6 +51,7 @@ class Services:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
         self.gateway: Any = None  # the running Gateway, when there is one (admin routes use it)
+        self._owns_db = owns_db    # CLI commands: close() also disposes the engine
 
     @property
     def db(self) -> "Database":
@@ -86,3 +87,5 @@ class Services:
                 log.exception("closing a shared resource failed")
         self._closers.clear()
         self._resources.clear()
+        if self._owns_db and self._db is not None:
+            await self._db.close()
