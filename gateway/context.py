@@ -10,6 +10,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from .fastjson import JSON_ERRORS, loads
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -70,8 +72,8 @@ class RequestContext:
         """The request body parsed as JSON (a dict for OpenAI requests), or None."""
         if self._json is None and self.body:
             try:
-                self._json = json.loads(self.body.decode())  # str input skips encoding detection
-            except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly nested
+                self._json = loads(self.body)
+            except JSON_ERRORS:
                 self._json = False
         return self._json or None
 

@@ -7,9 +7,10 @@ the observer also removes that extra usage-only chunk so the client never sees i
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
+
+from .fastjson import JSON_ERRORS, loads
 
 MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
 
@@ -98,8 +99,8 @@ class ResponseObserver:
         if not self.streamed:
             if self._buf and not self._too_big:
                 try:
-                    self._json(json.loads(self._buf))
-                except (ValueError, UnicodeDecodeError, RecursionError):
+                    self._json(loads(self._buf))
+                except JSON_ERRORS:
                     pass
             self._buf.clear()
             return b""
@@ -129,8 +130,8 @@ class ResponseObserver:
             self.c.done = True
             return True
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            obj = loads(data)
+        except JSON_ERRORS:
             return True
         if not isinstance(obj, dict):
             return True

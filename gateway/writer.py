@@ -129,7 +129,9 @@ class BatchWriter(Generic[T]):
                 self._idle.set()
 
     async def _write_with_retry(self, batch: list[T], budget: float) -> None:
-        give_up = time.monotonic() + budget
+        await self._attempt(batch, time.monotonic() + budget)
+
+    async def _attempt(self, batch: list[T], give_up: float) -> None:
         delay = 0.05
         while True:
             try:
@@ -141,6 +143,16 @@ class BatchWriter(Generic[T]):
                 self._drop(len(batch), "cancelled")
                 raise
             except Exception as e:
+                if len(batch) > 1 and not transient(e):
+                    # A record the store rejects must not take the rest of its batch with it:
+                    # halve until the bad one is alone (it alone is dropped, and counted).
+                    self._m.retries.labels(self.name).inc()
+                    log.warning("writer %s: batch of %d rejected (%s: %s); writing it in halves",
+                                self.name, len(batch), type(e).__name__, _short(e))
+                    mid = len(batch) // 2
+                    await self._attempt(batch[:mid], give_up)
+                    await self._attempt(batch[mid:], give_up)
+                    return
                 if time.monotonic() + delay > give_up:
                     log.error("writer %s: giving up on %d records after retries: %s: %s",
                               self.name, len(batch), type(e).__name__, _short(e))
@@ -186,6 +198,17 @@ class BatchWriter(Generic[T]):
         self.dropped += n
         self._m.dropped.labels(self.name, reason).inc(n)
         log.error("writer %s: %d record(s) not written (%s)", self.name, n, reason)
+
+
+def transient(e: BaseException) -> bool:
+    """Does the error say the store is unavailable (retry all of it later) rather than that it
+    refused some record (a constraint, a value it cannot store)?"""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(e, (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError,
+                      sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(e, sa_exc.DBAPIError) and bool(e.connection_invalidated)
 
 
 def _short(e: BaseException) -> str:

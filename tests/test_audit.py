@@ -437,3 +437,33 @@ async def test_cli_admin_actions_are_recorded(tmp_path):
     (ev,) = rows(tmp_path / "gateway.db")
     assert ev["type"] == "conversations.purged" and ev["actor"] == "cli" and ev["deleted"] == 0
     assert [json.loads(x)["type"] for x in jl.read_text().splitlines()] == ["conversations.purged"]
+
+
+async def test_hostile_unicode_never_costs_other_events_their_record(make_gateway, tmp_path):
+    """A lone surrogate is valid in JSON text (a client can send ``"\\ud800"``) but not in UTF-8: the
+    request that carries one is still recorded, and so is every other request of its batch."""
+    db_path = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "audit", "config": {"flush_interval": 1.0}}])
+    hostile = b'{"model": "evil\\ud800model", "messages": [{"role": "user", "content": "x\\udfff"}]}'
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async def plain() -> int:
+            return (await post(s, g.url))[0]
+
+        async def evil() -> int:
+            async with s.post(g.url + "/v1/chat/completions", data=hostile,
+                              headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*([plain() for _ in range(5)] + [evil()] + [plain() for _ in range(5)]))
+    assert len(statuses) == 11
+    await wait_for(lambda: len(rows(db_path, "type = 'request'")) == 11, what="11 audit rows")
+    await g.stop()
+    evs = rows(db_path, "type = 'request'")
+    assert sum(e["model"] == "evil\ud800model" for e in evs) == 1  # kept exactly, escaped in the record
+    assert sum(e["model"] == "demo-chat" for e in evs) == 10
+    db = Database(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        res = await store.verify(db)
+    finally:
+        await db.close()
+    assert res.ok, res.message()

@@ -383,3 +383,25 @@ def test_canonical_form_and_generated_ids() -> None:
     first = new_id()
     time.sleep(1.01)
     assert new_id()[:11] > first[:11]
+
+
+async def test_hostile_unicode_is_stored_and_read_back(make_gateway: Any, db: dict[str, Any]) -> None:
+    """Lone surrogates are valid JSON escapes but not UTF-8: such a message is stored (escaped) and
+    read back as sent, and the conversation continues by prefix match like any other."""
+    g = await start(make_gateway, db)
+    body = (b'{"model": "demo-chat\\ud800", "messages": [{"role": "user\\udfff", "name": "n\\ud801", '
+            b'"content": "hi \\ud83d there"}]}')
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", data=body,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+            answer = (await r.json())["choices"][0]["message"]
+    rows = await stored(g, cid)
+    assert len(rows) == 2
+    assert row_message(rows[0])["content"] == "hi \ud83d there"  # the exact text, escape and all
+    assert rows[0].role == "user?" and rows[0].name == "n?"    # plain columns: replaced, never lost
+    sent = {"role": "user\udfff", "name": "n\ud801", "content": "hi \ud83d there"}
+    status, headers, _ = await chat(g, [sent, answer, {"role": "user", "content": "more"}], cid)
+    assert status == 200 and headers["X-Conversation-ID"] == cid  # same history: appended, not forked
+    assert len(await stored(g, cid)) == 4

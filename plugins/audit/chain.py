@@ -16,23 +16,36 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from gateway.fastjson import utf8_safe
+
 GENESIS = "0" * 64
 #: Columns copied out of the hashed record for filtering; verify checks they still agree with it.
 INDEXED = ("time", "type", "request_id", "key_id", "owner", "client_ip", "status")
 
 
-_encode_sorted = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str, sort_keys=True).encode
-try:
-    # The C encoder made once and reused (json.dumps builds one per call); no circular-reference
-    # bookkeeping: records are freshly built, acyclic dicts of scalars.
-    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+_ascii_sorted = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str, sort_keys=True).encode
+_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
 
-    _c_encoder = _c_make_encoder(None, str, _encode_str, None, ":", ",", False, False, True)
+try:
+    import orjson
+
+    _SORT = orjson.OPT_SORT_KEYS
 
     def _encode(event: dict[str, Any]) -> str:
-        return "".join(_c_encoder(event, 0))
-except (ImportError, TypeError):  # pragma: no cover - Python without the C accelerator
-    _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+        try:
+            return orjson.dumps(event, default=str).decode()
+        except TypeError:
+            # A lone surrogate (valid in JSON text, not in UTF-8) or an integer beyond 64 bits: the
+            # ASCII encoder escapes the one and writes the other, so the record can still be hashed.
+            return _ascii(event)
+
+    def _encode_sorted(event: dict[str, Any]) -> str:
+        try:
+            return orjson.dumps(event, default=str, option=_SORT).decode()
+        except TypeError:
+            return _ascii_sorted(event)
+except ImportError:  # pragma: no cover - orjson is a dependency
+    _encode, _encode_sorted = _ascii, _ascii_sorted
 
 
 def record_body(event: dict[str, Any], sort: bool = False) -> str:
@@ -147,7 +160,7 @@ def _col_value(col: str, v: Any) -> Any:
         return None
     if col == "status":
         return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
-    return str(v)[:_COL_LEN[col]]
+    return utf8_safe(str(v)[:_COL_LEN[col]])
 
 
 _COL_LEN = {"time": 32, "type": 64, "request_id": 128, "key_id": 128, "owner": 256, "client_ip": 64}

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.db import Base, Database
 
-from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, verify_rows
+from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, utf8_safe, verify_rows
 from .events import build, iso
 
 __all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "verify"]
@@ -76,7 +76,7 @@ def _cut(v: Any, n: int) -> Any:
     """How a string field is stored in its indexed column (see chain._col_value)."""
     if v is None:
         return None
-    return v if type(v) is str and len(v) <= n else str(v)[:n]
+    return v if type(v) is str and len(v) <= n and v.isascii() else utf8_safe(str(v)[:n])
 
 
 def prepare(item: Any) -> tuple[tuple[Any, ...], str]:

@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
 from gateway.errors import error_body
+from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .state import Shared, View
@@ -112,7 +113,8 @@ def canonical(m: Any) -> str:
 
 
 def digest(m: Any) -> str:
-    return hashlib.blake2b(canonical(m).encode(), digest_size=16).hexdigest()
+    # surrogatepass: a lone surrogate (a JSON escape a client may send) still hashes, deterministically
+    return hashlib.blake2b(canonical(m).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def text_len(m: dict[str, Any]) -> int:
@@ -378,6 +380,8 @@ class Conversations(Plugin):
         prompt_tokens = comp.prompt_tokens if comp is not None else None
         completion_tokens = comp.completion_tokens if comp is not None else None
         model = (comp.model if comp is not None else None) or ctx.model
+        if model:
+            model = utf8_safe(model)
         latency = ctx.elapsed_ms(ctx.t_start)
         ttft = None
         if comp is not None and comp.t_first_token is not None:

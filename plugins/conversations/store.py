@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
 
 from gateway.db import Base
+from gateway.fastjson import utf8_safe
 
 UTC = dt.timezone.utc
 KNOWN_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
@@ -42,8 +43,20 @@ def iso(t: dt.datetime | None) -> str | None:
     return t.isoformat(timespec="microseconds") + "Z"
 
 
-dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-"""Compact JSON text, non-ASCII kept as is (one encoder built once)."""
+_ascii_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+try:
+    import orjson
+
+    def dumps(v: Any) -> str:
+        """Compact JSON text, non-ASCII kept as is. A lone surrogate (valid in JSON text, not in
+        UTF-8, so no database could store it raw) or an integer beyond 64 bits: written by the
+        ASCII encoder, which escapes the one and keeps the other."""
+        try:
+            return orjson.dumps(v).decode()
+        except TypeError:
+            return _ascii_dumps(v)
+except ImportError:  # pragma: no cover - orjson is a dependency
+    dumps = _ascii_dumps
 
 
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -175,13 +188,14 @@ def new_row(msg: dict[str, Any], digest: str, tokens: int | None, tokens_derived
         tcid = msg.get("tool_call_id")
     role = msg.get("role")
     return {
-        "role": role[:32] if type(role) is str and role else str(role or "user")[:32],
-        "name": name if isinstance(name, str) else None,
+        "role": utf8_safe(role[:32] if type(role) is str and role else str(role or "user")[:32]),
+        "name": utf8_safe(name) if isinstance(name, str) else None,
         "content": dumps(msg.get("content")),
         "tool_calls": dumps(tc) if tc is not None else None,
-        "tool_call_id": tcid if isinstance(tcid, str) else None,
+        "tool_call_id": utf8_safe(tcid) if isinstance(tcid, str) else None,
         "extra": dumps(extra) if extra else None,
-        "digest": digest, "tokens": tokens, "tokens_derived": tokens_derived, "model": model,
+        "digest": digest, "tokens": tokens, "tokens_derived": tokens_derived,
+        "model": model,
         "request_id": request_id, "key_id": key_id, "owner": owner, "status": status,
         "finish_reason": finish_reason, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "created_at": created_at,
     }

@@ -54,6 +54,8 @@ class RateLimit(Plugin):
         self.request_limits = [x for x in self.limits if x.counts == "requests"]
         self.token_limits = [x for x in self.limits if x.counts == "tokens"]
         self.has_quotas = c.quotas.daily_tokens is not None or c.quotas.monthly_tokens is not None
+        self._quota_amounts: dict[str, int | None] | None = (
+            {"daily": c.quotas.daily_tokens, "monthly": c.quotas.monthly_tokens} if self.has_quotas else None)
         self._quota: QuotaStore | None = None
         self._overrides: dict[tuple[str, int], Limit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -91,34 +93,39 @@ class RateLimit(Plugin):
             lim = self._overrides[k] = override_limit(counts, amount)
         return lim
 
-    def _applicable(self, ctx: RequestContext) -> tuple[list[Limit], list[Limit], dict[str, int | None]]:
-        req, tok = self.request_limits, self.token_limits
-        quota = {"daily": self.config.quotas.daily_tokens, "monthly": self.config.quotas.monthly_tokens}
+    def _applicable(self, ctx: RequestContext) -> tuple[list[Limit], list[Limit], dict[str, int | None] | None]:
+        """The request and token limits and the quotas (None: none) that apply to this caller."""
+        req, tok, quota = self.request_limits, self.token_limits, self._quota_amounts
         ident = ctx.identity
-        if self.config.key_overrides and ident and ident.get("key_id"):
-            lim = ident.get("limits") or {}
-            rpm, tpm = lim.get("rpm"), lim.get("tpm")
-            if isinstance(rpm, int):
-                req = [x for x in req if not x.per_key] + [self._override("requests", rpm)]
-            if isinstance(tpm, int):
-                tok = [x for x in tok if not x.per_key] + [self._override("tokens", tpm)]
-            if isinstance(lim.get("daily_tokens"), int):
-                quota["daily"] = lim["daily_tokens"]
-            if isinstance(lim.get("monthly_tokens"), int):
-                quota["monthly"] = lim["monthly_tokens"]
+        if not self.config.key_overrides or not ident:
+            return req, tok, quota
+        lim = ident.get("limits")
+        if not lim or not ident.get("key_id"):
+            return req, tok, quota
+        rpm, tpm = lim.get("rpm"), lim.get("tpm")
+        if isinstance(rpm, int):
+            req = [x for x in req if not x.per_key] + [self._override("requests", rpm)]
+        if isinstance(tpm, int):
+            tok = [x for x in tok if not x.per_key] + [self._override("tokens", tpm)]
+        daily, monthly = lim.get("daily_tokens"), lim.get("monthly_tokens")
+        if isinstance(daily, int) or isinstance(monthly, int):
+            quota = dict(quota or {"daily": None, "monthly": None})
+            if isinstance(daily, int):
+                quota["daily"] = daily
+            if isinstance(monthly, int):
+                quota["monthly"] = monthly
         return req, tok, quota
 
     async def on_request(self, ctx: RequestContext) -> Reply | None:
         req, tok, quota = self._applicable(ctx)
-        has_quota = quota["daily"] is not None or quota["monthly"] is not None
-        if not (req or tok or has_quota):
+        if not (req or tok or quota):
             return None
         st = _State()
         ctx.state[NAME] = st
         store = self.store
-        deadline = time.monotonic() + store.timeout
+        deadline = None if store.memory else time.monotonic() + store.timeout
         try:
-            if tok or has_quota:
+            if tok or quota:
                 ctx.want_usage()
                 body = ctx.json
                 if ctx.method == "POST" and isinstance(body, dict):
@@ -136,7 +143,7 @@ class RateLimit(Plugin):
                     st.standings.append(s)
                     if remaining < est:
                         return self._refuse(ctx, lim, s, "rate_limit_exceeded", est)
-                if has_quota and self._quota is not None:
+                if quota and self._quota is not None:
                     refusal = await self._check_quota(ctx, st, quota, est)
                     if refusal is not None:
                         return refusal
@@ -159,11 +166,19 @@ class RateLimit(Plugin):
             return self._store_down(ctx, str(e))
         return None
 
-    async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float) -> tuple[bool, hdr.Standing | None]:
-        ok = await self.store.hit(lim.item, ids, 1, deadline)
+    async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float | None) -> tuple[bool, hdr.Standing | None]:
+        store = self.store
+        if store.memory:  # in-process: straight to the strategy (no deadline to keep)
+            limiter = store.limiter
+            ok = await limiter.hit(lim.item, *ids)
+            if ok and not self.config.headers:
+                return ok, None
+            ws = await limiter.get_window_stats(lim.item, *ids)
+            return ok, self._standing(lim, ws[1], ws[0])
+        ok = await store.hit(lim.item, ids, 1, deadline)
         if ok and not self.config.headers:
             return ok, None  # no headers wanted: one store call instead of two
-        reset, remaining = await self.store.stats(lim.item, ids, deadline)
+        reset, remaining = await store.stats(lim.item, ids, deadline)
         return ok, self._standing(lim, remaining, reset)
 
     @staticmethod

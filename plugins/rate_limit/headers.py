@@ -60,9 +60,25 @@ def _secs(x: float) -> int:
     return max(0, math.ceil(x))
 
 
+_OPENAI = {k: (f"x-ratelimit-limit-{k}", f"x-ratelimit-remaining-{k}", f"x-ratelimit-reset-{k}")
+           for k in ("requests", "tokens")}
+
+
 def build(standings: list[Standing]) -> dict[str, str]:
     if not standings:
         return {}
+    if len(standings) == 1:  # one limit applies (the common case): the same headers, built directly
+        s = standings[0]
+        limit, remaining, reset = str(s.limit), str(max(0, s.remaining)), _secs(s.reset_in)
+        one = {"RateLimit-Policy": s.policy or policy_item(s.name, s.counts, s.limit, s.window),
+               "RateLimit": f'"{s.name}";r={remaining};t={reset}',
+               "X-RateLimit-Limit": limit, "X-RateLimit-Remaining": remaining, "X-RateLimit-Reset": str(reset)}
+        names = _OPENAI.get(s.counts)
+        if names is not None:
+            one[names[0]] = limit
+            one[names[1]] = remaining
+            one[names[2]] = duration(s.reset_in)
+        return one
     h: dict[str, str] = {}
     pol, cur = [], []
     for s in standings:

@@ -26,11 +26,13 @@ class Limit:
     index: int                   # position within the rule
     policy_name: str = ""
     policy: str = ""             # its RateLimit-Policy item
+    rule_id: str = ""            # the rule name as the first counter identifier
 
     def __post_init__(self) -> None:
         name = self.rule if self.index == 0 else f"{self.rule}-{self.index}"
         object.__setattr__(self, "policy_name", name)
         object.__setattr__(self, "policy", policy_item(name, self.counts, self.item.amount, self.window))
+        object.__setattr__(self, "rule_id", _safe(self.rule))
 
     @property
     def label(self) -> str:
@@ -63,6 +65,9 @@ def override_limit(counts: str, amount: int) -> Limit:
 
 def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
     """The counter's identity: the rule name and the values of its key_by parts."""
+    if limit.key_by == _IP:  # the common rule, without the general loop
+        v = "ip:" + ctx.client_ip
+        return (limit.rule_id, v if len(v) <= 200 and "%" not in v and "/" not in v else _safe(v))
     ids = [limit.rule]
     for part in limit.key_by:
         if part == "key":
@@ -78,6 +83,9 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
         elif part == "model":
             ids.append(f"model:{ctx.model or '-'}")
     return tuple(_safe(i) for i in ids)
+
+
+_IP = ("ip",)
 
 
 def _safe(s: str) -> str:

@@ -1,0 +1,55 @@
+"""JSON parsing on the request path: orjson when it accepts the input, else the standard library.
+
+orjson parses a typical chat request or response about four times faster than ``json``; that is
+the single largest cost of any plugin that reads bodies (usage, model, messages). Where the two
+disagree (NaN/Infinity, integers beyond 64 bits, lone surrogate escapes), the standard library's
+answer is used, so what the gateway accepts is exactly what ``json`` accepts, UTF-8 only. One
+difference remains: an integer beyond 64 bits reads as a float (as it does in JavaScript; RFC 8259
+counts on no more than double precision between implementations).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
+    _orjson = None  # type: ignore[assignment]
+
+__all__ = ["loads", "JSON_ERRORS", "utf8_safe"]
+
+#: What a caller catches: invalid JSON, invalid UTF-8, absurd nesting.
+JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
+
+
+def _std(data: bytes | bytearray | memoryview | str) -> Any:
+    if not isinstance(data, str):
+        data = bytes(data).decode()  # UTF-8 only (json.loads on bytes would also guess UTF-16/32)
+    return json.loads(data)
+
+
+if _orjson is not None:
+    _fast = _orjson.loads
+    _FastError = _orjson.JSONDecodeError
+
+    def loads(data: bytes | bytearray | memoryview | str) -> Any:
+        """Parse a JSON document (UTF-8 bytes or str). Raises one of :data:`JSON_ERRORS`."""
+        try:
+            return _fast(data)
+        except _FastError:
+            return _std(data)
+else:  # pragma: no cover
+    loads = _std
+
+
+def utf8_safe(s: str) -> str:
+    """``s`` as UTF-8 (and so any database) can store it: a lone surrogate becomes '?'. A client can
+    send one as a JSON escape (``"\\ud800"``), and aiohttp maps undecodable header bytes to them."""
+    if s.isascii():
+        return s
+    try:
+        s.encode()
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode()

@@ -1,0 +1,56 @@
+"""The background batch writer: a record the store rejects is isolated, the rest of its batch lands."""
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy import exc as sa_exc
+
+from gateway.writer import BatchWriter, WriterMetrics
+
+
+async def test_a_rejected_record_is_dropped_alone_and_counted():
+    stored: list[int] = []
+    calls: list[int] = []
+
+    async def write(batch: Sequence[int]) -> None:
+        calls.append(len(batch))
+        if 13 in batch:
+            raise ValueError("the store cannot hold record 13")
+        stored.extend(batch)
+
+    reg = CollectorRegistry()
+    w = BatchWriter("t", write, WriterMetrics(reg), batch_size=100, flush_interval=0.05, retry_for=5)
+    w.start()
+    for i in range(40):
+        assert await w.put(i)
+    await w.flush(timeout=10)
+    await w.close()
+    assert sorted(stored) == [i for i in range(40) if i != 13]
+    assert stored == sorted(stored)  # order kept
+    assert w.dropped == 1 and w.written == 39
+    assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "write_failed"}) == 1
+    assert calls[0] == 40 and len(calls) < 20  # halving, not one write per record
+
+
+async def test_an_unavailable_store_is_retried_whole_not_split():
+    calls: list[int] = []
+    down = [True]
+
+    async def write(batch: Sequence[int]) -> None:
+        calls.append(len(batch))
+        if down[0]:
+            raise sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+
+    w = BatchWriter("t", write, WriterMetrics(CollectorRegistry()), batch_size=100, flush_interval=0.05,
+                    retry_for=10)
+    w.start()
+    for i in range(10):
+        await w.put(i)
+    await asyncio.sleep(0.4)
+    down[0] = False
+    await w.flush(timeout=10)
+    await w.close()
+    assert w.written == 10 and w.dropped == 0
+    assert set(calls) == {10}  # every attempt carried the whole batch
