@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from .observe import Completion
 
 
+#: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
+#: it on requests that are not sampled), so the core does not record them.
+SKIP_TIMINGS = "gateway.skip_timings"
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",

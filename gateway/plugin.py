@@ -83,7 +83,8 @@ class Plugin:
     Config: ClassVar[type[BaseModel]] = PluginConfig
     #: Set True if the plugin needs ``ctx.completion`` (usage, model, assembled assistant message).
     observes_response: ClassVar[bool] = False
-    #: Set True if the plugin reads ``ctx.timings`` (per-plugin hook durations).
+    #: Set True if the plugin reads ``ctx.timings`` (per-plugin hook durations). A middleware can
+    #: opt a request out (``request[context.SKIP_TIMINGS] = True``) when nobody will read them.
     wants_timings: ClassVar[bool] = False
 
     def __init__(self, config: Any, services: "Services") -> None:

@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .context import RequestContext
+from .context import SKIP_TIMINGS, RequestContext
 from .errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
@@ -59,7 +59,7 @@ class Proxy:
             rid = uuid.uuid4().hex
         chain = rt.match(request.method, request.path)
         ctx = RequestContext(request, rid, chain.name, self.trusted)
-        if self.server_timing or rt.record_timings:
+        if self.server_timing or (rt.record_timings and SKIP_TIMINGS not in request):
             ctx.timings = []
         rt.enter()
         try:

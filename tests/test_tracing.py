@@ -254,6 +254,14 @@ async def test_sampling_ratio_is_parent_based(make_gateway, upstream):
     # A caller that sampled its trace is followed.
     assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
     assert {hexid(s.context.trace_id, 32) for s in exp.get_finished_spans()} == {TRACE_ID}
+    # Usage is asked for only where a span will carry it: an unsampled stream goes upstream as sent.
+    stream = {**CHAT, "stream": True}
+    assert (await post(g.url + "/v1/chat/completions", stream))[0] == 200
+    assert "stream_options" not in upstream.requests[-1]["body"]
+    assert (await post(g.url + "/v1/chat/completions", stream, {"traceparent": TRACEPARENT}))[0] == 200
+    assert upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+    with_usage = [s for s in exp.get_finished_spans() if s.attributes.get("gen_ai.usage.output_tokens")]
+    assert len(with_usage) == 2  # the sampled plain request's and the sampled stream's
 
 
 async def test_route_without_tracing_passes_context_through(make_gateway, upstream):

@@ -107,7 +107,6 @@ class TracingConfig(PluginConfig):
 class Tracing(Plugin):
     name = "tracing"
     Config = TracingConfig
-    observes_response = True
     wants_timings = True
     config: TracingConfig
 
@@ -166,6 +165,12 @@ class Tracing(Plugin):
         return [gate_client_trace_config(tc)]
 
     # -- per request ----------------------------------------------------------------------------------
+    async def on_request(self, ctx: RequestContext) -> None:
+        # Only a recorded span carries usage, models and finish reasons: an unsampled request does
+        # not pay for watching the response.
+        if SERVER_SPAN in ctx.request:
+            ctx.want_usage()
+
     async def on_complete(self, ctx: RequestContext) -> None:
         span = ctx.request.get(SERVER_SPAN)
         if span is None or not span.is_recording() or self.entry is None:
@@ -210,6 +215,8 @@ class Tracing(Plugin):
         if cfg.plugin_spans and ctx.timings:
             groups: dict[tuple[str, str], list[Any]] = {}
             for name, phase, t0, t1 in ctx.timings:
+                if name == self.name:
+                    continue  # its own bookkeeping is not a step of the request
                 g = groups.get((name, phase))
                 if g is None:
                     groups[(name, phase)] = [t0, t1, 1, t1 - t0]

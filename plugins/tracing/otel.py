@@ -38,6 +38,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+from gateway.context import SKIP_TIMINGS
+
 if TYPE_CHECKING:
     from . import Tracing, TracingConfig
 
@@ -386,6 +388,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
     async def tracing_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         t = find(services, request)
         if t is None or t.entry is None:
+            request[SKIP_TIMINGS] = True
             return await handler(request)
         e = t.entry
         parent = extract(request, getter=getter)
@@ -408,6 +411,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
                     return await e.server_middleware(request, inner)
                 finally:
                     _NEXT_TRACE_ID.set(0)
+            request[SKIP_TIMINGS] = True  # no span to hang plugin timings on
             sc = SpanContext(tid, e.ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT),
                              trace_state=result.trace_state)
             ctoken = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sc), parent))
