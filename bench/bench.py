@@ -175,9 +175,11 @@ def wrk(url: str, duration: float, connections: int, env: dict[str, str], lua: P
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", text)
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     sock = re.search(r"Socket errors: (.*)", text)
-    return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(errs.group(1)) if errs else 0,
+    return {"rps": rps, "p50": p50, "p99": p99, "requests": int(total.group(1)) if total else 0,
+            "non2xx": int(errs.group(1)) if errs else 0,
             "socket_errors": sock.group(1) if sock else ""}
 
 
@@ -198,6 +200,13 @@ async def ttfb(url: str, n: int, env: dict[str, str]) -> float:
             if i >= 5:
                 samples.append((t1 - t0) * 1000)
     return statistics.median(samples)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(admin_url: str) -> dict[str, float]:
@@ -258,7 +267,7 @@ def main() -> int:
             op = free_port()
             procs.append(Proc([sys.executable, str(HERE / "otlp_receiver.py"), str(op)], op, tmp / "otlp.log"))
             ctx.otlp_url = f"http://127.0.0.1:{op}/v1/traces"
-        running: list[tuple[Scenario, str, dict[str, str], str | None]] = []
+        running: list[tuple[Scenario, str, dict[str, str], str | None, int]] = []
         for sc in scenarios:
             if sc.needs_redis and not ctx.redis_url:
                 print(f"skip {sc.name}: redis-server not installed", file=sys.stderr)
@@ -268,10 +277,12 @@ def main() -> int:
             try:
                 if sc.name == "direct":
                     port = up_port
+                    pid = upstream.p.pid
                 elif sc.name == "bare":
                     port = free_port()
                     procs.append(Proc([sys.executable, str(HERE / "bare_proxy.py"), str(port), ctx.upstream_url],
                                       port, tmp / "bare.log"))
+                    pid = procs[-1].p.pid
                 else:
                     slug = sc.name.replace(":", "_")
                     ctx.db_path = tmp / f"{slug}.db"
@@ -282,24 +293,29 @@ def main() -> int:
                     cfgp.write_text(yaml.safe_dump(gateway_config(ctx, sc.plugins or [], port, aport)))
                     procs.append(Proc([sys.executable, "-m", "gateway", "serve", "-c", str(cfgp)], port,
                                       tmp / f"{slug}.log"))
+                    pid = procs[-1].p.pid
                     admin_url = f"http://127.0.0.1:{aport}"
             except Exception as e:
                 print(f"skip {sc.name}: {e}", file=sys.stderr)
                 continue
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
             wrk(url, 1, args.connections, env, lua)  # warm-up
-            running.append((sc, url, env, admin_url))
+            running.append((sc, url, env, admin_url, pid))
         # Rounds interleave the scenarios so a slow spell on the machine hits them all alike.
         per: dict[str, list[dict[str, Any]]] = {sc.name: [] for sc, *_ in running}
         for i in range(args.rounds):
-            for sc, url, env, _ in running:
-                per[sc.name].append(wrk(url, args.duration, args.connections, env, lua))
-                x = per[sc.name][-1]
+            for sc, url, env, _, pid in running:
+                c0 = cpu_seconds(pid)
+                x = wrk(url, args.duration, args.connections, env, lua)
+                # CPU time the serving process spent per request: what the scenario costs, less
+                # sensitive than req/s to how busy the rest of the machine was.
+                x["cpu_us"] = (cpu_seconds(pid) - c0) * 1e6 / max(1, x["requests"])
+                per[sc.name].append(x)
                 print(f"  round {i + 1} {sc.name:<22} {x['rps']:>9.0f} req/s  p50 {x['p50']:.2f} ms  "
-                      f"p99 {x['p99']:.2f} ms", file=sys.stderr, flush=True)
-        for sc, url, env, admin_url in running:
+                      f"p99 {x['p99']:.2f} ms  {x['cpu_us']:.0f} us CPU/req", file=sys.stderr, flush=True)
+        for sc, url, env, admin_url, _ in running:
             rounds = per[sc.name]
-            r: dict[str, Any] = {k: statistics.median(x[k] for x in rounds) for k in ("rps", "p50", "p99")}
+            r: dict[str, Any] = {k: statistics.median(x[k] for x in rounds) for k in ("rps", "p50", "p99", "cpu_us")}
             r["non2xx"] = sum(x["non2xx"] for x in rounds)
             r["ttfb"] = asyncio.run(ttfb(url, args.ttfb, env))
             if admin_url:
@@ -323,8 +339,9 @@ def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
     print(f"\nmachine: {machine()}")
     print(f"load: wrk, 1 thread, {args.connections} connections, {args.duration:g}s x {args.rounds} rounds (median), "
           f"POST /v1/chat/completions; TTFB: median of {args.ttfb} streamed requests\n")
-    print("| scenario | req/s | p50 ms | p99 ms | TTFB ms | vs bare | vs empty chain | p50 added vs bare | note |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| scenario | req/s | p50 ms | p99 ms | TTFB ms | vs bare | vs empty chain | p50 added vs bare "
+          "| CPU µs/req | CPU added vs empty | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
         vb = f"{r['rps'] / bare['rps']:.2f}x" if bare else ""
         ve = f"{r['rps'] / empty['rps']:.2f}x" if empty else ""
@@ -335,7 +352,9 @@ def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) ->
             note += "; " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(w.items()))
         if r.get("non2xx"):
             note += f"; {r['non2xx']} non-2xx"
-        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttfb']:.2f} | {vb} | {ve} | {added} | {note} |")
+        cpu_added = f"{r['cpu_us'] - empty['cpu_us']:+.0f} µs" if empty and name not in ("direct", "bare", "empty") else ""
+        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttfb']:.2f} | {vb} | {ve} | {added} "
+              f"| {r['cpu_us']:.0f} | {cpu_added} | {note} |")
 
 
 if __name__ == "__main__":

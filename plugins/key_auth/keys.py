@@ -35,11 +35,11 @@ def _random(n: int) -> str:
 
 
 def _base62(n: int, width: int) -> str:
-    out = ""
-    for _ in range(width):
+    out = [""] * width
+    for i in range(width - 1, -1, -1):
         n, r = divmod(n, 62)
-        out = ALPHABET[r] + out
-    return out
+        out[i] = ALPHABET[r]
+    return "".join(out)
 
 
 def checksum(body: str) -> str:
@@ -88,7 +88,7 @@ def loose_key_id(raw: str) -> str | None:
 def hash_secret(pepper: str, secret: str) -> str:
     """Hex HMAC-SHA-256 of the secret with the server-side pepper (plain SHA-256 without one)."""
     if pepper:
-        return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(pepper.encode(), secret.encode(), "sha256").hex()  # one-shot, in C
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -96,4 +96,4 @@ def secrets_match(a: str, b: str | None) -> bool:
     """Constant-time comparison of two hex digests."""
     if b is None:
         return False
-    return hmac.compare_digest(a.encode(), b.encode())
+    return hmac.compare_digest(a, b)  # hex digests are ASCII, which compare_digest takes as str
