@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -66,19 +67,13 @@ class Gateway:
         await self.upstream.start()
         await self.runtime.startup()
         middlewares = [m for p in self.runtime.instances for m in p.middlewares()]
-        runner_kw: dict[str, Any] = dict(handler_cancellation=True, access_log=None,
-                                         shutdown_timeout=self.cfg.server.shutdown_timeout)
-        if middlewares:
-            app = web.Application(middlewares=middlewares, client_max_size=self.cfg.server.max_body_size)
-            # Expect: 100-continue is answered by the proxy, after its body-size check.
-            app.router.add_route("*", "/{tail:.*}", self.proxy.handle, expect_handler=_no_expect)
-            self._public = web.AppRunner(app, **runner_kw)
-        else:
-            # One catch-all handler needs no router: the low-level server skips URL dispatch.
-            # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
-            # every setting and warn on each connection; the proxy bounds bodies itself)
-            server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
-            self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
+        # One catch-all handler needs no router: aiohttp's low-level server skips URL dispatch, and
+        # the plugins' middlewares are wrapped around the handler here (the first listed outermost).
+        # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
+        # every setting and warn on each connection; the proxy bounds bodies itself)
+        server = web.Server(wrap_middlewares(self.proxy.handle, middlewares), handler_cancellation=True,
+                            access_log=None)
+        self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
         await site.start()
@@ -161,8 +156,15 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
-async def _no_expect(_: web.Request) -> None:
-    return None
+def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:
+    """``handler`` wrapped in aiohttp-style ``(request, handler)`` middlewares, the first outermost."""
+    for mw in reversed(middlewares):
+        handler = functools.partial(_through, mw, handler)
+    return handler
+
+
+async def _through(mw: Any, inner: Any, request: web.BaseRequest) -> web.StreamResponse:
+    return await mw(request, inner)
 
 
 def _port(runner: web.BaseRunner) -> int:

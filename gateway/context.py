@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 #: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
 #: it on requests that are not sampled), so the core does not record them.
 SKIP_TIMINGS = "gateway.skip_timings"
+#: Request key a middleware sets when the plugins' aiohttp TraceConfigs need not see this request's
+#: upstream call (tracing sets it on requests that are not sampled): the call skips them.
+PLAIN_UPSTREAM = "gateway.plain_upstream"
 
 
 class RequestContext:

@@ -125,11 +125,15 @@ class Plugin:
         """Add ``gateway <command>`` subcommands (argparse subparsers)."""
 
     def middlewares(self) -> list[Any]:
-        """aiohttp middlewares for the public app (collected once, at start-up)."""
+        """aiohttp-style ``async (request, handler)`` middlewares around the public handler (collected
+        once, at start-up). The public listener is aiohttp's low-level server: the request is a
+        ``BaseRequest`` (no router, no ``match_info``)."""
         return []
 
     def trace_configs(self) -> list[Any]:
-        """aiohttp ``TraceConfig`` objects for the shared upstream client session (start-up only)."""
+        """aiohttp ``TraceConfig`` objects for upstream requests (start-up only). They run on a
+        second client session sharing the connection pool, which a request skips when a middleware
+        set ``request[context.PLAIN_UPSTREAM]`` (nobody will read what they record)."""
         return []
 
     async def demo_setup(self) -> dict[str, str]:

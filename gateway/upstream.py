@@ -12,6 +12,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .context import PLAIN_UPSTREAM
 from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ class Upstream:
         self.static_headers = dict(cfg.headers)
         self._trace_configs = trace_configs or []
         self.session: aiohttp.ClientSession | None = None
+        #: With the plugins' TraceConfigs, on the same connection pool (None when there are none).
+        self.traced: aiohttp.ClientSession | None = None
 
     @property
     def timeouts(self) -> Any:
@@ -68,14 +71,20 @@ class Upstream:
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
                                     keepalive_timeout=30, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
+        kw: dict[str, Any] = dict(
             connector=conn, auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # relay, don't invent
-            timeout=self._client_timeout,
-            trace_configs=self._trace_configs or None, cookie_jar=aiohttp.DummyCookieJar(),
-        )
+            timeout=self._client_timeout, cookie_jar=aiohttp.DummyCookieJar())
+        self.session = aiohttp.ClientSession(**kw)
+        # aiohttp runs a session's TraceConfig signals for every request it sends, recorded or not;
+        # requests nobody traces take the plain session (one pool: the connector is shared).
+        if self._trace_configs:
+            self.traced = aiohttp.ClientSession(**kw, trace_configs=self._trace_configs, connector_owner=False)
 
     async def close(self) -> None:
+        if self.traced is not None:
+            await self.traced.close()
+            self.traced = None
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -114,8 +123,9 @@ class Upstream:
         # The request target exactly as the client sent it (re-quoting would change its bytes).
         url = URL(self.base + req.rel_url.raw_path_qs, encoded=True)
         headers = self.request_headers(ctx)
+        session = self.traced if self.traced is not None and PLAIN_UPSTREAM not in req else self.session
         try:
-            resp = await self.session.request(req.method, url, data=ctx.body or None, headers=headers,
+            resp = await session.request(req.method, url, data=ctx.body or None, headers=headers,
                                               allow_redirects=False, compress=None,
                                               timeout=self._client_timeout)
         except aiohttp.ConnectionTimeoutError:

@@ -7,8 +7,10 @@ instances can never both chain onto the same row.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import sqlite3
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
 
@@ -92,13 +94,22 @@ def prepare(item: Any) -> tuple[tuple[Any, ...], str]:
     return cols, record_body(ev)
 
 
-def _insert_sql(conn: AsyncConnection) -> str:
-    # Plain driver SQL with positional parameters: the hot path skips SQLAlchemy's per-row
-    # parameter processing (the table definition above stays the source of truth for columns).
-    style = conn.dialect.paramstyle
+@functools.lru_cache(maxsize=64)
+def _insert_text(style: str, rows: int) -> str:
     marks = [f"${i}" if style == "numeric_dollar" else ("?" if style == "qmark" else "%s")
              for i in range(1, len(COLUMNS) + 1)]
-    return f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES ({', '.join(marks)})"
+    one = f"({', '.join(marks)})"
+    return f"INSERT INTO audit_events ({', '.join(COLUMNS)}) VALUES {', '.join([one] * rows)}"
+
+
+def _insert_sql(conn: AsyncConnection, rows: int = 1) -> str:
+    # Plain driver SQL with positional parameters: the hot path skips SQLAlchemy's per-row
+    # parameter processing (the table definition above stays the source of truth for columns).
+    return _insert_text(conn.dialect.paramstyle, rows)
+
+
+#: SQLite: rows per INSERT statement (within SQLITE_MAX_VARIABLE_NUMBER).
+_SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // len(COLUMNS)
 
 
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
@@ -112,8 +123,16 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         h = sha256((prev + data).encode()).hexdigest()  # chain.row_hash
         rows.append((seq, *cols, data, prev, h))
         prev = h
-    if rows:
-        await conn.exec_driver_sql(_insert_sql(conn), rows)
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        await conn.exec_driver_sql(_insert_sql(conn), rows)  # asyncpg pipelines an executemany
+        return
+    # SQLite: many rows per statement, one sqlite3_step for all of them. An executemany steps once
+    # per row, and the driver thread takes the GIL back from the event loop between rows.
+    for i in range(0, len(rows), _SQLITE_ROWS):
+        part = rows[i:i + _SQLITE_ROWS]
+        await conn.exec_driver_sql(_insert_sql(conn, len(part)), tuple(v for r in part for v in r))
 
 
 async def append(db: Database, batch: Sequence[Any]) -> None:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 from aiohttp import web
 from opentelemetry import trace
+from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import Field, field_validator
 
@@ -167,9 +168,12 @@ class Tracing(Plugin):
     # -- per request ----------------------------------------------------------------------------------
     async def on_request(self, ctx: RequestContext) -> None:
         # Only a recorded span carries usage, models and finish reasons: an unsampled request does
-        # not pay for watching the response.
+        # not pay for watching the response. Its upstream call skips the client instrumentation,
+        # so the context (sampled flag off) is passed on here.
         if SERVER_SPAN in ctx.request:
             ctx.want_usage()
+        elif self.entry is not None and self.config.exporter.type != "none":
+            inject(ctx.upstream_headers)
 
     async def on_complete(self, ctx: RequestContext) -> None:
         span = ctx.request.get(SERVER_SPAN)

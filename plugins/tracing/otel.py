@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from gateway.context import SKIP_TIMINGS
+from gateway.context import PLAIN_UPSTREAM, SKIP_TIMINGS
 
 if TYPE_CHECKING:
     from . import Tracing, TracingConfig
@@ -346,11 +346,10 @@ def quiet_exporter_logs() -> None:
 def gate_client_trace_config(tc: Any) -> Any:
     """Run the client instrumentation only for requests whose server span is recorded.
 
-    The instrumentation builds attributes and copies every header before it asks the sampler, so on
-    its own it costs an unsampled or untraced request nearly as much as a sampled one. Gated: no tracing
-    for this request -> nothing (the caller's traceparent passes on as it came); not sampled -> only the
-    context is injected (the upstream learns the "not sampled" decision); sampled -> the full client span.
-    """
+    The core skips the TraceConfigs for requests the middleware marked ``PLAIN_UPSTREAM`` (no
+    tracing for the route, or not sampled). This gate is the second line: a request with no active
+    tracing gets nothing, an unrecorded span only the injected context, and a recorded one the full
+    client span (the instrumentation copies every header before it asks the sampler)."""
     from opentelemetry.propagate import inject
 
     starts = list(tc.on_request_start)
@@ -389,6 +388,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
         t = find(services, request)
         if t is None or t.entry is None:
             request[SKIP_TIMINGS] = True
+            request[PLAIN_UPSTREAM] = True  # the caller's traceparent passes on as it came
             return await handler(request)
         e = t.entry
         parent = extract(request, getter=getter)
@@ -412,6 +412,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
                 finally:
                     _NEXT_TRACE_ID.set(0)
             request[SKIP_TIMINGS] = True  # no span to hang plugin timings on
+            request[PLAIN_UPSTREAM] = True  # no client span: on_request passes the context on
             sc = SpanContext(tid, e.ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT),
                              trace_state=result.trace_state)
             ctoken = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sc), parent))
