@@ -198,7 +198,8 @@ class KeyAuth(Plugin):
     def _extract(self, ctx: "RequestContext") -> str | None:
         headers = ctx.request.headers
         for h in self._strip:
-            ctx.upstream_headers[h] = None
+            if h in headers:  # only what the client sent needs removing (most send none of these)
+                ctx.upstream_headers[h] = None
         for h, bearer in zip(self.config.headers, self._bearer_only):
             v = headers.get(h)
             if not v:
