@@ -9,6 +9,7 @@ import signal
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter
 
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -16,7 +17,8 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from .admin import build_admin_app
 from .cli import redact_url
 from .db import Database
-from .proxy import Proxy
+from .errors import error_body
+from .proxy import SERVER, Proxy
 from .runtime import Runtime
 from .services import Services
 from .upstream import Upstream
@@ -71,8 +73,8 @@ class Gateway:
         # the plugins' middlewares are wrapped around the handler here (the first listed outermost).
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
-        server = web.Server(wrap_middlewares(self.proxy.handle, middlewares), handler_cancellation=True,
-                            access_log=None)
+        server = JsonErrorServer(wrap_middlewares(self.proxy.handle, middlewares), handler_cancellation=True,
+                                 access_log=None)
         self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
@@ -154,6 +156,35 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering what never reaches the gateway's handler (a request
+    its HTTP parser rejects: garbage, an over-long header line, a bad chunk size) in the gateway's
+    one JSON error shape instead of aiohttp's plain text. The parser's message is not echoed (it can
+    quote what the client sent)."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response already began
+        if status >= 500:
+            body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
+        else:
+            body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
+                              "framing, or a header line that is too long).", "invalid_request_error",
+                              "malformed_request")
+        resp = web.Response(status=status, body=body, content_type="application/json",
+                            headers={"Server": SERVER})
+        resp.force_close()
+        return resp
+
+
+class JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        try:
+            return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        except (AttributeError, TypeError):  # a future aiohttp without these: its own handler
+            return super().__call__()
 
 
 def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:

@@ -919,3 +919,28 @@ async def test_upstream_connections_are_pooled(make_gateway: Any, fake: Any) -> 
                 assert r.status == 200
     # one upstream connection, kept alive and reused (clients' connections are not passed through)
     assert len({q["peer"] for q in fake.requests}) == 1
+
+
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+    b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+], ids=["request-line", "header-too-long", "chunk-size"])
+async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: Any, raw: bytes) -> None:
+    """Requests aiohttp's HTTP parser rejects never reach the handler; they still get the one JSON
+    error shape (not aiohttp's plain text), without echoing what was sent."""
+    g = await make_gateway([])
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    try:
+        w.write(raw)
+        await w.drain()
+        async with asyncio.timeout(10):
+            resp = await r.read()
+    finally:
+        w.close()
+    head, _, body = resp.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head), head  # HTTP/1.0 when the request line is garbage
+    assert b"application/json" in head
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "malformed_request"
+    assert b"aaaa" not in body and b"GARBAGE" not in body
