@@ -55,6 +55,10 @@ class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class UnsupportedMediaType(GatewayError):
+    status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
+
+
 class UpstreamUnavailable(GatewayError):
     status, type, code, message = 502, "upstream_error", "upstream_unavailable", "The upstream could not be reached."
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext
-from .errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge
+from .errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
@@ -32,6 +32,9 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
 # what the upstream serves, and the upstream would resolve them.
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)").search
 _USAGE_PATHS = ("/chat/completions", "/completions")
+#: Request Content-Encodings aiohttp's server decodes (br and zstd only with their packages installed,
+#: otherwise its parser refuses them with a 400).
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd", "identity"})
 _perf = time.perf_counter
 #: Sent when the upstream names no server (instead of aiohttp's default, which carries versions).
 SERVER = "gateway"
@@ -129,6 +132,12 @@ class Proxy:
             # The client waits for this before sending the body: only once the size check passed.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
+        ce = request.headers.get("Content-Encoding")
+        if ce is not None and ce.strip().lower() not in _DECODED:
+            # aiohttp passes an encoding it does not decode through raw; the upstream would get the
+            # encoded bytes without the header that says so (it is not forwarded: we send plain bodies).
+            raise UnsupportedMediaType("This Content-Encoding is not supported for request bodies; send the "
+                                       "body plain, or encoded as gzip, deflate or br.")
         content = request.content
         # With a Content-Encoding the server hands us the decoded body, whose size Content-Length
         # does not give: read it to the end, bounded like a chunked one.

@@ -770,6 +770,11 @@ async def test_compressed_request_body(make_gateway: Any, fake: Any) -> None:
         async with s.post(g.url + "/v1/echo", data=bomb, headers={"Content-Encoding": "gzip"}) as r:
             assert r.status == 413
             assert_error_shape(await r.json(), "request_too_large")
+        # An encoding the server does not decode is refused, not forwarded still encoded but unlabelled.
+        for enc in ("compress", "gzip, br", "x-custom"):
+            async with s.post(g.url + "/v1/echo", data=packed, headers={"Content-Encoding": enc}) as r:
+                assert r.status == 415
+                assert_error_shape(await r.json(), "unsupported_content_encoding")
     assert len(fake.requests) == 1
 
 
