@@ -117,8 +117,10 @@ class Proxy:
             return await self._forward(ctx, chain)
         except GatewayError as e:
             return await self._send_error(ctx, chain, e)
-        except PluginFailed:
-            return await self._send_error(ctx, chain, InternalError())
+        except PluginFailed as e:
+            # A failure in on_response: the plugins' response hooks already ran on this request
+            # (up to the one that failed); the 500 goes out without running them a second time.
+            return await self._send_error(ctx, chain, InternalError(), hooks=e.phase != "on_response")
 
     async def _read_body(self, ctx: RequestContext) -> None:
         request = ctx.request
@@ -167,21 +169,23 @@ class Proxy:
         headers["Content-Type"] = reply.content_type
         return await self._send_local(ctx, chain, reply.status, reply.body, headers)
 
-    async def _send_error(self, ctx: RequestContext, chain: "Chain", err: GatewayError) -> web.StreamResponse:
+    async def _send_error(self, ctx: RequestContext, chain: "Chain", err: GatewayError,
+                          hooks: bool = True) -> web.StreamResponse:
         ctx.error = err.code
         if ctx.outcome in ("ok", "refused"):
             ctx.outcome = "error"
         headers: CIMultiDict[str] = CIMultiDict(err.headers)
         headers["Content-Type"] = "application/json"
-        return await self._send_local(ctx, chain, err.status, err.body(), headers)
+        return await self._send_local(ctx, chain, err.status, err.body(), headers, hooks)
 
     async def _send_local(self, ctx: RequestContext, chain: "Chain", status: int, body: bytes,
-                          headers: CIMultiDict[str]) -> web.StreamResponse:
+                          headers: CIMultiDict[str], hooks: bool = True) -> web.StreamResponse:
         ctx.source = "gateway"
         headers.setdefault("Server", SERVER)
         head = ResponseHead(status, headers, "gateway")
         try:
-            await self._run_on_response(ctx, chain, head)
+            if hooks:
+                await self._run_on_response(ctx, chain, head)
         except PluginFailed:
             err = InternalError()
             ctx.error, ctx.outcome = err.code, "error"

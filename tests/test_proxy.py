@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -640,8 +641,24 @@ async def test_body_too_large_chunked(make_gateway: Any, upstream: Any) -> None:
     assert [q["path"] for q in upstream.requests] == ["/v1/echo"]
 
 
+class ResponseCounter(Plugin):
+    """Counts its on_response calls per request id."""
+
+    name = "t_proxy_response_counter"
+    calls: Counter[str] = Counter()
+
+    async def on_response(self, ctx: Any, head: Any) -> None:
+        type(self).calls[ctx.request_id] += 1
+        head.headers["X-Counted"] = str(type(self).calls[ctx.request_id])
+
+
+registry.register(ResponseCounter)
+
+
 async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, caplog: Any) -> None:
-    g = await make_gateway([{"name": "t_proxy_recorder"}, {"name": "t_proxy_exploder"}])
+    # Response hooks run in reverse: the counter's runs before the exploder's raises.
+    g = await make_gateway([{"name": "t_proxy_recorder"}, {"name": "t_proxy_exploder"},
+                            {"name": "t_proxy_response_counter"}])
     caplog.set_level(logging.ERROR, logger="gateway")
     async with aiohttp.ClientSession(timeout=T) as s:
         for where in ("request", "response"):
@@ -660,6 +677,8 @@ async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, c
     assert "t_proxy_exploder" in logged
     await wait_for(lambda: len(ProxyRecorder.seen) == 2)
     assert [s["outcome"] for s in ProxyRecorder.seen] == ["error", "error"]
+    # The 500 that replaced the failed upstream response did not run the response hooks again.
+    assert sorted(ResponseCounter.calls.values()) == [1, 1]
 
 
 async def test_sdk_surfaces_gateway_errors(make_gateway: Any) -> None:
