@@ -51,6 +51,7 @@ class Gateway:
                                 registry=self.services.metrics)
         self._reload_lock = asyncio.Lock()
         self._old_runtimes: set[asyncio.Task[None]] = set()
+        self.stopping = False  # set by stop(): requests cut from now on were cut by the shutdown
 
     async def migrate_if_configured(self) -> None:
         assert self.db is not None
@@ -93,6 +94,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
         plugins down (they flush what they buffered) and close the shared resources."""
+        self.stopping = True
         if self._public is not None:
             await self._public.cleanup()
             self._public = None

@@ -53,7 +53,8 @@ class RequestContext:
         self.state: dict[str, Any] = {}          # private per-plugin state, keyed by plugin name
         self.status = 0                          # status sent to the client
         self.source = "gateway"                  # "upstream" (proxied) or "gateway" (reply / error)
-        #: How the exchange ended: "ok", "refused", "error", "client_disconnected", "upstream_error",
+        #: How the exchange ended: "ok", "refused", "error", "client_disconnected", "gateway_shutdown"
+        #: (cut when the shutdown drain time ran out), "upstream_error",
         #: "upstream_timeout", "upstream_disconnected".
         self.outcome = "ok"
         self.error: str | None = None            # error code when the gateway produced an error

@@ -71,7 +71,9 @@ class Proxy:
             ctx.outcome = "client_disconnected"
             return web.Response(status=499)
         except asyncio.CancelledError:
-            ctx.outcome = "client_disconnected"
+            # aiohttp cancels a handler when its client goes away, and when a shutdown's drain
+            # time (server.shutdown_timeout) runs out with the request still in flight.
+            ctx.outcome = "gateway_shutdown" if self.gw.stopping else "client_disconnected"
             raise
         finally:
             ctx.t_end = _perf()

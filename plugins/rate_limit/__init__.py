@@ -291,6 +291,7 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
         p, q = c.prompt_tokens or 0, c.completion_tokens or 0
         if p or q:
             return p + q
-    if c.deltas or ctx.outcome in ("client_disconnected", "upstream_disconnected", "upstream_timeout"):
+    if c.deltas or ctx.outcome in ("client_disconnected", "gateway_shutdown", "upstream_disconnected",
+                                    "upstream_timeout"):
         return prompt_estimate + c.deltas
     return 0
