@@ -144,6 +144,9 @@ def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ())
 
 def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str] | None = None) -> GatewayConfig:
     data, lines = parse_yaml(text, source, env)
+    dup = _duplicate_plugin(data, lines)
+    if dup:
+        raise ConfigError([dup], source)
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as e:
@@ -190,6 +193,24 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
         raise ConfigError(problems, source)
     cfg._source = source
     return cfg
+
+
+def _duplicate_plugin(data: Any, lines: _Lines) -> str | None:
+    """A plugin named twice in the list, reported at its second entry (the model would only know
+    the list as a whole)."""
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if not isinstance(plugins, list):
+        return None
+    first: dict[str, int] = {}
+    for i, p in enumerate(plugins):
+        name = p.get("name") if isinstance(p, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            return (f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name')) or '?'}: plugin {name!r} is "
+                    f"listed twice (first as plugins[{first[name]}]); use routes to give it other settings per path")
+        first[name] = i
+    return None
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -130,8 +130,9 @@ def test_bad_plugin_config() -> None:
 
 
 def test_plugin_listed_twice() -> None:
-    text = BASE + "plugins:\n  - name: headers\n  - name: headers\n"
-    assert "listed twice" in one(text)
+    text = BASE + "plugins:\n  - name: headers\n  - name: metrics\n  - name: headers\n"
+    assert one(text).startswith(f"plugins[2].name -> line {text.count(chr(10)) }: plugin 'headers' is listed twice "
+                                "(first as plugins[0])")
 
 
 def test_missing_env_var() -> None:
