@@ -124,6 +124,11 @@ class Plugin:
     def add_cli(cls, subparsers: Any) -> None:
         """Add ``gateway <command>`` subcommands (argparse subparsers)."""
 
+    def public_prefixes(self) -> tuple[str, ...]:
+        """Path prefixes this plugin answers itself on the public listener (never forwarded); they
+        stay reachable when ``server.paths`` limits what is proxied."""
+        return ()
+
     def middlewares(self) -> list[Any]:
         """aiohttp-style ``async (request, handler)`` middlewares around the public handler (collected
         once, at start-up). The public listener is aiohttp's low-level server: the request is a

@@ -89,7 +89,7 @@ class Proxy:
         try:
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
-            if not request.path.startswith(self.paths):
+            if not request.path.startswith(self.paths) and not (chain.served and request.path.startswith(chain.served)):
                 raise NotFound(f"No route for {request.path}.")
             await self._read_body(ctx)
             timings = ctx.timings

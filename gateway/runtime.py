@@ -21,7 +21,7 @@ log = logging.getLogger("gateway")
 
 
 class Chain:
-    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe")
+    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe", "served")
 
     def __init__(self, name: str, plugins: list[Plugin]) -> None:
         self.name = name
@@ -31,6 +31,7 @@ class Chain:
         self.chunk = [p for p in reversed(plugins) if type(p).overrides("on_chunk")]
         self.complete = [p for p in plugins if type(p).overrides("on_complete")]
         self.observe = any(type(p).observes_response for p in plugins)
+        self.served = tuple(x for p in plugins for x in p.public_prefixes())  # answered by plugins
 
 
 class Route:

@@ -37,7 +37,9 @@ async def metric(g: Any, name: str, **labels: str) -> float:
 
 # -- caller API ----------------------------------------------------------------------------------------
 async def test_caller_api_list_read_delete_paginated(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
-    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"}, {"page_size": 2})
+    # server.paths limits what is proxied; the plugin's own API stays reachable.
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"}, {"page_size": 2},
+                    server={"paths": ["/v1/"]})
     ids = []
     for i in range(3):
         st, h, b = await chat(g, [{"role": "system", "content": "s"}, {"role": "user", "content": f"hello {i}"}])
@@ -45,6 +47,8 @@ async def test_caller_api_list_read_delete_paginated(make_gateway: Any, upstream
     n_upstream = len(upstream.requests)
     base = g.url + "/gateway/conversations"
     async with aiohttp.ClientSession() as s:
+        async with s.get(g.url + "/gateway/other") as r:
+            assert r.status == 404  # outside server.paths and not the plugin's
         async with s.get(base) as r:
             p1 = await r.json()
         assert p1["object"] == "list" and len(p1["data"]) == 2 and p1["has_more"]

@@ -221,6 +221,9 @@ class Conversations(Plugin):
         super().__init__(config, services)
         self.shared: Shared | None = None
 
+    def public_prefixes(self) -> tuple[str, ...]:
+        return (self.config.api_prefix,) if self.config.caller_api else ()
+
     async def startup(self) -> None:
         self.shared = Shared.get(self.services, self.config)
         self.shared.acquire(self)
