@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
+import hashlib
 import logging
+import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -19,7 +21,7 @@ from pydantic import Field, field_validator
 
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .keys import hash_secret, loose_key_id, parse_key, secrets_match
+from .keys import ID_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
 from .store import KeyStore, UsageRecord, normalise_scopes
 
 if TYPE_CHECKING:
@@ -94,9 +96,14 @@ class KeyAuthConfig(PluginConfig):
 class _Entry:
     """A cached key record: what validation needs, and the identity handed to later plugins."""
 
-    __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "models", "identity")
+    __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "models", "identity",
+                 "verified")
 
     def __init__(self, row: Any) -> None:
+        #: Keyed BLAKE2b digests of full keys already checked against this record -> True if it was
+        #: the previous (rotated-out) secret. In memory only, with a per-process random key, and gone
+        #: with the entry: a repeat request skips the checksum and the HMAC, nothing else.
+        self.verified: dict[bytes, bool] = {}
         self.hash: str = row.secret_hash
         self.prev_hash: str | None = row.prev_secret_hash
         self.prev_until = row.prev_valid_until.timestamp() if row.prev_valid_until else None
@@ -111,6 +118,14 @@ class _Entry:
             "limits": {"rpm": row.rpm, "tpm": row.tpm, "daily_tokens": row.daily_tokens,
                        "monthly_tokens": row.monthly_tokens},
         }
+
+
+_ID_START, _ID_END = len(PREFIX), len(PREFIX) + ID_LEN
+_FAST_KEY = os.urandom(32)  # never leaves the process
+
+
+def _fast(raw: str, key: bytes) -> bytes:
+    return hashlib.blake2b(raw.encode("utf-8", "surrogatepass"), key=key, digest_size=32).digest()
 
 
 class KeyCache:
@@ -164,6 +179,9 @@ class KeyAuth(Plugin):
         # sets itself (e.g. an upstream that authenticates with 'api-key'): that one is replaced anyway.
         self._strip = [h for h in config.headers if h.lower() != "authorization" and h.lower() not in up]
         self._bearer_only = [h.lower() == "authorization" for h in config.headers]
+        # Per pepper: an instance with another pepper (a reload changed it) never trusts what this
+        # one verified.
+        self._fast_key = hashlib.blake2b(config.pepper.encode(), key=_FAST_KEY, digest_size=32).digest()
         self.writer: Any = None
         # Usage since the last hand-over to the writer: (key id, UTC day) -> [requests, prompt, completion].
         # The request path only adds to this dict; a background task hands it over every flush_interval.
@@ -224,6 +242,13 @@ class KeyAuth(Plugin):
         if raw is None:
             return self._refuse(ctx, 401, "missing", None,
                                 "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
+        # A key this entry has already verified: the same checks below, minus checksum and HMAC.
+        hit = self.cache.entries.get(raw[_ID_START:_ID_END])
+        if hit is not None and hit[0] is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
+            entry = hit[0]
+            prev = entry.verified.get(_fast(raw, self._fast_key)) if entry.verified else None
+            if prev is not None and (not prev or (entry.prev_until is not None and time.time() < entry.prev_until)):
+                return self._admit(ctx, raw[_ID_START:_ID_END], entry, time.time())
         parsed = parse_key(raw)
         if parsed is None:
             return self._refuse(ctx, 401, "malformed", loose_key_id(raw),
@@ -248,6 +273,12 @@ class KeyAuth(Plugin):
             # Unknown key id and wrong secret look the same: nothing confirms that an id exists.
             return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
         assert entry is not None
+        if len(entry.verified) < 8:
+            entry.verified[_fast(raw, self._fast_key)] = not secrets_match(digest, entry.hash)
+        return self._admit(ctx, key_id, entry, now)
+
+    def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
+        """Checks that do not depend on the secret: revoked, expired, scopes; then the identity."""
         if entry.revoked:
             return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
         if entry.expires is not None and now >= entry.expires:
