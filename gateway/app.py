@@ -6,6 +6,7 @@ import functools
 import gc
 import logging
 import signal
+import time
 from typing import Any
 
 from aiohttp import web
@@ -51,7 +52,8 @@ class Gateway:
                                 registry=self.services.metrics)
         self._reload_lock = asyncio.Lock()
         self._old_runtimes: set[asyncio.Task[None]] = set()
-        self.stopping = False  # set by stop(): requests cut from now on were cut by the shutdown
+        #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
+        self.drain_deadline: float | None = None
 
     async def migrate_if_configured(self) -> None:
         assert self.db is not None
@@ -65,8 +67,14 @@ class Gateway:
     async def start(self) -> None:
         if uses_database(self.cfg):
             await self.migrate_if_configured()
-        trace_configs = [tc for p in self.runtime.instances for tc in p.trace_configs()]
+        trace_configs, owners = [], set()
+        for p in self.runtime.instances:
+            tcs = p.trace_configs()
+            if tcs:
+                trace_configs += tcs
+                owners.add(p.name)
         self.upstream = Upstream(self.cfg.upstream, trace_configs)
+        self.upstream.trace_owners = frozenset(owners)
         await self.upstream.start()
         await self.runtime.startup()
         middlewares = [m for p in self.runtime.instances for m in p.middlewares()]
@@ -94,7 +102,8 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
         plugins down (they flush what they buffered) and close the shared resources."""
-        self.stopping = True
+        # (a little early: aiohttp's own deadline starts a moment after this one)
+        self.drain_deadline = time.monotonic() + max(0.0, self.cfg.server.shutdown_timeout - 0.05)
         if self._public is not None:
             await self._public.cleanup()
             self._public = None

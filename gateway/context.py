@@ -19,10 +19,12 @@ if TYPE_CHECKING:
 
 
 #: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
-#: it on requests that are not sampled), so the core does not record them.
+#: it on requests that are not sampled, when it is the only plugin that reads them), so the core does
+#: not record them.
 SKIP_TIMINGS = "gateway.skip_timings"
 #: Request key a middleware sets when the plugins' aiohttp TraceConfigs need not see this request's
-#: upstream call (tracing sets it on requests that are not sampled): the call skips them.
+#: upstream call (tracing sets it on requests that are not sampled, when the TraceConfigs are all its
+#: own): the call skips them.
 PLAIN_UPSTREAM = "gateway.plain_upstream"
 
 
@@ -86,6 +88,19 @@ class RequestContext:
                 self._json = False
         return self._json or None
 
+    @property
+    def json_exact(self) -> Any:
+        """``json``, or the body parsed again by the standard library when ``json`` may have read an
+        integer beyond 64 bits as a float (orjson does). For code that re-serialises the body, so
+        what the upstream gets keeps the client's numbers exactly."""
+        j = self.json
+        if j is not None and _maybe_big_int(j):
+            try:
+                return json.loads(self.body.decode())
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                pass
+        return j
+
     def set_json(self, data: Any) -> None:
         """Replace the body sent upstream (e.g. history prepended, stream_options added)."""
         self._json = data
@@ -129,6 +144,20 @@ class RequestContext:
         if since is None:
             return None
         return round(((until or self.t_end or time.perf_counter()) - since) * 1000, 3)
+
+
+def _maybe_big_int(v: Any, depth: int = 0) -> bool:
+    """Does a parsed body hold a float that could be an integer literal orjson could not keep exact?"""
+    t = type(v)
+    if t is float:
+        return v.is_integer() and abs(v) >= 9.2e18
+    if depth > 64:
+        return True  # absurdly deep: let the standard library decide
+    if t is dict:
+        return any(_maybe_big_int(x, depth + 1) for x in v.values())
+    if t is list:
+        return any(_maybe_big_int(x, depth + 1) for x in v)
+    return False
 
 
 def _peer(request: "web.Request") -> str:

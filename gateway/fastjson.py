@@ -5,7 +5,8 @@ the single largest cost of any plugin that reads bodies (usage, model, messages)
 disagree (NaN/Infinity, integers beyond 64 bits, lone surrogate escapes), the standard library's
 answer is used, so what the gateway accepts is exactly what ``json`` accepts, UTF-8 only. One
 difference remains: an integer beyond 64 bits reads as a float (as it does in JavaScript; RFC 8259
-counts on no more than double precision between implementations).
+counts on no more than double precision between implementations). Code that re-serialises a body
+for the upstream uses ``RequestContext.json_exact``, which parses such a body with ``json``.
 """
 from __future__ import annotations
 

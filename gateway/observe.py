@@ -245,6 +245,7 @@ def ask_for_usage(ctx: Any) -> None:
     j = ctx.json
     if not isinstance(j, dict) or j.get("stream") is not True:
         return
+    j = ctx.json_exact  # re-serialised below
     opts = j.get("stream_options")
     if isinstance(opts, dict) and opts.get("include_usage") is True:
         ctx.client_wants_usage = True

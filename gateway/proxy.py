@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext
@@ -32,9 +34,29 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
 # what the upstream serves, and the upstream would resolve them.
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)").search
 _USAGE_PATHS = ("/chat/completions", "/completions")
-#: Request Content-Encodings aiohttp's server decodes (br and zstd only with their packages installed,
-#: otherwise its parser refuses them with a 400).
-_DECODED = frozenset({"gzip", "deflate", "br", "zstd", "identity"})
+#: Request Content-Encodings the server decodes (aiohttp: br and zstd only with their packages
+#: installed; without them its parser refuses those with a 400).
+try:
+    from aiohttp.compression_utils import HAS_BROTLI as _BR, HAS_ZSTD as _ZSTD
+except ImportError:  # pragma: no cover - an aiohttp without these flags
+    _BR = _ZSTD = False
+_DECODED = frozenset({"gzip", "deflate", "identity"} | ({"br"} if _BR else set()) | ({"zstd"} if _ZSTD else set()))
+_DECODED_TEXT = ", ".join(sorted(_DECODED - {"identity"}))
+
+
+def _check_encoding(values: list[str]) -> None:
+    """aiohttp decodes one request Content-Encoding it knows and passes anything else through raw; the
+    gateway sends plain bodies upstream (the header is not forwarded), so the upstream would get encoded
+    bytes labelled as plain. Refused instead (415): several codings, several header lines (which one
+    the parser takes is not the same in its C and Python versions), or an unknown one."""
+    if len({v.strip().lower() for v in values}) > 1:
+        codings = ["several"]
+    else:
+        codings = [c.strip().lower() for c in values[0].split(",") if c.strip()]
+    if not codings or (len(codings) == 1 and codings[0] in _DECODED):
+        return
+    raise UnsupportedMediaType("This Content-Encoding is not supported for request bodies; send the body "
+                               f"plain, or in one of: {_DECODED_TEXT}.")
 _perf = time.perf_counter
 #: Sent when the upstream names no server (instead of aiohttp's default, which carries versions).
 SERVER = "gateway"
@@ -68,12 +90,12 @@ class Proxy:
         try:
             return await self._handle(ctx, chain)
         except ConnectionResetError:  # the client went away while we were answering
-            ctx.outcome = "client_disconnected"
+            ctx.outcome = self._cut()
             return web.Response(status=499)
         except asyncio.CancelledError:
             # aiohttp cancels a handler when its client goes away, and when a shutdown's drain
             # time (server.shutdown_timeout) runs out with the request still in flight.
-            ctx.outcome = "gateway_shutdown" if self.gw.stopping else "client_disconnected"
+            ctx.outcome = self._cut()
             raise
         finally:
             ctx.t_end = _perf()
@@ -84,12 +106,18 @@ class Proxy:
                     log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
             rt.leave()
 
+    def _cut(self) -> str:
+        """Why a response was cut off: its client left, or (once a shutdown's drain time,
+        server.shutdown_timeout, has run out) the shutdown closed the connection."""
+        d = self.gw.drain_deadline
+        return "gateway_shutdown" if d is not None and time.monotonic() >= d else "client_disconnected"
+
     async def _handle(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
         request = ctx.request
         try:
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
-            if not request.path.startswith(self.paths) and not (chain.served and request.path.startswith(chain.served)):
+            if not request.path.startswith(self.paths) and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
             await self._read_body(ctx)
             timings = ctx.timings
@@ -120,9 +148,10 @@ class Proxy:
         except GatewayError as e:
             return await self._send_error(ctx, chain, e)
         except PluginFailed as e:
-            # A failure in on_response: the plugins' response hooks already ran on this request
-            # (up to the one that failed); the 500 goes out without running them a second time.
-            return await self._send_error(ctx, chain, InternalError(), hooks=e.phase != "on_response")
+            # The 500 replaces the response; the response hooks run on it (it is what the client
+            # gets: CORS, rate-limit headers ...), except the one that just failed in on_response.
+            return await self._send_error(ctx, chain, InternalError(),
+                                          skip=e.plugin if e.phase == "on_response" else None)
 
     async def _read_body(self, ctx: RequestContext) -> None:
         request = ctx.request
@@ -131,17 +160,13 @@ class Proxy:
         cl = request.content_length
         if cl is not None and cl > self.max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+        if "Content-Encoding" in request.headers:
+            _check_encoding(request.headers.getall("Content-Encoding"))
         if "Expect" in request.headers and request.headers["Expect"].lower() == "100-continue" \
                 and request.version == aiohttp.HttpVersion11:
             # The client waits for this before sending the body: only once the size check passed.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
-        ce = request.headers.get("Content-Encoding")
-        if ce is not None and ce.strip().lower() not in _DECODED:
-            # aiohttp passes an encoding it does not decode through raw; the upstream would get the
-            # encoded bytes without the header that says so (it is not forwarded: we send plain bodies).
-            raise UnsupportedMediaType("This Content-Encoding is not supported for request bodies; send the "
-                                       "body plain, or encoded as gzip, deflate or br.")
         content = request.content
         # With a Content-Encoding the server hands us the decoded body, whose size Content-Length
         # does not give: read it to the end, bounded like a chunked one.
@@ -155,7 +180,12 @@ class Proxy:
         else:
             buf = bytearray()
             while True:
-                chunk = await content.readany()
+                try:
+                    chunk = await content.readany()
+                except (RequestPayloadError, PayloadEncodingError):
+                    # e.g. a body labelled gzip that is not: the client's error, not the gateway's
+                    raise BadRequest("The request body could not be decoded as its Content-Encoding "
+                                     "says.") from None
                 if not chunk:
                     break
                 buf += chunk
@@ -172,22 +202,21 @@ class Proxy:
         return await self._send_local(ctx, chain, reply.status, reply.body, headers)
 
     async def _send_error(self, ctx: RequestContext, chain: "Chain", err: GatewayError,
-                          hooks: bool = True) -> web.StreamResponse:
+                          skip: str | None = None) -> web.StreamResponse:
         ctx.error = err.code
         if ctx.outcome in ("ok", "refused"):
             ctx.outcome = "error"
         headers: CIMultiDict[str] = CIMultiDict(err.headers)
         headers["Content-Type"] = "application/json"
-        return await self._send_local(ctx, chain, err.status, err.body(), headers, hooks)
+        return await self._send_local(ctx, chain, err.status, err.body(), headers, skip)
 
     async def _send_local(self, ctx: RequestContext, chain: "Chain", status: int, body: bytes,
-                          headers: CIMultiDict[str], hooks: bool = True) -> web.StreamResponse:
+                          headers: CIMultiDict[str], skip: str | None = None) -> web.StreamResponse:
         ctx.source = "gateway"
         headers.setdefault("Server", SERVER)
         head = ResponseHead(status, headers, "gateway")
         try:
-            if hooks:
-                await self._run_on_response(ctx, chain, head)
+            await self._run_on_response(ctx, chain, head, skip)
         except PluginFailed:
             err = InternalError()
             ctx.error, ctx.outcome = err.code, "error"
@@ -203,9 +232,12 @@ class Proxy:
         ctx.t_first_byte = _perf()
         return resp
 
-    async def _run_on_response(self, ctx: RequestContext, chain: "Chain", head: ResponseHead) -> None:
+    async def _run_on_response(self, ctx: RequestContext, chain: "Chain", head: ResponseHead,
+                               skip: str | None = None) -> None:
         timings = ctx.timings
         for p in chain.response:
+            if skip is not None and p.name == skip:
+                continue
             try:
                 if timings is None:
                     await p.on_response(ctx, head)
@@ -295,7 +327,7 @@ class Proxy:
                 return out
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            ctx.outcome = "client_disconnected"
+            ctx.outcome = self._cut()
             ctx.bytes_out = sent
         except PluginFailed:
             ctx.outcome = "error"

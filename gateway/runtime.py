@@ -31,7 +31,14 @@ class Chain:
         self.chunk = [p for p in reversed(plugins) if type(p).overrides("on_chunk")]
         self.complete = [p for p in plugins if type(p).overrides("on_complete")]
         self.observe = any(type(p).observes_response for p in plugins)
-        self.served = tuple(x for p in plugins for x in p.public_prefixes())  # answered by plugins
+        # Paths plugins answer themselves: each prefix exactly, or followed by "/".
+        prefixes = [x.rstrip("/") for p in plugins for x in p.public_prefixes()]
+        self.served = (frozenset(prefixes), tuple(x + "/" for x in prefixes)) if prefixes else None
+
+    def serves(self, path: str) -> bool:
+        """Is ``path`` under a prefix a plugin of this chain answers itself?"""
+        s = self.served
+        return s is not None and (path in s[0] or path.startswith(s[1]))
 
 
 class Route:
@@ -81,7 +88,10 @@ class Runtime:
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes
-        self.record_timings = any(type(p).wants_timings for p in self.instances)
+        #: Names of the plugins that read hook timings (a middleware may skip them for a request only
+        #: when it speaks for all of these).
+        self.timing_plugins = frozenset(type(p).name for p in self.instances if type(p).wants_timings)
+        self.record_timings = bool(self.timing_plugins)
         self.started: list[Plugin] = []
 
     def match(self, method: str, path: str) -> Chain:

@@ -55,6 +55,7 @@ class Upstream:
         self.session: aiohttp.ClientSession | None = None
         #: With the plugins' TraceConfigs, on the same connection pool (None when there are none).
         self.traced: aiohttp.ClientSession | None = None
+        self.trace_owners: frozenset[str] = frozenset()  # names of the plugins those came from
 
     @property
     def timeouts(self) -> Any:

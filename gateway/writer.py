@@ -143,15 +143,20 @@ class BatchWriter(Generic[T]):
                 self._drop(len(batch), "cancelled")
                 raise
             except Exception as e:
-                if len(batch) > 1 and not transient(e):
-                    # A record the store rejects must not take the rest of its batch with it:
-                    # halve until the bad one is alone (it alone is dropped, and counted).
-                    self._m.retries.labels(self.name).inc()
-                    log.warning("writer %s: batch of %d rejected (%s: %s); writing it in halves",
-                                self.name, len(batch), type(e).__name__, _short(e))
-                    mid = len(batch) // 2
-                    await self._attempt(batch[:mid], give_up)
-                    await self._attempt(batch[mid:], give_up)
+                if rejected(e):
+                    # The store refuses a record (a constraint, a value it cannot hold): that record
+                    # must not take the rest of its batch with it. Halve, in order, until it is
+                    # alone; it alone is dropped (counted), at once: retrying will not change it.
+                    if len(batch) > 1:
+                        log.warning("writer %s: batch of %d rejected (%s: %s); writing it in halves",
+                                    self.name, len(batch), type(e).__name__, _short(e))
+                        mid = len(batch) // 2
+                        await self._attempt(batch[:mid], give_up)
+                        await self._attempt(batch[mid:], give_up)
+                        return
+                    log.error("writer %s: dropping a record the store rejects: %s: %s",
+                              self.name, type(e).__name__, _short(e))
+                    self._drop(1, "rejected")
                     return
                 if time.monotonic() + delay > give_up:
                     log.error("writer %s: giving up on %d records after retries: %s: %s",
@@ -200,15 +205,25 @@ class BatchWriter(Generic[T]):
         log.error("writer %s: %d record(s) not written (%s)", self.name, n, reason)
 
 
-def transient(e: BaseException) -> bool:
-    """Does the error say the store is unavailable (retry all of it later) rather than that it
-    refused some record (a constraint, a value it cannot store)?"""
+def rejected(e: BaseException) -> bool:
+    """Is this the store refusing some record (retrying the same records will fail the same way),
+    rather than being unavailable or broken (retry all of it later)? Constraint violations, values
+    the database cannot hold, and values the driver cannot even send are; everything else (no
+    connection, a lock, a missing table, a deadlock) is retried whole."""
     from sqlalchemy import exc as sa_exc
 
-    if isinstance(e, (OSError, TimeoutError, sa_exc.OperationalError, sa_exc.InterfaceError,
-                      sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+    if isinstance(e, (sa_exc.IntegrityError, sa_exc.DataError)):
         return True
-    return isinstance(e, sa_exc.DBAPIError) and bool(e.connection_invalidated)
+    if isinstance(e, sa_exc.DBAPIError):
+        # asyncpg reports a value it could not encode (an int beyond its column's range) as a
+        # client-side DataError, which arrives wrapped in an InterfaceError.
+        cause = e.orig
+        for x in (cause, getattr(cause, "__cause__", None), e.__cause__):
+            if x is not None and (isinstance(x, (ValueError, TypeError, OverflowError, UnicodeError))
+                                  or type(x).__name__ == "DataError"):
+                return True
+        return False
+    return isinstance(e, (ValueError, TypeError, OverflowError, UnicodeError))
 
 
 def _short(e: BaseException) -> str:

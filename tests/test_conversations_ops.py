@@ -47,8 +47,9 @@ async def test_caller_api_list_read_delete_paginated(make_gateway: Any, upstream
     n_upstream = len(upstream.requests)
     base = g.url + "/gateway/conversations"
     async with aiohttp.ClientSession() as s:
-        async with s.get(g.url + "/gateway/other") as r:
-            assert r.status == 404  # outside server.paths and not the plugin's
+        for other in ("/gateway/other", "/gateway/conversationsX/secret", "/gateway/conversations-admin"):
+            async with s.get(g.url + other) as r:
+                assert r.status == 404, other  # outside server.paths and not the plugin's
         async with s.get(base) as r:
             p1 = await r.json()
         assert p1["object"] == "list" and len(p1["data"]) == 2 and p1["has_more"]

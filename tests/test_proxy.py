@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.plugin import Plugin, Reply, registry
 
@@ -666,6 +667,7 @@ async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, c
                 assert r.status == 500
                 text = await r.text()
                 assert HEX32.match(r.headers["X-Request-ID"])
+                assert r.headers["X-Counted"] == {"request": "1", "response": "2"}[where]  # hooks ran on the 500
             assert "secret internal detail" not in text and "Traceback" not in text and "RuntimeError" not in text
             body = json.loads(text)
             assert_error_shape(body, "internal_error")
@@ -677,8 +679,9 @@ async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, c
     assert "t_proxy_exploder" in logged
     await wait_for(lambda: len(ProxyRecorder.seen) == 2)
     assert [s["outcome"] for s in ProxyRecorder.seen] == ["error", "error"]
-    # The 500 that replaced the failed upstream response did not run the response hooks again.
-    assert sorted(ResponseCounter.calls.values()) == [1, 1]
+    # The 500 that replaced the failed upstream response ran the response hooks (it is what the
+    # client got), except the one that failed: the counter ran for both responses of that request.
+    assert sorted(ResponseCounter.calls.values()) == [1, 2]
 
 
 async def test_sdk_surfaces_gateway_errors(make_gateway: Any) -> None:
@@ -790,11 +793,19 @@ async def test_compressed_request_body(make_gateway: Any, fake: Any) -> None:
             assert r.status == 413
             assert_error_shape(await r.json(), "request_too_large")
         # An encoding the server does not decode is refused, not forwarded still encoded but unlabelled.
-        for enc in ("compress", "gzip, br", "x-custom"):
-            async with s.post(g.url + "/v1/echo", data=packed, headers={"Content-Encoding": enc}) as r:
-                assert r.status == 415
+        for enc in (["compress"], ["gzip, br"], ["x-custom"], ["gzip", "x-custom"], ["gzip", ""]):
+            hdrs = CIMultiDict([("Content-Encoding", e) for e in enc])
+            async with s.post(g.url + "/v1/echo", data=packed, headers=hdrs) as r:
+                assert r.status == 415, enc
                 assert_error_shape(await r.json(), "unsupported_content_encoding")
-    assert len(fake.requests) == 1
+        # An empty header is no encoding at all.
+        async with s.post(g.url + "/v1/echo", data=plain, headers={"Content-Encoding": ""}) as r:
+            assert r.status == 200
+        # A corrupt gzip body is the client's error.
+        async with s.post(g.url + "/v1/echo", data=b"not gzip at all", headers={"Content-Encoding": "gzip"}) as r:
+            assert r.status == 400
+            assert_error_shape(await r.json(), "bad_request")
+    assert len(fake.requests) == 2
 
 
 async def test_response_edge_cases(make_gateway: Any, fake: Any) -> None:
@@ -968,3 +979,21 @@ async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: A
     err = json.loads(body)["error"]
     assert err["type"] == "invalid_request_error" and err["code"] == "malformed_request"
     assert b"aaaa" not in body and b"GARBAGE" not in body
+
+
+async def test_rewritten_body_keeps_big_integers_exact(make_gateway: Any, upstream: Any) -> None:
+    """When the gateway rewrites a body (here: asking a stream for usage), numbers the client sent
+    reach the upstream exactly, integers beyond 64 bits included."""
+    g = await make_gateway([{"name": "metrics"}])
+    big = 18446744073709551616  # 2**64
+    body = ('{"model": "demo-chat", "stream": true, "seed": %d, "metadata": {"n": -9223372036854775809, '
+            '"f": 1.5e300}, "messages": [{"role": "user", "content": "hi"}]}' % big)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", data=body,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+            await r.read()
+    sent = upstream.requests[-1]["body"]
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["seed"] == big and type(sent["seed"]) is int
+    assert sent["metadata"] == {"n": -9223372036854775809, "f": 1.5e300}

@@ -30,8 +30,27 @@ async def test_a_rejected_record_is_dropped_alone_and_counted():
     assert sorted(stored) == [i for i in range(40) if i != 13]
     assert stored == sorted(stored)  # order kept
     assert w.dropped == 1 and w.written == 39
-    assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "write_failed"}) == 1
+    assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "rejected"}) == 1
     assert calls[0] == 40 and len(calls) < 20  # halving, not one write per record
+
+
+async def test_a_store_fault_that_rejects_everything_is_retried_whole():
+    """Not one bad record: the database lacks a table. No halving; retried, then counted."""
+    calls: list[int] = []
+
+    async def write(batch: Sequence[int]) -> None:
+        calls.append(len(batch))
+        raise sa_exc.ProgrammingError("INSERT", {}, Exception('relation "audit_events" does not exist'))
+
+    w = BatchWriter("t", write, WriterMetrics(CollectorRegistry()), batch_size=100, flush_interval=0.05,
+                    retry_for=0.3)
+    w.start()
+    for i in range(10):
+        await w.put(i)
+    await w.flush(timeout=10)
+    await w.close()
+    assert w.dropped == 10 and w.written == 0
+    assert set(calls) == {10} and len(calls) <= 6
 
 
 async def test_an_unavailable_store_is_retried_whole_not_split():

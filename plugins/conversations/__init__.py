@@ -322,7 +322,8 @@ class Conversations(Plugin):
             toks = [t for _, t in history]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
             if len(history) != k or len(forwarded) != len(msgs):
-                ctx.set_json({**j, "messages": forwarded})
+                exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
+                ctx.set_json({**exact, "messages": [m for m, _ in history] + exact["messages"][k:]})
         elif k:
             toks = v.tokens[:k]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]

@@ -368,6 +368,21 @@ def gate_client_trace_config(tc: Any) -> Any:
     return tc
 
 
+_ONLY_US = frozenset({"tracing"})
+
+
+def _untraced(services: Any, request: web.BaseRequest) -> None:
+    """Tell the core that nothing will read this request's hook timings or upstream TraceConfig
+    signals, when tracing is the only plugin that uses them."""
+    gw = services.gateway
+    if gw is None:
+        return
+    if gw.runtime.timing_plugins <= _ONLY_US:
+        request[SKIP_TIMINGS] = True
+    if gw.upstream.trace_owners <= _ONLY_US:
+        request[PLAIN_UPSTREAM] = True
+
+
 def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing | None"]) -> Any:
     """The one middleware the core mounts on the public app.
 
@@ -387,8 +402,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
     async def tracing_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         t = find(services, request)
         if t is None or t.entry is None:
-            request[SKIP_TIMINGS] = True
-            request[PLAIN_UPSTREAM] = True  # the caller's traceparent passes on as it came
+            _untraced(services, request)  # the caller's traceparent passes on as it came
             return await handler(request)
         e = t.entry
         parent = extract(request, getter=getter)
@@ -411,8 +425,7 @@ def server_middleware(services: Any, find: Callable[[Any, web.Request], "Tracing
                     return await e.server_middleware(request, inner)
                 finally:
                     _NEXT_TRACE_ID.set(0)
-            request[SKIP_TIMINGS] = True  # no span to hang plugin timings on
-            request[PLAIN_UPSTREAM] = True  # no client span: on_request passes the context on
+            _untraced(services, request)  # no span for timings; on_request passes the context on
             sc = SpanContext(tid, e.ids.generate_span_id(), is_remote=False, trace_flags=TraceFlags(TraceFlags.DEFAULT),
                              trace_state=result.trace_state)
             ctoken = context_api.attach(trace.set_span_in_context(NonRecordingSpan(sc), parent))
