@@ -322,6 +322,7 @@ def main() -> int:
                 with contextlib.suppress(Exception):
                     r["writers"] = scrape(admin_url)
             r["note"] = sc.note
+            r["rounds"] = [{k: x[k] for k in ("rps", "p50", "cpu_us")} for x in rounds]
             results[sc.name] = r
     finally:
         for p in reversed(procs):
@@ -333,28 +334,42 @@ def main() -> int:
     return 0
 
 
+def paired(r: dict[str, Any], base: dict[str, Any] | None, key: str, ratio: bool) -> float | None:
+    """``r`` against ``base`` round by round (each pair ran back to back, so a slow spell of the
+    machine hits both), then the median: steadier than comparing the two medians."""
+    if base is None:
+        return None
+    pairs = list(zip(r.get("rounds", []), base.get("rounds", [])))
+    if not pairs:
+        return r[key] / base[key] if ratio else r[key] - base[key]
+    return statistics.median(a[key] / b[key] if ratio else a[key] - b[key] for a, b in pairs)
+
+
 def print_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     empty = results.get("empty")
     bare = results.get("bare")
     print(f"\nmachine: {machine()}")
-    print(f"load: wrk, 1 thread, {args.connections} connections, {args.duration:g}s x {args.rounds} rounds (median), "
+    print(f"load: wrk, 1 thread, {args.connections} connections, {args.duration:g}s x {args.rounds} rounds "
+          f"(rounds interleave the rows; columns: medians, comparisons: median of per-round pairs), "
           f"POST /v1/chat/completions; TTFB: median of {args.ttfb} streamed requests\n")
     print("| scenario | req/s | p50 ms | p99 ms | TTFB ms | vs bare | vs empty chain | p50 added vs bare "
           "| CPU µs/req | CPU added vs empty | note |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
-        vb = f"{r['rps'] / bare['rps']:.2f}x" if bare else ""
-        ve = f"{r['rps'] / empty['rps']:.2f}x" if empty else ""
-        added = f"{r['p50'] - bare['p50']:+.2f} ms" if bare and name not in ("direct", "bare") else ""
+        vb = paired(r, bare, "rps", True)
+        ve = paired(r, empty, "rps", True)
+        added = paired(r, bare, "p50", False) if name not in ("direct", "bare") else None
+        cpu_added = paired(r, empty, "cpu_us", False) if name not in ("direct", "bare", "empty") else None
         note = r.get("note", "")
         w = r.get("writers")
         if w:
             note += "; " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(w.items()))
         if r.get("non2xx"):
             note += f"; {r['non2xx']} non-2xx"
-        cpu_added = f"{r['cpu_us'] - empty['cpu_us']:+.0f} µs" if empty and name not in ("direct", "bare", "empty") else ""
-        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttfb']:.2f} | {vb} | {ve} | {added} "
-              f"| {r['cpu_us']:.0f} | {cpu_added} | {note} |")
+        print(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttfb']:.2f} "
+              f"| {'' if vb is None else f'{vb:.2f}x'} | {'' if ve is None else f'{ve:.2f}x'} "
+              f"| {'' if added is None else f'{added:+.2f} ms'} | {r['cpu_us']:.0f} "
+              f"| {'' if cpu_added is None else f'{cpu_added:+.0f} µs'} | {note} |")
 
 
 if __name__ == "__main__":
