@@ -87,6 +87,10 @@ class Plugin:
     #: opt a request out (``request[context.SKIP_TIMINGS] = True``) when nobody will read them.
     wants_timings: ClassVar[bool] = False
 
+    #: Hooks this instance overrides but does not need with its config (set in ``__init__``): the
+    #: core leaves them out of the chain, so they cost nothing per request.
+    unused_hooks: frozenset[str] = frozenset()
+
     def __init__(self, config: Any, services: "Services") -> None:
         self.config = config
         self.services = services

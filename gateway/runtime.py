@@ -26,10 +26,13 @@ class Chain:
     def __init__(self, name: str, plugins: list[Plugin]) -> None:
         self.name = name
         self.plugins = plugins
-        self.request = [p for p in plugins if type(p).overrides("on_request")]
-        self.response = [p for p in reversed(plugins) if type(p).overrides("on_response")]
-        self.chunk = [p for p in reversed(plugins) if type(p).overrides("on_chunk")]
-        self.complete = [p for p in plugins if type(p).overrides("on_complete")]
+        def uses(p: Plugin, hook: str) -> bool:
+            return type(p).overrides(hook) and hook not in p.unused_hooks
+
+        self.request = [p for p in plugins if uses(p, "on_request")]
+        self.response = [p for p in reversed(plugins) if uses(p, "on_response")]
+        self.chunk = [p for p in reversed(plugins) if uses(p, "on_chunk")]
+        self.complete = [p for p in plugins if uses(p, "on_complete")]
         self.observe = any(type(p).observes_response for p in plugins)
         # Paths plugins answer themselves: each prefix exactly, or followed by "/".
         prefixes = [x.rstrip("/") for p in plugins for x in p.public_prefixes()]

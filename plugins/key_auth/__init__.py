@@ -182,6 +182,8 @@ class KeyAuth(Plugin):
         # Per pepper: an instance with another pepper (a reload changed it) never trusts what this
         # one verified.
         self._fast_key = hashlib.blake2b(config.pepper.encode(), key=_FAST_KEY, digest_size=32).digest()
+        if not config.track_usage:
+            self.unused_hooks = frozenset({"on_complete"})  # it only tallies usage
         self.writer: Any = None
         # Usage since the last hand-over to the writer: (key id, UTC day) -> [requests, prompt, completion].
         # The request path only adds to this dict; a background task hands it over every flush_interval.

@@ -117,6 +117,8 @@ class Tracing(Plugin):
         super().__init__(config, services)
         self.entry: ProviderEntry | None = None
         self._chains: dict[Any, Tracing | None] = {}  # this runtime's chains -> their tracing instance
+        if config.exporter.type == "none":
+            self.unused_hooks = frozenset({"on_request", "on_complete"})  # nothing is recorded
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _providers(self) -> Providers:
