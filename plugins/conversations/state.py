@@ -33,7 +33,7 @@ class View:
     """What this process knows about one conversation (stored + pending)."""
 
     __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
-                 "busy", "stale", "checked", "touched")
+                 "busy", "stale", "checked")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
                  tokens: list[int | None] | None = None) -> None:
@@ -49,7 +49,6 @@ class View:
         self.busy = 0                             # requests in flight on this conversation
         self.stale = False
         self.checked = time.monotonic()
-        self.touched = utcnow()
 
     @property
     def count(self) -> int:
@@ -69,7 +68,6 @@ class View:
             cut = len(self.tail) - keep
             del self.tail[:cut]
             self.tail_start += cut
-        self.touched = utcnow()
 
     def fork(self, cid: str, at: int) -> "View":
         v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at])
