@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .keys import ID_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
+from .keys import ID_LEN, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
 from .store import KeyStore, UsageRecord, normalise_scopes
 
 if TYPE_CHECKING:
@@ -245,12 +245,18 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 401, "missing", None,
                                 "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
         # A key this entry has already verified: the same checks below, minus checksum and HMAC.
-        hit = self.cache.entries.get(raw[_ID_START:_ID_END])
-        if hit is not None and hit[0] is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
-            entry = hit[0]
-            prev = entry.verified.get(_fast(raw, self._fast_key)) if entry.verified else None
-            if prev is not None and (not prev or (entry.prev_until is not None and time.time() < entry.prev_until)):
-                return self._admit(ctx, raw[_ID_START:_ID_END], entry, time.time())
+        # Only for a value of a key's length, and the digest is computed whatever the cache holds,
+        # so the response time tells nothing about whether a key id is cached or in use.
+        fast = None
+        if len(raw) == KEY_LEN:
+            fast = _fast(raw, self._fast_key)
+            hit = self.cache.entries.get(raw[_ID_START:_ID_END])
+            if hit is not None and hit[0] is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
+                entry = hit[0]
+                prev = entry.verified.get(fast)
+                if prev is not None and (not prev or (entry.prev_until is not None
+                                                      and time.time() < entry.prev_until)):
+                    return self._admit(ctx, raw[_ID_START:_ID_END], entry, time.time())
         parsed = parse_key(raw)
         if parsed is None:
             return self._refuse(ctx, 401, "malformed", loose_key_id(raw),
@@ -275,8 +281,8 @@ class KeyAuth(Plugin):
             # Unknown key id and wrong secret look the same: nothing confirms that an id exists.
             return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
         assert entry is not None
-        if len(entry.verified) < 8:
-            entry.verified[_fast(raw, self._fast_key)] = not secrets_match(digest, entry.hash)
+        if fast is not None and len(entry.verified) < 8:
+            entry.verified[fast] = not secrets_match(digest, entry.hash)
         return self._admit(ctx, key_id, entry, now)
 
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
