@@ -100,14 +100,27 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/config/reload", reload)
     app.router.add_get("/openapi.json", openapi)
+    # Every installed plugin's routes are mounted (the router is frozen once the listener runs), and
+    # each answers only while its plugin is listed in the running config: a reload that adds or
+    # removes a plugin adds or removes its admin API too, without a restart.
     seen = set()
-    for spec in gw.cfg.plugins:
-        cls = registry.get(spec.name)
+    for name in sorted(registry.names()):
+        cls = registry.get(name)
         if cls is None or cls in seen:
             continue
         seen.add(cls)
-        app.router.add_routes(cls.admin_routes(gw.services))
+        app.router.add_routes([web.RouteDef(r.method, r.path, _while_configured(gw, name, r.handler), r.kwargs)
+                               for r in cls.admin_routes(gw.services)])
     return app
+
+
+def _while_configured(gw: "Gateway", name: str, handler: Any) -> Any:
+    async def h(request: web.Request) -> web.StreamResponse:
+        if not any(p.name == name for p in gw.cfg.plugins):
+            return json_error(404, f"Not found: the {name} plugin is not in the running configuration.",
+                              "invalid_request_error", "plugin_not_configured")
+        return await handler(request)
+    return h
 
 
 _ERR = {"description": "Error (OpenAI error shape)",

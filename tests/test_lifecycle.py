@@ -444,3 +444,33 @@ async def test_start_fails_cleanly_when_port_busy(tmp_path: Path, upstream: Any)
     assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr
     # the plugins that had started were shut down again
     assert marks.read_text().splitlines() == ["startup", "shutdown"]
+
+
+async def test_reload_adds_and_removes_a_plugins_admin_api(make_gateway: Any) -> None:
+    """A plugin added by a reload brings its admin routes with it (no restart); removed, they go."""
+    g = await make_gateway([{"name": "audit"}])
+    path = Path(g.gw.cfg.path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/keys", headers=AUTH) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "plugin_not_configured"
+        async with s.get(g.admin_url + "/audit", headers=AUTH) as r:
+            assert r.status == 200
+        _edit(path, lambda c: c["plugins"].insert(0, {"name": "key_auth"}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(g.admin_url + "/keys", headers=AUTH, json={"name": "n", "owner": "o"}) as r:
+            assert r.status == 201, await r.text()
+            key = (await r.json())["key"]
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT,
+                          headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+        async with s.get(g.admin_url + "/openapi.json", headers=AUTH) as r:
+            assert "/keys" in (await r.json())["paths"]
+        async with s.get(g.admin_url + "/keys", headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 401  # a client key is never an admin credential
+        _edit(path, lambda c: c["plugins"].pop(0))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200
+        async with s.get(g.admin_url + "/keys", headers=AUTH) as r:
+            assert r.status == 404
