@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from .plugin import registry
 if TYPE_CHECKING:
     from .app import Gateway
 
+log = logging.getLogger("gateway.admin")
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ADMIN_IDENTITY = web.AppKey("admin_identity", str)
 
@@ -109,8 +111,15 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         if cls is None or cls in seen:
             continue
         seen.add(cls)
+        try:
+            defs = cls.admin_routes(gw.services)
+        except Exception:
+            if any(p.name == name for p in gw.cfg.plugins):
+                raise
+            log.exception("admin routes of the installed plugin %s are unavailable", name)
+            continue
         app.router.add_routes([web.RouteDef(r.method, r.path, _while_configured(gw, name, r.handler), r.kwargs)
-                               for r in cls.admin_routes(gw.services)])
+                               for r in defs])
     return app
 
 
