@@ -18,7 +18,7 @@ try:
 except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
     _orjson = None  # type: ignore[assignment]
 
-__all__ = ["loads", "JSON_ERRORS", "utf8_safe"]
+__all__ = ["dumps", "loads", "JSON_ERRORS", "utf8_safe"]
 
 #: What a caller catches: invalid JSON, invalid UTF-8, absurd nesting.
 JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
@@ -42,6 +42,18 @@ if _orjson is not None:
             return _std(data)
 else:  # pragma: no cover
     loads = _std
+
+
+def dumps(obj: Any, *, sort_keys: bool = False, default: Any = None) -> str:
+    """Compact JSON text for storage, non-ASCII kept as is: orjson, or, where it refuses (a lone
+    surrogate, valid in JSON text but not in UTF-8, so no database could store it raw; an integer
+    beyond 64 bits), the standard library in ASCII mode, which escapes the one and keeps the other."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(obj, default=default, option=_orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
+        except TypeError:
+            pass
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys, default=default)
 
 
 def utf8_safe(s: str) -> str:

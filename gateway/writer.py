@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, Generic, Literal, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .tasks import cancel_and_wait
 log = logging.getLogger("gateway.writer")
 T = TypeVar("T")
 
@@ -186,13 +187,8 @@ class BatchWriter(Generic[T]):
             await self.flush(timeout)
         except TimeoutError:
             pass
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         left = self._q.qsize()
         if left:
             while not self._q.empty():

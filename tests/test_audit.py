@@ -36,6 +36,15 @@ def rows(db_path: Path, where: str = "1=1") -> list[dict[str, Any]]:
     return out
 
 
+async def verify_file(db_path: Path) -> Any:
+    """``gateway audit verify`` on a SQLite file."""
+    db = Database(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        return await store.verify(db)
+    finally:
+        await db.close()
+
+
 async def wait_for(pred: Any, timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,11 +157,7 @@ async def test_one_event_per_request_under_concurrent_load(make_gateway, tmp_pat
     for secret in (bad_key, alice["key"], bob["key"], ADMIN_TOKEN):
         assert secret.encode() not in raw
 
-    db = Database(f"sqlite+aiosqlite:///{db_path}")
-    try:
-        res = await store.verify(db)
-    finally:
-        await db.close()
+    res = await verify_file(db_path)
     assert res.ok, res.message()
     assert res.rows == total + 2
 
@@ -461,9 +466,5 @@ async def test_hostile_unicode_never_costs_other_events_their_record(make_gatewa
     evs = rows(db_path, "type = 'request'")
     assert sum(e["model"] == "evil\ud800model" for e in evs) == 1  # kept exactly, escaped in the record
     assert sum(e["model"] == "demo-chat" for e in evs) == 10
-    db = Database(f"sqlite+aiosqlite:///{db_path}")
-    try:
-        res = await store.verify(db)
-    finally:
-        await db.close()
+    res = await verify_file(db_path)
     assert res.ok, res.message()

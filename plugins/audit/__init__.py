@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
+from gateway.tasks import cancel_and_wait
 
 from . import store
 from .events import bus_event, capture, request_event
@@ -128,13 +129,8 @@ class Audit(Plugin):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._purger is not None:
-            self._purger.cancel()
-            try:
-                await self._purger
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._purger = None
+        await cancel_and_wait(self._purger)
+        self._purger = None
         if not self._active():
             return  # replaced by a reload: the shared writers keep running for the new instance
         for _, w in self.sinks:

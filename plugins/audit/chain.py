@@ -16,43 +16,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from gateway.fastjson import utf8_safe
+from gateway.fastjson import dumps, utf8_safe
 
 GENESIS = "0" * 64
 #: Columns copied out of the hashed record for filtering; verify checks they still agree with it.
 INDEXED = ("time", "type", "request_id", "key_id", "owner", "client_ip", "status")
 
 
-_ascii_sorted = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str, sort_keys=True).encode
-_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
-
-try:
-    import orjson
-
-    _SORT = orjson.OPT_SORT_KEYS
-
-    def _encode(event: dict[str, Any]) -> str:
-        try:
-            return orjson.dumps(event, default=str).decode()
-        except TypeError:
-            # A lone surrogate (valid in JSON text, not in UTF-8) or an integer beyond 64 bits: the
-            # ASCII encoder escapes the one and writes the other, so the record can still be hashed.
-            return _ascii(event)
-
-    def _encode_sorted(event: dict[str, Any]) -> str:
-        try:
-            return orjson.dumps(event, default=str, option=_SORT).decode()
-        except TypeError:
-            return _ascii_sorted(event)
-except ImportError:  # pragma: no cover - orjson is a dependency
-    _encode, _encode_sorted = _ascii, _ascii_sorted
-
-
 def record_body(event: dict[str, Any], sort: bool = False) -> str:
     """The event's fields as JSON without the opening brace (``record_text`` puts ``seq`` first)."""
     if "seq" in event:
         event = {k: v for k, v in event.items() if k != "seq"}
-    return (_encode_sorted(event) if sort else _encode(event))[1:]
+    return dumps(event, sort_keys=sort, default=str)[1:]
 
 
 def record_text(seq: int, body: str) -> str:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prometheus_client import Counter, Gauge
 
+from gateway.tasks import cancel_and_wait
+
 from .store import ConversationStore, TurnRecord, utcnow
 
 if TYPE_CHECKING:
@@ -142,13 +144,8 @@ class Shared:
             await self.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if not self.closed:
             self.closed = True
             await self.writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
 
 from gateway.db import Base
-from gateway.fastjson import utf8_safe
+from gateway.fastjson import dumps, utf8_safe
 
 UTC = dt.timezone.utc
 KNOWN_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
@@ -41,22 +41,6 @@ def iso(t: dt.datetime | None) -> str | None:
     if t.tzinfo is not None:
         t = t.astimezone(UTC).replace(tzinfo=None)
     return t.isoformat(timespec="microseconds") + "Z"
-
-
-_ascii_dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-try:
-    import orjson
-
-    def dumps(v: Any) -> str:
-        """Compact JSON text, non-ASCII kept as is. A lone surrogate (valid in JSON text, not in
-        UTF-8, so no database could store it raw) or an integer beyond 64 bits: written by the
-        ASCII encoder, which escapes the one and keeps the other."""
-        try:
-            return orjson.dumps(v).decode()
-        except TypeError:
-            return _ascii_dumps(v)
-except ImportError:  # pragma: no cover - orjson is a dependency
-    dumps = _ascii_dumps
 
 
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
