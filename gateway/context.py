@@ -75,7 +75,7 @@ class RequestContext:
         self.completion: "Completion | None" = None
         self.client_wants_usage = False
         self.strip_usage_chunk = False
-        self.response_headers: dict[str, str] = {}  # extra headers for the client response
+        self.response_headers: dict[str, str] = {}  # set on the client response, before on_response hooks run
 
     # -- request body ---------------------------------------------------------------------------
     @property

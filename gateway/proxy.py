@@ -235,6 +235,10 @@ class Proxy:
     async def _run_on_response(self, ctx: RequestContext, chain: "Chain", head: ResponseHead,
                                skip: str | None = None) -> None:
         timings = ctx.timings
+        # Headers plugins set while handling the request go on first, so the response hooks see
+        # (and may still change or remove) them.
+        for k, v in ctx.response_headers.items():
+            head.headers[k] = v
         for p in chain.response:
             if skip is not None and p.name == skip:
                 continue
@@ -248,8 +252,6 @@ class Proxy:
             except Exception:
                 log.exception("plugin %s failed in on_response (request %s)", p.name, ctx.request_id)
                 raise PluginFailed(p.name, "on_response") from None
-        for k, v in ctx.response_headers.items():
-            head.headers[k] = v
         if self.server_timing and timings is not None:
             head.headers["Server-Timing"] = server_timing(ctx)
 

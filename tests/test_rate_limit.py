@@ -604,27 +604,28 @@ async def test_redis_sentinel_storage(make_gateway, redis_server, tmp_path):
 
 async def test_memory_storage_sweeps_at_most_once_a_second():
     from limits import parse
-    from limits.aio.storage import MemoryStorage
-    from limits.aio.strategies import FixedWindowRateLimiter
+    from limits.storage import MemoryStorage
+    from limits.strategies import FixedWindowRateLimiter
 
     from gateway.plugins.rate_limit.store import build_storage
     # the private hook the throttle wraps is still there in the installed limits
     assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
     st = build_storage("memory://", 0.25)
+    assert isinstance(st, MemoryStorage)
     lim = FixedWindowRateLimiter(st)
     for i in range(50):
-        assert await lim.hit(parse("1/second"), f"k{i}")
+        assert lim.hit(parse("1/second"), f"k{i}")
     first = st.timer
     for i in range(50):
-        await lim.hit(parse("1/second"), f"x{i}")
-        await asyncio.sleep(0)
-    assert st.timer is first  # no new sweep task per hit
-    assert not await lim.hit(parse("1/second"), "k0")  # counts are the library's own
+        lim.hit(parse("1/second"), f"x{i}")
+        await asyncio.sleep(0.001)
+    assert st.timer is first  # no new sweep thread per hit, even once the first one has run
+    assert not lim.hit(parse("1/second"), "k0")  # counts are the library's own
     await asyncio.sleep(1.1)
-    assert await lim.hit(parse("1/second"), "k0")  # expired on read
-    await asyncio.sleep(0.05)
+    assert lim.hit(parse("1/second"), "k0")  # expired on read
+    await asyncio.sleep(0.1)
     assert "LIMITER/k1/1/1/second" not in st.storage  # and the sweep ran again after a second
-    first.cancel()
+    st.timer.cancel()
 
 
 async def test_headers_can_be_turned_off(make_gateway):

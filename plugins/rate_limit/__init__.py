@@ -122,59 +122,71 @@ class RateLimit(Plugin):
             return None
         st = _State()
         ctx.state[NAME] = st
-        store = self.store
-        deadline = None if store.memory else time.monotonic() + store.timeout
         try:
-            if tok or quota:
-                ctx.want_usage()
-                body = ctx.json
-                if ctx.method == "POST" and isinstance(body, dict):
-                    st.prompt = prompt_estimate(body)
-                    default = 0 if ctx.path.endswith("/embeddings") else self.config.estimate_default_max_tokens
-                    est = st.prompt + max_tokens(body, default)
-                else:
-                    est = 0  # GET /v1/models and the like generate no tokens
-                st.estimate = est
-                for lim in tok:
-                    st.token_limits.append((lim, identifiers(lim, ctx)))
-                for lim, ids in st.token_limits:
-                    reset, remaining = await store.stats(lim.item, ids, deadline)
-                    s = self._standing(lim, remaining, reset)
-                    st.standings.append(s)
-                    if remaining < est:
-                        return self._refuse(ctx, lim, s, "rate_limit_exceeded", est)
-                if quota and self._quota is not None:
-                    refusal = await self._check_quota(ctx, st, quota, est)
-                    if refusal is not None:
-                        return refusal
-            if req:
-                if store.memory or len(req) == 1:
-                    results = [await self._hit(lim, identifiers(lim, ctx), deadline) for lim in req]
-                else:
-                    results = await asyncio.gather(*[self._hit(lim, identifiers(lim, ctx), deadline)
-                                                     for lim in req])
-                refused = None
-                for lim, (ok, s) in zip(req, results):
-                    if s is None:
-                        continue
-                    st.standings.append(s)
-                    if not ok and (refused is None or s.reset_in > refused[1].reset_in):
-                        refused = (lim, s)
-                if refused is not None:
-                    return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
+            reply = await self._check(ctx, st, req, tok, quota)
         except StoreDown as e:
             return self._store_down(ctx, str(e))
+        # The headers go on whatever answers: the upstream's response, a refusal, an error.
+        if st.standings and self.config.headers:
+            ctx.response_headers.update(hdr.build(st.standings))
+        return reply
+
+    async def _check(self, ctx: RequestContext, st: _State, req: list[Limit], tok: list[Limit],
+                     quota: dict[str, int | None] | None) -> Reply | None:
+        store = self.store
+        deadline = None if store.memory else time.monotonic() + store.timeout
+        if tok or quota:
+            ctx.want_usage()
+            body = ctx.json
+            if ctx.method == "POST" and isinstance(body, dict):
+                st.prompt = prompt_estimate(body)
+                default = 0 if ctx.path.endswith("/embeddings") else self.config.estimate_default_max_tokens
+                est = st.prompt + max_tokens(body, default)
+            else:
+                est = 0  # GET /v1/models and the like generate no tokens
+            st.estimate = est
+            for lim in tok:
+                st.token_limits.append((lim, identifiers(lim, ctx)))
+            for lim, ids in st.token_limits:
+                reset, remaining = await store.stats(lim.item, ids, deadline)
+                s = self._standing(lim, remaining, reset)
+                st.standings.append(s)
+                if remaining < est:
+                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", est)
+            if quota and self._quota is not None:
+                refusal = await self._check_quota(ctx, st, quota, est)
+                if refusal is not None:
+                    return refusal
+        if req:
+            if store.memory:
+                results = [self._hit_memory(lim, identifiers(lim, ctx)) for lim in req]
+            elif len(req) == 1:
+                results = [await self._hit(lim, identifiers(lim, ctx), deadline) for lim in req]
+            else:
+                results = await asyncio.gather(*[self._hit(lim, identifiers(lim, ctx), deadline)
+                                                 for lim in req])
+            refused = None
+            for lim, (ok, s) in zip(req, results):
+                if s is None:
+                    continue
+                st.standings.append(s)
+                if not ok and (refused is None or s.reset_in > refused[1].reset_in):
+                    refused = (lim, s)
+            if refused is not None:
+                return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
         return None
+
+    def _hit_memory(self, lim: Limit, ids: tuple[str, ...]) -> tuple[bool, hdr.Standing | None]:
+        """In-process counters: straight to the library's synchronous strategy."""
+        limiter = self.store.limiter
+        ok = limiter.hit(lim.item, *ids)
+        if ok and not self.config.headers:
+            return ok, None
+        ws = limiter.get_window_stats(lim.item, *ids)
+        return ok, self._standing(lim, ws[1], ws[0])
 
     async def _hit(self, lim: Limit, ids: tuple[str, ...], deadline: float | None) -> tuple[bool, hdr.Standing | None]:
         store = self.store
-        if store.memory:  # in-process: straight to the strategy (no deadline to keep)
-            limiter = store.limiter
-            ok = await limiter.hit(lim.item, *ids)
-            if ok and not self.config.headers:
-                return ok, None
-            ws = await limiter.get_window_stats(lim.item, *ids)
-            return ok, self._standing(lim, ws[1], ws[0])
         ok = await store.hit(lim.item, ids, 1, deadline)
         if ok and not self.config.headers:
             return ok, None  # no headers wanted: one store call instead of two
@@ -247,12 +259,6 @@ class RateLimit(Plugin):
                            "rate_limit_unavailable", headers={"Retry-After": "1"})
 
     # -- the response ------------------------------------------------------------------------------
-    async def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        st = ctx.state.get(NAME)
-        if st is None or not self.config.headers or not st.standings:
-            return
-        head.headers.update(hdr.build(st.standings))
-
     async def on_complete(self, ctx: RequestContext) -> None:
         st: _State | None = ctx.state.get(NAME)
         if st is None or ctx.t_upstream is None or not (st.token_limits or st.quota_periods):

@@ -1,11 +1,12 @@
-"""The counter store: a `limits` async storage and strategy, with a short deadline on every call.
+"""The counter store: a `limits` storage and strategy, with a short deadline on every network call.
 
 Policy (rules, headers, refusals) lives in the plugin; this module only knows how to talk to the
 counters. The storage object is a process-wide shared resource keyed by its URI, so plugin instances
 and config reloads share it (a reload does not reset in-memory counters). A call that fails or does
 not answer within ``storage_timeout`` raises :class:`StoreDown`; after a failure the store is not
 tried again for ``storage_retry`` seconds, so a dead or frozen Redis costs one timeout, not one per
-request.
+request. In-process memory cannot hang or fail like a network store: it uses the library's
+synchronous storage and strategies, called directly on the event loop (no coroutine, no timer).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
+import limits.strategies as sync_strategies
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.strategies import (FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter,
                                    SlidingWindowCounterRateLimiter)
@@ -28,6 +30,12 @@ STRATEGIES: dict[str, type[RateLimiter]] = {
     "sliding": SlidingWindowCounterRateLimiter,
     "fixed": FixedWindowRateLimiter,
     "moving": MovingWindowRateLimiter,
+}
+
+SYNC_STRATEGIES: dict[str, type[sync_strategies.RateLimiter]] = {
+    "sliding": sync_strategies.SlidingWindowCounterRateLimiter,
+    "fixed": sync_strategies.FixedWindowRateLimiter,
+    "moving": sync_strategies.MovingWindowRateLimiter,
 }
 
 
@@ -59,31 +67,35 @@ SWEEP_EVERY = 1.0
 def throttle_sweep(storage: Any) -> Any:
     """Run `limits`' in-memory expiry sweep at most once per ``SWEEP_EVERY`` seconds.
 
-    The library schedules a sweep task after every increment, and the sweep walks every key (for the
-    moving window through a worker thread per key): with many clients that is O(keys) work per
-    request. Expired counters are already dropped when they are read, so sweeping once a second only
-    bounds memory; the counts stay the library's own. (If the library's private hook is renamed,
-    its own behaviour is kept.)"""
+    The library starts a sweep (a timer thread) whenever none is pending, after every increment,
+    and the sweep walks every key: under steady traffic that is a new thread and an O(keys) walk
+    every few milliseconds. Expired counters are already dropped when they are read, so sweeping
+    once a second only bounds memory; the counts stay the library's own. (If the library's private
+    hook is renamed, its own behaviour is kept.)"""
     original = getattr(storage, "_MemoryStorage__schedule_expiry", None)
     if original is None:
         return storage
     last = [0.0]
 
-    async def throttled() -> None:
+    def throttled() -> None:
         now = time.monotonic()
         if now - last[0] < SWEEP_EVERY:
             return
         last[0] = now
-        await original()
+        original()
 
     storage._MemoryStorage__schedule_expiry = throttled
     return storage
 
 
+def is_memory(uri: str) -> bool:
+    return uri.removeprefix("async+").startswith("memory")
+
+
 def build_storage(uri: str, timeout: float) -> Any:
+    if is_memory(uri):
+        return throttle_sweep(storage_from_string("memory://"))
     uri = async_uri(uri)
-    if uri.startswith("async+memory"):
-        return throttle_sweep(storage_from_string(uri))
     from coredis.retry import NoRetryPolicy
 
     # Short socket timeouts and no client-side retries (a retried hit whose first attempt reached
@@ -123,9 +135,10 @@ class CounterStore:
         self.storage = services.resource(f"rate_limit:storage:{async_uri(uri)}",
                                          lambda: build_storage(uri, timeout), _close_storage)
         self.health: Health = services.resource(f"rate_limit:health:{async_uri(uri)}", Health)
-        self.limiter: RateLimiter = STRATEGIES[strategy](self.storage)
+        self.memory = is_memory(uri)
+        #: memory: the library's synchronous strategy (see the module docstring); else its async one
+        self.limiter: Any = (SYNC_STRATEGIES if self.memory else STRATEGIES)[strategy](self.storage)
         self.fixed = strategy == "fixed"
-        self.memory = async_uri(uri).startswith("async+memory")
         self.errors = services.metric("rate_limit_store_errors", lambda reg: Counter(
             "gateway_ratelimit_store_errors_total", "Rate-limit counter store calls that failed or timed out",
             ["storage", "kind"], registry=reg))
@@ -178,16 +191,15 @@ class CounterStore:
                     f": {type(e).__name__}: {str(e)[:200]}" if e is not None else "")
 
     # -- operations ------------------------------------------------------------------------------
-    # In-process memory cannot hang or fail like a network store: it is called directly (no timer).
     async def hit(self, item: RateLimitItem, ids: tuple[str, ...], cost: int = 1,
                   deadline: float | None = None) -> bool:
         if self.memory:
-            return await self.limiter.hit(item, *ids, cost=cost)
+            return bool(self.limiter.hit(item, *ids, cost=cost))
         return await self.call(lambda: self.limiter.hit(item, *ids, cost=cost), deadline)
 
     async def stats(self, item: RateLimitItem, ids: tuple[str, ...], deadline: float | None = None) -> tuple[float, int]:
         if self.memory:
-            ws = await self.limiter.get_window_stats(item, *ids)
+            ws = self.limiter.get_window_stats(item, *ids)
         else:
             ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
         return ws[0], ws[1]
@@ -216,6 +228,6 @@ async def _noop() -> None:
 
 
 async def _close_storage(storage: Any) -> None:
-    timer = getattr(storage, "timer", None)
-    if timer is not None and not timer.done():
+    timer = getattr(storage, "timer", None)  # memory: the pending sweep (a threading.Timer)
+    if timer is not None:
         timer.cancel()
