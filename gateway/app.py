@@ -7,7 +7,7 @@ import gc
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Awaitable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -80,10 +80,10 @@ class Gateway:
         middlewares = [m for p in self.runtime.instances for m in p.middlewares()]
         # One catch-all handler needs no router: aiohttp's low-level server skips URL dispatch, and
         # the plugins' middlewares are wrapped around the handler here (the first listed outermost).
+        self._handler = wrap_middlewares(self.proxy.handle, middlewares)
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
-        server = JsonErrorServer(wrap_middlewares(self.proxy.handle, middlewares), handler_cancellation=True,
-                                 access_log=None)
+        server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None)
         self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
@@ -98,6 +98,11 @@ class Gateway:
             "public": f"{self.cfg.server.host}:{self.public_port}",
             "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
             "upstream": redact_url(self.cfg.upstream.url), "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
+
+    def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A connection keeps the handler it was given: this indirection lets a reload wrap a new
+        # plugin's middleware around the handler for connections already open too.
+        return self._handler(request)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
@@ -148,9 +153,23 @@ class Gateway:
         rt = Runtime(new, self.services)
         try:
             await rt.startup()
+            # A plugin the reload brings in (one that was not running) may have a middleware or an
+            # upstream TraceConfig to mount; plugins hand each out once per process.
+            middlewares = [m for p in rt.instances for m in p.middlewares()]
+            trace_configs, owners = [], set()
+            for p in rt.instances:
+                tcs = p.trace_configs()
+                if tcs:
+                    trace_configs += tcs
+                    owners.add(p.name)
         except Exception as e:
             log.exception("a plugin failed to start during reload")
+            await rt.shutdown(wait=0)
             return False, f"a plugin failed to start: {type(e).__name__}: {e}"
+        if trace_configs:
+            self.upstream.add_trace_configs(trace_configs, owners)
+        if middlewares:
+            self._handler = wrap_middlewares(self._handler, middlewares)
         old, self.runtime, self.cfg = self.runtime, rt, new
         self.upstream.static_headers = dict(new.upstream.headers)
         self.upstream.timeouts = new.upstream.timeouts

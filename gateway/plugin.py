@@ -134,15 +134,18 @@ class Plugin:
         return ()
 
     def middlewares(self) -> list[Any]:
-        """aiohttp-style ``async (request, handler)`` middlewares around the public handler (collected
-        once, at start-up). The public listener is aiohttp's low-level server: the request is a
-        ``BaseRequest`` (no router, no ``match_info``)."""
+        """aiohttp-style ``async (request, handler)`` middlewares around the public handler. Collected
+        at start-up and after each successful config reload (wrapped around what is mounted already,
+        and never taken off), so a plugin hands out each middleware once per process and lets it find
+        its current instance per request. The public listener is aiohttp's low-level server: the
+        request is a ``BaseRequest`` (no router, no ``match_info``)."""
         return []
 
     def trace_configs(self) -> list[Any]:
-        """aiohttp ``TraceConfig`` objects for upstream requests (start-up only). They run on a
-        second client session sharing the connection pool, which a request skips when a middleware
-        set ``request[context.PLAIN_UPSTREAM]`` (nobody will read what they record)."""
+        """aiohttp ``TraceConfig`` objects for upstream requests, collected like ``middlewares()``
+        (hand each out once per process). They run on a second client session sharing the connection
+        pool, which a request skips when a middleware set ``request[context.PLAIN_UPSTREAM]`` (nobody
+        will read what they record)."""
         return []
 
     async def demo_setup(self) -> dict[str, str]:

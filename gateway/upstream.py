@@ -16,8 +16,6 @@ from .context import PLAIN_UPSTREAM
 from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from gateway.config.model import UpstreamConfig
 
     from .context import RequestContext
@@ -56,6 +54,8 @@ class Upstream:
         #: With the plugins' TraceConfigs, on the same connection pool (None when there are none).
         self.traced: aiohttp.ClientSession | None = None
         self.trace_owners: frozenset[str] = frozenset()  # names of the plugins those came from
+        self._session_kw: dict[str, Any] = {}
+        self._retired: list[aiohttp.ClientSession] = []  # traced sessions a reload replaced
 
     @property
     def timeouts(self) -> Any:
@@ -77,15 +77,29 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # relay, don't invent
             timeout=self._client_timeout, cookie_jar=aiohttp.DummyCookieJar())
         self.session = aiohttp.ClientSession(**kw)
+        self._session_kw = kw
         # aiohttp runs a session's TraceConfig signals for every request it sends, recorded or not;
         # requests nobody traces take the plain session (one pool: the connector is shared).
         if self._trace_configs:
             self.traced = aiohttp.ClientSession(**kw, trace_configs=self._trace_configs, connector_owner=False)
 
-    async def close(self) -> None:
+    def add_trace_configs(self, trace_configs: list[Any], owners: set[str]) -> None:
+        """TraceConfigs of plugins a config reload brought in. A new traced session (same pool)
+        takes over; the one it replaces may still have requests in flight, so it is closed at stop."""
+        assert self.session is not None
+        self._trace_configs = self._trace_configs + list(trace_configs)
         if self.traced is not None:
-            await self.traced.close()
-            self.traced = None
+            self._retired.append(self.traced)
+        self.traced = aiohttp.ClientSession(**self._session_kw, trace_configs=self._trace_configs,
+                                            connector_owner=False)
+        self.trace_owners = self.trace_owners | frozenset(owners)
+
+    async def close(self) -> None:
+        for s in [*self._retired, self.traced]:
+            if s is not None:
+                await s.close()
+        self._retired.clear()
+        self.traced = None
         if self.session is not None:
             await self.session.close()
             self.session = None

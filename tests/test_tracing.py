@@ -296,6 +296,50 @@ async def test_reload_keeps_tracing(make_gateway, upstream):
     assert {"POST /v1/chat/completions", "POST", "chat demo-chat"} <= names
 
 
+async def test_tracing_added_by_reload_needs_no_restart(make_gateway, upstream, tmp_path):
+    """A gateway started without tracing gets it by a reload: server spans, the client span and the
+    context propagated upstream, also on a keep-alive connection opened before the reload. A later
+    reload with other settings does not mount the middleware twice (one server span per request)."""
+    from pathlib import Path
+
+    from .helpers import base_config, write_config
+    g = await make_gateway([])
+    async with aiohttp.ClientSession() as s:  # one connection, kept alive across both reloads
+        async def call() -> None:
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT}) as r:
+                assert r.status == 200
+                await r.read()
+
+        await call()
+        assert upstream.requests[-1]["headers"]["traceparent"] == TRACEPARENT  # passed on untouched
+        write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, [tracing()]))
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        exp = g.plugin("tracing").memory_exporter
+        await call()
+        assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
+        spans = exp.get_finished_spans()
+        servers = [x for x in spans if x.kind == SpanKind.SERVER]
+        clients = [x for x in spans if x.kind == SpanKind.CLIENT and x.name == "POST"]  # the upstream call
+        assert len(servers) == 2 and len(clients) == 2
+        for sv in servers:
+            assert hexid(sv.context.trace_id, 32) == TRACE_ID and hexid(sv.parent.span_id, 16) == CALLER_SPAN
+        assert {c.parent.span_id for c in clients} == {sv.context.span_id for sv in servers}
+        sent = upstream.requests[-1]["headers"]["traceparent"].split("-")
+        assert sent[1] == TRACE_ID and sent[2] in {hexid(c.context.span_id, 16) for c in clients}
+
+        write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, [tracing(service_name="other")]))
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        exp2 = g.plugin("tracing").memory_exporter
+        assert exp2 is not exp  # other settings: another provider
+        await call()
+        spans2 = exp2.get_finished_spans()
+        assert [x.kind for x in spans2].count(SpanKind.SERVER) == 1
+        assert [(x.kind, x.name) for x in spans2].count((SpanKind.CLIENT, "POST")) == 1
+        assert {x.resource.attributes["service.name"] for x in spans2} == {"other"}
+
+
 async def test_otlp_http_export_to_a_real_receiver(make_gateway, upstream, receiver):
     g = await make_gateway([{"name": "headers", "config": {"response": {"X-B": "1"}}},
                             tracing(exporter={"type": "otlp_http", "endpoint": receiver.url, "timeout": 5,

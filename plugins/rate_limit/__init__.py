@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from prometheus_client import Counter
 
 from gateway.context import RequestContext
-from gateway.plugin import Plugin, Reply, ResponseHead
+from gateway.plugin import Plugin, Reply
 
 from . import headers as hdr
 from .config import RateLimitConfig
