@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Generic, Literal, Sequence, TypeVar
+from typing import Awaitable, Callable, Generic, Literal, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -60,6 +60,23 @@ class BatchWriter(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()  # a full batch is waiting, or close() was called
+
+    def configure(self, *, max_queue: int, batch_size: int, flush_interval: float,
+                  on_full: Literal["wait", "drop"], full_wait: float, retry_for: float) -> None:
+        """New settings from a config reload, for the records still queued too. A smaller queue
+        keeps what it holds (it only refuses new records until it is below the new bound)."""
+        self._q._maxsize = max_queue  # type: ignore[attr-defined]  # asyncio.Queue keeps no setter
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.on_full = on_full
+        self.full_wait = full_wait
+        self.retry_for = retry_for
+        if self._q.qsize() >= batch_size:
+            self._wake.set()
+
+    @property
+    def max_queue(self) -> int:
+        return self._q.maxsize
 
     # -- request path -----------------------------------------------------------------------------
     def put_nowait(self, item: T) -> bool:

@@ -468,3 +468,30 @@ async def test_hostile_unicode_never_costs_other_events_their_record(make_gatewa
     assert sum(e["model"] == "demo-chat" for e in evs) == 10
     res = await verify_file(db_path)
     assert res.ok, res.message()
+
+
+async def test_writer_settings_change_by_reload(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """A reload's writer settings apply to the sink's writer already running: the same burst that the
+    default queue takes in is, after a reload to a one-record queue that drops, partly dropped and
+    counted."""
+    log = tmp_path / "audit.jsonl"
+
+    def audit(**cfg: Any) -> list[dict[str, Any]]:
+        return [{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(log)}], **cfg}}]
+
+    g = await make_gateway(audit())
+
+    async def burst_dropped() -> float:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            assert {st for st, _ in await asyncio.gather(*(post(s, g.url) for _ in range(6)))} == {200}
+            async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:
+                text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("gateway_writer_dropped_total{") and 'writer="audit:' in line)
+
+    assert await burst_dropped() == 0
+    write_config(tmp_path / "gateway.yaml", base_config(upstream.url, tmp_path, audit(
+        queue_size=1, batch_size=100, flush_interval=2, on_full="drop")))
+    ok, detail = await g.gw.reload(actor="test")
+    assert ok, detail
+    assert await burst_dropped() >= 1

@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import io
 import json
-import re
 import signal
 import sqlite3
 import subprocess
@@ -18,7 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+from .helpers import GatewayProcess, base_config, free_port, write_config
 from .test_conversations import ADMIN, chat, db, start, stored  # noqa: F401  (db is a fixture)
 
 
@@ -261,12 +260,9 @@ def lock_sqlite(path: Path) -> sqlite3.Connection:
     return c
 
 
-async def test_queue_full_drops_are_counted(make_gateway: Any, tmp_path: Path) -> None:
-    path = tmp_path / "q.db"
-    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 100},
-                    {"queue_size": 2, "batch_size": 1, "on_queue_full": "drop", "flush_interval": 0.05})
-    st, h, _ = await chat(g, [{"role": "user", "content": "warm up"}])
-    await g.plugin("conversations").flush()
+async def burst_while_locked(g: Any, path: Path) -> tuple[list[Any], float]:
+    """12 new conversations while the SQLite file is locked, after one warm-up record: with a queue of
+    2 that drops, some are dropped, and every record is written or counted."""
     lock = lock_sqlite(path)
     try:
         res = await asyncio.gather(*(chat(g, [{"role": "user", "content": f"m{i}"}]) for i in range(12)))
@@ -277,7 +273,17 @@ async def test_queue_full_drops_are_counted(make_gateway: Any, tmp_path: Path) -
     await g.plugin("conversations").flush()
     written = await metric(g, "gateway_writer_written_total", writer="conversations")
     dropped = await metric(g, "gateway_writer_dropped_total", writer="conversations", reason="queue_full")
-    assert dropped >= 1 and written + dropped == 13      # every record is written or counted
+    assert dropped >= 1 and written + dropped == 13
+    return res, dropped
+
+
+async def test_queue_full_drops_are_counted(make_gateway: Any, tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 100},
+                    {"queue_size": 2, "batch_size": 1, "on_queue_full": "drop", "flush_interval": 0.05})
+    st, h, _ = await chat(g, [{"role": "user", "content": "warm up"}])
+    await g.plugin("conversations").flush()
+    res, dropped = await burst_while_locked(g, path)
     lost = [h["X-Conversation-ID"] for _, h, _ in res]
     found = [len(await stored(g, cid)) for cid in lost]
     assert sorted(set(found)) in ([0, 2], [2], [0])
@@ -286,6 +292,22 @@ async def test_queue_full_drops_are_counted(make_gateway: Any, tmp_path: Path) -
     gone = lost[found.index(0)]
     st, _, b = await chat(g, [{"role": "user", "content": "m"}], gone)
     assert st == 404
+
+
+async def test_writer_settings_change_by_reload(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """Started with the default queue (10000, wait); a reload to a 2-record queue that drops applies
+    at once, to the writer already running: the same locked-database burst now drops, and counts."""
+    path = tmp_path / "r.db"
+    dbu = {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 100}
+    g = await start(make_gateway, dbu)
+    st, h, _ = await chat(g, [{"role": "user", "content": "warm up"}])
+    await g.plugin("conversations").flush()
+    write_config(tmp_path / "gateway.yaml", base_config(upstream.url, tmp_path, [{"name": "conversations", "config": {
+        "queue_size": 2, "batch_size": 1, "on_queue_full": "drop", "flush_interval": 0.05}}], database=dbu))
+    async with aiohttp.ClientSession(headers=ADMIN) as s:
+        async with s.post(g.admin_url + "/config/reload") as r:
+            assert r.status == 200, await r.text()
+    await burst_while_locked(g, path)
 
 
 async def test_database_outage_during_traffic(make_gateway: Any, db: dict[str, Any], tmp_path: Path) -> None:

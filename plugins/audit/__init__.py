@@ -109,15 +109,18 @@ class Audit(Plugin):
                 continue  # a CLI command's stdout is its output
             sink = self._sink(spec)
 
+            settings = dict(max_queue=cfg.queue_size, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                            on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
+
             def factory(sink: Sink = sink) -> Any:
-                w = self.services.writer(f"audit:{sink.key}", sink.write, max_queue=cfg.queue_size,
-                                         batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                                         on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
+                w = self.services.writer(f"audit:{sink.key}", sink.write, **settings)
                 w.start()
                 return w
 
-            # Shared across plugin instances and config reloads: one queue (and one chain writer) per sink.
+            # Shared across plugin instances and config reloads: one queue (and one chain writer) per
+            # sink. The instance starting last (a reload's new config) brings its writer settings.
             writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
+            writer.configure(**settings)
             self.sinks.append((sink, writer))
         self._writers = [w for _, w in self.sinks]
         if cfg.events:

@@ -113,11 +113,13 @@ class Shared:
             "gateway_conversations_cached", "Conversations held in the in-memory cache",
             registry=reg)).set_function(lambda: len(self.views))
 
+    @staticmethod
+    def _writer_settings(cfg: Any) -> dict[str, Any]:
+        return dict(max_queue=cfg.queue_size, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+                    on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait, retry_for=cfg.retry_for)
+
     def _new_writer(self, cfg: Any) -> Any:
-        return self.services.writer("conversations", self._write, max_queue=cfg.queue_size,
-                                    batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                                    on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait,
-                                    retry_for=cfg.retry_for)
+        return self.services.writer("conversations", self._write, **self._writer_settings(cfg))
 
     @classmethod
     def get(cls, services: "Services", cfg: Any = None) -> "Shared":
@@ -133,6 +135,10 @@ class Shared:
             self.cfg = inst.config
             self.writer = self._new_writer(inst.config)
             self.closed = False
+        elif self.users:
+            # The instance starting last (a reload's new config) brings its writer and cache settings.
+            self.cfg = inst.config
+            self.writer.configure(**self._writer_settings(inst.config))
         self.users[id(inst)] = inst.config
         self.writer.start()
         if self._task is None:
