@@ -69,6 +69,17 @@ class _HistFamily:
             h = self.children[value] = _Hist(self.bounds)
         return h
 
+    def set_bounds(self, bounds: tuple[float, ...]) -> bool:
+        """New buckets (a config reload): the family's series start again from zero, as after a
+        restart. False when they are the same."""
+        bounds = tuple(sorted(bounds))
+        if bounds == self.bounds:
+            return False
+        self.bounds = bounds
+        self.les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+        self.children = {}
+        return True
+
     def collect(self, created: bool) -> Metric:
         m = Metric(self.name, self.doc, "histogram")
         name, label = self.name, self.label
@@ -145,6 +156,12 @@ class _Families:
         self._tokens: dict[tuple[str, str], list[float]] = {}
         reg.register(self)
 
+    def set_buckets(self, lat: tuple[float, ...], over: tuple[float, ...]) -> None:
+        changed = [f.set_bounds(b) for f, b in ((self.duration, lat), (self.upstream, lat), (self.ttfb, lat),
+                                                (self.overhead, over))]
+        if any(changed):
+            self._routes.clear()
+
     # -- prometheus-client collector protocol -------------------------------------------------------
     def describe(self) -> Iterator[Metric]:
         for f in self._families:
@@ -193,6 +210,9 @@ class Metrics(Plugin):
         super().__init__(config, services)
         lat, over = tuple(config.latency_buckets), tuple(config.overhead_buckets)
         self.m: _Families = services.metric("metrics:families", lambda reg: _Families(reg, lat, over))
+        # Shared by every instance and kept across reloads; the instance made last (a reload's new
+        # config) brings its buckets.
+        self.m.set_buckets(lat, over)
         self.tokens = config.tokens
 
     async def on_complete(self, ctx: RequestContext) -> None:

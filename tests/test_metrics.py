@@ -174,3 +174,29 @@ async def test_model_label_values_are_capped(make_gateway):
     models = {line.split('model="')[1].split('"')[0] for line in text.splitlines()
               if line.startswith("gateway_tokens_total{")}
     assert models == {"made-up-0", "made-up-1", "made-up-2", "other"}, (models, fam)
+
+
+async def test_bucket_change_by_reload(make_gateway, upstream, tmp_path):
+    """A reload with other buckets: the histograms show the new buckets at once and start from zero;
+    the request counter keeps counting."""
+    from pathlib import Path
+
+    from .helpers import base_config, write_config
+    g = await make_gateway([{"name": "metrics"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for _ in range(3):
+            assert (await chat(s, g.url))[0] == 200
+        before = await scrape(s, g.admin_url)
+        assert total(before["gateway_request_duration_seconds_count"]) == 3
+        write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, [{"name": "metrics", "config": {
+            "latency_buckets": [0.5, 60], "overhead_buckets": [0.25]}}]))
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        assert (await chat(s, g.url))[0] == 200
+        after = await scrape(s, g.admin_url)
+    les = {dict(k)["le"] for k in after["gateway_request_duration_seconds_bucket"]}
+    assert les == {"0.5", "60.0", "+Inf"}
+    assert {dict(k)["le"] for k in after["gateway_overhead_seconds_bucket"]} == {"0.25", "+Inf"}
+    assert total(after["gateway_request_duration_seconds_count"]) == 1
+    assert total(after["gateway_ttfb_seconds_count"]) == 1
+    assert total(after["gateway_requests_total"]) == total(before["gateway_requests_total"]) + 1 == 4
