@@ -213,7 +213,16 @@ class GatewayConfig(Model):
             seen.add(p.name)
         return self
 
-    def reload_key(self) -> dict[str, Any]:
-        """The sections a reload cannot change (they need a restart)."""
-        return {"server": self.server.model_dump(), "admin": self.admin.model_dump(),
-                "database": self.database.model_dump(), "upstream": {"url": self.upstream.url}}
+    def fixed_settings(self) -> dict[str, Any]:
+        """The settings a reload cannot change (they need a restart), by dotted path: the listeners,
+        the admin API, the database and the upstream connection pool's size."""
+        out: dict[str, Any] = {f"server.{k}": getattr(self.server, k) for k in ("host", "port", "shutdown_timeout")}
+        out.update({f"admin.{k}": v for k, v in self.admin.model_dump().items()})
+        out.update({f"database.{k}": v for k, v in self.database.model_dump().items()})
+        out["upstream.max_connections"] = self.upstream.max_connections
+        return out
+
+    def restart_needed(self, new: "GatewayConfig") -> list[str]:
+        """The fixed settings ``new`` changes (secrets are named, never shown)."""
+        a, b = self.fixed_settings(), new.fixed_settings()
+        return [k for k in a if a[k] != b[k]]

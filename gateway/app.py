@@ -19,6 +19,7 @@ from .admin import build_admin_app
 from .cli import redact_url
 from .db import Database
 from .errors import error_body
+from .logs import setup_logging
 from .proxy import SERVER, Proxy
 from .runtime import Runtime
 from .services import Services
@@ -142,8 +143,10 @@ class Gateway:
             new = load_config(self.cfg.path)
         except ConfigError as e:
             return False, str(e)
-        if new.reload_key() != self.cfg.reload_key():
-            return False, "server, admin, database and upstream.url cannot change without a restart"
+        fixed = self.cfg.restart_needed(new)
+        if fixed:
+            return False, (f"{', '.join(fixed)} cannot change without a restart (server.host, server.port, "
+                           "server.shutdown_timeout, admin, database and upstream.max_connections need one)")
         if uses_database(new) and not uses_database(self.cfg):
             assert self.db is not None
             try:
@@ -170,9 +173,11 @@ class Gateway:
             self.upstream.add_trace_configs(trace_configs, owners)
         if middlewares:
             self._handler = wrap_middlewares(self._handler, middlewares)
+        if new.logging != self.cfg.logging:
+            setup_logging(new.logging.level, new.logging.format)
         old, self.runtime, self.cfg = self.runtime, rt, new
-        self.upstream.static_headers = dict(new.upstream.headers)
-        self.upstream.timeouts = new.upstream.timeouts
+        self.upstream.configure(new.upstream)
+        self.proxy.configure(new.server)
         task = asyncio.create_task(old.shutdown(wait=new.server.shutdown_timeout))
         self._old_runtimes.add(task)
         task.add_done_callback(self._old_runtimes.discard)

@@ -25,6 +25,8 @@ from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
 if TYPE_CHECKING:
+    from gateway.config.model import ServerConfig
+
     from .app import Gateway
     from .runtime import Chain
 
@@ -71,7 +73,10 @@ class PluginFailed(Exception):
 class Proxy:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
-        s = gw.cfg.server
+        self.configure(gw.cfg.server)
+
+    def configure(self, s: "ServerConfig") -> None:
+        """The server settings the handler reads (at start, and from a config reload)."""
         self.max_body = s.max_body_size
         self.trusted = s.networks
         self.paths = tuple(s.paths)

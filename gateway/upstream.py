@@ -42,13 +42,7 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
 
 class Upstream:
     def __init__(self, cfg: "UpstreamConfig", trace_configs: list[Any] | None = None) -> None:
-        self.cfg = cfg
-        self.base = cfg.url
-        u = urlsplit(cfg.url)
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or (443 if u.scheme == "https" else 80)
-        self.timeouts = cfg.timeouts
-        self.static_headers = dict(cfg.headers)
+        self.configure(cfg)
         self._trace_configs = trace_configs or []
         self.session: aiohttp.ClientSession | None = None
         #: With the plugins' TraceConfigs, on the same connection pool (None when there are none).
@@ -56,6 +50,17 @@ class Upstream:
         self.trace_owners: frozenset[str] = frozenset()  # names of the plugins those came from
         self._session_kw: dict[str, Any] = {}
         self._retired: list[aiohttp.ClientSession] = []  # traced sessions a reload replaced
+
+    def configure(self, cfg: "UpstreamConfig") -> None:
+        """Where and how to call the upstream (at start, and from a config reload; the pool's size
+        is fixed at start). Pooled connections to a previous URL's host idle out."""
+        self.cfg = cfg
+        self.base = cfg.url
+        u = urlsplit(cfg.url)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.timeouts = cfg.timeouts
+        self.static_headers = dict(cfg.headers)
 
     @property
     def timeouts(self) -> Any:

@@ -228,12 +228,15 @@ async def test_config_reload_over_http(make_gateway: Any) -> None:
             assert err["code"] == "config_invalid"
             assert "plugins[0].config.colour -> line " in err["message"] and "unknown key" in err["message"]
         assert await version(s) == "2"
-        # Sections that need a restart are refused too.
+        # Settings that need a restart are refused, by name (a secret's value is never shown).
         path.write_text(good)
-        _edit(path, lambda c: c["server"].update({"max_body_size": 123}))
+        _edit(path, lambda c: (c["server"].update({"port": free_port(), "max_body_size": 123}),
+                               c["admin"].update({"token": "another-admin-token-0123456789"})))
         async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
             assert r.status == 400
-            assert "restart" in (await r.json())["error"]["message"]
+            msg = (await r.json())["error"]["message"]
+            assert "unchanged: server.port, admin.token cannot change without a restart" in msg
+            assert "another-admin-token" not in msg
         assert await version(s) == "2"
         async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:
             text = await r.text()
@@ -281,10 +284,15 @@ async def test_sighup_reload_on_subprocess(tmp_path: Path, upstream: Any) -> Non
         await proc.wait_ready()
         async with aiohttp.ClientSession(timeout=T) as s:
             assert await version(s) == "1"
-            _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+            assert '"msg": "gateway listening"' in proc.log()
+            _edit(path, lambda c: (c["plugins"][0]["config"]["response"].update({"X-Version": "2"}),
+                                   c["logging"].update({"format": "text"})))
             proc.signal(signal.SIGHUP)
             deadline = time.monotonic() + 10
             while await version(s) != "2":
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+            while "INFO gateway: config reload applied" not in proc.log():  # the new log format
                 assert time.monotonic() < deadline, proc.log()[-2000:]
                 await asyncio.sleep(0.05)
             path.write_text(path.read_text().replace("plugins:", "plugins:\n- name: no_such_plugin"))
@@ -383,6 +391,41 @@ def _register_failstart() -> None:
 
 
 _register_failstart()
+
+
+async def test_reload_applies_server_settings_and_upstream_url(make_gateway: Any, upstream: Any) -> None:
+    """Body limit, proxied paths, Server-Timing and the upstream's URL change by reload, on a
+    connection that stays open."""
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-A": "1"}}}])
+    path = Path(g.gw.cfg.path)
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async def call(p: str = "/v1/chat/completions", body: Any = big) -> aiohttp.ClientResponse:
+            async with s.post(g.url + p, json=body) as r:
+                await r.read()
+                return r
+
+        r = await call()
+        assert r.status == 200 and "Server-Timing" not in r.headers
+        _edit(path, lambda c: c["server"].update({"max_body_size": 1000, "paths": ["/v1/chat/"],
+                                                  "server_timing": True}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as rr:
+            assert rr.status == 200, await rr.text()
+        assert (await call()).status == 413
+        r = await call(body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status == 200 and "headers;dur=" in r.headers["Server-Timing"]
+        assert (await call("/v1/embeddings", {"model": "e", "input": "x"})).status == 404
+        n = len(upstream.requests)
+        _edit(path, lambda c: c["upstream"].update({"url": f"http://127.0.0.1:{free_port()}"}))  # nobody there
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as rr:
+            assert rr.status == 200, await rr.text()
+        assert (await call(body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})).status == 502
+        assert len(upstream.requests) == n
+        _edit(path, lambda c: c["upstream"].update({"url": upstream.url}))
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as rr:
+            assert rr.status == 200, await rr.text()
+        assert (await call(body={"model": "m", "messages": [{"role": "user", "content": "hi"}]})).status == 200
+        assert len(upstream.requests) == n + 1
 
 
 async def test_reload_applies_upstream_settings_and_survives_a_failing_plugin(make_gateway: Any, upstream: Any) -> None:
