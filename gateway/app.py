@@ -52,6 +52,7 @@ class Gateway:
         self._reloads = Counter("gateway_config_reloads_total", "Config reloads by result", ["result"],
                                 registry=self.services.metrics)
         self._reload_lock = asyncio.Lock()
+        self._mounted: list[Any] = []  # plugin middlewares and TraceConfigs in use
         self._old_runtimes: set[asyncio.Task[None]] = set()
         #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
         self.drain_deadline: float | None = None
@@ -68,20 +69,16 @@ class Gateway:
     async def start(self) -> None:
         if uses_database(self.cfg):
             await self.migrate_if_configured()
-        trace_configs, owners = [], set()
-        for p in self.runtime.instances:
-            tcs = p.trace_configs()
-            if tcs:
-                trace_configs += tcs
-                owners.add(p.name)
+        trace_configs, owners = self._unmounted_trace_configs(self.runtime)
         self.upstream = Upstream(self.cfg.upstream, trace_configs)
         self.upstream.trace_owners = frozenset(owners)
         await self.upstream.start()
         await self.runtime.startup()
-        middlewares = [m for p in self.runtime.instances for m in p.middlewares()]
         # One catch-all handler needs no router: aiohttp's low-level server skips URL dispatch, and
         # the plugins' middlewares are wrapped around the handler here (the first listed outermost).
-        self._handler = wrap_middlewares(self.proxy.handle, middlewares)
+        self._handler = wrap_middlewares(self.proxy.handle, self._unmounted_middlewares(self.runtime))
+        self._mount(trace_configs)
+        _activate(self.runtime)
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
         server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None)
@@ -99,6 +96,26 @@ class Gateway:
             "public": f"{self.cfg.server.host}:{self.public_port}",
             "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
             "upstream": redact_url(self.cfg.upstream.url), "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
+
+    # Plugin middlewares and TraceConfigs, each object mounted once per process (a reload collects
+    # them again: only a plugin that was not running brings new ones).
+    def _unmounted_middlewares(self, rt: Runtime) -> list[Any]:
+        return [m for p in rt.instances for m in p.middlewares() if not self._is_mounted(m)]
+
+    def _unmounted_trace_configs(self, rt: Runtime) -> tuple[list[Any], set[str]]:
+        tcs, owners = [], set()
+        for p in rt.instances:
+            new = [tc for tc in p.trace_configs() if not self._is_mounted(tc)]
+            if new:
+                tcs += new
+                owners.add(p.name)
+        return tcs, owners
+
+    def _is_mounted(self, obj: Any) -> bool:
+        return any(obj is m for m in self._mounted)
+
+    def _mount(self, objs: list[Any]) -> None:
+        self._mounted.extend(objs)
 
     def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # A connection keeps the handler it was given: this indirection lets a reload wrap a new
@@ -156,28 +173,24 @@ class Gateway:
         rt = Runtime(new, self.services)
         try:
             await rt.startup()
-            # A plugin the reload brings in (one that was not running) may have a middleware or an
-            # upstream TraceConfig to mount; plugins hand each out once per process.
-            middlewares = [m for p in rt.instances for m in p.middlewares()]
-            trace_configs, owners = [], set()
-            for p in rt.instances:
-                tcs = p.trace_configs()
-                if tcs:
-                    trace_configs += tcs
-                    owners.add(p.name)
+            middlewares = self._unmounted_middlewares(rt)
+            trace_configs, owners = self._unmounted_trace_configs(rt)
         except Exception as e:
             log.exception("a plugin failed to start during reload")
             await rt.shutdown(wait=0)
             return False, f"a plugin failed to start: {type(e).__name__}: {e}"
+        # From here on nothing fails: the new config is applied as a whole.
         if trace_configs:
             self.upstream.add_trace_configs(trace_configs, owners)
         if middlewares:
             self._handler = wrap_middlewares(self._handler, middlewares)
+        self._mount(middlewares + trace_configs)
         if new.logging != self.cfg.logging:
             setup_logging(new.logging.level, new.logging.format)
         old, self.runtime, self.cfg = self.runtime, rt, new
         self.upstream.configure(new.upstream)
         self.proxy.configure(new.server)
+        _activate(rt)
         task = asyncio.create_task(old.shutdown(wait=new.server.shutdown_timeout))
         self._old_runtimes.add(task)
         task.add_done_callback(self._old_runtimes.discard)
@@ -212,6 +225,14 @@ class _JsonErrorHandler(RequestHandler):
                             headers={"Server": SERVER})
         resp.force_close()
         return resp
+
+
+def _activate(rt: Runtime) -> None:
+    for p in rt.instances:
+        try:
+            p.activated()
+        except Exception:
+            log.exception("plugin %s failed in activated()", type(p).name)
 
 
 class JsonErrorServer(web.Server):

@@ -101,6 +101,13 @@ class Plugin:
     async def shutdown(self) -> None:
         pass
 
+    def activated(self) -> None:
+        """Called once this instance's chain serves requests: after start-up, or after the swap of a
+        config reload that succeeded. Settings the instance applies to process-wide objects it
+        shares with earlier instances (a writer's queue, metric buckets) go here, not in
+        ``startup()``: a reload can still be rejected after every ``startup()`` ran. Must not fail
+        (an exception is logged)."""
+
     async def on_request(self, ctx: "RequestContext") -> Reply | None:
         return None
 
@@ -135,15 +142,16 @@ class Plugin:
 
     def middlewares(self) -> list[Any]:
         """aiohttp-style ``async (request, handler)`` middlewares around the public handler. Collected
-        at start-up and after each successful config reload (wrapped around what is mounted already,
-        and never taken off), so a plugin hands out each middleware once per process and lets it find
-        its current instance per request. The public listener is aiohttp's low-level server: the
-        request is a ``BaseRequest`` (no router, no ``match_info``)."""
+        at start-up and after each successful config reload; the core mounts each middleware object
+        once per process (wrapped around what is mounted already, never taken off), so return the
+        same object every time and let it find the current instance per request. The public
+        listener is aiohttp's low-level server: the request is a ``BaseRequest`` (no router, no
+        ``match_info``)."""
         return []
 
     def trace_configs(self) -> list[Any]:
-        """aiohttp ``TraceConfig`` objects for upstream requests, collected like ``middlewares()``
-        (hand each out once per process). They run on a second client session sharing the connection
+        """aiohttp ``TraceConfig`` objects for upstream requests, collected and mounted like
+        ``middlewares()`` (each object once per process). They run on a second client session sharing the connection
         pool, which a request skips when a middleware set ``request[context.PLAIN_UPSTREAM]`` (nobody
         will read what they record)."""
         return []

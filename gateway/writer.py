@@ -71,8 +71,7 @@ class BatchWriter(Generic[T]):
         self.on_full = on_full
         self.full_wait = full_wait
         self.retry_for = retry_for
-        if self._q.qsize() >= batch_size:
-            self._wake.set()
+        self._wake.set()  # a batch gathering under the old flush_interval goes now
 
     @property
     def max_queue(self) -> int:

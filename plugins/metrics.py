@@ -210,10 +210,12 @@ class Metrics(Plugin):
         super().__init__(config, services)
         lat, over = tuple(config.latency_buckets), tuple(config.overhead_buckets)
         self.m: _Families = services.metric("metrics:families", lambda reg: _Families(reg, lat, over))
-        # Shared by every instance and kept across reloads; the instance made last (a reload's new
-        # config) brings its buckets.
-        self.m.set_buckets(lat, over)
         self.tokens = config.tokens
+
+    def activated(self) -> None:
+        # The families are shared by every instance and kept across reloads; the instance activated
+        # last (a reload's new config) brings its buckets.
+        self.m.set_buckets(tuple(self.config.latency_buckets), tuple(self.config.overhead_buckets))
 
     async def on_complete(self, ctx: RequestContext) -> None:
         m = self.m

@@ -428,6 +428,45 @@ async def test_reload_applies_server_settings_and_upstream_url(make_gateway: Any
         assert len(upstream.requests) == n + 1
 
 
+async def test_rejected_reload_leaves_shared_settings_alone(make_gateway: Any, upstream: Any, tmp_path: Path,
+                                                            monkeypatch: Any) -> None:
+    """Writer queues (audit, conversations) and metric buckets are shared across reloads: a reload
+    that is rejected after the new instances started does not change them; one that succeeds does."""
+    from gateway.plugins.headers import Headers
+
+    def plugins(small: bool) -> list[dict[str, Any]]:
+        q = {"queue_size": 3, "on_full": "drop"} if small else {}
+        cq = {"queue_size": 3, "on_queue_full": "drop"} if small else {}
+        return [{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}], **q}},
+                {"name": "conversations", "config": cq},
+                {"name": "metrics", "config": {"latency_buckets": [0.5, 60]} if small else {}},
+                {"name": "headers"}]
+
+    g = await make_gateway(plugins(False))
+    audit_w = g.plugin("audit").sinks[0][1]
+    conv = g.plugin("conversations").shared
+
+    def state() -> tuple[Any, ...]:
+        return (audit_w.max_queue, audit_w.on_full, conv.writer.max_queue, conv.writer.on_full,
+                conv.cfg.queue_size, g.plugin("metrics").m.duration.bounds[:2])
+
+    before = state()
+    assert before[:5] == (10000, "wait", 10000, "wait", 10000)
+    write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, plugins(True)))
+
+    async def broken(self: Any) -> None:
+        raise RuntimeError("cannot start")
+
+    monkeypatch.setattr(Headers, "startup", broken)  # the last plugin: the others already started
+    ok, detail = await g.gw.reload(actor="test")
+    assert not ok and "cannot start" in detail
+    assert state() == before
+    monkeypatch.undo()
+    ok, detail = await g.gw.reload(actor="test")
+    assert ok, detail
+    assert state() == (3, "drop", 3, "drop", 3, (0.5, 60.0))
+
+
 async def test_reload_applies_upstream_settings_and_survives_a_failing_plugin(make_gateway: Any, upstream: Any) -> None:
     LifeRec.events.clear()
     g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}},

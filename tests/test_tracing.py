@@ -340,6 +340,33 @@ async def test_tracing_added_by_reload_needs_no_restart(make_gateway, upstream, 
         assert {x.resource.attributes["service.name"] for x in spans2} == {"other"}
 
 
+async def test_rejected_reload_does_not_use_up_the_tracing_hooks(make_gateway, upstream, tmp_path, monkeypatch):
+    """A reload bringing tracing in that is rejected after tracing handed out its middleware mounts
+    nothing, and a later good reload still mounts it."""
+    from pathlib import Path
+
+    from gateway.plugins.headers import Headers
+
+    from .helpers import base_config, write_config
+    g = await make_gateway([{"name": "headers"}])
+    write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, [tracing(), {"name": "headers"}]))
+
+    def broken(self: Any) -> list[Any]:
+        raise RuntimeError("a plugin failing to hand out its TraceConfigs")
+
+    monkeypatch.setattr(Headers, "trace_configs", broken)
+    ok, detail = await g.gw.reload(actor="test")
+    assert not ok and "failing to hand out" in detail
+    assert "tracing" not in {p.name for p in g.gw.runtime.instances}
+    monkeypatch.undo()
+    ok, detail = await g.gw.reload(actor="test")
+    assert ok, detail
+    assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
+    spans = g.plugin("tracing").memory_exporter.get_finished_spans()
+    assert [x.kind for x in spans].count(SpanKind.SERVER) == 1
+    assert [(x.kind, x.name) for x in spans].count((SpanKind.CLIENT, "POST")) == 1
+
+
 async def test_otlp_http_export_to_a_real_receiver(make_gateway, upstream, receiver):
     g = await make_gateway([{"name": "headers", "config": {"response": {"X-B": "1"}}},
                             tracing(exporter={"type": "otlp_http", "endpoint": receiver.url, "timeout": 5,

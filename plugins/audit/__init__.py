@@ -89,6 +89,7 @@ class Audit(Plugin):
         self.cli = cli
         self.sinks: list[tuple[Sink, Any]] = []
         self._writers: list[Any] = []
+        self._settings: dict[str, Any] = {}
         self._unsubscribe: Any = None
         self._purger: asyncio.Task[None] | None = None
         self._wait = config.on_full == "wait"
@@ -104,13 +105,13 @@ class Audit(Plugin):
 
     async def startup(self) -> None:
         cfg = self.config
+        settings = self._settings = dict(
+            max_queue=cfg.queue_size, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
+            on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
         for spec in cfg.specs():
             if self.cli and spec.type == "stdout":
                 continue  # a CLI command's stdout is its output
             sink = self._sink(spec)
-
-            settings = dict(max_queue=cfg.queue_size, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                            on_full=cfg.on_full, full_wait=cfg.full_wait, retry_for=cfg.retry_for)
 
             def factory(sink: Sink = sink) -> Any:
                 w = self.services.writer(f"audit:{sink.key}", sink.write, **settings)
@@ -118,15 +119,18 @@ class Audit(Plugin):
                 return w
 
             # Shared across plugin instances and config reloads: one queue (and one chain writer) per
-            # sink. The instance starting last (a reload's new config) brings its writer settings.
+            # sink. The instance activated last (a reload's new config) brings its writer settings.
             writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
-            writer.configure(**settings)
             self.sinks.append((sink, writer))
         self._writers = [w for _, w in self.sinks]
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
             self._purger = asyncio.create_task(self._purge_loop(), name="audit:retention")
+
+    def activated(self) -> None:
+        for w in self._writers:
+            w.configure(**self._settings)
 
     async def shutdown(self) -> None:
         if self._unsubscribe is not None:

@@ -228,6 +228,10 @@ class Conversations(Plugin):
         self.shared = Shared.get(self.services, self.config)
         self.shared.acquire(self)
 
+    def activated(self) -> None:
+        if self.shared is not None:
+            self.shared.adopt(self.config)
+
     async def shutdown(self) -> None:
         if self.shared is not None:
             await self.shared.release(self)

@@ -135,14 +135,15 @@ class Shared:
             self.cfg = inst.config
             self.writer = self._new_writer(inst.config)
             self.closed = False
-        elif self.users:
-            # The instance starting last (a reload's new config) brings its writer and cache settings.
-            self.cfg = inst.config
-            self.writer.configure(**self._writer_settings(inst.config))
         self.users[id(inst)] = inst.config
         self.writer.start()
         if self._task is None:
             self._task = asyncio.create_task(self._maintenance(), name="conversations:retention")
+
+    def adopt(self, cfg: Any) -> None:
+        """Writer and cache settings of the instance activated last (a reload's new config)."""
+        self.cfg = cfg
+        self.writer.configure(**self._writer_settings(cfg))
 
     async def release(self, inst: Any) -> None:
         self.users.pop(id(inst), None)

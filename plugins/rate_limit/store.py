@@ -6,7 +6,8 @@ and config reloads share it (a reload does not reset in-memory counters). A call
 not answer within ``storage_timeout`` raises :class:`StoreDown`; after a failure the store is not
 tried again for ``storage_retry`` seconds, so a dead or frozen Redis costs one timeout, not one per
 request. In-process memory cannot hang or fail like a network store: it uses the library's
-synchronous storage and strategies, called directly on the event loop (no coroutine, no timer).
+synchronous storage and strategies, called directly on the event loop (no coroutine, no deadline),
+and its expiry sweep runs on the loop too (:func:`throttle_sweep`).
 """
 from __future__ import annotations
 
@@ -65,24 +66,37 @@ SWEEP_EVERY = 1.0
 
 
 def throttle_sweep(storage: Any) -> Any:
-    """Run `limits`' in-memory expiry sweep at most once per ``SWEEP_EVERY`` seconds.
+    """Run `limits`' in-memory expiry sweep on the event loop, at most once per ``SWEEP_EVERY`` seconds.
 
-    The library starts a sweep (a timer thread) whenever none is pending, after every increment,
+    The library starts a sweep on a timer thread whenever none is pending, after every increment,
     and the sweep walks every key: under steady traffic that is a new thread and an O(keys) walk
-    every few milliseconds. Expired counters are already dropped when they are read, so sweeping
-    once a second only bounds memory; the counts stay the library's own. (If the library's private
-    hook is renamed, its own behaviour is kept.)"""
+    every few milliseconds, racing the event loop's own reads and writes of the same dicts.
+    Expired counters are already dropped when they are read, so sweeping once a second only bounds
+    memory; running it on the loop thread means it never interleaves with a hit. The counts stay
+    the library's own. (If the library's private hooks are renamed, its own behaviour is kept.)"""
     original = getattr(storage, "_MemoryStorage__schedule_expiry", None)
-    if original is None:
+    expire = getattr(storage, "_MemoryStorage__expire_events", None)
+    if original is None or expire is None:
         return storage
     last = [0.0]
+
+    def sweep() -> None:
+        try:
+            expire()
+        except Exception as e:  # the next sweep tries again; counts are unaffected
+            log.warning("rate-limit memory sweep failed: %s", type(e).__name__)
 
     def throttled() -> None:
         now = time.monotonic()
         if now - last[0] < SWEEP_EVERY:
             return
         last[0] = now
-        original()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop (a CLI command): the library's own timer
+            original()
+            return
+        loop.call_soon(sweep)
 
     storage._MemoryStorage__schedule_expiry = throttled
     return storage
@@ -94,7 +108,7 @@ def is_memory(uri: str) -> bool:
 
 def build_storage(uri: str, timeout: float) -> Any:
     if is_memory(uri):
-        return throttle_sweep(storage_from_string("memory://"))
+        return throttle_sweep(storage_from_string(uri.removeprefix("async+")))
     uri = async_uri(uri)
     from coredis.retry import NoRetryPolicy
 

@@ -146,26 +146,30 @@ class Tracing(Plugin):
         return self.entry.provider.force_flush(int(timeout_s * 1000)) if self.entry is not None else True
 
     # -- what the core collects once at start-up ----------------------------------------------------
+    # One middleware and one TraceConfig per process, whatever the instances: they find the
+    # instance serving the request themselves.
     def middlewares(self) -> list[Any]:
-        p = self._providers()
-        if p.middleware_given or self.config.exporter.type == "none":
+        if self.config.exporter.type == "none":
             return []
-        p.middleware_given = True
-        return [server_middleware(self.services, _find)]
+        p = self._providers()
+        if p.middleware is None:
+            p.middleware = server_middleware(self.services, _find)
+        return [p.middleware]
 
     def trace_configs(self) -> list[Any]:
-        p = self._providers()
-        if p.trace_config_given or self.config.exporter.type == "none":
+        if self.config.exporter.type == "none":
             return []
-        p.trace_config_given = True
-        from opentelemetry.instrumentation import aiohttp_server as srv
-        from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+        p = self._providers()
+        if p.trace_config is None:
+            from opentelemetry.instrumentation import aiohttp_server as srv
+            from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-        prepare_server_instrumentation()  # so the client follows the same semantic-convention mode
-        tc = create_trace_config(tracer_provider=ActiveTracerProvider(),
-                                 sem_conv_opt_in_mode=srv._sem_conv_opt_in_mode,
-                                 sensitive_headers=list(SENSITIVE_HEADERS), url_filter=redact_query)
-        return [gate_client_trace_config(tc)]
+            prepare_server_instrumentation()  # so the client follows the same semantic-convention mode
+            tc = create_trace_config(tracer_provider=ActiveTracerProvider(),
+                                     sem_conv_opt_in_mode=srv._sem_conv_opt_in_mode,
+                                     sensitive_headers=list(SENSITIVE_HEADERS), url_filter=redact_query)
+            p.trace_config = gate_client_trace_config(tc)
+        return [p.trace_config]
 
     # -- per request ----------------------------------------------------------------------------------
     async def on_request(self, ctx: RequestContext) -> None:

@@ -214,12 +214,13 @@ class ProviderEntry:
 
 
 class Providers:
-    """Per-Services registry of providers keyed by their settings, plus the once-only core hooks."""
+    """Per-Services registry of providers keyed by their settings, plus the core hooks (one each)."""
 
     def __init__(self) -> None:
         self.entries: dict[str, ProviderEntry] = {}
-        self.middleware_given = False
-        self.trace_config_given = False
+        #: The one server middleware and upstream TraceConfig (the core mounts each once).
+        self.middleware: Any = None
+        self.trace_config: Any = None
 
     def acquire(self, cfg: "TracingConfig") -> ProviderEntry | None:
         if cfg.exporter.type == "none":
