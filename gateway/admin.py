@@ -90,7 +90,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     async def reload(request: web.Request) -> web.Response:
         ok, detail = await gw.reload(actor=admin_identity(request))
         if ok:
-            return web.json_response({"status": "reloaded", "plugins": [p.name for p in gw.cfg.plugins]})
+            return web.json_response({"status": "reloaded", "plugins": [p.name for p in gw.cfg.plugins if p.enabled]})
         return json_error(400, f"Reload rejected, the running config is unchanged: {detail}",
                           "invalid_request_error", "config_invalid")
 

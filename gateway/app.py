@@ -10,6 +10,7 @@ import time
 from typing import Any, Awaitable
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import Counter
 
@@ -20,7 +21,7 @@ from .cli import redact_url
 from .db import Database
 from .errors import error_body
 from .logs import setup_logging
-from .proxy import SERVER, Proxy
+from .proxy import SERVER, Proxy, unsupported_encoding_message
 from .runtime import Runtime
 from .services import Services
 from .upstream import Upstream
@@ -214,13 +215,20 @@ class _JsonErrorHandler(RequestHandler):
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; raises if a response already began
-        if status >= 500:
-            body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
+        if isinstance(exc, ContentEncodingError) and request.writer.output_size == 0:
+            # A body coding the parser knows but cannot decode here (br or zstd without their
+            # packages): the same 415 as any other coding the gateway does not take, and no traceback.
+            log.info("request body refused: unsupported Content-Encoding")
+            status = 415
+            body = error_body(unsupported_encoding_message(), "invalid_request_error", "unsupported_content_encoding")
         else:
-            body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
-                              "framing, or a header line that is too long).", "invalid_request_error",
-                              "malformed_request")
+            super().handle_error(request, status, exc, message)  # logs; raises if a response already began
+            if status >= 500:
+                body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
+            else:
+                body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
+                                  "framing, or a header line that is too long).", "invalid_request_error",
+                                  "malformed_request")
         resp = web.Response(status=status, body=body, content_type="application/json",
                             headers={"Server": SERVER})
         resp.force_close()

@@ -136,6 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The demo's values go into the process environment (not just a copy of it): SIGHUP and
     # POST /config/reload re-read the file with os.environ and must see the same token and upstream.
     os.environ["GATEWAY_ADMIN_TOKEN"] = token
+    # A demo (with a key it prints) answers on loopback unless told otherwise.
+    os.environ.setdefault("GATEWAY_HOST", "127.0.0.1")
 
     async def main() -> int:
         runner, port = await start_demo_upstream("127.0.0.1", args.upstream_port)

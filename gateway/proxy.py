@@ -57,8 +57,12 @@ def _check_encoding(values: list[str]) -> None:
         codings = [c.strip().lower() for c in values[0].split(",") if c.strip()]
     if not codings or (len(codings) == 1 and codings[0] in _DECODED):
         return
-    raise UnsupportedMediaType("This Content-Encoding is not supported for request bodies; send the body "
-                               f"plain, or in one of: {_DECODED_TEXT}.")
+    raise UnsupportedMediaType(unsupported_encoding_message())
+
+
+def unsupported_encoding_message() -> str:
+    return ("This Content-Encoding is not supported for request bodies; send the body plain, or in one "
+            f"of: {_DECODED_TEXT}.")
 _perf = time.perf_counter
 #: Sent when the upstream names no server (instead of aiohttp's default, which carries versions).
 SERVER = "gateway"

@@ -495,3 +495,25 @@ async def test_writer_settings_change_by_reload(make_gateway: Any, upstream: Any
     ok, detail = await g.gw.reload(actor="test")
     assert ok, detail
     assert await burst_dropped() >= 1
+
+
+async def test_plugin_api_answers_are_not_refusals(make_gateway: Any, tmp_path: Path) -> None:
+    """The conversations caller API answers requests itself: audited as answered by the gateway, not
+    as a refusal; its 404 is still a refusal."""
+    db = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "conversations"}, {"name": "audit"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+        async with s.get(g.url + f"/gateway/conversations/{cid}") as r:
+            assert r.status == 200 and len((await r.json())["messages"]) == 2
+        async with s.get(g.url + "/gateway/conversations/conv_nope") as r:
+            assert r.status == 404
+    await g.stop()
+    evs = {e["path"]: e for e in rows(db, "type = 'request'")}
+    assert evs["/v1/chat/completions"]["answered_by"] == "upstream"
+    ok = evs[f"/gateway/conversations/{cid}"]
+    assert (ok["answered_by"], ok["outcome"], ok["status"]) == ("gateway", "ok", 200)
+    miss = evs["/gateway/conversations/conv_nope"]
+    assert (miss["answered_by"], miss["outcome"], miss["status"]) == ("gateway_refusal", "refused", 404)

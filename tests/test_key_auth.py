@@ -365,10 +365,25 @@ async def test_admin_api_validation_events_and_openapi(make_gateway: Any) -> Non
 
 
 async def test_demo_setup_key_works(make_gateway: Any) -> None:
-    g = await make_gateway(ka())
+    """`gateway demo`'s key works; the next run's setup revokes it (one demo key valid at a time),
+    and both changes are audited."""
+    g = await make_gateway(ka() + [{"name": "audit"}])
     out = await g.plugin("key_auth").demo_setup()
     assert (await chat(g, out["api_key"])).choices
     assert Probe.seen[-1]["identity"]["owner"] == "demo"
+    again = await g.plugin("key_auth").demo_setup()
+    assert (await chat(g, again["api_key"])).choices
+    with pytest.raises(openai.AuthenticationError):
+        await chat(g, out["api_key"])
+    assert [r["status"] for r in await g.plugin("key_auth").store.list(owner="demo")] == ["revoked", "active"]
+    await g.stop()
+    db = Path(g.gw.cfg.database.url.split("///", 1)[1])
+    con = sqlite3.connect(db)
+    try:
+        types = [json.loads(d)["type"] for (d,) in con.execute("SELECT data FROM audit_events ORDER BY seq")]
+    finally:
+        con.close()
+    assert [t for t in types if t.startswith("key.")] == ["key.created", "key.revoked", "key.created"]
 
 
 # -- usage ------------------------------------------------------------------------------------------------

@@ -287,9 +287,10 @@ async def test_per_key_overrides_take_precedence(make_gateway):
         st, body, _ = await post(s, g.url, chat_body("a b c", max_tokens=15), headers={"X-Test-Key": "tok"})
         assert st == 429 and "key-tpm (20/minute)" in body["error"]["message"]
         # daily token quota override -> insufficient_quota
-        st, _, h = await post(s, g.url, chat_body("one two three"), headers={"X-Test-Key": "quota"})
+        st, body, h = await post(s, g.url, chat_body("one two three"), headers={"X-Test-Key": "quota"})
         assert st == 200
         assert ietf(h["RateLimit-Policy"])["daily-tokens"]["q"] == "30"
+        used = body["usage"]["total_tokens"]
         await settle(g)
         codes = []
         for _ in range(5):
@@ -298,8 +299,10 @@ async def test_per_key_overrides_take_precedence(make_gateway):
             codes.append(st)
             if st == 429:
                 break
+            used += body["usage"]["total_tokens"]
         assert codes[-1] == 429
         assert body["error"]["code"] == "insufficient_quota" and body["error"]["type"] == "insufficient_quota"
+        assert f"limit 30, used {used}," in body["error"]["message"]  # what was used (it can pass the limit)
         assert int(h["Retry-After"]) >= 1
 
 

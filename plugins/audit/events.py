@@ -108,6 +108,8 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         key_id = rk if isinstance(rk, str) else key_id
     if outcome == "client_disconnected":
         answered_by = "client_abort"
+    elif rtype == "served" and outcome != "refused":  # a plugin's own API answered (2xx)
+        answered_by = "gateway"
     elif refused or outcome == "refused":
         answered_by = "gateway_refusal"
     elif source == "upstream":

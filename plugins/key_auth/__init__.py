@@ -396,7 +396,16 @@ class KeyAuth(Plugin):
 
     # -- demo, admin, CLI ---------------------------------------------------------------------------------
     async def demo_setup(self) -> dict[str, str]:
-        _, key = await self.store.create(pepper=self.config.pepper, owner="demo", name="demo")
+        """A fresh demo key; the one an earlier ``gateway demo`` run made on this database is revoked
+        (one demo key valid at a time). Both are audited (actor ``demo``)."""
+        events = self.services.events
+        for old in await self.store.list(owner="demo", status="active", limit=10_000):
+            if old["name"] == "demo":
+                await self.store.revoke(old["id"])
+                self.cache.invalidate(old["id"])
+                events.emit("key.revoked", actor="demo", key_id=old["id"])
+        rec, key = await self.store.create(pepper=self.config.pepper, owner="demo", name="demo")
+        events.emit("key.created", actor="demo", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
         return {"api_key": key}
 
     @classmethod

@@ -229,7 +229,7 @@ class RateLimit(Plugin):
         if lim is None:
             label = f"{s.name} quota ({s.limit} tokens)"
             msg = (f"You exceeded your {s.name.replace('-', ' ')} quota: limit {s.limit}, used "
-                   f"{s.limit - max(0, s.remaining)}, requested about {needed}. Retry in {retry}s or ask for a "
+                   f"{s.limit - s.remaining}, requested about {needed}. Retry in {retry}s or ask for a "
                    f"larger quota.")
             err_type = "insufficient_quota"
         elif needed > lim.item.amount:
