@@ -35,6 +35,10 @@ class ServerConfig(Model):
     port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
     max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    keepalive_timeout: float = Field(75.0, gt=0, description="Seconds a client connection may sit idle (or "
+                                     "take to send a request head) before it is closed.")
+    body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "
+                                "before the request gets 408.")
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="CIDRs whose X-Forwarded-For is believed (read right to left).")
     server_timing: bool = Field(False, description="Add a Server-Timing header with each plugin's duration.")
@@ -216,7 +220,8 @@ class GatewayConfig(Model):
     def fixed_settings(self) -> dict[str, Any]:
         """The settings a reload cannot change (they need a restart), by dotted path: the listeners,
         the admin API, the database and the upstream connection pool's size."""
-        out: dict[str, Any] = {f"server.{k}": getattr(self.server, k) for k in ("host", "port", "shutdown_timeout")}
+        out: dict[str, Any] = {f"server.{k}": getattr(self.server, k)
+                               for k in ("host", "port", "shutdown_timeout", "keepalive_timeout")}
         out.update({f"admin.{k}": v for k, v in self.admin.model_dump().items()})
         out.update({f"database.{k}": v for k, v in self.database.model_dump().items()})
         out["upstream.max_connections"] = self.upstream.max_connections

@@ -82,14 +82,15 @@ class Gateway:
         _activate(self.runtime)
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
-        server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None)
+        server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None,
+                                 keepalive_timeout=self.cfg.server.keepalive_timeout)
         self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
         await site.start()
         self.public_port = _port(self._public)
         if self.cfg.admin.enabled:
-            self._admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5)
+            self._admin = JsonErrorAppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5)
             await self._admin.setup()
             await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port).start()
             self.admin_port = _port(self._admin)
@@ -164,7 +165,8 @@ class Gateway:
         fixed = self.cfg.restart_needed(new)
         if fixed:
             return False, (f"{', '.join(fixed)} cannot change without a restart (server.host, server.port, "
-                           "server.shutdown_timeout, admin, database and upstream.max_connections need one)")
+                           "server.shutdown_timeout, server.keepalive_timeout, admin, database and upstream.max_connections "
+                           "need one)")
         if uses_database(new) and not uses_database(self.cfg):
             assert self.db is not None
             try:
@@ -210,25 +212,29 @@ def tune_gc() -> None:
 class _JsonErrorHandler(RequestHandler):
     """aiohttp's connection handler, answering what never reaches the gateway's handler (a request
     its HTTP parser rejects: garbage, an over-long header line, a bad chunk size) in the gateway's
-    one JSON error shape instead of aiohttp's plain text. The parser's message is not echoed (it can
-    quote what the client sent)."""
+    one JSON error shape instead of aiohttp's plain text, on the public and the admin listener.
+    The parser's message is neither echoed nor logged: it can quote what the client sent, an API
+    key or the admin token included."""
 
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if isinstance(exc, ContentEncodingError) and request.writer.output_size == 0:
+        if request.writer.output_size > 0:  # a response already began: the connection is broken
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        if isinstance(exc, ContentEncodingError):
             # A body coding the parser knows but cannot decode here (br or zstd without their
-            # packages): the same 415 as any other coding the gateway does not take, and no traceback.
-            log.info("request body refused: unsupported Content-Encoding")
+            # packages): the same 415 as any other coding the gateway does not take.
+            log.info("request refused: unsupported Content-Encoding (from %s)", request.remote)
             status = 415
             body = error_body(unsupported_encoding_message(), "invalid_request_error", "unsupported_content_encoding")
+        elif status >= 500:
+            log.error("request handling failed (from %s)", request.remote, exc_info=exc)
+            body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
         else:
-            super().handle_error(request, status, exc, message)  # logs; raises if a response already began
-            if status >= 500:
-                body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
-            else:
-                body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
-                                  "framing, or a header line that is too long).", "invalid_request_error",
-                                  "malformed_request")
+            log.info("request refused by the HTTP parser: %d %s (from %s)", status,
+                     type(exc).__name__ if exc is not None else "", request.remote)
+            body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
+                              "framing, or a header line that is too long).", "invalid_request_error",
+                              "malformed_request")
         resp = web.Response(status=status, body=body, content_type="application/json",
                             headers={"Server": SERVER})
         resp.force_close()
@@ -249,6 +255,16 @@ class JsonErrorServer(web.Server):
             return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         except (AttributeError, TypeError):  # a future aiohttp without these: its own handler
             return super().__call__()
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """An application runner (the admin API) whose connections use the same JSON error handler."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        if type(server) is web.Server:  # the application's server, with the gateway's connection handler
+            server.__class__ = JsonErrorServer
+        return server
 
 
 def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:

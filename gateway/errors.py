@@ -51,6 +51,11 @@ class NotFound(GatewayError):
     status, type, code, message = 404, "invalid_request_error", "not_found", "Not found."
 
 
+class RequestTimeout(GatewayError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+    message = "The request body stopped arriving."
+
+
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 

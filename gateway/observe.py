@@ -13,6 +13,11 @@ from typing import Any
 from .fastjson import JSON_ERRORS, loads
 
 MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
+#: An SSE event longer than this is relayed as it comes but not parsed (nor held back); an
+#: upstream sending one without an event boundary cannot make the gateway buffer it whole.
+MAX_EVENT = 2**20
+#: Tool calls assembled from a stream: a delta naming a higher index is ignored.
+MAX_TOOL_CALLS = 256
 
 
 class Completion:
@@ -67,6 +72,7 @@ class ResponseObserver:
         self.strip = strip_usage_chunk and streamed
         self._buf = bytearray()
         self._too_big = False
+        self._passing = False  # inside an SSE event too long to parse: relayed until it ends
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -79,15 +85,32 @@ class ResponseObserver:
                 else:
                     self._buf += chunk
             return chunk
-        self._buf += chunk
+        buf = self._buf
+        buf += chunk
         out = bytearray() if self.strip else None
         while True:
-            end, sep = _find_event_end(self._buf)
+            end, sep = _find_event_end(buf)
+            if self._passing:
+                # keep 3 bytes back: an event boundary may straddle two chunks
+                n = end + sep if end >= 0 else max(0, len(buf) - 3)
+                if out is not None:
+                    out += buf[:n]
+                del buf[:n]
+                if end < 0:
+                    break
+                self._passing = False
+                continue
             if end < 0:
-                break
-            event = bytes(self._buf[:end + sep])
-            del self._buf[:end + sep]
-            keep = self._event(event)
+                if len(buf) <= MAX_EVENT:
+                    break
+                self._passing = True
+                continue
+            event = bytes(buf[:end + sep])
+            del buf[:end + sep]
+            try:
+                keep = self._event(event)
+            except Exception:  # an event of a shape nobody expected: relayed, not understood
+                keep = True
             if out is not None and keep:
                 out += event
         if out is None:
@@ -102,12 +125,19 @@ class ResponseObserver:
                     self._json(loads(self._buf))
                 except JSON_ERRORS:
                     pass
+                except Exception:  # valid JSON of a shape nobody expected: relayed, not understood
+                    pass
             self._buf.clear()
             return b""
         rest = bytes(self._buf)
         self._buf.clear()
+        if self._passing:
+            return rest if self.strip else b""
         if rest.strip():
-            keep = self._event(rest)
+            try:
+                keep = self._event(rest)
+            except Exception:
+                keep = True
             if self.strip:
                 return rest if keep else b""
         return b""
@@ -136,18 +166,20 @@ class ResponseObserver:
         if not isinstance(obj, dict):
             return True
         c = self.c
-        if obj.get("model") and not c.model:
+        if not c.model and isinstance(obj.get("model"), str):
             c.model = obj["model"]
-        if obj.get("id") and not c.response_id:
+        if not c.response_id and isinstance(obj.get("id"), str):
             c.response_id = obj["id"]
         usage = obj.get("usage")
-        choices = obj.get("choices") or []
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            choices = []
         if isinstance(usage, dict):
             c.usage = usage
         for ch in choices:
             if not isinstance(ch, dict):
                 continue
-            if ch.get("finish_reason"):
+            if isinstance(ch.get("finish_reason"), str):
                 c.finish_reasons.append(ch["finish_reason"])
             if ch.get("index", 0) != 0:
                 continue
@@ -170,7 +202,7 @@ class ResponseObserver:
 
     def _delta(self, d: dict[str, Any]) -> None:
         c = self.c
-        if d.get("role"):
+        if isinstance(d.get("role"), str):
             c.role = d["role"]
         if isinstance(d.get("content"), str):
             self._text(d["content"])
@@ -183,18 +215,21 @@ class ResponseObserver:
                 if not isinstance(tc, dict):
                     continue
                 i = tc.get("index", len(c.tool_calls))
+                if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
+                    continue
                 while len(c.tool_calls) <= i:
                     c.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
                 slot = c.tool_calls[i]
-                if tc.get("id"):
+                if isinstance(tc.get("id"), str):
                     slot["id"] = tc["id"]
-                if tc.get("type"):
+                if isinstance(tc.get("type"), str):
                     slot["type"] = tc["type"]
-                fn = tc.get("function") or {}
-                if fn.get("name"):
-                    slot["function"]["name"] += fn["name"]
-                if fn.get("arguments"):
-                    slot["function"]["arguments"] += fn["arguments"]
+                fn = tc.get("function")
+                if isinstance(fn, dict):
+                    if isinstance(fn.get("name"), str):
+                        slot["function"]["name"] += fn["name"]
+                    if isinstance(fn.get("arguments"), str):
+                        slot["function"]["arguments"] += fn["arguments"]
 
     def _json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -206,19 +241,21 @@ class ResponseObserver:
         c.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
         if isinstance(obj.get("usage"), dict):
             c.usage = obj["usage"]
-        for ch in obj.get("choices") or []:
+        choices = obj.get("choices")
+        for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
-            if ch.get("finish_reason"):
+            if isinstance(ch.get("finish_reason"), str):
                 c.finish_reasons.append(ch["finish_reason"])
             if ch.get("index", 0) != 0:
                 continue
             msg = ch.get("message")
             if isinstance(msg, dict):
                 c.message = msg
-                c.role = msg.get("role")
+                c.role = msg.get("role") if isinstance(msg.get("role"), str) else None
                 c.content = msg.get("content") if isinstance(msg.get("content"), str) else None
-                c.tool_calls = msg.get("tool_calls") or []
+                tcs = msg.get("tool_calls")
+                c.tool_calls = tcs if isinstance(tcs, list) else []
             elif isinstance(ch.get("text"), str):
                 c.content = ch["text"]
                 c.role = "assistant"
@@ -240,8 +277,9 @@ def ask_for_usage(ctx: Any) -> None:
     """For a streamed chat/completions request, make the upstream report usage in a final chunk.
 
     Remembers whether the client asked for it itself, so the core can hide the chunk otherwise."""
-    if b'"stream"' not in ctx.body:  # not a streamed request: no need to parse the body here
-        return
+    body = ctx.body
+    if b'"stream"' not in body and b"\\u" not in body:  # not a streamed request (unless spelled
+        return                                           # with escapes): no need to parse it here
     j = ctx.json
     if not isinstance(j, dict) or j.get("stream") is not True:
         return

@@ -20,7 +20,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext
-from .errors import BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from .errors import (BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, RequestTimeout,
+                     UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
@@ -82,6 +83,7 @@ class Proxy:
     def configure(self, s: "ServerConfig") -> None:
         """The server settings the handler reads (at start, and from a config reload)."""
         self.max_body = s.max_body_size
+        self.body_timeout = s.body_timeout
         self.trusted = s.networks
         self.paths = tuple(s.paths)
         self.server_timing = s.server_timing
@@ -177,32 +179,49 @@ class Proxy:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         content = request.content
+        if content.is_eof():  # the whole body is already in (the common case): no timer
+            body = await self._read_payload(request, None)
+        else:
+            try:
+                async with asyncio.timeout(self.body_timeout) as stall:
+                    body = await self._read_payload(request, stall)
+            except TimeoutError:
+                raise RequestTimeout(f"No request body bytes arrived for {self.body_timeout:g} seconds.") from None
+        ctx.body = body
+        ctx.bytes_in = len(body)
+
+    async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None) -> bytes:
+        """The request body; each chunk that arrives pushes the ``stall`` deadline back."""
+        content = request.content
+        cl = request.content_length
+        loop_time = asyncio.get_running_loop().time
         # With a Content-Encoding the server hands us the decoded body, whose size Content-Length
         # does not give: read it to the end, bounded like a chunked one.
         if cl is not None and "Content-Encoding" not in request.headers:
             body = await content.read(cl) if cl else b""
             while len(body) < cl:  # read() may return short on a slow client
+                if stall is not None:
+                    stall.reschedule(loop_time() + self.body_timeout)
                 more = await content.read(cl - len(body))
                 if not more:
                     break
                 body += more
-        else:
-            buf = bytearray()
-            while True:
-                try:
-                    chunk = await content.readany()
-                except (RequestPayloadError, PayloadEncodingError):
-                    # e.g. a body labelled gzip that is not: the client's error, not the gateway's
-                    raise BadRequest("The request body could not be decoded as its Content-Encoding "
-                                     "says.") from None
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > self.max_body:
-                    raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
-            body = bytes(buf)
-        ctx.body = body
-        ctx.bytes_in = len(body)
+            return body
+        buf = bytearray()
+        while True:
+            try:
+                chunk = await content.readany()
+            except (RequestPayloadError, PayloadEncodingError):
+                # e.g. a body labelled gzip that is not: the client's error, not the gateway's
+                raise BadRequest("The request body could not be decoded as its Content-Encoding "
+                                 "says.") from None
+            if not chunk:
+                return bytes(buf)
+            buf += chunk
+            if len(buf) > self.max_body:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+            if stall is not None:
+                stall.reschedule(loop_time() + self.body_timeout)
 
     # -- responses the gateway makes itself -------------------------------------------------------
     async def _send_reply(self, ctx: RequestContext, chain: "Chain", reply: Reply) -> web.StreamResponse:
@@ -239,6 +258,9 @@ class Proxy:
         await resp.write_eof()
         ctx.bytes_out = len(body)
         ctx.t_first_byte = _perf()
+        if ctx.error == RequestTimeout.code and ctx.request.transport is not None:
+            # aiohttp would wait (its lingering time) for the rest of a body that stopped coming
+            ctx.request.transport.close()
         return resp
 
     async def _run_on_response(self, ctx: RequestContext, chain: "Chain", head: ResponseHead,
@@ -288,7 +310,6 @@ class Proxy:
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform)
-        has_length = "Content-Length" in resp.headers  # the upstream's framing, even if we re-frame
         headers.setdefault("Server", SERVER)
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
@@ -330,9 +351,9 @@ class Proxy:
                 await out.write(tail)
                 sent += len(tail)
             ctx.bytes_out = sent
-            if not complete and has_length:
-                # A fixed-length body that came up short: the client must see the connection drop,
-                # not a silently truncated message.
+            if not complete:
+                # The upstream's body came up short (it went away, or went silent): the client must
+                # see the connection drop (no final chunk), not a message that looks complete.
                 if request.transport is not None:
                     request.transport.close()
                 return out

@@ -234,6 +234,11 @@ def rejected(e: BaseException) -> bool:
             if x is not None and (isinstance(x, (ValueError, TypeError, OverflowError, UnicodeError))
                                   or type(x).__name__ == "DataError"):
                 return True
+        # sqlite3 refuses a value it has no type for ("type 'list' is not supported", "Error
+        # binding parameter") as a ProgrammingError / InterfaceError.
+        if type(cause).__module__ == "sqlite3" and type(cause).__name__ in ("ProgrammingError", "InterfaceError"):
+            text = str(cause)
+            return "not supported" in text or "binding parameter" in text
         return False
     return isinstance(e, (ValueError, TypeError, OverflowError, UnicodeError))
 

@@ -104,6 +104,7 @@ class Fake:
         app.router.add_get("/redirect", self.redirect)
         app.router.add_get("/gzip", self.gzipped)
         app.router.add_get("/short", self.short)
+        app.router.add_post("/cutjson", self.cutjson)
         app.router.add_get("/nocontent", self.nocontent)
         app.router.add_get("/cookies", self.cookies)
         app.router.add_route("*", "/{tail:.*}", self.echo)
@@ -121,6 +122,16 @@ class Fake:
                               "headers": request.headers.copy(), "body": body,
                               "chunked": request.headers.get("Transfer-Encoding") == "chunked"})
         return body
+
+    async def cutjson(self, request: web.Request) -> web.StreamResponse:
+        """A chunked JSON body the upstream abandons halfway."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b'{"id": "x", "choices": [{"message": {"content": "par')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await self.record(request)
@@ -577,6 +588,28 @@ async def test_connect_timeout_is_504(make_gateway: Any) -> None:
         lsock.close()
 
 
+async def read_until_cut(r: aiohttp.ClientResponse) -> str:
+    """What arrived of a response whose connection the gateway dropped before its end; fails if it
+    ended as a complete message instead."""
+    got = bytearray()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for chunk in r.content.iter_any():
+            got += chunk
+    return got.decode()
+
+
+async def test_upstream_cuts_a_chunked_json_body(make_gateway: Any, fake: Any) -> None:
+    """A non-streamed body without Content-Length that the upstream ends early: the client sees the
+    connection drop, not truncated JSON framed as a complete response."""
+    g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/cutjson", json=CHAT) as r:
+            assert r.status == 200
+            assert (await read_until_cut(r)).startswith('{"id": "x"')
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
+
+
 async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
     g = await make_gateway([{"name": "t_proxy_recorder"}],
                            upstream={"timeouts": {"connect": 2, "first_byte": 10, "idle": 0.3}})
@@ -584,7 +617,7 @@ async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
         async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
                           headers={"X-Demo-Delay": "1.5", "X-Demo-Words": "3"}) as r:
             assert r.status == 200
-            text = (await r.read()).decode()  # ends cleanly (no exception), just early
+            text = await read_until_cut(r)  # cut: the client must not take it for a whole answer
     # The upstream sends the role frame at once, then pauses far longer than `idle` before the
     # first word: the gateway must give up during that pause, so only the role frame got through.
     events = [json.loads(e[6:]) for e in text.split("\n\n") if e]
@@ -600,7 +633,7 @@ async def test_upstream_dies_mid_stream(make_gateway: Any) -> None:
         async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
                           headers={"X-Demo-Die-After": "3", "X-Demo-Words": "10"}) as r:
             assert r.status == 200
-            text = (await r.read()).decode()
+            text = await read_until_cut(r)
     events = [e for e in text.split("\n\n") if e]
     assert 1 <= len(events) <= 4 and "[DONE]" not in text
     await wait_for(lambda: ProxyRecorder.seen)
@@ -959,16 +992,24 @@ async def test_upstream_connections_are_pooled(make_gateway: Any, fake: Any) -> 
     assert len({q["peer"] for q in fake.requests}) == 1
 
 
+SECRET = b"gw_SeCrEtKeyMaterial0123456789abcdef"
+
+
 @pytest.mark.parametrize("raw", [
     b"GARBAGE\r\n\r\n",
     b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
     b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-], ids=["request-line", "header-too-long", "chunk-size"])
-async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: Any, raw: bytes) -> None:
-    """Requests aiohttp's HTTP parser rejects never reach the handler; they still get the one JSON
-    error shape (not aiohttp's plain text), without echoing what was sent."""
+    b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + SECRET + b"\x01\r\n\r\n",
+], ids=["request-line", "header-too-long", "chunk-size", "bad-char-in-authorization"])
+@pytest.mark.parametrize("listener", ["public", "admin"])
+async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: Any, raw: bytes, listener: str,
+                                                                 caplog: Any) -> None:
+    """Requests aiohttp's HTTP parser rejects never reach the handler; on both listeners they still
+    get the one JSON error shape (not aiohttp's plain text), without echoing what was sent, and the
+    log says what happened without quoting it (the parser's message can hold a key or a token)."""
     g = await make_gateway([])
-    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    caplog.set_level(logging.DEBUG)
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port if listener == "public" else g.gw.admin_port)
     try:
         w.write(raw)
         await w.drain()
@@ -981,7 +1022,9 @@ async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: A
     assert b"application/json" in head
     err = json.loads(body)["error"]
     assert err["type"] == "invalid_request_error" and err["code"] == "malformed_request"
-    assert b"aaaa" not in body and b"GARBAGE" not in body
+    assert b"aaaa" not in body and b"GARBAGE" not in body and SECRET not in body
+    assert "request refused by the HTTP parser: 400" in caplog.text
+    assert SECRET.decode() not in caplog.text and "Traceback" not in caplog.text
 
 
 async def test_rewritten_body_keeps_big_integers_exact(make_gateway: Any, upstream: Any) -> None:
@@ -1000,3 +1043,36 @@ async def test_rewritten_body_keeps_big_integers_exact(make_gateway: Any, upstre
     assert sent["stream_options"] == {"include_usage": True}
     assert sent["seed"] == big and type(sent["seed"]) is int
     assert sent["metadata"] == {"n": -9223372036854775809, "f": 1.5e300}
+
+
+async def test_slow_clients_are_cut_off(make_gateway: Any) -> None:
+    """A body that stops arriving gets 408 after server.body_timeout of silence (a slow but steady
+    one is fine); a connection that sends nothing, or only part of a request head, is closed after
+    server.keepalive_timeout."""
+    g = await make_gateway([], server={"body_timeout": 0.6, "keepalive_timeout": 1.0})
+    port = g.gw.public_port
+
+    async def exchange(parts: list[bytes], pause: float) -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for p in parts:
+                w.write(p)
+                await w.drain()
+                await asyncio.sleep(pause)
+            async with asyncio.timeout(10):
+                return await r.read()
+        finally:
+            w.close()
+
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    body = b'{"model": "e", "input": "0123456789ab"}'.ljust(40)
+    stalled = await exchange([head, body[:10]], 0)
+    assert stalled.startswith(b"HTTP/1.1 408 "), stalled[:80]
+    assert json.loads(stalled.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    # 8 pieces 0.3 s apart: 2.4 s in all, never 0.6 s of silence
+    steady = await exchange([head] + [body[i:i + 5] + (b"" if i + 5 < 40 else b"") for i in range(0, 40, 5)], 0.3)
+    assert steady.startswith(b"HTTP/1.1 200 "), steady[:80]
+    t0 = asyncio.get_running_loop().time()
+    assert await exchange([], 0) == b""  # nothing sent: closed, no response
+    assert await exchange([b"GET /v1/models HTTP/1.1\r\nHo"], 0) == b""  # half a head: the same
+    assert asyncio.get_running_loop().time() - t0 < 6

@@ -73,3 +73,29 @@ async def test_an_unavailable_store_is_retried_whole_not_split():
     await w.close()
     assert w.written == 10 and w.dropped == 0
     assert set(calls) == {10}  # every attempt carried the whole batch
+
+
+async def test_a_value_sqlite_has_no_type_for_is_a_rejected_record(tmp_path):
+    """A record carrying a value the driver cannot bind (a list, from an upstream answering in an odd
+    shape) is the store refusing that record: the rest of its batch lands at once."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE t (v)"))
+
+    async def write(batch: Sequence[object]) -> None:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO t (v) VALUES (:v)"), [{"v": v} for v in batch])
+
+    w = BatchWriter("t", write, WriterMetrics(CollectorRegistry()), batch_size=100, flush_interval=0.05,
+                    retry_for=30)
+    w.start()
+    for v in [1, 2, ["a"], 4]:
+        await w.put(v)
+    async with asyncio.timeout(10):  # not 30 s of retries
+        await w.flush(timeout=10)
+    await w.close()
+    with engine.connect() as c:
+        assert [r[0] for r in c.execute(text("SELECT v FROM t ORDER BY rowid"))] == [1, 2, 4]
+    assert w.dropped == 1 and w.written == 3

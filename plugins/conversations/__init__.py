@@ -105,11 +105,16 @@ def canonical(m: Any) -> str:
             continue
         if k == "tool_calls" and isinstance(v, list):
             v = [{"id": tc.get("id"), "type": tc.get("type") or "function",
-                  "function": {"name": (tc.get("function") or {}).get("name"),
-                               "arguments": (tc.get("function") or {}).get("arguments")}}
+                  "function": {"name": _fn(tc).get("name"), "arguments": _fn(tc).get("arguments")}}
                  if isinstance(tc, dict) else tc for tc in v]
         out[k] = v
     return _canon(out)
+
+
+def _fn(tc: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's ``function`` (a client may send any JSON there)."""
+    f = tc.get("function")
+    return f if isinstance(f, dict) else {}
 
 
 def digest(m: Any) -> str:
@@ -128,9 +133,10 @@ def text_len(m: dict[str, Any]) -> int:
         for p in c:
             if isinstance(p, dict):
                 n += len(str(p.get("text") or ""))
-    for tc in m.get("tool_calls") or []:
+    tcs = m.get("tool_calls")
+    for tc in tcs if isinstance(tcs, list) else ():
         if isinstance(tc, dict):
-            fn = tc.get("function") or {}
+            fn = _fn(tc)
             n += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
     return max(1, n)
 

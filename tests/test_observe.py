@@ -1,0 +1,156 @@
+"""The response observer against upstream answers of shapes nobody expects: the bytes always reach the
+client, what can be understood is, and nothing is held back or buffered without bound."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.observe import MAX_EVENT, ResponseObserver
+
+from .helpers import free_port
+
+
+def sse(*objs: Any) -> bytes:
+    return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs) + b"data: [DONE]\n\n"
+
+
+def delta(**d: Any) -> dict[str, Any]:
+    return {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+
+
+ODD = [
+    delta(role="assistant", content=""),
+    delta(content="Hel"),
+    delta(tool_calls=[{"index": -5, "function": {"name": "neg"}}]),
+    delta(tool_calls=[{"index": 3_000_000, "function": {"name": "huge"}}]),
+    delta(tool_calls=[{"index": "1", "function": {"name": "str-index"}}]),
+    delta(tool_calls=[{"index": 0, "id": "call_1", "function": "oops"}]),
+    delta(tool_calls=[{"index": 0, "function": {"name": "get", "arguments": 5}}]),
+    delta(tool_calls=5),
+    delta(content="lo"),
+    {"id": ["x"], "model": 5, "choices": [{"index": 0, "delta": {"role": 7}, "finish_reason": ["a"]}]},
+    {"choices": 5},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+]
+
+
+def test_odd_stream_shapes_are_relayed_and_what_fits_is_understood() -> None:
+    raw = sse(*ODD)
+    for strip in (False, True):
+        obs = ResponseObserver(True, strip)
+        out = b"".join(obs.feed(raw[i:i + 7]) for i in range(0, len(raw), 7)) + obs.finish()
+        c = obs.c
+        usage_event = b"data: " + json.dumps(ODD[-1]).encode() + b"\n\n"
+        assert out == (raw.replace(usage_event, b"") if strip else raw)
+        assert c.content == "Hello" and c.model == "m" and c.response_id == "c1"
+        assert c.finish_reasons == ["stop"] and c.done and c.usage == ODD[-1]["usage"]
+        assert c.tool_calls == [{"id": "call_1", "type": "function", "function": {"name": "get", "arguments": ""}}]
+
+
+def test_odd_json_shapes_are_understood_as_far_as_they_fit() -> None:
+    body = {"id": 5, "model": ["m"], "choices": [{"index": 0, "finish_reason": ["a"],
+                                                  "message": {"role": 1, "content": "hi", "tool_calls": 5}}]}
+    obs = ResponseObserver(False, False)
+    raw = json.dumps(body).encode()
+    assert obs.feed(raw) == raw and obs.finish() == b""
+    c = obs.c
+    assert (c.model, c.response_id, c.finish_reasons, c.role, c.content, c.tool_calls) == (None, None, [], None, "hi", [])
+    obs = ResponseObserver(False, False)
+    obs.feed(b'{"choices": 5}')
+    obs.finish()
+    assert obs.c.done and obs.c.content is None
+
+
+def test_an_event_without_end_is_relayed_as_it_comes_not_buffered_whole() -> None:
+    """An event longer than MAX_EVENT (no blank line yet) goes on to the client while it arrives,
+    even when the observer is removing the usage chunk, and the buffer stays small."""
+    obs = ResponseObserver(True, True)
+    out = bytearray(obs.feed(b"data: " + json.dumps(delta(content="a")).encode() + b"\n\n"))
+    piece = b"x" * 65536
+    fed = 0
+    out += obs.feed(b"data: {\"big\": \"")
+    while fed < 3 * MAX_EVENT:
+        out += obs.feed(piece)
+        fed += len(piece)
+        assert len(obs._buf) <= MAX_EVENT + len(piece)
+    assert len(out) >= fed  # what was fed went on (a few bytes may wait for the boundary check)
+    out += obs.feed(b"\"}\n\n" + b"data: " + json.dumps(delta(content="b")).encode() + b"\n\n")
+    usage = b"data: " + json.dumps({"choices": [], "usage": {"total_tokens": 1}}).encode() + b"\n\n"
+    out += obs.feed(usage + b"data: [DONE]\n\n") + obs.finish()
+    assert out.endswith(b'"b"}, "finish_reason": null}]}\n\ndata: [DONE]\n\n')  # usage chunk removed
+    assert obs.c.content == "ab" and obs.c.usage == {"total_tokens": 1}
+
+
+async def test_odd_upstream_stream_reaches_the_client_whole_and_is_stored(make_gateway: Any) -> None:
+    raw = sse(*ODD)
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(raw), 50):
+            await resp.write(raw[i:i + 50])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        g = await make_gateway([{"name": "conversations"}, {"name": "audit"}],
+                               upstream={"url": f"http://127.0.0.1:{port}"})
+        body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                got = await r.read()
+                cid = r.headers["X-Conversation-ID"]
+            assert got == raw
+            await g.plugin("conversations").flush()
+            async with s.get(g.url + f"/gateway/conversations/{cid}") as r:
+                msgs = (await r.json())["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"]
+        assert msgs[1]["content"] == "Hello" and msgs[1]["finish_reason"] == "stop"
+    finally:
+        await runner.cleanup()
+
+
+async def test_odd_client_messages_and_an_escaped_stream_flag(make_gateway: Any) -> None:
+    """Client messages with tool calls of odd shapes are proxied and stored as sent (no 500, no lost
+    record); a body that spells "stream" with a JSON escape still gets its usage counted."""
+    g = await make_gateway([{"name": "conversations"}, {"name": "audit"}])
+    odd = [
+        [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "function": "oops"}]},
+         {"role": "user", "content": "hi"}],
+        [{"role": "assistant", "content": "x", "tool_calls": 5}, {"role": "user", "content": "hi"}],
+    ]
+    async with aiohttp.ClientSession() as s:
+        for msgs in odd:
+            async with s.post(g.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": msgs}) as r:
+                assert r.status == 200, await r.text()
+                cid = r.headers["X-Conversation-ID"]
+            await g.plugin("conversations").flush()
+            async with s.get(g.url + f"/gateway/conversations/{cid}") as r:
+                stored = (await r.json())["messages"]
+            assert [m["role"] for m in stored] == ["assistant", "user", "assistant"]
+            assert stored[0]["tool_calls"] == msgs[0]["tool_calls"]
+        raw = b'{"model": "demo-chat", "\\u0073tream": true, "messages": [{"role": "user", "content": "count me"}]}'
+        async with s.post(g.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+            text = await r.text()
+            cid = r.headers["X-Conversation-ID"]
+    assert '"usage"' not in text  # the client did not ask for the usage chunk: not shown
+    await g.plugin("conversations").flush()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.url + f"/gateway/conversations/{cid}") as r:
+            conv = await r.json()
+    # the upstream was asked for usage and reported it (not a count derived from the deltas)
+    assert conv["messages"][1]["tokens"] > 0 and conv["messages"][1]["tokens_derived"] is False
