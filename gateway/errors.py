@@ -64,6 +64,11 @@ class UnsupportedMediaType(GatewayError):
     status, type, code = 415, "invalid_request_error", "unsupported_content_encoding"
 
 
+class TransferCodingNotImplemented(GatewayError):
+    status, type, code = 501, "invalid_request_error", "unsupported_transfer_encoding"
+    message = "Only the chunked transfer coding is supported for request bodies."
+
+
 class UpstreamUnavailable(GatewayError):
     status, type, code, message = 502, "upstream_error", "upstream_unavailable", "The upstream could not be reached."
 

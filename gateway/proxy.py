@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext
 from .errors import (BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, RequestTimeout,
-                     UnsupportedMediaType)
+                     TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
@@ -173,6 +173,9 @@ class Proxy:
             raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
         if "Content-Encoding" in request.headers:
             _check_encoding(request.headers.getall("Content-Encoding"))
+        if "Transfer-Encoding" in request.headers and \
+                ",".join(request.headers.getall("Transfer-Encoding")).strip().lower() != "chunked":
+            raise TransferCodingNotImplemented()  # e.g. "gzip, chunked": the parser undoes the chunking only
         if "Expect" in request.headers and request.headers["Expect"].lower() == "100-continue" \
                 and request.version == aiohttp.HttpVersion11:
             # The client waits for this before sending the body: only once the size check passed.

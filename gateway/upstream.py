@@ -26,10 +26,11 @@ log = logging.getLogger("gateway.upstream")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
 # Never copied from the client: framing is recomputed, Host is the upstream's, credentials come from
-# the config, the gateway sets the forwarding headers itself, and a compressed request body was
-# already decoded by the server (so its Content-Encoding no longer applies).
+# the config, the gateway sets the forwarding headers itself (and drops the other spellings of
+# them, which a client could fill with anything), and a compressed request body was already
+# decoded by the server (so its Content-Encoding no longer applies).
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "expect", "x-request-id",
-                             "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for"}
+                             "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "forwarded", "x-real-ip"}
 RESPONSE_DROP = HOP_BY_HOP
 
 

@@ -14,6 +14,8 @@ from .helpers import ADMIN_TOKEN
     ("limit=0", "limit"),
     ("order=sideways", "order"),
     ("status=abc", "status"),
+    ("status=" + "9" * 40, "status"),
+    ("status=4000", "status"),
 ])
 async def test_bad_audit_query_is_a_400_naming_the_parameter(make_gateway, query, param):
     g = await make_gateway([{"name": "audit", "config": {"sinks": ["database"]}}])

@@ -457,3 +457,24 @@ async def test_store_batch_is_atomic(db: dict[str, Any]) -> None:
     msgs, _ = await store.messages(recs[1].conversation_id)
     assert [(m["position"], m["content"]) for m in msgs] == [(0, "q1")]
     await d.close()
+
+
+async def test_out_of_range_query_values_are_400s(make_gateway: Any, db: dict[str, Any]) -> None:
+    """Numbers no column holds get a 400 naming the parameter, on the caller and the admin API (on
+    PostgreSQL they reached the driver and came back as 503 or 500)."""
+    g = await start(make_gateway, db)
+    st, h, _ = await chat(g, [{"role": "user", "content": "hello"}])
+    cid = h["X-Conversation-ID"]
+    huge = "9" * 30
+    async with aiohttp.ClientSession() as s:
+        for url, headers, param in ((f"{g.url}/gateway/conversations/{cid}?after={huge}", {}, "after"),
+                                    (f"{g.admin_url}/conversations/{cid}?after={huge}", ADMIN, "after")):
+            async with s.get(url, headers=headers) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["param"] == param, body
+        for days in ("inf", "1e308", "nan", "0"):
+            async with s.post(f"{g.admin_url}/conversations/purge?older_than_days={days}", headers=ADMIN) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["param"] == "older_than_days", (days, body)
+        async with s.get(f"{g.url}/gateway/conversations/{cid}?after=0") as r:
+            assert r.status == 200 and [m["position"] for m in (await r.json())["messages"]] == [1]

@@ -35,7 +35,10 @@ def total(samples: dict[tuple[tuple[str, str], ...], float], **match: str) -> fl
 async def chat(s: aiohttp.ClientSession, url: str, stream: bool = False, **headers: str) -> tuple[int, dict[str, Any] | None]:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}} if stream else CHAT
     async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
-        raw = await r.read()
+        try:
+            raw = await r.read()
+        except aiohttp.ClientPayloadError:  # an upstream that died mid-stream: the gateway cuts too
+            return r.status, None
         if r.status != 200:
             return r.status, None
         if not stream:

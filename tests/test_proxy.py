@@ -440,6 +440,8 @@ async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -
            b"X-End-To-End: kept\r\n"
            b"Authorization: Bearer client-secret\r\n"
            b"X-Forwarded-For: 203.0.113.7\r\n"
+           b"Forwarded: for=198.51.100.9\r\n"
+           b"X-Real-IP: 198.51.100.9\r\n"
            b"Content-Type: application/json\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n"
            b"5\r\n{\"a\":\r\n"
@@ -450,7 +452,7 @@ async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -
     got = fake.requests[-1]
     h = got["headers"]
     for name in ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Authorization", "Proxy-Connection",
-                 "X-Req-Private"):
+                 "X-Req-Private", "Forwarded", "X-Real-IP"):
         assert name not in h, name
     assert "X-Req-Private" not in h.get("Connection", "")
     assert h["X-End-To-End"] == "kept"
@@ -825,7 +827,11 @@ async def test_compressed_request_body(make_gateway: Any, fake: Any) -> None:
         async with s.post(g.url + "/v1/echo", data=bomb, headers={"Content-Encoding": "gzip"}) as r:
             assert r.status == 413
             assert_error_shape(await r.json(), "request_too_large")
-        # An encoding the server does not decode is refused, not forwarded still encoded but unlabelled.
+        # A transfer coding besides chunked would reach the upstream still applied: 501.
+    async with s.post(g.url + "/v1/echo", data=packed, headers={"Transfer-Encoding": "gzip, chunked"}) as r:
+        assert r.status == 501
+        assert_error_shape(await r.json(), "unsupported_transfer_encoding")
+    # An encoding the server does not decode is refused, not forwarded still encoded but unlabelled.
         # (br and zstd too when their packages are missing: aiohttp's parser refuses those itself)
         from gateway.proxy import _DECODED
         missing = [[e] for e in ("br", "zstd") if e not in _DECODED]

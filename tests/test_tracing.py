@@ -487,8 +487,15 @@ async def test_client_abort_and_upstream_failure_are_recorded(make_gateway, upst
     assert genai.status.is_ok is False and genai.attributes["error.type"] == "client_disconnected"
     # The upstream drops the connection mid-stream.
     exp.clear()
-    status, _ = await post(g.url + "/v1/chat/completions", {**CHAT, "stream": True}, {"X-Demo-Die-After": "2"})
-    assert status == 200
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={"X-Demo-Die-After": "2"}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):  # the client sees the cut
+                await r.read()
+    async with asyncio.timeout(10):
+        while not any(sp.kind == SpanKind.SERVER for sp in exp.get_finished_spans()):
+            await asyncio.sleep(0.05)
     spans = by_name(exp.get_finished_spans())
     assert spans["POST /v1/chat/completions"].attributes["gateway.outcome"] == "upstream_disconnected"
     assert spans["chat demo-chat"].attributes["error.type"] == "upstream_disconnected"

@@ -50,7 +50,7 @@ def parse_filters(get: Any) -> dict[str, Any]:
                 raise ValueError(f"{k}: expected ISO 8601 time, Unix seconds or an age like 24h") from None
         elif k == "status":
             s = str(v).lower()
-            if not (s.isdigit() or (len(s) == 3 and s[0].isdigit() and s[1:] == "xx")):
+            if not ((s.isdigit() and len(s) == 3) or (len(s) == 3 and s[0].isdigit() and s[1:] == "xx")):
                 raise ValueError("status: expected a status code (429) or a class (4xx)")
             f[k] = s
         else:

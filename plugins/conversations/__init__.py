@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import string
 import time
 from typing import Any, Literal
@@ -30,7 +29,7 @@ from gateway.errors import error_body
 from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import Shared, View
+from .state import _GENERATED, _ID_OK, Shared, View
 from .store import TurnRecord, dumps, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
@@ -39,8 +38,6 @@ __all__ = ["Conversations", "ConversationsConfig"]
 
 # digits in ASCII order, so ids made later sort after ids made earlier (byte-wise, as SQLite compares)
 _B62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
-_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
-_GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 ANONYMOUS = "anonymous"
 
 

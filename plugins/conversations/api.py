@@ -1,9 +1,9 @@
 """The caller API (public listener, own conversations only) and the admin API (admin listener)."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
-import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
@@ -12,7 +12,7 @@ from gateway.admin import admin_identity
 from gateway.errors import error_body, json_error
 from gateway.plugin import Reply
 
-from .state import Shared
+from .state import _GENERATED, _ID_OK, Shared
 from .store import dumps, parse_time, utcnow
 
 if TYPE_CHECKING:
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from . import Conversations
 
 log = logging.getLogger("gateway.conversations")
-_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
 MAX_LIMIT = 1000
+MAX_DAYS = 36500  # older_than_days: a century
 
 
 class BadParam(ValueError):
@@ -43,9 +43,12 @@ def _limit(q: Any, default: int) -> int:
 
 def _after(q: Any) -> int:
     try:
-        return int(q.get("after", -1))
+        n = int(q.get("after", -1))
     except ValueError:
         raise BadParam("after", "after must be a message position (integer).") from None
+    if not -1 <= n < 2**31:
+        raise BadParam("after", "after must be a message position (-1 .. 2147483647).")
+    return n
 
 
 def _time(q: Any, name: str) -> dt.datetime | None:
@@ -91,6 +94,10 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             if v is not None and v.owner == owner:
                 await shared.settle(v, 5.0)
             conv = await store.get(cid)
+            if conv is None and v is None and _GENERATED(cid):
+                # Made by another instance a moment ago? Its write may still be queued there.
+                await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
+                conv = await store.get(cid)
             if conv is None or conv["owner"] != owner:
                 return _err_reply(404, "No conversation with this id exists for this caller.",
                                   "conversation_not_found")
@@ -252,8 +259,8 @@ def admin_routes(services: Any) -> list[Any]:
             days = float(request.query.get("older_than_days", ""))
         except ValueError:
             raise BadParam("older_than_days", "older_than_days must be a number of days (> 0).") from None
-        if not days > 0:
-            raise BadParam("older_than_days", "older_than_days must be a number of days (> 0).")
+        if not 0 < days <= MAX_DAYS:
+            raise BadParam("older_than_days", f"older_than_days must be a number of days (> 0, at most {MAX_DAYS}).")
         s = shared()
         await fresh(s)
         ids = await s.store.purge(utcnow() - dt.timedelta(days=days))

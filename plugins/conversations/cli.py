@@ -21,7 +21,13 @@ def parse_duration(s: str) -> dt.timedelta:
     if not m:
         raise argparse.ArgumentTypeError(f"not a duration: {s!r} (e.g. 30d, 12h, 90m)")
     n, unit = float(m.group(1)), m.group(2) or "d"
-    return dt.timedelta(**{{"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[unit]: n})
+    try:
+        td = dt.timedelta(**{{"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}[unit]: n})
+    except OverflowError:
+        td = dt.timedelta.max
+    if td > dt.timedelta(days=36500):
+        raise argparse.ArgumentTypeError(f"duration too long: {s!r} (at most 36500d)")
+    return td
 
 
 def add_cli(sub: Any) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import datetime as dt
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from gateway.services import Services
 
 log = logging.getLogger("gateway.conversations")
+
+#: A conversation id a client may send, and one this gateway (any instance) generates.
+_ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
+_GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 RESOURCE = "conversations:shared"
 ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
 
@@ -191,7 +196,7 @@ class Shared:
         for r in batch:
             r.attempted_at = now
         try:
-            missing, moved = await self.store.write(batch)
+            missing, moved, late = await self.store.write(batch)
         except Exception:
             t = time.monotonic()
             for r in batch:
@@ -207,6 +212,9 @@ class Shared:
             v = self.views.get(cid)
             if v is not None:
                 v.stale = True
+        for cid in late:
+            self.skipped.labels("forked_late").inc()
+            log.info("a turn differed from what another request stored meanwhile; stored as fork %s", cid)
         ev, self._written = self._written, asyncio.Event()
         ev.set()
 

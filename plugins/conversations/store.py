@@ -294,12 +294,13 @@ class ConversationStore:
             await driver.execute_fetchall(head + ", ".join([one] * k), params[i * n:(i + k) * n])
 
     # -- the writer ------------------------------------------------------------------------------
-    async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str]]:
+    async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str], list[str]]:
         """Persist a batch in one transaction with a handful of statements (one executemany per
-        table). Returns (conversation ids that were missing, i.e. deleted meanwhile, conversation
-        ids whose stored count differed from what the request saw)."""
+        table). Returns (conversation ids that were missing, i.e. deleted meanwhile; conversation
+        ids whose stored count differed from what the request saw; forks made at write time)."""
         missing: set[str] = set()
         moved: set[str] = set()
+        late: list[str] = []  # forks made here, at write time
         now = utcnow()
         async with self.db.engine.begin() as conn:
             ids = sorted({r.conversation_id for r in batch if not r.create})
@@ -312,7 +313,7 @@ class ConversationStore:
                 for row in (await conn.execute(q)).all():
                     counts[row.id], owners[row.id] = row.message_count, row.owner
             created: dict[str, dict[str, Any]] = {}
-            forks: list[TurnRecord] = []
+            forks: list[tuple[str, str, int]] = []  # (parent, child, shared prefix length)
             msg_rows: list[dict[str, Any]] = []
             turn_rows: list[dict[str, Any]] = []
             touched: dict[str, dict[str, Any]] = {}
@@ -326,7 +327,7 @@ class ConversationStore:
                     owners[cid] = rec.owner
                     counts[cid] = 0
                     if rec.parent_id is not None and rec.fork_position:
-                        forks.append(rec)
+                        forks.append((rec.parent_id, cid, rec.fork_position))
                         counts[cid] = rec.fork_position  # the shared prefix is copied below
                 elif cid not in counts:
                     missing.add(cid)
@@ -339,7 +340,15 @@ class ConversationStore:
                 if pos != rec.base:
                     moved.add(cid)
                     if pos > rec.base and msgs and cid not in created:
-                        msgs = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows)
+                        msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows)
+                        if at is not None:
+                            # What this request saw differs from what another one stored meanwhile
+                            # (a regenerated answer, an edit): never interleave the two histories.
+                            # This turn becomes a fork of the stored one at the first difference.
+                            cid = self._late_fork(rec, cid, at, created, forks)
+                            counts[cid] = pos = at
+                            owners[cid] = rec.owner
+                            late.append(cid)
                 for m in msgs:  # the record's own dicts: set again on every attempt, so a retry is the same
                     m["conversation_id"] = cid
                     m["position"] = pos
@@ -366,8 +375,8 @@ class ConversationStore:
                 await self._insert(conn, C, list(created.values()))
             if msg_rows:
                 await self._insert(conn, M, msg_rows)
-            for rec in forks:
-                await self._copy_prefix(conn, rec.parent_id, rec.conversation_id, rec.fork_position)  # type: ignore[arg-type]
+            for parent, child, upto in forks:
+                await self._copy_prefix(conn, parent, child, upto)
             if turn_rows:
                 await self._insert(conn, T, turn_rows)
             if touched:
@@ -380,7 +389,20 @@ class ConversationStore:
                         completion_tokens=C.c.completion_tokens + bindparam("completion_tokens"),
                         last_model=func.coalesce(bindparam("last_model", type_=sa.String), C.c.last_model)),
                     params)
-        return missing, moved
+        return missing, moved, late
+
+    @staticmethod
+    def _late_fork(rec: TurnRecord, parent: str, at: int, created: dict[str, dict[str, Any]],
+                   forks: list[tuple[str, str, int]]) -> str:
+        from . import new_id  # the package imports this module
+
+        cid = new_id()
+        created[cid] = {"id": cid, "owner": rec.owner, "key_id": rec.key_id, "parent_id": parent,
+                        "fork_position": at, "created_at": rec.created_at, "updated_at": utcnow(),
+                        "message_count": 0, "turn_count": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                        "last_model": None}
+        forks.append((parent, cid, at))
+        return cid
 
     async def _copy_prefix(self, conn: Any, parent: str, child: str, upto: int) -> None:
         cols = [c for c in M.c if c.name not in ("id", "conversation_id")]
@@ -389,16 +411,20 @@ class ConversationStore:
         await conn.execute(M.insert().from_select(["conversation_id"] + [c.name for c in cols], sel))
 
     async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]],
-                           queued: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Another request appended since this one looked: drop our leading messages that are
-        already stored there (same digests), append the rest."""
+                           queued: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
+        """Another request appended since this one looked. Our leading messages already stored
+        there (same digests) are dropped; if all that was stored since matches, the rest is
+        appended (None). If ours differ from what was stored, the position of the first difference
+        is returned with the messages from there: those must not go after the stored ones."""
         stored = [r.digest for r in (await conn.execute(
             select(M.c.digest).where(M.c.conversation_id == cid, M.c.position >= base).order_by(M.c.position)))]
         stored += [m["digest"] for m in queued if m["conversation_id"] == cid and m["position"] >= base]
         i = 0
         while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
             i += 1
-        return msgs[i:]
+        if i < len(msgs) and i < len(stored):
+            return msgs[i:], base + i
+        return msgs[i:], None
 
     # -- reads for the request path ---------------------------------------------------------------
     async def load_view(self, cid: str) -> dict[str, Any] | None:
