@@ -18,7 +18,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 
 from .admin import build_admin_app
 from .cli import redact_url
-from .db import Database
+from .db import Database, DatabaseError
 from .errors import error_body
 from .logs import setup_logging
 from .proxy import SERVER, Proxy, unsupported_encoding_message
@@ -66,6 +66,11 @@ class Gateway:
         if auto:
             await self.db.upgrade()
         await self.db.check()
+        if not auto:
+            pending = await self.db.pending_migrations()
+            if pending:
+                raise DatabaseError(f"the database schema is not up to date ({len(pending)} migration branch(es) "
+                                    "behind): run `gateway db upgrade -c <config>`, or set database.auto_migrate: true")
 
     async def start(self) -> None:
         if uses_database(self.cfg):
@@ -293,7 +298,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     except Exception as e:
         # e.g. the port is taken or a plugin's backend is unreachable: say so in one line (a
         # traceback only for what is not an OS-level error), and undo what had started.
-        if isinstance(e, OSError):
+        if isinstance(e, (OSError, DatabaseError)):
             log.error("start-up failed: %s", e)
         else:
             log.exception("start-up failed: %s: %s", type(e).__name__, e)

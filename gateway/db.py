@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, event, text
+from sqlalchemy import MetaData, event, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -89,12 +89,24 @@ class Database:
         except Exception:
             return False
 
+    async def pending_migrations(self) -> list[str]:
+        """The migration heads this database has not reached (empty: the schema is current)."""
+        heads = await asyncio.to_thread(heads_sync, self.url)
+        async with self.engine.connect() as conn:
+            has = await conn.run_sync(lambda c: inspect(c).has_table("alembic_version"))
+            applied = set() if not has else {r[0] for r in await conn.execute(text("SELECT version_num FROM alembic_version"))}
+        return sorted(set(heads) - applied)
+
     async def upgrade(self) -> list[str]:
         """Apply every migration branch up to its head; returns the heads now applied."""
         return await asyncio.to_thread(upgrade_sync, self.url)
 
-    async def close(self) -> None:
-        await self.engine.dispose()
+    async def close(self, timeout: float = 5.0) -> None:
+        try:
+            async with asyncio.timeout(timeout):  # a hung server must not hold the exit
+                await self.engine.dispose()
+        except TimeoutError:
+            log.warning("database connections not closed cleanly within %.0fs", timeout)
 
 
 def alembic_config(url: str) -> Any:
@@ -120,6 +132,12 @@ def upgrade_sync(url: str) -> list[str]:
     with _ALEMBIC:
         command.upgrade(cfg, "heads")
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
+
+
+def heads_sync(url: str) -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    return sorted(ScriptDirectory.from_config(alembic_config(url)).get_heads())
 
 
 def current_sync(url: str) -> list[str]:

@@ -80,11 +80,15 @@ class Services:
         return self.resource("metric:" + key, lambda: factory(self.metrics))
 
     async def close(self) -> None:
-        for c in reversed(self._closers):
+        """Close every shared resource at once (writers flush in parallel, so a slow or hung
+        database costs one retry budget, not one per writer)."""
+        async def close_one(c: Callable[[], Awaitable[None]]) -> None:
             try:
                 await c()
             except Exception:
                 log.exception("closing a shared resource failed")
+
+        await asyncio.gather(*(close_one(c) for c in reversed(self._closers)))
         self._closers.clear()
         self._resources.clear()
         if self._owns_db and self._db is not None:

@@ -20,6 +20,10 @@ log = logging.getLogger("gateway.writer")
 T = TypeVar("T")
 
 
+#: Bounds of one write attempt (seconds): a stuck one is abandoned and counts as a failure.
+MIN_ATTEMPT, MAX_ATTEMPT = 1.0, 30.0
+
+
 class WriterMetrics:
     """Shared per-registry metric families (one set of label values per writer)."""
 
@@ -51,6 +55,8 @@ class BatchWriter(Generic[T]):
         self.shutdown_retry_for = shutdown_retry_for
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._close_by: float | None = None  # monotonic time by which a closing writer gives up
+        self._attempt_timer: asyncio.Timeout | None = None  # the write attempt under way
         self._m = metrics
         self._depth = metrics.depth.labels(name)
         self._depth.set_function(self._q.qsize)
@@ -151,8 +157,17 @@ class BatchWriter(Generic[T]):
     async def _attempt(self, batch: list[T], give_up: float) -> None:
         delay = 0.05
         while True:
+            if self._close_by is not None:  # closing: the shutdown budget applies to this batch too
+                give_up = min(give_up, self._close_by)
             try:
-                await self._write(batch)
+                # One attempt never outlasts the retry budget (a hung database would otherwise hold
+                # the writer, and a shutdown, for as long as it hangs); a timed-out attempt is a failure.
+                async with asyncio.timeout(max(MIN_ATTEMPT, min(MAX_ATTEMPT, give_up - time.monotonic()))) as t:
+                    self._attempt_timer = t
+                    try:
+                        await self._write(batch)
+                    finally:
+                        self._attempt_timer = None
                 self.written += len(batch)
                 self._written.inc(len(batch))
                 return
@@ -198,6 +213,13 @@ class BatchWriter(Generic[T]):
     async def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued (retrying for a short while), then stop. Leftovers are counted."""
         self._closing = True
+        self._close_by = time.monotonic() + self.shutdown_retry_for
+        t = self._attempt_timer
+        if t is not None:
+            # a write under way (perhaps hung) gets the shutdown budget, not the normal one
+            when = asyncio.get_running_loop().time() + max(MIN_ATTEMPT, self.shutdown_retry_for)
+            if t.when() is None or t.when() > when:  # type: ignore[operator]
+                t.reschedule(when)
         self._wake.set()
         try:
             await self.flush(timeout)

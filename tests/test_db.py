@@ -140,6 +140,30 @@ async def test_db_upgrade_postgresql(tmp_path: Path, pg_url: str) -> None:
         await db.close()
 
 
+async def test_start_refuses_an_unmigrated_database(tmp_path: Path, pg_url: str) -> None:
+    """With auto_migrate off (the default for PostgreSQL), a gateway whose plugins use the database
+    does not start on a schema that is behind: it says to run `gateway db upgrade` (instead of
+    reporting ready and failing every write). After the upgrade it starts."""
+    cfg = write_config(tmp_path / "gateway.yaml", f"admin: {{enabled: false}}\nserver: {{host: 127.0.0.1, port: 0}}\n"
+                                                   f"upstream: {{url: http://127.0.0.1:9}}\ndatabase:\n  url: {pg_url}\n"
+                                                   "plugins:\n  - name: audit\n")
+    r = await asyncio.to_thread(gateway_cli, "serve", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "the database schema is not up to date" in r.stderr and "gateway db upgrade" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = await asyncio.to_thread(gateway_cli, "db", "upgrade", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    gw = Gateway(load_config(cfg))
+    try:
+        await gw.start()
+        assert gw.public_port
+    finally:
+        await gw.stop()
+
+
 async def test_gateway_start_migrates_embedded_sqlite(make_gateway: Any, tmp_path: Path) -> None:
     g = await make_gateway([{"name": "t_db_user"}])
     path = tmp_path / "gateway.db"

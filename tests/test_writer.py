@@ -99,3 +99,31 @@ async def test_a_value_sqlite_has_no_type_for_is_a_rejected_record(tmp_path):
     with engine.connect() as c:
         assert [r[0] for r in c.execute(text("SELECT v FROM t ORDER BY rowid"))] == [1, 2, 4]
     assert w.dropped == 1 and w.written == 3
+
+
+async def test_a_hung_store_does_not_hold_a_shutdown():
+    """A write that never returns (a frozen database) is abandoned at the retry budget: closing
+    writers on such a store takes about one shutdown budget, all writers together, and every record
+    is counted."""
+    import time
+
+    from gateway.services import Services
+
+    async def hang(batch: Sequence[int]) -> None:
+        await asyncio.Event().wait()
+
+    services = Services(None, None)  # type: ignore[arg-type]  # only the resource registry is used
+    writers = [services.resource(f"w{i}", lambda i=i: services.writer(
+        f"w{i}", hang, batch_size=10, flush_interval=0.05, retry_for=60, shutdown_retry_for=1.0),
+        close=lambda w: w.close()) for i in range(3)]
+    for w in writers:
+        w.start()
+        for i in range(5):
+            await w.put(i)
+    await asyncio.sleep(0.2)  # the first attempts are under way (and hang)
+    t0 = time.monotonic()
+    async with asyncio.timeout(20):
+        await services.close()
+    took = time.monotonic() - t0
+    assert took < 6, took  # about one shutdown budget (1 s), not 3 writers x the 10 s close timeout
+    assert all(w.dropped == 5 and w.written == 0 for w in writers)
