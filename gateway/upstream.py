@@ -163,6 +163,11 @@ class Upstream:
             ctx.outcome = "error"
             log.exception("building the upstream request failed (request %s)", ctx.request_id)
             raise InternalError() from None
+        if resp.status == 101:  # the gateway relays HTTP, not what a protocol switch leads to
+            resp.close()
+            ctx.outcome = "upstream_error"
+            log.warning("upstream answered 101 Switching Protocols (request %s)", ctx.request_id)
+            raise UpstreamUnavailable("The upstream switched protocols, which the gateway does not relay.")
         conn = resp.connection
         if conn is not None and conn.protocol is not None:
             # From here on, `idle` bounds each gap between body chunks, starting now (the protocol

@@ -1084,3 +1084,27 @@ async def test_slow_clients_are_cut_off(make_gateway: Any) -> None:
     assert await exchange([], 0) == b""  # nothing sent: closed, no response
     assert await exchange([b"GET /v1/models HTTP/1.1\r\nHo"], 0) == b""  # half a head: the same
     assert asyncio.get_running_loop().time() - t0 < 6
+
+
+async def test_upstream_switching_protocols_is_a_502(make_gateway: Any) -> None:
+    """The gateway relays HTTP: an upstream answering 101 gets the client a 502, not a 101 that
+    lacks its Upgrade header and leads nowhere."""
+    async def switch(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo/1\r\nConnection: Upgrade\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(1)
+        w.close()
+
+    server = await asyncio.start_server(switch, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        g = await gateway_to(make_gateway, f"http://127.0.0.1:{port}", [{"name": "t_proxy_recorder"}])
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.get(g.url + "/v1/models") as r:
+                assert r.status == 502
+                assert_error_shape(await r.json(), "upstream_unavailable")
+        await wait_for(lambda: ProxyRecorder.seen)
+        assert ProxyRecorder.seen[0]["outcome"] == "upstream_error"
+    finally:
+        server.close()
