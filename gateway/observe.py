@@ -49,6 +49,10 @@ class Completion:
     def completion_tokens(self) -> int | None:
         return _int(self.usage.get("completion_tokens")) if self.usage else None
 
+    @property
+    def total_tokens(self) -> int | None:
+        return _int(self.usage.get("total_tokens")) if self.usage else None
+
     def assistant_message(self) -> dict[str, Any] | None:
         if self.message is not None:
             return self.message
@@ -60,8 +64,18 @@ class Completion:
         return msg
 
 
+#: A token count the upstream reports is believed up to here; beyond it (no response is two billion
+#: tokens long) it is treated as not reported, so one bogus value cannot overflow a counter or a
+#: column and take other records with it.
+MAX_TOKENS = 2**31 - 1
+
+
 def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    """A token count as reported, if it is one: an integer (not a bool) in 0..MAX_TOKENS."""
+    return v if type(v) is int and 0 <= v <= MAX_TOKENS else None
+
+
+token_count = _int
 
 
 class ResponseObserver:
@@ -181,9 +195,12 @@ class ResponseObserver:
                 continue
             if isinstance(ch.get("finish_reason"), str):
                 c.finish_reasons.append(ch["finish_reason"])
-            if ch.get("index", 0) != 0:
-                continue
             delta = ch.get("delta")
+            if ch.get("index", 0) != 0:
+                # other choices (n > 1) are not assembled, but what they generate is counted
+                if (isinstance(delta, dict) and _generates(delta)) or (isinstance(ch.get("text"), str) and ch["text"]):
+                    self._generated()
+                continue
             if isinstance(delta, dict):
                 self._delta(delta)
             elif isinstance(ch.get("text"), str):  # legacy /v1/completions stream
@@ -192,25 +209,28 @@ class ResponseObserver:
             return False
         return True
 
-    def _text(self, text: str) -> None:
+    def _generated(self) -> None:
+        """One delta of generated output (roughly one token): counted, and the first one timed."""
         c = self.c
+        if c.t_first_token is None:
+            c.t_first_token = time.perf_counter()
+        c.deltas += 1
+
+    def _text(self, text: str) -> None:
         if text:
-            if c.t_first_token is None:
-                c.t_first_token = time.perf_counter()
-            c.deltas += 1
-        c.content = (c.content or "") + text
+            self._generated()
+        self.c.content = (self.c.content or "") + text
 
     def _delta(self, d: dict[str, Any]) -> None:
         c = self.c
         if isinstance(d.get("role"), str):
             c.role = d["role"]
+        if _generates(d):
+            self._generated()  # once per delta, whatever it carries (text, tool calls, reasoning)
         if isinstance(d.get("content"), str):
-            self._text(d["content"])
+            c.content = (c.content or "") + d["content"]
         tcs = d.get("tool_calls")
         if isinstance(tcs, list):
-            if c.t_first_token is None:
-                c.t_first_token = time.perf_counter()
-            c.deltas += 1
             for tc in tcs:
                 if not isinstance(tc, dict):
                     continue
@@ -259,6 +279,14 @@ class ResponseObserver:
             elif isinstance(ch.get("text"), str):
                 c.content = ch["text"]
                 c.role = "assistant"
+
+
+def _generates(d: dict[str, Any]) -> bool:
+    """Does this stream delta carry generated output: text, tool calls, or reasoning (the
+    ``reasoning_content`` / ``reasoning`` fields some backends stream before the answer)?"""
+    return bool((isinstance(d.get("content"), str) and d["content"]) or isinstance(d.get("tool_calls"), list)
+                or (isinstance(d.get("reasoning_content"), str) and d["reasoning_content"])
+                or (isinstance(d.get("reasoning"), str) and d["reasoning"]))
 
 
 def _find_event_end(buf: bytearray) -> tuple[int, int]:

@@ -364,6 +364,9 @@ class Proxy:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ctx.outcome = self._cut()
             ctx.bytes_out = sent
+        except asyncio.CancelledError:  # the client went away (the server cancels the handler)
+            ctx.bytes_out = sent
+            raise
         except PluginFailed:
             ctx.outcome = "error"
             ctx.error = "internal_error"

@@ -236,8 +236,7 @@ class Metrics(Plugin):
             ttfb.observe(ctx.t_first_byte - t_start)
         c = ctx.completion
         if c is not None and c.usage and self.tokens:
-            usage = c.usage
-            tin, tout = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            tin, tout = c.prompt_tokens, c.completion_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
                 cin, cout = m.token_counters(str(c.model or ctx.model or "unknown"))
                 if type(tin) is int and tin > 0:

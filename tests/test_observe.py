@@ -2,8 +2,9 @@
 client, what can be understood is, and nothing is held back or buffered without bound."""
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -11,6 +12,21 @@ from aiohttp import web
 from gateway.observe import MAX_EVENT, ResponseObserver
 
 from .helpers import free_port
+
+
+@contextlib.asynccontextmanager
+async def backend(chat: Any) -> AsyncIterator[str]:
+    """A chat backend of the test's own on loopback; yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 def sse(*objs: Any) -> bytes:
@@ -97,15 +113,9 @@ async def test_odd_upstream_stream_reaches_the_client_whole_and_is_stored(make_g
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with backend(chat) as url:
         g = await make_gateway([{"name": "conversations"}, {"name": "audit"}],
-                               upstream={"url": f"http://127.0.0.1:{port}"})
+                               upstream={"url": url})
         body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "hi"}]}
         async with aiohttp.ClientSession() as s:
@@ -119,8 +129,6 @@ async def test_odd_upstream_stream_reaches_the_client_whole_and_is_stored(make_g
                 msgs = (await r.json())["messages"]
         assert [m["role"] for m in msgs] == ["user", "assistant"]
         assert msgs[1]["content"] == "Hello" and msgs[1]["finish_reason"] == "stop"
-    finally:
-        await runner.cleanup()
 
 
 async def test_odd_client_messages_and_an_escaped_stream_flag(make_gateway: Any) -> None:
@@ -154,3 +162,70 @@ async def test_odd_client_messages_and_an_escaped_stream_flag(make_gateway: Any)
             conv = await r.json()
     # the upstream was asked for usage and reported it (not a count derived from the deltas)
     assert conv["messages"][1]["tokens"] > 0 and conv["messages"][1]["tokens_derived"] is False
+
+
+async def test_token_charges_from_backends_that_report_oddly(make_gateway: Any) -> None:
+    """What the rate limiter charges and the key's usage record, for a backend that reports no
+    usage on a whole JSON answer, streams reasoning deltas and a second choice without usage, or
+    reports a count no column holds: an estimate for the first two, and the bogus count is not
+    believed (it does not wipe the key's other usage)."""
+    from .helpers import ADMIN_TOKEN
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        mode = request.headers.get("X-Mode")
+        if mode == "json-no-usage":  # 40 characters of content: 10 tokens at 4 characters each
+            return web.json_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "x" * 40}}]})
+        if mode == "huge":
+            return web.json_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "hi"}}],
+                                      "usage": {"prompt_tokens": 2**63, "completion_tokens": 1, "total_tokens": 2**63}})
+        if body.get("stream"):  # 3 reasoning deltas, 2 content deltas, 2 deltas of a second choice; no usage
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for d, i in [({"reasoning_content": "hm"}, 0)] * 3 + [({"content": "ok"}, 0)] * 2 + [({"content": "b"}, 1)] * 2:
+                await resp.write(b"data: " + json.dumps({"choices": [{"index": i, "delta": d}]}).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        return web.json_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": "hi"}}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    async with backend(chat) as url:
+        g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit", "config": {
+            "estimate_default_max_tokens": 0, "rules": [{"name": "t", "limit": "1000/minute", "counts": "tokens",
+                                                         "key_by": ["key"], }]}}],
+            upstream={"url": url})
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=admin) as r:
+                rec = await r.json()
+            auth = {"Authorization": f"Bearer {rec['key']}"}
+            prompt = {"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}]}  # estimate: 2
+
+            async def call(mode: str = "", stream: bool = False) -> int:
+                async with s.post(g.url + "/v1/chat/completions", json={**prompt, "stream": stream},
+                                  headers={**auth, "X-Mode": mode}) as r:
+                    assert r.status == 200
+                    await r.read()
+                await g.plugin("rate_limit").drain()
+                async with s.post(g.url + "/v1/chat/completions", json=prompt, headers=auth) as r:
+                    left = int(r.headers["x-ratelimit-remaining-tokens"])
+                    await r.read()
+                await g.plugin("rate_limit").drain()
+                return left
+
+            base = await call()                                  # a normal answer: 5 tokens
+            assert base == 1000 - 5
+            assert await call("json-no-usage") == base - 5 - (2 + 10)  # estimate: prompt 2 + 40 chars / 4
+            after_stream = await call(stream=True)                # prompt 2 + 7 deltas
+            assert after_stream == base - 5 - 12 - 5 - (2 + 7)
+            after_huge = await call("huge")                       # not believed: an estimate instead
+            assert after_huge == after_stream - 5 - (2 + 1)
+            await g.plugin("key_auth").flush_usage()
+            async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=admin) as r:
+                totals = (await r.json())["totals"]
+        # 5 normal answers (3 + 2 each), the stream's 7 deltas, the huge one's believable completion count
+        assert totals["requests"] == 8 and totals["prompt_tokens"] == 5 * 3
+        assert totals["completion_tokens"] == 5 * 2 + 7 + 1

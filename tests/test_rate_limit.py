@@ -235,6 +235,19 @@ async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forward
             assert r.status == 200
 
 
+async def test_a_rule_s_own_completion_estimate_applies(make_gateway, upstream):
+    """rules[].estimate_default_max_tokens replaces the plugin-wide value for that rule's pre-check
+    (a request without max_tokens); rules without one keep the plugin-wide value."""
+    g = await make_gateway([rl(estimate_default_max_tokens=256, rules=[
+        {"name": "small", "limit": "100/minute", "counts": "tokens", "key_by": ["ip"], "estimate_default_max_tokens": 10},
+        {"name": "wide", "limit": "300/minute", "counts": "tokens", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        st, body, _ = await post(s, g.url, chat_body("one two three"))
+        assert st == 200, body  # small: 1 + 10 <= 100; wide: 1 + 256 <= 300
+        st, body, _ = await post(s, g.url, chat_body("one two three", max_tokens=150))
+        assert st == 429 and "Request too large for rule small (100/minute)" in body["error"]["message"]
+
+
 async def test_cancelled_stream_is_charged_for_what_was_generated(make_gateway, upstream):
     g = await make_gateway([rl(strategy="fixed", rules=[
         {"name": "tpm", "limit": "10000/minute", "counts": "tokens", "key_by": ["ip"]}])])
@@ -638,3 +651,50 @@ async def test_headers_can_be_turned_off(make_gateway):
     assert [r[0] for r in res] == [200, 200, 429]
     assert not any(k.lower().startswith(("ratelimit", "x-ratelimit")) for r in res for k in r[2])
     assert int(res[2][2]["Retry-After"]) >= 1
+
+
+async def test_quota_read_racing_a_write_does_not_lose_tokens(tmp_path):
+    """A quota read that started before one of this instance's batches committed, and returns
+    after, must not make those tokens vanish (the write already moved them from pending to db)."""
+    from gateway.db import Database
+    from gateway.plugins.rate_limit.quota import QuotaStore
+    from gateway.services import Services
+
+    d = Database(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}")
+    await d.upgrade()
+    services = Services(None, d)  # type: ignore[arg-type]
+    q = QuotaStore(services, cache_ttl=0)
+    gate, slow = asyncio.Event(), [False]
+    real_session = d.session
+
+    class Held:  # a session whose query result is handed back only once the gate opens
+        def __init__(self) -> None:
+            self.s = real_session()
+
+        async def __aenter__(self) -> "Held":
+            await self.s.__aenter__()
+            return self
+
+        async def __aexit__(self, *a: Any) -> None:
+            await self.s.__aexit__(*a)
+
+        async def execute(self, *a: Any, **k: Any) -> Any:
+            r = await self.s.execute(*a, **k)
+            await gate.wait()
+            return r
+
+    d.session = lambda: Held() if slow[0] else real_session()  # type: ignore[method-assign]
+    try:
+        assert await q.used("key:k", "d:x", 5) == 0
+        q.charge("key:k", "d:x", 10)
+        slow[0] = True
+        read = asyncio.create_task(q.used("key:k", "d:x", 5))  # reads 0, then waits
+        await asyncio.sleep(0.1)
+        slow[0] = False
+        await q.writer.flush(5)  # the 10 tokens commit meanwhile
+        gate.set()
+        assert await read == 10
+        assert await q.used("key:k", "d:x", 5) == 10  # and the next read is a fresh one
+    finally:
+        await q.close()
+        await d.close()

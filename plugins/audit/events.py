@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway.context import RequestContext
+from gateway.observe import token_count
 
 try:
     from opentelemetry.trace import get_current_span as _current_span
@@ -92,8 +93,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
     )
 
 
-def _int(v: Any) -> int | None:
-    return v if type(v) is int else None
+_int = token_count  # a token count the upstream reported, if believable
 
 
 def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:

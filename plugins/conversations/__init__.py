@@ -427,8 +427,7 @@ class Conversations(Plugin):
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
-                "total_tokens": usage.get("total_tokens") if isinstance(usage, dict) and
-                isinstance(usage.get("total_tokens"), int) else None,
+                "total_tokens": comp.total_tokens if comp is not None else None,
                 "usage": dumps(usage) if usage is not None else None, "latency_ms": latency, "ttft_ms": ttft,
                 "created_at": now}
         rec = TurnRecord(v.id, plan.owner, plan.key_id, plan.create, plan.parent_id, plan.fork_position,

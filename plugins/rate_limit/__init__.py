@@ -138,21 +138,25 @@ class RateLimit(Plugin):
         if tok or quota:
             ctx.want_usage()
             body = ctx.json
-            if ctx.method == "POST" and isinstance(body, dict):
+            generates = ctx.method == "POST" and isinstance(body, dict)  # GET /v1/models and the like: none
+            embeddings = ctx.path.endswith("/embeddings")
+            if generates:
                 st.prompt = prompt_estimate(body)
-                default = 0 if ctx.path.endswith("/embeddings") else self.config.estimate_default_max_tokens
-                est = st.prompt + max_tokens(body, default)
-            else:
-                est = 0  # GET /v1/models and the like generate no tokens
-            st.estimate = est
+
+            def estimate(default: int) -> int:
+                """Prompt plus the completion the request allows (``default`` when it sets none)."""
+                return st.prompt + max_tokens(body, 0 if embeddings else default) if generates else 0
+
+            est = st.estimate = estimate(self.config.estimate_default_max_tokens)
             for lim in tok:
                 st.token_limits.append((lim, identifiers(lim, ctx)))
             for lim, ids in st.token_limits:
                 reset, remaining = await store.stats(lim.item, ids, deadline)
                 s = self._standing(lim, remaining, reset)
                 st.standings.append(s)
-                if remaining < est:
-                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", est)
+                need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
+                if remaining < need:
+                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
             if quota and self._quota is not None:
                 refusal = await self._check_quota(ctx, st, quota, est)
                 if refusal is not None:
@@ -284,20 +288,27 @@ class RateLimit(Plugin):
 
 
 def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
-    """Tokens the exchange cost: the upstream's usage when it reported one; for a stream that ended
-    early without usage, the prompt estimate plus one token per delta delivered."""
+    """Tokens the exchange cost: the upstream's usage when it reported one; without one, the prompt
+    estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
+    text (content and tool calls) at four characters per token. Error answers cost nothing."""
     c = ctx.completion
     if c is None:
         return 0
-    u = c.usage
-    if isinstance(u, dict):
-        total = u.get("total_tokens")
-        if isinstance(total, int) and not isinstance(total, bool):
+    if isinstance(c.usage, dict):
+        total = c.total_tokens
+        if total is not None:
             return total
-        p, q = c.prompt_tokens or 0, c.completion_tokens or 0
-        if p or q:
-            return p + q
+        p, q = c.prompt_tokens, c.completion_tokens
+        if p is not None or q is not None:  # what was reported, the estimate for what was not
+            return (p if p is not None else prompt_estimate) + (q if q is not None else c.deltas)
     if c.deltas or ctx.outcome in ("client_disconnected", "gateway_shutdown", "upstream_disconnected",
                                     "upstream_timeout"):
         return prompt_estimate + c.deltas
+    if c.kind == "json" and c.done and ctx.status is not None and 200 <= ctx.status < 300:
+        chars = len(c.content or "")
+        for tc in c.tool_calls:
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if isinstance(fn, dict):
+                chars += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
+        return prompt_estimate + (chars + 3) // 4
     return 0

@@ -41,12 +41,13 @@ def periods(now: dt.datetime | None = None) -> tuple[tuple[str, float], tuple[st
 
 
 class _Entry:
-    __slots__ = ("db", "pending", "loaded")
+    __slots__ = ("db", "pending", "loaded", "writes")
 
     def __init__(self) -> None:
         self.db = 0          # tokens in the database as last read (plus our writes since)
         self.pending = 0     # charged here, not yet written
         self.loaded = 0.0    # monotonic time of the last read (0 = never)
+        self.writes = 0      # our batches committed for this entry (to spot one racing a read)
 
 
 class QuotaStore:
@@ -69,14 +70,22 @@ class QuotaStore:
             async with lock:
                 e = self._cache.get(k)
                 if e is None or time.monotonic() - e.loaded > self.cache_ttl:
+                    if e is None:
+                        e = self._cache[k] = _Entry()
+                    writes = e.writes
                     async with asyncio.timeout(timeout):
                         async with self.db.session() as s:
-                            v = (await s.execute(select(QuotaUsage.tokens).where(
-                                QuotaUsage.subject == subject, QuotaUsage.period == period))).scalar()
-                    e = self._cache.get(k) or _Entry()
-                    e.db = int(v or 0)
-                    e.loaded = time.monotonic()
-                    self._cache[k] = e
+                            v = int((await s.execute(select(QuotaUsage.tokens).where(
+                                QuotaUsage.subject == subject, QuotaUsage.period == period))).scalar() or 0)
+                    if e.writes == writes:
+                        e.db = v
+                        e.loaded = time.monotonic()
+                    else:
+                        # One of our batches committed while this read ran: the value read may or
+                        # may not hold it (and e.db already does). Never go below what we know;
+                        # read again on the next request.
+                        e.db = max(e.db, v)
+                        e.loaded = 0.0
                     self._prune()
         return e.db + e.pending
 
@@ -113,6 +122,7 @@ class QuotaStore:
             if e is not None:
                 e.pending = max(0, e.pending - n)
                 e.db += n
+                e.writes += 1
 
     def _prune(self) -> None:
         if len(self._cache) > 50000:

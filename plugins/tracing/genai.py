@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.observe import token_count
+
 #: Operation by path suffix, most specific first (``/chat/completions`` also ends in ``/completions``).
 OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"))
 
@@ -75,7 +77,7 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return token_count(v) is not None  # a believable token count (see gateway.observe)
 
 
 def _cut(text: str, max_chars: int) -> str:
