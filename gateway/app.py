@@ -82,8 +82,9 @@ class Gateway:
         await self.runtime.startup()
         # One catch-all handler needs no router: aiohttp's low-level server skips URL dispatch, and
         # the plugins' middlewares are wrapped around the handler here (the first listed outermost).
-        self._handler = wrap_middlewares(self.proxy.handle, self._unmounted_middlewares(self.runtime))
-        self._mount(trace_configs)
+        middlewares = self._unmounted_middlewares(self.runtime)
+        self._handler = wrap_middlewares(self.proxy.handle, middlewares)
+        self._mount(middlewares + trace_configs)
         _activate(self.runtime)
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
@@ -95,7 +96,8 @@ class Gateway:
         await site.start()
         self.public_port = _port(self._public)
         if self.cfg.admin.enabled:
-            self._admin = JsonErrorAppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5)
+            self._admin = JsonErrorAppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5,
+                                             keepalive_timeout=self.cfg.server.keepalive_timeout)
             await self._admin.setup()
             await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port).start()
             self.admin_port = _port(self._admin)

@@ -90,11 +90,16 @@ class Database:
             return False
 
     async def pending_migrations(self) -> list[str]:
-        """The migration heads this database has not reached (empty: the schema is current)."""
-        heads = await asyncio.to_thread(heads_sync, self.url)
+        """The migration heads this database has not reached (empty: the schema is current, or
+        newer than this version of the gateway knows: another instance upgraded it first)."""
+        heads, known = await asyncio.to_thread(revisions_sync, self.url)
         async with self.engine.connect() as conn:
             has = await conn.run_sync(lambda c: inspect(c).has_table("alembic_version"))
             applied = set() if not has else {r[0] for r in await conn.execute(text("SELECT version_num FROM alembic_version"))}
+        if applied - known:
+            log.warning("the database schema has migrations this version does not know (a newer gateway "
+                        "upgraded it); starting anyway")
+            return []
         return sorted(set(heads) - applied)
 
     async def upgrade(self) -> list[str]:
@@ -134,10 +139,12 @@ def upgrade_sync(url: str) -> list[str]:
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
 
 
-def heads_sync(url: str) -> list[str]:
+def revisions_sync(url: str) -> tuple[list[str], set[str]]:
+    """(the migration heads, every revision) this version of the gateway has."""
     from alembic.script import ScriptDirectory
 
-    return sorted(ScriptDirectory.from_config(alembic_config(url)).get_heads())
+    script = ScriptDirectory.from_config(alembic_config(url))
+    return sorted(script.get_heads()), {r.revision for r in script.walk_revisions()}
 
 
 def current_sync(url: str) -> list[str]:

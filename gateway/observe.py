@@ -87,6 +87,7 @@ class ResponseObserver:
         self._buf = bytearray()
         self._too_big = False
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
+        self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -103,13 +104,16 @@ class ResponseObserver:
         buf += chunk
         out = bytearray() if self.strip else None
         while True:
-            end, sep = _find_event_end(buf)
+            end, sep = _find_event_end(buf, self._scanned)
+            # a boundary (up to 4 bytes) may straddle this chunk and the next: look again there
+            self._scanned = max(0, len(buf) - 3) if end < 0 else 0
             if self._passing:
                 # keep 3 bytes back: an event boundary may straddle two chunks
                 n = end + sep if end >= 0 else max(0, len(buf) - 3)
                 if out is not None:
                     out += buf[:n]
                 del buf[:n]
+                self._scanned = 0
                 if end < 0:
                     break
                 self._passing = False
@@ -289,13 +293,14 @@ def _generates(d: dict[str, Any]) -> bool:
                 or (isinstance(d.get("reasoning"), str) and d["reasoning"]))
 
 
-def _find_event_end(buf: bytearray) -> tuple[int, int]:
-    """Index of the blank line ending the first event, and the separator length."""
-    if b"\r" not in buf:  # the common case: LF line endings only
-        return buf.find(b"\n\n"), 2
+def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
+    """Index of the blank line ending the first event (searching from ``start``), and the
+    separator length."""
+    if buf.find(b"\r", start) < 0:  # the common case: LF line endings only
+        return buf.find(b"\n\n", start), 2
     best, sep = -1, 0
     for s in (b"\n\n", b"\r\n\r\n", b"\r\r"):
-        i = buf.find(s)
+        i = buf.find(s, start)
         if i >= 0 and (best < 0 or i < best):
             best, sep = i, len(s)
     return best, sep

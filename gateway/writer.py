@@ -20,10 +20,6 @@ log = logging.getLogger("gateway.writer")
 T = TypeVar("T")
 
 
-#: Bounds of one write attempt (seconds): a stuck one is abandoned and counts as a failure.
-MIN_ATTEMPT, MAX_ATTEMPT = 1.0, 30.0
-
-
 class WriterMetrics:
     """Shared per-registry metric families (one set of label values per writer)."""
 
@@ -159,11 +155,13 @@ class BatchWriter(Generic[T]):
         while True:
             if self._close_by is not None:  # closing: the shutdown budget applies to this batch too
                 give_up = min(give_up, self._close_by)
+            # An attempt has no deadline while the gateway runs (a database that hangs holds the
+            # writer, and the queue's policy applies meanwhile); once closing, it ends with the
+            # shutdown budget (close() cuts one already under way).
+            timer = asyncio.timeout(None if self._close_by is None else max(0.0, self._close_by - time.monotonic()))
             try:
-                # One attempt never outlasts the retry budget (a hung database would otherwise hold
-                # the writer, and a shutdown, for as long as it hangs); a timed-out attempt is a failure.
-                async with asyncio.timeout(max(MIN_ATTEMPT, min(MAX_ATTEMPT, give_up - time.monotonic()))) as t:
-                    self._attempt_timer = t
+                async with timer:
+                    self._attempt_timer = timer
                     try:
                         await self._write(batch)
                     finally:
@@ -175,6 +173,13 @@ class BatchWriter(Generic[T]):
                 self._drop(len(batch), "cancelled")
                 raise
             except Exception as e:
+                if isinstance(e, TimeoutError) and timer.expired():
+                    # The shutdown budget ran out mid-write. Whether it committed is unknown, and a
+                    # retry could store it twice: it is not retried, and counted as not written.
+                    log.error("writer %s: shutdown budget spent during a write of %d records",
+                              self.name, len(batch))
+                    self._drop(len(batch), "shutdown")
+                    return
                 if rejected(e):
                     # The store refuses a record (a constraint, a value it cannot hold): that record
                     # must not take the rest of its batch with it. Halve, in order, until it is
@@ -216,8 +221,8 @@ class BatchWriter(Generic[T]):
         self._close_by = time.monotonic() + self.shutdown_retry_for
         t = self._attempt_timer
         if t is not None:
-            # a write under way (perhaps hung) gets the shutdown budget, not the normal one
-            when = asyncio.get_running_loop().time() + max(MIN_ATTEMPT, self.shutdown_retry_for)
+            # a write under way (perhaps hung) gets the shutdown budget, and no more
+            when = asyncio.get_running_loop().time() + self.shutdown_retry_for
             if t.when() is None or t.when() > when:  # type: ignore[operator]
                 t.reschedule(when)
         self._wake.set()
@@ -243,26 +248,36 @@ def rejected(e: BaseException) -> bool:
     """Is this the store refusing some record (retrying the same records will fail the same way),
     rather than being unavailable or broken (retry all of it later)? Constraint violations, values
     the database cannot hold, and values the driver cannot even send are; everything else (no
-    connection, a lock, a missing table, a deadlock) is retried whole."""
+    connection, a lock, a missing table, a deadlock) is retried whole. Errors come wrapped by
+    SQLAlchemy, or straight from the driver (a store that calls it directly)."""
     from sqlalchemy import exc as sa_exc
 
     if isinstance(e, (sa_exc.IntegrityError, sa_exc.DataError)):
         return True
     if isinstance(e, sa_exc.DBAPIError):
+        cause: BaseException | None = e.orig
         # asyncpg reports a value it could not encode (an int beyond its column's range) as a
         # client-side DataError, which arrives wrapped in an InterfaceError.
-        cause = e.orig
         for x in (cause, getattr(cause, "__cause__", None), e.__cause__):
             if x is not None and (isinstance(x, (ValueError, TypeError, OverflowError, UnicodeError))
                                   or type(x).__name__ == "DataError"):
                 return True
-        # sqlite3 refuses a value it has no type for ("type 'list' is not supported", "Error
-        # binding parameter") as a ProgrammingError / InterfaceError.
-        if type(cause).__module__ == "sqlite3" and type(cause).__name__ in ("ProgrammingError", "InterfaceError"):
-            text = str(cause)
-            return "not supported" in text or "binding parameter" in text
+        return _sqlite_refuses(cause)
+    return isinstance(e, (ValueError, TypeError, OverflowError, UnicodeError)) or _sqlite_refuses(e)
+
+
+def _sqlite_refuses(e: BaseException | None) -> bool:
+    """sqlite3's own errors for a record: a constraint, or a value it has no type for ("type 'list'
+    is not supported", "Error binding parameter")."""
+    if e is None or type(e).__module__ != "sqlite3":
         return False
-    return isinstance(e, (ValueError, TypeError, OverflowError, UnicodeError))
+    name = type(e).__name__
+    if name == "IntegrityError":
+        return True
+    if name in ("ProgrammingError", "InterfaceError"):
+        text = str(e)
+        return "not supported" in text or "binding parameter" in text
+    return False
 
 
 def _short(e: BaseException) -> str:

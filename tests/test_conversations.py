@@ -410,9 +410,10 @@ async def test_hostile_unicode_is_stored_and_read_back(make_gateway: Any, db: di
 async def test_a_stale_instance_regenerating_an_answer_forks_instead_of_interleaving(
         make_gateway: Any, db: dict[str, Any]) -> None:
     """Two instances on one database. A knows turn 1 of a conversation; B stores turn 2; then A,
-    within its cache time, is asked to answer turn 2's question again. The stored conversation keeps
-    B's history, alternating; A's answer goes to a fork at the first difference, complete on its own."""
-    a = await start(make_gateway, db)
+    within its cache time, is asked to answer turn 2's question again, and (before A's writer ran)
+    the question after A's answer. The stored conversation keeps B's history, alternating; A's
+    answer and the turn after it go to a fork at the first difference, complete on its own."""
+    a = await start(make_gateway, db, {"flush_interval": 1.0})
     b = await make_gateway([{"name": "conversations"}], database=db, name="b.yaml")
     u1, u2 = {"role": "user", "content": "r one"}, {"role": "user", "content": "r two"}
     st, h, body = await chat(a, [u1])
@@ -426,23 +427,28 @@ async def test_a_stale_instance_regenerating_an_answer_forks_instead_of_interlea
     assert st == 200
     a2_a = body["choices"][0]["message"]
     assert a2_a["content"] != a2_b["content"]
+    u3 = {"role": "user", "content": "r three"}
+    st, h, body = await chat(a, [u1, a1, u2, a2_a, u3], cid)  # queued with the turn before it
+    assert st == 200
+    a3 = body["choices"][0]["message"]
     rows = await stored(a, cid)
     assert [(r.role, row_message(r)["content"]) for r in rows] == [
         ("user", "r one"), ("assistant", a1["content"]), ("user", "r two"), ("assistant", a2_b["content"])]
     async with a.gw.db.engine.connect() as conn:
         forks = (await conn.execute(select(C.c.id, C.c.fork_position, C.c.message_count).where(
             C.c.parent_id == cid))).all()
-    assert len(forks) == 1 and forks[0].fork_position == 3 and forks[0].message_count == 4
+    assert len(forks) == 1 and forks[0].fork_position == 3 and forks[0].message_count == 6
     fork = await stored(a, forks[0].id)
-    assert [row_message(r)["content"] for r in fork] == ["r one", a1["content"], "r two", a2_a["content"]]
-    assert [r.position for r in fork] == [0, 1, 2, 3]
+    assert [row_message(r)["content"] for r in fork] == [
+        "r one", a1["content"], "r two", a2_a["content"], "r three", a3["content"]]
+    assert [r.position for r in fork] == [0, 1, 2, 3, 4, 5]
 
 
 async def test_caller_api_on_another_instance_finds_a_conversation_just_made(
         make_gateway: Any, db: dict[str, Any]) -> None:
     """Readable as soon as its response was received, also through another instance (whose
     writer had not written it yet when the read came in)."""
-    a = await start(make_gateway, db, {"flush_interval": 0.3})
+    a = await start(make_gateway, db, {"flush_interval": 0.05})
     b = await make_gateway([{"name": "conversations"}], database=db, name="b.yaml")
     st, h, _ = await chat(a, [{"role": "user", "content": "made on a"}])
     cid = h["X-Conversation-ID"]

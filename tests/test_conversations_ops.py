@@ -478,3 +478,50 @@ async def test_out_of_range_query_values_are_400s(make_gateway: Any, db: dict[st
                 assert r.status == 400 and body["error"]["param"] == "older_than_days", (days, body)
         async with s.get(f"{g.url}/gateway/conversations/{cid}?after=0") as r:
             assert r.status == 200 and [m["position"] for m in (await r.json())["messages"]] == [1]
+
+
+async def test_store_turns_after_a_write_time_fork_follow_it_across_batches(db: dict[str, Any]) -> None:
+    """A turn planned on the history that a write-time fork took away, written in a later batch,
+    goes to that fork; a turn planned on the stored history stays in the original."""
+    import datetime as dt
+
+    from gateway.db import Database
+    from gateway.plugins.conversations import digest, new_id
+    from gateway.plugins.conversations.store import ConversationStore, TurnRecord, message_row
+
+    d = Database(db["url"])
+    await d.upgrade()
+    store = ConversationStore(d)
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5)
+
+    def rec(cid: str, create: bool, base: int, texts: list[str], prev: str | None) -> TurnRecord:
+        msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+        rows = [message_row(m, digest(m), tokens=1, tokens_derived=True, created_at=t0, model="m",
+                            request_id="r", key_id=None, owner="o") for m in msgs]
+        r = TurnRecord(cid, "o", None, create, None, None, base, rows,
+                       {"model": "m", "request_id": "r", "key_id": None, "owner": "o", "status": "complete",
+                        "http_status": 200, "memory": False, "stream": False, "prompt_tokens": 1,
+                        "completion_tokens": 1, "total_tokens": 2, "usage": None, "latency_ms": 1.0,
+                        "ttft_ms": None, "created_at": t0}, t0)
+        r.prev_digest = prev
+        return r
+
+    def dg(text: str, i: int) -> str:
+        return digest({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+
+    cid = new_id()
+    await store.write([rec(cid, True, 0, ["u1", "a1"], None)])
+    await store.write([rec(cid, False, 2, ["u2", "a2 other"], dg("a1", 1))])  # another instance's turn
+    _, _, late = await store.write([rec(cid, False, 2, ["u2", "a2 mine"], dg("a1", 1))])  # a stale one
+    assert len(late) == 1
+    _, _, late2 = await store.write([rec(cid, False, 4, ["u3", "a3"], dg("a2 mine", 1))])  # later batch
+    assert late2 == []
+    original, _ = await store.messages(cid)
+    fork, _ = await store.messages(late[0])
+    assert [m["content"] for m in original] == ["u1", "a1", "u2", "a2 other"]
+    assert [m["content"] for m in fork] == ["u1", "a1", "u2", "a2 mine", "u3", "a3"]
+    # continuing the stored history (its last message is "a2 other") stays in the original
+    await store.write([rec(cid, False, 4, ["u3'", "a3'"], dg("a2 other", 1))])
+    original, _ = await store.messages(cid)
+    assert [m["content"] for m in original][-2:] == ["u3'", "a3'"]
+    await d.close()

@@ -294,6 +294,8 @@ async def test_reload_keeps_tracing(make_gateway, upstream):
     assert (await post(g.url + "/v1/chat/completions", CHAT, {"traceparent": TRACEPARENT}))[0] == 200
     names = {s.name for s in exp.get_finished_spans()}
     assert {"POST /v1/chat/completions", "POST", "chat demo-chat"} <= names
+    # the middleware mounted at start is not mounted again: one server span per request
+    assert [s.kind for s in exp.get_finished_spans()].count(SpanKind.SERVER) == 1
 
 
 async def test_tracing_added_by_reload_needs_no_restart(make_gateway, upstream, tmp_path):

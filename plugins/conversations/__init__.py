@@ -432,6 +432,8 @@ class Conversations(Plugin):
                 "created_at": now}
         rec = TurnRecord(v.id, plan.owner, plan.key_id, plan.create, plan.parent_id, plan.fork_position,
                          plan.base, rows, turn, plan.created_at)
+        if 0 < plan.base <= v.count:
+            rec.prev_digest = v.digests[plan.base - 1]
         shared = self.shared
         assert shared is not None
         if rows:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import time
 import sqlite3
 from operator import itemgetter
 from typing import Any, AsyncIterator, Sequence
@@ -127,11 +128,15 @@ T = TurnRow.__table__
 
 
 # -- records the writer persists ----------------------------------------------------------------
+#: How long (seconds) turns that continue a write-time fork are sent after it.
+LATE_FORK_MEMORY = 300.0
+
+
 class TurnRecord:
     """Everything one request adds to a conversation; built in ``on_complete``, written in a batch."""
 
     __slots__ = ("conversation_id", "owner", "key_id", "create", "parent_id", "fork_position", "base",
-                 "messages", "turn", "created_at", "done", "failed_at", "attempted_at")
+                 "messages", "turn", "created_at", "done", "failed_at", "attempted_at", "prev_digest")
 
     def __init__(self, conversation_id: str, owner: str, key_id: str | None, create: bool, parent_id: str | None,
                  fork_position: int | None, base: int, messages: list[dict[str, Any]], turn: dict[str, Any],
@@ -149,6 +154,7 @@ class TurnRecord:
         self.done = False
         self.failed_at: float | None = None
         self.attempted_at: float | None = None
+        self.prev_digest: str | None = None  # the digest of the message at base-1, as the request saw it
 
 
 def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
@@ -247,6 +253,9 @@ class ConversationStore:
         self.db = db
         self.is_sqlite = db.is_sqlite
         self._sql: dict[tuple[str, tuple[str, ...]], tuple[str, list[int], list[int]]] = {}
+        #: forks made at write time: original id -> (fork id, the position the next turn of that
+        #: history expects, the digest of its last message, when)
+        self._late: dict[str, tuple[str, int, str, float]] = {}
 
     async def _insert(self, conn: Any, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """executemany; on SQLite straight to the driver (the same values SQLAlchemy would bind,
@@ -302,6 +311,12 @@ class ConversationStore:
         moved: set[str] = set()
         late: list[str] = []  # forks made here, at write time
         now = utcnow()
+        # A turn that continues a turn this process forked away at write time follows it into the
+        # fork (the request saw the forked history, not the stored one).
+        chain = {cid: f for cid, f in self._late.items() if f[3] > time.monotonic() - LATE_FORK_MEMORY}
+        for rec in batch:
+            if not rec.create:
+                self._follow(rec, chain)
         async with self.db.engine.begin() as conn:
             ids = sorted({r.conversation_id for r in batch if not r.create})
             counts: dict[str, int] = {}
@@ -318,6 +333,8 @@ class ConversationStore:
             turn_rows: list[dict[str, Any]] = []
             touched: dict[str, dict[str, Any]] = {}
             for rec in batch:
+                if not rec.create:
+                    self._follow(rec, chain)  # a fork made earlier in this batch
                 cid = rec.conversation_id
                 if rec.create and cid not in counts:
                     created[cid] = {"id": cid, "owner": rec.owner, "key_id": rec.key_id, "parent_id": rec.parent_id,
@@ -345,10 +362,13 @@ class ConversationStore:
                             # What this request saw differs from what another one stored meanwhile
                             # (a regenerated answer, an edit): never interleave the two histories.
                             # This turn becomes a fork of the stored one at the first difference.
+                            original = cid
                             cid = self._late_fork(rec, cid, at, created, forks)
                             counts[cid] = pos = at
                             owners[cid] = rec.owner
                             late.append(cid)
+                            chain[original] = (cid, rec.base + len(rec.messages), rec.messages[-1]["digest"],
+                                               time.monotonic())
                 for m in msgs:  # the record's own dicts: set again on every attempt, so a retry is the same
                     m["conversation_id"] = cid
                     m["position"] = pos
@@ -389,7 +409,17 @@ class ConversationStore:
                         completion_tokens=C.c.completion_tokens + bindparam("completion_tokens"),
                         last_model=func.coalesce(bindparam("last_model", type_=sa.String), C.c.last_model)),
                     params)
+        self._late = chain  # committed: the forks made (and followed) stay known for a while
         return missing, moved, late
+
+    @staticmethod
+    def _follow(rec: TurnRecord, chain: dict[str, tuple[str, int, str, float]]) -> None:
+        f = chain.get(rec.conversation_id)
+        if f is None or not rec.messages or rec.base != f[1] or rec.prev_digest != f[2]:
+            return
+        original = rec.conversation_id
+        rec.conversation_id = f[0]
+        chain[original] = (f[0], rec.base + len(rec.messages), rec.messages[-1]["digest"], time.monotonic())
 
     @staticmethod
     def _late_fork(rec: TurnRecord, parent: str, at: int, created: dict[str, dict[str, Any]],
