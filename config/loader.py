@@ -70,10 +70,6 @@ def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: d
     return _VAR.sub(repl, value)
 
 
-_RESOLVER = yaml.resolver.Resolver()
-_TYPED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool", "null"))
-
-
 def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str], env: dict[str, str]) -> Any:
     lines.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -91,10 +87,10 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
     value = yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
     if isinstance(value, str) and "${" in value:
         value = _interpolate(value, path, node.start_mark.line + 1, problems, env)
-        # An interpolated plain value becomes a number, boolean or null when it reads as one (so
-        # "${PORT:-8080}" is a number) and a list or mapping when it is a flow collection ("[10.0.0.0/8]").
-        # Anything else stays the string it is: read as a YAML document, a secret such as "#x" became null,
-        # "a #b" lost its end and "a: b" became a mapping.
+        # An interpolated plain value stays the string it is (validation reads "8080" as a number
+        # where the setting is one, and a secret that looks like a number stays a string); an empty
+        # one is null, and a flow collection ("[10.0.0.0/8]") becomes a list or mapping. Read as a
+        # YAML document, a secret such as "#x" became null, "a #b" lost its end and "a: b" a mapping.
         if node.style is None:
             if value == "":
                 value = None
@@ -105,8 +101,6 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
                     loaded = None
                 if isinstance(loaded, (list, dict)):
                     value = loaded
-            elif _RESOLVER.resolve(yaml.ScalarNode, value, (True, False)) in _TYPED_TAGS:
-                value = yaml.safe_load(value)
     return value
 
 

@@ -90,7 +90,7 @@ class Gateway:
         # every setting and warn on each connection; the proxy bounds bodies itself)
         server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None,
                                  keepalive_timeout=self.cfg.server.keepalive_timeout)
-        self._public = web.ServerRunner(server, shutdown_timeout=self.cfg.server.shutdown_timeout)
+        self._public = web.ServerRunner(server, shutdown_timeout=_CUT_AFTER_DRAIN)
         await self._public.setup()
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
         await site.start()
@@ -108,20 +108,25 @@ class Gateway:
 
     # Plugin middlewares and TraceConfigs, each object mounted once per process (a reload collects
     # them again: only a plugin that was not running brings new ones).
+    # (several instances of one plugin, per-route overrides, hand out the same objects: each once)
     def _unmounted_middlewares(self, rt: Runtime) -> list[Any]:
-        return [m for p in rt.instances for m in p.middlewares() if not self._is_mounted(m)]
+        out: list[Any] = []
+        for p in rt.instances:
+            out += [m for m in p.middlewares() if not self._is_mounted(m, out)]
+        return out
 
     def _unmounted_trace_configs(self, rt: Runtime) -> tuple[list[Any], set[str]]:
-        tcs, owners = [], set()
+        tcs: list[Any] = []
+        owners = set()
         for p in rt.instances:
-            new = [tc for tc in p.trace_configs() if not self._is_mounted(tc)]
+            new = [tc for tc in p.trace_configs() if not self._is_mounted(tc, tcs)]
             if new:
                 tcs += new
                 owners.add(p.name)
         return tcs, owners
 
-    def _is_mounted(self, obj: Any) -> bool:
-        return any(obj is m for m in self._mounted)
+    def _is_mounted(self, obj: Any, collected: list[Any]) -> bool:
+        return any(obj is m for m in self._mounted) or any(obj is m for m in collected)
 
     def _mount(self, objs: list[Any]) -> None:
         self._mounted.extend(objs)
@@ -134,9 +139,19 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
         plugins down (they flush what they buffered) and close the shared resources."""
-        # (a little early: aiohttp's own deadline starts a moment after this one)
-        self.drain_deadline = time.monotonic() + max(0.0, self.cfg.server.shutdown_timeout - 0.05)
+        timeout = self.cfg.server.shutdown_timeout
+        self.drain_deadline = time.monotonic() + timeout
         if self._public is not None:
+            # aiohttp's own drain would give a streaming response up to twice its timeout (it waits,
+            # cancels the request body, which such a handler no longer reads, and waits again). So
+            # the gateway drains itself: stop accepting, close idle connections, wait for the
+            # requests in flight up to shutdown_timeout; then aiohttp cuts what is left.
+            for site in list(self._public.sites):
+                await site.stop()
+            server = self._public.server
+            if server is not None and hasattr(server, "pre_shutdown"):
+                server.pre_shutdown()
+            await self.runtime.wait_idle(timeout)
             await self._public.cleanup()
             self._public = None
         if self._admin is not None:
@@ -246,6 +261,11 @@ class _JsonErrorHandler(RequestHandler):
                             headers={"Server": SERVER})
         resp.force_close()
         return resp
+
+
+#: After the gateway's own drain (Gateway.stop), what aiohttp gives a request that is still running
+#: before cutting it (it waits this long twice).
+_CUT_AFTER_DRAIN = 0.25
 
 
 def _activate(rt: Runtime) -> None:

@@ -125,6 +125,17 @@ class Runtime:
         if self.inflight == 0:
             self._idle.set()
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight, up to ``timeout`` seconds; False if some still are."""
+        if not self.inflight:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
     async def shutdown(self, wait: float = 30.0) -> None:
         if wait and self.inflight:
             try:

@@ -11,6 +11,7 @@ same registry. See docs/metrics.md.
 """
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import prometheus_client.metrics as _pm
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
@@ -34,6 +35,17 @@ class MetricsConfig(PluginConfig):
                                          description="Histogram buckets (seconds) for total, upstream and TTFB.")
     overhead_buckets: list[float] = Field(default_factory=lambda: list(OVERHEAD_BUCKETS),
                                           description="Histogram buckets (seconds) for the gateway's own overhead.")
+
+    @field_validator("latency_buckets", "overhead_buckets")
+    @classmethod
+    def _buckets(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one bucket")
+        if any(not math.isfinite(b) or b <= 0 for b in v):
+            raise ValueError("buckets are positive, finite numbers of seconds (+Inf is always added)")
+        if len(set(v)) != len(v):
+            raise ValueError("a bucket is listed twice")
+        return sorted(v)
 
 
 def _created() -> bool:

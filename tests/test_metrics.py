@@ -203,3 +203,18 @@ async def test_bucket_change_by_reload(make_gateway, upstream, tmp_path):
     assert total(after["gateway_request_duration_seconds_count"]) == 1
     assert total(after["gateway_ttfb_seconds_count"]) == 1
     assert total(after["gateway_requests_total"]) == total(before["gateway_requests_total"]) + 1 == 4
+
+
+def test_buckets_that_would_break_the_exposition_are_refused(tmp_path):
+    from gateway.config import ConfigError, load_config
+
+    from .helpers import base_config, write_config
+    for bad in ([0.5, 0.5, 1], [0.5, float("inf")], [], [-1, 1]):
+        p = write_config(tmp_path / "g.yaml", base_config("http://127.0.0.1:9", tmp_path, [
+            {"name": "metrics", "config": {"latency_buckets": bad}}]))
+        try:
+            load_config(p)
+        except ConfigError as e:
+            assert "plugins[0].config.latency_buckets" in str(e)
+        else:
+            raise AssertionError(f"accepted {bad}")

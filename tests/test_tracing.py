@@ -369,7 +369,9 @@ async def test_rejected_reload_does_not_use_up_the_tracing_hooks(make_gateway, u
     assert [(x.kind, x.name) for x in spans].count((SpanKind.CLIENT, "POST")) == 1
 
 
-async def test_otlp_http_export_to_a_real_receiver(make_gateway, upstream, receiver):
+async def test_otlp_http_export_to_a_real_receiver(make_gateway, upstream, receiver, monkeypatch):
+    # headers in the YAML replace the environment's (those may be another collector's credentials)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-env-collector-key=ENVSECRET")
     g = await make_gateway([{"name": "headers", "config": {"response": {"X-B": "1"}}},
                             tracing(exporter={"type": "otlp_http", "endpoint": receiver.url, "timeout": 5,
                                               "headers": {"X-Collector-Token": "t0k"}},
@@ -391,6 +393,7 @@ async def test_otlp_http_export_to_a_real_receiver(make_gateway, upstream, recei
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.usage.input_tokens"] > 0
     assert a["gen_ai.usage.output_tokens"] > 0 and a["gen_ai.response.finish_reasons"] == ["stop"]
     assert receiver.headers[0]["X-Collector-Token"] == "t0k"
+    assert "x-env-collector-key" not in receiver.headers[0]
     assert receiver.headers[0]["Content-Type"] == "application/x-protobuf"
     # Shutdown flushes what is still queued.
     before = len(receiver.spans)
@@ -571,3 +574,32 @@ async def test_otlp_grpc_export_to_a_real_receiver(make_gateway, upstream):
             await g.stop()
     finally:
         await server.stop(None)
+
+
+async def test_per_route_override_mounts_tracing_once_and_credentials_stay_out(make_gateway, upstream, monkeypatch):
+    """A per-route tracing override is a second instance of the plugin: the middleware and the client
+    instrumentation are still mounted once. Header capture switched on by the environment never
+    records a credential, request or response; a gateway key in the query string keeps only its id;
+    a client's made-up path does not become a span name."""
+
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", ".*")
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_RESPONSE", ".*")
+    monkeypatch.delenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS", raising=False)
+    g = await make_gateway([tracing(), {"name": "headers", "config": {"response": {
+        "Set-Cookie": "session=COOKIESECRET", "X-Api-Key": "RESPKEYSECRET"}}}],
+        routes=[{"path_prefix": "/v1/chat/completions", "plugins": {"tracing": {"config": {"record_content": True}}}}])
+    key = "gw_AbCdEfGhIjKl_" + "s" * 24 + "ZZZZZZ"
+    status, _ = await post(g.url + f"/v1/chat/completions?k={key}&api_key=QSECRET", CHAT,
+                           {"Authorization": "Bearer REQSECRET", "traceparent": TRACEPARENT})
+    assert status == 200
+    assert (await post(g.url + "/v1/abc123/chat/completions", CHAT))[0] in (200, 404)
+    spans = g.plugin("tracing").memory_exporter.get_finished_spans()
+    first = [s for s in spans if s.context.trace_id == int(TRACE_ID, 16)]
+    assert [s.kind for s in first].count(SpanKind.SERVER) == 1
+    assert [(s.kind, s.name) for s in first].count((SpanKind.CLIENT, "POST")) == 1
+    dump = json.dumps([dict(s.attributes) for s in spans] + [[dict(e.attributes) for e in s.events] for s in spans],
+                      default=str)
+    for secret in ("REQSECRET", "COOKIESECRET", "RESPKEYSECRET", "QSECRET", "s" * 24):
+        assert secret not in dump, secret
+    assert "gw_AbCdEfGhIjKl_REDACTED" in dump
+    assert not any(s.name == "POST /v1/abc123/chat/completions" for s in spans)

@@ -37,6 +37,7 @@ from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, URL_S
 #: Paths whose name is a fixed, low-cardinality endpoint: the server span is named after them.
 _KNOWN_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models", "/moderations", "/responses",
                     "/audio/speech", "/audio/transcriptions", "/audio/translations", "/images/generations")
+_KNOWN_PATHS = frozenset(_KNOWN_ENDPOINTS) | frozenset("/v1" + p for p in _KNOWN_ENDPOINTS)
 
 
 class ExporterConfig(PluginConfig):
@@ -215,7 +216,7 @@ class Tracing(Plugin):
             for k in ("plugin", "type", "reason"):
                 if r.get(k) is not None:
                     a[f"gateway.refusal.{k}"] = str(r[k])
-        if ctx.path.endswith(_KNOWN_ENDPOINTS):
+        if ctx.path in _KNOWN_PATHS:  # the API's own paths only: a client cannot invent span names
             span.update_name(f"{ctx.method} {ctx.path}")
             a["http.route"] = ctx.path
         span.set_attributes(a)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import threading
@@ -68,9 +69,17 @@ _SENSITIVE_QUERY = re.compile(r"([?&](?:%s)=)[^&#]*" % "|".join(re.escape(n) for
 URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
 
+#: A gateway API key wherever it appears (under any parameter name, percent-encoded or not): the
+#: key's id stays, for telling requests apart; its secret does not.
+_GATEWAY_KEY = re.compile(r"(gw_[0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{20,}")
+
+
 def redact_query(url: Any) -> str:
-    """``url`` with the values of sensitive query parameters replaced by ``REDACTED``."""
+    """``url`` with the values of sensitive query parameters, and any gateway key's secret, replaced
+    by ``REDACTED``."""
     s = str(url)
+    if "gw_" in s:
+        s = _GATEWAY_KEY.sub(r"\1_REDACTED", s)
     if "?" not in s and "=" not in s:
         return s
     if "?" not in s:  # url.query holds the query without its "?"
@@ -94,6 +103,7 @@ def prepare_server_instrumentation() -> None:
     add the middleware, bound to our provider, to the public app only.
     """
     global _server_ready
+    sanitize_sensitive_headers()  # (every time: the environment may have changed since)
     if _server_ready:
         return
     from opentelemetry.instrumentation import aiohttp_server as srv
@@ -111,6 +121,20 @@ def prepare_server_instrumentation() -> None:
         raise RuntimeError("this version of opentelemetry-instrumentation-aiohttp-server cannot be "
                            "initialised without instrumenting every aiohttp application")
     _server_ready = True
+
+
+_SANITIZE_ENV = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
+
+
+def sanitize_sensitive_headers() -> None:
+    """Header values the instrumentations may capture (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*)
+    are replaced by ``[REDACTED]`` for the credential headers, by the instrumentation itself
+    (through its own sanitize setting, extended here): response headers too, which it captures
+    after the gateway's handler has returned."""
+    have = [h.strip() for h in os.environ.get(_SANITIZE_ENV, "").split(",") if h.strip()]
+    missing = [h for h in SENSITIVE_HEADERS if h not in {x.lower() for x in have}]
+    if missing:
+        os.environ[_SANITIZE_ENV] = ",".join(have + missing)
 
 
 # -- a tracer provider that resolves to the instance serving the current request -----------------------
@@ -282,6 +306,20 @@ def otlp_http_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+_HEADER_ENV = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+
+
+@contextmanager
+def _without_env(*names: str) -> Iterator[None]:
+    """These environment variables unset while the block runs (an exporter reading them as it is
+    built, on the event loop's thread at start-up or reload)."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def build_exporter(cfg: "TracingConfig") -> Any:
     e = cfg.exporter
     if e.type == "memory":
@@ -291,8 +329,11 @@ def build_exporter(cfg: "TracingConfig") -> Any:
     if e.type == "otlp_http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
-        return HttpExporter(endpoint=otlp_http_endpoint(e.endpoint) if e.endpoint else None,
-                            headers=dict(e.headers) or None, timeout=e.timeout)
+        # The HTTP exporter adds the OTEL_EXPORTER_OTLP_(TRACES_)HEADERS to the headers it is given.
+        # Headers in the YAML replace those (they may be another collector's credentials).
+        with _without_env(*(_HEADER_ENV if e.headers else ())):
+            return HttpExporter(endpoint=otlp_http_endpoint(e.endpoint) if e.endpoint else None,
+                                headers=dict(e.headers) or None, timeout=e.timeout)
     if e.type == "otlp_grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
