@@ -17,6 +17,11 @@ from pydantic import BaseModel, ValidationError
 from .model import GatewayConfig
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: "${" that does not start a well-formed ${NAME} or ${NAME:-default}
+_BAD_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})")
+#: A config file larger than this, or that expands (through YAML aliases) to more values, is refused.
+MAX_BYTES = 4 * 2**20
+MAX_VALUES = 200_000
 
 
 class ConfigError(Exception):
@@ -36,6 +41,7 @@ class _Lines:
 
     def __init__(self) -> None:
         self.lines: dict[Path_, int] = {}
+        self.count = 0  # values built so far
 
     def find(self, path: Iterable[Any]) -> int | None:
         path = tuple(path)
@@ -57,6 +63,10 @@ def fmt_path(path: Iterable[Any]) -> str:
 
 
 def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:
+    if _BAD_VAR.search(value):
+        problems.append(f"{fmt_path(path)} -> line {line}: malformed ${{...}}: write ${{NAME}} or ${{NAME:-default}}")
+        return ""
+
     def repl(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
         if name in env and env[name] != "":
@@ -70,16 +80,36 @@ def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: d
     return _VAR.sub(repl, value)
 
 
+class _TooBig(Exception):
+    pass
+
+
 def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str], env: dict[str, str]) -> Any:
+    lines.count += 1
+    if lines.count > MAX_VALUES:  # aliases can make a small file expand beyond any memory
+        raise _TooBig
     lines.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
+        merged: dict[Any, Any] = {}
         for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" (or a list of them)
+                for src in (vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]):
+                    m = _construct(src, path, lines, problems, env)
+                    if not isinstance(m, dict):
+                        problems.append(f"{fmt_path(path)} -> line {knode.start_mark.line + 1}: "
+                                        "'<<' merges a mapping (or a list of mappings)")
+                        continue
+                    for k, v in m.items():
+                        merged.setdefault(k, v)
+                continue
             key = yaml.safe_load(yaml.serialize(knode)) if not isinstance(knode, yaml.ScalarNode) else knode.value
             if key in out:
                 problems.append(f"{fmt_path(path + (key,))} -> line {knode.start_mark.line + 1}: duplicate key")
             lines.lines[path + (key,)] = knode.start_mark.line + 1
             out[key] = _construct(vnode, path + (key,), lines, problems, env)
+        for k, v in merged.items():  # keys written in the mapping itself win
+            out.setdefault(k, v)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, path + (i,), lines, problems, env) for i, v in enumerate(node.value)]
@@ -109,12 +139,14 @@ def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tup
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"], source) from None
+        raise ConfigError([_yaml_problem(e, text)], source) from None
     lines = _Lines()
     problems: list[str] = []
-    data = _construct(node, (), lines, problems, env) if node is not None else {}
+    try:
+        data = _construct(node, (), lines, problems, env) if node is not None else {}
+    except _TooBig:
+        raise ConfigError([f"line 1: the document expands to more than {MAX_VALUES} values (YAML aliases?)"],
+                          source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -124,15 +156,35 @@ def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tup
     return data, lines
 
 
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """"line N: invalid YAML: ...", with the line where the problem is (or, for a scanner error
+    about something left open, such as a quote, where it was opened)."""
+    mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+    if mark is None and isinstance(getattr(e, "position", None), int):  # a reader error: bad character
+        line = text.count("\n", 0, e.position) + 1  # type: ignore[attr-defined]
+        return f"line {line}: invalid YAML: a character YAML does not allow"
+    where = f"line {mark.line + 1}" if mark is not None else "?"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}"
+
+
+#: Pydantic names a union member in an error's location ("list[...]", "literal[...]"); the key path
+#: an operator reads has none of that.
+_UNION_PART = re.compile(r"^(?:list|literal|function-\w+|union|tagged-union|str|int|float|bool|dict)\[.*\]$|^(?:str|int|float|bool|list|dict|none)$")
+
+
 def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[str]:
-    out = []
+    out: list[str] = []
     for e in err.errors(include_url=False):
-        loc = prefix + tuple(e["loc"])
+        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_PART.match(p)))
         line = lines.find(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        out.append(f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}")
+        item = f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}"
+        if item not in out:
+            out.append(item)
     return out
 
 
@@ -244,9 +296,16 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_file() and p.stat().st_size > MAX_BYTES:
+            raise ConfigError([f"the file is larger than {MAX_BYTES // 2**20} MiB"], str(p))
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError([f"cannot read: {e.strerror}"], str(p)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"line {line}: not UTF-8 text (byte {e.start})"], str(p)) from None
     cfg = load_config_text(text, str(p), env)
     cfg._path = str(p.resolve())
     return cfg

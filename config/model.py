@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -27,7 +28,7 @@ def parse_size(v: Any) -> int:
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ServerConfig(Model):
@@ -85,6 +86,9 @@ class AdminConfig(Model):
         return self
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class TimeoutsConfig(Model):
     connect: float = Field(5.0, gt=0, description="Seconds to connect to the upstream.")
     first_byte: float = Field(120.0, gt=0, description="Seconds from sending the request to the response head.")
@@ -104,7 +108,19 @@ class UpstreamConfig(Model):
     def _url(cls, v: str) -> str:
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018  (a port that is not a number only fails when read)
+        except ValueError:
+            raise ValueError("not a valid URL (check the host and port)") from None
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> "UpstreamConfig":
+        if "@" in urlsplit(self.url).netloc and any(h.lower() == "authorization" for h in self.headers):
+            raise ValueError("url: the URL carries credentials and upstream.headers has an Authorization header; "
+                             "keep one of them (the URL is not shown: it may hold a password)")
+        return self
 
 
 class DatabaseConfig(Model):
@@ -179,7 +195,11 @@ class RouteConfig(Model):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        return [m.upper() for m in v]
+        out = [m.upper() for m in v]
+        bad = [m for m in out if m not in HTTP_METHODS]
+        if bad:
+            raise ValueError(f"not an HTTP method: {', '.join(bad)} (one of {', '.join(sorted(HTTP_METHODS))})")
+        return out
 
 
 class GatewayConfig(Model):

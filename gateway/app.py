@@ -170,7 +170,10 @@ class Gateway:
         """Load and validate the config file again, start the new chain, swap it in atomically.
         On any error the running config is left untouched."""
         async with self._reload_lock:
-            ok, detail = await self._reload()
+            try:
+                ok, detail = await self._reload()
+            except Exception as e:  # anything unforeseen: the running config stays, and it is said why
+                ok, detail = False, redact_url(f"the reload failed: {type(e).__name__}: {e}")
         self._reloads.labels("success" if ok else "failure").inc()
         self.services.events.emit("config.reloaded", actor=actor, result="success" if ok else "failure",
                                   detail=detail)
@@ -181,7 +184,7 @@ class Gateway:
         if not self.cfg.path:
             return False, "the running config was not loaded from a file"
         try:
-            new = load_config(self.cfg.path)
+            new = await asyncio.to_thread(load_config, self.cfg.path)  # a big file must not stall requests
         except ConfigError as e:
             return False, str(e)
         fixed = self.cfg.restart_needed(new)
@@ -195,15 +198,20 @@ class Gateway:
                 await self.migrate_if_configured()
             except Exception as e:
                 return False, f"database not ready: {type(e).__name__}"
-        rt = Runtime(new, self.services)
+        rt: Runtime | None = None
         try:
+            rt = Runtime(new, self.services)
             await rt.startup()
             middlewares = self._unmounted_middlewares(rt)
             trace_configs, owners = self._unmounted_trace_configs(rt)
         except Exception as e:
-            log.exception("a plugin failed to start during reload")
-            await rt.shutdown(wait=0)
-            return False, f"a plugin failed to start: {type(e).__name__}: {e}"
+            # What a plugin or its library says can quote its settings (a URL with a password): the
+            # message is scrubbed, and no traceback goes to the log.
+            why = redact_url(f"{type(e).__name__}: {e}")
+            log.error("a plugin failed to start during reload: %s", why)
+            if rt is not None:
+                await rt.shutdown(wait=0)
+            return False, f"a plugin failed to start: {why}"
         # From here on nothing fails: the new config is applied as a whole.
         if trace_configs:
             self.upstream.add_trace_configs(trace_configs, owners)
@@ -321,9 +329,10 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
         # e.g. the port is taken or a plugin's backend is unreachable: say so in one line (a
         # traceback only for what is not an OS-level error), and undo what had started.
         if isinstance(e, (OSError, DatabaseError)):
-            log.error("start-up failed: %s", e)
+            log.error("start-up failed: %s", redact_url(str(e)))
         else:
-            log.exception("start-up failed: %s: %s", type(e).__name__, e)
+            # (scrubbed, and no traceback: a library's message can quote a URL with its password)
+            log.error("start-up failed: %s", redact_url(f"{type(e).__name__}: {e}"))
         await gw.stop()
         return 1
     tune_gc()

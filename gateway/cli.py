@@ -63,10 +63,23 @@ def open_database(cfg: GatewayConfig, migrate: bool = True) -> Any:
     return db
 
 
-async def cli_services(cfg: GatewayConfig) -> Any:
-    """Database + Services for a CLI command; applies migrations if the config says so."""
+class NoDatabase(Exception):
+    """The configured SQLite file does not exist (a command that only reads or changes data)."""
+
+
+async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
+    """Database + Services for a CLI command; applies migrations if the config says so. Unless
+    ``create``, a SQLite file that does not exist is an error (a mistyped path must not show an
+    empty, intact-looking database)."""
+    from sqlalchemy.engine import make_url
+
     from .services import Services
 
+    if not create and cfg.database.url.startswith("sqlite"):
+        name = make_url(cfg.database.url).database
+        if name and name != ":memory:" and not Path(name).exists():
+            raise NoDatabase(f"the database file {name} does not exist (check database.url; the gateway, "
+                             "`gateway db upgrade` or `gateway keys create` make it)")
     db = open_database(cfg)
     auto = cfg.database.auto_migrate
     if auto is None:

@@ -45,7 +45,7 @@ ENTRY_POINT_GROUP = "gateway.plugins"
 class PluginConfig(BaseModel):
     """Base for plugin config models: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 @dataclass(slots=True)

@@ -316,7 +316,7 @@ async def test_events_survive_sigterm(upstream, tmp_path):
             statuses = await asyncio.gather(*(post(s, p.url) for _ in range(30)))
         assert all(st == 200 for st, _ in statuses)
         if time.monotonic() - t0 < 2.5:  # (on a very slow machine the batch may already be written)
-            assert not jl.exists()  # still queued: the writers gather a batch for flush_interval
+            assert jl.stat().st_size == 0  # (made at start-up) still queued: the writers gather a batch for flush_interval
         p.signal(signal.SIGTERM)
         assert await asyncio.to_thread(p.wait, 30) == 0
     finally:
@@ -436,6 +436,14 @@ async def test_cli_admin_actions_are_recorded(tmp_path):
     cfg = write_config(tmp_path / "cli.yaml", base_config("http://127.0.0.1:9", tmp_path, [
         {"name": "conversations"},
         {"name": "audit", "config": {"sinks": ["database", "stdout", {"type": "jsonl", "path": str(jl)}]}}]))
+    # a command that reads or changes data needs the database to exist: a mistyped path is an error
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "audit", "verify", "-c", str(cfg)],
+                                  capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "gateway.db does not exist" in res.stderr
+    assert not (tmp_path / "gateway.db").exists()
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "db", "upgrade", "-c", str(cfg)],
+                                  capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
     res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "conversations", "purge",
                                                    "--older-than", "30d", "--json", "-c", str(cfg)],
                                   capture_output=True, text=True, timeout=60)
@@ -519,3 +527,24 @@ async def test_plugin_api_answers_are_not_refusals(make_gateway: Any, tmp_path: 
     assert (ok["answered_by"], ok["outcome"], ok["status"]) == ("gateway", "ok", 200)
     miss = evs["/gateway/conversations/conv_nope"]
     assert (miss["answered_by"], miss["outcome"], miss["status"]) == ("gateway_refusal", "refused", 404)
+
+
+async def test_a_jsonl_sink_that_cannot_be_written_is_refused_up_front(make_gateway: Any, upstream: Any,
+                                                                        tmp_path: Path) -> None:
+    """Not found out later by dropping events: a reload to a jsonl path that cannot be written is
+    refused, and the running sink keeps recording."""
+    good = tmp_path / "logs" / "audit.jsonl"  # its directory is made
+    blocked = tmp_path / "afile"
+    blocked.write_text("a file, not a directory")
+
+    def cfg(path: Path) -> dict[str, Any]:
+        return base_config(upstream.url, tmp_path, [{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(path)}]}}])
+
+    g = await make_gateway(cfg(good)["plugins"])
+    write_config(tmp_path / "gateway.yaml", cfg(blocked / "audit.jsonl"))
+    ok, detail = await g.gw.reload(actor="test")
+    assert not ok and "cannot be written" in detail
+    async with aiohttp.ClientSession(timeout=T) as s:
+        assert (await post(s, g.url))[0] == 200
+    await g.stop()
+    assert any(json.loads(line)["type"] == "request" for line in good.read_text().splitlines())

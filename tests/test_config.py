@@ -230,3 +230,64 @@ def test_shipped_configs_are_valid() -> None:
         cfg = load_config(p, env=env)
         assert cfg.admin.token == "x" * 24
         assert [s.name for s in cfg.plugins][:1]
+
+
+def test_files_and_values_an_operator_gets_wrong(tmp_path, monkeypatch):
+    """Each gets one message with its line (or a clean refusal), never a traceback or a hang: bytes
+    that are not UTF-8, a YAML alias bomb, a malformed ${...}; merge keys work; a secret that
+    reads as a number stays the string it is; errors on fields of several types name the key as
+    written."""
+    from gateway.config import ConfigError, load_config
+
+    base = "upstream:\n  url: http://127.0.0.1:9\nadmin:\n  token: ${TOK}\n"
+
+    def problem(text: str | bytes) -> str:
+        p = tmp_path / "g.yaml"
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        return str(e.value)
+
+    monkeypatch.setenv("TOK", "12345678901234567890")
+    p = tmp_path / "ok.yaml"
+    p.write_text(base + "plugins:\n  - {name: metrics}\n")
+    assert load_config(p).admin.token == "12345678901234567890"
+    assert "line 3: not UTF-8" in problem(b"upstream:\n  url: http://127.0.0.1:9\n  x: \xff\xfe\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+    assert "expands to more than" in problem(bomb)
+    msg = problem(base.replace("${TOK}", "${TOK:fallback-token-0123456789}"))
+    assert "admin.token -> line 4: malformed ${...}" in msg and "fallback" not in msg
+    merged = (base + "plugins:\n  - name: rate_limit\n    config:\n      <<: {strategy: fixed, storage: 'memory://'}\n"
+              "      strategy: moving\n")
+    p.write_text(merged)
+    rl = load_config(p).plugins[0].config
+    assert rl["strategy"] == "moving" and rl["storage"] == "memory://"
+    msg = problem(base + "plugins:\n  - name: rate_limit\n    config:\n      rules:\n"
+                  "        - {name: r, limit: 1/second, key_by: [nope]}\n")
+    assert "plugins[0].config.rules[0].key_by[0] -> line" in msg and "list[" not in msg and "literal[" not in msg
+    assert "line 6: invalid YAML" in problem(base + "server:\n  host: 'unterminated\n  port: 1\n")  # where it opened
+
+
+def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
+    """Refused by the check, with the key and line, without echoing a password: a limit of 0, a
+    route method that does not exist, an infinite timeout, credentials in the upstream URL, a redis
+    URL whose port is not a number."""
+    from gateway.config import ConfigError, load_config
+
+    def problem(extra: str, upstream: str = "http://127.0.0.1:9") -> str:
+        p = tmp_path / "g.yaml"
+        p.write_text(f"upstream:\n  url: {upstream}\n" + extra)
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        return str(e.value)
+
+    rl = "plugins:\n  - name: rate_limit\n    config:\n"
+    assert "rules[0].limit -> line" in problem(rl + "      rules: [{name: r, limit: 0/minute}]\n")
+    assert "routes[0].methods -> line" in problem("plugins:\n  - name: metrics\nroutes:\n  - path_prefix: /v1\n"
+                                                    "    methods: [GTE]\n    plugins: {metrics: {enabled: false}}\n")
+    assert "upstream.timeouts.connect -> line" in problem("", "http://127.0.0.1:9\n  timeouts: {connect: .inf}")
+    msg = problem("", "http://user:UPSTREAMPW@127.0.0.1:9\n  headers: {Authorization: Bearer x}")
+    assert "upstream -> line" in msg and "keep one of them" in msg and "UPSTREAMPW" not in msg
+    msg = problem(rl + "      storage: 'redis://:REDISPW@127.0.0.1:notaport/0'\n")
+    assert "plugins[0].config.storage -> line" in msg and "REDISPW" not in msg

@@ -536,6 +536,20 @@ async def test_reload_keeps_in_memory_counters(make_gateway):
         assert [(await post(s, g.url))[0] for _ in range(2)] == [200, 429]
 
 
+async def test_reload_to_a_counter_store_that_cannot_be_reached_is_refused(make_gateway, redis_server, tmp_path):
+    """A mistyped Redis host or password in a reload would make every limit stop applying (with
+    on_store_error: allow): the reload is refused and the running store keeps counting."""
+    redis = redis_server()
+    rules = [{"name": "r", "limit": "2/minute", "key_by": ["ip"]}]
+    g = await make_gateway([rl(storage=redis.url, rules=rules)])
+    write_config(tmp_path / "gateway.yaml", base_config(g.gw.cfg.upstream.url, tmp_path, [
+        rl(storage=f"redis://127.0.0.1:{free_port()}/0", rules=rules)]))
+    ok, detail = await g.gw.reload(actor="test")
+    assert not ok and "not reachable" in detail
+    async with aiohttp.ClientSession() as s:
+        assert [(await post(s, g.url))[0] for _ in range(3)] == [200, 200, 429]
+
+
 def test_bad_config_is_rejected(tmp_path: Path):
     for bad in ({"rules": [{"name": "x", "limit": "lots"}]},
                 {"strategy": "leaky"},

@@ -112,6 +112,12 @@ class Audit(Plugin):
             if self.cli and spec.type == "stdout":
                 continue  # a CLI command's stdout is its output
             sink = self._sink(spec)
+            check = getattr(sink, "check", None)
+            if check is not None:
+                try:
+                    check()
+                except OSError as e:
+                    raise RuntimeError(f"audit sink {spec.type} cannot be written: {e.strerror or e}") from None
 
             def factory(sink: Sink = sink) -> Any:
                 w = self.services.writer(f"audit:{sink.key}", sink.write, **settings)

@@ -55,8 +55,13 @@ class JsonlSink(Sink):
     def key(self) -> str:
         return f"jsonl:{self.path}"
 
-    def _write(self, data: str) -> None:
+    def check(self) -> None:
+        """Can the file be appended to? Raises OSError (at start-up, so a reload is refused) if not."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="ascii"):
+            pass
+
+    def _write(self, data: str) -> None:
         with open(self.path, "a", encoding="ascii") as f:
             f.write(data)
             f.flush()

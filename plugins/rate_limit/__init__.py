@@ -66,6 +66,12 @@ class RateLimit(Plugin):
     # -- lifecycle ---------------------------------------------------------------------------------
     async def startup(self) -> None:
         if not self.store.memory and not await self.store.check():
+            gw = self.services.gateway
+            running = gw.runtime.by_name.get(NAME) if gw is not None and gw.runtime is not None else None
+            if isinstance(running, RateLimit) and running is not self and running.config.storage != self.config.storage:
+                # A reload to another store that cannot be reached (a wrong host or password) is
+                # refused: the limits would silently stop applying (on_store_error: allow).
+                raise RuntimeError(f"the counter store {self.store.label} is not reachable; the running one is kept")
             log.warning("rate_limit: counter store %s not reachable at start; on_store_error=%s applies "
                         "until it is", self.store.label, self.config.on_store_error)
         if self.has_quotas or self.config.key_overrides:

@@ -33,6 +33,9 @@ class RuleConfig(PluginConfig):
             raise ValueError(f"not a limit: {v!r} ({e})") from None
         if not items:
             raise ValueError(f"not a limit: {v!r}")
+        if any(i.amount < 1 for i in items):
+            raise ValueError(f"a limit of 0 refuses everything: {v!r} (remove the rule, or disable the plugin "
+                             "for a route, instead)")
         return v
 
     @field_validator("key_by", mode="before")
@@ -41,6 +44,22 @@ class RuleConfig(PluginConfig):
         if isinstance(v, str) and v != "global":
             return [v]
         return v
+
+
+def storage_uri_ok(uri: str) -> bool:
+    """Every host:port of a redis URL parses (several for a cluster or sentinel)."""
+    from urllib.parse import urlsplit
+
+    if uri.removeprefix("async+").startswith(("memory", "redis+unix")):
+        return True
+    try:
+        u = urlsplit(uri)
+        hosts = u.netloc.rsplit("@", 1)[-1]
+        for h in hosts.split(","):
+            urlsplit("redis://" + h).port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        return False
+    return bool(hosts)
 
 
 class QuotaConfig(PluginConfig):
@@ -82,6 +101,9 @@ class RateLimitConfig(PluginConfig):
         if not v.startswith(ok):
             raise ValueError("must be memory://, redis://, rediss://, redis+unix://, redis+sentinel:// or "
                              "redis+cluster://")
+        if not storage_uri_ok(v):
+            raise ValueError("not a valid storage URL (check the hosts and ports; the URL is not shown: it may "
+                             "hold a password)")
         return v
 
     @model_validator(mode="after")
