@@ -20,8 +20,12 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 #: "${" that does not start a well-formed ${NAME} or ${NAME:-default}
 _BAD_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})")
 #: A config file larger than this, or that expands (through YAML aliases) to more values, is refused.
-MAX_BYTES = 4 * 2**20
+MAX_BYTES = 2**20
 MAX_VALUES = 200_000
+
+
+#: libyaml's parser when PyYAML has it (several times faster), else the pure-Python one
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ConfigError(Exception):
@@ -42,6 +46,8 @@ class _Lines:
     def __init__(self) -> None:
         self.lines: dict[Path_, int] = {}
         self.count = 0  # values built so far
+        # one constructor for every scalar (it remembers each node, so an aliased one is built once)
+        self.loader = yaml.SafeLoader("")
 
     def find(self, path: Iterable[Any]) -> int | None:
         path = tuple(path)
@@ -94,16 +100,24 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
         merged: dict[Any, Any] = {}
         for knode, vnode in node.value:
             if knode.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" (or a list of them)
+                sub = _Lines()  # the merged keys' lines do not replace those written here
+                sub.count, sub.loader = lines.count, lines.loader
                 for src in (vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]):
-                    m = _construct(src, path, lines, problems, env)
+                    m = _construct(src, path, sub, problems, env)
                     if not isinstance(m, dict):
                         problems.append(f"{fmt_path(path)} -> line {knode.start_mark.line + 1}: "
                                         "'<<' merges a mapping (or a list of mappings)")
                         continue
                     for k, v in m.items():
                         merged.setdefault(k, v)
+                lines.count = sub.count
+                for k, ln in sub.lines.items():
+                    lines.lines.setdefault(k, ln)
                 continue
-            key = yaml.safe_load(yaml.serialize(knode)) if not isinstance(knode, yaml.ScalarNode) else knode.value
+            if not isinstance(knode, yaml.ScalarNode):
+                problems.append(f"{fmt_path(path)} -> line {knode.start_mark.line + 1}: a key must be a plain value")
+                continue
+            key = knode.value
             if key in out:
                 problems.append(f"{fmt_path(path + (key,))} -> line {knode.start_mark.line + 1}: duplicate key")
             lines.lines[path + (key,)] = knode.start_mark.line + 1
@@ -114,14 +128,14 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, path + (i,), lines, problems, env) for i, v in enumerate(node.value)]
     # Scalars: resolve with the safe constructor, then interpolate strings.
-    value = yaml.SafeLoader(yaml.serialize(node)).get_single_data() if node.tag != "tag:yaml.org,2002:str" else node.value
+    value = lines.loader.construct_object(node) if node.tag != "tag:yaml.org,2002:str" else node.value
     if isinstance(value, str) and "${" in value:
         value = _interpolate(value, path, node.start_mark.line + 1, problems, env)
         # An interpolated plain value stays the string it is (validation reads "8080" as a number
         # where the setting is one, and a secret that looks like a number stays a string); an empty
         # one is null, and a flow collection ("[10.0.0.0/8]") becomes a list or mapping. Read as a
         # YAML document, a secret such as "#x" became null, "a #b" lost its end and "a: b" a mapping.
-        if node.style is None:
+        if not node.style:  # plain (None from PyYAML's parser, "" from libyaml's)
             if value == "":
                 value = None
             elif value.lstrip()[:1] in ("[", "{"):
@@ -137,7 +151,7 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
 def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], _Lines]:
     env = dict(os.environ) if env is None else env
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_COMPOSER)
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_problem(e, text)], source) from None
     lines = _Lines()
@@ -177,7 +191,12 @@ _UNION_PART = re.compile(r"^(?:list|literal|function-\w+|union|tagged-union|str|
 def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[str]:
     out: list[str] = []
     for e in err.errors(include_url=False):
-        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and _UNION_PART.match(p)))
+        loc = prefix
+        for p in e["loc"]:
+            # a union member's name is dropped, unless the YAML has a key by that name there
+            if isinstance(p, str) and _UNION_PART.match(p) and loc + (p,) not in lines.lines:
+                continue
+            loc = loc + (p,)
         line = lines.find(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

@@ -55,6 +55,8 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._mounted: list[Any] = []  # plugin middlewares and TraceConfigs in use
         self._old_runtimes: set[asyncio.Task[None]] = set()
+        self._retiring: set[Runtime] = set()  # runtimes a reload replaced, still finishing requests
+        self._stopping = False
         #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
         self.drain_deadline: float | None = None
 
@@ -139,6 +141,9 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
         plugins down (they flush what they buffered) and close the shared resources."""
+        self._stopping = True
+        async with self._reload_lock:  # a reload under way finishes (or is refused) first
+            pass
         timeout = self.cfg.server.shutdown_timeout
         self.drain_deadline = time.monotonic() + timeout
         if self._public is not None:
@@ -151,7 +156,8 @@ class Gateway:
             server = self._public.server
             if server is not None and hasattr(server, "pre_shutdown"):
                 server.pre_shutdown()
-            await self.runtime.wait_idle(timeout)
+            # (requests that began before a reload are counted on the runtime they began with)
+            await asyncio.gather(*(rt.wait_idle(timeout) for rt in [self.runtime, *self._retiring]))
             await self._public.cleanup()
             self._public = None
         if self._admin is not None:
@@ -181,6 +187,8 @@ class Gateway:
         return ok, detail
 
     async def _reload(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "the gateway is shutting down"
         if not self.cfg.path:
             return False, "the running config was not loaded from a file"
         try:
@@ -226,7 +234,9 @@ class Gateway:
         _activate(rt)
         task = asyncio.create_task(old.shutdown(wait=new.server.shutdown_timeout))
         self._old_runtimes.add(task)
+        self._retiring.add(old)
         task.add_done_callback(self._old_runtimes.discard)
+        task.add_done_callback(lambda _t: self._retiring.discard(old))
         return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s)"
 
 

@@ -77,7 +77,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
 
     if not create and cfg.database.url.startswith("sqlite"):
         name = make_url(cfg.database.url).database
-        if name and name != ":memory:" and not Path(name).exists():
+        if name and name != ":memory:" and not name.startswith("file:") and not Path(name).exists():
             raise NoDatabase(f"the database file {name} does not exist (check database.url; the gateway, "
                              "`gateway db upgrade` or `gateway keys create` make it)")
     db = open_database(cfg)
@@ -250,9 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/\s]*@")
 
 
+_QUERY_SECRET = re.compile(r"([?&;\s][^=&#\s]*(?:password|passwd|pwd|token|secret)[^=&#\s]*=)[^&#\s]*",
+                           re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``url`` (or any text containing URLs) with the password part of ``user:password@`` masked."""
-    return _URL_USERINFO.sub(r"\1***@", url)
+    """``url`` (or any text containing URLs) with the password part of ``user:password@`` and the
+    values of password / token / secret parameters masked."""
+    return _QUERY_SECRET.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", url))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -559,3 +559,22 @@ async def test_reload_adds_and_removes_a_plugins_admin_api(make_gateway: Any) ->
             assert r.status == 200
         async with s.get(g.admin_url + "/keys", headers=AUTH) as r:
             assert r.status == 404
+
+
+async def test_shutdown_drains_requests_that_began_before_a_reload(make_gateway: Any) -> None:
+    """A stream that began before a reload is counted on the chain it began with: a shutdown right
+    after the reload still lets it finish within shutdown_timeout, and a reload asked for during
+    the shutdown is refused."""
+    g = await make_gateway([{"name": "headers"}], server={"shutdown_timeout": 10})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.1", "X-Demo-Words": "15"})
+        first = await r.content.readuntil(b"\n\n")
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        stopping = asyncio.create_task(g.stop())
+        await asyncio.sleep(0.05)
+        assert (await g.gw.reload(actor="test")) == (False, "the gateway is shutting down")
+        rest = await r.read()  # not cut: it ends with its [DONE]
+        await stopping
+    assert b"[DONE]" in first + rest

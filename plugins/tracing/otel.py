@@ -71,14 +71,14 @@ URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
 #: A gateway API key wherever it appears (under any parameter name, percent-encoded or not): the
 #: key's id stays, for telling requests apart; its secret does not.
-_GATEWAY_KEY = re.compile(r"(gw_[0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{20,}")
+_GATEWAY_KEY = re.compile(r"(gw(?:_|%5[Ff])[0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{20,}")
 
 
 def redact_query(url: Any) -> str:
     """``url`` with the values of sensitive query parameters, and any gateway key's secret, replaced
     by ``REDACTED``."""
     s = str(url)
-    if "gw_" in s:
+    if "gw" in s:
         s = _GATEWAY_KEY.sub(r"\1_REDACTED", s)
     if "?" not in s and "=" not in s:
         return s
