@@ -209,6 +209,37 @@ async def test_memory_mode_prepends_trimmed_history(make_gateway: Any, db: dict[
     assert st == 400 and b["error"]["code"] == "invalid_header"
 
 
+async def test_memory_with_a_resent_system_prompt_a_repeated_question_and_a_tool_result(
+        make_gateway: Any, db: dict[str, Any], upstream: Any) -> None:
+    """Memory clients send their new messages; one that resends its system prompt each turn, or
+    asks its first question again, continues the conversation (no fork, history kept once). A new
+    tool result gets the assistant call it answers even when the token budget is used up."""
+    g = await start(make_gateway, db, {"memory": {"enabled": True, "max_tokens": 20}, "cache_ttl": 0})
+    system = {"role": "system", "content": "Be terse."}
+    st, h, b = await chat(g, [system, {"role": "user", "content": "hi"}])
+    cid, a1 = h["X-Conversation-ID"], b["choices"][0]["message"]
+    st, h, b = await chat(g, [system, {"role": "user", "content": "a2"}], cid)
+    assert st == 200 and h["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in h
+    assert upstream.requests[-1]["body"]["messages"] == [system, {"role": "user", "content": "hi"}, a1,
+                                                         {"role": "user", "content": "a2"}]
+    st, h, b = await chat(g, [{"role": "user", "content": "hi"}], cid)  # the first question again
+    assert h["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in h
+    assert upstream.requests[-1]["body"]["messages"][-1] == {"role": "user", "content": "hi"}
+    rows = await stored(g, cid)
+    assert [r.role for r in rows] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    # a tool call, then its result alone, with a budget the result uses up by itself
+    tools = [{"type": "function", "function": {"name": "find", "parameters": {"type": "object", "properties": {}}}}]
+    st, h, b = await chat(g, [{"role": "user", "content": "find x"}], cid, tools=tools)
+    call = b["choices"][0]["message"]
+    assert call.get("tool_calls"), call
+    result = {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "result X " * 15}
+    st, h, b = await chat(g, [result], cid, tools=tools)
+    assert st == 200
+    seen = upstream.requests[-1]["body"]["messages"]
+    assert seen[0] == system and seen[-1] == result
+    assert seen[-2]["role"] == "assistant" and seen[-2]["tool_calls"][0]["id"] == result["tool_call_id"]
+
+
 async def test_memory_token_trim_route_override_and_db_fallback(make_gateway: Any, db: dict[str, Any],
                                                               upstream: Any) -> None:
     # memory off globally, on (with a token budget) for one route; a tiny cache tail and a slow writer

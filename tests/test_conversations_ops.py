@@ -246,7 +246,8 @@ async def test_cli_list_show_export_delete_purge(make_gateway: Any, upstream: An
     assert r.returncode == 1
     r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "30d")
     assert r.returncode == 0 and "purged 0" in r.stdout
-    r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "0s", "--json")
+    await asyncio.sleep(1.1)
+    r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "1s", "--json")
     assert json.loads(r.stdout) == {"deleted": 1}
     r = await asyncio.to_thread(run_cli_here, cfg, "purge", "--older-than", "soon")
     assert r.returncode == 2
@@ -525,3 +526,22 @@ async def test_store_turns_after_a_write_time_fork_follow_it_across_batches(db: 
     original, _ = await store.messages(cid)
     assert [m["content"] for m in original][-2:] == ["u3'", "a3'"]
     await d.close()
+
+
+async def test_a_cursor_of_the_wrong_shape_is_a_400(make_gateway: Any, tmp_path: Path) -> None:
+    """Valid base64 and JSON, but not a position in the list: 400 naming the cursor, on the caller
+    and the admin API (not a 503 saying the store is down, nor a 500). The CLI refuses a purge of
+    everything (--older-than 0)."""
+    import base64
+
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"})
+    await chat(g, [{"role": "user", "content": "hello"}])
+    bad = base64.urlsafe_b64encode(b"[1,2]").decode().rstrip("=")
+    async with aiohttp.ClientSession() as s:
+        for url, headers in ((f"{g.url}/gateway/conversations?cursor={bad}", {}),
+                             (f"{g.admin_url}/conversations?cursor={bad}", ADMIN)):
+            async with s.get(url, headers=headers) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["param"] == "cursor", (url, body)
+    res = run_cli(tmp_path / "gateway.yaml", "purge", "--older-than", "0")
+    assert res.returncode == 2 and "more than 0" in res.stderr

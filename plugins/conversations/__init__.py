@@ -302,13 +302,20 @@ class Conversations(Plugin):
             while k < n and k < len(digests) and v.digests[k] == digests[k]:
                 k += 1
             create = False
-            if k < n and not (memory and k == 0):
-                parent_id, fork_position = v.id, k
-                v = shared.remember(v.fork(new_id(), k))
-                create = True
-            base = v.count if (memory and k == 0) else k
-            new = msgs[k:]
-            new_digests = digests[k:]
+            if memory and k < n:
+                # Memory: the client sends its new messages only. What matches the stored start is
+                # a resent system prompt (dropped: the stored one is kept), or a coincidence (a
+                # question asked again): no fork either way.
+                s = 0
+                while s < k and isinstance(msgs[s], dict) and msgs[s].get("role") in ("system", "developer"):
+                    s += 1
+                base, new, new_digests = v.count, msgs[s:], digests[s:]
+            else:
+                if k < n:
+                    parent_id, fork_position = v.id, k
+                    v = shared.remember(v.fork(new_id(), k))
+                    create = True
+                base, new, new_digests = k, msgs[k:], digests[k:]
         else:
             v = shared.remember(View(new_id(), owner, key_id))
             create, k, base, new, new_digests = True, 0, 0, msgs, digests
@@ -355,11 +362,21 @@ class Conversations(Plugin):
             pinned = [(first, v.tokens[0] if v.tokens else None)]
             if start == 0:
                 rest = rest[1:]
-        n_budget = float("inf") if mem.max_messages is None else mem.max_messages - len(new) - len(pinned)
+        # New tool results need the assistant message that called them (and any results stored after
+        # it) whatever the budget: a tool result without its call is rejected upstream.
+        must: list[tuple[dict[str, Any], int | None]] = []
+        if new and isinstance(new[0], dict) and new[0].get("role") == "tool":
+            for j in range(len(rest) - 1, -1, -1):
+                m = rest[j][0]
+                if m.get("role") == "assistant" and m.get("tool_calls"):
+                    must, rest = rest[j:], rest[:j]
+                    break
+        n_budget = float("inf") if mem.max_messages is None else \
+            mem.max_messages - len(new) - len(pinned) - len(must)
         t_budget = float("inf")
         if mem.max_tokens is not None:
             t_budget = mem.max_tokens - sum(estimate_tokens(m) for m in new) \
-                - sum(t if t is not None else estimate_tokens(m) for m, t in pinned)
+                - sum(t if t is not None else estimate_tokens(m) for m, t in pinned + must)
         taken: list[tuple[dict[str, Any], int | None]] = []
         for m, t in reversed(rest):
             if len(taken) >= n_budget:
@@ -372,7 +389,7 @@ class Conversations(Plugin):
         taken.reverse()
         while taken and taken[0][0].get("role") == "tool":
             taken.pop(0)  # a tool result without the assistant call that asked for it is rejected upstream
-        return pinned + taken
+        return pinned + taken + must
 
     # -- completion ------------------------------------------------------------------------------
     async def on_complete(self, ctx: RequestContext) -> None:

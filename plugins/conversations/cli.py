@@ -27,6 +27,8 @@ def parse_duration(s: str) -> dt.timedelta:
         td = dt.timedelta.max
     if td > dt.timedelta(days=36500):
         raise argparse.ArgumentTypeError(f"duration too long: {s!r} (at most 36500d)")
+    if td <= dt.timedelta(0):
+        raise argparse.ArgumentTypeError(f"duration must be more than 0: {s!r} (0 would purge everything)")
     return td
 
 

@@ -503,8 +503,13 @@ class ConversationStore:
             stmt = stmt.where(sa.exists().where(M.c.conversation_id == C.c.id,
                                                 M.c.content.icontains(q, autoescape=True)))
         if cursor:
-            ts, last = decode_cursor(cursor)
-            t = parse_time(ts)
+            try:
+                ts, last = decode_cursor(cursor)
+                t = parse_time(ts)
+                if not isinstance(last, str):
+                    raise TypeError
+            except (ValueError, TypeError, AttributeError, OverflowError):
+                raise ValueError("invalid cursor") from None
             stmt = stmt.where(sa.or_(C.c.updated_at < t, sa.and_(C.c.updated_at == t, C.c.id < last)))
         stmt = stmt.order_by(C.c.updated_at.desc(), C.c.id.desc()).limit(limit + 1)
         async with self.db.engine.connect() as conn:
