@@ -34,7 +34,8 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
         if request.path in OPEN_PATHS:
             return await handler(request)
         h = request.headers.get("Authorization", "")
-        given = h[7:].strip().encode() if h[:7].lower() == "bearer " else b""
+        # (surrogateescape: header bytes that are not UTF-8 compare as what they are, a wrong token)
+        given = h[7:].strip().encode("utf-8", "surrogateescape") if h[:7].lower() == "bearer " else b""
         if not given:
             return json_error(401, "Admin token required (Authorization: Bearer <admin token>).",
                               "invalid_request_error", "admin_token_missing",

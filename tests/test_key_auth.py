@@ -646,3 +646,43 @@ async def test_per_key_rpm_override_reaches_rate_limit(make_gateway: Any) -> Non
     assert statuses == [200, 200, 429]
     other = await new_key(g)  # no override: the YAML default applies
     assert [(await raw_call(g.url, bearer(other["key"])))[0] for _ in range(3)] == [200, 200, 200]
+
+
+async def test_odd_input_to_keys_and_the_admin_api(make_gateway: Any) -> None:
+    """A model scope holds when the model is not a string or cannot be read; times past what UTC
+    holds, NaN/Infinity, and token bytes that are not UTF-8 are 4xx, never 500."""
+    g = await make_gateway(ka())
+    rec = await new_key(g, scopes={"models": ["demo-chat"]})
+    auth = {"Authorization": f"Bearer {rec['key']}"}
+    async with aiohttp.ClientSession() as s:
+        for body in ({"model": ["other"], "messages": []}, {"model": {"id": "other"}, "messages": []},
+                     {"model": None, "messages": []}):
+            async with s.post(g.url + "/v1/chat/completions", json=body, headers=auth) as r:
+                assert r.status == 403 and (await r.json())["error"]["code"] == "key_scope_denied", body
+        async with s.post(g.url + "/v1/chat/completions", data="model=other", headers={
+                **auth, "Content-Type": "application/x-www-form-urlencoded"}) as r:
+            assert r.status == 403
+        async with s.post(g.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": [
+                {"role": "user", "content": "hi"}]}, headers=auth) as r:
+            assert r.status == 200
+    for when in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"):
+        st, b = await admin(g, "POST", "/keys", {"owner": "a", "expires_at": when})
+        assert st == 422 and b["error"]["param"] == "expires_at", b
+        st, b = await admin(g, "PATCH", f"/keys/{rec['id']}", {"expires_at": when})
+        assert st == 422, b
+    for raw in (b'{"owner": "a", "metadata": {"x": 1e400}}', b'{"owner": "a", "metadata": {"x": NaN}}'):
+        st, b = await admin(g, "POST", "/keys", raw=raw)
+        assert st == 400 and b["error"]["code"] == "invalid_json", b
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.admin_port)
+    try:
+        w.write(b"GET /keys HTTP/1.1\r\nHost: a\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        await w.drain()
+        async with asyncio.timeout(10):
+            head = (await r.read()).split(b"\r\n", 1)[0]
+    finally:
+        w.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "create", "--owner", "x",
+                                                   "--expires", "99999999d", "-c", g.gw.cfg.path],
+                                  capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "out of range" in res.stderr and "Traceback" not in res.stderr

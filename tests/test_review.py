@@ -209,7 +209,7 @@ async def test_admin_keys_hostile_bodies_and_params(make_gateway, upstream):
         async with s.post(g.admin_url + f"/keys/{kid}/rotate", headers={**AUTH, "Content-Type": "application/json"},
                           data='{"grace_seconds": NaN}') as r:
             body = await r.json()
-            assert r.status == 422 and body["error"]["param"] == "grace_seconds", body
+            assert r.status == 400 and body["error"]["code"] == "invalid_json", body  # NaN is not JSON
         async with s.get(g.admin_url + f"/keys/{kid}", headers=AUTH) as r:
             assert (await r.json())["rotated_at"] is None
 

@@ -301,6 +301,13 @@ class KeyAuth(Plugin):
                 return self._refuse(ctx, 403, "scope_model", key_id,
                                     f"This API key is not allowed to use the model {model!r}.",
                                     "key_scope_denied", "permission_error")
+            if model is None and _names_a_model(ctx):
+                # a model that is not a string, or a body the gateway cannot read it from (not
+                # JSON): a key limited to some models cannot be checked, so it is refused
+                return self._refuse(ctx, 403, "scope_model", key_id,
+                                    "This API key is limited to some models, and this request's model could "
+                                    "not be read (send a JSON body with \"model\" as a string).",
+                                    "key_scope_denied", "permission_error")
         ident = entry.identity
         ctx.identity = dict(ident)
         for h, field in self.config.forward_identity_headers.items():
@@ -425,6 +432,17 @@ class KeyAuth(Plugin):
         from .cli import add_cli
 
         add_cli(subparsers)
+
+
+def _names_a_model(ctx: "RequestContext") -> bool:
+    """Does the request carry a model the gateway cannot read as a string: a JSON body whose
+    "model" is not a string, or a body that is not JSON at all?"""
+    if not ctx.body:
+        return False
+    j = ctx.json
+    if isinstance(j, dict):
+        return "model" in j
+    return True
 
 
 _day_cache: tuple[int, dt.date] = (-1, dt.date.min)

@@ -61,6 +61,16 @@ class Limits(_Body):
                                        description="Token quota per UTC month.")
 
 
+def _in_range(v: Any) -> Any:
+    """A time the store can keep (in UTC, between the years 1 and 9999)."""
+    if isinstance(v, dt.datetime):
+        try:
+            v.astimezone(dt.timezone.utc)
+        except OverflowError:
+            raise ValueError("out of range") from None
+    return v
+
+
 class CreateKey(_Body):
     owner: str = Field(min_length=1, max_length=200, description="The user the key belongs to.")
     name: str = Field("", max_length=200, description="A label for people.")
@@ -75,6 +85,11 @@ class CreateKey(_Body):
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
 
+    @field_validator("expires_at")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        return _in_range(v)
+
 
 class UpdateKey(_Body):
     name: str | None = Field(None, max_length=200)
@@ -88,6 +103,11 @@ class UpdateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _when(cls, v: Any) -> Any:
+        return _in_range(v)
 
 
 class RotateKey(_Body):
@@ -105,13 +125,24 @@ def _not_found(key_id: str) -> web.Response:
     return _err(404, f"No API key with id {key_id!r}.", "key_not_found", "id")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: what a strict client cannot read back
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")  # 1e400 reads as Infinity
+    return v
+
+
 async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
     raw = await request.read()
     if not raw.strip():
         data: Any = {}
     else:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
         except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
             return _err(400, "The request body is not valid JSON.", "invalid_json")
     if not isinstance(data, dict):

@@ -26,10 +26,14 @@ def parse_when(v: str) -> dt.datetime | None:
     if v.lower() in ("never", "none", ""):
         return None
     m = _REL.match(v)
-    if m:
-        return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
     try:
+        if m:
+            return dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)])
         d = dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+        if d.tzinfo is not None:
+            d.astimezone(dt.timezone.utc)  # raises for a time UTC cannot hold
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"out of range: {v!r}") from None
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a time: {v!r} (use e.g. 30d, 12h, 2027-01-01, never)") from None
     return d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)
