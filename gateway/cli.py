@@ -254,10 +254,15 @@ _QUERY_SECRET = re.compile(r"([?&;\s][^=&#\s]*(?:password|passwd|pwd|token|secre
                            re.IGNORECASE)
 
 
+def mask_secret_params(text: str) -> str:
+    """``text`` with the values of password / token / secret parameters (``?password=...``) masked."""
+    return _QUERY_SECRET.sub(r"\1***", text)
+
+
 def redact_url(url: str) -> str:
     """``url`` (or any text containing URLs) with the password part of ``user:password@`` and the
     values of password / token / secret parameters masked."""
-    return _QUERY_SECRET.sub(r"\1***", _URL_USERINFO.sub(r"\1***@", url))
+    return mask_secret_params(_URL_USERINFO.sub(r"\1***@", url))
 
 
 def main(argv: list[str] | None = None) -> int:

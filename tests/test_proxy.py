@@ -394,16 +394,21 @@ async def test_openai_sync_sdk_in_thread(make_gateway: Any) -> None:
 
 
 # -- header hygiene ----------------------------------------------------------------------------------
-async def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read the whole answer (the request asks for Connection: close)."""
+async def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     try:
         w.write(data)
         await w.drain()
         async with asyncio.timeout(timeout):
-            raw = await r.read()
+            return await r.read()
     finally:
         w.close()
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read the whole answer (the request asks for Connection: close)."""
+    raw = await raw_exchange(port, data, timeout)
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -1017,14 +1022,7 @@ async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: A
     log says what happened without quoting it (the parser's message can hold a key or a token)."""
     g = await make_gateway([])
     caplog.set_level(logging.DEBUG)
-    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port if listener == "public" else g.gw.admin_port)
-    try:
-        w.write(raw)
-        await w.drain()
-        async with asyncio.timeout(10):
-            resp = await r.read()
-    finally:
-        w.close()
+    resp = await raw_exchange(g.gw.public_port if listener == "public" else g.gw.admin_port, raw)
     head, _, body = resp.partition(b"\r\n\r\n")
     assert re.match(rb"HTTP/1\.[01] 400 ", head), head  # HTTP/1.0 when the request line is garbage
     assert b"application/json" in head

@@ -24,6 +24,8 @@ from limits.aio.strategies import (FixedWindowRateLimiter, MovingWindowRateLimit
 from limits.storage import storage_from_string
 from prometheus_client import Counter
 
+from gateway.cli import mask_secret_params
+
 log = logging.getLogger("gateway.rate_limit")
 T = TypeVar("T")
 
@@ -49,9 +51,6 @@ def async_uri(uri: str) -> str:
     return uri if uri.startswith("async+") else "async+" + uri
 
 
-_QUERY_SECRET = re.compile(r"([?&][^=&#]*(?:password|passwd|token|secret)[^=&#]*=)[^&#]*", re.IGNORECASE)
-
-
 def redacted(uri: str) -> str:
     """The URI without a password (user:password@ and ?password= alike), for logs and metric labels."""
     scheme, sep, rest = uri.partition("://")
@@ -59,7 +58,7 @@ def redacted(uri: str) -> str:
     netloc, tail = (m.group(1), m.group(2)) if m else (rest, "")
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return scheme + sep + netloc + _QUERY_SECRET.sub(r"\1***", tail)
+    return scheme + sep + netloc + mask_secret_params(tail)
 
 
 SWEEP_EVERY = 1.0
