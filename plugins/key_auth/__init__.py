@@ -8,6 +8,7 @@ per key per day in the background. See docs/key_auth.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import fnmatch
 import hashlib
@@ -54,7 +55,13 @@ class KeyAuthConfig(PluginConfig):
                                     "every existing key.")
     cache_ttl: float = Field(5.0, ge=0, le=300,
                              description="Seconds a key lookup is cached in memory. A revoke through this "
-                                         "instance applies at once; through another instance within this time.")
+                                         "instance applies at once; through another instance or the CLI "
+                                         "within watch_interval, and at the latest within this time.")
+    watch_interval: float = Field(1.0, ge=0, le=60,
+                                  description="Seconds between checks of the database for keys another "
+                                              "instance or the CLI changed (revoked, rotated, updated); a "
+                                              "changed key is dropped from the cache. 0: off (cache_ttl "
+                                              "alone bounds how long a change takes).")
     cache_size: int = Field(100000, ge=1, description="Most key ids kept in the validation cache.")
     store_timeout: float = Field(2.0, gt=0, description="Seconds a key lookup may take before the request "
                                                         "is refused with 503 (fail closed).")
@@ -157,6 +164,72 @@ class StoreUnavailable(Exception):
     pass
 
 
+class KeyWatch:
+    """Drops cached keys that another process changed, so a revoke made through another instance or
+    the CLI applies here within ``watch_interval`` seconds rather than ``cache_ttl``.
+
+    Every interval it reads the ids and ``updated_at`` of the keys changed lately (an indexed range
+    read) and invalidates those whose stamp it has not seen yet. The window reaches back
+    ``_SKEW`` seconds further than needed, so a writer whose clock is somewhat behind is still seen."""
+
+    _SKEW = 30.0
+    _MAX = 10000  # more changed keys than this in one window: the whole cache is dropped
+
+    def __init__(self, services: "Services", cache: KeyCache, store: KeyStore) -> None:
+        self.services, self.cache, self.store = services, cache, store
+        self.seen: dict[str, dt.datetime] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.failing = False
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name="key_auth.watch")
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+
+    async def _run(self) -> None:
+        while True:
+            cfg = current_config(self.services)
+            if cfg.watch_interval <= 0 or cfg.cache_ttl <= 0:  # off, or nothing cached to drop
+                self.seen.clear()
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.sleep(cfg.watch_interval)
+            try:
+                await self.poll(cfg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the database is down: cache_ttl still bounds every entry
+                if not self.failing:
+                    log.warning("key_auth: checking for changed keys failed (%s); cached keys expire "
+                                "after cache_ttl until it works again", type(e).__name__)
+                self.failing = True
+
+    async def poll(self, cfg: KeyAuthConfig) -> None:
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cfg.cache_ttl + cfg.watch_interval + self._SKEW)
+        async with asyncio.timeout(cfg.store_timeout):
+            rows = await self.store.changed_since(since, self._MAX + 1)
+        if self.failing:
+            log.info("key_auth: checking for changed keys works again")
+            self.failing = False
+            self.cache.invalidate()  # changes during the outage may have left the window
+        if len(rows) > self._MAX:
+            self.cache.invalidate()
+            self.seen = {}
+            return
+        seen = {}
+        for key_id, stamp in rows:
+            seen[key_id] = stamp
+            if self.seen.get(key_id) != stamp:
+                self.cache.invalidate(key_id)
+        self.seen = seen
+
+
 def key_cache(services: "Services") -> KeyCache:
     return services.resource("key_auth.cache", KeyCache)
 
@@ -194,6 +267,9 @@ class KeyAuth(Plugin):
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def startup(self) -> None:
+        if self.config.watch_interval > 0:
+            self.services.resource("key_auth.watch", lambda: KeyWatch(self.services, self.cache, self.store),
+                                   lambda w: w.close()).start()
         if self.config.track_usage:
             w = self.config.usage_writer
             self.writer = self.services.writer("key_auth.usage", self._write_usage, max_queue=w.max_queue,

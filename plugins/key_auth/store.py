@@ -69,7 +69,7 @@ class ApiKey(Base):
     prev_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prev_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
-    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     rotated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -158,6 +158,14 @@ class KeyStore:
     async def get_row(self, key_id: str) -> ApiKey | None:
         async with self.db.session() as s:
             return await s.get(ApiKey, key_id)
+
+    async def changed_since(self, since: dt.datetime, limit: int) -> list[tuple[str, dt.datetime]]:
+        """(id, updated_at) of the keys changed after ``since``: what other processes revoked,
+        rotated or updated lately."""
+        async with self.db.session() as s:
+            rows = await s.execute(select(ApiKey.id, ApiKey.updated_at).where(ApiKey.updated_at > since)
+                                   .limit(limit))
+            return [(r[0], r[1]) for r in rows]
 
     async def get(self, key_id: str) -> dict[str, Any] | None:
         row = await self.get_row(key_id)
