@@ -161,6 +161,9 @@ def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tup
     except _TooBig:
         raise ConfigError([f"line 1: the document expands to more than {MAX_VALUES} values (YAML aliases?)"],
                           source) from None
+    except RecursionError:
+        raise ConfigError(["line 1: the document nests too deeply, or a YAML alias contains itself "
+                           "(e.g. `x: &a [*a]`)"], source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -10,8 +10,8 @@ import time
 from typing import Any, Awaitable
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import Counter
 
 from gateway.config import ConfigError, GatewayConfig, load_config
@@ -279,6 +279,16 @@ class _JsonErrorHandler(RequestHandler):
                             headers={"Server": SERVER})
         resp.force_close()
         return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, (ContentEncodingError, PayloadEncodingError, RequestPayloadError)):
+            # aiohttp reading the rest of a body after the response (to keep the connection) and
+            # finding it cannot be decoded, e.g. "gzip" that is not: the client's error, already
+            # answered. One line, no traceback (a client could fill the log with them otherwise).
+            log.info("request body could not be decoded (%s); connection closed", type(exc).__name__)
+            return
+        super().log_exception(*args, **kw)
 
 
 #: After the gateway's own drain (Gateway.stop), what aiohttp gives a request that is still running

@@ -52,7 +52,7 @@ def _check_encoding(values: list[str]) -> None:
     gateway sends plain bodies upstream (the header is not forwarded), so the upstream would get encoded
     bytes labelled as plain. Refused instead (415): several codings, several header lines (which one
     the parser takes is not the same in its C and Python versions), or an unknown one."""
-    if len({v.strip().lower() for v in values}) > 1:
+    if len(values) > 1:
         codings = ["several"]
     else:
         codings = [c.strip().lower() for c in values[0].split(",") if c.strip()]

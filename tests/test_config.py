@@ -256,6 +256,7 @@ def test_files_and_values_an_operator_gets_wrong(tmp_path, monkeypatch):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh"))
     assert "expands to more than" in problem(bomb)
+    assert "a YAML alias contains itself" in problem(base + "plugins: &x [*x]\n")
     msg = problem(base.replace("${TOK}", "${TOK:fallback-token-0123456789}"))
     assert "admin.token -> line 4: malformed ${...}" in msg and "fallback" not in msg
     merged = (base + "plugins:\n  - name: rate_limit\n    config:\n      <<: {strategy: fixed, storage: 'memory://'}\n"

@@ -156,6 +156,36 @@ async def test_lifecycle_on_postgresql(make_gateway: Any, upstream: Any, pg_url:
     assert st == 200 and u["totals"]["requests"] == 2
 
 
+async def test_usage_of_a_stream_that_outlives_a_reload_is_counted(make_gateway: Any, upstream: Any,
+                                                                  tmp_path: Path) -> None:
+    # The reload retires the old chain after shutdown_timeout, while the stream still runs: its
+    # usage is counted when it ends, by the tally the new chain shares.
+    g = await make_gateway(ka(), server={"shutdown_timeout": 0.5})
+    rec = await new_key(g)
+    headers = {**bearer(rec["key"]), "X-Demo-Delay": "0.3", "X-Demo-Words": "6"}
+
+    async def stream() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", headers=headers,
+                              json={**CHAT, "stream": True}, timeout=aiohttp.ClientTimeout(total=20)) as r:
+                assert r.status == 200
+                return await r.read()
+
+    t = asyncio.create_task(stream())
+    await asyncio.sleep(0.3)
+    write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, ka(cache_ttl=7),
+                                                  server={"shutdown_timeout": 0.5}))
+    ok, detail = await g.gw.reload(actor="test")
+    assert ok, detail
+    body = await t
+    assert body.endswith(b"data: [DONE]\n\n")
+    await chat(g, rec["key"])  # one more on the new chain
+    await g.plugin("key_auth").flush_usage()
+    st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage")
+    assert st == 200 and u["totals"]["requests"] == 2, u
+    assert u["totals"]["completion_tokens"] >= 6  # the stream's six words, plus the second answer
+
+
 async def test_expiry(make_gateway: Any) -> None:
     g = await make_gateway(ka(cache_ttl=300))
     soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1.2)).isoformat()

@@ -536,6 +536,18 @@ async def test_reload_keeps_in_memory_counters(make_gateway):
         assert [(await post(s, g.url))[0] for _ in range(2)] == [200, 429]
 
 
+async def test_reload_applies_the_quota_cache_ttl(make_gateway, upstream, tmp_path):
+    def plugins(ttl):
+        return [rl(rules=[], quotas={"daily_tokens": 1000, "cache_ttl": ttl})]
+
+    g = await make_gateway(plugins(5))
+    assert g.plugin("rate_limit")._quota.cache_ttl == 5
+    write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, plugins(60)))
+    ok, detail = await g.gw.reload(actor="test")
+    assert ok, detail
+    assert g.plugin("rate_limit")._quota.cache_ttl == 60  # the store every instance shares
+
+
 async def test_reload_to_a_counter_store_that_cannot_be_reached_is_refused(make_gateway, redis_server, tmp_path):
     """A mistyped Redis host or password in a reload would make every limit stop applying (with
     on_store_error: allow): the reload is refused and the running store keeps counting."""
@@ -658,6 +670,45 @@ async def test_memory_storage_sweeps_at_most_once_a_second():
     st.timer.cancel()
 
 
+async def test_memory_sweep_of_many_keys_runs_in_slices_between_requests():
+    """A sweep over many keys (one per client IP, say) goes a slice per event-loop turn: other work
+    runs between the slices, expired counters and moving-window entries are all dropped, live
+    ones kept."""
+    from limits import parse
+    from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+
+    from gateway.plugins.rate_limit import store as rl_store
+
+    st = rl_store.build_storage("memory://", 0.25)
+    fixed, moving = FixedWindowRateLimiter(st), MovingWindowRateLimiter(st)
+    n = rl_store.SWEEP_SLICE * 3
+    try:
+        for i in range(n):
+            fixed.hit(parse("5/second"), f"f{i}")
+            moving.hit(parse("5/second"), f"m{i}")
+        await asyncio.sleep(1.1)  # every one of those has expired
+        live = parse("5/minute")
+        seen: set[int] = set()  # keys left, as other work on the loop sees them during the sweep
+
+        async def ticker() -> None:
+            while True:
+                seen.add(len(st.expirations) + len(st.events))
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        assert fixed.hit(live, "live") and moving.hit(live, "live-m")  # starts a sweep
+        for _ in range(200):
+            await asyncio.sleep(0)
+        t.cancel()
+        assert len(st.expirations) == 1 and len(st.events) == 1  # only the live ones are left
+        assert fixed.get_window_stats(live, "live").remaining == 4
+        assert moving.get_window_stats(live, "live-m").remaining == 4
+        # the loop ran between the slices: it saw the sweep half done, more than once
+        assert len([x for x in seen if 2 < x < 2 * n + 2]) >= 3, sorted(seen)
+    finally:
+        st.timer.cancel()
+
+
 async def test_headers_can_be_turned_off(make_gateway):
     g = await make_gateway([rl(headers=False, rules=[{"name": "per-ip", "limit": "2/minute", "key_by": ["ip"]}])])
     async with aiohttp.ClientSession() as s:
@@ -710,5 +761,57 @@ async def test_quota_read_racing_a_write_does_not_lose_tokens(tmp_path):
         assert await read == 10
         assert await q.used("key:k", "d:x", 5) == 10  # and the next read is a fresh one
     finally:
+        await q.close()
+        await d.close()
+
+
+async def test_quota_read_between_a_commit_and_its_return_counts_it_once(tmp_path):
+    """A quota read that sees a batch already committed, before the writer knows it is (its commit
+    has not returned yet), must not count those tokens twice."""
+    from gateway.db import Database
+    from gateway.plugins.rate_limit.quota import QuotaStore
+    from gateway.services import Services
+
+    d = Database(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}")
+    await d.upgrade()
+    services = Services(None, d)  # type: ignore[arg-type]
+    q = QuotaStore(services, cache_ttl=0)
+    committed, release = asyncio.Event(), asyncio.Event()
+    real_session = d.session
+
+    class SlowReturn:  # the writer's session: the commit lands, then returning from it takes a while
+        def __init__(self) -> None:
+            self.s = real_session()
+
+        async def __aenter__(self) -> "SlowReturn":
+            await self.s.__aenter__()
+            return self
+
+        async def __aexit__(self, *a: Any) -> None:
+            await self.s.__aexit__(*a)
+
+        async def execute(self, *a: Any, **k: Any) -> Any:
+            return await self.s.execute(*a, **k)
+
+        async def commit(self) -> None:
+            await self.s.commit()
+            committed.set()
+            await release.wait()
+
+    def session() -> Any:
+        t = asyncio.current_task()
+        return SlowReturn() if t is not None and t.get_name().startswith("writer:") else real_session()
+
+    d.session = session  # type: ignore[method-assign]
+    try:
+        assert await q.used("key:k", "d:x", 5) == 0
+        q.charge("key:k", "d:x", 100)
+        await asyncio.wait_for(committed.wait(), 5)
+        assert await q.used("key:k", "d:x", 5) == 100  # the database has it; the writer does not know yet
+        release.set()
+        await q.writer.flush(5)
+        assert await q.used("key:k", "d:x", 5) == 100
+    finally:
+        release.set()
         await q.close()
         await d.close()

@@ -238,6 +238,82 @@ def key_store(services: "Services") -> KeyStore:
     return services.resource("key_auth.store", lambda: KeyStore(services.db))
 
 
+class UsageTally:
+    """Usage counted on the request path and handed to one background writer per process.
+
+    Shared by every key_auth instance and kept across config reloads: a request that outlives a
+    reload (a long stream) is counted when it ends, by the same tally. The request path only adds to
+    a dict; a task hands it over to the writer every ``flush_interval``; closing (at exit) hands over
+    and flushes what is left."""
+
+    def __init__(self, services: "Services", store: KeyStore, cfg: KeyAuthConfig) -> None:
+        self.store = store
+        self.cfg = cfg  # the settings of the instance activated last
+        w = cfg.usage_writer
+        self.writer = services.writer("key_auth.usage", self._write, max_queue=w.max_queue,
+                                      batch_size=w.batch_size, flush_interval=w.flush_interval, on_full="drop")
+        # (key id, UTC day) -> [requests, prompt tokens, completion tokens] since the last hand-over
+        self.pending: dict[tuple[str, dt.date], list[int]] = {}
+        self.last_seen: dict[str, float] = {}     # key id -> wall time of its latest request
+        self.touched: dict[str, float] = {}       # key id -> monotonic time last_used_at was written
+        self.writer.start()
+        self.task = asyncio.create_task(self._loop(), name="key_auth.usage")
+
+    def configure(self, cfg: KeyAuthConfig) -> None:
+        self.cfg = cfg
+        w, cur = cfg.usage_writer, self.writer
+        cur.configure(max_queue=w.max_queue, batch_size=w.batch_size, flush_interval=w.flush_interval,
+                      on_full="drop", full_wait=cur.full_wait, retry_for=cur.retry_for)
+
+    def add(self, key_id: str, prompt: int, completion: int) -> None:
+        now = time.time()
+        k = (key_id, _utc_day(now))
+        a = self.pending.get(k)
+        if a is None:
+            a = self.pending[k] = [0, 0, 0]
+        a[0] += 1
+        a[1] += prompt
+        a[2] += completion
+        self.last_seen[key_id] = now
+
+    def hand_over(self) -> None:
+        """Move the usage gathered so far into the writer's queue (one record per key and day)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        for (key_id, day), (n, p, c) in pending.items():
+            self.writer.put_nowait(UsageRecord(key_id, day, n, p, c))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.usage_writer.flush_interval)
+            self.hand_over()
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        self.hand_over()
+        await self.writer.flush(timeout)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.hand_over()
+        await self.writer.close()
+
+    async def _write(self, batch: list[UsageRecord]) -> None:
+        mono = time.monotonic()
+        keys = {r.key_id for r in batch}
+        touch = [(k, dt.datetime.fromtimestamp(self.last_seen[k], dt.timezone.utc)) for k in keys
+                 if k in self.last_seen and mono - self.touched.get(k, -1e18) >= self.cfg.last_used_interval]
+        await self.store.record_usage(batch, touch)
+        for k, _ in touch:
+            self.touched[k] = mono
+        if len(self.touched) > 100000:
+            self.touched.clear()
+        if len(self.last_seen) > 100000:
+            self.last_seen.clear()
+
+
 class KeyAuth(Plugin):
     name = "key_auth"
     Config = KeyAuthConfig
@@ -257,13 +333,7 @@ class KeyAuth(Plugin):
         self._fast_key = hashlib.blake2b(config.pepper.encode(), key=_FAST_KEY, digest_size=32).digest()
         if not config.track_usage:
             self.unused_hooks = frozenset({"on_complete"})  # it only tallies usage
-        self.writer: Any = None
-        # Usage since the last hand-over to the writer: (key id, UTC day) -> [requests, prompt, completion].
-        # The request path only adds to this dict; a background task hands it over every flush_interval.
-        self._pending: dict[tuple[str, dt.date], list[int]] = {}
-        self._last_seen: dict[str, float] = {}     # key id -> wall time of its latest request
-        self._touched: dict[str, float] = {}       # key id -> monotonic time last_used_at was written
-        self._flusher: asyncio.Task[None] | None = None
+        self.tally: UsageTally | None = None  # set at startup when track_usage is on
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -271,24 +341,12 @@ class KeyAuth(Plugin):
             self.services.resource("key_auth.watch", lambda: KeyWatch(self.services, self.cache, self.store),
                                    lambda w: w.close()).start()
         if self.config.track_usage:
-            w = self.config.usage_writer
-            self.writer = self.services.writer("key_auth.usage", self._write_usage, max_queue=w.max_queue,
-                                               batch_size=w.batch_size, flush_interval=w.flush_interval,
-                                               on_full="drop")
-            self.writer.start()
-            self._flusher = asyncio.create_task(self._hand_over_loop(w.flush_interval), name="key_auth.usage")
+            self.tally = self.services.resource("key_auth.usage", lambda: UsageTally(
+                self.services, self.store, self.config), lambda t: t.close())
 
-    async def shutdown(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
-            self._flusher = None
-        if self.writer is not None:
-            self._hand_over()
-            await self.writer.close()
+    def activated(self) -> None:
+        if self.tally is not None:
+            self.tally.configure(self.config)  # writer settings from a reload apply now
 
     # -- the request path -------------------------------------------------------------------------------
     def _extract(self, ctx: "RequestContext") -> str | None:
@@ -390,7 +448,7 @@ class KeyAuth(Plugin):
             v = ident.get(field)
             ctx.upstream_headers[h] = _CONTROL.sub(" ", str(v)) if v is not None else None
         ctx.state[self.name] = key_id
-        if self.writer is not None and ctx.method == "POST":
+        if self.tally is not None and ctx.method == "POST":
             ctx.want_usage()  # token usage only comes with POST (chat, completions, embeddings ...)
         return None
 
@@ -426,7 +484,7 @@ class KeyAuth(Plugin):
     # -- usage ------------------------------------------------------------------------------------------
     async def on_complete(self, ctx: "RequestContext") -> None:
         key_id = ctx.state.get(self.name)
-        if key_id is None or self.writer is None or ctx.t_upstream is None:
+        if key_id is None or self.tally is None or ctx.t_upstream is None:
             return
         c = ctx.completion
         prompt = completion = 0
@@ -435,47 +493,12 @@ class KeyAuth(Plugin):
             completion = c.completion_tokens or 0
             if c.usage is None and c.kind == "sse":
                 completion = c.deltas  # a stream cut short before the usage chunk: what was generated
-        now = time.time()
-        k = (key_id, _utc_day(now))
-        a = self._pending.get(k)
-        if a is None:
-            a = self._pending[k] = [0, 0, 0]
-        a[0] += 1
-        a[1] += prompt
-        a[2] += completion
-        self._last_seen[key_id] = now
-
-    def _hand_over(self) -> None:
-        """Move the usage gathered so far into the writer's queue (one record per key and day)."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        for (key_id, day), (n, p, c) in pending.items():
-            self.writer.put_nowait(UsageRecord(key_id, day, n, p, c))
-
-    async def _hand_over_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self._hand_over()
+        self.tally.add(key_id, prompt, completion)
 
     async def flush_usage(self, timeout: float = 10.0) -> None:
         """Write everything counted so far (tests, shutdown)."""
-        if self.writer is not None:
-            self._hand_over()
-            await self.writer.flush(timeout)
-
-    async def _write_usage(self, batch: list[UsageRecord]) -> None:
-        mono = time.monotonic()
-        keys = {r.key_id for r in batch}
-        touch = [(k, dt.datetime.fromtimestamp(self._last_seen[k], dt.timezone.utc)) for k in keys
-                 if k in self._last_seen and mono - self._touched.get(k, -1e18) >= self.config.last_used_interval]
-        await self.store.record_usage(batch, touch)
-        for k, _ in touch:
-            self._touched[k] = mono
-        if len(self._touched) > 100000:
-            self._touched.clear()
-        if len(self._last_seen) > 100000:
-            self._last_seen.clear()
+        if self.tally is not None:
+            await self.tally.flush(timeout)
 
     # -- demo, admin, CLI ---------------------------------------------------------------------------------
     async def demo_setup(self) -> dict[str, str]:

@@ -79,6 +79,10 @@ class RateLimit(Plugin):
                 "rate_limit:quota", lambda: QuotaStore(self.services, self.config.quotas.cache_ttl),
                 lambda q: q.close())
 
+    def activated(self) -> None:
+        if self._quota is not None:  # shared by every instance: a reload's quota cache_ttl applies now
+            self._quota.cache_ttl = self.config.quotas.cache_ttl
+
     async def shutdown(self) -> None:
         await self.drain(5.0)
 

@@ -41,11 +41,12 @@ def periods(now: dt.datetime | None = None) -> tuple[tuple[str, float], tuple[st
 
 
 class _Entry:
-    __slots__ = ("db", "pending", "loaded", "writes")
+    __slots__ = ("db", "pending", "inflight", "loaded", "writes")
 
     def __init__(self) -> None:
         self.db = 0          # tokens in the database as last read (plus our writes since)
         self.pending = 0     # charged here, not yet written
+        self.inflight = 0    # charged here, being written (committed or not: unknown until it returns)
         self.loaded = 0.0    # monotonic time of the last read (0 = never)
         self.writes = 0      # our batches committed for this entry (to spot one racing a read)
 
@@ -72,22 +73,25 @@ class QuotaStore:
                 if e is None or time.monotonic() - e.loaded > self.cache_ttl:
                     if e is None:
                         e = self._cache[k] = _Entry()
-                    writes = e.writes
+                    writes, inflight = e.writes, e.inflight
                     async with asyncio.timeout(timeout):
                         async with self.db.session() as s:
                             v = int((await s.execute(select(QuotaUsage.tokens).where(
                                 QuotaUsage.subject == subject, QuotaUsage.period == period))).scalar() or 0)
-                    if e.writes == writes:
+                    if e.writes == writes and not inflight and not e.inflight:
                         e.db = v
                         e.loaded = time.monotonic()
                     else:
-                        # One of our batches committed while this read ran: the value read may or
-                        # may not hold it (and e.db already does). Never go below what we know;
-                        # read again on the next request.
-                        e.db = max(e.db, v)
+                        # One of our batches was being written while this read ran: the value read
+                        # may or may not hold it. Batches that finished are in e.db already; one
+                        # still being written is counted in e.inflight, so take it off what was
+                        # read. Both are lower bounds of what the database holds without the
+                        # batch in flight: keep the larger, never count a batch twice, and read
+                        # again on the next request.
+                        e.db = max(e.db, v - e.inflight)
                         e.loaded = 0.0
                     self._prune()
-        return e.db + e.pending
+        return e.db + e.inflight + e.pending
 
     def charge(self, subject: str, period: str, tokens: int) -> None:
         if tokens <= 0:
@@ -114,20 +118,37 @@ class QuotaStore:
         stmt = stmt.on_conflict_do_update(
             index_elements=[QuotaUsage.subject, QuotaUsage.period],
             set_={"tokens": QuotaUsage.tokens + stmt.excluded.tokens, "updated_at": stmt.excluded.updated_at})
-        async with self.db.session() as s:
-            await s.execute(stmt)
-            await s.commit()
+        # From here until the outcome is known, a read of these rows may or may not see the batch:
+        # its tokens move from pending to inflight, and a read that overlaps knows it.
+        moved: list[tuple[_Entry, int]] = []
         for k, n in sums.items():
             e = self._cache.get(k)
-            if e is not None:
-                e.pending = max(0, e.pending - n)
-                e.db += n
-                e.writes += 1
+            if e is None:
+                e = self._cache[k] = _Entry()
+            m = min(n, e.pending)
+            e.pending -= m
+            e.inflight += m
+            moved.append((e, m))
+        done = False
+        try:
+            async with self.db.session() as s:
+                await s.execute(stmt)
+                await s.commit()
+                done = True
+                for (e, m), n in zip(moved, sums.values()):
+                    e.inflight -= m
+                    e.db += n
+                    e.writes += 1
+        finally:
+            if not done:  # not written (the writer retries or counts it): charged here still
+                for e, m in moved:
+                    e.inflight -= m
+                    e.pending += m
 
     def _prune(self) -> None:
         if len(self._cache) > 50000:
             cutoff = time.monotonic() - self.cache_ttl
-            for k in [k for k, e in self._cache.items() if e.loaded < cutoff and not e.pending]:
+            for k in [k for k, e in self._cache.items() if e.loaded < cutoff and not e.pending and not e.inflight]:
                 self._cache.pop(k, None)
                 self._locks.pop(k, None)
 

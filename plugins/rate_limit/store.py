@@ -12,10 +12,11 @@ and its expiry sweep runs on the loop too (:func:`throttle_sweep`).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import limits.strategies as sync_strategies
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -62,6 +63,44 @@ def redacted(uri: str) -> str:
 
 
 SWEEP_EVERY = 1.0
+SWEEP_SLICE = 5000  # keys looked at per event-loop turn
+
+
+def _expire_slices(storage: Any) -> Iterator[None]:
+    """The library's in-memory expiry sweep (`MemoryStorage.__expire_events`), a slice of keys per
+    step: expired moving-window entries are trimmed, expired counters dropped, with the same tests
+    the library makes. Between steps the event loop serves requests, so a million keys cost many
+    short steps rather than one long stall. Empty entry lists are dropped too (the library keeps
+    them, which keeps every key ever seen)."""
+    events, expirations, locks, counts = storage.events, storage.expirations, storage.locks, storage.storage
+    keys = list(events)
+    for i in range(0, len(keys), SWEEP_SLICE):
+        now = time.time()
+        for key in keys[i:i + SWEEP_SLICE]:
+            ev = events.get(key)
+            if ev:
+                oldest = bisect.bisect_left(ev, -now, key=_neg_expiry)
+                if oldest < len(ev):
+                    ev = events[key] = ev[:oldest]
+            if not ev:
+                events.pop(key, None)
+                if key not in counts:
+                    locks.pop(key, None)
+        yield
+    keys = list(expirations)
+    for i in range(0, len(keys), SWEEP_SLICE):
+        now = time.time()
+        for key in keys[i:i + SWEEP_SLICE]:
+            t = expirations.get(key)
+            if t is not None and t <= now:
+                counts.pop(key, None)
+                expirations.pop(key, None)
+                locks.pop(key, None)
+        yield
+
+
+def _neg_expiry(entry: Any) -> float:
+    return -entry.expiry
 
 
 def throttle_sweep(storage: Any) -> Any:
@@ -71,23 +110,30 @@ def throttle_sweep(storage: Any) -> Any:
     and the sweep walks every key: under steady traffic that is a new thread and an O(keys) walk
     every few milliseconds, racing the event loop's own reads and writes of the same dicts.
     Expired counters are already dropped when they are read, so sweeping once a second only bounds
-    memory; running it on the loop thread means it never interleaves with a hit. The counts stay
-    the library's own. (If the library's private hooks are renamed, its own behaviour is kept.)"""
+    memory; running it on the loop thread, ``SWEEP_SLICE`` keys per loop turn, means it never
+    interleaves with a hit and never stalls requests. The counts stay the library's own. (If the
+    library's private hooks or fields are renamed, its own behaviour is kept.)"""
     original = getattr(storage, "_MemoryStorage__schedule_expiry", None)
-    expire = getattr(storage, "_MemoryStorage__expire_events", None)
-    if original is None or expire is None:
+    if original is None or not all(hasattr(storage, a) for a in ("events", "expirations", "locks", "storage")):
         return storage
     last = [0.0]
+    running = [False]
 
-    def sweep() -> None:
+    def step(loop: asyncio.AbstractEventLoop, slices: Iterator[None]) -> None:
         try:
-            expire()
+            next(slices)
+        except StopIteration:
+            running[0] = False
+            return
         except Exception as e:  # the next sweep tries again; counts are unaffected
+            running[0] = False
             log.warning("rate-limit memory sweep failed: %s", type(e).__name__)
+            return
+        loop.call_soon(step, loop, slices)
 
     def throttled() -> None:
         now = time.monotonic()
-        if now - last[0] < SWEEP_EVERY:
+        if running[0] or now - last[0] < SWEEP_EVERY:
             return
         last[0] = now
         try:
@@ -95,7 +141,8 @@ def throttle_sweep(storage: Any) -> Any:
         except RuntimeError:  # not on an event loop (a CLI command): the library's own timer
             original()
             return
-        loop.call_soon(sweep)
+        running[0] = True
+        loop.call_soon(step, loop, _expire_slices(storage))
 
     storage._MemoryStorage__schedule_expiry = throttled
     return storage
