@@ -23,14 +23,15 @@ MAX_TOOL_CALLS = 256
 class Completion:
     """What the upstream answered, as far as it was delivered."""
 
-    __slots__ = ("usage", "model", "response_id", "finish_reasons", "content", "tool_calls", "role",
+    __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
                  "deltas", "done", "message", "t_first_token", "kind", "raw")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
         self.model: str | None = None
         self.response_id: str | None = None
-        self.finish_reasons: list[str] = []
+        self.finish_reasons: list[str] = []        # of every choice, in the order they came
+        self.finish_reason: str | None = None      # of choice 0 (the one assembled here)
         self.content: str | None = None            # assistant text of choice 0 (streams: assembled)
         self.tool_calls: list[dict[str, Any]] = []  # choice 0 tool calls (streams: assembled from deltas)
         self.role: str | None = None
@@ -43,11 +44,11 @@ class Completion:
 
     @property
     def prompt_tokens(self) -> int | None:
-        return _int(self.usage.get("prompt_tokens")) if self.usage else None
+        return usage_tokens(self.usage)[0] if self.usage else None
 
     @property
     def completion_tokens(self) -> int | None:
-        return _int(self.usage.get("completion_tokens")) if self.usage else None
+        return usage_tokens(self.usage)[1] if self.usage else None
 
     @property
     def total_tokens(self) -> int | None:
@@ -76,6 +77,15 @@ def _int(v: Any) -> int | None:
 
 
 token_count = _int
+
+
+def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(input, output) tokens of a reported usage: chat and completions name them prompt_tokens /
+    completion_tokens, the Responses API input_tokens / output_tokens. Every plugin reads them
+    here, so all count both alike."""
+    p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+    return (_int(p if p is not None else u.get("input_tokens")),
+            _int(c if c is not None else u.get("output_tokens")))
 
 
 class ResponseObserver:
@@ -184,6 +194,10 @@ class ResponseObserver:
         if not isinstance(obj, dict):
             return True
         c = self.c
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            self._response_event(kind, obj)  # the Responses API's typed events
+            return True
         if not c.model and isinstance(obj.get("model"), str):
             c.model = obj["model"]
         if not c.response_id and isinstance(obj.get("id"), str):
@@ -197,10 +211,13 @@ class ResponseObserver:
         for ch in choices:
             if not isinstance(ch, dict):
                 continue
+            index = ch.get("index", 0)
             if isinstance(ch.get("finish_reason"), str):
                 c.finish_reasons.append(ch["finish_reason"])
+                if index == 0:
+                    c.finish_reason = ch["finish_reason"]
             delta = ch.get("delta")
-            if ch.get("index", 0) != 0:
+            if index != 0:
                 # other choices (n > 1) are not assembled, but what they generate is counted
                 if (isinstance(delta, dict) and _generates(delta)) or (isinstance(ch.get("text"), str) and ch["text"]):
                     self._generated()
@@ -212,6 +229,36 @@ class ResponseObserver:
         if self.strip and isinstance(usage, dict) and not choices:
             return False
         return True
+
+    def _response_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """One event of a Responses API stream (``/v1/responses``): deltas of output text, function
+        call arguments or reasoning count as generated output (and the text is assembled); the
+        final ``response.completed`` / ``.incomplete`` / ``.failed`` event carries the usage."""
+        c = self.c
+        if kind.endswith(".delta"):
+            d = obj.get("delta")
+            if isinstance(d, str) and d:
+                self._generated()
+                if kind == "response.output_text.delta" and obj.get("output_index", 0) == 0 \
+                        and obj.get("content_index", 0) == 0:
+                    c.content = (c.content or "") + d
+                    c.role = "assistant"
+            return
+        r = obj.get("response")
+        if not isinstance(r, dict):
+            return
+        if not c.model and isinstance(r.get("model"), str):
+            c.model = r["model"]
+        if not c.response_id and isinstance(r.get("id"), str):
+            c.response_id = r["id"]
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            if isinstance(r.get("usage"), dict):
+                c.usage = r["usage"]
+            reason = _response_status(r)
+            if reason is not None:
+                c.finish_reasons.append(reason)
+                c.finish_reason = reason
+            c.done = True
 
     def _generated(self) -> None:
         """One delta of generated output (roughly one token): counted, and the first one timed."""
@@ -265,6 +312,9 @@ class ResponseObserver:
         c.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
         if isinstance(obj.get("usage"), dict):
             c.usage = obj["usage"]
+        if obj.get("object") == "response" and isinstance(obj.get("output"), list):
+            self._response_json(obj)  # the Responses API's answer
+            return
         choices = obj.get("choices")
         for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
@@ -273,6 +323,8 @@ class ResponseObserver:
                 c.finish_reasons.append(ch["finish_reason"])
             if ch.get("index", 0) != 0:
                 continue
+            if isinstance(ch.get("finish_reason"), str):
+                c.finish_reason = ch["finish_reason"]
             msg = ch.get("message")
             if isinstance(msg, dict):
                 c.message = msg
@@ -283,6 +335,31 @@ class ResponseObserver:
             elif isinstance(ch.get("text"), str):
                 c.content = ch["text"]
                 c.role = "assistant"
+
+
+    def _response_json(self, obj: dict[str, Any]) -> None:
+        c = self.c
+        reason = _response_status(obj)
+        if reason is not None:
+            c.finish_reasons.append(reason)
+            c.finish_reason = reason
+        for item in obj["output"]:
+            if isinstance(item, dict) and item.get("type") == "message":
+                parts = item.get("content")
+                text = [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == "output_text"
+                        and isinstance(p.get("text"), str)] if isinstance(parts, list) else []
+                c.content = "".join(text)
+                c.role = "assistant"
+                break
+
+
+def _response_status(r: dict[str, Any]) -> str | None:
+    """A Responses API answer's outcome as a finish reason: why it is incomplete (e.g.
+    ``max_output_tokens``), else its status (``completed``, ``failed``)."""
+    det = r.get("incomplete_details")
+    if isinstance(det, dict) and isinstance(det.get("reason"), str):
+        return det["reason"]
+    return r["status"] if isinstance(r.get("status"), str) else None
 
 
 def _generates(d: dict[str, Any]) -> bool:

@@ -15,10 +15,10 @@ from .helpers import free_port
 
 
 @contextlib.asynccontextmanager
-async def backend(chat: Any) -> AsyncIterator[str]:
+async def backend(chat: Any, path: str = "/v1/chat/completions") -> AsyncIterator[str]:
     """A chat backend of the test's own on loopback; yields its base URL."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post(path, chat)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
@@ -229,3 +229,118 @@ async def test_token_charges_from_backends_that_report_oddly(make_gateway: Any) 
         # 5 normal answers (3 + 2 each), the stream's 7 deltas, the huge one's believable completion count
         assert totals["requests"] == 8 and totals["prompt_tokens"] == 5 * 3
         assert totals["completion_tokens"] == 5 * 2 + 7 + 1
+
+
+def responses_sse(text: list[str], usage: dict[str, int] | None, status: str = "completed") -> bytes:
+    """A Responses API stream (``/v1/responses``): typed events with ``event:`` lines, no [DONE]."""
+    def ev(obj: dict[str, Any]) -> bytes:
+        return f"event: {obj['type']}\ndata: {json.dumps(obj)}\n\n".encode()
+
+    head = {"id": "resp_1", "object": "response", "model": "m-1", "status": "in_progress", "output": []}
+    out = [ev({"type": "response.created", "response": head})]
+    out += [ev({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": t})
+            for t in text]
+    if usage is not None:
+        done = {**head, "status": status, "usage": usage, "output": [
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "".join(text)}]}]}
+        out.append(ev({"type": f"response.{status}", "response": done}))
+    return b"".join(out)
+
+
+def test_a_responses_api_stream_is_understood() -> None:
+    usage = {"input_tokens": 13, "output_tokens": 9, "total_tokens": 22}
+    raw = responses_sse(["Hel", "lo", "!"], usage)
+    obs = ResponseObserver(True, False)
+    out = b"".join(obs.feed(raw[i:i + 11]) for i in range(0, len(raw), 11)) + obs.finish()
+    c = obs.c
+    assert out == raw
+    assert (c.content, c.model, c.response_id, c.deltas, c.done) == ("Hello!", "m-1", "resp_1", 3, True)
+    assert (c.prompt_tokens, c.completion_tokens, c.total_tokens, c.finish_reason) == (13, 9, 22, "completed")
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"id": "resp_2", "object": "response", "model": "m-2", "status": "incomplete",
+                         "incomplete_details": {"reason": "max_output_tokens"}, "usage": usage, "output": [
+                             {"type": "reasoning", "summary": []},
+                             {"type": "message", "role": "assistant", "content": [
+                                 {"type": "output_text", "text": "Hi "}, {"type": "output_text", "text": "there"}]}]}
+                        ).encode())
+    obs.finish()
+    c = obs.c
+    assert (c.content, c.model, c.prompt_tokens, c.completion_tokens) == ("Hi there", "m-2", 13, 9)
+    assert c.finish_reason == "max_output_tokens"
+
+
+async def test_responses_api_calls_are_metered_like_chat(make_gateway: Any, tmp_path: Any) -> None:
+    """/v1/responses, plain and streamed: the token limit, the key's usage, the audit event and the
+    token metric all count the input/output tokens the upstream reported; the pre-check reads
+    max_output_tokens and the `input` items."""
+    from .helpers import ADMIN_TOKEN
+
+    usage = {"input_tokens": 13, "output_tokens": 9, "total_tokens": 22}
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(responses_sse(["a", "b"], usage))
+            return resp
+        return web.json_response({"id": "resp_3", "object": "response", "model": "m-1", "status": "completed",
+                                  "usage": usage, "output": [{"type": "message", "role": "assistant", "content": [
+                                      {"type": "output_text", "text": "ab"}]}]})
+
+    jl = tmp_path / "audit.jsonl"
+    async with backend(responses, "/v1/responses") as url:
+        g = await make_gateway([
+            {"name": "key_auth"},
+            {"name": "rate_limit", "config": {"estimate_default_max_tokens": 0, "rules": [
+                {"name": "t", "limit": "1000/minute", "counts": "tokens", "key_by": ["key"]}]}},
+            {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}},
+            {"name": "metrics"}], upstream={"url": url})
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=admin) as r:
+                rec = await r.json()
+            auth = {"Authorization": f"Bearer {rec['key']}"}
+            left = []
+            for stream in (False, True):
+                async with s.post(g.url + "/v1/responses", headers=auth,
+                                  json={"model": "m", "input": "hi", "stream": stream}) as r:
+                    assert r.status == 200
+                    await r.read()
+                await g.plugin("rate_limit").drain()
+                # A request that may not fit: 8 characters of input items (2 tokens) + max_output_tokens.
+                async with s.post(g.url + "/v1/responses", headers=auth, json={
+                        "model": "m", "max_output_tokens": 990,
+                        "input": [{"role": "user", "content": [{"type": "input_text", "text": "abcdefgh"}]}]}) as r:
+                    left.append((r.status, int(r.headers["x-ratelimit-remaining-tokens"])))
+                    await r.read()
+                await g.plugin("rate_limit").drain()
+            # 1000 - 22 = 978 left: 992 needed is refused; then the refused one cost nothing
+            assert left == [(429, 978), (429, 956)]
+            await g.plugin("key_auth").flush_usage()
+            async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=admin) as r:
+                totals = (await r.json())["totals"]
+            assert (totals["prompt_tokens"], totals["completion_tokens"]) == (2 * 13, 2 * 9)
+            async with s.get(g.admin_url + "/metrics", headers=admin) as r:
+                metrics = await r.text()
+            assert 'gateway_tokens_total{direction="input",model="m-1"} 26.0' in metrics, metrics
+            assert 'gateway_tokens_total{direction="output",model="m-1"} 18.0' in metrics
+        await g.stop()
+        events = [json.loads(x) for x in jl.read_text().splitlines()]
+        ok = [e for e in events if e.get("path") == "/v1/responses" and e.get("status") == 200]
+        assert [(e["tokens_in"], e["tokens_out"], e["streamed"]) for e in ok] == [(13, 9, False), (13, 9, True)]
+
+
+def test_the_finish_reason_kept_is_choice_zeros_whatever_the_order() -> None:
+    raw = sse({"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]},
+              {"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    obs = ResponseObserver(True, False)
+    obs.feed(raw)
+    obs.finish()
+    assert obs.c.finish_reasons == ["length", "stop"] and obs.c.finish_reason == "stop"
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"choices": [{"index": 1, "finish_reason": "length", "message": {"content": "b"}},
+                                     {"index": 0, "finish_reason": "stop", "message": {"content": "a"}}]}).encode())
+    obs.finish()
+    assert obs.c.finish_reason == "stop" and obs.c.content == "a"

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gateway.context import RequestContext
-from gateway.observe import token_count
+from gateway.observe import usage_tokens
 
 try:
     from opentelemetry.trace import get_current_span as _current_span
@@ -93,9 +93,6 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
     )
 
 
-_int = token_count  # a token count the upstream reported, if believable
-
-
 def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
     (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
@@ -126,7 +123,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         upstream_headers = _ms(t_up, t_head)
         overhead = int((t_up - t_start) * 1e6 + 0.5) / 1000
     if usage:
-        tokens_in, tokens_out = _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+        tokens_in, tokens_out = usage_tokens(usage)
     else:
         tokens_in = tokens_out = None
     return [

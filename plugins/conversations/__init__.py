@@ -437,7 +437,7 @@ class Conversations(Plugin):
                     t, derived = comp.deltas, True
                 d = digest(asst)
                 rows.append(new_row(asst, d, t, derived, now, model, rid, key_id, owner, status,
-                                    comp.finish_reasons[0] if comp and comp.finish_reasons else None, latency, ttft))
+                                    comp.finish_reason if comp else None, latency, ttft))
                 msgs.append(asst)
                 digests.append(d)
                 tokens.append(t)

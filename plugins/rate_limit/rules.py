@@ -107,7 +107,7 @@ def prompt_estimate(body: Any) -> int:
         for m in msgs:
             if isinstance(m, dict):
                 chars += _chars(m.get("content"))
-    for k in ("prompt", "input"):
+    for k in ("prompt", "input", "instructions"):
         if k in body:
             chars += _chars(body[k])
     return (chars + 3) // 4
@@ -121,15 +121,18 @@ def _chars(v: Any) -> int:
         for p in v:
             if isinstance(p, str):
                 n += len(p)
-            elif isinstance(p, dict) and isinstance(p.get("text"), str):
-                n += len(p["text"])
+            elif isinstance(p, dict):
+                if isinstance(p.get("text"), str):
+                    n += len(p["text"])
+                elif "content" in p:  # a Responses API input item: {"role": ..., "content": ...}
+                    n += _chars(p["content"])
         return n
     return 0
 
 
 def max_tokens(body: Any, default: int) -> int:
     if isinstance(body, dict):
-        for k in ("max_completion_tokens", "max_tokens"):
+        for k in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
             v = body.get(k)
             if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
                 return v

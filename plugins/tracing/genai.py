@@ -12,10 +12,12 @@ from typing import Any
 from gateway.observe import token_count
 
 #: Operation by path suffix, most specific first (``/chat/completions`` also ends in ``/completions``).
-OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"))
+OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"),
+              ("/responses", "chat"))
 
 _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("max_completion_tokens", "gen_ai.request.max_tokens"),
+                   ("max_output_tokens", "gen_ai.request.max_tokens"),
                    ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
                    ("frequency_penalty", "gen_ai.request.frequency_penalty"),
                    ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
@@ -134,6 +136,6 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> N
         if msg is not None:
             out = _message(msg, max_chars)
             out["role"] = out["role"] or "assistant"
-            if c.finish_reasons:
-                out["finish_reason"] = c.finish_reasons[0]
+            if c.finish_reason is not None:
+                out["finish_reason"] = c.finish_reason
             a["gen_ai.output.messages"] = json.dumps([out], ensure_ascii=False)
