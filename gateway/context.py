@@ -86,7 +86,23 @@ class RequestContext:
                 self._json = loads(self.body)
             except JSON_ERRORS:
                 self._json = False
+                self._other_encoding()
         return self._json or None
+
+    def _other_encoding(self) -> None:
+        """A body with a byte order mark, or in UTF-16/32: JSON that Python backends accept
+        (``json.loads`` on bytes detects these), so the gateway reads it too, and forwards it
+        re-encoded as plain UTF-8: what its plugins checked is exactly what the upstream gets."""
+        b = self.body
+        if not (b.startswith(b"\xef\xbb\xbf") or b"\x00" in b[:4] or b.startswith((b"\xff\xfe", b"\xfe\xff"))):
+            return
+        try:
+            data = json.loads(b)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return
+        if isinstance(data, (dict, list)):
+            self.set_json(data)
+            self.upstream_headers["Content-Type"] = "application/json"  # not a charset it no longer has
 
     @property
     def json_exact(self) -> Any:

@@ -344,3 +344,30 @@ def test_the_finish_reason_kept_is_choice_zeros_whatever_the_order() -> None:
                                      {"index": 0, "finish_reason": "stop", "message": {"content": "a"}}]}).encode())
     obs.finish()
     assert obs.c.finish_reason == "stop" and obs.c.content == "a"
+
+
+async def test_json_with_a_byte_order_mark_or_in_utf16_is_read_and_forwarded_as_utf8(make_gateway: Any,
+                                                                                     upstream: Any) -> None:
+    """Python backends parse such bodies (json.loads on bytes detects them), so the gateway must not
+    let them past its token checks and records unread: it reads them and forwards plain UTF-8."""
+    g = await make_gateway([{"name": "rate_limit", "config": {"rules": [
+        {"name": "t", "limit": "1000/minute", "counts": "tokens", "key_by": ["ip"]}]}}, {"name": "conversations"}])
+    big = json.dumps({"model": "demo-chat", "messages": [{"role": "user", "content": "x" * 8000}]})
+    small = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}]}
+    async with aiohttp.ClientSession() as s:
+        for raw in (b"\xef\xbb\xbf" + big.encode(), big.encode("utf-16"), big.encode("utf-32-le")):
+            async with s.post(g.url + "/v1/chat/completions", data=raw,
+                              headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 429, raw[:4]  # about 2000 prompt tokens: over the limit, as UTF-8 is
+                assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
+        async with s.post(g.url + "/v1/chat/completions", data=json.dumps(small).encode("utf-16"),
+                          headers={"Content-Type": "application/json; charset=utf-16"}) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+        got = upstream.requests[-1]
+        assert got["body"]["messages"] == small["messages"] and got["headers"]["Content-Type"] == "application/json"
+        await g.plugin("conversations").flush()
+        async with s.get(g.url + f"/gateway/conversations/{cid}") as r:
+            stored = (await r.json())["messages"]
+        assert [m["content"] for m in stored][:1] == ["hello there"]
+    assert len([q for q in upstream.requests if q["path"] == "/v1/chat/completions"]) == 1
