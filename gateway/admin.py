@@ -8,6 +8,8 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import json_error
@@ -61,9 +63,14 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
                 413: "request_too_large", 422: "invalid_value"}.get(e.status, "error")
         msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return json_error(e.status, msg, "invalid_request_error", code)
+    except (DBAPIError, SATimeoutError, ConnectionRefusedError, TimeoutError) as e:
+        # The database is down, frozen or refusing: the caller retries later. One line, no
+        # traceback (a driver's message can quote a connection URL).
+        logging.getLogger("gateway.admin").warning("admin %s %s: database unavailable (%s)", request.method,
+                                                   request.path, type(e).__name__)
+        return json_error(503, "The database is unavailable; retry shortly.", "server_error",
+                          "database_unavailable", headers={"Retry-After": "5"})
     except Exception:
-        import logging
-
         logging.getLogger("gateway.admin").exception("admin handler failed: %s %s", request.method, request.path)
         return json_error(500, "The admin API failed to handle the request.", "server_error", "internal_error")
 

@@ -133,6 +133,11 @@ class Gateway:
     def _mount(self, objs: list[Any]) -> None:
         self._mounted.extend(objs)
 
+    @property
+    def stopping(self) -> bool:
+        """A shutdown has begun: responses from now on close their connection."""
+        return self._stopping
+
     def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # A connection keeps the handler it was given: this indirection lets a reload wrap a new
         # plugin's middleware around the handler for connections already open too.

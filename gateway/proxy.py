@@ -256,6 +256,8 @@ class Proxy:
             body = err.body()
         head.headers["X-Request-ID"] = ctx.request_id
         resp = web.Response(status=head.status, body=body, headers=head.headers)
+        if self.gw.stopping:
+            resp.force_close()  # "Connection: close": the client sends its next request elsewhere
         ctx.status = head.status
         await resp.prepare(ctx.request)
         await resp.write_eof()
@@ -318,6 +320,8 @@ class Proxy:
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id
         out = web.StreamResponse(status=head.status, reason=resp.reason, headers=head.headers)
+        if self.gw.stopping:
+            out.force_close()
         ctx.status = head.status
         await out.prepare(request)
         content = resp.content

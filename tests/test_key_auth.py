@@ -482,6 +482,32 @@ async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> N
 
 
 # -- store outage: fail closed ------------------------------------------------------------------------------
+async def test_a_hung_key_store_answers_503_at_store_timeout(make_gateway: Any, monkeypatch: Any) -> None:
+    """A lookup against a database that does not answer, whose cancelled session then takes as long
+    again to clean up (a connection reset against a frozen server): the request gets its 503 at
+    store_timeout, not after the clean-up."""
+    g = await make_gateway(ka(cache_ttl=0, store_timeout=0.5))
+    rec = await new_key(g)
+    store = g.plugin("key_auth").store
+    cleaned = asyncio.Event()
+
+    async def hung(key_id: str) -> Any:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3)  # the session's close against the frozen server
+            cleaned.set()
+            raise
+
+    monkeypatch.setattr(store, "get_row", hung)
+    t0 = time.monotonic()
+    st, b = await raw_call(g.url, bearer(rec["key"]))
+    took = time.monotonic() - t0
+    assert st == 503 and b["error"]["code"] == "key_store_unavailable"
+    assert took < 2.5, took  # 0.5 s, not 3.5 s
+    await asyncio.wait_for(cleaned.wait(), 10)  # the clean-up still ran, in the background
+
+
 async def test_fail_closed_when_sqlite_store_breaks(make_gateway: Any, tmp_path: Path) -> None:
     g = await make_gateway(ka(cache_ttl=0))
     rec = await new_key(g)
@@ -529,6 +555,9 @@ async def test_fail_closed_when_postgresql_hangs_or_refuses(make_gateway: Any, p
                                  "AND pid <> pg_backend_pid()", dbname)
         st, b = await raw_call(g.url, bearer(rec["key"]))
         assert st == 503 and b["error"]["code"] == "key_store_unavailable"
+        # the admin API too: a 503 to retry, not a 500
+        st, b = await admin(g, "POST", f"/keys/{rec['id']}/revoke")
+        assert st == 503 and b["error"]["code"] == "database_unavailable", b
         await admin_conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
     finally:
         await admin_conn.close()

@@ -572,9 +572,16 @@ async def test_shutdown_drains_requests_that_began_before_a_reload(make_gateway:
         first = await r.content.readuntil(b"\n\n")
         ok, detail = await g.gw.reload(actor="test")
         assert ok, detail
+        # one more whose answer begins during the shutdown: it tells the client to reconnect elsewhere
+        late = asyncio.create_task(s.post(g.url + "/v1/chat/completions", json=CHAT,
+                                          headers={"X-Demo-Head-Delay": "0.5"}))
+        await asyncio.sleep(0.1)
         stopping = asyncio.create_task(g.stop())
         await asyncio.sleep(0.05)
         assert (await g.gw.reload(actor="test")) == (False, "the gateway is shutting down")
         rest = await r.read()  # not cut: it ends with its [DONE]
+        r2 = await late
+        assert r2.status == 200 and r2.headers.get("Connection", "").lower() == "close"
+        await r2.read()
         await stopping
     assert b"[DONE]" in first + rest

@@ -164,6 +164,12 @@ class StoreUnavailable(Exception):
     pass
 
 
+def _retrieve(task: "asyncio.Future[Any]") -> None:
+    """Collect the outcome of a lookup nobody waits for any more (no 'never retrieved' warning)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class KeyWatch:
     """Drops cached keys that another process changed, so a revoke made through another instance or
     the CLI applies here within ``watch_interval`` seconds rather than ``cache_ttl``.
@@ -467,9 +473,17 @@ class KeyAuth(Plugin):
         return await asyncio.shield(task)
 
     async def _fetch(self, key_id: str, gen: int) -> _Entry | None:
+        # The lookup runs in its own task, and the request stops waiting at store_timeout: cancelling
+        # a database session can itself take as long again (its connection reset against a server
+        # that does not answer), and that clean-up goes on in the background.
+        lookup = asyncio.ensure_future(self.store.get_row(key_id))
         try:
-            async with asyncio.timeout(self.config.store_timeout):
-                row = await self.store.get_row(key_id)
+            done, _ = await asyncio.wait({lookup}, timeout=self.config.store_timeout)
+            if not done:
+                lookup.cancel()
+                lookup.add_done_callback(_retrieve)
+                raise TimeoutError
+            row = lookup.result()
         except Exception as e:
             log.error("key store lookup failed, refusing the request (503): %s", type(e).__name__)
             raise StoreUnavailable() from None
