@@ -285,6 +285,7 @@ def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
 
     rl = "plugins:\n  - name: rate_limit\n    config:\n"
     assert "rules[0].limit -> line" in problem(rl + "      rules: [{name: r, limit: 0/minute}]\n")
+    assert "two limits for the same window" in problem(rl + "      rules: [{name: r, limit: '10/minute; 20/minute'}]\n")
     assert "routes[0].methods -> line" in problem("plugins:\n  - name: metrics\nroutes:\n  - path_prefix: /v1\n"
                                                     "    methods: [GTE]\n    plugins: {metrics: {enabled: false}}\n")
     assert "upstream.timeouts.connect -> line" in problem("", "http://127.0.0.1:9\n  timeouts: {connect: .inf}")

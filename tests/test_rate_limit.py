@@ -536,6 +536,29 @@ async def test_reload_keeps_in_memory_counters(make_gateway):
         assert [(await post(s, g.url))[0] for _ in range(2)] == [200, 429]
 
 
+async def test_a_limit_changed_by_a_reload_applies_to_what_was_counted(make_gateway, upstream, tmp_path):
+    """Lowering a limit does not hand every caller a fresh budget (the counters are the rule's, not
+    the amount's); raising it lets the caller on at once. A changed window is a new counter."""
+    def plugins(limit):
+        return [rl(rules=[{"name": "per-ip", "limit": limit, "key_by": ["ip"]}])]
+
+    async def reload(limit):
+        write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, plugins(limit)))
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+
+    g = await make_gateway(plugins("5/minute"))
+    async with aiohttp.ClientSession() as s:
+        assert [(await post(s, g.url))[0] for _ in range(3)] == [200] * 3
+        await reload("3/minute")  # 3 used of 3
+        st, _, h = await post(s, g.url)
+        assert st == 429 and h["x-ratelimit-limit-requests"] == "3" and h["x-ratelimit-remaining-requests"] == "0"
+        await reload("4/minute")
+        assert [(await post(s, g.url))[0] for _ in range(2)] == [200, 429]
+        await reload("4/hour")  # another window: counted afresh
+        assert (await post(s, g.url))[0] == 200
+
+
 async def test_reload_applies_the_quota_cache_ttl(make_gateway, upstream, tmp_path):
     def plugins(ttl):
         return [rl(rules=[], quotas={"daily_tokens": 1000, "cache_ttl": ttl})]

@@ -36,6 +36,9 @@ class RuleConfig(PluginConfig):
         if any(i.amount < 1 for i in items):
             raise ValueError(f"a limit of 0 refuses everything: {v!r} (remove the rule, or disable the plugin "
                              "for a route, instead)")
+        windows = [(i.multiples, i.GRANULARITY.name) for i in items]
+        if len(set(windows)) < len(windows):
+            raise ValueError(f"two limits for the same window in one rule: {v!r} (keep the stricter one)")
         return v
 
     @field_validator("key_by", mode="before")

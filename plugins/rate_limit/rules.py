@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
+from limits.limits import safe_string
 
 from gateway.context import RequestContext
 
@@ -48,19 +49,42 @@ def _window_text(item: RateLimitItem) -> str:
     return g if item.multiples == 1 else f"{item.multiples} {g}s"
 
 
+def _key_for(self: RateLimitItem, *identifiers: bytes | str | int | float) -> str:
+    """`RateLimitItem.key_for` without the amount: the counter of a rule's window is the same
+    whatever the limit, so a reload that lowers (or raises) a limit applies it to what was already
+    counted, on every instance, instead of starting everyone afresh. A changed window (per minute ->
+    per hour) is another counter. (A rule has one limit per window: the config refuses two.)"""
+    remainder = "/".join([safe_string(k) for k in identifiers]
+                         + [safe_string(self.multiples), self.GRANULARITY.name])
+    return f"{self.namespace}/{remainder}"
+
+
+_AMOUNT_FREE: dict[type, type] = {}
+
+
+def amount_free(item: RateLimitItem) -> RateLimitItem:
+    """The same limit, its counters keyed without the amount (see :func:`_key_for`)."""
+    cls = type(item)
+    sub = _AMOUNT_FREE.get(cls)
+    if sub is None:
+        sub = _AMOUNT_FREE[cls] = type(cls.__name__, (cls,), {"key_for": _key_for, "__slots__": ()})
+    return sub(item.amount, item.multiples, item.namespace)  # type: ignore[no-any-return]
+
+
 def compile_rules(rules: list[RuleConfig]) -> list[Limit]:
     out = []
     for r in rules:
         key_by = () if r.key_by == "global" else tuple(dict.fromkeys(r.key_by))
         for i, item in enumerate(parse_many(r.limit)):
-            out.append(Limit(r.name, item, r.counts, key_by, "key" in key_by, r.estimate_default_max_tokens, i))
+            out.append(Limit(r.name, amount_free(item), r.counts, key_by, "key" in key_by,
+                             r.estimate_default_max_tokens, i))
     return out
 
 
 def override_limit(counts: str, amount: int) -> Limit:
     """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind."""
     name = "key-rpm" if counts == "requests" else "key-tpm"
-    return Limit(name, RateLimitItemPerMinute(amount), counts, ("key",), True, None, 0)
+    return Limit(name, amount_free(RateLimitItemPerMinute(amount)), counts, ("key",), True, None, 0)
 
 
 def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
