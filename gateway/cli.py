@@ -103,7 +103,8 @@ def print_json(obj: Any) -> None:
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="path to gateway.yaml (default: ./gateway.yaml or $GATEWAY_CONFIG)")
+    p.add_argument("-c", "--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml, else the packaged "
+                                             "default profile)")
 
 
 # -- commands ---------------------------------------------------------------------------------------

@@ -289,7 +289,9 @@ class Proxy:
                 log.exception("plugin %s failed in on_response (request %s)", p.name, ctx.request_id)
                 raise PluginFailed(p.name, "on_response") from None
         if self.server_timing and timings is not None:
-            head.headers["Server-Timing"] = server_timing(ctx)
+            st = server_timing(ctx)
+            if st:  # nothing ran that took time (a request refused before the chain): no header
+                head.headers["Server-Timing"] = st
 
     # -- forwarding --------------------------------------------------------------------------------
     async def _forward(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:

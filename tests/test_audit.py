@@ -135,6 +135,7 @@ async def test_one_event_per_request_under_concurrent_load(make_gateway, tmp_pat
     limited = [e for e in evs if e["type"] == "rate_limited"]
     assert len(limited) == 5
     assert all(e["key_id"] == bob["id"] and e["owner"] == "bob" and e["limit"] for e in limited)
+    assert {e["reason"] for e in limited} == {"rate_limit_exceeded"}
 
     ok = [e for e in evs if e["status"] == 200 and e["answered_by"] == "upstream"]
     assert all(e["tokens_in"] and e["tokens_out"] and e["model"] == "demo-chat" for e in ok)

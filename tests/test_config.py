@@ -293,3 +293,12 @@ def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
     assert "upstream -> line" in msg and "keep one of them" in msg and "UPSTREAMPW" not in msg
     msg = problem(rl + "      storage: 'redis://:REDISPW@127.0.0.1:notaport/0'\n")
     assert "plugins[0].config.storage -> line" in msg and "REDISPW" not in msg
+
+
+def test_rate_limit_key_by_global_in_a_list():
+    from gateway.plugins.rate_limit.config import RuleConfig
+
+    assert RuleConfig(name="r", limit="1/second", key_by=["global"]).key_by == "global"
+    assert RuleConfig(name="r", limit="1/second", key_by="global").key_by == "global"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        RuleConfig(name="r", limit="1/second", key_by=["global", "ip"])

@@ -114,10 +114,14 @@ async def test_server_timing_header(make_gateway):
     on = await make_gateway([{"name": "headers", "config": {"response": {"X-A": "1"}}}, {"name": "metrics"}],
                             server={"server_timing": True})
     off = await make_gateway([{"name": "metrics"}], name="off.yaml")
+    small = await make_gateway([{"name": "metrics"}], name="small.yaml",
+                               server={"server_timing": True, "max_body_size": 2000})
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(on.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200
             st = r.headers["Server-Timing"]
+        async with s.post(small.url + "/v1/chat/completions", data=b"x" * 3000) as r:
+            assert r.status == 413 and "Server-Timing" not in r.headers  # nothing ran: no empty header
         async with s.post(off.url + "/v1/chat/completions", json=CHAT) as r:
             assert "Server-Timing" not in r.headers
     parts = dict(p.strip().split(";dur=") for p in st.split(","))

@@ -358,10 +358,13 @@ async def test_quota_persists_across_restart(make_gateway, tmp_path):
         cur = ietf(h["RateLimit"])
         assert int(cur["daily-tokens"]["r"]) == 40 - used
         assert int(cur["monthly-tokens"]["r"]) == 1000 - used
+        # the OpenAI-style token headers show the quota closest to running out
+        assert h["x-ratelimit-limit-tokens"] == "40" and h["x-ratelimit-remaining-tokens"] == str(40 - used)
         used += 3  # that request: prompt 1 word + 1, completion 1
         await settle(g2)
-        st, body, _ = await post(s, g2.url, chat_body("y " * 60, max_tokens=2))
+        st, body, h = await post(s, g2.url, chat_body("y " * 60, max_tokens=2))
         assert st == 429 and body["error"]["code"] == "insufficient_quota"
+        assert h["x-ratelimit-limit-tokens"] == "40"
         assert "daily tokens quota" in body["error"]["message"]
     await g2.stop()
     from sqlalchemy import create_engine, text

@@ -144,6 +144,7 @@ def build(item: tuple[Any, ...]) -> dict[str, Any]:
         if etype == "auth_failure":
             ev["reason"] = refusal.get("reason")
         elif etype == "rate_limited":
+            ev["reason"] = refusal.get("reason")  # rate_limit_exceeded, insufficient_quota, store_unavailable
             ev["limit"] = refusal.get("limit") or refusal.get("reason")
     return ev
 

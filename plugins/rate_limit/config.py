@@ -46,6 +46,10 @@ class RuleConfig(PluginConfig):
     def _key_by(cls, v: object) -> object:
         if isinstance(v, str) and v != "global":
             return [v]
+        if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
+            if len(set(v)) > 1:
+                raise ValueError('"global" (one counter for everyone) cannot be combined with other parts')
+            return "global"
         return v
 
 

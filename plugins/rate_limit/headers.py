@@ -4,9 +4,10 @@
   policy that applied, ``RateLimit: "per-key";r=59;t=42`` the remaining quota and seconds to reset
   of each (token policies carry ``qu="tokens"``).
 - ``X-RateLimit-Limit / -Remaining / -Reset`` (reset in seconds) for the most restrictive request
-  limit (the one with the least remaining), else the most restrictive token limit.
+  limit (the one with the least remaining), else the most restrictive token limit or quota.
 - OpenAI style: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,
-  ``x-ratelimit-reset-requests`` (a duration such as ``1s`` or ``6m0s``) and the ``-tokens`` twins.
+  ``x-ratelimit-reset-requests`` (a duration such as ``1s`` or ``6m0s``) and the ``-tokens`` twins
+  (token limits and daily/monthly token quotas alike).
 """
 from __future__ import annotations
 
@@ -73,11 +74,10 @@ def build(standings: list[Standing]) -> dict[str, str]:
         one = {"RateLimit-Policy": s.policy or policy_item(s.name, s.counts, s.limit, s.window),
                "RateLimit": f'"{s.name}";r={remaining};t={reset}',
                "X-RateLimit-Limit": limit, "X-RateLimit-Remaining": remaining, "X-RateLimit-Reset": str(reset)}
-        names = _OPENAI.get(s.counts)
-        if names is not None:
-            one[names[0]] = limit
-            one[names[1]] = remaining
-            one[names[2]] = duration(s.reset_in)
+        names = _OPENAI["requests" if s.counts == "requests" else "tokens"]
+        one[names[0]] = limit
+        one[names[1]] = remaining
+        one[names[2]] = duration(s.reset_in)
         return one
     h: dict[str, str] = {}
     pol, cur = [], []
@@ -87,8 +87,9 @@ def build(standings: list[Standing]) -> dict[str, str]:
     h["RateLimit-Policy"] = ", ".join(pol)
     h["RateLimit"] = ", ".join(cur)
     req = _strictest([s for s in standings if s.counts == "requests"])
-    tok = _strictest([s for s in standings if s.counts == "tokens"])
-    main = req or tok or _strictest([s for s in standings if s.counts == "quota"])
+    # token limits and token quotas alike: the one closest to running out
+    tok = _strictest([s for s in standings if s.counts != "requests"])
+    main = req or tok
     assert main is not None
     h["X-RateLimit-Limit"] = str(main.limit)
     h["X-RateLimit-Remaining"] = str(max(0, main.remaining))
