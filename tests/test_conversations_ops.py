@@ -170,6 +170,43 @@ async def test_retention_runs_in_background(make_gateway: Any, tmp_path: Path) -
     assert st == 404
 
 
+async def test_retention_runs_soon_after_start_and_purges_in_chunks(make_gateway: Any, tmp_path: Path) -> None:
+    """A gateway restarted more often than retention_interval still applies retention: the first
+    purge runs a few seconds after start. A purge deletes in chunks, and deletes everything."""
+    dbu = {"url": f"sqlite+aiosqlite:///{tmp_path / 'rs.db'}"}
+    g = await start(make_gateway, dbu)
+    cids = []
+    for i in range(5):
+        st, h, _ = await chat(g, [{"role": "user", "content": f"old {i}"}])
+        cids.append(h["X-Conversation-ID"])
+    await g.plugin("conversations").flush()
+    await g.stop()
+    db = sqlite3.connect(tmp_path / "rs.db")
+    db.execute("UPDATE conversations SET updated_at = '2020-01-01 00:00:00.000000'")
+    db.commit()
+    db.close()
+    g2 = await start(make_gateway, dbu, {"retention_days": 30, "retention_interval": 3600}, name="g2.yaml")
+    events: list[str] = []
+    g2.services.events.subscribe(lambda t, f: events.append(t))
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if "conversations.purged" in events:
+            break
+    assert "conversations.purged" in events  # well before the hour
+    for cid in cids:
+        assert await stored(g2, cid) == []
+    store = g2.plugin("conversations").shared.store
+    for i in range(5):
+        await chat(g2, [{"role": "user", "content": f"new {i}"}])
+    await g2.plugin("conversations").flush()
+    from gateway.plugins.conversations.store import C as CT
+
+    # chunks of two: three transactions, every conversation and its messages gone
+    deleted = await store._delete_where(CT.c.id.isnot(None), chunk=2)
+    assert len(deleted) == 5 and len(set(deleted)) == 5
+    assert (await store.counts())["messages"] == 0
+
+
 async def test_reload_keeps_recording(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
     dbu = {"url": f"sqlite+aiosqlite:///{tmp_path / 'rl.db'}"}
     g = await start(make_gateway, dbu)

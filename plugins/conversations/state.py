@@ -173,22 +173,28 @@ class Shared:
         return min((c.retention_interval for c in self.users.values()), default=3600.0)
 
     async def _maintenance(self) -> None:
+        # The first purge a few seconds after start, then every retention_interval: a gateway
+        # restarted more often than the interval (deploys, a crash loop) still applies retention.
+        await asyncio.sleep(min(5.0, self.retention_interval()))
         while True:
-            await asyncio.sleep(self.retention_interval())
             days = self.retention_days()
-            if days is None:
-                continue
-            try:
-                ids = await self.store.purge(utcnow() - dt.timedelta(days=days))
-            except Exception as e:
-                log.warning("conversation retention purge failed: %s", type(e).__name__)
-                continue
-            for cid in ids:
-                self.views.pop(cid, None)
-            if ids:
-                log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
-                self.services.events.emit("conversations.purged", actor="retention", older_than_days=days,
-                                          deleted=len(ids))
+            await self._purge_once(days)
+            await asyncio.sleep(self.retention_interval())
+
+    async def _purge_once(self, days: float | None) -> None:
+        if days is None:
+            return
+        try:
+            ids = await self.store.purge(utcnow() - dt.timedelta(days=days))
+        except Exception as e:
+            log.warning("conversation retention purge failed: %s", type(e).__name__)
+            return
+        for cid in ids:
+            self.views.pop(cid, None)
+        if ids:
+            log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
+            self.services.events.emit("conversations.purged", actor="retention", older_than_days=days,
+                                      deleted=len(ids))
 
     # -- the writer ------------------------------------------------------------------------------
     async def _write(self, batch: Sequence[TurnRecord]) -> None:

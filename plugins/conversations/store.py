@@ -551,15 +551,22 @@ class ConversationStore:
                 yield message_out(r)
 
     # -- deletes ---------------------------------------------------------------------------------
-    async def _delete_where(self, cond: Any) -> list[str]:
-        async with self.db.engine.begin() as conn:
-            ids = [r.id for r in (await conn.execute(select(C.c.id).where(cond)))]
-            for i in range(0, len(ids), 500):
-                part = ids[i:i + 500]
-                await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
-                await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
-                await conn.execute(C.delete().where(C.c.id.in_(part)))
-        return ids
+    async def _delete_where(self, cond: Any, chunk: int = 500) -> list[str]:
+        """Delete the matching conversations with their messages and turns, ``chunk`` conversations
+        per transaction: a purge of millions neither holds the database's write lock for its whole
+        length nor loads every id at once. (Interrupted, it has deleted whole conversations; run
+        again, it deletes the rest.)"""
+        ids: list[str] = []
+        while True:
+            async with self.db.engine.begin() as conn:
+                part = [r.id for r in (await conn.execute(select(C.c.id).where(cond).limit(chunk)))]
+                if part:
+                    await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
+                    await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
+                    await conn.execute(C.delete().where(C.c.id.in_(part)))
+            ids += part
+            if len(part) < chunk:
+                return ids
 
     async def delete(self, cid: str, owner: str | None = None) -> bool:
         cond = C.c.id == cid
