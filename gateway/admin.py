@@ -51,6 +51,10 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
     return auth
 
 
+#: Seconds a background writer's writes may keep failing before /readyz reports not ready.
+WRITER_FAILING_READY = 10.0
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Admin errors in the same JSON shape as the public ones; never a traceback."""
@@ -85,10 +89,15 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         up_ok, up_detail = await gw.upstream.ready()
         db_ok = await gw.db.ping() if gw.db is not None else True
-        ok = up_ok and db_ok
+        # A database that answers a read but refuses writes (a full disk, a read-only file) shows
+        # in the writers: one failing for a while makes the instance not ready, so a load balancer
+        # sends traffic where its records are kept.
+        failing = gw.services.failing_writers(WRITER_FAILING_READY)
+        ok = up_ok and db_ok and not failing
         body = {"status": "ready" if ok else "not_ready",
                 "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
-                           "database": {"ok": db_ok}}}
+                           "database": {"ok": db_ok},
+                           "writers": {"ok": not failing, "failing": failing}}}
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:

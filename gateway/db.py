@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ class DatabaseError(Exception):
     pass
 
 
+class DatabaseFileGone(DatabaseError, OSError):
+    """The SQLite file the gateway opened is no longer at its path."""
+
+
 class Database:
     def __init__(self, url: str, *, busy_timeout_ms: int = 5000, pool_size: int = 10, echo: bool = False) -> None:
         self.url = url
@@ -48,9 +53,54 @@ class Database:
         if not self.is_sqlite:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        #: the SQLite file (absolute), and the (device, inode) it had when first opened
+        self.file: str | None = None
+        self._file_id: tuple[int, int] | None = None
+        self._file_gone_logged = False
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", self._sqlite_pragmas)
+            name = self.engine.url.database
+            if name and name != ":memory:" and not name.startswith("file:"):
+                self.file = os.path.abspath(name)
+                event.listen(self.engine.sync_engine, "do_connect", self._before_connect)
+                event.listen(self.engine.sync_engine, "checkout", self._on_checkout)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    # A SQLite file deleted or replaced under a running gateway: connections already open would go
+    # on writing into the deleted file (every row lost at exit, with /readyz saying ready), or
+    # into the old one. Each checkout compares the path with the file the connection opened.
+    def _before_connect(self, *_: Any) -> None:
+        if self._file_id is not None and not os.path.exists(self.file or ""):
+            self._gone()  # do not create an empty database in its place
+
+    def _file_stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.file or "")
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _on_checkout(self, _dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        now = self._file_stat()
+        if now is None:
+            self._gone()
+        opened = record.info.get("file_id")
+        if opened is not None and now != opened:
+            log.warning("the SQLite file %s was replaced; connections reopen on the new file", self.file)
+            self._file_id = now
+            from sqlalchemy.exc import DisconnectionError
+
+            raise DisconnectionError("the SQLite file was replaced")  # the pool reconnects
+        if self._file_gone_logged:
+            log.warning("the SQLite file %s is back; writes resume", self.file)
+            self._file_gone_logged = False
+
+    def _gone(self) -> None:
+        if not self._file_gone_logged:
+            log.error("the SQLite file %s is gone (deleted or moved): writes fail and are counted, and "
+                      "/readyz says not ready, until it is back", self.file)
+            self._file_gone_logged = True
+        raise DatabaseFileGone(f"the SQLite file {self.file} is gone")
 
     def _sqlite_pragmas(self, dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
@@ -59,6 +109,11 @@ class Database:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+        if self.file is not None:
+            fid = self._file_stat()
+            _record.info["file_id"] = fid
+            if self._file_id is None:
+                self._file_id = fid
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -48,6 +50,7 @@ class Services:
         self.events = events or Events()
         self._writer_metrics: WriterMetrics | None = None
         self._resources: dict[str, Any] = {}
+        self._writers: "weakref.WeakSet[BatchWriter[Any]]" = weakref.WeakSet()
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._lock = asyncio.Lock()
         self.gateway: Any = None  # the running Gateway, when there is one (admin routes use it)
@@ -63,7 +66,15 @@ class Services:
         """A background batch writer whose depth/dropped counters appear on /metrics."""
         if self._writer_metrics is None:
             self._writer_metrics = WriterMetrics(self.metrics)
-        return BatchWriter(name, write, self._writer_metrics, **kw)
+        w: BatchWriter[Any] = BatchWriter(name, write, self._writer_metrics, **kw)
+        self._writers.add(w)
+        return w
+
+    def failing_writers(self, longer_than: float) -> list[str]:
+        """Names of the writers whose writes have failed for more than ``longer_than`` seconds."""
+        now = time.monotonic()
+        return sorted(w.name for w in list(self._writers)
+                      if w.failing_since is not None and now - w.failing_since > longer_than)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
         """A process-wide object shared by plugin instances and kept across config reloads

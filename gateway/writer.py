@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, Generic, Literal, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .logs import ThrottledLog
 from .tasks import cancel_and_wait
 log = logging.getLogger("gateway.writer")
 T = TypeVar("T")
@@ -59,6 +60,10 @@ class BatchWriter(Generic[T]):
         self._written = metrics.written.labels(name)
         self.written = 0
         self.dropped = 0
+        #: monotonic time the writes began to fail (the store down, its disk full); None when the
+        #: last write went through. /readyz reports a writer failing for a while.
+        self.failing_since: float | None = None
+        self._log = ThrottledLog(log)  # an outage drops a record per request: one line per 10 s
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()  # a full batch is waiting, or close() was called
@@ -168,6 +173,7 @@ class BatchWriter(Generic[T]):
                         self._attempt_timer = None
                 self.written += len(batch)
                 self._written.inc(len(batch))
+                self.failing_since = None
                 return
             except asyncio.CancelledError:
                 self._drop(len(batch), "cancelled")
@@ -195,6 +201,8 @@ class BatchWriter(Generic[T]):
                               self.name, type(e).__name__, _short(e))
                     self._drop(1, "rejected")
                     return
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 if time.monotonic() + delay > give_up:
                     log.error("writer %s: giving up on %d records after retries: %s: %s",
                               self.name, len(batch), type(e).__name__, _short(e))
@@ -237,11 +245,13 @@ class BatchWriter(Generic[T]):
             while not self._q.empty():
                 self._q.get_nowait()
             self._drop(left, "shutdown")
+        self._log.flush()
 
     def _drop(self, n: int, reason: str) -> None:
         self.dropped += n
         self._m.dropped.labels(self.name, reason).inc(n)
-        log.error("writer %s: %d record(s) not written (%s)", self.name, n, reason)
+        name = self.name.replace("%", "%%")
+        self._log.event(reason, n, f"writer {name}: %d record(s) not written ({reason})")
 
 
 def rejected(e: BaseException) -> bool:

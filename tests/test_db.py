@@ -261,3 +261,81 @@ async def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
     finally:
         eng.dispose()
     assert diffs == [], diffs
+
+
+async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Deleted while serving: writes fail and are counted (nothing goes into the unlinked file, no
+    empty file is made in its place), /readyz says not ready. A file put back at the path (a
+    restored backup) is written from then on."""
+    import shutil
+
+    import aiohttp
+
+    from gateway import admin as admin_mod
+
+    from .helpers import ADMIN_TOKEN
+
+    monkeypatch.setattr(admin_mod, "WRITER_FAILING_READY", 0.2)
+    path = tmp_path / "live.db"
+    g = await make_gateway([{"name": "audit", "config": {"retry_for": 1}}],
+                           database={"url": f"sqlite+aiosqlite:///{path}"})
+    hdr = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    audit = g.plugin("audit")
+
+    async def flush() -> None:
+        for _, w in audit.sinks:
+            await w.flush(10)
+
+    async def rows(p: Path) -> int:
+        c = sqlite3.connect(p)
+        try:
+            return c.execute("SELECT count(*) FROM audit_events WHERE type = 'request'").fetchone()[0]
+        finally:
+            c.close()
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
+                assert r.status == 200
+        await flush()
+        backup = tmp_path / "backup.db"
+        src, dst = sqlite3.connect(path), sqlite3.connect(backup)
+        src.backup(dst)  # a consistent copy with the 3 events
+        src.close()
+        dst.close()
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+        for _ in range(2):
+            async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
+                assert r.status == 200  # requests are served; their records are not kept
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            async with s.get(g.admin_url + "/readyz") as r:
+                ready = await r.json()
+            if r.status == 503 and not ready["checks"]["writers"]["ok"]:
+                break
+        assert r.status == 503 and ready["checks"]["database"]["ok"] is False, ready
+        assert ready["checks"]["writers"]["failing"] == ["audit:database"]
+        assert not path.exists()  # no empty database made in its place
+        await flush()
+        dropped = await _sample(s, g.admin_url, hdr, 'gateway_writer_dropped_total{reason="write_failed",'
+                                                     'writer="audit:database"}')
+        assert dropped == 2
+        # the backup is put back: written from then on
+        shutil.copy(backup, path)
+        async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 200
+        await flush()
+        async with s.get(g.admin_url + "/readyz") as r:
+            assert r.status == 200, await r.text()
+    assert await rows(path) == 4  # the 3 from the backup and the one after
+
+
+async def _sample(s: Any, admin_url: str, hdr: dict[str, str], series: str) -> float:
+    async with s.get(admin_url + "/metrics", headers=hdr) as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith(series):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -147,3 +147,37 @@ def test_driver_errors_that_refuse_one_record_are_recognised():
             errors.append(e)
     assert len(errors) == 2 and all(rejected(e) for e in errors)
     assert not rejected(sqlite3.OperationalError("database is locked"))
+
+
+async def test_drops_are_all_counted_but_logged_once_per_interval(caplog):
+    """A full queue during an outage drops a record per request: every one is counted, and the log
+    says it once at once, then once per interval with how many followed, then the rest at close."""
+    import logging
+
+    gate = asyncio.Event()
+
+    async def write(batch: Sequence[int]) -> None:
+        await gate.wait()  # the store hangs: the queue fills up
+
+    reg = CollectorRegistry()
+    w = BatchWriter("t", write, WriterMetrics(reg), max_queue=5, batch_size=5, flush_interval=0.01,
+                    on_full="drop")
+    w._log.interval = 0.3
+    w.start()
+    with caplog.at_level(logging.ERROR, logger="gateway.writer"):
+        for i in range(15):
+            w.put_nowait(i)
+        await asyncio.sleep(0)
+        lines = [r.getMessage() for r in caplog.records]
+        dropped_now = w.dropped
+        assert dropped_now >= 5 and len(lines) == 1 and lines[0] == "writer t: 1 record(s) not written (queue_full)"
+        for i in range(100):
+            w.put_nowait(i)
+        await asyncio.sleep(0.5)
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 2
+        assert lines[1] == f"writer t: {w.dropped - 1} record(s) not written (queue_full) in the last 0s"
+        gate.set()
+        w.put_nowait(1)
+        await w.close()
+    assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "queue_full"}) == w.dropped

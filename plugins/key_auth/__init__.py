@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .keys import ID_LEN, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
@@ -162,6 +163,9 @@ class KeyCache:
 
 class StoreUnavailable(Exception):
     pass
+
+
+_LOOKUP_LOG = ThrottledLog(log)  # an outage fails a lookup per request: one line per 10 s
 
 
 def _retrieve(task: "asyncio.Future[Any]") -> None:
@@ -485,7 +489,8 @@ class KeyAuth(Plugin):
                 raise TimeoutError
             row = lookup.result()
         except Exception as e:
-            log.error("key store lookup failed, refusing the request (503): %s", type(e).__name__)
+            kind = type(e).__name__
+            _LOOKUP_LOG.event(kind, 1, f"key store lookup failed ({kind}): %d request(s) refused with 503")
             raise StoreUnavailable() from None
         entry = _Entry(row) if row is not None else None
         cache = self.cache
