@@ -24,6 +24,7 @@ class Completion:
     """What the upstream answered, as far as it was delivered."""
 
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
+                 "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw")
 
     def __init__(self) -> None:
@@ -37,6 +38,7 @@ class Completion:
         self.role: str | None = None
         self.deltas = 0        # content / tool-call deltas seen (roughly one per generated token)
         self.done = False      # saw the end ([DONE], a finish_reason, or a complete JSON body)
+        self.unread = 0        # SSE events over MAX_EVENT: relayed to the client, not read here
         self.message: dict[str, Any] | None = None  # the assistant message as an OpenAI message dict
         self.t_first_token: float | None = None
         self.kind = "json"     # "json" or "sse"
@@ -132,6 +134,8 @@ class ResponseObserver:
                 if len(buf) <= MAX_EVENT:
                     break
                 self._passing = True
+                self.c.unread += 1  # relayed, not read: what is assembled here lacks it
+                self._generated()   # (it is output all the same)
                 continue
             event = bytes(buf[:end + sep])
             del buf[:end + sep]
@@ -173,7 +177,8 @@ class ResponseObserver:
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
         """Handle one SSE event; returns False if it must not reach the client."""
-        if event.startswith(b"data: ") and event.count(b"\n", 0, len(event) - 2) == 0:
+        if event.startswith(b"data: ") and event.count(b"\n", 0, len(event) - 2) == 0 \
+                and event.count(b"\r", 0, len(event) - 4) == 0:
             data = event[6:].rstrip(b"\r\n")  # the common one-line event
         else:
             data_lines = []
@@ -216,6 +221,7 @@ class ResponseObserver:
                 c.finish_reasons.append(ch["finish_reason"])
                 if index == 0:
                     c.finish_reason = ch["finish_reason"]
+                    c.done = True  # the answer is whole (a usage chunk or [DONE] may follow)
             delta = ch.get("delta")
             if index != 0:
                 # other choices (n > 1) are not assembled, but what they generate is counted
@@ -376,7 +382,8 @@ def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
     if buf.find(b"\r", start) < 0:  # the common case: LF line endings only
         return buf.find(b"\n\n", start), 2
     best, sep = -1, 0
-    for s in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+    # a blank line: two line ends in a row, each CRLF, LF or CR (mixed too)
+    for s in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"):
         i = buf.find(s, start)
         if i >= 0 and (best < 0 or i < best):
             best, sep = i, len(s)

@@ -308,7 +308,7 @@ class Proxy:
     async def _relay(self, ctx: RequestContext, chain: "Chain", resp: aiohttp.ClientResponse) -> web.StreamResponse:
         request = ctx.request
         ctype = resp.headers.get("Content-Type", "")
-        streamed = ctype.startswith("text/event-stream")
+        streamed = ctype[:17].lower() == "text/event-stream"  # media types are case-insensitive
         ctx.streamed = streamed
         observer = None
         if ctx.observe:

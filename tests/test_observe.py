@@ -2,6 +2,7 @@
 client, what can be understood is, and nothing is held back or buffered without bound."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from typing import Any, AsyncIterator
@@ -371,3 +372,64 @@ async def test_json_with_a_byte_order_mark_or_in_utf16_is_read_and_forwarded_as_
             stored = (await r.json())["messages"]
         assert [m["content"] for m in stored][:1] == ["hello there"]
     assert len([q for q in upstream.requests if q["path"] == "/v1/chat/completions"]) == 1
+
+
+def test_sse_line_ends_of_every_kind_and_oversized_events() -> None:
+    """CR-only lines (multi-line data too), LF then CRLF and CRLF then LF as the blank line: each is
+    an event boundary per the SSE spec. An event over MAX_EVENT is relayed, counted as output and
+    marked unread. A finish reason on choice 0 means the answer is whole, [DONE] or not."""
+    d1 = json.dumps({"choices": [{"index": 0, "delta": {"content": "a"}}]})
+    d2 = json.dumps({"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]})
+    usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+    half = d1.index(": ") + 1  # a multi-line data field is joined with a newline: split where JSON allows one
+    for raw in (f"data: {d1[:half]}\rdata: {d1[half:]}\r\rdata: {d2}\r\rdata: {usage}\r\r".encode(),
+                f"data: {d1}\n\r\ndata: {d2}\r\n\ndata: {usage}\n\r\n".encode()):
+        obs = ResponseObserver(True, True)
+        out = b"".join(obs.feed(raw[i:i + 5]) for i in range(0, len(raw), 5)) + obs.finish()
+        c = obs.c
+        assert (c.content, c.deltas, c.total_tokens, c.done, c.unread) == ("ab", 2, 3, True, 0), raw[:40]
+        assert b'"usage"' not in out and out.count(b"data:") == raw.count(b"data:") - 1  # the usage event hidden
+    big = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": "x" * (2 * MAX_EVENT)}}]}).encode()
+    raw = b"data: " + d1.encode() + b"\n\n" + big + b"\n\n" + b"data: " + d2.encode() + b"\n\n"
+    obs = ResponseObserver(True, False)
+    out = b"".join(obs.feed(raw[i:i + 65536]) for i in range(0, len(raw), 65536)) + obs.finish()
+    assert out == raw
+    assert (obs.c.content, obs.c.deltas, obs.c.unread, obs.c.done) == ("ab", 3, 1, True)
+
+
+async def test_an_sse_media_type_in_capitals_and_a_cancel_before_the_head_are_charged(make_gateway: Any) -> None:
+    """`Text/Event-Stream` is a stream like any other (media types ignore case): its usage is
+    charged and the usage chunk the client did not ask for is hidden. A client that gives up
+    before the response head is charged the prompt estimate (the upstream was reading it)."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if request.headers.get("X-Mode") == "slow-head":
+            await asyncio.sleep(3)
+        resp = web.StreamResponse(headers={"Content-Type": "Text/Event-Stream; charset=UTF-8"})
+        await resp.prepare(request)
+        events = [delta(content="hi"), delta(content=" there")]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}})
+        await resp.write(sse(*events))
+        return resp
+
+    async with backend(chat) as url:
+        g = await make_gateway([{"name": "rate_limit", "config": {"estimate_default_max_tokens": 0, "rules": [
+            {"name": "t", "limit": "1000/minute", "counts": "tokens", "key_by": ["ip"]}]}}], upstream={"url": url})
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x" * 400}]}  # estimate 100
+        async with aiohttp.ClientSession() as s:
+            async def left() -> int:
+                await g.plugin("rate_limit").drain()
+                async with s.get(g.url + "/v1/models") as r:
+                    return int(r.headers["x-ratelimit-remaining-tokens"])
+
+            async with s.post(g.url + "/v1/chat/completions", json=body) as r:
+                text = await r.text()
+            assert '"usage"' not in text and "there" in text
+            assert await left() == 1000 - 9
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with s.post(g.url + "/v1/chat/completions", json=body, headers={"X-Mode": "slow-head"},
+                                  timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    await r.read()
+            await asyncio.sleep(0.3)
+            assert await left() == 1000 - 9 - 100

@@ -401,7 +401,10 @@ class Conversations(Plugin):
         comp = ctx.completion
         produced = ctx.source == "upstream" and 200 <= ctx.status < 300
         if ctx.outcome == "ok":
-            status = ("complete" if comp is None or comp.done else "incomplete") if produced else "upstream_error"
+            # incomplete: the stream ended without a finish, or an event too large to read (over
+            # 1 MiB) was relayed, so the stored text lacks part of what the client got
+            status = ("complete" if comp is None or (comp.done and not comp.unread) else "incomplete") \
+                if produced else "upstream_error"
         else:
             status = ctx.outcome
         usage = comp.usage if comp is not None else None

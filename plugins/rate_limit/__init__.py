@@ -300,10 +300,12 @@ class RateLimit(Plugin):
 def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
     """Tokens the exchange cost: the upstream's usage when it reported one; without one, the prompt
     estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
-    text (content and tool calls) at four characters per token. Error answers cost nothing."""
+    text (content and tool calls) at four characters per token; a 2xx answer the gateway could not
+    read, or a request the client gave up on before the response head, the prompt estimate. Error
+    answers cost nothing."""
     c = ctx.completion
-    if c is None:
-        return 0
+    if c is None:  # no answer came: a request cut before the response head still cost the prefill
+        return prompt_estimate if ctx.outcome in ("client_disconnected", "gateway_shutdown") else 0
     if isinstance(c.usage, dict):
         total = c.total_tokens
         if total is not None:
@@ -311,8 +313,7 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
         p, q = c.prompt_tokens, c.completion_tokens
         if p is not None or q is not None:  # what was reported, the estimate for what was not
             return (p if p is not None else prompt_estimate) + (q if q is not None else c.deltas)
-    if c.deltas or ctx.outcome in ("client_disconnected", "gateway_shutdown", "upstream_disconnected",
-                                    "upstream_timeout"):
+    if c.deltas or ctx.outcome in _CUT:
         return prompt_estimate + c.deltas
     if c.kind == "json" and c.done and ctx.status is not None and 200 <= ctx.status < 300:
         chars = len(c.content or "")
@@ -321,4 +322,10 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
             if isinstance(fn, dict):
                 chars += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
         return prompt_estimate + (chars + 3) // 4
+    if ctx.status is not None and 200 <= ctx.status < 300:
+        return prompt_estimate  # an answer in a shape the gateway could not read: the prompt at least
     return 0
+
+
+#: Outcomes of an exchange cut short: the upstream did (some of) the work.
+_CUT = ("client_disconnected", "gateway_shutdown", "upstream_disconnected", "upstream_timeout")
