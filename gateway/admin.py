@@ -12,7 +12,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .db import DatabaseError
 from .errors import json_error
+from .writer import rejected
 from .plugin import registry
 
 if TYPE_CHECKING:
@@ -67,16 +69,29 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
                 413: "request_too_large", 422: "invalid_value"}.get(e.status, "error")
         msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
         return json_error(e.status, msg, "invalid_request_error", code)
-    except (DBAPIError, SATimeoutError, ConnectionRefusedError, TimeoutError) as e:
-        # The database is down, frozen or refusing: the caller retries later. One line, no
-        # traceback (a driver's message can quote a connection URL).
-        logging.getLogger("gateway.admin").warning("admin %s %s: database unavailable (%s)", request.method,
-                                                   request.path, type(e).__name__)
-        return json_error(503, "The database is unavailable; retry shortly.", "server_error",
-                          "database_unavailable", headers={"Retry-After": "5"})
+    except DBAPIError as e:
+        if rejected(e):
+            # a value the database cannot take (a NUL in a text, a number out of range): the caller's
+            logging.getLogger("gateway.admin").info("admin %s %s: a value refused by the database",
+                                                    request.method, request.path)
+            return json_error(400, "A value in the request cannot be stored or searched for (e.g. it contains "
+                                   "a NUL character, or a number is out of range).", "invalid_request_error",
+                              "invalid_value")
+        return _db_unavailable(request, e)
+    except (SATimeoutError, DatabaseError, ConnectionRefusedError, TimeoutError) as e:
+        return _db_unavailable(request, e)
     except Exception:
         logging.getLogger("gateway.admin").exception("admin handler failed: %s %s", request.method, request.path)
         return json_error(500, "The admin API failed to handle the request.", "server_error", "internal_error")
+
+
+def _db_unavailable(request: web.Request, e: BaseException) -> web.Response:
+    """The database is down, frozen or refusing: the caller retries later. One line, no traceback
+    (a driver's message can quote a connection URL)."""
+    logging.getLogger("gateway.admin").warning("admin %s %s: database unavailable (%s)", request.method,
+                                               request.path, type(e).__name__)
+    return json_error(503, "The database is unavailable; retry shortly.", "server_error",
+                      "database_unavailable", headers={"Retry-After": "5"})
 
 
 def build_admin_app(gw: "Gateway") -> web.Application:

@@ -100,6 +100,7 @@ class ResponseObserver:
         self._too_big = False
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
+        self._msg_index: Any = None  # Responses API streams: the output index of the message item
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -245,10 +246,19 @@ class ResponseObserver:
             d = obj.get("delta")
             if isinstance(d, str) and d:
                 self._generated()
-                if kind == "response.output_text.delta" and obj.get("output_index", 0) == 0 \
-                        and obj.get("content_index", 0) == 0:
-                    c.content = (c.content or "") + d
-                    c.role = "assistant"
+                if kind == "response.output_text.delta" and obj.get("content_index", 0) == 0:
+                    # the text of the first message item (a reasoning item may come before it)
+                    i = obj.get("output_index", 0)
+                    if self._msg_index is None:
+                        self._msg_index = i
+                    if i == self._msg_index:
+                        c.content = (c.content or "") + d
+                        c.role = "assistant"
+            return
+        if kind == "response.output_item.added" and self._msg_index is None:
+            item = obj.get("item")
+            if isinstance(item, dict) and item.get("type") == "message":
+                self._msg_index = obj.get("output_index")
             return
         r = obj.get("response")
         if not isinstance(r, dict):

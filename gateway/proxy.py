@@ -192,6 +192,9 @@ class Proxy:
                 raise RequestTimeout(f"No request body bytes arrived for {self.body_timeout:g} seconds.") from None
         ctx.body = body
         ctx.bytes_in = len(body)
+        if (body[:3] == b"\xef\xbb\xbf" or b"\x00" in body[:4]) \
+                and "json" in request.headers.get("Content-Type", "json"):
+            ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None) -> bytes:
         """The request body; each chunk that arrives pushes the ``stall`` deadline back."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
@@ -72,9 +71,7 @@ class Services:
 
     def failing_writers(self, longer_than: float) -> list[str]:
         """Names of the writers whose writes have failed for more than ``longer_than`` seconds."""
-        now = time.monotonic()
-        return sorted(w.name for w in list(self._writers)
-                      if w.failing_since is not None and now - w.failing_since > longer_than)
+        return sorted(w.name for w in list(self._writers) if w.failing_for(longer_than) > longer_than)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
         """A process-wide object shared by plugin instances and kept across config reloads

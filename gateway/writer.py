@@ -61,8 +61,9 @@ class BatchWriter(Generic[T]):
         self.written = 0
         self.dropped = 0
         #: monotonic time the writes began to fail (the store down, its disk full); None when the
-        #: last write went through. /readyz reports a writer failing for a while.
+        #: last write went through. /readyz reports a writer failing for a while (see failing_for).
         self.failing_since: float | None = None
+        self.last_failure = 0.0
         self._log = ThrottledLog(log)  # an outage drops a record per request: one line per 10 s
         self._idle = asyncio.Event()
         self._idle.set()
@@ -79,6 +80,14 @@ class BatchWriter(Generic[T]):
         self.full_wait = full_wait
         self.retry_for = retry_for
         self._wake.set()  # a batch gathering under the old flush_interval goes now
+
+    def failing_for(self, recent: float = 10.0) -> float:
+        """Seconds the writes have been failing, if the last failure is recent (0 otherwise): a
+        writer that gave up and has had nothing to write since is not reported failing for ever."""
+        now = time.monotonic()
+        if self._closing or self.failing_since is None or now - self.last_failure > recent:
+            return 0.0
+        return now - self.failing_since
 
     @property
     def max_queue(self) -> int:
@@ -201,8 +210,9 @@ class BatchWriter(Generic[T]):
                               self.name, type(e).__name__, _short(e))
                     self._drop(1, "rejected")
                     return
+                self.last_failure = time.monotonic()
                 if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+                    self.failing_since = self.last_failure
                 if time.monotonic() + delay > give_up:
                     log.error("writer %s: giving up on %d records after retries: %s: %s",
                               self.name, len(batch), type(e).__name__, _short(e))
@@ -268,9 +278,12 @@ def rejected(e: BaseException) -> bool:
         cause: BaseException | None = e.orig
         # asyncpg reports a value it could not encode (an int beyond its column's range) as a
         # client-side DataError, which arrives wrapped in an InterfaceError.
+        # PostgreSQL's SQLSTATE classes 22 (data exception, e.g. a NUL in a text) and 23 (integrity
+        # constraint) name the record, whatever class the driver gives the error.
         for x in (cause, getattr(cause, "__cause__", None), e.__cause__):
             if x is not None and (isinstance(x, (ValueError, TypeError, OverflowError, UnicodeError))
-                                  or type(x).__name__ == "DataError"):
+                                  or any(c.__name__ == "DataError" for c in type(x).__mro__)
+                                  or str(getattr(x, "sqlstate", "") or "")[:2] in ("22", "23")):
                 return True
         return _sqlite_refuses(cause)
     return isinstance(e, (ValueError, TypeError, OverflowError, UnicodeError)) or _sqlite_refuses(e)

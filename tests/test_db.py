@@ -322,13 +322,19 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
         dropped = await _sample(s, g.admin_url, hdr, 'gateway_writer_dropped_total{reason="write_failed",'
                                                      'writer="audit:database"}')
         assert dropped == 2
-        # the backup is put back: written from then on
+        async with s.get(g.admin_url + "/audit", headers=hdr) as r:  # the admin API: retry later
+            assert r.status == 503 and (await r.json())["error"]["code"] == "database_unavailable"
+        # the backup is put back: ready again without any traffic, and written from then on
         shutil.copy(backup, path)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            async with s.get(g.admin_url + "/readyz") as r:
+                if r.status == 200:
+                    break
+        assert r.status == 200, await r.text()
         async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
             assert r.status == 200
         await flush()
-        async with s.get(g.admin_url + "/readyz") as r:
-            assert r.status == 200, await r.text()
     assert await rows(path) == 4  # the 3 from the backup and the one after
 
 

@@ -154,6 +154,9 @@ async def test_lifecycle_on_postgresql(make_gateway: Any, upstream: Any, pg_url:
     await g.plugin("key_auth").flush_usage()
     st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage")
     assert st == 200 and u["totals"]["requests"] == 2
+    # a value PostgreSQL cannot take is the caller's error (400), not "the database is down, retry"
+    st, b = await admin(g, "GET", "/keys?owner=a%00b")
+    assert st == 400 and b["error"]["code"] == "invalid_value", b
 
 
 async def test_usage_of_a_stream_that_outlives_a_reload_is_counted(make_gateway: Any, upstream: Any,

@@ -268,6 +268,19 @@ def test_a_responses_api_stream_is_understood() -> None:
     c = obs.c
     assert (c.content, c.model, c.prompt_tokens, c.completion_tokens) == ("Hi there", "m-2", 13, 9)
     assert c.finish_reason == "max_output_tokens"
+    # a reasoning model: the message is the second output item; its text is the one assembled
+    def ev(o: dict[str, Any]) -> bytes:
+        return f"event: {o['type']}\ndata: {json.dumps(o)}\n\n".encode()
+
+    obs = ResponseObserver(True, False)
+    obs.feed(b"".join(ev(o) for o in [
+        {"type": "response.output_item.added", "output_index": 0, "item": {"type": "reasoning"}},
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "delta": "hm"},
+        {"type": "response.output_item.added", "output_index": 1, "item": {"type": "message"}},
+        {"type": "response.output_text.delta", "output_index": 1, "content_index": 0, "delta": "Hi"},
+        {"type": "response.completed", "response": {"status": "completed", "usage": usage}}]))
+    obs.finish()
+    assert (obs.c.content, obs.c.deltas, obs.c.total_tokens) == ("Hi", 2, 22)
 
 
 async def test_responses_api_calls_are_metered_like_chat(make_gateway: Any, tmp_path: Any) -> None:
@@ -372,6 +385,13 @@ async def test_json_with_a_byte_order_mark_or_in_utf16_is_read_and_forwarded_as_
             stored = (await r.json())["messages"]
         assert [m["content"] for m in stored][:1] == ["hello there"]
     assert len([q for q in upstream.requests if q["path"] == "/v1/chat/completions"]) == 1
+    # with no plugin reading the body, too: the upstream gets UTF-8
+    plain = await make_gateway([], name="plain.yaml")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(plain.url + "/v1/chat/completions", data=json.dumps(small).encode("utf-16"),
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+    assert upstream.requests[-1]["body"]["messages"] == small["messages"]
 
 
 def test_sse_line_ends_of_every_kind_and_oversized_events() -> None:

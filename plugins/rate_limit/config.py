@@ -14,6 +14,13 @@ KEY_PARTS = ("key", "owner", "ip", "route", "model")
 class RuleConfig(PluginConfig):
     name: str = Field(description="Rule name, shown in headers and refusal messages.",
                       pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in ("key-rpm", "key-tpm"):  # a key's own rpm / tpm: its counters must stay its own
+            raise ValueError(f"{v!r} is reserved for a key's own limit; choose another rule name")
+        return v
     limit: str = Field(description='Limit(s) in `limits` notation: "60/minute", "10/second; 1000/day".')
     counts: Literal["requests", "tokens"] = Field("requests", description="What the rule counts.")
     key_by: list[Literal["key", "owner", "ip", "route", "model"]] | Literal["global"] = Field(
