@@ -7,6 +7,8 @@ the observer also removes that extra usage-only chunk so the client never sees i
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any
 
@@ -16,6 +18,8 @@ MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed bu
 #: An SSE event longer than this is relayed as it comes but not parsed (nor held back); an
 #: upstream sending one without an event boundary cannot make the gateway buffer it whole.
 MAX_EVENT = 2**20
+#: The last bytes of an oversized event kept to read a Responses API final event's usage from.
+_PASS_TAIL = 65536
 #: Tool calls assembled from a stream: a delta naming a higher index is ignored.
 MAX_TOOL_CALLS = 256
 
@@ -99,6 +103,8 @@ class ResponseObserver:
         self._buf = bytearray()
         self._too_big = False
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
+        self._pass_head = b""            # ... its first bytes (which event it is)
+        self._pass_tail = bytearray()    # ... and its last ones (where a final event's usage is)
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
         self._msg_index: Any = None  # Responses API streams: the output index of the message item
 
@@ -125,18 +131,21 @@ class ResponseObserver:
                 n = end + sep if end >= 0 else max(0, len(buf) - 3)
                 if out is not None:
                     out += buf[:n]
+                self._pass_tail += buf[:n]
+                del self._pass_tail[:-_PASS_TAIL]
                 del buf[:n]
                 self._scanned = 0
                 if end < 0:
                     break
                 self._passing = False
+                self._passed()
                 continue
             if end < 0:
                 if len(buf) <= MAX_EVENT:
                     break
                 self._passing = True
-                self.c.unread += 1  # relayed, not read: what is assembled here lacks it
-                self._generated()   # (it is output all the same)
+                self._pass_head = bytes(buf[:512])
+                self._pass_tail = bytearray()
                 continue
             event = bytes(buf[:end + sep])
             del buf[:end + sep]
@@ -165,6 +174,8 @@ class ResponseObserver:
         rest = bytes(self._buf)
         self._buf.clear()
         if self._passing:
+            self._pass_tail += rest
+            self._passed()
             return rest if self.strip else b""
         if rest.strip():
             try:
@@ -174,6 +185,29 @@ class ResponseObserver:
             if self.strip:
                 return rest if keep else b""
         return b""
+
+    def _passed(self) -> None:
+        """An event over MAX_EVENT has been relayed. A Responses API final event (it repeats the
+        whole output, so it can be that large) gives its usage from the event's last bytes, and
+        the output was already read from its deltas. Any other is output the gateway did not
+        read: counted as generated, and marked unread (what is assembled here lacks it)."""
+        c = self.c
+        head, tail = self._pass_head, bytes(self._pass_tail)
+        self._pass_head, self._pass_tail = b"", bytearray()
+        if any(k in head for k in (b"response.completed", b"response.incomplete", b"response.failed")):
+            i = tail.rfind(b'"usage"')
+            j = tail.find(b"{", i) if i >= 0 else -1
+            if j >= 0:
+                try:
+                    usage, _ = json.JSONDecoder().raw_decode(tail[j:].decode("utf-8", "replace"))
+                except ValueError:
+                    usage = None
+                if isinstance(usage, dict):
+                    c.usage = usage
+                    c.done = True
+                    return
+        c.unread += 1
+        self._generated()
 
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
@@ -391,13 +425,14 @@ def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
     separator length."""
     if buf.find(b"\r", start) < 0:  # the common case: LF line endings only
         return buf.find(b"\n\n", start), 2
-    best, sep = -1, 0
-    # a blank line: two line ends in a row, each CRLF, LF or CR (mixed too)
-    for s in (b"\n\n", b"\r\n\r\n", b"\r\r", b"\n\r\n", b"\r\n\n"):
-        i = buf.find(s, start)
-        if i >= 0 and (best < 0 or i < best):
-            best, sep = i, len(s)
-    return best, sep
+    # Two line ends in a row, each CRLF, LF or CR (mixed too, as the SSE spec allows). A CR at the
+    # end of the buffer counts as a line end: if an LF follows in the next chunk, that LF only
+    # starts the next event with an empty line.
+    m = _BLANK_LINE.search(buf, start)
+    return (m.start(), m.end() - m.start()) if m is not None else (-1, 0)
+
+
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 
 def ask_for_usage(ctx: Any) -> None:

@@ -281,6 +281,16 @@ def test_a_responses_api_stream_is_understood() -> None:
         {"type": "response.completed", "response": {"status": "completed", "usage": usage}}]))
     obs.finish()
     assert (obs.c.content, obs.c.deltas, obs.c.total_tokens) == ("Hi", 2, 22)
+    # a final event over MAX_EVENT (it repeats the whole output): its usage is still read
+    huge = "x" * (2 * MAX_EVENT)
+    raw = b"".join(ev(o) for o in [
+        {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": huge},
+        {"type": "response.completed", "response": {"status": "completed", "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": huge}]}], "usage": usage}}])
+    obs = ResponseObserver(True, False)
+    out = b"".join(obs.feed(raw[i:i + 65536]) for i in range(0, len(raw), 65536)) + obs.finish()
+    assert out == raw
+    assert (obs.c.total_tokens, obs.c.done, obs.c.unread) == (22, True, 1)  # the delta event: unread
 
 
 async def test_responses_api_calls_are_metered_like_chat(make_gateway: Any, tmp_path: Any) -> None:
@@ -403,7 +413,8 @@ def test_sse_line_ends_of_every_kind_and_oversized_events() -> None:
     usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
     half = d1.index(": ") + 1  # a multi-line data field is joined with a newline: split where JSON allows one
     for raw in (f"data: {d1[:half]}\rdata: {d1[half:]}\r\rdata: {d2}\r\rdata: {usage}\r\r".encode(),
-                f"data: {d1}\n\r\ndata: {d2}\r\n\ndata: {usage}\n\r\n".encode()):
+                f"data: {d1}\n\r\ndata: {d2}\r\n\ndata: {usage}\n\r\n".encode(),
+                f"data: {d1}\r\n\rdata: {d2}\n\rdata: {usage}\r\n\r".encode()):
         obs = ResponseObserver(True, True)
         out = b"".join(obs.feed(raw[i:i + 5]) for i in range(0, len(raw), 5)) + obs.finish()
         c = obs.c
