@@ -9,11 +9,12 @@ has its own migration branch in ``gateway/migrations/versions``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import MetaData, event, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -189,9 +190,31 @@ def upgrade_sync(url: str) -> list[str]:
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(url)
-    with _ALEMBIC:
+    with _ALEMBIC, _sqlite_file_lock(url):
         command.upgrade(cfg, "heads")
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(url: str) -> Iterator[None]:
+    """Several gateways started at once on one new SQLite file would each create the tables
+    ("table ... already exists"): the migration runs under an exclusive lock on the file itself
+    (flock, which SQLite's own locks do not use). PostgreSQL takes an advisory lock instead
+    (migrations/env.py)."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database if url.startswith("sqlite") else None
+    if not name or name == ":memory:" or name.startswith("file:"):
+        yield
+        return
+    import fcntl
+
+    with open(name, "ab") as f:  # (an empty file is an empty SQLite database)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def revisions_sync(url: str) -> tuple[list[str], set[str]]:

@@ -208,6 +208,22 @@ async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) ->
         await db.close()
 
 
+async def test_concurrent_upgrades_on_one_new_sqlite_file(tmp_path: Path) -> None:
+    """Several instances started at once on a SQLite file that does not exist yet: one creates the
+    tables, the others wait for it (a lock on the file), none fails with "table already exists"."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
+    cfg = _config(tmp_path, url)
+    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "db", "upgrade", "-c", str(cfg),
+                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+             for _ in range(4)]
+    async with asyncio.timeout(90):
+        results = [await p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err.decode()[-2000:]
+    if heads():
+        assert _versions_sqlite(tmp_path / "shared.db") == heads()
+
+
 CONCURRENT_IN_PROCESS = """
 import asyncio, sys
 from gateway.db import Database

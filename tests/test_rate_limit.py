@@ -221,15 +221,16 @@ async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forward
         await settle(g)
         # Now ask for more than is left: refused before the upstream sees it.
         n_before = len(upstream.requests)
-        st, body, h = await post(s, g.url, chat_body("hello", max_tokens=59))
+        st, body, h = await post(s, g.url, chat_body("hello", max_tokens=55))  # 2 + 55: fits the limit, not what is left
         assert st == 429
         assert body["error"]["code"] == "rate_limit_exceeded" and body["error"]["type"] == "tokens"
         assert "tpm (60/minute)" in body["error"]["message"]
         assert len(upstream.requests) == n_before
         assert int(h["Retry-After"]) >= 1
         # Larger than the whole limit: can never fit, and the message says so.
-        st, body, _ = await post(s, g.url, chat_body("hello", max_tokens=500))
+        st, body, h = await post(s, g.url, chat_body("hello", max_tokens=500))
         assert st == 429 and "Request too large for rule tpm (60/minute)" in body["error"]["message"]
+        assert h["x-should-retry"] == "false" and "Retry-After" not in h  # the SDKs do not retry it
         # A GET generates no tokens: not refused for an estimate.
         async with s.get(g.url + "/v1/models", timeout=T) as r:
             assert r.status == 200

@@ -259,6 +259,9 @@ class RateLimit(Plugin):
             err_type = unit
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": reason, "limit": label}
         self.refused.labels(lim.rule if lim else s.name, reason).inc()
+        if lim is not None and needed > lim.item.amount:
+            # It will never fit: no Retry-After, and the OpenAI SDKs are told not to retry it.
+            return Reply.error(429, msg, err_type, reason, headers={"x-should-retry": "false"})
         # retry-after-ms lets the OpenAI SDKs wait exactly as long as needed (they prefer it).
         return Reply.error(429, msg, err_type, reason, headers={
             "Retry-After": str(retry), "retry-after-ms": str(max(1, math.ceil(s.reset_in * 1000)))})

@@ -43,7 +43,7 @@ class RuleConfig(PluginConfig):
         if any(i.amount < 1 for i in items):
             raise ValueError(f"a limit of 0 refuses everything: {v!r} (remove the rule, or disable the plugin "
                              "for a route, instead)")
-        windows = [(i.multiples, i.GRANULARITY.name) for i in items]
+        windows = [i.get_expiry() for i in items]  # in seconds: "1/minute" and "1 per 60 seconds" alike
         if len(set(windows)) < len(windows):
             raise ValueError(f"two limits for the same window in one rule: {v!r} (keep the stricter one)")
         return v

@@ -53,9 +53,9 @@ def _key_for(self: RateLimitItem, *identifiers: bytes | str | int | float) -> st
     """`RateLimitItem.key_for` without the amount: the counter of a rule's window is the same
     whatever the limit, so a reload that lowers (or raises) a limit applies it to what was already
     counted, on every instance, instead of starting everyone afresh. A changed window (per minute ->
-    per hour) is another counter. (A rule has one limit per window: the config refuses two.)"""
-    remainder = "/".join([safe_string(k) for k in identifiers]
-                         + [safe_string(self.multiples), self.GRANULARITY.name])
+    per hour) is another counter; the window is its length in seconds ("1/minute" and "1 per 60
+    seconds" share one). (A rule has one limit per window: the config refuses two.)"""
+    remainder = "/".join([safe_string(k) for k in identifiers] + [f"{int(self.get_expiry())}s"])
     return f"{self.namespace}/{remainder}"
 
 
