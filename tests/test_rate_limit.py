@@ -842,3 +842,19 @@ async def test_quota_read_between_a_commit_and_its_return_counts_it_once(tmp_pat
         release.set()
         await q.close()
         await d.close()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+async def test_a_request_one_rule_refuses_uses_up_no_other_rule(make_gateway, redis_server, where):
+    """A caller over its own limit keeps retrying: those refused requests must not eat a budget
+    other callers share (here a global one), in memory and on Redis."""
+    storage = "memory://" if where == "memory" else redis_server().url
+    g = await make_gateway([rl(storage=storage, rules=[
+        {"name": "per-ip", "limit": "2/minute", "key_by": ["ip"]},
+        {"name": "everyone", "limit": "5/minute", "key_by": "global"}])])
+    async with aiohttp.ClientSession() as s:
+        got = [await post(s, g.url) for _ in range(6)]
+    assert [st for st, _, _ in got] == [200, 200, 429, 429, 429, 429]
+    # the four refused ones counted nowhere: the shared budget has 3 left, the refusals say so too
+    assert [int(ietf(h["RateLimit"])["everyone"]["r"]) for _, _, h in got] == [4, 3, 3, 3, 3, 3]
+    assert all("per-ip" in b["error"]["message"] for st, b, _ in got if st == 429)

@@ -172,6 +172,15 @@ class RateLimit(Plugin):
                 if refusal is not None:
                     return refusal
         if req:
+            if len(req) > 1:
+                # Several rules: a request one of them refuses must not use up the others (a key
+                # over its own limit would eat the per-IP or per-model budget of everyone else).
+                # Each is tested first; only a request all of them let pass is counted. (In memory
+                # nothing runs in between; on Redis two requests racing between test and hit can
+                # still both count on a rule that then refuses one of them.)
+                refusal = await self._test_all(ctx, st, req, deadline)
+                if refusal is not None:
+                    return refusal
             if store.memory:
                 results = [self._hit_memory(lim, identifiers(lim, ctx)) for lim in req]
             elif len(req) == 1:
@@ -189,6 +198,26 @@ class RateLimit(Plugin):
             if refused is not None:
                 return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
         return None
+
+    async def _test_all(self, ctx: RequestContext, st: _State, req: list[Limit],
+                        deadline: float | None) -> Reply | None:
+        store = self.store
+        keyed = [(lim, identifiers(lim, ctx)) for lim in req]
+        if store.memory:
+            passes = [store.limiter.test(lim.item, *ids) for lim, ids in keyed]
+        else:
+            passes = await asyncio.gather(*[store.test(lim.item, ids, deadline) for lim, ids in keyed])
+        if all(passes):
+            return None
+        refused = None
+        for (lim, ids), ok in zip(keyed, passes):
+            reset, remaining = await store.stats(lim.item, ids, deadline)
+            s = self._standing(lim, remaining, reset)
+            st.standings.append(s)
+            if not ok and (refused is None or s.reset_in > refused[1].reset_in):
+                refused = (lim, s)
+        assert refused is not None
+        return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
 
     def _hit_memory(self, lim: Limit, ids: tuple[str, ...]) -> tuple[bool, hdr.Standing | None]:
         """In-process counters: straight to the library's synchronous strategy."""
