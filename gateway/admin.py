@@ -98,6 +98,11 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     assert gw.cfg.admin.token
     app = web.Application(middlewares=[errors_middleware, make_auth_middleware(gw.cfg.admin.token)])
 
+    async def server_header(_: web.Request, resp: web.StreamResponse) -> None:
+        resp.headers["Server"] = "gateway"  # not aiohttp's, which names its and Python's versions
+
+    app.on_response_prepare.append(server_header)
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 

@@ -118,9 +118,13 @@ class RequestContext:
         return j
 
     def set_json(self, data: Any) -> None:
-        """Replace the body sent upstream (e.g. history prepended, stream_options added)."""
+        """Replace the body sent upstream (e.g. history prepended, stream_options added), as UTF-8
+        (text is not escaped to \\uXXXX, which would make it up to six times larger)."""
         self._json = data
-        self.body = json.dumps(data).encode()
+        try:
+            self.body = json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate escape from the client: kept escaped
+            self.body = json.dumps(data).encode()
 
     @property
     def model(self) -> str | None:

@@ -195,6 +195,8 @@ class Proxy:
         if (body[:3] == b"\xef\xbb\xbf" or b"\x00" in body[:4]) \
                 and "json" in request.headers.get("Content-Type", "json"):
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
+            if len(ctx.body) > self.max_body:  # (UTF-8 can take more bytes than UTF-16 did)
+                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None) -> bytes:
         """The request body; each chunk that arrives pushes the ``stall`` deadline back."""
@@ -259,7 +261,7 @@ class Proxy:
             body = err.body()
         head.headers["X-Request-ID"] = ctx.request_id
         resp = web.Response(status=head.status, body=body, headers=head.headers)
-        if self.gw.stopping:
+        if self.gw.stopping or _faulty_framing(ctx.request):
             resp.force_close()  # "Connection: close": the client sends its next request elsewhere
         ctx.status = head.status
         await resp.prepare(ctx.request)
@@ -325,7 +327,7 @@ class Proxy:
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id
         out = web.StreamResponse(status=head.status, reason=resp.reason, headers=head.headers)
-        if self.gw.stopping:
+        if self.gw.stopping or _faulty_framing(request):
             out.force_close()
         ctx.status = head.status
         await out.prepare(request)
@@ -395,6 +397,12 @@ class Proxy:
         except Exception:
             log.exception("plugin %s failed in on_chunk (request %s)", p.name, ctx.request_id)
             raise PluginFailed(p.name, "on_chunk") from None
+
+
+def _faulty_framing(request: web.BaseRequest) -> bool:
+    """An HTTP/1.0 request with Transfer-Encoding: its framing is faulty (RFC 9112 6.1), and the
+    connection must close after the response."""
+    return request.version < aiohttp.HttpVersion11 and "Transfer-Encoding" in request.headers
 
 
 def server_timing(ctx: RequestContext) -> str:

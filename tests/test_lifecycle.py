@@ -186,6 +186,10 @@ async def test_admin_paths_never_on_public_port(make_gateway: Any, upstream: Any
                 assert body["path"] == p  # the demo backend's echo answered: it was proxied
                 assert "status" not in body and "openapi" not in body
     assert [q["path"] for q in upstream.requests] == admin_paths
+    # the admin listener names no versions, even to a client without the token
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/metrics") as r:
+            assert r.status == 401 and r.headers["Server"] == "gateway"
     # With the public paths restricted, they are plain 404s in the OpenAI error shape.
     g2 = await make_gateway(server={"paths": ["/v1"]}, name="restricted.yaml")
     async with aiohttp.ClientSession(timeout=T) as s:

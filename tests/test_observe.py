@@ -464,3 +464,28 @@ async def test_an_sse_media_type_in_capitals_and_a_cancel_before_the_head_are_ch
                     await r.read()
             await asyncio.sleep(0.3)
             assert await left() == 1000 - 9 - 100
+
+
+async def test_bodies_that_would_grow_or_nest_too_deep(make_gateway: Any, upstream: Any) -> None:
+    """A UTF-16 body within max_body_size whose UTF-8 form is over it gets 413 (never forwarded
+    larger than the limit); messages nested deeper than the gateway can record get 400, not a 500
+    with a traceback; a cursor nested as deep is an invalid cursor."""
+    import base64
+
+    g = await make_gateway([{"name": "conversations"}], server={"max_body_size": 3000})
+    text = "一" * 1200  # 2 bytes each in UTF-16, 3 in UTF-8
+    body = json.dumps({"model": "demo-chat", "messages": [{"role": "user", "content": text}]},
+                      ensure_ascii=False).encode("utf-16")
+    assert len(body) <= 3000
+    n = len(upstream.requests)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+        deep = '{"model": "demo-chat", "messages": [{"role": "user", "content": ' + "[" * 990 + "]" * 990 + "}]}"
+        async with s.post(g.url + "/v1/chat/completions", data=deep.encode(),
+                          headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_value"
+        cursor = base64.urlsafe_b64encode(("[" * 3000 + "]" * 3000).encode()).decode()
+        async with s.get(g.url + "/gateway/conversations", params={"cursor": cursor}) as r:
+            assert r.status == 400, await r.text()
+    assert len(upstream.requests) == n

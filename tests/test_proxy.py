@@ -1111,3 +1111,13 @@ async def test_upstream_switching_protocols_is_a_502(make_gateway: Any) -> None:
         assert ProxyRecorder.seen[0]["outcome"] == "upstream_error"
     finally:
         server.close()
+
+
+async def test_http10_with_transfer_encoding_closes_the_connection(make_gateway: Any, fake: Any) -> None:
+    """An HTTP/1.0 request with Transfer-Encoding has faulty framing (RFC 9112 6.1): answered, then
+    the connection is closed, whatever keep-alive it asked for."""
+    g = await gateway_to(make_gateway, fake.url)
+    raw = await raw_exchange(g.gw.public_port, b"POST /v1/echo HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", timeout=5)
+    head = raw.partition(b"\r\n\r\n")[0].lower()  # (raw_exchange returned: the server closed it)
+    assert head.startswith(b"http/1.") and b"keep-alive" not in head

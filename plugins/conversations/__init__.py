@@ -275,7 +275,12 @@ class Conversations(Plugin):
         key_id = ctx.key_id
         shared = self.shared
         assert shared is not None
-        digests = [digest(m) for m in msgs]
+        try:
+            digests = [digest(m) for m in msgs]
+        except RecursionError:  # nested deeper than the gateway reads
+            ctx.refusal = {"plugin": self.name, "type": "invalid", "reason": "too_deep"}
+            return Reply(400, error_body("The messages are nested too deeply to be recorded.",
+                                         "invalid_request_error", "invalid_value", "messages"))
         cid = headers.get("X-Conversation-ID")
         parent_id = fork_position = None
         if cid is not None:
@@ -284,10 +289,12 @@ class Conversations(Plugin):
             cid = cid.strip()
             try:
                 v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
-                if v is None and _GENERATED(cid):
+                if (v is None or v.owner != owner) and _GENERATED(cid):
                     # Made by another instance a moment ago? Its write may still be queued there.
+                    # (Also waited for another owner's id: the time taken tells nothing about it.)
                     await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
-                    v = await shared.view(cid, cfg.cache_ttl)
+                    if v is None:
+                        v = await shared.view(cid, cfg.cache_ttl)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
                 ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}

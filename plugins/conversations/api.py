@@ -94,10 +94,12 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             if v is not None and v.owner == owner:
                 await shared.settle(v, 5.0)
             conv = await store.get(cid)
-            if conv is None and v is None and _GENERATED(cid):
-                # Made by another instance a moment ago? Its write may still be queued there.
+            if (conv is None and v is None or conv is not None and conv["owner"] != owner) and _GENERATED(cid):
+                # Made by another instance a moment ago? Its write may still be queued there. (Also
+                # waited for another owner's id, so the time taken tells nothing about what exists.)
                 await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
-                conv = await store.get(cid)
+                if conv is None:
+                    conv = await store.get(cid)
             if conv is None or conv["owner"] != owner:
                 return _err_reply(404, "No conversation with this id exists for this caller.",
                                   "conversation_not_found")

@@ -229,7 +229,7 @@ def encode_cursor(*parts: Any) -> str:
 def decode_cursor(s: str) -> list[Any]:
     try:
         v = json.loads(base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise ValueError("invalid cursor") from None
     if not isinstance(v, list):
         raise ValueError("invalid cursor")
