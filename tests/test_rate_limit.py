@@ -333,11 +333,25 @@ async def test_per_key_overrides_through_key_auth(make_gateway):
                 pytest.skip(f"key_auth admin API not ready ({r.status})")
             small = (await r.json())["key"]
         async with s.post(g.admin_url + "/keys", json={"owner": "bob"}, headers=admin, timeout=T) as r:
-            plain = (await r.json())["key"]
+            rec = await r.json()
+            plain = rec["key"]
         res_small = [(await post(s, g.url, headers={"Authorization": f"Bearer {small}"}))[0] for _ in range(3)]
         res_plain = [(await post(s, g.url, headers={"Authorization": f"Bearer {plain}"}))[0] for _ in range(6)]
+        # Giving the key its own rpm, then taking it away, keeps what it has used this minute
+        # (its own limit counts on the per-key rule's counter): 5 used, own limit 8 -> 3 more.
+        async def set_rpm(rpm: Any) -> None:
+            async with s.patch(g.admin_url + f"/keys/{rec['id']}", json={"limits": {"rpm": rpm}},
+                               headers=admin, timeout=T) as r:
+                assert r.status == 200, await r.text()
+
+        await set_rpm(8)
+        res_own = [(await post(s, g.url, headers={"Authorization": f"Bearer {plain}"}))[0] for _ in range(4)]
+        await set_rpm(None)
+        res_back = (await post(s, g.url, headers={"Authorization": f"Bearer {plain}"}))[0]
     assert res_small == [200, 200, 429]
     assert res_plain == [200] * 5 + [429]
+    assert res_own == [200, 200, 200, 429]
+    assert res_back == 429  # 8 used of the YAML rule's 5
 
 
 # -- quotas survive a restart ---------------------------------------------------------------------

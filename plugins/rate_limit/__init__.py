@@ -22,7 +22,8 @@ from gateway.plugin import Plugin, Reply
 from . import headers as hdr
 from .config import RateLimitConfig
 from .quota import QuotaStore, periods
-from .rules import Limit, compile_rules, identifiers, max_tokens, override_limit, prompt_estimate
+from .rules import (Limit, compile_rules, identifiers, max_tokens, override_limit, prompt_estimate,
+                    shared_minute_counter)
 from .store import CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
@@ -100,7 +101,7 @@ class RateLimit(Plugin):
         k = (counts, amount)
         lim = self._overrides.get(k)
         if lim is None:
-            lim = self._overrides[k] = override_limit(counts, amount)
+            lim = self._overrides[k] = override_limit(counts, amount, shared_minute_counter(self.limits, counts))
         return lim
 
     def _applicable(self, ctx: RequestContext) -> tuple[list[Limit], list[Limit], dict[str, int | None] | None]:

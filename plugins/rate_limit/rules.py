@@ -27,13 +27,14 @@ class Limit:
     index: int                   # position within the rule
     policy_name: str = ""
     policy: str = ""             # its RateLimit-Policy item
-    rule_id: str = ""            # the rule name as the first counter identifier
+    rule_id: str = ""            # the first counter identifier: the rule name, or ``counter``
+    counter: str = ""            # count on another rule's counter (a key's own rpm/tpm: see below)
 
     def __post_init__(self) -> None:
         name = self.rule if self.index == 0 else f"{self.rule}-{self.index}"
         object.__setattr__(self, "policy_name", name)
         object.__setattr__(self, "policy", policy_item(name, self.counts, self.item.amount, self.window))
-        object.__setattr__(self, "rule_id", _safe(self.rule))
+        object.__setattr__(self, "rule_id", _safe(self.counter or self.rule))
 
     @property
     def label(self) -> str:
@@ -81,10 +82,21 @@ def compile_rules(rules: list[RuleConfig]) -> list[Limit]:
     return out
 
 
-def override_limit(counts: str, amount: int) -> Limit:
-    """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind."""
+def override_limit(counts: str, amount: int, counter: str = "") -> Limit:
+    """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind. ``counter``: the
+    YAML rule keyed by key alone with a one-minute window, if there is one: the override counts on
+    its counter, so setting or clearing a key's own limit keeps what the key has already used."""
     name = "key-rpm" if counts == "requests" else "key-tpm"
-    return Limit(name, amount_free(RateLimitItemPerMinute(amount)), counts, ("key",), True, None, 0)
+    return Limit(name, amount_free(RateLimitItemPerMinute(amount)), counts, ("key",), True, None, 0,
+                 counter=counter)
+
+
+def shared_minute_counter(limits: list[Limit], counts: str) -> str:
+    """The rule whose counter a key's own rpm (or tpm) shares: keyed by key alone, per minute."""
+    for lim in limits:
+        if lim.counts == counts and lim.key_by == ("key",) and lim.window == 60:
+            return lim.rule
+    return ""
 
 
 def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
@@ -92,7 +104,7 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
     if limit.key_by == _IP:  # the common rule, without the general loop
         v = "ip:" + ctx.client_ip
         return (limit.rule_id, v if len(v) <= 200 and "%" not in v and "/" not in v else _safe(v))
-    ids = [limit.rule]
+    ids = [limit.counter or limit.rule]
     for part in limit.key_by:
         if part == "key":
             k = ctx.key_id
