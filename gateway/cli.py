@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import contextlib
 import os
 import re
 import secrets
@@ -86,6 +87,16 @@ async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
         auto = db.is_sqlite
     if auto:
         await db.upgrade()
+    else:
+        try:
+            pending = await db.pending_migrations()
+        except Exception:
+            await db.close()
+            raise
+        if pending:
+            await db.close()
+            raise NoDatabase("the database schema is not up to date: run `gateway db upgrade -c <config>` "
+                             "(or set database.auto_migrate: true)")
     services = Services(cfg, db, owns_db=True)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
     # what they queue is flushed by services.close().
@@ -273,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         rc = 130
+    except BrokenPipeError:  # the output went to `head` or a pager that stopped reading: not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
+        rc = 0
     except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"gateway {args.command}: error: {type(e).__name__}" + (f": {redact_url(first)}" if first else ""),

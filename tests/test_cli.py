@@ -203,3 +203,28 @@ def test_ops_commands_without_a_config_file_use_the_packaged_default(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_on_an_unmigrated_database_and_into_a_closed_pipe(tmp_path: Path, pg_url: str, monkeypatch: Any,
+                                                              capsys: Any) -> None:
+    """On a PostgreSQL database nobody migrated, a command says to run `gateway db upgrade` (not a
+    driver error about a missing relation); output into a pipe that stopped reading (`| head`)
+    is not an error."""
+    from .helpers import base_config
+
+    cfg = write_config(tmp_path / "pg.yaml", base_config("http://127.0.0.1:9", tmp_path, [{"name": "key_auth"}],
+                                                         database={"url": pg_url}))
+    r = gateway("keys", "list", "-c", str(cfg))
+    assert r.returncode == 1 and "gateway db upgrade" in r.stderr and "relation" not in r.stderr, r.stderr
+
+    class ClosedPipe:
+        def write(self, _: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    lite = write_config(tmp_path / "lite.yaml", base_config("http://127.0.0.1:9", tmp_path, []))
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert run_main("check", "-c", str(lite)) == 0
+    assert "error" not in capsys.readouterr().err
