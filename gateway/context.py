@@ -10,6 +10,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from .errors import BadRequest
 from .fastjson import JSON_ERRORS, loads
 
 if TYPE_CHECKING:
@@ -122,9 +123,12 @@ class RequestContext:
         (text is not escaped to \\uXXXX, which would make it up to six times larger)."""
         self._json = data
         try:
-            self.body = json.dumps(data, ensure_ascii=False).encode()
-        except UnicodeEncodeError:  # a lone surrogate escape from the client: kept escaped
-            self.body = json.dumps(data).encode()
+            try:
+                self.body = json.dumps(data, ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # a lone surrogate escape from the client: kept escaped
+                self.body = json.dumps(data).encode()
+        except RecursionError:
+            raise BadRequest("The request body is nested too deeply.") from None
 
     @property
     def model(self) -> str | None:

@@ -209,7 +209,9 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
         return
     import fcntl
 
-    with open(name, "ab") as f:  # (an empty file is an empty SQLite database)
+    # read-only when it exists (a database that cannot be written can still be read, and flock
+    # does not need write access); created empty otherwise (an empty file is an empty database)
+    with open(name, "rb" if os.path.exists(name) else "ab") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield

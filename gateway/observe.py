@@ -7,7 +7,6 @@ the observer also removes that extra usage-only chunk so the client never sees i
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any
@@ -18,8 +17,6 @@ MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed bu
 #: An SSE event longer than this is relayed as it comes but not parsed (nor held back); an
 #: upstream sending one without an event boundary cannot make the gateway buffer it whole.
 MAX_EVENT = 2**20
-#: The last bytes of an oversized event kept to read a Responses API final event's usage from.
-_PASS_TAIL = 65536
 #: Tool calls assembled from a stream: a delta naming a higher index is ignored.
 MAX_TOOL_CALLS = 256
 
@@ -103,8 +100,6 @@ class ResponseObserver:
         self._buf = bytearray()
         self._too_big = False
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
-        self._pass_head = b""            # ... its first bytes (which event it is)
-        self._pass_tail = bytearray()    # ... and its last ones (where a final event's usage is)
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
         self._msg_index: Any = None  # Responses API streams: the output index of the message item
 
@@ -131,21 +126,18 @@ class ResponseObserver:
                 n = end + sep if end >= 0 else max(0, len(buf) - 3)
                 if out is not None:
                     out += buf[:n]
-                self._pass_tail += buf[:n]
-                del self._pass_tail[:-_PASS_TAIL]
                 del buf[:n]
                 self._scanned = 0
                 if end < 0:
                     break
                 self._passing = False
-                self._passed()
                 continue
             if end < 0:
-                if len(buf) <= MAX_EVENT:
+                if len(buf) <= MAX_EVENT or (len(buf) <= MAX_JSON_BODY and _final_response_event(buf)):
                     break
                 self._passing = True
-                self._pass_head = bytes(buf[:512])
-                self._pass_tail = bytearray()
+                self.c.unread += 1  # relayed, not read: what is assembled here lacks it
+                self._generated()   # (it is output all the same)
                 continue
             event = bytes(buf[:end + sep])
             del buf[:end + sep]
@@ -174,8 +166,6 @@ class ResponseObserver:
         rest = bytes(self._buf)
         self._buf.clear()
         if self._passing:
-            self._pass_tail += rest
-            self._passed()
             return rest if self.strip else b""
         if rest.strip():
             try:
@@ -184,30 +174,9 @@ class ResponseObserver:
                 keep = True
             if self.strip:
                 return rest if keep else b""
+        elif self.strip:
+            return rest  # line ends left over: relayed as they came
         return b""
-
-    def _passed(self) -> None:
-        """An event over MAX_EVENT has been relayed. A Responses API final event (it repeats the
-        whole output, so it can be that large) gives its usage from the event's last bytes, and
-        the output was already read from its deltas. Any other is output the gateway did not
-        read: counted as generated, and marked unread (what is assembled here lacks it)."""
-        c = self.c
-        head, tail = self._pass_head, bytes(self._pass_tail)
-        self._pass_head, self._pass_tail = b"", bytearray()
-        if any(k in head for k in (b"response.completed", b"response.incomplete", b"response.failed")):
-            i = tail.rfind(b'"usage"')
-            j = tail.find(b"{", i) if i >= 0 else -1
-            if j >= 0:
-                try:
-                    usage, _ = json.JSONDecoder().raw_decode(tail[j:].decode("utf-8", "replace"))
-                except ValueError:
-                    usage = None
-                if isinstance(usage, dict):
-                    c.usage = usage
-                    c.done = True
-                    return
-        c.unread += 1
-        self._generated()
 
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
@@ -420,6 +389,14 @@ def _generates(d: dict[str, Any]) -> bool:
                 or (isinstance(d.get("reasoning"), str) and d["reasoning"]))
 
 
+def _final_response_event(buf: bytearray) -> bool:
+    """Is this the final event of a Responses API stream? It repeats the whole output, so it can
+    be larger than MAX_EVENT, and it alone carries the usage: it is read whole, up to
+    MAX_JSON_BODY (the bound on a JSON answer), rather than relayed unread."""
+    head = bytes(buf[:300])
+    return b"response.completed" in head or b"response.incomplete" in head or b"response.failed" in head
+
+
 def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
     """Index of the blank line ending the first event (searching from ``start``), and the
     separator length."""
@@ -429,7 +406,11 @@ def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
     # end of the buffer counts as a line end: if an LF follows in the next chunk, that LF only
     # starts the next event with an empty line.
     m = _BLANK_LINE.search(buf, start)
-    return (m.start(), m.end() - m.start()) if m is not None else (-1, 0)
+    if m is None or (m.end() == len(buf) and buf[-1] == 13):
+        # none yet, or one that ends on a CR at the very end: it may be the first half of a CRLF,
+        # so wait for the next byte (the stream's end is handled by finish())
+        return -1, 0
+    return m.start(), m.end() - m.start()
 
 
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")

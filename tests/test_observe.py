@@ -485,7 +485,32 @@ async def test_bodies_that_would_grow_or_nest_too_deep(make_gateway: Any, upstre
         async with s.post(g.url + "/v1/chat/completions", data=deep.encode(),
                           headers={"Content-Type": "application/json"}) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_value"
+        # the core re-serialises a streamed request to ask for usage: the same depth is a 400 there too
+        deep_stream = ('{"model": "demo-chat", "stream": true, "messages": [{"role": "user", "content": "hi"}], '
+                       '"extra": ' + "[" * 990 + "]" * 990 + "}")
+        async with s.post(g.url + "/v1/chat/completions", data=deep_stream.encode(),
+                          headers={"Content-Type": "application/json", "X-Conversation-Memory": "off"}) as r:
+            assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
         cursor = base64.urlsafe_b64encode(("[" * 3000 + "]" * 3000).encode()).decode()
         async with s.get(g.url + "/gateway/conversations", params={"cursor": cursor}) as r:
             assert r.status == 400, await r.text()
     assert len(upstream.requests) == n
+
+
+def test_a_stream_split_at_every_byte_reaches_the_client_unchanged() -> None:
+    """Whatever the chunking (a CRLF cut between its CR and LF included), the client gets the
+    upstream's bytes exactly, minus only the hidden usage event."""
+    evs = [b"data: " + json.dumps(delta(content="hi")).encode(),
+           b"data: " + json.dumps({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).encode(),
+           b"data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2,
+                                                         "total_tokens": 3}}).encode(),
+           b"data: [DONE]"]
+    for sep in (b"\r\n", b"\n", b"\r"):
+        body = b"".join(e + sep + sep for e in evs)
+        want = body.replace(evs[2] + sep + sep, b"")
+        for i in range(1, len(body)):
+            for strip in (False, True):
+                obs = ResponseObserver(True, strip)
+                out = obs.feed(body[:i]) + obs.feed(body[i:]) + obs.finish()
+                assert out == (want if strip else body), (sep, i, strip)
+                assert obs.c.total_tokens == 3 and obs.c.content == "hi"
