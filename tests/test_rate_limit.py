@@ -872,3 +872,17 @@ async def test_a_request_one_rule_refuses_uses_up_no_other_rule(make_gateway, re
     # the four refused ones counted nowhere: the shared budget has 3 left, the refusals say so too
     assert [int(ietf(h["RateLimit"])["everyone"]["r"]) for _, _, h in got] == [4, 3, 3, 3, 3, 3]
     assert all("per-ip" in b["error"]["message"] for st, b, _ in got if st == 429)
+
+
+async def test_requests_arriving_at_once_that_one_rule_refuses_on_redis(make_gateway, redis_server):
+    """On a shared store other requests count in between: the rules are counted one by one, the
+    one with the least left first, stopping at a refusal. 30 requests at once from one IP under
+    per-ip 1/minute: one passes, and the global budget counts that one alone."""
+    g = await make_gateway([rl(storage=redis_server().url, rules=[
+        {"name": "everyone", "limit": "1000/minute", "key_by": "global"},
+        {"name": "per-ip", "limit": "1/minute", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        got = await asyncio.gather(*[post(s, g.url) for _ in range(30)])
+        assert sorted(st for st, _, _ in got) == [200] + [429] * 29
+        st, _, h = await post(s, g.url)
+    assert st == 429 and ietf(h["RateLimit"])["everyone"]["r"] == "999"

@@ -173,12 +173,13 @@ class RateLimit(Plugin):
                 if refusal is not None:
                     return refusal
         if req:
+            # Several rules: a request one of them refuses must not use up the others (a key over
+            # its own limit would eat the per-IP or per-model budget of everyone else).
+            if len(req) > 1 and not store.memory:
+                return await self._hit_in_turn(ctx, st, req, deadline)
             if len(req) > 1:
-                # Several rules: a request one of them refuses must not use up the others (a key
-                # over its own limit would eat the per-IP or per-model budget of everyone else).
-                # Each is tested first; only a request all of them let pass is counted. (In memory
-                # nothing runs in between; on Redis two requests racing between test and hit can
-                # still both count on a rule that then refuses one of them.)
+                # In memory nothing runs between a test and a hit: each rule is tested, and only a
+                # request all of them let pass is counted.
                 refusal = await self._test_all(ctx, st, req, deadline)
                 if refusal is not None:
                     return refusal
@@ -204,10 +205,7 @@ class RateLimit(Plugin):
                         deadline: float | None) -> Reply | None:
         store = self.store
         keyed = [(lim, identifiers(lim, ctx)) for lim in req]
-        if store.memory:
-            passes = [store.limiter.test(lim.item, *ids) for lim, ids in keyed]
-        else:
-            passes = await asyncio.gather(*[store.test(lim.item, ids, deadline) for lim, ids in keyed])
+        passes = [store.limiter.test(lim.item, *ids) for lim, ids in keyed]
         if all(passes):
             return None
         refused = None
@@ -219,6 +217,31 @@ class RateLimit(Plugin):
                 refused = (lim, s)
         assert refused is not None
         return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
+
+    async def _hit_in_turn(self, ctx: RequestContext, st: _State, req: list[Limit],
+                           deadline: float | None) -> Reply | None:
+        """Several rules on a shared store (Redis), where other instances count in between: read
+        every rule's standing (together); refuse without counting if one has nothing left;
+        otherwise count rule by rule, the one with the least left first, and stop at a refusal.
+        Requests arriving at once that a rule refuses are then counted by no rule with less left."""
+        keyed = [(lim, identifiers(lim, ctx)) for lim in req]
+        stats = await asyncio.gather(*[self.store.stats(lim.item, ids, deadline) for lim, ids in keyed])
+        standing = [self._standing(lim, remaining, reset) for (lim, _), (reset, remaining) in zip(keyed, stats)]
+        short = [i for i, s in enumerate(standing) if s.remaining < 1]
+        refused = max(short, key=lambda i: standing[i].reset_in) if short else None
+        if refused is None:
+            for i in sorted(range(len(keyed)), key=lambda i: standing[i].remaining):
+                ok, s = await self._hit(*keyed[i], deadline)
+                if s is not None:
+                    standing[i] = s
+                if not ok:
+                    refused = i
+                    break
+        if refused is not None or self.config.headers:
+            st.standings.extend(standing)
+        if refused is None:
+            return None
+        return self._refuse(ctx, keyed[refused][0], standing[refused], "rate_limit_exceeded", 1)
 
     def _hit_memory(self, lim: Limit, ids: tuple[str, ...]) -> tuple[bool, hdr.Standing | None]:
         """In-process counters: straight to the library's synchronous strategy."""

@@ -257,12 +257,6 @@ class CounterStore:
             return bool(self.limiter.hit(item, *ids, cost=cost))
         return await self.call(lambda: self.limiter.hit(item, *ids, cost=cost), deadline)
 
-    async def test(self, item: RateLimitItem, ids: tuple[str, ...], deadline: float | None = None) -> bool:
-        """Would a hit pass? Counts nothing."""
-        if self.memory:
-            return bool(self.limiter.test(item, *ids))
-        return bool(await self.call(lambda: self.limiter.test(item, *ids), deadline))
-
     async def stats(self, item: RateLimitItem, ids: tuple[str, ...], deadline: float | None = None) -> tuple[float, int]:
         if self.memory:
             ws = self.limiter.get_window_stats(item, *ids)
