@@ -225,8 +225,13 @@ async def test_memory_with_a_resent_system_prompt_a_repeated_question_and_a_tool
     st, h, b = await chat(g, [{"role": "user", "content": "hi"}], cid)  # the first question again
     assert h["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in h
     assert upstream.requests[-1]["body"]["messages"][-1] == {"role": "user", "content": "hi"}
+    # ... and again with the system prompt in front: the question still reaches the upstream
+    st, h, b = await chat(g, [system, {"role": "user", "content": "hi"}], cid)
+    assert h["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in h
+    seen = upstream.requests[-1]["body"]["messages"]
+    assert seen[0] == system and seen[-1] == {"role": "user", "content": "hi"} and seen.count(system) == 1
     rows = await stored(g, cid)
-    assert [r.role for r in rows] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [r.role for r in rows] == ["system"] + ["user", "assistant"] * 4
     # a tool call, then its result alone, with a budget the result uses up by itself
     tools = [{"type": "function", "function": {"name": "find", "parameters": {"type": "object", "properties": {}}}}]
     st, h, b = await chat(g, [{"role": "user", "content": "find x"}], cid, tools=tools)

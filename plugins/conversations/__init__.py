@@ -316,16 +316,16 @@ class Conversations(Plugin):
                 s = 0
                 while s < k and isinstance(msgs[s], dict) and msgs[s].get("role") in ("system", "developer"):
                     s += 1
-                base, new, new_digests = v.count, msgs[s:], digests[s:]
+                base, new, new_digests, start = v.count, msgs[s:], digests[s:], s
             else:
                 if k < n:
                     parent_id, fork_position = v.id, k
                     v = shared.remember(v.fork(new_id(), k))
                     create = True
-                base, new, new_digests = k, msgs[k:], digests[k:]
+                base, new, new_digests, start = k, msgs[k:], digests[k:], k
         else:
             v = shared.remember(View(new_id(), owner, key_id))
-            create, k, base, new, new_digests = True, 0, 0, msgs, digests
+            create, k, base, new, new_digests, start = True, 0, 0, msgs, digests, 0
         v.busy += 1
         forwarded = msgs
         known: int | None = None
@@ -342,9 +342,10 @@ class Conversations(Plugin):
             forwarded = [m for m, _ in history] + new
             toks = [t for _, t in history]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
-            if len(history) != k or len(forwarded) != len(msgs):
+            if len(history) != start or len(forwarded) != len(msgs):
+                # the history, then the client's messages from the first new one (``new``) on
                 exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
-                ctx.set_json({**exact, "messages": [m for m, _ in history] + exact["messages"][k:]})
+                ctx.set_json({**exact, "messages": [m for m, _ in history] + exact["messages"][start:]})
         elif k:
             toks = v.tokens[:k]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
