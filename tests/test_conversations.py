@@ -492,3 +492,36 @@ async def test_caller_api_on_another_instance_finds_a_conversation_just_made(
         async with s.get(b.url + f"/gateway/conversations/{cid}") as r:
             assert r.status == 200, await r.text()
             assert [m["role"] for m in (await r.json())["messages"]] == ["user", "assistant"]
+
+
+async def test_a_fork_whose_parent_is_deleted_before_it_is_written_is_not_made(make_gateway: Any,
+                                                                              db: dict[str, Any]) -> None:
+    """A fork copies the messages it shares with its parent when it is written. If the parent is
+    deleted (an erasure) while the forking request still runs, the fork is not made: it would lack
+    its first messages, and bring back what was erased. Skipped and counted."""
+    g = await start(make_gateway, db)
+    m = [{"role": "user", "content": "one"}]
+    st, h, b = await chat(g, m)
+    cid = h["X-Conversation-ID"]
+    m += [b["choices"][0]["message"], {"role": "user", "content": "two"}]
+    st, h, b = await chat(g, m, cid)
+    await g.plugin("conversations").flush()
+    edited = m[:2] + [{"role": "user", "content": "two, edited"}]  # a fork at position 2
+    async def slow_fork() -> tuple[int, dict[str, str]]:  # a stream: recorded when it ends, ~1 s
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": edited,
+                                                                     "stream": True},
+                              headers={"X-Conversation-ID": cid, "X-Demo-Delay": "0.2", "X-Demo-Words": "5"}) as r:
+                await r.read()
+                return r.status, dict(r.headers)
+
+    fork = asyncio.create_task(slow_fork())
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as s:
+        async with s.delete(g.url + f"/gateway/conversations/{cid}") as r:
+            assert r.status in (200, 204)
+    st, h = await fork
+    assert st == 200 and h["X-Conversation-Parent-ID"] == cid
+    child = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    assert await stored(g, child) == [] and await conv_row(g, child) is None

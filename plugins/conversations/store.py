@@ -397,6 +397,17 @@ class ConversationStore:
                 await self._insert(conn, M, msg_rows)
             for parent, child, upto in forks:
                 await self._copy_prefix(conn, parent, child, upto)
+                copied = (await conn.execute(select(func.count()).select_from(M).where(
+                    M.c.conversation_id == child, M.c.position < upto))).scalar()
+                if copied != upto:
+                    # The parent was deleted (or purged) meanwhile: a fork of what is gone is not
+                    # made either (it would lack its first messages, and an erasure must not come
+                    # back through it). Skipped and counted like an append to a deleted one.
+                    await conn.execute(M.delete().where(M.c.conversation_id == child))
+                    await conn.execute(C.delete().where(C.c.id == child))
+                    turn_rows = [t for t in turn_rows if t["conversation_id"] != child]
+                    touched.pop(child, None)
+                    missing.add(child)
             if turn_rows:
                 await self._insert(conn, T, turn_rows)
             if touched:
