@@ -89,6 +89,11 @@ class BatchWriter(Generic[T]):
             return 0.0
         return now - self.failing_since
 
+    def kick(self) -> None:
+        """Write what is queued now, without waiting for the batch to fill (a caller that gathers
+        records itself and hands them over every interval)."""
+        self._wake.set()
+
     @property
     def max_queue(self) -> int:
         return self._q.maxsize

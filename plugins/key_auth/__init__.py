@@ -293,6 +293,7 @@ class UsageTally:
         pending, self.pending = self.pending, {}
         for (key_id, day), (n, p, c) in pending.items():
             self.writer.put_nowait(UsageRecord(key_id, day, n, p, c))
+        self.writer.kick()  # gathered for flush_interval here already: written now, not after another
 
     async def _loop(self) -> None:
         while True:
@@ -490,7 +491,8 @@ class KeyAuth(Plugin):
             row = lookup.result()
         except Exception as e:
             kind = type(e).__name__
-            _LOOKUP_LOG.event(kind, 1, f"key store lookup failed ({kind}): %d request(s) refused with 503")
+            _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
+                                       "refused with 503")
             raise StoreUnavailable() from None
         entry = _Entry(row) if row is not None else None
         cache = self.cache
