@@ -29,6 +29,12 @@ SKIP_TIMINGS = "gateway.skip_timings"
 PLAIN_UPSTREAM = "gateway.plain_upstream"
 
 
+def other_encoding(body: bytes) -> bool:
+    """Does this body start like JSON with a byte order mark, or in UTF-16/32 (a NUL among the
+    first bytes of what must begin with an ASCII character)?"""
+    return body[:3] == b"\xef\xbb\xbf" or b"\x00" in body[:4] or body[:2] in (b"\xff\xfe", b"\xfe\xff")
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
@@ -95,7 +101,7 @@ class RequestContext:
         (``json.loads`` on bytes detects these), so the gateway reads it too, and forwards it
         re-encoded as plain UTF-8: what its plugins checked is exactly what the upstream gets."""
         b = self.body
-        if not (b.startswith(b"\xef\xbb\xbf") or b"\x00" in b[:4] or b.startswith((b"\xff\xfe", b"\xfe\xff"))):
+        if not other_encoding(b):
             return  # (the proxy reads such bodies at once, so they are forwarded as UTF-8 whatever the chain)
         try:
             data = json.loads(b)

@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from .context import SKIP_TIMINGS, RequestContext
+from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, RequestTimeout,
                      TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
@@ -192,8 +192,7 @@ class Proxy:
                 raise RequestTimeout(f"No request body bytes arrived for {self.body_timeout:g} seconds.") from None
         ctx.body = body
         ctx.bytes_in = len(body)
-        if (body[:3] == b"\xef\xbb\xbf" or b"\x00" in body[:4]) \
-                and "json" in request.headers.get("Content-Type", "json"):
+        if other_encoding(body) and "json" in request.headers.get("Content-Type", "json"):
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
             if len(ctx.body) > self.max_body:  # (UTF-8 can take more bytes than UTF-16 did)
                 raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")

@@ -77,6 +77,17 @@ async def chat(g: Any, messages: list[dict[str, Any]], cid: str | None = None, h
             return r.status, dict(r.headers), await r.json()
 
 
+async def two_turns(g: Any, first: str, second: str) -> tuple[str, list[dict[str, Any]]]:
+    """A conversation of two turns; returns its id and the messages the client sent in the second."""
+    msgs = [{"role": "user", "content": first}]
+    st, h, b = await chat(g, msgs)
+    cid = h["X-Conversation-ID"]
+    msgs += [b["choices"][0]["message"], {"role": "user", "content": second}]
+    st, h, b = await chat(g, msgs, cid)
+    assert st == 200 and h["X-Conversation-ID"] == cid
+    return cid, msgs
+
+
 # -- recording through the SDK -----------------------------------------------------------------------
 async def test_sdk_multi_turn_plain_stream_and_tools(make_gateway: Any, db: dict[str, Any]) -> None:
     g = await start(make_gateway, db)
@@ -155,12 +166,7 @@ async def test_sdk_multi_turn_plain_stream_and_tools(make_gateway: Any, db: dict
 
 async def test_fork_on_edited_history(make_gateway: Any, db: dict[str, Any]) -> None:
     g = await start(make_gateway, db)
-    msgs = [{"role": "user", "content": "first question"}]
-    st, h, b = await chat(g, msgs)
-    cid = h["X-Conversation-ID"]
-    msgs += [b["choices"][0]["message"], {"role": "user", "content": "second question"}]
-    st, h, b = await chat(g, msgs, cid)
-    assert h["X-Conversation-ID"] == cid
+    cid, msgs = await two_turns(g, "first question", "second question")
     before = [row_message(r) for r in await stored(g, cid)]
     assert len(before) == 4
     edited = [msgs[0], msgs[1], {"role": "user", "content": "an edited second question"}]
@@ -500,11 +506,7 @@ async def test_a_fork_whose_parent_is_deleted_before_it_is_written_is_not_made(m
     deleted (an erasure) while the forking request still runs, the fork is not made: it would lack
     its first messages, and bring back what was erased. Skipped and counted."""
     g = await start(make_gateway, db)
-    m = [{"role": "user", "content": "one"}]
-    st, h, b = await chat(g, m)
-    cid = h["X-Conversation-ID"]
-    m += [b["choices"][0]["message"], {"role": "user", "content": "two"}]
-    st, h, b = await chat(g, m, cid)
+    cid, m = await two_turns(g, "one", "two")
     await g.plugin("conversations").flush()
     edited = m[:2] + [{"role": "user", "content": "two, edited"}]  # a fork at position 2
     async def slow_fork() -> tuple[int, dict[str, str]]:  # a stream: recorded when it ends, ~1 s

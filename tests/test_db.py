@@ -188,16 +188,21 @@ async def test_gateway_start_migrates_embedded_sqlite(make_gateway: Any, tmp_pat
 
 
 
-async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) -> None:
-    """Instances starting together migrate one after the other (advisory lock), none fails."""
-    cfg = _config(tmp_path, pg_url)
+async def upgrade_at_once(tmp_path: Path, url: str, n: int) -> None:
+    """`gateway db upgrade` in n processes started together; each must succeed."""
+    cfg = _config(tmp_path, url)
     procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "db", "upgrade", "-c", str(cfg),
                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
-             for _ in range(3)]
+             for _ in range(n)]
     async with asyncio.timeout(90):
         results = [await p.communicate() for p in procs]
     for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err.decode()
+        assert p.returncode == 0, err.decode()[-2000:]
+
+
+async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """Instances starting together migrate one after the other (advisory lock), none fails."""
+    await upgrade_at_once(tmp_path, pg_url, 3)
     db = Database(pg_url)
     try:
         if heads():
@@ -211,15 +216,7 @@ async def test_concurrent_upgrades_on_postgresql(tmp_path: Path, pg_url: str) ->
 async def test_concurrent_upgrades_on_one_new_sqlite_file(tmp_path: Path) -> None:
     """Several instances started at once on a SQLite file that does not exist yet: one creates the
     tables, the others wait for it (a lock on the file), none fails with "table already exists"."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"
-    cfg = _config(tmp_path, url)
-    procs = [await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "db", "upgrade", "-c", str(cfg),
-                                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
-             for _ in range(4)]
-    async with asyncio.timeout(90):
-        results = [await p.communicate() for p in procs]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err.decode()[-2000:]
+    await upgrade_at_once(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}", 4)
     if heads():
         assert _versions_sqlite(tmp_path / "shared.db") == heads()
 

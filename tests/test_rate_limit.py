@@ -759,37 +759,51 @@ async def test_headers_can_be_turned_off(make_gateway):
     assert int(res[2][2]["Retry-After"]) >= 1
 
 
-async def test_quota_read_racing_a_write_does_not_lose_tokens(tmp_path):
-    """A quota read that started before one of this instance's batches committed, and returns
-    after, must not make those tokens vanish (the write already moved them from pending to db)."""
+async def quota_store(tmp_path: Path) -> tuple[Any, Any]:
+    """A quota store on its own SQLite file (no gateway): (database, store)."""
     from gateway.db import Database
     from gateway.plugins.rate_limit.quota import QuotaStore
     from gateway.services import Services
 
     d = Database(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}")
     await d.upgrade()
-    services = Services(None, d)  # type: ignore[arg-type]
-    q = QuotaStore(services, cache_ttl=0)
+    return d, QuotaStore(Services(None, d), cache_ttl=0)  # type: ignore[arg-type]
+
+
+class Session:
+    """A database session passed through, for a test to slow one step of it down."""
+
+    def __init__(self, s: Any) -> None:
+        self.s = s
+
+    async def __aenter__(self) -> "Session":
+        await self.s.__aenter__()
+        return self
+
+    async def __aexit__(self, *a: Any) -> None:
+        await self.s.__aexit__(*a)
+
+    async def execute(self, *a: Any, **k: Any) -> Any:
+        return await self.s.execute(*a, **k)
+
+    async def commit(self) -> None:
+        await self.s.commit()
+
+
+async def test_quota_read_racing_a_write_does_not_lose_tokens(tmp_path):
+    """A quota read that started before one of this instance's batches committed, and returns
+    after, must not make those tokens vanish (the write already moved them from pending to db)."""
+    d, q = await quota_store(tmp_path)
     gate, slow = asyncio.Event(), [False]
     real_session = d.session
 
-    class Held:  # a session whose query result is handed back only once the gate opens
-        def __init__(self) -> None:
-            self.s = real_session()
-
-        async def __aenter__(self) -> "Held":
-            await self.s.__aenter__()
-            return self
-
-        async def __aexit__(self, *a: Any) -> None:
-            await self.s.__aexit__(*a)
-
+    class Held(Session):  # a session whose query result is handed back only once the gate opens
         async def execute(self, *a: Any, **k: Any) -> Any:
             r = await self.s.execute(*a, **k)
             await gate.wait()
             return r
 
-    d.session = lambda: Held() if slow[0] else real_session()  # type: ignore[method-assign]
+    d.session = lambda: Held(real_session()) if slow[0] else real_session()  # type: ignore[method-assign]
     try:
         assert await q.used("key:k", "d:x", 5) == 0
         q.charge("key:k", "d:x", 10)
@@ -809,31 +823,11 @@ async def test_quota_read_racing_a_write_does_not_lose_tokens(tmp_path):
 async def test_quota_read_between_a_commit_and_its_return_counts_it_once(tmp_path):
     """A quota read that sees a batch already committed, before the writer knows it is (its commit
     has not returned yet), must not count those tokens twice."""
-    from gateway.db import Database
-    from gateway.plugins.rate_limit.quota import QuotaStore
-    from gateway.services import Services
-
-    d = Database(f"sqlite+aiosqlite:///{tmp_path / 'q.db'}")
-    await d.upgrade()
-    services = Services(None, d)  # type: ignore[arg-type]
-    q = QuotaStore(services, cache_ttl=0)
+    d, q = await quota_store(tmp_path)
     committed, release = asyncio.Event(), asyncio.Event()
     real_session = d.session
 
-    class SlowReturn:  # the writer's session: the commit lands, then returning from it takes a while
-        def __init__(self) -> None:
-            self.s = real_session()
-
-        async def __aenter__(self) -> "SlowReturn":
-            await self.s.__aenter__()
-            return self
-
-        async def __aexit__(self, *a: Any) -> None:
-            await self.s.__aexit__(*a)
-
-        async def execute(self, *a: Any, **k: Any) -> Any:
-            return await self.s.execute(*a, **k)
-
+    class SlowReturn(Session):  # the writer's session: the commit lands, then returning from it takes a while
         async def commit(self) -> None:
             await self.s.commit()
             committed.set()
@@ -841,7 +835,8 @@ async def test_quota_read_between_a_commit_and_its_return_counts_it_once(tmp_pat
 
     def session() -> Any:
         t = asyncio.current_task()
-        return SlowReturn() if t is not None and t.get_name().startswith("writer:") else real_session()
+        writer = t is not None and t.get_name().startswith("writer:")
+        return SlowReturn(real_session()) if writer else real_session()
 
     d.session = session  # type: ignore[method-assign]
     try:

@@ -173,57 +173,27 @@ class RateLimit(Plugin):
                 if refusal is not None:
                     return refusal
         if req:
-            # Several rules: a request one of them refuses must not use up the others (a key over
-            # its own limit would eat the per-IP or per-model budget of everyone else).
-            if len(req) > 1 and not store.memory:
-                return await self._hit_in_turn(ctx, st, req, deadline)
             if len(req) > 1:
-                # In memory nothing runs between a test and a hit: each rule is tested, and only a
-                # request all of them let pass is counted.
-                refusal = await self._test_all(ctx, st, req, deadline)
-                if refusal is not None:
-                    return refusal
-            if store.memory:
-                results = [self._hit_memory(lim, identifiers(lim, ctx)) for lim in req]
-            elif len(req) == 1:
-                results = [await self._hit(lim, identifiers(lim, ctx), deadline) for lim in req]
-            else:
-                results = await asyncio.gather(*[self._hit(lim, identifiers(lim, ctx), deadline)
-                                                 for lim in req])
-            refused = None
-            for lim, (ok, s) in zip(req, results):
-                if s is None:
-                    continue
+                return await self._hit_in_turn(ctx, st, req, deadline)
+            lim = req[0]
+            ids = identifiers(lim, ctx)
+            ok, s = self._hit_memory(lim, ids) if store.memory else await self._hit(lim, ids, deadline)
+            if s is not None:  # (always, for a refusal)
                 st.standings.append(s)
-                if not ok and (refused is None or s.reset_in > refused[1].reset_in):
-                    refused = (lim, s)
-            if refused is not None:
-                return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
+            if not ok:
+                assert s is not None
+                return self._refuse(ctx, lim, s, "rate_limit_exceeded", 1)
         return None
-
-    async def _test_all(self, ctx: RequestContext, st: _State, req: list[Limit],
-                        deadline: float | None) -> Reply | None:
-        store = self.store
-        keyed = [(lim, identifiers(lim, ctx)) for lim in req]
-        passes = [store.limiter.test(lim.item, *ids) for lim, ids in keyed]
-        if all(passes):
-            return None
-        refused = None
-        for (lim, ids), ok in zip(keyed, passes):
-            reset, remaining = await store.stats(lim.item, ids, deadline)
-            s = self._standing(lim, remaining, reset)
-            st.standings.append(s)
-            if not ok and (refused is None or s.reset_in > refused[1].reset_in):
-                refused = (lim, s)
-        assert refused is not None
-        return self._refuse(ctx, refused[0], refused[1], "rate_limit_exceeded", 1)
 
     async def _hit_in_turn(self, ctx: RequestContext, st: _State, req: list[Limit],
                            deadline: float | None) -> Reply | None:
-        """Several rules on a shared store (Redis), where other instances count in between: read
-        every rule's standing (together); refuse without counting if one has nothing left;
-        otherwise count rule by rule, the one with the least left first, and stop at a refusal.
-        Requests arriving at once that a rule refuses are then counted by no rule with less left."""
+        """Several rules: a request one of them refuses must not use up the others (a key over its
+        own limit would eat the per-IP or per-model budget of everyone else). Read every rule's
+        standing (together); refuse without counting if one has nothing left; otherwise count rule
+        by rule, the one with the least left first, and stop at a refusal. In memory nothing runs
+        in between, so no refused request is counted anywhere; on a shared store (Redis), where
+        other instances count in between, requests arriving at once that a rule refuses are
+        counted by no rule with less left."""
         keyed = [(lim, identifiers(lim, ctx)) for lim in req]
         stats = await asyncio.gather(*[self.store.stats(lim.item, ids, deadline) for lim, ids in keyed])
         standing = [self._standing(lim, remaining, reset) for (lim, _), (reset, remaining) in zip(keyed, stats)]
