@@ -55,9 +55,19 @@ def _key_for(self: RateLimitItem, *identifiers: bytes | str | int | float) -> st
     whatever the limit, so a reload that lowers (or raises) a limit applies it to what was already
     counted, on every instance, instead of starting everyone afresh. A changed window (per minute ->
     per hour) is another counter; the window is its length in seconds ("1/minute" and "1 per 60
-    seconds" share one). (A rule has one limit per window: the config refuses two.)"""
-    remainder = "/".join([safe_string(k) for k in identifiers] + [f"{int(self.get_expiry())}s"])
-    return f"{self.namespace}/{remainder}"
+    seconds" share one). (A rule has one limit per window: the config refuses two.) The library
+    asks for the key on every call (twice per request): the keys of recent callers are kept."""
+    keys = self._keys  # type: ignore[attr-defined]
+    key = keys.get(identifiers)
+    if key is None:
+        if len(keys) >= _KEYS_KEPT:
+            keys.clear()
+        remainder = "/".join([safe_string(k) for k in identifiers] + [f"{int(self.get_expiry())}s"])
+        key = keys[identifiers] = f"{self.namespace}/{remainder}"
+    return key
+
+
+_KEYS_KEPT = 10_000
 
 
 _AMOUNT_FREE: dict[type, type] = {}
@@ -68,8 +78,10 @@ def amount_free(item: RateLimitItem) -> RateLimitItem:
     cls = type(item)
     sub = _AMOUNT_FREE.get(cls)
     if sub is None:
-        sub = _AMOUNT_FREE[cls] = type(cls.__name__, (cls,), {"key_for": _key_for, "__slots__": ()})
-    return sub(item.amount, item.multiples, item.namespace)  # type: ignore[no-any-return]
+        sub = _AMOUNT_FREE[cls] = type(cls.__name__, (cls,), {"key_for": _key_for, "__slots__": ("_keys",)})
+    free = sub(item.amount, item.multiples, item.namespace)
+    free._keys = {}  # type: ignore[attr-defined]
+    return free  # type: ignore[no-any-return]
 
 
 def compile_rules(rules: list[RuleConfig]) -> list[Limit]:
