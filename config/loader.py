@@ -7,6 +7,7 @@ Every error names the key path and the YAML line it came from, e.g.::
 from __future__ import annotations
 
 import os
+import stat
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -318,7 +319,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
     p = Path(path)
     try:
-        if p.is_file() and p.stat().st_size > MAX_BYTES:
+        st = p.stat()
+        if p.is_dir():
+            raise ConfigError(["cannot read: Is a directory"], str(p))
+        if not stat.S_ISREG(st.st_mode) and not _readable_stream(p):
+            # A FIFO or a device would block the read (and a reload, and the shutdown behind it).
+            raise ConfigError(["not a regular file"], str(p))
+        if stat.S_ISREG(st.st_mode) and st.st_size > MAX_BYTES:
             raise ConfigError([f"the file is larger than {MAX_BYTES // 2**20} MiB"], str(p))
         raw = p.read_bytes()
     except OSError as e:
@@ -329,8 +336,16 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError([f"line {line}: not UTF-8 text (byte {e.start})"], str(p)) from None
     cfg = load_config_text(text, str(p), env)
-    cfg._path = str(p.resolve())
+    # The path as given (made absolute), not its target: a reload re-reads a symlink (a release
+    # "current" link, a Kubernetes ConfigMap's ..data link) and so follows it to its new target.
+    cfg._path = os.path.abspath(p)
     return cfg
+
+
+def _readable_stream(p: Path) -> bool:
+    """/dev/stdin and the like (``-c /dev/stdin``, process substitution): read once at start. A
+    reload never reads one (see :func:`load_config`'s callers)."""
+    return str(p).startswith(("/dev/fd/", "/proc/self/fd/")) or str(p) == "/dev/stdin"
 
 
 def plugin_config_problems(model: type[BaseModel], data: dict[str, Any]) -> list[str]:

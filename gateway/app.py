@@ -27,6 +27,8 @@ from .services import Services
 from .upstream import Upstream
 
 log = logging.getLogger("gateway")
+#: Seconds a reload waits for its config file to be read.
+RELOAD_READ_TIMEOUT = 10.0
 
 
 def uses_database(cfg: GatewayConfig) -> bool:
@@ -56,6 +58,9 @@ class Gateway:
         self._mounted: list[Any] = []  # plugin middlewares and TraceConfigs in use
         self._old_runtimes: set[asyncio.Task[None]] = set()
         self._retiring: set[Runtime] = set()  # runtimes a reload replaced, still finishing requests
+        #: The runtime the reload being reported replaced: a plugin it removed (audit) still
+        #: records that reload's event.
+        self.replaced: Runtime | None = None
         self._stopping = False
         #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
         self.drain_deadline: float | None = None
@@ -147,8 +152,12 @@ class Gateway:
         """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
         plugins down (they flush what they buffered) and close the shared resources."""
         self._stopping = True
-        async with self._reload_lock:  # a reload under way finishes (or is refused) first
-            pass
+        try:  # a reload under way finishes (or is refused) first; one stuck on its file does not hold the stop
+            async with asyncio.timeout(RELOAD_READ_TIMEOUT + 5):
+                async with self._reload_lock:
+                    pass
+        except TimeoutError:
+            log.warning("stopping while a config reload is still under way")
         timeout = self.cfg.server.shutdown_timeout
         self.drain_deadline = time.monotonic() + timeout
         if self._public is not None:
@@ -184,10 +193,14 @@ class Gateway:
             try:
                 ok, detail = await self._reload()
             except Exception as e:  # anything unforeseen: the running config stays, and it is said why
+                self.services.settings = self.cfg
                 ok, detail = False, redact_url(f"the reload failed: {type(e).__name__}: {e}")
-        self._reloads.labels("success" if ok else "failure").inc()
-        self.services.events.emit("config.reloaded", actor=actor, result="success" if ok else "failure",
-                                  detail=detail)
+            self._reloads.labels("success" if ok else "failure").inc()
+            try:
+                self.services.events.emit("config.reloaded", actor=actor, result="success" if ok else "failure",
+                                          detail=detail)
+            finally:
+                self.replaced = None
         (log.info if ok else log.error)("config reload %s: %s", "applied" if ok else "rejected", detail)
         return ok, detail
 
@@ -197,9 +210,15 @@ class Gateway:
         if not self.cfg.path:
             return False, "the running config was not loaded from a file"
         try:
-            new = await asyncio.to_thread(load_config, self.cfg.path)  # a big file must not stall requests
+            # In a thread: a big file must not stall requests. Bounded: a file on a stalled network
+            # mount must not hold the reload lock (and a shutdown waiting on it) for ever.
+            new = await asyncio.wait_for(asyncio.to_thread(load_config, self.cfg.path), RELOAD_READ_TIMEOUT)
         except ConfigError as e:
             return False, str(e)
+        except TimeoutError:
+            return False, f"{self.cfg.path}: reading the file did not finish within {RELOAD_READ_TIMEOUT:g}s"
+        if self._stopping:
+            return False, "the gateway is shutting down"
         fixed = self.cfg.restart_needed(new)
         if fixed:
             return False, (f"{', '.join(fixed)} cannot change without a restart (server.host, server.port, "
@@ -212,6 +231,9 @@ class Gateway:
             except Exception as e:
                 return False, f"database not ready: {type(e).__name__}"
         rt: Runtime | None = None
+        # The new chain's plugins are built against the new settings (e.g. key_auth strips the
+        # client's key header unless the new upstream.headers set it); put back if refused.
+        self.services.settings = new
         try:
             rt = Runtime(new, self.services)
             await rt.startup()
@@ -222,6 +244,7 @@ class Gateway:
             # message is scrubbed, and no traceback goes to the log.
             why = redact_url(f"{type(e).__name__}: {e}")
             log.error("a plugin failed to start during reload: %s", why)
+            self.services.settings = self.cfg
             if rt is not None:
                 await rt.shutdown(wait=0)
             return False, f"a plugin failed to start: {why}"
@@ -234,6 +257,7 @@ class Gateway:
         if new.logging != self.cfg.logging:
             setup_logging(new.logging.level, new.logging.format)
         old, self.runtime, self.cfg = self.runtime, rt, new
+        self.replaced = old  # (until this reload's event is recorded: see Gateway.reload)
         self.upstream.configure(new.upstream)
         self.proxy.configure(new.server)
         _activate(rt)
@@ -242,7 +266,7 @@ class Gateway:
         self._retiring.add(old)
         task.add_done_callback(self._old_runtimes.discard)
         task.add_done_callback(lambda _t: self._retiring.discard(old))
-        return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s)"
+        return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s) from {new.path}"
 
 
 def tune_gc() -> None:
@@ -348,8 +372,40 @@ def _port(runner: web.BaseRunner) -> int:
 async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set); SIGHUP reloads the config."""
     gw = Gateway(cfg)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Signal handlers go in before anything starts: a SIGHUP sent as soon as the gateway is up (a
+    # deploy tool reloading right after a start) would otherwise kill it (the default action). A
+    # SIGHUP during start-up reloads once start-up is done; SIGTERM/SIGINT interrupt it.
+    starting = asyncio.ensure_future(gw.start())
+    hup_pending = False
+
+    def on_hup() -> None:
+        nonlocal hup_pending
+        if starting.done():
+            asyncio.ensure_future(gw.reload(actor="SIGHUP"))
+        else:
+            hup_pending = True
+
+    def on_stop() -> None:
+        stop.set()
+        if not starting.done():
+            starting.cancel()
+
+    for sig, fn in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
+        try:
+            loop.add_signal_handler(sig, fn)
+        except (NotImplementedError, RuntimeError, AttributeError):
+            pass
+    log.info("gateway starting", extra={"fields": {"config": cfg.path}})
     try:
-        await gw.start()
+        await starting
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("start-up interrupted by a signal")
+        await gw.stop()
+        return 0
     except Exception as e:
         # e.g. the port is taken or a plugin's backend is unreachable: say so in one line (a
         # traceback only for what is not an OS-level error), and undo what had started.
@@ -361,17 +417,8 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
         await gw.stop()
         return 1
     tune_gc()
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    try:
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gw.reload(actor="SIGHUP")))
-    except (NotImplementedError, RuntimeError, AttributeError):
-        pass
+    if hup_pending and not stop.is_set():
+        asyncio.ensure_future(gw.reload(actor="SIGHUP"))
     if ready is not None:
         await ready(gw)
     await stop.wait()

@@ -91,6 +91,8 @@ class Runtime:
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes
+        #: Plugins in some chain (a plugin with ``enabled: false`` everywhere is configured, not in use).
+        self.in_use = frozenset(type(p).name for c in self.all_chains for p in c.plugins)
         #: Names of the plugins that read hook timings (a middleware may skip them for a request only
         #: when it speaks for all of these).
         self.timing_plugins = frozenset(type(p).name for p in self.instances if type(p).wants_timings)

@@ -152,11 +152,13 @@ class Audit(Plugin):
 
     def _active(self) -> bool:
         """The instance that records bus events and purges: the running runtime's base instance
-        (not a per-route override, not a runtime that is being replaced by a reload)."""
+        (not a per-route override, not a runtime that is being replaced by a reload, not one
+        ``enabled: false`` on every route)."""
         gw = self.services.gateway
         if gw is None:
             return True
-        return gw.runtime.by_name.get(self.name) is self
+        rt = gw.runtime
+        return rt.by_name.get(self.name) is self and self.name in rt.in_use
 
     # -- recording -------------------------------------------------------------------------------
     async def record(self, event: dict[str, Any], skip: str | None = None) -> None:
@@ -184,8 +186,18 @@ class Audit(Plugin):
                 w.put_nowait(item)
 
     def _on_event(self, type_: str, fields: dict[str, Any]) -> None:
-        if self._active():
+        if self._active() or (type_ == "config.reloaded" and self._removed_by_reload()):
             self._record_nowait(bus_event(type_, fields))
+
+    def _removed_by_reload(self) -> bool:
+        """The reload being recorded took audit out (or turned it off): the instance it replaced
+        records that reload, so turning the audit trail off leaves a trace in it."""
+        gw = self.services.gateway
+        old = getattr(gw, "replaced", None)
+        if old is None or old.by_name.get(self.name) is not self or self.name not in old.in_use:
+            return False
+        new = gw.runtime.by_name.get(self.name)
+        return new is None or self.name not in gw.runtime.in_use
 
     # -- retention -------------------------------------------------------------------------------
     async def purge_once(self, actor: str = "retention") -> dict[str, Any] | None:

@@ -68,11 +68,14 @@ class RateLimit(Plugin):
     async def startup(self) -> None:
         if not self.store.memory and not await self.store.check():
             gw = self.services.gateway
-            running = gw.runtime.by_name.get(NAME) if gw is not None and gw.runtime is not None else None
-            if isinstance(running, RateLimit) and running is not self and running.config.storage != self.config.storage:
-                # A reload to another store that cannot be reached (a wrong host or password) is
-                # refused: the limits would silently stop applying (on_store_error: allow).
-                raise RuntimeError(f"the counter store {self.store.label} is not reachable; the running one is kept")
+            rt = gw.runtime if gw is not None else None
+            if rt is not None and self not in rt.instances and not any(
+                    isinstance(p, RateLimit) and p.config.storage == self.config.storage for p in rt.instances):
+                # A reload to a store that cannot be reached (a wrong host or password, or limits
+                # added on a store that is down) is refused: the limits would silently not apply
+                # (on_store_error: allow). At start, and for the store already in use, the policy
+                # applies until it is back.
+                raise RuntimeError(f"the counter store {self.store.label} is not reachable; the running config is kept")
             log.warning("rate_limit: counter store %s not reachable at start; on_store_error=%s applies "
                         "until it is", self.store.label, self.config.on_store_error)
         if self.has_quotas or self.config.key_overrides:

@@ -1,0 +1,178 @@
+"""Config reloads at their edges: what a reload reads, what it refuses, and what it records."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+T = aiohttp.ClientTimeout(total=30)
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _edit(path: Path, fn: Any) -> None:
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def _reload(s: aiohttp.ClientSession, admin_url: str) -> tuple[int, Any]:
+    async with s.post(admin_url + "/config/reload", headers=AUTH) as r:
+        return r.status, await r.json()
+
+
+async def test_reload_to_new_upstream_headers_strips_the_client_key(make_gateway: Any, upstream: Any) -> None:
+    """key_auth keeps a client's key header away from the upstream unless the upstream config sets
+    that header itself. A reload that changes upstream.headers must apply to that decision too:
+    the client's gateway key must never reach the backend."""
+    g = await make_gateway([{"name": "key_auth", "config": {"headers": ["Authorization", "api-key"]}}],
+                           upstream={"url": upstream.url, "headers": {"api-key": "upstream-secret"}})
+    path = Path(g.gw.cfg.path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=AUTH) as r:
+            key = (await r.json())["key"]
+        _edit(path, lambda c: c["upstream"].update({"headers": {"Authorization": "Bearer upstream-secret"}}))
+        status, body = await _reload(s, g.admin_url)
+        assert status == 200, body
+        async with s.post(g.url + "/v1/echo", json={}, headers={"api-key": key}) as r:
+            assert r.status == 200, await r.text()
+    sent = upstream.requests[-1]["headers"]
+    assert key not in sent.values(), sent
+    assert "api-key" not in {k.lower() for k in sent}
+    assert sent["Authorization"] == "Bearer upstream-secret"
+
+
+async def test_reload_follows_a_symlinked_config(make_gateway: Any, tmp_path: Path) -> None:
+    """A config reached through a symlink (a release "current" link, a Kubernetes ConfigMap's
+    ..data link) is re-read through the link: a reload after the link moved reads the new target."""
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}}])
+    real = Path(g.gw.cfg.path)
+    rel1, rel2 = tmp_path / "rel1", tmp_path / "rel2"
+    rel1.mkdir()
+    rel2.mkdir()
+    (rel1 / "gateway.yaml").write_text(real.read_text())
+    (rel2 / "gateway.yaml").write_text(real.read_text().replace("X-Version: '1'", "X-Version: '2'"))
+    current = tmp_path / "current"
+    current.symlink_to(rel1)
+    from config.loader import load_config
+
+    g.gw.cfg = load_config(current / "gateway.yaml")  # as if started with -c current/gateway.yaml
+    assert g.gw.cfg.path == str(current / "gateway.yaml")
+    tmp_link = tmp_path / "current.new"
+    tmp_link.symlink_to(rel2)
+    os.replace(tmp_link, current)  # ln -sfn rel2 current
+    async with aiohttp.ClientSession(timeout=T) as s:
+        status, body = await _reload(s, g.admin_url)
+        assert status == 200, body
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.headers.get("X-Version") == "2"
+
+
+async def test_reload_refuses_a_fifo_and_does_not_hang(make_gateway: Any) -> None:
+    """A config path that is not a regular file (a FIFO nobody writes) would block the read, the
+    reload lock and a shutdown behind it: it is refused at once, and the running config stays."""
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}}])
+    path = Path(g.gw.cfg.path)
+    path.unlink()
+    os.mkfifo(path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        status, body = await _reload(s, g.admin_url)
+        assert status == 400
+        assert "not a regular file" in body["error"]["message"]
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.headers.get("X-Version") == "1"
+
+
+def _reload_events(db: Path) -> list[str]:
+    """result and plugin count of each recorded reload"""
+    with sqlite3.connect(db) as c:
+        return [f"{r[0]}: {r[1].split(',')[0]}" for r in c.execute(
+            "SELECT json_extract(data, '$.result'), json_extract(data, '$.detail') FROM audit_events "
+            "WHERE type = 'config.reloaded' ORDER BY seq")]
+
+
+async def test_reload_that_removes_or_disables_audit_is_recorded(make_gateway: Any, tmp_path: Path) -> None:
+    """Turning the audit trail off by reload leaves a trace in it: the instance it replaces records
+    that reload. After that, nothing more is recorded (enabled: false means off)."""
+    audit = {"name": "audit", "config": {"flush_interval": 0.05}}
+    g = await make_gateway([{"name": "key_auth"}, audit])
+    path = Path(g.gw.cfg.path)
+    db = tmp_path / "gateway.db"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        _edit(path, lambda c: c.update({"plugins": [{"name": "key_auth"}]}))
+        assert (await _reload(s, g.admin_url))[0] == 200
+        _edit(path, lambda c: c.update({"plugins": [{"name": "key_auth"}, audit]}))
+        assert (await _reload(s, g.admin_url))[0] == 200
+        _edit(path, lambda c: c["plugins"][1].update({"enabled": False}))
+        assert (await _reload(s, g.admin_url))[0] == 200
+        # Off: neither this reload nor an admin action is recorded.
+        _edit(path, lambda c: c["plugins"][1]["config"].update({"batch_size": 7}))
+        assert (await _reload(s, g.admin_url))[0] == 200
+        async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=AUTH) as r:
+            assert r.status == 201, await r.text()
+    deadline = time.monotonic() + 10
+    while len(_reload_events(db)) < 3:
+        assert time.monotonic() < deadline, _reload_events(db)
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert _reload_events(db) == ["success: 1 plugin(s)", "success: 2 plugin(s)", "success: 2 plugin(s)"]
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM audit_events WHERE type LIKE 'key.%'").fetchone()[0] == 0
+
+
+async def test_reload_adding_limits_on_an_unreachable_store_is_refused(make_gateway: Any) -> None:
+    """Adding rate limits whose Redis cannot be reached would leave them silently not applying
+    (on_store_error: allow): the reload is refused and says why."""
+    g = await make_gateway([])
+    path = Path(g.gw.cfg.path)
+    dead = f"redis://:pw@127.0.0.1:{free_port()}/0"
+    _edit(path, lambda c: c.update({"plugins": [{"name": "rate_limit", "config": {
+        "storage": dead, "storage_timeout": 0.3, "rules": [{"name": "r", "limit": "2/minute", "key_by": ["ip"]}]}}]}))
+    async with aiohttp.ClientSession(timeout=T) as s:
+        status, body = await _reload(s, g.admin_url)
+        assert status == 400, body
+        msg = body["error"]["message"]
+        assert "not reachable" in msg and ":pw@" not in msg
+        assert "rate_limit" not in g.gw.runtime.by_name
+
+
+async def test_sighup_right_after_start_does_not_kill(tmp_path: Path, upstream: Any) -> None:
+    """A SIGHUP sent while the gateway is still starting (a deploy tool reloading at once) is
+    applied once start-up is done instead of killing the process (its default action)."""
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "headers", "config": {"response": {"X-Version": "1"}}}],
+                      server={"port": port}, admin={"port": admin_port})
+    path = write_config(tmp_path / "gateway.yaml", cfg)
+    proc = GatewayProcess(path, port, admin_port).start()
+    try:
+        # As soon as the interpreter has started the gateway's code: poll its log for the first line.
+        _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+        deadline = time.monotonic() + 20
+        while "gateway starting" not in proc.log() and "gateway listening" not in proc.log():
+            assert proc.proc is not None and proc.proc.poll() is None, proc.log()[-2000:]
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            await asyncio.sleep(0.005)
+        proc.signal(signal.SIGHUP)
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            deadline = time.monotonic() + 10
+            while True:
+                async with s.get(proc.url + "/v1/models") as r:
+                    if r.headers.get("X-Version") == "2":
+                        break
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+        assert proc.proc is not None and proc.proc.poll() is None
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.stop()
