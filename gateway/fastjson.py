@@ -47,13 +47,24 @@ else:  # pragma: no cover
 def dumps(obj: Any, *, sort_keys: bool = False, default: Any = None) -> str:
     """Compact JSON text for storage, non-ASCII kept as is: orjson, or, where it refuses (a lone
     surrogate, valid in JSON text but not in UTF-8, so no database could store it raw; an integer
-    beyond 64 bits), the standard library in ASCII mode, which escapes the one and keeps the other."""
+    beyond 64 bits), the standard library, with each lone surrogate written as its JSON escape
+    (``\\ud800``) and everything else as orjson would. The text is always that of
+    ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False)`` with lone surrogates escaped
+    (``.encode("utf-8", "backslashreplace")`` in Python), except that orjson writes floats below
+    1e-4 in plain decimal notation (``0.00001``, not ``1e-05``); the audit docs rely on this."""
     if _orjson is not None:
         try:
             return _orjson.dumps(obj, default=default, option=_orjson.OPT_SORT_KEYS if sort_keys else 0).decode()
         except TypeError:
             pass
-    return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), sort_keys=sort_keys, default=default)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys, default=default)
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:  # a lone surrogate: "\ud800" as Python's backslashreplace writes it, JSON's escape
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def utf8_safe(s: str) -> str:

@@ -22,11 +22,23 @@ from prometheus_client.utils import floatToGoString
 from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
+from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 MAX_MODEL_LABELS = 200  # distinct `model` label values before the rest count as "other"
+MAX_LABEL_CHARS = 128  # a label value from a client or the upstream is cut to this many characters
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def label(value: Any) -> str:
+    """A label value that came from a client or the upstream, as a scrape can always carry it:
+    at most MAX_LABEL_CHARS characters (a megabyte model name would otherwise be in every scrape)
+    and valid UTF-8 (a lone surrogate, valid in a JSON string, would make every scrape fail)."""
+    s = value if type(value) is str else str(value)
+    if len(s) > MAX_LABEL_CHARS:
+        s = s[:MAX_LABEL_CHARS]
+    return utf8_safe(s)
 
 
 class MetricsConfig(PluginConfig):
@@ -152,7 +164,8 @@ class _Families:
                                     "route", over)
         self.ttfb = _HistFamily("gateway_ttfb_seconds", "Time to the first response byte sent to the client",
                                 "route", lat)
-        self.tokens = _CounterFamily("gateway_tokens", "Tokens by model and direction, as the upstream reported them",
+        self.tokens = _CounterFamily("gateway_tokens", "Tokens by model and direction, as the upstream reported them "
+                                     "(a stream cut short before its usage: the deltas relayed)",
                                      ("model", "direction"))
         self.auth_failures = _CounterFamily("gateway_auth_failures", "Requests refused by authentication, by reason",
                                             ("reason",))
@@ -247,10 +260,17 @@ class Metrics(Plugin):
         if ctx.t_first_byte is not None:
             ttfb.observe(ctx.t_first_byte - t_start)
         c = ctx.completion
-        if c is not None and c.usage and self.tokens:
-            tin, tout = c.prompt_tokens, c.completion_tokens
+        if c is not None and self.tokens:
+            if c.usage:
+                tin, tout = c.prompt_tokens, c.completion_tokens
+            elif c.usage is None and c.kind == "sse":
+                # A stream cut short before its usage chunk: what was relayed, one token per delta
+                # (as key_auth counts the key's usage).
+                tin, tout = None, c.deltas
+            else:
+                tin = tout = None
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
-                cin, cout = m.token_counters(str(c.model or ctx.model or "unknown"))
+                cin, cout = m.token_counters(label(c.model or ctx.model or "unknown"))
                 if type(tin) is int and tin > 0:
                     cin[0] += tin
                 if type(tout) is int and tout > 0:
@@ -259,9 +279,9 @@ class Metrics(Plugin):
         if r:
             kind = r.get("type")
             if kind == "auth":
-                m.auth_failures.inc(str(r.get("reason") or "unknown"))
+                m.auth_failures.inc(label(r.get("reason") or "unknown"))
             elif kind == "rate_limit":
-                m.ratelimit.inc(str(r.get("limit") or r.get("reason") or "unknown"))
+                m.ratelimit.inc(label(r.get("limit") or r.get("reason") or "unknown"))
         outcome = ctx.outcome
         if outcome.startswith("upstream_"):
             m.upstream_errors.inc(outcome[9:])

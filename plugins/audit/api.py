@@ -14,6 +14,7 @@ from . import store
 
 MAX_LIMIT = 1000
 _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UINT = re.compile(r"[0-9]+")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 FILTERS = ("since", "until", "type", "key_id", "owner", "ip", "status")
 
@@ -49,10 +50,8 @@ def parse_filters(get: Any) -> dict[str, Any]:
             except (ValueError, OverflowError, OSError):  # out-of-range times too
                 raise ValueError(f"{k}: expected ISO 8601 time, Unix seconds or an age like 24h") from None
         elif k == "status":
-            s = str(v).lower()
-            if not ((s.isdigit() and len(s) == 3) or (len(s) == 3 and s[0].isdigit() and s[1:] == "xx")):
-                raise ValueError("status: expected a status code (429) or a class (4xx)")
-            f[k] = s
+            store.status_filter(v)  # raises "status: expected ..."
+            f[k] = str(v).strip().lower()
         else:
             f[k] = str(v)
     return f
@@ -63,18 +62,21 @@ def routes(services: Any) -> list[Any]:
         q = request.query
         try:
             f = parse_filters(q.get)
-            limit = int(q.get("limit", "100"))
+            raw = q.get("limit", "100")
+            if not _UINT.fullmatch(raw):  # ASCII digits (int() also takes "²", " 5", "1_0")
+                raise ValueError("limit: expected an integer")
+            limit = int(raw) if len(raw) <= 9 else MAX_LIMIT + 1
             if not 1 <= limit <= MAX_LIMIT:
                 raise ValueError(f"limit: expected 1..{MAX_LIMIT}")
             raw = q.get("cursor")
-            if raw and not (raw.isdigit() and len(raw) <= 18):  # an event seq: fits a BIGINT
+            if raw and not (_UINT.fullmatch(raw) and len(raw) <= 18):  # an event seq: fits a BIGINT
                 raise ValueError("cursor: expected next_cursor from the previous page")
             cursor = int(raw) if raw else None
             order = q.get("order", "desc")
             if order not in ("asc", "desc"):
                 raise ValueError("order: expected asc or desc")
         except ValueError as e:
-            msg = str(e) if ": expected" in str(e) else "limit: expected an integer"
+            msg = str(e)  # each check above names its parameter ("cursor: expected ...")
             param = msg.split(":", 1)[0]
             return json_error(400, msg, "invalid_request_error", "invalid_value", param=param)
         data, nxt = await store.query(services.db, f, limit=limit, cursor=cursor, order=order)

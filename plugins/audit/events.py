@@ -86,6 +86,8 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
         c.model if c is not None else None,
         c.usage if c is not None else None,
+        # A stream cut short before its usage chunk: the deltas relayed, as key_auth counts them.
+        c.deltas if c is not None and c.usage is None and c.kind == "sse" else None,
         ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
@@ -96,7 +98,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
 def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
     (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
-     route, model, response_model, usage, status, source, outcome, error, streamed, bytes_in, bytes_out,
+     route, model, response_model, usage, relayed, status, source, outcome, error, streamed, bytes_in, bytes_out,
      conversation_id, refusal, refused) = item
     rtype = refusal.get("type") if refusal else None
     etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
@@ -124,6 +126,8 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         overhead = int((t_up - t_start) * 1e6 + 0.5) / 1000
     if usage:
         tokens_in, tokens_out = usage_tokens(usage)
+    elif relayed is not None:
+        tokens_in, tokens_out = None, relayed  # estimated: see build()
     else:
         tokens_in = tokens_out = None
     return [
@@ -135,9 +139,12 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
 
 
 def build(item: tuple[Any, ...]) -> dict[str, Any]:
-    """A captured tuple -> the request event (a dict in REQUEST_FIELDS order, then refusal details)."""
+    """A captured tuple -> the request event (a dict in REQUEST_FIELDS order, then
+    ``tokens_estimated`` when the stream ended without a usage report, then refusal details)."""
     values, refusal = request_values(item)
     ev = dict(zip(REQUEST_FIELDS, values))
+    if item[17] is not None:  # (the relayed deltas) no usage reported: tokens_out is the stream's deltas
+        ev["tokens_estimated"] = True
     if refusal:
         ev["refusal"] = refusal
         etype = values[1]

@@ -73,6 +73,12 @@ class JsonlSink(Sink):
 class StdoutSink(Sink):
     kind = "stdout"
 
-    async def write(self, batch: Sequence[Any]) -> None:
-        sys.stdout.write(_lines(batch))
+    @staticmethod
+    def _write(data: str) -> None:
+        sys.stdout.write(data)
         sys.stdout.flush()
+
+    async def write(self, batch: Sequence[Any]) -> None:
+        # On a thread, as the file sink: a reader that stops reading (a full pipe) blocks this
+        # writer only, never the event loop; the bounded queue then fills and drops are counted.
+        await asyncio.to_thread(self._write, _lines(batch))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sqlite3
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
@@ -161,6 +162,22 @@ async def purge(db: Database, before: str, actor: str = "retention") -> dict[str
     return ev
 
 
+_STATUS = re.compile(r"[0-9]{3}|[1-5]xx")
+
+
+def status_filter(v: Any) -> tuple[int, int]:
+    """A status filter (``429`` or a class, ``4xx``) -> the status range it selects, [lo, hi).
+    ASCII digits only (``str.isdigit`` also takes ``²``, which ``int`` refuses). Raises ValueError
+    naming the parameter; the API and the CLI validate with this, the query runs with it."""
+    s = str(v).strip().lower()
+    if not _STATUS.fullmatch(s):
+        raise ValueError("status: expected a status code (429) or a class (4xx)")
+    if s.endswith("xx"):
+        lo = (ord(s[0]) - 48) * 100
+        return lo, lo + 100
+    return int(s), int(s) + 1
+
+
 def _filters(q: Any, f: dict[str, Any]) -> Any:
     c = events.c
     if f.get("since"):
@@ -177,12 +194,8 @@ def _filters(q: Any, f: dict[str, Any]) -> Any:
         q = q.where(c.client_ip == f["ip"])
     st = f.get("status")
     if st:
-        st = str(st).lower()
-        if len(st) == 3 and st.endswith("xx") and st[0].isdigit():
-            lo = int(st[0]) * 100
-            q = q.where(c.status >= lo, c.status < lo + 100)
-        else:
-            q = q.where(c.status == int(st))
+        lo, hi = status_filter(st)
+        q = q.where(c.status == lo) if hi == lo + 1 else q.where(c.status >= lo, c.status < hi)
     return q
 
 

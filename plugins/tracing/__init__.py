@@ -27,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
+from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig
 
 from . import genai
@@ -98,12 +99,16 @@ class TracingConfig(PluginConfig):
                              "fewer per request.")
     genai_provider: str = Field("openai", description="gen_ai.provider.name on the GenAI span (the "
                                 "upstream's API flavour); empty to leave it out.")
+    max_attribute_chars: int = Field(
+        8192, ge=128, description="Every string span attribute (the instrumentations' too: URL, user "
+        "agent) is cut to this many characters (the SDK's SpanLimits). With record_content, the message "
+        "attributes too: raise it if whole conversations must fit.")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Background export queue.")
 
     def provider_key(self) -> str:
         """Settings that make a provider; instances that agree on them share one."""
         return json.dumps({"e": self.exporter.model_dump(), "s": self.sampling_ratio, "n": self.service_name,
-                           "b": self.batch.model_dump()}, sort_keys=True)
+                           "b": self.batch.model_dump(), "l": self.max_attribute_chars}, sort_keys=True)
 
 
 class Tracing(Plugin):
@@ -194,6 +199,11 @@ class Tracing(Plugin):
             return int(t * 1e9) + offset
 
         attrs = span.attributes
+        for k, v in list(attrs.items()):  # e.g. a user agent with bytes that are not UTF-8
+            if type(v) is str and not v.isascii():
+                safe = utf8_safe(v)
+                if safe is not v:
+                    span.set_attribute(k, safe)
         for k in SENSITIVE_SERVER_ATTRS:
             if k in attrs:
                 span.set_attribute(k, "[REDACTED]")
@@ -210,12 +220,12 @@ class Tracing(Plugin):
         ident = _identity(ctx)
         a.update(ident)
         if ctx.error:
-            a["gateway.error"] = ctx.error
+            a["gateway.error"] = genai.text(ctx.error)
         r = ctx.refusal
         if r:
             for k in ("plugin", "type", "reason"):
                 if r.get(k) is not None:
-                    a[f"gateway.refusal.{k}"] = str(r[k])
+                    a[f"gateway.refusal.{k}"] = genai.text(r[k])
         if ctx.path in _KNOWN_PATHS:  # the API's own paths only: a client cannot invent span names
             span.update_name(f"{ctx.method} {ctx.path}")
             a["http.route"] = ctx.path
@@ -254,6 +264,8 @@ class Tracing(Plugin):
                 span.set_attributes(ga)
                 return
             model = ga.get("gen_ai.request.model") or ga.get("gen_ai.response.model")
+            if model and len(model) > genai.MAX_NAME_CHARS:  # (already valid UTF-8)
+                model = model[:genai.MAX_NAME_CHARS] + "…"
             s = tracer.start_span(f"{op} {model}" if model else op, parent, SpanKind.CLIENT, ga,
                                   start_time=ns(ctx.t_upstream))
             if ctx.outcome != "ok" or ctx.status >= 400:
@@ -265,9 +277,9 @@ class Tracing(Plugin):
 def _identity(ctx: RequestContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if ctx.key_id:
-        out["gateway.key_id"] = ctx.key_id
+        out["gateway.key_id"] = genai.text(ctx.key_id)
     if ctx.owner:
-        out["gateway.owner"] = ctx.owner
+        out["gateway.owner"] = genai.text(ctx.owner)
     return out
 
 

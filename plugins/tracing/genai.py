@@ -9,7 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from gateway.fastjson import utf8_safe
 from gateway.observe import token_count
+
+#: A model name in a span name (``chat <model>``) is cut to this many characters.
+MAX_NAME_CHARS = 128
+#: Client- or upstream-supplied names and ids on a span are cut to this many characters (the
+#: provider's SpanLimits cut every attribute too, at ``max_attribute_chars``).
+MAX_VALUE_CHARS = 1024
 
 #: Operation by path suffix, most specific first (``/chat/completions`` also ends in ``/completions``).
 OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"),
@@ -30,6 +37,16 @@ def operation(path: str) -> str | None:
     return None
 
 
+def text(v: Any, limit: int = MAX_VALUE_CHARS) -> str:
+    """A string from a client or the upstream as a span can carry it: cut to ``limit`` characters and
+    valid UTF-8. One lone surrogate (valid in a JSON string) would make the OTLP exporter fail to
+    encode, and drop, the whole batch of spans it is in, other requests' too."""
+    s = v if type(v) is str else str(v)
+    if len(s) > limit:
+        s = s[:limit]
+    return utf8_safe(s)
+
+
 def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars: int) -> dict[str, Any]:
     a: dict[str, Any] = {"gen_ai.operation.name": op}
     if provider:
@@ -38,31 +55,31 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
     if isinstance(body, dict):
         model = body.get("model")
         if isinstance(model, str):
-            a["gen_ai.request.model"] = model
+            a["gen_ai.request.model"] = text(model)
         for key, attr in _REQUEST_PARAMS:
             v = body.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 a[attr] = v
         stop = body.get("stop")
         if isinstance(stop, str):
-            a["gen_ai.request.stop_sequences"] = [stop]
+            a["gen_ai.request.stop_sequences"] = [text(stop)]
         elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-            a["gen_ai.request.stop_sequences"] = stop
+            a["gen_ai.request.stop_sequences"] = [text(s) for s in stop[:16]]
         n = body.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n != 1:
             a["gen_ai.request.choice.count"] = n
         if op == "embeddings" and isinstance(body.get("encoding_format"), str):
-            a["gen_ai.request.encoding_formats"] = [body["encoding_format"]]
+            a["gen_ai.request.encoding_formats"] = [text(body["encoding_format"])]
     if ctx.conversation_id:
-        a["gen_ai.conversation.id"] = ctx.conversation_id
+        a["gen_ai.conversation.id"] = text(ctx.conversation_id)
     c = ctx.completion
     if c is not None:
         if c.model:
-            a["gen_ai.response.model"] = c.model
+            a["gen_ai.response.model"] = text(c.model)
         if c.response_id:
-            a["gen_ai.response.id"] = c.response_id
+            a["gen_ai.response.id"] = text(c.response_id)
         if c.finish_reasons:
-            a["gen_ai.response.finish_reasons"] = list(c.finish_reasons)
+            a["gen_ai.response.finish_reasons"] = [text(f) for f in c.finish_reasons]
         u = c.usage
         if u:
             it, ot = u.get("prompt_tokens", u.get("input_tokens")), u.get("completion_tokens", u.get("output_tokens"))
@@ -112,15 +129,19 @@ def _message(m: dict[str, Any], max_chars: int) -> dict[str, Any]:
     return {"role": m.get("role"), "parts": parts}
 
 
+def _json(v: Any) -> str:
+    """Message JSON for a span attribute: non-ASCII kept, a lone surrogate as '?' (see :func:`text`)."""
+    return utf8_safe(json.dumps(v, ensure_ascii=False, default=str))
+
+
 def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> None:
     if not isinstance(body, dict):
         return
     if op == "chat" and isinstance(body.get("messages"), list):
         msgs = [_message(m, max_chars) for m in body["messages"] if isinstance(m, dict)]
-        a["gen_ai.input.messages"] = json.dumps(msgs, ensure_ascii=False)
+        a["gen_ai.input.messages"] = _json(msgs)
     elif op == "text_completion" and isinstance(body.get("prompt"), str):
-        a["gen_ai.input.messages"] = json.dumps([{"role": "user", "parts": _parts(body["prompt"], max_chars)}],
-                                                ensure_ascii=False)
+        a["gen_ai.input.messages"] = _json([{"role": "user", "parts": _parts(body["prompt"], max_chars)}])
     elif op == "embeddings":
         inp = body.get("input")
         if isinstance(inp, str):
@@ -128,9 +149,8 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> N
         else:
             texts = [t for t in inp if isinstance(t, str)] if isinstance(inp, list) else []
         if texts:
-            a["gen_ai.input.messages"] = json.dumps(
-                [{"role": "user", "parts": [{"type": "text", "content": _cut(t, max_chars)} for t in texts]}],
-                ensure_ascii=False)
+            a["gen_ai.input.messages"] = _json(
+                [{"role": "user", "parts": [{"type": "text", "content": _cut(t, max_chars)} for t in texts]}])
     if c is not None and op in ("chat", "text_completion"):
         msg = c.assistant_message()
         if msg is not None:
@@ -138,4 +158,4 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> N
             out["role"] = out["role"] or "assistant"
             if c.finish_reason is not None:
                 out["finish_reason"] = c.finish_reason
-            a["gen_ai.output.messages"] = json.dumps([out], ensure_ascii=False)
+            a["gen_ai.output.messages"] = _json([out])

@@ -28,12 +28,12 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -63,8 +63,9 @@ SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for 
 SENSITIVE_QUERY_PARAMS = ("key", "api_key", "api-key", "apikey", "x-api-key", "access_token", "token", "id_token",
                           "refresh_token", "auth", "authorization", "secret", "client_secret", "password", "passwd",
                           "pwd", "sig", "signature", "awsaccesskeyid", "x-goog-signature")
-_SENSITIVE_QUERY = re.compile(r"([?&](?:%s)=)[^&#]*" % "|".join(re.escape(n) for n in SENSITIVE_QUERY_PARAMS),
-                              re.IGNORECASE)
+_SENSITIVE_NAMES = frozenset(n.replace("-", "_") for n in SENSITIVE_QUERY_PARAMS)  # access-token too
+#: One query parameter: its name (group 2, as sent: maybe percent-encoded) and value.
+_QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 #: Server span attributes that carry the request URL or its query string.
 URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
@@ -83,8 +84,23 @@ def redact_query(url: Any) -> str:
     if "?" not in s and "=" not in s:
         return s
     if "?" not in s:  # url.query holds the query without its "?"
-        return _SENSITIVE_QUERY.sub(r"\1REDACTED", "?" + s)[1:]
-    return _SENSITIVE_QUERY.sub(r"\1REDACTED", s)
+        return _QUERY_PARAM.sub(_redact_param, "?" + s)[1:]
+    return _QUERY_PARAM.sub(_redact_param, s)
+
+
+def _redact_param(m: re.Match[str]) -> str:
+    """One ``name=value``: the value replaced when the name, percent-decoded (``api%5Fkey`` is the
+    ``api_key`` the application reads), is a sensitive one (``-`` and ``_`` alike)."""
+    name = m.group(2)
+    if "%" in name or "+" in name:
+        for _ in range(3):  # (encoded more than once, too)
+            decoded = unquote_plus(name)
+            if decoded == name:
+                break
+            name = decoded
+    if name.strip().lower().replace("-", "_") in _SENSITIVE_NAMES:
+        return f"{m.group(1)}{m.group(2)}=REDACTED"
+    return m.group(0)
 
 
 # -- the aiohttp-server instrumentation ----------------------------------------------------------------
@@ -282,8 +298,10 @@ def build_provider(cfg: "TracingConfig") -> ProviderEntry:
         resource = resource.merge(Resource({"service.name": "gateway"}))
     sampler = None if cfg.sampling_ratio is None else ParentBased(TraceIdRatioBased(cfg.sampling_ratio))
     # sampler=None: the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on).
+    # Attribute values are cut (a megabyte URL or model name must not reach every export).
     provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False,
-                              id_generator=PresetIdGenerator())
+                              id_generator=PresetIdGenerator(),
+                              span_limits=SpanLimits(max_attribute_length=cfg.max_attribute_chars))
     exporter = build_exporter(cfg)
     b = cfg.batch
     processor: SpanProcessor
