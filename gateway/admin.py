@@ -68,7 +68,9 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
         code = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 409: "conflict",
                 413: "request_too_large", 422: "invalid_value"}.get(e.status, "error")
         msg = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
-        return json_error(e.status, msg, "invalid_request_error", code)
+        # A 405 says which methods the path takes (RFC 9110 requires Allow); the rebuilt body keeps it.
+        keep = {h: e.headers[h] for h in ("Allow",) if h in e.headers}
+        return json_error(e.status, msg, "invalid_request_error", code, headers=keep or None)
     except DBAPIError as e:
         if rejected(e):
             # a value the database cannot take (a NUL in a text, a number out of range): the caller's

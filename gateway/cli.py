@@ -11,7 +11,7 @@ import re
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -64,23 +64,44 @@ def open_database(cfg: GatewayConfig, migrate: bool = True) -> Any:
     return db
 
 
+def whole_number(lo: int = 1, hi: int | None = None) -> "Callable[[str], int]":
+    """An argparse type: a whole number in lo..hi (no upper bound when hi is None)."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"must be {lo}..{hi}: {v!r}" if hi is not None
+                                             else f"must be at least {lo}: {v!r}")
+        return n
+    return parse
+
+
 class NoDatabase(Exception):
     """The configured SQLite file does not exist (a command that only reads or changes data)."""
+
+
+def check_database_exists(cfg: GatewayConfig) -> None:
+    """Raise NoDatabase when the configured SQLite file does not exist (opening it would create an
+    empty one, and a mistyped path must not look like an empty, intact database)."""
+    from sqlalchemy.engine import make_url
+
+    if cfg.database.url.startswith("sqlite"):
+        name = make_url(cfg.database.url).database
+        if name and name != ":memory:" and not name.startswith("file:") and not Path(name).exists():
+            raise NoDatabase(f"the database file {name} does not exist (check database.url; the gateway, "
+                             "`gateway db upgrade` or `gateway keys create` make it)")
 
 
 async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
     """Database + Services for a CLI command; applies migrations if the config says so. Unless
     ``create``, a SQLite file that does not exist is an error (a mistyped path must not show an
     empty, intact-looking database)."""
-    from sqlalchemy.engine import make_url
-
     from .services import Services
 
-    if not create and cfg.database.url.startswith("sqlite"):
-        name = make_url(cfg.database.url).database
-        if name and name != ":memory:" and not name.startswith("file:") and not Path(name).exists():
-            raise NoDatabase(f"the database file {name} does not exist (check database.url; the gateway, "
-                             "`gateway db upgrade` or `gateway keys create` make it)")
+    if not create:
+        check_database_exists(cfg)
     db = open_database(cfg)
     auto = cfg.database.auto_migrate
     if auto is None:
@@ -144,8 +165,12 @@ def cmd_db(args: argparse.Namespace) -> int:
         heads = upgrade_sync(cfg.database.url)
         print(f"database at head: {', '.join(heads) or '(no migrations)'}")
     else:
-        for line in current_sync(cfg.database.url):
+        check_database_exists(cfg)  # `current` only reads: it must not create the file
+        lines = current_sync(cfg.database.url)
+        for line in lines:
             print(line)
+        if not lines:
+            print("(no migrations applied)")
     return 0
 
 
@@ -154,8 +179,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import start_demo_upstream
     from .logs import setup_logging
 
+    # The packaged default stands in only for a config nobody named: a -c or $GATEWAY_CONFIG that
+    # cannot be read is an error (exit 2), not a silent switch to another file.
     path = Path(config_path(args))
-    if not path.exists():
+    if not path.exists() and not (getattr(args, "config", None) or os.environ.get("GATEWAY_CONFIG")):
         path = _packaged_default()
     token = os.environ.get("GATEWAY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
     # The demo's values go into the process environment (not just a copy of it): SIGHUP and
@@ -264,11 +291,25 @@ _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/\s]*@")
 
 _QUERY_SECRET = re.compile(r"([?&;\s][^=&#\s]*(?:password|passwd|pwd|token|secret)[^=&#\s]*=)[^&#\s]*",
                            re.IGNORECASE)
+# Parameters whose whole (percent-decoded) name says "credential": ``?key=``, ``?api-key=``,
+# ``?sig=`` ... (matched as whole names: ``?monkey=`` or ``?keyword=`` are left alone).
+_SECRET_NAME = re.compile(r"(?:key|api[-_]?key|apikey|auth|credentials?|sig|signature|access[-_]?key|"
+                          r"client[-_]?secret)", re.IGNORECASE)
+_QUERY_PARAM = re.compile(r"([?&;\s])([^=&#\s]+)(=)([^&#\s]*)")
+
+
+def _mask_named(m: "re.Match[str]") -> str:
+    from urllib.parse import unquote
+
+    if _SECRET_NAME.fullmatch(unquote(m.group(2))):
+        return f"{m.group(1)}{m.group(2)}=***"
+    return m.group(0)
 
 
 def mask_secret_params(text: str) -> str:
-    """``text`` with the values of password / token / secret parameters (``?password=...``) masked."""
-    return _QUERY_SECRET.sub(r"\1***", text)
+    """``text`` with the values of password / token / secret / key / signature parameters
+    (``?password=...``, ``?api-key=...``, ``?api%5Fkey=...``) masked."""
+    return _QUERY_PARAM.sub(_mask_named, _QUERY_SECRET.sub(r"\1***", text))
 
 
 def redact_url(url: str) -> str:

@@ -7,9 +7,26 @@ import json
 import sys
 from typing import Any
 
+from gateway import cli as core_cli
+
 from . import store
 from .api import FILTERS, parse_filters
 from .sinks import jsonl
+
+
+#: ``gateway audit verify`` exit code when the chain could not be checked at all (no database, an
+#: unreachable server ...): distinct from 1, "checked and broken", so an alert can tell them apart.
+EXIT_VERIFY_ERROR = 3
+
+
+def _interval(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if not 0.1 <= x <= 86400:  # (less would busy-poll the database; nan fails this too)
+        raise argparse.ArgumentTypeError(f"must be 0.1..86400 seconds: {v!r}")
+    return x
 
 
 def add_cli(subparsers: Any) -> None:
@@ -20,17 +37,18 @@ def add_cli(subparsers: Any) -> None:
 
     t = sub.add_parser("tail", help="the latest events, oldest first (-f: keep printing new ones)")
     add_config_arg(t)
-    t.add_argument("-n", "--lines", type=int, default=20, help="how many events (default 20)")
+    t.add_argument("-n", "--lines", type=core_cli.whole_number(), default=20, help="how many events (default 20)")
     t.add_argument("-f", "--follow", action="store_true", help="keep polling for new events")
-    t.add_argument("--interval", type=float, default=1.0, help="poll interval for -f, seconds")
+    t.add_argument("--interval", type=_interval, default=1.0, help="poll interval for -f, seconds (at least 0.1)")
 
     q = sub.add_parser("query", help="events matching filters, newest first, as JSON lines")
     add_config_arg(q)
     _filter_args(q)
-    q.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
+    q.add_argument("--limit", type=core_cli.whole_number(), default=100, help="at most this many events (default 100)")
     q.add_argument("--asc", action="store_true", help="oldest first")
 
-    v = sub.add_parser("verify", help="check the hash chain; exit 1 and report the first broken link")
+    v = sub.add_parser("verify", help="check the hash chain; exit 1 and report the first broken link, "
+                                      f"{EXIT_VERIFY_ERROR} if it could not be checked")
     add_config_arg(v)
     v.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -68,6 +86,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:
+        if args.audit_command != "verify":
+            raise  # (gateway.cli.main: one line, exit 1)
+        return _verify_failed(args, e)
+
+
+def _verify_failed(args: argparse.Namespace, e: Exception) -> int:
+    """``verify`` could not check the chain (a missing database, an unreachable server ...): not
+    "broken" (exit 1) but "unknown", exit 3; with --json an object scripts can tell apart."""
+    from gateway.cli import redact_url
+
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    msg = redact_url(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+    if args.json:
+        print(json.dumps({"ok": None, "error": msg}, indent=2))
+    print(f"gateway audit verify: could not verify: {msg}", file=sys.stderr)
+    return EXIT_VERIFY_ERROR
 
 
 async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
@@ -85,11 +120,11 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
                 print(res.message())
             return 0 if res.ok else 1
         if cmd == "query":
-            data, _ = await store.query(db, f, limit=max(1, args.limit), order="asc" if args.asc else "desc")
+            data, _ = await store.query(db, f, limit=args.limit, order="asc" if args.asc else "desc")
             _emit(data)
             return 0
         if cmd == "tail":
-            data, _ = await store.query(db, {}, limit=max(1, args.lines), order="desc")
+            data, _ = await store.query(db, {}, limit=args.lines, order="desc")
             data.reverse()
             _emit(data)
             last = data[-1]["seq"] if data else (await store.head(db))[0]

@@ -13,7 +13,7 @@ from gateway.errors import error_body, json_error
 from gateway.plugin import Reply
 
 from .state import _GENERATED, _ID_OK, Shared
-from .store import dumps, parse_time, utcnow
+from .store import dumps, parse_time, text_ok, utcnow
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -59,6 +59,15 @@ def _time(q: Any, name: str) -> dt.datetime | None:
         return parse_time(v)
     except ValueError:
         raise BadParam(name, f"{name} must be an ISO 8601 time, e.g. 2026-01-31T00:00:00Z.") from None
+
+
+def _text(q: Any, name: str) -> str | None:
+    """A text filter (owner, key_id, q ...), refused (400) when the database cannot hold it (a NUL,
+    a lone surrogate): checked before a query, and before a streamed response sends its status."""
+    v = q.get(name)
+    if v is not None and not text_ok(v):
+        raise BadParam(name, f"{name} contains a character that cannot be stored or searched for (e.g. NUL).")
+    return v
 
 
 def _err_reply(status: int, message: str, code: str, param: str | None = None,
@@ -165,8 +174,8 @@ def admin_routes(services: Any) -> list[Any]:
         await fresh(s)
         q = request.query
         try:
-            data, nxt = await s.store.list(owner=q.get("owner"), key_id=q.get("key_id"), since=_time(q, "since"),
-                                           until=_time(q, "until"), q=q.get("q") or None,
+            data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_text(q, "key_id"), since=_time(q, "since"),
+                                           until=_time(q, "until"), q=_text(q, "q") or None,
                                            limit=_limit(q, 50), cursor=q.get("cursor"))
         except BadParam:
             raise
@@ -188,49 +197,54 @@ def admin_routes(services: Any) -> list[Any]:
             out["turns"] = await s.store.turns(cid)
         return web.json_response(out, dumps=dumps)
 
-    async def stream_jsonl(request: web.Request, name: str, **where: Any) -> tuple[web.StreamResponse, int]:
+    async def stream_jsonl(request: web.Request, name: str, **where: Any) -> tuple[web.StreamResponse, int, bool]:
         s = shared()
         resp = web.StreamResponse(status=200, headers={
             "Content-Type": "application/x-ndjson; charset=utf-8",
             "Content-Disposition": f'attachment; filename="{name}.jsonl"'})
         await resp.prepare(request)
-        n = 0
+        n = 0  # messages written to the response (not just read)
+        complete = False
         buf: list[str] = []
         try:
             async for m in s.store.export(**where):
                 buf.append(dumps(m))
-                n += 1
                 if len(buf) >= 200:
                     await resp.write(("\n".join(buf) + "\n").encode())
+                    n += len(buf)
                     buf.clear()
             if buf:
                 await resp.write(("\n".join(buf) + "\n").encode())
+                n += len(buf)
             await resp.write_eof()
+            complete = True
         except (ConnectionResetError, OSError):
             log.info("conversation export: client went away after %d message(s)", n)
         except Exception as e:  # headers are sent: all we can do is cut the stream short
             log.error("conversation export failed after %d message(s): %s", n, type(e).__name__)
             if request.transport is not None:
                 request.transport.close()
-        return resp, n
+        return resp, n, complete
 
     async def export_one(request: web.Request) -> web.StreamResponse:
         s = shared()
         await fresh(s)
         cid = request.match_info["cid"]
-        if await s.store.get(cid) is None:
+        if not text_ok(cid) or await s.store.get(cid) is None:
             return _not_found()
-        resp, n = await stream_jsonl(request, cid, cid=cid)
-        services.events.emit("conversation.exported", actor=admin_identity(request), conversation_id=cid, messages=n)
+        resp, n, complete = await stream_jsonl(request, cid, cid=cid)
+        services.events.emit("conversation.exported", actor=admin_identity(request), conversation_id=cid, messages=n,
+                             complete=complete)
         return resp
 
     async def export_owner(request: web.Request) -> web.StreamResponse:
-        owner = request.query.get("owner")
+        owner = _text(request.query, "owner")  # checked before the 200 is sent
         if not owner:
             raise BadParam("owner", "owner is required (export of one owner's conversations).")
         await fresh(shared())
-        resp, n = await stream_jsonl(request, "conversations", owner=owner)
-        services.events.emit("conversation.exported", actor=admin_identity(request), owner=owner, messages=n)
+        resp, n, complete = await stream_jsonl(request, "conversations", owner=owner)
+        services.events.emit("conversation.exported", actor=admin_identity(request), owner=owner, messages=n,
+                             complete=complete)
         return resp
 
     async def delete_one(request: web.Request) -> web.Response:
@@ -272,13 +286,20 @@ def admin_routes(services: Any) -> list[Any]:
                              deleted=len(ids))
         return web.json_response({"object": "conversations.purged", "older_than_days": days, "deleted": len(ids)})
 
+    async def no_head(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+
     return [
         web.get("/conversations", guarded(list_)),
         web.delete("/conversations", guarded(delete_owner)),
-        web.get("/conversations/export", guarded(export_owner)),
+        # No HEAD on the exports: aiohttp would run the whole export, and record it, for a HEAD. An
+        # explicit 405 (a bare allow_head=False would let HEAD fall through to /conversations/{cid}).
+        web.get("/conversations/export", guarded(export_owner), allow_head=False),
+        web.head("/conversations/export", no_head),
         web.post("/conversations/purge", guarded(purge)),
         web.get("/conversations/{cid}", guarded(show)),
-        web.get("/conversations/{cid}/export", guarded(export_one)),
+        web.get("/conversations/{cid}/export", guarded(export_one), allow_head=False),
+        web.head("/conversations/{cid}/export", no_head),
         web.delete("/conversations/{cid}", guarded(delete_one)),
     ]
 

@@ -48,11 +48,11 @@ def add_cli(sub: Any) -> None:
     x.add_argument("--since", help="ISO 8601 time")
     x.add_argument("--until", help="ISO 8601 time")
     x.add_argument("-q", "--query", help="text search in message content")
-    x.add_argument("--limit", type=int, default=50)
+    x.add_argument("--limit", type=cli.whole_number(1, 1000), default=50, help="page size, 1..1000 (default 50)")
     x.add_argument("--cursor")
     x = common(cs.add_parser("show", help="one conversation with its messages"))
     x.add_argument("id")
-    x.add_argument("--limit", type=int, default=1000)
+    x.add_argument("--limit", type=cli.whole_number(1, 1000), default=1000, help="at most this many messages, 1..1000 (default 1000)")
     x = common(cs.add_parser("export", help="JSONL, one line per message (stdout or -o FILE)"))
     x.add_argument("id", nargs="?")
     x.add_argument("--owner")
@@ -130,16 +130,27 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             print(f"no conversation {args.id}", file=sys.stderr)
             return 1
         f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-        n = 0
+        n = pending = 0  # lines handed to the OS / lines still in the file buffer
+        complete = False
         try:
             async for m in store.export(cid=args.id, owner=args.owner):
                 f.write(dumps(m) + "\n")
-                n += 1
+                pending += 1
+                if pending >= 200:
+                    f.flush()
+                    n, pending = n + pending, 0
+            f.flush()
+            n, pending, complete = n + pending, 0, True
         finally:
-            if args.output:
-                f.close()
-        services.events.emit("conversation.exported", actor="cli", conversation_id=args.id, owner=args.owner,
-                             messages=n)
+            # An export cut short (`| head`, Ctrl-C, a full disk) is recorded too, with what was
+            # actually written, like the admin API's (an audit trail that only sees finished
+            # exports misses the ones that leaked part of the data).
+            try:
+                if args.output:
+                    f.close()
+            finally:
+                services.events.emit("conversation.exported", actor="cli", conversation_id=args.id,
+                                     owner=args.owner, messages=n, complete=complete)
         if args.output:
             print(f"exported {n} message(s) to {args.output}", file=sys.stderr)
         return 0

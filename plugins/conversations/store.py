@@ -236,6 +236,13 @@ def decode_cursor(s: str) -> list[Any]:
     return v
 
 
+def text_ok(s: str) -> bool:
+    """Whether every database can hold and compare ``s``: PostgreSQL text takes no NUL, and UTF-8
+    (both databases) no lone surrogate. A filter or cursor part that fails this can match nothing
+    stored; it is the caller's mistake (400), not the store's (503)."""
+    return "\x00" not in s and not any("\ud800" <= ch <= "\udfff" for ch in s)
+
+
 def parse_time(s: str) -> dt.datetime:
     """ISO 8601 (``Z`` or offset allowed) to naive UTC."""
     t = dt.datetime.fromisoformat(s.strip().replace("Z", "+00:00"))
@@ -517,7 +524,7 @@ class ConversationStore:
             try:
                 ts, last = decode_cursor(cursor)
                 t = parse_time(ts)
-                if not isinstance(last, str):
+                if not isinstance(last, str) or not text_ok(last):
                     raise TypeError
             except (ValueError, TypeError, AttributeError, OverflowError):
                 raise ValueError("invalid cursor") from None

@@ -225,6 +225,10 @@ def routes(services: "Services") -> list[web.RouteDef]:
                 return _err(422, "name: must be a string", "invalid_value", "name")
             else:
                 changes[f] = v
+        if not changes:  # (like `gateway keys update` with no option: no write, no updated_at, no event)
+            if await store.get(key_id) is None:
+                return _not_found(key_id)  # (an unknown key is still a 404, whatever the body)
+            return _err(400, "Nothing to change: give at least one field.", "nothing_to_change")
         rec = await store.update(key_id, changes)
         if rec is None:
             return _not_found(key_id)

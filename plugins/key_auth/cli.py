@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -95,7 +97,7 @@ def add_cli(subparsers: Any) -> None:
     c.add_argument("--owner")
     c.add_argument("--team")
     c.add_argument("--status", choices=["active", "revoked", "expired"])
-    c.add_argument("--limit", type=_positive, default=1000, help="at most this many keys (default 1000)")
+    c.add_argument("--limit", type=core_cli.whole_number(), default=1000, help="at most this many keys (default 1000)")
     c = cmd("show", "show one key")
     c.add_argument("key_id")
     c = cmd("update", "change a key's name, team, metadata, scopes, limits or expiry")
@@ -160,7 +162,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                                           team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
                                           limits=ch.get("limits"), expires_at=ch.get("expires_at"))
             services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
-            return _out(args, {**rec, "key": key}, secret=key)
+            return _out(args, {**rec, "key": key}, secret=key, did="created")
         if c == "list":
             rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit)
             if args.json:
@@ -208,7 +210,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if res is None:
                 return _fail(f"no key with id {args.key_id!r}")
             services.events.emit("key.rotated", actor="cli", key_id=args.key_id, grace_seconds=grace)
-            return _out(args, {**res[0], "key": res[1]}, secret=res[1])
+            return _out(args, {**res[0], "key": res[1]}, secret=res[1], did="rotated")
         if c == "revoke":
             rec = await store.revoke(args.key_id)
             if rec is None:
@@ -219,7 +221,10 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if await store.get(args.key_id) is None:
                 return _fail(f"no key with id {args.key_id!r}")
             today = dt.datetime.now(dt.timezone.utc).date()
-            u = await store.usage(args.key_id, args.start or today.replace(day=1), args.end or today)
+            start, end = args.start or today.replace(day=1), args.end or today
+            if end < start:  # the same rule as GET /keys/{id}/usage (400 "to is before from")
+                return _fail(f"--to ({end}) is before --from ({start})")
+            u = await store.usage(args.key_id, start, end)
             if args.json:
                 core_cli.print_json(u)
             else:
@@ -247,22 +252,31 @@ def _invalid(model: Any, data: dict[str, Any]) -> str | None:
     return None
 
 
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
-def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = None) -> int:
-    if args.json:
+def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = None, did: str = "created") -> int:
+    if secret:
+        # The secret exists nowhere else: output that cannot be written (a closed pipe, a full
+        # disk, no stdout at all) is an error that says which key to revoke, never a quiet exit 0.
+        try:
+            if sys.stdout is None:
+                raise BrokenPipeError("no stdout")
+            if args.json:
+                core_cli.print_json(rec)
+            else:
+                print(f"API key (shown once, store it now): {secret}")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
+            kid = rec.get("id")
+            with contextlib.suppress(OSError, ValueError):
+                print(f"gateway keys: key {kid} was {did} but its {'new ' if did == 'rotated' else ''}secret could "
+                      f"not be printed; revoke it with `gateway keys revoke {kid}`", file=sys.stderr)
+            return 1
+        if args.json:
+            return 0
+    elif args.json:
         core_cli.print_json(rec)
         return 0
-    if secret:
-        print(f"API key (shown once, store it now): {secret}")
     for k, v in rec.items():
         if k == "key":
             continue
