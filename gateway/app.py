@@ -261,7 +261,9 @@ class Gateway:
         self.upstream.configure(new.upstream)
         self.proxy.configure(new.server)
         _activate(rt)
-        task = asyncio.create_task(old.shutdown(wait=new.server.shutdown_timeout))
+        # The old chain serves the requests it began for as long as they last (an LLM stream can
+        # outlast server.shutdown_timeout): a plugin the reload removed still records them.
+        task = asyncio.create_task(old.shutdown(wait=None))
         self._old_runtimes.add(task)
         self._retiring.add(old)
         task.add_done_callback(self._old_runtimes.discard)

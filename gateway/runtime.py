@@ -138,8 +138,10 @@ class Runtime:
         except TimeoutError:
             return False
 
-    async def shutdown(self, wait: float = 30.0) -> None:
-        if wait and self.inflight:
+    async def shutdown(self, wait: float | None = 30.0) -> None:
+        """Shut the plugins down once no request is in flight, waiting up to ``wait`` seconds
+        (None: as long as they last; a gateway stopping cuts them after its own drain time)."""
+        if (wait is None or wait) and self.inflight:
             try:
                 async with asyncio.timeout(wait):
                     await self._idle.wait()

@@ -176,3 +176,31 @@ async def test_sighup_right_after_start_does_not_kill(tmp_path: Path, upstream: 
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         proc.stop()
+
+
+async def test_stream_outliving_shutdown_timeout_is_recorded_after_its_plugin_is_removed(
+        make_gateway: Any, tmp_path: Path) -> None:
+    """A reload that removes conversations while a stream runs longer than server.shutdown_timeout:
+    the old chain keeps serving that stream to its end, and its turn is stored."""
+    g = await make_gateway([{"name": "conversations", "config": {"flush_interval": 0.05}}],
+                           server={"shutdown_timeout": 0.5})
+    path = Path(g.gw.cfg.path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.1", "X-Demo-Words": "15"})
+        assert r.status == 200
+        cid = r.headers["X-Conversation-ID"]
+        _edit(path, lambda c: c.update({"plugins": []}))
+        assert (await _reload(s, g.admin_url))[0] == 200
+        text = (await r.read()).decode()
+        r.close()
+        assert text.endswith("data: [DONE]\n\n")
+    deadline = time.monotonic() + 10
+    while True:
+        with sqlite3.connect(tmp_path / "gateway.db") as c:
+            roles = [row[0] for row in c.execute(
+                "SELECT role FROM conversation_messages WHERE conversation_id = ? ORDER BY position", (cid,))]
+        if roles == ["user", "assistant"]:
+            break
+        assert time.monotonic() < deadline, roles
+        await asyncio.sleep(0.05)
