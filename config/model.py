@@ -101,6 +101,15 @@ class UpstreamConfig(Model):
                                     description="Headers added to every upstream request (its credentials).")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     max_connections: int = Field(256, ge=1, description="Connection pool size to the upstream.")
+    keepalive_timeout: float = Field(
+        4.0, gt=0, le=3600,
+        description="Seconds an idle pooled connection to the upstream is kept. Keep it below the "
+                    "upstream's own keep-alive timeout (uvicorn, which serves vLLM and many others: 5 s), "
+                    "or a request sent just as the upstream closes the connection fails with a 502.")
+    stream_usage: bool = Field(
+        True, description="Ask the upstream for usage on streamed chat/completions (stream_options."
+                          "include_usage) when a plugin counts tokens. Turned off automatically for an "
+                          "upstream that refuses the field; set false for one known to.")
     health_path: str | None = Field(None, description="GET this path for /readyz; default: TCP connect only.")
 
     @field_validator("url")
@@ -245,6 +254,7 @@ class GatewayConfig(Model):
         out.update({f"admin.{k}": v for k, v in self.admin.model_dump().items()})
         out.update({f"database.{k}": v for k, v in self.database.model_dump().items()})
         out["upstream.max_connections"] = self.upstream.max_connections
+        out["upstream.keepalive_timeout"] = self.upstream.keepalive_timeout
         return out
 
     def restart_needed(self, new: "GatewayConfig") -> list[str]:

@@ -222,8 +222,8 @@ class Gateway:
         fixed = self.cfg.restart_needed(new)
         if fixed:
             return False, (f"{', '.join(fixed)} cannot change without a restart (server.host, server.port, "
-                           "server.shutdown_timeout, server.keepalive_timeout, admin, database and upstream.max_connections "
-                           "need one)")
+                           "server.shutdown_timeout, server.keepalive_timeout, admin, database, upstream.max_connections "
+                           "and upstream.keepalive_timeout need one)")
         if uses_database(new) and not uses_database(self.cfg):
             assert self.db is not None
             try:

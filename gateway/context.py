@@ -41,7 +41,7 @@ class RequestContext:
         "trusted", "upstream_headers", "identity", "conversation_id", "state", "status", "source",
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
-        "strip_usage_chunk", "response_headers",
+        "strip_usage_chunk", "response_headers", "usage_original",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, trusted: list[Any]) -> None:
@@ -82,6 +82,8 @@ class RequestContext:
         self.completion: "Completion | None" = None
         self.client_wants_usage = False
         self.strip_usage_chunk = False
+        #: (body, parsed) before the gateway added stream_options: sent again if the upstream refuses it.
+        self.usage_original: tuple[bytes, Any] | None = None
         self.response_headers: dict[str, str] = {}  # set on the client response, before on_response hooks run
 
     # -- request body ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class Completion:
 
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
                  "unread",
-                 "deltas", "done", "message", "t_first_token", "kind", "raw")
+                 "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -44,6 +44,11 @@ class Completion:
         self.t_first_token: float | None = None
         self.kind = "json"     # "json" or "sse"
         self.raw: Any = None   # the parsed JSON body (non-streamed)
+        #: The upstream reported an error inside a 2xx answer: an ``error`` object as a stream event
+        #: (vLLM on an engine failure, then ``[DONE]``), an ``event: error``, or a JSON body that is
+        #: an error object. The answer is then not a finished one, whatever [DONE] said.
+        self.error = False
+        self.ended = False     # saw the stream's terminating [DONE]
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -190,11 +195,14 @@ class ResponseObserver:
                 if line.startswith(b"data:"):
                     v = line[5:]
                     data_lines.append(v[1:] if v.startswith(b" ") else v)
+                elif line.startswith(b"event:") and line[6:].strip() == b"error":
+                    self.c.error = True
             if not data_lines:
                 return True
             data = b"\n".join(data_lines)
         if data.strip() == b"[DONE]":
             self.c.done = True
+            self.c.ended = True
             return True
         try:
             obj = loads(data)
@@ -204,6 +212,8 @@ class ResponseObserver:
             return True
         c = self.c
         kind = obj.get("type")
+        if kind == "error":  # the Responses API's error event
+            c.error = True
         if isinstance(kind, str) and kind.startswith("response."):
             self._response_event(kind, obj)  # the Responses API's typed events
             return True
@@ -215,6 +225,8 @@ class ResponseObserver:
         choices = obj.get("choices")
         if not isinstance(choices, list):
             choices = []
+            if obj.get("error"):
+                c.error = True
         if isinstance(usage, dict):
             c.usage = usage
         for ch in choices:
@@ -335,6 +347,8 @@ class ResponseObserver:
             self._response_json(obj)  # the Responses API's answer
             return
         choices = obj.get("choices")
+        if not isinstance(choices, list) and obj.get("error"):
+            c.error = True  # a 2xx body that is an error object
         for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
@@ -433,5 +447,6 @@ def ask_for_usage(ctx: Any) -> None:
         return
     new = dict(j)
     new["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    ctx.usage_original = (ctx.body, ctx._json)
     ctx.set_json(new)
     ctx.strip_usage_chunk = True

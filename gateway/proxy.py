@@ -7,6 +7,7 @@ asked for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -153,7 +154,7 @@ class Proxy:
                     return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
-                if request.method == "POST" and request.path.endswith(_USAGE_PATHS):
+                if request.method == "POST" and request.path.endswith(_USAGE_PATHS) and self.gw.upstream.stream_usage:
                     ask_for_usage(ctx)
             return await self._forward(ctx, chain)
         except GatewayError as e:
@@ -302,17 +303,46 @@ class Proxy:
         up = self.gw.upstream
         ctx.t_upstream = _perf()
         resp = await up.send(ctx)
+        pending = b""
+        if ctx.usage_original is not None and ctx.strip_usage_chunk and resp.status in (400, 422):
+            # An upstream that refuses fields it does not know (an older server) may refuse the
+            # stream_options the gateway added: ask again as the client asked, and stop adding it.
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                pending = await resp.content.read(_ERROR_PEEK)
+            if b"stream_options" in pending:
+                resp.close()
+                if up.stream_usage:
+                    up.stream_usage = False
+                    log.warning("the upstream refused stream_options: streams are now sent as the client sent "
+                                "them, and their tokens are counted from the deltas relayed (set "
+                                "upstream.stream_usage: false to say so in the config)")
+                ctx.body, ctx._json = ctx.usage_original
+                ctx.usage_original = None
+                ctx.strip_usage_chunk = False
+                pending = b""
+                resp = await up.send(ctx)
         ctx.t_headers = _perf()
         ctx.source = "upstream"
         try:
-            return await self._relay(ctx, chain, resp)
+            return await self._relay(ctx, chain, resp, pending)
         finally:
             resp.close()  # releases (or, if not fully read, drops) the upstream connection
 
-    async def _relay(self, ctx: RequestContext, chain: "Chain", resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, ctx: RequestContext, chain: "Chain", resp: aiohttp.ClientResponse,
+                     pending: bytes = b"") -> web.StreamResponse:
+        """Relay the upstream's response (``pending``: its first bytes, already read)."""
         request = ctx.request
         ctype = resp.headers.get("Content-Type", "")
         streamed = ctype[:17].lower() == "text/event-stream"  # media types are case-insensitive
+        content = resp.content
+        if not streamed and not pending and ctx.observe and (ctx.strip_usage_chunk or ctx.client_wants_usage) \
+                and 200 <= resp.status < 300 and "json" not in ctype.lower() and "Content-Encoding" not in resp.headers:
+            # A streamed request answered without text/event-stream (a server that names no media
+            # type, or text/plain): if its first bytes are SSE, it is read as SSE, so its usage is
+            # counted and the usage chunk the gateway asked for does not reach the client.
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                pending = await content.readany()  # (a failure here shows again on the next read)
+            streamed = _SSE_START.match(pending) is not None
         ctx.streamed = streamed
         observer = None
         if ctx.observe:
@@ -330,13 +360,15 @@ class Proxy:
             out.force_close()
         ctx.status = head.status
         await out.prepare(request)
-        content = resp.content
         sent = 0
         complete = False
         try:
             while True:
                 try:
-                    chunk = await content.readany()  # the connection's read timeout is `idle`
+                    if pending:
+                        chunk, pending = pending, b""
+                    else:
+                        chunk = await content.readany()  # the connection's read timeout is `idle`
                 except (aiohttp.ServerTimeoutError, TimeoutError):
                     ctx.outcome = "upstream_timeout"
                     log.warning("upstream idle timeout mid-response (request %s)", ctx.request_id)
@@ -357,7 +389,14 @@ class Proxy:
                         ctx.t_first_byte = _perf()
                     await out.write(chunk)
                     sent += len(chunk)
+                if observer is not None and observer.c.ended:
+                    # [DONE] is the stream's last event: the answer is whole even if the upstream
+                    # keeps the connection open (the client would wait out the idle timeout).
+                    complete = True
+                    break
             tail = observer.finish() if observer is not None else b""
+            if observer is not None and observer.c.error and ctx.outcome == "ok":
+                ctx.outcome = "upstream_error"  # a 2xx answer that reported an error in its body
             for p in chunk_plugins:
                 tail = await self._on_chunk(ctx, p, tail, True)
             if tail:
@@ -396,6 +435,12 @@ class Proxy:
         except Exception:
             log.exception("plugin %s failed in on_chunk (request %s)", p.name, ctx.request_id)
             raise PluginFailed(p.name, "on_chunk") from None
+
+
+#: Bytes of an upstream's 4xx answer read to see whether it refused the stream_options the gateway added.
+_ERROR_PEEK = 65536
+#: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.
+_SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 
 
 def _faulty_framing(request: web.BaseRequest) -> bool:

@@ -62,6 +62,8 @@ class Upstream:
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.timeouts = cfg.timeouts
         self.static_headers = dict(cfg.headers)
+        #: Ask for usage on streams (off by config, or once this upstream refused stream_options).
+        self.stream_usage = cfg.stream_usage
 
     @property
     def timeouts(self) -> Any:
@@ -77,7 +79,7 @@ class Upstream:
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
-                                    keepalive_timeout=30, ttl_dns_cache=300)
+                                    keepalive_timeout=self.cfg.keepalive_timeout, ttl_dns_cache=300)
         kw: dict[str, Any] = dict(
             connector=conn, auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # relay, don't invent

@@ -85,9 +85,20 @@ _canon = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", "
 _qstr = json.encoder.encode_basestring  # what _canon writes for a str (ensure_ascii=False)
 
 
+#: A reasoning model's thinking, stored with its answer (a non-streamed answer carries it in the
+#: message) but not part of the message: clients send the answer back without it (as the backends
+#: that produce it ask), and memory does not replay it (those backends refuse it in a request).
+REASONING_KEYS = frozenset({"reasoning_content", "reasoning"})
+
+
+def without_reasoning(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if k not in REASONING_KEYS} if REASONING_KEYS.intersection(m) else m
+
+
 def canonical(m: Any) -> str:
     """The form used to decide whether two messages are the same: keys sorted, empty values
-    (``None``, ``""`` content, ``[]``, ``{}``) dropped, tool calls reduced to id/type/name/arguments."""
+    (``None``, ``""`` content, ``[]``, ``{}``) and reasoning dropped, tool calls reduced to
+    id/type/name/arguments."""
     if type(m) is dict and len(m) == 2:
         # the common plain text message, written out directly (the same text the encoder makes)
         c = m.get("content")
@@ -98,7 +109,7 @@ def canonical(m: Any) -> str:
         return _canon(m)
     out: dict[str, Any] = {}
     for k, v in m.items():
-        if v is None or v == [] or v == {} or (k == "content" and v == ""):
+        if v is None or v == [] or v == {} or (k == "content" and v == "") or k in REASONING_KEYS:
             continue
         if k == "tool_calls" and isinstance(v, list):
             v = [{"id": tc.get("id"), "type": tc.get("type") or "function",
@@ -339,13 +350,14 @@ class Conversations(Plugin):
                 return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
                                              "server_error", "conversation_store_unavailable", None),
                              {"Retry-After": "1"})
-            forwarded = [m for m, _ in history] + new
+            replay = [without_reasoning(m) for m, _ in history]
+            forwarded = replay + new
             toks = [t for _, t in history]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
             if len(history) != start or len(forwarded) != len(msgs):
                 # the history, then the client's messages from the first new one (``new``) on
                 exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
-                ctx.set_json({**exact, "messages": [m for m, _ in history] + exact["messages"][start:]})
+                ctx.set_json({**exact, "messages": replay + exact["messages"][start:]})
         elif k:
             toks = v.tokens[:k]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]

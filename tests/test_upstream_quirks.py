@@ -1,0 +1,209 @@
+"""Backends that are OpenAI-compatible with quirks: a stream without its media type, a server that
+refuses stream_options, reasoning models' extra fields, an error inside a 200 stream, and a
+stream that stays open after [DONE]."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .helpers import start_gateway, base_config, write_config
+
+T = aiohttp.ClientTimeout(total=15)
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [
+        {"index": 0, "delta": delta, "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+USAGE_CHUNK = b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": [],
+                                      "usage": USAGE}).encode() + b"\n\n"
+
+
+class Quirky:
+    """An upstream whose behaviour the request's model names."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        mode = body.get("model")
+        wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        if mode == "strict" and "stream_options" in body:
+            return web.json_response({"object": "error", "message": "extra fields not permitted: stream_options",
+                                      "type": "BadRequestError", "code": 400}, status=400)
+        if mode == "reasoning":
+            return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": "Answer", "reasoning_content": "Let me think"}}],
+                "usage": USAGE})
+        if not body.get("stream"):
+            return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}],
+                "usage": USAGE})
+        headers = {"Content-Type": "text/plain"} if mode == "no_ctype" else {"Content-Type": "text/event-stream"}
+        resp = web.StreamResponse(headers=headers)
+        if mode == "no_ctype":
+            resp.content_type = "text/plain"
+        await resp.prepare(request)
+        await resp.write(_chunk({"role": "assistant", "content": "Hel"}))
+        if mode == "error_event":
+            await resp.write(b'data: {"error": {"message": "Engine died", "type": "InternalServerError"}}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        await resp.write(_chunk({"content": "lo"}, "stop"))
+        if wants_usage:
+            await resp.write(USAGE_CHUNK)
+        await resp.write(b"data: [DONE]\n\n")
+        if mode == "done_open":
+            await asyncio.sleep(60)  # [DONE] sent, connection kept open
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def quirky() -> AsyncIterator[tuple[Quirky, str]]:
+    q = Quirky()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", q.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield q, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def _gateway(tmp_path: Path, url: str, **conv: Any) -> Any:
+    cfg = base_config(url, tmp_path, [{"name": "conversations", "config": {"flush_interval": 0.05, **conv}}],
+                      upstream={"url": url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 30}})
+    return await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
+
+
+def _turn(db: Path, cid: str) -> tuple[Any, ...] | None:
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT status, completion_tokens FROM conversation_turns WHERE conversation_id = ? "
+                         "ORDER BY id DESC LIMIT 1", (cid,)).fetchone()
+
+
+async def _wait_turn(db: Path, cid: str) -> tuple[Any, ...]:
+    deadline = time.monotonic() + 10
+    while True:
+        if db.exists():
+            row = _turn(db, cid)
+            if row is not None:
+                return row
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def _stream(s: aiohttp.ClientSession, url: str, model: str, **headers: str) -> tuple[str, str]:
+    async with s.post(url + "/v1/chat/completions", headers=headers, json={
+            "model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        assert r.status == 200, await r.text()
+        return (await r.read()).decode(), r.headers["X-Conversation-ID"]
+
+
+async def test_stream_without_its_media_type_is_read_as_sse(quirky: Any, tmp_path: Path) -> None:
+    """A server that streams SSE as text/plain: the usage the gateway asked for is counted, and the
+    chunk carrying it does not reach a client that did not ask for it."""
+    q, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "no_ctype")
+        assert q.bodies[-1]["stream_options"] == {"include_usage": True}
+        assert '"usage"' not in text and text.endswith("data: [DONE]\n\n") and '"content": "lo"' in text
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
+    finally:
+        await g.stop()
+
+
+async def test_upstream_refusing_stream_options_gets_the_request_as_sent(quirky: Any, tmp_path: Path) -> None:
+    """An older server that refuses unknown fields: the gateway's stream_options would turn a
+    working request into a 400. It is sent again as the client sent it, and not added again."""
+    q, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "strict")
+            assert text.endswith("data: [DONE]\n\n") and '"content": "Hel"' in text
+            assert [("stream_options" in b) for b in q.bodies] == [True, False]
+            await _stream(s, g.url, "strict")
+            assert [("stream_options" in b) for b in q.bodies] == [True, False, False]
+        # no usage reported (the turn says so; the message's tokens are derived from the deltas)
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
+    finally:
+        await g.stop()
+
+
+async def test_reasoning_in_an_answer_neither_forks_nor_is_replayed(quirky: Any, tmp_path: Path) -> None:
+    """A reasoning model's answer carries reasoning_content; clients send the answer back without
+    it (as such backends ask). That is the same conversation, not a fork, and memory does not send
+    the reasoning back (such backends refuse it in a request)."""
+    q, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            first = [{"role": "user", "content": "q1"}]
+            async with s.post(g.url + "/v1/chat/completions", json={"model": "reasoning", "messages": first}) as r:
+                cid = r.headers["X-Conversation-ID"]
+                answer = (await r.json())["choices"][0]["message"]
+            assert answer["reasoning_content"] == "Let me think"
+            resent = first + [{"role": "assistant", "content": answer["content"]}, {"role": "user", "content": "q2"}]
+            await _wait_turn(tmp_path / "gateway.db", cid)
+            async with s.post(g.url + "/v1/chat/completions", headers={"X-Conversation-ID": cid},
+                              json={"model": "reasoning", "messages": resent}) as r:
+                assert r.status == 200
+                assert r.headers["X-Conversation-ID"] == cid  # not a fork
+            async with s.post(g.url + "/v1/chat/completions",
+                              headers={"X-Conversation-ID": cid, "X-Conversation-Memory": "on"},
+                              json={"model": "reasoning", "messages": [{"role": "user", "content": "q3"}]}) as r:
+                assert r.status == 200
+        sent = q.bodies[-1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
+        assert not any("reasoning_content" in m for m in sent)
+    finally:
+        await g.stop()
+
+
+async def test_error_event_inside_a_200_stream_is_not_a_complete_answer(quirky: Any, tmp_path: Path) -> None:
+    """A server that fails mid-stream sends an error object as an event, then [DONE], with HTTP 200.
+    The partial answer is stored, as an upstream error, not as a complete answer."""
+    _, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "error_event")
+        assert "Engine died" in text
+        status, _ = await _wait_turn(tmp_path / "gateway.db", cid)
+        assert status == "upstream_error"
+    finally:
+        await g.stop()
+
+
+async def test_stream_kept_open_after_done_ends_for_the_client(quirky: Any, tmp_path: Path) -> None:
+    """[DONE] is the last event: the client's response ends there, complete, even if the upstream
+    keeps its connection open (the client would otherwise wait out the 30 s idle timeout; the
+    client's 15 s timeout here catches that)."""
+    _, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "done_open")
+        assert text.endswith("data: [DONE]\n\n")
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
+    finally:
+        await g.stop()
