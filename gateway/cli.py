@@ -94,10 +94,12 @@ def check_database_exists(cfg: GatewayConfig) -> None:
                              "`gateway db upgrade` or `gateway keys create` make it)")
 
 
-async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
-    """Database + Services for a CLI command; applies migrations if the config says so. Unless
-    ``create``, a SQLite file that does not exist is an error (a mistyped path must not show an
-    empty, intact-looking database)."""
+async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True) -> Any:
+    """Database + Services for a CLI command. Unless ``create``, a SQLite file that does not exist
+    is an error (a mistyped path must not show an empty, intact-looking database). A schema behind
+    this version is migrated, saying so, when the config says so and the command ``writes``; a
+    command that only reads never migrates (a newer CLI pointed at a database an older gateway
+    still serves must not make that gateway unable to start): it asks for `gateway db upgrade`."""
     from .services import Services
 
     if not create:
@@ -106,18 +108,22 @@ async def cli_services(cfg: GatewayConfig, create: bool = False) -> Any:
     auto = cfg.database.auto_migrate
     if auto is None:
         auto = db.is_sqlite
-    if auto:
-        await db.upgrade()
-    else:
-        try:
-            pending = await db.pending_migrations()
-        except Exception:
-            await db.close()
-            raise
-        if pending:
-            await db.close()
-            raise NoDatabase("the database schema is not up to date: run `gateway db upgrade -c <config>` "
-                             "(or set database.auto_migrate: true)")
+    try:
+        pending = await db.pending_migrations()
+        if pending and auto and writes:
+            fresh = not await db.applied_revisions()
+            heads = await db.upgrade()
+            if not fresh:  # (a new database being made is what `keys create` is documented to do)
+                print(f"gateway: database schema migrated (now at {', '.join(heads)})", file=sys.stderr)
+            pending = []
+    except Exception:
+        await db.close()
+        raise
+    if pending:
+        await db.close()
+        raise NoDatabase("the database schema is behind this version of the gateway: run `gateway db upgrade "
+                         "-c <config>` first (gateways older than this one cannot open it afterwards)"
+                         + ("" if auto else ", or set database.auto_migrate: true"))
     services = Services(cfg, db, owns_db=True)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
     # what they queue is flushed by services.close().
@@ -158,7 +164,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from .db import current_sync, upgrade_sync
+    from .db import upgrade_sync
 
     cfg = load(args)
     if args.db_command == "upgrade":
@@ -166,12 +172,27 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"database at head: {', '.join(heads) or '(no migrations)'}")
     else:
         check_database_exists(cfg)  # `current` only reads: it must not create the file
-        lines = current_sync(cfg.database.url)
-        for line in lines:
+        for line in asyncio.run(_current(cfg)):
             print(line)
-        if not lines:
-            print("(no migrations applied)")
     return 0
+
+
+async def _current(cfg: GatewayConfig) -> list[str]:
+    """The applied revisions, ``(head)`` marked; a revision this version does not know (a newer
+    gateway migrated the database) is said to be one rather than failing."""
+    from .db import current_sync, revisions_sync
+
+    db = open_database(cfg)
+    try:
+        applied = await db.applied_revisions()
+    finally:
+        await db.close()
+    if not applied:
+        return ["(no migrations applied)"]
+    _, known = revisions_sync(cfg.database.url)
+    if applied <= known:
+        return await asyncio.to_thread(current_sync, cfg.database.url)
+    return [r if r in known else f"{r} (not known to this version: a newer gateway applied it)" for r in sorted(applied)]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

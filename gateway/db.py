@@ -149,17 +149,29 @@ class Database:
         """The migration heads this database has not reached (empty: the schema is current, or
         newer than this version of the gateway knows: another instance upgraded it first)."""
         heads, known = await asyncio.to_thread(revisions_sync, self.url)
-        async with self.engine.connect() as conn:
-            has = await conn.run_sync(lambda c: inspect(c).has_table("alembic_version"))
-            applied = set() if not has else {r[0] for r in await conn.execute(text("SELECT version_num FROM alembic_version"))}
+        applied = await self.applied_revisions()
         if applied - known:
             log.warning("the database schema has migrations this version does not know (a newer gateway "
                         "upgraded it); starting anyway")
             return []
         return sorted(set(heads) - applied)
 
+    async def applied_revisions(self) -> set[str]:
+        """The migration revisions recorded in the database (none for an empty one)."""
+        async with self.engine.connect() as conn:
+            has = await conn.run_sync(lambda c: inspect(c).has_table("alembic_version"))
+            return set() if not has else {r[0] for r in await conn.execute(text("SELECT version_num FROM alembic_version"))}
+
     async def upgrade(self) -> list[str]:
-        """Apply every migration branch up to its head; returns the heads now applied."""
+        """Apply every migration branch up to its head; returns the heads now applied. A schema a
+        newer gateway already migrated further is left as it is (this version cannot read its
+        revisions, and an older schema is all it needs: migrations only add)."""
+        _, known = await asyncio.to_thread(revisions_sync, self.url)
+        applied = await self.applied_revisions()
+        if applied - known:
+            log.warning("the database schema has migrations this version does not know (%s: a newer gateway "
+                        "upgraded it); not migrating", ", ".join(sorted(applied - known)))
+            return sorted(applied)
         return await asyncio.to_thread(upgrade_sync, self.url)
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -198,9 +210,12 @@ def upgrade_sync(url: str) -> list[str]:
 @contextlib.contextmanager
 def _sqlite_file_lock(url: str) -> Iterator[None]:
     """Several gateways started at once on one new SQLite file would each create the tables
-    ("table ... already exists"): the migration runs under an exclusive lock on the file itself
-    (flock, which SQLite's own locks do not use). PostgreSQL takes an advisory lock instead
-    (migrations/env.py)."""
+    ("table ... already exists"): the migration runs under an exclusive flock on a lock file next to
+    the database (``<file>.lock``). Never on the database file itself: SQLite's locks are POSIX
+    record locks, which the process loses on *every* descriptor of the file when any one of them is
+    closed, so opening and closing the database file here would silently drop the locks of the
+    connections this process has open (and corrupt what they see). PostgreSQL takes an advisory
+    lock instead (migrations/env.py)."""
     from sqlalchemy.engine import make_url
 
     name = make_url(url).database if url.startswith("sqlite") else None
@@ -209,9 +224,12 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
         return
     import fcntl
 
-    # read-only when it exists (a database that cannot be written can still be read, and flock
-    # does not need write access); created empty otherwise (an empty file is an empty database)
-    with open(name, "rb" if os.path.exists(name) else "ab") as f:
+    try:
+        f = open(name + ".lock", "ab")
+    except OSError:  # a directory that cannot be written: nothing can be migrated in it either
+        yield
+        return
+    with f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -358,3 +358,100 @@ async def _sample(s: Any, admin_url: str, hdr: dict[str, str], series: str) -> f
         if line.startswith(series):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def test_upgrade_keeps_the_locks_of_open_connections(tmp_path: Path) -> None:
+    """A migration check with connections of this process open (a CLI command after its first
+    query, a reload that adds a database plugin) must not open and close the database file itself:
+    that drops every POSIX lock SQLite holds on it in this process, and the open connections then
+    read a WAL they no longer own (stale rows, "database disk image is malformed")."""
+    path = tmp_path / "g.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await db.upgrade()
+        async with db.engine.begin() as conn:  # a pooled connection, kept open by the pool
+            await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+        await db.upgrade()
+        # Another process writes, as a CLI command does while a gateway serves.
+        code = "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('INSERT INTO t VALUES (2)'); c.commit()"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=30)
+        async with db.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 2
+            await conn.execute(text("INSERT INTO t VALUES (3)"))
+            await conn.commit()
+        with sqlite3.connect(path) as c:
+            assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert c.execute("SELECT count(*) FROM t").fetchone() == (3,)
+    finally:
+        await db.close()
+
+
+def _versions(path: Path) -> set[str]:
+    with sqlite3.connect(path) as c:
+        return {r[0] for r in c.execute("SELECT version_num FROM alembic_version")}
+
+
+def test_cli_reads_never_migrate_and_writes_say_so(tmp_path: Path) -> None:
+    """A newer CLI pointed at a database an older gateway still serves: a command that only reads
+    asks for `gateway db upgrade` instead of migrating (which would leave the older gateway unable
+    to start); one that writes migrates, and says so."""
+    from alembic import command
+
+    path = tmp_path / "old.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    cfg = _config(tmp_path, url)
+    old = sorted(h for h in heads() if not h.startswith("key_auth")) + ["key_auth_0001"]
+    for rev in old:  # the schema as a release before key_auth_0002 left it
+        command.upgrade(alembic_config(url), rev)
+    assert _versions(path) == set(old)
+    for args in (("keys", "list"), ("audit", "verify"), ("conversations", "list")):
+        r = gateway_cli(*args, "-c", str(cfg), cwd=tmp_path)
+        assert r.returncode != 0 and "run `gateway db upgrade" in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert _versions(path) == set(old)
+    r = gateway_cli("keys", "create", "--owner", "o", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "database schema migrated" in r.stderr
+    assert _versions(path) == heads()
+
+
+async def test_a_schema_migrated_by_a_newer_gateway_is_left_alone(make_gateway: Any, tmp_path: Path) -> None:
+    """A database a newer gateway migrated further (a rollback, or mixed versions during a rolling
+    upgrade): this version starts and its CLI works, even with auto_migrate; `db current` names
+    the revision it does not know instead of failing."""
+    path = tmp_path / "gateway.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    r = gateway_cli("db", "upgrade", "-c", str(_config(tmp_path, url)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(path) as c:
+        c.execute("INSERT INTO alembic_version VALUES ('key_auth_9999')")
+        c.execute("DELETE FROM alembic_version WHERE version_num LIKE 'key_auth_000%'")
+    cfg = write_config(tmp_path / "cli.yaml", f"admin: {{enabled: false}}\nupstream: {{url: http://127.0.0.1:9}}\n"
+                                              f"database:\n  url: {url}\nplugins:\n- name: key_auth\n")
+    r = gateway_cli("db", "current", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "key_auth_9999 (not known to this version: a newer gateway applied it)" in r.stdout
+    r = gateway_cli("keys", "create", "--owner", "o", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    g = await make_gateway([{"name": "key_auth"}])
+    assert g.gw.runtime.by_name["key_auth"] is not None
+    assert "key_auth_9999" in _versions(path)
+
+
+def test_an_early_parent_index_is_dropped(tmp_path: Path) -> None:
+    """Databases made by the first form of conversations_0001 had an index on parent_id that the
+    migration no longer makes: the next migration drops it, so every database has one schema."""
+    from alembic import command
+
+    path = tmp_path / "early.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    command.upgrade(alembic_config(url), "conversations_0001")
+    with sqlite3.connect(path) as c:
+        c.execute("CREATE INDEX ix_conversations_parent_id ON conversations (parent_id)")
+    r = gateway_cli("db", "upgrade", "-c", str(_config(tmp_path, url)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with sqlite3.connect(path) as c:
+        names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "ix_conversations_parent_id" not in names
+    assert "conversations_0002" in _versions(path)

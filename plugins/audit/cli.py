@@ -108,7 +108,7 @@ def _verify_failed(args: argparse.Namespace, e: Exception) -> int:
 async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
     from gateway.cli import cli_services
 
-    services = await cli_services(cfg)
+    services = await cli_services(cfg, writes=False)  # (every audit command only reads)
     db = services.db
     try:
         cmd = args.audit_command

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
-    services = await cli.cli_services(cfg)
+    services = await cli.cli_services(cfg, writes=args.conv_command in ("delete", "purge"))
     store = ConversationStore(services.db)
     try:
         return await _cmd(args, store, services)

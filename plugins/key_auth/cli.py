@@ -146,7 +146,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from .admin import CreateKey, RotateKey, UpdateKey
     from .store import KeyRevoked, KeyStore
 
-    services = await core_cli.cli_services(cfg, create=args.keys_command == "create")
+    services = await core_cli.cli_services(cfg, create=args.keys_command == "create",
+                                           writes=args.keys_command not in ("list", "show", "usage"))
     store = KeyStore(services.db)
     kcfg = config_from_settings(cfg)
     try:
