@@ -182,6 +182,22 @@ class Database:
             log.warning("database connections not closed cleanly within %.0fs", timeout)
 
 
+#: Rows per multi-row INSERT on SQLite. SQLite keeps every statement text it compiled (the driver
+#: caches 128 per connection, about 1.5 KB per row of a multi-row INSERT): a statement per batch
+#: size made the cache, and the process, grow by tens of MB per connection over hours. Batches are
+#: cut into statements of these sizes only, a few texts per table.
+ROW_CHUNKS = (256, 64, 16, 4, 1)
+
+
+def row_chunks(n: int, most: int = ROW_CHUNKS[0]) -> Iterator[tuple[int, int]]:
+    """(first row, rows) of each INSERT for ``n`` rows, rows from ROW_CHUNKS, at most ``most``."""
+    i = 0
+    while i < n:
+        k = next(c for c in ROW_CHUNKS if c <= n - i and c <= most or c == 1)
+        yield i, k
+        i += k
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 

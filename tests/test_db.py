@@ -455,3 +455,19 @@ def test_an_early_parent_index_is_dropped(tmp_path: Path) -> None:
         names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "ix_conversations_parent_id" not in names
     assert "conversations_0002" in _versions(path)
+
+
+def test_multi_row_inserts_use_a_few_statement_sizes() -> None:
+    """SQLite keeps every statement text it compiled (128 per connection, ~1.5 KB per row of a
+    multi-row INSERT): the writers cut any batch into statements of a fixed set of sizes, so the
+    cache (and the process) stops growing instead of keeping one statement per batch size."""
+    from gateway.db import ROW_CHUNKS, row_chunks
+
+    sizes: set[int] = set()
+    for n in range(0, 3000):
+        for most in (ROW_CHUNKS[0], 1600, 49):
+            parts = list(row_chunks(n, most))
+            assert [i for i, _ in parts] == [sum(k for _, k in parts[:j]) for j in range(len(parts))]
+            assert sum(k for _, k in parts) == n and all(k <= most for _, k in parts)
+            sizes.update(k for _, k in parts)
+    assert sizes == set(ROW_CHUNKS)

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Sequence
 from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.db import Base, Database
+from gateway.db import Base, Database, row_chunks
 
 from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, utf8_safe, verify_rows
 from .events import build, iso
@@ -131,9 +131,9 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         return
     # SQLite: many rows per statement, one sqlite3_step for all of them. An executemany steps once
     # per row, and the driver thread takes the GIL back from the event loop between rows.
-    for i in range(0, len(rows), _SQLITE_ROWS):
-        part = rows[i:i + _SQLITE_ROWS]
-        await conn.exec_driver_sql(_insert_sql(conn, len(part)), tuple(v for r in part for v in r))
+    for i, k in row_chunks(len(rows), _SQLITE_ROWS):
+        part = rows[i:i + k]
+        await conn.exec_driver_sql(_insert_sql(conn, k), tuple(v for r in part for v in r))
 
 
 async def append(db: Database, batch: Sequence[Any]) -> None:

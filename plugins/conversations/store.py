@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Sequence
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
 
-from gateway.db import Base
+from gateway.db import Base, row_chunks
 from gateway.fastjson import dumps, utf8_safe
 
 UTC = dt.timezone.utc
@@ -305,8 +305,7 @@ class ConversationStore:
         # close). Under load each hand-off waits for the busy event loop and for the GIL, which is
         # what bounds the writer's throughput.
         driver = (await conn.get_raw_connection()).driver_connection
-        for i in range(0, len(rows), per):
-            k = min(per, len(rows) - i)
+        for i, k in row_chunks(len(rows), per):
             await driver.execute_fetchall(head + ", ".join([one] * k), params[i * n:(i + k) * n])
 
     # -- the writer ------------------------------------------------------------------------------
