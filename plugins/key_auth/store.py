@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import JSON, BigInteger, Date, DateTime, Integer, String, TypeDecorator, func, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from gateway.db import Base, Database
+from gateway.db import Base, Database, row_chunks
 
 from .keys import format_key, hash_secret, new_key_id, new_secret
 
@@ -270,14 +270,15 @@ class KeyStore:
             if agg:
                 rows = [{"key_id": k, "day": d, "requests": v[0], "prompt_tokens": v[1], "completion_tokens": v[2]}
                         for (k, d), v in sorted(agg.items())]
-                stmt = insert(t).values(rows)
-                ex = stmt.excluded
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=[t.c.key_id, t.c.day],
-                    set_={"requests": t.c.requests + ex.requests,
-                          "prompt_tokens": t.c.prompt_tokens + ex.prompt_tokens,
-                          "completion_tokens": t.c.completion_tokens + ex.completion_tokens})
-                await s.execute(stmt)
+                for i, n in row_chunks(len(rows)):  # a few statement sizes (see gateway.db.ROW_CHUNKS)
+                    stmt = insert(t).values(rows[i:i + n])
+                    ex = stmt.excluded
+                    stmt = stmt.on_conflict_do_update(
+                        index_elements=[t.c.key_id, t.c.day],
+                        set_={"requests": t.c.requests + ex.requests,
+                              "prompt_tokens": t.c.prompt_tokens + ex.prompt_tokens,
+                              "completion_tokens": t.c.completion_tokens + ex.completion_tokens})
+                    await s.execute(stmt)
             for key_id, at in touch:
                 await s.execute(update(ApiKey).where(ApiKey.id == key_id, or_(
                     ApiKey.last_used_at.is_(None), ApiKey.last_used_at < at)).values(last_used_at=at))
