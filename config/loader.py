@@ -338,13 +338,13 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     cfg = load_config_text(text, str(p), env)
     # The path as given (made absolute), not its target: a reload re-reads a symlink (a release
     # "current" link, a Kubernetes ConfigMap's ..data link) and so follows it to its new target.
-    cfg._path = os.path.abspath(p)
+    # A stream (``-c /dev/stdin``) is read once: there is nothing to reload from.
+    cfg._path = None if _readable_stream(p) else os.path.abspath(p)
     return cfg
 
 
 def _readable_stream(p: Path) -> bool:
-    """/dev/stdin and the like (``-c /dev/stdin``, process substitution): read once at start. A
-    reload never reads one (see :func:`load_config`'s callers)."""
+    """/dev/stdin and the like (``-c /dev/stdin``, process substitution): read once at start."""
     return str(p).startswith(("/dev/fd/", "/proc/self/fd/")) or str(p) == "/dev/stdin"
 
 

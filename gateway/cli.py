@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.redact import mask_params
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "config" / "profiles" / "default.yaml"
 
@@ -310,27 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/\s]*@")
 
 
-_QUERY_SECRET = re.compile(r"([?&;\s][^=&#\s]*(?:password|passwd|pwd|token|secret)[^=&#\s]*=)[^&#\s]*",
-                           re.IGNORECASE)
-# Parameters whose whole (percent-decoded) name says "credential": ``?key=``, ``?api-key=``,
-# ``?sig=`` ... (matched as whole names: ``?monkey=`` or ``?keyword=`` are left alone).
-_SECRET_NAME = re.compile(r"(?:key|api[-_]?key|apikey|auth|credentials?|sig|signature|access[-_]?key|"
-                          r"client[-_]?secret)", re.IGNORECASE)
-_QUERY_PARAM = re.compile(r"([?&;\s])([^=&#\s]+)(=)([^&#\s]*)")
-
-
-def _mask_named(m: "re.Match[str]") -> str:
-    from urllib.parse import unquote
-
-    if _SECRET_NAME.fullmatch(unquote(m.group(2))):
-        return f"{m.group(1)}{m.group(2)}=***"
-    return m.group(0)
-
-
 def mask_secret_params(text: str) -> str:
-    """``text`` with the values of password / token / secret / key / signature parameters
-    (``?password=...``, ``?api-key=...``, ``?api%5Fkey=...``) masked."""
-    return _QUERY_PARAM.sub(_mask_named, _QUERY_SECRET.sub(r"\1***", text))
+    """``text`` with the values of secret query parameters (``?password=...``, ``?api-key=...``,
+    ``?api%5Fkey=...``: see :mod:`gateway.redact`) masked."""
+    return mask_params(text)
 
 
 def redact_url(url: str) -> str:

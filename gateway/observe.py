@@ -290,6 +290,8 @@ class ResponseObserver:
                 c.finish_reasons.append(reason)
                 c.finish_reason = reason
             c.done = True
+            if kind == "response.failed" or r.get("status") == "failed":
+                c.error = True
 
     def _generated(self) -> None:
         """One delta of generated output (roughly one token): counted, and the first one timed."""
@@ -372,6 +374,8 @@ class ResponseObserver:
 
     def _response_json(self, obj: dict[str, Any]) -> None:
         c = self.c
+        if obj.get("status") == "failed":
+            c.error = True
         reason = _response_status(obj)
         if reason is not None:
             c.finish_reasons.append(reason)

@@ -304,23 +304,27 @@ class Proxy:
         ctx.t_upstream = _perf()
         resp = await up.send(ctx)
         pending = b""
-        if ctx.usage_original is not None and ctx.strip_usage_chunk and resp.status in (400, 422):
+        original = ctx.usage_original
+        if original is not None and ctx.strip_usage_chunk and resp.status in (400, 422) \
+                and not (isinstance(original[1], dict) and "stream_options" in original[1]):
             # An upstream that refuses fields it does not know (an older server) may refuse the
-            # stream_options the gateway added: ask again as the client asked, and stop adding it.
+            # stream_options the gateway added (the client sent none): ask again as the client
+            # asked. Only an upstream that then accepts the request is taken to refuse the field
+            # (a client's own mistake never changes what the gateway sends for everyone).
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 pending = await resp.content.read(_ERROR_PEEK)
             if b"stream_options" in pending:
                 resp.close()
-                if up.stream_usage:
-                    up.stream_usage = False
-                    log.warning("the upstream refused stream_options: streams are now sent as the client sent "
-                                "them, and their tokens are counted from the deltas relayed (set "
-                                "upstream.stream_usage: false to say so in the config)")
-                ctx.body, ctx._json = ctx.usage_original
+                ctx.body, ctx._json = original
                 ctx.usage_original = None
                 ctx.strip_usage_chunk = False
                 pending = b""
                 resp = await up.send(ctx)
+                if 200 <= resp.status < 300 and up.stream_usage:
+                    up.stream_usage = False
+                    log.warning("the upstream refused stream_options: streams are now sent as the client sent "
+                                "them, and their tokens are counted from the deltas relayed (set "
+                                "upstream.stream_usage: false to say so in the config)")
         ctx.t_headers = _perf()
         ctx.source = "upstream"
         try:
@@ -335,8 +339,8 @@ class Proxy:
         ctype = resp.headers.get("Content-Type", "")
         streamed = ctype[:17].lower() == "text/event-stream"  # media types are case-insensitive
         content = resp.content
-        if not streamed and not pending and ctx.observe and (ctx.strip_usage_chunk or ctx.client_wants_usage) \
-                and 200 <= resp.status < 300 and "json" not in ctype.lower() and "Content-Encoding" not in resp.headers:
+        if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 and "json" not in ctype.lower() \
+                and "Content-Encoding" not in resp.headers and ctx.stream_requested:
             # A streamed request answered without text/event-stream (a server that names no media
             # type, or text/plain): if its first bytes are SSE, it is read as SSE, so its usage is
             # counted and the usage chunk the gateway asked for does not reach the client.
@@ -360,6 +364,7 @@ class Proxy:
             out.force_close()
         ctx.status = head.status
         await out.prepare(request)
+        sized = "Content-Length" in head.headers
         sent = 0
         complete = False
         try:
@@ -389,9 +394,10 @@ class Proxy:
                         ctx.t_first_byte = _perf()
                     await out.write(chunk)
                     sent += len(chunk)
-                if observer is not None and observer.c.ended:
+                if observer is not None and observer.c.ended and not sized:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
-                    # keeps the connection open (the client would wait out the idle timeout).
+                    # keeps the connection open (the client would wait out the idle timeout). Not
+                    # when a Content-Length is relayed: the client then waits for all those bytes.
                     complete = True
                     break
             tail = observer.finish() if observer is not None else b""

@@ -62,8 +62,12 @@ class Upstream:
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.timeouts = cfg.timeouts
         self.static_headers = dict(cfg.headers)
-        #: Ask for usage on streams (off by config, or once this upstream refused stream_options).
-        self.stream_usage = cfg.stream_usage
+        #: Ask for usage on streams (off by config, or once this upstream refused stream_options;
+        #: a reload keeps what was learned unless it changes the URL or the setting).
+        prev = getattr(self, "_usage_cfg", None)
+        if prev != (cfg.url, cfg.stream_usage):
+            self.stream_usage = cfg.stream_usage
+            self._usage_cfg = (cfg.url, cfg.stream_usage)
 
     @property
     def timeouts(self) -> Any:

@@ -514,3 +514,23 @@ def test_a_stream_split_at_every_byte_reaches_the_client_unchanged() -> None:
                 out = obs.feed(body[:i]) + obs.feed(body[i:]) + obs.finish()
                 assert out == (want if strip else body), (sep, i, strip)
                 assert obs.c.total_tokens == 3 and obs.c.content == "hi"
+
+
+def test_a_failed_responses_api_answer_is_an_error() -> None:
+    """The Responses API says an answer failed with a response.failed event (streamed) or status
+    "failed" (a JSON body): not a finished answer, whatever else came."""
+    failed = {"type": "response.failed", "response": {"id": "r1", "model": "m", "status": "failed",
+                                                       "error": {"code": "server_error", "message": "x"},
+                                                       "usage": {"input_tokens": 5, "output_tokens": 2}}}
+    obs = ResponseObserver(True, False)
+    obs.feed(sse({"type": "response.output_text.delta", "delta": "Hi", "output_index": 0, "content_index": 0}, failed))
+    obs.finish()
+    assert obs.c.error and obs.c.usage == failed["response"]["usage"]
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"object": "response", "status": "failed", "output": [], "error": {"message": "x"}}).encode())
+    obs.finish()
+    assert obs.c.error
+    ok = ResponseObserver(False, False)
+    ok.feed(json.dumps({"object": "response", "status": "completed", "output": []}).encode())
+    ok.finish()
+    assert not ok.c.error

@@ -40,6 +40,8 @@ class Quirky:
         self.bodies.append(body)
         mode = body.get("model")
         wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        if mode == "picky" and set(body.get("stream_options") or {}) - {"include_usage"}:
+            return web.json_response({"object": "error", "message": "unknown field stream_options.bogus"}, status=400)
         if mode == "strict" and "stream_options" in body:
             return web.json_response({"object": "error", "message": "extra fields not permitted: stream_options",
                                       "type": "BadRequestError", "code": 400}, status=400)
@@ -56,6 +58,14 @@ class Quirky:
         resp = web.StreamResponse(headers=headers)
         if mode == "no_ctype":
             resp.content_type = "text/plain"
+        if mode == "done_sized":  # a sized SSE body whose last bytes come after [DONE], a moment later
+            first = _chunk({"role": "assistant", "content": "Hel"}) + USAGE_CHUNK + b"data: [DONE]\n\n"
+            resp.content_length = len(first) + len(b": end\n\n")
+            await resp.prepare(request)
+            await resp.write(first)
+            await asyncio.sleep(0.3)
+            await resp.write(b": end\n\n")
+            return resp
         await resp.prepare(request)
         await resp.write(_chunk({"role": "assistant", "content": "Hel"}))
         if mode == "error_event":
@@ -205,5 +215,61 @@ async def test_stream_kept_open_after_done_ends_for_the_client(quirky: Any, tmp_
             text, cid = await _stream(s, g.url, "done_open")
         assert text.endswith("data: [DONE]\n\n")
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
+    finally:
+        await g.stop()
+
+
+async def test_a_clients_own_bad_stream_options_changes_nothing_for_others(quirky: Any, tmp_path: Path) -> None:
+    """A client whose own stream_options the upstream refuses gets that 400; the gateway keeps
+    asking for usage on everyone else's streams (one caller cannot switch exact counting off)."""
+    q, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.post(g.url + "/v1/chat/completions", json={
+                    "model": "picky", "stream": True, "stream_options": {"bogus": True},
+                    "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 400
+            assert len(q.bodies) == 1  # not sent again
+            text, cid = await _stream(s, g.url, "picky")
+        assert q.bodies[-1]["stream_options"] == {"include_usage": True}
+        assert '"usage"' not in text
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
+    finally:
+        await g.stop()
+
+
+async def test_stream_without_its_media_type_is_read_without_usage_too(quirky: Any, tmp_path: Path) -> None:
+    """With upstream.stream_usage off, a text/plain stream is still read as a stream: the answer is
+    stored (and its tokens come from the deltas)."""
+    _, url = quirky
+    cfg = base_config(url, tmp_path, [{"name": "conversations", "config": {"flush_interval": 0.05}}],
+                      upstream={"url": url, "stream_usage": False})
+    g = await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "no_ctype")
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
+        with sqlite3.connect(tmp_path / "gateway.db") as c:
+            row = c.execute("SELECT content, tokens FROM conversation_messages WHERE conversation_id = ? "
+                            "AND role = 'assistant'", (cid,)).fetchone()
+        assert row == ('"Hello"', 2)
+    finally:
+        await g.stop()
+
+
+async def test_a_sized_stream_is_relayed_to_its_last_byte(quirky: Any, tmp_path: Path) -> None:
+    """An SSE body with a Content-Length (relayed as is when the client asked for usage itself):
+    the client gets every byte it was promised, also those after [DONE]."""
+    _, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.post(g.url + "/v1/chat/completions", json={
+                    "model": "done_sized", "stream": True, "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "hi"}]}) as r:
+                body = await r.read()
+                assert len(body) == int(r.headers["Content-Length"])
+        assert body.endswith(b"data: [DONE]\n\n: end\n\n")
     finally:
         await g.stop()

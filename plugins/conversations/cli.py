@@ -149,8 +149,10 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
                 if args.output:
                     f.close()
             finally:
+                # (cut short: the lines still in the buffer count too, as the ones the OS took may
+                # have been flushed earlier than ours, in part: what may have left, not less)
                 services.events.emit("conversation.exported", actor="cli", conversation_id=args.id,
-                                     owner=args.owner, messages=n, complete=complete)
+                                     owner=args.owner, messages=n + pending, complete=complete)
         if args.output:
             print(f"exported {n} message(s) to {args.output}", file=sys.stderr)
         return 0

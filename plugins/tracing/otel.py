@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from opentelemetry import trace
@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from gateway.context import PLAIN_UPSTREAM, SKIP_TIMINGS
+from gateway.redact import secret_param
 
 if TYPE_CHECKING:
     from . import Tracing, TracingConfig
@@ -59,11 +60,6 @@ SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-k
 SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS) + \
     tuple(f"http.response.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS)
 
-#: Query parameters whose values never go on a span (a key or token a client put in the URL).
-SENSITIVE_QUERY_PARAMS = ("key", "api_key", "api-key", "apikey", "x-api-key", "access_token", "token", "id_token",
-                          "refresh_token", "auth", "authorization", "secret", "client_secret", "password", "passwd",
-                          "pwd", "sig", "signature", "awsaccesskeyid", "x-goog-signature")
-_SENSITIVE_NAMES = frozenset(n.replace("-", "_") for n in SENSITIVE_QUERY_PARAMS)  # access-token too
 #: One query parameter: its name (group 2, as sent: maybe percent-encoded) and value.
 _QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 #: Server span attributes that carry the request URL or its query string.
@@ -89,16 +85,8 @@ def redact_query(url: Any) -> str:
 
 
 def _redact_param(m: re.Match[str]) -> str:
-    """One ``name=value``: the value replaced when the name, percent-decoded (``api%5Fkey`` is the
-    ``api_key`` the application reads), is a sensitive one (``-`` and ``_`` alike)."""
-    name = m.group(2)
-    if "%" in name or "+" in name:
-        for _ in range(3):  # (encoded more than once, too)
-            decoded = unquote_plus(name)
-            if decoded == name:
-                break
-            name = decoded
-    if name.strip().lower().replace("-", "_") in _SENSITIVE_NAMES:
+    """One ``name=value``: the value replaced when the name is a secret one (gateway.redact)."""
+    if secret_param(m.group(2)):
         return f"{m.group(1)}{m.group(2)}=REDACTED"
     return m.group(0)
 
