@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
 import signal
-import threading
 import time
 from typing import Any, Awaitable
 
@@ -20,7 +18,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 
 from .admin import build_admin_app
 from .cli import redact_url
-from .db import Database, DatabaseError
+from .db import Database, DatabaseError, in_daemon_thread
 from .errors import error_body
 from .logs import setup_logging
 from .proxy import SERVER, Proxy, unsupported_encoding_message
@@ -214,7 +212,7 @@ class Gateway:
         try:
             # In a thread: a big file must not stall requests. Bounded: a file on a stalled network
             # mount must not hold the reload lock (and a shutdown waiting on it) for ever.
-            new = await asyncio.wait_for(_in_daemon_thread(load_config, self.cfg.path), RELOAD_READ_TIMEOUT)
+            new = await asyncio.wait_for(in_daemon_thread(load_config, self.cfg.path), RELOAD_READ_TIMEOUT)
         except ConfigError as e:
             return False, str(e)
         except TimeoutError:
@@ -353,33 +351,6 @@ class JsonErrorAppRunner(web.AppRunner):
         if type(server) is web.Server:  # the application's server, with the gateway's connection handler
             server.__class__ = JsonErrorServer
         return server
-
-
-def _in_daemon_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
-    """``fn(*args)`` on a daemon thread of its own: a call that never returns (a read from a stalled
-    network mount) is abandoned by the caller's timeout and does not hold the process's exit (the
-    default executor's threads are joined at exit)."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if fut.done():
-            return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-
-    def run() -> None:
-        try:
-            result, error = fn(*args), None
-        except BaseException as e:
-            result, error = None, e
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-            loop.call_soon_threadsafe(settle, result, error)
-
-    threading.Thread(target=run, name="gateway-config-read", daemon=True).start()
-    return fut
 
 
 def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +36,41 @@ class Base(DeclarativeBase):
     """Declarative base for every table the gateway stores."""
 
     metadata = MetaData(naming_convention=NAMING)
+
+
+def in_daemon_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
+    """``fn(*args)`` on a daemon thread of its own: a call that never returns (a read from a stalled
+    network mount) is abandoned by the caller's timeout and does not hold the process's exit (the
+    default executor's threads are joined at exit)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="gateway-config-read", daemon=True).start()
+    return fut
+
+
+def _readonly_reconnects(context: Any) -> None:
+    """SQLite opens a file it may not write read-only, and the connection stays so: once the file
+    is made writable, only new connections can write. A write refused as read-only drops the
+    connection, so the next attempt (the writers retry) opens a new one."""
+    if "attempt to write a readonly database" in str(context.original_exception):
+        context.is_disconnect = True
 
 
 class DatabaseError(Exception):
@@ -65,6 +101,7 @@ class Database:
                 self.file = os.path.abspath(name)
                 event.listen(self.engine.sync_engine, "do_connect", self._before_connect)
                 event.listen(self.engine.sync_engine, "checkout", self._on_checkout)
+            event.listen(self.engine.sync_engine, "handle_error", _readonly_reconnects)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
 
     # A SQLite file deleted or replaced under a running gateway: connections already open would go
@@ -120,7 +157,8 @@ class Database:
         return self.sessionmaker()
 
     async def check(self) -> dict[str, Any]:
-        """Connect and, for SQLite, read the pragmas back; raises if they did not apply."""
+        """Connect and, for SQLite, read the pragmas back and check the file can be written;
+        raises if not."""
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
             if not self.is_sqlite:
@@ -130,11 +168,27 @@ class Database:
                 "busy_timeout": (await conn.execute(text("PRAGMA busy_timeout"))).scalar(),
                 "synchronous": (await conn.execute(text("PRAGMA synchronous"))).scalar(),
             }
+            await self._check_writable(conn)
         want = {"journal_mode": "wal", "busy_timeout": self.busy_timeout_ms, "synchronous": 1}
         if str(got["journal_mode"]).lower() != "wal" or got["busy_timeout"] != want["busy_timeout"] \
                 or got["synchronous"] != 1:
             raise DatabaseError(f"SQLite pragmas not applied: got {got}, want {want}")
         return got
+
+    async def _check_writable(self, conn: Any) -> None:
+        """A write that is rolled back: SQLite opens a file it may not write read-only, and such a
+        connection refuses it (the pragmas above read back fine)."""
+        try:
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            await conn.exec_driver_sql("CREATE TABLE gateway_write_probe (x INTEGER)")
+        except Exception as e:
+            if "readonly" in str(e):
+                raise DatabaseError(f"the SQLite file {self.file or self.url} cannot be written (a read-only "
+                                    "file or directory, or another user's file)") from None
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.exec_driver_sql("ROLLBACK")
 
     async def ping(self, timeout: float = 2.0) -> bool:
         try:
@@ -166,13 +220,17 @@ class Database:
         """Apply every migration branch up to its head; returns the heads now applied. A schema a
         newer gateway already migrated further is left as it is (this version cannot read its
         revisions, and an older schema is all it needs: migrations only add)."""
-        _, known = await asyncio.to_thread(revisions_sync, self.url)
+        heads, known = await asyncio.to_thread(revisions_sync, self.url)
         applied = await self.applied_revisions()
         if applied - known:
             log.warning("the database schema has migrations this version does not know (%s: a newer gateway "
                         "upgraded it); not migrating", ", ".join(sorted(applied - known)))
             return sorted(applied)
-        return await asyncio.to_thread(upgrade_sync, self.url)
+        if set(heads) <= applied:
+            return sorted(heads)  # nothing to do: no lock to take (another gateway may hold it)
+        # On a daemon thread: a wait for the migration lock that a signal interrupts must not hold
+        # the process's exit (the default executor's threads are joined at exit).
+        return await in_daemon_thread(upgrade_sync, self.url)
 
     async def close(self, timeout: float = 5.0) -> None:
         try:
@@ -223,6 +281,10 @@ def upgrade_sync(url: str) -> list[str]:
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
 
 
+#: Seconds a migration waits for another process's migration lock before giving up.
+MIGRATION_LOCK_WAIT = 120.0
+
+
 @contextlib.contextmanager
 def _sqlite_file_lock(url: str) -> Iterator[None]:
     """Several gateways started at once on one new SQLite file would each create the tables
@@ -240,13 +302,30 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
         return
     import fcntl
 
+    lock = name + ".lock"
     try:
-        f = open(name + ".lock", "ab")
-    except OSError:  # a directory that cannot be written: nothing can be migrated in it either
+        f = open(lock, "ab")
+    except OSError as e:  # a directory that cannot be written: nothing can be migrated in it either
+        log.warning("migrating without the lock file %s (%s): start one gateway at a time on a new database",
+                    lock, e.strerror or type(e).__name__)
         yield
         return
     with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
+        waited = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.warning("waiting for the migration lock %s (another gateway or `gateway db upgrade` "
+                                "holds it)", lock)
+                    waited = True
+                if time.monotonic() > deadline:
+                    raise DatabaseError(f"the migration lock {lock} was held by another process for "
+                                        f"{MIGRATION_LOCK_WAIT:g}s; is a migration stuck?") from None
+                time.sleep(0.1)
         try:
             yield
         finally:

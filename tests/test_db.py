@@ -471,3 +471,67 @@ def test_multi_row_inserts_use_a_few_statement_sizes() -> None:
             assert sum(k for _, k in parts) == n and all(k <= most for _, k in parts)
             sizes.update(k for _, k in parts)
     assert sizes == set(ROW_CHUNKS)
+
+
+async def test_a_held_migration_lock_is_said_and_does_not_hold_the_process(tmp_path: Path, upstream: Any) -> None:
+    """Another process holds the SQLite migration lock (a stuck `gateway db upgrade`): a gateway on
+    a database already at head starts without it; one that must migrate says what it waits for,
+    and SIGTERM stops it (the wait does not hold the process's exit)."""
+    import fcntl
+
+    from .helpers import GatewayProcess, base_config, free_port
+
+    at_head = tmp_path / "head.db"
+    r = gateway_cli("db", "upgrade", "-c", str(_config(tmp_path, f"sqlite+aiosqlite:///{at_head}")), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    fresh = tmp_path / "fresh.db"
+    holders = [open(str(p) + ".lock", "ab") for p in (at_head, fresh)]
+    try:
+        for f in holders:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        procs = []
+        for db in (at_head, fresh):
+            port = free_port()
+            cfg = base_config(upstream.url, tmp_path, [{"name": "audit"}], server={"port": port},
+                              admin={"enabled": False}, database={"url": f"sqlite+aiosqlite:///{db}"})
+            procs.append(GatewayProcess(write_config(tmp_path / f"{db.stem}.yaml", cfg), port, None).start())
+        try:
+            await procs[0].wait_ready()  # at head: started with the lock held elsewhere
+            deadline = asyncio.get_running_loop().time() + 20
+            while "waiting for the migration lock" not in procs[1].log():
+                assert asyncio.get_running_loop().time() < deadline, procs[1].log()[-2000:]
+                await asyncio.sleep(0.1)
+            procs[1].signal(15)
+            assert await asyncio.to_thread(procs[1].wait, 15) == 0
+        finally:
+            for p in procs:
+                p.stop()
+    finally:
+        for f in holders:
+            f.close()
+
+
+async def test_a_read_only_sqlite_file_is_refused_at_start_and_reopened_after(tmp_path: Path) -> None:
+    """SQLite opens a file it may not write read-only, and that connection stays read-only after
+    the file is made writable. The start-up check says the file cannot be written; a write refused
+    as read-only drops its connection, so the writers' next attempt opens a new one."""
+    path = tmp_path / "g.db"
+    rw = Database(f"sqlite+aiosqlite:///{path}")
+    await rw.upgrade()
+    await rw.close()
+    ro = Database(f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true")  # what a read-only file gives
+    opened: list[int] = []
+    from sqlalchemy import event
+
+    event.listen(ro.engine.sync_engine, "connect", lambda *_: opened.append(1))
+    try:
+        with pytest.raises(DatabaseError, match="cannot be written"):
+            await ro.check()
+        n = len(opened)
+        for _ in range(2):
+            with pytest.raises(Exception, match="readonly"):
+                async with ro.engine.begin() as conn:
+                    await conn.execute(text("DELETE FROM audit_events"))
+        assert len(opened) == n + 2  # each refused write's connection was dropped, a new one opened
+    finally:
+        await ro.close()
