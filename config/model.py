@@ -244,6 +244,12 @@ class GatewayConfig(Model):
             if p.name in seen:
                 raise ValueError(f"plugin {p.name!r} is listed twice")
             seen.add(p.name)
+        a, s = self.admin, self.server
+        wild = ("0.0.0.0", "::", "")
+        if a.enabled and a.port == s.port and a.port != 0 and (
+                a.host == s.host or a.host in wild or s.host in wild):
+            raise ValueError(f"admin.port: the admin listener cannot share port {a.port} with the public one "
+                             "(server.port) on the same address")
         return self
 
     def fixed_settings(self) -> dict[str, Any]:

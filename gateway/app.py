@@ -20,7 +20,7 @@ from .admin import build_admin_app
 from .cli import redact_url
 from .db import Database, DatabaseError, in_daemon_thread
 from .errors import error_body
-from .logs import setup_logging
+from .logs import ThrottledLog, setup_logging
 from .proxy import SERVER, Proxy, unsupported_encoding_message
 from .runtime import Runtime
 from .services import Services
@@ -353,6 +353,43 @@ class JsonErrorAppRunner(web.AppRunner):
         return server
 
 
+def raise_open_files_limit() -> None:
+    """Every client connection and every upstream connection is a file descriptor: the soft limit
+    (often 1024) is raised to the hard one, and a low hard limit is said."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < 4096:
+        log.warning("the open files limit is %d: each client and upstream connection takes one (raise it with "
+                    "`ulimit -n` or LimitNOFILE=)", soft)
+
+
+_RESOURCE_LOG = ThrottledLog(log, interval=10.0, level=logging.ERROR)
+
+
+def _quiet_resource_errors(previous: Any) -> Any:
+    """asyncio reports an accept() that fails for want of file descriptors with a traceback, over
+    and over while the condition lasts (megabytes of log a second): one counted line per 10 s."""
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if "out of system resource" in str(context.get("message", "")):
+            exc = context.get("exception")
+            why = f"{type(exc).__name__}: {exc}".replace("%", "%%")
+            _RESOURCE_LOG.event("accept", 1, f"cannot accept connections: {why} (the open files limit is "
+                                             "reached); %d time(s)")
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    return handler
+
+
 def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:
     """``handler`` wrapped in aiohttp-style ``(request, handler)`` middlewares, the first outermost."""
     for mw in reversed(middlewares):
@@ -376,6 +413,8 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     gw = Gateway(cfg)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    raise_open_files_limit()
+    loop.set_exception_handler(_quiet_resource_errors(loop.get_exception_handler()))
     # Signal handlers go in before anything starts: a SIGHUP sent as soon as the gateway is up (a
     # deploy tool reloading right after a start) would otherwise kill it (the default action). A
     # SIGHUP during start-up reloads once start-up is done; SIGTERM/SIGINT interrupt it.

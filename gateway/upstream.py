@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -51,6 +52,7 @@ class Upstream:
         self.trace_owners: frozenset[str] = frozenset()  # names of the plugins those came from
         self._session_kw: dict[str, Any] = {}
         self._retired: list[aiohttp.ClientSession] = []  # traced sessions a reload replaced
+        self._tls: ssl.SSLContext | None = None  # for the readiness probe of an https upstream
 
     def configure(self, cfg: "UpstreamConfig") -> None:
         """Where and how to call the upstream (at start, and from a config reload; the pool's size
@@ -196,14 +198,20 @@ class Upstream:
         return out
 
     async def ready(self, timeout: float = 2.0) -> tuple[bool, str]:
-        """Readiness: a TCP connect, or a GET of ``health_path`` when configured."""
+        """Readiness: a connect (with the TLS handshake, certificate checked, for https), or a GET
+        of ``health_path`` when configured. Every address of the host is tried, as requests do
+        (a first address that does not answer must not make a working upstream look down)."""
         try:
             async with asyncio.timeout(timeout):
                 if self.cfg.health_path and self.session is not None:
                     async with self.session.get(self.base + self.cfg.health_path, headers=self.static_headers,
                                                 allow_redirects=False) as r:
                         return (r.status < 500, f"HTTP {r.status}")
-                _, w = await asyncio.open_connection(self.host, self.port, family=socket.AF_UNSPEC)
+                tls = self.base.startswith("https:")
+                if tls and self._tls is None:
+                    self._tls = ssl.create_default_context()
+                _, w = await asyncio.open_connection(self.host, self.port, family=socket.AF_UNSPEC,
+                                                     happy_eyeballs_delay=0.25, ssl=self._tls if tls else None)
                 w.close()
                 return True, "ok"
         except (TimeoutError, OSError, aiohttp.ClientError) as e:

@@ -78,6 +78,10 @@ class AuditConfig(PluginConfig):
         return [s if isinstance(s, SinkSpec) else SinkSpec(type=s) for s in self.sinks]
 
 
+#: Seconds after start before the first retention purge.
+FIRST_PURGE_DELAY = 60.0
+
+
 class Audit(Plugin):
     name = "audit"
     Config = AuditConfig
@@ -211,6 +215,9 @@ class Audit(Plugin):
         return ev
 
     async def _purge_loop(self) -> None:
+        # Not at once: a clock that is wrong at boot (stepped right by NTP a little later) would
+        # purge what it takes to be old. Soon, though: a gateway restarted often still purges.
+        await asyncio.sleep(min(self.config.purge_interval, FIRST_PURGE_DELAY))
         while True:
             if self._active():
                 try:
