@@ -250,3 +250,17 @@ async def create_pg_database(admin_dsn: str, name: str) -> str:
         await conn.close()
     rest = admin_dsn.split("://", 1)[1].rsplit("/", 1)[0]
     return f"postgresql+asyncpg://{rest}/{name}"
+
+
+def open_idle_sockets(port: int, n: int) -> list[socket.socket]:
+    """``n`` client sockets connecting (non-blocking) to 127.0.0.1:``port`` and left idle."""
+    out = []
+    for _ in range(n):
+        c = socket.socket()
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        out.append(c)
+    return out

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import ConfigError, load_config_text
 
-from .helpers import base_config, free_port, write_config
+from .helpers import base_config, free_port, open_idle_sockets, write_config
 
 
 def test_admin_on_the_public_port_is_refused_by_check() -> None:
@@ -53,14 +53,7 @@ async def test_running_out_of_file_descriptors_is_logged_once_not_flooded(tmp_pa
         while "gateway listening" not in log.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             await asyncio.sleep(0.1)
-        for _ in range(120):  # more than the 64 descriptors the gateway has
-            c = socket.socket()
-            c.setblocking(False)
-            try:
-                c.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            clients.append(c)
+        clients.extend(open_idle_sockets(port, 120))  # more than the 64 descriptors the gateway has
         await asyncio.sleep(2)
         text = log.read_text(errors="replace")
         assert "cannot accept connections" in text and "open files limit is reached" in text

@@ -21,6 +21,8 @@ from multidict import CIMultiDict
 
 from gateway.plugin import Plugin, Reply, registry
 
+from .helpers import open_idle_sockets
+
 T = aiohttp.ClientTimeout(total=20)
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}]}
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -559,14 +561,7 @@ async def test_connect_timeout_is_504(make_gateway: Any) -> None:
     fillers = []
     try:
         # Fill the accept queue; once full, further connects hang in SYN-SENT.
-        for _ in range(8):
-            c = socket.socket()
-            c.setblocking(False)
-            try:
-                c.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(c)
+        fillers.extend(open_idle_sockets(port, 8))
         await asyncio.sleep(0.2)
         probe = socket.socket()
         probe.settimeout(0.3)
