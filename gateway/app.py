@@ -180,6 +180,8 @@ class Gateway:
         for t in list(self._old_runtimes):
             await t
         await self.runtime.shutdown(wait=0)
+        from .proxy import DRAINING  # upstream responses still being read after [DONE] (0.5 s at most)
+        await asyncio.gather(*list(DRAINING.values()), return_exceptions=True)
         await self.upstream.close()
         await self.services.close()
         if self.db is not None:

@@ -26,7 +26,8 @@ class Completion:
 
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
                  "unread",
-                 "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended")
+                 "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
+                 "reasoning")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -49,6 +50,8 @@ class Completion:
         #: an error object. The answer is then not a finished one, whatever [DONE] said.
         self.error = False
         self.ended = False     # saw the stream's terminating [DONE]
+        #: A reasoning model's streamed thinking of choice 0: (the field it came in, its text).
+        self.reasoning: tuple[str, str] | None = None
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -70,6 +73,8 @@ class Completion:
         msg: dict[str, Any] = {"role": self.role or "assistant", "content": self.content}
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
+        if self.reasoning is not None:
+            msg[self.reasoning[0]] = self.reasoning[1]
         return msg
 
 
@@ -225,7 +230,7 @@ class ResponseObserver:
         choices = obj.get("choices")
         if not isinstance(choices, list):
             choices = []
-            if obj.get("error"):
+            if _error_envelope(obj):
                 c.error = True
         if isinstance(usage, dict):
             c.usage = usage
@@ -313,6 +318,11 @@ class ResponseObserver:
             self._generated()  # once per delta, whatever it carries (text, tool calls, reasoning)
         if isinstance(d.get("content"), str):
             c.content = (c.content or "") + d["content"]
+        for field in ("reasoning_content", "reasoning"):
+            r = d.get(field)
+            if isinstance(r, str) and r:
+                c.reasoning = (field, (c.reasoning[1] if c.reasoning is not None else "") + r)
+                break
         tcs = d.get("tool_calls")
         if isinstance(tcs, list):
             for tc in tcs:
@@ -349,7 +359,7 @@ class ResponseObserver:
             self._response_json(obj)  # the Responses API's answer
             return
         choices = obj.get("choices")
-        if not isinstance(choices, list) and obj.get("error"):
+        if not isinstance(choices, list) and _error_envelope(obj):
             c.error = True  # a 2xx body that is an error object
         for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
@@ -432,6 +442,12 @@ def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
 
 
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
+def _error_envelope(obj: dict[str, Any]) -> bool:
+    """An error answer rather than a resource that carries an ``error`` field (a failed fine-tuning
+    job): ``{"error": ...}`` with no ``object`` of its own, or ``{"object": "error", ...}`` (vLLM)."""
+    return obj.get("object") == "error" or (bool(obj.get("error")) and "object" not in obj)
 
 
 def ask_for_usage(ctx: Any) -> None:

@@ -330,7 +330,8 @@ class Proxy:
         try:
             return await self._relay(ctx, chain, resp, pending)
         finally:
-            resp.close()  # releases (or, if not fully read, drops) the upstream connection
+            if resp not in DRAINING:
+                resp.close()  # releases (or, if not fully read, drops) the upstream connection
 
     async def _relay(self, ctx: RequestContext, chain: "Chain", resp: aiohttp.ClientResponse,
                      pending: bytes = b"") -> web.StreamResponse:
@@ -366,7 +367,7 @@ class Proxy:
         await out.prepare(request)
         sized = "Content-Length" in head.headers
         sent = 0
-        complete = False
+        complete = done_early = False
         try:
             while True:
                 try:
@@ -398,11 +399,12 @@ class Proxy:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
                     # keeps the connection open (the client would wait out the idle timeout). Not
                     # when a Content-Length is relayed: the client then waits for all those bytes.
-                    complete = True
+                    complete = done_early = True
                     break
             tail = observer.finish() if observer is not None else b""
-            if observer is not None and observer.c.error and ctx.outcome == "ok":
-                ctx.outcome = "upstream_error"  # a 2xx answer that reported an error in its body
+            if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
+                    and request.path.endswith(_GENERATION_PATHS):
+                ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
             for p in chunk_plugins:
                 tail = await self._on_chunk(ctx, p, tail, True)
             if tail:
@@ -416,6 +418,8 @@ class Proxy:
                     request.transport.close()
                 return out
             await out.write_eof()
+            if done_early:
+                DRAINING[resp] = asyncio.create_task(_drain(resp))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ctx.outcome = self._cut()
             ctx.bytes_out = sent
@@ -441,6 +445,36 @@ class Proxy:
         except Exception:
             log.exception("plugin %s failed in on_chunk (request %s)", p.name, ctx.request_id)
             raise PluginFailed(p.name, "on_chunk") from None
+
+
+#: Requests that generate (their 2xx answer can still report an error in its body).
+_GENERATION_PATHS = ("/chat/completions", "/completions", "/responses")
+#: After [DONE]: how long (and how many bytes) the upstream's end of body is waited for, so its
+#: connection goes back to the pool (otherwise it is closed: a new connection per stream).
+_DRAIN_SECONDS = 0.5
+_DRAIN_BYTES = 65536
+
+
+#: Upstream responses being read to their end after the client's ended at [DONE] (in the
+#: background: the exchange is over, and the client may go at once).
+DRAINING: dict[aiohttp.ClientResponse, "asyncio.Task[None]"] = {}
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read what an upstream sends after [DONE] (usually just the end of the body), briefly; the
+    connection then goes back to the pool, or is closed if the end does not come."""
+    left = _DRAIN_BYTES
+    try:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                while left > 0:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        return
+                    left -= len(chunk)
+    finally:
+        resp.close()
+        DRAINING.pop(resp, None)
 
 
 #: Bytes of an upstream's 4xx answer read to see whether it refused the stream_options the gateway added.

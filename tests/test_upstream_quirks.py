@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .helpers import start_gateway, base_config, write_config
+from .helpers import ADMIN_TOKEN, base_config, start_gateway, write_config
 
 T = aiohttp.ClientTimeout(total=15)
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
@@ -34,10 +34,17 @@ class Quirky:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.peers: list[Any] = []
+
+    async def job(self, request: web.Request) -> web.StreamResponse:
+        """A resource that describes a failure (a failed fine-tuning job): data, not an error."""
+        return web.json_response({"object": "fine_tuning.job", "id": "ftjob-1", "status": "failed",
+                                  "error": {"code": "invalid_file", "message": "bad line 3"}})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         mode = body.get("model")
         wants_usage = (body.get("stream_options") or {}).get("include_usage") is True
         if mode == "picky" and set(body.get("stream_options") or {}) - {"include_usage"}:
@@ -67,6 +74,9 @@ class Quirky:
             await resp.write(b": end\n\n")
             return resp
         await resp.prepare(request)
+        if mode == "reasoning_stream":
+            await resp.write(_chunk({"role": "assistant", "reasoning_content": "Let me "}))
+            await resp.write(_chunk({"reasoning_content": "think"}))
         await resp.write(_chunk({"role": "assistant", "content": "Hel"}))
         if mode == "error_event":
             await resp.write(b'data: {"error": {"message": "Engine died", "type": "InternalServerError"}}\n\n')
@@ -78,6 +88,7 @@ class Quirky:
         await resp.write(b"data: [DONE]\n\n")
         if mode == "done_open":
             await asyncio.sleep(60)  # [DONE] sent, connection kept open
+        await asyncio.sleep(0.01)  # the end of the body a moment after [DONE], as uvicorn's writes come
         await resp.write_eof()
         return resp
 
@@ -87,6 +98,7 @@ async def quirky() -> AsyncIterator[tuple[Quirky, str]]:
     q = Quirky()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", q.handle)
+    app.router.add_get("/v1/fine_tuning/jobs/ftjob-1", q.job)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -271,5 +283,54 @@ async def test_a_sized_stream_is_relayed_to_its_last_byte(quirky: Any, tmp_path:
                 body = await r.read()
                 assert len(body) == int(r.headers["Content-Length"])
         assert body.endswith(b"data: [DONE]\n\n: end\n\n")
+    finally:
+        await g.stop()
+
+
+async def test_streams_keep_their_upstream_connection(quirky: Any, tmp_path: Path) -> None:
+    """The client's response ends at [DONE]; the upstream's end of body, a moment later, is still
+    read, so its connection goes back to the pool instead of a new connection per stream."""
+    q, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            for _ in range(5):
+                await _stream(s, g.url, "plain")
+                await asyncio.sleep(0.1)  # (a client's next request rarely comes within the 10 ms)
+        assert len(set(q.peers)) == 1, q.peers
+    finally:
+        await g.stop()
+
+
+async def test_streamed_reasoning_is_stored_with_the_answer(quirky: Any, tmp_path: Path) -> None:
+    """A reasoning model's streamed thinking is stored with the assembled answer, as a non-streamed
+    answer's is (and, as there, it is not what the answer is compared by)."""
+    _, url = quirky
+    g = await _gateway(tmp_path, url)
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            text, cid = await _stream(s, g.url, "reasoning_stream")
+        await _wait_turn(tmp_path / "gateway.db", cid)
+        with sqlite3.connect(tmp_path / "gateway.db") as c:
+            row = c.execute("SELECT content, extra FROM conversation_messages WHERE conversation_id = ? "
+                            "AND role = 'assistant'", (cid,)).fetchone()
+        assert row[0] == '"Hello"' and json.loads(row[1]) == {"reasoning_content": "Let me think"}
+    finally:
+        await g.stop()
+
+
+async def test_a_resource_describing_a_failure_is_not_an_upstream_error(quirky: Any, tmp_path: Path) -> None:
+    """A 200 read of a failed fine-tuning job carries an error field: that is the job's data, the
+    request succeeded (only a generation's 2xx answer that is an error counts as one)."""
+    _, url = quirky
+    cfg = base_config(url, tmp_path, [{"name": "metrics"}])
+    g = await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
+    try:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.get(g.url + "/v1/fine_tuning/jobs/ftjob-1") as r:
+                assert r.status == 200 and (await r.json())["status"] == "failed"
+            async with s.get(g.admin_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                text = await r.text()
+        assert "gateway_upstream_errors_total{" not in text, text
     finally:
         await g.stop()
