@@ -211,6 +211,26 @@ class RouteConfig(Model):
         return out
 
 
+def _same_address(a: str, b: str) -> bool:
+    """Would listeners on hosts ``a`` and ``b`` (same port) clash? The same host, or a wildcard of
+    the other's address family (``0.0.0.0`` takes every IPv4 address, ``::`` every IPv6 one: the
+    server sets IPV6_V6ONLY, so ``::`` and an IPv4 address do not clash); ``""`` takes all."""
+    import ipaddress
+
+    def family(h: str) -> int | None:
+        try:
+            return ipaddress.ip_address(h.strip("[]")).version
+        except ValueError:
+            return None
+
+    if a == b or "" in (a, b):
+        return True
+    for w, other in ((a, b), (b, a)):
+        if (w == "0.0.0.0" and family(other) == 4) or (w == "::" and family(other) == 6):
+            return True
+    return False
+
+
 class GatewayConfig(Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     admin: AdminConfig = Field(default_factory=lambda: AdminConfig(enabled=False))
@@ -245,9 +265,7 @@ class GatewayConfig(Model):
                 raise ValueError(f"plugin {p.name!r} is listed twice")
             seen.add(p.name)
         a, s = self.admin, self.server
-        wild = ("0.0.0.0", "::", "")
-        if a.enabled and a.port == s.port and a.port != 0 and (
-                a.host == s.host or a.host in wild or s.host in wild):
+        if a.enabled and a.port == s.port and a.port != 0 and _same_address(a.host, s.host):
             raise ValueError(f"admin.port: the admin listener cannot share port {a.port} with the public one "
                              "(server.port) on the same address")
         return self

@@ -357,17 +357,23 @@ class JsonErrorAppRunner(web.AppRunner):
 
 def raise_open_files_limit() -> None:
     """Every client connection and every upstream connection is a file descriptor: the soft limit
-    (often 1024) is raised to the hard one, and a low hard limit is said."""
+    (often 1024, or 256) is raised as far as the hard one allows, and a low limit is said."""
     try:
         import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    except (ImportError, ValueError, OSError):
+    except ImportError:
         return
-    if soft != resource.RLIM_INFINITY and soft < 4096:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    # An unlimited hard limit is not always settable (macOS takes at most OPEN_MAX, 10240).
+    for want in ([hard, 1_048_576, 10240] if hard == inf else [hard]):
+        if soft != inf and (want == inf or want > soft):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+                break
+            except (ValueError, OSError):
+                continue
+    if soft != inf and soft < 4096:
         log.warning("the open files limit is %d: each client and upstream connection takes one (raise it with "
                     "`ulimit -n` or LimitNOFILE=)", soft)
 
@@ -383,7 +389,7 @@ def _quiet_resource_errors(previous: Any) -> Any:
             exc = context.get("exception")
             why = f"{type(exc).__name__}: {exc}".replace("%", "%%")
             _RESOURCE_LOG.event("accept", 1, f"cannot accept connections: {why} (the open files limit is "
-                                             "reached); %d time(s)")
+                                             "reached); %d failed accept() call(s)")
             return
         if previous is not None:
             previous(loop, context)

@@ -185,6 +185,10 @@ class Database:
             if "readonly" in str(e):
                 raise DatabaseError(f"the SQLite file {self.file or self.url} cannot be written (a read-only "
                                     "file or directory, or another user's file)") from None
+            if "locked" in str(e):  # another process writes for longer than busy_timeout: not ours to fail
+                log.warning("the SQLite file %s is locked by another process; starting without checking "
+                            "that it can be written", self.file or self.url)
+                return
             raise
         finally:
             with contextlib.suppress(Exception):
@@ -228,9 +232,12 @@ class Database:
             return sorted(applied)
         if set(heads) <= applied:
             return sorted(heads)  # nothing to do: no lock to take (another gateway may hold it)
-        # On a daemon thread: a wait for the migration lock that a signal interrupts must not hold
-        # the process's exit (the default executor's threads are joined at exit).
-        return await in_daemon_thread(upgrade_sync, self.url)
+        # The wait for the lock on a daemon thread: a stop while another process holds it must not
+        # hold the process's exit. The migration itself on the default executor, which the exit
+        # waits for: a migration cut half-way (SQLite commits each CREATE TABLE) would leave a
+        # database that no later start can migrate.
+        lock = await in_daemon_thread(migration_lock, self.url)
+        return await asyncio.to_thread(_upgrade_holding, self.url, lock)
 
     async def close(self, timeout: float = 5.0) -> None:
         try:
@@ -271,35 +278,47 @@ def alembic_config(url: str) -> Any:
 _ALEMBIC = threading.Lock()
 
 
-def upgrade_sync(url: str) -> list[str]:
+def upgrade_sync(url: str, locked: bool = False) -> list[str]:
+    """Apply every migration branch up to its head (``locked``: the caller holds the SQLite
+    migration lock already, see :func:`migration_lock`)."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(url)
-    with _ALEMBIC, _sqlite_file_lock(url):
+    with _ALEMBIC, (contextlib.nullcontext() if locked else _sqlite_file_lock(url)):
         command.upgrade(cfg, "heads")
     return sorted(ScriptDirectory.from_config(cfg).get_heads())
+
+
+def _upgrade_holding(url: str, lock: Any) -> list[str]:
+    """Migrate, then release the lock taken for it (here, so a cancelled caller cannot release it
+    while the migration still runs)."""
+    try:
+        return upgrade_sync(url, locked=True)
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 #: Seconds a migration waits for another process's migration lock before giving up.
 MIGRATION_LOCK_WAIT = 120.0
 
 
-@contextlib.contextmanager
-def _sqlite_file_lock(url: str) -> Iterator[None]:
-    """Several gateways started at once on one new SQLite file would each create the tables
-    ("table ... already exists"): the migration runs under an exclusive flock on a lock file next to
-    the database (``<file>.lock``). Never on the database file itself: SQLite's locks are POSIX
-    record locks, which the process loses on *every* descriptor of the file when any one of them is
-    closed, so opening and closing the database file here would silently drop the locks of the
-    connections this process has open (and corrupt what they see). PostgreSQL takes an advisory
-    lock instead (migrations/env.py)."""
+def migration_lock(url: str) -> Any:
+    """Take the SQLite migration lock: an exclusive flock on a lock file next to the database
+    (``<file>.lock``), which several gateways started at once on one new file need (each would
+    create the tables: "table ... already exists"). Returns the open lock file (close it to
+    release), or None where there is none to take (PostgreSQL takes an advisory lock in
+    migrations/env.py; an in-memory database; a directory that cannot be written). Never a lock on
+    the database file itself: SQLite's locks are POSIX record locks, which the process loses on
+    *every* descriptor of the file when any one of them is closed, so opening and closing the
+    database file here would silently drop the locks of the connections this process has open (and
+    corrupt what they see). Waits up to MIGRATION_LOCK_WAIT, saying what it waits for."""
     from sqlalchemy.engine import make_url
 
     name = make_url(url).database if url.startswith("sqlite") else None
     if not name or name == ":memory:" or name.startswith("file:"):
-        yield
-        return
+        return None
     import fcntl
 
     lock = name + ".lock"
@@ -308,28 +327,33 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
     except OSError as e:  # a directory that cannot be written: nothing can be migrated in it either
         log.warning("migrating without the lock file %s (%s): start one gateway at a time on a new database",
                     lock, e.strerror or type(e).__name__)
-        yield
-        return
-    with f:
-        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
-        waited = False
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not waited:
-                    log.warning("waiting for the migration lock %s (another gateway or `gateway db upgrade` "
-                                "holds it)", lock)
-                    waited = True
-                if time.monotonic() > deadline:
-                    raise DatabaseError(f"the migration lock {lock} was held by another process for "
-                                        f"{MIGRATION_LOCK_WAIT:g}s; is a migration stuck?") from None
-                time.sleep(0.1)
+        return None
+    deadline = time.monotonic() + MIGRATION_LOCK_WAIT
+    waited = False
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f  # (closing the file releases the lock)
+        except BlockingIOError:
+            if not waited:
+                log.warning("waiting for the migration lock %s (another gateway or `gateway db upgrade` "
+                            "holds it)", lock)
+                waited = True
+            if time.monotonic() > deadline:
+                f.close()
+                raise DatabaseError(f"the migration lock {lock} was held by another process for "
+                                    f"{MIGRATION_LOCK_WAIT:g}s; is a migration stuck?") from None
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(url: str) -> Iterator[None]:
+    f = migration_lock(url)
+    try:
+        yield
+    finally:
+        if f is not None:
+            f.close()
 
 
 def revisions_sync(url: str) -> tuple[list[str], set[str]]:

@@ -3,8 +3,8 @@ metric labels, span attributes).
 
 A parameter is secret when its name, percent-decoded (``api%5Fkey`` is the ``api_key`` the
 application reads, ``pass%77ord`` a password) and with ``-`` and ``_`` alike, is one of
-:data:`SECRET_NAMES`, or contains one of :data:`SECRET_PARTS` (``db_password``,
-``x-access-token``).
+:data:`SECRET_NAMES`, has one of :data:`SECRET_WORDS` as a word (``subscription-key``,
+``x-access-token``), or contains one of :data:`SECRET_PARTS` (``dbpassword``).
 """
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from urllib.parse import unquote_plus
 
 #: Whole parameter names that carry a credential (``?key=`` but not ``?monkey=``).
 SECRET_NAMES = frozenset(n.replace("-", "_") for n in (
-    "key", "api_key", "api-key", "apikey", "x-api-key", "access_key", "accesskey", "auth", "authorization",
-    "credential", "credentials", "client_secret", "sig", "signature", "awsaccesskeyid", "x-goog-signature",
-    "x-goog-credential", "x-amz-signature", "x-amz-credential", "id_token", "refresh_token", "access_token"))
-#: Parts of a name that make it a credential wherever they appear in it.
-SECRET_PARTS = ("password", "passwd", "pwd", "token", "secret")
+    "apikey", "accesskey", "auth", "authorization", "credential", "credentials", "sig", "signature",
+    "awsaccesskeyid", "code", "idtoken", "apitoken"))
+#: Words (between ``-`` / ``_``) that make a name a credential: ``subscription-key``,
+#: ``x-goog-api-key``, ``access_token``, ``client_secret`` (but not ``max_tokens`` or ``monkey``).
+SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "pwd", "sig", "signature",
+                          "credential", "credentials", "apikey"})
+#: Parts of a name that make it a credential wherever they appear in it (``dbpassword``).
+SECRET_PARTS = ("password", "passwd", "secret")
 
 #: One ``name=value`` in a query string or in text quoting one (group 2: the name as written).
 QUERY_PARAM = re.compile(r"([?&;\s])([^=&#\s]+)=([^&#\s]*)")
@@ -31,7 +34,7 @@ def secret_param(name: str) -> bool:
                 break
             name = decoded
     n = name.strip().lower().replace("-", "_")
-    return n in SECRET_NAMES or any(p in n for p in SECRET_PARTS)
+    return n in SECRET_NAMES or any(w in SECRET_WORDS for w in n.split("_")) or any(p in n for p in SECRET_PARTS)
 
 
 def mask_params(text: str, mask: str = "***") -> str:

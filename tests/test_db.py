@@ -535,3 +535,22 @@ async def test_a_read_only_sqlite_file_is_refused_at_start_and_reopened_after(tm
         assert len(opened) == n + 2  # each refused write's connection was dropped, a new one opened
     finally:
         await ro.close()
+
+
+async def test_start_goes_ahead_while_another_process_holds_the_write_lock(make_gateway: Any, tmp_path: Path) -> None:
+    """The start-up check that the SQLite file can be written takes the write lock; another
+    process holding it for longer than busy_timeout (a long purge, a VACUUM) must not stop the
+    gateway from starting."""
+    path = tmp_path / "gateway.db"
+    r = gateway_cli("db", "upgrade", "-c", str(_config(tmp_path, f"sqlite+aiosqlite:///{path}")), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")  # as the gateway leaves it
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        g = await make_gateway([{"name": "audit"}], database={"url": f"sqlite+aiosqlite:///{path}",
+                                                               "busy_timeout_ms": 200})
+        assert g.gw.runtime.by_name["audit"] is not None
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -23,12 +23,14 @@ def test_admin_on_the_public_port_is_refused_by_check() -> None:
     """The admin listener on the public listener's port (same host, or a wildcard) passed `check`
     and then failed at start with "address already in use", which points at another process."""
     base = "upstream: {url: 'http://127.0.0.1:9'}\nadmin: {token: 'a-long-enough-admin-token-123'"
-    for server, admin in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "::")):
+    for server, admin in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "::1")):
         text = f"server: {{host: '{server}', port: 8080}}\n{base}, host: '{admin}', port: 8080}}\n"
         with pytest.raises(ConfigError, match="admin.port"):
             load_config_text(text, "g.yaml")
-    ok = f"server: {{host: '127.0.0.1', port: 8080}}\n{base}, host: '127.0.0.2', port: 8080}}\n"
-    load_config_text(ok, "g.yaml")  # two addresses: two listeners
+    # Two addresses, or a wildcard of the other address family (IPV6_V6ONLY): two listeners.
+    for server, admin in (("127.0.0.1", "127.0.0.2"), ("::1", "0.0.0.0"), ("::", "127.0.0.1")):
+        load_config_text(f"server: {{host: '{server}', port: 8080}}\n{base}, host: '{admin}', port: 8080}}\n",
+                         "g.yaml")
 
 
 async def test_running_out_of_file_descriptors_is_logged_once_not_flooded(tmp_path: Path, upstream: Any) -> None:
