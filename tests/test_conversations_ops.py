@@ -582,3 +582,42 @@ async def test_a_cursor_of_the_wrong_shape_is_a_400(make_gateway: Any, tmp_path:
                 assert r.status == 400 and body["error"]["param"] == "cursor", (url, body)
     res = run_cli(tmp_path / "gateway.yaml", "purge", "--older-than", "0")
     assert res.returncode == 2 and "more than 0" in res.stderr
+
+
+async def test_an_answer_stored_first_as_history_gets_its_own_metadata(make_gateway: Any, tmp_path: Path) -> None:
+    """Two instances on one database, a client sending the whole history, turns back to back: the
+    next turn (on the other instance) can be written before this turn's writer flushes, storing
+    this turn's answer as client history (no request id, no status, a derived token count). When
+    this turn's record is written, the stored answer gets its own metadata."""
+    conv = {"name": "conversations", "config": {"cache_ttl": 0}}
+    slow = await make_gateway([{**conv, "config": {"cache_ttl": 0, "flush_interval": 1.5}}], name="slow.yaml")
+    fast = await make_gateway([{**conv, "config": {"cache_ttl": 0, "flush_interval": 0.05}}], name="fast.yaml")
+    first = [{"role": "user", "content": "q1"}]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(fast.url + "/v1/chat/completions", json={"model": "demo-chat", "messages": first}) as r:
+            cid = r.headers["X-Conversation-ID"]
+            a1 = (await r.json())["choices"][0]["message"]
+        await asyncio.sleep(0.3)
+        second = first + [{"role": "assistant", "content": a1["content"]}, {"role": "user", "content": "q2"}]
+        async with s.post(slow.url + "/v1/chat/completions", headers={"X-Conversation-ID": cid},
+                          json={"model": "demo-chat", "messages": second}) as r:
+            rid2 = r.headers["X-Request-ID"]
+            body2 = await r.json()
+            a2, usage2 = body2["choices"][0]["message"], body2["usage"]
+        third = second + [{"role": "assistant", "content": a2["content"]}, {"role": "user", "content": "q3"}]
+        async with s.post(fast.url + "/v1/chat/completions", headers={"X-Conversation-ID": cid},
+                          json={"model": "demo-chat", "messages": third}) as r:
+            assert r.status == 200
+    db = tmp_path / "gateway.db"
+    deadline = time.monotonic() + 10
+    while True:
+        with sqlite3.connect(db) as c:
+            rows = c.execute("SELECT position, role, request_id, status, tokens, tokens_derived FROM "
+                             "conversation_messages WHERE conversation_id = ? ORDER BY position", (cid,)).fetchall()
+            turns = c.execute("SELECT count(*) FROM conversation_turns WHERE conversation_id = ?", (cid,)).fetchone()[0]
+        if turns == 3:
+            break
+        assert time.monotonic() < deadline, (rows, turns)
+        await asyncio.sleep(0.1)
+    assert [r[1] for r in rows] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert rows[3][2:] == (rid2, "complete", usage2["completion_tokens"], 0), rows

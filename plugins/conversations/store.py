@@ -163,6 +163,10 @@ def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]
     return row
 
 
+#: The columns an answer carries and a message from the client's history does not.
+_PRODUCED = ("request_id", "status", "finish_reason", "tokens", "tokens_derived", "latency_ms", "ttft_ms", "model")
+
+
 def new_row(msg: dict[str, Any], digest: str, tokens: int | None, tokens_derived: bool, created_at: Any,
             model: str | None, request_id: str | None, key_id: str | None, owner: str | None,
             status: str | None = None, finish_reason: str | None = None, latency_ms: float | None = None,
@@ -468,10 +472,27 @@ class ConversationStore:
         stored += [m["digest"] for m in queued if m["conversation_id"] == cid and m["position"] >= base]
         i = 0
         while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
+            if msgs[i]["status"] is not None:
+                await self._claim(conn, cid, base + i, msgs[i], queued)
             i += 1
         if i < len(msgs) and i < len(stored):
             return msgs[i:], base + i
         return msgs[i:], None
+
+    async def _claim(self, conn: Any, cid: str, position: int, produced: dict[str, Any],
+                     queued: list[dict[str, Any]]) -> None:
+        """This record's answer is stored already, by a request (on another instance, or later in
+        this batch) that carried it as client history, before this record was written: that row
+        gets the answer's own metadata (its request, status, the upstream's token count, timings),
+        which a row from history does not have."""
+        fields = {k: produced[k] for k in _PRODUCED}
+        for m in queued:
+            if m["conversation_id"] == cid and m["position"] == position:
+                if m["status"] is None:
+                    m.update(fields)
+                return
+        await conn.execute(M.update().where(M.c.conversation_id == cid, M.c.position == position,
+                                            M.c.status.is_(None)).values(**fields))
 
     # -- reads for the request path ---------------------------------------------------------------
     async def load_view(self, cid: str) -> dict[str, Any] | None:
