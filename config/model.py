@@ -217,16 +217,20 @@ def _same_address(a: str, b: str) -> bool:
     server sets IPV6_V6ONLY, so ``::`` and an IPv4 address do not clash); ``""`` takes all."""
     import ipaddress
 
-    def family(h: str) -> int | None:
+    def norm(h: str) -> tuple[str, int | None]:
         try:
-            return ipaddress.ip_address(h.strip("[]")).version
+            ip = ipaddress.ip_address(h.strip("[]"))
         except ValueError:
-            return None
+            return h, None  # a host name: its addresses are not known here
+        return ("0.0.0.0" if ip.version == 4 and ip.is_unspecified else "::" if ip.is_unspecified
+                else str(ip)), ip.version
 
+    (a, fa), (b, fb) = norm(a), norm(b)
     if a == b or "" in (a, b):
         return True
-    for w, other in ((a, b), (b, a)):
-        if (w == "0.0.0.0" and family(other) == 4) or (w == "::" and family(other) == 6):
+    for (w, _), (other, fam) in (((a, fa), (b, fb)), ((b, fb), (a, fa))):
+        # a wildcard clashes with an address of its family, and with a name (which may resolve to one)
+        if (w == "0.0.0.0" and fam in (4, None)) or (w == "::" and fam in (6, None)):
             return True
     return False
 

@@ -181,7 +181,8 @@ class Gateway:
             await t
         await self.runtime.shutdown(wait=0)
         from .proxy import DRAINING  # upstream responses still being read after [DONE] (0.5 s at most)
-        await asyncio.gather(*list(DRAINING.values()), return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*[t for t in list(DRAINING.values()) if t.get_loop() is loop], return_exceptions=True)
         await self.upstream.close()
         await self.services.close()
         if self.db is not None:

@@ -236,6 +236,10 @@ class Database:
         # hold the process's exit. The migration itself on the default executor, which the exit
         # waits for: a migration cut half-way (SQLite commits each CREATE TABLE) would leave a
         # database that no later start can migrate.
+        if not self.is_sqlite:
+            # PostgreSQL runs each migration in a transaction (a cut one rolls back): all of it on a
+            # daemon thread, so a stop while another instance holds the advisory lock goes ahead.
+            return await in_daemon_thread(upgrade_sync, self.url)
         lock = await in_daemon_thread(migration_lock, self.url)
         return await asyncio.to_thread(_upgrade_holding, self.url, lock)
 

@@ -3,8 +3,9 @@ metric labels, span attributes).
 
 A parameter is secret when its name, percent-decoded (``api%5Fkey`` is the ``api_key`` the
 application reads, ``pass%77ord`` a password) and with ``-`` and ``_`` alike, is one of
-:data:`SECRET_NAMES`, has one of :data:`SECRET_WORDS` as a word (``subscription-key``,
-``x-access-token``), or contains one of :data:`SECRET_PARTS` (``dbpassword``).
+:data:`SECRET_NAMES`, ends in the word ``key`` (``subscription-key``, ``x-goog-api-key``), has one of
+:data:`SECRET_WORDS` as a word, or contains one of :data:`SECRET_PARTS` (``dbpassword``,
+``accessToken``; ``max_tokens`` is a count, not a token).
 """
 from __future__ import annotations
 
@@ -12,29 +13,41 @@ import re
 from urllib.parse import unquote_plus
 
 #: Whole parameter names that carry a credential (``?key=`` but not ``?monkey=``).
-SECRET_NAMES = frozenset(n.replace("-", "_") for n in (
-    "apikey", "accesskey", "auth", "authorization", "credential", "credentials", "sig", "signature",
-    "awsaccesskeyid", "code", "idtoken", "apitoken"))
-#: Words (between ``-`` / ``_``) that make a name a credential: ``subscription-key``,
-#: ``x-goog-api-key``, ``access_token``, ``client_secret`` (but not ``max_tokens`` or ``monkey``).
-SECRET_WORDS = frozenset({"key", "token", "secret", "password", "passwd", "pwd", "sig", "signature",
-                          "credential", "credentials", "apikey"})
-#: Parts of a name that make it a credential wherever they appear in it (``dbpassword``).
-SECRET_PARTS = ("password", "passwd", "secret")
+SECRET_NAMES = frozenset({"key", "apikey", "accesskey", "auth", "authorization", "credential", "credentials",
+                          "sig", "signature", "awsaccesskeyid"})
+#: Words (between ``-`` / ``_`` or camelCase humps) that make a name a credential wherever they
+#: are: ``x-goog-signature``, ``client_secret``.
+SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "pwd", "sig", "signature", "credential",
+                          "credentials", "apikey"})
+#: Parts of a name that make it a credential wherever they appear in it (``dbpassword``,
+#: ``accesstoken``, ``userpwd``): ``token`` but not ``tokens`` (``max_tokens`` is a count).
+SECRET_PARTS = ("password", "passwd", "pwd", "secret", "token")
+#: Secret only as a whole query parameter (an Azure Functions key), not as ``code=`` in free text.
+QUERY_ONLY_NAMES = frozenset({"code"})
 
 #: One ``name=value`` in a query string or in text quoting one (group 2: the name as written).
-QUERY_PARAM = re.compile(r"([?&;\s])([^=&#\s]+)=([^&#\s]*)")
+QUERY_PARAM = re.compile(r"([?&;\s])([^=&#?\s]+)=([^&#\s]*)")
 
 
-def secret_param(name: str) -> bool:
+def secret_param(name: str, query: bool = True) -> bool:
     if "%" in name or "+" in name:
         for _ in range(3):  # (encoded more than once, too)
             decoded = unquote_plus(name)
             if decoded == name:
                 break
             name = decoded
-    n = name.strip().lower().replace("-", "_")
-    return n in SECRET_NAMES or any(w in SECRET_WORDS for w in n.split("_")) or any(p in n for p in SECRET_PARTS)
+    name = name.strip()
+    n = name.lower().replace("-", "_")
+    if n in SECRET_NAMES or (query and n in QUERY_ONLY_NAMES):
+        return True
+    words = _HUMP.sub("_", name).lower().replace("-", "_").split("_")
+    if words[-1] == "key" or any(w in SECRET_WORDS for w in words):  # subscription-key, sessionToken
+        return True
+    flat = n.replace("tokens", "")
+    return any(p in flat for p in SECRET_PARTS)
+
+
+_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def mask_params(text: str, mask: str = "***") -> str:
@@ -43,6 +56,6 @@ def mask_params(text: str, mask: str = "***") -> str:
         return text
 
     def one(m: "re.Match[str]") -> str:
-        return f"{m.group(1)}{m.group(2)}={mask}" if secret_param(m.group(2)) else m.group(0)
+        return f"{m.group(1)}{m.group(2)}={mask}" if secret_param(m.group(2), m.group(1) in "?&;") else m.group(0)
 
     return QUERY_PARAM.sub(one, text)

@@ -126,21 +126,22 @@ def test_db_current_on_a_missing_file_is_an_error(tmp_path: Path, capsys: Any) -
 SECRET_URL = ("http://127.0.0.1:9/v1?api-key=S1&key=S2&api%5Fkey=S3&Sig=S4&client_secret=S5&accessKey=S6"
               "&credentials=S7&auth=S8&monkey=plain&keyword=plain2&token=S9"
               "&x-api-key=S10&pass%77ord=S11&%74oken=S12&db_password=S13&subscription-key=S14"
-              "&x-goog-api-key=S15&code=S16&private_key=S17&max_tokens=plain3")
+              "&x-goog-api-key=S15&code=S16&private_key=S17&max_tokens=plain3&accessToken=S18&dbpwd=S19"
+              "&sessionToken=S20&key_id=plain4")
 
 
 def test_check_and_listening_log_mask_query_credentials(tmp_path: Path, capsys: Any) -> None:
     from gateway.cli import redact_url
 
     masked = redact_url(SECRET_URL)
-    for i in range(1, 18):
+    for i in range(1, 21):
         assert f"S{i}" not in masked, masked
     assert "monkey=plain" in masked and "keyword=plain2" in masked and "api%5Fkey=***" in masked
-    assert "max_tokens=plain3" in masked
+    assert "max_tokens=plain3" in masked and "key_id=plain4" in masked
     cfg = write_config(tmp_path / "c.yaml", base_config(SECRET_URL, tmp_path, admin={"enabled": False}))
     assert run_main("check", "-c", str(cfg)) == 0
     out = capsys.readouterr().out
-    assert "api-key=***" in out and not any(f"S{i}" in out for i in range(1, 18))
+    assert "api-key=***" in out and not any(f"S{i}" in out for i in range(1, 21))
 
 
 async def test_listening_log_line_masks_query_credentials(tmp_path: Path, caplog: Any) -> None:
@@ -152,7 +153,7 @@ async def test_listening_log_line_masks_query_credentials(tmp_path: Path, caplog
         await g.stop()
     (rec,) = [r for r in caplog.records if r.getMessage() == "gateway listening"]
     up = rec.fields["upstream"]
-    assert "api-key=***" in up and not any(f"S{i}" in up for i in range(1, 18))
+    assert "api-key=***" in up and not any(f"S{i}" in up for i in range(1, 21))
 
 
 # -- 5. page sizes ------------------------------------------------------------------------------------

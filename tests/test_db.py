@@ -554,3 +554,37 @@ async def test_start_goes_ahead_while_another_process_holds_the_write_lock(make_
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+async def test_postgresql_migration_waiting_for_the_lock_stops_on_sigterm(tmp_path: Path, pg_url: str,
+                                                                          upstream: Any) -> None:
+    """Another instance holds the migration's advisory lock (a migration under way, or stuck):
+    a gateway starting with auto_migrate waits, and SIGTERM stops it (PostgreSQL migrations are
+    transactional, so the wait runs where the exit does not wait for it)."""
+    import asyncpg
+
+    from .helpers import GatewayProcess, base_config, free_port
+
+    LOCK_ID = 0x6761746577  # gateway/migrations/env.py (not importable outside a migration run)
+    holder = await asyncpg.connect(pg_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        tr = holder.transaction()
+        await tr.start()
+        await holder.execute(f"SELECT pg_advisory_xact_lock({LOCK_ID})")
+        port = free_port()
+        cfg = base_config(upstream.url, tmp_path, [{"name": "audit"}], server={"port": port},
+                          admin={"enabled": False}, database={"url": pg_url, "auto_migrate": True})
+        proc = GatewayProcess(write_config(tmp_path / "pg.yaml", cfg), port, None).start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while "gateway starting" not in proc.log():
+                assert asyncio.get_running_loop().time() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # into the migration, waiting for the lock
+            proc.signal(15)
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+        finally:
+            proc.stop()
+        await tr.rollback()
+    finally:
+        await holder.close()
