@@ -221,12 +221,15 @@ def _same_address(a: str, b: str) -> bool:
         try:
             ip = ipaddress.ip_address(h.strip("[]"))
         except ValueError:
-            return h, None  # a host name: its addresses are not known here
+            return h.lower(), None  # a host name: its addresses are not known here
         return ("0.0.0.0" if ip.version == 4 and ip.is_unspecified else "::" if ip.is_unspecified
                 else str(ip)), ip.version
 
     (a, fa), (b, fb) = norm(a), norm(b)
     if a == b or "" in (a, b):
+        return True
+    loopback = ("127.0.0.1", "::1")
+    if (a == "localhost" and b in loopback) or (b == "localhost" and a in loopback):
         return True
     for (w, _), (other, fam) in (((a, fa), (b, fb)), ((b, fb), (a, fa))):
         # a wildcard clashes with an address of its family, and with a name (which may resolve to one)

@@ -279,3 +279,36 @@ async def test_empty_patch_is_a_400_and_changes_nothing(make_gateway: Any) -> No
         async with s.patch(g.admin_url + f"/keys/{rec['id']}", json={"name": "n"}) as r:
             assert r.status == 200
     assert seen.count("key.updated") == 1
+
+
+@pytest.mark.parametrize("name", [
+    "key", "api_key", "x-api-key", "subscription-key", "subscriptionKey", "x-goog-api-key", "private_key",
+    "access_token", "accessToken", "sessionToken", "dbpwd", "client_secret", "pass%77ord", "db_password", "sig",
+    "X-Amz-Signature", "code", "AWSAccessKeyId", "pass", "passphrase", "hapikey", "jwt", "client_assertion",
+    "code_verifier", "SAMLResponse", "ticket", "JSESSIONID", "api_key[]", "credentials[key]", "api.key", "AccountKey"])
+def test_secret_parameter_names(name: str) -> None:
+    from gateway.redact import secret_param
+
+    assert secret_param(name)
+
+
+@pytest.mark.parametrize("name", [
+    "monkey", "keyword", "max_tokens", "max_completion_tokens", "model", "key_id", "tokenizer", "pageToken",
+    "next_page_token", "token_type", "token_count", "sort_key", "Idempotency-Key", "publicKey", "password_policy"])
+def test_names_that_only_look_secret(name: str) -> None:
+    from gateway.redact import secret_param
+
+    assert not secret_param(name)
+
+
+def test_secret_values_end_at_separators_and_quotes() -> None:
+    """A value stops at a nested '?', a fragment, a ';' or a quote: a secret after one of them is
+    masked too, and what follows the value is kept."""
+    from gateway.redact import mask_params
+
+    assert mask_params("https://app/login?next=/oauth?access_token=S1") == "https://app/login?next=/oauth?access_token=***"
+    assert mask_params("https://app/cb#access_token=S2&token_type=bearer") == \
+        "https://app/cb#access_token=***&token_type=bearer"
+    assert mask_params("AccountName=a;AccountKey=S3==;EndpointSuffix=x") == "AccountName=a;AccountKey=***;EndpointSuffix=x"
+    assert mask_params("dsn='host=db password=S4'") == "dsn='host=db password=***'"
+    assert mask_params("exit code=3") == "exit code=3"

@@ -163,6 +163,19 @@ def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]
     return row
 
 
+def _claim(cid: str, position: int, produced: dict[str, Any]) -> dict[str, Any]:
+    """This record's answer is stored already, by a request (on another instance, or earlier in
+    this batch) that carried it as client history before this record was written: that row is to
+    get the answer's own metadata (its request, status, timings and, when the upstream reported
+    one, its token count), which a row from history does not have. Applied in the same
+    transaction, after its inserts, to a row still without a status; the rows themselves are not
+    touched (a batch that fails is retried, or halved, with them as they were)."""
+    fields = {k: produced[k] for k in _PRODUCED}
+    if fields["tokens"] is None:  # no count reported: the one derived for the history row stays
+        del fields["tokens"], fields["tokens_derived"]
+    return {"b_cid": cid, "b_pos": position, **fields}
+
+
 #: The columns an answer carries and a message from the client's history does not.
 _PRODUCED = ("request_id", "status", "finish_reason", "tokens", "tokens_derived", "latency_ms", "ttft_ms", "model")
 
@@ -340,6 +353,7 @@ class ConversationStore:
             created: dict[str, dict[str, Any]] = {}
             forks: list[tuple[str, str, int]] = []  # (parent, child, shared prefix length)
             msg_rows: list[dict[str, Any]] = []
+            claims: list[dict[str, Any]] = []  # answers stored first as history: see _claim
             turn_rows: list[dict[str, Any]] = []
             touched: dict[str, dict[str, Any]] = {}
             for rec in batch:
@@ -367,7 +381,7 @@ class ConversationStore:
                 if pos != rec.base:
                     moved.add(cid)
                     if pos > rec.base and msgs and cid not in created:
-                        msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows)
+                        msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows, claims)
                         if at is not None:
                             # What this request saw differs from what another one stored meanwhile
                             # (a regenerated answer, an edit): never interleave the two histories.
@@ -420,6 +434,10 @@ class ConversationStore:
                     missing.add(child)
             if turn_rows:
                 await self._insert(conn, T, turn_rows)
+            for c in claims:  # after the inserts: the row claimed may be one of this batch's
+                fields = {k: v for k, v in c.items() if not k.startswith("b_")}
+                await conn.execute(M.update().where(M.c.conversation_id == c["b_cid"], M.c.position == c["b_pos"],
+                                                    M.c.status.is_(None)).values(**fields))
             if touched:
                 params = [{**u, "count": counts[cid]} for cid, u in touched.items()]
                 await conn.execute(
@@ -462,7 +480,8 @@ class ConversationStore:
         await conn.execute(M.insert().from_select(["conversation_id"] + [c.name for c in cols], sel))
 
     async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]],
-                           queued: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | None]:
+                           queued: list[dict[str, Any]], claims: list[dict[str, Any]]
+                           ) -> tuple[list[dict[str, Any]], int | None]:
         """Another request appended since this one looked. Our leading messages already stored
         there (same digests) are dropped; if all that was stored since matches, the rest is
         appended (None). If ours differ from what was stored, the position of the first difference
@@ -473,26 +492,11 @@ class ConversationStore:
         i = 0
         while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
             if msgs[i]["status"] is not None:
-                await self._claim(conn, cid, base + i, msgs[i], queued)
+                claims.append(_claim(cid, base + i, msgs[i]))
             i += 1
         if i < len(msgs) and i < len(stored):
             return msgs[i:], base + i
         return msgs[i:], None
-
-    async def _claim(self, conn: Any, cid: str, position: int, produced: dict[str, Any],
-                     queued: list[dict[str, Any]]) -> None:
-        """This record's answer is stored already, by a request (on another instance, or later in
-        this batch) that carried it as client history, before this record was written: that row
-        gets the answer's own metadata (its request, status, the upstream's token count, timings),
-        which a row from history does not have."""
-        fields = {k: produced[k] for k in _PRODUCED}
-        for m in queued:
-            if m["conversation_id"] == cid and m["position"] == position:
-                if m["status"] is None:
-                    m.update(fields)
-                return
-        await conn.execute(M.update().where(M.c.conversation_id == cid, M.c.position == position,
-                                            M.c.status.is_(None)).values(**fields))
 
     # -- reads for the request path ---------------------------------------------------------------
     async def load_view(self, cid: str) -> dict[str, Any] | None:

@@ -61,7 +61,7 @@ SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for 
     tuple(f"http.response.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS)
 
 #: One query parameter: its name (group 2, as sent: maybe percent-encoded) and value.
-_QUERY_PARAM = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+_QUERY_PARAM = re.compile(r"([?&;#])([^=&#?;]*)=([^&#?;]*)")  # (a value stops at a nested ? or a fragment)
 #: Server span attributes that carry the request URL or its query string.
 URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
