@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:)[^/\s]*@")
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]{0,31}://[^/@\s:]*:)[^/\s]*@")
 
 
 def mask_secret_params(text: str) -> str:

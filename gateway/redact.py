@@ -12,28 +12,32 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_plus
 
-#: Whole parameter names that carry a credential (``?key=`` but not ``?monkey=``).
+#: Whole parameter names that carry a credential (``?key=`` but not ``?monkey=``), compared with
+#: separators removed (``session_id`` is ``sessionid``).
 SECRET_NAMES = frozenset({"key", "apikey", "accesskey", "authkey", "hapikey", "auth", "authorization", "credential",
                           "credentials", "sig", "signature", "awsaccesskeyid", "pass", "pw", "passphrase", "jwt",
-                          "assertion", "samlresponse", "ticket", "sessionid", "sessid", "jsessionid", "phpsessid"})
+                          "assertion", "samlresponse", "ticket", "sessionid", "sessid", "jsessionid", "phpsessid",
+                          "sid"})
 #: Words (between ``-`` / ``_`` / ``.`` / brackets, or camelCase humps) that make a name a
 #: credential wherever they are: ``x-goog-signature``, ``client_secret``, ``code_verifier``.
 SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "pwd", "sig", "signature", "credential",
-                          "credentials", "apikey", "passphrase", "assertion", "verifier", "jwt"})
+                          "credentials", "apikey", "passphrase", "assertion", "verifier", "jwt", "sid"})
 #: Parts of a name that make it a credential wherever they appear in it (``dbpassword``,
 #: ``accesstoken``, ``userpwd``): ``token`` but not ``tokens`` (``max_tokens`` is a count).
 SECRET_PARTS = ("password", "passwd", "pwd", "secret", "token")
 #: Secret only as a whole query parameter (an Azure Functions key), not as ``code=`` in free text.
 QUERY_ONLY_NAMES = frozenset({"code"})
-#: Names that look like credentials and are not: counts, kinds, URLs, pagination cursors, keys
-#: that name a field.
-_LAST_NOT_SECRET = frozenset({"count", "type", "url", "uri", "endpoint", "policy", "id", "name", "size", "limit"})
-_PAGING = frozenset({"page", "continuation", "cursor", "next"})
-_FIELD_KEYS = frozenset({"sort", "partition", "cache", "idempotency", "public", "primary", "foreign"})
+#: Names that look like credentials and are not: counts, kinds, URLs; pagination cursors
+#: (``page_token``, ``nextToken``); keys that name a field (``sort_key``, ``key_id``).
+_LAST_NOT_SECRET = frozenset({"count", "type", "url", "uri", "endpoint", "policy", "size", "limit"})
+_PAGING = frozenset({"page", "continuation", "next"})
+_FIELD_KEYS = frozenset({"sort", "partition", "cache", "idempotency", "public", "foreign"})
 
-#: One ``name=value`` in a query string, a fragment, a connection string or text quoting one
-#: (group 2: the name as written). A value stops at the next separator or a quote.
-QUERY_PARAM = re.compile(r"""([?&;#\s])([^=&#?;\s"']+)=([^&#?;\s"']*)""")
+#: Where a parameter name starts (group 1: the separator before it; group 2: a quote that
+#: encloses the whole pair, as in ``"api_key=..."``; group 3: the name).
+_NAME = re.compile(r"""(^|[?&;#\s])(["']?)([^=&#?;\s"']+)=""")
+_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_WORD_SPLIT = re.compile(r"[-_.\[\]]+")
 
 
 def secret_param(name: str, query: bool = True) -> bool:
@@ -45,12 +49,19 @@ def secret_param(name: str, query: bool = True) -> bool:
             name = decoded
     name = name.strip()
     n = name.lower().replace("-", "_")
-    if n in SECRET_NAMES or (query and n in QUERY_ONLY_NAMES):
-        return True
     words = [w for w in _WORD_SPLIT.split(_HUMP.sub("_", name).lower()) if w]
-    if not words or words[-1] in _LAST_NOT_SECRET or _PAGING.intersection(words) or words[-1] == "tokenizer":
+    if not words:
         return False
-    if words[-1] == "key":  # subscription-key, x-goog-api-key (not sort_key, not monkey)
+    joined = "".join(words)
+    if n in SECRET_NAMES or joined in SECRET_NAMES or joined.endswith(("sessionid", "sessid")) \
+            or (query and n in QUERY_ONLY_NAMES):
+        return True
+    last = words[-1]
+    if last in _LAST_NOT_SECRET or last == "tokenizer" or (last == "id" and len(words) > 1 and words[-2] == "key"):
+        return False
+    if last in ("token", "cursor") and len(words) > 1 and words[-2] in _PAGING:
+        return False  # page_token, next_token, continuation_token: where a list goes on
+    if last == "key":  # subscription-key, x-goog-api-key (not sort_key, not monkey)
         return len(words) < 2 or words[-2] not in _FIELD_KEYS
     if any(w in SECRET_WORDS or w in SECRET_NAMES for w in words):  # sessionToken, code_verifier
         return True
@@ -58,16 +69,34 @@ def secret_param(name: str, query: bool = True) -> bool:
     return any(p in flat for p in SECRET_PARTS)
 
 
-_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_WORD_SPLIT = re.compile(r"[-_.\[\]]+")
-
-
 def mask_params(text: str, mask: str = "***") -> str:
-    """``text`` with the value of every secret query parameter replaced by ``mask``."""
+    """``text`` with the value of every secret parameter replaced by ``mask``: in a query string, a
+    fragment, a connection string (``;``) or free text (``password='x' host=db``). A secret value
+    runs to the next ``&`` or blank (a ``?``, ``;`` or ``'`` may be part of it), or is a whole
+    quoted string; the value of a parameter that is not secret is read through, so a secret
+    nested in it (``?next=/oauth?access_token=...``) is found."""
     if "=" not in text:
         return text
-
-    def one(m: "re.Match[str]") -> str:
-        return f"{m.group(1)}{m.group(2)}={mask}" if secret_param(m.group(2), m.group(1) in "?&;#") else m.group(0)
-
-    return QUERY_PARAM.sub(one, text)
+    out: list[str] = []
+    done = i = 0
+    while True:
+        m = _NAME.search(text, i)
+        if m is None:
+            break
+        if not secret_param(m.group(3), m.group(1) in "?&;#"):
+            i = m.end()
+            continue
+        start = m.end()
+        if start < len(text) and text[start] in "\"'":
+            close = text.find(text[start], start + 1)
+            end = len(text) if close < 0 else close + 1
+        else:
+            end = start
+            stop = "&" + (m.group(2) or "")
+            while end < len(text) and text[end] not in stop and not text[end].isspace():
+                end += 1
+        out.append(text[done:start])
+        out.append(mask)
+        done = i = end
+    out.append(text[done:])
+    return "".join(out)

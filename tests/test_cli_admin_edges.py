@@ -301,14 +301,23 @@ def test_names_that_only_look_secret(name: str) -> None:
     assert not secret_param(name)
 
 
-def test_secret_values_end_at_separators_and_quotes() -> None:
-    """A value stops at a nested '?', a fragment, a ';' or a quote: a secret after one of them is
-    masked too, and what follows the value is kept."""
+def test_secret_values_wherever_they_are() -> None:
+    """A secret nested in another parameter's value, in a fragment, in a connection string, in
+    free text, quoted or at the start is masked; a secret value runs to the next '&' or blank (a
+    '?', ';' or quote may be part of it) or is a whole quoted string."""
     from gateway.redact import mask_params
 
-    assert mask_params("https://app/login?next=/oauth?access_token=S1") == "https://app/login?next=/oauth?access_token=***"
-    assert mask_params("https://app/cb#access_token=S2&token_type=bearer") == \
-        "https://app/cb#access_token=***&token_type=bearer"
-    assert mask_params("AccountName=a;AccountKey=S3==;EndpointSuffix=x") == "AccountName=a;AccountKey=***;EndpointSuffix=x"
-    assert mask_params("dsn='host=db password=S4'") == "dsn='host=db password=***'"
-    assert mask_params("exit code=3") == "exit code=3"
+    cases = {
+        "https://app/login?next=/oauth?access_token=S1": "https://app/login?next=/oauth?access_token=***",
+        "https://app/cb#access_token=S2&token_type=bearer": "https://app/cb#access_token=***&token_type=bearer",
+        "AccountName=a;AccountKey=S3==": "AccountName=a;AccountKey=***",
+        "host=db password='S4 x' dbname=y": "host=db password=*** dbname=y",
+        'level=error password="S5" msg=x': "level=error password=*** msg=x",
+        "error: 'password=S6'": "error: 'password=***'",
+        "password=S7 host=db": "password=*** host=db",
+        "?token=S8?more;and'quote&model=m": "?token=***&model=m",
+        "?session_id=S9&ASP.NET_SessionId=S10&page_token=p1": "?session_id=***&ASP.NET_SessionId=***&page_token=p1",
+        "exit code=3": "exit code=3",
+    }
+    for text, want in cases.items():
+        assert mask_params(text) == want, text

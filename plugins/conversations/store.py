@@ -419,6 +419,11 @@ class ConversationStore:
                 await self._insert(conn, C, list(created.values()))
             if msg_rows:
                 await self._insert(conn, M, msg_rows)
+            for c in claims:  # after the inserts (the row claimed may be one of this batch's), before
+                # the forks copy their shared prefix (a fork made now copies the claimed row)
+                fields = {k: v for k, v in c.items() if not k.startswith("b_")}
+                await conn.execute(M.update().where(M.c.conversation_id == c["b_cid"], M.c.position == c["b_pos"],
+                                                    M.c.status.is_(None)).values(**fields))
             for parent, child, upto in forks:
                 await self._copy_prefix(conn, parent, child, upto)
                 copied = (await conn.execute(select(func.count()).select_from(M).where(
@@ -434,10 +439,6 @@ class ConversationStore:
                     missing.add(child)
             if turn_rows:
                 await self._insert(conn, T, turn_rows)
-            for c in claims:  # after the inserts: the row claimed may be one of this batch's
-                fields = {k: v for k, v in c.items() if not k.startswith("b_")}
-                await conn.execute(M.update().where(M.c.conversation_id == c["b_cid"], M.c.position == c["b_pos"],
-                                                    M.c.status.is_(None)).values(**fields))
             if touched:
                 params = [{**u, "count": counts[cid]} for cid, u in touched.items()]
                 await conn.execute(

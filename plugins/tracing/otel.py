@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from gateway.context import PLAIN_UPSTREAM, SKIP_TIMINGS
-from gateway.redact import secret_param
+from gateway.redact import mask_params
 
 if TYPE_CHECKING:
     from . import Tracing, TracingConfig
@@ -60,8 +60,6 @@ SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-k
 SENSITIVE_SERVER_ATTRS = tuple(f"http.request.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS) + \
     tuple(f"http.response.header.{h.replace('-', '_')}" for h in SENSITIVE_HEADERS)
 
-#: One query parameter: its name (group 2, as sent: maybe percent-encoded) and value.
-_QUERY_PARAM = re.compile(r"([?&;#])([^=&#?;]*)=([^&#?;]*)")  # (a value stops at a nested ? or a fragment)
 #: Server span attributes that carry the request URL or its query string.
 URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
@@ -77,18 +75,7 @@ def redact_query(url: Any) -> str:
     s = str(url)
     if "gw" in s:
         s = _GATEWAY_KEY.sub(r"\1_REDACTED", s)
-    if "?" not in s and "=" not in s:
-        return s
-    if "?" not in s:  # url.query holds the query without its "?"
-        return _QUERY_PARAM.sub(_redact_param, "?" + s)[1:]
-    return _QUERY_PARAM.sub(_redact_param, s)
-
-
-def _redact_param(m: re.Match[str]) -> str:
-    """One ``name=value``: the value replaced when the name is a secret one (gateway.redact)."""
-    if secret_param(m.group(2)):
-        return f"{m.group(1)}{m.group(2)}=REDACTED"
-    return m.group(0)
+    return mask_params(s, "REDACTED")  # (url.query comes without its "?": the start counts)
 
 
 # -- the aiohttp-server instrumentation ----------------------------------------------------------------
