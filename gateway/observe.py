@@ -62,6 +62,12 @@ class Completion:
         return usage_tokens(self.usage)[1] if self.usage else None
 
     @property
+    def relayed_tokens(self) -> int | None:
+        """Output tokens of a stream that ended without a usage report (cut short, or an upstream
+        that ignores include_usage): the deltas relayed, one per token roughly. None otherwise."""
+        return self.deltas if self.usage is None and self.kind == "sse" else None
+
+    @property
     def total_tokens(self) -> int | None:
         return _int(self.usage.get("total_tokens")) if self.usage else None
 

@@ -263,12 +263,8 @@ class Metrics(Plugin):
         if c is not None and self.tokens:
             if c.usage:
                 tin, tout = c.prompt_tokens, c.completion_tokens
-            elif c.usage is None and c.kind == "sse":
-                # A stream cut short before its usage chunk: what was relayed, one token per delta
-                # (as key_auth counts the key's usage).
-                tin, tout = None, c.deltas
-            else:
-                tin = tout = None
+            else:  # a stream without a usage report: the deltas relayed (as key_auth counts them)
+                tin, tout = None, c.relayed_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
                 cin, cout = m.token_counters(label(c.model or ctx.model or "unknown"))
                 if type(tin) is int and tin > 0:

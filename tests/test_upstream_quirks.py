@@ -4,6 +4,7 @@ stream that stays open after [DONE]."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
@@ -108,10 +109,18 @@ async def quirky() -> AsyncIterator[tuple[Quirky, str]]:
     await runner.cleanup()
 
 
-async def _gateway(tmp_path: Path, url: str, **conv: Any) -> Any:
-    cfg = base_config(url, tmp_path, [{"name": "conversations", "config": {"flush_interval": 0.05, **conv}}],
-                      upstream={"url": url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 30}})
-    return await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
+@contextlib.asynccontextmanager
+async def _gateway(tmp_path: Path, url: str, plugins: list[dict[str, Any]] | None = None,
+                   **upstream: Any) -> AsyncIterator[Any]:
+    """A gateway in front of ``url`` (conversations, writing at once, unless ``plugins``), stopped after."""
+    plugins = plugins or [{"name": "conversations", "config": {"flush_interval": 0.05}}]
+    cfg = base_config(url, tmp_path, plugins, upstream={
+        "url": url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 30}, **upstream})
+    g = await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
+    try:
+        yield g
+    finally:
+        await g.stop()
 
 
 def _turn(db: Path, cid: str) -> tuple[Any, ...] | None:
@@ -142,23 +151,19 @@ async def test_stream_without_its_media_type_is_read_as_sse(quirky: Any, tmp_pat
     """A server that streams SSE as text/plain: the usage the gateway asked for is counted, and the
     chunk carrying it does not reach a client that did not ask for it."""
     q, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "no_ctype")
         assert q.bodies[-1]["stream_options"] == {"include_usage": True}
         assert '"usage"' not in text and text.endswith("data: [DONE]\n\n") and '"content": "lo"' in text
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
-    finally:
-        await g.stop()
 
 
 async def test_upstream_refusing_stream_options_gets_the_request_as_sent(quirky: Any, tmp_path: Path) -> None:
     """An older server that refuses unknown fields: the gateway's stream_options would turn a
     working request into a 400. It is sent again as the client sent it, and not added again."""
     q, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "strict")
             assert text.endswith("data: [DONE]\n\n") and '"content": "Hel"' in text
@@ -167,8 +172,6 @@ async def test_upstream_refusing_stream_options_gets_the_request_as_sent(quirky:
             assert [("stream_options" in b) for b in q.bodies] == [True, False, False]
         # no usage reported (the turn says so; the message's tokens are derived from the deltas)
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
-    finally:
-        await g.stop()
 
 
 async def test_reasoning_in_an_answer_neither_forks_nor_is_replayed(quirky: Any, tmp_path: Path) -> None:
@@ -176,8 +179,7 @@ async def test_reasoning_in_an_answer_neither_forks_nor_is_replayed(quirky: Any,
     it (as such backends ask). That is the same conversation, not a fork, and memory does not send
     the reasoning back (such backends refuse it in a request)."""
     q, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             first = [{"role": "user", "content": "q1"}]
             async with s.post(g.url + "/v1/chat/completions", json={"model": "reasoning", "messages": first}) as r:
@@ -197,23 +199,18 @@ async def test_reasoning_in_an_answer_neither_forks_nor_is_replayed(quirky: Any,
         sent = q.bodies[-1]["messages"]
         assert [m["role"] for m in sent] == ["user", "assistant", "user", "assistant", "user"]
         assert not any("reasoning_content" in m for m in sent)
-    finally:
-        await g.stop()
 
 
 async def test_error_event_inside_a_200_stream_is_not_a_complete_answer(quirky: Any, tmp_path: Path) -> None:
     """A server that fails mid-stream sends an error object as an event, then [DONE], with HTTP 200.
     The partial answer is stored, as an upstream error, not as a complete answer."""
     _, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "error_event")
         assert "Engine died" in text
         status, _ = await _wait_turn(tmp_path / "gateway.db", cid)
         assert status == "upstream_error"
-    finally:
-        await g.stop()
 
 
 async def test_stream_kept_open_after_done_ends_for_the_client(quirky: Any, tmp_path: Path) -> None:
@@ -221,22 +218,18 @@ async def test_stream_kept_open_after_done_ends_for_the_client(quirky: Any, tmp_
     keeps its connection open (the client would otherwise wait out the 30 s idle timeout; the
     client's 15 s timeout here catches that)."""
     _, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "done_open")
         assert text.endswith("data: [DONE]\n\n")
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
-    finally:
-        await g.stop()
 
 
 async def test_a_clients_own_bad_stream_options_changes_nothing_for_others(quirky: Any, tmp_path: Path) -> None:
     """A client whose own stream_options the upstream refuses gets that 400; the gateway keeps
     asking for usage on everyone else's streams (one caller cannot switch exact counting off)."""
     q, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             async with s.post(g.url + "/v1/chat/completions", json={
                     "model": "picky", "stream": True, "stream_options": {"bogus": True},
@@ -247,18 +240,13 @@ async def test_a_clients_own_bad_stream_options_changes_nothing_for_others(quirk
         assert q.bodies[-1]["stream_options"] == {"include_usage": True}
         assert '"usage"' not in text
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
-    finally:
-        await g.stop()
 
 
 async def test_stream_without_its_media_type_is_read_without_usage_too(quirky: Any, tmp_path: Path) -> None:
     """With upstream.stream_usage off, a text/plain stream is still read as a stream: the answer is
     stored (and its tokens come from the deltas)."""
     _, url = quirky
-    cfg = base_config(url, tmp_path, [{"name": "conversations", "config": {"flush_interval": 0.05}}],
-                      upstream={"url": url, "stream_usage": False})
-    g = await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
-    try:
+    async with _gateway(tmp_path, url, stream_usage=False) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "no_ctype")
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
@@ -266,16 +254,13 @@ async def test_stream_without_its_media_type_is_read_without_usage_too(quirky: A
             row = c.execute("SELECT content, tokens FROM conversation_messages WHERE conversation_id = ? "
                             "AND role = 'assistant'", (cid,)).fetchone()
         assert row == ('"Hello"', 2)
-    finally:
-        await g.stop()
 
 
 async def test_a_sized_stream_is_relayed_to_its_last_byte(quirky: Any, tmp_path: Path) -> None:
     """An SSE body with a Content-Length (relayed as is when the client asked for usage itself):
     the client gets every byte it was promised, also those after [DONE]."""
     _, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             async with s.post(g.url + "/v1/chat/completions", json={
                     "model": "done_sized", "stream": True, "stream_options": {"include_usage": True},
@@ -283,31 +268,25 @@ async def test_a_sized_stream_is_relayed_to_its_last_byte(quirky: Any, tmp_path:
                 body = await r.read()
                 assert len(body) == int(r.headers["Content-Length"])
         assert body.endswith(b"data: [DONE]\n\n: end\n\n")
-    finally:
-        await g.stop()
 
 
 async def test_streams_keep_their_upstream_connection(quirky: Any, tmp_path: Path) -> None:
     """The client's response ends at [DONE]; the upstream's end of body, a moment later, is still
     read, so its connection goes back to the pool instead of a new connection per stream."""
     q, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             for _ in range(5):
                 await _stream(s, g.url, "plain")
                 await asyncio.sleep(0.1)  # (a client's next request rarely comes within the 10 ms)
         assert len(set(q.peers)) == 1, q.peers
-    finally:
-        await g.stop()
 
 
 async def test_streamed_reasoning_is_stored_with_the_answer(quirky: Any, tmp_path: Path) -> None:
     """A reasoning model's streamed thinking is stored with the assembled answer, as a non-streamed
     answer's is (and, as there, it is not what the answer is compared by)."""
     _, url = quirky
-    g = await _gateway(tmp_path, url)
-    try:
+    async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "reasoning_stream")
         await _wait_turn(tmp_path / "gateway.db", cid)
@@ -315,22 +294,16 @@ async def test_streamed_reasoning_is_stored_with_the_answer(quirky: Any, tmp_pat
             row = c.execute("SELECT content, extra FROM conversation_messages WHERE conversation_id = ? "
                             "AND role = 'assistant'", (cid,)).fetchone()
         assert row[0] == '"Hello"' and json.loads(row[1]) == {"reasoning_content": "Let me think"}
-    finally:
-        await g.stop()
 
 
 async def test_a_resource_describing_a_failure_is_not_an_upstream_error(quirky: Any, tmp_path: Path) -> None:
     """A 200 read of a failed fine-tuning job carries an error field: that is the job's data, the
     request succeeded (only a generation's 2xx answer that is an error counts as one)."""
     _, url = quirky
-    cfg = base_config(url, tmp_path, [{"name": "metrics"}])
-    g = await start_gateway(write_config(tmp_path / "gateway.yaml", cfg))
-    try:
+    async with _gateway(tmp_path, url, [{"name": "metrics"}]) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             async with s.get(g.url + "/v1/fine_tuning/jobs/ftjob-1") as r:
                 assert r.status == 200 and (await r.json())["status"] == "failed"
             async with s.get(g.admin_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
                 text = await r.text()
         assert "gateway_upstream_errors_total{" not in text, text
-    finally:
-        await g.stop()

@@ -86,8 +86,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
         c.model if c is not None else None,
         c.usage if c is not None else None,
-        # A stream cut short before its usage chunk: the deltas relayed, as key_auth counts them.
-        c.deltas if c is not None and c.usage is None and c.kind == "sse" else None,
+        c.relayed_tokens if c is not None else None,  # a stream without a usage report
         ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path

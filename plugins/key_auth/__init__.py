@@ -511,9 +511,8 @@ class KeyAuth(Plugin):
         prompt = completion = 0
         if c is not None:
             prompt = c.prompt_tokens or 0
-            completion = c.completion_tokens or 0
-            if c.usage is None and c.kind == "sse":
-                completion = c.deltas  # a stream cut short before the usage chunk: what was generated
+            relayed = c.relayed_tokens  # a stream without a usage report: what was generated
+            completion = relayed if relayed is not None else c.completion_tokens or 0
         self.tally.add(key_id, prompt, completion)
 
     async def flush_usage(self, timeout: float = 10.0) -> None:
