@@ -7,6 +7,7 @@ the observer also removes that extra usage-only chunk so the client never sees i
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -19,6 +20,10 @@ MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed bu
 MAX_EVENT = 2**20
 #: Tool calls assembled from a stream: a delta naming a higher index is ignored.
 MAX_TOOL_CALLS = 256
+#: Of a body or an event too large to parse, this many last bytes are kept: the usage object comes
+#: last in the API's answers (embeddings of a large batch, generated images, a Responses stream's
+#: final event), so the tokens are still counted.
+TAIL = 64 * 1024
 
 
 class Completion:
@@ -108,13 +113,16 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
 
 
 class ResponseObserver:
-    def __init__(self, streamed: bool, strip_usage_chunk: bool) -> None:
+    def __init__(self, streamed: bool, strip_usage_chunk: bool, readable: bool = True) -> None:
         self.c = Completion()
         self.c.kind = "sse" if streamed else "json"
         self.streamed = streamed
         self.strip = strip_usage_chunk and streamed
         self._buf = bytearray()
+        #: not read at all: a non-streamed body that is not JSON or text (audio, images, files)
+        self._ignored = not readable and not streamed
         self._too_big = False
+        self._tail = bytearray()  # the last TAIL bytes of a body, or an event, too large to parse
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
         self._msg_index: Any = None  # Responses API streams: the output index of the message item
@@ -123,12 +131,17 @@ class ResponseObserver:
     def feed(self, chunk: bytes) -> bytes:
         """Observe one upstream chunk; returns what to pass on to the client."""
         if not self.streamed:
-            if not self._too_big:
-                if len(self._buf) + len(chunk) > MAX_JSON_BODY:
-                    self._too_big = True
-                    self._buf.clear()
-                else:
-                    self._buf += chunk
+            if self._ignored:
+                pass
+            elif self._too_big:
+                _keep_tail(self._tail, chunk)
+            elif len(self._buf) + len(chunk) > MAX_JSON_BODY:
+                self._too_big = True
+                _keep_tail(self._tail, self._buf)
+                _keep_tail(self._tail, chunk)
+                self._buf.clear()
+            else:
+                self._buf += chunk
             return chunk
         buf = self._buf
         buf += chunk
@@ -142,11 +155,13 @@ class ResponseObserver:
                 n = end + sep if end >= 0 else max(0, len(buf) - 3)
                 if out is not None:
                     out += buf[:n]
+                _keep_tail(self._tail, buf[:n])
                 del buf[:n]
                 self._scanned = 0
                 if end < 0:
                     break
                 self._passing = False
+                self._tail_usage()
                 continue
             if end < 0:
                 if len(buf) <= MAX_EVENT or (len(buf) <= MAX_JSON_BODY and _final_response_event(buf)):
@@ -177,11 +192,15 @@ class ResponseObserver:
                     pass
                 except Exception:  # valid JSON of a shape nobody expected: relayed, not understood
                     pass
+            elif self._too_big:
+                self._tail_usage()
             self._buf.clear()
             return b""
         rest = bytes(self._buf)
         self._buf.clear()
         if self._passing:
+            _keep_tail(self._tail, rest)
+            self._tail_usage()
             return rest if self.strip else b""
         if rest.strip():
             try:
@@ -193,6 +212,13 @@ class ResponseObserver:
         elif self.strip:
             return rest  # line ends left over: relayed as they came
         return b""
+
+    def _tail_usage(self) -> None:
+        """The usage reported at the end of a body or event too large to parse, if there is one."""
+        u = tail_usage(self._tail)
+        self._tail.clear()
+        if u is not None:
+            self.c.usage = u
 
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
@@ -429,6 +455,35 @@ def _final_response_event(buf: bytearray) -> bool:
     MAX_JSON_BODY (the bound on a JSON answer), rather than relayed unread."""
     head = bytes(buf[:300])
     return b"response.completed" in head or b"response.incomplete" in head or b"response.failed" in head
+
+
+def _keep_tail(tail: bytearray, data: bytes | bytearray) -> None:
+    tail += data[-TAIL:]
+    if len(tail) > TAIL:
+        del tail[:len(tail) - TAIL]
+
+
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` object in the end of a JSON text, if it reports tokens.
+
+    Inside a JSON string a quote is always escaped, so ``"usage":`` followed by an object can
+    only be a key. The last one whose object names token counts is taken: in the API's answers
+    it is the answer's own usage (``usage`` of an embeddings list or an image answer, ``response.usage``
+    of a Responses stream's final event), which comes after the large data."""
+    for m in reversed(list(_USAGE_KEY.finditer(tail))):
+        text = bytes(tail[m.end() - 1:]).decode("utf-8", "replace")
+        try:
+            obj, _ = _raw_decode(text)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and (any(x is not None for x in usage_tokens(obj))
+                                      or _int(obj.get("total_tokens")) is not None):
+            return obj
+    return None
 
 
 def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:

@@ -62,6 +62,13 @@ def _check_encoding(values: list[str]) -> None:
     raise UnsupportedMediaType(unsupported_encoding_message())
 
 
+def _readable(ctype: str) -> bool:
+    """Is a non-streamed answer with this media type worth reading for usage? JSON, text, or none
+    named; not audio, images or file downloads (which would be copied into memory for nothing)."""
+    t = ctype.lower()
+    return not t.strip() or "json" in t or t.startswith("text/")
+
+
 def unsupported_encoding_message() -> str:
     return ("This Content-Encoding is not supported for request bodies; send the body plain, or in one "
             f"of: {_DECODED_TEXT}.")
@@ -351,7 +358,8 @@ class Proxy:
         ctx.streamed = streamed
         observer = None
         if ctx.observe:
-            observer = ResponseObserver(streamed, ctx.strip_usage_chunk and not ctx.client_wants_usage)
+            observer = ResponseObserver(streamed, ctx.strip_usage_chunk and not ctx.client_wants_usage,
+                                        readable=_readable(ctype))
             ctx.completion = observer.c
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)

@@ -220,6 +220,10 @@ class Plan:
         self.memory, self.owner, self.key_id, self.created_at = memory, owner, key_id, created_at
 
 
+#: The plugin's request headers: read here, never sent to the upstream.
+_OUR_HEADERS = ("X-Conversation-ID", "X-Conversation-Memory")
+
+
 def _not_found() -> Reply:
     return Reply(404, error_body("No conversation with this id exists for this caller.", "invalid_request_error",
                                  "conversation_not_found", "X-Conversation-ID"))
@@ -262,17 +266,19 @@ class Conversations(Plugin):
         if cfg.caller_api and (path == cfg.api_prefix or path.startswith(cfg.api_prefix + "/")):
             from .api import caller_api
             return await caller_api(self, ctx)
+        headers = ctx.request.headers
+        for h in _OUR_HEADERS:
+            if h in headers:
+                ctx.upstream_headers[h] = None  # ours, never forwarded (on any path)
         if ctx.method != "POST" or not path.endswith("/chat/completions"):
             return None
         j = ctx.json
         msgs = j.get("messages") if isinstance(j, dict) else None
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
             return None  # not a chat request the upstream will accept; nothing to record
-        headers = ctx.request.headers
         memory = cfg.memory.enabled
         mh = headers.get("X-Conversation-Memory")
         if mh is not None:
-            ctx.upstream_headers["X-Conversation-Memory"] = None  # ours, never forwarded
             v = mh.strip().lower()
             if v in ("on", "true", "1", "yes"):
                 memory = True
@@ -294,8 +300,6 @@ class Conversations(Plugin):
                                          "invalid_request_error", "invalid_value", "messages"))
         cid = headers.get("X-Conversation-ID")
         parent_id = fork_position = None
-        if cid is not None:
-            ctx.upstream_headers["X-Conversation-ID"] = None  # ours, never forwarded
         if cid:
             cid = cid.strip()
             try:
