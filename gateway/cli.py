@@ -141,6 +141,23 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+_UNSAFE_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_TEXT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def terminal_text(s: str) -> str:
+    """``s`` on one line, shown by a terminal as it is: line breaks, escape sequences and other
+    control characters, bidirectional overrides and lone surrogates are written as escapes
+    (``\\n``, ``\\x1b``, ``\\u202e``), so stored text cannot recolour the terminal, forge
+    lines of the listing, or fail to print."""
+    return _UNSAFE_TEXT.sub(_text_escape, s)
+
+
+def _text_escape(m: "re.Match[str]") -> str:
+    ch = m.group()
+    return _TEXT_ESCAPES.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="path to gateway.yaml (default: $GATEWAY_CONFIG, else ./gateway.yaml, else the packaged "
                                              "default profile)")

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest
-from .fastjson import JSON_ERRORS, loads
+from .fastjson import JSON_ERRORS, loads, strict_loads
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -106,7 +106,7 @@ class RequestContext:
         if not other_encoding(b):
             return  # (the proxy reads such bodies at once, so they are forwarded as UTF-8 whatever the chain)
         try:
-            data = json.loads(b)
+            data = strict_loads(b, any_encoding=True)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return
         if isinstance(data, (dict, list)):
@@ -121,7 +121,7 @@ class RequestContext:
         j = self.json
         if j is not None and _maybe_big_int(j):
             try:
-                return json.loads(self.body.decode())
+                return strict_loads(self.body)
             except (ValueError, UnicodeDecodeError, RecursionError):
                 pass
         return j
@@ -132,11 +132,13 @@ class RequestContext:
         self._json = data
         try:
             try:
-                self.body = json.dumps(data, ensure_ascii=False).encode()
+                self.body = json.dumps(data, ensure_ascii=False, allow_nan=False).encode()
             except UnicodeEncodeError:  # a lone surrogate escape from the client: kept escaped
-                self.body = json.dumps(data).encode()
+                self.body = json.dumps(data, allow_nan=False).encode()
         except RecursionError:
             raise BadRequest("The request body is nested too deeply.") from None
+        except ValueError:  # (a body is parsed strictly: no NaN or infinity gets here)
+            raise BadRequest("The request body holds a number JSON cannot carry.") from None
 
     @property
     def model(self) -> str | None:

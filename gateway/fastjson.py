@@ -2,8 +2,9 @@
 
 orjson parses a typical chat request or response about four times faster than ``json``; that is
 the single largest cost of any plugin that reads bodies (usage, model, messages). Where the two
-disagree (NaN/Infinity, integers beyond 64 bits, lone surrogate escapes), the standard library's
-answer is used, so what the gateway accepts is exactly what ``json`` accepts, UTF-8 only. One
+disagree (integers beyond 64 bits, lone surrogate escapes), the standard library's answer is
+used; both refuse NaN, Infinity and numbers beyond a double's range, so the gateway never writes
+them on. UTF-8 only. One
 difference remains: an integer beyond 64 bits reads as a float (as it does in JavaScript; RFC 8259
 counts on no more than double precision between implementations). Code that re-serialises a body
 for the upstream uses ``RequestContext.json_exact``, which parses such a body with ``json``.
@@ -18,16 +19,39 @@ try:
 except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
     _orjson = None  # type: ignore[assignment]
 
-__all__ = ["dumps", "loads", "JSON_ERRORS", "utf8_safe"]
+__all__ = ["dumps", "loads", "strict_loads", "JSON_ERRORS", "utf8_safe"]
 
 #: What a caller catches: invalid JSON, invalid UTF-8, absurd nesting.
 JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
 
 
-def _std(data: bytes | bytearray | memoryview | str) -> Any:
+def _finite(s: str) -> float:
+    f = float(s)
+    if f in (_INF, -_INF):
+        raise ValueError(f"number out of range: {s[:40]}")
+    return f
+
+
+def _no_constant(s: str) -> Any:
+    raise ValueError(f"{s} is not JSON")
+
+
+_INF = float("inf")
+
+
+def strict_loads(data: bytes | bytearray | memoryview | str, any_encoding: bool = False) -> Any:
+    """The standard library's parser as JSON (RFC 8259) has it: ``NaN`` / ``Infinity`` and numbers
+    beyond a double's range (``1e400``) are refused, not read as infinities that no JSON text can
+    carry on (the gateway would forward or store ``Infinity``). UTF-8 only, unless
+    ``any_encoding`` (then a byte order mark or UTF-16/32 is recognised, as ``json.loads`` does)."""
     if not isinstance(data, str):
-        data = bytes(data).decode()  # UTF-8 only (json.loads on bytes would also guess UTF-16/32)
-    return json.loads(data)
+        data = bytes(data)
+        if not any_encoding:
+            data = data.decode()
+    return json.loads(data, parse_float=_finite, parse_constant=_no_constant)
+
+
+_std = strict_loads
 
 
 if _orjson is not None:

@@ -81,12 +81,29 @@ class Completion:
             return self.message
         if self.content is None and not self.tool_calls and self.role is None:
             return None
-        msg: dict[str, Any] = {"role": self.role or "assistant", "content": self.content}
+        msg: dict[str, Any] = {"role": self.role or "assistant", "content": joined(self.content)}
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
+            for tc in self.tool_calls:
+                fn = tc.get("function")
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    fn["arguments"] = joined(fn["arguments"])
         if self.reasoning is not None:
-            msg[self.reasoning[0]] = self.reasoning[1]
+            msg[self.reasoning[0]] = joined(self.reasoning[1])
         return msg
+
+
+def joined(s: Any) -> Any:
+    """Text assembled from stream deltas, with each surrogate pair that an upstream split over two
+    deltas (as two JSON escapes, ``"\\ud83d"`` then ``"\\ude00"``) joined into the one character a
+    client's JSON parser makes of it when the text is sent back: stored, it is the same text."""
+    if type(s) is not str or s.isascii():
+        return s
+    try:
+        s.encode()
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
 
 
 #: A token count the upstream reports is believed up to here; beyond it (no response is two billion

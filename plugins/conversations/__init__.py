@@ -26,11 +26,10 @@ from pydantic import Field, field_validator
 
 from gateway.context import RequestContext
 from gateway.errors import error_body
-from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .state import _GENERATED, _ID_OK, Shared, View
-from .store import TurnRecord, dumps, new_row, utcnow
+from .store import TurnRecord, dumps, fit, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
 
@@ -435,8 +434,7 @@ class Conversations(Plugin):
         prompt_tokens = comp.prompt_tokens if comp is not None else None
         completion_tokens = comp.completion_tokens if comp is not None else None
         model = (comp.model if comp is not None else None) or ctx.model
-        if model:
-            model = utf8_safe(model)
+        model = fit(model, 200)
         latency = ctx.elapsed_ms(ctx.t_start)
         ttft = None
         if comp is not None and comp.t_first_token is not None:

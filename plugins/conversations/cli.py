@@ -99,7 +99,7 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
                                      q=args.query, limit=args.limit, cursor=args.cursor)
         lines = [f"{'ID':<28} {'OWNER':<20} {'MSGS':>5} {'TOKENS':>8}  UPDATED"]
         for d in data:
-            lines.append(f"{d['id']:<28} {d['owner'][:20]:<20} {d['message_count']:>5} "
+            lines.append(f"{d['id']:<28} {cli.terminal_text(d['owner'][:20]):<20} {d['message_count']:>5} "
                          f"{d['prompt_tokens'] + d['completion_tokens']:>8}  {d['updated_at']}")
         if nxt:
             lines.append(f"(more: --cursor {nxt})")
@@ -111,7 +111,7 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             print(f"no conversation {args.id}", file=sys.stderr)
             return 1
         msgs, more = await store.messages(args.id, limit=args.limit)
-        lines = [f"{conv['id']}  owner={conv['owner']}  messages={conv['message_count']}"
+        lines = [f"{conv['id']}  owner={cli.terminal_text(conv['owner'])}  messages={conv['message_count']}"
                  + (f"  forked from {conv['parent_id']} at {conv['fork_position']}" if conv["parent_id"] else "")]
         for m in msgs:
             body = m["content"] if isinstance(m["content"], str) else dumps(m["content"])
@@ -119,7 +119,8 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
                 body = (body or "") + " tool_calls=" + dumps(m["tool_calls"])
             tok = "" if m["tokens"] is None else f" [{m['tokens']}{'~' if m['tokens_derived'] else ''} tok]"
             st = f" ({m['status']})" if m.get("status") and m["status"] != "complete" else ""
-            lines.append(f"  {m['position']:>3} {m['role']:<9}{tok}{st} {body}")
+            role = cli.terminal_text(m["role"] if isinstance(m["role"], str) else dumps(m["role"]))
+            lines.append(f"  {m['position']:>3} {role:<9}{tok}{st} {cli.terminal_text(body or '')}")
         _out(args, {**conv, "messages": msgs, "has_more": more}, "\n".join(lines))
         return 0
     if c == "export":

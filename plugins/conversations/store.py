@@ -185,27 +185,61 @@ def new_row(msg: dict[str, Any], digest: str, tokens: int | None, tokens_derived
             status: str | None = None, finish_reason: str | None = None, latency_ms: float | None = None,
             ttft_ms: float | None = None) -> dict[str, Any]:
     """A message row without conversation_id/position (the writer adds those). Every row carries
-    every key: an executemany compiles the statement from the first row."""
-    if len(msg) == 2 and "role" in msg and "content" in msg:  # the common plain message
-        extra = name = tc = tcid = None
-    else:
-        extra = None if msg.keys() <= _KNOWN else {k: v for k, v in msg.items() if k not in _KNOWN}
-        tc = msg.get("tool_calls")
-        name = msg.get("name")
-        tcid = msg.get("tool_call_id")
+    every key: an executemany compiles the statement from the first row.
+
+    Lossless: a role, name or tool_call_id its column cannot hold as it is (not a string, longer
+    than the column, a NUL, a lone surrogate) gets a fitted copy in the column and its exact value
+    in ``extra`` (JSON text, which escapes anything), which ``row_message`` puts back."""
     role = msg.get("role")
+    if len(msg) == 2 and "content" in msg and type(role) is str and _fits(role, 32):  # the common plain message
+        return {"role": role, "name": None, "content": dumps(msg.get("content")), "tool_calls": None,
+                "tool_call_id": None, "extra": None, "digest": digest, "tokens": tokens,
+                "tokens_derived": tokens_derived, "model": fit(model, 200), "request_id": request_id,
+                "key_id": key_id, "owner": owner, "status": status, "finish_reason": fit(finish_reason, 64),
+                "latency_ms": latency_ms, "ttft_ms": ttft_ms, "created_at": created_at}
+    extra = {k: v for k, v in msg.items() if k not in _KNOWN}
+    tc = msg.get("tool_calls")
+    cols: dict[str, str | None] = {}
+    for k, width in _FITTED:
+        v = msg.get(k)
+        if v is None:
+            cols[k] = None
+            continue
+        c = cols[k] = fit(v if type(v) is str else str(v), width)
+        if c != v or not c:
+            extra[k] = v  # the exact value, which the column cannot hold (or "": the role column's "user")
     return {
-        "role": utf8_safe(role[:32] if type(role) is str and role else str(role or "user")[:32]),
-        "name": utf8_safe(name) if isinstance(name, str) else None,
+        "role": cols["role"] or "user",
+        "name": cols["name"],
         "content": dumps(msg.get("content")),
         "tool_calls": dumps(tc) if tc is not None else None,
-        "tool_call_id": utf8_safe(tcid) if isinstance(tcid, str) else None,
+        "tool_call_id": cols["tool_call_id"],
         "extra": dumps(extra) if extra else None,
         "digest": digest, "tokens": tokens, "tokens_derived": tokens_derived,
-        "model": model,
+        "model": fit(model, 200),
         "request_id": request_id, "key_id": key_id, "owner": owner, "status": status,
-        "finish_reason": finish_reason, "latency_ms": latency_ms, "ttft_ms": ttft_ms, "created_at": created_at,
+        "finish_reason": fit(finish_reason, 64), "latency_ms": latency_ms, "ttft_ms": ttft_ms,
+        "created_at": created_at,
     }
+
+
+#: Message fields kept in columns of their own, and the columns' widths.
+_FITTED = (("role", 32), ("name", 200), ("tool_call_id", 200))
+
+
+def _fits(s: str, width: int) -> bool:
+    return 0 < len(s) <= width and s.isascii() and "\x00" not in s
+
+
+def fit(s: str | None, width: int) -> str | None:
+    """``s`` as a column of ``width`` characters holds it on every database: at most ``width``
+    characters, no NUL (PostgreSQL text takes none; SQLite would keep it, so both drop it), no lone
+    surrogate (UTF-8 has none: '?'). Unchanged (the same object) when it already fits."""
+    if s is None or (len(s) <= width and s.isascii() and "\x00" not in s):
+        return s
+    if "\x00" in s:
+        s = s.replace("\x00", "")
+    return utf8_safe(s[:width])
 
 
 def row_message(r: Any) -> dict[str, Any]:
