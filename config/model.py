@@ -43,8 +43,16 @@ class ServerConfig(Model):
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="CIDRs whose X-Forwarded-For is believed (read right to left).")
     server_timing: bool = Field(False, description="Add a Server-Timing header with each plugin's duration.")
-    paths: list[str] = Field(default_factory=lambda: ["/"],
+    paths: list[str] = Field(default_factory=lambda: ["/"], min_length=1,
                              description="Path prefixes proxied to the upstream; others get 404.")
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith("/"):
+                raise ValueError(f"{p!r}: a path prefix starts with '/' (e.g. /v1)")
+        return v
 
     _networks: list[Any] = PrivateAttr(default_factory=list)
 

@@ -108,6 +108,12 @@ class Gateway:
             await self._admin.setup()
             await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port).start()
             self.admin_port = _port(self._admin)
+        else:
+            needs = sorted({p.name for p in self.cfg.plugins if p.enabled and p.name in _ADMIN_PLUGINS})
+            if needs:
+                log.warning("the admin listener is off (no `admin:` section, or enabled: false): %s %s no "
+                            "admin API here (/metrics, /keys, /audit, /conversations, /config/reload)",
+                            ", ".join(needs), "has" if len(needs) == 1 else "have")
         log.info("gateway listening", extra={"fields": {
             "public": f"{self.cfg.server.host}:{self.public_port}",
             "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
@@ -408,6 +414,10 @@ def wrap_middlewares(handler: Any, middlewares: list[Any]) -> Any:
 
 async def _through(mw: Any, inner: Any, request: web.BaseRequest) -> web.StreamResponse:
     return await mw(request, inner)
+
+
+#: Plugins whose use is mostly through the admin API.
+_ADMIN_PLUGINS = frozenset({"metrics", "key_auth", "audit", "conversations"})
 
 
 def _port(runner: web.BaseRunner) -> int:

@@ -302,3 +302,46 @@ def test_rate_limit_key_by_global_in_a_list():
     assert RuleConfig(name="r", limit="1/second", key_by="global").key_by == "global"
     with pytest.raises(ValueError, match="cannot be combined"):
         RuleConfig(name="r", limit="1/second", key_by=["global", "ip"])
+
+
+def test_settings_that_silently_did_nothing_useful_are_refused(tmp_path):
+    """A path prefix without its '/' made every request 404; `key_by: []` meant one counter for
+    everyone without saying so."""
+    def problem(extra: str) -> str:
+        p = tmp_path / "g.yaml"
+        p.write_text("upstream:\n  url: http://127.0.0.1:9\n" + extra)
+        with pytest.raises(ConfigError) as e:
+            load_config(p)
+        return str(e.value)
+
+    assert "server.paths -> line 4" in problem("server:\n  paths:\n    - v1\n")
+    assert "server.paths" in problem("server:\n  paths: []\n")
+    assert "key_by -> line" in problem("plugins:\n  - name: rate_limit\n    config:\n"
+                                       "      rules: [{name: r, limit: 1/second, key_by: []}]\n")
+
+
+def test_shipped_configs_take_secrets_exactly_as_written(tmp_path):
+    """A token or pepper that starts with '[' or '{' is a string, not a YAML list."""
+    root = Path(__file__).resolve().parent.parent
+    env = {"GATEWAY_ADMIN_TOKEN": "[0123456789abcdefgh]", "GATEWAY_KEY_PEPPER": "{pepper: x}",
+           "UPSTREAM_URL": "http://127.0.0.1:9", "GATEWAY_DATABASE_URL": "sqlite+aiosqlite:///x.db",
+           "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0"}
+    for name in ("gateway.yaml", "config/profiles/default.yaml", "config/profiles/scale-out.yaml"):
+        cfg = load_config(root / name, env=env)
+        assert cfg.admin.token == "[0123456789abcdefgh]"
+        ka = next(p for p in cfg.plugins if p.name == "key_auth")
+        assert ka.config["pepper"] == "{pepper: x}", name
+
+
+async def test_a_config_without_an_admin_section_says_what_it_leaves_out(make_gateway, upstream, tmp_path, caplog):
+    import yaml
+
+    from .helpers import base_config
+
+    cfg = base_config(upstream.url, tmp_path, [{"name": "key_auth"}, {"name": "metrics"}])
+    del cfg["admin"]
+    with caplog.at_level("WARNING", logger="gateway"):
+        g = await make_gateway(raw=yaml.safe_dump(cfg))
+    assert g.admin_url is None
+    said = [r.getMessage() for r in caplog.records if "admin listener is off" in r.getMessage()]
+    assert said and "key_auth, metrics have no admin API" in said[0], said

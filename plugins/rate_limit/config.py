@@ -53,6 +53,9 @@ class RuleConfig(PluginConfig):
     def _key_by(cls, v: object) -> object:
         if isinstance(v, str) and v != "global":
             return [v]
+        if isinstance(v, list) and not v:  # one counter for everyone is said so, not left empty
+            raise ValueError('list at least one part (key, owner, ip, route, model), or "global" for one '
+                             'counter shared by everyone')
         if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
             if len(set(v)) > 1:
                 raise ValueError('"global" (one counter for everyone) cannot be combined with other parts')
