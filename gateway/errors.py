@@ -69,6 +69,11 @@ class TransferCodingNotImplemented(GatewayError):
     message = "Only the chunked transfer coding is supported for request bodies."
 
 
+class HttpVersionNotSupported(GatewayError):
+    status, type, code = 505, "invalid_request_error", "http_version_not_supported"
+    message = "Only HTTP/1.0 and HTTP/1.1 are served."
+
+
 class UpstreamUnavailable(GatewayError):
     status, type, code, message = 502, "upstream_error", "upstream_unavailable", "The upstream could not be reached."
 

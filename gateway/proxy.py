@@ -21,8 +21,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
-from .errors import (BadRequest, GatewayError, InternalError, NotFound, PayloadTooLarge, RequestTimeout,
-                     TransferCodingNotImplemented, UnsupportedMediaType)
+from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, InternalError, NotFound, PayloadTooLarge,
+                     RequestTimeout, TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 
@@ -134,6 +134,8 @@ class Proxy:
     async def _handle(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
         request = ctx.request
         try:
+            if request.version.major != 1:  # (an HTTP/2.0 or 0.9 request line over HTTP/1)
+                raise HttpVersionNotSupported()
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
             if not request.path.startswith(self.paths) and not chain.serves(request.path):
@@ -268,8 +270,13 @@ class Proxy:
             body = err.body()
         head.headers["X-Request-ID"] = ctx.request_id
         resp = web.Response(status=head.status, body=body, headers=head.headers)
-        if self.gw.stopping or _faulty_framing(ctx.request):
-            resp.force_close()  # "Connection: close": the client sends its next request elsewhere
+        request = ctx.request
+        if self.gw.stopping or _must_close(request) or request.version.major != 1 or (
+                request.body_exists and not request.content.is_eof()):
+            # "Connection: close": the client sends its next request elsewhere (also when the body
+            # was not read: an Expect: 100-continue client never sends it, so what comes next on
+            # the connection would be read as that body)
+            resp.force_close()
         ctx.status = head.status
         await resp.prepare(ctx.request)
         await resp.write_eof()
@@ -368,12 +375,19 @@ class Proxy:
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id
-        out = web.StreamResponse(status=head.status, reason=resp.reason, headers=head.headers)
-        if self.gw.stopping or _faulty_framing(request):
+        reason = resp.reason if resp.reason is None or not _CTL(resp.reason) else None  # (None: the standard one)
+        out = web.StreamResponse(status=head.status, reason=reason, headers=head.headers)
+        sized = "Content-Length" in head.headers
+        if self.gw.stopping or _must_close(request) or (not sized and request.version < aiohttp.HttpVersion11):
+            # (an HTTP/1.0 client reads a body without a length to the connection's end)
             out.force_close()
         ctx.status = head.status
-        await out.prepare(request)
-        sized = "Content-Length" in head.headers
+        try:
+            await out.prepare(request)
+        except ValueError as e:  # a header a plugin set that HTTP cannot carry
+            ctx.status = None
+            log.error("plugin response headers cannot be sent (request %s): %s", ctx.request_id, e)
+            raise InternalError() from None
         sent = 0
         complete = done_early = False
         try:
@@ -491,10 +505,17 @@ _ERROR_PEEK = 65536
 _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 
 
-def _faulty_framing(request: web.BaseRequest) -> bool:
-    """An HTTP/1.0 request with Transfer-Encoding: its framing is faulty (RFC 9112 6.1), and the
-    connection must close after the response."""
-    return request.version < aiohttp.HttpVersion11 and "Transfer-Encoding" in request.headers
+def _must_close(request: web.BaseRequest) -> bool:
+    """The connection must close after the response: an HTTP/1.0 request with Transfer-Encoding
+    (its framing is faulty, RFC 9112 6.1), or a request asking for a protocol upgrade, which the
+    gateway never makes (the bytes after such a request are not reliably read as a next request)."""
+    h = request.headers
+    return ("Transfer-Encoding" in h and request.version < aiohttp.HttpVersion11) or "Upgrade" in h
+
+
+#: Control characters an HTTP header or reason phrase cannot carry (tab aside), as aiohttp's writer
+#: refuses them.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 def server_timing(ctx: RequestContext) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,19 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "expect", "x-request-id",
                              "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "forwarded", "x-real-ip"}
 RESPONSE_DROP = HOP_BY_HOP
+
+
+#: Control characters a header cannot carry (tab aside), as aiohttp's writer refuses them.
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+
+
+def failure(e: BaseException) -> str:
+    """An upstream call's failure for the log: the error's kind, and its text only for a connection
+    failure (host, port, the OS's reason). The text of a parse error quotes the upstream's bytes,
+    which may be the answer itself (content the logs must not hold)."""
+    if isinstance(e, (aiohttp.ClientConnectorError, OSError)) and not isinstance(e, aiohttp.ClientResponseError):
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return type(e).__name__
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -165,7 +179,7 @@ class Upstream:
             raise UpstreamTimeout("The upstream did not send a response in time.") from None
         except (aiohttp.ClientError, OSError) as e:
             ctx.outcome = "upstream_error"
-            log.warning("upstream request failed: %s: %s", type(e).__name__, e)
+            log.warning("upstream request failed (request %s): %s", ctx.request_id, failure(e))
             raise UpstreamUnavailable() from None
         except Exception:  # e.g. a header value a plugin set that HTTP cannot carry
             ctx.outcome = "error"
@@ -193,6 +207,11 @@ class Upstream:
         for k, v in src.items():
             lk = k.lower()
             if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
+                continue
+            if _CTL(v) or _CTL(k):
+                # The client parser reads it, but HTTP cannot carry it on (the response could not
+                # be sent at all): dropped, said once per response.
+                log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])
                 continue
             out.add(k, v)
         return out

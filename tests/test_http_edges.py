@@ -1,0 +1,126 @@
+"""HTTP/1 edges at the public listener, over raw sockets: connections that must close after the
+answer (or the next request on them is lost or glued to this one), request lines of another HTTP
+version, and upstream responses that HTTP cannot carry on as they are."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, AsyncIterator
+
+import pytest
+
+CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+STREAM = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@contextlib.asynccontextmanager
+async def raw_backend() -> AsyncIterator[str]:
+    """An upstream that writes crafted bytes: /ctl answers with a control character in a header and
+    in its reason phrase, /badline with a status line that is not HTTP (quoting the answer), any
+    other path a stream without a length (read to the close)."""
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+            n = next((int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")), 0)
+            await r.readexactly(n)
+            path = head.split(b" ")[1]
+            if path.endswith(b"/ctl"):
+                body = b'{"ok": true}'
+                w.write(b"HTTP/1.1 200 O\x01K\r\nX-A: a\x01b\r\nX-B: fine\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            elif path.endswith(b"/badline"):
+                w.write(b"HTTP/1.1 2x0 SECRET-ANSWER-TEXT\r\nContent-Length: 2\r\n\r\nok")
+            else:
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                        b'data: {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}]}\n\n'
+                        b"data: [DONE]\n\n")
+            await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def exchange(port: int, data: bytes, timeout: float = 15.0) -> bytes:
+    """Send ``data`` and read until the gateway closes the connection (or ``timeout``: then the
+    bytes so far, with b"<open>" appended)."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(data)
+    await w.drain()
+    out = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await r.read(65536):
+                out += chunk
+    except TimeoutError:
+        out += b"<open>"
+    w.close()
+    return out
+
+
+def post(path: str, body: bytes, version: str = "1.1", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+@pytest.fixture
+async def gw(make_gateway: Any) -> AsyncIterator[Any]:
+    async with raw_backend() as url:
+        # a long keep-alive: a connection left open would still be open when the test reads it
+        yield await make_gateway([], upstream={"url": url}, server={"keepalive_timeout": 120, "max_body_size": 1000})
+
+
+async def test_an_http10_client_gets_the_close_that_ends_a_body_without_length(gw: Any) -> None:
+    out = await exchange(gw.gw.public_port, post("/v1/chat/completions", STREAM, "1.0", "Connection: keep-alive\r\n"))
+    assert not out.endswith(b"<open>") and out.endswith(b"data: [DONE]\n\n")
+    assert b"Content-Length" not in out.split(b"\r\n\r\n")[0]
+
+
+async def test_a_413_before_an_expected_body_closes_the_connection(gw: Any) -> None:
+    """The client waits for 100 Continue and never sends its body; a request it sends next on the
+    connection would be read as that body. The answer says Connection: close and the gateway closes."""
+    big = post("/v1/chat/completions", b"", extra="Expect: 100-continue\r\n").replace(b"Content-Length: 0", b"Content-Length: 5000")
+    out = await exchange(gw.gw.public_port, big)
+    head = out.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 413") and b"connection: close" in head and not out.endswith(b"<open>")
+
+
+async def test_a_request_asking_for_an_upgrade_is_answered_and_the_connection_closed(gw: Any) -> None:
+    req = post("/v1/chat/completions", STREAM, extra="Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    out = await exchange(gw.gw.public_port, req + post("/v1/chat/completions", STREAM))
+    assert out.count(b"HTTP/1.1 200") == 1 and b"connection: close" in out.split(b"\r\n\r\n")[0].lower()
+    assert not out.endswith(b"<open>")
+
+
+async def test_a_request_line_of_another_http_version_gets_505(gw: Any) -> None:
+    out = await exchange(gw.gw.public_port, post("/v1/chat/completions", CHAT, "2.0"))
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b" 505 " in head.split(b"\r\n")[0]
+    assert json.loads(body)["error"]["code"] == "http_version_not_supported"
+
+
+async def test_an_upstream_header_http_cannot_carry_is_dropped_not_a_500(gw: Any, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING):
+        out = await exchange(gw.gw.public_port, post("/v1/ctl", CHAT, extra="Connection: close\r\n"))
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"X-B: fine" in head and b"X-A" not in head and b"\x01" not in head
+    assert body == b'{"ok": true}'
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_an_unreadable_upstream_answer_is_not_quoted_in_the_log(gw: Any, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING):
+        out = await exchange(gw.gw.public_port, post("/v1/badline", CHAT, extra="Connection: close\r\n"))
+    assert out.startswith(b"HTTP/1.1 502 ")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "upstream request failed" in logged and "SECRET-ANSWER-TEXT" not in logged
+
