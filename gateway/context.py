@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest
-from .fastjson import JSON_ERRORS, loads, strict_loads
+from .fastjson import JSON_ERRORS, NonFiniteNumber, loads, strict_loads
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -41,7 +41,7 @@ class RequestContext:
         "trusted", "upstream_headers", "identity", "conversation_id", "state", "status", "source",
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
-        "strip_usage_chunk", "response_headers", "usage_original",
+        "strip_usage_chunk", "response_headers", "usage_original", "non_finite",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, trusted: list[Any]) -> None:
@@ -85,6 +85,8 @@ class RequestContext:
         #: (body, parsed) before the gateway added stream_options: sent again if the upstream refuses it.
         self.usage_original: tuple[bytes, Any] | None = None
         self.response_headers: dict[str, str] = {}  # set on the client response, before on_response hooks run
+        #: the JSON body holds NaN, Infinity or a number beyond a double's range (so ``json`` is None)
+        self.non_finite = False
 
     # -- request body ---------------------------------------------------------------------------
     @property
@@ -93,6 +95,9 @@ class RequestContext:
         if self._json is None and self.body:
             try:
                 self._json = loads(self.body)
+            except NonFiniteNumber:
+                self._json = False
+                self.non_finite = True
             except JSON_ERRORS:
                 self._json = False
                 self._other_encoding()
@@ -107,6 +112,9 @@ class RequestContext:
             return  # (the proxy reads such bodies at once, so they are forwarded as UTF-8 whatever the chain)
         try:
             data = strict_loads(b, any_encoding=True)
+        except NonFiniteNumber:
+            self.non_finite = True
+            return
         except (ValueError, UnicodeDecodeError, RecursionError):
             return
         if isinstance(data, (dict, list)):

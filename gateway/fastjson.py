@@ -19,21 +19,25 @@ try:
 except ImportError:  # pragma: no cover - orjson is a dependency; stay correct without it
     _orjson = None  # type: ignore[assignment]
 
-__all__ = ["dumps", "loads", "strict_loads", "JSON_ERRORS", "utf8_safe"]
+__all__ = ["dumps", "loads", "strict_loads", "NonFiniteNumber", "JSON_ERRORS", "utf8_safe"]
 
 #: What a caller catches: invalid JSON, invalid UTF-8, absurd nesting.
 JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
 
 
+class NonFiniteNumber(ValueError):
+    """JSON text with NaN, Infinity or a number beyond a double's range: no JSON can carry it on."""
+
+
 def _finite(s: str) -> float:
     f = float(s)
     if f in (_INF, -_INF):
-        raise ValueError(f"number out of range: {s[:40]}")
+        raise NonFiniteNumber(f"number out of range: {s[:40]}")
     return f
 
 
 def _no_constant(s: str) -> Any:
-    raise ValueError(f"{s} is not JSON")
+    raise NonFiniteNumber(f"{s} is not JSON")
 
 
 _INF = float("inf")

@@ -130,7 +130,7 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
 
 
 class ResponseObserver:
-    def __init__(self, streamed: bool, strip_usage_chunk: bool, readable: bool = True) -> None:
+    def __init__(self, streamed: bool, strip_usage_chunk: bool, readable: bool = True, tail: bool = True) -> None:
         self.c = Completion()
         self.c.kind = "sse" if streamed else "json"
         self.streamed = streamed
@@ -140,6 +140,8 @@ class ResponseObserver:
         self._ignored = not readable and not streamed
         self._too_big = False
         self._tail = bytearray()  # the last TAIL bytes of a body, or an event, too large to parse
+        #: read the usage at the end of what is too large to parse (an answer to a generation)
+        self._tail_ok = tail
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
         self._msg_index: Any = None  # Responses API streams: the output index of the message item
@@ -232,7 +234,7 @@ class ResponseObserver:
 
     def _tail_usage(self) -> None:
         """The usage reported at the end of a body or event too large to parse, if there is one."""
-        u = tail_usage(self._tail)
+        u = tail_usage(self._tail) if self._tail_ok else None
         self._tail.clear()
         if u is not None:
             self.c.usage = u
@@ -485,22 +487,31 @@ _raw_decode = json.JSONDecoder().raw_decode
 
 
 def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
-    """The last ``"usage": {...}`` object in the end of a JSON text, if it reports tokens.
+    """The answer's own ``"usage": {...}`` from the end of a JSON text, if it reports tokens.
 
     Inside a JSON string a quote is always escaped, so ``"usage":`` followed by an object can
-    only be a key. The last one whose object names token counts is taken: in the API's answers
-    it is the answer's own usage (``usage`` of an embeddings list or an image answer, ``response.usage``
-    of a Responses stream's final event), which comes after the large data."""
+    only be a key. It is the answer's own when only plain members (strings, numbers, literals,
+    empty containers) follow it before the text's closing brace: the usage of an embeddings list,
+    an image answer or a streamed image event, which comes after their large data. A usage
+    inside an item of the data (a list of stored answers) is followed by the list's end, and is
+    not taken."""
     for m in reversed(list(_USAGE_KEY.finditer(tail))):
         text = bytes(tail[m.end() - 1:]).decode("utf-8", "replace")
         try:
-            obj, _ = _raw_decode(text)
+            obj, end = _raw_decode(text)
         except ValueError:
             continue
+        if _TOP_LEVEL_END.match(text, end) is None:
+            return None  # the last usage is not the answer's own: none is
         if isinstance(obj, dict) and (any(x is not None for x in usage_tokens(obj))
                                       or _int(obj.get("total_tokens")) is not None):
             return obj
+        return None
     return None
+
+
+_SCALAR = r'(?:"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null|\{\s*\}|\[\s*\])'
+_TOP_LEVEL_END = re.compile(r'(?:\s*,\s*"(?:[^"\\]|\\.)*"\s*:\s*' + _SCALAR + r')*\s*\}\s*\Z')
 
 
 def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:

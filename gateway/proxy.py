@@ -69,6 +69,12 @@ def _readable(ctype: str) -> bool:
     return not t.strip() or "json" in t or t.startswith("text/")
 
 
+def _one_json(ctype: str) -> bool:
+    """One JSON document (not JSON lines, nor JSON text sequences)."""
+    t = ctype.lower()
+    return "json" in t and not any(x in t for x in ("jsonl", "ndjson", "json-seq", "jsonlines"))
+
+
 def unsupported_encoding_message() -> str:
     return ("This Content-Encoding is not supported for request bodies; send the body plain, or in one "
             f"of: {_DECODED_TEXT}.")
@@ -165,6 +171,11 @@ class Proxy:
                 ctx.observe = True
                 if request.method == "POST" and request.path.endswith(_USAGE_PATHS) and self.gw.upstream.stream_usage:
                     ask_for_usage(ctx)
+            if ctx.non_finite:
+                # The plugins that read the body could not (limits by model, memory, recording):
+                # refused rather than passed on around them.
+                raise BadRequest("The request body holds a number JSON cannot carry (NaN, Infinity, or one "
+                                 "beyond a double's range).", code="invalid_number")
             return await self._forward(ctx, chain)
         except GatewayError as e:
             return await self._send_error(ctx, chain, e)
@@ -366,7 +377,8 @@ class Proxy:
         observer = None
         if ctx.observe:
             observer = ResponseObserver(streamed, ctx.strip_usage_chunk and not ctx.client_wants_usage,
-                                        readable=_readable(ctype))
+                                        readable=_readable(ctype),
+                                        tail=request.method == "POST" and (streamed or _one_json(ctype)))
             ctx.completion = observer.c
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
@@ -508,7 +520,9 @@ _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 def _must_close(request: web.BaseRequest) -> bool:
     """The connection must close after the response: an HTTP/1.0 request with Transfer-Encoding
     (its framing is faulty, RFC 9112 6.1), or a request asking for a protocol upgrade, which the
-    gateway never makes (the bytes after such a request are not reliably read as a next request)."""
+    gateway never makes: the server's parser takes what follows such a request on the connection
+    as the new protocol's bytes, so a request sent behind it would never be answered (curl's h2c
+    offer reconnects for its next request)."""
     h = request.headers
     return ("Transfer-Encoding" in h and request.version < aiohttp.HttpVersion11) or "Upgrade" in h
 

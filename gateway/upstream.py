@@ -208,7 +208,7 @@ class Upstream:
             lk = k.lower()
             if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
                 continue
-            if _CTL(v) or _CTL(k):
+            if (not v.isprintable() and _CTL(v)) or (not k.isprintable() and _CTL(k)):
                 # The client parser reads it, but HTTP cannot carry it on (the response could not
                 # be sent at all): dropped, said once per response.
                 log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])

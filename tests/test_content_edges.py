@@ -57,8 +57,10 @@ async def test_fields_their_columns_cannot_hold_are_stored_exactly_and_the_turn_
 
 
 async def test_a_number_json_cannot_carry_is_never_written_on(make_gateway: Any) -> None:
-    """1e400 is valid JSON text but no double: the gateway does not read it as infinity (it would
-    forward `Infinity`, which is not JSON, when it adds stream_options). The body goes on as sent."""
+    """1e400 is valid JSON text but no double, NaN and Infinity are not JSON. A gateway whose plugins
+    read the body refuses it (400 invalid_number): read as infinity it would be forwarded as
+    `Infinity` (not JSON) and stored, unread the plugins would be passed around (a per-model
+    limit, memory, recording). A chain that does not read the body passes it on as sent."""
     got: list[bytes] = []
 
     async def chat_backend(request: web.Request) -> web.StreamResponse:
@@ -66,21 +68,23 @@ async def test_a_number_json_cannot_carry_is_never_written_on(make_gateway: Any)
         return web.json_response({"id": "c", "model": "m", "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
 
+    bodies = [b'{"model": "m", "stream": true, "temperature": 1e400, "messages": [{"role": "user", "content": "x"}]}',
+              b'{"model": "m", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
+              b'{"model": "m", "messages": [{"role": "user", "content": [-Infinity]}]}']
     async with backend(chat_backend) as url:
-        g = await make_gateway([{"name": "conversations"}], upstream={"url": url})
-        raw = b'{"model": "m", "stream": true, "temperature": 1e400, "messages": [{"role": "user", "content": "x"}]}'
-        async with aiohttp.ClientSession() as s:
-            async with s.post(g.url + "/v1/chat/completions", data=raw,
-                              headers={"Content-Type": "application/json"}) as r:
-                assert r.status == 200
-                await r.read()
-        assert got == [raw]
-        for bad in (b'{"model": "m", "x": NaN, "messages": []}', b'{"model": "m", "x": -Infinity}'):
-            async with aiohttp.ClientSession() as s:
-                async with s.post(g.url + "/v1/chat/completions", data=bad,
-                                  headers={"Content-Type": "application/json"}) as r:
-                    await r.read()
-            assert got[-1] == bad
+        for plugins, name in (([{"name": "conversations"}], "a.yaml"), ([], "b.yaml")):
+            g = await make_gateway(plugins, upstream={"url": url}, name=name)
+            for raw in bodies:
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(g.url + "/v1/chat/completions", data=raw,
+                                      headers={"Content-Type": "application/json"}) as r:
+                        if plugins:
+                            assert r.status == 400
+                            assert (await r.json())["error"]["code"] == "invalid_number"
+                        else:
+                            assert r.status == 200
+                            await r.read()
+        assert got == bodies  # only from the chain that does not read the body, each as sent
 
 
 async def test_a_surrogate_pair_split_over_two_deltas_is_one_character(make_gateway: Any) -> None:

@@ -101,6 +101,16 @@ async def test_a_request_asking_for_an_upgrade_is_answered_and_the_connection_cl
     assert not out.endswith(b"<open>")
 
 
+async def test_an_upgrade_offer_without_a_body_is_answered_and_closed_too(gw: Any) -> None:
+    """curl's h2c offer on a GET: declined (an HTTP/1.1 answer) and closed, so the client sends its
+    next request on a new connection (behind the offer it would never be answered)."""
+    req = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n" \
+          b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    out = await exchange(gw.gw.public_port, req * 2)
+    assert out.count(b"HTTP/1.1 200") == 1 and b"connection: close" in out.split(b"\r\n\r\n")[0].lower()
+    assert not out.endswith(b"<open>")
+
+
 async def test_a_request_line_of_another_http_version_gets_505(gw: Any) -> None:
     out = await exchange(gw.gw.public_port, post("/v1/chat/completions", CHAT, "2.0"))
     head, _, body = out.partition(b"\r\n\r\n")

@@ -137,3 +137,53 @@ async def test_large_answers_are_counted_and_binary_ones_relayed_whole(make_gate
             auth = {"Authorization": f"Bearer {rec['key']}"}
             async with s.post(g.url + "/v1/files/f1/content", headers=auth) as r:
                 assert r.status == 200 and await r.read() == BLOB
+
+
+def test_only_the_answers_own_usage_is_taken_from_the_end() -> None:
+    """A usage inside an item of the data (a list of stored answers, a JSON-lines file) is not the
+    answer's: nothing is taken."""
+    item = {"id": "x", "usage": {"prompt_tokens": 123456, "total_tokens": 123456}}
+    listed = json.dumps({"object": "list", "data": [item] * 3}).encode()
+    assert tail_usage(listed) is None
+    assert tail_usage(json.dumps({"data": [1], "usage": {"total_tokens": 9}, "size": "1x1", "n": 1,
+                                  "extra": {}}).encode()) == {"total_tokens": 9}
+
+
+async def test_a_large_read_of_stored_answers_charges_nothing(make_gateway: Any, tmp_path: Any) -> None:
+    item = {"id": "chatcmpl-1", "object": "chat.completion", "usage": {"prompt_tokens": 777, "total_tokens": 777},
+            "pad": "p" * 4000}
+    listed = json.dumps({"object": "list", "data": [item] * 4500}).encode()
+    lines = b"\n".join(json.dumps(item).encode() for _ in range(4500)) + b"\n"
+    assert len(listed) > MAX_JSON_BODY and len(lines) > MAX_JSON_BODY
+
+    async def stored(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=listed, content_type="application/json")
+
+    async def batch_output(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=lines, content_type="application/jsonl")
+
+    app = web.Application()
+    app.router.add_get("/v1/chat/completions", stored)
+    app.router.add_post("/v1/files/out/content", batch_output)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        g = await make_gateway([{"name": "key_auth"}, {"name": "metrics"}], upstream={"url": f"http://127.0.0.1:{port}"})
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=admin) as r:
+                rec = await r.json()
+            auth = {"Authorization": f"Bearer {rec['key']}"}
+            async with s.get(g.url + "/v1/chat/completions", headers=auth) as r:
+                assert r.status == 200 and await r.read() == listed
+            async with s.post(g.url + "/v1/files/out/content", headers=auth) as r:
+                assert r.status == 200 and await r.read() == lines
+            await g.plugin("key_auth").flush_usage()
+            async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=admin) as r:
+                totals = (await r.json())["totals"]
+            assert (totals["prompt_tokens"] or 0) == 0, totals
+    finally:
+        await runner.cleanup()
