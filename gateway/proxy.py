@@ -437,7 +437,7 @@ class Proxy:
                     break
             tail = observer.finish() if observer is not None else b""
             if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
-                    and request.path.endswith(_GENERATION_PATHS):
+                    and 200 <= resp.status < 300 and request.path.endswith(_GENERATION_PATHS):
                 ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
             for p in chunk_plugins:
                 tail = await self._on_chunk(ctx, p, tail, True)

@@ -486,6 +486,33 @@ async def test_a_stale_instance_regenerating_an_answer_forks_instead_of_interlea
     assert [r.position for r in fork] == [0, 1, 2, 3, 4, 5]
 
 
+async def test_parallel_turns_on_a_conversation_not_yet_written_fork_instead_of_interleaving(
+        make_gateway: Any, db: dict[str, Any]) -> None:
+    """A first turn, then at once several turns resending its history, each with its own question,
+    all written in one batch with the first: one of them continues the conversation, each other
+    one becomes a fork at the point they differ. No stored history claims a question was asked
+    after an answer it never saw."""
+    g = await start(make_gateway, db, {"flush_interval": 2.0})
+    u1 = {"role": "user", "content": "first"}
+    st, h, body = await chat(g, [u1])
+    cid, a1 = h["X-Conversation-ID"], body["choices"][0]["message"]
+    results = await asyncio.gather(*[chat(g, [u1, a1, {"role": "user", "content": f"follow-up {i}"}], cid)
+                                     for i in range(6)])
+    assert all(st == 200 for st, _, _ in results)
+    rows = await stored(g, cid)
+    assert len(rows) == 4 and row_message(rows[2])["content"].startswith("follow-up")
+    async with g.gw.db.engine.connect() as conn:
+        forks = (await conn.execute(select(C.c.id, C.c.fork_position, C.c.message_count).where(
+            C.c.parent_id == cid))).all()
+    assert len(forks) == 5 and {(f.fork_position, f.message_count) for f in forks} == {(2, 4)}
+    asked = {row_message(rows[2])["content"]}
+    for f in forks:
+        frows = await stored(g, f.id)
+        assert [row_message(r)["content"] for r in frows[:2]] == ["first", a1["content"]]
+        asked.add(row_message(frows[2])["content"])
+    assert asked == {f"follow-up {i}" for i in range(6)}
+
+
 async def test_caller_api_on_another_instance_finds_a_conversation_just_made(
         make_gateway: Any, db: dict[str, Any]) -> None:
     """Readable as soon as its response was received, also through another instance (whose

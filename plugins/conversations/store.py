@@ -414,7 +414,7 @@ class ConversationStore:
                 msgs = rec.messages
                 if pos != rec.base:
                     moved.add(cid)
-                    if pos > rec.base and msgs and cid not in created:
+                    if pos > rec.base and msgs:  # (also a conversation this batch creates)
                         msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows, claims)
                         if at is not None:
                             # What this request saw differs from what another one stored meanwhile
