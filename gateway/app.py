@@ -176,6 +176,14 @@ class Gateway:
             server = self._public.server
             if server is not None and hasattr(server, "pre_shutdown"):
                 server.pre_shutdown()
+                # An idle keep-alive connection is only told to stop waiting; its socket stays
+                # open until the drain ends, and a request a client sends on it meanwhile would
+                # wait for nothing, unanswered and unrecorded. Closed now, the client sees the
+                # close at once (and retries elsewhere).
+                for conn in getattr(server, "connections", ()):
+                    if conn.transport is not None and conn.transport not in self.proxy.busy \
+                            and not getattr(conn, "_request_in_progress", False):  # (just being dispatched)
+                        conn.force_close()
             # (requests that began before a reload are counted on the runtime they began with)
             await asyncio.gather(*(rt.wait_idle(timeout) for rt in [self.runtime, *self._retiring]))
             await self._public.cleanup()

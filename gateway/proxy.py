@@ -93,6 +93,8 @@ class Proxy:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
         self.configure(gw.cfg.server)
+        #: connections with a request in the gateway's hands (a stop closes the others at once)
+        self.busy: set[Any] = set()
 
     def configure(self, s: "ServerConfig") -> None:
         """The server settings the handler reads (at start, and from a config reload)."""
@@ -112,6 +114,8 @@ class Proxy:
         if self.server_timing or (rt.record_timings and SKIP_TIMINGS not in request):
             ctx.timings = []
         rt.enter()
+        transport = request.transport
+        self.busy.add(transport)
         try:
             return await self._handle(ctx, chain)
         except ConnectionResetError:  # the client went away while we were answering
@@ -129,6 +133,7 @@ class Proxy:
                     await p.on_complete(ctx)
                 except Exception:
                     log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
+            self.busy.discard(transport)
             rt.leave()
 
     def _cut(self) -> str:

@@ -134,3 +134,38 @@ async def test_an_unreadable_upstream_answer_is_not_quoted_in_the_log(gw: Any, c
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "upstream request failed" in logged and "SECRET-ANSWER-TEXT" not in logged
 
+
+
+async def test_a_stop_closes_idle_keepalive_connections_at_once(make_gateway: Any) -> None:
+    """SIGTERM's drain: a connection with no request in flight is closed straight away, so a client
+    that sends its next request on it sees the close (and retries elsewhere) instead of waiting
+    out the drain unanswered. The stream in flight still finishes."""
+    import aiohttp
+
+    g = await make_gateway([], server={"shutdown_timeout": 20})
+    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
+    w.write(post("/v1/chat/completions", CHAT))
+    await w.drain()
+    head = await r.readuntil(b"\r\n\r\n")
+    n = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")).split(b":")[1])
+    await r.readexactly(n)  # an idle keep-alive connection now
+
+    async def stream() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", data=STREAM,
+                              headers={"Content-Type": "application/json", "X-Demo-Delay": "0.1",
+                                       "X-Demo-Words": "30"}) as resp:
+                return await resp.read()
+
+    streaming = asyncio.create_task(stream())
+    await asyncio.sleep(0.5)
+    stopping = asyncio.create_task(g.gw.stop())
+    await asyncio.sleep(0.3)
+    w.write(post("/v1/chat/completions", CHAT))
+    with contextlib.suppress(ConnectionError):
+        await w.drain()
+    async with asyncio.timeout(10):
+        rest = await r.read()
+    assert rest == b"" and not streaming.done(), "the idle connection was held for the drain"
+    assert (await streaming).endswith(b"data: [DONE]\n\n")
+    await stopping
