@@ -140,15 +140,17 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
                 first = True
                 if args.format == "json":
                     out.write("[")
-                async for r in store.iter_rows(db, f=f or None):
-                    ev = json.loads(r.data)
-                    if args.with_chain:
-                        ev["prev_hash"], ev["hash"] = r.prev_hash, r.hash
-                    if args.format == "json":
-                        out.write(("\n" if first else ",\n") + jsonl(ev))
-                    else:
-                        out.write(jsonl(ev) + "\n")
-                    first = False
+                async with store.snapshot(db) as conn:  # (a purge meanwhile leaves no gap in it)
+                    async for r in store.iter_rows(db, f=f or None, conn=conn):
+                        ev = json.loads(r.data)
+                        if args.with_chain:
+                            # the hashed text itself: a re-check needs no re-serialisation
+                            ev["prev_hash"], ev["hash"], ev["record"] = r.prev_hash, r.hash, r.data
+                        if args.format == "json":
+                            out.write(("\n" if first else ",\n") + jsonl(ev))
+                        else:
+                            out.write(jsonl(ev) + "\n")
+                        first = False
                 if args.format == "json":
                     out.write("\n]\n")
             finally:

@@ -7,6 +7,7 @@ instances can never both chain onto the same row.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ from gateway.db import Base, Database, row_chunks
 from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, utf8_safe, verify_rows
 from .events import build, iso
 
-__all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "verify"]
+__all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
 
 LOCK_ID = 0x6175646974  # "audit"
 
@@ -62,6 +63,26 @@ async def locked(db: Database) -> AsyncIterator[AsyncConnection]:
         else:
             async with conn.begin():
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_ID})
+                yield conn
+
+
+@asynccontextmanager
+async def snapshot(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A read transaction: every query on it sees the trail as it was at its first read, so a
+    purge (or appends) committed meanwhile cannot show up as a gap in what is read page by page.
+    SQLite: one deferred transaction (WAL readers keep their snapshot); PostgreSQL: REPEATABLE READ."""
+    async with db.engine.connect() as conn:
+        if db.is_sqlite:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql("BEGIN")
+            try:
+                yield conn
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.exec_driver_sql("ROLLBACK")
+        else:
+            conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
                 yield conn
 
 
@@ -147,7 +168,12 @@ async def purge(db: Database, before: str, actor: str = "retention") -> dict[str
     """Delete the events older than ``before`` (ISO time) and, in the same transaction, append an
     ``audit.purged`` event with the anchor. Returns that event, or None if nothing was old enough."""
     async with locked(db) as conn:
-        last_old = (await conn.execute(select(func.max(events.c.seq)).where(events.c.time < before))).scalar()
+        # The leading run of old events only. An event's time is when its request arrived, its seq
+        # when it was written: a long stream's event comes after newer ones, and purging up to it
+        # would take those with it. It goes at a later purge, when all before it are old too.
+        first_new = (await conn.execute(select(func.min(events.c.seq)).where(events.c.time >= before))).scalar()
+        q = select(func.max(events.c.seq))
+        last_old = (await conn.execute(q if first_new is None else q.where(events.c.seq < first_new))).scalar()
         if last_old is None:
             return None
         anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= last_old)
@@ -226,16 +252,21 @@ async def query(db: Database, f: dict[str, Any], limit: int = 100, cursor: int |
     return [_out(r) for r in rows], (int(rows[-1].seq) if more and rows else None)
 
 
-async def iter_rows(db: Database, after: int = 0, page: int = 1000, f: dict[str, Any] | None = None) -> AsyncIterator[Any]:
-    """Every row in seq order, paged so a long trail never sits in memory."""
+async def iter_rows(db: Database, after: int = 0, page: int = 1000, f: dict[str, Any] | None = None,
+                    conn: AsyncConnection | None = None) -> AsyncIterator[Any]:
+    """Every row in seq order, paged so a long trail never sits in memory (on ``conn``, a
+    :func:`snapshot`, when the pages must agree with each other; else each on a new connection)."""
     cols = [events.c[n] for n in ("seq", "prev_hash", "hash", "data", *INDEXED)]
     while True:
         q = select(*cols).where(events.c.seq > after)
         if f:
             q = _filters(q, f)
         q = q.order_by(events.c.seq.asc()).limit(page)
-        async with db.engine.connect() as conn:
+        if conn is not None:
             rows = (await conn.execute(q)).all()
+        else:
+            async with db.engine.connect() as c:
+                rows = (await c.execute(q)).all()
         for r in rows:
             yield r
         if len(rows) < page:
@@ -249,13 +280,15 @@ async def head(db: Database) -> tuple[int, str]:
 
 
 async def verify(db: Database) -> VerifyResult:
-    async with db.engine.connect() as conn:
+    # One snapshot for the anchor and every page: a purge running meanwhile is either wholly
+    # before it or wholly after it (read apart, it showed as a deleted range).
+    async with snapshot(db) as conn:
         last_purge = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
                                          .order_by(events.c.seq.desc()).limit(1))).scalar()
-    anchor = None
-    if last_purge:
-        try:
-            anchor = json.loads(last_purge).get("anchor")
-        except ValueError:
-            anchor = None
-    return await verify_rows(iter_rows(db), anchor)
+        anchor = None
+        if last_purge:
+            try:
+                anchor = json.loads(last_purge).get("anchor")
+            except ValueError:
+                anchor = None
+        return await verify_rows(iter_rows(db, conn=conn), anchor)

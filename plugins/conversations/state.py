@@ -110,6 +110,7 @@ class Shared:
         self.closed = False
         self._written = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # the instances (so the retention settings) changed
         self.skipped = services.metric("conversations_skipped", lambda reg: Counter(
             "gateway_conversations_skipped_total",
             "Conversation records not applied because the conversation was deleted meanwhile",
@@ -141,6 +142,7 @@ class Shared:
             self.writer = self._new_writer(inst.config)
             self.closed = False
         self.users[id(inst)] = inst.config
+        self._wake.set()
         self.writer.start()
         if self._task is None:
             self._task = asyncio.create_task(self._maintenance(), name="conversations:retention")
@@ -149,9 +151,11 @@ class Shared:
         """Writer and cache settings of the instance activated last (a reload's new config)."""
         self.cfg = cfg
         self.writer.configure(**self._writer_settings(cfg))
+        self._wake.set()
 
     async def release(self, inst: Any) -> None:
         self.users.pop(id(inst), None)
+        self._wake.set()
         if not self.users:
             await self.close()
 
@@ -175,17 +179,34 @@ class Shared:
     async def _maintenance(self) -> None:
         # The first purge a few seconds after start, then every retention_interval: a gateway
         # restarted more often than the interval (deploys, a crash loop) still applies retention.
-        await asyncio.sleep(min(5.0, self.retention_interval()))
+        start = time.monotonic()
+        await self._wait(lambda: start + min(5.0, self.retention_interval()))
         while True:
             days = self.retention_days()
             await self._purge_once(days)
-            await asyncio.sleep(self.retention_interval())
+            done = time.monotonic()
+            await self._wait(lambda: done + self.retention_interval())
+
+    async def _wait(self, until: Any) -> None:
+        """Sleep until ``until()`` (monotonic), computed again whenever the instances change: a
+        reload that shortens retention_interval (or turns retention on) applies now, not after
+        the old interval ran out."""
+        while (left := until() - time.monotonic()) > 0:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
 
     async def _purge_once(self, days: float | None) -> None:
         if days is None:
             return
+        # A conversation with a turn in flight or queued here is active, whatever its stored
+        # last activity says (a long stream): not purged under it.
+        active = [cid for cid, v in self.views.items() if v.busy > 0 or v.pending()]
         try:
-            ids = await self.store.purge(utcnow() - dt.timedelta(days=days))
+            ids = await self.store.purge(utcnow() - dt.timedelta(days=days), keep=active)
         except Exception as e:
             log.warning("conversation retention purge failed: %s", type(e).__name__)
             return

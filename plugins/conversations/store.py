@@ -654,9 +654,13 @@ class ConversationStore:
     async def delete_owner(self, owner: str) -> list[str]:
         return await self._delete_where(C.c.owner == owner)
 
-    async def purge(self, older_than: dt.datetime) -> list[str]:
-        """Delete conversations with no activity since ``older_than`` (messages and turns too)."""
-        return await self._delete_where(C.c.updated_at < older_than)
+    async def purge(self, older_than: dt.datetime, keep: Sequence[str] = ()) -> list[str]:
+        """Delete conversations with no activity since ``older_than`` (messages and turns too),
+        except those in ``keep`` (active: a turn in flight)."""
+        cond = C.c.updated_at < older_than
+        if keep:
+            cond = sa.and_(cond, C.c.id.not_in(list(keep)[:5000]))
+        return await self._delete_where(cond)
 
     async def counts(self) -> dict[str, int]:
         async with self.db.engine.connect() as conn:
