@@ -234,9 +234,11 @@ async def test_documented_recipe_reverifies_records_with_lone_surrogates(make_ga
     assert len(hostile) == 1 and "café" in hostile[0]  # only the surrogate is escaped
     record_ok = documented_recipe()
     for data, prev, h in rows:
-        exported = {**json.loads(data), "prev_hash": prev, "hash": h}
+        exported = {**json.loads(data), "prev_hash": prev, "hash": h, "record": data}  # as export --with-chain
         assert record_ok(exported), data
-    edited = {**json.loads(hostile[0]), "prev_hash": rows[0][1], "hash": rows[0][2]}
+    i = next(i for i, r in enumerate(rows) if r[0] == hostile[0])
+    edited = {**json.loads(hostile[0]), "prev_hash": rows[i][1], "hash": rows[i][2], "record": hostile[0]}
+    assert record_ok(edited)
     edited["model"] = "other"
     assert not record_ok(edited)
 
