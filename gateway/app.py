@@ -182,7 +182,8 @@ class Gateway:
                 # close at once (and retries elsewhere).
                 for conn in getattr(server, "connections", ()):
                     if conn.transport is not None and conn.transport not in self.proxy.busy \
-                            and not getattr(conn, "_request_in_progress", False):  # (just being dispatched)
+                            and not getattr(conn, "_request_in_progress", False) \
+                            and not getattr(conn, "_messages", None):  # (a request read, not yet dispatched)
                         conn.force_close()
             # (requests that began before a reload are counted on the runtime they began with)
             await asyncio.gather(*(rt.wait_idle(timeout) for rt in [self.runtime, *self._retiring]))

@@ -490,18 +490,18 @@ def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
     """The answer's own ``"usage": {...}`` from the end of a JSON text, if it reports tokens.
 
     Inside a JSON string a quote is always escaped, so ``"usage":`` followed by an object can
-    only be a key. It is the answer's own when only plain members (strings, numbers, literals,
-    empty containers) follow it before the text's closing brace: the usage of an embeddings list,
-    an image answer or a streamed image event, which comes after their large data. A usage
-    inside an item of the data (a list of stored answers) is followed by the list's end, and is
-    not taken."""
+    only be a key. It is the answer's own when what follows it only closes objects, at most two
+    (the answer, or the ``response`` of a Responses API event), with members of any value in
+    between: the usage of an embeddings list, an image answer or a streamed final event, which
+    comes after their large data. A usage inside an item of a list (stored answers) is followed
+    by the list's end, and is not taken."""
     for m in reversed(list(_USAGE_KEY.finditer(tail))):
         text = bytes(tail[m.end() - 1:]).decode("utf-8", "replace")
         try:
             obj, end = _raw_decode(text)
         except ValueError:
             continue
-        if _TOP_LEVEL_END.match(text, end) is None:
+        if not _closes_the_text(text, end):
             return None  # the last usage is not the answer's own: none is
         if isinstance(obj, dict) and (any(x is not None for x in usage_tokens(obj))
                                       or _int(obj.get("total_tokens")) is not None):
@@ -510,8 +510,32 @@ def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
     return None
 
 
-_SCALAR = r'(?:"(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*|true|false|null|\{\s*\}|\[\s*\])'
-_TOP_LEVEL_END = re.compile(r'(?:\s*,\s*"(?:[^"\\]|\\.)*"\s*:\s*' + _SCALAR + r')*\s*\}\s*\Z')
+_WS = re.compile(r"[ \t\r\n]*")
+
+
+def _closes_the_text(text: str, i: int, levels: int = 2) -> bool:
+    """Does ``text`` from ``i`` on only close objects (at most ``levels``), with members in between,
+    up to its end?"""
+    n, closed = len(text), 0
+    while True:
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        if i >= n:
+            return closed > 0
+        c = text[i]
+        if c == ",":
+            try:
+                key, i = _raw_decode(text, _WS.match(text, i + 1).end())  # type: ignore[union-attr]
+                i = _WS.match(text, i).end()  # type: ignore[union-attr]
+                if type(key) is not str or text[i:i + 1] != ":":
+                    return False
+                _, i = _raw_decode(text, _WS.match(text, i + 1).end())  # type: ignore[union-attr]
+            except ValueError:
+                return False
+        elif c == "}" and closed < levels:
+            closed += 1
+            i += 1
+        else:
+            return False  # a list's end, or more than `levels` objects closed
 
 
 def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:

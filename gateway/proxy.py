@@ -128,13 +128,25 @@ class Proxy:
             raise
         finally:
             ctx.t_end = _perf()
-            for p in chain.complete:
-                try:
-                    await p.on_complete(ctx)
-                except Exception:
-                    log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
-            self.busy.discard(transport)
-            rt.leave()
+            cancelled = False
+            try:
+                for p in chain.complete:
+                    try:
+                        await p.on_complete(ctx)
+                    except asyncio.CancelledError:
+                        # The client left (aiohttp cancels the handler) while this plugin was handing
+                        # over its record: the others still record the exchange.
+                        cancelled = True
+                        task = asyncio.current_task()
+                        if task is not None:
+                            task.uncancel()
+                    except Exception:
+                        log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
+            finally:
+                self.busy.discard(transport)
+                rt.leave()
+            if cancelled:
+                raise asyncio.CancelledError
 
     def _cut(self) -> str:
         """Why a response was cut off: its client left, or (once a shutdown's drain time,

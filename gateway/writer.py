@@ -126,6 +126,11 @@ class BatchWriter(Generic[T]):
             if self.on_full == "drop":
                 self._drop(1, "queue_full")
                 return False
+        # Shielded: a caller cancelled meanwhile (its client left while the record was handed
+        # over) does not take the record with it; it is queued, or dropped and counted, all the same.
+        return await asyncio.shield(self._put_waiting(item))
+
+    async def _put_waiting(self, item: T) -> bool:
         try:
             async with asyncio.timeout(self.full_wait):
                 await self._q.put(item)

@@ -103,8 +103,11 @@ class GatewayProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         return self
 
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until the gateway answers. Start-up speed is not what these tests check: the bound only
+        stops a test that would otherwise hang (a busy CI machine can take half a minute to import)."""
+        started = time.monotonic()
+        deadline = started + timeout
         url = (self.admin_url or self.url) + ("/healthz" if self.admin_url else "/")
         async with aiohttp.ClientSession() as s:
             while time.monotonic() < deadline:
@@ -117,7 +120,9 @@ class GatewayProcess:
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     pass
                 await asyncio.sleep(0.1)
-        raise TimeoutError(f"gateway not ready: {self.log()[-2000:]}")
+        running = self.proc is not None and self.proc.poll() is None
+        raise TimeoutError(f"gateway not ready after {time.monotonic() - started:.0f} s (process "
+                           f"{'still running' if running else 'gone'}); its log: {self.log()[-2000:]!r}")
 
     def log(self) -> str:
         try:

@@ -169,3 +169,64 @@ async def test_a_stop_closes_idle_keepalive_connections_at_once(make_gateway: An
     assert rest == b"" and not streaming.done(), "the idle connection was held for the drain"
     assert (await streaming).endswith(b"data: [DONE]\n\n")
     await stopping
+
+
+async def test_a_request_read_as_the_stop_begins_is_answered_not_dropped(make_gateway: Any, monkeypatch: Any) -> None:
+    """A request whose bytes arrive in the same loop turn as the stop's idle-close step has been read
+    by the server but not dispatched yet: its connection is not idle, and it is answered."""
+    import socket
+    import threading
+
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    g = await make_gateway([], server={"shutdown_timeout": 10})
+    sock = socket.create_connection(("127.0.0.1", g.gw.public_port))
+
+    def read_one() -> bytes:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = sock.recv(65536)
+            if not d:
+                return buf
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        n = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length:")).split(b":")[1])
+        while len(rest) < n:
+            rest += sock.recv(65536)
+        return head
+
+    sock.sendall(post("/v1/chat/completions", CHAT))
+    assert (await asyncio.to_thread(read_one)).startswith(b"HTTP/1.1 200")  # now an idle keep-alive connection
+    result: dict[str, bytes] = {}
+    go = threading.Event()
+
+    def client() -> None:
+        go.wait(10)
+        sock.sendall(post("/v1/chat/completions", CHAT))
+        sock.settimeout(15)
+        result["answer"] = sock.recv(65536)
+
+    th = threading.Thread(target=client)
+    th.start()
+    arrived = asyncio.get_running_loop().create_future()
+    original_received = RequestHandler.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        if not arrived.done():
+            arrived.set_result(None)  # the stop's next step runs in this same loop turn
+        original_received(self, data)  # the server reads the request (and wakes its task)
+
+    monkeypatch.setattr(RequestHandler, "data_received", data_received)
+    original_stop = web.TCPSite.stop
+
+    async def stop_then_wait(self: Any) -> None:
+        await original_stop(self)
+        go.set()
+        await arrived
+
+    monkeypatch.setattr(web.TCPSite, "stop", stop_then_wait)
+    await g.gw.stop()
+    await asyncio.to_thread(th.join)
+    sock.close()
+    assert result["answer"].startswith(b"HTTP/1.1 200"), result

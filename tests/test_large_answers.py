@@ -146,7 +146,11 @@ def test_only_the_answers_own_usage_is_taken_from_the_end() -> None:
     listed = json.dumps({"object": "list", "data": [item] * 3}).encode()
     assert tail_usage(listed) is None
     assert tail_usage(json.dumps({"data": [1], "usage": {"total_tokens": 9}, "size": "1x1", "n": 1,
-                                  "extra": {}}).encode()) == {"total_tokens": 9}
+                                  "extra": {"vendor": [1, {"x": 2}]}}).encode()) == {"total_tokens": 9}
+    # a Responses API final event: the usage of its `response`, members of any kind after it
+    final = {"type": "response.completed", "response": {"output": [{"x": "y" * 100}], "usage": IMG_USAGE,
+                                                         "user": None, "metadata": {"k": "v"}}, "sequence_number": 7}
+    assert tail_usage(b"data: " + json.dumps(final).encode() + b"\n\n") == IMG_USAGE
 
 
 async def test_a_large_read_of_stored_answers_charges_nothing(make_gateway: Any, tmp_path: Any) -> None:

@@ -148,3 +148,28 @@ async def test_an_export_with_chain_can_be_rechecked_as_the_docs_show(make_gatew
     assert all(ns["record_ok"](r) for r in records)
     records[0]["status"] = 500  # an edited copy is caught
     assert not ns["record_ok"](records[0])
+
+
+async def test_retention_keeps_the_parent_of_a_fork_whose_turn_is_streaming(make_gateway: Any) -> None:
+    """A fork copies the messages it shares with its parent when it is written: the parent of a fork
+    in flight is active too, or the fork would be dropped (its parent gone) when its turn ends."""
+    g = await make_gateway([{"name": "conversations", "config": {
+        "retention_days": 1.0 / 86400, "retention_interval": 0.3}}])
+    u1 = {"role": "user", "content": "first"}
+    st, h, body = await chat(g, [u1])
+    cid = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    edited = {"role": "assistant", "content": "an edited answer"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", headers={
+                "X-Conversation-ID": cid, "X-Demo-Delay": "0.2", "X-Demo-Words": "20"},
+                json={"model": "demo-chat", "stream": True,
+                      "messages": [u1, edited, {"role": "user", "content": "go on"}]}) as r:
+            assert r.status == 200 and r.headers.get("X-Conversation-Parent-ID") == cid
+            fork = r.headers["X-Conversation-ID"]
+            await r.read()
+    await g.plugin("conversations").flush()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{g.url}/gateway/conversations/{fork}") as r:
+            assert r.status == 200, "the fork whose turn was in flight was dropped"
+            assert len((await r.json())["messages"]) == 4

@@ -181,3 +181,42 @@ async def test_drops_are_all_counted_but_logged_once_per_interval(caplog):
         w.put_nowait(1)
         await w.close()
     assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "queue_full"}) == w.dropped
+
+
+async def test_a_client_leaving_while_its_record_waits_for_room_loses_no_record(make_gateway, tmp_path):
+    """The conversations writer's queue is full (the database is held by another process), so a
+    finished request waits in on_complete for room; its client leaves, and aiohttp cancels the
+    handler. The turn is still queued, audit still records the exchange, and the gateway does not
+    keep the connection counted as busy."""
+    import sqlite3
+
+    import aiohttp
+
+    g = await make_gateway([{"name": "conversations", "config": {
+        "queue_size": 1, "queue_full_wait": 10, "flush_interval": 0.05, "retry_for": 60}},
+        {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]}}])
+    holder = sqlite3.connect(tmp_path / "gateway.db", timeout=1, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the writer cannot write: its queue fills up
+    try:
+        ids = []
+        for i in range(4):
+            async with aiohttp.ClientSession() as s:
+                async with s.post(g.url + "/v1/chat/completions", json={
+                        "model": "demo-chat", "messages": [{"role": "user", "content": f"turn {i}"}]}) as r:
+                    assert r.status == 200
+                    ids.append(r.headers["X-Conversation-ID"])
+                    await r.read()
+            # the session is closed: the client has gone while the handler may still wait for room
+        await asyncio.sleep(0.5)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await g.plugin("conversations").flush()
+    async with aiohttp.ClientSession() as s:
+        for cid in ids:
+            async with s.get(f"{g.url}/gateway/conversations/{cid}") as r:
+                assert r.status == 200, cid
+    assert g.gw.proxy.busy == set() and g.gw.runtime.inflight == 0
+    await g.stop()
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert len([x for x in lines if '"type":"request"' in x]) >= 4

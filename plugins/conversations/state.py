@@ -40,7 +40,7 @@ class View:
     """What this process knows about one conversation (stored + pending)."""
 
     __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
-                 "busy", "stale", "checked")
+                 "busy", "stale", "checked", "parent")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
                  tokens: list[int | None] | None = None) -> None:
@@ -56,6 +56,7 @@ class View:
         self.busy = 0                             # requests in flight on this conversation
         self.stale = False
         self.checked = time.monotonic()
+        self.parent: str | None = None            # forked from (the fork copies its prefix when written)
 
     @property
     def count(self) -> int:
@@ -82,6 +83,7 @@ class View:
             v.tail = self.tail[:at - self.tail_start]
             v.tail_start = self.tail_start
         v.first = self.first if at > 0 else None
+        v.parent = self.id
         return v
 
     def pending(self) -> list[TurnRecord]:
@@ -204,7 +206,13 @@ class Shared:
             return
         # A conversation with a turn in flight or queued here is active, whatever its stored
         # last activity says (a long stream): not purged under it.
-        active = [cid for cid, v in self.views.items() if v.busy > 0 or v.pending()]
+        active: set[str] = set()
+        for cid, v in self.views.items():
+            if v.busy > 0 or v.pending():
+                active.add(cid)
+                if v.parent is not None:  # a fork's prefix is copied from its parent when written
+                    active.add(v.parent)
+                active.update(r.parent_id for r in v.records if r.parent_id is not None)
         try:
             ids = await self.store.purge(utcnow() - dt.timedelta(days=days), keep=active)
         except Exception as e:
