@@ -86,11 +86,18 @@ class AdminConfig(Model):
     token: str | None = Field(None, description="Bearer token for the admin API (at least 16 characters).",
                               repr=False)
 
+    @field_validator("token")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        # A secret file or a Kubernetes secret often ends with a newline: no client can send it
+        # (header values are stripped), so the admin API would be locked out. Taken without it.
+        return v.strip() if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _token(self) -> "AdminConfig":
         if self.enabled and (not self.token or len(self.token) < 16):
-            raise ValueError("the admin listener needs a token of at least 16 characters "
-                             "(set admin.token, e.g. ${GATEWAY_ADMIN_TOKEN}, or admin.enabled: false)")
+            raise ValueError("the admin listener needs a token of at least 16 characters, blanks at "
+                             "either end aside (set admin.token, e.g. ${GATEWAY_ADMIN_TOKEN}, or admin.enabled: false)")
         return self
 
 

@@ -749,3 +749,48 @@ async def test_odd_input_to_keys_and_the_admin_api(make_gateway: Any) -> None:
                                                    "--expires", "99999999d", "-c", g.gw.cfg.path],
                                   capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "out of range" in res.stderr and "Traceback" not in res.stderr
+
+
+async def test_labels_scopes_and_the_admin_token_as_an_operator_gets_them_wrong(make_gateway, upstream, tmp_path):
+    """PATCH of one scope list keeps the other; labels a terminal or header would act on are refused;
+    an admin token read from a secret file (a newline at its end) still opens the admin API."""
+    import subprocess
+    import sys
+
+    import aiohttp
+    import yaml
+
+    from .helpers import base_config
+
+    token = "admin-token-0123456789abcdef"
+    cfg = base_config(upstream.url, tmp_path, [{"name": "key_auth"}])
+    cfg["admin"]["token"] = token + "\n"
+    g = await make_gateway(raw=yaml.safe_dump(cfg))
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", headers=auth, json={
+                "owner": "alice", "scopes": {"paths": ["/v1/"], "models": ["demo-*"]}}) as r:
+            assert r.status == 201, await r.text()
+            rec = await r.json()
+        async with s.patch(g.admin_url + f"/keys/{rec['id']}", headers=auth,
+                           json={"scopes": {"paths": ["/v1/chat/"]}}) as r:
+            assert r.status == 200
+            assert (await r.json())["scopes"] == {"paths": ["/v1/chat/"], "models": ["demo-*"]}
+        async with s.post(g.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {rec['key']}"},
+                          json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 403
+        for bad in ("al\u009bice", "bob\u202e", " padded ", "line\u2028two"):
+            async with s.post(g.admin_url + "/keys", headers=auth, json={"owner": bad}) as r:
+                assert r.status == 422, bad
+            async with s.patch(g.admin_url + f"/keys/{rec['id']}", headers=auth, json={"name": bad}) as r:
+                assert r.status == 422, bad
+    # what is already stored (by an older version) is shown escaped by the CLI
+    import sqlite3
+    con = sqlite3.connect(tmp_path / "gateway.db")
+    with con:
+        con.execute("UPDATE api_keys SET name = ? WHERE id = ?", ("x\x1b[31mred\u202e", rec["id"]))
+    con.close()
+    out = subprocess.run([sys.executable, "-m", "gateway", "keys", "list", "-c", str(tmp_path / "gateway.yaml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "\x1b" not in out.stdout and "\u202e" not in out.stdout
+    assert "x\\x1b[31mred\\u202e" in out.stdout

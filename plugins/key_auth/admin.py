@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -29,10 +30,19 @@ class _Body(BaseModel):
 
 
 def _no_control(v: Any) -> Any:
-    """owner/name/team are labels that also travel in headers: no control characters."""
-    if isinstance(v, str) and any(ord(c) < 32 or ord(c) == 127 for c in v):
-        raise ValueError("must not contain control characters (newlines, tabs ...)")
+    """owner/name/team are labels that also travel in headers and are shown in terminals: no
+    control characters (C0, DEL, C1), no line separators or bidirectional overrides, and no
+    blanks at either end (a header value loses them: " alice" would reach the upstream as alice)."""
+    if isinstance(v, str):
+        if _UNSAFE_LABEL.search(v):
+            raise ValueError("must not contain control characters (newlines, tabs, escape sequences, "
+                             "bidirectional overrides ...)")
+        if v != v.strip():
+            raise ValueError("must not start or end with blanks")
     return v
+
+
+_UNSAFE_LABEL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class Scopes(_Body):
@@ -95,7 +105,7 @@ class UpdateKey(_Body):
     name: str | None = Field(None, max_length=200)
     team: str | None = Field(None, max_length=200, description="null clears it.")
     metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata.")
-    scopes: Scopes | None = Field(None, description="Replaces the scopes.")
+    scopes: Scopes | None = Field(None, description="Only the lists given change (paths, models); [] clears one.")
     limits: Limits | None = Field(None, description="Only the fields given change; null clears an override.")
     expires_at: AwareDatetime | None = Field(None, description="null: never expires.")
 
@@ -220,7 +230,15 @@ def routes(services: "Services") -> list[web.RouteDef]:
             if f == "limits":
                 changes["limits"] = {lf: getattr(v, lf) for lf in v.model_fields_set} if v is not None else {}
             elif f == "scopes":
-                changes["scopes"] = v.model_dump() if v is not None else {}
+                if v is None:
+                    changes["scopes"] = {}
+                else:  # the list not given is kept (narrowing the paths must not widen the models)
+                    cur = await store.get(key_id)
+                    if cur is None:
+                        return _not_found(key_id)
+                    old = cur.get("scopes") or {}
+                    changes["scopes"] = {k: (getattr(v, k) if k in v.model_fields_set else list(old.get(k) or []))
+                                         for k in ("paths", "models")}
             elif f == "name" and v is None:
                 return _err(422, "name: must be a string", "invalid_value", "name")
             else:

@@ -171,7 +171,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             else:
                 print(f"{'ID':<12}  {'STATUS':<8}  {'OWNER':<20}  {'NAME':<20}  {'EXPIRES':<20}  LAST USED")
                 for r in rows:
-                    print(f"{r['id']:<12}  {r['status']:<8}  {r['owner'][:20]:<20}  {r['name'][:20]:<20}  "
+                    owner, name = core_cli.terminal_text(r["owner"][:20]), core_cli.terminal_text(r["name"][:20])
+                    print(f"{r['id']:<12}  {r['status']:<8}  {owner:<20}  {name:<20}  "
                           f"{(r['expires_at'] or '-')[:20]:<20}  {r['last_used_at'] or '-'}")
             return 0
         if c == "show":
@@ -281,7 +282,8 @@ def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = Non
     for k, v in rec.items():
         if k == "key":
             continue
-        print(f"{k:<28} {json.dumps(v) if isinstance(v, (dict, list)) else ('-' if v is None else v)}")
+        text = json.dumps(v) if isinstance(v, (dict, list)) else ('-' if v is None else str(v))
+        print(f"{k:<28} {core_cli.terminal_text(text)}")
     return 0
 
 
