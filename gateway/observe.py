@@ -499,7 +499,7 @@ def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
         text = bytes(tail[m.end() - 1:]).decode("utf-8", "replace")
         try:
             obj, end = _raw_decode(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not _closes_the_text(text, end):
             return None  # the last usage is not the answer's own: none is
@@ -529,7 +529,7 @@ def _closes_the_text(text: str, i: int, levels: int = 2) -> bool:
                 if type(key) is not str or text[i:i + 1] != ":":
                     return False
                 _, i = _raw_decode(text, _WS.match(text, i + 1).end())  # type: ignore[union-attr]
-            except ValueError:
+            except (ValueError, RecursionError):  # (a value nested deeper than the parser goes)
                 return False
         elif c == "}" and closed < levels:
             closed += 1

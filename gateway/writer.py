@@ -36,6 +36,15 @@ class WriterMetrics:
                                ["writer"], registry=registry)
 
 
+def _dropped(on_drop: Callable[[], None] | None) -> bool:
+    if on_drop is not None:
+        try:
+            on_drop()
+        except Exception:
+            log.exception("a dropped record's callback failed")
+    return False
+
+
 class BatchWriter(Generic[T]):
     def __init__(self, name: str, write: Callable[[Sequence[T]], Awaitable[None]], metrics: WriterMetrics, *,
                  max_queue: int = 10000, batch_size: int = 500, flush_interval: float = 0.2,
@@ -111,11 +120,12 @@ class BatchWriter(Generic[T]):
             self._drop(1, "queue_full")
             return False
 
-    async def put(self, item: T) -> bool:
-        """Enqueue; with ``on_full: wait`` waits up to ``full_wait`` seconds for room."""
+    async def put(self, item: T, on_drop: Callable[[], None] | None = None) -> bool:
+        """Enqueue; with ``on_full: wait`` waits up to ``full_wait`` seconds for room. False (and
+        ``on_drop()``) when the item is dropped instead (counted)."""
         if self._closing:
             self._drop(1, "closed")
-            return False
+            return _dropped(on_drop)
         try:
             self._q.put_nowait(item)
             self._idle.clear()
@@ -125,12 +135,13 @@ class BatchWriter(Generic[T]):
         except asyncio.QueueFull:
             if self.on_full == "drop":
                 self._drop(1, "queue_full")
-                return False
+                return _dropped(on_drop)
         # Shielded: a caller cancelled meanwhile (its client left while the record was handed
-        # over) does not take the record with it; it is queued, or dropped and counted, all the same.
-        return await asyncio.shield(self._put_waiting(item))
+        # over) does not take the record with it; it is queued, or dropped and counted, all the
+        # same, and ``on_drop`` still tells the record's owner (the caller may be gone).
+        return await asyncio.shield(self._put_waiting(item, on_drop))
 
-    async def _put_waiting(self, item: T) -> bool:
+    async def _put_waiting(self, item: T, on_drop: Callable[[], None] | None) -> bool:
         try:
             async with asyncio.timeout(self.full_wait):
                 await self._q.put(item)
@@ -138,7 +149,7 @@ class BatchWriter(Generic[T]):
             return True
         except TimeoutError:
             self._drop(1, "queue_full")
-            return False
+            return _dropped(on_drop)
 
     @property
     def depth(self) -> int:

@@ -151,6 +151,10 @@ def test_only_the_answers_own_usage_is_taken_from_the_end() -> None:
     final = {"type": "response.completed", "response": {"output": [{"x": "y" * 100}], "usage": IMG_USAGE,
                                                          "user": None, "metadata": {"k": "v"}}, "sequence_number": 7}
     assert tail_usage(b"data: " + json.dumps(final).encode() + b"\n\n") == IMG_USAGE
+    # nested deeper than the parser goes, after the usage or in it: not understood, no error
+    deep = b'x", "usage": {"total_tokens": 7}, "meta": {"k": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    assert tail_usage(deep) is None
+    assert tail_usage(b'x", "usage": {"a": ' + b"[" * 5000) is None
 
 
 async def test_a_large_read_of_stored_answers_charges_nothing(make_gateway: Any, tmp_path: Any) -> None:

@@ -220,3 +220,41 @@ async def test_a_client_leaving_while_its_record_waits_for_room_loses_no_record(
     await g.stop()
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     assert len([x for x in lines if '"type":"request"' in x]) >= 4
+
+
+async def test_a_turn_dropped_after_its_client_left_does_not_stay_pending(make_gateway, tmp_path):
+    """The queue stays full past queue_full_wait while the clients have gone: the turn that could not
+    be queued is dropped (counted), and its conversation does not wait for it for ever (reads
+    answer, not 503 after waiting for a write that will never come)."""
+    import sqlite3
+
+    import aiohttp
+
+    g = await make_gateway([{"name": "conversations", "config": {
+        "queue_size": 1, "queue_full_wait": 0.5, "flush_interval": 0.05, "retry_for": 60,
+        "memory": {"enabled": True}}}])
+    holder = sqlite3.connect(tmp_path / "gateway.db", timeout=1, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        ids = []
+        for i in range(4):
+            async with aiohttp.ClientSession() as s:
+                async with s.post(g.url + "/v1/chat/completions", json={
+                        "model": "demo-chat", "messages": [{"role": "user", "content": f"turn {i}"}]}) as r:
+                    ids.append(r.headers["X-Conversation-ID"])
+                    await r.read()
+        await asyncio.sleep(1.5)  # past queue_full_wait: what could not be queued is dropped
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    plugin = g.plugin("conversations")
+    await plugin.flush()
+    w = plugin.shared.writer
+    statuses = []
+    async with aiohttp.ClientSession() as s:
+        for cid in ids:
+            async with s.get(f"{g.url}/gateway/conversations/{cid}", timeout=aiohttp.ClientTimeout(total=20)) as r:
+                statuses.append(r.status)
+    assert set(statuses) <= {200, 404} and 404 in statuses, statuses
+    assert all(not v.pending() for v in plugin.shared.views.values())
+    assert statuses.count(404) == w.dropped

@@ -487,9 +487,12 @@ class Conversations(Plugin):
             cur = shared.views.get(v.id)
             if cur is not None:
                 cur.stale = True
-        if not await shared.writer.put(rec):
-            v.records.remove(rec)
+        def dropped() -> None:  # (also when this request's handler was cancelled meanwhile)
+            if rec in v.records:
+                v.records.remove(rec)
             v.stale = True
+
+        await shared.writer.put(rec, on_drop=dropped)
 
     def _derive(self, plan: Plan, prompt_tokens: int | None) -> list[int | None]:
         """Token counts for the new input messages, from the upstream's prompt_tokens: what the prompt
