@@ -242,7 +242,8 @@ class Shared:
         for cid in missing:
             self.views.pop(cid, None)
             self.skipped.labels("deleted").inc()
-            log.info("conversation %s no longer exists; its pending messages were not stored", cid)
+            log.warning("conversation %s no longer exists (deleted meanwhile); its pending messages were not "
+                        "stored", cid)
         for cid in moved:
             v = self.views.get(cid)
             if v is not None:
