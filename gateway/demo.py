@@ -245,8 +245,20 @@ async def echo(request: web.Request) -> web.Response:
                               "body": body.decode("utf-8", "replace")})
 
 
+@web.middleware
+async def _client_gone(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A client that leaves mid-stream (the gateway passing on its client's cancel) is normal: the
+    stream just ends, without an error in the log."""
+    try:
+        return await handler(request)
+    except ConnectionResetError:
+        if request.transport is not None:
+            request.transport.close()
+        raise web.HTTPException() from None  # (nothing more can be sent; aiohttp logs nothing for it)
+
+
 def make_demo_app(record: int = 1000) -> web.Application:
-    app = web.Application(client_max_size=64 * 2**20)
+    app = web.Application(client_max_size=64 * 2**20, middlewares=[_client_gone])
     app[REQUESTS] = collections.deque(maxlen=record)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", completions)

@@ -230,3 +230,25 @@ async def test_a_request_read_as_the_stop_begins_is_answered_not_dropped(make_ga
     await asyncio.to_thread(th.join)
     sock.close()
     assert result["answer"].startswith(b"HTTP/1.1 200"), result
+
+
+async def test_the_demo_backend_takes_a_cancelled_stream_quietly(caplog: Any) -> None:
+    """A client cancelling a stream is normal: `gateway demo` logs no error traceback for it."""
+    import aiohttp
+
+    from gateway.demo import start_demo_upstream
+
+    runner, port = await start_demo_upstream()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(2):
+                async with aiohttp.ClientSession() as s:
+                    r = await s.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=STREAM,
+                                     headers={"X-Demo-Delay": "0.05", "X-Demo-Words": "40",
+                                              "Content-Type": "application/json"})
+                    await r.content.readuntil(b"\n\n")
+                    r.close()
+            await asyncio.sleep(1.0)  # the backend's next writes meet the closed connection
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
