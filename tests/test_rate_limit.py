@@ -881,3 +881,31 @@ async def test_requests_arriving_at_once_that_one_rule_refuses_on_redis(make_gat
         assert sorted(st for st, _, _ in got) == [200] + [429] * 29
         st, _, h = await post(s, g.url)
     assert st == 429 and ietf(h["RateLimit"])["everyone"]["r"] == "999"
+
+
+async def test_a_token_refusal_says_when_the_request_will_fit(make_gateway):
+    """Sliding window (the default): the window's reset time is when the first token frees, too soon
+    for a request that needs many. Retry-After / retry-after-ms say when this one fits, so a client
+    (the OpenAI SDK) that waits that long gets in."""
+    g = await make_gateway([{"name": "rate_limit", "config": {"estimate_default_max_tokens": 0, "rules": [
+        {"name": "t", "limit": "40 per 2 seconds", "counts": "tokens", "key_by": ["ip"]}]}}])
+    rl = g.plugin("rate_limit")
+    small = {"model": "demo-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}  # needs 12
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):  # start just after a window boundary, so the test is not cut by one
+            if (time.time() % 2) < 0.3:
+                break
+            await asyncio.sleep(0.1)
+        async with s.post(g.url + "/v1/chat/completions", headers={"X-Demo-Words": "30"},
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200  # 2 + 30 = 32 tokens
+            await r.read()
+        await rl.drain()
+        async with s.post(g.url + "/v1/chat/completions", json=small) as r:
+            assert r.status == 429
+            wait_ms = int(r.headers["retry-after-ms"])
+            await r.read()
+        assert wait_ms > 200  # more than the first token freeing
+        await asyncio.sleep(wait_ms / 1000)
+        async with s.post(g.url + "/v1/chat/completions", json=small) as r:
+            assert r.status == 200, await r.text()

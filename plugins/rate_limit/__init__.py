@@ -170,7 +170,8 @@ class RateLimit(Plugin):
                 st.standings.append(s)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
                 if remaining < need:
-                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
+                    wait = await store.wait_for(lim.item, ids, need, deadline) if need <= lim.item.amount else None
+                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", need, wait)
             if quota and self._quota is not None:
                 refusal = await self._check_quota(ctx, st, quota, est)
                 if refusal is not None:
@@ -264,7 +265,11 @@ class RateLimit(Plugin):
         return None
 
     def _refuse(self, ctx: RequestContext, lim: Limit | None, s: hdr.Standing, reason: str,
-                needed: int) -> Reply:
+                needed: int, wait: float | None = None) -> Reply:
+        """``wait``: seconds until ``needed`` fits, when known better than the window's reset time."""
+        if wait is not None and wait > s.reset_in:
+            # (a little over: a client that retries right at the time given must fit)
+            s.reset_in = wait + 0.02
         retry = max(1, math.ceil(s.reset_in))
         if lim is None:
             label = f"{s.name} quota ({s.limit} tokens)"

@@ -199,6 +199,7 @@ class CounterStore:
         #: memory: the library's synchronous strategy (see the module docstring); else its async one
         self.limiter: Any = (SYNC_STRATEGIES if self.memory else STRATEGIES)[strategy](self.storage)
         self.fixed = strategy == "fixed"
+        self.sliding = strategy == "sliding"
         self.errors = services.metric("rate_limit_store_errors", lambda reg: Counter(
             "gateway_ratelimit_store_errors_total", "Rate-limit counter store calls that failed or timed out",
             ["storage", "kind"], registry=reg))
@@ -264,6 +265,21 @@ class CounterStore:
             ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
         return ws[0], ws[1]
 
+    async def wait_for(self, item: RateLimitItem, ids: tuple[str, ...], need: int,
+                       deadline: float | None = None) -> float | None:
+        """Seconds until ``need`` more units fit a sliding-window counter, if nothing else is counted
+        meanwhile (None for the other strategies: their reset time is when room frees). The
+        window statistics' reset time is when the first unit frees, which for a request needing
+        many (tokens) is too soon: a client retrying then would be refused again."""
+        if not self.sliding:
+            return None
+        key, expiry = item.key_for(*ids), item.get_expiry()
+        if self.memory:
+            w = self.storage.get_sliding_window(key, expiry)
+        else:
+            w = await self.call(lambda: self.storage.get_sliding_window(key, expiry), deadline)
+        return sliding_wait(item.amount, expiry, need, w[0], w[2], max(0.0, w[3] - expiry))
+
     async def charge(self, item: RateLimitItem, ids: tuple[str, ...], cost: int,
                      deadline: float | None = None) -> None:
         """Charge ``cost`` after the fact (tokens already used). A fixed window counts all of it; the
@@ -281,6 +297,21 @@ class CounterStore:
                 return
             if await self.hit(item, ids, n, deadline):
                 return
+
+
+def sliding_wait(limit: int, expiry: float, need: int, prev: int, cur: int, left: float) -> float:
+    """The sliding-window counter's arithmetic (as the `limits` library weighs it): the previous
+    window's count fades out over the current window, of which ``left`` seconds remain; a hit of
+    ``need`` fits when the weighted count plus ``need`` is at most ``limit``. Past the current
+    window's end its count is the one that fades. Seconds until then, with no other hits."""
+    room = limit - need
+    if room < 0:
+        return float("inf")
+    if cur <= room:
+        if prev <= 0 or prev * left / expiry + cur <= room:
+            return 0.0
+        return max(0.0, left - (room - cur) * expiry / prev)
+    return left + max(0.0, expiry - room * expiry / cur)
 
 
 async def _noop() -> None:
