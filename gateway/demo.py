@@ -254,7 +254,11 @@ async def _client_gone(request: web.Request, handler: Any) -> web.StreamResponse
     except ConnectionResetError:
         if request.transport is not None:
             request.transport.close()
-        raise web.HTTPException() from None  # (nothing more can be sent; aiohttp logs nothing for it)
+        raise _Gone() from None  # (nothing more can be sent; aiohttp logs nothing for it)
+
+
+class _Gone(web.HTTPException):
+    status_code = 499  # (the access log's "client closed request")
 
 
 def make_demo_app(record: int = 1000) -> web.Application:

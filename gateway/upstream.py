@@ -7,6 +7,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -38,6 +39,9 @@ RESPONSE_DROP = HOP_BY_HOP
 
 #: Control characters a header cannot carry (tab aside), as aiohttp's writer refuses them.
 _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+
+
+_ctl_warned = [-1e9]
 
 
 def failure(e: BaseException) -> str:
@@ -211,7 +215,10 @@ class Upstream:
             if (not v.isprintable() and _CTL(v)) or (not k.isprintable() and _CTL(k)):
                 # The client parser reads it, but HTTP cannot carry it on (the response could not
                 # be sent at all): dropped, said once per response.
-                log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])
+                now = time.monotonic()
+                if now - _ctl_warned[0] >= 60:  # (an upstream that always sends one: once a minute)
+                    _ctl_warned[0] = now
+                    log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])
                 continue
             out.add(k, v)
         return out

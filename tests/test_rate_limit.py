@@ -909,3 +909,37 @@ async def test_a_token_refusal_says_when_the_request_will_fit(make_gateway):
         await asyncio.sleep(wait_ms / 1000)
         async with s.post(g.url + "/v1/chat/completions", json=small) as r:
             assert r.status == 200, await r.text()
+
+
+async def test_with_several_token_rules_the_wait_given_fits_them_all(make_gateway, monkeypatch):
+    g = await make_gateway([{"name": "rate_limit", "config": {"estimate_default_max_tokens": 0, "rules": [
+        {"name": "short", "limit": "40 per 2 seconds", "counts": "tokens", "key_by": ["ip"]},
+        {"name": "long", "limit": "36 per 4 seconds", "counts": "tokens"}]}}])
+    rl = g.plugin("rate_limit")
+    small = {"model": "demo-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}  # needs 11
+    async with aiohttp.ClientSession() as s:
+        for _ in range(40):  # start just after a boundary of both windows
+            if (time.time() % 4) < 0.3:
+                break
+            await asyncio.sleep(0.1)
+        async with s.post(g.url + "/v1/chat/completions", headers={"X-Demo-Words": "30"},
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200  # 32 tokens: both rules short of 11
+            await r.read()
+        await rl.drain()
+        async with s.post(g.url + "/v1/chat/completions", json=small) as r:
+            assert r.status == 429
+            assert "rule long" in (await r.json())["error"]["message"]  # the one it fits last
+            wait_ms = int(r.headers["retry-after-ms"])
+        await asyncio.sleep(wait_ms / 1000)
+        async with s.post(g.url + "/v1/chat/completions", json=small) as r:
+            assert r.status == 200, await r.text()
+        # The extra store call a refusal makes failing: still a 429 (the window's reset time), not a pass.
+        from gateway.plugins.rate_limit.store import StoreDown
+
+        async def down(*a, **k):
+            raise StoreDown("timeout")
+
+        monkeypatch.setattr(rl.store, "wait_for", down)
+        async with s.post(g.url + "/v1/chat/completions", json={**small, "max_tokens": 30}) as r:
+            assert r.status == 429 and "Retry-After" in r.headers

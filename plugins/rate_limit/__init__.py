@@ -164,14 +164,16 @@ class RateLimit(Plugin):
             est = st.estimate = estimate(self.config.estimate_default_max_tokens)
             for lim in tok:
                 st.token_limits.append((lim, identifiers(lim, ctx)))
+            short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]] = []
             for lim, ids in st.token_limits:
                 reset, remaining = await store.stats(lim.item, ids, deadline)
                 s = self._standing(lim, remaining, reset)
                 st.standings.append(s)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
                 if remaining < need:
-                    wait = await store.wait_for(lim.item, ids, need, deadline) if need <= lim.item.amount else None
-                    return self._refuse(ctx, lim, s, "rate_limit_exceeded", need, wait)
+                    short.append((lim, ids, s, need))
+            if short:
+                return await self._refuse_tokens(ctx, short, deadline)
             if quota and self._quota is not None:
                 refusal = await self._check_quota(ctx, st, quota, est)
                 if refusal is not None:
@@ -188,6 +190,28 @@ class RateLimit(Plugin):
                 assert s is not None
                 return self._refuse(ctx, lim, s, "rate_limit_exceeded", 1)
         return None
+
+    async def _refuse_tokens(self, ctx: RequestContext, short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]],
+                             deadline: float | None) -> Reply:
+        """Token rules this request does not fit: refused by the one it fits last (a client retrying
+        when told must fit them all); one it can never fit (the estimate over its limit) first."""
+        never = [x for x in short if x[3] > x[0].item.amount]
+        if never:
+            lim, _, s, need = never[0]
+            return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
+        worst, worst_wait = short[0], -1.0
+        for lim, ids, s, need in short:
+            try:
+                wait = await self.store.wait_for(lim.item, ids, need, deadline)
+            except StoreDown:  # (counted and logged by the store) the window's reset time will do
+                wait = None
+            w = max(s.reset_in, wait if wait is not None else 0.0)
+            if w > worst_wait:
+                worst, worst_wait = (lim, ids, s, need), w
+                if wait is not None and wait > s.reset_in:
+                    s.reset_in = wait + 0.02  # (a little over: a client that retries right then must fit)
+        lim, _, s, need = worst
+        return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
 
     async def _hit_in_turn(self, ctx: RequestContext, st: _State, req: list[Limit],
                            deadline: float | None) -> Reply | None:
@@ -265,11 +289,7 @@ class RateLimit(Plugin):
         return None
 
     def _refuse(self, ctx: RequestContext, lim: Limit | None, s: hdr.Standing, reason: str,
-                needed: int, wait: float | None = None) -> Reply:
-        """``wait``: seconds until ``needed`` fits, when known better than the window's reset time."""
-        if wait is not None and wait > s.reset_in:
-            # (a little over: a client that retries right at the time given must fit)
-            s.reset_in = wait + 0.02
+                needed: int) -> Reply:
         retry = max(1, math.ceil(s.reset_in))
         if lim is None:
             label = f"{s.name} quota ({s.limit} tokens)"

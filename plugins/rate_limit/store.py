@@ -304,14 +304,14 @@ def sliding_wait(limit: int, expiry: float, need: int, prev: int, cur: int, left
     window's count fades out over the current window, of which ``left`` seconds remain; a hit of
     ``need`` fits when the weighted count plus ``need`` is at most ``limit``. Past the current
     window's end its count is the one that fades. Seconds until then, with no other hits."""
-    room = limit - need
+    room = limit - need  # it fits when floor(weighted) <= room, i.e. weighted < room + 1
     if room < 0:
         return float("inf")
     if cur <= room:
-        if prev <= 0 or prev * left / expiry + cur <= room:
+        if prev <= 0 or prev * left / expiry + cur < room + 1:
             return 0.0
-        return max(0.0, left - (room - cur) * expiry / prev)
-    return left + max(0.0, expiry - room * expiry / cur)
+        return max(0.0, left - (room + 1 - cur) * expiry / prev)
+    return left + max(0.0, expiry - (room + 1) * expiry / cur)
 
 
 async def _noop() -> None:
