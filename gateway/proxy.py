@@ -25,6 +25,7 @@ from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, Internal
                      RequestTimeout, TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
+from .upstream import CTL_CHAR
 
 if TYPE_CHECKING:
     from gateway.config.model import ServerConfig
@@ -404,7 +405,7 @@ class Proxy:
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id
-        reason = resp.reason if resp.reason is None or not _CTL(resp.reason) else None  # (None: the standard one)
+        reason = resp.reason if resp.reason is None or not CTL_CHAR(resp.reason) else None  # (None: the standard one)
         out = web.StreamResponse(status=head.status, reason=reason, headers=head.headers)
         sized = "Content-Length" in head.headers
         if self.gw.stopping or _must_close(request) or (not sized and request.version < aiohttp.HttpVersion11):
@@ -542,11 +543,6 @@ def _must_close(request: web.BaseRequest) -> bool:
     offer reconnects for its next request)."""
     h = request.headers
     return ("Transfer-Encoding" in h and request.version < aiohttp.HttpVersion11) or "Upgrade" in h
-
-
-#: Control characters an HTTP header or reason phrase cannot carry (tab aside), as aiohttp's writer
-#: refuses them.
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 def server_timing(ctx: RequestContext) -> str:

@@ -37,8 +37,9 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "auth
 RESPONSE_DROP = HOP_BY_HOP
 
 
-#: Control characters a header cannot carry (tab aside), as aiohttp's writer refuses them.
-_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
+#: Control characters a header or reason phrase cannot carry (tab aside), as aiohttp's writer
+#: refuses them.
+CTL_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 _ctl_warned = [-1e9]
@@ -212,7 +213,7 @@ class Upstream:
             lk = k.lower()
             if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
                 continue
-            if (not v.isprintable() and _CTL(v)) or (not k.isprintable() and _CTL(k)):
+            if (not v.isprintable() and CTL_CHAR(v)) or (not k.isprintable() and CTL_CHAR(k)):
                 # The client parser reads it, but HTTP cannot carry it on (the response could not
                 # be sent at all): dropped, said once per response.
                 now = time.monotonic()

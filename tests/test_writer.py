@@ -183,20 +183,16 @@ async def test_drops_are_all_counted_but_logged_once_per_interval(caplog):
     assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "queue_full"}) == w.dropped
 
 
-async def test_a_client_leaving_while_its_record_waits_for_room_loses_no_record(make_gateway, tmp_path):
-    """The conversations writer's queue is full (the database is held by another process), so a
-    finished request waits in on_complete for room; its client leaves, and aiohttp cancels the
-    handler. The turn is still queued, audit still records the exchange, and the gateway does not
-    keep the connection counted as busy."""
+async def turns_of_leaving_clients(g, db_file, hold: float) -> list[str]:
+    """Four one-shot clients, each posting a turn, reading the answer and leaving, while another
+    process holds the SQLite file (the writer cannot write, its queue fills up); the hold ends
+    ``hold`` seconds after the last one. Returns the conversation ids the clients were given."""
     import sqlite3
 
     import aiohttp
 
-    g = await make_gateway([{"name": "conversations", "config": {
-        "queue_size": 1, "queue_full_wait": 10, "flush_interval": 0.05, "retry_for": 60}},
-        {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]}}])
-    holder = sqlite3.connect(tmp_path / "gateway.db", timeout=1, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")  # the writer cannot write: its queue fills up
+    holder = sqlite3.connect(db_file, timeout=1, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
     try:
         ids = []
         for i in range(4):
@@ -207,10 +203,24 @@ async def test_a_client_leaving_while_its_record_waits_for_room_loses_no_record(
                     ids.append(r.headers["X-Conversation-ID"])
                     await r.read()
             # the session is closed: the client has gone while the handler may still wait for room
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(hold)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    return ids
+
+
+async def test_a_client_leaving_while_its_record_waits_for_room_loses_no_record(make_gateway, tmp_path):
+    """The conversations writer's queue is full (the database is held by another process), so a
+    finished request waits in on_complete for room; its client leaves, and aiohttp cancels the
+    handler. The turn is still queued, audit still records the exchange, and the gateway does not
+    keep the connection counted as busy."""
+    import aiohttp
+
+    g = await make_gateway([{"name": "conversations", "config": {
+        "queue_size": 1, "queue_full_wait": 10, "flush_interval": 0.05, "retry_for": 60}},
+        {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]}}])
+    ids = await turns_of_leaving_clients(g, tmp_path / "gateway.db", hold=0.5)
     await g.plugin("conversations").flush()
     async with aiohttp.ClientSession() as s:
         for cid in ids:
@@ -226,27 +236,13 @@ async def test_a_turn_dropped_after_its_client_left_does_not_stay_pending(make_g
     """The queue stays full past queue_full_wait while the clients have gone: the turn that could not
     be queued is dropped (counted), and its conversation does not wait for it for ever (reads
     answer, not 503 after waiting for a write that will never come)."""
-    import sqlite3
-
     import aiohttp
 
     g = await make_gateway([{"name": "conversations", "config": {
         "queue_size": 1, "queue_full_wait": 0.5, "flush_interval": 0.05, "retry_for": 60,
         "memory": {"enabled": True}}}])
-    holder = sqlite3.connect(tmp_path / "gateway.db", timeout=1, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        ids = []
-        for i in range(4):
-            async with aiohttp.ClientSession() as s:
-                async with s.post(g.url + "/v1/chat/completions", json={
-                        "model": "demo-chat", "messages": [{"role": "user", "content": f"turn {i}"}]}) as r:
-                    ids.append(r.headers["X-Conversation-ID"])
-                    await r.read()
-        await asyncio.sleep(1.5)  # past queue_full_wait: what could not be queued is dropped
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    # past queue_full_wait: what could not be queued is dropped
+    ids = await turns_of_leaving_clients(g, tmp_path / "gateway.db", hold=1.5)
     plugin = g.plugin("conversations")
     await plugin.flush()
     w = plugin.shared.writer

@@ -45,21 +45,28 @@ events = Table(
 
 
 @asynccontextmanager
+async def _sqlite_transaction(conn: AsyncConnection, begin: str, commit: bool) -> AsyncIterator[AsyncConnection]:
+    """A SQLite transaction begun by hand (the driver begins one lazily, at the first write):
+    ``BEGIN IMMEDIATE`` takes the write lock up front, ``BEGIN`` holds one read snapshot across
+    queries. Ends with COMMIT (``commit``) or ROLLBACK; rolled back on any error."""
+    conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+    await conn.exec_driver_sql(begin)
+    try:
+        yield conn
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.exec_driver_sql("ROLLBACK")
+        raise
+    await conn.exec_driver_sql("COMMIT" if commit else "ROLLBACK")
+
+
+@asynccontextmanager
 async def locked(db: Database) -> AsyncIterator[AsyncConnection]:
     """A write transaction holding the audit append lock."""
     async with db.engine.connect() as conn:
         if db.is_sqlite:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                try:
-                    await conn.exec_driver_sql("ROLLBACK")
-                except Exception:
-                    pass
-                raise
-            await conn.exec_driver_sql("COMMIT")
+            async with _sqlite_transaction(conn, "BEGIN IMMEDIATE", commit=True) as c:
+                yield c
         else:
             async with conn.begin():
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK_ID})
@@ -73,13 +80,8 @@ async def snapshot(db: Database) -> AsyncIterator[AsyncConnection]:
     SQLite: one deferred transaction (WAL readers keep their snapshot); PostgreSQL: REPEATABLE READ."""
     async with db.engine.connect() as conn:
         if db.is_sqlite:
-            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await conn.exec_driver_sql("BEGIN")
-            try:
-                yield conn
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.exec_driver_sql("ROLLBACK")
+            async with _sqlite_transaction(conn, "BEGIN", commit=False) as c:
+                yield c
         else:
             conn = await conn.execution_options(isolation_level="REPEATABLE READ")
             async with conn.begin():
