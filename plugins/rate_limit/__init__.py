@@ -22,8 +22,8 @@ from gateway.plugin import Plugin, Reply
 from . import headers as hdr
 from .config import RateLimitConfig
 from .quota import QuotaStore, periods
-from .rules import (Limit, compile_rules, identifiers, max_tokens, override_limit, prompt_estimate,
-                    shared_minute_counter)
+from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, override_limit,
+                    prompt_estimate, shared_minute_counter)
 from .store import CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
@@ -31,13 +31,14 @@ NAME = "rate_limit"
 
 
 class _State:
-    __slots__ = ("standings", "token_limits", "estimate", "prompt", "subject", "quota_periods")
+    __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
         self.token_limits: list[tuple[Limit, tuple[str, ...]]] = []
         self.estimate = 0
         self.prompt = 0
+        self.choices = 1       # completions the request asks for (n / best_of): each may use max_tokens
         self.subject: str | None = None
         self.quota_periods: list[str] = []
 
@@ -156,10 +157,12 @@ class RateLimit(Plugin):
             embeddings = ctx.path.endswith("/embeddings")
             if generates:
                 st.prompt = prompt_estimate(body)
+                st.choices = choices(body)
 
             def estimate(default: int) -> int:
-                """Prompt plus the completion the request allows (``default`` when it sets none)."""
-                return st.prompt + max_tokens(body, 0 if embeddings else default) if generates else 0
+                """Prompt plus the completion the request allows (``default`` when it sets none), for
+                each of its choices: n=20 with max_tokens=80 may generate 1600 tokens."""
+                return st.prompt + completion_estimate(body, 0 if embeddings else default) if generates else 0
 
             est = st.estimate = estimate(self.config.estimate_default_max_tokens)
             for lim in tok:
@@ -300,8 +303,12 @@ class RateLimit(Plugin):
         elif needed > lim.item.amount:
             label = lim.label
             err_type = "tokens"
+            st: _State | None = ctx.state.get(NAME)
+            n = st.choices if st is not None else 1
+            per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
             msg = (f"Request too large for rule {lim.label}: about {needed} tokens estimated (prompt plus "
-                   f"max_tokens), more than the limit of {lim.item.amount}. Lower max_tokens or shorten the prompt.")
+                   f"{per}), more than the limit of {lim.item.amount}. Lower max_tokens"
+                   f"{' or n' if n > 1 else ''} or shorten the prompt.")
         else:
             label = lim.label
             unit = "requests" if lim.counts == "requests" else "tokens"
@@ -354,7 +361,7 @@ class RateLimit(Plugin):
 def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
     """Tokens the exchange cost: the upstream's usage when it reported one; without one, the prompt
     estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
-    text (content and tool calls) at four characters per token; a 2xx answer the gateway could not
+    text (content and tool calls, of every choice) at four characters per token; a 2xx answer the gateway could not
     read, or a request the client gave up on before the response head, the prompt estimate. Error
     answers cost nothing."""
     c = ctx.completion
@@ -370,15 +377,39 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
     if c.deltas or ctx.outcome in _CUT:
         return prompt_estimate + c.deltas
     if c.kind == "json" and c.done and ctx.status is not None and 200 <= ctx.status < 300:
-        chars = len(c.content or "")
-        for tc in c.tool_calls:
-            fn = tc.get("function") if isinstance(tc, dict) else None
-            if isinstance(fn, dict):
-                chars += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
-        return prompt_estimate + (chars + 3) // 4
+        return prompt_estimate + (_answer_chars(c) + 3) // 4
     if ctx.status is not None and 200 <= ctx.status < 300:
         return prompt_estimate  # an answer in a shape the gateway could not read: the prompt at least
     return 0
+
+
+def _answer_chars(c: Any) -> int:
+    """Characters of a whole JSON answer's text (content and tool calls) over every choice: an
+    answer to n=4 generated four texts, not one (``c.content`` is choice 0's alone)."""
+    raw = c.raw
+    chs = raw.get("choices") if isinstance(raw, dict) else None
+    if not isinstance(chs, list):  # the Responses API's answer (no choices): its text
+        return _text_chars(c.content, c.tool_calls)
+    chars = 0
+    for ch in chs:
+        if not isinstance(ch, dict):
+            continue
+        msg = ch.get("message")
+        if isinstance(msg, dict):
+            tcs = msg.get("tool_calls")
+            chars += _text_chars(msg.get("content"), tcs if isinstance(tcs, list) else [])
+        else:  # legacy completions: {"text": ...}
+            chars += _text_chars(ch.get("text"), [])
+    return chars
+
+
+def _text_chars(content: Any, tool_calls: list[Any]) -> int:
+    chars = len(content) if isinstance(content, str) else 0
+    for tc in tool_calls:
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if isinstance(fn, dict):
+            chars += len(str(fn.get("name") or "")) + len(str(fn.get("arguments") or ""))
+    return chars
 
 
 #: Outcomes of an exchange cut short: the upstream did (some of) the work.

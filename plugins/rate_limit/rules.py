@@ -179,9 +179,51 @@ def _chars(v: Any) -> int:
 
 
 def max_tokens(body: Any, default: int) -> int:
+    """The completion size the request allows, per choice (``default`` when it sets none)."""
     if isinstance(body, dict):
         for k in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            v = body.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                return v
+            v = _count(body.get(k))
+            if v is not None and v >= 0:
+                return min(v, TOKENS_CAP)
     return default
+
+
+def choices(body: Any) -> int:
+    """How many completions the request asks the upstream to generate: ``n`` (chat and legacy
+    completions, images), or the legacy completions' ``best_of`` when larger (the upstream
+    generates that many and returns the best ``n``). Each may use the whole ``max_tokens``, so
+    the estimate multiplies by this. Missing, invalid or below 1: one. Capped at
+    :data:`TOKENS_CAP` (a huge ``n`` then gives an estimate over any limit: a "too large" refusal)."""
+    n = 1
+    if isinstance(body, dict):
+        for k in ("n", "best_of"):
+            v = _count(body.get(k))
+            if v is not None and v > n:
+                n = v
+    return min(n, TOKENS_CAP)
+
+
+def completion_estimate(body: Any, default: int) -> int:
+    """``max_tokens`` (or ``default``) for each of the request's choices, capped at :data:`TOKENS_CAP`."""
+    return min(max_tokens(body, default) * choices(body), TOKENS_CAP)
+
+
+#: The most tokens one estimate counts (what a reported usage count may be, too): a request asking
+#: more is over any real limit anyway, and the numbers in messages and stores stay sane.
+TOKENS_CAP = 2**31 - 1
+
+
+def _count(v: Any) -> int | None:
+    """A whole number as the upstreams read it: an int, a float without a fraction (20.0), or a
+    string of digits ("20"; lax validators such as pydantic's take both), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else None
+    if isinstance(v, str) and 0 < len(v) <= 20:
+        t = v.strip()
+        if t.lstrip("+-").isdigit() and t.isascii():
+            return int(t)
+    return None
