@@ -204,3 +204,32 @@ async def test_stream_outliving_shutdown_timeout_is_recorded_after_its_plugin_is
             break
         assert time.monotonic() < deadline, roles
         await asyncio.sleep(0.05)
+
+
+async def test_conversations_readded_while_its_last_instance_closes_gets_a_live_writer(make_gateway: Any) -> None:
+    """A reload that adds `conversations` back while the instance of the config without it is
+    still closing the shared writer (its last request had just ended): the new instance must not
+    join the closing writer, or every turn it records is dropped ("closed") until all instances go."""
+    from gateway.plugins.conversations import Conversations
+    from gateway.plugins.conversations.state import Shared
+
+    g = await make_gateway([{"name": "conversations"}])
+    running = g.plugin("conversations")
+    shared = running.shared
+    old = Conversations(running.config, g.services)
+    await old.startup()
+    await running.shutdown()  # the running instance leaves; `old` is the last user
+    closing = asyncio.create_task(old.shutdown())
+    await asyncio.sleep(0)  # inside close(), awaiting the retention task's end
+    new = Conversations(running.config, g.services)
+    await new.startup()
+    await closing
+    assert Shared.get(g.services) is shared and new.shared is shared
+    assert not shared.closed and shared._task is not None
+    # the gateway's chain records through the shared writer: the turn is written, nothing dropped
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200, await r.text()
+    await new.flush()
+    assert (shared.writer.written, shared.writer.dropped) == (1, 0)
+    await new.shutdown()

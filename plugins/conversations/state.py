@@ -162,11 +162,16 @@ class Shared:
             await self.close()
 
     async def close(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
-        if not self.closed:
-            self.closed = True
-            await self.writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))
+        # Marked closed and the writer and task taken before the first await: an instance of a
+        # reload acquiring meanwhile then starts a new writer instead of joining this closing one.
+        task, self._task = self._task, None
+        if self.closed:
+            await cancel_and_wait(task)
+            return
+        self.closed = True
+        writer = self.writer
+        await cancel_and_wait(task)
+        await writer.close(timeout=max(10.0, self.cfg.flush_interval + 5))
 
     def retention_days(self) -> float | None:
         """The longest retention any live instance asks for (none if any keeps forever)."""
