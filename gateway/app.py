@@ -276,8 +276,7 @@ class Gateway:
             setup_logging(new.logging.level, new.logging.format)
         old, self.runtime, self.cfg = self.runtime, rt, new
         self.replaced = old  # (until this reload's event is recorded: see Gateway.reload)
-        self.upstream.configure(new.upstream)
-        self.proxy.configure(new.server)
+        self.upstream.configure(new.upstream)  # (the current target: readiness, the learned stream_usage)
         _activate(rt)
         # The old chain serves the requests it began for as long as they last (an LLM stream can
         # outlast server.shutdown_timeout): a plugin the reload removed still records them.

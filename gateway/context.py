@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from .observe import Completion
+    from .runtime import Settings
 
 
 #: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
@@ -38,14 +39,15 @@ def other_encoding(body: bytes) -> bool:
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
-        "trusted", "upstream_headers", "identity", "conversation_id", "state", "status", "source",
+        "upstream_headers", "identity", "conversation_id", "state", "status", "source",
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
-        "strip_usage_chunk", "response_headers", "usage_original", "non_finite",
+        "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
     )
 
-    def __init__(self, request: "web.Request", request_id: str, route: str, trusted: list[Any]) -> None:
+    def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
         self.request = request
+        self.settings = settings                # the server and upstream settings of the request's config
         self.request_id = request_id
         self.method: str = request.method
         self.path: str = request.path
@@ -54,7 +56,6 @@ class RequestContext:
         self.body: bytes = b""                  # the request body, read in full (bounded by max_body_size)
         self._json: Any = None
         self._client_ip: str | None = None
-        self.trusted = trusted
         self.upstream_headers: dict[str, str] = {}   # plugins add headers for the upstream request here
         #: Set by key_auth: {"key_id", "owner", "name", "team", "scopes", "limits": {...}, "metadata"}.
         self.identity: dict[str, Any] | None = None
@@ -178,7 +179,7 @@ class RequestContext:
         """The socket peer, or, when the peer is a trusted proxy, the right-most untrusted
         address of X-Forwarded-For."""
         if self._client_ip is None:
-            self._client_ip = resolve_client_ip(self.request, self.trusted)
+            self._client_ip = resolve_client_ip(self.request, self.settings.trusted)
         return self._client_ip
 
     # -- timing ---------------------------------------------------------------------------------

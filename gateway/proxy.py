@@ -28,10 +28,8 @@ from .plugin import Reply, ResponseHead
 from .upstream import CTL_CHAR
 
 if TYPE_CHECKING:
-    from gateway.config.model import ServerConfig
-
     from .app import Gateway
-    from .runtime import Chain
+    from .runtime import Chain, Settings
 
 log = logging.getLogger("gateway.proxy")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
@@ -93,17 +91,8 @@ class PluginFailed(Exception):
 class Proxy:
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
-        self.configure(gw.cfg.server)
         #: connections with a request in the gateway's hands (a stop closes the others at once)
         self.busy: set[Any] = set()
-
-    def configure(self, s: "ServerConfig") -> None:
-        """The server settings the handler reads (at start, and from a config reload)."""
-        self.max_body = s.max_body_size
-        self.body_timeout = s.body_timeout
-        self.trusted = s.networks
-        self.paths = tuple(s.paths)
-        self.server_timing = s.server_timing
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.gw.runtime
@@ -111,8 +100,8 @@ class Proxy:
         if rid is None or not _SAFE_ID(rid):
             rid = uuid.uuid4().hex
         chain = rt.match(request.method, request.path)
-        ctx = RequestContext(request, rid, chain.name, self.trusted)
-        if self.server_timing or (rt.record_timings and SKIP_TIMINGS not in request):
+        ctx = RequestContext(request, rid, chain.name, rt.settings)
+        if ctx.settings.server_timing or (rt.record_timings and SKIP_TIMINGS not in request):
             ctx.timings = []
         rt.enter()
         transport = request.transport
@@ -162,7 +151,7 @@ class Proxy:
                 raise HttpVersionNotSupported()
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
-            if not request.path.startswith(self.paths) and not chain.serves(request.path):
+            if not request.path.startswith(ctx.settings.paths) and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
             await self._read_body(ctx)
             timings = ctx.timings
@@ -207,9 +196,10 @@ class Proxy:
         request = ctx.request
         if not request.body_exists:
             return
+        max_body = ctx.settings.max_body
         cl = request.content_length
-        if cl is not None and cl > self.max_body:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+        if cl is not None and cl > max_body:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
         if "Content-Encoding" in request.headers:
             _check_encoding(request.headers.getall("Content-Encoding"))
         if "Transfer-Encoding" in request.headers and \
@@ -222,21 +212,23 @@ class Proxy:
             request.writer.output_size = 0
         content = request.content
         if content.is_eof():  # the whole body is already in (the common case): no timer
-            body = await self._read_payload(request, None)
+            body = await self._read_payload(request, None, ctx.settings)
         else:
+            wait = ctx.settings.body_timeout
             try:
-                async with asyncio.timeout(self.body_timeout) as stall:
-                    body = await self._read_payload(request, stall)
+                async with asyncio.timeout(wait) as stall:
+                    body = await self._read_payload(request, stall, ctx.settings)
             except TimeoutError:
-                raise RequestTimeout(f"No request body bytes arrived for {self.body_timeout:g} seconds.") from None
+                raise RequestTimeout(f"No request body bytes arrived for {wait:g} seconds.") from None
         ctx.body = body
         ctx.bytes_in = len(body)
         if other_encoding(body) and "json" in request.headers.get("Content-Type", "json"):
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
-            if len(ctx.body) > self.max_body:  # (UTF-8 can take more bytes than UTF-16 did)
-                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+            if len(ctx.body) > max_body:  # (UTF-8 can take more bytes than UTF-16 did)
+                raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
 
-    async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None) -> bytes:
+    async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None,
+                            settings: "Settings") -> bytes:
         """The request body; each chunk that arrives pushes the ``stall`` deadline back."""
         content = request.content
         cl = request.content_length
@@ -247,7 +239,7 @@ class Proxy:
             body = await content.read(cl) if cl else b""
             while len(body) < cl:  # read() may return short on a slow client
                 if stall is not None:
-                    stall.reschedule(loop_time() + self.body_timeout)
+                    stall.reschedule(loop_time() + settings.body_timeout)
                 more = await content.read(cl - len(body))
                 if not more:
                     break
@@ -264,10 +256,10 @@ class Proxy:
             if not chunk:
                 return bytes(buf)
             buf += chunk
-            if len(buf) > self.max_body:
-                raise PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+            if len(buf) > settings.max_body:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {settings.max_body} bytes.")
             if stall is not None:
-                stall.reschedule(loop_time() + self.body_timeout)
+                stall.reschedule(loop_time() + settings.body_timeout)
 
     # -- responses the gateway makes itself -------------------------------------------------------
     async def _send_reply(self, ctx: RequestContext, chain: "Chain", reply: Reply) -> web.StreamResponse:
@@ -336,7 +328,7 @@ class Proxy:
             except Exception:
                 log.exception("plugin %s failed in on_response (request %s)", p.name, ctx.request_id)
                 raise PluginFailed(p.name, "on_response") from None
-        if self.server_timing and timings is not None:
+        if ctx.settings.server_timing and timings is not None:
             st = server_timing(ctx)
             if st:  # nothing ran that took time (a request refused before the chain): no header
                 head.headers["Server-Timing"] = st
@@ -344,8 +336,9 @@ class Proxy:
     # -- forwarding --------------------------------------------------------------------------------
     async def _forward(self, ctx: RequestContext, chain: "Chain") -> web.StreamResponse:
         up = self.gw.upstream
+        target = ctx.settings.upstream
         ctx.t_upstream = _perf()
-        resp = await up.send(ctx)
+        resp = await up.send(ctx, target)
         pending = b""
         original = ctx.usage_original
         if original is not None and ctx.strip_usage_chunk and resp.status in (400, 422) \
@@ -362,7 +355,7 @@ class Proxy:
                 ctx.usage_original = None
                 ctx.strip_usage_chunk = False
                 pending = b""
-                resp = await up.send(ctx)
+                resp = await up.send(ctx, target)
                 if 200 <= resp.status < 300 and up.stream_usage:
                     up.stream_usage = False
                     log.warning("the upstream refused stream_options: streams are now sent as the client sent "

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .plugin import Plugin, registry
+from .upstream import Target
 
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig
@@ -51,10 +52,27 @@ class Route:
         self.name, self.prefix, self.methods, self.chain = name, prefix, methods, chain
 
 
+class Settings:
+    """What the request handler reads from one config: the server's limits and paths, and the
+    upstream target. A runtime keeps its own, so a request is read, checked and sent wholly as the
+    config its chain came from says, however many reloads happen meanwhile."""
+    __slots__ = ("max_body", "body_timeout", "trusted", "paths", "server_timing", "upstream")
+
+    def __init__(self, cfg: "GatewayConfig") -> None:
+        s = cfg.server
+        self.max_body = s.max_body_size
+        self.body_timeout = s.body_timeout
+        self.trusted = s.networks
+        self.paths = tuple(s.paths)
+        self.server_timing = s.server_timing
+        self.upstream = Target(cfg.upstream)
+
+
 class Runtime:
     def __init__(self, cfg: "GatewayConfig", services: "Services") -> None:
         self.cfg = cfg
         self.services = services
+        self.settings = Settings(cfg)
         self.instances: list[Plugin] = []
         self.by_name: dict[str, Plugin] = {}
         self.inflight = 0

@@ -61,6 +61,22 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
     return frozenset(t.strip().lower() for v in vals for t in v.split(",") if t.strip())
 
 
+class Target:
+    """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
+    request that began before a reload is sent where, and with the credentials and timeouts, its
+    chain's config says (the connection pool is shared)."""
+    __slots__ = ("base", "static_headers", "timeouts", "client_timeout")
+
+    def __init__(self, cfg: "UpstreamConfig") -> None:
+        self.base = cfg.url
+        self.static_headers = dict(cfg.headers)
+        t = self.timeouts = cfg.timeouts
+        # sock_read bounds the wait for the response head (first_byte); once the head is in,
+        # send() switches the connection's read timeout to `idle` for the body.
+        self.client_timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
+                                                    sock_read=t.first_byte)
+
+
 class Upstream:
     def __init__(self, cfg: "UpstreamConfig", trace_configs: list[Any] | None = None) -> None:
         self.configure(cfg)
@@ -77,12 +93,10 @@ class Upstream:
         """Where and how to call the upstream (at start, and from a config reload; the pool's size
         is fixed at start). Pooled connections to a previous URL's host idle out."""
         self.cfg = cfg
-        self.base = cfg.url
+        self.target = Target(cfg)  # the current config's (requests use their runtime's)
         u = urlsplit(cfg.url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (443 if u.scheme == "https" else 80)
-        self.timeouts = cfg.timeouts
-        self.static_headers = dict(cfg.headers)
         #: Ask for usage on streams (off by config, or once this upstream refused stream_options;
         #: a reload keeps what was learned unless it changes the URL or the setting).
         prev = getattr(self, "_usage_cfg", None)
@@ -90,25 +104,13 @@ class Upstream:
             self.stream_usage = cfg.stream_usage
             self._usage_cfg = (cfg.url, cfg.stream_usage)
 
-    @property
-    def timeouts(self) -> Any:
-        return self._timeouts
-
-    @timeouts.setter
-    def timeouts(self, t: Any) -> None:
-        # sock_read bounds the wait for the response head (first_byte); once the head is in,
-        # send() switches the connection's read timeout to `idle` for the body.
-        self._timeouts = t
-        self._client_timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
-                                                     sock_read=t.first_byte)
-
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
                                     keepalive_timeout=self.cfg.keepalive_timeout, ttl_dns_cache=300)
         kw: dict[str, Any] = dict(
             connector=conn, auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # relay, don't invent
-            timeout=self._client_timeout, cookie_jar=aiohttp.DummyCookieJar())
+            timeout=self.target.client_timeout, cookie_jar=aiohttp.DummyCookieJar())
         self.session = aiohttp.ClientSession(**kw)
         self._session_kw = kw
         # aiohttp runs a session's TraceConfig signals for every request it sends, recorded or not;
@@ -137,7 +139,7 @@ class Upstream:
             await self.session.close()
             self.session = None
 
-    def request_headers(self, ctx: "RequestContext") -> CIMultiDict[str]:
+    def request_headers(self, ctx: "RequestContext", target: Target) -> CIMultiDict[str]:
         req = ctx.request
         src = req.headers
         drop = connection_tokens(src)
@@ -153,7 +155,7 @@ class Upstream:
         out["X-Forwarded-Proto"] = req.scheme
         out["X-Forwarded-Host"] = req.host
         out["X-Request-ID"] = ctx.request_id
-        for k, v in self.static_headers.items():
+        for k, v in target.static_headers.items():
             out[k] = v
         for k, v in ctx.upstream_headers.items():
             if v is None:
@@ -164,18 +166,19 @@ class Upstream:
             out["Accept-Encoding"] = "identity"  # the observer reads usage from the body
         return out
 
-    async def send(self, ctx: "RequestContext") -> aiohttp.ClientResponse:
-        """Send the request; returns once the response head arrived. Maps failures to 502/504."""
+    async def send(self, ctx: "RequestContext", target: Target) -> aiohttp.ClientResponse:
+        """Send the request to ``target``; returns once the response head arrived. Maps failures
+        to 502/504."""
         assert self.session is not None
         req = ctx.request
         # The request target exactly as the client sent it (re-quoting would change its bytes).
-        url = URL(self.base + req.rel_url.raw_path_qs, encoded=True)
-        headers = self.request_headers(ctx)
+        url = URL(target.base + req.rel_url.raw_path_qs, encoded=True)
+        headers = self.request_headers(ctx, target)
         session = self.traced if self.traced is not None and PLAIN_UPSTREAM not in req else self.session
         try:
             resp = await session.request(req.method, url, data=ctx.body or None, headers=headers,
                                               allow_redirects=False, compress=None,
-                                              timeout=self._client_timeout)
+                                              timeout=target.client_timeout)
         except aiohttp.ConnectionTimeoutError:
             ctx.outcome = "upstream_timeout"
             raise UpstreamTimeout("Timed out connecting to the upstream.") from None
@@ -199,7 +202,7 @@ class Upstream:
         if conn is not None and conn.protocol is not None:
             # From here on, `idle` bounds each gap between body chunks, starting now (the protocol
             # re-arms its timer on each chunk; re-arm it here so the first gap counts too).
-            conn.protocol.read_timeout = self.timeouts.idle
+            conn.protocol.read_timeout = target.timeouts.idle
             rearm = getattr(conn.protocol, "_reschedule_timeout", None)
             if rearm is not None:
                 rearm()
@@ -231,10 +234,11 @@ class Upstream:
         try:
             async with asyncio.timeout(timeout):
                 if self.cfg.health_path and self.session is not None:
-                    async with self.session.get(self.base + self.cfg.health_path, headers=self.static_headers,
+                    t = self.target
+                    async with self.session.get(t.base + self.cfg.health_path, headers=t.static_headers,
                                                 allow_redirects=False) as r:
                         return (r.status < 500, f"HTTP {r.status}")
-                tls = self.base.startswith("https:")
+                tls = self.target.base.startswith("https:")
                 if tls and self._tls is None:
                     self._tls = ssl.create_default_context()
                 _, w = await asyncio.open_connection(self.host, self.port, family=socket.AF_UNSPEC,

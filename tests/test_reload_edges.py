@@ -233,3 +233,55 @@ async def test_conversations_readded_while_its_last_instance_closes_gets_a_live_
     await new.flush()
     assert (shared.writer.written, shared.writer.dropped) == (1, 0)
     await new.shutdown()
+
+
+async def test_request_begun_before_a_reload_goes_to_its_configs_upstream(make_gateway: Any) -> None:
+    """A request whose chain was picked before a reload (here: its body still arriving) is sent to
+    the upstream of that config, with that config's upstream headers, not the new config's: the
+    chain that authorised and checked it belongs with where it goes."""
+    from aiohttp import web
+
+    seen: list[tuple[str, str | None]] = []
+
+    async def start(name: str) -> tuple[web.AppRunner, str]:
+        async def answer(request: web.Request) -> web.Response:
+            seen.append((name, request.headers.get("X-Upstream-Token")))
+            return web.json_response({"upstream": name})
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, f"http://127.0.0.1:{port}"
+
+    (ra, url_a), (rb, url_b) = await start("a"), await start("b")
+    try:
+        g = await make_gateway([], upstream={"url": url_a, "headers": {"X-Upstream-Token": "for-a"}})
+        path = Path(g.gw.cfg.path)
+        gate = asyncio.Event()
+
+        async def body() -> Any:
+            yield b'{"model": "m", '
+            await gate.wait()
+            yield b'"messages": []}'
+
+        async with aiohttp.ClientSession(timeout=T) as s:
+            slow = asyncio.create_task(s.post(g.url + "/v1/chat/completions", data=body(),
+                                              headers={"Content-Type": "application/json"}))
+            for _ in range(200):  # until the gateway holds the request
+                if g.gw.runtime.inflight:
+                    break
+                await asyncio.sleep(0.01)
+            assert g.gw.runtime.inflight == 1
+            _edit(path, lambda c: c["upstream"].update(url=url_b, headers={"X-Upstream-Token": "for-b"}))
+            assert (await _reload(s, g.admin_url))[0] == 200
+            gate.set()
+            r = await slow
+            assert r.status == 200 and await r.json() == {"upstream": "a"}
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r2:
+                assert await r2.json() == {"upstream": "b"}
+        assert seen == [("a", "for-a"), ("b", "for-b")]
+    finally:
+        await ra.cleanup()
+        await rb.cleanup()
