@@ -20,6 +20,8 @@ MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed bu
 MAX_EVENT = 2**20
 #: Tool calls assembled from a stream: a delta naming a higher index is ignored.
 MAX_TOOL_CALLS = 256
+#: A stream's choice index beyond this (more than any ``n`` a backend allows) is not counted as a choice.
+MAX_CHOICES = 1024
 #: Of a body or an event too large to parse, this many last bytes are kept: the usage object comes
 #: last in the API's answers (embeddings of a large batch, generated images, a Responses stream's
 #: final event), so the tokens are still counted.
@@ -32,7 +34,7 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "reasoning")
+                 "reasoning", "refusal", "audio", "choices", "deltas0")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -43,7 +45,9 @@ class Completion:
         self.content: str | None = None            # assistant text of choice 0 (streams: assembled)
         self.tool_calls: list[dict[str, Any]] = []  # choice 0 tool calls (streams: assembled from deltas)
         self.role: str | None = None
-        self.deltas = 0        # content / tool-call deltas seen (roughly one per generated token)
+        self.deltas = 0        # deltas of output seen, all choices (roughly one per generated token)
+        self.deltas0 = 0       # of those, the deltas of choice 0
+        self.choices = 0       # choices in the answer (n > 1: more than one; streams: highest index + 1)
         self.done = False      # saw the end ([DONE], a finish_reason, or a complete JSON body)
         self.unread = 0        # SSE events over MAX_EVENT: relayed to the client, not read here
         self.message: dict[str, Any] | None = None  # the assistant message as an OpenAI message dict
@@ -57,6 +61,10 @@ class Completion:
         self.ended = False     # saw the stream's terminating [DONE]
         #: A reasoning model's streamed thinking of choice 0: (the field it came in, its text).
         self.reasoning: tuple[str, str] | None = None
+        #: Choice 0's streamed refusal text and audio (id, transcript, data, expires_at): parts of the
+        #: message the client's SDK assembles too, so they are stored with it.
+        self.refusal: str | None = None
+        self.audio: dict[str, Any] | None = None
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -79,9 +87,14 @@ class Completion:
     def assistant_message(self) -> dict[str, Any] | None:
         if self.message is not None:
             return self.message
-        if self.content is None and not self.tool_calls and self.role is None:
+        if self.content is None and not self.tool_calls and self.role is None and not self.refusal \
+                and not self.audio:
             return None
         msg: dict[str, Any] = {"role": self.role or "assistant", "content": joined(self.content)}
+        if self.refusal:
+            msg["refusal"] = joined(self.refusal)
+        if self.audio:
+            msg["audio"] = {k: joined(v) for k, v in self.audio.items()}
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
             for tc in self.tool_calls:
@@ -289,6 +302,8 @@ class ResponseObserver:
             if not isinstance(ch, dict):
                 continue
             index = ch.get("index", 0)
+            if type(index) is int and c.choices <= index < MAX_CHOICES:
+                c.choices = index + 1
             if isinstance(ch.get("finish_reason"), str):
                 c.finish_reasons.append(ch["finish_reason"])
                 if index == 0:
@@ -359,6 +374,7 @@ class ResponseObserver:
     def _text(self, text: str) -> None:
         if text:
             self._generated()
+            self.c.deltas0 += 1
         self.c.content = (self.c.content or "") + text
 
     def _delta(self, d: dict[str, Any]) -> None:
@@ -366,9 +382,25 @@ class ResponseObserver:
         if isinstance(d.get("role"), str):
             c.role = d["role"]
         if _generates(d):
-            self._generated()  # once per delta, whatever it carries (text, tool calls, reasoning)
+            self._generated()  # once per delta, whatever it carries (text, tool calls, refusal, audio, reasoning)
+            c.deltas0 += 1
         if isinstance(d.get("content"), str):
             c.content = (c.content or "") + d["content"]
+        if isinstance(d.get("refusal"), str):
+            c.refusal = (c.refusal or "") + d["refusal"]
+        a = d.get("audio")
+        if isinstance(a, dict):
+            # merged as the OpenAI SDK's stream accumulator does: the id as it first came, text
+            # (transcript, base64 data) concatenated, anything else (expires_at) its last value
+            acc = c.audio if c.audio is not None else {}
+            for k, v in a.items():
+                if k == "id" and isinstance(acc.get("id"), str):
+                    continue
+                if isinstance(v, str) and isinstance(acc.get(k), str):
+                    acc[k] += v
+                elif v is not None or k not in acc:
+                    acc[k] = v
+            c.audio = acc
         for field in ("reasoning_content", "reasoning"):
             r = d.get(field)
             if isinstance(r, str) and r:
@@ -412,6 +444,7 @@ class ResponseObserver:
         choices = obj.get("choices")
         if not isinstance(choices, list) and _error_envelope(obj):
             c.error = True  # a 2xx body that is an error object
+        c.choices = len(choices) if isinstance(choices, list) else 0
         for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
@@ -461,9 +494,14 @@ def _response_status(r: dict[str, Any]) -> str | None:
 
 
 def _generates(d: dict[str, Any]) -> bool:
-    """Does this stream delta carry generated output: text, tool calls, or reasoning (the
-    ``reasoning_content`` / ``reasoning`` fields some backends stream before the answer)?"""
+    """Does this stream delta carry generated output: text, tool calls, a refusal, audio (its
+    transcript or data), or reasoning (the ``reasoning_content`` / ``reasoning`` fields some
+    backends stream before the answer)?"""
+    a = d.get("audio")
     return bool((isinstance(d.get("content"), str) and d["content"]) or isinstance(d.get("tool_calls"), list)
+                or (isinstance(d.get("refusal"), str) and d["refusal"])
+                or (isinstance(a, dict) and ((isinstance(a.get("transcript"), str) and a["transcript"])
+                                             or (isinstance(a.get("data"), str) and a["data"])))
                 or (isinstance(d.get("reasoning_content"), str) and d["reasoning_content"])
                 or (isinstance(d.get("reasoning"), str) and d["reasoning"]))
 

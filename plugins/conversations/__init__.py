@@ -96,8 +96,9 @@ def without_reasoning(m: dict[str, Any]) -> dict[str, Any]:
 
 def canonical(m: Any) -> str:
     """The form used to decide whether two messages are the same: keys sorted, empty values
-    (``None``, ``""`` content, ``[]``, ``{}``) and reasoning dropped, tool calls reduced to
-    id/type/name/arguments."""
+    (``None``, ``""`` content or refusal, ``[]``, ``{}``) and reasoning dropped, tool calls reduced
+    to id/type/name/arguments, audio to its id (the stored answer has the transcript and data the
+    client got; OpenAI asks clients to send back ``{"id": ...}`` only)."""
     if type(m) is dict and len(m) == 2:
         # the common plain text message, written out directly (the same text the encoder makes)
         c = m.get("content")
@@ -108,14 +109,75 @@ def canonical(m: Any) -> str:
         return _canon(m)
     out: dict[str, Any] = {}
     for k, v in m.items():
-        if v is None or v == [] or v == {} or (k == "content" and v == "") or k in REASONING_KEYS:
+        if v is None or v == [] or v == {} or (k in ("content", "refusal") and v == "") or k in REASONING_KEYS:
             continue
+        if k == "audio" and type(v) is dict and v.get("id") is not None:
+            v = {"id": v["id"]}
         if k == "tool_calls" and isinstance(v, list):
             v = [{"id": tc.get("id"), "type": tc.get("type") or "function",
                   "function": {"name": _fn(tc).get("name"), "arguments": _fn(tc).get("arguments")}}
                  if isinstance(tc, dict) else tc for tc in v]
         out[k] = v
     return _canon(out)
+
+
+def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[str, Any]]
+               ) -> tuple[list[tuple[dict[str, Any], int | None]], bool]:
+    """The stored history as memory sends it upstream (and whether anything was changed), stored
+    messages being what clients received, not always what a backend accepts back:
+
+    * reasoning is left out, and audio reduced to ``{"id": ...}`` (as OpenAI asks; the base64
+      data is not sent again; audio without an id is left out);
+    * a tool call that no tool result answers right after it (one cut off mid-stream, or never
+      run) is left out: backends reject an assistant's call without its result; so is a stored
+      tool result whose call was left out;
+    * an assistant message left with no content, refusal, audio or tool calls is not sent (a bare
+      ``{"role": "assistant", "content": null}`` is rejected too).
+
+    A changed message's token count becomes unknown (it was counted as stored)."""
+    out: list[tuple[dict[str, Any], int | None]] = []
+    changed = False
+    seq = [m for m, _ in history] + list(new)
+    calls: set[Any] = set()  # the ids of the tool calls kept in the last assistant message
+    for i, (m, t) in enumerate(history):
+        role = m.get("role")
+        if role == "tool":
+            if m.get("tool_call_id") not in calls:
+                changed = True
+                continue
+            out.append((m, t))
+            continue
+        calls = set()
+        if role != "assistant":
+            out.append((without_reasoning(m), t))
+            continue
+        r = dict(without_reasoning(m))
+        a = r.get("audio")
+        if a is not None:
+            if isinstance(a, dict) and a.get("id") is not None:
+                r["audio"] = {"id": a["id"]}
+            else:
+                del r["audio"]
+        tcs = r.get("tool_calls")
+        if isinstance(tcs, list) and tcs:
+            answered = set()
+            for nxt in seq[i + 1:]:
+                if not isinstance(nxt, dict) or nxt.get("role") != "tool":
+                    break
+                answered.add(nxt.get("tool_call_id"))
+            kept = [tc for tc in tcs if isinstance(tc, dict) and tc.get("id") in answered]
+            calls = {tc.get("id") for tc in kept}
+            if kept:
+                r["tool_calls"] = kept
+            else:
+                del r["tool_calls"]
+        if not (r.get("content") or r.get("refusal") or r.get("audio") or r.get("tool_calls")):
+            changed = True
+            continue
+        if r != without_reasoning(m):
+            changed, t = True, None
+        out.append((r, t))
+    return out, changed
 
 
 def _fn(tc: dict[str, Any]) -> dict[str, Any]:
@@ -353,11 +415,12 @@ class Conversations(Plugin):
                 return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
                                              "server_error", "conversation_store_unavailable", None),
                              {"Retry-After": "1"})
-            replay = [without_reasoning(m) for m, _ in history]
+            history, changed = replayable(history, new)
+            replay = [m for m, _ in history]
             forwarded = replay + new
             toks = [t for _, t in history]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
-            if len(history) != start or len(forwarded) != len(msgs):
+            if changed or len(history) != start or len(forwarded) != len(msgs):
                 # the history, then the client's messages from the first new one (``new``) on
                 exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
                 ctx.set_json({**exact, "messages": replay + exact["messages"][start:]})
@@ -456,10 +519,17 @@ class Conversations(Plugin):
             rows = [new_row(m, d, t, t is not None, created, model, rid, key_id, owner)
                     for m, d, t in zip(plan.new, plan.new_digests, new_tokens)]
             asst = comp.assistant_message() if comp is not None else None
-            if asst is not None and (status == "complete" or asst.get("content") or asst.get("tool_calls")):
+            if asst is not None and (status == "complete" or asst.get("content") or asst.get("tool_calls")
+                                     or asst.get("refusal") or asst.get("audio")):
                 t, derived = completion_tokens, False
                 if t is None and comp is not None and comp.deltas:
-                    t, derived = comp.deltas, True
+                    t, derived = comp.deltas0 if comp.choices > 1 else comp.deltas, True
+                elif t is not None and comp is not None and comp.choices > 1:
+                    # n > 1: the usage counts every choice; choice 0 (the one stored) gets its
+                    # share: by its deltas in a stream, an even split otherwise (derived)
+                    derived = True
+                    t = round(t * comp.deltas0 / comp.deltas) if comp.deltas and comp.kind == "sse" \
+                        else round(t / comp.choices)
                 d = digest(asst)
                 rows.append(new_row(asst, d, t, derived, now, model, rid, key_id, owner, status,
                                     comp.finish_reason if comp else None, latency, ttft))
