@@ -7,6 +7,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
@@ -80,7 +81,10 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
                                    "a NUL character, or a number is out of range).", "invalid_request_error",
                               "invalid_value")
         return _db_unavailable(request, e)
-    except (SATimeoutError, DatabaseError, ConnectionRefusedError, TimeoutError) as e:
+    except (SATimeoutError, DatabaseError, ConnectionError, TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as e:
+        # (SQLAlchemy before 2.1 passes on what asyncpg raises while connecting unwrapped: a
+        # database refusing connections, too many clients, a password no longer accepted)
         return _db_unavailable(request, e)
     except Exception:
         logging.getLogger("gateway.admin").exception("admin handler failed: %s %s", request.method, request.path)

@@ -321,3 +321,24 @@ def test_secret_values_wherever_they_are() -> None:
     }
     for text, want in cases.items():
         assert mask_params(text) == want, text
+
+
+async def test_admin_api_answers_503_for_a_driver_error_raised_while_connecting(make_gateway: Any, monkeypatch: Any,
+                                                                               caplog: Any) -> None:
+    """SQLAlchemy before 2.1 passes on what asyncpg raises while connecting (a database that no
+    longer allows connections, too many clients) without wrapping it: the admin API still says
+    the database is unavailable (503, one log line), not 500 with a traceback."""
+    import asyncpg
+
+    from gateway.plugins.key_auth.store import KeyStore
+
+    async def refused(*_a: Any, **_k: Any) -> Any:
+        raise asyncpg.exceptions.ObjectNotInPrerequisiteStateError('database "gw" is not currently accepting connections')
+
+    g = await make_gateway([{"name": "key_auth"}])
+    monkeypatch.setattr(KeyStore, "list", refused)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.admin_url + "/keys", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["error"]["code"] == "database_unavailable"
+    assert "admin handler failed" not in caplog.text
