@@ -134,6 +134,8 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         ok, detail = await gw.reload(actor=admin_identity(request))
         if ok:
             return web.json_response({"status": "reloaded", "plugins": [p.name for p in gw.cfg.plugins if p.enabled]})
+        if gw.stopping:  # not the config's fault: nothing was read
+            return json_error(503, f"Reload not applied: {detail}.", "server_error", "shutting_down")
         return json_error(400, f"Reload rejected, the running config is unchanged: {detail}",
                           "invalid_request_error", "config_invalid")
 

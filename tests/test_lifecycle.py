@@ -583,6 +583,9 @@ async def test_shutdown_drains_requests_that_began_before_a_reload(make_gateway:
         stopping = asyncio.create_task(g.stop())
         await asyncio.sleep(0.05)
         assert (await g.gw.reload(actor="test")) == (False, "the gateway is shutting down")
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as rr:
+            # not the config's fault: 503, not the 400 of a config refused
+            assert rr.status == 503 and (await rr.json())["error"]["code"] == "shutting_down"
         rest = await r.read()  # not cut: it ends with its [DONE]
         r2 = await late
         assert r2.status == 200 and r2.headers.get("Connection", "").lower() == "close"
