@@ -208,10 +208,12 @@ class Audit(Plugin):
         days = self.config.retention_days
         if not days:
             return None
-        ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor)
+        # Each chunk's audit.purged event goes to the other sinks as it commits (the database sink
+        # stored it with the chunk), so they have them all even if the purge is cut short.
+        ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor,
+                               on_event=lambda e: self._record_nowait(e, skip="database"))
         if ev is not None:
-            log.info("audit retention purged %d event(s) older than %s", ev["deleted"], ev["before"])
-            self._record_nowait(ev, skip="database")  # the database sink stored it with the purge
+            log.info("audit retention purged %d event(s) older than %s", ev["total"], ev["before"])
         return ev
 
     async def _purge_loop(self) -> None:

@@ -1,6 +1,7 @@
 """Admin API: ``GET /audit`` (filtered, paginated) and ``GET /audit/verify``."""
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import datetime, timezone
@@ -17,6 +18,10 @@ _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UINT = re.compile(r"[0-9]+")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 FILTERS = ("since", "until", "type", "key_id", "owner", "ip", "status")
+#: Admin reads of the trail (pages, verify walks) running at once; more wait their turn. They use
+#: the connection pool the request path uses (key lookups, usage writes): a dashboard firing many
+#: slow reads must not take every connection.
+MAX_CONCURRENT_READS = 2
 
 
 def parse_time(v: str) -> str:
@@ -58,6 +63,8 @@ def parse_filters(get: Any) -> dict[str, Any]:
 
 
 def routes(services: Any) -> list[Any]:
+    reads = asyncio.Semaphore(MAX_CONCURRENT_READS)
+
     async def list_events(request: web.Request) -> web.Response:
         q = request.query
         try:
@@ -79,12 +86,14 @@ def routes(services: Any) -> list[Any]:
             msg = str(e)  # each check above names its parameter ("cursor: expected ...")
             param = msg.split(":", 1)[0]
             return json_error(400, msg, "invalid_request_error", "invalid_value", param=param)
-        data, nxt = await store.query(services.db, f, limit=limit, cursor=cursor, order=order)
+        async with reads:
+            data, nxt = await store.query(services.db, f, limit=limit, cursor=cursor, order=order)
         return web.json_response({"object": "list", "data": data,
                                   "next_cursor": str(nxt) if nxt is not None else None})
 
     async def verify(_: web.Request) -> web.Response:
-        res = await store.verify(services.db)
+        async with reads:
+            res = await store.verify(services.db)
         return web.json_response({**res.as_dict(), "message": res.message()})
 
     return [web.get("/audit", list_events), web.get("/audit/verify", verify)]

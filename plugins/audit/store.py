@@ -7,14 +7,16 @@ instances can never both chain onto the same row.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
 import json
 import re
 import sqlite3
+import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, delete, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -30,7 +32,9 @@ LOCK_ID = 0x6175646974  # "audit"
 
 events = Table(
     "audit_events", Base.metadata,
-    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    # SQLite: INTEGER, so seq is the rowid (audit_0002). As BIGINT the table had a hidden rowid of its
+    # own: every secondary index carried that, and a filtered page ordered by seq sorted every match.
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
     Column("time", String(32), nullable=False, index=True),
     Column("type", String(64), nullable=False, index=True),
     Column("request_id", String(128)),
@@ -166,28 +170,59 @@ async def append(db: Database, batch: Sequence[Any]) -> None:
         await _append(conn, prepared)
 
 
-async def purge(db: Database, before: str, actor: str = "retention") -> dict[str, Any] | None:
-    """Delete the events older than ``before`` (ISO time) and, in the same transaction, append an
-    ``audit.purged`` event with the anchor. Returns that event, or None if nothing was old enough."""
-    async with locked(db) as conn:
-        # The leading run of old events only. An event's time is when its request arrived, its seq
-        # when it was written: a long stream's event comes after newer ones, and purging up to it
-        # would take those with it. It goes at a later purge, when all before it are old too.
-        first_new = (await conn.execute(select(func.min(events.c.seq)).where(events.c.time >= before))).scalar()
-        q = select(func.max(events.c.seq))
-        last_old = (await conn.execute(q if first_new is None else q.where(events.c.seq < first_new))).scalar()
-        if last_old is None:
-            return None
-        anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= last_old)
-                                     .order_by(events.c.seq.desc()).limit(1))).first()
-        first = (await conn.execute(select(func.min(events.c.seq)))).scalar()
-        top = await _head(conn)  # read before the delete: the purge event continues the chain
-        res = await conn.execute(delete(events).where(events.c.seq <= last_old))
-        ev = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
-              "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
-              "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-        await _append(conn, [prepare(ev)], head=top)
-    return ev
+#: Rows a purge deletes per transaction: the write lock (SQLite's, or the append lock) is held
+#: for one chunk at a time, not for the whole purge.
+PURGE_CHUNK = 5000
+#: Least pause between two chunks, seconds. SQLite's busy handler is no queue: a writer waiting for
+#: the lock sleeps (up to 100 ms at a time) and retries, and would miss a lock released and taken
+#: back at once. The pause is at least as long as the chunk took, so writers get half the time.
+PURGE_PAUSE = 0.1
+
+
+async def purge(db: Database, before: str, actor: str = "retention",
+                on_event: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | None:
+    """Delete the events older than ``before`` (ISO time) in chunks of PURGE_CHUNK rows, each in its
+    own transaction that also appends an ``audit.purged`` event with that chunk's anchor: the chain
+    verifies after every chunk (and if the process stops between two). ``on_event`` is called
+    with each such event once it is committed. Returns the last one, with ``total`` (rows
+    deleted by the whole purge) added, or None if nothing was old enough."""
+    last_old: int | None = None
+    ev: dict[str, Any] | None = None
+    total = 0
+    while True:
+        started = time.monotonic()
+        async with locked(db) as conn:
+            if last_old is None:
+                # The leading run of old events only. An event's time is when its request arrived, its
+                # seq when it was written: a long stream's event comes after newer ones, and purging up
+                # to it would take those with it. It goes at a later purge, when all before it are old
+                # too. (Found once: what is before it stays old, and appends only come after it.)
+                first_new = (await conn.execute(select(func.min(events.c.seq))
+                                                .where(events.c.time >= before))).scalar()
+                q = select(func.max(events.c.seq))
+                last_old = (await conn.execute(q if first_new is None else q.where(events.c.seq < first_new))).scalar()
+                if last_old is None:
+                    return None
+            first = (await conn.execute(select(func.min(events.c.seq)))).scalar()
+            if first is None or first > last_old:
+                break  # all gone (another instance purged them meanwhile)
+            upto = min(int(first) + PURGE_CHUNK - 1, int(last_old))
+            anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= upto)
+                                         .order_by(events.c.seq.desc()).limit(1))).first()
+            top = await _head(conn)  # read before the delete: the purge event continues the chain
+            res = await conn.execute(delete(events).where(events.c.seq <= upto))
+            chunk = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
+                     "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
+                     "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
+            await _append(conn, [prepare(chunk)], head=top)
+        ev = chunk
+        total += chunk["deleted"]
+        if on_event is not None:
+            on_event(chunk)
+        if upto >= last_old:
+            break
+        await asyncio.sleep(max(PURGE_PAUSE, time.monotonic() - started))
+    return None if ev is None else {**ev, "total": total}
 
 
 _STATUS = re.compile(r"[0-9]{3}|[1-5]xx")
