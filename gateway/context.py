@@ -177,7 +177,7 @@ class RequestContext:
     @property
     def client_ip(self) -> str:
         """The socket peer, or, when the peer is a trusted proxy, the right-most untrusted
-        address of X-Forwarded-For."""
+        address of X-Forwarded-For; in canonical form, an IPv4-mapped address as IPv4."""
         if self._client_ip is None:
             self._client_ip = resolve_client_ip(self.request, self.settings.trusted)
         return self._client_ip
@@ -207,29 +207,65 @@ def _peer(request: "web.Request") -> str:
     t = request.transport
     peer = t.get_extra_info("peername") if t is not None else None
     if isinstance(peer, (tuple, list)) and peer:
-        return str(peer[0])
+        p = str(peer[0])
+        if p.startswith("::ffff:") or "%" in p:
+            # A dual-stack listener shows IPv4 peers as ::ffff:a.b.c.d, a link-local one its zone:
+            # the same client must be the same address whichever socket it came in on.
+            ip = _parse(p)
+            return str(ip) if ip is not None else p
+        return p
     return request.remote or ""
 
 
-def _in(addr: str, nets: list[Any]) -> bool:
+_Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse(addr: str) -> _Addr | None:
+    """An address as proxies write it into X-Forwarded-For, normalised: a port (``a.b.c.d:1234``,
+    ``[v6]:4711``), brackets and an IPv6 zone (``fe80::1%eth0``) dropped, an IPv4-mapped IPv6
+    address (``::ffff:a.b.c.d``) as the IPv4 address, so one client is one address (one counter)
+    however its hops spell it. None for what is no address (``unknown``, ``_hidden``, garbage)."""
     try:
-        ip = ipaddress.ip_address(addr)
+        ip: _Addr = ipaddress.ip_address(addr)
     except ValueError:
-        return False
-    return any(ip in n for n in nets)
+        a = addr
+        if a.startswith("["):  # [v6] or [v6]:port
+            end = a.find("]")
+            rest = a[end + 1:] if end > 0 else "?"
+            if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+                return None
+            a = a[1:end]
+        elif a.count(":") == 1:  # a.b.c.d:port (an IPv6 address has at least two colons)
+            a, _, port = a.partition(":")
+            if not port.isdigit():
+                return None
+        try:
+            ip = ipaddress.ip_address(a.partition("%")[0])
+        except ValueError:
+            return None
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.scope_id is not None:  # (parsed with its zone: the address without it)
+            return ipaddress.IPv6Address(ip.packed)
+    return ip
 
 
 def resolve_client_ip(request: "web.Request", trusted: list[Any]) -> str:
     peer = _peer(request)
-    if not trusted or not _in(peer, trusted):
+    if not trusted:
+        return peer
+    ip = _parse(peer)
+    if ip is None or not any(ip in n for n in trusted):
         return peer
     hops = []
     for h in request.headers.getall("X-Forwarded-For", []):
         hops += [p.strip() for p in h.split(",") if p.strip()]
     for addr in reversed(hops):
-        if not _in(addr, trusted):
-            try:
-                return str(ipaddress.ip_address(addr))
-            except ValueError:
-                return peer  # garbage in the header: fall back to the proxy itself
-    return hops[0] if hops else peer
+        ip = _parse(addr)
+        if ip is None:
+            return peer  # no address (unknown, an obfuscated _id, garbage): the proxy itself
+        if not any(ip in n for n in trusted):
+            return str(ip)
+    # Every hop is a trusted proxy: the left-most one (it parsed: it is trusted), normalised.
+    return str(_parse(hops[0])) if hops else peer

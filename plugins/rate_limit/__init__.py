@@ -22,7 +22,7 @@ from gateway.plugin import Plugin, Reply
 from . import headers as hdr
 from .config import RateLimitConfig
 from .quota import QuotaStore, periods
-from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, override_limit,
+from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, ip_key, override_limit,
                     prompt_estimate, shared_minute_counter)
 from .store import CounterStore, StoreDown
 
@@ -52,7 +52,8 @@ class RateLimit(Plugin):
         super().__init__(config, services)
         c = config
         self.store = CounterStore(services, c.storage, c.strategy, c.storage_timeout, c.storage_retry)
-        self.limits = compile_rules(c.rules)
+        self.ip_prefixes = (c.ipv4_prefix, c.ipv6_prefix)
+        self.limits = compile_rules(c.rules, self.ip_prefixes)
         self.request_limits = [x for x in self.limits if x.counts == "requests"]
         self.token_limits = [x for x in self.limits if x.counts == "tokens"]
         self.has_quotas = c.quotas.daily_tokens is not None or c.quotas.monthly_tokens is not None
@@ -105,7 +106,8 @@ class RateLimit(Plugin):
         k = (counts, amount)
         lim = self._overrides.get(k)
         if lim is None:
-            lim = self._overrides[k] = override_limit(counts, amount, shared_minute_counter(self.limits, counts))
+            lim = self._overrides[k] = override_limit(counts, amount, shared_minute_counter(self.limits, counts),
+                                                      self.ip_prefixes)
         return lim
 
     def _applicable(self, ctx: RequestContext) -> tuple[list[Limit], list[Limit], dict[str, int | None] | None]:
@@ -270,7 +272,7 @@ class RateLimit(Plugin):
                            est: int) -> Reply | None:
         assert self._quota is not None
         k = ctx.key_id
-        st.subject = f"key:{k}" if k else f"ip:{ctx.client_ip}"
+        st.subject = f"key:{k}" if k else f"ip:{ip_key(ctx.client_ip, *self.ip_prefixes)}"
         (day, day_left), (month, month_left) = periods()
         timeout = max(1.0, self.store.timeout)
         for label, amount, period, left, window in (("daily-tokens", quota["daily"], day, day_left, 86400),

@@ -109,6 +109,11 @@ class RateLimitConfig(PluginConfig):
     estimate_default_max_tokens: int = Field(256, ge=0, description="Completion tokens assumed by the pre-check "
                                                                     "when a request sets no max_tokens.")
     headers: bool = Field(True, description="Add RateLimit / X-RateLimit / x-ratelimit-* headers to responses.")
+    ipv4_prefix: int = Field(32, ge=1, le=32, description="Rules keyed by the client IP count an IPv4 client by "
+                                                          "its network of this prefix length (32: each address).")
+    ipv6_prefix: int = Field(64, ge=1, le=128, description="Rules keyed by the client IP count an IPv6 client by "
+                                                           "its network of this prefix length: 64, the block one "
+                                                           "subscriber is usually given (128: each address).")
 
     @field_validator("storage")
     @classmethod

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ class Limit:
     policy: str = ""             # its RateLimit-Policy item
     rule_id: str = ""            # the first counter identifier: the rule name, or ``counter``
     counter: str = ""            # count on another rule's counter (a key's own rpm/tpm: see below)
+    ip_prefixes: tuple[int, int] = (32, 64)  # an address is keyed by its network (ipv4_prefix, ipv6_prefix)
 
     def __post_init__(self) -> None:
         name = self.rule if self.index == 0 else f"{self.rule}-{self.index}"
@@ -84,23 +86,23 @@ def amount_free(item: RateLimitItem) -> RateLimitItem:
     return free  # type: ignore[no-any-return]
 
 
-def compile_rules(rules: list[RuleConfig]) -> list[Limit]:
+def compile_rules(rules: list[RuleConfig], ip_prefixes: tuple[int, int] = (32, 64)) -> list[Limit]:
     out = []
     for r in rules:
         key_by = () if r.key_by == "global" else tuple(dict.fromkeys(r.key_by))
         for i, item in enumerate(parse_many(r.limit)):
             out.append(Limit(r.name, amount_free(item), r.counts, key_by, "key" in key_by,
-                             r.estimate_default_max_tokens, i))
+                             r.estimate_default_max_tokens, i, ip_prefixes=ip_prefixes))
     return out
 
 
-def override_limit(counts: str, amount: int, counter: str = "") -> Limit:
+def override_limit(counts: str, amount: int, counter: str = "", ip_prefixes: tuple[int, int] = (32, 64)) -> Limit:
     """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind. ``counter``: the
     YAML rule keyed by key alone with a one-minute window, if there is one: the override counts on
     its counter, so setting or clearing a key's own limit keeps what the key has already used."""
     name = "key-rpm" if counts == "requests" else "key-tpm"
     return Limit(name, amount_free(RateLimitItemPerMinute(amount)), counts, ("key",), True, None, 0,
-                 counter=counter)
+                 counter=counter, ip_prefixes=ip_prefixes)
 
 
 def shared_minute_counter(limits: list[Limit], counts: str) -> str:
@@ -114,23 +116,50 @@ def shared_minute_counter(limits: list[Limit], counts: str) -> str:
 def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
     """The counter's identity: the rule name and the values of its key_by parts."""
     if limit.key_by == _IP:  # the common rule, without the general loop
-        v = "ip:" + ctx.client_ip
+        v = "ip:" + ip_key(ctx.client_ip, *limit.ip_prefixes)
         return (limit.rule_id, v if len(v) <= 200 and "%" not in v and "/" not in v else _safe(v))
     ids = [limit.counter or limit.rule]
     for part in limit.key_by:
         if part == "key":
             k = ctx.key_id
-            ids.append(f"key:{k}" if k else f"ip:{ctx.client_ip}")
+            ids.append(f"key:{k}" if k else f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
         elif part == "owner":
             o = ctx.owner
-            ids.append(f"owner:{o}" if o else f"ip:{ctx.client_ip}")
+            ids.append(f"owner:{o}" if o else f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
         elif part == "ip":
-            ids.append(f"ip:{ctx.client_ip}")
+            ids.append(f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
         elif part == "route":
             ids.append(f"route:{ctx.route}")
         elif part == "model":
             ids.append(f"model:{ctx.model or '-'}")
     return tuple(_safe(i) for i in ids)
+
+
+def ip_key(ip: str, v4: int = 32, v6: int = 64) -> str:
+    """What a client address is counted as: its network, ``2001:db8:1:2::/64``. An IPv6 client
+    is usually given a whole /64 and may use a new address of it for every request, so keying the
+    address would give it a fresh counter each time; IPv4 addresses are scarce and kept whole by
+    default. A prefix equal to the address length keys the address itself (no ``/``). Anything
+    that is no address (a Unix socket peer) is kept as it is. Recent results are kept (this runs
+    per rule per request)."""
+    if v4 == 32 and ":" not in ip:
+        return ip  # the common case: an IPv4 address kept whole
+    k = (ip, v4, v6)
+    key = _NETS.get(k)
+    if key is None:
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        bits = v4 if a.version == 4 else v6
+        key = str(a) if bits >= a.max_prefixlen else str(ipaddress.ip_network((a, bits), strict=False))
+        if len(_NETS) >= _KEYS_KEPT:
+            _NETS.clear()
+        _NETS[k] = key
+    return key
+
+
+_NETS: dict[tuple[str, int, int], str] = {}
 
 
 _IP = ("ip",)
