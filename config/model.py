@@ -160,6 +160,19 @@ class DatabaseConfig(Model):
     def _url(cls, v: str) -> str:
         if not (v.startswith("sqlite+aiosqlite://") or v.startswith("postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        from urllib.parse import parse_qs
+
+        if v.startswith("sqlite"):
+            name = v.split("://", 1)[1].split("?", 1)[0].lstrip("/")
+            mode = parse_qs(urlsplit(v).query).get("mode", [""])[0]
+            if name in ("", ":memory:") or mode == "memory":
+                # (each pooled connection would get its own empty database, gone at exit)
+                raise ValueError("in-memory SQLite databases are not supported (use a file, e.g. "
+                                 "sqlite+aiosqlite:///gateway.db)")
+        elif "sslmode" in parse_qs(urlsplit(v).query):
+            # asyncpg takes no sslmode argument: the connection would fail with a TypeError
+            raise ValueError("sslmode= is libpq's parameter; the asyncpg driver takes ssl= instead "
+                             "(e.g. ?ssl=require)")
         return v
 
 

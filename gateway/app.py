@@ -478,7 +478,8 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
         # e.g. the port is taken or a plugin's backend is unreachable: say so in one line (a
         # traceback only for what is not an OS-level error), and undo what had started.
         if isinstance(e, (OSError, DatabaseError)):
-            log.error("start-up failed: %s", redact_url(str(e)))
+            # (a message that is empty, as a timeout's is, shows the type instead of nothing)
+            log.error("start-up failed: %s", redact_url(str(e).strip() or type(e).__name__))
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
             log.error("start-up failed: %s", redact_url(f"{type(e).__name__}: {e}"))

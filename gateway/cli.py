@@ -186,6 +186,13 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     if args.db_command == "upgrade":
+        # First what the database holds (an unreachable one is said to be so; another
+        # application's revisions are an error): a schema a newer gateway migrated further is
+        # not this version's to migrate, and Alembic would fail on the revisions it cannot find.
+        newer = asyncio.run(_newer(cfg))
+        if newer:
+            print(f"database already migrated further by a newer gateway ({', '.join(sorted(newer))}): nothing to do")
+            return 0
         heads = upgrade_sync(cfg.database.url)
         print(f"database at head: {', '.join(heads) or '(no migrations)'}")
     else:
@@ -193,6 +200,18 @@ def cmd_db(args: argparse.Namespace) -> int:
         for line in asyncio.run(_current(cfg)):
             print(line)
     return 0
+
+
+async def _newer(cfg: GatewayConfig) -> set[str]:
+    """The applied revisions of a newer gateway (raises for another application's)."""
+    from .db import newer_revisions, revisions_sync
+
+    db = open_database(cfg)
+    try:
+        applied = await db.applied_revisions()
+    finally:
+        await db.close()
+    return newer_revisions(applied, revisions_sync(cfg.database.url)[1], cfg.database.url)
 
 
 async def _current(cfg: GatewayConfig) -> list[str]:
@@ -207,7 +226,10 @@ async def _current(cfg: GatewayConfig) -> list[str]:
         await db.close()
     if not applied:
         return ["(no migrations applied)"]
+    from .db import newer_revisions
+
     _, known = revisions_sync(cfg.database.url)
+    newer_revisions(applied, known, cfg.database.url)  # (another application's: an error)
     if applied <= known:
         return await asyncio.to_thread(current_sync, cfg.database.url)
     return [r if r in known else f"{r} (not known to this version: a newer gateway applied it)" for r in sorted(applied)]
@@ -352,9 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
         rc = 0
     except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
+        from .db import DatabaseError
+
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"gateway {args.command}: error: {type(e).__name__}" + (f": {redact_url(first)}" if first else ""),
-              file=sys.stderr)
+        # The gateway's own database errors say what failed (and which database) themselves.
+        kind = "" if isinstance(e, DatabaseError) and first else f"{type(e).__name__}"
+        print(f"gateway {args.command}: error: {kind}" + (": " if kind and first else "")
+              + (redact_url(first) if first else ""), file=sys.stderr)
         rc = 1
     return int(rc or 0)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -77,6 +78,81 @@ class DatabaseError(Exception):
     pass
 
 
+class DatabaseUnreachable(DatabaseError):
+    """The database could not be connected to (refused, unanswered, wrong password ...)."""
+
+
+#: Seconds a PostgreSQL connection may take to be made (asyncpg's own default is 60: a server that
+#: accepts the TCP connection and never answers held a start-up for over a minute).
+CONNECT_TIMEOUT = 15.0
+
+#: The gateway's own revision ids: a plugin's branch name and a number (``key_auth_0002``). An
+#: ``alembic_version`` row in another form (Alembic's default hex ids) is another application's.
+OWN_REVISION = re.compile(r"[a-z][a-z0-9_]*_[0-9]{4,}")
+
+
+def engine_options(url: str) -> dict[str, Any]:
+    """Options every engine on ``url`` gets (the gateway's and the migrations'): a bounded
+    connect time on PostgreSQL, CONNECT_TIMEOUT unless the URL sets asyncpg's ``timeout`` (which
+    the driver would get as a string)."""
+    from sqlalchemy.engine import make_url
+
+    if not url.startswith("postgresql+asyncpg"):
+        return {}
+    timeout = CONNECT_TIMEOUT
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        timeout = float(make_url(url).query["timeout"])  # type: ignore[arg-type]
+    return {"connect_args": {"timeout": timeout}}
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown: no password, no secret query parameter."""
+    from sqlalchemy.engine import make_url
+
+    from .redact import mask_params
+
+    try:
+        return mask_params(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return "(the configured database)"
+
+
+def unreachable(url: str, e: BaseException) -> DatabaseUnreachable:
+    """The one-line error for a database that could not be connected to (an empty message, such
+    as a timeout's, shows the type)."""
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return DatabaseUnreachable(f"database {shown_url(url)} unreachable: {type(e).__name__}"
+                               + (f": {msg}" if msg else ""))
+
+
+def newer_revisions(applied: set[str], known: set[str], url: str) -> set[str]:
+    """The revisions in ``applied`` this version does not know: a newer gateway's (empty: none).
+    Raises DatabaseError when some are not the gateway's at all (another application keeps its
+    Alembic revisions in the same ``alembic_version`` table): taking them for a newer gateway's
+    would start without creating any table."""
+    unknown = applied - known
+    foreign = sorted(r for r in unknown if not OWN_REVISION.fullmatch(r))
+    if foreign:
+        raise DatabaseError(f"the database's alembic_version holds revisions of another application "
+                            f"({', '.join(foreign)}) in {shown_url(url)}: give the gateway its own database "
+                            "or schema")
+    return unknown
+
+
+#: The rights each of the gateway's tables needs at run time (a table not there is not checked:
+#: its migration is pending, which start-up reports, or its plugin is not used).
+TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
+    "alembic_version": ("SELECT",),
+    "audit_events": ("SELECT", "INSERT", "DELETE"),
+    "api_keys": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "api_key_usage_daily": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "conversations": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "conversation_messages": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "conversation_turns": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+    "rate_limit_quota_usage": ("SELECT", "INSERT", "UPDATE", "DELETE"),
+}
+
+
 class DatabaseFileGone(DatabaseError, OSError):
     """The SQLite file the gateway opened is no longer at its path."""
 
@@ -86,7 +162,7 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.busy_timeout_ms = busy_timeout_ms
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite, **engine_options(url)}
         if not self.is_sqlite:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
@@ -156,12 +232,32 @@ class Database:
     def session(self) -> AsyncSession:
         return self.sessionmaker()
 
+    @contextlib.asynccontextmanager
+    async def connect(self) -> Any:
+        """A connection for start-up and CLI checks. On PostgreSQL a failure to connect is a
+        DatabaseUnreachable naming the database (not a bare ``TimeoutError`` or "Connect call
+        failed" that does not say what could not be reached)."""
+        conn = self.engine.connect()
+        try:
+            await conn.start()
+        except DatabaseError:
+            raise
+        except Exception as e:
+            if self.is_sqlite:
+                raise
+            raise unreachable(self.url, e) from None
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
     async def check(self) -> dict[str, Any]:
-        """Connect and, for SQLite, read the pragmas back and check the file can be written;
-        raises if not."""
-        async with self.engine.connect() as conn:
+        """Connect and, for SQLite, read the pragmas back and check the file can be written; for
+        PostgreSQL, check the role may use the gateway's tables. Raises if not."""
+        async with self.connect() as conn:
             await conn.execute(text("SELECT 1"))
             if not self.is_sqlite:
+                await self._check_privileges(conn)
                 return {}
             got = {
                 "journal_mode": (await conn.execute(text("PRAGMA journal_mode"))).scalar(),
@@ -174,6 +270,25 @@ class Database:
                 or got["synchronous"] != 1:
             raise DatabaseError(f"SQLite pragmas not applied: got {got}, want {want}")
         return got
+
+    async def _check_privileges(self, conn: Any) -> None:
+        """PostgreSQL: the rights the gateway needs on each of its tables there, in one query. A role
+        that may only connect (the schema migrated by its owner, no grants to the gateway's role)
+        would otherwise start "ready" and fail every request that reads a key or writes a record."""
+        pairs = [(t, p) for t, privs in TABLE_PRIVILEGES.items() for p in privs]
+        rows = (await conn.execute(text(
+            "SELECT c.relname, w.priv FROM unnest(CAST(:tables AS text[]), CAST(:privs AS text[])) AS w(tbl, priv) "
+            "JOIN pg_class c ON c.oid = to_regclass(quote_ident(w.tbl)) "
+            "WHERE NOT has_table_privilege(c.oid, w.priv) ORDER BY 1, 2"),
+            {"tables": [t for t, _ in pairs], "privs": [p for _, p in pairs]})).all()
+        if rows:
+            missing: dict[str, list[str]] = {}
+            for table, priv in rows:
+                missing.setdefault(table, []).append(priv)
+            user = (await conn.execute(text("SELECT current_user"))).scalar()
+            raise DatabaseError(f"the database role {user} lacks privileges on the gateway's tables: "
+                                + "; ".join(f"{t}: {', '.join(p)}" for t, p in missing.items())
+                                + " (GRANT them to this role, or run the gateway as the role that owns the tables)")
 
     async def _check_writable(self, conn: Any) -> None:
         """A write that is rolled back: SQLite opens a file it may not write read-only, and such a
@@ -208,7 +323,7 @@ class Database:
         newer than this version of the gateway knows: another instance upgraded it first)."""
         heads, known = await asyncio.to_thread(revisions_sync, self.url)
         applied = await self.applied_revisions()
-        if applied - known:
+        if newer_revisions(applied, known, self.url):
             log.warning("the database schema has migrations this version does not know (a newer gateway "
                         "upgraded it); starting anyway")
             return []
@@ -216,7 +331,7 @@ class Database:
 
     async def applied_revisions(self) -> set[str]:
         """The migration revisions recorded in the database (none for an empty one)."""
-        async with self.engine.connect() as conn:
+        async with self.connect() as conn:
             has = await conn.run_sync(lambda c: inspect(c).has_table("alembic_version"))
             return set() if not has else {r[0] for r in await conn.execute(text("SELECT version_num FROM alembic_version"))}
 
@@ -226,7 +341,7 @@ class Database:
         revisions, and an older schema is all it needs: migrations only add)."""
         heads, known = await asyncio.to_thread(revisions_sync, self.url)
         applied = await self.applied_revisions()
-        if applied - known:
+        if newer_revisions(applied, known, self.url):
             log.warning("the database schema has migrations this version does not know (%s: a newer gateway "
                         "upgraded it); not migrating", ", ".join(sorted(applied - known)))
             return sorted(applied)
@@ -234,8 +349,8 @@ class Database:
             return sorted(heads)  # nothing to do: no lock to take (another gateway may hold it)
         # The wait for the lock on a daemon thread: a stop while another process holds it must not
         # hold the process's exit. The migration itself on the default executor, which the exit
-        # waits for: a migration cut half-way (SQLite commits each CREATE TABLE) would leave a
-        # database that no later start can migrate.
+        # waits for (it runs in one transaction, see migrations/env.py, so even a cut one leaves
+        # the database as it was; finishing it is still quicker for the next start).
         if not self.is_sqlite:
             # PostgreSQL runs each migration in a transaction (a cut one rolls back): all of it on a
             # daemon thread, so a stop while another instance holds the advisory lock goes ahead.

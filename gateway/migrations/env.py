@@ -3,33 +3,80 @@
 Each plugin that stores data owns a migration branch (its first revision has ``down_revision = None``
 and a ``branch_labels`` entry with the plugin's name); ``upgrade heads`` applies all of them.
 On PostgreSQL an advisory lock serialises instances that start at the same time.
+
+Every run is one transaction, on SQLite too: a migration that fails or is killed part-way leaves the
+database as it was (with each CREATE committed on its own, a table made but its revision not
+recorded meant "table ... already exists" on every later upgrade).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from alembic import context
-from sqlalchemy import pool, text
+from sqlalchemy import event, pool, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import gateway.db as gdb
 from gateway.db import Base
+
+log = logging.getLogger("gateway.db")
 
 config = context.config
 target_metadata = Base.metadata
 LOCK_ID = 0x6761746577  # "gatew"
 
 
+def _pg_lock(connection) -> None:  # type: ignore[no-untyped-def]
+    """Take the advisory lock (released with the transaction), saying that it waits and giving up
+    after the wait the SQLite lock file allows: a migration stuck in another instance must not
+    hold this one's start-up silently for ever. The wait is the server's (``lock_timeout``), not a
+    polling loop: this runs on a daemon thread that must sit still while the process exits."""
+    if connection.execute(text(f"SELECT pg_try_advisory_xact_lock({LOCK_ID})")).scalar():
+        return
+    log.warning("waiting for the migration lock (PostgreSQL advisory lock %d: another gateway or "
+                "`gateway db upgrade` holds it)", LOCK_ID)
+    wait = gdb.MIGRATION_LOCK_WAIT
+    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}"))
+    try:
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({LOCK_ID})"))
+    except DBAPIError as e:
+        if getattr(e.orig, "sqlstate", None) != "55P03" and "lock timeout" not in str(e):
+            raise
+        raise gdb.DatabaseError(f"the migration lock (PostgreSQL advisory lock {LOCK_ID}) was held by another "
+                                f"session for {wait:g}s; is a migration stuck?") from None
+    connection.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+
+
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      render_as_batch=connection.dialect.name == "sqlite")
+    sqlite = connection.dialect.name == "sqlite"
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite,
+                      transactional_ddl=True)  # (SQLite: see _transactional_sqlite)
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
-            connection.execute(text(f"SELECT pg_advisory_xact_lock({LOCK_ID})"))
+            _pg_lock(connection)
         context.run_migrations()
 
 
+def _transactional_sqlite(engine) -> None:  # type: ignore[no-untyped-def]
+    """The Python sqlite3 driver commits before each DDL statement itself, so the transaction
+    Alembic opens would undo nothing. Turn the driver's transaction handling off and begin the
+    transaction here (as SQLAlchemy documents for pysqlite/aiosqlite), for this engine only: the
+    gateway's own connections keep the driver's behaviour. IMMEDIATE: the write lock at once."""
+    @event.listens_for(engine.sync_engine, "connect")
+    def _no_driver_transactions(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 async def _online(url: str) -> None:
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    engine = create_async_engine(url, poolclass=pool.NullPool, **gdb.engine_options(url))
+    if engine.dialect.name == "sqlite":
+        _transactional_sqlite(engine)
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()

@@ -1,0 +1,340 @@
+"""Deploying on a database that is not the ideal one: a migration cut part-way (SQLite), another
+application's Alembic revisions in the same database, a PostgreSQL role without grants, a database
+that refuses or never answers, a migration lock held by another session, a schema a newer gateway
+migrated, and database URLs the drivers cannot use."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+import gateway.db as gdb
+from gateway.db import Database, DatabaseError, DatabaseUnreachable, alembic_config, upgrade_sync
+
+from .helpers import write_config
+
+
+def heads() -> set[str]:
+    return set(ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_heads())
+
+
+def gateway_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd)
+
+
+def config(tmp_path: Path, url: str, plugins: str = "") -> Path:
+    return write_config(tmp_path / "gateway.yaml", f"admin: {{enabled: false}}\nserver: {{host: 127.0.0.1, port: 0}}\n"
+                                                   f"upstream: {{url: http://127.0.0.1:9}}\n"
+                                                   f"database:\n  url: '{url}'\n{plugins}")
+
+
+def sqlite_state(path: Path) -> tuple[set[str], set[str]]:
+    """(tables, recorded revisions) of a SQLite file."""
+    c = sqlite3.connect(path)
+    try:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        versions = {r[0] for r in c.execute("SELECT version_num FROM alembic_version")} \
+            if "alembic_version" in tables else set()
+        return tables, versions
+    finally:
+        c.close()
+
+
+# -- 1. a migration cut part-way on SQLite ------------------------------------------------------------
+def test_a_failed_sqlite_migration_leaves_the_database_as_it_was(tmp_path: Path, monkeypatch: Any) -> None:
+    """A migration step that fails (a full disk) part-way: nothing of the run stays (no table made
+    without its revision recorded), so the next upgrade succeeds and builds the whole schema."""
+    from alembic.operations import Operations
+
+    path = tmp_path / "cut.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    real = Operations.create_index
+    calls = {"n": 0}
+
+    def failing(self: Any, *a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Operations, "create_index", failing)
+    with pytest.raises(OSError):
+        upgrade_sync(url)
+    assert calls["n"] == 3
+    tables, versions = sqlite_state(path)
+    assert versions == set() and tables <= {"alembic_version"}  # as before the run: empty
+    monkeypatch.setattr(Operations, "create_index", real)
+    assert set(upgrade_sync(url)) == heads()
+    tables, versions = sqlite_state(path)
+    assert versions == heads()
+    assert {"api_keys", "audit_events", "conversations", "rate_limit_quota_usage"} <= tables
+
+
+CUT = """
+import os, sys
+from alembic.operations import Operations
+real, n = Operations.create_index, [0]
+def cut(self, *a, **k):
+    n[0] += 1
+    if n[0] == 3:
+        os._exit(9)  # killed part-way (a deploy tool's timeout, the OOM killer)
+    return real(self, *a, **k)
+Operations.create_index = cut
+from gateway.db import upgrade_sync
+upgrade_sync(sys.argv[1])
+"""
+
+
+def test_a_killed_sqlite_migration_can_be_run_again(tmp_path: Path) -> None:
+    path = tmp_path / "killed.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    r = subprocess.run([sys.executable, "-c", CUT, url], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 9, r.stderr
+    r = gateway_cli("db", "upgrade", "-c", str(config(tmp_path, url)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sqlite_state(path)[1] == heads()
+
+
+# -- 2. another application's alembic_version ---------------------------------------------------------
+def test_another_applications_revisions_are_a_clear_error(tmp_path: Path, capsys: Any) -> None:
+    """An alembic_version row in Alembic's default id form is not a newer gateway's: serve and
+    `gateway db upgrade` refuse with one line (instead of starting with no tables)."""
+    path = tmp_path / "shared.db"
+    c = sqlite3.connect(path)
+    c.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL PRIMARY KEY)")
+    c.execute("INSERT INTO alembic_version VALUES ('3f2a9c1b7d4e')")
+    c.commit()
+    c.close()
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{path}", "plugins:\n  - name: audit\n")
+    from gateway.cli import main
+
+    r = gateway_cli("serve", "-c", str(cfg), cwd=tmp_path)
+    errors = [(r.returncode, r.stderr)]
+    for args in (["db", "upgrade"], ["db", "current"], ["keys", "list"]):
+        errors.append((main([*args, "-c", str(cfg)]), capsys.readouterr().err))
+    for rc, err in errors:
+        assert rc == 1, err
+        assert "alembic_version holds revisions of another application (3f2a9c1b7d4e)" in err, err
+        assert "its own database or schema" in err and "Traceback" not in err
+    assert "audit_events" not in sqlite_state(path)[0]
+
+
+async def test_a_newer_gateways_revision_is_still_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await asyncio.to_thread(upgrade_sync, url)
+    c = sqlite3.connect(path)
+    c.execute("UPDATE alembic_version SET version_num = 'key_auth_0003' WHERE version_num = 'key_auth_0002'")
+    c.commit()
+    c.close()
+    db = Database(url)
+    try:
+        assert await db.pending_migrations() == []
+        assert "key_auth_0003" in await db.upgrade()
+    finally:
+        await db.close()
+
+
+# -- 6. `gateway db upgrade` on a schema a newer gateway migrated --------------------------------------
+def test_db_upgrade_on_a_newer_schema_has_nothing_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    upgrade_sync(url)
+    c = sqlite3.connect(path)
+    c.execute("UPDATE alembic_version SET version_num = 'key_auth_0003' WHERE version_num = 'key_auth_0002'")
+    c.commit()
+    c.close()
+    r = gateway_cli("db", "upgrade", "-c", str(config(tmp_path, url)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "already migrated further by a newer gateway (key_auth_0003): nothing to do" in r.stdout
+    assert "Can't locate revision" not in r.stdout + r.stderr
+    assert "key_auth_0003" in sqlite_state(path)[1]
+
+
+# -- 4. a database that refuses or never answers ------------------------------------------------------
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose connections are accepted (by the kernel's backlog) and never answered."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def test_a_database_that_never_answers_is_named_in_the_error(silent_port: int, monkeypatch: Any) -> None:
+    monkeypatch.setattr(gdb, "CONNECT_TIMEOUT", 0.5)
+    db = Database(f"postgresql+asyncpg://gw:s3cretpw@127.0.0.1:{silent_port}/gw")
+    try:
+        with pytest.raises(DatabaseUnreachable) as e:
+            await db.check()
+    finally:
+        await db.close()
+    assert str(e.value) == f"database postgresql+asyncpg://gw:***@127.0.0.1:{silent_port}/gw unreachable: TimeoutError"
+
+
+async def test_the_url_may_set_the_connect_timeout(silent_port: int) -> None:
+    """asyncpg's ``?timeout=`` in the URL (which the driver would get as a string) sets the limit."""
+    db = Database(f"postgresql+asyncpg://gw@127.0.0.1:{silent_port}/gw?timeout=0.3")
+    try:
+        with pytest.raises(DatabaseUnreachable, match=r"gw\?timeout=0.3 unreachable: TimeoutError$"):
+            await db.ping(timeout=30) or await db.check()
+    finally:
+        await db.close()
+
+
+def test_cli_says_which_database_never_answered(tmp_path: Path, silent_port: int, monkeypatch: Any,
+                                                capsys: Any) -> None:
+    from gateway.cli import main
+
+    monkeypatch.setattr(gdb, "CONNECT_TIMEOUT", 0.5)
+    cfg = config(tmp_path, f"postgresql+asyncpg://gw:s3cretpw@127.0.0.1:{silent_port}/gw")
+    assert main(["db", "current", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"gateway db: error: database postgresql+asyncpg://gw:***@127.0.0.1:{silent_port}/gw "
+                           "unreachable: TimeoutError")
+
+
+def test_serve_and_cli_say_the_database_refused(tmp_path: Path, capsys: Any) -> None:
+    from gateway.cli import main
+
+    port = closed_port()
+    cfg = config(tmp_path, f"postgresql+asyncpg://gw:s3cretpw@127.0.0.1:{port}/gw", "plugins:\n  - name: audit\n")
+    want = f"database postgresql+asyncpg://gw:***@127.0.0.1:{port}/gw unreachable: ConnectionRefusedError"
+    r = gateway_cli("serve", "-c", str(cfg), cwd=tmp_path)
+    said = [(r.returncode, r.stdout + r.stderr)]
+    for args in (["db", "upgrade"], ["keys", "list"]):
+        rc = main([*args, "-c", str(cfg)])
+        out = capsys.readouterr()
+        said.append((rc, out.out + out.err))
+    for rc, text_ in said:
+        assert rc == 1, text_
+        assert want in text_, text_
+        assert "s3cretpw" not in text_ and "Traceback" not in text_
+
+
+SILENT_BACKEND = """
+import sys
+from gateway.cli import main
+from gateway.plugin import Plugin, registry
+
+class SilentBackend(Plugin):
+    name = "t_silent_backend"
+
+    async def startup(self):
+        raise TimeoutError()  # (its message is empty)
+
+registry.register(SilentBackend)
+sys.exit(main(["serve", "-c", sys.argv[1]]))
+"""
+
+
+def test_a_start_up_error_without_a_message_shows_its_type(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "gateway.yaml", "admin: {enabled: false}\nserver: {host: 127.0.0.1, port: 0}\n"
+                                                   "upstream: {url: http://127.0.0.1:9}\nlogging: {format: text}\n"
+                                                   "plugins:\n  - name: t_silent_backend\n")
+    r = subprocess.run([sys.executable, "-c", SILENT_BACKEND, str(cfg)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 1, r.stderr
+    assert "start-up failed: TimeoutError" in r.stderr, r.stderr
+
+
+# -- 3. a PostgreSQL role without grants on the gateway's tables ---------------------------------------
+async def pg_execute(url: str, *sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        for q in sql:
+            await conn.execute(q)
+    finally:
+        await conn.close()
+
+
+async def test_postgresql_start_checks_the_roles_privileges(pg_url: str) -> None:
+    owner = Database(pg_url)
+    try:
+        await owner.upgrade()
+    finally:
+        await owner.close()
+    role = "gw_app_" + make_url(pg_url).database[-8:]
+    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN', f'GRANT CONNECT ON DATABASE "{make_url(pg_url).database}" '
+                                                            f'TO "{role}"',
+                     f'GRANT SELECT ON alembic_version, api_keys TO "{role}"',
+                     f'GRANT INSERT, UPDATE, DELETE ON api_keys TO "{role}"')
+    app_url = make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+    app = Database(app_url)
+    try:
+        with pytest.raises(DatabaseError) as e:
+            await app.check()
+        msg = str(e.value)
+        assert f"the database role {role} lacks privileges" in msg
+        assert "audit_events: DELETE, INSERT, SELECT" in msg and "api_key_usage_daily: " in msg
+        assert "api_keys:" not in msg and "alembic_version" not in msg  # granted
+        await pg_execute(pg_url, f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        assert await app.check() == {}
+    finally:
+        await app.close()
+
+
+# -- 5. the PostgreSQL migration lock held by another session ------------------------------------------
+LOCK_ID = 0x6761746577  # (migrations/env.py's)
+
+
+async def test_postgresql_migration_lock_wait_is_said_and_bounded(pg_url: str, monkeypatch: Any,
+                                                                  caplog: Any) -> None:
+    import asyncpg
+
+    monkeypatch.setattr(gdb, "MIGRATION_LOCK_WAIT", 0.5)
+    holder = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    db = Database(pg_url)
+    try:
+        await holder.execute(f"SELECT pg_advisory_lock({LOCK_ID})")
+        with caplog.at_level(logging.WARNING, logger="gateway.db"):
+            with pytest.raises(DatabaseError, match="the migration lock .* was held by another session for 0.5s"):
+                async with asyncio.timeout(60):  # (a wait without end fails the test instead of hanging it)
+                    await db.upgrade()
+        assert "waiting for the migration lock" in caplog.text
+        await holder.execute(f"SELECT pg_advisory_unlock({LOCK_ID})")
+        assert set(await db.upgrade()) == heads()
+        async with db.engine.connect() as c:
+            assert {r[0] for r in await c.execute(text("SELECT version_num FROM alembic_version"))} == heads()
+    finally:
+        await holder.close()
+        await db.close()
+
+
+# -- 7. database URLs the drivers cannot use ------------------------------------------------------------
+@pytest.mark.parametrize("url,want", [
+    ("sqlite+aiosqlite:///:memory:", "in-memory SQLite databases are not supported (use a file"),
+    ("sqlite+aiosqlite://", "in-memory SQLite databases are not supported (use a file"),
+    ("postgresql+asyncpg://gw@127.0.0.1/gw?sslmode=require", "the asyncpg driver takes ssl= instead"),
+])
+def test_database_urls_the_drivers_cannot_use(tmp_path: Path, url: str, want: str) -> None:
+    from gateway.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(config(tmp_path, url), env={"GATEWAY_ADMIN_TOKEN": "x" * 32})
+    assert want in str(e.value) and "database.url" in str(e.value), str(e.value)
