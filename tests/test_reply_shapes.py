@@ -12,11 +12,11 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from sqlalchemy import select
 
-from gateway.plugins.conversations.store import M, T, row_message
+from gateway.plugins.conversations.store import row_message
 
 from .helpers import free_port
+from .test_conversations import stored as rows, turns as turn_rows
 
 REFUSAL = "I can't help with that."
 CALL = {"role": "assistant", "content": None, "tool_calls": [
@@ -127,17 +127,6 @@ async def post(g: Any, messages: list[dict[str, Any]], model: str, cid: str | No
                           headers=h, timeout=aiohttp.ClientTimeout(total=20)) as r:
             assert r.status == 200, await r.text()
             return dict(r.headers), (await r.text() if body.get("stream") else await r.json())
-
-
-async def rows(g: Any, cid: str) -> list[Any]:
-    await g.plugin("conversations").flush()
-    async with g.gw.db.engine.connect() as conn:
-        return list((await conn.execute(select(M).where(M.c.conversation_id == cid).order_by(M.c.position))).all())
-
-
-async def turn_rows(g: Any, cid: str) -> list[Any]:
-    async with g.gw.db.engine.connect() as conn:
-        return list((await conn.execute(select(T).where(T.c.conversation_id == cid).order_by(T.c.id))).all())
 
 
 async def test_streamed_refusal_is_stored_counted_replayed_and_matches_when_resent(make_gateway: Any,
