@@ -621,3 +621,17 @@ async def test_an_answer_stored_first_as_history_gets_its_own_metadata(make_gate
         await asyncio.sleep(0.1)
     assert [r[1] for r in rows] == ["user", "assistant", "user", "assistant", "user", "assistant"]
     assert rows[3][2:] == (rid2, "complete", usage2["completion_tokens"], 0), rows
+
+
+async def test_written_turns_leave_the_cache(make_gateway: Any, tmp_path: Path) -> None:
+    """Conversations used once (a request without X-Conversation-ID, never continued) stay in the
+    cache; once their turn is written the entry must not hold it (its message bodies): the
+    gateway's memory grew by each request's whole prompt and answer, up to the cache's 10,000
+    entries."""
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"})
+    for i in range(5):
+        status, _, _ = await chat(g, [{"role": "user", "content": f"{i} " + "x" * 100_000}])
+        assert status == 200
+    await g.plugin("conversations").flush()
+    views = g.plugin("conversations").shared.views
+    assert len(views) == 5 and [len(v.records) for v in views.values()] == [0] * 5

@@ -242,8 +242,14 @@ class Shared:
             for r in batch:
                 r.failed_at = t
             raise
+        views = self.views
         for r in batch:
             r.done = True
+            # Written: the cache entry lets go of it (and of its message bodies) now, not only when
+            # its conversation is next used; a one-off conversation never is.
+            v = views.get(r.conversation_id)
+            if v is not None and v.records:
+                v.pending()
         for cid in missing:
             self.views.pop(cid, None)
             self.skipped.labels("deleted").inc()
