@@ -72,11 +72,23 @@ class ServerConfig(Model):
         return v
 
     def model_post_init(self, _: Any) -> None:
-        self._networks = [ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies]
+        self._networks = [_ipv4_unmapped(ipaddress.ip_network(c, strict=False)) for c in self.trusted_proxies]
 
     @property
     def networks(self) -> list[Any]:
         return self._networks
+
+
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _ipv4_unmapped(net: Any) -> Any:
+    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 network it maps
+    (``10.0.0.0/8``): client addresses are compared in IPv4 form (a dual-stack socket's
+    ``::ffff:10.1.2.3`` is ``10.1.2.3``), so the mapped form would match no client."""
+    if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_IPV4_MAPPED):
+        return ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
+    return net
 
 
 class AdminConfig(Model):

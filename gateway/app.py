@@ -114,9 +114,13 @@ class Gateway:
                 log.warning("the admin listener is off (no `admin:` section, or enabled: false): %s %s no "
                             "admin API here (/metrics, /keys, /audit, /conversations, /config/reload)",
                             ", ".join(needs), "has" if len(needs) == 1 else "have")
+
+        def host_port(host: str, port: int | None) -> str:  # (an IPv6 address in brackets: [::1]:8080)
+            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
         log.info("gateway listening", extra={"fields": {
-            "public": f"{self.cfg.server.host}:{self.public_port}",
-            "admin": f"{self.cfg.admin.host}:{self.admin_port}" if self._admin else None,
+            "public": host_port(self.cfg.server.host, self.public_port),
+            "admin": host_port(self.cfg.admin.host, self.admin_port) if self._admin else None,
             "upstream": redact_url(self.cfg.upstream.url), "plugins": [p.name for p in self.cfg.plugins if p.enabled]}})
 
     # Plugin middlewares and TraceConfigs, each object mounted once per process (a reload collects

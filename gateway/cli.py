@@ -65,18 +65,72 @@ def open_database(cfg: GatewayConfig, migrate: bool = True) -> Any:
     return db
 
 
+#: The largest count a command line option takes (``--limit``, ``-n``) when it names none of its
+#: own: more than any listing holds, and small enough for every database's integer (a bigger one
+#: failed inside the driver with an OverflowError instead of a usage error).
+MAX_WHOLE = 2**31 - 1
+
+
 def whole_number(lo: int = 1, hi: int | None = None) -> "Callable[[str], int]":
-    """An argparse type: a whole number in lo..hi (no upper bound when hi is None)."""
+    """An argparse type: a whole number in lo..hi (hi defaults to MAX_WHOLE)."""
+    top = MAX_WHOLE if hi is None else hi
+
     def parse(v: str) -> int:
         try:
             n = int(v)
-        except ValueError:
+        except ValueError:  # (also a number of more digits than int() converts)
             raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
-        if n < lo or (hi is not None and n > hi):
-            raise argparse.ArgumentTypeError(f"must be {lo}..{hi}: {v!r}" if hi is not None
-                                             else f"must be at least {lo}: {v!r}")
+        if not lo <= n <= top:
+            raise argparse.ArgumentTypeError(f"must be {lo}..{top}: {v!r}")
         return n
     return parse
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a CLI command (systemd stopping it, `timeout`, a closed terminal):
+    raised like Ctrl-C's KeyboardInterrupt, so the same cleanup runs (an export cut short is
+    audited, its temporary file removed); the exit code is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, encoding: str) -> Any:
+    """A file to write ``path``'s new content to: a temporary file next to it that replaces it
+    only when the block ends without an exception, so an export cut short (Ctrl-C, SIGTERM, a
+    full disk) never replaces a complete earlier file with a partial one. Not a regular file
+    (/dev/stdout, a FIFO): written directly, as there is nothing to replace."""
+    import stat
+    import tempfile
+
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with open(path, "w", encoding=encoding) as f:
+            yield f
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        # the mode open(path, "w") would have given (the existing file's, else 0666 less the umask)
+        if st is not None:
+            mode = stat.S_IMODE(st.st_mode)
+        else:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        os.chmod(tmp, mode)
+        with open(fd, "w", encoding=encoding) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class NoDatabase(Exception):
@@ -276,10 +330,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def url_host(host: str) -> str:
+    """``host`` as the host part of a URL a client can call: a wildcard address as the loopback
+    address it also answers on (``::`` binds IPv6 only, so ``[::1]``), an IPv6 address in
+    brackets (``http://::1:8080`` is not a URL curl takes)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def demo_instructions(gw: Any, found: dict[str, str], admin_token: str) -> str:
-    host = gw.cfg.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base = f"http://{host}:{gw.public_port}"
+    base = f"http://{url_host(gw.cfg.server.host)}:{gw.public_port}"
     key = found.get("api_key")
     auth = f" \\\n  -H 'Authorization: Bearer {key}'" if key else ""
     lines = [
@@ -288,7 +351,7 @@ def demo_instructions(gw: Any, found: dict[str, str], admin_token: str) -> str:
         f"  public listener : {base}  ->  demo backend {gw.cfg.upstream.url}",
     ]
     if gw.admin_port:
-        lines.append(f"  admin listener  : http://{gw.cfg.admin.host}:{gw.admin_port}  (admin token: {admin_token})")
+        lines.append(f"  admin listener  : http://{url_host(gw.cfg.admin.host)}:{gw.admin_port}  (admin token: {admin_token})")
     if key:
         lines.append(f"  demo API key    : {key}   (shown once; only its hash is stored)")
     for k, v in found.items():
@@ -362,26 +425,117 @@ def redact_url(url: str) -> str:
     return mask_secret_params(_URL_USERINFO.sub(r"\1***@", url))
 
 
+#: Commands that run listeners and handle their own signals (a graceful drain on SIGTERM, a
+#: config reload on SIGHUP).
+_SERVING = ("serve", "demo")
+
+
+class _QuietStream:
+    """stderr for a CLI command: a message that cannot be written (``2>&1 | head`` after the
+    reader left) is lost, but does not turn the command's own exit code into another one."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        try:
+            return self._stream.write(s)
+        except (OSError, ValueError):
+            return len(s)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    """After a write to stdout failed: nothing more is written there (the interpreter's flush at
+    exit would fail again, and print a traceback)."""
+    with contextlib.suppress(OSError):
+        sys.stdout = open(os.devnull, "w")
+
+
+_received: list[int] = []  # SIGTERM / SIGHUP received during the command
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM / SIGHUP as Ctrl-C. Inside asyncio.run, like asyncio's own SIGINT handling: the
+    main task is cancelled (its ``finally`` blocks run and can still await: an export's audit
+    event is flushed) and asyncio.run raises KeyboardInterrupt; a KeyboardInterrupt raised
+    in the middle of the event loop would instead cancel every task at once, the audit writer's
+    too. Outside an event loop: raised here."""
+    import functools
+    import signal
+
+    _received.append(signum)
+    h = signal.getsignal(signal.SIGINT)
+    if isinstance(h, functools.partial) and isinstance(getattr(h.func, "__self__", None), asyncio.Runner):
+        h(signal.SIGINT, frame)  # (a second signal raises KeyboardInterrupt there)
+        return
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        rc = args.func(args)
-    except KeyboardInterrupt:
-        rc = 130
-    except BrokenPipeError:  # the output went to `head` or a pager that stopped reading: not an error
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
-        rc = 0
-    except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
-        from .db import DatabaseError
+    serving = args.command in _SERVING
+    if not serving and sys.stdout is None and not getattr(args, "output", None):
+        # (started with stdout closed, `>&-`: print() would drop everything and exit 0)
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print(f"gateway {args.command}: error: stdout is closed", file=sys.stderr)
+        return 1
+    import signal
+    import threading
 
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        # The gateway's own database errors say what failed (and which database) themselves.
-        kind = "" if isinstance(e, DatabaseError) and first else f"{type(e).__name__}"
-        print(f"gateway {args.command}: error: {kind}" + (": " if kind and first else "")
-              + (redact_url(first) if first else ""), file=sys.stderr)
-        rc = 1
+    handlers: dict[int, Any] = {}
+    if not serving and threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                handlers[sig] = signal.signal(sig, _on_signal)
+    real_stderr = sys.stderr
+    if not serving and real_stderr is not None:
+        sys.stderr = _QuietStream(real_stderr)
+    _received.clear()
+    try:
+        try:
+            rc = args.func(args)
+        except KeyboardInterrupt:  # Ctrl-C 130, SIGTERM 143, SIGHUP 129
+            rc = 128 + (_received[0] if _received else signal.SIGINT)
+        except BrokenPipeError:
+            # The output went to `head` or a pager that stopped reading before the command was
+            # done: not an error (a command that failed says so with its own exit code first).
+            _discard_stdout()
+            rc = 0
+        except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
+            from .db import DatabaseError
+
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            # The gateway's own database errors say what failed (and which database) themselves.
+            kind = "" if isinstance(e, DatabaseError) and first else f"{type(e).__name__}"
+            print(f"gateway {args.command}: error: {kind}" + (": " if kind and first else "")
+                  + (redact_url(first) if first else ""), file=sys.stderr)
+            rc = 1
+        # What is still buffered is written now, where a failure can keep the exit code: a closed
+        # pipe leaves it as the command said, a full disk makes a success an error.
+        try:
+            if not serving and sys.stdout is not None:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            _discard_stdout()
+        except (OSError, ValueError) as e:
+            _discard_stdout()
+            print(f"gateway {args.command}: error: cannot write the output: {e}", file=sys.stderr)
+            rc = rc or 1
+    finally:
+        if isinstance(sys.stderr, _QuietStream):
+            sys.stderr = real_stderr
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     return int(rc or 0)
 
 

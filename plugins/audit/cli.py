@@ -80,14 +80,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"gateway audit: {e}", file=sys.stderr)
         return 2
+    # (Ctrl-C, SIGTERM and a closed pipe are gateway.cli.main's: exit 130 / 143, or 0 for `| head`)
     try:
         return asyncio.run(_run(cfg, args, f))
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
     except Exception as e:
-        if args.audit_command != "verify":
+        if args.audit_command != "verify" or isinstance(e, BrokenPipeError):
             raise  # (gateway.cli.main: one line, exit 1)
         return _verify_failed(args, e)
 
@@ -100,8 +97,39 @@ def _verify_failed(args: argparse.Namespace, e: Exception) -> int:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     msg = redact_url(f"{type(e).__name__}: {first}" if first else type(e).__name__)
     if args.json:
-        print(json.dumps({"ok": None, "error": msg}, indent=2))
+        _report(json.dumps({"ok": None, "error": msg}, indent=2))
     print(f"gateway audit verify: could not verify: {msg}", file=sys.stderr)
+    return EXIT_VERIFY_ERROR
+
+
+def _report(text: str) -> str | None:
+    """Print ``text`` to stdout now (flushed, so a failure shows here): None, or why it could
+    not be written. After a failure stdout is not written to again."""
+    import contextlib
+    import os
+
+    try:
+        if sys.stdout is None:
+            return "stdout is closed"
+        print(text)
+        sys.stdout.flush()
+        return None
+    except (OSError, ValueError) as e:
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
+        return "closed pipe" if isinstance(e, BrokenPipeError) else str(e)
+
+
+def _verify_exit(ok: bool, failure: str | None) -> int:
+    """The exit code of a verify whose verdict is ``ok`` and whose report failed as ``failure``
+    says: a broken chain is 1 whatever became of the report (an alert must not miss it); an
+    intact one whose report was lost is 3, "could not verify", as nobody saw the verdict; a
+    closed pipe (`| grep -q`, `| true`) keeps the verdict, like any command's output to `head`."""
+    if not ok:
+        return 1
+    if failure is None or failure == "closed pipe":
+        return 0
+    print(f"gateway audit verify: could not verify: the report could not be written: {failure}", file=sys.stderr)
     return EXIT_VERIFY_ERROR
 
 
@@ -113,12 +141,10 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
     try:
         cmd = args.audit_command
         if cmd == "verify":
-            res = await store.verify(db)
-            if args.json:
-                print(json.dumps({**res.as_dict(), "message": res.message()}, indent=2))
-            else:
-                print(res.message())
-            return 0 if res.ok else 1
+            res = await store.verify(db)  # (the verdict first: the report may fail to be written)
+            failure = _report(json.dumps({**res.as_dict(), "message": res.message()}, indent=2) if args.json
+                              else res.message())
+            return _verify_exit(res.ok, failure)
         if cmd == "query":
             data, _ = await store.query(db, f, limit=args.limit, order="asc" if args.asc else "desc")
             _emit(data)
@@ -135,32 +161,44 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
                     last = int(r.seq)
             return 0
         if cmd == "export":
-            out = open(args.output, "w", encoding="ascii") if args.output else sys.stdout
+            if not args.output:
+                await _export(db, args, f, sys.stdout, [0])
+                return 0
+            # -o: a temporary file replaces the file only when complete (an export cut short
+            # must not leave a partial file, or invalid JSON, where a complete one was).
+            count = [0]
             try:
-                first = True
-                if args.format == "json":
-                    out.write("[")
-                async with store.snapshot(db) as conn:  # (a purge meanwhile leaves no gap in it)
-                    async for r in store.iter_rows(db, f=f or None, conn=conn):
-                        ev = json.loads(r.data)
-                        if args.with_chain:
-                            # the hashed text itself: a re-check needs no re-serialisation
-                            ev["prev_hash"], ev["hash"], ev["record"] = r.prev_hash, r.hash, r.data
-                        if args.format == "json":
-                            out.write(("\n" if first else ",\n") + jsonl(ev))
-                        else:
-                            out.write(jsonl(ev) + "\n")
-                        first = False
-                if args.format == "json":
-                    out.write("\n]\n")
-            finally:
-                if out is not sys.stdout:
-                    out.close()
+                with core_cli.atomic_output(args.output, "ascii") as out:
+                    await _export(db, args, f, out, count)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                print(f"export interrupted after {count[0]} records; {args.output} left unchanged", file=sys.stderr)
+                raise
             return 0
         return 2
     finally:
         await services.close()
         await db.close()
+
+
+async def _export(db: Any, args: argparse.Namespace, f: dict[str, Any], out: Any, count: list[int]) -> None:
+    """Every matching event to ``out``; ``count[0]`` says how many were written so far."""
+    first = True
+    if args.format == "json":
+        out.write("[")
+    async with store.snapshot(db) as conn:  # (a purge meanwhile leaves no gap in it)
+        async for r in store.iter_rows(db, f=f or None, conn=conn):
+            ev = json.loads(r.data)
+            if args.with_chain:
+                # the hashed text itself: a re-check needs no re-serialisation
+                ev["prev_hash"], ev["hash"], ev["record"] = r.prev_hash, r.hash, r.data
+            if args.format == "json":
+                out.write(("\n" if first else ",\n") + jsonl(ev))
+            else:
+                out.write(jsonl(ev) + "\n")
+            first = False
+            count[0] += 1
+    if args.format == "json":
+        out.write("\n]\n")
 
 
 def _emit(events: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import re
 import sys
@@ -95,8 +96,12 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
         except ValueError:
             print("--since/--until must be ISO 8601 times", file=sys.stderr)
             return 2
-        data, nxt = await store.list(owner=args.owner, key_id=args.key_id, since=since, until=until,
-                                     q=args.query, limit=args.limit, cursor=args.cursor)
+        try:
+            data, nxt = await store.list(owner=args.owner, key_id=args.key_id, since=since, until=until,
+                                         q=args.query, limit=args.limit, cursor=args.cursor)
+        except ValueError as e:  # (only a --cursor that is not one of ours: a usage error)
+            print(f"--cursor: {e}", file=sys.stderr)
+            return 2
         lines = [f"{'ID':<28} {'OWNER':<20} {'MSGS':>5} {'TOKENS':>8}  UPDATED"]
         for d in data:
             lines.append(f"{d['id']:<28} {cli.terminal_text(d['owner'][:20]):<20} {d['message_count']:>5} "
@@ -108,7 +113,7 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
     if c == "show":
         conv = await store.get(args.id)
         if conv is None:
-            print(f"no conversation {args.id}", file=sys.stderr)
+            print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
             return 1
         msgs, more = await store.messages(args.id, limit=args.limit)
         lines = [f"{conv['id']}  owner={cli.terminal_text(conv['owner'])}  messages={conv['message_count']}"
@@ -128,32 +133,35 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             print("give a conversation id or --owner", file=sys.stderr)
             return 2
         if args.id and await store.get(args.id) is None:
-            print(f"no conversation {args.id}", file=sys.stderr)
+            print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
             return 1
-        f = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
         n = pending = 0  # lines handed to the OS / lines still in the file buffer
         complete = False
+        # -o: a temporary file replaces the file only when complete (an export cut short must not
+        # leave a partial file where a complete one was).
+        target = cli.atomic_output(args.output, "utf-8") if args.output else contextlib.nullcontext(sys.stdout)
         try:
-            async for m in store.export(cid=args.id, owner=args.owner):
-                f.write(dumps(m) + "\n")
-                pending += 1
-                if pending >= 200:
-                    f.flush()
-                    n, pending = n + pending, 0
-            f.flush()
-            n, pending, complete = n + pending, 0, True
+            with target as f:
+                async for m in store.export(cid=args.id, owner=args.owner):
+                    f.write(dumps(m) + "\n")
+                    pending += 1
+                    if pending >= 200:
+                        f.flush()
+                        n, pending = n + pending, 0
+                f.flush()
+                n, pending, complete = n + pending, 0, True
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            if args.output:
+                print(f"export interrupted after {n + pending} records; {args.output} left unchanged", file=sys.stderr)
+            raise
         finally:
-            # An export cut short (`| head`, Ctrl-C, a full disk) is recorded too, with what was
-            # actually written, like the admin API's (an audit trail that only sees finished
-            # exports misses the ones that leaked part of the data).
-            try:
-                if args.output:
-                    f.close()
-            finally:
-                # (cut short: the lines still in the buffer count too, as the ones the OS took may
-                # have been flushed earlier than ours, in part: what may have left, not less)
-                services.events.emit("conversation.exported", actor="cli", conversation_id=args.id,
-                                     owner=args.owner, messages=n + pending, complete=complete)
+            # An export cut short (`| head`, Ctrl-C, SIGTERM, a full disk) is recorded too, with
+            # what was actually written, like the admin API's (an audit trail that only sees
+            # finished exports misses the ones that leaked part of the data).
+            # (cut short: the lines still in the buffer count too, as the ones the OS took may
+            # have been flushed earlier than ours, in part: what may have left, not less)
+            services.events.emit("conversation.exported", actor="cli", conversation_id=args.id,
+                                 owner=args.owner, messages=n + pending, complete=complete)
         if args.output:
             print(f"exported {n} message(s) to {args.output}", file=sys.stderr)
         return 0
@@ -165,7 +173,7 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             ok = await store.delete(args.id)
             n = 1 if ok else 0
             if not ok:
-                print(f"no conversation {args.id}", file=sys.stderr)
+                print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
                 return 1
         else:
             n = len(await store.delete_owner(args.owner))

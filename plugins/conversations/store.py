@@ -295,10 +295,15 @@ def text_ok(s: str) -> bool:
 
 
 def parse_time(s: str) -> dt.datetime:
-    """ISO 8601 (``Z`` or offset allowed) to naive UTC."""
-    t = dt.datetime.fromisoformat(s.strip().replace("Z", "+00:00"))
-    if t.tzinfo is not None:
-        t = t.astimezone(UTC).replace(tzinfo=None)
+    """ISO 8601 (``Z`` or offset allowed) to naive UTC. A time UTC cannot hold
+    (``9999-12-31T23:59:59-05:00``) is a ValueError like any other bad time: the callers' 400 /
+    exit 2, not an OverflowError's 500."""
+    try:
+        t = dt.datetime.fromisoformat(s.strip().replace("Z", "+00:00"))
+        if t.tzinfo is not None:
+            t = t.astimezone(UTC).replace(tzinfo=None)
+    except (OverflowError, OSError):
+        raise ValueError(f"time out of range: {s!r}") from None
     return t
 
 

@@ -154,6 +154,11 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         c = args.keys_command
         if c == "create":
             ch = _changes(args)
+            exp = ch.get("expires_at")
+            if exp is not None and exp <= dt.datetime.now(dt.timezone.utc):
+                # (a key that is expired when made is a typo, not a key anyone can use)
+                print(f"gateway keys: --expires {exp.isoformat()} is in the past", file=sys.stderr)
+                return 2
             problem = _invalid(CreateKey, {"owner": args.owner, "name": ch.get("name") or "", "team": ch.get("team"),
                                            "metadata": ch.get("metadata") or {}, "scopes": ch.get("scopes") or {},
                                            "limits": ch.get("limits") or {}, "expires_at": ch.get("expires_at")})
