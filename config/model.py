@@ -177,7 +177,7 @@ class DatabaseConfig(Model):
         if v.startswith("sqlite"):
             name = v.split("://", 1)[1].split("?", 1)[0].lstrip("/")
             mode = parse_qs(urlsplit(v).query).get("mode", [""])[0]
-            if name in ("", ":memory:") or mode == "memory":
+            if name in ("", ":memory:") or name.startswith("file::memory:") or mode == "memory":
                 # (each pooled connection would get its own empty database, gone at exit)
                 raise ValueError("in-memory SQLite databases are not supported (use a file, e.g. "
                                  "sqlite+aiosqlite:///gateway.db)")

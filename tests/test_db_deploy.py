@@ -330,6 +330,7 @@ async def test_postgresql_migration_lock_wait_is_said_and_bounded(pg_url: str, m
 @pytest.mark.parametrize("url,want", [
     ("sqlite+aiosqlite:///:memory:", "in-memory SQLite databases are not supported (use a file"),
     ("sqlite+aiosqlite://", "in-memory SQLite databases are not supported (use a file"),
+    ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true", "in-memory SQLite databases are not supported"),
     ("postgresql+asyncpg://gw@127.0.0.1/gw?sslmode=require", "the asyncpg driver takes ssl= instead"),
 ])
 def test_database_urls_the_drivers_cannot_use(tmp_path: Path, url: str, want: str) -> None:
