@@ -176,7 +176,8 @@ class Proxy:
                     return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
-                if request.method == "POST" and request.path.endswith(_USAGE_PATHS) and self.gw.upstream.stream_usage:
+                if request.method == "POST" and request.path.endswith(_USAGE_PATHS) \
+                        and self.gw.upstream.asks_usage(ctx.settings.upstream):
                     ask_for_usage(ctx)
             if ctx.non_finite:
                 # The plugins that read the body could not (limits by model, memory, recording):
@@ -356,8 +357,7 @@ class Proxy:
                 ctx.strip_usage_chunk = False
                 pending = b""
                 resp = await up.send(ctx, target)
-                if 200 <= resp.status < 300 and up.stream_usage:
-                    up.stream_usage = False
+                if 200 <= resp.status < 300 and up.refused_usage(target):
                     log.warning("the upstream refused stream_options: streams are now sent as the client sent "
                                 "them, and their tokens are counted from the deltas relayed (set "
                                 "upstream.stream_usage: false to say so in the config)")

@@ -65,10 +65,11 @@ class Target:
     """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
     request that began before a reload is sent where, and with the credentials and timeouts, its
     chain's config says (the connection pool is shared)."""
-    __slots__ = ("base", "static_headers", "timeouts", "client_timeout")
+    __slots__ = ("base", "static_headers", "timeouts", "client_timeout", "stream_usage")
 
     def __init__(self, cfg: "UpstreamConfig") -> None:
         self.base = cfg.url
+        self.stream_usage = cfg.stream_usage  # (as configured; see Upstream.asks_usage)
         self.static_headers = dict(cfg.headers)
         t = self.timeouts = cfg.timeouts
         # sock_read bounds the wait for the response head (first_byte); once the head is in,
@@ -79,6 +80,8 @@ class Target:
 
 class Upstream:
     def __init__(self, cfg: "UpstreamConfig", trace_configs: list[Any] | None = None) -> None:
+        #: URLs of upstreams that refused stream_options (learned from their answers)
+        self.usage_refused: set[str] = set()
         self.configure(cfg)
         self._trace_configs = trace_configs or []
         self.session: aiohttp.ClientSession | None = None
@@ -97,12 +100,25 @@ class Upstream:
         u = urlsplit(cfg.url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (443 if u.scheme == "https" else 80)
-        #: Ask for usage on streams (off by config, or once this upstream refused stream_options;
-        #: a reload keeps what was learned unless it changes the URL or the setting).
+        # What was learned about an upstream refusing stream_options holds across reloads, unless
+        # a reload changes its URL or the setting (ops saying it now takes them).
         prev = getattr(self, "_usage_cfg", None)
-        if prev != (cfg.url, cfg.stream_usage):
-            self.stream_usage = cfg.stream_usage
-            self._usage_cfg = (cfg.url, cfg.stream_usage)
+        if prev is not None and prev != (cfg.url, cfg.stream_usage):
+            self.usage_refused.discard(cfg.url)
+        self._usage_cfg = (cfg.url, cfg.stream_usage)
+
+    def asks_usage(self, target: Target) -> bool:
+        """Does the gateway ask ``target`` for usage on streams: configured so, and that upstream
+        (its URL) has not refused stream_options."""
+        return target.stream_usage and target.base not in self.usage_refused
+
+    def refused_usage(self, target: Target) -> bool:
+        """``target``'s upstream refused stream_options: streams go to it as the client sent them.
+        True the first time (to be said in the log)."""
+        if target.base in self.usage_refused:
+            return False
+        self.usage_refused.add(target.base)
+        return True
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,

@@ -285,3 +285,59 @@ async def test_request_begun_before_a_reload_goes_to_its_configs_upstream(make_g
     finally:
         await ra.cleanup()
         await rb.cleanup()
+
+
+async def test_request_begun_before_a_reload_asks_usage_as_its_config_says(make_gateway: Any) -> None:
+    """upstream.stream_usage is the request's config's too: a stream begun under a config that
+    says its upstream takes no stream_options is not sent one because a reload meanwhile points
+    at an upstream that does."""
+    from aiohttp import web
+
+    seen: list[tuple[str, bool]] = []
+
+    async def start(name: str) -> tuple[web.AppRunner, str]:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            seen.append((name, "stream_options" in body))
+            r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await r.prepare(request)
+            await r.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
+            return r
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner, f"http://127.0.0.1:{port}"
+
+    (ra, url_a), (rb, url_b) = await start("a"), await start("b")
+    try:
+        g = await make_gateway([{"name": "metrics"}], upstream={"url": url_a, "stream_usage": False})
+        path = Path(g.gw.cfg.path)
+        gate = asyncio.Event()
+
+        async def body() -> Any:
+            yield b'{"model": "m", "stream": true, '
+            await gate.wait()
+            yield b'"messages": []}'
+
+        async with aiohttp.ClientSession(timeout=T) as s:
+            slow = asyncio.create_task(s.post(g.url + "/v1/chat/completions", data=body(),
+                                              headers={"Content-Type": "application/json"}))
+            for _ in range(200):
+                if g.gw.runtime.inflight:
+                    break
+                await asyncio.sleep(0.01)
+            _edit(path, lambda c: c["upstream"].update(url=url_b, stream_usage=True))
+            assert (await _reload(s, g.admin_url))[0] == 200
+            gate.set()
+            r = await slow
+            assert r.status == 200
+            await r.read()
+            async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r2:
+                await r2.read()
+        assert seen == [("a", False), ("b", True)]
+    finally:
+        await ra.cleanup()
+        await rb.cleanup()
