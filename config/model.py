@@ -40,6 +40,8 @@ class ServerConfig(Model):
                                      "take to send a request head) before it is closed.")
     body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "
                                 "before the request gets 408.")
+    send_timeout: float = Field(60.0, gt=0, description="Seconds a response may wait for a client that reads "
+                                "nothing before it is cut (its upstream connection is then freed).")
     trusted_proxies: list[str] = Field(default_factory=list,
                                        description="CIDRs whose X-Forwarded-For is believed (read right to left).")
     server_timing: bool = Field(False, description="Add a Server-Timing header with each plugin's duration.")

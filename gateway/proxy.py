@@ -438,7 +438,7 @@ class Proxy:
                 if chunk:
                     if sent == 0:
                         ctx.t_first_byte = _perf()
-                    await out.write(chunk)
+                    await _send(ctx, out, chunk)
                     sent += len(chunk)
                 if observer is not None and observer.c.ended and not sized:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
@@ -453,7 +453,7 @@ class Proxy:
             for p in chunk_plugins:
                 tail = await self._on_chunk(ctx, p, tail, True)
             if tail:
-                await out.write(tail)
+                await _send(ctx, out, tail)
                 sent += len(tail)
             ctx.bytes_out = sent
             if not complete:
@@ -462,12 +462,21 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.close()
                 return out
-            await out.write_eof()
+            await _send(ctx, out, None)
             if done_early:
                 DRAINING[resp] = asyncio.create_task(_drain(resp))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ctx.outcome = self._cut()
             ctx.bytes_out = sent
+        except ClientStalled:
+            # The client read nothing for send_timeout: cut, so the upstream connection it held
+            # (the response's reading waits on the client) goes back to the pool.
+            ctx.outcome, ctx.error = "client_disconnected", "client_stalled"
+            ctx.bytes_out = sent
+            log.info("client read nothing for %gs; response cut (request %s)", ctx.settings.send_timeout,
+                     ctx.request_id)
+            if request.transport is not None:
+                request.transport.abort()
         except asyncio.CancelledError:  # the client went away (the server cancels the handler)
             ctx.bytes_out = sent
             raise
@@ -503,6 +512,26 @@ _DRAIN_BYTES = 65536
 #: Upstream responses being read to their end after the client's ended at [DONE] (in the
 #: background: the exchange is over, and the client may go at once).
 DRAINING: dict[aiohttp.ClientResponse, "asyncio.Task[None]"] = {}
+
+
+class ClientStalled(Exception):
+    """The client read nothing for ``server.send_timeout`` while its response waited to be sent."""
+
+
+async def _send(ctx: RequestContext, out: web.StreamResponse, chunk: bytes | None) -> None:
+    """Write ``chunk`` (None: end the response). A write waits only when the client's socket
+    buffers are full (it is not reading): the transport then holds more than its high-water mark
+    (64 KiB), which a write can reach only if something is already held or the chunk is large.
+    Such writes are bounded by send_timeout; the common one is not wrapped in a timer."""
+    transport = ctx.request.transport
+    if transport is None or not (transport.get_write_buffer_size() or (chunk is not None and len(chunk) > 16384)):
+        await (out.write(chunk) if chunk is not None else out.write_eof())
+        return
+    try:
+        async with asyncio.timeout(ctx.settings.send_timeout):
+            await (out.write(chunk) if chunk is not None else out.write_eof())
+    except TimeoutError:
+        raise ClientStalled() from None
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> None:

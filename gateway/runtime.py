@@ -56,12 +56,13 @@ class Settings:
     """What the request handler reads from one config: the server's limits and paths, and the
     upstream target. A runtime keeps its own, so a request is read, checked and sent wholly as the
     config its chain came from says, however many reloads happen meanwhile."""
-    __slots__ = ("max_body", "body_timeout", "trusted", "paths", "server_timing", "upstream")
+    __slots__ = ("max_body", "body_timeout", "send_timeout", "trusted", "paths", "server_timing", "upstream")
 
     def __init__(self, cfg: "GatewayConfig") -> None:
         s = cfg.server
         self.max_body = s.max_body_size
         self.body_timeout = s.body_timeout
+        self.send_timeout = s.send_timeout
         self.trusted = s.networks
         self.paths = tuple(s.paths)
         self.server_timing = s.server_timing

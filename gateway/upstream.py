@@ -43,6 +43,7 @@ CTL_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 _ctl_warned = [-1e9]
+_pool_warned = [-1e9]
 
 
 def failure(e: BaseException) -> str:
@@ -197,6 +198,14 @@ class Upstream:
                                               timeout=target.client_timeout)
         except aiohttp.ConnectionTimeoutError:
             ctx.outcome = "upstream_timeout"
+            busy = self.pool_full()
+            if busy:
+                if time.monotonic() - _pool_warned[0] >= 10:  # (a burst of them: one line in ten seconds)
+                    _pool_warned[0] = time.monotonic()
+                    log.warning("upstream connection pool exhausted: all %d connections in use "
+                                "(upstream.max_connections); requests waited timeouts.connect and got 504", busy)
+                raise UpstreamTimeout("The gateway's connections to the upstream are all in use; "
+                                      "try again shortly.") from None
             raise UpstreamTimeout("Timed out connecting to the upstream.") from None
         except (aiohttp.ServerTimeoutError, TimeoutError):
             ctx.outcome = "upstream_timeout"
@@ -223,6 +232,13 @@ class Upstream:
             if rearm is not None:
                 rearm()
         return resp
+
+    def pool_full(self) -> int:
+        """The number of pooled connections in use when every one is (0 otherwise): a request then
+        waits for one, and a connect timeout means that wait, not the upstream, ran out."""
+        conn = self.session.connector if self.session is not None else None
+        used = len(getattr(conn, "_acquired", ()))  # (aiohttp keeps no public count)
+        return used if conn is not None and conn.limit and used >= conn.limit else 0
 
     def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool) -> CIMultiDict[str]:
         src = resp.headers

@@ -252,3 +252,54 @@ async def test_the_demo_backend_takes_a_cancelled_stream_quietly(caplog: Any) ->
     finally:
         await runner.cleanup()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_client_that_reads_nothing_is_cut_and_frees_its_upstream_connection(make_gateway: Any) -> None:
+    """A client that asks for a large answer and reads none of it held its upstream connection for
+    as long as it liked (the relay waits on the client): a few such clients took the whole pool
+    and every other request got 504. Now it is cut after server.send_timeout, and while the pool is
+    full the 504 says so (not "timed out connecting")."""
+    import aiohttp
+    from aiohttp import web
+
+    from .helpers import free_port
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/small"):
+            return web.json_response({"ok": True})
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await r.prepare(request)
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 16000 + b'"}}]}\n\n'
+        with contextlib.suppress(ConnectionError):
+            for _ in range(6000):  # ~96 MB: more than any socket buffers hold
+                await r.write(event)
+        return r
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", big)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        g = await make_gateway([], server={"send_timeout": 2},
+                               upstream={"url": f"http://127.0.0.1:{port}", "max_connections": 1,
+                                         "timeouts": {"connect": 0.5, "first_byte": 10, "idle": 30}})
+        host, gport = g.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(gport))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(CHAT), CHAT))
+        await writer.drain()
+        await asyncio.sleep(0.5)  # (its answer fills the socket buffers; it reads none of it)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            async with s.get(g.url + "/v1/small") as r:
+                assert r.status == 504
+                assert "all in use" in (await r.json())["error"]["message"]
+            await asyncio.sleep(3)  # send_timeout passes: the stalled client is cut
+            async with s.get(g.url + "/v1/small") as r:
+                assert r.status == 200 and await r.json() == {"ok": True}
+        with contextlib.suppress(ConnectionError):  # its connection was closed (read to the end)
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
