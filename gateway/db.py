@@ -140,7 +140,9 @@ def newer_revisions(applied: set[str], known: set[str], url: str) -> set[str]:
 
 
 #: The rights each of the gateway's tables needs at run time (a table not there is not checked:
-#: its migration is pending, which start-up reports, or its plugin is not used).
+#: its migration is pending, which start-up reports, or its plugin is not used). The sequences
+#: behind their serial columns (``conversation_messages_id_seq`` ...) need USAGE as well: start-up
+#: finds them through ``pg_depend``, so a table that gains one needs no entry of its own.
 TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
     "alembic_version": ("SELECT",),
     "audit_events": ("SELECT", "INSERT", "DELETE"),
@@ -272,22 +274,38 @@ class Database:
         return got
 
     async def _check_privileges(self, conn: Any) -> None:
-        """PostgreSQL: the rights the gateway needs on each of its tables there, in one query. A role
-        that may only connect (the schema migrated by its owner, no grants to the gateway's role)
-        would otherwise start "ready" and fail every request that reads a key or writes a record."""
+        """PostgreSQL: the rights the gateway needs on each of its tables there, and USAGE on the
+        sequences their serial columns draw ids from, in one query. A role that may only connect
+        (the schema migrated by its owner, no grants to the gateway's role) would otherwise start
+        "ready" and fail every request that reads a key or writes a record; one granted the tables
+        but not their sequences would fail every conversation write ("permission denied for
+        sequence"), which the writer retries for ever, storing nothing.
+
+        Only sequences a serial column owns (``pg_depend`` deptype 'a') are checked: PostgreSQL
+        does not check privileges on an identity column's sequence (deptype 'i'), so requiring a
+        grant there would refuse a role that works. UPDATE lets ``nextval`` run as USAGE does."""
         pairs = [(t, p) for t, privs in TABLE_PRIVILEGES.items() for p in privs]
         rows = (await conn.execute(text(
-            "SELECT c.relname, w.priv FROM unnest(CAST(:tables AS text[]), CAST(:privs AS text[])) AS w(tbl, priv) "
-            "JOIN pg_class c ON c.oid = to_regclass(quote_ident(w.tbl)) "
-            "WHERE NOT has_table_privilege(c.oid, w.priv) ORDER BY 1, 2"),
+            "WITH w(tbl, priv) AS (SELECT * FROM unnest(CAST(:tables AS text[]), CAST(:privs AS text[]))), "
+            "t AS (SELECT DISTINCT c.oid, c.relname, w.priv FROM w "
+            "JOIN pg_class c ON c.oid = to_regclass(quote_ident(w.tbl))) "
+            "SELECT relname, priv, 0 AS kind FROM t WHERE NOT has_table_privilege(oid, priv) "
+            "UNION ALL "
+            "SELECT DISTINCT s.relname, 'USAGE', 1 FROM pg_depend d "
+            "JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S' "
+            "WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass "
+            "AND d.deptype = 'a' AND d.refobjid IN (SELECT oid FROM t) "
+            # (in a CASE: the planner may test a row before the relkind filter, and an index is no sequence)
+            "AND CASE WHEN s.relkind = 'S' THEN NOT has_sequence_privilege(s.oid, 'USAGE, UPDATE') END "
+            "ORDER BY 3, 1, 2"),
             {"tables": [t for t, _ in pairs], "privs": [p for _, p in pairs]})).all()
         if rows:
             missing: dict[str, list[str]] = {}
-            for table, priv in rows:
-                missing.setdefault(table, []).append(priv)
+            for name, priv, _kind in rows:
+                missing.setdefault(name, []).append(priv)
             user = (await conn.execute(text("SELECT current_user"))).scalar()
-            raise DatabaseError(f"the database role {user} lacks privileges on the gateway's tables: "
-                                + "; ".join(f"{t}: {', '.join(p)}" for t, p in missing.items())
+            raise DatabaseError(f"the database role {user} lacks privileges on the gateway's tables and their "
+                                "sequences: " + "; ".join(f"{t}: {', '.join(p)}" for t, p in missing.items())
                                 + " (GRANT them to this role, or run the gateway as the role that owns the tables)")
 
     async def _check_writable(self, conn: Any) -> None:

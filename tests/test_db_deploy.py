@@ -293,7 +293,8 @@ async def test_postgresql_start_checks_the_roles_privileges(pg_url: str) -> None
         assert f"the database role {role} lacks privileges" in msg
         assert "audit_events: DELETE, INSERT, SELECT" in msg and "api_key_usage_daily: " in msg
         assert "api_keys:" not in msg and "alembic_version" not in msg  # granted
-        await pg_execute(pg_url, f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+        await pg_execute(pg_url, f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"',
+                         f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
         assert await app.check() == {}
     finally:
         await app.close()
@@ -339,3 +340,44 @@ def test_database_urls_the_drivers_cannot_use(tmp_path: Path, url: str, want: st
     with pytest.raises(ConfigError) as e:
         load_config(config(tmp_path, url), env={"GATEWAY_ADMIN_TOKEN": "x" * 32})
     assert want in str(e.value) and "database.url" in str(e.value), str(e.value)
+
+
+async def test_postgresql_start_checks_the_sequences_of_serial_columns(pg_url: str, make_gateway: Any) -> None:
+    """A role granted every table privilege the docs list but not USAGE on the sequences the
+    conversations tables draw their ids from is refused at start, the sequences named: it would
+    start "ready" and every conversation write would fail ("permission denied for sequence"),
+    retried for ever, nothing stored. With the grant the docs give, it starts and stores a turn."""
+    import aiohttp
+    import asyncpg
+
+    owner = Database(pg_url)
+    try:
+        await owner.upgrade()
+    finally:
+        await owner.close()
+    dbname = make_url(pg_url).database
+    role = "gw_seq_" + dbname[-8:]
+    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN', f'GRANT CONNECT ON DATABASE "{dbname}" TO "{role}"',
+                     f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+    app_url = make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+    plugins = [{"name": "conversations", "config": {}}]
+    with pytest.raises(DatabaseError) as e:
+        await make_gateway(plugins, database={"url": app_url})
+    msg = str(e.value)
+    assert f"the database role {role} lacks privileges" in msg
+    assert "conversation_messages_id_seq: USAGE" in msg and "conversation_turns_id_seq: USAGE" in msg, msg
+    assert "conversations:" not in msg and "audit_events" not in msg  # the tables themselves are granted
+    await pg_execute(pg_url, f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    g = await make_gateway(plugins, database={"url": app_url})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", timeout=aiohttp.ClientTimeout(total=20),
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    conn = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM conversation_turns WHERE conversation_id = $1", cid) == 1
+        assert await conn.fetchval("SELECT count(*) FROM conversation_messages WHERE conversation_id = $1", cid) == 2
+    finally:
+        await conn.close()
