@@ -34,7 +34,7 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "reasoning", "refusal", "audio", "choices", "deltas0")
+                 "reasoning", "refusal", "_audio", "choices", "deltas0")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -64,7 +64,23 @@ class Completion:
         #: Choice 0's streamed refusal text and audio (id, transcript, data, expires_at): parts of the
         #: message the client's SDK assembles too, so they are stored with it.
         self.refusal: str | None = None
-        self.audio: dict[str, Any] | None = None
+        self._audio: dict[str, Any] | None = None  # its text fields as _Parts while they come
+
+    @property
+    def audio(self) -> dict[str, Any] | None:
+        """Choice 0's streamed audio, its text fields joined. A stream of audio has thousands of
+        base64 deltas of a few KB: they are kept as parts and joined here, once, not copied into a
+        growing string on every delta (quadratic work on the event loop)."""
+        a = self._audio
+        if a is not None:
+            for k, v in a.items():
+                if type(v) is _Parts:
+                    a[k] = "".join(v)
+        return a
+
+    @audio.setter
+    def audio(self, value: dict[str, Any] | None) -> None:
+        self._audio = value
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -104,6 +120,12 @@ class Completion:
         if self.reasoning is not None:
             msg[self.reasoning[0]] = joined(self.reasoning[1])
         return msg
+
+
+class _Parts(list[str]):
+    """The parts of a streamed text field, joined when read (no JSON value is one)."""
+
+    __slots__ = ()
 
 
 def joined(s: Any) -> Any:
@@ -392,15 +414,20 @@ class ResponseObserver:
         if isinstance(a, dict):
             # merged as the OpenAI SDK's stream accumulator does: the id as it first came, text
             # (transcript, base64 data) concatenated, anything else (expires_at) its last value
-            acc = c.audio if c.audio is not None else {}
+            acc = c._audio
+            if acc is None:
+                acc = c._audio = {}
             for k, v in a.items():
-                if k == "id" and isinstance(acc.get("id"), str):
+                cur = acc.get(k)
+                if k == "id" and isinstance(cur, (str, _Parts)):
                     continue
-                if isinstance(v, str) and isinstance(acc.get(k), str):
-                    acc[k] += v
+                if isinstance(v, str) and isinstance(cur, (str, _Parts)):
+                    if type(cur) is _Parts:
+                        cur.append(v)
+                    else:
+                        acc[k] = _Parts((cur, v))  # joined when read (Completion.audio)
                 elif v is not None or k not in acc:
                     acc[k] = v
-            c.audio = acc
         for field in ("reasoning_content", "reasoning"):
             r = d.get(field)
             if isinstance(r, str) and r:

@@ -172,3 +172,36 @@ async def test_quota_counts_every_choice(make_gateway, choices_upstream):
         assert st == 429 and data["error"]["code"] == "insufficient_quota", data
         assert "requested about 1601" in data["error"]["message"], data
     assert choices_upstream.requests == []
+
+
+async def test_malformed_signed_counts_are_no_number(make_gateway, choices_upstream):
+    """"--5", "+-3", "-+20" in n, best_of or a max_tokens field are no number to any upstream: the
+    request is estimated as one choice / no max_tokens (the default), never a 500."""
+    g = await gateway(make_gateway, choices_upstream, estimate_default_max_tokens=60,
+                      rules=[{"name": "tpm", "limit": "100/minute", "counts": "tokens", "key_by": ["model"]}])
+    async with aiohttp.ClientSession() as s:
+        for i, v in enumerate(("--5", "+-3", "-+20", " +-7 ", "++1")):
+            # n: one choice of max_tokens 80 (81 fits the 100, five or twenty would not)
+            st, data, _ = await post(s, g.url, body(f"n{i}", n=v, max_tokens=80))
+            assert st == 200, (v, data)
+            st, data, _ = await post(s, g.url, {"model": f"b{i}", "prompt": PROMPT, "max_tokens": 80,
+                                                 "best_of": v}, "/v1/completions")
+            assert st == 200, (v, data)
+            for f in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+                # no max_tokens: the default 60 for each of two choices
+                st, data, _ = await post(s, g.url, body(f"{f}{i}", n=2, **{f: v}))
+                assert st == 429 and "about 121 tokens estimated" in data["error"]["message"], (f, v, data)
+        st, data, _ = await post(s, g.url, body("signed", n="+2", max_tokens=" +70"))  # one sign still reads
+        assert st == 429 and "about 141 tokens estimated" in data["error"]["message"], data
+
+
+async def test_best_of_on_chat_is_ignored(make_gateway, choices_upstream):
+    """The chat API has no best_of (the upstream ignores it): it does not multiply the estimate
+    there, as it does for the legacy /v1/completions (see above)."""
+    g = await gateway(make_gateway, choices_upstream)
+    async with aiohttp.ClientSession() as s:
+        st, data, _ = await post(s, g.url, body(best_of=7, max_tokens=80))  # 81, not 561
+        assert st == 200, data
+        st, data, _ = await post(s, g.url, body("m2", n=20, best_of=7, max_tokens=80))
+        assert st == 429 and "max_tokens x 20 choices" in data["error"]["message"], data
+    assert [r.get("best_of") for r in choices_upstream.requests] == [7]

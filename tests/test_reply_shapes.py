@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from gateway.observe import ResponseObserver
 from gateway.plugins.conversations.store import row_message
 
 from .helpers import free_port
@@ -243,3 +244,41 @@ async def test_n2_stores_choice_0_share_of_the_tokens(make_gateway: Any, tmp_pat
         h, _ = await post(g, [q], "plain", stream=True)
         r = await rows(g, h["X-Conversation-ID"])
         assert r[1].tokens == 2 * 3 and not r[1].tokens_derived
+
+
+LONG_AUDIO = [{"id": "audio_long" if i == 0 else f"audio_other{i}", "transcript": f"word{i} ",
+               "data": f"{i:04d}" * 256, "expires_at": 1000 + i} for i in range(400)]
+
+
+async def test_long_streamed_audio_is_assembled_once_and_stored_whole(make_gateway: Any, tmp_path: Any,
+                                                                       monkeypatch: Any) -> None:
+    """Hundreds of audio deltas of a KB each, merged as the SDK does (the id as it first came, text
+    concatenated, expires_at its last value): stored exactly so. The observer keeps the parts and
+    joins them once when read, instead of copying a growing string on every delta."""
+    plain = _deltas
+
+    def deltas(model: str, index: int) -> list[dict[str, Any]]:
+        if model.startswith("longaudio"):
+            return [{"role": "assistant", "content": None}] + [{"audio": dict(a)} for a in LONG_AUDIO]
+        return plain(model, index)
+
+    monkeypatch.setitem(globals(), "_deltas", deltas)  # the backend streams these for "longaudio"
+    want = {"id": "audio_long", "transcript": "".join(a["transcript"] for a in LONG_AUDIO),
+            "data": "".join(a["data"] for a in LONG_AUDIO), "expires_at": LONG_AUDIO[-1]["expires_at"]}
+    async with backend() as (url, _):
+        g = await gateway(make_gateway, url, tmp_path)
+        h, _ = await post(g, [{"role": "user", "content": "talk"}], "longaudio-nousage", stream=True,
+                          modalities=["text", "audio"])
+        r = await rows(g, h["X-Conversation-ID"])
+        assert row_message(r[1]) == {"role": "assistant", "content": None, "audio": want}
+        assert r[1].tokens == len(LONG_AUDIO) and r[1].tokens_derived
+
+    obs = ResponseObserver(True, False)
+    for a in LONG_AUDIO[:3]:
+        obs.feed(b"data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": {"audio": a}}]}).encode()
+                 + b"\n\n")
+    parts = obs.c._audio["data"]  # not yet joined: one part per delta, no copy of what came before
+    assert list(parts) == [a["data"] for a in LONG_AUDIO[:3]] and not isinstance(parts, str)
+    assert obs.c.audio == {"id": "audio_long", "transcript": "word0 word1 word2 ",
+                           "data": "".join(a["data"] for a in LONG_AUDIO[:3]), "expires_at": 1002}
+    assert obs.c.assistant_message()["audio"] == obs.c.audio

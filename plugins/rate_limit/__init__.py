@@ -38,7 +38,7 @@ class _State:
         self.token_limits: list[tuple[Limit, tuple[str, ...]]] = []
         self.estimate = 0
         self.prompt = 0
-        self.choices = 1       # completions the request asks for (n / best_of): each may use max_tokens
+        self.choices = 1       # completions the request asks for (n / legacy best_of): each may use max_tokens
         self.subject: str | None = None
         self.quota_periods: list[str] = []
 
@@ -157,14 +157,16 @@ class RateLimit(Plugin):
             body = ctx.json
             generates = ctx.method == "POST" and isinstance(body, dict)  # GET /v1/models and the like: none
             embeddings = ctx.path.endswith("/embeddings")
+            # best_of is the legacy completions' alone (the chat API has none, and ignores it)
+            legacy = ctx.path.endswith("/completions") and not ctx.path.endswith("/chat/completions")
             if generates:
                 st.prompt = prompt_estimate(body)
-                st.choices = choices(body)
+                st.choices = choices(body, legacy)
 
             def estimate(default: int) -> int:
                 """Prompt plus the completion the request allows (``default`` when it sets none), for
                 each of its choices: n=20 with max_tokens=80 may generate 1600 tokens."""
-                return st.prompt + completion_estimate(body, 0 if embeddings else default) if generates else 0
+                return st.prompt + completion_estimate(body, 0 if embeddings else default, legacy) if generates else 0
 
             est = st.estimate = estimate(self.config.estimate_default_max_tokens)
             for lim in tok:

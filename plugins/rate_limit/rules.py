@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,24 +218,26 @@ def max_tokens(body: Any, default: int) -> int:
     return default
 
 
-def choices(body: Any) -> int:
+def choices(body: Any, best_of: bool = False) -> int:
     """How many completions the request asks the upstream to generate: ``n`` (chat and legacy
-    completions, images), or the legacy completions' ``best_of`` when larger (the upstream
-    generates that many and returns the best ``n``). Each may use the whole ``max_tokens``, so
-    the estimate multiplies by this. Missing, invalid or below 1: one. Capped at
-    :data:`TOKENS_CAP` (a huge ``n`` then gives an estimate over any limit: a "too large" refusal)."""
+    completions, images), or, with ``best_of`` (a legacy ``/v1/completions`` request), its
+    ``best_of`` when larger (the upstream generates that many and returns the best ``n``). The
+    chat API has no ``best_of``: elsewhere the field is ignored, as the upstream ignores it. Each
+    choice may use the whole ``max_tokens``, so the estimate multiplies by this. Missing, invalid
+    or below 1: one. Capped at :data:`TOKENS_CAP` (a huge ``n`` then gives an estimate over any
+    limit: a "too large" refusal)."""
     n = 1
     if isinstance(body, dict):
-        for k in ("n", "best_of"):
+        for k in ("n", "best_of") if best_of else ("n",):
             v = _count(body.get(k))
             if v is not None and v > n:
                 n = v
     return min(n, TOKENS_CAP)
 
 
-def completion_estimate(body: Any, default: int) -> int:
+def completion_estimate(body: Any, default: int, best_of: bool = False) -> int:
     """``max_tokens`` (or ``default``) for each of the request's choices, capped at :data:`TOKENS_CAP`."""
-    return min(max_tokens(body, default) * choices(body), TOKENS_CAP)
+    return min(max_tokens(body, default) * choices(body, best_of), TOKENS_CAP)
 
 
 #: The most tokens one estimate counts (what a reported usage count may be, too): a request asking
@@ -252,7 +255,10 @@ def _count(v: Any) -> int | None:
     if isinstance(v, float):
         return int(v) if v.is_integer() else None
     if isinstance(v, str) and 0 < len(v) <= 20:
-        t = v.strip()
-        if t.lstrip("+-").isdigit() and t.isascii():
-            return int(t)
+        m = _WHOLE.fullmatch(v.strip())
+        if m is not None:  # one optional sign, then ASCII digits: "--5" or "+-3" is no number
+            return int(m.group())
     return None
+
+
+_WHOLE = re.compile(r"[+-]?[0-9]{1,19}")
