@@ -23,6 +23,9 @@ from gateway.db import Database, DatabaseError, DatabaseUnreachable, alembic_con
 
 from .helpers import write_config
 
+#: The password of the roles the privilege tests create (a server may ask for one on 127.0.0.1).
+ROLE_PW = "gw-role-pw-0123456789"
+
 
 def heads() -> set[str]:
     return set(ScriptDirectory.from_config(alembic_config("sqlite+aiosqlite://")).get_heads())
@@ -280,11 +283,11 @@ async def test_postgresql_start_checks_the_roles_privileges(pg_url: str) -> None
     finally:
         await owner.close()
     role = "gw_app_" + make_url(pg_url).database[-8:]
-    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN', f'GRANT CONNECT ON DATABASE "{make_url(pg_url).database}" '
+    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN PASSWORD \'{ROLE_PW}\'', f'GRANT CONNECT ON DATABASE "{make_url(pg_url).database}" '
                                                             f'TO "{role}"',
                      f'GRANT SELECT ON alembic_version, api_keys TO "{role}"',
                      f'GRANT INSERT, UPDATE, DELETE ON api_keys TO "{role}"')
-    app_url = make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+    app_url = make_url(pg_url).set(username=role, password=ROLE_PW).render_as_string(hide_password=False)
     app = Database(app_url)
     try:
         with pytest.raises(DatabaseError) as e:
@@ -357,9 +360,9 @@ async def test_postgresql_start_checks_the_sequences_of_serial_columns(pg_url: s
         await owner.close()
     dbname = make_url(pg_url).database
     role = "gw_seq_" + dbname[-8:]
-    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN', f'GRANT CONNECT ON DATABASE "{dbname}" TO "{role}"',
+    await pg_execute(pg_url, f'CREATE ROLE "{role}" LOGIN PASSWORD \'{ROLE_PW}\'', f'GRANT CONNECT ON DATABASE "{dbname}" TO "{role}"',
                      f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
-    app_url = make_url(pg_url).set(username=role, password=None).render_as_string(hide_password=False)
+    app_url = make_url(pg_url).set(username=role, password=ROLE_PW).render_as_string(hide_password=False)
     plugins = [{"name": "conversations", "config": {}}]
     with pytest.raises(DatabaseError) as e:
         await make_gateway(plugins, database={"url": app_url})
