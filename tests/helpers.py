@@ -269,3 +269,16 @@ def open_idle_sockets(port: int, n: int) -> list[socket.socket]:
             pass
         out.append(c)
     return out
+
+
+async def serve_handler(handler: Any) -> tuple[Any, str]:
+    """A small aiohttp app answering every path with ``handler``, on a free port: (runner, url)."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"

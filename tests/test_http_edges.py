@@ -262,7 +262,7 @@ async def test_a_client_that_reads_nothing_is_cut_and_frees_its_upstream_connect
     import aiohttp
     from aiohttp import web
 
-    from .helpers import free_port
+    from .helpers import serve_handler
 
     async def big(request: web.Request) -> web.StreamResponse:
         if request.path.endswith("/small"):
@@ -275,15 +275,10 @@ async def test_a_client_that_reads_nothing_is_cut_and_frees_its_upstream_connect
                 await r.write(event)
         return r
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", big)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, url = await serve_handler(big)
     try:
         g = await make_gateway([], server={"send_timeout": 2},
-                               upstream={"url": f"http://127.0.0.1:{port}", "max_connections": 1,
+                               upstream={"url": url, "max_connections": 1,
                                          "timeouts": {"connect": 0.5, "first_byte": 10, "idle": 30}})
         host, gport = g.url.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(gport))

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, serve_handler, write_config
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 T = aiohttp.ClientTimeout(total=30)
@@ -23,6 +23,18 @@ def _edit(path: Path, fn: Any) -> None:
     cfg = yaml.safe_load(path.read_text())
     fn(cfg)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+async def _held(s: aiohttp.ClientSession, g: Any, body: Any) -> "asyncio.Task[Any]":
+    """A chat request whose body is still arriving, once the gateway holds it (its chain picked)."""
+    slow = asyncio.create_task(s.post(g.url + "/v1/chat/completions", data=body,
+                                      headers={"Content-Type": "application/json"}))
+    for _ in range(200):
+        if g.gw.runtime.inflight:
+            break
+        await asyncio.sleep(0.01)
+    assert g.gw.runtime.inflight == 1
+    return slow
 
 
 async def _reload(s: aiohttp.ClientSession, admin_url: str) -> tuple[int, Any]:
@@ -247,13 +259,7 @@ async def test_request_begun_before_a_reload_goes_to_its_configs_upstream(make_g
         async def answer(request: web.Request) -> web.Response:
             seen.append((name, request.headers.get("X-Upstream-Token")))
             return web.json_response({"upstream": name})
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner, f"http://127.0.0.1:{port}"
+        return await serve_handler(answer)
 
     (ra, url_a), (rb, url_b) = await start("a"), await start("b")
     try:
@@ -267,13 +273,7 @@ async def test_request_begun_before_a_reload_goes_to_its_configs_upstream(make_g
             yield b'"messages": []}'
 
         async with aiohttp.ClientSession(timeout=T) as s:
-            slow = asyncio.create_task(s.post(g.url + "/v1/chat/completions", data=body(),
-                                              headers={"Content-Type": "application/json"}))
-            for _ in range(200):  # until the gateway holds the request
-                if g.gw.runtime.inflight:
-                    break
-                await asyncio.sleep(0.01)
-            assert g.gw.runtime.inflight == 1
+            slow = await _held(s, g, body())
             _edit(path, lambda c: c["upstream"].update(url=url_b, headers={"X-Upstream-Token": "for-b"}))
             assert (await _reload(s, g.admin_url))[0] == 200
             gate.set()
@@ -303,13 +303,7 @@ async def test_request_begun_before_a_reload_asks_usage_as_its_config_says(make_
             await r.prepare(request)
             await r.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
             return r
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner, f"http://127.0.0.1:{port}"
+        return await serve_handler(answer)
 
     (ra, url_a), (rb, url_b) = await start("a"), await start("b")
     try:
@@ -323,12 +317,7 @@ async def test_request_begun_before_a_reload_asks_usage_as_its_config_says(make_
             yield b'"messages": []}'
 
         async with aiohttp.ClientSession(timeout=T) as s:
-            slow = asyncio.create_task(s.post(g.url + "/v1/chat/completions", data=body(),
-                                              headers={"Content-Type": "application/json"}))
-            for _ in range(200):
-                if g.gw.runtime.inflight:
-                    break
-                await asyncio.sleep(0.01)
+            slow = await _held(s, g, body())
             _edit(path, lambda c: c["upstream"].update(url=url_b, stream_usage=True))
             assert (await _reload(s, g.admin_url))[0] == 200
             gate.set()
