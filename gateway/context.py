@@ -211,7 +211,7 @@ def _peer(request: "web.Request") -> str:
         if p.startswith("::ffff:") or "%" in p:
             # A dual-stack listener shows IPv4 peers as ::ffff:a.b.c.d, a link-local one its zone:
             # the same client must be the same address whichever socket it came in on.
-            ip = _parse(p)
+            ip = parse_address(p)
             return str(ip) if ip is not None else p
         return p
     return request.remote or ""
@@ -220,7 +220,7 @@ def _peer(request: "web.Request") -> str:
 _Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def _parse(addr: str) -> _Addr | None:
+def parse_address(addr: str) -> _Addr | None:
     """An address as proxies write it into X-Forwarded-For, normalised: a port (``a.b.c.d:1234``,
     ``[v6]:4711``), brackets and an IPv6 zone (``fe80::1%eth0``) dropped, an IPv4-mapped IPv6
     address (``::ffff:a.b.c.d``) as the IPv4 address, so one client is one address (one counter)
@@ -255,17 +255,17 @@ def resolve_client_ip(request: "web.Request", trusted: list[Any]) -> str:
     peer = _peer(request)
     if not trusted:
         return peer
-    ip = _parse(peer)
+    ip = parse_address(peer)
     if ip is None or not any(ip in n for n in trusted):
         return peer
     hops = []
     for h in request.headers.getall("X-Forwarded-For", []):
         hops += [p.strip() for p in h.split(",") if p.strip()]
     for addr in reversed(hops):
-        ip = _parse(addr)
+        ip = parse_address(addr)
         if ip is None:
             return peer  # no address (unknown, an obfuscated _id, garbage): the proxy itself
         if not any(ip in n for n in trusted):
             return str(ip)
     # Every hop is a trusted proxy: the left-most one (it parsed: it is trusted), normalised.
-    return str(_parse(hops[0])) if hops else peer
+    return str(parse_address(hops[0])) if hops else peer

@@ -364,6 +364,8 @@ async def test_admin_events_and_reads(make_gateway, tmp_path):
         assert seen == list(range(8, 0, -1))
         for params, want in (({"type": "request"}, 5), ({"status": "429"}, 1), ({"status": "2xx"}, 4),
                              ({"type": "config.reloaded,conversations.purged"}, 2), ({"ip": "127.0.0.1"}, 5),
+                             ({"ip": " ::ffff:127.0.0.1"}, 5), ({"ip": "127.0.0.1:5123"}, 5),
+                             ({"ip": "127.0.0.2"}, 0),
                              ({"since": "1h", "until": store.iso(time.time() + 60)}, 8),
                              ({"until": "2000-01-01"}, 0), ({"key_id": "nobody"}, 0)):
             async with s.get(g.admin_url + "/audit", params=params, headers=AUTH) as r:
@@ -375,6 +377,10 @@ async def test_admin_events_and_reads(make_gateway, tmp_path):
             assert err["type"] == "invalid_request_error" and "since" in err["message"]
         async with s.get(g.admin_url + "/audit", params={"limit": "0"}, headers=AUTH) as r:
             assert r.status == 400
+        # An ip filter that is no address is an error, not an empty page.
+        async with s.get(g.admin_url + "/audit", params={"ip": "127.0.0"}, headers=AUTH) as r:
+            assert r.status == 400
+            assert "ip: expected one IP address" in (await r.json())["error"]["message"]
         async with s.get(g.admin_url + "/audit") as r:
             assert r.status == 401
         async with s.get(g.admin_url + "/audit/verify", headers=AUTH) as r:

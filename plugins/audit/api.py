@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.context import parse_address
 from gateway.errors import json_error
 
 from . import store
@@ -42,6 +43,16 @@ def parse_time(v: str) -> str:
     return store.iso(dt.timestamp())
 
 
+def ip_filter(v: str) -> str:
+    """An ``ip`` filter as the trail stores addresses: ``2001:DB8:0::1`` is ``2001:db8::1``, an
+    IPv4-mapped address or one with a port is the IPv4 address. Raises ValueError for what is no
+    address (a filter that can never match would read as "no such events")."""
+    ip = parse_address(v.strip())
+    if ip is None:
+        raise ValueError("ip: expected one IP address (203.0.113.7 or 2001:db8::1)")
+    return str(ip)
+
+
 def parse_filters(get: Any) -> dict[str, Any]:
     """Validate filter values (raises ValueError with a message naming the bad one)."""
     f: dict[str, Any] = {}
@@ -57,6 +68,8 @@ def parse_filters(get: Any) -> dict[str, Any]:
         elif k == "status":
             store.status_filter(v)  # raises "status: expected ..."
             f[k] = str(v).strip().lower()
+        elif k == "ip":
+            f[k] = ip_filter(str(v))
         else:
             f[k] = str(v)
     return f
