@@ -15,6 +15,7 @@ from openai import AsyncOpenAI, NotFoundError
 from sqlalchemy import select
 
 from gateway.plugins.conversations import canonical
+from gateway.plugins.conversations.state import Bodies, View, _Views, body_size
 from gateway.plugins.conversations.store import C, M, T, row_message
 
 from .helpers import ADMIN_TOKEN, create_pg_database
@@ -249,6 +250,73 @@ async def test_memory_with_a_resent_system_prompt_a_repeated_question_and_a_tool
     seen = upstream.requests[-1]["body"]["messages"]
     assert seen[0] == system and seen[-1] == result
     assert seen[-2]["role"] == "assistant" and seen[-2]["tool_calls"][0]["id"] == result["tool_call_id"]
+
+
+async def test_memory_cache_keeps_message_bodies_within_cache_bytes(make_gateway: Any, db: dict[str, Any],
+                                                                    upstream: Any) -> None:
+    """Memory conversations with large messages: past ``cache_bytes`` the cache lets go of the least
+    recently used conversations' bodies (the gauge stays under the budget while the turns add up
+    to several times it), and memory still sends each conversation's whole history (read from the
+    database again)."""
+    budget = 150_000  # one conversation (six messages of 20 kB) fits, not all four
+    g = await start(make_gateway, db, {"memory": {"enabled": True}, "cache_ttl": None, "cache_bytes": budget})
+    history: dict[int, list[dict[str, Any]]] = {i: [] for i in range(4)}
+    ids: dict[int, str] = {}
+    sent = 0
+    async with aiohttp.ClientSession() as s:
+        for turn in range(3):
+            for i in range(4):
+                new = {"role": "user", "content": f"c{i} t{turn} " + "x" * 20_000}
+                st, h, b = await chat(g, [new], ids.get(i))
+                assert st == 200
+                ids[i] = h["X-Conversation-ID"]
+                assert upstream.requests[-1]["body"]["messages"] == history[i] + [new], (turn, i)
+                history[i] += [new, b["choices"][0]["message"]]
+                sent += 2 * 20_000
+                async with s.get(g.admin_url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                    held = next(float(x.split()[1]) for x in (await r.text()).splitlines()
+                                if x.startswith("gateway_conversations_cache_bytes "))
+                assert 0 < held <= budget, (turn, i, held)
+                shared = g.plugin("conversations").shared  # counted as they come and go = counted afresh
+                for v in shared.views.values():
+                    assert v.nbytes == sum(body_size(m) for m in v.tail) + (
+                        body_size(v.first) if v.first is not None and v.tail_start > 0 else 0)
+    assert sent > 3 * budget
+    assert shared.bodies.total == sum(v.nbytes for v in shared.views.values()) > 0
+    for i in range(4):
+        rows = await stored(g, ids[i])
+        assert [same(row_message(r), m) for r, m in zip(rows, history[i])] == [True] * len(rows) == [True] * 6
+
+
+def test_cache_counts_bodies_through_cuts_forks_and_evictions() -> None:
+    def fresh(v: View) -> int:
+        return sum(body_size(m) for m in v.tail) + (body_size(v.first) if v.first is not None and v.tail_start else 0)
+
+    bodies = Bodies(10 ** 9)
+    views = _Views(bodies)
+    v = views["c"] = View("c", "o", None)
+    for i in range(10):  # a tail of 3: cut every turn past the third; the first message kept aside
+        v.append([{"role": "user", "content": "x" * i * 100}, {"role": "assistant", "content": [{"type": "text",
+                  "text": "y" * i}]}], [f"u{i}", f"a{i}"], [1, 1], keep=3)
+        assert v.nbytes == fresh(v) > 0 and bodies.total == v.nbytes
+    assert v.first is not None and v.tail_start == 17
+    f = v.fork("f", 18)
+    assert f.nbytes == fresh(f) > 0 and bodies.total == v.nbytes  # not cached yet
+    views["f"] = f
+    assert bodies.total == v.nbytes + f.nbytes
+    del views["c"]
+    assert bodies.total == f.nbytes and v.bodies is None
+    v.append([{"role": "user", "content": "z"}], ["z"], [1], keep=3)  # (in flight when evicted)
+    assert bodies.total == f.nbytes
+    views["c"] = v
+    bodies.limit = v.nbytes
+    bodies.enforce()  # over budget: the least recently grown (f) lets go of its bodies
+    assert f.nbytes == 0 and f.tail == [] and f.first is None and f.count == 18 and bodies.total == v.nbytes
+    v.append([], [], [], keep=0)  # memory off: no bodies
+    assert bodies.total == v.nbytes == 0 == fresh(v)
+    views.pop("c")
+    views.clear()
+    assert bodies.total == 0 and not bodies.lru
 
 
 async def test_memory_token_trim_route_override_and_db_fallback(make_gateway: Any, db: dict[str, Any],

@@ -252,6 +252,10 @@ class ConversationsConfig(PluginConfig):
                                                      "counted as dropped.")
     cache_conversations: int = Field(10000, ge=1, description="Recent conversations kept in memory.")
     cache_messages: int = Field(64, ge=1, description="Newest messages kept in memory per cached conversation.")
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Message bodies kept in memory for memory, "
+                                                                   "all conversations together (bytes of their "
+                                                                   "text, roughly); past it the least recently "
+                                                                   "used are read from the database again.")
     cache_ttl: float | None = Field(5.0, ge=0, description="Seconds before a cached conversation is checked "
                                                            "against the database (catches appends by other "
                                                            "instances); 0: every request; null: never.")

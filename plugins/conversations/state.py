@@ -2,7 +2,8 @@
 the admin API: one background writer, the cache of recent conversations, the retention task.
 
 The cache holds, per recently used conversation, the digests and token counts of all its messages
-(for prefix matching) and the last ``cache_messages`` messages themselves (for memory). It is
+(for prefix matching) and the last ``cache_messages`` messages themselves (for memory), the bodies
+of all conversations together within ``cache_bytes`` (:class:`Bodies`). It is
 updated in ``on_complete`` before the record is queued, so it always includes writes that are still
 pending; a conversation with pending writes is never evicted. When a write is finally given up on,
 or another instance appended to the conversation, the entry is marked stale: the next request waits
@@ -36,11 +37,74 @@ RESOURCE = "conversations:shared"
 ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
 
 
+def body_size(m: Any) -> int:
+    """Roughly the bytes a message takes in the cache: its strings' lengths and a little per value
+    and container (what the ``cache_bytes`` budget counts). Walked without recursion (a message
+    may be nested as deep as JSON allows)."""
+    size, todo = 0, [m]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, str):
+            size += 16 + len(x)
+        elif isinstance(x, dict):
+            size += 64
+            for k, y in x.items():
+                size += len(k) if isinstance(k, str) else 16
+                todo.append(y)
+        elif isinstance(x, list):
+            size += 32
+            todo.extend(x)
+        else:
+            size += 16
+    return size
+
+
+class Bodies:
+    """The message bodies every cached conversation holds, against a byte budget (``cache_bytes``).
+
+    A conversation's digests and token counts stay cached (prefix matching needs them, and they are
+    small); past the budget, the bodies of the conversations that grew or were refreshed least
+    recently are let go (:meth:`View.drop_bodies`). Memory then reads those from the database,
+    as it does for a conversation not cached at all. Views report their size as it changes; the
+    cache (:class:`_Views`) adds and removes them as they enter and leave it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.lru: collections.OrderedDict[View, None] = collections.OrderedDict()
+
+    def add(self, v: "View") -> None:
+        v.bodies = self
+        self.total += v.nbytes
+        if v.nbytes:
+            self.lru[v] = None
+            self.enforce()
+
+    def remove(self, v: "View") -> None:
+        v.bodies = None
+        self.total -= v.nbytes
+        self.lru.pop(v, None)
+
+    def resized(self, v: "View", delta: int) -> None:
+        self.total += delta
+        if v.nbytes:
+            self.lru[v] = None
+            self.lru.move_to_end(v)
+        else:
+            self.lru.pop(v, None)
+        if delta > 0:
+            self.enforce()
+
+    def enforce(self) -> None:
+        while self.total > self.limit and self.lru:
+            next(iter(self.lru)).drop_bodies()  # (reports its new size 0: it leaves the LRU)
+
+
 class View:
     """What this process knows about one conversation (stored + pending)."""
 
     __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
-                 "busy", "stale", "checked", "parent")
+                 "busy", "stale", "checked", "parent", "nbytes", "bodies")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
                  tokens: list[int | None] | None = None) -> None:
@@ -57,6 +121,35 @@ class View:
         self.stale = False
         self.checked = time.monotonic()
         self.parent: str | None = None            # forked from (the fork copies its prefix when written)
+        self.nbytes = 0                           # body_size of tail (and first, when not in it)
+        self.bodies: Bodies | None = None         # the budget it counts against, while cached
+
+    def _resized(self) -> None:
+        """Count the bodies held again (after they changed)."""
+        n = sum(body_size(m) for m in self.tail)
+        if self.first is not None and self.tail_start > 0:
+            n += body_size(self.first)
+        self._set_size(n)
+
+    def _set_size(self, n: int) -> None:
+        """The bodies now take ``n``: tell the cache's budget."""
+        delta, self.nbytes = n - self.nbytes, n
+        if delta and self.bodies is not None:
+            self.bodies.resized(self, delta)
+
+    def set_tail(self, first: dict[str, Any] | None, tail: list[dict[str, Any]]) -> None:
+        """Messages read from the database: the one at position 0 and the newest ones."""
+        self.first = first
+        self.tail = tail
+        self.tail_start = self.count - len(tail)
+        self._resized()
+
+    def drop_bodies(self) -> None:
+        """Let go of the message bodies (the cache's byte budget is spent); digests stay."""
+        self.tail = []
+        self.tail_start = self.count
+        self.first = None
+        self._resized()
 
     @property
     def count(self) -> int:
@@ -70,12 +163,20 @@ class View:
         if keep <= 0:  # no memory in use: keep no message bodies (the database has them)
             self.tail.clear()
             self.tail_start = self.count
-        else:
-            self.tail.extend(msgs)
+            self.first = None
+            self._set_size(0)
+            return
+        # (sized as they come and go, not the whole tail again each turn)
+        n = self.nbytes + sum(body_size(m) for m in msgs)
+        self.tail.extend(msgs)
         if len(self.tail) > keep:
             cut = len(self.tail) - keep
+            n -= sum(body_size(m) for m in self.tail[:cut])
+            if self.tail_start == 0 and self.first is not None:
+                n += body_size(self.first)  # no longer in the tail: counted on its own
             del self.tail[:cut]
             self.tail_start += cut
+        self._set_size(n)
 
     def fork(self, cid: str, at: int) -> "View":
         v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at])
@@ -84,6 +185,7 @@ class View:
             v.tail_start = self.tail_start
         v.first = self.first if at > 0 else None
         v.parent = self.id
+        v._resized()
         return v
 
     def pending(self) -> list[TurnRecord]:
@@ -101,12 +203,54 @@ class View:
         return keep
 
 
+class _Views(collections.OrderedDict[str, View]):
+    """The cache's conversations by id, which enter and leave the bodies' byte budget with them."""
+
+    def __init__(self, bodies: Bodies) -> None:
+        super().__init__()
+        self.bodies = bodies
+
+    def __setitem__(self, cid: str, v: View) -> None:
+        old = super().get(cid)
+        if old is v:
+            return
+        super().__setitem__(cid, v)
+        if old is not None:
+            self.bodies.remove(old)
+        self.bodies.add(v)
+
+    def __delitem__(self, cid: str) -> None:
+        v = self[cid]
+        super().__delitem__(cid)
+        self.bodies.remove(v)
+
+    def pop(self, cid: str, *default: Any) -> Any:  # type: ignore[override]
+        if cid in self:
+            v = super().pop(cid)
+            self.bodies.remove(v)
+            return v
+        if default:
+            return default[0]
+        raise KeyError(cid)
+
+    def popitem(self, last: bool = True) -> tuple[str, View]:
+        cid, v = super().popitem(last)
+        self.bodies.remove(v)
+        return cid, v
+
+    def clear(self) -> None:
+        for v in self.values():
+            self.bodies.remove(v)
+        super().clear()
+
+
 class Shared:
     def __init__(self, services: "Services", cfg: Any) -> None:
         self.services = services
         self.cfg = cfg
         self.store = ConversationStore(services.db)
-        self.views: collections.OrderedDict[str, View] = collections.OrderedDict()
+        self.bodies = Bodies(cfg.cache_bytes)
+        self.views: _Views = _Views(self.bodies)
         self.writer = self._new_writer(cfg)
         self.users: dict[int, Any] = {}
         self.closed = False
@@ -120,6 +264,9 @@ class Shared:
         services.metric("conversations_cache", lambda reg: Gauge(
             "gateway_conversations_cached", "Conversations held in the in-memory cache",
             registry=reg)).set_function(lambda: len(self.views))
+        services.metric("conversations_cache_bytes", lambda reg: Gauge(
+            "gateway_conversations_cache_bytes", "Bytes of message bodies (roughly) the conversation cache holds "
+            "for memory (at most cache_bytes)", registry=reg)).set_function(lambda: self.bodies.total)
 
     @staticmethod
     def _writer_settings(cfg: Any) -> dict[str, Any]:
@@ -142,6 +289,7 @@ class Shared:
             # every instance had gone (a reload without the plugin); this one brings it back
             self.cfg = inst.config
             self.writer = self._new_writer(inst.config)
+            self.bodies.limit = inst.config.cache_bytes
             self.closed = False
         self.users[id(inst)] = inst.config
         self._wake.set()
@@ -153,6 +301,8 @@ class Shared:
         """Writer and cache settings of the instance activated last (a reload's new config)."""
         self.cfg = cfg
         self.writer.configure(**self._writer_settings(cfg))
+        self.bodies.limit = cfg.cache_bytes
+        self.bodies.enforce()
         self._wake.set()
 
     async def release(self, inst: Any) -> None:
@@ -349,10 +499,8 @@ class Shared:
         first = next((m for p, m, _ in rows if p == 0), None)
         rest = [(m, t) for p, m, t in rows if p >= start]
         if len(rest) == n - start:  # nothing appended meanwhile: refresh the cached tail
-            v.first = first
             keep = max(self.cfg.cache_messages, len(rest))
-            v.tail = [m for m, _ in rest][-keep:]
-            v.tail_start = n - len(v.tail)
+            v.set_tail(first, [m for m, _ in rest][-keep:])
         return first, start, rest
 
     def forget(self, cid: str) -> None:
