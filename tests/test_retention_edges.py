@@ -173,3 +173,18 @@ async def test_retention_keeps_the_parent_of_a_fork_whose_turn_is_streaming(make
         async with s.get(f"{g.url}/gateway/conversations/{fork}") as r:
             assert r.status == 200, "the fork whose turn was in flight was dropped"
             assert len((await r.json())["messages"]) == 4
+
+
+def test_retention_beyond_a_century_is_refused_by_the_config_check(tmp_path: Any) -> None:
+    """A retention of a million days passed the check, then every purge failed (its cut-off date
+    is out of a datetime's range) and logged an OverflowError each interval."""
+    import pytest
+
+    from gateway.config import ConfigError, load_config_text
+    for plugin in ("audit", "conversations"):
+        ok = base_config("http://127.0.0.1:9", tmp_path, [{"name": plugin, "config": {"retention_days": 36500}}])
+        load_config_text(yaml.safe_dump(ok))
+        bad = base_config("http://127.0.0.1:9", tmp_path, [{"name": plugin, "config": {"retention_days": 1000000}}])
+        with pytest.raises(ConfigError) as e:
+            load_config_text(yaml.safe_dump(bad))
+        assert "retention_days" in str(e.value), plugin

@@ -43,7 +43,8 @@ class AuditConfig(PluginConfig):
         default_factory=lambda: ["database"],
         description="Where events go; several at once: database, stdout, {type: jsonl, path: ...}.")
     retention_days: float | None = Field(
-        None, ge=0, description="Delete database events older than this many days (none/0: keep forever).")
+        None, ge=0, le=36500,  # (past a century the cut-off date is out of a datetime's range)
+        description="Delete database events older than this many days (none/0: keep forever).")
     purge_interval: float = Field(3600.0, gt=0, description="Seconds between retention purges.")
     queue_size: int = Field(10000, ge=1, description="Events each sink's writer may hold in memory.")
     batch_size: int = Field(500, ge=1, description="Events written per batch.")

@@ -238,7 +238,7 @@ class ConversationsConfig(PluginConfig):
                             description="Path prefix of the caller API on the public listener (never forwarded).")
     caller_api: bool = Field(True, description="Serve the caller API (list/read/delete own conversations).")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory for stateless backends.")
-    retention_days: float | None = Field(None, gt=0, description="Delete conversations with no activity for "
+    retention_days: float | None = Field(None, gt=0, le=36500, description="Delete conversations with no activity for "
                                                                  "this many days (background, hourly); null: keep.")
     retention_interval: float = Field(3600.0, gt=0, description="Seconds between retention runs.")
     queue_size: int = Field(10000, ge=1, description="Records the background writer may hold.")
