@@ -9,7 +9,9 @@ import re
 from urllib.parse import urlsplit
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 10**6, "mb": 10**6,
@@ -25,6 +27,38 @@ def parse_size(v: Any) -> int:
     if not m:
         raise ValueError("expected a size such as 1048576 or '10MiB'")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+#: What a path prefix (server.paths, a route's path_prefix) must not hold: blanks and control
+#: characters, and the glob / URL syntax people carry over from other proxies. Prefixes are compared
+#: with the decoded request path, literally, on segment boundaries.
+_PREFIX_BAD_CHAR = re.compile(r"[\s\x00-\x1f\x7f*?#]")
+
+
+def prefix_problem(v: str) -> str | None:
+    """Why ``v`` cannot be a path prefix (one that would never match, or match by accident), or None."""
+    if not v.startswith("/"):
+        return "a path prefix starts with '/' (e.g. /v1)"
+    m = _PREFIX_BAD_CHAR.search(v)
+    if m:
+        c = m.group()
+        if c == "*":
+            return ("'*' is not a wildcard here: a prefix already covers every path below it "
+                    "(write /v1/models, not /v1/models/*)")
+        if c in "?#":
+            return f"{c!r}: a prefix is matched against the path only, without query string or fragment"
+        return f"{c!r}: a path prefix cannot hold blanks or control characters (check the quoting)"
+    if "//" in v:
+        return "an empty segment ('//'): request paths with one are refused, so it would never match"
+    if any(seg in (".", "..") for seg in v.split("/")):
+        return "a '.' or '..' segment: request paths with one are refused, so it would never match"
+    return None
+
+
+def normal_prefix(v: str) -> str:
+    """A valid prefix without its trailing '/' (``/v1/`` and ``/v1`` both cover ``/v1`` and
+    ``/v1/...``, not ``/v10``); ``/`` stays ``/`` (every path)."""
+    return v.rstrip("/") or "/"
 
 
 class Model(BaseModel):
@@ -51,10 +85,13 @@ class ServerConfig(Model):
     @field_validator("paths")
     @classmethod
     def _paths(cls, v: list[str]) -> list[str]:
-        for p in v:
-            if not p.startswith("/"):
-                raise ValueError(f"{p!r}: a path prefix starts with '/' (e.g. /v1)")
-        return v
+        out = []
+        for i, p in enumerate(v):
+            bad = prefix_problem(p)
+            if bad:
+                raise ValueError(f"{p!r} (entry {i}): {bad}")
+            out.append(normal_prefix(p))
+        return out
 
     _networks: list[Any] = PrivateAttr(default_factory=list)
 
@@ -232,16 +269,21 @@ class PluginOverride(Model):
 
 class RouteConfig(Model):
     name: str | None = None
-    path_prefix: str = Field(description="Applies to request paths starting with this prefix.")
-    methods: list[str] = Field(default_factory=list, description="HTTP methods; empty means all.")
+    path_prefix: str = Field(description="Applies to the request path equal to this prefix or below it "
+                                         "(/v1/models: /v1/models and /v1/models/..., not /v1/modelsX); "
+                                         "a trailing '/' makes no difference.")
+    methods: list[str] = Field(default_factory=list, description="HTTP methods; empty means all. GET covers "
+                               "HEAD too, unless another route with the same prefix names HEAD.")
     plugins: dict[str, PluginOverride] = Field(default_factory=dict)
 
     @field_validator("path_prefix")
     @classmethod
-    def _slash(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError("must start with '/'")
-        return v
+    def _prefix(cls, v: str, info: ValidationInfo) -> str:
+        bad = prefix_problem(v)
+        if bad:
+            name = info.data.get("name")
+            raise ValueError(f"{v!r}{f' (route {name!r})' if name else ''}: {bad}")
+        return normal_prefix(v)
 
     @field_validator("methods")
     @classmethod
@@ -251,6 +293,10 @@ class RouteConfig(Model):
         if bad:
             raise ValueError(f"not an HTTP method: {', '.join(bad)} (one of {', '.join(sorted(HTTP_METHODS))})")
         return out
+
+
+def _route_label(r: RouteConfig) -> str:
+    return f" ({r.name!r})" if r.name else ""
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -317,6 +363,33 @@ class GatewayConfig(Model):
         if a.enabled and a.port == s.port and a.port != 0 and _same_address(a.host, s.host):
             raise ValueError(f"admin.port: the admin listener cannot share port {a.port} with the public one "
                              "(server.port) on the same address")
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_routes(self) -> "GatewayConfig":
+        """Two routes with the same prefix that both take a method: the second would never be used
+        for it (the first one listed wins), silently. Reported at the second, naming the first."""
+        first: dict[tuple[str, str], int] = {}  # (prefix, method or "*") -> index of the route taking it
+        errors = []
+        for j, r in enumerate(self.routes):
+            clash: dict[int, list[str]] = {}
+            for m in r.methods or ["*"]:
+                i = first.setdefault((r.path_prefix, m), j)
+                if i != j:
+                    clash.setdefault(i, []).append(m)
+            for i, ms in clash.items():
+                what = "all methods" if ms == ["*"] else ", ".join(sorted(set(ms)))
+                errors.append(InitErrorDetails(
+                    type=PydanticCustomError(
+                        "duplicate_route", "routes[{i}]{a} and routes[{j}]{b} both take {what} on {prefix}: "
+                        "only the first one listed would ever serve them (merge the two, or give them "
+                        "different methods)",
+                        {"i": i, "j": j, "what": what, "prefix": r.path_prefix,
+                         "a": _route_label(self.routes[i]), "b": _route_label(r)}),
+                    loc=("routes", j, "path_prefix"), input=r.path_prefix))
+        if errors:
+            # (a ValidationError raised here keeps each error's location: the loader names its line)
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     def fixed_settings(self) -> dict[str, Any]:

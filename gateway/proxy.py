@@ -151,7 +151,13 @@ class Proxy:
                 raise HttpVersionNotSupported()
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
-            if not request.path.startswith(ctx.settings.paths) and not chain.serves(request.path):
+            if "//" in request.path:
+                # An empty segment: routes would not match it (/v1//chat is not below /v1/chat) while
+                # an upstream that merges slashes (nginx does by default) serves it as /v1/chat.
+                raise BadRequest("The request path must not contain empty segments ('//').")
+            settings = ctx.settings
+            if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
+                    and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
             await self._read_body(ctx)
             timings = ctx.timings

@@ -46,17 +46,22 @@ class Chain:
 
 
 class Route:
-    __slots__ = ("name", "prefix", "methods", "chain")
+    """A route's chain and what it takes: its prefix (normalised by the config: no trailing '/') and
+    the paths below it, on segment boundaries (``/v1/models`` takes ``/v1/models/x``, not
+    ``/v1/modelsX``), for its methods (empty: all)."""
+    __slots__ = ("name", "prefix", "below", "methods", "chain")
 
     def __init__(self, name: str, prefix: str, methods: frozenset[str], chain: Chain) -> None:
         self.name, self.prefix, self.methods, self.chain = name, prefix, methods, chain
+        self.below = prefix if prefix.endswith("/") else prefix + "/"  # ("/" itself: every path)
 
 
 class Settings:
     """What the request handler reads from one config: the server's limits and paths, and the
     upstream target. A runtime keeps its own, so a request is read, checked and sent wholly as the
     config its chain came from says, however many reloads happen meanwhile."""
-    __slots__ = ("max_body", "body_timeout", "send_timeout", "trusted", "paths", "server_timing", "upstream")
+    __slots__ = ("max_body", "body_timeout", "send_timeout", "trusted", "paths", "paths_below", "server_timing",
+                 "upstream")
 
     def __init__(self, cfg: "GatewayConfig") -> None:
         s = cfg.server
@@ -64,7 +69,10 @@ class Settings:
         self.body_timeout = s.body_timeout
         self.send_timeout = s.send_timeout
         self.trusted = s.networks
+        # The prefixes proxied (normalised by the config): a path is one of them, or below one
+        # (paths_below: each followed by "/", so /v1 takes /v1/x and not /v10).
         self.paths = tuple(s.paths)
+        self.paths_below = tuple(p if p.endswith("/") else p + "/" for p in s.paths)
         self.server_timing = s.server_timing
         self.upstream = Target(cfg.upstream)
 
@@ -106,7 +114,13 @@ class Runtime:
                     inst = make(name, ov.validated)
                 plugins.append(inst)
             rname = rc.name or f"{rc.path_prefix}" + (f" {','.join(rc.methods)}" if rc.methods else "")
-            routes.append(Route(rname, rc.path_prefix, frozenset(rc.methods), Chain(rname, plugins)))
+            methods = set(rc.methods)
+            if "GET" in methods and not any("HEAD" in o.methods for o in cfg.routes
+                                            if o.path_prefix == rc.path_prefix):
+                # HEAD is GET without the body (as HTTP servers answer it): the same limits and
+                # checks, unless a route with this prefix names HEAD itself.
+                methods.add("HEAD")
+            routes.append(Route(rname, rc.path_prefix, frozenset(methods), Chain(rname, plugins)))
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes
@@ -120,7 +134,7 @@ class Runtime:
 
     def match(self, method: str, path: str) -> Chain:
         for r in self.routes:
-            if path.startswith(r.prefix) and (not r.methods or method in r.methods):
+            if (path.startswith(r.below) or path == r.prefix) and (not r.methods or method in r.methods):
                 return r.chain
         return self.default
 
