@@ -231,6 +231,24 @@ async def test_scopes_path_and_model(make_gateway: Any) -> None:
         assert (await c.embeddings.create(model="demo-embed", input="x")).data
 
 
+async def test_path_scopes_cover_whole_segments(make_gateway: Any) -> None:
+    """A path scope covers the path equal to it and those below it, as route prefixes do: a key
+    scoped to /v1/models does not reach /v1/modelsX; a scope that could never match is refused."""
+    g = await make_gateway(ka())
+    key = (await new_key(g, scopes={"paths": ["/v1/models"]}))["key"]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
+        for path, allowed in (("/v1/models", True), ("/v1/models/demo-chat", True), ("/v1/modelsX", False),
+                              ("/v1/models-admin/x", False), ("/v1/chat/completions", False)):
+            async with s.get(g.url + path) as r:
+                body = await r.json()
+                assert (r.status != 403) == allowed, (path, r.status, body)
+                if not allowed:
+                    assert body["error"]["code"] == "key_scope_denied"
+    for bad in ("/v1/models/*", "/v1 ", "/v1//chat"):
+        st, b = await admin(g, "POST", "/keys", {"owner": "a", "scopes": {"paths": [bad]}})
+        assert st == 422 and "path prefix" in b["error"]["message"], (bad, b)
+
+
 async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
     g = await make_gateway(ka())
     rec = await new_key(g)

@@ -104,8 +104,8 @@ class KeyAuthConfig(PluginConfig):
 class _Entry:
     """A cached key record: what validation needs, and the identity handed to later plugins."""
 
-    __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "models", "identity",
-                 "verified")
+    __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "path_roots", "models",
+                 "identity", "verified")
 
     def __init__(self, row: Any) -> None:
         #: Keyed BLAKE2b digests of full keys already checked against this record -> True if it was
@@ -118,7 +118,10 @@ class _Entry:
         self.expires = row.expires_at.timestamp() if row.expires_at else None
         self.revoked = row.revoked_at is not None
         scopes = normalise_scopes(row.scopes)
-        self.paths = tuple(scopes["paths"])
+        # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
+        # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike.
+        self.paths = tuple(p if p.endswith("/") else p + "/" for p in scopes["paths"])
+        self.path_roots = frozenset(p.rstrip("/") or "/" for p in scopes["paths"])
         self.models = tuple(scopes["models"])
         self.identity: dict[str, Any] = {
             "key_id": row.id, "owner": row.owner, "name": row.name, "team": row.team, "scopes": scopes,
@@ -436,7 +439,7 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
         if entry.expires is not None and now >= entry.expires:
             return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key")
-        if entry.paths and not ctx.path.startswith(entry.paths):
+        if entry.paths and not ctx.path.startswith(entry.paths) and ctx.path not in entry.path_roots:
             return self._refuse(ctx, 403, "scope_path", key_id,
                                 f"This API key is not allowed to call {ctx.path}.", "key_scope_denied",
                                 "permission_error")

@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.admin import admin_identity
+from gateway.config.model import prefix_problem
 from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store
@@ -55,8 +56,9 @@ class Scopes(_Body):
     @classmethod
     def _slash(cls, v: list[str]) -> list[str]:
         for p in v:
-            if not p.startswith("/"):
-                raise ValueError(f"path prefix {p!r} must start with '/'")
+            bad = prefix_problem(p)  # (the rules of route prefixes: one that could never match is refused)
+            if bad:
+                raise ValueError(f"path prefix {p!r}: {bad}")
         return v
 
 
