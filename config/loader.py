@@ -17,12 +17,17 @@ from pydantic import BaseModel, ValidationError
 
 from .model import GatewayConfig
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-#: "${" that does not start a well-formed ${NAME} or ${NAME:-default}
-_BAD_VAR = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})")
+#: "$${" (a literal "${"), ``${NAME}`` / ``${NAME:-default}`` (group 1 the name, 2 the default),
+#: or a "${" that starts neither (group 1 None)
+_DOLLAR = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 #: A config file larger than this, or that expands (through YAML aliases) to more values, is refused.
 MAX_BYTES = 2**20
 MAX_VALUES = 200_000
+#: Deeper nesting is refused before libyaml composes the document: its composer recurses in C, one
+#: call per level, and some 25,000 levels (a 60 KB file) overflow the stack and kill the process.
+#: A real config nests some 8 levels.
+MAX_DEPTH = 100
+_YAML_TAG = "tag:yaml.org,2002:"
 
 
 #: libyaml's parser when PyYAML has it (several times faster), else the pure-Python one
@@ -47,6 +52,9 @@ class _Lines:
     def __init__(self) -> None:
         self.lines: dict[Path_, int] = {}
         self.count = 0  # values built so far
+        #: paths whose value was already reported (an unset variable, a value YAML cannot read):
+        #: validation's complaint about the null left there would only repeat it
+        self.bad: set[Path_] = set()
         # one constructor for every scalar (it remembers each node, so an aliased one is built once)
         self.loader = yaml.SafeLoader("")
 
@@ -70,11 +78,25 @@ def fmt_path(path: Iterable[Any]) -> str:
 
 
 def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:
-    if _BAD_VAR.search(value):
-        problems.append(f"{fmt_path(path)} -> line {line}: malformed ${{...}}: write ${{NAME}} or ${{NAME:-default}}")
-        return ""
+    """``${NAME}`` and ``${NAME:-default}`` from ``env``; ``$${`` is a literal ``${``. A default is
+    taken as written: one holding another ``${`` (``${A:-${B}}``, which the pattern would cut at
+    the first ``}``) is refused rather than read as something else. No message repeats the value."""
+    for m in _DOLLAR.finditer(value):
+        if m.group(0) == "$${":
+            continue
+        if m.group(1) is None:
+            problems.append(f"{fmt_path(path)} -> line {line}: malformed ${{...}}: write ${{NAME}} or "
+                            "${NAME:-default} ($${ for a literal ${)")
+            return ""
+        if m.group(2) is not None and "${" in m.group(2):
+            problems.append(f"{fmt_path(path)} -> line {line}: a default cannot hold another ${{...}} "
+                            f"(${{{m.group(1)}:-...}}): write the default value itself, e.g. "
+                            f"${{{m.group(1)}:-value}}")
+            return ""
 
     def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            return "${"
         name, default = m.group(1), m.group(2)
         if name in env and env[name] != "":
             return env[name]
@@ -84,7 +106,7 @@ def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: d
                         f"(use ${{{name}:-default}} to give a default)")
         return ""
 
-    return _VAR.sub(repl, value)
+    return _DOLLAR.sub(repl, value)
 
 
 class _TooBig(Exception):
@@ -96,13 +118,15 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
     if lines.count > MAX_VALUES:  # aliases can make a small file expand beyond any memory
         raise _TooBig
     lines.lines.setdefault(path, node.start_mark.line + 1)
+    if not node.tag.startswith(_YAML_TAG) or _COLLECTION_TAG.get(type(node), node.tag) != node.tag:
+        return _unreadable(node, path, lines, problems)  # `!vault x`, `!env FOO`: a tag nothing here reads
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         merged: dict[Any, Any] = {}
         for knode, vnode in node.value:
             if knode.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" (or a list of them)
                 sub = _Lines()  # the merged keys' lines do not replace those written here
-                sub.count, sub.loader = lines.count, lines.loader
+                sub.count, sub.loader, sub.bad = lines.count, lines.loader, lines.bad
                 for src in (vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]):
                     m = _construct(src, path, sub, problems, env)
                     if not isinstance(m, dict):
@@ -122,6 +146,9 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
             if key in out:
                 problems.append(f"{fmt_path(path + (key,))} -> line {knode.start_mark.line + 1}: duplicate key")
             lines.lines[path + (key,)] = knode.start_mark.line + 1
+            if not path and key.startswith("x-"):  # docker-compose style: holds anchors, is not read
+                out[key] = None
+                continue
             out[key] = _construct(vnode, path + (key,), lines, problems, env)
         for k, v in merged.items():  # keys written in the mapping itself win
             out.setdefault(k, v)
@@ -129,9 +156,15 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, path + (i,), lines, problems, env) for i, v in enumerate(node.value)]
     # Scalars: resolve with the safe constructor, then interpolate strings.
-    value = lines.loader.construct_object(node) if node.tag != "tag:yaml.org,2002:str" else node.value
+    try:
+        value = lines.loader.construct_object(node) if node.tag != "tag:yaml.org,2002:str" else node.value
+    except (yaml.YAMLError, ValueError, OverflowError):  # `2020-13-45`, `!!int abc`, 5,000 digits
+        return _unreadable(node, path, lines, problems)
     if isinstance(value, str) and "${" in value:
+        before = len(problems)
         value = _interpolate(value, path, node.start_mark.line + 1, problems, env)
+        if len(problems) > before:
+            lines.bad.add(path)
         # An interpolated plain value stays the string it is (validation reads "8080" as a number
         # where the setting is one, and a secret that looks like a number stays a string); an empty
         # one is null, and a flow collection ("[10.0.0.0/8]") becomes a list or mapping. Read as a
@@ -142,36 +175,86 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
             elif value.lstrip()[:1] in ("[", "{"):
                 try:
                     loaded = yaml.safe_load(value)
-                except yaml.YAMLError:
+                except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
                     loaded = None
                 if isinstance(loaded, (list, dict)):
                     value = loaded
     return value
 
 
+#: The one tag a mapping or a list is read with: another (`!!set {a, b}`, `!!python/object:x {}`)
+#: would make it something the config does not hold.
+_COLLECTION_TAG = {yaml.MappingNode: _YAML_TAG + "map", yaml.SequenceNode: _YAML_TAG + "seq"}
+
+
+def _unreadable(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str]) -> None:
+    """Report a value the safe constructor cannot build, by path and line and why, never quoting it
+    (it may be a secret: ``!!int sk-...`` made int() repeat it); the value is left null."""
+    tag = node.tag
+    if not tag.startswith(_YAML_TAG):
+        why = f"tag {tag[:40]} is not supported"
+    elif not isinstance(node, yaml.ScalarNode):
+        why = f"tag !!{tag[len(_YAML_TAG):][:40]} is not supported"
+    elif tag == _YAML_TAG + "timestamp":
+        why = "it reads as a date or time that does not exist; quote it if it is text"
+    elif tag in (_YAML_TAG + "int", _YAML_TAG + "float") and len(str(node.value)) > 1000:
+        why = "a number with too many digits"
+    else:
+        why = f"not a valid !!{tag[len(_YAML_TAG):]}"
+    problems.append(f"{fmt_path(path)} -> line {node.start_mark.line + 1}: not a value YAML can read here ({why})")
+    lines.bad.add(path)
+    return None
+
+
+def _too_deep(text: str) -> int | None:
+    """The line where the nesting first goes deeper than MAX_DEPTH, else None. The event parser
+    does not recurse (100,000 levels parse), and stops being read at the first level too many."""
+    depth = 0
+    for ev in yaml.parse(text, Loader=_COMPOSER):
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return ev.start_mark.line + 1
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return None
+
+
 def parse_yaml(text: str, source: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], _Lines]:
+    data, lines, problems = _parse_yaml(text, source, env)
+    if problems:
+        raise ConfigError(problems, source)
+    return data, lines
+
+
+def _parse_yaml(text: str, source: str, env: dict[str, str] | None) -> tuple[dict[str, Any], _Lines, list[str]]:
+    """The document as data, the line of each path, and the problems found building it (unset
+    variables, unreadable values, duplicate keys: each leaves a value, so validation can go on and
+    report its own problems with them). A file that cannot be read as a whole raises ConfigError."""
     env = dict(os.environ) if env is None else env
     try:
-        node = yaml.compose(text, Loader=_COMPOSER)
+        deep = _too_deep(text)
+        node = yaml.compose(text, Loader=_COMPOSER) if deep is None else None
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_problem(e, text)], source) from None
+    if deep is not None:
+        raise ConfigError([f"line {deep}: the document nests too deeply (more than {MAX_DEPTH} levels)"], source)
     lines = _Lines()
     problems: list[str] = []
     try:
-        data = _construct(node, (), lines, problems, env) if node is not None else {}
+        data = _construct(node, (), lines, problems, env) if node is not None else None
     except _TooBig:
         raise ConfigError([f"line 1: the document expands to more than {MAX_VALUES} values (YAML aliases?)"],
                           source) from None
     except RecursionError:
         raise ConfigError(["line 1: the document nests too deeply, or a YAML alias contains itself "
                            "(e.g. `x: &a [*a]`)"], source) from None
-    if data is None:
-        data = {}
+    if data is None:  # nothing, blanks and comments, or a lone `---`: not "upstream: Field required"
+        raise ConfigError(["the file is empty: it holds no settings"], source)
     if not isinstance(data, dict):
         raise ConfigError(["line 1: the top level must be a mapping"], source)
-    if problems:
-        raise ConfigError(problems, source)
-    return data, lines
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    return data, lines, problems
 
 
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
@@ -184,7 +267,13 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
     where = f"line {mark.line + 1}" if mark is not None else "?"
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     context = getattr(e, "context", None)
-    return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}"
+    hint = ""
+    if context and context.startswith("while parsing a flow") and mark is not None:
+        end = getattr(e, "problem_mark", None) or mark
+        if "${" in "\n".join(text.splitlines()[mark.line:end.line + 1]):
+            # `{key: ${VAR}}`: the `{` of `${` opens a mapping inside the flow collection
+            hint = ' (inside [...] or {...}, quote a ${VAR}: "${VAR}")'
+    return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}{hint}"
 
 
 #: Pydantic names a union member in an error's location ("list[...]", "literal[...]"); the key path
@@ -193,7 +282,12 @@ _UNION_PART = re.compile(r"^(?:list|literal|function-\w+|union|tagged-union|str|
 
 
 def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[str]:
-    out: list[str] = []
+    return [p for _, p in _located_problems(err, lines, prefix)]
+
+
+def _located_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[tuple[Path_, str]]:
+    """(key path, message) of each problem; none under a path already reported (``lines.bad``)."""
+    out: list[tuple[Path_, str]] = []
     for e in err.errors(include_url=False):
         loc = prefix
         for p in e["loc"]:
@@ -201,65 +295,105 @@ def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ())
             if isinstance(p, str) and _UNION_PART.match(p) and loc + (p,) not in lines.lines:
                 continue
             loc = loc + (p,)
+        if any(loc[:n] in lines.bad for n in range(len(loc) + 1)):
+            continue
+        if loc and e["type"] == "value_error" and any(b[:len(loc)] == loc for b in lines.bad):
+            continue  # a section's own check that saw the null an unset variable left ("admin: needs a token")
         line = lines.find(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         item = f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}"
-        if item not in out:
-            out.append(item)
+        if all(item != o for _, o in out):
+            out.append((loc, item))
     return out
 
 
 def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str] | None = None) -> GatewayConfig:
-    data, lines = parse_yaml(text, source, env)
+    """Parse and validate. The problems of every stage that can be checked on its own come
+    together (unset variables, a plugin listed twice, the core settings, each plugin's config and
+    each route's), so a file with several mistakes needs one run of ``gateway check``, not one each."""
+    data, lines, problems = _parse_yaml(text, source, env)
     dup = _duplicate_plugin(data, lines)
     if dup:
-        raise ConfigError([dup], source)
+        problems.append(dup)
+    cfg: GatewayConfig | None = None
+    core: list[Path_] = []  # where the core model found problems: the plugin checks skip those entries
     try:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(validation_problems(e, lines), source) from None
+        for loc, p in _located_problems(e, lines):
+            if dup and not loc and "is listed twice" in p:  # already said, with its line
+                continue
+            core.append(loc)
+            problems.append(p)
     # Plugin configs are validated against each plugin's own model.
     from gateway.plugin import registry  # late import: the core depends on config, not the reverse
 
-    problems: list[str] = []
-    for name, value in cfg.upstream.headers.items():
-        bad = header_problem(name, value)
-        if bad:  # the value is a credential: the message never repeats it
-            problems.append(f"upstream.headers.{name} -> line {lines.find(('upstream', 'headers', name)) or '?'}: {bad}")
-    if not database_url_ok(cfg.database.url):
-        problems.append(f"database.url -> line {lines.find(('database', 'url')) or '?'}: not a valid database URL "
-                        "(driver://user:password@host:port/name; percent-encode special characters)")
-    for i, spec in enumerate(cfg.plugins):
-        cls = registry.get(spec.name)
+    if cfg is not None:
+        for name, value in cfg.upstream.headers.items():
+            bad = header_problem(name, value)
+            if bad:  # the value is a credential: the message never repeats it
+                line = lines.find(("upstream", "headers", name)) or "?"
+                problems.append(f"upstream.headers.{name} -> line {line}: {bad}")
+        if not database_url_ok(cfg.database.url):
+            problems.append(f"database.url -> line {lines.find(('database', 'url')) or '?'}: not a valid database URL "
+                            "(driver://user:password@host:port/name; percent-encode special characters)")
+
+    def flagged(path: Path_) -> bool:
+        """the core (or the parse) already reported something at, above or under ``path``"""
+        return any(loc and (loc[:len(path)] == path or path[:len(loc)] == loc) for loc in core) or \
+            any(path[:n] in lines.bad for n in range(1, len(path) + 1))
+
+    # Read from the data as written (not ``cfg``, which exists only if the core settings are valid).
+    specs = data.get("plugins") if isinstance(data.get("plugins"), list) else []
+    names = [p.get("name") if isinstance(p, dict) else None for p in specs]
+    validated: dict[int, Any] = {}
+    for i, spec in enumerate(specs):
+        config = spec.get("config") if isinstance(spec, dict) else None
+        config = {} if config is None else config
+        if flagged(("plugins", i)) or not isinstance(names[i], str) or not isinstance(config, dict):
+            continue
+        cls = registry.get(names[i])
         if cls is None:
-            broken = registry.error(spec.name)
+            broken = registry.error(names[i])
             problems.append(f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name'))}: " + (
-                f"plugin {spec.name!r} is installed but failed to load: {broken}" if broken else
-                f"unknown plugin {spec.name!r} (known: {', '.join(sorted(registry.names()))})"))
+                f"plugin {names[i]!r} is installed but failed to load: {broken}" if broken else
+                f"unknown plugin {names[i]!r} (known: {', '.join(sorted(registry.names()))})"))
             continue
         try:
-            spec._validated = cls.Config.model_validate(spec.config)
+            validated[i] = cls.Config.model_validate(config)
         except ValidationError as e:
             problems += validation_problems(e, lines, ("plugins", i, "config"))
-    names = [p.name for p in cfg.plugins]
-    for j, route in enumerate(cfg.routes):
-        for pname, ov in route.plugins.items():
+    names_known = not any(loc[:1] == ("plugins",) and (len(loc) <= 2 or loc[2] == "name") for loc in core)
+    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    route_validated: dict[tuple[int, str], Any] = {}
+    for j, route in enumerate(routes):
+        overrides = route.get("plugins") if isinstance(route, dict) else None
+        if flagged(("routes", j)) or not isinstance(overrides, dict):
+            continue
+        for pname, ov in overrides.items():
             if pname not in names:
-                problems.append(f"routes[{j}].plugins.{pname} -> line {lines.find(('routes', j, 'plugins', pname))}: "
-                                f"plugin {pname!r} is not in the plugins list")
+                if names_known:  # (else the core's problem with the list says why)
+                    line = lines.find(("routes", j, "plugins", pname))
+                    problems.append(f"routes[{j}].plugins.{pname} -> line {line}: plugin {pname!r} is not in the "
+                                    "plugins list")
                 continue
-            spec = cfg.plugins[names.index(pname)]
-            if ov.config and spec.validated is not None:
+            k = names.index(pname)
+            ov_config = ov.get("config") if isinstance(ov, dict) else None
+            if ov_config and isinstance(ov_config, dict) and k in validated:
                 cls = registry.get(pname)
-                merged = deep_merge(spec.config, ov.config)
+                merged = deep_merge(specs[k].get("config") or {}, ov_config)
                 try:
-                    ov._validated = cls.Config.model_validate(merged)
+                    route_validated[(j, pname)] = cls.Config.model_validate(merged)
                 except ValidationError as e:
                     problems += validation_problems(e, lines, ("routes", j, "plugins", pname, "config"))
-    if problems:
-        raise ConfigError(problems, source)
+    if problems or cfg is None:
+        raise ConfigError(list(dict.fromkeys(problems)), source)
+    for i, v in validated.items():
+        cfg.plugins[i]._validated = v
+    for (j, pname), v in route_validated.items():
+        cfg.routes[j].plugins[pname]._validated = v
     cfg._source = source
     return cfg
 
