@@ -387,9 +387,16 @@ class Proxy:
             # A streamed request answered without text/event-stream (a server that names no media
             # type, or text/plain): if its first bytes are SSE, it is read as SSE, so its usage is
             # counted and the usage chunk the gateway asked for does not reach the client.
+            verdict = None
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                pending = await content.readany()  # (a failure here shows again on the next read)
-            streamed = _SSE_START.match(pending) is not None
+                # (a failure here shows again on the next read)
+                while verdict is None and len(pending) < 64:
+                    more = await content.readany()
+                    if not more:
+                        break
+                    pending += more
+                    verdict = _sse_start(pending)
+            streamed = verdict is True
         ctx.streamed = streamed
         observer = None
         if ctx.observe:
@@ -561,6 +568,20 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
 _ERROR_PEEK = 65536
 #: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.
 _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
+_SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:")
+
+
+def _sse_start(first: bytes) -> bool | None:
+    """Do a body's first bytes start a server-sent event stream: True, False, or None while they
+    could still be either (``da``: a read may end anywhere). A byte order mark and blank lines
+    before the first field are allowed, as SSE parsers allow them."""
+    s = first[3:] if first.startswith(b"\xef\xbb\xbf") else first
+    if _SSE_START.match(s):
+        return True
+    s = s.lstrip(b"\r\n")
+    if b"\xef\xbb\xbf".startswith(first) or any(f.startswith(s) for f in _SSE_FIELDS):
+        return None
+    return False
 
 
 def _must_close(request: web.BaseRequest) -> bool:

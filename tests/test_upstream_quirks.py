@@ -62,9 +62,10 @@ class Quirky:
             return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
                 {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}],
                 "usage": USAGE})
-        headers = {"Content-Type": "text/plain"} if mode == "no_ctype" else {"Content-Type": "text/event-stream"}
+        plain = mode.startswith("no_ctype")
+        headers = {"Content-Type": "text/plain"} if plain else {"Content-Type": "text/event-stream"}
         resp = web.StreamResponse(headers=headers)
-        if mode == "no_ctype":
+        if plain:
             resp.content_type = "text/plain"
         if mode == "done_sized":  # a sized SSE body whose last bytes come after [DONE], a moment later
             first = _chunk({"role": "assistant", "content": "Hel"}) + USAGE_CHUNK + b"data: [DONE]\n\n"
@@ -78,7 +79,14 @@ class Quirky:
         if mode == "reasoning_stream":
             await resp.write(_chunk({"role": "assistant", "reasoning_content": "Let me "}))
             await resp.write(_chunk({"reasoning_content": "think"}))
-        await resp.write(_chunk({"role": "assistant", "content": "Hel"}))
+        first = _chunk({"role": "assistant", "content": "Hel"})
+        if mode == "no_ctype_split":  # the first read holds too little to tell SSE from text
+            await resp.write(first[:2])
+            await asyncio.sleep(0.1)
+            first = first[2:]
+        elif mode == "no_ctype_bom":
+            first = b"\xef\xbb\xbf" + first
+        await resp.write(first)
         if mode == "error_event":
             await resp.write(b'data: {"error": {"message": "Engine died", "type": "InternalServerError"}}\n\n')
             await resp.write(b"data: [DONE]\n\n")
@@ -147,13 +155,15 @@ async def _stream(s: aiohttp.ClientSession, url: str, model: str, **headers: str
         return (await r.read()).decode(), r.headers["X-Conversation-ID"]
 
 
-async def test_stream_without_its_media_type_is_read_as_sse(quirky: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["no_ctype", "no_ctype_split", "no_ctype_bom"])
+async def test_stream_without_its_media_type_is_read_as_sse(quirky: Any, tmp_path: Path, mode: str) -> None:
     """A server that streams SSE as text/plain: the usage the gateway asked for is counted, and the
-    chunk carrying it does not reach a client that did not ask for it."""
+    chunk carrying it does not reach a client that did not ask for it; also when its first read
+    holds only "da" (too little to tell), or starts with a byte order mark."""
     q, url = quirky
     async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
-            text, cid = await _stream(s, g.url, "no_ctype")
+            text, cid = await _stream(s, g.url, mode)
         assert q.bodies[-1]["stream_options"] == {"include_usage": True}
         assert '"usage"' not in text and text.endswith("data: [DONE]\n\n") and '"content": "lo"' in text
         assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 3)
