@@ -12,28 +12,31 @@ Per request (when sampled):
 
 The plugin uses its own TracerProvider, never the global one. Its only hook is ``on_complete``, which
 returns at once for unsampled requests; span export happens on a background thread through a bounded
-queue, so a slow or dead collector costs requests nothing (spans are dropped when the queue is full).
+queue, so a slow or dead collector costs requests nothing (when the queue is full the oldest queued
+span makes room; every span lost is counted in gateway_tracing_spans_dropped_total).
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from gateway.context import RequestContext
 from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig
 
 from . import genai
-from .otel import (SENSITIVE_HEADERS, SENSITIVE_SERVER_ATTRS, SERVER_SPAN, URL_SERVER_ATTRS, ActiveTracerProvider,
-                   ProviderEntry, Providers, gate_client_trace_config, prepare_server_instrumentation, redact_query,
-                   server_middleware)
+from .otel import (SERVER_SPAN, URL_SERVER_ATTRS, ActiveTracerProvider, ProviderEntry, Providers, dropped_counter,
+                   gate_client_trace_config, note_key_headers, prepare_server_instrumentation, redact_query,
+                   sensitive_header_patterns, server_middleware)
 
 #: Paths whose name is a fixed, low-cardinality endpoint: the server span is named after them.
 _KNOWN_ENDPOINTS = ("/chat/completions", "/completions", "/embeddings", "/models", "/moderations", "/responses",
@@ -65,15 +68,92 @@ class ExporterConfig(PluginConfig):
     def _blank(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
+    # Messages below never quote a header value or the endpoint: either may hold a credential, and a
+    # config error goes to the terminal and the log.
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        v = v.strip()
+        kind = info.data.get("type")
+        if any(c.isspace() or not c.isprintable() for c in v):
+            raise ValueError("the endpoint must not contain spaces or control characters")
+        has_scheme = "://" in v
+        if kind == "otlp_http" and not has_scheme:
+            raise ValueError("the endpoint must be an http:// or https:// URL (e.g. http://collector:4318)")
+        try:
+            u = urlsplit(v if has_scheme else "//" + v)
+        except ValueError:
+            raise ValueError("the endpoint is not a valid URL") from None
+        scheme = u.scheme.lower()
+        if "@" in u.netloc:
+            raise ValueError("the endpoint must not contain a user name or password (user:pass@): put the "
+                             "collector's credentials in exporter.headers (e.g. authorization: ${VAR})")
+        if kind == "otlp_http" and scheme not in ("http", "https"):
+            raise ValueError("the endpoint must be an http:// or https:// URL (e.g. http://collector:4318)")
+        if kind in ("otlp_http", "otlp_grpc") and scheme in ("http", "https", ""):
+            if not u.hostname:
+                raise ValueError("the endpoint has no host (e.g. http://collector:4318)")
+            try:
+                port = u.port
+            except ValueError:
+                port = 0
+            if port == 0 or (port is None and u.netloc.endswith(":")):
+                raise ValueError("the endpoint's port must be a number from 1 to 65535")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        """Surrounding whitespace goes (a secret file's trailing newline, read through ${VAR}); what
+        no HTTP library would send is refused here, not at every export. gRPC metadata keys are
+        lower case and its values printable ASCII."""
+        grpc = info.data.get("type") == "otlp_grpc"
+        out: dict[str, str] = {}
+        for name, value in v.items():
+            n = name.strip()
+            if not _HEADER_NAME.match(n):
+                raise ValueError(f"{n[:64]!r} is not a valid header name")
+            if grpc:
+                n = n.lower()
+            if n.lower() in {k.lower() for k in out}:
+                raise ValueError(f"header {n!r} is given twice (names are case-insensitive)")
+            val = value.strip()
+            why = _header_value_problem(val, grpc)
+            if why:
+                raise ValueError(f"the value of header {n!r} {why} (the value is not shown)")
+            out[n] = val
+        return out
+
     @field_validator("type", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_value_problem(value: str, grpc: bool) -> str | None:
+    """Why ``value`` cannot be sent as a header value (None if it can); never quotes it."""
+    if "\r" in value or "\n" in value:
+        return "contains a line break (CR/LF)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "contains a control character"
+    if grpc and not value.isascii():
+        return "contains non-ASCII characters (gRPC metadata must be printable ASCII)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "contains characters outside Latin-1 (HTTP header values are bytes: use ASCII)"
+    return None
+
+
 class BatchConfig(PluginConfig):
-    max_queue_size: int = Field(2048, ge=1, description="Finished spans waiting for export; beyond it new "
-                                "spans are dropped (never blocks a request).")
+    max_queue_size: int = Field(2048, ge=1, description="Finished spans waiting for export (never blocks a "
+                                "request). When it is full, the oldest queued span is dropped to make room "
+                                "for the new one (counted in gateway_tracing_spans_dropped_total).")
     max_export_batch_size: int = Field(512, ge=1, description="Spans per export request.")
     schedule_delay_ms: int = Field(1000, ge=1, description="Export at least this often (milliseconds).")
     shutdown_timeout: float = Field(5.0, ge=0, description="Seconds to flush pending spans at shutdown "
@@ -132,7 +212,13 @@ class Tracing(Plugin):
 
     async def startup(self) -> None:
         if self.config.exporter.type != "none":
+            # The headers key_auth reads keys from are credentials too (the config being started:
+            # at a reload, the new one).
+            note_key_headers(_key_auth_headers(self.services.settings))
             prepare_server_instrumentation()
+            p = self._providers()
+            if p.dropped is None:
+                p.dropped = dropped_counter(self.services)
         self.entry = self._providers().acquire(self.config)
 
     async def shutdown(self) -> None:
@@ -173,7 +259,7 @@ class Tracing(Plugin):
             prepare_server_instrumentation()  # so the client follows the same semantic-convention mode
             tc = create_trace_config(tracer_provider=ActiveTracerProvider(),
                                      sem_conv_opt_in_mode=srv._sem_conv_opt_in_mode,
-                                     sensitive_headers=list(SENSITIVE_HEADERS), url_filter=redact_query)
+                                     sensitive_headers=sensitive_header_patterns(), url_filter=redact_query)
             p.trace_config = gate_client_trace_config(tc)
         return [p.trace_config]
 
@@ -204,9 +290,7 @@ class Tracing(Plugin):
                 safe = utf8_safe(v)
                 if safe is not v:
                     span.set_attribute(k, safe)
-        for k in SENSITIVE_SERVER_ATTRS:
-            if k in attrs:
-                span.set_attribute(k, "[REDACTED]")
+        # (captured credential headers are redacted at capture and at export: otel.redact_headers)
         for k in URL_SERVER_ATTRS:  # a key or token a client put in the query string
             v = attrs.get(k)
             if isinstance(v, str) and "=" in v:
@@ -280,6 +364,20 @@ def _identity(ctx: RequestContext) -> dict[str, Any]:
         out["gateway.key_id"] = genai.text(ctx.key_id)
     if ctx.owner:
         out["gateway.owner"] = genai.text(ctx.owner)
+    return out
+
+
+def _key_auth_headers(settings: Any) -> set[str]:
+    """The request headers the key_auth plugin reads keys from, in ``settings`` (the gateway config):
+    its base config and every per-route override."""
+    out: set[str] = set()
+    for spec in getattr(settings, "plugins", None) or ():
+        if getattr(spec, "name", None) == "key_auth":
+            out.update(getattr(spec.validated, "headers", None) or ())
+    for route in getattr(settings, "routes", None) or ():
+        ov = (getattr(route, "plugins", None) or {}).get("key_auth")
+        if ov is not None:
+            out.update(getattr(ov.validated, "headers", None) or ())
     return out
 
 
