@@ -873,7 +873,9 @@ async def test_requests_arriving_at_once_that_one_rule_refuses_on_redis(make_gat
     """On a shared store other requests count in between: the rules are counted one by one, the
     one with the least left first, stopping at a refusal. 30 requests at once from one IP under
     per-ip 1/minute: one passes, and the global budget counts that one alone."""
-    g = await make_gateway([rl(storage=redis_server().url, rules=[
+    # (a generous timeout: this is about the order of the counts, and on a busy machine the first
+    # call's warm-up racing 29 others can take longer than the default 0.25 s)
+    g = await make_gateway([rl(storage=redis_server().url, storage_timeout=3, rules=[
         {"name": "everyone", "limit": "1000/minute", "key_by": "global"},
         {"name": "per-ip", "limit": "1/minute", "key_by": ["ip"]}])])
     async with aiohttp.ClientSession() as s:

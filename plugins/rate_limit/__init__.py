@@ -210,7 +210,7 @@ class RateLimit(Plugin):
         for lim, ids, s, need in short:
             try:
                 wait = await self.store.wait_for(lim.item, ids, need, deadline)
-            except StoreDown:  # (counted and logged by the store) the window's reset time will do
+            except StoreDown:  # (a failed call is counted by the store) the window's reset time will do
                 wait = None
             w = max(s.reset_in, wait if wait is not None else 0.0)
             if w > worst_wait:
@@ -355,11 +355,14 @@ class RateLimit(Plugin):
 
     async def _charge(self, limits: list[tuple[Limit, tuple[str, ...]]], tokens: int) -> None:
         deadline = time.monotonic() + self.store.timeout
+        dropped, why = 0, ""
         for lim, ids in limits:
             try:
                 await self.store.charge(lim.item, ids, tokens, deadline)
-            except StoreDown:
-                return  # counted and logged by the store
+            except StoreDown as e:  # (once the store is marked down, the next ones fail at once)
+                dropped, why = dropped + 1, str(e)
+        if dropped:  # those tokens go uncounted: said in a metric and a (throttled) log line
+            self.store.dropped(dropped, why)
 
 
 def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:

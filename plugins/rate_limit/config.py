@@ -63,10 +63,22 @@ class RuleConfig(PluginConfig):
         return v
 
 
+def storage_uri_ambiguous(uri: str) -> bool:
+    """A raw ``/``, ``?`` or ``#`` before the URL's last ``@``: a password written as it is
+    (``carol:4821/Zsecret@host``) instead of percent-encoded. Parsers disagree on where such a
+    URL's host is (one takes part of the password for it, and says so in its error), so it is
+    refused rather than guessed."""
+    rest = uri.partition("://")[2]
+    at = rest.rfind("@")
+    return at >= 0 and any(c in rest[:at] for c in "/?#")
+
+
 def storage_uri_ok(uri: str) -> bool:
     """Every host:port of a redis URL parses (several for a cluster or sentinel)."""
     from urllib.parse import urlsplit
 
+    if storage_uri_ambiguous(uri):
+        return False
     if uri.removeprefix("async+").startswith(("memory", "redis+unix")):
         return True
     try:
@@ -93,7 +105,8 @@ class RateLimitConfig(PluginConfig):
         "sliding", description="sliding: sliding-window counter; fixed: fixed window; moving: moving window.")
     storage: str = Field("memory://", description="Counter storage: memory://, redis://host:port/db, "
                                                   "rediss://..., redis+sentinel://host:port/service, "
-                                                  "redis+cluster://host:port,host:port.")
+                                                  "redis+cluster://host:port,host:port. A user name and "
+                                                  "password (user:password@) are percent-encoded (RFC 3986).")
     storage_timeout: float = Field(0.25, gt=0, le=10,
                                    description="Seconds a request waits for the counter store at most.")
     storage_retry: float = Field(1.0, ge=0, description="After a store failure, seconds during which the store "
@@ -123,6 +136,10 @@ class RateLimitConfig(PluginConfig):
         if not v.startswith(ok):
             raise ValueError("must be memory://, redis://, rediss://, redis+unix://, redis+sentinel:// or "
                              "redis+cluster://")
+        if storage_uri_ambiguous(v):
+            raise ValueError("the storage URL has a '/', '?' or '#' before its last '@': percent-encode the user "
+                             "name and password (RFC 3986: '/' is %2F, '?' %3F, '#' %23, '@' %40, ':' %3A, "
+                             "'%' %25; the URL is not shown: it may hold a password)")
         if not storage_uri_ok(v):
             raise ValueError("not a valid storage URL (check the hosts and ports; the URL is not shown: it may "
                              "hold a password)")

@@ -5,7 +5,9 @@ counters. The storage object is a process-wide shared resource keyed by its URI,
 and config reloads share it (a reload does not reset in-memory counters). A call that fails or does
 not answer within ``storage_timeout`` raises :class:`StoreDown`; after a failure the store is not
 tried again for ``storage_retry`` seconds, so a dead or frozen Redis costs one timeout, not one per
-request. In-process memory cannot hang or fail like a network store: it uses the library's
+request. ``storage_timeout`` is the plugin's own deadline, not the Redis client's socket timeouts
+(those are a fixed ceiling above it), so a reload that changes it applies at once to the shared
+client. In-process memory cannot hang or fail like a network store: it uses the library's
 synchronous storage and strategies, called directly on the event loop (no coroutine, no deadline),
 and its expiry sweep runs on the loop too (:func:`throttle_sweep`).
 """
@@ -22,10 +24,12 @@ import limits.strategies as sync_strategies
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.strategies import (FixedWindowRateLimiter, MovingWindowRateLimiter, RateLimiter,
                                    SlidingWindowCounterRateLimiter)
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 from prometheus_client import Counter
 
 from gateway.cli import mask_secret_params
+from gateway.logs import ThrottledLog
 
 log = logging.getLogger("gateway.rate_limit")
 T = TypeVar("T")
@@ -53,13 +57,20 @@ def async_uri(uri: str) -> str:
 
 
 def redacted(uri: str) -> str:
-    """The URI without a password (user:password@ and ?password= alike), for logs and metric labels."""
+    """The URI without a password (user:password@ and ?password= alike), for logs and metric labels.
+
+    Everything up to the last ``@`` is masked, so a password written with a raw ``/``, ``?``,
+    ``#`` or ``@`` instead of percent-encoded (the config refuses the first three, but this must
+    hold whatever it is given) is never shown in part. The host part ends at the first ``/``,
+    ``?`` or ``#`` after that ``@``."""
     scheme, sep, rest = uri.partition("://")
+    at = rest.rfind("@")
+    prefix = ""
+    if at >= 0:
+        prefix, rest = "***@", rest[at + 1:]
     m = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL)
     netloc, tail = (m.group(1), m.group(2)) if m else (rest, "")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return scheme + sep + netloc + mask_secret_params(tail)
+    return scheme + sep + prefix + netloc + mask_secret_params(tail)
 
 
 SWEEP_EVERY = 1.0
@@ -152,15 +163,25 @@ def is_memory(uri: str) -> bool:
     return uri.removeprefix("async+").startswith("memory")
 
 
-def build_storage(uri: str, timeout: float) -> Any:
+#: The Redis client's own connect / read timeouts: above the largest ``storage_timeout`` (10 s, see
+#: the config), so the plugin's deadline, which follows every reload, always decides. A client
+#: built with one config's timeout would keep it for the life of the process (it is shared).
+CLIENT_TIMEOUT = 11.0
+
+
+def build_storage(uri: str, timeout: float = CLIENT_TIMEOUT) -> Any:
     if is_memory(uri):
         return throttle_sweep(storage_from_string(uri.removeprefix("async+")))
     uri = async_uri(uri)
     from coredis.retry import NoRetryPolicy
 
-    # Short socket timeouts and no client-side retries (a retried hit whose first attempt reached
-    # Redis would count twice): the plugin's own deadline decides.
+    # No client-side retries (a retried hit whose first attempt reached Redis would count twice):
+    # the plugin's own deadline decides.
     opts: dict[str, Any] = {"connect_timeout": timeout, "stream_timeout": timeout}
+    if "+sentinel" in uri or "+cluster" in uri:
+        # These pass the URL's user and password on as they are written: decoded here (RFC 3986
+        # percent-encoding, as for a plain redis:// URL below).
+        opts.update(url_auth(uri))
     if "+sentinel" in uri:
         storage = storage_from_string(uri, wrap_exceptions=True, **opts)
         # Sentinel takes connection options only; the clients it hands out get the policy here.
@@ -168,22 +189,63 @@ def build_storage(uri: str, timeout: float) -> Any:
             if client is not None and hasattr(client, "retry_policy"):
                 client.retry_policy = NoRetryPolicy()
         return storage
+    if "+cluster" not in uri:
+        # coredis reads the URL's user, password, host and path percent-decoded only when asked
+        # (a password "p@ss:w/rd" is written p%40ss%3Aw%2Frd).
+        opts["decode_components"] = True
     return storage_from_string(uri, wrap_exceptions=True, retry_policy=NoRetryPolicy(), **opts)
 
 
-class Health:
-    """Shared per storage: when the store last failed (all instances back off together), and whether
-    the connection needs warming up (first use, or after a failure)."""
+def url_auth(uri: str) -> dict[str, str]:
+    """The URL's user name and password, percent-decoded (none: {})."""
+    from urllib.parse import unquote, urlsplit
 
-    __slots__ = ("down_until", "cold", "lock")
+    u = urlsplit(uri)
+    out = {}
+    if u.username:
+        out["username"] = unquote(u.username)
+    if u.password:
+        out["password"] = unquote(u.password)
+    return out
+
+
+class Health:
+    """Shared per storage: when the store last failed (all instances back off together), whether
+    the connection needs warming up (first use, or after a failure), and how many failures there
+    have been (a caller that waited for the warm-up lock sees whether the probe ahead of it failed)."""
+
+    __slots__ = ("down_until", "cold", "lock", "failures")
 
     def __init__(self) -> None:
         self.down_until = 0.0
         self.cold = True
         self.lock = asyncio.Lock()
+        self.failures = 0
 
 
 WARMUP_ITEM = RateLimitItemPerSecond(1_000_000_000)
+
+#: Token charges dropped and per-key data errors are logged at most once per this many seconds
+#: per store (with the count of the others): an outage or a bad key must not log a line per request.
+LOG_EVERY = 10.0
+_LOG = ThrottledLog(log, interval=LOG_EVERY, level=logging.WARNING)
+
+
+def data_error(e: BaseException) -> bool:
+    """A Redis error reply about the data under one key (a key of the wrong type, a value that is
+    no number): that counter cannot be used, the store as a whole is fine. Errors about the server
+    (read-only replica, loading, out of memory, auth, a busy script, cluster state) are not."""
+    from coredis.exceptions import ResponseError, WrongTypeError
+
+    if isinstance(e, StorageError):
+        e = e.storage_error
+    if isinstance(e, WrongTypeError):
+        return True
+    if type(e) is not ResponseError:  # (its subclasses are the server-state errors listed above)
+        return False
+    msg = str(e)
+    return msg.startswith("WRONGTYPE") or "WRONGTYPE Operation against a key" in msg or \
+        msg.startswith("ERR value is not an integer") or msg.startswith("ERR value is not a valid float")
 
 
 class CounterStore:
@@ -192,17 +254,26 @@ class CounterStore:
         self.label = redacted(uri)
         self.timeout = timeout
         self.retry = retry
+        # The client's own timeouts are a fixed ceiling (see CLIENT_TIMEOUT): the client is shared
+        # by every instance and reload, and ``timeout`` (this config's) is applied by call().
         self.storage = services.resource(f"rate_limit:storage:{async_uri(uri)}",
-                                         lambda: build_storage(uri, timeout), _close_storage)
+                                         lambda: build_storage(uri, CLIENT_TIMEOUT), _close_storage)
         self.health: Health = services.resource(f"rate_limit:health:{async_uri(uri)}", Health)
         self.memory = is_memory(uri)
         #: memory: the library's synchronous strategy (see the module docstring); else its async one
         self.limiter: Any = (SYNC_STRATEGIES if self.memory else STRATEGIES)[strategy](self.storage)
         self.fixed = strategy == "fixed"
         self.sliding = strategy == "sliding"
+        #: Counter identifiers put first on a network store, so that each strategy has keys of its
+        #: own: the fixed window keeps a string under a key, the moving window a list, and a store
+        #: shared across a strategy change (a reload, instances of a fleet rolling it out) would
+        #: otherwise answer WRONGTYPE for every counter the other strategy left. (The sliding
+        #: window's keys are its own already: ``{key}``, ``{key}/-1``; in memory each strategy
+        #: keeps its own table.)
+        self.tag: tuple[str, ...] = () if self.memory or self.sliding else (f"strategy:{strategy}",)
         self.errors = services.metric("rate_limit_store_errors", lambda reg: Counter(
-            "gateway_ratelimit_store_errors_total", "Rate-limit counter store calls that failed or timed out",
-            ["storage", "kind"], registry=reg))
+            "gateway_ratelimit_store_errors_total", "Rate-limit counter store calls that failed or timed out, "
+            "and token charges dropped (kind=charge_dropped)", ["storage", "kind"], registry=reg))
 
     async def call(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         """Run one store operation under the deadline (absolute monotonic time, default now+timeout)."""
@@ -217,21 +288,36 @@ class CounterStore:
                 if self.health.cold:
                     await self._warm()
                 return await fn()
+        except StoreDown:
+            raise
         except TimeoutError:
             self._failed("timeout", None)
             raise StoreDown("timeout") from None
         except Exception as e:
+            if data_error(e):
+                # Foreign data under this request's counter: this request gets on_store_error,
+                # everyone else goes on using the store.
+                self.errors.labels(self.label, "key_error").inc()
+                _LOG.event(f"key:{self.label}", 1, f"rate-limit store {_pct(self.label)}: %d call(s) failed on a "
+                           f"counter key holding foreign data ({_pct(_short(e))}); each such caller got "
+                           "on_store_error, the store stays in use")
+                raise StoreDown("key_error") from None
             self._failed("error", e)
             raise StoreDown(type(e).__name__) from None
 
     async def _warm(self) -> None:
         """One request at a time runs the strategy's scripts once before the others go ahead: on a
         fresh (or restarted) Redis the scripts are not loaded yet, and many concurrent first calls
-        racing to load them can lose their connection."""
+        racing to load them can lose their connection. A caller that waited for the lock while the
+        one ahead of it failed gives up at once (the store has just been marked down): only one
+        probes, and a dead store costs one timeout, not one per waiting request."""
+        seen = self.health.failures
         async with self.health.lock:
+            if self.health.failures != seen:
+                raise StoreDown("store marked down after a recent failure")
             if self.health.cold:
-                await self.limiter.hit(WARMUP_ITEM, "gateway-warmup")
-                await self.limiter.get_window_stats(WARMUP_ITEM, "gateway-warmup")
+                await self.limiter.hit(WARMUP_ITEM, *self.tag, "gateway-warmup")
+                await self.limiter.get_window_stats(WARMUP_ITEM, *self.tag, "gateway-warmup")
                 self.health.cold = False
 
     async def check(self) -> bool:
@@ -245,23 +331,41 @@ class CounterStore:
             return False
 
     def _failed(self, kind: str, e: BaseException | None) -> None:
+        """Count the failure; mark the store down. Logged when it marks the store down: the calls
+        that were in flight together with it fail with it, and say nothing more (they are counted)."""
         self.errors.labels(self.label, kind).inc()
+        now = time.monotonic()
+        was_down = self.health.down_until > now
         self.health.cold = True
-        self.health.down_until = time.monotonic() + self.retry
-        log.warning("rate-limit store %s %s%s", self.label, "timed out" if kind == "timeout" else "failed",
-                    f": {type(e).__name__}: {str(e)[:200]}" if e is not None else "")
+        self.health.failures += 1
+        self.health.down_until = now + self.retry
+        if not was_down:
+            log.warning("rate-limit store %s %s%s", self.label, "timed out" if kind == "timeout" else "failed",
+                        f": {type(e).__name__}: {_short(e)}" if e is not None else "")
+
+    def dropped(self, charges: int, why: str) -> None:
+        """Token charges that could not be applied (the store failed, or was marked down): those
+        tokens are not counted. Counted (``kind="charge_dropped"``) and logged, at most a line per
+        ``LOG_EVERY`` seconds."""
+        if charges <= 0:
+            return
+        self.errors.labels(self.label, "charge_dropped").inc(charges)
+        _LOG.event(f"charge:{self.label}", charges, f"rate-limit store {_pct(self.label)}: %d token charge(s) "
+                   f"dropped ({_pct(why)}): those tokens were not counted")
 
     # -- operations ------------------------------------------------------------------------------
     async def hit(self, item: RateLimitItem, ids: tuple[str, ...], cost: int = 1,
                   deadline: float | None = None) -> bool:
         if self.memory:
             return bool(self.limiter.hit(item, *ids, cost=cost))
+        ids = self.tag + ids
         return await self.call(lambda: self.limiter.hit(item, *ids, cost=cost), deadline)
 
     async def stats(self, item: RateLimitItem, ids: tuple[str, ...], deadline: float | None = None) -> tuple[float, int]:
         if self.memory:
             ws = self.limiter.get_window_stats(item, *ids)
         else:
+            ids = self.tag + ids
             ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
         return ws[0], ws[1]
 
@@ -273,7 +377,7 @@ class CounterStore:
         many (tokens) is too soon: a client retrying then would be refused again."""
         if not self.sliding:
             return None
-        key, expiry = item.key_for(*ids), item.get_expiry()
+        key, expiry = item.key_for(*self.tag, *ids), item.get_expiry()
         if self.memory:
             w = self.storage.get_sliding_window(key, expiry)
         else:
@@ -316,6 +420,16 @@ def sliding_wait(limit: int, expiry: float, need: int, prev: int, cur: int, left
 
 async def _noop() -> None:
     return None
+
+
+def _pct(text: str) -> str:
+    """``text`` for a %-format template (a ThrottledLog line)."""
+    return text.replace("%", "%%")
+
+
+def _short(e: BaseException) -> str:
+    """An error's text for a log line: one line, bounded (a Redis error can quote a key or script)."""
+    return " ".join(str(e).split())[:200]
 
 
 async def _close_storage(storage: Any) -> None:
