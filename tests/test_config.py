@@ -286,6 +286,10 @@ def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
     rl = "plugins:\n  - name: rate_limit\n    config:\n"
     assert "rules[0].limit -> line" in problem(rl + "      rules: [{name: r, limit: 0/minute}]\n")
     assert "two limits for the same window" in problem(rl + "      rules: [{name: r, limit: '10/minute; 20/minute'}]\n")
+    # "5 per 0 seconds" read as 5/second, and a quota of 0 refused every request
+    assert "a window of 0" in problem(rl + "      rules: [{name: r, limit: 5 per 0 seconds}]\n")
+    assert "a window of 0" in problem(rl + "      rules: [{name: r, limit: '10/second; 1/0 minute'}]\n")
+    assert "quotas.daily_tokens -> line" in problem(rl + "      quotas: {daily_tokens: 0}\n")
     assert "routes[0].methods -> line" in problem("plugins:\n  - name: metrics\nroutes:\n  - path_prefix: /v1\n"
                                                     "    methods: [GTE]\n    plugins: {metrics: {enabled: false}}\n")
     assert "upstream.timeouts.connect -> line" in problem("", "http://127.0.0.1:9\n  timeouts: {connect: .inf}")

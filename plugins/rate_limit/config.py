@@ -1,12 +1,16 @@
 """The ``rate_limit`` plugin's configuration model."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from limits import parse_many
 from pydantic import Field, field_validator, model_validator
 
 from gateway.plugin import PluginConfig
+
+#: A window count of zero ("5/0 minute", "5 per 00 seconds")
+_ZERO_WINDOW = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.I)
 
 KEY_PARTS = ("key", "owner", "ip", "route", "model")
 
@@ -40,6 +44,8 @@ class RuleConfig(PluginConfig):
             raise ValueError(f"not a limit: {v!r} ({e})") from None
         if not items:
             raise ValueError(f"not a limit: {v!r}")
+        if _ZERO_WINDOW.search(v):  # the library reads "5 per 0 seconds" as 5/second, silently
+            raise ValueError(f"a window of 0 is no window: {v!r} (write 5/second, or 5 per 10 seconds)")
         if any(i.amount < 1 for i in items):
             raise ValueError(f"a limit of 0 refuses everything: {v!r} (remove the rule, or disable the plugin "
                              "for a route, instead)")
@@ -92,8 +98,9 @@ def storage_uri_ok(uri: str) -> bool:
 
 
 class QuotaConfig(PluginConfig):
-    daily_tokens: int | None = Field(None, ge=0, description="Tokens per key per UTC day (None: no daily quota).")
-    monthly_tokens: int | None = Field(None, ge=0,
+    # (at least 1: a quota of 0 refuses everything, as a limit of 0 would; leave the quota out instead)
+    daily_tokens: int | None = Field(None, ge=1, description="Tokens per key per UTC day (None: no daily quota).")
+    monthly_tokens: int | None = Field(None, ge=1,
                                        description="Tokens per key per UTC month (None: no monthly quota).")
     cache_ttl: float = Field(5.0, gt=0, description="Seconds a quota's usage read from the database is reused "
                                                    "before it is read again (other instances' usage shows up "
