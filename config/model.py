@@ -190,6 +190,17 @@ class UpstreamConfig(Model):
             raise ValueError("not a valid URL (check the host and port)") from None
         return v.rstrip("/")
 
+    @field_validator("headers")
+    @classmethod
+    def _distinct_headers(cls, v: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for name in v:
+            other = seen.setdefault(name.lower(), name)
+            if other != name:  # HTTP header names are case-insensitive: one of them would be lost
+                raise ValueError(f"{other!r} and {name!r} are the same header (names are case-insensitive); "
+                                 "keep one")
+        return v
+
     @model_validator(mode="after")
     def _one_credential(self) -> "UpstreamConfig":
         if "@" in urlsplit(self.url).netloc and any(h.lower() == "authorization" for h in self.headers):

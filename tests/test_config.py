@@ -295,6 +295,8 @@ def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
     assert "upstream.timeouts.connect -> line" in problem("", "http://127.0.0.1:9\n  timeouts: {connect: .inf}")
     msg = problem("", "http://user:UPSTREAMPW@127.0.0.1:9\n  headers: {Authorization: Bearer x}")
     assert "upstream -> line" in msg and "keep one of them" in msg and "UPSTREAMPW" not in msg
+    msg = problem("", "http://127.0.0.1:9\n  headers: {Authorization: Bearer A, authorization: Bearer B}")
+    assert "upstream.headers -> line" in msg and "same header" in msg and "Bearer" not in msg
     msg = problem(rl + "      storage: 'redis://:REDISPW@127.0.0.1:notaport/0'\n")
     assert "plugins[0].config.storage -> line" in msg and "REDISPW" not in msg
 
