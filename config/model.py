@@ -358,10 +358,17 @@ class GatewayConfig(Model):
         """Absolute path of the file this was loaded from (used by reload)."""
         return self._path
 
-    @field_validator("plugins", mode="before")
+    @field_validator("plugins", "routes", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
-        return [] if v is None else v
+        return [] if v is None else v  # (every entry commented out)
+
+    @field_validator("server", "database", "logging", "admin", mode="before")
+    @classmethod
+    def _defaults(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:  # every setting commented out: as if the section were not there
+            return {"enabled": False} if info.field_name == "admin" else {}
+        return v
 
     @model_validator(mode="after")
     def _unique(self) -> "GatewayConfig":

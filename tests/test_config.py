@@ -351,3 +351,14 @@ async def test_a_config_without_an_admin_section_says_what_it_leaves_out(make_ga
     assert g.admin_url is None
     said = [r.getMessage() for r in caplog.records if "admin listener is off" in r.getMessage()]
     assert said and "key_auth, metrics have no admin API" in said[0], said
+
+
+def test_sections_whose_settings_are_all_commented_out_take_their_defaults():
+    """An ops habit: comment out every route (or every server setting) and leave the key. `plugins:`
+    left empty was accepted; `routes:`, `server:` and the others were errors."""
+    from gateway.config import load_config_text
+
+    cfg = load_config_text("upstream:\n  url: http://127.0.0.1:9\nserver:\n#  port: 9000\nadmin:\nlogging:\n"
+                           "database:\nroutes:\n#  - path_prefix: /v1\nplugins:\n")
+    assert (cfg.server.port, cfg.admin.enabled, cfg.routes, cfg.plugins) == (8080, False, [], [])
+    assert cfg.database.url == "sqlite+aiosqlite:///gateway.db" and cfg.logging.level == "INFO"
