@@ -31,10 +31,10 @@ TAIL = 64 * 1024
 class Completion:
     """What the upstream answered, as far as it was delivered."""
 
-    __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "content", "tool_calls", "role",
+    __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "_content", "_tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "reasoning", "refusal", "_audio", "choices", "deltas0")
+                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -42,8 +42,9 @@ class Completion:
         self.response_id: str | None = None
         self.finish_reasons: list[str] = []        # of every choice, in the order they came
         self.finish_reason: str | None = None      # of choice 0 (the one assembled here)
-        self.content: str | None = None            # assistant text of choice 0 (streams: assembled)
-        self.tool_calls: list[dict[str, Any]] = []  # choice 0 tool calls (streams: assembled from deltas)
+        # Choice 0's text and tool calls (streams: assembled from deltas; see the properties)
+        self._content: str | _Parts | None = None
+        self._tool_calls: list[dict[str, Any]] = []
         self.role: str | None = None
         self.deltas = 0        # deltas of output seen, all choices (roughly one per generated token)
         self.deltas0 = 0       # of those, the deltas of choice 0
@@ -59,12 +60,67 @@ class Completion:
         #: an error object. The answer is then not a finished one, whatever [DONE] said.
         self.error = False
         self.ended = False     # saw the stream's terminating [DONE]
-        #: A reasoning model's streamed thinking of choice 0: (the field it came in, its text).
-        self.reasoning: tuple[str, str] | None = None
+        # A reasoning model's streamed thinking of choice 0: the field it came in, and its text.
+        self._reasoning_field = ""
+        self._reasoning: str | _Parts | None = None
         #: Choice 0's streamed refusal text and audio (id, transcript, data, expires_at): parts of the
         #: message the client's SDK assembles too, so they are stored with it.
-        self.refusal: str | None = None
+        self._refusal: str | _Parts | None = None
         self._audio: dict[str, Any] | None = None  # its text fields as _Parts while they come
+
+    # A long stream has tens of thousands of deltas: its text fields (content, refusal, reasoning,
+    # tool call arguments) are kept as parts while they come and joined when read, once, not copied
+    # into a growing string on every delta (quadratic work on the event loop).
+    @property
+    def content(self) -> str | None:
+        """The assistant text of choice 0 (streams: assembled)."""
+        v = self._content
+        if type(v) is _Parts:
+            v = self._content = "".join(v)
+        return v
+
+    @content.setter
+    def content(self, value: str | None) -> None:
+        self._content = value
+
+    @property
+    def refusal(self) -> str | None:
+        v = self._refusal
+        if type(v) is _Parts:
+            v = self._refusal = "".join(v)
+        return v
+
+    @refusal.setter
+    def refusal(self, value: str | None) -> None:
+        self._refusal = value
+
+    @property
+    def reasoning(self) -> tuple[str, str] | None:
+        """A reasoning model's streamed thinking of choice 0: (the field it came in, its text)."""
+        v = self._reasoning
+        if v is None:
+            return None
+        if type(v) is _Parts:
+            v = self._reasoning = "".join(v)
+        return self._reasoning_field, v
+
+    @reasoning.setter
+    def reasoning(self, value: tuple[str, str] | None) -> None:
+        self._reasoning_field, self._reasoning = value if value is not None else ("", None)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """Choice 0's tool calls (streams: assembled from deltas, their arguments joined here)."""
+        tcs = self._tool_calls
+        for tc in tcs:
+            fn = tc.get("function") if type(tc) is dict else None
+            if type(fn) is dict and type(fn.get("arguments")) is _Parts:
+                fn["arguments"] = "".join(fn["arguments"])
+        return tcs
+
+    @tool_calls.setter
+    def tool_calls(self, value: list[dict[str, Any]]) -> None:
+        self._tool_calls = value
 
     @property
     def audio(self) -> dict[str, Any] | None:
@@ -128,6 +184,16 @@ class _Parts(list[str]):
     __slots__ = ()
 
 
+def _cat(cur: "str | _Parts | None", v: str) -> "str | _Parts":
+    """``cur`` with one more delta of text: the first kept as it is, the rest as parts."""
+    if cur is None:
+        return v
+    if type(cur) is _Parts:
+        cur.append(v)
+        return cur
+    return _Parts((cur, v))
+
+
 def joined(s: Any) -> Any:
     """Text assembled from stream deltas, with each surrogate pair that an upstream split over two
     deltas (as two JSON escapes, ``"\\ud83d"`` then ``"\\ude00"``) joined into the one character a
@@ -180,6 +246,11 @@ class ResponseObserver:
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
         self._scanned = 0      # the buffer's first bytes hold no event boundary (searched already)
         self._msg_index: Any = None  # Responses API streams: the output index of the message item
+        # The stream's edges the parser looks at apart from its events (see _edge): its first bytes
+        # (a byte order mark?), and the byte after an event that ended on a CR (the LF of a CRLF?).
+        self._head = streamed
+        self._cr = 0  # the last event ended on a CR at the buffer's end: 1 it was relayed, 2 dropped
+        self._edges = streamed
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> bytes:
@@ -200,6 +271,8 @@ class ResponseObserver:
         buf = self._buf
         buf += chunk
         out = bytearray() if self.strip else None
+        if self._edges:
+            self._edge(buf, out)
         while True:
             end, sep = _find_event_end(buf, self._scanned)
             # a boundary (up to 4 bytes) may straddle this chunk and the next: look again there
@@ -210,6 +283,9 @@ class ResponseObserver:
                 if out is not None:
                     out += buf[:n]
                 _keep_tail(self._tail, buf[:n])
+                if end >= 0 and n == len(buf) and buf[n - 1] == 13:
+                    self._cr = 1
+                    self._edges = True
                 del buf[:n]
                 self._scanned = 0
                 if end < 0:
@@ -224,17 +300,45 @@ class ResponseObserver:
                 self.c.unread += 1  # relayed, not read: what is assembled here lacks it
                 self._generated()   # (it is output all the same)
                 continue
-            event = bytes(buf[:end + sep])
-            del buf[:end + sep]
+            n = end + sep
+            event = bytes(buf[:n])
+            cr = n == len(buf) and buf[n - 1] == 13
+            del buf[:n]
             try:
                 keep = self._event(event)
             except Exception:  # an event of a shape nobody expected: relayed, not understood
                 keep = True
             if out is not None and keep:
                 out += event
+            if cr:
+                self._cr = 1 if keep else 2
+                self._edges = True
         if out is None:
             return chunk
         return bytes(out)
+
+    def _edge(self, buf: bytearray, out: bytearray | None) -> None:
+        """The bytes at the stream's edges, before its events are looked for: a UTF-8 byte order
+        mark that starts the body (an SSE parser ignores it; read as a part of the first line, it
+        would lose the first event) is not parsed; and an LF right after an event that ended on
+        a CR is the second half of that CRLF (the event was not held back for it: an upstream
+        with CR line ends that keeps its connection open sends none), so it goes with that event:
+        relayed if it was, dropped if it was. Neither changes what the client gets."""
+        if self._head:
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                return  # (the first bytes of a BOM, or none yet: looked at again with more)
+            self._head = False
+            if buf.startswith(_BOM):
+                del buf[:len(_BOM)]
+                if out is not None:
+                    out += _BOM
+        elif self._cr and buf:
+            if buf[0] == 10:
+                del buf[:1]
+                if out is not None and self._cr == 1:
+                    out += b"\n"
+            self._cr = 0
+        self._edges = self._head or self._cr != 0
 
     def finish(self) -> bytes:
         """End of body: parse what is left; returns any bytes still to send."""
@@ -360,7 +464,7 @@ class ResponseObserver:
                     if self._msg_index is None:
                         self._msg_index = i
                     if i == self._msg_index:
-                        c.content = (c.content or "") + d
+                        c._content = _cat(c._content, d)
                         c.role = "assistant"
             return
         if kind == "response.output_item.added" and self._msg_index is None:
@@ -397,7 +501,7 @@ class ResponseObserver:
         if text:
             self._generated()
             self.c.deltas0 += 1
-        self.c.content = (self.c.content or "") + text
+        self.c._content = _cat(self.c._content, text)
 
     def _delta(self, d: dict[str, Any]) -> None:
         c = self.c
@@ -406,10 +510,18 @@ class ResponseObserver:
         if _generates(d):
             self._generated()  # once per delta, whatever it carries (text, tool calls, refusal, audio, reasoning)
             c.deltas0 += 1
-        if isinstance(d.get("content"), str):
-            c.content = (c.content or "") + d["content"]
-        if isinstance(d.get("refusal"), str):
-            c.refusal = (c.refusal or "") + d["refusal"]
+        v = d.get("content")
+        if isinstance(v, str):  # (_cat, inlined: this runs for every delta of every stream)
+            cur = c._content
+            if type(cur) is _Parts:
+                cur.append(v)
+            elif cur is None:
+                c._content = v
+            else:
+                c._content = _Parts((cur, v))
+        v = d.get("refusal")
+        if isinstance(v, str):
+            c._refusal = _cat(c._refusal, v)
         a = d.get("audio")
         if isinstance(a, dict):
             # merged as the OpenAI SDK's stream accumulator does: the id as it first came, text
@@ -431,19 +543,21 @@ class ResponseObserver:
         for field in ("reasoning_content", "reasoning"):
             r = d.get(field)
             if isinstance(r, str) and r:
-                c.reasoning = (field, (c.reasoning[1] if c.reasoning is not None else "") + r)
+                c._reasoning_field = field
+                c._reasoning = _cat(c._reasoning, r)
                 break
         tcs = d.get("tool_calls")
         if isinstance(tcs, list):
+            calls = c._tool_calls
             for tc in tcs:
                 if not isinstance(tc, dict):
                     continue
-                i = tc.get("index", len(c.tool_calls))
+                i = tc.get("index", len(calls))
                 if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
                     continue
-                while len(c.tool_calls) <= i:
-                    c.tool_calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
-                slot = c.tool_calls[i]
+                while len(calls) <= i:
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                slot = calls[i]
                 if isinstance(tc.get("id"), str):
                     slot["id"] = tc["id"]
                 if isinstance(tc.get("type"), str):
@@ -453,7 +567,8 @@ class ResponseObserver:
                     if isinstance(fn.get("name"), str):
                         slot["function"]["name"] += fn["name"]
                     if isinstance(fn.get("arguments"), str):
-                        slot["function"]["arguments"] += fn["arguments"]
+                        f = slot["function"]
+                        f["arguments"] = _cat(f["arguments"] or None, fn["arguments"])
 
     def _json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -609,16 +724,17 @@ def _find_event_end(buf: bytearray, start: int = 0) -> tuple[int, int]:
     if buf.find(b"\r", start) < 0:  # the common case: LF line endings only
         return buf.find(b"\n\n", start), 2
     # Two line ends in a row, each CRLF, LF or CR (mixed too, as the SSE spec allows). A CR at the
-    # end of the buffer counts as a line end: if an LF follows in the next chunk, that LF only
-    # starts the next event with an empty line.
+    # end of the buffer counts as a line end: the blank line is whole then (the match holds two
+    # line ends), even if it turns out to be the first half of a CRLF. It is not held back for the
+    # next byte: a stream with CR line ends may send none for a while, or at all after [DONE]
+    # (ResponseObserver._edge takes an LF that does follow as the end of this event).
     m = _BLANK_LINE.search(buf, start)
-    if m is None or (m.end() == len(buf) and buf[-1] == 13):
-        # none yet, or one that ends on a CR at the very end: it may be the first half of a CRLF,
-        # so wait for the next byte (the stream's end is handled by finish())
+    if m is None:
         return -1, 0
     return m.start(), m.end() - m.start()
 
 
+_BOM = b"\xef\xbb\xbf"
 _BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 
 

@@ -101,12 +101,10 @@ class Upstream:
         u = urlsplit(cfg.url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (443 if u.scheme == "https" else 80)
-        # What was learned about an upstream refusing stream_options holds across reloads, unless
-        # a reload changes its URL or the setting (ops saying it now takes them).
-        prev = getattr(self, "_usage_cfg", None)
-        if prev is not None and prev != (cfg.url, cfg.stream_usage):
-            self.usage_refused.discard(cfg.url)
-        self._usage_cfg = (cfg.url, cfg.stream_usage)
+        # What was learned about an upstream refusing stream_options holds until a reload (as the
+        # docs say): an upstream that was upgraded meanwhile is asked for usage again after one, and
+        # one that still refuses it is learned again from its first answer.
+        self.usage_refused.clear()
 
     def asks_usage(self, target: Target) -> bool:
         """Does the gateway ask ``target`` for usage on streams: configured so, and that upstream
