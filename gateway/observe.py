@@ -28,6 +28,28 @@ MAX_CHOICES = 1024
 TAIL = 64 * 1024
 
 
+class _Joined:
+    """A text field kept as :class:`_Parts` while stream deltas come, joined the first time it is
+    read (a setter stores a value as it is)."""
+
+    __slots__ = ("attr",)
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        v = getattr(obj, self.attr)
+        if type(v) is _Parts:
+            v = "".join(v)
+            setattr(obj, self.attr, v)
+        return v
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.attr, value)
+
+
 class Completion:
     """What the upstream answered, as far as it was delivered."""
 
@@ -71,28 +93,9 @@ class Completion:
     # A long stream has tens of thousands of deltas: its text fields (content, refusal, reasoning,
     # tool call arguments) are kept as parts while they come and joined when read, once, not copied
     # into a growing string on every delta (quadratic work on the event loop).
-    @property
-    def content(self) -> str | None:
-        """The assistant text of choice 0 (streams: assembled)."""
-        v = self._content
-        if type(v) is _Parts:
-            v = self._content = "".join(v)
-        return v
-
-    @content.setter
-    def content(self, value: str | None) -> None:
-        self._content = value
-
-    @property
-    def refusal(self) -> str | None:
-        v = self._refusal
-        if type(v) is _Parts:
-            v = self._refusal = "".join(v)
-        return v
-
-    @refusal.setter
-    def refusal(self, value: str | None) -> None:
-        self._refusal = value
+    #: The assistant text of choice 0 (streams: assembled), and its streamed refusal.
+    content = _Joined("_content")
+    refusal = _Joined("_refusal")
 
     @property
     def reasoning(self) -> tuple[str, str] | None:

@@ -4,11 +4,12 @@ subprocesses for the multi-instance test)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import pytest
@@ -656,19 +657,31 @@ def test_storage_uri_password_is_redacted():
     assert async_uri("memory://") == "async+memory://"
 
 
-async def test_redis_sentinel_storage(make_gateway, redis_server, tmp_path):
+@contextlib.contextmanager
+def sentinel(tmp_path: Any, primary_port: int, password: str | None = None) -> Iterator[int]:
+    """A redis-server in sentinel mode watching the primary as ``mymaster`` (both behind
+    ``password`` if given); yields its port, stopped after."""
     import shutil
     import subprocess
-    primary = redis_server()
     sport = free_port()
     conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sport}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1\n")
+    auth = f"requirepass \"{password}\"\n" if password else ""
+    conf.write_text(f"port {sport}\nbind 127.0.0.1\ndir {tmp_path}\n{auth}"
+                    f"sentinel monitor mymaster 127.0.0.1 {primary_port} 1\n"
+                    + (f"sentinel auth-pass mymaster \"{password}\"\n" if password else ""))
     exe = shutil.which("redis-server")
     assert exe
-    sentinel = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        yield sport
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+async def test_redis_sentinel_storage(make_gateway, redis_server, tmp_path):
+    primary = redis_server()
+    with sentinel(tmp_path, primary.port) as sport:
         g = await make_gateway([rl(storage=f"redis+sentinel://127.0.0.1:{sport}/mymaster", storage_timeout=2,
                                    on_store_error="deny",
                                    rules=[{"name": "s", "limit": "3/minute", "key_by": ["ip"]}])])
@@ -680,9 +693,6 @@ async def test_redis_sentinel_storage(make_gateway, redis_server, tmp_path):
         with socket.create_connection(("127.0.0.1", primary.port), timeout=2) as c:
             c.sendall(b"KEYS LIMITS*\r\n")
             assert b"LIMITS" in c.recv(4096)
-    finally:
-        sentinel.terminate()
-        sentinel.wait(5)
 
 
 async def test_memory_storage_sweeps_at_most_once_a_second():

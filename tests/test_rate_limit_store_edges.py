@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import yaml
 
 from gateway.config import ConfigError, load_config_text
 
-from .helpers import ADMIN_TOKEN, base_config, free_port, write_config
-from .test_rate_limit import _metric, chat_body, post, rl
+from .helpers import ADMIN_TOKEN, base_config, write_config
+from .test_rate_limit import _metric, chat_body, post, rl, sentinel
 
 CHAT = "/v1/chat/completions"
 T = aiohttp.ClientTimeout(total=15)
@@ -198,17 +197,7 @@ async def test_percent_encoded_password_through_sentinel(make_gateway, redis_ser
     written: the plugin decodes them first."""
     primary = redis_server()
     assert redis_cmd(primary.port, "CONFIG", "SET", "requirepass", PASSWORD).startswith("+OK")
-    sport = free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sport}\nbind 127.0.0.1\ndir {tmp_path}\n"
-                    f"requirepass \"{PASSWORD}\"\n"
-                    f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1\n"
-                    f"sentinel auth-pass mymaster \"{PASSWORD}\"\n")
-    exe = shutil.which("redis-server")
-    assert exe
-    sentinel = subprocess.Popen([exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    try:
+    with sentinel(tmp_path, primary.port, PASSWORD) as sport:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -222,9 +211,6 @@ async def test_percent_encoded_password_through_sentinel(make_gateway, redis_ser
         async with aiohttp.ClientSession() as s:
             res = [(await post(s, g.url)) for _ in range(3)]
         assert [r[0] for r in res] == [200, 200, 429], res[0][1]
-    finally:
-        sentinel.terminate()
-        sentinel.wait(5)
 
 
 # -- 4. passwords stay out of labels and messages -------------------------------------------------
