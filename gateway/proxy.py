@@ -244,14 +244,17 @@ class Proxy:
         # does not give: read it to the end, bounded like a chunked one.
         if cl is not None and "Content-Encoding" not in request.headers:
             body = await content.read(cl) if cl else b""
-            while len(body) < cl:  # read() may return short on a slow client
+            if len(body) >= cl:
+                return body
+            got = bytearray(body)  # (a slow client's pieces: appended, not the whole copied each time)
+            while len(got) < cl:  # read() may return short on a slow client
                 if stall is not None:
                     stall.reschedule(loop_time() + settings.body_timeout)
-                more = await content.read(cl - len(body))
+                more = await content.read(cl - len(got))
                 if not more:
                     break
-                body += more
-            return body
+                got += more
+            return bytes(got)
         buf = bytearray()
         while True:
             try:
