@@ -85,6 +85,8 @@ class DatabaseUnreachable(DatabaseError):
 #: Seconds a PostgreSQL connection may take to be made (asyncpg's own default is 60: a server that
 #: accepts the TCP connection and never answers held a start-up for over a minute).
 CONNECT_TIMEOUT = 15.0
+#: Bytes a SQLite write-ahead log is truncated to after a checkpoint (journal_size_limit).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 #: The gateway's own revision ids: a plugin's branch name and a number (``key_auth_0002``). An
 #: ``alembic_version`` row in another form (Alembic's default hex ids) is another application's.
@@ -224,6 +226,9 @@ class Database:
         cur.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
+        # A WAL grown large once (a burst of writes while a long read held it) is cut back to this
+        # at the next checkpoint; otherwise the file keeps its largest size for good.
+        cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cur.close()
         if self.file is not None:
             fid = self._file_stat()

@@ -49,6 +49,7 @@ async def test_sqlite_pragmas_applied_and_read_back(tmp_path: Path) -> None:
                 assert (await c.execute(text("PRAGMA busy_timeout"))).scalar() == 1234
                 assert (await c.execute(text("PRAGMA synchronous"))).scalar() == 1
                 assert (await c.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+                assert (await c.execute(text("PRAGMA journal_size_limit"))).scalar() == 64 * 1024 * 1024
         finally:
             for c in conns:
                 await c.close()
