@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.db import Database
 from gateway.plugins.audit import store
@@ -270,6 +272,42 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
 
 
 # -- JSON lines -----------------------------------------------------------------------------------------
+async def test_jsonl_sink_after_a_torn_line_and_a_failed_write(make_gateway, tmp_path, monkeypatch):
+    """A crash (or a full disk) mid-write leaves the file ending in a torn line: the next records
+    start on a line of their own. A write that fails part-way is cut back off, so the writer's
+    retry of the whole batch neither extends the fragment nor repeats records."""
+    from gateway.plugins.audit import sinks
+    jl = tmp_path / "audit.jsonl"
+    jl.write_bytes(b'{"type": "request", "seq": 1}\n{"type": "request", "request_id": "torn')
+    g = await make_gateway([{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for _ in range(2):
+            await post(s, g.url)
+    await g.stop()
+    lines = jl.read_bytes().split(b"\n")
+    assert lines[1] == b'{"type": "request", "request_id": "torn' and lines[-1] == b""
+    assert [json.loads(x)["type"] for x in lines[2:-1]] == ["request", "request"]
+
+    real_write, calls = os.write, []
+
+    def failing(fd: int, data: Any) -> int:  # a full disk: the first write stops half-way, the next fails
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:len(data) // 2]))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    before = jl.read_bytes()
+    sink = sinks.JsonlSink(str(jl))
+    monkeypatch.setattr(sinks.os, "write", failing)
+    with pytest.raises(OSError):
+        sink._write('{"a": 1}\n{"b": 2}\n')
+    assert jl.read_bytes() == before
+    sink._write('{"a": 1}\n{"b": 2}\n')  # the retry
+    assert jl.read_bytes() == before + b'{"a": 1}\n{"b": 2}\n'
+
+
 async def test_jsonl_sink_one_valid_line_per_event_with_hostile_strings(make_gateway, tmp_path):
     jl = tmp_path / "audit.jsonl"
     g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {

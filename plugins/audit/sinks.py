@@ -8,6 +8,7 @@ non-ASCII character in a string is escaped, so one event is always exactly one l
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,9 +63,26 @@ class JsonlSink(Sink):
             pass
 
     def _write(self, data: str) -> None:
-        with open(self.path, "a", encoding="ascii") as f:
-            f.write(data)
-            f.flush()
+        """Append the batch's lines. After a crash mid-write (or a full disk) the file may end in a
+        torn line: the batch then starts on a new line, so no record is glued onto the fragment. A
+        write that fails part-way is cut back off (unless another process appended meanwhile), so
+        the writer's retry of the whole batch neither extends a fragment nor repeats records."""
+        raw = data.encode("ascii")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                raw = b"\n" + raw
+            view, written = memoryview(raw), 0
+            try:
+                while written < len(raw):
+                    written += os.write(fd, view[written:])
+            except OSError:
+                if written and os.fstat(fd).st_size == start + written:
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
     async def write(self, batch: Sequence[Any]) -> None:
         await asyncio.to_thread(self._write, _lines(batch))
