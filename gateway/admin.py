@@ -100,9 +100,32 @@ def _db_unavailable(request: web.Request, e: BaseException) -> web.Response:
                       "database_unavailable", headers={"Retry-After": "5"})
 
 
+#: Seconds an admin action's answer waits for its audit event to be written.
+AUDIT_SETTLE_TIMEOUT = 5.0
+
+
+def make_settle_middleware(gw: "Gateway") -> Callable[..., Awaitable[web.StreamResponse]]:
+    """An admin action that changed something (a key revoked, conversations deleted, a reload) is
+    answered once the audit events it emitted are written: an action confirmed to its caller is
+    never lost from the trail by a crash right after. Reads are answered at once."""
+
+    @web.middleware
+    async def settle(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        resp = await handler(request)
+        if request.method not in ("GET", "HEAD", "OPTIONS") and resp.status < 400 and not resp.prepared:
+            if not await gw.services.events.settle(AUDIT_SETTLE_TIMEOUT):
+                logging.getLogger("gateway.admin").warning(
+                    "admin %s %s: answered before its audit event was written (the audit writer is behind "
+                    "or failing)", request.method, request.path)
+        return resp
+
+    return settle
+
+
 def build_admin_app(gw: "Gateway") -> web.Application:
     assert gw.cfg.admin.token
-    app = web.Application(middlewares=[errors_middleware, make_auth_middleware(gw.cfg.admin.token)])
+    app = web.Application(middlewares=[errors_middleware, make_auth_middleware(gw.cfg.admin.token),
+                                       make_settle_middleware(gw)])
 
     async def server_header(_: web.Request, resp: web.StreamResponse) -> None:
         resp.headers["Server"] = "gateway"  # not aiohttp's, which names its and Python's versions

@@ -27,10 +27,28 @@ class Events:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._settlers: dict[Listener, Callable[[float], Awaitable[bool]]] = {}
 
-    def subscribe(self, fn: Listener) -> Callable[[], None]:
+    def subscribe(self, fn: Listener, settle: Callable[[float], Awaitable[bool]] | None = None) -> Callable[[], None]:
+        """Listen to events. ``settle(timeout)``, if given, waits until the events this listener
+        took so far are stored (True), or the timeout passes (False)."""
         self._listeners.append(fn)
-        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+        if settle is not None:
+            self._settlers[fn] = settle
+
+        def unsubscribe() -> None:
+            if fn in self._listeners:
+                self._listeners.remove(fn)
+            self._settlers.pop(fn, None)
+        return unsubscribe
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until every event emitted so far is stored by the listeners that store them (the
+        audit trail): an admin action is answered once its record is written. False on timeout."""
+        settlers = list(self._settlers.values())
+        if not settlers:
+            return True
+        return all(await asyncio.gather(*(s(timeout) for s in settlers)))
 
     def emit(self, type_: str, **fields: Any) -> None:
         for fn in list(self._listeners):

@@ -77,6 +77,11 @@ class BatchWriter(Generic[T]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()  # a full batch is waiting, or close() was called
+        #: Records accepted so far, and of those (in order) the ones written or given up on: a
+        #: caller can wait until the records it handed over are settled (``settled_through``).
+        self.accepted = 0
+        self.settled = 0
+        self._progress = asyncio.Event()
 
     def configure(self, *, max_queue: int, batch_size: int, flush_interval: float,
                   on_full: Literal["wait", "drop"], full_wait: float, retry_for: float) -> None:
@@ -112,6 +117,7 @@ class BatchWriter(Generic[T]):
         """Enqueue without waiting; a full queue counts the record as dropped."""
         try:
             self._q.put_nowait(item)
+            self.accepted += 1
             self._idle.clear()
             if self._q.qsize() >= self.batch_size:
                 self._wake.set()
@@ -128,6 +134,7 @@ class BatchWriter(Generic[T]):
             return _dropped(on_drop)
         try:
             self._q.put_nowait(item)
+            self.accepted += 1
             self._idle.clear()
             if self._q.qsize() >= self.batch_size:
                 self._wake.set()
@@ -145,6 +152,7 @@ class BatchWriter(Generic[T]):
         try:
             async with asyncio.timeout(self.full_wait):
                 await self._q.put(item)
+            self.accepted += 1
             self._idle.clear()
             return True
         except TimeoutError:
@@ -179,6 +187,8 @@ class BatchWriter(Generic[T]):
                 except asyncio.QueueEmpty:
                     break
             await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
+            self.settled += len(batch)
+            self._progress.set()
             if self._q.empty():
                 self._idle.set()
 
@@ -244,6 +254,25 @@ class BatchWriter(Generic[T]):
                             self.name, len(batch), delay, type(e).__name__, _short(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def settled_through(self, n: int, timeout: float) -> bool:
+        """Wait until the first ``n`` records accepted are written (or given up on, counted), with
+        no wait for a batch to fill; False if that takes longer than ``timeout``. Records accepted
+        after the call are not waited for, so a busy queue does not hold the caller."""
+        if self.settled >= n:
+            return True
+        if self._task is None:
+            self.start()
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.settled < n:
+                    self._progress.clear()
+                    await self._progress.wait()
+                    self._wake.set()  # (the next batch holding some of them: no flush_interval wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until everything queued so far is written (or given up on)."""

@@ -433,6 +433,27 @@ async def test_admin_events_and_reads(make_gateway, tmp_path):
     assert len(rows(db_path, "type = 'key.revoked'")) == 1
 
 
+async def test_an_admin_action_is_answered_once_its_event_is_stored(make_gateway, tmp_path):
+    """A key revoked through the admin API (or created, or a reload) is answered after its audit
+    event is written, not when it is queued: a crash right after the answer cannot lose it. A slow
+    flush_interval shows it: the event is in the table the moment the answer arrives."""
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {"flush_interval": 30}}])
+    db_path = tmp_path / "gateway.db"
+    async with aiohttp.ClientSession(timeout=T) as s:
+        key = await create_key(s, g.admin_url, "alice")
+        assert [e["key_id"] for e in rows(db_path, "type = 'key.created'")] == [key["id"]]
+        async with s.post(f"{g.admin_url}/keys/{key['id']}/revoke", headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        assert [e["key_id"] for e in rows(db_path, "type = 'key.revoked'")] == [key["id"]]
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200
+        assert len(rows(db_path, "type = 'config.reloaded'")) == 1
+        # requests are not waited for: theirs stay queued for the 30 s flush_interval
+        assert (await post(s, g.url, Authorization="Bearer " + key["key"]))[0] == 401
+        await asyncio.sleep(0.3)
+        assert rows(db_path, "type IN ('request', 'auth_failure')") == []
+
+
 # -- PostgreSQL -------------------------------------------------------------------------------------------
 async def test_postgres_two_gateways_append_to_one_chain(make_gateway, pg_url, tmp_path):
     db = {"url": pg_url, "auto_migrate": True}

@@ -135,7 +135,7 @@ class Audit(Plugin):
             self.sinks.append((sink, writer))
         self._writers = [w for _, w in self.sinks]
         if cfg.events:
-            self._unsubscribe = self.services.events.subscribe(self._on_event)
+            self._unsubscribe = self.services.events.subscribe(self._on_event, self._settle)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
             self._purger = asyncio.create_task(self._purge_loop(), name="audit:retention")
 
@@ -193,6 +193,14 @@ class Audit(Plugin):
     def _on_event(self, type_: str, fields: dict[str, Any]) -> None:
         if self._active() or (type_ == "config.reloaded" and self._removed_by_reload()):
             self._record_nowait(bus_event(type_, fields))
+
+    async def _settle(self, timeout: float) -> bool:
+        """Wait until the events handed to the sinks so far are written (admin actions are
+        answered once their record is stored: a crash right after cannot lose it)."""
+        if not self._active():
+            return True
+        marks = [(w, w.accepted) for w in self._writers]
+        return all(await asyncio.gather(*(w.settled_through(n, timeout) for w, n in marks)))
 
     def _removed_by_reload(self) -> bool:
         """The reload being recorded took audit out (or turned it off): the instance it replaced
