@@ -28,7 +28,7 @@ from gateway.context import RequestContext
 from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import _GENERATED, _ID_OK, Shared, View
+from .state import _GENERATED, _ID_OK, Shared, View, body_size
 from .store import TurnRecord, dumps, fit, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
@@ -231,6 +231,9 @@ class MemoryConfig(PluginConfig):
                                                             "the system message included); null: no limit.")
     max_tokens: int | None = Field(None, ge=1, description="Most prompt tokens forwarded (stored counts; "
                                                            "estimated for new messages); null: no limit.")
+    max_bytes: int | None = Field(None, ge=1, description="Most bytes of the forwarded request body: the oldest "
+                                                          "history goes first (null: server.max_body_size). "
+                                                          "New messages over it alone are forwarded as sent.")
 
 
 class ConversationsConfig(PluginConfig):
@@ -410,8 +413,9 @@ class Conversations(Plugin):
         forwarded = msgs
         known: int | None = None
         if memory and v.count:
+            mem = cfg.memory
             try:
-                history = await self._history(v, new)
+                stored = await shared.history(v, mem.max_messages)
             except Exception as e:
                 v.busy -= 1
                 log.warning("conversation history unavailable (request %s): %s", ctx.request_id, type(e).__name__)
@@ -419,15 +423,32 @@ class Conversations(Plugin):
                 return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
                                              "server_error", "conversation_store_unavailable", None),
                              {"Retry-After": "1"})
-            history, changed = replayable(history, new)
-            replay = [m for m, _ in history]
-            forwarded = replay + new
+            # The forwarded body stays within a byte budget too (the server's max body size unless
+            # memory.max_bytes says otherwise): room for the history is the budget less what the
+            # client sent, plus the messages it resent that the stored ones replace. Measured
+            # roughly (body_size: text lengths); the body made is checked, and if text that JSON
+            # or UTF-8 makes longer took it over, fewer old messages are sent.
+            budget = mem.max_bytes if mem.max_bytes is not None else ctx.settings.max_body
+            room = budget - len(ctx.body) + sum(body_size(m) for m in msgs[:start])
+            cap: int | None = None
+            exact = None
+            for attempt in range(4):
+                history, taken = self._history(v, stored, new, room, cap)
+                history, changed = replayable(history, new)
+                replay = [m for m, _ in history]
+                forwarded = replay + new
+                if exact is not None or changed or len(history) != start or len(forwarded) != len(msgs):
+                    # the history, then the client's messages from the first new one (``new``) on
+                    if exact is None:
+                        exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
+                    ctx.set_json({**exact, "messages": replay + exact["messages"][start:]})
+                over = len(ctx.body) - budget
+                if over <= 0 or not taken:
+                    break  # (the new messages alone over it: forwarded as they were accepted)
+                room -= over
+                cap = taken - 1 if attempt < 2 else 0
             toks = [t for _, t in history]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
-            if changed or len(history) != start or len(forwarded) != len(msgs):
-                # the history, then the client's messages from the first new one (``new``) on
-                exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
-                ctx.set_json({**exact, "messages": replay + exact["messages"][start:]})
         elif k:
             toks = v.tokens[:k]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
@@ -442,11 +463,15 @@ class Conversations(Plugin):
             ctx.response_headers["X-Conversation-Parent-ID"] = parent_id
         return None
 
-    async def _history(self, v: View, new: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int | None]]:
-        """The stored history to prepend, trimmed oldest first to max_messages / max_tokens; a leading
-        system (or developer) message is always kept, and the client's new messages are never cut."""
+    def _history(self, v: View, stored: tuple[dict[str, Any] | None, int, list[tuple[dict[str, Any], int | None]]],
+                 new: list[dict[str, Any]], room: float = float("inf"), cap: int | None = None
+                 ) -> tuple[list[tuple[dict[str, Any], int | None]], int]:
+        """The stored history to prepend (``stored``: what ``Shared.history`` read), trimmed oldest
+        first to max_messages / max_tokens / ``room`` bytes (body_size) and at most ``cap`` of the
+        messages that may go; a leading system (or developer) message is always kept, and the
+        client's new messages are never cut. Also how many messages could still go."""
         mem = self.config.memory
-        first, start, rest = await self.shared.history(v, mem.max_messages)  # type: ignore[union-attr]
+        first, start, rest = stored
         pinned: list[tuple[dict[str, Any], int | None]] = []
         if first is not None and first.get("role") in ("system", "developer"):
             pinned = [(first, v.tokens[0] if v.tokens else None)]
@@ -467,6 +492,9 @@ class Conversations(Plugin):
         if mem.max_tokens is not None:
             t_budget = mem.max_tokens - sum(estimate_tokens(m) for m in new) \
                 - sum(t if t is not None else estimate_tokens(m) for m, t in pinned + must)
+        if cap is not None:
+            n_budget = min(n_budget, cap)
+        b_budget = room - sum(body_size(m) for m, _ in pinned + must)
         taken: list[tuple[dict[str, Any], int | None]] = []
         for m, t in reversed(rest):
             if len(taken) >= n_budget:
@@ -474,12 +502,16 @@ class Conversations(Plugin):
             cost = t if t is not None else estimate_tokens(m)
             if cost > t_budget:
                 break
+            size = body_size(m)
+            if size > b_budget:
+                break
             t_budget -= cost
+            b_budget -= size
             taken.append((m, t))
         taken.reverse()
         while taken and taken[0][0].get("role") == "tool":
             taken.pop(0)  # a tool result without the assistant call that asked for it is rejected upstream
-        return pinned + taken + must
+        return pinned + taken + must, len(taken)
 
     # -- completion ------------------------------------------------------------------------------
     async def on_complete(self, ctx: RequestContext) -> None:

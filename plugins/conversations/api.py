@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.conversations")
 MAX_LIMIT = 1000
 MAX_DAYS = 36500  # older_than_days: a century
+#: Admin exports running at once; more wait their turn. Each reads through the connection pool the
+#: request path uses (key lookups, the writers): many exports must not keep the database busy for it.
+MAX_CONCURRENT_EXPORTS = 2
+#: An export is written to the client in pieces of about this many bytes, with a turn for the
+#: event loop's other tasks between them (one piece of tens of megabytes stalled every request).
+FLUSH_BYTES = 2**20
 
 
 class BadParam(ValueError):
@@ -154,6 +160,8 @@ def admin_routes(services: Any) -> list[Any]:
     def shared() -> Shared:
         return Shared.get(services)
 
+    exports = asyncio.Semaphore(MAX_CONCURRENT_EXPORTS)
+
     async def fresh(s: Shared) -> None:
         if s.users and not s.closed:  # a running plugin: make its queued writes visible first
             try:
@@ -202,28 +210,37 @@ def admin_routes(services: Any) -> list[Any]:
         resp = web.StreamResponse(status=200, headers={
             "Content-Type": "application/x-ndjson; charset=utf-8",
             "Content-Disposition": f'attachment; filename="{name}.jsonl"'})
-        await resp.prepare(request)
         n = 0  # messages written to the response (not just read)
         complete = False
-        buf: list[str] = []
-        try:
-            async for m in s.store.export(**where):
-                buf.append(dumps(m))
-                if len(buf) >= 200:
+        async with exports:
+            if request.transport is None or request.transport.is_closing():
+                log.info("conversation export: client went away while waiting its turn")
+                return resp, n, complete
+            buf: list[str] = []
+            size = 0
+            try:
+                await resp.prepare(request)
+                async for m in s.store.export(**where):
+                    line = dumps(m)
+                    buf.append(line)
+                    size += len(line) + 1
+                    if size >= FLUSH_BYTES:
+                        await resp.write(("\n".join(buf) + "\n").encode())
+                        n += len(buf)
+                        buf.clear()
+                        size = 0
+                        await asyncio.sleep(0)  # (a write the socket takes at once does not wait)
+                if buf:
                     await resp.write(("\n".join(buf) + "\n").encode())
                     n += len(buf)
-                    buf.clear()
-            if buf:
-                await resp.write(("\n".join(buf) + "\n").encode())
-                n += len(buf)
-            await resp.write_eof()
-            complete = True
-        except (ConnectionResetError, OSError):
-            log.info("conversation export: client went away after %d message(s)", n)
-        except Exception as e:  # headers are sent: all we can do is cut the stream short
-            log.error("conversation export failed after %d message(s): %s", n, type(e).__name__)
-            if request.transport is not None:
-                request.transport.close()
+                await resp.write_eof()
+                complete = True
+            except (ConnectionResetError, OSError):
+                log.info("conversation export: client went away after %d message(s)", n)
+            except Exception as e:  # headers are sent: all we can do is cut the stream short
+                log.error("conversation export failed after %d message(s): %s", n, type(e).__name__)
+                if request.transport is not None:
+                    request.transport.close()
         return resp, n, complete
 
     async def export_one(request: web.Request) -> web.StreamResponse:

@@ -115,7 +115,7 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
         if conv is None:
             print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
             return 1
-        msgs, more = await store.messages(args.id, limit=args.limit)
+        msgs, more = await store.messages(args.id, limit=args.limit, max_bytes=None)  # (no shared event loop here)
         lines = [f"{conv['id']}  owner={cli.terminal_text(conv['owner'])}  messages={conv['message_count']}"
                  + (f"  forked from {conv['parent_id']} at {conv['fork_position']}" if conv["parent_id"] else "")]
         for m in msgs:

@@ -13,6 +13,7 @@ Message content is stored as JSON text (``ensure_ascii=False``) so a string, a m
 from __future__ import annotations
 
 import base64
+import collections
 import datetime as dt
 import json
 import time
@@ -271,6 +272,27 @@ def conversation_out(r: Any) -> dict[str, Any]:
             "parent_id": r.parent_id, "fork_position": r.fork_position, "created_at": iso(r.created_at),
             "updated_at": iso(r.updated_at), "message_count": r.message_count, "turn_count": r.turn_count,
             "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "model": r.last_model}
+
+
+#: Stored text (bytes, about) a page of ``messages`` holds at most: the caller and admin reads
+#: answer a page in one JSON response. A page always has at least one message.
+PAGE_BYTES = 8 * 2**20
+#: Stored text (about) one database read of an export or of a page fetches at a time.
+READ_BYTES = 4 * 2**20
+
+
+def _row_bytes(r: Any) -> int:
+    """A message row's stored JSON text, in characters: what it weighs in a page or an export
+    line, about (known without parsing it)."""
+    return len(r.content) + len(r.tool_calls or "") + len(r.extra or "") + 200
+
+
+def _batch(size: int, count: int, most: int) -> int:
+    """How many rows to read next: about ``READ_BYTES`` at the average size of the last read,
+    at least 1, at most ``most``. Reads start small (a first read of hundreds of messages of
+    megabytes each would take gigabytes) and grow as the messages turn out small."""
+    per = max(1, size // max(1, count))
+    return max(1, min(most, READ_BYTES // per, 2 * count if count else most))
 
 
 def encode_cursor(*parts: Any) -> str:
@@ -601,11 +623,36 @@ class ConversationStore:
         nxt = encode_cursor(iso(rows[-1].updated_at), rows[-1].id) if more and rows else None
         return [conversation_out(r) for r in rows], nxt
 
-    async def messages(self, cid: str, *, after: int = -1, limit: int = 100) -> tuple[list[dict[str, Any]], bool]:
+    async def messages(self, cid: str, *, after: int = -1, limit: int = 100,
+                       max_bytes: int | None = PAGE_BYTES) -> tuple[list[dict[str, Any]], bool]:
+        """The messages after position ``after``, oldest first, and whether more follow: at most
+        ``limit`` of them and, past the first, at most ``max_bytes`` of stored text (None: no
+        bound). A page of a conversation of big messages is neither read nor answered whole (a
+        thousand messages of megabytes each would be built into one response); the reader goes
+        on from ``next_after`` as for a page cut by ``limit``. Read in small batches that grow
+        with the messages' size (see ``_batch``), on one connection."""
+        out: list[Any] = []
+        size = 0
+        more = False
+        n = min(limit + 1, 8)
         async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, M.c.position > after)
-                                       .order_by(M.c.position).limit(limit + 1))).all()
-        return [message_out(r) for r in rows[:limit]], len(rows) > limit
+            while not more:
+                rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, M.c.position > after)
+                                           .order_by(M.c.position).limit(n))).all()
+                got = 0
+                for r in rows:
+                    b = _row_bytes(r)
+                    if len(out) >= limit or (max_bytes is not None and out and size + b > max_bytes):
+                        more = True
+                        break
+                    out.append(r)
+                    size += b
+                    got += b
+                    after = r.position
+                if len(rows) < n:
+                    break
+                n = _batch(got, len(rows), limit + 1 - len(out))
+        return [message_out(r) for r in out], more
 
     async def turns(self, cid: str) -> list[dict[str, Any]]:
         async with self.db.engine.connect() as conn:
@@ -620,17 +667,55 @@ class ConversationStore:
 
     async def export(self, *, cid: str | None = None, owner: str | None = None,
                      chunk: int = 500) -> AsyncIterator[dict[str, Any]]:
-        """Every message, one dict each, streamed from the database (never the whole set in memory)."""
-        stmt = select(M)
-        if cid is not None:
-            stmt = stmt.where(M.c.conversation_id == cid).order_by(M.c.position)
-        else:
-            stmt = stmt.where(M.c.conversation_id.in_(select(C.c.id).where(C.c.owner == owner))) \
-                .order_by(M.c.conversation_id, M.c.position)
-        async with self.db.engine.connect() as conn:
-            result = await conn.stream(stmt.execution_options(yield_per=chunk))
-            async for r in result:
+        """Every message of one conversation (``cid``) or of an owner's, one dict each: by
+        conversation id, then position (what ``ORDER BY conversation_id, position`` gives).
+
+        Read by key, a page at a time (at most ``chunk`` messages and about ``READ_BYTES``
+        of stored text), each page on a connection taken for that read only and returned to the
+        pool before the page is handed out: a reader that stalls (an export nobody reads) holds
+        no connection, and the set is never in memory whole. The pages are separate reads, not
+        one snapshot: a conversation deleted while the export runs is left out from where the
+        export is (whole if not reached yet); messages appended meanwhile are included if the
+        export has not passed their conversation yet."""
+        ids: collections.deque[str] = collections.deque([cid] if cid is not None else ())
+        more_ids = cid is None
+        last_id: str | None = None   # keyset over the owner's conversation ids
+        cur: str | None = None       # the conversation being read, and the last position read of it
+        pos = -1
+        n = min(chunk, 8)
+        while True:
+            rows: list[Any] = []
+            async with self.db.engine.connect() as conn:
+                reads = 0
+                while len(rows) < n and reads < 100:  # (many tiny or empty conversations: a bounded hold too)
+                    reads += 1
+                    if cur is None:
+                        if not ids and more_ids:
+                            q = select(C.c.id).where(C.c.owner == owner)
+                            if last_id is not None:
+                                q = q.where(C.c.id > last_id)
+                            part = [r.id for r in await conn.execute(q.order_by(C.c.id).limit(1000))]
+                            more_ids = len(part) == 1000
+                            last_id = part[-1] if part else last_id
+                            ids.extend(part)
+                        if not ids:
+                            break
+                        cur, pos = ids.popleft(), -1
+                    want = n - len(rows)
+                    got = (await conn.execute(select(M).where(M.c.conversation_id == cur, M.c.position > pos)
+                                              .order_by(M.c.position).limit(want))).all()
+                    rows += got
+                    if len(got) < want:
+                        cur = None  # that conversation is done
+                    else:
+                        pos = got[-1].position
+            if not rows:
+                if cur is None and not ids and not more_ids:
+                    return
+                continue  # (only empty conversations in that read)
+            for r in rows:
                 yield message_out(r)
+            n = _batch(sum(_row_bytes(r) for r in rows), len(rows), chunk)
 
     # -- deletes ---------------------------------------------------------------------------------
     async def _delete_where(self, cond: Any, chunk: int = 500) -> list[str]:
