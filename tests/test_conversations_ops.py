@@ -153,6 +153,33 @@ async def test_admin_api_search_show_export_delete_purge(make_gateway: Any, db: 
     assert all(f["actor"] == "admin" for t, f in events if t.startswith("conversation"))
 
 
+async def test_a_deletion_records_each_part_as_it_commits(make_gateway: Any, tmp_path: Path) -> None:
+    """A purge or an erasure deletes in parts, one transaction each: each part is recorded as it
+    commits, so one cut short (a crash, the database going away) leaves a record of what it did
+    delete, not thousands of conversations gone without a trace. Nothing matched: one record of 0."""
+    from sqlalchemy import true
+    from gateway.plugins.conversations.store import C
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"})
+    for i in range(5):
+        assert (await chat(g, [{"role": "user", "content": f"c{i}"}]))[0] == 200
+    await g.plugin("conversations").flush()
+    store = g.plugin("conversations").shared.store
+    parts: list[int] = []
+
+    def each(n: int) -> None:
+        parts.append(n)
+        if len(parts) == 2:
+            raise RuntimeError("the connection went away")  # (after the second part's commit)
+
+    with pytest.raises(RuntimeError):
+        await store._delete_where(C.c.id.is_not(None), chunk=2, each=each)
+    assert parts == [2, 2] and (await store.counts())["conversations"] == 1
+    parts.clear()
+    assert len(await store._delete_where(true(), chunk=2, each=parts.append)) == 1 and parts == [1]
+    parts.clear()
+    assert await store._delete_where(true(), chunk=2, each=parts.append) == [] and parts == [0]
+
+
 async def test_retention_runs_in_background(make_gateway: Any, tmp_path: Path) -> None:
     g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"},
                     {"retention_days": 1 / 86400, "retention_interval": 0.3})

@@ -282,9 +282,10 @@ def admin_routes(services: Any) -> list[Any]:
             raise BadParam("owner", "owner is required (this deletes every conversation of that owner).")
         s = shared()
         await fresh(s)
-        ids = await s.store.delete_owner(owner)
+        actor = admin_identity(request)
+        ids = await s.store.delete_owner(owner, each=lambda n: services.events.emit(
+            "conversation.deleted", actor=actor, owner=owner, deleted=n))  # (per committed part)
         s.forget_owner(owner)
-        services.events.emit("conversation.deleted", actor=admin_identity(request), owner=owner, deleted=len(ids))
         return web.json_response({"object": "conversation.deleted", "owner": owner, "deleted": len(ids)})
 
     async def purge(request: web.Request) -> web.Response:
@@ -296,11 +297,11 @@ def admin_routes(services: Any) -> list[Any]:
             raise BadParam("older_than_days", f"older_than_days must be a number of days (> 0, at most {MAX_DAYS}).")
         s = shared()
         await fresh(s)
-        ids = await s.store.purge(utcnow() - dt.timedelta(days=days))
+        actor = admin_identity(request)
+        ids = await s.store.purge(utcnow() - dt.timedelta(days=days), each=lambda n: services.events.emit(
+            "conversations.purged", actor=actor, older_than_days=days, deleted=n))  # (per committed part)
         for cid in ids:
             s.forget(cid)
-        services.events.emit("conversations.purged", actor=admin_identity(request), older_than_days=days,
-                             deleted=len(ids))
         return web.json_response({"object": "conversations.purged", "older_than_days": days, "deleted": len(ids)})
 
     async def no_head(request: web.Request) -> web.StreamResponse:

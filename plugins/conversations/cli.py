@@ -175,16 +175,16 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             if not ok:
                 print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
                 return 1
-        else:
-            n = len(await store.delete_owner(args.owner))
-        services.events.emit("conversation.deleted", actor="cli", conversation_id=args.id, owner=args.owner, deleted=n)
+            services.events.emit("conversation.deleted", actor="cli", conversation_id=args.id, deleted=n)
+        else:  # (an event per committed part: a run cut short leaves a record of what it deleted)
+            n = len(await store.delete_owner(args.owner, each=lambda k: services.events.emit(
+                "conversation.deleted", actor="cli", owner=args.owner, deleted=k)))
         _out(args, {"deleted": n}, f"deleted {n} conversation(s)")
         return 0
     if c == "purge":
         td: dt.timedelta = args.older_than
-        ids = await store.purge(utcnow() - td)
-        services.events.emit("conversations.purged", actor="cli", older_than_days=td.total_seconds() / 86400,
-                             deleted=len(ids))
+        ids = await store.purge(utcnow() - td, each=lambda k: services.events.emit(
+            "conversations.purged", actor="cli", older_than_days=td.total_seconds() / 86400, deleted=k))
         _out(args, {"deleted": len(ids)}, f"purged {len(ids)} conversation(s) with no activity for {args.older_than}")
         return 0
     return 2

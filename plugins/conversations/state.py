@@ -368,8 +368,12 @@ class Shared:
                 if v.parent is not None:  # a fork's prefix is copied from its parent when written
                     active.add(v.parent)
                 active.update(r.parent_id for r in v.records if r.parent_id is not None)
+        def recorded(n: int) -> None:  # each committed part, as it is gone (a purge cut short too)
+            if n:
+                self.services.events.emit("conversations.purged", actor="retention", older_than_days=days, deleted=n)
+
         try:
-            ids = await self.store.purge(utcnow() - dt.timedelta(days=days), keep=active)
+            ids = await self.store.purge(utcnow() - dt.timedelta(days=days), keep=active, each=recorded)
         except Exception as e:
             log.warning("conversation retention purge failed: %s", type(e).__name__)
             return
@@ -377,8 +381,6 @@ class Shared:
             self.views.pop(cid, None)
         if ids:
             log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
-            self.services.events.emit("conversations.purged", actor="retention", older_than_days=days,
-                                      deleted=len(ids))
 
     # -- the writer ------------------------------------------------------------------------------
     async def _write(self, batch: Sequence[TurnRecord]) -> None:

@@ -19,7 +19,7 @@ import json
 import time
 import sqlite3
 from operator import itemgetter
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import bindparam, func, select
@@ -46,6 +46,9 @@ def iso(t: dt.datetime | None) -> str | None:
 
 
 _BigInt = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+#: Told the number of conversations each committed part of a deletion removed.
+Deleted = Callable[[int], None]
 
 
 class ConversationRow(Base):
@@ -718,11 +721,13 @@ class ConversationStore:
             n = _batch(sum(_row_bytes(r) for r in rows), len(rows), chunk)
 
     # -- deletes ---------------------------------------------------------------------------------
-    async def _delete_where(self, cond: Any, chunk: int = 500) -> list[str]:
+    async def _delete_where(self, cond: Any, chunk: int = 500, each: Deleted | None = None) -> list[str]:
         """Delete the matching conversations with their messages and turns, ``chunk`` conversations
         per transaction: a purge of millions neither holds the database's write lock for its whole
         length nor loads every id at once. (Interrupted, it has deleted whole conversations; run
-        again, it deletes the rest.)"""
+        again, it deletes the rest.) ``each(n)`` is called after each transaction commits with the
+        number it deleted (once with 0 when nothing matched): the caller records each part as it
+        is gone, so a purge cut short by a crash leaves a record of what it did delete."""
         ids: list[str] = []
         while True:
             async with self.db.engine.begin() as conn:
@@ -731,6 +736,8 @@ class ConversationStore:
                     await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
                     await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
                     await conn.execute(C.delete().where(C.c.id.in_(part)))
+            if each is not None and (part or not ids):
+                each(len(part))
             ids += part
             if len(part) < chunk:
                 return ids
@@ -741,16 +748,16 @@ class ConversationStore:
             cond = sa.and_(cond, C.c.owner == owner)
         return bool(await self._delete_where(cond))
 
-    async def delete_owner(self, owner: str) -> list[str]:
-        return await self._delete_where(C.c.owner == owner)
+    async def delete_owner(self, owner: str, each: Deleted | None = None) -> list[str]:
+        return await self._delete_where(C.c.owner == owner, each=each)
 
-    async def purge(self, older_than: dt.datetime, keep: Sequence[str] = ()) -> list[str]:
+    async def purge(self, older_than: dt.datetime, keep: Sequence[str] = (), each: Deleted | None = None) -> list[str]:
         """Delete conversations with no activity since ``older_than`` (messages and turns too),
         except those in ``keep`` (active: a turn in flight)."""
         cond = C.c.updated_at < older_than
         if keep:
             cond = sa.and_(cond, C.c.id.not_in(list(keep)[:5000]))
-        return await self._delete_where(cond)
+        return await self._delete_where(cond, each=each)
 
     async def counts(self) -> dict[str, int]:
         async with self.db.engine.connect() as conn:
