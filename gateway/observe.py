@@ -343,6 +343,12 @@ class ResponseObserver:
             self._cr = 0
         self._edges = self._head or self._cr != 0
 
+    @property
+    def pending_lf(self) -> bool:
+        """The last event was relayed ending on a CR at the end of a read: an LF may follow (the
+        second half of a CRLF), which goes to the client with it."""
+        return self._cr == 1
+
     def finish(self) -> bytes:
         """End of body: parse what is left; returns any bytes still to send."""
         if not self.streamed:

@@ -428,12 +428,19 @@ class Proxy:
             log.error("plugin response headers cannot be sent (request %s): %s", ctx.request_id, e)
             raise InternalError() from None
         sent = 0
-        complete = done_early = False
+        complete = done_early = lf_grace = False
         try:
             while True:
                 try:
                     if pending:
                         chunk, pending = pending, b""
+                    elif lf_grace:
+                        try:
+                            async with asyncio.timeout(LF_GRACE):
+                                chunk = await content.readany()
+                        except TimeoutError:  # no LF: a stream with CR line ends, ended at [DONE]
+                            complete = done_early = True
+                            break
                     else:
                         chunk = await content.readany()  # the connection's read timeout is `idle`
                 except (aiohttp.ServerTimeoutError, TimeoutError):
@@ -460,6 +467,11 @@ class Proxy:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
                     # keeps the connection open (the client would wait out the idle timeout). Not
                     # when a Content-Length is relayed: the client then waits for all those bytes.
+                    if observer.pending_lf and not lf_grace:
+                        # It ended on a CR at the end of a read: the LF of a CRLF stream's last
+                        # line end is a moment behind (the client gets every byte the upstream sent).
+                        lf_grace = True
+                        continue
                     complete = done_early = True
                     break
             tail = observer.finish() if observer is not None else b""
@@ -572,6 +584,8 @@ _ERROR_PEEK = 65536
 #: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.
 _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:")
+#: Seconds to wait, after [DONE] ended on a CR at the end of a read, for the LF of a CRLF.
+LF_GRACE = 0.25
 
 
 def _sse_start(first: bytes) -> bool | None:

@@ -122,6 +122,37 @@ async def test_cr_framed_stream_kept_open_after_done_ends_for_the_client(tmp_pat
         assert await stored(tmp_path / "gateway.db", cid) == ("complete", 3, "Hello", None)
 
 
+@pytest.mark.parametrize("close", [False, True], ids=["kept-open", "closed"])
+async def test_a_crlf_stream_whose_last_lf_comes_a_moment_after_done_loses_no_byte(tmp_path: Path,
+                                                                                   close: bool) -> None:
+    """[DONE]\r\n\r in one read, the last \n in the next: the relay stops at [DONE] (the
+    upstream may keep its connection open), but not before that LF, which the client gets too."""
+    release = asyncio.Event()
+    raw = events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"), USAGE_CHUNK,
+                  "[DONE]"], "\r\n")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(raw[:-1])
+        await asyncio.sleep(0.05)
+        await resp.write(raw[-1:])
+        if not close:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 30)
+        return resp
+
+    async with upstream(handler) as url, gateway(tmp_path, url) as g:
+        try:
+            async with aiohttp.ClientSession(timeout=T) as s:
+                body, cid = await stream(s, g.url)
+        finally:
+            release.set()
+        assert body == events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"),
+                               "[DONE]"], "\r\n")
+        assert await stored(tmp_path / "gateway.db", cid) == ("complete", 3, "Hello", None)
+
+
 @pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
 @pytest.mark.parametrize("strip", [False, True])
 def test_line_ends_split_anywhere_relay_the_same_bytes(eol: str, strip: bool) -> None:
