@@ -220,8 +220,20 @@ def test_a_password_with_a_raw_slash_is_masked_in_the_label():
                        ("redis://carol:x@y/Zsecret#1@127.0.0.1:6379/0?db=2", "redis://***@127.0.0.1:6379/0?db=2"),
                        ("redis+unix://:pw/Zsecret@/tmp/r.sock?db=1", "redis+unix://***@/tmp/r.sock?db=1"),
                        ("redis://:s3cret@10.0.0.1:6379/0", "redis://***@10.0.0.1:6379/0"),
-                       ("redis://10.0.0.1:6379/0", "redis://10.0.0.1:6379/0")):
+                       ("redis://10.0.0.1:6379/0", "redis://10.0.0.1:6379/0"),
+                       # an '@' in a query value or a socket path is no credential: the host stays shown
+                       ("redis://cache:6379/0?client_name=gw@eu-1", "redis://cache:6379/0?client_name=gw@eu-1"),
+                       ("redis+unix:///run/redis/redis@main.sock?db=0", "redis+unix:///run/redis/redis@main.sock?db=0"),
+                       ("redis://h:6379/0?password=p@ss", "redis://h:6379/0?password=***")):
         assert redacted(uri) == shown
+
+
+def test_an_at_sign_that_is_no_credential_is_accepted(tmp_path):
+    """URLs that loaded before the check for unencoded passwords still load."""
+    for uri in ("redis://cache:6379/0?client_name=gw@eu-1", "rediss://h:6379?ssl_ca_certs=/etc/ssl/ops@corp/ca.pem",
+                "redis+unix:///run/redis/redis@main.sock?db=0", "redis+unix://:pw@/tmp/r.sock",
+                "redis://u:p%40ss@h:6379/1"):
+        load_config_text(yaml.safe_dump(base_config("http://127.0.0.1:9", tmp_path, [rl(storage=uri)])))
 
 
 def test_a_storage_url_with_an_unencoded_password_is_refused_without_showing_it(tmp_path):

@@ -69,14 +69,26 @@ class RuleConfig(PluginConfig):
         return v
 
 
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``scheme://``, what comes before the query or fragment (credentials, hosts, path), and the
+    ``?query#fragment`` (which may hold an ``@`` of its own: ``?client_name=gw@eu-1``)."""
+    scheme, sep, rest = uri.partition("://")
+    m = re.match(r"([^?#]*)(.*)", rest, re.DOTALL)
+    assert m is not None
+    return scheme + sep, m.group(1), m.group(2)
+
+
 def storage_uri_ambiguous(uri: str) -> bool:
-    """A raw ``/``, ``?`` or ``#`` before the URL's last ``@``: a password written as it is
-    (``carol:4821/Zsecret@host``) instead of percent-encoded. Parsers disagree on where such a
-    URL's host is (one takes part of the password for it, and says so in its error), so it is
-    refused rather than guessed."""
-    rest = uri.partition("://")[2]
-    at = rest.rfind("@")
-    return at >= 0 and any(c in rest[:at] for c in "/?#")
+    """A password written as it is instead of percent-encoded: a raw ``/`` in it puts an ``@`` in
+    the path (``carol:4821/Zsecret@host``), a raw ``?`` or ``#`` one in the query before any
+    ``=`` (``carol:pa?ss@host``). Parsers disagree on where such a URL's host is (one takes part of
+    the password for it, and says so in its error), so it is refused rather than guessed. An
+    ``@`` in a query value, or in a Unix socket's path, is no credential."""
+    scheme, head, tail = split_uri(uri)
+    netloc, _, path = head.partition("/")
+    if "@" in path and (netloc or not scheme.removesuffix("://").endswith("unix")):
+        return True
+    return "@" in tail and "=" not in tail.partition("@")[0]
 
 
 def storage_uri_ok(uri: str) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import re
 import time
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
@@ -29,6 +28,8 @@ from limits.storage import storage_from_string
 from prometheus_client import Counter
 
 from gateway.cli import mask_secret_params
+
+from .config import split_uri, storage_uri_ambiguous
 from gateway.logs import ThrottledLog
 
 log = logging.getLogger("gateway.rate_limit")
@@ -59,18 +60,19 @@ def async_uri(uri: str) -> str:
 def redacted(uri: str) -> str:
     """The URI without a password (user:password@ and ?password= alike), for logs and metric labels.
 
-    Everything up to the last ``@`` is masked, so a password written with a raw ``/``, ``?``,
-    ``#`` or ``@`` instead of percent-encoded (the config refuses the first three, but this must
-    hold whatever it is given) is never shown in part. The host part ends at the first ``/``,
-    ``?`` or ``#`` after that ``@``."""
-    scheme, sep, rest = uri.partition("://")
-    at = rest.rfind("@")
-    prefix = ""
-    if at >= 0:
-        prefix, rest = "***@", rest[at + 1:]
-    m = re.match(r"([^/?#]*)(.*)", rest, re.DOTALL)
-    netloc, tail = (m.group(1), m.group(2)) if m else (rest, "")
-    return scheme + sep + prefix + netloc + mask_secret_params(tail)
+    Everything up to the last ``@`` before the query is masked, so a password written with a raw
+    ``/`` or ``@`` instead of percent-encoded is never shown in part (the config refuses the
+    ambiguous forms: ``storage_uri_ambiguous``); an ``@`` in a query value, or in a Unix socket's
+    path, is left alone."""
+    if storage_uri_ambiguous(uri):  # (refused by the config; masked whole up to its last '@' all the same)
+        scheme, _, rest = uri.partition("://")
+        _, host, tail = split_uri("x://" + rest.rpartition("@")[2])
+        return f"{scheme}://***@{host}{mask_secret_params(tail)}"
+    scheme, head, tail = split_uri(uri)
+    at = head.rfind("@")
+    if at >= 0 and not head.startswith("/"):
+        head = "***@" + head[at + 1:]
+    return scheme + head + mask_secret_params(tail)
 
 
 SWEEP_EVERY = 1.0
