@@ -307,3 +307,20 @@ async def test_after_the_back_off_one_request_probes_a_frozen_store(make_gateway
     warnings = [x for x in lines.lines if "timed out" in x or "failed" in x]
     print(f"{len(warnings)} warning(s) for {2 * n} requests on a frozen store")
     assert 1 <= len(warnings) <= 3, warnings
+
+
+async def test_counts_held_back_are_logged_at_shutdown(make_gateway, caplog):
+    """Failed calls and lost charges are logged once per 10 s with a count; those of the last
+    seconds before a stop are logged by the stop, not lost with the process."""
+    import logging
+
+    from gateway.plugins.rate_limit.store import STORE_LOG
+    g = await make_gateway([rl(rules=[{"name": "r", "limit": "10/minute", "key_by": ["ip"]}])])
+    with caplog.at_level(logging.WARNING, logger="gateway.rate_limit"):
+        for _ in range(3):
+            STORE_LOG.event("charge:test-store", 2, "rate-limit store test-store: %d token charge(s) lost")
+        assert [r.getMessage() for r in caplog.records if "test-store" in r.getMessage()] == [
+            "rate-limit store test-store: 2 token charge(s) lost"]
+        await g.stop()
+    assert [r.getMessage() for r in caplog.records if "test-store" in r.getMessage()][1:] == [
+        "rate-limit store test-store: 4 token charge(s) lost since the last line"]

@@ -24,7 +24,7 @@ from .config import RateLimitConfig
 from .quota import QuotaStore, periods
 from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, ip_key, override_limit,
                     prompt_estimate, shared_minute_counter)
-from .store import CounterStore, StoreDown
+from .store import STORE_LOG, CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
 NAME = "rate_limit"
@@ -91,6 +91,7 @@ class RateLimit(Plugin):
 
     async def shutdown(self) -> None:
         await self.drain(5.0)
+        STORE_LOG.flush()  # counts of failed calls and lost charges still held back: said now
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait for the token charges still running in the background."""

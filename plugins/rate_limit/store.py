@@ -230,7 +230,7 @@ WARMUP_ITEM = RateLimitItemPerSecond(1_000_000_000)
 #: Token charges dropped and per-key data errors are logged at most once per this many seconds
 #: per store (with the count of the others): an outage or a bad key must not log a line per request.
 LOG_EVERY = 10.0
-_LOG = ThrottledLog(log, interval=LOG_EVERY, level=logging.WARNING)
+STORE_LOG = ThrottledLog(log, interval=LOG_EVERY, level=logging.WARNING)
 
 
 def data_error(e: BaseException) -> bool:
@@ -300,7 +300,7 @@ class CounterStore:
                 # Foreign data under this request's counter: this request gets on_store_error,
                 # everyone else goes on using the store.
                 self.errors.labels(self.label, "key_error").inc()
-                _LOG.event(f"key:{self.label}", 1, f"rate-limit store {_pct(self.label)}: %d call(s) failed on a "
+                STORE_LOG.event(f"key:{self.label}", 1, f"rate-limit store {_pct(self.label)}: %d call(s) failed on a "
                            f"counter key holding foreign data ({_pct(_short(e))}); each such caller got "
                            "on_store_error, the store stays in use")
                 raise StoreDown("key_error") from None
@@ -352,7 +352,7 @@ class CounterStore:
         if charges <= 0:
             return
         self.errors.labels(self.label, "charge_dropped").inc(charges)
-        _LOG.event(f"charge:{self.label}", charges, f"rate-limit store {_pct(self.label)}: %d token charge(s) "
+        STORE_LOG.event(f"charge:{self.label}", charges, f"rate-limit store {_pct(self.label)}: %d token charge(s) "
                    f"dropped ({_pct(why)}): those tokens were not counted")
 
     # -- operations ------------------------------------------------------------------------------
