@@ -363,7 +363,11 @@ async def test_shutdown_timeout_bounds_the_drain(make_gateway: Any) -> None:
                          headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
         got = await r.content.readuntil(b"\n\n")
         t0 = time.monotonic()
-        await g.stop()
+        stopping = asyncio.create_task(g.stop())
+        await asyncio.sleep(0.5)
+        async with s.get(g.admin_url + "/readyz") as rr:  # draining: a load balancer must move on
+            assert rr.status == 503 and (await rr.json())["status"] == "not_ready"
+        await stopping
         assert time.monotonic() - t0 < 5  # about 3.5 s; twice the timeout would be over 6
         try:
             got += await r.read()
