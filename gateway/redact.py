@@ -100,3 +100,13 @@ def mask_params(text: str, mask: str = "***") -> str:
         done = i = end
     out.append(text[done:])
     return "".join(out)
+
+
+#: A gateway key (``gw_<12-character id>_<secret>``, percent-encoded too): wherever a client put it
+#: (a path, a query, a header), the secret is masked and the id kept.
+GATEWAY_KEY = re.compile(r"(gw(?:_|%5[Ff])[0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{20,}")
+
+
+def mask_gateway_keys(text: str) -> str:
+    """``text`` with every gateway key's secret replaced by ``REDACTED`` (its id kept)."""
+    return GATEWAY_KEY.sub(r"\1_REDACTED", text) if "gw" in text else text

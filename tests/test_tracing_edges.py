@@ -128,6 +128,28 @@ async def test_headers_key_auth_reads_and_gateway_keys_never_reach_a_span(make_g
     assert "'http.request.header.x_pass_along': '[REDACTED]'" in text
 
 
+async def test_a_key_in_the_request_path_reaches_no_span_and_no_audit_record(make_gateway: Any,
+                                                                              tmp_path: Path) -> None:
+    """A client that puts its key in the path (GET /v1/models/<key>, a mistyped URL): the server
+    span's URL attributes and the audit event's path keep the key's id, never its secret."""
+    import sqlite3
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit"}, tracing()])
+    api_key = (await g.plugin("key_auth").demo_setup())["api_key"]
+    key_id, key_secret = api_key.rsplit("_", 1)
+    exp = g.plugin("tracing").memory_exporter
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{g.url}/v1/models/{api_key}", headers={"Authorization": f"Bearer {api_key}"}) as r:
+            await r.read()
+    await g.stop()  # (the audit record written, the spans exported)
+    text = dump_attrs(exp.get_finished_spans())
+    assert key_secret not in text and f"/v1/models/{key_id}_REDACTED" in text
+    with sqlite3.connect(tmp_path / "gateway.db") as c:
+        paths = [p for (p,) in c.execute("SELECT json_extract(data, '$.path') FROM audit_events "
+                                         "WHERE type = 'request'")]
+        assert paths == [f"/v1/models/{key_id}_REDACTED"]
+        assert not any(key_secret in d for (d,) in c.execute("SELECT data FROM audit_events"))
+
+
 # -- 2. exporter settings ---------------------------------------------------------------------------------------
 def exporter_yaml(exporter: dict[str, Any]) -> str:
     return yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:9"},

@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.context import RequestContext
 from gateway.observe import usage_tokens
+from gateway.redact import mask_gateway_keys
 
 try:
     from opentelemetry.trace import get_current_span as _current_span
@@ -130,7 +131,9 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     else:
         tokens_in = tokens_out = None
     return [
-        iso(started), etype, request_id, trace_id, key_id, owner, client_ip, method, path, route,
+        iso(started), etype, request_id, trace_id, key_id, owner, client_ip, method,
+        mask_gateway_keys(path),  # (a key a client put in the path: its id stays, its secret does not)
+        route,
         model, response_model, status, answered_by, source, outcome, error, total,
         upstream, upstream_headers, overhead, _ms(t_start, t_fb), tokens_in, tokens_out, streamed,
         bytes_in, bytes_out, conversation_id,

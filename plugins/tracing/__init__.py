@@ -291,9 +291,9 @@ class Tracing(Plugin):
                 if safe is not v:
                     span.set_attribute(k, safe)
         # (captured credential headers are redacted at capture and at export: otel.redact_headers)
-        for k in URL_SERVER_ATTRS:  # a key or token a client put in the query string
+        for k in URL_SERVER_ATTRS:  # a key or token a client put in the query string, or a key in the path
             v = attrs.get(k)
-            if isinstance(v, str) and "=" in v:
+            if isinstance(v, str) and ("=" in v or "gw" in v):
                 r = redact_query(v)
                 if r != v:
                     span.set_attribute(k, r)

@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from gateway.context import PLAIN_UPSTREAM, SKIP_TIMINGS
-from gateway.redact import mask_params
+from gateway.redact import mask_gateway_keys, mask_params
 
 if TYPE_CHECKING:
     from . import Tracing, TracingConfig
@@ -105,18 +105,11 @@ def note_key_headers(names: Any) -> None:
 URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
 
 
-#: A gateway API key wherever it appears (under any parameter name, percent-encoded or not): the
-#: key's id stays, for telling requests apart; its secret does not.
-_GATEWAY_KEY = re.compile(r"(gw(?:_|%5[Ff])[0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{20,}")
-
-
 def redact_query(url: Any) -> str:
     """``url`` with the values of sensitive query parameters, and any gateway key's secret, replaced
     by ``REDACTED``."""
-    s = str(url)
-    if "gw" in s:
-        s = _GATEWAY_KEY.sub(r"\1_REDACTED", s)
-    return mask_params(s, "REDACTED")  # (url.query comes without its "?": the start counts)
+    # (a gateway key under any parameter name, or in the path: its id stays, its secret does not)
+    return mask_params(mask_gateway_keys(str(url)), "REDACTED")  # (url.query comes without its "?": the start counts)
 
 
 # -- the aiohttp-server instrumentation ----------------------------------------------------------------
@@ -174,7 +167,7 @@ def _redact_value(v: Any) -> Any:
     """A captured header's value (a tuple of strings) with any gateway key's secret replaced; the
     same object when there is none."""
     if isinstance(v, str):
-        return _GATEWAY_KEY.sub(r"\1_REDACTED", v) if "gw" in v else v
+        return mask_gateway_keys(v)
     if isinstance(v, tuple) and any(isinstance(x, str) and "gw" in x for x in v):
         return tuple(_redact_value(x) for x in v)
     return v
