@@ -262,7 +262,8 @@ class ConversationsConfig(PluginConfig):
     cache_ttl: float | None = Field(5.0, ge=0, description="Seconds before a cached conversation is checked "
                                                            "against the database (catches appends by other "
                                                            "instances); 0: every request; null: never.")
-    page_size: int = Field(50, ge=1, le=1000, description="Default page size of the caller and admin lists.")
+    page_size: int = Field(50, ge=1, le=1000, description="Default page size of the caller and admin APIs "
+                                                          "(lists, and a conversation's messages).")
 
     @field_validator("api_prefix")
     @classmethod
@@ -584,10 +585,22 @@ class Conversations(Plugin):
             rec.prev_digest = v.digests[plan.base - 1]
         shared = self.shared
         assert shared is not None
+        if v.deleted:
+            # deleted (caller or admin API) while this turn ran: nothing is written, not even the
+            # conversation this turn started
+            shared.skipped.labels("deleted").inc()
+            return
         if rows:
-            # message bodies are cached only where memory may need them; otherwise digests suffice
-            keep = self.config.cache_messages if plan.memory or self.config.memory.enabled else 0
-            v.append(msgs, digests, tokens, keep)
+            if plan.base == v.count:
+                # message bodies are cached only where memory may need them; otherwise digests suffice
+                keep = self.config.cache_messages if plan.memory or self.config.memory.enabled else 0
+                v.append(msgs, digests, tokens, keep)
+            else:
+                # Another request on this conversation (a second tab) appended since this one
+                # looked: appending here too would give the cache both histories one after the
+                # other. The writer decides (this turn continues the stored history or becomes a
+                # fork of it); the next request waits for it and reads the database again.
+                v.stale = True
         v.records.append(rec)
         if shared.views.get(v.id) is not v:
             cur = shared.views.get(v.id)

@@ -105,27 +105,40 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             return _err_reply(404, "No conversation with this id exists for this caller.", "conversation_not_found")
         cid = rest
         if ctx.method == "GET":
+            after, limit = _after(q), _limit(q, cfg.page_size)
             v = shared.views.get(cid)
-            if v is not None and v.owner == owner:
+            mine = v is not None and v.owner == owner and not v.deleted
+            if mine:
                 await shared.settle(v, 5.0)
             conv = await store.get(cid)
-            if (conv is None and v is None or conv is not None and conv["owner"] != owner) and _GENERATED(cid):
+            starting = conv is None and mine and v.busy > 0  # type: ignore[union-attr]
+            if (conv is None or conv["owner"] != owner) and not starting and _GENERATED(cid):
                 # Made by another instance a moment ago? Its write may still be queued there. (Also
-                # waited for another owner's id, so the time taken tells nothing about what exists.)
+                # waited for another owner's id, cached here or not, so the time taken tells
+                # nothing about what exists.)
                 await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
                 if conv is None:
                     conv = await store.get(cid)
+            if conv is None and starting:
+                # The caller's own conversation, its first turn still running (the id came in
+                # that turn's response headers): it exists, with nothing stored yet.
+                return Reply.json(200, {**_starting(v), "messages": [], "has_more": False,  # type: ignore[arg-type]
+                                        "next_after": None})
             if conv is None or conv["owner"] != owner:
                 return _err_reply(404, "No conversation with this id exists for this caller.",
                                   "conversation_not_found")
-            msgs, more = await store.messages(cid, after=_after(q), limit=_limit(q, cfg.page_size))
+            msgs, more = await store.messages(cid, after=after, limit=limit)
             return Reply.json(200, {**conv, "messages": msgs, "has_more": more,
                                     "next_after": msgs[-1]["position"] if more and msgs else None})
         if ctx.method == "DELETE":
             v = shared.views.get(cid)
-            if v is not None and v.owner == owner:
-                await shared.settle(v, 5.0)
-            if not await store.delete(cid, owner=owner):
+            running = False
+            if v is not None and v.owner == owner and not v.deleted:
+                running = v.busy > 0
+                ok = await _delete_cached(shared, v, lambda: store.delete(cid, owner=owner))
+            else:
+                ok = await store.delete(cid, owner=owner)
+            if not ok and not running:
                 return _err_reply(404, "No conversation with this id exists for this caller.",
                                   "conversation_not_found")
             shared.forget(cid)
@@ -141,6 +154,30 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
         log.warning("conversation API failed (request %s): %s", ctx.request_id, type(e).__name__)
         return _err_reply(503, "The conversation store is unavailable; try again shortly.",
                           "conversation_store_unavailable", type_="server_error")
+
+
+def _starting(v: Any) -> dict[str, Any]:
+    """A conversation whose first turn is still running, as ``conversation_out`` shows a stored one:
+    nothing stored yet (no times, no counts), ``in_progress: true``."""
+    return {"id": v.id, "object": "conversation", "owner": v.owner, "key_id": v.key_id, "parent_id": v.parent,
+            "fork_position": v.count if v.parent is not None else None, "created_at": None, "updated_at": None,
+            "message_count": 0, "turn_count": 0, "prompt_tokens": 0, "completion_tokens": 0, "model": None,
+            "in_progress": True}
+
+
+async def _delete_cached(shared: Shared, v: Any, delete: Callable[[], Awaitable[bool]]) -> bool:
+    """Delete a conversation this process has cached: its turns still running write nothing once
+    they end (``View.deleted``: not even a conversation their first turn would create), what is
+    queued is written first, then the database's rows go. If that fails, the cache entry is read
+    from the database again at its next use (a turn that ended meanwhile was not kept)."""
+    v.deleted = True
+    try:
+        await shared.settle(v, 5.0)
+        return await delete()
+    except BaseException:
+        v.deleted = False
+        v.stale = True
+        raise
 
 
 # -- admin API ----------------------------------------------------------------------------------------
@@ -184,7 +221,7 @@ def admin_routes(services: Any) -> list[Any]:
         try:
             data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_text(q, "key_id"), since=_time(q, "since"),
                                            until=_time(q, "until"), q=_text(q, "q") or None,
-                                           limit=_limit(q, 50), cursor=q.get("cursor"))
+                                           limit=_limit(q, s.cfg.page_size), cursor=q.get("cursor"))
         except BadParam:
             raise
         except ValueError:
@@ -199,7 +236,7 @@ def admin_routes(services: Any) -> list[Any]:
         if conv is None:
             return _not_found()
         q = request.query
-        msgs, more = await s.store.messages(cid, after=_after(q), limit=_limit(q, 100))
+        msgs, more = await s.store.messages(cid, after=_after(q), limit=_limit(q, s.cfg.page_size))
         out = {**conv, "messages": msgs, "has_more": more, "next_after": msgs[-1]["position"] if more and msgs else None}
         if q.get("turns") in ("1", "true", "yes"):
             out["turns"] = await s.store.turns(cid)
@@ -266,14 +303,20 @@ def admin_routes(services: Any) -> list[Any]:
 
     async def delete_one(request: web.Request) -> web.Response:
         s = shared()
-        await fresh(s)
         cid = request.match_info["cid"]
+        v = s.views.get(cid) if not s.closed else None
+        running = v is not None and not v.deleted and v.busy > 0
+        await fresh(s)
         conv = await s.store.get(cid)
-        if conv is None or not await s.store.delete(cid):
+        if v is not None and not v.deleted:
+            ok = await _delete_cached(s, v, lambda: s.store.delete(cid))
+        else:
+            ok = conv is not None and await s.store.delete(cid)
+        if not ok and not running:  # (a new conversation whose first turn is still running: deleted)
             return _not_found()
         s.forget(cid)
         services.events.emit("conversation.deleted", actor=admin_identity(request), conversation_id=cid,
-                             owner=conv["owner"])
+                             owner=conv["owner"] if conv is not None else v.owner)  # type: ignore[union-attr]
         return web.json_response({"id": cid, "object": "conversation.deleted", "deleted": True})
 
     async def delete_owner(request: web.Request) -> web.Response:
@@ -298,8 +341,12 @@ def admin_routes(services: Any) -> list[Any]:
         s = shared()
         await fresh(s)
         actor = admin_identity(request)
-        ids = await s.store.purge(utcnow() - dt.timedelta(days=days), each=lambda n: services.events.emit(
-            "conversations.purged", actor=actor, older_than_days=days, deleted=n))  # (per committed part)
+        # as retention does: a conversation with a turn running (or queued) here is active, whatever
+        # its stored last activity says
+        ids = await s.store.purge(utcnow() - dt.timedelta(days=days), keep=s.active(),
+                                  each=lambda n: services.events.emit(
+                                      "conversations.purged", actor=actor, older_than_days=days,
+                                      deleted=n))  # (per committed part)
         for cid in ids:
             s.forget(cid)
         return web.json_response({"object": "conversations.purged", "older_than_days": days, "deleted": len(ids)})

@@ -104,7 +104,7 @@ class View:
     """What this process knows about one conversation (stored + pending)."""
 
     __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
-                 "busy", "stale", "checked", "parent", "nbytes", "bodies")
+                 "busy", "stale", "checked", "parent", "nbytes", "bodies", "deleted")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
                  tokens: list[int | None] | None = None) -> None:
@@ -123,6 +123,7 @@ class View:
         self.parent: str | None = None            # forked from (the fork copies its prefix when written)
         self.nbytes = 0                           # body_size of tail (and first, when not in it)
         self.bodies: Bodies | None = None         # the budget it counts against, while cached
+        self.deleted = False                      # deleted through an API: turns still running write nothing
 
     def _resized(self) -> None:
         """Count the bodies held again (after they changed)."""
@@ -359,15 +360,7 @@ class Shared:
     async def _purge_once(self, days: float | None) -> None:
         if days is None:
             return
-        # A conversation with a turn in flight or queued here is active, whatever its stored
-        # last activity says (a long stream): not purged under it.
-        active: set[str] = set()
-        for cid, v in self.views.items():
-            if v.busy > 0 or v.pending():
-                active.add(cid)
-                if v.parent is not None:  # a fork's prefix is copied from its parent when written
-                    active.add(v.parent)
-                active.update(r.parent_id for r in v.records if r.parent_id is not None)
+        active = self.active()
         def recorded(n: int) -> None:  # each committed part, as it is gone (a purge cut short too)
             if n:
                 self.services.events.emit("conversations.purged", actor="retention", older_than_days=days, deleted=n)
@@ -381,6 +374,19 @@ class Shared:
             self.views.pop(cid, None)
         if ids:
             log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
+
+    def active(self) -> set[str]:
+        """The conversations with a turn in flight or queued in this process: active whatever their
+        stored last activity says (a long stream), so a purge (retention's or the admin API's)
+        keeps them. A fork's parent too: the fork copies its prefix from it when written."""
+        active: set[str] = set()
+        for cid, v in self.views.items():
+            if v.busy > 0 or v.pending():
+                active.add(cid)
+                if v.parent is not None:
+                    active.add(v.parent)
+                active.update(r.parent_id for r in v.records if r.parent_id is not None)
+        return active
 
     # -- the writer ------------------------------------------------------------------------------
     async def _write(self, batch: Sequence[TurnRecord]) -> None:

@@ -260,11 +260,24 @@ def row_message(r: Any) -> dict[str, Any]:
     return m
 
 
+#: Fields the APIs add to a message (the envelope), whatever keys the client's message had.
+_ENVELOPE = ("object", "conversation_id", "position")
+
+
 def message_out(r: Any, conversation_id: str | None = None) -> dict[str, Any]:
+    """A stored message as the APIs, exports and the CLI show it: the message as the client sent
+    it, in an envelope of the gateway's fields. The gateway's fields win over message keys of the
+    same name (a client may send ``"position": 0`` or a made-up ``conversation_id`` in a message:
+    readers page by ``position``, and must see the real one). The stored message keeps its keys
+    (memory and prefix matching see it as sent)."""
     out = {"object": "conversation.message", "conversation_id": conversation_id or r.conversation_id,
            "position": r.position, **row_message(r),
            "tokens": r.tokens, "tokens_derived": bool(r.tokens_derived), "model": r.model,
            "request_id": r.request_id, "key_id": r.key_id, "owner": r.owner, "created_at": iso(r.created_at)}
+    if r.extra:  # (only then can a message key have replaced one of the envelope's; set again, in place)
+        out["object"] = "conversation.message"
+        out["conversation_id"] = conversation_id or r.conversation_id
+        out["position"] = r.position
     if r.role == "assistant":
         out.update(status=r.status, finish_reason=r.finish_reason, latency_ms=r.latency_ms, ttft_ms=r.ttft_ms)
     return out
@@ -310,6 +323,11 @@ def decode_cursor(s: str) -> list[Any]:
     if not isinstance(v, list):
         raise ValueError("invalid cursor")
     return v
+
+
+def _lower(s: Any) -> Any:
+    """SQLite's ``gw_lower``: Unicode lower case, as PostgreSQL's ``lower`` (SQLite's folds ASCII only)."""
+    return s.lower() if isinstance(s, str) else s
 
 
 def text_ok(s: str) -> bool:
@@ -607,8 +625,14 @@ class ConversationStore:
         if until is not None:
             stmt = stmt.where(C.c.updated_at < until)
         if q:
-            stmt = stmt.where(sa.exists().where(M.c.conversation_id == C.c.id,
-                                                M.c.content.icontains(q, autoescape=True)))
+            if self.is_sqlite:
+                # SQLite's lower() and LIKE fold ASCII letters only ("KÖLN" would not find "Köln"):
+                # Python's str.lower, registered on the connection the search runs on (below)
+                stmt = stmt.where(sa.exists().where(M.c.conversation_id == C.c.id, func.instr(
+                    func.gw_lower(M.c.content), bindparam("q_lower", q.lower(), type_=sa.String)) > 0))
+            else:
+                stmt = stmt.where(sa.exists().where(M.c.conversation_id == C.c.id,
+                                                    M.c.content.icontains(q, autoescape=True)))
         if cursor:
             try:
                 ts, last = decode_cursor(cursor)
@@ -620,6 +644,9 @@ class ConversationStore:
             stmt = stmt.where(sa.or_(C.c.updated_at < t, sa.and_(C.c.updated_at == t, C.c.id < last)))
         stmt = stmt.order_by(C.c.updated_at.desc(), C.c.id.desc()).limit(limit + 1)
         async with self.db.engine.connect() as conn:
+            if q and self.is_sqlite:
+                driver = (await conn.get_raw_connection()).driver_connection
+                await driver.create_function("gw_lower", 1, _lower, deterministic=True)
             rows = (await conn.execute(stmt)).all()
         more = len(rows) > limit
         rows = rows[:limit]
