@@ -249,6 +249,25 @@ async def test_path_scopes_cover_whole_segments(make_gateway: Any) -> None:
         assert st == 422 and "path prefix" in b["error"]["message"], (bad, b)
 
 
+async def test_a_secret_rotated_through_another_instance_is_taken_at_once(make_gateway: Any, tmp_path: Any) -> None:
+    """Two instances on one database: B has the key cached; it is rotated through A. The new secret
+    works on B at once (B reads the record again before refusing it), not only after B's watcher
+    (here: a minute) or cache_ttl; the old one keeps its grace period."""
+    db = {"url": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"}
+    cfg = {"cache_ttl": 300, "watch_interval": 60, "pepper": "p" * 32}
+    a = await make_gateway(ka(**cfg), name="a.yaml", database=db)
+    b = await make_gateway(ka(**cfg), name="b.yaml", database=db)
+    rec = await new_key(a)
+    assert (await chat(b, rec["key"])).choices  # cached on B
+    await asyncio.sleep(1.1)  # (a record read this recently is not read again for a wrong secret)
+    st, rot = await admin(a, "POST", f"/keys/{rec['id']}/rotate", {"grace_seconds": 60})
+    assert st == 200, rot
+    assert (await chat(b, rot["key"])).choices
+    assert (await chat(b, rec["key"])).choices  # the grace period
+    with pytest.raises(openai.AuthenticationError):
+        await chat(b, rot["key"][:-4] + "AAAA")
+
+
 async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
     g = await make_gateway(ka())
     rec = await new_key(g)

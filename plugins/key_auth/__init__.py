@@ -36,6 +36,9 @@ IDENTITY_FIELDS = Literal["key_id", "owner", "name", "team"]
 _DUMMY_HASH = "0" * 64
 #: Control characters cannot go into an HTTP header value (CR/LF would end it): replaced by a space.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Seconds a cached key record must be old before a secret it does not match makes it read again
+#: (a rotation through another instance; a wrong secret costs at most one lookup per key this often).
+RECHECK_AFTER = 1.0
 
 
 class UsageWriterConfig(PluginConfig):
@@ -393,8 +396,8 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 401, "missing", None,
                                 "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
         # A key this entry has already verified: the same checks below, minus checksum and HMAC.
-        # Only for a value of a key's length, and the digest is computed whatever the cache holds,
-        # so the response time tells nothing about whether a key id is cached or in use.
+        # Only for a value of a key's length, and the digest is computed whatever the cache holds.
+        # (The response time can still show whether a key id's record is cached: ids are not secret.)
         fast = None
         if len(raw) == KEY_LEN:
             fast = _fast(raw, self._fast_key)
@@ -425,6 +428,22 @@ class KeyAuth(Plugin):
         else:
             ok = secrets_match(digest, entry.hash) or (
                 entry.prev_until is not None and now < entry.prev_until and secrets_match(digest, entry.prev_hash))
+        if not ok and entry is not None:
+            hit = self.cache.entries.get(key_id)
+            if hit is not None and hit[0] is entry and time.monotonic() - hit[1] >= RECHECK_AFTER:
+                # The secret may have been rotated through another instance since this record was
+                # read (its watcher tells this one within watch_interval): read it again, at most
+                # once per RECHECK_AFTER per key, before refusing what may be the new secret.
+                self.cache.entries.pop(key_id, None)
+                try:
+                    fresh = await self._entry(key_id)
+                except StoreUnavailable:
+                    fresh = None
+                if fresh is not None:
+                    entry, now = fresh, time.time()
+                    ok = secrets_match(digest, entry.hash) or (
+                        entry.prev_until is not None and now < entry.prev_until
+                        and secrets_match(digest, entry.prev_hash))
         if not ok:
             # Unknown key id and wrong secret look the same: nothing confirms that an id exists.
             return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
