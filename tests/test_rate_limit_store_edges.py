@@ -324,3 +324,22 @@ async def test_counts_held_back_are_logged_at_shutdown(make_gateway, caplog):
         await g.stop()
     assert [r.getMessage() for r in caplog.records if "test-store" in r.getMessage()][1:] == [
         "rate-limit store test-store: 4 token charge(s) lost since the last line"]
+
+
+async def test_quota_reads_failing_in_an_outage_are_logged_once_with_a_count(make_gateway, caplog):
+    """The database down: every request's quota read fails (on_store_error applies); the log says
+    so once per 10 s with a count, not once per request."""
+    import logging
+    g = await make_gateway([rl(rules=[], quotas={"daily_tokens": 1000})])
+    plugin = g.plugin("rate_limit")
+
+    async def down(*_: Any) -> int:
+        raise ConnectionRefusedError("database down")
+
+    plugin._quota.used = down
+    with caplog.at_level(logging.WARNING, logger="gateway.rate_limit"):
+        async with aiohttp.ClientSession() as s:
+            statuses = [(await post(s, g.url))[0] for _ in range(5)]
+    assert statuses == [200] * 5  # on_store_error: allow
+    lines = [r.getMessage() for r in caplog.records if "quota read" in r.getMessage()]
+    assert lines == ["rate_limit: 1 quota read(s) failed (ConnectionRefusedError)"]

@@ -288,7 +288,8 @@ class RateLimit(Plugin):
                 used = await self._quota.used(st.subject, period, timeout)
             except Exception as e:  # the database is a store too: same policy
                 self.store.errors.labels("database", "timeout" if isinstance(e, TimeoutError) else "error").inc()
-                log.warning("rate_limit: quota read failed: %s", type(e).__name__)
+                kind = type(e).__name__  # (an outage fails every request: one line per 10 s, with a count)
+                STORE_LOG.event(f"quota:{kind}", 1, f"rate_limit: %d quota read(s) failed ({kind})")
                 raise StoreDown("quota read failed") from None
             s = hdr.Standing(label, "quota", amount, amount - used, left, window)
             st.standings.append(s)
