@@ -599,8 +599,10 @@ class Conversations(Plugin):
                 # Another request on this conversation (a second tab) appended since this one
                 # looked: appending here too would give the cache both histories one after the
                 # other. The writer decides (this turn continues the stored history or becomes a
-                # fork of it); the next request waits for it and reads the database again.
+                # fork of it: with memory too, this instance having seen the other turn end
+                # first); the next request waits for it and reads the database again.
                 v.stale = True
+                rec.raced_here = True
         v.records.append(rec)
         if shared.views.get(v.id) is not v:
             cur = shared.views.get(v.id)

@@ -420,6 +420,10 @@ class Shared:
         for cid in late:
             self.skipped.labels("forked_late").inc()
             log.info("a turn differed from what another request stored meanwhile; stored as fork %s", cid)
+        for r in batch:
+            if r.unseen:
+                log.info("a memory turn on conversation %s was answered without a turn another request stored "
+                         "meanwhile; appended after it", r.conversation_id)
         ev, self._written = self._written, asyncio.Event()
         ev.set()
 

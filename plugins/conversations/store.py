@@ -140,7 +140,8 @@ class TurnRecord:
     """Everything one request adds to a conversation; built in ``on_complete``, written in a batch."""
 
     __slots__ = ("conversation_id", "owner", "key_id", "create", "parent_id", "fork_position", "base",
-                 "messages", "turn", "created_at", "done", "failed_at", "attempted_at", "prev_digest")
+                 "messages", "turn", "created_at", "done", "failed_at", "attempted_at", "prev_digest",
+                 "unseen", "raced_here")
 
     def __init__(self, conversation_id: str, owner: str, key_id: str | None, create: bool, parent_id: str | None,
                  fork_position: int | None, base: int, messages: list[dict[str, Any]], turn: dict[str, Any],
@@ -159,6 +160,8 @@ class TurnRecord:
         self.failed_at: float | None = None
         self.attempted_at: float | None = None
         self.prev_digest: str | None = None  # the digest of the message at base-1, as the request saw it
+        self.unseen = False  # memory: appended after a turn another request stored meanwhile (see write)
+        self.raced_here = False  # another request of this instance appended while this one ran (two tabs)
 
 
 def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
@@ -411,7 +414,8 @@ class ConversationStore:
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str], list[str]]:
         """Persist a batch in one transaction with a handful of statements (one executemany per
         table). Returns (conversation ids that were missing, i.e. deleted meanwhile; conversation
-        ids whose stored count differed from what the request saw; forks made at write time)."""
+        ids whose stored count differed from what the request saw; forks made at write time).
+        A memory turn appended after a turn it did not see has ``unseen`` set."""
         missing: set[str] = set()
         moved: set[str] = set()
         late: list[str] = []  # forks made here, at write time
@@ -420,6 +424,7 @@ class ConversationStore:
         # fork (the request saw the forked history, not the stored one).
         chain = {cid: f for cid, f in self._late.items() if f[3] > time.monotonic() - LATE_FORK_MEMORY}
         for rec in batch:
+            rec.unseen = False  # (decided again on every attempt)
             if not rec.create:
                 self._follow(rec, chain)
         async with self.db.engine.begin() as conn:
@@ -463,8 +468,23 @@ class ConversationStore:
                 if pos != rec.base:
                     moved.add(cid)
                     if pos > rec.base and msgs:  # (also a conversation this batch creates)
-                        msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows, claims)
-                        if at is not None:
+                        # (two tabs on one instance: the instance knew of the other turn, and the
+                        # turn that ended second is a fork, as without memory; see on_complete)
+                        memory = bool(rec.turn.get("memory")) and not rec.create and not rec.raced_here
+                        claimed = len(claims)
+                        msgs, at = await self._skip_stored(conn, cid, rec.base, pos, msgs, msg_rows, claims,
+                                                           memory)
+                        if at is not None and memory:
+                            # Memory: the client sent only its new messages, and the stored history
+                            # is the gateway's own; another instance stored a turn (its write was
+                            # still queued there when this request read the history). Nothing
+                            # the client holds differs: this turn goes after the stored ones, in the
+                            # conversation the client was told (a fork would be one it never hears
+                            # of). Its answer was made without that turn in its context.
+                            del claims[claimed:]
+                            msgs = rec.messages
+                            rec.unseen = True
+                        elif at is not None:
                             # What this request saw differs from what another one stored meanwhile
                             # (a regenerated answer, an edit): never interleave the two histories.
                             # This turn becomes a fork of the stored one at the first difference.
@@ -563,17 +583,23 @@ class ConversationStore:
         await conn.execute(M.insert().from_select(["conversation_id"] + [c.name for c in cols], sel))
 
     async def _skip_stored(self, conn: Any, cid: str, base: int, pos: int, msgs: list[dict[str, Any]],
-                           queued: list[dict[str, Any]], claims: list[dict[str, Any]]
+                           queued: list[dict[str, Any]], claims: list[dict[str, Any]], memory: bool = False
                            ) -> tuple[list[dict[str, Any]], int | None]:
         """Another request appended since this one looked. Our leading messages already stored
         there (same digests) are dropped; if all that was stored since matches, the rest is
         appended (None). If ours differ from what was stored, the position of the first difference
-        is returned with the messages from there: those must not go after the stored ones."""
-        stored = [r.digest for r in (await conn.execute(
-            select(M.c.digest).where(M.c.conversation_id == cid, M.c.position >= base).order_by(M.c.position)))]
-        stored += [m["digest"] for m in queued if m["conversation_id"] == cid and m["position"] >= base]
+        is returned with the messages from there: those must not go after the stored ones.
+
+        ``memory``: our answer never matches an answer another request produced (both have a
+        status): with memory on, the same short question ("yes") gets the same answer from a
+        deterministic model on two instances, and those are two turns, not one resent."""
+        rows = (await conn.execute(select(M.c.digest, M.c.status).where(
+            M.c.conversation_id == cid, M.c.position >= base).order_by(M.c.position))).all()
+        stored = [(r.digest, r.status) for r in rows]
+        stored += [(m["digest"], m["status"]) for m in queued if m["conversation_id"] == cid and m["position"] >= base]
         i = 0
-        while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i]:
+        while i < len(msgs) and i < len(stored) and msgs[i]["digest"] == stored[i][0] and not (
+                memory and msgs[i]["status"] is not None and stored[i][1] is not None):
             if msgs[i]["status"] is not None:
                 claims.append(_claim(cid, base + i, msgs[i]))
             i += 1
