@@ -92,6 +92,36 @@ async def stored(db: Path, cid: str) -> tuple[Any, ...]:
 
 # -- 1. CR line ends, and an upstream that keeps its connection open after [DONE] ----------------
 
+HELLO = [chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop")]
+
+
+async def relayed(tmp_path: Path, pieces: list[bytes], keep_open: bool) -> tuple[bytes, tuple[Any, ...]]:
+    """What a client gets through the gateway from an upstream that writes ``pieces`` (a moment
+    apart), then keeps its connection open (until the client has its answer) or ends; and the turn
+    stored."""
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, piece in enumerate(pieces):
+            if i:
+                await asyncio.sleep(0.05)
+            await resp.write(piece)
+        if keep_open:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), 30)  # [DONE] sent, the connection kept open
+        return resp
+
+    async with upstream(handler) as url, gateway(tmp_path, url) as g:
+        try:
+            async with aiohttp.ClientSession(timeout=T) as s:
+                body, cid = await stream(s, g.url)
+        finally:
+            release.set()
+        return body, await stored(tmp_path / "gateway.db", cid)
+
+
 @pytest.mark.parametrize("eol, blank", [("\r", "\r"), ("\n", "\r"), ("\r\n", "\r")],
                          ids=["cr", "lf-then-cr", "crlf-then-cr"])
 async def test_cr_framed_stream_kept_open_after_done_ends_for_the_client(tmp_path: Path, eol: str,
@@ -100,26 +130,9 @@ async def test_cr_framed_stream_kept_open_after_done_ends_for_the_client(tmp_pat
     connection open after [DONE]. The blank line is whole at that CR: the client's response ends
     at [DONE], complete (not at the idle timeout, cut), and the turn is stored as complete with
     the usage the gateway asked for, whose chunk the client does not get."""
-    release = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"),
-                                 USAGE_CHUNK, "[DONE]"], eol, blank))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(release.wait(), 30)  # [DONE] sent, the connection kept open
-        return resp
-
-    async with upstream(handler) as url, gateway(tmp_path, url) as g:
-        try:
-            async with aiohttp.ClientSession(timeout=T) as s:
-                body, cid = await stream(s, g.url)
-        finally:
-            release.set()
-        assert body == events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"),
-                               "[DONE]"], eol, blank)
-        assert await stored(tmp_path / "gateway.db", cid) == ("complete", 3, "Hello", None)
+    body, turn = await relayed(tmp_path, [events([*HELLO, USAGE_CHUNK, "[DONE]"], eol, blank)], keep_open=True)
+    assert body == events([*HELLO, "[DONE]"], eol, blank)
+    assert turn == ("complete", 3, "Hello", None)
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["kept-open", "closed"])
@@ -127,30 +140,10 @@ async def test_a_crlf_stream_whose_last_lf_comes_a_moment_after_done_loses_no_by
                                                                                    close: bool) -> None:
     """[DONE]\r\n\r in one read, the last \n in the next: the relay stops at [DONE] (the
     upstream may keep its connection open), but not before that LF, which the client gets too."""
-    release = asyncio.Event()
-    raw = events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"), USAGE_CHUNK,
-                  "[DONE]"], "\r\n")
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(raw[:-1])
-        await asyncio.sleep(0.05)
-        await resp.write(raw[-1:])
-        if not close:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(release.wait(), 30)
-        return resp
-
-    async with upstream(handler) as url, gateway(tmp_path, url) as g:
-        try:
-            async with aiohttp.ClientSession(timeout=T) as s:
-                body, cid = await stream(s, g.url)
-        finally:
-            release.set()
-        assert body == events([chunk({"role": "assistant", "content": "Hel"}), chunk({"content": "lo"}, "stop"),
-                               "[DONE]"], "\r\n")
-        assert await stored(tmp_path / "gateway.db", cid) == ("complete", 3, "Hello", None)
+    raw = events([*HELLO, USAGE_CHUNK, "[DONE]"], "\r\n")
+    body, turn = await relayed(tmp_path, [raw[:-1], raw[-1:]], keep_open=not close)
+    assert body == events([*HELLO, "[DONE]"], "\r\n")
+    assert turn == ("complete", 3, "Hello", None)
 
 
 @pytest.mark.parametrize("eol", ["\n", "\r\n", "\r"])
