@@ -662,3 +662,13 @@ async def test_written_turns_leave_the_cache(make_gateway: Any, tmp_path: Path) 
     await g.plugin("conversations").flush()
     views = g.plugin("conversations").shared.views
     assert len(views) == 5 and [len(v.records) for v in views.values()] == [0] * 5
+
+
+async def test_caller_api_405_names_the_methods_allowed(make_gateway: Any, tmp_path: Path) -> None:
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{tmp_path / 'a.db'}"})
+    async with aiohttp.ClientSession() as s:
+        for method, path, allow in (("POST", "/gateway/conversations", "GET"),
+                                    ("PUT", "/gateway/conversations/conv_x", "GET, DELETE")):
+            async with s.request(method, g.url + path) as r:
+                assert r.status == 405 and r.headers.get("Allow") == allow, (method, path, r.headers)
+                assert (await r.json())["error"]["code"] == "method_not_allowed"

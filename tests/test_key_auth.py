@@ -268,6 +268,24 @@ async def test_a_secret_rotated_through_another_instance_is_taken_at_once(make_g
         await chat(b, rot["key"][:-4] + "AAAA")
 
 
+async def test_limits_and_grace_take_numbers_only(make_gateway: Any) -> None:
+    """JSON true was taken as a limit of 1 (a key that could make one request a minute), "5" as 5:
+    a client generated from the OpenAPI document with a bug in it is refused instead."""
+    g = await make_gateway(ka())
+    for limits in ({"rpm": True}, {"daily_tokens": True}, {"tpm": "5"}):
+        st, b = await admin(g, "POST", "/keys", {"owner": "a", "limits": limits})
+        assert st == 422 and b["error"]["param"].startswith("limits."), (limits, b)
+    rec = await new_key(g, limits={"rpm": 5})
+    assert rec["limits"]["rpm"] == 5
+    st, b = await admin(g, "PATCH", f"/keys/{rec['id']}", {"limits": {"tpm": True}})
+    assert st == 422, b
+    for grace in (True, "10"):
+        st, b = await admin(g, "POST", f"/keys/{rec['id']}/rotate", {"grace_seconds": grace})
+        assert st == 422 and b["error"]["param"] == "grace_seconds", (grace, b)
+    st, b = await admin(g, "POST", f"/keys/{rec['id']}/rotate", {"grace_seconds": 10})
+    assert st == 200, b
+
+
 async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
     g = await make_gateway(ka())
     rec = await new_key(g)

@@ -77,8 +77,8 @@ def _text(q: Any, name: str) -> str | None:
 
 
 def _err_reply(status: int, message: str, code: str, param: str | None = None,
-               type_: str = "invalid_request_error") -> Reply:
-    return Reply(status, error_body(message, type_, code, param))
+               type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, error_body(message, type_, code, param), headers or {})
 
 
 # -- caller API ---------------------------------------------------------------------------------------
@@ -96,7 +96,8 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
     try:
         if rest == "":
             if ctx.method != "GET":
-                return _err_reply(405, "Use GET to list conversations.", "method_not_allowed")
+                return _err_reply(405, "Use GET to list conversations.", "method_not_allowed",
+                                  headers={"Allow": "GET"})  # (RFC 9110: a 405 names what is allowed)
             await shared.settle_owner(owner)
             data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"))
             return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
@@ -145,7 +146,8 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             plugin.services.events.emit("conversation.deleted", actor=f"owner:{owner}", conversation_id=cid,
                                         owner=owner, key_id=ctx.key_id)
             return Reply.json(200, {"id": cid, "object": "conversation.deleted", "deleted": True})
-        return _err_reply(405, "Use GET or DELETE on a conversation.", "method_not_allowed")
+        return _err_reply(405, "Use GET or DELETE on a conversation.", "method_not_allowed",
+                          headers={"Allow": "GET, DELETE"})
     except BadParam as e:
         return _err_reply(400, str(e), "invalid_value", e.param)
     except ValueError as e:

@@ -63,13 +63,14 @@ class Scopes(_Body):
 
 
 class Limits(_Body):
-    rpm: int | None = Field(None, ge=1, le=LIMIT_MAX["rpm"],
+    # (strict: JSON true is not a limit of 1, nor "5" a number: a generated client's bug is refused)
+    rpm: int | None = Field(None, ge=1, le=LIMIT_MAX["rpm"], strict=True,
                             description="Requests per minute for this key (overrides the YAML default).")
-    tpm: int | None = Field(None, ge=1, le=LIMIT_MAX["tpm"],
+    tpm: int | None = Field(None, ge=1, le=LIMIT_MAX["tpm"], strict=True,
                             description="Tokens per minute for this key.")
-    daily_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["daily_tokens"],
+    daily_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["daily_tokens"], strict=True,
                                      description="Token quota per UTC day.")
-    monthly_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["monthly_tokens"],
+    monthly_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["monthly_tokens"], strict=True,
                                        description="Token quota per UTC month.")
 
 
@@ -123,7 +124,7 @@ class UpdateKey(_Body):
 
 
 class RotateKey(_Body):
-    grace_seconds: float | None = Field(None, ge=0, le=90 * 86400, allow_inf_nan=False,
+    grace_seconds: float | None = Field(None, ge=0, le=90 * 86400, allow_inf_nan=False, strict=True,
                                         description="Seconds the old secret keeps working (default: the "
                                                     "plugin's rotation_grace).")
 
