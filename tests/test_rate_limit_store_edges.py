@@ -238,7 +238,9 @@ def test_an_at_sign_that_is_no_credential_is_accepted(tmp_path):
 
 def test_a_storage_url_with_an_unencoded_password_is_refused_without_showing_it(tmp_path):
     for uri in ("redis://carol:x@y/Zsecret#1@127.0.0.1:6379/0", "redis://carol:4821/Zsecret@127.0.0.1:6379/0",
-                "redis+sentinel://:a?Zsecret@127.0.0.1:26379/mymaster"):
+                "redis+sentinel://:a?Zsecret@127.0.0.1:26379/mymaster",
+                # a '?' in the password with an '=' after it: read as a query, it still ends at host:port
+                "redis://carol:4821?tok=Zsecret@127.0.0.1:6379/0", "redis://carol:#Zk=Zsecret@h:6379"):
         cfg = base_config("http://127.0.0.1:9", tmp_path, [rl(storage=uri)])
         with pytest.raises(ConfigError) as e:
             load_config_text(yaml.safe_dump(cfg))

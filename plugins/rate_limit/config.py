@@ -69,6 +69,9 @@ class RuleConfig(PluginConfig):
         return v
 
 
+_HOST_PORT_AFTER_AT = re.compile(r"@[^/?#@=&]+:\d+(?:[/?#]|$)")
+
+
 def split_uri(uri: str) -> tuple[str, str, str]:
     """``scheme://``, what comes before the query or fragment (credentials, hosts, path), and the
     ``?query#fragment`` (which may hold an ``@`` of its own: ``?client_name=gw@eu-1``)."""
@@ -88,7 +91,11 @@ def storage_uri_ambiguous(uri: str) -> bool:
     netloc, _, path = head.partition("/")
     if "@" in path and (netloc or not scheme.removesuffix("://").endswith("unix")):
         return True
-    return "@" in tail and "=" not in tail.partition("@")[0]
+    if "@" not in tail:
+        return False
+    # An '@' in the query followed by host:port is a password's '?' or '#' (`u:4821?tok=x@h:6379/0`),
+    # however many '=' come before it; `?client_name=gw@eu-1` is a query value.
+    return "=" not in tail.partition("@")[0] or _HOST_PORT_AFTER_AT.search(tail) is not None
 
 
 def storage_uri_ok(uri: str) -> bool:

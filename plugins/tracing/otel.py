@@ -595,8 +595,8 @@ def _env_secrets() -> set[str]:
     for n in _HEADER_ENV:
         for item in os.environ.get(n, "").split(","):
             m = re.match(r"\s*[^=:]*[=:](.*)", item)
-            if m:
-                v = m.group(1).strip()
+            v = m.group(1).strip() if m else item.strip()  # (an item with no name: a bare token set as the variable)
+            if v:
                 out.update({v, unquote(v)})
     for n in _ENDPOINT_ENV:
         try:
