@@ -206,6 +206,13 @@ _ERR = {"description": "Error (OpenAI error shape)",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+def operation_id(method: str, path: str) -> str:
+    """``POST /keys/{key_id}/rotate`` -> ``postKeysKeyIdRotate``: derived from the route, so stable."""
+    words = [method.lower()] + [w for part in path.strip("/").split("/")
+                                for w in part.strip("{}").replace(".", "_").replace("-", "_").split("_") if w]
+    return words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
 def openapi_document(gw: "Gateway") -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
@@ -224,6 +231,14 @@ def openapi_document(gw: "Gateway") -> dict[str, Any]:
             continue
         seen.add(cls)
         paths.update(cls.openapi_paths())
+    for path, ops in paths.items():
+        tag = path.strip("/").split("/")[0] if path.startswith(("/keys", "/conversations", "/audit")) else "gateway"
+        for method, op in ops.items():
+            # For generated clients: a stable operationId and a tag on every operation, and the one
+            # error shape as the answer for any status not listed (413, 500, 503 ...).
+            op.setdefault("operationId", operation_id(method, path))
+            op.setdefault("tags", [tag])
+            op.setdefault("responses", {}).setdefault("default", _ERR)
     return {
         "openapi": "3.1.0",
         "info": {"title": "gateway admin API", "version": "1"},

@@ -450,6 +450,13 @@ async def test_admin_api_validation_events_and_openapi(make_gateway: Any) -> Non
         assert method.lower() in doc["paths"][path.replace("{id}", "{key_id}")], path
     assert "owner" in doc["paths"]["/keys"]["post"]["requestBody"]["content"]["application/json"]["schema"]["required"]
     assert "$defs" not in json.dumps(doc)
+    # for generated clients: a stable, unique operationId and a tag on every operation, and the
+    # error shape as the answer for any status not listed
+    ops = [(path, m, op) for path, item in doc["paths"].items() for m, op in item.items()]
+    ids = [op["operationId"] for _, _, op in ops]
+    assert len(ids) == len(set(ids)) and "postKeysKeyIdRotate" in ids
+    assert all(op["tags"] and op["responses"]["default"]["content"] for _, _, op in ops)
+    assert doc["paths"]["/keys/{key_id}/rotate"]["post"]["tags"] == ["keys"]
 
 
 async def test_demo_setup_key_works(make_gateway: Any) -> None:
