@@ -37,6 +37,23 @@ async def _held(s: aiohttp.ClientSession, g: Any, body: Any) -> "asyncio.Task[An
     return slow
 
 
+async def _across_reload(s: aiohttp.ClientSession, g: Any, head: bytes, edit: Any) -> Any:
+    """A chat request whose body starts with ``head`` and is held until the config is edited
+    (``edit``) and reloaded; its response once the rest of the body arrived after the reload."""
+    gate = asyncio.Event()
+
+    async def body() -> Any:
+        yield head
+        await gate.wait()
+        yield b'"messages": []}'
+
+    slow = await _held(s, g, body())
+    _edit(Path(g.gw.cfg.path), edit)
+    assert (await _reload(s, g.admin_url))[0] == 200
+    gate.set()
+    return await slow
+
+
 async def _reload(s: aiohttp.ClientSession, admin_url: str) -> tuple[int, Any]:
     async with s.post(admin_url + "/config/reload", headers=AUTH) as r:
         return r.status, await r.json()
@@ -264,20 +281,9 @@ async def test_request_begun_before_a_reload_goes_to_its_configs_upstream(make_g
     (ra, url_a), (rb, url_b) = await start("a"), await start("b")
     try:
         g = await make_gateway([], upstream={"url": url_a, "headers": {"X-Upstream-Token": "for-a"}})
-        path = Path(g.gw.cfg.path)
-        gate = asyncio.Event()
-
-        async def body() -> Any:
-            yield b'{"model": "m", '
-            await gate.wait()
-            yield b'"messages": []}'
-
         async with aiohttp.ClientSession(timeout=T) as s:
-            slow = await _held(s, g, body())
-            _edit(path, lambda c: c["upstream"].update(url=url_b, headers={"X-Upstream-Token": "for-b"}))
-            assert (await _reload(s, g.admin_url))[0] == 200
-            gate.set()
-            r = await slow
+            r = await _across_reload(s, g, b'{"model": "m", ', lambda c: c["upstream"].update(
+                url=url_b, headers={"X-Upstream-Token": "for-b"}))
             assert r.status == 200 and await r.json() == {"upstream": "a"}
             async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r2:
                 assert await r2.json() == {"upstream": "b"}
@@ -308,20 +314,9 @@ async def test_request_begun_before_a_reload_asks_usage_as_its_config_says(make_
     (ra, url_a), (rb, url_b) = await start("a"), await start("b")
     try:
         g = await make_gateway([{"name": "metrics"}], upstream={"url": url_a, "stream_usage": False})
-        path = Path(g.gw.cfg.path)
-        gate = asyncio.Event()
-
-        async def body() -> Any:
-            yield b'{"model": "m", "stream": true, '
-            await gate.wait()
-            yield b'"messages": []}'
-
         async with aiohttp.ClientSession(timeout=T) as s:
-            slow = await _held(s, g, body())
-            _edit(path, lambda c: c["upstream"].update(url=url_b, stream_usage=True))
-            assert (await _reload(s, g.admin_url))[0] == 200
-            gate.set()
-            r = await slow
+            r = await _across_reload(s, g, b'{"model": "m", "stream": true, ', lambda c: c["upstream"].update(
+                url=url_b, stream_usage=True))
             assert r.status == 200
             await r.read()
             async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r2:
