@@ -895,6 +895,14 @@ async def test_requests_arriving_at_once_that_one_rule_refuses_on_redis(make_gat
     assert st == 429 and ietf(h["RateLimit"])["everyone"]["r"] == "999"
 
 
+async def just_after_a_boundary(seconds: int) -> None:
+    """Sleep until just past the next multiple of `seconds` (the windows' boundaries), unless already
+    within 0.3 s after one."""
+    into = time.time() % seconds
+    if into >= 0.3:
+        await asyncio.sleep(seconds - into + 0.02)
+
+
 async def test_a_token_refusal_says_when_the_request_will_fit(make_gateway):
     """Sliding window (the default): the window's reset time is when the first token frees, too soon
     for a request that needs many. Retry-After / retry-after-ms say when this one fits, so a client
@@ -904,10 +912,7 @@ async def test_a_token_refusal_says_when_the_request_will_fit(make_gateway):
     rl = g.plugin("rate_limit")
     small = {"model": "demo-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}  # needs 12
     async with aiohttp.ClientSession() as s:
-        for _ in range(5):  # start just after a window boundary, so the test is not cut by one
-            if (time.time() % 2) < 0.3:
-                break
-            await asyncio.sleep(0.1)
+        await just_after_a_boundary(2)  # so the two requests fall in one window
         async with s.post(g.url + "/v1/chat/completions", headers={"X-Demo-Words": "30"},
                           json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
             assert r.status == 200  # 2 + 30 = 32 tokens
@@ -930,10 +935,7 @@ async def test_with_several_token_rules_the_wait_given_fits_them_all(make_gatewa
     rl = g.plugin("rate_limit")
     small = {"model": "demo-chat", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}  # needs 11
     async with aiohttp.ClientSession() as s:
-        for _ in range(40):  # start just after a boundary of both windows
-            if (time.time() % 4) < 0.3:
-                break
-            await asyncio.sleep(0.1)
+        await just_after_a_boundary(4)  # a boundary of both windows
         async with s.post(g.url + "/v1/chat/completions", headers={"X-Demo-Words": "30"},
                           json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
             assert r.status == 200  # 32 tokens: both rules short of 11
