@@ -31,7 +31,8 @@ NAME = "rate_limit"
 
 
 class _State:
-    __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods")
+    __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
+                 "quota_shared")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
@@ -41,6 +42,7 @@ class _State:
         self.choices = 1       # completions the request asks for (n / legacy best_of): each may use max_tokens
         self.subject: str | None = None
         self.quota_periods: list[str] = []
+        self.quota_shared: list[tuple[str, int]] = []  # (counter key, expiry) on a network store
 
 
 class RateLimit(Plugin):
@@ -183,7 +185,7 @@ class RateLimit(Plugin):
             if short:
                 return await self._refuse_tokens(ctx, short, deadline)
             if quota and self._quota is not None:
-                refusal = await self._check_quota(ctx, st, quota, est)
+                refusal = await self._check_quota(ctx, st, quota, est, deadline)
                 if refusal is not None:
                     return refusal
         if req:
@@ -272,7 +274,13 @@ class RateLimit(Plugin):
                             max(0.0, reset - time.time()), lim.window, lim.policy)
 
     async def _check_quota(self, ctx: RequestContext, st: _State, quota: dict[str, int | None],
-                           est: int) -> Reply | None:
+                           est: int, deadline: float | None) -> Reply | None:
+        """The quotas' usage is the database's (read through a cache, plus this instance's charges
+        not yet written). On a network store (Redis) every instance also adds its charges at once
+        to a shared counter per quota period, so one instance sees another's usage at once, not
+        after ``cache_ttl``: the larger of the two figures counts. The counter only adds to the
+        database's record; if it is lost (a flushed or restarted Redis) or cannot be read, the
+        database's figure stands."""
         assert self._quota is not None
         k = ctx.key_id
         st.subject = f"key:{k}" if k else f"ip:{ip_key(ctx.client_ip, *self.ip_prefixes)}"
@@ -291,6 +299,13 @@ class RateLimit(Plugin):
                 kind = type(e).__name__  # (an outage fails every request: one line per 10 s, with a count)
                 STORE_LOG.event(f"quota:{kind}", 1, f"rate_limit: %d quota read(s) failed ({kind})")
                 raise StoreDown("quota read failed") from None
+            if not self.store.memory:
+                key = f"quota/{st.subject}/{period}"
+                st.quota_shared.append((key, math.ceil(left) + 86400))  # (gone a day after the period)
+                try:
+                    used = max(used, await self.store.usage(key, deadline))
+                except StoreDown:  # (counted by the store) the database's figure stands
+                    pass
             s = hdr.Standing(label, "quota", amount, amount - used, left, window)
             st.standings.append(s)
             if amount - used < est:
@@ -350,14 +365,20 @@ class RateLimit(Plugin):
         if st.subject is not None and self._quota is not None:
             for period in st.quota_periods:
                 self._quota.charge(st.subject, period, tokens)
-        if st.token_limits:
-            t = asyncio.create_task(self._charge(st.token_limits, tokens))
+        if st.token_limits or st.quota_shared:
+            t = asyncio.create_task(self._charge(st.token_limits, tokens, st.quota_shared))
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
 
-    async def _charge(self, limits: list[tuple[Limit, tuple[str, ...]]], tokens: int) -> None:
+    async def _charge(self, limits: list[tuple[Limit, tuple[str, ...]]], tokens: int,
+                      quota_shared: list[tuple[str, int]]) -> None:
         deadline = time.monotonic() + self.store.timeout
         dropped, why = 0, ""
+        for key, expiry in quota_shared:
+            try:
+                await self.store.add_usage(key, expiry, tokens, deadline)
+            except StoreDown:  # (counted by the store) the database has these tokens all the same
+                pass
         for lim, ids in limits:
             try:
                 await self.store.charge(lim.item, ids, tokens, deadline)

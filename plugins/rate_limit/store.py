@@ -386,6 +386,14 @@ class CounterStore:
             w = await self.call(lambda: self.storage.get_sliding_window(key, expiry), deadline)
         return sliding_wait(item.amount, expiry, need, w[0], w[2], max(0.0, w[3] - expiry))
 
+    # Quota usage on a network store: a plain counter per (subject, period), shared by every
+    # instance (the database keeps the durable record; see quota.py).
+    async def usage(self, key: str, deadline: float | None = None) -> int:
+        return int(await self.call(lambda: self.storage.get(key), deadline))
+
+    async def add_usage(self, key: str, expiry: int, amount: int, deadline: float | None = None) -> None:
+        await self.call(lambda: self.storage.incr(key, expiry, amount), deadline)
+
     async def charge(self, item: RateLimitItem, ids: tuple[str, ...], cost: int,
                      deadline: float | None = None) -> None:
         """Charge ``cost`` after the fact (tokens already used). A fixed window counts all of it; the

@@ -1,0 +1,71 @@
+"""Token quotas on several instances sharing one database and one real redis-server: each instance
+adds its charges at once to a counter per quota period on Redis, so a quota holds across instances
+as on one (not N times over within the database cache's ``cache_ttl``); the database stays the
+record, so a lost counter or a Redis outage falls back to it."""
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from .test_rate_limit import chat_body, ietf, post, rl, settle
+from .test_rate_limit_store_edges import redis_cmd, redis_keys
+
+WORDS = {"X-Demo-Words": "30"}  # completion 30 tokens; with the prompt "hi": 32 a request
+
+
+def quota_plugins(redis_url: str, daily: int) -> list[dict[str, Any]]:
+    # A long cache_ttl: an instance reads the database's figure once and relies on the shared counter.
+    return [rl(storage=redis_url, estimate_default_max_tokens=0, quotas={"daily_tokens": daily, "cache_ttl": 60})]
+
+
+async def test_a_daily_quota_holds_across_three_instances(make_gateway, redis_server):
+    redis = redis_server()
+    gws = [await make_gateway(quota_plugins(redis.url, 100), name=f"g{i}.yaml") for i in range(3)]
+    statuses, remaining, used = [], [], 0
+    async with aiohttp.ClientSession() as s:
+        for i in range(9):  # one request at a time, round robin over the instances
+            g = gws[i % 3]
+            st, body, h = await post(s, g.url, chat_body("hi"), headers=WORDS)
+            statuses.append(st)
+            remaining.append(int(ietf(h["RateLimit"])["daily-tokens"]["r"]))
+            if st == 200:
+                used += body["usage"]["total_tokens"]
+            await settle(g)
+    # 32 tokens a request: after 4 (128 used) none fits, whichever instance is asked
+    assert statuses == [200] * 4 + [429] * 5, (statuses, remaining)
+    assert used == 128
+    # each answer shows what every instance used before it (the caller sees the same figure everywhere)
+    assert remaining == [100, 68, 36, 4] + [0] * 5  # (128 used of 100: shown as none left)
+    keys = redis_keys(redis.port, "*quota*")
+    assert len(keys) == 1 and redis_cmd(redis.port, "GET", keys[0]).endswith("128\r\n")
+    ttl = int(redis_cmd(redis.port, "TTL", keys[0]).strip(":\r\n"))
+    assert 86400 < ttl <= 2 * 86400 + 1  # the rest of the day, and a day more
+
+
+async def test_a_lost_or_unreachable_counter_falls_back_to_the_database(make_gateway, redis_server):
+    """The counter only adds to the database's record: after a FLUSHALL an instance still counts
+    what the database holds, and with Redis stopped the quota is still enforced from it (no wait,
+    whatever on_store_error says: the database answers)."""
+    redis = redis_server()
+    a = await make_gateway(quota_plugins(redis.url, 100), name="a.yaml")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            assert (await post(s, a.url, chat_body("hi"), headers=WORDS))[0] == 200
+        await settle(a)
+        await a.plugin("rate_limit")._quota.writer.flush()
+        redis_cmd(redis.port, "FLUSHALL")
+        b = await make_gateway(quota_plugins(redis.url, 100), name="b.yaml")
+        st, _, h = await post(s, b.url, chat_body("hi"), headers=WORDS)
+        assert st == 200 and ietf(h["RateLimit"])["daily-tokens"]["r"] == "36"  # 64 used, from the database
+        await settle(b)
+        await b.plugin("rate_limit")._quota.writer.flush()
+        redis.stop()
+        c = await make_gateway([rl(storage=redis.url, estimate_default_max_tokens=0, on_store_error="deny",
+                                   storage_timeout=0.3, quotas={"daily_tokens": 100, "cache_ttl": 60})],
+                               name="c.yaml")
+        st, body, h = await post(s, c.url, chat_body("hi"), headers=WORDS)
+        assert st == 200 and ietf(h["RateLimit"])["daily-tokens"]["r"] == "4", body  # 96 used
+        await settle(c)
+        st, body, _ = await post(s, c.url, chat_body("hi"), headers=WORDS)
+        assert st == 429 and body["error"]["code"] == "insufficient_quota"
