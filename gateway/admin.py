@@ -213,16 +213,39 @@ def operation_id(method: str, path: str) -> str:
     return words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])
 
 
+def _content(description: str, media: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema}}}
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_CHECK = _obj(["ok"], ok={"type": "boolean"}, detail={"type": ["string", "null"]},
+              failing={"type": "array", "items": {"type": "string"}})
+#: /readyz answers this shape with 200 (ready) and 503 (not ready, or draining: only the shutdown check)
+_READY = _content("ready (200) or not (503), with each check", "application/json", _obj(
+    ["status", "checks"], status={"enum": ["ready", "not_ready"]},
+    checks={"type": "object", "additionalProperties": _CHECK}))
+
+
 def openapi_document(gw: "Gateway") -> dict[str, Any]:
     paths: dict[str, Any] = {
-        "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "alive"}}}},
+        "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": _content(
+            "alive", "application/json", _obj(["status"], status={"const": "ok"}))}}},
         "/readyz": {"get": {"summary": "Readiness: upstream and database reachable", "security": [],
-                            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format"},
-                                                                           "401": _ERR}}},
+                            "responses": {"200": _READY, "503": _READY}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+            "200": _content("Prometheus text format", CONTENT_TYPE_LATEST.split(";")[0], {"type": "string"}),
+            "401": _ERR}}},
         "/config/reload": {"post": {"summary": "Validate gateway.yaml and swap it in atomically, or change nothing",
-                                    "responses": {"200": {"description": "reloaded"}, "400": _ERR, "401": _ERR}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+                                    "responses": {"200": _content("reloaded", "application/json", _obj(
+                                        ["status", "plugins"], status={"const": "reloaded"},
+                                        plugins={"type": "array", "items": {"type": "string"},
+                                                 "description": "the enabled plugins, in chain order"})),
+                                        "400": _ERR, "401": _ERR}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _content(
+            "OpenAPI 3.1", "application/json", {"type": "object", "required": ["openapi", "paths"]})}}},
     }
     seen = set()
     for spec in gw.cfg.plugins:

@@ -121,6 +121,85 @@ def _param(name: str, desc: str, schema: dict[str, Any] | None = None) -> dict[s
             "schema": schema or {"type": "string"}}
 
 
+# -- OpenAPI response schemas -----------------------------------------------------------------------------
+# What the handlers above answer, field for field (events.build for request events, events.bus_event
+# and store.purge for the others, store._out, chain.VerifyResult): a client generated from the document
+# gets typed responses. tests/test_openapi_schemas.py checks real responses against them.
+_S, _I, _N, _B = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+_SN, _IN, _NN = {"type": ["string", "null"]}, {"type": ["integer", "null"]}, {"type": ["number", "null"]}
+_ENVELOPE: dict[str, Any] = {
+    "seq": {"type": "integer", "description": "Position in the chain: 1, 2, 3 ... with no gaps."},
+    "time": {"type": "string", "format": "date-time", "description": "UTC, fixed width (sorts as text)."},
+    "hash": {"type": "string", "description": "SHA-256 (hex) of the previous row's hash and this record."},
+}
+#: One request that reached the chain (events.REQUEST_FIELDS, then the optional fields of build()).
+REQUEST_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        **_ENVELOPE,
+        "type": {"type": "string", "enum": ["request", "auth_failure", "rate_limited"]},
+        "request_id": _S, "trace_id": _SN, "key_id": _SN, "owner": _SN, "client_ip": _SN, "method": _S,
+        "path": {"type": "string", "description": "A gateway key in the path is masked."},
+        "route": _S, "model": _SN, "response_model": _SN, "status": {"type": "integer", "description": "HTTP status"},
+        "answered_by": {"type": "string",
+                        "enum": ["client_abort", "gateway", "gateway_refusal", "upstream", "error"]},
+        "source": {"type": "string", "enum": ["upstream", "gateway"]},
+        "outcome": {"type": "string", "description": "ok, refused, error, client_disconnected, gateway_shutdown, "
+                                                     "upstream_error, upstream_timeout, upstream_disconnected"},
+        "error": {"type": ["string", "null"], "description": "Error code when the gateway produced an error."},
+        "latency_ms": _N, "upstream_ms": _NN, "upstream_headers_ms": _NN, "overhead_ms": _N, "ttfb_ms": _NN,
+        "tokens_in": _IN, "tokens_out": _IN, "streamed": _B, "bytes_in": _I, "bytes_out": _I,
+        "conversation_id": _SN,
+        "tokens_estimated": {"const": True, "description": "Present when tokens_out counts a stream's deltas "
+                                                          "(no usage reported)."},
+        "refusal": {"type": "object", "description": "Refused requests: the refusing plugin's details."},
+        "reason": {"description": "auth_failure / rate_limited: why (from refusal)."},
+        "limit": {"description": "rate_limited: the limit hit (from refusal)."},
+    },
+    "required": ["seq", "hash", "time", "type", "request_id", "trace_id", "key_id", "owner", "client_ip", "method",
+                 "path", "route", "model", "response_model", "status", "answered_by", "source", "outcome", "error",
+                 "latency_ms", "upstream_ms", "upstream_headers_ms", "overhead_ms", "ttfb_ms", "tokens_in",
+                 "tokens_out", "streamed", "bytes_in", "bytes_out", "conversation_id"],
+    "additionalProperties": False,
+}
+#: An admin or system event (key.created, conversation.deleted, config.reloaded, audit.purged ...):
+#: its own fields besides these.
+ACTION_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {**_ENVELOPE, "type": {"type": "string", "description": "key.created, audit.purged ..."},
+                   "actor": {"type": "string", "description": "Who did it (admin, system, owner:...)."}},
+    "required": ["seq", "hash", "time", "type", "actor"],
+}
+EVENT: dict[str, Any] = {"oneOf": [REQUEST_EVENT, ACTION_EVENT]}
+EVENT_LIST: dict[str, Any] = {
+    "type": "object",
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": EVENT},
+                   "next_cursor": {"type": ["string", "null"], "description": "cursor of the next page."}},
+    "required": ["object", "data", "next_cursor"], "additionalProperties": False,
+}
+VERIFY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "ok": _B, "rows": {"type": "integer", "description": "Rows verified."},
+        "first_seq": _IN, "last_seq": _IN, "head_hash": _SN,
+        "anchor": {"type": ["object", "null"], "description": "The last purge's anchor the walk started after.",
+                   "properties": {"seq": _I, "hash": _S}, "required": ["seq", "hash"],
+                   "additionalProperties": False},
+        "broken": {"type": ["object", "null"], "description": "The first broken link (ok: false).",
+                   "properties": {"seq": _I, "problem": {"type": "string", "enum": ["inserted", "deleted", "edited"]},
+                                  "detail": _S},
+                   "required": ["seq", "problem", "detail"], "additionalProperties": False},
+        "message": _S,
+    },
+    "required": ["ok", "rows", "first_seq", "last_seq", "head_hash", "anchor", "broken", "message"],
+    "additionalProperties": False,
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
 OPENAPI: dict[str, Any] = {
     "/audit": {"get": {
         "summary": "Audit events, newest first (filters combine with AND)",
@@ -136,10 +215,8 @@ OPENAPI: dict[str, Any] = {
             _param("cursor", "next_cursor from the previous page"),
             _param("order", "desc (default, newest first) or asc", {"type": "string", "enum": ["asc", "desc"]}),
         ],
-        "responses": {"200": {"description": "{object: list, data: [event], next_cursor}"},
-                      "400": _ERR, "401": _ERR}}},
+        "responses": {"200": _json(EVENT_LIST, "A page of events"), "400": _ERR, "401": _ERR}}},
     "/audit/verify": {"get": {
         "summary": "Walk the hash chain; reports the first broken link",
-        "responses": {"200": {"description": "{ok, rows, first_seq, last_seq, head_hash, anchor, broken, message}"},
-                      "401": _ERR}}},
+        "responses": {"200": _json(VERIFY, "The walk's result"), "401": _ERR}}},
 }

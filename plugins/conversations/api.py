@@ -375,6 +375,74 @@ def _p(name: str, where: str, desc: str, required: bool = False, type_: str = "s
     return {"name": name, "in": where, "required": required, "description": desc, "schema": {"type": type_}}
 
 
+# -- OpenAPI response schemas -----------------------------------------------------------------------------
+# What the admin handlers above answer, field for field (store.conversation_out, store.message_out,
+# store.turns): a client generated from the document gets typed responses. tests/test_openapi_schemas.py
+# checks real responses against them.
+def _obj(props: dict[str, Any], required: list[str] | None = None, closed: bool = True) -> dict[str, Any]:
+    """An object schema; ``closed``: the gateway builds it, no other keys (required: every one)."""
+    out: dict[str, Any] = {"type": "object", "properties": props,
+                           "required": list(props) if required is None else required}
+    if closed:
+        out["additionalProperties"] = False
+    return out
+
+
+def _json(schema: dict[str, Any], description: str, media: str = "application/json") -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": schema}}}
+
+
+_STR, _INT, _NUM, _BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+_STR_N, _INT_N, _NUM_N = {"type": ["string", "null"]}, {"type": ["integer", "null"]}, {"type": ["number", "null"]}
+_TIME = {"type": "string", "format": "date-time"}
+_CONVERSATION_FIELDS: dict[str, Any] = {
+    "id": _STR, "object": {"const": "conversation"}, "owner": _STR, "key_id": _STR_N,
+    "parent_id": {"type": ["string", "null"], "description": "The conversation this one was forked from."},
+    "fork_position": {"type": ["integer", "null"], "description": "Messages taken from the parent."},
+    "created_at": _TIME, "updated_at": {**_TIME, "description": "Last activity."},
+    "message_count": _INT, "turn_count": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
+    "model": {"type": ["string", "null"], "description": "Model of the last turn."},
+}
+CONVERSATION = _obj(_CONVERSATION_FIELDS)
+#: A stored message: the message as the client sent it (or the assistant's answer) in an envelope of
+#: the gateway's fields. Open: any other key of the client's message is kept as it was sent.
+MESSAGE = _obj({
+    "object": {"const": "conversation.message"}, "conversation_id": _STR,
+    "position": {"type": "integer", "description": "0, 1, 2 ... within the conversation."},
+    "role": _STR,
+    "content": {"type": ["string", "array", "null"], "description": "As sent (text, content parts) or answered."},
+    "name": _STR, "tool_calls": {"type": "array"}, "tool_call_id": _STR,
+    "tokens": _INT_N, "tokens_derived": {"type": "boolean", "description": "tokens is derived, not reported."},
+    "model": _STR_N, "request_id": _STR_N, "key_id": _STR_N, "owner": _STR, "created_at": _TIME,
+    # assistant messages only
+    "status": {"type": ["string", "null"], "description": "Assistant messages: complete, incomplete, "
+                                                          "client_disconnected ... (null: from the client's history)."},
+    "finish_reason": _STR_N, "latency_ms": _NUM_N, "ttft_ms": _NUM_N,
+}, ["object", "conversation_id", "position", "role", "content", "tokens", "tokens_derived", "model", "request_id",
+    "key_id", "owner", "created_at"], closed=False)
+TURN = _obj({
+    "conversation_id": _STR, "request_id": _STR_N, "key_id": _STR_N, "owner": _STR, "model": _STR_N,
+    "status": {"type": "string", "description": "complete, incomplete, upstream_error, client_disconnected ..."},
+    "http_status": _INT_N, "memory": _BOOL, "stream": _BOOL, "first_position": _INT_N, "messages_stored": _INT,
+    "prompt_tokens": _INT_N, "completion_tokens": _INT_N, "total_tokens": _INT_N,
+    "latency_ms": _NUM_N, "ttft_ms": _NUM_N,
+    "usage": {"type": ["object", "null"], "description": "The usage the upstream reported, as reported."},
+    "created_at": _TIME,
+})
+CONVERSATION_LIST = _obj({"object": {"const": "list"}, "data": {"type": "array", "items": CONVERSATION},
+                          "has_more": _BOOL, "next_cursor": {"type": ["string", "null"],
+                                                             "description": "cursor of the next page."}})
+CONVERSATION_DETAIL = _obj({
+    **_CONVERSATION_FIELDS, "messages": {"type": "array", "items": MESSAGE}, "has_more": _BOOL,
+    "next_after": {"type": ["integer", "null"], "description": "after of the next page."},
+    "turns": {"type": "array", "items": TURN, "description": "With turns=true only."},
+}, [*_CONVERSATION_FIELDS, "messages", "has_more", "next_after"])
+DELETED_ONE = _obj({"id": _STR, "object": {"const": "conversation.deleted"}, "deleted": {"const": True}})
+DELETED_OWNER = _obj({"object": {"const": "conversation.deleted"}, "owner": _STR,
+                      "deleted": {"type": "integer", "description": "Conversations deleted."}})
+PURGED = _obj({"object": {"const": "conversations.purged"}, "older_than_days": _NUM,
+               "deleted": {"type": "integer", "description": "Conversations deleted."}})
+_NDJSON = "application/x-ndjson"
 _E = {"description": "Error (OpenAI error shape)",
       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _CID = _p("cid", "path", "Conversation id", True)
@@ -392,29 +460,30 @@ def openapi_paths() -> dict[str, Any]:
                 _p("q", "query", "Text search in message content (case-insensitive)"),
                 _p("limit", "query", "Page size (1..1000, default 50)", type_="integer"),
                 _p("cursor", "query", "next_cursor of the previous page")],
-                "responses": {"200": {"description": "{object: list, data, has_more, next_cursor}"},
-                              "400": _E, "401": _E}},
+                "responses": {"200": _json(CONVERSATION_LIST, "A page of conversations"), "400": _E, "401": _E}},
             "delete": {"summary": "Delete every conversation of an owner (right to erasure)",
                        "parameters": [_p("owner", "query", "Owner whose conversations are deleted", True)],
-                       "responses": {"200": {"description": "{deleted: n}"}, "400": _E, "401": _E}},
+                       "responses": {"200": _json(DELETED_OWNER, "Deleted"), "400": _E, "401": _E}},
         },
         "/conversations/export": {"get": {
             "summary": "Export an owner's conversations as JSONL (streamed, one line per message)",
             "parameters": [_p("owner", "query", "Owner", True)],
-            "responses": {"200": {"description": "application/x-ndjson"}, "400": _E, "401": _E}}},
+            "responses": {"200": _json(MESSAGE, "JSON lines; the schema is one line's", _NDJSON),
+                          "400": _E, "401": _E}}},
         "/conversations/purge": {"post": {
             "summary": "Delete conversations with no activity for N days",
             "parameters": [_p("older_than_days", "query", "Days", True, "number")],
-            "responses": {"200": {"description": "{deleted: n}"}, "400": _E, "401": _E}}},
+            "responses": {"200": _json(PURGED, "Purged"), "400": _E, "401": _E}}},
         "/conversations/{cid}": {
             "get": {"summary": "One conversation with its messages (paginated by position)",
                     "parameters": [_CID, *_PAGE, _p("turns", "query", "Include per-request usage rows (true)")],
-                    "responses": {"200": {"description": "conversation, messages, has_more, next_after"},
+                    "responses": {"200": _json(CONVERSATION_DETAIL, "The conversation and a page of its messages"),
                                   "404": _E, "401": _E}},
             "delete": {"summary": "Delete one conversation", "parameters": [_CID],
-                       "responses": {"200": {"description": "deleted"}, "404": _E, "401": _E}},
+                       "responses": {"200": _json(DELETED_ONE, "Deleted"), "404": _E, "401": _E}},
         },
         "/conversations/{cid}/export": {"get": {
             "summary": "Export one conversation as JSONL (streamed, one line per message)", "parameters": [_CID],
-            "responses": {"200": {"description": "application/x-ndjson"}, "404": _E, "401": _E}}},
+            "responses": {"200": _json(MESSAGE, "JSON lines; the schema is one line's", _NDJSON),
+                          "404": _E, "401": _E}}},
     }
