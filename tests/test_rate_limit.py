@@ -237,6 +237,52 @@ async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forward
             assert r.status == 200
 
 
+async def test_refusals_the_sdks_cannot_wait_for_say_not_to_retry(make_gateway):
+    """A quota the request can never fit, an exhausted quota and a token rule whose room frees in
+    minutes: the 429 says x-should-retry: false (the SDKs wait at most 60 s; openai-node would retry
+    at once on its own back-off instead). The OpenAI SDK, allowed 2 retries, sends each once."""
+    import openai
+
+    g = await make_gateway([rl(estimate_default_max_tokens=0, quotas={"monthly_tokens": 300})], name="quota.yaml")
+    h2 = await make_gateway([rl(estimate_default_max_tokens=0, rules=[
+        {"name": "hourly", "limit": "40/hour", "counts": "tokens", "key_by": ["ip"]}])], name="hour.yaml")
+
+    def refused(*gws: Any) -> float:  # 429s sent, as the gateways count them
+        return sum(x.value for gw in gws for m in gw.gw.services.metrics.collect()
+                   if m.name == "gateway_ratelimit_refused" for x in m.samples if x.name.endswith("_total"))
+
+    async def sdk_call(url: str, **kw: Any) -> openai.RateLimitError:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=2, timeout=10)
+        with pytest.raises(openai.RateLimitError) as e:
+            await client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hi"}],
+                                                 **kw)
+        await client.close()
+        return e.value
+
+    # never fits the quota: no Retry-After, a message that says why
+    err = await sdk_call(g.url, max_tokens=1000)
+    assert err.code == "insufficient_quota" and "Request too large for your monthly tokens quota" in err.message
+    assert err.response.headers["x-should-retry"] == "false" and "retry-after" not in err.response.headers
+    assert refused(g, h2) == 1
+    # the quota used up (300 of 300): the wait is in Retry-After, and not retried
+    async with aiohttp.ClientSession() as s:
+        st, _, _ = await post(s, g.url, chat_body("hi"), headers={"X-Demo-Words": "298"})
+        assert st == 200
+        await settle(g)
+    err = await sdk_call(g.url)
+    assert err.code == "insufficient_quota" and "exceeded your monthly tokens quota" in err.message
+    assert int(err.response.headers["retry-after"]) > 60 and err.response.headers["x-should-retry"] == "false"
+    assert refused(g, h2) == 2
+    # a token rule per hour, 32 of 40 used: this one fits again in minutes, not seconds
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, h2.url, chat_body("hi"), headers={"X-Demo-Words": "30"}))[0] == 200
+        await settle(h2)
+    err = await sdk_call(h2.url, max_tokens=10)
+    assert err.code == "rate_limit_exceeded" and int(err.response.headers["retry-after"]) > 60
+    assert err.response.headers["x-should-retry"] == "false"
+    assert refused(g, h2) == 3
+
+
 async def test_a_rule_s_own_completion_estimate_applies(make_gateway, upstream):
     """rules[].estimate_default_max_tokens replaces the plugin-wide value for that rule's pre-check
     (a request without max_tokens); rules without one keep the plugin-wide value."""

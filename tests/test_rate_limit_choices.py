@@ -170,7 +170,7 @@ async def test_quota_counts_every_choice(make_gateway, choices_upstream):
     async with aiohttp.ClientSession() as s:
         st, data, _ = await post(s, g.url, body(n=20, max_tokens=80))
         assert st == 429 and data["error"]["code"] == "insufficient_quota", data
-        assert "requested about 1601" in data["error"]["message"], data
+        assert "about 1601 tokens estimated (prompt plus max_tokens x 20 choices)" in data["error"]["message"], data
     assert choices_upstream.requests == []
 
 

@@ -28,6 +28,8 @@ from .store import STORE_LOG, CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
 NAME = "rate_limit"
+#: The longest Retry-After the OpenAI SDKs wait for; a refusal with a longer wait says not to retry.
+SDK_MAX_WAIT = 60.0
 
 
 class _State:
@@ -315,18 +317,25 @@ class RateLimit(Plugin):
     def _refuse(self, ctx: RequestContext, lim: Limit | None, s: hdr.Standing, reason: str,
                 needed: int) -> Reply:
         retry = max(1, math.ceil(s.reset_in))
-        if lim is None:
+        never = needed > (s.limit if lim is None else lim.item.amount)  # it would not fit an empty budget
+        st: _State | None = ctx.state.get(NAME)
+        n = st.choices if st is not None else 1
+        per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
+        if lim is None and never:
+            label = f"{s.name} quota ({s.limit} tokens)"
+            msg = (f"Request too large for your {s.name.replace('-', ' ')} quota: about {needed} tokens "
+                   f"estimated (prompt plus {per}), more than the quota of {s.limit}. Lower max_tokens"
+                   f"{' or n' if n > 1 else ''} or shorten the prompt, or ask for a larger quota.")
+            err_type = "insufficient_quota"
+        elif lim is None:
             label = f"{s.name} quota ({s.limit} tokens)"
             msg = (f"You exceeded your {s.name.replace('-', ' ')} quota: limit {s.limit}, used "
                    f"{s.limit - s.remaining}, requested about {needed}. Retry in {retry}s or ask for a "
                    f"larger quota.")
             err_type = "insufficient_quota"
-        elif needed > lim.item.amount:
+        elif never:
             label = lim.label
             err_type = "tokens"
-            st: _State | None = ctx.state.get(NAME)
-            n = st.choices if st is not None else 1
-            per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
             msg = (f"Request too large for rule {lim.label}: about {needed} tokens estimated (prompt plus "
                    f"{per}), more than the limit of {lim.item.amount}. Lower max_tokens"
                    f"{' or n' if n > 1 else ''} or shorten the prompt.")
@@ -338,12 +347,16 @@ class RateLimit(Plugin):
             err_type = unit
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": reason, "limit": label}
         self.refused.labels(lim.rule if lim else s.name, reason).inc()
-        if lim is not None and needed > lim.item.amount:
+        if never:
             # It will never fit: no Retry-After, and the OpenAI SDKs are told not to retry it.
             return Reply.error(429, msg, err_type, reason, headers={"x-should-retry": "false"})
         # retry-after-ms lets the OpenAI SDKs wait exactly as long as needed (they prefer it).
-        return Reply.error(429, msg, err_type, reason, headers={
-            "Retry-After": str(retry), "retry-after-ms": str(max(1, math.ceil(s.reset_in * 1000)))})
+        headers = {"Retry-After": str(retry), "retry-after-ms": str(max(1, math.ceil(s.reset_in * 1000)))}
+        if s.reset_in > SDK_MAX_WAIT:
+            # Longer than the SDKs wait: some would retry at once on their own back-off instead
+            # (openai-node), and be refused again; the wait stays in Retry-After for the caller.
+            headers["x-should-retry"] = "false"
+        return Reply.error(429, msg, err_type, reason, headers=headers)
 
     def _store_down(self, ctx: RequestContext, why: str) -> Reply | None:
         ctx.state.pop(NAME, None)
