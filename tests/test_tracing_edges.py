@@ -333,3 +333,43 @@ def test_a_full_queue_drops_the_oldest_span_as_documented() -> None:
         assert "new spans are dropped" not in text
     assert "oldest" in desc
     assert len(re.findall(r"oldest", docs)) >= 2
+
+
+# -- 5. a full queue the worker empties at that very moment -------------------------------------------------------------
+def test_a_span_the_worker_makes_room_for_is_not_counted_dropped() -> None:
+    """The SDK says "queue full" when the queue is full as a span arrives, but its worker thread can
+    take the oldest span out (to export it) before the new one goes in: then nothing is lost, and a
+    count of one dropped span would be wrong (seen as 61 drops for 60 spans under a refusing
+    collector). Here the worker's pop is made to happen exactly then."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gateway.plugins.tracing.otel import CountingBatchSpanProcessor, GuardedExporter, SpanDrops
+
+    drops = SpanDrops(None)
+    exporter = InMemorySpanExporter()
+    proc = CountingBatchSpanProcessor(GuardedExporter(exporter, drops), drops, max_queue_size=2,
+                                      max_export_batch_size=2, schedule_delay_millis=60_000)
+    provider = TracerProvider()
+    provider.add_span_processor(proc)
+    tracer = provider.get_tracer("t")
+    bp = proc._batch_processor
+    bp._worker_awaken.set = lambda: None  # the real worker stays asleep: the test plays it
+    taken: list[Any] = []
+    sdk_hook = bp._metrics._inner.drop_items
+
+    def worker_takes_one(count: int, error_type: str = "queue_full") -> None:
+        taken.append(bp._queue.pop())  # (what the worker's export does, between the check and the insert)
+        sdk_hook(count, error_type)
+
+    for name in ("a", "b"):
+        tracer.start_span(name).end()
+    bp._metrics._inner.drop_items = worker_takes_one
+    tracer.start_span("c").end()  # the queue was full: the worker made room
+    assert [s.name for s in taken] == ["a"] and [s.name for s in bp._queue] == ["c", "b"]
+    assert drops.total == 0
+    bp._metrics._inner.drop_items = sdk_hook
+    tracer.start_span("d").end()  # full, nobody takes one: "b" is really dropped
+    assert [s.name for s in bp._queue] == ["d", "c"] and drops.total == 1
+    del bp._worker_awaken.set
+    provider.shutdown()
+    assert [s.name for s in exporter.get_finished_spans()] == ["c", "d"]  # exported at shutdown

@@ -19,6 +19,7 @@ reloads and per-route overrides. So they hold no provider themselves; they find 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import re
@@ -327,19 +328,47 @@ class SpanDrops:
 
 class _ProcessorDrops:
     """Stands in for the SDK batch processor's metrics object, whose ``drop_items`` is the SDK's own
-    hook for a span it lets go (queue full, or after shutdown): so counting costs the request path
-    nothing. Everything else goes to the SDK's object."""
+    hook for a span it lets go after shutdown: so counting costs the request path nothing. (Its
+    "queue full" call is not counted here: see ``_CountingQueue``.) Everything else goes to the SDK's
+    object."""
 
-    def __init__(self, inner: Any, drops: SpanDrops) -> None:
+    def __init__(self, inner: Any, drops: SpanDrops, queue_counted: bool) -> None:
         self._inner = inner
         self._drops = drops
+        self._queue_counted = queue_counted
 
     def drop_items(self, count: int, error_type: str = "queue_full") -> None:
-        self._drops.add("queue_full" if error_type == "queue_full" else "shutdown", count)
+        if error_type != "queue_full":
+            self._drops.add("shutdown", count)
+        elif not self._queue_counted:
+            self._drops.add("queue_full", count)
         self._inner.drop_items(count, error_type)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+class _CountingQueue(collections.deque):  # type: ignore[type-arg]
+    """The batch processor's queue, counting the spans it really drops. The SDK says "queue full"
+    when the queue is full as a span arrives, but its worker thread may take a batch out before the
+    span goes in, and then nothing is dropped (a span counted lost that was exported). Here the
+    check and the insertion are one step against the worker's ``pop``."""
+
+    def __init__(self, maxlen: int | None, drops: SpanDrops) -> None:
+        super().__init__((), maxlen)
+        self._lock = threading.Lock()
+        self._drops = drops
+
+    def appendleft(self, x: Any) -> None:
+        with self._lock:
+            full = self.maxlen is not None and len(self) >= self.maxlen
+            super().appendleft(x)  # (drops the oldest when full)
+        if full:
+            self._drops.add("queue_full", 1)
+
+    def pop(self) -> Any:
+        with self._lock:
+            return super().pop()
 
 
 class GuardedExporter(SpanExporter):
@@ -397,7 +426,10 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         self.drops = drops
         bp = getattr(self, "_batch_processor", None)
         if bp is not None and hasattr(bp, "_metrics") and hasattr(bp, "_queue"):
-            bp._metrics = _ProcessorDrops(bp._metrics, drops)
+            counted = isinstance(bp._queue, collections.deque) and not bp._queue
+            if counted:
+                bp._queue = _CountingQueue(bp._queue.maxlen, drops)
+            bp._metrics = _ProcessorDrops(bp._metrics, drops, counted)
         else:  # (an SDK without that hook: count at the door instead)
             self.on_end = self._counting_on_end  # type: ignore[method-assign]
 
