@@ -166,7 +166,10 @@ class Database:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.busy_timeout_ms = busy_timeout_ms
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite, **engine_options(url)}
+        options = engine_options(url)
+        #: seconds a PostgreSQL server may take to connect, and (at start-up) to answer the checks
+        self.connect_timeout: float = options.get("connect_args", {}).get("timeout", CONNECT_TIMEOUT)
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not self.is_sqlite, **options}
         if not self.is_sqlite:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size)
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
@@ -246,13 +249,22 @@ class Database:
         failed" that does not say what could not be reached)."""
         conn = self.engine.connect()
         try:
-            await conn.start()
+            if self.is_sqlite:
+                await conn.start()
+            else:  # (the driver's timeout covers the connection; the dialect's first queries follow it)
+                async with asyncio.timeout(self.connect_timeout):
+                    await conn.start()
         except DatabaseError:
             raise
         except Exception as e:
             if self.is_sqlite:
                 raise
-            raise unreachable(self.url, e) from None
+            err = unreachable(self.url, e)
+            if "prepared statement" in str(e):  # (SQLSTATE 42P05 / 26000 on the first statement)
+                err = DatabaseUnreachable(f"{err} (a connection pooler in transaction mode, such as PgBouncer's "
+                                          "pool_mode=transaction? The gateway needs session pooling: "
+                                          "see docs/configuration.md)")
+            raise err from None
         try:
             yield conn
         finally:
@@ -262,10 +274,20 @@ class Database:
         """Connect and, for SQLite, read the pragmas back and check the file can be written; for
         PostgreSQL, check the role may use the gateway's tables. Raises if not."""
         async with self.connect() as conn:
-            await conn.execute(text("SELECT 1"))
             if not self.is_sqlite:
-                await self._check_privileges(conn)
+                # Connected is not answered: a pooler (PgBouncer) accepts the connection at once and
+                # may queue the first query for minutes when it has no free server connection.
+                try:
+                    async with asyncio.timeout(self.connect_timeout):
+                        await conn.execute(text("SELECT 1"))
+                        await self._check_privileges(conn)
+                except TimeoutError:
+                    raise DatabaseUnreachable(
+                        f"database {shown_url(self.url)} accepted the connection but did not answer a query "
+                        f"within {self.connect_timeout:g}s (a connection pooler with no free server "
+                        "connection?)") from None
                 return {}
+            await conn.execute(text("SELECT 1"))
             got = {
                 "journal_mode": (await conn.execute(text("PRAGMA journal_mode"))).scalar(),
                 "busy_timeout": (await conn.execute(text("PRAGMA busy_timeout"))).scalar(),
