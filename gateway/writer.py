@@ -19,6 +19,9 @@ from .logs import ThrottledLog
 from .tasks import cancel_and_wait
 log = logging.getLogger("gateway.writer")
 T = TypeVar("T")
+#: Seconds a single write may be under way before the writer says so (a database that does not
+#: answer: a lock held, a pool or a pooler with no free connection); /readyz counts it as failing.
+STALL_WARN = 10.0
 
 
 class WriterMetrics:
@@ -73,6 +76,7 @@ class BatchWriter(Generic[T]):
         #: last write went through. /readyz reports a writer failing for a while (see failing_for).
         self.failing_since: float | None = None
         self.last_failure = 0.0
+        self._attempt_started: float | None = None  # monotonic start of the write under way
         self._log = ThrottledLog(log)  # an outage drops a record per request: one line per 10 s
         self._idle = asyncio.Event()
         self._idle.set()
@@ -99,9 +103,18 @@ class BatchWriter(Generic[T]):
         """Seconds the writes have been failing, if the last failure is recent (0 otherwise): a
         writer that gave up and has had nothing to write since is not reported failing for ever."""
         now = time.monotonic()
-        if self._closing or self.failing_since is None or now - self.last_failure > recent:
+        if self._closing:
             return 0.0
-        return now - self.failing_since
+        # A write that has been under way this long counts too: a hung database fails nothing.
+        stalled = now - self._attempt_started if self._attempt_started is not None else 0.0
+        if self.failing_since is None or now - self.last_failure > recent:
+            return stalled
+        return max(stalled, now - self.failing_since)
+
+    def _stalled(self, records: int) -> None:
+        log.warning("writer %s: a write of %d record(s) has been under way for %.0fs: the store is not "
+                    "answering (a lock held, no free connection in the pool or a pooler); the records "
+                    "wait in the queue meanwhile", self.name, records, STALL_WARN)
 
     def kick(self) -> None:
         """Write what is queued now, without waiting for the batch to fill (a caller that gathers
@@ -207,10 +220,14 @@ class BatchWriter(Generic[T]):
             try:
                 async with timer:
                     self._attempt_timer = timer
+                    self._attempt_started = time.monotonic()
+                    stall = asyncio.get_running_loop().call_later(STALL_WARN, self._stalled, len(batch))
                     try:
                         await self._write(batch)
                     finally:
                         self._attempt_timer = None
+                        self._attempt_started = None
+                        stall.cancel()
                 self.written += len(batch)
                 self._written.inc(len(batch))
                 self.failing_since = None

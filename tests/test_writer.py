@@ -254,3 +254,37 @@ async def test_a_turn_dropped_after_its_client_left_does_not_stay_pending(make_g
     assert set(statuses) <= {200, 404} and 404 in statuses, statuses
     assert all(not v.pending() for v in plugin.shared.views.values())
     assert statuses.count(404) == w.dropped
+
+
+async def test_a_write_that_never_returns_is_reported(monkeypatch, caplog):
+    """A database that does not answer fails nothing: the writer would wait without a word while
+    /readyz said ready. A write under way longer than STALL_WARN is logged once and counted as
+    failing (what /readyz reads); the first write that completes clears it."""
+    import logging
+
+    import gateway.writer as writer_mod
+    from gateway.services import Services
+
+    monkeypatch.setattr(writer_mod, "STALL_WARN", 0.2, raising=False)
+    caplog.set_level(logging.WARNING, logger="gateway.writer")
+    release = asyncio.Event()
+    stored: list[int] = []
+
+    async def write(batch: Sequence[int]) -> None:
+        await release.wait()
+        stored.extend(batch)
+
+    services = Services(None, None)
+    w = services.writer("hung", write, batch_size=10, flush_interval=0.01)
+    w.start()
+    await w.put(1)
+    await asyncio.sleep(0.05)
+    assert services.failing_writers(0.2) == []  # under way, not for long yet
+    await asyncio.sleep(0.4)
+    assert services.failing_writers(0.2) == ["hung"]
+    stalls = [r for r in caplog.records if "has been under way" in r.getMessage()]
+    assert len(stalls) == 1 and "writer hung: a write of 1 record(s)" in stalls[0].getMessage()
+    release.set()
+    await w.flush(timeout=5)
+    assert stored == [1] and services.failing_writers(0.2) == []
+    await w.close()
