@@ -99,7 +99,10 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
                 return _err_reply(405, "Use GET to list conversations.", "method_not_allowed",
                                   headers={"Allow": "GET"})  # (RFC 9110: a 405 names what is allowed)
             await shared.settle_owner(owner)
-            data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"))
+            # (a first turn that failed before any answer, often retried by the client as new
+            # conversations, leaves an empty one: readable by its id, not listed here)
+            data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"),
+                                         stored_only=True)
             return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
                                     "next_cursor": nxt})
         if "/" in rest or not _ID_OK(rest):

@@ -639,11 +639,14 @@ class ConversationStore:
 
     async def list(self, *, owner: str | None = None, key_id: str | None = None, since: dt.datetime | None = None,
                    until: dt.datetime | None = None, q: str | None = None, limit: int = 50,
-                   cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest activity first; ``cursor`` continues after the last item of the previous page."""
+                   cursor: str | None = None, stored_only: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest activity first; ``cursor`` continues after the last item of the previous page.
+        ``stored_only``: only conversations holding a message (not one a failed first turn left)."""
         stmt = select(C)
         if owner is not None:
             stmt = stmt.where(C.c.owner == owner)
+        if stored_only:
+            stmt = stmt.where(C.c.message_count > 0)
         if key_id is not None:
             stmt = stmt.where(C.c.key_id == key_id)
         if since is not None:
