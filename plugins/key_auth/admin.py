@@ -233,15 +233,10 @@ def routes(services: "Services") -> list[web.RouteDef]:
             if f == "limits":
                 changes["limits"] = {lf: getattr(v, lf) for lf in v.model_fields_set} if v is not None else {}
             elif f == "scopes":
-                if v is None:
-                    changes["scopes"] = {}
-                else:  # the list not given is kept (narrowing the paths must not widen the models)
-                    cur = await store.get(key_id)
-                    if cur is None:
-                        return _not_found(key_id)
-                    old = cur.get("scopes") or {}
-                    changes["scopes"] = {k: (getattr(v, k) if k in v.model_fields_set else list(old.get(k) or []))
-                                         for k in ("paths", "models")}
+                # the list not given is kept, as stored when the change is written (narrowing the
+                # paths must not widen the models); null clears both
+                changes["scopes"] = None if v is None else {
+                    k: getattr(v, k) for k in ("paths", "models") if k in v.model_fields_set}
             elif f == "name" and v is None:
                 return _err(422, "name: must be a string", "invalid_value", "name")
             else:

@@ -190,16 +190,11 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             problem = _invalid(UpdateKey, ch)
             if problem:
                 return _fail(problem)
-            if "scopes" in ch and (args.scope_path is None or args.scope_model is None):
-                # Only the list given on the command line is replaced; the other one is kept.
-                cur = await store.get(args.key_id)
-                if cur is None:
-                    return _fail(f"no key with id {args.key_id!r}")
-                old = cur.get("scopes") or {}
-                if args.scope_path is None:
-                    ch["scopes"]["paths"] = list(old.get("paths") or [])
-                if args.scope_model is None:
-                    ch["scopes"]["models"] = list(old.get("models") or [])
+            if "scopes" in ch:
+                # Only the list given on the command line is replaced; the other one is kept (as
+                # stored when the change is written).
+                given = {"paths": args.scope_path, "models": args.scope_model}
+                ch["scopes"] = {k: v for k, v in ch["scopes"].items() if given[k] is not None}
             rec = await store.update(args.key_id, ch)
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import JSON, BigInteger, Date, DateTime, Integer, String, TypeDecorator, func, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm.exc import StaleDataError
 
-from gateway.db import Base, Database, row_chunks
+from gateway.db import Base, Database, DatabaseError, row_chunks
 
 from .keys import format_key, hash_secret, new_key_id, new_secret
 
@@ -74,6 +75,13 @@ class ApiKey(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     rotated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    # Every change of a key (update, rotate, revoke) sets updated_at, and writes only if updated_at
+    # is still what was read: two changes at once (two admins, instances, the CLI) cannot write
+    # over each other (a scopes list narrowed by one put back by the other, two rotations each
+    # handing out a secret of which one never worked). The one that finds the row changed reads
+    # it again and reapplies (KeyStore._change). (last_used_at is moved by a statement of its own.)
+    __mapper_args__ = {"version_id_col": updated_at, "version_id_generator": False}
 
 
 class KeyUsageDaily(Base):
@@ -189,39 +197,60 @@ class KeyStore:
         async with self.db.session() as s:
             return [public(r) for r in (await s.execute(q)).scalars()]
 
+    async def _change(self, key_id: str, apply: Callable[[ApiKey, dt.datetime], bool]) -> ApiKey | None:
+        """Read the key, ``apply`` the change to it (False: nothing to write), write it if nobody
+        changed the row since it was read (see ApiKey's version column); else read it again and
+        reapply, so concurrent changes are made one after the other. None: no such key."""
+        for _ in range(CHANGE_ATTEMPTS):
+            async with self.db.session() as s:
+                row = await s.get(ApiKey, key_id)
+                if row is None:
+                    return None
+                now = utcnow()
+                if not apply(row, now):
+                    return row
+                row.updated_at = now
+                try:
+                    await s.commit()
+                except StaleDataError:
+                    continue
+                return row
+        raise KeyBusy(key_id)
+
     async def update(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
         """Apply ``changes`` (name, team, metadata, scopes, expires_at, and limit fields; a limit
-        given as None clears the override)."""
-        async with self.db.session() as s:
-            row = await s.get(ApiKey, key_id)
-            if row is None:
-                return None
+        given as None clears the override). ``scopes`` holds the lists that change (paths,
+        models; None clears both): the other one is kept as stored when the change is written."""
+        for k in changes:
+            if k not in ("metadata", "scopes", "limits", "name", "team", "expires_at") and k not in LIMIT_FIELDS:
+                raise ValueError(f"unknown field {k}")
+
+        def apply(row: ApiKey, now: dt.datetime) -> bool:
             for k, v in changes.items():
                 if k == "metadata":
                     row.meta = v or {}
                 elif k == "scopes":
-                    row.scopes = normalise_scopes(v)
+                    cur = normalise_scopes(row.scopes)
+                    row.scopes = normalise_scopes({f: v[f] if f in v else cur[f] for f in cur} if v is not None else {})
                 elif k == "limits":
                     for f, lv in (v or {}).items():
                         if f in LIMIT_FIELDS:
                             setattr(row, f, lv)
-                elif k in ("name", "team", "expires_at") or k in LIMIT_FIELDS:
-                    setattr(row, k, v)
                 else:
-                    raise ValueError(f"unknown field {k}")
-            row.updated_at = utcnow()
-            await s.commit()
-            return public(row)
+                    setattr(row, k, v)
+            return True
+
+        row = await self._change(key_id, apply)
+        return public(row) if row is not None else None
 
     async def rotate(self, key_id: str, *, pepper: str, grace_seconds: float) -> tuple[dict[str, Any], str] | None:
         """Issue a new secret for the same key id; the current one keeps working for
-        ``grace_seconds`` (a secret from an earlier rotation still in its grace stops now)."""
-        now = utcnow()
+        ``grace_seconds`` (a secret from an earlier rotation still in its grace stops now).
+        Rotations at once are made one after the other: each secret handed out is the current
+        one when it is written (the one before it in its grace)."""
         secret = new_secret()
-        async with self.db.session() as s:
-            row = await s.get(ApiKey, key_id)
-            if row is None:
-                return None
+
+        def apply(row: ApiKey, now: dt.datetime) -> bool:
             if row.revoked_at is not None:
                 raise KeyRevoked(key_id)
             if grace_seconds > 0:
@@ -232,24 +261,24 @@ class KeyStore:
                 row.prev_valid_until = None
             row.secret_hash = hash_secret(pepper, secret)
             row.rotated_at = now
-            row.updated_at = now
-            await s.commit()
-            return public(row), format_key(key_id, secret)
+            return True
+
+        row = await self._change(key_id, apply)
+        return (public(row), format_key(key_id, secret)) if row is not None else None
 
     async def revoke(self, key_id: str) -> dict[str, Any] | None:
         """Revoke for good (idempotent: a second revoke keeps the first time)."""
-        now = utcnow()
-        async with self.db.session() as s:
-            row = await s.get(ApiKey, key_id)
-            if row is None:
-                return None
-            if row.revoked_at is None:
-                row.revoked_at = now
-                row.prev_secret_hash = None
-                row.prev_valid_until = None
-                row.updated_at = now
-                await s.commit()
-            return public(row)
+
+        def apply(row: ApiKey, now: dt.datetime) -> bool:
+            if row.revoked_at is not None:
+                return False
+            row.revoked_at = now
+            row.prev_secret_hash = None
+            row.prev_valid_until = None
+            return True
+
+        row = await self._change(key_id, apply)
+        return public(row) if row is not None else None
 
     # -- usage ----------------------------------------------------------------------------------------
     async def record_usage(self, records: Sequence[UsageRecord], touch: Iterable[tuple[str, dt.datetime]] = ()) -> None:
@@ -303,3 +332,12 @@ class KeyStore:
 
 class KeyRevoked(Exception):
     pass
+
+
+class KeyBusy(DatabaseError):
+    """The key kept changing under a change (CHANGE_ATTEMPTS reads in a row found it changed):
+    answered like a busy database (503, retry shortly)."""
+
+
+#: Times a change of a key is tried again when another change was written in between.
+CHANGE_ATTEMPTS = 20
