@@ -785,16 +785,22 @@ class ConversationStore:
         number it deleted (once with 0 when nothing matched): the caller records each part as it
         is gone, so a purge cut short by a crash leaves a record of what it did delete."""
         ids: list[str] = []
+        told = False
         while True:
+            gone: list[str] = []
             async with self.db.engine.begin() as conn:
                 part = [r.id for r in (await conn.execute(select(C.c.id).where(cond).limit(chunk)))]
                 if part:
                     await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
                     await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
-                    await conn.execute(C.delete().where(C.c.id.in_(part)))
-            if each is not None and (part or not ids):
-                each(len(part))
-            ids += part
+                    # What this transaction deleted, not what it found: a delete or purge running
+                    # at the same time (another instance, the retention task) may delete some
+                    # first, and each conversation is reported (and audited) as deleted once.
+                    gone = [r.id for r in await conn.execute(C.delete().where(C.c.id.in_(part)).returning(C.c.id))]
+            if each is not None and (gone or not told):
+                each(len(gone))
+                told = True
+            ids += gone
             if len(part) < chunk:
                 return ids
 
