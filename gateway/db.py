@@ -93,18 +93,26 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 OWN_REVISION = re.compile(r"[a-z][a-z0-9_]*_[0-9]{4,}")
 
 
+#: asyncpg's numeric connection options a URL may set (``?command_timeout=30``): the dialect hands
+#: URL values to the driver as strings, which it cannot compare with numbers.
+ASYNCPG_NUMBERS: dict[str, type] = {"timeout": float, "command_timeout": float, "statement_cache_size": int,
+                                    "max_cached_statement_lifetime": float, "max_cacheable_statement_size": int}
+
+
 def engine_options(url: str) -> dict[str, Any]:
     """Options every engine on ``url`` gets (the gateway's and the migrations'): a bounded
-    connect time on PostgreSQL, CONNECT_TIMEOUT unless the URL sets asyncpg's ``timeout`` (which
-    the driver would get as a string)."""
+    connect time on PostgreSQL, CONNECT_TIMEOUT unless the URL sets asyncpg's ``timeout``, and
+    the other numeric asyncpg options the URL sets, as numbers."""
     from sqlalchemy.engine import make_url
 
     if not url.startswith("postgresql+asyncpg"):
         return {}
-    timeout = CONNECT_TIMEOUT
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        timeout = float(make_url(url).query["timeout"])  # type: ignore[arg-type]
-    return {"connect_args": {"timeout": timeout}}
+    args: dict[str, Any] = {"timeout": CONNECT_TIMEOUT}
+    query = make_url(url).query
+    for name, kind in ASYNCPG_NUMBERS.items():
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            args[name] = kind(query[name])  # type: ignore[arg-type]
+    return {"connect_args": args}
 
 
 def shown_url(url: str) -> str:

@@ -82,3 +82,20 @@ async def test_the_cli_names_the_silent_database(tmp_path: Path) -> None:
     text = out.decode()
     assert proc.returncode != 0, text
     assert f"127.0.0.1:{p.port}/gw" in text and "Traceback" not in text and "secret" not in text, text
+
+
+async def test_numeric_asyncpg_options_in_the_url_reach_the_driver_as_numbers(pg_url: str) -> None:
+    """``?statement_cache_size=0`` (what poolers need of asyncpg) and ``?command_timeout=`` (a bound
+    on every query) came to the driver as strings, which it cannot compare with numbers."""
+    sep = "&" if "?" in pg_url else "?"
+    db = Database(pg_url + f"{sep}statement_cache_size=0&command_timeout=0.5")
+    try:
+        await db.check()
+        async with db.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw._stmt_cache.get_max_size() == 0
+            with pytest.raises(Exception) as e:  # the query outlives the command timeout
+                await conn.exec_driver_sql("SELECT pg_sleep(3)")
+            assert "timeout" in type(e.value).__name__.lower() or "timeout" in str(e.value).lower(), e.value
+    finally:
+        await db.engine.dispose()
