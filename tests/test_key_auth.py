@@ -856,3 +856,28 @@ async def test_labels_scopes_and_the_admin_token_as_an_operator_gets_them_wrong(
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "\x1b" not in out.stdout and "\u202e" not in out.stdout
     assert "x\\x1b[31mred\\u202e" in out.stdout
+
+
+async def test_usage_counts_for_the_utc_day_the_request_arrived(make_gateway: Any) -> None:
+    """A stream running across midnight: its usage goes to the day it began, as its quota charge
+    and its audit event do (the tally took the day the answer ended)."""
+    import datetime as dt
+    import time
+    import types
+
+    from gateway.observe import Completion
+
+    g = await make_gateway(ka())
+    rec = await new_key(g)
+    plugin = g.plugin("key_auth")
+    comp = Completion()
+    comp.usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    two_days = 2 * 86400
+    ctx = types.SimpleNamespace(state={plugin.name: rec["id"]}, t_upstream=1.0, completion=comp,
+                                t_start=time.perf_counter() - two_days)  # arrived two days ago
+    await plugin.on_complete(ctx)
+    await plugin.flush_usage()
+    day = dt.datetime.fromtimestamp(time.time() - two_days, dt.timezone.utc).date()
+    st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage?from={day.isoformat()}")
+    assert st == 200, u
+    assert [(d["date"], d["requests"], d["completion_tokens"]) for d in u["days"]] == [(day.isoformat(), 1, 4)], u

@@ -281,9 +281,11 @@ class UsageTally:
         cur.configure(max_queue=w.max_queue, batch_size=w.batch_size, flush_interval=w.flush_interval,
                       on_full="drop", full_wait=cur.full_wait, retry_for=cur.retry_for)
 
-    def add(self, key_id: str, prompt: int, completion: int) -> None:
+    def add(self, key_id: str, prompt: int, completion: int, arrived: float | None = None) -> None:
+        """One request of the key; ``arrived`` (wall time) decides its UTC day, as for the quota
+        and the audit event: a stream running across midnight counts for the day it began."""
         now = time.time()
-        k = (key_id, _utc_day(now))
+        k = (key_id, _utc_day(now if arrived is None else arrived))
         a = self.pending.get(k)
         if a is None:
             a = self.pending[k] = [0, 0, 0]
@@ -535,7 +537,7 @@ class KeyAuth(Plugin):
             prompt = c.prompt_tokens or 0
             relayed = c.relayed_tokens  # a stream without a usage report: what was generated
             completion = relayed if relayed is not None else c.completion_tokens or 0
-        self.tally.add(key_id, prompt, completion)
+        self.tally.add(key_id, prompt, completion, time.time() - (time.perf_counter() - ctx.t_start))
 
     async def flush_usage(self, timeout: float = 10.0) -> None:
         """Write everything counted so far (tests, shutdown)."""
