@@ -21,7 +21,7 @@ from .cli import redact_url
 from .db import Database, DatabaseError, in_daemon_thread
 from .errors import error_body
 from .logs import ThrottledLog, setup_logging
-from .proxy import SERVER, Proxy, unsupported_encoding_message
+from .proxy import _DECODED, SERVER, Proxy, undecodable_body_message, unsupported_encoding_message
 from .runtime import Runtime
 from .services import Services
 from .upstream import Upstream
@@ -312,7 +312,13 @@ class _JsonErrorHandler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # a response already began: the connection is broken
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
-        if isinstance(exc, ContentEncodingError):
+        if isinstance(exc, ContentEncodingError) and _decodable(exc):
+            # A coding the gateway takes, with data that is not that coding or stops before its
+            # end (a deflate or gzip body cut short): the client's body is broken.
+            log.info("request refused: body not decodable as its Content-Encoding (from %s)", request.remote)
+            status = 400
+            body = error_body(undecodable_body_message(), "invalid_request_error", "bad_request")
+        elif isinstance(exc, ContentEncodingError):
             # A body coding the parser knows but cannot decode here (br or zstd without their
             # packages): the same 415 as any other coding the gateway does not take.
             log.info("request refused: unsupported Content-Encoding (from %s)", request.remote)
@@ -341,6 +347,15 @@ class _JsonErrorHandler(RequestHandler):
             log.info("request body could not be decoded (%s); connection closed", type(exc).__name__)
             return
         super().log_exception(*args, **kw)
+
+
+def _decodable(exc: ContentEncodingError) -> bool:
+    """The parser failed on a coding the gateway decodes (so the data is at fault), not on one it
+    lacks the package for ("... brotli (br). Please install `Brotli`"). (The request the parser
+    hands over with the error has no headers: the coding is read from the error.)"""
+    text = str(getattr(exc, "message", "") or "")
+    coding = text.rsplit(":", 1)[-1].strip().lower()
+    return "install" not in text.lower() and coding in _DECODED and coding != "identity"
 
 
 #: After the gateway's own drain (Gateway.stop), what aiohttp gives a request that is still running

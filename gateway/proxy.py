@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import re
 import time
@@ -47,6 +48,52 @@ _DECODED = frozenset({"gzip", "deflate", "identity"} | ({"br"} if _BR else set()
 _DECODED_TEXT = ", ".join(sorted(_DECODED - {"identity"}))
 
 
+#: One complete gzip member, holding nothing.
+_EMPTY_GZIP = gzip.compress(b"")
+
+
+def _gzip_unfinished(decompressor: Any) -> bool:
+    """Is this gzip decoder part-way through a member? (After a whole member it starts a fresh
+    one, which takes a complete empty member; one part-way through does not.)"""
+    inner = getattr(decompressor, "_decompressor", None)
+    try:
+        probe = inner.copy()  # type: ignore[union-attr]
+    except Exception:  # (a backend without copy(): not checked)
+        return False
+    try:
+        probe.decompress(_EMPTY_GZIP)
+    except Exception:
+        return True
+    return not probe.eof
+
+
+def _refuse_unfinished_gzip() -> None:
+    """aiohttp's body decoder refuses a deflate stream that stops before its end, but not a gzip
+    one (gzip may hold several members: after each it waits for the next): a gzip body cut short
+    (a client killed mid-upload, a proxy timing out) reached the handler as a shorter plain body,
+    and was forwarded upstream as if whole. Its end-of-body step now refuses a gzip stream that
+    stops inside a member (a ContentEncodingError: the request is answered 400)."""
+    from aiohttp import http_parser
+    from aiohttp.http_exceptions import ContentEncodingError
+
+    cls = getattr(http_parser, "DeflateBuffer", None)
+    feed_eof = getattr(cls, "feed_eof", None)
+    if cls is None or feed_eof is None or getattr(feed_eof, "_gateway_gzip_end", False):
+        return
+
+    def checked_feed_eof(self: Any) -> None:
+        if getattr(self, "encoding", None) == "gzip" and getattr(self, "size", 0) > 0 \
+                and _gzip_unfinished(self.decompressor):
+            raise ContentEncodingError("gzip")
+        feed_eof(self)
+
+    checked_feed_eof._gateway_gzip_end = True  # type: ignore[attr-defined]
+    cls.feed_eof = checked_feed_eof
+
+
+_refuse_unfinished_gzip()
+
+
 def _check_encoding(values: list[str]) -> None:
     """aiohttp decodes one request Content-Encoding it knows and passes anything else through raw; the
     gateway sends plain bodies upstream (the header is not forwarded), so the upstream would get encoded
@@ -72,6 +119,10 @@ def _one_json(ctype: str) -> bool:
     """One JSON document (not JSON lines, nor JSON text sequences)."""
     t = ctype.lower()
     return "json" in t and not any(x in t for x in ("jsonl", "ndjson", "json-seq", "jsonlines"))
+
+
+def undecodable_body_message() -> str:
+    return "The request body could not be decoded as its Content-Encoding says."
 
 
 def unsupported_encoding_message() -> str:
@@ -261,8 +312,7 @@ class Proxy:
                 chunk = await content.readany()
             except (RequestPayloadError, PayloadEncodingError):
                 # e.g. a body labelled gzip that is not: the client's error, not the gateway's
-                raise BadRequest("The request body could not be decoded as its Content-Encoding "
-                                 "says.") from None
+                raise BadRequest(undecodable_body_message()) from None
             if not chunk:
                 return bytes(buf)
             buf += chunk

@@ -1,0 +1,62 @@
+"""Request bodies sent with a Content-Encoding: one that stops before its end (a client killed
+mid-upload, a proxy timing out) is refused, not forwarded as a shorter body."""
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import aiohttp
+import pytest
+
+BODY = json.dumps({"model": "demo-chat", "messages": [{"role": "user", "content": "word " * 2000}]}).encode()
+
+
+def compressed(coding: str) -> bytes:
+    c = zlib.compressobj(6, zlib.DEFLATED, 31 if coding == "gzip" else 15)
+    return c.compress(BODY) + c.flush()
+
+
+def cut(coding: str) -> bytes:
+    """The stream flushed part-way (whole blocks that decode) and never finished."""
+    c = zlib.compressobj(6, zlib.DEFLATED, 31 if coding == "gzip" else 15)
+    return c.compress(BODY[: len(BODY) // 2]) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+async def post(g: Any, data: bytes, coding: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", data=data,
+                          headers={"Content-Type": "application/json", "Content-Encoding": coding}) as r:
+            return r.status, await r.json(content_type=None)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_body_cut_short_is_refused_as_undecodable(make_gateway: Any, upstream: Any, coding: str) -> None:
+    g = await make_gateway([])
+    before = len(upstream.requests)
+    st, body = await post(g, cut(coding), coding)
+    assert st == 400, body
+    assert body["error"]["code"] == "bad_request" and "Content-Encoding" in body["error"]["message"]
+    assert len(upstream.requests) == before  # nothing forwarded
+    st, body = await post(g, compressed(coding), coding)  # the whole stream: decoded and forwarded
+    assert st == 200, body
+    assert len(upstream.requests) == before + 1
+
+
+async def test_gzip_of_several_members_is_whole_only_if_its_last_member_is(make_gateway: Any, upstream: Any) -> None:
+    """gzip may hold several members (concatenated files): two whole ones are one body; a second
+    one cut short is refused like any gzip body that stops part-way."""
+    g = await make_gateway([])
+    half = len(BODY) // 2
+    first, second = gzip_bytes(BODY[:half]), gzip_bytes(BODY[half:])
+    st, body = await post(g, first + second, "gzip")
+    assert st == 200, body
+    assert upstream.requests[-1]["body"] == json.loads(BODY)
+    st, body = await post(g, first + second[: len(second) // 2], "gzip")
+    assert st == 400 and body["error"]["code"] == "bad_request", body
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)
