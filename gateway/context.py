@@ -35,6 +35,20 @@ def other_encoding(body: bytes) -> bool:
     return body[:3] == b"\xef\xbb\xbf" or b"\x00" in body[:4] or body[:2] in (b"\xff\xfe", b"\xfe\xff")
 
 
+_TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
+
+
+def truthy(v: Any) -> bool:
+    """A JSON flag as the backends read it (pydantic's lax booleans: vLLM, many Python servers):
+    ``true``, ``1``, ``"true"``, ``"yes"`` ... A client sending ``"stream": 1`` gets a stream from
+    them, so the gateway must take it for one (its usage asked for and counted) too."""
+    if v is True:
+        return True
+    if type(v) in (int, float):
+        return v == 1
+    return isinstance(v, str) and v.strip().lower() in _TRUE_WORDS
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
@@ -156,7 +170,7 @@ class RequestContext:
     @property
     def stream_requested(self) -> bool:
         j = self.json
-        return isinstance(j, dict) and j.get("stream") is True
+        return isinstance(j, dict) and truthy(j.get("stream"))
 
     def want_usage(self) -> None:
         """Ask the core to fill ``ctx.completion`` and, for streamed chat/completions, to request the

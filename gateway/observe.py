@@ -12,6 +12,7 @@ import re
 import time
 from typing import Any
 
+from .context import truthy
 from .fastjson import JSON_ERRORS, loads
 
 MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
@@ -761,11 +762,11 @@ def ask_for_usage(ctx: Any) -> None:
     if b'"stream"' not in body and b"\\u" not in body:  # not a streamed request (unless spelled
         return                                           # with escapes): no need to parse it here
     j = ctx.json
-    if not isinstance(j, dict) or j.get("stream") is not True:
+    if not isinstance(j, dict) or not truthy(j.get("stream")):
         return
     j = ctx.json_exact  # re-serialised below
     opts = j.get("stream_options")
-    if isinstance(opts, dict) and opts.get("include_usage") is True:
+    if isinstance(opts, dict) and truthy(opts.get("include_usage")):
         ctx.client_wants_usage = True
         return
     new = dict(j)
