@@ -225,6 +225,14 @@ async def test_scopes_path_and_model(make_gateway: Any) -> None:
             await c.chat.completions.create(**{**CHAT, "model": "other-model"})
         assert "other-model" in ei.value.body["message"]
         assert Probe.seen[-1]["refusal"]["reason"] == "scope_model"
+    # A body naming no model: the backend would answer with its default one, outside the scope.
+    st, body = await raw_call(g.url, {"Authorization": f"Bearer {key}"},
+                              body={"messages": [{"role": "user", "content": "hi"}]})
+    assert st == 403 and body["error"]["code"] == "key_scope_denied", body
+    assert Probe.seen[-1]["refusal"]["reason"] == "scope_model"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
+        async with s.get(g.url + "/v1/models") as r:  # no body: the path scope alone decides
+            assert r.status == 403 and (await r.json())["error"]["code"] == "key_scope_denied"
     st, _ = await admin(g, "PATCH", f"/keys/{rec['id']}", {"scopes": {"paths": [], "models": []}})
     assert st == 200
     async with client(g, key) as c:

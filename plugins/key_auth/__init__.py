@@ -470,12 +470,13 @@ class KeyAuth(Plugin):
                 return self._refuse(ctx, 403, "scope_model", key_id,
                                     f"This API key is not allowed to use the model {model!r}.",
                                     "key_scope_denied", "permission_error")
-            if model is None and _names_a_model(ctx):
-                # a model that is not a string, or a body the gateway cannot read it from (not
-                # JSON): a key limited to some models cannot be checked, so it is refused
+            if model is None and _needs_a_model(ctx):
+                # no model named (the backend would use its default one), a model that is not a
+                # string, or a body the gateway cannot read it from (not JSON): a key limited to
+                # some models cannot be checked, so it is refused
                 return self._refuse(ctx, 403, "scope_model", key_id,
-                                    "This API key is limited to some models, and this request's model could "
-                                    "not be read (send a JSON body with \"model\" as a string).",
+                                    "This API key is limited to some models, and this request names none that "
+                                    "could be checked (send a JSON body with \"model\" as a string).",
                                     "key_scope_denied", "permission_error")
         ident = entry.identity
         ctx.identity = dict(ident)
@@ -577,14 +578,16 @@ class KeyAuth(Plugin):
         add_cli(subparsers)
 
 
-def _names_a_model(ctx: "RequestContext") -> bool:
-    """Does the request carry a model the gateway cannot read as a string: a JSON body whose
-    "model" is not a string, or a body that is not JSON at all?"""
+def _needs_a_model(ctx: "RequestContext") -> bool:
+    """Must a key limited to some models refuse this request, whose model the gateway could not
+    read as a string? Yes for a POST whose JSON body names none (the backend would answer with its
+    default model), a JSON body whose "model" is not a string, and a body that is not JSON at all;
+    no for a request without a body (``GET /v1/models``)."""
     if not ctx.body:
         return False
     j = ctx.json
     if isinstance(j, dict):
-        return "model" in j
+        return "model" in j or ctx.method == "POST"
     return True
 
 
