@@ -889,3 +889,17 @@ async def test_usage_counts_for_the_utc_day_the_request_arrived(make_gateway: An
     st, u = await admin(g, "GET", f"/keys/{rec['id']}/usage?from={day.isoformat()}")
     assert st == 200, u
     assert [(d["date"], d["requests"], d["completion_tokens"]) for d in u["days"]] == [(day.isoformat(), 1, 4)], u
+
+
+async def test_expires_at_must_be_a_date_time_string(make_gateway: Any) -> None:
+    """A number is no expiry date: it would be read as seconds or milliseconds since 1970,
+    whichever its size suggests (253402300800, year 9999 in seconds, became 1978)."""
+    g = await make_gateway(ka())
+    for v in (253402300800, 0, -1, 0.5, True):
+        st, body = await admin(g, "POST", "/keys", {"owner": "a", "expires_at": v})
+        assert st == 422 and body["error"]["param"] == "expires_at", (v, body)
+    rec = await new_key(g)
+    st, body = await admin(g, "PATCH", f"/keys/{rec['id']}", {"expires_at": 1893456000})
+    assert st == 422 and "RFC 3339" in body["error"]["message"], body
+    st, body = await admin(g, "PATCH", f"/keys/{rec['id']}", {"expires_at": "2099-01-31T00:00:00Z"})
+    assert st == 200 and body["expires_at"].startswith("2099-01-31"), body

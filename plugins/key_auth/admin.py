@@ -84,6 +84,14 @@ def _in_range(v: Any) -> Any:
     return v
 
 
+def _timestamp_text(v: Any) -> Any:
+    """``expires_at`` is a date-time string (or null): a number would be read as seconds or
+    milliseconds since 1970, whichever its size suggests (253402300800 became 1978)."""
+    if v is None or isinstance(v, (str, dt.datetime)):
+        return v
+    raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2027-01-31T00:00:00Z")
+
+
 class CreateKey(_Body):
     owner: str = Field(min_length=1, max_length=200, description="The user the key belongs to.")
     name: str = Field("", max_length=200, description="A label for people.")
@@ -97,6 +105,11 @@ class CreateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _when_text(cls, v: Any) -> Any:
+        return _timestamp_text(v)
 
     @field_validator("expires_at")
     @classmethod
@@ -116,6 +129,11 @@ class UpdateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _when_text(cls, v: Any) -> Any:
+        return _timestamp_text(v)
 
     @field_validator("expires_at")
     @classmethod
