@@ -91,6 +91,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _err(400, "messages is required")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) and isinstance(t.get("function", {}), dict)
+                                         for t in tools)):
+        return _err(400, "tools must be a list of objects, each with a 'function' object")
     model = body.get("model") or "demo-chat"
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     words_hdr = request.headers.get("X-Demo-Words")

@@ -298,3 +298,23 @@ async def test_a_client_that_reads_nothing_is_cut_and_frees_its_upstream_connect
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_the_demo_backend_answers_malformed_tools_with_a_json_400() -> None:
+    """`gateway demo` stands in for a real backend: a malformed `tools` is the caller's error (a
+    JSON 400), not a plain-text 500 with a traceback in its log."""
+    import aiohttp
+
+    from gateway.demo import start_demo_upstream
+
+    runner, port = await start_demo_upstream()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for tools in (True, "x", [1], [{"function": "f"}]):
+                async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                  json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}],
+                                        "tools": tools}) as r:
+                    assert r.status == 400, (tools, await r.text())
+                    assert "tools" in (await r.json())["error"]["message"]
+    finally:
+        await runner.cleanup()

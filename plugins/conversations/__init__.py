@@ -355,7 +355,8 @@ class Conversations(Plugin):
                 memory = False
             else:
                 ctx.refusal = {"plugin": self.name, "type": "invalid", "reason": "invalid_memory_header"}
-                return Reply(400, error_body("X-Conversation-Memory must be 'on' or 'off'.", "invalid_request_error",
+                return Reply(400, error_body("X-Conversation-Memory must be 'on' or 'off' (or true/false, 1/0, "
+                                             "yes/no).", "invalid_request_error",
                                              "invalid_header", "X-Conversation-Memory"))
         owner = ctx.owner or ANONYMOUS
         key_id = ctx.key_id
