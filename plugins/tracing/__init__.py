@@ -313,6 +313,16 @@ class Tracing(Plugin):
         if ctx.path in _KNOWN_PATHS:  # the API's own paths only: a client cannot invent span names
             span.update_name(f"{ctx.method} {ctx.path}")
             a["http.route"] = ctx.path
+        if ctx.status and "http.status_code" not in attrs and "http.response.status_code" not in attrs:
+            # The response began, then the client went away (or a shutdown cut the stream): the
+            # instrumentation never got to record the status it sent; the cut is the error.
+            stable = "http.request.method" in attrs
+            a["http.response.status_code" if stable else "http.status_code"] = ctx.status
+            if stable and "http.method" in attrs:  # (http/dup: both names)
+                a["http.status_code"] = ctx.status
+            if ctx.outcome in ("client_disconnected", "gateway_shutdown"):
+                a["error.type"] = ctx.outcome
+                span.set_status(Status(StatusCode.ERROR, ctx.outcome))
         span.set_attributes(a)
 
         tracer = self.entry.gateway_tracer
@@ -353,8 +363,9 @@ class Tracing(Plugin):
             s = tracer.start_span(f"{op} {model}" if model else op, parent, SpanKind.CLIENT, ga,
                                   start_time=ns(ctx.t_upstream))
             if ctx.outcome != "ok" or ctx.status >= 400:
-                s.set_attribute("error.type", ctx.error or (str(ctx.status) if ctx.status >= 400 else ctx.outcome))
-                s.set_status(Status(StatusCode.ERROR, ctx.outcome))
+                err = ctx.error or (str(ctx.status) if ctx.status >= 400 else ctx.outcome)
+                s.set_attribute("error.type", err)
+                s.set_status(Status(StatusCode.ERROR, ctx.outcome if ctx.outcome != "ok" else err))
             s.end(end_time=ns(ctx.t_end if ctx.t_end is not None else time.perf_counter()))
 
 

@@ -102,8 +102,9 @@ def note_key_headers(names: Any) -> None:
     sanitize_sensitive_headers()
 
 
-#: Server span attributes that carry the request URL or its query string.
-URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.query")
+#: Server span attributes that carry the request URL, its path or its query string (old and stable
+#: HTTP conventions: OTEL_SEMCONV_STABILITY_OPT_IN=http gives url.path and url.query).
+URL_SERVER_ATTRS = ("http.target", "http.url", "url.full", "url.path", "url.query")
 
 
 def redact_query(url: Any) -> str:
@@ -566,7 +567,9 @@ def build_provider(cfg: "TracingConfig", dropped: Any = None) -> ProviderEntry:
     """``dropped``: the gateway_tracing_spans_dropped_total counter (None: not counted)."""
     from gateway import __version__
 
-    resource = Resource.create({"service.version": __version__})  # + OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME
+    # The gateway's version, unless OTEL_RESOURCE_ATTRIBUTES names another (a deployment's own
+    # build id); then OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME.
+    resource = Resource({"service.version": __version__}).merge(Resource.create())
     if cfg.service_name:
         resource = resource.merge(Resource({"service.name": cfg.service_name}))
     elif str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
