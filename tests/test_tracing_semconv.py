@@ -66,3 +66,24 @@ async def test_a_stream_the_client_left_records_its_status_and_the_cut(make_gate
     assert (a.get("http.status_code") or a.get("http.response.status_code")) == 200, dict(a)
     assert a["error.type"] == "client_disconnected" and a["gateway.outcome"] == "client_disconnected"
     assert server.status.status_code.name == "ERROR"
+
+
+def test_a_responses_api_answer_s_status_is_named_as_a_finish_reason() -> None:
+    """The conventions' finish reasons are stop / length / content_filter / error: a Responses API
+    answer's status ("completed", or why it is incomplete) is mapped to them on the GenAI span."""
+    import types
+
+    from gateway.observe import Completion
+    from gateway.plugins.tracing import genai
+
+    def reasons(path: str, got: list[str]) -> Any:
+        c = Completion()
+        c.finish_reasons = got
+        ctx = types.SimpleNamespace(path=path, json={"model": "m"}, body=b'{"model": "m"}', model="m",
+                                    conversation_id=None, completion=c, method="POST")
+        return genai.attributes("chat", ctx, "openai", False, 0).get("gen_ai.response.finish_reasons")
+
+    assert reasons("/v1/responses", ["completed"]) == ["stop"]
+    assert reasons("/v1/responses", ["max_output_tokens"]) == ["length"]
+    assert reasons("/v1/responses", ["content_filter"]) == ["content_filter"]
+    assert reasons("/v1/chat/completions", ["stop", "length"]) == ["stop", "length"]

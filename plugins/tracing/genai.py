@@ -30,6 +30,11 @@ _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("presence_penalty", "gen_ai.request.presence_penalty"), ("seed", "gen_ai.request.seed"))
 
 
+
+#: A Responses API answer's status (or why it is incomplete) as the GenAI conventions' finish
+#: reasons (stop, length, content_filter, error).
+_RESPONSES_REASONS = {"completed": "stop", "max_output_tokens": "length", "failed": "error"}
+
 def operation(path: str) -> str | None:
     for suffix, op in OPERATIONS:
         if path.endswith(suffix):
@@ -79,7 +84,10 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
         if c.response_id:
             a["gen_ai.response.id"] = text(c.response_id)
         if c.finish_reasons:
-            a["gen_ai.response.finish_reasons"] = [text(f) for f in c.finish_reasons]
+            reasons = c.finish_reasons
+            if ctx.path.endswith("/responses"):  # the answer's status, as the conventions name reasons
+                reasons = [_RESPONSES_REASONS.get(f, f) for f in reasons]
+            a["gen_ai.response.finish_reasons"] = [text(f) for f in reasons]
         u = c.usage
         if u:
             it, ot = u.get("prompt_tokens", u.get("input_tokens")), u.get("completion_tokens", u.get("output_tokens"))
