@@ -66,6 +66,7 @@ async def test_a_stream_the_client_left_records_its_status_and_the_cut(make_gate
     assert (a.get("http.status_code") or a.get("http.response.status_code")) == 200, dict(a)
     assert a["error.type"] == "client_disconnected" and a["gateway.outcome"] == "client_disconnected"
     assert server.status.status_code.name == "ERROR"
+    assert a["client.address"] == "127.0.0.1"
 
 
 def test_a_responses_api_answer_s_status_is_named_as_a_finish_reason() -> None:

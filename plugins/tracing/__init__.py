@@ -297,7 +297,8 @@ class Tracing(Plugin):
                 r = redact_query(v)
                 if r != v:
                     span.set_attribute(k, r)
-        a: dict[str, Any] = {"gateway.request_id": ctx.request_id, "gateway.route": ctx.route,
+        a: dict[str, Any] = {"client.address": ctx.client_ip,  # (as trusted_proxies resolve it)
+                             "gateway.request_id": ctx.request_id, "gateway.route": ctx.route,
                              "gateway.outcome": ctx.outcome, "gateway.source": ctx.source,
                              "gateway.streamed": ctx.streamed, "gateway.bytes_in": ctx.bytes_in,
                              "gateway.bytes_out": ctx.bytes_out}
