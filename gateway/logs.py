@@ -3,9 +3,12 @@ Nothing secret is ever passed to a logger; messages are escaped by ``json.dumps`
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
-import sys
+import logging.handlers
+import os
+import queue
 import time
 
 
@@ -21,13 +24,96 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+#: Log records waiting for the writer thread; past that, records are dropped and counted.
+LOG_QUEUE = 10000
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread: the event loop never writes to stderr itself, so a
+    stderr nobody reads (a pipe whose reader stalled, a log collector behind) cannot stop it. With
+    the queue full a record is dropped and counted; the count is logged once there is room."""
+
+    def __init__(self, q: "queue.Queue[logging.LogRecord]") -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    # (prepare(), the library's: the record is formatted here, with this handler's formatter, the
+    # format in force when it was logged; the writer thread writes the text)
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                note = logging.LogRecord("gateway", logging.WARNING, __file__, 0,
+                                         "%d log line(s) dropped: stderr was not being read", (self.dropped,), None)
+                self.queue.put_nowait(self.prepare(note))
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Listener(logging.handlers.QueueListener):
+    def stop_within(self, timeout: float) -> None:
+        """Write what is queued, waiting at most ``timeout`` (a stderr nobody reads must not hold
+        the process's exit: the writer thread is a daemon)."""
+        thread = getattr(self, "_thread", None)
+        if thread is None:
+            return
+        try:
+            self.enqueue_sentinel()
+        except queue.Full:
+            return
+        thread.join(timeout)
+        self._thread = None
+
+
+class _StderrWriter(logging.Handler):
+    """The writer thread's handler: the formatted line straight to file descriptor 2. Without the
+    handler lock and without a buffer: a write blocked on a stderr nobody reads holds nothing the
+    exit needs (``logging.shutdown`` takes every handler's lock and flushes it)."""
+
+    def handle(self, record: logging.LogRecord) -> bool:  # (one thread calls it: no lock)
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        data = memoryview((record.getMessage() + "\n").encode("utf-8", "backslashreplace"))
+        try:
+            while data:
+                data = data[os.write(2, data):]
+        except OSError:  # stderr closed: nowhere to say it
+            pass
+
+    def flush(self) -> None:
+        pass
+
+
+_out: _StderrWriter | None = None
+_listener: _Listener | None = None
+
+
+def _stop_listener() -> None:
+    if _listener is not None:
+        _listener.stop_within(2.0)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Logs to stderr through a writer thread (see _QueueHandler). Called again on a reload: the
+    level and format change, the thread and its queue stay."""
+    global _out, _listener
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(h)
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if _listener is None or _out is None:
+        _out = _StderrWriter()  # (the records come formatted: see _QueueHandler)
+        q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE)
+        _listener = _Listener(q, _out)
+        _listener.start()
+        atexit.register(_stop_listener)
+    handler = _QueueHandler(_listener.queue)  # type: ignore[arg-type]
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

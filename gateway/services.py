@@ -89,7 +89,8 @@ class Services:
 
     def failing_writers(self, longer_than: float) -> list[str]:
         """Names of the writers whose writes have failed for more than ``longer_than`` seconds."""
-        return sorted(w.name for w in list(self._writers) if w.failing_for(longer_than) > longer_than)
+        return sorted(w.name for w in list(self._writers)
+                      if w.readiness and w.failing_for(longer_than) > longer_than)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
         """A process-wide object shared by plugin instances and kept across config reloads

@@ -52,8 +52,10 @@ class BatchWriter(Generic[T]):
     def __init__(self, name: str, write: Callable[[Sequence[T]], Awaitable[None]], metrics: WriterMetrics, *,
                  max_queue: int = 10000, batch_size: int = 500, flush_interval: float = 0.2,
                  on_full: Literal["wait", "drop"] = "wait", full_wait: float = 0.5,
-                 retry_for: float = 30.0, shutdown_retry_for: float = 5.0) -> None:
+                 retry_for: float = 30.0, shutdown_retry_for: float = 5.0, readiness: bool = True) -> None:
         self.name = name
+        #: Does this writer failing or stalling make the instance not ready (/readyz)?
+        self.readiness = readiness
         self._write = write
         self._q: asyncio.Queue[T] = asyncio.Queue(maxsize=max_queue)
         self.batch_size = batch_size
@@ -112,9 +114,10 @@ class BatchWriter(Generic[T]):
         return max(stalled, now - self.failing_since)
 
     def _stalled(self, records: int) -> None:
-        log.warning("writer %s: a write of %d record(s) has been under way for %.0fs: the store is not "
-                    "answering (a lock held, no free connection in the pool or a pooler); the records "
-                    "wait in the queue meanwhile", self.name, records, STALL_WARN)
+        log.warning("writer %s: a write of %d record(s) has been under way for %.0fs: where it writes is not "
+                    "taking it (a database: a lock held, no free connection in the pool or a pooler; a file "
+                    "or pipe: a stalled disk or a reader that stopped reading); the records wait in the "
+                    "queue meanwhile", self.name, records, STALL_WARN)
 
     def kick(self) -> None:
         """Write what is queued now, without waiting for the batch to fill (a caller that gathers
@@ -132,7 +135,7 @@ class BatchWriter(Generic[T]):
             self._q.put_nowait(item)
             self.accepted += 1
             self._idle.clear()
-            if self._q.qsize() >= self.batch_size:
+            if self._q.qsize() >= self._full():
                 self._wake.set()
             return True
         except asyncio.QueueFull:
@@ -149,7 +152,7 @@ class BatchWriter(Generic[T]):
             self._q.put_nowait(item)
             self.accepted += 1
             self._idle.clear()
-            if self._q.qsize() >= self.batch_size:
+            if self._q.qsize() >= self._full():
                 self._wake.set()
             return True
         except asyncio.QueueFull:
@@ -167,6 +170,8 @@ class BatchWriter(Generic[T]):
                 await self._q.put(item)
             self.accepted += 1
             self._idle.clear()
+            if self._q.qsize() >= self._full():
+                self._wake.set()
             return True
         except TimeoutError:
             self._drop(1, "queue_full")
@@ -175,6 +180,12 @@ class BatchWriter(Generic[T]):
     @property
     def depth(self) -> int:
         return self._q.qsize()
+
+    def _full(self) -> int:
+        """Records that make a batch worth writing at once: batch_size, or the whole queue when it
+        holds fewer (a queue of 10 under a batch of 500 would otherwise wait flush_interval full)."""
+        m = self._q.maxsize
+        return min(self.batch_size, m) if m > 0 else self.batch_size
 
     # -- background -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,7 +196,7 @@ class BatchWriter(Generic[T]):
         while True:
             first = await self._q.get()
             batch = [first]
-            if self._q.qsize() + 1 < self.batch_size and not self._closing:
+            if self._q.qsize() + 1 < self._full() and not self._closing:
                 # Let the batch gather for flush_interval without waking up for every record;
                 # a full batch or close() ends the wait early.
                 self._wake.clear()

@@ -615,3 +615,17 @@ async def test_a_jsonl_sink_that_cannot_be_written_is_refused_up_front(make_gate
         assert (await post(s, g.url))[0] == 200
     await g.stop()
     assert any(json.loads(line)["type"] == "request" for line in good.read_text().splitlines())
+
+
+def test_one_jsonl_file_is_one_sink_however_its_path_is_spelled(tmp_path):
+    """`a.jsonl` and `./a.jsonl` (or a symlink to it) are one file: listed twice, every event would
+    be written to it twice."""
+    from gateway.config import ConfigError, load_config_text
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "logs")
+    for other in (f"{tmp_path}/logs/./a.jsonl", f"{tmp_path}/logs/../logs/a.jsonl", f"{tmp_path}/link/a.jsonl"):
+        text = (f"upstream: {{url: 'http://127.0.0.1:9'}}\nplugins:\n- name: audit\n  config:\n    sinks:\n"
+                f"    - {{type: jsonl, path: '{tmp_path}/logs/a.jsonl'}}\n    - {{type: jsonl, path: '{other}'}}\n")
+        with pytest.raises(ConfigError, match="listed twice"):
+            load_config_text(text)

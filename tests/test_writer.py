@@ -288,3 +288,22 @@ async def test_a_write_that_never_returns_is_reported(monkeypatch, caplog):
     await w.flush(timeout=5)
     assert stored == [1] and services.failing_writers(0.2) == []
     await w.close()
+
+
+async def test_a_queue_smaller_than_a_batch_is_written_when_full():
+    """queue_size 10 under batch_size 500: a full queue is a batch worth writing at once (it used to
+    wait flush_interval while every put waited for room)."""
+    stored: list[int] = []
+
+    async def write(batch: Sequence[int]) -> None:
+        stored.extend(batch)
+
+    w = BatchWriter("t", write, WriterMetrics(CollectorRegistry()), max_queue=10, batch_size=500,
+                    flush_interval=30)
+    w.start()
+    for i in range(25):  # more than the queue holds: each put past 10 waits (full_wait 0.5 s) for room
+        assert await w.put(i), i  # (flush_interval is 30 s: only a full queue wakes the writer in time)
+    w.kick()
+    await asyncio.wait_for(w.flush(), 10)
+    await w.close()
+    assert stored == list(range(25)) and w.dropped == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, ClassVar, Literal, Union
 
@@ -69,7 +70,8 @@ class AuditConfig(PluginConfig):
             spec = s if isinstance(s, SinkSpec) else SinkSpec(type=s)
             if spec.type == "jsonl" and not spec.path:
                 raise ValueError("the jsonl sink needs a path")
-            key = (spec.type, spec.path)
+            # (one file however its path is spelled: ./a.jsonl, a/../a.jsonl, a symlink to it)
+            key = (spec.type, os.path.realpath(spec.path) if spec.path else None)
             if key in seen:
                 raise ValueError(f"sink {spec.type} listed twice")
             seen.add(key)
@@ -125,7 +127,7 @@ class Audit(Plugin):
                     raise RuntimeError(f"audit sink {spec.type} cannot be written: {e.strerror or e}") from None
 
             def factory(sink: Sink = sink) -> Any:
-                w = self.services.writer(f"audit:{sink.key}", sink.write, **settings)
+                w = self.services.writer(f"audit:{sink.key}", sink.write, readiness=sink.readiness, **settings)
                 w.start()
                 return w
 

@@ -7,13 +7,15 @@ non-ASCII character in a string is escaped, so one event is always exactly one l
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
+import stat
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from gateway.db import Database
+from gateway.db import Database, in_daemon_thread
 
 from . import store
 from .events import as_event, jsonl
@@ -27,6 +29,8 @@ def _lines(batch: Sequence[Any]) -> str:
 
 class Sink:
     kind = ""
+    #: Does a failing or stalled write of this sink make the instance not ready (/readyz)?
+    readiness = True
 
     @property
     def key(self) -> str:
@@ -54,7 +58,7 @@ class JsonlSink(Sink):
 
     @property
     def key(self) -> str:
-        return f"jsonl:{self.path}"
+        return f"jsonl:{os.path.realpath(self.path)}"  # (one writer per file, however it is spelled)
 
     def check(self) -> None:
         """Can the file be appended to? Raises OSError (at start-up, so a reload is refused) if not."""
@@ -63,40 +67,69 @@ class JsonlSink(Sink):
             pass
 
     def _write(self, data: str) -> None:
-        """Append the batch's lines. After a crash mid-write (or a full disk) the file may end in a
-        torn line: the batch then starts on a new line, so no record is glued onto the fragment. A
-        write that fails part-way is cut back off (unless another process appended meanwhile), so
-        the writer's retry of the whole batch neither extends a fragment nor repeats records."""
-        raw = data.encode("ascii")
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            start = os.fstat(fd).st_size
-            if start and os.pread(fd, 1, start - 1) != b"\n":
-                raw = b"\n" + raw
-            view, written = memoryview(raw), 0
-            try:
-                while written < len(raw):
-                    written += os.write(fd, view[written:])
-            except OSError:
-                if written and os.fstat(fd).st_size == start + written:
-                    os.ftruncate(fd, start)
-                raise
+            _append(fd, data.encode("ascii"))
         finally:
             os.close(fd)
 
     async def write(self, batch: Sequence[Any]) -> None:
-        await asyncio.to_thread(self._write, _lines(batch))
+        # A daemon thread of its own: a write that never returns (a stalled network mount) does
+        # not hold the process's exit.
+        await in_daemon_thread(self._write, _lines(batch))
+
+
+def _append(fd: int, raw: bytes) -> None:
+    """Write a batch's lines to ``fd``. On a regular file: after a crash mid-write (or a full disk)
+    the file may end in a torn line, so the batch then starts on a new line and no record is glued
+    onto the fragment; a write that fails part-way is cut back off (unless another process wrote
+    meanwhile), so the writer's retry of the whole batch neither extends a fragment nor repeats
+    records. A pipe takes the bytes as they come."""
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    start = os.fstat(fd).st_size if regular else 0
+    if regular and start:
+        try:
+            last = os.pread(fd, 1, start - 1)
+        except OSError:  # (a descriptor opened for writing only, as a shell's redirect: not checked)
+            last = b"\n"
+        if last != b"\n":
+            raw = b"\n" + raw
+    view, written = memoryview(raw), 0
+    try:
+        while written < len(raw):
+            written += os.write(fd, view[written:])
+    except OSError:
+        if regular and written and os.fstat(fd).st_size == start + written:
+            os.ftruncate(fd, start)
+            with contextlib.suppress(OSError):  # (a descriptor not opened to append writes at its offset)
+                os.lseek(fd, start, os.SEEK_SET)
+        raise
+
+
+#: One write to stdout at a time, whichever writer (a reload's new one while the old one is stuck)
+_STDOUT = threading.Lock()
 
 
 class StdoutSink(Sink):
     kind = "stdout"
+    #: A log shipper reading stdout slowly is no reason to take the instance out of a load balancer.
+    readiness = False
 
     @staticmethod
     def _write(data: str) -> None:
-        sys.stdout.write(data)
-        sys.stdout.flush()
+        with _STDOUT:
+            try:
+                fd = sys.stdout.fileno()
+            except (AttributeError, OSError, ValueError):  # (replaced by something without a descriptor)
+                sys.stdout.write(data)
+                sys.stdout.flush()
+                return
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()  # (what others printed first: the lines stay whole and in order)
+            _append(fd, data.encode("ascii"))
 
     async def write(self, batch: Sequence[Any]) -> None:
-        # On a thread, as the file sink: a reader that stops reading (a full pipe) blocks this
-        # writer only, never the event loop; the bounded queue then fills and drops are counted.
-        await asyncio.to_thread(self._write, _lines(batch))
+        # On a daemon thread of its own: a reader that stops reading (a full pipe) blocks this
+        # writer only, never the event loop nor the process's exit; the bounded queue then fills
+        # and drops are counted. The lock keeps a second write from starting beside a stuck one.
+        await in_daemon_thread(self._write, _lines(batch))
