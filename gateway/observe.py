@@ -57,7 +57,7 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "_content", "_tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0")
+                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -71,6 +71,7 @@ class Completion:
         self.role: str | None = None
         self.deltas = 0        # deltas of output seen, all choices (roughly one per generated token)
         self.deltas0 = 0       # of those, the deltas of choice 0
+        self.deltas_at_usage = 0  # deltas seen up to the (latest) usage report, its own event included
         self.choices = 0       # choices in the answer (n > 1: more than one; streams: highest index + 1)
         self.done = False      # saw the end ([DONE], a finish_reason, or a complete JSON body)
         self.unread = 0        # SSE events over MAX_EVENT: relayed to the client, not read here
@@ -147,8 +148,19 @@ class Completion:
         return usage_tokens(self.usage)[0] if self.usage else None
 
     @property
+    def usage_stale(self) -> bool:
+        """A stream whose (latest) usage report came before some of its output: an upstream that
+        reports at the start, the stream then cut short. The report does not count what followed."""
+        return self.kind == "sse" and self.usage is not None and self.deltas > self.deltas_at_usage
+
+    @property
     def completion_tokens(self) -> int | None:
-        return usage_tokens(self.usage)[1] if self.usage else None
+        if not self.usage:
+            return None
+        q = usage_tokens(self.usage)[1]
+        if self.usage_stale:  # (at least what was relayed after it: one token per delta)
+            return max(q or 0, self.deltas)
+        return q
 
     @property
     def relayed_tokens(self) -> int | None:
@@ -158,7 +170,12 @@ class Completion:
 
     @property
     def total_tokens(self) -> int | None:
-        return _int(self.usage.get("total_tokens")) if self.usage else None
+        if not self.usage:
+            return None
+        total = _int(self.usage.get("total_tokens"))
+        if self.usage_stale:
+            return max(total or 0, (self.prompt_tokens or 0) + (self.completion_tokens or 0))
+        return total
 
     def assistant_message(self) -> dict[str, Any] | None:
         if self.message is not None:
@@ -455,6 +472,8 @@ class ResponseObserver:
                 self._delta(delta)
             elif isinstance(ch.get("text"), str):  # legacy /v1/completions stream
                 self._text(ch["text"])
+        if isinstance(usage, dict):  # (after its own event's deltas: a report on every chunk covers them)
+            c.deltas_at_usage = c.deltas
         if self.strip and isinstance(usage, dict) and not choices:
             return False
         return True
@@ -492,6 +511,7 @@ class ResponseObserver:
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             if isinstance(r.get("usage"), dict):
                 c.usage = r["usage"]
+                c.deltas_at_usage = c.deltas
             reason = _response_status(r)
             if reason is not None:
                 c.finish_reasons.append(reason)

@@ -87,7 +87,10 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
         c.model if c is not None else None,
         c.usage if c is not None else None,
-        c.relayed_tokens if c is not None else None,  # a stream without a usage report
+        # output tokens estimated from the deltas relayed: a stream without a usage report, or one
+        # whose report came before some of its output (the larger of the two counts)
+        (c.relayed_tokens if c.usage is None else c.completion_tokens if c.usage_stale else None)
+        if c is not None else None,
         ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
@@ -126,6 +129,8 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         overhead = int((t_up - t_start) * 1e6 + 0.5) / 1000
     if usage:
         tokens_in, tokens_out = usage_tokens(usage)
+        if relayed is not None:  # a report that came before some of the stream's output
+            tokens_out = relayed
     elif relayed is not None:
         tokens_in, tokens_out = None, relayed  # estimated: see build()
     else:

@@ -559,7 +559,7 @@ class Conversations(Plugin):
             asst = comp.assistant_message() if comp is not None else None
             if asst is not None and (status == "complete" or asst.get("content") or asst.get("tool_calls")
                                      or asst.get("refusal") or asst.get("audio")):
-                t, derived = completion_tokens, False
+                t, derived = completion_tokens, comp is not None and comp.usage_stale
                 if t is None and comp is not None and comp.deltas:
                     t, derived = comp.deltas0 if comp.choices > 1 else comp.deltas, True
                 elif t is not None and comp is not None and comp.choices > 1:
