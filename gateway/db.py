@@ -62,7 +62,7 @@ def in_daemon_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=run, name="gateway-config-read", daemon=True).start()
+    threading.Thread(target=run, name=f"gateway:{getattr(fn, '__qualname__', 'call')}", daemon=True).start()
     return fut
 
 

@@ -29,6 +29,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def until(check: Any, timeout: float = 10.0, every: float = 0.05, what: str = "the condition") -> Any:
+    """Call ``check`` (a function, or a coroutine function) until it returns something true, and
+    return that; AssertionError after ``timeout`` seconds. Exceptions from ``check`` count as not yet
+    (a server still starting refuses connections)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            got = check()
+            if asyncio.iscoroutine(got):
+                got = await got
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            got = None
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
 def base_config(upstream_url: str, tmp: Path, plugins: list[dict[str, Any]] | None = None, **sections: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout": 5},

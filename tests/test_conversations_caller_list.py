@@ -1,12 +1,11 @@
 """The caller's conversation list: what a chat UI shows as "your conversations"."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
 
-from .helpers import ADMIN_TOKEN
+from .helpers import ADMIN_TOKEN, until
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -25,12 +24,12 @@ async def test_failed_first_turns_leave_no_entry_in_the_callers_list(make_gatewa
         async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200
             ok = r.headers["X-Conversation-ID"]
-        for _ in range(100):  # until the writer has stored all four
+        async def all_four() -> Any:
             async with s.get(g.admin_url + "/conversations", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-                admin = await r.json()
-            if len(admin["data"]) == 4:
-                break
-            await asyncio.sleep(0.05)
+                got = await r.json()
+            return got if len(got["data"]) == 4 else None
+
+        admin = await until(all_four, what="the writer to store all four")
         async with s.get(g.url + "/gateway/conversations") as r:
             listed = await r.json()
         async with s.get(g.url + f"/gateway/conversations/{failed[0]}") as r:

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import ConfigError, load_config_text
 
-from .helpers import base_config, free_port, open_idle_sockets, write_config
+from .helpers import base_config, free_port, open_idle_sockets, until, write_config
 
 
 def test_admin_on_the_public_port_is_refused_by_check() -> None:
@@ -66,16 +66,11 @@ async def test_running_out_of_file_descriptors_is_logged_once_not_flooded(tmp_pa
             c.close()
         clients.clear()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    async with s.get(f"http://127.0.0.1:{port}/v1/models") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.2)
+            async def serving() -> bool:
+                async with s.get(f"http://127.0.0.1:{port}/v1/models") as r:
+                    return r.status == 200
+
+            await until(serving, 10, 0.2, "the gateway to serve again")
     finally:
         for c in clients:
             c.close()

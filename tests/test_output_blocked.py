@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from .helpers import ADMIN_TOKEN, base_config, free_port, write_config
+from .helpers import ADMIN_TOKEN, base_config, free_port, until, write_config
 
 T = aiohttp.ClientTimeout(total=5)
 
@@ -28,14 +28,11 @@ async def test_a_pipe_nobody_reads_stops_nothing(upstream: Any, tmp_path: Path) 
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # never read
     try:
         async with aiohttp.ClientSession(timeout=T) as s:
-            for _ in range(300):  # start-up (its log lines go into the pipe too)
-                try:
-                    async with s.get(f"http://127.0.0.1:{admin_port}/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            async def alive() -> bool:
+                async with s.get(f"http://127.0.0.1:{admin_port}/healthz") as r:
+                    return r.status == 200
+
+            await until(alive, 30, 0.1, "start-up")  # (its log lines go into the pipe too)
             body = {"model": "demo-chat", "messages": [{"role": "user", "content": "x" * 2000}]}
             # ~700 bytes of audit line each, and DEBUG log lines: the 64 KiB pipe takes about 90
             # events, a stuck write holds 10, the queue 20: the rest are dropped

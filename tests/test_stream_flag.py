@@ -3,7 +3,6 @@ them as true and stream; the gateway takes them for a stream request too, so the
 for (and hidden from the client), and the prompt tokens are counted as for ``"stream": true``."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import aiohttp
@@ -11,7 +10,7 @@ import pytest
 
 from gateway.context import truthy
 
-from .helpers import ADMIN_TOKEN
+from .helpers import ADMIN_TOKEN, until
 
 
 def test_flags_read_as_the_backends_read_them() -> None:
@@ -28,12 +27,10 @@ async def test_a_stream_asked_for_with_any_true_value_is_counted_whole(make_gate
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             text = await r.text()
         assert '"usage"' not in text  # the usage the gateway asked for: hidden from this client
-        for _ in range(100):  # until the audit writer has stored it
+        async def stored() -> list[Any]:
             async with s.get(g.admin_url + "/audit?type=request", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-                data = (await r.json())["data"]
-            if data:
-                break
-            await asyncio.sleep(0.05)
-        ev = data[0]
+                return (await r.json())["data"]
+
+        ev = (await until(stored, what="the audit event"))[0]
     assert ev["streamed"] is True and ev["tokens_in"] is not None and ev["tokens_in"] > 0, ev
     assert "tokens_estimated" not in ev

@@ -10,7 +10,7 @@ import aiohttp
 
 from gateway.plugins.key_auth.keys import format_key, new_key_id, new_secret
 
-from .helpers import GatewayProcess, base_config, free_port, write_config
+from .helpers import GatewayProcess, base_config, free_port, until, write_config
 from .test_tracing import CHAT, by_name, otlp_attrs, receiver, tracing  # noqa: F401  (receiver is a fixture)
 
 
@@ -55,10 +55,8 @@ async def test_a_stream_the_client_left_records_its_status_and_the_cut(make_gate
             assert r.status == 200
             await r.content.readuntil(b"\n\n")  # the head and a first event, then away
     exp = g.plugin("tracing").memory_exporter
-    for _ in range(200):  # until the gateway has noticed (its next write) and ended the request
-        if any(sp.kind.name == "SERVER" for sp in exp.get_finished_spans()):
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: any(sp.kind.name == "SERVER" for sp in exp.get_finished_spans()),
+                what="the gateway to notice (its next write) and end the request")
     spans = by_name(exp.get_finished_spans())
     assert "POST /v1/chat/completions" in spans, {n: dict(sp.attributes) for n, sp in spans.items()}
     server = spans["POST /v1/chat/completions"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator)
 
 from gateway.admin import admin_identity
 from gateway.config.model import prefix_problem
@@ -92,6 +93,10 @@ def _timestamp_text(v: Any) -> Any:
     raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2027-01-31T00:00:00Z")
 
 
+#: An expiry time as both bodies take it: a date-time string with an offset, one the store can keep.
+ExpiresAt = Annotated[AwareDatetime | None, BeforeValidator(_timestamp_text), AfterValidator(_in_range)]
+
+
 class CreateKey(_Body):
     owner: str = Field(min_length=1, max_length=200, description="The user the key belongs to.")
     name: str = Field("", max_length=200, description="A label for people.")
@@ -99,22 +104,12 @@ class CreateKey(_Body):
     metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON kept with the key.")
     scopes: Scopes = Field(default_factory=Scopes)
     limits: Limits = Field(default_factory=Limits)
-    expires_at: AwareDatetime | None = Field(None, description="When the key stops working (RFC 3339 with offset).")
+    expires_at: ExpiresAt = Field(None, description="When the key stops working (RFC 3339 with offset).")
 
     @field_validator("owner", "name", "team")
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
-
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _when_text(cls, v: Any) -> Any:
-        return _timestamp_text(v)
-
-    @field_validator("expires_at")
-    @classmethod
-    def _when(cls, v: Any) -> Any:
-        return _in_range(v)
 
 
 class UpdateKey(_Body):
@@ -123,22 +118,12 @@ class UpdateKey(_Body):
     metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata.")
     scopes: Scopes | None = Field(None, description="Only the lists given change (paths, models); [] clears one.")
     limits: Limits | None = Field(None, description="Only the fields given change; null clears an override.")
-    expires_at: AwareDatetime | None = Field(None, description="null: never expires.")
+    expires_at: ExpiresAt = Field(None, description="null: never expires.")
 
     @field_validator("name", "team")
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
-
-    @field_validator("expires_at", mode="before")
-    @classmethod
-    def _when_text(cls, v: Any) -> Any:
-        return _timestamp_text(v)
-
-    @field_validator("expires_at")
-    @classmethod
-    def _when(cls, v: Any) -> Any:
-        return _in_range(v)
 
 
 class RotateKey(_Body):
