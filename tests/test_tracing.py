@@ -229,6 +229,40 @@ async def test_record_content_opt_in(make_gateway, upstream):
     assert out[0]["parts"][0]["content"] == json.loads(body)["choices"][0]["message"]["content"][:20] + "…"
 
 
+async def test_record_content_covers_the_responses_api(make_gateway):
+    """/v1/responses through the openai SDK: its `input` items (a message with parts, a function
+    call and its output) are the span's input messages, `instructions` its system instructions,
+    the answer its output message."""
+    from .test_observe import backend
+
+    async def responses(request: web.Request) -> web.Response:
+        return web.json_response({"id": "resp_1", "object": "response", "created_at": 0, "model": "m-1",
+                                  "status": "completed", "output": [{
+                                      "type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                                      "content": [{"type": "output_text", "text": "It is sunny.", "annotations": []}]}],
+                                  "usage": {"input_tokens": 30, "output_tokens": 4, "total_tokens": 34}})
+
+    async with backend(responses, "/v1/responses") as url:
+        g = await make_gateway([tracing(record_content=True)], upstream={"url": url})
+        client = AsyncOpenAI(base_url=g.url + "/v1", api_key="unused", max_retries=0)
+        got = await client.responses.create(model="m", instructions="Be brief.", input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"},
+                                         {"type": "input_image", "image_url": "https://example.com/p.png"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}])
+        await client.close()
+        assert got.output_text == "It is sunny."
+        a = by_name(g.plugin("tracing").memory_exporter.get_finished_spans())["chat m"].attributes
+    assert json.loads(a["gen_ai.system_instructions"]) == [{"type": "text", "content": "Be brief."}]
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "Weather in Paris?"}, {"type": "input_image"}]},
+        {"role": "assistant", "parts": [{"type": "tool_call", "id": "call_1", "name": "weather",
+                                         "arguments": '{"city": "Paris"}'}]},
+        {"role": "tool", "parts": [{"type": "tool_call_response", "id": "call_1", "response": "sunny"}]}]
+    out = json.loads(a["gen_ai.output.messages"])
+    assert out[0]["parts"] == [{"type": "text", "content": "It is sunny."}] and out[0]["finish_reason"] == "stop"
+
+
 async def test_no_secret_in_captured_headers(make_gateway, upstream, monkeypatch):
     """Even when the OTel header-capture variables ask for every header, credentials stay out."""
     monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", ".*")

@@ -99,7 +99,7 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
             if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
                 a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
     if record_content:
-        _content(a, op, body, c, max_chars)
+        _content(a, op, body, c, max_chars, ctx.path.endswith("/responses"))
     return a
 
 
@@ -137,17 +137,45 @@ def _message(m: dict[str, Any], max_chars: int) -> dict[str, Any]:
     return {"role": m.get("role"), "parts": parts}
 
 
+def _responses_input(inp: Any, max_chars: int) -> list[dict[str, Any]]:
+    """A Responses API ``input`` (a string, or a list of items: messages, the model's function
+    calls and their outputs) as the conventions' messages."""
+    if isinstance(inp, str):
+        return [{"role": "user", "parts": _parts(inp, max_chars)}]
+    msgs: list[dict[str, Any]] = []
+    for item in inp if isinstance(inp, list) else ():
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "function_call":
+            msgs.append({"role": "assistant", "parts": [{
+                "type": "tool_call", "id": item.get("call_id"), "name": item.get("name"),
+                "arguments": _cut(str(item.get("arguments") or ""), max_chars)}]})
+        elif kind == "function_call_output":
+            msgs.append({"role": "tool", "parts": [{"type": "tool_call_response", "id": item.get("call_id"),
+                                                   "response": _cut(str(item.get("output") or ""), max_chars)}]})
+        elif isinstance(item.get("role"), str):  # a message (type "message", or none)
+            msgs.append({"role": item["role"], "parts": _parts(item.get("content"), max_chars)})
+    return msgs
+
+
 def _json(v: Any) -> str:
     """Message JSON for a span attribute: non-ASCII kept, a lone surrogate as '?' (see :func:`text`)."""
     return utf8_safe(json.dumps(v, ensure_ascii=False, default=str))
 
 
-def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> None:
+def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int, responses: bool) -> None:
     if not isinstance(body, dict):
         return
     if op == "chat" and isinstance(body.get("messages"), list):
         msgs = [_message(m, max_chars) for m in body["messages"] if isinstance(m, dict)]
         a["gen_ai.input.messages"] = _json(msgs)
+    elif op == "chat" and "input" in body:  # the Responses API: `instructions` + `input` items
+        if isinstance(body.get("instructions"), str):
+            a["gen_ai.system_instructions"] = _json(_parts(body["instructions"], max_chars))
+        msgs = _responses_input(body["input"], max_chars)
+        if msgs:
+            a["gen_ai.input.messages"] = _json(msgs)
     elif op == "text_completion" and isinstance(body.get("prompt"), str):
         a["gen_ai.input.messages"] = _json([{"role": "user", "parts": _parts(body["prompt"], max_chars)}])
     elif op == "embeddings":
@@ -165,5 +193,6 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int) -> N
             out = _message(msg, max_chars)
             out["role"] = out["role"] or "assistant"
             if c.finish_reason is not None:
-                out["finish_reason"] = c.finish_reason
+                out["finish_reason"] = _RESPONSES_REASONS.get(c.finish_reason, c.finish_reason) if responses \
+                    else c.finish_reason
             a["gen_ai.output.messages"] = _json([out])
