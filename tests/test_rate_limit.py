@@ -322,6 +322,41 @@ async def test_cancelled_stream_is_charged_for_what_was_generated(make_gateway, 
         assert charged < est + 400            # but not the full answer that was never generated
 
 
+async def test_an_answer_the_gateway_cannot_read_is_charged_what_the_request_was_admitted_for(make_gateway):
+    """A backend's own API (Ollama's /api/chat answers NDJSON, no OpenAI usage): the tokens it
+    generated cannot be read, so the request pays the estimate it was admitted with (prompt plus
+    max_tokens, or the default), not a token or so for its prompt (a quota would never hold)."""
+    from .test_observe import backend
+
+    from aiohttp import web
+
+    async def ollama(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        for i in range(500):
+            await resp.write(json.dumps({"model": "llama3", "message": {"role": "assistant", "content": f"w{i} "},
+                                         "done": False}).encode() + b"\n")
+        await resp.write(json.dumps({"model": "llama3", "done": True, "eval_count": 500}).encode() + b"\n")
+        return resp
+
+    async with backend(ollama, "/api/chat") as url:
+        g = await make_gateway([rl(strategy="fixed", estimate_default_max_tokens=300, rules=[
+            {"name": "tpm", "limit": "10000/minute", "counts": "tokens", "key_by": ["ip"]}])], upstream={"url": url})
+        body = chat_body("why is the sky blue")
+        est = prompt_estimate(body)
+        async with aiohttp.ClientSession() as s:
+            left = 10000
+            for max_tokens, admitted in ((None, est + 300), (700, est + 700)):
+                b = body if max_tokens is None else {**body, "max_tokens": max_tokens}
+                async with s.post(g.url + "/api/chat", json=b, timeout=T) as r:
+                    assert r.status == 200 and (await r.read()).count(b"\n") == 501
+                await settle(g)
+                async with s.get(g.url + "/api/chat", timeout=T) as r:  # (a GET: admitted for nothing)
+                    now = int(r.headers["x-ratelimit-remaining-tokens"])
+                assert left - now == admitted, (max_tokens, left, now)
+                left = now
+
+
 # -- per-key overrides ----------------------------------------------------------------------------
 async def test_per_key_overrides_take_precedence(make_gateway):
     g = await make_gateway([

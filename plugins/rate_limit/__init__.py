@@ -372,7 +372,7 @@ class RateLimit(Plugin):
         st: _State | None = ctx.state.get(NAME)
         if st is None or ctx.t_upstream is None or not (st.token_limits or st.quota_periods):
             return
-        tokens = used_tokens(ctx, st.prompt)
+        tokens = used_tokens(ctx, st.prompt, st.estimate)
         if tokens <= 0:
             return
         if st.subject is not None and self._quota is not None:
@@ -401,12 +401,14 @@ class RateLimit(Plugin):
             self.store.dropped(dropped, why)
 
 
-def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
+def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None = None) -> int:
     """Tokens the exchange cost: the upstream's usage when it reported one; without one, the prompt
     estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
-    text (content and tool calls, of every choice) at four characters per token; a 2xx answer the gateway could not
-    read, or a request the client gave up on before the response head, the prompt estimate. Error
-    answers cost nothing."""
+    text (content and tool calls, of every choice) at four characters per token; a request the
+    client gave up on before the response head, the prompt estimate; a 2xx answer the gateway could
+    not read (a backend's own API, such as Ollama's NDJSON /api/chat), the whole ``estimate`` the
+    request was admitted with (prompt plus the completion it allows), so that such answers cannot
+    generate without limit for a token each. Error answers cost nothing."""
     c = ctx.completion
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
         return prompt_estimate if ctx.outcome in ("client_disconnected", "gateway_shutdown") else 0
@@ -422,7 +424,8 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int) -> int:
     if c.kind == "json" and c.done and ctx.status is not None and 200 <= ctx.status < 300:
         return prompt_estimate + (_answer_chars(c) + 3) // 4
     if ctx.status is not None and 200 <= ctx.status < 300:
-        return prompt_estimate  # an answer in a shape the gateway could not read: the prompt at least
+        # an answer in a shape the gateway could not read: what the request was admitted for
+        return max(prompt_estimate, estimate or 0)
     return 0
 
 
