@@ -9,7 +9,7 @@ import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -66,10 +66,20 @@ class Target:
     """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
     request that began before a reload is sent where, and with the credentials and timeouts, its
     chain's config says (the connection pool is shared)."""
-    __slots__ = ("base", "static_headers", "timeouts", "client_timeout", "stream_usage")
+    __slots__ = ("base", "query", "query_names", "static_headers", "timeouts", "client_timeout", "stream_usage")
 
     def __init__(self, cfg: "UpstreamConfig") -> None:
         self.base = cfg.url
+        #: A query string in the configured URL (``...?api-version=2024-02-01``) goes on every
+        #: request, after the client's own (whose parameters of the same names it replaces); the
+        #: request's path goes before it. (A fragment is never sent.)
+        self.query = ""
+        self.query_names: frozenset[str] = frozenset()
+        u = urlsplit(cfg.url)
+        if u.query or u.fragment or "?" in cfg.url or "#" in cfg.url:
+            self.base = urlunsplit((u.scheme, u.netloc, u.path.rstrip("/"), "", ""))
+            self.query = "&".join(p for p in u.query.split("&") if p)
+            self.query_names = frozenset(unquote_plus(p.split("=", 1)[0]) for p in self.query.split("&") if p)
         self.stream_usage = cfg.stream_usage  # (as configured; see Upstream.asks_usage)
         self.static_headers = dict(cfg.headers)
         t = self.timeouts = cfg.timeouts
@@ -77,6 +87,13 @@ class Target:
         # send() switches the connection's read timeout to `idle` for the body.
         self.client_timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
                                                     sock_read=t.first_byte)
+
+
+    def with_query(self, rel: URL) -> str:
+        """``rel``'s path and query (as sent, encoded) with the configured query added."""
+        q = rel.raw_query_string
+        kept = [p for p in q.split("&") if p and unquote_plus(p.split("=", 1)[0]) not in self.query_names]
+        return rel.raw_path + "?" + "&".join(kept + [self.query])
 
 
 class Upstream:
@@ -187,7 +204,8 @@ class Upstream:
         assert self.session is not None
         req = ctx.request
         # The request target exactly as the client sent it (re-quoting would change its bytes).
-        url = URL(target.base + req.rel_url.raw_path_qs, encoded=True)
+        url = URL(target.base + (req.rel_url.raw_path_qs if not target.query else target.with_query(req.rel_url)),
+                  encoded=True)
         headers = self.request_headers(ctx, target)
         session = self.traced if self.traced is not None and PLAIN_UPSTREAM not in req else self.session
         try:
@@ -265,7 +283,9 @@ class Upstream:
             async with asyncio.timeout(timeout):
                 if self.cfg.health_path and self.session is not None:
                     t = self.target
-                    async with self.session.get(t.base + self.cfg.health_path, headers=t.static_headers,
+                    async with self.session.get(t.base + (t.with_query(URL(self.cfg.health_path, encoded=True))
+                                                          if t.query else self.cfg.health_path),
+                                                headers=t.static_headers,
                                                 allow_redirects=False) as r:
                         return (r.status < 500, f"HTTP {r.status}")
                 tls = self.target.base.startswith("https:")

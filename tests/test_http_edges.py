@@ -318,3 +318,37 @@ async def test_the_demo_backend_answers_malformed_tools_with_a_json_400() -> Non
                     assert "tools" in (await r.json())["error"]["message"]
     finally:
         await runner.cleanup()
+
+
+async def test_an_upstream_url_with_a_query_keeps_it_on_every_request(make_gateway: Any) -> None:
+    """``upstream.url: http://host/api/openai?api-version=2024-02-01`` (a deployment that wants a
+    version parameter): each request's path goes before the query and the query on every request,
+    replacing a client's parameter of the same name; the readiness probe gets it too. (The URL
+    was glued to the request path: `...?api-version=2024-02-01/v1/chat/completions`.)"""
+    import aiohttp
+    from aiohttp import web
+
+    from .helpers import serve_handler
+
+    seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    async def backend(request: web.Request) -> web.Response:
+        seen.append((request.path, list(request.query.items())))
+        return web.json_response({"ok": True})
+
+    runner, url = await serve_handler(backend)
+    try:
+        g = await make_gateway([], upstream={"url": url + "/api/openai/?api-version=2024-02-01#frag",
+                                             "health_path": "/health"})
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.post(g.url + "/v1/chat/completions", data=CHAT) as r:
+                assert r.status == 200
+            async with s.get(g.url + "/v1/models?limit=5&api-version=old") as r:
+                assert r.status == 200
+            async with s.get(g.admin_url + "/readyz") as r:
+                assert r.status == 200
+        assert seen[0] == ("/api/openai/v1/chat/completions", [("api-version", "2024-02-01")])
+        assert seen[1] == ("/api/openai/v1/models", [("limit", "5"), ("api-version", "2024-02-01")])
+        assert ("/api/openai/health", [("api-version", "2024-02-01")]) in seen[2:]
+    finally:
+        await runner.cleanup()
