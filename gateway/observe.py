@@ -27,6 +27,9 @@ MAX_CHOICES = 1024
 #: last in the API's answers (embeddings of a large batch, generated images, a Responses stream's
 #: final event), so the tokens are still counted.
 TAIL = 64 * 1024
+#: Of a JSON body too large to parse, its top-level members within this many first bytes are read
+#: too: vLLM puts the usage (and the model, id and choices) before a huge ``prompt_logprobs``.
+HEAD = 2**20
 
 
 class _Joined:
@@ -57,7 +60,8 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "_content", "_tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage")
+                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage",
+                 "usage_on_output", "cut_mid_event")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -72,6 +76,9 @@ class Completion:
         self.deltas = 0        # deltas of output seen, all choices (roughly one per generated token)
         self.deltas0 = 0       # of those, the deltas of choice 0
         self.deltas_at_usage = 0  # deltas seen up to the (latest) usage report, its own event included
+        #: the (latest) usage report came on a chunk of output (vLLM's continuous_usage_stats, a
+        #: finish chunk), not on the stream's final usage-only chunk
+        self.usage_on_output = False
         self.choices = 0       # choices in the answer (n > 1: more than one; streams: highest index + 1)
         self.done = False      # saw the end ([DONE], a finish_reason, or a complete JSON body)
         self.unread = 0        # SSE events over MAX_EVENT: relayed to the client, not read here
@@ -80,10 +87,15 @@ class Completion:
         self.kind = "json"     # "json" or "sse"
         self.raw: Any = None   # the parsed JSON body (non-streamed)
         #: The upstream reported an error inside a 2xx answer: an ``error`` object as a stream event
-        #: (vLLM on an engine failure, then ``[DONE]``), an ``event: error``, or a JSON body that is
-        #: an error object. The answer is then not a finished one, whatever [DONE] said.
+        #: (vLLM on an engine failure, then ``[DONE]``), an ``event: error``, an ``error:`` field line
+        #: (older llama.cpp servers), or a JSON body that is an error object. The answer is then not
+        #: a finished one, whatever [DONE] said.
         self.error = False
         self.ended = False     # saw the stream's terminating [DONE]
+        #: The SSE body ended inside an event (a partial event left over), with no [DONE] and no
+        #: finish reason: the upstream went away mid-answer, though a body delimited by the
+        #: connection's close (HTTP/1.0, or no length) had no length to fall short of.
+        self.cut_mid_event = False
         # A reasoning model's streamed thinking of choice 0: the field it came in, and its text.
         self._reasoning_field = ""
         self._reasoning: str | _Parts | None = None
@@ -149,9 +161,17 @@ class Completion:
 
     @property
     def usage_stale(self) -> bool:
-        """A stream whose (latest) usage report came before some of its output: an upstream that
-        reports at the start, the stream then cut short. The report does not count what followed."""
-        return self.kind == "sse" and self.usage is not None and self.deltas > self.deltas_at_usage
+        """A stream whose (latest) usage report does not count all of its output: it came before
+        some of it (an upstream that reports at the start, the stream then cut short), or it came
+        on a chunk of output and counts fewer tokens than the deltas delivered. The latter is a
+        stream that ended without its final usage-only chunk under vLLM's continuous_usage_stats
+        with n > 1: each chunk reports the count of its own choice only. A stream's final usage
+        chunk (or a report on every chunk of one choice) covers what came, and is taken as it is."""
+        if self.kind != "sse" or self.usage is None:
+            return False
+        if self.deltas > self.deltas_at_usage:
+            return True
+        return self.usage_on_output and self.deltas > (usage_tokens(self.usage)[1] or 0)
 
     @property
     def completion_tokens(self) -> int | None:
@@ -262,6 +282,7 @@ class ResponseObserver:
         self._ignored = not readable and not streamed
         self._too_big = False
         self._tail = bytearray()  # the last TAIL bytes of a body, or an event, too large to parse
+        self._lead: dict[str, Any] = {}  # the top-level members in the first HEAD bytes of such a body
         #: read the usage at the end of what is too large to parse (an answer to a generation)
         self._tail_ok = tail
         self._passing = False  # inside an SSE event too long to parse: relayed until it ends
@@ -283,6 +304,9 @@ class ResponseObserver:
                 _keep_tail(self._tail, chunk)
             elif len(self._buf) + len(chunk) > MAX_JSON_BODY:
                 self._too_big = True
+                if self._tail_ok:  # (the first bytes are at hand: read now, not held)
+                    head = bytes(self._buf[:HEAD])
+                    self._lead = head_members(head + chunk[:HEAD - len(head)])
                 _keep_tail(self._tail, self._buf)
                 _keep_tail(self._tail, chunk)
                 self._buf.clear()
@@ -379,6 +403,7 @@ class ResponseObserver:
                     pass
             elif self._too_big:
                 self._tail_usage()
+                self._lead_members()
             self._buf.clear()
             return b""
         rest = bytes(self._buf)
@@ -386,17 +411,25 @@ class ResponseObserver:
         if self._passing:
             _keep_tail(self._tail, rest)
             self._tail_usage()
+            self._cut()
             return rest if self.strip else b""
         if rest.strip():
             try:
                 keep = self._event(rest)
             except Exception:
                 keep = True
+            self._cut()
             if self.strip:
                 return rest if keep else b""
         elif self.strip:
             return rest  # line ends left over: relayed as they came
         return b""
+
+    def _cut(self) -> None:
+        """The body ended inside an event: cut short, unless the answer was seen to end ([DONE], a
+        finish reason; some servers end their last event without its blank line)."""
+        c = self.c
+        c.cut_mid_event = not c.ended and not c.done
 
     def _tail_usage(self) -> None:
         """The usage reported at the end of a body or event too large to parse, if there is one."""
@@ -404,6 +437,26 @@ class ResponseObserver:
         self._tail.clear()
         if u is not None:
             self.c.usage = u
+
+    def _lead_members(self) -> None:
+        """What the first bytes of a JSON body too large to parse said: its usage if the end had
+        none (vLLM reports it before ``prompt_logprobs``), its model, id and finish reasons."""
+        lead, c = self._lead, self.c
+        self._lead = {}
+        if c.usage is None and _reports_tokens(lead.get("usage")):
+            c.usage = lead["usage"]
+        if isinstance(lead.get("model"), str):
+            c.model = lead["model"]
+        if isinstance(lead.get("id"), str):
+            c.response_id = lead["id"]
+        choices = lead.get("choices")
+        if isinstance(choices, list):
+            c.choices = len(choices)
+            for ch in choices:
+                if isinstance(ch, dict) and isinstance(ch.get("finish_reason"), str):
+                    c.finish_reasons.append(ch["finish_reason"])
+                    if ch.get("index", 0) == 0:
+                        c.finish_reason = ch["finish_reason"]
 
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
@@ -418,6 +471,11 @@ class ResponseObserver:
                     v = line[5:]
                     data_lines.append(v[1:] if v.startswith(b" ") else v)
                 elif line.startswith(b"event:") and line[6:].strip() == b"error":
+                    self.c.error = True
+                elif line.startswith(b"error:"):
+                    # a field named `error` (llama.cpp's server before its PR #16109 sent a failure
+                    # mid-stream as `error: {...}`, then ended, maybe with [DONE]): an SSE parser
+                    # ignores the field, but the answer is not a finished one
                     self.c.error = True
             if not data_lines:
                 return True
@@ -474,6 +532,7 @@ class ResponseObserver:
                 self._text(ch["text"])
         if isinstance(usage, dict):  # (after its own event's deltas: a report on every chunk covers them)
             c.deltas_at_usage = c.deltas
+            c.usage_on_output = bool(choices)
         if self.strip and isinstance(usage, dict) and not choices:
             return False
         return True
@@ -512,6 +571,7 @@ class ResponseObserver:
             if isinstance(r.get("usage"), dict):
                 c.usage = r["usage"]
                 c.deltas_at_usage = c.deltas
+                c.usage_on_output = False
             reason = _response_status(r)
             if reason is not None:
                 c.finish_reasons.append(reason)
@@ -713,11 +773,45 @@ def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
             continue
         if not _closes_the_text(text, end):
             return None  # the last usage is not the answer's own: none is
-        if isinstance(obj, dict) and (any(x is not None for x in usage_tokens(obj))
-                                      or _int(obj.get("total_tokens")) is not None):
-            return obj
-        return None
+        return obj if _reports_tokens(obj) else None
     return None
+
+
+def _reports_tokens(u: Any) -> bool:
+    """Is this a usage object that reports a token count?"""
+    return isinstance(u, dict) and (any(x is not None for x in usage_tokens(u))
+                                    or _int(u.get("total_tokens")) is not None)
+
+
+def head_members(head: bytes | bytearray) -> dict[str, Any]:
+    """The top-level members of a JSON object whose first bytes these are, as far as each is whole
+    (followed by a ``,`` within them). Only members of the object itself are read, one after the
+    other, so a ``"usage"`` inside a message's content or a nested object is never taken for the
+    answer's own. Nothing if the object ends within them (the body, too large to parse, then holds
+    more than one JSON value: JSON lines)."""
+    text = bytes(head).decode("utf-8", "replace")
+    i = _WS.match(text, 1 if text.startswith("\ufeff") else 0).end()  # type: ignore[union-attr]
+    if text[i:i + 1] != "{":
+        return {}
+    out: dict[str, Any] = {}
+    i += 1
+    while True:
+        try:
+            key, i = _raw_decode(text, _WS.match(text, i).end())  # type: ignore[union-attr]
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if type(key) is not str or text[i:i + 1] != ":":
+                return out
+            value, i = _raw_decode(text, _WS.match(text, i + 1).end())  # type: ignore[union-attr]
+        except (ValueError, RecursionError):  # (cut by the head's end, or not JSON)
+            return out
+        i = _WS.match(text, i).end()  # type: ignore[union-attr]
+        sep = text[i:i + 1]
+        if sep == "}":  # the whole object fitted: the body is more than one value
+            return {}
+        if sep != ",":
+            return out  # (a value cut by the head's end may look whole: not taken)
+        out[key] = value
+        i += 1
 
 
 _WS = re.compile(r"[ \t\r\n]*")
