@@ -28,7 +28,7 @@ from gateway.context import RequestContext
 from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import _GENERATED, _ID_OK, Shared, View, body_size
+from .state import _GENERATED, _ID_OK, Shared, View, body_size, reasoning_share, reasoning_tokens
 from .store import TurnRecord, dumps, fit, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
@@ -90,6 +90,10 @@ _qstr = json.encoder.encode_basestring  # what _canon writes for a str (ensure_a
 REASONING_KEYS = frozenset({"reasoning_content", "reasoning"})
 
 
+#: Fields of an answer that only a response has: not sent back when empty.
+_RESPONSE_ONLY = ("tool_calls", "annotations", "refusal", "function_call", "audio")
+
+
 def without_reasoning(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if k not in REASONING_KEYS} if REASONING_KEYS.intersection(m) else m
 
@@ -132,9 +136,13 @@ def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[
       run) is left out: backends reject an assistant's call without its result; so is a stored
       tool result whose call was left out;
     * an assistant message left with no content, refusal, audio or tool calls is not sent (a bare
-      ``{"role": "assistant", "content": null}`` is rejected too).
+      ``{"role": "assistant", "content": null}`` is rejected too);
+    * an answer's response-only fields left empty are not sent: ``"tool_calls": []`` (vLLM sends
+      it with every plain answer; strict backends reject an empty list), ``"annotations": []``,
+      ``"refusal": null``, ``"function_call": null``, ``"audio": null``.
 
-    A changed message's token count becomes unknown (it was counted as stored)."""
+    A changed message's token count becomes unknown (it was counted as stored), unless only empty
+    fields went."""
     out: list[tuple[dict[str, Any], int | None]] = []
     changed = False
     seq = [m for m, _ in history] + list(new)
@@ -152,6 +160,10 @@ def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[
             out.append((without_reasoning(m), t))
             continue
         r = dict(without_reasoning(m))
+        for key in _RESPONSE_ONLY:
+            if key in r and r[key] in (None, [], "", {}):
+                del r[key]
+        cleaned = dict(r)
         a = r.get("audio")
         if a is not None:
             if isinstance(a, dict) and a.get("id") is not None:
@@ -174,8 +186,10 @@ def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[
         if not (r.get("content") or r.get("refusal") or r.get("audio") or r.get("tool_calls")):
             changed = True
             continue
-        if r != without_reasoning(m):
+        if r != cleaned:
             changed, t = True, None
+        elif r != without_reasoning(m):
+            changed = True
         out.append((r, t))
     return out, changed
 
@@ -210,8 +224,30 @@ def text_len(m: dict[str, Any]) -> int:
     return max(1, n)
 
 
+#: Estimated prompt tokens of one message's framing (OpenAI counts 3 per message, 4 with a name) and of one
+#: image part (OpenAI: 85 at low detail, 765 for a 1024x1024 image at high detail).
+MESSAGE_TOKENS = 3
+IMAGE_TOKENS = 765
+
+
 def estimate_tokens(m: dict[str, Any]) -> int:
-    return max(1, text_len(m) // 4)
+    """A message's prompt tokens, estimated: its text at 4 characters a token, IMAGE_TOKENS per
+    image part, and MESSAGE_TOKENS for the message itself."""
+    n = text_len(m) // 4 + MESSAGE_TOKENS
+    c = m.get("content")
+    if isinstance(c, list):
+        n += IMAGE_TOKENS * sum(1 for p in c if isinstance(p, dict) and p.get("type") in ("image_url", "image"))
+    return n
+
+
+def replay_cost(v: View, m: dict[str, Any], t: int | None, p: int) -> int:
+    """What a stored message is counted as against max_tokens: its stored count where known (for
+    an answer, without the hidden reasoning, which is not sent again: ``t`` here already has it
+    left out; plus the message's framing, which completion tokens do not include), else the
+    estimate."""
+    if t is None:
+        return estimate_tokens(m)
+    return t + MESSAGE_TOKENS if v.kinds[p] in ("a", "c", "x") else t
 
 
 def split_tokens(total: int, weights: list[int]) -> list[int]:
@@ -229,8 +265,9 @@ class MemoryConfig(PluginConfig):
                                              "(X-Conversation-Memory: on|off overrides per request).")
     max_messages: int | None = Field(50, ge=1, description="Most messages forwarded (history + new, "
                                                             "the system message included); null: no limit.")
-    max_tokens: int | None = Field(None, ge=1, description="Most prompt tokens forwarded (stored counts; "
-                                                           "estimated for new messages); null: no limit.")
+    max_tokens: int | None = Field(None, ge=1, description="Most prompt tokens forwarded, estimated (stored counts, "
+                                                           "answers without hidden reasoning; text, framing and "
+                                                           "images for new messages); null: no limit.")
     max_bytes: int | None = Field(None, ge=1, description="Most bytes of the forwarded request body: the oldest "
                                                           "history goes first (null: server.max_body_size). "
                                                           "New messages over it alone are forwarded as sent.")
@@ -288,6 +325,9 @@ class Plan:
         self.new, self.new_digests, self.forwarded, self.known = new, new_digests, forwarded, known
         self.memory, self.owner, self.key_id, self.created_at = memory, owner, key_id, created_at
 
+
+#: A stored message memory may replay: the message, its replay token count, its position.
+Stored = tuple[dict[str, Any], int | None, int]
 
 #: The plugin's request headers: read here, never sent to the upstream.
 _OUR_HEADERS = ("X-Conversation-ID", "X-Conversation-Memory")
@@ -370,6 +410,7 @@ class Conversations(Plugin):
                                          "invalid_request_error", "invalid_value", "messages"))
         cid = headers.get("X-Conversation-ID")
         parent_id = fork_position = None
+        lead_new, resent = False, []  # (memory: see _memory_new)
         if cid:
             cid = cid.strip()
             try:
@@ -395,13 +436,13 @@ class Conversations(Plugin):
                 k += 1
             create = False
             if memory and k < n:
-                # Memory: the client sends its new messages only. What matches the stored start is
-                # a resent system prompt (dropped: the stored one is kept), or a coincidence (a
-                # question asked again): no fork either way.
-                s = 0
-                while s < k and isinstance(msgs[s], dict) and msgs[s].get("role") in ("system", "developer"):
-                    s += 1
-                base, new, new_digests, start = v.count, msgs[s:], digests[s:], s
+                # Memory: the client sends its new messages only (see _memory_new): a resent system
+                # prompt and a resent unanswered tail (a retry) are not stored again; no fork.
+                start, lead_new, resent = self._memory_new(v, msgs, digests)
+                r = start + len(resent)
+                base = v.count
+                new = (msgs[:start] if lead_new else []) + msgs[r:]
+                new_digests = (digests[:start] if lead_new else []) + digests[r:]
             else:
                 if k < n:
                     parent_id, fork_position = v.id, k
@@ -416,8 +457,10 @@ class Conversations(Plugin):
         known: int | None = None
         if memory and v.count:
             mem = cfg.memory
+            lead = msgs[:start] if lead_new else []  # a new system prompt: sent first, as the client sent it
+            client = msgs[start:]  # the client's other messages, after the history (a resent tail too)
             try:
-                stored = await shared.history(v, mem.max_messages)
+                head, cands, must = await self._stored(v, client, lead_new, resent)
             except Exception as e:
                 v.busy -= 1
                 log.warning("conversation history unavailable (request %s): %s", ctx.request_id, type(e).__name__)
@@ -431,25 +474,29 @@ class Conversations(Plugin):
             # roughly (body_size: text lengths); the body made is checked, and if text that JSON
             # or UTF-8 makes longer took it over, fewer old messages are sent.
             budget = mem.max_bytes if mem.max_bytes is not None else ctx.settings.max_body
-            room = budget - len(ctx.body) + sum(body_size(m) for m in msgs[:start])
+            room = budget - len(ctx.body) + (0 if lead_new else sum(body_size(m) for m in msgs[:start]))
             cap: int | None = None
             exact = None
             for attempt in range(4):
-                history, taken = self._history(v, stored, new, room, cap)
-                history, changed = replayable(history, new)
+                kept, taken = self._history(v, head, cands, must, lead + client, room, cap)
+                # unchanged: the history is what the client sent before ``start`` (a resent system
+                # prompt, or the whole history resent), in that order
+                same = not lead_new and [v.digests[p] for _, _, p in kept] == digests[:start]
+                history, changed = replayable([(m, t) for m, t, _ in kept], client)
                 replay = [m for m, _ in history]
-                forwarded = replay + new
-                if exact is not None or changed or len(history) != start or len(forwarded) != len(msgs):
+                forwarded = lead + replay + client
+                if exact is not None or changed or not same:
                     # the history, then the client's messages from the first new one (``new``) on
                     if exact is None:
                         exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
-                    ctx.set_json({**exact, "messages": replay + exact["messages"][start:]})
+                    em = exact["messages"]
+                    ctx.set_json({**exact, "messages": (em[:start] if lead_new else []) + replay + em[start:]})
                 over = len(ctx.body) - budget
                 if over <= 0 or not taken:
                     break  # (the new messages alone over it: forwarded as they were accepted)
                 room -= over
                 cap = taken - 1 if attempt < 2 else 0
-            toks = [t for _, t in history]
+            toks = [t for _, t in history] + [v.tokens[p] for p in resent]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
         elif k:
             toks = v.tokens[:k]
@@ -465,43 +512,131 @@ class Conversations(Plugin):
             ctx.response_headers["X-Conversation-Parent-ID"] = parent_id
         return None
 
-    def _history(self, v: View, stored: tuple[dict[str, Any] | None, int, list[tuple[dict[str, Any], int | None]]],
-                 new: list[dict[str, Any]], room: float = float("inf"), cap: int | None = None
-                 ) -> tuple[list[tuple[dict[str, Any], int | None]], int]:
-        """The stored history to prepend (``stored``: what ``Shared.history`` read), trimmed oldest
-        first to max_messages / max_tokens / ``room`` bytes (body_size) and at most ``cap`` of the
-        messages that may go; a leading system (or developer) message is always kept, and the
-        client's new messages are never cut. Also how many messages could still go."""
+    @staticmethod
+    def _memory_new(v: View, msgs: list[dict[str, Any]], digests: list[str]) -> tuple[int, bool, list[int]]:
+        """Memory: what of the client's messages is new. Returns how many leading system/developer
+        messages it sent, whether they are a new system prompt, and the stored positions it sent
+        again.
+
+        * Its leading system/developer messages equal to the current system prompt (the newest
+          stored run of them) are a resent prompt: dropped. Different ones are a new system
+          prompt: stored (appended: nothing stored is overwritten) and sent instead of the old.
+        * A retry: a turn failed (an error, or the answer cut short: the client was told of an
+          error) and the client sends its messages again. The stored messages after the last
+          complete answer, cut answers left out (the unanswered tail), whose end the client's
+          messages (after the system prompt) start with, are resent: not stored again, and sent
+          once (as the client sent them)."""
+        s = 0
+        while s < len(msgs) and msgs[s].get("role") in ("system", "developer"):
+            s += 1
+        a, b = v.prompt
+        lead_new = s > 0 and digests[:s] != v.digests[a:b]
+        kinds = v.kinds
+        p = v.count
+        while p > 0 and kinds[p - 1] not in ("a", "c"):
+            p -= 1
+        tail = [i for i in range(p, v.count) if kinds[i] not in ("s", "x")]
+        body = digests[s:]
+        for r in range(min(len(tail), len(body)), 0, -1):
+            if [v.digests[i] for i in tail[-r:]] == body[:r]:
+                return s, lead_new, tail[-r:]
+        return s, lead_new, []
+
+    async def _stored(self, v: View, client: list[dict[str, Any]], lead_new: bool, resent: list[int]
+                      ) -> tuple[list[Stored], list[Stored], int | None]:
+        """The stored messages memory may replay: the system prompt to pin (none when the client
+        sent a new one), the others it may send (oldest first: no system message, none the client
+        resent, no answer cut short unless a new question followed it), each with its replay token
+        count (hidden reasoning left out) and position; and the position of the assistant message
+        whose tool calls the client's tool results answer, if they do. Read far enough back for
+        max_messages of them, and for that assistant message and the question that led to it,
+        however far back."""
+        shared = self.shared
+        assert shared is not None
         mem = self.config.memory
-        first, start, rest = stored
-        pinned: list[tuple[dict[str, Any], int | None]] = []
-        if first is not None and first.get("role") in ("system", "developer"):
-            pinned = [(first, v.tokens[0] if v.tokens else None)]
-            if start == 0:
-                rest = rest[1:]
-        # New tool results need the assistant message that called them (and any results stored after
-        # it) whatever the budget: a tool result without its call is rejected upstream.
-        must: list[tuple[dict[str, Any], int | None]] = []
-        if new and isinstance(new[0], dict) and new[0].get("role") == "tool":
-            for j in range(len(rest) - 1, -1, -1):
-                m = rest[j][0]
-                if m.get("role") == "assistant" and m.get("tool_calls"):
-                    must, rest = rest[j:], rest[:j]
-                    break
+        n, kinds = v.count, v.kinds
+        prompt = (0, 0) if lead_new else v.prompt
+        skip = set(resent)
+
+        def usable(p: int) -> bool:
+            k = kinds[p]
+            if k == "s" or p in skip:
+                return False
+            if k != "x":
+                return True
+            # An answer cut short is left out where a retry answered its question (the client was
+            # told of an error, and sent the question or tool results again). It stays where a new
+            # question followed it (the client showed it, as after a stop button; leaving it out
+            # would give two user messages in a row, which strict chat templates refuse).
+            q = p + 1
+            while q < n and kinds[q] in ("s", "x"):
+                q += 1
+            if q < n:
+                return kinds[q] == "u"
+            return not skip and bool(client) and client[0].get("role") == "user"
+
+        must = asker = None
+        if client and client[0].get("role") == "tool":
+            # the newest assistant message with tool calls, if only tool results came after it
+            p = n - 1
+            while p >= 0 and (not usable(p) or kinds[p] == "t"):
+                p -= 1
+            if p >= 0 and kinds[p] == "c":
+                must = q = p
+                while q > 0 and not (kinds[q - 1] == "u" and usable(q - 1)):
+                    q -= 1
+                asker = q - 1 if q > 0 else None
+        lo = n
+        if mem.max_messages is None:
+            lo = 0
+        else:
+            got = 0
+            while lo > 0 and got < mem.max_messages:
+                lo -= 1
+                got += usable(lo)
+        for p in (must, asker):
+            if p is not None:
+                lo = min(lo, p)
+        head, rest = await shared.history(v, lo, prompt)
+        rest = rest[:n - lo]  # (what another instance appended since this one looked is not known here)
+
+        def replay_tokens(t: int | None, p: int) -> int | None:
+            return t if t is None else max(0, t - v.reasoning.get(p, 0))
+
+        pinned = [(m, replay_tokens(t, p), p) for p, (m, t) in enumerate(head, prompt[0])]
+        cands = [(m, replay_tokens(t, p), p) for p, (m, t) in enumerate(rest, lo) if usable(p)]
+        return pinned, cands, must
+
+    def _history(self, v: View, pinned: list[Stored], cands: list[Stored], must: int | None,
+                 forced: list[dict[str, Any]], room: float = float("inf"), cap: int | None = None
+                 ) -> tuple[list[Stored], int]:
+        """The stored history to prepend (from ``_stored``), trimmed oldest first to max_messages /
+        max_tokens / ``room`` bytes (body_size) and at most ``cap`` of the messages that may go;
+        the system prompt (``pinned``) is always kept, and the client's messages (``forced``) are
+        never cut. New tool results get the assistant message that called them (and any results
+        stored after it) whatever the budget: a tool result without its call is rejected
+        upstream. What is kept of the rest starts with a user message (strict chat templates
+        want the user first after the system prompt): a cut never leaves an answer or a tool
+        result first. Also how many messages could still go."""
+        mem = self.config.memory
+        j = len(cands)
+        if must is not None:
+            j = next((i for i, c in enumerate(cands) if c[2] == must), j)
+        rest, kept = cands[:j], cands[j:]
         n_budget = float("inf") if mem.max_messages is None else \
-            mem.max_messages - len(new) - len(pinned) - len(must)
+            mem.max_messages - len(forced) - len(pinned) - len(kept)
         t_budget = float("inf")
         if mem.max_tokens is not None:
-            t_budget = mem.max_tokens - sum(estimate_tokens(m) for m in new) \
-                - sum(t if t is not None else estimate_tokens(m) for m, t in pinned + must)
+            t_budget = mem.max_tokens - sum(estimate_tokens(m) for m in forced) \
+                - sum(replay_cost(v, m, t, p) for m, t, p in pinned + kept)
         if cap is not None:
             n_budget = min(n_budget, cap)
-        b_budget = room - sum(body_size(m) for m, _ in pinned + must)
-        taken: list[tuple[dict[str, Any], int | None]] = []
-        for m, t in reversed(rest):
+        b_budget = room - sum(body_size(m) for m, _, _ in pinned + kept)
+        taken: list[Stored] = []
+        for m, t, p in reversed(rest):
             if len(taken) >= n_budget:
                 break
-            cost = t if t is not None else estimate_tokens(m)
+            cost = replay_cost(v, m, t, p)
             if cost > t_budget:
                 break
             size = body_size(m)
@@ -509,11 +644,11 @@ class Conversations(Plugin):
                 break
             t_budget -= cost
             b_budget -= size
-            taken.append((m, t))
+            taken.append((m, t, p))
         taken.reverse()
-        while taken and taken[0][0].get("role") == "tool":
-            taken.pop(0)  # a tool result without the assistant call that asked for it is rejected upstream
-        return pinned + taken + must, len(taken)
+        while taken and v.kinds[taken[0][2]] != "u":
+            taken.pop(0)  # (an answer, or a tool call and its results, whose question was trimmed away)
+        return pinned + taken + kept, len(taken)
 
     # -- completion ------------------------------------------------------------------------------
     async def on_complete(self, ctx: RequestContext) -> None:
@@ -548,12 +683,15 @@ class Conversations(Plugin):
         msgs: list[dict[str, Any]] = []
         digests: list[str] = []
         tokens: list[int | None] = []
+        statuses: list[str | None] = []
+        reasoning: dict[int, int] = {}
         if produced:
             new_tokens = self._derive(plan, prompt_tokens)
             created = plan.created_at
             msgs.extend(plan.new)
             digests.extend(plan.new_digests)
             tokens.extend(new_tokens)
+            statuses.extend([None] * len(plan.new))
             rows = [new_row(m, d, t, t is not None, created, model, rid, key_id, owner)
                     for m, d, t in zip(plan.new, plan.new_digests, new_tokens)]
             asst = comp.assistant_message() if comp is not None else None
@@ -571,9 +709,15 @@ class Conversations(Plugin):
                 d = digest(asst)
                 rows.append(new_row(asst, d, t, derived, now, model, rid, key_id, owner, status,
                                     comp.finish_reason if comp else None, latency, ttft))
+                rt = reasoning_tokens(usage)
+                if rt and t and completion_tokens:
+                    # (memory leaves the hidden reasoning out of the answer's replay cost; the
+                    # stored count stays what the upstream reported)
+                    reasoning[len(msgs)] = reasoning_share(rt, completion_tokens, t)
                 msgs.append(asst)
                 digests.append(d)
                 tokens.append(t)
+                statuses.append(status)
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -595,7 +739,7 @@ class Conversations(Plugin):
             if plan.base == v.count:
                 # message bodies are cached only where memory may need them; otherwise digests suffice
                 keep = self.config.cache_messages if plan.memory or self.config.memory.enabled else 0
-                v.append(msgs, digests, tokens, keep)
+                v.append(msgs, digests, tokens, keep, statuses, reasoning)
             else:
                 # Another request on this conversation (a second tab) appended since this one
                 # looked: appending here too would give the cache both histories one after the

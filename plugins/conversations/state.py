@@ -2,18 +2,21 @@
 the admin API: one background writer, the cache of recent conversations, the retention task.
 
 The cache holds, per recently used conversation, the digests and token counts of all its messages
-(for prefix matching) and the last ``cache_messages`` messages themselves (for memory), the bodies
-of all conversations together within ``cache_bytes`` (:class:`Bodies`). It is
-updated in ``on_complete`` before the record is queued, so it always includes writes that are still
-pending; a conversation with pending writes is never evicted. When a write is finally given up on,
-or another instance appended to the conversation, the entry is marked stale: the next request waits
-for this conversation's pending writes and reloads it from the database.
+(for prefix matching), what memory needs to know of each (``kind``: its role, whether an answer was
+cut short; the current system prompt; answers' hidden reasoning tokens) and the last
+``cache_messages`` messages themselves (for memory), the bodies of all conversations together
+within ``cache_bytes`` (:class:`Bodies`). It is updated in ``on_complete`` before the record is
+queued, so it always includes writes that are still pending; a conversation with pending writes is
+never evicted. When a write is finally given up on, or another instance appended to the
+conversation, the entry is marked stale: the next request waits for this conversation's pending
+writes and reloads it from the database.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import datetime as dt
+import json
 import logging
 import re
 import time
@@ -57,6 +60,61 @@ def body_size(m: Any) -> int:
         else:
             size += 16
     return size
+
+
+def kind(role: Any, status: str | None = None, calls: bool = False) -> str:
+    """What memory needs to know of a stored message, one letter: ``s`` a system or developer
+    message, ``u`` a user (or any other) message, ``t`` a tool result, ``a`` an assistant answer
+    (complete, or sent by a client as history), ``c`` such an answer with tool calls, ``x`` an
+    assistant answer cut short (its status not ``complete``: the client was told of an error)."""
+    if role in ("system", "developer"):
+        return "s"
+    if role == "tool":
+        return "t"
+    if role == "assistant":
+        if status is not None and status != "complete":
+            return "x"
+        return "c" if calls else "a"
+    return "u"
+
+
+def message_kind(m: dict[str, Any], status: str | None = None) -> str:
+    tcs = m.get("tool_calls")
+    return kind(m.get("role"), status, isinstance(tcs, list) and bool(tcs))
+
+
+def last_prompt(kinds: Sequence[str], since: int = 0) -> tuple[int, int]:
+    """The positions [a, b) of the newest run of system/developer messages (the current system
+    prompt), looked for from position ``since`` on (it runs back before it); (0, 0) if none."""
+    i = len(kinds)
+    while i > since and kinds[i - 1] != "s":
+        i -= 1
+    if i <= since:
+        return 0, 0
+    b = i
+    while i > 0 and kinds[i - 1] == "s":
+        i -= 1
+    return i, b
+
+
+def reasoning_tokens(usage: Any) -> int:
+    """Hidden reasoning tokens in a usage object (or its JSON text): counted in completion_tokens,
+    never sent back to the model."""
+    if isinstance(usage, str):
+        try:
+            usage = json.loads(usage)
+        except ValueError:
+            return 0
+    d = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    r = d.get("reasoning_tokens") if isinstance(d, dict) else None
+    return r if type(r) is int and r > 0 else 0
+
+
+def reasoning_share(reasoning: int, completion: int, tokens: int) -> int:
+    """The reasoning in an answer's stored count ``tokens`` (all of completion_tokens, or choice 0's share)."""
+    if completion <= 0:
+        return 0
+    return min(tokens, round(reasoning * tokens / completion))
 
 
 class Bodies:
@@ -103,16 +161,23 @@ class Bodies:
 class View:
     """What this process knows about one conversation (stored + pending)."""
 
-    __slots__ = ("id", "owner", "key_id", "digests", "tokens", "tail", "tail_start", "first", "records",
-                 "busy", "stale", "checked", "parent", "nbytes", "bodies", "deleted")
+    __slots__ = ("id", "owner", "key_id", "digests", "tokens", "kinds", "prompt", "reasoning", "tail",
+                 "tail_start", "first", "records", "busy", "stale", "checked", "parent", "nbytes", "bodies",
+                 "deleted")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
-                 tokens: list[int | None] | None = None) -> None:
+                 tokens: list[int | None] | None = None, kinds: list[str] | None = None,
+                 reasoning: dict[int, int] | None = None) -> None:
         self.id = cid
         self.owner = owner
         self.key_id = key_id
         self.digests: list[str] = digests or []
         self.tokens: list[int | None] = tokens or []
+        #: per message, what memory needs to know of it (see ``kind``)
+        self.kinds: list[str] = kinds if kinds is not None else ["u"] * len(self.digests)
+        self.prompt = last_prompt(self.kinds)     # positions of the current system prompt
+        #: assistant answers' hidden reasoning tokens (in their stored count, never replayed), by position
+        self.reasoning: dict[int, int] = reasoning or {}
         self.tail: list[dict[str, Any]] = []     # messages at positions [tail_start, count)
         self.tail_start = len(self.digests)
         self.first: dict[str, Any] | None = None  # the message at position 0, when known
@@ -156,11 +221,21 @@ class View:
     def count(self) -> int:
         return len(self.digests)
 
-    def append(self, msgs: list[dict[str, Any]], digests: list[str], tokens: list[int | None], keep: int) -> None:
+    def append(self, msgs: list[dict[str, Any]], digests: list[str], tokens: list[int | None], keep: int,
+               statuses: Sequence[str | None] | None = None, reasoning: dict[int, int] | None = None) -> None:
+        """``statuses``: the assistant answers' (None for input messages); ``reasoning``: hidden
+        reasoning tokens in an answer's count, by index in ``msgs``."""
         if self.count == 0 and msgs and keep > 0:
             self.first = msgs[0]
+        base = self.count
         self.digests.extend(digests)
         self.tokens.extend(tokens)
+        kinds = [message_kind(m, statuses[i] if statuses else None) for i, m in enumerate(msgs)]
+        self.kinds.extend(kinds)
+        if "s" in kinds:
+            self.prompt = last_prompt(self.kinds, base)
+        for i, r in (reasoning or {}).items():
+            self.reasoning[base + i] = r
         if keep <= 0:  # no memory in use: keep no message bodies (the database has them)
             self.tail.clear()
             self.tail_start = self.count
@@ -180,7 +255,8 @@ class View:
         self._set_size(n)
 
     def fork(self, cid: str, at: int) -> "View":
-        v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at])
+        v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at], self.kinds[:at],
+                 {p: r for p, r in self.reasoning.items() if p < at})
         if self.tail_start <= at:
             v.tail = self.tail[:at - self.tail_start]
             v.tail_start = self.tail_start
@@ -488,32 +564,63 @@ class Shared:
         return await self._load(cid)
 
     async def _load(self, cid: str) -> View | None:
-        d = await self.store.load_view(cid)
+        d = await self._read_view(cid)
         if d is None:
             self.views.pop(cid, None)
             return None
-        v = View(cid, d["owner"], d["key_id"], d["digests"], d["tokens"])
+        v = View(cid, d["owner"], d["key_id"], d["digests"], d["tokens"], d["kinds"], d["reasoning"])
         self.views.pop(cid, None)
         return self.remember(v)
 
-    async def history(self, v: View, last: int | None) -> tuple[dict[str, Any] | None, int,
-                                                                 list[tuple[dict[str, Any], int | None]]]:
-        """The message at position 0, the start position, and the messages at positions
-        >= start = count - last (all if None), each with its token count."""
+    async def _read_view(self, cid: str) -> dict[str, Any] | None:
+        """What ``ConversationStore.load_view`` read, with what memory needs to know of each message
+        (its role, whether an answer has tool calls or was cut short: ``kind``) and of the answers'
+        hidden reasoning tokens (from their turns' usage)."""
+        got = await self.store.load_view(cid)
+        if got is None:
+            return None
+        row, msgs, turns = got
+        thought: dict[str, tuple[int, int]] = {}
+        for t in turns:
+            r = reasoning_tokens(t.usage)
+            if r and t.request_id is not None and t.completion_tokens:
+                thought[t.request_id] = (r, t.completion_tokens)
+        reasoning: dict[int, int] = {}
+        for i, m in enumerate(msgs):
+            if m.status is not None and m.tokens and m.request_id in thought:
+                r, total = thought[m.request_id]
+                reasoning[i] = reasoning_share(r, total, m.tokens)
+        return {"owner": row.owner, "key_id": row.key_id, "digests": [m.digest for m in msgs],
+                "tokens": [m.tokens for m in msgs],
+                "kinds": [kind(m.role, m.status, bool(m.calls)) for m in msgs], "reasoning": reasoning}
+
+    async def history(self, v: View, start: int, prompt: tuple[int, int] = (0, 0)
+                      ) -> tuple[list[tuple[dict[str, Any], int | None]], list[tuple[dict[str, Any], int | None]]]:
+        """The messages at positions ``prompt`` = [a, b) (the system prompt memory pins) and at
+        positions >= start, each with its token count."""
         n = v.count
-        start = 0 if last is None else max(0, n - last)
-        if v.tail_start <= start and (start == 0 or v.first is not None or n == 0):
-            tail = v.tail[start - v.tail_start:]
-            first = v.first if v.first is not None or start > 0 or not tail else tail[0]
-            return first, start, list(zip(tail, v.tokens[start:]))
+        a, b = prompt
+        if v.tail_start <= start:
+            ts = v.tail_start
+            rest = list(zip(v.tail[start - ts:], v.tokens[start:]))
+            head: list[tuple[dict[str, Any], int | None]] | None = None
+            if a >= b:
+                head = []
+            elif ts <= a:
+                head = list(zip(v.tail[a - ts:b - ts], v.tokens[a:b]))
+            elif (a, b) == (0, 1) and v.first is not None:
+                head = [(v.first, v.tokens[0])]
+            if head is not None:
+                return head, rest
         await self.settle(v)
-        rows = await self.store.load_messages(v.id, start, with_first=True)
-        first = next((m for p, m, _ in rows if p == 0), None)
-        rest = [(m, t) for p, m, t in rows if p >= start]
+        got = await self.store.load_messages(v.id, start, prompt)
+        first = next((m for p, m, _ in got if p == 0), None)
+        rest = [(m, t) for p, m, t in got if p >= start]
+        head = [(m, t) for p, m, t in got if a <= p < b]
         if len(rest) == n - start:  # nothing appended meanwhile: refresh the cached tail
             keep = max(self.cfg.cache_messages, len(rest))
             v.set_tail(first, [m for m, _ in rest][-keep:])
-        return first, start, rest
+        return head, rest
 
     def forget(self, cid: str) -> None:
         self.views.pop(cid, None)
