@@ -70,6 +70,12 @@ class ServerConfig(Model):
     port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
     max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
+    drain_delay: float = Field(0.0, ge=0, description="Seconds the public listener keeps accepting and serving "
+                               "after SIGTERM (answering with Connection: close) while /readyz already fails, "
+                               "so a load balancer takes the instance out before it stops accepting; then "
+                               "the shutdown_timeout drain begins. Set it to the load balancer's health-check "
+                               "interval times its failure threshold (Kubernetes: the readiness probe's "
+                               "periodSeconds x failureThreshold). A second SIGTERM skips the rest of it.")
     keepalive_timeout: float = Field(75.0, gt=0, description="Seconds a client connection may sit idle (or "
                                      "take to send a request head) before it is closed.")
     body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -62,6 +63,7 @@ class Gateway:
         #: records that reload's event.
         self.replaced: Runtime | None = None
         self._stopping = False
+        self._skip_delay = asyncio.Event()  # a second SIGTERM/SIGINT: the rest of drain_delay is skipped
         #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
         self.drain_deadline: float | None = None
 
@@ -158,10 +160,26 @@ class Gateway:
         # plugin's middleware around the handler for connections already open too.
         return self._handler(request)
 
+    def skip_drain_delay(self) -> None:
+        """End ``server.drain_delay`` now (a second SIGTERM/SIGINT: whoever sent it wants the stop)."""
+        self._skip_delay.set()
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to shutdown_timeout), then shut the
-        plugins down (they flush what they buffered) and close the shared resources."""
-        self._stopping = True
+        """Fail /readyz and keep serving for server.drain_delay, then stop accepting, let in-flight
+        requests finish (up to shutdown_timeout), then shut the plugins down (they flush what they
+        buffered, all under one deadline) and close the shared resources."""
+        self._stopping = True  # /readyz fails from now on, and every response closes its connection
+        delay = self.cfg.server.drain_delay
+        if delay > 0 and self._public is not None and not self._skip_delay.is_set():
+            # A load balancer sees /readyz fail only at its next health check (and takes the
+            # instance out after its threshold of them): until then it still sends requests here.
+            # They are served, with Connection: close so keep-alive clients go elsewhere; closing
+            # the listener at once would reset the requests already on their way.
+            log.info("shutting down: /readyz fails; still serving for %gs (server.drain_delay) so load "
+                     "balancers take this instance out", delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._skip_delay.wait()
         try:  # a reload under way finishes (or is refused) first; one stuck on its file does not hold the stop
             async with asyncio.timeout(RELOAD_READ_TIMEOUT + 5):
                 async with self._reload_lock:
@@ -190,12 +208,22 @@ class Gateway:
                             and not getattr(conn, "_messages", None):  # (a request read, not yet dispatched)
                         conn.force_close()
             # (requests that began before a reload are counted on the runtime they began with)
-            await asyncio.gather(*(rt.wait_idle(timeout) for rt in [self.runtime, *self._retiring]))
+            left = max(0.0, self.drain_deadline - time.monotonic())
+            idle = await asyncio.gather(*(rt.wait_idle(left) for rt in [self.runtime, *self._retiring]))
+            if not all(idle):
+                # The drain time is up: what is still running is cut now, not after aiohttp's own
+                # grace (_CUT_AFTER_DRAIN, twice); a request not answered yet gets a 503 first.
+                self.drain_deadline = min(self.drain_deadline, time.monotonic())
+                n = self.proxy.cut()
+                if n:
+                    log.warning("drain time (server.shutdown_timeout: %gs) is up: %d request(s) still in flight "
+                                "cut", timeout, n)
             await self._public.cleanup()
             self._public = None
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
+        self._writers_close_by()
         for t in list(self._old_runtimes):
             await t
         await self.runtime.shutdown(wait=0)
@@ -207,6 +235,18 @@ class Gateway:
         if self.db is not None:
             await self.db.close()
         log.info("gateway stopped")
+
+    def _writers_close_by(self) -> None:
+        """One deadline for every background writer's final flush, set before the plugins shut
+        down: they flush at once (their shutdown hooks and the shared resources closing after
+        them all wait within it), so a database that takes no writes costs one retry budget in
+        all, not one per writer in turn (which could outlast a process manager's wait for exit,
+        and its SIGKILL loses records uncounted)."""
+        writers = self.services.writers()
+        budget = max((w.shutdown_retry_for for w in writers), default=0.0)
+        deadline = time.monotonic() + budget
+        for w in writers:
+            w.close_by(deadline)
 
     async def reload(self, actor: str = "signal") -> tuple[bool, str]:
         """Load and validate the config file again, start the new chain, swap it in atomically.
@@ -358,8 +398,8 @@ def _decodable(exc: ContentEncodingError) -> bool:
     return "install" not in text.lower() and coding in _DECODED and coding != "identity"
 
 
-#: After the gateway's own drain (Gateway.stop), what aiohttp gives a request that is still running
-#: before cutting it (it waits this long twice).
+#: After the gateway's own drain (Gateway.stop), which cancels what still runs, what aiohttp gives
+#: such a handler to end (to record its exchange) before cutting it (it waits this long twice).
 _CUT_AFTER_DRAIN = 0.25
 
 
@@ -475,6 +515,8 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             hup_pending = True
 
     def on_stop() -> None:
+        if stop.is_set():  # a second signal: stop without the rest of server.drain_delay
+            gw.skip_drain_delay()
         stop.set()
         if not starting.done():
             starting.cancel()
@@ -510,6 +552,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     if ready is not None:
         await ready(gw)
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (up to %ss)", cfg.server.shutdown_timeout)
+    log.info("shutting down: draining in-flight requests (up to %ss, after server.drain_delay: %ss)",
+             gw.cfg.server.shutdown_timeout, gw.cfg.server.drain_delay)
     await gw.stop()
     return 0

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, InternalError, NotFound, PayloadTooLarge,
-                     RequestTimeout, TransferCodingNotImplemented, UnsupportedMediaType)
+                     RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import ResponseObserver, ask_for_usage
 from .plugin import Reply, ResponseHead
 from .upstream import CTL_CHAR
@@ -133,6 +133,14 @@ _perf = time.perf_counter
 SERVER = "gateway"
 
 
+def _shutdown_error() -> GatewayError:
+    """What a request still unanswered when a shutdown's drain time runs out gets (the connection
+    closes after it: the gateway is stopping)."""
+    return ServiceUnavailable("The gateway is shutting down and the request was not answered before its drain time "
+                              "(server.shutdown_timeout) ran out; send it again.", code="gateway_shutdown",
+                              headers={"Retry-After": "1"})
+
+
 class PluginFailed(Exception):
     def __init__(self, plugin: str, phase: str) -> None:
         super().__init__(f"plugin {plugin} failed in {phase}")
@@ -144,6 +152,19 @@ class Proxy:
         self.gw = gw
         #: connections with a request in the gateway's hands (a stop closes the others at once)
         self.busy: set[Any] = set()
+        #: the handlers' tasks running (cut when a shutdown's drain time is up), and those cut
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._cutting: set[asyncio.Task[Any]] = set()
+
+    def cut(self) -> int:
+        """A shutdown's drain time is up: cancel every handler still running. One that has sent
+        nothing yet answers 503 ``gateway_shutdown`` first (see ``handle``); a response under way
+        is cut off. The number of handlers cut."""
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            self._cutting.add(t)
+            t.cancel()
+        return len(tasks)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         rt = self.gw.runtime
@@ -157,15 +178,25 @@ class Proxy:
         rt.enter()
         transport = request.transport
         self.busy.add(transport)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         try:
             return await self._handle(ctx, chain)
         except ConnectionResetError:  # the client went away while we were answering
             ctx.outcome = self._cut()
             return web.Response(status=499)
         except asyncio.CancelledError:
-            # aiohttp cancels a handler when its client goes away, and when a shutdown's drain
-            # time (server.shutdown_timeout) runs out with the request still in flight.
-            ctx.outcome = self._cut()
+            # aiohttp cancels a handler when its client goes away, and the gateway (cut()) when a
+            # shutdown's drain time (server.shutdown_timeout) runs out with the request in flight.
+            if task in self._cutting:
+                ctx.outcome = "gateway_shutdown"
+                if not ctx.status and not request.writer.output_size and task.uncancel() == 0:
+                    # Nothing sent yet (the upstream's answer not begun, say): the client gets an
+                    # answer it can act on instead of a dropped connection.
+                    return await self._send_error(ctx, chain, _shutdown_error())
+            else:
+                ctx.outcome = self._cut()
             raise
         finally:
             ctx.t_end = _perf()
@@ -185,6 +216,8 @@ class Proxy:
                         log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
             finally:
                 self.busy.discard(transport)
+                self._tasks.discard(task)
+                self._cutting.discard(task)
                 rt.leave()
             if cancelled:
                 raise asyncio.CancelledError

@@ -180,9 +180,14 @@ class Runtime:
                     await self._idle.wait()
             except TimeoutError:
                 log.warning("shutting plugins down with %d request(s) still in flight", self.inflight)
-        for p in reversed(self.started):
+        # All at once: each plugin's shutdown is bounded on its own (a writer's final flush, a span
+        # exporter's, the charges still pending), and in turn those bounds would add up, past what
+        # a process manager waits before its SIGKILL (which loses records uncounted).
+        async def shut(p: Plugin) -> None:
             try:
                 await p.shutdown()
             except Exception:
                 log.exception("plugin %s failed to shut down", type(p).name)
-        self.started.clear()
+
+        started, self.started = list(reversed(self.started)), []
+        await asyncio.gather(*(shut(p) for p in started))

@@ -87,9 +87,13 @@ class Services:
         self._writers.add(w)
         return w
 
+    def writers(self) -> list[BatchWriter[Any]]:
+        """The background writers made here and still in use."""
+        return list(self._writers)
+
     def failing_writers(self, longer_than: float) -> list[str]:
         """Names of the writers whose writes have failed for more than ``longer_than`` seconds."""
-        return sorted(w.name for w in list(self._writers)
+        return sorted(w.name for w in self.writers()
                       if w.readiness and w.failing_for(longer_than) > longer_than)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:

@@ -196,7 +196,7 @@ class BatchWriter(Generic[T]):
         while True:
             first = await self._q.get()
             batch = [first]
-            if self._q.qsize() + 1 < self._full() and not self._closing:
+            if self._q.qsize() + 1 < self._full() and not self._closing and self._close_by is None:
                 # Let the batch gather for flush_interval without waking up for every record;
                 # a full batch or close() ends the wait early.
                 self._wake.clear()
@@ -224,6 +224,9 @@ class BatchWriter(Generic[T]):
         while True:
             if self._close_by is not None:  # closing: the shutdown budget applies to this batch too
                 give_up = min(give_up, self._close_by)
+                if time.monotonic() >= self._close_by:  # spent already: not begun (counted, logged)
+                    self._drop(len(batch), "shutdown")
+                    return
             # An attempt has no deadline while the gateway runs (a database that hangs holds the
             # writer, and the queue's policy applies meanwhile); once closing, it ends with the
             # shutdown budget (close() cuts one already under way).
@@ -311,16 +314,32 @@ class BatchWriter(Generic[T]):
                 await self._idle.wait()
                 await asyncio.sleep(0)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """Flush what is queued (retrying for a short while), then stop. Leftovers are counted."""
-        self._closing = True
-        self._close_by = time.monotonic() + self.shutdown_retry_for
+    def close_by(self, deadline: float) -> None:
+        """The process is stopping: write what is queued now (no wait for a batch to fill), each
+        write given up at ``deadline`` (monotonic) at the latest, the one under way included.
+        The gateway sets one deadline on all its writers before the plugins shut down, so their
+        final flushes run at once under one budget, not one ``shutdown_retry_for`` each in turn.
+        Records are still taken meanwhile (a plugin's shutdown hands over what it gathered);
+        ``close()`` later waits for them within the same deadline."""
+        self._set_close_by(deadline)
+        self._wake.set()
+
+    def _set_close_by(self, deadline: float) -> None:
+        if self._close_by is not None and self._close_by <= deadline:
+            return
+        self._close_by = deadline
         t = self._attempt_timer
         if t is not None:
             # a write under way (perhaps hung) gets the shutdown budget, and no more
-            when = asyncio.get_running_loop().time() + self.shutdown_retry_for
+            when = asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
             if t.when() is None or t.when() > when:  # type: ignore[operator]
                 t.reschedule(when)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued (retrying for a short while: ``shutdown_retry_for``, or until the
+        deadline ``close_by()`` set if that comes first), then stop. Leftovers are counted."""
+        self._closing = True
+        self._set_close_by(time.monotonic() + self.shutdown_retry_for)
         self._wake.set()
         try:
             await self.flush(timeout)

@@ -1,0 +1,235 @@
+"""Shutdown as a load balancer sees it: server.drain_delay keeps serving (with Connection: close)
+while /readyz already fails; the writers' final flushes share one deadline; a request still
+waiting for its answer when the drain time runs out gets a 503 instead of a dropped connection;
+what is still running is cut when shutdown_timeout is up, not half a second later."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, until, write_config
+
+T = aiohttp.ClientTimeout(total=30)
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+async def _status(s: aiohttp.ClientSession, url: str) -> int:
+    async with s.get(url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def _not_ready(s: aiohttp.ClientSession, admin_url: str) -> bool:
+    return await _status(s, admin_url + "/readyz") == 503
+
+
+def _serve(tmp_path: Path, upstream: Any, **server: Any) -> GatewayProcess:
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [], server={"port": port, **server}, admin={"port": admin_port})
+    return GatewayProcess(write_config(tmp_path / "gateway.yaml", cfg), port, admin_port).start()
+
+
+async def test_drain_delay_fails_readyz_but_keeps_serving_with_connection_close(tmp_path: Path,
+                                                                                upstream: Any) -> None:
+    """SIGTERM with server.drain_delay: /readyz fails at once, while the public port still answers,
+    on a pooled keep-alive connection as on a new one, each response closing its connection; only
+    after the delay does the listener close, and the process exits cleanly."""
+    proc = _serve(tmp_path, upstream, drain_delay=3, shutdown_timeout=5)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:  # pools its connections (keep-alive)
+            async with s.post(proc.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200 and "close" not in r.headers.get("Connection", "").lower()
+                await r.read()
+            assert await _status(s, proc.admin_url + "/readyz") == 200
+            proc.signal(signal.SIGTERM)
+            await until(lambda: _not_ready(s, proc.admin_url), what="/readyz to fail")
+            for _ in range(2):  # the pooled connection, then a new one
+                async with s.post(proc.url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 200
+                    assert r.headers.get("Connection", "").lower() == "close"
+                    assert "choices" in await r.json()
+        await until(lambda: _refused(proc.port), what="the listener to close after the delay")
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        log = proc.log()
+        assert "server.drain_delay" in log and "gateway stopped" in log and "Traceback" not in log
+    finally:
+        proc.stop()
+
+
+async def test_a_second_sigterm_skips_the_rest_of_the_drain_delay(tmp_path: Path, upstream: Any) -> None:
+    proc = _serve(tmp_path, upstream, drain_delay=60, shutdown_timeout=5)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            proc.signal(signal.SIGTERM)
+            await until(lambda: _not_ready(s, proc.admin_url), what="/readyz to fail")
+            async with s.post(proc.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200  # still serving: in the delay
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0  # not the 60 s of the delay
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()
+
+
+async def test_drain_delay_is_validated_and_reloadable(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """A negative delay is refused naming the setting; a reload applies a new one (it is read when
+    the shutdown begins)."""
+    from gateway.config import ConfigError, load_config
+
+    bad = write_config(tmp_path / "bad.yaml", base_config(upstream.url, tmp_path, [], server={"drain_delay": -1}))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "server.drain_delay" in str(e.value)
+    g = await make_gateway()
+    assert g.gw.cfg.server.drain_delay == 0
+    write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, [], server={"drain_delay": 0.3}))
+    ok, detail = await g.gw.reload()
+    assert ok, detail
+    assert g.gw.cfg.server.drain_delay == 0.3
+
+
+# -- the writers' final flush --------------------------------------------------------------------
+HANG_BUDGET = 2.0
+
+
+def _register_hang_plugins() -> None:
+    from gateway.plugin import Plugin, registry
+
+    async def hang(batch: Any) -> None:
+        await asyncio.Event().wait()  # a database that takes no write (a lock held)
+
+    class _Hang(Plugin):
+        """A plugin whose writer's store hangs, closed in its shutdown hook; and a writer shared
+        through services.resource (closed with the shared resources, after the plugins)."""
+        name = "t_drain_hang_a"
+        writers: dict[str, Any] = {}
+
+        async def startup(self) -> None:
+            w = self.services.writer(self.name, hang, batch_size=10, flush_interval=0.05,
+                                     shutdown_retry_for=HANG_BUDGET)
+            self.writer = w
+            _Hang.writers[self.name] = w
+            shared = self.services.resource("t_drain_hang:shared", lambda: self.services.writer(
+                "t_drain_hang:shared", hang, batch_size=10, flush_interval=0.05, shutdown_retry_for=HANG_BUDGET),
+                lambda x: x.close())
+            _Hang.writers["shared"] = shared
+            for x in (w, shared):
+                x.start()
+                for i in range(5):
+                    x.put_nowait(i)
+
+        async def shutdown(self) -> None:
+            await self.writer.close()
+
+    class _HangB(_Hang):
+        name = "t_drain_hang_b"
+
+    registry.register(_Hang)
+    registry.register(_HangB)
+    HANG["cls"] = _Hang
+
+
+HANG: dict[str, Any] = {}
+_register_hang_plugins()
+
+
+async def test_writers_blocked_at_shutdown_share_one_deadline(make_gateway: Any, caplog: Any) -> None:
+    """Three writers whose store hangs (two closed by their plugins' shutdown hooks, one with the
+    shared resources): the shutdown takes about one flush budget, not one per writer in turn, and
+    every record not written is counted and logged."""
+    cls = HANG["cls"]
+    cls.writers.clear()
+    g = await make_gateway([{"name": "t_drain_hang_a"}, {"name": "t_drain_hang_b"}])
+    await asyncio.sleep(0.3)  # the writes are under way (and hang)
+    assert len(cls.writers) == 3 and all(w.written == 0 for w in cls.writers.values())
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="gateway.writer"):
+        async with asyncio.timeout(30):
+            await g.stop()
+    took = time.monotonic() - t0
+    # about one budget (2 s); in turn, three writers took three (6 s and more)
+    assert took < 2 * HANG_BUDGET, took
+    # (the shared writer got five records from each plugin)
+    assert {n: w.dropped for n, w in cls.writers.items()} == {"t_drain_hang_a": 5, "t_drain_hang_b": 5, "shared": 10}
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(f"writer {n}" in logged for n in ("t_drain_hang_a", "t_drain_hang_b", "t_drain_hang:shared"))
+
+
+# -- requests still in flight when the drain time runs out --------------------------------------
+async def test_a_request_waiting_for_the_upstream_head_gets_a_503_when_the_drain_ends(
+        make_gateway: Any, tmp_path: Path) -> None:
+    """Nothing was sent to the client yet: it gets the gateway's JSON error (503 gateway_shutdown,
+    Retry-After, Connection: close) instead of a dropped connection, and the audit trail and the
+    metrics record that 503, cut by the shutdown."""
+    trail = tmp_path / "audit.jsonl"
+    g = await make_gateway([{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(trail)}]}},
+                            {"name": "metrics"}], server={"shutdown_timeout": 0.5})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async def call() -> tuple[int, dict[str, str], Any]:
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT,
+                              headers={"X-Demo-Head-Delay": "4", "X-Request-ID": "slow-head-1"}) as r:
+                return r.status, dict(r.headers), await r.json()
+
+        calling = asyncio.create_task(call())
+        await until(lambda: g.gw.runtime.inflight == 1, what="the request to be in flight")
+        await asyncio.sleep(0.2)  # it waits for the upstream's head
+        await g.stop()
+        status, headers, body = await asyncio.wait_for(calling, 10)
+    assert status == 503
+    assert body["error"]["code"] == "gateway_shutdown" and body["error"]["type"] == "server_error"
+    assert set(body["error"]) == {"message", "type", "code", "param"}
+    assert headers.get("Connection", "").lower() == "close" and headers.get("Retry-After") == "1"
+    events = [json.loads(line) for line in trail.read_text().splitlines()]
+    rec = next(e for e in events if e.get("request_id") == "slow-head-1")
+    assert (rec["status"], rec["outcome"], rec["error"]) == (503, "gateway_shutdown", "gateway_shutdown")
+    from prometheus_client import generate_latest
+
+    text = generate_latest(g.services.metrics).decode()
+    assert any(line.startswith("gateway_requests_total{") and 'status="503"' in line and line.endswith(" 1.0")
+               for line in text.splitlines()), text
+
+
+async def test_a_stream_still_running_is_cut_when_the_drain_time_is_up(make_gateway: Any, monkeypatch: Any) -> None:
+    """The drain lasts shutdown_timeout: the gateway cuts what still runs then itself, instead of
+    leaving it to aiohttp's grace (made long here, so waiting it out would show)."""
+    from gateway import app
+
+    monkeypatch.setattr(app, "_CUT_AFTER_DRAIN", 5.0)
+    g = await make_gateway([], server={"shutdown_timeout": 0.5})
+    async with aiohttp.ClientSession(timeout=T) as s:
+        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
+        got = await r.content.readuntil(b"\n\n")
+        t0 = time.monotonic()
+        stopping = asyncio.create_task(g.stop())
+        try:
+            got += await r.read()
+        except aiohttp.ClientPayloadError:
+            pass
+        cut_after = time.monotonic() - t0
+        r.close()
+        await stopping
+    assert b"[DONE]" not in got
+    # about 0.5 s; waiting out aiohttp's grace (twice 5 s) would be over 10
+    assert cut_after < 5, cut_after
