@@ -468,11 +468,12 @@ class Proxy:
         ctype = resp.headers.get("Content-Type", "")
         streamed = ctype[:17].lower() == "text/event-stream"  # media types are case-insensitive
         content = resp.content
-        if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 and "json" not in ctype.lower() \
+        if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 \
                 and "Content-Encoding" not in resp.headers and ctx.stream_requested:
             # A streamed request answered without text/event-stream (a server that names no media
-            # type, or text/plain): if its first bytes are SSE, it is read as SSE, so its usage is
-            # counted and the usage chunk the gateway asked for does not reach the client.
+            # type, text/plain, or even application/json): if its first bytes are SSE, it is read
+            # as SSE, so its usage is counted and the usage chunk the gateway asked for does not
+            # reach the client. (JSON cannot start like an event: `data:`, `event:`, `:`.)
             verdict = None
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 # (a failure here shows again on the next read)
@@ -561,6 +562,12 @@ class Proxy:
             if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
                     and 200 <= resp.status < 300 and request.path.endswith(_GENERATION_PATHS):
                 ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
+            if observer is not None and observer.c.cut_mid_event and ctx.outcome == "ok":
+                # A body delimited by the connection's close (HTTP/1.0, no length) ended inside an
+                # event, with no [DONE] and no finish: the upstream went away mid-answer, and the
+                # client must see the cut as such.
+                ctx.outcome, complete = "upstream_disconnected", False
+                log.warning("upstream ended mid-event (request %s)", ctx.request_id)
             for p in chunk_plugins:
                 tail = await self._on_chunk(ctx, p, tail, True)
             if tail:

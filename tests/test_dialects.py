@@ -355,7 +355,8 @@ registry.register(_Seen)
 
 async def test_a_close_delimited_stream_cut_mid_event_end_to_end(make_gateway: Any) -> None:
     """An HTTP/1.0 upstream (no length: the body ends when the connection closes) that goes away
-    in the middle of an event: the gateway's observer sees it cut."""
+    in the middle of an event: the gateway sees it cut (outcome upstream_disconnected), and the
+    client sees its connection drop, not a clean end."""
     whole = vllm_stream()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -388,7 +389,8 @@ async def test_a_close_delimited_stream_cut_mid_event_end_to_end(make_gateway: A
     finally:
         srv.close()
         await srv.wait_closed()
-    (whole_c, _), (cut_c, _) = _Seen.seen
+    (whole_c, whole_outcome), (cut_c, cut_outcome) = _Seen.seen
     assert got[0] == whole.replace(b"data: " + j(json.loads(whole.split(b"\n\n")[-3][6:])) + b"\n\n", b"")
     assert not whole_c.cut_mid_event and whole_c.done
+    assert (whole_outcome, cut_outcome, got[1]) == ("ok", "upstream_disconnected", None)
     assert cut_c.cut_mid_event and not cut_c.done and cut_c.content == "".join(WORDS)[:len(cut_c.content)]

@@ -62,11 +62,11 @@ class Quirky:
             return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
                 {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "Hi"}}],
                 "usage": USAGE})
-        plain = mode.startswith("no_ctype")
+        plain = mode.startswith("no_ctype") or mode == "json_ctype"
         headers = {"Content-Type": "text/plain"} if plain else {"Content-Type": "text/event-stream"}
         resp = web.StreamResponse(headers=headers)
         if plain:
-            resp.content_type = "text/plain"
+            resp.content_type = "application/json" if mode == "json_ctype" else "text/plain"
         if mode == "done_sized":  # a sized SSE body whose last bytes come after [DONE], a moment later
             first = _chunk({"role": "assistant", "content": "Hel"}) + USAGE_CHUNK + b"data: [DONE]\n\n"
             resp.content_length = len(first) + len(b": end\n\n")
@@ -155,11 +155,12 @@ async def _stream(s: aiohttp.ClientSession, url: str, model: str, **headers: str
         return (await r.read()).decode(), r.headers["X-Conversation-ID"]
 
 
-@pytest.mark.parametrize("mode", ["no_ctype", "no_ctype_split", "no_ctype_bom"])
+@pytest.mark.parametrize("mode", ["no_ctype", "no_ctype_split", "no_ctype_bom", "json_ctype"])
 async def test_stream_without_its_media_type_is_read_as_sse(quirky: Any, tmp_path: Path, mode: str) -> None:
     """A server that streams SSE as text/plain: the usage the gateway asked for is counted, and the
     chunk carrying it does not reach a client that did not ask for it; also when its first read
-    holds only "da" (too little to tell), or starts with a byte order mark."""
+    holds only "da" (too little to tell), or starts with a byte order mark, or when the stream is
+    labelled application/json (as some local servers do)."""
     q, url = quirky
     async with _gateway(tmp_path, url) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
