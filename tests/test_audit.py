@@ -144,6 +144,8 @@ async def test_one_event_per_request_under_concurrent_load(make_gateway, tmp_pat
     assert sum(e["streamed"] for e in ok) == 10
     for e in ok:
         assert e["latency_ms"] >= e["upstream_ms"] >= 0 and e["overhead_ms"] >= 0
+        # overhead = latency - upstream, to the microsecond (each figure rounded alone missed by one)
+        assert round(e["latency_ms"] * 1000) - round(e["upstream_ms"] * 1000) == round(e["overhead_ms"] * 1000), e
         assert e["ttfb_ms"] is not None and e["bytes_out"] > 0 and e["bytes_in"] > 0
     aborted = [e for e in evs if e["answered_by"] == "client_abort"]
     assert all(e["outcome"] == "client_disconnected" and e["streamed"] for e in aborted)

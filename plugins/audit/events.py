@@ -119,14 +119,16 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     else:
         answered_by = "error"
     trace_id = format(span.trace_id, "032x") if span is not None and span.is_valid else None
-    total = int((end - t_start) * 1e6 + 0.5) / 1000
+    total_us = int((end - t_start) * 1e6 + 0.5)
+    total = total_us / 1000
     if t_up is None:
         upstream = upstream_headers = None
         overhead = total
     else:
-        upstream = int((end - t_up) * 1e6 + 0.5) / 1000
+        upstream_us = int((end - t_up) * 1e6 + 0.5)
+        upstream = upstream_us / 1000
         upstream_headers = _ms(t_up, t_head)
-        overhead = int((t_up - t_start) * 1e6 + 0.5) / 1000
+        overhead = (total_us - upstream_us) / 1000  # (of the rounded figures: the two add up exactly)
     if usage:
         tokens_in, tokens_out = usage_tokens(usage)
         if relayed is not None:  # a report that came before some of the stream's output
