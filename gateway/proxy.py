@@ -581,6 +581,8 @@ class Proxy:
                     request.transport.close()
                 return out
             await _send(ctx, out, None)
+            if sent == 0:  # an empty body (HEAD, 204...): the head, sent with the end, was the first byte
+                ctx.t_first_byte = _perf()
             if done_early:
                 DRAINING[resp] = asyncio.create_task(_drain(resp))
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):

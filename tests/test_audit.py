@@ -631,3 +631,19 @@ def test_one_jsonl_file_is_one_sink_however_its_path_is_spelled(tmp_path):
                 f"    - {{type: jsonl, path: '{tmp_path}/logs/a.jsonl'}}\n    - {{type: jsonl, path: '{other}'}}\n")
         with pytest.raises(ConfigError, match="listed twice"):
             load_config_text(text)
+
+
+async def test_an_answer_without_a_body_has_its_time_to_first_byte(make_gateway, upstream, tmp_path):
+    """HEAD (or any empty answer): the head is the first byte the client gets; ttfb_ms was null."""
+    jl = tmp_path / "audit.jsonl"
+    g = await make_gateway([{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for method in ("HEAD", "GET"):
+            async with s.request(method, g.url + "/v1/models") as r:
+                assert r.status == 200
+                await r.read()
+    await g.stop()
+    evs = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert [e["method"] for e in evs] == ["HEAD", "GET"]
+    for e in evs:
+        assert e["ttfb_ms"] is not None and 0 < e["ttfb_ms"] <= e["latency_ms"], e
