@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from urllib.parse import urlsplit
 from typing import Any, Literal
 
@@ -167,6 +168,18 @@ class TimeoutsConfig(Model):
     idle: float = Field(120.0, gt=0, description="Seconds allowed between two body chunks.")
 
 
+def upstream_tls(ca_file: str) -> ssl.SSLContext:
+    """The TLS context of an upstream with a CA file of its own: the system's CAs and the file's."""
+    ctx = ssl.create_default_context()
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {ca_file}") from None
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load certificates from {ca_file}: {e.strerror or e}") from None
+    return ctx
+
+
 class UpstreamConfig(Model):
     url: str = Field(description="Base URL of the OpenAI-compatible backend, e.g. http://127.0.0.1:8000")
     headers: dict[str, str] = Field(default_factory=dict, repr=False,
@@ -183,6 +196,10 @@ class UpstreamConfig(Model):
                           "include_usage) when a plugin counts tokens. Turned off automatically for an "
                           "upstream that refuses the field; set false for one known to.")
     health_path: str | None = Field(None, description="GET this path for /readyz; default: TCP connect only.")
+    ca_file: str | None = Field(
+        None, description="PEM file of certificate authorities an https upstream's certificate is also checked "
+                          "against (a private CA), besides the system's. Only the upstream connection uses it "
+                          "(SSL_CERT_FILE would replace the system's store for every connection).")
 
     @field_validator("url")
     @classmethod
@@ -195,6 +212,13 @@ class UpstreamConfig(Model):
         except ValueError:
             raise ValueError("not a valid URL (check the host and port)") from None
         return v.rstrip("/")
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            upstream_tls(v)  # a file that is missing or holds no certificate is an error now, not at the first request
+        return v
 
     @field_validator("headers")
     @classmethod

@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM
 from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
 
@@ -66,7 +67,8 @@ class Target:
     """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
     request that began before a reload is sent where, and with the credentials and timeouts, its
     chain's config says (the connection pool is shared)."""
-    __slots__ = ("base", "query", "query_names", "static_headers", "timeouts", "client_timeout", "stream_usage")
+    __slots__ = ("base", "query", "query_names", "static_headers", "timeouts", "client_timeout", "stream_usage",
+                 "tls")
 
     def __init__(self, cfg: "UpstreamConfig") -> None:
         self.base = cfg.url
@@ -82,6 +84,8 @@ class Target:
             self.query_names = frozenset(unquote_plus(p.split("=", 1)[0]) for p in self.query.split("&") if p)
         self.stream_usage = cfg.stream_usage  # (as configured; see Upstream.asks_usage)
         self.static_headers = dict(cfg.headers)
+        #: an https upstream's TLS context: the system's CAs, and upstream.ca_file's if set
+        self.tls: ssl.SSLContext | bool = upstream_tls(cfg.ca_file) if cfg.ca_file else True
         t = self.timeouts = cfg.timeouts
         # sock_read bounds the wait for the response head (first_byte); once the head is in,
         # send() switches the connection's read timeout to `idle` for the body.
@@ -211,7 +215,7 @@ class Upstream:
         try:
             resp = await session.request(req.method, url, data=ctx.body or None, headers=headers,
                                               allow_redirects=False, compress=None,
-                                              timeout=target.client_timeout)
+                                              timeout=target.client_timeout, ssl=target.tls)
         except aiohttp.ConnectionTimeoutError:
             ctx.outcome = "upstream_timeout"
             busy = self.pool_full()
@@ -285,14 +289,17 @@ class Upstream:
                     t = self.target
                     async with self.session.get(t.base + (t.with_query(URL(self.cfg.health_path, encoded=True))
                                                           if t.query else self.cfg.health_path),
-                                                headers=t.static_headers,
+                                                headers=t.static_headers, ssl=t.tls,
                                                 allow_redirects=False) as r:
                         return (r.status < 500, f"HTTP {r.status}")
-                tls = self.target.base.startswith("https:")
-                if tls and self._tls is None:
-                    self._tls = ssl.create_default_context()
+                tls: ssl.SSLContext | None = None
+                if self.target.base.startswith("https:"):
+                    if isinstance(self.target.tls, ssl.SSLContext):  # (upstream.ca_file)
+                        tls = self.target.tls
+                    else:
+                        tls = self._tls = self._tls or ssl.create_default_context()
                 _, w = await asyncio.open_connection(self.host, self.port, family=socket.AF_UNSPEC,
-                                                     happy_eyeballs_delay=0.25, ssl=self._tls if tls else None)
+                                                     happy_eyeballs_delay=0.25, ssl=tls)
                 w.transport.abort()  # (a TLS close would wait for the peer's close_notify, up to 30 s)
                 return True, "ok"
         except (TimeoutError, OSError, aiohttp.ClientError) as e:

@@ -80,7 +80,8 @@ async def test_running_out_of_file_descriptors_is_logged_once_not_flooded(tmp_pa
 
 async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any, tmp_path: Path) -> None:
     """An https upstream whose certificate is refused fails every request (502): /readyz says not
-    ready, naming the reason, instead of ready after a bare TCP connect."""
+    ready, naming the reason, instead of ready after a bare TCP connect. With upstream.ca_file
+    naming the CA (here the self-signed certificate itself) the upstream is trusted."""
     import shutil
     import ssl
 
@@ -95,6 +96,11 @@ async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     app = web.Application()
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    app.router.add_get("/v1/models", models)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
@@ -109,5 +115,16 @@ async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any
                 assert "SSLCertVerificationError" in text
             async with s.get(g.url + "/v1/models") as r:
                 assert r.status == 502
+        # upstream.ca_file trusts that certificate for the upstream (alone): ready, and answered
+        g2 = await make_gateway([], upstream={"url": f"https://127.0.0.1:{port}", "ca_file": str(cert)})
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+            async with s.get(g2.admin_url + "/readyz") as r:
+                assert r.status == 200, await r.text()
+            async with s.get(g2.url + "/v1/models") as r:
+                assert r.status == 200 and (await r.json())["object"] == "list"
     finally:
         await runner.cleanup()
+    with pytest.raises(ConfigError, match="upstream.ca_file.*no such file"):
+        load_config_text(f"upstream: {{url: 'https://x', ca_file: {tmp_path / 'none.pem'}}}")
+    with pytest.raises(ConfigError, match="upstream.ca_file.*cannot load"):
+        load_config_text(f"upstream: {{url: 'https://x', ca_file: {key}}}")
