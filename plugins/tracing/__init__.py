@@ -316,14 +316,20 @@ class Tracing(Plugin):
             a["http.route"] = ctx.path
         if ctx.status and "http.status_code" not in attrs and "http.response.status_code" not in attrs:
             # The response began, then the client went away (or a shutdown cut the stream): the
-            # instrumentation never got to record the status it sent; the cut is the error.
+            # instrumentation never gets to record the status it sent.
             stable = "http.request.method" in attrs
             a["http.response.status_code" if stable else "http.status_code"] = ctx.status
             if stable and "http.method" in attrs:  # (http/dup: both names)
                 a["http.status_code"] = ctx.status
-            if ctx.outcome in ("client_disconnected", "gateway_shutdown"):
-                a["error.type"] = ctx.outcome
-                span.set_status(Status(StatusCode.ERROR, ctx.outcome))
+        failed = _failure(ctx)
+        if failed is not None:
+            # The exchange failed or was cut, whatever status (if any) went out first: a 200 stream
+            # the upstream broke off, a client gone before the response head (status 0).
+            a["error.type"] = failed
+            span.set_status(Status(StatusCode.ERROR, failed))
+        elif ctx.status >= 500:  # (the instrumentation marks a 5xx too, when it records the status)
+            a["error.type"] = str(ctx.status)
+            span.set_status(Status(StatusCode.ERROR, str(ctx.status)))
         span.set_attributes(a)
 
         tracer = self.entry.gateway_tracer
@@ -355,7 +361,14 @@ class Tracing(Plugin):
             c = ctx.completion
             if c is not None and c.t_first_token is not None:
                 ga["gateway.time_to_first_token_ms"] = round((c.t_first_token - ctx.t_upstream) * 1000, 3)
+            err = None
+            if ctx.outcome != "ok" or ctx.status >= 400:  # the model exchange failed (an upstream 4xx too)
+                err = ctx.error or (str(ctx.status) if ctx.status >= 400 else ctx.outcome)
             if not cfg.genai_span:
+                # The server span is the GenAI span: its error too (a failure outcome set it above).
+                if err is not None and failed is None:
+                    ga["error.type"] = err
+                    span.set_status(Status(StatusCode.ERROR, ctx.outcome if ctx.outcome != "ok" else err))
                 span.set_attributes(ga)
                 return
             model = ga.get("gen_ai.request.model") or ga.get("gen_ai.response.model")
@@ -363,17 +376,39 @@ class Tracing(Plugin):
                 model = model[:genai.MAX_NAME_CHARS] + "…"
             s = tracer.start_span(f"{op} {model}" if model else op, parent, SpanKind.CLIENT, ga,
                                   start_time=ns(ctx.t_upstream))
-            if ctx.outcome != "ok" or ctx.status >= 400:
-                err = ctx.error or (str(ctx.status) if ctx.status >= 400 else ctx.outcome)
+            if err is not None:
                 s.set_attribute("error.type", err)
                 s.set_status(Status(StatusCode.ERROR, ctx.outcome if ctx.outcome != "ok" else err))
             s.end(end_time=ns(ctx.t_end if ctx.t_end is not None else time.perf_counter()))
 
 
+#: Outcomes of an exchange that failed or was cut off (not a refusal, not a relayed answer).
+_FAILURES = frozenset({"client_disconnected", "gateway_shutdown", "upstream_error", "upstream_timeout",
+                       "upstream_disconnected", "error"})
+
+
+def _failure(ctx: RequestContext) -> str | None:
+    """The server span's error.type: the outcome, when the exchange failed or was cut, whatever the
+    status sent (none at all when the client left before the head). A 4xx the gateway answered for a
+    bad request (outcome ``error``: malformed body, too large ...) is the client's fault, which the
+    HTTP conventions leave UNSET on a server span, as they do a refusal."""
+    o = ctx.outcome
+    if o not in _FAILURES or (o == "error" and 400 <= ctx.status < 500):
+        return None
+    return o
+
+
 def _identity(ctx: RequestContext) -> dict[str, Any]:
+    """Who called: the admitted key's id and owner, else the id of the key a refusal named (revoked,
+    expired, out of scope ...), as the audit event has it. A refusal holds the key id only, never
+    the key."""
     out: dict[str, Any] = {}
-    if ctx.key_id:
-        out["gateway.key_id"] = genai.text(ctx.key_id)
+    key_id = ctx.key_id
+    if not key_id and ctx.refusal:
+        rk = ctx.refusal.get("key_id")
+        key_id = rk if isinstance(rk, str) else None
+    if key_id:
+        out["gateway.key_id"] = genai.text(key_id)
     if ctx.owner:
         out["gateway.owner"] = genai.text(ctx.owner)
     return out

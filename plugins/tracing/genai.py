@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from gateway.fastjson import utf8_safe
-from gateway.observe import token_count
+from gateway.observe import Completion, token_count, usage_tokens
 
 #: A model name in a span name (``chat <model>``) is cut to this many characters.
 MAX_NAME_CHARS = 128
@@ -88,19 +88,35 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
             if ctx.path.endswith("/responses"):  # the answer's status, as the conventions name reasons
                 reasons = [_RESPONSES_REASONS.get(f, f) for f in reasons]
             a["gen_ai.response.finish_reasons"] = [text(f) for f in reasons]
-        u = c.usage
-        if u:
-            it, ot = u.get("prompt_tokens", u.get("input_tokens")), u.get("completion_tokens", u.get("output_tokens"))
-            if _is_int(it):
-                a["gen_ai.usage.input_tokens"] = it
-            if _is_int(ot):
-                a["gen_ai.usage.output_tokens"] = ot
-            details = u.get("prompt_tokens_details")
-            if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
-                a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
+        _usage(a, c)
     if record_content:
         _content(a, op, body, c, max_chars, ctx.path.endswith("/responses"))
     return a
+
+
+def _usage(a: dict[str, Any], c: Completion) -> None:
+    """Token counts as the audit event, metrics, key usage and the conversation turn have them (see
+    plugins/audit/events.py): the upstream's report, except for a stream it does not cover (cut
+    before its usage chunk, or reported before some of its output), whose output tokens are the
+    deltas relayed, one per token roughly, marked ``gateway.tokens_estimated``."""
+    u = c.usage
+    if u is None:
+        est = c.relayed_tokens  # a stream without a usage report (None for a JSON body)
+    else:
+        est = c.completion_tokens if c.usage_stale else None
+    it = ot = None
+    if u:
+        it, ot = usage_tokens(u)
+        details = u.get("prompt_tokens_details")
+        if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
+            a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
+    if est is not None:
+        ot = est
+        a["gateway.tokens_estimated"] = True
+    if it is not None:
+        a["gen_ai.usage.input_tokens"] = it
+    if ot is not None:
+        a["gen_ai.usage.output_tokens"] = ot
 
 
 def _is_int(v: Any) -> bool:
