@@ -283,7 +283,8 @@ async def test_memory_cache_keeps_message_bodies_within_cache_bytes(make_gateway
                 shared = g.plugin("conversations").shared  # counted as they come and go = counted afresh
                 for v in shared.views.values():
                     assert v.nbytes == sum(body_size(m) for m in v.tail) + (
-                        body_size(v.first) if v.first is not None and v.tail_start > 0 else 0)
+                        sum(body_size(m) for m in v.pinned) if v.pinned is not None and v.prompt[0] < v.tail_start
+                        else 0)
     assert sent > 3 * budget
     assert shared.bodies.total == sum(v.nbytes for v in shared.views.values()) > 0
     for i in range(4):
@@ -293,17 +294,19 @@ async def test_memory_cache_keeps_message_bodies_within_cache_bytes(make_gateway
 
 def test_cache_counts_bodies_through_cuts_forks_and_evictions() -> None:
     def fresh(v: View) -> int:
-        return sum(body_size(m) for m in v.tail) + (body_size(v.first) if v.first is not None and v.tail_start else 0)
+        return sum(body_size(m) for m in v.tail) + (
+            sum(body_size(m) for m in v.pinned) if v.pinned is not None and v.prompt[0] < v.tail_start else 0)
 
     bodies = Bodies(10 ** 9)
     views = _Views(bodies)
     v = views["c"] = View("c", "o", None)
-    for i in range(10):  # a tail of 3: cut every turn past the third; the first message kept aside
+    v.append([{"role": "system", "content": "s" * 50}], ["s"], [1], keep=3)
+    for i in range(10):  # a tail of 3: cut every turn past the third; the system prompt kept aside
         v.append([{"role": "user", "content": "x" * i * 100}, {"role": "assistant", "content": [{"type": "text",
                   "text": "y" * i}]}], [f"u{i}", f"a{i}"], [1, 1], keep=3)
         assert v.nbytes == fresh(v) > 0 and bodies.total == v.nbytes
-    assert v.first is not None and v.tail_start == 17
-    f = v.fork("f", 18)
+    assert v.pinned == [{"role": "system", "content": "s" * 50}] and v.tail_start == 18
+    f = v.fork("f", 19)
     assert f.nbytes == fresh(f) > 0 and bodies.total == v.nbytes  # not cached yet
     views["f"] = f
     assert bodies.total == v.nbytes + f.nbytes
@@ -314,7 +317,7 @@ def test_cache_counts_bodies_through_cuts_forks_and_evictions() -> None:
     views["c"] = v
     bodies.limit = v.nbytes
     bodies.enforce()  # over budget: the least recently grown (f) lets go of its bodies
-    assert f.nbytes == 0 and f.tail == [] and f.first is None and f.count == 18 and bodies.total == v.nbytes
+    assert f.nbytes == 0 and f.tail == [] and f.pinned is None and f.count == 19 and bodies.total == v.nbytes
     v.append([], [], [], keep=0)  # memory off: no bodies
     assert bodies.total == v.nbytes == 0 == fresh(v)
     views.pop("c")

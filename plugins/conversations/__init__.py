@@ -598,6 +598,7 @@ class Conversations(Plugin):
             if p is not None:
                 lo = min(lo, p)
         head, rest = await shared.history(v, lo, prompt)
+        await shared.know_reasoning(v)
         rest = rest[:n - lo]  # (what another instance appended since this one looked is not known here)
 
         def replay_tokens(t: int | None, p: int) -> int | None:

@@ -161,8 +161,8 @@ class Bodies:
 class View:
     """What this process knows about one conversation (stored + pending)."""
 
-    __slots__ = ("id", "owner", "key_id", "digests", "tokens", "kinds", "prompt", "reasoning", "tail",
-                 "tail_start", "first", "records", "busy", "stale", "checked", "parent", "nbytes", "bodies",
+    __slots__ = ("id", "owner", "key_id", "digests", "tokens", "kinds", "prompt", "reasoning", "reasoning_known",
+                 "tail", "tail_start", "pinned", "records", "busy", "stale", "checked", "parent", "nbytes", "bodies",
                  "deleted")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
@@ -176,11 +176,15 @@ class View:
         #: per message, what memory needs to know of it (see ``kind``)
         self.kinds: list[str] = kinds if kinds is not None else ["u"] * len(self.digests)
         self.prompt = last_prompt(self.kinds)     # positions of the current system prompt
-        #: assistant answers' hidden reasoning tokens (in their stored count, never replayed), by position
+        #: assistant answers' hidden reasoning tokens (in their stored count, never replayed), by
+        #: position; known for what this process stored, read for the rest when memory first needs it
         self.reasoning: dict[int, int] = reasoning or {}
+        self.reasoning_known = not self.digests
         self.tail: list[dict[str, Any]] = []     # messages at positions [tail_start, count)
         self.tail_start = len(self.digests)
-        self.first: dict[str, Any] | None = None  # the message at position 0, when known
+        #: the messages of the current system prompt (positions ``prompt``), when known: memory
+        #: pins them, however far back they are
+        self.pinned: list[dict[str, Any]] | None = None
         self.records: list[TurnRecord] = []       # queued, not yet written
         self.busy = 0                             # requests in flight on this conversation
         self.stale = False
@@ -192,10 +196,13 @@ class View:
 
     def _resized(self) -> None:
         """Count the bodies held again (after they changed)."""
-        n = sum(body_size(m) for m in self.tail)
-        if self.first is not None and self.tail_start > 0:
-            n += body_size(self.first)
-        self._set_size(n)
+        self._set_size(sum(body_size(m) for m in self.tail) + self._pinned_size())
+
+    def _pinned_size(self) -> int:
+        """The size of the pinned prompt's bodies held outside the tail."""
+        if self.pinned is None or self.prompt[0] >= self.tail_start:
+            return 0
+        return sum(body_size(m) for m in self.pinned)
 
     def _set_size(self, n: int) -> None:
         """The bodies now take ``n``: tell the cache's budget."""
@@ -203,9 +210,9 @@ class View:
         if delta and self.bodies is not None:
             self.bodies.resized(self, delta)
 
-    def set_tail(self, first: dict[str, Any] | None, tail: list[dict[str, Any]]) -> None:
-        """Messages read from the database: the one at position 0 and the newest ones."""
-        self.first = first
+    def set_tail(self, pinned: list[dict[str, Any]] | None, tail: list[dict[str, Any]]) -> None:
+        """Messages read from the database: the current system prompt's and the newest ones."""
+        self.pinned = pinned
         self.tail = tail
         self.tail_start = self.count - len(tail)
         self._resized()
@@ -214,7 +221,7 @@ class View:
         """Let go of the message bodies (the cache's byte budget is spent); digests stay."""
         self.tail = []
         self.tail_start = self.count
-        self.first = None
+        self.pinned = None
         self._resized()
 
     @property
@@ -225,42 +232,39 @@ class View:
                statuses: Sequence[str | None] | None = None, reasoning: dict[int, int] | None = None) -> None:
         """``statuses``: the assistant answers' (None for input messages); ``reasoning``: hidden
         reasoning tokens in an answer's count, by index in ``msgs``."""
-        if self.count == 0 and msgs and keep > 0:
-            self.first = msgs[0]
         base = self.count
         self.digests.extend(digests)
         self.tokens.extend(tokens)
         kinds = [message_kind(m, statuses[i] if statuses else None) for i, m in enumerate(msgs)]
         self.kinds.extend(kinds)
-        if "s" in kinds:
-            self.prompt = last_prompt(self.kinds, base)
+        if "s" in kinds:  # a (new) system prompt: its bodies are kept for memory to pin
+            a, b = self.prompt = last_prompt(self.kinds, base)
+            before = self.tail[a - self.tail_start:] if self.tail_start <= a else None  # (a run begun earlier)
+            self.pinned = (msgs[a - base:b - base] if a >= base else
+                           before + msgs[:b - base] if before is not None and keep > 0 else None)
         for i, r in (reasoning or {}).items():
             self.reasoning[base + i] = r
         if keep <= 0:  # no memory in use: keep no message bodies (the database has them)
             self.tail.clear()
             self.tail_start = self.count
-            self.first = None
+            self.pinned = None
             self._set_size(0)
             return
-        # (sized as they come and go, not the whole tail again each turn)
-        n = self.nbytes + sum(body_size(m) for m in msgs)
         self.tail.extend(msgs)
         if len(self.tail) > keep:
             cut = len(self.tail) - keep
-            n -= sum(body_size(m) for m in self.tail[:cut])
-            if self.tail_start == 0 and self.first is not None:
-                n += body_size(self.first)  # no longer in the tail: counted on its own
             del self.tail[:cut]
             self.tail_start += cut
-        self._set_size(n)
+        self._resized()
 
     def fork(self, cid: str, at: int) -> "View":
         v = View(cid, self.owner, self.key_id, self.digests[:at], self.tokens[:at], self.kinds[:at],
                  {p: r for p, r in self.reasoning.items() if p < at})
+        v.reasoning_known = self.reasoning_known
         if self.tail_start <= at:
             v.tail = self.tail[:at - self.tail_start]
             v.tail_start = self.tail_start
-        v.first = self.first if at > 0 else None
+        v.pinned = self.pinned if v.prompt == self.prompt else None
         v.parent = self.id
         v._resized()
         return v
@@ -574,25 +578,26 @@ class Shared:
 
     async def _read_view(self, cid: str) -> dict[str, Any] | None:
         """What ``ConversationStore.load_view`` read, with what memory needs to know of each message
-        (its role, whether an answer has tool calls or was cut short: ``kind``) and of the answers'
-        hidden reasoning tokens (from their turns' usage)."""
+        (its role, whether an answer has tool calls or was cut short: ``kind``)."""
         got = await self.store.load_view(cid)
         if got is None:
             return None
-        row, msgs, turns = got
-        thought: dict[str, tuple[int, int]] = {}
-        for t in turns:
-            r = reasoning_tokens(t.usage)
-            if r and t.request_id is not None and t.completion_tokens:
-                thought[t.request_id] = (r, t.completion_tokens)
-        reasoning: dict[int, int] = {}
-        for i, m in enumerate(msgs):
-            if m.status is not None and m.tokens and m.request_id in thought:
-                r, total = thought[m.request_id]
-                reasoning[i] = reasoning_share(r, total, m.tokens)
+        row, msgs = got
         return {"owner": row.owner, "key_id": row.key_id, "digests": [m.digest for m in msgs],
-                "tokens": [m.tokens for m in msgs],
-                "kinds": [kind(m.role, m.status, bool(m.calls)) for m in msgs], "reasoning": reasoning}
+                "tokens": [m.tokens for m in msgs], "kinds": [kind(m.role, m.status, bool(m.calls)) for m in msgs],
+                "reasoning": None}
+
+    async def know_reasoning(self, v: View) -> None:
+        """Read the hidden reasoning tokens of the answers this process did not store (a view read
+        from the database), from their turns' usage: once, when memory first needs them."""
+        if v.reasoning_known:
+            return
+        n = v.count
+        for r in await self.store.load_reasoning(v.id, n):
+            rt = reasoning_tokens(r.usage)
+            if rt and r.tokens and r.completion_tokens and r.position not in v.reasoning:
+                v.reasoning[r.position] = reasoning_share(rt, r.completion_tokens, r.tokens)
+        v.reasoning_known = True
 
     async def history(self, v: View, start: int, prompt: tuple[int, int] = (0, 0)
                       ) -> tuple[list[tuple[dict[str, Any], int | None]], list[tuple[dict[str, Any], int | None]]]:
@@ -608,18 +613,18 @@ class Shared:
                 head = []
             elif ts <= a:
                 head = list(zip(v.tail[a - ts:b - ts], v.tokens[a:b]))
-            elif (a, b) == (0, 1) and v.first is not None:
-                head = [(v.first, v.tokens[0])]
+            elif v.pinned is not None and len(v.pinned) == b - a:
+                head = list(zip(v.pinned, v.tokens[a:b]))
             if head is not None:
                 return head, rest
         await self.settle(v)
         got = await self.store.load_messages(v.id, start, prompt)
-        first = next((m for p, m, _ in got if p == 0), None)
         rest = [(m, t) for p, m, t in got if p >= start]
         head = [(m, t) for p, m, t in got if a <= p < b]
-        if len(rest) == n - start:  # nothing appended meanwhile: refresh the cached tail
+        if len(rest) == n - start:  # nothing appended meanwhile: refresh the cached tail (and prompt)
             keep = max(self.cfg.cache_messages, len(rest))
-            v.set_tail(first, [m for m, _ in rest][-keep:])
+            pinned = [m for m, _ in head] if a < b and prompt == v.prompt else v.pinned
+            v.set_tail(pinned, [m for m, _ in rest][-keep:])
         return head, rest
 
     def forget(self, cid: str) -> None:

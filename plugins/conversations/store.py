@@ -608,21 +608,27 @@ class ConversationStore:
         return msgs[i:], None
 
     # -- reads for the request path ---------------------------------------------------------------
-    async def load_view(self, cid: str) -> tuple[Any, list[Any], list[Any]] | None:
-        """A conversation's owner row, its messages (position, digest, tokens, role, status, whether
-        it has tool calls, request id; in order) and the usage of its turns that report reasoning
-        tokens (request id, usage, completion tokens). None if there is no such conversation."""
+    async def load_view(self, cid: str) -> tuple[Any, list[Any]] | None:
+        """A conversation's owner row and its messages (position, digest, tokens, role, status,
+        whether it has tool calls; in order). None if there is no such conversation."""
         has_calls = sa.and_(M.c.tool_calls.is_not(None), M.c.tool_calls.not_in(["[]", "null"]))
         async with self.db.engine.connect() as conn:
             row = (await conn.execute(select(C.c.owner, C.c.key_id).where(C.c.id == cid))).first()
             if row is None:
                 return None
             msgs = (await conn.execute(select(
-                M.c.position, M.c.digest, M.c.tokens, M.c.role, M.c.status, has_calls.label("calls"),
-                M.c.request_id).where(M.c.conversation_id == cid).order_by(M.c.position))).all()
-            turns = (await conn.execute(select(T.c.request_id, T.c.usage, T.c.completion_tokens).where(
-                T.c.conversation_id == cid, T.c.usage.like("%reasoning_tokens%")))).all()
-        return row, list(msgs), list(turns)
+                M.c.position, M.c.digest, M.c.tokens, M.c.role, M.c.status, has_calls.label("calls")
+            ).where(M.c.conversation_id == cid).order_by(M.c.position))).all()
+        return row, list(msgs)
+
+    async def load_reasoning(self, cid: str, below: int) -> list[Any]:
+        """The answers (below position ``below``) whose turn's usage reports reasoning tokens: their
+        position, stored tokens, and the turn's usage and completion tokens."""
+        async with self.db.engine.connect() as conn:
+            return list((await conn.execute(select(M.c.position, M.c.tokens, T.c.usage, T.c.completion_tokens).join(
+                T, sa.and_(T.c.conversation_id == M.c.conversation_id, T.c.request_id == M.c.request_id)).where(
+                M.c.conversation_id == cid, M.c.position < below, M.c.status.is_not(None),
+                T.c.usage.like("%reasoning_tokens%")))).all())
 
     async def message_count(self, cid: str) -> int | None:
         async with self.db.engine.connect() as conn:
@@ -630,13 +636,11 @@ class ConversationStore:
 
     async def load_messages(self, cid: str, start: int, also: tuple[int, int] = (0, 0)
                             ) -> list[tuple[int, dict[str, Any], int | None]]:
-        """Messages at positions >= start, at positions [also) and at position 0, oldest first."""
+        """Messages at positions >= start and at positions [also), oldest first."""
         a, b = also
         cond = M.c.position >= start
         if a < b and a < start:
             cond = sa.or_(cond, sa.and_(M.c.position >= a, M.c.position < b))
-        if start > 0:
-            cond = sa.or_(cond, M.c.position == 0)
         async with self.db.engine.connect() as conn:
             rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, cond).order_by(M.c.position))).all()
         return [(r.position, row_message(r), r.tokens) for r in rows]
