@@ -358,6 +358,30 @@ async def test_a_leading_system_and_developer_run_is_pinned(make_gateway: Any) -
         assert [m["role"] for m, _ in rows] == ["system", "developer"] + ["user", "assistant"] * 5
 
 
+async def test_the_pinned_prompt_comes_from_the_cache(make_gateway: Any, monkeypatch: Any) -> None:
+    """A system + developer run, or a prompt changed mid-conversation, far behind the cached
+    messages: memory pins it from the cache; it was read from the database on every turn (after
+    waiting for the previous turn's write)."""
+    from gateway.plugins.conversations.store import ConversationStore
+
+    reads: list[int] = []
+    load = ConversationStore.load_messages
+
+    async def counted(self: Any, *a: Any, **kw: Any) -> Any:
+        reads.append(1)
+        return await load(self, *a, **kw)
+
+    monkeypatch.setattr(ConversationStore, "load_messages", counted)
+    async with strict_gateway(make_gateway, {"max_messages": 4}, cache_messages=8) as (g, up):
+        dev = {"role": "developer", "content": "Answer in French."}
+        st, cid, _ = await chat(g, [SYS, dev, user("u1")])
+        for i in range(2, 10):
+            prompt = [SYS, dev] if i < 6 else [{"role": "system", "content": "Changed."}]
+            st, _, _ = await chat(g, [*prompt, user(f"u{i}")], cid)
+            assert st == 200 and up.seen[-1]["messages"][:len(prompt)] == prompt
+        assert up.refused == [] and reads == []
+
+
 # -- 4: a system prompt that changes ---------------------------------------------------------------------
 async def test_a_changed_system_prompt_replaces_the_old_one_and_is_stored_once(make_gateway: Any,
                                                                                db: dict[str, Any]) -> None:
