@@ -357,6 +357,44 @@ async def test_an_answer_the_gateway_cannot_read_is_charged_what_the_request_was
                 left = now
 
 
+async def test_a_stream_that_said_nothing_or_only_an_error_is_not_charged_the_estimate(make_gateway):
+    """A stream is read even when it carries no output (a model that said nothing, an engine failure
+    reported as an error event inside a 200): it costs the prompt, not the whole estimate the
+    request was admitted with (that is for answers the gateway cannot read at all)."""
+    from aiohttp import web
+
+    from .test_observe import backend
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if body["model"] == "error":
+            await resp.write(b'data: {"error": {"message": "engine died", "type": "InternalServerError"}}\n\n')
+        else:
+            await resp.write(b'data: {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant"}, '
+                             b'"finish_reason": "stop"}]}\n\n')
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async with backend(chat) as url:
+        g = await make_gateway([rl(strategy="fixed", rules=[
+            {"name": "tpm", "limit": "10000/minute", "counts": "tokens", "key_by": ["ip"]}])],
+            upstream={"url": url, "stream_usage": False})
+        async with aiohttp.ClientSession() as s:
+            left = 10000
+            for model in ("silent", "error"):
+                b = {**chat_body("why is the sky blue", stream=True, max_tokens=4000), "model": model}
+                async with s.post(g.url + CHAT, json=b, timeout=T) as r:
+                    assert r.status == 200
+                    await r.read()
+                await settle(g)
+                async with s.get(g.url + "/v1/models", timeout=T) as r:
+                    now = int(r.headers["x-ratelimit-remaining-tokens"])
+                assert left - now == prompt_estimate(b), (model, left, now)
+                left = now
+
+
 # -- per-key overrides ----------------------------------------------------------------------------
 async def test_per_key_overrides_take_precedence(make_gateway):
     g = await make_gateway([

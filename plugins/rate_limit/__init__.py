@@ -408,7 +408,8 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
     client gave up on before the response head, the prompt estimate; a 2xx answer the gateway could
     not read (a backend's own API, such as Ollama's NDJSON /api/chat), the whole ``estimate`` the
     request was admitted with (prompt plus the completion it allows), so that such answers cannot
-    generate without limit for a token each. Error answers cost nothing."""
+    generate without limit for a token each (a stream, even one that said nothing or only an
+    error, is read: its deltas). Error answers cost nothing."""
     c = ctx.completion
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
         return prompt_estimate if ctx.outcome in ("client_disconnected", "gateway_shutdown") else 0
@@ -419,11 +420,14 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
         p, q = c.prompt_tokens, c.completion_tokens
         if p is not None or q is not None:  # what was reported, the estimate for what was not
             return (p if p is not None else prompt_estimate) + (q if q is not None else c.deltas)
-    if c.deltas or ctx.outcome in _CUT:
+    ok = ctx.status is not None and 200 <= ctx.status < 300
+    if c.deltas or ctx.outcome in _CUT or (ok and c.kind == "sse"):  # (a stream is read: its deltas counted)
         return prompt_estimate + c.deltas
-    if c.kind == "json" and c.done and ctx.status is not None and 200 <= ctx.status < 300:
+    if c.kind == "json" and c.done and ok:
         return prompt_estimate + (_answer_chars(c) + 3) // 4
-    if ctx.status is not None and 200 <= ctx.status < 300:
+    if ok:
+        if c.error:  # an error the upstream answered with a success status: the prompt at most
+            return prompt_estimate
         # an answer in a shape the gateway could not read: what the request was admitted for
         return max(prompt_estimate, estimate or 0)
     return 0
