@@ -136,7 +136,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if gw.stopping:  # draining: the public listener takes no new connections
+        if gw.stopping:  # stopping: drain_delay (still serving, so load balancers take it out), then draining
             return web.json_response({"status": "not_ready", "checks": {"shutdown": {"ok": False}}}, status=503)
         up_ok, up_detail = await gw.upstream.ready()
         db_ok = await gw.db.ping() if gw.db is not None else True

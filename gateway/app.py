@@ -192,7 +192,8 @@ class Gateway:
             # aiohttp's own drain would give a streaming response up to twice its timeout (it waits,
             # cancels the request body, which such a handler no longer reads, and waits again). So
             # the gateway drains itself: stop accepting, close idle connections, wait for the
-            # requests in flight up to shutdown_timeout; then aiohttp cuts what is left.
+            # requests in flight up to shutdown_timeout; then the gateway cuts what is left
+            # (Proxy.cut: a request not answered yet gets a 503 first).
             for site in list(self._public.sites):
                 await site.stop()
             server = self._public.server

@@ -562,7 +562,9 @@ class Proxy:
             if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
                     and 200 <= resp.status < 300 and request.path.endswith(_GENERATION_PATHS):
                 ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
-            if observer is not None and observer.c.cut_mid_event and ctx.outcome == "ok":
+            if observer is not None and observer.c.cut_mid_event and ctx.outcome == "ok" \
+                    and "Content-Length" not in resp.headers \
+                    and "chunked" not in resp.headers.get("Transfer-Encoding", "").lower():
                 # A body delimited by the connection's close (HTTP/1.0, no length) ended inside an
                 # event, with no [DONE] and no finish: the upstream went away mid-answer, and the
                 # client must see the cut as such.

@@ -22,6 +22,9 @@ T = TypeVar("T")
 #: Seconds a single write may be under way before the writer says so (a database that does not
 #: answer: a lock held, a pool or a pooler with no free connection); /readyz counts it as failing.
 STALL_WARN = 10.0
+#: Seconds a writer closing gets for its final flush even when the shared shutdown deadline has
+#: passed (records a plugin handed over last, e.g. a usage tally, are not dropped unattempted).
+FINAL_FLOOR = 1.0
 
 
 class WriterMetrics:
@@ -198,7 +201,7 @@ class BatchWriter(Generic[T]):
             batch = [first]
             if self._q.qsize() + 1 < self._full() and not self._closing and self._close_by is None:
                 # Let the batch gather for flush_interval without waking up for every record;
-                # a full batch or close() ends the wait early.
+                # a full batch or close() ends the wait early (and once stopping, none is made).
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(self.flush_interval):
@@ -339,7 +342,13 @@ class BatchWriter(Generic[T]):
         """Flush what is queued (retrying for a short while: ``shutdown_retry_for``, or until the
         deadline ``close_by()`` set if that comes first), then stop. Leftovers are counted."""
         self._closing = True
-        self._set_close_by(time.monotonic() + self.shutdown_retry_for)
+        now = time.monotonic()
+        self._set_close_by(now + self.shutdown_retry_for)
+        floor = now + min(FINAL_FLOOR, self.shutdown_retry_for)
+        if self._close_by is not None and self._close_by < floor:
+            # The shared deadline (close_by()) ran out while plugins were still shutting down:
+            # records handed over since still get a moment, the database being up.
+            self._close_by = floor
         self._wake.set()
         try:
             await self.flush(timeout)

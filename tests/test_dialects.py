@@ -394,3 +394,32 @@ async def test_a_close_delimited_stream_cut_mid_event_end_to_end(make_gateway: A
     assert not whole_c.cut_mid_event and whole_c.done
     assert (whole_outcome, cut_outcome, got[1]) == ("ok", "upstream_disconnected", None)
     assert cut_c.cut_mid_event and not cut_c.done and cut_c.content == "".join(WORDS)[:len(cut_c.content)]
+
+
+async def test_a_framed_stream_whose_last_event_lacks_its_blank_line_is_not_a_cut(make_gateway: Any) -> None:
+    """A chunked body the upstream ended on purpose (its last chunk sent) whose last event has no
+    blank line after it: the body came whole, so the exchange is not an upstream gone mid-answer
+    (only a body delimited by the connection's close can end short without anyone knowing)."""
+    from aiohttp import web
+
+    from .test_observe import backend
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)  # (chunked: no length)
+        await resp.write(b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+                         b'data: {"id": "c", "choices": [{"index": 0, "delta": {"content": " there"}}]}\n')
+        await resp.write_eof()
+        return resp
+
+    _Seen.seen.clear()
+    async with backend(chat) as url:
+        g = await make_gateway([{"name": "t_dialects_seen"}], upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", json={
+                    "model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200
+                await r.read()  # (a clean end: no ClientPayloadError)
+        await until(lambda: len(_Seen.seen) == 1, what="the exchange complete")
+    (c, outcome), = _Seen.seen
+    assert c.cut_mid_event and outcome == "ok"

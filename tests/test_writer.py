@@ -307,3 +307,23 @@ async def test_a_queue_smaller_than_a_batch_is_written_when_full():
     await asyncio.wait_for(w.flush(), 10)
     await w.close()
     assert stored == list(range(25)) and w.dropped == 0
+
+
+async def test_records_handed_over_after_the_shared_deadline_are_still_written():
+    """The gateway sets one deadline on every writer before the plugins shut down; a plugin whose
+    shutdown took longer then hands its last records (a usage tally) to a writer whose deadline
+    has passed: with the database up they are written, not dropped unattempted."""
+    import time
+
+    stored: list[int] = []
+
+    async def write(batch: Sequence[int]) -> None:
+        stored.extend(batch)
+
+    w = BatchWriter("late", write, WriterMetrics(CollectorRegistry()), flush_interval=5, shutdown_retry_for=2)
+    w.start()
+    w.close_by(time.monotonic() + 0.05)
+    await asyncio.sleep(0.2)  # a plugin's shutdown outlasts the shared deadline
+    assert await w.put(7)
+    await w.close()
+    assert (stored, w.written, w.dropped) == ([7], 1, 0)
