@@ -493,7 +493,7 @@ class Proxy:
             ctx.completion = observer.c
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
-        headers = self.gw.upstream.response_headers(resp, keep_length=not transform)
+        headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)

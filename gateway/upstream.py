@@ -63,6 +63,9 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
     return frozenset(t.strip().lower() for v in vals for t in v.split(",") if t.strip())
 
 
+_PORTS = {"http": 80, "https": 443}
+
+
 class Target:
     """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
     request that began before a reload is sent where, and with the credentials and timeouts, its
@@ -92,6 +95,30 @@ class Target:
         self.client_timeout = aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect,
                                                     sock_read=t.first_byte)
 
+
+    def location(self, loc: str) -> str:
+        """A redirect's Location as the client must follow it: one into the upstream (its URL, with
+        the path prefix upstream.url has) becomes the same path on the gateway, as a reverse
+        proxy's default redirect rewrite does; one elsewhere is left as it is."""
+        u = urlsplit(self.base)
+        prefix = u.path.rstrip("/")
+        if loc.startswith(("http://", "https://")):
+            try:
+                v = urlsplit(loc)
+                same = (v.scheme, v.hostname, v.port or _PORTS[v.scheme]) == (u.scheme, u.hostname,
+                                                                              u.port or _PORTS[u.scheme])
+            except ValueError:  # (a port that is not a number)
+                return loc
+            if not same:
+                return loc
+            rest = urlunsplit(("", "", v.path or "/", v.query, v.fragment))
+        elif loc.startswith("/") and not loc.startswith("//"):
+            rest = loc
+        else:
+            return loc  # relative to the request's own path: the same through the gateway
+        if prefix and not (rest == prefix or rest.startswith((prefix + "/", prefix + "?"))):
+            return loc
+        return rest[len(prefix):] or "/"
 
     def with_query(self, rel: URL) -> str:
         """``rel``'s path and query (as sent, encoded) with the configured query added."""
@@ -260,7 +287,8 @@ class Upstream:
         used = len(getattr(conn, "_acquired", ()))  # (aiohttp keeps no public count)
         return used if conn is not None and conn.limit and used >= conn.limit else 0
 
-    def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool) -> CIMultiDict[str]:
+    def response_headers(self, resp: aiohttp.ClientResponse, keep_length: bool,
+                         target: Target | None = None) -> CIMultiDict[str]:
         src = resp.headers
         drop = connection_tokens(src)
         out: CIMultiDict[str] = CIMultiDict()
@@ -277,6 +305,8 @@ class Upstream:
                     log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])
                 continue
             out.add(k, v)
+        if target is not None and 300 <= resp.status < 400 and "Location" in out:
+            out["Location"] = target.location(out["Location"])
         return out
 
     async def ready(self, timeout: float = 2.0) -> tuple[bool, str]:

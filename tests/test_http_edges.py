@@ -352,3 +352,34 @@ async def test_an_upstream_url_with_a_query_keeps_it_on_every_request(make_gatew
         assert ("/api/openai/health", [("api-version", "2024-02-01")]) in seen[2:]
     finally:
         await runner.cleanup()
+
+
+async def test_a_redirect_into_the_upstream_points_at_the_gateway(make_gateway: Any) -> None:
+    """Redirects are relayed, not followed; one into the upstream (its own URL with the prefix of
+    upstream.url, or an absolute path under that prefix) is rewritten to the same path on the
+    gateway, so the client neither learns the internal address nor leaves the gateway; one
+    elsewhere is relayed as it is."""
+    import aiohttp
+    from aiohttp import web
+
+    from .helpers import serve_handler
+
+    where: dict[str, str] = {}
+
+    async def backend(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": where[request.path.rsplit("/", 1)[-1]]})
+
+    runner, url = await serve_handler(backend)
+    try:
+        where.update({"abs": url + "/api/openai/v1/files/f1?x=1", "path": "/api/openai/v1/files/f2",
+                      "other": "https://files.example.com/f3"})
+        g = await make_gateway([], upstream={"url": url + "/api/openai"})
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            got = {}
+            for name in where:
+                async with s.get(g.url + f"/v1/files/{name}", allow_redirects=False) as r:
+                    assert r.status == 307
+                    got[name] = r.headers["Location"]
+        assert got == {"abs": "/v1/files/f1?x=1", "path": "/v1/files/f2", "other": "https://files.example.com/f3"}
+    finally:
+        await runner.cleanup()
