@@ -463,3 +463,162 @@ async def test_empty_response_only_fields_are_not_replayed(make_gateway: Any) ->
         assert up.seen[-1]["messages"][1] == {"role": "assistant", "content": "answer 1"}
         rows = await stored(g, cid)
         assert rows[1][0] == a1  # stored as received
+
+
+# -- 8: a client that keeps its own history; cut answers; nothing new ----------------------------------------
+async def test_a_full_history_resent_after_a_changed_system_prompt_is_not_doubled(make_gateway: Any,
+                                                                                  db: dict[str, Any]) -> None:
+    """A client that sends its whole history every turn, with a date-stamped system prompt: the
+    stored history has one system prompt per turn, which the client does not resend. Its history
+    is still recognised: the upstream gets what the client sent (once), and each turn stores the
+    new prompt, the question and the answer only (it grew quadratically: 2/6/12/20/30 messages
+    sent, every turn storing the whole history again)."""
+    async with strict_gateway(make_gateway, database=db) as (g, up):
+        hist: list[dict[str, Any]] = []
+        cid = None
+        for i in range(5):
+            msgs = [{"role": "system", "content": f"Today is day {i}"}] + hist + [user(f"q{i}")]
+            st, cid, a = await chat(g, msgs, cid)
+            assert st == 200 and up.refused == []
+            assert up.seen[-1]["messages"] == msgs
+            hist += [user(f"q{i}"), a]
+            if i == 2:
+                await g.plugin("conversations").flush()
+                g.plugin("conversations").shared.forget(cid)  # (the next turn reads the database)
+        rows = await stored(g, cid)
+        assert [(m["role"], m["content"]) for m, _ in rows] == [
+            x for i in range(5) for x in (("system", f"Today is day {i}"), ("user", f"q{i}"),
+                                          ("assistant", f"answer {i + 1}"))]
+
+
+async def test_a_full_history_resent_after_a_cut_answer_is_not_doubled(make_gateway: Any, db: dict[str, Any]) -> None:
+    """A client that keeps its history, after an answer cut mid-stream: whether it shows the partial
+    answer (a stop button) or retries the question (it was told of an error), its history is
+    recognised, from the cache and from the database: nothing is stored twice and the upstream
+    gets a valid conversation."""
+    async with strict_gateway(make_gateway, database=db) as (g, up):
+        st, cid, a1 = await chat(g, [SYS, user("u1")])
+        await chat(g, [SYS, user("u1"), a1, user("u2")], cid, model="drop", stream=True)
+        shown = [SYS, user("u1"), a1, user("u2"), {"role": "assistant", "content": "partial "}]
+        st, _, a3 = await chat(g, shown + [user("u3")], cid)               # shows the partial answer
+        assert st == 200 and up.seen[-1]["messages"] == shown + [user("u3")]
+        hist = shown + [user("u3"), a3]
+        await chat(g, hist + [user("u4")], cid, model="drop", stream=True)
+        await g.plugin("conversations").flush()
+        g.plugin("conversations").shared.forget(cid)
+        st, _, a4 = await chat(g, hist + [user("u4")], cid)                # retries (the SDK raised)
+        assert st == 200 and up.seen[-1]["messages"] == hist + [user("u4")]
+        st, _, a5 = await chat(g, hist + [user("u4"), a4, user("u5")], cid)
+        assert st == 200 and up.seen[-1]["messages"] == hist + [user("u4"), a4, user("u5")]
+        assert up.refused == []
+        rows = await stored(g, cid)
+        assert [(m["role"], m["content"], r.status) for m, r in rows] == [
+            ("system", "Be brief.", None), ("user", "u1", None), ("assistant", "answer 1", "complete"),
+            ("user", "u2", None), ("assistant", "partial ", "upstream_disconnected"),
+            ("user", "u3", None), ("assistant", a3["content"], "complete"),
+            ("user", "u4", None), ("assistant", "partial ", "upstream_disconnected"),
+            ("assistant", a4["content"], "complete"), ("user", "u5", None), ("assistant", a5["content"], "complete")]
+
+
+async def test_of_two_cut_answers_to_one_question_only_the_last_is_replayed(make_gateway: Any) -> None:
+    """Regenerate, stopped twice, then a new question: the history has one answer between the
+    two questions (two assistant messages in a row were replayed on every later turn)."""
+    async with strict_gateway(make_gateway) as (g, up):
+        st, cid, a1 = await chat(g, [user("q1")])
+        await chat(g, [user("q2")], cid, model="drop", stream=True)
+        await chat(g, [user("q2")], cid, model="drop", stream=True)      # regenerate: cut again
+        st, _, _ = await chat(g, [user("q3")], cid)
+        st, _, _ = await chat(g, [user("q4")], cid)
+        assert st == 200 and up.refused == []
+        assert roles(up.seen[2]["messages"]) == ["user:q1", "assistant:answer 1", "user:q2"]
+        assert roles(up.seen[-1]["messages"]) == ["user:q1", "assistant:answer 1", "user:q2", "assistant:partial ",
+                                                  "user:q3", "assistant:answer 4", "user:q4"]
+        rows = await stored(g, cid)
+        assert [r.status for _, r in rows].count("upstream_disconnected") == 2
+
+
+async def test_nothing_new_with_memory_on_is_refused(make_gateway: Any) -> None:
+    """No messages, or only the current system prompt: 400 on messages, nothing forwarded or stored
+    (an answer was stored right after the previous one, and both replayed from then on)."""
+    async with strict_gateway(make_gateway) as (g, up):
+        st, cid, _ = await chat(g, [SYS, user("u1")])
+        for msgs in ([], [SYS], [SYS, user("u1"), {"role": "assistant", "content": "answer 1"}]):
+            st, _, err = await chat(g, msgs, cid)
+            assert st == 400 and err["error"]["param"] == "messages"
+            assert err["error"]["type"] == "invalid_request_error"
+        assert len(up.seen) == 1
+        st, _, _ = await chat(g, [user("u2")], cid)
+        assert st == 200 and up.refused == []
+        assert roles(up.seen[-1]["messages"]) == ["system:Be brief.", "user:u1", "assistant:answer 1", "user:u2"]
+        assert len(await stored(g, cid)) == 5
+
+
+async def test_a_retry_that_adds_a_question_leaves_the_cut_answer_out_later(make_gateway: Any,
+                                                                            db: dict[str, Any]) -> None:
+    """z2 is cut mid-answer; the client retries it with one more message: later turns send what
+    that turn sent (z2, z3, its answer), not the cut answer between z2 and z3, from the cache and
+    from the database."""
+    async with strict_gateway(make_gateway, user_first=False, database=db) as (g, up):
+        st, cid, a1 = await chat(g, [user("z1")])
+        await chat(g, [user("z2")], cid, model="drop", stream=True)
+        st, _, a3 = await chat(g, [user("z2"), user("z3")], cid)
+        want = ["user:z1", "assistant:answer 1", "user:z2", "user:z3"]
+        assert st == 200 and roles(up.seen[-1]["messages"]) == want
+        st, _, a4 = await chat(g, [user("z4")], cid)
+        want += ["assistant:" + a3["content"], "user:z4"]
+        assert roles(up.seen[-1]["messages"]) == want
+        await g.plugin("conversations").flush()
+        g.plugin("conversations").shared.forget(cid)
+        st, _, a5 = await chat(g, [user("z5")], cid)
+        assert roles(up.seen[-1]["messages"]) == want + ["assistant:" + a4["content"], "user:z5"]
+        assert up.refused == []
+        rows = await stored(g, cid)
+        assert [(m["content"], r.status) for m, r in rows] == [
+            ("z1", None), ("answer 1", "complete"), ("z2", None), ("partial ", "upstream_disconnected"),
+            ("z2", None), ("z3", None), (a3["content"], "complete"), ("z4", None), (a4["content"], "complete"),
+            ("z5", None), (a5["content"], "complete")]
+
+
+async def test_a_trimmed_history_never_starts_with_a_function_result(make_gateway: Any, db: dict[str, Any]) -> None:
+    """A legacy ``function`` result is a result, as a tool's: a cut that would leave it first moves to
+    the next user message (from the cache and from the database)."""
+    async with strict_gateway(make_gateway, {"max_messages": 4}, database=db) as (g, up):
+        st, cid, _ = await chat(g, [user("u1")])
+        st, _, _ = await chat(g, [{"role": "function", "name": "f", "content": "42"}], cid)
+        st, _, _ = await chat(g, [user("u3")], cid)
+        assert st == 200 and up.refused == []
+        assert roles(up.seen[-1]["messages"]) == ["user:u3"]
+        await g.plugin("conversations").flush()
+        g.plugin("conversations").shared.forget(cid)
+        st, _, _ = await chat(g, [{"role": "function", "name": "f", "content": "43"}], cid)
+        assert st == 200 and up.refused == []
+        assert roles(up.seen[-1]["messages"]) == ["user:u3", "assistant:answer 3", "function:43"]
+
+
+async def test_tools_run_again_after_a_failed_turn_replace_their_old_results(make_gateway: Any,
+                                                                             db: dict[str, Any]) -> None:
+    """The answer to three tool results is cut; the client runs the tools again and gets other
+    results, in another order (the same tool_call_ids): the upstream gets the call and the new
+    results only, on that turn and later ones (from the cache and from the database); it got the
+    old and new results for the same ids and refused every turn from then on."""
+    async with strict_gateway(make_gateway, database=db) as (g, up):
+        st, cid, call = await chat(g, [SYS, user("weather?")], model="tools")
+        ids = [tc["id"] for tc in call["tool_calls"]]
+        await chat(g, [{"role": "tool", "tool_call_id": i, "content": "sunny"} for i in ids], cid,
+                   model="drop", stream=True)
+        again = [{"role": "tool", "tool_call_id": i, "content": "rain"} for i in reversed(ids)]
+        st, _, a = await chat(g, again, cid)
+        want = ["system:Be brief.", "user:weather?", "assistant(calls)"] + [f"tool:{i}" for i in reversed(ids)]
+        assert st == 200 and roles(up.seen[-1]["messages"]) == want
+        assert up.seen[-1]["messages"][3:] == again
+        st, _, t = await chat(g, [user("thanks")], cid)
+        want += ["assistant:" + a["content"], "user:thanks"]
+        assert st == 200 and roles(up.seen[-1]["messages"]) == want
+        await g.plugin("conversations").flush()
+        g.plugin("conversations").shared.forget(cid)
+        st, _, _ = await chat(g, [user("more")], cid)
+        assert st == 200 and up.refused == []
+        assert roles(up.seen[-1]["messages"]) == want + ["assistant:" + t["content"], "user:more"]
+        assert [m for m in up.seen[-1]["messages"] if m["role"] == "tool"] == again
+        rows = await stored(g, cid)
+        assert [m.get("content") for m, _ in rows if m["role"] == "tool"] == ["sunny"] * 3 + ["rain"] * 3

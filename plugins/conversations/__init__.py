@@ -28,7 +28,7 @@ from gateway.context import RequestContext
 from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import _GENERATED, _ID_OK, Shared, View, body_size, reasoning_share, reasoning_tokens
+from .state import _GENERATED, _ID_OK, Shared, View, body_size, reasoning_share, reasoning_tokens, superseded
 from .store import TurnRecord, dumps, fit, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
@@ -134,7 +134,8 @@ def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[
       data is not sent again; audio without an id is left out);
     * a tool call that no tool result answers right after it (one cut off mid-stream, or never
       run) is left out: backends reject an assistant's call without its result; so is a stored
-      tool result whose call was left out;
+      tool result whose call was left out, and one answered again further on in the same run of
+      tool results (the tools run again after a failed turn, stored or new: the newest is sent);
     * an assistant message left with no content, refusal, audio or tool calls is not sent (a bare
       ``{"role": "assistant", "content": null}`` is rejected too);
     * an answer's response-only fields left empty are not sent: ``"tool_calls": []`` (vLLM sends
@@ -150,8 +151,16 @@ def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[
     for i, (m, t) in enumerate(history):
         role = m.get("role")
         if role == "tool":
-            if m.get("tool_call_id") not in calls:
+            tid = m.get("tool_call_id")
+            if tid not in calls:
                 changed = True
+                continue
+            j = i + 1
+            while j < len(seq) and isinstance(seq[j], dict) and seq[j].get("role") == "tool" \
+                    and seq[j].get("tool_call_id") != tid:
+                j += 1
+            if j < len(seq) and isinstance(seq[j], dict) and seq[j].get("role") == "tool":
+                changed = True  # the same call answered again further on (tools run again): the newest goes
                 continue
             out.append((m, t))
             continue
@@ -410,7 +419,8 @@ class Conversations(Plugin):
                                          "invalid_request_error", "invalid_value", "messages"))
         cid = headers.get("X-Conversation-ID")
         parent_id = fork_position = None
-        lead_new, resent = False, []  # (memory: see _memory_new)
+        lead_new, resent, lead_n = False, [], 0  # (memory: see _memory_new)
+        stored_again: list[int] = []  # resent positions stored again (a retry that adds a message)
         if cid:
             cid = cid.strip()
             try:
@@ -437,18 +447,33 @@ class Conversations(Plugin):
             create = False
             if memory and k < n:
                 # Memory: the client sends its new messages only (see _memory_new): a resent system
-                # prompt and a resent unanswered tail (a retry) are not stored again; no fork.
-                start, lead_new, resent = self._memory_new(v, msgs, digests)
+                # prompt, a resent history and a resent unanswered tail (a retry) are not stored
+                # again; no fork.
+                s, lead_new, start, resent = self._memory_new(v, msgs, digests)
+                lead_n = s if lead_new else 0
                 r = start + len(resent)
                 base = v.count
-                new = (msgs[:start] if lead_new else []) + msgs[r:]
-                new_digests = (digests[:start] if lead_new else []) + digests[r:]
+                if resent and r < len(msgs) and all(v.kinds[p] != "x" for p in resent) \
+                        and "x" in v.kinds[resent[-1]:]:
+                    # A retry past a cut answer that adds a message: the retried messages are
+                    # stored again, before the new ones (state.superseded then leaves the cut
+                    # answer and the first copies out of later turns, as the upstream got them now).
+                    r, stored_again = start, resent
+                new = msgs[:lead_n] + msgs[r:]
+                new_digests = digests[:lead_n] + digests[r:]
             else:
                 if k < n:
                     parent_id, fork_position = v.id, k
                     v = shared.remember(v.fork(new_id(), k))
                     create = True
                 base, new, new_digests, start = k, msgs[k:], digests[k:], k
+            if memory and not new and not (resent or (k == n and self._unanswered(v))):
+                # Nothing new and nothing retried (no messages, or only the current system prompt, or
+                # a history with nothing after its last answer): nothing to ask the model.
+                ctx.refusal = {"plugin": self.name, "type": "invalid", "reason": "nothing_new"}
+                return Reply(400, error_body("With memory on, messages must hold at least one message the "
+                                             "conversation does not have yet (or the unanswered ones again, "
+                                             "to retry).", "invalid_request_error", "invalid_value", "messages"))
         else:
             v = shared.remember(View(new_id(), owner, key_id))
             create, k, base, new, new_digests, start = True, 0, 0, msgs, digests, 0
@@ -457,7 +482,7 @@ class Conversations(Plugin):
         known: int | None = None
         if memory and v.count:
             mem = cfg.memory
-            lead = msgs[:start] if lead_new else []  # a new system prompt: sent first, as the client sent it
+            lead = msgs[:lead_n]  # a new system prompt: sent first, as the client sent it
             client = msgs[start:]  # the client's other messages, after the history (a resent tail too)
             try:
                 head, cands, must = await self._stored(v, client, lead_new, resent)
@@ -474,7 +499,7 @@ class Conversations(Plugin):
             # roughly (body_size: text lengths); the body made is checked, and if text that JSON
             # or UTF-8 makes longer took it over, fewer old messages are sent.
             budget = mem.max_bytes if mem.max_bytes is not None else ctx.settings.max_body
-            room = budget - len(ctx.body) + (0 if lead_new else sum(body_size(m) for m in msgs[:start]))
+            room = budget - len(ctx.body) + sum(body_size(m) for m in msgs[lead_n:start])
             cap: int | None = None
             exact = None
             for attempt in range(4):
@@ -490,13 +515,13 @@ class Conversations(Plugin):
                     if exact is None:
                         exact = ctx.json_exact  # re-serialised: the client's own numbers, exactly
                     em = exact["messages"]
-                    ctx.set_json({**exact, "messages": (em[:start] if lead_new else []) + replay + em[start:]})
+                    ctx.set_json({**exact, "messages": em[:lead_n] + replay + em[start:]})
                 over = len(ctx.body) - budget
                 if over <= 0 or not taken:
                     break  # (the new messages alone over it: forwarded as they were accepted)
                 room -= over
                 cap = taken - 1 if attempt < 2 else 0
-            toks = [t for _, t in history] + [v.tokens[p] for p in resent]
+            toks = [t for _, t in history] + [v.tokens[p] for p in resent if p not in stored_again]
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
         elif k:
             toks = v.tokens[:k]
@@ -513,54 +538,92 @@ class Conversations(Plugin):
         return None
 
     @staticmethod
-    def _memory_new(v: View, msgs: list[dict[str, Any]], digests: list[str]) -> tuple[int, bool, list[int]]:
+    def _unanswered(v: View) -> list[int]:
+        """The unanswered tail: the stored positions after the last complete answer, cut answers
+        and system prompts left out (the question, or the tool results, of a failed turn)."""
+        kinds = v.kinds
+        p = v.count
+        while p > 0 and kinds[p - 1] not in ("a", "c"):
+            p -= 1
+        return [i for i in range(p, v.count) if kinds[i] not in ("s", "x")]
+
+    @staticmethod
+    def _resent(v: View, body: list[str], lo: int, hi: int, optional: set[int]) -> tuple[int, list[int]] | None:
+        """Whether ``body`` starts with the stored messages at positions [lo, hi), each system
+        message, cut answer and ``optional`` one there optional (sent again or not): how many of
+        ``body`` that takes and the positions they are; None if it does not."""
+        j, got = 0, []
+        for i in range(lo, hi):
+            if j < len(body) and v.digests[i] == body[j]:
+                got.append(i)
+                j += 1
+            elif v.kinds[i] not in ("s", "x") and i not in optional:
+                return None
+        return j, got
+
+    @classmethod
+    def _memory_new(cls, v: View, msgs: list[dict[str, Any]], digests: list[str]
+                    ) -> tuple[int, bool, int, list[int]]:
         """Memory: what of the client's messages is new. Returns how many leading system/developer
-        messages it sent, whether they are a new system prompt, and the stored positions it sent
-        again.
+        messages it sent, whether they are a new system prompt, where in ``msgs`` its messages
+        after the history it resent begin (``start``), and the stored positions it sent again
+        from there on (a retry: ``msgs[start:start + len(resent)]``).
 
         * Its leading system/developer messages equal to the current system prompt (the newest
           stored run of them) are a resent prompt: dropped. Different ones are a new system
           prompt: stored (appended: nothing stored is overwritten) and sent instead of the old.
+        * A client that keeps its own history: when its other messages start with the stored
+          ones up to the last complete answer (system messages and cut answers there may be in
+          it or not: a changed prompt, a partial answer the client never showed), those are a
+          resent history: dropped, memory sends its own.
         * A retry: a turn failed (an error, or the answer cut short: the client was told of an
           error) and the client sends its messages again. The stored messages after the last
           complete answer, cut answers left out (the unanswered tail), whose end the client's
-          messages (after the system prompt) start with, are resent: not stored again, and sent
-          once (as the client sent them)."""
+          messages (after the system prompt and any resent history) start with, are resent:
+          not stored again, and sent once (as the client sent them)."""
         s = 0
         while s < len(msgs) and msgs[s].get("role") in ("system", "developer"):
             s += 1
         a, b = v.prompt
         lead_new = s > 0 and digests[:s] != v.digests[a:b]
-        kinds = v.kinds
+        tail = cls._unanswered(v)
         p = v.count
-        while p > 0 and kinds[p - 1] not in ("a", "c"):
+        while p > 0 and v.kinds[p - 1] not in ("a", "c"):
             p -= 1
-        tail = [i for i in range(p, v.count) if kinds[i] not in ("s", "x")]
         body = digests[s:]
-        for r in range(min(len(tail), len(body)), 0, -1):
-            if [v.digests[i] for i in tail[-r:]] == body[:r]:
-                return s, lead_new, tail[-r:]
-        return s, lead_new, []
+        start = s
+        if p:
+            got = cls._resent(v, body, 0, p, superseded(v.kinds, v.digests) if "x" in v.kinds else set())
+            if got is not None:
+                start += got[0]
+                body = body[got[0]:]
+        for q in tail:
+            got = cls._resent(v, body, q, v.count, set())
+            if got is not None and got[0]:
+                return s, lead_new, start, got[1]
+        return s, lead_new, start, []
 
     async def _stored(self, v: View, client: list[dict[str, Any]], lead_new: bool, resent: list[int]
                       ) -> tuple[list[Stored], list[Stored], int | None]:
         """The stored messages memory may replay: the system prompt to pin (none when the client
         sent a new one), the others it may send (oldest first: no system message, none the client
-        resent, no answer cut short unless a new question followed it), each with its replay token
-        count (hidden reasoning left out) and position; and the position of the assistant message
-        whose tool calls the client's tool results answer, if they do. Read far enough back for
-        max_messages of them, and for that assistant message and the question that led to it,
-        however far back."""
+        resent, none a retry replaced (``state.superseded``), no answer cut short unless a new
+        question followed it, and of cut answers one right after the other only the last), each
+        with its replay token count (hidden reasoning left out) and position; and the position of
+        the assistant message whose tool calls the client's tool results answer, if they do. Read
+        far enough back for max_messages of them, and for that assistant message and the question
+        that led to it, however far back."""
         shared = self.shared
         assert shared is not None
         mem = self.config.memory
         n, kinds = v.count, v.kinds
         prompt = (0, 0) if lead_new else v.prompt
         skip = set(resent)
+        gone = superseded(kinds, v.digests) if "x" in kinds else set()
 
         def usable(p: int) -> bool:
             k = kinds[p]
-            if k == "s" or p in skip:
+            if k == "s" or p in skip or p in gone:
                 return False
             if k != "x":
                 return True
@@ -568,9 +631,12 @@ class Conversations(Plugin):
             # told of an error, and sent the question or tool results again). It stays where a new
             # question followed it (the client showed it, as after a stop button; leaving it out
             # would give two user messages in a row, which strict chat templates refuse).
+            # Of cut answers one after the other (a regenerated answer stopped again), the last.
             q = p + 1
-            while q < n and kinds[q] in ("s", "x"):
+            while q < n and kinds[q] == "s":
                 q += 1
+            if q < n and kinds[q] == "x":
+                return False
             if q < n:
                 return kinds[q] == "u"
             return not skip and bool(client) and client[0].get("role") == "user"

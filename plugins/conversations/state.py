@@ -64,13 +64,16 @@ def body_size(m: Any) -> int:
 
 def kind(role: Any, status: str | None = None, calls: bool = False) -> str:
     """What memory needs to know of a stored message, one letter: ``s`` a system or developer
-    message, ``u`` a user (or any other) message, ``t`` a tool result, ``a`` an assistant answer
-    (complete, or sent by a client as history), ``c`` such an answer with tool calls, ``x`` an
-    assistant answer cut short (its status not ``complete``: the client was told of an error)."""
+    message, ``u`` a user (or any other) message, ``t`` a tool result, ``f`` a (legacy) function
+    result, ``a`` an assistant answer (complete, or sent by a client as history), ``c`` such an
+    answer with tool calls, ``x`` an assistant answer cut short (its status not ``complete``: the
+    client was told of an error)."""
     if role in ("system", "developer"):
         return "s"
     if role == "tool":
         return "t"
+    if role == "function":
+        return "f"  # (a result, as ``t``: a trimmed history never starts with one)
     if role == "assistant":
         if status is not None and status != "complete":
             return "x"
@@ -95,6 +98,49 @@ def last_prompt(kinds: Sequence[str], since: int = 0) -> tuple[int, int]:
     while i > 0 and kinds[i - 1] == "s":
         i -= 1
     return i, b
+
+
+def superseded(kinds: Sequence[str], digests: Sequence[str]) -> set[int]:
+    """Stored positions memory does not replay because a retry replaced them: where a run of cut
+    answers (``x``, system messages between them aside) is followed by the end of the unanswered
+    messages before it again (the client retried its turn and added a message: that turn stores
+    the retried messages again, see ``Conversations._memory_new``), the run and those earlier
+    copies. Worked out from kinds and digests alone, so the cache and the database agree."""
+    out: set[int] = set()
+    kinds = list(kinds)
+    n = len(kinds)
+    i = 0
+    while i < n:
+        try:
+            i = kinds.index("x", i)
+        except ValueError:
+            break
+        run = []
+        j = i
+        while j < n and kinds[j] in ("s", "x"):
+            if kinds[j] == "x":
+                run.append(j)
+            j += 1
+        before = []  # the unanswered messages before the run (after the last complete answer)
+        p = i
+        while p > 0 and kinds[p - 1] not in ("a", "c"):
+            p -= 1
+            if kinds[p] not in ("s", "x"):
+                before.append(p)
+        before.reverse()
+        after: list[int] = []
+        q = j
+        while q < n and len(after) < len(before):
+            if kinds[q] not in ("s", "x"):
+                after.append(q)
+            q += 1
+        for r in range(min(len(before), len(after)), 0, -1):
+            if [digests[q] for q in before[-r:]] == [digests[q] for q in after[:r]]:
+                out.update(before[-r:])
+                out.update(run)
+                break
+        i = j
+    return out
 
 
 def reasoning_tokens(usage: Any) -> int:
