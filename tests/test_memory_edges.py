@@ -79,6 +79,7 @@ class Strict:
     """The backend. Its answer depends on the model asked for:
 
     * ``text``: ``answer <n>``; ``tools``: three tool calls when the last message is a user's, else text;
+    * ``same``: always ``Yes.``; ``samecut``: a stream of all of ``Yes.`` that dies before its end;
     * ``drop``: a stream that dies after some text; ``drop0``: one that dies before any;
     * ``reason``: an answer whose completion_tokens are mostly hidden reasoning (1000 of 1005);
     * ``vllm``: an answer shaped as vLLM and newer OpenAI models send it (``"tool_calls": []``,
@@ -100,7 +101,7 @@ class Strict:
                                                 "code": None}}, status=400)
         model = body.get("model")
         n = len(self.seen)
-        text = f"answer {n}"
+        text = "Yes." if model in ("same", "samecut") else f"answer {n}"
         calls = None
         if model == "tools" and msgs[-1]["role"] == "user":
             calls = [{"id": f"call_{n}_{j}", "type": "function",
@@ -127,8 +128,12 @@ class Strict:
                 return resp
             if calls:
                 await event({"tool_calls": [{"index": j, **tc} for j, tc in enumerate(calls)]})
+            elif model == "samecut":  # the whole (short) answer, then the stream dies before its end
+                await event({"content": text})
+                request.transport.close()
+                return resp
             else:
-                for piece in ("partial ", "answer ", f"{n}"):
+                for piece in ("partial ", "answer ", f"{n}") if model != "same" else (text,):
                     await event({"content": piece})
                     if model == "drop":
                         request.transport.close()
@@ -622,3 +627,78 @@ async def test_tools_run_again_after_a_failed_turn_replace_their_old_results(mak
         assert [m for m in up.seen[-1]["messages"] if m["role"] == "tool"] == again
         rows = await stored(g, cid)
         assert [m.get("content") for m, _ in rows if m["role"] == "tool"] == ["sunny"] * 3 + ["rain"] * 3
+
+
+# -- a client keeping its own history: matched past retries, equal texts, tools run again, edits ------
+def longq(text: str) -> dict[str, str]:
+    return user(text + " is a rather long question text")
+
+
+async def test_a_full_history_after_a_retry_that_added_a_question_is_recognised(make_gateway: Any) -> None:
+    """q2 cut; the retry of q2 adds q3 (stored again: q2 twice); the next full-history turn still
+    matches the stored history (the first copy of q2 was taken by the match and the second then
+    missing: the whole history was stored and sent twice). (The client itself sends two
+    questions in a row: a backend that wants the roles to alternate would refuse that.)"""
+    async with strict_gateway(make_gateway, user_first=False) as (g, up):
+        st, cid, a1 = await chat(g, [SYS, longq("q1")])
+        await chat(g, [SYS, longq("q1"), a1, longq("q2")], cid, model="drop", stream=True)
+        st, _, a3 = await chat(g, [SYS, longq("q1"), a1, longq("q2"), longq("q3")], cid)
+        st, _, a4 = await chat(g, [SYS, longq("q1"), a1, longq("q2"), longq("q3"), a3, longq("q4")], cid)
+        assert st == 200 and up.refused == []
+        assert up.seen[-1]["messages"] == [SYS, longq("q1"), a1, longq("q2"), longq("q3"), a3, longq("q4")]
+        assert len(await stored(g, cid)) == 10  # S q1 a1 q2 (cut) q2 q3 a3 q4 a4
+
+
+async def test_a_cut_answer_with_the_text_its_retry_gave_again_does_not_break_the_match(make_gateway: Any) -> None:
+    """A short answer cut after its last word, the retry answering the same words: the client's
+    answer is the complete one, not the cut one with the same text."""
+    async with strict_gateway(make_gateway) as (g, up):
+        st, cid, a1 = await chat(g, [SYS, user("q1")], model="same")
+        await chat(g, [SYS, user("q1"), a1, user("q2")], cid, model="samecut", stream=True)
+        st, _, a2 = await chat(g, [SYS, user("q1"), a1, user("q2")], cid, model="same")   # the retry
+        for q in ("q3", "q4"):
+            hist = [SYS, user("q1"), a1, user("q2"), a2] + ([user("q3"), a2] if q == "q4" else [])
+            st, _, _ = await chat(g, hist + [user(q)], cid, model="same")
+            assert st == 200 and up.seen[-1]["messages"] == hist + [user(q)]
+        assert up.refused == []
+        assert len(await stored(g, cid)) == 10  # S q1 a1 q2 (cut) a2 q3 a3 q4 a4
+
+
+async def test_a_full_history_after_tools_run_again_is_recognised(make_gateway: Any) -> None:
+    """The tools' results sent, the answer cut, the tools run again (other results): the next
+    full-history turn holds only the new results, and matches (the old ones, which the new ones
+    replaced, may be left out): the call and its results were sent twice."""
+    async with strict_gateway(make_gateway) as (g, up):
+        st, cid, call = await chat(g, [SYS, user("q1")], model="tools")
+        def results(tag: str) -> list[dict[str, Any]]:
+            return [{"role": "tool", "tool_call_id": tc["id"], "content": f"{tag} {j}"}
+                    for j, tc in enumerate(call["tool_calls"])]
+        await chat(g, [SYS, user("q1"), call, *results("old")], cid, model="drop", stream=True)
+        st, _, a = await chat(g, [SYS, user("q1"), call, *results("new")], cid)
+        assert st == 200
+        hist = [SYS, user("q1"), call, *results("new"), a]
+        st, _, _ = await chat(g, hist + [user("q2")], cid)
+        assert st == 200 and up.refused == []
+        assert up.seen[-1]["messages"] == hist + [user("q2")]
+
+
+async def test_a_full_history_client_that_edited_once_is_matched_again(make_gateway: Any) -> None:
+    """With memory on an edit is taken as new messages (no fork); the client's later turns resend
+    its edited history: matched from where it began again, not stored and sent again each turn
+    (the conversation grew by its whole history every turn)."""
+    async with strict_gateway(make_gateway) as (g, up):
+        st, cid, a1 = await chat(g, [SYS, longq("q1")])
+        st, _, a2 = await chat(g, [SYS, longq("q1"), a1, longq("q2")], cid)
+        st, _, e1 = await chat(g, [SYS, longq("q1 edited")], cid)          # the edit: new messages
+        before = len(await stored(g, cid))
+        hist = [SYS, longq("q1 edited"), e1]
+        sizes = []
+        for q in ("e2", "e3", "e4"):
+            st, _, a = await chat(g, hist + [longq(q)], cid)
+            assert st == 200
+            sizes.append(len(up.seen[-1]["messages"]))
+            hist += [longq(q), a]
+        rows = await stored(g, cid)
+        assert len(rows) == before + 6                      # two messages a turn
+        assert sizes[1] - sizes[0] == sizes[2] - sizes[1] == 2
+        assert up.refused == []

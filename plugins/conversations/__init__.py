@@ -551,15 +551,32 @@ class Conversations(Plugin):
     def _resent(v: View, body: list[str], lo: int, hi: int, optional: set[int]) -> tuple[int, list[int]] | None:
         """Whether ``body`` starts with the stored messages at positions [lo, hi), each system
         message, cut answer and ``optional`` one there optional (sent again or not): how many of
-        ``body`` that takes and the positions they are; None if it does not."""
-        j, got = 0, []
+        ``body`` that takes and the positions they are; None if it does not. Every way through is
+        tried (an optional message the client's next one matches may still be one it left out:
+        a cut answer with the text its retry gave again), the one taking most of ``body`` kept."""
+        digests, kinds = v.digests, v.kinds
+        frontier: dict[int, None] = {0: None}  # how much of body the ways so far have taken
+        steps: list[dict[int, tuple[int, bool]]] = []  # per position: taken -> (taken before, matched)
         for i in range(lo, hi):
-            if j < len(body) and v.digests[i] == body[j]:
-                got.append(i)
-                j += 1
-            elif v.kinds[i] not in ("s", "x") and i not in optional:
+            nxt: dict[int, tuple[int, bool]] = {}
+            skip = kinds[i] in ("s", "x", "t") or i in optional
+            for j in frontier:
+                if j < len(body) and digests[i] == body[j]:
+                    nxt.setdefault(j + 1, (j, True))
+                if skip:
+                    nxt.setdefault(j, (j, False))
+            if not nxt:
                 return None
-        return j, got
+            steps.append(nxt)
+            frontier = dict.fromkeys(nxt)
+        j = max(frontier)
+        end, got = j, []
+        for i in range(hi - 1, lo - 1, -1):  # (the way back)
+            j, took = steps[i - lo][j]
+            if took:
+                got.append(i)
+        got.reverse()
+        return end, got
 
     @classmethod
     def _memory_new(cls, v: View, msgs: list[dict[str, Any]], digests: list[str]
@@ -592,11 +609,17 @@ class Conversations(Plugin):
             p -= 1
         body = digests[s:]
         start = s
-        if p:
-            got = cls._resent(v, body, 0, p, superseded(v.kinds, v.digests) if "x" in v.kinds else set())
-            if got is not None:
-                start += got[0]
-                body = body[got[0]:]
+        if p and body:
+            optional = superseded(v.kinds, v.digests) if "x" in v.kinds else set()
+            # From the start; or, for a client whose history once diverged (an edit, taken as new
+            # messages), from where it last began again (the newest stored copy of its first message).
+            starts = [0] + [i for i in range(p - 1, 0, -1) if v.digests[i] == body[0]]
+            for lo in starts:
+                got = cls._resent(v, body, lo, p, optional)
+                if got is not None and (lo == 0 or got[0]):
+                    start += got[0]
+                    body = body[got[0]:]
+                    break
         for q in tail:
             got = cls._resent(v, body, q, v.count, set())
             if got is not None and got[0]:
