@@ -236,7 +236,12 @@ def _parse_yaml(text: str, source: str, env: dict[str, str] | None) -> tuple[dic
         deep = _too_deep(text)
         node = yaml.compose(text, Loader=_COMPOSER) if deep is None else None
     except yaml.YAMLError as e:
-        raise ConfigError([_yaml_problem(e, text)], source) from None
+        mark = getattr(e, "problem_mark", None)
+        if "nesting depth" in str(getattr(e, "problem", "")) and mark is not None:
+            # (libyaml's own limit, 1000 levels in PyYAML 6.0.4's wheels, may come first: the same error)
+            deep = mark.line + 1
+        else:
+            raise ConfigError([_yaml_problem(e, text)], source) from None
     if deep is not None:
         raise ConfigError([f"line {deep}: the document nests too deeply (more than {MAX_DEPTH} levels)"], source)
     lines = _Lines()

@@ -185,7 +185,9 @@ def build_storage(uri: str, timeout: float = CLIENT_TIMEOUT) -> Any:
         # percent-encoding, as for a plain redis:// URL below).
         opts.update(url_auth(uri))
     if "+sentinel" in uri:
-        storage = storage_from_string(uri, wrap_exceptions=True, **opts)
+        # (the sentinels' own login too: before 5.8 the library gave them the URL's credentials
+        # as written, percent-encoding and all)
+        storage = storage_from_string(uri, wrap_exceptions=True, sentinel_kwargs=url_auth(uri) or None, **opts)
         # Sentinel takes connection options only; the clients it hands out get the policy here.
         for client in (getattr(storage.bridge, "storage", None), getattr(storage.bridge, "storage_replica", None)):
             if client is not None and hasattr(client, "retry_policy"):
