@@ -301,3 +301,35 @@ async def serve_handler(handler: Any) -> tuple[Any, str]:
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
+
+
+def port_refuses(port: int) -> bool:
+    """Does 127.0.0.1:``port`` refuse connections (the listener closed)? (Any other failure: no.)"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+async def recorded_usage_and_audit(g: Any, s: Any, key_id: str) -> Any:
+    """The key's usage totals and the audit's request events once both hold the request (None
+    until then: poll it with ``until``)."""
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    await g.plugin("key_auth").flush_usage()
+    async with s.get(g.admin_url + f"/keys/{key_id}/usage", headers=admin) as r:
+        totals = (await r.json())["totals"]
+    async with s.get(g.admin_url + "/audit?type=request", headers=admin) as r:
+        events = (await r.json())["data"]
+    return (totals, events) if totals["requests"] and events else None
+
+
+async def stream_then_stop(g: Any, s: Any, chat: dict[str, Any]) -> tuple[Any, bytes, float, Any]:
+    """Start a long demo stream (200 words, one each 0.2 s), read its first event, then begin
+    stopping the gateway: (the response, that event, when the stop began, the stop's task)."""
+    r = await s.post(g.url + "/v1/chat/completions", json={**chat, "stream": True},
+                     headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
+    got = await r.content.readuntil(b"\n\n")
+    return r, got, time.monotonic(), asyncio.create_task(g.stop())

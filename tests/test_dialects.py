@@ -14,8 +14,8 @@ from aiohttp import web
 from gateway.observe import MAX_JSON_BODY, ResponseObserver
 from gateway.plugin import Plugin, registry
 
-from .helpers import ADMIN_TOKEN, until
-from .test_observe import backend
+from .helpers import ADMIN_TOKEN, recorded_usage_and_audit, until
+from .test_observe import backend, streaming
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 WORDS = ["Hello", " there", ",", " how", " can", " I", " help", "?"]
@@ -96,18 +96,8 @@ def test_a_llamacpp_error_line_marks_the_stream_an_error() -> None:
 
 async def test_a_llamacpp_error_line_is_an_upstream_error_end_to_end(make_gateway: Any, tmp_path: Path) -> None:
     raw = llamacpp_error_stream()
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(0, len(raw), 57):
-            await resp.write(raw[i:i + 57])
-        await resp.write_eof()
-        return resp
-
     jl = tmp_path / "audit.jsonl"
-    async with backend(chat) as url:
+    async with backend(streaming(raw, 57)) as url:
         g = await make_gateway([{"name": "conversations"},
                                 {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}}],
                                upstream={"url": url})
@@ -286,15 +276,8 @@ async def test_a_cancelled_n2_stream_is_charged_what_it_delivered_end_to_end(mak
                         break  # the client leaves after every delta sent so far
             left.set()
 
-            async def recorded() -> Any:
-                await g.plugin("key_auth").flush_usage()
-                async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=ADMIN) as r:
-                    totals = (await r.json())["totals"]
-                async with s.get(g.admin_url + "/audit?type=request", headers=ADMIN) as r:
-                    evs = (await r.json())["data"]
-                return (totals, evs) if totals["requests"] and evs else None
-
-            totals, evs = await until(recorded, every=0.1, what="the usage and the audit event")
+            totals, evs = await until(lambda: recorded_usage_and_audit(g, s, rec["id"]), every=0.1,
+                                      what="the usage and the audit event")
     ev = evs[0]
     assert ev["outcome"] == "client_disconnected"
     assert (ev["tokens_in"], ev["tokens_out"], ev["tokens_estimated"]) == (17, 32, True), ev

@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+from .helpers import (ADMIN_TOKEN, GatewayProcess, base_config, free_port, port_refuses, stream_then_stop,
+                      write_config)
 
 T = aiohttp.ClientTimeout(total=30)
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -63,16 +64,6 @@ class MarkedGatewayProcess(GatewayProcess):
         return self
 
 
-def _refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-
-
 async def test_sigterm_drains_stream_then_shuts_down(tmp_path: Path, upstream: Any) -> None:
     (tmp_path / "marker_plugin.py").write_text(MARKER_PLUGIN)
     marks = tmp_path / "marks.txt"
@@ -102,7 +93,7 @@ async def test_sigterm_drains_stream_then_shuts_down(tmp_path: Path, upstream: A
         proc.signal(signal.SIGTERM)
         # New connections are refused while the stream is still being served.
         deadline = time.monotonic() + 5
-        while not _refused(port):
+        while not port_refuses(port):
             assert time.monotonic() < deadline, "the listener kept accepting after SIGTERM"
             await asyncio.sleep(0.02)
         assert not reader.done(), "the stream ended before the listener closed"
@@ -359,11 +350,7 @@ async def test_shutdown_timeout_bounds_the_drain(make_gateway: Any) -> None:
     LifeRec.events.clear()
     g = await make_gateway([{"name": "t_lifecycle_rec"}], server={"shutdown_timeout": 3})
     async with aiohttp.ClientSession(timeout=T) as s:
-        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                         headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
-        got = await r.content.readuntil(b"\n\n")
-        t0 = time.monotonic()
-        stopping = asyncio.create_task(g.stop())
+        r, got, t0, stopping = await stream_then_stop(g, s, CHAT)
         await asyncio.sleep(0.5)
         async with s.get(g.admin_url + "/readyz") as rr:  # draining: a load balancer must move on
             assert rr.status == 503 and (await rr.json())["status"] == "not_ready"

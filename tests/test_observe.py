@@ -30,6 +30,20 @@ async def backend(chat: Any, path: str = "/v1/chat/completions") -> AsyncIterato
         await runner.cleanup()
 
 
+def streaming(raw: bytes, piece: int) -> Any:
+    """A chat handler that streams ``raw`` as server-sent events, ``piece`` bytes per write."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(0, len(raw), piece):
+            await resp.write(raw[i:i + piece])
+        await resp.write_eof()
+        return resp
+
+    return chat
+
+
 def sse(*objs: Any) -> bytes:
     return b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in objs) + b"data: [DONE]\n\n"
 
@@ -104,17 +118,7 @@ def test_an_event_without_end_is_relayed_as_it_comes_not_buffered_whole() -> Non
 
 async def test_odd_upstream_stream_reaches_the_client_whole_and_is_stored(make_gateway: Any) -> None:
     raw = sse(*ODD)
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(0, len(raw), 50):
-            await resp.write(raw[i:i + 50])
-        await resp.write_eof()
-        return resp
-
-    async with backend(chat) as url:
+    async with backend(streaming(raw, 50)) as url:
         g = await make_gateway([{"name": "conversations"}, {"name": "audit"}],
                                upstream={"url": url})
         body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},

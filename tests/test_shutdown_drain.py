@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, until, write_config
+from .helpers import (ADMIN_TOKEN, GatewayProcess, base_config, free_port, port_refuses, stream_then_stop,
+                      until, write_config)
 
 T = aiohttp.ClientTimeout(total=30)
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def _refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return False
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
 
 
 async def _status(s: aiohttp.ClientSession, url: str) -> int:
@@ -68,7 +58,7 @@ async def test_drain_delay_fails_readyz_but_keeps_serving_with_connection_close(
                     assert r.status == 200
                     assert r.headers.get("Connection", "").lower() == "close"
                     assert "choices" in await r.json()
-        await until(lambda: _refused(proc.port), what="the listener to close after the delay")
+        await until(lambda: port_refuses(proc.port), what="the listener to close after the delay")
         assert await asyncio.to_thread(proc.wait, 20) == 0
         log = proc.log()
         assert "server.drain_delay" in log and "gateway stopped" in log and "Traceback" not in log
@@ -218,11 +208,7 @@ async def test_a_stream_still_running_is_cut_when_the_drain_time_is_up(make_gate
     monkeypatch.setattr(app, "_CUT_AFTER_DRAIN", 5.0)
     g = await make_gateway([], server={"shutdown_timeout": 0.5})
     async with aiohttp.ClientSession(timeout=T) as s:
-        r = await s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                         headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
-        got = await r.content.readuntil(b"\n\n")
-        t0 = time.monotonic()
-        stopping = asyncio.create_task(g.stop())
+        r, got, t0, stopping = await stream_then_stop(g, s, CHAT)
         try:
             got += await r.read()
         except aiohttp.ClientPayloadError:

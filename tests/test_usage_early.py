@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.observe import Completion, ResponseObserver
 
-from .helpers import ADMIN_TOKEN, until
+from .helpers import ADMIN_TOKEN, recorded_usage_and_audit, until
 from .test_observe import backend
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -71,15 +71,9 @@ async def test_a_cut_stream_reported_at_its_start_is_charged_what_it_delivered(m
                     got += line.startswith(b"data: {") and b'"content": "t' in line
                     if got == 6:
                         break  # the client leaves after 6 deltas
-            async def recorded() -> Any:  # once the gateway noticed and the records are written
-                await g.plugin("key_auth").flush_usage()
-                async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=ADMIN) as r:
-                    totals = (await r.json())["totals"]
-                async with s.get(g.admin_url + "/audit?type=request", headers=ADMIN) as r:
-                    events = (await r.json())["data"]
-                return (totals, events) if totals["requests"] and events else None
-
-            totals, events = await until(recorded, every=0.1, what="the usage and the audit event")
+            # once the gateway noticed and the records are written
+            totals, events = await until(lambda: recorded_usage_and_audit(g, s, rec["id"]), every=0.1,
+                                         what="the usage and the audit event")
             async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
                 metrics = await r.text()
     ev = events[0]
