@@ -62,8 +62,27 @@ def normal_prefix(v: str) -> str:
     return v.rstrip("/") or "/"
 
 
+def no_bool_numbers(model: type[BaseModel], v: Any, info: ValidationInfo) -> Any:
+    """``true`` / ``false`` where a number is wanted is a mistake (pydantic would read 1 and 0:
+    ``drain_delay: true`` a one-second delay)."""
+    if isinstance(v, bool) and info.field_name is not None:
+        field = model.model_fields.get(info.field_name)
+        ann = field.annotation if field is not None else None
+        if ann in _NUMBERS:
+            raise PydanticCustomError("number_not_bool", "expected a number, not {value}", {"value": str(v).lower()})
+    return v
+
+
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        return no_bool_numbers(cls, v, info)
 
 
 class ServerConfig(Model):
@@ -71,7 +90,7 @@ class ServerConfig(Model):
     port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
     max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
-    drain_delay: float = Field(0.0, ge=0, description="Seconds the public listener keeps accepting and serving "
+    drain_delay: float = Field(0.0, ge=0, le=3600, description="Seconds the public listener keeps accepting and serving "
                                "after SIGTERM (answering with Connection: close) while /readyz already fails, "
                                "so a load balancer takes the instance out before it stops accepting; then "
                                "the shutdown_timeout drain begins. Set it to the load balancer's health-check "

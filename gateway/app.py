@@ -180,6 +180,8 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._skip_delay.wait()
+            if self._skip_delay.is_set():
+                log.info("shutting down: a second signal ended server.drain_delay early")
         try:  # a reload under way finishes (or is refused) first; one stuck on its file does not hold the stop
             async with asyncio.timeout(RELOAD_READ_TIMEOUT + 5):
                 async with self._reload_lock:
@@ -188,6 +190,8 @@ class Gateway:
             log.warning("stopping while a config reload is still under way")
         timeout = self.cfg.server.shutdown_timeout
         self.drain_deadline = time.monotonic() + timeout
+        log.info("shutting down: listener closed; draining in-flight requests (up to %gs, "
+                 "server.shutdown_timeout)", timeout)
         if self._public is not None:
             # aiohttp's own drain would give a streaming response up to twice its timeout (it waits,
             # cancels the request body, which such a handler no longer reads, and waits again). So
@@ -264,7 +268,9 @@ class Gateway:
                                           detail=detail)
             finally:
                 self.replaced = None
-        (log.info if ok else log.error)("config reload %s: %s", "applied" if ok else "rejected", detail)
+        # (refused because the gateway is stopping: nothing is wrong)
+        (log.info if ok or self._stopping else log.error)("config reload %s: %s", "applied" if ok else "rejected",
+                                                          detail)
         return ok, detail
 
     async def _reload(self) -> tuple[bool, str]:
@@ -553,7 +559,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     if ready is not None:
         await ready(gw)
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (up to %ss, after server.drain_delay: %ss)",
-             gw.cfg.server.shutdown_timeout, gw.cfg.server.drain_delay)
+    log.info("shutting down (server.drain_delay %gs, then up to %gs for requests in flight)",
+             gw.cfg.server.drain_delay, gw.cfg.server.shutdown_timeout)
     await gw.stop()
     return 0

@@ -29,7 +29,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from .errors import error_body
 
@@ -43,9 +43,16 @@ ENTRY_POINT_GROUP = "gateway.plugins"
 
 
 class PluginConfig(BaseModel):
-    """Base for plugin config models: unknown keys are errors."""
+    """Base for plugin config models: unknown keys are errors; so is true/false for a number."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        from .config.model import no_bool_numbers
+
+        return no_bool_numbers(cls, v, info)
 
 
 @dataclass(slots=True)

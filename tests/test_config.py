@@ -362,3 +362,24 @@ def test_sections_whose_settings_are_all_commented_out_take_their_defaults():
                            "database:\nroutes:\n#  - path_prefix: /v1\nplugins:\n")
     assert (cfg.server.port, cfg.admin.enabled, cfg.routes, cfg.plugins) == (8080, False, [], [])
     assert cfg.database.url == "sqlite+aiosqlite:///gateway.db" and cfg.logging.level == "INFO"
+
+
+@pytest.mark.parametrize("text, where", [
+    ("server: {drain_delay: true}", "server.drain_delay"),
+    ("server: {keepalive_timeout: false}", "server.keepalive_timeout"),
+    ("server: {port: true}", "server.port"),
+    ("plugins: [{name: rate_limit, config: {estimate_default_max_tokens: true}}]",
+     "plugins[0].config.estimate_default_max_tokens"),
+])
+def test_true_or_false_for_a_number_is_an_error(text: str, where: str) -> None:
+    """YAML's true/false where a number is wanted is a mistake, not 1 and 0 (`drain_delay: true`
+    was a one-second delay)."""
+    with pytest.raises(ConfigError) as e:
+        load_config_text("upstream: {url: 'http://127.0.0.1:9'}\n" + text)
+    assert where in str(e.value) and "expected a number, not" in str(e.value), str(e.value)
+
+
+def test_drain_delay_has_a_bound() -> None:
+    with pytest.raises(ConfigError, match="server.drain_delay"):
+        load_config_text("upstream: {url: 'http://127.0.0.1:9'}\nserver: {drain_delay: 1e9}")
+    assert load_config_text("upstream: {url: 'http://127.0.0.1:9'}\nserver: {drain_delay: 5}").server.drain_delay == 5
