@@ -38,6 +38,15 @@ def other_encoding(body: bytes) -> bool:
 _TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 
 
+def caller_key_id(key_id: str | None, refusal: dict[str, Any] | None) -> str | None:
+    """The admitted key's id, else the id of the key a refusal named (revoked, expired, out of
+    scope ...; a refusal holds the key's id only, never the key)."""
+    if not key_id and refusal:
+        rk = refusal.get("key_id")
+        return rk if isinstance(rk, str) else None
+    return key_id
+
+
 def truthy(v: Any) -> bool:
     """A JSON flag as the backends read it (pydantic's lax booleans: vLLM, many Python servers):
     ``true``, ``1``, ``"true"``, ``"yes"`` ... A client sending ``"stream": 1`` gets a stream from

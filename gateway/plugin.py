@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
+from .config.model import no_bool_numbers
 from .errors import error_body
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ class PluginConfig(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
-        from .config.model import no_bool_numbers
-
         return no_bool_numbers(cls, v, info)
 
 

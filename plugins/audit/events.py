@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, caller_key_id
 from gateway.observe import usage_tokens
 from gateway.redact import mask_gateway_keys
 
@@ -105,9 +105,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
      conversation_id, refusal, refused) = item
     rtype = refusal.get("type") if refusal else None
     etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
-    if not key_id and refusal:
-        rk = refusal.get("key_id")
-        key_id = rk if isinstance(rk, str) else key_id
+    key_id = caller_key_id(key_id, refusal) or key_id
     if outcome == "client_disconnected":
         answered_by = "client_abort"
     elif rtype == "served" and outcome != "refused":  # a plugin's own API answered (2xx)

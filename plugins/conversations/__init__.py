@@ -28,7 +28,8 @@ from gateway.context import RequestContext
 from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import _GENERATED, _ID_OK, Shared, View, body_size, reasoning_share, reasoning_tokens, superseded
+from .state import (_GENERATED, _ID_OK, Shared, View, answered_to, body_size, reasoning_share, reasoning_tokens,
+                    superseded)
 from .store import TurnRecord, dumps, fit, new_row, utcnow
 
 log = logging.getLogger("gateway.conversations")
@@ -542,10 +543,7 @@ class Conversations(Plugin):
         """The unanswered tail: the stored positions after the last complete answer, cut answers
         and system prompts left out (the question, or the tool results, of a failed turn)."""
         kinds = v.kinds
-        p = v.count
-        while p > 0 and kinds[p - 1] not in ("a", "c"):
-            p -= 1
-        return [i for i in range(p, v.count) if kinds[i] not in ("s", "x")]
+        return [i for i in range(answered_to(kinds, v.count), v.count) if kinds[i] not in ("s", "x")]
 
     @staticmethod
     def _resent(v: View, body: list[str], lo: int, hi: int, optional: set[int]) -> tuple[int, list[int]] | None:
@@ -604,9 +602,7 @@ class Conversations(Plugin):
         a, b = v.prompt
         lead_new = s > 0 and digests[:s] != v.digests[a:b]
         tail = cls._unanswered(v)
-        p = v.count
-        while p > 0 and v.kinds[p - 1] not in ("a", "c"):
-            p -= 1
+        p = answered_to(v.kinds, v.count)
         body = digests[s:]
         start = s
         if p and body:

@@ -100,6 +100,15 @@ def last_prompt(kinds: Sequence[str], since: int = 0) -> tuple[int, int]:
     return i, b
 
 
+def answered_to(kinds: Sequence[str], end: int) -> int:
+    """The position after the last complete answer before ``end`` (0: none): what follows it up
+    to ``end`` is unanswered (a failed turn's question or tool results, cut answers, prompts)."""
+    p = end
+    while p > 0 and kinds[p - 1] not in ("a", "c"):
+        p -= 1
+    return p
+
+
 def superseded(kinds: Sequence[str], digests: Sequence[str]) -> set[int]:
     """Stored positions memory does not replay because a retry replaced them: where a run of cut
     answers (``x``, system messages between them aside) is followed by the end of the unanswered
@@ -121,13 +130,8 @@ def superseded(kinds: Sequence[str], digests: Sequence[str]) -> set[int]:
             if kinds[j] == "x":
                 run.append(j)
             j += 1
-        before = []  # the unanswered messages before the run (after the last complete answer)
-        p = i
-        while p > 0 and kinds[p - 1] not in ("a", "c"):
-            p -= 1
-            if kinds[p] not in ("s", "x"):
-                before.append(p)
-        before.reverse()
+        # the unanswered messages before the run (after the last complete answer)
+        before = [p for p in range(answered_to(kinds, i), i) if kinds[p] not in ("s", "x")]
         after: list[int] = []
         q = j
         while q < n and len(after) < len(before):

@@ -29,7 +29,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic import Field, ValidationInfo, field_validator
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, caller_key_id
 from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig
 
@@ -403,10 +403,7 @@ def _identity(ctx: RequestContext) -> dict[str, Any]:
     expired, out of scope ...), as the audit event has it. A refusal holds the key id only, never
     the key."""
     out: dict[str, Any] = {}
-    key_id = ctx.key_id
-    if not key_id and ctx.refusal:
-        rk = ctx.refusal.get("key_id")
-        key_id = rk if isinstance(rk, str) else None
+    key_id = caller_key_id(ctx.key_id, ctx.refusal)
     if key_id:
         out["gateway.key_id"] = genai.text(key_id)
     if ctx.owner:
