@@ -388,6 +388,13 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
             ov_config = ov.get("config") if isinstance(ov, dict) else None
             if ov_config and isinstance(ov_config, dict) and k in validated:
                 cls = registry.get(pname)
+                fixed = [f for f in getattr(cls, "route_fixed", ()) if f in ov_config]
+                if fixed:
+                    for f in fixed:
+                        line = lines.find(("routes", j, "plugins", pname, "config", f))
+                        problems.append(f"routes[{j}].plugins.{pname}.config.{f} -> line {line}: {f} applies to the "
+                                        f"whole gateway and cannot be set per route (set it under plugins)")
+                    continue
                 merged = deep_merge(specs[k].get("config") or {}, ov_config)
                 try:
                     route_validated[(j, pname)] = cls.Config.model_validate(merged)

@@ -92,6 +92,9 @@ class Plugin:
     #: Set True if the plugin reads ``ctx.timings`` (per-plugin hook durations). A middleware can
     #: opt a request out (``request[context.SKIP_TIMINGS] = True``) when nobody will read them.
     wants_timings: ClassVar[bool] = False
+    #: Config fields a route's override may not set (process-wide settings, such as a key that
+    #: signs one shared record): the config loader refuses them there.
+    route_fixed: ClassVar[tuple[str, ...]] = ()
 
     #: Hooks this instance overrides but does not need with its config (set in ``__init__``): the
     #: core leaves them out of the chain, so they cost nothing per request.

@@ -28,6 +28,7 @@ from gateway.plugin import Plugin, PluginConfig
 from gateway.tasks import cancel_and_wait
 
 from . import store
+from .chain import ChainKeys, chain_keys, key_id
 from .events import bus_event, capture, request_event
 from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
 
@@ -55,6 +56,27 @@ class AuditConfig(PluginConfig):
     full_wait: float = Field(0.5, ge=0, description="Seconds to wait for room with on_full: wait.")
     retry_for: float = Field(30.0, gt=0, description="Seconds a failing batch is retried before it is dropped.")
     events: bool = Field(True, description="Record admin/system events from the event bus.")
+    chain_key: str = Field("", repr=False, description=(
+        "Secret that signs the database's hash chain (HMAC-SHA-256), e.g. ${GATEWAY_AUDIT_CHAIN_KEY:-}: "
+        "whoever can write the table but lacks it cannot re-chain rows after an edit. At least 32 "
+        "characters; empty: plain SHA-256. The same on every route (not overridable per route)."))
+    previous_chain_keys: list[str] = Field(default_factory=list, repr=False, description=(
+        "Keys that signed older rows, newest first, after a rotation: verify accepts them; new rows are "
+        "signed with chain_key."))
+
+    @field_validator("chain_key", mode="before")
+    @classmethod
+    def _no_key(cls, v: Any) -> Any:
+        return "" if v is None else v  # "${GATEWAY_AUDIT_CHAIN_KEY:-}" with the variable unset
+
+    @field_validator("chain_key", "previous_chain_keys")
+    @classmethod
+    def _key_length(cls, v: Any) -> Any:
+        for k in ([v] if isinstance(v, str) else v):
+            if (k or isinstance(v, list)) and len(k.encode("utf-8")) < MIN_KEY_BYTES:
+                # (the message never holds the key itself)
+                raise ValueError(f"a chain key needs at least {MIN_KEY_BYTES} bytes (e.g. `openssl rand -hex 32`)")
+        return v
 
     @field_validator("sinks", mode="before")
     @classmethod
@@ -75,12 +97,18 @@ class AuditConfig(PluginConfig):
             if key in seen:
                 raise ValueError(f"sink {spec.type} listed twice")
             seen.add(key)
+        if self.previous_chain_keys and not self.chain_key:
+            raise ValueError("previous_chain_keys needs a chain_key (the key new rows are signed with)")
+        if len({self.chain_key, *self.previous_chain_keys}) != 1 + len(self.previous_chain_keys):
+            raise ValueError("a chain key is listed twice (chain_key and previous_chain_keys)")
         return self
 
     def specs(self) -> list[SinkSpec]:
         return [s if isinstance(s, SinkSpec) else SinkSpec(type=s) for s in self.sinks]
 
 
+#: Shortest chain key, bytes (256 bits as 64 hex digits is what `openssl rand -hex 32` gives).
+MIN_KEY_BYTES = 32
 #: Seconds after start before the first retention purge.
 FIRST_PURGE_DELAY = 60.0
 
@@ -90,6 +118,8 @@ class Audit(Plugin):
     Config = AuditConfig
     observes_response = True
     uses_database: ClassVar[bool] = True
+    #: One chain, one key: a route cannot sign its events differently.
+    route_fixed: ClassVar[tuple[str, ...]] = ("chain_key", "previous_chain_keys")
 
     def __init__(self, config: AuditConfig, services: Any, cli: bool = False) -> None:
         super().__init__(config, services)
@@ -100,11 +130,16 @@ class Audit(Plugin):
         self._unsubscribe: Any = None
         self._purger: asyncio.Task[None] | None = None
         self._wait = config.on_full == "wait"
+        # The keys in force, shared by every instance, the database writer and the admin API; a
+        # reload's config replaces them when it is activated (see activated()).
+        self.chain = chain_keys(services)
+        self._keys = ChainKeys.of(config).keys
+        self._head_signer: int | None = 0  # what signed the newest row, read at start-up
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _sink(self, spec: SinkSpec) -> Sink:
         if spec.type == "database":
-            return DatabaseSink(self.services.db)
+            return DatabaseSink(self.services.db, self.chain)
         if spec.type == "jsonl":
             assert spec.path
             return JsonlSink(spec.path)
@@ -136,6 +171,17 @@ class Audit(Plugin):
             writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
             self.sinks.append((sink, writer))
         self._writers = [w for _, w in self.sinks]
+        if self.cli:  # (a CLI command's events, key.created and the like, are signed too; no reload there)
+            self.chain.keys = self._keys
+        elif self._keys and any(s.kind == "database" for s, _ in self.sinks):
+            try:
+                self._head_signer = await store.head_signer(self.services.db, self._keys)
+            except Exception as e:  # (the writer retries; the check is only for the mark below)
+                log.warning("audit: the chain's newest row could not be read: %s", type(e).__name__)
+            if self._head_signer is None:
+                log.warning("audit: the newest row of the chain matches none of the chain keys (it was edited, or "
+                            "signed with a key missing from chain_key / previous_chain_keys): run "
+                            "`gateway audit verify`")
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event, self._settle)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
@@ -144,6 +190,17 @@ class Audit(Plugin):
     def activated(self) -> None:
         for w in self._writers:
             w.configure(**self._settings)
+        chain = self.chain
+        chain.keys = self._keys
+        if self._keys and self._head_signer != 0 and chain.marked != self._keys[0] and \
+                any(s.kind == "database" for s, _ in self.sinks):
+            # The newest row is not signed with this key (a new key, a rotation, a first start
+            # with one): an event signed with it now, so verify can require a signed head.
+            chain.marked = self._keys[0]
+            self._record_nowait(bus_event("audit.chain_key", {
+                "actor": "system", "chain_key_id": key_id(self._keys[0]),
+                "previous": "none" if self._head_signer in (-1, len(self._keys)) else (
+                    "unknown" if self._head_signer is None else f"previous_chain_keys[{self._head_signer - 1}]")}))
 
     async def shutdown(self) -> None:
         if self._unsubscribe is not None:
@@ -222,7 +279,8 @@ class Audit(Plugin):
         # Each chunk's audit.purged event goes to the other sinks as it commits (the database sink
         # stored it with the chunk), so they have them all even if the purge is cut short.
         ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor,
-                               on_event=lambda e: self._record_nowait(e, skip="database"))
+                               on_event=lambda e: self._record_nowait(e, skip="database"),
+                               keys=lambda: self.chain.signing)
         if ev is not None:
             log.info("audit retention purged %d event(s) older than %s", ev["total"], ev["before"])
         return ev

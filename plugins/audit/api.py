@@ -13,6 +13,7 @@ from gateway.context import parse_address
 from gateway.errors import json_error
 
 from . import store
+from .chain import chain_keys
 
 MAX_LIMIT = 1000
 _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -106,7 +107,7 @@ def routes(services: Any) -> list[Any]:
 
     async def verify(_: web.Request) -> web.Response:
         async with reads:
-            res = await store.verify(services.db)
+            res = await store.verify(services.db, chain_keys(services).keys)
         return web.json_response({**res.as_dict(), "message": res.message()})
 
     return [web.get("/audit", list_events), web.get("/audit/verify", verify)]
@@ -189,9 +190,15 @@ VERIFY: dict[str, Any] = {
                    "properties": {"seq": _I, "problem": {"type": "string", "enum": ["inserted", "deleted", "edited"]},
                                   "detail": _S},
                    "required": ["seq", "problem", "detail"], "additionalProperties": False},
+        "signed_from": {"type": ["integer", "null"], "description": "With a chain key configured: the first "
+                        "row signed with one (earlier rows predate the key); null without one."},
+        "head_signed": {"type": ["string", "null"], "enum": ["current", "previous", "none", None],
+                        "description": "With a chain key configured: what signed the newest row (current: "
+                        "chain_key; previous: one of previous_chain_keys); null without one."},
         "message": _S,
     },
-    "required": ["ok", "rows", "first_seq", "last_seq", "head_hash", "anchor", "broken", "message"],
+    "required": ["ok", "rows", "first_seq", "last_seq", "head_hash", "anchor", "broken", "signed_from",
+                 "head_signed", "message"],
     "additionalProperties": False,
 }
 

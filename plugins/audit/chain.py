@@ -8,10 +8,19 @@ text itself, so verification never re-serialises a record. Editing a row changes
 deleting a row leaves a gap in ``seq``; inserting a row breaks the next row's ``prev_hash``. A
 retention purge deletes the oldest rows and records an ``audit.purged`` event carrying the anchor
 (seq and hash of the last deleted row), so the walk can start after it.
+
+With a chain key (``audit.chain_key``, a secret kept out of the database) a row's hash is
+``HMAC-SHA-256(key, prev_hash || data)`` instead: someone who can write the table but does not
+hold the key cannot compute a valid hash for an edited, inserted or forged row, nor re-chain the
+rows after one. Rows written before the key was set keep their plain hashes; verify with keys
+accepts them only before the first signed row, so a signed chain cannot be passed off as an
+unsigned one. Keys are tried in the order given: the current key first, then older ones (a
+rotation); a row may not be signed with an older key than a row before it.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -42,8 +51,54 @@ def canonical(event: dict[str, Any]) -> str:
     return record_text(seq, record_body(ev, sort=True))
 
 
-def row_hash(prev_hash: str, data: str) -> str:
-    return hashlib.sha256((prev_hash + data).encode("utf-8")).hexdigest()
+def row_hash(prev_hash: str, data: str, key: bytes | None = None) -> str:
+    msg = (prev_hash + data).encode("utf-8")
+    return hmac.digest(key, msg, "sha256").hex() if key else hashlib.sha256(msg).hexdigest()
+
+
+class ChainKeys:
+    """The chain keys in force (shared by the database sink's writer, verify and the admin API, and
+    replaced by a reload): ``keys[0]`` signs new rows, all of them are accepted by verify, newest
+    first. Empty: plain SHA-256."""
+
+    def __init__(self, keys: tuple[bytes, ...] = ()) -> None:
+        self.keys = keys
+        #: the signing key an ``audit.chain_key`` event was last recorded for (once per key)
+        self.marked: bytes | None = None
+
+    @property
+    def signing(self) -> bytes | None:
+        return self.keys[0] if self.keys else None
+
+    @classmethod
+    def of(cls, config: Any) -> "ChainKeys":
+        current = getattr(config, "chain_key", "") or ""
+        return cls(tuple(k.encode("utf-8") for k in ([current] + list(config.previous_chain_keys) if current else [])))
+
+
+def chain_keys(services: Any) -> ChainKeys:
+    """The process's chain keys (one chain per database; kept across reloads)."""
+    return services.resource("audit:chain-keys", ChainKeys)
+
+
+def key_id(key: bytes) -> str:
+    """A chain key's public name in events and reports (it tells keys apart, reveals nothing)."""
+    return hmac.digest(key, b"gateway audit chain key id", "sha256").hex()[:16]
+
+
+def signer(prev_hash: str, data: str, h: str, keys: tuple[bytes, ...]) -> int | None:
+    """Which key made ``h``: its index in ``keys``, ``len(keys)`` for a plain SHA-256 hash, None
+    for neither (the row was edited, or signed with a key not given)."""
+    for i, k in enumerate(keys):
+        if hmac.compare_digest(row_hash(prev_hash, data, k), h):
+            return i
+    return len(keys) if row_hash(prev_hash, data) == h else None
+
+
+def _signed_by(rank: int, keys: tuple[bytes, ...]) -> str:
+    if rank == len(keys):
+        return "no chain key (a plain SHA-256 hash)"
+    return "the current chain key" if rank == 0 else f"previous_chain_keys[{rank - 1}]"
 
 
 @dataclass
@@ -55,11 +110,16 @@ class VerifyResult:
     head_hash: str | None = None
     anchor: dict[str, Any] | None = None
     broken: dict[str, Any] | None = None
+    #: With chain keys: the first row signed with one (None: none is), and what signed the newest row
+    #: ("current", "previous", "none"); without keys both stay None.
+    signed_from: int | None = None
+    head_signed: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "rows": self.rows, "first_seq": self.first_seq, "last_seq": self.last_seq,
-                "head_hash": self.head_hash, "anchor": self.anchor, "broken": self.broken}
+                "head_hash": self.head_hash, "anchor": self.anchor, "broken": self.broken,
+                "signed_from": self.signed_from, "head_signed": self.head_signed}
 
     def message(self) -> str:
         if self.ok:
@@ -68,6 +128,9 @@ class VerifyResult:
             s = f"audit chain intact: {self.rows} events, seq {self.first_seq}..{self.last_seq}, head {self.head_hash}"
             if self.anchor:
                 s += f" (starts after purge anchor seq {self.anchor['seq']})"
+            if self.head_signed is not None:
+                s += (f"; signed with the chain key from seq {self.signed_from}" if self.signed_from is not None
+                      and self.signed_from != self.first_seq else "; every row signed with the chain key")
             return s
         assert self.broken is not None
         return f"audit chain BROKEN at seq {self.broken['seq']} ({self.broken['problem']}): {self.broken['detail']}"
@@ -79,13 +142,17 @@ def _fail(res: VerifyResult, seq: int, problem: str, detail: str) -> VerifyResul
     return res
 
 
-async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None) -> VerifyResult:
+async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None,
+                      keys: tuple[bytes, ...] = ()) -> VerifyResult:
     """Walk rows (objects with seq, prev_hash, hash, data and the indexed columns) in seq order.
 
-    ``anchor`` is the ``{"seq", "hash"}`` recorded by the latest ``audit.purged`` event, if any."""
+    ``anchor`` is the ``{"seq", "hash"}`` recorded by the latest ``audit.purged`` event, if any.
+    ``keys``: the chain keys, current first (see the module's docstring); with keys, the newest row
+    must be signed with one of them."""
     res = VerifyResult()
     prev_seq: int | None = None
     prev_hash: str | None = None
+    prev_rank = len(keys)  # unsigned rows may only come first, then older keys before newer ones
     async for r in rows:
         seq = int(r.seq)
         if prev_seq is None:
@@ -111,8 +178,16 @@ async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None) -
                 return _fail(res, seq, "inserted",
                              f"prev_hash does not match the hash of seq {prev_seq}: "
                              "a row was inserted or replaced before this one")
-        if row_hash(r.prev_hash, r.data) != r.hash:
-            return _fail(res, seq, "edited", "the stored record does not match its hash (the row was edited)")
+        rank = signer(r.prev_hash, r.data, r.hash, keys)
+        if rank is None:
+            return _fail(res, seq, "edited", "the stored record does not match its hash (the row was edited)" + (
+                ", or it was signed with a key missing from chain_key / previous_chain_keys" if keys else
+                ", or it was signed with a chain key and none is configured (audit.chain_key)"))
+        if rank > prev_rank:
+            return _fail(res, seq, "edited", f"the row is signed with {_signed_by(rank, keys)} after rows signed "
+                         f"with {_signed_by(prev_rank, keys)}: it was rewritten by someone without the key")
+        if keys and rank < len(keys) and res.signed_from is None:
+            res.signed_from = seq
         try:
             data = json.loads(r.data)
         except ValueError:
@@ -122,10 +197,17 @@ async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None) -
         for col in INDEXED:
             if getattr(r, col) != _col_value(col, data.get(col)):
                 return _fail(res, seq, "edited", f"column {col!r} differs from the hashed record")
-        prev_seq, prev_hash = seq, r.hash
+        prev_seq, prev_hash, prev_rank = seq, r.hash, rank
         res.rows += 1
     res.last_seq = prev_seq
     res.head_hash = prev_hash
+    if keys and prev_seq is not None:
+        res.head_signed = "current" if prev_rank == 0 else ("none" if prev_rank == len(keys) else "previous")
+        if prev_rank == len(keys):
+            return _fail(res, prev_seq, "edited",
+                         "the newest row is not signed with the chain key: the signed rows after it were deleted "
+                         "or rewritten without the key (or no gateway has written an event since chain_key "
+                         "was set: it signs one when it starts)")
     return res
 
 

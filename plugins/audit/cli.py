@@ -11,6 +11,7 @@ from gateway import cli as core_cli
 
 from . import store
 from .api import FILTERS, parse_filters
+from .chain import ChainKeys
 from .sinks import jsonl
 
 
@@ -69,6 +70,14 @@ def _filter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owner")
     p.add_argument("--ip")
     p.add_argument("--status", help="429 or 4xx")
+
+
+def config_keys(cfg: Any) -> tuple[bytes, ...]:
+    """The chain keys the config gives the audit plugin (current first); none without one."""
+    for spec in cfg.plugins:
+        if spec.name == "audit" and spec.validated is not None:
+            return ChainKeys.of(spec.validated).keys
+    return ()
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -141,7 +150,7 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
     try:
         cmd = args.audit_command
         if cmd == "verify":
-            res = await store.verify(db)  # (the verdict first: the report may fail to be written)
+            res = await store.verify(db, config_keys(cfg))  # (the verdict first: the report may fail to be written)
             failure = _report(json.dumps({**res.as_dict(), "message": res.message()}, indent=2) if args.json
                               else res.message())
             return _verify_exit(res.ok, failure)

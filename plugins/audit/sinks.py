@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from gateway.db import Database, in_daemon_thread
 
 from . import store
+from .chain import ChainKeys
 from .events import as_event, jsonl
 
 __all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "jsonl"]
@@ -43,11 +44,12 @@ class Sink:
 class DatabaseSink(Sink):
     kind = "database"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, chain: ChainKeys | None = None) -> None:
         self.db = db
+        self.chain = chain if chain is not None else ChainKeys()
 
     async def write(self, batch: Sequence[Any]) -> None:
-        await store.append(self.db, batch)
+        await store.append(self.db, batch, self.chain.signing)  # (the key in force now: a reload may change it)
 
 
 class JsonlSink(Sink):

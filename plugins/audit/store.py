@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import re
 import sqlite3
@@ -23,10 +24,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.db import Base, Database, row_chunks
 
-from .chain import GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, utf8_safe, verify_rows
+from .chain import (GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, signer, utf8_safe,
+                    verify_rows)
 from .events import build, iso
 
-__all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
+__all__ = ["append", "events", "head", "head_signer", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
 
 LOCK_ID = 0x6175646974  # "audit"
 
@@ -141,14 +143,15 @@ _SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // l
 
 
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
-                  head: tuple[int, str] | None = None) -> None:
+                  head: tuple[int, str] | None = None, key: bytes | None = None) -> None:
     seq, prev = head if head is not None else await _head(conn)
-    sha256 = hashlib.sha256
+    sha256, digest = hashlib.sha256, hmac.digest
     rows = []
     for cols, body in prepared:
         seq += 1
         data = record_text(seq, body)
-        h = sha256((prev + data).encode()).hexdigest()  # chain.row_hash
+        msg = (prev + data).encode()
+        h = digest(key, msg, "sha256").hex() if key else sha256(msg).hexdigest()  # chain.row_hash
         rows.append((seq, *cols, data, prev, h))
         prev = h
     if not rows:
@@ -163,11 +166,12 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         await conn.exec_driver_sql(_insert_sql(conn, k), tuple(v for r in part for v in r))
 
 
-async def append(db: Database, batch: Sequence[Any]) -> None:
-    """Chain and insert a batch of queued items (captured request tuples or event dicts)."""
+async def append(db: Database, batch: Sequence[Any], key: bytes | None = None) -> None:
+    """Chain and insert a batch of queued items (captured request tuples or event dicts), signed
+    with ``key`` (the chain key; None: plain SHA-256)."""
     prepared = [prepare(x) for x in batch]
     async with locked(db) as conn:
-        await _append(conn, prepared)
+        await _append(conn, prepared, key=key)
 
 
 #: Rows a purge deletes per transaction: the write lock (SQLite's, or the append lock) is held
@@ -180,12 +184,14 @@ PURGE_PAUSE = 0.1
 
 
 async def purge(db: Database, before: str, actor: str = "retention",
-                on_event: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any] | None:
+                on_event: Callable[[dict[str, Any]], Any] | None = None,
+                keys: Callable[[], bytes | None] = lambda: None) -> dict[str, Any] | None:
     """Delete the events older than ``before`` (ISO time) in chunks of PURGE_CHUNK rows, each in its
     own transaction that also appends an ``audit.purged`` event with that chunk's anchor: the chain
     verifies after every chunk (and if the process stops between two). ``on_event`` is called
     with each such event once it is committed. Returns the last one, with ``total`` (rows
-    deleted by the whole purge) added, or None if nothing was old enough."""
+    deleted by the whole purge) added, or None if nothing was old enough. ``keys`` gives the chain
+    key in force when each chunk's event is signed (a reload may change it meanwhile)."""
     last_old: int | None = None
     ev: dict[str, Any] | None = None
     total = 0
@@ -214,7 +220,7 @@ async def purge(db: Database, before: str, actor: str = "retention",
             chunk = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
                      "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
                      "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-            await _append(conn, [prepare(chunk)], head=top)
+            await _append(conn, [prepare(chunk)], head=top, key=keys())
         ev = chunk
         total += chunk["deleted"]
         if on_event is not None:
@@ -316,7 +322,16 @@ async def head(db: Database) -> tuple[int, str]:
         return await _head(conn)
 
 
-async def verify(db: Database) -> VerifyResult:
+async def head_signer(db: Database, keys: tuple[bytes, ...]) -> int | None:
+    """What signed the newest row (chain.signer: the key's index, ``len(keys)`` for none, None for
+    no key given: edited or signed with another key); -1 when there is no row."""
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(select(events.c.prev_hash, events.c.hash, events.c.data)
+                                  .order_by(events.c.seq.desc()).limit(1))).first()
+    return -1 if row is None else signer(row.prev_hash, row.data, row.hash, keys)
+
+
+async def verify(db: Database, keys: tuple[bytes, ...] = ()) -> VerifyResult:
     # One snapshot for the anchor and every page: a purge running meanwhile is either wholly
     # before it or wholly after it (read apart, it showed as a deleted range).
     async with snapshot(db) as conn:
@@ -328,4 +343,4 @@ async def verify(db: Database) -> VerifyResult:
                 anchor = json.loads(last_purge).get("anchor")
             except ValueError:
                 anchor = None
-        return await verify_rows(iter_rows(db, conn=conn), anchor)
+        return await verify_rows(iter_rows(db, conn=conn), anchor, keys)

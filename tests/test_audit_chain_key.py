@@ -1,0 +1,232 @@
+"""The audit chain signed with a key held outside the database (``audit.chain_key``).
+
+Someone who can write the table can recompute plain SHA-256 hashes after an edit; with a chain
+key they cannot: a rewritten row, a row forged after signed ones, and cutting the trail back to
+the rows written before the key are all reported by ``gateway audit verify``."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.plugins.audit.chain import key_id
+
+from .helpers import ADMIN_TOKEN, base_config, write_config
+from .test_audit import CHAT, T, post, rows, wait_for
+
+KEY_A = "chain-key-A-" + "5f" * 20
+KEY_B = "chain-key-B-" + "c3" * 20
+ENV = "GW_TEST_CHAIN_KEY"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def audit(**config: Any) -> list[dict[str, Any]]:
+    return [{"name": "audit", "config": {"flush_interval": 0.05, **config}}]
+
+
+def stored(db: Path) -> list[tuple[int, str, str, str]]:
+    con = sqlite3.connect(db)
+    try:
+        return list(con.execute("SELECT seq, prev_hash, hash, data FROM audit_events ORDER BY seq"))
+    finally:
+        con.close()
+
+
+def verify_cli(cfg: Path, **env: str) -> tuple[int, dict[str, Any], str]:
+    res = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "--json", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    return res.returncode, json.loads(res.stdout), res.stderr
+
+
+def rechain_without_key(db: Path, seq: int, edit: Any) -> None:
+    """What someone with write access but no key can do: edit row ``seq`` and recompute the plain
+    SHA-256 chain from there on (the indexed columns made to agree with the records)."""
+    con = sqlite3.connect(db)
+    try:
+        data = dict(con.execute("SELECT seq, data FROM audit_events WHERE seq >= ?", (seq,)).fetchall())
+        prev = con.execute("SELECT prev_hash FROM audit_events WHERE seq = ?", (seq,)).fetchone()[0]
+        for s in sorted(data):
+            rec = json.loads(data[s])
+            if s == seq:
+                edit(rec)
+            text = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+            h = hashlib.sha256((prev + text).encode()).hexdigest()
+            con.execute("UPDATE audit_events SET data = ?, prev_hash = ?, hash = ?, status = ? WHERE seq = ?",
+                        (text, prev, h, rec.get("status"), s))
+            prev = h
+        con.commit()
+    finally:
+        con.close()
+
+
+async def traffic(url: str, n: int) -> None:
+    async with aiohttp.ClientSession(timeout=T) as s:
+        for _ in range(n):
+            assert (await post(s, url, CHAT))[0] == 200
+
+
+async def test_signed_rows_and_a_rewrite_without_the_key(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv(ENV, KEY_A)
+    db = tmp_path / "gateway.db"
+    g = await make_gateway(audit(chain_key="${" + ENV + "}"))
+    await traffic(g.url, 3)
+    await wait_for(lambda: len(rows(db)) == 4, what="the key's event and 3 request events")
+    await g.stop()
+    events = rows(db)
+    # The first start with a key records it (by its public id) in a row signed with it.
+    assert events[0]["type"] == "audit.chain_key" and events[0]["previous"] == "none"
+    assert events[0]["chain_key_id"] == key_id(KEY_A.encode()) and len(events[0]["chain_key_id"]) == 16
+    assert "key_id" not in events[0]  # (the indexed column of the API key a request used)
+    for seq, prev, h, data in stored(db):
+        assert h == hmac.new(KEY_A.encode(), (prev + data).encode(), "sha256").hexdigest(), seq
+        assert h != hashlib.sha256((prev + data).encode()).hexdigest()
+        assert KEY_A not in data
+    cfg = tmp_path / "gateway.yaml"
+    assert KEY_A not in cfg.read_text()  # (the key comes from the environment)
+
+    code, rep, _ = verify_cli(cfg, **{ENV: KEY_A})
+    assert code == 0 and rep["ok"] and rep["rows"] == 4 and rep["head_signed"] == "current"
+    assert rep["signed_from"] == 1 and "every row signed with the chain key" in rep["message"]
+
+    # An edit re-chained with plain hashes: what an unkeyed chain could not tell from the real thing.
+    rechain_without_key(db, 3, lambda rec: rec.update(status=201))
+    code, rep, _ = verify_cli(cfg, **{ENV: KEY_A})
+    assert code == 1 and rep["broken"]["seq"] == 3 and rep["broken"]["problem"] == "edited"
+    assert "rewritten by someone without the key" in rep["broken"]["detail"]
+    # A wrong key cannot vouch for the rows either.
+    code, rep, _ = verify_cli(cfg, **{ENV: KEY_B})
+    assert code == 1 and rep["broken"]["seq"] == 1 and "previous_chain_keys" in rep["broken"]["detail"]
+
+
+async def test_cutting_back_to_the_unsigned_rows_is_detected(make_gateway: Any, tmp_path: Path,
+                                                             monkeypatch: Any) -> None:
+    db = tmp_path / "gateway.db"
+    g = await make_gateway(audit())
+    await traffic(g.url, 2)
+    await wait_for(lambda: len(rows(db)) == 2, what="2 unsigned events")
+    await g.stop()
+    monkeypatch.setenv(ENV, KEY_A)
+    g = await make_gateway(audit(chain_key="${" + ENV + "}"), name="keyed.yaml")
+    await traffic(g.url, 2)
+    await wait_for(lambda: len(rows(db)) == 5, what="the key's event and 2 signed request events")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.admin_url + "/audit/verify", headers=AUTH) as r:
+            rep = await r.json()
+    await g.stop()
+    # The rows from before the key stay valid; signing starts at the key's event.
+    assert rep["ok"] and rep["signed_from"] == 3 and rep["head_signed"] == "current", rep
+    assert rows(db)[2]["type"] == "audit.chain_key"
+
+    # Deleting every signed row leaves a chain that verifies without the key...
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM audit_events WHERE seq >= 3")
+    con.commit()
+    con.close()
+    code, rep, _ = verify_cli(tmp_path / "gateway.yaml")
+    assert code == 0 and rep["rows"] == 2
+    # ...but not with it: the trail once had signed rows, so its newest row must be signed.
+    code, rep, _ = verify_cli(tmp_path / "keyed.yaml", **{ENV: KEY_A})
+    assert code == 1 and rep["broken"]["seq"] == 2 and "newest row is not signed" in rep["broken"]["detail"]
+
+
+async def test_key_rotation_by_reload(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    db = tmp_path / "gateway.db"
+    monkeypatch.setenv(ENV, KEY_A)
+    monkeypatch.setenv(ENV + "_B", KEY_B)
+    g = await make_gateway(audit(chain_key="${" + ENV + "}"))
+    await traffic(g.url, 2)
+    await wait_for(lambda: len(rows(db)) == 3, what="3 events")
+    # Rotate: B signs from now on, A still vouches for the older rows.
+    write_config(tmp_path / "gateway.yaml", base_config("http://unused", tmp_path, audit(
+        chain_key="${" + ENV + "_B}", previous_chain_keys=["${" + ENV + "}"]), upstream=g.gw.cfg.upstream.model_dump(
+            mode="json", exclude_none=True)))
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        await traffic(g.url, 2)
+        await wait_for(lambda: len(rows(db)) >= 7, what="reload, key and request events")
+        async with s.get(g.admin_url + "/audit/verify", headers=AUTH) as r:
+            rep = await r.json()
+    await g.stop()
+    assert rep["ok"] and rep["head_signed"] == "current", rep
+    marks = [e for e in rows(db) if e["type"] == "audit.chain_key"]
+    assert [m["previous"] for m in marks] == ["none", "previous_chain_keys[0]"]
+    assert marks[1]["chain_key_id"] == key_id(KEY_B.encode())
+    signers = []
+    for _, prev, h, data in stored(db):
+        signers.append(next(k for k, key in (("A", KEY_A), ("B", KEY_B))
+                            if hmac.new(key.encode(), (prev + data).encode(), "sha256").hexdigest() == h))
+    assert signers == sorted(signers) and signers[0] == "A" and signers[-1] == "B"
+
+    # Without the old key the older rows cannot be vouched for.
+    alone = write_config(tmp_path / "b.yaml", base_config("http://127.0.0.1:9", tmp_path, audit(chain_key=KEY_B)))
+    code, rep, _ = verify_cli(alone)
+    assert code == 1 and rep["broken"]["seq"] == 1
+    # A row signed with the old key after rows signed with the new one is a forgery by whoever
+    # still holds the old key: refused.
+    con = sqlite3.connect(db)
+    last, prev_h = con.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+    rec = {"seq": last + 1, "time": rows(db)[-1]["time"], "type": "key.revoked", "actor": "cli", "key_id": "k"}
+    text = json.dumps(rec, separators=(",", ":"))
+    h = hmac.new(KEY_A.encode(), (prev_h + text).encode(), "sha256").hexdigest()
+    con.execute("INSERT INTO audit_events (seq, time, type, key_id, data, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
+                (last + 1, rec["time"], rec["type"], "k", text, prev_h, h))
+    con.commit()
+    con.close()
+    code, rep, _ = verify_cli(tmp_path / "gateway.yaml", **{ENV: KEY_A, ENV + "_B": KEY_B})
+    assert code == 1 and rep["broken"]["seq"] == last + 1 and "previous_chain_keys[0]" in rep["broken"]["detail"]
+
+
+async def test_cli_events_and_purges_are_signed(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Rows the CLI writes (a key created) and a retention purge's events are signed like the rest."""
+    monkeypatch.setenv(ENV, KEY_A)
+    db = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "key_auth"}] + audit(chain_key="${" + ENV + "}", retention_days=1))
+    await wait_for(lambda: len(rows(db)) == 1, what="the key's event")
+    cfg = tmp_path / "gateway.yaml"
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "create", "--name", "k",
+                                                   "--owner", "o", "-c", str(cfg)],
+                                  capture_output=True, text=True, timeout=60, env={**os.environ, ENV: KEY_A})
+    assert res.returncode == 0, res.stderr
+    await wait_for(lambda: any(e["type"] == "key.created" for e in rows(db)), what="key.created")
+    con = sqlite3.connect(db)  # the first event made old enough to purge
+    con.execute("UPDATE audit_events SET time = '2000-01-01T00:00:00.000000Z' WHERE seq = 1")
+    con.commit()
+    con.close()
+    # (the edit above breaks row 1; the purge takes it away and leaves an anchor)
+    ev = await g.plugin("audit").purge_once(actor="test")
+    assert ev is not None and ev["total"] == 1
+    await g.stop()
+    for seq, prev, h, data in stored(db):
+        assert h == hmac.new(KEY_A.encode(), (prev + data).encode(), "sha256").hexdigest(), (seq, data)
+    code, rep, _ = verify_cli(cfg, **{ENV: KEY_A})
+    assert code == 0 and rep["anchor"]["seq"] == 1 and rep["head_signed"] == "current", rep
+
+
+def test_config_refuses_weak_keys_and_per_route_keys(tmp_path: Path) -> None:
+    def check(plugins: Any, **sections: Any) -> subprocess.CompletedProcess[str]:
+        cfg = write_config(tmp_path / "c.yaml", base_config("http://127.0.0.1:9", tmp_path, plugins, **sections))
+        return subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+
+    short = "too-short-secret-123"
+    res = check(audit(chain_key=short))
+    assert res.returncode == 2 and "at least 32 bytes" in res.stderr and short not in res.stderr + res.stdout
+    res = check(audit(previous_chain_keys=[KEY_A]))
+    assert res.returncode == 2 and "previous_chain_keys needs a chain_key" in res.stderr
+    res = check(audit(chain_key=KEY_A, previous_chain_keys=[KEY_A]))
+    assert res.returncode == 2 and "listed twice" in res.stderr and KEY_A not in res.stderr
+    res = check(audit(chain_key=KEY_A), routes=[{"path_prefix": "/v1/models", "plugins": {
+        "audit": {"config": {"chain_key": KEY_B}}}}])
+    assert res.returncode == 2 and "routes[0].plugins.audit.config.chain_key -> line" in res.stderr
+    assert "cannot be set per route" in res.stderr and KEY_B not in res.stderr
+    assert check(audit(chain_key=KEY_A, previous_chain_keys=[KEY_B])).returncode == 0
