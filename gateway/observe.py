@@ -4,13 +4,20 @@ The core runs a :class:`ResponseObserver` only when a plugin asked for it (``ctx
 It sees the body exactly as the client gets it, so what it assembles is what was delivered.
 For streams where the core itself asked the upstream for usage (``stream_options.include_usage``),
 the observer also removes that extra usage-only chunk so the client never sees it.
+
+An upstream (or a reverse proxy in front of it) may compress its answer though the gateway asked
+for none (``Accept-Encoding: identity``): the client still gets the compressed bytes as they came,
+and the observer reads a decoded copy (gzip, deflate; zstd with its package), decoded
+piece by piece within bounds (see :class:`_Decoder`). A compressed stream's usage chunk cannot be
+removed without encoding the stream again, which the gateway never does: it reaches the client.
 """
 from __future__ import annotations
 
 import json
 import re
 import time
-from typing import Any
+import zlib
+from typing import Any, Iterator
 
 from .context import truthy
 from .fastjson import JSON_ERRORS, loads
@@ -30,6 +37,15 @@ TAIL = 64 * 1024
 #: Of a JSON body too large to parse, its top-level members within this many first bytes are read
 #: too: vLLM puts the usage (and the model, id and choices) before a huge ``prompt_logprobs``.
 HEAD = 2**20
+#: A compressed body is decoded for the observer at most this many bytes at a time (what one piece
+#: of it inflates to is bounded, however small the piece) ...
+DECODE_STEP = 256 * 1024
+#: ... and in all, past MAX_DECODED bytes, to at most DECODE_RATIO times its compressed bytes: JSON
+#: and SSE compress far less, so a body inflating further is a decompression bomb (deflate itself
+#: goes up to about 1032:1), and it is no longer read. Memory stays within the bounds a plain body
+#: has either way (MAX_JSON_BODY, MAX_EVENT, TAIL); this bounds the work.
+MAX_DECODED = 32 * 2**20
+DECODE_RATIO = 64
 
 
 class _Joined:
@@ -271,12 +287,149 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
             _int(c if c is not None else u.get("output_tokens")))
 
 
+try:  # zstd: Python 3.14's module, or its backport (the package aiohttp decodes zstd with)
+    from compression.zstd import ZstdDecompressor as _Zstd  # type: ignore[import-not-found]
+except ImportError:
+    try:
+        from backports.zstd import ZstdDecompressor as _Zstd  # type: ignore[import-not-found,no-redef]
+    except ImportError:
+        _Zstd = None
+
+#: Response Content-Encodings the observer can read (a copy: the client gets the body as it came).
+#: br is not among them: the brotli packages do not all bound what one call may inflate to.
+DECODABLE = frozenset({"gzip", "x-gzip", "deflate"} | ({"zstd"} if _Zstd is not None else set()))
+
+
+def content_coding(values: list[str]) -> str | None:
+    """A response's Content-Encoding as one coding, lower case (None: none, or identity). Several
+    (``gzip, br``, or several header lines) are returned as they are, which no decoder takes."""
+    text = ",".join(values).strip().lower()
+    if not text or text == "identity":
+        return None
+    return text
+
+
+class Undecodable(Exception):
+    """A compressed body the observer stops reading: corrupt, or inflating beyond its bounds."""
+
+
+#: The first bytes of a gzip member and of a zstd frame.
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+class _Decoder:
+    """A compressed body decoded piece by piece: each piece fed yields what it inflates to, at
+    most DECODE_STEP bytes at a time, and at most MAX_DECODED (or DECODE_RATIO times its compressed
+    size) in all; past that, or on data that does not decode, :class:`Undecodable`. Gzip may hold
+    several members one after the other; deflate comes zlib-wrapped (as HTTP says) or raw (as
+    some servers send it), told apart by its first two bytes."""
+
+    __slots__ = ("coding", "_z", "_lead", "total_in", "total_out", "ended")
+
+    def __init__(self, coding: str) -> None:
+        self.coding = "gzip" if coding == "x-gzip" else coding
+        self._z: Any = None
+        # bytes held for the next piece: deflate's first one (the second says which kind it is), or
+        # the start of the magic number of a gzip member or zstd frame after the one that ended
+        self._lead = b""
+        self.total_in = 0
+        self.total_out = 0
+        self.ended = False     # the compressed stream's end was seen (its last member whole)
+
+    def _new(self, data: bytes) -> Any:
+        if self.coding == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.coding == "zstd":
+            return _Zstd()
+        wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0  # a zlib header (RFC 1950)
+        return zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """What ``data`` (the next bytes of the body; b"" at its end) inflates to, piece by piece."""
+        self.total_in += len(data)
+        if self._lead:
+            data, self._lead = self._lead + data, b""
+        z = self._z
+        if z is None:
+            if self.coding == "deflate" and len(data) < 2:
+                self._lead = data
+                return
+            if not data:
+                return
+            z = self._z = self._new(data)
+        zstd = self.coding == "zstd"
+        while True:
+            if z.eof:
+                # A member is whole. Gzip and zstd may hold another after it (its magic number
+                # may come split over two reads); anything else after the end (padding some
+                # servers add) is not part of the body's text.
+                magic = _MAGIC.get(self.coding)
+                if not data or magic is None:
+                    return
+                if len(data) < len(magic) and magic.startswith(data):
+                    self._lead = data
+                    return
+                if not data.startswith(magic):
+                    return
+                z = self._z = self._new(data)
+                self.ended = False
+            try:
+                out = z.decompress(data, DECODE_STEP)
+            except Exception:  # (zlib.error, zstd's ZstdError): corrupt, or not this coding at all
+                raise Undecodable("corrupt") from None
+            if zstd:  # (it keeps what it has not read yet itself: asked again with nothing)
+                more = not z.eof and not z.needs_input
+                data = z.unused_data if z.eof else b""
+            else:
+                data = z.unused_data if z.eof else z.unconsumed_tail
+                more = len(out) == DECODE_STEP  # (the output may have stopped at the step)
+            self.ended = z.eof
+            if out:
+                self.total_out += len(out)
+                if self.total_out > MAX_DECODED and self.total_out > DECODE_RATIO * self.total_in:
+                    raise Undecodable("bomb")
+                yield out
+            if not data and not more:
+                return
+
+
+def decoded_head(coding: str, data: bytes, n: int = 64) -> bytes | None:
+    """The first (up to ``n``) bytes that the start of a body compressed with ``coding`` decodes
+    to; None if it does not decode (or ``coding`` is not one the observer reads)."""
+    if coding not in DECODABLE:
+        return None
+    out = b""
+    try:
+        for piece in _Decoder(coding).pieces(data):
+            out += piece[:n - len(out)]
+            if len(out) >= n:
+                break
+    except Undecodable:
+        return None
+    return out
+
+
 class ResponseObserver:
-    def __init__(self, streamed: bool, strip_usage_chunk: bool, readable: bool = True, tail: bool = True) -> None:
+    def __init__(self, streamed: bool, strip_usage_chunk: bool, readable: bool = True, tail: bool = True,
+                 coding: str | None = None) -> None:
         self.c = Completion()
         self.c.kind = "sse" if streamed else "json"
         self.streamed = streamed
-        self.strip = strip_usage_chunk and streamed
+        #: the body's Content-Encoding (None: plain). A compressed body is read through a decoded
+        #: copy, and relayed as it came: nothing is removed from it (see _feed_coded).
+        self.coding = coding
+        self._decoder: _Decoder | None = None
+        #: why a compressed body stopped being read ("corrupt", "bomb"), or that its coding is not
+        #: one the observer can decode ("unknown"); None: read (or plain)
+        self.unreadable: str | None = None
+        self.strip = strip_usage_chunk and streamed and coding is None
+        if coding is not None:
+            # (the plain path's feed is left as it is: it runs for every chunk of every answer)
+            self.feed = self._feed_coded  # type: ignore[method-assign]
+            if coding not in DECODABLE:
+                self.unreadable = "unknown"  # relayed, not read (as an audio or image answer is)
+            elif readable or streamed:
+                self._decoder = _Decoder(coding)
         self._buf = bytearray()
         #: not read at all: a non-streamed body that is not JSON or text (audio, images, files)
         self._ignored = not readable and not streamed
@@ -362,6 +515,41 @@ class ResponseObserver:
             return chunk
         return bytes(out)
 
+    def _feed_coded(self, chunk: bytes) -> bytes:
+        """Observe one chunk of a compressed body (``feed`` for one): what it decodes to is read
+        as a plain body's chunks are, bounded alike; the chunk goes to the client as it came."""
+        d = self._decoder
+        if d is not None:
+            try:
+                for piece in d.pieces(chunk):
+                    ResponseObserver.feed(self, piece)
+            except Undecodable as e:
+                self._stop(str(e))
+        return chunk
+
+    def _stop(self, why: str) -> None:
+        """A compressed body that no longer decodes (corrupt, or a bomb) is not read further: the
+        rest is relayed as it comes. A JSON body is then not parsed (it is not whole), save what
+        its first bytes said when it was already too large to parse and then grew on (a bomb: its
+        start decoded soundly); what a stream delivered before is kept, as an answer that lacks
+        part of what the client got (as with an event too large to read)."""
+        self.unreadable = why
+        self._decoder = None
+        self._buf.clear()
+        self._tail.clear()  # (the last bytes decoded, not the body's end)
+        if why != "bomb":
+            self._lead = {}
+        if self.streamed:
+            self._passing = False
+            self.c.unread += 1
+
+    @property
+    def body_whole(self) -> bool:
+        """May the client's response end here without cutting its body short? Always for a plain
+        body; a compressed one only once its end was seen (the client's decoder wants it: its last
+        block and a gzip trailer come after the text's end)."""
+        return self.coding is None or (self._decoder is not None and self._decoder.ended)
+
     def _edge(self, buf: bytearray, out: bytearray | None) -> None:
         """The bytes at the stream's edges, before its events are looked for: a UTF-8 byte order
         mark that starts the body (an SSE parser ignores it; read as a part of the first line, it
@@ -393,6 +581,11 @@ class ResponseObserver:
 
     def finish(self) -> bytes:
         """End of body: parse what is left; returns any bytes still to send."""
+        if self.unreadable is not None:  # (a compressed body not read, or no longer)
+            if not self.streamed and self._too_big:
+                self._lead_members()
+            self._buf.clear()
+            return b""
         if not self.streamed:
             if self._buf and not self._too_big:
                 try:

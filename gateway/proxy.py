@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, InternalError, NotFound, PayloadTooLarge,
                      RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType)
-from .observe import ResponseObserver, ask_for_usage
+from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Reply, ResponseHead
 from .upstream import CTL_CHAR
 
@@ -442,7 +442,10 @@ class Proxy:
             # (a client's own mistake never changes what the gateway sends for everyone).
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 pending = await resp.content.read(_ERROR_PEEK)
-            if b"stream_options" in pending:
+            coding = content_coding(resp.headers.getall("Content-Encoding")) \
+                if "Content-Encoding" in resp.headers else None
+            said = pending if coding is None else decoded_head(coding, pending, _ERROR_PEEK) or b""
+            if b"stream_options" in said:  # (a compressed answer: in what it decodes to)
                 resp.close()
                 ctx.body, ctx._json = original
                 ctx.usage_original = None
@@ -468,29 +471,38 @@ class Proxy:
         ctype = resp.headers.get("Content-Type", "")
         streamed = ctype[:17].lower() == "text/event-stream"  # media types are case-insensitive
         content = resp.content
-        if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 \
-                and "Content-Encoding" not in resp.headers and ctx.stream_requested:
+        # The upstream may compress its answer though the gateway asked for none (a reverse proxy
+        # in front of it, say): the client gets it as it came, and the observer reads a copy.
+        coding = content_coding(resp.headers.getall("Content-Encoding")) \
+            if "Content-Encoding" in resp.headers else None
+        if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 and ctx.stream_requested \
+                and (coding is None or coding in DECODABLE):
             # A streamed request answered without text/event-stream (a server that names no media
             # type, text/plain, or even application/json): if its first bytes are SSE, it is read
             # as SSE, so its usage is counted and the usage chunk the gateway asked for does not
-            # reach the client. (JSON cannot start like an event: `data:`, `event:`, `:`.)
+            # reach the client. (JSON cannot start like an event: `data:`, `event:`, `:`.) The
+            # first bytes of a compressed body are the first bytes it decodes to.
             verdict = None
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 # (a failure here shows again on the next read)
-                while verdict is None and len(pending) < 64:
+                while verdict is None and len(pending) < (64 if coding is None else _SNIFF_CODED):
                     more = await content.readany()
                     if not more:
                         break
                     pending += more
-                    verdict = _sse_start(pending)
+                    start = pending if coding is None else decoded_head(coding, pending)
+                    verdict = _sse_start(start) if start is not None else False
             streamed = verdict is True
         ctx.streamed = streamed
         observer = None
         if ctx.observe:
-            observer = ResponseObserver(streamed, ctx.strip_usage_chunk and not ctx.client_wants_usage,
-                                        readable=_readable(ctype),
-                                        tail=request.method == "POST" and (streamed or _one_json(ctype)))
+            strip = ctx.strip_usage_chunk and not ctx.client_wants_usage
+            observer = ResponseObserver(streamed, strip, readable=_readable(ctype),
+                                        tail=request.method == "POST" and (streamed or _one_json(ctype)),
+                                        coding=coding)
             ctx.completion = observer.c
+            if coding is not None:
+                _tell_coding(coding, observer, streamed and strip)
         chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
@@ -551,14 +563,21 @@ class Proxy:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
                     # keeps the connection open (the client would wait out the idle timeout). Not
                     # when a Content-Length is relayed: the client then waits for all those bytes.
-                    if observer.pending_lf and not lf_grace:
+                    if (observer.pending_lf and not lf_grace) or not observer.body_whole:
                         # It ended on a CR at the end of a read: the LF of a CRLF stream's last
                         # line end is a moment behind (the client gets every byte the upstream sent).
+                        # A compressed stream's end (its last block, a gzip trailer) comes after
+                        # [DONE]: read on while it comes, each read as briefly.
                         lf_grace = True
                         continue
                     complete = done_early = True
                     break
             tail = observer.finish() if observer is not None else b""
+            if observer is not None and observer.unreadable in ("corrupt", "bomb"):
+                log.warning("upstream body (Content-Encoding: %s) %s; relayed as it came, not read for usage "
+                            "(request %s)", (coding or "")[:40], "did not decode" if observer.unreadable == "corrupt"
+                            else f"inflated beyond the observer's bounds ({MAX_DECODED} bytes, {DECODE_RATIO}:1)",
+                            ctx.request_id)
             if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
                     and 200 <= resp.status < 300 and request.path.endswith(_GENERATION_PATHS):
                 ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
@@ -693,6 +712,37 @@ def _sse_start(first: bytes) -> bool | None:
     if b"\xef\xbb\xbf".startswith(first) or any(f.startswith(s) for f in _SSE_FIELDS):
         return None
     return False
+
+
+#: Compressed bytes of a streamed request's answer read to see whether it starts like SSE.
+_SNIFF_CODED = 4096
+#: Response codings already said in the log (once each per process: an upstream that compresses
+#: does it on every answer).
+_told: set[tuple[str, str]] = set()
+
+
+def _tell_coding(coding: str, observer: ResponseObserver, strip: bool) -> None:
+    """Say once that the upstream compresses though the gateway asks for no encoding, and what
+    follows: a coding the observer cannot decode is not read (no usage: estimates are charged), and
+    a compressed stream keeps the usage chunk the gateway asked for (removing it would mean
+    encoding the stream again: the client gets the upstream's bytes as they came)."""
+    coding = coding[:40]
+    if observer.unreadable == "unknown":
+        key = ("unknown", coding)
+        msg = (f"the upstream answered with Content-Encoding {coding!r} though the gateway asked for none: "
+               f"relayed as it came, not read (usage not counted, and a stream keeps the usage chunk the gateway "
+               f"asked for; decoded: {', '.join(sorted(DECODABLE))})")
+    elif strip:
+        key = ("strip", coding)
+        msg = (f"the upstream compresses its streams (Content-Encoding {coding!r}) though the gateway asked for "
+               "none: they are relayed as they came and read decoded, and the usage chunk the gateway asked for "
+               "(stream_options.include_usage) reaches the client (removing it would mean encoding the stream "
+               "again)")
+    else:
+        return
+    if key not in _told and len(_told) < 32:  # (an upstream naming ever other codings: not every one)
+        _told.add(key)
+        log.warning(msg)
 
 
 def _must_close(request: web.BaseRequest) -> bool:
