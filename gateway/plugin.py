@@ -144,6 +144,13 @@ class Plugin:
     def add_cli(cls, subparsers: Any) -> None:
         """Add ``gateway <command>`` subcommands (argparse subparsers)."""
 
+    def guarded_headers(self) -> tuple[str, ...]:
+        """Request headers this plugin owns (a credential it reads, an identity it forwards): the
+        core removes a client's copy of them from every request it forwards, on every route,
+        including routes where the plugin is turned off, so that a client cannot send them past it
+        there. (A header the upstream config sets itself is then set from the config.)"""
+        return ()
+
     def public_prefixes(self) -> tuple[str, ...]:
         """Path prefixes this plugin answers itself on the public listener (never forwarded); they
         stay reachable when ``server.paths`` limits what is proxied."""

@@ -61,7 +61,7 @@ class Settings:
     upstream target. A runtime keeps its own, so a request is read, checked and sent wholly as the
     config its chain came from says, however many reloads happen meanwhile."""
     __slots__ = ("max_body", "body_timeout", "send_timeout", "trusted", "paths", "paths_below", "server_timing",
-                 "upstream")
+                 "upstream", "guarded")
 
     def __init__(self, cfg: "GatewayConfig") -> None:
         s = cfg.server
@@ -75,6 +75,8 @@ class Settings:
         self.paths_below = tuple(p if p.endswith("/") else p + "/" for p in s.paths)
         self.server_timing = s.server_timing
         self.upstream = Target(cfg.upstream)
+        #: request headers (lower case) never forwarded from a client: see Plugin.guarded_headers
+        self.guarded: frozenset[str] = frozenset()
 
 
 class Runtime:
@@ -124,6 +126,9 @@ class Runtime:
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes
+        # Every instance's headers, whichever routes it runs on: a client must not get a key or a
+        # forged identity header to the upstream through a route that turns key_auth off.
+        self.settings.guarded = frozenset(h.lower() for p in self.instances for h in p.guarded_headers())
         #: Plugins in some chain (a plugin with ``enabled: false`` everywhere is configured, not in use).
         self.in_use = frozenset(type(p).name for c in self.all_chains for p in c.plugins)
         #: Names of the plugins that read hook timings (a middleware may skip them for a request only

@@ -206,10 +206,11 @@ class Upstream:
         req = ctx.request
         src = req.headers
         drop = connection_tokens(src)
+        guarded = ctx.settings.guarded  # (plugins' credentials and identity headers: Plugin.guarded_headers)
         out: CIMultiDict[str] = CIMultiDict()
         for k, v in src.items():
             lk = k.lower()
-            if lk in REQUEST_DROP or lk in drop:
+            if lk in REQUEST_DROP or lk in drop or lk in guarded:
                 continue
             out.add(k, v)
         peer = req.remote or ""

@@ -342,10 +342,6 @@ class KeyAuth(Plugin):
         super().__init__(config, services)
         self.cache = key_cache(services)
         self.store = key_store(services)
-        up = {h.lower() for h in services.settings.upstream.headers}
-        # Remove the client's key from the upstream request, except a header the upstream config
-        # sets itself (e.g. an upstream that authenticates with 'api-key'): that one is replaced anyway.
-        self._strip = [h for h in config.headers if h.lower() != "authorization" and h.lower() not in up]
         self._bearer_only = [h.lower() == "authorization" for h in config.headers]
         # Per pepper: an instance with another pepper (a reload changed it) never trusts what this
         # one verified.
@@ -363,6 +359,12 @@ class KeyAuth(Plugin):
             self.tally = self.services.resource("key_auth.usage", lambda: UsageTally(
                 self.services, self.store, self.config), lambda t: t.close())
 
+    def guarded_headers(self) -> tuple[str, ...]:
+        # The client's key never reaches the upstream (a header the upstream config sets itself,
+        # e.g. 'api-key' for an upstream that authenticates with it, is set from the config), nor
+        # does a client's own copy of an identity header; on routes with key_auth off too.
+        return (*self.config.headers, *self.config.forward_identity_headers)
+
     def activated(self) -> None:
         if self.tally is not None:
             self.tally.configure(self.config)  # writer settings from a reload apply now
@@ -370,9 +372,6 @@ class KeyAuth(Plugin):
     # -- the request path -------------------------------------------------------------------------------
     def _extract(self, ctx: "RequestContext") -> str | None:
         headers = ctx.request.headers
-        for h in self._strip:
-            if h in headers:  # only what the client sent needs removing (most send none of these)
-                ctx.upstream_headers[h] = None
         for h, bearer in zip(self.config.headers, self._bearer_only):
             v = headers.get(h)
             if not v:
