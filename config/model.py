@@ -49,6 +49,9 @@ def prefix_problem(v: str) -> str | None:
         if c in "?#":
             return f"{c!r}: a prefix is matched against the path only, without query string or fragment"
         return f"{c!r}: a path prefix cannot hold blanks or control characters (check the quoting)"
+    if re.search(r"%[0-9A-Fa-f]{2}", v):
+        return ("a %XX escape: a prefix is compared with the decoded request path, so it would only match a "
+                "path that escapes the '%' itself; write the character (e.g. /v1/a:b, not /v1/a%3Ab)")
     if "//" in v:
         return "an empty segment ('//'): request paths with one are refused, so it would never match"
     if any(seg in (".", "..") for seg in v.split("/")):

@@ -126,6 +126,12 @@ class Runtime:
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes
+        #: A path no route takes, under an API prefix a plugin answers itself (the caller's
+        #: /gateway/conversations) while that plugin is off in the default chain and on for some
+        #: routes: answered by the first such route's chain (most specific first), not 404'd or
+        #: forwarded upstream.
+        self.api_chains = [r.chain for r in routes if r.chain.served is not None
+                           and any(not self.default.serves(p) for p in r.chain.served[0])]
         # Every instance's headers, whichever routes it runs on: a client must not get a key or a
         # forged identity header to the upstream through a route that turns key_auth off.
         self.settings.guarded = frozenset(h.lower() for p in self.instances for h in p.guarded_headers())
@@ -141,6 +147,9 @@ class Runtime:
         for r in self.routes:
             if (path.startswith(r.below) or path == r.prefix) and (not r.methods or method in r.methods):
                 return r.chain
+        for chain in self.api_chains:  # (empty unless a plugin with an API is on for some routes only)
+            if chain.serves(path) and not self.default.serves(path):
+                return chain
         return self.default
 
     @property

@@ -118,8 +118,12 @@ class Audit(Plugin):
     Config = AuditConfig
     observes_response = True
     uses_database: ClassVar[bool] = True
-    #: One chain, one key: a route cannot sign its events differently.
-    route_fixed: ClassVar[tuple[str, ...]] = ("chain_key", "previous_chain_keys")
+    #: Process-wide settings a route's override cannot change: one chain and one key, the sinks'
+    #: shared writers (configured by whichever instance was activated last), and the retention
+    #: and bus events only the base instance handles (a route's own would be silently ignored).
+    route_fixed: ClassVar[tuple[str, ...]] = (
+        "chain_key", "previous_chain_keys", "queue_size", "batch_size", "flush_interval", "on_full", "full_wait",
+        "retry_for", "retention_days", "purge_interval", "events")
 
     def __init__(self, config: AuditConfig, services: Any, cli: bool = False) -> None:
         super().__init__(config, services)

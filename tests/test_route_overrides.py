@@ -1,0 +1,69 @@
+"""Per-route overrides at their edges: process-wide settings refused per route, prefixes written
+with %XX escapes refused, and a plugin API served when the plugin runs on some routes only."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .helpers import base_config, until, write_config
+
+T = aiohttp.ClientTimeout(total=20)
+
+
+def check(tmp_path: Path, plugins: Any, **sections: Any) -> subprocess.CompletedProcess[str]:
+    cfg = write_config(tmp_path / "c.yaml", base_config("http://127.0.0.1:9", tmp_path, plugins, **sections))
+    return subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_shared_writer_settings_cannot_be_set_per_route(tmp_path: Path) -> None:
+    # A route's flush_interval: 8 used to configure the one shared writer, for every route.
+    res = check(tmp_path, [{"name": "audit"}], routes=[{"path_prefix": "/v1/rare", "plugins": {
+        "audit": {"config": {"flush_interval": 8, "retention_days": 1}}}}])
+    assert res.returncode == 2, res.stdout
+    for field in ("flush_interval", "retention_days"):
+        assert f"routes[0].plugins.audit.config.{field} -> line" in res.stderr and "cannot be set per route" in res.stderr
+    # The sinks may differ per route.
+    ok = check(tmp_path, [{"name": "audit"}], routes=[{"path_prefix": "/v1/rare", "plugins": {
+        "audit": {"config": {"sinks": ["database", {"type": "jsonl", "path": str(tmp_path / "rare.jsonl")}]}}}}])
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_percent_escape_in_a_prefix_is_refused(tmp_path: Path) -> None:
+    # It would match only a path escaping the '%' itself (/v1/a%253Ab): the prefix is compared
+    # with the decoded request path.
+    res = check(tmp_path, [], routes=[{"path_prefix": "/v1/a%3Ab", "plugins": {}}])
+    assert res.returncode == 2 and "routes[0].path_prefix" in res.stderr and "%XX escape" in res.stderr
+    res = check(tmp_path, [], server={"paths": ["/v1/x%2Fy"]})
+    assert res.returncode == 2 and "%XX escape" in res.stderr
+    assert check(tmp_path, [], routes=[{"path_prefix": "/v1/100%", "plugins": {}}]).returncode == 0
+
+
+async def test_caller_api_of_a_plugin_on_for_some_routes_only(make_gateway: Any, tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth"}, {"name": "conversations", "enabled": False}],
+                           routes=[{"path_prefix": "/v1/chat/completions", "methods": ["POST"],
+                                    "plugins": {"conversations": {"enabled": True}}}])
+    out = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--name", "k", "--owner", "o", "--json",
+                          "-c", str(tmp_path / "gateway.yaml")], capture_output=True, text=True, timeout=60, check=True)
+    auth = {"Authorization": "Bearer " + json.loads(out.stdout)["key"]}
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", headers=auth,
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+
+        async def listed() -> Any:
+            async with s.get(g.url + "/gateway/conversations", headers=auth) as r:
+                assert r.status == 200, await r.text()  # (was 404: no route for it)
+                return [c["id"] for c in (await r.json())["data"]] == [cid]
+
+        await until(listed, what="the conversation in the caller's list")
+        async with s.get(g.url + f"/gateway/conversations/{cid}", headers=auth) as r:
+            assert r.status == 200 and [m["role"] for m in (await r.json())["messages"]] == ["user", "assistant"]
+        async with s.get(g.url + "/gateway/conversations") as r:  # the route's key_auth applies
+            assert r.status == 401
