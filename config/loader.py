@@ -388,10 +388,10 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
             ov_config = ov.get("config") if isinstance(ov, dict) else None
             if ov_config and isinstance(ov_config, dict) and k in validated:
                 cls = registry.get(pname)
-                fixed = [f for f in getattr(cls, "route_fixed", ()) if f in ov_config]
+                fixed = [f for f in getattr(cls, "route_fixed", ()) if _has_path(ov_config, f.split("."))]
                 if fixed:
                     for f in fixed:
-                        line = lines.find(("routes", j, "plugins", pname, "config", f))
+                        line = lines.find(("routes", j, "plugins", pname, "config", *f.split(".")))
                         problems.append(f"routes[{j}].plugins.{pname}.config.{f} -> line {line}: {f} applies to the "
                                         f"whole gateway and cannot be set per route (set it under plugins)")
                     continue
@@ -408,6 +408,15 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
         cfg.routes[j].plugins[pname]._validated = v
     cfg._source = source
     return cfg
+
+
+def _has_path(d: Any, keys: list[str]) -> bool:
+    """Does the mapping ``d`` set ``keys`` (a dotted field such as ``quotas.cache_ttl``)?"""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return False
+        d = d[k]
+    return True
 
 
 def _duplicate_plugin(data: Any, lines: _Lines) -> str | None:

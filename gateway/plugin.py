@@ -93,7 +93,8 @@ class Plugin:
     #: opt a request out (``request[context.SKIP_TIMINGS] = True``) when nobody will read them.
     wants_timings: ClassVar[bool] = False
     #: Config fields a route's override may not set (process-wide settings, such as a key that
-    #: signs one shared record): the config loader refuses them there.
+    #: signs one shared record, or a shared writer's): the config loader refuses them there.
+    #: Dotted for a nested field (``quotas.cache_ttl``).
     route_fixed: ClassVar[tuple[str, ...]] = ()
 
     #: Hooks this instance overrides but does not need with its config (set in ``__init__``): the

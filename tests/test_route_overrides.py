@@ -34,6 +34,21 @@ def test_shared_writer_settings_cannot_be_set_per_route(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
 
 
+def test_each_plugin_s_shared_settings_are_refused_per_route(tmp_path: Path) -> None:
+    for plugin, config, field in (("conversations", {"queue_size": 10}, "queue_size"),
+                                  ("conversations", {"cache_bytes": 0}, "cache_bytes"),
+                                  ("key_auth", {"usage_writer": {"batch_size": 1}}, "usage_writer"),
+                                  ("key_auth", {"pepper": "x" * 40}, "pepper")):
+        res = check(tmp_path, [{"name": plugin}], routes=[{"path_prefix": "/v1/x", "plugins": {
+            plugin: {"config": config}}}])
+        assert res.returncode == 2 and f"routes[0].plugins.{plugin}.config.{field} -> line" in res.stderr, res.stderr
+    # what may differ per route still does
+    ok = check(tmp_path, [{"name": "conversations"}, {"name": "key_auth"}], routes=[{"path_prefix": "/v1/x", "plugins": {
+        "conversations": {"config": {"memory": {"enabled": True}, "cache_ttl": 0}},
+        "key_auth": {"config": {"track_usage": False}}}}])
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_a_percent_escape_in_a_prefix_is_refused(tmp_path: Path) -> None:
     # It would match only a path escaping the '%' itself (/v1/a%253Ab): the prefix is compared
     # with the decoded request path.

@@ -353,6 +353,10 @@ class Conversations(Plugin):
     Config = ConversationsConfig
     observes_response = True
     uses_database = True
+    #: The shared writer's settings and the shared cache's size (Shared.adopt: the instance
+    #: activated last would set them for every route).
+    route_fixed = ("queue_size", "batch_size", "flush_interval", "on_queue_full", "queue_full_wait", "retry_for",
+                   "cache_conversations", "cache_messages", "cache_bytes")
 
     def __init__(self, config: ConversationsConfig, services: Any) -> None:
         super().__init__(config, services)

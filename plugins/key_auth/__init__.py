@@ -359,6 +359,10 @@ class KeyAuth(Plugin):
             self.tally = self.services.resource("key_auth.usage", lambda: UsageTally(
                 self.services, self.store, self.config), lambda t: t.close())
 
+    #: Process-wide: the stored hashes' pepper, the key cache and its watch, the usage writer.
+    route_fixed: ClassVar[tuple[str, ...]] = ("pepper", "cache_size", "watch_interval", "usage_writer",
+                                              "last_used_interval")
+
     def guarded_headers(self) -> tuple[str, ...]:
         # The client's key never reaches the upstream (a header the upstream config sets itself,
         # e.g. 'api-key' for an upstream that authenticates with it, is set from the config), nor
