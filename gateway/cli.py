@@ -227,9 +227,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(cfg))
 
 
+class _OFF:  # (a route that does not mention a plugin leaves it as the plugins list has it)
+    enabled = None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load(args, serving=True)
-    enabled = [p.name for p in cfg.plugins if p.enabled]
+    enabled = [p.name if p.enabled else f"{p.name} (on some routes)" for p in cfg.plugins
+               if p.enabled or any((r.plugins.get(p.name) or _OFF).enabled for r in cfg.routes)]
     print(f"{config_path(args)}: OK ({len(cfg.plugins)} plugin(s): {', '.join(enabled) or 'none'}; "
           f"{len(cfg.routes)} route override(s); upstream {redact_url(str(cfg.upstream.url))})")
     return 0

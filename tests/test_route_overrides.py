@@ -49,6 +49,13 @@ def test_each_plugin_s_shared_settings_are_refused_per_route(tmp_path: Path) -> 
     assert ok.returncode == 0, ok.stderr
 
 
+def test_check_names_a_plugin_on_for_some_routes_only(tmp_path: Path) -> None:
+    res = check(tmp_path, [{"name": "key_auth"}, {"name": "conversations", "enabled": False},
+                           {"name": "audit", "enabled": False}],
+                routes=[{"path_prefix": "/v1/chat", "plugins": {"conversations": {"enabled": True}}}])
+    assert res.returncode == 0 and "3 plugin(s): key_auth, conversations (on some routes);" in res.stdout
+
+
 def test_a_percent_escape_in_a_prefix_is_refused(tmp_path: Path) -> None:
     # It would match only a path escaping the '%' itself (/v1/a%253Ab): the prefix is compared
     # with the decoded request path.
