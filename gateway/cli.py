@@ -149,12 +149,14 @@ def check_database_exists(cfg: GatewayConfig) -> None:
                              "`gateway db upgrade` or `gateway keys create` make it)")
 
 
-async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True) -> Any:
+async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True,
+                       records: bool | None = None) -> Any:
     """Database + Services for a CLI command. Unless ``create``, a SQLite file that does not exist
     is an error (a mistyped path must not show an empty, intact-looking database). A schema behind
     this version is migrated, saying so, when the config says so and the command ``writes``; a
     command that only reads never migrates (a newer CLI pointed at a database an older gateway
-    still serves must not make that gateway unable to start): it asks for `gateway db upgrade`."""
+    still serves must not make that gateway unable to start): it asks for `gateway db upgrade`.
+    ``records`` (default: ``writes``): the command records its action in the audit trail."""
     from .services import Services
 
     if not create:
@@ -187,7 +189,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
     for spec in cfg.plugins:
         attach = getattr(registry.get(spec.name), "cli_attach", None)
         if spec.enabled and attach is not None:
-            await attach(spec.validated, services)
+            await attach(spec.validated, services, records=writes if records is None else records)
     return services
 
 

@@ -28,7 +28,7 @@ from gateway.plugin import Plugin, PluginConfig
 from gateway.tasks import cancel_and_wait
 
 from . import store
-from .chain import ChainKeys, chain_keys, key_id
+from .chain import ChainKeys, chain_keys
 from .events import bus_event, capture, request_event
 from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
 
@@ -107,6 +107,8 @@ class AuditConfig(PluginConfig):
         return [s if isinstance(s, SinkSpec) else SinkSpec(type=s) for s in self.sinks]
 
 
+#: Background tasks kept referenced until done.
+_KEEP: set[asyncio.Task[None]] = set()
 #: Shortest chain key, bytes (256 bits as 64 hex digits is what `openssl rand -hex 32` gives).
 MIN_KEY_BYTES = 32
 #: Seconds after start before the first retention purge.
@@ -128,6 +130,8 @@ class Audit(Plugin):
     def __init__(self, config: AuditConfig, services: Any, cli: bool = False) -> None:
         super().__init__(config, services)
         self.cli = cli
+        #: Will this instance write records? (a CLI command that only reads does not)
+        self.records = True
         self.sinks: list[tuple[Sink, Any]] = []
         self._writers: list[Any] = []
         self._settings: dict[str, Any] = {}
@@ -138,7 +142,6 @@ class Audit(Plugin):
         # reload's config replaces them when it is activated (see activated()).
         self.chain = chain_keys(services)
         self._keys = ChainKeys.of(config).keys
-        self._head_signer: int | None = 0  # what signed the newest row, read at start-up
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _sink(self, spec: SinkSpec) -> Sink:
@@ -175,17 +178,19 @@ class Audit(Plugin):
             writer = self.services.resource(f"audit:sink:{sink.key}", factory, close=lambda w: w.close())
             self.sinks.append((sink, writer))
         self._writers = [w for _, w in self.sinks]
+        if not self._keys and self.records and any(s.kind == "database" for s, _ in self.sinks):
+            # A start (or reload, or CLI command that records an action) without the key the trail
+            # is signed with: refused rather than breaking the chain with unsigned rows. (The
+            # database's being down is the writer's to wait out: it checks each batch too.)
+            try:
+                signed = await store.signed_trail(self.services.db)
+            except Exception as e:
+                log.warning("audit: could not check whether the chain is signed: %s", type(e).__name__)
+                signed = False
+            if signed:
+                raise RuntimeError(str(store.ChainSigned()))
         if self.cli:  # (a CLI command's events, key.created and the like, are signed too; no reload there)
             self.chain.keys = self._keys
-        elif self._keys and any(s.kind == "database" for s, _ in self.sinks):
-            try:
-                self._head_signer = await store.head_signer(self.services.db, self._keys)
-            except Exception as e:  # (the writer retries; the check is only for the mark below)
-                log.warning("audit: the chain's newest row could not be read: %s", type(e).__name__)
-            if self._head_signer is None:
-                log.warning("audit: the newest row of the chain matches none of the chain keys (it was edited, or "
-                            "signed with a key missing from chain_key / previous_chain_keys): run "
-                            "`gateway audit verify`")
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event, self._settle)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
@@ -194,17 +199,21 @@ class Audit(Plugin):
     def activated(self) -> None:
         for w in self._writers:
             w.configure(**self._settings)
-        chain = self.chain
-        chain.keys = self._keys
-        if self._keys and self._head_signer != 0 and chain.marked != self._keys[0] and \
-                any(s.kind == "database" for s, _ in self.sinks):
-            # The newest row is not signed with this key (a new key, a rotation, a first start
-            # with one): an event signed with it now, so verify can require a signed head.
-            chain.marked = self._keys[0]
-            self._record_nowait(bus_event("audit.chain_key", {
-                "actor": "system", "chain_key_id": key_id(self._keys[0]),
-                "previous": "none" if self._head_signer in (-1, len(self._keys)) else (
-                    "unknown" if self._head_signer is None else f"previous_chain_keys[{self._head_signer - 1}]")}))
+        # (the database writer signs with them from its next batch; its first batch with a new
+        # key starts with the audit.chain_key event: store._append)
+        self.chain.keys = self._keys
+        if self._keys and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
+            # Written now (if the newest row is not signed with this key), not with the first
+            # request: verify wants the newest row signed.
+            t = asyncio.create_task(self._introduce_key(self._keys), name="audit:chain-key")
+            _KEEP.add(t)
+            t.add_done_callback(_KEEP.discard)
+
+    async def _introduce_key(self, keys: tuple[bytes, ...]) -> None:
+        try:
+            await store.append(self.services.db, [], keys, self.chain)
+        except Exception as e:  # (the writer's next batch does it; its failures are counted there)
+            log.info("audit: the chain key event waits for the next batch: %s", type(e).__name__)
 
     async def shutdown(self) -> None:
         if self._unsubscribe is not None:
@@ -284,7 +293,7 @@ class Audit(Plugin):
         # stored it with the chunk), so they have them all even if the purge is cut short.
         ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor,
                                on_event=lambda e: self._record_nowait(e, skip="database"),
-                               keys=lambda: self.chain.signing)
+                               keys=lambda: self.chain.keys, chain=self.chain)
         if ev is not None:
             log.info("audit retention purged %d event(s) older than %s", ev["total"], ev["before"])
         return ev
@@ -305,9 +314,12 @@ class Audit(Plugin):
 
     # -- admin API and CLI -------------------------------------------------------------------------
     @classmethod
-    async def cli_attach(cls, config: AuditConfig, services: Any) -> "Audit":
-        """Record the events a CLI command emits (``actor: cli``); flushed by ``services.close()``."""
+    async def cli_attach(cls, config: AuditConfig, services: Any, records: bool = True) -> "Audit":
+        """Record the events a CLI command emits (``actor: cli``); flushed by ``services.close()``.
+        ``records``: the command records an action (a key created, a conversation exported); one
+        that only reads runs without the chain key."""
         inst = cls(config, services, cli=True)
+        inst.records = records
         await inst.startup()
         return inst
 

@@ -13,9 +13,10 @@ With a chain key (``audit.chain_key``, a secret kept out of the database) a row'
 ``HMAC-SHA-256(key, prev_hash || data)`` instead: someone who can write the table but does not
 hold the key cannot compute a valid hash for an edited, inserted or forged row, nor re-chain the
 rows after one. Rows written before the key was set keep their plain hashes; verify with keys
-accepts them only before the first signed row, so a signed chain cannot be passed off as an
-unsigned one. Keys are tried in the order given: the current key first, then older ones (a
-rotation); a row may not be signed with an older key than a row before it.
+accepts them only before the first signed row, which must be the ``audit.chain_key`` event that
+introduced the key, so a signed chain cannot be passed off as an unsigned one, nor signed rows
+appended to a forged unsigned history. Any configured key is accepted for any signed row (the
+current one first, then older ones: a rotation, rolled out one instance at a time).
 """
 from __future__ import annotations
 
@@ -63,12 +64,9 @@ class ChainKeys:
 
     def __init__(self, keys: tuple[bytes, ...] = ()) -> None:
         self.keys = keys
-        #: the signing key an ``audit.chain_key`` event was last recorded for (once per key)
-        self.marked: bytes | None = None
-
-    @property
-    def signing(self) -> bytes | None:
-        return self.keys[0] if self.keys else None
+        #: this process saw the trail signed (read a signed newest row, or wrote one): from then on
+        #: an unsigned newest row is a replaced history, never a first key (store._append)
+        self.seen_signed = False
 
     @classmethod
     def of(cls, config: Any) -> "ChainKeys":
@@ -95,10 +93,8 @@ def signer(prev_hash: str, data: str, h: str, keys: tuple[bytes, ...]) -> int | 
     return len(keys) if row_hash(prev_hash, data) == h else None
 
 
-def _signed_by(rank: int, keys: tuple[bytes, ...]) -> str:
-    if rank == len(keys):
-        return "no chain key (a plain SHA-256 hash)"
-    return "the current chain key" if rank == 0 else f"previous_chain_keys[{rank - 1}]"
+#: The event that introduces a chain key (see the audit plugin's activated()).
+KEY_EVENT = "audit.chain_key"
 
 
 @dataclass
@@ -143,16 +139,18 @@ def _fail(res: VerifyResult, seq: int, problem: str, detail: str) -> VerifyResul
 
 
 async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None,
-                      keys: tuple[bytes, ...] = ()) -> VerifyResult:
+                      keys: tuple[bytes, ...] = (), whole: bool = True) -> VerifyResult:
     """Walk rows (objects with seq, prev_hash, hash, data and the indexed columns) in seq order.
 
     ``anchor`` is the ``{"seq", "hash"}`` recorded by the latest ``audit.purged`` event, if any.
     ``keys``: the chain keys, current first (see the module's docstring); with keys, the newest row
-    must be signed with one of them."""
+    must be signed with one of them, unless the rows are not the ``whole`` trail (a purge checking
+    the oldest rows it is about to delete)."""
     res = VerifyResult()
     prev_seq: int | None = None
     prev_hash: str | None = None
-    prev_rank = len(keys)  # unsigned rows may only come first, then older keys before newer ones
+    unsigned = len(keys)
+    prev_rank = unsigned  # unsigned rows may only come first
     async for r in rows:
         seq = int(r.seq)
         if prev_seq is None:
@@ -183,15 +181,22 @@ async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None,
             return _fail(res, seq, "edited", "the stored record does not match its hash (the row was edited)" + (
                 ", or it was signed with a key missing from chain_key / previous_chain_keys" if keys else
                 ", or it was signed with a chain key and none is configured (audit.chain_key)"))
-        if rank > prev_rank:
-            return _fail(res, seq, "edited", f"the row is signed with {_signed_by(rank, keys)} after rows signed "
-                         f"with {_signed_by(prev_rank, keys)}: it was rewritten by someone without the key")
-        if keys and rank < len(keys) and res.signed_from is None:
-            res.signed_from = seq
+        if rank == unsigned and prev_rank < unsigned:
+            return _fail(res, seq, "edited", "the row is not signed with a chain key, after signed rows: it was "
+                         "rewritten or added by someone without the key")
         try:
             data = json.loads(r.data)
         except ValueError:
             return _fail(res, seq, "edited", "the stored record is not valid JSON")
+        if rank < unsigned and prev_rank == unsigned:
+            # The first signed row. Unless the walk starts with it after a purge (the purge's signed
+            # event vouches for what came before), it is the event that introduced the key: a signed
+            # row on top of unsigned ones is a gateway with a key writing on a history someone
+            # replaced.
+            if (prev_seq is not None or anchor is None or seq == 1) and data.get("type") != KEY_EVENT:
+                return _fail(res, seq, "inserted", f"the first signed row is not the {KEY_EVENT} event that "
+                             "introduced the key: the unsigned rows before it were replaced")
+            res.signed_from = seq
         if data.get("seq") != seq:
             return _fail(res, seq, "edited", "the seq column differs from the hashed record")
         for col in INDEXED:
@@ -201,13 +206,13 @@ async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None,
         res.rows += 1
     res.last_seq = prev_seq
     res.head_hash = prev_hash
-    if keys and prev_seq is not None:
+    if keys and prev_seq is not None and whole:
         res.head_signed = "current" if prev_rank == 0 else ("none" if prev_rank == len(keys) else "previous")
         if prev_rank == len(keys):
             return _fail(res, prev_seq, "edited",
                          "the newest row is not signed with the chain key: the signed rows after it were deleted "
-                         "or rewritten without the key (or no gateway has written an event since chain_key "
-                         "was set: it signs one when it starts)")
+                         "or rewritten without the key (or no gateway has run with chain_key yet: one writes "
+                         "an audit.chain_key event when it starts)")
     return res
 
 

@@ -49,7 +49,7 @@ class DatabaseSink(Sink):
         self.chain = chain if chain is not None else ChainKeys()
 
     async def write(self, batch: Sequence[Any]) -> None:
-        await store.append(self.db, batch, self.chain.signing)  # (the key in force now: a reload may change it)
+        await store.append(self.db, batch, self.chain.keys, self.chain)  # (the keys in force now: a reload may change them)
 
 
 class JsonlSink(Sink):

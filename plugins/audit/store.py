@@ -13,6 +13,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -23,14 +24,17 @@ from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, delete,
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.db import Base, Database, row_chunks
+from gateway.logs import ThrottledLog
 
-from .chain import (GENESIS, INDEXED, VerifyResult, _col_value, record_body, record_text, signer, utf8_safe,
-                    verify_rows)
+from .chain import (GENESIS, INDEXED, KEY_EVENT, ChainKeys, VerifyResult, _col_value, key_id, record_body, record_text, signer,
+                    utf8_safe, verify_rows)
 from .events import build, iso
 
-__all__ = ["append", "events", "head", "head_signer", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
+__all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
 
 LOCK_ID = 0x6175646974  # "audit"
+#: Chain problems the writer meets (said at most once per 10 s, with a count)
+ERRORS = ThrottledLog(logging.getLogger("gateway.audit"))
 
 events = Table(
     "audit_events", Base.metadata,
@@ -101,6 +105,23 @@ async def _head(conn: AsyncConnection) -> tuple[int, str]:
     return int(row.seq), row.hash
 
 
+async def _head_rank(conn: AsyncConnection, keys: tuple[bytes, ...]) -> int | None:
+    """chain.signer of the newest row; -1 without one."""
+    row = (await conn.execute(select(events.c.prev_hash, events.c.hash, events.c.data)
+                              .order_by(events.c.seq.desc()).limit(1))).first()
+    return -1 if row is None else signer(row.prev_hash, row.data, row.hash, keys)
+
+
+def key_event(rank: int | None, keys: tuple[bytes, ...]) -> dict[str, Any]:
+    """The ``audit.chain_key`` event written before the first row a key signs, when the newest row
+    is not signed with it (``rank``: what signed that row, see _head_rank): the first signed row
+    after unsigned ones is always this event (verify checks it), and a rotation is on record."""
+    previous = ("none" if rank in (-1, len(keys)) else "unknown" if rank is None
+                else f"previous_chain_keys[{rank - 1}]")
+    return {"time": iso(), "type": KEY_EVENT, "actor": "system", "chain_key_id": key_id(keys[0]),
+            "previous": previous}
+
+
 COLUMNS = ("seq", *INDEXED, "data", "prev_hash", "hash")
 
 
@@ -143,7 +164,26 @@ _SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // l
 
 
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
-                  head: tuple[int, str] | None = None, key: bytes | None = None) -> None:
+                  head: tuple[int, str] | None = None, keys: tuple[bytes, ...] = (),
+                  head_rank: int | None = -2, chain: ChainKeys | None = None) -> None:
+    """Chain ``prepared`` rows after ``head`` (read here if not given), signed with ``keys[0]``;
+    first a key event (in the database only) if the newest row (``head_rank``: what signed it, read
+    here if not given) is not signed with it. Under the append lock: instances starting with a key
+    at once write one such event between them. ``chain`` (the process's keys) remembers that this
+    process saw the trail signed: an unsigned newest row after that is a replaced history, and no
+    key event is written to make it look like a first key (verify then reports it)."""
+    key = keys[0] if keys else None
+    if key is not None:
+        rank = await _head_rank(conn, keys) if head_rank == -2 else head_rank
+        unsigned = rank in (-1, len(keys))
+        if unsigned and chain is not None and chain.seen_signed:
+            ERRORS.event("replaced", 1, "audit: the newest row of the chain is not signed, though this gateway saw "
+                                        "it signed: the trail was replaced or its signed rows deleted; run `gateway "
+                                        "audit verify` (%d time(s))")
+        elif rank != 0:
+            prepared = [prepare(key_event(rank, keys)), *prepared]
+        if chain is not None:
+            chain.seen_signed = True
     seq, prev = head if head is not None else await _head(conn)
     sha256, digest = hashlib.sha256, hmac.digest
     rows = []
@@ -166,12 +206,36 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         await conn.exec_driver_sql(_insert_sql(conn, k), tuple(v for r in part for v in r))
 
 
-async def append(db: Database, batch: Sequence[Any], key: bytes | None = None) -> None:
+class ChainSigned(Exception):
+    """A writer without a chain key found a signed trail (unsigned rows after signed ones would
+    break it)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"the audit trail is signed with a chain key (it holds an {KEY_EVENT} event) and this "
+                         "gateway has none: set audit.chain_key (e.g. the GATEWAY_AUDIT_CHAIN_KEY variable) to the "
+                         "key the other instances use; unsigned rows after signed ones would break the chain")
+
+
+async def _signed(conn: AsyncConnection) -> bool:
+    return (await conn.execute(select(events.c.seq).where(events.c.type == KEY_EVENT).limit(1))).first() is not None
+
+
+async def signed_trail(db: Database) -> bool:
+    """Was a chain key ever introduced to the trail (an ``audit.chain_key`` event stored)?"""
+    async with db.engine.connect() as conn:
+        return await _signed(conn)
+
+
+async def append(db: Database, batch: Sequence[Any], keys: tuple[bytes, ...] = (),
+                 chain: ChainKeys | None = None) -> None:
     """Chain and insert a batch of queued items (captured request tuples or event dicts), signed
-    with ``key`` (the chain key; None: plain SHA-256)."""
+    with ``keys[0]`` (the chain key; none: plain SHA-256). Without a key, on a trail that another
+    instance signs, raises ChainSigned (the writer retries, then counts what it drops)."""
     prepared = [prepare(x) for x in batch]
     async with locked(db) as conn:
-        await _append(conn, prepared, key=key)
+        if not keys and await _signed(conn):
+            raise ChainSigned()
+        await _append(conn, prepared, keys=keys, chain=chain)
 
 
 #: Rows a purge deletes per transaction: the write lock (SQLite's, or the append lock) is held
@@ -183,15 +247,37 @@ PURGE_CHUNK = 5000
 PURGE_PAUSE = 0.1
 
 
+class PurgeRefused(Exception):
+    """The rows a purge would delete do not verify: deleting them would erase the evidence."""
+
+
+async def _anchor(conn: AsyncConnection) -> dict[str, Any] | None:
+    """The anchor of the latest ``audit.purged`` event: the walk of the trail starts after it."""
+    last = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
+                               .order_by(events.c.seq.desc()).limit(1))).scalar()
+    if not last:
+        return None
+    try:
+        anchor = json.loads(last).get("anchor")
+    except ValueError:
+        return None
+    return anchor if isinstance(anchor, dict) else None
+
+
 async def purge(db: Database, before: str, actor: str = "retention",
                 on_event: Callable[[dict[str, Any]], Any] | None = None,
-                keys: Callable[[], bytes | None] = lambda: None) -> dict[str, Any] | None:
+                keys: Callable[[], tuple[bytes, ...]] = lambda: (),
+                chain: ChainKeys | None = None) -> dict[str, Any] | None:
     """Delete the events older than ``before`` (ISO time) in chunks of PURGE_CHUNK rows, each in its
     own transaction that also appends an ``audit.purged`` event with that chunk's anchor: the chain
     verifies after every chunk (and if the process stops between two). ``on_event`` is called
     with each such event once it is committed. Returns the last one, with ``total`` (rows
     deleted by the whole purge) added, or None if nothing was old enough. ``keys`` gives the chain
-    key in force when each chunk's event is signed (a reload may change it meanwhile)."""
+    keys in force when each chunk is purged (a reload may change them meanwhile): its event is
+    signed with the first. The rows of a chunk are verified first (their links from the trail's
+    start or the last anchor, their hashes, and the time column against the record the purge
+    selects them by): a chunk that does not verify is not deleted (PurgeRefused), or the purge
+    would erase the evidence of an edit, and sign the result."""
     last_old: int | None = None
     ev: dict[str, Any] | None = None
     total = 0
@@ -213,14 +299,26 @@ async def purge(db: Database, before: str, actor: str = "retention",
             if first is None or first > last_old:
                 break  # all gone (another instance purged them meanwhile)
             upto = min(int(first) + PURGE_CHUNK - 1, int(last_old))
-            anchor = (await conn.execute(select(events.c.seq, events.c.hash).where(events.c.seq <= upto)
-                                         .order_by(events.c.seq.desc()).limit(1))).first()
+            in_force = keys()
+            if not in_force and await _signed(conn):
+                raise ChainSigned()
+            chunk_rows = (await conn.execute(select(*[events.c[n] for n in ("seq", "prev_hash", "hash", "data",
+                                                                             *INDEXED)])
+                                             .where(events.c.seq <= upto).order_by(events.c.seq.asc()))).all()
+            checked = await verify_rows(_aiter(chunk_rows), await _anchor(conn), in_force, whole=False)
+            if not checked.ok:
+                assert checked.broken is not None
+                raise PurgeRefused(f"the rows to purge do not verify (seq {checked.broken['seq']}, "
+                                   f"{checked.broken['problem']}: {checked.broken['detail']}); nothing was deleted: "
+                                   "run `gateway audit verify`")
+            anchor = chunk_rows[-1]
             top = await _head(conn)  # read before the delete: the purge event continues the chain
+            top_rank = await _head_rank(conn, in_force) if in_force else -1
             res = await conn.execute(delete(events).where(events.c.seq <= upto))
             chunk = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
                      "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
                      "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-            await _append(conn, [prepare(chunk)], head=top, key=keys())
+            await _append(conn, [prepare(chunk)], head=top, keys=in_force, head_rank=top_rank, chain=chain)
         ev = chunk
         total += chunk["deleted"]
         if on_event is not None:
@@ -322,25 +420,13 @@ async def head(db: Database) -> tuple[int, str]:
         return await _head(conn)
 
 
-async def head_signer(db: Database, keys: tuple[bytes, ...]) -> int | None:
-    """What signed the newest row (chain.signer: the key's index, ``len(keys)`` for none, None for
-    no key given: edited or signed with another key); -1 when there is no row."""
-    async with db.engine.connect() as conn:
-        row = (await conn.execute(select(events.c.prev_hash, events.c.hash, events.c.data)
-                                  .order_by(events.c.seq.desc()).limit(1))).first()
-    return -1 if row is None else signer(row.prev_hash, row.data, row.hash, keys)
+async def _aiter(rows: Sequence[Any]) -> AsyncIterator[Any]:
+    for r in rows:
+        yield r
 
 
 async def verify(db: Database, keys: tuple[bytes, ...] = ()) -> VerifyResult:
     # One snapshot for the anchor and every page: a purge running meanwhile is either wholly
     # before it or wholly after it (read apart, it showed as a deleted range).
     async with snapshot(db) as conn:
-        last_purge = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
-                                         .order_by(events.c.seq.desc()).limit(1))).scalar()
-        anchor = None
-        if last_purge:
-            try:
-                anchor = json.loads(last_purge).get("anchor")
-            except ValueError:
-                anchor = None
-        return await verify_rows(iter_rows(db, conn=conn), anchor, keys)
+        return await verify_rows(iter_rows(db, conn=conn), await _anchor(conn), keys)

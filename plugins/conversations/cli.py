@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
-    services = await cli.cli_services(cfg, writes=args.conv_command in ("delete", "purge"))
+    services = await cli.cli_services(cfg, writes=args.conv_command in ("delete", "purge"),
+                                      records=args.conv_command in ("delete", "purge", "export"))
     store = ConversationStore(services.db)
     try:
         return await _cmd(args, store, services)
