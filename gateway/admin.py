@@ -2,6 +2,7 @@
 routes plugins contribute. Everything but /healthz and /readyz needs the admin token."""
 from __future__ import annotations
 
+import gzip
 import hmac
 import json
 import logging
@@ -11,7 +12,8 @@ import asyncpg
 from aiohttp import web
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .db import DatabaseError
 from .errors import json_error
@@ -151,9 +153,17 @@ def build_admin_app(gw: "Gateway") -> web.Application:
                            "writers": {"ok": not failing, "failing": failing}}}
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(gw.services.metrics),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(request: web.Request) -> web.Response:
+        # The format the scraper asks for (Prometheus asks for OpenMetrics first), compressed when it
+        # accepts gzip (Prometheus does; the text compresses several times over), as
+        # prometheus-client's own exporters answer.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(gw.services.metrics)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def reload(request: web.Request) -> web.Response:
         ok, detail = await gw.reload(actor=admin_identity(request))
@@ -236,7 +246,9 @@ def openapi_document(gw: "Gateway") -> dict[str, Any]:
         "/readyz": {"get": {"summary": "Readiness: upstream and database reachable", "security": [],
                             "responses": {"200": _READY, "503": _READY}}},
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-            "200": _content("Prometheus text format", CONTENT_TYPE_LATEST.split(";")[0], {"type": "string"}),
+            "200": _content("Prometheus text format (OpenMetrics when Accept asks for "
+                            "application/openmetrics-text; gzip with Accept-Encoding: gzip)",
+                            CONTENT_TYPE_LATEST.split(";")[0], {"type": "string"}),
             "401": _ERR}}},
         "/config/reload": {"post": {"summary": "Validate gateway.yaml and swap it in atomically, or change nothing",
                                     "responses": {"200": _content("reloaded", "application/json", _obj(

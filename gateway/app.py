@@ -55,6 +55,8 @@ class Gateway:
         self.admin_port = 0
         self._reloads = Counter("gateway_config_reloads_total", "Config reloads by result", ["result"],
                                 registry=self.services.metrics)
+        for result in ("success", "failure"):  # at 0 from the start: an alert on the first failure fires
+            self._reloads.labels(result)
         self._reload_lock = asyncio.Lock()
         self._mounted: list[Any] = []  # plugin middlewares and TraceConfigs in use
         self._old_runtimes: set[asyncio.Task[None]] = set()

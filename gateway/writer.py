@@ -25,6 +25,9 @@ STALL_WARN = 10.0
 #: Seconds a writer closing gets for its final flush even when the shared shutdown deadline has
 #: passed (records a plugin handed over last, e.g. a usage tally, are not dropped unattempted).
 FINAL_FLOOR = 1.0
+#: Every reason a record is dropped for (``_drop``): each writer's series start at 0 with it, so an
+#: ``increase(gateway_writer_dropped_total[5m]) > 0`` alert fires on the first drop too.
+DROP_REASONS = ("queue_full", "write_failed", "rejected", "shutdown", "closed", "cancelled")
 
 
 class WriterMetrics:
@@ -75,6 +78,9 @@ class BatchWriter(Generic[T]):
         self._depth = metrics.depth.labels(name)
         self._depth.set_function(self._q.qsize)
         self._written = metrics.written.labels(name)
+        for reason in DROP_REASONS:
+            metrics.dropped.labels(name, reason)
+        metrics.retries.labels(name)
         self.written = 0
         self.dropped = 0
         #: monotonic time the writes began to fail (the store down, its disk full); None when the

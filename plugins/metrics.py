@@ -11,10 +11,11 @@ same registry. See docs/metrics.md.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from bisect import bisect_left
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import prometheus_client.metrics as _pm
 from prometheus_client.metrics_core import Metric
@@ -25,10 +26,18 @@ from gateway.context import RequestContext
 from gateway.fastjson import utf8_safe
 from gateway.plugin import Plugin, PluginConfig
 
+log = logging.getLogger("gateway.metrics")
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 MAX_MODEL_LABELS = 200  # distinct `model` label values before the rest count as "other"
 MAX_LABEL_CHARS = 128  # a label value from a client or the upstream is cut to this many characters
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: The label values counters are created with at 0 (an `increase(...) > 0` alert fires on the first
+#: failure only if the series existed before it): the upstream failure kinds, and key_auth's refusal
+#: reasons (when key_auth is in use).
+UPSTREAM_ERROR_KINDS = ("error", "timeout", "disconnected")
+AUTH_REASONS = ("missing", "malformed", "invalid", "revoked", "expired", "scope_model", "scope_path",
+                "store_unavailable")
 
 
 def label(value: Any) -> str:
@@ -160,8 +169,10 @@ class _Families:
                                     "route", lat)
         self.upstream = _HistFamily("gateway_upstream_duration_seconds",
                                     "Time from sending upstream to the end of the response", "route", lat)
-        self.overhead = _HistFamily("gateway_overhead_seconds", "Gateway's own time: total minus upstream time",
-                                    "route", over)
+        self.overhead = _HistFamily("gateway_overhead_seconds",
+                                    "Gateway's own time: total minus upstream time, i.e. until the request was sent "
+                                    "upstream (the whole request when it never was); the work on the response "
+                                    "(per chunk, for a stream) is counted in upstream time", "route", over)
         self.ttfb = _HistFamily("gateway_ttfb_seconds", "Time to the first response byte sent to the client",
                                 "route", lat)
         self.tokens = _CounterFamily("gateway_tokens", "Tokens by model and direction, as the upstream reported them "
@@ -173,6 +184,9 @@ class _Families:
                                         ("limit",))
         self.upstream_errors = _CounterFamily("gateway_upstream_errors",
                                               "Upstream failures: error (unreachable), timeout, disconnected", ("kind",))
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.child(kind)
+        self._capped = False  # the model label cap was reached (said once in the log)
         self._families = (self.requests, self.duration, self.upstream, self.overhead, self.ttfb, self.tokens,
                           self.auth_failures, self.ratelimit, self.upstream_errors)
         # Per-route and per-(route, status, source) children looked up with one dict get per request.
@@ -186,6 +200,20 @@ class _Families:
                                                 (self.overhead, over))]
         if any(changed):
             self._routes.clear()
+
+    def keep_routes(self, routes: set[str]) -> None:
+        """Drop the series of routes no longer configured (a reload removed or renamed them), so
+        they do not stay in every scrape for as long as the process runs. A request still finishing
+        on the old chain may create its route's series again; that is one series, not a leak."""
+        for f in (self.duration, self.upstream, self.overhead, self.ttfb):
+            for r in [r for r in f.children if r not in routes]:
+                del f.children[r]
+        for r in [r for r in self._routes if r not in routes]:
+            del self._routes[r]
+        for k in [k for k in self.requests.children if k[0] not in routes]:
+            del self.requests.children[k]
+        for k2 in [k2 for k2 in self._requests if k2[0] not in routes]:
+            del self._requests[k2]
 
     # -- prometheus-client collector protocol -------------------------------------------------------
     def describe(self) -> Iterator[Metric]:
@@ -215,9 +243,17 @@ class _Families:
     def token_counters(self, model: str) -> tuple[list[float], list[float]]:
         c = self._tokens.get(model)
         if c is None:
-            # The model name comes from the client or the upstream: cap the label values so a
-            # caller inventing model names cannot grow the series without bound.
+            # The model name comes from the upstream, which may echo whatever a client asked for:
+            # cap the label values so a caller inventing model names cannot grow the series
+            # without bound (and say so once: later models then count as "other").
             if len(self._tokens) >= MAX_MODEL_LABELS:
+                if not self._capped:
+                    self._capped = True
+                    log.warning("metrics: %d distinct model names have a gateway_tokens_total series (the most "
+                                "kept); tokens of every further model, %r first, are counted under "
+                                "model=\"other\" until the gateway restarts. See which models took the places "
+                                "with: count by (model) (gateway_tokens_total); the audit trail keeps each "
+                                "request's model (response_model)", MAX_MODEL_LABELS, model)
                 model = "other"
                 c = self._tokens.get(model)
                 if c is not None:
@@ -230,6 +266,9 @@ class Metrics(Plugin):
     name = "metrics"
     Config = MetricsConfig
     observes_response = True
+    #: The histogram families are shared by every route (one set of buckets per process): a route's
+    #: override of them would change every route's histograms, and reset them on every reload.
+    route_fixed: ClassVar[tuple[str, ...]] = ("latency_buckets", "overhead_buckets")
 
     def __init__(self, config: MetricsConfig, services: Any) -> None:
         super().__init__(config, services)
@@ -241,6 +280,13 @@ class Metrics(Plugin):
         # The families are shared by every instance and kept across reloads; the instance activated
         # last (a reload's new config) brings its buckets.
         self.m.set_buckets(tuple(self.config.latency_buckets), tuple(self.config.overhead_buckets))
+        gw = getattr(self.services, "gateway", None)
+        rt = getattr(gw, "runtime", None)
+        if rt is not None and self in rt.instances:
+            if "key_auth" in rt.in_use:  # its refusal reasons, at 0 before the first one
+                for reason in AUTH_REASONS:
+                    self.m.auth_failures.child(reason)
+            self.m.keep_routes({c.name for c in rt.all_chains})
 
     async def on_complete(self, ctx: RequestContext) -> None:
         m = self.m
@@ -266,7 +312,14 @@ class Metrics(Plugin):
             else:  # a stream without a usage report: the deltas relayed (as key_auth counts them)
                 tin, tout = None, c.relayed_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
-                cin, cout = m.token_counters(label(c.model or ctx.model or "unknown"))
+                # The model the upstream says answered: the request's is the client's free input
+                # (and not what was billed, when the upstream maps it). Only an answer too large
+                # to read whole (its usage read from its end) may name it where it was not read:
+                # the model asked for stands in then.
+                model = c.model
+                if not model and (c.unread or (c.kind == "json" and c.raw is None)):
+                    model = ctx.model
+                cin, cout = m.token_counters(label(model or "unknown"))
                 if type(tin) is int and tin > 0:
                     cin[0] += tin
                 if type(tout) is int and tout > 0:

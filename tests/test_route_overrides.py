@@ -38,7 +38,8 @@ def test_each_plugin_s_shared_settings_are_refused_per_route(tmp_path: Path) -> 
     for plugin, config, field in (("conversations", {"queue_size": 10}, "queue_size"),
                                   ("conversations", {"cache_bytes": 0}, "cache_bytes"),
                                   ("key_auth", {"usage_writer": {"batch_size": 1}}, "usage_writer"),
-                                  ("key_auth", {"pepper": "x" * 40}, "pepper")):
+                                  ("key_auth", {"pepper": "x" * 40}, "pepper"),
+                                  ("rate_limit", {"quotas": {"cache_ttl": 1}}, "quotas.cache_ttl")):
         res = check(tmp_path, [{"name": plugin}], routes=[{"path_prefix": "/v1/x", "plugins": {
             plugin: {"config": config}}}])
         assert res.returncode == 2 and f"routes[0].plugins.{plugin}.config.{field} -> line" in res.stderr, res.stderr

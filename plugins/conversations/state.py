@@ -390,7 +390,9 @@ class Shared:
         self._wake = asyncio.Event()  # the instances (so the retention settings) changed
         self.skipped = services.metric("conversations_skipped", lambda reg: Counter(
             "gateway_conversations_skipped_total",
-            "Conversation records not applied because the conversation was deleted meanwhile",
+            "Conversation turns not stored as sent, by reason: deleted (the conversation was deleted "
+            "meanwhile: not stored), forked_late (differed from what another request stored meanwhile: "
+            "stored as a fork)",
             ["reason"], registry=reg))
         services.metric("conversations_cache", lambda reg: Gauge(
             "gateway_conversations_cached", "Conversations held in the in-memory cache",

@@ -51,6 +51,8 @@ class RateLimit(Plugin):
     name = NAME
     Config = RateLimitConfig
     uses_database: ClassVar[bool] = True
+    #: The quota cache is one for the process (activated(): the last instance would set it).
+    route_fixed: ClassVar[tuple[str, ...]] = ("quotas.cache_ttl",)
 
     def __init__(self, config: RateLimitConfig, services: Any) -> None:
         super().__init__(config, services)
@@ -69,6 +71,15 @@ class RateLimit(Plugin):
         self.refused = services.metric("rate_limit_refused", lambda reg: Counter(
             "gateway_ratelimit_refused_total", "Requests refused by the rate_limit plugin",
             ["rule", "reason"], registry=reg))
+        # Each configured rule's series at 0 from the start, so that an ``increase(...) > 0`` alert
+        # fires on the first refusal too (the labels as _refuse / _store_down give them).
+        for rule in dict.fromkeys(lim.rule for lim in self.limits):
+            self.refused.labels(rule, "rate_limit_exceeded")
+        for period, amount in (("daily-tokens", c.quotas.daily_tokens), ("monthly-tokens", c.quotas.monthly_tokens)):
+            if amount is not None:
+                self.refused.labels(period, "insufficient_quota")
+        if c.on_store_error == "deny":
+            self.refused.labels("-", "store_unavailable")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def startup(self) -> None:
