@@ -8,9 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import struct
-import time
 import zlib
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -24,6 +22,7 @@ import gateway.proxy
 from gateway.observe import MAX_JSON_BODY, ResponseObserver
 
 from .helpers import ADMIN_TOKEN, base_config, serve_handler, start_gateway, until, write_config
+from .test_sse_framing import stored as stored_with_calls
 
 T = aiohttp.ClientTimeout(total=20)
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -112,18 +111,7 @@ async def audited(g: Any) -> dict[str, Any]:
 
 async def stored(db: Path, cid: str) -> tuple[Any, ...]:
     """(turn status, completion tokens, the stored assistant content) once written."""
-    deadline = time.monotonic() + 10
-    while True:
-        if db.exists():
-            with sqlite3.connect(db) as c:
-                turn = c.execute("SELECT status, completion_tokens FROM conversation_turns WHERE conversation_id = ? "
-                                 "ORDER BY id DESC LIMIT 1", (cid,)).fetchone()
-                msg = c.execute("SELECT content FROM conversation_messages WHERE conversation_id = ? "
-                                "AND role = 'assistant'", (cid,)).fetchone()
-            if turn is not None and msg is not None:
-                return (*turn, json.loads(msg[0]))
-        assert time.monotonic() < deadline, "no assistant message stored"
-        await asyncio.sleep(0.05)
+    return (await stored_with_calls(db, cid))[:3]
 
 
 def no_traceback(caplog: Any) -> None:
