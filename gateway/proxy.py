@@ -532,7 +532,9 @@ class Proxy:
                         chunk, pending = pending, b""
                     elif lf_grace:
                         try:
-                            async with asyncio.timeout(LF_GRACE):
+                            # (a compressed stream's end is a block and a trailer: given longer)
+                            async with asyncio.timeout(LF_GRACE if observer is None or observer.body_whole
+                                                       else CODED_GRACE):
                                 chunk = await content.readany()
                         except TimeoutError:  # no LF: a stream with CR line ends, ended at [DONE]
                             complete = done_early = True
@@ -699,6 +701,9 @@ _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:")
 #: Seconds to wait, after [DONE] ended on a CR at the end of a read, for the LF of a CRLF.
 LF_GRACE = 0.25
+#: Seconds to wait, after [DONE] in a compressed stream, for the rest of the compressed data (its
+#: last block and trailer): ended without it, the client could not decode the stream's end.
+CODED_GRACE = 2.0
 
 
 def _sse_start(first: bytes) -> bool | None:

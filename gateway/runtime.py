@@ -128,10 +128,21 @@ class Runtime:
         self.routes = routes
         #: A path no route takes, under an API prefix a plugin answers itself (the caller's
         #: /gateway/conversations) while that plugin is off in the default chain and on for some
-        #: routes: answered by the first such route's chain (most specific first), not 404'd or
-        #: forwarded upstream.
-        self.api_chains = [r.chain for r in routes if r.chain.served is not None
-                           and any(not self.default.serves(p) for p in r.chain.served[0])]
+        #: routes: answered by the default chain with that plugin put in (the instance of the most
+        #: specific such route), not 404'd or forwarded upstream. The default chain's plugins
+        #: apply (its key_auth), not those of the route the instance came from (which may be a
+        #: route without key_auth).
+        self.api_chains: list[Chain] = []
+        placed: set[str] = set()
+        for r in routes:
+            for p in r.chain.plugins:
+                name = type(p).name
+                if name in placed or not p.public_prefixes() or any(
+                        self.default.serves(x.rstrip("/")) for x in p.public_prefixes()):
+                    continue
+                placed.add(name)
+                self.api_chains.append(Chain("default", [p if n == name else inst for n, inst, on in base
+                                                         if on or n == name]))
         # Every instance's headers, whichever routes it runs on: a client must not get a key or a
         # forged identity header to the upstream through a route that turns key_auth off.
         self.settings.guarded = frozenset(h.lower() for p in self.instances for h in p.guarded_headers())

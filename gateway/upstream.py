@@ -210,6 +210,10 @@ class Upstream:
         out: CIMultiDict[str] = CIMultiDict()
         for k, v in src.items():
             lk = k.lower()
+            if "_" in lk:
+                # X_Gateway_Owner, X-Forwarded_For: servers on CGI/WSGI conventions read them as
+                # X-Gateway-Owner, X-Forwarded-For (HTTP_X_GATEWAY_OWNER): dropped with those.
+                lk = lk.replace("_", "-")
             if lk in REQUEST_DROP or lk in drop or lk in guarded:
                 continue
             out.add(k, v)

@@ -247,13 +247,40 @@ async def test_a_gzip_stream_kept_open_after_done_ends_for_the_client(tmp_path: 
     backend = KeptOpen({"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}, gzip_events)
     async with through_gateway(tmp_path, backend) as g:
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), auto_decompress=False) as s:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15), auto_decompress=False) as s:
                 async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
                     got, cid = await r.read(), r.headers["X-Conversation-ID"]
         finally:
             release.set()
         assert got == backend.sent
         assert await stored(tmp_path / "gateway.db", cid) == ("complete", 5, "".join(WORDS))
+
+
+async def test_a_gzip_stream_whose_end_comes_a_moment_after_done_is_relayed_whole(tmp_path: Path) -> None:
+    """The last block and trailer of a compressed stream a little after [DONE] (a second): the
+    client gets them, so its decoder sees the stream end (not cut 0.25 s after [DONE])."""
+    class Late(Backend):
+        async def handle(self, request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            resp = web.StreamResponse(headers=self.headers)
+            await resp.prepare(request)
+            parts = gzip_events(body)
+            for p in parts[:-1]:
+                await resp.write(p)
+                self.sent += p
+            await asyncio.sleep(1.0)
+            await resp.write(parts[-1])
+            self.sent += parts[-1]
+            return resp
+
+    backend = Late({"Content-Type": "text/event-stream", "Content-Encoding": "gzip"}, gzip_events)
+    async with through_gateway(tmp_path, backend) as g:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15), auto_decompress=False) as s:
+            async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                got = await r.read()
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert d.decompress(got).endswith(b"data: [DONE]\n\n")
+    assert d.eof  # (the gzip stream's end, which came a second after [DONE])
 
 
 class RefusingBackend(Backend):

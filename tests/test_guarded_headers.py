@@ -32,13 +32,16 @@ async def test_forged_identity_and_keys_are_dropped_on_a_route_without_key_auth(
                                                                                 tmp_path: Path) -> None:
     g = await make_gateway([KEY_AUTH], routes=[PUBLIC])
     key = create_key(tmp_path / "gateway.yaml", "alice")
-    forged = {"X-Gateway-Owner": "root", "X-Gateway-Key-Id": "admin", "X-API-Key": key, "api-key": key}
+    forged = {"X-Gateway-Owner": "root", "X-Gateway-Key-Id": "admin", "X-API-Key": key, "api-key": key,
+              # (what CGI/WSGI servers read as X-Gateway-Owner and X-Forwarded-For)
+              "X_Gateway_Owner": "root", "X-Gateway_Key-Id": "admin", "X_Forwarded_For": "10.0.0.1"}
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.get(g.url + "/v1/models", headers=forged) as r:  # the public route
             assert r.status == 200
         seen = lower(upstream.requests[-1]["headers"])
         assert upstream.requests[-1]["path"] == "/v1/models"
-        for h in ("x-gateway-owner", "x-gateway-key-id", "x-api-key", "api-key"):
+        for h in ("x-gateway-owner", "x-gateway-key-id", "x-api-key", "api-key", "x_gateway_owner",
+                  "x-gateway_key-id", "x_forwarded_for"):
             assert h not in seen, (h, seen)
         assert key not in json.dumps(upstream.requests[-1])
 

@@ -90,3 +90,18 @@ async def test_caller_api_of_a_plugin_on_for_some_routes_only(make_gateway: Any,
             assert r.status == 200 and [m["role"] for m in (await r.json())["messages"]] == ["user", "assistant"]
         async with s.get(g.url + "/gateway/conversations") as r:  # the route's key_auth applies
             assert r.status == 401
+
+
+async def test_the_plugin_api_is_answered_with_the_default_chain_s_auth(make_gateway: Any, tmp_path: Path) -> None:
+    """The route conversations comes from turns key_auth off: its API still needs a key (the
+    default chain's key_auth), and a caller sees their own conversations only."""
+    g = await make_gateway([{"name": "key_auth"}, {"name": "conversations", "enabled": False}],
+                           routes=[{"path_prefix": "/v1", "plugins": {"conversations": {"enabled": True}}},
+                                   {"path_prefix": "/v1/chat/completions", "plugins": {
+                                       "key_auth": {"enabled": False}, "conversations": {"enabled": True}}}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions",  # anonymous: key_auth is off there
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+        async with s.get(g.url + "/gateway/conversations") as r:
+            assert r.status == 401, await r.text()  # (was 200, listing the anonymous conversations)
