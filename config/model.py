@@ -339,6 +339,17 @@ class RouteConfig(Model):
                                "HEAD too, unless another route with the same prefix names HEAD.")
     plugins: dict[str, PluginOverride] = Field(default_factory=dict)
 
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _empty(cls, v: Any) -> Any:
+        # `plugins:` with every entry commented out, `rate_limit:` with nothing under it: as if
+        # they were not there (like any section left empty)
+        if v is None:
+            return {}
+        if isinstance(v, dict):
+            return {k: ({} if o is None else o) for k, o in v.items()}
+        return v
+
     @field_validator("path_prefix")
     @classmethod
     def _prefix(cls, v: str, info: ValidationInfo) -> str:

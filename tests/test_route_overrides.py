@@ -57,6 +57,25 @@ def test_check_names_a_plugin_on_for_some_routes_only(tmp_path: Path) -> None:
     assert res.returncode == 0 and "3 plugin(s): key_auth, conversations (on some routes);" in res.stdout
 
 
+def test_an_override_left_empty_is_as_if_absent(tmp_path: Path) -> None:
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"""upstream: {{url: "http://127.0.0.1:9"}}
+database: {{url: "sqlite+aiosqlite:///{tmp_path / 'e.db'}"}}
+plugins:
+  - name: rate_limit
+routes:
+  - path_prefix: /v1/models
+    plugins:
+      rate_limit:
+  - path_prefix: /v1/x
+    plugins:
+      # conversations: {{enabled: false}}
+""")
+    res = subprocess.run([sys.executable, "-m", "gateway", "check", "-c", str(cfg)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0 and "2 route override(s)" in res.stdout, res.stderr
+
+
 def test_a_percent_escape_in_a_prefix_is_refused(tmp_path: Path) -> None:
     # It would match only a path escaping the '%' itself (/v1/a%253Ab): the prefix is compared
     # with the decoded request path.
