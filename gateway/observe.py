@@ -595,6 +595,8 @@ class ResponseObserver:
                 except Exception:  # valid JSON of a shape nobody expected: relayed, not understood
                     pass
             elif self._too_big:
+                if self._tail_ok:  # (before the head's: of a key given twice, JSON takes the last)
+                    self.c.model = tail_model(self._tail)
                 self._tail_usage()
                 self._lead_members()
             self._buf.clear()
@@ -633,12 +635,13 @@ class ResponseObserver:
 
     def _lead_members(self) -> None:
         """What the first bytes of a JSON body too large to parse said: its usage if the end had
-        none (vLLM reports it before ``prompt_logprobs``), its model, id and finish reasons."""
+        none (vLLM reports it before ``prompt_logprobs``), its model if the end had none (OpenAI
+        names it before the choices), its id and finish reasons."""
         lead, c = self._lead, self.c
         self._lead = {}
         if c.usage is None and _reports_tokens(lead.get("usage")):
             c.usage = lead["usage"]
-        if isinstance(lead.get("model"), str):
+        if c.model is None and isinstance(lead.get("model"), str):
             c.model = lead["model"]
         if isinstance(lead.get("id"), str):
             c.response_id = lead["id"]
@@ -967,6 +970,36 @@ def tail_usage(tail: bytes | bytearray) -> dict[str, Any] | None:
         if not _closes_the_text(text, end):
             return None  # the last usage is not the answer's own: none is
         return obj if _reports_tokens(obj) else None
+    return None
+
+
+#: A key is preceded by its object's ``{`` or a ``,`` (or by nothing: the window's start), never by
+#: a backslash (an escaped quote: ``\"model": ...`` ending a key or a text).
+_MODEL_KEY = re.compile(r'(?:^|[{,])[ \t\r\n]*"model"[ \t\r\n]*:')
+#: Of the ``"model"`` keys at the end of a body, at most this many last ones are tried: each try
+#: reads the rest of the window, so a window full of nested ones (a list of objects each naming a
+#: model) costs a bounded amount of work, not one read of the window per key.
+TAIL_MODEL_TRIES = 16
+
+
+def tail_model(tail: bytes | bytearray) -> str | None:
+    """The answer's own top-level ``"model"`` from the end of a JSON text too large to parse, if
+    it is a string: a backend may name it after a huge ``choices`` (or ``data``).
+
+    As for :func:`tail_usage`, a quote inside a JSON string is always escaped, so the text of a
+    message or of tool arguments that says ``"model": ...`` is never a key here. A ``"model"`` key
+    is the answer's own when what follows its value only closes one object, the answer, with
+    members of any value in between, up to the end; one in an object nested in the answer (a
+    choice, a message, an item of a list) is followed by that object's end and then more, and is
+    not taken."""
+    text = bytes(tail).decode("utf-8", "replace")
+    for m in list(_MODEL_KEY.finditer(text))[::-1][:TAIL_MODEL_TRIES]:
+        try:
+            value, end = _raw_decode(text, _WS.match(text, m.end()).end())  # type: ignore[union-attr]
+        except (ValueError, RecursionError):
+            continue
+        if _closes_the_text(text, end, levels=1):
+            return value if type(value) is str else None
     return None
 
 

@@ -313,13 +313,9 @@ class Metrics(Plugin):
                 tin, tout = None, c.relayed_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
                 # The model the upstream says answered: the request's is the client's free input
-                # (and not what was billed, when the upstream maps it). Only an answer too large
-                # to read whole (its usage read from its end) may name it where it was not read:
-                # the model asked for stands in then.
-                model = c.model
-                if not model and (c.unread or (c.kind == "json" and c.raw is None)):
-                    model = ctx.model
-                cin, cout = m.token_counters(label(model or "unknown"))
+                # (and not what was billed, when the upstream maps it). An answer too large to read
+                # whole names it too: the observer reads it from its first or last bytes.
+                cin, cout = m.token_counters(label(c.model or "unknown"))
                 if type(tin) is int and tin > 0:
                     cin[0] += tin
                 if type(tout) is int and tout > 0:
