@@ -59,7 +59,7 @@ class AuditConfig(PluginConfig):
     chain_key: str = Field("", repr=False, description=(
         "Secret that signs the database's hash chain (HMAC-SHA-256), e.g. ${GATEWAY_AUDIT_CHAIN_KEY:-}: "
         "whoever can write the table but lacks it cannot re-chain rows after an edit. At least 32 "
-        "characters; empty: plain SHA-256. The same on every route (not overridable per route)."))
+        "bytes; empty: plain SHA-256. The same on every route (not overridable per route)."))
     previous_chain_keys: list[str] = Field(default_factory=list, repr=False, description=(
         "Keys that signed older rows, newest first, after a rotation: verify accepts them; new rows are "
         "signed with chain_key."))
@@ -293,7 +293,7 @@ class Audit(Plugin):
         # stored it with the chunk), so they have them all even if the purge is cut short.
         ev = await store.purge(self.services.db, store.iso(time.time() - days * 86400), actor=actor,
                                on_event=lambda e: self._record_nowait(e, skip="database"),
-                               keys=lambda: self.chain.keys, chain=self.chain)
+                               chain=self.chain)
         if ev is not None:
             log.info("audit retention purged %d event(s) older than %s", ev["total"], ev["before"])
         return ev

@@ -266,15 +266,14 @@ async def _anchor(conn: AsyncConnection) -> dict[str, Any] | None:
 
 async def purge(db: Database, before: str, actor: str = "retention",
                 on_event: Callable[[dict[str, Any]], Any] | None = None,
-                keys: Callable[[], tuple[bytes, ...]] = lambda: (),
                 chain: ChainKeys | None = None) -> dict[str, Any] | None:
     """Delete the events older than ``before`` (ISO time) in chunks of PURGE_CHUNK rows, each in its
     own transaction that also appends an ``audit.purged`` event with that chunk's anchor: the chain
     verifies after every chunk (and if the process stops between two). ``on_event`` is called
     with each such event once it is committed. Returns the last one, with ``total`` (rows
-    deleted by the whole purge) added, or None if nothing was old enough. ``keys`` gives the chain
-    keys in force when each chunk is purged (a reload may change them meanwhile): its event is
-    signed with the first. The rows of a chunk are verified first (their links from the trail's
+    deleted by the whole purge) added, or None if nothing was old enough. ``chain``: the process's
+    chain keys, read as each chunk is purged (a reload may change them meanwhile); the chunk's
+    event is signed with the first. The rows of a chunk are verified first (their links from the trail's
     start or the last anchor, their hashes, and the time column against the record the purge
     selects them by): a chunk that does not verify is not deleted (PurgeRefused), or the purge
     would erase the evidence of an edit, and sign the result."""
@@ -299,7 +298,7 @@ async def purge(db: Database, before: str, actor: str = "retention",
             if first is None or first > last_old:
                 break  # all gone (another instance purged them meanwhile)
             upto = min(int(first) + PURGE_CHUNK - 1, int(last_old))
-            in_force = keys()
+            in_force = chain.keys if chain is not None else ()
             if not in_force and await _signed(conn):
                 raise ChainSigned()
             chunk_rows = (await conn.execute(select(*[events.c[n] for n in ("seq", "prev_hash", "hash", "data",
