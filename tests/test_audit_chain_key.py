@@ -83,7 +83,7 @@ async def test_signed_rows_and_a_rewrite_without_the_key(make_gateway: Any, tmp_
     await g.stop()
     events = rows(db)
     # The first start with a key records it (by its public id) in a row signed with it.
-    assert events[0]["type"] == "audit.chain_key" and events[0]["previous"] == "none"
+    assert events[0]["type"] == "audit.chain_key" and events[0]["previous_chain_key_id"] == "none"
     assert events[0]["chain_key_id"] == key_id(KEY_A.encode()) and len(events[0]["chain_key_id"]) == 16
     assert "key_id" not in events[0]  # (the indexed column of the API key a request used)
     for seq, prev, h, data in stored(db):
@@ -159,7 +159,7 @@ async def test_key_rotation_by_reload(make_gateway: Any, tmp_path: Path, monkeyp
     await g.stop()
     assert rep["ok"] and rep["head_signed"] == "current", rep
     marks = [e for e in rows(db) if e["type"] == "audit.chain_key"]
-    assert [m["previous"] for m in marks] == ["none", "previous_chain_keys[0]"]
+    assert [m["previous_chain_key_id"] for m in marks] == ["none", key_id(KEY_A.encode())]
     assert marks[1]["chain_key_id"] == key_id(KEY_B.encode())
     signers = []
     for _, prev, h, data in stored(db):
@@ -336,3 +336,89 @@ async def test_nothing_without_the_key_writes_on_a_signed_trail(make_gateway: An
         assert "audit trail is signed with a chain key" in str(e)
     code, rep, _ = verify_cli(keyed, **{ENV: KEY_A})
     assert code == 0 and rep["rows"] == 2, rep
+
+
+async def test_a_purged_key_event_leaves_the_trail_signed(make_gateway: Any, tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
+    """Retention deletes the audit.chain_key event like any old row: the signed purge event names
+    the key, so the trail is still known as signed (nothing without the key writes to it, verify
+    without the key says it cannot check), and unsigned rows after the purge's anchor are caught."""
+    monkeypatch.setenv(ENV, KEY_A)
+    db = tmp_path / "gateway.db"
+    g = await make_gateway(audit(chain_key="${" + ENV + "}", retention_days=1e-5))
+    await traffic(g.url, 2)
+    await wait_for(lambda: len(rows(db)) == 3, what="3 events")
+    await asyncio.sleep(1.0)
+    assert (await g.plugin("audit").purge_once(actor="test"))["total"] == 3
+    await g.stop()
+    events = rows(db)
+    assert [e["type"] for e in events] == ["audit.purged"] and events[0]["chain_key_id"] == key_id(KEY_A.encode())
+    plain = write_config(tmp_path / "plain.yaml", base_config("http://127.0.0.1:9", tmp_path,
+                                                              [{"name": "key_auth"}] + audit()))
+    res = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--name", "k", "--owner", "o", "-c",
+                          str(plain)], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "audit trail is signed with a chain key" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "-c", str(plain)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and "set audit.chain_key" in res.stderr  # (cannot check: not "broken")
+    # Unsigned rows appended while no gateway runs: a gateway that starts with the key does not
+    # pass them off as a first key, and verify reports them.
+    con = sqlite3.connect(db)
+    seq, prev = con.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+    rec = {"seq": seq + 1, "time": "2099-01-01T00:00:00.000000Z", "type": "key.created", "actor": "forged"}
+    text = json.dumps(rec, separators=(",", ":"))
+    con.execute("INSERT INTO audit_events (seq, time, type, data, prev_hash, hash) VALUES (?,?,?,?,?,?)",
+                (seq + 1, rec["time"], rec["type"], text, prev, hashlib.sha256((prev + text).encode()).hexdigest()))
+    con.commit()
+    con.close()
+    g = await make_gateway(audit(chain_key="${" + ENV + "}"), name="again.yaml")
+    await traffic(g.url, 1)
+    await wait_for(lambda: len(rows(db)) == 3, what="the request on top")
+    await g.stop()
+    assert [e["type"] for e in rows(db)] == ["audit.purged", "key.created", "request"]  # (no new key event)
+    code, rep, _ = verify_cli(tmp_path / "again.yaml", **{ENV: KEY_A})
+    assert code == 1 and rep["broken"]["seq"] == seq + 1 and "not signed" in rep["broken"]["detail"], rep
+
+
+async def test_a_rolling_rotation_records_one_key_event(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Two instances on one database, one already on key B (A as previous), the other still on A,
+    writing in turn: one audit.chain_key event for the rotation, not one per batch."""
+    monkeypatch.setenv(ENV, KEY_A)
+    monkeypatch.setenv(ENV + "_B", KEY_B)
+    db = tmp_path / "gateway.db"
+    old = await make_gateway(audit(chain_key="${" + ENV + "}"), name="old.yaml")
+    await traffic(old.url, 1)
+    new = await make_gateway(audit(chain_key="${" + ENV + "_B}", previous_chain_keys=["${" + ENV + "}"]),
+                             name="new.yaml")
+    for _ in range(4):
+        await traffic(new.url, 1)
+        await wait_for(lambda: rows(db)[-1]["type"] == "request", what="the new instance's row")
+        await traffic(old.url, 1)
+        n = len(rows(db))
+        await wait_for(lambda: len(rows(db)) > n or rows(db)[-1]["type"] == "request", what="the old instance's row")
+    await wait_for(lambda: sum(e["type"] == "request" for e in rows(db)) == 9, what="9 request events")
+    await old.stop()
+    await new.stop()
+    marks = [e for e in rows(db) if e["type"] == "audit.chain_key"]
+    assert [(m["chain_key_id"], m["previous_chain_key_id"]) for m in marks] == [
+        (key_id(KEY_A.encode()), "none"), (key_id(KEY_B.encode()), key_id(KEY_A.encode()))], marks
+    code, rep, _ = verify_cli(tmp_path / "new.yaml", **{ENV: KEY_A, ENV + "_B": KEY_B})
+    assert code == 0, rep
+
+
+async def test_a_time_column_moved_forward_is_reported_by_the_purge(make_gateway: Any, tmp_path: Path) -> None:
+    db = tmp_path / "gateway.db"
+    g = await make_gateway(audit(retention_days=30))
+    await traffic(g.url, 3)
+    await wait_for(lambda: len(rows(db)) == 3, what="3 events")
+    con = sqlite3.connect(db)
+    con.execute("UPDATE audit_events SET time = '2099-01-01T00:00:00.000000Z' WHERE seq = 1")
+    con.commit()
+    con.close()
+    from gateway.plugins.audit.store import PurgeRefused
+
+    try:
+        await g.plugin("audit").purge_once(actor="test")
+        raise AssertionError("the purge said nothing")
+    except PurgeRefused as e:
+        assert "time column of seq 1" in str(e)

@@ -107,7 +107,10 @@ def routes(services: Any) -> list[Any]:
 
     async def verify(_: web.Request) -> web.Response:
         async with reads:
-            res = await store.verify(services.db, chain_keys(services).keys)
+            try:
+                res = await store.verify(services.db, chain_keys(services).keys)
+            except store.KeyNeeded as e:
+                return json_error(409, str(e), "invalid_request_error", "chain_key_required")
         return web.json_response({**res.as_dict(), "message": res.message()})
 
     return [web.get("/audit", list_events), web.get("/audit/verify", verify)]
@@ -225,5 +228,5 @@ OPENAPI: dict[str, Any] = {
         "responses": {"200": _json(EVENT_LIST, "A page of events"), "400": _ERR, "401": _ERR}}},
     "/audit/verify": {"get": {
         "summary": "Walk the hash chain; reports the first broken link",
-        "responses": {"200": _json(VERIFY, "The walk's result"), "401": _ERR}}},
+        "responses": {"200": _json(VERIFY, "The walk's result"), "401": _ERR, "409": _ERR}}},
 }

@@ -139,18 +139,19 @@ def _fail(res: VerifyResult, seq: int, problem: str, detail: str) -> VerifyResul
 
 
 async def verify_rows(rows: AsyncIterator[Any], anchor: dict[str, Any] | None,
-                      keys: tuple[bytes, ...] = (), whole: bool = True) -> VerifyResult:
+                      keys: tuple[bytes, ...] = (), whole: bool = True, signed_before: bool = False) -> VerifyResult:
     """Walk rows (objects with seq, prev_hash, hash, data and the indexed columns) in seq order.
 
     ``anchor`` is the ``{"seq", "hash"}`` recorded by the latest ``audit.purged`` event, if any.
     ``keys``: the chain keys, current first (see the module's docstring); with keys, the newest row
     must be signed with one of them, unless the rows are not the ``whole`` trail (a purge checking
-    the oldest rows it is about to delete)."""
+    the oldest rows it is about to delete). ``signed_before``: the anchor's purge was signed (so
+    were the rows it deleted): the rows after it must be signed too."""
     res = VerifyResult()
     prev_seq: int | None = None
     prev_hash: str | None = None
     unsigned = len(keys)
-    prev_rank = unsigned  # unsigned rows may only come first
+    prev_rank = 0 if signed_before and keys else unsigned  # unsigned rows may only come first
     async for r in rows:
         seq = int(r.seq)
         if prev_seq is None:

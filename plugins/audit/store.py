@@ -112,14 +112,30 @@ async def _head_rank(conn: AsyncConnection, keys: tuple[bytes, ...]) -> int | No
     return -1 if row is None else signer(row.prev_hash, row.data, row.hash, keys)
 
 
-def key_event(rank: int | None, keys: tuple[bytes, ...]) -> dict[str, Any]:
-    """The ``audit.chain_key`` event written before the first row a key signs, when the newest row
-    is not signed with it (``rank``: what signed that row, see _head_rank): the first signed row
-    after unsigned ones is always this event (verify checks it), and a rotation is on record."""
-    previous = ("none" if rank in (-1, len(keys)) else "unknown" if rank is None
-                else f"previous_chain_keys[{rank - 1}]")
-    return {"time": iso(), "type": KEY_EVENT, "actor": "system", "chain_key_id": key_id(keys[0]),
-            "previous": previous}
+def key_event(mine: str, previous: str) -> dict[str, Any]:
+    """The ``audit.chain_key`` event a key's first row is: a first key (``previous``: none) or a
+    new one (``previous``: the id of the key that signed before). The first signed row after
+    unsigned ones is always this event (verify checks it)."""
+    return {"time": iso(), "type": KEY_EVENT, "actor": "system", "chain_key_id": mine,
+            "previous_chain_key_id": previous}
+
+
+async def _key_info(conn: AsyncConnection) -> tuple[str, str] | None:
+    """(key id, the previous key's id) of the newest event that names the key signing the trail:
+    an ``audit.chain_key`` event, or a signed purge's ``audit.purged`` (which carries its key's id:
+    retention deletes old key events like any row). None: the trail was never signed."""
+    rows = (await conn.execute(select(events.c.data).where(events.c.type.in_((KEY_EVENT, "audit.purged")))
+                               .order_by(events.c.seq.desc()).limit(64))).scalars()
+    for data in rows:
+        try:
+            d = json.loads(data)
+        except ValueError:
+            continue
+        kid = d.get("chain_key_id")
+        if isinstance(kid, str):
+            prev = d.get("previous_chain_key_id")
+            return kid, prev if isinstance(prev, str) else "none"
+    return None
 
 
 COLUMNS = ("seq", *INDEXED, "data", "prev_hash", "hash")
@@ -165,23 +181,35 @@ _SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // l
 
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
                   head: tuple[int, str] | None = None, keys: tuple[bytes, ...] = (),
-                  head_rank: int | None = -2, chain: ChainKeys | None = None) -> None:
-    """Chain ``prepared`` rows after ``head`` (read here if not given), signed with ``keys[0]``;
-    first a key event (in the database only) if the newest row (``head_rank``: what signed it, read
-    here if not given) is not signed with it. Under the append lock: instances starting with a key
-    at once write one such event between them. ``chain`` (the process's keys) remembers that this
-    process saw the trail signed: an unsigned newest row after that is a replaced history, and no
-    key event is written to make it look like a first key (verify then reports it)."""
+                  head_rank: int | None = -2, chain: ChainKeys | None = None,
+                  key_info: Any = "read") -> None:
+    """Chain ``prepared`` rows after ``head`` (read here if not given), signed with ``keys[0]``,
+    first a key event (in the database only) when this key is new to the trail. Under the append
+    lock: instances starting with a key at once write one such event between them. (A purge
+    gives ``head_rank`` and ``key_info`` as they were before it deleted rows.)
+
+    - The trail was never signed (no key named by an event) and its newest row is unsigned (or
+      there is none): a first key.
+    - The newest row is unsigned but the trail was signed (or this process saw it signed, ``chain``):
+      unsigned rows were put on it, or its signed rows deleted; no key event is written to pass
+      that off as a first key (verify reports it), an error is logged.
+    - The key named last is another one and does not name this one as its previous: a new key
+      (a rotation). An instance still on the previous key while the others roll over (the key
+      named last names it as previous) writes none: one event per rotation."""
     key = keys[0] if keys else None
     if key is not None:
         rank = await _head_rank(conn, keys) if head_rank == -2 else head_rank
-        unsigned = rank in (-1, len(keys))
-        if unsigned and chain is not None and chain.seen_signed:
-            ERRORS.event("replaced", 1, "audit: the newest row of the chain is not signed, though this gateway saw "
-                                        "it signed: the trail was replaced or its signed rows deleted; run `gateway "
-                                        "audit verify` (%d time(s))")
-        elif rank != 0:
-            prepared = [prepare(key_event(rank, keys)), *prepared]
+        info = await _key_info(conn) if key_info == "read" else key_info
+        mine = key_id(key)
+        if rank in (-1, len(keys)):
+            if info is not None or (chain is not None and chain.seen_signed):
+                ERRORS.event("replaced", 1, "audit: the newest row of the chain is not signed, though the trail is: "
+                                            "unsigned rows were added or its signed rows deleted; run `gateway "
+                                            "audit verify` (%d time(s))")
+            else:
+                prepared = [prepare(key_event(mine, "none")), *prepared]
+        elif info is None or mine not in info:
+            prepared = [prepare(key_event(mine, info[0] if info is not None else "unknown")), *prepared]
         if chain is not None:
             chain.seen_signed = True
     seq, prev = head if head is not None else await _head(conn)
@@ -211,17 +239,17 @@ class ChainSigned(Exception):
     break it)."""
 
     def __init__(self) -> None:
-        super().__init__(f"the audit trail is signed with a chain key (it holds an {KEY_EVENT} event) and this "
+        super().__init__("the audit trail is signed with a chain key (an event names its key) and this "
                          "gateway has none: set audit.chain_key (e.g. the GATEWAY_AUDIT_CHAIN_KEY variable) to the "
                          "key the other instances use; unsigned rows after signed ones would break the chain")
 
 
 async def _signed(conn: AsyncConnection) -> bool:
-    return (await conn.execute(select(events.c.seq).where(events.c.type == KEY_EVENT).limit(1))).first() is not None
+    return await _key_info(conn) is not None
 
 
 async def signed_trail(db: Database) -> bool:
-    """Was a chain key ever introduced to the trail (an ``audit.chain_key`` event stored)?"""
+    """Is the trail signed (an event names its key: an ``audit.chain_key`` or a signed purge's)?"""
     async with db.engine.connect() as conn:
         return await _signed(conn)
 
@@ -247,21 +275,31 @@ PURGE_CHUNK = 5000
 PURGE_PAUSE = 0.1
 
 
+class KeyNeeded(Exception):
+    """verify without a chain key on a signed trail: it cannot be checked (not: it is broken)."""
+
+    def __init__(self) -> None:
+        super().__init__("the audit trail is signed with a chain key and none is configured: set audit.chain_key "
+                         "(e.g. the GATEWAY_AUDIT_CHAIN_KEY variable) to verify it")
+
+
 class PurgeRefused(Exception):
     """The rows a purge would delete do not verify: deleting them would erase the evidence."""
 
 
-async def _anchor(conn: AsyncConnection) -> dict[str, Any] | None:
-    """The anchor of the latest ``audit.purged`` event: the walk of the trail starts after it."""
+async def _anchor(conn: AsyncConnection) -> tuple[dict[str, Any] | None, bool]:
+    """The anchor of the latest ``audit.purged`` event (the walk of the trail starts after it),
+    and whether that purge was signed (the rows it deleted were: unsigned rows cannot follow)."""
     last = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
                                .order_by(events.c.seq.desc()).limit(1))).scalar()
     if not last:
-        return None
+        return None, False
     try:
-        anchor = json.loads(last).get("anchor")
+        d = json.loads(last)
     except ValueError:
-        return None
-    return anchor if isinstance(anchor, dict) else None
+        return None, False
+    anchor = d.get("anchor")
+    return (anchor if isinstance(anchor, dict) else None), isinstance(d.get("chain_key_id"), str)
 
 
 async def purge(db: Database, before: str, actor: str = "retention",
@@ -290,6 +328,18 @@ async def purge(db: Database, before: str, actor: str = "retention",
                 # too. (Found once: what is before it stays old, and appends only come after it.)
                 first_new = (await conn.execute(select(func.min(events.c.seq))
                                                 .where(events.c.time >= before))).scalar()
+                if first_new is not None:
+                    # The purge stops at it: a time column moved forward (it disagrees with the
+                    # record) would stop retention for good, and silently.
+                    row = (await conn.execute(select(events.c.time, events.c.data)
+                                              .where(events.c.seq == first_new))).first()
+                    try:
+                        said = json.loads(row.data).get("time")
+                    except (ValueError, AttributeError):
+                        said = None
+                    if row.time != _col_value("time", said):
+                        raise PurgeRefused(f"the time column of seq {first_new} differs from its record; nothing "
+                                           "was deleted: run `gateway audit verify`")
                 q = select(func.max(events.c.seq))
                 last_old = (await conn.execute(q if first_new is None else q.where(events.c.seq < first_new))).scalar()
                 if last_old is None:
@@ -304,7 +354,9 @@ async def purge(db: Database, before: str, actor: str = "retention",
             chunk_rows = (await conn.execute(select(*[events.c[n] for n in ("seq", "prev_hash", "hash", "data",
                                                                              *INDEXED)])
                                              .where(events.c.seq <= upto).order_by(events.c.seq.asc()))).all()
-            checked = await verify_rows(_aiter(chunk_rows), await _anchor(conn), in_force, whole=False)
+            anchor_, signed_before = await _anchor(conn)
+            checked = await verify_rows(_aiter(chunk_rows), anchor_, in_force, whole=False,
+                                        signed_before=signed_before)
             if not checked.ok:
                 assert checked.broken is not None
                 raise PurgeRefused(f"the rows to purge do not verify (seq {checked.broken['seq']}, "
@@ -313,11 +365,15 @@ async def purge(db: Database, before: str, actor: str = "retention",
             anchor = chunk_rows[-1]
             top = await _head(conn)  # read before the delete: the purge event continues the chain
             top_rank = await _head_rank(conn, in_force) if in_force else -1
+            top_info = await _key_info(conn)
             res = await conn.execute(delete(events).where(events.c.seq <= upto))
             chunk = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
                      "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
                      "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
-            await _append(conn, [prepare(chunk)], head=top, keys=in_force, head_rank=top_rank, chain=chain)
+            if in_force:  # (the key events it may delete: the trail stays known as signed, and by which key)
+                chunk["chain_key_id"] = key_id(in_force[0])
+            await _append(conn, [prepare(chunk)], head=top, keys=in_force, head_rank=top_rank, chain=chain,
+                          key_info=top_info)
         ev = chunk
         total += chunk["deleted"]
         if on_event is not None:
@@ -428,4 +484,7 @@ async def verify(db: Database, keys: tuple[bytes, ...] = ()) -> VerifyResult:
     # One snapshot for the anchor and every page: a purge running meanwhile is either wholly
     # before it or wholly after it (read apart, it showed as a deleted range).
     async with snapshot(db) as conn:
-        return await verify_rows(iter_rows(db, conn=conn), await _anchor(conn), keys)
+        if not keys and await _signed(conn):
+            raise KeyNeeded()
+        anchor, signed_before = await _anchor(conn)
+        return await verify_rows(iter_rows(db, conn=conn), anchor, keys, signed_before=signed_before)
