@@ -221,7 +221,11 @@ def scrape(admin_url: str) -> dict[str, float]:
         m = re.match(r'gateway_writer_(written_total|queue_depth)\{writer="([^"]+)"\} ([\d.e+]+)', line)
         if m:
             out[f"{m.group(2)}.{m.group(1)}"] = float(m.group(3))
-    return out
+    # (a writer that wrote nothing and holds nothing, such as the quota writer with no quota
+    # configured, is left out of the note)
+    idle = {k.rsplit(".", 1)[0] for k, v in out.items() if k.endswith(".written_total") and not v}
+    return {k: v for k, v in out.items() if k.rsplit(".", 1)[0] not in idle or out.get(
+        k.rsplit(".", 1)[0] + ".queue_depth")}
 
 
 def machine() -> str:
