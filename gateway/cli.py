@@ -165,10 +165,11 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
     auto = cfg.database.auto_migrate
     if auto is None:
         auto = db.is_sqlite
+    new_database = False
     try:
         pending = await db.pending_migrations()
         if pending and auto and writes:
-            fresh = not await db.applied_revisions()
+            fresh = new_database = not await db.applied_revisions()
             heads = await db.upgrade()
             if not fresh:  # (a new database being made is what `keys create` is documented to do)
                 print(f"gateway: database schema migrated (now at {', '.join(heads)})", file=sys.stderr)
@@ -182,6 +183,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
                          "-c <config>` first (gateways older than this one cannot open it afterwards)"
                          + ("" if auto else ", or set database.auto_migrate: true"))
     services = Services(cfg, db, owns_db=True)
+    services.new_database = new_database  # (the audit trail's first chain key may come with it)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
     # what they queue is flushed by services.close().
     from .plugin import registry

@@ -128,10 +128,9 @@ class Runtime:
         self.routes = routes
         #: A path no route takes, under an API prefix a plugin answers itself (the caller's
         #: /gateway/conversations) while that plugin is off in the default chain and on for some
-        #: routes: answered by the default chain with that plugin put in (the instance of the most
-        #: specific such route), not 404'd or forwarded upstream. The default chain's plugins
-        #: apply (its key_auth), not those of the route the instance came from (which may be a
-        #: route without key_auth).
+        #: routes: answered, not 404'd or forwarded upstream, by a chain of every plugin on in the
+        #: default chain or on the most specific such route (not that route's chain alone, which
+        #: may turn key_auth off, nor the default chain alone, which may have none).
         self.api_chains: list[Chain] = []
         placed: set[str] = set()
         for r in routes:
@@ -141,11 +140,18 @@ class Runtime:
                         self.default.serves(x.rstrip("/")) for x in p.public_prefixes()):
                     continue
                 placed.add(name)
-                self.api_chains.append(Chain("default", [p if n == name else inst for n, inst, on in base
-                                                         if on or n == name]))
+                # Every plugin on in the default chain or on that route runs (the route's instance
+                # where it has one): the stricter of the two, so that a key is needed if either
+                # needs one.
+                own = {type(x).name: x for x in r.chain.plugins}
+                self.api_chains.append(Chain("default", [own.get(n, inst) for n, inst, on in base
+                                                         if on or n in own]))
         # Every instance's headers, whichever routes it runs on: a client must not get a key or a
         # forged identity header to the upstream through a route that turns key_auth off.
-        self.settings.guarded = frozenset(h.lower() for p in self.instances for h in p.guarded_headers())
+        # Compared with '_' as '-' (as the request's names are: X_Gateway_Owner is X-Gateway-Owner
+        # to a CGI/WSGI server), whichever way either is spelled.
+        self.settings.guarded = frozenset(h.lower().replace("_", "-") for p in self.instances
+                                          for h in p.guarded_headers())
         #: Plugins in some chain (a plugin with ``enabled: false`` everywhere is configured, not in use).
         self.in_use = frozenset(type(p).name for c in self.all_chains for p in c.plugins)
         #: Names of the plugins that read hook timings (a middleware may skip them for a request only

@@ -206,6 +206,8 @@ class Upstream:
         req = ctx.request
         src = req.headers
         drop = connection_tokens(src)
+        if drop:  # (compared like the names below: '_' as '-')
+            drop = frozenset(t.replace("_", "-") for t in drop)
         guarded = ctx.settings.guarded  # (plugins' credentials and identity headers: Plugin.guarded_headers)
         out: CIMultiDict[str] = CIMultiDict()
         for k, v in src.items():

@@ -68,6 +68,12 @@ def rechain_without_key(db: Path, seq: int, edit: Any) -> None:
         con.close()
 
 
+async def refused(url: str) -> None:
+    """A request key_auth refuses (an auth_failure event)."""
+    async with aiohttp.ClientSession(timeout=T) as s:
+        assert (await post(s, url, CHAT))[0] == 401
+
+
 async def traffic(url: str, n: int) -> None:
     async with aiohttp.ClientSession(timeout=T) as s:
         for _ in range(n):
@@ -291,10 +297,13 @@ async def test_a_purge_does_not_erase_rows_that_do_not_verify(make_gateway: Any,
 async def test_nothing_without_the_key_writes_on_a_signed_trail(make_gateway: Any, tmp_path: Path,
                                                                 monkeypatch: Any) -> None:
     db = tmp_path / "gateway.db"
-    # An instance without a key runs on the trail when another one (here the CLI) brings the key.
+    # An instance without a key runs on the trail when another one brings the key.
     g = await make_gateway([{"name": "key_auth"}] + audit(retry_for=0.5), name="plain.yaml")
-    keyed = write_config(tmp_path / "keyed.yaml", base_config("http://127.0.0.1:9", tmp_path, [{"name": "key_auth"}] +
-                                                                audit(chain_key="${" + ENV + "}")))
+    monkeypatch.setenv(ENV, KEY_A)
+    k = await make_gateway([{"name": "key_auth"}] + audit(chain_key="${" + ENV + "}"), name="keyed.yaml")
+    await wait_for(lambda: [e["type"] for e in rows(db)] == ["audit.chain_key"], what="the key's event")
+    await k.stop()
+    keyed = tmp_path / "keyed.yaml"
     env = {**os.environ, ENV: KEY_A}
 
     def keys(cfg: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -422,3 +431,110 @@ async def test_a_time_column_moved_forward_is_reported_by_the_purge(make_gateway
         raise AssertionError("the purge said nothing")
     except PurgeRefused as e:
         assert "time column of seq 1" in str(e)
+
+
+async def test_a_first_key_on_a_trail_with_retention_stays_intact(make_gateway: Any, tmp_path: Path,
+                                                                 monkeypatch: Any) -> None:
+    """The honest path: rows from before the key, then the key, then retention purges the old
+    unsigned rows. The purge's anchor is an unsigned row: unsigned rows may still follow it."""
+    db = tmp_path / "gateway.db"
+    g = await make_gateway(audit())
+    await traffic(g.url, 4)
+    await wait_for(lambda: len(rows(db)) == 4, what="4 unsigned events")
+    await g.stop()
+    con = sqlite3.connect(db)  # the first two made old enough to purge (re-chained: an honest past)
+    data = con.execute("SELECT seq, data FROM audit_events ORDER BY seq").fetchall()
+    prev = "0" * 64
+    for seq, text in data:
+        rec = json.loads(text)
+        if seq <= 2:
+            rec["time"] = "2000-01-01T00:00:00.000000Z"
+        text = json.dumps(rec, separators=(",", ":"), ensure_ascii=False)
+        h = hashlib.sha256((prev + text).encode()).hexdigest()
+        con.execute("UPDATE audit_events SET data = ?, time = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                    (text, rec["time"], prev, h, seq))
+        prev = h
+    con.commit()
+    con.close()
+    monkeypatch.setenv(ENV, KEY_A)
+    g = await make_gateway(audit(chain_key="${" + ENV + "}", retention_days=30), name="keyed.yaml")
+    await traffic(g.url, 1)
+    await wait_for(lambda: len(rows(db)) == 6, what="the key's event and a signed request")
+    assert (await g.plugin("audit").purge_once(actor="test"))["total"] == 2
+    await g.stop()
+    code, rep, _ = verify_cli(tmp_path / "keyed.yaml", **{ENV: KEY_A})
+    assert code == 0 and rep["anchor"]["seq"] == 2 and rep["signed_from"] == 5, rep
+
+
+async def test_an_emptied_trail_is_not_signed_again_by_a_command(make_gateway: Any, tmp_path: Path,
+                                                                 monkeypatch: Any) -> None:
+    """Someone empties the trail (or replaces it) under a running gateway: a CLI command with the
+    key does not vouch for what is left with a new first-key event; it refuses, saying a gateway
+    signs first."""
+    monkeypatch.setenv(ENV, KEY_A)
+    db = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "key_auth"}] + audit(chain_key="${" + ENV + "}"))
+    await refused(g.url)
+    await wait_for(lambda: len(rows(db)) == 2, what="2 events")
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM audit_events")
+    con.commit()
+    con.close()
+    res = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "create", "--name", "k",
+                                                   "--owner", "o", "-c", str(tmp_path / "gateway.yaml")],
+                                  capture_output=True, text=True, timeout=60, env={**os.environ, ENV: KEY_A})
+    assert res.returncode != 0 and "not signed with the chain key yet" in res.stderr
+    # the running gateway's next row is signed, but is no first-key event: verify reports the gap
+    await refused(g.url)
+    await wait_for(lambda: len(rows(db)) == 1, what="the request on the emptied trail")
+    await g.stop()
+    assert rows(db)[0]["type"] == "auth_failure"
+    code, rep, _ = verify_cli(tmp_path / "gateway.yaml", **{ENV: KEY_A})
+    assert code == 1, rep
+
+
+def test_the_key_events_are_found_by_index_on_a_large_trail(tmp_path: Path) -> None:
+    """The audit writer looks for the newest key event on every batch: an index probe, also after
+    ANALYZE on a trail where nearly every row is a request (an IN (...) ORDER BY seq DESC LIMIT n
+    became a scan of the whole table)."""
+    import asyncio as aio
+
+    from gateway.db import Database
+    from gateway.plugins.audit import store
+
+    db_path = tmp_path / "big.db"
+    con = sqlite3.connect(db_path)
+    con.execute("CREATE TABLE audit_events (seq INTEGER PRIMARY KEY, time VARCHAR(32) NOT NULL, type VARCHAR(64) "
+                "NOT NULL, request_id VARCHAR(128), key_id VARCHAR(128), owner VARCHAR(256), client_ip VARCHAR(64), "
+                "status INTEGER, data TEXT NOT NULL, prev_hash VARCHAR(64) NOT NULL, hash VARCHAR(64) NOT NULL)")
+    con.execute("CREATE INDEX ix_audit_events_type ON audit_events (type)")
+    con.executemany("INSERT INTO audit_events VALUES (?, 't', ?, NULL, NULL, NULL, NULL, NULL, ?, 'p', 'h')",
+                    [(i, "request" if i != 5 else "audit.chain_key",
+                      '{"chain_key_id":"k1","previous_chain_key_id":"none"}' if i == 5 else "{}")
+                     for i in range(1, 50001)])
+    con.commit()
+    con.execute("ANALYZE")
+    con.close()
+    statements: list[str] = []
+
+    async def run() -> Any:
+        from sqlalchemy import event
+
+        db = Database(f"sqlite+aiosqlite:///{db_path}")
+        event.listen(db.engine.sync_engine, "before_cursor_execute",
+                     lambda conn, cur, stmt, params, ctx, many: statements.append(stmt))
+        try:
+            async with db.engine.connect() as conn:
+                return await store._key_info(conn)
+        finally:
+            await db.close()
+
+    assert aio.run(run()) == ("k1", "none")
+    con = sqlite3.connect(db_path)
+    try:
+        for stmt in statements:
+            plan = " ".join(str(r[-1]) for r in con.execute("EXPLAIN QUERY PLAN " + stmt,
+                                                            ("audit.chain_key",) * stmt.count("?")))
+            assert "SCAN audit_events" not in plan, (stmt, plan)
+    finally:
+        con.close()

@@ -73,3 +73,22 @@ async def test_a_header_the_upstream_config_sets_is_the_config_s(make_gateway: A
             assert r.status == 200
         seen = lower(upstream.requests[-1]["headers"])
         assert seen["api-key"] == "backend-secret" and seen["x-gateway-owner"] == "bob"
+
+
+async def test_configured_names_with_underscores_are_guarded_in_every_spelling(make_gateway: Any, upstream: Any,
+                                                                                 tmp_path: Path) -> None:
+    ka = {"name": "key_auth", "config": {"headers": ["Authorization", "X_Api_Key"],
+                                         "forward_identity_headers": {"X_Gateway_Owner": "owner"}}}
+    g = await make_gateway([ka], routes=[PUBLIC])
+    key = create_key(tmp_path / "gateway.yaml", "carol")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g.url + "/v1/models", headers={"X_Gateway_Owner": "mallory", "X-Gateway-Owner": "m2",
+                                                         "X_Api_Key": key, "X-Api-Key": key}) as r:
+            assert r.status == 200
+        seen = lower(upstream.requests[-1]["headers"])
+        assert not {"x_gateway_owner", "x-gateway-owner", "x_api_key", "x-api-key"} & set(seen), seen
+        async with s.post(g.url + "/v1/chat/completions", headers={"X_Api_Key": key, "X-Gateway-Owner": "m2"},
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+        seen = lower(upstream.requests[-1]["headers"])
+        assert seen.get("x_gateway_owner") == "carol" and "x-gateway-owner" not in seen, seen

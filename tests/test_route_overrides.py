@@ -124,3 +124,29 @@ async def test_the_plugin_api_is_answered_with_the_default_chain_s_auth(make_gat
             assert r.status == 200
         async with s.get(g.url + "/gateway/conversations") as r:
             assert r.status == 401, await r.text()  # (was 200, listing the anonymous conversations)
+
+
+async def test_the_plugin_api_needs_a_key_if_its_route_does(make_gateway: Any, tmp_path: Path) -> None:
+    """key_auth and conversations both on for one route only: the caller's API on its own path
+    takes the route's key_auth, so a caller sees their own conversations (not served anonymously)."""
+    g = await make_gateway([{"name": "key_auth", "enabled": False}, {"name": "conversations", "enabled": False}],
+                           routes=[{"path_prefix": "/v1/chat", "plugins": {"key_auth": {"enabled": True},
+                                                                          "conversations": {"enabled": True}}}])
+    out = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--name", "k", "--owner", "alice",
+                          "--json", "-c", str(tmp_path / "gateway.yaml")], capture_output=True, text=True, timeout=60,
+                         check=True)
+    auth = {"Authorization": "Bearer " + json.loads(out.stdout)["key"]}
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", headers=auth,
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+            cid = r.headers["X-Conversation-ID"]
+
+        async def listed() -> Any:
+            async with s.get(g.url + "/gateway/conversations", headers=auth) as r:
+                assert r.status == 200, await r.text()
+                return [c["id"] for c in (await r.json())["data"]] == [cid]
+
+        await until(listed, what="alice's conversation in her list")
+        async with s.get(g.url + "/gateway/conversations") as r:
+            assert r.status == 401

@@ -146,7 +146,10 @@ class Audit(Plugin):
     # -- lifecycle -------------------------------------------------------------------------------
     def _sink(self, spec: SinkSpec) -> Sink:
         if spec.type == "database":
-            return DatabaseSink(self.services.db, self.chain)
+            # (a first key comes with a gateway, or with a CLI command on the database it created:
+            # not with a command run on a trail someone may have emptied or replaced)
+            return DatabaseSink(self.services.db, self.chain, "always" if not self.cli else (
+                "new" if getattr(self.services, "new_database", False) else "refuse"))
         if spec.type == "jsonl":
             assert spec.path
             return JsonlSink(spec.path)
@@ -191,6 +194,10 @@ class Audit(Plugin):
                 raise RuntimeError(str(store.ChainSigned()))
         if self.cli:  # (a CLI command's events, key.created and the like, are signed too; no reload there)
             self.chain.keys = self._keys
+            if self._keys and self.records and any(s.kind == "database" for s, _ in self.sinks) \
+                    and not getattr(self.services, "new_database", False) \
+                    and not await store.signed_trail(self.services.db):
+                raise RuntimeError(str(store.NotSignedYet()))  # (before the command acts, not at its event)
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event, self._settle)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
@@ -211,7 +218,7 @@ class Audit(Plugin):
 
     async def _introduce_key(self, keys: tuple[bytes, ...]) -> None:
         try:
-            await store.append(self.services.db, [], keys, self.chain)
+            await store.append(self.services.db, [], keys, self.chain, introduce="always")
         except Exception as e:  # (the writer's next batch does it; its failures are counted there)
             log.info("audit: the chain key event waits for the next batch: %s", type(e).__name__)
 

@@ -44,12 +44,13 @@ class Sink:
 class DatabaseSink(Sink):
     kind = "database"
 
-    def __init__(self, db: Database, chain: ChainKeys | None = None) -> None:
+    def __init__(self, db: Database, chain: ChainKeys | None = None, introduce: str = "never") -> None:
         self.db = db
         self.chain = chain if chain is not None else ChainKeys()
+        self.introduce = introduce  # (store._append: where a first chain key may be written)
 
     async def write(self, batch: Sequence[Any]) -> None:
-        await store.append(self.db, batch, self.chain.keys, self.chain)  # (the keys in force now: a reload may change them)
+        await store.append(self.db, batch, self.chain.keys, self.chain, self.introduce)  # (the keys in force now: a reload may change them)
 
 
 class JsonlSink(Sink):

@@ -124,18 +124,23 @@ async def _key_info(conn: AsyncConnection) -> tuple[str, str] | None:
     """(key id, the previous key's id) of the newest event that names the key signing the trail:
     an ``audit.chain_key`` event, or a signed purge's ``audit.purged`` (which carries its key's id:
     retention deletes old key events like any row). None: the trail was never signed."""
-    rows = (await conn.execute(select(events.c.data).where(events.c.type.in_((KEY_EVENT, "audit.purged")))
-                               .order_by(events.c.seq.desc()).limit(64))).scalars()
-    for data in rows:
+    best: tuple[int, tuple[str, str]] | None = None
+    for t in (KEY_EVENT, "audit.purged"):
+        # The newest of each type by MAX(seq) on the type index: one index probe, whatever the
+        # planner's statistics say (an IN (...) ORDER BY seq DESC LIMIT n scanned the table).
+        seq = (await conn.execute(select(func.max(events.c.seq)).where(events.c.type == t))).scalar()
+        if seq is None or (best is not None and best[0] > seq):
+            continue
+        data = (await conn.execute(select(events.c.data).where(events.c.seq == seq))).scalar()
         try:
-            d = json.loads(data)
+            d = json.loads(data or "")
         except ValueError:
             continue
-        kid = d.get("chain_key_id")
+        kid = d.get("chain_key_id") if isinstance(d, dict) else None
         if isinstance(kid, str):
             prev = d.get("previous_chain_key_id")
-            return kid, prev if isinstance(prev, str) else "none"
-    return None
+            best = (int(seq), (kid, prev if isinstance(prev, str) else "none"))
+    return best[1] if best is not None else None
 
 
 COLUMNS = ("seq", *INDEXED, "data", "prev_hash", "hash")
@@ -182,14 +187,17 @@ _SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // l
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
                   head: tuple[int, str] | None = None, keys: tuple[bytes, ...] = (),
                   head_rank: int | None = -2, chain: ChainKeys | None = None,
-                  key_info: Any = "read") -> None:
+                  key_info: Any = "read", introduce: str = "never") -> None:
     """Chain ``prepared`` rows after ``head`` (read here if not given), signed with ``keys[0]``,
     first a key event (in the database only) when this key is new to the trail. Under the append
     lock: instances starting with a key at once write one such event between them. (A purge
     gives ``head_rank`` and ``key_info`` as they were before it deleted rows.)
 
     - The trail was never signed (no key named by an event) and its newest row is unsigned (or
-      there is none): a first key.
+      there is none): a first key, where ``introduce`` allows it: a gateway (``always``), a CLI
+      command on the database it has just created (``new``). A CLI command on a trail not yet
+      signed (``new``, ``refuse``) raises NotSignedYet instead: a gateway with the key signs it
+      first. (A command run on a trail someone emptied or replaced must not vouch for it.)
     - The newest row is unsigned but the trail was signed (or this process saw it signed, ``chain``):
       unsigned rows were put on it, or its signed rows deleted; no key event is written to pass
       that off as a first key (verify reports it), an error is logged.
@@ -202,12 +210,14 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         info = await _key_info(conn) if key_info == "read" else key_info
         mine = key_id(key)
         if rank in (-1, len(keys)):
-            if info is not None or (chain is not None and chain.seen_signed):
-                ERRORS.event("replaced", 1, "audit: the newest row of the chain is not signed, though the trail is: "
-                                            "unsigned rows were added or its signed rows deleted; run `gateway "
-                                            "audit verify` (%d time(s))")
-            else:
+            if info is None and not (chain is not None and chain.seen_signed) and introduce != "never":
+                if not (introduce == "always" or (introduce == "new" and rank == -1)):
+                    raise NotSignedYet()
                 prepared = [prepare(key_event(mine, "none")), *prepared]
+            else:
+                ERRORS.event("replaced", 1, "audit: the newest row of the chain is not signed with a chain key here "
+                                            "(unsigned rows were added, or the signed rows deleted, or the trail "
+                                            "was emptied); run `gateway audit verify` (%d time(s))")
         elif info is None or mine not in info:
             prepared = [prepare(key_event(mine, info[0] if info is not None else "unknown")), *prepared]
         if chain is not None:
@@ -234,6 +244,14 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         await conn.exec_driver_sql(_insert_sql(conn, k), tuple(v for r in part for v in r))
 
 
+class NotSignedYet(Exception):
+    """A CLI command with a chain key on a trail no gateway has signed yet."""
+
+    def __init__(self) -> None:
+        super().__init__("the audit trail is not signed with the chain key yet: start the gateway with "
+                         "audit.chain_key first (it writes the trail's first signed event), then run this command")
+
+
 class ChainSigned(Exception):
     """A writer without a chain key found a signed trail (unsigned rows after signed ones would
     break it)."""
@@ -255,7 +273,7 @@ async def signed_trail(db: Database) -> bool:
 
 
 async def append(db: Database, batch: Sequence[Any], keys: tuple[bytes, ...] = (),
-                 chain: ChainKeys | None = None) -> None:
+                 chain: ChainKeys | None = None, introduce: str = "never") -> None:
     """Chain and insert a batch of queued items (captured request tuples or event dicts), signed
     with ``keys[0]`` (the chain key; none: plain SHA-256). Without a key, on a trail that another
     instance signs, raises ChainSigned (the writer retries, then counts what it drops)."""
@@ -263,7 +281,7 @@ async def append(db: Database, batch: Sequence[Any], keys: tuple[bytes, ...] = (
     async with locked(db) as conn:
         if not keys and await _signed(conn):
             raise ChainSigned()
-        await _append(conn, prepared, keys=keys, chain=chain)
+        await _append(conn, prepared, keys=keys, chain=chain, introduce=introduce)
 
 
 #: Rows a purge deletes per transaction: the write lock (SQLite's, or the append lock) is held
@@ -289,7 +307,7 @@ class PurgeRefused(Exception):
 
 async def _anchor(conn: AsyncConnection) -> tuple[dict[str, Any] | None, bool]:
     """The anchor of the latest ``audit.purged`` event (the walk of the trail starts after it),
-    and whether that purge was signed (the rows it deleted were: unsigned rows cannot follow)."""
+    and whether the last row it deleted was signed (unsigned rows cannot follow that one)."""
     last = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
                                .order_by(events.c.seq.desc()).limit(1))).scalar()
     if not last:
@@ -299,7 +317,9 @@ async def _anchor(conn: AsyncConnection) -> tuple[dict[str, Any] | None, bool]:
     except ValueError:
         return None, False
     anchor = d.get("anchor")
-    return (anchor if isinstance(anchor, dict) else None), isinstance(d.get("chain_key_id"), str)
+    if not isinstance(anchor, dict):
+        return None, False
+    return anchor, anchor.get("signed") is True
 
 
 async def purge(db: Database, before: str, actor: str = "retention",
@@ -363,13 +383,15 @@ async def purge(db: Database, before: str, actor: str = "retention",
                                    f"{checked.broken['problem']}: {checked.broken['detail']}); nothing was deleted: "
                                    "run `gateway audit verify`")
             anchor = chunk_rows[-1]
+            anchor_signed = bool(in_force) and signer(anchor.prev_hash, anchor.data, anchor.hash,
+                                                      in_force) not in (None, len(in_force))
             top = await _head(conn)  # read before the delete: the purge event continues the chain
             top_rank = await _head_rank(conn, in_force) if in_force else -1
             top_info = await _key_info(conn)
             res = await conn.execute(delete(events).where(events.c.seq <= upto))
             chunk = {"time": iso(), "type": "audit.purged", "actor": actor, "before": before,
                      "deleted": int(res.rowcount or 0), "first_deleted_seq": int(first),
-                     "anchor": {"seq": int(anchor.seq), "hash": anchor.hash}}
+                     "anchor": {"seq": int(anchor.seq), "hash": anchor.hash, "signed": anchor_signed}}
             if in_force:  # (the key events it may delete: the trail stays known as signed, and by which key)
                 chunk["chain_key_id"] = key_id(in_force[0])
             await _append(conn, [prepare(chunk)], head=top, keys=in_force, head_rank=top_rank, chain=chain,
