@@ -68,6 +68,21 @@ def rechain_without_key(db: Path, seq: int, edit: Any) -> None:
         con.close()
 
 
+async def purge_after(g: Any, db: Path, edit: str) -> str:
+    """Run ``edit`` on the trail, then a purge: it must refuse (its message is returned)."""
+    from gateway.plugins.audit.store import PurgeRefused
+
+    con = sqlite3.connect(db)
+    con.execute(edit)
+    con.commit()
+    con.close()
+    try:
+        await g.plugin("audit").purge_once(actor="test")
+    except PurgeRefused as e:
+        return str(e)
+    raise AssertionError("the purge went ahead on rows that do not verify")
+
+
 async def refused(url: str) -> None:
     """A request key_auth refuses (an auth_failure event)."""
     async with aiohttp.ClientSession(timeout=T) as s:
@@ -277,17 +292,8 @@ async def test_a_purge_does_not_erase_rows_that_do_not_verify(make_gateway: Any,
     g = await make_gateway(audit(chain_key="${" + ENV + "}", retention_days=30))
     await traffic(g.url, 3)
     await wait_for(lambda: len(rows(db)) == 4, what="4 events")
-    con = sqlite3.connect(db)
-    con.execute("UPDATE audit_events SET time = '2000-01-01T00:00:00.000000Z' WHERE seq <= 3")
-    con.commit()
-    con.close()
-    from gateway.plugins.audit.store import PurgeRefused
-
-    try:
-        await g.plugin("audit").purge_once(actor="test")
-        raise AssertionError("the purge deleted rows that do not verify")
-    except PurgeRefused as e:
-        assert "seq 1" in str(e) and "time" in str(e)
+    refusal = await purge_after(g, db, "UPDATE audit_events SET time = '2000-01-01T00:00:00.000000Z' WHERE seq <= 3")
+    assert "seq 1" in refusal and "time" in refusal
     await g.stop()
     assert len(stored(db)) == 4
     code, rep, _ = verify_cli(tmp_path / "gateway.yaml", **{ENV: KEY_A})
@@ -420,17 +426,8 @@ async def test_a_time_column_moved_forward_is_reported_by_the_purge(make_gateway
     g = await make_gateway(audit(retention_days=30))
     await traffic(g.url, 3)
     await wait_for(lambda: len(rows(db)) == 3, what="3 events")
-    con = sqlite3.connect(db)
-    con.execute("UPDATE audit_events SET time = '2099-01-01T00:00:00.000000Z' WHERE seq = 1")
-    con.commit()
-    con.close()
-    from gateway.plugins.audit.store import PurgeRefused
-
-    try:
-        await g.plugin("audit").purge_once(actor="test")
-        raise AssertionError("the purge said nothing")
-    except PurgeRefused as e:
-        assert "time column of seq 1" in str(e)
+    refusal = await purge_after(g, db, "UPDATE audit_events SET time = '2099-01-01T00:00:00.000000Z' WHERE seq = 1")
+    assert "time column of seq 1" in refusal
 
 
 async def test_a_first_key_on_a_trail_with_retention_stays_intact(make_gateway: Any, tmp_path: Path,
