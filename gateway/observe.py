@@ -300,10 +300,12 @@ except ImportError:
 DECODABLE = frozenset({"gzip", "x-gzip", "deflate"} | ({"zstd"} if _Zstd is not None else set()))
 
 
-def content_coding(values: list[str]) -> str | None:
+def content_coding(headers: Any) -> str | None:
     """A response's Content-Encoding as one coding, lower case (None: none, or identity). Several
     (``gzip, br``, or several header lines) are returned as they are, which no decoder takes."""
-    text = ",".join(values).strip().lower()
+    if "Content-Encoding" not in headers:  # (nearly every answer: no list made)
+        return None
+    text = ",".join(headers.getall("Content-Encoding")).strip().lower()
     if not text or text == "identity":
         return None
     return text

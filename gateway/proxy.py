@@ -442,8 +442,7 @@ class Proxy:
             # (a client's own mistake never changes what the gateway sends for everyone).
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 pending = await resp.content.read(_ERROR_PEEK)
-            coding = content_coding(resp.headers.getall("Content-Encoding")) \
-                if "Content-Encoding" in resp.headers else None
+            coding = content_coding(resp.headers)
             said = pending if coding is None else decoded_head(coding, pending, _ERROR_PEEK) or b""
             if b"stream_options" in said:  # (a compressed answer: in what it decodes to)
                 resp.close()
@@ -473,8 +472,7 @@ class Proxy:
         content = resp.content
         # The upstream may compress its answer though the gateway asked for none (a reverse proxy
         # in front of it, say): the client gets it as it came, and the observer reads a copy.
-        coding = content_coding(resp.headers.getall("Content-Encoding")) \
-            if "Content-Encoding" in resp.headers else None
+        coding = content_coding(resp.headers)
         if not streamed and not pending and ctx.observe and 200 <= resp.status < 300 and ctx.stream_requested \
                 and (coding is None or coding in DECODABLE):
             # A streamed request answered without text/event-stream (a server that names no media
