@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.admin")
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-ADMIN_IDENTITY = web.AppKey("admin_identity", str)
+ADMIN_IDENTITY = web.RequestKey("gateway.admin_identity", str)
 
 
 def admin_identity(request: web.Request) -> str:
     """Who made an admin call (for the audit trail); never the token itself."""
-    return request.get("admin_identity", "admin")
+    return request.get(ADMIN_IDENTITY, "admin")
 
 
 def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -50,7 +50,7 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
         if not hmac.compare_digest(given, expected):
             return json_error(401, "Invalid admin token.", "invalid_request_error", "admin_token_invalid",
                               headers={"WWW-Authenticate": "Bearer"})
-        request["admin_identity"] = "admin"
+        request[ADMIN_IDENTITY] = "admin"
         return await handler(request)
 
     return auth

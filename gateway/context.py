@@ -9,12 +9,12 @@ import ipaddress
 import time
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
 from .errors import BadRequest
 from .fastjson import JSON_ERRORS, NonFiniteNumber, dumps_bytes, loads, strict_loads
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .observe import Completion
     from .runtime import Settings
 
@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 #: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
 #: it on requests that are not sampled, when it is the only plugin that reads them), so the core does
 #: not record them.
-SKIP_TIMINGS = "gateway.skip_timings"
+SKIP_TIMINGS = web.RequestKey("gateway.skip_timings", bool)
 #: Request key a middleware sets when the plugins' aiohttp TraceConfigs need not see this request's
 #: upstream call (tracing sets it on requests that are not sampled, when the TraceConfigs are all its
 #: own): the call skips them.
-PLAIN_UPSTREAM = "gateway.plain_upstream"
+PLAIN_UPSTREAM = web.RequestKey("gateway.plain_upstream", bool)
 
 
 def other_encoding(body: bytes) -> bool:

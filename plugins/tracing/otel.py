@@ -55,7 +55,7 @@ ACTIVE: ContextVar["Tracing | None"] = ContextVar("gateway_tracing_active", defa
 #: A trace id chosen (and sampled) by the middleware, for the server span's SDK to use.
 _NEXT_TRACE_ID: ContextVar[int] = ContextVar("gateway_tracing_next_trace_id", default=0)
 #: Where the middleware leaves the server span on the aiohttp request, for ``on_complete``.
-SERVER_SPAN = "gateway.tracing.server_span"
+SERVER_SPAN = web.RequestKey("gateway.tracing.server_span", trace.Span)
 
 #: Header values never put on a span, whatever OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_* say.
 SENSITIVE_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie",
