@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from .test_conversations_ops import metric
 from .test_rate_limit import chat_body, ietf, post, rl, settle
 from .test_rate_limit_store_edges import redis_cmd, redis_keys
 
@@ -69,3 +70,39 @@ async def test_a_lost_or_unreachable_counter_falls_back_to_the_database(make_gat
         await settle(c)
         st, body, _ = await post(s, c.url, chat_body("hi"), headers=WORDS)
         assert st == 429 and body["error"]["code"] == "insufficient_quota"
+
+
+async def test_a_token_rule_on_a_redis_that_is_down_leaves_the_quota_enforced_and_charged(make_gateway, redis_server,
+                                                                                         tmp_path):
+    """on_store_error: allow with a token rule and a daily quota: with Redis down the request goes on
+    without the rule's counters (counted), but the quota, the database's, is still checked and
+    every token used is still charged to it; the token rule's charges that the store cannot take
+    are counted as dropped."""
+    redis = redis_server()
+    g = await make_gateway([rl(storage=redis.url, estimate_default_max_tokens=0, storage_timeout=0.3,
+                               storage_retry=60, quotas={"daily_tokens": 100, "cache_ttl": 60},
+                               rules=[{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                       "key_by": ["ip"]}])])
+    statuses, remaining = [], []
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, g.url, chat_body("hi"), headers=WORDS))[0] == 200  # 32 tokens
+        await settle(g)
+        redis.stop()
+        for _ in range(4):
+            st, body, h = await post(s, g.url, chat_body("hi"), headers=WORDS)
+            statuses.append(st)
+            remaining.append(ietf(h["RateLimit"])["daily-tokens"]["r"] if "RateLimit" in h else None)
+            await settle(g)
+        # the quota of 100 is checked as with Redis up: after 4 (128 used) it refuses, Redis or not
+        assert statuses == [200, 200, 200, 429], (statuses, body)
+        assert body["error"]["code"] == "insufficient_quota"
+        assert remaining == ["68", "36", "4", "0"]  # the quota's own header stays
+        assert await metric(g, "gateway_ratelimit_unchecked_total") == 4
+        assert await metric(g, "gateway_ratelimit_store_errors_total", kind="charge_dropped") == 3
+    await g.stop()
+    from sqlalchemy import create_engine, text
+    eng = create_engine(f"sqlite:///{tmp_path / 'gateway.db'}")
+    with eng.connect() as c:
+        rows = c.execute(text("SELECT subject, tokens FROM rate_limit_quota_usage")).all()
+    eng.dispose()
+    assert [tuple(r) for r in rows] == [("ip:127.0.0.1", 128)]  # every token used, the outage's included

@@ -80,6 +80,12 @@ class RateLimit(Plugin):
                 self.refused.labels(period, "insufficient_quota")
         if c.on_store_error == "deny":
             self.refused.labels("-", "store_unavailable")
+        self.unchecked = services.metric("rate_limit_unchecked", lambda reg: Counter(
+            "gateway_ratelimit_unchecked_total", "Requests let through without their rate-limit counters "
+            "(on_store_error: allow while the counter store failed or was marked down)", ["storage"],
+            registry=reg))
+        if c.on_store_error == "allow":
+            self.unchecked.labels(self.store.label)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -157,8 +163,8 @@ class RateLimit(Plugin):
         ctx.state[NAME] = st
         try:
             reply = await self._check(ctx, st, req, tok, quota)
-        except StoreDown as e:
-            return self._store_down(ctx, str(e))
+        except StoreDown:
+            reply = await self._store_down(ctx, st, quota)
         # The headers go on whatever answers: the upstream's response, a refusal, an error.
         if st.standings and self.config.headers:
             ctx.response_headers.update(hdr.build(st.standings))
@@ -369,10 +375,22 @@ class RateLimit(Plugin):
             headers["x-should-retry"] = "false"
         return Reply.error(429, msg, err_type, reason, headers=headers)
 
-    def _store_down(self, ctx: RequestContext, why: str) -> Reply | None:
-        ctx.state.pop(NAME, None)
+    async def _store_down(self, ctx: RequestContext, st: _State, quota: dict[str, int | None] | None) -> Reply | None:
+        """The counter store failed (or is marked down). ``allow``: the request goes on without its
+        counters (counted), but the quotas, which are the database's, still apply and are still
+        charged, and its token charges are still tried afterwards (counted as dropped if the store
+        is still down). ``deny``: 503. A quota read that fails is the same kind of failure."""
         if self.config.on_store_error == "allow":
+            self.unchecked.labels(self.store.label).inc()
+            st.standings = [s for s in st.standings if s.counts == "quota"]
+            if quota and self._quota is not None and not st.quota_periods:
+                try:
+                    return await self._check_quota(ctx, st, quota, st.estimate, None)
+                except StoreDown:  # the database failed too (counted): the request goes on
+                    st.standings = []
             return None
+        ctx.state.pop(NAME, None)
+        st.standings = []
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": "store_unavailable", "limit": None}
         self.refused.labels("-", "store_unavailable").inc()
         return Reply.error(503, "Rate limiting is temporarily unavailable; retry shortly.", "server_error",
