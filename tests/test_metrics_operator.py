@@ -311,8 +311,8 @@ def _alerts() -> list[str]:
 async def test_the_documented_alerts_name_real_series(make_gateway, tmp_path):
     """Each PromQL expression of the docs' Alerts section: every metric it names is in a scrape of
     a gateway with those plugins (after one request), with the labels it matches or groups by."""
-    g = await make_gateway([{"name": "audit", "config": {"sinks": ["database"]}}, {"name": "conversations"},
-                            {"name": "metrics"}])
+    g = await make_gateway([{"name": "audit", "config": {"sinks": ["database"]}}, {"name": "rate_limit"},
+                            {"name": "conversations"}, {"name": "metrics"}])
     async with aiohttp.ClientSession(timeout=T) as s:
         assert await chat(s, g.url) == 200
         m = await scrape(s, g.admin_url)
