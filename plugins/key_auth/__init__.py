@@ -18,6 +18,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from prometheus_client import Counter
 from pydantic import Field, field_validator
 
 from gateway.logs import ThrottledLog
@@ -69,6 +70,11 @@ class KeyAuthConfig(PluginConfig):
     cache_size: int = Field(100000, ge=1, description="Most key ids kept in the validation cache.")
     store_timeout: float = Field(2.0, gt=0, description="Seconds a key lookup may take before the request "
                                                         "is refused with 503 (fail closed).")
+    stale_if_error: float = Field(30.0, ge=0, le=3600,
+                                  description="Seconds past cache_ttl a cached key lookup is still used while "
+                                              "the key store cannot be reached (a database outage or restart): "
+                                              "keys checked that recently keep working, anything else gets "
+                                              "503. 0: only lookups younger than cache_ttl are used.")
     rotation_grace: float = Field(86400.0, ge=0, description="Default seconds the previous secret keeps "
                                                              "working after a rotation.")
     forward_identity_headers: dict[str, IDENTITY_FIELDS] = Field(
@@ -150,6 +156,11 @@ class KeyCache:
         self.entries: dict[str, tuple[_Entry | None, float]] = {}
         self.inflight: dict[str, asyncio.Task[_Entry | None]] = {}
         self.gen = 0  # bumped by every invalidation, so a lookup that raced it is not cached
+        #: The last lookup failed: a cached record within stale_if_error is used at once, without
+        #: waiting for the store to fail again; one lookup per key id at a time probes it in the
+        #: background, not before ``retry_at`` (monotonic time).
+        self.failing = False
+        self.retry_at = 0.0
 
     def invalidate(self, key_id: str | None = None) -> None:
         self.gen += 1
@@ -172,6 +183,8 @@ class StoreUnavailable(Exception):
 
 
 _LOOKUP_LOG = ThrottledLog(log)  # an outage fails a lookup per request: one line per 10 s
+#: Seconds between background lookups of one key id while the key store fails (stale_if_error).
+STORE_RETRY = 1.0
 
 
 def _retrieve(task: "asyncio.Future[Any]") -> None:
@@ -223,7 +236,8 @@ class KeyWatch:
             except Exception as e:  # the database is down: cache_ttl still bounds every entry
                 if not self.failing:
                     log.warning("key_auth: checking for changed keys failed (%s); cached keys expire "
-                                "after cache_ttl until it works again", type(e).__name__)
+                                "after cache_ttl (plus stale_if_error while lookups fail) until it works "
+                                "again", type(e).__name__)
                 self.failing = True
 
     async def poll(self, cfg: KeyAuthConfig) -> None:
@@ -349,6 +363,9 @@ class KeyAuth(Plugin):
         if not config.track_usage:
             self.unused_hooks = frozenset({"on_complete"})  # it only tallies usage
         self.tally: UsageTally | None = None  # set at startup when track_usage is on
+        self.stale = services.metric("key_auth_stale", lambda reg: Counter(
+            "gateway_auth_stale_lookups_total", "Requests whose key was checked against a cached record older "
+            "than cache_ttl because the key store could not be reached (stale_if_error)", registry=reg))
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -442,8 +459,9 @@ class KeyAuth(Plugin):
                 self.cache.entries.pop(key_id, None)
                 try:
                     fresh = await self._entry(key_id)
-                except StoreUnavailable:
+                except StoreUnavailable:  # the record read before stays (a wrong secret cannot evict it)
                     fresh = None
+                    self.cache.entries.setdefault(key_id, hit)
                 if fresh is not None:
                     entry, now = fresh, time.time()
                     ok = secrets_match(digest, entry.hash) or (
@@ -494,16 +512,39 @@ class KeyAuth(Plugin):
     async def _entry(self, key_id: str) -> _Entry | None:
         cache = self.cache
         hit = cache.entries.get(key_id)
-        if hit is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
-            return hit[0]
-        task = cache.inflight.get(key_id)
-        if task is None:
-            # One lookup per key id at a time, in its own task: a client that goes away does not
-            # cancel the lookup the other waiting requests share.
-            task = asyncio.create_task(self._fetch(key_id, cache.gen))
-            cache.inflight[key_id] = task
-            task.add_done_callback(lambda t: cache.done(key_id, t))
-        return await asyncio.shield(task)
+        stale_ok = False
+        if hit is not None:
+            now = time.monotonic()
+            age = now - hit[1]
+            if age < self.config.cache_ttl:
+                return hit[0]
+            stale_ok = age < self.config.cache_ttl + self.config.stale_if_error
+            if stale_ok and cache.failing:
+                # The store failed a moment ago: the record decides now, and the store is probed
+                # in the background (no request waits for a store that does not answer).
+                if key_id not in cache.inflight and now >= cache.retry_at:
+                    self._lookup(key_id)
+                self.stale.inc()
+                return hit[0]
+        task = cache.inflight.get(key_id) or self._lookup(key_id)
+        try:
+            return await asyncio.shield(task)
+        except StoreUnavailable:
+            # A record read within cache_ttl + stale_if_error still decides (revoked, expired and
+            # scopes included), unless it was dropped meanwhile; a key not seen that recently: 503.
+            if stale_ok and cache.entries.get(key_id) is hit:
+                self.stale.inc()
+                return hit[0]
+            raise
+
+    def _lookup(self, key_id: str) -> "asyncio.Task[_Entry | None]":
+        """One lookup per key id at a time, in its own task: a client that goes away does not cancel
+        the lookup the other waiting requests share."""
+        cache = self.cache
+        task = asyncio.create_task(self._fetch(key_id, cache.gen))
+        cache.inflight[key_id] = task
+        task.add_done_callback(lambda t: cache.done(key_id, t))
+        return task
 
     async def _fetch(self, key_id: str, gen: int) -> _Entry | None:
         # The lookup runs in its own task, and the request stops waiting at store_timeout: cancelling
@@ -519,11 +560,13 @@ class KeyAuth(Plugin):
             row = lookup.result()
         except Exception as e:
             kind = type(e).__name__
+            self.cache.failing, self.cache.retry_at = True, time.monotonic() + STORE_RETRY
             _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
-                                       "refused with 503")
+                                       "refused with 503, or checked against the cached record (stale_if_error)")
             raise StoreUnavailable() from None
         entry = _Entry(row) if row is not None else None
         cache = self.cache
+        cache.failing = False
         if self.config.cache_ttl > 0 and cache.gen == gen:  # no admin change raced this lookup
             if len(cache.entries) >= self.config.cache_size:
                 cache.entries.pop(next(iter(cache.entries)))
