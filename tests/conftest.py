@@ -5,6 +5,8 @@ Redis and PostgreSQL tests skip when the servers are not installed, except under
 where a missing server is a failure."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -14,8 +16,8 @@ import pytest
 
 from gateway.demo import REQUESTS, start_demo_upstream
 
-from .helpers import (IN_CI, PostgresCluster, RedisServer, RunningGateway, base_config, create_pg_database,
-                      free_port, have_redis, start_gateway, write_config)
+from .helpers import (IN_CI, PG_DATABASES, PostgresCluster, RedisServer, RunningGateway, base_config,
+                      create_pg_database, free_port, have_redis, start_gateway, write_config)
 
 
 class Upstream:
@@ -74,12 +76,27 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
         s.stop()
 
 
+async def _drop_databases(admin_dsn: str, names: list[str]) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        for name in names:
+            with contextlib.suppress(Exception):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[str]:
     """Admin DSN of a PostgreSQL server: $GATEWAY_TEST_PG_DSN if set, else a private cluster."""
     dsn = os.environ.get("GATEWAY_TEST_PG_DSN")
     if dsn:
         yield dsn
+        if PG_DATABASES:  # (every gateway using one has stopped by now)
+            with contextlib.suppress(Exception):
+                asyncio.run(_drop_databases(dsn, PG_DATABASES))
         return
     if PostgresCluster.bindir() is None:
         if IN_CI:

@@ -262,9 +262,16 @@ class PostgresCluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
 
+#: Databases create_pg_database made on a server the tests did not start ($GATEWAY_TEST_PG_DSN):
+#: dropped at the end of the session (conftest's pg_cluster).
+PG_DATABASES: list[str] = []
+
+
 async def create_pg_database(admin_dsn: str, name: str) -> str:
     """Create a fresh database; returns its SQLAlchemy URL."""
     import asyncpg
+
+    PG_DATABASES.append(name)
 
     conn = await asyncpg.connect(admin_dsn)
     try:
