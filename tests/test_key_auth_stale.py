@@ -87,3 +87,51 @@ async def test_a_store_that_does_not_answer_is_waited_for_once(make_gateway: Any
         assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
     assert time.monotonic() - t1 < 4.0, time.monotonic() - t1  # not ten timeouts (5 s)
     assert len(calls) <= 3, calls  # a probe per second at most, not one per request
+
+
+async def test_a_revoke_racing_a_failed_re_read_stays_applied(make_gateway: Any, monkeypatch: Any) -> None:
+    """A wrong secret for a cached key id re-reads the record; an admin revoke on this instance
+    while that read waits, which then fails, must not be undone by the record read before."""
+    g = await make_gateway(ka(cache_ttl=60, stale_if_error=0, store_timeout=5, watch_interval=0))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    await asyncio.sleep(1.1)  # the record is old enough to be read again for a secret it does not match
+    store = g.plugin("key_auth").store
+    orig, gate = store.get_row, asyncio.Event()
+
+    async def slow_then_fail(key_id: str) -> Any:
+        await gate.wait()
+        raise ConnectionError("store hiccup")
+
+    monkeypatch.setattr(store, "get_row", slow_then_fail)
+    wrong = asyncio.create_task(raw_call(g.url, bearer(format_key(rec["id"], new_secret()))))
+    await asyncio.sleep(0.3)
+    assert (await admin(g, "POST", f"/keys/{rec['id']}/revoke"))[0] == 200
+    gate.set()
+    assert (await wrong)[0] == 401
+    monkeypatch.setattr(store, "get_row", orig)  # the store answers again
+    st, body = await raw_call(g.url, bearer(rec["key"]))
+    assert st == 401 and body["error"]["code"] == "revoked_api_key", body
+
+
+async def test_wrong_secrets_cannot_lock_a_key_out_during_an_outage(make_gateway: Any, monkeypatch: Any) -> None:
+    """Key ids are not secret: requests with a known id and wrong secrets, sent while the store
+    hangs, must not take the record away from the callers with the right secret."""
+    g = await make_gateway(ka(cache_ttl=0.2, stale_if_error=30, store_timeout=1.0, watch_interval=0))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    await asyncio.sleep(1.1)
+
+    async def hung(key_id: str) -> Any:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(g.plugin("key_auth").store, "get_row", hung)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200  # waits for one lookup, then the record
+    statuses = []
+    for _ in range(3):
+        attack = asyncio.create_task(raw_call(g.url, bearer(format_key(rec["id"], new_secret()))))
+        await asyncio.sleep(0.2)
+        statuses.append((await raw_call(g.url, bearer(rec["key"])))[0])
+        assert (await attack)[0] == 401
+        await asyncio.sleep(0.5)  # (past the store's retry second too)
+    assert statuses == [200, 200, 200], statuses

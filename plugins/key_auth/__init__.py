@@ -452,16 +452,19 @@ class KeyAuth(Plugin):
                 entry.prev_until is not None and now < entry.prev_until and secrets_match(digest, entry.prev_hash))
         if not ok and entry is not None:
             hit = self.cache.entries.get(key_id)
-            if hit is not None and hit[0] is entry and time.monotonic() - hit[1] >= RECHECK_AFTER:
+            cache = self.cache
+            if hit is not None and hit[0] is entry and time.monotonic() - hit[1] >= RECHECK_AFTER and not (
+                    cache.failing and time.monotonic() < cache.retry_at):
                 # The secret may have been rotated through another instance since this record was
                 # read (its watcher tells this one within watch_interval): read it again, at most
-                # once per RECHECK_AFTER per key, before refusing what may be the new secret.
-                self.cache.entries.pop(key_id, None)
+                # once per RECHECK_AFTER per key, before refusing what may be the new secret. The
+                # record stays cached meanwhile (a wrong secret cannot take it away from the
+                # callers with the right one while the store fails), and an invalidation that
+                # races the read wins (the lookup does not cache what it read).
                 try:
-                    fresh = await self._entry(key_id)
-                except StoreUnavailable:  # the record read before stays (a wrong secret cannot evict it)
+                    fresh = await asyncio.shield(cache.inflight.get(key_id) or self._lookup(key_id))
+                except StoreUnavailable:
                     fresh = None
-                    self.cache.entries.setdefault(key_id, hit)
                 if fresh is not None:
                     entry, now = fresh, time.time()
                     ok = secrets_match(digest, entry.hash) or (
