@@ -4,6 +4,7 @@ as on one (not N times over within the database cache's ``cache_ttl``); the data
 record, so a lost counter or a Redis outage falls back to it."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -97,7 +98,7 @@ async def test_a_token_rule_on_a_redis_that_is_down_leaves_the_quota_enforced_an
         assert statuses == [200, 200, 200, 429], (statuses, body)
         assert body["error"]["code"] == "insufficient_quota"
         assert remaining == ["68", "36", "4", "0"]  # the quota's own header stays
-        assert await metric(g, "gateway_ratelimit_unchecked_total") == 4
+        assert await metric(g, "gateway_ratelimit_unchecked_total") == 3  # (the refused one is not)
         assert await metric(g, "gateway_ratelimit_store_errors_total", kind="charge_dropped") == 3
     await g.stop()
     from sqlalchemy import create_engine, text
@@ -106,3 +107,24 @@ async def test_a_token_rule_on_a_redis_that_is_down_leaves_the_quota_enforced_an
         rows = c.execute(text("SELECT subject, tokens FROM rate_limit_quota_usage")).all()
     eng.dispose()
     assert [tuple(r) for r in rows] == [("ip:127.0.0.1", 128)]  # every token used, the outage's included
+
+
+async def test_a_quota_database_failure_leaves_the_request_rules_applied(make_gateway, tmp_path):
+    """on_store_error: allow, healthy in-memory counters, a quota whose table cannot be read: the
+    request rule still decides (the quota's failure is the database's, counted as such), and
+    nothing is counted as let through without counters."""
+    import sqlite3
+    g = await make_gateway([rl(quotas={"daily_tokens": 100000, "cache_ttl": 0.01},
+                               rules=[{"name": "rpm", "limit": "3/minute", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, g.url, chat_body("hi")))[0] == 200
+        await settle(g)
+        db = sqlite3.connect(tmp_path / "gateway.db")
+        db.execute("ALTER TABLE rate_limit_quota_usage RENAME TO away")
+        db.commit()
+        db.close()
+        await asyncio.sleep(0.05)  # past the quota cache's ttl
+        statuses = [(await post(s, g.url, chat_body("hi")))[0] for _ in range(5)]
+        assert statuses == [200, 200, 429, 429, 429], statuses
+        assert await metric(g, "gateway_ratelimit_unchecked_total") == 0
+        assert await metric(g, "gateway_ratelimit_store_errors_total", storage="database") >= 2

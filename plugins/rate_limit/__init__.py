@@ -32,6 +32,10 @@ NAME = "rate_limit"
 SDK_MAX_WAIT = 60.0
 
 
+class QuotaDown(StoreDown):
+    """The quota database failed (not the counter store)."""
+
+
 class _State:
     __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
                  "quota_shared")
@@ -204,7 +208,14 @@ class RateLimit(Plugin):
             if short:
                 return await self._refuse_tokens(ctx, short, deadline)
             if quota and self._quota is not None:
-                refusal = await self._check_quota(ctx, st, quota, est, deadline)
+                try:
+                    refusal = await self._check_quota(ctx, st, quota, est, deadline)
+                except QuotaDown:
+                    if self.config.on_store_error != "allow":
+                        raise
+                    # (counted in store_errors{storage="database"}) the counters' rules still apply
+                    st.standings = [s for s in st.standings if s.counts != "quota"]
+                    refusal = None
                 if refusal is not None:
                     return refusal
         if req:
@@ -317,7 +328,7 @@ class RateLimit(Plugin):
                 self.store.errors.labels("database", "timeout" if isinstance(e, TimeoutError) else "error").inc()
                 kind = type(e).__name__  # (an outage fails every request: one line per 10 s, with a count)
                 STORE_LOG.event(f"quota:{kind}", 1, f"rate_limit: %d quota read(s) failed ({kind})")
-                raise StoreDown("quota read failed") from None
+                raise QuotaDown("quota read failed") from None
             if not self.store.memory:
                 key = f"quota/{st.subject}/{period}"
                 st.quota_shared.append((key, math.ceil(left) + 86400))  # (gone a day after the period)
@@ -379,15 +390,18 @@ class RateLimit(Plugin):
         """The counter store failed (or is marked down). ``allow``: the request goes on without its
         counters (counted), but the quotas, which are the database's, still apply and are still
         charged, and its token charges are still tried afterwards (counted as dropped if the store
-        is still down). ``deny``: 503. A quota read that fails is the same kind of failure."""
+        is still down). ``deny``: 503, as for a quota read that fails (with ``allow``, such a
+        failure leaves the counters' rules to decide: see ``_check``)."""
         if self.config.on_store_error == "allow":
-            self.unchecked.labels(self.store.label).inc()
             st.standings = [s for s in st.standings if s.counts == "quota"]
             if quota and self._quota is not None and not st.quota_periods:
                 try:
-                    return await self._check_quota(ctx, st, quota, st.estimate, None)
-                except StoreDown:  # the database failed too (counted): the request goes on
-                    st.standings = []
+                    refusal = await self._check_quota(ctx, st, quota, st.estimate, None)
+                except QuotaDown:  # the database failed too (counted): the request goes on
+                    st.standings, refusal = [], None
+                if refusal is not None:
+                    return refusal
+            self.unchecked.labels(self.store.label).inc()
             return None
         ctx.state.pop(NAME, None)
         st.standings = []
