@@ -83,7 +83,10 @@ async def _drop_databases(admin_dsn: str, names: list[str]) -> None:
     try:
         for name in names:
             with contextlib.suppress(Exception):
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                except asyncpg.PostgresSyntaxError:  # before PostgreSQL 13
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
     finally:
         await conn.close()
 
