@@ -183,7 +183,7 @@ class StoreUnavailable(Exception):
 
 
 _LOOKUP_LOG = ThrottledLog(log)  # an outage fails a lookup per request: one line per 10 s
-#: Seconds between background lookups of one key id while the key store fails (stale_if_error).
+#: Seconds after a failed lookup before the key store is tried again for a cached record (stale_if_error).
 STORE_RETRY = 1.0
 
 
@@ -451,8 +451,8 @@ class KeyAuth(Plugin):
             ok = secrets_match(digest, entry.hash) or (
                 entry.prev_until is not None and now < entry.prev_until and secrets_match(digest, entry.prev_hash))
         if not ok and entry is not None:
-            hit = self.cache.entries.get(key_id)
             cache = self.cache
+            hit = cache.entries.get(key_id)
             if hit is not None and hit[0] is entry and time.monotonic() - hit[1] >= RECHECK_AFTER and not (
                     cache.failing and time.monotonic() < cache.retry_at):
                 # The secret may have been rotated through another instance since this record was
