@@ -113,6 +113,8 @@ _KEEP: set[asyncio.Task[None]] = set()
 MIN_KEY_BYTES = 32
 #: Seconds after start before the first retention purge.
 FIRST_PURGE_DELAY = 60.0
+#: Seconds before a retention purge that failed (the database down, busy) is tried again.
+PURGE_RETRY = 60.0
 
 
 class Audit(Plugin):
@@ -310,14 +312,19 @@ class Audit(Plugin):
         # purge what it takes to be old. Soon, though: a gateway restarted often still purges.
         await asyncio.sleep(min(self.config.purge_interval, FIRST_PURGE_DELAY))
         while True:
+            wait = self.config.purge_interval
             if self._active():
                 try:
                     await self.purge_once()
                 except asyncio.CancelledError:
                     raise
-                except Exception as e:
+                except store.PurgeRefused as e:  # rows that do not verify: not something a retry mends
                     log.error("audit retention purge failed: %s: %s", type(e).__name__, str(e)[:200])
-            await asyncio.sleep(self.config.purge_interval)
+                except Exception as e:  # a database outage or a lock: tried again soon, not an interval later
+                    wait = min(wait, PURGE_RETRY)
+                    log.error("audit retention purge failed: %s: %s; trying again in %.0fs", type(e).__name__,
+                              str(e)[:200], wait)
+            await asyncio.sleep(wait)
 
     # -- admin API and CLI -------------------------------------------------------------------------
     @classmethod

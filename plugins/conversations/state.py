@@ -38,6 +38,7 @@ _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
 _GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 RESOURCE = "conversations:shared"
 ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
+PURGE_RETRY = 60.0  # seconds before a retention run that failed (the database down, busy) is tried again
 
 
 def body_size(m: Any) -> int:
@@ -473,9 +474,11 @@ class Shared:
         await self._wait(lambda: start + min(5.0, self.retention_interval()))
         while True:
             days = self.retention_days()
-            await self._purge_once(days)
+            ok = await self._purge_once(days)
             done = time.monotonic()
-            await self._wait(lambda: done + self.retention_interval())
+            # (a purge that failed, the database down or busy, is tried again soon)
+            await self._wait(lambda: done + (self.retention_interval() if ok else
+                                             min(self.retention_interval(), PURGE_RETRY)))
 
     async def _wait(self, until: Any) -> None:
         """Sleep until ``until()`` (monotonic), computed again whenever the instances change: a
@@ -489,9 +492,10 @@ class Shared:
             except TimeoutError:
                 return
 
-    async def _purge_once(self, days: float | None) -> None:
+    async def _purge_once(self, days: float | None) -> bool:
+        """One retention run; False if it failed."""
         if days is None:
-            return
+            return True
         active = self.active()
         def recorded(n: int) -> None:  # each committed part, as it is gone (a purge cut short too)
             if n:
@@ -500,12 +504,14 @@ class Shared:
         try:
             ids = await self.store.purge(utcnow() - dt.timedelta(days=days), keep=active, each=recorded)
         except Exception as e:
-            log.warning("conversation retention purge failed: %s", type(e).__name__)
-            return
+            log.warning("conversation retention purge failed: %s; trying again in %.0fs", type(e).__name__,
+                        min(self.retention_interval(), PURGE_RETRY))
+            return False
         for cid in ids:
             self.views.pop(cid, None)
         if ids:
             log.info("conversation retention: deleted %d conversation(s) older than %s day(s)", len(ids), days)
+        return True
 
     def active(self) -> set[str]:
         """The conversations with a turn in flight or queued in this process: active whatever their
