@@ -99,6 +99,12 @@ class ServerConfig(Model):
                                "the shutdown_timeout drain begins. Set it to the load balancer's health-check "
                                "interval times its failure threshold (Kubernetes: the readiness probe's "
                                "periodSeconds x failureThreshold). A second SIGTERM skips the rest of it.")
+    readiness_grace: float = Field(10.0, ge=0, le=3600, description="Seconds the database may fail to answer, "
+                                   "or a background writer's writes may fail, before /readyz reports not ready "
+                                   "(meanwhile it answers 200 and shows the failing check). A database every "
+                                   "instance shares makes them all fail the probe together: a restart shorter "
+                                   "than this keeps the fleet in the load balancer (cached keys are still "
+                                   "checked, records wait in the writers' queues). 0: at the first failure.")
     keepalive_timeout: float = Field(75.0, gt=0, description="Seconds a client connection may sit idle (or "
                                      "take to send a request head) before it is closed.")
     body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "

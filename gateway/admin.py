@@ -56,10 +56,6 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
     return auth
 
 
-#: Seconds a background writer's writes may keep failing before /readyz reports not ready.
-WRITER_FAILING_READY = 10.0
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Admin errors in the same JSON shape as the public ones; never a traceback."""
@@ -140,16 +136,24 @@ def build_admin_app(gw: "Gateway") -> web.Application:
     async def readyz(_: web.Request) -> web.Response:
         if gw.stopping:  # stopping: drain_delay (still serving, so load balancers take it out), then draining
             return web.json_response({"status": "not_ready", "checks": {"shutdown": {"ok": False}}}, status=503)
+        grace = gw.cfg.server.readiness_grace
         up_ok, up_detail = await gw.upstream.ready()
-        db_ok = await gw.db.ping() if gw.db is not None else True
+        database: dict[str, Any] = {"ok": True}
+        db_ready = True
+        if gw.db is not None and not await gw.db.ping():
+            # Not ready once it has failed for server.readiness_grace: a database every instance
+            # shares must not take the whole fleet out of the load balancer for a short restart.
+            failing_for = gw.db.failing_for()
+            db_ready = failing_for < grace
+            database = {"ok": False, "failing_for": round(failing_for, 1), "not_ready_after": grace}
         # A database that answers a read but refuses writes (a full disk, a read-only file) shows
         # in the writers: one failing for a while makes the instance not ready, so a load balancer
         # sends traffic where its records are kept.
-        failing = gw.services.failing_writers(WRITER_FAILING_READY)
-        ok = up_ok and db_ok and not failing
+        failing = gw.services.failing_writers(grace)
+        ok = up_ok and db_ready and not failing
         body = {"status": "ready" if ok else "not_ready",
                 "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
-                           "database": {"ok": db_ok},
+                           "database": database,
                            "writers": {"ok": not failing, "failing": failing}}}
         return web.json_response(body, status=200 if ok else 503)
 
@@ -232,7 +236,9 @@ def _obj(required: list[str], **props: Any) -> dict[str, Any]:
 
 
 _CHECK = _obj(["ok"], ok={"type": "boolean"}, detail={"type": ["string", "null"]},
-              failing={"type": "array", "items": {"type": "string"}})
+              failing={"type": "array", "items": {"type": "string"}},
+              failing_for={"type": "number", "description": "seconds the database has failed to answer"},
+              not_ready_after={"type": "number", "description": "server.readiness_grace"})
 #: /readyz answers this shape with 200 (ready) and 503 (not ready, or draining: only the shutdown check)
 _READY = _content("ready (200) or not (503), with each check", "application/json", _obj(
     ["status", "checks"], status={"enum": ["ready", "not_ready"]},

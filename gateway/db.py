@@ -185,6 +185,7 @@ class Database:
         self.file: str | None = None
         self._file_id: tuple[int, int] | None = None
         self._file_gone_logged = False
+        self._ping_failing_since: float | None = None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", self._sqlite_pragmas)
             name = self.engine.url.database
@@ -363,13 +364,23 @@ class Database:
                 await conn.exec_driver_sql("ROLLBACK")
 
     async def ping(self, timeout: float = 2.0) -> bool:
+        """Does the database answer a read (within ``timeout``)? Failures in a row are timed from
+        the first: ``failing_for``."""
         try:
             async with asyncio.timeout(timeout):
                 async with self.engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
-            return True
         except Exception:
+            if self._ping_failing_since is None:
+                self._ping_failing_since = time.monotonic()
             return False
+        self._ping_failing_since = None
+        return True
+
+    def failing_for(self) -> float:
+        """Seconds since the first of the pings that have failed in a row (0: the last one answered)."""
+        since = self._ping_failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     async def pending_migrations(self) -> list[str]:
         """The migration heads this database has not reached (empty: the schema is current, or

@@ -92,9 +92,12 @@ class Services:
         return list(self._writers)
 
     def failing_writers(self, longer_than: float) -> list[str]:
-        """Names of the writers whose writes have failed for more than ``longer_than`` seconds."""
+        """Names of the writers whose writes have failed for more than ``longer_than`` seconds, the
+        last time less than 5 s ago (a writer retries at most 2 s apart; one that gave up and has
+        had nothing to write since is not failing for ever)."""
+        recent = max(longer_than, 5.0)
         return sorted(w.name for w in self.writers()
-                      if w.readiness and w.failing_for(longer_than) > longer_than)
+                      if w.readiness and w.failing_for(recent) > longer_than)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
         """A process-wide object shared by plugin instances and kept across config reloads

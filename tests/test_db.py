@@ -277,7 +277,7 @@ async def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
     assert diffs == [], diffs
 
 
-async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, tmp_path: Path) -> None:
     """Deleted while serving: writes fail and are counted (nothing goes into the unlinked file, no
     empty file is made in its place), /readyz says not ready. A file put back at the path (a
     restored backup) is written from then on."""
@@ -285,14 +285,11 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
 
     import aiohttp
 
-    from gateway import admin as admin_mod
+    from .helpers import ADMIN_TOKEN, until
 
-    from .helpers import ADMIN_TOKEN
-
-    monkeypatch.setattr(admin_mod, "WRITER_FAILING_READY", 0.2)
     path = tmp_path / "live.db"
     g = await make_gateway([{"name": "audit", "config": {"retry_for": 1}}],
-                           database={"url": f"sqlite+aiosqlite:///{path}"})
+                           database={"url": f"sqlite+aiosqlite:///{path}"}, server={"readiness_grace": 0.2})
     hdr = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     audit = g.plugin("audit")
@@ -340,12 +337,12 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
             assert r.status == 503 and (await r.json())["error"]["code"] == "database_unavailable"
         # the backup is put back: ready again without any traffic, and written from then on
         shutil.copy(backup, path)
-        for _ in range(50):
-            await asyncio.sleep(0.1)
+
+        async def ready() -> bool:
             async with s.get(g.admin_url + "/readyz") as r:
-                if r.status == 200:
-                    break
-        assert r.status == 200, await r.text()
+                return r.status == 200
+
+        await until(ready, timeout=15, what="/readyz 200")  # (the writer's last failure 5 s behind)
         async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
             assert r.status == 200
         await flush()

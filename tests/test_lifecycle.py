@@ -165,6 +165,70 @@ async def test_readyz_503_when_upstream_down(make_gateway: Any) -> None:
             assert r.status == 200  # alive, just not ready
 
 
+async def test_readyz_rides_out_a_database_outage_shorter_than_readiness_grace(make_gateway: Any,
+                                                                               tmp_path: Path) -> None:
+    """A database that stops answering (here: its file gone) is shown at once in /readyz, which
+    still answers 200 until it has failed for server.readiness_grace: every instance sharing the
+    database would fail the probe together, and a short restart must not take the fleet out of
+    the load balancer. Past the grace: 503. Back: ready, and the next outage gets a grace of its
+    own. A reload changes the grace; 0 fails at the first failed probe."""
+    import shutil
+
+    from .helpers import until
+
+    g = await make_gateway([{"name": "key_auth"}], server={"readiness_grace": 1.5})
+    db = tmp_path / "gateway.db"
+    backup = tmp_path / "backup.db"
+
+    async def ready() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.get(g.admin_url + "/readyz") as r:
+                return r.status, await r.json()
+
+    def take_away() -> None:
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"gateway.db{suffix}").unlink(missing_ok=True)
+
+    st, body = await ready()
+    assert st == 200 and body["checks"]["database"] == {"ok": True}
+    shutil.copy(db, backup)
+    for _ in range(2):
+        take_away()
+        t0 = time.monotonic()
+        st, body = await ready()
+        assert body["checks"]["database"]["ok"] is False and body["checks"]["database"]["not_ready_after"] == 1.5
+        if time.monotonic() - t0 < 1.2:  # (a probe on a very slow machine may itself take the grace)
+            assert st == 200 and body["status"] == "ready", body
+            assert body["checks"]["database"]["failing_for"] < 1.5
+        st, body = await until(lambda: _not_ready(ready), timeout=15, what="/readyz 503")
+        assert body["status"] == "not_ready" and body["checks"]["database"]["failing_for"] >= 1.5
+        assert time.monotonic() - t0 >= 1.5
+        shutil.copy(backup, db)
+        st, body = await until(lambda: _ready(ready), timeout=15, what="/readyz 200")
+        assert body["checks"]["database"] == {"ok": True}
+    # readiness_grace: 0 (a reload): not ready at the first failed probe
+    cfg = yaml.safe_load((tmp_path / "gateway.yaml").read_text())
+    cfg["server"]["readiness_grace"] = 0
+    write_config(tmp_path / "gateway.yaml", cfg)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+    take_away()
+    st, body = await ready()
+    assert st == 503 and body["checks"]["database"]["ok"] is False, body
+    shutil.copy(backup, db)
+
+
+async def _not_ready(ready: Any) -> Any:
+    st, body = await ready()
+    return (st, body) if st == 503 else None
+
+
+async def _ready(ready: Any) -> Any:
+    st, body = await ready()
+    return (st, body) if st == 200 else None
+
+
 async def test_admin_paths_never_on_public_port(make_gateway: Any, upstream: Any) -> None:
     g = await make_gateway()
     admin_paths = ["/healthz", "/readyz", "/metrics", "/openapi.json", "/config/reload"]
