@@ -30,7 +30,7 @@ from gateway.tasks import cancel_and_wait
 from . import store
 from .chain import ChainKeys, chain_keys
 from .events import bus_event, capture, request_event
-from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink
+from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink, log_head
 
 log = logging.getLogger("gateway.audit")
 
@@ -151,7 +151,7 @@ class Audit(Plugin):
             # (a first key comes with a gateway, or with a CLI command on the database it created:
             # not with a command run on a trail someone may have emptied or replaced)
             return DatabaseSink(self.services.db, self.chain, "always" if not self.cli else (
-                "new" if getattr(self.services, "new_database", False) else "refuse"))
+                "new" if getattr(self.services, "new_database", False) else "refuse"), log_heads=not self.cli)
         if spec.type == "jsonl":
             assert spec.path
             return JsonlSink(spec.path)
@@ -235,6 +235,8 @@ class Audit(Plugin):
         # The gateway is stopping: every sink flushes at once, retrying briefly; what is left
         # is counted and logged by the writer.
         await asyncio.gather(*(w.close() for _, w in self.sinks))
+        if not self.cli:
+            log_head(self.chain)  # the head it leaves behind
 
     def _active(self) -> bool:
         """The instance that records bus events and purges: the running runtime's base instance

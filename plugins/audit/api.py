@@ -13,9 +13,11 @@ from gateway.context import parse_address
 from gateway.errors import json_error
 
 from . import store
-from .chain import chain_keys
+from .chain import chain_keys, parse_head
 
 MAX_LIMIT = 1000
+#: Recorded heads one verify compares at most.
+MAX_HEADS = 100
 _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UINT = re.compile(r"[0-9]+")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -105,10 +107,16 @@ def routes(services: Any) -> list[Any]:
         return web.json_response({"object": "list", "data": data,
                                   "next_cursor": str(nxt) if nxt is not None else None})
 
-    async def verify(_: web.Request) -> web.Response:
+    async def verify(request: web.Request) -> web.Response:
+        try:
+            heads = [parse_head(h) for h in request.query.getall("head", [])]
+            if len(heads) > MAX_HEADS:
+                raise ValueError(f"at most {MAX_HEADS} recorded heads at once")
+        except ValueError as e:
+            return json_error(400, f"head: {e}", "invalid_request_error", "invalid_value", param="head")
         async with reads:
             try:
-                res = await store.verify(services.db, chain_keys(services).keys)
+                res = await store.verify(services.db, chain_keys(services).keys, heads)
             except store.KeyNeeded as e:
                 return json_error(409, str(e), "invalid_request_error", "chain_key_required")
         return web.json_response({**res.as_dict(), "message": res.message()})
@@ -190,7 +198,8 @@ VERIFY: dict[str, Any] = {
                    "properties": {"seq": _I, "hash": _S}, "required": ["seq", "hash"],
                    "additionalProperties": False},
         "broken": {"type": ["object", "null"], "description": "The first broken link (ok: false).",
-                   "properties": {"seq": _I, "problem": {"type": "string", "enum": ["inserted", "deleted", "edited"]},
+                   "properties": {"seq": _I, "problem": {"type": "string", "enum": [
+                       "inserted", "deleted", "edited", "truncated", "replaced"]},
                                   "detail": _S},
                    "required": ["seq", "problem", "detail"], "additionalProperties": False},
         "signed_from": {"type": ["integer", "null"], "description": "With a chain key configured: the first "
@@ -198,10 +207,15 @@ VERIFY: dict[str, Any] = {
         "head_signed": {"type": ["string", "null"], "enum": ["current", "previous", "none", None],
                         "description": "With a chain key configured: what signed the newest row (current: "
                         "chain_key; previous: one of previous_chain_keys); null without one."},
+        "heads": {"type": "array", "description": "The recorded heads given (head=SEQ:HASH) that were checked: "
+                  "found with their hash, or deleted by retention (before the purge anchor).",
+                  "items": {"type": "object", "properties": {"seq": _I, "hash": _S, "result": {
+                      "type": "string", "enum": ["found", "purged"]}},
+                      "required": ["seq", "hash", "result"], "additionalProperties": False}},
         "message": _S,
     },
     "required": ["ok", "rows", "first_seq", "last_seq", "head_hash", "anchor", "broken", "signed_from",
-                 "head_signed", "message"],
+                 "head_signed", "heads", "message"],
     "additionalProperties": False,
 }
 
@@ -228,5 +242,10 @@ OPENAPI: dict[str, Any] = {
         "responses": {"200": _json(EVENT_LIST, "A page of events"), "400": _ERR, "401": _ERR}}},
     "/audit/verify": {"get": {
         "summary": "Walk the hash chain; reports the first broken link",
-        "responses": {"200": _json(VERIFY, "The walk's result"), "401": _ERR, "409": _ERR}}},
+        "parameters": [_param("head", "A head recorded earlier, SEQ:HASH (verify's last_seq and head_hash, or the "
+                              "gateway's `audit head` log line); repeatable: the trail must still hold that row "
+                              "with that hash (problem truncated / replaced if not), unless retention deleted it",
+                              {"type": "array", "maxItems": MAX_HEADS,
+                               "items": {"type": "string", "pattern": "^[0-9]+:[0-9a-fA-F]{64}$"}})],
+        "responses": {"200": _json(VERIFY, "The walk's result"), "400": _ERR, "401": _ERR, "409": _ERR}}},
 }

@@ -67,6 +67,10 @@ class ChainKeys:
         #: this process saw the trail signed (read a signed newest row, or wrote one): from then on
         #: an unsigned newest row is a replaced history, never a first key (store._append)
         self.seen_signed = False
+        #: (seq, hash) of the newest row this process wrote, and the last one it logged (sinks.DatabaseSink)
+        self.head: tuple[int, str] | None = None
+        self.head_logged: tuple[int, str] | None = None
+        self.next_head_log = 0.0
 
     @classmethod
     def of(cls, config: Any) -> "ChainKeys":
@@ -110,12 +114,14 @@ class VerifyResult:
     #: ("current", "previous", "none"); without keys both stay None.
     signed_from: int | None = None
     head_signed: str | None = None
+    #: Heads recorded earlier that were checked (``--head``): {"seq", "hash", "result": "found" | "purged"}
+    heads: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "rows": self.rows, "first_seq": self.first_seq, "last_seq": self.last_seq,
                 "head_hash": self.head_hash, "anchor": self.anchor, "broken": self.broken,
-                "signed_from": self.signed_from, "head_signed": self.head_signed}
+                "signed_from": self.signed_from, "head_signed": self.head_signed, "heads": self.heads}
 
     def message(self) -> str:
         if self.ok:
@@ -127,9 +133,52 @@ class VerifyResult:
             if self.head_signed is not None:
                 s += (f"; signed with the chain key from seq {self.signed_from}" if self.signed_from is not None
                       and self.signed_from != self.first_seq else "; every row signed with the chain key")
+            found = [str(h["seq"]) for h in self.heads if h["result"] == "found"]
+            purged = [str(h["seq"]) for h in self.heads if h["result"] == "purged"]
+            if found:
+                s += f"; recorded head(s) at seq {', '.join(found)} found with their hashes"
+            if purged:
+                s += f"; recorded head(s) at seq {', '.join(purged)} deleted by retention (not comparable)"
             return s
         assert self.broken is not None
         return f"audit chain BROKEN at seq {self.broken['seq']} ({self.broken['problem']}): {self.broken['detail']}"
+
+
+def parse_head(text: str) -> tuple[int, str]:
+    """``SEQ:HASH``, a head recorded earlier (``verify``'s report, the gateway's ``audit head`` log
+    line) -> (seq, hash). ValueError with a message saying what is wrong."""
+    seq, sep, h = text.strip().partition(":")
+    if not sep or not seq.isdigit() or not seq.isascii() or int(seq) < 1:
+        raise ValueError(f"a recorded head is SEQ:HASH (seq 1 or more), not {text[:80]!r}")
+    h = h.strip().lower()
+    if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+        raise ValueError(f"the hash of a recorded head is 64 hex digits, not {h[:80]!r}")
+    return int(seq), h
+
+
+def check_heads(res: VerifyResult, heads: list[tuple[int, str]], stored: dict[int, str]) -> VerifyResult:
+    """After a walk that verified (``res``), the heads recorded earlier: each must still be in the
+    trail with the same hash (``stored``: the hashes of the rows at those seqs), or be before the
+    anchor of a retention purge. The chain alone cannot tell that its newest rows were removed (what
+    remains links up), nor a history replaced as a whole by someone with the key: a head recorded
+    outside the database can."""
+    for seq, h in heads:
+        if res.last_seq is None or seq > res.last_seq:
+            ends = f"ends at seq {res.last_seq}" if res.last_seq is not None else "is empty"
+            return _fail(res, seq, "truncated", f"the trail {ends}, before the head recorded at seq {seq}: "
+                         "rows were removed from its end (or the trail was replaced)")
+        if res.first_seq is not None and seq >= res.first_seq:
+            now = stored.get(seq)
+        elif res.anchor is not None and seq == res.anchor["seq"]:
+            now = res.anchor["hash"]
+        else:  # before the purge anchor (the walk checked that one accounts for every row before it)
+            res.heads.append({"seq": seq, "hash": h, "result": "purged"})
+            continue
+        if now != h:
+            return _fail(res, seq, "replaced", f"the row at seq {seq} does not have the hash recorded for it "
+                         f"({h[:16]}...): the trail was rewritten or replaced from there")
+        res.heads.append({"seq": seq, "hash": h, "result": "found"})
+    return res
 
 
 def _fail(res: VerifyResult, seq: int, problem: str, detail: str) -> VerifyResult:

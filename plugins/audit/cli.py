@@ -10,8 +10,8 @@ from typing import Any
 from gateway import cli as core_cli
 
 from . import store
-from .api import FILTERS, parse_filters
-from .chain import ChainKeys
+from .api import FILTERS, MAX_HEADS, parse_filters
+from .chain import ChainKeys, parse_head
 from .sinks import jsonl
 
 
@@ -52,6 +52,10 @@ def add_cli(subparsers: Any) -> None:
                                       f"{EXIT_VERIFY_ERROR} if it could not be checked")
     add_config_arg(v)
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--head", action="append", default=[], metavar="SEQ:HASH",
+                   help="a head recorded earlier (this command's last_seq:head_hash, or the gateway's `audit head` "
+                        "log line): the trail must still hold that row with that hash, unless retention deleted "
+                        "it; catches rows removed from the end, which the chain alone cannot (repeatable)")
 
     e = sub.add_parser("export", help="every event (or the filtered ones) in seq order")
     add_config_arg(e)
@@ -86,6 +90,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cfg = load(args)
     try:
         f = parse_filters(lambda k: getattr(args, k, None)) if any(hasattr(args, k) for k in FILTERS) else {}
+        args.heads = [parse_head(h) for h in getattr(args, "head", None) or []]
+        if len(args.heads) > MAX_HEADS:
+            raise ValueError(f"--head: at most {MAX_HEADS} at once")
     except ValueError as e:
         print(f"gateway audit: {e}", file=sys.stderr)
         return 2
@@ -150,7 +157,7 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
     try:
         cmd = args.audit_command
         if cmd == "verify":
-            res = await store.verify(db, config_keys(cfg))  # (the verdict first: the report may fail to be written)
+            res = await store.verify(db, config_keys(cfg), args.heads)  # (the verdict first: the report may fail to be written)
             failure = _report(json.dumps({**res.as_dict(), "message": res.message()}, indent=2) if args.json
                               else res.message())
             return _verify_exit(res.ok, failure)

@@ -8,10 +8,12 @@ non-ASCII character in a string is escaped, so one event is always exactly one l
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +23,9 @@ from . import store
 from .chain import ChainKeys
 from .events import as_event, jsonl
 
-__all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "jsonl"]
+__all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "jsonl", "log_head"]
+
+log = logging.getLogger("gateway.audit")
 
 
 def _lines(batch: Sequence[Any]) -> str:
@@ -44,13 +48,37 @@ class Sink:
 class DatabaseSink(Sink):
     kind = "database"
 
-    def __init__(self, db: Database, chain: ChainKeys | None = None, introduce: str = "never") -> None:
+    def __init__(self, db: Database, chain: ChainKeys | None = None, introduce: str = "never",
+                 log_heads: bool = False) -> None:
         self.db = db
         self.chain = chain if chain is not None else ChainKeys()
         self.introduce = introduce  # (store._append: where a first chain key may be written)
+        self.log_heads = log_heads  # (a gateway's; not a CLI command's)
 
     async def write(self, batch: Sequence[Any]) -> None:
-        await store.append(self.db, batch, self.chain.keys, self.chain, self.introduce)  # (the keys in force now: a reload may change them)
+        head = await store.append(self.db, batch, self.chain.keys, self.chain, self.introduce)  # (the keys in force now: a reload may change them)
+        if head is not None and self.log_heads:
+            self.chain.head = head
+            now = time.monotonic()
+            if now >= self.chain.next_head_log:
+                self.chain.next_head_log = now + HEAD_LOG_INTERVAL
+                log_head(self.chain)
+
+
+#: Seconds between two ``audit head`` log lines (with the first write after it).
+HEAD_LOG_INTERVAL = 300.0
+
+
+def log_head(chain: ChainKeys) -> None:
+    """Say the newest row this process wrote (seq and hash), if not said already: logs kept apart
+    from the database then hold heads that ``gateway audit verify --head SEQ:HASH`` compares with
+    the trail, which catches what the chain alone cannot (its newest rows removed)."""
+    head = chain.head
+    if head is None or head == chain.head_logged:
+        return
+    chain.head_logged = head
+    log.info("audit head: seq=%d hash=%s (later, `gateway audit verify --head %d:%s` checks that the trail "
+             "still holds it)", head[0], head[1], head[0], head[1])
 
 
 class JsonlSink(Sink):

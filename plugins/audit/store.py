@@ -26,8 +26,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.db import Base, Database, row_chunks
 from gateway.logs import ThrottledLog
 
-from .chain import (GENESIS, INDEXED, KEY_EVENT, ChainKeys, VerifyResult, _col_value, key_id, record_body, record_text, signer,
-                    utf8_safe, verify_rows)
+from .chain import (GENESIS, INDEXED, KEY_EVENT, ChainKeys, VerifyResult, _col_value, check_heads, key_id, record_body,
+                    record_text, signer, utf8_safe, verify_rows)
 from .events import build, iso
 
 __all__ = ["append", "events", "head", "iso", "iter_rows", "purge", "query", "snapshot", "verify"]
@@ -187,7 +187,7 @@ _SQLITE_ROWS = (999 if sqlite3.sqlite_version_info < (3, 32, 0) else 32000) // l
 async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...], str]],
                   head: tuple[int, str] | None = None, keys: tuple[bytes, ...] = (),
                   head_rank: int | None = -2, chain: ChainKeys | None = None,
-                  key_info: Any = "read", introduce: str = "never") -> None:
+                  key_info: Any = "read", introduce: str = "never") -> tuple[int, str] | None:
     """Chain ``prepared`` rows after ``head`` (read here if not given), signed with ``keys[0]``,
     first a key event (in the database only) when this key is new to the trail. Under the append
     lock: instances starting with a key at once write one such event between them. (A purge
@@ -233,15 +233,16 @@ async def _append(conn: AsyncConnection, prepared: Sequence[tuple[tuple[Any, ...
         rows.append((seq, *cols, data, prev, h))
         prev = h
     if not rows:
-        return
+        return None
     if conn.dialect.name != "sqlite":
         await conn.exec_driver_sql(_insert_sql(conn), rows)  # asyncpg pipelines an executemany
-        return
+        return seq, prev
     # SQLite: many rows per statement, one sqlite3_step for all of them. An executemany steps once
     # per row, and the driver thread takes the GIL back from the event loop between rows.
     for i, k in row_chunks(len(rows), _SQLITE_ROWS):
         part = rows[i:i + k]
         await conn.exec_driver_sql(_insert_sql(conn, k), tuple(v for r in part for v in r))
+    return seq, prev
 
 
 class NotSignedYet(Exception):
@@ -273,15 +274,16 @@ async def signed_trail(db: Database) -> bool:
 
 
 async def append(db: Database, batch: Sequence[Any], keys: tuple[bytes, ...] = (),
-                 chain: ChainKeys | None = None, introduce: str = "never") -> None:
+                 chain: ChainKeys | None = None, introduce: str = "never") -> tuple[int, str] | None:
     """Chain and insert a batch of queued items (captured request tuples or event dicts), signed
     with ``keys[0]`` (the chain key; none: plain SHA-256). Without a key, on a trail that another
-    instance signs, raises ChainSigned (the writer retries, then counts what it drops)."""
+    instance signs, raises ChainSigned (the writer retries, then counts what it drops). Returns the
+    (seq, hash) of the newest row written (None: none was)."""
     prepared = [prepare(x) for x in batch]
     async with locked(db) as conn:
         if not keys and await _signed(conn):
             raise ChainSigned()
-        await _append(conn, prepared, keys=keys, chain=chain, introduce=introduce)
+        return await _append(conn, prepared, keys=keys, chain=chain, introduce=introduce)
 
 
 #: Rows a purge deletes per transaction: the write lock (SQLite's, or the append lock) is held
@@ -502,11 +504,18 @@ async def _aiter(rows: Sequence[Any]) -> AsyncIterator[Any]:
         yield r
 
 
-async def verify(db: Database, keys: tuple[bytes, ...] = ()) -> VerifyResult:
+async def verify(db: Database, keys: tuple[bytes, ...] = (), heads: Sequence[tuple[int, str]] = ()) -> VerifyResult:
+    """Walk the trail; then compare ``heads`` recorded earlier (seq, hash) with it (chain.check_heads)."""
     # One snapshot for the anchor and every page: a purge running meanwhile is either wholly
     # before it or wholly after it (read apart, it showed as a deleted range).
     async with snapshot(db) as conn:
         if not keys and await _signed(conn):
             raise KeyNeeded()
         anchor, signed_before = await _anchor(conn)
-        return await verify_rows(iter_rows(db, conn=conn), anchor, keys, signed_before=signed_before)
+        res = await verify_rows(iter_rows(db, conn=conn), anchor, keys, signed_before=signed_before)
+        if not res.ok or not heads:
+            return res
+        seqs = sorted({seq for seq, _ in heads})
+        stored = {int(r.seq): r.hash for r in await conn.execute(
+            select(events.c.seq, events.c.hash).where(events.c.seq.in_(seqs)))}
+        return check_heads(res, list(heads), stored)
