@@ -6,6 +6,7 @@ share goes through here). Fields are set by the core unless noted.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from .observe import Completion
     from .runtime import Settings
 
+log = logging.getLogger("gateway")
 
 #: Request key a middleware sets when no plugin will read this request's hook timings (tracing sets
 #: it on requests that are not sampled, when it is the only plugin that reads them), so the core does
@@ -272,12 +274,41 @@ def parse_address(addr: str) -> _Addr | None:
     return ip
 
 
+def trusted_peer(request: "web.Request", trusted: list[Any]) -> bool:
+    """Is the socket peer one of ``server.trusted_proxies``?"""
+    if not trusted:
+        return False
+    ip = parse_address(_peer(request))
+    return ip is not None and any(ip in n for n in trusted)
+
+
+#: Peers whose ignored X-Forwarded-For was said in the log (once each, a few at most).
+_XFF_TOLD: set[str] = set()
+
+
+def _ignored_forwarded_for(peer: str) -> None:
+    """A peer not in trusted_proxies sent X-Forwarded-For: most likely a reverse proxy nobody
+    listed, behind which every client now has the proxy's address (one per-IP budget for all
+    of them, the proxy's address in the audit trail). Said once per address, for a few."""
+    if peer in _XFF_TOLD or len(_XFF_TOLD) >= 8:
+        return
+    _XFF_TOLD.add(peer)
+    log.warning("requests from %s carry X-Forwarded-For, which is ignored: %s is not in server.trusted_proxies. "
+                "If it is a reverse proxy or load balancer, list its address there; until then every client "
+                "behind it has its address (audit client_ip, rate limits keyed by ip). Said once per address.",
+                peer[:64], peer[:64])
+
+
 def resolve_client_ip(request: "web.Request", trusted: list[Any]) -> str:
     peer = _peer(request)
     if not trusted:
+        if "X-Forwarded-For" in request.headers:
+            _ignored_forwarded_for(peer)
         return peer
     ip = parse_address(peer)
     if ip is None or not any(ip in n for n in trusted):
+        if "X-Forwarded-For" in request.headers:
+            _ignored_forwarded_for(peer)
         return peer
     hops = []
     for h in request.headers.getall("X-Forwarded-For", []):

@@ -505,6 +505,10 @@ class Proxy:
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
+        if streamed:
+            # A reverse proxy in front (nginx) would otherwise buffer the events and deliver them
+            # in lumps: to an HTTP/1.0 hop, with gzip on text/event-stream, under proxy_buffering.
+            headers.setdefault("X-Accel-Buffering", "no")
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)
         head.headers["X-Request-ID"] = ctx.request_id

@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config.model import upstream_tls
-from .context import PLAIN_UPSTREAM
+from .context import PLAIN_UPSTREAM, trusted_peer
 from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -222,8 +222,14 @@ class Upstream:
         peer = req.remote or ""
         prior = ", ".join(src.getall("X-Forwarded-For", ()))  # several lines = one comma-joined list
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        out["X-Forwarded-Proto"] = req.scheme
-        out["X-Forwarded-Host"] = req.host
+        # What a trusted proxy says of the client's request (TLS ended there: https) is passed on;
+        # anyone else's is replaced by what this connection is.
+        if ("X-Forwarded-Proto" in src or "X-Forwarded-Host" in src) and trusted_peer(req, ctx.settings.trusted):
+            out["X-Forwarded-Proto"] = src.get("X-Forwarded-Proto") or req.scheme
+            out["X-Forwarded-Host"] = src.get("X-Forwarded-Host") or req.host
+        else:
+            out["X-Forwarded-Proto"] = req.scheme
+            out["X-Forwarded-Host"] = req.host
         out["X-Request-ID"] = ctx.request_id
         for k, v in target.static_headers.items():
             out[k] = v

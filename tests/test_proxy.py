@@ -312,22 +312,28 @@ async def test_request_id(make_gateway: Any, upstream: Any) -> None:
 
 
 # -- streaming -------------------------------------------------------------------------------------
+async def sse_arrivals(r: aiohttp.ClientResponse) -> list[float]:
+    """When each event of the fake upstream's /sse stream ({"i": 0}, {"i": 1} ...) arrived."""
+    assert r.headers["Content-Type"].startswith("text/event-stream")
+    arrivals: list[float] = []
+    buf = b""
+    async for chunk in r.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if event != b"data: [DONE]":
+                arrivals.append(time.monotonic())
+                assert json.loads(event[6:])["i"] == len(arrivals) - 1
+    return arrivals
+
+
 async def test_sse_events_arrive_one_by_one(make_gateway: Any, fake: Any) -> None:
     n = 5
     g = await gateway_to(make_gateway, fake.url, [{"name": "t_proxy_recorder"}])
-    arrivals: list[float] = []
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.get(g.url + f"/sse?n={n}&pause=0.4") as r:
             assert r.status == 200
-            assert r.headers["Content-Type"].startswith("text/event-stream")
-            buf = b""
-            async for chunk in r.content.iter_any():
-                buf += chunk
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    if event != b"data: [DONE]":
-                        arrivals.append(time.monotonic())
-                        assert json.loads(event[6:])["i"] == len(arrivals) - 1
+            arrivals = await sse_arrivals(r)
     assert len(arrivals) == n and len(fake.sends) == n
     for i in range(n - 1):
         # event i reached the client before the upstream even sent event i+1
