@@ -140,7 +140,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         up_ok, up_detail = await gw.upstream.ready()
         database: dict[str, Any] = {"ok": True}
         db_ready = True
-        if gw.db is not None and not await gw.db.ping():
+        if gw.db is not None and not await gw.db.answers():
             # Not ready once it has failed for server.readiness_grace: a database every instance
             # shares must not take the whole fleet out of the load balancer for a short restart.
             failing_for = gw.db.failing_for()
@@ -149,12 +149,15 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         # A database that answers a read but refuses writes (a full disk, a read-only file) shows
         # in the writers: one failing for a while makes the instance not ready, so a load balancer
         # sends traffic where its records are kept.
-        failing = gw.services.failing_writers(grace)
-        ok = up_ok and db_ready and not failing
+        failing, over = gw.services.failing_writers(grace)
+        ok = up_ok and db_ready and not over
+        writers: dict[str, Any] = {"ok": not failing, "failing": failing}
+        if failing:
+            writers["not_ready_after"] = grace
         body = {"status": "ready" if ok else "not_ready",
                 "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
                            "database": database,
-                           "writers": {"ok": not failing, "failing": failing}}}
+                           "writers": writers}}
         return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(request: web.Request) -> web.Response:

@@ -97,6 +97,7 @@ class Gateway:
         self._handler = wrap_middlewares(self.proxy.handle, middlewares)
         self._mount(middlewares + trace_configs)
         _activate(self.runtime)
+        _check_grace(self.cfg, self.services)
         # (no client_max_size: it is not a connection setting, and passing one made aiohttp drop
         # every setting and warn on each connection; the proxy bounds bodies itself)
         server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None,
@@ -331,6 +332,7 @@ class Gateway:
         self.replaced = old  # (until this reload's event is recorded: see Gateway.reload)
         self.upstream.configure(new.upstream)  # (the current target: readiness, the learned stream_usage)
         _activate(rt)
+        _check_grace(new, self.services)
         # The old chain serves the requests it began for as long as they last (an LLM stream can
         # outlast server.shutdown_timeout): a plugin the reload removed still records them.
         task = asyncio.create_task(old.shutdown(wait=None))
@@ -418,6 +420,17 @@ def _activate(rt: Runtime) -> None:
             p.activated()
         except Exception:
             log.exception("plugin %s failed in activated()", type(p).name)
+
+
+def _check_grace(cfg: GatewayConfig, services: Services) -> None:
+    """A writer that gives up on a failing database sooner than server.readiness_grace drops
+    records while /readyz still says ready: said at start and reload."""
+    grace = cfg.server.readiness_grace
+    short = sorted(f"{w.name} ({w.retry_for:g}s)" for w in services.writers() if w.readiness and w.retry_for < grace)
+    if short:
+        log.warning("server.readiness_grace (%gs) is longer than the retry_for of %s: a database failing that "
+                    "long makes them drop records while /readyz still says ready; keep the grace below "
+                    "retry_for", grace, ", ".join(short))
 
 
 class JsonErrorServer(web.Server):

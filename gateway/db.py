@@ -186,6 +186,9 @@ class Database:
         self._file_id: tuple[int, int] | None = None
         self._file_gone_logged = False
         self._ping_failing_since: float | None = None
+        self._ping_task: asyncio.Task[bool] | None = None
+        self._ping_started = 0.0
+        self._watch: asyncio.Task[None] | None = None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", self._sqlite_pragmas)
             name = self.engine.url.database
@@ -364,22 +367,54 @@ class Database:
                 await conn.exec_driver_sql("ROLLBACK")
 
     async def ping(self, timeout: float = 2.0) -> bool:
-        """Does the database answer a read (within ``timeout``)? Failures in a row are timed from
-        the first: ``failing_for``."""
+        """Does the database answer a read (within ``timeout``)?"""
         try:
             async with asyncio.timeout(timeout):
                 async with self.engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
         except Exception:
-            if self._ping_failing_since is None:
-                self._ping_failing_since = time.monotonic()
             return False
-        self._ping_failing_since = None
         return True
 
+    async def answers(self, wait: float = 0.5) -> bool:
+        """/readyz's database check: does it answer a read? Waits at most ``wait`` seconds (a
+        database that hangs keeps the probe answering in time; the read goes on in the background,
+        one at a time however many probes come). After a failure the database is read again every
+        second until it answers, so ``failing_for`` counts one outage, from the start of its first
+        failed read, and is 0 again as soon as the database is back, probed or not."""
+        task = self._ping_task
+        if task is None or task.done():
+            self._ping_started = time.monotonic()
+            task = self._ping_task = asyncio.create_task(self._ping_until_back(), name="db:ping")
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            return False
+
+    async def _ping_until_back(self) -> bool:
+        started = self._ping_started
+        if await self.ping():
+            self._ping_failing_since = None
+            return True
+        if self._ping_failing_since is None:
+            self._ping_failing_since = started
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_until_back(), name="db:watch")
+        return False
+
+    async def _watch_until_back(self) -> None:
+        while self._ping_failing_since is not None:
+            await asyncio.sleep(1.0)
+            if await self.ping():
+                self._ping_failing_since = None
+
     def failing_for(self) -> float:
-        """Seconds since the first of the pings that have failed in a row (0: the last one answered)."""
+        """Seconds the database has not answered: since the start of the first read that failed
+        (or has not answered yet), 0 once one answers."""
         since = self._ping_failing_since
+        task = self._ping_task
+        if since is None and task is not None and not task.done():
+            since = self._ping_started
         return 0.0 if since is None else time.monotonic() - since
 
     async def pending_migrations(self) -> list[str]:
@@ -423,6 +458,9 @@ class Database:
         return await asyncio.to_thread(_upgrade_holding, self.url, lock)
 
     async def close(self, timeout: float = 5.0) -> None:
+        for t in (self._ping_task, self._watch):
+            if t is not None and not t.done():
+                t.cancel()
         try:
             async with asyncio.timeout(timeout):  # a hung server must not hold the exit
                 await self.engine.dispose()

@@ -10,6 +10,10 @@ from prometheus_client import CollectorRegistry
 
 from .writer import BatchWriter, WriterMetrics
 
+#: Seconds a write under way may wait for its answer before /readyz counts the writer as failing
+#: (a busy SQLite file makes a write wait up to its busy timeout, 5 s, which is no failure).
+STALLED_READY = 10.0
+
 if TYPE_CHECKING:
     from gateway.config.model import GatewayConfig
 
@@ -91,13 +95,22 @@ class Services:
         """The background writers made here and still in use."""
         return list(self._writers)
 
-    def failing_writers(self, longer_than: float) -> list[str]:
-        """Names of the writers whose writes have failed for more than ``longer_than`` seconds, the
-        last time less than 5 s ago (a writer retries at most 2 s apart; one that gave up and has
-        had nothing to write since is not failing for ever)."""
+    def failing_writers(self, longer_than: float) -> tuple[list[str], list[str]]:
+        """Names of the writers failing now (writes failed, the last time less than 5 s ago: a
+        writer retries at most 2 s apart, and one that gave up and has had nothing to write since
+        is not failing for ever), and of those that have failed for more than ``longer_than``
+        seconds, or whose write under way has waited that long, at least STALLED_READY."""
         recent = max(longer_than, 5.0)
-        return sorted(w.name for w in self.writers()
-                      if w.readiness and w.failing_for(recent) > longer_than)
+        now, over = [], []
+        for w in self.writers():
+            if not w.readiness:
+                continue
+            failing, stalled = w.failing_for(recent), w.stalled_for()
+            if failing > 0.0 or stalled > STALLED_READY:
+                now.append(w.name)
+            if failing > longer_than or stalled > max(longer_than, STALLED_READY):
+                over.append(w.name)
+        return sorted(now), sorted(over)
 
     def resource(self, key: str, factory: Callable[[], Any], close: Callable[[Any], Awaitable[None]] | None = None) -> Any:
         """A process-wide object shared by plugin instances and kept across config reloads

@@ -114,13 +114,14 @@ class BatchWriter(Generic[T]):
         """Seconds the writes have been failing, if the last failure is recent (0 otherwise): a
         writer that gave up and has had nothing to write since is not reported failing for ever."""
         now = time.monotonic()
-        if self._closing:
+        if self._closing or self.failing_since is None or now - self.last_failure > recent:
             return 0.0
-        # A write that has been under way this long counts too: a hung database fails nothing.
-        stalled = now - self._attempt_started if self._attempt_started is not None else 0.0
-        if self.failing_since is None or now - self.last_failure > recent:
-            return stalled
-        return max(stalled, now - self.failing_since)
+        return now - self.failing_since
+
+    def stalled_for(self) -> float:
+        """Seconds the write under way has been waiting (0: none is): a hung database fails nothing."""
+        started = self._attempt_started
+        return 0.0 if self._closing or started is None else time.monotonic() - started
 
     def _stalled(self, records: int) -> None:
         log.warning("writer %s: a write of %d record(s) has been under way for %.0fs: where it writes is not "

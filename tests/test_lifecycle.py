@@ -166,17 +166,22 @@ async def test_readyz_503_when_upstream_down(make_gateway: Any) -> None:
 
 
 async def test_readyz_rides_out_a_database_outage_shorter_than_readiness_grace(make_gateway: Any,
-                                                                               tmp_path: Path) -> None:
+                                                                               tmp_path: Path, caplog: Any) -> None:
     """A database that stops answering (here: its file gone) is shown at once in /readyz, which
     still answers 200 until it has failed for server.readiness_grace: every instance sharing the
     database would fail the probe together, and a short restart must not take the fleet out of
-    the load balancer. Past the grace: 503. Back: ready, and the next outage gets a grace of its
-    own. A reload changes the grace; 0 fails at the first failed probe."""
+    the load balancer. Past the grace: 503. Back: ready, noticed without a probe, and the next
+    outage gets a grace of its own. A reload changes the grace; 0 fails at the first failed probe,
+    and not for writes merely under way. A writer giving up sooner than the grace is warned of."""
     import shutil
+    import sqlite3
 
     from .helpers import until
 
-    g = await make_gateway([{"name": "key_auth"}], server={"readiness_grace": 1.5})
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {"retry_for": 1}}],
+                           server={"readiness_grace": 1.5})
+    assert any("readiness_grace (1.5s) is longer than the retry_for of audit:database (1s)" in r.getMessage()
+               for r in caplog.records)
     db = tmp_path / "gateway.db"
     backup = tmp_path / "backup.db"
 
@@ -191,7 +196,10 @@ async def test_readyz_rides_out_a_database_outage_shorter_than_readiness_grace(m
 
     st, body = await ready()
     assert st == 200 and body["checks"]["database"] == {"ok": True}
-    shutil.copy(db, backup)
+    src, dst = sqlite3.connect(db), sqlite3.connect(backup)
+    src.backup(dst)  # (a consistent copy: what the WAL holds too)
+    src.close()
+    dst.close()
     for _ in range(2):
         take_away()
         t0 = time.monotonic()
@@ -204,15 +212,32 @@ async def test_readyz_rides_out_a_database_outage_shorter_than_readiness_grace(m
         assert body["status"] == "not_ready" and body["checks"]["database"]["failing_for"] >= 1.5
         assert time.monotonic() - t0 >= 1.5
         shutil.copy(backup, db)
-        st, body = await until(lambda: _ready(ready), timeout=15, what="/readyz 200")
-        assert body["checks"]["database"] == {"ok": True}
-    # readiness_grace: 0 (a reload): not ready at the first failed probe
+        # no probe now: the gateway notices by itself that the database is back, so the next
+        # outage's first probe does not find this one's clock still running
+        await until(lambda: g.gw.db.failing_for() == 0.0, timeout=10, what="the database seen back")
+        await asyncio.sleep(2.0)
+    st, body = await until(lambda: _ready(ready), timeout=15, what="/readyz 200")
+    assert body["checks"]["database"] == {"ok": True}
+    # readiness_grace: 0 (a reload): not ready at the first failed probe; writes merely under way
+    # (traffic being audited) are no failure
     cfg = yaml.safe_load((tmp_path / "gateway.yaml").read_text())
     cfg["server"]["readiness_grace"] = 0
     write_config(tmp_path / "gateway.yaml", cfg)
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
             assert r.status == 200, await r.text()
+
+        async def traffic() -> None:
+            for _ in range(300):
+                async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 401  # (refused, and audited)
+
+        load = asyncio.create_task(traffic())
+        probes = []
+        while not load.done():
+            probes.append((await ready())[0])
+        await load
+    assert probes and set(probes) == {200}, probes
     take_away()
     st, body = await ready()
     assert st == 503 and body["checks"]["database"]["ok"] is False, body

@@ -262,10 +262,12 @@ async def test_a_write_that_never_returns_is_reported(monkeypatch, caplog):
     failing (what /readyz reads); the first write that completes clears it."""
     import logging
 
+    import gateway.services as services_mod
     import gateway.writer as writer_mod
     from gateway.services import Services
 
     monkeypatch.setattr(writer_mod, "STALL_WARN", 0.2, raising=False)
+    monkeypatch.setattr(services_mod, "STALLED_READY", 0.2)
     caplog.set_level(logging.WARNING, logger="gateway.writer")
     release = asyncio.Event()
     stored: list[int] = []
@@ -279,14 +281,16 @@ async def test_a_write_that_never_returns_is_reported(monkeypatch, caplog):
     w.start()
     await w.put(1)
     await asyncio.sleep(0.05)
-    assert services.failing_writers(5.0) == []  # under way, not for long yet
+    assert services.failing_writers(5.0) == ([], [])  # under way, not for long yet
+    assert services.failing_writers(0.0) == ([], [])  # (a write under way is no failure at once)
     await asyncio.sleep(0.4)
-    assert services.failing_writers(0.2) == ["hung"]
+    assert services.failing_writers(0.2) == (["hung"], ["hung"])
+    assert services.failing_writers(5.0) == (["hung"], [])  # failing, within the grace
     stalls = [r for r in caplog.records if "has been under way" in r.getMessage()]
     assert len(stalls) == 1 and "writer hung: a write of 1 record(s)" in stalls[0].getMessage()
     release.set()
     await w.flush(timeout=5)
-    assert stored == [1] and services.failing_writers(0.2) == []
+    assert stored == [1] and services.failing_writers(0.2) == ([], [])
     await w.close()
 
 

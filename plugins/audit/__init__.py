@@ -30,9 +30,12 @@ from gateway.tasks import cancel_and_wait
 from . import store
 from .chain import ChainKeys, chain_keys
 from .events import bus_event, capture, request_event
-from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink, log_head
+from .sinks import DatabaseSink, JsonlSink, Sink, StdoutSink, head_log, log_head
 
 log = logging.getLogger("gateway.audit")
+#: Seconds a start or reload waits to learn whether the trail is signed; then it goes on (each batch
+#: the writer appends checks it again, under the append lock).
+SIGNED_CHECK_TIMEOUT = 5.0
 
 
 class SinkSpec(PluginConfig):
@@ -188,7 +191,8 @@ class Audit(Plugin):
             # is signed with: refused rather than breaking the chain with unsigned rows. (The
             # database's being down is the writer's to wait out: it checks each batch too.)
             try:
-                signed = await store.signed_trail(self.services.db)
+                async with asyncio.timeout(SIGNED_CHECK_TIMEOUT):  # (a hung database must not hold a reload)
+                    signed = await store.signed_trail(self.services.db)
             except Exception as e:
                 log.warning("audit: could not check whether the chain is signed: %s", type(e).__name__)
                 signed = False
@@ -202,6 +206,8 @@ class Audit(Plugin):
                 raise RuntimeError(str(store.NotSignedYet()))  # (before the command acts, not at its event)
         if cfg.events:
             self._unsubscribe = self.services.events.subscribe(self._on_event, self._settle)
+        if not self.cli and any(s.kind == "database" for s, _ in self.sinks):
+            head_log.setLevel(logging.INFO)  # (at logging.level WARNING too: see sinks.log_head)
         if cfg.retention_days and not self.cli and any(s.kind == "database" for s, _ in self.sinks):
             self._purger = asyncio.create_task(self._purge_loop(), name="audit:retention")
 

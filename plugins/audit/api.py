@@ -208,9 +208,10 @@ VERIFY: dict[str, Any] = {
                         "description": "With a chain key configured: what signed the newest row (current: "
                         "chain_key; previous: one of previous_chain_keys); null without one."},
         "heads": {"type": "array", "description": "The recorded heads given (head=SEQ:HASH) that were checked: "
-                  "found with their hash, or deleted by retention (before the purge anchor).",
+                  "found with their hash; anchor: deleted by the latest purge, whose anchor has that hash; "
+                  "purged: deleted by retention before that (not comparable).",
                   "items": {"type": "object", "properties": {"seq": _I, "hash": _S, "result": {
-                      "type": "string", "enum": ["found", "purged"]}},
+                      "type": "string", "enum": ["found", "anchor", "purged"]}},
                       "required": ["seq", "hash", "result"], "additionalProperties": False}},
         "message": _S,
     },
@@ -246,6 +247,6 @@ OPENAPI: dict[str, Any] = {
                               "gateway's `audit head` log line); repeatable: the trail must still hold that row "
                               "with that hash (problem truncated / replaced if not), unless retention deleted it",
                               {"type": "array", "maxItems": MAX_HEADS,
-                               "items": {"type": "string", "pattern": "^[0-9]+:[0-9a-fA-F]{64}$"}})],
+                               "items": {"type": "string", "pattern": "^[0-9]{1,18}:[0-9a-fA-F]{64}$"}})],
         "responses": {"200": _json(VERIFY, "The walk's result"), "400": _ERR, "401": _ERR, "409": _ERR}}},
 }

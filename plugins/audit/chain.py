@@ -114,7 +114,8 @@ class VerifyResult:
     #: ("current", "previous", "none"); without keys both stay None.
     signed_from: int | None = None
     head_signed: str | None = None
-    #: Heads recorded earlier that were checked (``--head``): {"seq", "hash", "result": "found" | "purged"}
+    #: Heads recorded earlier that were checked (``--head``): {"seq", "hash", "result": "found" |
+    #: "anchor" (deleted by the latest purge, its hash kept by the purge's anchor) | "purged"}
     heads: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -134,9 +135,12 @@ class VerifyResult:
                 s += (f"; signed with the chain key from seq {self.signed_from}" if self.signed_from is not None
                       and self.signed_from != self.first_seq else "; every row signed with the chain key")
             found = [str(h["seq"]) for h in self.heads if h["result"] == "found"]
+            anchor = [str(h["seq"]) for h in self.heads if h["result"] == "anchor"]
             purged = [str(h["seq"]) for h in self.heads if h["result"] == "purged"]
             if found:
                 s += f"; recorded head(s) at seq {', '.join(found)} found with their hashes"
+            if anchor:
+                s += f"; recorded head at seq {anchor[0]} deleted by retention, its hash kept by the purge's anchor"
             if purged:
                 s += f"; recorded head(s) at seq {', '.join(purged)} deleted by retention (not comparable)"
             return s
@@ -147,9 +151,10 @@ class VerifyResult:
 def parse_head(text: str) -> tuple[int, str]:
     """``SEQ:HASH``, a head recorded earlier (``verify``'s report, the gateway's ``audit head`` log
     line) -> (seq, hash). ValueError with a message saying what is wrong."""
-    seq, sep, h = text.strip().partition(":")
-    if not sep or not seq.isdigit() or not seq.isascii() or int(seq) < 1:
-        raise ValueError(f"a recorded head is SEQ:HASH (seq 1 or more), not {text[:80]!r}")
+    seq, sep, h = text[:200].partition(":")
+    seq = seq.strip()
+    if not sep or not seq.isascii() or not seq.isdigit() or len(seq) > 18 or int(seq) < 1:
+        raise ValueError(f"a recorded head is SEQ:HASH (seq 1 or more, at most 18 digits), not {text[:80]!r}")
     h = h.strip().lower()
     if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
         raise ValueError(f"the hash of a recorded head is 64 hex digits, not {h[:80]!r}")
@@ -168,16 +173,17 @@ def check_heads(res: VerifyResult, heads: list[tuple[int, str]], stored: dict[in
             return _fail(res, seq, "truncated", f"the trail {ends}, before the head recorded at seq {seq}: "
                          "rows were removed from its end (or the trail was replaced)")
         if res.first_seq is not None and seq >= res.first_seq:
-            now = stored.get(seq)
+            now, result = stored.get(seq), "found"
         elif res.anchor is not None and seq == res.anchor["seq"]:
-            now = res.anchor["hash"]
+            # deleted by the latest purge, whose event keeps its hash: compared (the row is gone)
+            now, result = res.anchor["hash"], "anchor"
         else:  # before the purge anchor (the walk checked that one accounts for every row before it)
             res.heads.append({"seq": seq, "hash": h, "result": "purged"})
             continue
         if now != h:
             return _fail(res, seq, "replaced", f"the row at seq {seq} does not have the hash recorded for it "
                          f"({h[:16]}...): the trail was rewritten or replaced from there")
-        res.heads.append({"seq": seq, "hash": h, "result": "found"})
+        res.heads.append({"seq": seq, "hash": h, "result": result})
     return res
 
 

@@ -23,9 +23,11 @@ from . import store
 from .chain import ChainKeys
 from .events import as_event, jsonl
 
-__all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "jsonl", "log_head"]
+__all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "head_log", "jsonl", "log_head"]
 
-log = logging.getLogger("gateway.audit")
+#: The ``audit head`` lines: logged whatever logging.level says (a head kept out of the database's
+#: reach is what lets verify --head catch a truncated trail; see Audit.startup).
+head_log = logging.getLogger("gateway.audit.head")
 
 
 def _lines(batch: Sequence[Any]) -> str:
@@ -77,7 +79,7 @@ def log_head(chain: ChainKeys) -> None:
     if head is None or head == chain.head_logged:
         return
     chain.head_logged = head
-    log.info("audit head: seq=%d hash=%s (later, `gateway audit verify --head %d:%s` checks that the trail "
+    head_log.info("audit head: seq=%d hash=%s (later, `gateway audit verify --head %d:%s` checks that the trail "
              "still holds it)", head[0], head[1], head[0], head[1])
 
 
