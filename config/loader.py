@@ -73,8 +73,20 @@ def fmt_path(path: Iterable[Any]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + shown_key(str(part))
     return out or "<root>"
+
+
+#: The start of a key made of what a header name may hold (an HTTP token).
+_TOKEN_START = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{0,64}")
+
+
+def shown_key(key: str) -> str:
+    """A mapping key as a message shows it: cut at the first character no header name (nor any
+    setting's name) holds. A value typed into a key (``Authorization=Bearer sk-...`` or
+    ``"Authorization Bearer sk-..."`` under upstream.headers) is a secret: never quoted."""
+    head = _TOKEN_START.match(key).group(0)  # type: ignore[union-attr]
+    return key if len(head) == len(key) else f"{head}…(rest not shown)"
 
 
 def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:
@@ -340,7 +352,7 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
             bad = header_problem(name, value)
             if bad:  # the value is a credential: the message never repeats it
                 line = lines.find(("upstream", "headers", name)) or "?"
-                problems.append(f"upstream.headers.{name} -> line {line}: {bad}")
+                problems.append(f"upstream.headers.{shown_key(name)} -> line {line}: {bad}")
         if not database_url_ok(cfg.database.url):
             problems.append(f"database.url -> line {lines.find(('database', 'url')) or '?'}: not a valid database URL "
                             "(driver://user:password@host:port/name; percent-encode special characters)")
@@ -446,6 +458,8 @@ def header_problem(name: str, value: str) -> str | None:
         return "not a valid header name"
     if any(c in value for c in "\r\n\x00"):
         return "header value must not contain CR, LF or NUL"
+    if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):
+        return "header value must not contain control characters"
     return None
 
 

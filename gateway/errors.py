@@ -78,6 +78,12 @@ class UpstreamUnavailable(GatewayError):
     status, type, code, message = 502, "upstream_error", "upstream_unavailable", "The upstream could not be reached."
 
 
+class UpstreamAuthFailed(GatewayError):
+    status, type, code = 502, "upstream_error", "upstream_auth_failed"
+    message = ("The upstream refused the gateway's own credentials for it; this is not about your API key. "
+               "The gateway's operator has been told (its log says so).")
+
+
 class UpstreamTimeout(GatewayError):
     status, type, code, message = 504, "upstream_error", "upstream_timeout", "The upstream did not answer in time."
 

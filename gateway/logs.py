@@ -117,8 +117,10 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # At DEBUG these log every statement's parameters (stored content); never let them through.
-    for noisy in ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool"):
+    # At DEBUG these log every statement's parameters (stored content), or every request line with
+    # its query (urllib3, under the OTLP/HTTP exporter: a key in the endpoint's query); never let
+    # them through.
+    for noisy in ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # migrations log one line per plugin setup
 
 

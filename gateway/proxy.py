@@ -26,6 +26,7 @@ from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, Internal
                      RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType)
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Reply, ResponseHead
+from .redact import mask_gateway_keys
 from .upstream import CTL_CHAR
 
 if TYPE_CHECKING:
@@ -317,6 +318,8 @@ class Proxy:
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
             if len(ctx.body) > max_body:  # (UTF-8 can take more bytes than UTF-16 did)
                 raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
+        if b"gw" in ctx.body:
+            _mask_key_as_model(ctx)
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None,
                             settings: "Settings") -> bytes:
@@ -750,6 +753,20 @@ def _tell_coding(coding: str, observer: ResponseObserver, strip: bool) -> None:
     if key not in _told and len(_told) < 32:  # (an upstream naming ever other codings: not every one)
         _told.add(key)
         log.warning(msg)
+
+
+def _mask_key_as_model(ctx: RequestContext) -> None:
+    """A gateway key a client put in the body's ``model`` (arguments swapped): its secret is masked
+    before anything records it (audit, spans, rate-limit counters by model, conversations) or
+    forwards it; the upstream then answers for a model named ``gw_<id>_REDACTED``."""
+    j = ctx.json
+    m = j.get("model") if isinstance(j, dict) else None
+    if isinstance(m, str) and "gw" in m:
+        masked = mask_gateway_keys(m)
+        if masked != m:
+            data = dict(ctx.json_exact)
+            data["model"] = masked
+            ctx.set_json(data)
 
 
 def _must_close(request: web.BaseRequest) -> bool:

@@ -17,7 +17,8 @@ from yarl import URL
 
 from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM, trusted_peer
-from .errors import InternalError, UpstreamTimeout, UpstreamUnavailable
+from .redact import mask_gateway_keys
+from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
     from gateway.config.model import UpstreamConfig
@@ -66,12 +67,25 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
 _PORTS = {"http": 80, "https": 443}
 
 
+#: Request headers that carry a credential for the upstream (upstream.headers).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "x-goog-api-key"})
+
+
+def _credential_param(name: str) -> bool:
+    n = name.lower()
+    return "key" in n or "token" in n or n in ("sig", "signature", "code")
+
+
+#: When the last 401 to the gateway's own credentials was logged (one line a minute).
+_auth_warned = [-1e9]
+
+
 class Target:
     """Where and how one config calls the upstream. Each runtime keeps the one of its config: a
     request that began before a reload is sent where, and with the credentials and timeouts, its
     chain's config says (the connection pool is shared)."""
     __slots__ = ("base", "query", "query_names", "static_headers", "timeouts", "client_timeout", "stream_usage",
-                 "tls")
+                 "tls", "credentials")
 
     def __init__(self, cfg: "UpstreamConfig") -> None:
         self.base = cfg.url
@@ -87,6 +101,11 @@ class Target:
             self.query_names = frozenset(unquote_plus(p.split("=", 1)[0]) for p in self.query.split("&") if p)
         self.stream_usage = cfg.stream_usage  # (as configured; see Upstream.asks_usage)
         self.static_headers = dict(cfg.headers)
+        #: The gateway sends credentials of its own (a key header, a key in the query, user:password
+        #: in the URL): a 401 is about them, not about the client (see Upstream.send).
+        self.credentials = bool(u.username or u.password) or any(
+            k.lower() in CREDENTIAL_HEADERS for k in cfg.headers) or any(
+            _credential_param(n) for n in self.query_names)
         #: an https upstream's TLS context: the system's CAs, and upstream.ca_file's if set
         self.tls: ssl.SSLContext | bool = upstream_tls(cfg.ca_file) if cfg.ca_file else True
         t = self.timeouts = cfg.timeouts
@@ -218,7 +237,9 @@ class Upstream:
                 lk = lk.replace("_", "-")
             if lk in REQUEST_DROP or lk in drop or lk in guarded:
                 continue
-            out.add(k, v)
+            # A gateway key in a header key_auth does not read (X-Api-Key, OpenAI-Api-Key ...): the
+            # upstream (a third party, maybe, with logs of its own) never gets its secret.
+            out.add(k, mask_gateway_keys(v) if "gw" in v else v)
         peer = req.remote or ""
         prior = ", ".join(src.getall("X-Forwarded-For", ()))  # several lines = one comma-joined list
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -248,8 +269,10 @@ class Upstream:
         assert self.session is not None
         req = ctx.request
         # The request target exactly as the client sent it (re-quoting would change its bytes).
-        url = URL(target.base + (req.rel_url.raw_path_qs if not target.query else target.with_query(req.rel_url)),
-                  encoded=True)
+        path_qs = req.rel_url.raw_path_qs if not target.query else target.with_query(req.rel_url)
+        if "gw" in path_qs:  # a gateway key a client put in the path or query: not for the upstream
+            path_qs = mask_gateway_keys(path_qs)
+        url = URL(target.base + path_qs, encoded=True)
         headers = self.request_headers(ctx, target)
         session = self.traced if self.traced is not None and PLAIN_UPSTREAM not in req else self.session
         try:
@@ -278,6 +301,20 @@ class Upstream:
             ctx.outcome = "error"
             log.exception("building the upstream request failed (request %s)", ctx.request_id)
             raise InternalError() from None
+        if resp.status == 401 and target.credentials:
+            # The upstream refuses the gateway's own key (revoked, expired, rotated): relayed, its
+            # answer would tell each client that its key is wrong (the OpenAI SDKs raise
+            # AuthenticationError) and may quote part of the gateway's key.
+            resp.close()
+            ctx.outcome = "upstream_error"
+            now = time.monotonic()
+            if now - _auth_warned[0] >= 60:
+                _auth_warned[0] = now
+                log.error("the upstream answered 401 to the gateway's own credentials (upstream.headers, the key "
+                          "in upstream.url): they are wrong, expired or revoked; clients get 502 "
+                          "upstream_auth_failed until they are renewed (request %s; said once a minute)",
+                          ctx.request_id)
+            raise UpstreamAuthFailed()
         if resp.status == 101:  # the gateway relays HTTP, not what a protocol switch leads to
             resp.close()
             ctx.outcome = "upstream_error"

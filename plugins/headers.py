@@ -25,12 +25,12 @@ class HeadersConfig(PluginConfig):
     @field_validator("request", "response")
     @classmethod
     def _sendable(cls, v: dict[str, str]) -> dict[str, str]:
-        from gateway.config.loader import header_problem
+        from gateway.config.loader import header_problem, shown_key
 
         for name, value in v.items():
             bad = header_problem(name, value)
             if bad:
-                raise ValueError(f"{name}: {bad}")
+                raise ValueError(f"{shown_key(name)}: {bad}")
         return v
 
 

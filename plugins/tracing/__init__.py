@@ -109,12 +109,14 @@ class ExporterConfig(PluginConfig):
         """Surrounding whitespace goes (a secret file's trailing newline, read through ${VAR}); what
         no HTTP library would send is refused here, not at every export. gRPC metadata keys are
         lower case and its values printable ASCII."""
+        from gateway.config.loader import shown_key
+
         grpc = info.data.get("type") == "otlp_grpc"
         out: dict[str, str] = {}
         for name, value in v.items():
             n = name.strip()
             if not _HEADER_NAME.match(n):
-                raise ValueError(f"{n[:64]!r} is not a valid header name")
+                raise ValueError(f"{shown_key(n)!r} is not a valid header name")
             if grpc:
                 n = n.lower()
             if n.lower() in {k.lower() for k in out}:
