@@ -69,24 +69,40 @@ class _Lines:
 
 def fmt_path(path: Iterable[Any]) -> str:
     out = ""
+    parent: Any = None
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + shown_key(str(part))
+            out += ("." if out else "") + shown_key(str(part), header=parent in _HEADER_MAPS)
+        parent = part
     return out or "<root>"
 
 
+#: Settings whose keys are header names, their values credentials (upstream.headers, an exporter's
+#: headers, the headers plugin's request / response).
+_HEADER_MAPS = frozenset({"headers", "request", "response"})
 #: The start of a key made of what a header name may hold (an HTTP token).
 _TOKEN_START = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{0,64}")
+#: A value typed into a key: a name, then = or : or a blank, then something long.
+_KEY_WITH_VALUE = re.compile(r"[^=:\s]+\s*[=:\s]\s*\S{8,}")
 
 
-def shown_key(key: str) -> str:
-    """A mapping key as a message shows it: cut at the first character no header name (nor any
-    setting's name) holds. A value typed into a key (``Authorization=Bearer sk-...`` or
-    ``"Authorization Bearer sk-..."`` under upstream.headers) is a secret: never quoted."""
+def shown_key(key: str, header: bool = True) -> str:
+    """A mapping key as a message shows it. A value typed into a key (``Authorization=Bearer
+    sk-...``, ``"Authorization Bearer sk-..."``, a secret alone as a header's name) is a secret:
+    never quoted. A header map's key is cut at the first character a header name cannot hold, and
+    one longer than 24 characters is not shown (header names are short, secrets long); any other
+    key only when it looks like a name and a value (a misspelt setting, ``max body size``, is named
+    in full)."""
     head = _TOKEN_START.match(key).group(0)  # type: ignore[union-attr]
-    return key if len(head) == len(key) else f"{head}…(rest not shown)"
+    if header:
+        if len(head) < len(key):
+            return f"{head[:24]}…(rest not shown)"
+        return key if len(key) <= 24 else f"<a {len(key)}-character name, not shown>"
+    if _KEY_WITH_VALUE.match(key) and len(key) > 24:
+        return f"{head[:24]}…(rest not shown)"
+    return key
 
 
 def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:

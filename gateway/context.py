@@ -274,14 +274,6 @@ def parse_address(addr: str) -> _Addr | None:
     return ip
 
 
-def trusted_peer(request: "web.Request", trusted: list[Any]) -> bool:
-    """Is the socket peer one of ``server.trusted_proxies``?"""
-    if not trusted:
-        return False
-    ip = parse_address(_peer(request))
-    return ip is not None and any(ip in n for n in trusted)
-
-
 #: Peers whose ignored X-Forwarded-For was said in the log (once each, a few at most).
 _XFF_TOLD: set[str] = set()
 

@@ -318,7 +318,7 @@ class Proxy:
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
             if len(ctx.body) > max_body:  # (UTF-8 can take more bytes than UTF-16 did)
                 raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
-        if b"gw" in ctx.body:
+        if b"gw" in ctx.body or b"\\u" in ctx.body:  # (a key in the model, maybe JSON-escaped)
             _mask_key_as_model(ctx)
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None,
@@ -508,9 +508,10 @@ class Proxy:
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
-        if streamed:
-            # A reverse proxy in front (nginx) would otherwise buffer the events and deliver them
-            # in lumps: to an HTTP/1.0 hop, with gzip on text/event-stream, under proxy_buffering.
+        if streamed or "ndjson" in ctype.lower():
+            # A reverse proxy in front (nginx) would otherwise buffer the events (or an NDJSON
+            # stream's lines: Ollama's own API) and deliver them in lumps: to an HTTP/1.0 hop,
+            # with gzip on text/event-stream, under proxy_buffering.
             headers.setdefault("X-Accel-Buffering", "no")
         head = ResponseHead(resp.status, headers, "upstream")
         await self._run_on_response(ctx, chain, head)

@@ -100,12 +100,11 @@ class Services:
         writer retries at most 2 s apart, and one that gave up and has had nothing to write since
         is not failing for ever), and of those that have failed for more than ``longer_than``
         seconds, or whose write under way has waited that long, at least STALLED_READY."""
-        recent = max(longer_than, 5.0)
         now, over = [], []
         for w in self.writers():
             if not w.readiness:
                 continue
-            failing, stalled = w.failing_for(recent), w.stalled_for()
+            failing, stalled = w.failing_for(5.0), w.stalled_for()
             if failing > 0.0 or stalled > STALLED_READY:
                 now.append(w.name)
             if failing > longer_than or stalled > max(longer_than, STALLED_READY):

@@ -16,8 +16,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config.model import upstream_tls
-from .context import PLAIN_UPSTREAM, trusted_peer
-from .redact import mask_gateway_keys
+from .context import PLAIN_UPSTREAM
+from .redact import mask_gateway_keys, secret_param
 from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -67,13 +67,8 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
 _PORTS = {"http": 80, "https": 443}
 
 
-#: Request headers that carry a credential for the upstream (upstream.headers).
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key", "x-goog-api-key"})
-
-
-def _credential_param(name: str) -> bool:
-    n = name.lower()
-    return "key" in n or "token" in n or n in ("sig", "signature", "code")
+#: Request headers that carry a credential for the upstream.
+CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
 
 
 #: When the last 401 to the gateway's own credentials was logged (one line a minute).
@@ -105,7 +100,7 @@ class Target:
         #: in the URL): a 401 is about them, not about the client (see Upstream.send).
         self.credentials = bool(u.username or u.password) or any(
             k.lower() in CREDENTIAL_HEADERS for k in cfg.headers) or any(
-            _credential_param(n) for n in self.query_names)
+            secret_param(n) for n in self.query_names)
         #: an https upstream's TLS context: the system's CAs, and upstream.ca_file's if set
         self.tls: ssl.SSLContext | bool = upstream_tls(cfg.ca_file) if cfg.ca_file else True
         t = self.timeouts = cfg.timeouts
@@ -243,14 +238,8 @@ class Upstream:
         peer = req.remote or ""
         prior = ", ".join(src.getall("X-Forwarded-For", ()))  # several lines = one comma-joined list
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        # What a trusted proxy says of the client's request (TLS ended there: https) is passed on;
-        # anyone else's is replaced by what this connection is.
-        if ("X-Forwarded-Proto" in src or "X-Forwarded-Host" in src) and trusted_peer(req, ctx.settings.trusted):
-            out["X-Forwarded-Proto"] = src.get("X-Forwarded-Proto") or req.scheme
-            out["X-Forwarded-Host"] = src.get("X-Forwarded-Host") or req.host
-        else:
-            out["X-Forwarded-Proto"] = req.scheme
-            out["X-Forwarded-Host"] = req.host
+        out["X-Forwarded-Proto"] = req.scheme
+        out["X-Forwarded-Host"] = req.host
         out["X-Request-ID"] = ctx.request_id
         for k, v in target.static_headers.items():
             out[k] = v
@@ -262,6 +251,15 @@ class Upstream:
         if ctx.observe:
             out["Accept-Encoding"] = "identity"  # the observer reads usage from the body
         return out
+
+    @staticmethod
+    def _own_credentials_refused(ctx: "RequestContext", target: Target, sent: CIMultiDict[str]) -> bool:
+        """Is a 401 about the gateway's own credentials? It sent some (upstream.headers, the URL,
+        a plugin such as `headers` on this route) and none of the client's went along."""
+        own = {k.lower() for k in target.static_headers}
+        own.update(k.lower() for k, v in ctx.upstream_headers.items() if v is not None)
+        mine = target.credentials or bool(own & CREDENTIAL_HEADERS)
+        return mine and not any(k.lower() in CREDENTIAL_HEADERS and k.lower() not in own for k in sent)
 
     async def send(self, ctx: "RequestContext", target: Target) -> aiohttp.ClientResponse:
         """Send the request to ``target``; returns once the response head arrived. Maps failures
@@ -301,7 +299,7 @@ class Upstream:
             ctx.outcome = "error"
             log.exception("building the upstream request failed (request %s)", ctx.request_id)
             raise InternalError() from None
-        if resp.status == 401 and target.credentials:
+        if resp.status == 401 and self._own_credentials_refused(ctx, target, headers):
             # The upstream refuses the gateway's own key (revoked, expired, rotated): relayed, its
             # answer would tell each client that its key is wrong (the OpenAI SDKs raise
             # AuthenticationError) and may quote part of the gateway's key.

@@ -40,6 +40,7 @@ def test_a_secret_typed_into_a_header_name_is_never_quoted_by_config_errors(tmp_
         ("tracing", f'    config: {{exporter: {{type: otlp_http, endpoint: "http://127.0.0.1:4318", '
                     f'headers: {{"api-key: {OTLP_SECRET}": x}}}}}}\n'),
         ("headers", f'    config: {{request: {{"X-Api-Key={SECRET}": x}}}}\n'),
+        ("upstream", f"  headers: {{{SECRET}}}\n"),  # the secret alone, as a name
     ]):
         plugins = f"plugins:\n  - name: {section}\n{extra}" if section != "upstream" else "plugins: []\n"
         upstream = "upstream:\n  url: http://127.0.0.1:9\n" + (extra if section == "upstream" else "")
@@ -48,9 +49,14 @@ def test_a_secret_typed_into_a_header_name_is_never_quoted_by_config_errors(tmp_
         r = check(p)
         out = r.stdout + r.stderr
         assert r.returncode != 0, out
-        assert "rest not shown" in out, out
+        assert "rest not shown" in out or "name, not shown" in out, out
         for s in (SECRET, OTLP_SECRET, "LiteralUpstream", "0123456789"):
             assert s not in out, (n, out)
+    # a misspelt setting is named in full
+    p = tmp_path / "typo.yaml"
+    p.write_text("server:\n  max body size: 10\nupstream:\n  url: http://127.0.0.1:9\n")
+    r = check(p)
+    assert r.returncode != 0 and "server.max body size" in r.stdout + r.stderr, r.stdout + r.stderr
     # a control character in a credential: refused at load, not a 500 on every request
     p = tmp_path / "ctl.yaml"
     p.write_text(yaml.safe_dump({"upstream": {"url": "http://127.0.0.1:9",
@@ -95,12 +101,24 @@ async def test_the_upstream_refusing_the_gateways_own_key_is_not_relayed_as_the_
                 assert "9876" not in json.dumps(body)
         told = [r for r in caplog.records if "401 to the gateway's own credentials" in r.getMessage()]
         assert len(told) == 1 and told[0].levelno == logging.ERROR  # (once a minute, not per request)
-        # without credentials of its own, the 401 answers the client's and is relayed
-        passthrough = await make_gateway(upstream={"url": url}, name="plain.yaml")
+        # a key the headers plugin sets on a route is the gateway's own too
+        plugin = await make_gateway([{"name": "headers", "config": {"request": {"api-key": SECRET}}}],
+                                    upstream={"url": url}, name="plugin.yaml")
         async with aiohttp.ClientSession() as s:
-            async with s.post(passthrough.url + "/v1/chat/completions", json=CHAT,
-                              headers={"Authorization": "Bearer the-clients-own"}) as r:
-                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+            async with s.post(plugin.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_auth_failed"
+        # Otherwise the 401 answers the client's own credentials and is relayed: no credentials of
+        # the gateway's; a client's key going along with them; a query parameter that only
+        # contains "key"; a Proxy-Authorization (for a proxy, not the upstream).
+        for n, (upstream, headers) in enumerate([
+                ({"url": url}, {"Authorization": "Bearer the-clients-own"}),
+                ({"url": url, "headers": {"x-api-key": SECRET}}, {"api-key": "the-clients-own"}),
+                ({"url": url + "?keyspace=prod"}, {}),
+                ({"url": url, "headers": {"Proxy-Authorization": "Basic eDp5"}}, {})]):
+            passthrough = await make_gateway(upstream=upstream, name=f"plain{n}.yaml")
+            async with aiohttp.ClientSession() as s:
+                async with s.post(passthrough.url + "/v1/chat/completions", json=CHAT, headers=headers) as r:
+                    assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key", n
     finally:
         await runner.cleanup()
 
@@ -127,16 +145,22 @@ async def test_a_gateway_key_out_of_place_never_reaches_the_upstream_nor_the_rec
             headers = {**bearer(key), "X-Custom-Key": key, "OpenAI-Api-Key": f"Bearer {key}"}
             async with s.post(g.url + f"/v1/chat/completions?api_key={key}&x=1", json=CHAT, headers=headers) as r:
                 assert r.status == 200, await r.text()
-            # arguments swapped: the key as the model
+            # arguments swapped: the key as the model (also JSON-escaped)
             async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "model": key},
                               headers=bearer(key)) as r:
                 assert r.status == 200, await r.text()
-        assert len(seen) == 2
+            escaped = json.dumps({**CHAT, "model": key}).replace('"gw_', '"\\u0067w_')
+            assert '"gw_' not in escaped
+            async with s.post(g.url + "/v1/chat/completions", data=escaped,
+                              headers={**bearer(key), "Content-Type": "application/json"}) as r:
+                assert r.status == 200, await r.text()
+        assert len(seen) == 3
         for path_qs, hdrs, body in seen:
             assert secret not in path_qs and secret not in json.dumps(hdrs) and secret.encode() not in body
         assert seen[0][0].endswith("&x=1") and "_REDACTED" in seen[0][0]  # the rest of the query as sent
         assert seen[0][1]["X-Custom-Key"].endswith("_REDACTED")
         assert json.loads(seen[1][2])["model"].endswith("_REDACTED")
+        assert json.loads(seen[2][2])["model"].endswith("_REDACTED")
         await g.plugin("audit").sinks[0][1].flush(10)
         db = sqlite3.connect(tmp_path / "gateway.db")
         rows = [d for (d,) in db.execute("SELECT data FROM audit_events")]
