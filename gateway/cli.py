@@ -248,6 +248,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     from .db import upgrade_sync
 
     cfg = load(args)
+    if args.db_command == "backup":
+        return _backup(cfg, args.target)
     if args.db_command == "upgrade":
         # First what the database holds (an unreachable one is said to be so; another
         # application's revisions are an error): a schema a newer gateway migrated further is
@@ -262,6 +264,38 @@ def cmd_db(args: argparse.Namespace) -> int:
         check_database_exists(cfg)  # `current` only reads: it must not create the file
         for line in asyncio.run(_current(cfg)):
             print(line)
+    return 0
+
+
+def _backup(cfg: GatewayConfig, target: str) -> int:
+    """A consistent copy of the SQLite file while gateways run on it (VACUUM INTO: one read
+    transaction, whatever the write-ahead log holds; compact). A plain copy of the file misses what
+    is still in its -wal file (keys revoked or made lately, quota usage, recent events)."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    if not cfg.database.url.startswith("sqlite"):
+        print("gateway db backup: for a SQLite database; back up PostgreSQL with its own tools (pg_dump)",
+              file=sys.stderr)
+        return 2
+    check_database_exists(cfg)
+    out = Path(target)
+    if out.exists() or out.is_symlink():
+        print(f"gateway db backup: {target} exists; name a new file", file=sys.stderr)
+        return 2
+    name = make_url(cfg.database.url).database or ""
+    src = sqlite3.connect(f"file:{Path(name).resolve()}?mode=ro", uri=True, timeout=30)
+    try:
+        src.execute("VACUUM INTO ?", (str(out),))
+    except sqlite3.Error as e:
+        out.unlink(missing_ok=True)
+        print(f"gateway db backup: {e}", file=sys.stderr)
+        return 1
+    finally:
+        src.close()
+    print(f"backup written: {target} ({out.stat().st_size} bytes). To restore it: stop the gateway, delete "
+          f"{name}-wal and {name}-shm, copy the backup to {name}, start the gateway.")
     return 0
 
 
@@ -400,9 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and exit (non-zero on error)")
     add_config_arg(p)
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("db", help="database schema")
-    add_config_arg(p)
-    p.add_argument("db_command", choices=["upgrade", "current"])
+    p = sub.add_parser("db", help="database schema, and a consistent copy of a SQLite file (backup)")
+    add_config_arg(p)  # (before the command, too: gateway db -c FILE upgrade)
+    dsub = p.add_subparsers(dest="db_command", required=True)
+    for name, text in (("upgrade", "apply the migrations the database has not had"),
+                       ("current", "the applied migrations"),
+                       ("backup", "write a consistent copy of the SQLite file, gateways running or not")):
+        d = dsub.add_parser(name, help=text)
+        d.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to gateway.yaml")
+        if name == "backup":
+            d.add_argument("target", help="the file to write (must not exist)")
     p.set_defaults(func=cmd_db)
     p = sub.add_parser("demo", help="run the gateway with a built-in demo backend and print a first call")
     add_config_arg(p)

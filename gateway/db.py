@@ -185,6 +185,7 @@ class Database:
         self.file: str | None = None
         self._file_id: tuple[int, int] | None = None
         self._file_gone_logged = False
+        self._file_replaced_logged = False
         self._ping_failing_since: float | None = None
         self._ping_task: asyncio.Task[bool] | None = None
         self._ping_started = 0.0
@@ -201,10 +202,15 @@ class Database:
 
     # A SQLite file deleted or replaced under a running gateway: connections already open would go
     # on writing into the deleted file (every row lost at exit, with /readyz saying ready), or
-    # into the old one. Each checkout compares the path with the file the connection opened.
+    # into the old one. Each checkout compares the path with the file opened at start: gone (or
+    # another file there) fails, the same file moved back is used again.
     def _before_connect(self, *_: Any) -> None:
-        if self._file_id is not None and not os.path.exists(self.file or ""):
-            self._gone()  # do not create an empty database in its place
+        if self._file_id is not None:
+            now = self._file_stat()
+            if now is None:
+                self._gone()  # do not create an empty database in its place
+            if now != self._file_id:
+                self._replaced()
 
     def _file_stat(self) -> tuple[int, int] | None:
         try:
@@ -217,16 +223,24 @@ class Database:
         now = self._file_stat()
         if now is None:
             self._gone()
-        opened = record.info.get("file_id")
-        if opened is not None and now != opened:
-            log.warning("the SQLite file %s was replaced; connections reopen on the new file", self.file)
-            self._file_id = now
-            from sqlalchemy.exc import DisconnectionError
-
-            raise DisconnectionError("the SQLite file was replaced")  # the pool reconnects
+        if now != self._file_id:
+            # Another file at the path (a backup put back, a copy moved over it). Opened next to
+            # the write-ahead log (-wal) the running connections keep at the same path, it would be
+            # read with that log applied: a corrupted database. Refused until a restart.
+            self._replaced()
         if self._file_gone_logged:
             log.warning("the SQLite file %s is back; writes resume", self.file)
             self._file_gone_logged = False
+
+    def _replaced(self) -> None:
+        if not self._file_replaced_logged:
+            log.error("the SQLite file %s was replaced by another file while the gateway ran: it is not used "
+                      "(opened next to this process's write-ahead log it would be corrupted); writes fail and "
+                      "are counted, and /readyz says not ready. To use it (a restored backup): stop the "
+                      "gateway, delete %s-wal and %s-shm, start it (see docs/configuration.md, The SQLite "
+                      "file)", self.file, self.file, self.file)
+            self._file_replaced_logged = True
+        raise DatabaseFileGone(f"the SQLite file {self.file} was replaced while the gateway ran")
 
     def _gone(self) -> None:
         if not self._file_gone_logged:
@@ -245,11 +259,8 @@ class Database:
         # at the next checkpoint; otherwise the file keeps its largest size for good.
         cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         cur.close()
-        if self.file is not None:
-            fid = self._file_stat()
-            _record.info["file_id"] = fid
-            if self._file_id is None:
-                self._file_id = fid
+        if self.file is not None and self._file_id is None:
+            self._file_id = self._file_stat()  # the file this process uses for good
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()

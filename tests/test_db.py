@@ -277,15 +277,15 @@ async def test_migrations_build_exactly_the_models(tmp_path: Path) -> None:
     assert diffs == [], diffs
 
 
-async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, tmp_path: Path) -> None:
-    """Deleted while serving: writes fail and are counted (nothing goes into the unlinked file, no
-    empty file is made in its place), /readyz says not ready. A file put back at the path (a
-    restored backup) is written from then on."""
-    import shutil
-
+async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, tmp_path: Path, caplog: Any) -> None:
+    """Moved away while serving: writes fail and are counted (nothing goes into the file the
+    connections still hold, no empty file is made in its place), /readyz says not ready. Another
+    file put at the path (a backup restored under the running gateway) is not used: opened next to
+    this process's write-ahead log it would be corrupted. The same file moved back is written from
+    then on; a backup is restored by stopping, removing the -wal and -shm files, starting."""
     import aiohttp
 
-    from .helpers import ADMIN_TOKEN, until
+    from .helpers import ADMIN_TOKEN, start_gateway, until
 
     path = tmp_path / "live.db"
     g = await make_gateway([{"name": "audit", "config": {"retry_for": 1}}],
@@ -306,6 +306,14 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
             c.close()
 
     async with aiohttp.ClientSession() as s:
+        async def readyz() -> tuple[int, Any]:
+            async with s.get(g.admin_url + "/readyz") as r:
+                return r.status, await r.json()
+
+        async def not_ready() -> Any:
+            st, body = await readyz()
+            return body if st == 503 and not body["checks"]["writers"]["ok"] else None
+
         for _ in range(3):
             async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
                 assert r.status == 200
@@ -315,18 +323,13 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
         src.backup(dst)  # a consistent copy with the 3 events
         src.close()
         dst.close()
-        for suffix in ("", "-wal", "-shm"):
-            (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+        away = tmp_path / "away.db"
+        path.rename(away)
         for _ in range(2):
             async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
                 assert r.status == 200  # requests are served; their records are not kept
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            async with s.get(g.admin_url + "/readyz") as r:
-                ready = await r.json()
-            if r.status == 503 and not ready["checks"]["writers"]["ok"]:
-                break
-        assert r.status == 503 and ready["checks"]["database"]["ok"] is False, ready
+        ready = await until(not_ready, timeout=15, what="/readyz 503")
+        assert ready["checks"]["database"]["ok"] is False, ready
         assert ready["checks"]["writers"]["failing"] == ["audit:database"]
         assert not path.exists()  # no empty database made in its place
         await flush()
@@ -335,18 +338,46 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
         assert dropped == 2
         async with s.get(g.admin_url + "/audit", headers=hdr) as r:  # the admin API: retry later
             assert r.status == 503 and (await r.json())["error"]["code"] == "database_unavailable"
-        # the backup is put back: ready again without any traffic, and written from then on
-        shutil.copy(backup, path)
-
-        async def ready() -> bool:
-            async with s.get(g.admin_url + "/readyz") as r:
-                return r.status == 200
-
-        await until(ready, timeout=15, what="/readyz 200")  # (the writer's last failure 5 s behind)
+        # A backup put at the path under the running gateway: refused, said with what to do
+        before = backup.read_bytes()
+        backup.rename(path)
         async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
             assert r.status == 200
         await flush()
-    assert await rows(path) == 4  # the 3 from the backup and the one after
+        assert (await readyz())[0] == 503
+        assert any("was replaced by another file" in r.getMessage() and "delete" in r.getMessage()
+                   for r in caplog.records)
+        assert path.read_bytes() == before  # not written to (nor opened: the -wal there is the other file's)
+        # the original moved back: ready again without any traffic, and written from then on
+        path.rename(backup)
+        away.rename(path)
+
+        async def ready_again() -> bool:
+            return (await readyz())[0] == 200
+
+        await until(ready_again, timeout=15, what="/readyz 200")  # (the writer's last failure 5 s behind)
+        async with s.post(g.url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 200
+        await flush()
+    assert await rows(path) == 4  # the 3 from before and the one after
+    # Restoring the backup as documented: stop, remove the -wal and -shm, put it in place, start.
+    await g.stop()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+    backup.replace(path)
+    g2 = await start_gateway(tmp_path / "gateway.yaml")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g2.url + "/v1/chat/completions", json=chat) as r:
+                assert r.status == 200
+        for _, w in g2.plugin("audit").sinks:
+            await w.flush(10)
+        assert await rows(path) == 4  # the backup's 3 and the new one
+        c = sqlite3.connect(path)
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        c.close()
+    finally:
+        await g2.stop()
 
 
 async def _sample(s: Any, admin_url: str, hdr: dict[str, str], series: str) -> float:
@@ -586,3 +617,55 @@ async def test_postgresql_migration_waiting_for_the_lock_stops_on_sigterm(tmp_pa
         await tr.rollback()
     finally:
         await holder.close()
+
+
+async def test_db_backup_copies_what_the_write_ahead_log_holds_while_the_gateway_runs(
+        make_gateway: Any, tmp_path: Path) -> None:
+    """`gateway db backup FILE` on a running gateway's SQLite file: a consistent copy, with what
+    is still only in the -wal file (a key revoked a moment ago), that verifies; it never
+    overwrites a file; on PostgreSQL it points at pg_dump."""
+    import aiohttp
+
+    from .test_key_auth import admin, bearer, new_key
+
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit"}])
+    keep, revoked = await new_key(g), await new_key(g)
+    assert (await admin(g, "POST", f"/keys/{revoked['id']}/revoke"))[0] == 200
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(g.url + "/v1/chat/completions", headers=bearer(keep["key"]),
+                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                assert r.status == 200
+    for _, w in g.plugin("audit").sinks:
+        await w.flush(10)
+    cfg = tmp_path / "gateway.yaml"
+    out = tmp_path / "backups" / "gw.db"
+    out.parent.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "db", *args, "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+
+    r = await asyncio.to_thread(cli, "backup", str(out))
+    assert r.returncode == 0 and "To restore it: stop the gateway" in r.stdout, r.stderr
+    c = sqlite3.connect(out)
+    try:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert c.execute("SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = ?", (revoked["id"],)).fetchone()[0]
+        assert c.execute("SELECT count(*) FROM audit_events WHERE type = 'request'").fetchone()[0] == 3
+    finally:
+        c.close()
+    copy_cfg = tmp_path / "copy.yaml"
+    copy_cfg.write_text(cfg.read_text().replace(str(tmp_path / "gateway.db"), str(out)))
+    v = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", "-c", str(copy_cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0 and "intact" in v.stdout, v.stdout + v.stderr
+    before = out.read_bytes()
+    r = await asyncio.to_thread(cli, "backup", str(out))
+    assert r.returncode == 2 and "exists" in r.stderr and out.read_bytes() == before
+    pg = tmp_path / "pg.yaml"
+    pg.write_text(cfg.read_text().replace(f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}",
+                                          "postgresql+asyncpg://u:p@127.0.0.1:9/x"))
+    r = subprocess.run([sys.executable, "-m", "gateway", "db", "backup", str(tmp_path / "x.db"), "-c", str(pg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pg_dump" in r.stderr
