@@ -131,3 +131,33 @@ async def test_recorded_heads_over_the_admin_api_and_across_a_retention_purge(ma
     forged = f"{second['last_seq']}:{'0' * 64}"
     st, after = await verify(forged)
     assert st == 200 and not after["ok"] and after["broken"]["problem"] == "replaced"
+
+
+async def test_events_the_writer_gave_up_on_are_marked_in_the_trail(make_gateway: Any, tmp_path: Path) -> None:
+    """The database unavailable for longer than retry_for: the requests' events are dropped (and
+    counted). The trail itself says so with its next batch: an audit.dropped event with the count,
+    where they belong, so a reader of the trail (not only of the metrics) sees the gap."""
+    from .helpers import until
+
+    g = await make_gateway([{"name": "audit", "config": {"sinks": ["database"], "retry_for": 0.5,
+                                                         "flush_interval": 0.05}}])
+    writer = g.plugin("audit").sinks[0][1]
+    await traffic(g, 1)
+    await writer.flush(10)
+    db = tmp_path / "gateway.db"
+    away = tmp_path / "away.db"
+    db.rename(away)
+    await traffic(g, 3)
+    await until(lambda: writer.dropped >= 3, timeout=20, what="the 3 events dropped")
+    away.rename(db)
+    await traffic(g, 1)
+    await writer.flush(10)
+    con = sqlite3.connect(db)
+    rows = [json.loads(d) for (d,) in con.execute("SELECT data FROM audit_events ORDER BY seq")]
+    con.close()
+    types = [r["type"] for r in rows]
+    assert types == ["request", "audit.dropped", "request"], types
+    marker = rows[1]
+    assert marker["dropped"] == 3 and marker["after"] is not None and marker["actor"] == "system"
+    r = await acli(tmp_path / "gateway.yaml", "verify")
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -178,6 +178,7 @@ class Audit(Plugin):
 
             def factory(sink: Sink = sink) -> Any:
                 w = self.services.writer(f"audit:{sink.key}", sink.write, readiness=sink.readiness, **settings)
+                sink.writer = w  # (the database sink says in the trail what its writer could not write)
                 w.start()
                 return w
 

@@ -21,7 +21,7 @@ from gateway.db import Database, in_daemon_thread
 
 from . import store
 from .chain import ChainKeys
-from .events import as_event, jsonl
+from .events import as_event, iso, jsonl
 
 __all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "head_log", "jsonl", "log_head"]
 
@@ -38,6 +38,8 @@ class Sink:
     kind = ""
     #: Does a failing or stalled write of this sink make the instance not ready (/readyz)?
     readiness = True
+    #: The BatchWriter that feeds it (set when the writer is made)
+    writer: Any = None
 
     @property
     def key(self) -> str:
@@ -56,9 +58,22 @@ class DatabaseSink(Sink):
         self.chain = chain if chain is not None else ChainKeys()
         self.introduce = introduce  # (store._append: where a first chain key may be written)
         self.log_heads = log_heads  # (a gateway's; not a CLI command's)
+        self._dropped_seen = 0  # the writer's drop count when the last batch went in
+        self._written_at: str | None = None
 
     async def write(self, batch: Sequence[Any]) -> None:
+        dropped = self.writer.dropped if self.writer is not None else 0
+        if dropped > self._dropped_seen:
+            # Records this writer gave up on since its last batch (the database down or full for
+            # longer than retry_for, the queue full, a record it refused): the trail says so where
+            # they belong, not only a metric and the log. (Gaps of a process that stopped are not.)
+            batch = [{"time": iso(), "type": "audit.dropped", "actor": "system",
+                      "dropped": dropped - self._dropped_seen, "after": self._written_at,
+                      "detail": "events not written by this gateway (see gateway_writer_dropped_total and its log)"},
+                     *batch]
         head = await store.append(self.db, batch, self.chain.keys, self.chain, self.introduce)  # (the keys in force now: a reload may change them)
+        self._dropped_seen = dropped
+        self._written_at = iso()
         if head is not None and self.log_heads:
             self.chain.head = head
             now = time.monotonic()
