@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import re
 import sqlite3
 from pathlib import Path
