@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import signal
 import time
 from typing import Any, Awaitable
@@ -13,7 +14,7 @@ from typing import Any, Awaitable
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -57,6 +58,12 @@ class Gateway:
                                 registry=self.services.metrics)
         for result in ("success", "failure"):  # at 0 from the start: an alert on the first failure fires
             self._reloads.labels(result)
+        if self.db.file is not None:
+            # A long or stalled read stops SQLite's checkpoints: the write-ahead log then grows with
+            # every write until it ends (docs/configuration.md, The SQLite file).
+            wal = self.db.file + "-wal"
+            Gauge("gateway_sqlite_wal_bytes", "Size of the SQLite database's write-ahead log (-wal file)",
+                  registry=self.services.metrics).set_function(lambda: _size(wal))
         self._reload_lock = asyncio.Lock()
         self._mounted: list[Any] = []  # plugin middlewares and TraceConfigs in use
         self._old_runtimes: set[asyncio.Task[None]] = set()
@@ -420,6 +427,13 @@ def _activate(rt: Runtime) -> None:
             p.activated()
         except Exception:
             log.exception("plugin %s failed in activated()", type(p).name)
+
+
+def _size(path: str) -> float:
+    try:
+        return float(os.stat(path).st_size)
+    except OSError:  # (none yet, or the file moved away)
+        return 0.0
 
 
 def _check_grace(cfg: GatewayConfig, services: Services) -> None:

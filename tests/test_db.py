@@ -669,3 +669,29 @@ async def test_db_backup_copies_what_the_write_ahead_log_holds_while_the_gateway
     r = subprocess.run([sys.executable, "-m", "gateway", "db", "backup", str(tmp_path / "x.db"), "-c", str(pg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "pg_dump" in r.stderr
+
+
+async def test_the_sqlite_write_ahead_log_size_is_a_metric(make_gateway: Any, tmp_path: Path) -> None:
+    """gateway_sqlite_wal_bytes follows the -wal file (a read that stops checkpoints makes it grow)."""
+    import aiohttp
+
+    from .helpers import ADMIN_TOKEN
+
+    g = await make_gateway([{"name": "audit"}])
+    hdr = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    reader = sqlite3.connect(tmp_path / "gateway.db")
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM audit_events").fetchone()  # a read transaction held open
+        async with aiohttp.ClientSession() as s:
+            first = await _sample(s, g.admin_url, hdr, "gateway_sqlite_wal_bytes")
+            for _ in range(20):
+                async with s.post(g.url + "/v1/chat/completions",
+                                  json={"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}) as r:
+                    assert r.status == 200
+            await g.plugin("audit").sinks[0][1].flush(10)
+            grown = await _sample(s, g.admin_url, hdr, "gateway_sqlite_wal_bytes")
+        wal = (tmp_path / "gateway.db-wal").stat().st_size
+        assert grown > first and grown == wal, (first, grown, wal)
+    finally:
+        reader.close()
