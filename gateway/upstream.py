@@ -17,8 +17,8 @@ from yarl import URL
 
 from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM
-from .redact import mask_gateway_keys, secret_param
 from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
+from .redact import mask_gateway_keys, secret_param
 
 if TYPE_CHECKING:
     from gateway.config.model import UpstreamConfig
