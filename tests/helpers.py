@@ -158,15 +158,24 @@ class GatewayProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         with contextlib.suppress(Exception):
             self._log.close()
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float, resume: bool = False) -> None:
+    """SIGTERM (after SIGCONT, for one that may be frozen), then SIGKILL if it is still there
+    after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    if resume:
+        proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # -- Redis ----------------------------------------------------------------------------------------
@@ -203,14 +212,7 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 5, resume=True)
 
 
 def have_redis() -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +14,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-from .helpers import IN_CI, free_port, until
+from .helpers import IN_CI, free_port, stop_process, until
 from .test_proxy import Fake, gateway_to, sse_arrivals
 
 T = aiohttp.ClientTimeout(total=30)
@@ -83,13 +82,7 @@ class Nginx:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 @pytest.fixture
