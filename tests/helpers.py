@@ -23,8 +23,28 @@ ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+#: Ports free_port hands out: below the kernel's ephemeral range (32768 and up on Linux), which
+#: outgoing connections take theirs from (a port the kernel picked for a listener, closed, then
+#: given to a client socket elsewhere before the server bound it: "address already in use"), and
+#: a range of its own for each parallel test worker (PYTEST_XDIST_WORKER gw0, gw1 ...).
+_PORT_SPAN = 3000
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_PORT_BASE = 20000 + (int(_worker[2:]) % 4 if _worker[2:].isdigit() else 0) * _PORT_SPAN
+_next_port = [_PORT_BASE + os.getpid() % _PORT_SPAN]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nothing listens on now, not one the kernel hands to outgoing connections."""
+    for _ in range(_PORT_SPAN):
+        port = _next_port[0]
+        _next_port[0] = _PORT_BASE + (port - _PORT_BASE + 1) % _PORT_SPAN
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (all taken: any free one)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
