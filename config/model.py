@@ -105,6 +105,10 @@ class ServerConfig(Model):
                                    "instance shares makes them all fail the probe together: a restart shorter "
                                    "than this keeps the fleet in the load balancer (cached keys are still "
                                    "checked, records wait in the writers' queues). 0: at the first failure.")
+    reuse_port: bool = Field(False, description="Open the public and admin listeners with SO_REUSEPORT, so a "
+                             "second gateway can listen on the same ports: start the new one, wait for its "
+                             "/readyz, then SIGTERM the old one (a restart or upgrade that refuses no "
+                             "connection). Every process on the ports must set it.")
     keepalive_timeout: float = Field(75.0, gt=0, description="Seconds a client connection may sit idle (or "
                                      "take to send a request head) before it is closed.")
     body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "
@@ -483,7 +487,7 @@ class GatewayConfig(Model):
         """The settings a reload cannot change (they need a restart), by dotted path: the listeners,
         the admin API, the database and the upstream connection pool's size."""
         out: dict[str, Any] = {f"server.{k}": getattr(self.server, k)
-                               for k in ("host", "port", "shutdown_timeout", "keepalive_timeout")}
+                               for k in ("host", "port", "reuse_port", "shutdown_timeout", "keepalive_timeout")}
         out.update({f"admin.{k}": v for k, v in self.admin.model_dump().items()})
         out.update({f"database.{k}": v for k, v in self.database.model_dump().items()})
         out["upstream.max_connections"] = self.upstream.max_connections

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import gc
 import logging
@@ -111,14 +112,15 @@ class Gateway:
                                  keepalive_timeout=self.cfg.server.keepalive_timeout)
         self._public = web.ServerRunner(server, shutdown_timeout=_CUT_AFTER_DRAIN)
         await self._public.setup()
-        site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024)
+        reuse = self.cfg.server.reuse_port or None
+        site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024, reuse_port=reuse)
         await site.start()
         self.public_port = _port(self._public)
         if self.cfg.admin.enabled:
             self._admin = JsonErrorAppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5,
                                              keepalive_timeout=self.cfg.server.keepalive_timeout)
             await self._admin.setup()
-            await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port).start()
+            await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port, reuse_port=reuse).start()
             self.admin_port = _port(self._admin)
         else:
             needs = sorted({p.name for p in self.cfg.plugins if p.enabled and p.name in _ADMIN_PLUGINS})
@@ -212,16 +214,26 @@ class Gateway:
                 await site.stop()
             server = self._public.server
             if server is not None and hasattr(server, "pre_shutdown"):
-                server.pre_shutdown()
+                # A connection accepted a moment ago has not sent its request yet, but its client
+                # has begun: closing it would reset a request the client cannot tell went nowhere.
+                # Such connections get FRESH_GRACE for their first request (served, with
+                # Connection: close). The others are told to close after their response now (an
+                # idle keep-alive one is closed below).
+                fresh = self._idle_connections(server, fresh_only=True)
+                for conn in getattr(server, "connections", ()):
+                    if conn not in fresh:
+                        conn.close()
                 # An idle keep-alive connection is only told to stop waiting; its socket stays
                 # open until the drain ends, and a request a client sends on it meanwhile would
                 # wait for nothing, unanswered and unrecorded. Closed now, the client sees the
                 # close at once (and retries elsewhere).
-                for conn in getattr(server, "connections", ()):
-                    if conn.transport is not None and conn.transport not in self.proxy.busy \
-                            and not getattr(conn, "_request_in_progress", False) \
-                            and not getattr(conn, "_messages", None):  # (a request read, not yet dispatched)
-                        conn.force_close()
+                self._close_idle(server, keep=fresh)
+                until = time.monotonic() + min(FRESH_GRACE, max(0.0, self.drain_deadline - time.monotonic()))
+                while fresh and time.monotonic() < until:
+                    await asyncio.sleep(0.02)
+                    fresh = [c for c in self._idle_connections(server, fresh_only=True) if c in fresh]
+                server.pre_shutdown()
+                self._close_idle(server, keep=[])  # (and those that sent nothing in FRESH_GRACE)
             # (requests that began before a reload are counted on the runtime they began with)
             left = max(0.0, self.drain_deadline - time.monotonic())
             idle = await asyncio.gather(*(rt.wait_idle(left) for rt in [self.runtime, *self._retiring]))
@@ -250,6 +262,20 @@ class Gateway:
         if self.db is not None:
             await self.db.close()
         log.info("gateway stopped")
+
+    def _idle_connections(self, server: Any, fresh_only: bool) -> list[Any]:
+        """The public connections with no request under way or read (``fresh_only``: of those, the
+        ones that have not had a request yet)."""
+        return [conn for conn in getattr(server, "connections", ())
+                if conn.transport is not None and conn.transport not in self.proxy.busy
+                and not getattr(conn, "_request_in_progress", False)
+                and not getattr(conn, "_messages", None)  # (a request read, not yet dispatched)
+                and (not fresh_only or getattr(conn, "_request_count", 1) == 0)]
+
+    def _close_idle(self, server: Any, keep: list[Any]) -> None:
+        for conn in self._idle_connections(server, fresh_only=False):
+            if conn not in keep:
+                conn.force_close()
 
     def _writers_close_by(self) -> None:
         """One deadline for every background writer's final flush, set before the plugins shut
@@ -301,7 +327,7 @@ class Gateway:
         fixed = self.cfg.restart_needed(new)
         if fixed:
             return False, (f"{', '.join(fixed)} cannot change without a restart (server.host, server.port, "
-                           "server.shutdown_timeout, server.keepalive_timeout, admin, database, upstream.max_connections "
+                           "server.reuse_port, server.shutdown_timeout, server.keepalive_timeout, admin, database, upstream.max_connections "
                            "and upstream.keepalive_timeout need one)")
         if uses_database(new) and not uses_database(self.cfg):
             assert self.db is not None
@@ -419,6 +445,9 @@ def _decodable(exc: ContentEncodingError) -> bool:
 #: After the gateway's own drain (Gateway.stop), which cancels what still runs, what aiohttp gives
 #: such a handler to end (to record its exchange) before cutting it (it waits this long twice).
 _CUT_AFTER_DRAIN = 0.25
+#: On shutdown, how long a connection accepted just before the listener closed gets to send its
+#: first request (within the drain time).
+FRESH_GRACE = 0.5
 
 
 def _activate(rt: Runtime) -> None:
@@ -576,7 +605,11 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
         # traceback only for what is not an OS-level error), and undo what had started.
         if isinstance(e, (OSError, DatabaseError)):
             # (a message that is empty, as a timeout's is, shows the type instead of nothing)
-            log.error("start-up failed: %s", redact_url(str(e).strip() or type(e).__name__))
+            hint = ""
+            if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+                hint = ("; another process listens there (two gateways share a port only if both set "
+                        "server.reuse_port: true and run as the same user)")
+            log.error("start-up failed: %s%s", redact_url(str(e).strip() or type(e).__name__), hint)
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
             log.error("start-up failed: %s", redact_url(f"{type(e).__name__}: {e}"))

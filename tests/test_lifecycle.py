@@ -306,12 +306,12 @@ async def test_config_reload_over_http(make_gateway: Any) -> None:
         assert await version(s) == "2"
         # Settings that need a restart are refused, by name (a secret's value is never shown).
         path.write_text(good)
-        _edit(path, lambda c: (c["server"].update({"port": free_port(), "max_body_size": 123}),
+        _edit(path, lambda c: (c["server"].update({"port": free_port(), "max_body_size": 123, "reuse_port": True}),
                                c["admin"].update({"token": "another-admin-token-0123456789"})))
         async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
             assert r.status == 400
             msg = (await r.json())["error"]["message"]
-            assert "unchanged: server.port, admin.token cannot change without a restart" in msg
+            assert "unchanged: server.port, server.reuse_port, admin.token cannot change without a restart" in msg
             assert "another-admin-token" not in msg
         assert await version(s) == "2"
         async with s.get(g.admin_url + "/metrics", headers=AUTH) as r:

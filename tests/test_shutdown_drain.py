@@ -219,3 +219,72 @@ async def test_a_stream_still_running_is_cut_when_the_drain_time_is_up(make_gate
     assert b"[DONE]" not in got
     # about 0.5 s; waiting out aiohttp's grace (twice 5 s) would be over 10
     assert cut_after < 5, cut_after
+
+
+async def _raw_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    body = json.dumps(CHAT).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    return await asyncio.wait_for(reader.read(), 20)  # (until the gateway closes the connection)
+
+
+async def test_a_connection_accepted_just_before_the_listener_closes_gets_its_request_served(
+        tmp_path: Path, upstream: Any) -> None:
+    """A client whose connection was accepted a moment before SIGTERM, and which sends its request
+    right after, is answered (with Connection: close), not reset: its client cannot tell whether a
+    reset request went anywhere. An idle keep-alive connection that has had its answer is closed
+    at once, as before."""
+    proc = _serve(tmp_path, upstream, shutdown_timeout=10)
+    try:
+        await proc.wait_ready()
+        fresh = await asyncio.open_connection("127.0.0.1", proc.port)
+        used = await asyncio.open_connection("127.0.0.1", proc.port)
+        used[1].write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        head = await asyncio.wait_for(used[0].readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await asyncio.wait_for(used[0].readexactly(length), 10)
+        await asyncio.sleep(0.3)  # both accepted, one with a request answered, the other silent
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.wait_for(used[0].read(), 10) == b""  # the idle keep-alive one: closed
+        answer = await _raw_request(*fresh)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b"connection: close" in answer.lower() and b'"choices"' in answer
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        for _, w in (fresh, used):
+            w.close()
+    finally:
+        proc.stop()
+
+
+async def test_reuse_port_lets_a_new_gateway_take_over_the_ports(tmp_path: Path, upstream: Any) -> None:
+    """server.reuse_port: a second gateway starts on the ports of a running one (without it, the
+    second one's start fails and says why); after the first one's SIGTERM the second serves alone."""
+    port, admin_port = free_port(), free_port()
+
+    def config(name: str, reuse: bool) -> Path:
+        cfg = base_config(upstream.url, tmp_path, [], server={"port": port, "reuse_port": reuse},
+                          admin={"port": admin_port})
+        return write_config(tmp_path / f"{name}.yaml", cfg)
+
+    old = GatewayProcess(config("old", True), port, admin_port).start()
+    new = refused = None
+    try:
+        await old.wait_ready()
+        refused = GatewayProcess(config("plain", False), port, admin_port).start()
+        assert await asyncio.to_thread(refused.wait, 60) == 1
+        assert "address already in use" in refused.log() and "server.reuse_port: true" in refused.log()
+        new = GatewayProcess(config("new", True), port, admin_port, log_path=tmp_path / "new.log").start()
+        await until(lambda: "gateway listening" in new.log(), timeout=90, what="the new gateway to listen")
+        async with aiohttp.ClientSession(timeout=T) as s:
+            old.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(old.wait, 30) == 0
+            for _ in range(5):
+                async with s.post(new.url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status == 200 and "choices" in await r.json()
+            assert await _status(s, new.admin_url + "/readyz") == 200
+        assert new.proc is not None and new.proc.poll() is None
+    finally:
+        for p in (old, new, refused):
+            if p is not None:
+                p.stop()
