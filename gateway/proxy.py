@@ -388,12 +388,19 @@ class Proxy:
         head.headers["X-Request-ID"] = ctx.request_id
         resp = web.Response(status=head.status, body=body, headers=head.headers)
         request = ctx.request
-        if self.gw.stopping or _must_close(request) or request.version.major != 1 or (
-                request.body_exists and not request.content.is_eof()):
+        unread = request.body_exists and not request.content.is_eof()
+        if self.gw.stopping or _must_close(request) or request.version.major != 1 or unread:
             # "Connection: close": the client sends its next request elsewhere (also when the body
             # was not read: an Expect: 100-continue client never sends it, so what comes next on
             # the connection would be read as that body)
             resp.force_close()
+        if unread and request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # After the response aiohttp reads the rest of a body (for up to 10 s) so that the
+            # client gets the answer before the connection closes. A compressed body would be
+            # decoded meanwhile, on the event loop: a few MB of gzip are GBs of work, which stalls
+            # every other request. Told to close, the connection discards what still arrives
+            # undecoded, and closes when the 10 s are up.
+            request.protocol.close()
         ctx.status = head.status
         await resp.prepare(ctx.request)
         await resp.write_eof()

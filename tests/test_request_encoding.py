@@ -60,3 +60,33 @@ def gzip_bytes(data: bytes) -> bytes:
     import gzip
 
     return gzip.compress(data)
+
+
+async def test_the_rest_of_a_compressed_body_refused_as_too_large_is_not_decoded(
+        make_gateway: Any, monkeypatch: Any) -> None:
+    """A compressed body that decodes past server.max_body_size gets its 413; what it still sends is
+    then discarded without being decoded: a few MB of gzip decode to GBs, on the event loop, where
+    it would stall every other request (and anyone may send it: the body is read before key_auth)."""
+    from aiohttp import compression_utils
+    inflated = [0]
+    real = compression_utils.ZLibDecompressor.decompress_sync
+
+    def counting(self: Any, data: bytes, max_length: int = 0) -> bytes:
+        out = real(self, data, max_length)
+        inflated[0] += len(out)
+        return out
+
+    monkeypatch.setattr(compression_utils.ZLibDecompressor, "decompress_sync", counting)
+    g = await make_gateway([], server={"max_body_size": 2**20})
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    member = c.compress(b" " * (64 * 2**20)) + c.flush()  # 64 KiB of gzip, 64 MiB decoded
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/embeddings", data=member * 8,
+                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}) as r:
+            assert r.status == 413
+            assert (await r.json())["error"]["code"] == "request_too_large"
+        # the gateway still answers, and the connection it refused was not read to its end
+        async with s.post(g.url + "/v1/chat/completions", data=compressed("gzip"),
+                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}) as r:
+            assert r.status == 200
+    assert inflated[0] < 16 * 2**20, inflated[0]  # of the 512 MiB the refused body decodes to
