@@ -322,6 +322,24 @@ async def test_cancelled_stream_is_charged_for_what_was_generated(make_gateway, 
         assert charged < est + 400            # but not the full answer that was never generated
 
 
+async def test_a_request_whose_answer_timed_out_is_charged_its_prompt(make_gateway, upstream):
+    """504 upstream_timeout: the upstream had the prompt (and may still be generating), so the
+    request pays its prompt estimate, as one its client gave up on does. An SDK retries a 504
+    twice by default: three paid prompts, which a token rule must see."""
+    g = await make_gateway([rl(strategy="fixed", rules=[
+        {"name": "tpm", "limit": "100000/minute", "counts": "tokens", "key_by": ["ip"]}])],
+        upstream={"url": upstream.url, "timeouts": {"first_byte": 0.3}})
+    prompt = "word " * 4000
+    est = prompt_estimate(chat_body(prompt))
+    async with aiohttp.ClientSession() as s:
+        st, body, _ = await post(s, g.url, chat_body(prompt), headers={"X-Demo-Head-Delay": "2"})
+        assert st == 504 and body["error"]["code"] == "upstream_timeout"
+        await settle(g)
+        st, _, h = await post(s, g.url, chat_body("x", max_tokens=1))
+        assert st == 200
+        assert 100000 - int(h["x-ratelimit-remaining-tokens"]) == est
+
+
 async def test_an_answer_the_gateway_cannot_read_is_charged_what_the_request_was_admitted_for(make_gateway):
     """A backend's own API (Ollama's /api/chat answers NDJSON, no OpenAI usage): the tokens it
     generated cannot be read, so the request pays the estimate it was admitted with (prompt plus

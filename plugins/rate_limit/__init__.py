@@ -448,14 +448,16 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
     """Tokens the exchange cost: the upstream's usage when it reported one; without one, the prompt
     estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
     text (content and tool calls, of every choice) at four characters per token; a request the
-    client gave up on before the response head, the prompt estimate; a 2xx answer the gateway could
+    client gave up on before the response head, or whose head did not come in time (504
+    upstream_timeout: the upstream had the prompt), the prompt estimate; a 2xx answer the gateway could
     not read (a backend's own API, such as Ollama's NDJSON /api/chat), the whole ``estimate`` the
     request was admitted with (prompt plus the completion it allows), so that such answers cannot
     generate without limit for a token each (a stream, even one that said nothing or only an
     error, is read: its deltas). Error answers cost nothing."""
     c = ctx.completion
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
-        return prompt_estimate if ctx.outcome in ("client_disconnected", "gateway_shutdown") else 0
+        cut = ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout"
+        return prompt_estimate if cut else 0
     if isinstance(c.usage, dict):
         total = c.total_tokens
         if total is not None:
