@@ -83,6 +83,10 @@ class UpstreamAuthFailed(GatewayError):
     message = ("The upstream refused the gateway's own credentials for it; this is not about your API key. "
                "The gateway's operator has been told (its log says so).")
 
+    def __init__(self) -> None:
+        # a configuration fault a retry cannot mend: the OpenAI SDKs would retry a 502 twice
+        super().__init__(headers={"x-should-retry": "false"})
+
 
 class UpstreamTimeout(GatewayError):
     status, type, code, message = 504, "upstream_error", "upstream_timeout", "The upstream did not answer in time."

@@ -98,6 +98,7 @@ async def test_the_upstream_refusing_the_gateways_own_key_is_not_relayed_as_the_
                 async with s.post(own.url + "/v1/chat/completions", json=CHAT) as r:
                     body = await r.json()
                 assert r.status == 502 and body["error"]["code"] == "upstream_auth_failed", body
+                assert r.headers["x-should-retry"] == "false"  # (the SDKs would retry a 502 twice)
                 assert "9876" not in json.dumps(body)
         told = [r for r in caplog.records if "401 to the gateway's own credentials" in r.getMessage()]
         assert len(told) == 1 and told[0].levelno == logging.ERROR  # (once a minute, not per request)
