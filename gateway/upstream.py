@@ -33,9 +33,13 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 # Never copied from the client: framing is recomputed, Host is the upstream's, credentials come from
 # the config, the gateway sets the forwarding headers itself (and drops the other spellings of
 # them, which a client could fill with anything), and a compressed request body was already
-# decoded by the server (so its Content-Encoding no longer applies).
+# decoded by the server (so its Content-Encoding no longer applies). OpenAI-Organization and
+# OpenAI-Project choose which organization and project a credential bills: the credential is the
+# gateway's, so a client's choice (the SDKs send OPENAI_ORG_ID / OPENAI_PROJECT_ID) is not
+# forwarded; an operator sets them in upstream.headers.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "expect", "x-request-id",
-                             "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "forwarded", "x-real-ip"}
+                             "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "forwarded", "x-real-ip",
+                             "openai-organization", "openai-project"}
 RESPONSE_DROP = HOP_BY_HOP
 
 

@@ -455,6 +455,8 @@ async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -
            b"X-Forwarded-For: 203.0.113.7\r\n"
            b"Forwarded: for=198.51.100.9\r\n"
            b"X-Real-IP: 198.51.100.9\r\n"
+           b"OpenAI-Organization: org-the-clients\r\n"
+           b"OpenAI-Project: proj_the_clients\r\n"
            b"Content-Type: application/json\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n"
            b"5\r\n{\"a\":\r\n"
@@ -465,7 +467,8 @@ async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -
     got = fake.requests[-1]
     h = got["headers"]
     for name in ("Keep-Alive", "TE", "Trailer", "Upgrade", "Proxy-Authorization", "Proxy-Connection",
-                 "X-Req-Private", "Forwarded", "X-Real-IP"):
+                 "X-Req-Private", "Forwarded", "X-Real-IP",
+                 "OpenAI-Organization", "OpenAI-Project"):  # (they pick what the gateway's credential bills)
         assert name not in h, name
     assert "X-Req-Private" not in h.get("Connection", "")
     assert h["X-End-To-End"] == "kept"
