@@ -189,6 +189,26 @@ async def test_fork_on_edited_history(make_gateway: Any, db: dict[str, Any]) -> 
     assert len(await stored(g, fork)) == 6
 
 
+async def test_an_answer_sent_back_with_the_sdks_parsed_field_is_not_an_edit(make_gateway: Any,
+                                                                            db: dict[str, Any]) -> None:
+    """The OpenAI SDKs' ``chat.completions.parse()`` returns the answer with ``parsed`` (its content
+    decoded); a client appending that message to its history sends it back: the same answer, the
+    same conversation, not a fork at every such turn."""
+    g = await start(make_gateway, db)
+    msgs = [{"role": "user", "content": "answer in JSON"}]
+    st, h, b = await chat(g, msgs)
+    cid = h["X-Conversation-ID"]
+    answer = b["choices"][0]["message"]
+    msgs += [{**answer, "refusal": None, "tool_calls": None, "parsed": {"answer": 42}},
+             {"role": "user", "content": "and again"}]
+    st, h, b = await chat(g, msgs, cid)
+    assert st == 200 and h["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in h
+    assert len(await stored(g, cid)) == 4
+    # a user message's own "parsed" is the client's content: kept, so a change to it is an edit
+    st, h, _ = await chat(g, [{**msgs[0], "parsed": 1}] + msgs[1:] + [answer, {"role": "user", "content": "3"}], cid)
+    assert h["X-Conversation-ID"] != cid and h["X-Conversation-Parent-ID"] == cid
+
+
 async def test_memory_mode_prepends_trimmed_history(make_gateway: Any, db: dict[str, Any], upstream: Any) -> None:
     g = await start(make_gateway, db, {"memory": {"enabled": True, "max_messages": 5}, "cache_ttl": 0})
     system = {"role": "system", "content": "Remember everything."}

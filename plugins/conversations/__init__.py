@@ -103,7 +103,9 @@ def canonical(m: Any) -> str:
     """The form used to decide whether two messages are the same: keys sorted, empty values
     (``None``, ``""`` content or refusal, ``[]``, ``{}``) and reasoning dropped, tool calls reduced
     to id/type/name/arguments, audio to its id (the stored answer has the transcript and data the
-    client got; OpenAI asks clients to send back ``{"id": ...}`` only)."""
+    client got; OpenAI asks clients to send back ``{"id": ...}`` only), and an assistant message's
+    ``parsed`` dropped (the OpenAI SDKs' ``.parse()`` adds the content decoded: sent back with the
+    message, it is not an edit)."""
     if type(m) is dict and len(m) == 2:
         # the common plain text message, written out directly (the same text the encoder makes)
         c = m.get("content")
@@ -113,8 +115,11 @@ def canonical(m: Any) -> str:
     if not isinstance(m, dict):
         return _canon(m)
     out: dict[str, Any] = {}
+    answer = m.get("role") == "assistant"
     for k, v in m.items():
         if v is None or v == [] or v == {} or (k in ("content", "refusal") and v == "") or k in REASONING_KEYS:
+            continue
+        if k == "parsed" and answer:
             continue
         if k == "audio" and type(v) is dict and v.get("id") is not None:
             v = {"id": v["id"]}
