@@ -67,6 +67,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
+        "upstream_request_id",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -97,6 +98,9 @@ class RequestContext:
         self.streamed = False                    # response was text/event-stream
         self.bytes_in = 0
         self.bytes_out = 0
+        #: The upstream's own X-Request-ID for this exchange (OpenAI's req_..., what its support asks
+        #: for), when it sent one other than the gateway's.
+        self.upstream_request_id: str | None = None
         self.t_upstream: float | None = None     # upstream request sent
         self.t_headers: float | None = None      # upstream response head received
         self.t_first_byte: float | None = None   # first body byte sent to the client

@@ -515,6 +515,12 @@ class Proxy:
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
+        rid = headers.get("X-Request-ID")
+        if rid is not None and rid != ctx.request_id and len(rid) <= 200:
+            # The upstream's own id (what its support asks for) goes on under another name: the
+            # client's X-Request-ID is the gateway's, which the audit trail and the logs know.
+            ctx.upstream_request_id = rid
+            headers["X-Upstream-Request-ID"] = rid
         if streamed or "ndjson" in ctype.lower():
             # A reverse proxy in front (nginx) would otherwise buffer the events (or an NDJSON
             # stream's lines: Ollama's own API) and deliver them in lumps: to an HTTP/1.0 hop,

@@ -647,3 +647,37 @@ async def test_an_answer_without_a_body_has_its_time_to_first_byte(make_gateway,
     assert [e["method"] for e in evs] == ["HEAD", "GET"]
     for e in evs:
         assert e["ttfb_ms"] is not None and 0 < e["ttfb_ms"] <= e["latency_ms"], e
+
+
+async def test_the_upstreams_own_request_id_reaches_the_client_and_the_trail(make_gateway, tmp_path):
+    """The client's X-Request-ID is the gateway's; an upstream's own id (OpenAI's req_..., what its
+    support asks for) comes along as X-Upstream-Request-ID and is recorded. An upstream echoing
+    the gateway's id (vLLM does) adds nothing."""
+    from aiohttp import web
+
+    from .helpers import serve_handler
+
+    async def answer(request: web.Request) -> web.Response:
+        own = request.headers.get("X-Own-Id") or request.headers["X-Request-ID"]
+        return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]},
+                                 headers={"X-Request-ID": own})
+
+    runner, url = await serve_handler(answer)
+    try:
+        jl = tmp_path / "audit.jsonl"
+        g = await make_gateway([{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}}],
+                               upstream={"url": url})
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Own-Id": "req_7f3a"}) as r:
+                assert r.status == 200
+                assert r.headers["X-Upstream-Request-ID"] == "req_7f3a"
+                ours = r.headers["X-Request-ID"]
+                assert ours != "req_7f3a"
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:  # echoed back: not relayed
+                assert r.status == 200 and "X-Upstream-Request-ID" not in r.headers
+        await g.stop()
+    finally:
+        await runner.cleanup()
+    evs = [json.loads(x) for x in jl.read_text().splitlines()]
+    assert evs[0]["request_id"] == ours and evs[0]["upstream_request_id"] == "req_7f3a"
+    assert "upstream_request_id" not in evs[1]

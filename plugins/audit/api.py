@@ -164,6 +164,9 @@ REQUEST_EVENT: dict[str, Any] = {
         "conversation_id": _SN,
         "tokens_estimated": {"const": True, "description": "Present when tokens_out counts a stream's deltas "
                                                           "(no usage reported)."},
+        "upstream_request_id": {"type": "string", "description": "The upstream's own X-Request-ID (relayed to "
+                                                                  "the client as X-Upstream-Request-ID), when it "
+                                                                  "sent one."},
         "refusal": {"type": "object", "description": "Refused requests: the refusing plugin's details."},
         "reason": {"description": "auth_failure / rate_limited: why (from refusal)."},
         "limit": {"description": "rate_limited: the limit hit (from refusal)."},

@@ -95,6 +95,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
         refusal is not None,
+        ctx.upstream_request_id,
     )
 
 
@@ -102,7 +103,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
     (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
      route, model, response_model, usage, relayed, status, source, outcome, error, streamed, bytes_in, bytes_out,
-     conversation_id, refusal, refused) = item
+     conversation_id, refusal, refused, _) = item
     rtype = refusal.get("type") if refusal else None
     etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
     key_id = caller_key_id(key_id, refusal) or key_id
@@ -147,11 +148,14 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
 
 def build(item: tuple[Any, ...]) -> dict[str, Any]:
     """A captured tuple -> the request event (a dict in REQUEST_FIELDS order, then
-    ``tokens_estimated`` when the stream ended without a usage report, then refusal details)."""
+    ``tokens_estimated`` when the stream ended without a usage report, ``upstream_request_id`` when
+    the upstream sent an id of its own, then refusal details)."""
     values, refusal = request_values(item)
     ev = dict(zip(REQUEST_FIELDS, values))
     if item[17] is not None:  # (the relayed deltas) no usage reported: tokens_out is the stream's deltas
         ev["tokens_estimated"] = True
+    if item[-1] is not None:
+        ev["upstream_request_id"] = item[-1]
     if refusal:
         ev["refusal"] = refusal
         etype = values[1]
