@@ -38,6 +38,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$").match
 # "." / ".." path segments (request.path is decoded, so %2e%2e counts): what the chain matches must be
 # what the upstream serves, and the upstream would resolve them.
 _DOT_SEGMENT = re.compile(r"(?:^|/)\.\.?(?:/|$)").search
+#: What upstreams read differently from the gateway in a (decoded) request path.
+_AMBIGUOUS = re.compile(r"[;\\\x00-\x1f\x7f]").search
 _USAGE_PATHS = ("/chat/completions", "/completions")
 #: Request Content-Encodings the server decodes (aiohttp: br and zstd only with their packages
 #: installed; without them its parser refuses those with a 400).
@@ -236,6 +238,11 @@ class Proxy:
                 raise HttpVersionNotSupported()
             if "." in request.path and _DOT_SEGMENT(request.path):
                 raise BadRequest("The request path must not contain '.' or '..' segments.")
+            if _AMBIGUOUS(request.path):
+                # Read otherwise by some upstreams: ';' starts path parameters for Java servers
+                # (Spring, Tomcat: /chat/completions;x is /chat/completions), '\' is a '/' to
+                # others; the route (and its rules) must be the one the upstream serves.
+                raise BadRequest("The request path must not contain ';', '\\' or control characters.")
             if "//" in request.path:
                 # An empty segment: routes would not match it (/v1//chat is not below /v1/chat) while
                 # an upstream that merges slashes (nginx does by default) serves it as /v1/chat.

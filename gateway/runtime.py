@@ -48,12 +48,15 @@ class Chain:
 class Route:
     """A route's chain and what it takes: its prefix (normalised by the config: no trailing '/') and
     the paths below it, on segment boundaries (``/v1/models`` takes ``/v1/models/x``, not
-    ``/v1/modelsX``), for its methods (empty: all)."""
-    __slots__ = ("name", "prefix", "below", "methods", "chain")
+    ``/v1/modelsX``), for its methods (empty: all). Paths are compared without regard to case:
+    many backends (Express, Fiber) route ``/v1/Chat/completions`` as ``/v1/chat/completions``,
+    and a route's rules must not be dodged by spelling its path otherwise."""
+    __slots__ = ("name", "prefix", "low", "below", "methods", "chain")
 
     def __init__(self, name: str, prefix: str, methods: frozenset[str], chain: Chain) -> None:
         self.name, self.prefix, self.methods, self.chain = name, prefix, methods, chain
-        self.below = prefix if prefix.endswith("/") else prefix + "/"  # ("/" itself: every path)
+        self.low = prefix.lower()
+        self.below = self.low if self.low.endswith("/") else self.low + "/"  # ("/" itself: every path)
 
 
 class Settings:
@@ -161,9 +164,11 @@ class Runtime:
         self.started: list[Plugin] = []
 
     def match(self, method: str, path: str) -> Chain:
-        for r in self.routes:
-            if (path.startswith(r.below) or path == r.prefix) and (not r.methods or method in r.methods):
-                return r.chain
+        if self.routes:
+            low = path.lower()
+            for r in self.routes:
+                if (low.startswith(r.below) or low == r.low) and (not r.methods or method in r.methods):
+                    return r.chain
         for chain in self.api_chains:  # (empty unless a plugin with an API is on for some routes only)
             if chain.serves(path) and not self.default.serves(path):
                 return chain

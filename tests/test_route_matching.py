@@ -92,6 +92,37 @@ async def test_empty_segment_cannot_dodge_a_route_limit(make_gateway: Any, upstr
     assert status == 200 and upstream.requests[-1]["path"] == "/v1/models/"
 
 
+async def test_other_spellings_of_a_path_cannot_dodge_a_route_limit(make_gateway: Any, upstream: Any) -> None:
+    """A route's rules hold for the path however a backend might read it: another case (Express and
+    Fiber route /v1/Chat/completions as /v1/chat/completions) takes the route; ';' (path parameters
+    to Spring and Tomcat), '\\' and control characters are refused, and nothing is forwarded."""
+    g = await make_gateway(
+        [{"name": "rate_limit", "enabled": False,
+          "config": {"rules": [{"name": "base", "limit": "100/minute", "key_by": ["ip"]}]}}],
+        server={"paths": ["/v1"]},
+        routes=[{"path_prefix": "/v1/chat/completions", "methods": ["POST"], "plugins": {"rate_limit": {
+            "enabled": True, "config": {"rules": [{"name": "chat", "limit": "1/minute", "key_by": ["ip"]}]}}}}])
+    body = json.dumps(CHAT).encode()
+
+    async def post(target: str) -> tuple[int, bytes]:
+        status, _, raw = await raw_request(
+            g.gw.public_port, f"POST {target} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        return status, raw
+
+    assert (await post("/v1/chat/completions"))[0] == 200
+    for target in ("/v1/chat/completions", "/v1/chat/Completions", "/v1/CHAT/completions"):
+        status, raw = await post(target)
+        assert status == 429, (target, raw)  # the route's rule, spent
+    n = len(upstream.requests)
+    for target in ("/v1/chat/completions;x", "/v1/chat/completions%3Bx", "/v1/chat/completions\\",
+                   "/v1/chat/completions%5C", "/v1/chat/completions%00", "/v1/chat/completions%0A"):
+        status, raw = await post(target)
+        assert status == 400, (target, status, raw)
+        assert_error_shape(json.loads(raw), "bad_request")
+    assert len(upstream.requests) == n
+
+
 # -- 3. route prefixes -------------------------------------------------------------------------------
 async def test_route_prefix_matches_whole_segments(make_gateway: Any) -> None:
     g = await make_gateway(HEADERS, routes=[
