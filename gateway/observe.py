@@ -70,6 +70,10 @@ class _Joined:
         setattr(obj, self.attr, value)
 
 
+#: A streamed tool call's slot as made for its index, before any delta filled it.
+_UNUSED: dict[str, Any] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+
+
 class Completion:
     """What the upstream answered, as far as it was delivered."""
 
@@ -143,12 +147,15 @@ class Completion:
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:
-        """Choice 0's tool calls (streams: assembled from deltas, their arguments joined here)."""
+        """Choice 0's tool calls (streams: assembled from deltas, their arguments joined here; the
+        slots of indexes no delta carried, when a stream skipped some, left out)."""
         tcs = self._tool_calls
         for tc in tcs:
             fn = tc.get("function") if type(tc) is dict else None
             if type(fn) is dict and type(fn.get("arguments")) is _Parts:
                 fn["arguments"] = "".join(fn["arguments"])
+        if _UNUSED in tcs:
+            return [tc for tc in tcs if tc != _UNUSED]
         return tcs
 
     @tool_calls.setter
@@ -659,9 +666,9 @@ class ResponseObserver:
     # -- parsing ---------------------------------------------------------------------------------
     def _event(self, event: bytes) -> bool:
         """Handle one SSE event; returns False if it must not reach the client."""
-        if event.startswith(b"data: ") and event.count(b"\n", 0, len(event) - 2) == 0 \
-                and event.count(b"\r", 0, len(event) - 4) == 0:
-            data = event[6:].rstrip(b"\r\n")  # the common one-line event
+        body = event.rstrip(b"\r\n")  # (the blank line that ends it, whichever line ends it uses)
+        if body.startswith(b"data: ") and b"\n" not in body and b"\r" not in body:
+            data = body[6:]  # the common one-line event
         else:
             data_lines = []
             for line in event.splitlines():
@@ -705,7 +712,9 @@ class ResponseObserver:
             choices = []
             if _error_envelope(obj):
                 c.error = True
-        if isinstance(usage, dict):
+        # (a usage with no count in it, "usage": {} or counts as strings, is no report: the deltas count)
+        reported = usage is not None and _reports_tokens(usage)
+        if reported:
             c.usage = usage
         for ch in choices:
             if not isinstance(ch, dict):
@@ -728,7 +737,7 @@ class ResponseObserver:
                 self._delta(delta)
             elif isinstance(ch.get("text"), str):  # legacy /v1/completions stream
                 self._text(ch["text"])
-        if isinstance(usage, dict):  # (after its own event's deltas: a report on every chunk covers them)
+        if reported:  # (after its own event's deltas: a report on every chunk covers them)
             c.deltas_at_usage = c.deltas
             c.usage_on_output = bool(choices)
         if self.strip and isinstance(usage, dict) and not choices:
@@ -766,7 +775,7 @@ class ResponseObserver:
         if not c.response_id and isinstance(r.get("id"), str):
             c.response_id = r["id"]
         if kind in ("response.completed", "response.incomplete", "response.failed"):
-            if isinstance(r.get("usage"), dict):
+            if _reports_tokens(r.get("usage")):
                 c.usage = r["usage"]
                 c.deltas_at_usage = c.deltas
                 c.usage_on_output = False
@@ -843,7 +852,7 @@ class ResponseObserver:
                 i = tc.get("index", len(calls))
                 if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
                     continue
-                while len(calls) <= i:
+                while len(calls) <= i:  # (a slot no delta fills stays equal to _UNUSED: left out)
                     calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
                 slot = calls[i]
                 if isinstance(tc.get("id"), str):
@@ -866,7 +875,7 @@ class ResponseObserver:
         c.done = True
         c.model = obj.get("model") if isinstance(obj.get("model"), str) else None
         c.response_id = obj.get("id") if isinstance(obj.get("id"), str) else None
-        if isinstance(obj.get("usage"), dict):
+        if _reports_tokens(obj.get("usage")):
             c.usage = obj["usage"]
         if obj.get("object") == "response" and isinstance(obj.get("output"), list):
             self._response_json(obj)  # the Responses API's answer

@@ -186,6 +186,13 @@ async def test_token_charges_from_backends_that_report_oddly(make_gateway: Any) 
             return web.json_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
                                       "message": {"role": "assistant", "content": "hi"}}],
                                       "usage": {"prompt_tokens": 2**63, "completion_tokens": 1, "total_tokens": 2**63}})
+        if body.get("stream") and mode == "empty-usage":  # 2 content deltas, and a usage with no count in it
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for obj in [{"choices": [{"index": 0, "delta": {"content": "ok"}}]}] * 2 + [{"choices": [], "usage": {}}]:
+                await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
         if body.get("stream"):  # 3 reasoning deltas, 2 content deltas, 2 deltas of a second choice; no usage
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -228,12 +235,38 @@ async def test_token_charges_from_backends_that_report_oddly(make_gateway: Any) 
             assert after_stream == base - 5 - 12 - 5 - (2 + 7)
             after_huge = await call("huge")                       # not believed: an estimate instead
             assert after_huge == after_stream - 5 - (2 + 1)
+            after_empty = await call("empty-usage", stream=True)  # "usage": {} reports nothing: 2 + 2 deltas
+            assert after_empty == after_huge - 5 - (2 + 2)
             await g.plugin("key_auth").flush_usage()
             async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=admin) as r:
                 totals = (await r.json())["totals"]
-        # 5 normal answers (3 + 2 each), the stream's 7 deltas, the huge one's believable completion count
-        assert totals["requests"] == 8 and totals["prompt_tokens"] == 5 * 3
-        assert totals["completion_tokens"] == 5 * 2 + 7 + 1
+        # 6 normal answers (3 + 2 each), the stream's 7 deltas, the huge one's believable completion
+        # count, the 2 deltas of the stream whose usage said nothing
+        assert totals["requests"] == 10 and totals["prompt_tokens"] == 6 * 3
+        assert totals["completion_tokens"] == 6 * 2 + 7 + 1 + 2
+
+
+def test_tool_call_indexes_a_stream_skipped_are_not_stored_as_empty_calls() -> None:
+    """A backend (or adapter) numbering its tool calls from 1, say by content block: the answer has
+    the one call it streamed, as the client's SDK assembles it, not an empty call before it (which
+    made the next turn's history differ, and fork the conversation)."""
+    obs = ResponseObserver(True, False)
+    obs.feed(sse(delta(tool_calls=[{"index": 1, "id": "call_a", "type": "function",
+                                    "function": {"name": "get_weather", "arguments": ""}}]),
+                 delta(tool_calls=[{"index": 1, "function": {"arguments": '{"city": "Paris"}'}}])))
+    obs.finish()
+    assert obs.c.tool_calls == [{"id": "call_a", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+
+
+def test_a_carriage_return_just_before_an_events_end_ends_its_line() -> None:
+    """An SSE parser ends a line at a lone CR: this event's data is its text up to the CR (not
+    JSON), and the answer reads as a client reads it, not as the whole line parsed."""
+    for raw in (b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]\r}\n\n',
+                b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}\r}\n\n'):
+        obs = ResponseObserver(True, True)
+        assert obs.feed(raw) + obs.finish() == raw  # (not taken for a usage chunk and removed either)
+        assert obs.c.content is None and obs.c.usage is None and obs.c.deltas == 0
 
 
 def responses_sse(text: list[str], usage: dict[str, int] | None, status: str = "completed") -> bytes:
