@@ -417,6 +417,12 @@ def demo_instructions(gw: Any, found: dict[str, str], admin_token: str) -> str:
         "    print(chunk.choices[0].delta.content or \"\", end=\"\", flush=True) if chunk.choices else None",
         "print()",
         "PY",
+    ]
+    if gw.admin_port:  # the names the README's tour uses
+        admin = f"http://{url_host(gw.cfg.admin.host)}:{gw.admin_port}"
+        lines += ["", "For the README's tour, in another shell:",
+                  f"  export GW={base} ADMIN={admin} TOKEN={admin_token}" + (f" KEY={key}" if key else "")]
+    lines += [
         "",
         "Press Ctrl-C to stop.",
     ]
@@ -435,13 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(p)
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("db", help="database schema, and a consistent copy of a SQLite file (backup)")
-    add_config_arg(p)  # (before the command, too: gateway db -c FILE upgrade)
     dsub = p.add_subparsers(dest="db_command", required=True)
     for name, text in (("upgrade", "apply the migrations the database has not had"),
                        ("current", "the applied migrations"),
                        ("backup", "write a consistent copy of the SQLite file, gateways running or not")):
         d = dsub.add_parser(name, help=text)
-        d.add_argument("-c", "--config", default=argparse.SUPPRESS, help="path to gateway.yaml")
+        add_config_arg(d)
         if name == "backup":
             d.add_argument("target", help="the file to write (must not exist)")
     p.set_defaults(func=cmd_db)
@@ -528,9 +533,23 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+def config_last(argv: list[str]) -> list[str]:
+    """``argv`` with its ``-c FILE`` (``--config FILE``, ``--config=FILE``) moved to the end, where
+    the command it names reads it: ``gateway -c g.yaml check`` and ``gateway keys -c g.yaml list``
+    then work like ``gateway keys list -c g.yaml``."""
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a in ("-c", "--config") and i + 1 < len(argv):
+            return argv[:i] + argv[i + 2:] + argv[i:i + 2]
+        if a.startswith("--config="):
+            return argv[:i] + argv[i + 1:] + [a]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_last(sys.argv[1:] if argv is None else list(argv)))
     serving = args.command in _SERVING
     if not serving and sys.stdout is None and not getattr(args, "output", None):
         # (started with stdout closed, `>&-`: print() would drop everything and exit 0)

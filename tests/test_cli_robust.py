@@ -293,6 +293,17 @@ def test_conversation_id_is_escaped_cursor_is_a_usage_error(env: dict[str, Any])
     assert rc == 2 and "invalid cursor" in err and "ValueError" not in err
 
 
+@pytest.mark.parametrize("args", [("-c", "CFG", "check"), ("keys", "-c", "CFG", "list"), ("--config=CFG", "keys", "list"),
+                                  ("audit", "-c", "CFG", "verify"), ("db", "-c", "CFG", "current"),
+                                  ("conversations", "--config", "CFG", "list"), ("db", "backup", "-c", "CFG", "OUT")])
+def test_the_config_option_is_taken_before_the_command_too(env: dict[str, Any], args: tuple[str, ...]) -> None:
+    """`-c FILE` works wherever it is put, as the docs say ("on any command"), not only last."""
+    out = env["dir"] / "copy.db"
+    rc, _, err = run_main(*(a.replace("CFG", env["cfg"]).replace("OUT", str(out)) for a in args))
+    assert rc == 0, err
+    assert out.exists() == ("backup" in args)
+
+
 def test_keys_create_refuses_a_past_expiry(env: dict[str, Any]) -> None:
     for when in ("2020-01-01", "2020-01-01T00:00:00+02:00", "0s"):
         rc, out, err = run_main("keys", "create", "--owner", "dave", "--expires", when, "-c", env["cfg"])
