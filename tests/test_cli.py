@@ -184,6 +184,14 @@ def test_demo_prints_commands_that_work(tmp_path: Path, variant: str) -> None:
                             f"Authorization: Bearer {m.group(2)}", m.group(1) + "/metrics"],
                            capture_output=True, text=True, timeout=30)
         assert r.stdout == "200"
+        # The README tour's variables, from the export line it prints, in the tour's own commands.
+        export = next(ln.strip() for ln in lines if ln.strip().startswith("export GW="))
+        tour = (export + "\ncurl -s -o /dev/null -w '%{http_code} ' $ADMIN/metrics -H \"Authorization: Bearer $TOKEN\""
+                "\ncurl -s -o /dev/null -w '%{http_code}' $GW/v1/chat/completions -H \"Authorization: Bearer $KEY\" "
+                "-H 'Content-Type: application/json' "
+                "-d '{\"model\": \"demo-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'")
+        r = subprocess.run(tour, shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=30)
+        assert r.stdout == "200 200", (tour, r.stdout, r.stderr)
     finally:
         rc = demo.stop()
     assert rc == 0, Path(demo.log.name).read_text(errors="replace")[-3000:]
