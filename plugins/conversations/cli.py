@@ -16,6 +16,15 @@ from .store import ConversationStore, dumps, parse_time, utcnow
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
 
 
+def _span(td: dt.timedelta) -> str:
+    """A --older-than as it was given: 30d, 12h, 90m, 45s."""
+    secs = int(td.total_seconds())
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs % n == 0:
+            return f"{secs // n}{unit}"
+    return f"{secs}s"
+
+
 def parse_duration(s: str) -> dt.timedelta:
     """``30d``, ``12h``, ``90m``, ``45s``; a bare number is days."""
     m = _DUR.match(s)
@@ -144,8 +153,14 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
         try:
             with target as f:
                 async for m in store.export(cid=args.id, owner=args.owner):
-                    f.write(dumps(m) + "\n")
+                    # (counted before the write: a signal right after it would leave it uncounted;
+                    # a write that fails, a closed stdout, took nothing)
                     pending += 1
+                    try:
+                        f.write(dumps(m) + "\n")
+                    except Exception:
+                        pending -= 1
+                        raise
                     if pending >= 200:
                         f.flush()
                         n, pending = n + pending, 0
@@ -186,6 +201,6 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
         td: dt.timedelta = args.older_than
         ids = await store.purge(utcnow() - td, each=lambda k: services.events.emit(
             "conversations.purged", actor="cli", older_than_days=td.total_seconds() / 86400, deleted=k))
-        _out(args, {"deleted": len(ids)}, f"purged {len(ids)} conversation(s) with no activity for {args.older_than}")
+        _out(args, {"deleted": len(ids)}, f"purged {len(ids)} conversation(s) with no activity for {_span(td)}")
         return 0
     return 2
