@@ -336,6 +336,8 @@ def _located_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]  # (pydantic's prefix to a validator's own message)
         item = f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}"
         if all(item != o for _, o in out):
             out.append((loc, item))

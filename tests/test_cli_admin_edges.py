@@ -250,7 +250,7 @@ def test_keys_usage_refuses_to_before_from(tmp_path: Path, capsys: Any) -> None:
     cfg = cli_config(tmp_path, {"name": "key_auth", "config": {"pepper": "edge-pepper"}})
     assert run_main("keys", "create", "--owner", "x", "--json", "-c", str(cfg)) == 0
     kid = json.loads(capsys.readouterr().out)["id"]
-    assert run_main("keys", "usage", kid, "--from", "2026-12-01", "--to", "2026-01-01", "-c", str(cfg)) == 1
+    assert run_main("keys", "usage", kid, "--from", "2026-12-01", "--to", "2026-01-01", "-c", str(cfg)) == 2
     assert "before" in capsys.readouterr().err
     assert run_main("keys", "usage", kid, "--from", "2026-01-01", "--to", "2026-01-01", "-c", str(cfg)) == 0
 

@@ -304,6 +304,13 @@ def test_the_config_option_is_taken_before_the_command_too(env: dict[str, Any], 
     assert out.exists() == ("backup" in args)
 
 
+def test_usage_errors_exit_2_and_durations_read_as_written(env: dict[str, Any]) -> None:
+    rc, out, err = run_main("keys", "usage", "k_none", "--from", "2026-02-02", "--to", "2026-02-01", "-c", env["cfg"])
+    assert rc == 2 and "--to (2026-02-01) is before --from (2026-02-02)" in err, err
+    rc, out, err = run_main("conversations", "purge", "--older-than", "30d", "-c", env["cfg"])
+    assert rc == 0 and out.strip() == "purged 1 conversation(s) with no activity for 30d", out  # (from January)
+
+
 def test_keys_create_refuses_a_past_expiry(env: dict[str, Any]) -> None:
     for when in ("2020-01-01", "2020-01-01T00:00:00+02:00", "0s"):
         rc, out, err = run_main("keys", "create", "--owner", "dave", "--expires", when, "-c", env["cfg"])

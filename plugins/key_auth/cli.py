@@ -220,12 +220,13 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             services.events.emit("key.revoked", actor="cli", key_id=args.key_id)
             return _out(args, rec)
         if c == "usage":
-            if await store.get(args.key_id) is None:
-                return _fail(f"no key with id {args.key_id!r}")
             today = dt.datetime.now(dt.timezone.utc).date()
             start, end = args.start or today.replace(day=1), args.end or today
-            if end < start:  # the same rule as GET /keys/{id}/usage (400 "to is before from")
-                return _fail(f"--to ({end}) is before --from ({start})")
+            if end < start:  # the same rule as GET /keys/{id}/usage (400 "to is before from"): a usage error
+                _fail(f"--to ({end}) is before --from ({start})")
+                return 2
+            if await store.get(args.key_id) is None:
+                return _fail(f"no key with id {args.key_id!r}")
             u = await store.usage(args.key_id, start, end)
             if args.json:
                 core_cli.print_json(u)
