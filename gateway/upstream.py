@@ -17,7 +17,7 @@ from yarl import URL
 
 from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM
-from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
+from .errors import BadRequest, InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
 from .redact import mask_gateway_keys, secret_param
 
 if TYPE_CHECKING:
@@ -73,6 +73,15 @@ _PORTS = {"http": 80, "https": 443}
 
 #: Request headers that carry a credential for the upstream.
 CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
+
+
+def _utf8(v: str) -> bool:
+    """Was this header value UTF-8 on the wire (no undecodable bytes, kept as surrogates)?"""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 #: When the last 401 to the gateway's own credentials was logged (one line a minute).
@@ -236,6 +245,12 @@ class Upstream:
                 lk = lk.replace("_", "-")
             if lk in REQUEST_DROP or lk in drop or lk in guarded:
                 continue
+            if not v.isascii() and not _utf8(v):
+                # Bytes that are not UTF-8 (Latin-1 "Jos\xe9") arrive as surrogates, which the
+                # writer would silently drop: the upstream would get another value than the client
+                # sent (and a key with such a byte in it would not be masked first).
+                raise BadRequest(f"The value of the header {k[:64]} is not UTF-8 text; it cannot be forwarded "
+                                 "as sent.")
             # A gateway key in a header key_auth does not read (X-Api-Key, OpenAI-Api-Key ...): the
             # upstream (a third party, maybe, with logs of its own) never gets its secret.
             out.add(k, mask_gateway_keys(v) if "gw" in v else v)

@@ -436,6 +436,25 @@ async def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int,
     return status, headers, body
 
 
+async def test_a_header_value_that_is_not_utf8_is_refused_not_forwarded_cut(make_gateway: Any, fake: Any) -> None:
+    """A Latin-1 byte in a header value used to be dropped on the way up ("Jos\\xe9" reached the
+    upstream as "Jos"), and a gateway key with such a byte in it was not masked first. UTF-8 goes
+    through byte for byte."""
+    g = await gateway_to(make_gateway, fake.url)
+    base = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+    status, _, body = await raw_request(g.gw.public_port, base + b"X-Name: Jos\xc3\xa9\r\n\r\n")
+    assert status == 200 and fake.requests[-1]["headers"]["X-Name"] == "Jos\u00e9"
+    n = len(fake.requests)
+    for value in (b"Jos\xe9", b"gw_abcdefgh1234_" + b"s" * 20 + b"\xff" + b"t" * 10):
+        status, _, body = await raw_request(g.gw.public_port, base + b"X-Name: " + value + b"\r\n\r\n")
+        assert status == 400, body
+        err = json.loads(body)
+        assert_error_shape(err, "bad_request")
+        assert "X-Name" in err["error"]["message"]
+        assert b"sss" not in body
+    assert len(fake.requests) == n  # nothing forwarded
+
+
 async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -> None:
     g = await gateway_to(make_gateway, fake.url,
                          upstream={"headers": {"Authorization": "Bearer upstream-secret"}})
