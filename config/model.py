@@ -348,6 +348,14 @@ class RouteConfig(Model):
     methods: list[str] = Field(default_factory=list, description="HTTP methods; empty means all. GET covers "
                                "HEAD too, unless another route with the same prefix names HEAD.")
     plugins: dict[str, PluginOverride] = Field(default_factory=dict)
+    max_body_size: int | None = Field(None, gt=0, description="Largest request body on this route (say 25MiB "
+                                      "for /v1/audio/transcriptions uploads); null: server.max_body_size. "
+                                      "Bodies are read whole into memory.")
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int | None:
+        return None if v is None else parse_size(v)
 
     @field_validator("plugins", mode="before")
     @classmethod

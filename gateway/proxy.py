@@ -251,7 +251,7 @@ class Proxy:
             if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
                     and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
-            await self._read_body(ctx)
+            await self._read_body(ctx, chain.max_body or ctx.settings.max_body)
             timings = ctx.timings
             for p in chain.request:
                 try:
@@ -291,11 +291,10 @@ class Proxy:
             return await self._send_error(ctx, chain, InternalError(),
                                           skip=e.plugin if e.phase == "on_response" else None)
 
-    async def _read_body(self, ctx: RequestContext) -> None:
+    async def _read_body(self, ctx: RequestContext, max_body: int) -> None:
         request = ctx.request
         if not request.body_exists:
             return
-        max_body = ctx.settings.max_body
         cl = request.content_length
         if cl is not None and cl > max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
@@ -311,12 +310,12 @@ class Proxy:
             request.writer.output_size = 0
         content = request.content
         if content.is_eof():  # the whole body is already in (the common case): no timer
-            body = await self._read_payload(request, None, ctx.settings)
+            body = await self._read_payload(request, None, ctx.settings, max_body)
         else:
             wait = ctx.settings.body_timeout
             try:
                 async with asyncio.timeout(wait) as stall:
-                    body = await self._read_payload(request, stall, ctx.settings)
+                    body = await self._read_payload(request, stall, ctx.settings, max_body)
             except TimeoutError:
                 raise RequestTimeout(f"No request body bytes arrived for {wait:g} seconds.") from None
         ctx.body = body
@@ -329,7 +328,7 @@ class Proxy:
             _mask_key_as_model(ctx)
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None,
-                            settings: "Settings") -> bytes:
+                            settings: "Settings", max_body: int) -> bytes:
         """The request body; each chunk that arrives pushes the ``stall`` deadline back."""
         content = request.content
         cl = request.content_length
@@ -359,8 +358,8 @@ class Proxy:
             if not chunk:
                 return bytes(buf)
             buf += chunk
-            if len(buf) > settings.max_body:
-                raise PayloadTooLarge(f"Request body exceeds the limit of {settings.max_body} bytes.")
+            if len(buf) > max_body:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
             if stall is not None:
                 stall.reschedule(loop_time() + settings.body_timeout)
 

@@ -22,11 +22,12 @@ log = logging.getLogger("gateway")
 
 
 class Chain:
-    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe", "served")
+    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe", "served", "max_body")
 
-    def __init__(self, name: str, plugins: list[Plugin]) -> None:
+    def __init__(self, name: str, plugins: list[Plugin], max_body: int | None = None) -> None:
         self.name = name
         self.plugins = plugins
+        self.max_body = max_body  # a route's own limit on request bodies (None: server.max_body_size)
         def uses(p: Plugin, hook: str) -> bool:
             return type(p).overrides(hook) and hook not in p.unused_hooks
 
@@ -125,7 +126,7 @@ class Runtime:
                 # HEAD is GET without the body (as HTTP servers answer it): the same limits and
                 # checks, unless a route with this prefix names HEAD itself.
                 methods.add("HEAD")
-            routes.append(Route(rname, rc.path_prefix, frozenset(methods), Chain(rname, plugins)))
+            routes.append(Route(rname, rc.path_prefix, frozenset(methods), Chain(rname, plugins, rc.max_body_size)))
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes

@@ -142,3 +142,26 @@ async def test_the_plugin_api_needs_a_key_if_its_route_does(make_gateway: Any, t
                            routes=[{"path_prefix": "/v1/chat", "plugins": {"key_auth": {"enabled": True},
                                                                           "conversations": {"enabled": True}}}])
     await own_conversation_listed(g, tmp_path)
+
+
+async def test_a_route_takes_bodies_of_its_own_size(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """Uploads (audio transcriptions, files) need more than chat: a route's max_body_size applies
+    to it alone; the rest keeps server.max_body_size; a reload changes it."""
+    g = await make_gateway(server={"max_body_size": "1MiB"},
+                           routes=[{"path_prefix": "/v1/audio", "max_body_size": "2MiB"}])
+    big, bigger = b"x" * (3 * 2**19), b"x" * (5 * 2**19)  # 1.5 MiB, 2.5 MiB
+    async with aiohttp.ClientSession() as s:
+        async def post(path: str, body: bytes) -> tuple[int, Any]:
+            async with s.post(g.url + path, data=body, headers={"Content-Type": "application/octet-stream"}) as r:
+                return r.status, await r.read()
+
+        assert (await post("/v1/audio/transcriptions", big))[0] == 200
+        assert len(upstream.requests[-1]["body"]) == len(big)
+        status, body = await post("/v1/chat/completions", big)
+        assert status == 413 and b"limit of 1048576 bytes" in body
+        status, body = await post("/v1/audio/transcriptions", bigger)
+        assert status == 413 and b"limit of 2097152 bytes" in body
+        path = Path(g.gw.cfg.path)
+        path.write_text(path.read_text().replace("2MiB", "3MiB"))
+        assert (await g.gw.reload())[0] is True
+        assert (await post("/v1/audio/transcriptions", bigger))[0] == 200
