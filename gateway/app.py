@@ -213,27 +213,22 @@ class Gateway:
             for site in list(self._public.sites):
                 await site.stop()
             server = self._public.server
-            if server is not None and hasattr(server, "pre_shutdown"):
-                # A connection accepted a moment ago has not sent its request yet, but its client
-                # has begun: closing it would reset a request the client cannot tell went nowhere.
-                # Such connections get FRESH_GRACE for their first request (served, with
-                # Connection: close). The others are told to close after their response now (an
-                # idle keep-alive one is closed below).
-                fresh = self._idle_connections(server, fresh_only=True)
-                for conn in getattr(server, "connections", ()):
-                    if conn not in fresh:
-                        conn.close()
-                # An idle keep-alive connection is only told to stop waiting; its socket stays
-                # open until the drain ends, and a request a client sends on it meanwhile would
-                # wait for nothing, unanswered and unrecorded. Closed now, the client sees the
-                # close at once (and retries elsewhere).
-                self._close_idle(server, keep=fresh)
+            if server is not None:
+                # A connection waiting for its next request after an answer (keep-alive) is closed
+                # now: a request its client sent on it meanwhile would wait for nothing, unanswered
+                # and unrecorded; closed, the client sees it at once (and retries elsewhere).
+                # One accepted a moment ago that has not sent its first request yet has a client
+                # that has begun one: closing it would reset a request the client cannot tell went
+                # nowhere. Those get FRESH_GRACE to send it (answered with Connection: close).
+                # Connections with a request under way are left alone (not told to close: that
+                # would drop the rest of a body still arriving); their answers close them.
+                fresh = [c for c in self._waiting(server) if getattr(c, "_request_count", 1) == 0]
+                self._close_waiting(server, keep=fresh)
                 until = time.monotonic() + min(FRESH_GRACE, max(0.0, self.drain_deadline - time.monotonic()))
                 while fresh and time.monotonic() < until:
                     await asyncio.sleep(0.02)
-                    fresh = [c for c in self._idle_connections(server, fresh_only=True) if c in fresh]
-                server.pre_shutdown()
-                self._close_idle(server, keep=[])  # (and those that sent nothing in FRESH_GRACE)
+                    fresh = [c for c in self._waiting(server) if c in fresh and getattr(c, "_request_count", 1) == 0]
+                self._close_waiting(server, keep=[])  # (and those that sent nothing in FRESH_GRACE)
             # (requests that began before a reload are counted on the runtime they began with)
             left = max(0.0, self.drain_deadline - time.monotonic())
             idle = await asyncio.gather(*(rt.wait_idle(left) for rt in [self.runtime, *self._retiring]))
@@ -263,17 +258,16 @@ class Gateway:
             await self.db.close()
         log.info("gateway stopped")
 
-    def _idle_connections(self, server: Any, fresh_only: bool) -> list[Any]:
-        """The public connections with no request under way or read (``fresh_only``: of those, the
-        ones that have not had a request yet)."""
+    @staticmethod
+    def _waiting(server: Any) -> list[Any]:
+        """The public connections waiting for a request: aiohttp's handler sets ``_waiter`` only
+        then (a request taken off the queue, its handler task not started yet, has none)."""
         return [conn for conn in getattr(server, "connections", ())
-                if conn.transport is not None and conn.transport not in self.proxy.busy
-                and not getattr(conn, "_request_in_progress", False)
-                and not getattr(conn, "_messages", None)  # (a request read, not yet dispatched)
-                and (not fresh_only or getattr(conn, "_request_count", 1) == 0)]
+                if conn.transport is not None and getattr(conn, "_waiter", None) is not None
+                and not getattr(conn, "_messages", None)]
 
-    def _close_idle(self, server: Any, keep: list[Any]) -> None:
-        for conn in self._idle_connections(server, fresh_only=False):
+    def _close_waiting(self, server: Any, keep: list[Any]) -> None:
+        for conn in self._waiting(server):
             if conn not in keep:
                 conn.force_close()
 

@@ -257,6 +257,36 @@ async def test_a_connection_accepted_just_before_the_listener_closes_gets_its_re
         proc.stop()
 
 
+async def test_a_body_still_arriving_when_the_stop_begins_is_read_and_answered(tmp_path: Path, upstream: Any) -> None:
+    """An upload under way (its head in, its body still coming) when SIGTERM arrives, and a request
+    whose head comes in the half second a fresh connection gets, with its body a moment later:
+    both bodies are read and answered. Told to close, the connection had dropped the bytes still to
+    come, and the request waited for a body that never arrived (408, or 503 at the drain's end)."""
+    proc = _serve(tmp_path, upstream, shutdown_timeout=10)
+    try:
+        await proc.wait_ready()
+        body = json.dumps(CHAT).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        uploading = await asyncio.open_connection("127.0.0.1", proc.port)
+        uploading[1].write(head + body[:10])
+        fresh = await asyncio.open_connection("127.0.0.1", proc.port)
+        await asyncio.sleep(0.3)
+        proc.signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        fresh[1].write(head)
+        await asyncio.sleep(0.15)
+        for r, w in (uploading, fresh):
+            w.write(body[10:] if w is uploading[1] else body)
+            answer = await asyncio.wait_for(r.read(), 20)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+            assert b"connection: close" in answer.lower() and b'"choices"' in answer
+            w.close()
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.stop()
+
+
 async def test_reuse_port_lets_a_new_gateway_take_over_the_ports(tmp_path: Path, upstream: Any) -> None:
     """server.reuse_port: a second gateway starts on the ports of a running one (without it, the
     second one's start fails and says why); after the first one's SIGTERM the second serves alone."""
