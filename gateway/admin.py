@@ -17,6 +17,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .db import DatabaseError
 from .errors import json_error
+from .proxy import discard_unread_coded_body
 from .writer import rejected
 from .plugin import registry
 
@@ -58,7 +59,15 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Admin errors in the same JSON shape as the public ones; never a traceback."""
+    """Admin errors in the same JSON shape as the public ones; never a traceback. A compressed body
+    left unread (a refusal before it was read: a 401, a 413) is not decoded after the answer."""
+    try:
+        return await _answer(request, handler)
+    finally:
+        discard_unread_coded_body(request)
+
+
+async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as e:

@@ -400,13 +400,8 @@ class Proxy:
             # was not read: an Expect: 100-continue client never sends it, so what comes next on
             # the connection would be read as that body)
             resp.force_close()
-        if unread and request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            # After the response aiohttp reads the rest of a body (for up to 10 s) so that the
-            # client gets the answer before the connection closes. A compressed body would be
-            # decoded meanwhile, on the event loop: a few MB of gzip are GBs of work, which stalls
-            # every other request. Told to close, the connection discards what still arrives
-            # undecoded, and closes when the 10 s are up.
-            request.protocol.close()
+        if unread:
+            discard_unread_coded_body(request)
         ctx.status = head.status
         await resp.prepare(ctx.request)
         await resp.write_eof()
@@ -787,6 +782,17 @@ def _mask_key_as_model(ctx: RequestContext) -> None:
             data = dict(ctx.json_exact)
             data["model"] = masked
             ctx.set_json(data)
+
+
+def discard_unread_coded_body(request: web.BaseRequest) -> None:
+    """Call once the answer is made to a request whose body was not read to its end (a refusal).
+    After the answer aiohttp reads the rest of a body (for up to 10 s) so that the client gets the
+    answer before the connection closes. A compressed body would be decoded meanwhile, on the
+    event loop: a few MB of gzip are GBs of work, which stalls every other request. Told to close,
+    the connection discards what still arrives undecoded, and closes when the 10 s are up."""
+    if request.body_exists and not request.content.is_eof() \
+            and request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        request.protocol.close()
 
 
 def _must_close(request: web.BaseRequest) -> bool:

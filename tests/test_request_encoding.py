@@ -80,13 +80,18 @@ async def test_the_rest_of_a_compressed_body_refused_as_too_large_is_not_decoded
     g = await make_gateway([], server={"max_body_size": 2**20})
     c = zlib.compressobj(9, zlib.DEFLATED, 31)
     member = c.compress(b" " * (64 * 2**20)) + c.flush()  # 64 KiB of gzip, 64 MiB decoded
+    gz = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
     async with aiohttp.ClientSession() as s:
-        async with s.post(g.url + "/v1/embeddings", data=member * 8,
-                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}) as r:
+        async with s.post(g.url + "/v1/embeddings", data=member * 8, headers=gz) as r:
             assert r.status == 413
             assert (await r.json())["error"]["code"] == "request_too_large"
         # the gateway still answers, and the connection it refused was not read to its end
-        async with s.post(g.url + "/v1/chat/completions", data=compressed("gzip"),
-                          headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}) as r:
+        async with s.post(g.url + "/v1/chat/completions", data=compressed("gzip"), headers=gz) as r:
             assert r.status == 200
-    assert inflated[0] < 16 * 2**20, inflated[0]  # of the 512 MiB the refused body decodes to
+        assert inflated[0] < 16 * 2**20, inflated[0]  # of the 512 MiB the refused body decodes to
+        # the admin listener: refused for its missing token before the body is read
+        async with s.post(g.admin_url + "/keys", data=member * 8, headers=gz) as r:
+            assert r.status == 401
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+    assert inflated[0] < 32 * 2**20, inflated[0]
