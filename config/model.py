@@ -473,7 +473,7 @@ class GatewayConfig(Model):
         for j, r in enumerate(self.routes):
             clash: dict[int, list[str]] = {}
             for m in r.methods or ["*"]:
-                i = first.setdefault((r.path_prefix, m), j)
+                i = first.setdefault((r.path_prefix.lower(), m), j)  # (matched without regard to case)
                 if i != j:
                     clash.setdefault(i, []).append(m)
             for i, ms in clash.items():

@@ -67,7 +67,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id",
+        "upstream_request_id", "lpath",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -76,6 +76,9 @@ class RequestContext:
         self.request_id = request_id
         self.method: str = request.method
         self.path: str = request.path
+        #: The path in lower case, for telling endpoints apart: routes match without regard to case
+        #: (many backends serve /v1/Chat/completions as /v1/chat/completions), so the plugins do too.
+        self.lpath: str = self.path if self.path.islower() else self.path.lower()
         self.route = route                      # name of the matched route ("default" if none)
         self.t_start = time.perf_counter()
         self.body: bytes = b""                  # the request body, read in full (bounded by max_body_size)

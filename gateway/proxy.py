@@ -274,7 +274,7 @@ class Proxy:
                     return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
-                if request.method == "POST" and request.path.endswith(_USAGE_PATHS) \
+                if request.method == "POST" and ctx.lpath.endswith(_USAGE_PATHS) \
                         and self.gw.upstream.asks_usage(ctx.settings.upstream):
                     ask_for_usage(ctx)
             if ctx.non_finite:
@@ -601,7 +601,7 @@ class Proxy:
                             else f"inflated beyond the observer's bounds ({MAX_DECODED} bytes, {DECODE_RATIO}:1)",
                             ctx.request_id)
             if observer is not None and observer.c.error and ctx.outcome == "ok" and request.method == "POST" \
-                    and 200 <= resp.status < 300 and request.path.endswith(_GENERATION_PATHS):
+                    and 200 <= resp.status < 300 and ctx.lpath.endswith(_GENERATION_PATHS):
                 ctx.outcome = "upstream_error"  # a generation answered 2xx with an error in its body
             if observer is not None and observer.c.cut_mid_event and ctx.outcome == "ok" \
                     and "Content-Length" not in resp.headers \

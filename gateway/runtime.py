@@ -122,7 +122,7 @@ class Runtime:
             rname = rc.name or f"{rc.path_prefix}" + (f" {','.join(rc.methods)}" if rc.methods else "")
             methods = set(rc.methods)
             if "GET" in methods and not any("HEAD" in o.methods for o in cfg.routes
-                                            if o.path_prefix == rc.path_prefix):
+                                            if o.path_prefix.lower() == rc.path_prefix.lower()):
                 # HEAD is GET without the body (as HTTP servers answer it): the same limits and
                 # checks, unless a route with this prefix names HEAD itself.
                 methods.add("HEAD")

@@ -190,6 +190,7 @@ def test_gateway_check_refuses_a_wildcard_prefix(tmp_path: Path) -> None:
      "routes[0] ('a') and routes[1] ('b') both take GET on /v3"),
     ("  - path_prefix: /v4\n  - {path_prefix: /v3, methods: [GET, POST]}\n  - {path_prefix: /v3, methods: [POST, PUT]}\n",
      2, "routes[1] and routes[2] both take POST on /v3"),
+    ("  - path_prefix: /v1/chat\n  - path_prefix: /v1/Chat\n", 1, "all methods on /v1/Chat"),  # (case: no matter)
 ])
 def test_duplicate_routes_are_refused(routes: str, second: int, says: str) -> None:
     text = BASE + "routes:\n" + routes
@@ -236,3 +237,32 @@ async def test_head_follows_get(make_gateway: Any) -> None:
         # A route naming HEAD itself takes it.
         assert await route_of(s, g.url + "/v1/files/x", "HEAD") == (200, "files-head")
         assert await route_of(s, g.url + "/v1/files/x", "GET") == (200, "files-get")
+
+
+async def test_an_endpoint_in_another_case_is_the_same_endpoint_to_the_plugins(make_gateway: Any) -> None:
+    """Behind a backend that routes without regard to case, /v1/Chat/completions is a chat call:
+    the conversation is recorded and the gateway asks a stream for its usage, as for the lower
+    case path."""
+    from aiohttp import web
+
+    from .helpers import serve_handler
+
+    seen: list[Any] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        return web.json_response({"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": "hi"}}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    runner, url = await serve_handler(chat)
+    try:
+        g = await make_gateway([{"name": "conversations"}], upstream={"url": url})
+        async with aiohttp.ClientSession(timeout=T) as s:
+            for path in ("/v1/chat/completions", "/v1/Chat/Completions"):
+                async with s.post(g.url + path, json={**CHAT, "stream": True}) as r:
+                    assert r.status == 200
+                    assert r.headers["X-Conversation-ID"].startswith("conv_"), path
+        assert [b.get("stream_options") for b in seen] == [{"include_usage": True}] * 2
+    finally:
+        await runner.cleanup()

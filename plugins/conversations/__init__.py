@@ -398,7 +398,7 @@ class Conversations(Plugin):
         for h in _OUR_HEADERS:
             if h in headers:
                 ctx.upstream_headers[h] = None  # ours, never forwarded (on any path)
-        if ctx.method != "POST" or not path.endswith("/chat/completions"):
+        if ctx.method != "POST" or not ctx.lpath.endswith("/chat/completions"):
             return None
         j = ctx.json
         msgs = j.get("messages") if isinstance(j, dict) else None

@@ -182,9 +182,9 @@ class RateLimit(Plugin):
             ctx.want_usage()
             body = ctx.json
             generates = ctx.method == "POST" and isinstance(body, dict)  # GET /v1/models and the like: none
-            embeddings = ctx.path.endswith("/embeddings")
+            embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
-            legacy = ctx.path.endswith("/completions") and not ctx.path.endswith("/chat/completions")
+            legacy = ctx.lpath.endswith("/completions") and not ctx.lpath.endswith("/chat/completions")
             if generates:
                 st.prompt = prompt_estimate(body)
                 st.choices = choices(body, legacy)

@@ -356,7 +356,7 @@ class Tracing(Plugin):
                 s = tracer.start_span(f"{name}.on_{phase}", parent, SpanKind.INTERNAL, pa, start_time=ns(t0))
                 s.end(end_time=ns(t1))
 
-        op = genai.operation(ctx.path) if ctx.method == "POST" else None
+        op = genai.operation(ctx.lpath) if ctx.method == "POST" else None
         if op is not None and ctx.t_upstream is not None:
             ga = genai.attributes(op, ctx, cfg.genai_provider, cfg.record_content, cfg.max_content_chars)
             ga.update(ident)

@@ -85,12 +85,12 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
             a["gen_ai.response.id"] = text(c.response_id)
         if c.finish_reasons:
             reasons = c.finish_reasons
-            if ctx.path.endswith("/responses"):  # the answer's status, as the conventions name reasons
+            if ctx.lpath.endswith("/responses"):  # the answer's status, as the conventions name reasons
                 reasons = [_RESPONSES_REASONS.get(f, f) for f in reasons]
             a["gen_ai.response.finish_reasons"] = [text(f) for f in reasons]
         _usage(a, c)
     if record_content:
-        _content(a, op, body, c, max_chars, ctx.path.endswith("/responses"))
+        _content(a, op, body, c, max_chars, ctx.lpath.endswith("/responses"))
     return a
 
 
