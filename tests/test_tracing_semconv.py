@@ -78,7 +78,7 @@ def test_a_responses_api_answer_s_status_is_named_as_a_finish_reason() -> None:
     def reasons(path: str, got: list[str]) -> Any:
         c = Completion()
         c.finish_reasons = got
-        ctx = types.SimpleNamespace(path=path, json={"model": "m"}, body=b'{"model": "m"}', model="m",
+        ctx = types.SimpleNamespace(path=path, lpath=path.lower(), json={"model": "m"}, body=b'{"model": "m"}', model="m",
                                     conversation_id=None, completion=c, method="POST")
         return genai.attributes("chat", ctx, "openai", False, 0).get("gen_ai.response.finish_reasons")
 
