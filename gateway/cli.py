@@ -534,17 +534,29 @@ def _on_signal(signum: int, frame: Any) -> None:
 
 
 def config_last(argv: list[str]) -> list[str]:
-    """``argv`` with its ``-c FILE`` (``--config FILE``, ``--config=FILE``) moved to the end, where
-    the command it names reads it: ``gateway -c g.yaml check`` and ``gateway keys -c g.yaml list``
-    then work like ``gateway keys list -c g.yaml``."""
-    for i, a in enumerate(argv):
+    """``argv`` with its ``-c FILE`` options (``-cFILE``, ``--config FILE``, ``--config=FILE``) moved
+    to the end, in order, where the command they name reads them: ``gateway -c g.yaml check`` and
+    ``gateway keys -c g.yaml list`` then work like ``gateway keys list -c g.yaml`` (the last one
+    given still wins)."""
+    rest: list[str] = []
+    moved: list[str] = []
+    tail: list[str] = []  # from a "--" on: arguments, not options
+    i = 0
+    while i < len(argv):
+        a = argv[i]
         if a == "--":
+            tail = argv[i:]
             break
-        if a in ("-c", "--config") and i + 1 < len(argv):
-            return argv[:i] + argv[i + 2:] + argv[i:i + 2]
-        if a.startswith("--config="):
-            return argv[:i] + argv[i + 1:] + [a]
-    return argv
+        if a in ("-c", "--config") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            moved += argv[i:i + 2]
+            i += 2
+            continue
+        if a.startswith("--config=") or (a.startswith("-c") and len(a) > 2 and not a.startswith("--")):
+            moved.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return rest + moved + tail
 
 
 def main(argv: list[str] | None = None) -> int:

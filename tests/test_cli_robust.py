@@ -304,6 +304,16 @@ def test_the_config_option_is_taken_before_the_command_too(env: dict[str, Any], 
     assert out.exists() == ("backup" in args)
 
 
+def test_config_options_keep_their_order_wherever_they_are() -> None:
+    from gateway.cli import config_last
+
+    assert config_last(["check", "-c", "a.yaml", "-c", "b.yaml"]) == ["check", "-c", "a.yaml", "-c", "b.yaml"]
+    assert config_last(["-c", "a.yaml", "keys", "-cb.yaml", "list"]) == ["keys", "list", "-c", "a.yaml", "-cb.yaml"]
+    assert config_last(["keys", "create", "--name", "-c", "--owner", "bob"]) == \
+        ["keys", "create", "--name", "-c", "--owner", "bob"]  # (no value: argparse says what is wrong)
+    assert config_last(["-c", "x", "keys", "list", "--", "-c", "y"]) == ["keys", "list", "-c", "x", "--", "-c", "y"]
+
+
 def test_usage_errors_exit_2_and_durations_read_as_written(env: dict[str, Any]) -> None:
     rc, out, err = run_main("keys", "usage", "k_none", "--from", "2026-02-02", "--to", "2026-02-01", "-c", env["cfg"])
     assert rc == 2 and "--to (2026-02-01) is before --from (2026-02-02)" in err, err

@@ -18,7 +18,10 @@ _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
 
 def _span(td: dt.timedelta) -> str:
     """A --older-than as it was given: 30d, 12h, 90m, 45s."""
-    secs = int(td.total_seconds())
+    exact = td.total_seconds()
+    secs = int(exact)
+    if secs != exact:  # (a fraction of a day: 0.0001 is 8.64 seconds)
+        return f"{exact:g}s"
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs % n == 0:
             return f"{secs // n}{unit}"
