@@ -243,14 +243,15 @@ class Upstream:
                 # X_Gateway_Owner, X-Forwarded_For: servers on CGI/WSGI conventions read them as
                 # X-Gateway-Owner, X-Forwarded-For (HTTP_X_GATEWAY_OWNER): dropped with those.
                 lk = lk.replace("_", "-")
-            if lk in REQUEST_DROP or lk in drop or lk in guarded:
-                continue
             if not v.isascii() and not _utf8(v):
                 # Bytes that are not UTF-8 (Latin-1 "Jos\xe9") arrive as surrogates, which the
                 # writer would silently drop: the upstream would get another value than the client
-                # sent (and a key with such a byte in it would not be masked first).
+                # sent (and a key with such a byte in it would not be masked first). Checked before
+                # the headers dropped here: X-Forwarded-For and Host go on in headers of the gateway's.
                 raise BadRequest(f"The value of the header {k[:64]} is not UTF-8 text; it cannot be forwarded "
                                  "as sent.")
+            if lk in REQUEST_DROP or lk in drop or lk in guarded:
+                continue
             # A gateway key in a header key_auth does not read (X-Api-Key, OpenAI-Api-Key ...): the
             # upstream (a third party, maybe, with logs of its own) never gets its secret.
             out.add(k, mask_gateway_keys(v) if "gw" in v else v)
@@ -363,13 +364,15 @@ class Upstream:
             lk = k.lower()
             if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
                 continue
-            if (not v.isprintable() and CTL_CHAR(v)) or (not k.isprintable() and CTL_CHAR(k)):
-                # The client parser reads it, but HTTP cannot carry it on (the response could not
-                # be sent at all): dropped, said once per response.
+            if (not v.isprintable() and (CTL_CHAR(v) or not _utf8(v))) or (not k.isprintable() and CTL_CHAR(k)):
+                # The client parser reads it, but it cannot be carried on as it came: a control
+                # character (the response could not be sent at all), bytes that are not UTF-8 (the
+                # writer would drop them, and send another value): dropped, said once a minute.
                 now = time.monotonic()
                 if now - _ctl_warned[0] >= 60:  # (an upstream that always sends one: once a minute)
                     _ctl_warned[0] = now
-                    log.warning("upstream header %s dropped: it holds a control character", ascii(k)[:80])
+                    log.warning("upstream header %s dropped: it holds a control character or bytes that are not "
+                                "UTF-8", ascii(k)[:80])
                 continue
             out.add(k, v)
         if target is not None and 300 <= resp.status < 400 and "Location" in out:

@@ -18,7 +18,7 @@ STREAM = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user",
 @contextlib.asynccontextmanager
 async def raw_backend() -> AsyncIterator[str]:
     """An upstream that writes crafted bytes: /ctl answers with a control character in a header and
-    in its reason phrase, /badline with a status line that is not HTTP (quoting the answer), any
+    in its reason phrase (and a header that is not UTF-8), /badline with a status line that is not HTTP (quoting the answer), any
     other path a stream without a length (read to the close)."""
     async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -28,7 +28,7 @@ async def raw_backend() -> AsyncIterator[str]:
             path = head.split(b" ")[1]
             if path.endswith(b"/ctl"):
                 body = b'{"ok": true}'
-                w.write(b"HTTP/1.1 200 O\x01K\r\nX-A: a\x01b\r\nX-B: fine\r\nContent-Type: application/json\r\n"
+                w.write(b"HTTP/1.1 200 O\x01K\r\nX-A: a\x01b\r\nX-B: fine\r\nX-C: Jos\xe9\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             elif path.endswith(b"/badline"):
                 w.write(b"HTTP/1.1 2x0 SECRET-ANSWER-TEXT\r\nContent-Length: 2\r\n\r\nok")
@@ -123,6 +123,7 @@ async def test_an_upstream_header_http_cannot_carry_is_dropped_not_a_500(gw: Any
         out = await exchange(gw.gw.public_port, post("/v1/ctl", CHAT, extra="Connection: close\r\n"))
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"X-B: fine" in head and b"X-A" not in head and b"\x01" not in head
+    assert b"X-C" not in head  # (not UTF-8: the writer would have sent "Jos")
     assert body == b'{"ok": true}'
     assert not [r for r in caplog.records if r.exc_info]
 

@@ -445,13 +445,16 @@ async def test_a_header_value_that_is_not_utf8_is_refused_not_forwarded_cut(make
     status, _, body = await raw_request(g.gw.public_port, base + b"X-Name: Jos\xc3\xa9\r\n\r\n")
     assert status == 200 and fake.requests[-1]["headers"]["X-Name"] == "Jos\u00e9"
     n = len(fake.requests)
-    for value in (b"Jos\xe9", b"gw_abcdefgh1234_" + b"s" * 20 + b"\xff" + b"t" * 10):
-        status, _, body = await raw_request(g.gw.public_port, base + b"X-Name: " + value + b"\r\n\r\n")
+    for name, value in ((b"X-Name", b"Jos\xe9"), (b"X-Name", b"gw_abcdefgh1234_" + b"s" * 20 + b"\xff" + b"t" * 10),
+                        (b"X-Forwarded-For", b"10.0.0.1, Jos\xe9")):  # (dropped, and rebuilt from it)
+        status, _, body = await raw_request(g.gw.public_port, base + name + b": " + value + b"\r\n\r\n")
         assert status == 400, body
         err = json.loads(body)
         assert_error_shape(err, "bad_request")
-        assert "X-Name" in err["error"]["message"]
+        assert name.decode() in err["error"]["message"]
         assert b"sss" not in body
+    status, _, body = await raw_request(g.gw.public_port, base.replace(b"Host: gw", b"Host: gw\xe9x") + b"\r\n")
+    assert status == 400, body
     assert len(fake.requests) == n  # nothing forwarded
 
 
