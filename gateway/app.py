@@ -83,7 +83,15 @@ class Gateway:
         if auto is None:
             auto = self.db.is_sqlite
         if auto:
-            await self.db.upgrade()
+            pending = await self.db.pending_migrations()
+            if pending:
+                # (a migration may rebuild a large table, audit_events say: minutes, on a big file,
+                # before the listeners open)
+                log.info("migrating the database schema to %s: the listeners open when it is done",
+                         ", ".join(pending))
+                t0 = time.monotonic()
+                heads = await self.db.upgrade()
+                log.info("database schema migrated in %.1fs (now at %s)", time.monotonic() - t0, ", ".join(heads))
         await self.db.check()
         if not auto:
             pending = await self.db.pending_migrations()

@@ -152,11 +152,12 @@ def check_database_exists(cfg: GatewayConfig) -> None:
 async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True,
                        records: bool | None = None) -> Any:
     """Database + Services for a CLI command. Unless ``create``, a SQLite file that does not exist
-    is an error (a mistyped path must not show an empty, intact-looking database). A schema behind
-    this version is migrated, saying so, when the config says so and the command ``writes``; a
-    command that only reads never migrates (a newer CLI pointed at a database an older gateway
-    still serves must not make that gateway unable to start): it asks for `gateway db upgrade`.
-    ``records`` (default: ``writes``): the command records its action in the audit trail."""
+    is an error (a mistyped path must not show an empty, intact-looking database). A new, empty
+    database is given its schema when the config says so and the command ``writes`` (`keys create`
+    makes the first key). A schema behind this version is never migrated here: a command is no
+    time to rebuild a table under gateways still serving the file (or lock an older one out); it
+    asks for `gateway db upgrade`. ``records`` (default: ``writes``): the command records its
+    action in the audit trail."""
     from .services import Services
 
     if not create:
@@ -168,20 +169,19 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
     new_database = False
     try:
         pending = await db.pending_migrations()
-        if pending and auto and writes:
-            fresh = new_database = not await db.applied_revisions()
-            heads = await db.upgrade()
-            if not fresh:  # (a new database being made is what `keys create` is documented to do)
-                print(f"gateway: database schema migrated (now at {', '.join(heads)})", file=sys.stderr)
-            pending = []
+        if pending and auto and writes and not await db.applied_revisions():
+            await db.upgrade()  # (a new database being made is what `keys create` is documented to do)
+            new_database, pending = True, []
     except Exception:
         await db.close()
         raise
     if pending:
         await db.close()
         raise NoDatabase("the database schema is behind this version of the gateway: run `gateway db upgrade "
-                         "-c <config>` first (gateways older than this one cannot open it afterwards)"
-                         + ("" if auto else ", or set database.auto_migrate: true"))
+                         "-c <config>` first (or start this version's `gateway serve`"
+                         + (", which migrates at start)" if auto else " with database.auto_migrate: true)")
+                         + "; see Upgrading in docs/configuration.md for gateways of older versions still running "
+                         "on it")
     services = Services(cfg, db, owns_db=True)
     services.new_database = new_database  # (the audit trail's first chain key may come with it)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
@@ -328,7 +328,12 @@ async def _current(cfg: GatewayConfig) -> list[str]:
     _, known = revisions_sync(cfg.database.url)
     newer_revisions(applied, known, cfg.database.url)  # (another application's: an error)
     if applied <= known:
-        return await asyncio.to_thread(current_sync, cfg.database.url)
+        lines = sorted(await asyncio.to_thread(current_sync, cfg.database.url))
+        heads, _ = revisions_sync(cfg.database.url)
+        pending = sorted(set(heads) - applied)
+        if pending:
+            lines.append(f"pending: {', '.join(pending)} (run `gateway db upgrade`)")
+        return lines
     return [r if r in known else f"{r} (not known to this version: a newer gateway applied it)" for r in sorted(applied)]
 
 

@@ -3,6 +3,7 @@ on a fresh SQLite file and on PostgreSQL, auto-migration at start for the embedd
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -421,10 +422,11 @@ def _versions(path: Path) -> set[str]:
         return {r[0] for r in c.execute("SELECT version_num FROM alembic_version")}
 
 
-def test_cli_reads_never_migrate_and_writes_say_so(tmp_path: Path) -> None:
-    """A newer CLI pointed at a database an older gateway still serves: a command that only reads
-    asks for `gateway db upgrade` instead of migrating (which would leave the older gateway unable
-    to start); one that writes migrates, and says so."""
+def test_cli_commands_never_migrate_an_existing_database(tmp_path: Path) -> None:
+    """A newer CLI pointed at a database older gateways still serve: no command migrates it (a
+    migration may rebuild a large table under them, for minutes, or lock an older one out); each
+    asks for `gateway db upgrade`, which `db current` names as pending. A new file is still made
+    by `keys create`. `gateway serve` migrates at start, and says so."""
     from alembic import command
 
     path = tmp_path / "old.db"
@@ -434,15 +436,33 @@ def test_cli_reads_never_migrate_and_writes_say_so(tmp_path: Path) -> None:
     for rev in old:  # the schema as a release before key_auth_0002 left it
         command.upgrade(alembic_config(url), rev)
     assert _versions(path) == set(old)
-    for args in (("keys", "list"), ("audit", "verify"), ("conversations", "list")):
+    for args in (("keys", "list"), ("audit", "verify"), ("conversations", "list"), ("keys", "create", "--owner", "o")):
         r = gateway_cli(*args, "-c", str(cfg), cwd=tmp_path)
         assert r.returncode != 0 and "run `gateway db upgrade" in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert _versions(path) == set(old)
-    r = gateway_cli("keys", "create", "--owner", "o", "-c", str(cfg), cwd=tmp_path)
+    r = gateway_cli("db", "current", "-c", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "pending: key_auth_0002 (run `gateway db upgrade`)"
+    new = tmp_path / "new" / "gateway.db"
+    new.parent.mkdir()
+    r = gateway_cli("keys", "create", "--owner", "o", "-c", str(_config(new.parent, f"sqlite+aiosqlite:///{new}")),
+                    cwd=new.parent)
     assert r.returncode == 0, r.stderr
-    assert "database schema migrated" in r.stderr
-    assert _versions(path) == heads()
+    assert _versions(new) == heads()
+
+
+async def test_serve_says_it_migrates(make_gateway: Any, tmp_path: Path, caplog: Any) -> None:
+    from alembic import command
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    old = sorted(h for h in heads() if not h.startswith("key_auth")) + ["key_auth_0001"]
+    for rev in old:
+        await asyncio.to_thread(command.upgrade, alembic_config(url), rev)
+    caplog.set_level(logging.INFO)
+    await make_gateway([{"name": "key_auth"}])
+    said = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert said[0] == "migrating the database schema to key_auth_0002: the listeners open when it is done"
+    assert said[1].startswith("database schema migrated in ") and "key_auth_0002" in said[1]
 
 
 async def test_a_schema_migrated_by_a_newer_gateway_is_left_alone(make_gateway: Any, tmp_path: Path) -> None:
