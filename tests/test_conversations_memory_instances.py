@@ -106,3 +106,31 @@ async def test_a_memory_client_resending_what_another_instance_stored_is_not_dou
     rows = await stored(a, cid)
     assert [row_message(r)["content"] for r in rows] == [m["content"] for m in hist]
     assert await _forks(a, cid) == []
+
+
+async def test_a_turn_on_another_instance_waits_for_a_first_turn_stored_late(
+        make_gateway: Any, db: dict[str, Any], upstream: Any) -> None:
+    """A conversation made on A, whose write is late (a busy machine, a slow database), and its
+    next turn sent to B at once: B looks for it for a few seconds (the id says it was made a
+    moment ago) instead of answering 404 after two flush intervals, and the turn goes through
+    once A has written it. An id that is not new still gets the 404."""
+    import asyncio
+
+    late = {"cache_ttl": 0, "flush_interval": 30.0}
+    a = await start(make_gateway, db, late)
+    b = await make_gateway([{"name": "conversations", "config": {"cache_ttl": 0}}], database=db, name="b.yaml")
+    first = [{"role": "user", "content": "one"}]
+    st, h, body = await chat(a, first)
+    cid = h["X-Conversation-ID"]
+    turn2 = first + [body["choices"][0]["message"], {"role": "user", "content": "two"}]
+
+    async def write_late() -> None:
+        await asyncio.sleep(1.2)  # (B alone would have answered 404 after 0.2 s)
+        await _write(a)
+
+    writing = asyncio.create_task(write_late())
+    st, h, body = await chat(b, turn2, cid)
+    await writing
+    assert st == 200 and h["X-Conversation-ID"] == cid, body
+    st, h, body = await chat(b, turn2, "conv_000001" + cid[11:])  # made in 1970: not a late write
+    assert st == 404 and body["error"]["code"] == "conversation_not_found"

@@ -353,6 +353,25 @@ def _not_found() -> Reply:
                                  "conversation_not_found", "X-Conversation-ID"))
 
 
+#: An id made this recently (seconds) that no instance has stored yet may be another instance's
+#: late write (a busy machine, a database slow to take it): it is looked for during LATE_WRITE_WAIT
+#: seconds before the 404.
+RECENT_ID = 30
+LATE_WRITE_WAIT = 3.0
+
+
+def id_age(cid: str) -> float | None:
+    """Seconds since a generated id was made (its first six characters after ``conv_`` are the
+    second it was made, in base 62); None for an id that is not one of ours."""
+    if not _GENERATED(cid):
+        return None
+    n = 0
+    for ch in cid[5:11]:
+        n = n * 62 + _B62.index(ch)
+    return time.time() - n
+
+
+
 class Conversations(Plugin):
     name = "conversations"
     Config = ConversationsConfig
@@ -438,9 +457,17 @@ class Conversations(Plugin):
                 if (v is None or v.owner != owner) and _GENERATED(cid):
                     # Made by another instance a moment ago? Its write may still be queued there.
                     # (Also waited for another owner's id: the time taken tells nothing about it.)
-                    await asyncio.sleep(min(1.0, 2 * cfg.flush_interval + 0.1))
+                    first = min(1.0, 2 * cfg.flush_interval + 0.1)
+                    await asyncio.sleep(first)
                     if v is None:
                         v = await shared.view(cid, cfg.cache_ttl)
+                        age = id_age(cid)
+                        if v is None and age is not None and -5 < age < RECENT_ID:
+                            # made moments ago: another instance's write of it may be late
+                            until = time.monotonic() + LATE_WRITE_WAIT - first
+                            while v is None and time.monotonic() < until:
+                                await asyncio.sleep(0.25)
+                                v = await shared.view(cid, cfg.cache_ttl)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
                 ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
