@@ -265,7 +265,9 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
     # The purge is in the other sinks too.
     assert any(json.loads(x)["type"] == "audit.purged" for x in jl.read_text().splitlines())
     # Deleting the first row left after the purge is still caught.
-    con = sqlite3.connect(db_path)
+    # (a long timeout: a purge the stop cancelled may still be finishing its statement on the
+    # driver's thread, holding the write lock a moment, on a busy machine more than 5 s)
+    con = sqlite3.connect(db_path, timeout=60)
     with con:
         con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
     con.close()
