@@ -122,6 +122,9 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     # them through.
     for noisy in ("aiosqlite", "asyncpg", "sqlalchemy.engine", "sqlalchemy.pool", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # migrations log one line per plugin setup
+    # coredis says "Retry attempt 1 due to error: No matching script" at INFO whenever a fresh or
+    # restarted Redis first runs a limits script (which is then loaded: nothing counted twice)
+    logging.getLogger("coredis.retry").setLevel(logging.WARNING)
 
 
 class ThrottledLog:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -736,9 +737,32 @@ async def test_reload_to_a_counter_store_that_cannot_be_reached_is_refused(make_
     write_config(tmp_path / "gateway.yaml", base_config(g.gw.cfg.upstream.url, tmp_path, [
         rl(storage=f"redis://127.0.0.1:{free_port()}/0", rules=rules)]))
     ok, detail = await g.gw.reload(actor="test")
-    assert not ok and "not reachable" in detail
+    assert not ok and "cannot be used" in detail and "Connect call failed" in detail, detail  # (and why)
     async with aiohttp.ClientSession() as s:
         assert [(await post(s, g.url))[0] for _ in range(3)] == [200, 200, 429]
+
+
+async def test_a_redis_that_refuses_the_login_or_evicts_counters_is_named(make_gateway, redis_server, tmp_path,
+                                                                         caplog):
+    """A wrong password is said as such (a reload to it is refused, naming it), and a Redis that
+    may evict keys when full, which would drop counters without an error anywhere, is warned
+    about at start."""
+    import subprocess
+
+    redis = redis_server()
+    port = redis.url.rsplit(":", 1)[1]
+    for setting in (("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru"), ("requirepass", "right-one")):
+        subprocess.run(["redis-cli", "-p", port, "CONFIG", "SET", *setting], check=True, capture_output=True, timeout=10)
+    rules = [{"name": "r", "limit": "2/minute", "key_by": ["ip"]}]
+    caplog.set_level(logging.WARNING)
+    g = await make_gateway([rl(storage=f"redis://:right-one@127.0.0.1:{port}/0", rules=rules)])
+    told = [r.getMessage() for r in caplog.records if "evicts keys when full" in r.getMessage()]
+    assert len(told) == 1 and "allkeys-lru" in told[0] and "right-one" not in told[0]
+    write_config(tmp_path / "gateway.yaml", base_config(g.gw.cfg.upstream.url, tmp_path, [
+        rl(storage=f"redis://:wrong-one@127.0.0.1:{port}/1", rules=rules)]))
+    ok, detail = await g.gw.reload(actor="test")
+    assert not ok and "cannot be used" in detail and "wrong-one" not in detail
+    assert "password" in detail.lower() or "auth" in detail.lower(), detail
 
 
 def test_bad_config_is_rejected(tmp_path: Path):

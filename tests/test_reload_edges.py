@@ -170,7 +170,7 @@ async def test_reload_adding_limits_on_an_unreachable_store_is_refused(make_gate
         status, body = await _reload(s, g.admin_url)
         assert status == 400, body
         msg = body["error"]["message"]
-        assert "not reachable" in msg and ":pw@" not in msg
+        assert "cannot be used" in msg and ":pw@" not in msg
         assert "rate_limit" not in g.gw.runtime.by_name
 
 

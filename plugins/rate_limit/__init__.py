@@ -27,6 +27,9 @@ from .rules import (Limit, choices, compile_rules, completion_estimate, identifi
 from .store import STORE_LOG, CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
+
+#: Counter stores whose eviction policy was warned about (once per process each).
+_EVICTION_TOLD: set[str] = set()
 NAME = "rate_limit"
 #: The longest Retry-After the OpenAI SDKs wait for; a refusal with a longer wait says not to retry.
 SDK_MAX_WAIT = 60.0
@@ -102,9 +105,17 @@ class RateLimit(Plugin):
                 # added on a store that is down) is refused: the limits would silently not apply
                 # (on_store_error: allow). At start, and for the store already in use, the policy
                 # applies until it is back.
-                raise RuntimeError(f"the counter store {self.store.label} is not reachable; the running config is kept")
-            log.warning("rate_limit: counter store %s not reachable at start; on_store_error=%s applies "
-                        "until it is", self.store.label, self.config.on_store_error)
+                raise RuntimeError(f"the counter store {self.store.label} cannot be used "
+                                   f"({self.store.last_error}); the running config is kept")
+            log.warning("rate_limit: counter store %s cannot be used at start (%s); on_store_error=%s applies "
+                        "until it can", self.store.label, self.store.last_error, self.config.on_store_error)
+        elif not self.store.memory and self.store.label not in _EVICTION_TOLD:
+            evicts = await self.store.eviction()
+            if evicts:
+                _EVICTION_TOLD.add(self.store.label)
+                log.warning("rate_limit: counter store %s evicts keys when full (%s): counters can vanish and the "
+                            "limits stop holding, without an error anywhere; give the counters a Redis with "
+                            "maxmemory-policy noeviction (or no maxmemory)", self.store.label, evicts)
         if self.has_quotas or self.config.key_overrides:
             self._quota = self.services.resource(
                 "rate_limit:quota", lambda: QuotaStore(self.services, self.config.quotas.cache_ttl),

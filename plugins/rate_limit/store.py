@@ -256,6 +256,7 @@ class CounterStore:
     def __init__(self, services: Any, uri: str, strategy: str, timeout: float, retry: float) -> None:
         self.uri = uri
         self.label = redacted(uri)
+        self.last_error = ""  # why the last call failed (a timeout, Redis refusing the login ...)
         self.timeout = timeout
         self.retry = retry
         # The client's own timeouts are a fixed ceiling (see CLIENT_TIMEOUT): the client is shared
@@ -325,7 +326,8 @@ class CounterStore:
                 self.health.cold = False
 
     async def check(self) -> bool:
-        """Connect and warm up (bounded by the timeout); False if the store is not reachable."""
+        """Connect and warm up (bounded by the timeout); False if the store is not reachable
+        (``last_error`` says why)."""
         if self.memory:
             return True
         try:
@@ -333,6 +335,24 @@ class CounterStore:
             return True
         except StoreDown:
             return False
+
+    async def eviction(self) -> str | None:
+        """What Redis does when it is full, if it may evict the counters: ``"allkeys-lru,
+        maxmemory 10485760"`` (None: it does not evict, or it would not say: CONFIG refused)."""
+        client = getattr(getattr(self.storage, "bridge", None), "storage", None)
+        if client is None or not hasattr(client, "config_get"):
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                got = await client.config_get(["maxmemory-policy", "maxmemory"])
+        except Exception:  # (a managed Redis may not offer CONFIG, an ACL may forbid it)
+            return None
+        conf = {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+                for k, v in dict(got).items()}
+        policy, size = conf.get("maxmemory-policy", "noeviction"), conf.get("maxmemory", "0")
+        if policy == "noeviction" or size in ("0", ""):
+            return None
+        return f"maxmemory-policy {policy}, maxmemory {size}"
 
     def _failed(self, kind: str, e: BaseException | None) -> None:
         """Count the failure; mark the store down. Logged when it marks the store down: the calls
@@ -343,6 +363,8 @@ class CounterStore:
         self.health.cold = True
         self.health.failures += 1
         self.health.down_until = now + self.retry
+        self.last_error = "timed out" if kind == "timeout" else (
+            f"{type(e).__name__}: {_short(e)}" if e is not None else "failed")
         if not was_down:
             log.warning("rate-limit store %s %s%s", self.label, "timed out" if kind == "timeout" else "failed",
                         f": {type(e).__name__}: {_short(e)}" if e is not None else "")
