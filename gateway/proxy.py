@@ -218,6 +218,12 @@ class Proxy:
                     except Exception:
                         log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
             finally:
+                if self.gw.stopping:
+                    # A response begun before the stop went out without Connection: close. Its
+                    # connection must not take another request now (the drain may end before its
+                    # answer, after the upstream did the work): nothing more is read from it.
+                    with contextlib.suppress(Exception):
+                        request.protocol.close()
                 self.busy.discard(transport)
                 self._tasks.discard(task)
                 self._cutting.discard(task)
@@ -784,15 +790,18 @@ def _mask_key_as_model(ctx: RequestContext) -> None:
             ctx.set_json(data)
 
 
-def discard_unread_coded_body(request: web.BaseRequest) -> None:
+def discard_unread_coded_body(request: web.BaseRequest) -> bool:
     """Call once the answer is made to a request whose body was not read to its end (a refusal).
     After the answer aiohttp reads the rest of a body (for up to 10 s) so that the client gets the
     answer before the connection closes. A compressed body would be decoded meanwhile, on the
     event loop: a few MB of gzip are GBs of work, which stalls every other request. Told to close,
-    the connection discards what still arrives undecoded, and closes when the 10 s are up."""
+    the connection discards what still arrives undecoded, and closes when the 10 s are up.
+    Returns whether it did (the answer must then say Connection: close)."""
     if request.body_exists and not request.content.is_eof() \
             and request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
         request.protocol.close()
+        return True
+    return False
 
 
 def _must_close(request: web.BaseRequest) -> bool:

@@ -287,6 +287,39 @@ async def test_a_body_still_arriving_when_the_stop_begins_is_read_and_answered(t
         proc.stop()
 
 
+async def test_a_keep_alive_connection_whose_stream_spans_the_stop_takes_no_next_request(
+        tmp_path: Path, upstream: Any) -> None:
+    """A stream begun before SIGTERM went out without Connection: close. The request its client
+    sends next on that connection, when the stream ends, is not read: it never reaches the upstream
+    (the client sees the close and retries elsewhere), rather than being forwarded and then cut
+    unanswered when the drain ends."""
+    proc = _serve(tmp_path, upstream, shutdown_timeout=10)
+    try:
+        await proc.wait_ready()
+        body = json.dumps({**CHAT, "stream": True}).encode()
+        req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+               b"X-Demo-Delay: 0.05\r\nX-Demo-Words: 20\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        r, w = await asyncio.open_connection("127.0.0.1", proc.port)
+        w.write(req)
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+        proc.signal(signal.SIGTERM)
+        await asyncio.wait_for(r.readuntil(b"0\r\n\r\n"), 20)  # the stream's end (chunked)
+        n = len(upstream.requests)
+        w.write(req.replace(b"X-Demo-Words: 20", b"X-Demo-Words: 2"))
+        try:
+            rest = await asyncio.wait_for(r.read(), 20)
+        except ConnectionResetError:  # (closed with the request unread: a reset)
+            rest = b""
+        assert rest == b"", rest[:200]  # closed, not answered
+        await asyncio.sleep(0.3)
+        assert len(upstream.requests) == n  # and never forwarded
+        w.close()
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.stop()
+
+
 async def test_reuse_port_lets_a_new_gateway_take_over_the_ports(tmp_path: Path, upstream: Any) -> None:
     """server.reuse_port: a second gateway starts on the ports of a running one (without it, the
     second one's start fails and says why); after the first one's SIGTERM the second serves alone."""
