@@ -62,9 +62,13 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
     """Admin errors in the same JSON shape as the public ones; never a traceback. A compressed body
     left unread (a refusal before it was read: a 401, a 413) is not decoded after the answer."""
     try:
-        return await _answer(request, handler)
-    finally:
+        resp = await _answer(request, handler)
+    except BaseException:
         discard_unread_coded_body(request)
+        raise
+    if discard_unread_coded_body(request) and not resp.prepared:
+        resp.force_close()  # (Connection: close: the client's next request goes on a new connection)
+    return resp
 
 
 async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:

@@ -92,6 +92,7 @@ async def test_the_rest_of_a_compressed_body_refused_as_too_large_is_not_decoded
         # the admin listener: refused for its missing token before the body is read
         async with s.post(g.admin_url + "/keys", data=member * 8, headers=gz) as r:
             assert r.status == 401
+            assert r.headers.get("Connection", "").lower() == "close"  # (its next request: a new connection)
         async with s.get(g.url + "/v1/models") as r:
             assert r.status == 200
     assert inflated[0] < 32 * 2**20, inflated[0]
