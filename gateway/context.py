@@ -67,7 +67,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath",
+        "upstream_request_id", "lpath", "max_body",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -81,7 +81,10 @@ class RequestContext:
         self.lpath: str = self.path if self.path.islower() else self.path.lower()
         self.route = route                      # name of the matched route ("default" if none)
         self.t_start = time.perf_counter()
-        self.body: bytes = b""                  # the request body, read in full (bounded by max_body_size)
+        self.body: bytes = b""                  # the request body, read in full (bounded by max_body)
+        #: The largest body this request may send, and so be forwarded with (its route's
+        #: max_body_size, else server.max_body_size).
+        self.max_body: int = settings.max_body
         self._json: Any = None
         self._client_ip: str | None = None
         self.upstream_headers: dict[str, str] = {}   # plugins add headers for the upstream request here

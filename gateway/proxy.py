@@ -176,6 +176,8 @@ class Proxy:
             rid = uuid.uuid4().hex
         chain = rt.match(request.method, request.path)
         ctx = RequestContext(request, rid, chain.name, rt.settings)
+        if chain.max_body:
+            ctx.max_body = chain.max_body
         if ctx.settings.server_timing or (rt.record_timings and SKIP_TIMINGS not in request):
             ctx.timings = []
         rt.enter()
@@ -257,7 +259,7 @@ class Proxy:
             if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
                     and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
-            await self._read_body(ctx, chain.max_body or ctx.settings.max_body)
+            await self._read_body(ctx, ctx.max_body)
             timings = ctx.timings
             for p in chain.request:
                 try:

@@ -165,3 +165,24 @@ async def test_a_route_takes_bodies_of_its_own_size(make_gateway: Any, upstream:
         path.write_text(path.read_text().replace("2MiB", "3MiB"))
         assert (await g.gw.reload())[0] is True
         assert (await post("/v1/audio/transcriptions", bigger))[0] == 200
+
+
+async def test_memory_fits_history_within_the_routes_own_body_size(make_gateway: Any, upstream: Any) -> None:
+    """Memory mode keeps the forwarded body within the limit the request had: its route's
+    max_body_size, not server.max_body_size (under which a turn the route allows went without its
+    history, silently)."""
+    g = await make_gateway([{"name": "conversations", "config": {"memory": {"enabled": True}}}],
+                           server={"max_body_size": "64KiB"},
+                           routes=[{"path_prefix": "/v1/chat/completions", "max_body_size": "1MiB"}])
+    async with aiohttp.ClientSession() as s:
+        async def turn(text: str, cid: str | None) -> str:
+            h = {"X-Conversation-ID": cid} if cid else {}
+            async with s.post(g.url + "/v1/chat/completions", headers=h, json={
+                    "model": "demo-chat", "messages": [{"role": "user", "content": text}]}) as r:
+                assert r.status == 200, await r.text()
+                return r.headers["X-Conversation-ID"]
+
+        cid = await turn("a" * 30_000, None)
+        await turn("b" * 50_000, cid)
+    sent = upstream.requests[-1]["body"]["messages"]
+    assert [m["content"][:1] for m in sent if m["role"] == "user"] == ["a", "b"]  # the history went along

@@ -535,7 +535,7 @@ class Conversations(Plugin):
             # client sent, plus the messages it resent that the stored ones replace. Measured
             # roughly (body_size: text lengths); the body made is checked, and if text that JSON
             # or UTF-8 makes longer took it over, fewer old messages are sent.
-            budget = mem.max_bytes if mem.max_bytes is not None else ctx.settings.max_body
+            budget = mem.max_bytes if mem.max_bytes is not None else ctx.max_body
             room = budget - len(ctx.body) + sum(body_size(m) for m in msgs[lead_n:start])
             cap: int | None = None
             exact = None
