@@ -233,6 +233,9 @@ async def test_scopes_path_and_model(make_gateway: Any) -> None:
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
         async with s.get(g.url + "/v1/models") as r:  # no body: the path scope alone decides
             assert r.status == 403 and (await r.json())["error"]["code"] == "key_scope_denied"
+        # the scope's path in another case is the same path, as for routes
+        async with s.post(g.url + "/v1/Chat/Completions", json=CHAT) as r:
+            assert r.status == 200, await r.text()
     st, _ = await admin(g, "PATCH", f"/keys/{rec['id']}", {"scopes": {"paths": [], "models": []}})
     assert st == 200
     async with client(g, key) as c:

@@ -128,9 +128,11 @@ class _Entry:
         self.revoked = row.revoked_at is not None
         scopes = normalise_scopes(row.scopes)
         # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
-        # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike.
-        self.paths = tuple(p if p.endswith("/") else p + "/" for p in scopes["paths"])
-        self.path_roots = frozenset(p.rstrip("/") or "/" for p in scopes["paths"])
+        # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike; without
+        # regard to case, as routes too (/v1/Chat/completions is the chat endpoint to many backends).
+        lower = [p.lower() for p in scopes["paths"]]
+        self.paths = tuple(p if p.endswith("/") else p + "/" for p in lower)
+        self.path_roots = frozenset(p.rstrip("/") or "/" for p in lower)
         self.models = tuple(scopes["models"])
         self.identity: dict[str, Any] = {
             "key_id": row.id, "owner": row.owner, "name": row.name, "team": row.team, "scopes": scopes,
@@ -484,7 +486,7 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
         if entry.expires is not None and now >= entry.expires:
             return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key")
-        if entry.paths and not ctx.path.startswith(entry.paths) and ctx.path not in entry.path_roots:
+        if entry.paths and not ctx.lpath.startswith(entry.paths) and ctx.lpath not in entry.path_roots:
             return self._refuse(ctx, 403, "scope_path", key_id,
                                 f"This API key is not allowed to call {ctx.path}.", "key_scope_denied",
                                 "permission_error")
