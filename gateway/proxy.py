@@ -27,7 +27,7 @@ from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, Internal
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Reply, ResponseHead
 from .redact import mask_gateway_keys
-from .upstream import CTL_CHAR
+from .upstream import CTL_CHAR, utf8
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -251,6 +251,14 @@ class Proxy:
                 # (Spring, Tomcat: /chat/completions;x is /chat/completions), '\' is a '/' to
                 # others; the route (and its rules) must be the one the upstream serves.
                 raise BadRequest("The request path must not contain ';', '\\' or control characters.")
+            for name, value in request.headers.items():
+                if not value.isascii() and not utf8(value):
+                    # (Latin-1 "Jos\xe9": aiohttp keeps such bytes as surrogates, which its writer
+                    # drops: the upstream would get another value than the client sent, X-Forwarded-For
+                    # and Host included, and a key with such a byte in it would not be masked first.
+                    # Refused before the chain runs, so no plugin records a request not forwarded.)
+                    raise BadRequest(f"The value of the header {name[:64]} is not UTF-8 text; it cannot be "
+                                     "forwarded as sent.")
             if "//" in request.path:
                 # An empty segment: routes would not match it (/v1//chat is not below /v1/chat) while
                 # an upstream that merges slashes (nginx does by default) serves it as /v1/chat.

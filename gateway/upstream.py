@@ -17,7 +17,7 @@ from yarl import URL
 
 from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM
-from .errors import BadRequest, InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
+from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
 from .redact import mask_gateway_keys, secret_param
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ _PORTS = {"http": 80, "https": 443}
 CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
 
 
-def _utf8(v: str) -> bool:
+def utf8(v: str) -> bool:
     """Was this header value UTF-8 on the wire (no undecodable bytes, kept as surrogates)?"""
     try:
         v.encode("utf-8")
@@ -243,13 +243,6 @@ class Upstream:
                 # X_Gateway_Owner, X-Forwarded_For: servers on CGI/WSGI conventions read them as
                 # X-Gateway-Owner, X-Forwarded-For (HTTP_X_GATEWAY_OWNER): dropped with those.
                 lk = lk.replace("_", "-")
-            if not v.isascii() and not _utf8(v):
-                # Bytes that are not UTF-8 (Latin-1 "Jos\xe9") arrive as surrogates, which the
-                # writer would silently drop: the upstream would get another value than the client
-                # sent (and a key with such a byte in it would not be masked first). Checked before
-                # the headers dropped here: X-Forwarded-For and Host go on in headers of the gateway's.
-                raise BadRequest(f"The value of the header {k[:64]} is not UTF-8 text; it cannot be forwarded "
-                                 "as sent.")
             if lk in REQUEST_DROP or lk in drop or lk in guarded:
                 continue
             # A gateway key in a header key_auth does not read (X-Api-Key, OpenAI-Api-Key ...): the
@@ -364,7 +357,7 @@ class Upstream:
             lk = k.lower()
             if lk in RESPONSE_DROP or lk in drop or (lk == "content-length" and not keep_length):
                 continue
-            if (not v.isprintable() and (CTL_CHAR(v) or not _utf8(v))) or (not k.isprintable() and CTL_CHAR(k)):
+            if (not v.isprintable() and (CTL_CHAR(v) or not utf8(v))) or (not k.isprintable() and CTL_CHAR(k)):
                 # The client parser reads it, but it cannot be carried on as it came: a control
                 # character (the response could not be sent at all), bytes that are not UTF-8 (the
                 # writer would drop them, and send another value): dropped, said once a minute.

@@ -440,7 +440,7 @@ async def test_a_header_value_that_is_not_utf8_is_refused_not_forwarded_cut(make
     """A Latin-1 byte in a header value used to be dropped on the way up ("Jos\\xe9" reached the
     upstream as "Jos"), and a gateway key with such a byte in it was not masked first. UTF-8 goes
     through byte for byte."""
-    g = await gateway_to(make_gateway, fake.url)
+    g = await gateway_to(make_gateway, fake.url, [{"name": "conversations"}])
     base = b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
     status, _, body = await raw_request(g.gw.public_port, base + b"X-Name: Jos\xc3\xa9\r\n\r\n")
     assert status == 200 and fake.requests[-1]["headers"]["X-Name"] == "Jos\u00e9"
@@ -456,6 +456,12 @@ async def test_a_header_value_that_is_not_utf8_is_refused_not_forwarded_cut(make
     status, _, body = await raw_request(g.gw.public_port, base.replace(b"Host: gw", b"Host: gw\xe9x") + b"\r\n")
     assert status == 400, body
     assert len(fake.requests) == n  # nothing forwarded
+    # refused before the chain runs: no plugin acted on it (a conversation was made for one)
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, headers, body = await raw_request(g.gw.public_port, (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nX-Name: Jos\xe9\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(chat)) + chat)
+    assert status == 400 and not any(k.lower() == "x-conversation-id" for k in headers), headers
 
 
 async def test_hop_by_hop_stripped_on_the_way_up(make_gateway: Any, fake: Any) -> None:
