@@ -169,7 +169,8 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
     new_database = False
     try:
         pending = await db.pending_migrations()
-        if pending and auto and writes and not await db.applied_revisions():
+        empty = bool(pending) and not await db.applied_revisions()
+        if empty and auto and writes:
             await db.upgrade()  # (a new database being made is what `keys create` is documented to do)
             new_database, pending = True, []
     except Exception:
@@ -177,11 +178,12 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
         raise
     if pending:
         await db.close()
-        raise NoDatabase("the database schema is behind this version of the gateway: run `gateway db upgrade "
+        raise NoDatabase(("the database has no schema yet" if empty else
+                          "the database schema is behind this version of the gateway") + ": run `gateway db upgrade "
                          "-c <config>` first (or start this version's `gateway serve`"
                          + (", which migrates at start)" if auto else " with database.auto_migrate: true)")
-                         + "; see Upgrading in docs/configuration.md for gateways of older versions still running "
-                         "on it")
+                         + ("" if empty else "; see Upgrading in docs/configuration.md for gateways of older "
+                                             "versions still running on it"))
     services = Services(cfg, db, owns_db=True)
     services.new_database = new_database  # (the audit trail's first chain key may come with it)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
@@ -322,7 +324,8 @@ async def _current(cfg: GatewayConfig) -> list[str]:
     finally:
         await db.close()
     if not applied:
-        return ["(no migrations applied)"]
+        heads, _ = revisions_sync(cfg.database.url)
+        return ["(no migrations applied)", f"pending: {', '.join(sorted(heads))} (run `gateway db upgrade`)"]
     from .db import newer_revisions
 
     _, known = revisions_sync(cfg.database.url)

@@ -224,6 +224,11 @@ def test_cli_on_an_unmigrated_database_and_into_a_closed_pipe(tmp_path: Path, pg
                                                          database={"url": pg_url}))
     r = gateway("keys", "list", "-c", str(cfg))
     assert r.returncode == 1 and "gateway db upgrade" in r.stderr and "relation" not in r.stderr, r.stderr
+    r = gateway("keys", "create", "--owner", "o", "-c", str(cfg))  # (empty: not "behind")
+    assert r.returncode == 1 and "the database has no schema yet: run `gateway db upgrade" in r.stderr, r.stderr
+    r = gateway("db", "current", "-c", str(cfg))
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == "(no migrations applied)"
+    assert r.stdout.splitlines()[1].startswith("pending: audit_0002, ") and "run `gateway db upgrade`" in r.stdout
 
     class ClosedPipe:
         def write(self, _: str) -> int:

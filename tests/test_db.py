@@ -445,6 +445,9 @@ def test_cli_commands_never_migrate_an_existing_database(tmp_path: Path) -> None
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "pending: key_auth_0002 (run `gateway db upgrade`)"
     new = tmp_path / "new" / "gateway.db"
     new.parent.mkdir()
+    new_cfg = _config(new.parent, f"sqlite+aiosqlite:///{new}")
+    r = gateway_cli("db", "current", "-c", str(new_cfg), cwd=new.parent)  # (it makes no file: none there)
+    assert r.returncode != 0 and not new.exists()
     r = gateway_cli("keys", "create", "--owner", "o", "-c", str(_config(new.parent, f"sqlite+aiosqlite:///{new}")),
                     cwd=new.parent)
     assert r.returncode == 0, r.stderr
