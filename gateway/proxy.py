@@ -267,7 +267,7 @@ class Proxy:
             if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
                     and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
-            await self._read_body(ctx, ctx.max_body)
+            await self._read_body(ctx)
             timings = ctx.timings
             for p in chain.request:
                 try:
@@ -307,10 +307,11 @@ class Proxy:
             return await self._send_error(ctx, chain, InternalError(),
                                           skip=e.plugin if e.phase == "on_response" else None)
 
-    async def _read_body(self, ctx: RequestContext, max_body: int) -> None:
+    async def _read_body(self, ctx: RequestContext) -> None:
         request = ctx.request
         if not request.body_exists:
             return
+        max_body = ctx.max_body
         cl = request.content_length
         if cl is not None and cl > max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
