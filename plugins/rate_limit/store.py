@@ -337,8 +337,9 @@ class CounterStore:
             return False
 
     async def eviction(self) -> str | None:
-        """What Redis does when it is full, if it may evict the counters: ``"allkeys-lru,
-        maxmemory 10485760"`` (None: it does not evict, or it would not say: CONFIG refused)."""
+        """What Redis does when it is full, if it may evict the counters: ``"maxmemory-policy
+        allkeys-lru, maxmemory 10485760"`` (None: it does not evict, or it would not say: CONFIG
+        refused)."""
         client = getattr(getattr(self.storage, "bridge", None), "storage", None)
         if client is None or not hasattr(client, "config_get"):
             return None
