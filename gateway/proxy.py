@@ -220,10 +220,12 @@ class Proxy:
                     except Exception:
                         log.exception("plugin %s failed in on_complete (request %s)", p.name, rid)
             finally:
-                if self.gw.stopping:
+                if self.gw.stopping and (not request.body_exists or request.content.is_eof()):
                     # A response begun before the stop went out without Connection: close. Its
                     # connection must not take another request now (the drain may end before its
-                    # answer, after the upstream did the work): nothing more is read from it.
+                    # answer, after the upstream did the work): nothing more is read from it. (One
+                    # whose body was left unread was answered Connection: close, and is closed once
+                    # the rest of that body is in.)
                     with contextlib.suppress(Exception):
                         request.protocol.close()
                 self.busy.discard(transport)

@@ -320,6 +320,35 @@ async def test_a_keep_alive_connection_whose_stream_spans_the_stop_takes_no_next
         proc.stop()
 
 
+async def test_a_body_refused_during_the_drain_delay_closes_its_connection_once_it_is_in(
+        tmp_path: Path, upstream: Any) -> None:
+    """A body refused unread (413) while the gateway stops: the answer says Connection: close, and
+    the connection closes once the rest of the body is in, as when not stopping; it was held open
+    to the end of the drain (the rest of the body was ignored, so it never seemed to end)."""
+    proc = _serve(tmp_path, upstream, drain_delay=30, shutdown_timeout=5, max_body_size=1000)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            proc.signal(signal.SIGTERM)
+            await until(lambda: _not_ready(s, proc.admin_url), what="/readyz to fail")
+        r, w = await asyncio.open_connection("127.0.0.1", proc.port)
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 200000\r\n\r\n" + b"x" * 1000)
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
+        w.write(b"x" * 199000)  # the rest of the body
+        try:
+            rest = await asyncio.wait_for(r.read(), 10)  # (the drain delay has 20 s and more to go)
+        except ConnectionResetError:
+            rest = b""
+        assert b"HTTP/1.1" not in rest
+        w.close()
+        proc.signal(signal.SIGTERM)  # (a second one ends the delay)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        proc.stop()
+
+
 async def test_reuse_port_lets_a_new_gateway_take_over_the_ports(tmp_path: Path, upstream: Any) -> None:
     """server.reuse_port: a second gateway starts on the ports of a running one (without it, the
     second one's start fails and says why); after the first one's SIGTERM the second serves alone."""
