@@ -169,6 +169,13 @@ class RateLimitConfig(PluginConfig):
         if not storage_uri_ok(v):
             raise ValueError("not a valid storage URL (check the hosts and ports; the URL is not shown: it may "
                              "hold a password)")
+        from urllib.parse import parse_qs, urlsplit
+
+        if "unix" not in v.partition("://")[0] and {"password", "username"} & set(parse_qs(urlsplit(v).query)):
+            # (the Redis client does not read them there: it would connect without the password)
+            raise ValueError("a password or user name in the storage URL's query is not used: write them before "
+                             "the host, redis://USER:PASSWORD@host:port/db (the URL is not shown: it may hold a "
+                             "password)")
         return v
 
     @model_validator(mode="after")
