@@ -885,7 +885,7 @@ async def test_memory_storage_sweeps_at_most_once_a_second():
     st.timer.cancel()
 
 
-async def test_memory_sweep_of_many_keys_runs_in_slices_between_requests():
+async def test_memory_sweep_of_many_keys_runs_in_slices_between_requests(monkeypatch):
     """A sweep over many keys (one per client IP, say) goes a slice per event-loop turn: other work
     runs between the slices, expired counters and moving-window entries are all dropped, live
     ones kept."""
@@ -897,11 +897,16 @@ async def test_memory_sweep_of_many_keys_runs_in_slices_between_requests():
     st = rl_store.build_storage("memory://", 0.25)
     fixed, moving = FixedWindowRateLimiter(st), MovingWindowRateLimiter(st)
     n = rl_store.SWEEP_SLICE * 3
+    # No sweep while the keys are made and expire: on a busy machine making them takes over a
+    # second, and a sweep then dropped the first ones, leaving too few for the slices to show.
+    monkeypatch.setattr(rl_store, "SWEEP_EVERY", 1e9)
     try:
         for i in range(n):
             fixed.hit(parse("5/second"), f"f{i}")
             moving.hit(parse("5/second"), f"m{i}")
         await asyncio.sleep(1.1)  # every one of those has expired
+        assert len(st.expirations) + len(st.events) == 2 * n
+        monkeypatch.setattr(rl_store, "SWEEP_EVERY", 1.0)
         live = parse("5/minute")
         seen: set[int] = set()  # keys left, as other work on the loop sees them during the sweep
 
