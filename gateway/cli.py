@@ -316,27 +316,21 @@ async def _newer(cfg: GatewayConfig) -> set[str]:
 async def _current(cfg: GatewayConfig) -> list[str]:
     """The applied revisions, ``(head)`` marked; a revision this version does not know (a newer
     gateway migrated the database) is said to be one rather than failing."""
-    from .db import current_sync, revisions_sync
+    from .db import current_sync, newer_revisions, revisions_sync
 
     db = open_database(cfg)
     try:
         applied = await db.applied_revisions()
     finally:
         await db.close()
+    heads, known = revisions_sync(cfg.database.url)
+    pending = sorted(set(heads) - applied)
+    said = [f"pending: {', '.join(pending)} (run `gateway db upgrade`)"] if pending else []
     if not applied:
-        heads, _ = revisions_sync(cfg.database.url)
-        return ["(no migrations applied)", f"pending: {', '.join(sorted(heads))} (run `gateway db upgrade`)"]
-    from .db import newer_revisions
-
-    _, known = revisions_sync(cfg.database.url)
+        return ["(no migrations applied)"] + said
     newer_revisions(applied, known, cfg.database.url)  # (another application's: an error)
     if applied <= known:
-        lines = sorted(await asyncio.to_thread(current_sync, cfg.database.url))
-        heads, _ = revisions_sync(cfg.database.url)
-        pending = sorted(set(heads) - applied)
-        if pending:
-            lines.append(f"pending: {', '.join(pending)} (run `gateway db upgrade`)")
-        return lines
+        return sorted(await asyncio.to_thread(current_sync, cfg.database.url)) + said
     return [r if r in known else f"{r} (not known to this version: a newer gateway applied it)" for r in sorted(applied)]
 
 

@@ -60,28 +60,39 @@ async def test_root_paths_take_everything(make_gateway: Any, upstream: Any) -> N
                 assert r.status == 200, p
 
 
-# -- 2. empty segments -------------------------------------------------------------------------------
-async def test_empty_segment_cannot_dodge_a_route_limit(make_gateway: Any, upstream: Any) -> None:
-    """With a limit only on the /v1/chat route, /v1//chat/completions used to go through unlimited
-    (no route matched) and reach the upstream, which (nginx merges slashes) serves /v1/chat/completions."""
-    g = await make_gateway(
+# -- 2. empty segments and other spellings ------------------------------------------------------------
+async def limited_route(make_gateway: Any, prefix: str) -> Any:
+    """A gateway whose only rate limit (1 a minute) is on the POST route ``prefix``."""
+    return await make_gateway(
         [{"name": "rate_limit", "enabled": False,
           "config": {"rules": [{"name": "base", "limit": "100/minute", "key_by": ["ip"]}]}}],
         server={"paths": ["/v1"]},
-        routes=[{"path_prefix": "/v1/chat", "methods": ["POST"], "plugins": {"rate_limit": {
+        routes=[{"path_prefix": prefix, "methods": ["POST"], "plugins": {"rate_limit": {
             "enabled": True, "config": {"rules": [{"name": "chat", "limit": "1/minute", "key_by": ["ip"]}]}}}}])
+
+
+async def raw_post(g: Any, target: str) -> tuple[int, bytes]:
+    """POST a chat body to ``target`` exactly as written (no client normalises it)."""
+    body = json.dumps(CHAT).encode()
+    status, _, raw = await raw_request(
+        g.gw.public_port, f"POST {target} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    return status, raw
+
+
+async def test_empty_segment_cannot_dodge_a_route_limit(make_gateway: Any, upstream: Any) -> None:
+    """With a limit only on the /v1/chat route, /v1//chat/completions used to go through unlimited
+    (no route matched) and reach the upstream, which (nginx merges slashes) serves /v1/chat/completions."""
+    g = await limited_route(make_gateway, "/v1/chat")
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200
         async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 429
     n = len(upstream.requests)
-    body = json.dumps(CHAT).encode()
     for target in ("/v1//chat/completions", "/v1/%2Fchat/completions", "//v1/chat/completions",
                    "/v1/chat//completions", "/v1/models//"):
-        status, _, raw = await raw_request(
-            g.gw.public_port, f"POST {target} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        status, raw = await raw_post(g, target)
         assert status == 400, (target, status, raw)
         err = json.loads(raw)
         assert_error_shape(err, "bad_request")
@@ -96,28 +107,15 @@ async def test_other_spellings_of_a_path_cannot_dodge_a_route_limit(make_gateway
     """A route's rules hold for the path however a backend might read it: another case (Express and
     Fiber route /v1/Chat/completions as /v1/chat/completions) takes the route; ';' (path parameters
     to Spring and Tomcat), '\\' and control characters are refused, and nothing is forwarded."""
-    g = await make_gateway(
-        [{"name": "rate_limit", "enabled": False,
-          "config": {"rules": [{"name": "base", "limit": "100/minute", "key_by": ["ip"]}]}}],
-        server={"paths": ["/v1"]},
-        routes=[{"path_prefix": "/v1/chat/completions", "methods": ["POST"], "plugins": {"rate_limit": {
-            "enabled": True, "config": {"rules": [{"name": "chat", "limit": "1/minute", "key_by": ["ip"]}]}}}}])
-    body = json.dumps(CHAT).encode()
-
-    async def post(target: str) -> tuple[int, bytes]:
-        status, _, raw = await raw_request(
-            g.gw.public_port, f"POST {target} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-        return status, raw
-
-    assert (await post("/v1/chat/completions"))[0] == 200
+    g = await limited_route(make_gateway, "/v1/chat/completions")
+    assert (await raw_post(g, "/v1/chat/completions"))[0] == 200
     for target in ("/v1/chat/completions", "/v1/chat/Completions", "/v1/CHAT/completions"):
-        status, raw = await post(target)
+        status, raw = await raw_post(g, target)
         assert status == 429, (target, raw)  # the route's rule, spent
     n = len(upstream.requests)
     for target in ("/v1/chat/completions;x", "/v1/chat/completions%3Bx", "/v1/chat/completions\\",
                    "/v1/chat/completions%5C", "/v1/chat/completions%00", "/v1/chat/completions%0A"):
-        status, raw = await post(target)
+        status, raw = await raw_post(g, target)
         assert status == 400, (target, status, raw)
         assert_error_shape(json.loads(raw), "bad_request")
     assert len(upstream.requests) == n
