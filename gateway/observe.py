@@ -20,7 +20,7 @@ import zlib
 from typing import Any, Iterator
 
 from .context import truthy
-from .fastjson import JSON_ERRORS, loads
+from .fastjson import JSON_ERRORS, dumps_bytes, loads
 
 MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
 #: An SSE event longer than this is relayed as it comes but not parsed (nor held back); an
@@ -516,7 +516,7 @@ class ResponseObserver:
             except Exception:  # an event of a shape nobody expected: relayed, not understood
                 keep = True
             if out is not None and keep:
-                out += event
+                out += event if keep is True else keep
             if cr:
                 self._cr = 1 if keep else 2
                 self._edges = True
@@ -624,7 +624,7 @@ class ResponseObserver:
                 keep = True
             self._cut()
             if self.strip:
-                return rest if keep else b""
+                return (rest if keep is True else keep) if keep else b""
         elif self.strip:
             return rest  # line ends left over: relayed as they came
         return b""
@@ -658,17 +658,20 @@ class ResponseObserver:
         if isinstance(choices, list):
             c.choices = len(choices)
             for ch in choices:
-                if isinstance(ch, dict) and isinstance(ch.get("finish_reason"), str):
-                    c.finish_reasons.append(ch["finish_reason"])
+                fr = _finish(ch)
+                if fr is not None:
+                    c.finish_reasons.append(fr)
                     if ch.get("index", 0) == 0:
-                        c.finish_reason = ch["finish_reason"]
+                        c.finish_reason = fr
 
     # -- parsing ---------------------------------------------------------------------------------
-    def _event(self, event: bytes) -> bool:
-        """Handle one SSE event; returns False if it must not reach the client."""
+    def _event(self, event: bytes) -> bool | bytes:
+        """Handle one SSE event; returns False if it must not reach the client, or the bytes that
+        go to the client instead of it."""
         body = event.rstrip(b"\r\n")  # (the blank line that ends it, whichever line ends it uses)
-        if body.startswith(b"data: ") and b"\n" not in body and b"\r" not in body:
-            data = body[6:]  # the common one-line event
+        one_line = body.startswith(b"data:") and b"\n" not in body and b"\r" not in body
+        if one_line:
+            data = body[6:] if body[5:6] == b" " else body[5:]  # the common one-line event
         else:
             data_lines = []
             for line in event.splitlines():
@@ -722,10 +725,11 @@ class ResponseObserver:
             index = ch.get("index", 0)
             if type(index) is int and c.choices <= index < MAX_CHOICES:
                 c.choices = index + 1
-            if isinstance(ch.get("finish_reason"), str):
-                c.finish_reasons.append(ch["finish_reason"])
+            fr = ch.get("finish_reason")
+            if fr and isinstance(fr, str):  # ("" is none: relays send it on every chunk but the last)
+                c.finish_reasons.append(fr)
                 if index == 0:
-                    c.finish_reason = ch["finish_reason"]
+                    c.finish_reason = fr
                     c.done = True  # the answer is whole (a usage chunk or [DONE] may follow)
             delta = ch.get("delta")
             if index != 0:
@@ -740,8 +744,15 @@ class ResponseObserver:
         if reported:  # (after its own event's deltas: a report on every chunk covers them)
             c.deltas_at_usage = c.deltas
             c.usage_on_output = bool(choices)
-        if self.strip and isinstance(usage, dict) and not choices:
-            return False
+        if self.strip and isinstance(usage, dict):
+            if not choices:
+                return False  # the usage-only chunk the gateway asked for
+            if one_line:
+                # a report on a chunk of output (TGI's last chunk; every chunk under vLLM's
+                # continuous_usage_stats): the chunk as the client would have had it without the
+                # include_usage the gateway added
+                obj["usage"] = None
+                return body[:len(body) - len(data)] + dumps_bytes(obj) + event[len(body):]
         return True
 
     def _response_event(self, kind: str, obj: dict[str, Any]) -> None:
@@ -849,7 +860,9 @@ class ResponseObserver:
             for tc in tcs:
                 if not isinstance(tc, dict):
                     continue
-                i = tc.get("index", len(calls))
+                i = tc.get("index")
+                if i is None:
+                    i = _unindexed(calls, tc)
                 if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
                     continue
                 while len(calls) <= i:  # (a slot no delta fills stays equal to _UNUSED: left out)
@@ -887,12 +900,12 @@ class ResponseObserver:
         for ch in choices if isinstance(choices, list) else ():
             if not isinstance(ch, dict):
                 continue
-            if isinstance(ch.get("finish_reason"), str):
-                c.finish_reasons.append(ch["finish_reason"])
+            fr = _finish(ch)
+            if fr is not None:
+                c.finish_reasons.append(fr)
             if ch.get("index", 0) != 0:
                 continue
-            if isinstance(ch.get("finish_reason"), str):
-                c.finish_reason = ch["finish_reason"]
+            c.finish_reason = fr
             msg = ch.get("message")
             if isinstance(msg, dict):
                 c.message = msg
@@ -921,6 +934,27 @@ class ResponseObserver:
                 c.content = "".join(text)
                 c.role = "assistant"
                 break
+
+
+def _unindexed(calls: list[dict[str, Any]], tc: dict[str, Any]) -> int:
+    """The slot of a streamed tool-call delta without ``index`` (some backends leave it out): the
+    last call goes on unless the delta starts another (an id of its own, or a name and no id):
+    a call streamed in pieces stays one call."""
+    if calls:
+        tid = tc.get("id")
+        fn = tc.get("function")
+        if tid is None or tid == "":
+            if not (isinstance(fn, dict) and fn.get("name")):
+                return len(calls) - 1
+        elif tid == calls[-1]["id"]:
+            return len(calls) - 1
+    return len(calls)
+
+
+def _finish(ch: dict[str, Any]) -> str | None:
+    """A choice's finish reason; an empty string is none (some relays send ``""`` until the end)."""
+    fr = ch.get("finish_reason")
+    return fr if fr and isinstance(fr, str) else None
 
 
 def _response_status(r: dict[str, Any]) -> str | None:

@@ -229,10 +229,12 @@ def test_a_cut_n2_stream_with_per_choice_usage_is_charged_its_deltas() -> None:
     # both choices finished, cut before the usage-only chunk: the same
     obs, _ = observe(b"".join(vllm_n2_events(final=False)))
     assert (obs.c.completion_tokens, obs.c.total_tokens) == (480, 497)
-    # whole, with its final usage chunk: exactly what it reports (hidden from the client here)
+    # whole, with its final usage chunk: exactly what it reports (hidden from the client here, as
+    # are the reports on the chunks of output: the client did not ask for them)
     raw = b"".join(vllm_n2_events()) + b"data: [DONE]\n\n"
     obs, out = observe(raw, strip=True)
-    assert out == raw.replace(vllm_n2_events()[-1], b"")
+    assert out == b"".join(b"data: " + j({**json.loads(e[6:]), "usage": None}) + b"\n\n"
+                           for e in vllm_n2_events()[:-1]) + b"data: [DONE]\n\n"
     assert not obs.c.usage_stale and (obs.c.completion_tokens, obs.c.total_tokens) == (480, 497)
     # n = 1, usage on every chunk, cut: each report covers its own choice's output, taken as it is
     one = [e for e in vllm_n2_events(16, final=False) if b'"index": 0' in e]
@@ -406,3 +408,123 @@ async def test_a_framed_stream_whose_last_event_lacks_its_blank_line_is_not_a_cu
         await until(lambda: len(_Seen.seen) == 1, what="the exchange complete")
     (c, outcome), = _Seen.seen
     assert c.cut_mid_event and outcome == "ok"
+
+
+# -- 5. relays' empty finish reasons, tool calls without index, TGI's usage on its last chunk ----
+
+def chunk(choices: list[dict[str, Any]], **more: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-d", "object": "chat.completion.chunk", "created": 1732600000, "model": "m",
+            "choices": choices, **more}
+
+
+def events(objs: list[dict[str, Any]], prefix: bytes = b"data: ") -> bytes:
+    return b"".join(prefix + j(o) + b"\n\n" for o in objs)
+
+
+def relay_stream(words: int = len(WORDS), end: bool = True) -> bytes:
+    """A relay's stream (one-api style): ``"finish_reason": ""`` on every chunk but the last."""
+    objs = [chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": ""}])]
+    objs += [chunk([{"index": 0, "delta": {"content": w}, "finish_reason": ""}]) for w in WORDS[:words]]
+    if end:
+        objs.append(chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    return events(objs) + (b"data: [DONE]\n\n" if end else b"")
+
+
+#: Tool-call deltas without ``index`` (mistral.rs before its fix, some relays): a call in pieces,
+#: then a second call whole, then its id repeated on an empty piece.
+NOINDEX_CALLS = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+                 {"function": {"arguments": '{"city": '}}, {"function": {"arguments": '"Paris"'}},
+                 {"function": {"arguments": "}"}},
+                 {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
+                 {"id": "call_2", "function": {"arguments": ""}}]
+NOINDEX_JOINED = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                  {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
+
+
+def noindex_stream() -> bytes:
+    objs = [chunk([{"index": 0, "delta": {"role": "assistant", "tool_calls": [tc]}, "finish_reason": None}])
+            for tc in NOINDEX_CALLS]
+    return events(objs + [chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])]) + b"data: [DONE]\n\n"
+
+
+def tgi_stream(include_usage: bool) -> bytes:
+    """TGI's stream: ``data:`` without a space, ``"usage": null`` on every chunk, and when asked
+    for usage, the report on the last chunk of output (there is no usage-only chunk)."""
+    objs = [chunk([{"index": 0, "delta": {"role": "assistant", "content": w}, "logprobs": None,
+                    "finish_reason": "eos_token" if i == len(WORDS) - 1 else None}],
+                  usage=usage(17, 8) if include_usage and i == len(WORDS) - 1 else None)
+            for i, w in enumerate(WORDS)]
+    return events(objs, b"data:") + b"data:[DONE]\n\n"
+
+
+def test_an_empty_finish_reason_is_none() -> None:
+    obs, _ = observe(relay_stream())
+    assert (obs.c.finish_reason, obs.c.finish_reasons, obs.c.done) == ("stop", ["stop"], True)
+    # ended before its last chunk, or inside an event: not finished, and a cut
+    obs, _ = observe(relay_stream(5, end=False))
+    assert (obs.c.finish_reason, obs.c.finish_reasons, obs.c.done) == (None, [], False)
+    obs, _ = observe(relay_stream(5, end=False)[:-7])
+    assert obs.c.cut_mid_event and obs.c.content == "Hello there, how"
+    obs, _ = observe(j({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": ""}],
+                        "usage": usage(3, 1)}), streamed=False)
+    assert (obs.c.finish_reason, obs.c.finish_reasons) == (None, [])
+
+
+def test_tool_calls_streamed_without_index_are_joined() -> None:
+    obs, out = observe(noindex_stream(), step=31, strip=True)
+    assert out == noindex_stream()
+    assert obs.c.tool_calls == NOINDEX_JOINED
+    # whole calls with no id, each with its name: one call each
+    whole = [{"type": "function", "function": {"name": n, "arguments": "{}"}} for n in ("a", "b")]
+    obs, _ = observe(events([chunk([{"index": 0, "delta": {"tool_calls": [tc]}, "finish_reason": None}])
+                             for tc in whole]))
+    assert [c["function"]["name"] for c in obs.c.tool_calls] == ["a", "b"]
+
+
+def test_a_usage_report_on_a_chunk_of_output_is_hidden_from_a_client_that_did_not_ask() -> None:
+    asked = tgi_stream(True)
+    for strip, want in ((True, tgi_stream(False)), (False, asked)):
+        obs, out = observe(asked, step=43, strip=strip)
+        assert out == want
+        assert (obs.c.prompt_tokens, obs.c.completion_tokens, obs.c.finish_reason) == (17, 8, "eos_token")
+    # the line ends it came with are kept (CRLF here)
+    crlf = asked.replace(b"\n", b"\r\n")
+    _, out = observe(crlf, step=43, strip=True)
+    assert out == tgi_stream(False).replace(b"\n", b"\r\n")
+
+
+async def test_dialects_end_to_end(make_gateway: Any, tmp_path: Path) -> None:
+    """Through a gateway that counts tokens (so it asks for usage): TGI's client gets the stream it
+    would get without the gateway and the tokens are its report; a relay's stream that stops short
+    is stored as incomplete; tool calls without index are stored whole."""
+    jl = tmp_path / "audit.jsonl"
+    asked: list[Any] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        asked.append(body.get("stream_options"))
+        raw = {"tgi": lambda: tgi_stream(bool((body.get("stream_options") or {}).get("include_usage"))),
+               "relay": lambda: relay_stream(4, end=False), "noindex": noindex_stream}[body["model"]]()
+        return await streaming(raw, 29)(request)
+
+    async with backend(chat) as url:
+        g = await make_gateway([{"name": "conversations"},
+                                {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}}],
+                               upstream={"url": url})
+        msg = [{"role": "user", "content": "hi"}]
+        got, cid = await post_stream(g, {"model": "tgi", "stream": True, "messages": msg}, "d-tgi")
+        assert asked[-1] == {"include_usage": True} and got == tgi_stream(False)
+        ev = (await audit_events(jl, "d-tgi"))[-1]
+        assert (ev["tokens_in"], ev["tokens_out"], ev.get("tokens_estimated")) == (17, 8, None)
+        stored = await stored_messages(g, cid)
+        assert (stored[1]["content"], stored[1]["tokens"], stored[1]["status"]) == ("".join(WORDS), 8, "complete")
+
+        got, cid = await post_stream(g, {"model": "relay", "stream": True, "messages": msg}, "d-relay")
+        assert got == relay_stream(4, end=False)
+        stored = await stored_messages(g, cid)
+        assert (stored[1]["content"], stored[1]["status"], stored[1]["finish_reason"]) == ("Hello there, how", "incomplete", None)
+
+        got, cid = await post_stream(g, {"model": "noindex", "stream": True, "messages": msg}, "d-noindex")
+        assert got == noindex_stream()
+        stored = await stored_messages(g, cid)
+        assert stored[1]["tool_calls"] == NOINDEX_JOINED and stored[1]["finish_reason"] == "tool_calls"
