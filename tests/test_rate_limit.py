@@ -637,6 +637,27 @@ async def test_header_values_match_the_remaining_budget(make_gateway):
         assert 1 <= int(h["Retry-After"]) <= 60
 
 
+async def test_headers_of_limits_all_used_up_name_the_one_that_frees_last(make_gateway):
+    """A 5-second burst limit and an hourly one, both used up: the headers say what the refusal
+    says, that the caller gets through in an hour, not in a few seconds."""
+    g = await make_gateway([rl(strategy="fixed", rules=[
+        {"name": "burst", "limit": "3 per 5 seconds", "key_by": ["ip"]},
+        {"name": "hourly", "limit": "3/hour", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        for want in (200, 200, 200, 429):
+            st, _, h = await post(s, g.url)
+            assert st == want
+        assert h["X-RateLimit-Remaining"] == "0" and h["x-ratelimit-remaining-requests"] == "0"
+        assert int(h["X-RateLimit-Reset"]) > 3500 and h["x-ratelimit-reset-requests"].startswith(("59m", "1h"))
+        assert abs(int(h["X-RateLimit-Reset"]) - int(h["Retry-After"])) <= 1
+        # the third request's headers (a 200 that used both up) say the same
+        g2 = await make_gateway([rl(strategy="fixed", rules=[
+            {"name": "burst", "limit": "1 per 5 seconds", "key_by": ["ip"]},
+            {"name": "hourly", "limit": "1/hour", "key_by": ["ip"]}])])
+        st, _, h = await post(s, g2.url)
+        assert st == 200 and h["X-RateLimit-Limit"] == "1" and int(h["X-RateLimit-Reset"]) > 3500
+
+
 def test_openai_duration_format():
     assert duration(0) == "0s"
     assert duration(0.02) == "20ms"

@@ -4,8 +4,8 @@
   policy that applied, ``RateLimit: "per-key";r=59;t=42`` the remaining quota and seconds to reset
   of each (token policies carry ``qu="tokens"``).
 - ``X-RateLimit-Limit / -Remaining / -Reset`` (reset in seconds) for the most restrictive request
-  limit (the one with the fewest left, then the sooner reset), else the most restrictive token limit
-  or quota.
+  limit (the one with the fewest left, then the sooner reset; of those with none left, the one
+  that resets last), else the most restrictive token limit or quota.
 - OpenAI style: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,
   ``x-ratelimit-reset-requests`` (a duration such as ``1s`` or ``6m0s``) and the ``-tokens`` twins
   (token limits and daily/monthly token quotas alike).
@@ -54,10 +54,15 @@ def duration(seconds: float) -> str:
 
 def _strictest(items: list[Standing]) -> Standing | None:
     """The limit that refuses first: the least left (a 1,000,000-token daily quota barely used is
-    not stricter than 500 tokens a minute), then the one that resets sooner."""
+    not stricter than 500 tokens a minute), then the one that resets sooner. Of limits with
+    nothing left, the one that resets last: the caller gets through only then (a 5-second burst
+    limit used up says nothing when an hourly one is used up too)."""
     if not items:
         return None
-    return min(items, key=lambda s: (max(0, s.remaining), s.reset_in))
+    spent = [s for s in items if s.remaining <= 0]
+    if spent:
+        return max(spent, key=lambda s: s.reset_in)
+    return min(items, key=lambda s: (s.remaining, s.reset_in))
 
 
 def _secs(x: float) -> int:
