@@ -139,6 +139,23 @@ async def test_foreign_data_under_one_counter_fails_that_caller_only(make_gatewa
     assert len([x for x in lines.lines if "foreign data" in x]) == 1, lines.lines  # throttled
 
 
+async def test_a_new_sliding_window_on_redis_resets_a_window_from_now(make_gateway, redis_server):
+    """A caller's first request in a new sliding window on Redis: its reset is a window from now,
+    not "now" (the library reads a window that began in the same millisecond as resetting at once,
+    and a client scheduling on it is refused for an hour)."""
+    redis = redis_server()
+    g = await make_gateway([rl(storage=redis.url, rules=[
+        {"name": "hourly", "limit": "1/hour", "key_by": ["model"]},
+        {"name": "five", "limit": "5/hour", "key_by": ["model"]}])])
+    async with aiohttp.ClientSession() as s:
+        for i in range(30):
+            st, _, h = await post(s, g.url, chat_body(model=f"fresh-{i}"))
+            assert st == 200
+            assert int(h["X-RateLimit-Reset"]) >= 3599 and h["x-ratelimit-reset-requests"].startswith(("59m", "1h")), h
+            cur = {p.split(";")[0]: p for p in h["RateLimit"].split(", ")}
+            assert cur['"five"'].startswith('"five";r=4;t=') and int(cur['"five"'].rsplit("=", 1)[1]) >= 3599, cur
+
+
 # -- 2. a reload's storage_timeout reaches the Redis client ---------------------------------------
 async def test_reload_to_a_longer_storage_timeout_applies_to_the_redis_client(make_gateway, redis_server,
                                                                               upstream, tmp_path):
