@@ -238,6 +238,36 @@ async def test_token_limit_streamed_counts_real_usage_and_refuses_before_forward
             assert r.status == 200
 
 
+async def test_a_refusal_names_what_frees_last_of_quotas_and_token_rules_used_up(make_gateway, monkeypatch):
+    """A daily and a monthly quota both used up, on the 15th at 23:59:45: the refusal is the
+    monthly quota's (15 days), not the daily one's 15 s after which the caller is refused again. A
+    token rule and a quota both used up: the quota's, which frees later."""
+    import datetime as dt
+
+    import gateway.plugins.rate_limit as rl_mod
+    from gateway.plugins.rate_limit.quota import periods
+
+    now = dt.datetime(2026, 11, 15, 23, 59, 45, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(rl_mod, "periods", lambda: periods(now))
+    g = await make_gateway([rl(estimate_default_max_tokens=2, quotas={"daily_tokens": 30, "monthly_tokens": 34})],
+                           name="quotas.yaml")
+    h = await make_gateway([rl(estimate_default_max_tokens=2, quotas={"monthly_tokens": 34}, rules=[
+        {"name": "tpm", "limit": "30/minute", "counts": "tokens", "key_by": ["ip"]}])], name="rule.yaml")
+    async with aiohttp.ClientSession() as s:
+        for gw in (g, h):
+            st, body, _ = await post(s, gw.url, chat_body("hi"), headers={"X-Demo-Words": "30"})
+            assert st == 200 and body["usage"]["total_tokens"] >= 31
+            await settle(gw)
+        st, body, hd = await post(s, g.url, chat_body("hi"))
+        assert st == 429 and body["error"]["code"] == "insufficient_quota", body
+        assert "monthly tokens quota" in body["error"]["message"]
+        assert int(hd["Retry-After"]) == 15 * 86400 + 15 and hd["x-should-retry"] == "false"
+        assert int(hd["x-ratelimit-reset-tokens"].split("h")[0]) == 15 * 24  # the headers agree
+        st, body, hd = await post(s, h.url, chat_body("hi"))
+        assert st == 429 and body["error"]["code"] == "insufficient_quota", body
+        assert int(hd["Retry-After"]) == 15 * 86400 + 15
+
+
 async def test_refusals_the_sdks_cannot_wait_for_say_not_to_retry(make_gateway):
     """A quota the request can never fit, an exhausted quota and a token rule whose room frees in
     minutes: the 429 says x-should-retry: false (the SDKs wait at most 60 s; openai-node would retry

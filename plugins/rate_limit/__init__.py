@@ -217,18 +217,28 @@ class RateLimit(Plugin):
                 if remaining < need:
                     short.append((lim, ids, s, need))
             if short:
-                return await self._refuse_tokens(ctx, short, deadline)
+                lim, s, need = await self._tokens_short(short, deadline)
+                if need <= lim.item.amount and quota and self._quota is not None:
+                    # a quota that is used up too and frees later refuses instead (a client that
+                    # retries when a token rule frees would be refused by the quota then)
+                    try:
+                        q = await self._check_quota(ctx, st, quota, est, deadline)
+                    except QuotaDown:  # (counted) the token rule's refusal stands
+                        q = None
+                    if q is not None and (est > q.limit or q.reset_in > s.reset_in):
+                        return self._refuse(ctx, None, q, "insufficient_quota", est)
+                return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
             if quota and self._quota is not None:
                 try:
-                    refusal = await self._check_quota(ctx, st, quota, est, deadline)
+                    q = await self._check_quota(ctx, st, quota, est, deadline)
                 except QuotaDown:
                     if self.config.on_store_error != "allow":
                         raise
                     # (counted in store_errors{storage="database"}) the counters' rules still apply
                     st.standings = [s for s in st.standings if s.counts != "quota"]
-                    refusal = None
-                if refusal is not None:
-                    return refusal
+                    q = None
+                if q is not None:
+                    return self._refuse(ctx, None, q, "insufficient_quota", est)
         if req:
             if len(req) > 1:
                 return await self._hit_in_turn(ctx, st, req, deadline)
@@ -242,14 +252,15 @@ class RateLimit(Plugin):
                 return self._refuse(ctx, lim, s, "rate_limit_exceeded", 1)
         return None
 
-    async def _refuse_tokens(self, ctx: RequestContext, short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]],
-                             deadline: float | None) -> Reply:
-        """Token rules this request does not fit: refused by the one it fits last (a client retrying
-        when told must fit them all); one it can never fit (the estimate over its limit) first."""
+    async def _tokens_short(self, short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]],
+                            deadline: float | None) -> tuple[Limit, hdr.Standing, int]:
+        """Token rules this request does not fit: the one that refuses it is the one it fits last
+        (a client retrying when told must fit them all); one it can never fit (the estimate over
+        its limit) first. Returns that rule, its standing and what the request needs of it."""
         never = [x for x in short if x[3] > x[0].item.amount]
         if never:
             lim, _, s, need = never[0]
-            return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
+            return lim, s, need
         worst, worst_wait = short[0], -1.0
         for lim, ids, s, need in short:
             try:
@@ -262,7 +273,7 @@ class RateLimit(Plugin):
                 if wait is not None and wait > s.reset_in:
                     s.reset_in = wait + 0.02  # (a little over: a client that retries right then must fit)
         lim, _, s, need = worst
-        return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
+        return lim, s, need
 
     async def _hit_in_turn(self, ctx: RequestContext, st: _State, req: list[Limit],
                            deadline: float | None) -> Reply | None:
@@ -315,8 +326,12 @@ class RateLimit(Plugin):
                             max(0.0, reset - time.time()), lim.window, lim.policy)
 
     async def _check_quota(self, ctx: RequestContext, st: _State, quota: dict[str, int | None],
-                           est: int, deadline: float | None) -> Reply | None:
-        """The quotas' usage is the database's (read through a cache, plus this instance's charges
+                           est: int, deadline: float | None) -> hdr.Standing | None:
+        """The standing of the quota that refuses the request (None: they all let it through): of
+        several, one it can never fit, else the one that frees last (a used-up daily quota on the
+        last day of a used-up monthly one refuses until the month ends, not until midnight).
+
+        The quotas' usage is the database's (read through a cache, plus this instance's charges
         not yet written). On a network store (Redis) every instance also adds its charges at once
         to a shared counter per quota period, so one instance sees another's usage at once, not
         after ``cache_ttl``: the larger of the two figures counts. The counter only adds to the
@@ -327,6 +342,7 @@ class RateLimit(Plugin):
         st.subject = f"key:{k}" if k else f"ip:{ip_key(ctx.client_ip, *self.ip_prefixes)}"
         (day, day_left), (month, month_left) = periods()
         timeout = max(1.0, self.store.timeout)
+        short: list[hdr.Standing] = []
         for label, amount, period, left, window in (("daily-tokens", quota["daily"], day, day_left, 86400),
                                                     ("monthly-tokens", quota["monthly"], month, month_left,
                                                      31 * 86400)):
@@ -350,12 +366,16 @@ class RateLimit(Plugin):
             s = hdr.Standing(label, "quota", amount, amount - used, left, window)
             st.standings.append(s)
             if amount - used < est:
-                return self._refuse(ctx, None, s, "insufficient_quota", est)
-        return None
+                short.append(s)
+        if not short:
+            return None
+        never = [s for s in short if est > s.limit]
+        return never[0] if never else max(short, key=lambda s: s.reset_in)
 
     def _refuse(self, ctx: RequestContext, lim: Limit | None, s: hdr.Standing, reason: str,
                 needed: int) -> Reply:
         retry = max(1, math.ceil(s.reset_in))
+        s.refuses = True  # (the headers show it)
         never = needed > (s.limit if lim is None else lim.item.amount)  # it would not fit an empty budget
         st: _State | None = ctx.state.get(NAME)
         n = st.choices if st is not None else 1
@@ -407,11 +427,11 @@ class RateLimit(Plugin):
             st.standings = [s for s in st.standings if s.counts == "quota"]
             if quota and self._quota is not None and not st.quota_periods:
                 try:
-                    refusal = await self._check_quota(ctx, st, quota, st.estimate, None)
+                    q = await self._check_quota(ctx, st, quota, st.estimate, None)
                 except QuotaDown:  # the database failed too (counted): the request goes on
-                    st.standings, refusal = [], None
-                if refusal is not None:
-                    return refusal
+                    st.standings, q = [], None
+                if q is not None:
+                    return self._refuse(ctx, None, q, "insufficient_quota", st.estimate)
             self.unchecked.labels(self.store.label).inc()
             return None
         ctx.state.pop(NAME, None)

@@ -27,6 +27,7 @@ class Standing:
     reset_in: float    # seconds until the window resets / a unit frees
     window: int        # window length in seconds
     policy: str = ""   # the RateLimit-Policy item, when precomputed
+    refuses: bool = False  # the limit this request is refused by
 
 
 def policy_item(name: str, counts: str, limit: int, window: int) -> str:
@@ -56,9 +57,12 @@ def _strictest(items: list[Standing]) -> Standing | None:
     """The limit that refuses first: the least left (a 1,000,000-token daily quota barely used is
     not stricter than 500 tokens a minute), then the one that resets sooner. Of limits with
     nothing left, the one that resets last: the caller gets through only then (a 5-second burst
-    limit used up says nothing when an hourly one is used up too)."""
+    limit used up says nothing when an hourly one is used up too). A refusal's own limit first."""
     if not items:
         return None
+    for s in items:
+        if s.refuses:  # (it may have some left, not enough for this request)
+            return s
     spent = [s for s in items if s.remaining <= 0]
     if spent:
         return max(spent, key=lambda s: s.reset_in)
