@@ -489,6 +489,28 @@ async def test_per_key_overrides_take_precedence(make_gateway):
         assert int(h["Retry-After"]) >= 1
 
 
+async def test_a_keys_own_rpm_replaces_only_its_per_minute_limit(make_gateway):
+    """A key's own rpm raises its limit per minute; the YAML's other windows for the key (per
+    hour) and its limits keyed by key and something else (per key and model) still apply."""
+    g = await make_gateway([
+        {"name": "test_identity", "config": {"keys": {"big": {"rpm": 200}}}},
+        rl(strategy="fixed", rules=[
+            {"name": "per-key", "limit": "2/minute; 4/hour", "key_by": ["key"]},
+            {"name": "per-key-model", "limit": "3/minute", "key_by": ["key", "model"]}])])
+    async with aiohttp.ClientSession() as s:
+        async def run(model: str, n: int) -> list[tuple[int, Any, dict[str, str]]]:
+            return [await post(s, g.url, chat_body(model=model), headers={"X-Test-Key": "big"}) for _ in range(n)]
+
+        first = await run("a", 4)  # over the YAML's 2/minute, within the key's own 200
+        assert [r[0] for r in first] == [200, 200, 200, 429]
+        assert "per-key-model (3/minute)" in first[3][1]["error"]["message"]
+        pol = ietf(first[0][2]["RateLimit-Policy"])
+        assert set(pol) == {"key-rpm", "per-key-1", "per-key-model"} and pol["key-rpm"]["q"] == "200"
+        more = await run("b", 2)
+        assert [r[0] for r in more] == [200, 429]
+        assert "per-key (4/hour)" in more[1][1]["error"]["message"]
+
+
 async def test_per_key_overrides_through_key_auth(make_gateway):
     if registry.get("key_auth") is None:
         pytest.skip("key_auth plugin not available")

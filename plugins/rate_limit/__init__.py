@@ -158,9 +158,9 @@ class RateLimit(Plugin):
             return req, tok, quota
         rpm, tpm = lim.get("rpm"), lim.get("tpm")
         if isinstance(rpm, int):
-            req = [x for x in req if not x.per_key] + [self._override("requests", rpm)]
+            req = [x for x in req if not x.key_minute] + [self._override("requests", rpm)]
         if isinstance(tpm, int):
-            tok = [x for x in tok if not x.per_key] + [self._override("tokens", tpm)]
+            tok = [x for x in tok if not x.key_minute] + [self._override("tokens", tpm)]
         daily, monthly = lim.get("daily_tokens"), lim.get("monthly_tokens")
         if isinstance(daily, int) or isinstance(monthly, int):
             quota = dict(quota or {"daily": None, "monthly": None})

@@ -24,7 +24,7 @@ class Limit:
     item: RateLimitItem
     counts: str                  # "requests" | "tokens"
     key_by: tuple[str, ...]      # () = global
-    per_key: bool                # keyed by the API key (replaced by a key's own rpm/tpm)
+    key_minute: bool             # keyed by the API key alone, per minute (a key's own rpm/tpm replaces it)
     max_tokens_default: int | None
     index: int                   # position within the rule
     policy_name: str = ""
@@ -92,13 +92,13 @@ def compile_rules(rules: list[RuleConfig], ip_prefixes: tuple[int, int] = (32, 6
     for r in rules:
         key_by = () if r.key_by == "global" else tuple(dict.fromkeys(r.key_by))
         for i, item in enumerate(parse_many(r.limit)):
-            out.append(Limit(r.name, amount_free(item), r.counts, key_by, "key" in key_by,
+            out.append(Limit(r.name, amount_free(item), r.counts, key_by, key_by == ("key",) and item.get_expiry() == 60,
                              r.estimate_default_max_tokens, i, ip_prefixes=ip_prefixes))
     return out
 
 
 def override_limit(counts: str, amount: int, counter: str = "", ip_prefixes: tuple[int, int] = (32, 64)) -> Limit:
-    """A key's own rpm / tpm, replacing the YAML rules keyed by key for that kind. ``counter``: the
+    """A key's own rpm / tpm, replacing the YAML limits per minute keyed by key alone. ``counter``: the
     YAML rule keyed by key alone with a one-minute window, if there is one: the override counts on
     its counter, so setting or clearing a key's own limit keeps what the key has already used."""
     name = "key-rpm" if counts == "requests" else "key-tpm"
