@@ -289,6 +289,11 @@ def test_settings_that_passed_the_check_but_broke_every_request(tmp_path):
     # "5 per 0 seconds" read as 5/second, and a quota of 0 refused every request
     assert "a window of 0" in problem(rl + "      rules: [{name: r, limit: 5 per 0 seconds}]\n")
     assert "a window of 0" in problem(rl + "      rules: [{name: r, limit: '10/second; 1/0 minute'}]\n")
+    # a bare number (a YAML int) says what is missing; a count beyond 2^53 - 1 failed every call to
+    # Redis under the moving window (the store marked down: no limit at all, or 503s)
+    assert 'a limit needs its window: write "60/minute"' in problem(rl + "      rules: [{name: r, limit: 60}]\n")
+    assert "a limit over 9007199254740991 is no limit" in problem(
+        rl + "      rules: [{name: r, limit: '10/second; 10000000000000000000/day'}]\n")
     assert "quotas.daily_tokens -> line" in problem(rl + "      quotas: {daily_tokens: 0}\n")
     assert "routes[0].methods -> line" in problem("plugins:\n  - name: metrics\nroutes:\n  - path_prefix: /v1\n"
                                                     "    methods: [GTE]\n    plugins: {metrics: {enabled: false}}\n")

@@ -789,6 +789,21 @@ async def test_a_limit_changed_by_a_reload_applies_to_what_was_counted(make_gate
         assert (await post(s, g.url))[0] == 200
 
 
+async def test_the_order_of_key_by_is_not_a_new_counter(make_gateway, upstream, tmp_path):
+    """[ip, model] and [model, ip] are one counter: tidying the YAML and reloading hands nobody a
+    fresh budget."""
+    def plugins(key_by):
+        return [rl(rules=[{"name": "per-ip-model", "limit": "3/minute", "key_by": key_by}])]
+
+    g = await make_gateway(plugins(["ip", "model"]))
+    async with aiohttp.ClientSession() as s:
+        assert [(await post(s, g.url))[0] for _ in range(3)] == [200] * 3
+        write_config(Path(g.gw.cfg.path), base_config(upstream.url, tmp_path, plugins(["model", "ip"])))
+        ok, detail = await g.gw.reload(actor="test")
+        assert ok, detail
+        assert (await post(s, g.url))[0] == 429
+
+
 async def test_reload_applies_the_quota_cache_ttl(make_gateway, upstream, tmp_path):
     def plugins(ttl):
         return [rl(rules=[], quotas={"daily_tokens": 1000, "cache_ttl": ttl})]

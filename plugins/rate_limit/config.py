@@ -14,6 +14,10 @@ _ZERO_WINDOW = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.I)
 
 KEY_PARTS = ("key", "owner", "ip", "route", "model")
 
+#: The largest count a limit may have: 2^53 - 1, the largest integer every client reads exactly
+#: from a header (JavaScript), far under what a counter store holds.
+MAX_AMOUNT = 2**53 - 1
+
 
 class RuleConfig(PluginConfig):
     name: str = Field(description="Rule name, shown in headers and refusal messages.",
@@ -35,6 +39,13 @@ class RuleConfig(PluginConfig):
         None, ge=0, description="Token rules: completion tokens assumed when the request sets no max_tokens "
                                 "(defaults to the plugin-wide value).")
 
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit_text(cls, v: object) -> object:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise ValueError(f'a limit needs its window: write "{v}/minute" (or per second, hour, day), in quotes')
+        return v
+
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: str) -> str:
@@ -49,6 +60,8 @@ class RuleConfig(PluginConfig):
         if any(i.amount < 1 for i in items):
             raise ValueError(f"a limit of 0 refuses everything: {v!r} (remove the rule, or disable the plugin "
                              "for a route, instead)")
+        if any(i.amount > MAX_AMOUNT for i in items):  # (Redis' moving window fails on such a count)
+            raise ValueError(f"a limit over {MAX_AMOUNT} is no limit: {v!r} (remove the rule instead)")
         windows = [i.get_expiry() for i in items]  # in seconds: "1/minute" and "1 per 60 seconds" alike
         if len(set(windows)) < len(windows):
             raise ValueError(f"two limits for the same window in one rule: {v!r} (keep the stricter one)")

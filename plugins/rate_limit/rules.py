@@ -12,7 +12,7 @@ from limits.limits import safe_string
 
 from gateway.context import RequestContext
 
-from .config import RuleConfig
+from .config import KEY_PARTS, RuleConfig
 from .headers import policy_item
 
 
@@ -90,7 +90,8 @@ def amount_free(item: RateLimitItem) -> RateLimitItem:
 def compile_rules(rules: list[RuleConfig], ip_prefixes: tuple[int, int] = (32, 64)) -> list[Limit]:
     out = []
     for r in rules:
-        key_by = () if r.key_by == "global" else tuple(dict.fromkeys(r.key_by))
+        # in one order whatever the YAML's ([ip, model] and [model, ip] are one counter)
+        key_by = () if r.key_by == "global" else tuple(p for p in KEY_PARTS if p in r.key_by)
         for i, item in enumerate(parse_many(r.limit)):
             out.append(Limit(r.name, amount_free(item), r.counts, key_by, key_by == ("key",) and item.get_expiry() == 60,
                              r.estimate_default_max_tokens, i, ip_prefixes=ip_prefixes))
