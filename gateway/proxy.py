@@ -23,7 +23,8 @@ from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, InternalError, NotFound, PayloadTooLarge,
-                     RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType)
+                     RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType,
+                     error_body)
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Reply, ResponseHead
 from .redact import mask_gateway_keys
@@ -563,6 +564,7 @@ class Proxy:
             log.error("plugin response headers cannot be sent (request %s): %s", ctx.request_id, e)
             raise InternalError() from None
         sent = 0
+        last = b""  # the last chunk sent (does the client's stream end on an event's end?)
         complete = done_early = lf_grace = False
         try:
             while True:
@@ -600,6 +602,7 @@ class Proxy:
                         ctx.t_first_byte = _perf()
                     await _send(ctx, out, chunk)
                     sent += len(chunk)
+                    last = chunk
                 if observer is not None and observer.c.ended and not sized:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
                     # keeps the connection open (the client would wait out the idle timeout). Not
@@ -635,10 +638,16 @@ class Proxy:
             if tail:
                 await _send(ctx, out, tail)
                 sent += len(tail)
+                last = tail
             ctx.bytes_out = sent
             if not complete:
                 # The upstream's body came up short (it went away, or went silent): the client must
-                # see the connection drop (no final chunk), not a message that looks complete.
+                # see the connection drop (no final chunk), not a message that looks complete. A
+                # stream of events says why first, as an error event (the OpenAI SDKs raise it as
+                # an APIError), if what the client got ends on an event's end.
+                if streamed and coding is None and (sent == 0 or last.endswith(_EVENT_END)):
+                    with contextlib.suppress(Exception):
+                        await _send(ctx, out, _cut_event(ctx.outcome))
                 if request.transport is not None:
                     request.transport.close()
                 return out
@@ -698,6 +707,20 @@ DRAINING: dict[aiohttp.ClientResponse, "asyncio.Task[None]"] = {}
 
 class ClientStalled(Exception):
     """The client read nothing for ``server.send_timeout`` while its response waited to be sent."""
+
+
+_EVENT_END = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
+def _cut_event(outcome: str) -> bytes:
+    """The error event a stream the upstream cut short ends with."""
+    if outcome == "upstream_timeout":
+        body = error_body("The upstream went silent mid-answer (idle timeout); the answer is incomplete.",
+                          "server_error", "upstream_timeout")
+    else:
+        body = error_body("The upstream ended mid-answer; the answer is incomplete.", "server_error",
+                          "upstream_disconnected")
+    return b"data: " + body + b"\n\n"
 
 
 async def _send(ctx: RequestContext, out: web.StreamResponse, chunk: bytes | None) -> None:

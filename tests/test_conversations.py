@@ -449,7 +449,7 @@ async def test_client_disconnect_and_upstream_death_mid_stream(make_gateway: Any
     assert (await turns(g, cid))[0].status == "client_disconnected"
 
     # the upstream dies after 5 chunks: the client got exactly those, and so does the store
-    got = ""
+    got, errors = "", []
     async with aiohttp.ClientSession() as s:
         async with s.post(g.url + "/v1/chat/completions",
                           json={"model": "demo-chat", "messages": msgs, "stream": True},
@@ -458,10 +458,15 @@ async def test_client_disconnect_and_upstream_death_mid_stream(make_gateway: Any
             try:
                 async for line in r.content:
                     if line.startswith(b"data: {"):
-                        got += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                        d = json.loads(line[6:])
+                        if "error" in d:  # the gateway's event saying why the stream stops
+                            errors.append(d["error"]["code"])
+                        else:
+                            got += d["choices"][0]["delta"].get("content") or ""
             except aiohttp.ClientPayloadError:
                 pass
     rows = await stored(g, cid2)
+    assert errors == ["upstream_disconnected"]
     assert len(rows) == 2 and json.loads(rows[1].content) == got and len(got.split()) == 5
     assert rows[1].status == "upstream_disconnected" and rows[1].finish_reason is None
 

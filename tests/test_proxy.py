@@ -660,7 +660,9 @@ async def test_idle_timeout_mid_stream(make_gateway: Any) -> None:
     # The upstream sends the role frame at once, then pauses far longer than `idle` before the
     # first word: the gateway must give up during that pause, so only the role frame got through.
     events = [json.loads(e[6:]) for e in text.split("\n\n") if e]
-    assert [e["choices"][0]["delta"] for e in events] == [{"role": "assistant", "content": ""}]
+    assert [e["choices"][0]["delta"] for e in events[:-1]] == [{"role": "assistant", "content": ""}]
+    # then an error event says why the stream stops (before the connection drops)
+    assert events[-1]["error"]["code"] == "upstream_timeout" and text.endswith("\n\n")
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
     assert ProxyRecorder.seen[0]["status"] == 200
@@ -673,10 +675,34 @@ async def test_upstream_dies_mid_stream(make_gateway: Any) -> None:
                           headers={"X-Demo-Die-After": "3", "X-Demo-Words": "10"}) as r:
             assert r.status == 200
             text = await read_until_cut(r)
-    events = [e for e in text.split("\n\n") if e]
-    assert 1 <= len(events) <= 4 and "[DONE]" not in text
+    events = [json.loads(e[6:]) for e in text.split("\n\n") if e]
+    assert 1 <= len(events) - 1 <= 4 and "[DONE]" not in text
+    assert all("choices" in e for e in events[:-1])
+    assert events[-1]["error"]["code"] == "upstream_disconnected"
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
+
+
+async def test_a_stream_cut_upstream_is_an_api_error_in_the_openai_sdk(make_gateway: Any) -> None:
+    """The OpenAI SDK raises the error event a cut stream ends with as an APIError naming the
+    cause, after the chunks that came (not a bare transport error)."""
+    import openai
+
+    g = await make_gateway(upstream={"timeouts": {"connect": 2, "first_byte": 10, "idle": 0.5}})
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    try:
+        for headers, code in (({"X-Demo-Die-After": "3", "X-Demo-Words": "10"}, "upstream_disconnected"),
+                              ({"X-Demo-Delay": "1.5", "X-Demo-Words": "3"}, "upstream_timeout")):
+            got = []
+            with pytest.raises(openai.APIError) as e:
+                stream = await client.chat.completions.create(
+                    model="demo-chat", messages=[{"role": "user", "content": "hi"}], stream=True,
+                    extra_headers=headers)
+                async for chunk in stream:
+                    got.append(chunk)
+            assert got and e.value.code == code and "incomplete" in e.value.message
+    finally:
+        await client.close()
 
 
 async def test_body_too_large_with_content_length(make_gateway: Any, upstream: Any) -> None:
