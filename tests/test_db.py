@@ -506,7 +506,7 @@ def test_an_early_parent_index_is_dropped(tmp_path: Path) -> None:
     with sqlite3.connect(path) as c:
         names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "ix_conversations_parent_id" not in names
-    assert "conversations_0002" in _versions(path)
+    assert "conversations_0003" in _versions(path)  # (the head, past conversations_0002)
 
 
 def test_multi_row_inserts_use_a_few_statement_sizes() -> None:
@@ -718,3 +718,28 @@ async def test_the_sqlite_write_ahead_log_size_is_a_metric(make_gateway: Any, tm
         assert grown > first and grown == wal, (first, grown, wal)
     finally:
         reader.close()
+
+
+async def test_memory_reads_of_reasoning_turns_use_an_index_on_conversation_and_request(tmp_path: Path) -> None:
+    """Conversation memory joins answers to their turns by (conversation_id, request_id): SQLite
+    must find each turn by both (with conversation_id alone it looked through every turn of the
+    conversation for each message, seconds for a conversation of thousands)."""
+    from sqlalchemy import event
+
+    from gateway.plugins.conversations.store import ConversationStore
+
+    path = tmp_path / "plan.db"
+    d = Database(f"sqlite+aiosqlite:///{path}")
+    await d.upgrade()
+    seen: list[tuple[str, Any]] = []
+    event.listen(d.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, stmt, params, context, many: seen.append((stmt, params)))
+    try:
+        await ConversationStore(d).load_reasoning("c" * 24, 100)
+    finally:
+        await d.close()
+    (stmt, params), = [x for x in seen if "conversation_turns" in x[0]]
+    with sqlite3.connect(path) as c:
+        plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + stmt, params)]
+    assert any("ix_conversation_turns_conversation_request (conversation_id=? AND request_id=?)" in p
+               for p in plan), plan

@@ -123,7 +123,7 @@ class TurnRow(Base):
     latency_ms = sa.Column(sa.Float, nullable=True)
     ttft_ms = sa.Column(sa.Float, nullable=True)
     created_at = sa.Column(sa.DateTime, nullable=False)
-    __table_args__ = (sa.Index("ix_conversation_turns_conversation_id", "conversation_id"),)
+    __table_args__ = (sa.Index("ix_conversation_turns_conversation_request", "conversation_id", "request_id"),)
 
 
 C = ConversationRow.__table__
