@@ -26,23 +26,25 @@ from .test_conversations import ADMIN, chat, db, start  # noqa: F401  (db is a f
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5)
 
 
-async def fill(g: Any, owner: str, sizes: list[list[int]], char: str = "x") -> list[str]:
-    """Conversations of ``owner`` written straight to the store: one per entry of ``sizes``, with a
-    message of each given length (alternating user/assistant). Returns their ids."""
-    store = ConversationStore(g.gw.db)
+async def fill(g: Any, owner: str, sizes: list[list[int]], char: str = "x", at: dt.datetime = T0,
+               database: Any = None) -> list[str]:
+    """Conversations of ``owner`` written straight to the store (``g``'s database, or ``database``):
+    one per entry of ``sizes``, with a message of each given length (alternating user/assistant),
+    made at ``at``. Returns their ids."""
+    store = ConversationStore(database or g.gw.db)
     recs, ids = [], []
     for conv in sizes:
         cid = new_id()
         ids.append(cid)
         msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{cid} {i} " + char * n}
                 for i, n in enumerate(conv)]
-        rows = [message_row(m, digest(m), tokens=7, tokens_derived=False, created_at=T0, model="m",
+        rows = [message_row(m, digest(m), tokens=7, tokens_derived=False, created_at=at, model="m",
                             request_id=None, key_id=None, owner=owner) for m in msgs]
         recs.append(TurnRecord(cid, owner, None, True, None, None, 0, rows,
                                {"model": "m", "request_id": None, "key_id": None, "owner": owner,
                                 "status": "complete", "http_status": 200, "memory": False, "stream": False,
                                 "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "usage": None,
-                                "latency_ms": 1.0, "ttft_ms": None, "created_at": T0}, T0))
+                                "latency_ms": 1.0, "ttft_ms": None, "created_at": at}, at))
     await store.write(recs)
     return ids
 
@@ -283,3 +285,43 @@ async def test_memory_max_bytes_holds_for_text_that_json_makes_longer(make_gatew
     assert st == 200
     size, msgs = forwarded(upstream)
     assert msgs == [{"role": "system", "content": "be brief"}, {"role": "user", "content": huge}]
+
+
+
+async def test_a_purge_of_long_conversations_deletes_a_bounded_number_of_messages_per_transaction(
+        make_gateway: Any, db: dict[str, Any], monkeypatch: Any) -> None:
+    """A purge takes conversations in transactions of about DELETE_ROWS messages (a long
+    conversation alone, whole), not 500 conversations whatever their length (500 conversations of
+    5,000 messages held SQLite's write lock for a minute: every writer gave up records). On SQLite,
+    another instance's writes go in between the transactions."""
+    from gateway.db import Database
+    from gateway.plugins.conversations import store as store_mod
+
+    monkeypatch.setattr(store_mod, "DELETE_ROWS", 30)
+    g = await start(make_gateway, db)
+    old = await fill(g, "purged", [[5] * 20] * 8 + [[5] * 50])
+    other = Database(db["url"])  # another instance on the same database
+    parts: list[tuple[int, float]] = []
+    written: list[float] = []
+    clock = asyncio.get_running_loop().time
+
+    async def write_meanwhile() -> None:
+        while True:
+            await fill(None, "kept", [[5, 5]], at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+                       database=other)
+            written.append(clock())
+            await asyncio.sleep(0.01)
+
+    writer = asyncio.create_task(write_meanwhile())
+    try:
+        gone = await ConversationStore(g.gw.db).purge(dt.datetime(2026, 6, 1),
+                                                      each=lambda n: parts.append((n, clock())))
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        await other.close()
+    assert sorted(gone) == sorted(old)
+    # 20 + 20 messages are over 30: one conversation per transaction (the 50-message one whole)
+    assert [n for n, _ in parts] == [1] * 9
+    if g.gw.db.is_sqlite:
+        assert any(parts[0][1] < t < parts[-1][1] for t in written), (parts, written)

@@ -13,6 +13,7 @@ Message content is stored as JSON text (``ensure_ascii=False``) so a string, a m
 from __future__ import annotations
 
 import base64
+import asyncio
 import collections
 import datetime as dt
 import json
@@ -130,6 +131,12 @@ C = ConversationRow.__table__
 M = MessageRow.__table__
 T = TurnRow.__table__
 
+
+#: Messages deleted per transaction by a delete or purge (about; a longer conversation goes whole):
+#: on SQLite the writers wait for the lock meanwhile (their busy timeout is 5 s).
+DELETE_ROWS = 10_000
+#: Seconds a SQLite delete or purge leaves between two transactions, for the writers to take the lock.
+DELETE_PAUSE = 0.05
 
 # -- records the writer persists ----------------------------------------------------------------
 #: How long (seconds) turns that continue a write-time fork are sent after it.
@@ -792,18 +799,26 @@ class ConversationStore:
 
     # -- deletes ---------------------------------------------------------------------------------
     async def _delete_where(self, cond: Any, chunk: int = 500, each: Deleted | None = None) -> list[str]:
-        """Delete the matching conversations with their messages and turns, ``chunk`` conversations
-        per transaction: a purge of millions neither holds the database's write lock for its whole
-        length nor loads every id at once. (Interrupted, it has deleted whole conversations; run
-        again, it deletes the rest.) ``each(n)`` is called after each transaction commits with the
-        number it deleted (once with 0 when nothing matched): the caller records each part as it
-        is gone, so a purge cut short by a crash leaves a record of what it did delete."""
+        """Delete the matching conversations with their messages and turns, per transaction up to
+        ``chunk`` conversations and about ``DELETE_ROWS`` messages (at least one conversation, whatever
+        its length): a purge of millions neither holds the database's write lock for long nor
+        loads every id at once. On SQLite the writers get a moment between two transactions to
+        take the lock. (Interrupted, it has deleted whole conversations; run again, it deletes the
+        rest.) ``each(n)`` is called after each transaction commits with the number it deleted
+        (once with 0 when nothing matched): the caller records each part as it is gone, so a
+        purge cut short by a crash leaves a record of what it did delete."""
         ids: list[str] = []
         told = False
         while True:
             gone: list[str] = []
             async with self.db.engine.begin() as conn:
-                part = [r.id for r in (await conn.execute(select(C.c.id).where(cond).limit(chunk)))]
+                found = (await conn.execute(select(C.c.id, C.c.message_count).where(cond).limit(chunk))).all()
+                part, n, rows = [], 0, DELETE_ROWS
+                for r in found:
+                    if part and n + r.message_count > rows:
+                        break
+                    part.append(r.id)
+                    n += r.message_count
                 if part:
                     await conn.execute(M.delete().where(M.c.conversation_id.in_(part)))
                     await conn.execute(T.delete().where(T.c.conversation_id.in_(part)))
@@ -815,8 +830,10 @@ class ConversationStore:
                 each(len(gone))
                 told = True
             ids += gone
-            if len(part) < chunk:
+            if len(found) < chunk and len(part) == len(found):
                 return ids
+            if self.db.is_sqlite:
+                await asyncio.sleep(DELETE_PAUSE)
 
     async def delete(self, cid: str, owner: str | None = None) -> bool:
         cond = C.c.id == cid
