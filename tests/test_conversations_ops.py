@@ -672,3 +672,36 @@ async def test_caller_api_405_names_the_methods_allowed(make_gateway: Any, tmp_p
             async with s.request(method, g.url + path) as r:
                 assert r.status == 405 and r.headers.get("Allow") == allow, (method, path, r.headers)
                 assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_the_turns_shown_with_a_page_of_messages_are_that_pages(make_gateway: Any, db: dict[str, Any]) -> None:
+    """`GET /conversations/{id}?turns=true` pages the turns with the messages (a conversation of
+    20,000 turns answered 9.5 MB of turns for a page of one message)."""
+    g = await start(make_gateway, db)
+    history: list[dict[str, Any]] = []
+    cid = None
+    for i in range(3):
+        history.append({"role": "user", "content": f"question {i}"})
+        st, h, body = await chat(g, history, cid=cid)
+        assert st == 200
+        cid = h["X-Conversation-ID"]
+        history.append(body["choices"][0]["message"])
+    await g.plugin("conversations").flush()
+    async with aiohttp.ClientSession(headers=ADMIN) as s:
+        async def page(**params: Any) -> Any:
+            async with s.get(g.admin_url + f"/conversations/{cid}", params={"turns": "true", **params}) as r:
+                assert r.status == 200, await r.text()
+                return await r.json()
+
+        whole = await page()
+        assert [t["first_position"] for t in whole["turns"]] == [0, 2, 4]
+        got, after = [], None
+        while True:
+            p = await page(limit=2, **({"after": after} if after is not None else {}))
+            got.append(([m["position"] for m in p["messages"]], [t["first_position"] for t in p["turns"]]))
+            if not p["has_more"]:
+                break
+            after = p["next_after"]
+        assert got == [([0, 1], [0]), ([2, 3], [2]), ([4, 5], [4])]
+        assert (await page(limit=1))["turns"] == [whole["turns"][0]]
+        assert (await page(after=5))["turns"] == []

@@ -244,7 +244,9 @@ def admin_routes(services: Any) -> list[Any]:
         msgs, more = await s.store.messages(cid, after=_after(q), limit=_limit(q, s.cfg.page_size))
         out = {**conv, "messages": msgs, "has_more": more, "next_after": msgs[-1]["position"] if more and msgs else None}
         if q.get("turns") in ("1", "true", "yes"):
-            out["turns"] = await s.store.turns(cid)
+            # the turns that stored this page's messages (the last page: and those that stored none)
+            out["turns"] = await s.store.turns(cid, msgs[0]["position"] if msgs else _after(q) + 1,
+                                               msgs[-1]["position"] if more else None)
         return web.json_response(out, dumps=dumps)
 
     async def stream_jsonl(request: web.Request, name: str, **where: Any) -> tuple[web.StreamResponse, int, bool]:

@@ -734,9 +734,20 @@ class ConversationStore:
                 n = _batch(got, len(rows), limit + 1 - len(out))
         return [message_out(r) for r in out], more
 
-    async def turns(self, cid: str) -> list[dict[str, Any]]:
+    async def turns(self, cid: str, first: int | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        """The conversation's turns; with ``first``, those whose messages begin at positions
+        ``first`` to ``last`` (a page of messages; ``last`` None: to the end, and turns that stored
+        no message too)."""
+        q = select(T).where(T.c.conversation_id == cid)
+        if first is not None:
+            cond = T.c.first_position >= first
+            if last is not None:
+                cond = sa.and_(cond, T.c.first_position <= last)
+            else:
+                cond = sa.or_(cond, T.c.first_position.is_(None))
+            q = q.where(cond)
         async with self.db.engine.connect() as conn:
-            rows = (await conn.execute(select(T).where(T.c.conversation_id == cid).order_by(T.c.id))).all()
+            rows = (await conn.execute(q.order_by(T.c.id))).all()
         out = []
         for r in rows:
             d = {c.name: getattr(r, c.name) for c in T.c if c.name not in ("id", "usage", "created_at")}
