@@ -436,9 +436,15 @@ class Proxy:
                                skip: str | None = None) -> None:
         timings = ctx.timings
         # Headers plugins set while handling the request go on first, so the response hooks see
-        # (and may still change or remove) them.
-        for k, v in ctx.response_headers.items():
-            head.headers[k] = v
+        # (and may still change or remove) them. On the upstream's own 429 its values stay: they
+        # say why it refused (its x-ratelimit-remaining-tokens: 0, not the gateway's figures).
+        if head.status == 429 and head.source == "upstream":
+            for k, v in ctx.response_headers.items():
+                if k not in head.headers:
+                    head.headers[k] = v
+        else:
+            for k, v in ctx.response_headers.items():
+                head.headers[k] = v
         for p in chain.response:
             if skip is not None and p.name == skip:
                 continue
