@@ -38,3 +38,23 @@ async def test_failed_first_turns_leave_no_entry_in_the_callers_list(make_gatewa
     assert [c["id"] for c in listed["data"]] == [ok] and listed["has_more"] is False
     assert sorted(c["id"] for c in admin["data"]) == sorted(failed + [ok])
     assert one["messages"] == [] and one["message_count"] == 0
+
+
+async def test_empty_or_null_paging_parameters_are_absent(make_gateway: Any) -> None:
+    """`?limit=&after=` (a form left empty) and `after=null` (a template filled with a null
+    next_after) read as not given, as `cursor=` does; a value that is no integer is still a 400."""
+    g = await make_gateway([{"name": "conversations", "config": {"flush_interval": 0.05}}])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            cid = r.headers["X-Conversation-ID"]
+        await g.plugin("conversations").flush()
+        for query in ("?limit=&cursor=", "?limit=null"):
+            async with s.get(g.url + "/gateway/conversations" + query) as r:
+                assert r.status == 200, await r.text()
+                assert [c["id"] for c in (await r.json())["data"]] == [cid]
+        for query in ("?after=&limit=", "?after=null"):
+            async with s.get(g.url + f"/gateway/conversations/{cid}" + query) as r:
+                assert r.status == 200, await r.text()
+                assert [m["position"] for m in (await r.json())["messages"]] == [0, 1]
+        async with s.get(g.url + f"/gateway/conversations/{cid}?after=x") as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "after"

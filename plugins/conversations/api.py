@@ -37,9 +37,16 @@ class BadParam(ValueError):
         self.param = param
 
 
+def _param(q: Any, name: str) -> str | None:
+    """A query parameter; an empty one (``?after=``) or ``null`` (a client's template filled with
+    a null ``next_after``) is none."""
+    v = q.get(name)
+    return None if v in ("", "null") else v
+
+
 def _limit(q: Any, default: int) -> int:
     try:
-        n = int(q.get("limit", default))
+        n = int(_param(q, "limit") or default)
     except ValueError:
         raise BadParam("limit", "limit must be an integer.") from None
     if not 1 <= n <= MAX_LIMIT:
@@ -49,7 +56,7 @@ def _limit(q: Any, default: int) -> int:
 
 def _after(q: Any) -> int:
     try:
-        n = int(q.get("after", -1))
+        n = int(_param(q, "after") or -1)
     except ValueError:
         raise BadParam("after", "after must be a message position (integer).") from None
     if not -1 <= n < 2**31:
