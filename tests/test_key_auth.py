@@ -310,6 +310,10 @@ async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
 
     cases: list[tuple[dict[str, str], str, int, str, str, str | None]] = []
     cases.append(({}, "", 401, "missing_api_key", "missing", None))
+    # a key sent under another scheme is told what is wrong, not that no key came
+    st, b = await raw_call(g.url, {"Authorization": f"Basic {key}"})
+    assert st == 401 and b["error"]["code"] == "missing_api_key" and "must be 'Bearer <key>'" in b["error"]["message"]
+    assert key not in b["error"]["message"]
     # The query string is never read.
     st, b = await raw_call(g.url, {}, path=f"/v1/chat/completions?api_key={key}")
     assert st == 401 and b["error"]["code"] == "missing_api_key"

@@ -417,7 +417,11 @@ class KeyAuth(Plugin):
     async def on_request(self, ctx: "RequestContext") -> Reply | None:
         raw = self._extract(ctx)
         if raw is None:
+            other = any(ctx.request.headers.get(h, "").strip() for h, bearer in zip(self.config.headers, self._bearer_only)
+                        if bearer)
             return self._refuse(ctx, 401, "missing", None,
+                                "No API key: the Authorization header must be 'Bearer <key>' (another scheme, or "
+                                "none, was sent)." if other else
                                 "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
         # A key this entry has already verified: the same checks below, minus checksum and HMAC.
         # Only for a value of a key's length, and the digest is computed whatever the cache holds.
