@@ -12,8 +12,8 @@ Message content is stored as JSON text (``ensure_ascii=False``) so a string, a m
 """
 from __future__ import annotations
 
-import base64
 import asyncio
+import base64
 import collections
 import datetime as dt
 import json
