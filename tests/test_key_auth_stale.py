@@ -135,3 +135,35 @@ async def test_wrong_secrets_cannot_lock_a_key_out_during_an_outage(make_gateway
         assert (await attack)[0] == 401
         await asyncio.sleep(0.5)  # (past the store's retry second too)
     assert statuses == [200, 200, 200], statuses
+
+
+async def test_a_watch_poll_that_fails_once_keeps_the_cached_keys(make_gateway: Any, monkeypatch: Any) -> None:
+    """One check for changed keys slower than store_timeout (a busy database), then one that works:
+    the changed-keys window covers the gap, so the cached keys stay (the whole cache was dropped, so
+    the next slow lookups had no record to fall back on: 503 for keys checked seconds before)."""
+    g = await make_gateway(ka(cache_ttl=60, stale_if_error=30, store_timeout=0.3, watch_interval=0.1))
+    rec = await new_key(g)
+    await asyncio.sleep(0.5)  # (the watch has seen the new key: its stamp drops nothing cached later)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200  # cached
+    store = g.plugin("key_auth").store
+    real, polls = store.changed_since, []
+
+    async def slow_once(*a: Any) -> Any:
+        polls.append(1)
+        if len(polls) == 1:
+            await asyncio.sleep(1)
+        return await real(*a)
+
+    monkeypatch.setattr(store, "changed_since", slow_once)
+    for _ in range(200):
+        if len(polls) >= 4:
+            break
+        await asyncio.sleep(0.05)
+    assert len(polls) >= 4  # the slow one, then working ones
+
+    async def down(key_id: str) -> Any:
+        raise OSError("the key store is gone")
+
+    monkeypatch.setattr(store, "get_row", down)
+    st, body = await raw_call(g.url, bearer(rec["key"]))
+    assert st == 200, body

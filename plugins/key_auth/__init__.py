@@ -211,6 +211,7 @@ class KeyWatch:
         self.seen: dict[str, dt.datetime] = {}
         self.task: asyncio.Task[None] | None = None
         self.failing = False
+        self.last_ok = time.monotonic()  # when the last poll that worked began
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -243,13 +244,19 @@ class KeyWatch:
                 self.failing = True
 
     async def poll(self, cfg: KeyAuthConfig) -> None:
+        began = time.monotonic()
         since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cfg.cache_ttl + cfg.watch_interval + self._SKEW)
         async with asyncio.timeout(cfg.store_timeout):
             rows = await self.store.changed_since(since, self._MAX + 1)
         if self.failing:
             log.info("key_auth: checking for changed keys works again")
             self.failing = False
-            self.cache.invalidate()  # changes during the outage may have left the window
+            if began - self.last_ok > cfg.cache_ttl + cfg.watch_interval:
+                # changes during the outage may have left the window (a poll or two that failed,
+                # a slow database, leave nothing out of it: the cache, which stale_if_error then
+                # relies on, is kept)
+                self.cache.invalidate()
+        self.last_ok = began
         if len(rows) > self._MAX:
             self.cache.invalidate()
             self.seen = {}
