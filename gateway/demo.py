@@ -238,6 +238,20 @@ async def models(request: web.Request) -> web.Response:
         {"id": m, "object": "model", "created": 0, "owned_by": "demo"} for m in MODELS]})
 
 
+async def model(request: web.Request) -> web.Response:
+    """One model (``client.models.retrieve``), or the API's 404 for a model it does not serve."""
+    _record(request, None)
+    knob = await _knobs(request)
+    if knob is not None:
+        return knob
+    mid = request.match_info["model"]
+    if mid not in MODELS:
+        return web.json_response({"error": {"message": f"The model '{mid}' does not exist", "type":
+                                            "invalid_request_error", "code": "model_not_found", "param": None}},
+                                 status=404)
+    return web.json_response({"id": mid, "object": "model", "created": 0, "owned_by": "demo"})
+
+
 async def echo(request: web.Request) -> web.Response:
     """Any other path: echo what arrived (used to check what the gateway forwards)."""
     body = await request.read()
@@ -273,6 +287,7 @@ def make_demo_app(record: int = 1000) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -1179,3 +1179,19 @@ async def test_http10_with_transfer_encoding_closes_the_connection(make_gateway:
                              b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n", timeout=5)
     head = raw.partition(b"\r\n\r\n")[0].lower()  # (raw_exchange returned: the server closed it)
     assert head.startswith(b"http/1.") and b"keep-alive" not in head
+
+
+async def test_the_openai_sdk_lists_and_retrieves_the_demo_models(make_gateway: Any) -> None:
+    """The demo backend answers `models.retrieve` as the API does (the gateway relays it): the model,
+    or a 404 model_not_found."""
+    g = await make_gateway()
+    client = openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="none", max_retries=0, timeout=10)
+    try:
+        assert [m.id async for m in client.models.list()] == ["demo-chat", "demo-embed"]
+        m = await client.models.retrieve("demo-chat")
+        assert (m.id, m.object, m.owned_by) == ("demo-chat", "model", "demo")
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.models.retrieve("no-such-model")
+        assert e.value.code == "model_not_found"
+    finally:
+        await client.close()
