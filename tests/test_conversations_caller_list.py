@@ -48,7 +48,7 @@ async def test_empty_or_null_paging_parameters_are_absent(make_gateway: Any) -> 
         async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
             cid = r.headers["X-Conversation-ID"]
         await g.plugin("conversations").flush()
-        for query in ("?limit=&cursor=", "?limit=null"):
+        for query in ("?limit=&cursor=", "?limit=null&cursor=null"):
             async with s.get(g.url + "/gateway/conversations" + query) as r:
                 assert r.status == 200, await r.text()
                 assert [c["id"] for c in (await r.json())["data"]] == [cid]

@@ -108,7 +108,7 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             await shared.settle_owner(owner)
             # (a first turn that failed before any answer, often retried by the client as new
             # conversations, leaves an empty one: readable by its id, not listed here)
-            data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=q.get("cursor"),
+            data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=_param(q, "cursor"),
                                          stored_only=True)
             return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
                                     "next_cursor": nxt})
@@ -233,7 +233,7 @@ def admin_routes(services: Any) -> list[Any]:
         try:
             data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_text(q, "key_id"), since=_time(q, "since"),
                                            until=_time(q, "until"), q=_text(q, "q") or None,
-                                           limit=_limit(q, s.cfg.page_size), cursor=q.get("cursor"))
+                                           limit=_limit(q, s.cfg.page_size), cursor=_param(q, "cursor"))
         except BadParam:
             raise
         except ValueError:
