@@ -154,6 +154,22 @@ async def test_a_new_sliding_window_on_redis_resets_a_window_from_now(make_gatew
             assert int(h["X-RateLimit-Reset"]) >= 3599 and h["x-ratelimit-reset-requests"].startswith(("59m", "1h")), h
             cur = {p.split(";")[0]: p for p in h["RateLimit"].split(", ")}
             assert cur['"five"'].startswith('"five";r=4;t=') and int(cur['"five"'].rsplit("=", 1)[1]) >= 3599, cur
+    # A window well under way after a busy one (150,000 of 200,000 tokens in the previous minute):
+    # a unit frees every 0.4 ms, and the reset says so, not a whole window.
+    store = g.plugin("rate_limit").store
+    from gateway.plugins.rate_limit.rules import compile_rules
+    from gateway.plugins.rate_limit.config import RuleConfig
+
+    lim, = compile_rules([RuleConfig(name="tok", limit="200000/minute", counts="tokens", key_by=["ip"])])
+    ids = ("tok", "ip:198.51.100.7")
+    assert await store.hit(lim.item, ids, 150000)
+    key, = [k for k in redis_keys(redis.port, "*198.51.100.7*") if not k.endswith("/-1")]
+    redis_cmd(redis.port, "PEXPIRE", key, "60100")  # that window ends in 0.1 s: the next begins
+    await asyncio.sleep(0.5)
+    for _ in range(100):
+        assert await store.hit(lim.item, ids, 1)
+        reset, remaining = await store.stats(lim.item, ids)
+        assert reset - time.time() < 1.0 and remaining < 200000, (reset - time.time(), remaining)
 
 
 # -- 2. a reload's storage_timeout reaches the Redis client ---------------------------------------

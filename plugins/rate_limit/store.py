@@ -395,10 +395,14 @@ class CounterStore:
             ids = self.tag + ids
             ws = await self.call(lambda: self.limiter.get_window_stats(item, *ids), deadline)
             if self.sliding and ws[1] < item.amount and ws[0] <= time.time():
-                # The library's reset is the current window's time to live modulo the window, and
-                # Redis gives a new window twice the window to live: read in the millisecond it
-                # began, it says "now". The window has just begun: it ends a window from now.
-                return time.time() + item.get_expiry(), ws[1]
+                # The library's reset is the sooner of the previous window's next unit to free and
+                # the current window's time to live modulo the window. Redis gives a new window
+                # twice the window to live: read in the millisecond it began, with nothing counted
+                # in the previous one, that says "now". Such a window ends a window from now.
+                key, expiry = item.key_for(*ids), item.get_expiry()
+                w = await self.call(lambda: self.storage.get_sliding_window(key, expiry), deadline)
+                if not w[0] and w[2]:
+                    return time.time() + expiry, ws[1]
         return ws[0], ws[1]
 
     async def wait_for(self, item: RateLimitItem, ids: tuple[str, ...], need: int,
