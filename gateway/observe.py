@@ -20,7 +20,7 @@ import zlib
 from typing import Any, Iterator
 
 from .context import truthy
-from .fastjson import JSON_ERRORS, dumps_bytes, loads
+from .fastjson import JSON_ERRORS, loads
 
 MAX_JSON_BODY = 16 * 2**20  # a non-streamed body larger than this is relayed but not parsed
 #: An SSE event longer than this is relayed as it comes but not parsed (nor held back); an
@@ -516,7 +516,7 @@ class ResponseObserver:
             except Exception:  # an event of a shape nobody expected: relayed, not understood
                 keep = True
             if out is not None and keep:
-                out += event if keep is True else keep
+                out += event
             if cr:
                 self._cr = 1 if keep else 2
                 self._edges = True
@@ -624,7 +624,7 @@ class ResponseObserver:
                 keep = True
             self._cut()
             if self.strip:
-                return (rest if keep is True else keep) if keep else b""
+                return rest if keep else b""
         elif self.strip:
             return rest  # line ends left over: relayed as they came
         return b""
@@ -658,20 +658,18 @@ class ResponseObserver:
         if isinstance(choices, list):
             c.choices = len(choices)
             for ch in choices:
-                fr = _finish(ch)
+                fr = _finish(ch) if isinstance(ch, dict) else None
                 if fr is not None:
                     c.finish_reasons.append(fr)
                     if ch.get("index", 0) == 0:
                         c.finish_reason = fr
 
     # -- parsing ---------------------------------------------------------------------------------
-    def _event(self, event: bytes) -> bool | bytes:
-        """Handle one SSE event; returns False if it must not reach the client, or the bytes that
-        go to the client instead of it."""
+    def _event(self, event: bytes) -> bool:
+        """Handle one SSE event; returns False if it must not reach the client."""
         body = event.rstrip(b"\r\n")  # (the blank line that ends it, whichever line ends it uses)
-        one_line = body.startswith(b"data:") and b"\n" not in body and b"\r" not in body
-        if one_line:
-            data = body[6:] if body[5:6] == b" " else body[5:]  # the common one-line event
+        if body.startswith(b"data: ") and b"\n" not in body and b"\r" not in body:
+            data = body[6:]  # the common one-line event
         else:
             data_lines = []
             for line in event.splitlines():
@@ -744,15 +742,8 @@ class ResponseObserver:
         if reported:  # (after its own event's deltas: a report on every chunk covers them)
             c.deltas_at_usage = c.deltas
             c.usage_on_output = bool(choices)
-        if self.strip and isinstance(usage, dict):
-            if not choices:
-                return False  # the usage-only chunk the gateway asked for
-            if one_line:
-                # a report on a chunk of output (TGI's last chunk; every chunk under vLLM's
-                # continuous_usage_stats): the chunk as the client would have had it without the
-                # include_usage the gateway added
-                obj["usage"] = None
-                return body[:len(body) - len(data)] + dumps_bytes(obj) + event[len(body):]
+        if self.strip and isinstance(usage, dict) and not choices:
+            return False  # the usage-only chunk the gateway asked for
         return True
 
     def _response_event(self, kind: str, obj: dict[str, Any]) -> None:
@@ -874,8 +865,9 @@ class ResponseObserver:
                     slot["type"] = tc["type"]
                 fn = tc.get("function")
                 if isinstance(fn, dict):
-                    if isinstance(fn.get("name"), str):
-                        slot["function"]["name"] += fn["name"]
+                    name = fn.get("name")
+                    if isinstance(name, str) and name != slot["function"]["name"]:
+                        slot["function"]["name"] += name  # (a server repeating the whole name: once)
                     if isinstance(fn.get("arguments"), str):
                         f = slot["function"]
                         f["arguments"] = _cat(f["arguments"] or None, fn["arguments"])
@@ -941,12 +933,14 @@ def _unindexed(calls: list[dict[str, Any]], tc: dict[str, Any]) -> int:
     last call goes on unless the delta starts another (an id of its own, or a name and no id):
     a call streamed in pieces stays one call."""
     if calls:
+        last = calls[-1]
         tid = tc.get("id")
         fn = tc.get("function")
         if tid is None or tid == "":
-            if not (isinstance(fn, dict) and fn.get("name")):
+            # (a name after a delta that gave the id alone is that call's name)
+            if not (isinstance(fn, dict) and fn.get("name")) or not last["function"]["name"]:
                 return len(calls) - 1
-        elif tid == calls[-1]["id"]:
+        elif tid == last["id"]:
             return len(calls) - 1
     return len(calls)
 
