@@ -436,14 +436,13 @@ class Proxy:
                                skip: str | None = None) -> None:
         timings = ctx.timings
         # Headers plugins set while handling the request go on first, so the response hooks see
-        # (and may still change or remove) them. On the upstream's own 429 its values stay: they
-        # say why it refused (its x-ratelimit-remaining-tokens: 0, not the gateway's figures).
-        if head.status == 429 and head.source == "upstream":
-            for k, v in ctx.response_headers.items():
-                if k not in head.headers:
-                    head.headers[k] = v
-        else:
-            for k, v in ctx.response_headers.items():
+        # (and may still change or remove) them. An upstream 429 that says why in rate-limit
+        # headers of its own keeps them, and gets none of the gateway's (its
+        # x-ratelimit-remaining-tokens: 0 beside the gateway's figures would contradict it).
+        theirs = head.status == 429 and head.source == "upstream" and any(
+            k.lower().startswith(_RATE_LIMIT_HEADERS) for k in head.headers)
+        for k, v in ctx.response_headers.items():
+            if not (theirs and k.lower().startswith(_RATE_LIMIT_HEADERS)):
                 head.headers[k] = v
         for p in chain.response:
             if skip is not None and p.name == skip:
@@ -650,10 +649,13 @@ class Proxy:
                 # The upstream's body came up short (it went away, or went silent): the client must
                 # see the connection drop (no final chunk), not a message that looks complete. A
                 # stream of events says why first, as an error event (the OpenAI SDKs raise it as
-                # an APIError), if what the client got ends on an event's end.
-                if streamed and coding is None and (sent == 0 or last.endswith(_EVENT_END)):
+                # an APIError), if what the client got ends on an event's end (and no length was
+                # relayed: the event would fill the bytes missing, and the body look whole).
+                if streamed and coding is None and not sized and (sent == 0 or last.endswith(_EVENT_END)):
+                    event = _cut_event(ctx.outcome)
                     with contextlib.suppress(Exception):
-                        await _send(ctx, out, _cut_event(ctx.outcome))
+                        await _send(ctx, out, event)
+                        ctx.bytes_out = sent + len(event)
                 if request.transport is not None:
                     request.transport.close()
                 return out
@@ -716,6 +718,8 @@ class ClientStalled(Exception):
 
 
 _EVENT_END = (b"\n\n", b"\r\r", b"\r\n\r\n")
+#: Rate-limit response headers (x-ratelimit-*, X-RateLimit-*, RateLimit, RateLimit-Policy), lower case.
+_RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 
 def _cut_event(outcome: str) -> bytes:

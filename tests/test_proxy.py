@@ -681,6 +681,36 @@ async def test_upstream_dies_mid_stream(make_gateway: Any) -> None:
     assert events[-1]["error"]["code"] == "upstream_disconnected"
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
+    assert ProxyRecorder.seen[0]["bytes_out"] == len(text.encode())  # the error event included
+
+
+async def test_a_sized_stream_cut_short_gets_no_error_event(make_gateway: Any) -> None:
+    """A stream relayed with its Content-Length that ends short: no error event (it would fill the
+    missing bytes and the body would look whole); the client sees the cut."""
+    whole = b"".join(b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w}}]}).encode() + b"\n\n"
+                     for w in ("Hello", " there", " friend")) + b"data: [DONE]\n\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n" % len(whole))
+        writer.write(whole[:whole.index(b"\n\n", whole.index(b"there")) + 2])  # the rest never comes
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        g = await make_gateway([{"name": "t_proxy_recorder"}],
+                               upstream={"url": f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"})
+        async with aiohttp.ClientSession(timeout=T) as s:
+            async with s.post(g.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                assert r.status == 200 and r.headers["Content-Length"] == str(len(whole))
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+    await wait_for(lambda: ProxyRecorder.seen)
+    assert ProxyRecorder.seen[0]["outcome"] == "upstream_disconnected"
 
 
 async def test_a_stream_cut_upstream_is_an_api_error_in_the_openai_sdk(make_gateway: Any) -> None:
