@@ -268,6 +268,24 @@ async def test_a_refusal_names_what_frees_last_of_quotas_and_token_rules_used_up
         assert int(hd["Retry-After"]) == 15 * 86400 + 15
 
 
+async def test_a_token_refusal_gives_way_to_a_request_rule_used_up_for_longer(make_gateway):
+    """Tokens used up for 5 s and requests for an hour: the refusal names the hourly request rule
+    (a client retrying after 5 s was refused for the hour), and the headers carry both kinds."""
+    g = await make_gateway([rl(strategy="fixed", estimate_default_max_tokens=0, rules=[
+        {"name": "req-hour", "limit": "2/hour", "key_by": ["ip"]},
+        {"name": "tok-5s", "limit": "100 per 5 seconds", "counts": "tokens", "key_by": ["ip"]}])])
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            st, body, _ = await post(s, g.url, chat_body("hi"), headers={"X-Demo-Words": "55"})
+            assert st == 200
+            await settle(g)
+        st, body, h = await post(s, g.url, chat_body("hi"))
+    assert st == 429 and "req-hour (2/hour)" in body["error"]["message"], body
+    assert int(h["Retry-After"]) > 3500 and body["error"]["type"] == "requests"
+    assert h["x-ratelimit-remaining-requests"] == "0" and int(h["X-RateLimit-Reset"]) > 3500
+    assert "x-ratelimit-remaining-tokens" in h
+
+
 async def test_refusals_the_sdks_cannot_wait_for_say_not_to_retry(make_gateway):
     """A quota the request can never fit, an exhausted quota and a token rule whose room frees in
     minutes: the 429 says x-should-retry: false (the SDKs wait at most 60 s; openai-node would retry

@@ -226,8 +226,8 @@ class RateLimit(Plugin):
                     except QuotaDown:  # (counted) the token rule's refusal stands
                         q = None
                     if q is not None and (est > q.limit or q.reset_in > s.reset_in):
-                        return self._refuse(ctx, None, q, "insufficient_quota", est)
-                return self._refuse(ctx, lim, s, "rate_limit_exceeded", need)
+                        return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
+                return await self._refuse_later(ctx, st, req, deadline, lim, s, "rate_limit_exceeded", need)
             if quota and self._quota is not None:
                 try:
                     q = await self._check_quota(ctx, st, quota, est, deadline)
@@ -238,7 +238,7 @@ class RateLimit(Plugin):
                     st.standings = [s for s in st.standings if s.counts != "quota"]
                     q = None
                 if q is not None:
-                    return self._refuse(ctx, None, q, "insufficient_quota", est)
+                    return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
         if req:
             if len(req) > 1:
                 return await self._hit_in_turn(ctx, st, req, deadline)
@@ -251,6 +251,25 @@ class RateLimit(Plugin):
                 assert s is not None
                 return self._refuse(ctx, lim, s, "rate_limit_exceeded", 1)
         return None
+
+    async def _refuse_later(self, ctx: RequestContext, st: _State, req: list[Limit], deadline: float | None,
+                            lim: Limit | None, s: hdr.Standing, reason: str, need: int) -> Reply:
+        """Refuse by a token rule or quota (``lim``, ``s``), unless a request rule is used up too and
+        frees later: then by that one (a client that retries when the tokens free would be refused
+        by it). A request it can never fit is refused as such. The request rules are read, not
+        counted; their standings go in the headers."""
+        never = need > (s.limit if lim is None else lim.item.amount)
+        if req and not never:
+            try:
+                for r in req:
+                    reset, remaining = await self.store.stats(r.item, identifiers(r, ctx), deadline)
+                    rs = self._standing(r, remaining, reset)
+                    st.standings.append(rs)
+                    if remaining < 1 and rs.reset_in > s.reset_in:
+                        lim, s, reason, need = r, rs, "rate_limit_exceeded", 1
+            except StoreDown:  # (counted) the refusal found stands
+                pass
+        return self._refuse(ctx, lim, s, reason, need)
 
     async def _tokens_short(self, short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]],
                             deadline: float | None) -> tuple[Limit, hdr.Standing, int]:
