@@ -167,3 +167,27 @@ async def test_a_watch_poll_that_fails_once_keeps_the_cached_keys(make_gateway: 
     monkeypatch.setattr(store, "get_row", down)
     st, body = await raw_call(g.url, bearer(rec["key"]))
     assert st == 200, body
+
+
+async def test_after_a_long_watch_outage_only_the_keys_changed_meanwhile_are_dropped() -> None:
+    """The watch's first poll after failing ones reads every change since its last poll that worked,
+    however long ago: a key revoked 90 s ago (outside the usual window) is dropped, the other cached
+    keys are kept."""
+    import datetime as dt
+
+    from gateway.plugins.key_auth import KeyAuthConfig, KeyCache, KeyWatch
+
+    now = dt.datetime.now(dt.UTC)
+    changes = {"revoked": now - dt.timedelta(seconds=90)}
+
+    class Store:
+        async def changed_since(self, since: dt.datetime, limit: int) -> list[tuple[str, dt.datetime]]:
+            return [(k, t) for k, t in changes.items() if t >= since]
+
+    cache = KeyCache()
+    for k in ("revoked", "kept"):
+        cache.entries[k] = (object(), time.monotonic())  # type: ignore[assignment]
+    w = KeyWatch(None, cache, Store())  # type: ignore[arg-type]
+    w.last_ok, w.failing = now - dt.timedelta(seconds=100), True  # polls failed for 100 s
+    await w.poll(KeyAuthConfig(cache_ttl=5, watch_interval=1))
+    assert set(cache.entries) == {"kept"} and not w.failing

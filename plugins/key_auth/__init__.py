@@ -201,7 +201,9 @@ class KeyWatch:
 
     Every interval it reads the ids and ``updated_at`` of the keys changed lately (an indexed range
     read) and invalidates those whose stamp it has not seen yet. The window reaches back
-    ``_SKEW`` seconds further than needed, so a writer whose clock is somewhat behind is still seen."""
+    ``_SKEW`` seconds further than needed, so a writer whose clock is somewhat behind is still seen;
+    after polls that failed (a database down or slow), back to the last poll that worked, so a
+    change made meanwhile is never missed and the cache is kept (stale_if_error relies on it)."""
 
     _SKEW = 30.0
     _MAX = 10000  # more changed keys than this in one window: the whole cache is dropped
@@ -211,7 +213,7 @@ class KeyWatch:
         self.seen: dict[str, dt.datetime] = {}
         self.task: asyncio.Task[None] | None = None
         self.failing = False
-        self.last_ok = time.monotonic()  # when the last poll that worked began
+        self.last_ok = dt.datetime.now(dt.UTC)  # when the last poll that worked began
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -244,18 +246,14 @@ class KeyWatch:
                 self.failing = True
 
     async def poll(self, cfg: KeyAuthConfig) -> None:
-        began = time.monotonic()
-        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cfg.cache_ttl + cfg.watch_interval + self._SKEW)
+        began = dt.datetime.now(dt.UTC)
+        since = min(began - dt.timedelta(seconds=cfg.cache_ttl + cfg.watch_interval + self._SKEW),
+                    self.last_ok - dt.timedelta(seconds=self._SKEW))
         async with asyncio.timeout(cfg.store_timeout):
             rows = await self.store.changed_since(since, self._MAX + 1)
         if self.failing:
             log.info("key_auth: checking for changed keys works again")
             self.failing = False
-            if began - self.last_ok > cfg.cache_ttl + cfg.watch_interval:
-                # changes during the outage may have left the window (a poll or two that failed,
-                # a slow database, leave nothing out of it: the cache, which stale_if_error then
-                # relies on, is kept)
-                self.cache.invalidate()
         self.last_ok = began
         if len(rows) > self._MAX:
             self.cache.invalidate()
