@@ -16,10 +16,10 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from sqlalchemy import MetaData, event, inspect, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
 log = logging.getLogger("gateway.db")
@@ -85,6 +85,8 @@ class DatabaseUnreachable(DatabaseError):
 #: Seconds a PostgreSQL connection may take to be made (asyncpg's own default is 60: a server that
 #: accepts the TCP connection and never answers held a start-up for over a minute).
 CONNECT_TIMEOUT = 15.0
+#: Connections long reads may hold at once on SQLite (see ``Database.long_read``).
+LONG_READS = 4
 #: Bytes a SQLite write-ahead log is truncated to after a checkpoint (journal_size_limit).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
@@ -199,6 +201,18 @@ class Database:
                 event.listen(self.engine.sync_engine, "checkout", self._on_checkout)
             event.listen(self.engine.sync_engine, "handle_error", _readonly_reconnects)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        #: Connections that long reads (a conversation's history) may hold at once, of the pool's
+        #: (SQLite: 5 + 10 overflow; PostgreSQL: twice pool_size): the others stay free for the
+        #: short lookups every request makes (its key, its quota). Under load, reads of histories
+        #: took every connection, and key lookups timed out behind them (503 for valid keys).
+        self._long_reads = asyncio.Semaphore(LONG_READS if self.is_sqlite else max(LONG_READS, pool_size))
+
+    @contextlib.asynccontextmanager
+    async def long_read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for a read that may take a while, one of a bounded number."""
+        async with self._long_reads:
+            async with self.engine.connect() as conn:
+                yield conn
 
     # A SQLite file deleted or replaced under a running gateway: connections already open would go
     # on writing into the deleted file (every row lost at exit, with /readyz saying ready), or

@@ -325,3 +325,40 @@ async def test_a_purge_of_long_conversations_deletes_a_bounded_number_of_message
     assert [n for n, _ in parts] == [1] * 9
     if g.gw.db.is_sqlite:
         assert any(parts[0][1] < t < parts[-1][1] for t in written), (parts, written)
+
+
+async def test_history_reads_leave_connections_for_key_and_quota_lookups(make_gateway: Any, db: dict[str, Any]) -> None:
+    """Many conversations read back at once (turns continued out of the cache) hold at most a few of
+    the pool's connections: a key lookup made meanwhile gets one at once (under load, history
+    reads took all 15 of SQLite's and key lookups timed out behind them: 503 for valid keys)."""
+    from sqlalchemy import event as sa_event, text
+
+    from gateway.db import LONG_READS
+
+    g = await start(make_gateway, db)
+    ids = await fill(g, "big", [[50] * 400] * 3)
+    d = g.gw.db
+    held, most = [0], [0]
+
+    def out(*_: Any) -> None:
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+
+    def back(*_: Any) -> None:
+        held[0] -= 1
+
+    sa_event.listen(d.engine.sync_engine, "checkout", out)
+    sa_event.listen(d.engine.sync_engine, "checkin", back)
+    store = ConversationStore(d)
+    try:
+        reads = [asyncio.create_task(store.load_view(ids[i % 3])) for i in range(40)]
+        await asyncio.sleep(0)
+        async with d.engine.connect() as conn:  # a key lookup, meanwhile
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+        views = await asyncio.gather(*reads)
+    finally:
+        sa_event.remove(d.engine.sync_engine, "checkout", out)
+        sa_event.remove(d.engine.sync_engine, "checkin", back)
+    assert all(v is not None and len(v[1]) == 400 for v in views)
+    limit = LONG_READS if d.is_sqlite else max(LONG_READS, 10)
+    assert most[0] <= limit + 1, most  # (+1: the lookup's own)

@@ -619,7 +619,7 @@ class ConversationStore:
         """A conversation's owner row and its messages (position, digest, tokens, role, status,
         whether it has tool calls; in order). None if there is no such conversation."""
         has_calls = sa.and_(M.c.tool_calls.is_not(None), M.c.tool_calls.not_in(["[]", "null"]))
-        async with self.db.engine.connect() as conn:
+        async with self.db.long_read() as conn:
             row = (await conn.execute(select(C.c.owner, C.c.key_id).where(C.c.id == cid))).first()
             if row is None:
                 return None
@@ -631,14 +631,14 @@ class ConversationStore:
     async def load_reasoning(self, cid: str, below: int) -> list[Any]:
         """The answers (below position ``below``) whose turn's usage reports reasoning tokens: their
         position, stored tokens, and the turn's usage and completion tokens."""
-        async with self.db.engine.connect() as conn:
+        async with self.db.long_read() as conn:
             return list((await conn.execute(select(M.c.position, M.c.tokens, T.c.usage, T.c.completion_tokens).join(
                 T, sa.and_(T.c.conversation_id == M.c.conversation_id, T.c.request_id == M.c.request_id)).where(
                 M.c.conversation_id == cid, M.c.position < below, M.c.status.is_not(None),
                 T.c.usage.like("%reasoning_tokens%")))).all())
 
     async def message_count(self, cid: str) -> int | None:
-        async with self.db.engine.connect() as conn:
+        async with self.db.long_read() as conn:
             return (await conn.execute(select(C.c.message_count).where(C.c.id == cid))).scalar()
 
     async def load_messages(self, cid: str, start: int, also: tuple[int, int] = (0, 0)
@@ -648,7 +648,7 @@ class ConversationStore:
         cond = M.c.position >= start
         if a < b and a < start:
             cond = sa.or_(cond, sa.and_(M.c.position >= a, M.c.position < b))
-        async with self.db.engine.connect() as conn:
+        async with self.db.long_read() as conn:
             rows = (await conn.execute(select(M).where(M.c.conversation_id == cid, cond).order_by(M.c.position))).all()
         return [(r.position, row_message(r), r.tokens) for r in rows]
 
