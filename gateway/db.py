@@ -202,10 +202,10 @@ class Database:
             event.listen(self.engine.sync_engine, "handle_error", _readonly_reconnects)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         #: Connections that long reads (a conversation's history) may hold at once, of the pool's
-        #: (SQLite: 5 + 10 overflow; PostgreSQL: twice pool_size): the others stay free for the
+        #: (SQLite: 4 of 5 + 10 overflow; PostgreSQL: pool_size of twice that): the others stay free for the
         #: short lookups every request makes (its key, its quota). Under load, reads of histories
         #: took every connection, and key lookups timed out behind them (503 for valid keys).
-        self._long_reads = asyncio.Semaphore(LONG_READS if self.is_sqlite else max(LONG_READS, pool_size))
+        self._long_reads = asyncio.Semaphore(LONG_READS if self.is_sqlite else pool_size)
 
     @contextlib.asynccontextmanager
     async def long_read(self) -> AsyncIterator[AsyncConnection]:

@@ -638,7 +638,7 @@ class ConversationStore:
                 T.c.usage.like("%reasoning_tokens%")))).all())
 
     async def message_count(self, cid: str) -> int | None:
-        async with self.db.long_read() as conn:
+        async with self.db.engine.connect() as conn:  # (one row by key: not a long read)
             return (await conn.execute(select(C.c.message_count).where(C.c.id == cid))).scalar()
 
     async def load_messages(self, cid: str, start: int, also: tuple[int, int] = (0, 0)
