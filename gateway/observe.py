@@ -859,15 +859,17 @@ class ResponseObserver:
                 while len(calls) <= i:  # (a slot no delta fills stays equal to _UNUSED: left out)
                     calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
                 slot = calls[i]
-                if isinstance(tc.get("id"), str):
-                    slot["id"] = tc["id"]
+                tid = tc.get("id")
+                again = isinstance(tid, str) and tid == slot["id"]  # (the call's id repeated)
+                if isinstance(tid, str):
+                    slot["id"] = tid
                 if isinstance(tc.get("type"), str):
                     slot["type"] = tc["type"]
                 fn = tc.get("function")
                 if isinstance(fn, dict):
                     name = fn.get("name")
-                    if isinstance(name, str) and name != slot["function"]["name"]:
-                        slot["function"]["name"] += name  # (a server repeating the whole name: once)
+                    if isinstance(name, str) and not (again and name == slot["function"]["name"]):
+                        slot["function"]["name"] += name  # (a server repeating id and whole name: once)
                     if isinstance(fn.get("arguments"), str):
                         f = slot["function"]
                         f["arguments"] = _cat(f["arguments"] or None, fn["arguments"])

@@ -479,6 +479,10 @@ def test_tool_calls_streamed_without_index_are_joined() -> None:
         obs, _ = observe(events([chunk([{"index": 0, "delta": {"tool_calls": [tc]}, "finish_reason": None}])
                                  for tc in shape]))
         assert obs.c.tool_calls == [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    # a name streamed in pieces (indexed, no id) that happen to repeat: joined as sent
+    obs, _ = observe(events([chunk([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": n}}]},
+                                     "finish_reason": None}]) for n in ("echo", "echo")]))
+    assert obs.c.tool_calls[0]["function"]["name"] == "echoecho"
     # whole calls with no id, each with its name: one call each
     whole = [{"type": "function", "function": {"name": n, "arguments": "{}"}} for n in ("a", "b")]
     obs, _ = observe(events([chunk([{"index": 0, "delta": {"tool_calls": [tc]}, "finish_reason": None}])
