@@ -139,6 +139,54 @@ async def test_foreign_data_under_one_counter_fails_that_caller_only(make_gatewa
     assert len([x for x in lines.lines if "foreign data" in x]) == 1, lines.lines  # throttled
 
 
+class SlowRelay:
+    """A TCP relay to a Redis whose connections, while ``slow``, start 0.7 s late (a busy host, a
+    slow network): the kernel accepts them, the first answer comes late."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.slow, self.server = port, True, None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.close()
+
+    async def _relay(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.slow:
+            await asyncio.sleep(0.7)
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+
+async def test_a_slow_first_connection_at_start_is_waited_for(make_gateway, redis_server):
+    """The check at start is not held to the request deadline (0.25 s): a store whose first
+    connection answers late (0.7 s, a busy machine or a slow network) is used once it answers,
+    instead of being marked down and every request refused for ``storage_retry``."""
+    redis = redis_server()
+    async with SlowRelay(redis.port) as url:
+        g = await make_gateway([rl(storage=url, on_store_error="deny", storage_retry=30,
+                                   rules=[{"name": "r", "limit": "5/minute", "key_by": ["ip"]}])])
+        async with aiohttp.ClientSession() as s:
+            st, body, h = await post(s, g.url)
+        assert st == 200, body
+        assert h["x-ratelimit-remaining-requests"] == "4"
+        assert await _metric(g, "gateway_ratelimit_store_errors_total") == 0
+        await g.stop()
+
+
 async def test_a_new_sliding_window_on_redis_resets_a_window_from_now(make_gateway, redis_server):
     """A caller's first request in a new sliding window on Redis: its reset is a window from now,
     not "now" (the library reads a window that began in the same millisecond as resetting at once,

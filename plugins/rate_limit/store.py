@@ -170,6 +170,12 @@ def is_memory(uri: str) -> bool:
 #: built with one config's timeout would keep it for the life of the process (it is shared).
 CLIENT_TIMEOUT = 11.0
 
+#: The check at start (and at a reload to a new store) may take this long at least: its first
+#: connection and the loading of the strategy's scripts are slower than one counter call, and
+#: nothing is waiting on it (no request is served by that config yet). Held to the request
+#: deadline, a busy machine could miss it and refuse every request for ``storage_retry``.
+CHECK_TIMEOUT = 5.0
+
 
 def build_storage(uri: str, timeout: float = CLIENT_TIMEOUT) -> Any:
     if is_memory(uri):
@@ -326,12 +332,12 @@ class CounterStore:
                 self.health.cold = False
 
     async def check(self) -> bool:
-        """Connect and warm up (bounded by the timeout); False if the store is not reachable
-        (``last_error`` says why)."""
+        """Connect and warm up (bounded by ``max(storage_timeout, CHECK_TIMEOUT)``); False if the
+        store is not reachable (``last_error`` says why)."""
         if self.memory:
             return True
         try:
-            await self.call(_noop)
+            await self.call(_noop, deadline=time.monotonic() + max(self.timeout, CHECK_TIMEOUT))
             return True
         except StoreDown:
             return False
