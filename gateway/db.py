@@ -513,8 +513,9 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
     cfg = Config()
+    # (the versions are in the script location's own ``versions``: no ``version_locations``, a
+    # list that Alembic splits on spaces and commas, which an install path may hold)
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    cfg.set_main_option("version_locations", str(Path(__file__).parent / "migrations" / "versions"))
     cfg.attributes["url"] = url
     return cfg
 

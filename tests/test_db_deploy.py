@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sqlite3
 import subprocess
@@ -108,6 +109,28 @@ def test_a_killed_sqlite_migration_can_be_run_again(tmp_path: Path) -> None:
     r = gateway_cli("db", "upgrade", "-c", str(config(tmp_path, url)), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert sqlite_state(path)[1] == heads()
+
+
+def test_an_install_path_with_spaces_and_commas_migrates(tmp_path: Path) -> None:
+    """The package installed under a path holding a space and a comma: every migration is found
+    and applied (a ``version_locations`` option would be split there, and nothing applied)."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    home = tmp_path / "gateway install, v2"
+    for part in ("gateway", "plugins", "config"):
+        shutil.copytree(root / part, home / part, ignore=shutil.ignore_patterns("__pycache__"))
+    path = tmp_path / "spaced.db"
+    env = {**os.environ, "PYTHONPATH": str(home), "PYTHONWARNINGS": "error::DeprecationWarning:alembic"}
+    r = subprocess.run([sys.executable, "-c", "import gateway; print(gateway.__file__)"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, env=env)
+    assert r.stdout.strip() == str(home / "gateway" / "__init__.py"), (r.stdout, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "gateway", "db", "upgrade", "-c",
+                        str(config(tmp_path, f"sqlite+aiosqlite:///{path}"))],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    tables, versions = sqlite_state(path)
+    assert versions == heads() and {"api_keys", "audit_events", "conversation_messages"} <= tables, (tables, versions)
 
 
 # -- 2. another application's alembic_version ---------------------------------------------------------
