@@ -96,6 +96,10 @@ class Plugin:
     #: signs one shared record, or a shared writer's): the config loader refuses them there.
     #: Dotted for a nested field (``quotas.cache_ttl``).
     route_fixed: ClassVar[tuple[str, ...]] = ()
+    #: Set True if the plugin's ``on_request`` never refuses and need not run before a later
+    #: plugin's ``on_headers`` (it only sets upstream headers, asks for usage ...): it does not keep
+    #: the plugins after it from checking a request before its body is read.
+    header_safe: ClassVar[bool] = False
 
     #: Hooks this instance overrides but does not need with its config (set in ``__init__``): the
     #: core leaves them out of the chain, so they cost nothing per request.
@@ -117,6 +121,14 @@ class Plugin:
         shares with earlier instances (a writer's queue, metric buckets) go here, not in
         ``startup()``: a reload can still be rejected after every ``startup()`` ran. Must not fail
         (an exception is logged)."""
+
+    async def on_headers(self, ctx: "RequestContext") -> Reply | None:
+        """Checks that need only the request head (a credential): run before the body is read,
+        so a refused client's body is never taken in (and an ``Expect: 100-continue`` client is
+        refused before it sends it). Runs only while every plugin ahead in the chain is
+        ``header_safe`` or has an ``on_headers`` too; otherwise not at all, and ``on_request``
+        must do the same checks (it can tell by what this hook leaves in ``ctx.state``)."""
+        return None
 
     async def on_request(self, ctx: "RequestContext") -> Reply | None:
         return None

@@ -26,7 +26,7 @@ from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, Internal
                      RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType,
                      error_body)
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
-from .plugin import Reply, ResponseHead
+from .plugin import Plugin, Reply, ResponseHead
 from .redact import mask_gateway_keys
 from .upstream import CTL_CHAR, utf8
 
@@ -270,27 +270,14 @@ class Proxy:
             if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
                     and not chain.serves(request.path):
                 raise NotFound(f"No route for {request.path}.")
-            await self._read_body(ctx)
-            timings = ctx.timings
-            for p in chain.request:
-                try:
-                    if timings is None:
-                        reply = await p.on_request(ctx)
-                    else:
-                        t0 = _perf()
-                        reply = await p.on_request(ctx)
-                        timings.append((p.name, "request", t0, _perf()))
-                except GatewayError:
-                    raise
-                except Exception:
-                    log.exception("plugin %s failed in on_request (request %s)", p.name, ctx.request_id)
-                    raise PluginFailed(p.name, "on_request") from None
+            if chain.headers:
+                reply = await self._run_request_hooks(ctx, chain.headers, "headers")
                 if reply is not None:
-                    if reply.status >= 400:  # a refusal; a 2xx/3xx reply is a plugin answering itself
-                        ctx.outcome = "refused"
-                        if ctx.refusal is None:
-                            ctx.refusal = {"plugin": p.name, "reason": "refused"}
                     return await self._send_reply(ctx, chain, reply)
+            await self._read_body(ctx)
+            reply = await self._run_request_hooks(ctx, chain.request, "request")
+            if reply is not None:
+                return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
                 if request.method == "POST" and ctx.lpath.endswith(_USAGE_PATHS) \
@@ -309,6 +296,31 @@ class Proxy:
             # gets: CORS, rate-limit headers ...), except the one that just failed in on_response.
             return await self._send_error(ctx, chain, InternalError(),
                                           skip=e.plugin if e.phase == "on_response" else None)
+
+    async def _run_request_hooks(self, ctx: RequestContext, plugins: list[Plugin], phase: str) -> Reply | None:
+        """``on_headers`` or ``on_request`` of each plugin in chain order, up to the first reply."""
+        timings = ctx.timings
+        hook = "on_" + phase
+        for p in plugins:
+            try:
+                if timings is None:
+                    reply = await getattr(p, hook)(ctx)
+                else:
+                    t0 = _perf()
+                    reply = await getattr(p, hook)(ctx)
+                    timings.append((p.name, phase, t0, _perf()))
+            except GatewayError:
+                raise
+            except Exception:
+                log.exception("plugin %s failed in %s (request %s)", p.name, hook, ctx.request_id)
+                raise PluginFailed(p.name, hook) from None
+            if reply is not None:
+                if reply.status >= 400:  # a refusal; a 2xx/3xx reply is a plugin answering itself
+                    ctx.outcome = "refused"
+                    if ctx.refusal is None:
+                        ctx.refusal = {"plugin": p.name, "reason": "refused"}
+                return reply
+        return None
 
     async def _read_body(self, ctx: RequestContext) -> None:
         request = ctx.request

@@ -22,7 +22,7 @@ log = logging.getLogger("gateway")
 
 
 class Chain:
-    __slots__ = ("name", "plugins", "request", "response", "chunk", "complete", "observe", "served", "max_body")
+    __slots__ = ("name", "plugins", "headers", "request", "response", "chunk", "complete", "observe", "served", "max_body")
 
     def __init__(self, name: str, plugins: list[Plugin], max_body: int | None = None) -> None:
         self.name = name
@@ -32,6 +32,14 @@ class Chain:
             return type(p).overrides(hook) and hook not in p.unused_hooks
 
         self.request = [p for p in plugins if uses(p, "on_request")]
+        # The head checks run before the body is read, as long as no plugin ahead of them in
+        # the chain must see the request first (a rate limit counting refused attempts does).
+        self.headers: list[Plugin] = []
+        for p in plugins:
+            if uses(p, "on_headers"):
+                self.headers.append(p)
+            elif uses(p, "on_request") and not type(p).header_safe:
+                break
         self.response = [p for p in reversed(plugins) if uses(p, "on_response")]
         self.chunk = [p for p in reversed(plugins) if uses(p, "on_chunk")]
         self.complete = [p for p in plugins if uses(p, "on_complete")]

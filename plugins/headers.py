@@ -37,6 +37,7 @@ class HeadersConfig(PluginConfig):
 class Headers(Plugin):
     name = "headers"
     Config = HeadersConfig
+    header_safe = True  # it only sets headers: a key check after it may still run before the body
 
     async def on_request(self, ctx: RequestContext) -> None:
         for k in self.config.remove_request:

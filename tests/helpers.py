@@ -362,3 +362,20 @@ async def stream_then_stop(g: Any, s: Any, chat: dict[str, Any]) -> tuple[Any, b
                      headers={"X-Demo-Delay": "0.2", "X-Demo-Words": "200"})
     got = await r.content.readuntil(b"\n\n")
     return r, got, time.monotonic(), asyncio.create_task(g.stop())
+
+
+async def after_continue(port: int, head: bytes, body: bytes) -> bytes:
+    """Send a request head asking ``Expect: 100-continue`` (with ``Connection: close``), wait for
+    the ``100 Continue``, send the body and return everything after it up to the close."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(head)
+        await w.drain()
+        async with asyncio.timeout(5):
+            assert await r.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(body)
+        await w.drain()
+        async with asyncio.timeout(10):
+            return await r.read()
+    finally:
+        w.close()

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from gateway.plugin import Plugin, Reply, registry
 
-from .helpers import open_idle_sockets
+from .helpers import after_continue, open_idle_sockets
 
 T = aiohttp.ClientTimeout(total=20)
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}]}
@@ -1032,19 +1032,9 @@ async def test_expect_100_continue(make_gateway: Any, upstream: Any, plugins: An
     and only after the size check: an oversized body is refused without being sent."""
     g = await make_gateway(plugins, server={"max_body_size": 1000})
     body = b'{"model": "demo-embed", "input": "a b c"}'
-    r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)
-    try:
-        w.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nExpect: 100-continue\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
-        await w.drain()
-        async with asyncio.timeout(5):
-            assert await r.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
-        w.write(body)
-        await w.drain()
-        async with asyncio.timeout(10):
-            rest = await r.read()
-    finally:
-        w.close()
+    rest = await after_continue(g.gw.public_port, b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                                b"Expect: 100-continue\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(body), body)
     assert rest.startswith(b"HTTP/1.1 200 ") and b"100 Continue" not in rest
     assert upstream.requests[-1]["body"]["input"] == "a b c"
     r, w = await asyncio.open_connection("127.0.0.1", g.gw.public_port)

@@ -35,6 +35,8 @@ log = logging.getLogger("gateway.plugins.key_auth")
 
 IDENTITY_FIELDS = Literal["key_id", "owner", "name", "team"]
 _DUMMY_HASH = "0" * 64
+#: ``ctx.state`` entry of an admitted key limited to some models (checked in on_request, with the body)
+_MODELS = "key_auth.models"
 #: Control characters cannot go into an HTTP header value (CR/LF would end it): replaced by a space.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: Seconds a cached key record must be old before a secret it does not match makes it read again
@@ -419,7 +421,9 @@ class KeyAuth(Plugin):
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else None
         return Reply.error(status, message, type_, code, headers)
 
-    async def on_request(self, ctx: "RequestContext") -> Reply | None:
+    async def on_headers(self, ctx: "RequestContext") -> Reply | None:
+        """The key itself, before the body is read: a client with no valid key never gets its
+        body taken in (nor a ``100 Continue``). The model scope needs the body: ``on_request``."""
         raw = self._extract(ctx)
         if raw is None:
             other = any(ctx.request.headers.get(h, "").strip() for h, bearer in zip(self.config.headers, self._bearer_only)
@@ -489,8 +493,32 @@ class KeyAuth(Plugin):
             entry.verified[fast] = not secrets_match(digest, entry.hash)
         return self._admit(ctx, key_id, entry, now)
 
+    async def on_request(self, ctx: "RequestContext") -> Reply | None:
+        if self.name not in ctx.state:  # (on_headers did not run: a plugin ahead of this one reads the body first)
+            reply = await self.on_headers(ctx)
+            if reply is not None:
+                return reply
+        models = ctx.state.get(_MODELS)
+        if models is None:
+            return None
+        model = ctx.model
+        if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in models):
+            return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                f"This API key is not allowed to use the model {model!r}.",
+                                "key_scope_denied", "permission_error")
+        if model is None and _needs_a_model(ctx):
+            # no model named (the backend would use its default one), a model that is not a
+            # string, or a body the gateway cannot read it from (not JSON): a key limited to
+            # some models cannot be checked, so it is refused
+            return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                "This API key is limited to some models, and this request names none that "
+                                "could be checked (send a JSON body with \"model\" as a string).",
+                                "key_scope_denied", "permission_error")
+        return None
+
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
-        """Checks that do not depend on the secret: revoked, expired, scopes; then the identity."""
+        """Checks that do not depend on the secret: revoked, expired, path scope; then the identity
+        (the model scope is on_request's: it needs the body)."""
         if entry.revoked:
             return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
         if entry.expires is not None and now >= entry.expires:
@@ -500,19 +528,7 @@ class KeyAuth(Plugin):
                                 f"This API key is not allowed to call {ctx.path}.", "key_scope_denied",
                                 "permission_error")
         if entry.models:
-            model = ctx.model
-            if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in entry.models):
-                return self._refuse(ctx, 403, "scope_model", key_id,
-                                    f"This API key is not allowed to use the model {model!r}.",
-                                    "key_scope_denied", "permission_error")
-            if model is None and _needs_a_model(ctx):
-                # no model named (the backend would use its default one), a model that is not a
-                # string, or a body the gateway cannot read it from (not JSON): a key limited to
-                # some models cannot be checked, so it is refused
-                return self._refuse(ctx, 403, "scope_model", key_id,
-                                    "This API key is limited to some models, and this request names none that "
-                                    "could be checked (send a JSON body with \"model\" as a string).",
-                                    "key_scope_denied", "permission_error")
+            ctx.state[_MODELS] = entry.models
         ident = entry.identity
         ctx.identity = dict(ident)
         for h, field in self.config.forward_identity_headers.items():

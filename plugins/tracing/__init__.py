@@ -197,6 +197,7 @@ class Tracing(Plugin):
     name = "tracing"
     Config = TracingConfig
     wants_timings = True
+    header_safe = True  # its on_request only passes the trace context on and asks for usage
     config: TracingConfig
 
     _RESOURCE: ClassVar[str] = "tracing:providers"
