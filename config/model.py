@@ -271,6 +271,36 @@ class UpstreamConfig(Model):
         return self
 
 
+_HOST_PORT_AFTER_AT = re.compile(r"@[^/?#@=&]+:\d+(?:[/?#]|$)")
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``scheme://``, what comes before the query or fragment (credentials, hosts, path), and the
+    ``?query#fragment`` (which may hold an ``@`` of its own: ``?client_name=gw@eu-1``)."""
+    scheme, sep, rest = uri.partition("://")
+    m = re.match(r"([^?#]*)(.*)", rest, re.DOTALL)
+    assert m is not None
+    return scheme + sep, m.group(1), m.group(2)
+
+
+def uri_ambiguous(uri: str) -> bool:
+    """A password written as it is instead of percent-encoded: a raw ``/`` in it puts an ``@`` in
+    the path (``carol:4821/Zsecret@host``), a raw ``?`` or ``#`` one in the query before any
+    ``=`` (``carol:pa?ss@host``). Parsers disagree on where such a URL's host is (one takes part of
+    the password for it, and says so in its error), so it is refused rather than guessed. An
+    ``@`` in a query value, or in a Unix socket's path, is no credential. (For the counter store's
+    URL and the database's.)"""
+    scheme, head, tail = split_uri(uri)
+    netloc, _, path = head.partition("/")
+    if "@" in path and (netloc or not scheme.removesuffix("://").endswith("unix")):
+        return True
+    if "@" not in tail:
+        return False
+    # An '@' in the query followed by host:port is a password's '?' or '#' (`u:4821?tok=x@h:6379/0`),
+    # however many '=' come before it; `?client_name=gw@eu-1` is a query value.
+    return "=" not in tail.partition("@")[0] or _HOST_PORT_AFTER_AT.search(tail) is not None
+
+
 class DatabaseConfig(Model):
     url: str = Field("sqlite+aiosqlite:///gateway.db", repr=False,
                      description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...")
@@ -293,6 +323,12 @@ class DatabaseConfig(Model):
                 # (each pooled connection would get its own empty database, gone at exit)
                 raise ValueError("in-memory SQLite databases are not supported (use a file, e.g. "
                                  "sqlite+aiosqlite:///gateway.db)")
+        elif uri_ambiguous(v):
+            # (SQLAlchemy would take part of the password for the host: shown in its errors, and
+            # looked up in DNS)
+            raise ValueError("the database URL has a '/', '?' or '#' before its last '@': percent-encode the "
+                             "user name and password (RFC 3986: '/' is %2F, '?' %3F, '#' %23, '@' %40, ':' %3A, "
+                             "'%' %25; the URL is not shown: it may hold a password)")
         elif "sslmode" in parse_qs(urlsplit(v).query):
             # asyncpg takes no sslmode argument: the connection would fail with a TypeError
             raise ValueError("sslmode= is libpq's parameter; the asyncpg driver takes ssl= instead "

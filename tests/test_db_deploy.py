@@ -368,6 +368,24 @@ def test_database_urls_the_drivers_cannot_use(tmp_path: Path, url: str, want: st
     assert want in str(e.value) and "database.url" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("password", ["p@SECRET#w/rd", "SECRET/pw", "SECRET?pw"])
+def test_a_password_not_percent_encoded_is_refused_unshown(tmp_path: Path, password: str) -> None:
+    """A generated password pasted into the URL as it is: SQLAlchemy would take part of it for
+    the host (shown in its "unreachable" error, and looked up in DNS). Refused by every command
+    that reads the config, the URL not shown; the encoded form is accepted."""
+    from urllib.parse import quote
+
+    url = f"postgresql+asyncpg://app:{password}@127.0.0.1:5432/gw"
+    for cmd in (["check"], ["db", "upgrade"], ["keys", "list"]):
+        r = gateway_cli(*cmd, "-c", str(config(tmp_path, url)), cwd=tmp_path)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "percent-encode the user name and password" in r.stderr and "database.url" in r.stderr, r.stderr
+        assert "SECRET" not in r.stdout + r.stderr
+    r = gateway_cli("check", "-c", str(config(tmp_path, url.replace(password, quote(password, safe="")))),
+                    cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
 async def test_postgresql_start_checks_the_sequences_of_serial_columns(pg_url: str, make_gateway: Any) -> None:
     """A role granted every table privilege the docs list but not USAGE on the sequences the
     conversations tables draw their ids from is refused at start, the sequences named: it would

@@ -7,6 +7,7 @@ from typing import Literal
 from limits import parse_many
 from pydantic import Field, field_validator, model_validator
 
+from gateway.config.model import uri_ambiguous
 from gateway.plugin import PluginConfig
 
 #: A window count of zero ("5/0 minute", "5 per 00 seconds")
@@ -82,40 +83,11 @@ class RuleConfig(PluginConfig):
         return v
 
 
-_HOST_PORT_AFTER_AT = re.compile(r"@[^/?#@=&]+:\d+(?:[/?#]|$)")
-
-
-def split_uri(uri: str) -> tuple[str, str, str]:
-    """``scheme://``, what comes before the query or fragment (credentials, hosts, path), and the
-    ``?query#fragment`` (which may hold an ``@`` of its own: ``?client_name=gw@eu-1``)."""
-    scheme, sep, rest = uri.partition("://")
-    m = re.match(r"([^?#]*)(.*)", rest, re.DOTALL)
-    assert m is not None
-    return scheme + sep, m.group(1), m.group(2)
-
-
-def storage_uri_ambiguous(uri: str) -> bool:
-    """A password written as it is instead of percent-encoded: a raw ``/`` in it puts an ``@`` in
-    the path (``carol:4821/Zsecret@host``), a raw ``?`` or ``#`` one in the query before any
-    ``=`` (``carol:pa?ss@host``). Parsers disagree on where such a URL's host is (one takes part of
-    the password for it, and says so in its error), so it is refused rather than guessed. An
-    ``@`` in a query value, or in a Unix socket's path, is no credential."""
-    scheme, head, tail = split_uri(uri)
-    netloc, _, path = head.partition("/")
-    if "@" in path and (netloc or not scheme.removesuffix("://").endswith("unix")):
-        return True
-    if "@" not in tail:
-        return False
-    # An '@' in the query followed by host:port is a password's '?' or '#' (`u:4821?tok=x@h:6379/0`),
-    # however many '=' come before it; `?client_name=gw@eu-1` is a query value.
-    return "=" not in tail.partition("@")[0] or _HOST_PORT_AFTER_AT.search(tail) is not None
-
-
 def storage_uri_ok(uri: str) -> bool:
     """Every host:port of a redis URL parses (several for a cluster or sentinel)."""
     from urllib.parse import urlsplit
 
-    if storage_uri_ambiguous(uri):
+    if uri_ambiguous(uri):
         return False
     if uri.removeprefix("async+").startswith(("memory", "redis+unix")):
         return True
@@ -175,7 +147,7 @@ class RateLimitConfig(PluginConfig):
         if not v.startswith(ok):
             raise ValueError("must be memory://, redis://, rediss://, redis+unix://, redis+sentinel:// or "
                              "redis+cluster://")
-        if storage_uri_ambiguous(v):
+        if uri_ambiguous(v):
             raise ValueError("the storage URL has a '/', '?' or '#' before its last '@': percent-encode the user "
                              "name and password (RFC 3986: '/' is %2F, '?' %3F, '#' %23, '@' %40, ':' %3A, "
                              "'%' %25; the URL is not shown: it may hold a password)")

@@ -29,7 +29,7 @@ from prometheus_client import Counter
 
 from gateway.cli import mask_secret_params
 
-from .config import split_uri, storage_uri_ambiguous
+from gateway.config.model import split_uri, uri_ambiguous
 from gateway.logs import ThrottledLog
 
 log = logging.getLogger("gateway.rate_limit")
@@ -62,9 +62,9 @@ def redacted(uri: str) -> str:
 
     Everything up to the last ``@`` before the query is masked, so a password written with a raw
     ``/`` or ``@`` instead of percent-encoded is never shown in part (the config refuses the
-    ambiguous forms: ``storage_uri_ambiguous``); an ``@`` in a query value, or in a Unix socket's
+    ambiguous forms: ``uri_ambiguous``); an ``@`` in a query value, or in a Unix socket's
     path, is left alone."""
-    if storage_uri_ambiguous(uri):  # (refused by the config; masked whole up to its last '@' all the same)
+    if uri_ambiguous(uri):  # (refused by the config; masked whole up to its last '@' all the same)
         scheme, _, rest = uri.partition("://")
         _, host, tail = split_uri("x://" + rest.rpartition("@")[2])
         return f"{scheme}://***@{host}{mask_secret_params(tail)}"
