@@ -731,6 +731,38 @@ async def test_cli_create_list_update_revoke(make_gateway: Any, tmp_path: Path, 
     assert r.returncode == 1 and "no key" in r.stderr
 
 
+async def test_a_leaked_key_pasted_whole_is_revoked_and_never_echoed(make_gateway: Any, tmp_path: Path,
+                                                                      upstream: Any) -> None:
+    """Containing a leak, an admin pastes the whole key: the CLI and the admin API act on its id;
+    an argument that names no key (a mistyped key, another secret) is refused without being
+    repeated in the output or the error body."""
+    cfg = write_config(tmp_path / "leak.yaml", base_config(upstream.url, tmp_path, [{"name": "key_auth"}]))
+    g = await make_gateway([{"name": "key_auth"}], name="leak.yaml")
+    one = (await new_key(g, expires_at="2030-01-02T03:04:05.678+00:00"))["key"]
+    two = (await new_key(g))["key"]
+    bad = one[:-1] + ("A" if one[-1] != "A" else "B")  # checksum no longer matches
+    r = await asyncio.to_thread(gw_cli, cfg, "revoke", bad)
+    assert r.returncode == 1 and "not a key id" in r.stderr and bad[3:] not in r.stdout + r.stderr, r.stderr
+    r = await asyncio.to_thread(gw_cli, cfg, "revoke", one, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["id"] == parse_key(one)[0] and json.loads(r.stdout)["status"] == "revoked"  # type: ignore[index]
+    assert parse_key(one)[1] not in r.stdout + r.stderr  # type: ignore[index]
+    st, body = await admin(g, "POST", f"/keys/{bad}/revoke")
+    assert st == 404 and bad[3:] not in json.dumps(body), body
+    st, body = await admin(g, "POST", f"/keys/{two}/revoke")
+    assert st == 200 and body["id"] == parse_key(two)[0] and body["status"] == "revoked", body  # type: ignore[index]
+    assert parse_key(two)[1] not in json.dumps(body)  # type: ignore[index]
+    deadline = time.monotonic() + 5
+    codes = [0, 0]
+    while codes != [401, 401] and time.monotonic() < deadline:
+        codes = [(await raw_call(g.url, bearer(k)))[0] for k in (one, two)]
+        await asyncio.sleep(0.1)
+    assert codes == [401, 401]
+    r = await asyncio.to_thread(gw_cli, cfg, "list")
+    assert r.returncode == 0 and r.stdout.count("revoked") == 2, r.stdout
+    assert " 2030-01-02T03:04:05Z " in r.stdout  # the expiry to the second, not cut mid-way
+
+
 async def test_header_hygiene_and_concurrent_first_use(make_gateway: Any, upstream: Any) -> None:
     g = await make_gateway(ka(forward_identity_headers={"X-Gateway-Owner": "owner", "X-Gateway-Team": "team"}),
                            upstream={"headers": {"api-key": "upstream-credential"}})

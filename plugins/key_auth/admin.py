@@ -20,7 +20,7 @@ from gateway.config.model import prefix_problem
 from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store
-from .keys import KEY_ID
+from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
 from .store import LIMIT_MAX, KeyRevoked
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ def _err(status: int, message: str, code: str, param: str | None = None) -> web.
 
 
 def _not_found(key_id: str) -> web.Response:
+    if not KEY_ID.match(key_id):  # (never echoed: it may be a secret)
+        return _err(404, f"No API key: {NOT_A_KEY_ID}.", "key_not_found", "id")
     return _err(404, f"No API key with id {key_id!r}.", "key_not_found", "id")
 
 
@@ -173,8 +175,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web
 
 
 def _key_id(request: web.Request) -> str | None:
-    k = request.match_info["key_id"]
-    return k if KEY_ID.match(k) else None
+    return key_id_of(request.match_info["key_id"])
 
 
 def _date(v: str | None, default: dt.date) -> dt.date:

@@ -17,6 +17,8 @@ from typing import Any
 
 from gateway import cli as core_cli
 
+from .keys import NOT_A_KEY_ID, key_id_of
+
 _UNSET: Any = object()  # an option not given (None means "clear it")
 _REL = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -146,6 +148,11 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from .admin import CreateKey, RotateKey, UpdateKey
     from .store import KeyRevoked, KeyStore
 
+    if getattr(args, "key_id", None) is not None:
+        key_id = key_id_of(args.key_id)
+        if key_id is None:
+            return _fail(NOT_A_KEY_ID)
+        args.key_id = key_id
     services = await core_cli.cli_services(cfg, create=args.keys_command == "create",
                                            writes=args.keys_command not in ("list", "show", "usage"))
     store = KeyStore(services.db)
@@ -178,7 +185,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 for r in rows:
                     owner, name = core_cli.terminal_text(r["owner"][:20]), core_cli.terminal_text(r["name"][:20])
                     print(f"{r['id']:<12}  {r['status']:<8}  {owner:<20}  {name:<20}  "
-                          f"{(r['expires_at'] or '-')[:20]:<20}  {r['last_used_at'] or '-'}")
+                          f"{_when(r['expires_at']):<20}  {_when(r['last_used_at'])}")
             return 0
         if c == "show":
             rec = await store.get(args.key_id)
@@ -286,6 +293,16 @@ def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = Non
         text = json.dumps(v) if isinstance(v, (dict, list)) else ('-' if v is None else str(v))
         print(f"{k:<28} {core_cli.terminal_text(text)}")
     return 0
+
+
+def _when(iso: str | None) -> str:
+    """A stored time to the second, for the table (2027-02-25T08:27:03Z)."""
+    if not iso:
+        return "-"
+    t = dt.datetime.fromisoformat(iso)
+    if t.tzinfo is not None:
+        t = t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fail(msg: str) -> int:

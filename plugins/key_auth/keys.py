@@ -85,6 +85,19 @@ def loose_key_id(raw: str) -> str | None:
     return m.group(1) if m else None
 
 
+def key_id_of(arg: str) -> str | None:
+    """The key id an admin names: a key id, or a whole key (pasted to revoke a leaked one: its
+    id is taken). None for anything else, which is never echoed back (it may be a secret)."""
+    if KEY_ID.match(arg):
+        return arg
+    parsed = parse_key(arg.strip())
+    return parsed[0] if parsed is not None else None
+
+
+#: Why an argument names no key (the argument itself is not repeated: it may be a secret).
+NOT_A_KEY_ID = "not a key id: an id is the 12 letters and digits after 'gw_' (a whole key is taken too)"
+
+
 def hash_secret(pepper: str, secret: str) -> str:
     """Hex HMAC-SHA-256 of the secret with the server-side pepper (plain SHA-256 without one)."""
     if pepper:
