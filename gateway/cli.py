@@ -116,14 +116,9 @@ def atomic_output(path: str, encoding: str) -> Any:
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     try:
-        # the mode open(path, "w") would have given (the existing file's, else 0666 less the umask)
-        if st is not None:
-            mode = stat.S_IMODE(st.st_mode)
-        else:
-            mask = os.umask(0)
-            os.umask(mask)
-            mode = 0o666 & ~mask
-        os.chmod(tmp, mode)
+        # the existing file's mode, else its owner's only (what the gateway writes holds records
+        # of who asked what: see db.create_private)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode) if st is not None else 0o600)
         with open(fd, "w", encoding=encoding) as f:
             yield f
         os.replace(tmp, path)
@@ -274,8 +269,11 @@ def _backup(cfg: GatewayConfig, target: str) -> int:
     transaction, whatever the write-ahead log holds; compact). A plain copy of the file misses what
     is still in its -wal file (keys revoked or made lately, quota usage, recent events)."""
     import sqlite3
+    from urllib.parse import quote
 
     from sqlalchemy.engine import make_url
+
+    from .db import create_private
 
     if not cfg.database.url.startswith("sqlite"):
         print("gateway db backup: for a SQLite database; back up PostgreSQL with its own tools (pg_dump)",
@@ -283,11 +281,14 @@ def _backup(cfg: GatewayConfig, target: str) -> int:
         return 2
     check_database_exists(cfg)
     out = Path(target)
-    if out.exists() or out.is_symlink():
-        print(f"gateway db backup: {target} exists; name a new file", file=sys.stderr)
+    # made first, its owner's only (the copy holds what the database does), and never over a file
+    if out.is_symlink() or not create_private(str(out)):
+        print(f"gateway db backup: {target} exists or cannot be made; name a new file in a folder that can "
+              "be written", file=sys.stderr)
         return 2
     name = make_url(cfg.database.url).database or ""
-    src = sqlite3.connect(f"file:{Path(name).resolve()}?mode=ro", uri=True, timeout=30)
+    # (quoted: a '#', '?' or '%' in the path would end it or be decoded in the URI)
+    src = sqlite3.connect(f"file:{quote(str(Path(name).resolve()))}?mode=ro", uri=True, timeout=30)
     try:
         src.execute("VACUUM INTO ?", (str(out),))
     except sqlite3.Error as e:

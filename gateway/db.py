@@ -219,7 +219,9 @@ class Database:
     # into the old one. Each checkout compares the path with the file opened at start: gone (or
     # another file there) fails, the same file moved back is used again.
     def _before_connect(self, *_: Any) -> None:
-        if self._file_id is not None:
+        if self._file_id is None:
+            create_private(self.file or "")
+        else:
             now = self._file_stat()
             if now is None:
                 self._gone()  # do not create an empty database in its place
@@ -507,6 +509,19 @@ def row_chunks(n: int, most: int = ROW_CHUNKS[0]) -> Iterator[tuple[int, int]]:
         k = next(c for c in ROW_CHUNKS if c <= n - i and c <= most or c == 1)
         yield i, k
         i += k
+
+
+def create_private(path: str) -> bool:
+    """Make a new file readable and writable by its owner only (0600, whatever the umask): the
+    database holds key hashes and conversations, the audit trail and exports hold who asked what.
+    SQLite gives its -wal and -shm files the database file's mode. False if the file exists (its
+    mode is kept) or cannot be made here (what opens it next says why)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def alembic_config(url: str) -> Any:

@@ -158,13 +158,13 @@ def test_verify_report_that_cannot_be_written_is_exit_3(env: dict[str, Any], mon
 
 
 def test_an_error_keeps_its_exit_code_when_stderr_is_a_closed_pipe(env: dict[str, Any], monkeypatch: Any) -> None:
-    """`gateway keys show nope 2>&1 | true`: 1, not the 0 of a `| head` cut short."""
+    """`gateway keys show AAAAAAAAAAAA 2>&1 | true`: 1, not the 0 of a `| head` cut short."""
     pipe = closed_pipe()
     monkeypatch.setattr(sys, "stdout", pipe)
     monkeypatch.setattr(sys, "stderr", pipe)
     from gateway.cli import main
 
-    assert main(["keys", "show", "nope", "-c", env["cfg"]]) == 1
+    assert main(["keys", "show", "AAAAAAAAAAAA", "-c", env["cfg"]]) == 1
     assert main(["conversations", "show", "conv_nope", "-c", env["cfg"]]) == 1
     monkeypatch.setattr(sys, "stdout", closed_pipe())
     assert main(["keys", "list", "-c", env["cfg"]]) == 0  # output to a reader that left: still 0
@@ -249,13 +249,15 @@ def test_interrupted_audit_export_leaves_valid_json(env: dict[str, Any], monkeyp
     m = re.fullmatch(rf"export interrupted after (\d+) records; {re.escape(str(out))} left unchanged\n", err)
     assert m and int(m.group(1)) >= 2, err
     assert out.read_text() == complete and sorted(os.listdir(env["dir"])) == before
-    # a new file is made with the mode open() would give it
+    # a new file is its owner's only (it holds who asked what), whatever the umask; an existing
+    # one keeps its mode
     new = env["dir"] / "new.jsonl"
     monkeypatch.undo()
     assert run_main("audit", "export", "-o", str(new), "-c", env["cfg"])[0] == 0
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (new.stat().st_mode & 0o777) == 0o666 & ~mask and len(new.read_text().splitlines()) >= 3
+    assert (new.stat().st_mode & 0o777) == 0o600 and len(new.read_text().splitlines()) >= 3
+    new.chmod(0o640)
+    assert run_main("audit", "export", "-o", str(new), "-c", env["cfg"])[0] == 0
+    assert (new.stat().st_mode & 0o777) == 0o640
 
 
 # -- 5. huge counts ------------------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def test_config_options_keep_their_order_wherever_they_are() -> None:
 
 
 def test_usage_errors_exit_2_and_durations_read_as_written(env: dict[str, Any]) -> None:
-    rc, out, err = run_main("keys", "usage", "k_none", "--from", "2026-02-02", "--to", "2026-02-01", "-c", env["cfg"])
+    rc, out, err = run_main("keys", "usage", "AAAAAAAAAAAA", "--from", "2026-02-02", "--to", "2026-02-01", "-c", env["cfg"])
     assert rc == 2 and "--to (2026-02-01) is before --from (2026-02-02)" in err, err
     rc, out, err = run_main("conversations", "purge", "--older-than", "30d", "-c", env["cfg"])
     assert rc == 0 and out.strip() == "purged 1 conversation(s) with no activity for 30d", out  # (from January)

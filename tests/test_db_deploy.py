@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 import gateway.db as gdb
 from gateway.db import Database, DatabaseError, DatabaseUnreachable, alembic_config, upgrade_sync
 
-from .helpers import write_config
+from .helpers import ADMIN_TOKEN, base_config, write_config
 
 #: The password of the roles the privilege tests create (a server may ask for one on 127.0.0.1).
 ROLE_PW = "gw-role-pw-0123456789"
@@ -131,6 +131,49 @@ def test_an_install_path_with_spaces_and_commas_migrates(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     tables, versions = sqlite_state(path)
     assert versions == heads() and {"api_keys", "audit_events", "conversation_messages"} <= tables, (tables, versions)
+
+
+async def test_new_files_are_their_owners_only_and_a_backup_too(make_gateway: Any, upstream: Any,
+                                                                  tmp_path: Path) -> None:
+    """Under the usual umask 022, the SQLite file (key hashes, conversations), its -wal and -shm
+    files and the audit JSONL are made 0600; so is a backup, also from a folder whose name holds a
+    '#' (which ended the path of the URI the backup opened: an empty copy, reported written)."""
+    import aiohttp
+
+    data = tmp_path / "data #1"
+    data.mkdir()
+    db, jl = data / "gw.db", data / "audit.jsonl"
+    old = os.umask(0o022)
+    try:
+        g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {"sinks": [
+            {"type": "jsonl", "path": str(jl)}]}}], database={"url": f"sqlite+aiosqlite:///{db}"})
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", json={"owner": "alice"},
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                assert r.status == 201
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in data.iterdir() if not p.name.endswith(".lock")}
+        await g.stop()
+        assert set(modes) == {"gw.db", "gw.db-wal", "gw.db-shm", "audit.jsonl"}, modes
+        assert set(modes.values()) == {"0o600"}, modes
+        out = tmp_path / "backups #2" / "copy.db"
+        out.parent.mkdir()
+        cfg = write_config(tmp_path / "b.yaml", base_config(upstream.url, tmp_path, [{"name": "key_auth"}],
+                                                            database={"url": f"sqlite+aiosqlite:///{db}"}))
+        r = gateway_cli("db", "backup", "-c", str(cfg), str(out), cwd=tmp_path)
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    tables, versions = sqlite_state(out)
+    assert "api_keys" in tables and versions == heads(), (tables, versions)
+    c = sqlite3.connect(out)
+    try:
+        assert c.execute("SELECT count(*) FROM api_keys").fetchone()[0] == 1
+    finally:
+        c.close()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["copy.db"]
+    r = gateway_cli("db", "backup", "-c", str(cfg), str(out), cwd=tmp_path)  # never over a file
+    assert r.returncode == 2 and "exists" in r.stderr
 
 
 # -- 2. another application's alembic_version ---------------------------------------------------------

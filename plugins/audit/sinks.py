@@ -111,11 +111,10 @@ class JsonlSink(Sink):
     def check(self) -> None:
         """Can the file be appended to? Raises OSError (at start-up, so a reload is refused) if not."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="ascii"):
-            pass
+        os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
 
     def _write(self, data: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # (a new file: its owner only)
         try:
             _append(fd, data.encode("ascii"))
         finally:
