@@ -742,7 +742,7 @@ async def test_a_leaked_key_pasted_whole_is_revoked_and_never_echoed(make_gatewa
     two = (await new_key(g))["key"]
     bad = one[:-1] + ("A" if one[-1] != "A" else "B")  # checksum no longer matches
     r = await asyncio.to_thread(gw_cli, cfg, "revoke", bad)
-    assert r.returncode == 1 and "not a key id" in r.stderr and bad[3:] not in r.stdout + r.stderr, r.stderr
+    assert r.returncode == 2 and "not a key id" in r.stderr and bad[3:] not in r.stdout + r.stderr, r.stderr
     r = await asyncio.to_thread(gw_cli, cfg, "revoke", one, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["id"] == parse_key(one)[0] and json.loads(r.stdout)["status"] == "revoked"  # type: ignore[index]

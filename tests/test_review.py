@@ -49,7 +49,7 @@ async def test_cli_key_changes_are_audited(tmp_path):
     for args in (("update", kid, "--rpm", "10"), ("rotate", kid, "--grace", "0"), ("revoke", kid)):
         res = await agw_cli(cfg, "keys", *args, "--json")
         assert res.returncode == 0, res.stderr
-    res = await agw_cli(cfg, "keys", "revoke", "nosuchkey")
+    res = await agw_cli(cfg, "keys", "revoke", "nosuchkey000")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     evs = audit_rows(tmp_path / "gateway.db")
     assert [e["type"] for e in evs] == ["key.created", "key.updated", "key.rotated", "key.revoked"]

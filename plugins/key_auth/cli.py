@@ -150,8 +150,9 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
 
     if getattr(args, "key_id", None) is not None:
         key_id = key_id_of(args.key_id)
-        if key_id is None:
-            return _fail(NOT_A_KEY_ID)
+        if key_id is None:  # (a usage error, as argparse's: exit 2)
+            _fail(NOT_A_KEY_ID)
+            return 2
         args.key_id = key_id
     services = await core_cli.cli_services(cfg, create=args.keys_command == "create",
                                            writes=args.keys_command not in ("list", "show", "usage"))
