@@ -40,6 +40,8 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str], source: str = "gateway.yaml") -> None:
         self.problems = problems
         self.source = source
+        #: the file's (inode, size, mtime) before it was read, when it was (see file_state)
+        self.read_state: tuple[int, int, int] | None = None
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
@@ -517,17 +519,32 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError([f"cannot read: {e.strerror}"], str(p)) from None
+    state = (st.st_ino, st.st_size, st.st_mtime_ns)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ConfigError([f"line {line}: not UTF-8 text (byte {e.start})"], str(p)) from None
-    cfg = load_config_text(text, str(p), env)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError([f"line {line}: not UTF-8 text (byte {e.start})"], str(p)) from None
+        cfg = load_config_text(text, str(p), env)
+    except ConfigError as e:
+        e.read_state = state
+        raise
     # The path as given (made absolute), not its target: a reload re-reads a symlink (a release
     # "current" link, a Kubernetes ConfigMap's ..data link) and so follows it to its new target.
     # A stream (``-c /dev/stdin``) is read once: there is nothing to reload from.
     cfg._path = None if _readable_stream(p) else os.path.abspath(p)
+    cfg._read_state = state
     return cfg
+
+
+def file_state(path: str) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of the file at ``path`` (a symlink followed), None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _readable_stream(p: Path) -> bool:

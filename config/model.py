@@ -465,6 +465,9 @@ class GatewayConfig(Model):
 
     _source: str = PrivateAttr("gateway.yaml")
     _path: str | None = PrivateAttr(None)
+    #: (inode, size, mtime) of the file as it was before it was read: a reload compares it with
+    #: the file a moment later, to tell a file still being written (see file_state)
+    _read_state: tuple[int, int, int] | None = PrivateAttr(None)
 
     @property
     def source(self) -> str:

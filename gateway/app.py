@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import Counter, Gauge
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config.loader import file_state
 
 from .admin import build_admin_app
 from .cli import redact_url
@@ -32,6 +33,10 @@ from .upstream import Upstream
 log = logging.getLogger("gateway")
 #: Seconds a reload waits for its config file to be read.
 RELOAD_READ_TIMEOUT = 10.0
+#: A reload reads the file, waits this long and compares it with what was read (a file still being
+#: written is read again), at most RELOAD_READS times.
+RELOAD_SETTLE = 0.2
+RELOAD_READS = 5
 
 
 def uses_database(cfg: GatewayConfig) -> bool:
@@ -316,14 +321,26 @@ class Gateway:
             return False, "the gateway is shutting down"
         if not self.cfg.path:
             return False, "the running config was not loaded from a file"
-        try:
-            # In a thread: a big file must not stall requests. Bounded: a file on a stalled network
-            # mount must not hold the reload lock (and a shutdown waiting on it) for ever.
-            new = await asyncio.wait_for(in_daemon_thread(load_config, self.cfg.path), RELOAD_READ_TIMEOUT)
-        except ConfigError as e:
-            return False, str(e)
-        except TimeoutError:
-            return False, f"{self.cfg.path}: reading the file did not finish within {RELOAD_READ_TIMEOUT:g}s"
+        path = self.cfg.path
+        for _ in range(RELOAD_READS):
+            try:
+                # In a thread: a big file must not stall requests. Bounded: a file on a stalled network
+                # mount must not hold the reload lock (and a shutdown waiting on it) for ever.
+                new = await asyncio.wait_for(in_daemon_thread(load_config, path), RELOAD_READ_TIMEOUT)
+            except ConfigError as e:
+                if file_state(path) == e.read_state or e.read_state is None:
+                    return False, str(e)
+                continue  # (it changed while it was read: what was wrong may be a half-written file)
+            except TimeoutError:
+                return False, f"{path}: reading the file did not finish within {RELOAD_READ_TIMEOUT:g}s"
+            # A file written in place (truncated, then written: an editor, a bind-mounted file
+            # copied over) can be read half-written, a list of plugins cut short and valid: it
+            # is read again until it stays the same for a moment.
+            await asyncio.sleep(RELOAD_SETTLE)
+            if file_state(path) == new._read_state:
+                break
+        else:
+            return False, f"{path}: the file kept changing while it was read; reload once it is written"
         if self._stopping:
             return False, "the gateway is shutting down"
         fixed = self.cfg.restart_needed(new)
@@ -375,6 +392,9 @@ class Gateway:
         self._retiring.add(old)
         task.add_done_callback(self._old_runtimes.discard)
         task.add_done_callback(lambda _t: self._retiring.discard(old))
+        gone = sorted({p.name for p in old.cfg.plugins} - {p.name for p in new.plugins})
+        if gone:  # (key_auth or audit taken out is a change of what the gateway guards: said aloud)
+            log.warning("config reload removes the plugin(s) %s", ", ".join(gone))
         return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s) from {new.path}"
 
 

@@ -106,6 +106,56 @@ async def test_reload_follows_a_symlinked_config(make_gateway: Any, tmp_path: Pa
             assert r.headers.get("X-Version") == "2"
 
 
+async def test_a_reload_reading_a_half_written_file_waits_for_the_whole(make_gateway: Any, caplog: Any) -> None:
+    """The file is written in place (truncated, then written) while the reload reads it: the part
+    before ``plugins:`` is a valid config with no plugins. The reload reads it again once it has
+    stopped changing, so key_auth stays; taking key_auth out on purpose is applied and logged as
+    a warning."""
+    g = await make_gateway([{"name": "key_auth"}])
+    path = Path(g.gw.cfg.path)
+    whole = path.read_text()
+    half = whole[:whole.index("plugins:")]
+    path.write_text(half)  # (truncated and half written when the reload begins)
+    reload = asyncio.create_task(g.gw.reload())
+    await asyncio.sleep(0.05)
+    path.write_text(whole)
+    ok, detail = await reload
+    assert ok and detail.startswith("1 plugin(s)"), detail
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 401
+        path.write_text(half)
+        with caplog.at_level("WARNING", logger="gateway"):
+            ok, detail = await g.gw.reload()
+        assert ok and detail.startswith("0 plugin(s)"), detail
+        assert "config reload removes the plugin(s) key_auth" in caplog.text
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+
+
+async def test_a_reload_of_a_file_that_keeps_changing_is_refused(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "key_auth"}])
+    path = Path(g.gw.cfg.path)
+    whole = path.read_text()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            path.write_text(whole + f"# {n}\n")
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(writer())
+    try:
+        ok, detail = await g.gw.reload()
+    finally:
+        stop.set()
+        await task
+    assert not ok and "the file kept changing while it was read" in detail, detail
+    assert [p.name for p in g.gw.cfg.plugins] == ["key_auth"]
+
+
 async def test_reload_refuses_a_fifo_and_does_not_hang(make_gateway: Any) -> None:
     """A config path that is not a regular file (a FIFO nobody writes) would block the read, the
     reload lock and a shutdown behind it: it is refused at once, and the running config stays."""
