@@ -541,6 +541,19 @@ class GatewayConfig(Model):
         out["upstream.keepalive_timeout"] = self.upstream.keepalive_timeout
         return out
 
+    def warnings(self) -> list[str]:
+        """What is valid but most likely a mistake: said by ``gateway check``, at start and reload."""
+        out = []
+        base = urlsplit(str(self.upstream.url)).path.rstrip("/")
+        for prefix in dict.fromkeys(["/v1", *(p.rstrip("/") for p in self.server.paths)]):
+            if prefix and base.lower().endswith(prefix.lower()):
+                # (the request keeps its whole path: /v1/chat/completions is sent to <base>/v1/...)
+                out.append(f"upstream.url ends in {prefix}, and requests keep their path: {prefix}/chat/completions "
+                           f"is sent to ...{prefix}{prefix}/chat/completions; drop {prefix} from upstream.url unless "
+                           "the backend really serves that")
+                break
+        return out
+
     def restart_needed(self, new: "GatewayConfig") -> list[str]:
         """The fixed settings ``new`` changes (secrets are named, never shown)."""
         a, b = self.fixed_settings(), new.fixed_settings()

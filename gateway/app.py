@@ -489,7 +489,10 @@ def _size(path: str) -> float:
 
 def _check_grace(cfg: GatewayConfig, services: Services) -> None:
     """A writer that gives up on a failing database sooner than server.readiness_grace drops
-    records while /readyz still says ready: said at start and reload."""
+    records while /readyz still says ready: said at start and reload (with the config's other
+    warnings)."""
+    for w in cfg.warnings():
+        log.warning("%s", w)
     grace = cfg.server.readiness_grace
     short = sorted(f"{w.name} ({w.retry_for:g}s)" for w in services.writers() if w.readiness and w.retry_for < grace)
     if short:

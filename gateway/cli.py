@@ -238,6 +238,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                if p.enabled or any((r.plugins.get(p.name) or _OFF).enabled for r in cfg.routes)]
     print(f"{config_path(args)}: OK ({len(cfg.plugins)} plugin(s): {', '.join(enabled) or 'none'}; "
           f"{len(cfg.routes)} route override(s); upstream {redact_url(str(cfg.upstream.url))})")
+    for w in cfg.warnings():
+        print(f"warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -50,6 +50,29 @@ def test_check_exit_codes(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+@pytest.mark.parametrize("url,warned", [("http://127.0.0.1:11434/v1", "/v1"), ("http://127.0.0.1:11434/v1/", "/v1"),
+                                        ("http://h/llm/V1", "/v1"), ("http://h/llm", None), ("http://h:8000", None),
+                                        ("http://h/api/v1x", None)])
+def test_check_warns_of_an_upstream_url_ending_in_v1(tmp_path: Path, url: str, warned: str | None) -> None:
+    """The base URL a backend's docs give (http://host:11434/v1) is valid but doubles the /v1:
+    every request would get the backend's bare 404. Said by check (still exit 0)."""
+    cfg = write_config(tmp_path / "v1.yaml", f"admin: {{enabled: false}}\nupstream: {{url: '{url}'}}\n")
+    r = gateway("check", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    if warned:
+        assert f"warning: upstream.url ends in {warned}, and requests keep their path: " \
+               f"{warned}/chat/completions is sent to ...{warned}{warned}/chat/completions; drop {warned} " \
+               "from upstream.url" in r.stderr, r.stderr
+    else:
+        assert r.stderr == ""
+
+
+async def test_the_v1_warning_is_logged_at_start(make_gateway: Any, caplog: Any) -> None:
+    with caplog.at_level("WARNING", logger="gateway"):
+        await make_gateway([], upstream={"url": "http://127.0.0.1:9/v1"})
+    assert "upstream.url ends in /v1" in caplog.text
+
+
 def test_check_config_lookup(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
     good = write_config(tmp_path / "good.yaml", "admin: {enabled: false}\nupstream: {url: http://127.0.0.1:9}\n")
     assert run_main("check", "-c", str(tmp_path / "missing.yaml")) == 2
