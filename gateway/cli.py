@@ -181,6 +181,10 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
                                              "versions still running on it"))
     services = Services(cfg, db, owns_db=True)
     services.new_database = new_database  # (the audit trail's first chain key may come with it)
+    if new_database and db.file:
+        # (a relative database.url run from another directory makes a database of its own: a key
+        # made there would be unknown to the gateway serving; said, so it is not a mystery 401)
+        print(f"created a new database: {db.file}", file=sys.stderr)
     # Plugins that record the events CLI commands emit (the audit trail) attach to the bus here;
     # what they queue is flushed by services.close().
     from .plugin import registry

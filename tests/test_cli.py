@@ -73,6 +73,21 @@ async def test_the_v1_warning_is_logged_at_start(make_gateway: Any, caplog: Any)
     assert "upstream.url ends in /v1" in caplog.text
 
 
+def test_a_cli_command_that_makes_a_new_database_says_where(tmp_path: Path) -> None:
+    """keys create with a relative database.url, run from another directory than the gateway's,
+    makes a database of its own there: its path is said (once), so a key unknown to the running
+    gateway is no mystery."""
+    cfg = write_config(tmp_path / "gw.yaml", "admin: {enabled: false}\nupstream: {url: http://127.0.0.1:9}\n"
+                                             "database: {url: 'sqlite+aiosqlite:///rel.db'}\nplugins: [{name: key_auth}]\n")
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    r = gateway("keys", "create", "--owner", "a", "--json", "-c", str(cfg), cwd=elsewhere)
+    assert r.returncode == 0, r.stderr
+    assert f"created a new database: {elsewhere / 'rel.db'}" in r.stderr and json.loads(r.stdout)["key"]
+    r = gateway("keys", "create", "--owner", "a", "--json", "-c", str(cfg), cwd=elsewhere)
+    assert r.returncode == 0 and "created a new database" not in r.stderr, r.stderr
+
+
 def test_check_config_lookup(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
     good = write_config(tmp_path / "good.yaml", "admin: {enabled: false}\nupstream: {url: http://127.0.0.1:9}\n")
     assert run_main("check", "-c", str(tmp_path / "missing.yaml")) == 2
