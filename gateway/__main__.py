@@ -1,3 +1,3 @@
-from .cli import main
+from . import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from prometheus_client import Counter, Gauge
 
+from gateway import early_signals, stop_requested
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.config.loader import file_state
 
@@ -595,7 +596,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     # deploy tool reloading right after a start) would otherwise kill it (the default action). A
     # SIGHUP during start-up reloads once start-up is done; SIGTERM/SIGINT interrupt it.
     starting = asyncio.ensure_future(gw.start())
-    hup_pending = False
+    hup_pending = signal.SIGHUP in early_signals  # (came before these handlers: see gateway.run)
 
     def on_hup() -> None:
         nonlocal hup_pending
@@ -616,6 +617,9 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             loop.add_signal_handler(sig, fn)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+    if stop_requested():
+        on_stop()
+    early_signals.clear()
     log.info("gateway starting", extra={"fields": {"config": cfg.path}})
     try:
         await starting

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -253,6 +254,57 @@ async def test_sighup_right_after_start_does_not_kill(tmp_path: Path, upstream: 
         assert proc.proc is not None and proc.proc.poll() is None
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        proc.stop()
+
+
+async def _handles(proc: GatewayProcess, sig: int) -> None:
+    """Until the process has a handler for ``sig`` (its SigCgt mask): the first thing the gateway
+    command does (a signal before the interpreter gets there at all cannot be handled). It must
+    come before the gateway's code is imported: aiohttp's extension modules not loaded yet."""
+    assert proc.proc is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+            caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+            if caught >> (sig - 1) & 1:
+                maps = Path(f"/proc/{proc.proc.pid}/maps").read_text()
+                assert "/aiohttp/" not in maps, "the handler came only once the gateway's code was imported"
+                return
+        await asyncio.sleep(0.001)
+    raise AssertionError("no handler for the signal after 10 s")
+
+
+async def test_a_signal_during_the_imports_neither_kills_nor_is_lost(tmp_path: Path, upstream: Any) -> None:
+    """Sent at once after exec, before the gateway's code has even been imported: a SIGHUP is
+    applied once the gateway is up (it used to kill it: exit 129, no log line); a SIGTERM ends it
+    with exit 0 (as PID 1 in a container, where an unhandled SIGTERM does nothing, it was lost)."""
+    port, admin_port = free_port(), free_port()
+    cfg = base_config(upstream.url, tmp_path, [{"name": "headers", "config": {"response": {"X-Version": "1"}}}],
+                      server={"port": port}, admin={"port": admin_port})
+    path = write_config(tmp_path / "gateway.yaml", cfg)
+    proc = GatewayProcess(path, port, admin_port).start()
+    try:
+        await _handles(proc, signal.SIGHUP)
+        _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
+        proc.signal(signal.SIGHUP)
+        await proc.wait_ready()
+        async with aiohttp.ClientSession(timeout=T) as s:
+            deadline = time.monotonic() + 10
+            while True:
+                async with s.get(proc.url + "/v1/models") as r:
+                    if r.headers.get("X-Version") == "2":
+                        break
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                await asyncio.sleep(0.05)
+    finally:
+        proc.stop()
+    proc = GatewayProcess(path, port, admin_port).start()
+    try:
+        await _handles(proc, signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0, proc.log()[-2000:]
     finally:
         proc.stop()
 
