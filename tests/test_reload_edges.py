@@ -243,19 +243,24 @@ async def test_sighup_right_after_start_does_not_kill(tmp_path: Path, upstream: 
             await asyncio.sleep(0.005)
         proc.signal(signal.SIGHUP)
         await proc.wait_ready()
-        async with aiohttp.ClientSession(timeout=T) as s:
-            deadline = time.monotonic() + 10
-            while True:
-                async with s.get(proc.url + "/v1/models") as r:
-                    if r.headers.get("X-Version") == "2":
-                        break
-                assert time.monotonic() < deadline, proc.log()[-2000:]
-                await asyncio.sleep(0.05)
+        await _serves_version(proc, "2")
         assert proc.proc is not None and proc.proc.poll() is None
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
     finally:
         proc.stop()
+
+
+async def _serves_version(proc: GatewayProcess, version: str) -> None:
+    """Until the gateway's answers carry ``X-Version: version`` (the reload applied), 10 s at most."""
+    async with aiohttp.ClientSession(timeout=T) as s:
+        deadline = time.monotonic() + 10
+        while True:
+            async with s.get(proc.url + "/v1/models") as r:
+                if r.headers.get("X-Version") == version:
+                    return
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            await asyncio.sleep(0.05)
 
 
 async def _handles(proc: GatewayProcess, sig: int) -> None:
@@ -290,14 +295,7 @@ async def test_a_signal_during_the_imports_neither_kills_nor_is_lost(tmp_path: P
         _edit(path, lambda c: c["plugins"][0]["config"]["response"].update({"X-Version": "2"}))
         proc.signal(signal.SIGHUP)
         await proc.wait_ready()
-        async with aiohttp.ClientSession(timeout=T) as s:
-            deadline = time.monotonic() + 10
-            while True:
-                async with s.get(proc.url + "/v1/models") as r:
-                    if r.headers.get("X-Version") == "2":
-                        break
-                assert time.monotonic() < deadline, proc.log()[-2000:]
-                await asyncio.sleep(0.05)
+        await _serves_version(proc, "2")
     finally:
         proc.stop()
     proc = GatewayProcess(path, port, admin_port).start()
