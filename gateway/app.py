@@ -270,6 +270,8 @@ class Gateway:
         await self.services.close()
         if self.db is not None:
             await self.db.close()
+        _REFUSED_LOG.flush()  # (the counts held back for their next line)
+        _RESOURCE_LOG.flush()
         log.info("gateway stopped")
 
     @staticmethod
@@ -422,21 +424,21 @@ class _JsonErrorHandler(RequestHandler):
         if isinstance(exc, ContentEncodingError) and _decodable(exc):
             # A coding the gateway takes, with data that is not that coding or stops before its
             # end (a deflate or gzip body cut short): the client's body is broken.
-            log.info("request refused: body not decodable as its Content-Encoding (from %s)", request.remote)
+            _refused("undecodable", "request(s) refused: body not decodable as its Content-Encoding", request)
             status = 400
             body = error_body(undecodable_body_message(), "invalid_request_error", "bad_request")
         elif isinstance(exc, ContentEncodingError):
             # A body coding the parser knows but cannot decode here (br or zstd without their
             # packages): the same 415 as any other coding the gateway does not take.
-            log.info("request refused: unsupported Content-Encoding (from %s)", request.remote)
+            _refused("unsupported", "request(s) refused: unsupported Content-Encoding", request)
             status = 415
             body = error_body(unsupported_encoding_message(), "invalid_request_error", "unsupported_content_encoding")
         elif status >= 500:
             log.error("request handling failed (from %s)", request.remote, exc_info=exc)
             body = error_body("The gateway failed to handle the request.", "server_error", "internal_error")
         else:
-            log.info("request refused by the HTTP parser: %d %s (from %s)", status,
-                     type(exc).__name__ if exc is not None else "", request.remote)
+            _refused(f"parser {status}", f"request(s) refused by the HTTP parser: {status} "
+                     f"{type(exc).__name__ if exc is not None else ''}", request)
             body = error_body("The request is not valid HTTP/1.1 (malformed request line, header or body "
                               "framing, or a header line that is too long).", "invalid_request_error",
                               "malformed_request")
@@ -451,9 +453,20 @@ class _JsonErrorHandler(RequestHandler):
             # aiohttp reading the rest of a body after the response (to keep the connection) and
             # finding it cannot be decoded, e.g. "gzip" that is not: the client's error, already
             # answered. One line, no traceback (a client could fill the log with them otherwise).
-            log.info("request body could not be decoded (%s); connection closed", type(exc).__name__)
+            _REFUSED_LOG.event("payload", 1, f"%d request body(ies) could not be decoded ({type(exc).__name__}); "
+                                              "connection closed")
             return
         super().log_exception(*args, **kw)
+
+
+#: Requests refused before the gateway's handler (by the HTTP parser, or for their body coding):
+#: anyone can send them by the thousand, so one line per kind per 10 s, with the count.
+_REFUSED_LOG = ThrottledLog(log, interval=10.0, level=logging.INFO)
+
+
+def _refused(kind: str, what: str, request: web.BaseRequest) -> None:
+    remote = str(request.remote or "?").replace("%", "%%")  # (an IPv6 zone id: fe80::1%eth0)
+    _REFUSED_LOG.event(kind, 1, f"%d {what} (the last from {remote})")
 
 
 def _decodable(exc: ContentEncodingError) -> bool:

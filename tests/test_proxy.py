@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, Reply, registry
 
 from .helpers import after_continue, open_idle_sockets
@@ -1093,6 +1094,27 @@ async def test_upstream_connections_are_pooled(make_gateway: Any, fake: Any) -> 
 SECRET = b"gw_SeCrEtKeyMaterial0123456789abcdef"
 
 
+async def test_a_flood_of_malformed_requests_logs_one_line_with_the_count(make_gateway: Any, caplog: Any,
+                                                                           monkeypatch: Any) -> None:
+    """Anyone can send malformed requests by the thousand: one line for the first, the rest
+    counted into the next (here, at the stop), not a line each."""
+    from gateway import app
+
+    monkeypatch.setattr(app, "_REFUSED_LOG", ThrottledLog(app.log, level=logging.INFO))
+    g = await make_gateway([])
+    caplog.set_level(logging.INFO, logger="gateway")
+    for _ in range(40):
+        resp = await raw_exchange(g.gw.public_port, b"GARBAGE\r\n\r\n")
+        assert b" 400 " in resp.split(b"\r\n", 1)[0]
+    await g.stop()
+    lines = [r.getMessage() for r in caplog.records if "refused by the HTTP parser" in r.getMessage()]
+    assert len(lines) == 2, lines  # (the parser's error type, BadHttpMethod or BadHttpMessage, by version)
+    assert re.fullmatch(r"1 request\(s\) refused by the HTTP parser: 400 \w+ \(the last from 127\.0\.0\.1\)",
+                        lines[0]), lines
+    assert re.fullmatch(r"39 request\(s\) refused by the HTTP parser: 400 \w+ \(the last from 127\.0\.0\.1\) "
+                        r"since the last line", lines[1]), lines
+
+
 @pytest.mark.parametrize("raw", [
     b"GARBAGE\r\n\r\n",
     b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
@@ -1101,10 +1123,13 @@ SECRET = b"gw_SeCrEtKeyMaterial0123456789abcdef"
 ], ids=["request-line", "header-too-long", "chunk-size", "bad-char-in-authorization"])
 @pytest.mark.parametrize("listener", ["public", "admin"])
 async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: Any, raw: bytes, listener: str,
-                                                                 caplog: Any) -> None:
+                                                                 caplog: Any, monkeypatch: Any) -> None:
     """Requests aiohttp's HTTP parser rejects never reach the handler; on both listeners they still
     get the one JSON error shape (not aiohttp's plain text), without echoing what was sent, and the
     log says what happened without quoting it (the parser's message can hold a key or a token)."""
+    from gateway import app
+
+    monkeypatch.setattr(app, "_REFUSED_LOG", ThrottledLog(app.log, level=logging.INFO))  # (not held back)
     g = await make_gateway([])
     caplog.set_level(logging.DEBUG)
     resp = await raw_exchange(g.gw.public_port if listener == "public" else g.gw.admin_port, raw)
@@ -1114,7 +1139,7 @@ async def test_http_the_parser_rejects_gets_the_json_error_shape(make_gateway: A
     err = json.loads(body)["error"]
     assert err["type"] == "invalid_request_error" and err["code"] == "malformed_request"
     assert b"aaaa" not in body and b"GARBAGE" not in body and SECRET not in body
-    assert "request refused by the HTTP parser: 400" in caplog.text
+    assert "1 request(s) refused by the HTTP parser: 400 " in caplog.text
     assert SECRET.decode() not in caplog.text and "Traceback" not in caplog.text
 
 
