@@ -312,6 +312,26 @@ async def test_jsonl_sink_after_a_torn_line_and_a_failed_write(make_gateway, tmp
     assert jl.read_bytes() == before + b'{"a": 1}\n{"b": 2}\n'
 
 
+async def test_a_huge_model_name_is_kept_cut_in_the_event(make_gateway, tmp_path):
+    """A client's 1,000,000-character model name (echoed by the upstream) is stored as its first
+    256 characters and its length, not as a 2 MB row kept for the retention period."""
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit"}])
+    huge = "m" * 1_000_000
+    async with aiohttp.ClientSession(timeout=T) as s:
+        key = (await create_key(s, g.admin_url, "alice"))["key"]
+        st, _ = await post(s, g.url, {**CHAT, "model": huge}, Authorization=f"Bearer {key}")
+    await g.stop()
+    ev = [e for e in rows(tmp_path / "gateway.db") if e["type"] == "request"][-1]
+    assert ev["model"] == "m" * 256 + "... (1000000 characters)", ev["model"][-40:]
+    assert ev["response_model"] in (None, "m" * 256 + "... (1000000 characters)")
+    con = sqlite3.connect(tmp_path / "gateway.db")
+    try:
+        assert max(len(d) for (d,) in con.execute("SELECT data FROM audit_events")) < 5000
+    finally:
+        con.close()
+    assert (await verify_file(tmp_path / "gateway.db")).ok
+
+
 async def test_jsonl_sink_one_valid_line_per_event_with_hostile_strings(make_gateway, tmp_path):
     jl = tmp_path / "audit.jsonl"
     g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {

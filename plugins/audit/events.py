@@ -99,6 +99,17 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
     )
 
 
+#: Characters of a model name kept in an event. The name comes from the client's body (and the
+#: upstream's answer): a 9 MB one would otherwise be an 18 MB row, kept for the retention period.
+MODEL_CHARS = 256
+
+
+def _model(v: Any) -> Any:
+    if type(v) is str and len(v) > MODEL_CHARS:
+        return f"{v[:MODEL_CHARS]}... ({len(v)} characters)"
+    return v
+
+
 def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
     (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
@@ -140,7 +151,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         iso(started), etype, request_id, trace_id, key_id, owner, client_ip, method,
         mask_gateway_keys(path),  # (a key a client put in the path: its id stays, its secret does not)
         route,
-        model, response_model, status, answered_by, source, outcome, error, total,
+        _model(model), _model(response_model), status, answered_by, source, outcome, error, total,
         upstream, upstream_headers, overhead, _ms(t_start, t_fb), tokens_in, tokens_out, streamed,
         bytes_in, bytes_out, conversation_id,
     ], refusal
