@@ -18,6 +18,7 @@ from yarl import URL
 from .config.model import upstream_tls
 from .context import PLAIN_UPSTREAM
 from .errors import InternalError, UpstreamAuthFailed, UpstreamTimeout, UpstreamUnavailable
+from .logs import ThrottledLog
 from .redact import mask_gateway_keys, secret_param
 
 if TYPE_CHECKING:
@@ -173,6 +174,9 @@ class Upstream:
         is fixed at start). Pooled connections to a previous URL's host idle out."""
         self.cfg = cfg
         self.target = Target(cfg)  # the current config's (requests use their runtime's)
+        #: Failed and timed-out upstream calls: a backend down fails every request, so one line
+        #: per kind per 10 s with the count and the last request's id, not one per request.
+        self.failures = ThrottledLog(log, interval=10.0, level=logging.WARNING)
         u = urlsplit(cfg.url)
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (443 if u.scheme == "https" else 80)
@@ -220,6 +224,7 @@ class Upstream:
         self.trace_owners = self.trace_owners | frozenset(owners)
 
     async def close(self) -> None:
+        self.failures.flush()
         for s in [*self._retired, self.traced]:
             if s is not None:
                 await s.close()
@@ -300,13 +305,21 @@ class Upstream:
                                 "(upstream.max_connections); requests waited timeouts.connect and got 504", busy)
                 raise UpstreamTimeout("The gateway's connections to the upstream are all in use; "
                                       "try again shortly.") from None
+            self.failures.event("connect", 1, f"%d upstream request(s) timed out connecting to {URL(target.base).host} "
+                                              f"(upstream.timeouts.connect {target.timeouts.connect:g}s; the last: "
+                                              f"request {ctx.request_id}): 504")
             raise UpstreamTimeout("Timed out connecting to the upstream.") from None
         except (aiohttp.ServerTimeoutError, TimeoutError):
             ctx.outcome = "upstream_timeout"
+            self.failures.event("first_byte", 1, f"%d upstream request(s) got no response head within "
+                                                 f"upstream.timeouts.first_byte ({target.timeouts.first_byte:g}s; "
+                                                 f"the last: request {ctx.request_id}): 504")
             raise UpstreamTimeout("The upstream did not send a response in time.") from None
         except (aiohttp.ClientError, OSError) as e:
             ctx.outcome = "upstream_error"
-            log.warning("upstream request failed (request %s): %s", ctx.request_id, failure(e))
+            why = failure(e).replace("%", "%%")
+            self.failures.event("failed", 1, f"%d upstream request(s) failed (the last: request {ctx.request_id}: "
+                                             f"{why}): 502")
             raise UpstreamUnavailable() from None
         except Exception:  # e.g. a header value a plugin set that HTTP cannot carry
             ctx.outcome = "error"

@@ -578,16 +578,25 @@ async def test_upstream_refused_is_502(make_gateway: Any) -> None:
     assert ProxyRecorder.seen[0]["status"] == 502
 
 
-async def test_first_byte_timeout_is_504(make_gateway: Any) -> None:
+async def test_first_byte_timeout_is_504(make_gateway: Any, caplog: Any) -> None:
+    """...and logged (a backend loading a model on first use is slower than the timeout: the
+    operator must see which one fired), one line per 10 s with the count."""
     g = await make_gateway([{"name": "t_proxy_recorder"}],
                            upstream={"timeouts": {"connect": 2, "first_byte": 0.3, "idle": 10}})
+    caplog.set_level(logging.WARNING, logger="gateway.upstream")
     async with aiohttp.ClientSession(timeout=T) as s:
-        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "1.5"}) as r:
-            assert r.status == 504
-            body = await r.json()
+        for _ in range(3):
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "1.5"}) as r:
+                assert r.status == 504
+                body = await r.json()
     assert_error_shape(body, "upstream_timeout")
     await wait_for(lambda: ProxyRecorder.seen)
     assert ProxyRecorder.seen[0]["outcome"] == "upstream_timeout"
+    await g.stop()
+    lines = [r.getMessage() for r in caplog.records if "upstream.timeouts.first_byte" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("1 upstream request(s) got no response head within "
+                                                   "upstream.timeouts.first_byte (0.3s; the last: request "), lines
+    assert lines[1].startswith("2 upstream request(s)") and lines[1].endswith("504 since the last line"), lines
 
 
 async def test_connect_timeout_is_504(make_gateway: Any) -> None:
