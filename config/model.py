@@ -252,6 +252,15 @@ class UpstreamConfig(Model):
             upstream_tls(v)  # a file that is missing or holds no certificate is an error now, not at the first request
         return v
 
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _empty_headers(cls, v: Any) -> Any:
+        """A header left empty (``OpenAI-Organization: ${OPENAI_ORG_ID:-}`` with the variable unset)
+        is not sent: an optional credential without a second config file."""
+        if isinstance(v, dict):
+            return {k: x for k, x in v.items() if x is not None and x != ""}
+        return v
+
     @field_validator("headers")
     @classmethod
     def _distinct_headers(cls, v: dict[str, str]) -> dict[str, str]:

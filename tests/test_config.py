@@ -388,3 +388,27 @@ def test_drain_delay_has_a_bound() -> None:
     with pytest.raises(ConfigError, match="server.drain_delay"):
         load_config_text("upstream: {url: 'http://127.0.0.1:9'}\nserver: {drain_delay: 1e9}")
     assert load_config_text("upstream: {url: 'http://127.0.0.1:9'}\nserver: {drain_delay: 5}").server.drain_delay == 5
+
+
+async def test_an_upstream_header_left_empty_is_not_sent(make_gateway: Any, upstream: Any) -> None:
+    """``OpenAI-Organization: ${OPENAI_ORG_ID:-}`` with the variable unset: an optional header,
+    not sent (it was a config error, "Input should be a valid string")."""
+    text = textwrap.dedent("""
+        upstream:
+          url: http://127.0.0.1:9
+          headers:
+            Authorization: Bearer upstream-key
+            OpenAI-Organization: ${OPENAI_ORG_ID:-}
+            X-Blank: ""
+    """)
+    cfg = load_config_text(text, "h.yaml", env={})
+    assert cfg.upstream.headers == {"Authorization": "Bearer upstream-key"}
+    assert load_config_text(text, "h.yaml", env={"OPENAI_ORG_ID": "org-1"}).upstream.headers["OpenAI-Organization"] == "org-1"
+    import aiohttp
+
+    g = await make_gateway([], upstream={"headers": {"X-Sent": "yes", "X-Optional": None, "X-Blank": ""}})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200
+    sent = {k.lower() for k in upstream.requests[-1]["headers"]}
+    assert "x-sent" in sent and "x-optional" not in sent and "x-blank" not in sent
