@@ -87,6 +87,28 @@ def utf8(v: str) -> bool:
 
 #: When the last 401 to the gateway's own credentials was logged (one line a minute).
 _auth_warned = [-1e9]
+_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+async def _error_code(resp: aiohttp.ClientResponse) -> str:
+    """The ``code`` (else ``type``) of an OpenAI-style error body, for the operator's log: which
+    credential the upstream refuses (``invalid_api_key``, ``invalid_organization``). Never its
+    message, which can quote part of the key. Empty if there is none to read within a second."""
+    import json
+
+    try:
+        async with asyncio.timeout(1.0):
+            raw = await resp.content.read(16384)
+        err = json.loads(raw).get("error")
+    except Exception:
+        return ""
+    if not isinstance(err, dict):
+        return ""
+    for name in ("code", "type"):
+        v = err.get(name)
+        if isinstance(v, str) and _CODE.fullmatch(v):
+            return v
+    return ""
 
 
 class Target:
@@ -329,15 +351,17 @@ class Upstream:
             # The upstream refuses the gateway's own key (revoked, expired, rotated): relayed, its
             # answer would tell each client that its key is wrong (the OpenAI SDKs raise
             # AuthenticationError) and may quote part of the gateway's key.
-            resp.close()
             ctx.outcome = "upstream_error"
             now = time.monotonic()
             if now - _auth_warned[0] >= 60:
                 _auth_warned[0] = now
+                code = await _error_code(resp)
                 log.error("the upstream answered 401 to the gateway's own credentials (upstream.headers, the key "
-                          "in upstream.url): they are wrong, expired or revoked; clients get 502 "
-                          "upstream_auth_failed until they are renewed (request %s; said once a minute)",
-                          ctx.request_id)
+                          "in upstream.url)%s: a key wrong, expired or revoked, or another of those headers it "
+                          "refuses (an organization, a project); clients get 502 upstream_auth_failed until they "
+                          "are mended (request %s; said once a minute)",
+                          f", its error code: {code}" if code else "", ctx.request_id)
+            resp.close()
             raise UpstreamAuthFailed()
         if resp.status == 101:  # the gateway relays HTTP, not what a protocol switch leads to
             resp.close()

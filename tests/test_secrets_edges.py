@@ -102,6 +102,8 @@ async def test_the_upstream_refusing_the_gateways_own_key_is_not_relayed_as_the_
                 assert "9876" not in json.dumps(body)
         told = [r for r in caplog.records if "401 to the gateway's own credentials" in r.getMessage()]
         assert len(told) == 1 and told[0].levelno == logging.ERROR  # (once a minute, not per request)
+        # which credential it refuses: the error's code, never its message (it quotes part of the key)
+        assert "its error code: invalid_api_key" in told[0].getMessage() and "9876" not in caplog.text
         # a key the headers plugin sets on a route is the gateway's own too
         plugin = await make_gateway([{"name": "headers", "config": {"request": {"api-key": SECRET}}}],
                                     upstream={"url": url}, name="plugin.yaml")
