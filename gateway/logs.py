@@ -9,6 +9,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import time
 
 
@@ -22,6 +23,29 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``logging.format: text``: the line, then the record's fields as ``key=value`` (a JSON
+    value when it is not a plain word: the addresses of ``gateway listening``, its plugins)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and fields:
+            parts = []
+            for k, v in fields.items():
+                text = v if isinstance(v, str) and v and _WORD.fullmatch(v) else json.dumps(v, default=str)
+                parts.append(f"{k}={text}")
+            head, sep, tail = line.partition("\n")  # (after the message, before a traceback)
+            line = f"{head} {' '.join(parts)}{sep}{tail}"
+        return line
+
+
+_WORD = re.compile(r"[\w.:/@+-]+")
 
 
 #: Log records waiting for the writer thread; past that, records are dropped and counted.
@@ -104,7 +128,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    formatter = JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     if _listener is None or _out is None:
         _out = _StderrWriter()  # (the records come formatted: see _QueueHandler)
         q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE)

@@ -3,7 +3,9 @@ config with clashing ports."""
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -128,3 +130,29 @@ async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any
         load_config_text(f"upstream: {{url: 'https://x', ca_file: {tmp_path / 'none.pem'}}}")
     with pytest.raises(ConfigError, match="upstream.ca_file.*cannot load"):
         load_config_text(f"upstream: {{url: 'https://x', ca_file: {key}}}")
+
+
+async def test_text_logs_keep_the_fields_listening_names_its_port(tmp_path: Path, upstream: Any) -> None:
+    """logging.format: text with port 0: the 'gateway listening' line is the only place the port
+    is told, and the text formatter used to drop its fields."""
+    cfg = base_config(upstream.url, tmp_path, [{"name": "headers"}], server={"port": 0}, admin={"enabled": False},
+                      logging={"level": "INFO", "format": "text"})
+    path = write_config(tmp_path / "t.yaml", cfg)
+    log = tmp_path / "t.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "gateway listening" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    line = next(ln for ln in log.read_text().splitlines() if "gateway listening" in ln)
+    m = re.search(r" public=127\.0\.0\.1:(\d+) ", line)
+    assert m and int(m.group(1)) > 0, line
+    assert f'upstream={upstream.url}' in line and 'plugins=["headers"]' in line, line
+    starting = next(ln for ln in log.read_text().splitlines() if "gateway starting" in ln)
+    assert f"config={path}" in starting or f'config="{path}"' in starting, starting
