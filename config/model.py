@@ -327,6 +327,9 @@ class DatabaseConfig(Model):
 
         if v.startswith("sqlite"):
             name = v.split("://", 1)[1].split("?", 1)[0].lstrip("/")
+            if name.startswith("~"):
+                raise ValueError("'~' is not expanded in a database URL: write the full path "
+                                 "(sqlite+aiosqlite:////home/...)")
             mode = parse_qs(urlsplit(v).query).get("mode", [""])[0]
             if name in ("", ":memory:") or name.startswith("file::memory:") or mode == "memory":
                 # (each pooled connection would get its own empty database, gone at exit)

@@ -23,7 +23,7 @@ from gateway.config.loader import file_state
 
 from .admin import build_admin_app
 from .cli import redact_url
-from .db import Database, DatabaseError, in_daemon_thread
+from .db import Database, DatabaseError, in_daemon_thread, sqlite_place_problem
 from .errors import error_body
 from .logs import ThrottledLog, setup_logging
 from .proxy import _DECODED, SERVER, Proxy, undecodable_body_message, unsupported_encoding_message
@@ -85,6 +85,9 @@ class Gateway:
 
     async def migrate_if_configured(self) -> None:
         assert self.db is not None
+        problem = sqlite_place_problem(self.cfg.database.url)
+        if problem:
+            raise DatabaseError(problem)
         auto = self.cfg.database.auto_migrate
         if auto is None:
             auto = self.db.is_sqlite

@@ -157,6 +157,12 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
 
     if not create:
         check_database_exists(cfg)
+    else:
+        from .db import DatabaseError, sqlite_place_problem
+
+        problem = sqlite_place_problem(cfg.database.url)
+        if problem:
+            raise DatabaseError(problem)
     db = open_database(cfg)
     auto = cfg.database.auto_migrate
     if auto is None:
@@ -254,6 +260,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.db_command == "backup":
         return _backup(cfg, args.target)
     if args.db_command == "upgrade":
+        from .db import DatabaseError, sqlite_place_problem
+
+        problem = sqlite_place_problem(cfg.database.url)
+        if problem:
+            raise DatabaseError(problem)
         # First what the database holds (an unreachable one is said to be so; another
         # application's revisions are an error): a schema a newer gateway migrated further is
         # not this version's to migrate, and Alembic would fail on the revisions it cannot find.

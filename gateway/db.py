@@ -511,6 +511,28 @@ def row_chunks(n: int, most: int = ROW_CHUNKS[0]) -> Iterator[tuple[int, int]]:
         i += k
 
 
+def sqlite_place_problem(url: str) -> str | None:
+    """Why a SQLite file that does not exist yet cannot be made where ``url`` says (its folder is
+    missing, or this user cannot write it), naming the path; None if it exists or can be made. (SQLite
+    itself only says "unable to open database file".)"""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    if not name or name == ":memory:" or name.startswith("file:"):
+        return None
+    path = os.path.abspath(name)
+    if os.path.exists(path):
+        return None
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        return f"the SQLite file {path} cannot be made: its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the SQLite file {path} cannot be made: this user cannot write its folder {folder}"
+    return None
+
+
 def create_private(path: str) -> bool:
     """Make a new file readable and writable by its owner only (0600, whatever the umask): the
     database holds key hashes and conversations, the audit trail and exports hold who asked what.

@@ -176,6 +176,24 @@ async def test_new_files_are_their_owners_only_and_a_backup_too(make_gateway: An
     assert r.returncode == 2 and "exists" in r.stderr
 
 
+def test_a_database_or_audit_file_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    """A missing folder: every command says which file and why (SQLite only says "unable to open
+    database file"); '~', which nothing expands, is refused by the config check."""
+    missing = tmp_path / "no such folder" / "gw.db"
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{missing}", "plugins: [{name: key_auth}]\n")
+    want = f"the SQLite file {missing} cannot be made: its folder {missing.parent} does not exist"
+    for cmd in (["db", "upgrade"], ["keys", "create", "--owner", "a"], ["serve"]):
+        r = gateway_cli(*cmd, "-c", str(cfg), cwd=tmp_path)
+        assert r.returncode == 1 and want in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+    assert not missing.parent.exists()
+    for url, plugins in (("sqlite+aiosqlite:///~/gw.db", ""),
+                         (f"sqlite+aiosqlite:///{tmp_path}/ok.db",
+                          "plugins: [{name: audit, config: {sinks: [{type: jsonl, path: ~/a.jsonl}]}}]\n")):
+        r = gateway_cli("check", "-c", str(config(tmp_path, url, plugins)), cwd=tmp_path)
+        assert r.returncode == 2 and "'~' is not expanded" in r.stderr, r.stderr
+    assert not (tmp_path / "~").exists()
+
+
 # -- 2. another application's alembic_version ---------------------------------------------------------
 def test_another_applications_revisions_are_a_clear_error(tmp_path: Path, capsys: Any) -> None:
     """An alembic_version row in Alembic's default id form is not a newer gateway's: serve and

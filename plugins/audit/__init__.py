@@ -42,6 +42,13 @@ class SinkSpec(PluginConfig):
     type: Literal["database", "jsonl", "stdout"] = Field(description="database, jsonl or stdout.")
     path: str | None = Field(None, description="File for the jsonl sink (appended to).")
 
+    @field_validator("path")
+    @classmethod
+    def _no_tilde(cls, v: str | None) -> str | None:
+        if v is not None and v.startswith("~"):  # (it made a folder named '~' where the gateway ran)
+            raise ValueError("'~' is not expanded here: write the full path (/home/...)")
+        return v
+
 
 class AuditConfig(PluginConfig):
     sinks: list[Union[Literal["database", "stdout"], SinkSpec]] = Field(
@@ -174,7 +181,8 @@ class Audit(Plugin):
                 try:
                     check()
                 except OSError as e:
-                    raise RuntimeError(f"audit sink {spec.type} cannot be written: {e.strerror or e}") from None
+                    where = f" ({os.path.abspath(spec.path)})" if spec.path else ""
+                    raise RuntimeError(f"audit sink {spec.type}{where} cannot be written: {e.strerror or e}") from None
 
             def factory(sink: Sink = sink) -> Any:
                 w = self.services.writer(f"audit:{sink.key}", sink.write, readiness=sink.readiness, **settings)
