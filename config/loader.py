@@ -201,7 +201,9 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
         # YAML document, a secret such as "#x" became null, "a #b" lost its end and "a: b" a mapping.
         if not node.style:  # plain (None from PyYAML's parser, "" from libyaml's)
             if value == "":
-                value = None
+                # (in upstream.headers an empty value stays one: the header is then not sent, while
+                # a name with no value at all, `{Authorization=Bearer x}`, is a mistake and refused)
+                value = "" if path[:2] == ("upstream", "headers") else None
             elif value.lstrip()[:1] in ("[", "{"):
                 try:
                     loaded = yaml.safe_load(value)

@@ -258,7 +258,7 @@ class UpstreamConfig(Model):
         """A header left empty (``OpenAI-Organization: ${OPENAI_ORG_ID:-}`` with the variable unset)
         is not sent: an optional credential without a second config file."""
         if isinstance(v, dict):
-            return {k: x for k, x in v.items() if x is not None and x != ""}
+            return {k: x for k, x in v.items() if x != ""}
         return v
 
     @field_validator("headers")

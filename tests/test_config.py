@@ -406,7 +406,8 @@ async def test_an_upstream_header_left_empty_is_not_sent(make_gateway: Any, upst
     assert load_config_text(text, "h.yaml", env={"OPENAI_ORG_ID": "org-1"}).upstream.headers["OpenAI-Organization"] == "org-1"
     import aiohttp
 
-    g = await make_gateway([], upstream={"headers": {"X-Sent": "yes", "X-Optional": None, "X-Blank": ""}})
+    g = await make_gateway([], upstream={"headers": {"X-Sent": "yes", "X-Optional": "${GW_TEST_UNSET_VAR:-}",
+                                                     "X-Blank": ""}})
     async with aiohttp.ClientSession() as s:
         async with s.get(g.url + "/v1/models") as r:
             assert r.status == 200

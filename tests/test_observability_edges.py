@@ -134,9 +134,10 @@ async def test_stdout_sink_with_an_unread_pipe_does_not_freeze_the_gateway(tmp_p
                     pass
                 assert proc.poll() is None, (tmp_path / "gw.log").read_text()
                 await asyncio.sleep(0.1)
-            # Each event carries the model name: ~8 KiB a line, so 64 KiB of pipe is full after ~8.
+            # Each event carries the model name (its first 256 characters): ~1 KiB a line, so 64 KiB
+            # of pipe is full after ~70.
             body = json.dumps({"model": "p" * 8000, "messages": [{"role": "user", "content": "hi"}]})
-            for i in range(60):
+            for i in range(200):
                 async with s.post(url + "/v1/chat/completions", data=body,
                                   headers={"Content-Type": "application/json"}) as r:
                     assert r.status == 200, i
