@@ -58,8 +58,16 @@ class BatchWriter(Generic[T]):
     def __init__(self, name: str, write: Callable[[Sequence[T]], Awaitable[None]], metrics: WriterMetrics, *,
                  max_queue: int = 10000, batch_size: int = 500, flush_interval: float = 0.2,
                  on_full: Literal["wait", "drop"] = "wait", full_wait: float = 0.5,
-                 retry_for: float = 30.0, shutdown_retry_for: float = 5.0, readiness: bool = True) -> None:
+                 retry_for: float = 30.0, shutdown_retry_for: float = 5.0, readiness: bool = True,
+                 weight: Callable[[T], int] | None = None, max_weight: int | None = None) -> None:
         self.name = name
+        #: A second bound on what is queued, besides the count: the records' summed ``weight``
+        #: (e.g. a turn's message rows, which can be one or 300,000), at most ``max_weight``. A
+        #: record that would pass it is treated as finding the queue full (one alone always fits).
+        self._weigh = weight
+        self.max_weight = max_weight
+        self.weight = 0
+        self._weights: dict[int, int] = {}  # id(record queued) -> its weight
         #: Does this writer failing or stalling make the instance not ready (/readyz)?
         self.readiness = readiness
         self._write = write
@@ -99,10 +107,13 @@ class BatchWriter(Generic[T]):
         self._progress = asyncio.Event()
 
     def configure(self, *, max_queue: int, batch_size: int, flush_interval: float,
-                  on_full: Literal["wait", "drop"], full_wait: float, retry_for: float) -> None:
+                  on_full: Literal["wait", "drop"], full_wait: float, retry_for: float,
+                  max_weight: int | None = None) -> None:
         """New settings from a config reload, for the records still queued too. A smaller queue
         keeps what it holds (it only refuses new records until it is below the new bound)."""
         self._q._maxsize = max_queue  # type: ignore[attr-defined]  # asyncio.Queue keeps no setter
+        if self._weigh is not None:
+            self.max_weight = max_weight
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.on_full = on_full
@@ -139,10 +150,23 @@ class BatchWriter(Generic[T]):
         return self._q.maxsize
 
     # -- request path -----------------------------------------------------------------------------
+    def _room(self, w: int) -> bool:
+        """Does a record of weight ``w`` fit beside what is queued?"""
+        return self.max_weight is None or not self._weights or self.weight + w <= self.max_weight
+
+    def _weighed(self, item: T, w: int) -> None:
+        if self._weigh is not None:
+            self._weights[id(item)] = w
+            self.weight += w
+
     def put_nowait(self, item: T) -> bool:
         """Enqueue without waiting; a full queue counts the record as dropped."""
+        w = self._weigh(item) if self._weigh is not None else 0
         try:
+            if not self._room(w):
+                raise asyncio.QueueFull
             self._q.put_nowait(item)
+            self._weighed(item, w)
             self.accepted += 1
             self._idle.clear()
             if self._q.qsize() >= self._full():
@@ -158,8 +182,12 @@ class BatchWriter(Generic[T]):
         if self._closing:
             self._drop(1, "closed")
             return _dropped(on_drop)
+        w = self._weigh(item) if self._weigh is not None else 0
         try:
+            if not self._room(w):
+                raise asyncio.QueueFull
             self._q.put_nowait(item)
+            self._weighed(item, w)
             self.accepted += 1
             self._idle.clear()
             if self._q.qsize() >= self._full():
@@ -172,12 +200,16 @@ class BatchWriter(Generic[T]):
         # Shielded: a caller cancelled meanwhile (its client left while the record was handed
         # over) does not take the record with it; it is queued, or dropped and counted, all the
         # same, and ``on_drop`` still tells the record's owner (the caller may be gone).
-        return await asyncio.shield(self._put_waiting(item, on_drop))
+        return await asyncio.shield(self._put_waiting(item, w, on_drop))
 
-    async def _put_waiting(self, item: T, on_drop: Callable[[], None] | None) -> bool:
+    async def _put_waiting(self, item: T, w: int, on_drop: Callable[[], None] | None) -> bool:
         try:
             async with asyncio.timeout(self.full_wait):
+                while not self._room(w):  # (the batches written settle their records' weight)
+                    self._progress.clear()
+                    await self._progress.wait()
                 await self._q.put(item)
+            self._weighed(item, w)
             self.accepted += 1
             self._idle.clear()
             if self._q.qsize() >= self._full():
@@ -222,9 +254,15 @@ class BatchWriter(Generic[T]):
                     break
             await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
             self.settled += len(batch)
+            if self._weights:
+                for x in batch:
+                    self.weight -= self._weights.pop(id(x), 0)
             self._progress.set()
             if self._q.empty():
                 self._idle.set()
+            # Let go of the batch before waiting for the next record: held by these names, its
+            # records (a conversation turn can be hundreds of MB of rows) stayed alive until then.
+            del first, batch
 
     async def _write_with_retry(self, batch: list[T], budget: float) -> None:
         await self._attempt(batch, time.monotonic() + budget)

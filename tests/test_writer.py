@@ -331,3 +331,67 @@ async def test_records_handed_over_after_the_shared_deadline_are_still_written()
     assert await w.put(7)
     await w.close()
     assert (stored, w.written, w.dropped) == ([7], 1, 0)
+
+
+async def test_a_queue_bounded_by_weight_waits_then_drops_past_it():
+    """Besides the count, what is queued is bounded by its summed weight (a turn's message rows:
+    one turn can hold 300,000): a record that would pass it waits for the batches ahead to settle
+    (on_full: wait), or is dropped and counted when they do not in time. One alone always fits."""
+    gate = asyncio.Event()
+    stored: list[str] = []
+
+    async def write(batch: Sequence[str]) -> None:
+        await gate.wait()
+        stored.extend(batch)
+
+    reg = CollectorRegistry()
+    w: BatchWriter[str] = BatchWriter("t", write, WriterMetrics(reg), batch_size=10, flush_interval=0.01,
+                                      full_wait=0.3, weight=len, max_weight=10)
+    w.start()
+    assert await w.put("x" * 50)  # over the bound alone: it fits an empty queue
+    await asyncio.sleep(0.05)  # (taken into a batch, whose write waits: still counted until settled)
+    assert w.weight == 50
+    assert not await w.put("y")  # waited 0.3 s, the batch ahead did not settle: dropped, counted
+    assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "queue_full"}) == 1
+    later = asyncio.create_task(w.put("z" * 5))
+    await asyncio.sleep(0.05)
+    gate.set()  # the batch settles: the waiting record gets its room
+    assert await later
+    await w.flush(timeout=5)
+    assert stored == ["x" * 50, "z" * 5] and w.weight == 0
+    w.configure(max_queue=100, batch_size=10, flush_interval=0.01, on_full="drop", full_wait=0.3, retry_for=5,
+                max_weight=4)
+    gate.clear()
+    assert await w.put("abc")
+    await asyncio.sleep(0.05)
+    assert not await w.put("de")  # on_full: drop, at once
+    gate.set()
+    await w.close()
+
+
+async def test_conversations_turns_are_bounded_in_message_rows(make_gateway, tmp_path):
+    """queue_messages: the writer holds at most so many message rows; a turn past it, while the
+    database is held, is dropped (counted) with on_queue_full: drop instead of piling up in memory."""
+    import sqlite3
+
+    import aiohttp
+
+    g = await make_gateway([{"name": "conversations", "config": {
+        "queue_messages": 5, "on_queue_full": "drop", "flush_interval": 0.05, "retry_for": 60}}])
+    big = [{"role": "user", "content": f"m{i}"} for i in range(4)]
+    holder = sqlite3.connect(tmp_path / "gateway.db", timeout=1, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(g.url + "/v1/chat/completions",
+                                  json={"model": "demo-chat", "messages": big}) as r:
+                    assert r.status == 200
+                    await r.read()
+                await asyncio.sleep(0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    w = g.plugin("conversations").shared.writer
+    await g.plugin("conversations").flush()
+    assert w.dropped == 1 and w.written == 1 and w.weight == 0

@@ -297,6 +297,9 @@ class ConversationsConfig(PluginConfig):
                                                                  "this many days (background, hourly); null: keep.")
     retention_interval: float = Field(3600.0, gt=0, description="Seconds between retention runs.")
     queue_size: int = Field(10000, ge=1, description="Records the background writer may hold.")
+    queue_messages: int = Field(200_000, ge=1, description="Message rows the background writer may hold, all "
+                                                           "its records together (about 1 KB of memory each); "
+                                                           "past it a record finds the queue full.")
     batch_size: int = Field(200, ge=1, description="Records written per database transaction.")
     flush_interval: float = Field(0.2, gt=0, description="Seconds the writer waits to fill a batch.")
     on_queue_full: Literal["wait", "drop"] = Field("wait", description="Queue full: wait up to queue_full_wait "
@@ -379,7 +382,7 @@ class Conversations(Plugin):
     uses_database = True
     #: The shared writer's settings and the shared cache's size (Shared.adopt: the instance
     #: activated last would set them for every route).
-    route_fixed = ("queue_size", "batch_size", "flush_interval", "on_queue_full", "queue_full_wait", "retry_for",
+    route_fixed = ("queue_size", "queue_messages", "batch_size", "flush_interval", "on_queue_full", "queue_full_wait", "retry_for",
                    "cache_conversations", "cache_messages", "cache_bytes")
 
     def __init__(self, config: ConversationsConfig, services: Any) -> None:

@@ -405,10 +405,12 @@ class Shared:
     @staticmethod
     def _writer_settings(cfg: Any) -> dict[str, Any]:
         return dict(max_queue=cfg.queue_size, batch_size=cfg.batch_size, flush_interval=cfg.flush_interval,
-                    on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait, retry_for=cfg.retry_for)
+                    on_full=cfg.on_queue_full, full_wait=cfg.queue_full_wait, retry_for=cfg.retry_for,
+                    max_weight=cfg.queue_messages)
 
     def _new_writer(self, cfg: Any) -> Any:
-        return self.services.writer("conversations", self._write, **self._writer_settings(cfg))
+        # (bounded in message rows too: one turn can hold 300,000 of them, ~1 KB of memory each)
+        return self.services.writer("conversations", self._write, weight=_rows, **self._writer_settings(cfg))
 
     @classmethod
     def get(cls, services: "Services", cfg: Any = None) -> "Shared":
@@ -541,6 +543,9 @@ class Shared:
         views = self.views
         for r in batch:
             r.done = True
+            # Its rows are stored: let go of them at once (a turn can be hundreds of MB of rows,
+            # and a record still referenced from a cycle would keep them until a full collection)
+            r.messages = []
             # Written: the cache entry lets go of it (and of its message bodies) now, not only when
             # its conversation is next used; a one-off conversation never is.
             v = views.get(r.conversation_id)
@@ -691,3 +696,8 @@ class Shared:
     def forget_owner(self, owner: str) -> None:
         for cid in [c for c, v in self.views.items() if v.owner == owner]:
             self.views.pop(cid, None)
+
+
+def _rows(rec: Any) -> int:
+    """A queued turn's weight: its message rows, and the turn's own."""
+    return len(rec.messages) + 1

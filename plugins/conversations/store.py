@@ -415,7 +415,12 @@ class ConversationStore:
         # what bounds the writer's throughput.
         driver = (await conn.get_raw_connection()).driver_connection
         for i, k in row_chunks(len(rows), per):
-            await driver.execute_fetchall(head + ", ".join([one] * k), params[i * n:(i + k) * n])
+            chunk = params[i * n:(i + k) * n]
+            await driver.execute_fetchall(head + ", ".join([one] * k), chunk)
+            # (the driver's thread keeps its last statement's arguments until its next statement:
+            # emptied, a turn of 300,000 messages is not held in memory by an idle connection)
+            chunk.clear()
+        params.clear()
 
     # -- the writer ------------------------------------------------------------------------------
     async def write(self, batch: Sequence[TurnRecord]) -> tuple[set[str], set[str], list[str]]:
