@@ -41,7 +41,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "authorization", "expect", "x-request-id",
                              "x-forwarded-proto", "x-forwarded-host", "x-forwarded-for", "forwarded", "x-real-ip",
                              "openai-organization", "openai-project"}
-RESPONSE_DROP = HOP_BY_HOP
+#: The upstream's answer names the organization and project its credential bills (the
+#: gateway's, an operator's identifiers): not for every client.
+RESPONSE_DROP = HOP_BY_HOP | {"openai-organization", "openai-project"}
 
 
 #: Control characters a header or reason phrase cannot carry (tab aside), as aiohttp's writer

@@ -187,3 +187,26 @@ def test_third_party_request_lines_stay_out_of_a_debug_log() -> None:
             root.addHandler(h)
         root.setLevel(level)
 
+
+
+async def test_the_upstreams_organization_and_project_do_not_reach_clients(make_gateway: Any) -> None:
+    """A hosted backend names the organization and project the gateway's credential bills in its
+    answers: the operator's identifiers, dropped like the clients' own choice of them."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []}, headers={
+            "openai-organization": "org-operator-secret-id", "openai-project": "proj_operator",
+            "openai-processing-ms": "12", "x-request-id": "req_up_1"})
+
+    runner, url = await serve_handler(answer)
+    try:
+        g = await make_gateway(upstream={"url": url, "headers": {"OpenAI-Organization": "org-operator-secret-id"}})
+        async with aiohttp.ClientSession() as s:
+            async with s.get(g.url + "/v1/models") as r:
+                assert r.status == 200
+                names = {k.lower() for k in r.headers}
+    finally:
+        await runner.cleanup()
+    assert "openai-organization" not in names and "openai-project" not in names, names
+    assert "openai-processing-ms" in names and "x-upstream-request-id" in names
