@@ -365,7 +365,7 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
             if dup and not loc and "is listed twice" in p:  # already said, with its line
                 continue
             core.append(loc)
-            problems.append(p)
+            problems.append(p + _under_config_hint(data, loc, p))
     # Plugin configs are validated against each plugin's own model.
     from gateway.plugin import registry  # late import: the core depends on config, not the reverse
 
@@ -442,6 +442,22 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
         cfg.routes[j].plugins[pname]._validated = v
     cfg._source = source
     return cfg
+
+
+def _under_config_hint(data: Any, loc: Path_, problem: str) -> str:
+    """A plugin's setting written beside ``name:`` instead of under ``config:`` (an unknown key of
+    the list entry that is one of the plugin's settings): say where it goes."""
+    if len(loc) != 3 or loc[0] != "plugins" or not isinstance(loc[2], str) or not problem.endswith("unknown key"):
+        return ""
+    specs = data.get("plugins") if isinstance(data, dict) else None
+    spec = specs[loc[1]] if isinstance(specs, list) and isinstance(loc[1], int) and loc[1] < len(specs) else None
+    name = spec.get("name") if isinstance(spec, dict) else None
+    from gateway.plugin import registry
+
+    cls = registry.get(name) if isinstance(name, str) else None
+    if cls is None or loc[2] not in cls.Config.model_fields:
+        return ""
+    return f" (a setting of {name}: put it under config:)"
 
 
 def _has_path(d: Any, keys: list[str]) -> bool:

@@ -413,3 +413,30 @@ async def test_an_upstream_header_left_empty_is_not_sent(make_gateway: Any, upst
             assert r.status == 200
     sent = {k.lower() for k in upstream.requests[-1]["headers"]}
     assert "x-sent" in sent and "x-optional" not in sent and "x-blank" not in sent
+
+
+def test_a_plugin_setting_beside_its_name_is_told_to_go_under_config() -> None:
+    text = textwrap.dedent("""
+        upstream: {url: http://127.0.0.1:9}
+        plugins:
+          - name: rate_limit
+            strategy: fixed
+            colour: red
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "g.yaml")
+    msg = str(e.value)
+    assert "plugins[0].strategy -> line 5: unknown key (a setting of rate_limit: put it under config:)" in msg, msg
+    assert "plugins[0].colour -> line 6: unknown key" in msg and "colour -> line 6: unknown key (" not in msg, msg
+
+
+def test_a_limit_unit_written_short_is_told_the_units() -> None:
+    text = textwrap.dedent("""
+        upstream: {url: http://127.0.0.1:9}
+        plugins:
+          - name: rate_limit
+            config: {rules: [{name: r, limit: "120/min", key_by: [ip]}]}
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "g.yaml")
+    assert "the units are second, minute, hour, day, month and year, written in full" in str(e.value), str(e.value)

@@ -53,7 +53,10 @@ class RuleConfig(PluginConfig):
         try:
             items = parse_many(v)
         except ValueError as e:
-            raise ValueError(f"not a limit: {v!r} ({e})") from None
+            why = str(e)
+            if "granularity" in why:  # ("no granularity matched for min")
+                why += "; the units are second, minute, hour, day, month and year, written in full"
+            raise ValueError(f"not a limit: {v!r} ({why})") from None
         if not items:
             raise ValueError(f"not a limit: {v!r}")
         if _ZERO_WINDOW.search(v):  # the library reads "5 per 0 seconds" as 5/second, silently
