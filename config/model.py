@@ -310,6 +310,11 @@ def uri_ambiguous(uri: str) -> bool:
     return "=" not in tail.partition("@")[0] or _HOST_PORT_AFTER_AT.search(tail) is not None
 
 
+#: The query options a SQLite URL takes (the driver's, and SQLite's own URI parameters).
+_SQLITE_QUERY = frozenset({"timeout", "isolation_level", "detect_types", "check_same_thread", "cached_statements",
+                           "uri", "mode", "cache", "vfs", "immutable", "nolock", "psow", "modeof"})
+
+
 class DatabaseConfig(Model):
     url: str = Field("sqlite+aiosqlite:///gateway.db", repr=False,
                      description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...")
@@ -330,7 +335,14 @@ class DatabaseConfig(Model):
             if name.startswith("~"):
                 raise ValueError("'~' is not expanded in a database URL: write the full path "
                                  "(sqlite+aiosqlite:////home/...)")
-            mode = parse_qs(urlsplit(v).query).get("mode", [""])[0]
+            query = parse_qs(urlsplit(v).query, keep_blank_values=True)
+            odd = sorted(set(query) - _SQLITE_QUERY)
+            if odd:
+                # (a raw '?' in the file's path starts the URL's query: the database went to another
+                # file, and SQLAlchemy only warned, on stderr, of arguments it does not take)
+                raise ValueError(f"{', '.join(repr(k) for k in odd[:3])} is no SQLite URL option: a '?' in the "
+                                 "file's path starts the URL's query; percent-encode it there (%3F; '%' is %25)")
+            mode = query.get("mode", [""])[0]
             if name in ("", ":memory:") or name.startswith("file::memory:") or mode == "memory":
                 # (each pooled connection would get its own empty database, gone at exit)
                 raise ValueError("in-memory SQLite databases are not supported (use a file, e.g. "

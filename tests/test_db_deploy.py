@@ -420,6 +420,8 @@ async def test_postgresql_migration_lock_wait_is_said_and_bounded(pg_url: str, m
     ("sqlite+aiosqlite://", "in-memory SQLite databases are not supported (use a file"),
     ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true", "in-memory SQLite databases are not supported"),
     ("postgresql+asyncpg://gw@127.0.0.1/gw?sslmode=require", "the asyncpg driver takes ssl= instead"),
+    # a raw '?' in the file's path: the database went to another file, with a warning on stderr only
+    ("sqlite+aiosqlite:////var/lib/q?x/gw.db", "'x/gw.db' is no SQLite URL option: a '?' in the file's path"),
 ])
 def test_database_urls_the_drivers_cannot_use(tmp_path: Path, url: str, want: str) -> None:
     from gateway.config import ConfigError, load_config
