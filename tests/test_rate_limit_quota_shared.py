@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .test_conversations_ops import metric
 from .test_rate_limit import chat_body, ietf, post, rl, settle
@@ -128,3 +129,40 @@ async def test_a_quota_database_failure_leaves_the_request_rules_applied(make_ga
         assert statuses == [200, 200, 429, 429, 429], statuses
         assert await metric(g, "gateway_ratelimit_unchecked_total") == 0
         assert await metric(g, "gateway_ratelimit_store_errors_total", storage="database") >= 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_the_rows_of_past_periods_are_deleted(make_gateway, request, backend):
+    """A row per client address (or key) per day and month used to stay for ever: past periods
+    are deleted in the background (days before yesterday, months before the last), in
+    transactions of at most PRUNE_ROWS rows; the current ones and the quotas they hold stay."""
+    import datetime as dt
+
+    from sqlalchemy import func, select
+
+    from gateway.plugins.rate_limit import quota
+
+    db: dict[str, Any] = {}
+    if backend == "postgresql":
+        import uuid
+
+        from .helpers import create_pg_database
+
+        url = await create_pg_database(request.getfixturevalue("pg_cluster"), "gw_" + uuid.uuid4().hex[:12])
+        db = {"url": url, "auto_migrate": True}
+    g = await make_gateway([rl(quotas={"daily_tokens": 1000})], **({"database": db} if db else {}))
+    store = g.plugin("rate_limit")._quota
+    now = dt.datetime(2026, 11, 27, 0, 5, tzinfo=dt.timezone.utc)
+    kept = ["d:2026-11-26", "d:2026-11-27", "m:2026-10", "m:2026-11"]
+    old = ["d:2026-11-25", "d:2026-10-31", "m:2026-09", "m:2025-12"]
+    rows = [{"subject": "key:k", "period": p, "tokens": 1, "updated_at": now} for p in kept + old]
+    rows += [{"subject": f"ip:198.51.{i // 250}.{i % 250}", "period": "d:2026-01-02", "tokens": 1, "updated_at": now}
+             for i in range(quota.PRUNE_ROWS + 7)]
+    async with store.db.engine.begin() as conn:
+        await conn.execute(quota.QuotaUsage.__table__.insert(), rows)
+    assert await store.prune_periods(now) == len(old) + quota.PRUNE_ROWS + 7
+    async with store.db.engine.connect() as conn:
+        left = sorted(r[0] for r in await conn.execute(select(quota.QuotaUsage.period)))
+        assert left == kept
+        assert (await conn.execute(select(func.count()).select_from(quota.QuotaUsage.__table__))).scalar() == 4
+    assert await store.prune_periods(now) == 0

@@ -13,12 +13,16 @@ import logging
 import time
 from typing import Any, Sequence
 
-from sqlalchemy import BigInteger, DateTime, String, select
+from sqlalchemy import BigInteger, DateTime, String, delete, select, tuple_
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.db import Base
 
 log = logging.getLogger("gateway.rate_limit")
+
+#: Seconds between two deletions of the quota rows of past periods, and rows per transaction.
+PRUNE_EVERY = 3600.0
+PRUNE_ROWS = 5000
 
 
 class QuotaUsage(Base):
@@ -61,6 +65,7 @@ class QuotaStore:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.writer = services.writer("rate_limit_quota", self._write, batch_size=500, flush_interval=0.2)
         self.writer.start()
+        self._pruning = asyncio.create_task(self._prune_periods_every(PRUNE_EVERY), name="rate_limit:quota-prune")
 
     async def used(self, subject: str, period: str, timeout: float) -> int:
         """Tokens used in the period (database + not yet written here)."""
@@ -152,5 +157,43 @@ class QuotaStore:
                 self._cache.pop(k, None)
                 self._locks.pop(k, None)
 
+    async def _prune_periods_every(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                n = await self.prune_periods()
+                if n:
+                    log.info("rate_limit: %d quota row(s) of past periods deleted", n)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # (the database down: the next run deletes them)
+                log.warning("rate_limit: deleting the quota rows of past periods failed: %s: %s",
+                            type(e).__name__, str(e)[:200])
+
+    async def prune_periods(self, now: dt.datetime | None = None) -> int:
+        """Delete the rows of periods that are over: days before yesterday, months before the last
+        (a charge written late, just after midnight, still finds its row). At most PRUNE_ROWS rows
+        per transaction, so a backlog of millions (a row per client address and day) does not hold
+        the database's write lock for long. Returns how many were deleted."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        yesterday = now - dt.timedelta(days=1)
+        last_month = (now.replace(day=1) - dt.timedelta(days=1))
+        old = ((QuotaUsage.period.like("d:%") & (QuotaUsage.period < f"d:{yesterday:%Y-%m-%d}"))
+               | (QuotaUsage.period.like("m:%") & (QuotaUsage.period < f"m:{last_month:%Y-%m}")))
+        total = 0
+        while True:
+            async with self.db.engine.begin() as conn:
+                keys = (await conn.execute(select(QuotaUsage.subject, QuotaUsage.period).where(old)
+                                           .limit(PRUNE_ROWS))).all()
+                if keys:
+                    await conn.execute(delete(QuotaUsage).where(
+                        tuple_(QuotaUsage.subject, QuotaUsage.period).in_([tuple(k) for k in keys])))
+            total += len(keys)
+            if len(keys) < PRUNE_ROWS:
+                return total
+            if self.db.is_sqlite:
+                await asyncio.sleep(0.05)  # (the writers get the lock between two transactions)
+
     async def close(self) -> None:
+        self._pruning.cancel()
         await self.writer.close()
