@@ -310,6 +310,11 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
         if "${" in "\n".join(text.splitlines()[mark.line:end.line + 1]):
             # `{key: ${VAR}}`: the `{` of `${` opens a mapping inside the flow collection
             hint = ' (inside [...] or {...}, quote a ${VAR}: "${VAR}")'
+    at = getattr(e, "problem_mark", None)
+    if at is not None and not hint:
+        row = (text.splitlines()[at.line:at.line + 1] or [""])[0]
+        if row[at.column:at.column + 1] == "\t" or "\t" in row[:len(row) - len(row.lstrip())]:
+            hint = " (a tab: YAML indents with spaces only)"
     return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}{hint}"
 
 

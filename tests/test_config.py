@@ -440,3 +440,13 @@ def test_a_limit_unit_written_short_is_told_the_units() -> None:
     with pytest.raises(ConfigError) as e:
         load_config_text(text, "g.yaml")
     assert "the units are second, minute, hour, day, month and year, written in full" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text,line", [("upstream:\n  url: http://127.0.0.1:9\nplugins:\n  - name: rate_limit\n"
+                                        "    config:\n\tstrategy: fixed\n", 6),
+                                       ("upstream:\n\turl: http://127.0.0.1:9\n", 2)])
+def test_a_tab_in_the_indentation_is_named(text: str, line: int) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "g.yaml")
+    assert f"g.yaml: line {line}: invalid YAML: " in str(e.value) and \
+        str(e.value).endswith("(a tab: YAML indents with spaces only)"), str(e.value)
