@@ -330,6 +330,7 @@ def validation_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ())
 def _located_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -> list[tuple[Path_, str]]:
     """(key path, message) of each problem; none under a path already reported (``lines.bad``)."""
     out: list[tuple[Path_, str]] = []
+    located = []
     for e in err.errors(include_url=False):
         loc = prefix
         for p in e["loc"]:
@@ -337,6 +338,12 @@ def _located_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -
             if isinstance(p, str) and _UNION_PART.match(p) and loc + (p,) not in lines.lines:
                 continue
             loc = loc + (p,)
+        located.append((e, loc))
+    for e, loc in located:
+        if e["type"] == "literal_error" and any(len(d) > len(loc) and d[:len(loc)] == loc for _, d in located):
+            # a union's other branch went further in (key_by: [user] is a list with a wrong part,
+            # not a wrong "global"): that one says what is wrong
+            continue
         if any(loc[:n] in lines.bad for n in range(len(loc) + 1)):
             continue
         if loc and e["type"] == "value_error" and any(b[:len(loc)] == loc for b in lines.bad):
@@ -358,9 +365,8 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
     together (unset variables, a plugin listed twice, the core settings, each plugin's config and
     each route's), so a file with several mistakes needs one run of ``gateway check``, not one each."""
     data, lines, problems = _parse_yaml(text, source, env)
-    dup = _duplicate_plugin(data, lines)
-    if dup:
-        problems.append(dup)
+    dup = _duplicate_plugins(data, lines)
+    problems += dup
     cfg: GatewayConfig | None = None
     core: list[Path_] = []  # where the core model found problems: the plugin checks skip those entries
     try:
@@ -474,22 +480,25 @@ def _has_path(d: Any, keys: list[str]) -> bool:
     return True
 
 
-def _duplicate_plugin(data: Any, lines: _Lines) -> str | None:
-    """A plugin named twice in the list, reported at its second entry (the model would only know
-    the list as a whole)."""
+def _duplicate_plugins(data: Any, lines: _Lines) -> list[str]:
+    """Each plugin named again in the list, reported at its later entries (the model would only
+    know the list as a whole, and only the first)."""
     plugins = data.get("plugins") if isinstance(data, dict) else None
     if not isinstance(plugins, list):
-        return None
+        return []
     first: dict[str, int] = {}
+    out = []
     for i, p in enumerate(plugins):
         name = p.get("name") if isinstance(p, dict) else None
         if not isinstance(name, str):
             continue
         if name in first:
-            return (f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name')) or '?'}: plugin {name!r} is "
-                    f"listed twice (first as plugins[{first[name]}]); use routes to give it other settings per path")
-        first[name] = i
-    return None
+            out.append(f"plugins[{i}].name -> line {lines.find(('plugins', i, 'name')) or '?'}: plugin {name!r} is "
+                       f"listed twice (first as plugins[{first[name]}]); use routes to give it other settings per "
+                       "path")
+        else:
+            first[name] = i
+    return out
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -450,3 +450,25 @@ def test_a_tab_in_the_indentation_is_named(text: str, line: int) -> None:
         load_config_text(text, "g.yaml")
     assert f"g.yaml: line {line}: invalid YAML: " in str(e.value) and \
         str(e.value).endswith("(a tab: YAML indents with spaces only)"), str(e.value)
+
+
+def test_every_plugin_listed_twice_is_named_and_a_unions_noise_is_left_out() -> None:
+    """One run says every mistake (two plugins listed twice: both), and key_by: [user] gets the
+    one message about the part, not also the other branch's "Input should be 'global'"."""
+    text = textwrap.dedent("""
+        upstream: {url: http://127.0.0.1:9}
+        plugins:
+          - name: rate_limit
+            config: {rules: [{name: r, limit: 5/minute, key_by: [user]}]}
+          - name: key_auth
+          - name: key_auth
+          - name: audit
+          - name: audit
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(text, "g.yaml")
+    msgs = e.value.problems
+    assert any(m.startswith("plugins[2].name -> line 7: plugin 'key_auth' is listed twice") for m in msgs), msgs
+    assert any(m.startswith("plugins[4].name -> line 9: plugin 'audit' is listed twice") for m in msgs), msgs
+    assert any(m.startswith("plugins[0].config.rules[0].key_by[0] -> line 5: Input should be 'key'") for m in msgs)
+    assert not any("'global'" in m for m in msgs), msgs
