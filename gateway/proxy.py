@@ -269,7 +269,11 @@ class Proxy:
             settings = ctx.settings
             if not request.path.startswith(settings.paths_below) and request.path not in settings.paths \
                     and not chain.serves(request.path):
-                raise NotFound(f"No route for {request.path}.")
+                v1 = "/v1" + request.path
+                hint = (" The OpenAI API is under /v1: a client's base URL ends in /v1 (http://host:port/v1)."
+                        if not request.path.startswith("/v1/") and (v1.startswith(settings.paths_below)
+                                                                      or v1 in settings.paths) else "")
+                raise NotFound(f"No route for {request.path}.{hint}")
             if chain.headers:
                 reply = await self._run_request_hooks(ctx, chain.headers, "headers")
                 if reply is not None:

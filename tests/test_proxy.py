@@ -1249,3 +1249,20 @@ async def test_the_openai_sdk_lists_and_retrieves_the_demo_models(make_gateway: 
         assert e.value.code == "model_not_found"
     finally:
         await client.close()
+
+
+async def test_a_path_missing_its_v1_is_told_where_the_api_is(make_gateway: Any) -> None:
+    """An SDK given base_url http://host:port (no /v1) asks for /models: the 404 says why."""
+    import openai
+
+    g = await make_gateway([], server={"paths": ["/v1"]})
+    client = openai.AsyncOpenAI(base_url=g.url, api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as ei:
+        await client.models.list()
+    assert "No route for /models. The OpenAI API is under /v1: a client's base URL ends in /v1" in str(ei.value)
+    g2 = await make_gateway([], server={"paths": ["/api"]}, name="api.yaml")
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.get(g2.url + "/models") as r:  # (/v1/models is not proxied there: no hint)
+            body = await r.json()
+    assert r.status == 404 and body["error"]["message"] == "No route for /models."
+    await client.close()
