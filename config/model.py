@@ -236,6 +236,8 @@ class UpstreamConfig(Model):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
+        if v != v.strip() or any(c.isspace() for c in v):  # (a variable set with a blank at its end)
+            raise ValueError("the URL holds a blank (a space, tab or line break, at its ends too): remove it")
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
         try:

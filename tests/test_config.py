@@ -472,3 +472,13 @@ def test_every_plugin_listed_twice_is_named_and_a_unions_noise_is_left_out() -> 
     assert any(m.startswith("plugins[4].name -> line 9: plugin 'audit' is listed twice") for m in msgs), msgs
     assert any(m.startswith("plugins[0].config.rules[0].key_by[0] -> line 5: Input should be 'key'") for m in msgs)
     assert not any("'global'" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9 ", " http://127.0.0.1:9", "http://127.0.0.1:9/a b",
+                                 "http://127.0.0.1:9\t"])
+def test_a_blank_in_the_upstream_url_is_named(url: str) -> None:
+    """UPSTREAM_URL exported with a blank at its end: "not a valid URL (check the host and port)"
+    sent people looking at the host and port."""
+    with pytest.raises(ConfigError) as e:
+        load_config_text("upstream: {url: '${U}'}\n", "g.yaml", env={"U": url})
+    assert "upstream.url -> line 1: the URL holds a blank" in str(e.value), str(e.value)
