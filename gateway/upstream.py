@@ -60,7 +60,13 @@ def failure(e: BaseException) -> str:
     failure (host, port, the OS's reason). The text of a parse error quotes the upstream's bytes,
     which may be the answer itself (content the logs must not hold)."""
     if isinstance(e, (aiohttp.ClientConnectorError, OSError)) and not isinstance(e, aiohttp.ClientResponseError):
-        return f"{type(e).__name__}: {str(e)[:200]}"
+        text = f"{type(e).__name__}: {str(e)[:200]}"
+        if isinstance(e, aiohttp.ClientConnectorCertificateError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            text += " (a certificate of a private CA: upstream.ca_file names the CA's PEM file)"
+        return text
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        # (the typical first sign of http:// to a port that speaks TLS)
+        return f"{type(e).__name__} (closed before answering: a backend restarting, or an https upstream written http://)"
     return type(e).__name__
 
 

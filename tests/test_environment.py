@@ -80,7 +80,7 @@ async def test_running_out_of_file_descriptors_is_logged_once_not_flooded(tmp_pa
         proc.wait(20)
 
 
-async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any, tmp_path: Path) -> None:
+async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any, tmp_path: Path, caplog: Any) -> None:
     """An https upstream whose certificate is refused fails every request (502): /readyz says not
     ready, naming the reason, instead of ready after a bare TCP connect. With upstream.ca_file
     naming the CA (here the self-signed certificate itself) the upstream is trusted."""
@@ -117,6 +117,13 @@ async def test_readiness_checks_an_https_upstreams_certificate(make_gateway: Any
                 assert "SSLCertVerificationError" in text
             async with s.get(g.url + "/v1/models") as r:
                 assert r.status == 502
+        # the log says where the fix is; and http:// to that TLS port is told it may be https
+        assert "upstream.ca_file names the CA's PEM file" in caplog.text, caplog.text[-2000:]
+        plain = await make_gateway([], upstream={"url": f"http://127.0.0.1:{port}"}, name="plain.yaml")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+            async with s.get(plain.url + "/v1/models") as r:
+                assert r.status == 502
+        assert "an https upstream written http://" in caplog.text, caplog.text[-2000:]
         # upstream.ca_file trusts that certificate for the upstream (alone): ready, and answered
         g2 = await make_gateway([], upstream={"url": f"https://127.0.0.1:{port}", "ca_file": str(cert)})
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
