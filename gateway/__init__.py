@@ -19,16 +19,26 @@ def run() -> int:
     import signal
     import sys
 
+    imported = [False]
+
+    def noted(signum: int, _frame: object) -> None:
+        early_signals.append(signum)
+        if imported[0] and signum != signal.SIGHUP:
+            # (past the imports: a config read that blocks, `-c /dev/fd/N` whose writer has not
+            # written, ends here; serve() takes over with its own handlers)
+            raise SystemExit(0)
+
     if _command(sys.argv[1:]) in ("serve", "demo"):
         try:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda signum, _frame: early_signals.append(signum))
+                signal.signal(sig, noted)
         except (ValueError, AttributeError):  # (not the main thread; no SIGHUP on this platform)
             pass
     from .cli import main
 
     if stop_requested():
         return 0
+    imported[0] = True
     return main()
 
 

@@ -334,9 +334,11 @@ class Gateway:
                 # mount must not hold the reload lock (and a shutdown waiting on it) for ever.
                 new = await asyncio.wait_for(in_daemon_thread(load_config, path), RELOAD_READ_TIMEOUT)
             except ConfigError as e:
+                if e.read_state is not None:  # (what was wrong may be a file half written: as below)
+                    await asyncio.sleep(RELOAD_SETTLE)
                 if file_state(path) == e.read_state or e.read_state is None:
                     return False, str(e)
-                continue  # (it changed while it was read: what was wrong may be a half-written file)
+                continue
             except TimeoutError:
                 return False, f"{path}: reading the file did not finish within {RELOAD_READ_TIMEOUT:g}s"
             # A file written in place (truncated, then written: an editor, a bind-mounted file
@@ -398,7 +400,7 @@ class Gateway:
         self._retiring.add(old)
         task.add_done_callback(self._old_runtimes.discard)
         task.add_done_callback(lambda _t: self._retiring.discard(old))
-        gone = sorted({p.name for p in old.cfg.plugins} - {p.name for p in new.plugins})
+        gone = sorted(old.in_use - rt.in_use)  # (taken out of the list, or enabled: false on every route)
         if gone:  # (key_auth or audit taken out is a change of what the gateway guards: said aloud)
             log.warning("config reload removes the plugin(s) %s", ", ".join(gone))
         return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s) from {new.path}"
@@ -612,7 +614,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
     # deploy tool reloading right after a start) would otherwise kill it (the default action). A
     # SIGHUP during start-up reloads once start-up is done; SIGTERM/SIGINT interrupt it.
     starting = asyncio.ensure_future(gw.start())
-    hup_pending = signal.SIGHUP in early_signals  # (came before these handlers: see gateway.run)
+    hup_pending = False
 
     def on_hup() -> None:
         nonlocal hup_pending
@@ -633,6 +635,8 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             loop.add_signal_handler(sig, fn)
         except (NotImplementedError, RuntimeError, AttributeError):
             pass
+    # (signals that came before these handlers were in: see gateway.run)
+    hup_pending = hup_pending or signal.SIGHUP in early_signals
     if stop_requested():
         on_stop()
     early_signals.clear()

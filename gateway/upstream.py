@@ -335,7 +335,8 @@ class Upstream:
                                 "(upstream.max_connections); requests waited timeouts.connect and got 504", busy)
                 raise UpstreamTimeout("The gateway's connections to the upstream are all in use; "
                                       "try again shortly.") from None
-            self.failures.event("connect", 1, f"%d upstream request(s) timed out connecting to {URL(target.base).host} "
+            host = str(URL(target.base).host).replace("%", "%%")  # (an IPv6 zone id: fe80::1%eth0)
+            self.failures.event("connect", 1, f"%d upstream request(s) timed out connecting to {host} "
                                               f"(upstream.timeouts.connect {target.timeouts.connect:g}s; the last: "
                                               f"request {ctx.request_id}): 504")
             raise UpstreamTimeout("Timed out connecting to the upstream.") from None
@@ -363,7 +364,10 @@ class Upstream:
             now = time.monotonic()
             if now - _auth_warned[0] >= 60:
                 _auth_warned[0] = now
-                code = await _error_code(resp)
+                try:
+                    code = await _error_code(resp)
+                finally:
+                    resp.close()
                 log.error("the upstream answered 401 to the gateway's own credentials (upstream.headers, the key "
                           "in upstream.url)%s: a key wrong, expired or revoked, or another of those headers it "
                           "refuses (an organization, a project); clients get 502 upstream_auth_failed until they "

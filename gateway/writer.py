@@ -63,7 +63,8 @@ class BatchWriter(Generic[T]):
         self.name = name
         #: A second bound on what is queued, besides the count: the records' summed ``weight``
         #: (e.g. a turn's message rows, which can be one or 300,000), at most ``max_weight``. A
-        #: record that would pass it is treated as finding the queue full (one alone always fits).
+        #: record that would pass it is treated as finding the queue full (one heavier than the bound
+        #: alone fits once the queue holds at most half of it).
         self._weigh = weight
         self.max_weight = max_weight
         self.weight = 0
@@ -151,8 +152,11 @@ class BatchWriter(Generic[T]):
 
     # -- request path -----------------------------------------------------------------------------
     def _room(self, w: int) -> bool:
-        """Does a record of weight ``w`` fit beside what is queued?"""
-        return self.max_weight is None or not self._weights or self.weight + w <= self.max_weight
+        """Does a record of weight ``w`` fit beside what is queued? One heavier than the bound by
+        itself fits once what is queued is at most half the bound (waiting for an empty queue,
+        it would never fit under steady traffic)."""
+        m = self.max_weight
+        return m is None or not self._weights or self.weight + w <= m or (w > m and self.weight <= m // 2)
 
     def _weighed(self, item: T, w: int) -> None:
         if self._weigh is not None:

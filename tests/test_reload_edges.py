@@ -6,6 +6,8 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,23 @@ async def test_a_reload_reading_a_half_written_file_waits_for_the_whole(make_gat
         assert "config reload removes the plugin(s) key_auth" in caplog.text
         async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200
+    # the same with key_auth listed but turned off (enabled: false)
+    path.write_text(whole)
+    assert (await g.gw.reload())[0]
+    caplog.clear()
+    path.write_text(whole.replace("- name: key_auth", "- name: key_auth\n  enabled: false"))
+    with caplog.at_level("WARNING", logger="gateway"):
+        ok, detail = await g.gw.reload()
+    assert ok and "config reload removes the plugin(s) key_auth" in caplog.text, (detail, caplog.text)
+    # a half-written file that is not even valid YAML is waited for as well, not refused at once
+    path.write_text(whole)
+    assert (await g.gw.reload())[0]
+    path.write_text(whole + "x-broken: [unclosed\n")
+    reload = asyncio.create_task(g.gw.reload())
+    await asyncio.sleep(0.05)
+    path.write_text(whole)
+    ok, detail = await reload
+    assert ok and detail.startswith("1 plugin(s)"), detail
 
 
 async def test_a_reload_of_a_file_that_keeps_changing_is_refused(make_gateway: Any) -> None:
@@ -305,6 +324,29 @@ async def test_a_signal_during_the_imports_neither_kills_nor_is_lost(tmp_path: P
         assert await asyncio.to_thread(proc.wait, 20) == 0, proc.log()[-2000:]
     finally:
         proc.stop()
+
+
+async def test_a_stop_ends_a_start_blocked_reading_its_config() -> None:
+    """`gateway serve -c /dev/fd/N` whose writer has not written yet (a secrets pipe, a process
+    substitution): SIGTERM ends it, exit 0 (the signals noted during the imports must not keep it
+    waiting for a config that may never come)."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", f"/dev/fd/{r}"], pass_fds=(r,),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.close(r)
+    try:
+        deadline = time.monotonic() + 30
+        while "/aiohttp/" not in Path(f"/proc/{proc.pid}/maps").read_text():  # (past the imports, reading)
+            assert proc.poll() is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        os.close(w)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def test_stream_outliving_shutdown_timeout_is_recorded_after_its_plugin_is_removed(

@@ -359,6 +359,15 @@ async def test_a_queue_bounded_by_weight_waits_then_drops_past_it():
     assert await later
     await w.flush(timeout=5)
     assert stored == ["x" * 50, "z" * 5] and w.weight == 0
+    # one heavier than the bound does not wait for an empty queue (steady traffic never leaves
+    # one): it fits once what is queued is at most half the bound
+    gate.clear()
+    assert await w.put("abcd")
+    await asyncio.sleep(0.05)
+    assert await w.put("h" * 40) and w.weight == 44
+    gate.set()
+    await w.flush(timeout=5)
+    assert w.weight == 0 and stored[-2:] == ["abcd", "h" * 40]
     w.configure(max_queue=100, batch_size=10, flush_interval=0.01, on_full="drop", full_wait=0.3, retry_for=5,
                 max_weight=4)
     gate.clear()

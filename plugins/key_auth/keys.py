@@ -88,9 +88,10 @@ def loose_key_id(raw: str) -> str | None:
 def key_id_of(arg: str) -> str | None:
     """The key id an admin names: a key id, or a whole key (pasted to revoke a leaked one: its
     id is taken). None for anything else, which is never echoed back (it may be a secret)."""
+    arg = arg.strip()
     if KEY_ID.match(arg):
         return arg
-    parsed = parse_key(arg.strip())
+    parsed = parse_key(arg)
     return parsed[0] if parsed is not None else None
 
 
