@@ -259,6 +259,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.db_command == "backup":
         return _backup(cfg, args.target)
+    if args.db_command == "copy":
+        return _copy(cfg, args.to)
     if args.db_command == "upgrade":
         from .db import DatabaseError, sqlite_place_problem
 
@@ -316,6 +318,27 @@ def _backup(cfg: GatewayConfig, target: str) -> int:
         src.close()
     print(f"backup written: {target} ({out.stat().st_size} bytes). To restore it: stop the gateway, delete "
           f"{name}-wal and {name}-shm, copy the backup to {name}, start the gateway.")
+    return 0
+
+
+def _copy(cfg: GatewayConfig, target: str) -> int:
+    """``db copy --to URL``: the target URL is checked as ``database.url`` is (never shown whole)."""
+    from gateway.config.model import DatabaseConfig
+
+    from .db import shown_url
+    from .dbcopy import copy_database
+
+    try:
+        DatabaseConfig(url=target)
+    except Exception as e:  # (pydantic's message names the problem, never the URL's password)
+        errors = getattr(e, "errors", None)
+        why = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else type(e).__name__
+        print(f"gateway db copy: --to: {why}", file=sys.stderr)
+        return 2
+    check_database_exists(cfg)
+    counts = asyncio.run(copy_database(cfg.database.url, target))
+    print(f"copied {sum(counts.values())} row(s) of {len(counts)} table(s) into {shown_url(target)}; point "
+          "database.url at it (and stop writing to the old one)")
     return 0
 
 
@@ -460,15 +483,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the config and exit (non-zero on error)")
     add_config_arg(p)
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("db", help="database schema, and a consistent copy of a SQLite file (backup)")
+    p = sub.add_parser("db", help="database schema, a consistent copy of a SQLite file (backup), a copy into "
+                                   "another database (copy)")
     dsub = p.add_subparsers(dest="db_command", required=True)
     for name, text in (("upgrade", "apply the migrations the database has not had"),
                        ("current", "the applied migrations"),
-                       ("backup", "write a consistent copy of the SQLite file, gateways running or not")):
+                       ("backup", "write a consistent copy of the SQLite file, gateways running or not"),
+                       ("copy", "copy every table into another, empty database (SQLite to PostgreSQL)")):
         d = dsub.add_parser(name, help=text)
         add_config_arg(d)
         if name == "backup":
             d.add_argument("target", help="the file to write (must not exist)")
+        if name == "copy":
+            d.add_argument("--to", dest="to", required=True, metavar="URL",
+                           help="the target database's URL (empty; it is given the schema)")
     p.set_defaults(func=cmd_db)
     p = sub.add_parser("demo", help="run the gateway with a built-in demo backend and print a first call")
     add_config_arg(p)

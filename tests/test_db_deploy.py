@@ -488,3 +488,51 @@ async def test_postgresql_start_checks_the_sequences_of_serial_columns(pg_url: s
         assert await conn.fetchval("SELECT count(*) FROM conversation_messages WHERE conversation_id = $1", cid) == 2
     finally:
         await conn.close()
+
+
+# -- 9. from one SQLite file to PostgreSQL ----------------------------------------------------------------
+async def test_db_copy_moves_a_sqlite_deployment_to_postgresql(make_gateway: Any, upstream: Any, tmp_path: Path,
+                                                               pg_url: str) -> None:
+    """A team outgrowing its SQLite file: `gateway db copy --to <postgresql URL>` copies keys, usage,
+    quota, conversations and the audit trail; a gateway on the copy takes the same key, continues
+    the conversation (new rows past the copied ids), and the trail verifies. A target holding rows,
+    or the database itself, is refused."""
+    import aiohttp
+
+    plugins = [{"name": "key_auth"}, {"name": "rate_limit", "config": {"quotas": {"daily_tokens": 100000}}},
+               {"name": "conversations"}, {"name": "audit"}]
+    g = await make_gateway(plugins)
+    chat = {"model": "demo-chat", "messages": [{"role": "user", "content": "first"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "alice"},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            key = (await r.json())["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with s.post(g.url + "/v1/chat/completions", json=chat, headers=auth) as r:
+            assert r.status == 200
+            cid, answer = r.headers["X-Conversation-ID"], (await r.json())["choices"][0]["message"]
+    await g.stop()
+    src_cfg = tmp_path / "gateway.yaml"
+    r = gateway_cli("db", "copy", "-c", str(src_cfg), "--to", pg_url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "api_keys: 1 row(s)" in r.stdout and "conversation_messages: 2 row(s)" in r.stdout, r.stdout
+    password = make_url(pg_url).password
+    assert not password or f":{password}@" not in r.stdout + r.stderr
+    pg = await make_gateway(plugins, database={"url": pg_url, "auto_migrate": True}, name="pg.yaml")
+    async with aiohttp.ClientSession() as s:
+        turn = {"model": "demo-chat", "messages": [*chat["messages"], answer, {"role": "user", "content": "second"}]}
+        async with s.post(pg.url + "/v1/chat/completions", json=turn,
+                          headers={**auth, "X-Conversation-ID": cid}) as r:
+            assert r.status == 200, await r.text()
+        await pg.plugin("conversations").flush()
+        async with s.get(f"{pg.url}/gateway/conversations/{cid}", headers=auth) as r:
+            msgs = (await r.json())["messages"]
+    assert [m["content"] for m in msgs][:3] == ["first", answer["content"], "second"] and len(msgs) == 4
+    await pg.stop()
+    pg_cfg = tmp_path / "pg.yaml"
+    r = gateway_cli("audit", "verify", "-c", str(pg_cfg), cwd=tmp_path)
+    assert r.returncode == 0 and "audit chain intact" in r.stdout, r.stdout + r.stderr
+    r = gateway_cli("db", "copy", "-c", str(src_cfg), "--to", pg_url, cwd=tmp_path)  # not into rows
+    assert r.returncode == 1 and "holds rows already" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = gateway_cli("db", "copy", "-c", str(src_cfg), "--to", "postgresql+asyncpg://u:p@ss#w@h/db", cwd=tmp_path)
+    assert r.returncode == 2 and "percent-encode" in r.stderr and "ss#w" not in r.stderr, r.stderr
