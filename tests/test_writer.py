@@ -346,12 +346,12 @@ async def test_a_queue_bounded_by_weight_waits_then_drops_past_it():
 
     reg = CollectorRegistry()
     w: BatchWriter[str] = BatchWriter("t", write, WriterMetrics(reg), batch_size=10, flush_interval=0.01,
-                                      full_wait=0.3, weight=len, max_weight=10)
+                                      full_wait=1.0, weight=len, max_weight=10)
     w.start()
     assert await w.put("x" * 50)  # over the bound alone: it fits an empty queue
     await asyncio.sleep(0.05)  # (taken into a batch, whose write waits: still counted until settled)
     assert w.weight == 50
-    assert not await w.put("y")  # waited 0.3 s, the batch ahead did not settle: dropped, counted
+    assert not await w.put("y")  # waited 1 s, the batch ahead did not settle: dropped, counted
     assert reg.get_sample_value("gateway_writer_dropped_total", {"writer": "t", "reason": "queue_full"}) == 1
     later = asyncio.create_task(w.put("z" * 5))
     await asyncio.sleep(0.05)
