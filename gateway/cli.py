@@ -336,7 +336,23 @@ def _copy(cfg: GatewayConfig, target: str) -> int:
         print(f"gateway db copy: --to: {why}", file=sys.stderr)
         return 2
     check_database_exists(cfg)
-    counts = asyncio.run(copy_database(cfg.database.url, target))
+    import signal
+
+    def cut(signum: int, _frame: Any) -> None:
+        # The copy writes in one transaction the target rolls back when the connection drops, and
+        # only reads the source: nothing to clean up. A graceful cancel could wait for ever on a
+        # driver mid-statement (a rollback after half an INSERT), so the process ends here.
+        with contextlib.suppress(Exception):
+            print("gateway db copy: interrupted; nothing was committed to the target (run it again)",
+                  file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    before = {sig: signal.signal(sig, cut) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        counts = asyncio.run(copy_database(cfg.database.url, target))
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     print(f"copied {sum(counts.values())} row(s) of {len(counts)} table(s) into {shown_url(target)}; point "
           "database.url at it (and stop writing to the old one)")
     return 0

@@ -9,11 +9,15 @@ are, so the audit trail's hashes (over each event's stored text) verify on the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 from typing import Any, Callable
 
-from sqlalchemy import Integer, Table, func, select, text
+from sqlalchemy import DateTime, Integer, Table, func, select, text
 
-from .db import Base, Database, DatabaseError, create_private, shown_url, sqlite_place_problem, upgrade_sync
+from .db import (Base, Database, DatabaseError, create_private, newer_revisions, revisions_sync, shown_url,
+                 sqlite_place_problem, upgrade_sync)
+from .cli import redact_url
 
 #: Rows per INSERT.
 BATCH = 1000
@@ -30,7 +34,8 @@ def _tables() -> list[Table]:
 
 async def copy_database(source_url: str, target_url: str, say: Callable[[str], None] = print) -> dict[str, int]:
     """Copy every table from ``source_url`` into ``target_url``; returns the rows copied per table.
-    Raises DatabaseError when the target is the source, already holds rows, or a schema is behind."""
+    Raises DatabaseError when the target is the source, already holds rows, either schema is
+    newer than this version's, the source's is behind, or the target cannot be used."""
     if source_url == target_url:
         raise DatabaseError("the target is the configured database itself")
     src, dst = Database(source_url, pool_size=2), Database(target_url, pool_size=2)
@@ -40,10 +45,15 @@ async def copy_database(source_url: str, target_url: str, say: Callable[[str], N
             if problem:
                 raise DatabaseError(problem)
             create_private(dst.file)  # (its owner's only, as the gateway's own files: see create_private)
+        known = (await asyncio.to_thread(revisions_sync, source_url))[1]
+        newer = newer_revisions(await src.applied_revisions(), known, source_url)
+        if newer:  # (copied by this version, what the newer one added would be left behind)
+            raise DatabaseError(f"the configured database was migrated by a newer gateway ({', '.join(sorted(newer))}): "
+                                "copy it with that version's `gateway db copy`")
         if await src.pending_migrations():
             raise DatabaseError("the configured database's schema is behind this version of the gateway: run "
                                 "`gateway db upgrade` first")
-        await asyncio.to_thread(upgrade_sync, target_url)  # (its schema, as this version has it)
+        await _target(target_url, _prepare(dst, target_url, known))
         tables = _tables()
         async with dst.engine.connect() as conn:
             for t in tables:
@@ -51,23 +61,64 @@ async def copy_database(source_url: str, target_url: str, say: Callable[[str], N
                     raise DatabaseError(f"the target {shown_url(target_url)} holds rows already (in {t.name}): "
                                         "copy into an empty database")
         counts: dict[str, int] = {}
-        async with _snapshot(src) as read:
-            async with dst.engine.begin() as write:
+        async with _snapshot(src) as read, dst.engine.connect() as write:
+            try:
+                await write.begin()
                 for t in tables:
                     n = 0
                     order = list(t.primary_key.columns) or list(t.columns)
+                    aware = [c.name for c in t.columns if isinstance(c.type, DateTime) and c.type.timezone]
                     result = await read.stream(select(t).order_by(*order))
                     async for part in result.mappings().partitions(BATCH):
-                        await write.execute(t.insert(), [dict(r) for r in part])
+                        await write.execute(t.insert(), [_utc(dict(r), aware) for r in part])
                         n += len(part)
                     counts[t.name] = n
                     say(f"{t.name}: {n} row(s)")
                 if not dst.is_sqlite:
                     await _move_sequences(write, tables)
+                await write.commit()
+            except BaseException:
+                # Cut (Ctrl-C, SIGTERM) or failed, perhaps in the middle of a statement: the
+                # connection is dropped, not rolled back over the wire (a rollback sent after half
+                # an INSERT waits for ever); the server rolls the transaction back as it closes.
+                with contextlib.suppress(Exception):
+                    await write.invalidate()
+                raise
         return counts
     finally:
         await src.close()
         await dst.close()
+
+
+async def _prepare(dst: Database, url: str, known: set[str]) -> None:
+    """The target's schema, as this version has it (refused if a newer gateway migrated it)."""
+    newer = newer_revisions(await dst.applied_revisions(), known, url)
+    if newer:
+        raise DatabaseError(f"the target {shown_url(url)} was migrated by a newer gateway ({', '.join(sorted(newer))})")
+    await asyncio.to_thread(upgrade_sync, url)
+
+
+async def _target(url: str, step: Any) -> None:
+    """Run ``step``; a failure of the target itself (its login, host, a driver error) is said to be
+    the target's, naming it (without its password)."""
+    try:
+        await step
+    except DatabaseError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise DatabaseError(f"the target {shown_url(url)} cannot be used: {type(e).__name__}: {redact_url(first)}") \
+            from None
+
+
+def _utc(row: dict[str, Any], aware: list[str]) -> dict[str, Any]:
+    """A time SQLite gives back without its zone, for a column that keeps one, is UTC (what the
+    gateway writes): read as local time elsewhere, it would move by the machine's offset."""
+    for k in aware:
+        v = row.get(k)
+        if isinstance(v, dt.datetime) and v.tzinfo is None:
+            row[k] = v.replace(tzinfo=dt.timezone.utc)
+    return row
 
 
 class _snapshot:

@@ -536,3 +536,60 @@ async def test_db_copy_moves_a_sqlite_deployment_to_postgresql(make_gateway: Any
     assert r.returncode == 1 and "holds rows already" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = gateway_cli("db", "copy", "-c", str(src_cfg), "--to", "postgresql+asyncpg://u:p@ss#w@h/db", cwd=tmp_path)
     assert r.returncode == 2 and "percent-encode" in r.stderr and "ss#w" not in r.stderr, r.stderr
+
+
+async def test_db_copy_refuses_a_newer_source_and_an_interrupt_leaves_nothing(make_gateway: Any, tmp_path: Path,
+                                                                            pg_url: str) -> None:
+    """A source a newer gateway migrated is refused (copied by this version, what the newer one
+    added would be left behind). A copy cut by SIGTERM while it writes exits 143 at once, with
+    nothing committed, and a second run fills the target; a time kept with its zone (quota usage)
+    comes out unchanged when the copy runs in another time zone."""
+    import signal
+
+    g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit", "config": {"quotas": {"daily_tokens": 99}}},
+                            {"name": "conversations"}])
+    await g.stop()
+    db_file, cfg = tmp_path / "gateway.db", tmp_path / "gateway.yaml"
+    c = sqlite3.connect(db_file)
+    try:
+        c.execute("INSERT INTO conversations (id, owner, created_at, updated_at, message_count, turn_count, "
+                  "prompt_tokens, completion_tokens) VALUES ('conv_big', 'alice', '2026-11-27 09:00:00', "
+                  "'2026-11-27 09:00:00', 200000, 0, 0, 0)")
+        c.execute("WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 199999) "
+                  "INSERT INTO conversation_messages (conversation_id, position, role, content, digest, tokens_derived, "
+                  "owner, created_at) SELECT 'conv_big', i, 'user', '\"m' || i || '\"', 'd' || i, 0, 'alice', "
+                  "'2026-11-27 09:00:00.000000' FROM n")
+        c.execute("INSERT INTO rate_limit_quota_usage VALUES ('key:k', 'd:2026-11-27', 5, '2026-11-27 09:46:19.000000')")
+        c.commit()
+    finally:
+        c.close()
+    p = subprocess.Popen([sys.executable, "-m", "gateway", "db", "copy", "-c", str(cfg), "--to", pg_url], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert p.stdout is not None
+    seen = ""
+    while "conversations:" not in seen:  # (then it is writing the 200,000 messages)
+        line = p.stdout.readline()
+        assert line, seen
+        seen += line
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 143
+    assert "interrupted; nothing was committed to the target" in p.stdout.read()
+    r = subprocess.run([sys.executable, "-m", "gateway", "db", "copy", "-c", str(cfg), "--to", pg_url], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "TZ": "America/New_York"})
+    assert r.returncode == 0 and "conversation_messages: 200000 row(s)" in r.stdout, r.stdout + r.stderr
+    import asyncpg
+
+    conn = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    try:
+        at = await conn.fetchval("SELECT updated_at AT TIME ZONE 'UTC' FROM rate_limit_quota_usage")
+    finally:
+        await conn.close()
+    assert str(at) == "2026-11-27 09:46:19", at
+    c = sqlite3.connect(db_file)
+    try:
+        c.execute("UPDATE alembic_version SET version_num = 'key_auth_0099' WHERE version_num LIKE 'key_auth_%'")
+        c.commit()
+    finally:
+        c.close()
+    r = gateway_cli("db", "copy", "-c", str(cfg), "--to", f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", cwd=tmp_path)
+    assert r.returncode == 1 and "migrated by a newer gateway (key_auth_0099)" in r.stderr, r.stderr
