@@ -422,7 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             found: dict[str, str] = {}
             for p in gw.runtime.instances:
                 found.update(await p.demo_setup())
-            print(demo_instructions(gw, found, token), flush=True)
+            # (the token the admin listener takes: the config's own, when it writes one itself)
+            print(demo_instructions(gw, found, gw.cfg.admin.token or token), flush=True)
 
         try:
             return await serve(cfg, ready=ready)

@@ -186,15 +186,22 @@ def with_key_auth(tmp_path: Path) -> Path:
                         + yaml.safe_dump({"plugins": cfg["plugins"]}, sort_keys=False))
 
 
-@pytest.mark.parametrize("variant", ["shipped", "key_auth"])
+@pytest.mark.parametrize("variant", ["shipped", "key_auth", "own_token"])
 def test_demo_prints_commands_that_work(tmp_path: Path, variant: str) -> None:
-    demo = Demo(tmp_path, with_key_auth(tmp_path) if variant == "key_auth" else None)
+    """(own_token: a config that writes its admin token itself: the demo prints that one)"""
+    cfg = with_key_auth(tmp_path) if variant != "shipped" else None
+    if variant == "own_token":
+        assert cfg is not None
+        text = cfg.read_text()
+        assert "${GATEWAY_ADMIN_TOKEN" in text
+        cfg.write_text(re.sub(r"\$\{GATEWAY_ADMIN_TOKEN[^}]*\}", "my-own-admin-token-0123456789", text, count=1))
+    demo = Demo(tmp_path, cfg)
     try:
         lines = demo.instructions()
         text = "\n".join(lines)
         assert f"http://127.0.0.1:{demo.port}" in text
         curl = curl_command(lines)
-        if variant == "key_auth":
+        if variant != "shipped":
             assert "Authorization: Bearer gw_" in curl  # the demo made a key and put it in the command
         assert f"http://127.0.0.1:{demo.port}/v1/chat/completions" in curl
         r = subprocess.run(curl + " -w '\\n%{http_code}'", shell=True, executable="/bin/bash", capture_output=True,
