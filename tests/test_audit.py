@@ -266,10 +266,13 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
     assert any(json.loads(x)["type"] == "audit.purged" for x in jl.read_text().splitlines())
     # Deleting the first row left after the purge is still caught.
     # (a long timeout: a purge the stop cancelled may still be finishing its statement on the
-    # driver's thread, holding the write lock a moment, on a busy machine more than 5 s)
-    con = sqlite3.connect(db_path, timeout=60)
-    with con:
-        con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
+    # driver's thread, holding the write lock a moment, on a busy machine more than 5 s. BEGIN
+    # IMMEDIATE: a deferred transaction that reads first and then writes gets "database is locked"
+    # at once, without waiting, when that purge commits in between: its snapshot is stale.)
+    con = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
+    con.execute("COMMIT")
     con.close()
     res = await acli(tmp_path / "gateway.yaml", "verify")
     assert res.returncode == 1 and "(deleted)" in res.stdout
