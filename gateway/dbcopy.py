@@ -32,7 +32,11 @@ def _tables() -> list[Table]:
     return list(Base.metadata.sorted_tables)
 
 
-async def copy_database(source_url: str, target_url: str, say: Callable[[str], None] = print) -> dict[str, int]:
+def _say(line: str) -> None:
+    print(line, flush=True)  # (as each table is done: a long copy shows where it is)
+
+
+async def copy_database(source_url: str, target_url: str, say: Callable[[str], None] = _say) -> dict[str, int]:
     """Copy every table from ``source_url`` into ``target_url``; returns the rows copied per table.
     Raises DatabaseError when the target is the source, already holds rows, either schema is
     newer than this version's, the source's is behind, or the target cannot be used."""
