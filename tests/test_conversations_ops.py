@@ -106,6 +106,14 @@ async def test_admin_api_search_show_export_delete_purge(make_gateway: Any, db: 
         assert {c["id"] for c in (await get("/conversations"))["data"]} == {a1, a2, b1}
         assert {c["id"] for c in (await get("/conversations", owner="alice"))["data"]} == {a1, a2}
         assert {c["id"] for c in (await get("/conversations", key_id=keys["bob"]["id"]))["data"]} == {b1}
+        # a whole key (pasted when hunting a leaked one) means its id; what is neither is refused
+        # (an empty list would read as "this key started nothing"), and not echoed
+        assert {c["id"] for c in (await get("/conversations", key_id=keys["bob"]["key"]))["data"]} == {b1}
+        for bad in ("bob", keys["bob"]["key"][:-1] + "!"):
+            async with s.get(adm + "/conversations", params={"key_id": bad}) as r:
+                body = await r.text()
+                assert r.status == 400 and json.loads(body)["error"]["param"] == "key_id", body
+                assert bad not in body
         assert [c["id"] for c in (await get("/conversations", q="zebra"))["data"]] == [a1]
         assert [c["id"] for c in (await get("/conversations", q="CAFÉ"))["data"]] in ([a2], [])  # case folding of
         assert [c["id"] for c in (await get("/conversations", q="café"))["data"]] == [a2]           # non-ASCII varies

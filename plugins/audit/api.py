@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.context import parse_address
 from gateway.errors import json_error
 
+from ..key_auth.keys import NOT_A_KEY_ID, key_id_of
 from . import store
 from .chain import chain_keys, parse_head
 
@@ -73,6 +74,13 @@ def parse_filters(get: Any) -> dict[str, Any]:
             f[k] = str(v).strip().lower()
         elif k == "ip":
             f[k] = ip_filter(str(v))
+        elif k == "key_id":
+            # A whole key pasted (hunting a leaked one) means its id; anything else that is no
+            # key id could never match, and an empty answer would read as "never used".
+            kid = key_id_of(str(v))
+            if kid is None:
+                raise ValueError(f"key_id: {NOT_A_KEY_ID}")
+            f[k] = kid
         else:
             f[k] = str(v)
     return f

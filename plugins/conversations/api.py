@@ -12,6 +12,7 @@ from gateway.admin import admin_identity
 from gateway.errors import error_body, json_error
 from gateway.plugin import Reply
 
+from ..key_auth.keys import NOT_A_KEY_ID, key_id_of
 from .state import _GENERATED, _ID_OK, Shared
 from .store import dumps, parse_time, text_ok, utcnow
 
@@ -81,6 +82,19 @@ def _text(q: Any, name: str) -> str | None:
     if v is not None and not text_ok(v):
         raise BadParam(name, f"{name} contains a character that cannot be stored or searched for (e.g. NUL).")
     return v
+
+
+def _key_id(q: Any) -> str | None:
+    """The ``key_id`` filter: a key id, or a whole key (pasted when hunting a leaked one: its id is
+    taken). Anything else is refused: it could never match, and an empty list would read as "this
+    key started nothing". The value is not echoed (it may be a secret)."""
+    v = q.get("key_id")
+    if v is None or v == "":
+        return None
+    kid = key_id_of(v)
+    if kid is None:
+        raise BadParam("key_id", f"key_id: {NOT_A_KEY_ID}.")
+    return kid
 
 
 def _err_reply(status: int, message: str, code: str, param: str | None = None,
@@ -231,7 +245,7 @@ def admin_routes(services: Any) -> list[Any]:
         await fresh(s)
         q = request.query
         try:
-            data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_text(q, "key_id"), since=_time(q, "since"),
+            data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_key_id(q), since=_time(q, "since"),
                                            until=_time(q, "until"), q=_text(q, "q") or None,
                                            limit=_limit(q, s.cfg.page_size), cursor=_param(q, "cursor"))
         except BadParam:

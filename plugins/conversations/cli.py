@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway import cli
 
+from ..key_auth.keys import NOT_A_KEY_ID, key_id_of
 from .store import ConversationStore, dumps, parse_time, utcnow
 
 _DUR = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*$")
@@ -109,8 +110,12 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
         except ValueError:
             print("--since/--until must be ISO 8601 times", file=sys.stderr)
             return 2
+        key_id = key_id_of(args.key_id) if args.key_id else None
+        if args.key_id and key_id is None:
+            print(f"--key-id: {NOT_A_KEY_ID}", file=sys.stderr)
+            return 2
         try:
-            data, nxt = await store.list(owner=args.owner, key_id=args.key_id, since=since, until=until,
+            data, nxt = await store.list(owner=args.owner, key_id=key_id, since=since, until=until,
                                          q=args.query, limit=args.limit, cursor=args.cursor)
         except ValueError as e:  # (only a --cursor that is not one of ours: a usage error)
             print(f"--cursor: {e}", file=sys.stderr)
