@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from .db import DatabaseError
-from .errors import json_error
-from .proxy import discard_unread_coded_body
+from .errors import UnsupportedMediaType, json_error
+from .proxy import check_encoding, discard_unread_coded_body, undecodable_body_message, unsupported_encoding_message
 from .writer import rejected
 from .plugin import registry
 
@@ -52,6 +54,10 @@ def make_auth_middleware(token: str) -> Callable[..., Awaitable[web.StreamRespon
             return json_error(401, "Invalid admin token.", "invalid_request_error", "admin_token_invalid",
                               headers={"WWW-Authenticate": "Bearer"})
         request[ADMIN_IDENTITY] = "admin"
+        if request.body_exists and "Content-Encoding" in request.headers:
+            # as on the public listener: a coding aiohttp would pass through undecoded is refused,
+            # not read as plain JSON
+            check_encoding(request.headers.getall("Content-Encoding"))
         return await handler(request)
 
     return auth
@@ -83,6 +89,11 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
         # A 405 says which methods the path takes (RFC 9110 requires Allow); the rebuilt body keeps it.
         keep = {h: e.headers[h] for h in ("Allow",) if h in e.headers}
         return json_error(e.status, msg, "invalid_request_error", code, headers=keep or None)
+    except UnsupportedMediaType as e:
+        return json_error(e.status, unsupported_encoding_message(), e.type, e.code)
+    except (RequestPayloadError, ContentEncodingError, PayloadEncodingError):
+        # a body that is not what its Content-Encoding says ("gzip" that is not): the caller's error
+        return json_error(400, undecodable_body_message(), "invalid_request_error", "bad_request")
     except DBAPIError as e:
         if rejected(e):
             # a value the database cannot take (a NUL in a text, a number out of range): the caller's

@@ -98,7 +98,7 @@ def _refuse_unfinished_gzip() -> None:
 _refuse_unfinished_gzip()
 
 
-def _check_encoding(values: list[str]) -> None:
+def check_encoding(values: list[str]) -> None:
     """aiohttp decodes one request Content-Encoding it knows and passes anything else through raw; the
     gateway sends plain bodies upstream (the header is not forwarded), so the upstream would get encoded
     bytes labelled as plain. Refused instead (415): several codings, several header lines (which one
@@ -335,7 +335,7 @@ class Proxy:
         if cl is not None and cl > max_body:
             raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
         if "Content-Encoding" in request.headers:
-            _check_encoding(request.headers.getall("Content-Encoding"))
+            check_encoding(request.headers.getall("Content-Encoding"))
         if "Transfer-Encoding" in request.headers and \
                 ",".join(request.headers.getall("Transfer-Encoding")).strip().lower() != "chunked":
             raise TransferCodingNotImplemented()  # e.g. "gzip, chunked": the parser undoes the chunking only

@@ -96,3 +96,42 @@ async def test_the_rest_of_a_compressed_body_refused_as_too_large_is_not_decoded
         async with s.get(g.url + "/v1/models") as r:
             assert r.status == 200
     assert inflated[0] < 32 * 2**20, inflated[0]
+
+
+async def test_the_admin_api_refuses_bodies_its_content_encoding_does_not_fit(make_gateway: Any, tmp_path: Any,
+                                                                            caplog: Any) -> None:
+    """The admin listener answers like the public one: a body that is not what its Content-Encoding
+    says is a 400, an unknown coding a 415 (not read as plain JSON), both in the one error shape and
+    without a traceback in the log; a key sent in real gzip is created."""
+    import sqlite3
+
+    from .helpers import ADMIN_TOKEN
+    g = await make_gateway([{"name": "key_auth"}])
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    plain = json.dumps({"owner": "alice", "name": "n"}).encode()
+    async with aiohttp.ClientSession() as s:
+        for coding, data, status, code in (("gzip", plain, 400, "bad_request"),
+                                           ("deflate", plain, 400, "bad_request"),
+                                           ("bogus", plain, 415, "unsupported_content_encoding"),
+                                           ("gzip, gzip", plain, 415, "unsupported_content_encoding")):
+            async with s.post(g.admin_url + "/keys", data=data, headers={**auth, "Content-Encoding": coding}) as r:
+                body = await r.json(content_type=None)
+                assert (r.status, body["error"]["code"]) == (status, code), (coding, body)
+        async with s.post(g.admin_url + "/keys", data=data, headers={"Content-Encoding": "bogus"}) as r:
+            assert r.status == 401  # (the token is checked first)
+        async with s.post(g.admin_url + "/keys", data=compressed_json({"owner": "bob"}),
+                          headers={**auth, "Content-Encoding": "gzip"}) as r:
+            assert r.status == 201, await r.text()
+    await g.stop()
+    con = sqlite3.connect(tmp_path / "gateway.db")
+    try:
+        assert [o for (o,) in con.execute("SELECT owner FROM api_keys")] == ["bob"]
+    finally:
+        con.close()
+    assert not [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
+
+
+def compressed_json(obj: Any) -> bytes:
+    import gzip
+
+    return gzip.compress(json.dumps(obj).encode())
