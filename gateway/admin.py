@@ -17,7 +17,7 @@ from sqlalchemy.exc import TimeoutError as SATimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from .db import DatabaseError
+from .db import DatabaseError, store_error
 from .errors import UnsupportedMediaType, json_error
 from .proxy import check_encoding, discard_unread_coded_body, undecodable_body_message, unsupported_encoding_message
 from .writer import rejected
@@ -116,8 +116,16 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
 def _db_unavailable(request: web.Request, e: BaseException) -> web.Response:
     """The database is down, frozen or refusing: the caller retries later. One line, no traceback
     (a driver's message can quote a connection URL)."""
+    detail, refused = store_error(e)
+    if refused:
+        # SQLite refusing its file (read-only, disk full, a file size limit): "retry shortly" would
+        # not help until someone fixes the file or the disk, so the answer says what it is.
+        logging.getLogger("gateway.admin").error("admin %s %s: the database refuses the request (%s)",
+                                                 request.method, request.path, detail)
+        return json_error(503, f"The database refuses the request ({detail}); an operator must fix the "
+                               "database file or its disk.", "server_error", "database_unavailable")
     logging.getLogger("gateway.admin").warning("admin %s %s: database unavailable (%s)", request.method,
-                                               request.path, type(e).__name__)
+                                               request.path, detail)
     return json_error(503, "The database is unavailable; retry shortly.", "server_error",
                       "database_unavailable", headers={"Retry-After": "5"})
 
@@ -178,6 +186,11 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         writers: dict[str, Any] = {"ok": not failing, "failing": failing}
         if failing:
             writers["not_ready_after"] = grace
+            # why (SQLite's error name and its meaning, or the error's class: nothing a driver's
+            # message could carry, as this answer needs no token)
+            why = {w.name: w.last_error for w in gw.services.writers() if w.name in failing and w.last_error}
+            if why:
+                writers["detail"] = "; ".join(f"{k}: {v}" for k, v in sorted(why.items()))
         body = {"status": "ready" if ok else "not_ready",
                 "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
                            "database": database,

@@ -167,6 +167,33 @@ TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: What an operator reads in SQLite's error names (Python's sqlite3 gives them since 3.11) when a
+#: file refuses writes: its own message ("disk I/O error") does not say where to look.
+_SQLITE_HINTS = (
+    ("SQLITE_READONLY", "the database file (or its folder, for the journal files) is read-only for this process"),
+    ("SQLITE_FULL", "the disk is full"),
+    ("SQLITE_IOERR", "the disk refused a read or write: full, over a file size limit (ulimit -f), or failing"),
+    ("SQLITE_CANTOPEN", "the file cannot be opened (missing folder, permissions, too many open files)"),
+    ("SQLITE_CORRUPT", "the database file is damaged"),
+    ("SQLITE_NOTADB", "the file is not an SQLite database"),
+    ("SQLITE_PERM", "the operating system denied access"),
+)
+
+
+def store_error(e: BaseException) -> tuple[str, bool]:
+    """A short text saying why the database failed, safe to log and to show on /readyz (never a
+    driver message that could quote a connection URL), and whether it is SQLite refusing the file
+    itself (a fix of the file or disk is needed; a retry alone will not do)."""
+    orig = getattr(e, "orig", None) or e
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str) and type(orig).__module__ == "sqlite3":
+        for prefix, hint in _SQLITE_HINTS:
+            if name.startswith(prefix):
+                return f"{name}: {hint}", True
+        return f"{name}: {str(orig)[:120]}", False
+    return type(orig).__name__, False
+
+
 class DatabaseFileGone(DatabaseError, OSError):
     """The SQLite file the gateway opened is no longer at its path."""
 

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable, Generic, Literal, Sequence, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .db import store_error
 from .logs import ThrottledLog
 from .tasks import cancel_and_wait
 log = logging.getLogger("gateway.writer")
@@ -96,6 +97,8 @@ class BatchWriter(Generic[T]):
         #: last write went through. /readyz reports a writer failing for a while (see failing_for).
         self.failing_since: float | None = None
         self.last_failure = 0.0
+        #: Why the last write failed (a short text safe to show: see gateway.db.store_error).
+        self.last_error: str | None = None
         self._attempt_started: float | None = None  # monotonic start of the write under way
         self._log = ThrottledLog(log)  # an outage drops a record per request: one line per 10 s
         self._idle = asyncio.Event()
@@ -325,16 +328,17 @@ class BatchWriter(Generic[T]):
                     self._drop(1, "rejected")
                     return
                 self.last_failure = time.monotonic()
+                self.last_error = store_error(e)[0]
                 if self.failing_since is None:
                     self.failing_since = self.last_failure
                 if time.monotonic() + delay > give_up:
-                    log.error("writer %s: giving up on %d records after retries: %s: %s",
-                              self.name, len(batch), type(e).__name__, _short(e))
+                    log.error("writer %s: giving up on %d records after retries: %s: %s%s",
+                              self.name, len(batch), type(e).__name__, _short(e), _sqlite_why(e))
                     self._drop(len(batch), "write_failed")
                     return
                 self._m.retries.labels(self.name).inc()
-                log.warning("writer %s: write of %d records failed, retrying in %.2fs: %s: %s",
-                            self.name, len(batch), delay, type(e).__name__, _short(e))
+                log.warning("writer %s: write of %d records failed, retrying in %.2fs: %s: %s%s",
+                            self.name, len(batch), delay, type(e).__name__, _short(e), _sqlite_why(e))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -456,6 +460,13 @@ def _sqlite_refuses(e: BaseException | None) -> bool:
         text = str(e)
         return "not supported" in text or "binding parameter" in text
     return False
+
+
+def _sqlite_why(e: BaseException) -> str:
+    """SQLite's error name and what it means, after its own message ("disk I/O error" says
+    neither that the disk is full nor that a file size limit was hit)."""
+    detail = store_error(e)[0]
+    return f" ({detail})" if detail.startswith("SQLITE_") else ""
 
 
 def _short(e: BaseException) -> str:
