@@ -299,6 +299,10 @@ class BatchWriter(Generic[T]):
                         stall.cancel()
                 self.written += len(batch)
                 self._written.inc(len(batch))
+                if self.failing_since is not None:
+                    # (the end of what the retry lines began: on-call reads when it was over)
+                    log.warning("writer %s: writes go through again, after %.1f s of failures",
+                                self.name, time.monotonic() - self.failing_since)
                 self.failing_since = None
                 return
             except asyncio.CancelledError:

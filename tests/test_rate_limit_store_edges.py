@@ -385,11 +385,17 @@ async def test_after_the_back_off_one_request_probes_a_frozen_store(make_gateway
                 second = await asyncio.gather(*[timed() for _ in range(n)])  # one probes, the others wait
         finally:
             redis.resume()
+        # the outage's end is said too, once (on-call reads when it was over)
+        with Lines() as after:
+            await asyncio.sleep(0.7)
+            assert [(await post(s, g.url))[0] for _ in range(3)] == [200] * 3
     assert [st for st, _ in first + second] == [503] * (2 * n)
     assert all(t < timeout + 1.5 for _, t in first + second)
     warnings = [x for x in lines.lines if "timed out" in x or "failed" in x]
     print(f"{len(warnings)} warning(s) for {2 * n} requests on a frozen store")
     assert 1 <= len(warnings) <= 3, warnings
+    again = [x for x in after.lines if "answers again" in x]
+    assert len(again) == 1 and "s of failures" in again[0], after.lines
 
 
 async def test_counts_held_back_are_logged_at_shutdown(make_gateway, caplog):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Sequence
 
 from prometheus_client import CollectorRegistry
@@ -53,7 +54,8 @@ async def test_a_store_fault_that_rejects_everything_is_retried_whole():
     assert set(calls) == {10} and len(calls) <= 6
 
 
-async def test_an_unavailable_store_is_retried_whole_not_split():
+async def test_an_unavailable_store_is_retried_whole_not_split(caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.writer")
     calls: list[int] = []
     down = [True]
 
@@ -73,6 +75,9 @@ async def test_an_unavailable_store_is_retried_whole_not_split():
     await w.close()
     assert w.written == 10 and w.dropped == 0
     assert set(calls) == {10}  # every attempt carried the whole batch
+    # the end of the outage is logged once, with how long it lasted
+    again = [r.getMessage() for r in caplog.records if "go through again" in r.getMessage()]
+    assert len(again) == 1 and again[0].startswith("writer t: writes go through again, after 0."), again
 
 
 async def test_a_value_sqlite_has_no_type_for_is_a_rejected_record(tmp_path):

@@ -254,7 +254,7 @@ class KeyWatch:
         async with asyncio.timeout(cfg.store_timeout):
             rows = await self.store.changed_since(since, self._MAX + 1)
         if self.failing:
-            log.info("key_auth: checking for changed keys works again")
+            log.warning("key_auth: checking for changed keys works again")  # (at the level of the failure)
             self.failing = False
         self.last_ok = began
         if len(rows) > self._MAX:

@@ -224,13 +224,15 @@ class Health:
     the connection needs warming up (first use, or after a failure), and how many failures there
     have been (a caller that waited for the warm-up lock sees whether the probe ahead of it failed)."""
 
-    __slots__ = ("down_until", "cold", "lock", "failures")
+    __slots__ = ("down_until", "cold", "lock", "failures", "failing_since")
 
     def __init__(self) -> None:
         self.down_until = 0.0
         self.cold = True
         self.lock = asyncio.Lock()
         self.failures = 0
+        #: when the outage under way began (monotonic); None while the store answers
+        self.failing_since: float | None = None
 
 
 WARMUP_ITEM = RateLimitItemPerSecond(1_000_000_000)
@@ -330,6 +332,11 @@ class CounterStore:
                 await self.limiter.hit(WARMUP_ITEM, *self.tag, "gateway-warmup")
                 await self.limiter.get_window_stats(WARMUP_ITEM, *self.tag, "gateway-warmup")
                 self.health.cold = False
+                if self.health.failing_since is not None:
+                    # (the outage's end, said once: its start was logged, and on-call reads both)
+                    log.warning("rate-limit store %s answers again, after %.1f s of failures", self.label,
+                                time.monotonic() - self.health.failing_since)
+                    self.health.failing_since = None
 
     async def check(self) -> bool:
         """Connect and warm up (bounded by ``max(storage_timeout, CHECK_TIMEOUT)``); False if the
@@ -370,6 +377,8 @@ class CounterStore:
         self.health.cold = True
         self.health.failures += 1
         self.health.down_until = now + self.retry
+        if self.health.failing_since is None:
+            self.health.failing_since = now
         self.last_error = "timed out" if kind == "timeout" else (
             f"{type(e).__name__}: {_short(e)}" if e is not None else "failed")
         if not was_down:
