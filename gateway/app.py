@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any, Awaitable
@@ -406,6 +407,16 @@ class Gateway:
         return True, f"{len(new.plugins)} plugin(s), {len(new.routes)} route(s) from {new.path}"
 
 
+def ephemeral_port(port: int) -> bool:
+    """Is this port in the range the system picks outgoing connections' local ports from?"""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return False
+    return lo <= port <= hi
+
+
 def tune_gc() -> None:
     """Move everything built at start-up (modules, config, plugin objects) out of the collector's
     reach and collect young objects less often. Measured with bench/: without it, full collections
@@ -658,10 +669,18 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
                 hint = ("; another process listens there (two gateways share a port only if both set "
                         "server.reuse_port: true and run as the same user)")
+                m = re.search(r", (\d+)\)", str(e))
+                if m and ephemeral_port(int(m.group(1))):
+                    hint += (f", or an outgoing connection uses it: {m.group(1)} is in this system's range "
+                             "of ports for outgoing connections (net.ipv4.ip_local_port_range); a listening "
+                             "port below that range never collides with one")
             log.error("start-up failed: %s%s", redact_url(str(e).strip() or type(e).__name__), hint)
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
             log.error("start-up failed: %s", redact_url(f"{type(e).__name__}: {e}"))
+        # Never ready, so in no load balancer: no drain_delay (the listener that did start would
+        # serve for it, from a process that is exiting).
+        gw.skip_drain_delay()
         await gw.stop()
         return 1
     tune_gc()

@@ -602,9 +602,29 @@ async def test_start_fails_cleanly_when_port_busy(tmp_path: Path, upstream: Any)
             timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path), "LIFECYCLE_MARKS": str(marks)})
     assert r.returncode == 1, r.stderr
     assert "address already in use" in r.stderr
+    # (the port the kernel picked is in its range for outgoing connections: the hint says so)
+    assert "ip_local_port_range" in r.stderr
     assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr
     # the plugins that had started were shut down again
     assert marks.read_text().splitlines() == ["startup", "shutdown"]
+
+
+async def test_a_failed_start_does_not_serve_for_drain_delay(tmp_path: Path, upstream: Any) -> None:
+    """The public listener up, the admin port taken: the start fails, and the process exits
+    without serving for server.drain_delay (never ready, it is in no load balancer)."""
+    import subprocess
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        cfg = base_config(upstream.url, tmp_path, [], server={"port": free_port(), "drain_delay": 30},
+                          admin={"port": busy.getsockname()[1]})
+        path = write_config(tmp_path / "gateway.yaml", cfg)
+        r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "serve", "-c", str(path)],
+                                    capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "address already in use" in r.stderr and "ip_local_port_range" not in r.stderr
+    assert "still serving" not in r.stderr, r.stderr
 
 
 async def test_reload_adds_and_removes_a_plugins_admin_api(make_gateway: Any) -> None:
