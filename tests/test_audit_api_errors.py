@@ -12,6 +12,8 @@ from .helpers import ADMIN_TOKEN
     ("since=not-a-time", "since"),
     ("limit=abc", "limit"),
     ("limit=0", "limit"),
+    ("limit=-5", "limit"),
+    ("key_id=alice", "key_id"),
     ("order=sideways", "order"),
     ("status=abc", "status"),
     ("status=" + "9" * 40, "status"),
@@ -26,5 +28,7 @@ async def test_bad_audit_query_is_a_400_naming_the_parameter(make_gateway, query
             assert body["error"]["code"] == "invalid_value"
             assert body["error"]["param"] == param
             assert "Traceback" not in body["error"]["message"]
+            if query == "limit=-5":  # (it is an integer: the message says what is allowed)
+                assert body["error"]["message"] == "limit: expected 1..1000"
         async with s.get(f"{g.admin_url}/audit?limit=5") as r:
             assert r.status == 200

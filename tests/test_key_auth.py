@@ -860,6 +860,31 @@ async def test_odd_input_to_keys_and_the_admin_api(make_gateway: Any) -> None:
     assert res.returncode == 2 and "out of range" in res.stderr and "Traceback" not in res.stderr
 
 
+async def test_key_bodies_and_list_queries_out_of_bounds_name_their_parameter(make_gateway):
+    """What a key carries is bounded (it is cached in every instance and its model patterns are
+    tried on each request); a key expired when made is refused as the CLI refuses it; a bad list
+    query names the parameter at fault; a filter no stored label can match is a 400."""
+    g = await make_gateway(ka())
+    rec = await new_key(g)
+    for body, param in (({"owner": "a", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
+                        ({"owner": "a", "scopes": {"models": [f"m{i}" for i in range(257)]}}, "scopes.models"),
+                        ({"owner": "a", "scopes": {"paths": ["/v1/" + "x" * 200]}}, "scopes.paths.0"),
+                        ({"owner": "a", "metadata": {"blob": "x" * 20000}}, "metadata")):
+        st, b = await admin(g, "POST", "/keys", body)
+        assert st == 422 and b["error"]["param"] == param, (param, b)
+    st, b = await admin(g, "PATCH", f"/keys/{rec['id']}", {"metadata": {"blob": "x" * 20000}})
+    assert st == 422 and b["error"]["param"] == "metadata", b
+    st, b = await admin(g, "POST", "/keys", {"owner": "a", "scopes": {"models": [f"m{i}" for i in range(256)]},
+                                             "metadata": {"blob": "x" * 16000}})
+    assert st == 201, b  # (at the bounds)
+    for query, param in (("offset=-1", "offset"), ("offset=x", "offset"), ("limit=0", "limit"),
+                         ("limit=x", "limit"), ("owner=%00", "owner"), ("team=a%00", "team")):
+        st, b = await admin(g, "GET", f"/keys?{query}")
+        assert st == 400 and b["error"]["param"] == param, (query, b)
+    st, b = await admin(g, "GET", "/keys?owner=a&limit=5&offset=0")
+    assert st == 200 and len(b["data"]) == 1
+
+
 async def test_labels_scopes_and_the_admin_token_as_an_operator_gets_them_wrong(make_gateway, upstream, tmp_path):
     """PATCH of one scope list keeps the other; labels a terminal or header would act on are refused;
     an admin token read from a secret file (a newline at its end) still opens the admin API."""

@@ -95,6 +95,8 @@ def routes(services: Any) -> list[Any]:
             f = parse_filters(q.get)
             raw = q.get("limit", "100")
             if not _UINT.fullmatch(raw):  # ASCII digits (int() also takes "²", " 5", "1_0")
+                if raw[:1] == "-" and _UINT.fullmatch(raw[1:]):
+                    raise ValueError(f"limit: expected 1..{MAX_LIMIT}")
                 raise ValueError("limit: expected an integer")
             limit = int(raw) if len(raw) <= 9 else MAX_LIMIT + 1
             if not 1 <= limit <= MAX_LIMIT:

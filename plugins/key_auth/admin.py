@@ -44,14 +44,30 @@ def _no_control(v: Any) -> Any:
     return v
 
 
+#: What no database text column holds (a NUL, a lone surrogate): a filter with one matches nothing.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _UNSAFE_LABEL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
+#: Bounds of what a key carries (cached in every instance, and its model patterns are tried on each
+#: request): entries per scope list, characters per entry, and the metadata's size as JSON.
+MAX_SCOPES = 256
+MAX_SCOPE_TEXT = 200
+MAX_METADATA = 16384
+_ScopeText = Annotated[str, Field(max_length=MAX_SCOPE_TEXT)]
+
+
+def _metadata_size(v: Any) -> Any:
+    if v is not None and len(json.dumps(v, ensure_ascii=False).encode()) > MAX_METADATA:
+        raise ValueError(f"at most {MAX_METADATA} bytes as JSON (keep larger data elsewhere, under an id kept here)")
+    return v
+
+
 class Scopes(_Body):
-    paths: list[str] = Field(default_factory=list,
-                             description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
-    models: list[str] = Field(default_factory=list,
-                              description="Allowed models (shell-style patterns such as gpt-4o*). Empty: any model.")
+    paths: list[_ScopeText] = Field(default_factory=list, max_length=MAX_SCOPES,
+                                    description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
+    models: list[_ScopeText] = Field(default_factory=list, max_length=MAX_SCOPES,
+                                     description="Allowed models (shell-style patterns such as gpt-4o*). Empty: any model.")
 
     @field_validator("paths")
     @classmethod
@@ -111,6 +127,19 @@ class CreateKey(_Body):
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
 
+    @field_validator("metadata")
+    @classmethod
+    def _meta(cls, v: Any) -> Any:
+        return _metadata_size(v)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, v: Any) -> Any:
+        # (a key expired when made is a typo, not a key anyone can use: as `gateway keys create`)
+        if v is not None and v <= dt.datetime.now(dt.timezone.utc):
+            raise ValueError("is in the past")
+        return v
+
 
 class UpdateKey(_Body):
     name: str | None = Field(None, max_length=200)
@@ -124,6 +153,11 @@ class UpdateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
+
+    @field_validator("metadata")
+    @classmethod
+    def _meta(cls, v: Any) -> Any:
+        return _metadata_size(v)
 
 
 class RotateKey(_Body):
@@ -205,13 +239,23 @@ def routes(services: "Services") -> list[web.RouteDef]:
         status = q.get("status")
         if status not in (None, "active", "revoked", "expired"):
             return _err(400, "status must be one of active, revoked, expired.", "invalid_value", "status")
-        try:
-            limit = int(q.get("limit", "100"))
-            offset = int(q.get("offset", "0"))
-        except ValueError:
-            return _err(400, "limit and offset must be integers.", "invalid_value", "limit")
-        if not 1 <= limit <= 1000 or not 0 <= offset <= 2**62:
-            return _err(400, "limit must be 1..1000 and offset >= 0.", "invalid_value", "limit")
+        bounds = {"limit": (q.get("limit", "100"), 1, 1000), "offset": (q.get("offset", "0"), 0, 2**62)}
+        got: dict[str, int] = {}
+        for name, (raw, lo, hi) in bounds.items():
+            try:
+                got[name] = int(raw)
+            except ValueError:
+                return _err(400, f"{name} must be an integer.", "invalid_value", name)
+            if not lo <= got[name] <= hi:
+                return _err(400, f"{name} must be {lo}..{hi}." if name == "limit" else f"{name} must be >= 0.",
+                            "invalid_value", name)
+        limit, offset = got["limit"], got["offset"]
+        for name in ("owner", "team"):
+            v = q.get(name)
+            if v is not None and _UNSTORABLE.search(v):
+                # (no stored label holds one: an empty list would read as "this owner has no key")
+                return _err(400, f"{name} contains a character no key's {name} can hold (e.g. NUL).",
+                            "invalid_value", name)
         data = await store.list(owner=q.get("owner"), status=status, team=q.get("team"), limit=limit,
                                 offset=offset)
         return web.json_response({"object": "list", "data": data, "limit": limit, "offset": offset})
