@@ -201,7 +201,7 @@ async def test_admin_keys_hostile_bodies_and_params(make_gateway, upstream):
             assert r.status == 400 and body["error"]["code"] == "invalid_json", body
         async with s.get(g.admin_url + "/keys?offset=99999999999999999999999", headers=AUTH) as r:
             body = await r.json()
-            assert r.status == 400 and body["error"]["param"] == "limit", body
+            assert r.status == 400 and body["error"]["param"] == "offset", body
         async with s.post(g.admin_url + "/keys", headers=AUTH, data=b"a" * (2 * 2**20)) as r:
             body = await r.json()
             assert r.status == 413 and body["error"]["code"] == "request_too_large", body

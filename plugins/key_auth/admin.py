@@ -247,8 +247,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             except ValueError:
                 return _err(400, f"{name} must be an integer.", "invalid_value", name)
             if not lo <= got[name] <= hi:
-                return _err(400, f"{name} must be {lo}..{hi}." if name == "limit" else f"{name} must be >= 0.",
-                            "invalid_value", name)
+                return _err(400, f"{name} must be {lo}..{hi}.", "invalid_value", name)
         limit, offset = got["limit"], got["offset"]
         for name in ("owner", "team"):
             v = q.get(name)
