@@ -11,7 +11,7 @@ import os
 import re
 import signal
 import time
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
@@ -128,6 +128,18 @@ class Gateway:
         # every setting and warn on each connection; the proxy bounds bodies itself)
         server = JsonErrorServer(self._dispatch, handler_cancellation=True, access_log=None,
                                  keepalive_timeout=self.cfg.server.keepalive_timeout)
+        server.cap = self.connection_cap
+        server.refused = Counter("gateway_connections_refused_total", "Client connections answered 503 and "
+                                 "closed at once: server.max_connections were open", registry=self.services.metrics)
+        Gauge("gateway_connections_open", "Client connections open on the public listener",
+              registry=self.services.metrics).set_function(lambda: len(server.connections))
+        budget = open_files_limit() - self.cfg.upstream.max_connections - MIN_AUTO_CONNECTIONS
+        if self.cfg.server.max_connections is not None and self.cfg.server.max_connections > budget:
+            log.warning("server.max_connections (%d) is more than the open files limit (%d) leaves beside "
+                        "upstream.max_connections (%d): idle client connections can then take the descriptors the "
+                        "admin listener, the upstream and the database need (raise the limit, or lower the "
+                        "setting)", self.cfg.server.max_connections, open_files_limit(),
+                        self.cfg.upstream.max_connections)
         self._public = web.ServerRunner(server, shutdown_timeout=_CUT_AFTER_DRAIN)
         await self._public.setup()
         reuse = self.cfg.server.reuse_port or None
@@ -189,6 +201,12 @@ class Gateway:
         # A connection keeps the handler it was given: this indirection lets a reload wrap a new
         # plugin's middleware around the handler for connections already open too.
         return self._handler(request)
+
+    def connection_cap(self) -> int:
+        """server.max_connections, or what the open files limit leaves for client connections."""
+        if self.cfg.server.max_connections is not None:
+            return self.cfg.server.max_connections
+        return max(MIN_AUTO_CONNECTIONS, open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE)
 
     def skip_drain_delay(self) -> None:
         """End ``server.drain_delay`` now (a second SIGTERM/SIGINT: whoever sent it wants the stop)."""
@@ -276,6 +294,7 @@ class Gateway:
             await self.db.close()
         _REFUSED_LOG.flush()  # (the counts held back for their next line)
         _RESOURCE_LOG.flush()
+        _CONNECTIONS_LOG.flush()
         log.info("gateway stopped")
 
     @staticmethod
@@ -531,8 +550,52 @@ def _check_grace(cfg: GatewayConfig, services: Services) -> None:
                     "retry_for", grace, ", ".join(short))
 
 
+#: Descriptors kept back from client connections for the database pool, the admin listener, Redis,
+#: log and database files (besides upstream.max_connections), when server.max_connections is unset.
+FD_RESERVE = 256
+MIN_AUTO_CONNECTIONS = 64
+
+
+def open_files_limit() -> int:
+    try:
+        import resource
+    except ImportError:
+        return 1 << 20
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+_FULL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nServer: " + SERVER.encode() + b"\r\nContent-Length: %d\r\n\r\n")
+_FULL_BODY = error_body("The gateway has as many client connections open as it takes (server.max_connections); "
+                        "retry shortly.", "server_error", "too_many_connections")
+_CONNECTIONS_LOG = ThrottledLog(log, interval=10.0, level=logging.WARNING)
+
+
+class _Full(asyncio.Protocol):
+    """A connection over server.max_connections: answered 503 at once (the one error shape), then
+    closed; nothing it sends is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_FULL % len(_FULL_BODY) + _FULL_BODY)
+        transport.close()
+
+
 class JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
+    #: the public listener's connection cap (read at each accept: a reload changes it); None: none
+    cap: Callable[[], int] | None = None
+    refused: Any = None
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.cap is not None:
+            cap = self.cap()
+            if len(self._connections) >= cap:
+                if self.refused is not None:
+                    self.refused.inc()
+                _CONNECTIONS_LOG.event("full", 1, f"%d client connection(s) answered 503 and closed: {cap} were "
+                                                  "open (server.max_connections)")
+                return _Full()
         try:
             return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         except (AttributeError, TypeError):  # a future aiohttp without these: its own handler

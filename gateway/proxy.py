@@ -439,8 +439,25 @@ class Proxy:
         if unread:
             discard_unread_coded_body(request)
         ctx.status = head.status
-        await resp.prepare(ctx.request)
-        await resp.write_eof()
+        transport = request.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # The client is not reading what was sent it before (pipelined requests it never reads
+            # the answers to): this answer waits at most send_timeout too, then the connection is
+            # cut (it would otherwise hold its socket buffers and descriptor for as long as it likes).
+            try:
+                async with asyncio.timeout(ctx.settings.send_timeout):
+                    await resp.prepare(request)
+                    await resp.write_eof()
+            except TimeoutError:
+                ctx.outcome, ctx.error = "client_disconnected", "client_stalled"
+                log.info("client read nothing for %gs; connection cut (request %s)", ctx.settings.send_timeout,
+                         ctx.request_id)
+                if request.transport is not None:
+                    request.transport.abort()
+                return resp
+        else:
+            await resp.prepare(request)
+            await resp.write_eof()
         ctx.bytes_out = len(body)
         ctx.t_first_byte = _perf()
         if ctx.error == RequestTimeout.code and ctx.request.transport is not None:
@@ -856,11 +873,13 @@ def discard_unread_coded_body(request: web.BaseRequest) -> bool:
     """Call once the answer is made to a request whose body was not read to its end (a refusal).
     After the answer aiohttp reads the rest of a body (for up to 10 s) so that the client gets the
     answer before the connection closes. A compressed body would be decoded meanwhile, on the
-    event loop: a few MB of gzip are GBs of work, which stalls every other request. Told to close,
-    the connection discards what still arrives undecoded, and closes when the 10 s are up.
-    Returns whether it did (the answer must then say Connection: close)."""
-    if request.body_exists and not request.content.is_eof() \
-            and request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+    event loop: a few MB of gzip are GBs of work, which stalls every other request; a chunked one
+    parsed chunk by chunk (a body of one-byte chunks costs ten times the CPU of its bytes). Told
+    to close, the connection discards what still arrives unparsed, and closes when the 10 s are
+    up. Returns whether it did (the answer must then say Connection: close)."""
+    if request.body_exists and not request.content.is_eof() and (
+            request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+            or "Transfer-Encoding" in request.headers):
         request.protocol.close()
         return True
     return False
