@@ -418,6 +418,11 @@ class RouteConfig(Model):
     max_body_size: int | None = Field(None, gt=0, description="Largest request body on this route (say 25MiB "
                                       "for /v1/audio/transcriptions uploads); null: server.max_body_size. "
                                       "Bodies are read whole into memory.")
+    forward: bool = Field(True, description="false: requests this route takes are not forwarded; the gateway "
+                          "answers 404 not_found after the route's plugins ran (so the attempt is "
+                          "authenticated, counted and audited). For upstream endpoints that must not be "
+                          "reached through the gateway, e.g. the objects a hosted API stores per API key, "
+                          "which every owner would share through the gateway's one credential.")
 
     @field_validator("max_body_size", mode="before")
     @classmethod

@@ -292,6 +292,9 @@ class Proxy:
                 # refused rather than passed on around them.
                 raise BadRequest("The request body holds a number JSON cannot carry (NaN, Infinity, or one "
                                  "beyond a double's range).", code="invalid_number")
+            if not chain.forward:
+                raise NotFound(f"The gateway does not forward {request.method} {request.path} (the route "
+                               f"{chain.name!r} is closed).")
             return await self._forward(ctx, chain)
         except GatewayError as e:
             return await self._send_error(ctx, chain, e)

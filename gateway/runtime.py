@@ -22,12 +22,14 @@ log = logging.getLogger("gateway")
 
 
 class Chain:
-    __slots__ = ("name", "plugins", "headers", "request", "response", "chunk", "complete", "observe", "served", "max_body")
+    __slots__ = ("name", "plugins", "headers", "request", "response", "chunk", "complete", "observe", "served",
+                 "max_body", "forward")
 
-    def __init__(self, name: str, plugins: list[Plugin], max_body: int | None = None) -> None:
+    def __init__(self, name: str, plugins: list[Plugin], max_body: int | None = None, forward: bool = True) -> None:
         self.name = name
         self.plugins = plugins
         self.max_body = max_body  # a route's own limit on request bodies (None: server.max_body_size)
+        self.forward = forward  # False: a closed route (routes[].forward), answered 404 after the plugins
         def uses(p: Plugin, hook: str) -> bool:
             return type(p).overrides(hook) and hook not in p.unused_hooks
 
@@ -134,7 +136,7 @@ class Runtime:
                 # HEAD is GET without the body (as HTTP servers answer it): the same limits and
                 # checks, unless a route with this prefix names HEAD itself.
                 methods.add("HEAD")
-            routes.append(Route(rname, rc.path_prefix, frozenset(methods), Chain(rname, plugins, rc.max_body_size)))
+            routes.append(Route(rname, rc.path_prefix, frozenset(methods), Chain(rname, plugins, rc.max_body_size, rc.forward)))
         # Most specific first: longer prefixes, then routes that name methods.
         routes.sort(key=lambda r: (-len(r.prefix), 0 if r.methods else 1))
         self.routes = routes

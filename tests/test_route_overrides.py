@@ -167,6 +167,49 @@ async def test_a_route_takes_bodies_of_its_own_size(make_gateway: Any, upstream:
         assert (await post("/v1/audio/transcriptions", bigger))[0] == 200
 
 
+async def test_a_closed_route_is_answered_404_after_its_plugins_and_never_forwarded(make_gateway: Any, upstream: Any,
+                                                                                    tmp_path: Path) -> None:
+    """Stored objects a hosted API keeps per API key (stored completions, files) would be shared by
+    every owner through the gateway's one credential: routes closed with forward: false answer
+    404 without reaching the upstream, after key_auth (a missing key is still a 401) and with the
+    attempt in the audit trail; the rest of the path's methods still go through."""
+    import sqlite3
+
+    g = await make_gateway([{"name": "key_auth"}, {"name": "audit", "config": {"flush_interval": 0.05}}],
+                           routes=[{"name": "stored", "path_prefix": "/v1/chat/completions", "methods": ["GET", "DELETE"],
+                                    "forward": False},
+                                   {"path_prefix": "/v1/files", "forward": False}])
+    async with aiohttp.ClientSession(timeout=T) as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "alice"},
+                          headers={"Authorization": "Bearer test-admin-token-0123456789abcdef"}) as r:
+            key = (await r.json())["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        before = len(upstream.requests)
+        for method, path in (("GET", "/v1/chat/completions"), ("GET", "/v1/chat/completions/chatcmpl-1/messages"),
+                             ("HEAD", "/v1/chat/completions"), ("DELETE", "/v1/chat/completions/chatcmpl-1"),
+                             ("POST", "/v1/files"), ("GET", "/v1/FILES/file-1")):
+            async with s.request(method, g.url + path, headers=auth) as r:
+                assert r.status == 404, (method, path)
+                if method != "HEAD":
+                    err = (await r.json())["error"]
+                    assert err["code"] == "not_found" and "does not forward" in err["message"], err
+        async with s.get(g.url + "/v1/chat/completions") as r:
+            assert r.status == 401  # (the route's plugins ran first)
+        assert len(upstream.requests) == before
+        async with s.post(g.url + "/v1/chat/completions", headers=auth,
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200
+        assert len(upstream.requests) == before + 1
+    await g.stop()
+    con = sqlite3.connect(tmp_path / "gateway.db")
+    try:
+        rows = [json.loads(d) for (d,) in con.execute("SELECT data FROM audit_events WHERE type = 'request'")]
+    finally:
+        con.close()
+    closed = [e for e in rows if e["status"] == 404]
+    assert len(closed) == 6 and all(e["key_id"] and e["route"] in ("stored", "/v1/files") for e in closed), closed
+
+
 async def test_memory_fits_history_within_the_routes_own_body_size(make_gateway: Any, upstream: Any) -> None:
     """Memory mode keeps the forwarded body within the limit the request had: its route's
     max_body_size, not server.max_body_size (under which a turn the route allows went without its
