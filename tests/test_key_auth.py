@@ -230,6 +230,11 @@ async def test_scopes_path_and_model(make_gateway: Any) -> None:
                               body={"messages": [{"role": "user", "content": "hi"}]})
     assert st == 403 and body["error"]["code"] == "key_scope_denied", body
     assert Probe.seen[-1]["refusal"]["reason"] == "scope_model"
+    # "Model" beside "model": Go's encoding/json (Ollama) would take "Model", which the scope
+    # never saw; either spelling alone is judged as the gateway reads it
+    for extra in ({"Model": "secret-model"}, {"MODEL": "demo-chat"}):
+        st, body = await raw_call(g.url, {"Authorization": f"Bearer {key}"}, body={**CHAT, **extra})
+        assert st == 403 and "more than one spelling" in body["error"]["message"], body
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
         async with s.get(g.url + "/v1/models") as r:  # no body: the path scope alone decides
             assert r.status == 403 and (await r.json())["error"]["code"] == "key_scope_denied"

@@ -502,6 +502,14 @@ class KeyAuth(Plugin):
         if models is None:
             return None
         model = ctx.model
+        j = ctx.json
+        if isinstance(j, dict) and any(k != "model" and k.lower() == "model" for k in j):
+            # "Model" beside "model": Python backends take "model", Go's encoding/json (Ollama) the
+            # last key that matches without regard to case, which may be one the scope never saw
+            return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                "This API key is limited to some models, and this request names a model under "
+                                "more than one spelling of \"model\" (backends differ in which they use).",
+                                "key_scope_denied", "permission_error")
         if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in models):
             return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                 f"This API key is not allowed to use the model {model!r}.",
