@@ -416,6 +416,33 @@ async def test_ownership_isolation(make_gateway: Any, db: dict[str, Any]) -> Non
             assert r.status == 401
 
 
+async def test_another_owners_fresh_id_takes_as_long_as_one_nobody_made(make_gateway: Any, db: dict[str, Any],
+                                                                           monkeypatch: Any) -> None:
+    """An id made moments ago that no instance has stored yet is waited for (another instance's
+    write may be late). Another owner's fresh id waits as long: answered sooner, the time taken
+    would tell that it exists."""
+    import time
+
+    import gateway.plugins.conversations as conv_mod
+    monkeypatch.setattr(conv_mod, "LATE_WRITE_WAIT", 1.5)
+    g = await start(make_gateway, db, key_auth=True)
+    keys = {}
+    async with aiohttp.ClientSession() as s:
+        for owner in ("alice", "bob"):
+            async with s.post(g.admin_url + "/keys", json={"owner": owner}, headers=ADMIN) as r:
+                keys[owner] = (await r.json())["key"]
+    st, h, _ = await chat(g, [{"role": "user", "content": "alice's"}], key=keys["alice"])
+    cid = h["X-Conversation-ID"]
+    made_up = cid[:11] + ("A" if cid[11] != "A" else "B") + cid[12:]  # the same second, nobody's
+    took = {}
+    for name, c in (("foreign", cid), ("unknown", made_up)):
+        t0 = time.monotonic()
+        st, _, b = await chat(g, [{"role": "user", "content": "x"}], c, key=keys["bob"])
+        took[name] = time.monotonic() - t0
+        assert st == 404 and b["error"]["code"] == "conversation_not_found"
+    assert took["foreign"] >= 1.4 and took["unknown"] >= 1.4, took  # (both waited the whole LATE_WRITE_WAIT)
+
+
 # -- partial answers -------------------------------------------------------------------------------
 async def test_client_disconnect_and_upstream_death_mid_stream(make_gateway: Any, db: dict[str, Any]) -> None:
     g = await start(make_gateway, db)

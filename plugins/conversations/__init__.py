@@ -464,12 +464,15 @@ class Conversations(Plugin):
                     await asyncio.sleep(first)
                     if v is None:
                         v = await shared.view(cid, cfg.cache_ttl)
-                        age = id_age(cid)
-                        if v is None and age is not None and -5 < age < RECENT_ID:
-                            # made moments ago: another instance's write of it may be late
-                            until = time.monotonic() + LATE_WRITE_WAIT - first
-                            while v is None and time.monotonic() < until:
-                                await asyncio.sleep(0.25)
+                    age = id_age(cid)
+                    if (v is None or v.owner != owner) and age is not None and -5 < age < RECENT_ID:
+                        # made moments ago: another instance's write of it may be late. Another
+                        # owner's recent id waits as long (only waits: were it answered sooner,
+                        # the time would tell that it exists).
+                        until = time.monotonic() + LATE_WRITE_WAIT - first
+                        while (v is None or v.owner != owner) and time.monotonic() < until:
+                            await asyncio.sleep(0.25)
+                            if v is None:
                                 v = await shared.view(cid, cfg.cache_ttl)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
