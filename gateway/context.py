@@ -40,6 +40,10 @@ def other_encoding(body: bytes) -> bool:
 _TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 
 
+#: The owner of requests made without an API key (routes without key_auth): conversations
+#: keeps theirs under it, and no key may be given it.
+ANONYMOUS = "anonymous"
+
 def caller_key_id(key_id: str | None, refusal: dict[str, Any] | None) -> str | None:
     """The admitted key's id, else the id of the key a refusal named (revoked, expired, out of
     scope ...; a refusal holds the key's id only, never the key)."""

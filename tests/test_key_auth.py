@@ -874,7 +874,9 @@ async def test_key_bodies_and_list_queries_out_of_bounds_name_their_parameter(ma
     for body, param in (({"owner": "a", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
                         ({"owner": "a", "scopes": {"models": [f"m{i}" for i in range(257)]}}, "scopes.models"),
                         ({"owner": "a", "scopes": {"paths": ["/v1/" + "x" * 200]}}, "scopes.paths.0"),
-                        ({"owner": "a", "metadata": {"blob": "x" * 20000}}, "metadata")):
+                        ({"owner": "a", "metadata": {"blob": "x" * 20000}}, "metadata"),
+                        # (the owner of keyless requests: such a key would read their conversations)
+                        ({"owner": "anonymous"}, "owner")):
         st, b = await admin(g, "POST", "/keys", body)
         assert st == 422 and b["error"]["param"] == param, (param, b)
     st, b = await admin(g, "PATCH", f"/keys/{rec['id']}", {"metadata": {"blob": "x" * 20000}})

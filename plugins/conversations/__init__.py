@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from gateway.context import RequestContext
+from gateway.context import ANONYMOUS, RequestContext
 from gateway.errors import error_body
 from gateway.plugin import Plugin, PluginConfig, Reply
 
@@ -38,7 +38,6 @@ __all__ = ["Conversations", "ConversationsConfig"]
 
 # digits in ASCII order, so ids made later sort after ids made earlier (byte-wise, as SQLite compares)
 _B62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
-ANONYMOUS = "anonymous"
 
 
 # os.urandom bytes mapped to base62 characters: a byte below 248 (= 4 * 62) becomes _B62[b % 62],

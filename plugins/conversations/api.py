@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from gateway.admin import admin_identity
+from gateway.context import ANONYMOUS
 from gateway.errors import error_body, json_error
 from gateway.plugin import Reply
 
@@ -110,7 +111,7 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
     shared = plugin.shared
     assert shared is not None
     store = shared.store
-    owner = ctx.owner or "anonymous"
+    owner = ctx.owner or ANONYMOUS
     rest = ctx.path[len(cfg.api_prefix):].strip("/")
     q = ctx.request.query
     ctx.refusal = {"plugin": plugin.name, "type": "served", "reason": "conversations_api"}

@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator,
 
 from gateway.admin import admin_identity
 from gateway.config.model import prefix_problem
+from gateway.context import ANONYMOUS
 from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store
@@ -126,6 +127,15 @@ class CreateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
+
+    @field_validator("owner")
+    @classmethod
+    def _not_anonymous(cls, v: Any) -> Any:
+        if v == ANONYMOUS:
+            # (the owner of requests without a key, on routes without key_auth: such a key would
+            # read and continue every keyless caller's conversations)
+            raise ValueError(f"{ANONYMOUS!r} is the owner of requests made without a key; name another owner")
+        return v
 
     @field_validator("metadata")
     @classmethod
