@@ -22,8 +22,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
-from .errors import (BadRequest, GatewayError, HttpVersionNotSupported, InternalError, NotFound, PayloadTooLarge,
-                     RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType,
+from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
+                     PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType,
                      error_body)
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Plugin, Reply, ResponseHead
@@ -254,7 +254,9 @@ class Proxy:
                 # (Spring, Tomcat: /chat/completions;x is /chat/completions), '\' is a '/' to
                 # others; the route (and its rules) must be the one the upstream serves.
                 raise BadRequest("The request path must not contain ';', '\\' or control characters.")
+            size = 0
             for name, value in request.headers.items():
+                size += len(name) + len(value)
                 if not value.isascii() and not utf8(value):
                     # (Latin-1 "Jos\xe9": aiohttp keeps such bytes as surrogates, which its writer
                     # drops: the upstream would get another value than the client sent, X-Forwarded-For
@@ -262,6 +264,10 @@ class Proxy:
                     # Refused before the chain runs, so no plugin records a request not forwarded.)
                     raise BadRequest(f"The value of the header {name[:64]} is not UTF-8 text; it cannot be "
                                      "forwarded as sent.")
+            if size > MAX_HEAD:
+                # (the parser takes 128 lines of 8 KiB each: a 1 MB head, forwarded, is refused by most
+                # upstreams with something less clear, after every plugin has run)
+                raise HeadersTooLarge(f"The request's header fields add up to more than {MAX_HEAD} bytes.")
             if "//" in request.path:
                 # An empty segment: routes would not match it (/v1//chat is not below /v1/chat) while
                 # an upstream that merges slashes (nginx does by default) serves it as /v1/chat.
@@ -754,6 +760,8 @@ class ClientStalled(Exception):
 
 
 _EVENT_END = (b"\n\n", b"\r\r", b"\r\n\r\n")
+#: Largest sum of a request's header names and values taken (as nginx's default buffers: 4 x 8 KiB)
+MAX_HEAD = 32768
 #: Rate-limit response headers (x-ratelimit-*, X-RateLimit-*, RateLimit, RateLimit-Policy), lower case.
 _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 

@@ -384,3 +384,21 @@ async def test_a_redirect_into_the_upstream_points_at_the_gateway(make_gateway: 
         assert got == {"abs": "/v1/files/f1?x=1", "path": "/v1/files/f2", "other": "https://files.example.com/f3"}
     finally:
         await runner.cleanup()
+
+
+async def test_a_head_over_32_kib_in_all_gets_431_and_is_not_forwarded(make_gateway: Any, upstream: Any) -> None:
+    """The parser takes 128 header lines of 8 KiB each (a 1 MB head); past 32 KiB in all the
+    gateway answers 431 in the one error shape instead of forwarding it (most upstreams refuse such
+    a head with something less clear, after every plugin ran)."""
+    g = await make_gateway([])
+    before = len(upstream.requests)
+    big = "".join(f"X-Big-{i}: {'v' * 8000}\r\n" for i in range(5))
+    out = await exchange(g.gw.public_port, post("/v1/chat/completions", CHAT, extra=big + "Connection: close\r\n"))
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), out[:200]
+    assert json.loads(body)["error"]["code"] == "request_header_fields_too_large"
+    assert len(upstream.requests) == before
+    fits = "".join(f"X-Big-{i}: {'v' * 8000}\r\n" for i in range(3))
+    out = await exchange(g.gw.public_port, post("/v1/chat/completions", CHAT, extra=fits + "Connection: close\r\n"))
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert len(upstream.requests[-1]["headers"]["X-Big-2"]) == 8000
