@@ -235,6 +235,11 @@ async def test_scopes_path_and_model(make_gateway: Any) -> None:
     for extra in ({"Model": "secret-model"}, {"MODEL": "demo-chat"}):
         st, body = await raw_call(g.url, {"Authorization": f"Bearer {key}"}, body={**CHAT, **extra})
         assert st == 403 and "more than one spelling" in body["error"]["message"], body
+    # demo-c* matches "demo-chat/../secret-model", which an upstream reading names as paths serves
+    for name in ("demo-chat/../secret-model", "demo-c\\..\\x", "demo-c/./x"):
+        st, body = await raw_call(g.url, {"Authorization": f"Bearer {key}"}, body={**CHAT, "model": name})
+        assert st == 403 and "path segments" in body["error"]["message"], (name, body)
+    assert (await raw_call(g.url, {"Authorization": f"Bearer {key}"}, body={**CHAT, "model": "demo-chat.v2"}))[0] == 200
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as s:
         async with s.get(g.url + "/v1/models") as r:  # no body: the path scope alone decides
             assert r.status == 403 and (await r.json())["error"]["code"] == "key_scope_denied"

@@ -510,6 +510,12 @@ class KeyAuth(Plugin):
                                 "This API key is limited to some models, and this request names a model under "
                                 "more than one spelling of \"model\" (backends differ in which they use).",
                                 "key_scope_denied", "permission_error")
+        if model is not None and "." in model and any(x in (".", "..") for x in model.replace("\\", "/").split("/")):
+            # "demo-x/../secret-model" matches the pattern demo-*, and an upstream that reads model
+            # names as paths (a models folder, org/name ids) would serve secret-model
+            return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                "This API key is limited to some models, and this model name has '.' or '..' "
+                                "path segments.", "key_scope_denied", "permission_error")
         if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in models):
             return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                 f"This API key is not allowed to use the model {model!r}.",
