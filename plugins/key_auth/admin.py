@@ -214,8 +214,13 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
-        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        msg = "unknown field" if first["type"] == "extra_forbidden" else validation_message(first)
         return _err(422, f"{loc}: {msg}" if loc else msg, "invalid_value", loc)
+
+
+def validation_message(error: Any) -> str:
+    """A pydantic error's message, without the "Value error, " it puts before a validator's own."""
+    return str(error["msg"]).removeprefix("Value error, ") if error["type"] == "value_error" else str(error["msg"])
 
 
 def _key_id(request: web.Request) -> str | None:

@@ -254,12 +254,14 @@ def _invalid(model: Any, data: dict[str, Any]) -> str | None:
     """The first problem the admin API would report for the same values (one rule set for both), or None."""
     from pydantic import ValidationError
 
+    from .admin import validation_message
     try:
         model.model_validate(data)
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"])
-        return f"{loc}: {first['msg']}" if loc else first["msg"]
+        msg = validation_message(first)
+        return f"{loc}: {msg}" if loc else msg
     return None
 
 
