@@ -133,7 +133,7 @@ class Gateway:
                                  "closed at once: server.max_connections were open", registry=self.services.metrics)
         Gauge("gateway_connections_open", "Client connections open on the public listener",
               registry=self.services.metrics).set_function(lambda: len(server.connections))
-        budget = open_files_limit() - self.cfg.upstream.max_connections - MIN_AUTO_CONNECTIONS
+        budget = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE
         if self.cfg.server.max_connections is not None and self.cfg.server.max_connections > budget:
             log.warning("server.max_connections (%d) is more than the open files limit (%d) leaves beside "
                         "upstream.max_connections (%d): idle client connections can then take the descriptors the "
@@ -574,12 +574,42 @@ _CONNECTIONS_LOG = ThrottledLog(log, interval=10.0, level=logging.WARNING)
 
 class _Full(asyncio.Protocol):
     """A connection over server.max_connections: answered 503 at once (the one error shape), then
-    closed; nothing it sends is read."""
+    closed. Closed at once with the client's request unread, the kernel would reset it, and the
+    client would lose the answer: the connection ends its side after the answer and discards what
+    arrives until the client closes, for at most a second (and without that wait once
+    FULL_LINGER of them are lingering: the descriptors are what is short)."""
+
+    lingering = 0
+
+    def __init__(self) -> None:
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.write(_FULL % len(_FULL_BODY) + _FULL_BODY)
-        transport.close()
+        if _Full.lingering >= FULL_LINGER or not transport.can_write_eof():
+            transport.close()
+            return
+        _Full.lingering += 1
+        transport.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(FULL_LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # (discarded: the request is not read)
+
+    def eof_received(self) -> bool:
+        return False  # the client has read the answer and closed: close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            _Full.lingering -= 1
+
+
+#: Refused connections (over server.max_connections) that may wait for their client to close
+FULL_LINGER = 64
+FULL_LINGER_SECONDS = 1.0
 
 
 class JsonErrorServer(web.Server):
@@ -732,7 +762,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
                 hint = ("; another process listens there (two gateways share a port only if both set "
                         "server.reuse_port: true and run as the same user)")
-                m = re.search(r", (\d+)\)", str(e))
+                m = re.search(r"\('[^']*', (\d+)[,)]", str(e))  # ('127.0.0.1', 8080) or ('::1', 8080, 0, 0)
                 if m and ephemeral_port(int(m.group(1))):
                     hint += (f", or an outgoing connection uses it: {m.group(1)} is in this system's range "
                              "of ports for outgoing connections (net.ipv4.ip_local_port_range); a listening "

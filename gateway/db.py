@@ -189,7 +189,8 @@ def store_error(e: BaseException) -> tuple[str, bool]:
     if isinstance(name, str) and type(orig).__module__ == "sqlite3":
         for prefix, hint in _SQLITE_HINTS:
             if name.startswith(prefix):
-                return f"{name}: {hint}", True
+                # (cannot open: also too many open files for a moment, which a retry can outlast)
+                return f"{name}: {hint}", prefix != "SQLITE_CANTOPEN"
         return f"{name}: {str(orig)[:120]}", False
     return type(orig).__name__, False
 

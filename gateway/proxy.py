@@ -448,25 +448,19 @@ class Proxy:
         if unread:
             discard_unread_coded_body(request)
         ctx.status = head.status
-        transport = request.transport
-        if transport is not None and transport.get_write_buffer_size():
-            # The client is not reading what was sent it before (pipelined requests it never reads
-            # the answers to): this answer waits at most send_timeout too, then the connection is
-            # cut (it would otherwise hold its socket buffers and descriptor for as long as it likes).
-            try:
-                async with asyncio.timeout(ctx.settings.send_timeout):
-                    await resp.prepare(request)
-                    await resp.write_eof()
-            except TimeoutError:
-                ctx.outcome, ctx.error = "client_disconnected", "client_stalled"
-                log.info("client read nothing for %gs; connection cut (request %s)", ctx.settings.send_timeout,
-                         ctx.request_id)
-                if request.transport is not None:
-                    request.transport.abort()
-                return resp
-        else:
-            await resp.prepare(request)
-            await resp.write_eof()
+        try:
+            # aiohttp's write waits while the client reads nothing (the answers to pipelined
+            # requests it never reads pile up; a large reply): at most send_timeout, then cut.
+            async with asyncio.timeout(ctx.settings.send_timeout):
+                await resp.prepare(request)
+                await resp.write_eof()
+        except TimeoutError:
+            ctx.outcome, ctx.error = "client_disconnected", "client_stalled"
+            log.info("client read nothing for %gs; connection cut (request %s)", ctx.settings.send_timeout,
+                     ctx.request_id)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         ctx.bytes_out = len(body)
         ctx.t_first_byte = _perf()
         if ctx.error == RequestTimeout.code and ctx.request.transport is not None:

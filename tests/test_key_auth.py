@@ -890,7 +890,7 @@ async def test_key_bodies_and_list_queries_out_of_bounds_name_their_parameter(ma
                                              "metadata": {"blob": "x" * 16000}})
     assert st == 201, b  # (at the bounds)
     for query, param in (("offset=-1", "offset"), ("offset=x", "offset"), ("limit=0", "limit"),
-                         ("limit=x", "limit"), ("owner=%00", "owner"), ("team=a%00", "team")):
+                         ("limit=x", "limit"), ("limit=1_0", "limit"), ("owner=%00", "owner"), ("team=a%00", "team")):
         st, b = await admin(g, "GET", f"/keys?{query}")
         assert st == 400 and b["error"]["param"] == param, (query, b)
     st, b = await admin(g, "GET", "/keys?owner=a&limit=5&offset=0")

@@ -257,10 +257,9 @@ def routes(services: "Services") -> list[web.RouteDef]:
         bounds = {"limit": (q.get("limit", "100"), 1, 1000), "offset": (q.get("offset", "0"), 0, 2**62)}
         got: dict[str, int] = {}
         for name, (raw, lo, hi) in bounds.items():
-            try:
-                got[name] = int(raw)
-            except ValueError:
+            if not re.fullmatch(r"-?[0-9]{1,19}", raw):  # (int() also takes "1_0", " 5", "²")
                 return _err(400, f"{name} must be an integer.", "invalid_value", name)
+            got[name] = int(raw)
             if not lo <= got[name] <= hi:
                 return _err(400, f"{name} must be {lo}..{hi}.", "invalid_value", name)
         limit, offset = got["limit"], got["offset"]
