@@ -130,7 +130,7 @@ class Gateway:
                                  keepalive_timeout=self.cfg.server.keepalive_timeout)
         server.cap = self.connection_cap
         server.refused = Counter("gateway_connections_refused_total", "Client connections answered 503 and "
-                                 "closed at once: server.max_connections were open", registry=self.services.metrics)
+                                 "closed: server.max_connections were open", registry=self.services.metrics)
         Gauge("gateway_connections_open", "Client connections open on the public listener",
               registry=self.services.metrics).set_function(lambda: len(server.connections))
         budget = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE
