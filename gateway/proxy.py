@@ -23,8 +23,8 @@ from multidict import CIMultiDict
 
 from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
-                     PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented, UnsupportedMediaType,
-                     error_body)
+                     PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
+                     UnsupportedMediaType, error_body)
 from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
 from .plugin import Plugin, Reply, ResponseHead
 from .redact import mask_gateway_keys
