@@ -339,7 +339,7 @@ async def test_a_leaked_key_is_found_by_pasting_the_whole_key(make_gateway, tmp_
     whole, wrong = await asyncio.gather(acli(cfg, "query", "--type", "request", "--key-id", bob["key"]),
                                         acli(cfg, "query", "--key-id", bob["key"][:-2]))
     assert whole.returncode == 0 and [json.loads(x)["key_id"] for x in whole.stdout.splitlines()] == [bob["id"]]
-    assert wrong.returncode == 2 and "not a key id" in wrong.stderr and bob["key"][:-2] not in wrong.stderr
+    assert wrong.returncode == 2 and "--key-id: not a key id" in wrong.stderr and bob["key"][:-2] not in wrong.stderr
 
 
 async def test_a_huge_model_name_is_kept_cut_in_the_event(make_gateway, tmp_path):

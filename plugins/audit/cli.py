@@ -94,7 +94,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if len(args.heads) > MAX_HEADS:
             raise ValueError(f"--head: at most {MAX_HEADS} at once")
     except ValueError as e:
-        print(f"gateway audit: {e}", file=sys.stderr)
+        msg = str(e)
+        name = msg.split(":", 1)[0]
+        if name in FILTERS:  # (the API's parameter names: the command line's are its flags)
+            msg = f"--{name.replace('_', '-')}{msg[len(name):]}"
+        print(f"gateway audit: {msg}", file=sys.stderr)
         return 2
     # (Ctrl-C, SIGTERM and a closed pipe are gateway.cli.main's: exit 130 / 143, or 0 for `| head`)
     try:
