@@ -113,9 +113,10 @@ class ServerConfig(Model):
                                      "take to send a request head) before it is closed.")
     max_connections: int | None = Field(None, ge=1, le=10_000_000, description="Client connections the public "
                                         "listener keeps open at once; one more is answered 503 and closed. Default: "
-                                        "what the open files limit leaves after upstream.max_connections and 256 "
-                                        "for the database, the admin listener and files, so that idle "
-                                        "connections cannot take the descriptors the rest of the process needs.")
+                                        "what the open files limit leaves after upstream.max_connections, the listen "
+                                        "backlog (1024) and 256 for the database, the admin listener and files, so "
+                                        "that idle connections cannot take the descriptors the rest of the process "
+                                        "needs.")
     body_timeout: float = Field(60.0, gt=0, description="Seconds a request body may stall (no bytes arriving) "
                                 "before the request gets 408.")
     send_timeout: float = Field(60.0, gt=0, description="Seconds a response may wait for a client that reads "

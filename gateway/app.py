@@ -133,7 +133,7 @@ class Gateway:
                                  "closed: server.max_connections were open", registry=self.services.metrics)
         Gauge("gateway_connections_open", "Client connections open on the public listener",
               registry=self.services.metrics).set_function(lambda: len(server.connections))
-        budget = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE
+        budget = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG
         if self.cfg.server.max_connections is not None and self.cfg.server.max_connections > budget:
             log.warning("server.max_connections (%d) is more than the open files limit (%d) leaves beside "
                         "upstream.max_connections (%d): idle client connections can then take the descriptors the "
@@ -143,7 +143,8 @@ class Gateway:
         self._public = web.ServerRunner(server, shutdown_timeout=_CUT_AFTER_DRAIN)
         await self._public.setup()
         reuse = self.cfg.server.reuse_port or None
-        site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=1024, reuse_port=reuse)
+        site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=LISTEN_BACKLOG,
+                           reuse_port=reuse)
         await site.start()
         self.public_port = _port(self._public)
         if self.cfg.admin.enabled:
@@ -206,7 +207,8 @@ class Gateway:
         """server.max_connections, or what the open files limit leaves for client connections."""
         if self.cfg.server.max_connections is not None:
             return self.cfg.server.max_connections
-        return max(MIN_AUTO_CONNECTIONS, open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE)
+        return max(MIN_AUTO_CONNECTIONS,
+                   open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG)
 
     def skip_drain_delay(self) -> None:
         """End ``server.drain_delay`` now (a second SIGTERM/SIGINT: whoever sent it wants the stop)."""
@@ -554,6 +556,9 @@ def _check_grace(cfg: GatewayConfig, services: Services) -> None:
 #: log and database files (besides upstream.max_connections), when server.max_connections is unset.
 FD_RESERVE = 256
 MIN_AUTO_CONNECTIONS = 64
+#: The public listener's backlog: asyncio accepts up to this many connections at one wake-up, each
+#: taking its descriptor before the cap can refuse it, so the cap leaves room for them too.
+LISTEN_BACKLOG = 1024
 
 
 def open_files_limit() -> int:

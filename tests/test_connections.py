@@ -88,10 +88,10 @@ async def test_connections_over_the_cap_get_a_503_and_the_rest_of_the_process_ke
 async def test_the_default_cap_leaves_descriptors_for_the_rest_of_the_process(make_gateway: Any) -> None:
     import resource
 
-    from gateway.app import FD_RESERVE
+    from gateway.app import FD_RESERVE, LISTEN_BACKLOG
     g = await make_gateway([], upstream={"max_connections": 100})
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    assert g.gw.connection_cap() == max(64, soft - 100 - FD_RESERVE)
+    assert g.gw.connection_cap() == max(64, soft - 100 - FD_RESERVE - LISTEN_BACKLOG)
 
 
 async def test_pipelined_answers_never_read_are_cut_at_send_timeout(make_gateway: Any) -> None:
