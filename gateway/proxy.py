@@ -307,7 +307,11 @@ class Proxy:
         except PluginFailed as e:
             # The 500 replaces the response; the response hooks run on it (it is what the client
             # gets: CORS, rate-limit headers ...), except the one that just failed in on_response.
-            return await self._send_error(ctx, chain, InternalError(),
+            # After the upstream answered (a response hook failed), the OpenAI SDKs would retry the
+            # 500 twice: the upstream would do the work again, for the same hook to fail.
+            answered = e.phase in ("on_response", "on_chunk")
+            return await self._send_error(ctx, chain, InternalError(headers={"x-should-retry": "false"} if answered
+                                                                    else None),
                                           skip=e.plugin if e.phase == "on_response" else None)
 
     async def _run_request_hooks(self, ctx: RequestContext, plugins: list[Plugin], phase: str) -> Reply | None:

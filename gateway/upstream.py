@@ -345,12 +345,20 @@ class Upstream:
             self.failures.event("first_byte", 1, f"%d upstream request(s) got no response head within "
                                                  f"upstream.timeouts.first_byte ({target.timeouts.first_byte:g}s; "
                                                  f"the last: request {ctx.request_id}): 504")
-            raise UpstreamTimeout("The upstream did not send a response in time.") from None
+            # (the upstream has the request and may still be working on it: the OpenAI SDKs would
+            # send it twice more, each waiting first_byte again, for the same answer not coming)
+            raise UpstreamTimeout("The upstream did not send a response in time.",
+                                  headers={"x-should-retry": "false"}) from None
         except (aiohttp.ClientError, OSError) as e:
             ctx.outcome = "upstream_error"
             why = failure(e).replace("%", "%%")
             self.failures.event("failed", 1, f"%d upstream request(s) failed (the last: request {ctx.request_id}: "
                                              f"{why}): 502")
+            if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)) or (
+                    isinstance(e, (aiohttp.ClientOSError, ConnectionResetError))
+                    and not isinstance(e, aiohttp.ClientConnectorError)):
+                # (reached, then dropped: "could not be reached" would send people to the network)
+                raise UpstreamUnavailable("The upstream closed the connection before answering.") from None
             raise UpstreamUnavailable() from None
         except Exception:  # e.g. a header value a plugin set that HTTP cannot carry
             ctx.outcome = "error"

@@ -30,6 +30,8 @@ async def raw_backend() -> AsyncIterator[str]:
                 body = b'{"ok": true}'
                 w.write(b"HTTP/1.1 200 O\x01K\r\nX-A: a\x01b\r\nX-B: fine\r\nX-C: Jos\xe9\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            elif path.endswith(b"/drop"):
+                return  # read, then closed without a word
             elif path.endswith(b"/badline"):
                 w.write(b"HTTP/1.1 2x0 SECRET-ANSWER-TEXT\r\nContent-Length: 2\r\n\r\nok")
             else:
@@ -402,3 +404,13 @@ async def test_a_head_over_32_kib_in_all_gets_431_and_is_not_forwarded(make_gate
     out = await exchange(g.gw.public_port, post("/v1/chat/completions", CHAT, extra=fits + "Connection: close\r\n"))
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
     assert len(upstream.requests[-1]["headers"]["X-Big-2"]) == 8000
+
+
+async def test_an_upstream_that_drops_the_request_is_a_502_saying_so(gw: Any) -> None:
+    """Reached, then the connection closed before an answer: not "could not be reached", which
+    would send people to debug the network."""
+    out = await exchange(gw.gw.public_port, post("/v1/drop", CHAT, extra="Connection: close\r\n"))
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502"), out[:200]
+    err = json.loads(body)["error"]
+    assert err["code"] == "upstream_unavailable" and err["message"] == "The upstream closed the connection before answering."

@@ -588,6 +588,8 @@ async def test_first_byte_timeout_is_504(make_gateway: Any, caplog: Any) -> None
         for _ in range(3):
             async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "1.5"}) as r:
                 assert r.status == 504
+                # (the upstream has the request: the SDKs would send it twice more, waiting each time)
+                assert r.headers["x-should-retry"] == "false"
                 body = await r.json()
     assert_error_shape(body, "upstream_timeout")
     await wait_for(lambda: ProxyRecorder.seen)
@@ -806,6 +808,8 @@ async def test_plugin_raising_is_generic_500(make_gateway: Any, upstream: Any, c
                 text = await r.text()
                 assert HEX32.match(r.headers["X-Request-ID"])
                 assert r.headers["X-Counted"] == {"request": "1", "response": "2"}[where]  # hooks ran on the 500
+                # after the upstream answered, a retry would make it do the work again for nothing
+                assert r.headers.get("x-should-retry") == {"request": None, "response": "false"}[where]
             assert "secret internal detail" not in text and "Traceback" not in text and "RuntimeError" not in text
             body = json.loads(text)
             assert_error_shape(body, "internal_error")
