@@ -718,6 +718,15 @@ class Proxy:
                 request.transport.abort()
         except asyncio.CancelledError:  # the client went away (the server cancels the handler)
             ctx.bytes_out = sent
+            if asyncio.current_task() in self._cutting and streamed and coding is None and not sized \
+                    and (sent == 0 or last.endswith(_EVENT_END)):
+                # A shutdown's drain time is up mid-stream: as for a cut by the upstream, an error
+                # event says why (the OpenAI SDKs raise it), rather than a bare network error.
+                event = _cut_event("gateway_shutdown")
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(0.5):
+                        await out.write(event)
+                    ctx.bytes_out = sent + len(event)
             raise
         except PluginFailed:
             ctx.outcome = "error"
@@ -765,8 +774,12 @@ _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 
 def _cut_event(outcome: str) -> bytes:
-    """The error event a stream the upstream cut short ends with."""
-    if outcome == "upstream_timeout":
+    """The error event a stream cut short ends with (by the upstream, or a shutdown's drain time)."""
+    if outcome == "gateway_shutdown":
+        body = error_body("The gateway is shutting down and its drain time (server.shutdown_timeout) ran out "
+                          "mid-answer; the answer is incomplete: send the request again.", "server_error",
+                          "gateway_shutdown")
+    elif outcome == "upstream_timeout":
         body = error_body("The upstream went silent mid-answer (idle timeout); the answer is incomplete.",
                           "server_error", "upstream_timeout")
     else:
