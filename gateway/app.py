@@ -454,6 +454,24 @@ class _JsonErrorHandler(RequestHandler):
     The parser's message is neither echoed nor logged: it can quote what the client sent, an API
     key or the admin token included."""
 
+    #: made by a JsonErrorServer with a cap, and not yet among its connections (see __call__)
+    _counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._uncount()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._uncount()
+        super().connection_lost(exc)
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            server = self._manager
+            if isinstance(server, JsonErrorServer):
+                server.accepting -= 1
+
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # a response already began: the connection is broken
@@ -621,20 +639,28 @@ class JsonErrorServer(web.Server):
     #: the public listener's connection cap (read at each accept: a reload changes it); None: none
     cap: Callable[[], int] | None = None
     refused: Any = None
+    #: Connections made (their handler built) but not yet among ``_connections``: asyncio runs the
+    #: factory for every connection of a burst before any of them is registered (connection_made
+    #: comes a loop turn later), so counting only those registered let a burst past the cap.
+    accepting = 0
 
     def __call__(self) -> asyncio.Protocol:
         if self.cap is not None:
             cap = self.cap()
-            if len(self._connections) >= cap:
+            if len(self._connections) + self.accepting >= cap:
                 if self.refused is not None:
                     self.refused.inc()
                 _CONNECTIONS_LOG.event("full", 1, f"%d client connection(s) answered 503 and closed: {cap} were "
                                                   "open (server.max_connections)")
                 return _Full()
         try:
-            return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+            handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
         except (AttributeError, TypeError):  # a future aiohttp without these: its own handler
             return super().__call__()
+        if self.cap is not None:
+            handler._counted = True
+            self.accepting += 1
+        return handler
 
 
 class JsonErrorAppRunner(web.AppRunner):

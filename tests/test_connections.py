@@ -162,3 +162,20 @@ async def test_a_refused_chunked_upload_is_not_parsed_after_the_answer(make_gate
         assert parsed[0] - before < len(rest) // 10, (parsed[0] - before, len(rest))
     finally:
         w.close()
+
+
+async def test_a_burst_of_connections_does_not_pass_the_cap(make_gateway: Any) -> None:
+    """asyncio builds the handlers of a burst of connections before any is registered: counting the
+    registered ones only let a burst of 50 past a cap of 3."""
+    g = await make_gateway([], server={"max_connections": 3})
+    socks = [socket.create_connection(("127.0.0.1", g.gw.public_port)) for _ in range(50)]  # (no yield: a burst)
+    try:
+        deadline = time.monotonic() + 15
+        while await metric(g, "gateway_connections_refused_total") < 47:
+            assert time.monotonic() < deadline, await metric(g, "gateway_connections_refused_total")
+            await asyncio.sleep(0.05)
+        assert await metric(g, "gateway_connections_open") == 3
+        assert await metric(g, "gateway_connections_refused_total") == 47
+    finally:
+        for c in socks:
+            c.close()
