@@ -59,8 +59,9 @@ _ScopeText = Annotated[str, Field(max_length=MAX_SCOPE_TEXT)]
 
 
 def _metadata_size(v: Any) -> Any:
-    if v is not None and len(json.dumps(v, ensure_ascii=False).encode()) > MAX_METADATA:
-        raise ValueError(f"at most {MAX_METADATA} bytes as JSON (keep larger data elsewhere, under an id kept here)")
+    if v is not None and len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA:
+        raise ValueError(f"at most {MAX_METADATA} bytes as compact JSON (keep larger data elsewhere, under an id "
+                         "kept here)")
     return v
 
 

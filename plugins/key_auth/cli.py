@@ -171,7 +171,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                                            "metadata": ch.get("metadata") or {}, "scopes": ch.get("scopes") or {},
                                            "limits": ch.get("limits") or {}, "expires_at": ch.get("expires_at")})
             if problem:
-                return _fail(problem)
+                return _fail(problem, code=2)  # (a value the command line got wrong: a usage error)
             rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
                                           team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
                                           limits=ch.get("limits"), expires_at=ch.get("expires_at"))
@@ -197,7 +197,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 return _fail("nothing to change (see gateway keys update --help)")
             problem = _invalid(UpdateKey, ch)
             if problem:
-                return _fail(problem)
+                return _fail(problem, code=2)  # (a value the command line got wrong: a usage error)
             if "scopes" in ch:
                 # Only the list given on the command line is replaced; the other one is kept (as
                 # stored when the change is written).
@@ -212,7 +212,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             grace = kcfg.rotation_grace if args.grace is None else args.grace
             problem = _invalid(RotateKey, {"grace_seconds": grace})
             if problem:
-                return _fail(problem.replace("grace_seconds", "--grace"))
+                return _fail(problem.replace("grace_seconds", "--grace"), code=2)
             try:
                 res = await store.rotate(args.key_id, pepper=kcfg.pepper, grace_seconds=grace)
             except KeyRevoked:
@@ -308,6 +308,6 @@ def _when(iso: str | None) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = 1) -> int:
     print(f"gateway keys: {msg}", file=sys.stderr)
-    return 1
+    return code
