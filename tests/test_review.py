@@ -158,7 +158,7 @@ async def test_cli_key_values_checked_like_admin_api(tmp_path):
                        (("update", kid, "--scope-path", "v1"), "scopes.paths"),
                        (("rotate", kid, "--grace", "-1"), "--grace")):
         res = await agw_cli(cfg, "keys", *args)
-        assert res.returncode == 1 and word in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.returncode == 2 and word in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
     res = await agw_cli(cfg, "keys", "list", "--limit", "0")
     assert res.returncode == 2 and "--limit" in res.stderr
     res = await agw_cli(cfg, "keys", "show", kid, "--json")
@@ -234,7 +234,7 @@ async def test_identity_headers_never_carry_control_characters(make_gateway, ups
     seen = upstream.requests[-1]["headers"]
     assert "X-Evil" not in seen and seen["X-Owner"] == "old  X-Evil: 1" and seen["X-Key-Name"] == "José 日本"
     res = await agw_cli(g.gw.cfg.path, "keys", "create", "--owner", "bad\nowner")
-    assert res.returncode == 1 and "control characters" in res.stderr, res.stderr
+    assert res.returncode == 2 and "control characters" in res.stderr, res.stderr
 
 
 async def test_rate_limit_counters_of_long_owners_do_not_collide(make_gateway, upstream):
