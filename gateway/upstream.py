@@ -43,7 +43,9 @@ REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "content-encoding", "auth
                              "openai-organization", "openai-project"}
 #: The upstream's answer names the organization and project its credential bills (the
 #: gateway's, an operator's identifiers): not for every client.
-RESPONSE_DROP = HOP_BY_HOP | {"openai-organization", "openai-project"}
+#: (the upstream's Server and X-Powered-By too: they name the backend's software and its version,
+#: which clients need not learn; the gateway's answers say Server: gateway)
+RESPONSE_DROP = HOP_BY_HOP | {"openai-organization", "openai-project", "server", "x-powered-by"}
 
 
 #: Control characters a header or reason phrase cannot carry (tab aside), as aiohttp's writer

@@ -182,6 +182,8 @@ class Fake:
             "Proxy-Authenticate": "Basic realm=upstream",
             "Proxy-Authorization": "Basic dXA6c3RyZWFt",
             "X-Resp-End-To-End": "kept",
+            "Server": "uvicorn/0.30.1",
+            "X-Powered-By": "Express 4.18",
         })
 
     async def redirect(self, request: web.Request) -> web.Response:
@@ -528,6 +530,8 @@ async def test_hop_by_hop_stripped_on_the_way_down(make_gateway: Any, fake: Any)
                 assert name not in h, name
             assert "X-Resp-Private" not in h.get("Connection", "")
             assert h["X-Resp-End-To-End"] == "kept"
+            # the backend's software and version are not the client's to learn
+            assert h.getall("Server") == ["gateway"] and "X-Powered-By" not in h
 
 
 async def test_redirect_relayed_not_followed(make_gateway: Any, fake: Any) -> None:
