@@ -83,6 +83,7 @@ class Gateway:
         self._skip_delay = asyncio.Event()  # a second SIGTERM/SIGINT: the rest of drain_delay is skipped
         #: Set by stop(): when the drain time runs out (requests cut after it were cut by the shutdown).
         self.drain_deadline: float | None = None
+        self._client_fds = 0  # descriptors the open files limit leaves client connections (set at start)
 
     async def migrate_if_configured(self) -> None:
         assert self.db is not None
@@ -133,8 +134,10 @@ class Gateway:
                                  "closed: server.max_connections were open", registry=self.services.metrics)
         Gauge("gateway_connections_open", "Client connections open on the public listener",
               registry=self.services.metrics).set_function(lambda: len(server.connections))
-        budget = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG
-        if self.cfg.server.max_connections is not None and self.cfg.server.max_connections > budget:
+        # (the open files limit is raised before the start, and upstream.max_connections needs a
+        # restart: what they leave client connections is worked out once, not at each accept)
+        self._client_fds = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG
+        if self.cfg.server.max_connections is not None and self.cfg.server.max_connections > self._client_fds:
             log.warning("server.max_connections (%d) is more than the open files limit (%d) leaves beside "
                         "upstream.max_connections (%d): idle client connections can then take the descriptors the "
                         "admin listener, the upstream and the database need (raise the limit, or lower the "
@@ -207,8 +210,7 @@ class Gateway:
         """server.max_connections, or what the open files limit leaves for client connections."""
         if self.cfg.server.max_connections is not None:
             return self.cfg.server.max_connections
-        return max(MIN_AUTO_CONNECTIONS,
-                   open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG)
+        return max(MIN_AUTO_CONNECTIONS, self._client_fds)
 
     def skip_drain_delay(self) -> None:
         """End ``server.drain_delay`` now (a second SIGTERM/SIGINT: whoever sent it wants the stop)."""

@@ -111,6 +111,9 @@ def _timestamp_text(v: Any) -> Any:
     raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2027-01-31T00:00:00Z")
 
 
+#: A key's metadata as both bodies take it: free JSON, at most MAX_METADATA bytes written compactly.
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata_size)]
+
 #: An expiry time as both bodies take it: a date-time string with an offset, one the store can keep.
 ExpiresAt = Annotated[AwareDatetime | None, BeforeValidator(_timestamp_text), AfterValidator(_in_range)]
 
@@ -119,7 +122,7 @@ class CreateKey(_Body):
     owner: str = Field(min_length=1, max_length=200, description="The user the key belongs to.")
     name: str = Field("", max_length=200, description="A label for people.")
     team: str | None = Field(None, max_length=200)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form JSON kept with the key.")
+    metadata: Metadata = Field(default_factory=dict, description="Free-form JSON kept with the key.")
     scopes: Scopes = Field(default_factory=Scopes)
     limits: Limits = Field(default_factory=Limits)
     expires_at: ExpiresAt = Field(None, description="When the key stops working (RFC 3339 with offset).")
@@ -138,11 +141,6 @@ class CreateKey(_Body):
             raise ValueError(f"{ANONYMOUS!r} is the owner of requests made without a key; name another owner")
         return v
 
-    @field_validator("metadata")
-    @classmethod
-    def _meta(cls, v: Any) -> Any:
-        return _metadata_size(v)
-
     @field_validator("expires_at")
     @classmethod
     def _future(cls, v: Any) -> Any:
@@ -155,7 +153,7 @@ class CreateKey(_Body):
 class UpdateKey(_Body):
     name: str | None = Field(None, max_length=200)
     team: str | None = Field(None, max_length=200, description="null clears it.")
-    metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata.")
+    metadata: Metadata | None = Field(None, description="Replaces the metadata.")
     scopes: Scopes | None = Field(None, description="Only the lists given change (paths, models); [] clears one.")
     limits: Limits | None = Field(None, description="Only the fields given change; null clears an override.")
     expires_at: ExpiresAt = Field(None, description="null: never expires.")
@@ -164,11 +162,6 @@ class UpdateKey(_Body):
     @classmethod
     def _labels(cls, v: Any) -> Any:
         return _no_control(v)
-
-    @field_validator("metadata")
-    @classmethod
-    def _meta(cls, v: Any) -> Any:
-        return _metadata_size(v)
 
 
 class RotateKey(_Body):
