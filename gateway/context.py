@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 
@@ -71,7 +71,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath", "max_body",
+        "upstream_request_id", "lpath", "max_body", "json_filter",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -126,6 +126,10 @@ class RequestContext:
         self.response_headers: dict[str, str] = {}  # set on the client response, before on_response hooks run
         #: the JSON body holds NaN, Infinity or a number beyond a double's range (so ``json`` is None)
         self.non_finite = False
+        #: Set by a plugin (key_auth, for a key limited to some models, on a model list): what a
+        #: successful answer's JSON becomes before the client gets it. The core reads the whole body
+        #: (bounded), and answers 502 if it cannot be read as JSON: it never relays it unchanged.
+        self.json_filter: Callable[[Any], Any] | None = None
 
     # -- request body ---------------------------------------------------------------------------
     @property

@@ -25,7 +25,9 @@ from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
-from .observe import DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, ask_for_usage, content_coding, decoded_head
+from .fastjson import JSON_ERRORS, dumps_bytes, loads
+from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, Undecodable, _Decoder, ask_for_usage,
+                      content_coding, decoded_head)
 from .plugin import Plugin, Reply, ResponseHead
 from .redact import mask_gateway_keys
 from .upstream import CTL_CHAR, utf8
@@ -567,6 +569,10 @@ class Proxy:
                     start = pending if coding is None else decoded_head(coding, pending)
                     verdict = _sse_start(start) if start is not None else False
             streamed = verdict is True
+        filtered = ctx.json_filter is not None and 200 <= resp.status < 300 and not streamed
+        if filtered:
+            pending = await _filter_json(ctx, content, pending, coding)
+            content, coding = _READ_ALL, None
         ctx.streamed = streamed
         observer = None
         if ctx.observe:
@@ -581,6 +587,11 @@ class Proxy:
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
+        if filtered:
+            headers.popall("Content-Encoding", None)
+            headers.popall("Content-Length", None)
+            if not transform:
+                headers["Content-Length"] = str(len(pending))
         rid = headers.get("X-Request-ID")
         if rid is not None and rid != ctx.request_id and len(rid) <= 200:
             # The upstream's own id (what its support asks for) goes on under another name: the
@@ -823,6 +834,63 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
 
 #: Bytes of an upstream's 4xx answer read to see whether it refused the stream_options the gateway added.
 _ERROR_PEEK = 65536
+#: The largest answer a ``ctx.json_filter`` is applied to (a model list is a few KiB).
+MAX_FILTERED = 8 * 2**20
+
+
+class _ReadAll:
+    """The body of an answer already read in full (and filtered): nothing more to read."""
+
+    @staticmethod
+    async def readany() -> bytes:
+        return b""
+
+
+_READ_ALL = _ReadAll()
+
+
+def _unfiltered(ctx: RequestContext, why: str) -> GatewayError:
+    log.warning("upstream answer to %s %s not relayed: %s, so it could not be limited to what the caller may see "
+                "(request %s)", ctx.method, ctx.path[:200], why, ctx.request_id)
+    return GatewayError("The upstream's answer could not be read to limit it to what this API key may see.",
+                        status=502, type="upstream_error", code="upstream_unreadable")
+
+
+async def _filter_json(ctx: RequestContext, content: Any, pending: bytes, coding: str | None) -> bytes:
+    """The whole answer (at most MAX_FILTERED bytes, decoded if compressed), through
+    ``ctx.json_filter``, as JSON. Anything that stops that is a 502: the answer is never relayed
+    unfiltered."""
+    data = bytearray(pending)
+    try:
+        while True:
+            more = await content.readany()
+            if not more:
+                break
+            data += more
+            if len(data) > MAX_FILTERED:
+                raise _unfiltered(ctx, f"over {MAX_FILTERED} bytes")
+    except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        raise _unfiltered(ctx, f"the upstream ended it ({type(e).__name__})") from None
+    body = bytes(data)
+    if coding is not None:
+        if coding not in DECODABLE:
+            raise _unfiltered(ctx, f"Content-Encoding {coding[:40]} is not one the gateway decodes")
+        dec = _Decoder(coding)
+        try:
+            body = b"".join([*dec.pieces(body), *dec.pieces(b"")])
+        except Undecodable:
+            raise _unfiltered(ctx, f"it did not decode as {coding[:40]}") from None
+    try:
+        j = loads(body)
+    except JSON_ERRORS:
+        raise _unfiltered(ctx, "it is not JSON") from None
+    assert ctx.json_filter is not None
+    try:
+        out = ctx.json_filter(j)
+    except Exception:
+        log.exception("response filter failed (request %s)", ctx.request_id)
+        raise _unfiltered(ctx, "the filter failed") from None
+    return dumps_bytes(out)
 #: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.
 _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:")

@@ -298,8 +298,8 @@ class Upstream:
                 out.popall(k, None)
             else:
                 out[k] = v
-        if ctx.observe:
-            out["Accept-Encoding"] = "identity"  # the observer reads usage from the body
+        if ctx.observe or ctx.json_filter is not None:
+            out["Accept-Encoding"] = "identity"  # the observer reads usage from the body (a filter all of it)
         return out
 
     @staticmethod

@@ -501,6 +501,18 @@ class KeyAuth(Plugin):
         models = ctx.state.get(_MODELS)
         if models is None:
             return None
+        lpath = ctx.lpath
+        if lpath.endswith(_MODEL_LISTS):
+            # The list shows the models this key may use, no others (a UI offers what is listed).
+            if ctx.method == "GET":
+                ctx.json_filter = lambda j: only_models(j, models)
+        elif "/models/" in lpath:
+            # GET (or DELETE) /v1/models/{model}: the model is the rest of the path (org/name ids too)
+            named = ctx.path[lpath.index("/models/") + 8:].rstrip("/")
+            if not any(fnmatch.fnmatchcase(named, m) for m in models):
+                return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                    f"This API key is not allowed to use the model {named!r}.",
+                                    "key_scope_denied", "permission_error")
         model = ctx.model
         j = ctx.json
         if isinstance(j, dict) and any(k != "model" and k.lower() == "model" for k in j):
@@ -666,6 +678,34 @@ class KeyAuth(Plugin):
         from .cli import add_cli
 
         add_cli(subparsers)
+
+
+#: Paths that list models: the OpenAI API's (``/v1/models``) and Ollama's own (``/api/tags``,
+#: ``/api/ps``).
+_MODEL_LISTS = ("/models", "/models/", "/api/tags", "/api/ps")
+
+
+def only_models(j: Any, patterns: tuple[str, ...]) -> Any:
+    """A model list with only the models matching ``patterns``: the OpenAI shape (``data``: objects
+    with an ``id``), Ollama's (``models``: objects with a ``model`` or ``name``), or a bare list of
+    either. An entry without a name it can check goes too. Anything else is returned unchanged (it
+    lists no models)."""
+    def allowed(e: Any, field: tuple[str, ...]) -> bool:
+        if not isinstance(e, dict):
+            return False
+        name = next((e[f] for f in field if isinstance(e.get(f), str)), None)
+        return name is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    if isinstance(j, list):
+        return [e for e in j if allowed(e, ("id", "model", "name"))]
+    if isinstance(j, dict):
+        out = dict(j)
+        if isinstance(j.get("data"), list):
+            out["data"] = [e for e in j["data"] if allowed(e, ("id",))]
+        if isinstance(j.get("models"), list):
+            out["models"] = [e for e in j["models"] if allowed(e, ("model", "name"))]
+        return out
+    return j
 
 
 def _needs_a_model(ctx: "RequestContext") -> bool:
