@@ -208,8 +208,12 @@ class Completion:
     @property
     def relayed_tokens(self) -> int | None:
         """Output tokens of a stream that ended without a usage report (cut short, or an upstream
-        that ignores include_usage): the deltas relayed, one per token roughly. None otherwise."""
-        return self.deltas if self.usage is None and self.kind == "sse" else None
+        that ignores include_usage), or whose report has no valid output count (a negative or
+        fractional ``completion_tokens``: as if not reported): the deltas relayed, one per token
+        roughly. None otherwise."""
+        if self.kind != "sse":
+            return None
+        return self.deltas if self.usage is None or usage_tokens(self.usage)[1] is None else None
 
     @property
     def total_tokens(self) -> int | None:

@@ -307,10 +307,11 @@ class Metrics(Plugin):
             ttfb.observe(ctx.t_first_byte - t_start)
         c = ctx.completion
         if c is not None and self.tokens:
-            if c.usage:
-                tin, tout = c.prompt_tokens, c.completion_tokens
-            else:  # a stream without a usage report: the deltas relayed (as key_auth counts them)
-                tin, tout = None, c.relayed_tokens
+            # a stream without a usage report (or a valid output count in it): the deltas relayed,
+            # as key_auth counts them
+            tin, tout = c.prompt_tokens, c.relayed_tokens
+            if tout is None:
+                tout = c.completion_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):
                 # The model the upstream says answered: the request's is the client's free input
                 # (and not what was billed, when the upstream maps it). An answer too large to read

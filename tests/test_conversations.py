@@ -473,7 +473,12 @@ async def test_client_disconnect_and_upstream_death_mid_stream(make_gateway: Any
     full_len = 60
     assert text.startswith(got) and len(text.split()) < full_len
     assert rows[1].tokens_derived and rows[1].tokens >= 5
-    assert (await turns(g, cid))[0].status == "client_disconnected"
+    t = (await turns(g, cid))[0]
+    assert t.status == "client_disconnected"
+    # no usage report came: the turn's output tokens are the deltas delivered (as the audit event,
+    # key usage and metrics count them), and so are the conversation's totals
+    assert (t.prompt_tokens, t.completion_tokens, t.usage) == (None, rows[1].tokens, None)
+    assert (await conv_row(g, cid)).completion_tokens == rows[1].tokens
 
     # the upstream dies after 5 chunks: the client got exactly those, and so does the store
     got, errors = "", []

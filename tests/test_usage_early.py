@@ -82,3 +82,53 @@ async def test_a_cut_stream_reported_at_its_start_is_charged_what_it_delivered(m
     assert totals["prompt_tokens"] == 9 and totals["completion_tokens"] == ev["tokens_out"], totals
     out = [line for line in metrics.splitlines() if line.startswith('gateway_tokens_total{direction="output"')]
     assert out and float(out[0].rsplit(" ", 1)[1]) == ev["tokens_out"], out
+
+
+async def test_a_report_without_a_valid_output_count_counts_the_deltas_everywhere(make_gateway: Any) -> None:
+    """A stream whose usage chunk has a completion count that is no count (negative, fractional, a
+    string): taken as not reported, so every ledger counts the 8 deltas relayed, the conversation
+    turn too, as they count those of a stream with no report at all."""
+    bad = iter([-5, 1.5, "12"])
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(8):
+            await resp.write(chunk(f"t{i} "))
+        await resp.write(chunk(usage={"prompt_tokens": 9, "completion_tokens": next(bad), "total_tokens": 30}))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async with backend(chat) as url:
+        g = await make_gateway([{"name": "key_auth"}, {"name": "conversations", "config": {"flush_interval": 0.05}},
+                                {"name": "audit", "config": {"flush_interval": 0.05}}, {"name": "metrics"}],
+                               upstream={"url": url})
+        conv = g.plugin("conversations")
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", json={"owner": "o"}, headers=ADMIN) as r:
+                rec = await r.json()
+            cids = []
+            for _ in range(3):
+                async with s.post(g.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {rec['key']}"},
+                                  json={"model": "m", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}) as r:
+                    assert r.status == 200 and (await r.read()).count(b'"content": "t') == 8
+                    cids.append(r.headers["X-Conversation-ID"])
+
+            async def all_in() -> Any:
+                got = await recorded_usage_and_audit(g, s, rec["id"])
+                return got if got is not None and got[0]["requests"] == 3 and len(got[1]) == 3 else None
+
+            totals, events = await until(all_in, every=0.1, what="the usage and the audit events")
+            async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
+                metrics = await r.text()
+            await conv.flush()
+            turns = []
+            for cid in cids:
+                async with s.get(g.admin_url + f"/conversations/{cid}", headers=ADMIN) as r:
+                    turns.append((await r.json())["completion_tokens"])
+    assert [(ev["tokens_in"], ev["tokens_out"], ev.get("tokens_estimated")) for ev in events] == [(9, 8, True)] * 3
+    assert totals["prompt_tokens"] == 27 and totals["completion_tokens"] == 24, totals
+    out = [line for line in metrics.splitlines() if line.startswith('gateway_tokens_total{direction="output"')]
+    assert out and float(out[0].rsplit(" ", 1)[1]) == 24, out
+    assert turns == [8, 8, 8]

@@ -87,10 +87,10 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
         c.model if c is not None else None,
         c.usage if c is not None else None,
-        # output tokens estimated from the deltas relayed: a stream without a usage report, or one
-        # whose report came before some of its output (the larger of the two counts)
-        (c.relayed_tokens if c.usage is None else c.completion_tokens if c.usage_stale else None)
-        if c is not None else None,
+        # output tokens estimated from the deltas relayed: a stream without a usage report (or
+        # without a valid output count in it), or one whose report came before some of its output
+        # (the larger of the two counts)
+        _estimated(c) if c is not None else None,
         ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
@@ -155,6 +155,11 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         upstream, upstream_headers, overhead, _ms(t_start, t_fb), tokens_in, tokens_out, streamed,
         bytes_in, bytes_out, conversation_id,
     ], refusal
+
+
+def _estimated(c: Any) -> int | None:
+    r = c.relayed_tokens
+    return r if r is not None else c.completion_tokens if c.usage_stale else None
 
 
 def build(item: tuple[Any, ...]) -> dict[str, Any]:

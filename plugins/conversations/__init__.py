@@ -845,9 +845,12 @@ class Conversations(Plugin):
                 digests.append(d)
                 tokens.append(t)
                 statuses.append(status)
+        # A stream without a usage report (or a valid output count in it): its deltas, as the audit
+        # event, key usage, metrics and the trace count them (its usage stays null)
+        relayed = comp.relayed_tokens if comp is not None else None
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
+                "completion_tokens": completion_tokens if relayed is None else relayed,
                 "total_tokens": comp.total_tokens if comp is not None else None,
                 "usage": dumps(usage) if usage is not None else None, "latency_ms": latency, "ttft_ms": ttft,
                 "created_at": now}

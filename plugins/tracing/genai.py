@@ -100,10 +100,10 @@ def _usage(a: dict[str, Any], c: Completion) -> None:
     before its usage chunk, or reported before some of its output), whose output tokens are the
     deltas relayed, one per token roughly, marked ``gateway.tokens_estimated``."""
     u = c.usage
-    if u is None:
-        est = c.relayed_tokens  # a stream without a usage report (None for a JSON body)
-    else:
-        est = c.completion_tokens if c.usage_stale else None
+    # a stream without a usage report, or a valid output count in it (None for a JSON body)
+    est = c.relayed_tokens
+    if est is None and u is not None and c.usage_stale:
+        est = c.completion_tokens
     it = ot = None
     if u:
         it, ot = usage_tokens(u)
