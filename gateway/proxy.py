@@ -569,10 +569,10 @@ class Proxy:
                     start = pending if coding is None else decoded_head(coding, pending)
                     verdict = _sse_start(start) if start is not None else False
             streamed = verdict is True
-        filtered = ctx.json_filter is not None and 200 <= resp.status < 300 and not streamed
-        if filtered:
+        filtered = ctx.json_filter is not None and 200 <= resp.status < 300
+        if filtered:  # (an event stream is no JSON: a 502, as any other answer it cannot read)
             pending = await _filter_json(ctx, content, pending, coding)
-            content, coding = _READ_ALL, None
+            content, coding, streamed = _READ_ALL, None, False
         ctx.streamed = streamed
         observer = None
         if ctx.observe:

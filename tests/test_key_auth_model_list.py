@@ -18,7 +18,7 @@ from .helpers import ADMIN_TOKEN, base_config, serve_handler, start_gateway, wri
 
 T = aiohttp.ClientTimeout(total=20)
 MODELS = ["demo-chat", "demo-chat-large", "secret-model", "org/demo-chat-ft", "org/other"]
-#: what the upstream answers /v1/models with: "plain", "gzip", "br" (not decodable), "html", "huge"
+#: what the upstream answers /v1/models with: "plain", "gzip", "br" (not decodable), "html", "sse", "huge"
 MODE = {"list": "plain"}
 SEEN: list[tuple[str, str]] = []
 
@@ -37,6 +37,8 @@ async def backend(request: web.Request) -> web.StreamResponse:
         if mode == "br":
             return web.Response(body=b"\x0b\x02\x80" + body, headers={"Content-Type": "application/json",
                                                                    "Content-Encoding": "br"})
+        if mode == "sse":
+            return web.Response(body=b"data: " + body + b"\n\n", content_type="text/event-stream")
         if mode == "html":
             return web.Response(text="<html>" + " ".join(MODELS) + "</html>", content_type="text/html")
         if mode == "huge":
@@ -120,7 +122,7 @@ async def test_a_list_that_cannot_be_filtered_is_not_relayed(gw: Any) -> None:
     assert [m["id"] for m in json.loads(body)["data"]] == ["demo-chat", "demo-chat-large"]
     # What cannot be read (a coding the gateway does not decode, not JSON, too large) is a 502:
     # the client never gets the whole list.
-    for mode in ("br", "html", "huge"):
+    for mode in ("br", "html", "sse", "huge"):
         MODE["list"] = mode
         st, h, body = await get(g, scoped, "/v1/models")
         err = json.loads(body)["error"]
