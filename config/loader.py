@@ -57,6 +57,9 @@ class _Lines:
         #: paths whose value was already reported (an unset variable, a value YAML cannot read):
         #: validation's complaint about the null left there would only repeat it
         self.bad: set[Path_] = set()
+        #: paths whose value holds a variable set in the form Kubernetes gives a service's address
+        #: (GATEWAY_PORT=tcp://10.96.0.12:8080 for a Service named gateway): (name, value)
+        self.service_links: dict[Path_, tuple[str, str]] = {}
         # one constructor for every scalar (it remembers each node, so an aliased one is built once)
         self.loader = yaml.SafeLoader("")
 
@@ -107,7 +110,12 @@ def shown_key(key: str, header: bool = True) -> str:
     return key
 
 
-def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str]) -> str:
+#: A Kubernetes service link: the address of a Service, in every pod of its namespace.
+_SERVICE_LINK = re.compile(r"^(?:tcp|udp|sctp)://[0-9a-fA-F.:\[\]]+:\d+$")
+
+
+def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str],
+                 links: dict[Path_, tuple[str, str]] | None = None) -> str:
     """``${NAME}`` and ``${NAME:-default}`` from ``env``; ``$${`` is a literal ``${``. A default is
     taken as written: one holding another ``${`` (``${A:-${B}}``, which the pattern would cut at
     the first ``}``) is refused rather than read as something else. No message repeats the value."""
@@ -129,6 +137,8 @@ def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: d
             return "${"
         name, default = m.group(1), m.group(2)
         if name in env and env[name] != "":
+            if links is not None and _SERVICE_LINK.match(env[name]):
+                links[path] = (name, env[name])  # (an address, no secret: shown if the value is refused)
             return env[name]
         if default is not None:
             return default
@@ -192,7 +202,7 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
         return _unreadable(node, path, lines, problems)
     if isinstance(value, str) and "${" in value:
         before = len(problems)
-        value = _interpolate(value, path, node.start_mark.line + 1, problems, env)
+        value = _interpolate(value, path, node.start_mark.line + 1, problems, env, lines.service_links)
         if len(problems) > before:
             lines.bad.add(path)
         # An interpolated plain value stays the string it is (validation reads "8080" as a number
@@ -355,6 +365,10 @@ def _located_problems(err: ValidationError, lines: _Lines, prefix: Path_ = ()) -
         elif e["type"] == "value_error" and msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]  # (pydantic's prefix to a validator's own message)
         item = f"{fmt_path(loc)} -> line {line if line else '?'}: {msg}"
+        link = lines.service_links.get(loc)
+        if link is not None:
+            item += (f" ({link[0]} is {link[1]!r}: the variable Kubernetes sets in a pod for a Service by that name; "
+                     "set enableServiceLinks: false in the pod spec, or name the variable otherwise)")
         if all(item != o for _, o in out):
             out.append((loc, item))
     return out
@@ -445,6 +459,17 @@ def load_config_text(text: str, source: str = "gateway.yaml", env: dict[str, str
                     route_validated[(j, pname)] = cls.Config.model_validate(merged)
                 except ValidationError as e:
                     problems += validation_problems(e, lines, ("routes", j, "plugins", pname, "config"))
+    if cfg is not None:
+        own = {k.lower() for k in cfg.upstream.headers}
+        checked = [(("plugins", i, "config"), v) for i, v in validated.items()] + \
+            [(("routes", j, "plugins", p, "config"), v) for (j, p), v in route_validated.items()]
+        for at, v in checked:
+            for h in getattr(v, "forward_identity_headers", None) or {}:  # (key_auth's)
+                if h.lower() in own:
+                    line = lines.find((*at, "forward_identity_headers", h)) or "?"
+                    problems.append(f"{fmt_path(at)}.forward_identity_headers.{h} -> line {line}: upstream.headers "
+                                    f"sets {h} too (a credential for the upstream): the caller's identity would "
+                                    "replace it; send the identity under another name")
     if problems or cfg is None:
         raise ConfigError(list(dict.fromkeys(problems)), source)
     for i, v in validated.items():
@@ -504,10 +529,19 @@ def _duplicate_plugins(data: Any, lines: _Lines) -> list[str]:
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
+#: Headers that frame a message or manage its connection: each message gets them from the gateway
+#: (or its HTTP library); one set in the config would cut or corrupt what is sent.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "upgrade",
+                      "te", "trailer", "expect"})
+
+
 def header_problem(name: str, value: str) -> str | None:
     """Why ``name: value`` cannot be sent as an HTTP header (None if it can); never quotes the value."""
     if not _TOKEN.match(name):
         return "not a valid header name"
+    if name.lower() in _FRAMING:
+        return (f"{name} frames the message or manages the connection: each message gets its own from the gateway, "
+                "it cannot be configured")
     if any(c in value for c in "\r\n\x00"):
         return "header value must not contain CR, LF or NUL"
     if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value):

@@ -8,9 +8,9 @@ import ipaddress
 import re
 import ssl
 from urllib.parse import urlsplit
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -59,6 +59,42 @@ def prefix_problem(v: str) -> str | None:
     return None
 
 
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def host_problem(v: str) -> str | None:
+    """Why ``v`` cannot be a listener's address (an IP address or a host name, as is), or None."""
+    if v != v.strip() or not v:
+        return "an address without blanks (at its ends too), e.g. 0.0.0.0, ::, 127.0.0.1 or a host name"
+    if "://" in v:
+        return "an address, not a URL: write the host alone (e.g. 0.0.0.0), the port in its own setting"
+    if v.startswith("[") and v.endswith("]"):
+        return f"an IPv6 address without brackets: {v[1:-1]}"
+    try:
+        ipaddress.ip_address(v)
+        return None
+    except ValueError:
+        pass
+    if ":" in v:
+        return "an address without a port: the port is its own setting (port: ...)"
+    if re.fullmatch(r"[\d.]+", v):
+        return "not an IPv4 address (four numbers of 0-255, e.g. 127.0.0.1)"
+    if not _HOSTNAME.match(v):
+        return "not an IP address or a host name"
+    return None
+
+
+def _listen_host(v: str) -> str:
+    bad = host_problem(v)
+    if bad:
+        raise ValueError(bad)
+    return v
+
+
+#: A listener's address (server.host, admin.host).
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
 def normal_prefix(v: str) -> str:
     """A valid prefix without its trailing '/' (``/v1/`` and ``/v1`` both cover ``/v1`` and
     ``/v1/...``, not ``/v10``); ``/`` stays ``/`` (every path)."""
@@ -89,7 +125,7 @@ class Model(BaseModel):
 
 
 class ServerConfig(Model):
-    host: str = Field("0.0.0.0", description="Address of the public listener.")
+    host: ListenHost = Field("0.0.0.0", description="Address of the public listener.")
     port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
     max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
@@ -177,7 +213,7 @@ def _ipv4_unmapped(net: Any) -> Any:
 
 class AdminConfig(Model):
     enabled: bool = Field(True, description="Run the admin listener.")
-    host: str = Field("127.0.0.1", description="Address of the admin listener (loopback by default).")
+    host: ListenHost = Field("127.0.0.1", description="Address of the admin listener (loopback by default).")
     port: int = Field(8081, ge=0, le=65535)
     token: str | None = Field(None, description="Bearer token for the admin API (at least 16 characters).",
                               repr=False)
@@ -187,7 +223,18 @@ class AdminConfig(Model):
     def _strip(cls, v: str | None) -> str | None:
         # A secret file or a Kubernetes secret often ends with a newline: no client can send it
         # (header values are stripped), so the admin API would be locked out. Taken without it.
-        return v.strip() if isinstance(v, str) else v
+        if not isinstance(v, str):
+            return v
+        v = v.strip()
+        if _NOT_SUBSTITUTED.match(v):
+            # `$GATEWAY_ADMIN_TOKEN`: the gateway substitutes ${NAME} only; taken as it is, the
+            # token would be the variable's name, which anyone can guess
+            raise ValueError("the token is written like a variable the gateway does not substitute ($NAME, "
+                             "$(NAME), {{ ... }} or %NAME%): write ${NAME} to read it from the environment")
+        if not all(" " <= c < "\x7f" for c in v):
+            raise ValueError("the token must be printable ASCII (a client sends it in an HTTP header; check for "
+                             "typographic quotes)")
+        return v
 
     @model_validator(mode="after")
     def _token(self) -> "AdminConfig":
@@ -196,6 +243,10 @@ class AdminConfig(Model):
                              "either end aside (set admin.token, e.g. ${GATEWAY_ADMIN_TOKEN}, or admin.enabled: false)")
         return self
 
+
+#: A whole value that is a variable reference in another tool's syntax: the shell's $NAME, a
+#: Kubernetes manifest's $(NAME), a template's {{ ... }}, Windows' %NAME%.
+_NOT_SUBSTITUTED = re.compile(r"^(?:\$[A-Za-z_]\w*|\$\([A-Za-z_]\w*\)|\{\{.*\}\}|%[A-Za-z_]\w*%)$", re.S)
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -251,7 +302,17 @@ class UpstreamConfig(Model):
             u.port  # noqa: B018  (a port that is not a number only fails when read)
         except ValueError:
             raise ValueError("not a valid URL (check the host and port)") from None
+        if not u.hostname:
+            raise ValueError("the URL names no host (http://host:port)")
         return v.rstrip("/")
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or any(c.isspace() for c in v)):
+            raise ValueError("a path on the upstream, starting with '/' and without blanks (e.g. /health); "
+                             "it is appended to upstream.url")
+        return v
 
     @field_validator("ca_file")
     @classmethod
@@ -327,7 +388,7 @@ class DatabaseConfig(Model):
     url: str = Field("sqlite+aiosqlite:///gateway.db", repr=False,
                      description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...")
     auto_migrate: bool | None = Field(None, description="Apply migrations at start (default: yes for SQLite).")
-    busy_timeout_ms: int = Field(5000, ge=0, description="SQLite busy_timeout.")
+    busy_timeout_ms: int = Field(5000, ge=0, le=2**31 - 1, description="SQLite busy_timeout.")
     pool_size: int = Field(10, ge=1)
     echo: bool = False
 
@@ -581,6 +642,12 @@ class GatewayConfig(Model):
     def warnings(self) -> list[str]:
         """What is valid but most likely a mistake: said by ``gateway check``, at start and reload."""
         out = []
+        wide = [c for c, n in zip(self.server.trusted_proxies, self.server.networks) if n.prefixlen <= 8]
+        if wide:
+            # every client (or nearly) may then say what its address is: X-Forwarded-For is believed
+            out.append(f"server.trusted_proxies holds {', '.join(wide)}: the X-Forwarded-For of any client in it is "
+                       "believed, so those clients choose the address that per-IP limits, ip rules and the audit trail "
+                       "see; list only the proxies' own addresses")
         base = urlsplit(str(self.upstream.url)).path.rstrip("/")
         for prefix in dict.fromkeys(["/v1", *(p.rstrip("/") for p in self.server.paths)]):
             if prefix and base.lower().endswith(prefix.lower()):

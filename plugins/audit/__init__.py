@@ -93,6 +93,14 @@ class AuditConfig(PluginConfig):
     def _sinks(cls, v: Any) -> Any:
         if isinstance(v, (str, dict)):
             v = [v]
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("at least one sink (to record nothing, take audit out of the plugins list)")
+            for i, s in enumerate(v):
+                if isinstance(s, str) and s not in ("database", "stdout"):
+                    hint = ("the jsonl sink needs a path: {type: jsonl, path: audit.jsonl}" if s.lower() == "jsonl"
+                            else f"sink {i}: {s[:40]!r} is none of database, stdout, {{type: jsonl, path: ...}}")
+                    raise ValueError(hint)
         return v
 
     @model_validator(mode="after")

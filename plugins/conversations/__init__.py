@@ -322,10 +322,15 @@ class ConversationsConfig(PluginConfig):
     @field_validator("api_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
+        from gateway.config.model import prefix_problem
+
+        bad = prefix_problem(v)
+        if bad:
+            raise ValueError(bad)
         v = v.rstrip("/")
-        if not v.startswith("/") or len(v) < 2:
-            raise ValueError("must start with '/' and not be '/'")
-        if v == "/v1" or v.startswith("/v1/"):
+        if len(v) < 2:
+            raise ValueError("must not be '/'")
+        if v.lower() == "/v1" or v.lower().startswith("/v1/"):
             raise ValueError("must not be under /v1 (the upstream's API)")
         return v
 

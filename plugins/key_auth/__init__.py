@@ -77,8 +77,9 @@ class KeyAuthConfig(PluginConfig):
                                               "the key store cannot be reached (a database outage or restart): "
                                               "keys checked that recently keep working, anything else gets "
                                               "503. 0: only lookups younger than cache_ttl are used.")
-    rotation_grace: float = Field(86400.0, ge=0, description="Default seconds the previous secret keeps "
-                                                             "working after a rotation.")
+    rotation_grace: float = Field(86400.0, ge=0, le=90 * 86400,
+                                  description="Default seconds the previous secret keeps working after a rotation "
+                                              "(at most 90 days, as a rotation's own grace).")
     forward_identity_headers: dict[str, IDENTITY_FIELDS] = Field(
         default_factory=dict,
         description="Headers sent upstream with the caller's identity, e.g. {X-Gateway-Key-Id: key_id, "
@@ -106,9 +107,14 @@ class KeyAuthConfig(PluginConfig):
     def _names(cls, v: Any) -> Any:
         from gateway.config.loader import header_problem
 
+        seen: dict[str, str] = {}
         for name in v:
-            if header_problem(name, ""):
-                raise ValueError(f"{name!r} is not a valid header name")
+            bad = header_problem(name, "")
+            if bad:
+                raise ValueError(f"{name!r}: {bad}")
+            other = seen.setdefault(name.lower(), name)
+            if other != name:  # HTTP header names are case-insensitive: one of them would be lost
+                raise ValueError(f"{other!r} and {name!r} are the same header (names are case-insensitive); keep one")
         return v
 
 

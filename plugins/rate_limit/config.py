@@ -159,7 +159,13 @@ class RateLimitConfig(PluginConfig):
                              "hold a password)")
         from urllib.parse import parse_qs, urlsplit
 
-        if "unix" not in v.partition("://")[0] and {"password", "username"} & set(parse_qs(urlsplit(v).query)):
+        scheme = v.partition("://")[0]
+        if scheme in ("redis", "rediss", "async+redis", "async+rediss") and urlsplit(v).path not in ("", "/") \
+                and not re.fullmatch(r"/\d{1,5}", urlsplit(v).path):
+            # (the client would take DB 0 for /x, and a start with /-1 would go on without limits)
+            raise ValueError("the path of a redis:// URL is the database number, /0 to /15 on a default server "
+                             "(the URL is not shown: it may hold a password)")
+        if "unix" not in scheme and {"password", "username"} & set(parse_qs(urlsplit(v).query)):
             # (the Redis client does not read them there: it would connect without the password)
             raise ValueError("a password or user name in the storage URL's query is not used: write them before "
                              "the host, redis://USER:PASSWORD@host:port/db (the URL is not shown: it may hold a "

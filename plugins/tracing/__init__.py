@@ -57,7 +57,7 @@ class ExporterConfig(PluginConfig):
         default_factory=dict, description="Headers sent with every export (e.g. a vendor API key: use "
         "${VAR}). Empty: OTEL_EXPORTER_OTLP_TRACES_HEADERS / OTEL_EXPORTER_OTLP_HEADERS.")
     timeout: float | None = Field(
-        None, gt=0, description="Seconds per export request (retries included). Unset: "
+        None, gt=0, le=3600, description="Seconds per export request (retries included). Unset: "
         "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT / OTEL_EXPORTER_OTLP_TIMEOUT, else 10.")
     insecure: bool | None = Field(
         None, description="gRPC only: plaintext connection. Unset: from the endpoint scheme "
@@ -157,8 +157,8 @@ class BatchConfig(PluginConfig):
                                 "request). When it is full, the oldest queued span is dropped to make room "
                                 "for the new one (counted in gateway_tracing_spans_dropped_total).")
     max_export_batch_size: int = Field(512, ge=1, description="Spans per export request.")
-    schedule_delay_ms: int = Field(1000, ge=1, description="Export at least this often (milliseconds).")
-    shutdown_timeout: float = Field(5.0, ge=0, description="Seconds to flush pending spans at shutdown "
+    schedule_delay_ms: int = Field(1000, ge=1, le=3_600_000, description="Export at least this often (milliseconds).")
+    shutdown_timeout: float = Field(5.0, ge=0, le=3600, description="Seconds to flush pending spans at shutdown "
                                     "or when a reload retires this exporter; what is left is dropped.")
 
 
