@@ -309,7 +309,8 @@ async def test_a_compressed_refusal_of_stream_options_is_understood(tmp_path: Pa
         assert got == backend.sent
         ev = await audited(g)
         assert ev["tokens_out"] == len(WORDS) and ev["tokens_estimated"] is True  # (no usage asked for)
-        assert await stored(tmp_path / "gateway.db", cid) == ("complete", None, "".join(WORDS))
+        # (the turn counts the deltas too, as the audit event does)
+        assert await stored(tmp_path / "gateway.db", cid) == ("complete", len(WORDS), "".join(WORDS))
 
 
 # -- 3. a corrupt compressed body -------------------------------------------------------------------
@@ -346,7 +347,7 @@ async def test_a_corrupt_compressed_body_is_relayed_whole_and_only_stops_the_rea
             ev = await audited(g)
             assert ev["status"] == 200 and ev["outcome"] == "ok"
             if kind == "stream":
-                assert await stored(tmp_path / "gateway.db", cid) == ("incomplete", None, "Hello")
+                assert await stored(tmp_path / "gateway.db", cid) == ("incomplete", 2, "Hello")
                 assert ev["tokens_out"] == 2 and ev["tokens_estimated"] is True
             else:
                 assert ev["tokens_in"] is None and ev["tokens_out"] is None

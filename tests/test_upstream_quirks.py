@@ -181,8 +181,9 @@ async def test_upstream_refusing_stream_options_gets_the_request_as_sent(quirky:
             assert [("stream_options" in b) for b in q.bodies] == [True, False]
             await _stream(s, g.url, "strict")
             assert [("stream_options" in b) for b in q.bodies] == [True, False, False]
-        # no usage reported (the turn says so; the message's tokens are derived from the deltas)
-        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
+        # no usage reported: the turn counts the 2 deltas relayed, as every other ledger does (its
+        # usage stays null; the message's tokens are derived from the deltas)
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 2)
 
 
 async def test_reasoning_in_an_answer_neither_forks_nor_is_replayed(quirky: Any, tmp_path: Path) -> None:
@@ -260,7 +261,7 @@ async def test_stream_without_its_media_type_is_read_without_usage_too(quirky: A
     async with _gateway(tmp_path, url, stream_usage=False) as g:
         async with aiohttp.ClientSession(timeout=T) as s:
             text, cid = await _stream(s, g.url, "no_ctype")
-        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", None)
+        assert await _wait_turn(tmp_path / "gateway.db", cid) == ("complete", 2)
         with sqlite3.connect(tmp_path / "gateway.db") as c:
             row = c.execute("SELECT content, tokens FROM conversation_messages WHERE conversation_id = ? "
                             "AND role = 'assistant'", (cid,)).fetchone()
