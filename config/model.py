@@ -59,7 +59,8 @@ def prefix_problem(v: str) -> str | None:
     return None
 
 
-_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+#: A host name as resolvers take it (an underscore too: Docker Compose names services so).
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
 
 
 def host_problem(v: str) -> str | None:

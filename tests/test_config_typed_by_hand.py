@@ -43,7 +43,7 @@ def test_an_admin_token_no_client_can_send_is_refused() -> None:
 @pytest.mark.parametrize("section,host,why", [
     ("server", "0.0.0.0:8080", "without a port"), ("server", "'[::1]'", "without brackets: ::1"),
     ("server", "http://127.0.0.1", "not a URL"), ("server", "'localhost '", "without blanks"),
-    ("server", "999.1.1.1", "not an IPv4 address"), ("admin", "my_host", "not an IP address or a host name")])
+    ("server", "999.1.1.1", "not an IPv4 address"), ("admin", "my host", "not an IP address or a host name")])
 def test_a_listener_address_that_cannot_be_listened_on_is_refused(section: str, host: str, why: str) -> None:
     text = BASE.replace("admin:\n  enabled: false\n", f"admin:\n  token: {TOKEN}\n")
     text = text.replace("  host: 127.0.0.1\n", f"  host: {host}\n") if section == "server" else \
