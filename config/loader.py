@@ -110,8 +110,13 @@ def shown_key(key: str, header: bool = True) -> str:
     return key
 
 
-#: A Kubernetes service link: the address of a Service, in every pod of its namespace.
+#: A Kubernetes service link: the address of a Service, in every pod of its namespace, under its
+#: name's ``_PORT`` (and ``_PORT_<n>_TCP``) variables.
 _SERVICE_LINK = re.compile(r"^(?:tcp|udp|sctp)://[0-9a-fA-F.:\[\]]+:\d+$")
+_SERVICE_LINK_NAME = re.compile(r"^[A-Z0-9_]+_PORT(?:_\d+_(?:TCP|UDP|SCTP))?$")
+#: A whole value that is a variable reference in another tool's syntax: the shell's $NAME, a
+#: Kubernetes manifest's $(NAME), a template's {{ ... }}, Windows' %NAME%.
+_NOT_SUBSTITUTED = re.compile(r"^(?:\$[A-Za-z_]\w*|\$\([A-Za-z_]\w*\)|\{\{.*\}\}|%[A-Za-z_]\w*%)$", re.S)
 
 
 def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: dict[str, str],
@@ -137,7 +142,7 @@ def _interpolate(value: str, path: Path_, line: int, problems: list[str], env: d
             return "${"
         name, default = m.group(1), m.group(2)
         if name in env and env[name] != "":
-            if links is not None and _SERVICE_LINK.match(env[name]):
+            if links is not None and _SERVICE_LINK_NAME.match(name) and _SERVICE_LINK.match(env[name]):
                 links[path] = (name, env[name])  # (an address, no secret: shown if the value is refused)
             return env[name]
         if default is not None:
@@ -200,6 +205,14 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
         value = lines.loader.construct_object(node) if node.tag != "tag:yaml.org,2002:str" else node.value
     except (yaml.YAMLError, ValueError, OverflowError):  # `2020-13-45`, `!!int abc`, 5,000 digits
         return _unreadable(node, path, lines, problems)
+    if path == ("admin", "token") and isinstance(value, str) and _NOT_SUBSTITUTED.match(value.strip()):
+        # `$GATEWAY_ADMIN_TOKEN` written in the file: only ${NAME} is substituted, and the token
+        # would be the variable's name, which anyone can guess (a value from ${...} may be anything)
+        problems.append(f"admin.token -> line {node.start_mark.line + 1}: the token is written like a variable the "
+                        "gateway does not substitute ($NAME, $(NAME), {{ ... }} or %NAME%): write ${NAME} to read it "
+                        "from the environment")
+        lines.bad.add(path)
+        return None
     if isinstance(value, str) and "${" in value:
         before = len(problems)
         value = _interpolate(value, path, node.start_mark.line + 1, problems, env, lines.service_links)
@@ -531,8 +544,7 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 #: Headers that frame a message or manage its connection: each message gets them from the gateway
 #: (or its HTTP library); one set in the config would cut or corrupt what is sent.
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "upgrade",
-                      "te", "trailer", "expect"})
+_FRAMING = frozenset({"content-length", "transfer-encoding", "upgrade", "te", "trailer", "expect"})
 
 
 def header_problem(name: str, value: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import ssl
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal
@@ -64,9 +65,10 @@ _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{
 
 
 def host_problem(v: str) -> str | None:
-    """Why ``v`` cannot be a listener's address (an IP address or a host name, as is), or None."""
-    if v != v.strip() or not v:
-        return "an address without blanks (at its ends too), e.g. 0.0.0.0, ::, 127.0.0.1 or a host name"
+    """Why ``v`` cannot be a listener's address (an IP address or a host name; empty: every
+    interface, as aiohttp takes it), or None."""
+    if not v:
+        return None
     if "://" in v:
         return "an address, not a URL: write the host alone (e.g. 0.0.0.0), the port in its own setting"
     if v.startswith("[") and v.endswith("]"):
@@ -79,13 +81,18 @@ def host_problem(v: str) -> str | None:
     if ":" in v:
         return "an address without a port: the port is its own setting (port: ...)"
     if re.fullmatch(r"[\d.]+", v):
-        return "not an IPv4 address (four numbers of 0-255, e.g. 127.0.0.1)"
+        try:
+            socket.inet_aton(v)  # ("0", "127.1": shorthand the resolver takes)
+            return None
+        except OSError:
+            return "not an IPv4 address (four numbers of 0-255, e.g. 127.0.0.1)"
     if not _HOSTNAME.match(v):
         return "not an IP address or a host name"
     return None
 
 
 def _listen_host(v: str) -> str:
+    v = v.strip()  # (a variable set with a blank at its end)
     bad = host_problem(v)
     if bad:
         raise ValueError(bad)
@@ -227,11 +234,6 @@ class AdminConfig(Model):
         if not isinstance(v, str):
             return v
         v = v.strip()
-        if _NOT_SUBSTITUTED.match(v):
-            # `$GATEWAY_ADMIN_TOKEN`: the gateway substitutes ${NAME} only; taken as it is, the
-            # token would be the variable's name, which anyone can guess
-            raise ValueError("the token is written like a variable the gateway does not substitute ($NAME, "
-                             "$(NAME), {{ ... }} or %NAME%): write ${NAME} to read it from the environment")
         if not all(" " <= c < "\x7f" for c in v):
             raise ValueError("the token must be printable ASCII (a client sends it in an HTTP header; check for "
                              "typographic quotes)")
@@ -244,10 +246,6 @@ class AdminConfig(Model):
                              "either end aside (set admin.token, e.g. ${GATEWAY_ADMIN_TOKEN}, or admin.enabled: false)")
         return self
 
-
-#: A whole value that is a variable reference in another tool's syntax: the shell's $NAME, a
-#: Kubernetes manifest's $(NAME), a template's {{ ... }}, Windows' %NAME%.
-_NOT_SUBSTITUTED = re.compile(r"^(?:\$[A-Za-z_]\w*|\$\([A-Za-z_]\w*\)|\{\{.*\}\}|%[A-Za-z_]\w*%)$", re.S)
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -310,6 +308,8 @@ class UpstreamConfig(Model):
     @field_validator("health_path")
     @classmethod
     def _health_path(cls, v: str | None) -> str | None:
+        if v == "":  # ("${UPSTREAM_HEALTH_PATH:-}" with the variable unset): connect only
+            return None
         if v is not None and (not v.startswith("/") or any(c.isspace() for c in v)):
             raise ValueError("a path on the upstream, starting with '/' and without blanks (e.g. /health); "
                              "it is appended to upstream.url")
@@ -643,7 +643,7 @@ class GatewayConfig(Model):
     def warnings(self) -> list[str]:
         """What is valid but most likely a mistake: said by ``gateway check``, at start and reload."""
         out = []
-        wide = [c for c, n in zip(self.server.trusted_proxies, self.server.networks) if n.prefixlen <= 8]
+        wide = [c for c, n in zip(self.server.trusted_proxies, self.server.networks) if n.prefixlen < 8]
         if wide:
             # every client (or nearly) may then say what its address is: X-Forwarded-For is believed
             out.append(f"server.trusted_proxies holds {', '.join(wide)}: the X-Forwarded-For of any client in it is "

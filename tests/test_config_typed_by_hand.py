@@ -30,8 +30,10 @@ def test_an_admin_token_written_as_another_tools_variable_is_refused(token: str)
     p = one(text)
     assert p.startswith(f"admin.token -> line {line_of(text, 'token:')}:") and "write ${NAME}" in p, p
     assert "GATEWAY_ADMIN_TOKEN" not in p and ".Values" not in p  # (nor the value itself)
-    # ${NAME} is read from the environment, as before
-    assert load_config_text(with_admin("${GATEWAY_ADMIN_TOKEN}"), env={"GATEWAY_ADMIN_TOKEN": TOKEN}).admin.token == TOKEN
+    # ${NAME} is read from the environment, as before, whatever the secret looks like
+    for secret in (TOKEN, "$Xk9vQ2mZ7pL4wR8tY3nB", "{{" + TOKEN + "}}"):
+        assert load_config_text(with_admin("${GATEWAY_ADMIN_TOKEN}"),
+                                env={"GATEWAY_ADMIN_TOKEN": secret}).admin.token == secret
 
 
 def test_an_admin_token_no_client_can_send_is_refused() -> None:
@@ -42,7 +44,7 @@ def test_an_admin_token_no_client_can_send_is_refused() -> None:
 
 @pytest.mark.parametrize("section,host,why", [
     ("server", "0.0.0.0:8080", "without a port"), ("server", "'[::1]'", "without brackets: ::1"),
-    ("server", "http://127.0.0.1", "not a URL"), ("server", "'localhost '", "without blanks"),
+    ("server", "http://127.0.0.1", "not a URL"), ("server", "300.1.1.1", "not an IPv4 address"),
     ("server", "999.1.1.1", "not an IPv4 address"), ("admin", "my host", "not an IP address or a host name")])
 def test_a_listener_address_that_cannot_be_listened_on_is_refused(section: str, host: str, why: str) -> None:
     text = BASE.replace("admin:\n  enabled: false\n", f"admin:\n  token: {TOKEN}\n")
@@ -50,7 +52,8 @@ def test_a_listener_address_that_cannot_be_listened_on_is_refused(section: str, 
         text.replace(f"  token: {TOKEN}\n", f"  token: {TOKEN}\n  host: {host}\n")
     p = one(text)
     assert p.startswith(f"{section}.host -> line ") and why in p, p
-    for ok in ("0.0.0.0", "'::'", "'::1'", "localhost", "gw-1.internal.example.com"):
+    for ok in ("0.0.0.0", "'::'", "'::1'", "localhost", "gw-1.internal.example.com", "llm_gateway", "'fe80::1%eth0'",
+               "'localhost '", "''", "'0'"):  # ('': every interface; '0' is 0.0.0.0 to the resolver)
         assert load_config_text(BASE.replace("  host: 127.0.0.1\n", f"  host: {ok}\n"), env={})
 
 
@@ -60,10 +63,12 @@ def test_upstream_url_and_health_path_must_make_a_url() -> None:
         p = one(BASE + f"  health_path: {bad}\n")
         assert p.startswith("upstream.health_path -> line ") and "starting with '/'" in p, p
     assert load_config_text(BASE + "  health_path: /health\n", env={}).upstream.health_path == "/health"
+    # an optional variable left unset: connect only, as before
+    assert load_config_text(BASE + "  health_path: '${UPSTREAM_HEALTH_PATH:-}'\n", env={}).upstream.health_path is None
 
 
 @pytest.mark.parametrize("where,name", [("upstream", "Content-Length"), ("upstream", "transfer-encoding"),
-                                        ("upstream", "Connection"), ("headers.request", "Expect"),
+                                        ("upstream", "TE"), ("headers.request", "Expect"),
                                         ("headers.response", "Content-Length"), ("key_auth", "Content-Length")])
 def test_a_header_that_frames_the_message_cannot_be_configured(where: str, name: str) -> None:
     if where == "upstream":
@@ -74,8 +79,10 @@ def test_a_header_that_frames_the_message_cannot_be_configured(where: str, name:
         text = BASE + f"plugins:\n  - name: key_auth\n    config: {{forward_identity_headers: {{{name}: owner}}}}\n"
     p = one(text)
     assert "frames the message" in p and "'20'" not in p, p
-    # Host stays settable (an upstream behind a virtual host needs it)
-    assert load_config_text(BASE + "  headers: {Host: api.example.com}\n", env={}).upstream.headers
+    # Host stays settable (an upstream behind a virtual host needs it), as do Connection and Keep-Alive
+    assert load_config_text(BASE + "  headers: {Host: api.example.com, Connection: close}\n", env={}).upstream.headers
+    assert load_config_text(BASE + "plugins:\n  - name: headers\n    config: {response: {Keep-Alive: timeout=55}}\n",
+                            env={})
 
 
 def test_an_identity_header_cannot_replace_the_upstreams_credential() -> None:
@@ -93,7 +100,7 @@ def test_a_redis_database_that_is_not_a_number_is_refused(db: str) -> None:
     url = f"redis://:hunter2-secret@127.0.0.1:6379{db}"
     p = one(BASE + f"plugins:\n  - name: rate_limit\n    config: {{storage: '{url}'}}\n")
     assert "database number" in p and "hunter2" not in p, p
-    for ok in ("", "/", "/0", "/15"):
+    for ok in ("", "/", "/0", "/15", "/1/"):
         assert load_config_text(BASE + f"plugins:\n  - name: rate_limit\n    config: {{storage: 'redis://h:6379{ok}'}}\n",
                                 env={})
 
@@ -130,7 +137,7 @@ def test_trusting_every_address_is_warned_of(tmp_path: Any) -> None:
     r = _check(path)
     assert r.returncode == 0, r.stderr
     assert "server.trusted_proxies holds 0.0.0.0/0" in r.stdout + r.stderr and "10.1.2.3" not in r.stdout + r.stderr
-    path.write_text(BASE.replace("  port: 0\n", "  port: 0\n  trusted_proxies: [10.0.0.0/16]\n"))
+    path.write_text(BASE.replace("  port: 0\n", "  port: 0\n  trusted_proxies: [10.0.0.0/8, 192.168.0.0/16]\n"))
     assert "trusted_proxies" not in (r := _check(path)).stdout + r.stderr
 
 
@@ -148,3 +155,6 @@ def test_a_kubernetes_service_link_in_a_port_variable_is_explained() -> None:
     ps = problems(text, env={"GATEWAY_PORT": "tcp://10.96.0.12:8080", "GATEWAY_ADMIN_TOKEN": TOKEN})
     assert len(ps) == 1 and ps[0].startswith(f"server.port -> line {line_of(text, 'port: ${GATEWAY_PORT')}:"), ps
     assert "GATEWAY_PORT is 'tcp://10.96.0.12:8080'" in ps[0] and "enableServiceLinks: false" in ps[0], ps
+    # (only a service link's name gets the hint: Kubernetes sets NAME_PORT, NAME_PORT_<n>_TCP)
+    ps = problems(BASE.replace("http://127.0.0.1:9", "${UPSTREAM_URL}"), env={"UPSTREAM_URL": "tcp://10.96.0.13:8000"})
+    assert len(ps) == 1 and "Kubernetes" not in ps[0], ps

@@ -161,7 +161,7 @@ class RateLimitConfig(PluginConfig):
 
         scheme = v.partition("://")[0]
         if scheme in ("redis", "rediss", "async+redis", "async+rediss") and urlsplit(v).path not in ("", "/") \
-                and not re.fullmatch(r"/\d{1,5}", urlsplit(v).path):
+                and not re.fullmatch(r"/\d{1,5}/?", urlsplit(v).path):
             # (the client would take DB 0 for /x, and a start with /-1 would go on without limits)
             raise ValueError("the path of a redis:// URL is the database number, /0 to /15 on a default server "
                              "(the URL is not shown: it may hold a password)")
