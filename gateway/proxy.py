@@ -588,8 +588,9 @@ class Proxy:
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
         if filtered:
-            headers.popall("Content-Encoding", None)
-            headers.popall("Content-Length", None)
+            # (the upstream's validators name the body it sent, not this one)
+            for h in ("Content-Encoding", "Content-Length", "ETag", "Content-MD5", "Digest", "Content-Digest"):
+                headers.popall(h, None)
             if not transform:
                 headers["Content-Length"] = str(len(pending))
         rid = headers.get("X-Request-ID")

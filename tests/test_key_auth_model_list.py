@@ -13,6 +13,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .helpers import ADMIN_TOKEN, base_config, serve_handler, start_gateway, write_config
 
@@ -49,9 +50,13 @@ async def backend(request: web.Request) -> web.StreamResponse:
                 await resp.write(b"x" * 2**20)
             await resp.write(b'"}')
             return resp
-        return web.Response(body=body, content_type="application/json")
-    if path == "/api/tags":
-        return web.json_response({"models": [{"name": m, "model": m, "size": 1} for m in MODELS]})
+        return web.Response(body=body, content_type="application/json", headers={"ETag": '"all-models"'})
+    if path == "/api/tags":  # (Ollama lists a model pulled without a tag as name:latest)
+        return web.json_response({"models": [{"name": m + ":latest", "model": m + ":latest", "size": 1}
+                                             for m in MODELS]})
+    if path == "/api/chat":
+        return web.json_response({"model": (await request.json())["model"], "message": {"role": "assistant",
+                                                                                         "content": "hi"}})
     if path.startswith("/v1/models/"):
         mid = path[len("/v1/models/"):]
         if request.method == "DELETE":
@@ -67,10 +72,10 @@ async def admin_post(g: Any, path: str, body: Any) -> Any:
             return await r.json()
 
 
-async def get(g: Any, key: str, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+async def get(g: Any, key: str, path: str, method: str = "GET") -> tuple[int, Any, bytes]:
     async with aiohttp.ClientSession(timeout=T, auto_decompress=False) as s:
         async with s.request(method, g.url + path, headers={"Authorization": f"Bearer {key}"}) as r:
-            return r.status, dict(r.headers), await r.read()
+            return r.status, CIMultiDict(r.headers), await r.read()
 
 
 @pytest.fixture
@@ -103,13 +108,21 @@ async def test_model_list_shows_only_the_models_a_key_may_use(gw: Any) -> None:
     # A key without a model scope gets the list as the upstream sent it, byte for byte.
     st, h, body = await get(g, free, "/v1/models")
     assert st == 200 and len(json.loads(body)["data"]) == len(MODELS) + 2
-    # The length is that of the filtered body; Ollama's list is filtered too.
+    # The length is that of the filtered body, and the upstream's ETag (which names the whole list)
+    # is not kept; Ollama's list is filtered too, name:latest taken as name.
+    assert h["ETag"] == '"all-models"'
     st, h, body = await get(g, scoped, "/v1/models/")
-    assert st == 200 and int(h["Content-Length"]) == len(body)
+    assert st == 200 and int(h["Content-Length"]) == len(body) and "ETag" not in h
     assert [m["id"] for m in json.loads(body)["data"]] == ["demo-chat", "demo-chat-large", "org/demo-chat-ft"]
     st, h, body = await get(g, scoped, "/api/tags")
     assert st == 200 and [m["name"] for m in json.loads(body)["models"]] == \
-        ["demo-chat", "demo-chat-large", "org/demo-chat-ft"]
+        ["demo-chat:latest", "demo-chat-large:latest", "org/demo-chat-ft:latest"]
+    async with aiohttp.ClientSession(timeout=T) as s:  # and a name the list shows may be used
+        for model, status in (("demo-chat:latest", 200), ("demo-chat", 200), ("secret-model:latest", 403),
+                              ("secret-model", 403)):
+            async with s.post(g.url + "/api/chat", json={"model": model, "messages": []},
+                              headers={"Authorization": f"Bearer {scoped}"}) as r:
+                assert r.status == status, (model, r.status)
 
 
 async def test_a_list_that_cannot_be_filtered_is_not_relayed(gw: Any) -> None:

@@ -515,7 +515,7 @@ class KeyAuth(Plugin):
         elif "/models/" in lpath:
             # GET (or DELETE) /v1/models/{model}: the model is the rest of the path (org/name ids too)
             named = ctx.path[lpath.index("/models/") + 8:].rstrip("/")
-            if not any(fnmatch.fnmatchcase(named, m) for m in models):
+            if not model_allowed(named, models):
                 return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                     f"This API key is not allowed to use the model {named!r}.",
                                     "key_scope_denied", "permission_error")
@@ -534,7 +534,7 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                 "This API key is limited to some models, and this model name has '.' or '..' "
                                 "path segments.", "key_scope_denied", "permission_error")
-        if model is not None and not any(fnmatch.fnmatchcase(model, m) for m in models):
+        if model is not None and not model_allowed(model, models):
             return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                 f"This API key is not allowed to use the model {model!r}.",
                                 "key_scope_denied", "permission_error")
@@ -691,6 +691,14 @@ class KeyAuth(Plugin):
 _MODEL_LISTS = ("/models", "/models/", "/api/tags", "/api/ps")
 
 
+def model_allowed(name: str, patterns: tuple[str, ...]) -> bool:
+    """Does a scope's pattern match the model? Ollama's ``name:latest`` is ``name`` (it lists
+    ``llama3.2`` as ``llama3.2:latest``, and answers for either)."""
+    if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        return True
+    return name.endswith(":latest") and any(fnmatch.fnmatchcase(name[:-7], p) for p in patterns)
+
+
 def only_models(j: Any, patterns: tuple[str, ...]) -> Any:
     """A model list with only the models matching ``patterns``: the OpenAI shape (``data``: objects
     with an ``id``), Ollama's (``models``: objects with a ``model`` or ``name``), or a bare list of
@@ -700,7 +708,7 @@ def only_models(j: Any, patterns: tuple[str, ...]) -> Any:
         if not isinstance(e, dict):
             return False
         name = next((e[f] for f in field if isinstance(e.get(f), str)), None)
-        return name is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        return name is not None and model_allowed(name, patterns)
 
     if isinstance(j, list):
         return [e for e in j if allowed(e, ("id", "model", "name"))]
