@@ -205,9 +205,11 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
         value = lines.loader.construct_object(node) if node.tag != "tag:yaml.org,2002:str" else node.value
     except (yaml.YAMLError, ValueError, OverflowError):  # `2020-13-45`, `!!int abc`, 5,000 digits
         return _unreadable(node, path, lines, problems)
-    if path == ("admin", "token") and isinstance(value, str) and _NOT_SUBSTITUTED.match(value.strip()):
-        # `$GATEWAY_ADMIN_TOKEN` written in the file: only ${NAME} is substituted, and the token
-        # would be the variable's name, which anyone can guess (a value from ${...} may be anything)
+    if path == ("admin", "token") and isinstance(value, str) and (_NOT_SUBSTITUTED.match(value.strip()) or any(
+            m.group(2) is not None and _NOT_SUBSTITUTED.match(m.group(2).strip()) for m in _DOLLAR.finditer(value))):
+        # `$GATEWAY_ADMIN_TOKEN` written in the file (or as a default: ${A:-$B}): only ${NAME} is
+        # substituted, and the token would be the variable's name, which anyone can guess (a
+        # value read from the environment is taken as it is)
         problems.append(f"admin.token -> line {node.start_mark.line + 1}: the token is written like a variable the "
                         "gateway does not substitute ($NAME, $(NAME), {{ ... }} or %NAME%): write ${NAME} to read it "
                         "from the environment")

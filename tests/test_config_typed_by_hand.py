@@ -24,7 +24,7 @@ def with_admin(token: str) -> str:
 
 
 @pytest.mark.parametrize("token", ["$GATEWAY_ADMIN_TOKEN", "$(GATEWAY_ADMIN_TOKEN)", "'{{ .Values.adminToken }}'",
-                                   "'%GATEWAY_ADMIN_TOKEN%'"])
+                                   "'%GATEWAY_ADMIN_TOKEN%'", "'${ADMIN_TOKEN_UNSET:-$GATEWAY_ADMIN_TOKEN}'"])
 def test_an_admin_token_written_as_another_tools_variable_is_refused(token: str) -> None:
     text = with_admin(token)
     p = one(text)
@@ -95,12 +95,12 @@ def test_an_identity_header_cannot_replace_the_upstreams_credential() -> None:
     assert "the same header" in one(text)
 
 
-@pytest.mark.parametrize("db", ["/99x", "/-1", "/x", "/0/1"])
+@pytest.mark.parametrize("db", ["/99x", "/-1", "/x", "/0/1", "?db=x", "/0?db=-1"])
 def test_a_redis_database_that_is_not_a_number_is_refused(db: str) -> None:
     url = f"redis://:hunter2-secret@127.0.0.1:6379{db}"
     p = one(BASE + f"plugins:\n  - name: rate_limit\n    config: {{storage: '{url}'}}\n")
-    assert "database number" in p and "hunter2" not in p, p
-    for ok in ("", "/", "/0", "/15", "/1/"):
+    assert "the database of a redis:// URL is a number" in p and "hunter2" not in p, p
+    for ok in ("", "/", "/0", "/15", "/1/", "?db=3"):
         assert load_config_text(BASE + f"plugins:\n  - name: rate_limit\n    config: {{storage: 'redis://h:6379{ok}'}}\n",
                                 env={})
 

@@ -132,3 +132,11 @@ async def test_a_report_without_a_valid_output_count_counts_the_deltas_everywher
     out = [line for line in metrics.splitlines() if line.startswith('gateway_tokens_total{direction="output"')]
     assert out and float(out[0].rsplit(" ", 1)[1]) == 24, out
     assert turns == [8, 8, 8]
+    # each turn: the report's prompt count, the deltas, and no total (the report's counts a bad count)
+    from sqlalchemy import select
+
+    from gateway.plugins.conversations.store import T as turn_table
+    async with g.gw.db.engine.connect() as conn:
+        rows = (await conn.execute(select(turn_table.c.prompt_tokens, turn_table.c.completion_tokens,
+                                          turn_table.c.total_tokens))).all()
+    assert sorted(tuple(r) for r in rows) == [(9, 8, None)] * 3

@@ -856,7 +856,8 @@ class Conversations(Plugin):
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens if relayed is None else relayed,
-                "total_tokens": comp.total_tokens if comp is not None else None,
+                # (a report without a valid output count: its total counts that count)
+                "total_tokens": comp.total_tokens if comp is not None and relayed is None else None,
                 "usage": dumps(usage) if usage is not None else None, "latency_ms": latency, "ttft_ms": ttft,
                 "created_at": now}
         rec = TurnRecord(v.id, plan.owner, plan.key_id, plan.create, plan.parent_id, plan.fork_position,

@@ -160,12 +160,15 @@ class RateLimitConfig(PluginConfig):
         from urllib.parse import parse_qs, urlsplit
 
         scheme = v.partition("://")[0]
-        if scheme in ("redis", "rediss", "async+redis", "async+rediss") and urlsplit(v).path not in ("", "/") \
-                and not re.fullmatch(r"/\d{1,5}/?", urlsplit(v).path):
-            # (the client would take DB 0 for /x, and a start with /-1 would go on without limits)
-            raise ValueError("the path of a redis:// URL is the database number, /0 to /15 on a default server "
-                             "(the URL is not shown: it may hold a password)")
-        if "unix" not in scheme and {"password", "username"} & set(parse_qs(urlsplit(v).query)):
+        query = parse_qs(urlsplit(v).query)
+        if scheme in ("redis", "rediss", "async+redis", "async+rediss") and (
+                urlsplit(v).path not in ("", "/") and not re.fullmatch(r"/\d{1,5}/?", urlsplit(v).path)
+                or any(not re.fullmatch(r"\d{1,5}", d) for d in query.get("db", []))):
+            # (the client would take DB 0 for /x, a start with /-1 or ?db=-1 would go on without
+            # limits, and one with ?db=x would fail)
+            raise ValueError("the database of a redis:// URL is a number, in its path (/0) or as ?db=0: 0 to 15 on "
+                             "a default server (the URL is not shown: it may hold a password)")
+        if "unix" not in scheme and {"password", "username"} & set(query):
             # (the Redis client does not read them there: it would connect without the password)
             raise ValueError("a password or user name in the storage URL's query is not used: write them before "
                              "the host, redis://USER:PASSWORD@host:port/db (the URL is not shown: it may hold a "
