@@ -544,7 +544,7 @@ def _duplicate_plugins(data: Any, lines: _Lines) -> list[str]:
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
-#: Headers that frame a message or manage its connection: each message gets them from the gateway
+#: Headers that frame a message or change its protocol: each message gets them from the gateway
 #: (or its HTTP library); one set in the config would cut or corrupt what is sent.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "upgrade", "te", "trailer", "expect"})
 
@@ -554,7 +554,7 @@ def header_problem(name: str, value: str) -> str | None:
     if not _TOKEN.match(name):
         return "not a valid header name"
     if name.lower() in _FRAMING:
-        return (f"{name} frames the message or manages the connection: each message gets its own from the gateway, "
+        return (f"{name} frames the message or changes the protocol: each message gets its own from the gateway, "
                 "it cannot be configured")
     if any(c in value for c in "\r\n\x00"):
         return "header value must not contain CR, LF or NUL"
