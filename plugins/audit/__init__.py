@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from gateway.clock import deletions_allowed
 from gateway.context import RequestContext
 from gateway.plugin import Plugin, PluginConfig
 from gateway.tasks import cancel_and_wait
@@ -338,7 +339,7 @@ class Audit(Plugin):
         await asyncio.sleep(min(self.config.purge_interval, FIRST_PURGE_DELAY))
         while True:
             wait = self.config.purge_interval
-            if self._active():
+            if self._active() and deletions_allowed("audit retention"):
                 try:
                     await self.purge_once()
                 except asyncio.CancelledError:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from prometheus_client import Counter, Gauge
 
+from gateway.clock import deletions_allowed
 from gateway.tasks import cancel_and_wait
 
 from .store import ConversationStore, TurnRecord, utcnow
@@ -496,7 +497,7 @@ class Shared:
 
     async def _purge_once(self, days: float | None) -> bool:
         """One retention run; False if it failed."""
-        if days is None:
+        if days is None or not deletions_allowed("conversation retention"):
             return True
         active = self.active()
         def recorded(n: int) -> None:  # each committed part, as it is gone (a purge cut short too)

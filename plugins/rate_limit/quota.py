@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from sqlalchemy import BigInteger, DateTime, String, delete, select, tuple_
 from sqlalchemy.orm import Mapped, mapped_column
 
+from gateway.clock import deletions_allowed
 from gateway.db import Base
 
 log = logging.getLogger("gateway.rate_limit")
@@ -160,6 +161,8 @@ class QuotaStore:
     async def _prune_periods_every(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
+            if not deletions_allowed("quota pruning"):
+                continue
             try:
                 n = await self.prune_periods()
                 if n:
