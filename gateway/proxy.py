@@ -892,6 +892,8 @@ async def _filter_json(ctx: RequestContext, content: Any, pending: bytes, coding
         log.exception("response filter failed (request %s)", ctx.request_id)
         raise _unfiltered(ctx, "the filter failed") from None
     return dumps_bytes(out)
+
+
 #: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.
 _SSE_START = re.compile(rb"[\r\n]*(?:data|event|id|retry)?:")
 _SSE_FIELDS = (b"data:", b"event:", b"id:", b"retry:")
