@@ -319,6 +319,16 @@ def open_idle_sockets(port: int, n: int) -> list[socket.socket]:
     return out
 
 
+async def clear_of_a_minute_boundary(margin: float = 15.0) -> None:
+    """Wait, if a new UTC minute is less than ``margin`` seconds away, until it has begun: the
+    sliding window's counters are per UTC minute (of a per-minute rule), and a test that compares
+    exact figures across several requests must not straddle two minutes (the earlier minute's
+    count is weighed less in the later one)."""
+    left = 60 - time.time() % 60
+    if left < margin:
+        await asyncio.sleep(left + 0.05)
+
+
 async def serve_handler(handler: Any) -> tuple[Any, str]:
     """A small aiohttp app answering every path with ``handler``, on a free port: (runner, url)."""
     from aiohttp import web

@@ -21,7 +21,7 @@ from gateway.plugin import Plugin, PluginConfig, registry
 from gateway.plugins.rate_limit.headers import duration
 from gateway.plugins.rate_limit.rules import prompt_estimate
 
-from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, free_port, write_config
+from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, clear_of_a_minute_boundary, free_port, write_config
 
 CHAT = "/v1/chat/completions"
 T = aiohttp.ClientTimeout(total=15)
@@ -87,6 +87,7 @@ async def post(s: aiohttp.ClientSession, url: str, body: dict[str, Any] | None =
 @pytest.mark.parametrize("strategy", ["sliding", "fixed", "moving"])
 async def test_exactly_limit_of_2L_concurrent_pass_on_one_instance(make_gateway, upstream, strategy):
     L = 25
+    await clear_of_a_minute_boundary()  # (the sliding window's minutes are UTC minutes)
     g = await make_gateway([rl(strategy=strategy, rules=[{"name": "all", "limit": f"{L}/minute",
                                                            "key_by": "global"}])])
     async with aiohttp.ClientSession() as s:
@@ -823,6 +824,8 @@ async def test_reload_keeps_in_memory_counters(make_gateway):
 async def test_a_limit_changed_by_a_reload_applies_to_what_was_counted(make_gateway, upstream, tmp_path):
     """Lowering a limit does not hand every caller a fresh budget (the counters are the rule's, not
     the amount's); raising it lets the caller on at once. A changed window is a new counter."""
+    await clear_of_a_minute_boundary()  # (its exact counts span a few seconds of sliding minutes)
+
     def plugins(limit):
         return [rl(rules=[{"name": "per-ip", "limit": limit, "key_by": ["ip"]}])]
 

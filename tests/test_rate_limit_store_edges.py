@@ -20,7 +20,7 @@ import yaml
 
 from gateway.config import ConfigError, load_config_text
 
-from .helpers import ADMIN_TOKEN, base_config, write_config
+from .helpers import ADMIN_TOKEN, base_config, clear_of_a_minute_boundary, write_config
 from .test_rate_limit import _metric, chat_body, post, rl, sentinel
 
 CHAT = "/v1/chat/completions"
@@ -224,6 +224,7 @@ async def test_a_new_sliding_window_on_redis_resets_a_window_from_now(make_gatew
 async def test_reload_to_a_longer_storage_timeout_applies_to_the_redis_client(make_gateway, redis_server,
                                                                               upstream, tmp_path):
     redis = redis_server()
+    await clear_of_a_minute_boundary()  # (two requests' exact count, a few seconds apart)
     rules = [{"name": "r", "limit": "5/minute", "key_by": ["ip"]}]
     g = await make_gateway([rl(storage=redis.url, storage_timeout=0.25, on_store_error="deny", rules=rules)])
     async with aiohttp.ClientSession() as s:
