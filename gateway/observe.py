@@ -406,6 +406,13 @@ class _Decoder:
                 return
 
 
+def decoded(coding: str, data: bytes) -> bytes:
+    """A whole body compressed with ``coding`` (one the observer reads), decoded within the
+    observer's bounds; :class:`Undecodable` if it does not decode or inflates beyond them."""
+    dec = _Decoder(coding)
+    return b"".join([*dec.pieces(data), *dec.pieces(b"")])
+
+
 def decoded_head(coding: str, data: bytes, n: int = 64) -> bytes | None:
     """The first (up to ``n``) bytes that the start of a body compressed with ``coding`` decodes
     to; None if it does not decode (or ``coding`` is not one the observer reads)."""

@@ -26,8 +26,8 @@ from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSu
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
 from .fastjson import JSON_ERRORS, dumps_bytes, loads
-from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, Undecodable, _Decoder, ask_for_usage,
-                      content_coding, decoded_head)
+from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, Undecodable, ask_for_usage,
+                      content_coding, decoded, decoded_head)
 from .plugin import Plugin, Reply, ResponseHead
 from .redact import mask_gateway_keys
 from .upstream import CTL_CHAR, utf8
@@ -876,9 +876,8 @@ async def _filter_json(ctx: RequestContext, content: Any, pending: bytes, coding
     if coding is not None:
         if coding not in DECODABLE:
             raise _unfiltered(ctx, f"Content-Encoding {coding[:40]} is not one the gateway decodes")
-        dec = _Decoder(coding)
         try:
-            body = b"".join([*dec.pieces(body), *dec.pieces(b"")])
+            body = decoded(coding, body)
         except Undecodable:
             raise _unfiltered(ctx, f"it did not decode as {coding[:40]}") from None
     try:
