@@ -711,13 +711,14 @@ class ResponseObserver:
         kind = obj.get("type")
         if kind == "error":  # the Responses API's error event
             c.error = True
-        if isinstance(kind, str) and kind.startswith("response."):
-            self._response_event(kind, obj)  # the Responses API's typed events
-            return True
-        if not c.model and isinstance(obj.get("model"), str):
-            c.model = obj["model"]
-        if not c.response_id and isinstance(obj.get("id"), str):
-            c.response_id = obj["id"]
+        if isinstance(kind, str):
+            if kind.startswith("response."):
+                self._response_event(kind, obj)  # the Responses API's typed events
+                return True
+            if kind in _MESSAGES_EVENTS:
+                self._messages_event(kind, obj)  # the Messages API's (/v1/messages)
+                return True
+        self._named(obj)
         usage = obj.get("usage")
         choices = obj.get("choices")
         if not isinstance(choices, list):
@@ -783,10 +784,7 @@ class ResponseObserver:
         r = obj.get("response")
         if not isinstance(r, dict):
             return
-        if not c.model and isinstance(r.get("model"), str):
-            c.model = r["model"]
-        if not c.response_id and isinstance(r.get("id"), str):
-            c.response_id = r["id"]
+        self._named(r)
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             if _reports_tokens(r.get("usage")):
                 c.usage = r["usage"]
@@ -799,6 +797,59 @@ class ResponseObserver:
             c.done = True
             if kind == "response.failed" or r.get("status") == "failed":
                 c.error = True
+
+    def _messages_event(self, kind: str, obj: dict[str, Any]) -> None:
+        """One event of a Messages API stream (``/v1/messages``, which vLLM, Ollama, llama.cpp's
+        server and others serve beside the OpenAI API): ``message_start`` names the model and
+        reports the input tokens, each ``content_block_delta`` carries generated output (text,
+        thinking, a tool call's input), ``message_delta`` the stop reason and the output tokens so
+        far. The usage is the reports merged, the later counts over the earlier: the input tokens
+        of the first with the output tokens of the last."""
+        c = self.c
+        if kind == "content_block_delta":
+            d = obj.get("delta")
+            if isinstance(d, dict):
+                t = d.get("type")
+                v = d.get(_MESSAGES_DELTA_TEXT.get(t, "")) if isinstance(t, str) else None
+                if isinstance(v, str) and v:
+                    self._generated()
+                    if t == "text_delta":
+                        c.deltas0 += 1
+                        c._content = _cat(c._content, v)
+                        c.role = "assistant"
+            return
+        if kind == "message_start":
+            m = obj.get("message")
+            if not isinstance(m, dict):
+                return
+            self._named(m)
+            usage = m.get("usage")
+        elif kind == "message_delta":
+            d = obj.get("delta")
+            reason = d.get("stop_reason") if isinstance(d, dict) else None
+            if reason and isinstance(reason, str):
+                c.finish_reasons.append(reason)
+                c.finish_reason = reason
+                c.done = True
+            usage = obj.get("usage")
+        else:
+            if kind == "message_stop":
+                c.done = True
+            return
+        if _reports_tokens(usage):
+            merged = dict(c.usage) if c.usage else {}
+            merged.update((k, v) for k, v in usage.items() if v is not None)
+            c.usage = merged
+            c.deltas_at_usage = c.deltas
+            c.usage_on_output = False
+
+    def _named(self, o: dict[str, Any]) -> None:
+        """The answer's model and id, from the first object of it that names them."""
+        c = self.c
+        if not c.model and isinstance(o.get("model"), str):
+            c.model = o["model"]
+        if not c.response_id and isinstance(o.get("id"), str):
+            c.response_id = o["id"]
 
     def _generated(self) -> None:
         """One delta of generated output (roughly one token): counted, and the first one timed."""
@@ -971,6 +1022,13 @@ def _response_status(r: dict[str, Any]) -> str | None:
     if isinstance(det, dict) and isinstance(det.get("reason"), str):
         return det["reason"]
     return r["status"] if isinstance(r.get("status"), str) else None
+
+
+#: The event types of a Messages API stream (``error`` is the Responses API's too, and handled so).
+_MESSAGES_EVENTS = frozenset(("message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                              "message_delta", "message_stop", "ping"))
+#: A Messages API delta's type -> the field with its generated text (a signature is not output).
+_MESSAGES_DELTA_TEXT = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
 def _generates(d: dict[str, Any]) -> bool:

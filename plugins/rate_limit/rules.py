@@ -11,6 +11,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
 from limits.limits import safe_string
 
 from gateway.context import RequestContext
+from gateway.fastjson import dumps_bytes
 
 from .config import KEY_PARTS, RuleConfig
 from .headers import policy_item
@@ -177,7 +178,9 @@ def _safe(s: str) -> str:
 
 
 def prompt_estimate(body: Any) -> int:
-    """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input)."""
+    """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input /
+    instructions, or the Messages API's system prompt), plus the tool definitions as JSON text
+    (every backend puts them in the prompt)."""
     if not isinstance(body, dict):
         return 0
     chars = 0
@@ -186,9 +189,13 @@ def prompt_estimate(body: Any) -> int:
         for m in msgs:
             if isinstance(m, dict):
                 chars += _chars(m.get("content"))
-    for k in ("prompt", "input", "instructions"):
+    for k in ("prompt", "input", "instructions", "system"):
         if k in body:
             chars += _chars(body[k])
+    for k in ("tools", "functions"):
+        v = body.get(k)
+        if isinstance(v, list) and v:
+            chars += len(dumps_bytes(v))
     return (chars + 3) // 4
 
 
