@@ -291,11 +291,17 @@ token_count = _int
 
 def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
     """(input, output) tokens of a reported usage: chat and completions name them prompt_tokens /
-    completion_tokens, the Responses API input_tokens / output_tokens. Every plugin reads them
-    here, so all count both alike."""
+    completion_tokens, the Responses API and the Messages API input_tokens / output_tokens. Every
+    plugin reads them here, so all count both alike. The Messages API reports the prompt it read
+    from its cache or wrote to it apart from ``input_tokens`` (the OpenAI APIs count them in):
+    they are input too."""
     p, c = u.get("prompt_tokens"), u.get("completion_tokens")
-    return (_int(p if p is not None else u.get("input_tokens")),
-            _int(c if c is not None else u.get("output_tokens")))
+    if p is None:
+        p = _int(u.get("input_tokens"))
+        if p is not None and ("cache_read_input_tokens" in u or "cache_creation_input_tokens" in u):
+            p = _int(p + (_int(u.get("cache_read_input_tokens")) or 0)
+                     + (_int(u.get("cache_creation_input_tokens")) or 0))
+    return _int(p), _int(c if c is not None else u.get("output_tokens"))
 
 
 try:  # zstd: Python 3.14's module, or its backport (the package aiohttp decodes zstd with)

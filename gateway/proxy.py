@@ -704,7 +704,7 @@ class Proxy:
                 # an APIError), if what the client got ends on an event's end (and no length was
                 # relayed: the event would fill the bytes missing, and the body look whole).
                 if streamed and coding is None and not sized and (sent == 0 or last.endswith(_EVENT_END)):
-                    event = _cut_event(ctx.outcome)
+                    event = _cut_event(ctx.outcome, ctx.lpath)
                     with contextlib.suppress(Exception):
                         await _send(ctx, out, event)
                         ctx.bytes_out = sent + len(event)
@@ -734,7 +734,7 @@ class Proxy:
                     and (sent == 0 or last.endswith(_EVENT_END)):
                 # A shutdown's drain time is up mid-stream: as for a cut by the upstream, an error
                 # event says why (the OpenAI SDKs raise it), rather than a bare network error.
-                event = _cut_event("gateway_shutdown")
+                event = _cut_event("gateway_shutdown", ctx.lpath)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(0.5):
                         await out.write(event)
@@ -762,7 +762,7 @@ class Proxy:
 
 
 #: Requests that generate (their 2xx answer can still report an error in its body).
-_GENERATION_PATHS = ("/chat/completions", "/completions", "/responses")
+_GENERATION_PATHS = ("/chat/completions", "/completions", "/responses", "/v1/messages")
 #: After [DONE]: how long (and how many bytes) the upstream's end of body is waited for, so its
 #: connection goes back to the pool (otherwise it is closed: a new connection per stream).
 _DRAIN_SECONDS = 0.5
@@ -785,19 +785,21 @@ MAX_HEAD = 32768
 _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 
-def _cut_event(outcome: str) -> bytes:
-    """The error event a stream cut short ends with (by the upstream, or a shutdown's drain time)."""
+def _cut_event(outcome: str, lpath: str) -> bytes:
+    """The error event a stream cut short ends with (by the upstream, or a shutdown's drain time).
+    A Messages API stream's (``/v1/messages``) is an ``error`` event in that API's shape, which its
+    clients read (an event without a name they skip), with the gateway's message and code."""
     if outcome == "gateway_shutdown":
-        body = error_body("The gateway is shutting down and its drain time (server.shutdown_timeout) ran out "
-                          "mid-answer; the answer is incomplete: send the request again.", "server_error",
-                          "gateway_shutdown")
+        message, code = ("The gateway is shutting down and its drain time (server.shutdown_timeout) ran out "
+                         "mid-answer; the answer is incomplete: send the request again.", "gateway_shutdown")
     elif outcome == "upstream_timeout":
-        body = error_body("The upstream went silent mid-answer (idle timeout); the answer is incomplete.",
-                          "server_error", "upstream_timeout")
+        message, code = "The upstream went silent mid-answer (idle timeout); the answer is incomplete.", outcome
     else:
-        body = error_body("The upstream ended mid-answer; the answer is incomplete.", "server_error",
-                          "upstream_disconnected")
-    return b"data: " + body + b"\n\n"
+        message, code = "The upstream ended mid-answer; the answer is incomplete.", "upstream_disconnected"
+    if lpath.endswith("/v1/messages"):
+        err = {"type": "api_error", "message": message, "code": code}
+        return b"event: error\ndata: " + dumps_bytes({"type": "error", "error": err}) + b"\n\n"
+    return b"data: " + error_body(message, "server_error", code) + b"\n\n"
 
 
 async def _send(ctx: RequestContext, out: web.StreamResponse, chunk: bytes | None) -> None:

@@ -6,6 +6,7 @@ cancels is charged its input tokens and what was relayed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -175,3 +176,113 @@ async def test_streamed_messages_are_metered_like_plain_ones(make_gateway: Any, 
         assert streamed[0] == (500, 80)
         assert streamed[1][0] == 500 and 10 <= streamed[1][1] < 100  # the cancelled one
         assert [(e["tokens_in"], e["tokens_out"]) for e in ours if not e["streamed"]][0] == (500, 80)
+
+
+CACHED = {"input_tokens": 100, "cache_creation_input_tokens": 2000, "cache_read_input_tokens": 30000,
+          "output_tokens": 50}
+
+
+def test_prompt_cache_reads_and_writes_are_input_tokens() -> None:
+    """The Messages API reports them apart from input_tokens (OpenAI's prompt_tokens count them in)."""
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"id": "msg_1", "type": "message", "model": "claude-x", "usage": CACHED,
+                         "content": [{"type": "text", "text": "hi"}]}).encode())
+    obs.finish()
+    assert (obs.c.prompt_tokens, obs.c.completion_tokens) == (32100, 50)
+    obs = ResponseObserver(True, False)
+    obs.feed(ev({"type": "message_start", "message": {"model": "claude-x", "usage": {**CACHED, "output_tokens": 1}}})
+             + text("hi") + end(50))
+    obs.finish()
+    assert (obs.c.prompt_tokens, obs.c.completion_tokens) == (32100, 50)
+    # an OpenAI usage is taken as it is; a cache count that is no count is left out
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"usage": {"prompt_tokens": 7, "completion_tokens": 1, "cache_read_input_tokens": 5,
+                                   "prompt_tokens_details": {"cached_tokens": 5}}}).encode())
+    obs.finish()
+    assert obs.c.prompt_tokens == 7
+    obs = ResponseObserver(False, False)
+    obs.feed(json.dumps({"usage": {"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": -5}}).encode())
+    obs.finish()
+    assert obs.c.prompt_tokens == 7
+
+
+async def test_counting_cuts_errors_and_traces_of_the_messages_api(make_gateway: Any, tmp_path: Any) -> None:
+    """count_tokens is charged nothing (and a prompt near the limit is not refused as too large);
+    an error event mid-stream is an upstream error in the audit trail; a stream the upstream cuts
+    ends with the Messages API's own error event; the trace has its GenAI span, cache tokens in."""
+    from .helpers import serve_handler
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if request.path.endswith("/count_tokens"):
+            return web.json_response({"input_tokens": 7000})
+        if not body.get("stream"):
+            return web.json_response({"id": "msg_2", "type": "message", "role": "assistant", "model": "claude-x",
+                                      "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                                      "usage": CACHED})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(start(100) + b"".join(text(" w") for _ in range(5)))
+        if request.headers.get("X-Mode") == "error":
+            await resp.write(ev({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+            return resp
+        assert request.transport is not None
+        request.transport.close()  # the upstream goes away mid-answer
+        return resp
+
+    jl = tmp_path / "audit.jsonl"
+    runner, url = await serve_handler(upstream)
+    try:
+        g = await make_gateway([
+            {"name": "rate_limit", "config": {"rules": [
+                {"name": "t", "limit": "30000/minute", "counts": "tokens", "key_by": ["ip"]}]}},
+            {"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(jl)}]}},
+            {"name": "tracing", "config": {"exporter": {"type": "memory"}}}], upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            big = {"model": "claude-x", "messages": [{"role": "user", "content": "w" * 119_000}]}  # ~29750 tokens
+            rem = []
+            for _ in range(3):
+                async with s.post(g.url + "/v1/messages/count_tokens", json=big) as r:
+                    assert r.status == 200, await r.text()
+                    assert await r.json() == {"input_tokens": 7000}
+                    rem.append(int(r.headers["x-ratelimit-remaining-tokens"]))
+                await g.plugin("rate_limit").drain()
+            assert rem == [30000, 30000, 30000]
+            body = {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            async with s.post(g.url + "/v1/messages", json=body, headers={"X-Mode": "error", "X-Request-ID": "err-1"}) as r:
+                assert r.status == 200
+                await r.read()
+            async with s.post(g.url + "/v1/messages", json=body, headers={"X-Request-ID": "cut-1"}) as r:
+                raw = b""
+                with contextlib.suppress(aiohttp.ClientPayloadError):
+                    async for piece in r.content.iter_any():
+                        raw += piece
+            last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+            assert last.startswith(b"event: error\ndata: "), raw[-300:]
+            err = json.loads(last.split(b"data: ", 1)[1])
+            assert err["type"] == "error" and err["error"]["type"] == "api_error"
+            assert err["error"]["code"] == "upstream_disconnected"
+            async with s.post(g.url + "/v1/messages", json={**body, "stream": False, "system": "Be brief."}) as r:
+                assert r.status == 200
+                await r.read()
+        spans = g.plugin("tracing").memory_exporter.get_finished_spans()
+        await g.stop()
+    finally:
+        await runner.cleanup()
+    events = {e.get("request_id"): e for e in map(json.loads, jl.read_text().splitlines())}
+    assert events["err-1"]["outcome"] == "upstream_error"
+    assert events["cut-1"]["outcome"] == "upstream_disconnected"
+    chat = [sp.attributes for sp in spans if sp.name == "chat claude-x"]
+    assert len(chat) == 3, [sp.name for sp in spans]
+    a = chat[-1]
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (32100, 50)
+    assert (a["gen_ai.usage.cache_read.input_tokens"], a["gen_ai.usage.cache_creation.input_tokens"]) == (30000, 2000)
+
+
+async def test_a_caller_without_a_key_is_told_every_header_it_may_use(make_gateway: Any, upstream: Any) -> None:
+    g = await make_gateway([{"name": "key_auth"}])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/messages", json={"model": "m", "messages": []}) as r:
+            assert r.status == 401
+            msg = (await r.json())["error"]["message"]
+    assert msg == "Missing API key: send it as 'Authorization: Bearer <key>' or in the X-API-Key or api-key header."

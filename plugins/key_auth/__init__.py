@@ -372,6 +372,10 @@ class KeyAuth(Plugin):
         self.cache = key_cache(services)
         self.store = key_store(services)
         self._bearer_only = [h.lower() == "authorization" for h in config.headers]
+        others = [h for h, b in zip(config.headers, self._bearer_only) if not b]
+        ways = (["as 'Authorization: Bearer <key>'"] if any(self._bearer_only) else []) + (
+            [f"in the {' or '.join(others)} header"] if others else [])
+        self._missing = "Missing API key: send it " + " or ".join(ways) + "."
         # Per pepper: an instance with another pepper (a reload changed it) never trusts what this
         # one verified.
         self._fast_key = hashlib.blake2b(config.pepper.encode(), key=_FAST_KEY, digest_size=32).digest()
@@ -437,7 +441,7 @@ class KeyAuth(Plugin):
             return self._refuse(ctx, 401, "missing", None,
                                 "No API key: the Authorization header must be 'Bearer <key>' (another scheme, or "
                                 "none, was sent)." if other else
-                                "Missing API key: send it as 'Authorization: Bearer <key>'.", "missing_api_key")
+                                self._missing, "missing_api_key")
         # A key this entry has already verified: the same checks below, minus checksum and HMAC.
         # Only for a value of a key's length, and the digest is computed whatever the cache holds.
         # (The response time can still show whether a key id's record is cached: ids are not secret.)

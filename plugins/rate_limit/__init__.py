@@ -192,7 +192,9 @@ class RateLimit(Plugin):
         if tok or quota:
             ctx.want_usage()
             body = ctx.json
-            generates = ctx.method == "POST" and isinstance(body, dict)  # GET /v1/models and the like: none
+            # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
+            # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens)
+            generates = ctx.method == "POST" and isinstance(body, dict) and not ctx.lpath.endswith(_COUNTING)
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
             legacy = ctx.lpath.endswith("/completions") and not ctx.lpath.endswith("/chat/completions")
@@ -492,6 +494,10 @@ class RateLimit(Plugin):
                 dropped, why = dropped + 1, str(e)
         if dropped:  # those tokens go uncounted: said in a metric and a (throttled) log line
             self.store.dropped(dropped, why)
+
+
+#: Paths that count a prompt's tokens: no generation, no charge.
+_COUNTING = ("/count_tokens", "/input_tokens")
 
 
 def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None = None) -> int:

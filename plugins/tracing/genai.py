@@ -20,7 +20,7 @@ MAX_VALUE_CHARS = 1024
 
 #: Operation by path suffix, most specific first (``/chat/completions`` also ends in ``/completions``).
 OPERATIONS = (("/chat/completions", "chat"), ("/completions", "text_completion"), ("/embeddings", "embeddings"),
-              ("/responses", "chat"))
+              ("/responses", "chat"), ("/v1/messages", "chat"))
 
 _REQUEST_PARAMS = (("max_tokens", "gen_ai.request.max_tokens"),
                    ("max_completion_tokens", "gen_ai.request.max_tokens"),
@@ -110,6 +110,11 @@ def _usage(a: dict[str, Any], c: Completion) -> None:
         details = u.get("prompt_tokens_details")
         if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
             a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
+        # (the Messages API's, which its input_tokens does not count, and usage_tokens adds)
+        for k, attr in (("cache_read_input_tokens", "gen_ai.usage.cache_read.input_tokens"),
+                        ("cache_creation_input_tokens", "gen_ai.usage.cache_creation.input_tokens")):
+            if _is_int(u.get(k)):
+                a[attr] = u[k]
     if est is not None:
         ot = est
         a["gateway.tokens_estimated"] = True
@@ -186,6 +191,8 @@ def _content(a: dict[str, Any], op: str, body: Any, c: Any, max_chars: int, resp
     if op == "chat" and isinstance(body.get("messages"), list):
         msgs = [_message(m, max_chars) for m in body["messages"] if isinstance(m, dict)]
         a["gen_ai.input.messages"] = _json(msgs)
+        if body.get("system"):  # the Messages API's system prompt (a text, or text blocks)
+            a["gen_ai.system_instructions"] = _json(_parts(body["system"], max_chars))
     elif op == "chat" and "input" in body:  # the Responses API: `instructions` + `input` items
         if isinstance(body.get("instructions"), str):
             a["gen_ai.system_instructions"] = _json(_parts(body["instructions"], max_chars))
