@@ -35,13 +35,36 @@ NAME = "rate_limit"
 SDK_MAX_WAIT = 60.0
 
 
+#: Token estimates of requests admitted and not yet ended, per token counter or quota period, for
+#: the process (every plugin instance, across reloads): requests arriving together are admitted
+#: against what is left less what the others may still use, so that concurrent requests cannot
+#: pass a token limit or quota many times over. Released when each request ends, before its
+#: real usage is charged.
+IN_FLIGHT: dict[str, int] = {}
+
+
+def _hold(held: list[tuple[str, int]], key: str, n: int) -> None:
+    IN_FLIGHT[key] = IN_FLIGHT.get(key, 0) + n
+    held.append((key, n))
+
+
+def _release(held: list[tuple[str, int]]) -> None:
+    for key, n in held:
+        v = IN_FLIGHT.get(key, 0) - n
+        if v > 0:
+            IN_FLIGHT[key] = v
+        else:
+            IN_FLIGHT.pop(key, None)
+    held.clear()
+
+
 class QuotaDown(StoreDown):
     """The quota database failed (not the counter store)."""
 
 
 class _State:
     __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
-                 "quota_shared")
+                 "quota_shared", "held")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
@@ -52,6 +75,9 @@ class _State:
         self.subject: str | None = None
         self.quota_periods: list[str] = []
         self.quota_shared: list[tuple[str, int]] = []  # (counter key, expiry) on a network store
+        #: (IN_FLIGHT key, estimate) held while the request runs (taken as the check passes each
+        #: counter, so requests checked together see each other's; given back if it is refused)
+        self.held: list[tuple[str, int]] = []
 
 
 class RateLimit(Plugin):
@@ -179,7 +205,10 @@ class RateLimit(Plugin):
         try:
             reply = await self._check(ctx, st, req, tok, quota)
         except StoreDown:
+            _release(st.held)
             reply = await self._store_down(ctx, st, quota)
+        if reply is not None:
+            _release(st.held)
         # The headers go on whatever answers: the upstream's response, a refusal, an error.
         if st.standings and self.config.headers:
             ctx.response_headers.update(hdr.build(st.standings))
@@ -213,11 +242,15 @@ class RateLimit(Plugin):
             short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]] = []
             for lim, ids in st.token_limits:
                 reset, remaining = await store.stats(lim.item, ids, deadline)
-                s = self._standing(lim, remaining, reset)
+                key = f"{store.label}/{self.config.strategy}/{lim.item.key_for(*ids)}"
+                # (what requests still running may use is not left: headers and refusals say so)
+                s = self._standing(lim, remaining - IN_FLIGHT.get(key, 0), reset)
                 st.standings.append(s)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
-                if remaining < need:
+                if s.remaining < need:
                     short.append((lim, ids, s, need))
+                elif need:
+                    _hold(st.held, key, need)
             if short:
                 lim, s, need = await self._tokens_short(short, deadline)
                 if need <= lim.item.amount and quota and self._quota is not None:
@@ -384,10 +417,13 @@ class RateLimit(Plugin):
                     used = max(used, await self.store.usage(key, deadline))
                 except StoreDown:  # (counted by the store) the database's figure stands
                     pass
-            s = hdr.Standing(label, "quota", amount, amount - used, left, window)
+            key = f"quota/{st.subject}/{period}"
+            s = hdr.Standing(label, "quota", amount, amount - used - IN_FLIGHT.get(key, 0), left, window)
             st.standings.append(s)
-            if amount - used < est:
+            if s.remaining < est:
                 short.append(s)
+            elif est:
+                _hold(st.held, key, est)
         if not short:
             return None
         never = [s for s in short if est > s.limit]
@@ -465,7 +501,11 @@ class RateLimit(Plugin):
     # -- the response ------------------------------------------------------------------------------
     async def on_complete(self, ctx: RequestContext) -> None:
         st: _State | None = ctx.state.get(NAME)
-        if st is None or ctx.t_upstream is None or not (st.token_limits or st.quota_periods):
+        if st is None:
+            return
+        if st.held:
+            _release(st.held)
+        if ctx.t_upstream is None or not (st.token_limits or st.quota_periods):
             return
         tokens = used_tokens(ctx, st.prompt, st.estimate)
         if tokens <= 0:
