@@ -438,3 +438,28 @@ async def test_quota_reads_failing_in_an_outage_are_logged_once_with_a_count(mak
     assert statuses == [200] * 5  # on_store_error: allow
     lines = [r.getMessage() for r in caplog.records if "quota read" in r.getMessage()]
     assert lines == ["rate_limit: 1 quota read(s) failed (ConnectionRefusedError)"]
+
+
+async def test_requests_let_through_while_the_quota_read_fails_are_charged_to_every_period(make_gateway,
+                                                                                           tmp_path):
+    """on_store_error: allow lets them through with the database down; each is charged to the day
+    and to the month alike once the database is back (the monthly quota lost them when the daily
+    read failed first)."""
+    import sqlite3
+    g = await make_gateway([rl(rules=[], quotas={"daily_tokens": 100000, "monthly_tokens": 1000000})])
+    plugin = g.plugin("rate_limit")
+    up = plugin._quota.used
+
+    async def down(*_: Any) -> int:
+        raise ConnectionRefusedError("database down")
+
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, g.url))[0] == 200
+        plugin._quota.used = down
+        assert [(await post(s, g.url))[0] for _ in range(3)] == [200] * 3
+        plugin._quota.used = up
+    await plugin._quota.writer.flush()
+    with sqlite3.connect(tmp_path / "gateway.db") as c:
+        rows = dict(c.execute("SELECT period, tokens FROM rate_limit_quota_usage").fetchall())
+    day, month = sorted(rows, key=lambda p: p[0])  # d:..., m:...
+    assert rows[day] == rows[month] and rows[day] > 0, rows

@@ -397,12 +397,17 @@ class RateLimit(Plugin):
         (day, day_left), (month, month_left) = periods()
         timeout = max(1.0, self.store.timeout)
         short: list[hdr.Standing] = []
-        for label, amount, period, left, window in (("daily-tokens", quota["daily"], day, day_left, 86400),
-                                                    ("monthly-tokens", quota["monthly"], month, month_left,
-                                                     31 * 86400)):
-            if amount is None:
-                continue
-            st.quota_periods.append(period)
+        applies = [(label, amount, period, left, window)
+                   for label, amount, period, left, window in (
+                       ("daily-tokens", quota["daily"], day, day_left, 86400),
+                       ("monthly-tokens", quota["monthly"], month, month_left, 31 * 86400)) if amount is not None]
+        # Every period is charged, whichever read fails (a request let through meanwhile, with
+        # on_store_error: allow, is still the month's as much as the day's).
+        st.quota_periods.extend(a[2] for a in applies)
+        if not self.store.memory:  # (each gone a day after its period)
+            st.quota_shared.extend((f"quota/{st.subject}/{a[2]}", math.ceil(a[3]) + 86400) for a in applies)
+        for label, amount, period, left, window in applies:
+            key = f"quota/{st.subject}/{period}"
             try:
                 used = await self._quota.used(st.subject, period, timeout)
             except Exception as e:  # the database is a store too: same policy
@@ -411,13 +416,10 @@ class RateLimit(Plugin):
                 STORE_LOG.event(f"quota:{kind}", 1, f"rate_limit: %d quota read(s) failed ({kind})")
                 raise QuotaDown("quota read failed") from None
             if not self.store.memory:
-                key = f"quota/{st.subject}/{period}"
-                st.quota_shared.append((key, math.ceil(left) + 86400))  # (gone a day after the period)
                 try:
                     used = max(used, await self.store.usage(key, deadline))
                 except StoreDown:  # (counted by the store) the database's figure stands
                     pass
-            key = f"quota/{st.subject}/{period}"
             s = hdr.Standing(label, "quota", amount, amount - used - IN_FLIGHT.get(key, 0), left, window)
             st.standings.append(s)
             if s.remaining < est:
