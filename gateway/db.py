@@ -67,11 +67,20 @@ def in_daemon_thread(fn: Any, *args: Any) -> "asyncio.Future[Any]":
 
 
 def _readonly_reconnects(context: Any) -> None:
-    """SQLite opens a file it may not write read-only, and the connection stays so: once the file
-    is made writable, only new connections can write. A write refused as read-only drops the
-    connection, so the next attempt (the writers retry) opens a new one."""
-    if "attempt to write a readonly database" in str(context.original_exception):
+    """A connection that refuses writes as read-only stays so: SQLite opens a file it may not write
+    read-only (made writable later, only new connections can write); a PostgreSQL session keeps
+    the ``default_transaction_read_only`` it began with (set while the disk was full, or reset
+    since), and one to a primary demoted to a standby by a failover stays on the standby. A write
+    refused as read-only drops the pool's connections, so the next attempt (the writers retry)
+    opens new ones, which see the database as it is now."""
+    e = context.original_exception
+    if "attempt to write a readonly database" in str(e) or READ_ONLY_SQLSTATE in (
+            getattr(e, "sqlstate", None), getattr(getattr(e, "__cause__", None), "sqlstate", None)):
         context.is_disconnect = True
+
+
+#: PostgreSQL's read_only_sql_transaction ("cannot execute INSERT in a read-only transaction")
+READ_ONLY_SQLSTATE = "25006"
 
 
 class DatabaseError(Exception):
@@ -227,7 +236,7 @@ class Database:
                 self.file = os.path.abspath(name)
                 event.listen(self.engine.sync_engine, "do_connect", self._before_connect)
                 event.listen(self.engine.sync_engine, "checkout", self._on_checkout)
-            event.listen(self.engine.sync_engine, "handle_error", _readonly_reconnects)
+        event.listen(self.engine.sync_engine, "handle_error", _readonly_reconnects)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         #: Connections that long reads (a conversation's history) may hold at once, of the pool's
         #: (SQLite: 4 of 5 + 10 overflow; PostgreSQL: pool_size of twice that): the others stay free for the

@@ -3,6 +3,7 @@ on a fresh SQLite file and on PostgreSQL, auto-migration at start for the embedd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import subprocess
@@ -587,6 +588,40 @@ async def test_a_read_only_sqlite_file_is_refused_at_start_and_reopened_after(tm
         assert len(opened) == n + 2  # each refused write's connection was dropped, a new one opened
     finally:
         await ro.close()
+
+
+async def test_postgresql_sessions_left_read_only_are_replaced_once_writes_are_taken_again(
+        pg_url: str, pg_cluster: str) -> None:
+    """A database set read-only (default_transaction_read_only, as an operator does for a full
+    disk; a primary demoted by a failover alike) and then writable again: the pool's sessions, begun
+    read-only, stay so. A write refused as read-only drops them, so the next attempt writes."""
+    import asyncpg
+
+    db = Database(pg_url)
+    await db.upgrade()
+    name = db.engine.url.database
+    admin = await asyncpg.connect(pg_cluster)
+
+    async def write() -> None:
+        async with db.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM audit_events"))
+
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        for _ in range(3):  # (a terminated session is found and replaced first)
+            with contextlib.suppress(Exception):
+                await write()
+        with pytest.raises(Exception, match="read-only"):
+            await write()
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        with contextlib.suppress(Exception):
+            await write()  # (the session this one found was begun read-only: refused, and dropped)
+        await write()
+        await write()
+    finally:
+        await admin.close()
+        await db.close()
 
 
 async def test_start_goes_ahead_while_another_process_holds_the_write_lock(make_gateway: Any, tmp_path: Path) -> None:
