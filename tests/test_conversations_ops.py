@@ -713,3 +713,49 @@ async def test_the_turns_shown_with_a_page_of_messages_are_that_pages(make_gatew
         assert got == [([0, 1], [0]), ([2, 3], [2]), ([4, 5], [4])]
         assert (await page(limit=1))["turns"] == [whole["turns"][0]]
         assert (await page(after=5))["turns"] == []
+
+
+async def test_a_turn_waits_a_bounded_time_for_a_database_that_does_not_answer(
+        make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A frozen database (or a locked table) holds the conversation's read: the turn is answered
+    503 conversation_store_unavailable after VIEW_WAIT, not held for as long as the database is."""
+    import gateway.plugins.conversations as conv
+
+    monkeypatch.setattr(conv, "VIEW_WAIT", 1.0)
+    g = await make_gateway([{"name": "conversations", "config": {"cache_ttl": 0}}])
+    st, h, b = await chat(g, [{"role": "user", "content": "hello"}])
+    cid = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    shared = g.plugin("conversations").shared
+    shared.views.clear()  # (not cached: read from the database)
+
+    async def frozen(*_: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(shared, "_read_view", frozen)
+    t0 = time.monotonic()
+    st, h, b = await chat(g, [{"role": "user", "content": "hello"}, b["choices"][0]["message"],
+                              {"role": "user", "content": "and?"}], cid)
+    took = time.monotonic() - t0
+    assert (st, b["error"]["code"], h.get("Retry-After")) == (503, "conversation_store_unavailable", "1")
+    assert took < 5, took
+
+
+async def test_a_recent_id_not_found_while_writes_fail_is_retryable_not_gone(
+        make_gateway: Any, tmp_path: Path) -> None:
+    """An id made moments ago by another instance whose write the database has not taken yet (it
+    refuses this instance's writes too): 503 with Retry-After, not a 404 telling the client the
+    conversation does not exist. Without write failures it is 404 as before."""
+    from gateway.plugins.conversations import new_id
+
+    g = await make_gateway([{"name": "conversations"}])
+    shared = g.plugin("conversations").shared
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "more"}]
+    st, _, b = await chat(g, msgs, new_id())
+    assert (st, b["error"]["code"]) == (404, "conversation_not_found")
+    shared.writer.failing_for = lambda recent=10.0: 12.0  # the database refusing writes for 12 s
+    st, h, b = await chat(g, msgs, new_id())
+    assert (st, b["error"]["code"], h.get("Retry-After")) == (503, "conversation_store_unavailable", "1")
+    st, _, b = await chat(g, msgs, "conv_" + "0" * 22)  # an id made long ago: gone
+    assert (st, b["error"]["code"]) == (404, "conversation_not_found")

@@ -365,6 +365,10 @@ def _not_found() -> Reply:
 #: seconds before the 404.
 RECENT_ID = 30
 LATE_WRITE_WAIT = 3.0
+#: Seconds a turn waits for its conversation from the database (a read, and a write of it still
+#: under way) before 503 conversation_store_unavailable: a database that does not answer (frozen,
+#: a table locked, a network cut with no reset) must not hold every caller for as long.
+VIEW_WAIT = 10.0
 
 
 def id_age(cid: str) -> float | None:
@@ -414,6 +418,29 @@ class Conversations(Plugin):
         await self.shared.flush(timeout)
 
     # -- request ---------------------------------------------------------------------------------
+    async def _find(self, cid: str, owner: str, age: float | None) -> Any:
+        """The conversation's view, None if there is none (or not yet: see RECENT_ID)."""
+        shared, cfg = self.shared, self.config
+        assert shared is not None
+        v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
+        if (v is None or v.owner != owner) and _GENERATED(cid):
+            # Made by another instance a moment ago? Its write may still be queued there.
+            # (Also waited for another owner's id: the time taken tells nothing about it.)
+            first = min(1.0, 2 * cfg.flush_interval + 0.1)
+            await asyncio.sleep(first)
+            if v is None:
+                v = await shared.view(cid, cfg.cache_ttl)
+            if (v is None or v.owner != owner) and age is not None and -5 < age < RECENT_ID:
+                # made moments ago: another instance's write of it may be late. Another owner's
+                # recent id waits as long (only waits: were it answered sooner, the time would
+                # tell that it exists).
+                until = time.monotonic() + LATE_WRITE_WAIT - first
+                while (v is None or v.owner != owner) and time.monotonic() < until:
+                    await asyncio.sleep(0.25)
+                    if v is None:
+                        v = await shared.view(cid, cfg.cache_ttl)
+        return v
+
     async def on_request(self, ctx: RequestContext) -> Reply | None:
         cfg = self.config
         path = ctx.path
@@ -459,31 +486,24 @@ class Conversations(Plugin):
         stored_again: list[int] = []  # resent positions stored again (a retry that adds a message)
         if cid:
             cid = cid.strip()
+            age = id_age(cid)  # (as the request came: the reads below may wait)
             try:
-                v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
-                if (v is None or v.owner != owner) and _GENERATED(cid):
-                    # Made by another instance a moment ago? Its write may still be queued there.
-                    # (Also waited for another owner's id: the time taken tells nothing about it.)
-                    first = min(1.0, 2 * cfg.flush_interval + 0.1)
-                    await asyncio.sleep(first)
-                    if v is None:
-                        v = await shared.view(cid, cfg.cache_ttl)
-                    age = id_age(cid)
-                    if (v is None or v.owner != owner) and age is not None and -5 < age < RECENT_ID:
-                        # made moments ago: another instance's write of it may be late. Another
-                        # owner's recent id waits as long (only waits: were it answered sooner,
-                        # the time would tell that it exists).
-                        until = time.monotonic() + LATE_WRITE_WAIT - first
-                        while (v is None or v.owner != owner) and time.monotonic() < until:
-                            await asyncio.sleep(0.25)
-                            if v is None:
-                                v = await shared.view(cid, cfg.cache_ttl)
+                async with asyncio.timeout(VIEW_WAIT):
+                    v = await self._find(cid, owner, age)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
                 ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
                 return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
                                              "server_error", "conversation_store_unavailable", None),
                              {"Retry-After": "1"})
+            if (v is None or v.owner != owner) and age is not None and -5 < age < RECENT_ID \
+                    and shared.writer.failing_for(60.0):
+                # Made moments ago, and the database has been refusing this instance's writes: the
+                # instance that made it may not have been able to write it yet either.
+                ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
+                return Reply(503, error_body("The conversation store is not taking writes; this conversation may "
+                                             "not be stored yet: try again shortly.", "server_error",
+                                             "conversation_store_unavailable", None), {"Retry-After": "1"})
             if v is None or v.owner != owner:
                 ctx.refusal = {"plugin": self.name, "type": "not_found", "reason": "conversation_not_found"}
                 return _not_found()
