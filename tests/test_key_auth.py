@@ -605,8 +605,11 @@ async def test_fail_closed_when_sqlite_store_breaks(make_gateway: Any, tmp_path:
     db = sqlite3.connect(tmp_path / "gateway.db")
     db.execute("ALTER TABLE api_keys RENAME TO api_keys_away")
     db.commit()
-    st, b = await raw_call(g.url, bearer(rec["key"]))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", headers=bearer(rec["key"]), json={"model": "m"}) as r:
+            st, b, retry = r.status, await r.json(), r.headers.get("Retry-After")
     assert st == 503 and b["error"]["code"] == "key_store_unavailable" and b["error"]["type"] == "server_error"
+    assert retry == "1"  # (the SDKs retry a 503 soon anyway; others are told when)
     assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": "store_unavailable",
                                          "key_id": rec["id"]}
     db.execute("ALTER TABLE api_keys_away RENAME TO api_keys")

@@ -428,7 +428,9 @@ class KeyAuth(Plugin):
     def _refuse(self, ctx: "RequestContext", status: int, reason: str, key_id: str | None, message: str,
                 code: str, type_: str = "invalid_request_error") -> Reply:
         ctx.refusal = {"plugin": self.name, "type": "auth", "reason": reason, "key_id": key_id}
-        headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else None
+        # (a key store that is down: retried soon, as the conversation store's 503 says)
+        headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else \
+            {"Retry-After": "1"} if status == 503 else None
         return Reply.error(status, message, type_, code, headers)
 
     async def on_headers(self, ctx: "RequestContext") -> Reply | None:
