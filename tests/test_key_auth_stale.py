@@ -174,6 +174,7 @@ async def test_after_a_long_watch_outage_only_the_keys_changed_meanwhile_are_dro
     however long ago: a key revoked 90 s ago (outside the usual window) is dropped, the other cached
     keys are kept."""
     import datetime as dt
+    from types import SimpleNamespace
 
     from gateway.plugins.key_auth import KeyAuthConfig, KeyCache, KeyWatch
 
@@ -186,8 +187,30 @@ async def test_after_a_long_watch_outage_only_the_keys_changed_meanwhile_are_dro
 
     cache = KeyCache()
     for k in ("revoked", "kept"):
-        cache.entries[k] = (object(), time.monotonic())  # type: ignore[assignment]
+        cache.entries[k] = (SimpleNamespace(updated=None), time.monotonic())  # type: ignore[assignment]
     w = KeyWatch(None, cache, Store())  # type: ignore[arg-type]
     w.last_ok, w.failing = now - dt.timedelta(seconds=100), True  # polls failed for 100 s
     await w.poll(KeyAuthConfig(cache_ttl=5, watch_interval=1))
     assert set(cache.entries) == {"kept"} and not w.failing
+
+
+async def test_a_key_made_lately_is_kept_cached_through_the_watch_and_an_outage(make_gateway: Any,
+                                                                                 tmp_path: Path) -> None:
+    """The watch's first sight of a key just created (or changed) dropped its cached record, though
+    that record was already the new version: an outage right after then refused the key with 503
+    while older keys were served from their records."""
+    g = await make_gateway(ka(cache_ttl=0.3, stale_if_error=30, watch_interval=0.1))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    await asyncio.sleep(0.5)  # the watch has seen the key's stamp; the record is past cache_ttl
+    break_store(tmp_path, away=True)
+    try:
+        st, body = await raw_call(g.url, bearer(rec["key"]))
+        assert st == 200, body
+    finally:
+        break_store(tmp_path, away=False)
+    # a change made while it is cached is still dropped at once (a revoke applies)
+    other = await new_key(g)
+    assert (await raw_call(g.url, bearer(other["key"])))[0] == 200
+    assert (await admin(g, "POST", f"/keys/{other['id']}/revoke"))[0] == 200
+    assert (await raw_call(g.url, bearer(other["key"])))[0] == 401

@@ -122,7 +122,7 @@ class _Entry:
     """A cached key record: what validation needs, and the identity handed to later plugins."""
 
     __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "path_roots", "models",
-                 "identity", "verified")
+                 "identity", "verified", "updated")
 
     def __init__(self, row: Any) -> None:
         #: Keyed BLAKE2b digests of full keys already checked against this record -> True if it was
@@ -134,6 +134,7 @@ class _Entry:
         self.prev_until = row.prev_valid_until.timestamp() if row.prev_valid_until else None
         self.expires = row.expires_at.timestamp() if row.expires_at else None
         self.revoked = row.revoked_at is not None
+        self.updated: Any = row.updated_at  # the version of the record (see KeyWatch.poll)
         scopes = normalise_scopes(row.scopes)
         # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
         # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike; without
@@ -271,7 +272,12 @@ class KeyWatch:
         for key_id, stamp in rows:
             seen[key_id] = stamp
             if self.seen.get(key_id) != stamp:
-                self.cache.invalidate(key_id)
+                # (a record cached since it changed is this version already: kept, so it can still
+                # serve through an outage under stale_if_error; a key just created, or changed by
+                # this process, is no longer dropped on the watch's first sight of it)
+                cached = self.cache.entries.get(key_id)
+                if cached is None or cached[0] is None or cached[0].updated != stamp:
+                    self.cache.invalidate(key_id)
         self.seen = seen
 
 
