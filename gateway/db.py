@@ -201,6 +201,13 @@ def store_error(e: BaseException) -> tuple[str, bool]:
                 # (cannot open: also too many open files for a moment, which a retry can outlast)
                 return f"{name}: {hint}", prefix != "SQLITE_CANTOPEN"
         return f"{name}: {str(orig)[:120]}", False
+    # PostgreSQL (asyncpg, under SQLAlchemy's adapter whose class is a bare "Error"): the driver's
+    # exception class and the SQLSTATE say why (ReadOnlySQLTransactionError, 25006) without quoting
+    cause = orig.__cause__
+    state = getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
+    if isinstance(state, str) and state.isalnum() and len(state) == 5:
+        named = cause if cause is not None and getattr(cause, "sqlstate", None) == state else orig
+        return f"{type(named).__name__} (SQLSTATE {state})", False
     return type(orig).__name__, False
 
 

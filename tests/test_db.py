@@ -15,7 +15,7 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from gateway.db import Database, DatabaseError, alembic_config
+from gateway.db import Database, DatabaseError, alembic_config, store_error
 from gateway.plugin import Plugin, registry
 
 from .helpers import write_config
@@ -612,8 +612,10 @@ async def test_postgresql_sessions_left_read_only_are_replaced_once_writes_are_t
         for _ in range(3):  # (a terminated session is found and replaced first)
             with contextlib.suppress(Exception):
                 await write()
-        with pytest.raises(Exception, match="read-only"):
+        with pytest.raises(Exception, match="read-only") as refused:
             await write()
+        # what /readyz and the writers' log lines say of it
+        assert store_error(refused.value) == ("ReadOnlySQLTransactionError (SQLSTATE 25006)", False)
         await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
         with contextlib.suppress(Exception):
             await write()  # (the session this one found was begun read-only: refused, and dropped)
