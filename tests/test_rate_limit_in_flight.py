@@ -94,3 +94,30 @@ async def test_an_estimate_is_given_back_when_the_request_is_refused_or_its_clie
             await until(lambda: not IN_FLIGHT, 5, what="the estimates given back")
     finally:
         await runner.cleanup()
+
+
+async def test_a_request_kept_out_only_by_running_requests_is_told_to_retry_shortly(make_gateway: Any) -> None:
+    """It fits what is left, not beside what the running requests may still use: a retryable 429
+    with a short Retry-After saying so, not a used-up quota until midnight (that no SDK retries)."""
+    runner, url = await serve_handler(slow_stream)
+    try:
+        for plugin in ({"rules": [], "quotas": {"daily_tokens": 5000}},
+                       {"rules": [{"name": "tpm", "limit": "5000/hour", "counts": "tokens", "key_by": ["ip"]}]}):
+            g = await make_gateway([{"name": "rate_limit", "config": plugin}], upstream={"url": url},
+                                   name=f"gw-{len(plugin['rules'])}.yaml")
+            async with aiohttp.ClientSession() as s:
+                async def one() -> tuple[int, Any, Any]:
+                    async with s.post(g.url + "/v1/chat/completions", json=BODY) as r:
+                        body = await r.read()
+                        return r.status, r.headers, body
+                got = await asyncio.gather(*[one() for _ in range(6)])
+            refused = [(h, json.loads(b)) for st, h, b in got if st == 429]
+            assert len(refused) == 2
+            for h, b in refused:
+                assert b["error"]["code"] == "rate_limit_exceeded", b
+                assert "held by requests still running" in b["error"]["message"], b
+                assert h["Retry-After"] == "1" and "x-should-retry" not in h
+            await until(lambda: not IN_FLIGHT, 5, what="the estimates given back")
+            await g.stop()
+    finally:
+        await runner.cleanup()

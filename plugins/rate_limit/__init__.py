@@ -33,6 +33,9 @@ _EVICTION_TOLD: set[str] = set()
 NAME = "rate_limit"
 #: The longest Retry-After the OpenAI SDKs wait for; a refusal with a longer wait says not to retry.
 SDK_MAX_WAIT = 60.0
+#: Retry-After (seconds) of a request that fits what is left but not beside the estimates held by
+#: requests still running: they end (and give back what they did not use) at any moment.
+BUSY_RETRY = 1.0
 
 
 #: Token estimates of requests admitted and not yet ended, per token counter or quota period, for
@@ -46,6 +49,17 @@ IN_FLIGHT: dict[str, int] = {}
 def _hold(held: list[tuple[str, int]], key: str, n: int) -> None:
     IN_FLIGHT[key] = IN_FLIGHT.get(key, 0) + n
     held.append((key, n))
+
+
+def _held(s: hdr.Standing, key: str, need: int) -> None:
+    """Take the estimates held against ``key`` off the standing; when they alone keep ``need`` from
+    fitting, the wait is for running requests to end, not for the window or the period."""
+    held = IN_FLIGHT.get(key, 0)
+    if held:
+        s.held = held
+        s.remaining -= held
+        if s.remaining < need <= s.remaining + held:
+            s.reset_in = min(s.reset_in, BUSY_RETRY)
 
 
 def _release(held: list[tuple[str, int]]) -> None:
@@ -244,9 +258,10 @@ class RateLimit(Plugin):
                 reset, remaining = await store.stats(lim.item, ids, deadline)
                 key = f"{store.label}/{self.config.strategy}/{lim.item.key_for(*ids)}"
                 # (what requests still running may use is not left: headers and refusals say so)
-                s = self._standing(lim, remaining - IN_FLIGHT.get(key, 0), reset)
-                st.standings.append(s)
+                s = self._standing(lim, remaining, reset)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
+                _held(s, key, need)
+                st.standings.append(s)
                 if s.remaining < need:
                     short.append((lim, ids, s, need))
                 elif need:
@@ -420,7 +435,8 @@ class RateLimit(Plugin):
                     used = max(used, await self.store.usage(key, deadline))
                 except StoreDown:  # (counted by the store) the database's figure stands
                     pass
-            s = hdr.Standing(label, "quota", amount, amount - used - IN_FLIGHT.get(key, 0), left, window)
+            s = hdr.Standing(label, "quota", amount, amount - used, left, window)
+            _held(s, key, est)
             st.standings.append(s)
             if s.remaining < est:
                 short.append(s)
@@ -439,7 +455,15 @@ class RateLimit(Plugin):
         st: _State | None = ctx.state.get(NAME)
         n = st.choices if st is not None else 1
         per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
-        if lim is None and never:
+        if not never and s.remaining < needed <= s.remaining + s.held:
+            # It fits what is left, not beside what requests still running may use: they end soon.
+            what, limit = (f"your {s.name.replace('-', ' ')} quota", s.limit) if lim is None else \
+                (f"rule {lim.label}", lim.item.amount)
+            label = f"{s.name} quota ({s.limit} tokens)" if lim is None else lim.label
+            reason, err_type = "rate_limit_exceeded", "tokens"
+            msg = (f"Too many requests at once for {what}: limit {limit}, used {limit - s.remaining - s.held}, "
+                   f"{s.held} held by requests still running, requested about {needed}. Retry in {retry}s.")
+        elif lim is None and never:
             label = f"{s.name} quota ({s.limit} tokens)"
             msg = (f"Request too large for your {s.name.replace('-', ' ')} quota: about {needed} tokens "
                    f"estimated (prompt plus {per}), more than the quota of {s.limit}. Lower max_tokens"

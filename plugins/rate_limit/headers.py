@@ -28,6 +28,7 @@ class Standing:
     window: int        # window length in seconds
     policy: str = ""   # the RateLimit-Policy item, when precomputed
     refuses: bool = False  # the limit this request is refused by
+    held: int = 0      # tokens held by requests still running (taken off ``remaining``)
 
 
 def policy_item(name: str, counts: str, limit: int, window: int) -> str:
