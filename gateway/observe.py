@@ -294,11 +294,13 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
     completion_tokens, the Responses API and the Messages API input_tokens / output_tokens. Every
     plugin reads them here, so all count both alike. The Messages API reports the prompt it read
     from its cache or wrote to it apart from ``input_tokens`` (the OpenAI APIs count them in):
-    they are input too."""
+    they are input too. (A Responses API usage, which has a total and ``input_tokens_details``
+    with the cached count in its input, is taken as it is, whatever else it carries.)"""
     p, c = u.get("prompt_tokens"), u.get("completion_tokens")
     if p is None:
         p = _int(u.get("input_tokens"))
-        if p is not None and ("cache_read_input_tokens" in u or "cache_creation_input_tokens" in u):
+        if p is not None and ("cache_read_input_tokens" in u or "cache_creation_input_tokens" in u) \
+                and "total_tokens" not in u and "input_tokens_details" not in u:
             p = _int(p + (_int(u.get("cache_read_input_tokens")) or 0)
                      + (_int(u.get("cache_creation_input_tokens")) or 0))
     return _int(p), _int(c if c is not None else u.get("output_tokens"))

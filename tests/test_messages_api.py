@@ -204,6 +204,13 @@ def test_prompt_cache_reads_and_writes_are_input_tokens() -> None:
     obs.feed(json.dumps({"usage": {"input_tokens": 7, "output_tokens": 1, "cache_read_input_tokens": -5}}).encode())
     obs.finish()
     assert obs.c.prompt_tokens == 7
+    # a Responses API usage (a total, input_tokens_details) counts its cached tokens in already
+    for extra in ({"total_tokens": 29}, {"input_tokens_details": {"cached_tokens": 8}}):
+        obs = ResponseObserver(False, False)
+        obs.feed(json.dumps({"usage": {"input_tokens": 20, "output_tokens": 9, "cache_read_input_tokens": 8,
+                                       **extra}}).encode())
+        obs.finish()
+        assert obs.c.prompt_tokens == 20
 
 
 async def test_counting_cuts_errors_and_traces_of_the_messages_api(make_gateway: Any, tmp_path: Any) -> None:
