@@ -257,10 +257,9 @@ class RateLimit(Plugin):
             for lim, ids in st.token_limits:
                 reset, remaining = await store.stats(lim.item, ids, deadline)
                 key = f"{store.label}/{self.config.strategy}/{lim.item.key_for(*ids)}"
-                # (what requests still running may use is not left: headers and refusals say so)
                 s = self._standing(lim, remaining, reset)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
-                _held(s, key, need)
+                _held(s, key, need)  # (what requests still running may use is not left: headers say so)
                 st.standings.append(s)
                 if s.remaining < need:
                     short.append((lim, ids, s, need))
