@@ -4,6 +4,8 @@ upstream's and its cap is said in the log, the scrape speaks OpenMetrics and gzi
 docs/metrics.md shows (HELP texts, the Alerts section) matches a real scrape."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -19,7 +21,7 @@ from aiohttp import web
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import ADMIN_TOKEN, base_config, write_config
+from .helpers import ADMIN_TOKEN, base_config, until, write_config
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello there"}]}
@@ -300,22 +302,46 @@ async def test_help_texts_say_what_is_counted(make_gateway):
 
 
 def _alerts() -> list[str]:
+    """The expressions, an indented line continuing the one before."""
     doc = (ROOT / "docs" / "metrics.md").read_text()
     section = doc.split("\n## Alerts", 1)[1].split("\n## ", 1)[0]
-    exprs = [line for block in re.findall(r"```promql\n(.*?)```", section, re.S)
-             for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    exprs: list[str] = []
+    for block in re.findall(r"```promql\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            if line[0].isspace() and exprs:
+                exprs[-1] += " " + line.strip()
+            else:
+                exprs.append(line)
     assert len(exprs) >= 3, section
     return exprs
 
 
+async def _scraped_with(s: aiohttp.ClientSession, url: str, name: str, label: str, value: str) -> Any:
+    m = await scrape(s, url)
+    return m if any(dict(k).get(label) == value for k in m.get(name, {})) else None
+
+
 async def test_the_documented_alerts_name_real_series(make_gateway, tmp_path):
     """Each PromQL expression of the docs' Alerts section: every metric it names is in a scrape of
-    a gateway with those plugins (after one request), with the labels it matches or groups by."""
+    a gateway with those plugins (after a request answered, one the upstream answers 503 and one
+    whose client gives up before the head), with the labels it matches or groups by."""
+    # (on_store_error: allow has its alert, deny another: a route here denies)
     g = await make_gateway([{"name": "audit", "config": {"sinks": ["database"]}}, {"name": "rate_limit"},
-                            {"name": "conversations"}, {"name": "metrics"}])
+                            {"name": "conversations"}, {"name": "metrics"}],
+                           routes=[{"path_prefix": "/v1/embeddings",
+                                    "plugins": {"rate_limit": {"config": {"on_store_error": "deny"}}}}])
     async with aiohttp.ClientSession(timeout=T) as s:
         assert await chat(s, g.url) == 200
-        m = await scrape(s, g.admin_url)
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Status": "503"}) as r:
+            assert r.status == 503
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with s.post(g.url + "/v1/chat/completions", json=CHAT, headers={"X-Demo-Head-Delay": "2"},
+                              timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+                await r.read()
+        m = await until(lambda: _scraped_with(s, g.admin_url, "gateway_requests_total", "status", "0"), 5,
+                        what="the request its client gave up on, counted")
     exprs = _alerts()
     named = set()
     for expr in exprs:
