@@ -276,6 +276,7 @@ class BatchWriter(Generic[T]):
 
     async def _attempt(self, batch: list[T], give_up: float) -> None:
         delay = 0.05
+        attempts, began = 0, time.monotonic()
         while True:
             if self._close_by is not None:  # closing: the shutdown budget applies to this batch too
                 give_up = min(give_up, self._close_by)
@@ -333,11 +334,14 @@ class BatchWriter(Generic[T]):
                     return
                 self.last_failure = time.monotonic()
                 self.last_error = store_error(e)[0]
+                attempts += 1
                 if self.failing_since is None:
                     self.failing_since = self.last_failure
                 if time.monotonic() + delay > give_up:
-                    log.error("writer %s: giving up on %d records after retries: %s: %s%s",
-                              self.name, len(batch), type(e).__name__, _short(e), _sqlite_why(e))
+                    # (one attempt can take all of retry_for: SQLite waits busy_timeout for a lock)
+                    log.error("writer %s: giving up on %d records after %d attempt(s) in %.1f s: %s: %s%s",
+                              self.name, len(batch), attempts, time.monotonic() - began, type(e).__name__,
+                              _short(e), _sqlite_why(e))
                     self._drop(len(batch), "write_failed")
                     return
                 self._m.retries.labels(self.name).inc()

@@ -35,8 +35,10 @@ async def test_a_rejected_record_is_dropped_alone_and_counted():
     assert calls[0] == 40 and len(calls) < 20  # halving, not one write per record
 
 
-async def test_a_store_fault_that_rejects_everything_is_retried_whole():
-    """Not one bad record: the database lacks a table. No halving; retried, then counted."""
+async def test_a_store_fault_that_rejects_everything_is_retried_whole(caplog):
+    """Not one bad record: the database lacks a table. No halving; retried, then counted, and the
+    line that gives up says how many attempts it made (one, when a single attempt took all of
+    retry_for: no "after retries")."""
     calls: list[int] = []
 
     async def write(batch: Sequence[int]) -> None:
@@ -48,10 +50,13 @@ async def test_a_store_fault_that_rejects_everything_is_retried_whole():
     w.start()
     for i in range(10):
         await w.put(i)
-    await w.flush(timeout=10)
-    await w.close()
+    with caplog.at_level(logging.ERROR, logger="gateway.writer"):
+        await w.flush(timeout=10)
+        await w.close()
     assert w.dropped == 10 and w.written == 0
     assert set(calls) == {10} and len(calls) <= 6
+    gave_up = [r.getMessage() for r in caplog.records if "giving up" in r.getMessage()]
+    assert len(gave_up) == 1 and f"after {len(calls)} attempt(s) in 0." in gave_up[0], gave_up
 
 
 async def test_an_unavailable_store_is_retried_whole_not_split(caplog):
