@@ -105,6 +105,8 @@ class RateLimit(Plugin):
         super().__init__(config, services)
         c = config
         self.store = CounterStore(services, c.storage, c.strategy, c.storage_timeout, c.storage_retry)
+        #: IN_FLIGHT keys of this instance's token counters: the store and strategy, then the counter's key
+        self._flight = f"{self.store.label}/{c.strategy}/"
         self.ip_prefixes = (c.ipv4_prefix, c.ipv6_prefix)
         self.limits = compile_rules(c.rules, self.ip_prefixes)
         self.request_limits = [x for x in self.limits if x.counts == "requests"]
@@ -256,7 +258,7 @@ class RateLimit(Plugin):
             short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]] = []
             for lim, ids in st.token_limits:
                 reset, remaining = await store.stats(lim.item, ids, deadline)
-                key = f"{store.label}/{self.config.strategy}/{lim.item.key_for(*ids)}"
+                key = self._flight + lim.item.key_for(*ids)
                 s = self._standing(lim, remaining, reset)
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
                 _held(s, key, need)  # (what requests still running may use is not left: headers say so)
@@ -411,7 +413,9 @@ class RateLimit(Plugin):
         (day, day_left), (month, month_left) = periods()
         timeout = max(1.0, self.store.timeout)
         short: list[hdr.Standing] = []
-        applies = [(label, amount, period, left, window)
+        # (label, amount, period, seconds left in it, window, the period's key: the shared counter's
+        # on a network store, and IN_FLIGHT's)
+        applies = [(label, amount, period, left, window, f"quota/{st.subject}/{period}")
                    for label, amount, period, left, window in (
                        ("daily-tokens", quota["daily"], day, day_left, 86400),
                        ("monthly-tokens", quota["monthly"], month, month_left, 31 * 86400)) if amount is not None]
@@ -419,9 +423,8 @@ class RateLimit(Plugin):
         # on_store_error: allow, is still the month's as much as the day's).
         st.quota_periods.extend(a[2] for a in applies)
         if not self.store.memory:  # (each gone a day after its period)
-            st.quota_shared.extend((f"quota/{st.subject}/{a[2]}", math.ceil(a[3]) + 86400) for a in applies)
-        for label, amount, period, left, window in applies:
-            key = f"quota/{st.subject}/{period}"
+            st.quota_shared.extend((a[5], math.ceil(a[3]) + 86400) for a in applies)
+        for label, amount, period, left, window, key in applies:
             try:
                 used = await self._quota.used(st.subject, period, timeout)
             except Exception as e:  # the database is a store too: same policy
