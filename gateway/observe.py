@@ -81,7 +81,7 @@ class Completion:
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
                  "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage",
-                 "usage_on_output", "cut_mid_event")
+                 "usage_on_output", "cut_mid_event", "prompt_estimate")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -123,6 +123,9 @@ class Completion:
         #: message the client's SDK assembles too, so they are stored with it.
         self._refusal: str | _Parts | None = None
         self._audio: dict[str, Any] | None = None  # its text fields as _Parts while they come
+        #: Set by the core when the exchange ends, for a stream that ended without reporting its
+        #: prompt tokens (see ``input_tokens``): the gateway's estimate of the prompt it sent.
+        self.prompt_estimate: int | None = None
 
     # A long stream has tens of thousands of deltas: its text fields (content, refusal, reasoning,
     # tool call arguments) are kept as parts while they come and joined when read, once, not copied
@@ -181,6 +184,14 @@ class Completion:
     @property
     def prompt_tokens(self) -> int | None:
         return usage_tokens(self.usage)[0] if self.usage else None
+
+    @property
+    def input_tokens(self) -> int | None:
+        """The prompt tokens every ledger records: the upstream's report, or for a stream that ended
+        without one (``relayed_tokens``: cut short, or an upstream ignoring include_usage) the
+        gateway's estimate of the prompt (``prompt_estimate``): the upstream read it all the same."""
+        p = self.prompt_tokens
+        return p if p is not None else self.prompt_estimate
 
     @property
     def usage_stale(self) -> bool:

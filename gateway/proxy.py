@@ -25,6 +25,7 @@ from .context import SKIP_TIMINGS, RequestContext, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
+from .estimate import prompt_estimate
 from .fastjson import JSON_ERRORS, dumps_bytes, loads
 from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, Undecodable, ask_for_usage,
                       content_coding, decoded, decoded_head)
@@ -208,6 +209,14 @@ class Proxy:
             raise
         finally:
             ctx.t_end = _perf()
+            c = ctx.completion
+            if c is not None and c.relayed_tokens is not None and c.prompt_tokens is None:
+                # A stream that ended without reporting its prompt's tokens (cut short, or an
+                # upstream ignoring include_usage): every ledger records the gateway's estimate.
+                try:
+                    c.prompt_estimate = prompt_estimate(ctx.json)
+                except Exception:
+                    log.exception("prompt estimate failed (request %s)", rid)
             cancelled = False
             try:
                 for p in chain.complete:

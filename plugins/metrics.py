@@ -309,7 +309,7 @@ class Metrics(Plugin):
         if c is not None and self.tokens:
             # a stream without a usage report (or a valid output count in it): the deltas relayed,
             # as key_auth counts them
-            tin, tout = c.prompt_tokens, c.relayed_tokens
+            tin, tout = c.input_tokens, c.relayed_tokens
             if tout is None:
                 tout = c.completion_tokens
             if (type(tin) is int and tin > 0) or (type(tout) is int and tout > 0):

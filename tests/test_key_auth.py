@@ -556,7 +556,8 @@ async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> N
     assert [d["date"] for d in u["days"]] == [today]
     t = u["totals"]
     assert t["requests"] == want["requests"] + 1
-    assert t["prompt_tokens"] == want["prompt_tokens"]
+    # (the cancelled stream reported no prompt count: the gateway's estimate, characters / 4)
+    assert t["prompt_tokens"] == want["prompt_tokens"] + (len(CHAT["messages"][0]["content"]) + 3) // 4
     extra = t["completion_tokens"] - want["completion_tokens"]
     assert 3 <= extra < 40, extra  # the cancelled stream: the content chunks relayed before the cancel
     assert t["total_tokens"] == t["prompt_tokens"] + t["completion_tokens"]

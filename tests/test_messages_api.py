@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.estimate import prompt_estimate
 from gateway.observe import ResponseObserver
-from gateway.plugins.rate_limit.rules import prompt_estimate
 
 from .helpers import ADMIN_TOKEN
 from .test_observe import backend

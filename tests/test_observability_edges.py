@@ -158,7 +158,8 @@ async def test_stdout_sink_with_an_unread_pipe_does_not_freeze_the_gateway(tmp_p
 # -- 4. streams cut short ----------------------------------------------------------------------------------
 async def test_cut_short_streams_count_relayed_tokens_in_audit_and_metrics(make_gateway: Any) -> None:
     """The upstream dies after 3 content chunks, before its usage chunk: the audit event has the relayed
-    deltas as tokens_out, marked ``tokens_estimated``, and gateway_tokens_total counts them."""
+    deltas as tokens_out and the prompt estimate (characters / 4) as tokens_in, marked
+    ``tokens_estimated``, and gateway_tokens_total counts them."""
     g = await make_gateway([{"name": "metrics"}, {"name": "audit"}])
     body = json.dumps({"model": "cut-model", "stream": True,
                        "messages": [{"role": "user", "content": "tell me a long story please"}]}).encode()
@@ -168,9 +169,12 @@ async def test_cut_short_streams_count_relayed_tokens_in_audit_and_metrics(make_
     evs = await audit_events(g, 2)
     cut, whole = evs[0], evs[1]
     assert cut["outcome"] == "upstream_disconnected"
-    assert cut["tokens_out"] == 3 and cut["tokens_in"] is None and cut["tokens_estimated"] is True
+    estimate = (len("tell me a long story please") + 3) // 4
+    assert cut["tokens_out"] == 3 and cut["tokens_in"] == estimate and cut["tokens_estimated"] is True
     assert "tokens_estimated" not in whole and whole["tokens_out"] > 0
     _, text = await scrape(g.admin_url)
+    inp = re.search(r'^gateway_tokens_total\{direction="input",model="cut-model"\} (\S+)', text, re.M)
+    assert inp and float(inp.group(1)) == estimate + whole["tokens_in"]
     out = re.search(r'^gateway_tokens_total\{direction="output",model="cut-model"\} (\S+)', text, re.M)
     assert out and float(out.group(1)) == 3 + whole["tokens_out"]
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from gateway.config import ConfigError, load_config_text
 from gateway.plugin import Plugin, PluginConfig, registry
 from gateway.plugins.rate_limit.headers import duration
-from gateway.plugins.rate_limit.rules import prompt_estimate
+from gateway.estimate import prompt_estimate
 
 from .helpers import ADMIN_TOKEN, GatewayProcess, base_config, clear_of_a_minute_boundary, free_port, write_config
 

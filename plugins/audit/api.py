@@ -173,7 +173,8 @@ REQUEST_EVENT: dict[str, Any] = {
         "tokens_in": _IN, "tokens_out": _IN, "streamed": _B, "bytes_in": _I, "bytes_out": _I,
         "conversation_id": _SN,
         "tokens_estimated": {"const": True, "description": "Present when tokens_out counts a stream's deltas "
-                                                          "(no usage reported)."},
+                                                          "(no usage reported), and tokens_in, unless "
+                                                          "reported, is the gateway's prompt estimate."},
         "upstream_request_id": {"type": "string", "description": "The upstream's own X-Request-ID (relayed to "
                                                                   "the client as X-Upstream-Request-ID), when it "
                                                                   "sent one."},

@@ -95,6 +95,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
         refusal is not None,
+        c.prompt_estimate if c is not None else None,
         ctx.upstream_request_id,
     )
 
@@ -114,7 +115,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
     (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
      route, model, response_model, usage, relayed, status, source, outcome, error, streamed, bytes_in, bytes_out,
-     conversation_id, refusal, refused, _) = item
+     conversation_id, refusal, refused, prompt_estimate, _) = item
     rtype = refusal.get("type") if refusal else None
     etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
     key_id = caller_key_id(key_id, refusal) or key_id
@@ -143,8 +144,10 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
         tokens_in, tokens_out = usage_tokens(usage)
         if relayed is not None:  # a report that came before some of the stream's output
             tokens_out = relayed
+        if tokens_in is None:  # (a report without a valid prompt count, the stream then cut)
+            tokens_in = prompt_estimate
     elif relayed is not None:
-        tokens_in, tokens_out = None, relayed  # estimated: see build()
+        tokens_in, tokens_out = prompt_estimate, relayed  # estimated: see build()
     else:
         tokens_in = tokens_out = None
     return [

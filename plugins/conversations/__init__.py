@@ -874,7 +874,9 @@ class Conversations(Plugin):
         # event, key usage, metrics and the trace count them (its usage stays null)
         relayed = comp.relayed_tokens if comp is not None else None
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
-                "stream": ctx.stream_requested, "prompt_tokens": prompt_tokens,
+                "stream": ctx.stream_requested,
+                # (nor its prompt's: the gateway's estimate; the messages' own counts stay unknown)
+                "prompt_tokens": comp.input_tokens if comp is not None and relayed is not None else prompt_tokens,
                 "completion_tokens": completion_tokens if relayed is None else relayed,
                 # (a report without a valid output count: its total counts that count)
                 "total_tokens": comp.total_tokens if comp is not None and relayed is None else None,

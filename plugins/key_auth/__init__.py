@@ -655,7 +655,7 @@ class KeyAuth(Plugin):
         c = ctx.completion
         prompt = completion = 0
         if c is not None:
-            prompt = c.prompt_tokens or 0
+            prompt = c.input_tokens or 0  # (a stream without a usage report: the prompt estimate)
             relayed = c.relayed_tokens  # a stream without a usage report: what was generated
             completion = relayed if relayed is not None else c.completion_tokens or 0
         self.tally.add(key_id, prompt, completion, time.time() - (time.perf_counter() - ctx.t_start))

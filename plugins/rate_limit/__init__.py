@@ -17,13 +17,14 @@ from typing import Any, ClassVar
 from prometheus_client import Counter
 
 from gateway.context import RequestContext
+from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
 from . import headers as hdr
 from .config import RateLimitConfig
 from .quota import QuotaStore, periods
 from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, ip_key, override_limit,
-                    prompt_estimate, shared_minute_counter)
+                    shared_minute_counter)
 from .store import STORE_LOG, CounterStore, StoreDown
 
 log = logging.getLogger("gateway.rate_limit")
@@ -579,6 +580,10 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
     generate without limit for a token each (a stream, even one that said nothing or only an
     error, is read: its deltas). Error answers cost nothing."""
     c = ctx.completion
+    if c is not None and c.prompt_estimate is not None:
+        # (a stream that reported no prompt count: the estimate every ledger records, of the
+        # prompt as it went upstream, a conversation's history included)
+        prompt_estimate = c.prompt_estimate
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
         cut = ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout"
         return prompt_estimate if cut else 0

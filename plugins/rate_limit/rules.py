@@ -11,7 +11,6 @@ from limits import RateLimitItem, RateLimitItemPerMinute, parse_many
 from limits.limits import safe_string
 
 from gateway.context import RequestContext
-from gateway.fastjson import dumps_bytes
 
 from .config import KEY_PARTS, RuleConfig
 from .headers import policy_item
@@ -175,45 +174,6 @@ def _safe(s: str) -> str:
     if len(s) > 200:
         s = s[:160] + "#" + hashlib.sha256(s.encode()).hexdigest()[:32]
     return s
-
-
-def prompt_estimate(body: Any) -> int:
-    """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input /
-    instructions, or the Messages API's system prompt), plus the tool definitions as JSON text
-    (every backend puts them in the prompt)."""
-    if not isinstance(body, dict):
-        return 0
-    chars = 0
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        for m in msgs:
-            if isinstance(m, dict):
-                chars += _chars(m.get("content"))
-    for k in ("prompt", "input", "instructions", "system"):
-        if k in body:
-            chars += _chars(body[k])
-    for k in ("tools", "functions"):
-        v = body.get(k)
-        if isinstance(v, list) and v:
-            chars += len(dumps_bytes(v))
-    return (chars + 3) // 4
-
-
-def _chars(v: Any) -> int:
-    if isinstance(v, str):
-        return len(v)
-    if isinstance(v, list):
-        n = 0
-        for p in v:
-            if isinstance(p, str):
-                n += len(p)
-            elif isinstance(p, dict):
-                if isinstance(p.get("text"), str):
-                    n += len(p["text"])
-                elif "content" in p:  # a Responses API input item: {"role": ..., "content": ...}
-                    n += _chars(p["content"])
-        return n
-    return 0
 
 
 def max_tokens(body: Any, default: int) -> int:

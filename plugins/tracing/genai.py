@@ -98,7 +98,8 @@ def _usage(a: dict[str, Any], c: Completion) -> None:
     """Token counts as the audit event, metrics, key usage and the conversation turn have them (see
     plugins/audit/events.py): the upstream's report, except for a stream it does not cover (cut
     before its usage chunk, or reported before some of its output), whose output tokens are the
-    deltas relayed, one per token roughly, marked ``gateway.tokens_estimated``."""
+    deltas relayed, one per token roughly, and whose input tokens, when the upstream reported none,
+    are the gateway's estimate of the prompt; marked ``gateway.tokens_estimated``."""
     u = c.usage
     # a stream without a usage report, or a valid output count in it (None for a JSON body)
     est = c.relayed_tokens
@@ -118,6 +119,8 @@ def _usage(a: dict[str, Any], c: Completion) -> None:
     if est is not None:
         ot = est
         a["gateway.tokens_estimated"] = True
+        if it is None:  # (nor its prompt's tokens: the gateway's estimate)
+            it = c.prompt_estimate
     if it is not None:
         a["gen_ai.usage.input_tokens"] = it
     if ot is not None:

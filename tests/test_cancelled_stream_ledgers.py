@@ -1,0 +1,109 @@
+"""A stream its client cancels before the upstream's usage chunk: the upstream reported no token
+counts, yet it read the whole prompt and generated what was relayed. Every ledger records the same
+figures for it: the gateway's estimate of the prompt it sent upstream (characters / 4, a
+conversation's history included) and one token per delta relayed, marked as estimated. The key's
+usage, the audit event, the conversation's turn, the metrics and the rate limiter all agree."""
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import ADMIN_TOKEN, until
+from .test_conversations import turns
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+FIRST = "Tell me about the sea, the tides and the moon, at some length please."
+SECOND = "And now about rivers, the longer the better."
+PROBE = {"model": "demo-chat", "max_tokens": 5, "messages": [{"role": "user", "content": "probe"}]}
+
+
+def estimate(*texts: str) -> int:
+    return (sum(len(t) for t in texts) + 3) // 4
+
+
+async def remaining(s: aiohttp.ClientSession, g: Any, auth: dict[str, str]) -> tuple[int, int]:
+    """The token rule's remaining count as a probe is admitted, and what the probe then used."""
+    await g.plugin("rate_limit").drain()
+    async with s.post(g.url + "/v1/chat/completions", json=PROBE, headers=auth) as r:
+        assert r.status == 200
+        used = (await r.json())["usage"]["total_tokens"]
+        return int(r.headers["x-ratelimit-remaining-tokens"]), used
+
+
+async def test_every_ledger_records_a_cancelled_stream_s_prompt_estimate_and_relayed_deltas(
+        make_gateway: Any) -> None:
+    g = await make_gateway([
+        {"name": "key_auth", "config": {"last_used_interval": 0}},
+        {"name": "rate_limit", "config": {"rules": [
+            {"name": "tpd", "limit": "10000000/day", "counts": "tokens", "key_by": ["key"]}]}},
+        {"name": "conversations", "config": {"memory": {"enabled": True}}},
+        {"name": "audit"},
+        {"name": "metrics"},
+    ])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "team-a"}, headers=ADMIN) as r:
+            rec = await r.json()
+        auth = {"Authorization": f"Bearer {rec['key']}"}
+        client = AsyncOpenAI(base_url=g.url + "/v1", api_key=rec["key"], max_retries=0, timeout=20)
+
+        # A first turn, answered whole: the conversation's history for the second.
+        raw = await client.chat.completions.with_raw_response.create(
+            model="demo-chat", messages=[{"role": "user", "content": FIRST}])
+        cid = raw.headers["X-Conversation-ID"]
+        answer = raw.parse().choices[0].message.content
+        assert answer
+
+        before, probe1 = await remaining(s, g, auth)
+        # The second turn, streamed (memory sends the history with it); the client reads three
+        # chunks and closes the stream.
+        stream = await client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": SECOND}], stream=True,
+            extra_headers={"X-Conversation-ID": cid, "X-Demo-Delay": "0.05", "X-Demo-Words": "60"})
+        seen = 0
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen += 1
+            if seen == 3:
+                break
+        await stream.close()
+        await client.close()
+
+        async def recorded() -> Any:
+            await g.plugin("key_auth").flush_usage()
+            async with s.get(g.admin_url + "/audit?type=request&limit=100", headers=ADMIN) as r:
+                evs = [e for e in (await r.json())["data"] if e["conversation_id"] == cid]
+            t = await turns(g, cid)
+            return (evs, t) if len(evs) == 2 and len(t) == 2 else None
+
+        evs, ts = await until(recorded, what="the cancelled turn in the audit trail and the store")
+        cut = next(e for e in evs if e["outcome"] == "client_disconnected")
+        # What went upstream: the history (the first question and its answer), then the new question.
+        est = estimate(FIRST, answer, SECOND)
+        assert cut["tokens_estimated"] is True
+        assert cut["tokens_in"] == est
+        assert 3 <= cut["tokens_out"] < 60
+        assert (ts[1].status, ts[1].prompt_tokens, ts[1].completion_tokens) == \
+            ("client_disconnected", est, cut["tokens_out"])
+
+        after, _ = await remaining(s, g, auth)
+        # Between the two probes the limiter charged the first probe's usage and the cancelled stream.
+        assert before - after == probe1 + est + cut["tokens_out"]
+
+        # The key's usage and the metrics hold the same figures as the audit trail, request by request.
+        await g.plugin("key_auth").flush_usage()
+        async with s.get(g.admin_url + "/audit?type=request&limit=100", headers=ADMIN) as r:
+            every = [e for e in (await r.json())["data"] if e["status"] == 200]
+        assert len(every) == 4  # the first turn, two probes, the cancelled stream
+        async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=ADMIN) as r:
+            totals = (await r.json())["totals"]
+        assert totals["requests"] == 4
+        assert totals["prompt_tokens"] == sum(e["tokens_in"] for e in every)
+        assert totals["completion_tokens"] == sum(e["tokens_out"] for e in every)
+        async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
+            text = await r.text()
+        tokens = {dict(x.labels)["direction"]: x.value for f in text_string_to_metric_families(text)
+                  for x in f.samples if x.name == "gateway_tokens_total"}
+        assert tokens == {"input": totals["prompt_tokens"], "output": totals["completion_tokens"]}
