@@ -210,9 +210,11 @@ class Proxy:
         finally:
             ctx.t_end = _perf()
             c = ctx.completion
-            if c is not None and c.relayed_tokens is not None and c.prompt_tokens is None:
+            if c is not None and c.relayed_tokens is not None and c.prompt_tokens is None \
+                    and (c.deltas or 200 <= ctx.status < 300):
                 # A stream that ended without reporting its prompt's tokens (cut short, or an
                 # upstream ignoring include_usage): every ledger records the gateway's estimate.
+                # (An error answered as a stream, with no output, generated nothing.)
                 try:
                     c.prompt_estimate = prompt_estimate(ctx.json)
                 except Exception:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from .helpers import ADMIN_TOKEN, until
+from .helpers import ADMIN_TOKEN, serve_handler, until
 from .test_conversations import turns
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -107,3 +108,36 @@ async def test_every_ledger_records_a_cancelled_stream_s_prompt_estimate_and_rel
         tokens = {dict(x.labels)["direction"]: x.value for f in text_string_to_metric_families(text)
                   for x in f.samples if x.name == "gateway_tokens_total"}
         assert tokens == {"input": totals["prompt_tokens"], "output": totals["completion_tokens"]}
+
+
+async def _error_stream(request: web.Request) -> web.StreamResponse:
+    """An upstream answering 503 with an event stream that holds only an error (no output)."""
+    await request.read()
+    resp = web.StreamResponse(status=503, headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+    return resp
+
+
+async def test_an_error_answered_as_a_stream_with_no_output_records_no_tokens(make_gateway: Any) -> None:
+    """The upstream generated nothing: no prompt estimate in any ledger (as the limiter charges nothing)."""
+    runner, url = await serve_handler(_error_stream)
+    try:
+        g = await make_gateway([{"name": "audit"}, {"name": "metrics"}], upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", json={
+                    "model": "m", "stream": True, "messages": [{"role": "user", "content": "x" * 400}]}) as r:
+                assert r.status == 503
+                await r.read()
+            evs = await until(lambda: audit_request_events(s, g), what="the audit event")
+            async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
+                text = await r.text()
+    finally:
+        await runner.cleanup()
+    assert (evs[0]["tokens_in"], evs[0]["tokens_out"], evs[0]["tokens_estimated"]) == (None, 0, True)
+    assert "gateway_tokens_total{" not in text
+
+
+async def audit_request_events(s: aiohttp.ClientSession, g: Any) -> Any:
+    async with s.get(g.admin_url + "/audit?type=request", headers=ADMIN) as r:
+        return (await r.json())["data"] or None
