@@ -64,6 +64,22 @@ def truthy(v: Any) -> bool:
     return isinstance(v, str) and v.strip().lower() in _TRUE_WORDS
 
 
+#: Paths under these name one stored answer (``/v1/responses/{id}``, its ``/cancel``, its input
+#: items; a stored chat completion ``/v1/chat/completions/{id}`` and its metadata update).
+STORED = ("/responses/", "/chat/completions/")
+
+
+def about_stored(method: str, lpath: str) -> bool:
+    """A request that reads, streams again, cancels, updates or deletes a stored answer, rather than
+    one that generates: the usage in what comes back is the stored answer's, which its own request
+    was charged, so the core does not give it to the plugins as this request's (``ctx.completion``
+    stays None). Only a POST generates; counting a prompt's tokens (``/responses/input_tokens``)
+    is a POST under ``/responses/`` that reports no usage."""
+    if method != "POST":
+        return True
+    return not lpath.endswith("/input_tokens") and any(p in lpath for p in STORED)
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
@@ -71,7 +87,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath", "max_body", "json_filter",
+        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -112,6 +128,9 @@ class RequestContext:
         #: for), when it sent one other than the gateway's.
         self.upstream_request_id: str | None = None
         self.t_upstream: float | None = None     # upstream request sent
+        #: The upstream never got the request: no connection to it came within timeouts.connect (a
+        #: full pool, a connect timeout), so it read no prompt (a 504 all the same).
+        self.unsent = False
         self.t_headers: float | None = None      # upstream response head received
         self.t_first_byte: float | None = None   # first body byte sent to the client
         self.t_end: float | None = None

@@ -15,24 +15,31 @@ from .fastjson import dumps_bytes
 
 def prompt_estimate(body: Any) -> int:
     """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input /
-    instructions, or the Messages API's system prompt), plus the tool definitions as JSON text
-    (every backend puts them in the prompt)."""
+    instructions, or the Messages API's system prompt), of an assistant message's tool calls and of
+    the Responses API's function-call items (their arguments and outputs), plus the tool
+    definitions as JSON text (every backend puts them in the prompt). A prompt or input given as
+    token ids (the completions and embeddings APIs take lists of integers) counts one per id."""
     if not isinstance(body, dict):
         return 0
-    chars = 0
+    chars = tokens = 0
     msgs = body.get("messages")
     if isinstance(msgs, list):
         for m in msgs:
             if isinstance(m, dict):
                 chars += _chars(m.get("content"))
+                calls = m.get("tool_calls")
+                if isinstance(calls, list) and calls:
+                    chars += len(dumps_bytes(calls))
     for k in ("prompt", "input", "instructions", "system"):
         if k in body:
-            chars += _chars(body[k])
+            v = body[k]
+            chars += _chars(v)
+            tokens += _token_ids(v)
     for k in ("tools", "functions"):
         v = body.get(k)
         if isinstance(v, list) and v:
             chars += len(dumps_bytes(v))
-    return (chars + 3) // 4
+    return (chars + 3) // 4 + tokens
 
 
 def _chars(v: Any) -> int:
@@ -48,5 +55,21 @@ def _chars(v: Any) -> int:
                     n += len(p["text"])
                 elif "content" in p:  # a Responses API input item: {"role": ..., "content": ...}
                     n += _chars(p["content"])
+                else:  # a Responses API function call ("arguments") or its result ("output")
+                    for f in ("arguments", "output"):
+                        if isinstance(p.get(f), str):
+                            n += len(p[f])
         return n
+    return 0
+
+
+def _token_ids(v: Any) -> int:
+    """Token ids in a prompt or input given as a list of integers, or a list of such lists."""
+    if not isinstance(v, list) or not v:
+        return 0
+    first = v[0]
+    if type(first) is int:
+        return sum(1 for t in v if type(t) is int)
+    if isinstance(first, list):
+        return sum(sum(1 for t in x if type(t) is int) for x in v if isinstance(x, list))
     return 0

@@ -81,7 +81,7 @@ class Completion:
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
                  "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage",
-                 "usage_on_output", "cut_mid_event", "prompt_estimate")
+                 "usage_on_output", "cut_mid_event", "prompt_estimate", "binary")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -126,6 +126,8 @@ class Completion:
         #: Set by the core when the exchange ends, for a stream that ended without reporting its
         #: prompt tokens (see ``input_tokens``): the gateway's estimate of the prompt it sent.
         self.prompt_estimate: int | None = None
+        #: The answer is not JSON or text (audio, an image, a file): relayed, not read.
+        self.binary = False
 
     # A long stream has tens of thousands of deltas: its text fields (content, refusal, reasoning,
     # tool call arguments) are kept as parts while they come and joined when read, once, not copied
@@ -471,7 +473,7 @@ class ResponseObserver:
                 self._decoder = _Decoder(coding)
         self._buf = bytearray()
         #: not read at all: a non-streamed body that is not JSON or text (audio, images, files)
-        self._ignored = not readable and not streamed
+        self._ignored = self.c.binary = not readable and not streamed
         self._too_big = False
         self._tail = bytearray()  # the last TAIL bytes of a body, or an event, too large to parse
         self._lead: dict[str, Any] = {}  # the top-level members in the first HEAD bytes of such a body

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from .context import SKIP_TIMINGS, RequestContext, other_encoding
+from .context import SKIP_TIMINGS, RequestContext, about_stored, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
@@ -591,7 +591,8 @@ class Proxy:
             observer = ResponseObserver(streamed, strip, readable=_readable(ctype),
                                         tail=request.method == "POST" and (streamed or _one_json(ctype)),
                                         coding=coding)
-            ctx.completion = observer.c
+            if not about_stored(request.method, ctx.lpath):
+                ctx.completion = observer.c
             if coding is not None:
                 _tell_coding(coding, observer, streamed and strip)
         chunk_plugins = chain.chunk

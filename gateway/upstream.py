@@ -329,6 +329,7 @@ class Upstream:
                                               timeout=target.client_timeout, ssl=target.tls)
         except aiohttp.ConnectionTimeoutError:
             ctx.outcome = "upstream_timeout"
+            ctx.unsent = True
             busy = self.pool_full()
             if busy:
                 if time.monotonic() - _pool_warned[0] >= 10:  # (a burst of them: one line in ten seconds)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, about_stored, truthy
 from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
@@ -239,8 +239,13 @@ class RateLimit(Plugin):
             ctx.want_usage()
             body = ctx.json
             # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
-            # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens)
-            generates = ctx.method == "POST" and isinstance(body, dict) and not ctx.lpath.endswith(_COUNTING)
+            # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens), nor
+            # reading, cancelling or deleting a stored answer: none of these is refused for want
+            # of tokens. Any other POST may use tokens, a body that is no JSON object too (an audio
+            # upload, an image edit): with nothing to estimate, it needs at least one token left.
+            consumes = ctx.method == "POST" and not ctx.lpath.endswith(_COUNTING) \
+                and not about_stored(ctx.method, ctx.lpath)
+            generates = consumes and isinstance(body, dict)
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
             legacy = ctx.lpath.endswith("/completions") and not ctx.lpath.endswith("/chat/completions")
@@ -264,7 +269,7 @@ class RateLimit(Plugin):
                 need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
                 _held(s, key, need)  # (what requests still running may use is not left: headers say so)
                 st.standings.append(s)
-                if s.remaining < need:
+                if consumes and s.remaining < max(need, 1):
                     short.append((lim, ids, s, need))
                 elif need:
                     _hold(st.held, key, need)
@@ -274,7 +279,7 @@ class RateLimit(Plugin):
                     # a quota that is used up too and frees later refuses instead (a client that
                     # retries when a token rule frees would be refused by the quota then)
                     try:
-                        q = await self._check_quota(ctx, st, quota, est, deadline)
+                        q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
                     except QuotaDown:  # (counted) the token rule's refusal stands
                         q = None
                     if q is not None and (est > q.limit or q.reset_in > s.reset_in):
@@ -282,7 +287,7 @@ class RateLimit(Plugin):
                 return await self._refuse_later(ctx, st, req, deadline, lim, s, "rate_limit_exceeded", need)
             if quota and self._quota is not None:
                 try:
-                    q = await self._check_quota(ctx, st, quota, est, deadline)
+                    q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
                 except QuotaDown:
                     if self.config.on_store_error != "allow":
                         raise
@@ -397,7 +402,7 @@ class RateLimit(Plugin):
                             max(0.0, reset - time.time()), lim.window, lim.policy)
 
     async def _check_quota(self, ctx: RequestContext, st: _State, quota: dict[str, int | None],
-                           est: int, deadline: float | None) -> hdr.Standing | None:
+                           est: int, deadline: float | None, consumes: bool = True) -> hdr.Standing | None:
         """The standing of the quota that refuses the request (None: they all let it through): of
         several, one it can never fit, else the one that frees last (a used-up daily quota on the
         last day of a used-up monthly one refuses until the month ends, not until midnight).
@@ -441,7 +446,7 @@ class RateLimit(Plugin):
             s = hdr.Standing(label, "quota", amount, amount - used, left, window)
             _held(s, key, est)
             st.standings.append(s)
-            if s.remaining < est:
+            if consumes and s.remaining < max(est, 1):
                 short.append(s)
             elif est:
                 _hold(st.held, key, est)
@@ -574,11 +579,14 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
     estimate plus what was delivered: one token per stream delta, or for a whole JSON answer its
     text (content and tool calls, of every choice) at four characters per token; a request the
     client gave up on before the response head, or whose head did not come in time (504
-    upstream_timeout: the upstream had the prompt), the prompt estimate; a 2xx answer the gateway could
+    upstream_timeout: the upstream had the prompt), the prompt estimate, unless the upstream never
+    got it (no connection came in time: a full pool, a connect timeout); a 2xx answer the gateway could
     not read (a backend's own API, such as Ollama's NDJSON /api/chat), the whole ``estimate`` the
     request was admitted with (prompt plus the completion it allows), so that such answers cannot
     generate without limit for a token each (a stream, even one that said nothing or only an
-    error, is read: its deltas). Error answers cost nothing."""
+    error, is read: its deltas); an answer that is audio, an image or a file, the prompt estimate;
+    a Responses API job left running upstream (background mode), its whole ``estimate``. Error
+    answers cost nothing."""
     c = ctx.completion
     if c is not None and c.prompt_estimate is not None:
         # (a stream that reported no prompt count: the estimate every ledger records, of the
@@ -586,7 +594,7 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
         prompt_estimate = c.prompt_estimate
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
         cut = ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout"
-        return prompt_estimate if cut else 0
+        return prompt_estimate if cut and not ctx.unsent else 0  # (unsent: the upstream never had it)
     if isinstance(c.usage, dict):
         total = c.total_tokens
         if total is not None:
@@ -598,9 +606,16 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
     if c.deltas or ctx.outcome in _CUT or (ok and c.kind == "sse"):  # (a stream is read: its deltas counted)
         return prompt_estimate + c.deltas
     if c.kind == "json" and c.done and ok:
+        j = ctx.json
+        if isinstance(j, dict) and truthy(j.get("background")) and ctx.lpath.endswith("/responses"):
+            # A Responses API job left to run upstream (background mode): what it generates never
+            # comes through this request (reading it later is not charged): what it was admitted for.
+            return max(prompt_estimate, estimate or 0)
         return prompt_estimate + (_answer_chars(c) + 3) // 4
     if ok:
-        if c.error:  # an error the upstream answered with a success status: the prompt at most
+        if c.error or c.binary:
+            # an error the upstream answered with a success status: the prompt at most; audio, an
+            # image or a file (speech from text, say): no text to count, the prompt was read
             return prompt_estimate
         # an answer in a shape the gateway could not read: what the request was admitted for
         return max(prompt_estimate, estimate or 0)

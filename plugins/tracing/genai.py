@@ -108,7 +108,8 @@ def _usage(a: dict[str, Any], c: Completion) -> None:
     it = ot = None
     if u:
         it, ot = usage_tokens(u)
-        details = u.get("prompt_tokens_details")
+        # (the chat API's prompt_tokens_details, the Responses API's input_tokens_details)
+        details = u.get("prompt_tokens_details") or u.get("input_tokens_details")
         if isinstance(details, dict) and _is_int(details.get("cached_tokens")):
             a["gen_ai.usage.cache_read.input_tokens"] = details["cached_tokens"]
         # (the Messages API's, which its input_tokens does not count, and usage_tokens adds)
