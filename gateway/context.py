@@ -64,20 +64,21 @@ def truthy(v: Any) -> bool:
     return isinstance(v, str) and v.strip().lower() in _TRUE_WORDS
 
 
-#: Paths under these name one stored answer (``/v1/responses/{id}``, its ``/cancel``, its input
-#: items; a stored chat completion ``/v1/chat/completions/{id}`` and its metadata update).
-STORED = ("/responses/", "/chat/completions/")
-
-
 def about_stored(method: str, lpath: str) -> bool:
     """A request that reads, streams again, cancels, updates or deletes a stored answer, rather than
     one that generates: the usage in what comes back is the stored answer's, which its own request
     was charged, so the core does not give it to the plugins as this request's (``ctx.completion``
-    stays None). Only a POST generates; counting a prompt's tokens (``/responses/input_tokens``)
-    is a POST under ``/responses/`` that reports no usage."""
+    stays None). Only a POST generates, and of POSTs these do not: cancelling a response
+    (``/v1/responses/{id}/cancel``) and updating a stored chat completion's metadata
+    (``/v1/chat/completions/{id}``). Other POSTs under ``/responses/`` generate
+    (``/v1/responses/compact``) or count (``/input_tokens``); a trailing slash names no answer."""
     if method != "POST":
         return True
-    return not lpath.endswith("/input_tokens") and any(p in lpath for p in STORED)
+    p = lpath.rstrip("/")
+    i = p.find("/chat/completions/")
+    if i >= 0 and "/" not in p[i + 18:]:
+        return True
+    return p.endswith("/cancel") and "/responses/" in p
 
 
 class RequestContext:

@@ -33,8 +33,11 @@ def prompt_estimate(body: Any) -> int:
     for k in ("prompt", "input", "instructions", "system"):
         if k in body:
             v = body[k]
-            chars += _chars(v)
-            tokens += _token_ids(v)
+            ids = _token_ids(v)
+            if ids is None:
+                chars += _chars(v)
+            else:
+                tokens += ids
     for k in ("tools", "functions"):
         v = body.get(k)
         if isinstance(v, list) and v:
@@ -63,13 +66,14 @@ def _chars(v: Any) -> int:
     return 0
 
 
-def _token_ids(v: Any) -> int:
-    """Token ids in a prompt or input given as a list of integers, or a list of such lists."""
+def _token_ids(v: Any) -> int | None:
+    """Token ids in a prompt or input given as a list of integers, or a list of such lists, by its
+    first item (a list of millions of ids is not walked: its length is the count); None for text."""
     if not isinstance(v, list) or not v:
-        return 0
+        return None
     first = v[0]
     if type(first) is int:
-        return sum(1 for t in v if type(t) is int)
-    if isinstance(first, list):
-        return sum(sum(1 for t in x if type(t) is int) for x in v if isinstance(x, list))
-    return 0
+        return len(v)
+    if isinstance(first, list) and (not first or type(first[0]) is int):
+        return sum(len(x) for x in v if isinstance(x, list))
+    return None

@@ -48,6 +48,8 @@ async def fake(request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": "resp_1", "object": "response", "deleted": True})
     if path.startswith("/v1/responses/resp_1"):  # retrieve, and cancel (POST .../cancel)
         return web.json_response(_response())
+    if path.endswith("/cancel") or path == "/v1/files":
+        return web.json_response({"id": "x", "status": "cancelling"})
     if path == "/v1/audio/transcriptions":
         assert request.content_type == "multipart/form-data"
         return web.json_response({"text": "hi", "usage": {"type": "tokens", "input_tokens": 30,
@@ -145,6 +147,9 @@ async def test_a_used_up_budget_refuses_an_upload_but_not_reads_counts_cancels_o
             # Nothing generates: none of these is refused, the quota overdrawn or not.
             for method, path, kw in (("GET", "/v1/responses/resp_1", {}),
                                      ("POST", "/v1/responses/resp_1/cancel", {}),
+                                     ("POST", "/v1/batches/batch_1/cancel", {}),
+                                     ("POST", "/v1/fine_tuning/jobs/ft_1/cancel", {"json": {}}),
+                                     ("POST", "/v1/files", {"data": b"a file"}),
                                      ("POST", "/v1/responses/input_tokens", {"json": {"model": "m", "input": "hi"}}),
                                      ("DELETE", "/v1/responses/resp_1", {})):
                 st, h = await call(s, g, key, method, path, **kw)
@@ -256,3 +261,16 @@ async def test_a_speech_answer_is_charged_its_input_text_not_a_whole_completion(
     estimate = (len(body["input"]) + 3) // 4
     # at the second's admission: the first's charge (not its admission estimate, prompt + 256)
     assert int(h["x-ratelimit-remaining-tokens"]) == 100000 - estimate
+
+
+def test_what_is_about_a_stored_answer() -> None:
+    from gateway.context import about_stored
+    stored = [("GET", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel"),
+              ("DELETE", "/v1/responses/resp_1"), ("POST", "/v1/chat/completions/chatcmpl-1"),
+              ("GET", "/v1/models")]
+    generating = [("POST", "/v1/responses"), ("POST", "/v1/responses/"), ("POST", "/v1/chat/completions/"),
+                  ("POST", "/v1/responses/compact"), ("POST", "/v1/chat/completions/x/y"),
+                  ("POST", "/openai/deployments/gpt/chat/completions"), ("POST", "/v1/embeddings"),
+                  ("POST", "/v1/responses/input_tokens"), ("POST", "/v1/messages")]
+    assert [about_stored(m, p) for m, p in stored] == [True] * len(stored)
+    assert [about_stored(m, p) for m, p in generating] == [False] * len(generating)

@@ -240,12 +240,13 @@ class RateLimit(Plugin):
             body = ctx.json
             # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
             # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens), nor
-            # reading, cancelling or deleting a stored answer: none of these is refused for want
-            # of tokens. Any other POST may use tokens, a body that is no JSON object too (an audio
-            # upload, an image edit): with nothing to estimate, it needs at least one token left.
-            consumes = ctx.method == "POST" and not ctx.lpath.endswith(_COUNTING) \
-                and not about_stored(ctx.method, ctx.lpath)
-            generates = consumes and isinstance(body, dict)
+            # reading or deleting a stored answer, cancelling a job (a response, a batch), nor a POST
+            # without a JSON body (uploading a file): none of these is refused for want of tokens.
+            # A POST with a JSON body may use tokens, and so may an audio or image upload
+            # (multipart): with nothing to estimate, these need at least one token left.
+            generates = ctx.method == "POST" and isinstance(body, dict) \
+                and not ctx.lpath.rstrip("/").endswith(_NOT_GENERATING) and not about_stored(ctx.method, ctx.lpath)
+            consumes = generates or (ctx.method == "POST" and ctx.lpath.rstrip("/").endswith(_MEDIA_UPLOADS))
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
             legacy = ctx.lpath.endswith("/completions") and not ctx.lpath.endswith("/chat/completions")
@@ -571,7 +572,11 @@ class RateLimit(Plugin):
 
 
 #: Paths that count a prompt's tokens: no generation, no charge.
-_COUNTING = ("/count_tokens", "/input_tokens")
+#: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
+#: job, a run, an upload, a response).
+_NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
+#: Uploads (multipart, no JSON to estimate) that the model reads: they need a token left.
+_MEDIA_UPLOADS = ("/audio/transcriptions", "/audio/translations", "/images/edits", "/images/variations")
 
 
 def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None = None) -> int:
