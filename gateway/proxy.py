@@ -720,6 +720,11 @@ class Proxy:
                     with contextlib.suppress(Exception):
                         await _send(ctx, out, event)
                         ctx.bytes_out = sent + len(event)
+                        # (the gateway's error, in the event's code; and the client's first byte
+                        # when nothing came before it)
+                        ctx.error = _cut_code(ctx.outcome)
+                        if sent == 0:
+                            ctx.t_first_byte = _perf()
                 if request.transport is not None:
                     request.transport.close()
                 return out
@@ -751,6 +756,9 @@ class Proxy:
                     async with asyncio.timeout(0.5):
                         await out.write(event)
                     ctx.bytes_out = sent + len(event)
+                    ctx.error = "gateway_shutdown"
+                    if sent == 0:
+                        ctx.t_first_byte = _perf()
             raise
         except PluginFailed:
             ctx.outcome = "error"
@@ -797,17 +805,23 @@ MAX_HEAD = 32768
 _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 
+def _cut_code(outcome: str) -> str:
+    """The error code of the event a stream cut short ends with."""
+    return outcome if outcome in ("gateway_shutdown", "upstream_timeout") else "upstream_disconnected"
+
+
 def _cut_event(outcome: str, lpath: str) -> bytes:
     """The error event a stream cut short ends with (by the upstream, or a shutdown's drain time).
     A Messages API stream's (``/v1/messages``) is an ``error`` event in that API's shape, which its
     clients read (an event without a name they skip), with the gateway's message and code."""
-    if outcome == "gateway_shutdown":
-        message, code = ("The gateway is shutting down and its drain time (server.shutdown_timeout) ran out "
-                         "mid-answer; the answer is incomplete: send the request again.", "gateway_shutdown")
-    elif outcome == "upstream_timeout":
-        message, code = "The upstream went silent mid-answer (idle timeout); the answer is incomplete.", outcome
+    code = _cut_code(outcome)
+    if code == "gateway_shutdown":
+        message = ("The gateway is shutting down and its drain time (server.shutdown_timeout) ran out "
+                   "mid-answer; the answer is incomplete: send the request again.")
+    elif code == "upstream_timeout":
+        message = "The upstream went silent mid-answer (idle timeout); the answer is incomplete."
     else:
-        message, code = "The upstream ended mid-answer; the answer is incomplete.", "upstream_disconnected"
+        message = "The upstream ended mid-answer; the answer is incomplete."
     if lpath.endswith("/v1/messages"):
         err = {"type": "api_error", "message": message, "code": code}
         return b"event: error\ndata: " + dumps_bytes({"type": "error", "error": err}) + b"\n\n"

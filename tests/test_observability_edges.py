@@ -166,15 +166,20 @@ async def test_cut_short_streams_count_relayed_tokens_in_audit_and_metrics(make_
     await post_raw(g.url + "/v1/chat/completions", body, {"X-Demo-Die-After": "3"})
     full = json.dumps({"model": "cut-model", "messages": [{"role": "user", "content": "hi"}]}).encode()
     assert (await post_raw(g.url + "/v1/chat/completions", full))[0] == 200
-    evs = await audit_events(g, 2)
-    cut, whole = evs[0], evs[1]
-    assert cut["outcome"] == "upstream_disconnected"
+    # cut before its first chunk: the gateway's error event is the first byte the client gets
+    await post_raw(g.url + "/v1/chat/completions", body, {"X-Demo-Die-After": "0"})
+    evs = await audit_events(g, 3)
+    cut, whole, early = evs[0], evs[1], evs[2]
+    assert (cut["outcome"], cut["error"]) == ("upstream_disconnected", "upstream_disconnected")
+    assert (early["outcome"], early["error"], early["tokens_out"]) == ("upstream_disconnected", "upstream_disconnected", 0)
+    assert early["tokens_in"] == (len("tell me a long story please") + 3) // 4  # the upstream read the prompt
+    assert early["ttfb_ms"] is not None and early["bytes_out"] > 0
     estimate = (len("tell me a long story please") + 3) // 4
     assert cut["tokens_out"] == 3 and cut["tokens_in"] == estimate and cut["tokens_estimated"] is True
     assert "tokens_estimated" not in whole and whole["tokens_out"] > 0
     _, text = await scrape(g.admin_url)
     inp = re.search(r'^gateway_tokens_total\{direction="input",model="cut-model"\} (\S+)', text, re.M)
-    assert inp and float(inp.group(1)) == estimate + whole["tokens_in"]
+    assert inp and float(inp.group(1)) == 2 * estimate + whole["tokens_in"]
     out = re.search(r'^gateway_tokens_total\{direction="output",model="cut-model"\} (\S+)', text, re.M)
     assert out and float(out.group(1)) == 3 + whole["tokens_out"]
 
