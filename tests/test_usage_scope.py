@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.estimate import prompt_estimate
 from gateway.observe import Completion
+from gateway.plugins.rate_limit.rules import max_tokens
 from gateway.plugins.tracing.genai import _usage
 
 from .helpers import ADMIN_TOKEN, serve_handler, until
@@ -41,6 +42,17 @@ async def fake(request: web.Request) -> web.StreamResponse:
     if path == "/v1/responses/input_tokens":
         return web.json_response({"object": "response.input_tokens", "input_tokens": 12})
     if path == "/v1/responses" and method == "POST":
+        if json.loads(body).get("background") and json.loads(body).get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'event: response.created\ndata: {"type": "response.created", "response": '
+                             + json.dumps(_response("queued", None)).encode() + b'}\n\n')
+            for _ in range(50):
+                await asyncio.sleep(0.05)
+                await resp.write(b'event: response.output_text.delta\ndata: {"type": '
+                                 b'"response.output_text.delta", "output_index": 0, "content_index": 0, '
+                                 b'"delta": "w"}\n\n')
+            return resp
         if json.loads(body).get("background"):
             return web.json_response(_response("queued", None))
         return web.json_response(_response())
@@ -274,3 +286,45 @@ def test_what_is_about_a_stored_answer() -> None:
                   ("POST", "/v1/responses/input_tokens"), ("POST", "/v1/messages")]
     assert [about_stored(m, p) for m, p in stored] == [True] * len(stored)
     assert [about_stored(m, p) for m, p in generating] == [False] * len(generating)
+
+
+async def test_a_background_stream_its_client_leaves_is_charged_what_it_was_admitted_for(make_gateway: Any) -> None:
+    """In background mode the job runs on upstream when the client goes: the cut stream is
+    charged its admission estimate, not the deltas it got."""
+    runner, url = await serve_handler(fake)
+    try:
+        g = await make_gateway(tpd(100000), upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            key, _ = await new_key(s, g)
+            body = {"model": "m", "input": "x" * 40, "background": True, "stream": True, "max_output_tokens": 1900}
+            async with s.post(g.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+                await r.content.readuntil(b"\n\n")
+            await asyncio.sleep(0.3)
+            await g.plugin("rate_limit").drain()
+            st, h = await call(s, g, key, "GET", "/v1/responses/resp_1")
+    finally:
+        await runner.cleanup()
+    assert int(h["x-ratelimit-remaining-tokens"]) == 100000 - (10 + 1900)
+
+
+def test_the_completion_estimate_takes_the_largest_length_field_and_ollama_s_num_predict() -> None:
+    # a backend reading "max_completion_tokens or max_tokens" takes 30000 past the 0
+    assert max_tokens({"max_completion_tokens": 0, "max_tokens": 30000}, 256) == 30000
+    assert max_tokens({"max_tokens": 5, "max_output_tokens": 7}, 256) == 7
+    assert max_tokens({"options": {"num_predict": 20000}}, 256) == 20000
+    assert max_tokens({"options": {"num_predict": -1}}, 256) == 256  # no limit: the default estimate
+    assert max_tokens({}, 256) == 256
+
+
+async def test_best_of_counts_on_a_legacy_completions_path_with_a_trailing_slash(make_gateway: Any) -> None:
+    runner, url = await serve_handler(fake)
+    try:
+        g = await make_gateway(tpd(1000), upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            key, _ = await new_key(s, g)
+            st, _ = await call(s, g, key, "POST", "/v1/completions/",
+                               json={"model": "m", "prompt": "hi", "max_tokens": 300, "best_of": 5})
+    finally:
+        await runner.cleanup()
+    assert st == 429  # five completions of 300 tokens cannot fit 1000

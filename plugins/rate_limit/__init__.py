@@ -249,7 +249,8 @@ class RateLimit(Plugin):
             consumes = generates or (ctx.method == "POST" and ctx.lpath.rstrip("/").endswith(_MEDIA_UPLOADS))
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
-            legacy = ctx.lpath.endswith("/completions") and not ctx.lpath.endswith("/chat/completions")
+            lp = ctx.lpath.rstrip("/")
+            legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
             if generates:
                 st.prompt = prompt_estimate(body)
                 st.choices = choices(body, legacy)
@@ -608,14 +609,17 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
         if p is not None or q is not None:  # what was reported, the estimate for what was not
             return (p if p is not None else prompt_estimate) + (q if q is not None else c.deltas)
     ok = ctx.status is not None and 200 <= ctx.status < 300
+    if ok and ctx.lpath.rstrip("/").endswith("/responses"):
+        j = ctx.json
+        if isinstance(j, dict) and truthy(j.get("background")):
+            # A Responses API job left to run upstream (background mode) without a usage report
+            # here (answered "queued", or its stream cut: the job runs on to its end all the same):
+            # what it generates never comes through this request (reading it later is not
+            # charged): what it was admitted for, or what was relayed if more.
+            return max(prompt_estimate + c.deltas, estimate or 0)
     if c.deltas or ctx.outcome in _CUT or (ok and c.kind == "sse"):  # (a stream is read: its deltas counted)
         return prompt_estimate + c.deltas
     if c.kind == "json" and c.done and ok:
-        j = ctx.json
-        if isinstance(j, dict) and truthy(j.get("background")) and ctx.lpath.endswith("/responses"):
-            # A Responses API job left to run upstream (background mode): what it generates never
-            # comes through this request (reading it later is not charged): what it was admitted for.
-            return max(prompt_estimate, estimate or 0)
         return prompt_estimate + (_answer_chars(c) + 3) // 4
     if ok:
         if c.error or c.binary:

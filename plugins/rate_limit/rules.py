@@ -177,13 +177,20 @@ def _safe(s: str) -> str:
 
 
 def max_tokens(body: Any, default: int) -> int:
-    """The completion size the request allows, per choice (``default`` when it sets none)."""
-    if isinstance(body, dict):
-        for k in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-            v = _count(body.get(k))
-            if v is not None and v >= 0:
-                return min(v, TOKENS_CAP)
-    return default
+    """The completion size the request allows, per choice (``default`` when it sets none): of
+    ``max_completion_tokens``, ``max_tokens``, ``max_output_tokens`` and Ollama's
+    ``options.num_predict``, the largest given (backends differ in which they read, and some read
+    ``max_completion_tokens or max_tokens``: a 0 in one lets the other through)."""
+    if not isinstance(body, dict):
+        return default
+    found = [v for v in (_count(body.get(k)) for k in ("max_completion_tokens", "max_tokens", "max_output_tokens"))
+             if v is not None and v >= 0]
+    opts = body.get("options")
+    if isinstance(opts, dict):
+        v = _count(opts.get("num_predict"))
+        if v is not None and v > 0:  # (-1: no limit, -2: fill the context: the default estimate)
+            found.append(v)
+    return min(max(found), TOKENS_CAP) if found else default
 
 
 def choices(body: Any, best_of: bool = False) -> int:
