@@ -14,7 +14,6 @@ from aiohttp import web
 
 from .errors import BadRequest
 from .fastjson import JSON_ERRORS, NonFiniteNumber, dumps_bytes, loads, strict_loads
-from .forms import form_field
 
 if TYPE_CHECKING:
     from .observe import Completion
@@ -89,7 +88,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent", "_form_model",
+        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -133,7 +132,6 @@ class RequestContext:
         #: The upstream never got the request: no connection to it came within timeouts.connect (a
         #: full pool, a connect timeout), so it read no prompt (a 504 all the same).
         self.unsent = False
-        self._form_model: str | None | bool = False  # (False: not read yet)
         self.t_headers: float | None = None      # upstream response head received
         self.t_first_byte: float | None = None   # first body byte sent to the client
         self.t_end: float | None = None
@@ -214,16 +212,9 @@ class RequestContext:
 
     @property
     def model(self) -> str | None:
-        """The model the request names: its JSON body's ``model`` (a string), or an upload's
-        (``multipart/form-data``) ``model`` field where it can be read exactly (gateway/forms.py)."""
         j = self.json
-        if isinstance(j, dict):
-            m = j.get("model")
-            return m if isinstance(m, str) else None
-        if self._form_model is False:
-            ct = self.request.headers.get("Content-Type", "") if self.body else ""
-            self._form_model = form_field(self.body, ct, "model") if ct[:10].lower() == "multipart/" else None
-        return self._form_model
+        m = j.get("model") if isinstance(j, dict) else None
+        return m if isinstance(m, str) else None
 
     @property
     def stream_requested(self) -> bool:

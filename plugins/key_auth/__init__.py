@@ -556,8 +556,7 @@ class KeyAuth(Plugin):
             # some models cannot be checked, so it is refused
             return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
                                 "This API key is limited to some models, and this request names none that "
-                                "could be checked (send \"model\" as a string in a JSON body, or as one plain "
-                                "form field of an upload).",
+                                "could be checked (send a JSON body with \"model\" as a string).",
                                 "key_scope_denied", "permission_error")
         return None
 
@@ -738,9 +737,8 @@ def only_models(j: Any, patterns: tuple[str, ...]) -> Any:
 def _needs_a_model(ctx: "RequestContext") -> bool:
     """Must a key limited to some models refuse this request, whose model the gateway could not
     read as a string? Yes for a POST whose JSON body names none (the backend would answer with its
-    default model), a JSON body whose "model" is not a string, and a body that is not JSON at all
-    (an upload whose form field could not be read exactly: see gateway/forms.py); no for a
-    request without a body (``GET /v1/models``)."""
+    default model), a JSON body whose "model" is not a string, and a body that is not JSON at all;
+    no for a request without a body (``GET /v1/models``)."""
     if not ctx.body:
         return False
     j = ctx.json
