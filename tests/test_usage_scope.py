@@ -328,3 +328,21 @@ async def test_best_of_counts_on_a_legacy_completions_path_with_a_trailing_slash
     finally:
         await runner.cleanup()
     assert st == 429  # five completions of 300 tokens cannot fit 1000
+
+
+async def test_a_body_the_gateway_cannot_read_still_needs_a_token_left(make_gateway: Any) -> None:
+    """JSON with a byte that is not UTF-8 is no JSON to the gateway, yet a lax backend (Go's
+    decoder replaces the byte) generates from it: once the budget is used up, it is refused."""
+    runner, url = await serve_handler(fake)
+    try:
+        g = await make_gateway(tpd(35), upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            key, _ = await new_key(s, g)
+            assert await upload(s, g, key) == 200  # 35 tokens: the budget used up exactly
+            await g.plugin("rate_limit").drain()
+            bad = b'{"model": "m", "messages": [{"role": "user", "content": "caf\xe9 \xff"}]}'
+            st, _ = await call(s, g, key, "POST", "/v1/chat/completions", data=bad,
+                               headers={"Content-Type": "application/json"})
+    finally:
+        await runner.cleanup()
+    assert st == 429

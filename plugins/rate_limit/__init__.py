@@ -241,15 +241,16 @@ class RateLimit(Plugin):
             # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
             # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens), nor
             # reading or deleting a stored answer, cancelling a job (a response, a batch), nor a POST
-            # without a JSON body (uploading a file): none of these is refused for want of tokens.
-            # A POST with a JSON body may use tokens, and so may an audio or image upload
-            # (multipart): with nothing to estimate, these need at least one token left.
-            generates = ctx.method == "POST" and isinstance(body, dict) \
-                and not ctx.lpath.rstrip("/").endswith(_NOT_GENERATING) and not about_stored(ctx.method, ctx.lpath)
-            consumes = generates or (ctx.method == "POST" and ctx.lpath.rstrip("/").endswith(_MEDIA_UPLOADS))
+            # without a body, nor storing a file (/files, /uploads): none of these is refused for
+            # want of tokens. A POST with a JSON body may use tokens, and so may one with another
+            # body (an audio or image upload, or JSON the gateway cannot read that a lax backend
+            # may): with nothing to estimate, these need at least one token left.
+            lp = ctx.lpath.rstrip("/")
+            free = ctx.method != "POST" or lp.endswith(_NOT_GENERATING) or about_stored(ctx.method, ctx.lpath)
+            generates = not free and isinstance(body, dict)
+            consumes = generates or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
-            lp = ctx.lpath.rstrip("/")
             legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
             if generates:
                 st.prompt = prompt_estimate(body)
@@ -576,8 +577,8 @@ class RateLimit(Plugin):
 #: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
 #: job, a run, an upload, a response).
 _NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
-#: Uploads (multipart, no JSON to estimate) that the model reads: they need a token left.
-_MEDIA_UPLOADS = ("/audio/transcriptions", "/audio/translations", "/images/edits", "/images/variations")
+#: Where a POST stores a file (no model reads it then): not refused for want of tokens.
+_FILE_STORE = ("/files", "/uploads")
 
 
 def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None = None) -> int:
