@@ -573,7 +573,6 @@ class RateLimit(Plugin):
             self.store.dropped(dropped, why)
 
 
-#: Paths that count a prompt's tokens: no generation, no charge.
 #: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
 #: job, a run, an upload, a response).
 _NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
