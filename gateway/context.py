@@ -88,7 +88,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent",
+        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent", "cut_estimate",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -132,6 +132,10 @@ class RequestContext:
         #: The upstream never got the request: no connection to it came within timeouts.connect (a
         #: full pool, a connect timeout), so it read no prompt (a 504 all the same).
         self.unsent = False
+        #: Set by the core for a request cut before the response head once the upstream had it (the
+        #: client left, a shutdown's drain ran out, no head within timeouts.first_byte): the
+        #: gateway's estimate of its prompt, which the upstream was reading, and every ledger records.
+        self.cut_estimate: int | None = None
         self.t_headers: float | None = None      # upstream response head received
         self.t_first_byte: float | None = None   # first body byte sent to the client
         self.t_end: float | None = None

@@ -219,6 +219,14 @@ class Proxy:
                     c.prompt_estimate = prompt_estimate(ctx.json)
                 except Exception:
                     log.exception("prompt estimate failed (request %s)", rid)
+            elif c is None and ctx.observe and ctx.t_upstream is not None and not ctx.unsent \
+                    and (ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout") \
+                    and _generating(ctx):
+                # Cut before the response head, the upstream reading the prompt: its estimate.
+                try:
+                    ctx.cut_estimate = prompt_estimate(ctx.json) or None
+                except Exception:
+                    log.exception("prompt estimate failed (request %s)", rid)
             cancelled = False
             try:
                 for p in chain.complete:
@@ -803,6 +811,12 @@ _EVENT_END = (b"\n\n", b"\r\r", b"\r\n\r\n")
 MAX_HEAD = 32768
 #: Rate-limit response headers (x-ratelimit-*, X-RateLimit-*, RateLimit, RateLimit-Policy), lower case.
 _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
+
+
+def _generating(ctx: RequestContext) -> bool:
+    """A POST that generates: not about a stored answer, not counting a prompt, not a cancel."""
+    return ctx.method == "POST" and not about_stored(ctx.method, ctx.lpath) \
+        and not ctx.lpath.rstrip("/").endswith(("/count_tokens", "/input_tokens", "/cancel"))
 
 
 def _cut_code(outcome: str) -> str:

@@ -321,6 +321,8 @@ class Metrics(Plugin):
                     cin[0] += tin
                 if type(tout) is int and tout > 0:
                     cout[0] += tout
+        elif ctx.cut_estimate and self.tokens:  # cut before the head: the prompt the upstream read
+            m.token_counters(label("unknown"))[0][0] += ctx.cut_estimate
         r = ctx.refusal
         if r:
             kind = r.get("type")

@@ -141,3 +141,68 @@ async def test_an_error_answered_as_a_stream_with_no_output_records_no_tokens(ma
 async def audit_request_events(s: aiohttp.ClientSession, g: Any) -> Any:
     async with s.get(g.admin_url + "/audit?type=request", headers=ADMIN) as r:
         return (await r.json())["data"] or None
+
+
+async def test_every_ledger_records_the_prompt_estimate_of_a_request_cut_before_its_head(make_gateway: Any) -> None:
+    """A client that gives up while the model thinks, and a 504 for no head within first_byte: the
+    upstream was reading the prompt; every ledger records its estimate (no output), marked."""
+    g = await make_gateway([
+        {"name": "key_auth", "config": {"last_used_interval": 0}},
+        {"name": "rate_limit", "config": {"rules": [
+            {"name": "tpd", "limit": "10000000/day", "counts": "tokens", "key_by": ["key"]}]}},
+        {"name": "conversations"},
+        {"name": "audit"},
+        {"name": "metrics"},
+    ], upstream={"timeouts": {"connect": 5, "first_byte": 1, "idle": 5}})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "team-a"}, headers=ADMIN) as r:
+            rec = await r.json()
+        auth = {"Authorization": f"Bearer {rec['key']}"}
+        before, probe1 = await remaining(s, g, auth)
+        body = {"model": "demo-chat", "messages": [{"role": "user", "content": FIRST}]}
+        # the client leaves after 0.3 s; the next request gets the gateway's 504 after 1 s
+        try:
+            async with s.post(g.url + "/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.3),
+                              headers={**auth, "X-Demo-Head-Delay": "3"}) as r:
+                await r.read()
+        except TimeoutError:
+            pass
+        async with s.post(g.url + "/v1/chat/completions", json=body, headers={**auth, "X-Demo-Head-Delay": "3"}) as r:
+            assert r.status == 504
+            await r.read()
+
+        after, _ = await remaining(s, g, auth)
+
+        async def recorded() -> Any:
+            async with s.get(g.admin_url + "/audit?type=request&limit=100", headers=ADMIN) as r:
+                evs = (await r.json())["data"]
+            return evs if len(evs) == 4 else None  # two probes, the two cut requests
+
+        every = await until(recorded, what="four requests in the audit trail")
+        cut = [e for e in every if e["outcome"] != "ok"]
+        await g.plugin("key_auth").flush_usage()
+        async with s.get(g.admin_url + f"/keys/{rec['id']}/usage", headers=ADMIN) as r:
+            totals = (await r.json())["totals"]
+        async with s.get(g.admin_url + "/metrics", headers=ADMIN) as r:
+            text = await r.text()
+        turns_of = [await turns(g, e["conversation_id"]) for e in cut]
+    est = estimate(FIRST)
+    assert sorted(e["outcome"] for e in cut) == ["client_disconnected", "upstream_timeout"]
+    assert [(e["tokens_in"], e["tokens_out"], e.get("tokens_estimated")) for e in cut] == [(est, 0, True)] * 2
+    assert [(t[0].prompt_tokens, t[0].completion_tokens) for t in turns_of] == [(est, 0)] * 2
+    assert before - after == probe1 + 2 * est  # the limiter charged the same
+    # key usage: the probes' reported prompts, and the two estimates
+    assert (totals["requests"], totals["prompt_tokens"]) == (4, sum(e["tokens_in"] for e in every))
+    assert f'gateway_tokens_total{{direction="input",model="unknown"}} {float(2 * est)}' in text
+
+
+
+def test_a_span_of_a_request_cut_before_its_head_has_the_prompt_estimate() -> None:
+    from types import SimpleNamespace
+
+    from gateway.plugins.tracing.genai import attributes
+    ctx = SimpleNamespace(json={"model": "m", "messages": []}, conversation_id=None, completion=None,
+                          cut_estimate=18, lpath="/v1/chat/completions")
+    a = attributes("chat", ctx, "", False, 100)
+    assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"], a["gateway.tokens_estimated"]) == \
+        (18, 0, True)

@@ -90,12 +90,12 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         # output tokens estimated from the deltas relayed: a stream without a usage report (or
         # without a valid output count in it), or one whose report came before some of its output
         # (the larger of the two counts)
-        _estimated(c) if c is not None else None,
+        _estimated(c) if c is not None else 0 if ctx.cut_estimate is not None else None,
         ctx.status, ctx.source, ctx.outcome, ctx.error, ctx.streamed, ctx.bytes_in, ctx.bytes_out,
         ctx.conversation_id,
         None if refusal is None else clean(refusal),  # secrets never leave the request path
         refusal is not None,
-        c.prompt_estimate if c is not None else None,
+        c.prompt_estimate if c is not None else ctx.cut_estimate,
         ctx.upstream_request_id,
     )
 

@@ -873,6 +873,10 @@ class Conversations(Plugin):
         # A stream without a usage report (or a valid output count in it): its deltas, as the audit
         # event, key usage, metrics and the trace count them (its usage stays null)
         relayed = comp.relayed_tokens if comp is not None else None
+        if comp is None and ctx.cut_estimate is not None:
+            # cut before the response head, the upstream reading the prompt: its estimate, as
+            # every other view records it
+            prompt_tokens, relayed = ctx.cut_estimate, 0
         turn = {"model": model, "request_id": rid, "key_id": key_id, "owner": owner, "status": status, "http_status": ctx.status or None, "memory": plan.memory,
                 "stream": ctx.stream_requested,
                 # (nor its prompt's: the gateway's estimate; the messages' own counts stay unknown)

@@ -654,7 +654,9 @@ class KeyAuth(Plugin):
             return
         c = ctx.completion
         prompt = completion = 0
-        if c is not None:
+        if c is None:  # cut before the response head, the upstream reading the prompt: its estimate
+            prompt = ctx.cut_estimate or 0
+        else:
             prompt = c.input_tokens or 0  # (a stream without a usage report: the prompt estimate)
             relayed = c.relayed_tokens  # a stream without a usage report: what was generated
             completion = relayed if relayed is not None else c.completion_tokens or 0

@@ -600,7 +600,10 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
         prompt_estimate = c.prompt_estimate
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
         cut = ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout"
-        return prompt_estimate if cut and not ctx.unsent else 0  # (unsent: the upstream never had it)
+        if not cut or ctx.unsent:  # (unsent: the upstream never had it)
+            return 0
+        # (the estimate every ledger records, of the prompt as it went upstream)
+        return ctx.cut_estimate if ctx.cut_estimate is not None else prompt_estimate
     if isinstance(c.usage, dict):
         total = c.total_tokens
         if total is not None:

@@ -89,6 +89,9 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
                 reasons = [_RESPONSES_REASONS.get(f, f) for f in reasons]
             a["gen_ai.response.finish_reasons"] = [text(f) for f in reasons]
         _usage(a, c)
+    elif ctx.cut_estimate is not None:  # cut before the head: the prompt the upstream was reading
+        a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"] = ctx.cut_estimate, 0
+        a["gateway.tokens_estimated"] = True
     if record_content:
         _content(a, op, body, c, max_chars, ctx.lpath.endswith("/responses"))
     return a
