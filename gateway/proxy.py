@@ -219,7 +219,8 @@ class Proxy:
                     c.prompt_estimate = prompt_estimate(ctx.json)
                 except Exception:
                     log.exception("prompt estimate failed (request %s)", rid)
-            elif c is None and ctx.observe and ctx.t_upstream is not None and not ctx.unsent \
+            elif c is None and ctx.observe and ctx.t_upstream is not None and ctx.t_headers is None \
+                    and not ctx.unsent \
                     and (ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout") \
                     and _generating(ctx):
                 # Cut before the response head, the upstream reading the prompt: its estimate.

@@ -5,6 +5,7 @@ conversation's history included) and one token per delta relayed, marked as esti
 usage, the audit event, the conversation's turn, the metrics and the rate limiter all agree."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -206,3 +207,33 @@ def test_a_span_of_a_request_cut_before_its_head_has_the_prompt_estimate() -> No
     a = attributes("chat", ctx, "", False, 100)
     assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"], a["gateway.tokens_estimated"]) == \
         (18, 0, True)
+
+
+async def _head_then_silence(request: web.Request) -> web.StreamResponse:
+    """The head at once (not an event stream), then nothing for 3 s."""
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await resp.prepare(request)
+    await asyncio.sleep(3)
+    return resp
+
+
+async def test_a_client_that_leaves_after_the_head_came_is_no_cut_before_the_head(make_gateway: Any) -> None:
+    """The head came (the gateway was still reading the first bytes to tell a stream): not the
+    'cut before the head' case, whose estimate goes to every ledger."""
+    runner, url = await serve_handler(_head_then_silence)
+    try:
+        g = await make_gateway([{"name": "audit"}], upstream={"url": url})
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.post(g.url + "/v1/chat/completions", timeout=aiohttp.ClientTimeout(total=0.5),
+                                  json={"model": "m", "stream": True,
+                                        "messages": [{"role": "user", "content": FIRST}]}) as r:
+                    await r.read()
+            except TimeoutError:
+                pass
+            evs = await until(lambda: audit_request_events(s, g), what="the audit event")
+    finally:
+        await runner.cleanup()
+    assert evs[0]["outcome"] == "client_disconnected" and evs[0]["upstream_headers_ms"] is not None
+    assert "tokens_estimated" not in evs[0]
