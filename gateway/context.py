@@ -81,6 +81,17 @@ def about_stored(method: str, lpath: str) -> bool:
     return p.endswith("/cancel") and "/responses/" in p
 
 
+#: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
+#: job, a run, an upload, a response).
+NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
+
+
+def generates(method: str, lpath: str) -> bool:
+    """A request that may make the upstream generate: a POST, not about a stored answer
+    (``about_stored``), not counting a prompt's tokens, not cancelling a job."""
+    return method == "POST" and not lpath.rstrip("/").endswith(NOT_GENERATING) and not about_stored(method, lpath)
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",

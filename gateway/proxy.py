@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from .context import SKIP_TIMINGS, RequestContext, about_stored, other_encoding
+from .context import SKIP_TIMINGS, RequestContext, about_stored, generates, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
@@ -222,7 +222,7 @@ class Proxy:
             elif c is None and ctx.observe and ctx.t_upstream is not None and ctx.t_headers is None \
                     and not ctx.unsent \
                     and (ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout") \
-                    and _generating(ctx):
+                    and generates(ctx.method, ctx.lpath):
                 # Cut before the response head, the upstream reading the prompt: its estimate.
                 try:
                     ctx.cut_estimate = prompt_estimate(ctx.json) or None
@@ -812,12 +812,6 @@ _EVENT_END = (b"\n\n", b"\r\r", b"\r\n\r\n")
 MAX_HEAD = 32768
 #: Rate-limit response headers (x-ratelimit-*, X-RateLimit-*, RateLimit, RateLimit-Policy), lower case.
 _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
-
-
-def _generating(ctx: RequestContext) -> bool:
-    """A POST that generates: not about a stored answer, not counting a prompt, not a cancel."""
-    return ctx.method == "POST" and not about_stored(ctx.method, ctx.lpath) \
-        and not ctx.lpath.rstrip("/").endswith(("/count_tokens", "/input_tokens", "/cancel"))
 
 
 def _cut_code(outcome: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter
 
-from gateway.context import RequestContext, about_stored, truthy
+from gateway.context import RequestContext, generates, truthy
 from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
@@ -246,20 +246,20 @@ class RateLimit(Plugin):
             # body (an audio or image upload, or JSON the gateway cannot read that a lax backend
             # may): with nothing to estimate, these need at least one token left.
             lp = ctx.lpath.rstrip("/")
-            free = ctx.method != "POST" or lp.endswith(_NOT_GENERATING) or about_stored(ctx.method, ctx.lpath)
-            generates = not free and isinstance(body, dict)
-            consumes = generates or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
+            free = not generates(ctx.method, ctx.lpath)
+            generating = not free and isinstance(body, dict)
+            consumes = generating or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
             embeddings = ctx.lpath.endswith("/embeddings")
             # best_of is the legacy completions' alone (the chat API has none, and ignores it)
             legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
-            if generates:
+            if generating:
                 st.prompt = prompt_estimate(body)
                 st.choices = choices(body, legacy)
 
             def estimate(default: int) -> int:
                 """Prompt plus the completion the request allows (``default`` when it sets none), for
                 each of its choices: n=20 with max_tokens=80 may generate 1600 tokens."""
-                return st.prompt + completion_estimate(body, 0 if embeddings else default, legacy) if generates else 0
+                return st.prompt + completion_estimate(body, 0 if embeddings else default, legacy) if generating else 0
 
             est = st.estimate = estimate(self.config.estimate_default_max_tokens)
             for lim in tok:
@@ -573,9 +573,6 @@ class RateLimit(Plugin):
             self.store.dropped(dropped, why)
 
 
-#: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
-#: job, a run, an upload, a response).
-_NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
 #: Where a POST stores a file (no model reads it then): not refused for want of tokens.
 _FILE_STORE = ("/files", "/uploads")
 
