@@ -318,9 +318,30 @@ class Database:
         # A WAL grown large once (a burst of writes while a long read held it) is cut back to this
         # at the next checkpoint; otherwise the file keeps its largest size for good.
         cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        # Deleted rows are overwritten with zeros, not left readable in the file's free space (an
+        # erased conversation's text; SQLite's own default is off, some builds turn it on).
+        cur.execute("PRAGMA secure_delete=ON")
         cur.close()
         if self.file is not None and self._file_id is None:
             self._file_id = self._file_stat()  # the file this process uses for good
+
+    async def empty_log(self) -> None:
+        """After an erasure, on SQLite: copy the write-ahead log into the file and empty it, so the
+        deleted rows leave no copy in the ``-wal`` file (where the pages that held them stay until
+        the log wraps round, on a quiet gateway for good). Best effort: while a long read (an
+        export) holds an older snapshot the log cannot be emptied, and that is logged."""
+        if not self.is_sqlite:
+            return
+        try:
+            async with self.engine.connect() as conn:
+                row = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).first()
+        except Exception as e:
+            log.warning("the SQLite write-ahead log was not emptied after a delete (%s): the deleted rows' "
+                        "old copies stay in %s-wal until the next checkpoint", type(e).__name__, self.file)
+            return
+        if row is not None and row[0]:
+            log.warning("the SQLite write-ahead log could not be emptied after a delete (a read in progress): "
+                        "the deleted rows' old copies stay in %s-wal until the next checkpoint", self.file)
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()

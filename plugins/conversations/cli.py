@@ -194,12 +194,13 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             print("give a conversation id or --owner", file=sys.stderr)
             return 2
         if args.id:
-            ok = await store.delete(args.id)
-            n = 1 if ok else 0
-            if not ok:
+            conv = await store.get(args.id)  # (whose it was, for the record)
+            if conv is None or not await store.delete(args.id):
                 print(f"no conversation {cli.terminal_text(args.id)}", file=sys.stderr)
                 return 1
-            services.events.emit("conversation.deleted", actor="cli", conversation_id=args.id, deleted=n)
+            n = 1
+            services.events.emit("conversation.deleted", actor="cli", conversation_id=args.id,
+                                 owner=conv["owner"], deleted=n)
         else:  # (an event per committed part: a run cut short leaves a record of what it deleted)
             n = len(await store.delete_owner(args.owner, each=lambda k: services.events.emit(
                 "conversation.deleted", actor="cli", owner=args.owner, deleted=k)))

@@ -847,6 +847,8 @@ class ConversationStore:
                 told = True
             ids += gone
             if len(found) < chunk and len(part) == len(found):
+                if ids:
+                    await self.db.empty_log()
                 return ids
             if self.db.is_sqlite:
                 await asyncio.sleep(DELETE_PAUSE)

@@ -1,0 +1,95 @@
+"""The right to erasure, as whoever answers an erasure request checks it: an owner's erasure while
+their first turn still streams, the erased text gone from the SQLite file and its write-ahead log,
+and the CLI's record of whose conversation it deleted."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .helpers import base_config, write_config
+from .test_conversations import ADMIN, chat, conv_row, db, start, stored  # noqa: F401  (db is a fixture)
+from .test_conversations_api_edges import Stream, get_json
+from .test_conversations_ops import run_cli_here
+from .test_audit import acli
+
+SECRET = "ZEBRA-ERASED-4242"
+KEPT = "GIRAFFE-KEPT-7373"
+
+
+def on_disk(path: Path, text: str) -> int:
+    """How many times ``text`` is in the SQLite file and its -wal / -shm files, as bytes."""
+    needle = text.encode()
+    return sum(p.read_bytes().count(needle) for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists())
+
+
+async def test_an_owners_erasure_stops_their_first_turn_still_streaming(make_gateway: Any, db: dict[str, Any]) -> None:
+    """Erasure by owner while a turn that starts a new conversation streams: the conversation is not
+    written when the answer ends (it came back after the erasure before), and is counted as deleted."""
+    g = await start(make_gateway, db)
+    base = g.url + "/gateway/conversations"
+    st, h, _ = await chat(g, [{"role": "user", "content": "stored before the erasure"}])
+    before = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    async with Stream(g, [{"role": "user", "content": "first turn, streaming during the erasure"}]) as s1:
+        st, body = await get_json(f"{base}/{s1.cid}")
+        assert st == 200 and body["in_progress"] is True
+        async with aiohttp.ClientSession(headers=ADMIN) as s:
+            async with s.delete(g.admin_url + "/conversations", params={"owner": body["owner"]}) as r:
+                assert r.status == 200 and (await r.json())["deleted"] == 2
+        await s1.chunks()
+        assert s1.text  # the caller still got the whole answer
+    for cid in (before, s1.cid):
+        assert await stored(g, cid) == [] and await conv_row(g, cid) is None
+        st, _ = await get_json(f"{base}/{cid}")
+        assert st == 404
+    assert g.plugin("conversations").shared.skipped.labels("deleted")._value.get() >= 1
+
+
+async def test_erased_text_is_gone_from_the_sqlite_file_and_its_log(make_gateway: Any, upstream: Any,
+                                                                   tmp_path: Path) -> None:
+    """While the gateway keeps running, an erased conversation's text is neither in the database file
+    (secure_delete) nor in the write-ahead log (emptied after the delete), for the admin API's
+    erasure and for the CLI's; the conversation kept is still there."""
+    path = tmp_path / "erase.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}"})
+    cids = []
+    for text in (f"{SECRET} by the admin API", f"{SECRET} by the CLI", f"{KEPT} stays"):
+        st, h, _ = await chat(g, [{"role": "user", "content": text}])
+        assert st == 200
+        cids.append(h["X-Conversation-ID"])
+    await g.plugin("conversations").flush()
+    assert on_disk(path, SECRET) >= 2 and Path(f"{path}-wal").stat().st_size > 0
+    async with aiohttp.ClientSession(headers=ADMIN) as s:
+        async with s.delete(f"{g.admin_url}/conversations/{cids[0]}") as r:
+            assert r.status == 200
+    assert on_disk(path, f"{SECRET} by the admin API") == 0
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "conversations"}],
+                                                          database={"url": f"sqlite+aiosqlite:///{path}"}))
+    r = await asyncio.to_thread(run_cli_here, cfg, "delete", cids[1], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"deleted": 1}, r.stderr
+    assert on_disk(path, SECRET) == 0
+    assert await conv_row(g, cids[2]) is not None and on_disk(path, KEPT) >= 1
+
+
+async def test_the_clis_erasure_record_names_the_owner(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """`gateway conversations delete ID` records whose conversation it deleted, as the admin API does
+    (an erasure is proved from the audit trail without joining it to request events)."""
+    path = tmp_path / "cli.db"
+    plugins = [{"name": "conversations"}, {"name": "audit", "config": {"sinks": ["database"]}}]
+    g = await make_gateway(plugins, database={"url": f"sqlite+aiosqlite:///{path}"})
+    st, h, _ = await chat(g, [{"role": "user", "content": "to be erased"}])
+    cid = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    owner = (await conv_row(g, cid)).owner
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, plugins,
+                                                          database={"url": f"sqlite+aiosqlite:///{path}"}))
+    r = await asyncio.to_thread(run_cli_here, cfg, "delete", cid)
+    assert r.returncode == 0, r.stderr
+    r = await acli(cfg, "query", "--type", "conversation.deleted")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [(e["actor"], e["conversation_id"], e["owner"]) for e in events] == [("cli", cid, owner)]
