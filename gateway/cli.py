@@ -114,7 +114,10 @@ def atomic_output(path: str, encoding: str) -> Any:
             yield f
         return
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:  # (named as given: the temporary file's name would say nothing)
+        raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
     try:
         # the existing file's mode, else its owner's only (what the gateway writes holds records
         # of who asked what: see db.create_private)
@@ -142,6 +145,10 @@ def check_database_exists(cfg: GatewayConfig) -> None:
         if name and name != ":memory:" and not name.startswith("file:") and not Path(name).exists():
             raise NoDatabase(f"the database file {name} does not exist (check database.url; the gateway, "
                              "`gateway db upgrade` or `gateway keys create` make it)")
+
+
+#: The Services CLI commands opened in this run (main() reads what their writers did not write).
+_OPENED: list[Any] = []
 
 
 async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True,
@@ -186,6 +193,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
                          + ("" if empty else "; see Upgrading in docs/configuration.md for gateways of older "
                                              "versions still running on it"))
     services = Services(cfg, db, owns_db=True)
+    _OPENED.append(services)
     services.new_database = new_database  # (the audit trail's first chain key may come with it)
     if new_database and db.file:
         # (a relative database.url run from another directory makes a database of its own: a key
@@ -624,6 +632,25 @@ def config_last(argv: list[str]) -> list[str]:
     return rest + moved + tail
 
 
+def _utf8_output() -> None:
+    """Names, owners and message text are Unicode: a command's output is UTF-8 even where the
+    locale says ASCII (``PYTHONIOENCODING=ascii``, or ``PYTHONUTF8=0`` with ``LC_ALL=C``), rather
+    than failing on the first non-ASCII character."""
+    import codecs
+
+    for stream in (sys.stdout, sys.stderr):
+        enc = getattr(stream, "encoding", None)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if not enc or reconfigure is None:
+            continue
+        try:
+            if codecs.lookup(enc).name in ("utf-8", "utf-16", "utf-32"):
+                continue
+            reconfigure(encoding="utf-8")
+        except (LookupError, ValueError, OSError):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(config_last(sys.argv[1:] if argv is None else list(argv)))
@@ -643,10 +670,13 @@ def main(argv: list[str] | None = None) -> int:
             sig = getattr(signal, name, None)
             if sig is not None:
                 handlers[sig] = signal.signal(sig, _on_signal)
+    if not serving:
+        _utf8_output()
     real_stderr = sys.stderr
     if not serving and real_stderr is not None:
         sys.stderr = _QuietStream(real_stderr)
     _received.clear()
+    _OPENED.clear()
     try:
         try:
             rc = args.func(args)
@@ -661,11 +691,24 @@ def main(argv: list[str] | None = None) -> int:
             from .db import DatabaseError
 
             first = (str(e).strip().splitlines() or [""])[0][:300]
+            if "database is locked" in first:
+                first += (" (another process held the SQLite file's write lock longer than "
+                          "database.busy_timeout_ms: nothing was changed; try again, or raise it)")
             # The gateway's own database errors say what failed (and which database) themselves.
             kind = "" if isinstance(e, DatabaseError) and first else f"{type(e).__name__}"
             print(f"gateway {args.command}: error: {kind}" + (": " if kind and first else "")
                   + (redact_url(first) if first else ""), file=sys.stderr)
             rc = 1
+        lost = {name: n for s in _OPENED for name, n in s.unwritten.items()}
+        if lost:
+            # The command did what it did (a key revoked stays revoked), but the audit trail does
+            # not show it: a script must not take that for a success.
+            what = ", ".join(f"{n} by {name}" for name, n in sorted(lost.items()))
+            print(f"gateway {args.command}: error: records of this command were not written ({what}; "
+                  "the lines above say why): its changes were made, the audit trail does not show them",
+                  file=sys.stderr)
+            rc = rc or 1
+        _OPENED.clear()
         # What is still buffered is written now, where a failure can keep the exit code: a closed
         # pipe leaves it as the command said, a full disk makes a success an error.
         try:

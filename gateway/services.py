@@ -76,6 +76,9 @@ class Services:
         self._lock = asyncio.Lock()
         self.gateway: Any = None  # the running Gateway, when there is one (admin routes use it)
         self._owns_db = owns_db    # CLI commands: close() also disposes the engine
+        #: after close(): the records each writer finally did not write (a CLI command's audit
+        #: events: the command says so in its exit code)
+        self.unwritten: dict[str, int] = {}
 
     @property
     def db(self) -> "Database":
@@ -134,7 +137,11 @@ class Services:
             except Exception:
                 log.exception("closing a shared resource failed")
 
+        writers = self.writers()
         await asyncio.gather(*(close_one(c) for c in reversed(self._closers)))
+        for w in writers:
+            if w.dropped:
+                self.unwritten[w.name] = self.unwritten.get(w.name, 0) + w.dropped
         self._closers.clear()
         self._resources.clear()
         if self._owns_db and self._db is not None:

@@ -46,6 +46,15 @@ def parse_duration(s: str) -> dt.timedelta:
     return td
 
 
+def _moment(s: str) -> dt.datetime:
+    """A --since/--until: an ISO 8601 time, or an age with its unit (``24h``, ``7d``: that long ago,
+    as `gateway audit query` takes them)."""
+    m = _DUR.match(s)
+    if m and m.group(2):
+        return utcnow() - parse_duration(s)
+    return parse_time(s)
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("conversations", help="list, show, export, delete and purge stored conversations")
     cs = p.add_subparsers(dest="conv_command", required=True)
@@ -59,8 +68,8 @@ def add_cli(sub: Any) -> None:
     x = common(cs.add_parser("list", help="list conversations, newest activity first"))
     x.add_argument("--owner")
     x.add_argument("--key-id")
-    x.add_argument("--since", help="ISO 8601 time")
-    x.add_argument("--until", help="ISO 8601 time")
+    x.add_argument("--since", help="ISO 8601 time, or an age like 24h or 7d")
+    x.add_argument("--until", help="ISO 8601 time, or an age like 24h or 7d")
     x.add_argument("-q", "--query", help="text search in message content")
     x.add_argument("--limit", type=cli.whole_number(1, 1000), default=50, help="page size, 1..1000 (default 50)")
     x.add_argument("--cursor")
@@ -105,10 +114,10 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
     c = args.conv_command
     if c == "list":
         try:
-            since = parse_time(args.since) if args.since else None
-            until = parse_time(args.until) if args.until else None
-        except ValueError:
-            print("--since/--until must be ISO 8601 times", file=sys.stderr)
+            since = _moment(args.since) if args.since else None
+            until = _moment(args.until) if args.until else None
+        except (ValueError, argparse.ArgumentTypeError):
+            print("--since/--until must be ISO 8601 times or ages like 24h", file=sys.stderr)
             return 2
         key_id = key_id_of(args.key_id) if args.key_id else None
         if args.key_id and key_id is None:

@@ -61,7 +61,9 @@ def _limit(field: str) -> Any:
     return parse
 
 
-def _kv(v: str) -> tuple[str, str]:
+def _kv(v: str) -> tuple[str, str] | None:
+    if v == "":
+        return None  # (`--meta ''`: no metadata)
     if "=" not in v:
         raise argparse.ArgumentTypeError("expected key=value")
     k, _, val = v.partition("=")
@@ -82,7 +84,7 @@ def add_cli(subparsers: Any) -> None:
     def attrs(c: argparse.ArgumentParser) -> None:
         c.add_argument("--name", help="a label for people")
         c.add_argument("--team")
-        c.add_argument("--meta", action="append", type=_kv, metavar="KEY=VALUE", help="metadata (repeatable)")
+        c.add_argument("--meta", action="append", type=_kv, metavar="KEY=VALUE", help="metadata (repeatable; on update replaces all of the key's metadata, '' clears it)")
         c.add_argument("--scope-path", action="append", metavar="PREFIX",
                        help="allowed path prefix (repeatable; on update replaces the list, '' clears it)")
         c.add_argument("--scope-model", action="append", metavar="MODEL",
@@ -99,7 +101,9 @@ def add_cli(subparsers: Any) -> None:
     c.add_argument("--owner")
     c.add_argument("--team")
     c.add_argument("--status", choices=["active", "revoked", "expired"])
-    c.add_argument("--limit", type=core_cli.whole_number(), default=1000, help="at most this many keys (default 1000)")
+    c.add_argument("--limit", type=core_cli.whole_number(), default=1000,
+                   help="at most this many keys, oldest first (default 1000; stderr says when more match)")
+    c.add_argument("--offset", type=core_cli.whole_number(0), default=0, help="skip this many keys first (the next page)")
     c = cmd("show", "show one key")
     c.add_argument("key_id")
     c = cmd("update", "change a key's name, team, metadata, scopes, limits or expiry")
@@ -123,7 +127,7 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
     if args.team is not None:
         ch["team"] = args.team or None
     if args.meta:
-        ch["metadata"] = dict(args.meta)
+        ch["metadata"] = dict(kv for kv in args.meta if kv is not None)
     if args.scope_path is not None or args.scope_model is not None:
         ch["scopes"] = {"paths": [p for p in args.scope_path or [] if p],
                         "models": [m for m in args.scope_model or [] if m]}
@@ -178,7 +182,12 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
             return _out(args, {**rec, "key": key}, secret=key, did="created")
         if c == "list":
-            rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit)
+            rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit + 1,
+                                    offset=args.offset)
+            if len(rows) > args.limit:  # (a script acting on "every key" must know it did not get them all)
+                rows = rows[:args.limit]
+                _fail(f"more keys match than --limit {args.limit}: the next ones with --offset "
+                      f"{args.offset + args.limit}")
             if args.json:
                 core_cli.print_json(rows)
             else:
@@ -194,7 +203,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         if c == "update":
             ch = _changes(args)
             if not ch:
-                return _fail("nothing to change (see gateway keys update --help)")
+                return _fail("nothing to change (see gateway keys update --help)", code=2)
             problem = _invalid(UpdateKey, ch)
             if problem:
                 return _fail(problem, code=2)  # (a value the command line got wrong: a usage error)
