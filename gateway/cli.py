@@ -644,9 +644,8 @@ def _utf8_output() -> None:
         if not enc or reconfigure is None:
             continue
         try:
-            if codecs.lookup(enc).name in ("utf-8", "utf-16", "utf-32"):
-                continue
-            reconfigure(encoding="utf-8")
+            if codecs.lookup(enc).name == "ascii":  # (another encoding asked for explicitly is kept)
+                reconfigure(encoding="utf-8", errors=stream.errors)
         except (LookupError, ValueError, OSError):
             pass
 
@@ -693,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             first = (str(e).strip().splitlines() or [""])[0][:300]
             if "database is locked" in first:
                 first += (" (another process held the SQLite file's write lock longer than "
-                          "database.busy_timeout_ms: nothing was changed; try again, or raise it)")
+                          "database.busy_timeout_ms: try again, or raise it)")
             # The gateway's own database errors say what failed (and which database) themselves.
             kind = "" if isinstance(e, DatabaseError) and first else f"{type(e).__name__}"
             print(f"gateway {args.command}: error: {kind}" + (": " if kind and first else "")

@@ -98,6 +98,8 @@ CONNECT_TIMEOUT = 15.0
 LONG_READS = 4
 #: Bytes a SQLite write-ahead log is truncated to after a checkpoint (journal_size_limit).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+#: Tries, a second apart, at emptying the write-ahead log after an erasure (see empty_log_soon).
+EMPTY_LOG_TRIES = 60
 
 #: The gateway's own revision ids: a plugin's branch name and a number (``key_auth_0002``). An
 #: ``alembic_version`` row in another form (Alembic's default hex ids) is another application's.
@@ -236,6 +238,7 @@ class Database:
         self._ping_task: asyncio.Task[bool] | None = None
         self._ping_started = 0.0
         self._watch: asyncio.Task[None] | None = None
+        self._emptying: asyncio.Task[bool] | None = None
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", self._sqlite_pragmas)
             name = self.engine.url.database
@@ -325,23 +328,40 @@ class Database:
         if self.file is not None and self._file_id is None:
             self._file_id = self._file_stat()  # the file this process uses for good
 
-    async def empty_log(self) -> None:
+    def empty_log_soon(self) -> None:
         """After an erasure, on SQLite: copy the write-ahead log into the file and empty it, so the
         deleted rows leave no copy in the ``-wal`` file (where the pages that held them stay until
-        the log wraps round, on a quiet gateway for good). Best effort: while a long read (an
-        export) holds an older snapshot the log cannot be emptied, and that is logged."""
-        if not self.is_sqlite:
+        the log wraps round, on a quiet gateway for good). In the background, never holding back
+        the delete that asked for it or any other writer: each try gives way at once to a reader
+        holding an older snapshot (a backup, an export, a sqlite3 shell) or a writer, and is
+        repeated every second for a minute (``close()`` makes a last one)."""
+        if not self.is_sqlite or (self._emptying is not None and not self._emptying.done()):
             return
+        self._emptying = asyncio.get_running_loop().create_task(self._empty_log())
+
+    async def _empty_log(self, tries: int = EMPTY_LOG_TRIES) -> bool:
+        for _ in range(tries):
+            if await self._checkpoint():
+                return True
+            await asyncio.sleep(1.0)
+        log.warning("the SQLite write-ahead log could not be emptied after a delete (a read held the file for a "
+                    "minute): the deleted rows' old copies stay in %s-wal until a checkpoint empties it (PRAGMA "
+                    "wal_checkpoint(TRUNCATE), or the last connection closing)", self.file)
+        return False
+
+    async def _checkpoint(self) -> bool:
+        """One try at emptying the log; it waits for no lock (busy_timeout 0 on its connection)."""
         try:
             async with self.engine.connect() as conn:
-                row = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).first()
+                await conn.exec_driver_sql("PRAGMA busy_timeout=0")
+                try:
+                    row = (await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")).first()
+                finally:
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         except Exception as e:
-            log.warning("the SQLite write-ahead log was not emptied after a delete (%s): the deleted rows' "
-                        "old copies stay in %s-wal until the next checkpoint", type(e).__name__, self.file)
-            return
-        if row is not None and row[0]:
-            log.warning("the SQLite write-ahead log could not be emptied after a delete (a read in progress): "
-                        "the deleted rows' old copies stay in %s-wal until the next checkpoint", self.file)
+            log.debug("emptying the SQLite write-ahead log failed: %s", type(e).__name__)
+            return False
+        return row is not None and not row[0]
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()
@@ -555,6 +575,9 @@ class Database:
                 t.cancel()
         try:
             async with asyncio.timeout(timeout):  # a hung server must not hold the exit
+                if self._emptying is not None and not self._emptying.done():
+                    self._emptying.cancel()
+                    await self._checkpoint()  # (a CLI's delete: its last try, before it exits)
                 await self.engine.dispose()
         except TimeoutError:
             log.warning("database connections not closed cleanly within %.0fs", timeout)

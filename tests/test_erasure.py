@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .helpers import base_config, write_config
+from .helpers import base_config, until, write_config
 from .test_conversations import ADMIN, chat, conv_row, db, start, stored  # noqa: F401  (db is a fixture)
 from .test_conversations_api_edges import Stream, get_json
 from .test_conversations_ops import run_cli_here
@@ -66,7 +67,7 @@ async def test_erased_text_is_gone_from_the_sqlite_file_and_its_log(make_gateway
     async with aiohttp.ClientSession(headers=ADMIN) as s:
         async with s.delete(f"{g.admin_url}/conversations/{cids[0]}") as r:
             assert r.status == 200
-    assert on_disk(path, f"{SECRET} by the admin API") == 0
+    await until(lambda: on_disk(path, f"{SECRET} by the admin API") == 0)  # (emptied in the background)
     cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "conversations"}],
                                                           database={"url": f"sqlite+aiosqlite:///{path}"}))
     r = await asyncio.to_thread(run_cli_here, cfg, "delete", cids[1], "--json")
@@ -93,3 +94,57 @@ async def test_the_clis_erasure_record_names_the_owner(make_gateway: Any, upstre
     assert r.returncode == 0, r.stderr
     events = [json.loads(x) for x in r.stdout.splitlines()]
     assert [(e["actor"], e["conversation_id"], e["owner"]) for e in events] == [("cli", cid, owner)]
+
+
+async def test_a_reader_holding_the_file_holds_back_neither_the_erasure_nor_the_writers(
+        make_gateway: Any, tmp_path: Path) -> None:
+    """A backup or a sqlite3 shell reading the file during an erasure: the delete answers at once
+    and turns are stored meanwhile (emptying the log waits for no lock, even with a long
+    busy_timeout_ms); once the reader is done, the log is emptied."""
+    path = tmp_path / "held.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 60000})
+    st, h, _ = await chat(g, [{"role": "user", "content": f"{SECRET} while a backup reads"}])
+    cid = h["X-Conversation-ID"]
+    await g.plugin("conversations").flush()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM conversation_messages").fetchone()  # a snapshot held open
+    try:
+        async with aiohttp.ClientSession(headers=ADMIN, timeout=aiohttp.ClientTimeout(total=15)) as s:
+            async with s.delete(f"{g.admin_url}/conversations/{cid}") as r:
+                assert r.status == 200
+        st, h, _ = await chat(g, [{"role": "user", "content": f"{KEPT} meanwhile"}])
+        assert st == 200 and [m.content for m in await stored(g, h["X-Conversation-ID"])][0] == f'"{KEPT} meanwhile"'
+        assert on_disk(path, SECRET) >= 1  # (the reader's snapshot still needs the old pages)
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    await until(lambda: on_disk(path, SECRET) == 0, timeout=10)
+
+
+async def test_an_erasure_that_fails_loses_no_turn(make_gateway: Any, tmp_path: Path) -> None:
+    """An owner's erasure refused (another process holds the SQLite file's write lock) while a turn of
+    theirs on a stored conversation ends: the turn is stored once the lock is gone, as before."""
+    path = tmp_path / "failed.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 1500})
+    u1 = {"role": "user", "content": "first"}
+    st, h, b = await chat(g, [u1])
+    cid, a1 = h["X-Conversation-ID"], b["choices"][0]["message"]
+    await g.plugin("conversations").flush()
+    owner = (await conv_row(g, cid)).owner
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with Stream(g, [u1, a1, {"role": "user", "content": "second"}], cid) as s1:
+            lock.execute("BEGIN EXCLUSIVE")
+            async with aiohttp.ClientSession(headers=ADMIN) as s:
+                erase = asyncio.create_task(s.delete(g.admin_url + "/conversations", params={"owner": owner}))
+                await s1.chunks()  # the turn ends while the erasure waits for the lock
+                r = await erase
+                assert r.status >= 500, await r.text()
+                r.release()
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+    rows = await stored(g, cid)
+    assert len(rows) == 4 and json.loads(rows[2].content) == "second"

@@ -353,10 +353,13 @@ def admin_routes(services: Any) -> list[Any]:
         if not owner:
             raise BadParam("owner", "owner is required (this deletes every conversation of that owner).")
         s = shared()
-        # as for one conversation: the owner's turns still running here write nothing once they
-        # end, a first turn's new conversation included (it would come back after the erasure)
-        views = [] if s.closed else [v for v in s.views.values() if v.owner == owner and not v.deleted]
-        running = {v.id for v in views if v.busy > 0}
+        # The owner's first turns still running here (a new conversation, nothing stored yet)
+        # write nothing once they end: their conversation would come back after the erasure.
+        # (Appends to the stored ones are skipped by the writer once they are gone; forks of them
+        # too.)
+        views = [] if s.closed else [v for v in s.views.values()
+                                     if v.owner == owner and not v.deleted and v.busy > 0 and v.count == 0]
+        running = {v.id for v in views}
         for v in views:
             v.deleted = True
         actor = admin_identity(request)

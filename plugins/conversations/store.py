@@ -848,7 +848,7 @@ class ConversationStore:
             ids += gone
             if len(found) < chunk and len(part) == len(found):
                 if ids:
-                    await self.db.empty_log()
+                    self.db.empty_log_soon()
                 return ids
             if self.db.is_sqlite:
                 await asyncio.sleep(DELETE_PAUSE)
