@@ -657,12 +657,19 @@ class GatewayConfig(Model):
                            f"is sent to ...{prefix}{prefix}/chat/completions; drop {prefix} from upstream.url unless "
                            "the backend really serves that")
                 break
-        names = [p.name for p in self.plugins if p.enabled]
-        if "cors" in names and names.index("cors") > 0:
-            # (a preflight carries no key: a plugin before it that refuses requests without one
-            # refuses every browser's preflight, and the page never gets to make its request)
-            out.append(f"plugins: cors comes after {', '.join(names[:names.index('cors')])}; put it first, so that "
-                       "browsers' preflights (which carry no API key) are answered before anything checks them")
+        # (a preflight carries no key: a plugin before cors that checks requests refuses every
+        # browser's preflight, and the page never gets to make its request; a route override that
+        # turns cors on keeps the plugins' order)
+        names = [p.name for p in self.plugins]
+        if "cors" in names and (next(p for p in self.plugins if p.name == "cors").enabled
+                                or any(r.plugins.get("cors", PluginOverride()).enabled for r in self.routes)):
+            from gateway.plugin import registry
+
+            before = [n for n in names[:names.index("cors")]
+                      if not getattr(registry.get(n), "header_safe", False)]
+            if before:
+                out.append(f"plugins: cors comes after {', '.join(before)}; put it first, so that browsers' "
+                           "preflights (which carry no API key) are answered before anything checks them")
         return out
 
     def restart_needed(self, new: "GatewayConfig") -> list[str]:

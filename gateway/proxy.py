@@ -178,7 +178,7 @@ class Proxy:
         rid = request.headers.get("X-Request-ID")
         if rid is None or not _SAFE_ID(rid):
             rid = uuid.uuid4().hex
-        chain = rt.match(request.method, request.path)
+        chain = rt.match_request(request)
         ctx = RequestContext(request, rid, chain.name, rt.settings)
         if chain.max_body:
             ctx.max_body = chain.max_body

@@ -174,6 +174,18 @@ class Runtime:
         self.record_timings = bool(self.timing_plugins)
         self.started: list[Plugin] = []
 
+    def match_request(self, request: Any) -> Chain:
+        """The chain for a request: a browser's CORS preflight (``OPTIONS`` with ``Origin`` and
+        ``Access-Control-Request-Method``) takes the route of the request it asks about, so a
+        route limited to some methods answers the preflights for them with its own settings."""
+        method = request.method
+        if method == "OPTIONS":
+            h = request.headers
+            asked = h.get("Access-Control-Request-Method")
+            if asked and "Origin" in h:
+                method = asked.strip().upper()
+        return self.match(method, request.path)
+
     def match(self, method: str, path: str) -> Chain:
         if self.routes:
             low = path.lower()

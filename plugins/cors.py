@@ -28,10 +28,12 @@ from gateway.plugin import Plugin, PluginConfig, Reply, ResponseHead
 
 #: What the gateway adds to responses, for a page to read: its request id, the conversation id,
 #: the rate-limit headers in their three forms, Retry-After and Server-Timing.
-EXPOSED = ("X-Request-ID", "X-Conversation-ID", "Retry-After", "RateLimit", "RateLimit-Policy", "X-RateLimit-Limit",
+EXPOSED = ("X-Request-ID", "X-Upstream-Request-ID", "X-Conversation-ID", "X-Conversation-Parent-ID", "Retry-After",
+           "retry-after-ms", "x-should-retry", "RateLimit", "RateLimit-Policy", "X-RateLimit-Limit",
            "X-RateLimit-Remaining", "X-RateLimit-Reset", "x-ratelimit-limit-requests",
            "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens",
-           "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "Server-Timing", "openai-processing-ms")
+           "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens", "Server-Timing", "openai-processing-ms",
+           "Content-Disposition")
 _ORIGIN = re.compile(r"^(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(:\d{1,5})?$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token: a header or method name
 
@@ -42,7 +44,7 @@ class CorsConfig(PluginConfig):
         description="Origins whose pages may call the gateway: https://chat.example.com, https://*.example.org "
                     "(any subdomain), or \"*\" (any page).")
     allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "DELETE"],
-                                     description="Methods a page may use (a preflight asking another is refused).")
+                                     min_length=1, description="Methods a page may use (a preflight asking another is refused); \"*\": any.")
     allow_headers: list[str] = Field(
         default_factory=lambda: ["*"],
         description="Request headers a page may send; \"*\": whatever its preflight asks for (Authorization "
@@ -58,9 +60,18 @@ class CorsConfig(PluginConfig):
         out = []
         for o in v:
             o = o.strip().lower().rstrip("/")
-            if o != "*" and o != "null" and not _ORIGIN.match(o):
+            m = _ORIGIN.match(o)
+            if o != "*" and o != "null" and not m:
                 raise ValueError(f"{o!r} is not an origin: scheme://host[:port], such as https://chat.example.com "
                                  "or https://*.example.org, with no path (or \"*\")")
+            if m:
+                scheme, star, host, port = m.groups()
+                if port and not 0 < int(port[1:]) <= 65535:
+                    raise ValueError(f"{o!r}: a port is 1..65535")
+                if port == {"https": ":443", "http": ":80"}[scheme]:
+                    o = o[:-len(port)]  # (browsers leave a default port out of Origin)
+                if star and "." not in host:
+                    raise ValueError(f"{o!r} allows every site under .{host}: name the domain (https://*.example.org)")
             out.append(o)
         return out
 
@@ -74,9 +85,13 @@ class CorsConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _credentials(self) -> "CorsConfig":
-        if self.allow_credentials and "*" in self.allow_origins:
-            raise ValueError("allow_credentials with allow_origins \"*\" would let every site make requests with "
-                             "its visitors' cookies: list the origins")
+        if self.allow_credentials and ("*" in self.allow_origins or "null" in self.allow_origins):
+            # (any site can make a "null" origin: a sandboxed iframe, a data: URL)
+            raise ValueError("allow_credentials with allow_origins \"*\" or \"null\" would let every site make "
+                             "requests with its visitors' cookies: list the origins")
+        if self.allow_credentials and "*" in self.expose_headers:
+            raise ValueError("expose_headers \"*\" exposes nothing with allow_credentials (browsers take it as a "
+                             "header named *): list the headers")
         self.allow_methods = [m.upper() for m in self.allow_methods]
         return self
 
@@ -99,15 +114,20 @@ class Cors(Plugin):
         self.any = "*" in c.allow_origins
         self.exact = frozenset(o for o in c.allow_origins if _pattern(o) is None)
         self.patterns = [p for p in map(_pattern, c.allow_origins) if p is not None]
+        self.any_method = "*" in c.allow_methods
         self.methods = frozenset(c.allow_methods)
-        self.methods_text = ", ".join(c.allow_methods)
+        self.methods_text = ", ".join(m for m in c.allow_methods if m != "*")
         self.reflect = "*" in c.allow_headers
         self.headers_text = ", ".join(h for h in c.allow_headers if h != "*")
         self.expose_text = ", ".join(c.expose_headers)
 
     def allowed(self, origin: str) -> bool:
+        if self.any:
+            return True
+        if not origin.isascii():  # (browsers send hosts in punycode; Unicode case rules must not match)
+            return False
         o = origin.lower()
-        return self.any or o in self.exact or any(p.match(o) for p in self.patterns)
+        return o in self.exact or any(p.match(o) for p in self.patterns)
 
     async def on_headers(self, ctx: RequestContext) -> Reply | None:
         return self._preflight(ctx)
@@ -126,13 +146,17 @@ class Cors(Plugin):
         origin, method = h["Origin"], h["Access-Control-Request-Method"].strip().upper()
         vary = {"Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"}
         if not self.allowed(origin):
+            ctx.refusal = {"plugin": self.name, "reason": "cors_origin_not_allowed"}
             return Reply.error(403, "This origin is not allowed to call the gateway from a browser (the cors "
                                "plugin's allow_origins).", "invalid_request_error", "cors_origin_not_allowed", vary)
-        if method not in self.methods and method != "OPTIONS":
+        if not self.any_method and method not in self.methods and method != "OPTIONS":
+            ctx.refusal = {"plugin": self.name, "reason": "cors_method_not_allowed"}
             return Reply.error(403, f"A browser may not send {method[:32]!r} requests here (the cors plugin's "
                                f"allow_methods: {self.methods_text}).", "invalid_request_error",
                                "cors_method_not_allowed", vary)
-        out = {**vary, **self._origin(origin), "Access-Control-Allow-Methods": self.methods_text,
+        ctx.refusal = {"plugin": self.name, "type": "served", "reason": "cors_preflight"}  # (answered, not an error)
+        out = {**vary, **self._origin(origin),
+               "Access-Control-Allow-Methods": method if self.any_method else self.methods_text,
                "Access-Control-Max-Age": str(self.config.max_age)}
         asked = h.get("Access-Control-Request-Headers", "").strip()
         allow = asked if self.reflect and asked else self.headers_text
@@ -155,13 +179,13 @@ class Cors(Plugin):
         if head.source == "upstream":
             for k in [k for k in hs if k.lower().startswith("access-control-")]:
                 hs.popall(k, None)
-        origin = ctx.request.headers.get("Origin")
-        if origin is None:
-            return
         if not self.any or self.config.allow_credentials:
-            vary = hs.get("Vary")
-            hs["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or "Origin")
-        if not self.allowed(origin):
+            # the answer depends on Origin (also one without it, which a cache must not give a page)
+            tokens = {t.strip().lower() for v in hs.getall("Vary", ()) for t in v.split(",")}
+            if "origin" not in tokens and "*" not in tokens:
+                hs.add("Vary", "Origin")
+        origin = ctx.request.headers.get("Origin")
+        if origin is None or not self.allowed(origin):
             return
         hs.update(self._origin(origin))
         if self.expose_text:

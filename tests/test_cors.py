@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .helpers import base_config, write_config
 from .test_cli_admin_edges import gw
@@ -26,7 +27,8 @@ async def upstream_with_cors(request: web.Request) -> web.StreamResponse:
     return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
-        headers={"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Credentials": "true"})
+        headers=CIMultiDict([("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Credentials", "true"),
+                             ("Vary", "Accept-Encoding"), ("Vary", "X-Origin-Country")]))
 
 
 def chain(**cors: Any) -> list[dict[str, Any]]:
@@ -61,15 +63,19 @@ async def test_a_browser_page_calls_the_gateway(make_gateway: Any) -> None:
                 assert "Access-Control-Allow-Credentials" not in r.headers
                 exposed = r.headers["Access-Control-Expose-Headers"]
                 assert "x-ratelimit-remaining-requests" in exposed and "X-Conversation-ID" in exposed
-                assert r.headers.get("Vary", "").endswith("Origin")
+                assert r.headers.getall("Vary") == ["Accept-Encoding", "X-Origin-Country", "Origin"]
         async with s.post(g.url + "/v1/chat/completions", json=chat,
                           headers={"Origin": PAGE, "Authorization": f"Bearer {key}"}) as r:
             assert r.status == 429  # the gateway's own refusal: readable by the page too
             assert r.headers["Access-Control-Allow-Origin"] == PAGE and "Retry-After" in r.headers
-            assert "Retry-After" in r.headers["Access-Control-Expose-Headers"]
+            exposed = r.headers["Access-Control-Expose-Headers"]
+            assert "Retry-After" in exposed and "retry-after-ms" in exposed and "x-should-retry" in exposed
             assert (await r.json())["error"]["code"] == "rate_limit_exceeded"
         async with s.post(g.url + "/v1/chat/completions", json=chat, headers={"Origin": PAGE}) as r:
             assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == PAGE
+        async with s.post(g.url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}) as r:
+            # without Origin: no CORS headers, but a cache must still keep it from pages (Vary)
+            assert "Access-Control-Allow-Origin" not in r.headers and "Origin" in r.headers.getall("Vary")
         assert SEEN == ["POST", "POST"]
 
 
@@ -112,8 +118,30 @@ async def test_credentials_echo_the_origin(make_gateway: Any) -> None:
         assert h["Access-Control-Allow-Origin"] == PAGE and h["Access-Control-Allow-Credentials"] == "true"
 
 
+async def test_a_preflight_takes_the_route_of_the_request_it_asks_about(make_gateway: Any) -> None:
+    """A route limited to POST with origins of its own: the preflight for its POSTs (an OPTIONS) is
+    answered with the route's settings, not the default chain's; cors \"*\" methods and a default
+    port in the config (browsers leave it out of Origin)."""
+    legacy = "https://legacy.example.net"
+    routes = [{"path_prefix": "/v1/completions", "methods": ["POST"], "plugins": {"cors": {"config": {
+        "allow_origins": [legacy + ":443"], "allow_methods": ["*"]}}}}]
+    async with served(make_gateway, chain(), upstream_with_cors, routes=routes) as (g, s, key, _):
+        async def ask(path: str, origin: str) -> tuple[int, Any]:
+            async with s.options(g.url + path, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}) as r:
+                return r.status, r.headers
+        st, h = await ask("/v1/completions", legacy)
+        assert st == 204 and h["Access-Control-Allow-Origin"] == legacy and h["Access-Control-Allow-Methods"] == "POST"
+        assert (await ask("/v1/completions", PAGE))[0] == 403
+        assert (await ask("/v1/chat/completions", legacy))[0] == 403
+
+
 @pytest.mark.parametrize("cors, message", [
     ({"allow_origins": ["https://chat.example.com/app"]}, "is not an origin"),
+    ({"allow_origins": ["null"], "allow_credentials": True}, "list the origins"),
+    ({"allow_origins": ["https://*.com"]}, "name the domain"),
+    ({"allow_origins": ["https://chat.example.com:99999"]}, "a port is 1..65535"),
+    ({"allow_origins": [PAGE], "allow_methods": []}, "allow_methods"),
+    ({"allow_origins": [PAGE], "allow_credentials": True, "expose_headers": ["*"]}, "list the headers"),
     ({"allow_origins": []}, "allow_origins"),
     ({"allow_origins": ["*"], "allow_credentials": True}, "list the origins"),
     ({"allow_origins": [PAGE], "allow_methods": ["PO ST"]}, "not a header or method name"),
@@ -126,8 +154,17 @@ def test_bad_configs_are_refused_by_check(tmp_path: Path, cors: dict[str, Any], 
     assert r.returncode == 2 and message in r.stderr + r.stdout and "Traceback" not in r.stderr, r.stderr
 
 
-def test_check_warns_when_cors_is_not_first(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "g.yaml", base_config("http://127.0.0.1:9", tmp_path, [
-        {"name": "key_auth"}, {"name": "cors", "config": {"allow_origins": [PAGE]}}]))
+@pytest.mark.parametrize("plugins, routes, warned", [
+    ([{"name": "key_auth"}, {"name": "cors", "config": {"allow_origins": [PAGE]}}], [], True),
+    # turned on for one route only: the order is the list's
+    ([{"name": "key_auth"}, {"name": "cors", "enabled": False, "config": {"allow_origins": [PAGE]}}],
+     [{"path_prefix": "/v1/chat", "plugins": {"cors": {"enabled": True}}}], True),
+    # a plugin that never refuses (headers) may come first
+    ([{"name": "headers"}, {"name": "cors", "config": {"allow_origins": [PAGE]}}, {"name": "key_auth"}], [], False),
+])
+def test_check_warns_when_cors_is_not_first(tmp_path: Path, plugins: list[Any], routes: list[Any],
+                                            warned: bool) -> None:
+    cfg = write_config(tmp_path / "g.yaml", base_config("http://127.0.0.1:9", tmp_path, plugins, routes=routes))
     r = gw("check", "-c", str(cfg))
-    assert r.returncode == 0 and "cors comes after key_auth; put it first" in r.stdout + r.stderr, r.stdout
+    assert r.returncode == 0, r.stderr
+    assert ("cors comes after" in r.stdout + r.stderr) is warned, r.stdout + r.stderr

@@ -96,12 +96,13 @@ def tpd(limit: int) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def served(make_gateway: Any, chain: list[dict[str, Any]], handler: Any = fake,
-                 upstream: dict[str, Any] | None = None) -> AsyncIterator[tuple[Any, aiohttp.ClientSession, str, str]]:
+                 upstream: dict[str, Any] | None = None,
+                 **sections: Any) -> AsyncIterator[tuple[Any, aiohttp.ClientSession, str, str]]:
     """A gateway with ``chain`` before ``handler`` (the fake upstream), a client session, and a new
     key: (gateway, session, key, key id). The upstream stops at the end."""
     runner, url = await serve_handler(handler)
     try:
-        g = await make_gateway(chain, upstream={"url": url, **(upstream or {})})
+        g = await make_gateway(chain, upstream={"url": url, **(upstream or {})}, **sections)
         async with aiohttp.ClientSession() as s:
             key, kid = await new_key(s, g)
             yield g, s, key, kid

@@ -437,7 +437,7 @@ def _find(services: Any, request: web.Request) -> Tracing | None:
     base = rt.by_name.get(Tracing.name)
     if base is None:
         return None
-    chain = rt.match(request.method, request.path)
+    chain = rt.match_request(request)
     try:
         return base._chains[chain]
     except KeyError:
