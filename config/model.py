@@ -665,8 +665,12 @@ class GatewayConfig(Model):
                                 or any(r.plugins.get("cors", PluginOverride()).enabled for r in self.routes)):
             from gateway.plugin import registry
 
-            before = [n for n in names[:names.index("cors")]
-                      if not getattr(registry.get(n), "header_safe", False)]
+            def checks(name: str) -> bool:  # (a plugin that may refuse a request: it checks requests)
+                cls = registry.get(name)
+                return cls is not None and not cls.header_safe and (cls.overrides("on_request")
+                                                                    or cls.overrides("on_headers"))
+
+            before = [n for n in names[:names.index("cors")] if checks(n)]
             if before:
                 out.append(f"plugins: cors comes after {', '.join(before)}; put it first, so that browsers' "
                            "preflights (which carry no API key) are answered before anything checks them")

@@ -644,8 +644,10 @@ def _utf8_output() -> None:
         if not enc or reconfigure is None:
             continue
         try:
-            if codecs.lookup(enc).name == "ascii":  # (another encoding asked for explicitly is kept)
+            if codecs.lookup(enc).name == "ascii":
                 reconfigure(encoding="utf-8", errors=stream.errors)
+            elif stream.errors == "strict":  # (another encoding asked for is kept: what it cannot hold is escaped)
+                reconfigure(errors="backslashreplace")
         except (LookupError, ValueError, OSError):
             pass
 

@@ -340,17 +340,24 @@ class Database:
         self._emptying = asyncio.get_running_loop().create_task(self._empty_log())
 
     async def _empty_log(self, tries: int = EMPTY_LOG_TRIES) -> bool:
+        why = ""
         for _ in range(tries):
-            if await self._checkpoint():
+            why = await self._checkpoint()
+            if not why:
                 return True
             await asyncio.sleep(1.0)
-        log.warning("the SQLite write-ahead log could not be emptied after a delete (a read held the file for a "
-                    "minute): the deleted rows' old copies stay in %s-wal until a checkpoint empties it (PRAGMA "
-                    "wal_checkpoint(TRUNCATE), or the last connection closing)", self.file)
+        self._not_emptied(f"{why}, for a minute")
         return False
 
-    async def _checkpoint(self) -> bool:
-        """One try at emptying the log; it waits for no lock (busy_timeout 0 on its connection)."""
+    def _not_emptied(self, why: str) -> None:
+        log.warning("the SQLite write-ahead log could not be emptied after a delete (%s): the deleted rows' text "
+                    "stays on disk (in %s-wal, or in the database file's pages the log would replace) until a "
+                    "checkpoint (PRAGMA wal_checkpoint(TRUNCATE) when nothing reads the file, or the last "
+                    "connection closing)", why, self.file)
+
+    async def _checkpoint(self) -> str:
+        """One try at emptying the log, waiting for no lock (busy_timeout 0 on its connection): ""
+        when done, else why not."""
         try:
             async with self.engine.connect() as conn:
                 await conn.exec_driver_sql("PRAGMA busy_timeout=0")
@@ -359,9 +366,8 @@ class Database:
                 finally:
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
         except Exception as e:
-            log.debug("emptying the SQLite write-ahead log failed: %s", type(e).__name__)
-            return False
-        return row is not None and not row[0]
+            return f"{type(e).__name__}: {str(e)[:200]}"
+        return "" if row is not None and not row[0] else "a read or a write held the file"
 
     def session(self) -> AsyncSession:
         return self.sessionmaker()
@@ -575,9 +581,15 @@ class Database:
                 t.cancel()
         try:
             async with asyncio.timeout(timeout):  # a hung server must not hold the exit
-                if self._emptying is not None and not self._emptying.done():
-                    self._emptying.cancel()
-                    await self._checkpoint()  # (a CLI's delete: its last try, before it exits)
+                t = self._emptying
+                if t is not None and not t.done():
+                    # Its try under way ends first (its connection back in the pool before the pool
+                    # is disposed of), then the last one (a CLI's delete: before it exits).
+                    t.cancel()
+                    await asyncio.wait({t})
+                    why = await self._checkpoint()
+                    if why:
+                        self._not_emptied(why)
                 await self.engine.dispose()
         except TimeoutError:
             log.warning("database connections not closed cleanly within %.0fs", timeout)

@@ -173,18 +173,21 @@ class Runtime:
         self.timing_plugins = frozenset(type(p).name for p in self.instances if type(p).wants_timings)
         self.record_timings = bool(self.timing_plugins)
         self.started: list[Plugin] = []
+        #: the chains in which the cors plugin answers browsers' preflights
+        self.cors_chains = frozenset(c for c in self.all_chains if any(p.name == "cors" for p in c.plugins))
 
     def match_request(self, request: Any) -> Chain:
         """The chain for a request: a browser's CORS preflight (``OPTIONS`` with ``Origin`` and
         ``Access-Control-Request-Method``) takes the route of the request it asks about, so a
         route limited to some methods answers the preflights for them with its own settings."""
-        method = request.method
-        if method == "OPTIONS":
+        if request.method == "OPTIONS" and self.cors_chains:
             h = request.headers
             asked = h.get("Access-Control-Request-Method")
             if asked and "Origin" in h:
-                method = asked.strip().upper()
-        return self.match(method, request.path)
+                chain = self.match(asked.strip().upper(), request.path)
+                if chain in self.cors_chains:  # (else the OPTIONS's own route, as without cors)
+                    return chain
+        return self.match(request.method, request.path)
 
     def match(self, method: str, path: str) -> Chain:
         if self.routes:

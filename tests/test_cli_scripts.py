@@ -4,7 +4,10 @@ an ASCII locale, ages for `conversations list`, and an -o into a missing folder.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,13 @@ def test_output_in_an_ascii_locale_is_utf8(tmp_path: Path) -> None:
     create(cfg, "zoë", "--name", "café")
     r = gw("keys", "list", "-c", str(cfg), env={"PYTHONIOENCODING": "ascii"})
     assert r.returncode == 0 and "zoë" in r.stdout and "café" in r.stdout, r.stderr
+    # an encoding asked for is kept; what it cannot hold is escaped, never a failure after the change
+    latin = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    for args in (("create", "--owner", "日本-é"), ("list",)):
+        r = subprocess.run([sys.executable, "-m", "gateway", "keys", *args, "-c", str(cfg)], capture_output=True,
+                           env=latin, timeout=60)
+        assert r.returncode == 0, r.stderr
+    assert "\\u65e5\\u672c-é" in r.stdout.decode("latin-1")
 
 
 def test_conversations_list_takes_ages_and_an_output_folder_missing_is_named(tmp_path: Path) -> None:

@@ -135,6 +135,17 @@ async def test_a_preflight_takes_the_route_of_the_request_it_asks_about(make_gat
         assert (await ask("/v1/chat/completions", legacy))[0] == 403
 
 
+async def test_without_cors_a_preflight_takes_the_options_route_as_before(make_gateway: Any) -> None:
+    """No cors plugin, the upstream answering CORS itself behind a route that lets OPTIONS through
+    without a key: browsers' preflights still reach it (they are not routed as the POST they ask
+    about, whose chain asks for a key)."""
+    SEEN.clear()
+    routes = [{"path_prefix": "/v1", "methods": ["OPTIONS"], "plugins": {"key_auth": {"enabled": False}}}]
+    async with served(make_gateway, [{"name": "key_auth"}], upstream_with_cors, routes=routes) as (g, s, key, _):
+        st, h, _ = await preflight(s, g, PAGE)
+        assert st == 200 and h["Access-Control-Allow-Origin"] == "*" and SEEN == ["OPTIONS"]
+
+
 @pytest.mark.parametrize("cors, message", [
     ({"allow_origins": ["https://chat.example.com/app"]}, "is not an origin"),
     ({"allow_origins": ["null"], "allow_credentials": True}, "list the origins"),
@@ -159,8 +170,9 @@ def test_bad_configs_are_refused_by_check(tmp_path: Path, cors: dict[str, Any], 
     # turned on for one route only: the order is the list's
     ([{"name": "key_auth"}, {"name": "cors", "enabled": False, "config": {"allow_origins": [PAGE]}}],
      [{"path_prefix": "/v1/chat", "plugins": {"cors": {"enabled": True}}}], True),
-    # a plugin that never refuses (headers) may come first
-    ([{"name": "headers"}, {"name": "cors", "config": {"allow_origins": [PAGE]}}, {"name": "key_auth"}], [], False),
+    # plugins that never refuse (headers, metrics, audit, tracing) may come first
+    ([{"name": "headers"}, {"name": "metrics"}, {"name": "audit"}, {"name": "cors", "config": {"allow_origins": [PAGE]}},
+      {"name": "key_auth"}], [], False),
 ])
 def test_check_warns_when_cors_is_not_first(tmp_path: Path, plugins: list[Any], routes: list[Any],
                                             warned: bool) -> None:

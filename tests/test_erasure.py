@@ -148,3 +148,28 @@ async def test_an_erasure_that_fails_loses_no_turn(make_gateway: Any, tmp_path: 
         lock.close()
     rows = await stored(g, cid)
     assert len(rows) == 4 and json.loads(rows[2].content) == "second"
+
+
+def test_a_clis_erasure_says_when_the_log_could_not_be_emptied(tmp_path: Path) -> None:
+    """`gateway conversations delete` while a reader holds the file: deleted, exit 0, and a warning
+    that the erased text stays on disk until a checkpoint (its last try failed)."""
+    from .test_cli_admin_edges import gw
+
+    path = tmp_path / "cli-held.db"
+    con = sqlite3.connect(path)
+    con.close()
+    cfg = write_config(tmp_path / "cli.yaml", base_config("http://127.0.0.1:9", tmp_path, [{"name": "conversations"}],
+                                                          database={"url": f"sqlite+aiosqlite:///{path}"}))
+    assert gw("db", "upgrade", "-c", str(cfg)).returncode == 0
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("INSERT INTO conversations (id, owner, created_at, updated_at, message_count, turn_count, "
+                "prompt_tokens, completion_tokens) VALUES ('conv_x', 'bob', '2026-01-01', '2026-01-01', 0, 0, 0, 0)")
+    con.execute("BEGIN")
+    con.execute("SELECT count(*) FROM conversations").fetchone()  # a snapshot held open
+    try:
+        r = gw("conversations", "delete", "--owner", "bob", "-c", str(cfg))
+    finally:
+        con.execute("COMMIT")
+        con.close()
+    assert r.returncode == 0 and "deleted 1 conversation" in r.stdout, r.stderr
+    assert "could not be emptied after a delete" in r.stderr and "stays on disk" in r.stderr
