@@ -173,3 +173,24 @@ def test_a_clis_erasure_says_when_the_log_could_not_be_emptied(tmp_path: Path) -
         con.close()
     assert r.returncode == 0 and "deleted 1 conversation" in r.stdout, r.stderr
     assert "could not be emptied after a delete" in r.stderr and "stays on disk" in r.stderr
+
+
+async def test_memory_never_sends_a_history_erased_elsewhere(make_gateway: Any, upstream: Any, tmp_path: Path) -> None:
+    """A conversation deleted from the CLI (or by another instance) while this gateway has it cached:
+    the next turn in memory mode is a 404, and the upstream never gets the erased history (the
+    cache's 5 s would have sent it once)."""
+    path = tmp_path / "mem.db"
+    g = await start(make_gateway, {"url": f"sqlite+aiosqlite:///{path}"}, {"memory": {"enabled": True}})
+    st, h, _ = await chat(g, [{"role": "user", "content": f"{SECRET} remembered"}])
+    cid = h["X-Conversation-ID"]
+    st, _, _ = await chat(g, [{"role": "user", "content": "and then"}], cid)  # cached, memory replays it
+    assert st == 200 and SECRET in json.dumps(upstream.requests[-1]["body"])
+    await g.plugin("conversations").flush()
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "conversations"}],
+                                                          database={"url": f"sqlite+aiosqlite:///{path}"}))
+    r = await asyncio.to_thread(run_cli_here, cfg, "delete", cid)
+    assert r.returncode == 0, r.stderr
+    sent = len(upstream.requests)
+    st, _, b = await chat(g, [{"role": "user", "content": "one more"}], cid)
+    assert st == 404 and b["error"]["code"] == "conversation_not_found"
+    assert len(upstream.requests) == sent

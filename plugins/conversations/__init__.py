@@ -418,18 +418,19 @@ class Conversations(Plugin):
         await self.shared.flush(timeout)
 
     # -- request ---------------------------------------------------------------------------------
-    async def _find(self, cid: str, owner: str, age: float | None) -> Any:
-        """The conversation's view, None if there is none (or not yet: see RECENT_ID)."""
+    async def _find(self, cid: str, owner: str, age: float | None, ttl: float | None) -> Any:
+        """The conversation's view, None if there is none (or not yet: see RECENT_ID). ``ttl``: how
+        old a cached view may be before it is checked against the database."""
         shared, cfg = self.shared, self.config
         assert shared is not None
-        v = await shared.view(cid, cfg.cache_ttl) if _ID_OK(cid) else None
+        v = await shared.view(cid, ttl) if _ID_OK(cid) else None
         if (v is None or v.owner != owner) and _GENERATED(cid):
             # Made by another instance a moment ago? Its write may still be queued there.
             # (Also waited for another owner's id: the time taken tells nothing about it.)
             first = min(1.0, 2 * cfg.flush_interval + 0.1)
             await asyncio.sleep(first)
             if v is None:
-                v = await shared.view(cid, cfg.cache_ttl)
+                v = await shared.view(cid, ttl)
             if (v is None or v.owner != owner) and age is not None and -5 < age < RECENT_ID:
                 # made moments ago: another instance's write of it may be late. Another owner's
                 # recent id waits as long (only waits: were it answered sooner, the time would
@@ -438,7 +439,7 @@ class Conversations(Plugin):
                 while (v is None or v.owner != owner) and time.monotonic() < until:
                     await asyncio.sleep(0.25)
                     if v is None:
-                        v = await shared.view(cid, cfg.cache_ttl)
+                        v = await shared.view(cid, ttl)
         return v
 
     async def on_request(self, ctx: RequestContext) -> Reply | None:
@@ -488,8 +489,11 @@ class Conversations(Plugin):
             cid = cid.strip()
             age = id_age(cid)  # (as the request came: the reads below may wait)
             try:
+                # With memory the stored history goes to the upstream: a conversation deleted
+                # elsewhere (the CLI, another instance) must not be sent, however fresh the cache
+                # entry (one primary-key read per memory turn).
                 async with asyncio.timeout(VIEW_WAIT):
-                    v = await self._find(cid, owner, age)
+                    v = await self._find(cid, owner, age, 0.0 if memory else cfg.cache_ttl)
             except Exception as e:
                 log.warning("conversation store unavailable (request %s): %s", ctx.request_id, type(e).__name__)
                 ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
