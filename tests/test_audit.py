@@ -268,9 +268,19 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
     # (a long timeout: a purge the stop cancelled may still be finishing its statement on the
     # driver's thread, holding the write lock a moment, on a busy machine more than 5 s. BEGIN
     # IMMEDIATE: a deferred transaction that reads first and then writes gets "database is locked"
-    # at once, without waiting, when that purge commits in between: its snapshot is stale.)
+    # at once, without waiting, when that purge commits in between: its snapshot is stale. And
+    # tried again: the stopped gateway's last connection, closing on the driver's thread, may
+    # still be checkpointing the log, which SQLite answers with "locked" at once, not after waiting.)
     con = sqlite3.connect(db_path, timeout=60, isolation_level=None)
-    con.execute("BEGIN IMMEDIATE")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
     con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
     con.execute("COMMIT")
     con.close()
