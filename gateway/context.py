@@ -92,6 +92,23 @@ def generates(method: str, lpath: str) -> bool:
     return method == "POST" and not lpath.rstrip("/").endswith(NOT_GENERATING) and not about_stored(method, lpath)
 
 
+def preflight_method(request: Any) -> str | None:
+    """A browser's CORS preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``):
+    the method it asks about; None for any other request."""
+    if request.method != "OPTIONS":
+        return None
+    h = request.headers
+    asked = h.get("Access-Control-Request-Method")
+    return asked.strip().upper() if asked is not None and "Origin" in h else None
+
+
+def cut_while_sent(ctx: "RequestContext") -> bool:
+    """The exchange was cut while the upstream had the request (the client left, a shutdown's drain
+    ran out, no answer within timeouts.first_byte), not before it was sent."""
+    return (ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout") \
+        and not ctx.unsent
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",

@@ -21,7 +21,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from .context import SKIP_TIMINGS, RequestContext, about_stored, generates, other_encoding
+from .context import SKIP_TIMINGS, RequestContext, about_stored, cut_while_sent, generates, other_encoding
 from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSupported, InternalError, NotFound,
                      PayloadTooLarge, RequestTimeout, ServiceUnavailable, TransferCodingNotImplemented,
                      UnsupportedMediaType, error_body)
@@ -220,9 +220,7 @@ class Proxy:
                 except Exception:
                     log.exception("prompt estimate failed (request %s)", rid)
             elif c is None and ctx.observe and ctx.t_upstream is not None and ctx.t_headers is None \
-                    and not ctx.unsent \
-                    and (ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout") \
-                    and generates(ctx.method, ctx.lpath):
+                    and cut_while_sent(ctx) and generates(ctx.method, ctx.lpath):
                 # Cut before the response head, the upstream reading the prompt: its estimate.
                 try:
                     ctx.cut_estimate = prompt_estimate(ctx.json) or None

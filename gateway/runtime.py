@@ -10,6 +10,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .context import preflight_method
 from .plugin import Plugin, registry
 from .upstream import Target
 
@@ -180,13 +181,11 @@ class Runtime:
         """The chain for a request: a browser's CORS preflight (``OPTIONS`` with ``Origin`` and
         ``Access-Control-Request-Method``) takes the route of the request it asks about, so a
         route limited to some methods answers the preflights for them with its own settings."""
-        if request.method == "OPTIONS" and self.cors_chains:
-            h = request.headers
-            asked = h.get("Access-Control-Request-Method")
-            if asked and "Origin" in h:
-                chain = self.match(asked.strip().upper(), request.path)
-                if chain in self.cors_chains:  # (else the OPTIONS's own route, as without cors)
-                    return chain
+        asked = preflight_method(request) if self.cors_chains else None
+        if asked:
+            chain = self.match(asked, request.path)
+            if chain in self.cors_chains:  # (else the OPTIONS's own route, as without cors)
+                return chain
         return self.match(request.method, request.path)
 
     def match(self, method: str, path: str) -> Chain:

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.context import RequestContext
+from gateway.context import RequestContext, preflight_method
 from gateway.plugin import Plugin, PluginConfig, Reply, ResponseHead
 
 #: What the gateway adds to responses, for a page to read: its request id, the conversation id,
@@ -112,8 +112,9 @@ class Cors(Plugin):
         super().__init__(config, services)
         c = config
         self.any = "*" in c.allow_origins
-        self.exact = frozenset(o for o in c.allow_origins if _pattern(o) is None)
-        self.patterns = [p for p in map(_pattern, c.allow_origins) if p is not None]
+        patterns = {o: _pattern(o) for o in c.allow_origins}
+        self.exact = frozenset(o for o, p in patterns.items() if p is None)
+        self.patterns = [p for p in patterns.values() if p is not None]
         self.any_method = "*" in c.allow_methods
         self.methods = frozenset(c.allow_methods)
         self.methods_text = ", ".join(m for m in c.allow_methods if m != "*")
@@ -138,12 +139,12 @@ class Cors(Plugin):
         return self._preflight(ctx)
 
     def _preflight(self, ctx: RequestContext) -> Reply | None:
-        h = ctx.request.headers
-        if ctx.method != "OPTIONS" or "Origin" not in h or "Access-Control-Request-Method" not in h:
-            ctx.state["cors"] = False
+        method = preflight_method(ctx.request)
+        ctx.state["cors"] = method is not None  # a preflight: answered here, whatever the answer
+        if method is None:
             return None  # (a plain OPTIONS is forwarded as any request is)
-        ctx.state["cors"] = True  # a preflight: answered here, whatever the answer
-        origin, method = h["Origin"], h["Access-Control-Request-Method"].strip().upper()
+        h = ctx.request.headers
+        origin = h["Origin"]
         vary = {"Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"}
         if not self.allowed(origin):
             ctx.refusal = {"plugin": self.name, "reason": "cors_origin_not_allowed"}

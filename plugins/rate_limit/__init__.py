@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter
 
-from gateway.context import RequestContext, generates, truthy
+from gateway.context import RequestContext, cut_while_sent, generates, truthy
 from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
@@ -596,8 +596,7 @@ def used_tokens(ctx: RequestContext, prompt_estimate: int, estimate: int | None 
         # prompt as it went upstream, a conversation's history included)
         prompt_estimate = c.prompt_estimate
     if c is None:  # no answer came: a request cut before the response head still cost the prefill
-        cut = ctx.outcome in ("client_disconnected", "gateway_shutdown") or ctx.error == "upstream_timeout"
-        if not cut or ctx.unsent:  # (unsent: the upstream never had it)
+        if not cut_while_sent(ctx):
             return 0
         # (the estimate every ledger records, of the prompt as it went upstream)
         return ctx.cut_estimate if ctx.cut_estimate is not None else prompt_estimate
