@@ -38,11 +38,18 @@ def prompt_estimate(body: Any) -> int:
                 chars += _chars(v)
             else:
                 tokens += ids
+    return (chars + definitions_chars(body) + 3) // 4 + tokens
+
+
+def definitions_chars(body: dict[str, Any]) -> int:
+    """Characters of the tool definitions (``tools``, or the older ``functions``) as JSON text: a
+    part of the prompt that is no message."""
+    chars = 0
     for k in ("tools", "functions"):
         v = body.get(k)
         if isinstance(v, list) and v:
             chars += len(dumps_bytes(v))
-    return (chars + 3) // 4 + tokens
+    return chars
 
 
 def _chars(v: Any) -> int:

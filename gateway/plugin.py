@@ -5,6 +5,11 @@ pass-through, so a plugin overrides only what it needs; the chain skips hooks le
 
 ``on_request(ctx) -> Reply | None``
     In YAML order, after the request body is read. Returning a ``Reply`` stops the chain and sends it.
+``on_forward(ctx) -> Reply | None``
+    In YAML order, once every plugin's ``on_request`` let the request through, just before it is
+    forwarded: the body is final here (a plugin further down the chain may have changed it, e.g.
+    a conversation's history added). A ``Reply`` refuses it, as from ``on_request``. Runs only
+    where a plugin after this one in the chain has ``rewrites_body``.
 ``on_response(ctx, head)``
     In reverse order, before the response head is sent (upstream answers, replies and gateway errors);
     ``head.headers`` may be changed.
@@ -100,6 +105,10 @@ class Plugin:
     #: plugin's ``on_headers`` (it only sets upstream headers, asks for usage ...): it does not keep
     #: the plugins after it from checking a request before its body is read.
     header_safe: ClassVar[bool] = False
+    #: Set True if the plugin's ``on_request`` may change the body sent upstream (``ctx.set_json``):
+    #: the ``on_forward`` hooks of the plugins ahead of it in the chain run (they see what it made);
+    #: in a chain with no such plugin after them they are left out, and cost nothing.
+    rewrites_body: ClassVar[bool] = False
 
     #: Hooks this instance overrides but does not need with its config (set in ``__init__``): the
     #: core leaves them out of the chain, so they cost nothing per request.
@@ -131,6 +140,9 @@ class Plugin:
         return None
 
     async def on_request(self, ctx: "RequestContext") -> Reply | None:
+        return None
+
+    async def on_forward(self, ctx: "RequestContext") -> Reply | None:
         return None
 
     async def on_response(self, ctx: "RequestContext", head: ResponseHead) -> None:

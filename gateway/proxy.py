@@ -308,6 +308,10 @@ class Proxy:
             reply = await self._run_request_hooks(ctx, chain.request, "request")
             if reply is not None:
                 return await self._send_reply(ctx, chain, reply)
+            if chain.before_forward:
+                reply = await self._run_request_hooks(ctx, chain.before_forward, "forward")
+                if reply is not None:
+                    return await self._send_reply(ctx, chain, reply)
             if chain.observe or ctx.observe:
                 ctx.observe = True
                 if request.method == "POST" and ctx.lpath.endswith(_USAGE_PATHS) \
@@ -335,7 +339,8 @@ class Proxy:
                                           skip=e.plugin if e.phase == "on_response" else None)
 
     async def _run_request_hooks(self, ctx: RequestContext, plugins: list[Plugin], phase: str) -> Reply | None:
-        """``on_headers`` or ``on_request`` of each plugin in chain order, up to the first reply."""
+        """``on_headers``, ``on_request`` or ``on_forward`` of each plugin in chain order, up to the
+        first reply."""
         timings = ctx.timings
         hook = "on_" + phase
         for p in plugins:

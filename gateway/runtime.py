@@ -23,8 +23,8 @@ log = logging.getLogger("gateway")
 
 
 class Chain:
-    __slots__ = ("name", "plugins", "headers", "request", "response", "chunk", "complete", "observe", "served",
-                 "max_body", "forward")
+    __slots__ = ("name", "plugins", "headers", "request", "before_forward", "response", "chunk", "complete",
+                 "observe", "served", "max_body", "forward")
 
     def __init__(self, name: str, plugins: list[Plugin], max_body: int | None = None, forward: bool = True) -> None:
         self.name = name
@@ -35,6 +35,9 @@ class Chain:
             return type(p).overrides(hook) and hook not in p.unused_hooks
 
         self.request = [p for p in plugins if uses(p, "on_request")]
+        # (only where a plugin further down may change the body they would look at again)
+        self.before_forward = [p for i, p in enumerate(plugins) if uses(p, "on_forward") and any(
+            type(q).rewrites_body and uses(q, "on_request") for q in plugins[i + 1:])]
         # The head checks run before the body is read, as long as no plugin ahead of them in
         # the chain must see the request first (a rate limit counting refused attempts does).
         self.headers: list[Plugin] = []

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 
 from gateway.context import ANONYMOUS, RequestContext
 from gateway.errors import error_body
+from gateway.estimate import definitions_chars
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .state import (_GENERATED, _ID_OK, Shared, View, answered_to, body_size, reasoning_share, reasoning_tokens,
@@ -388,6 +389,7 @@ class Conversations(Plugin):
     Config = ConversationsConfig
     observes_response = True
     uses_database = True
+    rewrites_body = True  # memory adds the history (a rate limit ahead admits the turn again on it)
     #: The shared writer's settings and the shared cache's size (Shared.adopt: the instance
     #: activated last would set them for every route).
     route_fixed = ("queue_size", "queue_messages", "batch_size", "flush_interval", "on_queue_full", "queue_full_wait", "retry_for",
@@ -842,7 +844,8 @@ class Conversations(Plugin):
         statuses: list[str | None] = []
         reasoning: dict[int, int] = {}
         if produced:
-            new_tokens = self._derive(plan, prompt_tokens)
+            body = ctx.json
+            new_tokens = self._derive(plan, prompt_tokens, definitions_chars(body) if isinstance(body, dict) else 0)
             created = plan.created_at
             msgs.extend(plan.new)
             digests.extend(plan.new_digests)
@@ -926,22 +929,24 @@ class Conversations(Plugin):
 
         await shared.writer.put(rec, on_drop=dropped)
 
-    def _derive(self, plan: Plan, prompt_tokens: int | None) -> list[int | None]:
+    def _derive(self, plan: Plan, prompt_tokens: int | None, defs_chars: int = 0) -> list[int | None]:
         """Token counts for the new input messages, from the upstream's prompt_tokens: what the prompt
-        cost minus what the already-stored messages in it are known to cost, split over the new
-        messages by character length. If that does not add up (unknown or larger stored counts),
-        the new messages' share of the whole prompt by character length."""
+        cost minus what the already-stored messages in it are known to cost and the tool
+        definitions' estimate (``defs_chars`` characters of them: in the prompt, in no message),
+        split over the new messages by character length. If that does not add up (unknown or
+        larger stored counts), the new messages' share of the whole prompt by character length."""
         new = plan.new
         if prompt_tokens is None or not new:
             return [None] * len(new)
-        if plan.known is not None and prompt_tokens - plan.known >= len(new):
-            total = prompt_tokens - plan.known
+        rest = None if plan.known is None else prompt_tokens - plan.known - (defs_chars + 3) // 4
+        if rest is not None and rest >= len(new):
+            total = rest
             if len(new) == 1:
                 return [total]
             weights = [text_len(m) for m in new]
         else:
             weights = [text_len(m) for m in new]
-            all_chars = sum(text_len(m) for m in plan.forwarded) or 1
+            all_chars = (sum(text_len(m) for m in plan.forwarded) + defs_chars) or 1
             total = round(prompt_tokens * sum(weights) / all_chars)
         return list(split_tokens(max(0, total), weights))
 

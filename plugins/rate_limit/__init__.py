@@ -79,7 +79,7 @@ class QuotaDown(StoreDown):
 
 class _State:
     __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
-                 "quota_shared", "held")
+                 "quota_shared", "held", "body", "generating", "grown")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
@@ -93,6 +93,10 @@ class _State:
         #: (IN_FLIGHT key, estimate) held while the request runs (taken as the check passes each
         #: counter, so requests checked together see each other's; given back if it is refused)
         self.held: list[tuple[str, int]] = []
+        self.body: bytes | None = None  # the body the estimate is of
+        self.generating = False  # a request that may generate (its prompt estimated)
+        #: admitted again on a prompt a later plugin made larger (``on_forward``)
+        self.grown = False
 
 
 class RateLimit(Plugin):
@@ -136,6 +140,8 @@ class RateLimit(Plugin):
             registry=reg))
         if c.on_store_error == "allow":
             self.unchecked.labels(self.store.label)
+        if not (self.token_limits or self.has_quotas or c.key_overrides):
+            self.unused_hooks = frozenset({"on_forward"})  # no token estimate to redo
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -237,68 +243,9 @@ class RateLimit(Plugin):
         deadline = None if store.memory else time.monotonic() + store.timeout
         if tok or quota:
             ctx.want_usage()
-            body = ctx.json
-            # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
-            # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens), nor
-            # reading or deleting a stored answer, cancelling a job (a response, a batch), nor a POST
-            # without a body, nor storing a file (/files, /uploads): none of these is refused for
-            # want of tokens. A POST with a JSON body may use tokens, and so may one with another
-            # body (an audio or image upload, or JSON the gateway cannot read that a lax backend
-            # may): with nothing to estimate, these need at least one token left.
-            lp = ctx.lpath.rstrip("/")
-            free = not generates(ctx.method, ctx.lpath)
-            generating = not free and isinstance(body, dict)
-            consumes = generating or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
-            embeddings = ctx.lpath.endswith("/embeddings")
-            # best_of is the legacy completions' alone (the chat API has none, and ignores it)
-            legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
-            if generating:
-                st.prompt = prompt_estimate(body)
-                st.choices = choices(body, legacy)
-
-            def estimate(default: int) -> int:
-                """Prompt plus the completion the request allows (``default`` when it sets none), for
-                each of its choices: n=20 with max_tokens=80 may generate 1600 tokens."""
-                return st.prompt + completion_estimate(body, 0 if embeddings else default, legacy) if generating else 0
-
-            est = st.estimate = estimate(self.config.estimate_default_max_tokens)
-            for lim in tok:
-                st.token_limits.append((lim, identifiers(lim, ctx)))
-            short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]] = []
-            for lim, ids in st.token_limits:
-                reset, remaining = await store.stats(lim.item, ids, deadline)
-                key = self._flight + lim.item.key_for(*ids)
-                s = self._standing(lim, remaining, reset)
-                need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
-                _held(s, key, need)  # (what requests still running may use is not left: headers say so)
-                st.standings.append(s)
-                if consumes and s.remaining < max(need, 1):
-                    short.append((lim, ids, s, need))
-                elif need:
-                    _hold(st.held, key, need)
-            if short:
-                lim, s, need = await self._tokens_short(short, deadline)
-                if need <= lim.item.amount and quota and self._quota is not None:
-                    # a quota that is used up too and frees later refuses instead (a client that
-                    # retries when a token rule frees would be refused by the quota then)
-                    try:
-                        q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
-                    except QuotaDown:  # (counted) the token rule's refusal stands
-                        q = None
-                    if q is not None and (est > q.limit or q.reset_in > s.reset_in):
-                        return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
-                return await self._refuse_later(ctx, st, req, deadline, lim, s, "rate_limit_exceeded", need)
-            if quota and self._quota is not None:
-                try:
-                    q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
-                except QuotaDown:
-                    if self.config.on_store_error != "allow":
-                        raise
-                    # (counted in store_errors{storage="database"}) the counters' rules still apply
-                    st.standings = [s for s in st.standings if s.counts != "quota"]
-                    q = None
-                if q is not None:
-                    return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
+            reply = await self._admit(ctx, st, req, tok, quota, deadline)
+            if reply is not None:
+                return reply
         if req:
             if len(req) > 1:
                 return await self._hit_in_turn(ctx, st, req, deadline)
@@ -311,6 +258,110 @@ class RateLimit(Plugin):
                 assert s is not None
                 return self._refuse(ctx, lim, s, "rate_limit_exceeded", 1)
         return None
+
+    async def _admit(self, ctx: RequestContext, st: _State, req: list[Limit], tok: list[Limit],
+                     quota: dict[str, int | None] | None, deadline: float | None) -> Reply | None:
+        """The token rules and quotas: does the request's estimate fit what is left (less what the
+        requests still running hold)? Holds it while the request runs; a refusal otherwise."""
+        store = self.store
+        body = ctx.json
+        st.body = ctx.body
+        # GET /v1/models and the like generate nothing; nor does counting a prompt's tokens
+        # (the Messages API's /v1/messages/count_tokens, the Responses API's /input_tokens), nor
+        # reading or deleting a stored answer, cancelling a job (a response, a batch), nor a POST
+        # without a body, nor storing a file (/files, /uploads): none of these is refused for
+        # want of tokens. A POST with a JSON body may use tokens, and so may one with another
+        # body (an audio or image upload, or JSON the gateway cannot read that a lax backend
+        # may): with nothing to estimate, these need at least one token left.
+        lp = ctx.lpath.rstrip("/")
+        free = not generates(ctx.method, ctx.lpath)
+        generating = not free and isinstance(body, dict)
+        consumes = generating or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
+        embeddings = ctx.lpath.endswith("/embeddings")
+        # best_of is the legacy completions' alone (the chat API has none, and ignores it)
+        legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
+        st.generating = generating
+        if generating:
+            st.prompt = prompt_estimate(body)
+            st.choices = choices(body, legacy)
+
+        def estimate(default: int) -> int:
+            """Prompt plus the completion the request allows (``default`` when it sets none), for
+            each of its choices: n=20 with max_tokens=80 may generate 1600 tokens."""
+            return st.prompt + completion_estimate(body, 0 if embeddings else default, legacy) if generating else 0
+
+        est = st.estimate = estimate(self.config.estimate_default_max_tokens)
+        for lim in tok:
+            st.token_limits.append((lim, identifiers(lim, ctx)))
+        short: list[tuple[Limit, tuple[str, ...], hdr.Standing, int]] = []
+        for lim, ids in st.token_limits:
+            reset, remaining = await store.stats(lim.item, ids, deadline)
+            key = self._flight + lim.item.key_for(*ids)
+            s = self._standing(lim, remaining, reset)
+            need = est if lim.max_tokens_default is None else estimate(lim.max_tokens_default)
+            _held(s, key, need)  # (what requests still running may use is not left: headers say so)
+            st.standings.append(s)
+            if consumes and s.remaining < max(need, 1):
+                short.append((lim, ids, s, need))
+            elif need:
+                _hold(st.held, key, need)
+        if short:
+            lim, s, need = await self._tokens_short(short, deadline)
+            if need <= lim.item.amount and quota and self._quota is not None:
+                # a quota that is used up too and frees later refuses instead (a client that
+                # retries when a token rule frees would be refused by the quota then)
+                try:
+                    q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
+                except QuotaDown:  # (counted) the token rule's refusal stands
+                    q = None
+                if q is not None and (est > q.limit or q.reset_in > s.reset_in):
+                    return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
+            return await self._refuse_later(ctx, st, req, deadline, lim, s, "rate_limit_exceeded", need)
+        if quota and self._quota is not None:
+            try:
+                q = await self._check_quota(ctx, st, quota, est, deadline, consumes)
+            except QuotaDown:
+                if self.config.on_store_error != "allow":
+                    raise
+                # (counted in store_errors{storage="database"}) the counters' rules still apply
+                st.standings = [s for s in st.standings if s.counts != "quota"]
+                q = None
+            if q is not None:
+                return await self._refuse_later(ctx, st, req, deadline, None, q, "insufficient_quota", est)
+        return None
+
+    async def on_forward(self, ctx: RequestContext) -> Reply | None:
+        """A plugin after this one in the chain made the prompt larger (conversations' memory adds
+        the stored history): the token rules and quotas admit the request again, on the prompt as
+        it goes upstream, and hold that estimate instead of the one of the client's own messages.
+        (Its request rules counted it already, in ``on_request``.)"""
+        st: _State | None = ctx.state.get(NAME)
+        if st is None or not st.generating or st.body is ctx.body:
+            return None
+        body = ctx.json
+        if not isinstance(body, dict) or prompt_estimate(body) <= st.prompt:
+            return None
+        _, tok, quota = self._applicable(ctx)
+        _release(st.held)
+        old = st.standings
+        for name in hdr.build(old):  # (rebuilt below: a header none of the new standings gives goes)
+            ctx.response_headers.pop(name, None)
+        requests = [s for s in old if s.counts == "requests"]
+        st.standings, st.token_limits, st.quota_periods, st.quota_shared = [], [], [], []
+        st.grown = True
+        deadline = None if self.store.memory else time.monotonic() + self.store.timeout
+        try:
+            reply = await self._admit(ctx, st, [], tok, quota, deadline)
+        except StoreDown:
+            _release(st.held)
+            reply = await self._store_down(ctx, st, quota)
+        if reply is not None:
+            _release(st.held)
+        if ctx.state.get(NAME) is st:  # (not a 503 for a store down, with on_store_error: deny)
+            st.standings.extend(requests)
+        if st.standings and self.config.headers:
+            ctx.response_headers.update(hdr.build(st.standings))
+        return reply
 
     async def _refuse_later(self, ctx: RequestContext, st: _State, req: list[Limit], deadline: float | None,
                             lim: Limit | None, s: hdr.Standing, reason: str, need: int) -> Reply:
@@ -466,6 +517,11 @@ class RateLimit(Plugin):
         st: _State | None = ctx.state.get(NAME)
         n = st.choices if st is not None else 1
         per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
+        prompt, shorten, added = "prompt", "shorten the prompt", ""
+        if st is not None and st.grown:  # (a memory turn: the history was not the client's to see)
+            prompt = "prompt as forwarded, with the history the gateway added,"
+            shorten = "send less history (conversations' memory.max_tokens)"
+            added = " (with the history the gateway added to the prompt)"
         if not never and s.remaining < needed <= s.remaining + s.held:
             # It fits what is left, not beside what requests still running may use: they end soon.
             what, limit = (f"your {s.name.replace('-', ' ')} quota", s.limit) if lim is None else \
@@ -473,30 +529,30 @@ class RateLimit(Plugin):
             label = f"{s.name} quota ({s.limit} tokens)" if lim is None else lim.label
             reason, err_type = "rate_limit_exceeded", "tokens"
             msg = (f"Too many requests at once for {what}: limit {limit}, used {limit - s.remaining - s.held}, "
-                   f"{s.held} held by requests still running, requested about {needed}. Retry in {retry}s.")
+                   f"{s.held} held by requests still running, requested about {needed}{added}. Retry in {retry}s.")
         elif lim is None and never:
             label = f"{s.name} quota ({s.limit} tokens)"
             msg = (f"Request too large for your {s.name.replace('-', ' ')} quota: about {needed} tokens "
-                   f"estimated (prompt plus {per}), more than the quota of {s.limit}. Lower max_tokens"
-                   f"{' or n' if n > 1 else ''} or shorten the prompt, or ask for a larger quota.")
+                   f"estimated ({prompt} plus {per}), more than the quota of {s.limit}. Lower max_tokens"
+                   f"{' or n' if n > 1 else ''} or {shorten}, or ask for a larger quota.")
             err_type = "insufficient_quota"
         elif lim is None:
             label = f"{s.name} quota ({s.limit} tokens)"
             msg = (f"You exceeded your {s.name.replace('-', ' ')} quota: limit {s.limit}, used "
-                   f"{s.limit - s.remaining}, requested about {needed}. Retry in {retry}s or ask for a "
+                   f"{s.limit - s.remaining}, requested about {needed}{added}. Retry in {retry}s or ask for a "
                    f"larger quota.")
             err_type = "insufficient_quota"
         elif never:
             label = lim.label
             err_type = "tokens"
-            msg = (f"Request too large for rule {lim.label}: about {needed} tokens estimated (prompt plus "
+            msg = (f"Request too large for rule {lim.label}: about {needed} tokens estimated ({prompt} plus "
                    f"{per}), more than the limit of {lim.item.amount}. Lower max_tokens"
-                   f"{' or n' if n > 1 else ''} or shorten the prompt.")
+                   f"{' or n' if n > 1 else ''} or {shorten}.")
         else:
             label = lim.label
             unit = "requests" if lim.counts == "requests" else "tokens"
             msg = (f"Rate limit reached for {unit} on rule {lim.label}: limit {lim.item.amount}, remaining "
-                   f"{max(0, s.remaining)}, requested {needed}. Retry in {retry}s.")
+                   f"{max(0, s.remaining)}, requested {needed}{added}. Retry in {retry}s.")
             err_type = unit
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": reason, "limit": label}
         self.refused.labels(lim.rule if lim else s.name, reason).inc()
