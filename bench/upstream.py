@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 from aiohttp import web
 
@@ -58,4 +57,9 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A fake OpenAI-compatible upstream for the benchmark: a fixed chat "
+                                             "completion, streamed when asked, on 127.0.0.1.")
+    ap.add_argument("port", type=int, help="port to listen on")
+    asyncio.run(main(ap.parse_args().port))

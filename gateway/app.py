@@ -24,7 +24,7 @@ from gateway.config.loader import file_state
 
 from .admin import build_admin_app
 from .cli import redact_url
-from .db import Database, DatabaseError, in_daemon_thread, sqlite_place_problem
+from .db import Database, DatabaseError, in_daemon_thread, sqlite_hint, sqlite_place_problem
 from .errors import error_body
 from .logs import ThrottledLog, setup_logging
 from .proxy import _DECODED, SERVER, Proxy, undecodable_body_message, unsupported_encoding_message
@@ -803,7 +803,7 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
             log.error("start-up failed: %s%s", redact_url(str(e).strip() or type(e).__name__), hint)
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
-            log.error("start-up failed: %s", redact_url(f"{type(e).__name__}: {e}"))
+            log.error("start-up failed: %s%s", redact_url(f"{type(e).__name__}: {e}"), sqlite_hint(e))
         # Never ready, so in no load balancer: no drain_delay (the listener that did start would
         # serve for it, from a process that is exiting).
         gw.skip_drain_delay()

@@ -300,7 +300,7 @@ def _backup(cfg: GatewayConfig, target: str) -> int:
 
     from sqlalchemy.engine import make_url
 
-    from .db import create_private
+    from .db import create_private, sqlite_hint
 
     if not cfg.database.url.startswith("sqlite"):
         print("gateway db backup: for a SQLite database; back up PostgreSQL with its own tools (pg_dump)",
@@ -320,7 +320,7 @@ def _backup(cfg: GatewayConfig, target: str) -> int:
         src.execute("VACUUM INTO ?", (str(out),))
     except sqlite3.Error as e:
         out.unlink(missing_ok=True)
-        print(f"gateway db backup: {e}", file=sys.stderr)
+        print(f"gateway db backup: {e}{sqlite_hint(e)}", file=sys.stderr)
         return 1
     finally:
         src.close()
@@ -689,9 +689,9 @@ def main(argv: list[str] | None = None) -> int:
             _discard_stdout()
             rc = 0
         except Exception as e:  # one line, no traceback (an unreachable database, a read-only file ...)
-            from .db import DatabaseError
+            from .db import DatabaseError, sqlite_hint
 
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            first = (str(e).strip().splitlines() or [""])[0][:300] + sqlite_hint(e)
             if "database is locked" in first:
                 first += (" (another process held the SQLite file's write lock longer than "
                           "database.busy_timeout_ms: try again, or raise it)")

@@ -183,7 +183,10 @@ TABLE_PRIVILEGES: dict[str, tuple[str, ...]] = {
 _SQLITE_HINTS = (
     ("SQLITE_READONLY", "the database file (or its folder, for the journal files) is read-only for this process"),
     ("SQLITE_FULL", "the disk is full"),
-    ("SQLITE_IOERR", "the disk refused a read or write: full, over a file size limit (ulimit -f), or failing"),
+    ("SQLITE_IOERR_SHMSIZE", "the shared-memory file (-shm) next to the database cannot be made: the disk is "
+                             "full, or read-only"),
+    ("SQLITE_IOERR", "the disk refused a read or write: full, over a file size limit (ulimit -f), read-only "
+                     "(a file system remounted so after errors), or failing"),
     ("SQLITE_CANTOPEN", "the file cannot be opened (missing folder, permissions, too many open files)"),
     ("SQLITE_CORRUPT", "the database file is damaged"),
     ("SQLITE_NOTADB", "the file is not an SQLite database"),
@@ -211,6 +214,15 @@ def store_error(e: BaseException) -> tuple[str, bool]:
         named = cause if cause is not None and getattr(cause, "sqlstate", None) == state else orig
         return f"{type(named).__name__} (SQLSTATE {state})", False
     return type(orig).__name__, False
+
+
+def sqlite_hint(e: BaseException) -> str:
+    """`` (SQLITE_FULL: the disk is full)`` for an SQLite error that names its cause, else ``""``:
+    appended to a start-up or CLI failure, whose own text ("disk I/O error") says nothing of it."""
+    orig = getattr(e, "orig", None) or e
+    if type(orig).__module__ == "sqlite3" and isinstance(getattr(orig, "sqlite_errorname", None), str):
+        return f" ({store_error(e)[0]})"
+    return ""
 
 
 class DatabaseFileGone(DatabaseError, OSError):
@@ -299,9 +311,9 @@ class Database:
         if not self._file_replaced_logged:
             log.error("the SQLite file %s was replaced by another file while the gateway ran: it is not used "
                       "(opened next to this process's write-ahead log it would be corrupted); writes fail and "
-                      "are counted, and /readyz says not ready. To use it (a restored backup): stop the "
-                      "gateway, delete %s-wal and %s-shm, start it (see docs/configuration.md, The SQLite "
-                      "file)", self.file, self.file, self.file)
+                      "are counted, and /readyz says not ready. To use it (a restored backup): restart the "
+                      "gateway (as it stops it sets %s-wal and %s-shm, the old file's, aside; see "
+                      "docs/configuration.md, The SQLite file)", self.file, self.file, self.file)
             self._file_replaced_logged = True
         raise DatabaseFileGone(f"the SQLite file {self.file} was replaced while the gateway ran")
 
@@ -593,6 +605,31 @@ class Database:
                 await self.engine.dispose()
         except TimeoutError:
             log.warning("database connections not closed cleanly within %.0fs", timeout)
+        if self.file is not None and self._file_id is not None and self._file_stat() not in (None, self._file_id):
+            # (a file gone is left as it is: moved back, it is used again with its log)
+            self._set_aside_log()
+
+    def _set_aside_log(self) -> None:
+        """The file was replaced while this process ran (a backup moved over it): the -wal and -shm
+        files at its path are the old file's, and whatever opened the new one next to them (the
+        next start, a CLI command) would apply that log to it: a corrupted database. They are
+        renamed aside, so a restart is all a restored backup needs."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("-wal", "-shm"):
+            path = f"{self.file}{suffix}"
+            aside = f"{path}.replaced-{stamp}"
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.error("the SQLite file %s was replaced while the gateway ran, and %s, which belongs to the "
+                          "file that was there before, could not be set aside (%s): delete it before the next "
+                          "start, or the new file is corrupted", self.file, path, e.strerror or e)
+                continue
+            log.warning("the SQLite file %s was replaced while the gateway ran: %s, which belongs to the file "
+                        "that was there before (its writes since the last checkpoint), is set aside as %s; the "
+                        "new file is used at the next start", self.file, path, aside)
 
 
 #: Rows per multi-row INSERT on SQLite. SQLite keeps every statement text it compiled (the driver

@@ -35,7 +35,8 @@ class WriterMetrics:
     """Shared per-registry metric families (one set of label values per writer)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.depth = Gauge("gateway_writer_queue_depth", "Records waiting in a background writer's queue",
+        self.depth = Gauge("gateway_writer_queue_depth", "Records a background writer holds, not yet written: "
+                           "queued, and the batch it is writing (or retrying)",
                            ["writer"], registry=registry)
         self.written = Counter("gateway_writer_written_total", "Records written by a background writer",
                                ["writer"], registry=registry)
@@ -86,7 +87,8 @@ class BatchWriter(Generic[T]):
         self._attempt_timer: asyncio.Timeout | None = None  # the write attempt under way
         self._m = metrics
         self._depth = metrics.depth.labels(name)
-        self._depth.set_function(self._q.qsize)
+        self._writing = 0  # records in the batch being written (or retried): not in the queue any more
+        self._depth.set_function(lambda: self._q.qsize() + self._writing)
         self._written = metrics.written.labels(name)
         for reason in DROP_REASONS:
             metrics.dropped.labels(name, reason)
@@ -228,7 +230,8 @@ class BatchWriter(Generic[T]):
 
     @property
     def depth(self) -> int:
-        return self._q.qsize()
+        """Records held, not yet written: queued, and the batch being written."""
+        return self._q.qsize() + self._writing
 
     def _full(self) -> int:
         """Records that make a batch worth writing at once: batch_size, or the whole queue when it
@@ -245,6 +248,7 @@ class BatchWriter(Generic[T]):
         while True:
             first = await self._q.get()
             batch = [first]
+            self._writing = 1
             if self._q.qsize() + 1 < self._full() and not self._closing and self._close_by is None:
                 # Let the batch gather for flush_interval without waking up for every record;
                 # a full batch or close() ends the wait early (and once stopping, none is made).
@@ -259,7 +263,11 @@ class BatchWriter(Generic[T]):
                     batch.append(self._q.get_nowait())
                 except asyncio.QueueEmpty:
                     break
-            await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
+            self._writing = len(batch)  # (out of the queue, not written yet)
+            try:
+                await self._write_with_retry(batch, self.shutdown_retry_for if self._closing else self.retry_for)
+            finally:
+                self._writing = 0
             self.settled += len(batch)
             if self._weights:
                 for x in batch:

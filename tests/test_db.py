@@ -347,7 +347,7 @@ async def test_a_deleted_or_replaced_sqlite_file_is_noticed(make_gateway: Any, t
             assert r.status == 200
         await flush()
         assert (await readyz())[0] == 503
-        assert any("was replaced by another file" in r.getMessage() and "delete" in r.getMessage()
+        assert any("was replaced by another file" in r.getMessage() and "restart" in r.getMessage()
                    for r in caplog.records)
         assert path.read_bytes() == before  # not written to (nor opened: the -wal there is the other file's)
         # the original moved back: ready again without any traffic, and written from then on

@@ -184,6 +184,10 @@ class Audit(Plugin):
         for spec in cfg.specs():
             if self.cli and spec.type == "stdout":
                 continue  # a CLI command's stdout is its output
+            if self.cli and not self.records and spec.type == "jsonl":
+                # (a command that only reads writes nothing there: one run while that file cannot be
+                # written, the disk read-only, say, must not fail, nor make its folder or the file)
+                continue
             sink = self._sink(spec)
             check = getattr(sink, "check", None)
             if check is not None:

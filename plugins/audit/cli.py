@@ -113,9 +113,10 @@ def _verify_failed(args: argparse.Namespace, e: Exception) -> int:
     """``verify`` could not check the chain (a missing database, an unreachable server ...): not
     "broken" (exit 1) but "unknown", exit 3; with --json an object scripts can tell apart."""
     from gateway.cli import redact_url
+    from gateway.db import sqlite_hint
 
     first = (str(e).strip().splitlines() or [""])[0][:300]
-    msg = redact_url(f"{type(e).__name__}: {first}" if first else type(e).__name__)
+    msg = redact_url(f"{type(e).__name__}: {first}" if first else type(e).__name__) + sqlite_hint(e)
     if args.json:
         _report(json.dumps({"ok": None, "error": msg}, indent=2))
     print(f"gateway audit verify: could not verify: {msg}", file=sys.stderr)

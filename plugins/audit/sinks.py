@@ -114,7 +114,11 @@ class JsonlSink(Sink):
         os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
 
     def _write(self, data: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # (a new file: its owner only)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)  # (a new file: its owner only)
+        except FileNotFoundError:  # its folder was removed while the gateway ran: made again, as at start
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             _append(fd, data.encode("ascii"))
         finally:
