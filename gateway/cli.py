@@ -16,16 +16,10 @@ from typing import Callable, Any
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.redact import mask_params
 
-DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "config" / "profiles" / "default.yaml"
-
-
 def _packaged_default() -> Path:
-    try:
-        import gateway.config as c
+    import gateway.config as c
 
-        return Path(c.__file__).parent / "profiles" / "default.yaml"
-    except Exception:
-        return DEFAULT_PROFILE
+    return Path(c.__file__).parent / "profiles" / "default.yaml"
 
 
 def config_path(args: argparse.Namespace) -> str:
@@ -501,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .plugin import registry
 
     parser = argparse.ArgumentParser(prog="gateway", description="A gateway for OpenAI-compatible chat backends.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the gateway")
     add_config_arg(p)

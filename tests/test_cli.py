@@ -258,6 +258,17 @@ def test_ops_commands_without_a_config_file_use_the_packaged_default(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_version(tmp_path: Path) -> None:
+    """`gateway --version` names the release the package metadata has (one version, written once)."""
+    from importlib.metadata import version
+
+    import gateway
+
+    r = subprocess.run([sys.executable, "-m", "gateway", "--version"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"gateway {gateway.__version__}" == f"gateway {version('gateway')}"
+
+
 def test_cli_on_an_unmigrated_database_and_into_a_closed_pipe(tmp_path: Path, pg_url: str, monkeypatch: Any,
                                                               capsys: Any) -> None:
     """On a PostgreSQL database nobody migrated, a command says to run `gateway db upgrade` (not a

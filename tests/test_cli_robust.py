@@ -368,7 +368,7 @@ def test_ipv4_mapped_trusted_proxies_match_ipv4_clients() -> None:
 
     from aiohttp.test_utils import make_mocked_request
 
-    from config.model import ServerConfig
+    from gateway.config.model import ServerConfig
     from gateway.context import resolve_client_ip
 
     s = ServerConfig(trusted_proxies=["::ffff:10.0.0.0/104", "::ffff:192.0.2.7", "::1/128", "10.9.0.0/16"])

@@ -111,8 +111,13 @@ async def test_a_reload_keeps_every_routes_histograms_and_drops_removed_routes(m
 
 
 # -- 2. series at 0 before the first failure ---------------------------------------------------------
-def _reasons(path: str, pattern: str) -> set[str]:
-    return set(re.findall(pattern, (ROOT / path).read_text()))
+def _reasons(module: str, pattern: str) -> set[str]:
+    """The values ``pattern`` finds in the source of ``module`` (as installed: not by a path into
+    the repository)."""
+    import importlib
+
+    path = Path(importlib.import_module(module).__file__ or "")
+    return set(re.findall(pattern, path.read_text()))
 
 
 async def test_a_fresh_gateway_shows_the_failure_series_at_zero(make_gateway, tmp_path):
@@ -125,8 +130,8 @@ async def test_a_fresh_gateway_shows_the_failure_series_at_zero(make_gateway, tm
         {"name": "audit", "config": {"sinks": ["database", {"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]}},
         {"name": "conversations"},
         {"name": "metrics"}])
-    drop_reasons = _reasons("gateway/writer.py", r'self\._drop\([^,()]+(?:\([^)]*\))?, "(\w+)"\)')
-    auth_reasons = _reasons("plugins/key_auth/__init__.py", r'self\._refuse\(ctx, \d+, "(\w+)"')
+    drop_reasons = _reasons("gateway.writer", r'self\._drop\([^,()]+(?:\([^)]*\))?, "(\w+)"\)')
+    auth_reasons = _reasons("gateway.plugins.key_auth", r'self\._refuse\(ctx, \d+, "(\w+)"')
     assert {"queue_full", "write_failed", "rejected"} <= drop_reasons and "missing" in auth_reasons
     async with aiohttp.ClientSession(timeout=T) as s:
         m = await scrape(s, g.admin_url)

@@ -95,7 +95,7 @@ async def test_reload_follows_a_symlinked_config(make_gateway: Any, tmp_path: Pa
     (rel2 / "gateway.yaml").write_text(real.read_text().replace("X-Version: '1'", "X-Version: '2'"))
     current = tmp_path / "current"
     current.symlink_to(rel1)
-    from config.loader import load_config
+    from gateway.config.loader import load_config
 
     g.gw.cfg = load_config(current / "gateway.yaml")  # as if started with -c current/gateway.yaml
     assert g.gw.cfg.path == str(current / "gateway.yaml")

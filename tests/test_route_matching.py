@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from config.loader import ConfigError, load_config_text
+from gateway.config.loader import ConfigError, load_config_text
 
 from .helpers import base_config, write_config
 from .test_cli import gateway

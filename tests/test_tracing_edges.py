@@ -298,8 +298,8 @@ async def test_malformed_tracestate_and_baggage_do_not_flood_the_log(make_gatewa
 def test_a_full_queue_drops_the_oldest_span_as_documented() -> None:
     """The SDK's queue is a bounded deque filled from the left: a full queue loses its OLDEST span.
     The docs and the setting's description say so (and not that new spans are dropped)."""
-    from plugins.tracing import BatchConfig
-    from plugins.tracing.otel import CountingBatchSpanProcessor, GuardedExporter, SpanDrops
+    from gateway.plugins.tracing import BatchConfig
+    from gateway.plugins.tracing.otel import CountingBatchSpanProcessor, GuardedExporter, SpanDrops
 
     release, busy = threading.Event(), threading.Event()
     got: list[str] = []
