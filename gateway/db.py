@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -213,7 +214,28 @@ def store_error(e: BaseException) -> tuple[str, bool]:
     if isinstance(state, str) and state.isalnum() and len(state) == 5:
         named = cause if cause is not None and getattr(cause, "sqlstate", None) == state else orig
         return f"{type(named).__name__} (SQLSTATE {state})", False
+    if isinstance(orig, OSError) and isinstance(orig.errno, int) and orig.errno in errno.errorcode:
+        # a file a sink writes (the audit's jsonl): ENOSPC, EROFS or EACCES says where to look
+        return f"{type(orig).__name__} ({errno.errorcode[orig.errno]}: {os.strerror(orig.errno)})", False
     return type(orig).__name__, False
+
+
+def _shm_in_use(path: str) -> bool:
+    """Does a process have this SQLite -shm file open? Every connection in WAL mode holds a shared
+    lock on its byte 128 (SQLite's "dead man switch"), so an exclusive one cannot be had then."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False  # (none, or not ours to open: no connection of this process uses it either)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # (the lock with it)
+    return False
 
 
 def sqlite_hint(e: BaseException) -> str:
@@ -614,6 +636,12 @@ class Database:
         files at its path are the old file's, and whatever opened the new one next to them (the
         next start, a CLI command) would apply that log to it: a corrupted database. They are
         renamed aside, so a restart is all a restored backup needs."""
+        if _shm_in_use(f"{self.file}-shm"):
+            # Another process has them open (a second gateway on the file, restarted on the new
+            # file already, or a CLI command): they are its live log, not this process's old one.
+            log.warning("the SQLite file %s was replaced while the gateway ran; its -wal and -shm files are in "
+                        "use by another process, so they are left as they are", self.file)
+            return
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for suffix in ("-wal", "-shm"):
             path = f"{self.file}{suffix}"

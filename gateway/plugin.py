@@ -9,7 +9,8 @@ pass-through, so a plugin overrides only what it needs; the chain skips hooks le
     In YAML order, once every plugin's ``on_request`` let the request through, just before it is
     forwarded: the body is final here (a plugin further down the chain may have changed it, e.g.
     a conversation's history added). A ``Reply`` refuses it, as from ``on_request``. Runs only
-    where a plugin after this one in the chain has ``rewrites_body``.
+    where a plugin after this one in the chain has ``rewrites_body``, and only for a request whose
+    body an ``on_request`` changed.
 ``on_response(ctx, head)``
     In reverse order, before the response head is sent (upstream answers, replies and gateway errors);
     ``head.headers`` may be changed.

@@ -305,10 +305,11 @@ class Proxy:
                 if reply is not None:
                     return await self._send_reply(ctx, chain, reply)
             await self._read_body(ctx)
+            body = ctx.body
             reply = await self._run_request_hooks(ctx, chain.request, "request")
             if reply is not None:
                 return await self._send_reply(ctx, chain, reply)
-            if chain.before_forward:
+            if chain.before_forward and ctx.body is not body:  # (only for a body a plugin changed)
                 reply = await self._run_request_hooks(ctx, chain.before_forward, "forward")
                 if reply is not None:
                     return await self._send_reply(ctx, chain, reply)

@@ -74,6 +74,38 @@ async def test_a_backup_moved_over_the_file_is_opened_cleanly_after_a_restart(ma
     assert count(path, "SELECT count(*) FROM conversations") == 4  # the backup's 3, and the new one
 
 
+async def test_the_log_files_another_process_uses_are_not_set_aside(make_gateway: Any, tmp_path: Path,
+                                                                   caplog: Any) -> None:
+    """Two processes on one file (a second gateway, a CLI command): the one that stops first after
+    the file was replaced leaves the -wal and -shm to the other, which still uses them."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "live.db"
+    g = await make_gateway([{"name": "conversations"}], database={"url": f"sqlite+aiosqlite:///{path}"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+    await g.plugin("conversations").flush()
+    backup = tmp_path / "backup.db"
+    c = sqlite3.connect(path)
+    c.execute(f"VACUUM INTO '{backup}'")
+    c.close()
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT count(*) FROM conversations')"
+        ".fetchall(); print('open', flush=True); sys.stdin.read()"), str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "open"
+        backup.replace(path)
+        await g.stop()
+        assert (tmp_path / "live.db-wal").exists() and (tmp_path / "live.db-shm").exists()
+        assert not list(tmp_path.glob("*.replaced-*"))
+        assert any("in use by another process" in r.getMessage() for r in caplog.records)
+    finally:
+        other.communicate("", timeout=10)
+
+
 async def test_a_jsonl_folder_removed_while_serving_is_made_again(make_gateway: Any, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     g = await make_gateway([{"name": "audit", "config": {"sinks": [{"type": "jsonl", "path": str(logs / "a.jsonl")}],
@@ -145,3 +177,39 @@ async def test_queue_depth_counts_the_batch_being_retried() -> None:
     assert w.depth == 0 and w.written == 10
     await w.close(5)
     await asyncio.sleep(0)
+
+
+def test_a_file_error_names_its_errno() -> None:
+    """/readyz and the writer's log say why a sink's file failed: ENOSPC, EROFS, EACCES (not just
+    "OSError")."""
+    import errno
+
+    from gateway.db import store_error
+
+    assert store_error(OSError(errno.ENOSPC, "No space left on device")) == \
+        ("OSError (ENOSPC: No space left on device)", False)
+    assert store_error(PermissionError(errno.EACCES, "Permission denied"))[0] == \
+        "PermissionError (EACCES: Permission denied)"
+    assert store_error(OSError(errno.EROFS, "x"))[0].startswith("OSError (EROFS: ")
+
+
+async def test_a_jsonl_file_truncated_under_the_sink_is_said(tmp_path: Path, caplog: Any) -> None:
+    """logrotate's copytruncate loses what is written between its copy and its truncation: the
+    sink cannot get it back, but says so (a rotation by renaming is not warned about)."""
+    from gateway.plugins.audit.sinks import JsonlSink
+
+    path = tmp_path / "a.jsonl"
+    sink = JsonlSink(str(path))
+    event = {"time": "2026-11-27T00:00:00Z", "type": "request"}
+    await sink.write([event, event])
+    path.rename(tmp_path / "a.jsonl.1")  # rotated by renaming: a new file, nothing lost
+    await sink.write([event])
+    assert not any("truncated" in r.getMessage() for r in caplog.records)
+    await sink.write([event])
+    with open(path, "r+") as f:  # copytruncate's second step
+        f.truncate(0)
+    await sink.write([event])
+    assert sum("was truncated while the gateway wrote to it" in r.getMessage() for r in caplog.records) == 1
+    await sink.write([event])
+    assert sum("truncated" in r.getMessage() for r in caplog.records) == 1
+    assert len(path.read_text().splitlines()) == 2

@@ -11,10 +11,12 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from .helpers import clear_of_a_minute_boundary, serve_handler
+from .test_conversations_ops import metric
 from .test_memory_edges import SYS, chat, count_tokens, stored, user
 
 
@@ -92,6 +94,91 @@ async def test_a_memory_turn_that_fits_holds_the_estimate_of_what_it_sends(make_
         status, _, _ = await turn
         assert status == 200
         assert [m["role"] for m in backend.seen[1]["messages"]] == ["user", "assistant", "user"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_admitted_again_only_when_a_plugin_changed_the_body(make_gateway: Any) -> None:
+    """The shipped chain (a token rule, then conversations): a turn without memory, whose body no
+    plugin changed, runs no extra hook (nor a span for it); a memory turn with a history does."""
+    backend = Backend()
+    runner, url = await serve_handler(backend.handle)
+    try:
+        g = await make_gateway([{"name": "rate_limit", "config": {"rules": [
+            {"name": "tpm", "limit": "100000/minute", "counts": "tokens", "key_by": ["ip"]}]}},
+            {"name": "conversations"}], upstream={"url": url})
+        rl = g.plugin("rate_limit")
+        calls: list[Any] = []
+        hook = rl.on_forward
+
+        async def counted(ctx: Any) -> Any:
+            calls.append(ctx.request_id)
+            return await hook(ctx)
+
+        rl.on_forward = counted
+        status, cid, _ = await chat(g, [user("Hello")])
+        assert status == 200 and calls == []
+        status, _, _ = await chat(g, [user("Hello"), {"role": "assistant", "content": "ok"}, user("More")], cid=cid)
+        assert status == 200 and calls == []  # (the client sent its history: nothing added)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions", headers={"X-Conversation-ID": cid,
+                                                                       "X-Conversation-Memory": "on"},
+                              json={"model": "m", "messages": [user("And then?")]}) as r:
+                assert r.status == 200
+        assert len(calls) == 1
+        assert [m["role"] for m in backend.seen[-1]["messages"]] == ["user", "assistant", "user", "assistant", "user"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_prompt_another_plugin_makes_larger_is_admitted_on_what_is_sent(make_gateway: Any) -> None:
+    """A third-party plugin that adds to the prompt (``rewrites_body``) after rate_limit: the
+    request is admitted on what goes upstream, and a refusal names no conversation history."""
+    from gateway.plugin import Plugin, registry
+
+    class Pad(Plugin):
+        name = "test_pad"
+        rewrites_body = True
+
+        async def on_request(self, ctx: Any) -> None:
+            body = ctx.json
+            ctx.set_json({**body, "messages": [{"role": "system", "content": "Rules. " * 1200}, *body["messages"]]})
+
+    registry.register(Pad)
+    backend = Backend()
+    runner, url = await serve_handler(backend.handle)
+    try:
+        g = await make_gateway([{"name": "rate_limit", "config": {"rules": [
+            {"name": "tok", "limit": "1500/minute", "counts": "tokens", "key_by": ["ip"]}]}},
+            {"name": "test_pad"}], upstream={"url": url})
+        status, _, err = await chat(g, [user("Hi")], max_tokens=10)
+        assert status == 429, err
+        msg = err["error"]["message"]
+        assert "with what a plugin after rate_limit added" in msg and "history" not in msg, msg
+        assert backend.seen == []
+    finally:
+        registry._classes.pop("test_pad", None)
+        await runner.cleanup()
+
+
+async def test_a_memory_turn_with_the_counter_store_down_is_counted_unchecked_once(make_gateway: Any,
+                                                                                 redis_server: Any) -> None:
+    redis = redis_server()
+    backend = Backend()
+    runner, url = await serve_handler(backend.handle)
+    try:
+        g = await make_gateway([{"name": "rate_limit", "config": {
+            "storage": redis.url, "storage_timeout": 0.3, "on_store_error": "allow",
+            "rules": [{"name": "tpm", "limit": "100000/minute", "counts": "tokens", "key_by": ["ip"]}]}},
+            {"name": "conversations", "config": {"memory": {"enabled": True}}}], upstream={"url": url})
+        status, cid, _ = await chat(g, [user("word " * 400)], max_tokens=10)
+        assert status == 200
+        redis.stop()
+        before = await metric(g, "gateway_ratelimit_unchecked_total")
+        status, _, _ = await chat(g, [user("And then?")], cid=cid, max_tokens=10)
+        assert status == 200
+        assert len(backend.seen[-1]["messages"]) == 3  # (the history went, and the turn was let through)
+        assert await metric(g, "gateway_ratelimit_unchecked_total") == before + 1
     finally:
         await runner.cleanup()
 

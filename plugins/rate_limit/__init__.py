@@ -79,7 +79,7 @@ class QuotaDown(StoreDown):
 
 class _State:
     __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
-                 "quota_shared", "held", "body", "generating", "grown")
+                 "quota_shared", "held", "body", "generating", "grown", "unchecked")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
@@ -95,8 +95,11 @@ class _State:
         self.held: list[tuple[str, int]] = []
         self.body: bytes | None = None  # the body the estimate is of
         self.generating = False  # a request that may generate (its prompt estimated)
-        #: admitted again on a prompt a later plugin made larger (``on_forward``)
-        self.grown = False
+        #: admitted again on a prompt a later plugin made larger (``on_forward``): "history" (a
+        #: conversation's, memory on) or "plugin" (another one); "" not
+        self.grown = ""
+        #: let through without the counters (the store down, on_store_error: allow)
+        self.unchecked = False
 
 
 class RateLimit(Plugin):
@@ -342,19 +345,22 @@ class RateLimit(Plugin):
         if not isinstance(body, dict) or prompt_estimate(body) <= st.prompt:
             return None
         _, tok, quota = self._applicable(ctx)
+        if st.unchecked:  # (the counter store was down at on_request: let through without them, counted once)
+            tok = []
         _release(st.held)
         old = st.standings
         for name in hdr.build(old):  # (rebuilt below: a header none of the new standings gives goes)
             ctx.response_headers.pop(name, None)
         requests = [s for s in old if s.counts == "requests"]
         st.standings, st.token_limits, st.quota_periods, st.quota_shared = [], [], [], []
-        st.grown = True
+        plan = ctx.state.get("conversations")
+        st.grown = "history" if getattr(plan, "memory", False) else "plugin"
         deadline = None if self.store.memory else time.monotonic() + self.store.timeout
         try:
             reply = await self._admit(ctx, st, [], tok, quota, deadline)
         except StoreDown:
             _release(st.held)
-            reply = await self._store_down(ctx, st, quota)
+            reply = None if st.unchecked else await self._store_down(ctx, st, quota)
         if reply is not None:
             _release(st.held)
         if ctx.state.get(NAME) is st:  # (not a 503 for a store down, with on_store_error: deny)
@@ -518,10 +524,13 @@ class RateLimit(Plugin):
         n = st.choices if st is not None else 1
         per = f"max_tokens x {n} choices" if n > 1 else "max_tokens"
         prompt, shorten, added = "prompt", "shorten the prompt", ""
-        if st is not None and st.grown:  # (a memory turn: the history was not the client's to see)
+        if st is not None and st.grown == "history":  # (a memory turn: the history was not the client's to see)
             prompt = "prompt as forwarded, with the history the gateway added,"
             shorten = "send less history (conversations' memory.max_tokens)"
             added = " (with the history the gateway added to the prompt)"
+        elif st is not None and st.grown:
+            prompt = "prompt as forwarded, with what a plugin after rate_limit added,"
+            added = " (with what a plugin after rate_limit added to the prompt)"
         if not never and s.remaining < needed <= s.remaining + s.held:
             # It fits what is left, not beside what requests still running may use: they end soon.
             what, limit = (f"your {s.name.replace('-', ' ')} quota", s.limit) if lim is None else \
@@ -574,6 +583,7 @@ class RateLimit(Plugin):
         is still down). ``deny``: 503, as for a quota read that fails (with ``allow``, such a
         failure leaves the counters' rules to decide: see ``_check``)."""
         if self.config.on_store_error == "allow":
+            st.unchecked = True
             st.standings = [s for s in st.standings if s.counts == "quota"]
             if quota and self._quota is not None and not st.quota_periods:
                 try:
