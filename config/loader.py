@@ -232,7 +232,18 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
             elif value.lstrip()[:1] in ("[", "{"):
                 try:
                     loaded = yaml.safe_load(value)
-                except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+                except yaml.YAMLError as e:
+                    if _IPV6_UNQUOTED.search(value):
+                        # `[::1/128, fd00::/8]`: left a string, the setting would only say "not a
+                        # valid list" (another value that is not YAML stays the string it is: a
+                        # secret may start with "{")
+                        why = (getattr(e, "problem", None) or str(e).splitlines()[0]).strip()
+                        problems.append(f"{fmt_path(path)} -> line {node.start_mark.line + 1}: the value from the "
+                                        f"environment looks like a YAML list but is not one ({why}){_IPV6_HINT}")
+                        lines.bad.add(path)
+                        return None
+                    loaded = None
+                except (ValueError, OverflowError, RecursionError):
                     loaded = None
                 if isinstance(loaded, (list, dict)):
                     value = loaded
@@ -319,6 +330,12 @@ def _parse_yaml(text: str, source: str, env: dict[str, str] | None) -> tuple[dic
     return data, lines, problems
 
 
+#: An IPv6 address starting with ':' written bare (`host: ::`, `[::1/128]`): YAML reads the ':' as
+#: its own syntax.
+_IPV6_UNQUOTED = re.compile(r"(?:^|[\s\[,{])::")
+_IPV6_HINT = ' (an IPv6 address starting with ":" must be quoted: "::", ["::1/128"])'
+
+
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
     """"line N: invalid YAML: ...", with the line where the problem is (or, for a scanner error
     about something left open, such as a quote, where it was opened)."""
@@ -340,6 +357,8 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
         row = (text.splitlines()[at.line:at.line + 1] or [""])[0]
         if row[at.column:at.column + 1] == "\t" or "\t" in row[:len(row) - len(row.lstrip())]:
             hint = " (a tab: YAML indents with spaces only)"
+        elif _IPV6_UNQUOTED.search(row):
+            hint = _IPV6_HINT
     return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}{hint}"
 
 

@@ -93,6 +93,8 @@ def host_problem(v: str) -> str | None:
 
 def _listen_host(v: str) -> str:
     v = v.strip()  # (a variable set with a blank at its end)
+    if v == "*":  # every interface, IPv4 and IPv6 (as empty; a variable's default cannot be empty)
+        return ""
     bad = host_problem(v)
     if bad:
         raise ValueError(bad)
@@ -133,7 +135,8 @@ class Model(BaseModel):
 
 
 class ServerConfig(Model):
-    host: ListenHost = Field("0.0.0.0", description="Address of the public listener.")
+    host: ListenHost = Field("0.0.0.0", description="Address of the public listener: 0.0.0.0 every IPv4 "
+                                                     "interface, :: every IPv6 one, * (or empty) both.")
     port: int = Field(8080, ge=0, le=65535, description="Port of the public listener (0 picks a free one).")
     max_body_size: int = Field(10 * 2**20, gt=0, description="Largest request body accepted; larger gets 413.")
     shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM.")
@@ -649,6 +652,14 @@ class GatewayConfig(Model):
             out.append(f"server.trusted_proxies holds {', '.join(wide)}: the X-Forwarded-For of any client in it is "
                        "believed, so those clients choose the address that per-IP limits, ip rules and the audit trail "
                        "see; list only the proxies' own addresses")
+        for c in self.server.trusted_proxies:
+            # `10.0.0.5/24`, `fd00::2/64` (how `ip addr` prints a proxy's address): the whole network
+            # is trusted, not the one proxy
+            if "/" in c and ipaddress.ip_network(c, strict=False).network_address != \
+                    ipaddress.ip_address(c.split("/", 1)[0].split("%", 1)[0]):
+                net = ipaddress.ip_network(c, strict=False)
+                out.append(f"server.trusted_proxies holds {c}, an address with a prefix length: it trusts all of "
+                           f"{net}; write {c.split('/', 1)[0]} for one proxy, or {net} if the whole network is yours")
         base = urlsplit(str(self.upstream.url)).path.rstrip("/")
         for prefix in dict.fromkeys(["/v1", *(p.rstrip("/") for p in self.server.paths)]):
             if prefix and base.lower().endswith(prefix.lower()):

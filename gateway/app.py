@@ -148,13 +148,14 @@ class Gateway:
         reuse = self.cfg.server.reuse_port or None
         site = web.TCPSite(self._public, self.cfg.server.host, self.cfg.server.port, backlog=LISTEN_BACKLOG,
                            reuse_port=reuse)
-        await site.start()
+        await _listen(site, "server.host", self.cfg.server.host)
         self.public_port = _port(self._public)
         if self.cfg.admin.enabled:
             self._admin = JsonErrorAppRunner(build_admin_app(self), access_log=None, shutdown_timeout=5,
                                              keepalive_timeout=self.cfg.server.keepalive_timeout)
             await self._admin.setup()
-            await web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port, reuse_port=reuse).start()
+            await _listen(web.TCPSite(self._admin, self.cfg.admin.host, self.cfg.admin.port, reuse_port=reuse),
+                          "admin.host", self.cfg.admin.host)
             self.admin_port = _port(self._admin)
         else:
             needs = sorted({p.name for p in self.cfg.plugins if p.enabled and p.name in _ADMIN_PLUGINS})
@@ -164,7 +165,7 @@ class Gateway:
                             ", ".join(needs), "has" if len(needs) == 1 else "have")
 
         def host_port(host: str, port: int | None) -> str:  # (an IPv6 address in brackets: [::1]:8080)
-            return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
 
         log.info("gateway listening", extra={"fields": {
             "public": host_port(self.cfg.server.host, self.public_port),
@@ -731,6 +732,15 @@ async def _through(mw: Any, inner: Any, request: web.BaseRequest) -> web.StreamR
 
 #: Plugins whose use is mostly through the admin API.
 _ADMIN_PLUGINS = frozenset({"metrics", "key_auth", "audit", "conversations"})
+
+
+async def _listen(site: web.TCPSite, setting: str, host: str) -> None:
+    """Start a listener; a failure names the setting and the host (a name that does not resolve
+    said only "Name or service not known", for either listener)."""
+    try:
+        await site.start()
+    except OSError as e:
+        raise OSError(e.errno, f"{setting} {host or '*'!r}: {e.strerror or e}") from None
 
 
 def _port(runner: web.BaseRunner) -> int:

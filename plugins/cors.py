@@ -18,6 +18,7 @@ docs/configuration.md, "Browsers (CORS)".
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -70,8 +71,16 @@ class CorsConfig(PluginConfig):
                     raise ValueError(f"{o!r}: a port is 1..65535")
                 if port == {"https": ":443", "http": ":80"}[scheme]:
                     o = o[:-len(port)]  # (browsers leave a default port out of Origin)
-                if star and "." not in host:
+                    port = None
+                if star and ("." not in host or host.startswith("[")):
                     raise ValueError(f"{o!r} allows every site under .{host}: name the domain (https://*.example.org)")
+                if host.startswith("["):
+                    # an IPv6 literal as a browser writes it in Origin: compressed ([2001:db8::2])
+                    try:
+                        ip = ipaddress.IPv6Address(host[1:-1])
+                    except ValueError:
+                        raise ValueError(f"{o!r}: {host} is not an IPv6 address") from None
+                    o = f"{scheme}://[{ip.compressed}]{port or ''}"
             out.append(o)
         return out
 
