@@ -81,9 +81,13 @@ def about_stored(method: str, lpath: str) -> bool:
     return p.endswith("/cancel") and "/responses/" in p
 
 
-#: POSTs that generate nothing: counting a prompt's tokens, cancelling a job (a batch, a fine-tuning
-#: job, a run, an upload, a response).
-NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel")
+#: POSTs that generate nothing: counting a prompt's tokens (vLLM's /tokenize and /detokenize too),
+#: cancelling a job (a batch, a fine-tuning job, a run, an upload, a response).
+NOT_GENERATING = ("/count_tokens", "/input_tokens", "/cancel", "/tokenize", "/detokenize")
+
+#: POSTs that read their input and write no text: no completion tokens to expect (embeddings,
+#: Ollama's /api/embed, vLLM's pooling models: rerank, score, classify, pooling; moderations).
+NO_COMPLETION = ("/embeddings", "/embed", "/rerank", "/score", "/classify", "/pooling", "/moderations")
 
 
 def generates(method: str, lpath: str) -> bool:

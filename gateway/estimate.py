@@ -15,7 +15,8 @@ from .fastjson import dumps_bytes
 
 def prompt_estimate(body: Any) -> int:
     """Prompt tokens estimated as characters / 4 of the message contents (or prompt / input /
-    instructions, or the Messages API's system prompt), of an assistant message's tool calls and of
+    instructions, or the Messages API's system prompt, or a rerank's query with each of its
+    documents, a score's texts with each other), of an assistant message's tool calls and of
     the Responses API's function-call items (their arguments and outputs), plus the tool
     definitions as JSON text (every backend puts them in the prompt). A prompt or input given as
     token ids (the completions and embeddings APIs take lists of integers) counts one per id."""
@@ -38,6 +39,17 @@ def prompt_estimate(body: Any) -> int:
                 chars += _chars(v)
             else:
                 tokens += ids
+    # vLLM's pooling APIs: a rerank reads the query beside each document; a score, each pair
+    docs = body.get("documents")
+    if isinstance(docs, list) and docs:
+        chars += _chars(docs) + len(docs) * (_chars(body.get("query")) + _chars(body.get("queries")))
+    for k in ("text_1", "text_2", "data_1", "data_2"):
+        if k in body:
+            chars += _chars(body[k])
+    pairs = max(_count(body.get("text_1")), _count(body.get("data_1")))
+    if pairs == 1:  # one text scored against each of a list: read with each
+        chars += (_chars(body.get("text_1")) + _chars(body.get("data_1"))) * \
+            (max(_count(body.get("text_2")), _count(body.get("data_2"))) - 1)
     return (chars + definitions_chars(body) + 3) // 4 + tokens
 
 
@@ -50,6 +62,11 @@ def definitions_chars(body: dict[str, Any]) -> int:
         if isinstance(v, list) and v:
             chars += len(dumps_bytes(v))
     return chars
+
+
+def _count(v: Any) -> int:
+    """Texts in a field that holds one or a list of them."""
+    return len(v) if isinstance(v, list) else 1 if isinstance(v, str) else 0
 
 
 def _chars(v: Any) -> int:

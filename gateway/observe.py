@@ -308,7 +308,8 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
     plugin reads them here, so all count both alike. The Messages API reports the prompt it read
     from its cache or wrote to it apart from ``input_tokens`` (the OpenAI APIs count them in):
     they are input too. (A Responses API usage, which has a total and ``input_tokens_details``
-    with the cached count in its input, is taken as it is, whatever else it carries.)"""
+    with the cached count in its input, is taken as it is, whatever else it carries.) A usage
+    with a total alone (a rerank) is all input."""
     p, c = u.get("prompt_tokens"), u.get("completion_tokens")
     if p is None:
         p = _int(u.get("input_tokens"))
@@ -316,7 +317,11 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
                 and "total_tokens" not in u and "input_tokens_details" not in u:
             p = _int(p + (_int(u.get("cache_read_input_tokens")) or 0)
                      + (_int(u.get("cache_creation_input_tokens")) or 0))
-    return _int(p), _int(c if c is not None else u.get("output_tokens"))
+    c = c if c is not None else u.get("output_tokens")
+    if p is None and c is None:
+        # a usage with a total alone (vLLM's /rerank: {"total_tokens": N}): all of it input, read
+        p = u.get("total_tokens")
+    return _int(p), _int(c)
 
 
 try:  # zstd: Python 3.14's module, or its backport (the package aiohttp decodes zstd with)

@@ -368,6 +368,10 @@ class UsageTally:
             self.last_seen.clear()
 
 
+#: Request fields besides "model" that name a model a backend reads (Ollama's create and copy).
+_OTHER_MODEL_FIELDS = frozenset({"from", "source", "destination", "modelfile"})
+
+
 class KeyAuth(Plugin):
     name = "key_auth"
     Config = KeyAuthConfig
@@ -540,6 +544,17 @@ class KeyAuth(Plugin):
                                 "This API key is limited to some models, and this request names a model under "
                                 "more than one spelling of \"model\" (backends differ in which they use).",
                                 "key_scope_denied", "permission_error")
+        if isinstance(j, dict) and _OTHER_MODEL_FIELDS.intersection(j):
+            # Ollama's /api/create ("from": the model copied, or a "modelfile" naming it with FROM)
+            # and /api/copy ("source", "destination"): a model of another name than "model"
+            for k in sorted(_OTHER_MODEL_FIELDS.intersection(j)):
+                v = j[k]
+                if k == "modelfile" or not isinstance(v, str) or not model_allowed(v, models):
+                    return self._refuse(ctx, 403, "scope_model", ctx.state[self.name],
+                                        f"This API key is limited to some models, and this request's {k!r} "
+                                        + ("names a model the gateway cannot check (use \"from\")." if k == "modelfile"
+                                           else "names a model it is not allowed to use."),
+                                        "key_scope_denied", "permission_error")
         if model is not None and "." in model and any(x in (".", "..") for x in model.replace("\\", "/").split("/")):
             # "demo-x/../secret-model" matches the pattern demo-*, and an upstream that reads model
             # names as paths (a models folder, org/name ids) would serve secret-model

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from prometheus_client import Counter
 
-from gateway.context import RequestContext, cut_while_sent, generates, truthy
+from gateway.context import NO_COMPLETION, RequestContext, cut_while_sent, generates, truthy
 from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
@@ -280,7 +280,7 @@ class RateLimit(Plugin):
         free = not generates(ctx.method, ctx.lpath)
         generating = not free and isinstance(body, dict)
         consumes = generating or (not free and bool(ctx.body) and not any(f in lp for f in _FILE_STORE))
-        embeddings = ctx.lpath.endswith("/embeddings")
+        embeddings = lp.endswith(NO_COMPLETION)  # (read, not generated: no completion to allow for)
         # best_of is the legacy completions' alone (the chat API has none, and ignores it)
         legacy = lp.endswith("/completions") and not lp.endswith("/chat/completions")
         st.generating = generating
