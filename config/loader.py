@@ -233,7 +233,7 @@ def _construct(node: yaml.Node, path: Path_, lines: _Lines, problems: list[str],
                 try:
                     loaded = yaml.safe_load(value)
                 except yaml.YAMLError as e:
-                    if _IPV6_UNQUOTED.search(value):
+                    if value.lstrip().startswith("[") and _IPV6_UNQUOTED.search(value):
                         # `[::1/128, fd00::/8]`: left a string, the setting would only say "not a
                         # valid list" (another value that is not YAML stays the string it is: a
                         # secret may start with "{")
@@ -334,6 +334,8 @@ def _parse_yaml(text: str, source: str, env: dict[str, str] | None) -> tuple[dic
 #: its own syntax.
 _IPV6_UNQUOTED = re.compile(r"(?:^|[\s\[,{])::")
 _IPV6_HINT = ' (an IPv6 address starting with ":" must be quoted: "::", ["::1/128"])'
+#: Quoted spans of a YAML line (what is inside them is text, not syntax).
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\']|\'\')*\'')
 
 
 def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
@@ -357,8 +359,10 @@ def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
         row = (text.splitlines()[at.line:at.line + 1] or [""])[0]
         if row[at.column:at.column + 1] == "\t" or "\t" in row[:len(row) - len(row.lstrip())]:
             hint = " (a tab: YAML indents with spaces only)"
-        elif _IPV6_UNQUOTED.search(row):
+        elif _IPV6_UNQUOTED.search(_QUOTED.sub("", row).split(" #", 1)[0]):
             hint = _IPV6_HINT
+        elif (context or "").startswith("while scanning an alias") and re.search(r":\s*\*\s*$", row):
+            hint = ' (a bare * is YAML\'s alias sign: quote it, "*")'
     return f"{where}: invalid YAML: {(context + ': ') if context else ''}{problem}{hint}"
 
 

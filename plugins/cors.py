@@ -39,6 +39,26 @@ _ORIGIN = re.compile(r"^(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token: a header or method name
 
 
+def url_ipv6(ip: ipaddress.IPv6Address) -> str:
+    """An IPv6 address as the URL standard writes it in a host (and browsers in Origin): eight hex
+    pieces without leading zeros, the first longest run of two or more zero pieces as "::", never
+    a dotted IPv4 tail (Python 3.13 writes ::ffff:127.0.0.1 where a browser has ::ffff:7f00:1)."""
+    pieces = [int(x, 16) for x in ip.exploded.split(":")]
+    best, at = 1, -1
+    i = 0
+    while i < 8:
+        j = i
+        while j < 8 and pieces[j] == 0:
+            j += 1
+        if j - i > best:
+            best, at = j - i, i
+        i = j + 1 if j > i else i + 1
+    hexed = [format(x, "x") for x in pieces]
+    if at < 0:
+        return ":".join(hexed)
+    return ":".join(hexed[:at]) + "::" + ":".join(hexed[at + best:])
+
+
 class CorsConfig(PluginConfig):
     allow_origins: list[str] = Field(
         ..., min_length=1,
@@ -80,7 +100,7 @@ class CorsConfig(PluginConfig):
                         ip = ipaddress.IPv6Address(host[1:-1])
                     except ValueError:
                         raise ValueError(f"{o!r}: {host} is not an IPv6 address") from None
-                    o = f"{scheme}://[{ip.compressed}]{port or ''}"
+                    o = f"{scheme}://[{url_ipv6(ip)}]{port or ''}"
             out.append(o)
         return out
 

@@ -60,7 +60,8 @@ def test_a_variable_that_is_no_valid_yaml_list_is_said() -> None:
 
 
 def test_a_trusted_proxy_written_with_its_prefix_length_is_warned_about() -> None:
-    cfg = load_config_text('server:\n  trusted_proxies: ["fd00::2/64", "10.0.0.0/8", "::1"]\n' + BASE)
+    cfg = load_config_text('server:\n  trusted_proxies: ["fd00::2/64", "10.0.0.0/8", "::1", "fe80::%eth0/64", '
+                           '"fe80::1%eth0/128", "::ffff:10.0.0.0/104"]\n' + BASE)
     warned = [w for w in cfg.warnings() if "an address with a prefix length" in w]
     assert len(warned) == 1 and "trusts all of fd00::/64; write fd00::2 for one proxy" in warned[0]
 
@@ -72,6 +73,31 @@ def test_a_listener_that_cannot_start_names_its_setting(tmp_path: Path) -> None:
                        timeout=60)
     assert r.returncode == 1
     assert "start-up failed: [Errno 99] admin.host '192.0.2.1': " in r.stderr, r.stderr[-2000:]
+
+
+def test_ipv6_in_a_url_is_written_as_browsers_write_it() -> None:
+    """The URL standard's form, whatever Python's own (3.13 writes a mapped IPv4 address dotted)."""
+    import ipaddress
+
+    from gateway.plugins.cors import url_ipv6
+
+    for given, url in (("::ffff:127.0.0.1", "::ffff:7f00:1"), ("::1", "::1"), ("::", "::"),
+                       ("1:0:0:2:0:0:0:3", "1:0:0:2::3"), ("1:0:0:2:0:0:3:4", "1::2:0:0:3:4"),
+                       ("2001:db8:0:1:1:1:1:1", "2001:db8:0:1:1:1:1:1"), ("FE80:0:0:0:0:0:0:1", "fe80::1")):
+        assert url_ipv6(ipaddress.IPv6Address(given)) == url, given
+
+
+def test_yaml_hints_are_given_where_they_apply() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config_text("server:\n  host: *\n" + BASE)
+    assert 'a bare * is YAML\'s alias sign: quote it, "*"' in str(e.value)
+    with pytest.raises(ConfigError) as e:  # ('::' inside a quoted string is text: no IPv6 hint)
+        load_config_text('upstream:\n  headers: {X-Note: "see ::1 docs"}: x\n' + BASE)
+    assert "must be quoted" not in str(e.value)
+    # a secret from the environment that looks like a broken mapping stays the string it is
+    cfg = load_config_text('upstream:\n  url: "http://127.0.0.1:9"\n  headers:\n    X-Secret: ${UPK}\n'
+                           'admin: {token: "0123456789abcdef0123"}\n', env={"UPK": "{token ::x"})
+    assert cfg.upstream.headers["X-Secret"] == "{token ::x"
 
 
 def test_ipv6_origins_are_compared_as_browsers_write_them() -> None:

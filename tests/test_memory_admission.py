@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .helpers import clear_of_a_minute_boundary, serve_handler
+from .helpers import clear_of_a_minute_boundary, serve_handler, until
 from .test_conversations_ops import metric
 from .test_memory_edges import SYS, chat, count_tokens, stored, user
 
@@ -131,7 +131,9 @@ async def test_admitted_again_only_when_a_plugin_changed_the_body(make_gateway: 
         await runner.cleanup()
 
 
-async def test_a_prompt_another_plugin_makes_larger_is_admitted_on_what_is_sent(make_gateway: Any) -> None:
+@pytest.mark.parametrize("memory", [False, True])
+async def test_a_prompt_another_plugin_makes_larger_is_admitted_on_what_is_sent(make_gateway: Any,
+                                                                                memory: bool) -> None:
     """A third-party plugin that adds to the prompt (``rewrites_body``) after rate_limit: the
     request is admitted on what goes upstream, and a refusal names no conversation history."""
     from gateway.plugin import Plugin, registry
@@ -148,9 +150,10 @@ async def test_a_prompt_another_plugin_makes_larger_is_admitted_on_what_is_sent(
     backend = Backend()
     runner, url = await serve_handler(backend.handle)
     try:
+        conv = [{"name": "conversations", "config": {"memory": {"enabled": True}}}] if memory else []
         g = await make_gateway([{"name": "rate_limit", "config": {"rules": [
             {"name": "tok", "limit": "1500/minute", "counts": "tokens", "key_by": ["ip"]}]}},
-            {"name": "test_pad"}], upstream={"url": url})
+            *conv, {"name": "test_pad"}], upstream={"url": url})  # (memory on: a first turn, no history)
         status, _, err = await chat(g, [user("Hi")], max_tokens=10)
         assert status == 429, err
         msg = err["error"]["message"]
@@ -179,6 +182,10 @@ async def test_a_memory_turn_with_the_counter_store_down_is_counted_unchecked_on
         assert status == 200
         assert len(backend.seen[-1]["messages"]) == 3  # (the history went, and the turn was let through)
         assert await metric(g, "gateway_ratelimit_unchecked_total") == before + 1
+
+        async def charge_tried() -> bool:  # (let through unchecked, its tokens are still charged: here, lost and counted)
+            return await metric(g, "gateway_ratelimit_store_errors_total", kind="charge_dropped") >= 1
+        await until(charge_tried, timeout=10, what="the memory turn's charge")
     finally:
         await runner.cleanup()
 

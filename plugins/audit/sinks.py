@@ -28,7 +28,6 @@ __all__ = ["DatabaseSink", "JsonlSink", "Sink", "StdoutSink", "head_log", "jsonl
 #: The ``audit head`` lines: logged whatever logging.level says (a head kept out of the database's
 #: reach is what lets verify --head catch a truncated trail; see Audit.startup).
 head_log = logging.getLogger("gateway.audit.head")
-log = logging.getLogger("gateway.audit")
 
 
 def _lines(batch: Sequence[Any]) -> str:
@@ -104,10 +103,6 @@ class JsonlSink(Sink):
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
-        #: (device, inode, size) of the file after this sink's last write: the same file found
-        #: shorter at the next one was truncated under it (logrotate's copytruncate), which loses
-        #: what was written between the copy and the truncation
-        self._after: tuple[int, int, int] | None = None
 
     @property
     def key(self) -> str:
@@ -125,14 +120,7 @@ class JsonlSink(Sink):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            st = os.fstat(fd)
-            if self._after is not None and self._after[:2] == (st.st_dev, st.st_ino) and st.st_size < self._after[2]:
-                log.warning("audit sink jsonl: %s was truncated while the gateway wrote to it (logrotate's "
-                            "copytruncate?): events written between the copy and the truncation are lost; "
-                            "rotate it by renaming (logrotate's create), which needs no signal", self.path)
             _append(fd, data.encode("ascii"))
-            st = os.fstat(fd)
-            self._after = (st.st_dev, st.st_ino, st.st_size)
         finally:
             os.close(fd)
 

@@ -338,7 +338,7 @@ class ConversationsConfig(PluginConfig):
 
 class Plan:
     __slots__ = ("view", "create", "parent_id", "fork_position", "base", "new", "new_digests", "forwarded",
-                 "known", "memory", "owner", "key_id", "created_at")
+                 "known", "memory", "owner", "key_id", "created_at", "replayed")
 
     def __init__(self, view: View, create: bool, parent_id: str | None, fork_position: int | None, base: int,
                  new: list[dict[str, Any]], new_digests: list[str], forwarded: list[dict[str, Any]],
@@ -347,6 +347,8 @@ class Plan:
             view, create, parent_id, fork_position, base
         self.new, self.new_digests, self.forwarded, self.known = new, new_digests, forwarded, known
         self.memory, self.owner, self.key_id, self.created_at = memory, owner, key_id, created_at
+        #: the body sent upstream is not the client's: memory added stored history to it
+        self.replayed = False
 
 
 #: A stored message memory may replay: the message, its replay token count, its position.
@@ -553,6 +555,7 @@ class Conversations(Plugin):
         v.busy += 1
         forwarded = msgs
         known: int | None = None
+        exact: Any = None  # (set once the body is made anew: the history added to it)
         if memory and v.count:
             mem = cfg.memory
             lead = msgs[:lead_n]  # a new system prompt: sent first, as the client sent it
@@ -574,7 +577,6 @@ class Conversations(Plugin):
             budget = mem.max_bytes if mem.max_bytes is not None else ctx.max_body
             room = budget - len(ctx.body) + sum(body_size(m) for m in msgs[lead_n:start])
             cap: int | None = None
-            exact = None
             for attempt in range(4):
                 kept, taken = self._history(v, head, cands, must, lead + client, room, cap)
                 # unchanged: the history is what the client sent before ``start`` (a resent system
@@ -601,9 +603,11 @@ class Conversations(Plugin):
             known = None if any(t is None for t in toks) else sum(toks)  # type: ignore[misc]
         elif not k:
             known = 0
-        ctx.state[self.name] = Plan(view=v, create=create, parent_id=parent_id, fork_position=fork_position,
-                                    base=base, new=new, new_digests=new_digests, forwarded=forwarded, known=known,
-                                    memory=memory, owner=owner, key_id=key_id, created_at=utcnow())
+        plan = ctx.state[self.name] = Plan(
+            view=v, create=create, parent_id=parent_id, fork_position=fork_position, base=base, new=new,
+            new_digests=new_digests, forwarded=forwarded, known=known, memory=memory, owner=owner, key_id=key_id,
+            created_at=utcnow())
+        plan.replayed = exact is not None
         ctx.conversation_id = v.id
         ctx.response_headers["X-Conversation-ID"] = v.id
         if parent_id is not None:

@@ -352,9 +352,11 @@ class RateLimit(Plugin):
         for name in hdr.build(old):  # (rebuilt below: a header none of the new standings gives goes)
             ctx.response_headers.pop(name, None)
         requests = [s for s in old if s.counts == "requests"]
-        st.standings, st.token_limits, st.quota_periods, st.quota_shared = [], [], [], []
+        st.standings, st.quota_periods, st.quota_shared = [], [], []
+        if not st.unchecked:  # (let through unchecked, its token rules are still charged when it ends)
+            st.token_limits = []
         plan = ctx.state.get("conversations")
-        st.grown = "history" if getattr(plan, "memory", False) else "plugin"
+        st.grown = "history" if getattr(plan, "replayed", False) else "plugin"
         deadline = None if self.store.memory else time.monotonic() + self.store.timeout
         try:
             reply = await self._admit(ctx, st, [], tok, quota, deadline)
