@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config.loader import ConfigError, load_config_text
 
-from .helpers import base_config, free_port, write_config
+from .helpers import base_config, clear_of_a_minute_boundary, free_port, write_config
 
 BASE = 'upstream: {url: "http://127.0.0.1:9"}\nadmin: {token: "0123456789abcdef0123"}\n'
 
@@ -109,3 +109,25 @@ def test_ipv6_origins_are_compared_as_browsers_write_them() -> None:
     for bad in ("http://[:::]", "http://[1.2.3.4]", "https://*.[::1]"):
         with pytest.raises(ValueError):
             CorsConfig(allow_origins=[bad])
+
+
+def test_ipv4_clients_behind_nat64_are_counted_apart() -> None:
+    """Through NAT64 every IPv4 client arrives in one IPv6 /64: each keeps a counter of its own."""
+    from gateway.plugins.rate_limit.rules import ip_key
+
+    assert ip_key("64:ff9b::c633:6407") == "198.51.100.7"
+    assert ip_key("64:ff9b::cb00:7109") == "203.0.113.9"
+    assert ip_key("64:ff9b::c633:6407", 24, 64) == "198.51.100.0/24"
+    assert ip_key("2001:db8::1") == ip_key("2001:db8::2") == "2001:db8::/64"
+
+
+async def test_nat64_clients_get_their_own_per_ip_budget(make_gateway: Any) -> None:
+    await clear_of_a_minute_boundary()  # (the third request must be counted in the first one's minute)
+    g = await make_gateway([{"name": "rate_limit", "config": {"rules": [
+        {"name": "per-ip", "limit": "1/minute", "key_by": ["ip"]}]}}], server={"trusted_proxies": ["127.0.0.1/32"]})
+    got = []
+    async with aiohttp.ClientSession() as s:
+        for client in ("64:ff9b::c633:6407", "64:ff9b::cb00:7109", "64:ff9b::c633:6407"):
+            async with s.get(g.url + "/v1/models", headers={"X-Forwarded-For": client}) as r:
+                got.append(r.status)
+    assert got == [200, 200, 429]

@@ -141,7 +141,8 @@ def ip_key(ip: str, v4: int = 32, v6: int = 64) -> str:
     """What a client address is counted as: its network, ``2001:db8:1:2::/64``. An IPv6 client
     is usually given a whole /64 and may use a new address of it for every request, so keying the
     address would give it a fresh counter each time; IPv4 addresses are scarce and kept whole by
-    default. A prefix equal to the address length keys the address itself (no ``/``). Anything
+    default; an IPv4 client behind NAT64 (``64:ff9b::1.2.3.4``) as its IPv4 address. A prefix equal
+    to the address length keys the address itself (no ``/``). Anything
     that is no address (a Unix socket peer) is kept as it is. Recent results are kept (this runs
     per rule per request)."""
     if v4 == 32 and ":" not in ip:
@@ -153,6 +154,10 @@ def ip_key(ip: str, v4: int = 32, v6: int = 64) -> str:
             a = ipaddress.ip_address(ip)
         except ValueError:
             return ip
+        if a.version == 6 and a in _NAT64:
+            # an IPv4 client reaching an IPv6-only network through NAT64 (RFC 6052's well-known
+            # prefix): counted as the IPv4 address it carries, not with every IPv4 client in a /64
+            a = ipaddress.IPv4Address(int(a) & 0xFFFFFFFF)
         bits = v4 if a.version == 4 else v6
         key = str(a) if bits >= a.max_prefixlen else str(ipaddress.ip_network((a, bits), strict=False))
         if len(_NETS) >= _KEYS_KEPT:
@@ -162,6 +167,7 @@ def ip_key(ip: str, v4: int = 32, v6: int = 64) -> str:
 
 
 _NETS: dict[tuple[str, int, int], str] = {}
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 _IP = ("ip",)
