@@ -299,6 +299,9 @@ class UpstreamConfig(Model):
             raise ValueError("the URL holds a blank (a space, tab or line break, at its ends too): remove it")
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
+        # An IPv6 zone id as RFC 6874 writes it in a URL ([fe80::1%25eth0], as curl takes it): the
+        # connection needs the zone itself (fe80::1%eth0), which the raw form gives
+        v = re.sub(r"^(https?://(?:[^/@]*@)?\[[0-9A-Fa-f:.]+)%25([^\]/]+\])", r"\1%\2", v)
         try:
             u = urlsplit(v)
             u.port  # noqa: B018  (a port that is not a number only fails when read)

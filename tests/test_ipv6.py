@@ -131,3 +131,13 @@ async def test_nat64_clients_get_their_own_per_ip_budget(make_gateway: Any) -> N
             async with s.get(g.url + "/v1/models", headers={"X-Forwarded-For": client}) as r:
                 got.append(r.status)
     assert got == [200, 200, 429]
+
+
+def test_an_upstream_zone_id_written_as_in_a_url_standard_is_taken() -> None:
+    """RFC 6874's [fe80::1%25eth0] (curl takes it) was kept encoded: every request then failed to
+    resolve 'fe80::1%25eth0'. It is read as the zone id itself."""
+    for url, want in (("http://[fe80::1%25eth0]:8000", "http://[fe80::1%eth0]:8000"),
+                      ("http://[fe80::1%eth0]:8000/api", "http://[fe80::1%eth0]:8000/api"),
+                      ("http://[::1]:8000", "http://[::1]:8000")):
+        cfg = load_config_text(f'upstream: {{url: "{url}"}}\nadmin: {{token: "0123456789abcdef0123"}}\n')
+        assert cfg.upstream.url == want
