@@ -658,9 +658,10 @@ class GatewayConfig(Model):
         for c in self.server.trusted_proxies:
             # `10.0.0.5/24`, `fd00::2/64` (how `ip addr` prints a proxy's address): the whole network
             # is trusted, not the one proxy
-            if "/" in c and int(ipaddress.ip_network(c, strict=False).network_address) != \
-                    int(ipaddress.ip_address(c.split("/", 1)[0].split("%", 1)[0])):
-                net = ipaddress.ip_network(c, strict=False)
+            if "/" not in c:
+                continue
+            net = ipaddress.ip_network(c, strict=False)
+            if int(net.network_address) != int(ipaddress.ip_address(c.split("/", 1)[0].split("%", 1)[0])):
                 out.append(f"server.trusted_proxies holds {c}, an address with a prefix length: it trusts all of "
                            f"{net}; write {c.split('/', 1)[0]} for one proxy, or {net} if the whole network is yours")
         base = urlsplit(str(self.upstream.url)).path.rstrip("/")

@@ -88,7 +88,7 @@ class BatchWriter(Generic[T]):
         self._m = metrics
         self._depth = metrics.depth.labels(name)
         self._writing = 0  # records in the batch being written (or retried): not in the queue any more
-        self._depth.set_function(lambda: self._q.qsize() + self._writing)
+        self._depth.set_function(lambda: self.depth)
         self._written = metrics.written.labels(name)
         for reason in DROP_REASONS:
             metrics.dropped.labels(name, reason)

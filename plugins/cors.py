@@ -40,23 +40,13 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token: a header
 
 
 def url_ipv6(ip: ipaddress.IPv6Address) -> str:
-    """An IPv6 address as the URL standard writes it in a host (and browsers in Origin): eight hex
-    pieces without leading zeros, the first longest run of two or more zero pieces as "::", never
-    a dotted IPv4 tail (Python 3.13 writes ::ffff:127.0.0.1 where a browser has ::ffff:7f00:1)."""
-    pieces = [int(x, 16) for x in ip.exploded.split(":")]
-    best, at = 1, -1
-    i = 0
-    while i < 8:
-        j = i
-        while j < 8 and pieces[j] == 0:
-            j += 1
-        if j - i > best:
-            best, at = j - i, i
-        i = j + 1 if j > i else i + 1
-    hexed = [format(x, "x") for x in pieces]
-    if at < 0:
-        return ":".join(hexed)
-    return ":".join(hexed[:at]) + "::" + ":".join(hexed[at + best:])
+    """An IPv6 address as the URL standard writes it in a host (and browsers in Origin): Python's
+    compressed form, but never a dotted IPv4 tail (Python 3.13 writes ::ffff:127.0.0.1 where a
+    browser has ::ffff:7f00:1)."""
+    if ip.ipv4_mapped is None:
+        return ip.compressed
+    n = int(ip)
+    return f"::ffff:{n >> 16 & 0xFFFF:x}:{n & 0xFFFF:x}"
 
 
 class CorsConfig(PluginConfig):
