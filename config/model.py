@@ -9,7 +9,9 @@ import re
 import socket
 import ssl
 from urllib.parse import urlsplit
-from typing import Annotated, Any, Literal
+import types
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
@@ -113,16 +115,51 @@ def normal_prefix(v: str) -> str:
 
 def no_bool_numbers(model: type[BaseModel], v: Any, info: ValidationInfo) -> Any:
     """``true`` / ``false`` where a number is wanted is a mistake (pydantic would read 1 and 0:
-    ``drain_delay: true`` a one-second delay)."""
-    if isinstance(v, bool) and info.field_name is not None:
-        field = model.model_fields.get(info.field_name)
-        ann = field.annotation if field is not None else None
-        if ann in _NUMBERS:
+    ``drain_delay: true`` a one-second delay): for a number field (``int``, ``float``, constrained
+    ones such as ``PositiveInt``, optional or not), and for the values of a mapping or the items of
+    a list of numbers (``per_owner: {alice: true}``)."""
+    if info.field_name is None or not isinstance(v, (bool, dict, list, tuple)):
+        return v
+    field = model.model_fields.get(info.field_name)
+    if field is None:
+        return v
+    ann = field.annotation
+    if isinstance(v, bool):
+        if _numeric(ann):
             raise PydanticCustomError("number_not_bool", "expected a number, not {value}", {"value": str(v).lower()})
+    elif _inner_numbers(ann):
+        for x in (v.values() if isinstance(v, dict) else v):
+            if isinstance(x, bool):
+                raise PydanticCustomError("number_not_bool", "expected numbers, not {value}", {"value": str(x).lower()})
     return v
 
 
-_NUMBERS = (int, float, int | None, float | None)
+def _numeric(ann: Any) -> bool:
+    """Does this annotation take a number, and nothing a bool could be (int, float, PositiveInt,
+    ``int | None``, ``Annotated[float, ...]``)?"""
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _numeric(get_args(ann)[0])
+    if origin is Union or origin is types.UnionType:
+        args = [a for a in get_args(ann) if a is not type(None)]
+        return bool(args) and all(_numeric(a) for a in args)
+    return ann is int or ann is float
+
+
+def _inner_numbers(ann: Any) -> bool:
+    """Is this a mapping to numbers or a list of numbers (optional or not)?"""
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _inner_numbers(get_args(ann)[0])
+    if origin is Union or origin is types.UnionType:
+        args = [a for a in get_args(ann) if a is not type(None)]
+        return len(args) == 1 and _inner_numbers(args[0])
+    args = get_args(ann)
+    if origin in (dict, Mapping) and len(args) == 2:
+        return _numeric(args[1])
+    if origin in (list, tuple, set, frozenset, Sequence) and args:
+        return all(_numeric(a) for a in args if a is not Ellipsis)
+    return False
 
 
 class Model(BaseModel):

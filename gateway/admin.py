@@ -103,14 +103,20 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
                                    "a NUL character, or a number is out of range).", "invalid_request_error",
                               "invalid_value")
         return _db_unavailable(request, e)
-    except (SATimeoutError, DatabaseError, ConnectionError, TimeoutError, asyncpg.PostgresError,
-            asyncpg.InterfaceError) as e:
+    except DB_UNAVAILABLE as e:
         # (SQLAlchemy before 2.1 passes on what asyncpg raises while connecting unwrapped: a
         # database refusing connections, too many clients, a password no longer accepted)
         return _db_unavailable(request, e)
     except Exception:
         logging.getLogger("gateway.admin").exception("admin handler failed: %s %s", request.method, request.path)
         return json_error(500, "The admin API failed to handle the request.", "server_error", "internal_error")
+
+
+#: What a database that is down, frozen or refusing raises (past the DBAPIError cases above).
+#: (SQLAlchemy before 2.1 passes on what asyncpg raises while connecting unwrapped: a database
+#: refusing connections, too many clients, a password no longer accepted)
+DB_UNAVAILABLE = (DBAPIError, SATimeoutError, DatabaseError, ConnectionError, TimeoutError, asyncpg.PostgresError,
+                  asyncpg.InterfaceError)
 
 
 def _db_unavailable(request: web.Request, e: BaseException) -> web.Response:
@@ -170,6 +176,10 @@ def build_admin_app(gw: "Gateway") -> web.Application:
             return web.json_response({"status": "not_ready", "checks": {"shutdown": {"ok": False}}}, status=503)
         grace = gw.cfg.server.readiness_grace
         up_ok, up_detail = await gw.upstream.ready()
+        up_ready, up_failing = gw.upstream.readiness(up_ok, grace)
+        upstream: dict[str, Any] = {"ok": up_ok, "detail": up_detail}
+        if up_failing is not None:
+            upstream.update(failing_for=round(up_failing, 1), not_ready_after=grace if gw.upstream.ready_once else 0)
         database: dict[str, Any] = {"ok": True}
         db_ready = True
         if gw.db is not None and not await gw.db.answers():
@@ -182,7 +192,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
         # in the writers: one failing for a while makes the instance not ready, so a load balancer
         # sends traffic where its records are kept.
         failing, over = gw.services.failing_writers(grace)
-        ok = up_ok and db_ready and not over
+        ok = up_ready and db_ready and not over
         writers: dict[str, Any] = {"ok": not failing, "failing": failing}
         if failing:
             writers["not_ready_after"] = grace
@@ -192,7 +202,7 @@ def build_admin_app(gw: "Gateway") -> web.Application:
             if why:
                 writers["detail"] = "; ".join(f"{k}: {v}" for k, v in sorted(why.items()))
         body = {"status": "ready" if ok else "not_ready",
-                "checks": {"upstream": {"ok": up_ok, "detail": up_detail},
+                "checks": {"upstream": upstream,
                            "database": database,
                            "writers": writers}}
         return web.json_response(body, status=200 if ok else 503)

@@ -134,6 +134,11 @@ class Gateway:
                                  "closed: server.max_connections were open", registry=self.services.metrics)
         Gauge("gateway_connections_open", "Client connections open on the public listener",
               registry=self.services.metrics).set_function(lambda: len(server.connections))
+        Gauge("gateway_upstream_waiting", "Requests sent to the upstream whose response head has not come yet",
+              registry=self.services.metrics).set_function(lambda: len(self.upstream.waiting))
+        Gauge("gateway_upstream_oldest_wait_seconds", "Seconds the longest-waiting request has waited for the "
+              "upstream's response head (0: none waiting)", registry=self.services.metrics).set_function(
+            lambda: self.upstream.oldest_wait())
         # (the open files limit is raised before the start, and upstream.max_connections needs a
         # restart: what they leave client connections is worked out once, not at each accept)
         self._client_fds = open_files_limit() - self.cfg.upstream.max_connections - FD_RESERVE - LISTEN_BACKLOG
@@ -400,11 +405,13 @@ class Gateway:
             # What a plugin or its library says can quote its settings (a URL with a password): the
             # message is scrubbed, and no traceback goes to the log.
             why = redact_url(f"{type(e).__name__}: {e}")
-            log.error("a plugin failed to start during reload: %s", why)
+            who = getattr(e, "gateway_plugin", None)
+            which = f"plugin {who}" if isinstance(who, str) else "a plugin"
+            log.error("%s failed to start during reload: %s", which, why)
             self.services.settings = self.cfg
             if rt is not None:
                 await rt.shutdown(wait=0)
-            return False, f"a plugin failed to start: {why}"
+            return False, f"{which} failed to start: {why}"
         # From here on nothing fails: the new config is applied as a whole.
         if trace_configs:
             self.upstream.add_trace_configs(trace_configs, owners)
@@ -810,10 +817,14 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
                     hint += (f", or an outgoing connection uses it: {m.group(1)} is in this system's range "
                              "of ports for outgoing connections (net.ipv4.ip_local_port_range); a listening "
                              "port below that range never collides with one")
-            log.error("start-up failed: %s%s", redact_url(str(e).strip() or type(e).__name__), hint)
+            who = getattr(e, "gateway_plugin", None)
+            log.error("start-up failed: %s%s%s", f"plugin {who}: " if isinstance(who, str) else "",
+                      redact_url(str(e).strip() or type(e).__name__), hint)
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
-            log.error("start-up failed: %s%s", redact_url(f"{type(e).__name__}: {e}"), sqlite_hint(e))
+            who = getattr(e, "gateway_plugin", None)
+            log.error("start-up failed: %s%s%s", f"plugin {who}: " if isinstance(who, str) else "",
+                      redact_url(f"{type(e).__name__}: {e}"), sqlite_hint(e))
         # Never ready, so in no load balancer: no drain_delay (the listener that did start would
         # serve for it, from a process that is exiting).
         gw.skip_drain_delay()

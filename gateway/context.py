@@ -113,6 +113,19 @@ def cut_while_sent(ctx: "RequestContext") -> bool:
         and not ctx.unsent
 
 
+_DEPLOYMENTS = "/openai/deployments/"
+
+
+def deployment(path: str) -> str | None:
+    """The deployment an Azure OpenAI path names (``/openai/deployments/{name}/chat/completions``;
+    the prefix matched without regard to case, the name as written), None on other paths."""
+    i = path.lower().find(_DEPLOYMENTS)
+    if i < 0:
+        return None
+    name = path[i + len(_DEPLOYMENTS):].split("/", 1)[0]
+    return name or None
+
+
 class RequestContext:
     __slots__ = (
         "request", "request_id", "method", "path", "route", "t_start", "body", "_json", "_client_ip",
@@ -120,7 +133,7 @@ class RequestContext:
         "outcome", "error", "refusal", "streamed", "bytes_in", "bytes_out", "t_upstream", "t_headers",
         "t_first_byte", "t_end", "timings", "observe", "completion", "client_wants_usage",
         "strip_usage_chunk", "response_headers", "usage_original", "non_finite", "settings",
-        "upstream_request_id", "lpath", "max_body", "json_filter", "unsent", "cut_estimate",
+        "upstream_request_id", "lpath", "max_body", "_json_filter", "unsent", "cut_estimate",
     )
 
     def __init__(self, request: "web.Request", request_id: str, route: str, settings: "Settings") -> None:
@@ -182,10 +195,23 @@ class RequestContext:
         self.response_headers: dict[str, str] = {}  # set on the client response, before on_response hooks run
         #: the JSON body holds NaN, Infinity or a number beyond a double's range (so ``json`` is None)
         self.non_finite = False
-        #: Set by a plugin (key_auth, for a key limited to some models, on a model list): what a
-        #: successful answer's JSON becomes before the client gets it. The core reads the whole body
-        #: (bounded), and answers 502 if it cannot be read as JSON: it never relays it unchanged.
-        self.json_filter: Callable[[Any], Any] | None = None
+        self._json_filter: Callable[[Any], Any] | None = None
+
+    @property
+    def json_filter(self) -> Callable[[Any], Any] | None:
+        """Set by a plugin (key_auth, for a key limited to some models, on a model list): what a
+        successful answer's JSON becomes before the client gets it. The core reads the whole body
+        (bounded), and answers 502 if it cannot be read as JSON: it never relays it unchanged.
+        Setting it again adds a filter, applied after those set before (a plugin's filter never
+        replaces another's, such as the one that limits a model list to a key's scope)."""
+        return self._json_filter
+
+    @json_filter.setter
+    def json_filter(self, f: Callable[[Any], Any]) -> None:
+        if not callable(f):
+            raise TypeError("ctx.json_filter takes a function of the answer's JSON (filters cannot be removed)")
+        first = self._json_filter
+        self._json_filter = f if first is None else (lambda j: f(first(j)))
 
     # -- request body ---------------------------------------------------------------------------
     @property
@@ -248,6 +274,13 @@ class RequestContext:
 
     @property
     def model(self) -> str | None:
+        """The model the request asks for: the body's ``model``, or, on an Azure OpenAI path
+        (``/openai/deployments/{name}/...``), the deployment the path names, which is what that
+        API serves whatever the body says (its clients often send no ``model`` at all)."""
+        if _DEPLOYMENTS in self.lpath:
+            dep = deployment(self.path)
+            if dep is not None:
+                return dep
         j = self.json
         m = j.get("model") if isinstance(j, dict) else None
         return m if isinstance(m, str) else None

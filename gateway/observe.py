@@ -8,7 +8,7 @@ the observer also removes that extra usage-only chunk so the client never sees i
 An upstream (or a reverse proxy in front of it) may compress its answer though the gateway asked
 for none (``Accept-Encoding: identity``): the client still gets the compressed bytes as they came,
 and the observer reads a decoded copy (gzip, deflate; zstd with its package), decoded
-piece by piece within bounds (see :class:`_Decoder`). A compressed stream's usage chunk cannot be
+piece by piece within bounds (see :class:`Decoder`). A compressed stream's usage chunk cannot be
 removed without encoding the stream again, which the gateway never does: it reaches the client.
 """
 from __future__ import annotations
@@ -80,8 +80,8 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "_content", "_tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "choices", "deltas0", "deltas_at_usage",
-                 "usage_on_output", "cut_mid_event", "prompt_estimate", "binary")
+                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "extra_content", "choices", "deltas0",
+                 "deltas_at_usage", "usage_on_output", "cut_mid_event", "prompt_estimate", "binary")
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None   # exactly as the upstream reported it
@@ -123,6 +123,9 @@ class Completion:
         #: message the client's SDK assembles too, so they are stored with it.
         self._refusal: str | _Parts | None = None
         self._audio: dict[str, Any] | None = None  # its text fields as _Parts while they come
+        #: Choice 0's streamed ``extra_content`` (a backend's own data for the message, Gemini's
+        #: thought signature): its last value, stored with the message to be replayed with it.
+        self.extra_content: Any = None
         #: Set by the core when the exchange ends, for a stream that ended without reporting its
         #: prompt tokens (see ``input_tokens``): the gateway's estimate of the prompt it sent.
         self.prompt_estimate: int | None = None
@@ -256,6 +259,8 @@ class Completion:
                     fn["arguments"] = joined(fn["arguments"])
         if self.reasoning is not None:
             msg[self.reasoning[0]] = joined(self.reasoning[1])
+        if self.extra_content is not None:
+            msg["extra_content"] = self.extra_content
         return msg
 
 
@@ -263,6 +268,20 @@ class _Parts(list[str]):
     """The parts of a streamed text field, joined when read (no JSON value is one)."""
 
     __slots__ = ()
+
+
+#: A streamed tool call's standard members (its other members are kept as they last came).
+_TOOL_CALL_FIELDS = frozenset({"index", "id", "type", "function"})
+_FUNCTION_FIELDS = frozenset({"name", "arguments"})
+
+
+def _extras(slot: dict[str, Any], delta: dict[str, Any], standard: frozenset[str]) -> None:
+    """The members of a tool call's delta beyond ``standard``, into its assembled slot: each as
+    its last non-null value (as the OpenAI SDK's stream accumulator keeps a member it does not
+    know; an object such as Gemini's ``extra_content`` usually comes whole in one delta)."""
+    for k, v in delta.items():
+        if k not in standard and (v is not None or k not in slot):
+            slot[k] = v
 
 
 def _cat(cur: "str | _Parts | None", v: str) -> "str | _Parts":
@@ -309,8 +328,17 @@ def usage_tokens(u: dict[str, Any]) -> tuple[int | None, int | None]:
     from its cache or wrote to it apart from ``input_tokens`` (the OpenAI APIs count them in):
     they are input too. (A Responses API usage, which has a total and ``input_tokens_details``
     with the cached count in its input, is taken as it is, whatever else it carries.) A usage
-    with a total alone (a rerank) is all input."""
+    with a total alone (a rerank) is all input; a total above input plus output (a backend that
+    counts a thinking model's thought tokens in the total alone, as Gemini's OpenAI endpoint may)
+    has the difference counted as output, which is what it is billed as: every ledger then agrees
+    with the total that token limits charge."""
     p, c = u.get("prompt_tokens"), u.get("completion_tokens")
+    if p is not None and c is not None:  # (chat, completions: the common case)
+        t = _int(u.get("total_tokens"))
+        p, c = _int(p), _int(c)
+        if t is not None and p is not None and c is not None and t > p + c:
+            c = t - p
+        return p, c
     if p is None:
         p = _int(u.get("input_tokens"))
         if p is not None and ("cache_read_input_tokens" in u or "cache_creation_input_tokens" in u) \
@@ -356,7 +384,7 @@ class Undecodable(Exception):
 _MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 
 
-class _Decoder:
+class Decoder:
     """A compressed body decoded piece by piece: each piece fed yields what it inflates to, at
     most DECODE_STEP bytes at a time, and at most MAX_DECODED (or DECODE_RATIO times its compressed
     size) in all; past that, or on data that does not decode, :class:`Undecodable`. Gzip may hold
@@ -435,7 +463,7 @@ class _Decoder:
 def decoded(coding: str, data: bytes) -> bytes:
     """A whole body compressed with ``coding`` (one the observer reads), decoded within the
     observer's bounds; :class:`Undecodable` if it does not decode or inflates beyond them."""
-    dec = _Decoder(coding)
+    dec = Decoder(coding)
     return b"".join([*dec.pieces(data), *dec.pieces(b"")])
 
 
@@ -446,7 +474,7 @@ def decoded_head(coding: str, data: bytes, n: int = 64) -> bytes | None:
         return None
     out = b""
     try:
-        for piece in _Decoder(coding).pieces(data):
+        for piece in Decoder(coding).pieces(data):
             out += piece[:n - len(out)]
             if len(out) >= n:
                 break
@@ -464,7 +492,7 @@ class ResponseObserver:
         #: the body's Content-Encoding (None: plain). A compressed body is read through a decoded
         #: copy, and relayed as it came: nothing is removed from it (see _feed_coded).
         self.coding = coding
-        self._decoder: _Decoder | None = None
+        self._decoder: Decoder | None = None
         #: why a compressed body stopped being read ("corrupt", "bomb"), or that its coding is not
         #: one the observer can decode ("unknown"); None: read (or plain)
         self.unreadable: str | None = None
@@ -475,7 +503,7 @@ class ResponseObserver:
             if coding not in DECODABLE:
                 self.unreadable = "unknown"  # relayed, not read (as an audio or image answer is)
             elif readable or streamed:
-                self._decoder = _Decoder(coding)
+                self._decoder = Decoder(coding)
         self._buf = bytearray()
         #: not read at all: a non-streamed body that is not JSON or text (audio, images, files)
         self._ignored = self.c.binary = not readable and not streamed
@@ -961,6 +989,15 @@ class ResponseObserver:
                     if isinstance(fn.get("arguments"), str):
                         f = slot["function"]
                         f["arguments"] = _cat(f["arguments"] or None, fn["arguments"])
+                    if not fn.keys() <= _FUNCTION_FIELDS:
+                        _extras(slot["function"], fn, _FUNCTION_FIELDS)
+                if not tc.keys() <= _TOOL_CALL_FIELDS:
+                    # members of the call beyond the standard ones, which the backend needs back when
+                    # the call is replayed (Gemini's extra_content.google.thought_signature)
+                    _extras(slot, tc, _TOOL_CALL_FIELDS)
+        v = d.get("extra_content")
+        if v is not None:
+            c.extra_content = v
 
     def _json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

@@ -15,16 +15,21 @@ pass-through, so a plugin overrides only what it needs; the chain skips hooks le
     In reverse order, before the response head is sent (upstream answers, replies and gateway errors);
     ``head.headers`` may be changed.
 ``on_chunk(ctx, chunk, last) -> bytes``
-    In reverse order, for each response body chunk as it streams (``last`` is True once, at the end,
-    with an empty chunk). Returns the bytes to send on. Never buffer the body here.
+    In reverse order, for each piece of the response body as it comes (decoded if the upstream
+    compressed it; pieces of any size: an event may be split over two), and once more at the end
+    with ``last`` True and an empty chunk. Returns the bytes to send on (a small tail may be held
+    back for the next piece; never the whole body). What the plugins return is what the client
+    gets and what is recorded (the stored answer, its usage).
 ``on_complete(ctx)``
     Exactly once for every request that reached the chain: proxied, refused, failed or aborted.
-    Runs after the client has the whole response. Must be quick (enqueue, don't write).
+    Runs after the client has the whole response, before its connection serves the next
+    request: must be quick (enqueue, don't write).
 ``startup()`` / ``shutdown()``
     Once per plugin instance; shutdown flushes what the plugin buffered.
 
 Plugins are found by name: built-ins and third-party packages register a class in the
-``gateway.plugins`` entry-point group.
+``gateway.plugins`` entry-point group; an instance is known by that name. docs/plugins.md is the
+guide to writing one.
 """
 from __future__ import annotations
 
@@ -91,7 +96,8 @@ class ResponseHead:
 class Plugin:
     """Pass-through base class. Subclasses set ``name`` and ``Config`` and override hooks."""
 
-    name: ClassVar[str] = ""
+    #: The plugin's name; an instance is known by the name the config gives it (its entry point's).
+    name: str = ""
     Config: ClassVar[type[BaseModel]] = PluginConfig
     #: Set True if the plugin needs ``ctx.completion`` (usage, model, assembled assistant message).
     observes_response: ClassVar[bool] = False

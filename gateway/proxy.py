@@ -27,7 +27,7 @@ from .errors import (BadRequest, GatewayError, HeadersTooLarge, HttpVersionNotSu
                      UnsupportedMediaType, error_body)
 from .estimate import prompt_estimate
 from .fastjson import JSON_ERRORS, dumps_bytes, loads
-from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, ResponseObserver, Undecodable, ask_for_usage,
+from .observe import (DECODABLE, DECODE_RATIO, MAX_DECODED, Decoder, ResponseObserver, Undecodable, ask_for_usage,
                       content_coding, decoded, decoded_head)
 from .plugin import Plugin, Reply, ResponseHead
 from .redact import mask_gateway_keys
@@ -313,10 +313,12 @@ class Proxy:
                 reply = await self._run_request_hooks(ctx, chain.before_forward, "forward")
                 if reply is not None:
                     return await self._send_reply(ctx, chain, reply)
+            if chain.chunk:  # (the plugins that read or change the answer read it uncompressed)
+                ctx.upstream_headers.setdefault("Accept-Encoding", "identity")
             if chain.observe or ctx.observe:
                 ctx.observe = True
                 if request.method == "POST" and ctx.lpath.endswith(_USAGE_PATHS) \
-                        and self.gw.upstream.asks_usage(ctx.settings.upstream):
+                        and self.gw.upstream.asks_usage(ctx.settings.upstream, ctx.request.rel_url):
                     ask_for_usage(ctx)
             if ctx.non_finite:
                 # The plugins that read the body could not (limits by model, memory, recording):
@@ -362,6 +364,8 @@ class Proxy:
                     ctx.outcome = "refused"
                     if ctx.refusal is None:
                         ctx.refusal = {"plugin": p.name, "reason": "refused"}
+                    elif "plugin" not in ctx.refusal:
+                        ctx.refusal["plugin"] = p.name
                 return reply
         return None
 
@@ -553,10 +557,8 @@ class Proxy:
                 ctx.strip_usage_chunk = False
                 pending = b""
                 resp = await up.send(ctx, target)
-                if 200 <= resp.status < 300 and up.refused_usage(target):
-                    log.warning("the upstream refused stream_options: streams are now sent as the client sent "
-                                "them, and their tokens are counted from the deltas relayed (set "
-                                "upstream.stream_usage: false to say so in the config)")
+                if 200 <= resp.status < 300:
+                    up.refused_usage(target, ctx.request.rel_url)
         ctx.t_headers = _perf()
         ctx.source = "upstream"
         try:
@@ -593,11 +595,23 @@ class Proxy:
                     start = pending if coding is None else decoded_head(coding, pending)
                     verdict = _sse_start(start) if start is not None else False
             streamed = verdict is True
-        filtered = ctx.json_filter is not None and 200 <= resp.status < 300
+        filtered = ctx._json_filter is not None and 200 <= resp.status < 300
         if filtered:  # (an event stream is no JSON: a 502, as any other answer it cannot read)
             pending = await _filter_json(ctx, content, pending, coding)
             content, coding, streamed = _READ_ALL, None, False
         ctx.streamed = streamed
+        chunk_plugins = chain.chunk
+        decoder = None
+        if chunk_plugins and coding is not None:
+            # Compressed though the gateway asked for no encoding (a proxy in front of the upstream):
+            # the plugins that read or change the body get it decoded, and so does the client.
+            if coding not in DECODABLE:
+                if request.method != "HEAD" and resp.status not in (204, 304):
+                    raise _unreadable(ctx, f"a plugin reads the answer (on_chunk), and its Content-Encoding "
+                                           f"{coding[:40]} is not one the gateway decodes")
+            else:
+                decoder = Decoder(coding)
+            coding = None
         observer = None
         if ctx.observe:
             strip = ctx.strip_usage_chunk and not ctx.client_wants_usage
@@ -608,11 +622,10 @@ class Proxy:
                 ctx.completion = observer.c
             if coding is not None:
                 _tell_coding(coding, observer, streamed and strip)
-        chunk_plugins = chain.chunk
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
-        if filtered:
+        if filtered or decoder is not None:
             # (the upstream's validators name the body it sent, not this one)
             for h in ("Content-Encoding", "Content-Length", "ETag", "Content-MD5", "Digest", "Content-Digest"):
                 headers.popall(h, None)
@@ -675,10 +688,15 @@ class Proxy:
                 if not chunk:
                     complete = True
                     break
+                if chunk_plugins:
+                    # The plugins first, then the observer: what is recorded (the stored answer,
+                    # its usage) is what the client gets, as a plugin made it.
+                    if decoder is not None:
+                        chunk = _decode(ctx, decoder, chunk)
+                    for p in chunk_plugins:
+                        chunk = await self._on_chunk(ctx, p, chunk, False)
                 if observer is not None:
                     chunk = observer.feed(chunk)
-                for p in chunk_plugins:
-                    chunk = await self._on_chunk(ctx, p, chunk, False)
                 if chunk:
                     if sent == 0:
                         ctx.t_first_byte = _perf()
@@ -698,7 +716,14 @@ class Proxy:
                         continue
                     complete = done_early = True
                     break
-            tail = observer.finish() if observer is not None else b""
+            tail = b""
+            if chunk_plugins:
+                if decoder is not None:
+                    tail = _decode(ctx, decoder, b"")
+                for p in chunk_plugins:
+                    tail = await self._on_chunk(ctx, p, tail, True)
+            if observer is not None:
+                tail = (observer.feed(tail) if tail else b"") + observer.finish()
             if observer is not None and observer.unreadable in ("corrupt", "bomb"):
                 log.warning("upstream body (Content-Encoding: %s) %s; relayed as it came, not read for usage "
                             "(request %s)", (coding or "")[:40], "did not decode" if observer.unreadable == "corrupt"
@@ -715,8 +740,6 @@ class Proxy:
                 # client must see the cut as such.
                 ctx.outcome, complete = "upstream_disconnected", False
                 log.warning("upstream ended mid-event (request %s)", ctx.request_id)
-            for p in chunk_plugins:
-                tail = await self._on_chunk(ctx, p, tail, True)
             if tail:
                 await _send(ctx, out, tail)
                 sent += len(tail)
@@ -773,10 +796,17 @@ class Proxy:
                     if sent == 0:
                         ctx.t_first_byte = _perf()
             raise
-        except PluginFailed:
-            ctx.outcome = "error"
-            ctx.error = "internal_error"
+        except (PluginFailed, Undecodable) as e:
+            ctx.outcome = "error" if isinstance(e, PluginFailed) else "upstream_error"
+            ctx.error = "internal_error" if isinstance(e, PluginFailed) else "upstream_unreadable"
             ctx.bytes_out = sent
+            if streamed and coding is None and not sized and (sent == 0 or last.endswith(_EVENT_END)):
+                # (as for a stream the upstream cut: an error event says why, the SDKs raise it)
+                event = _cut_event(ctx.outcome, ctx.lpath)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(0.5):
+                        await out.write(event)
+                    ctx.bytes_out = sent + len(event)
             if request.transport is not None:
                 request.transport.close()
         return out
@@ -820,6 +850,10 @@ _RATE_LIMIT_HEADERS = ("x-ratelimit-", "ratelimit")
 
 def _cut_code(outcome: str) -> str:
     """The error code of the event a stream cut short ends with."""
+    if outcome == "error":  # (a plugin failed on a chunk)
+        return "internal_error"
+    if outcome == "upstream_error":  # (a compressed answer that stopped decoding)
+        return "upstream_unreadable"
     return outcome if outcome in ("gateway_shutdown", "upstream_timeout") else "upstream_disconnected"
 
 
@@ -833,6 +867,10 @@ def _cut_event(outcome: str, lpath: str) -> bytes:
                    "mid-answer; the answer is incomplete: send the request again.")
     elif code == "upstream_timeout":
         message = "The upstream went silent mid-answer (idle timeout); the answer is incomplete."
+    elif code == "internal_error":
+        message = "The gateway failed while relaying the answer; the answer is incomplete."
+    elif code == "upstream_unreadable":
+        message = "The upstream's compressed answer stopped decoding; the answer is incomplete."
     else:
         message = "The upstream ended mid-answer; the answer is incomplete."
     if lpath.endswith("/v1/messages"):
@@ -889,6 +927,24 @@ class _ReadAll:
 
 
 _READ_ALL = _ReadAll()
+
+
+def _unreadable(ctx: RequestContext, why: str) -> GatewayError:
+    log.warning("upstream answer to %s %s not relayed: %s (request %s)", ctx.method, ctx.path[:200], why,
+                ctx.request_id)
+    return GatewayError("The upstream's answer is compressed in a way the gateway cannot read.", status=502,
+                        type="upstream_error", code="upstream_unreadable")
+
+
+def _decode(ctx: RequestContext, decoder: Decoder, chunk: bytes) -> bytes:
+    """The next bytes of a compressed answer, decoded for the chunk plugins (b"": its end)."""
+    try:
+        return b"".join(decoder.pieces(chunk))
+    except Undecodable as e:
+        log.warning("upstream body (Content-Encoding: %s) %s mid-answer; cut (request %s)", decoder.coding,
+                    "did not decode" if str(e) == "corrupt" else "inflated beyond the gateway's bounds",
+                    ctx.request_id)
+        raise
 
 
 def _unfiltered(ctx: RequestContext, why: str) -> GatewayError:

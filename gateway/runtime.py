@@ -7,6 +7,7 @@ only after its in-flight requests are done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +113,10 @@ class Runtime:
             cls = registry.get(name)
             assert cls is not None, name
             inst = cls(validated, services)
+            # Known by the name the config gives it (its entry point's), whatever its class says: the
+            # name its timings, spans, refusals and log lines carry (one class registered under
+            # two names is two plugins; a class that sets none is still named).
+            inst.name = name
             self.instances.append(inst)
             return inst
 
@@ -209,7 +214,13 @@ class Runtime:
     async def startup(self) -> None:
         try:
             for p in self.instances:
-                await p.startup()
+                try:
+                    await p.startup()
+                except Exception as e:
+                    # which plugin, for the message that reports it (start-up, a reload's answer)
+                    with contextlib.suppress(Exception):
+                        e.gateway_plugin = p.name  # type: ignore[attr-defined]
+                    raise
                 self.started.append(p)
         except BaseException:
             await self.shutdown(wait=0)

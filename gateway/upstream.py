@@ -83,7 +83,8 @@ _PORTS = {"http": 80, "https": 443}
 
 
 #: Request headers that carry a credential for the upstream.
-CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key"})
+CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key",
+                                "ocp-apim-subscription-key"})  # (the last: Azure API Management)
 
 
 def utf8(v: str) -> bool:
@@ -190,7 +191,11 @@ class Target:
 class Upstream:
     def __init__(self, cfg: "UpstreamConfig", trace_configs: list[Any] | None = None) -> None:
         #: URLs of upstreams that refused stream_options (learned from their answers)
-        self.usage_refused: set[str] = set()
+        self.usage_refused: set[tuple[str, str | None]] = set()
+        #: Requests sent (or being sent) to the upstream whose response head has not come yet, with
+        #: when they were sent: a backend that hangs shows here while it hangs, not only once each
+        #: request ends (gateway_upstream_waiting, gateway_upstream_oldest_wait_seconds).
+        self.waiting: dict[Any, float] = {}
         self.configure(cfg)
         self._trace_configs = trace_configs or []
         self.session: aiohttp.ClientSession | None = None
@@ -216,19 +221,50 @@ class Upstream:
         # docs say): an upstream that was upgraded meanwhile is asked for usage again after one, and
         # one that still refuses it is learned again from its first answer.
         self.usage_refused.clear()
+        #: /readyz: has this upstream (this URL) answered a probe since it was configured, and since
+        #: when have its probes failed (monotonic; None: they have not). An upstream that answered
+        #: before gets server.readiness_grace; one never reached is not ready at once (a rollout
+        #: with a wrong upstream URL must not pass its readiness checks).
+        if getattr(self, "ready_url", None) != cfg.url:
+            self.ready_url = cfg.url
+            self.ready_once = False
+            self.ready_failing_since: float | None = None
 
-    def asks_usage(self, target: Target) -> bool:
+    def readiness(self, ok: bool, grace: float) -> tuple[bool, float | None]:
+        """A probe's result as readiness: (ready, seconds its probes have failed, None if they do
+        not). A failure is ridden out for ``grace`` seconds once the upstream has answered a
+        probe: a backend restarting must not take every instance out of the load balancer at once,
+        each then answering nothing instead of the gateway's 502."""
+        if ok:
+            self.ready_once, self.ready_failing_since = True, None
+            return True, None
+        now = time.monotonic()
+        if self.ready_failing_since is None:
+            self.ready_failing_since = now
+        failing_for = now - self.ready_failing_since
+        return self.ready_once and failing_for < grace, failing_for
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting request has waited for the upstream's response head (0: none)."""
+        w = self.waiting
+        return max(0.0, time.monotonic() - min(w.values())) if w else 0.0
+
+    def asks_usage(self, target: Target, rel: URL | None = None) -> bool:
         """Does the gateway ask ``target`` for usage on streams: configured so, and that upstream
-        (its URL) has not refused stream_options."""
-        return target.stream_usage and target.base not in self.usage_refused
+        (its URL, and the API version the request is sent with) has not refused stream_options."""
+        return target.stream_usage and (not self.usage_refused or _usage_key(target, rel) not in self.usage_refused)
 
-    def refused_usage(self, target: Target) -> bool:
-        """``target``'s upstream refused stream_options: streams go to it as the client sent them.
-        True the first time (to be said in the log)."""
-        if target.base in self.usage_refused:
-            return False
-        self.usage_refused.add(target.base)
-        return True
+    def refused_usage(self, target: Target, rel: URL | None = None) -> None:
+        """``target``'s upstream refused stream_options (for the API version ``rel`` is sent with):
+        streams go to it as the client sent them (said in the log the first time)."""
+        key = _usage_key(target, rel)
+        if key in self.usage_refused:
+            return
+        self.usage_refused.add(key)
+        version = f" with api-version {key[1][:40]!r}" if key[1] is not None and target.query != key[1] else ""
+        log.warning("the upstream refused stream_options%s: streams%s are now sent as the client sent them, and "
+                    "their tokens are counted from the deltas relayed (set upstream.stream_usage: false to say so "
+                    "in the config)", version, " with that version" if version else "")
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
@@ -298,7 +334,7 @@ class Upstream:
                 out.popall(k, None)
             else:
                 out[k] = v
-        if ctx.observe or ctx.json_filter is not None:
+        if ctx.observe or ctx._json_filter is not None:
             out["Accept-Encoding"] = "identity"  # the observer reads usage from the body (a filter all of it)
         return out
 
@@ -323,6 +359,8 @@ class Upstream:
         url = URL(target.base + path_qs, encoded=True)
         headers = self.request_headers(ctx, target)
         session = self.traced if self.traced is not None and PLAIN_UPSTREAM not in req else self.session
+        waiting = self.waiting
+        waiting[ctx] = time.monotonic()
         try:
             resp = await session.request(req.method, url, data=ctx.body or None, headers=headers,
                                               allow_redirects=False, compress=None,
@@ -367,6 +405,8 @@ class Upstream:
             ctx.outcome = "error"
             log.exception("building the upstream request failed (request %s)", ctx.request_id)
             raise InternalError() from None
+        finally:
+            waiting.pop(ctx, None)
         if resp.status == 401 and self._own_credentials_refused(ctx, target, headers):
             # The upstream refuses the gateway's own key (revoked, expired, rotated): relayed, its
             # answer would tell each client that its key is wrong (the OpenAI SDKs raise
@@ -457,3 +497,14 @@ class Upstream:
                 return True, "ok"
         except (TimeoutError, OSError, aiohttp.ClientError) as e:
             return False, type(e).__name__
+
+
+def _usage_key(target: Target, rel: URL | None) -> tuple[str, str | None]:
+    """What a refusal of stream_options is learned for: the upstream's URL and the ``api-version``
+    the request goes with (Azure OpenAI takes the field from some API versions on: one client on an
+    older version must not stop the gateway asking for usage on everyone else's streams)."""
+    if "api-version" in target.query_names:
+        return target.base, target.query
+    if rel is None or "api-version" not in rel.raw_query_string:
+        return target.base, None
+    return target.base, rel.query.get("api-version")

@@ -23,6 +23,8 @@ T = TypeVar("T")
 #: Seconds a single write may be under way before the writer says so (a database that does not
 #: answer: a lock held, a pool or a pooler with no free connection); /readyz counts it as failing.
 STALL_WARN = 10.0
+#: Seconds between two log lines of one writer's failed writes being retried (counted in between).
+RETRY_LOG_EVERY = 10.0
 #: Seconds a writer closing gets for its final flush even when the shared shutdown deadline has
 #: passed (records a plugin handed over last, e.g. a usage tally, are not dropped unattempted).
 FINAL_FLOOR = 1.0
@@ -103,6 +105,8 @@ class BatchWriter(Generic[T]):
         self.last_error: str | None = None
         self._attempt_started: float | None = None  # monotonic start of the write under way
         self._log = ThrottledLog(log)  # an outage drops a record per request: one line per 10 s
+        self._retry_said = 0.0     # when a failed write's retry was last logged (monotonic)
+        self._retries_unsaid = 0   # retries since, not logged
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake = asyncio.Event()  # a full batch is waiting, or close() was called
@@ -310,8 +314,11 @@ class BatchWriter(Generic[T]):
                 self._written.inc(len(batch))
                 if self.failing_since is not None:
                     # (the end of what the retry lines began: on-call reads when it was over)
-                    log.warning("writer %s: writes go through again, after %.1f s of failures",
-                                self.name, time.monotonic() - self.failing_since)
+                    more = self._retries_unsaid
+                    log.warning("writer %s: writes go through again, after %.1f s of failures%s",
+                                self.name, time.monotonic() - self.failing_since,
+                                f" ({more} more failed write(s) retried since the last retry line)" if more else "")
+                    self._retry_said, self._retries_unsaid = 0.0, 0
                 self.failing_since = None
                 return
             except asyncio.CancelledError:
@@ -353,8 +360,17 @@ class BatchWriter(Generic[T]):
                     self._drop(len(batch), "write_failed")
                     return
                 self._m.retries.labels(self.name).inc()
-                log.warning("writer %s: write of %d records failed, retrying in %.2fs: %s: %s%s",
-                            self.name, len(batch), delay, type(e).__name__, _short(e), _sqlite_why(e))
+                # One line per RETRY_LOG_EVERY seconds while writes keep failing (a retry every two
+                # seconds per writer would be thousands of lines in an hour's outage), with the
+                # count of those in between; the line that writes go through again ends it.
+                self._retries_unsaid += 1
+                now = time.monotonic()
+                if now - self._retry_said >= RETRY_LOG_EVERY:
+                    more = self._retries_unsaid - 1
+                    log.warning("writer %s: write of %d records failed, retrying in %.2fs: %s: %s%s%s",
+                                self.name, len(batch), delay, type(e).__name__, _short(e), _sqlite_why(e),
+                                f" ({more} more failed write(s) retried since the last such line)" if more else "")
+                    self._retry_said, self._retries_unsaid = now, 0
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 

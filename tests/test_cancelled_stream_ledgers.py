@@ -202,7 +202,7 @@ def test_a_span_of_a_request_cut_before_its_head_has_the_prompt_estimate() -> No
     from types import SimpleNamespace
 
     from gateway.plugins.tracing.genai import attributes
-    ctx = SimpleNamespace(json={"model": "m", "messages": []}, conversation_id=None, completion=None,
+    ctx = SimpleNamespace(json={"model": "m", "messages": []}, model="m", conversation_id=None, completion=None,
                           cut_estimate=18, lpath="/v1/chat/completions")
     a = attributes("chat", ctx, "", False, 100)
     assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"], a["gateway.tokens_estimated"]) == \

@@ -345,7 +345,7 @@ def test_a_start_up_error_without_a_message_shows_its_type(tmp_path: Path) -> No
     r = subprocess.run([sys.executable, "-c", SILENT_BACKEND, str(cfg)], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 1, r.stderr
-    assert "start-up failed: TimeoutError" in r.stderr, r.stderr
+    assert "start-up failed: plugin t_silent_backend: TimeoutError" in r.stderr, r.stderr
 
 
 # -- 3. a PostgreSQL role without grants on the gateway's tables ---------------------------------------

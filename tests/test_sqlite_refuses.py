@@ -68,10 +68,11 @@ async def test_a_file_size_limit_is_named_in_logs_readyz_and_admin_answers(upstr
             w = ready["checks"]["writers"]
             assert w["ok"] is False and "audit:database" in w["failing"], ready
             assert "audit:database: SQLITE_" in w["detail"] and "disk" in w["detail"], ready
-            # the admin API says the database refuses, not "retry shortly"
+            # the admin API says the database refuses, not "retry shortly" (a revoke: that it was
+            # not stored, and is applied by this instance meanwhile)
             async with s.post(admin + f"/keys/{key['id']}/revoke", headers=AUTH) as r:
                 body = await r.json()
-                assert r.status == 503 and body["error"]["code"] == "database_unavailable", body
+                assert r.status == 503 and body["error"]["code"] == "revocation_not_stored", body
                 assert "SQLITE_" in body["error"]["message"] and "retry shortly" not in body["error"]["message"]
                 assert "Retry-After" not in r.headers
             # the writer's log line names it too

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .keys import ID_LEN, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
+from .keys import ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
 from .store import KeyStore, UsageRecord, normalise_scopes
 
 if TYPE_CHECKING:
@@ -84,11 +84,27 @@ class KeyAuthConfig(PluginConfig):
         default_factory=dict,
         description="Headers sent upstream with the caller's identity, e.g. {X-Gateway-Key-Id: key_id, "
                     "X-Gateway-Owner: owner}. Default: none.")
+    deny_keys: list[str] = Field(
+        default_factory=list,
+        description="Key ids refused as revoked, whatever the database says: for a leaked key when the "
+                    "database cannot store its revocation (a full disk, an outage), applied by a reload on "
+                    "every instance. Ids only (the 12 characters after 'gw_'), never keys.")
     track_usage: bool = Field(True, description="Roll usage up per key per day.")
     usage_writer: UsageWriterConfig = Field(default_factory=UsageWriterConfig,
                                             description="Background writer for usage rollups.")
     last_used_interval: float = Field(60.0, ge=0, description="last_used_at is written at most this often "
                                                               "per key (seconds).")
+
+    @field_validator("deny_keys")
+    @classmethod
+    def _deny_keys(cls, v: list[str]) -> list[str]:
+        for k in v:
+            if not KEY_ID.match(k):
+                if parse_key(k) is not None or k.startswith("gw_"):
+                    raise ValueError("deny_keys takes key ids (the 12 characters after 'gw_'), not keys: a key's "
+                                     "secret does not belong in the config")
+                raise ValueError(f"not a key id: {k[:40]!r} (the 12 letters and digits after 'gw_')")
+        return v
 
     @field_validator("pepper", mode="before")
     @classmethod
@@ -172,6 +188,9 @@ class KeyCache:
         #: background, not before ``retry_at`` (monotonic time).
         self.failing = False
         self.retry_at = 0.0
+        #: Keys revoked through this process's admin API whose revocation the database refused (a
+        #: full disk, a lock, an outage): refused here all the same, until the process ends.
+        self.revoked_here: set[str] = set()
 
     def invalidate(self, key_id: str | None = None) -> None:
         self.gen += 1
@@ -381,6 +400,7 @@ class KeyAuth(Plugin):
         super().__init__(config, services)
         self.cache = key_cache(services)
         self.store = key_store(services)
+        self._denied = frozenset(config.deny_keys)
         self._bearer_only = [h.lower() == "authorization" for h in config.headers]
         others = [h for h, b in zip(config.headers, self._bearer_only) if not b]
         ways = (["as 'Authorization: Bearer <key>'"] if any(self._bearer_only) else []) + (
@@ -578,7 +598,7 @@ class KeyAuth(Plugin):
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
         """Checks that do not depend on the secret: revoked, expired, path scope; then the identity
         (the model scope is on_request's: it needs the body)."""
-        if entry.revoked:
+        if entry.revoked or key_id in self._denied or key_id in self.cache.revoked_here:
             return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
         if entry.expires is not None and now >= entry.expires:
             return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key")
@@ -722,8 +742,13 @@ _MODEL_LISTS = ("/models", "/models/", "/api/tags", "/api/ps")
 
 def model_allowed(name: str, patterns: tuple[str, ...]) -> bool:
     """Does a scope's pattern match the model? Ollama's ``name:latest`` is ``name`` (it lists
-    ``llama3.2`` as ``llama3.2:latest``, and answers for either)."""
+    ``llama3.2`` as ``llama3.2:latest``, and answers for either), and Gemini's ``models/name`` is
+    ``name`` (its model list names ``models/gemini-2.0-flash``, and it answers for either)."""
     if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        return True
+    if name.startswith("models/"):
+        return model_allowed(name[7:], patterns)
+    if any(p.startswith("models/") and fnmatch.fnmatchcase("models/" + name, p) for p in patterns):
         return True
     return name.endswith(":latest") and any(fnmatch.fnmatchcase(name[:-7], p) for p in patterns)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,7 +16,8 @@ from aiohttp import web
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator)
 
-from gateway.admin import admin_identity
+from gateway.admin import DB_UNAVAILABLE, admin_identity
+from gateway.db import store_error
 from gateway.config.model import prefix_problem
 from gateway.context import ANONYMOUS
 from gateway.errors import error_body
@@ -330,7 +332,23 @@ def routes(services: "Services") -> list[web.RouteDef]:
 
     async def revoke(request: web.Request) -> web.Response:
         key_id = _key_id(request)
-        rec = await store.revoke(key_id) if key_id else None
+        try:
+            rec = await store.revoke(key_id) if key_id else None
+        except DB_UNAVAILABLE as e:
+            # The database refuses (a full disk, a lock held, an outage): the key is refused by this
+            # process all the same, until it ends; the answer says what was and was not done.
+            assert key_id is not None
+            cache.revoked_here.add(key_id)
+            cache.invalidate(key_id)
+            detail = store_error(e)[0]
+            logging.getLogger("gateway.key_auth").error(
+                "key %s: its revocation could not be stored (%s); this instance refuses it until it restarts, "
+                "other instances do not: retry the revoke, or add it to key_auth's deny_keys and reload", key_id,
+                detail)
+            return web.Response(status=503, content_type="application/json", body=error_body(
+                f"The revocation could not be stored ({detail}). This instance refuses the key from now on, "
+                "until it restarts; other instances and the database do not: retry the revoke, or add the key "
+                "id to key_auth's deny_keys and reload every instance.", "server_error", "revocation_not_stored"))
         if rec is None:
             return _not_found(request.match_info["key_id"])
         assert key_id is not None

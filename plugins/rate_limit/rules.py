@@ -133,7 +133,8 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
         elif part == "route":
             ids.append(f"route:{ctx.route}")
         elif part == "model":
-            ids.append(f"model:{ctx.model or '-'}")
+            # (Gemini's models/gemini-2.0-flash is gemini-2.0-flash: one model, one count)
+            ids.append(f"model:{(ctx.model or '-').removeprefix('models/')}")
     return tuple(_safe(i) for i in ids)
 
 

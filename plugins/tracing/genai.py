@@ -56,11 +56,11 @@ def attributes(op: str, ctx: Any, provider: str, record_content: bool, max_chars
     a: dict[str, Any] = {"gen_ai.operation.name": op}
     if provider:
         a["gen_ai.provider.name"] = provider
+    model = ctx.model  # (the body's; on an Azure OpenAI path, the deployment it names)
+    if model is not None:
+        a["gen_ai.request.model"] = text(model)
     body = ctx.json
     if isinstance(body, dict):
-        model = body.get("model")
-        if isinstance(model, str):
-            a["gen_ai.request.model"] = text(model)
         for key, attr in _REQUEST_PARAMS:
             v = body.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):

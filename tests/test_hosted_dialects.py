@@ -1,0 +1,228 @@
+"""Hosted backends whose API is OpenAI-like but not the same shape, behind the shipped plugins:
+Azure OpenAI (the deployment in the path, ``api-version`` in the query, the key in ``api-key``,
+API Management's ``Ocp-Apim-Subscription-Key``) and Gemini's OpenAI endpoint (``models/`` model
+names, thought signatures on tool calls, thought tokens counted in the total alone).
+
+The backend is the test's own, answering as those services do (its shapes are written out below)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .helpers import ADMIN_TOKEN, recorded_usage_and_audit, serve_handler, until
+from .test_memory_edges import stored, user
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+SIG = {"google": {"thought_signature": "c2lnbmF0dXJl"}}
+
+
+class Hosted:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, str], Any]] = []
+        self.old_versions = {"2024-06-01"}  # refuse stream_options, as older Azure API versions do
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json() if request.can_read_body else None
+        self.seen.append((str(request.rel_url), dict(request.headers), body))
+        if "Ocp-Apim-Subscription-Key" in request.headers:
+            return web.json_response({"statusCode": 401, "message": "Access denied due to invalid subscription key."},
+                                     status=401)
+        if request.path.endswith("/models"):
+            return web.json_response({"object": "list", "data": [
+                {"id": "models/gemini-2.0-flash", "object": "model"}, {"id": "models/gemini-pro", "object": "model"}]})
+        if request.query.get("api-version") in self.old_versions and "stream_options" in body:
+            return web.json_response({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                                                "type": "invalid_request_error", "code": None}}, status=400)
+        msgs = body["messages"]
+        for m in msgs:  # Gemini 3: a replayed function call without its signature is refused
+            for tc in m.get("tool_calls") or ():
+                if tc.get("extra_content") != SIG:
+                    return web.json_response([{"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                                               "message": "Function call is missing a thought_signature"}}], status=400)
+        call = msgs[-1]["role"] == "user" and "weather" in msgs[-1]["content"]
+        usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+        if "think" in msgs[-1].get("content", ""):
+            usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 76}
+        if not body.get("stream"):
+            msg: dict[str, Any] = {"role": "assistant", "content": "ok"}
+            return web.json_response({"id": "c", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+                                      "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+                                      "usage": usage})
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await r.prepare(request)
+
+        async def ev(d: Any) -> None:
+            await r.write(b"data: " + json.dumps(d).encode() + b"\n\n")
+
+        if call:
+            await ev({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                {"index": 0, "id": "function-call-1", "type": "function", "extra_content": SIG,
+                 "function": {"name": "get_weather", "arguments": ""}}]}}]})
+            await ev({"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"arguments": '{"city":"Paris"}'}}]}, "finish_reason": "tool_calls"}]})
+        else:
+            await ev({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "sunny"},
+                                   "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await ev({"choices": [], "usage": usage})
+        await r.write(b"data: [DONE]\n\n")
+        return r
+
+
+async def _hosted(make_gateway: Any, plugins: list[dict[str, Any]],
+                  upstream_headers: dict[str, str] | None = None) -> tuple[Any, Hosted, Any]:
+    up = Hosted()
+    runner, url = await serve_handler(up.handle)
+    g = await make_gateway(plugins, upstream={"url": url, "headers": upstream_headers or {}},
+                           server={"paths": ["/v1", "/openai", "/v1beta/openai"]})
+    return g, up, runner
+
+
+async def test_a_streamed_tool_call_keeps_its_thought_signature_for_memory_turns(make_gateway: Any) -> None:
+    """Gemini 3 sends a tool call's ``extra_content.google.thought_signature`` in a stream delta
+    and refuses the call replayed without it: a streamed tool call was stored without it, so the
+    memory turn that sent the tool result got a 400."""
+    g, up, runner = await _hosted(make_gateway, [{"name": "conversations", "config": {"memory": {"enabled": True}}}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            url = g.url + "/v1beta/openai/chat/completions"
+            async with s.post(url, json={"model": "gemini-3-pro", "stream": True,
+                                         "messages": [user("weather in Paris?")]}) as r:
+                assert r.status == 200
+                cid = r.headers["X-Conversation-ID"]
+                await r.read()
+            tool = {"role": "tool", "tool_call_id": "function-call-1", "content": "sunny"}
+            async with s.post(url, json={"model": "gemini-3-pro", "messages": [tool]},
+                              headers={"X-Conversation-ID": cid}) as r:
+                assert r.status == 200, await r.text()
+        replayed = up.seen[-1][2]["messages"][1]
+        assert replayed["tool_calls"][0]["extra_content"] == SIG
+        msgs = [m for m, _ in await stored(g, cid)]
+        assert msgs[1]["tool_calls"] == [{"id": "function-call-1", "type": "function", "extra_content": SIG,
+                                          "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]
+    finally:
+        await runner.cleanup()
+
+
+async def test_on_azure_paths_the_deployment_is_the_model(make_gateway: Any) -> None:
+    """Azure serves the deployment the path names, whatever the body's ``model`` says (its clients
+    often send none): a rule keyed by model counts per deployment, a key scoped to one deployment
+    cannot reach another by naming the first in the body, and the audit event names it."""
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "key_auth"},
+        {"name": "rate_limit", "config": {"rules": [{"name": "per-deployment", "limit": "3/minute",
+                                                      "key_by": ["model"]}]}},
+        {"name": "audit"}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", headers=ADMIN,
+                              json={"owner": "o", "scopes": {"models": ["dep-a"]}}) as r:
+                key = (await r.json())["key"]
+            h = {"api-key": key}
+            q = "/chat/completions?api-version=2024-10-21"
+            statuses = []
+            for i in range(5):  # a different model in each body: one deployment, one count
+                async with s.post(g.url + "/openai/deployments/dep-a" + q, headers=h,
+                                  json={"model": f"x{i}", "messages": [user("hi")]}) as r:
+                    statuses.append(r.status)
+            assert statuses == [200, 200, 200, 429, 429]
+            async with s.post(g.url + "/openai/deployments/dep-b" + q, headers=h,
+                              json={"model": "dep-a", "messages": [user("hi")]}) as r:
+                assert r.status == 403
+                assert (await r.json())["error"]["code"] == "key_scope_denied"
+
+            async def events() -> Any:  # (refusals are events of their own types)
+                async with s.get(g.admin_url + "/audit", headers=ADMIN) as r:
+                    got = [e for e in (await r.json())["data"] if "model" in e]
+                return got if len(got) >= 6 else None
+
+            got = await until(events, what="six audit events")
+        assert sorted((e["status"], e["model"]) for e in got) == [(200, "dep-a")] * 3 + [(403, "dep-b")] + \
+            [(429, "dep-a")] * 2
+        assert len(up.seen) == 3
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refused_stream_options_is_learned_per_api_version(make_gateway: Any) -> None:
+    """One client on an older Azure API version (which refuses stream_options) turned the usage
+    request off for every client's streams, until a reload: their tokens became estimates."""
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                                      "key_by": ["ip"]}]}}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            for version in ("2024-10-21", "2024-06-01", "2024-10-21", "2024-06-01"):
+                async with s.post(g.url + f"/openai/deployments/d/chat/completions?api-version={version}",
+                                  json={"messages": [user("hi")], "stream": True}) as r:
+                    assert r.status == 200
+                    assert b'"usage"' not in await r.read()  # (the client did not ask for it)
+        sent = [(u.split("api-version=")[1], "stream_options" in b) for u, _, b in up.seen]
+        assert sent == [("2024-10-21", True), ("2024-06-01", True), ("2024-06-01", False),
+                        ("2024-10-21", True), ("2024-06-01", False)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_api_management_key_refused_is_the_gateways_not_the_clients(make_gateway: Any) -> None:
+    g, up, runner = await _hosted(make_gateway, [],
+                                  upstream_headers={"Ocp-Apim-Subscription-Key": "apim-secret-0123456789"})
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/openai/deployments/d/chat/completions?api-version=2024-10-21",
+                              json={"messages": [user("hi")]}) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_auth_failed"
+    finally:
+        await runner.cleanup()
+
+
+async def test_gemini_model_names_with_and_without_models_prefix_are_one_model(make_gateway: Any) -> None:
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "key_auth"},
+        {"name": "rate_limit", "config": {"rules": [{"name": "per-model", "limit": "2/minute", "key_by": ["model"]}]}}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", headers=ADMIN,
+                              json={"owner": "o", "scopes": {"models": ["gemini-2.0-flash"]}}) as r:
+                h = {"Authorization": "Bearer " + (await r.json())["key"]}
+            async with s.get(g.url + "/v1beta/openai/models", headers=h) as r:
+                assert [m["id"] for m in (await r.json())["data"]] == ["models/gemini-2.0-flash"]
+            statuses = []
+            for model in ("gemini-2.0-flash", "models/gemini-2.0-flash", "models/gemini-2.0-flash"):
+                async with s.post(g.url + "/v1beta/openai/chat/completions", headers=h,
+                                  json={"model": model, "messages": [user("hi")]}) as r:
+                    statuses.append(r.status)
+            assert statuses == [200, 200, 429]
+    finally:
+        await runner.cleanup()
+
+
+async def test_tokens_counted_in_the_total_alone_are_output_in_every_ledger(make_gateway: Any) -> None:
+    """A usage whose total is above prompt + completion (thought tokens counted in the total
+    alone): token limits charged the total, while key usage, the audit event and metrics counted
+    prompt + completion."""
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "key_auth"}, {"name": "audit"},
+        {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "1000/minute", "counts": "tokens",
+                                                      "key_by": ["key"]}]}}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys", headers=ADMIN, json={"owner": "o"}) as r:
+                created = await r.json()
+            h = {"Authorization": "Bearer " + created["key"]}
+            async with s.post(g.url + "/v1beta/openai/chat/completions", headers=h,
+                              json={"model": "gemini-2.5-pro", "messages": [user("think hard")]}) as r:
+                assert r.status == 200
+            totals, events = await until(lambda: recorded_usage_and_audit(g, s, created["id"]))
+            async with s.post(g.url + "/v1beta/openai/chat/completions", headers=h,
+                              json={"model": "gemini-2.5-pro", "messages": [user("again")]}) as r:
+                remaining = int(r.headers["x-ratelimit-remaining-tokens"])
+        assert (totals["prompt_tokens"], totals["completion_tokens"]) == (11, 65)
+        assert (events[0]["tokens_in"], events[0]["tokens_out"]) == (11, 65)
+        assert remaining == 1000 - 76
+    finally:
+        await runner.cleanup()
