@@ -5,6 +5,8 @@ share goes through here). Fields are set by the core unless noted.
 """
 from __future__ import annotations
 
+import re
+
 import ipaddress
 import logging
 import time
@@ -114,16 +116,14 @@ def cut_while_sent(ctx: "RequestContext") -> bool:
 
 
 _DEPLOYMENTS = "/openai/deployments/"
+_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]*)", re.I | re.A)
 
 
 def deployment(path: str) -> str | None:
     """The deployment an Azure OpenAI path names (``/openai/deployments/{name}/chat/completions``;
-    the prefix matched without regard to case, the name as written), None on other paths."""
-    i = path.lower().find(_DEPLOYMENTS)
-    if i < 0:
-        return None
-    name = path[i + len(_DEPLOYMENTS):].split("/", 1)[0]
-    return name or None
+    the prefix matched without regard to (ASCII) case, the name as written), None on other paths."""
+    m = _DEPLOYMENT.search(path)
+    return (m.group(1) or None) if m else None
 
 
 class RequestContext:

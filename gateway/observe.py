@@ -80,7 +80,8 @@ class Completion:
     __slots__ = ("usage", "model", "response_id", "finish_reasons", "finish_reason", "_content", "_tool_calls", "role",
                  "unread",
                  "deltas", "done", "message", "t_first_token", "kind", "raw", "error", "ended",
-                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "extra_content", "choices", "deltas0",
+                 "_reasoning_field", "_reasoning", "_refusal", "_audio", "extra_content", "reasoning_details", "choices",
+                 "deltas0",
                  "deltas_at_usage", "usage_on_output", "cut_mid_event", "prompt_estimate", "binary")
 
     def __init__(self) -> None:
@@ -126,6 +127,8 @@ class Completion:
         #: Choice 0's streamed ``extra_content`` (a backend's own data for the message, Gemini's
         #: thought signature): its last value, stored with the message to be replayed with it.
         self.extra_content: Any = None
+        #: Choice 0's streamed ``reasoning_details`` (OpenRouter), assembled per index.
+        self.reasoning_details: list[dict[str, Any]] | None = None
         #: Set by the core when the exchange ends, for a stream that ended without reporting its
         #: prompt tokens (see ``input_tokens``): the gateway's estimate of the prompt it sent.
         self.prompt_estimate: int | None = None
@@ -261,6 +264,8 @@ class Completion:
             msg[self.reasoning[0]] = joined(self.reasoning[1])
         if self.extra_content is not None:
             msg["extra_content"] = self.extra_content
+        if self.reasoning_details:
+            msg["reasoning_details"] = [d for d in self.reasoning_details if d]
         return msg
 
 
@@ -268,6 +273,32 @@ class _Parts(list[str]):
     """The parts of a streamed text field, joined when read (no JSON value is one)."""
 
     __slots__ = ()
+
+
+def _reasoning_details(c: "Completion", items: list[Any]) -> None:
+    """OpenRouter's streamed ``reasoning_details`` (a reasoning model's thinking, with the signature
+    its provider needs back with a tool call's result), assembled per ``index``: text and summary
+    concatenated, anything else as it last came."""
+    acc = c.reasoning_details
+    if acc is None:
+        acc = c.reasoning_details = []
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        i = item.get("index")
+        if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
+            i = len(acc)
+            if i >= MAX_TOOL_CALLS:
+                continue
+        while len(acc) <= i:
+            acc.append({})
+        slot = acc[i]
+        for k, v in item.items():
+            cur = slot.get(k)
+            if k in ("text", "summary") and isinstance(v, str) and isinstance(cur, str):
+                slot[k] = cur + v
+            elif v is not None or k not in slot:
+                slot[k] = v
 
 
 #: A streamed tool call's standard members (its other members are kept as they last came).
@@ -779,10 +810,22 @@ class ResponseObserver:
             choices = []
             if _error_envelope(obj):
                 c.error = True
+        elif "error" in obj and isinstance(obj["error"], dict) and obj["error"]:
+            # an error beside the choices (OpenRouter: a provider failing mid-stream, its chunk's
+            # finish_reason "error"): the OpenAI SDKs raise it, and the answer is not a finished one
+            c.error = True
         # (a usage with no count in it, "usage": {} or counts as strings, is no report: the deltas count)
         reported = usage is not None and _reports_tokens(usage)
         if reported:
             c.usage = usage
+        elif usage is None and "x_groq" in obj:
+            # Groq streams its usage in x_groq.usage, on the last chunk (with its choices): not a
+            # usage-only chunk, so never taken out of the stream
+            xg = obj["x_groq"]
+            u = xg.get("usage") if isinstance(xg, dict) else None
+            if u is not None and _reports_tokens(u):
+                c.usage = u
+                reported = True
         for ch in choices:
             if not isinstance(ch, dict):
                 continue
@@ -998,6 +1041,9 @@ class ResponseObserver:
         v = d.get("extra_content")
         if v is not None:
             c.extra_content = v
+        v = d.get("reasoning_details")
+        if isinstance(v, list) and v:
+            _reasoning_details(c, v)
 
     def _json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

@@ -605,13 +605,13 @@ class Proxy:
         if chunk_plugins and coding is not None:
             # Compressed though the gateway asked for no encoding (a proxy in front of the upstream):
             # the plugins that read or change the body get it decoded, and so does the client.
-            if coding not in DECODABLE:
-                if request.method != "HEAD" and resp.status not in (204, 304):
-                    raise _unreadable(ctx, f"a plugin reads the answer (on_chunk), and its Content-Encoding "
-                                           f"{coding[:40]} is not one the gateway decodes")
-            else:
-                decoder = Decoder(coding)
-            coding = None
+            if coding in DECODABLE:
+                decoder, coding = Decoder(coding), None
+            elif 200 <= resp.status < 300 and resp.status != 204 and request.method != "HEAD":
+                raise _unreadable(ctx, f"a plugin reads the answer (on_chunk), and its Content-Encoding "
+                                       f"{coding[:40]} is not one the gateway decodes")
+            else:  # (an error answer, or none with a body: relayed as it came, its status and headers kept)
+                chunk_plugins = []
         observer = None
         if ctx.observe:
             strip = ctx.strip_usage_chunk and not ctx.client_wants_usage
@@ -622,6 +622,11 @@ class Proxy:
                 ctx.completion = observer.c
             if coding is not None:
                 _tell_coding(coding, observer, streamed and strip)
+        # What tells the stream's end ([DONE]): the observer, or where plugins change the body (and
+        # may hold a tail back until the end), a reader of the upstream's own events.
+        ender = observer
+        if chunk_plugins and observer is not None and streamed:
+            ender = ResponseObserver(True, False, readable=_readable(ctype), tail=False)
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)
         headers.setdefault("Server", SERVER)
@@ -669,7 +674,7 @@ class Proxy:
                     elif lf_grace:
                         try:
                             # (a compressed stream's end is a block and a trailer: given longer)
-                            async with asyncio.timeout(LF_GRACE if observer is None or observer.body_whole
+                            async with asyncio.timeout(LF_GRACE if ender is None or ender.body_whole
                                                        else CODED_GRACE):
                                 chunk = await content.readany()
                         except TimeoutError:  # no LF: a stream with CR line ends, ended at [DONE]
@@ -693,6 +698,8 @@ class Proxy:
                     # its usage) is what the client gets, as a plugin made it.
                     if decoder is not None:
                         chunk = _decode(ctx, decoder, chunk)
+                    if ender is not observer:
+                        ender.feed(chunk)
                     for p in chunk_plugins:
                         chunk = await self._on_chunk(ctx, p, chunk, False)
                 if observer is not None:
@@ -703,11 +710,11 @@ class Proxy:
                     await _send(ctx, out, chunk)
                     sent += len(chunk)
                     last = chunk
-                if observer is not None and observer.c.ended and not sized:
+                if ender is not None and ender.c.ended and not sized:
                     # [DONE] is the stream's last event: the answer is whole even if the upstream
                     # keeps the connection open (the client would wait out the idle timeout). Not
                     # when a Content-Length is relayed: the client then waits for all those bytes.
-                    if (observer.pending_lf and not lf_grace) or not observer.body_whole:
+                    if (ender.pending_lf and not lf_grace) or not ender.body_whole:
                         # It ended on a CR at the end of a read: the LF of a CRLF stream's last
                         # line end is a moment behind (the client gets every byte the upstream sent).
                         # A compressed stream's end (its last block, a gzip trailer) comes after

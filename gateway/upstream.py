@@ -252,19 +252,22 @@ class Upstream:
     def asks_usage(self, target: Target, rel: URL | None = None) -> bool:
         """Does the gateway ask ``target`` for usage on streams: configured so, and that upstream
         (its URL, and the API version the request is sent with) has not refused stream_options."""
-        return target.stream_usage and (not self.usage_refused or _usage_key(target, rel) not in self.usage_refused)
+        refused = self.usage_refused
+        return target.stream_usage and (not refused or _usage_key(target, rel) not in refused)
 
     def refused_usage(self, target: Target, rel: URL | None = None) -> None:
         """``target``'s upstream refused stream_options (for the API version ``rel`` is sent with):
         streams go to it as the client sent them (said in the log the first time)."""
-        key = _usage_key(target, rel)
+        key = _usage_key(target, rel, self.usage_refused)
         if key in self.usage_refused:
             return
         self.usage_refused.add(key)
-        version = f" with api-version {key[1][:40]!r}" if key[1] is not None and target.query != key[1] else ""
+        version = ("" if key[1] is None or target.query == key[1] else " with an api-version of no known form"
+                   if key[1] == "*" else f" with api-version {key[1]!r}")
         log.warning("the upstream refused stream_options%s: streams%s are now sent as the client sent them, and "
-                    "their tokens are counted from the deltas relayed (set upstream.stream_usage: false to say so "
-                    "in the config)", version, " with that version" if version else "")
+                    "their tokens are counted from a usage the upstream sends in them unasked, else from the "
+                    "deltas relayed (set upstream.stream_usage: false to say so in the config)", version,
+                    " with that version" if version else "")
 
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=self.cfg.max_connections,
@@ -499,12 +502,28 @@ class Upstream:
             return False, type(e).__name__
 
 
-def _usage_key(target: Target, rel: URL | None) -> tuple[str, str | None]:
+def _usage_key(target: Target, rel: URL | None, known: set[tuple[str, str | None]] | None = None
+               ) -> tuple[str, str | None]:
     """What a refusal of stream_options is learned for: the upstream's URL and the ``api-version``
     the request goes with (Azure OpenAI takes the field from some API versions on: one client on an
-    older version must not stop the gateway asking for usage on everyone else's streams)."""
+    older version must not stop the gateway asking for usage on everyone else's streams). Only a
+    value written as a version is one (2024-10-21, 2024-10-01-preview, preview, latest, v1), and at
+    most MAX_VERSIONS of an upstream's are told apart: any other value, and versions past those,
+    share one entry, "*" (clients cannot grow this set, have each request sent twice, or turn the
+    field off for the versions told apart)."""
     if "api-version" in target.query_names:
         return target.base, target.query
     if rel is None or "api-version" not in rel.raw_query_string:
         return target.base, None
-    return target.base, rel.query.get("api-version")
+    v = rel.query.get("api-version")
+    if v is None or not _API_VERSION.fullmatch(v):
+        return target.base, "*"
+    if known is not None and (target.base, v) not in known \
+            and sum(1 for b, x in known if b == target.base and x not in (None, "*")) >= MAX_VERSIONS:
+        return target.base, "*"
+    return target.base, v
+
+
+_API_VERSION = re.compile(r"(?:\d{4}-\d{2}-\d{2}(?:-preview)?|preview|latest|v\d{1,2})", re.A)
+#: API versions of one upstream whose refusals of stream_options are told apart.
+MAX_VERSIONS = 16

@@ -226,3 +226,118 @@ async def test_tokens_counted_in_the_total_alone_are_output_in_every_ledger(make
         assert remaining == 1000 - 76
     finally:
         await runner.cleanup()
+
+
+async def test_api_versions_that_are_no_versions_are_not_learned_one_by_one(make_gateway: Any) -> None:
+    """An upstream refusing stream_options, and a client sending a new made-up api-version on each
+    stream: each was learned as a version of its own (an unbounded set, a warning and a second
+    upstream send per request). A value that is no version is the upstream's: learned once."""
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                                      "key_by": ["ip"]}]}}])
+    up.old_versions = {f"x{i}" for i in range(6)} | {"2024-06-01"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for v in [f"x{i}" for i in range(6)] + ["2024-06-01", "2024-06-01"]:
+                async with s.post(g.url + f"/openai/deployments/d/chat/completions?api-version={v}",
+                                  json={"messages": [user("hi")], "stream": True}) as r:
+                    assert r.status == 200
+                    await r.read()
+        with_field = [u.split("=")[1] for u, _, b in up.seen if "stream_options" in b]
+        assert with_field == ["x0", "2024-06-01"], with_field
+        assert len(g.gw.upstream.usage_refused) == 2
+    finally:
+        await runner.cleanup()
+
+
+def test_the_deployment_is_read_from_the_path_as_written() -> None:
+    from gateway.context import deployment
+
+    assert deployment("/openai/deployments/dep-a/chat/completions") == "dep-a"
+    assert deployment("/OpenAI/Deployments/Dep-A/embeddings") == "Dep-A"
+    # (a character whose lower case is longer moved the name: 'İ' is two characters in lower case)
+    assert deployment("/İİİ/openai/deployments/xdep-a/chat/completions") == "xdep-a"
+    assert deployment("/openai/deployments//chat/completions") is None
+    assert deployment("/v1/chat/completions") is None
+
+
+class Other:
+    """Groq (usage in x_groq.usage on the last chunk) and OpenRouter (an error beside the choices
+    mid-stream; reasoning_details streamed), as their documentation shows them."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.seen.append(body)
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await r.prepare(request)
+
+        async def ev(d: Any) -> None:
+            await r.write(b"data: " + json.dumps(d).encode() + b"\n\n")
+
+        usage = {"prompt_tokens": 777, "completion_tokens": 55, "total_tokens": 832}
+        if request.path.startswith("/groq"):
+            await ev({"id": "g", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]})
+            await ev({"id": "g", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                      "x_groq": {"id": "req_01", "usage": usage}})
+        elif body["messages"][-1].get("content") == "fail":
+            await ev({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello from the"}}]})
+            await ev({"error": {"code": 502, "message": "Provider disconnected unexpectedly"},
+                      "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})
+        else:
+            sig = [{"type": "reasoning.text", "text": "Let me ", "index": 0, "format": "anthropic-claude-v1"}]
+            await ev({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "",
+                                                         "reasoning_details": sig}}]})
+            await ev({"choices": [{"index": 0, "delta": {"reasoning_details": [
+                {"type": "reasoning.text", "text": "think.", "signature": "EqQB-sig", "index": 0}]}}]})
+            await ev({"choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                "finish_reason": "tool_calls"}], "usage": usage})
+        await r.write(b"data: [DONE]\n\n")
+        return r
+
+
+async def test_groq_and_openrouter_streams_are_read_as_they_report(make_gateway: Any) -> None:
+    up = Other()
+    runner, url = await serve_handler(up.handle)
+    try:
+        g = await make_gateway([
+            {"name": "audit"},
+            {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                                          "key_by": ["ip"]}]}},
+            {"name": "conversations", "config": {"memory": {"enabled": True}}}],
+            upstream={"url": url}, server={"paths": ["/v1", "/groq", "/api"]})
+        async with aiohttp.ClientSession() as s:
+            async def stream(path: str, text: str, cid: str | None = None) -> tuple[str, bytes]:
+                async with s.post(g.url + path, json={"model": "m", "stream": True, "messages": [user(text)]},
+                                  headers={"X-Conversation-ID": cid} if cid else {}) as r:
+                    return r.headers["X-Conversation-ID"], await r.read()
+
+            await stream("/groq/openai/v1/chat/completions", "hi")
+            cid, _ = await stream("/api/v1/chat/completions", "call a tool")
+            await stream("/api/v1/chat/completions", "fail")
+
+            async def events() -> Any:
+                async with s.get(g.admin_url + "/audit?type=request", headers=ADMIN) as r:
+                    got = (await r.json())["data"]
+                return got if len(got) == 3 else None
+
+            evs = await until(events, what="three audit events")
+            tool = {"role": "tool", "tool_call_id": "t1", "content": "42"}
+            async with s.post(g.url + "/api/v1/chat/completions", json={"model": "m", "messages": [tool]},
+                              headers={"X-Conversation-ID": cid}) as r:
+                await r.read()
+        groq, tools, failed = sorted(evs, key=lambda e: e["seq"])
+        # Groq: its x_groq usage, not an estimate from the deltas
+        assert (groq["tokens_in"], groq["tokens_out"]) == (777, 55), groq
+        # OpenRouter: a provider failing mid-stream is an upstream error, not a finished answer
+        assert failed["outcome"] == "upstream_error", failed
+        assert tools["outcome"] == "ok"
+        # its streamed reasoning_details go back with the tool call, as a plain answer's do
+        replayed = up.seen[-1]["messages"][1]
+        assert replayed["reasoning_details"] == [{"type": "reasoning.text", "text": "Let me think.", "index": 0,
+                                                  "format": "anthropic-claude-v1", "signature": "EqQB-sig"}], replayed
+    finally:
+        await runner.cleanup()

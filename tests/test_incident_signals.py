@@ -59,6 +59,11 @@ async def test_a_key_revoked_while_the_database_refuses_writes_is_refused_here(m
             holder.execute("ROLLBACK")
             holder.close()
         assert await _status(s, g, key) == 401  # (not stored: still refused here)
+        async with s.get(g.admin_url + f"/keys/{key_id}", headers=ADMIN) as r:  # what decides here, shown
+            rec = await r.json()
+            assert rec["status"] == "active" and rec["revoked_here"] is True
+        async with s.post(g.admin_url + f"/keys/{key_id}/rotate", headers=ADMIN) as r:  # not a way around it
+            assert r.status == 409 and "send the revoke again" in (await r.json())["error"]["message"]
         async with s.post(g.admin_url + f"/keys/{key_id}/revoke", headers=ADMIN) as r:  # the retry stores it
             assert r.status == 200 and (await r.json())["status"] == "revoked"
 
@@ -76,6 +81,10 @@ async def test_deny_keys_refuses_a_key_whatever_the_database_says(make_gateway: 
         assert await _status(s, g, other) == 200
     with pytest.raises(ConfigError, match="key ids .*not keys"):
         load_config_text(f"upstream: {{url: 'http://x'}}\nplugins: [{{name: key_auth, config: {{deny_keys: ['{key}']}}}}]")
+    # one list for the whole process: a route's own list would let a denied key through there
+    with pytest.raises(ConfigError, match="deny_keys"):
+        load_config_text(f"upstream: {{url: 'http://x'}}\nplugins: [{{name: key_auth, config: {{deny_keys: [{key_id}]}}}}]\n"
+                         "routes: [{path_prefix: /v1/audio, plugins: {key_auth: {config: {deny_keys: []}}}}]")
 
 
 async def test_a_hanging_backend_shows_in_the_metrics_while_it_hangs(make_gateway: Any) -> None:

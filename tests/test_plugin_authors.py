@@ -4,6 +4,7 @@ known by the name the config gives it, a failing start names it, a failure on a 
 stream with an error event, and its config refuses true/false for numbers in any form."""
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from pathlib import Path
@@ -241,3 +242,73 @@ def test_true_or_false_for_numbers_is_refused_in_any_form(tmp_path: Path) -> Non
     write_config(path, {"upstream": {"url": "http://127.0.0.1:9"},
                         "plugins": [{"name": "t_pa_budget", "config": {"per_owner": {"alice": 5}, "default": 2}}]})
     load_config(path)
+
+
+class HoldsBack(Plugin):
+    """Holds the last 6 bytes of each piece back until the next (as a redactor waiting to see
+    whether a word goes on), flushing them at the end."""
+
+    name = "t_pa_holds"
+
+    async def on_chunk(self, ctx: Any, chunk: bytes, last: bool) -> bytes:
+        held = ctx.state.get(self.name, b"") + chunk
+        if last:
+            return held
+        ctx.state[self.name] = held[-6:]
+        return held[:-6]
+
+
+registry.register(HoldsBack)
+
+
+async def test_a_plugin_holding_a_tail_back_does_not_hide_the_end_of_a_stream(make_gateway: Any) -> None:
+    """The upstream keeps the connection open after [DONE]: the end was read from the plugins'
+    output, where [DONE] sat in the held-back tail, so the stream waited out the idle timeout and
+    ended with an upstream_timeout error event (a finished answer, failed in every SDK)."""
+    async def open_after_done(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await r.prepare(request)
+        await r.write(b'data: {"choices": [{"index": 0, "delta": {"content": "all of it"}, "finish_reason": "stop"}]}'
+                      b'\n\ndata: [DONE]\n\n')
+        await asyncio.sleep(6)  # (the connection open past the gateway's idle timeout, 4 s)
+        return r
+
+    runner, url = await serve_handler(open_after_done)
+    try:
+        g = await make_gateway([{"name": "audit"}, {"name": "t_pa_holds"}],
+                               upstream={"url": url, "timeouts": {"connect": 2, "first_byte": 10, "idle": 4}})
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.url + "/v1/chat/completions",
+                              json={"model": "m", "stream": True, "messages": [user("hi")]}) as r:
+                raw = await r.read()
+        assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw, raw
+
+        async def outcome() -> Any:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(g.admin_url + "/audit?type=request", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+                    data = (await r.json())["data"]
+            return data[0]["outcome"] if data else None
+
+        assert await until(outcome, what="the audit event") == "ok"
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_error_answer_compressed_as_the_gateway_cannot_read_keeps_its_status(make_gateway: Any) -> None:
+    """An upstream 429 in a coding the gateway does not decode (br) became a 502 in a chain with
+    an on_chunk plugin; it is relayed as it came (its Retry-After too), without the plugins."""
+    async def busy(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=429, body=b"\x8b\x02\x80{}\x03", headers={
+            "Content-Encoding": "br", "Retry-After": "5", "Content-Type": "application/json"})
+
+    runner, url = await serve_handler(busy)
+    try:
+        g = await make_gateway([{"name": "t_pa_redact"}], upstream={"url": url})
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.post(g.url + "/v1/chat/completions", json={"model": "m", "messages": [user("hi")]}) as r:
+                assert r.status == 429 and r.headers["Retry-After"] == "5"
+                assert r.headers["Content-Encoding"] == "br" and await r.read() == b"\x8b\x02\x80{}\x03"
+    finally:
+        await runner.cleanup()

@@ -1,10 +1,11 @@
-"""``gateway audit tail [-f] | query [filters] | verify | export`` on the configured database."""
+"""``gateway audit tail [-f] | query [filters] | top | verify | export`` on the configured database."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from gateway import cli as core_cli
@@ -56,6 +57,17 @@ def add_cli(subparsers: Any) -> None:
                    help="a head recorded earlier (this command's last_seq:head_hash, or the gateway's `audit head` "
                         "log line): the trail must still hold that row with that hash, unless retention deleted "
                         "it; catches rows removed from the end, which the chain alone cannot (repeatable)")
+
+    tp = sub.add_parser("top", help="who is busy: requests and refusals grouped by key, owner or client address "
+                                    "(default: the last 15 minutes), the busiest first")
+    add_config_arg(tp)
+    _filter_args(tp)
+    tp.add_argument("--by", choices=sorted(store.TOP_BY), default="key", help="group by key id (default), owner or ip")
+    tp.add_argument("--sort", choices=store.TOP_SORT, default="events",
+                    help="order by events (default), tokens (in + out), refused (auth and rate-limit refusals) or "
+                         "errors (5xx)")
+    tp.add_argument("--limit", type=core_cli.whole_number(), default=20, help="at most this many groups (default 20)")
+    tp.add_argument("--json", action="store_true", help="one JSON object per group")
 
     e = sub.add_parser("export", help="every event (or the filtered ones) in seq order")
     add_config_arg(e)
@@ -170,6 +182,17 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
             data, _ = await store.query(db, f, limit=args.limit, order="asc" if args.asc else "desc")
             _emit(data)
             return 0
+        if cmd == "top":
+            if not f.get("since"):
+                f["since"] = store.iso(time.time() - TOP_DEFAULT_SINCE)
+            f.setdefault("type", "request,auth_failure,rate_limited")  # (traffic, not admin actions)
+            rows = await store.top(db, f, args.by, args.sort, args.limit)
+            if args.json:
+                _emit(rows)
+            else:
+                sys.stdout.write(_top_table(rows, args.by))
+                sys.stdout.flush()
+            return 0
         if cmd == "tail":
             data, _ = await store.query(db, {}, limit=args.lines, order="desc")
             data.reverse()
@@ -220,6 +243,26 @@ async def _export(db: Any, args: argparse.Namespace, f: dict[str, Any], out: Any
             count[0] += 1
     if args.format == "json":
         out.write("\n]\n")
+
+
+#: The window ``audit top`` looks at without --since, seconds.
+TOP_DEFAULT_SINCE = 900
+
+
+def _top_table(rows: list[dict[str, Any]], by: str) -> str:
+    width = {"key": 12, "owner": 24, "ip": 39}[by]
+    other = "KEYS" if by == "ip" else "IPS"
+    lines = [f"{by.upper():<{width}} {'EVENTS':>7} {'REQS':>7} {'REFUSED':>7} {'5XX':>6} {'TOKENS_IN':>10} "
+             f"{'TOKENS_OUT':>10} {other:>5}  LAST"]
+    for r in rows:
+        name = core_cli.terminal_text(str(r[by]))
+        if len(name) > width:
+            name = name[:width - 1] + "…"
+        lines.append(f"{name:<{width}} {r['events']:>7} {r['requests']:>7} {r['refused']:>7} {r['errors_5xx']:>6} "
+                     f"{r['tokens_in']:>10} {r['tokens_out']:>10} {r['keys' if by == 'ip' else 'ips']:>5}  {r['last']}")
+    if not rows:
+        lines.append("(no events)")
+    return "\n".join(lines) + "\n"
 
 
 def _emit(events: list[dict[str, Any]]) -> None:

@@ -119,6 +119,8 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     rtype = refusal.get("type") if refusal else None
     etype = "auth_failure" if rtype == "auth" else "rate_limited" if rtype == "rate_limit" else "request"
     key_id = caller_key_id(key_id, refusal) or key_id
+    if owner is None and refusal:  # (a key refused after its secret matched: revoked, expired, out of scope)
+        owner = refusal.get("owner") if type(refusal.get("owner")) is str else None
     if outcome == "client_disconnected":
         answered_by = "client_abort"
     elif rtype == "served" and outcome != "refused":  # a plugin's own API answered (2xx)

@@ -105,8 +105,9 @@ def canonical(m: Any) -> str:
     to id/type/name/arguments, audio to its id (the stored answer has the transcript and data the
     client got; OpenAI asks clients to send back ``{"id": ...}`` only), and an assistant message's
     ``parsed`` dropped (the OpenAI SDKs' ``.parse()`` adds the content decoded: sent back with the
-    message, it is not an edit), and so is its ``extra_content`` (a backend's own data, Gemini's
-    thought signature, that a client may or may not send back)."""
+    message, it is not an edit), and so are its ``extra_content`` and ``reasoning_details`` (a
+    backend's own data, Gemini's and OpenRouter's signatures, that a client may or may not send
+    back)."""
     if type(m) is dict and len(m) == 2:
         # the common plain text message, written out directly (the same text the encoder makes)
         c = m.get("content")
@@ -120,7 +121,7 @@ def canonical(m: Any) -> str:
     for k, v in m.items():
         if v is None or v == [] or v == {} or (k in ("content", "refusal") and v == "") or k in REASONING_KEYS:
             continue
-        if k in ("parsed", "extra_content") and answer:
+        if k in ("parsed", "extra_content", "reasoning_details") and answer:
             continue
         if k == "audio" and type(v) is dict and v.get("id") is not None:
             v = {"id": v["id"]}

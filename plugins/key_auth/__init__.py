@@ -427,7 +427,7 @@ class KeyAuth(Plugin):
 
     #: Process-wide: the stored hashes' pepper, the key cache and its watch, the usage writer.
     route_fixed: ClassVar[tuple[str, ...]] = ("pepper", "cache_size", "watch_interval", "usage_writer",
-                                              "last_used_interval")
+                                              "last_used_interval", "deny_keys")
 
     def guarded_headers(self) -> tuple[str, ...]:
         # The client's key never reaches the upstream (a header the upstream config sets itself,
@@ -595,17 +595,27 @@ class KeyAuth(Plugin):
                                 "key_scope_denied", "permission_error")
         return None
 
+    @staticmethod
+    def _owned(entry: _Entry, reply: Reply, ctx: "RequestContext") -> Reply:
+        if ctx.refusal is not None:
+            ctx.refusal["owner"] = entry.identity.get("owner")
+        return reply
+
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
         """Checks that do not depend on the secret: revoked, expired, path scope; then the identity
         (the model scope is on_request's: it needs the body)."""
+        # (the secret matched: a refusal from here on names the key's owner too, so the audit
+        # trail and `gateway audit top --by owner` count it where it belongs)
         if entry.revoked or key_id in self._denied or key_id in self.cache.revoked_here:
-            return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key")
+            return self._owned(entry, self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.",
+                                                   "revoked_api_key"), ctx)
         if entry.expires is not None and now >= entry.expires:
-            return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key")
+            return self._owned(entry, self._refuse(ctx, 401, "expired", key_id, "This API key has expired.",
+                                                   "expired_api_key"), ctx)
         if entry.paths and not ctx.lpath.startswith(entry.paths) and ctx.lpath not in entry.path_roots:
-            return self._refuse(ctx, 403, "scope_path", key_id,
-                                f"This API key is not allowed to call {ctx.path}.", "key_scope_denied",
-                                "permission_error")
+            return self._owned(entry, self._refuse(ctx, 403, "scope_path", key_id,
+                                                   f"This API key is not allowed to call {ctx.path}.",
+                                                   "key_scope_denied", "permission_error"), ctx)
         if entry.models:
             ctx.state[_MODELS] = entry.models
         ident = entry.identity

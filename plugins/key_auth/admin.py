@@ -274,6 +274,9 @@ def routes(services: "Services") -> list[web.RouteDef]:
         rec = await store.get(key_id) if key_id else None
         if rec is None:
             return _not_found(request.match_info["key_id"])
+        if key_id in cache.revoked_here and rec.get("status") != "revoked":
+            # (a revoke this instance applies but could not store: said, as it decides here)
+            rec = {**rec, "revoked_here": True}
         return web.json_response(rec)
 
     async def patch(request: web.Request) -> web.Response:
@@ -317,6 +320,10 @@ def routes(services: "Services") -> list[web.RouteDef]:
         if isinstance(body, web.Response):
             return body
         assert isinstance(body, RotateKey)
+        if key_id in cache.revoked_here:
+            return _err(409, "This key was revoked on this instance, and the revocation could not be stored: send "
+                             "the revoke again (a revoked key cannot be rotated; create a new one).",
+                        "key_revoked", "id")
         cfg = current_config(services)
         grace = cfg.rotation_grace if body.grace_seconds is None else body.grace_seconds
         try:
@@ -353,6 +360,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             return _not_found(request.match_info["key_id"])
         assert key_id is not None
         cache.invalidate(key_id)
+        cache.revoked_here.discard(key_id)  # (stored now: the database says so everywhere)
         events.emit("key.revoked", actor=admin_identity(request), key_id=key_id)
         return web.json_response(rec)
 
