@@ -247,7 +247,7 @@ class Completion:
         if self.message is not None:
             return self.message
         if self.content is None and not self.tool_calls and self.role is None and not self.refusal \
-                and not self.audio:
+                and not self.audio and not self.reasoning_details:
             return None
         msg: dict[str, Any] = {"role": self.role or "assistant", "content": joined(self.content)}
         if self.refusal:
@@ -265,7 +265,8 @@ class Completion:
         if self.extra_content is not None:
             msg["extra_content"] = self.extra_content
         if self.reasoning_details:
-            msg["reasoning_details"] = [d for d in self.reasoning_details if d]
+            msg["reasoning_details"] = [{k: joined("".join(v) if type(v) is _Parts else v) for k, v in d.items()}
+                                        for d in self.reasoning_details if d]
         return msg
 
 
@@ -287,16 +288,20 @@ def _reasoning_details(c: "Completion", items: list[Any]) -> None:
             continue
         i = item.get("index")
         if type(i) is not int or not 0 <= i < MAX_TOOL_CALLS:
-            i = len(acc)
+            # (no index: the piece goes on the last item of its type, else starts one)
+            i = len(acc) - 1 if acc and acc[-1].get("type") == item.get("type") else len(acc)
             if i >= MAX_TOOL_CALLS:
                 continue
         while len(acc) <= i:
             acc.append({})
         slot = acc[i]
         for k, v in item.items():
-            cur = slot.get(k)
-            if k in ("text", "summary") and isinstance(v, str) and isinstance(cur, str):
-                slot[k] = cur + v
+            if k in ("text", "summary"):
+                if isinstance(v, str):  # (parts, joined when read: no copy per piece)
+                    cur = slot.get(k)
+                    slot[k] = _cat(cur if isinstance(cur, (str, _Parts)) else None, v)
+                elif k not in slot:
+                    slot[k] = v
             elif v is not None or k not in slot:
                 slot[k] = v
 

@@ -625,7 +625,7 @@ class Proxy:
         # What tells the stream's end ([DONE]): the observer, or where plugins change the body (and
         # may hold a tail back until the end), a reader of the upstream's own events.
         ender = observer
-        if chunk_plugins and observer is not None and streamed:
+        if chunk_plugins and streamed:
             ender = ResponseObserver(True, False, readable=_readable(ctype), tail=False)
         transform = bool(chunk_plugins) or (observer is not None and observer.strip)
         headers = self.gw.upstream.response_headers(resp, keep_length=not transform, target=ctx.settings.upstream)

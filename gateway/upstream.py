@@ -253,7 +253,7 @@ class Upstream:
         """Does the gateway ask ``target`` for usage on streams: configured so, and that upstream
         (its URL, and the API version the request is sent with) has not refused stream_options."""
         refused = self.usage_refused
-        return target.stream_usage and (not refused or _usage_key(target, rel) not in refused)
+        return target.stream_usage and (not refused or _usage_key(target, rel, refused) not in refused)
 
     def refused_usage(self, target: Target, rel: URL | None = None) -> None:
         """``target``'s upstream refused stream_options (for the API version ``rel`` is sent with):

@@ -250,6 +250,47 @@ async def test_api_versions_that_are_no_versions_are_not_learned_one_by_one(make
         await runner.cleanup()
 
 
+async def test_past_the_versions_told_apart_a_refusal_is_learned_once(make_gateway: Any,
+                                                                      monkeypatch: Any) -> None:
+    """Past the api-versions told apart, a version's refusal was recorded under the shared entry
+    but looked up under its own: every request with it was sent twice, for good."""
+    import gateway.upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "MAX_VERSIONS", 2)
+    g, up, runner = await _hosted(make_gateway, [
+        {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                                      "key_by": ["ip"]}]}}])
+    versions = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
+    up.old_versions = set(versions)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for v in versions * 2:
+                async with s.post(g.url + f"/openai/deployments/d/chat/completions?api-version={v}",
+                                  json={"messages": [user("hi")], "stream": True}) as r:
+                    assert r.status == 200
+                    await r.read()
+        with_field = [u.split("=")[1] for u, _, b in up.seen if "stream_options" in b]
+        assert with_field == ["2024-01-01", "2024-01-02", "2024-01-03"], with_field  # (the third: the shared entry)
+    finally:
+        await runner.cleanup()
+
+
+def test_streamed_reasoning_details_without_an_index_are_assembled_by_type() -> None:
+    from gateway.observe import ResponseObserver
+
+    def ev(d: Any) -> bytes:
+        return b"data: " + json.dumps(d).encode() + b"\n\n"
+
+    o = ResponseObserver(True, False)
+    for piece in ([{"type": "reasoning.text", "text": "A"}], [{"type": "reasoning.text", "text": 5}],
+                  [{"type": "reasoning.text", "text": "B"}], [{"type": "reasoning.encrypted", "data": "x"}]):
+        o.feed(ev({"choices": [{"index": 0, "delta": {"reasoning_details": piece}}]}))
+    o.finish()
+    # (no index: a piece goes on the last item of its type; a text that is not one is not taken)
+    assert o.c.assistant_message() == {"role": "assistant", "content": None, "reasoning_details": [
+        {"type": "reasoning.text", "text": "AB"}, {"type": "reasoning.encrypted", "data": "x"}]}
+
+
 def test_the_deployment_is_read_from_the_path_as_written() -> None:
     from gateway.context import deployment
 

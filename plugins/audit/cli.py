@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import time
@@ -183,8 +184,10 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
             _emit(data)
             return 0
         if cmd == "top":
-            if not f.get("since"):
-                f["since"] = store.iso(time.time() - TOP_DEFAULT_SINCE)
+            if not f.get("since"):  # (the 15 minutes before --until, or before now)
+                end = dt.datetime.fromisoformat(f["until"].replace("Z", "+00:00")).timestamp() if f.get("until") \
+                    else time.time()
+                f["since"] = store.iso(end - TOP_DEFAULT_SINCE)
             f.setdefault("type", "request,auth_failure,rate_limited")  # (traffic, not admin actions)
             rows = await store.top(db, f, args.by, args.sort, args.limit)
             if args.json:
