@@ -556,7 +556,7 @@ def _activate(rt: Runtime) -> None:
         try:
             p.activated()
         except Exception:
-            log.exception("plugin %s failed in activated()", type(p).name)
+            log.exception("plugin %s failed in activated()", p.name)
 
 
 def _size(path: str) -> float:

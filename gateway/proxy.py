@@ -354,6 +354,8 @@ class Proxy:
                     t0 = _perf()
                     reply = await getattr(p, hook)(ctx)
                     timings.append((p.name, phase, t0, _perf()))
+                if reply is not None and not isinstance(reply, Reply):
+                    raise TypeError(f"{hook} returned {type(reply).__name__}, not a Reply or None")
             except GatewayError:
                 raise
             except Exception:
@@ -701,6 +703,8 @@ class Proxy:
                     if ender is not observer:
                         ender.feed(chunk)
                     for p in chunk_plugins:
+                        if not chunk:  # (nothing decoded yet, or held back by the plugin before)
+                            break
                         chunk = await self._on_chunk(ctx, p, chunk, False)
                 if observer is not None:
                     chunk = observer.feed(chunk)
@@ -728,7 +732,10 @@ class Proxy:
                 if decoder is not None:
                     tail = _decode(ctx, decoder, b"")
                 for p in chunk_plugins:
-                    tail = await self._on_chunk(ctx, p, tail, True)
+                    # (what the plugins before it flushed is a piece like any other; its own last
+                    # call gets an empty chunk, as the contract says)
+                    piece = await self._on_chunk(ctx, p, tail, False) if tail else b""
+                    tail = piece + await self._on_chunk(ctx, p, b"", True)
             if observer is not None:
                 tail = (observer.feed(tail) if tail else b"") + observer.finish()
             if observer is not None and observer.unreadable in ("corrupt", "bomb"):
@@ -821,10 +828,15 @@ class Proxy:
     async def _on_chunk(self, ctx: RequestContext, p: Any, chunk: bytes, last: bool) -> bytes:
         try:
             if ctx.timings is None:
-                return await p.on_chunk(ctx, chunk, last)
-            t0 = _perf()
-            r = await p.on_chunk(ctx, chunk, last)
-            ctx.timings.append((p.name, "chunk", t0, _perf()))
+                r = await p.on_chunk(ctx, chunk, last)
+            else:
+                t0 = _perf()
+                r = await p.on_chunk(ctx, chunk, last)
+                ctx.timings.append((p.name, "chunk", t0, _perf()))
+            if type(r) is not bytes:
+                if not isinstance(r, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"on_chunk returned {type(r).__name__}, not bytes")
+                r = bytes(r)
             return r
         except Exception:
             log.exception("plugin %s failed in on_chunk (request %s)", p.name, ctx.request_id)
@@ -955,10 +967,11 @@ def _decode(ctx: RequestContext, decoder: Decoder, chunk: bytes) -> bytes:
 
 
 def _unfiltered(ctx: RequestContext, why: str) -> GatewayError:
-    log.warning("upstream answer to %s %s not relayed: %s, so it could not be limited to what the caller may see "
-                "(request %s)", ctx.method, ctx.path[:200], why, ctx.request_id)
-    return GatewayError("The upstream's answer could not be read to limit it to what this API key may see.",
-                        status=502, type="upstream_error", code="upstream_unreadable")
+    log.warning("upstream answer to %s %s not relayed: %s, so the response filter a plugin set (key_auth's: a "
+                "key's model scope) could not be applied (request %s)", ctx.method, ctx.path[:200], why,
+                ctx.request_id)
+    return GatewayError("The upstream's answer could not be read to filter it (as the gateway must before "
+                        "relaying it to this caller).", status=502, type="upstream_error", code="upstream_unreadable")
 
 
 async def _filter_json(ctx: RequestContext, content: Any, pending: bytes, coding: str | None) -> bytes:
@@ -990,11 +1003,10 @@ async def _filter_json(ctx: RequestContext, content: Any, pending: bytes, coding
         raise _unfiltered(ctx, "it is not JSON") from None
     assert ctx.json_filter is not None
     try:
-        out = ctx.json_filter(j)
+        return dumps_bytes(ctx.json_filter(j))
     except Exception:
         log.exception("response filter failed (request %s)", ctx.request_id)
-        raise _unfiltered(ctx, "the filter failed") from None
-    return dumps_bytes(out)
+        raise _unfiltered(ctx, "the filter failed (or gave what JSON cannot carry)") from None
 
 
 #: The start of an SSE body: a field (data, event, id, retry) or a comment, after any blank lines.

@@ -158,7 +158,7 @@ class Runtime:
         placed: set[str] = set()
         for r in routes:
             for p in r.chain.plugins:
-                name = type(p).name
+                name = p.name
                 if name in placed or not p.public_prefixes() or any(
                         self.default.serves(x.rstrip("/")) for x in p.public_prefixes()):
                     continue
@@ -166,7 +166,7 @@ class Runtime:
                 # Every plugin on in the default chain or on that route runs (the route's instance
                 # where it has one): the stricter of the two, so that a key is needed if either
                 # needs one.
-                own = {type(x).name: x for x in r.chain.plugins}
+                own = {x.name: x for x in r.chain.plugins}
                 self.api_chains.append(Chain("default", [own.get(n, inst) for n, inst, on in base
                                                          if on or n in own]))
         # Every instance's headers, whichever routes it runs on: a client must not get a key or a
@@ -176,10 +176,10 @@ class Runtime:
         self.settings.guarded = frozenset(h.lower().replace("_", "-") for p in self.instances
                                           for h in p.guarded_headers())
         #: Plugins in some chain (a plugin with ``enabled: false`` everywhere is configured, not in use).
-        self.in_use = frozenset(type(p).name for c in self.all_chains for p in c.plugins)
+        self.in_use = frozenset(p.name for c in self.all_chains for p in c.plugins)
         #: Names of the plugins that read hook timings (a middleware may skip them for a request only
         #: when it speaks for all of these).
-        self.timing_plugins = frozenset(type(p).name for p in self.instances if type(p).wants_timings)
+        self.timing_plugins = frozenset(p.name for p in self.instances if type(p).wants_timings)
         self.record_timings = bool(self.timing_plugins)
         self.started: list[Plugin] = []
         #: the chains in which the cors plugin answers browsers' preflights
@@ -262,7 +262,7 @@ class Runtime:
             try:
                 await p.shutdown()
             except Exception:
-                log.exception("plugin %s failed to shut down", type(p).name)
+                log.exception("plugin %s failed to shut down", p.name)
 
         started, self.started = list(reversed(self.started)), []
         await asyncio.gather(*(shut(p) for p in started))

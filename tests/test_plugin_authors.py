@@ -317,3 +317,50 @@ async def test_an_error_answer_compressed_as_the_gateway_cannot_read_keeps_its_s
                 assert r.headers["Content-Encoding"] == "br" and await r.read() == b"\x8b\x02\x80{}\x03"
     finally:
         await runner.cleanup()
+
+
+class Sloppy(Plugin):
+    """Returns what a hook must not: a dict from on_request, a str from on_chunk, a filter whose
+    answer JSON cannot carry."""
+
+    name = "t_pa_sloppy"
+
+    async def on_request(self, ctx: Any) -> Any:
+        how = ctx.request.headers.get("X-Sloppy")
+        if how == "request":
+            return {"status": 403}
+        if how == "filter":
+            ctx.json_filter = lambda j: {1, 2}
+        return None
+
+    async def on_chunk(self, ctx: Any, chunk: bytes, last: bool) -> Any:
+        return chunk.decode() if ctx.request.headers.get("X-Sloppy") == "chunk" else chunk
+
+
+registry.register(Sloppy)
+
+
+async def test_a_hook_returning_the_wrong_type_is_a_plugin_failure(make_gateway: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A dict from on_request gave aiohttp's own 500 (no request id, no plugin named, audit status
+    0); a str from on_chunk cut the answer silently; a filter's answer that JSON cannot carry gave
+    a 500 rather than the 502 a failing filter gets."""
+    g = await make_gateway([{"name": "t_pa_sloppy"}])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", headers={"X-Sloppy": "request"},
+                          json={"model": "demo-chat", "messages": [user("hi")]}) as r:
+            assert r.status == 500 and (await r.json())["error"]["code"] == "internal_error"
+            assert "X-Request-ID" in r.headers
+        assert "plugin t_pa_sloppy failed in on_request" in caplog.text
+        async with s.get(g.url + "/v1/models", headers={"X-Sloppy": "filter"}) as r:
+            assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_unreadable"
+        async with s.post(g.url + "/v1/chat/completions", headers={"X-Sloppy": "chunk"},
+                          json={"model": "demo-chat", "stream": True, "messages": [user("hi")]}) as r:
+            raw = b""
+            try:
+                while chunk := await r.content.readany():
+                    raw += chunk
+            except aiohttp.ClientPayloadError:
+                pass
+        assert b'"code": "internal_error"' in raw, raw[-300:]
+        assert "plugin t_pa_sloppy failed in on_chunk" in caplog.text
