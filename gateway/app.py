@@ -485,6 +485,11 @@ class _JsonErrorHandler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:  # a response already began: the connection is broken
+            if exc is not None and not isinstance(exc, OSError):
+                # (a fault of the gateway's own after the head went out: the client sees the
+                # connection drop, and the log must say why)
+                log.error("request handling failed after the response began (from %s); connection closed",
+                          request.remote, exc_info=exc)
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         if isinstance(exc, ContentEncodingError) and _decodable(exc):
             # A coding the gateway takes, with data that is not that coding or stops before its

@@ -174,3 +174,12 @@ async def test_a_database_outage_logs_its_retries_once_per_interval(caplog: Any)
     back = [m for m in lines if "go through again" in m]
     assert len(back) == 1 and "more failed write(s) retried" in back[0], back
     assert w.written == 1
+
+
+def test_a_deny_keys_value_that_may_be_a_secret_is_not_shown() -> None:
+    secretish = "OWyW3px1Aqkm_" + "s3cr3tpart" * 4  # (a key pasted without its gw_ prefix)
+    with pytest.raises(ConfigError) as e:
+        load_config_text(f"upstream: {{url: 'http://x'}}\nplugins: [{{name: key_auth, config: {{deny_keys: ['{secretish}']}}}}]")
+    assert "s3cr3t" not in str(e.value) and "not a key id" in str(e.value)
+    with pytest.raises(ConfigError, match="not a key id: 'abc'"):
+        load_config_text("upstream: {url: 'http://x'}\nplugins: [{name: key_auth, config: {deny_keys: [abc]}}]")

@@ -364,3 +364,27 @@ async def test_a_hook_returning_the_wrong_type_is_a_plugin_failure(make_gateway:
                 pass
         assert b'"code": "internal_error"' in raw, raw[-300:]
         assert "plugin t_pa_sloppy failed in on_chunk" in caplog.text
+
+
+async def test_a_fault_after_the_response_head_is_logged(make_gateway: Any, monkeypatch: Any,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected exception in the gateway after the head went out (here: ending the body)
+    closed the connection with nothing logged: a bug there was invisible."""
+    import gateway.proxy as proxy_module
+
+    send = proxy_module._send
+
+    async def failing_end(ctx: Any, out: Any, chunk: bytes | None) -> None:
+        if chunk is None:
+            raise RuntimeError("ending the body failed on purpose")
+        await send(ctx, out, chunk)
+
+    monkeypatch.setattr(proxy_module, "_send", failing_end)
+    g = await make_gateway([])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions",
+                          json={"model": "demo-chat", "stream": True, "messages": [user("hi")]}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+    assert "request handling failed after the response began" in caplog.text
+    assert "ending the body failed on purpose" in caplog.text

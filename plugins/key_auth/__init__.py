@@ -103,7 +103,9 @@ class KeyAuthConfig(PluginConfig):
                 if parse_key(k) is not None or k.startswith("gw_"):
                     raise ValueError("deny_keys takes key ids (the 12 characters after 'gw_'), not keys: a key's "
                                      "secret does not belong in the config")
-                raise ValueError(f"not a key id: {k[:40]!r} (the 12 letters and digits after 'gw_')")
+                # (a long value may be a key pasted without its prefix: not shown)
+                shown = f": {k!r}" if len(k) <= 16 else f" ({len(k)} characters, not shown)"
+                raise ValueError(f"not a key id{shown}; an id is the 12 letters and digits after 'gw_'")
         return v
 
     @field_validator("pepper", mode="before")
