@@ -405,8 +405,7 @@ class Gateway:
             # What a plugin or its library says can quote its settings (a URL with a password): the
             # message is scrubbed, and no traceback goes to the log.
             why = redact_url(f"{type(e).__name__}: {e}")
-            who = getattr(e, "gateway_plugin", None)
-            which = f"plugin {who}" if isinstance(who, str) else "a plugin"
+            which = _which_plugin(e) or "a plugin"
             log.error("%s failed to start during reload: %s", which, why)
             self.services.settings = self.cfg
             if rt is not None:
@@ -650,6 +649,13 @@ FULL_LINGER = 64
 FULL_LINGER_SECONDS = 1.0
 
 
+
+def _which_plugin(e: BaseException, after: str = "") -> str:
+    """"plugin NAME" (then ``after``) for an error a plugin's start-up raised (Runtime.startup
+    names it), else ""."""
+    who = getattr(e, "gateway_plugin", None)
+    return f"plugin {who}{after}" if isinstance(who, str) else ""
+
 class JsonErrorServer(web.Server):
     #: the public listener's connection cap (read at each accept: a reload changes it); None: none
     cap: Callable[[], int] | None = None
@@ -822,14 +828,12 @@ async def serve(cfg: GatewayConfig, ready: Any = None, stop: asyncio.Event | Non
                     hint += (f", or an outgoing connection uses it: {m.group(1)} is in this system's range "
                              "of ports for outgoing connections (net.ipv4.ip_local_port_range); a listening "
                              "port below that range never collides with one")
-            who = getattr(e, "gateway_plugin", None)
-            log.error("start-up failed: %s%s%s", f"plugin {who}: " if isinstance(who, str) else "",
-                      redact_url(str(e).strip() or type(e).__name__), hint)
+            log.error("start-up failed: %s%s%s", _which_plugin(e, ": "), redact_url(str(e).strip() or type(e).__name__),
+                      hint)
         else:
             # (scrubbed, and no traceback: a library's message can quote a URL with its password)
-            who = getattr(e, "gateway_plugin", None)
-            log.error("start-up failed: %s%s%s", f"plugin {who}: " if isinstance(who, str) else "",
-                      redact_url(f"{type(e).__name__}: {e}"), sqlite_hint(e))
+            log.error("start-up failed: %s%s%s", _which_plugin(e, ": "), redact_url(f"{type(e).__name__}: {e}"),
+                      sqlite_hint(e))
         # Never ready, so in no load balancer: no drain_delay (the listener that did start would
         # serve for it, from a process that is exiting).
         gw.skip_drain_delay()

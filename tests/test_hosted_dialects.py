@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .helpers import ADMIN_TOKEN, recorded_usage_and_audit, serve_handler, until
+from .helpers import ADMIN_TOKEN, clear_of_a_minute_boundary, recorded_usage_and_audit, serve_handler, until
 from .test_memory_edges import stored, user
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -205,6 +205,7 @@ async def test_tokens_counted_in_the_total_alone_are_output_in_every_ledger(make
     """A usage whose total is above prompt + completion (thought tokens counted in the total
     alone): token limits charged the total, while key usage, the audit event and metrics counted
     prompt + completion."""
+    await clear_of_a_minute_boundary()  # (the figures compared must not straddle two minutes)
     g, up, runner = await _hosted(make_gateway, [
         {"name": "key_auth"}, {"name": "audit"},
         {"name": "rate_limit", "config": {"rules": [{"name": "tpm", "limit": "1000/minute", "counts": "tokens",

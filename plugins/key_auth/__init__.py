@@ -458,8 +458,12 @@ class KeyAuth(Plugin):
         return None
 
     def _refuse(self, ctx: "RequestContext", status: int, reason: str, key_id: str | None, message: str,
-                code: str, type_: str = "invalid_request_error") -> Reply:
+                code: str, type_: str = "invalid_request_error", entry: _Entry | None = None) -> Reply:
         ctx.refusal = {"plugin": self.name, "type": "auth", "reason": reason, "key_id": key_id}
+        if entry is not None:
+            # (its secret matched: the refusal names the key's owner too, so the audit trail and
+            # `gateway audit top --by owner` count it where it belongs)
+            ctx.refusal["owner"] = entry.identity.get("owner")
         # (a key store that is down: retried soon, as the conversation store's 503 says)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else \
             {"Retry-After": "1"} if status == 503 else None
@@ -597,27 +601,18 @@ class KeyAuth(Plugin):
                                 "key_scope_denied", "permission_error")
         return None
 
-    @staticmethod
-    def _owned(entry: _Entry, reply: Reply, ctx: "RequestContext") -> Reply:
-        if ctx.refusal is not None:
-            ctx.refusal["owner"] = entry.identity.get("owner")
-        return reply
-
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
         """Checks that do not depend on the secret: revoked, expired, path scope; then the identity
         (the model scope is on_request's: it needs the body)."""
-        # (the secret matched: a refusal from here on names the key's owner too, so the audit
-        # trail and `gateway audit top --by owner` count it where it belongs)
         if entry.revoked or key_id in self._denied or key_id in self.cache.revoked_here:
-            return self._owned(entry, self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.",
-                                                   "revoked_api_key"), ctx)
+            return self._refuse(ctx, 401, "revoked", key_id, "This API key has been revoked.", "revoked_api_key",
+                                entry=entry)
         if entry.expires is not None and now >= entry.expires:
-            return self._owned(entry, self._refuse(ctx, 401, "expired", key_id, "This API key has expired.",
-                                                   "expired_api_key"), ctx)
+            return self._refuse(ctx, 401, "expired", key_id, "This API key has expired.", "expired_api_key",
+                                entry=entry)
         if entry.paths and not ctx.lpath.startswith(entry.paths) and ctx.lpath not in entry.path_roots:
-            return self._owned(entry, self._refuse(ctx, 403, "scope_path", key_id,
-                                                   f"This API key is not allowed to call {ctx.path}.",
-                                                   "key_scope_denied", "permission_error"), ctx)
+            return self._refuse(ctx, 403, "scope_path", key_id, f"This API key is not allowed to call {ctx.path}.",
+                                "key_scope_denied", "permission_error", entry=entry)
         if entry.models:
             ctx.state[_MODELS] = entry.models
         ident = entry.identity
