@@ -223,13 +223,13 @@ async def test_a_newer_gateways_revision_is_still_accepted(tmp_path: Path) -> No
     url = f"sqlite+aiosqlite:///{path}"
     await asyncio.to_thread(upgrade_sync, url)
     c = sqlite3.connect(path)
-    c.execute("UPDATE alembic_version SET version_num = 'key_auth_0003' WHERE version_num = 'key_auth_0002'")
+    c.execute("UPDATE alembic_version SET version_num = 'key_auth_9999' WHERE version_num LIKE 'key_auth_%'")
     c.commit()
     c.close()
     db = Database(url)
     try:
         assert await db.pending_migrations() == []
-        assert "key_auth_0003" in await db.upgrade()
+        assert "key_auth_9999" in await db.upgrade()
     finally:
         await db.close()
 
@@ -240,14 +240,14 @@ def test_db_upgrade_on_a_newer_schema_has_nothing_to_do(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{path}"
     upgrade_sync(url)
     c = sqlite3.connect(path)
-    c.execute("UPDATE alembic_version SET version_num = 'key_auth_0003' WHERE version_num = 'key_auth_0002'")
+    c.execute("UPDATE alembic_version SET version_num = 'key_auth_9999' WHERE version_num LIKE 'key_auth_%'")
     c.commit()
     c.close()
     r = gateway_cli("db", "upgrade", "-c", str(config(tmp_path, url)), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "already migrated further by a newer gateway (key_auth_0003): nothing to do" in r.stdout
+    assert "already migrated further by a newer gateway (key_auth_9999): nothing to do" in r.stdout
     assert "Can't locate revision" not in r.stdout + r.stderr
-    assert "key_auth_0003" in sqlite_state(path)[1]
+    assert "key_auth_9999" in sqlite_state(path)[1]
 
 
 # -- 4. a database that refuses or never answers ------------------------------------------------------

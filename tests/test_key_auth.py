@@ -116,7 +116,8 @@ async def lifecycle(g: Any, upstream: Any) -> None:
     ident = Probe.seen[-1]["identity"]
     assert ident == {"key_id": kid, "owner": "alice", "name": "test", "team": "search",
                      "scopes": {"paths": [], "models": []}, "metadata": {"cost_center": "42"},
-                     "limits": {"rpm": 60, "tpm": 1000, "daily_tokens": None, "monthly_tokens": None}}
+                     "limits": {"rpm": 60, "tpm": 1000, "daily_tokens": None, "monthly_tokens": None,
+                                "max_parallel": None}}
 
     st, rot = await admin(g, "POST", f"/keys/{kid}/rotate", {"grace_seconds": 1.5})
     assert st == 200 and rot["id"] == kid and rot["key"] != key and rot["previous_secret_valid_until"]
@@ -447,11 +448,13 @@ async def test_admin_api_validation_events_and_openapi(make_gateway: Any) -> Non
     kid = rec["id"]
     st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"tpm": 100}, "name": "renamed", "team": "t1",
                                                      "metadata": {"a": 1}})
-    assert st == 200 and b["limits"] == {"rpm": 5, "tpm": 100, "daily_tokens": None, "monthly_tokens": None}
+    assert st == 200 and b["limits"] == {"rpm": 5, "tpm": 100, "daily_tokens": None, "monthly_tokens": None,
+                                         "max_parallel": None}
     assert b["name"] == "renamed" and b["team"] == "t1" and b["metadata"] == {"a": 1}
     st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"rpm": None, "daily_tokens": 1000,
                                                                 "monthly_tokens": 20000}})
-    assert b["limits"] == {"rpm": None, "tpm": 100, "daily_tokens": 1000, "monthly_tokens": 20000}
+    assert b["limits"] == {"rpm": None, "tpm": 100, "daily_tokens": 1000, "monthly_tokens": 20000,
+                           "max_parallel": None}
     st, b = await admin(g, "PATCH", f"/keys/{kid}", {"limits": {"rpm": 0}})
     assert st == 422 and b["error"]["param"] == "limits.rpm"
     st, b = await admin(g, "POST", f"/keys/{kid}/rotate")  # default grace from the config
@@ -727,10 +730,10 @@ async def test_cli_create_list_update_revoke(make_gateway: Any, tmp_path: Path, 
     g = await make_gateway(ka_cli, name="cli.yaml")
     assert (await chat(g, key)).choices
     r = await asyncio.to_thread(gw_cli, cfg, "update", kid, "--tpm", "500", "--rpm", "none", "--daily-tokens", "9",
-                                "--monthly-tokens", "99", "--scope-path", "/v1/", "--name", "renamed",
-                                "--expires", "never", "--json")
+                                "--monthly-tokens", "99", "--max-parallel", "3", "--scope-path", "/v1/", "--name",
+                                "renamed", "--expires", "never", "--json")
     upd = json.loads(r.stdout)
-    assert upd["limits"] == {"rpm": None, "tpm": 500, "daily_tokens": 9, "monthly_tokens": 99}
+    assert upd["limits"] == {"rpm": None, "tpm": 500, "daily_tokens": 9, "monthly_tokens": 99, "max_parallel": 3}
     # --scope-path replaces the path scopes only; the model scopes given at creation stay.
     assert upd["scopes"] == {"paths": ["/v1/"], "models": ["demo-*"]} and upd["expires_at"] is None
     assert upd["name"] == "renamed"

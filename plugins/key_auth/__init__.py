@@ -25,7 +25,7 @@ from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .keys import ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
-from .store import KeyStore, UsageRecord, normalise_scopes
+from .store import LIMIT_FIELDS, KeyStore, UsageRecord, normalise_scopes
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -164,8 +164,7 @@ class _Entry:
         self.identity: dict[str, Any] = {
             "key_id": row.id, "owner": row.owner, "name": row.name, "team": row.team, "scopes": scopes,
             "metadata": row.meta or {},
-            "limits": {"rpm": row.rpm, "tpm": row.tpm, "daily_tokens": row.daily_tokens,
-                       "monthly_tokens": row.monthly_tokens},
+            "limits": {f: getattr(row, f) for f in LIMIT_FIELDS},
         }
 
 

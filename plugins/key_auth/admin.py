@@ -93,6 +93,9 @@ class Limits(_Body):
                                      description="Token quota per UTC day.")
     monthly_tokens: int | None = Field(None, ge=1, le=LIMIT_MAX["monthly_tokens"], strict=True,
                                        description="Token quota per UTC month.")
+    max_parallel: int | None = Field(None, ge=1, le=LIMIT_MAX["max_parallel"], strict=True,
+                                     description="Requests of this key running at once (rate_limit's "
+                                                 "concurrency cap keyed by key).")
 
 
 def _in_range(v: Any) -> Any:

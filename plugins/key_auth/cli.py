@@ -89,7 +89,7 @@ def add_cli(subparsers: Any) -> None:
                        help="allowed path prefix (repeatable; on update replaces the list, '' clears it)")
         c.add_argument("--scope-model", action="append", metavar="MODEL",
                        help="allowed model or pattern (repeatable; on update replaces the list, '' clears it)")
-        for f in ("rpm", "tpm", "daily-tokens", "monthly-tokens"):
+        for f in ("rpm", "tpm", "daily-tokens", "monthly-tokens", "max-parallel"):
             c.add_argument(f"--{f}", type=_limit(f.replace("-", "_")), metavar="N", default=_UNSET, help=f"{f} override ('none' clears it)")
         c.add_argument("--expires", type=parse_when, metavar="WHEN", default=_UNSET,
                        help="expiry: 30d, 12h, 2027-01-01, an ISO time, or 'never'")
@@ -131,8 +131,10 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
     if args.scope_path is not None or args.scope_model is not None:
         ch["scopes"] = {"paths": [p for p in args.scope_path or [] if p],
                         "models": [m for m in args.scope_model or [] if m]}
+    from .store import LIMIT_FIELDS
+
     limits = {}
-    for f in ("rpm", "tpm", "daily_tokens", "monthly_tokens"):
+    for f in LIMIT_FIELDS:
         if getattr(args, f) is not _UNSET:
             limits[f] = getattr(args, f)
     if limits:

@@ -24,9 +24,11 @@ from gateway.db import Base, Database, DatabaseError, row_chunks
 from .keys import format_key, hash_secret, new_key_id, new_secret
 
 UTC = dt.timezone.utc
-LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens")
-# Largest value each limit column holds (rpm/tpm are INTEGER, the token quotas BIGINT).
-LIMIT_MAX = {"rpm": 2**31 - 1, "tpm": 2**31 - 1, "daily_tokens": 2**63 - 1, "monthly_tokens": 2**63 - 1}
+LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "max_parallel")
+# Largest value each limit column holds (rpm/tpm are INTEGER, the token quotas BIGINT; max_parallel
+# as rate_limit's concurrency caps).
+LIMIT_MAX = {"rpm": 2**31 - 1, "tpm": 2**31 - 1, "daily_tokens": 2**63 - 1, "monthly_tokens": 2**63 - 1,
+             "max_parallel": 1_000_000}
 
 
 def utcnow() -> dt.datetime:
@@ -66,6 +68,7 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     daily_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
     secret_hash: Mapped[str] = mapped_column(String(64))
     prev_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prev_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)

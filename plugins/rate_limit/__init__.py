@@ -21,11 +21,12 @@ from gateway.estimate import prompt_estimate
 from gateway.plugin import Plugin, Reply
 
 from . import headers as hdr
+from .concurrency import PREFIX, Cap, Leases, compile_caps, give_memory, key_cap, take_memory
 from .config import RateLimitConfig
 from .quota import QuotaStore, periods
 from .rules import (Limit, choices, compile_rules, completion_estimate, identifiers, ip_key, override_limit,
                     shared_minute_counter)
-from .store import STORE_LOG, CounterStore, StoreDown
+from .store import STORE_LOG, CounterStore, StoreDown, async_uri
 
 log = logging.getLogger("gateway.rate_limit")
 
@@ -37,6 +38,8 @@ SDK_MAX_WAIT = 60.0
 #: Retry-After (seconds) of a request that fits what is left but not beside the estimates held by
 #: requests still running: they end (and give back what they did not use) at any moment.
 BUSY_RETRY = 1.0
+#: retry-after-ms of a request refused for a concurrency cap: a running request ends at any moment.
+BUSY_RETRY_MS = 500
 
 
 #: Token estimates of requests admitted and not yet ended, per token counter or quota period, for
@@ -79,7 +82,7 @@ class QuotaDown(StoreDown):
 
 class _State:
     __slots__ = ("standings", "token_limits", "estimate", "prompt", "choices", "subject", "quota_periods",
-                 "quota_shared", "held", "body", "generating", "grown", "unchecked")
+                 "quota_shared", "held", "body", "generating", "grown", "unchecked", "slots")
 
     def __init__(self) -> None:
         self.standings: list[hdr.Standing] = []
@@ -100,6 +103,8 @@ class _State:
         self.grown = ""
         #: let through without the counters (the store down, on_store_error: allow)
         self.unchecked = False
+        #: concurrency slots taken: (counter key, lease id on Redis; "" in memory)
+        self.slots: list[tuple[str, str]] = []
 
 
 class RateLimit(Plugin):
@@ -119,6 +124,10 @@ class RateLimit(Plugin):
         self.limits = compile_rules(c.rules, self.ip_prefixes)
         self.request_limits = [x for x in self.limits if x.counts == "requests"]
         self.token_limits = [x for x in self.limits if x.counts == "tokens"]
+        self.caps = compile_caps(c.concurrency, self.ip_prefixes)
+        self._key_caps: dict[int, Cap] = {}
+        self._leases: Leases | None = None if self.store.memory else services.resource(
+            f"rate_limit:leases:{async_uri(c.storage)}", Leases, lambda x: x.close())
         self.has_quotas = c.quotas.daily_tokens is not None or c.quotas.monthly_tokens is not None
         self._quota_amounts: dict[str, int | None] | None = (
             {"daily": c.quotas.daily_tokens, "monthly": c.quotas.monthly_tokens} if self.has_quotas else None)
@@ -130,7 +139,7 @@ class RateLimit(Plugin):
             ["rule", "reason"], registry=reg))
         # Each configured rule's series at 0 from the start, so that an ``increase(...) > 0`` alert
         # fires on the first refusal too (the labels as _refuse / _store_down give them).
-        for rule in dict.fromkeys(lim.rule for lim in self.limits):
+        for rule in dict.fromkeys([lim.rule for lim in self.limits] + [cap.rule for cap in self.caps]):
             self.refused.labels(rule, "rate_limit_exceeded")
         for period, amount in (("daily-tokens", c.quotas.daily_tokens), ("monthly-tokens", c.quotas.monthly_tokens)):
             if amount is not None:
@@ -222,23 +231,81 @@ class RateLimit(Plugin):
                 quota["monthly"] = monthly
         return req, tok, quota
 
+    def _caps(self, ctx: RequestContext) -> list[Cap]:
+        """The concurrency caps that apply: a key's own ``max_parallel`` replaces the caps keyed by
+        key alone (and counts on the first one's counter, so setting it keeps the running count)."""
+        caps = self.caps
+        ident = ctx.identity
+        if self.config.key_overrides and ident and ident.get("key_id"):
+            n = (ident.get("limits") or {}).get("max_parallel")
+            if isinstance(n, int):
+                cap = self._key_caps.get(n)
+                if cap is None:
+                    shared = next((c.rule for c in caps if c.key_by == ("key",)), "")
+                    cap = self._key_caps[n] = key_cap(n, self.ip_prefixes, shared)
+                caps = [c for c in caps if c.key_by != ("key",)] + [cap]
+        return caps
+
     async def on_request(self, ctx: RequestContext) -> Reply | None:
         req, tok, quota = self._applicable(ctx)
-        if not (req or tok or quota):
+        caps = self._caps(ctx) if self.caps or self.config.key_overrides else ()
+        if not (req or tok or quota or caps):
             return None
         st = _State()
         ctx.state[NAME] = st
         try:
-            reply = await self._check(ctx, st, req, tok, quota)
+            reply = await self._take_slots(ctx, st, caps) if caps else None
+            if reply is None:
+                reply = await self._check(ctx, st, req, tok, quota)
         except StoreDown:
             _release(st.held)
+            self._give_slots(st)
             reply = await self._store_down(ctx, st, quota)
         if reply is not None:
             _release(st.held)
+            self._give_slots(st)
         # The headers go on whatever answers: the upstream's response, a refusal, an error.
         if st.standings and self.config.headers:
             ctx.response_headers.update(hdr.build(st.standings))
         return reply
+
+    async def _take_slots(self, ctx: RequestContext, st: _State, caps: list[Cap]) -> Reply | None:
+        """A slot of every cap that applies, or a refusal (the slots already taken given back)."""
+        deadline = None if self.store.memory else time.monotonic() + self.store.timeout
+        for cap in caps:
+            key = "/".join(identifiers(cap, ctx))  # type: ignore[arg-type]
+            if self._leases is None:
+                ok, n = take_memory(key, cap.max)
+                lease = ""
+            else:
+                key = PREFIX + key
+                ok, n, lease = await self._leases.acquire(self.store, key, cap.max, deadline)
+            if not ok:
+                self._give_slots(st)
+                return self._refuse_running(ctx, cap, n)
+            st.slots.append((key, lease))
+        return None
+
+    def _give_slots(self, st: _State) -> None:
+        if not st.slots:
+            return
+        if self._leases is None:
+            for key, _ in st.slots:
+                give_memory(key)
+        else:
+            for key, lease in st.slots:  # (in the background: the connection's next request does not wait)
+                t = asyncio.create_task(self._leases.release(self.store, key, lease))
+                self._tasks.add(t)
+                t.add_done_callback(self._tasks.discard)
+        st.slots = []
+
+    def _refuse_running(self, ctx: RequestContext, cap: Cap, running: int) -> Reply:
+        ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": "rate_limit_exceeded", "limit": cap.label}
+        self.refused.labels(cap.rule, "rate_limit_exceeded").inc()
+        msg = (f"Too many requests at once: rule {cap.rule} allows {cap.max} running at once, and {running} "
+               f"are running. Retry when one of them ends.")
+        return Reply.error(429, msg, "requests", "rate_limit_exceeded",
+                           headers={"Retry-After": "1", "retry-after-ms": str(BUSY_RETRY_MS)})
 
     async def _check(self, ctx: RequestContext, st: _State, req: list[Limit], tok: list[Limit],
                      quota: dict[str, int | None] | None) -> Reply | None:
@@ -610,6 +677,8 @@ class RateLimit(Plugin):
             return
         if st.held:
             _release(st.held)
+        if st.slots:
+            self._give_slots(st)
         if ctx.t_upstream is None or not (st.token_limits or st.quota_periods):
             return
         tokens = used_tokens(ctx, st.prompt, st.estimate)

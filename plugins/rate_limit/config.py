@@ -20,22 +20,53 @@ KEY_PARTS = ("key", "owner", "ip", "route", "model")
 MAX_AMOUNT = 2**53 - 1
 
 
-class RuleConfig(PluginConfig):
+#: Rule names a key's own limits use: their counters must stay their own.
+RESERVED_NAMES = ("key-rpm", "key-tpm", "key-parallel")
+
+
+def _key_by(v: object) -> object:
+    if isinstance(v, str) and v != "global":
+        return [v]
+    if isinstance(v, list) and not v:  # one counter for everyone is said so, not left empty
+        raise ValueError('list at least one part (key, owner, ip, route, model), or "global" for one '
+                         'counter shared by everyone')
+    if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
+        if len(set(v)) > 1:
+            raise ValueError('"global" (one counter for everyone) cannot be combined with other parts')
+        return "global"
+    return v
+
+
+class _Keyed(PluginConfig):
     name: str = Field(description="Rule name, shown in headers and refusal messages.",
                       pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v in ("key-rpm", "key-tpm"):  # a key's own rpm / tpm: its counters must stay its own
-            raise ValueError(f"{v!r} is reserved for a key's own limit; choose another rule name")
-        return v
-    limit: str = Field(description='Limit(s) in `limits` notation: "60/minute", "10/second; 1000/day".')
-    counts: Literal["requests", "tokens"] = Field("requests", description="What the rule counts.")
     key_by: list[Literal["key", "owner", "ip", "route", "model"]] | Literal["global"] = Field(
         default_factory=lambda: ["key"],
         description='What each counter is kept per: a list of key, owner, ip, route, model, or "global". '
                     "key/owner fall back to the client IP when no identity is set.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in RESERVED_NAMES:  # a key's own rpm / tpm / parallel
+            raise ValueError(f"{v!r} is reserved for a key's own limit; choose another rule name")
+        return v
+
+    @field_validator("key_by", mode="before")
+    @classmethod
+    def _key_by(cls, v: object) -> object:
+        return _key_by(v)
+
+
+class ConcurrencyConfig(_Keyed):
+    """Requests running at once (from admission to the end of the answer, streams included)."""
+
+    max: int = Field(ge=1, le=1_000_000, description="Requests that may run at once per counter.")
+
+
+class RuleConfig(_Keyed):
+    limit: str = Field(description='Limit(s) in `limits` notation: "60/minute", "10/second; 1000/day".')
+    counts: Literal["requests", "tokens"] = Field("requests", description="What the rule counts.")
     estimate_default_max_tokens: int | None = Field(
         None, ge=0, description="Token rules: completion tokens assumed when the request sets no max_tokens "
                                 "(defaults to the plugin-wide value).")
@@ -71,19 +102,6 @@ class RuleConfig(PluginConfig):
             raise ValueError(f"two limits for the same window in one rule: {v!r} (keep the stricter one)")
         return v
 
-    @field_validator("key_by", mode="before")
-    @classmethod
-    def _key_by(cls, v: object) -> object:
-        if isinstance(v, str) and v != "global":
-            return [v]
-        if isinstance(v, list) and not v:  # one counter for everyone is said so, not left empty
-            raise ValueError('list at least one part (key, owner, ip, route, model), or "global" for one '
-                             'counter shared by everyone')
-        if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
-            if len(set(v)) > 1:
-                raise ValueError('"global" (one counter for everyone) cannot be combined with other parts')
-            return "global"
-        return v
 
 
 def storage_uri_ok(uri: str) -> bool:
@@ -129,6 +147,9 @@ class RateLimitConfig(PluginConfig):
         "allow", description="When the store fails or times out: let the request through, or refuse it (503).")
     rules: list[RuleConfig] = Field(default_factory=list, description="Limits that apply together; the "
                                                                         "strictest decides.")
+    concurrency: list[ConcurrencyConfig] = Field(
+        default_factory=list, description="Caps on requests running at once (each caps its own counter; "
+                                          "all that apply must have room).")
     quotas: QuotaConfig = Field(default_factory=QuotaConfig, description="Daily/monthly token quotas per key, "
                                                                           "persisted in the database.")
     key_overrides: bool = Field(True, description="Apply per-key limits (rpm, tpm, daily_tokens, monthly_tokens) "
@@ -177,8 +198,8 @@ class RateLimitConfig(PluginConfig):
 
     @model_validator(mode="after")
     def _names(self) -> "RateLimitConfig":
-        names = [r.name for r in self.rules]
+        names = [r.name for r in self.rules] + [r.name for r in self.concurrency]
         dup = {n for n in names if names.count(n) > 1}
-        if dup:
+        if dup:  # (rules and concurrency caps share the refusals' metric label)
             raise ValueError(f"duplicate rule names: {sorted(dup)}")
         return self
