@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import string
 import time
 from typing import Any, Literal
@@ -321,6 +322,15 @@ class ConversationsConfig(PluginConfig):
                                                            "instances); 0: every request; null: never.")
     page_size: int = Field(50, ge=1, le=1000, description="Default page size of the caller and admin APIs "
                                                           "(lists, and a conversation's messages).")
+    external_ids: bool = Field(False, description="Let clients name their conversations with ids of their own "
+                                                  "(a chat front-end's chat id), read from external_id_header: "
+                                                  "each name is the caller's own, and continues the stored "
+                                                  "conversation of that name its messages match best.")
+    external_id_header: str = Field("X-Conversation-ID", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$",
+                                    description="The request header holding a client's own conversation id. "
+                                                "X-Conversation-ID: a value not in the gateway's id format is "
+                                                "the client's own; another header (X-OpenWebUI-Chat-Id): read "
+                                                "when X-Conversation-ID is not sent.")
 
     @field_validator("api_prefix")
     @classmethod
@@ -340,7 +350,7 @@ class ConversationsConfig(PluginConfig):
 
 class Plan:
     __slots__ = ("view", "create", "parent_id", "fork_position", "base", "new", "new_digests", "forwarded",
-                 "known", "memory", "owner", "key_id", "created_at", "replayed")
+                 "known", "memory", "owner", "key_id", "created_at", "replayed", "external_id")
 
     def __init__(self, view: View, create: bool, parent_id: str | None, fork_position: int | None, base: int,
                  new: list[dict[str, Any]], new_digests: list[str], forwarded: list[dict[str, Any]],
@@ -351,6 +361,8 @@ class Plan:
         self.memory, self.owner, self.key_id, self.created_at = memory, owner, key_id, created_at
         #: the body sent upstream is not the client's: memory added stored history to it
         self.replayed = False
+        #: the client's name for the conversation (external_ids): a conversation made is given it
+        self.external_id: str | None = None
 
 
 #: A stored message memory may replay: the message, its replay token count, its position.
@@ -358,6 +370,8 @@ Stored = tuple[dict[str, Any], int | None, int]
 
 #: The plugin's request headers: read here, never sent to the upstream.
 _OUR_HEADERS = ("X-Conversation-ID", "X-Conversation-Memory")
+#: What a client's own conversation id may not hold: control characters, line and paragraph separators.
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]").search
 
 
 def _not_found() -> Reply:
@@ -488,6 +502,30 @@ class Conversations(Plugin):
             return Reply(400, error_body("The messages are nested too deeply to be recorded.",
                                          "invalid_request_error", "invalid_value", "messages"))
         cid = headers.get("X-Conversation-ID")
+        external = None
+        if cfg.external_ids:
+            h = cfg.external_id_header
+            if h.lower() == "x-conversation-id":
+                if cid and not _GENERATED(cid.strip()):
+                    external, cid = cid, None
+            elif not cid:
+                external = headers.get(h)
+            if external is not None:
+                external = external.strip()
+                if not external or len(external) > 200 or _UNSAFE_NAME(external):
+                    ctx.refusal = {"plugin": self.name, "type": "invalid", "reason": "invalid_conversation_id"}
+                    return Reply(400, error_body(f"{h} must be 1 to 200 characters, without control characters.",
+                                                 "invalid_request_error", "invalid_header", h))
+                try:
+                    async with asyncio.timeout(VIEW_WAIT):
+                        cid = await self._named(owner, external, digests, memory)
+                except Exception as e:
+                    log.warning("conversation store unavailable (request %s): %s", ctx.request_id,
+                                type(e).__name__)
+                    ctx.refusal = {"plugin": self.name, "type": "unavailable", "reason": "store_unavailable"}
+                    return Reply(503, error_body("The conversation store is unavailable; try again shortly.",
+                                                 "server_error", "conversation_store_unavailable", None),
+                                 {"Retry-After": "1"})
         parent_id = fork_position = None
         lead_new, resent, lead_n = False, [], 0  # (memory: see _memory_new)
         stored_again: list[int] = []  # resent positions stored again (a retry that adds a message)
@@ -610,11 +648,39 @@ class Conversations(Plugin):
             new_digests=new_digests, forwarded=forwarded, known=known, memory=memory, owner=owner, key_id=key_id,
             created_at=utcnow())
         plan.replayed = exact is not None
+        if external is not None:
+            plan.external_id = external
+            if create:
+                v.external_id = external
+            shared.name_used(owner, external, v.id)
         ctx.conversation_id = v.id
         ctx.response_headers["X-Conversation-ID"] = v.id
         if parent_id is not None:
             ctx.response_headers["X-Conversation-Parent-ID"] = parent_id
         return None
+
+    async def _named(self, owner: str, external: str, digests: list[str], memory: bool) -> str | None:
+        """The conversation a client's name continues: of the owner's conversations of that name,
+        the one whose stored messages the request's match furthest (the most recently used of
+        equals); with memory on (the client sends its new messages only), the most recently used.
+        None: none, or none shares even the first message (a front-end's side request, a title or
+        a follow-up, sent under the chat's id): a new conversation of that name."""
+        shared = self.shared
+        assert shared is not None
+        ttl = 0.0 if memory else self.config.cache_ttl
+        best, best_k = None, 0
+        for c in await shared.named(owner, external, ttl):
+            v = await shared.view(c, ttl)
+            if v is None or v.owner != owner:
+                continue
+            if memory:
+                return c
+            k, n = 0, min(v.count, len(digests))
+            while k < n and v.digests[k] == digests[k]:
+                k += 1
+            if k > best_k:
+                best, best_k = c, k
+        return best
 
     @staticmethod
     def _unanswered(v: View) -> list[int]:
@@ -901,6 +967,7 @@ class Conversations(Plugin):
                 "created_at": now}
         rec = TurnRecord(v.id, plan.owner, plan.key_id, plan.create, plan.parent_id, plan.fork_position,
                          plan.base, rows, turn, plan.created_at)
+        rec.external_id = plan.external_id
         if 0 < plan.base <= v.count:
             rec.prev_digest = v.digests[plan.base - 1]
         shared = self.shared

@@ -124,7 +124,7 @@ async def caller_api(plugin: "Conversations", ctx: "RequestContext") -> Reply:
             # (a first turn that failed before any answer, often retried by the client as new
             # conversations, leaves an empty one: readable by its id, not listed here)
             data, nxt = await store.list(owner=owner, limit=_limit(q, cfg.page_size), cursor=_param(q, "cursor"),
-                                         stored_only=True)
+                                         stored_only=True, external_id=_text(q, "external_id"))
             return Reply.json(200, {"object": "list", "data": data, "has_more": nxt is not None,
                                     "next_cursor": nxt})
         if "/" in rest or not _ID_OK(rest):
@@ -189,7 +189,7 @@ def _starting(v: Any) -> dict[str, Any]:
     return {"id": v.id, "object": "conversation", "owner": v.owner, "key_id": v.key_id, "parent_id": v.parent,
             "fork_position": v.count if v.parent is not None else None, "created_at": None, "updated_at": None,
             "message_count": 0, "turn_count": 0, "prompt_tokens": 0, "completion_tokens": 0, "model": None,
-            "in_progress": True}
+            "external_id": v.external_id, "in_progress": True}
 
 
 async def _delete_cached(shared: Shared, v: Any, delete: Callable[[], Awaitable[bool]]) -> bool:
@@ -248,7 +248,8 @@ def admin_routes(services: Any) -> list[Any]:
         try:
             data, nxt = await s.store.list(owner=_text(q, "owner"), key_id=_key_id(q), since=_time(q, "since"),
                                            until=_time(q, "until"), q=_text(q, "q") or None,
-                                           limit=_limit(q, s.cfg.page_size), cursor=_param(q, "cursor"))
+                                           limit=_limit(q, s.cfg.page_size), cursor=_param(q, "cursor"),
+                                           external_id=_text(q, "external_id"))
         except BadParam:
             raise
         except ValueError:
@@ -444,6 +445,8 @@ _CONVERSATION_FIELDS: dict[str, Any] = {
     "created_at": _TIME, "updated_at": {**_TIME, "description": "Last activity."},
     "message_count": _INT, "turn_count": _INT, "prompt_tokens": _INT, "completion_tokens": _INT,
     "model": {"type": ["string", "null"], "description": "Model of the last turn."},
+    "external_id": {"type": ["string", "null"], "description": "The client's own id for the conversation "
+                                                               "(external_ids), forks included."},
 }
 CONVERSATION = _obj(_CONVERSATION_FIELDS)
 #: A stored message: the message as the client sent it (or the assistant's answer) in an envelope of
@@ -500,6 +503,7 @@ def openapi_paths() -> dict[str, Any]:
                 _p("since", "query", "Last activity at or after (ISO 8601)"),
                 _p("until", "query", "Last activity before (ISO 8601)"),
                 _p("q", "query", "Text search in message content (case-insensitive)"),
+                _p("external_id", "query", "Only conversations of this client's own id (external_ids)"),
                 _p("limit", "query", "Page size (1..1000, default 50)", type_="integer"),
                 _p("cursor", "query", "next_cursor of the previous page")],
                 "responses": {"200": _json(CONVERSATION_LIST, "A page of conversations"), "400": _E, "401": _E}},

@@ -38,6 +38,9 @@ log = logging.getLogger("gateway.conversations")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
 _GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 RESOURCE = "conversations:shared"
+#: Conversations of one client name looked at for a request: the most recently used (a chat, its
+#: forks, and the side requests a chat front-end sends under the same name).
+NAMED_KEPT = 8
 ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
 PURGE_RETRY = 60.0  # seconds before a retention run that failed (the database down, busy) is tried again
 
@@ -215,7 +218,7 @@ class View:
 
     __slots__ = ("id", "owner", "key_id", "digests", "tokens", "kinds", "prompt", "reasoning", "reasoning_known",
                  "tail", "tail_start", "pinned", "records", "busy", "stale", "checked", "parent", "nbytes", "bodies",
-                 "deleted")
+                 "deleted", "external_id")
 
     def __init__(self, cid: str, owner: str, key_id: str | None, digests: list[str] | None = None,
                  tokens: list[int | None] | None = None, kinds: list[str] | None = None,
@@ -245,6 +248,7 @@ class View:
         self.nbytes = 0                           # body_size of tail (and first, when not in it)
         self.bodies: Bodies | None = None         # the budget it counts against, while cached
         self.deleted = False                      # deleted through an API: turns still running write nothing
+        self.external_id: str | None = None       # the client's name, for one this process makes (until stored)
 
     def _resized(self) -> None:
         """Count the bodies held again (after they changed)."""
@@ -384,6 +388,8 @@ class Shared:
         self.store = ConversationStore(services.db)
         self.bodies = Bodies(cfg.cache_bytes)
         self.views: _Views = _Views(self.bodies)
+        #: (owner, client name) -> (when read from the database, its conversations: see ``named``)
+        self.names: collections.OrderedDict[tuple[str, str], tuple[float, list[str]]] = collections.OrderedDict()
         self.writer = self._new_writer(cfg)
         self.users: dict[int, Any] = {}
         self.closed = False
@@ -697,6 +703,32 @@ class Shared:
     def forget_owner(self, owner: str) -> None:
         for cid in [c for c, v in self.views.items() if v.owner == owner]:
             self.views.pop(cid, None)
+        for k in [k for k in self.names if k[0] == owner]:
+            del self.names[k]
+
+    async def named(self, owner: str, external_id: str, ttl: float | None) -> list[str]:
+        """The conversations of a client's name (``external_ids``): most recently used first. Read
+        from the database when not cached or older than ``ttl`` (another instance may have made
+        one); those this process made and may not have written yet are kept in front."""
+        key = (owner, external_id)
+        got = self.names.get(key)
+        now = time.monotonic()
+        if got is not None and (ttl is None or now - got[0] <= ttl):
+            self.names.move_to_end(key)
+            return got[1]
+        stored = await self.store.named(owner, external_id, NAMED_KEPT)
+        ids = list(dict.fromkeys((got[1] if got is not None else []) + stored))[:NAMED_KEPT]
+        self.names[key] = (now, ids)
+        self.names.move_to_end(key)
+        while len(self.names) > self.cfg.cache_conversations:
+            self.names.popitem(last=False)
+        return ids
+
+    def name_used(self, owner: str, external_id: str, cid: str) -> None:
+        """``cid`` (new, or chosen) is the name's most recently used conversation."""
+        got = self.names.get((owner, external_id))
+        ids = [cid] + [c for c in (got[1] if got is not None else []) if c != cid]
+        self.names[(owner, external_id)] = (got[0] if got is not None else 0.0, ids[:NAMED_KEPT])
 
 
 def _rows(rec: Any) -> int:

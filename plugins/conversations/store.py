@@ -66,8 +66,11 @@ class ConversationRow(Base):
     prompt_tokens = sa.Column(sa.BigInteger, nullable=False, default=0)
     completion_tokens = sa.Column(sa.BigInteger, nullable=False, default=0)
     last_model = sa.Column(sa.String(200), nullable=True)
+    #: the client's own name for the conversation (``external_ids``), its forks included
+    external_id = sa.Column(sa.String(200), nullable=True)
     __table_args__ = (
         sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
+        sa.Index("ix_conversations_owner_external", "owner", "external_id"),
         sa.Index("ix_conversations_key_id", "key_id"),
         sa.Index("ix_conversations_updated_at", "updated_at"),
     )
@@ -148,7 +151,7 @@ class TurnRecord:
 
     __slots__ = ("conversation_id", "owner", "key_id", "create", "parent_id", "fork_position", "base",
                  "messages", "turn", "created_at", "done", "failed_at", "attempted_at", "prev_digest",
-                 "unseen", "raced_here")
+                 "unseen", "raced_here", "external_id")
 
     def __init__(self, conversation_id: str, owner: str, key_id: str | None, create: bool, parent_id: str | None,
                  fork_position: int | None, base: int, messages: list[dict[str, Any]], turn: dict[str, Any],
@@ -169,6 +172,7 @@ class TurnRecord:
         self.prev_digest: str | None = None  # the digest of the message at base-1, as the request saw it
         self.unseen = False  # memory: appended after a turn another request stored meanwhile (see write)
         self.raced_here = False  # another request of this instance appended while this one ran (two tabs)
+        self.external_id: str | None = None  # a conversation it creates is the client's one of this name
 
 
 def message_row(msg: dict[str, Any], digest: str, **meta: Any) -> dict[str, Any]:
@@ -297,7 +301,8 @@ def conversation_out(r: Any) -> dict[str, Any]:
     return {"id": r.id, "object": "conversation", "owner": r.owner, "key_id": r.key_id,
             "parent_id": r.parent_id, "fork_position": r.fork_position, "created_at": iso(r.created_at),
             "updated_at": iso(r.updated_at), "message_count": r.message_count, "turn_count": r.turn_count,
-            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "model": r.last_model}
+            "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "model": r.last_model,
+            "external_id": r.external_id}
 
 
 #: Stored text (bytes, about) a page of ``messages`` holds at most: the caller and admin reads
@@ -463,7 +468,7 @@ class ConversationStore:
                     created[cid] = {"id": cid, "owner": rec.owner, "key_id": rec.key_id, "parent_id": rec.parent_id,
                                     "fork_position": rec.fork_position, "created_at": rec.created_at,
                                     "updated_at": now, "message_count": 0, "turn_count": 0, "prompt_tokens": 0,
-                                    "completion_tokens": 0, "last_model": None}
+                                    "completion_tokens": 0, "last_model": None, "external_id": rec.external_id}
                     owners[cid] = rec.owner
                     counts[cid] = 0
                     if rec.parent_id is not None and rec.fork_position:
@@ -584,7 +589,7 @@ class ConversationStore:
         created[cid] = {"id": cid, "owner": rec.owner, "key_id": rec.key_id, "parent_id": parent,
                         "fork_position": at, "created_at": rec.created_at, "updated_at": utcnow(),
                         "message_count": 0, "turn_count": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                        "last_model": None}
+                        "last_model": None, "external_id": rec.external_id}
         forks.append((parent, cid, at))
         return cid
 
@@ -642,6 +647,13 @@ class ConversationStore:
                 M.c.conversation_id == cid, M.c.position < below, M.c.status.is_not(None),
                 T.c.usage.like("%reasoning_tokens%")))).all())
 
+    async def named(self, owner: str, external_id: str, limit: int) -> list[str]:
+        """The owner's conversations of this client name (forks included), most recently active first."""
+        async with self.db.engine.connect() as conn:
+            return list((await conn.execute(
+                select(C.c.id).where(C.c.owner == owner, C.c.external_id == external_id)
+                .order_by(C.c.updated_at.desc()).limit(limit))).scalars())
+
     async def message_count(self, cid: str) -> int | None:
         async with self.db.engine.connect() as conn:  # (one row by key: not a long read)
             return (await conn.execute(select(C.c.message_count).where(C.c.id == cid))).scalar()
@@ -665,12 +677,16 @@ class ConversationStore:
 
     async def list(self, *, owner: str | None = None, key_id: str | None = None, since: dt.datetime | None = None,
                    until: dt.datetime | None = None, q: str | None = None, limit: int = 50,
-                   cursor: str | None = None, stored_only: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+                   cursor: str | None = None, stored_only: bool = False,
+                   external_id: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """Newest activity first; ``cursor`` continues after the last item of the previous page.
-        ``stored_only``: only conversations holding a message (not one a failed first turn left)."""
+        ``stored_only``: only conversations holding a message (not one a failed first turn left);
+        ``external_id``: only those of a client's own id (a chat, its forks and side requests)."""
         stmt = select(C)
         if owner is not None:
             stmt = stmt.where(C.c.owner == owner)
+        if external_id is not None:
+            stmt = stmt.where(C.c.external_id == external_id)
         if stored_only:
             stmt = stmt.where(C.c.message_count > 0)
         if key_id is not None:
