@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from typing import Any
 
 import aiohttp
-import pytest
 from sqlalchemy import func, select
 
 from gateway.plugins.conversations.store import C, M
 
-from .helpers import ADMIN_TOKEN, create_pg_database
+from .helpers import ADMIN_TOKEN
+from .test_conversations import db  # noqa: F401  (the fixture: SQLite and PostgreSQL)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 UI = {"external_ids": True, "external_id_header": "X-OpenWebUI-Chat-Id"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def db(request: Any, tmp_path: Any) -> dict[str, Any]:
-    if request.param == "sqlite":
-        return {"url": f"sqlite+aiosqlite:///{tmp_path / 'conv.db'}"}
-    dsn = request.getfixturevalue("pg_cluster")
-    url = await create_pg_database(dsn, "gw_" + uuid.uuid4().hex[:12])
-    return {"url": url, "auto_migrate": True}
 
 
 async def start(make_gateway: Any, db: dict[str, Any], conv: dict[str, Any], name: str = "gateway.yaml") -> Any:
@@ -196,3 +186,32 @@ async def test_memory_continues_the_name_s_latest_conversation(make_gateway: Any
     assert st == 200 and h["X-Conversation-ID"] == cid
     sent = upstream.requests[-1]["body"]["messages"]
     assert [m["content"] for m in sent if m["role"] == "user"] == ["my name is Ada", "what is my name?"]
+
+
+async def test_memory_a_regenerate_of_a_whole_history_forks_instead_of_doubling_it(
+        make_gateway: Any, db: dict[str, Any], upstream: Any) -> None:
+    """A front-end with memory on still sends its whole history: a regenerated answer resends it
+    without the last answer. The upstream gets it as sent (not the stored history with it again),
+    the new answer is a fork, and the next turn, under the chat's name, continues the fork."""
+    g = await start(make_gateway, db, {**UI, "memory": {"enabled": True}})
+    key = await new_key(g, "alice")
+    msgs: list[dict[str, Any]] = []
+    cid = ""
+    for t in range(3):
+        msgs.append({"role": "user", "content": f"question {t}"})
+        st, h, b = await chat(g, key, msgs, {"X-OpenWebUI-Chat-Id": "r1"})
+        assert st == 200 and (not cid or h["X-Conversation-ID"] == cid)
+        cid = h["X-Conversation-ID"]
+        assert len(upstream.requests[-1]["body"]["messages"]) == len(msgs)  # the resent history dropped
+        msgs.append(b["choices"][0]["message"])
+    st, h, b = await chat(g, key, msgs[:-1], {"X-OpenWebUI-Chat-Id": "r1"})
+    assert st == 200 and h["X-Conversation-Parent-ID"] == cid
+    fork = h["X-Conversation-ID"]
+    assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == \
+        [m["content"] for m in msgs[:-1]]
+    msgs = msgs[:-1] + [b["choices"][0]["message"], {"role": "user", "content": "question 3"}]
+    st, h, b = await chat(g, key, msgs, {"X-OpenWebUI-Chat-Id": "r1"})
+    assert st == 200 and h["X-Conversation-ID"] == fork
+    assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == [m["content"] for m in msgs]
+    by_id = {r.id: r for r in await rows(g)}
+    assert by_id[cid].message_count == 6 and by_id[fork].message_count == 8

@@ -368,6 +368,11 @@ class Plan:
 #: A stored message memory may replay: the message, its replay token count, its position.
 Stored = tuple[dict[str, Any], int | None, int]
 
+#: Memory on: a request whose messages are wholly a stored conversation's first messages, ending
+#: on a question answered since, is a regenerate when it holds at least this many (a question,
+#: an answer, the question again: a client sending its new message alone never matches so much).
+REGENERATE_MIN = 3
+
 #: The plugin's request headers: read here, never sent to the upstream.
 _OUR_HEADERS = ("X-Conversation-ID", "X-Conversation-Memory")
 #: What a client's own conversation id may not hold: control characters, line and paragraph separators.
@@ -560,6 +565,13 @@ class Conversations(Plugin):
             while k < n and k < len(digests) and v.digests[k] == digests[k]:
                 k += 1
             create = False
+            if memory and REGENERATE_MIN <= k == len(msgs) < answered_to(v.kinds, n) \
+                    and msgs[-1].get("role") == "user":
+                # A client that keeps its own history, memory on, regenerating an answer: its whole
+                # history again, without the stored answer(s) after it. Not new messages to add
+                # after the stored history (the model would see the chat twice): the request
+                # goes as sent, and its answer is a fork, as without memory.
+                memory = False
             if memory and k < n:
                 # Memory: the client sends its new messages only (see _memory_new): a resent system
                 # prompt, a resent history and a resent unanswered tail (a retry) are not stored
