@@ -230,6 +230,10 @@ def _date(v: str | None, default: dt.date) -> dt.date:
     return dt.date.fromisoformat(v) if v else default
 
 
+#: The query parameters of GET /keys: any other is refused (400), not ignored.
+_LIST_PARAMS = ("owner", "team", "name", "status", "limit", "offset")
+
+
 def routes(services: "Services") -> list[web.RouteDef]:
     store = key_store(services)
     cache = key_cache(services)
@@ -250,6 +254,15 @@ def routes(services: "Services") -> list[web.RouteDef]:
 
     async def list_keys(request: web.Request) -> web.Response:
         q = request.query
+        for name in q:
+            # (a filter not known here would be ignored: ?nme=svc-007 would list every key, and a
+            # script revoking "the keys found" would revoke them all)
+            if name not in _LIST_PARAMS:
+                shown = name[:100]  # (a name is echoed, cut to a length a log line can hold)
+                return _err(400, f"Unknown query parameter {shown!r}: GET /keys takes "
+                                 f"{', '.join(_LIST_PARAMS)}.", "invalid_value", shown)
+            if len(q.getall(name)) > 1:  # (one would be used and the others ignored)
+                return _err(400, f"{name} is given more than once.", "invalid_value", name)
         status = q.get("status")
         if status not in (None, "active", "revoked", "expired"):
             return _err(400, "status must be one of active, revoked, expired.", "invalid_value", "status")
@@ -262,14 +275,14 @@ def routes(services: "Services") -> list[web.RouteDef]:
             if not lo <= got[name] <= hi:
                 return _err(400, f"{name} must be {lo}..{hi}.", "invalid_value", name)
         limit, offset = got["limit"], got["offset"]
-        for name in ("owner", "team"):
+        for name in ("owner", "team", "name"):
             v = q.get(name)
             if v is not None and _UNSTORABLE.search(v):
                 # (no stored label holds one: an empty list would read as "this owner has no key")
                 return _err(400, f"{name} contains a character no key's {name} can hold (e.g. NUL).",
                             "invalid_value", name)
-        data = await store.list(owner=q.get("owner"), status=status, team=q.get("team"), limit=limit,
-                                offset=offset)
+        data = await store.list(owner=q.get("owner"), status=status, team=q.get("team"), name=q.get("name"),
+                                limit=limit, offset=offset)
         return web.json_response({"object": "list", "data": data, "limit": limit, "offset": offset})
 
     async def show(request: web.Request) -> web.Response:
@@ -459,9 +472,13 @@ def openapi_paths() -> dict[str, Any]:
             "post": {"summary": "Create an API key (the key is in the response, and only there)",
                      "tags": ["keys"], "requestBody": _req(CreateKey),
                      "responses": {"201": _json(_KEY_WITH_SECRET, "created"), **errs}},
-            "get": {"summary": "List API keys", "tags": ["keys"], "parameters": [
+            "get": {"summary": "List API keys", "tags": ["keys"],
+                    "description": "Any other query parameter is refused (400 invalid_value), as is one given "
+                                   "twice: an ignored filter would list every key.", "parameters": [
                 {"name": "owner", "in": "query", "schema": {"type": "string"}},
                 {"name": "team", "in": "query", "schema": {"type": "string"}},
+                {"name": "name", "in": "query", "schema": {"type": "string"},
+                 "description": "The key's name, matched exactly."},
                 {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["active", "revoked", "expired"]}},
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
                 {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}],

@@ -100,6 +100,7 @@ def add_cli(subparsers: Any) -> None:
     c = cmd("list", "list keys")
     c.add_argument("--owner")
     c.add_argument("--team")
+    c.add_argument("--name", help="the key's name, matched exactly")
     c.add_argument("--status", choices=["active", "revoked", "expired"])
     c.add_argument("--limit", type=core_cli.whole_number(), default=1000,
                    help="at most this many keys, oldest first (default 1000; stderr says when more match)")
@@ -184,8 +185,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
             return _out(args, {**rec, "key": key}, secret=key, did="created")
         if c == "list":
-            rows = await store.list(owner=args.owner, status=args.status, team=args.team, limit=args.limit + 1,
-                                    offset=args.offset)
+            rows = await store.list(owner=args.owner, status=args.status, team=args.team, name=args.name,
+                                    limit=args.limit + 1, offset=args.offset)
             if len(rows) > args.limit:  # (a script acting on "every key" must know it did not get them all)
                 rows = rows[:args.limit]
                 _fail(f"more keys match than --limit {args.limit}: the next ones with --offset "

@@ -183,11 +183,13 @@ class KeyStore:
         return public(row) if row is not None else None
 
     async def list(self, *, owner: str | None = None, status: str | None = None, team: str | None = None,
-                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+                   name: str | None = None, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         now = utcnow()
         q = select(ApiKey)
         if owner is not None:
             q = q.where(ApiKey.owner == owner)
+        if name is not None:
+            q = q.where(ApiKey.name == name)
         if team is not None:
             q = q.where(ApiKey.team == team)
         if status == "revoked":

@@ -1,0 +1,62 @@
+"""key_auth's admin API and CLI on inputs an operator's script gets wrong: a list filter the API
+does not know (ignored, it listed every key), a scope entry with a control character (stored, the
+key then refused for the model it was meant for), per-key limits nothing enforces."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .helpers import ADMIN_TOKEN, base_config, write_config
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def admin(g: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, g.admin_url + path, json=body, headers=AUTH,
+                             timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return r.status, await r.json(content_type=None)
+
+
+def keys_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", "keys", *args, "-c", str(cfg)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ})
+
+
+async def test_list_refuses_unknown_parameters_and_filters_by_name(make_gateway: Any, upstream: Any,
+                                                                   tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth"}])
+    made = {}
+    for name in ("svc-007", "svc-008", "svc-007x"):
+        st, rec = await admin(g, "POST", "/keys", {"owner": "ops", "name": name})
+        assert st == 201, rec
+        made[name] = rec["id"]
+    # "find by name, then revoke": a filter the API did not know listed every key
+    for query, param in (("nme=svc-007", "nme"), ("name=svc-007&ownr=ops", "ownr"), ("q=x", "q"),
+                         ("name=svc-007&name=svc-008", "name")):
+        st, b = await admin(g, "GET", f"/keys?{query}")
+        assert st == 400 and b["error"]["code"] == "invalid_value" and b["error"]["param"] == param, (query, b)
+        assert b["error"]["type"] == "invalid_request_error" and "data" not in b
+    st, b = await admin(g, "GET", "/keys?name=svc-007")
+    assert st == 200 and [r["id"] for r in b["data"]] == [made["svc-007"]], b  # exact: not svc-007x
+    st, b = await admin(g, "GET", "/keys?name=svc-007&owner=ops&status=active&limit=5&offset=0")
+    assert st == 200 and [r["id"] for r in b["data"]] == [made["svc-007"]], b
+    st, b = await admin(g, "GET", "/keys?name=nobody")
+    assert st == 200 and b["data"] == []
+    st, b = await admin(g, "GET", "/keys?name=a%00b")
+    assert st == 400 and b["error"]["param"] == "name", b
+    st, doc = await admin(g, "GET", "/openapi.json")
+    params = [p["name"] for p in doc["paths"]["/keys"]["get"]["parameters"]]
+    assert "name" in params, params
+    # the CLI: the same filter
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "key_auth"}]))
+    r = await asyncio.to_thread(keys_cli, cfg, "list", "--name", "svc-007", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [x["id"] for x in json.loads(r.stdout)] == [made["svc-007"]]
