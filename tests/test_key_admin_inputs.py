@@ -60,3 +60,40 @@ async def test_list_refuses_unknown_parameters_and_filters_by_name(make_gateway:
     r = await asyncio.to_thread(keys_cli, cfg, "list", "--name", "svc-007", "--json")
     assert r.returncode == 0, r.stderr
     assert [x["id"] for x in json.loads(r.stdout)] == [made["svc-007"]]
+
+
+async def test_scope_entries_with_control_characters_are_refused(make_gateway: Any, upstream: Any,
+                                                                 tmp_path: Path) -> None:
+    """``llama3\\r`` (a model list exported on Windows) was stored, and the key then got 403 for llama3."""
+    g = await make_gateway([{"name": "key_auth"}])
+    st, rec = await admin(g, "POST", "/keys", {"owner": "ops", "scopes": {"models": ["llama3"]}})
+    assert st == 201, rec
+    for scopes, param in (({"models": ["llama3\r"]}, "scopes.models.0"),
+                          ({"models": ["gpt-4o", "llama3\n"]}, "scopes.models.1"),
+                          ({"models": ["demo\t*"]}, "scopes.models.0"),
+                          ({"models": ["llama3 "]}, "scopes.models.0"),
+                          ({"models": ["llama\u202e3"]}, "scopes.models.0"),
+                          ({"models": ["llama\x853"]}, "scopes.models.0"),
+                          ({"paths": ["/v1/chat/\u202e"]}, "scopes.paths.0"),
+                          ({"paths": ["/v1/\x9b"]}, "scopes.paths.0")):
+        for method, path, body in (("POST", "/keys", {"owner": "ops", "scopes": scopes}),
+                                   ("PATCH", f"/keys/{rec['id']}", {"scopes": scopes})):
+            st, b = await admin(g, method, path, body)
+            assert st == 422 and b["error"]["param"] == param, (method, scopes, b)
+            assert "control characters" in b["error"]["message"] or "blanks" in b["error"]["message"], b
+    st, b = await admin(g, "GET", f"/keys/{rec['id']}")
+    assert b["scopes"] == {"paths": [], "models": ["llama3"]}, b  # unchanged
+    st, b = await admin(g, "GET", "/keys?owner=ops")
+    assert len(b["data"]) == 1, b  # nothing created
+    # the CLI: the same rule, exit 2, the entry shown escaped
+    cfg = write_config(tmp_path / "cli.yaml", base_config(upstream.url, tmp_path, [{"name": "key_auth"}]))
+    for args in (("create", "--owner", "ops", "--scope-model", "llama3\r"),
+                 ("update", rec["id"], "--scope-model", "llama3\r"),
+                 ("create", "--owner", "ops", "--scope-path", "/v1/\u202e")):
+        r = await asyncio.to_thread(keys_cli, cfg, *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "control characters" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "\r" not in r.stderr and "\u202e" not in r.stderr, r.stderr
+        assert "'llama3\\r'" in r.stderr or "\\u202e" in r.stderr, r.stderr  # which entry, escaped
+    st, b = await admin(g, "GET", "/keys?owner=ops")
+    assert len(b["data"]) == 1 and b["data"][0]["scopes"]["models"] == ["llama3"], b

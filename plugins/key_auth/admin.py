@@ -57,7 +57,29 @@ _UNSAFE_LABEL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\
 MAX_SCOPES = 256
 MAX_SCOPE_TEXT = 200
 MAX_METADATA = 16384
-_ScopeText = Annotated[str, Field(max_length=MAX_SCOPE_TEXT)]
+
+
+def _scope_entry(v: str) -> str:
+    """A path prefix or model pattern is compared with the request's, character for character: a
+    control character or an end blank in one (``llama3\\r`` from a list exported on Windows) is stored
+    and then matches nothing, and the key gets 403 for the model it was meant for."""
+    if _UNSAFE_LABEL.search(v):
+        raise ValueError(f"{v!r}: must not contain control characters (a carriage return or newline left by a "
+                         "pasted or exported list, tabs, escape sequences, bidirectional overrides ...)")
+    if v != v.strip():
+        raise ValueError(f"{v!r}: must not start or end with blanks")
+    return v
+
+
+def _path_entry(v: str) -> str:
+    bad = prefix_problem(v)  # (the rules of route prefixes: one that could never match is refused)
+    if bad:
+        raise ValueError(f"path prefix {v!r}: {bad}")
+    return _scope_entry(v)  # (what prefix_problem lets through: C1 controls, bidirectional overrides)
+
+
+_PathText = Annotated[str, Field(max_length=MAX_SCOPE_TEXT), AfterValidator(_path_entry)]
+_ModelText = Annotated[str, Field(max_length=MAX_SCOPE_TEXT), AfterValidator(_scope_entry)]
 
 
 def _metadata_size(v: Any) -> Any:
@@ -68,19 +90,10 @@ def _metadata_size(v: Any) -> Any:
 
 
 class Scopes(_Body):
-    paths: list[_ScopeText] = Field(default_factory=list, max_length=MAX_SCOPES,
-                                    description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
-    models: list[_ScopeText] = Field(default_factory=list, max_length=MAX_SCOPES,
-                                     description="Allowed models (shell-style patterns such as gpt-4o*). Empty: any model.")
-
-    @field_validator("paths")
-    @classmethod
-    def _slash(cls, v: list[str]) -> list[str]:
-        for p in v:
-            bad = prefix_problem(p)  # (the rules of route prefixes: one that could never match is refused)
-            if bad:
-                raise ValueError(f"path prefix {p!r}: {bad}")
-        return v
+    paths: list[_PathText] = Field(default_factory=list, max_length=MAX_SCOPES,
+                                   description="Allowed request path prefixes, e.g. /v1/chat/. Empty: any path.")
+    models: list[_ModelText] = Field(default_factory=list, max_length=MAX_SCOPES,
+                                    description="Allowed models (shell-style patterns such as gpt-4o*). Empty: any model.")
 
 
 class Limits(_Body):
