@@ -1,6 +1,6 @@
 """``rate_limit``: request and token limits on the `limits` library, plus persisted token quotas.
 
-Rules count requests or tokens, keyed by key / owner / ip / route / model (or global); several apply
+Rules count requests or tokens, keyed by key / owner / team / ip / route / model (or global); several apply
 at once and the strictest decides. Counters live in a `limits` storage (memory, or Redis so several
 instances share them); quotas (tokens per key per UTC day / month) live in the database. Every
 response under a limit carries IETF ``RateLimit-Policy``/``RateLimit``, ``X-RateLimit-*`` and

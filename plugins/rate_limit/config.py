@@ -13,7 +13,7 @@ from gateway.plugin import PluginConfig
 #: A window count of zero ("5/0 minute", "5 per 00 seconds")
 _ZERO_WINDOW = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.I)
 
-KEY_PARTS = ("key", "owner", "ip", "route", "model")
+KEY_PARTS = ("key", "owner", "team", "ip", "route", "model")
 
 #: The largest count a limit may have: 2^53 - 1, the largest integer every client reads exactly
 #: from a header (JavaScript), far under what a counter store holds.
@@ -28,7 +28,7 @@ def _key_by(v: object) -> object:
     if isinstance(v, str) and v != "global":
         return [v]
     if isinstance(v, list) and not v:  # one counter for everyone is said so, not left empty
-        raise ValueError('list at least one part (key, owner, ip, route, model), or "global" for one '
+        raise ValueError('list at least one part (key, owner, team, ip, route, model), or "global" for one '
                          'counter shared by everyone')
     if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
         if len(set(v)) > 1:
@@ -40,10 +40,11 @@ def _key_by(v: object) -> object:
 class _Keyed(PluginConfig):
     name: str = Field(description="Rule name, shown in headers and refusal messages.",
                       pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    key_by: list[Literal["key", "owner", "ip", "route", "model"]] | Literal["global"] = Field(
+    key_by: list[Literal["key", "owner", "team", "ip", "route", "model"]] | Literal["global"] = Field(
         default_factory=lambda: ["key"],
-        description='What each counter is kept per: a list of key, owner, ip, route, model, or "global". '
-                    "key/owner fall back to the client IP when no identity is set.")
+        description='What each counter is kept per: a list of key, owner, team, ip, route, model, or "global". '
+                    "key/owner/team fall back to the client IP when no identity is set; team counts a key "
+                    "without a team as a team of its own.")
 
     @field_validator("name")
     @classmethod

@@ -128,6 +128,12 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
         elif part == "owner":
             o = ctx.owner
             ids.append(f"owner:{o}" if o else f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
+        elif part == "team":
+            # A key without a team is a team of its own (not one budget for every key without
+            # one); no identity at all: the client IP, as for key and owner.
+            t = ctx.identity.get("team") if ctx.identity else None
+            k = ctx.key_id
+            ids.append(f"team:{t}" if t else f"key:{k}" if k else f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
         elif part == "ip":
             ids.append(f"ip:{ip_key(ctx.client_ip, *limit.ip_prefixes)}")
         elif part == "route":
