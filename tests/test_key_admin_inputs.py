@@ -97,3 +97,59 @@ async def test_scope_entries_with_control_characters_are_refused(make_gateway: A
         assert "'llama3\\r'" in r.stderr or "\\u202e" in r.stderr, r.stderr  # which entry, escaped
     st, b = await admin(g, "GET", "/keys?owner=ops")
     assert len(b["data"]) == 1 and b["data"][0]["scopes"]["models"] == ["llama3"], b
+
+
+def _cfg(tmp_path: Path, upstream: Any, name: str, *plugins: dict[str, Any], **sections: Any) -> Path:
+    return write_config(tmp_path / name, base_config(upstream.url, tmp_path, [{"name": "key_auth"}, *plugins],
+                                                     **sections))
+
+
+async def test_cli_warns_of_per_key_limits_nothing_applies(upstream: Any, tmp_path: Path) -> None:
+    """`gateway keys create --rpm 1` with no rate_limit (or with key_overrides: false) made a key that
+    no limit held, and said nothing: now one line on stderr, the exit code and stdout unchanged."""
+    bare = _cfg(tmp_path, upstream, "bare.yaml")
+    r = await asyncio.to_thread(keys_cli, bare, "create", "--owner", "a", "--rpm", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)  # stdout is still the record alone
+    assert rec["limits"]["rpm"] == 1
+    lines = [ln for ln in r.stderr.splitlines() if "warning" in ln]  # (and "created a new database")
+    assert len(lines) == 1 and "limits (--rpm) are stored but not applied" in lines[0], r.stderr
+    assert "no rate_limit plugin" in lines[0], r.stderr
+    r = await asyncio.to_thread(keys_cli, bare, "update", rec["id"], "--tpm", "50", "--max-parallel", "2")
+    assert r.returncode == 0 and "limits (--tpm, --max-parallel) are stored but not applied" in r.stderr, r.stderr
+    off = _cfg(tmp_path, upstream, "off.yaml", {"name": "rate_limit", "config": {"key_overrides": False}})
+    r = await asyncio.to_thread(keys_cli, off, "create", "--owner", "a", "--daily-tokens", "9")
+    assert r.returncode == 0 and "key_overrides: false" in r.stderr and "--daily-tokens" in r.stderr, r.stderr
+    disabled = _cfg(tmp_path, upstream, "disabled.yaml", {"name": "rate_limit", "enabled": False})
+    r = await asyncio.to_thread(keys_cli, disabled, "create", "--owner", "a", "--rpm", "3")
+    assert r.returncode == 0 and "disabled" in r.stderr, r.stderr
+    # applied somewhere: no warning (rate_limit on, or off but on for one route, or off but with
+    # key_overrides on one route); no limit given, or one cleared: no warning either
+    quiet = [(bare, ("update", rec["id"], "--rpm", "none")), (bare, ("create", "--owner", "a", "--name", "n")),
+             (_cfg(tmp_path, upstream, "on.yaml", {"name": "rate_limit"}), ("create", "--owner", "a", "--rpm", "1")),
+             (_cfg(tmp_path, upstream, "route.yaml", {"name": "rate_limit", "enabled": False},
+                   routes=[{"path_prefix": "/v1/chat", "plugins": {"rate_limit": {"enabled": True}}}]),
+              ("create", "--owner", "a", "--rpm", "1")),
+             (_cfg(tmp_path, upstream, "route2.yaml", {"name": "rate_limit", "config": {"key_overrides": False}},
+                   routes=[{"path_prefix": "/v1/chat", "plugins": {"rate_limit": {"config": {
+                       "key_overrides": True}}}}]),
+              ("update", rec["id"], "--rpm", "1"))]
+    for cfg, args in quiet:
+        r = await asyncio.to_thread(keys_cli, cfg, *args)
+        assert r.returncode == 0 and r.stderr == "", (cfg.name, args, r.stderr)
+
+
+async def test_admin_api_logs_per_key_limits_nothing_applies(make_gateway: Any, caplog: Any) -> None:
+    g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit", "config": {"key_overrides": False}}])
+    with caplog.at_level("WARNING", logger="gateway.key_auth"):
+        st, rec = await admin(g, "POST", "/keys", {"owner": "a", "limits": {"rpm": 1}})
+        assert st == 201 and rec["limits"]["rpm"] == 1 and rec["key"], rec
+        assert set(rec) >= {"id", "key", "limits", "owner", "status"} and "warning" not in rec
+        st, upd = await admin(g, "PATCH", f"/keys/{rec['id']}", {"limits": {"tpm": 10, "rpm": None}})
+        assert st == 200 and "warning" not in upd, upd
+        st, _ = await admin(g, "PATCH", f"/keys/{rec['id']}", {"limits": {"rpm": None}})  # cleared: no line
+        st, _ = await admin(g, "POST", "/keys", {"owner": "b"})  # no limits: no line
+    said = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+    assert len(said) == 2, said
+    assert f"key {rec['id']}: its limits (rpm)" in said[0] and "key_overrides: false" in said[0], said
+    assert "(tpm)" in said[1], said

@@ -823,4 +823,25 @@ def config_from_settings(settings: Any) -> KeyAuthConfig:
     return KeyAuthConfig()
 
 
-__all__ = ["KeyAuth", "KeyAuthConfig", "KeyCache", "current_config", "config_from_settings"]
+def limits_not_applied(settings: Any) -> str | None:
+    """Why the per-key limits stored on a key are applied by nothing under ``settings``, or None when
+    a rate_limit plugin applies them (with ``key_overrides: true``, for the whole gateway or on one
+    route at least). key_auth only stores them: set where nothing reads them, a key made with
+    ``--rpm 1`` would be unlimited, and nothing would say so."""
+    spec = next((p for p in settings.plugins if p.name == "rate_limit"), None)
+    if spec is None:
+        return "it has no rate_limit plugin"
+    applied = [spec.validated] if spec.enabled else []
+    for route in settings.routes:
+        ov = route.plugins.get("rate_limit")
+        if ov is not None and (spec.enabled if ov.enabled is None else ov.enabled):
+            applied.append(ov.validated or spec.validated)  # (a route's own config only when it sets one)
+    if not applied:
+        return "its rate_limit plugin is disabled (enabled: false) on every route"
+    # (a config not validated here is taken as applying them: a warning that may be wrong is worse)
+    if not any(getattr(v, "key_overrides", True) for v in applied):
+        return "its rate_limit plugin has key_overrides: false"
+    return None
+
+
+__all__ = ["KeyAuth", "KeyAuthConfig", "KeyCache", "current_config", "config_from_settings", "limits_not_applied"]

@@ -22,7 +22,7 @@ from gateway.config.model import prefix_problem
 from gateway.context import ANONYMOUS
 from gateway.errors import error_body
 
-from . import current_config, key_cache, key_store
+from . import current_config, key_cache, key_store, limits_not_applied
 from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
 from .store import LIMIT_MAX, KeyRevoked
 
@@ -247,6 +247,17 @@ def _date(v: str | None, default: dt.date) -> dt.date:
 _LIST_PARAMS = ("owner", "team", "name", "status", "limit", "offset")
 
 
+def _warn_unapplied(services: "Services", key_id: str, limits: dict[str, Any]) -> None:
+    """Log that limits just set on a key are enforced by nothing in the running config (the answer
+    stays as it is: the key and its limits are stored, and apply once rate_limit reads them)."""
+    given = sorted(f for f, v in limits.items() if v is not None)
+    why = limits_not_applied(services.settings) if given else None
+    if why:
+        logging.getLogger("gateway.key_auth").warning(
+            "key %s: its limits (%s) are stored but not applied by this config: %s (rate_limit applies them "
+            "with key_overrides: true)", key_id, ", ".join(given), why)
+
+
 def routes(services: "Services") -> list[web.RouteDef]:
     store = key_store(services)
     cache = key_cache(services)
@@ -263,6 +274,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         cache.invalidate(rec["id"])
         events.emit("key.created", actor=admin_identity(request), key_id=rec["id"], owner=rec["owner"],
                     name=rec["name"])
+        _warn_unapplied(services, rec["id"], body.limits.model_dump())
         return web.json_response({**rec, "key": key}, status=201)
 
     async def list_keys(request: web.Request) -> web.Response:
@@ -339,6 +351,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             return _not_found(key_id)
         cache.invalidate(key_id)
         events.emit("key.updated", actor=admin_identity(request), key_id=key_id, fields=sorted(changes))
+        _warn_unapplied(services, key_id, changes.get("limits") or {})
         return web.json_response(rec)
 
     async def rotate(request: web.Request) -> web.Response:

@@ -183,6 +183,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                                           team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
                                           limits=ch.get("limits"), expires_at=ch.get("expires_at"))
             services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
+            _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, {**rec, "key": key}, secret=key, did="created")
         if c == "list":
             rows = await store.list(owner=args.owner, status=args.status, team=args.team, name=args.name,
@@ -219,6 +220,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")
             services.events.emit("key.updated", actor="cli", key_id=args.key_id, fields=sorted(ch))
+            _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, rec)
         if c == "rotate":
             grace = kcfg.rotation_grace if args.grace is None else args.grace
@@ -260,6 +262,18 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     finally:
         await services.close()  # flushes what the audit trail queued for the events above
         await services.db.close()
+
+
+def _warn_unapplied(cfg: Any, limits: dict[str, Any]) -> None:
+    """One line on stderr when limits just set are enforced by nothing in this config (the exit code
+    stays: the key and its limits are stored, and apply once rate_limit reads them)."""
+    from . import limits_not_applied
+
+    given = [f"--{f.replace('_', '-')}" for f, v in limits.items() if v is not None]
+    why = limits_not_applied(cfg) if given else None
+    if why:
+        _fail(f"warning: the key's limits ({', '.join(given)}) are stored but not applied by this config: {why} "
+              "(rate_limit applies them with key_overrides: true)")
 
 
 def _invalid(model: Any, data: dict[str, Any]) -> str | None:
