@@ -128,6 +128,14 @@ def _one_json(ctype: str) -> bool:
     return "json" in t and not any(x in t for x in ("jsonl", "ndjson", "json-seq", "jsonlines"))
 
 
+def _too_large(max_body: int, route: str | None) -> PayloadTooLarge:
+    """The 413 for a body over ``max_body``, naming the setting that decides it (a route's own
+    ``max_body_size``, else ``server.max_body_size``): an operator reading a client's report then
+    knows which one to raise."""
+    setting = "server.max_body_size" if route is None else f"max_body_size of route {route!r}"
+    return PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes ({setting}).")
+
+
 def undecodable_body_message() -> str:
     return "The request body could not be decoded as its Content-Encoding says."
 
@@ -304,7 +312,7 @@ class Proxy:
                 reply = await self._run_request_hooks(ctx, chain.headers, "headers")
                 if reply is not None:
                     return await self._send_reply(ctx, chain, reply)
-            await self._read_body(ctx)
+            await self._read_body(ctx, chain)
             body = ctx.body
             reply = await self._run_request_hooks(ctx, chain.request, "request")
             if reply is not None:
@@ -371,14 +379,15 @@ class Proxy:
                 return reply
         return None
 
-    async def _read_body(self, ctx: RequestContext) -> None:
+    async def _read_body(self, ctx: RequestContext, chain: "Chain") -> None:
         request = ctx.request
         if not request.body_exists:
             return
         max_body = ctx.max_body
+        route = chain.name if chain.max_body else None  # (whose max_body_size decides: None, the server's)
         cl = request.content_length
         if cl is not None and cl > max_body:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
+            raise _too_large(max_body, route)
         if "Content-Encoding" in request.headers:
             check_encoding(request.headers.getall("Content-Encoding"))
         if "Transfer-Encoding" in request.headers and \
@@ -391,12 +400,12 @@ class Proxy:
             request.writer.output_size = 0
         content = request.content
         if content.is_eof():  # the whole body is already in (the common case): no timer
-            body = await self._read_payload(request, None, ctx.settings, max_body)
+            body = await self._read_payload(request, None, ctx.settings, max_body, route)
         else:
             wait = ctx.settings.body_timeout
             try:
                 async with asyncio.timeout(wait) as stall:
-                    body = await self._read_payload(request, stall, ctx.settings, max_body)
+                    body = await self._read_payload(request, stall, ctx.settings, max_body, route)
             except TimeoutError:
                 raise RequestTimeout(f"No request body bytes arrived for {wait:g} seconds.") from None
         ctx.body = body
@@ -404,12 +413,12 @@ class Proxy:
         if other_encoding(body) and "json" in request.headers.get("Content-Type", "json"):
             ctx.json  # JSON with a byte order mark or in UTF-16/32: read now, forwarded as UTF-8
             if len(ctx.body) > max_body:  # (UTF-8 can take more bytes than UTF-16 did)
-                raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
+                raise _too_large(max_body, route)
         if b"gw" in ctx.body or b"\\u" in ctx.body:  # (a key in the model, maybe JSON-escaped)
             _mask_key_as_model(ctx)
 
     async def _read_payload(self, request: web.BaseRequest, stall: asyncio.Timeout | None,
-                            settings: "Settings", max_body: int) -> bytes:
+                            settings: "Settings", max_body: int, route: str | None) -> bytes:
         """The request body; each chunk that arrives pushes the ``stall`` deadline back."""
         content = request.content
         cl = request.content_length
@@ -440,7 +449,7 @@ class Proxy:
                 return bytes(buf)
             buf += chunk
             if len(buf) > max_body:
-                raise PayloadTooLarge(f"Request body exceeds the limit of {max_body} bytes.")
+                raise _too_large(max_body, route)
             if stall is not None:
                 stall.reschedule(loop_time() + settings.body_timeout)
 

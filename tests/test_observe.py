@@ -526,7 +526,9 @@ async def test_bodies_that_would_grow_or_nest_too_deep(make_gateway: Any, upstre
     n = len(upstream.requests)
     async with aiohttp.ClientSession() as s:
         async with s.post(g.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 413 and (await r.json())["error"]["code"] == "request_too_large"
+            err = (await r.json())["error"]
+            assert r.status == 413 and err["code"] == "request_too_large"
+            assert err["message"] == "Request body exceeds the limit of 3000 bytes (server.max_body_size).", err
         deep = '{"model": "demo-chat", "messages": [{"role": "user", "content": ' + "[" * 990 + "]" * 990 + "}]}"
         async with s.post(g.url + "/v1/chat/completions", data=deep.encode(),
                           headers={"Content-Type": "application/json"}) as r:

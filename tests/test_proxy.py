@@ -759,6 +759,7 @@ async def test_body_too_large_with_content_length(make_gateway: Any, upstream: A
             assert r.status == 413
             body = await r.json()
             assert HEX32.match(r.headers["X-Request-ID"])
+            assert body["error"]["message"] == "Request body exceeds the limit of 1000 bytes (server.max_body_size)."
         # at the limit is fine
         async with s.post(g.url + "/v1/echo", data=b"y" * 1000) as r:
             assert r.status == 200
@@ -779,7 +780,9 @@ async def test_body_too_large_chunked(make_gateway: Any, upstream: Any) -> None:
     async with aiohttp.ClientSession(timeout=T) as s:
         async with s.post(g.url + "/v1/embeddings", data=body(10)) as r:
             assert r.status == 413
-            assert_error_shape(await r.json(), "request_too_large")
+            err = await r.json()
+            assert_error_shape(err, "request_too_large")
+            assert err["error"]["message"] == "Request body exceeds the limit of 1000 bytes (server.max_body_size)."
         async with s.post(g.url + "/v1/echo", data=body(3)) as r:  # 900 bytes, chunked, fine
             assert r.status == 200
             assert (await r.json())["body"] == "z" * 900
@@ -843,7 +846,7 @@ async def test_sdk_surfaces_gateway_errors(make_gateway: Any) -> None:
             await client.chat.completions.create(model="demo-chat",
                                                  messages=[{"role": "user", "content": "x" * 5000}])
         assert ei.value.status_code == 413
-        assert "exceeds the limit of 2000 bytes" in ei.value.message
+        assert "exceeds the limit of 2000 bytes (server.max_body_size)." in ei.value.message
         with pytest.raises(openai.APIStatusError) as ei:
             stream = await client.chat.completions.create(model="demo-chat", stream=True,
                                                           messages=[{"role": "user", "content": "x"}])
