@@ -5,6 +5,8 @@ process that died lapse on Redis."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from typing import Any
 
 import aiohttp
@@ -12,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config import ConfigError, load_config_text
+from gateway.plugin import Plugin, PluginConfig, registry
 from gateway.plugins.rate_limit import concurrency
 from gateway.plugins.rate_limit.concurrency import PREFIX, RUNNING
 
@@ -259,5 +262,103 @@ async def test_a_cap_on_a_stopped_redis_follows_on_store_error(make_gateway, red
         assert [st for st, _, _ in got] == [status] * 3, got
         if policy == "deny":
             assert got[0][1]["error"]["code"] == "rate_limit_unavailable"
+    finally:
+        await runner.cleanup()
+
+
+# -- the review's cases -------------------------------------------------------------------------------
+class GrowConfig(PluginConfig):
+    pass
+
+
+class GrowAndFreeze(Plugin):
+    """Test-only, after rate_limit: makes the prompt larger (as memory does, so rate_limit admits the
+    request again in on_forward) and freezes the Redis named by the request's X-Test-Freeze port."""
+
+    name = "test_grow_freeze"
+    Config = GrowConfig
+    rewrites_body = True
+
+    async def on_request(self, ctx: Any) -> None:
+        ctx.set_json({**ctx.json, "messages": [{"role": "user", "content": "history " * 200}] + ctx.json["messages"]})
+        pid = ctx.request.headers.get("X-Test-Freeze")
+        if pid:
+            os.kill(int(pid), signal.SIGSTOP)
+        return None
+
+
+GrowAndFreeze.__test__ = False  # type: ignore[attr-defined]
+registry.register(GrowAndFreeze)
+
+
+async def test_a_slot_is_given_back_when_on_forward_finds_the_store_down_with_deny(make_gateway, redis_server):
+    redis = redis_server()
+    runner, url = await serve_handler(slow)
+    try:
+        g = await make_gateway([cap({"name": "one", "max": 1, "key_by": "global"}, storage=redis.url + "/0",
+                                    storage_timeout=0.3, on_store_error="deny",
+                                    rules=[{"name": "tpm", "limit": "100000/minute", "counts": "tokens",
+                                            "key_by": "global"}]),
+                                {"name": "test_grow_freeze"}], upstream={"url": url})
+        r = await _redis(redis.url)
+        assert (await burst([g.url], 1, sleep=0))[0][0] == 200
+        assert redis.proc is not None
+        got = await burst([g.url], 1, sleep=0, headers={"X-Test-Freeze": str(redis.proc.pid)})
+        redis.resume()
+        assert got[0][0] == 503 and got[0][1]["error"]["code"] == "rate_limit_unavailable"
+        # given back (tried at once, and Redis answered again): not renewed for ever
+        await until(lambda: _zcard(r, PREFIX + "one", 0), 5, what="the slot given back")
+        assert not g.plugin("rate_limit")._leases.held
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_take_whose_answer_was_lost_frees_soon_and_a_lost_lease_is_put_back(make_gateway, redis_server,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(concurrency, "RENEW_EVERY", 0.3)
+    redis = redis_server()
+    runner, url = await serve_handler(slow)
+    try:
+        g = await make_gateway([cap({"name": "one", "max": 1, "key_by": "global"}, storage=redis.url + "/0",
+                                    storage_timeout=0.3, storage_retry=0)], upstream={"url": url})
+        r = await _redis(redis.url)
+        key = PREFIX + "one"
+        assert (await burst([g.url], 1, sleep=0))[0][0] == 200  # (scripts loaded)
+        # A take Redis runs after the gateway gave up on it (frozen past storage_timeout): its lease
+        # lives FIRST_LEASE seconds, not LEASE.
+        redis.pause()
+        got = asyncio.ensure_future(burst([g.url], 1, sleep=0))
+        await asyncio.sleep(0.6)
+        redis.resume()
+        assert (await got)[0][0] == 200  # (on_store_error: allow)
+        left = await r.zrange(key, 0, -1, withscores=True)
+        now = (await r.time()).timestamp()
+        assert len(left) == 1 and left[0][1] - now <= concurrency.FIRST_LEASE + 0.5, (left, now)
+        await r.delete([key])
+        # A running request's lease that Redis lost (a flush, a restart) is put back by the renewal.
+        long = asyncio.ensure_future(burst([g.url], 1, sleep=2))
+        await until(lambda: _zcard(r, key, 1), 5, what="the lease taken")
+        await r.flushall()
+        await until(lambda: _zcard(r, key, 1), 5, what="the lease put back")
+        assert (await burst([g.url], 1, sleep=0))[0][0] == 429
+        assert (await long)[0][0] == 200
+        await until(lambda: _zcard(r, key, 0), 5, what="the lease removed")
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_that_generate_nothing_take_no_slot(make_gateway):
+    runner, url = await serve_handler(slow)
+    try:
+        g = await make_gateway([cap({"name": "one", "max": 1, "key_by": "global"})], upstream={"url": url})
+        async with aiohttp.ClientSession(timeout=T) as s:
+            long = asyncio.ensure_future(s.post(g.url + CHAT, json=body(1)))
+            await until(lambda: RUNNING.get("one") == 1, 5, what="the slot taken")
+            async with s.get(g.url + "/v1/models") as r:
+                assert r.status != 429
+            async with s.post(g.url + CHAT, json=body(0)) as r:
+                msg = (await r.json())["error"]["message"]
+                assert r.status == 429 and "and 1 is running" in msg, msg
+            (await long).release()
     finally:
         await runner.cleanup()

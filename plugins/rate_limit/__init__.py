@@ -248,7 +248,10 @@ class RateLimit(Plugin):
 
     async def on_request(self, ctx: RequestContext) -> Reply | None:
         req, tok, quota = self._applicable(ctx)
-        caps = self._caps(ctx) if self.caps or self.config.key_overrides else ()
+        # (only requests that may make the upstream generate take slots: a model list or a stored
+        # answer read while a key's streams run is not refused)
+        caps = self._caps(ctx) if (self.caps or self.config.key_overrides) and generates(ctx.method, ctx.lpath) \
+            else ()
         if not (req or tok or quota or caps):
             return None
         st = _State()
@@ -303,7 +306,7 @@ class RateLimit(Plugin):
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": "rate_limit_exceeded", "limit": cap.label}
         self.refused.labels(cap.rule, "rate_limit_exceeded").inc()
         msg = (f"Too many requests at once: rule {cap.rule} allows {cap.max} running at once, and {running} "
-               f"are running. Retry when one of them ends.")
+               f"{'is' if running == 1 else 'are'} running. Retry when one of them ends.")
         return Reply.error(429, msg, "requests", "rate_limit_exceeded",
                            headers={"Retry-After": "1", "retry-after-ms": str(BUSY_RETRY_MS)})
 
@@ -663,6 +666,7 @@ class RateLimit(Plugin):
                     return self._refuse(ctx, None, q, "insufficient_quota", st.estimate)
             self.unchecked.labels(self.store.label).inc()
             return None
+        self._give_slots(st)  # (on_forward: the request's slots were taken in on_request)
         ctx.state.pop(NAME, None)
         st.standings = []
         ctx.refusal = {"plugin": NAME, "type": "rate_limit", "reason": "store_unavailable", "limit": None}

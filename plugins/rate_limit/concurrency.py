@@ -8,8 +8,10 @@ slots are kept here:
 - Redis: a sorted set per counter whose members are leases (one per running request, scored by
   when it lapses, on Redis's own clock). A Lua script drops lapsed leases, counts the rest and adds
   one if there is room, atomically, so the cap holds across every instance on that Redis. Each
-  process renews its leases every :data:`RENEW_EVERY` seconds; a process that dies leaves leases
-  that lapse within :data:`LEASE` seconds, so a crash does not keep slots taken for ever.
+  process renews its leases every :data:`RENEW_EVERY` seconds (putting back any Redis lost); a
+  process that dies leaves leases that lapse within :data:`LEASE` seconds, so a crash does not keep
+  slots taken for ever. A lease is taken for :data:`FIRST_LEASE` seconds and extended once the
+  process knows it holds it: a take whose answer never came back frees soon.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ log = logging.getLogger("gateway.rate_limit")
 
 #: Seconds a lease on Redis lives without renewal (a crashed process's slots free after this long).
 LEASE = 30.0
+#: Seconds a lease lives when taken, until the process knows it has it and extends it to LEASE: a
+#: take whose answer was lost (a timeout, a client that left while Redis was slow) frees this soon.
+FIRST_LEASE = 5.0
 #: Seconds between renewals of a process's leases.
 RENEW_EVERY = 10.0
 #: Redis key prefix of the lease sets (beside the library's ``LIMITS:`` counters).
@@ -81,11 +86,13 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])) + 1)
 return {1, n + 1}
 """
 
+# (without XX: a lease Redis lost, restarted or flushed, is put back while its request runs)
 _RENEW = """
 local t = redis.call('TIME')
-local at = tonumber(t[1]) + tonumber(t[2]) / 1000000 + tonumber(ARGV[1])
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', at, ARGV[i])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
 end
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1])) + 1)
 return 1
@@ -103,6 +110,7 @@ class Leases:
         self._lock = asyncio.Lock()
         self._loaded = -1  # the store's failure count when the scripts were last loaded
         self._sha: tuple[str, str] = ("", "")
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _client(store: CounterStore) -> Any:
@@ -132,18 +140,48 @@ class Leases:
         async def run() -> Any:
             sha, _ = await self._scripts(store)
             try:
-                return await self._client(store).evalsha(sha, keys=[key], args=[cap, LEASE, lease])
+                return await self._client(store).evalsha(sha, keys=[key], args=[cap, FIRST_LEASE, lease])
             except NoScriptError:  # Redis restarted (or was flushed) between two calls: loaded again
                 self._loaded = -1
                 sha, _ = await self._scripts(store)
-                return await self._client(store).evalsha(sha, keys=[key], args=[cap, LEASE, lease])
+                return await self._client(store).evalsha(sha, keys=[key], args=[cap, FIRST_LEASE, lease])
 
         ok, n = await store.call(run, deadline)
         if ok:
             self.held.setdefault(key, {})[lease] = None
             if self._task is None or self._task.done():
                 self._task = asyncio.get_running_loop().create_task(self._renew_loop())
+            t = asyncio.get_running_loop().create_task(self._extend(store, key, lease))
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
         return bool(ok), int(n), lease
+
+    async def _extend(self, store: CounterStore, key: str, lease: str) -> None:
+        """The lease just taken lives LEASE seconds from now (in the background: the request goes on)."""
+        try:
+            await self._renew(store, key, [lease])
+        except Exception:  # (the renewal rounds try again while the request runs)
+            pass
+
+    async def _renew(self, store: CounterStore, key: str, leases: list[str]) -> None:
+        """Renew (or put back) ``leases``; any given back meanwhile is removed again after (its release
+        may have reached Redis before this renewal did)."""
+        from coredis.exceptions import NoScriptError
+
+        async with asyncio.timeout(max(store.timeout, 1.0)):
+            for attempt in (0, 1):
+                _, sha = await self._scripts(store)
+                try:
+                    await self._client(store).evalsha(sha, keys=[key], args=[LEASE, *leases])
+                    break
+                except NoScriptError:  # Redis restarted: the scripts are loaded again, once
+                    if attempt:
+                        raise
+                    self._loaded = -1
+            mine = self.held.get(key, {})
+            gone = [x for x in leases if x not in mine]
+            if gone:
+                await self._client(store).zrem(key, gone)
 
     async def release(self, store: CounterStore, key: str, lease: str) -> None:
         """Give a slot back. Tried even while the store is marked down (a slot kept would refuse
@@ -167,9 +205,7 @@ class Leases:
                 if not mine:
                     continue
                 try:
-                    async with asyncio.timeout(max(store.timeout, 1.0)):
-                        _, sha = await self._scripts(store)
-                        await self._client(store).evalsha(sha, keys=[key], args=[LEASE, *mine])
+                    await self._renew(store, key, list(mine))
                 except Exception as e:  # tried again at the next round; after LEASE seconds of
                     # failures these slots free on Redis while their requests still run
                     log.warning("rate_limit: renewing the concurrency leases on %s failed (%s: %s)", store.label,
@@ -179,6 +215,8 @@ class Leases:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
 
 
 def take_memory(key: str, cap: int) -> tuple[bool, int]:
