@@ -333,7 +333,8 @@ async def test_a_take_whose_answer_was_lost_frees_soon_and_a_lost_lease_is_put_b
         assert (await got)[0][0] == 200  # (on_store_error: allow)
         left = await r.zrange(key, 0, -1, withscores=True)
         now = (await r.time()).timestamp()
-        assert len(left) == 1 and left[0][1] - now <= concurrency.FIRST_LEASE + 0.5, (left, now)
+        # (FIRST_LEASE, 5 s, from when Redis ran it, which may be a moment after it answered ``time``)
+        assert len(left) == 1 and left[0][1] - now < concurrency.LEASE / 2, (left, now)
         await r.delete([key])
         # A running request's lease that Redis lost (a flush, a restart) is put back by the renewal.
         long = asyncio.ensure_future(burst([g.url], 1, sleep=2))

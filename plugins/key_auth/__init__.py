@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import fnmatch
 import hashlib
+import math
 import logging
 import os
 import re
@@ -89,6 +90,9 @@ class KeyAuthConfig(PluginConfig):
         description="Key ids refused as revoked, whatever the database says: for a leaked key when the "
                     "database cannot store its revocation (a full disk, an outage), applied by a reload on "
                     "every instance. Ids only (the 12 characters after 'gw_'), never keys.")
+    imported_keys: bool = Field(False, description="Accept keys issued elsewhere and imported (gateway keys "
+                                                   "create --import-sha256 / --import-key): a token that is "
+                                                   "not a gateway key is looked up by its SHA-256.")
     track_usage: bool = Field(True, description="Roll usage up per key per day.")
     usage_writer: UsageWriterConfig = Field(default_factory=UsageWriterConfig,
                                             description="Background writer for usage rollups.")
@@ -140,7 +144,7 @@ class _Entry:
     """A cached key record: what validation needs, and the identity handed to later plugins."""
 
     __slots__ = ("hash", "prev_hash", "prev_until", "expires", "revoked", "paths", "path_roots", "models",
-                 "identity", "verified", "updated")
+                 "identity", "verified", "updated", "import_until")
 
     def __init__(self, row: Any) -> None:
         #: Keyed BLAKE2b digests of full keys already checked against this record -> True if it was
@@ -153,6 +157,10 @@ class _Entry:
         self.expires = row.expires_at.timestamp() if row.expires_at else None
         self.revoked = row.revoked_at is not None
         self.updated: Any = row.updated_at  # the version of the record (see KeyWatch.poll)
+        #: Until when the imported key (the token issued elsewhere) works: for ever until the key is
+        #: rotated, then for the rotation's grace, as a rotated-out secret; 0: not imported.
+        self.import_until = 0.0 if row.import_hash is None else math.inf if row.rotated_at is None else \
+            (row.prev_valid_until.timestamp() if row.prev_valid_until else 0.0)
         scopes = normalise_scopes(row.scopes)
         # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
         # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike; without
@@ -192,9 +200,12 @@ class KeyCache:
         #: Keys revoked through this process's admin API whose revocation the database refused (a
         #: full disk, a lock, an outage): refused here all the same, until the process ends.
         self.revoked_here: set[str] = set()
+        #: imported keys: SHA-256 of a token -> (key id, None for no such key; time looked up)
+        self.imports: dict[str, tuple[str | None, float]] = {}
 
     def invalidate(self, key_id: str | None = None) -> None:
         self.gen += 1
+        self.imports.clear()  # (a key just imported, here or elsewhere, is not "unknown" any more)
         if key_id is None:
             self.entries.clear()
             self.inflight.clear()
@@ -493,6 +504,8 @@ class KeyAuth(Plugin):
                                                       and time.time() < entry.prev_until)):
                     return self._admit(ctx, raw[_ID_START:_ID_END], entry, time.time())
         parsed = parse_key(raw)
+        if parsed is None and self.config.imported_keys and not raw.startswith(PREFIX):
+            return await self._imported(ctx, raw)
         if parsed is None:
             return self._refuse(ctx, 401, "malformed", loose_key_id(raw),
                                 "Malformed API key: it is not a gateway key or it was mistyped (checksum "
@@ -599,6 +612,35 @@ class KeyAuth(Plugin):
                                 "could be checked (send a JSON body with \"model\" as a string).",
                                 "key_scope_denied", "permission_error")
         return None
+
+    async def _imported(self, ctx: "RequestContext", raw: str) -> Reply | None:
+        """A token issued elsewhere: the key imported with its SHA-256, if any (looked up once per
+        cache_ttl, known or not), then the same checks as a gateway key's."""
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+        cache = self.cache
+        hit = cache.imports.get(digest)
+        try:
+            if hit is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
+                key_id = hit[0]
+            else:
+                try:
+                    async with asyncio.timeout(self.config.store_timeout):
+                        key_id = await self.store.imported_id(digest)
+                except Exception:
+                    raise StoreUnavailable() from None
+                if self.config.cache_ttl > 0:
+                    if len(cache.imports) >= self.config.cache_size:
+                        cache.imports.pop(next(iter(cache.imports)))
+                    cache.imports[digest] = (key_id, time.monotonic())
+            entry = await self._entry(key_id) if key_id is not None else None
+        except StoreUnavailable:
+            return self._refuse(ctx, 503, "store_unavailable", None,
+                                "The API key could not be checked because the key store is unavailable; "
+                                "try again shortly.", "key_store_unavailable", "server_error")
+        now = time.time()
+        if key_id is None or entry is None or now >= entry.import_until:
+            return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
+        return self._admit(ctx, key_id, entry, now)
 
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
         """Checks that do not depend on the secret: revoked, expired, path scope; then the identity

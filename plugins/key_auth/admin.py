@@ -7,13 +7,14 @@ process's validation cache at once.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 from aiohttp import web
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+from pydantic import (AfterValidator, model_validator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator)
 
 from gateway.admin import DB_UNAVAILABLE, admin_identity
@@ -24,7 +25,7 @@ from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store, limits_not_applied
 from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
-from .store import LIMIT_MAX, KeyRevoked
+from .store import LIMIT_MAX, KeyImported, KeyRevoked
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -144,6 +145,31 @@ class CreateKey(_Body):
     scopes: Scopes = Field(default_factory=Scopes)
     limits: Limits = Field(default_factory=Limits)
     expires_at: ExpiresAt = Field(None, description="When the key stops working (RFC 3339 with offset).")
+    import_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
+                                      description="Import a key issued elsewhere, by the SHA-256 (hex, lower case) "
+                                                  "of the whole token its clients send: it works as it is (with "
+                                                  "key_auth.imported_keys: true).")
+    import_key: str | None = Field(None, min_length=8, max_length=1024, repr=False,
+                                   description="Import a key issued elsewhere, the token itself (only its SHA-256 "
+                                               "is stored).")
+
+    @model_validator(mode="after")
+    def _one_import(self) -> "CreateKey":
+        if self.import_sha256 is not None and self.import_key is not None:
+            raise ValueError("give import_sha256 or import_key, not both")
+        k = self.import_key
+        if k is not None:
+            if k != k.strip() or not k.isprintable() or not k.isascii():
+                raise ValueError("import_key must be the token as clients send it: printable ASCII, no blanks "
+                                 "at either end (the value is not shown)")
+            if k.startswith("gw_"):
+                raise ValueError("import_key is a gateway key: it works already (the value is not shown)")
+        return self
+
+    def import_hash(self) -> str | None:
+        if self.import_key is not None:
+            return hashlib.sha256(self.import_key.encode()).hexdigest()
+        return self.import_sha256
 
     @field_validator("owner", "name", "team")
     @classmethod
@@ -268,12 +294,21 @@ def routes(services: "Services") -> list[web.RouteDef]:
         if isinstance(body, web.Response):
             return body
         assert isinstance(body, CreateKey)
-        rec, key = await store.create(pepper=current_config(services).pepper, owner=body.owner, name=body.name,
-                                      team=body.team, metadata=body.metadata, scopes=body.scopes.model_dump(),
-                                      limits=body.limits.model_dump(), expires_at=body.expires_at)
+        try:
+            rec, key = await store.create(pepper=current_config(services).pepper, owner=body.owner, name=body.name,
+                                          team=body.team, metadata=body.metadata, scopes=body.scopes.model_dump(),
+                                          limits=body.limits.model_dump(), expires_at=body.expires_at,
+                                          import_hash=body.import_hash())
+        except KeyImported:
+            return _err(409, "A key with this import hash exists already.", "key_already_imported",
+                        "import_sha256" if body.import_sha256 is not None else "import_key")
         cache.invalidate(rec["id"])
         events.emit("key.created", actor=admin_identity(request), key_id=rec["id"], owner=rec["owner"],
-                    name=rec["name"])
+                    name=rec["name"], **({"imported": True} if rec["imported"] else {}))
+        if rec["imported"] and not current_config(services).imported_keys:
+            logging.getLogger("gateway.key_auth").warning(
+                "key %s: imported, but key_auth.imported_keys is false: the imported token is refused until it is "
+                "set to true", rec["id"])
         _warn_unapplied(services, rec["id"], body.limits.model_dump())
         return web.json_response({**rec, "key": key}, status=201)
 

@@ -97,6 +97,13 @@ def add_cli(subparsers: Any) -> None:
     c = cmd("create", "create a key and print it (shown once)")
     c.add_argument("--owner", required=True, help="user id the key belongs to")
     attrs(c)
+    imp = c.add_mutually_exclusive_group()
+    imp.add_argument("--import-sha256", metavar="HEX",
+                     help="import a key issued elsewhere by the SHA-256 (hex) of the token its clients send: "
+                          "it keeps working (with key_auth.imported_keys: true)")
+    imp.add_argument("--import-key-stdin", action="store_true",
+                     help="import a key issued elsewhere, read from standard input (one line; only its SHA-256 "
+                          "is stored)")
     c = cmd("list", "list keys")
     c.add_argument("--owner")
     c.add_argument("--team")
@@ -153,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from . import config_from_settings
     from .admin import CreateKey, RotateKey, UpdateKey
-    from .store import KeyRevoked, KeyStore
+    from .store import KeyImported, KeyRevoked, KeyStore
 
     if getattr(args, "key_id", None) is not None:
         key_id = key_id_of(args.key_id)
@@ -174,15 +181,29 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 # (a key that is expired when made is a typo, not a key anyone can use)
                 print(f"gateway keys: --expires {exp.isoformat()} is in the past", file=sys.stderr)
                 return 2
-            problem = _invalid(CreateKey, {"owner": args.owner, "name": ch.get("name") or "", "team": ch.get("team"),
-                                           "metadata": ch.get("metadata") or {}, "scopes": ch.get("scopes") or {},
-                                           "limits": ch.get("limits") or {}, "expires_at": ch.get("expires_at")})
+            body = {"owner": args.owner, "name": ch.get("name") or "", "team": ch.get("team"),
+                    "metadata": ch.get("metadata") or {}, "scopes": ch.get("scopes") or {},
+                    "limits": ch.get("limits") or {}, "expires_at": ch.get("expires_at")}
+            if args.import_sha256 is not None:
+                body["import_sha256"] = args.import_sha256.strip().lower()
+            if args.import_key_stdin:
+                body["import_key"] = sys.stdin.readline().rstrip("\r\n")
+            problem = _invalid(CreateKey, body)
             if problem:
                 return _fail(problem, code=2)  # (a value the command line got wrong: a usage error)
-            rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
-                                          team=ch.get("team"), metadata=ch.get("metadata"), scopes=ch.get("scopes"),
-                                          limits=ch.get("limits"), expires_at=ch.get("expires_at"))
-            services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
+            try:
+                rec, key = await store.create(pepper=kcfg.pepper, owner=args.owner, name=ch.get("name") or "",
+                                              team=ch.get("team"), metadata=ch.get("metadata"),
+                                              scopes=ch.get("scopes"), limits=ch.get("limits"),
+                                              expires_at=ch.get("expires_at"),
+                                              import_hash=CreateKey.model_validate(body).import_hash())
+            except KeyImported:
+                return _fail("a key with this import hash exists already")
+            services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"],
+                                 **({"imported": True} if rec["imported"] else {}))
+            if rec["imported"] and not kcfg.imported_keys:
+                print("gateway keys: warning: imported, but key_auth.imported_keys is false in this config: the "
+                      "imported token is refused until it is set to true", file=sys.stderr)
             _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, {**rec, "key": key}, secret=key, did="created")
         if c == "list":

@@ -15,7 +15,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import JSON, BigInteger, Date, DateTime, Integer, String, TypeDecorator, func, or_, select, update
+from sqlalchemy import JSON, BigInteger, Date, DateTime, Index, Integer, String, TypeDecorator, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -69,6 +70,10 @@ class ApiKey(Base):
     daily_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     monthly_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: SHA-256 (hex) of a key issued elsewhere that its clients keep using (``import_hash``): the
+    #: whole token, unsalted, as other gateways store theirs, so their hashes can be imported as
+    #: they are. Unique; NULL for the gateway's own keys.
+    import_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     secret_hash: Mapped[str] = mapped_column(String(64))
     prev_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prev_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -85,6 +90,7 @@ class ApiKey(Base):
     # handing out a secret of which one never worked). The one that finds the row changed reads
     # it again and reapplies (KeyStore._change). (last_used_at is moved by a statement of its own.)
     __mapper_args__ = {"version_id_col": updated_at, "version_id_generator": False}
+    __table_args__ = (Index("ux_api_keys_import_hash", "import_hash", unique=True),)
 
 
 class KeyUsageDaily(Base):
@@ -117,6 +123,7 @@ def public(row: ApiKey) -> dict[str, Any]:
         "status": status_of(row, now), "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
         "expires_at": _iso(row.expires_at), "revoked_at": _iso(row.revoked_at), "rotated_at": _iso(row.rotated_at),
         "previous_secret_valid_until": _iso(grace), "last_used_at": _iso(row.last_used_at),
+        "imported": row.import_hash is not None,
     }
 
 
@@ -148,23 +155,40 @@ class KeyStore:
     async def create(self, *, pepper: str, owner: str, name: str = "", team: str | None = None,
                      metadata: dict[str, Any] | None = None, scopes: dict[str, Any] | None = None,
                      limits: dict[str, int | None] | None = None,
-                     expires_at: dt.datetime | None = None) -> tuple[dict[str, Any], str]:
-        """Create a key; returns its public record and the full key (the only time it exists)."""
+                     expires_at: dt.datetime | None = None,
+                     import_hash: str | None = None) -> tuple[dict[str, Any], str]:
+        """Create a key; returns its public record and the full key (the only time it exists).
+        ``import_hash``: a key issued elsewhere (its SHA-256, hex), which works as it is; its record
+        also gets a gateway key (returned), which works too. Raises :class:`KeyImported` when that
+        hash is already imported."""
         now = utcnow()
         secret = new_secret()
         limits = limits or {}
         async with self.db.session() as s:
+            if import_hash is not None and (await s.execute(
+                    select(ApiKey.id).where(ApiKey.import_hash == import_hash))).first() is not None:
+                raise KeyImported()
             for _ in range(5):  # a key id collision is astronomically unlikely; retry anyway
                 key_id = new_key_id()
                 if await s.get(ApiKey, key_id) is None:
                     break
             row = ApiKey(id=key_id, name=name, owner=owner, team=team, meta=metadata or {},
                          scopes=normalise_scopes(scopes), secret_hash=hash_secret(pepper, secret),
-                         created_at=now, updated_at=now, expires_at=expires_at,
+                         created_at=now, updated_at=now, expires_at=expires_at, import_hash=import_hash,
                          **{f: limits.get(f) for f in LIMIT_FIELDS})
             s.add(row)
-            await s.commit()
+            try:
+                await s.commit()
+            except IntegrityError:
+                if import_hash is None:
+                    raise
+                raise KeyImported() from None  # (imported at once by another instance or the CLI)
             return public(row), format_key(key_id, secret)
+
+    async def imported_id(self, import_hash: str) -> str | None:
+        """The id of the key imported with this hash, if any."""
+        async with self.db.session() as s:
+            return (await s.execute(select(ApiKey.id).where(ApiKey.import_hash == import_hash))).scalar()
 
     async def get_row(self, key_id: str) -> ApiKey | None:
         async with self.db.session() as s:
@@ -333,6 +357,10 @@ class KeyStore:
     async def count(self) -> int:
         async with self.db.session() as s:
             return int((await s.execute(select(func.count()).select_from(ApiKey))).scalar_one())
+
+
+class KeyImported(Exception):
+    """A key with this import hash exists already."""
 
 
 class KeyRevoked(Exception):
