@@ -453,13 +453,13 @@ def test_a_tab_in_the_indentation_is_named(text: str, line: int) -> None:
 
 
 def test_every_plugin_listed_twice_is_named_and_a_unions_noise_is_left_out() -> None:
-    """One run says every mistake (two plugins listed twice: both), and key_by: [user] gets the
+    """One run says every mistake (two plugins listed twice: both), and key_by: [tenant] gets the
     one message about the part, not also the other branch's "Input should be 'global'"."""
     text = textwrap.dedent("""
         upstream: {url: http://127.0.0.1:9}
         plugins:
           - name: rate_limit
-            config: {rules: [{name: r, limit: 5/minute, key_by: [user]}]}
+            config: {rules: [{name: r, limit: 5/minute, key_by: [tenant]}]}
           - name: key_auth
           - name: key_auth
           - name: audit

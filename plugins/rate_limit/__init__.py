@@ -121,10 +121,10 @@ class RateLimit(Plugin):
         #: IN_FLIGHT keys of this instance's token counters: the store and strategy, then the counter's key
         self._flight = f"{self.store.label}/{c.strategy}/"
         self.ip_prefixes = (c.ipv4_prefix, c.ipv6_prefix)
-        self.limits = compile_rules(c.rules, self.ip_prefixes)
+        self.limits = compile_rules(c.rules, self.ip_prefixes, c.user_header)
         self.request_limits = [x for x in self.limits if x.counts == "requests"]
         self.token_limits = [x for x in self.limits if x.counts == "tokens"]
-        self.caps = compile_caps(c.concurrency, self.ip_prefixes)
+        self.caps = compile_caps(c.concurrency, self.ip_prefixes, c.user_header)
         self._key_caps: dict[int, Cap] = {}
         self._leases: Leases | None = None if self.store.memory else services.resource(
             f"rate_limit:leases:{async_uri(c.storage)}", Leases, lambda x: x.close())

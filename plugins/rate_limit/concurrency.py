@@ -48,6 +48,7 @@ class Cap:
     ip_prefixes: tuple[int, int] = (32, 64)
     counter: str = ""
     rule_id: str = ""
+    user_header: str | None = None
 
     def __post_init__(self) -> None:
         from .rules import _safe
@@ -59,9 +60,10 @@ class Cap:
         return f"{self.rule} ({self.max} at once)"
 
 
-def compile_caps(caps: list[ConcurrencyConfig], ip_prefixes: tuple[int, int]) -> list[Cap]:
+def compile_caps(caps: list[ConcurrencyConfig], ip_prefixes: tuple[int, int],
+                 user_header: str | None = None) -> list[Cap]:
     return [Cap(c.name, c.max, () if c.key_by == "global" else tuple(p for p in KEY_PARTS if p in c.key_by),
-                ip_prefixes) for c in caps]
+                ip_prefixes, user_header=user_header) for c in caps]
 
 
 def key_cap(amount: int, ip_prefixes: tuple[int, int], counter: str = "") -> Cap:

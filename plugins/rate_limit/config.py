@@ -13,7 +13,7 @@ from gateway.plugin import PluginConfig
 #: A window count of zero ("5/0 minute", "5 per 00 seconds")
 _ZERO_WINDOW = re.compile(r"(?:/|\bper\b)\s*0+\s*[a-z]", re.I)
 
-KEY_PARTS = ("key", "owner", "team", "ip", "route", "model")
+KEY_PARTS = ("key", "owner", "team", "ip", "route", "model", "user")
 
 #: The largest count a limit may have: 2^53 - 1, the largest integer every client reads exactly
 #: from a header (JavaScript), far under what a counter store holds.
@@ -28,7 +28,7 @@ def _key_by(v: object) -> object:
     if isinstance(v, str) and v != "global":
         return [v]
     if isinstance(v, list) and not v:  # one counter for everyone is said so, not left empty
-        raise ValueError('list at least one part (key, owner, team, ip, route, model), or "global" for one '
+        raise ValueError('list at least one part (key, owner, team, ip, route, model, user), or "global" for one '
                          'counter shared by everyone')
     if isinstance(v, list) and "global" in v:  # `key_by: [global]` as written in a list
         if len(set(v)) > 1:
@@ -40,11 +40,12 @@ def _key_by(v: object) -> object:
 class _Keyed(PluginConfig):
     name: str = Field(description="Rule name, shown in headers and refusal messages.",
                       pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    key_by: list[Literal["key", "owner", "team", "ip", "route", "model"]] | Literal["global"] = Field(
+    key_by: list[Literal["key", "owner", "team", "ip", "route", "model", "user"]] | Literal["global"] = Field(
         default_factory=lambda: ["key"],
-        description='What each counter is kept per: a list of key, owner, team, ip, route, model, or "global". '
-                    "key/owner/team fall back to the client IP when no identity is set; team counts a key "
-                    "without a team as a team of its own.")
+        description='What each counter is kept per: a list of key, owner, team, ip, route, model, user, or '
+                    '"global". key/owner/team fall back to the client IP when no identity is set; team counts a '
+                    "key without a team as a team of its own; user is the end user the client names (user_header, "
+                    "else the body's user field), with key, owner or team.")
 
     @field_validator("name")
     @classmethod
@@ -57,6 +58,16 @@ class _Keyed(PluginConfig):
     @classmethod
     def _key_by(cls, v: object) -> object:
         return _key_by(v)
+
+    @field_validator("key_by")
+    @classmethod
+    def _user_within(cls, v: object) -> object:
+        if isinstance(v, list) and "user" in v and not {"key", "owner", "team"} & set(v):
+            # (the end user is the client's word: alone, a client naming a new user each time would
+            # get fresh counters, as one rotating X-Forwarded-For would)
+            raise ValueError("user is whatever the client sends: combine it with key, owner or team "
+                             "(key_by: [key, user]) so that each key's end users share its budget")
+        return v
 
 
 class ConcurrencyConfig(_Keyed):
@@ -158,6 +169,11 @@ class RateLimitConfig(PluginConfig):
     estimate_default_max_tokens: int = Field(256, ge=0, description="Completion tokens assumed by the pre-check "
                                                                     "when a request sets no max_tokens.")
     headers: bool = Field(True, description="Add RateLimit / X-RateLimit / x-ratelimit-* headers to responses.")
+    user_header: str | None = Field(None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$",
+                                    description="Rules keyed by user: the request header naming the end user behind "
+                                                "a shared key (a chat front-end's X-OpenWebUI-User-Id); when it is "
+                                                "not set or not sent, the body's user field; neither: one counter "
+                                                "for the key's requests without a user.")
     ipv4_prefix: int = Field(32, ge=1, le=32, description="Rules keyed by the client IP count an IPv4 client by "
                                                           "its network of this prefix length (32: each address).")
     ipv6_prefix: int = Field(64, ge=1, le=128, description="Rules keyed by the client IP count an IPv6 client by "

@@ -32,6 +32,7 @@ class Limit:
     rule_id: str = ""            # the first counter identifier: the rule name, or ``counter``
     counter: str = ""            # count on another rule's counter (a key's own rpm/tpm: see below)
     ip_prefixes: tuple[int, int] = (32, 64)  # an address is keyed by its network (ipv4_prefix, ipv6_prefix)
+    user_header: str | None = None  # key_by user: the header naming the end user (else the body's user)
 
     def __post_init__(self) -> None:
         name = self.rule if self.index == 0 else f"{self.rule}-{self.index}"
@@ -87,14 +88,15 @@ def amount_free(item: RateLimitItem) -> RateLimitItem:
     return free  # type: ignore[no-any-return]
 
 
-def compile_rules(rules: list[RuleConfig], ip_prefixes: tuple[int, int] = (32, 64)) -> list[Limit]:
+def compile_rules(rules: list[RuleConfig], ip_prefixes: tuple[int, int] = (32, 64),
+                  user_header: str | None = None) -> list[Limit]:
     out = []
     for r in rules:
         # in one order whatever the YAML's ([ip, model] and [model, ip] are one counter)
         key_by = () if r.key_by == "global" else tuple(p for p in KEY_PARTS if p in r.key_by)
         for i, item in enumerate(parse_many(r.limit)):
             out.append(Limit(r.name, amount_free(item), r.counts, key_by, key_by == ("key",) and item.get_expiry() == 60,
-                             r.estimate_default_max_tokens, i, ip_prefixes=ip_prefixes))
+                             r.estimate_default_max_tokens, i, ip_prefixes=ip_prefixes, user_header=user_header))
     return out
 
 
@@ -141,7 +143,21 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
         elif part == "model":
             # (Gemini's models/gemini-2.0-flash is gemini-2.0-flash: one model, one count)
             ids.append(f"model:{(ctx.model or '-').removeprefix('models/')}")
+        elif part == "user":
+            ids.append(f"user:{end_user(ctx, limit.user_header)}")
     return tuple(_safe(i) for i in ids)
+
+
+def end_user(ctx: RequestContext, header: str | None) -> str:
+    """The end user a client names behind its key: ``header``'s value, else the body's ``user``
+    (OpenAI's field for it); neither (or a blank): ``-``, the key's requests without a user."""
+    u = ctx.request.headers.get(header) if header else None
+    if not u or not u.strip():
+        body = ctx.json
+        u = body.get("user") if isinstance(body, dict) else None
+        if not isinstance(u, str) or not u.strip():
+            return "-"
+    return u.strip()
 
 
 def ip_key(ip: str, v4: int = 32, v6: int = 64) -> str:
