@@ -215,3 +215,39 @@ async def test_memory_a_regenerate_of_a_whole_history_forks_instead_of_doubling_
     assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == [m["content"] for m in msgs]
     by_id = {r.id: r for r in await rows(g)}
     assert by_id[cid].message_count == 6 and by_id[fork].message_count == 8
+
+
+async def test_many_side_requests_and_memory_keep_the_chat_apart(make_gateway: Any, db: dict[str, Any],
+                                                                 upstream: Any) -> None:
+    """A front-end's side requests (10 a turn here) never push its chat out of the conversations a
+    name looks at, and with memory on they are not taken for the chat's next turns once the client
+    has resent its history (from its second turn: a first turn alone does not tell)."""
+    for memory in (False, True):
+        g = await start(make_gateway, db, {**UI, "memory": {"enabled": memory}}, name=f"m{memory}.yaml")
+        key = await new_key(g, f"owner-{memory}")
+        msgs: list[dict[str, Any]] = []
+        cid = ""
+        for t in range(3):
+            msgs.append({"role": "user", "content": f"question {t}"})
+            st, h, b = await chat(g, key, msgs, {"X-OpenWebUI-Chat-Id": "busy"})
+            assert st == 200 and (not cid or h["X-Conversation-ID"] == cid), (memory, t)
+            cid = h["X-Conversation-ID"]
+            # what the upstream got is what the client sent: no side request in it, nothing twice
+            assert [m["content"] for m in upstream.requests[-1]["body"]["messages"]] == \
+                [m["content"] for m in msgs], memory
+            msgs.append(b["choices"][0]["message"])
+            for n in range(10 if t or not memory else 0):
+                side = [{"role": "user", "content": f"### Task {n}: about this chat\n" + json.dumps(msgs)}]
+                st, h, _ = await chat(g, key, side, {"X-OpenWebUI-Chat-Id": "busy"})
+                assert st == 200 and h["X-Conversation-ID"] != cid
+        by_id = {r.id: r for r in await rows(g) if r.owner == f"owner-{memory}"}
+        assert by_id[cid].message_count == 6 and len(by_id) == (21 if memory else 31), memory
+        await g.stop()
+
+
+async def test_a_mistyped_gateway_id_is_unknown_not_a_name(make_gateway: Any, db: dict[str, Any]) -> None:
+    g = await start(make_gateway, db, {"external_ids": True})
+    key = await new_key(g, "alice")
+    st, h, _ = await chat(g, key, [{"role": "user", "content": "hi"}], {})
+    st, _, b = await chat(g, key, [{"role": "user", "content": "hi"}], {"X-Conversation-ID": h["X-Conversation-ID"][:-1]})
+    assert st == 404 and b["error"]["code"] == "conversation_not_found"

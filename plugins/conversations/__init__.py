@@ -30,7 +30,7 @@ from gateway.errors import error_body
 from gateway.estimate import definitions_chars
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .state import (_GENERATED, _ID_OK, Shared, View, answered_to, body_size, reasoning_share, reasoning_tokens,
+from .state import (_GENERATED, _ID_OK, NAMED_KEPT, Shared, View, answered_to, body_size, reasoning_share, reasoning_tokens,
                     superseded)
 from .store import TurnRecord, dumps, fit, new_row, utcnow
 
@@ -511,7 +511,9 @@ class Conversations(Plugin):
         if cfg.external_ids:
             h = cfg.external_id_header
             if h.lower() == "x-conversation-id":
-                if cid and not _GENERATED(cid.strip()):
+                # (a value beginning as the gateway's ids do is one of them, mistyped or cut short:
+                # unknown, not a name)
+                if cid and not cid.strip().startswith("conv_"):
                     external, cid = cid, None
             elif not cid:
                 external = headers.get(h)
@@ -664,7 +666,9 @@ class Conversations(Plugin):
             plan.external_id = external
             if create:
                 v.external_id = external
-            shared.name_used(owner, external, v.id)
+            # (a stored conversation continued or forked: did the client resend its history?)
+            full = None if create and parent_id is None else k >= 2
+            shared.name_used(owner, external, v.id, digests[0] if digests else None, full)
         ctx.conversation_id = v.id
         ctx.response_headers["X-Conversation-ID"] = v.id
         if parent_id is not None:
@@ -672,27 +676,42 @@ class Conversations(Plugin):
         return None
 
     async def _named(self, owner: str, external: str, digests: list[str], memory: bool) -> str | None:
-        """The conversation a client's name continues: of the owner's conversations of that name,
-        the one whose stored messages the request's match furthest (the most recently used of
-        equals); with memory on (the client sends its new messages only), the most recently used.
-        None: none, or none shares even the first message (a front-end's side request, a title or
-        a follow-up, sent under the chat's id): a new conversation of that name."""
+        """The conversation a client's name continues: of the owner's conversations of that name
+        that begin with the request's first message (the 8 most recently used), the one whose
+        stored messages the request's match furthest (of equals, the one holding more, then the
+        most recently used). None: none matches (a new chat's first turn; a front-end's side
+        request, a title or follow-ups, sent under the chat's id; a chat whose first message was
+        edited): a new conversation of that name. With memory on, a client that sends its new
+        messages only matches nothing: the name's most recently used conversation, unless the
+        client's last turn under the name resent the stored history (a front-end keeping its own:
+        what matches nothing is a side request)."""
         shared = self.shared
         assert shared is not None
         ttl = 0.0 if memory else self.config.cache_ttl
-        best, best_k = None, 0
-        for c in await shared.named(owner, external, ttl):
+        name = await shared.named(owner, external, ttl)
+        first = digests[0] if digests else None
+        best, best_k, best_n, tried = None, 0, 0, 0
+        for c, f in name.ids:
+            if f is not None and f != first:
+                continue
+            tried += 1
+            if tried > NAMED_KEPT:
+                break
             v = await shared.view(c, ttl)
             if v is None or v.owner != owner:
                 continue
-            if memory:
-                return c
             k, n = 0, min(v.count, len(digests))
             while k < n and v.digests[k] == digests[k]:
                 k += 1
-            if k > best_k:
-                best, best_k = c, k
-        return best
+            if k > best_k or (k == best_k and k and v.count > best_n):
+                best, best_k, best_n = c, k, v.count
+        if best is not None or not memory or name.full:
+            return best
+        for c, _ in name.ids:
+            v = await shared.view(c, ttl)
+            if v is not None and v.owner == owner:
+                return c
+        return None
 
     @staticmethod
     def _unanswered(v: View) -> list[int]:

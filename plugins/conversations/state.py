@@ -38,9 +38,11 @@ log = logging.getLogger("gateway.conversations")
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$").match
 _GENERATED = re.compile(r"^conv_[A-Za-z0-9]{22}$").match
 RESOURCE = "conversations:shared"
-#: Conversations of one client name looked at for a request: the most recently used (a chat, its
-#: forks, and the side requests a chat front-end sends under the same name).
+#: Conversations of one client name looked at for a request: of those whose first message is the
+#: request's, the most recently used (a chat and its forks; a front-end's side requests under the
+#: chat's name begin otherwise). NAMED_READ: how many of the name's are read to find them.
 NAMED_KEPT = 8
+NAMED_READ = 64
 ABANDON_AFTER = 3.0  # a failed record not retried for this long was given up on by the writer
 PURGE_RETRY = 60.0  # seconds before a retention run that failed (the database down, busy) is tried again
 
@@ -388,8 +390,8 @@ class Shared:
         self.store = ConversationStore(services.db)
         self.bodies = Bodies(cfg.cache_bytes)
         self.views: _Views = _Views(self.bodies)
-        #: (owner, client name) -> (when read from the database, its conversations: see ``named``)
-        self.names: collections.OrderedDict[tuple[str, str], tuple[float, list[str]]] = collections.OrderedDict()
+        #: (owner, client name) -> what is known of its conversations (see ``named``)
+        self.names: collections.OrderedDict[tuple[str, str], Name] = collections.OrderedDict()
         self.writer = self._new_writer(cfg)
         self.users: dict[int, Any] = {}
         self.closed = False
@@ -706,29 +708,48 @@ class Shared:
         for k in [k for k in self.names if k[0] == owner]:
             del self.names[k]
 
-    async def named(self, owner: str, external_id: str, ttl: float | None) -> list[str]:
-        """The conversations of a client's name (``external_ids``): most recently used first. Read
-        from the database when not cached or older than ``ttl`` (another instance may have made
-        one); those this process made and may not have written yet are kept in front."""
+    async def named(self, owner: str, external_id: str, ttl: float | None) -> "Name":
+        """The conversations of a client's name (``external_ids``), most recently used first, each
+        with its first message's digest. Read from the database when not cached or older than
+        ``ttl`` (another instance may have made one); those this process made and may not have
+        written yet are kept in front."""
         key = (owner, external_id)
         got = self.names.get(key)
         now = time.monotonic()
-        if got is not None and (ttl is None or now - got[0] <= ttl):
+        if got is not None and (ttl is None or now - got.checked <= ttl):
             self.names.move_to_end(key)
-            return got[1]
-        stored = await self.store.named(owner, external_id, NAMED_KEPT)
-        ids = list(dict.fromkeys((got[1] if got is not None else []) + stored))[:NAMED_KEPT]
-        self.names[key] = (now, ids)
+            return got
+        stored = await self.store.named(owner, external_id, NAMED_READ)
+        mine = got.ids if got is not None else []
+        seen = {c for c, _ in mine}
+        name = Name(now, (mine + [x for x in stored if x[0] not in seen])[:NAMED_READ],
+                    got.full if got is not None else False)
+        self.names[key] = name
         self.names.move_to_end(key)
         while len(self.names) > self.cfg.cache_conversations:
             self.names.popitem(last=False)
-        return ids
+        return name
 
-    def name_used(self, owner: str, external_id: str, cid: str) -> None:
-        """``cid`` (new, or chosen) is the name's most recently used conversation."""
+    def name_used(self, owner: str, external_id: str, cid: str, first: str | None, full: bool | None) -> None:
+        """``cid`` (new, or chosen; ``first``: its first message's digest) is the name's most
+        recently used conversation; ``full``: whether the request resent the stored history (None:
+        unknown, as it was)."""
         got = self.names.get((owner, external_id))
-        ids = [cid] + [c for c in (got[1] if got is not None else []) if c != cid]
-        self.names[(owner, external_id)] = (got[0] if got is not None else 0.0, ids[:NAMED_KEPT])
+        ids = [(cid, first)] + [x for x in (got.ids if got is not None else []) if x[0] != cid]
+        was = got.full if got is not None else False
+        self.names[(owner, external_id)] = Name(got.checked if got is not None else 0.0, ids[:NAMED_READ],
+                                                was if full is None else full)
+
+
+class Name:
+    """What this process knows of a client's name: its conversations (id, first message's digest),
+    most recently used first; when they were last read from the database; whether the client's
+    last turn under it resent the stored history (a client that keeps its own)."""
+
+    __slots__ = ("checked", "ids", "full")
+
+    def __init__(self, checked: float, ids: list[tuple[str, str | None]], full: bool) -> None:
+        self.checked, self.ids, self.full = checked, ids, full
 
 
 def _rows(rec: Any) -> int:

@@ -647,12 +647,15 @@ class ConversationStore:
                 M.c.conversation_id == cid, M.c.position < below, M.c.status.is_not(None),
                 T.c.usage.like("%reasoning_tokens%")))).all())
 
-    async def named(self, owner: str, external_id: str, limit: int) -> list[str]:
-        """The owner's conversations of this client name (forks included), most recently active first."""
+    async def named(self, owner: str, external_id: str, limit: int) -> list[tuple[str, str | None]]:
+        """The owner's conversations of this client name (forks included), most recently active
+        first, each with the digest of its first message (None: none stored)."""
+        first = sa.and_(M.c.conversation_id == C.c.id, M.c.position == 0)
         async with self.db.engine.connect() as conn:
-            return list((await conn.execute(
-                select(C.c.id).where(C.c.owner == owner, C.c.external_id == external_id)
-                .order_by(C.c.updated_at.desc()).limit(limit))).scalars())
+            return [(r[0], r[1]) for r in await conn.execute(
+                select(C.c.id, M.c.digest).select_from(C.outerjoin(M, first))
+                .where(C.c.owner == owner, C.c.external_id == external_id)
+                .order_by(C.c.updated_at.desc()).limit(limit))]
 
     async def message_count(self, cid: str) -> int | None:
         async with self.db.engine.connect() as conn:  # (one row by key: not a long read)
