@@ -40,10 +40,11 @@ async def test_list_refuses_unknown_parameters_and_filters_by_name(make_gateway:
         made[name] = rec["id"]
     # "find by name, then revoke": a filter the API did not know listed every key
     for query, param in (("nme=svc-007", "nme"), ("name=svc-007&ownr=ops", "ownr"), ("q=x", "q"),
-                         ("name=svc-007&name=svc-008", "name")):
+                         ("name=svc-007&name=svc-008", "name"), ("gw_AAAAAAAAAAAA_secretsecret", None)):
         st, b = await admin(g, "GET", f"/keys?{query}")
         assert st == 400 and b["error"]["code"] == "invalid_value" and b["error"]["param"] == param, (query, b)
         assert b["error"]["type"] == "invalid_request_error" and "data" not in b
+        assert "secret" not in json.dumps(b)  # (a key pasted as a parameter is not echoed)
     st, b = await admin(g, "GET", "/keys?name=svc-007")
     assert st == 200 and [r["id"] for r in b["data"]] == [made["svc-007"]], b  # exact: not svc-007x
     st, b = await admin(g, "GET", "/keys?name=svc-007&owner=ops&status=active&limit=5&offset=0")
@@ -74,6 +75,8 @@ async def test_scope_entries_with_control_characters_are_refused(make_gateway: A
                           ({"models": ["llama3 "]}, "scopes.models.0"),
                           ({"models": ["llama\u202e3"]}, "scopes.models.0"),
                           ({"models": ["llama\x853"]}, "scopes.models.0"),
+                          ({"models": ["\ufeffllama3"]}, "scopes.models.0"),  # (a BOM from an exported list)
+                          ({"models": ["llama\u200b3"]}, "scopes.models.0"),
                           ({"paths": ["/v1/chat/\u202e"]}, "scopes.paths.0"),
                           ({"paths": ["/v1/\x9b"]}, "scopes.paths.0")):
         for method, path, body in (("POST", "/keys", {"owner": "ops", "scopes": scopes}),

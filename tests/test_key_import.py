@@ -52,6 +52,10 @@ async def test_imported_keys_work_as_they_are_and_are_never_stored_or_logged(mak
     assert [(await call(g, LEGACY))[0] for _ in range(3)] == [200, 200, 429]
     assert (await call(g, OTHER))[0] == 200
     assert (await call(g, b["key"]))[0] == 200  # (the record's gateway key works too)
+    async with aiohttp.ClientSession() as s:  # the token put in model too (arguments swapped): masked
+        async with s.post(g.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {OTHER}"},
+                          json={"model": OTHER, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 200 and OTHER not in await r.text()
     st, body = await call(g, "sk-1a2b3c4d5e6f7a8b9c0e")
     assert st == 401 and body["error"]["code"] == "invalid_api_key" and body["error"]["message"] == "Invalid API key."
     # refused: a second import of one token, a gateway key, both fields, a short or blank-ended token
@@ -115,3 +119,48 @@ def test_cli_imports_a_key_from_stdin_or_by_its_hash(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "gateway", "keys", "create", "--owner", "carol", "--import-key-stdin",
                         "-c", str(cfg2)], input=OTHER, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "imported_keys is false" in r.stderr
+
+
+async def test_a_second_rotation_does_not_bring_the_imported_token_back(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True}}])
+    st, a = await admin(g, "POST", "/keys", {"owner": "alice", "import_key": LEGACY})
+    await admin(g, "POST", f"/keys/{a['id']}/rotate", {"grace_seconds": 1.0})
+    await asyncio.sleep(1.1)
+    assert (await call(g, LEGACY))[0] == 401
+    st, rot = await admin(g, "POST", f"/keys/{a['id']}/rotate", {"grace_seconds": 3600})
+    assert (await call(g, LEGACY))[0] == 401 and (await call(g, rot["key"]))[0] == 200
+
+
+async def test_lookups_of_tokens_are_shared_bounded_and_ride_out_a_store_failure(make_gateway: Any) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True, "cache_size": 10,
+                                                            "cache_ttl": 0.5, "stale_if_error": 30}}])
+    st, a = await admin(g, "POST", "/keys", {"owner": "alice", "import_key": LEGACY})
+    ka = g.plugin("key_auth")
+    looked: list[str] = []
+    real = ka.store.imported_id
+
+    async def counted(digest: str) -> Any:
+        looked.append(digest)
+        await asyncio.sleep(0.05)
+        return await real(digest)
+
+    ka.store.imported_id = counted
+    # 30 requests at once with one token that is not imported: one lookup
+    got = await asyncio.gather(*[call(g, "sk-junk-junk-junk-1") for _ in range(30)])
+    assert {st for st, _ in got} == {401}
+    assert looked.count(hashlib.sha256(b"sk-junk-junk-junk-1").hexdigest()) == 1
+    assert (await call(g, LEGACY))[0] == 200
+    # more junk than the cache holds (10): the imported key's lookup stays cached, the junk's are bounded
+    for i in range(15):
+        await call(g, f"sk-junk-flood-{i:04d}")
+    assert hashlib.sha256(LEGACY.encode()).hexdigest() in ka.cache.imports
+    assert len(ka.cache.not_imported) <= 10
+    # the key store fails: the imported key's cached lookup still decides (stale_if_error)
+    async def failing(digest: str) -> Any:
+        raise OSError("database down")
+
+    ka.store.imported_id = failing
+    await asyncio.sleep(0.6)
+    assert (await call(g, LEGACY))[0] == 200
+    st, body = await call(g, "sk-never-seen-before-1")
+    assert st == 503 and body["error"]["code"] == "key_store_unavailable"

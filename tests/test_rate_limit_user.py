@@ -87,3 +87,38 @@ plugins:
     with pytest.raises(ConfigError) as e:
         load_config_text(text)
     assert "combine it with key, owner or team" in str(e.value)
+
+
+async def test_users_without_a_key_share_one_counter(make_gateway: Any) -> None:
+    """On a route without key_auth, [key, user] would fall back to [ip, user]: a client naming a new
+    user each time would never be limited. The users of no key share one counter (per address)."""
+    runner, url = await serve_handler(slow)
+    try:
+        g = await make_gateway([{"name": "rate_limit", "config": {
+            "rules": [{"name": "per-user", "limit": "2/minute", "key_by": ["key", "user"]}]}}], upstream={"url": url})
+        assert [await post(g, "none", f"user-{i}") for i in range(3)] == [200, 200, 429]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_lone_surrogate_in_user_or_model_fails_no_store(make_gateway: Any, redis_server: Any) -> None:
+    """JSON can carry a lone surrogate ("\\udc80"): as part of a counter's key it could not be
+    encoded for Redis, and one such request marked the store down for everyone."""
+    redis = redis_server()
+    runner, url = await serve_handler(slow)
+    try:
+        g = await make_gateway([{"name": "key_auth"}, {"name": "rate_limit", "config": {
+            "storage": redis.url + "/0", "on_store_error": "deny", "storage_timeout": 2,
+            "rules": [{"name": "per-user", "limit": "3/minute", "key_by": ["key", "user"]},
+                      {"name": "per-model", "limit": "50/minute", "key_by": ["model"]}]}}], upstream={"url": url})
+        attacker, victim = await new_key(g, "eve"), await new_key(g, "ada")
+        async with aiohttp.ClientSession() as s:
+            for field in ("user", "model"):
+                raw = ('{"model": "m", "messages": [{"role": "user", "content": "hi"}], "%s": "\\udc80x"}' % field)
+                async with s.post(g.url + "/v1/chat/completions", data=raw.encode(),
+                                  headers={"Authorization": f"Bearer {attacker}",
+                                           "Content-Type": "application/json"}) as r:
+                    assert r.status == 200, (field, await r.text())
+        assert [await post(g, victim, "v") for _ in range(4)] == [200, 200, 200, 429]
+    finally:
+        await runner.cleanup()

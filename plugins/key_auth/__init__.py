@@ -38,6 +38,19 @@ IDENTITY_FIELDS = Literal["key_id", "owner", "name", "team"]
 _DUMMY_HASH = "0" * 64
 #: ``ctx.state`` entry of an admitted key limited to some models (checked in on_request, with the body)
 _MODELS = "key_auth.models"
+_IMPORTED = "key_auth.imported"  # the SHA-256 of an imported token the request came with
+
+
+def _mask_imported_model(ctx: "RequestContext", digest: str) -> None:
+    """An imported token a client also put in the body's ``model`` (arguments swapped), masked
+    before anything records or forwards it, as a gateway key there is (the proxy does those)."""
+    j = ctx.json
+    m = j.get("model") if isinstance(j, dict) else None
+    if isinstance(m, str) and 8 <= len(m) <= 1024 and \
+            hashlib.sha256(m.encode("utf-8", "surrogatepass")).hexdigest() == digest:
+        data = dict(ctx.json_exact)
+        data["model"] = "REDACTED"
+        ctx.set_json(data)
 #: Control characters cannot go into an HTTP header value (CR/LF would end it): replaced by a space.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 #: Seconds a cached key record must be old before a secret it does not match makes it read again
@@ -158,9 +171,11 @@ class _Entry:
         self.revoked = row.revoked_at is not None
         self.updated: Any = row.updated_at  # the version of the record (see KeyWatch.poll)
         #: Until when the imported key (the token issued elsewhere) works: for ever until the key is
-        #: rotated, then for the rotation's grace, as a rotated-out secret; 0: not imported.
-        self.import_until = 0.0 if row.import_hash is None else math.inf if row.rotated_at is None else \
-            (row.prev_valid_until.timestamp() if row.prev_valid_until else 0.0)
+        #: first rotated, then for that rotation's grace (later rotations do not bring it back), as a
+        #: rotated-out secret; 0: not imported.
+        self.import_until = 0.0 if row.import_hash is None else \
+            row.import_valid_until.timestamp() if row.import_valid_until is not None else \
+            math.inf if row.rotated_at is None else 0.0
         scopes = normalise_scopes(row.scopes)
         # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
         # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike; without
@@ -200,12 +215,17 @@ class KeyCache:
         #: Keys revoked through this process's admin API whose revocation the database refused (a
         #: full disk, a lock, an outage): refused here all the same, until the process ends.
         self.revoked_here: set[str] = set()
-        #: imported keys: SHA-256 of a token -> (key id, None for no such key; time looked up)
+        #: imported keys: SHA-256 of a token -> (key id; time looked up); the tokens found not to be
+        #: imported, apart (see KeyAuth._imported); the lookups under way
         self.imports: dict[str, tuple[str | None, float]] = {}
+        self.not_imported: dict[str, tuple[str | None, float]] = {}
+        self.inflight_imports: dict[str, asyncio.Future[str | None]] = {}
 
     def invalidate(self, key_id: str | None = None) -> None:
         self.gen += 1
-        self.imports.clear()  # (a key just imported, here or elsewhere, is not "unknown" any more)
+        self.not_imported.clear()  # (a key just imported, here or elsewhere, is not "unknown" any more)
+        if key_id is None:
+            self.imports.clear()
         if key_id is None:
             self.entries.clear()
             self.inflight.clear()
@@ -558,6 +578,8 @@ class KeyAuth(Plugin):
             reply = await self.on_headers(ctx)
             if reply is not None:
                 return reply
+        if _IMPORTED in ctx.state:
+            _mask_imported_model(ctx, ctx.state[_IMPORTED])
         models = ctx.state.get(_MODELS)
         if models is None:
             return None
@@ -614,24 +636,30 @@ class KeyAuth(Plugin):
         return None
 
     async def _imported(self, ctx: "RequestContext", raw: str) -> Reply | None:
-        """A token issued elsewhere: the key imported with its SHA-256, if any (looked up once per
-        cache_ttl, known or not), then the same checks as a gateway key's."""
+        """A token issued elsewhere: the key imported with its SHA-256, if any, then the same checks
+        as a gateway key's. The lookup of a digest is cached for cache_ttl (tokens not imported in a
+        table of their own, so a flood of them cannot push out the imported ones), one at a time
+        per digest, and while the key store fails a lookup younger than cache_ttl + stale_if_error
+        still decides."""
         digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
-        cache = self.cache
-        hit = cache.imports.get(digest)
+        cache, cfg = self.cache, self.config
+        hit = cache.imports.get(digest) or cache.not_imported.get(digest)
+        age = time.monotonic() - hit[1] if hit is not None else math.inf
         try:
-            if hit is not None and time.monotonic() - hit[1] < self.config.cache_ttl:
-                key_id = hit[0]
+            if age < cfg.cache_ttl or (cache.failing and time.monotonic() < cache.retry_at
+                                       and age < cfg.cache_ttl + cfg.stale_if_error):
+                key_id = hit[0] if hit is not None else None
             else:
+                task = cache.inflight_imports.get(digest)
+                if task is None:
+                    task = cache.inflight_imports[digest] = asyncio.ensure_future(self._import_lookup(digest))
+                    task.add_done_callback(lambda t: cache.inflight_imports.pop(digest, None))
                 try:
-                    async with asyncio.timeout(self.config.store_timeout):
-                        key_id = await self.store.imported_id(digest)
-                except Exception:
-                    raise StoreUnavailable() from None
-                if self.config.cache_ttl > 0:
-                    if len(cache.imports) >= self.config.cache_size:
-                        cache.imports.pop(next(iter(cache.imports)))
-                    cache.imports[digest] = (key_id, time.monotonic())
+                    key_id = await asyncio.shield(task)
+                except StoreUnavailable:
+                    if hit is None or age >= cfg.cache_ttl + cfg.stale_if_error:
+                        raise
+                    key_id = hit[0]
             entry = await self._entry(key_id) if key_id is not None else None
         except StoreUnavailable:
             return self._refuse(ctx, 503, "store_unavailable", None,
@@ -640,7 +668,29 @@ class KeyAuth(Plugin):
         now = time.time()
         if key_id is None or entry is None or now >= entry.import_until:
             return self._refuse(ctx, 401, "invalid", key_id, "Invalid API key.", "invalid_api_key")
+        ctx.state[_IMPORTED] = digest  # (the token, as a model, is masked in on_request)
         return self._admit(ctx, key_id, entry, now)
+
+    async def _import_lookup(self, digest: str) -> str | None:
+        cache, cfg = self.cache, self.config
+        try:
+            async with asyncio.timeout(cfg.store_timeout):
+                key_id = await self.store.imported_id(digest)
+        except Exception as e:
+            kind = type(e).__name__
+            cache.failing, cache.retry_at = True, time.monotonic() + STORE_RETRY
+            _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
+                                       "refused with 503, or checked against the cached record (stale_if_error)")
+            raise StoreUnavailable() from None
+        cache.failing = False
+        if cfg.cache_ttl > 0:
+            table = cache.imports if key_id is not None else cache.not_imported
+            cache.imports.pop(digest, None)
+            cache.not_imported.pop(digest, None)
+            if len(table) >= cfg.cache_size:
+                table.pop(next(iter(table)))
+            table[digest] = (key_id, time.monotonic())
+        return key_id
 
     def _admit(self, ctx: "RequestContext", key_id: str, entry: _Entry, now: float) -> Reply | None:
         """Checks that do not depend on the secret: revoked, expired, path scope; then the identity

@@ -50,7 +50,7 @@ def _no_control(v: Any) -> Any:
 
 #: What no database text column holds (a NUL, a lone surrogate): a filter with one matches nothing.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-_UNSAFE_LABEL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_LABEL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 #: Bounds of what a key carries (cached in every instance, and its model patterns are tried on each
@@ -271,6 +271,7 @@ def _date(v: str | None, default: dt.date) -> dt.date:
 
 #: The query parameters of GET /keys: any other is refused (400), not ignored.
 _LIST_PARAMS = ("owner", "team", "name", "status", "limit", "offset")
+_PARAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}").fullmatch
 
 
 def _warn_unapplied(services: "Services", key_id: str, limits: dict[str, Any]) -> None:
@@ -318,8 +319,9 @@ def routes(services: "Services") -> list[web.RouteDef]:
             # (a filter not known here would be ignored: ?nme=svc-007 would list every key, and a
             # script revoking "the keys found" would revoke them all)
             if name not in _LIST_PARAMS:
-                shown = name[:100]  # (a name is echoed, cut to a length a log line can hold)
-                return _err(400, f"Unknown query parameter {shown!r}: GET /keys takes "
+                # (a name is echoed only when it cannot be a secret: a key pasted as a parameter is not)
+                shown = name if _PARAM_NAME(name) and not name.startswith("gw_") else None
+                return _err(400, f"Unknown query parameter{f' {shown!r}' if shown else ''}: GET /keys takes "
                                  f"{', '.join(_LIST_PARAMS)}.", "invalid_value", shown)
             if len(q.getall(name)) > 1:  # (one would be used and the others ignored)
                 return _err(400, f"{name} is given more than once.", "invalid_value", name)

@@ -74,6 +74,9 @@ class ApiKey(Base):
     #: whole token, unsalted, as other gateways store theirs, so their hashes can be imported as
     #: they are. Unique; NULL for the gateway's own keys.
     import_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: When the imported token stops: set by the key's first rotation (the end of its grace; later
+    #: rotations keep it), NULL until then (it works).
+    import_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     secret_hash: Mapped[str] = mapped_column(String(64))
     prev_secret_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     prev_valid_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -289,6 +292,9 @@ class KeyStore:
                 row.prev_secret_hash = None
                 row.prev_valid_until = None
             row.secret_hash = hash_secret(pepper, secret)
+            if row.import_hash is not None and row.rotated_at is None and row.import_valid_until is None:
+                # the first rotation of an imported key: the imported token is rotated out, for good
+                row.import_valid_until = now + dt.timedelta(seconds=max(0.0, grace_seconds))
             row.rotated_at = now
             return True
 

@@ -144,7 +144,9 @@ def identifiers(limit: Limit, ctx: RequestContext) -> tuple[str, ...]:
             # (Gemini's models/gemini-2.0-flash is gemini-2.0-flash: one model, one count)
             ids.append(f"model:{(ctx.model or '-').removeprefix('models/')}")
         elif part == "user":
-            ids.append(f"user:{end_user(ctx, limit.user_header)}")
+            # (no identity: the other parts fell back to the client IP, and a client naming a new
+            # user each time would get fresh counters: the users of no key share one)
+            ids.append(f"user:{end_user(ctx, limit.user_header)}" if ctx.identity else "user:-")
     return tuple(_safe(i) for i in ids)
 
 
@@ -199,6 +201,10 @@ _IP = ("ip",)
 def _safe(s: str) -> str:
     # limits joins identifiers with "/"; keep them from colliding and keep keys short. A long value
     # keeps a prefix and gets a digest of the whole, so two values sharing a prefix never share a counter.
+    # A lone surrogate (JSON can carry one, "\udc80") cannot be encoded for Redis or hashed: written
+    # as its escape, or one such value would fail the store for everyone.
+    if not s.isascii():
+        s = s.encode("utf-8", "backslashreplace").decode()
     s = s.replace("%", "%25").replace("/", "%2F")
     if len(s) > 200:
         s = s[:160] + "#" + hashlib.sha256(s.encode()).hexdigest()[:32]

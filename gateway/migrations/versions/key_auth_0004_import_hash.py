@@ -21,10 +21,12 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("api_keys", sa.Column("import_hash", sa.String(64), nullable=True))
+    op.add_column("api_keys", sa.Column("import_valid_until", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ux_api_keys_import_hash", "api_keys", ["import_hash"], unique=True)
 
 
 def downgrade() -> None:
     op.drop_index("ux_api_keys_import_hash", table_name="api_keys")
     with op.batch_alter_table("api_keys") as b:
+        b.drop_column("import_valid_until")
         b.drop_column("import_hash")
