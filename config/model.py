@@ -496,6 +496,20 @@ class PluginSpec(Model):
         return {} if v is None else v
 
 
+def _needs_identity(p: "PluginSpec") -> str:
+    """What a plugin placed before key_auth would silently get wrong, or "" (see ``warnings``)."""
+    if p.name == "conversations":
+        return "every conversation would belong to the owner 'anonymous'"
+    cfg = p.validated
+    if p.name == "rate_limit" and cfg is not None:
+        parts = {"key", "owner", "team", "user"}
+        keyed = [r.name for r in [*cfg.rules, *cfg.concurrency] if r.key_by != "global" and parts & set(r.key_by)]
+        if keyed:
+            return (f"its rules keyed by key, owner, team or user ({', '.join(keyed)}) would count per client address, "
+                    "and keys' own limits would not apply")
+    return ""
+
+
 class PluginOverride(Model):
     enabled: bool | None = None
     config: dict[str, Any] = Field(default_factory=dict)
@@ -726,6 +740,15 @@ class GatewayConfig(Model):
             if before:
                 out.append(f"plugins: cors comes after {', '.join(before)}; put it first, so that browsers' "
                            "preflights (which carry no API key) are answered before anything checks them")
+        # (plugins read the caller's identity when their hooks run: one placed before key_auth sees
+        # none. A per-IP rate limit before key_auth is a choice (it counts refused attempts too);
+        # rules keyed by the key, or conversations, are not.)
+        if "key_auth" in names:
+            for p in self.plugins[:names.index("key_auth")]:
+                why = _needs_identity(p)
+                if why:
+                    out.append(f"plugins: {p.name} comes before key_auth, so it sees no key: {why}; put key_auth "
+                               "first")
         return out
 
     def restart_needed(self, new: "GatewayConfig") -> list[str]:

@@ -482,3 +482,20 @@ def test_a_blank_in_the_upstream_url_is_named(url: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config_text("upstream: {url: '${U}'}\n", "g.yaml", env={"U": url})
     assert "upstream.url -> line 1: the URL holds a blank" in str(e.value), str(e.value)
+
+
+def test_plugins_that_read_the_identity_before_key_auth_are_warned_of() -> None:
+    """rate_limit before key_auth with rules keyed by key counted per address and applied no key's
+    own limits, and conversations there stored everything as 'anonymous': both silently."""
+    def warned(plugins: str) -> list[str]:
+        cfg = load_config_text(f"upstream: {{url: http://127.0.0.1:9}}\nadmin: {{enabled: false}}\nplugins:\n{plugins}")
+        return [w for w in cfg.warnings() if "before key_auth" in w]
+
+    got = warned("  - name: rate_limit\n    config: {rules: [{name: per-key, limit: 5/minute}]}\n"
+                 "  - name: conversations\n  - name: key_auth\n")
+    assert len(got) == 2 and "(per-key)" in got[0] and "'anonymous'" in got[1], got
+    # a per-IP limit before key_auth (it counts refused attempts too) is a choice; after it, nothing to say
+    assert warned("  - name: rate_limit\n    config: {rules: [{name: ip, limit: 5/minute, key_by: ip}]}\n"
+                  "  - name: key_auth\n") == []
+    assert warned("  - name: key_auth\n  - name: rate_limit\n    config: {rules: [{name: k, limit: 5/minute}]}\n"
+                  "  - name: conversations\n") == []
