@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
@@ -112,6 +114,13 @@ async def test_a_named_chat_is_stored_once_and_continued_after_a_restart(make_ga
             assert (await r.json())["data"] == []
         async with s.get(f"{g2.admin_url}/conversations?external_id=chat-7f3e&limit=100", headers=ADMIN) as r:
             assert len((await r.json())["data"]) == 13
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "conversations", "list",
+                                                 "--external-id", "chat-7f3e", "--limit", "100", "--json",
+                                                 "-c", str(g2.gw.cfg.path)], capture_output=True, text=True,
+                                timeout=60)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)["data"]
+    assert len(listed) == 13 and {c["external_id"] for c in listed} == {"chat-7f3e"}
 
 
 async def test_regenerate_and_edit_fork_once_and_later_turns_continue_the_fork(make_gateway: Any,

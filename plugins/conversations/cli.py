@@ -71,6 +71,7 @@ def add_cli(sub: Any) -> None:
     x.add_argument("--since", help="ISO 8601 time, or an age like 24h or 7d")
     x.add_argument("--until", help="ISO 8601 time, or an age like 24h or 7d")
     x.add_argument("-q", "--query", help="text search in message content")
+    x.add_argument("--external-id", help="only the conversations of this client's own id (external_ids)")
     x.add_argument("--limit", type=cli.whole_number(1, 1000), default=50, help="page size, 1..1000 (default 50)")
     x.add_argument("--cursor")
     x = common(cs.add_parser("show", help="one conversation with its messages"))
@@ -125,7 +126,8 @@ async def _cmd(args: argparse.Namespace, store: ConversationStore, services: Any
             return 2
         try:
             data, nxt = await store.list(owner=args.owner, key_id=key_id, since=since, until=until,
-                                         q=args.query, limit=args.limit, cursor=args.cursor)
+                                         q=args.query, limit=args.limit, cursor=args.cursor,
+                                         external_id=args.external_id)
         except ValueError as e:  # (only a --cursor that is not one of ours: a usage error)
             print(f"--cursor: {e}", file=sys.stderr)
             return 2
