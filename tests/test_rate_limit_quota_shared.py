@@ -19,7 +19,10 @@ WORDS = {"X-Demo-Words": "30"}  # completion 30 tokens; with the prompt "hi": 32
 
 def quota_plugins(redis_url: str, daily: int) -> list[dict[str, Any]]:
     # A long cache_ttl: an instance reads the database's figure once and relies on the shared counter.
-    return [rl(storage=redis_url, estimate_default_max_tokens=0, quotas={"daily_tokens": daily, "cache_ttl": 60})]
+    # (storage_timeout 2: an instance's first calls to a Redis it has not used yet, on a busy machine,
+    # once took longer than the default 0.25 s, and it fell back to the database's figure)
+    return [rl(storage=redis_url, estimate_default_max_tokens=0, storage_timeout=2,
+               quotas={"daily_tokens": daily, "cache_ttl": 60})]
 
 
 async def test_a_daily_quota_holds_across_three_instances(make_gateway, redis_server):
