@@ -221,6 +221,15 @@ class KeyCache:
         self.not_imported: dict[str, tuple[str | None, float]] = {}
         self.inflight_imports: dict[str, asyncio.Future[str | None]] = {}
 
+    def lookup_failed(self, e: BaseException) -> "StoreUnavailable":
+        """A lookup (by key id, or an imported token's digest) failed: the store is marked failing
+        (cached records decide within stale_if_error) and it is said, throttled."""
+        kind = type(e).__name__
+        self.failing, self.retry_at = True, time.monotonic() + STORE_RETRY
+        _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
+                                   "refused with 503, or checked against the cached record (stale_if_error)")
+        return StoreUnavailable()
+
     def invalidate(self, key_id: str | None = None) -> None:
         self.gen += 1
         self.not_imported.clear()  # (a key just imported, here or elsewhere, is not "unknown" any more)
@@ -677,11 +686,7 @@ class KeyAuth(Plugin):
             async with asyncio.timeout(cfg.store_timeout):
                 key_id = await self.store.imported_id(digest)
         except Exception as e:
-            kind = type(e).__name__
-            cache.failing, cache.retry_at = True, time.monotonic() + STORE_RETRY
-            _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
-                                       "refused with 503, or checked against the cached record (stale_if_error)")
-            raise StoreUnavailable() from None
+            raise self.cache.lookup_failed(e) from None
         cache.failing = False
         if cfg.cache_ttl > 0:
             table = cache.imports if key_id is not None else cache.not_imported
@@ -766,11 +771,7 @@ class KeyAuth(Plugin):
                 raise TimeoutError
             row = lookup.result()
         except Exception as e:
-            kind = type(e).__name__
-            self.cache.failing, self.cache.retry_at = True, time.monotonic() + STORE_RETRY
-            _LOOKUP_LOG.event(kind, 1, f"key store lookups failed ({kind}): %d lookup(s); their requests were "
-                                       "refused with 503, or checked against the cached record (stale_if_error)")
-            raise StoreUnavailable() from None
+            raise self.cache.lookup_failed(e) from None
         entry = _Entry(row) if row is not None else None
         cache = self.cache
         cache.failing = False

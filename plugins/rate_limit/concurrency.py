@@ -131,22 +131,25 @@ class Leases:
                     self._loaded = seen
         return self._sha
 
+    async def _eval(self, store: CounterStore, script: int, key: str, args: list[Any]) -> Any:
+        """Run one of the scripts (0: take, 1: renew) on ``key``; on NOSCRIPT (Redis restarted or was
+        flushed since they were loaded) they are loaded again, once."""
+        from coredis.exceptions import NoScriptError
+
+        try:
+            return await self._client(store).evalsha((await self._scripts(store))[script], keys=[key], args=args)
+        except NoScriptError:
+            self._loaded = -1
+            return await self._client(store).evalsha((await self._scripts(store))[script], keys=[key], args=args)
+
     async def acquire(self, store: CounterStore, key: str, cap: int, deadline: float | None) -> tuple[bool, int, str]:
         """(taken, running now, lease id): under the store's deadline and health (a failure is the
         store's: ``on_store_error`` applies)."""
         self.store = store
         lease = secrets.token_hex(8)
 
-        from coredis.exceptions import NoScriptError
-
         async def run() -> Any:
-            sha, _ = await self._scripts(store)
-            try:
-                return await self._client(store).evalsha(sha, keys=[key], args=[cap, FIRST_LEASE, lease])
-            except NoScriptError:  # Redis restarted (or was flushed) between two calls: loaded again
-                self._loaded = -1
-                sha, _ = await self._scripts(store)
-                return await self._client(store).evalsha(sha, keys=[key], args=[cap, FIRST_LEASE, lease])
+            return await self._eval(store, 0, key, [cap, FIRST_LEASE, lease])
 
         ok, n = await store.call(run, deadline)
         if ok:
@@ -168,18 +171,8 @@ class Leases:
     async def _renew(self, store: CounterStore, key: str, leases: list[str]) -> None:
         """Renew (or put back) ``leases``; any given back meanwhile is removed again after (its release
         may have reached Redis before this renewal did)."""
-        from coredis.exceptions import NoScriptError
-
         async with asyncio.timeout(max(store.timeout, 1.0)):
-            for attempt in (0, 1):
-                _, sha = await self._scripts(store)
-                try:
-                    await self._client(store).evalsha(sha, keys=[key], args=[LEASE, *leases])
-                    break
-                except NoScriptError:  # Redis restarted: the scripts are loaded again, once
-                    if attempt:
-                        raise
-                    self._loaded = -1
+            await self._eval(store, 1, key, [LEASE, *leases])
             mine = self.held.get(key, {})
             gone = [x for x in leases if x not in mine]
             if gone:
