@@ -1,4 +1,4 @@
-"""``gateway keys create|list|show|update|rotate|revoke|usage``: key administration from the shell.
+"""``gateway keys create|import|list|show|update|rotate|revoke|usage``: key administration from the shell.
 
 Works on the configured database directly, so it needs no running gateway and no admin token. A
 running gateway sees a change made here within its ``cache_ttl``.
@@ -104,6 +104,14 @@ def add_cli(subparsers: Any) -> None:
     imp.add_argument("--import-key-stdin", action="store_true",
                      help="import a key issued elsewhere, read from standard input (one line; only its SHA-256 "
                           "is stored)")
+    c = cmd("import", "create many keys from a CSV or JSON Lines file, all or none, and print them (shown once)")
+    c.add_argument("file", metavar="FILE", help="the file ('-' for standard input): CSV with a header row, or JSON "
+                                                "Lines of POST /keys bodies (see docs/key_auth.md)")
+    c.add_argument("--format", choices=["csv", "jsonl"], help="default: from the file's extension, else its content")
+    c.add_argument("--skip-existing", action="store_true",
+                   help="leave out rows whose import hash is stored already, or whose owner has an active key of "
+                        "the row's name (a file imported again creates only what is missing)")
+    c.add_argument("--dry-run", action="store_true", help="check the file and say what would be done; create nothing")
     c = cmd("list", "list keys")
     c.add_argument("--owner")
     c.add_argument("--team")
@@ -162,13 +170,19 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from .admin import CreateKey, RotateKey, UpdateKey
     from .store import KeyImported, KeyRevoked, KeyStore
 
+    if args.keys_command == "import":
+        rows = read_import(args)  # (before the database is opened: a file that cannot be taken changes nothing)
+        if isinstance(rows, str):
+            return _fail(rows, code=2)  # (a file the command cannot take: a usage error, as for create)
+        args.rows = rows
     if getattr(args, "key_id", None) is not None:
         key_id = key_id_of(args.key_id)
         if key_id is None:  # (a usage error, as argparse's: exit 2)
             _fail(NOT_A_KEY_ID)
             return 2
         args.key_id = key_id
-    services = await core_cli.cli_services(cfg, create=args.keys_command == "create",
+    services = await core_cli.cli_services(cfg, create=args.keys_command == "create" or (
+                                               args.keys_command == "import" and not args.dry_run),
                                            writes=args.keys_command not in ("list", "show", "usage"))
     store = KeyStore(services.db)
     kcfg = config_from_settings(cfg)
@@ -206,6 +220,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                       "imported token is refused until it is set to true", file=sys.stderr)
             _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, {**rec, "key": key}, secret=key, did="created")
+        if c == "import":
+            return await _import(args, cfg, kcfg, store, services)
         if c == "list":
             rows = await store.list(owner=args.owner, status=args.status, team=args.team, name=args.name,
                                     limit=args.limit + 1, offset=args.offset)
@@ -285,15 +301,140 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         await services.db.close()
 
 
-def _warn_unapplied(cfg: Any, limits: dict[str, Any]) -> None:
+def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | str:
+    """The rows of ``keys import``'s file, checked by the admin API's rules, or what is wrong with it."""
+    from . import bulk
+    from .admin import CreateKey
+
+    try:
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        return f"cannot read {args.file}: {e.strerror or e}"
+    try:
+        text = bulk.decode(data)
+        fmt = args.format or bulk.detect_format(args.file, text)
+        rows, problems = bulk.read_csv(text, parse_when) if fmt == "csv" else bulk.read_jsonl(text)
+    except bulk.BadFile as e:
+        return f"{args.file}: {e}"
+    seen: dict[str, int] = {}
+    for n, body in rows:
+        problem = _invalid(CreateKey, body)
+        if problem:
+            problems.append(f"line {n}: {problem}")
+            continue
+        h = CreateKey.model_validate(body).import_hash()
+        if h is not None:
+            if h in seen:
+                problems.append(f"line {n}: imports the same key as line {seen[h]}")
+            seen.setdefault(h, n)
+    if problems:
+        problems.sort(key=lambda p: int(p.split(":")[0].removeprefix("line ")))
+        return f"{args.file}: nothing was created:\n{bulk.numbered(problems)}"
+    if not rows:
+        return f"{args.file}: no keys in the file"
+    return rows
+
+
+async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, services: Any) -> int:
+    from .admin import CreateKey
+    from .store import KeyImported
+
+    rows = args.rows
+    bodies = [CreateKey.model_validate(b) for _, b in rows]
+    items = [{"owner": b.owner, "name": b.name, "team": b.team, "metadata": b.metadata,
+              "scopes": b.scopes.model_dump(), "limits": b.limits.model_dump(), "expires_at": b.expires_at,
+              "import_hash": b.import_hash()} for b in bodies]
+
+    class DryRun(Exception):
+        pass
+
+    class NotPrinted(Exception):
+        pass
+
+    def hand_out(results: list[dict[str, Any]]) -> None:
+        # Printed before the commit: if the keys cannot be printed, none is created (a key whose
+        # secret nobody saw would only be one more to revoke).
+        try:
+            if sys.stdout is None:
+                raise BrokenPipeError("no stdout")
+            for (n, _), res in zip(rows, results):
+                _print_imported(args, n, res)
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            raise NotPrinted() from None
+        if args.dry_run:
+            raise DryRun(sum("record" in r for r in results), sum("skipped" in r for r in results))
+
+    try:
+        results = await store.create_many(pepper=kcfg.pepper, items=items, skip_existing=args.skip_existing,
+                                          before_commit=hand_out)
+    except DryRun as e:
+        print(f"gateway keys: dry run: {e.args[0]} would be created"
+              + (f", {e.args[1]} skipped (exist already)" if e.args[1] else "") + "; nothing was written",
+              file=sys.stderr)
+        return 0
+    except KeyImported as e:
+        n = e.args[0] if e.args else None
+        where = f"line {rows[n][0]}: " if isinstance(n, int) else ""
+        return _fail(f"{where}a key with this import hash exists already (--skip-existing leaves such rows out); "
+                     "nothing was created")
+    except NotPrinted:
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
+        return _fail("the keys could not be printed, so none was created")
+    made = [r["record"] for r in results if "record" in r]
+    for rec in made:
+        services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"],
+                             **({"imported": True} if rec["imported"] else {}))
+    skipped = len(results) - len(made)
+    print(f"gateway keys: {len(made)} created" + (f", {skipped} skipped (exist already)" if skipped else ""),
+          file=sys.stderr)
+    if any(rec["imported"] for rec in made) and not kcfg.imported_keys:
+        print("gateway keys: warning: keys imported, but key_auth.imported_keys is false in this config: the "
+              "imported tokens are refused until it is set to true", file=sys.stderr)
+    limits: dict[str, Any] = {}
+    for item, res in zip(items, results):
+        if "record" in res:
+            limits.update({f: v for f, v in item["limits"].items() if v is not None})
+    _warn_unapplied(cfg, limits, whose="the imported keys' limits", dash="")
+    return 0
+
+
+def _print_imported(args: argparse.Namespace, n: int, res: dict[str, Any]) -> None:
+    """One line of ``keys import``'s output: the key made from line ``n`` (its secret, once), or the
+    key that made the line skipped."""
+    if "skipped" in res:
+        if args.json:
+            print(json.dumps({"line": n, "skipped": True, "id": res["skipped"]}))
+        else:
+            print(f"line {n}: exists        {res['skipped']}")
+        return
+    rec = res["record"]
+    if args.json:
+        out = {"line": n, "id": rec["id"], "owner": rec["owner"], "name": rec["name"], "team": rec["team"],
+               "imported": rec["imported"], **({} if args.dry_run else {"key": res["key"]})}
+        print(json.dumps(out))
+        return
+    label = core_cli.terminal_text(f"{rec['owner']}/{rec['name']}" if rec["name"] else rec["owner"])
+    if args.dry_run:
+        print(f"line {n}: would create  {label}")
+    else:
+        print(f"line {n}: created       {rec['id']}  {label}  {res['key']}")
+
+
+def _warn_unapplied(cfg: Any, limits: dict[str, Any], whose: str = "the key's limits", dash: str = "--") -> None:
     """One line on stderr when limits just set are enforced by nothing in this config (the exit code
     stays: the key and its limits are stored, and apply once rate_limit reads them)."""
     from . import limits_not_applied
 
-    given = [f"--{f.replace('_', '-')}" for f, v in limits.items() if v is not None]
+    given = [f"{dash}{f.replace('_', '-') if dash else f}" for f, v in limits.items() if v is not None]
     why = limits_not_applied(cfg) if given else None
     if why:
-        _fail(f"warning: the key's limits ({', '.join(given)}) are stored but not applied by this config: {why} "
+        _fail(f"warning: {whose} ({', '.join(given)}) are stored but not applied by this config: {why} "
               "(rate_limit applies them with key_overrides: true)")
 
 
@@ -307,7 +448,7 @@ def _invalid(model: Any, data: dict[str, Any]) -> str | None:
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"])
-        msg = validation_message(first)
+        msg = "unknown field" if first["type"] == "extra_forbidden" else validation_message(first)
         return f"{loc}: {msg}" if loc else msg
     return None
 

@@ -188,6 +188,81 @@ class KeyStore:
                 raise KeyImported() from None  # (imported at once by another instance or the CLI)
             return public(row), format_key(key_id, secret)
 
+    async def create_many(self, *, pepper: str, items: Sequence[dict[str, Any]], skip_existing: bool = False,
+                          before_commit: Callable[[list[dict[str, Any]]], None] | None = None
+                          ) -> list[dict[str, Any]]:
+        """Create many keys in one transaction: all of them or none. ``items``: :meth:`create`'s
+        keyword arguments but ``pepper``. One result per item, in order: ``{"record": ..., "key":
+        ...}`` for a key made, ``{"skipped": <id>}`` for one left out. An item whose ``import_hash``
+        is stored already raises :class:`KeyImported` (its index as the argument), unless
+        ``skip_existing``: then it is skipped, and so is an item with a name when its owner has an
+        active key of that name (so a file can be imported again). ``before_commit`` gets the
+        results before they are committed (to hand out the keys): if it raises, nothing is written."""
+        now = utcnow()
+        hashes = [it.get("import_hash") for it in items]
+        async with self.db.session() as s:
+            stored: dict[str, str] = {}
+            wanted = sorted({h for h in hashes if h is not None})
+            for i in range(0, len(wanted), 500):
+                stored.update((r[0], r[1]) for r in await s.execute(
+                    select(ApiKey.import_hash, ApiKey.id).where(ApiKey.import_hash.in_(wanted[i:i + 500]))))
+            named: dict[tuple[str, str], str] = {}
+            if skip_existing:
+                owners = sorted({it["owner"] for it in items if it.get("name")})
+                for i in range(0, len(owners), 500):
+                    for r in await s.execute(select(ApiKey.id, ApiKey.owner, ApiKey.name, ApiKey.expires_at).where(
+                            ApiKey.owner.in_(owners[i:i + 500]), ApiKey.revoked_at.is_(None), ApiKey.name != "")
+                            .order_by(ApiKey.created_at, ApiKey.id)):
+                        if r[3] is None or r[3] > now:
+                            named.setdefault((r[1], r[2]), r[0])
+            results: list[dict[str, Any]] = []
+            rows: list[ApiKey] = []
+            for n, it in enumerate(items):
+                h = hashes[n]
+                old = stored.get(h) if h is not None else None
+                if old is None and skip_existing and it.get("name"):
+                    old = named.get((it["owner"], it["name"]))
+                if old is not None:
+                    if not skip_existing:
+                        raise KeyImported(n)
+                    results.append({"skipped": old})
+                    continue
+                secret = new_secret()
+                limits = it.get("limits") or {}
+                row = ApiKey(id=new_key_id(), name=it.get("name") or "", owner=it["owner"], team=it.get("team"),
+                             meta=it.get("metadata") or {}, scopes=normalise_scopes(it.get("scopes")),
+                             secret_hash=hash_secret(pepper, secret), created_at=now, updated_at=now,
+                             expires_at=it.get("expires_at"), import_hash=h,
+                             **{f: limits.get(f) for f in LIMIT_FIELDS})
+                rows.append(row)
+                results.append({"row": row, "secret": secret})
+            for _ in range(5):  # key id collisions (astronomically unlikely), in the file or with stored keys
+                ids = [r.id for r in rows]
+                taken = {i for i in ids if ids.count(i) > 1} if len(set(ids)) < len(ids) else set()
+                for i in range(0, len(ids), 500):
+                    taken.update(r[0] for r in await s.execute(select(ApiKey.id).where(ApiKey.id.in_(ids[i:i + 500]))))
+                if not taken:
+                    break
+                for r in rows:
+                    if r.id in taken:
+                        r.id = new_key_id()
+            for res in results:
+                row = res.pop("row", None)
+                if row is not None:
+                    res["record"], res["key"] = public(row), format_key(row.id, res.pop("secret"))
+            s.add_all(rows)
+            try:
+                await s.flush()
+            except IntegrityError:
+                raise KeyImported(None) from None  # (imported meanwhile by another instance or the CLI)
+            if before_commit is not None:
+                before_commit(results)
+            try:
+                await s.commit()
+            except IntegrityError:
+                raise KeyImported(None) from None
+            return results
+
     async def imported_id(self, import_hash: str) -> str | None:
         """The id of the key imported with this hash, if any."""
         async with self.db.session() as s:

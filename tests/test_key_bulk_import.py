@@ -1,0 +1,164 @@
+"""``gateway keys import FILE``: many keys from a CSV or JSON Lines file, checked row by row by the
+admin API's rules, created all together or not at all, their secrets printed once; a file imported
+again with --skip-existing creates only what is missing."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .helpers import ADMIN_TOKEN
+
+LEGACY = "sk-legacy-0123456789abcdef"  # a key another gateway issued
+
+
+async def keys(cfg: Path, *args: str, stdin: bytes = b"", stdout: Any = asyncio.subprocess.PIPE) -> tuple[int, str, str]:
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "keys", *args, "-c", str(cfg),
+                                             stdin=asyncio.subprocess.PIPE, stdout=stdout,
+                                             stderr=asyncio.subprocess.PIPE, env={**os.environ})
+    out, err = await asyncio.wait_for(p.communicate(stdin), 60)
+    return p.returncode or 0, (out or b"").decode(), err.decode()
+
+
+async def count(g: Any) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(g.admin_url + "/keys?limit=1000", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 200
+            return len((await r.json())["data"])
+
+
+async def chat(g: Any, token: str) -> int:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {token}"},
+                          json={"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            return r.status
+
+
+CSV = ("\ufeffOwner,name,Team,rpm,expires,scope-models,metadata.Cost-Center,import_key\r\n"
+       "alice,ci,ml,2,90d,demo-chat gpt-*,cc-1,\r\n"
+       f'bob,,ml,,never,,"x, ""y""",{LEGACY}\r\n'
+       "\r\n"
+       "carol,batch,,,2030-01-01,,,\r\n")
+
+
+async def test_a_csv_is_imported_once_and_its_keys_work_at_once(make_gateway: Any, tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True, "cache_ttl": 0}},
+                            {"name": "rate_limit", "config": {}}, {"name": "audit"}])
+    cfg = tmp_path / "gateway.yaml"
+    (tmp_path / "keys.csv").write_text(CSV, encoding="utf-8")
+    rc, out, err = await keys(cfg, "import", str(tmp_path / "keys.csv"), "--json")
+    assert rc == 0, err
+    made = [json.loads(line) for line in out.splitlines()]
+    assert [(m["line"], m["owner"], m["name"], m["imported"]) for m in made] == [
+        (2, "alice", "ci", False), (3, "bob", "", True), (5, "carol", "batch", False)]
+    assert "3 created" in err and LEGACY not in out + err
+    by_owner = {m["owner"]: m for m in made}
+    # every column landed where `keys create` would have put it
+    rc, out, _ = await keys(cfg, "show", by_owner["alice"]["id"], "--json")
+    alice = json.loads(out)
+    assert alice["team"] == "ml" and alice["limits"]["rpm"] == 2 and alice["metadata"] == {"Cost-Center": "cc-1"}
+    assert alice["scopes"]["models"] == ["demo-chat", "gpt-*"] and alice["expires_at"] is not None
+    rc, out, _ = await keys(cfg, "show", by_owner["bob"]["id"], "--json")
+    assert json.loads(out)["metadata"] == {"Cost-Center": 'x, "y"'} and json.loads(out)["expires_at"] is None
+    rc, out, _ = await keys(cfg, "show", by_owner["carol"]["id"], "--json")
+    assert json.loads(out)["expires_at"].startswith("2030-01-01T00:00:00")
+    # the running gateway takes them at once: the printed keys, the imported token, the key's own rpm
+    assert [await chat(g, by_owner["alice"]["key"]) for _ in range(3)] == [200, 200, 429]
+    assert await chat(g, LEGACY) == 200 and await chat(g, by_owner["carol"]["key"]) == 200
+    # imported again: refused as a whole, naming the line; with --skip-existing: nothing new
+    rc, out, err = await keys(cfg, "import", str(tmp_path / "keys.csv"))
+    assert rc == 1 and "line 3: a key with this import hash exists already" in err and "nothing was created" in err
+    assert out == "" and await count(g) == 3
+    rc, out, err = await keys(cfg, "import", str(tmp_path / "keys.csv"), "--skip-existing", "--json")
+    assert rc == 0 and "0 created, 3 skipped" in err, err
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [m["id"] for m in made]
+    assert await count(g) == 3
+    # a file with one new row more: only that one is made
+    (tmp_path / "more.csv").write_text(CSV + "dan,new,,,,,,\n", encoding="utf-8")
+    rc, out, err = await keys(cfg, "import", str(tmp_path / "more.csv"), "--skip-existing")
+    assert rc == 0 and "1 created, 3 skipped" in err and out.count("gw_") == 1, (out, err)
+    assert await count(g) == 4
+    await g.stop()
+    # each key made is in the audit trail, by the CLI, without its secret
+    rc, out, err = await keys(cfg, "list", "--json")
+    assert rc == 0
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("gateway.db*"))
+    assert LEGACY.encode() not in data and by_owner["alice"]["key"].encode() not in data
+    assert data.count(b"key.created") >= 4
+
+
+async def test_a_file_with_any_bad_row_creates_nothing_and_names_every_problem(make_gateway: Any,
+                                                                                tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True}}])
+    cfg = tmp_path / "gateway.yaml"
+    jsonl = "\n".join([
+        json.dumps({"owner": "ok-1"}),
+        json.dumps({"owner": "bad-limit", "limits": {"rpm": 0}}),
+        f"not json {LEGACY}",
+        json.dumps({"owner": "dup-1", "import_key": LEGACY}),
+        json.dumps({"owner": "dup-2", "import_key": LEGACY}),
+        json.dumps({"owner": "typo", "nmae": "x"}),
+        json.dumps({"owner": "past", "expires_at": "2020-01-01T00:00:00Z"}),
+        json.dumps({"owner": "ok-2", "import_sha256": hashlib.sha256(b"another").hexdigest()}),
+    ])
+    (tmp_path / "keys.jsonl").write_text(jsonl + "\n")
+    rc, out, err = await keys(cfg, "import", str(tmp_path / "keys.jsonl"))
+    assert rc == 2 and out == ""
+    lines = err.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == ["line 2", "line 3", "line 5", "line 6", "line 7"], err
+    assert "imports the same key as line 4" in lines[2] and "nmae: unknown field" in lines[3]
+    assert LEGACY not in err
+    # a CSV whose header has a column nobody knows: refused before any row is read
+    (tmp_path / "k.csv").write_text("owner,nmae\nalice,x\n")
+    rc, _, err = await keys(cfg, "import", str(tmp_path / "k.csv"))
+    assert rc == 2 and "unknown column(s) 'nmae'" in err
+    rc, _, err = await keys(cfg, "import", "-", "--format", "csv", stdin=b"owner,rpm\nalice,lots\n\xff\n")
+    assert rc == 2 and "not UTF-8" in err
+    # a dry run says what it would do and writes nothing
+    rc, out, err = await keys(cfg, "import", "-", "--dry-run", stdin=b'{"owner": "x"}\n{"owner": "y", "name": "n"}\n')
+    assert rc == 0 and "would create" in out and "gw_" not in out and "2 would be created" in err, (out, err)
+    assert await count(g) == 0
+
+
+async def test_keys_that_cannot_be_printed_are_not_created(make_gateway: Any, tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth"}])
+    cfg = tmp_path / "gateway.yaml"
+    r, w = os.pipe()
+    os.close(r)  # (a reader that is gone: the secrets would be lost)
+    try:
+        rc, _, err = await keys(cfg, "import", "-", stdin=b'{"owner": "a"}\n{"owner": "b"}\n', stdout=w)
+    finally:
+        os.close(w)
+    assert rc == 1 and "none was created" in err, err
+    assert await count(g) == 0
+
+
+async def test_all_or_none_on_postgresql(make_gateway: Any, tmp_path: Path, pg_url: str) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True}}],
+                           database={"url": pg_url, "auto_migrate": True})
+    cfg = tmp_path / "gateway.yaml"
+    rows = [{"owner": f"user{i}", "name": f"svc-{i}", "team": f"team{i % 7}", "limits": {"tpm": 1000 + i}}
+            for i in range(300)]
+    rows[150]["import_sha256"] = hashlib.sha256(LEGACY.encode()).hexdigest()
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    # the imported key exists already (made by another admin): the file is refused whole
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", json={"owner": "zed", "import_key": LEGACY},
+                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            assert r.status == 201
+    rc, out, err = await keys(cfg, "import", "-", stdin=body)
+    assert rc == 1 and "line 151: a key with this import hash exists already" in err and out == "", err
+    assert await count(g) == 1
+    rc, out, err = await keys(cfg, "import", "-", "--skip-existing", "--json", stdin=body)
+    assert rc == 0 and "299 created, 1 skipped" in err, err
+    made = [json.loads(line) for line in out.splitlines()]
+    assert len(made) == 300 and made[150]["skipped"] is True and await count(g) == 300
+    assert await chat(g, made[0]["key"]) == 200 and await chat(g, made[299]["key"]) == 200
+    rc, out, err = await keys(cfg, "import", "-", "--skip-existing", stdin=body)
+    assert rc == 0 and "0 created, 300 skipped" in err and "gw_" not in out
