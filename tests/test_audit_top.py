@@ -85,7 +85,7 @@ async def test_top_groups_requests_and_refusals_by_key_owner_and_address(make_ga
 
     r = await acli(cfg, "top", "--since", "2000-01-01T00:00:00Z", "--until", "2000-01-02T00:00:00Z")
     assert r.returncode == 0 and "(no events)" in r.stdout
-    r = await acli(cfg, "top", "--by", "model")
+    r = await acli(cfg, "top", "--by", "path")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 

@@ -160,7 +160,9 @@ REQUEST_EVENT: dict[str, Any] = {
     "properties": {
         **_ENVELOPE,
         "type": {"type": "string", "enum": ["request", "auth_failure", "rate_limited"]},
-        "request_id": _S, "trace_id": _SN, "key_id": _SN, "owner": _SN, "client_ip": _SN, "method": _S,
+        "request_id": _S, "trace_id": _SN, "key_id": _SN, "owner": _SN,
+        "team": {"type": ["string", "null"], "description": "The key's team when the request was made."},
+        "client_ip": _SN, "method": _S,
         "path": {"type": "string", "description": "A gateway key in the path is masked."},
         "route": _S, "model": _SN, "response_model": _SN, "status": {"type": "integer", "description": "HTTP status"},
         "answered_by": {"type": "string",

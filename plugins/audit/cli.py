@@ -59,11 +59,12 @@ def add_cli(subparsers: Any) -> None:
                         "log line): the trail must still hold that row with that hash, unless retention deleted "
                         "it; catches rows removed from the end, which the chain alone cannot (repeatable)")
 
-    tp = sub.add_parser("top", help="who is busy: requests and refusals grouped by key, owner or client address "
-                                    "(default: the last 15 minutes), the busiest first")
+    tp = sub.add_parser("top", help="who is busy: requests and refusals grouped by key, owner, client address, "
+                                    "team or model (default: the last 15 minutes), the busiest first")
     add_config_arg(tp)
     _filter_args(tp)
-    tp.add_argument("--by", choices=sorted(store.TOP_BY), default="key", help="group by key id (default), owner or ip")
+    tp.add_argument("--by", choices=sorted(store.TOP_BY), default="key", help="group by key id (default), owner, ip, team (the key's team when the request was made) or "
+                         "model (as the client asked for it)")
     tp.add_argument("--sort", choices=store.TOP_SORT, default="events",
                     help="order by events (default), tokens (in + out), refused (auth and rate-limit refusals) or "
                          "errors (5xx)")
@@ -180,8 +181,11 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
                               else res.message())
             return _verify_exit(res.ok, failure)
         if cmd == "query":
-            data, _ = await store.query(db, f, limit=args.limit, order="asc" if args.asc else "desc")
+            data, more = await store.query(db, f, limit=args.limit, order="asc" if args.asc else "desc")
             _emit(data)
+            if more is not None:  # (a total summed from these lines would be short: said, as keys list does)
+                print(f"gateway audit: more events match than --limit {args.limit} (a larger --limit, or "
+                      "`gateway audit export` with the same filters, has them all)", file=sys.stderr)
             return 0
         if cmd == "top":
             if not f.get("since"):  # (the 15 minutes before --until, or before now)
@@ -189,7 +193,11 @@ async def _run(cfg: Any, args: argparse.Namespace, f: dict[str, Any]) -> int:
                     else time.time()
                 f["since"] = store.iso(end - TOP_DEFAULT_SINCE)
             f.setdefault("type", "request,auth_failure,rate_limited")  # (traffic, not admin actions)
-            rows = await store.top(db, f, args.by, args.sort, args.limit)
+            rows = await store.top(db, f, args.by, args.sort, args.limit + 1)
+            if len(rows) > args.limit:
+                rows = rows[:args.limit]
+                print(f"gateway audit: more {args.by} groups than --limit {args.limit}: these are the first by "
+                      f"{args.sort}", file=sys.stderr)
             if args.json:
                 _emit(rows)
             else:
@@ -253,8 +261,8 @@ TOP_DEFAULT_SINCE = 900
 
 
 def _top_table(rows: list[dict[str, Any]], by: str) -> str:
-    width = {"key": 12, "owner": 24, "ip": 39}[by]
-    other = "KEYS" if by == "ip" else "IPS"
+    width = {"key": 12, "owner": 24, "ip": 39, "team": 24, "model": 32}[by]
+    other = "KEYS" if by in store.TOP_KEYS else "IPS"
     lines = [f"{by.upper():<{width}} {'EVENTS':>7} {'REQS':>7} {'REFUSED':>7} {'5XX':>6} {'TOKENS_IN':>10} "
              f"{'TOKENS_OUT':>10} {other:>5}  LAST"]
     for r in rows:
@@ -262,7 +270,7 @@ def _top_table(rows: list[dict[str, Any]], by: str) -> str:
         if len(name) > width:
             name = name[:width - 1] + "…"
         lines.append(f"{name:<{width}} {r['events']:>7} {r['requests']:>7} {r['refused']:>7} {r['errors_5xx']:>6} "
-                     f"{r['tokens_in']:>10} {r['tokens_out']:>10} {r['keys' if by == 'ip' else 'ips']:>5}  {r['last']}")
+                     f"{r['tokens_in']:>10} {r['tokens_out']:>10} {r['keys' if by in store.TOP_KEYS else 'ips']:>5}  {r['last']}")
     if not rows:
         lines.append("(no events)")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ _WORDS = re.compile(r"[a-z0-9]+")
 
 #: The fields of a request event, in the order they are recorded (and hashed).
 REQUEST_FIELDS = (
-    "time", "type", "request_id", "trace_id", "key_id", "owner", "client_ip", "method", "path", "route",
+    "time", "type", "request_id", "trace_id", "key_id", "owner", "team", "client_ip", "method", "path", "route",
     "model", "response_model", "status", "answered_by", "source", "outcome", "error", "latency_ms",
     "upstream_ms", "upstream_headers_ms", "overhead_ms", "ttfb_ms", "tokens_in", "tokens_out", "streamed",
     "bytes_in", "bytes_out", "conversation_id",
@@ -84,6 +84,7 @@ def capture(ctx: RequestContext) -> tuple[Any, ...]:
         ctx.request_id,
         ident.get("key_id") if ident else None,
         ident.get("owner") if ident else None,
+        ident.get("team") if ident else None,  # (as it was then: a key's team can change later)
         ctx.client_ip, ctx.method, ctx.path, ctx.route, ctx.model,
         c.model if c is not None else None,
         c.usage if c is not None else None,
@@ -106,14 +107,22 @@ MODEL_CHARS = 256
 
 
 def _model(v: Any) -> Any:
-    if type(v) is str and len(v) > MODEL_CHARS:
-        return f"{v[:MODEL_CHARS]}... ({len(v)} characters)"
+    if type(v) is str:
+        if len(v) > MODEL_CHARS:
+            v = f"{v[:MODEL_CHARS]}... ({len(v)} characters)"
+        return _no_nul(v)
     return v
+
+
+def _no_nul(v: str) -> str:
+    """A client's text with each NUL character recorded as U+FFFD: PostgreSQL's JSON cannot hold a
+    NUL, and one record holding it made every JSON query over its time range fail there."""
+    return v.replace("\x00", "\ufffd") if "\x00" in v else v
 
 
 def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | None]:
     """A captured tuple -> the request event's values in REQUEST_FIELDS order, and the cleaned refusal."""
-    (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, client_ip, method, path,
+    (started, t_start, end, t_up, t_head, t_fb, span, request_id, key_id, owner, team, client_ip, method, path,
      route, model, response_model, usage, relayed, status, source, outcome, error, streamed, bytes_in, bytes_out,
      conversation_id, refusal, refused, prompt_estimate, _) = item
     rtype = refusal.get("type") if refusal else None
@@ -153,8 +162,8 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     else:
         tokens_in = tokens_out = None
     return [
-        iso(started), etype, request_id, trace_id, key_id, owner, client_ip, method,
-        mask_gateway_keys(path),  # (a key a client put in the path: its id stays, its secret does not)
+        iso(started), etype, request_id, trace_id, key_id, owner, team, client_ip, method,
+        _no_nul(mask_gateway_keys(path)),  # (a key a client put in the path: its id stays, its secret does not)
         route,
         _model(model), _model(response_model), status, answered_by, source, outcome, error, total,
         upstream, upstream_headers, overhead, _ms(t_start, t_fb), tokens_in, tokens_out, streamed,
@@ -173,7 +182,7 @@ def build(item: tuple[Any, ...]) -> dict[str, Any]:
     the upstream sent an id of its own, then refusal details)."""
     values, refusal = request_values(item)
     ev = dict(zip(REQUEST_FIELDS, values))
-    if item[17] is not None:  # (the relayed deltas) no usage reported: tokens_out is the stream's deltas
+    if item[18] is not None:  # (the relayed deltas) no usage reported: tokens_out is the stream's deltas
         ev["tokens_estimated"] = True
     if item[-1] is not None:
         ev["upstream_request_id"] = item[-1]
@@ -206,14 +215,17 @@ def clean(fields: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         k = str(k)
         if _secret_name(k):
             continue
-        if v is None or isinstance(v, (bool, int, float, str)):
+        if type(v) is str:
+            out[k] = _no_nul(v)
+        elif v is None or isinstance(v, (bool, int, float)):
             out[k] = v
         elif isinstance(v, dict) and depth < 2:
             out[k] = clean(v, depth + 1)
         elif isinstance(v, (list, tuple, set, frozenset)) and depth < 2:
-            out[k] = [x if x is None or isinstance(x, (bool, int, float, str)) else str(x) for x in list(v)[:100]]
+            out[k] = [_no_nul(x) if type(x) is str else x if x is None or isinstance(x, (bool, int, float))
+                      else _no_nul(str(x)) for x in list(v)[:100]]
         else:
-            out[k] = str(v)
+            out[k] = _no_nul(str(v))
     return out
 
 

@@ -474,22 +474,26 @@ async def query(db: Database, f: dict[str, Any], limit: int = 100, cursor: int |
     return [_out(r) for r in rows], (int(rows[-1].seq) if more and rows else None)
 
 
-#: What ``top`` groups by: its name on the command line -> the column.
-TOP_BY = {"key": "key_id", "owner": "owner", "ip": "client_ip"}
+#: What ``top`` groups by: its name on the command line -> the column (None: the record's field of
+#: that name, a string; events without it are left out).
+TOP_BY: dict[str, str | None] = {"key": "key_id", "owner": "owner", "ip": "client_ip", "team": None, "model": None}
+#: The groups ``top`` counts distinct keys in (the others: distinct client addresses).
+TOP_KEYS = ("ip", "team", "model")
 #: How ``top`` may order its groups.
 TOP_SORT = ("events", "tokens", "refused", "errors")
 
 
 async def top(db: Database, f: dict[str, Any], by: str, sort: str = "events", limit: int = 20) -> list[dict[str, Any]]:
-    """The events matching ``f`` grouped by key id, owner or client address (``by``): how many,
-    how many were requests, refusals (authentication, rate limits) and 5xx answers, the tokens in
-    and out of the requests, how many distinct client addresses (keys, for ``by="ip"``) and the
-    last event's time; the ``limit`` groups with the most ``sort``. One query over the time range
-    (its index): who is busy during an incident, without exporting the trail. Token counts that are
-    not whole numbers count as none."""
+    """The events matching ``f`` grouped by key id, owner, client address, team or model (``by``):
+    how many, how many were requests, refusals (authentication, rate limits) and 5xx answers, the
+    tokens in and out of the requests, how many distinct client addresses (keys, for ip, team and
+    model) and the last event's time; the ``limit`` groups with the most ``sort``. One query over
+    the time range (its index): who is busy during an incident, or a month's use per team and model,
+    without exporting the trail. Token counts that are not whole numbers count as none."""
     c = events.c
-    col = c[TOP_BY[by]]
-    other = c.key_id if by == "ip" else c.client_ip
+    column = TOP_BY[by]
+    col = c[column] if column is not None else _record_text(db, by)
+    other = c.key_id if by in TOP_KEYS else c.client_ip
     if db.is_sqlite:
         tok_in, tok_out = (case((func.json_type(c.data, f"$.{k}") == "integer", func.json_extract(c.data, f"$.{k}")),
                                 else_=None) for k in ("tokens_in", "tokens_out"))
@@ -516,7 +520,8 @@ async def top(db: Database, f: dict[str, Any], by: str, sort: str = "events", li
         # are used as expressions (no index), so the time index is the one used.
         f = dict(f)
         types = [t for t in str(f.pop("type", None) or "").split(",") if t]
-        col = col + ""
+        if column is not None:
+            col = col + ""
     q = _filters(select(col.label("value"), n.label("events"),
                         func.sum(case((c.type == "request", 1), else_=0)).label("requests"),
                         refused.label("refused"), errors.label("errors"),
@@ -532,7 +537,19 @@ async def top(db: Database, f: dict[str, Any], by: str, sort: str = "events", li
         rows = (await conn.execute(q)).all()
     return [{by: r.value, "events": int(r.events), "requests": int(r.requests or 0), "refused": int(r.refused or 0),
              "errors_5xx": int(r.errors or 0), "tokens_in": int(r.tokens_in or 0), "tokens_out": int(r.tokens_out or 0),
-             ("keys" if by == "ip" else "ips"): int(r.distinct), "last": r.last} for r in rows]
+             ("keys" if by in TOP_KEYS else "ips"): int(r.distinct), "last": r.last} for r in rows]
+
+
+def _record_text(db: Database, field: str) -> Any:
+    """The record's ``field`` when it is a string, else NULL (as an SQL expression)."""
+    c = events.c
+    if db.is_sqlite:
+        return case((func.json_type(c.data, f"$.{field}") == "text", func.json_extract(c.data, f"$.{field}")),
+                    else_=None)
+    v = sa_cast(c.data, JSONB)[field]
+    # (a record holding a NUL's escape cannot be read as jsonb: see top's tokens)
+    return case((func.strpos(c.data, "\\u0000") > 0, None), (func.jsonb_typeof(v) == "string", v.astext),
+                else_=None)
 
 
 async def iter_rows(db: Database, after: int = 0, page: int = 1000, f: dict[str, Any] | None = None,

@@ -26,7 +26,7 @@ from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .keys import ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
-from .store import LIMIT_FIELDS, KeyStore, UsageRecord, normalise_scopes
+from .store import LIMIT_FIELDS, KeyStore, UsageRecord, created_fields, normalise_scopes
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -812,7 +812,7 @@ class KeyAuth(Plugin):
                 self.cache.invalidate(old["id"])
                 events.emit("key.revoked", actor="demo", key_id=old["id"])
         rec, key = await self.store.create(pepper=self.config.pepper, owner="demo", name="demo")
-        events.emit("key.created", actor="demo", key_id=rec["id"], owner=rec["owner"], name=rec["name"])
+        events.emit("key.created", actor="demo", **created_fields(rec))
         return {"api_key": key}
 
     @classmethod

@@ -25,7 +25,7 @@ from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store, limits_not_applied
 from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
-from .store import LIMIT_MAX, KeyImported, KeyRevoked
+from .store import LIMIT_MAX, KeyImported, KeyRevoked, changed_values, created_fields
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -304,8 +304,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             return _err(409, "A key with this import hash exists already.", "key_already_imported",
                         "import_sha256" if body.import_sha256 is not None else "import_key")
         cache.invalidate(rec["id"])
-        events.emit("key.created", actor=admin_identity(request), key_id=rec["id"], owner=rec["owner"],
-                    name=rec["name"], **({"imported": True} if rec["imported"] else {}))
+        events.emit("key.created", actor=admin_identity(request), **created_fields(rec))
         if rec["imported"] and not current_config(services).imported_keys:
             logging.getLogger("gateway.key_auth").warning(
                 "key %s: imported, but key_auth.imported_keys is false: the imported token is refused until it is "
@@ -383,11 +382,13 @@ def routes(services: "Services") -> list[web.RouteDef]:
             if await store.get(key_id) is None:
                 return _not_found(key_id)  # (an unknown key is still a 404, whatever the body)
             return _err(400, "Nothing to change: give at least one field.", "nothing_to_change")
-        rec = await store.update(key_id, changes)
+        before: dict[str, Any] = {}
+        rec = await store.update(key_id, changes, before)
         if rec is None:
             return _not_found(key_id)
         cache.invalidate(key_id)
-        events.emit("key.updated", actor=admin_identity(request), key_id=key_id, fields=sorted(changes))
+        events.emit("key.updated", actor=admin_identity(request), key_id=key_id, fields=sorted(changes),
+                    changes=changed_values(before, rec))
         _warn_unapplied(services, key_id, changes.get("limits") or {})
         return web.json_response(rec)
 

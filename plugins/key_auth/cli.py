@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from . import config_from_settings
     from .admin import CreateKey, RotateKey, UpdateKey
-    from .store import KeyImported, KeyRevoked, KeyStore
+    from .store import KeyImported, KeyRevoked, KeyStore, changed_values, created_fields
 
     if args.keys_command == "import":
         rows = read_import(args)  # (before the database is opened: a file that cannot be taken changes nothing)
@@ -213,8 +213,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                                               import_hash=CreateKey.model_validate(body).import_hash())
             except KeyImported:
                 return _fail("a key with this import hash exists already")
-            services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"],
-                                 **({"imported": True} if rec["imported"] else {}))
+            services.events.emit("key.created", actor="cli", **created_fields(rec))
             if rec["imported"] and not kcfg.imported_keys:
                 print("gateway keys: warning: imported, but key_auth.imported_keys is false in this config: the "
                       "imported token is refused until it is set to true", file=sys.stderr)
@@ -253,10 +252,12 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 # stored when the change is written).
                 given = {"paths": args.scope_path, "models": args.scope_model}
                 ch["scopes"] = {k: v for k, v in ch["scopes"].items() if given[k] is not None}
-            rec = await store.update(args.key_id, ch)
+            before: dict[str, Any] = {}
+            rec = await store.update(args.key_id, ch, before)
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")
-            services.events.emit("key.updated", actor="cli", key_id=args.key_id, fields=sorted(ch))
+            services.events.emit("key.updated", actor="cli", key_id=args.key_id, fields=sorted(ch),
+                                 changes=changed_values(before, rec))
             _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, rec)
         if c == "rotate":
@@ -341,7 +342,7 @@ def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | 
 
 async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, services: Any) -> int:
     from .admin import CreateKey
-    from .store import KeyImported
+    from .store import KeyImported, created_fields
 
     rows = args.rows
     bodies = [CreateKey.model_validate(b) for _, b in rows]
@@ -388,8 +389,7 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
         return _fail("the keys could not be printed, so none was created")
     made = [r["record"] for r in results if "record" in r]
     for rec in made:
-        services.events.emit("key.created", actor="cli", key_id=rec["id"], owner=rec["owner"], name=rec["name"],
-                             **({"imported": True} if rec["imported"] else {}))
+        services.events.emit("key.created", actor="cli", **created_fields(rec))
     skipped = len(results) - len(made)
     print(f"gateway keys: {len(made)} created" + (f", {skipped} skipped (exist already)" if skipped else ""),
           file=sys.stderr)

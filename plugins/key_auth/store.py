@@ -130,6 +130,32 @@ def public(row: ApiKey) -> dict[str, Any]:
     }
 
 
+def created_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """What a ``key.created`` event records of a new key (never its secret)."""
+    return {"key_id": rec["id"], "owner": rec["owner"], "name": rec["name"], "team": rec["team"],
+            **({"imported": True} if rec["imported"] else {})}
+
+
+#: The fields whose values a ``key.updated`` event records, old and new (metadata and scopes: only
+#: that they changed).
+_VALUES_RECORDED = ("name", "team", "expires_at")
+
+
+def changed_values(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{field: {"from": old, "to": new}}`` for the labels, expiry and limits an update changed
+    (``limits.rpm`` ...): the audit trail then says which team a key was in when, and who raised
+    a limit from what."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in _VALUES_RECORDED:
+        if before.get(f) != after.get(f):
+            out[f] = {"from": before.get(f), "to": after.get(f)}
+    old, new = before.get("limits") or {}, after.get("limits") or {}
+    for f in LIMIT_FIELDS:
+        if old.get(f) != new.get(f):
+            out[f"limits.{f}"] = {"from": old.get(f), "to": new.get(f)}
+    return out
+
+
 def _iso(v: dt.datetime | None) -> str | None:
     return v.astimezone(UTC).isoformat().replace("+00:00", "Z") if v is not None else None
 
@@ -324,15 +350,21 @@ class KeyStore:
                 return row
         raise KeyBusy(key_id)
 
-    async def update(self, key_id: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+    async def update(self, key_id: str, changes: dict[str, Any],
+                     before: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Apply ``changes`` (name, team, metadata, scopes, expires_at, and limit fields; a limit
         given as None clears the override). ``scopes`` holds the lists that change (paths,
-        models; None clears both): the other one is kept as stored when the change is written."""
+        models; None clears both): the other one is kept as stored when the change is written.
+        ``before``: filled with the key's record as it was when the change was written (for
+        :func:`changed_values`)."""
         for k in changes:
             if k not in ("metadata", "scopes", "limits", "name", "team", "expires_at") and k not in LIMIT_FIELDS:
                 raise ValueError(f"unknown field {k}")
 
         def apply(row: ApiKey, now: dt.datetime) -> bool:
+            if before is not None:
+                before.clear()
+                before.update(public(row))
             for k, v in changes.items():
                 if k == "metadata":
                     row.meta = v or {}

@@ -1,0 +1,91 @@
+"""Reporting use per team and model from the audit trail: each request event records the key's
+team as it was when the request was made (a key moved to another team later does not move its
+past), `key.updated` records the old and new values, `audit top --by team|model` sums a month
+on SQLite and PostgreSQL, a NUL a client puts in a model name no longer hides a record from
+PostgreSQL's JSON queries, and `top` / `query` say when their --limit cut the answer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import test_conversations
+from .helpers import ADMIN_TOKEN, until
+from .test_audit import acli
+
+db = test_conversations.db  # the fixture: SQLite and PostgreSQL
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def chat(model: str) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "one two three"}]}
+
+
+async def test_team_at_request_time_and_top_by_team_and_model(make_gateway: Any, db: Any, tmp_path: Path) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"cache_ttl": 0}},
+                            {"name": "audit", "config": {"flush_interval": 0.05}}], database=db)
+    async with aiohttp.ClientSession() as s:
+        async def admin(method: str, path: str, body: Any = None) -> Any:
+            async with s.request(method, g.admin_url + path, headers=ADMIN, json=body) as r:
+                assert r.status < 300, await r.text()
+                return await r.json()
+
+        a = await admin("POST", "/keys", {"owner": "alice", "team": "alpha"})
+        b = await admin("POST", "/keys", {"owner": "bob", "team": "beta", "limits": {"rpm": 100}})
+
+        async def send(key: dict[str, Any], model: str, n: int) -> None:
+            for _ in range(n):
+                async with s.post(g.url + "/v1/chat/completions", json=chat(model),
+                                  headers={"Authorization": f"Bearer {key['key']}"}) as r:
+                    assert r.status == 200, await r.text()
+
+        await send(a, "gpt-a", 5)
+        await send(b, "gpt-b", 2)
+        await admin("PATCH", f"/keys/{a['id']}", {"team": "gamma", "limits": {"rpm": 50}})
+        await admin("PATCH", f"/keys/{b['id']}", {"limits": {"rpm": None}, "name": "batch"})
+        await send(a, "gpt-b", 3)
+        await send(b, "llama\x00x", 1)  # (a NUL in the model: PostgreSQL's jsonb cannot hold it)
+
+        async def trail() -> Any:
+            async with s.get(g.admin_url + "/audit?limit=100", headers=ADMIN) as r:
+                evs = (await r.json())["data"]
+            return evs if len([e for e in evs if e["type"] == "request"]) == 11 else None
+
+        evs = await until(trail, what="eleven request events")
+    reqs = [e for e in evs if e["type"] == "request"]
+    assert sorted((e["team"], e["model"]) for e in reqs if e["key_id"] == a["id"]) == \
+        [("alpha", "gpt-a")] * 5 + [("gamma", "gpt-b")] * 3
+    assert {e["model"] for e in reqs if e["key_id"] == b["id"]} == {"gpt-b", "llama\ufffdx"}
+    created = {e["key_id"]: e for e in evs if e["type"] == "key.created"}
+    assert created[a["id"]]["team"] == "alpha" and created[b["id"]]["team"] == "beta"
+    updated = {e["key_id"]: e for e in evs if e["type"] == "key.updated"}
+    assert updated[a["id"]]["changes"] == {"team": {"from": "alpha", "to": "gamma"},
+                                           "limits.rpm": {"from": None, "to": 50}}
+    assert updated[b["id"]]["changes"] == {"name": {"from": "", "to": "batch"},
+                                           "limits.rpm": {"from": 100, "to": None}}
+    tokens = {t: sum(e["tokens_in"] + e["tokens_out"] for e in reqs if e["team"] == t) for t in ("alpha", "gamma")}
+
+    cfg = tmp_path / "gateway.yaml"
+    r = await acli(cfg, "top", "--by", "team", "--json")
+    assert r.returncode == 0, r.stderr
+    teams = {row["team"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert {t: (row["requests"], row["keys"]) for t, row in teams.items()} == {
+        "alpha": (5, 1), "gamma": (3, 1), "beta": (3, 1)}
+    assert teams["alpha"]["tokens_in"] + teams["alpha"]["tokens_out"] == tokens["alpha"]
+    r = await acli(cfg, "top", "--by", "model", "--sort", "tokens", "--json")
+    models = {row["model"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert {m: row["requests"] for m, row in models.items()} == {"gpt-a": 5, "gpt-b": 5, "llama\ufffdx": 1}
+    assert models["llama\ufffdx"]["tokens_out"] > 0  # (its tokens are read on PostgreSQL too)
+    r = await acli(cfg, "top", "--by", "team")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split()[:2] == ["TEAM", "EVENTS"], r.stdout
+    # a cut answer is said on stderr
+    r = await acli(cfg, "top", "--by", "model", "--limit", "2")
+    assert r.returncode == 0 and "more model groups than --limit 2" in r.stderr
+    assert len(r.stdout.splitlines()) == 3
+    r = await acli(cfg, "query", "--type", "request", "--limit", "4")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "more events match than --limit 4" in r.stderr
+    r = await acli(cfg, "query", "--type", "request", "--limit", "11")
+    assert r.returncode == 0 and r.stderr == ""
