@@ -593,3 +593,41 @@ async def test_db_copy_refuses_a_newer_source_and_an_interrupt_leaves_nothing(ma
         c.close()
     r = gateway_cli("db", "copy", "-c", str(cfg), "--to", f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", cwd=tmp_path)
     assert r.returncode == 1 and "migrated by a newer gateway (key_auth_0099)" in r.stderr, r.stderr
+
+
+async def test_postgresql_upgrade_does_not_deadlock_with_an_older_gateways_writes(pg_url: str) -> None:
+    """A rolling upgrade: an older gateway keeps writing (a conversation's row, then its turn)
+    while `db upgrade` runs conversations_0003 (an index on conversation_turns) and then _0004
+    (a column on conversations). In one transaction for the whole run, the upgrade held
+    conversation_turns while it waited for conversations, and the writer the other way round:
+    PostgreSQL's deadlock detector failed one of them. One transaction per migration: both go on."""
+    import asyncpg
+    from alembic import command
+
+    await asyncio.to_thread(command.upgrade, alembic_config(pg_url), "conversations_0002")
+    writer = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    watcher = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    db = Database(pg_url)
+    try:
+        tx = writer.transaction()
+        await tx.start()
+        await writer.execute("LOCK TABLE conversations IN ROW EXCLUSIVE MODE")  # (an UPDATE of a row)
+        upgrade = asyncio.create_task(db.upgrade())
+
+        async def waits_for_conversations() -> bool:
+            return bool(await watcher.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'conversations'::regclass"))
+
+        async with asyncio.timeout(60):
+            while not await waits_for_conversations():
+                assert not upgrade.done(), upgrade.result()
+                await asyncio.sleep(0.05)
+        await writer.execute("SET lock_timeout = '20s'")
+        await writer.execute("LOCK TABLE conversation_turns IN ROW EXCLUSIVE MODE")  # (its turn's INSERT)
+        await tx.commit()
+        async with asyncio.timeout(60):
+            assert set(await upgrade) == heads()
+    finally:
+        await writer.close()
+        await watcher.close()
+        await db.close()

@@ -4,13 +4,19 @@ Each plugin that stores data owns a migration branch (its first revision has ``d
 and a ``branch_labels`` entry with the plugin's name); ``upgrade heads`` applies all of them.
 On PostgreSQL an advisory lock serialises instances that start at the same time.
 
-Every run is one transaction, on SQLite too: a migration that fails or is killed part-way leaves the
+On SQLite every run is one transaction: a migration that fails or is killed part-way leaves the
 database as it was (with each CREATE committed on its own, a table made but its revision not
-recorded meant "table ... already exists" on every later upgrade).
+recorded meant "table ... already exists" on every later upgrade). On PostgreSQL each migration is
+one transaction with its revision (a failed one leaves the database at the one before): in one
+transaction for the whole run, a later migration waited for a table's lock while holding the locks
+of the earlier ones, which older gateways still serving took in the other order (a deadlock
+whenever the tables were large enough for the run to last), and every table the run touched stayed
+locked until its end (key lookups on the old instances timed out).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from alembic import context
@@ -29,34 +35,48 @@ LOCK_ID = 0x6761746577  # "gatew"
 
 
 def _pg_lock(connection) -> None:  # type: ignore[no-untyped-def]
-    """Take the advisory lock (released with the transaction), saying that it waits and giving up
-    after the wait the SQLite lock file allows: a migration stuck in another instance must not
-    hold this one's start-up silently for ever. The wait is the server's (``lock_timeout``), not a
-    polling loop: this runs on a daemon thread that must sit still while the process exits."""
-    if connection.execute(text(f"SELECT pg_try_advisory_xact_lock({LOCK_ID})")).scalar():
-        return
-    log.warning("waiting for the migration lock (PostgreSQL advisory lock %d: another gateway or "
-                "`gateway db upgrade` holds it)", LOCK_ID)
-    wait = gdb.MIGRATION_LOCK_WAIT
-    connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}"))
-    try:
-        connection.execute(text(f"SELECT pg_advisory_xact_lock({LOCK_ID})"))
-    except DBAPIError as e:
-        if getattr(e.orig, "sqlstate", None) != "55P03" and "lock timeout" not in str(e):
-            raise
-        raise gdb.DatabaseError(f"the migration lock (PostgreSQL advisory lock {LOCK_ID}) was held by another "
-                                f"session for {wait:g}s; is a migration stuck?") from None
-    connection.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+    """Take the session's advisory lock (released by _run, or with the connection), saying that it
+    waits and giving up after the wait the SQLite lock file allows: a migration stuck in another
+    instance must not hold this one's start-up silently for ever. The wait is the server's
+    (``lock_timeout``), not a polling loop: this runs on a daemon thread that must sit still while
+    the process exits. Committed at once: the migrations' transactions come after it."""
+    if not connection.execute(text(f"SELECT pg_try_advisory_lock({LOCK_ID})")).scalar():
+        log.warning("waiting for the migration lock (PostgreSQL advisory lock %d: another gateway or "
+                    "`gateway db upgrade` holds it)", LOCK_ID)
+        wait = gdb.MIGRATION_LOCK_WAIT
+        connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}"))
+        try:
+            connection.execute(text(f"SELECT pg_advisory_lock({LOCK_ID})"))
+        except DBAPIError as e:
+            if getattr(e.orig, "sqlstate", None) != "55P03" and "lock timeout" not in str(e):
+                raise
+            raise gdb.DatabaseError(f"the migration lock (PostgreSQL advisory lock {LOCK_ID}) was held by "
+                                    f"another session for {wait:g}s; is a migration stuck?") from None
+    connection.commit()  # (the lock is the session's: it stays; the SET LOCAL ends here)
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
     sqlite = connection.dialect.name == "sqlite"
+    pg = connection.dialect.name == "postgresql"
+    # (configured before anything runs on the connection: one already in a transaction would be
+    # taken as the caller's, and Alembic would begin none of its own)
     context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite,
-                      transactional_ddl=True)  # (SQLite: see _transactional_sqlite)
-    with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            _pg_lock(connection)
-        context.run_migrations()
+                      transactional_ddl=True,  # (SQLite: see _transactional_sqlite)
+                      transaction_per_migration=pg)
+    if not pg:
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    _pg_lock(connection)
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        with contextlib.suppress(Exception):  # (a broken connection is closed: the server frees the lock)
+            if connection.in_transaction():
+                connection.rollback()
+            connection.execute(text(f"SELECT pg_advisory_unlock({LOCK_ID})"))
+            connection.commit()
 
 
 def _transactional_sqlite(engine) -> None:  # type: ignore[no-untyped-def]
