@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway")
 
+#: Seconds a plugin's ``startup()`` may take, at start and on a reload, before it counts as failed.
+PLUGIN_STARTUP_TIMEOUT = 60.0
+
+
+class PluginStartupTimeout(Exception):
+    """A plugin's ``startup()`` did not finish within PLUGIN_STARTUP_TIMEOUT."""
+
 
 class Chain:
     __slots__ = ("name", "plugins", "headers", "request", "before_forward", "response", "chunk", "complete",
@@ -215,7 +222,17 @@ class Runtime:
         try:
             for p in self.instances:
                 try:
-                    await p.startup()
+                    limit = asyncio.timeout(PLUGIN_STARTUP_TIMEOUT)
+                    try:
+                        async with limit:
+                            await p.startup()
+                    except TimeoutError:
+                        if not limit.expired():
+                            raise  # (the plugin's own: a connect of its that timed out)
+                        # (a plugin that never answers would hold a reload's answer, and every
+                        # reload after it, for ever: cut off, its start-up is a failure)
+                        raise PluginStartupTimeout(f"its startup() did not finish within "
+                                                   f"{PLUGIN_STARTUP_TIMEOUT:g}s") from None
                 except Exception as e:
                     # which plugin, for the message that reports it (start-up, a reload's answer)
                     with contextlib.suppress(Exception):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from .helpers import (ADMIN_TOKEN, GatewayProcess, base_config, free_port, port_refuses, stream_then_stop,
@@ -470,6 +471,70 @@ def _register_failstart() -> None:
 
 
 _register_failstart()
+
+
+def _register_hangstart() -> None:
+    from pydantic import Field
+
+    from gateway.plugin import Plugin, PluginConfig, registry
+
+    class HangConfig(PluginConfig):
+        hang: bool = Field(False, description="Never finish startup.")
+
+    class _HangStart(Plugin):
+        name = "t_lifecycle_hangstart"
+        Config = HangConfig
+
+        async def startup(self) -> None:
+            if self.config.hang:
+                await asyncio.Event().wait()  # (a connect to a server that never answers)
+
+    registry.register(_HangStart)
+
+
+_register_hangstart()
+
+
+async def test_a_plugin_whose_startup_never_finishes_fails_the_reload_and_the_start(
+        make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A plugin's startup() that hung held the reload's answer, and every reload after it, for
+    ever. It is cut off: the reload fails naming the plugin, the running chain keeps serving,
+    the next reload works; a start with such a plugin fails instead of hanging."""
+    import gateway.runtime
+
+    monkeypatch.setattr(gateway.runtime, "PLUGIN_STARTUP_TIMEOUT", 0.5, raising=False)
+    g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}},
+                            {"name": "t_lifecycle_hangstart"}])
+    path = Path(g.gw.cfg.path)
+    async with aiohttp.ClientSession(timeout=T) as s:
+        _edit(path, lambda c: (c["plugins"][1].update({"config": {"hang": True}}),
+                               c["plugins"][0]["config"]["response"].update({"X-Version": "2"})))
+        async with asyncio.timeout(20):
+            async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+                assert r.status == 400
+                msg = (await r.json())["error"]["message"]
+        assert "plugin t_lifecycle_hangstart failed to start" in msg and "within 0.5s" in msg, msg
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.status == 200 and r.headers["X-Version"] == "1"
+        _edit(path, lambda c: c["plugins"][1].update({"config": {"hang": False}}))
+        async with asyncio.timeout(20):
+            async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+        async with s.get(g.url + "/v1/models") as r:
+            assert r.headers["X-Version"] == "2"
+    _edit(path, lambda c: c["plugins"][1].update({"config": {"hang": True}}))
+    from gateway.app import Gateway
+    from gateway.config import load_config
+
+    gw = Gateway(load_config(path))
+    try:
+        with pytest.raises(gateway.runtime.PluginStartupTimeout, match="within 0.5s") as e:
+            async with asyncio.timeout(20):
+                await gw.start()
+        assert e.value.gateway_plugin == "t_lifecycle_hangstart"  # (named by `gateway serve`'s error)
+    finally:
+        if gw.upstream is not None:
+            await gw.upstream.close()
 
 
 async def test_reload_applies_server_settings_and_upstream_url(make_gateway: Any, upstream: Any) -> None:
