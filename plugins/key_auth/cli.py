@@ -231,10 +231,12 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if args.json:
                 core_cli.print_json(rows)
             else:
-                print(f"{'ID':<12}  {'STATUS':<8}  {'OWNER':<20}  {'NAME':<20}  {'EXPIRES':<20}  LAST USED")
+                print(f"{'ID':<12}  {'STATUS':<8}  {'OWNER':<20}  {'TEAM':<16}  {'NAME':<20}  {'EXPIRES':<20}  "
+                      "LAST USED")
                 for r in rows:
                     owner, name = core_cli.terminal_text(r["owner"][:20]), core_cli.terminal_text(r["name"][:20])
-                    print(f"{r['id']:<12}  {r['status']:<8}  {owner:<20}  {name:<20}  "
+                    team = core_cli.terminal_text((r["team"] or "-")[:16])
+                    print(f"{r['id']:<12}  {r['status']:<8}  {owner:<20}  {team:<16}  {name:<20}  "
                           f"{_when(r['expires_at']):<20}  {_when(r['last_used_at'])}")
             return 0
         if c == "show":
