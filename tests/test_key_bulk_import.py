@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from .helpers import ADMIN_TOKEN
+from .test_conversations import db  # noqa: F401  (the fixture: SQLite and PostgreSQL)
 
 LEGACY = "sk-legacy-0123456789abcdef"  # a key another gateway issued
 
@@ -162,3 +163,62 @@ async def test_all_or_none_on_postgresql(make_gateway: Any, tmp_path: Path, pg_u
     assert await chat(g, made[0]["key"]) == 200 and await chat(g, made[299]["key"]) == 200
     rc, out, err = await keys(cfg, "import", "-", "--skip-existing", stdin=body)
     assert rc == 0 and "0 created, 300 skipped" in err and "gw_" not in out
+
+
+async def test_a_slow_reader_holds_no_lock_and_imports_at_once_make_each_key_once(make_gateway: Any, tmp_path: Path,
+                                                                                  db: dict[str, Any]) -> None:
+    g = await make_gateway([{"name": "key_auth"}], database=db)
+    cfg = tmp_path / "gateway.yaml"
+    st, leaked = await admin(g, "POST", "/keys", {"owner": "mallory"})
+    body = "".join(json.dumps({"owner": f"user{i}", "name": f"svc-{i}"}) + "\n" for i in range(2000)).encode()
+    # the keys go to a reader that does not read yet (`| less`): more than a pipe holds
+    p = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "keys", "import", "-", "--json", "-c",
+                                             str(cfg), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                             stderr=asyncio.subprocess.PIPE)
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(body)
+    await p.stdin.drain()
+    p.stdin.close()
+    async with asyncio.timeout(60):
+        assert b'"line": 1' in await p.stdout.readline()  # (printing began; the rest waits for the reader)
+    await asyncio.sleep(1.0)
+    # meanwhile a leaked key is revoked at once (SQLite's write lock was held until the reader was done)
+    async with asyncio.timeout(10):
+        st, rec = await admin(g, "POST", f"/keys/{leaked['id']}/revoke")
+    assert st == 200 and rec["status"] == "revoked", rec
+    out, err = await asyncio.wait_for(p.communicate(), 60)
+    assert p.returncode == 0 and len(out.splitlines()) == 1999, err
+    # two imports of one file at once, with --skip-existing: each key made once
+    body = "".join(json.dumps({"owner": f"team{i % 10}", "name": f"bot-{i}"}) + "\n" for i in range(1500)).encode()
+    (a, out_a, err_a), (b, out_b, err_b) = await asyncio.gather(
+        keys(cfg, "import", "-", "--skip-existing", "--json", stdin=body),
+        keys(cfg, "import", "-", "--skip-existing", "--json", stdin=body))
+    assert sorted([a, b]) in ([0, 0], [0, 1]), (err_a, err_b)
+    for rc, err in ((a, err_a), (b, err_b)):
+        assert rc == 0 or "none of the keys printed above was created" in err, err
+    rc, out, err = await keys(cfg, "list", "--json", "--limit", "10000")
+    bots = [k for k in json.loads(out) if k["name"].startswith("bot-")]
+    assert len(bots) == 1500 and len({(k["owner"], k["name"]) for k in bots}) == 1500
+    # a third run finds them all
+    rc, out, err = await keys(cfg, "import", "-", "--skip-existing", stdin=body)
+    assert rc == 0 and "0 created, 1500 skipped" in err, err
+
+
+async def admin(g: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, g.admin_url + path, json=body,
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            return r.status, await r.json()
+
+
+def test_spreadsheet_csv_forms() -> None:
+    """Semicolon-separated files (spreadsheets in some locales), trailing columns with no header,
+    lists written with commas, and a quoted line break numbered from the record's first line."""
+    from gateway.plugins.key_auth.bulk import read_csv
+    from gateway.plugins.key_auth.cli import parse_when
+
+    rows, problems = read_csv('owner;name;scope_models;;\r\nann;x;"gpt-4o, llama-*";;\r\n', parse_when)
+    assert problems == [] and rows == [(2, {"owner": "ann", "name": "x", "scopes": {"models": ["gpt-4o", "llama-*"]}})]
+    rows, problems = read_csv('owner,metadata.note,,\nbob,"two\nlines",,\ncarl,x,,oops\ndan,[1],,\n', parse_when)
+    assert [n for n, _ in rows] == [2, 5] and rows[0][1]["metadata"] == {"note": "two\nlines"}
+    assert problems == ["line 4: a value in a column with no header"]

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from prometheus_client import Counter
 from pydantic import Field, field_validator
 
+from gateway.db import store_error
 from gateway.logs import ThrottledLog
 from gateway.plugin import Plugin, PluginConfig, Reply
 
-from .keys import ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, secrets_match
+from .keys import (ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, pepper_fingerprint,
+                   secrets_match)
 from .store import LIMIT_FIELDS, KeyStore, UsageRecord, created_fields, normalise_scopes
 
 if TYPE_CHECKING:
@@ -461,12 +463,28 @@ class KeyAuth(Plugin):
 
     # -- lifecycle --------------------------------------------------------------------------------------
     async def startup(self) -> None:
+        await self._record_pepper()
         if self.config.watch_interval > 0:
             self.services.resource("key_auth.watch", lambda: KeyWatch(self.services, self.cache, self.store),
                                    lambda w: w.close()).start()
         if self.config.track_usage:
             self.tally = self.services.resource("key_auth.usage", lambda: UsageTally(
                 self.services, self.store, self.config), lambda t: t.close())
+
+    async def _record_pepper(self) -> None:
+        """Record the pepper's fingerprint, so that the CLI refuses to make keys with another (a shell
+        without the pepper's variable made keys this gateway refused); say so when it changed."""
+        mine = pepper_fingerprint(self.config.pepper)
+        try:
+            async with asyncio.timeout(5):
+                old = await self.store.set_setting("pepper", mine)
+        except Exception as e:  # (the key store down at start: requests say so; this is only a check)
+            log.warning("key_auth: the pepper's fingerprint could not be recorded (%s); `gateway keys` commands "
+                        "cannot check theirs against it until the next start", store_error(e))
+            return
+        if old is not None and old != mine:
+            log.warning("key_auth.pepper is not the one the gateway last started with: keys made or rotated "
+                        "with the other one are refused (`gateway keys` now makes keys with this one only)")
 
     #: Process-wide: the stored hashes' pepper, the key cache and its watch, the usage writer.
     route_fixed: ClassVar[tuple[str, ...]] = ("pepper", "cache_size", "watch_interval", "usage_writer",

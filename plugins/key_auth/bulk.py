@@ -8,12 +8,14 @@ columns (case and ``-``/``_`` do not matter):
 - ``rpm``, ``tpm``, ``daily_tokens``, ``monthly_tokens``, ``max_parallel`` (whole numbers);
 - ``expires_at`` (or ``expires``): what ``--expires`` takes (``90d``, ``2027-01-01``, an ISO time,
   ``never``);
-- ``scope_paths``, ``scope_models``: entries separated by blanks;
+- ``scope_paths``, ``scope_models``: entries separated by blanks, commas or semicolons;
 - ``metadata`` (a JSON object) and/or ``metadata.<name>`` (or ``meta.<name>``) columns, one
   metadata entry each;
 - ``import_sha256`` or ``import_key``: a key issued elsewhere.
 
-An empty cell is "not set". Every row is checked by the admin API's rules before anything is
+An empty cell is "not set"; columns with no header (a spreadsheet's trailing empty columns) are
+ignored while their cells are empty. A header without a comma but with semicolons (or tabs)
+makes those the separator, as spreadsheets in some locales write CSV. Every row is checked by the admin API's rules before anything is
 written; a problem is reported with its line number and never repeats a value that may be secret.
 """
 from __future__ import annotations
@@ -21,10 +23,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from typing import Any
 
 from .store import LIMIT_FIELDS
 
+#: What separates a scope cell's entries (a spreadsheet writes lists with commas or semicolons).
+_ENTRIES = re.compile(r"[\s,;]+")
 #: Problems listed before "... and N more".
 MAX_PROBLEMS = 20
 _PLAIN = ("owner", "name", "team", "import_sha256", "import_key")
@@ -81,7 +86,9 @@ def _column(name: str) -> str:
 def read_csv(text: str, parse_when: Any) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """(line number, body) of each row, and the problems found. ``parse_when``: the CLI's parser
     of ``--expires`` values."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    first = text.split("\n", 1)[0]
+    sep = ";" if "," not in first and ";" in first else "\t" if "," not in first and "\t" in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     try:
         header = next(reader)
     except StopIteration:
@@ -90,12 +97,12 @@ def read_csv(text: str, parse_when: Any) -> tuple[list[tuple[int, dict[str, Any]
         raise BadFile(f"line 1: {e}") from None
     cols = [_column(h) for h in header]
     known = set(_PLAIN) | set(LIMIT_FIELDS) | {"expires_at", "expires", "scope_paths", "scope_models", "metadata"}
-    bad = [h for h, c in zip(header, cols) if c not in known and not c.startswith(("metadata.", "meta."))]
+    bad = [h for h, c in zip(header, cols) if c and c not in known and not c.startswith(("metadata.", "meta."))]
     if bad:
         raise BadFile(f"unknown column(s) {', '.join(repr(b) for b in bad)} (known: owner, name, team, "
                       f"{', '.join(LIMIT_FIELDS)}, expires_at, scope_paths, scope_models, metadata, metadata.<name>, "
                       "import_sha256, import_key)")
-    seen = [c for c in cols if cols.count(c) > 1]
+    seen = [c for c in cols if c and cols.count(c) > 1]
     if seen:
         raise BadFile(f"column {seen[0]!r} appears twice")
     if "owner" not in cols:
@@ -103,14 +110,14 @@ def read_csv(text: str, parse_when: Any) -> tuple[list[tuple[int, dict[str, Any]
     rows: list[tuple[int, dict[str, Any]]] = []
     problems: list[str] = []
     while True:
+        n = reader.line_num + 1  # (the record's first line: a quoted cell may hold line breaks)
         try:
             cells = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            problems.append(f"line {reader.line_num}: {e}")
+            problems.append(f"line {n}: {e}")
             break
-        n = reader.line_num
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(cols):
@@ -119,6 +126,8 @@ def read_csv(text: str, parse_when: Any) -> tuple[list[tuple[int, dict[str, Any]
         body: dict[str, Any] = {}
         try:
             for col, cell in zip(cols, cells):
+                if not col and cell.strip():
+                    raise ValueError("a value in a column with no header")
                 _cell(body, col, cell, parse_when)
         except ValueError as e:
             problems.append(f"line {n}: {e}")
@@ -128,7 +137,7 @@ def read_csv(text: str, parse_when: Any) -> tuple[list[tuple[int, dict[str, Any]
 
 
 def _cell(body: dict[str, Any], col: str, cell: str, parse_when: Any) -> None:
-    if cell == "":
+    if cell == "" or not col:
         return
     if col in _PLAIN:
         body[col] = cell
@@ -144,7 +153,7 @@ def _cell(body: dict[str, Any], col: str, cell: str, parse_when: Any) -> None:
             raise ValueError(f"{col}: {e}") from None
         body["expires_at"] = when.isoformat() if when is not None else None
     elif col in ("scope_paths", "scope_models"):
-        body.setdefault("scopes", {})[col.removeprefix("scope_")] = cell.split()
+        body.setdefault("scopes", {})[col.removeprefix("scope_")] = [e for e in _ENTRIES.split(cell) if e]
     elif col == "metadata":
         try:
             meta = json.loads(cell)

@@ -188,6 +188,17 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     kcfg = config_from_settings(cfg)
     try:
         c = args.keys_command
+        if c in ("create", "import", "rotate"):
+            from .keys import pepper_fingerprint
+
+            recorded = await store.setting("pepper")
+            if recorded is not None and recorded != pepper_fingerprint(kcfg.pepper):
+                # (a shell without the pepper's variable: its keys were refused, its rotations locked keys out)
+                return _fail("key_auth.pepper in this config is not the one the gateway runs with (as it recorded "
+                             "at its last start): a key made or rotated with it would be refused. Is the variable "
+                             "the pepper reads (GATEWAY_KEY_PEPPER in the shipped config) set in this shell?",
+                             code=2)
+
         if c == "create":
             ch = _changes(args)
             exp = ch.get("expires_at")
@@ -227,7 +238,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             if len(rows) > args.limit:  # (a script acting on "every key" must know it did not get them all)
                 rows = rows[:args.limit]
                 _fail(f"more keys match than --limit {args.limit}: the next ones with --offset "
-                      f"{args.offset + args.limit}")
+                      f"{args.offset + args.limit} (a script that revokes or changes the keys it lists pages "
+                      "from --offset 0 again, as the ones it changed no longer match)")
             if args.json:
                 core_cli.print_json(rows)
             else:
@@ -344,7 +356,7 @@ def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | 
 
 async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, services: Any) -> int:
     from .admin import CreateKey
-    from .store import KeyImported, created_fields
+    from .store import KeyImported, KeysChanged, created_fields
 
     rows = args.rows
     bodies = [CreateKey.model_validate(b) for _, b in rows]
@@ -358,9 +370,12 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
     class NotPrinted(Exception):
         pass
 
+    printed = False
+
     def hand_out(results: list[dict[str, Any]]) -> None:
-        # Printed before the commit: if the keys cannot be printed, none is created (a key whose
-        # secret nobody saw would only be one more to revoke).
+        # Printed before anything is written: if the keys cannot be printed, none is created (a key
+        # whose secret nobody saw would only be one more to revoke).
+        nonlocal printed
         try:
             if sys.stdout is None:
                 raise BrokenPipeError("no stdout")
@@ -369,6 +384,7 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
             sys.stdout.flush()
         except (OSError, ValueError):
             raise NotPrinted() from None
+        printed = True
         if args.dry_run:
             raise DryRun(sum("record" in r for r in results), sum("skipped" in r for r in results))
 
@@ -382,13 +398,22 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
         return 0
     except KeyImported as e:
         n = e.args[0] if e.args else None
-        where = f"line {rows[n][0]}: " if isinstance(n, int) else ""
-        return _fail(f"{where}a key with this import hash exists already (--skip-existing leaves such rows out); "
-                     "nothing was created")
+        if isinstance(n, int):
+            return _fail(f"line {rows[n][0]}: a key with this import hash exists already (--skip-existing leaves "
+                         "such rows out); nothing was created")
+        return _fail("a key of the file was imported by another import meanwhile: none of the keys printed above "
+                     "was created; run the import again")
+    except KeysChanged:
+        return _fail("another import made keys of the file meanwhile: none of the keys printed above was created; "
+                     "run the import again (--skip-existing then leaves those out)")
     except NotPrinted:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # (the interpreter flushes stdout at exit)
         return _fail("the keys could not be printed, so none was created")
+    except BaseException:
+        if printed:  # (the database refused the write: what was printed is no key)
+            _fail("none of the keys printed above was created")
+        raise
     made = [r["record"] for r in results if "record" in r]
     for rec in made:
         services.events.emit("key.created", actor="cli", **created_fields(rec))
@@ -417,8 +442,8 @@ def _print_imported(args: argparse.Namespace, n: int, res: dict[str, Any]) -> No
         return
     rec = res["record"]
     if args.json:
-        out = {"line": n, "id": rec["id"], "owner": rec["owner"], "name": rec["name"], "team": rec["team"],
-               "imported": rec["imported"], **({} if args.dry_run else {"key": res["key"]})}
+        out = {"line": n, "id": None if args.dry_run else rec["id"], "owner": rec["owner"], "name": rec["name"],
+               "team": rec["team"], "imported": rec["imported"], **({} if args.dry_run else {"key": res["key"]})}
         print(json.dumps(out))
         return
     label = core_cli.terminal_text(f"{rec['owner']}/{rec['name']}" if rec["name"] else rec["owner"])

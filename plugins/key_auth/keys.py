@@ -106,6 +106,12 @@ def hash_secret(pepper: str, secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def pepper_fingerprint(pepper: str) -> str:
+    """A short fingerprint of the pepper (an HMAC of a fixed text; it tells peppers apart and gives
+    nothing a stored key's hash does not): recorded by the gateway, compared by the CLI."""
+    return hmac.new(pepper.encode(), b"gateway key_auth pepper", "sha256").hexdigest()[:16]
+
+
 def secrets_match(a: str, b: str | None) -> bool:
     """Constant-time comparison of two hex digests."""
     if b is None:

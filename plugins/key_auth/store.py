@@ -15,7 +15,8 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import JSON, BigInteger, Date, DateTime, Index, Integer, String, TypeDecorator, func, or_, select, update
+from sqlalchemy import (JSON, BigInteger, Date, DateTime, Index, Integer, String, TypeDecorator, func, or_, select, text,
+                        update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.orm.exc import StaleDataError
@@ -104,6 +105,17 @@ class KeyUsageDaily(Base):
     requests: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class KeyAuthSetting(Base):
+    """What the stored keys were made with: ``pepper`` holds the fingerprint of the pepper the
+    gateway last started with (see :func:`keys.pepper_fingerprint`), checked by the CLI."""
+
+    __tablename__ = "key_auth_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 def status_of(row: ApiKey, now: dt.datetime | None = None) -> str:
@@ -222,32 +234,29 @@ class KeyStore:
         ...}`` for a key made, ``{"skipped": <id>}`` for one left out. An item whose ``import_hash``
         is stored already raises :class:`KeyImported` (its index as the argument), unless
         ``skip_existing``: then it is skipped, and so is an item with a name when its owner has an
-        active key of that name (so a file can be imported again). ``before_commit`` gets the
-        results before they are committed (to hand out the keys): if it raises, nothing is written."""
+        active key of that name, or an earlier item of the same owner and name (so a file can be
+        imported again).
+
+        ``before_commit`` gets the results before anything is written (to hand out the keys: if it
+        raises, nothing is written), so no write lock is held while a slow reader takes them. The
+        keys are then written in one transaction; imports at once are written one after the other
+        (on PostgreSQL under an advisory lock; SQLite has one writer), and with ``skip_existing``
+        one that finds a key of its own made meanwhile by another raises :class:`KeysChanged`, the
+        keys it handed out never made."""
         now = utcnow()
         hashes = [it.get("import_hash") for it in items]
         async with self.db.session() as s:
-            stored: dict[str, str] = {}
-            wanted = sorted({h for h in hashes if h is not None})
-            for i in range(0, len(wanted), 500):
-                stored.update((r[0], r[1]) for r in await s.execute(
-                    select(ApiKey.import_hash, ApiKey.id).where(ApiKey.import_hash.in_(wanted[i:i + 500]))))
-            named: dict[tuple[str, str], str] = {}
-            if skip_existing:
-                owners = sorted({it["owner"] for it in items if it.get("name")})
-                for i in range(0, len(owners), 500):
-                    for r in await s.execute(select(ApiKey.id, ApiKey.owner, ApiKey.name, ApiKey.expires_at).where(
-                            ApiKey.owner.in_(owners[i:i + 500]), ApiKey.revoked_at.is_(None), ApiKey.name != "")
-                            .order_by(ApiKey.created_at, ApiKey.id)):
-                        if r[3] is None or r[3] > now:
-                            named.setdefault((r[1], r[2]), r[0])
+            stored = await self._imported(s, hashes)
+            named = await self._named(s, items, now) if skip_existing else {}
             results: list[dict[str, Any]] = []
             rows: list[ApiKey] = []
+            planned: dict[tuple[str, str], ApiKey] = {}
             for n, it in enumerate(items):
                 h = hashes[n]
-                old = stored.get(h) if h is not None else None
-                if old is None and skip_existing and it.get("name"):
-                    old = named.get((it["owner"], it["name"]))
+                label = (it["owner"], it.get("name") or "")
+                old: Any = stored.get(h) if h is not None else None
+                if old is None and skip_existing and label[1]:
+                    old = named.get(label) or planned.get(label)
                 if old is not None:
                     if not skip_existing:
                         raise KeyImported(n)
@@ -255,11 +264,13 @@ class KeyStore:
                     continue
                 secret = new_secret()
                 limits = it.get("limits") or {}
-                row = ApiKey(id=new_key_id(), name=it.get("name") or "", owner=it["owner"], team=it.get("team"),
+                row = ApiKey(id=new_key_id(), name=label[1], owner=label[0], team=it.get("team"),
                              meta=it.get("metadata") or {}, scopes=normalise_scopes(it.get("scopes")),
                              secret_hash=hash_secret(pepper, secret), created_at=now, updated_at=now,
                              expires_at=it.get("expires_at"), import_hash=h,
                              **{f: limits.get(f) for f in LIMIT_FIELDS})
+                if label[1]:
+                    planned.setdefault(label, row)
                 rows.append(row)
                 results.append({"row": row, "secret": secret})
             for _ in range(5):  # key id collisions (astronomically unlikely), in the file or with stored keys
@@ -272,22 +283,57 @@ class KeyStore:
                 for r in rows:
                     if r.id in taken:
                         r.id = new_key_id()
-            for res in results:
-                row = res.pop("row", None)
-                if row is not None:
-                    res["record"], res["key"] = public(row), format_key(row.id, res.pop("secret"))
+        for res in results:
+            row = res.pop("row", None)
+            if row is not None:
+                res["record"], res["key"] = public(row), format_key(row.id, res.pop("secret"))
+            elif isinstance(res["skipped"], ApiKey):
+                res["skipped"] = res["skipped"].id  # (an earlier row of the file)
+        if before_commit is not None:
+            before_commit(results)
+        async with self.db.session() as s:
+            if not self.db.is_sqlite:
+                await s.execute(text(f"SELECT pg_advisory_xact_lock({IMPORT_LOCK})"))
             s.add_all(rows)
             try:
-                await s.flush()
+                await s.flush()  # (SQLite: the write lock, from here to the commit)
             except IntegrityError:
-                raise KeyImported(None) from None  # (imported meanwhile by another instance or the CLI)
-            if before_commit is not None:
-                before_commit(results)
+                raise (KeysChanged() if skip_existing else KeyImported(None)) from None
+            if skip_existing:
+                ours = {r.id for r in rows}
+                now_named = await self._named(s, items, now, every=True)
+                if any(set(now_named.get((r.owner, r.name), ())) - ours for r in rows if r.name):
+                    raise KeysChanged()
             try:
                 await s.commit()
             except IntegrityError:
-                raise KeyImported(None) from None
-            return results
+                raise (KeysChanged() if skip_existing else KeyImported(None)) from None
+        return results
+
+    async def _imported(self, s: Any, hashes: Sequence[str | None]) -> dict[str, str]:
+        """import hash -> key id, of those stored."""
+        stored: dict[str, str] = {}
+        wanted = sorted({h for h in hashes if h is not None})
+        for i in range(0, len(wanted), 500):
+            stored.update((r[0], r[1]) for r in await s.execute(
+                select(ApiKey.import_hash, ApiKey.id).where(ApiKey.import_hash.in_(wanted[i:i + 500]))))
+        return stored
+
+    async def _named(self, s: Any, items: Sequence[dict[str, Any]], now: dt.datetime, every: bool = False) -> Any:
+        """(owner, name) -> the id of the oldest active key of that name of the items' owners (``every``:
+        the ids of all of them)."""
+        out: dict[tuple[str, str], Any] = {}
+        owners = sorted({it["owner"] for it in items if it.get("name")})
+        for i in range(0, len(owners), 500):
+            for r in await s.execute(select(ApiKey.id, ApiKey.owner, ApiKey.name, ApiKey.expires_at).where(
+                    ApiKey.owner.in_(owners[i:i + 500]), ApiKey.revoked_at.is_(None), ApiKey.name != "")
+                    .order_by(ApiKey.created_at, ApiKey.id)):
+                if r[3] is None or r[3] > now:
+                    if every:
+                        out.setdefault((r[1], r[2]), []).append(r[0])
+                    else:
+                        out.setdefault((r[1], r[2]), r[0])
+        return out
 
     async def imported_id(self, import_hash: str) -> str | None:
         """The id of the key imported with this hash, if any."""
@@ -471,6 +517,30 @@ class KeyStore:
         totals = {f: sum(d[f] for d in days) for f in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
         return {"key_id": key_id, "from": start.isoformat(), "to": end.isoformat(), "days": days, "totals": totals}
 
+    async def setting(self, name: str) -> str | None:
+        async with self.db.session() as s:
+            row = await s.get(KeyAuthSetting, name)
+            return row.value if row is not None else None
+
+    async def set_setting(self, name: str, value: str) -> str | None:
+        """Store ``value`` under ``name``; returns the value it replaced (None: there was none)."""
+        for _ in range(3):  # (two instances starting at once: the second one's insert finds the row)
+            async with self.db.session() as s:
+                row = await s.get(KeyAuthSetting, name)
+                old = row.value if row is not None else None
+                if row is None:
+                    s.add(KeyAuthSetting(name=name, value=value, updated_at=utcnow()))
+                elif old != value:
+                    row.value, row.updated_at = value, utcnow()
+                else:
+                    return old
+                try:
+                    await s.commit()
+                except IntegrityError:
+                    continue
+                return old
+        return None
+
     async def count(self) -> int:
         async with self.db.session() as s:
             return int((await s.execute(select(func.count()).select_from(ApiKey))).scalar_one())
@@ -478,6 +548,15 @@ class KeyStore:
 
 class KeyImported(Exception):
     """A key with this import hash exists already."""
+
+
+class KeysChanged(Exception):
+    """An import with skip_existing found, when it came to write, keys of its own made meanwhile
+    (by another import at the same time): nothing was written."""
+
+
+#: The PostgreSQL advisory lock imports of many keys take while they write (one at a time).
+IMPORT_LOCK = 0x6B65797330  # "keys0"
 
 
 class KeyRevoked(Exception):
