@@ -128,26 +128,10 @@ def canonical(m: Any) -> str:
             v = {"id": v["id"]}
         if k == "tool_calls" and isinstance(v, list):
             v = [{"id": tc.get("id"), "type": tc.get("type") or "function",
-                  "function": {"name": _fn(tc).get("name"), "arguments": _arguments(_fn(tc).get("arguments"))}}
+                  "function": {"name": _fn(tc).get("name"), "arguments": _fn(tc).get("arguments")}}
                  if isinstance(tc, dict) else tc for tc in v]
         out[k] = v
     return _canon(out)
-
-
-def _arguments(a: Any) -> Any:
-    """A tool call's arguments as compared: JSON text written again compactly, in its own key order
-    (a client sends back the arguments it parsed, serialised its own way: LangChain with blanks
-    after the separators), else as given. The compact JSON OpenAI answers with stays as it is, so
-    what was stored before compares as it did."""
-    if type(a) is str and a.lstrip()[:1] == "{":
-        try:
-            return _compact(json.loads(a))
-        except (ValueError, RecursionError):
-            pass
-    return a
-
-
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def replayable(history: list[tuple[dict[str, Any], int | None]], new: list[dict[str, Any]]

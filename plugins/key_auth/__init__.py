@@ -174,12 +174,10 @@ class _Entry:
         self.updated: Any = row.updated_at  # the version of the record (see KeyWatch.poll)
         #: Until when the imported key (the token issued elsewhere) works: for ever until the key is
         #: first rotated, then for that rotation's grace (later rotations do not bring it back), as a
-        #: rotated-out secret; 0: not imported. (A key rotated by an older gateway, which sets no
-        #: import_valid_until: that rotation's grace.)
+        #: rotated-out secret; 0: not imported.
         self.import_until = 0.0 if row.import_hash is None else \
             row.import_valid_until.timestamp() if row.import_valid_until is not None else \
-            math.inf if row.rotated_at is None else \
-            row.prev_valid_until.timestamp() if row.prev_valid_until is not None else 0.0
+            math.inf if row.rotated_at is None else 0.0
         scopes = normalise_scopes(row.scopes)
         # Path scopes cover the path equal to a prefix and those below it, on segment boundaries
         # (/v1/models: not /v1/modelsX), as routes do; "/v1/chat/" and "/v1/chat" alike; without

@@ -438,10 +438,6 @@ class KeyStore:
         def apply(row: ApiKey, now: dt.datetime) -> bool:
             if row.revoked_at is not None:
                 raise KeyRevoked(key_id)
-            if row.import_hash is not None and row.import_valid_until is None and row.rotated_at is not None:
-                # rotated by an older gateway, which knows no imported keys: its rotation's grace
-                # ended the imported token (as the key's cache reads it), and that stays
-                row.import_valid_until = row.prev_valid_until or now
             if grace_seconds > 0:
                 row.prev_secret_hash = row.secret_hash
                 row.prev_valid_until = now + dt.timedelta(seconds=grace_seconds)
