@@ -89,3 +89,32 @@ async def test_team_at_request_time_and_top_by_team_and_model(make_gateway: Any,
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "more events match than --limit 4" in r.stderr
     r = await acli(cfg, "query", "--type", "request", "--limit", "11")
     assert r.returncode == 0 and r.stderr == ""
+
+
+async def test_a_revoked_keys_refusal_and_the_key_events_name_its_owner_and_team(make_gateway: Any, tmp_path: Path
+                                                                                 ) -> None:
+    g = await make_gateway([{"name": "key_auth", "config": {"cache_ttl": 0}},
+                            {"name": "audit", "config": {"flush_interval": 0.05}}])
+    async with aiohttp.ClientSession() as s:
+        async with s.post(g.admin_url + "/keys", headers=ADMIN, json={"owner": "bob", "team": "beta"}) as r:
+            key = await r.json()
+        for action in ("rotate", "revoke"):
+            async with s.post(g.admin_url + f"/keys/{key['id']}/{action}", headers=ADMIN, json={}) as r:
+                assert r.status == 200, await r.text()
+                key = {**key, **{k: v for k, v in (await r.json()).items() if k == "key"}}
+        async with s.post(g.url + "/v1/chat/completions", json=chat("m"),
+                          headers={"Authorization": f"Bearer {key['key']}"}) as r:  # (its secret matches)
+            assert r.status == 401
+
+        async def trail() -> Any:
+            async with s.get(g.admin_url + "/audit?limit=100", headers=ADMIN) as r:
+                evs = (await r.json())["data"]
+            return evs if any(e["type"] == "auth_failure" for e in evs) else None
+
+        evs = await until(trail, what="the refusal's event")
+    by_type = {e["type"]: e for e in evs}
+    assert (by_type["auth_failure"]["owner"], by_type["auth_failure"]["team"]) == ("bob", "beta")
+    for t in ("key.rotated", "key.revoked"):
+        assert (by_type[t]["owner"], by_type[t]["team"]) == ("bob", "beta"), by_type[t]
+    r = await acli(tmp_path / "gateway.yaml", "query", "--owner", "bob", "--type", "key.revoked")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1

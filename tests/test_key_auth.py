@@ -359,7 +359,7 @@ async def test_every_rejection_reason(make_gateway: Any, upstream: Any) -> None:
         assert st == status and b["error"]["code"] == code, b
         # (its secret matched: a revoked or expired key's refusal names its owner, for the audit
         # trail; one out of scope is admitted first, its owner known as the caller's)
-        owner = {"owner": k["owner"]} if reason in ("expired", "revoked") else {}
+        owner = {"owner": k["owner"], "team": k["team"]} if reason in ("expired", "revoked") else {}
         assert Probe.seen[-1]["refusal"] == {"plugin": "key_auth", "type": "auth", "reason": reason, "key_id": k["id"],
                                              **owner}
     # A revoked or expired key with a wrong secret says nothing about the key's state.

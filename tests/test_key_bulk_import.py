@@ -222,3 +222,20 @@ def test_spreadsheet_csv_forms() -> None:
     rows, problems = read_csv('owner,metadata.note,,\nbob,"two\nlines",,\ncarl,x,,oops\ndan,[1],,\n', parse_when)
     assert [n for n, _ in rows] == [2, 5] and rows[0][1]["metadata"] == {"note": "two\nlines"}
     assert problems == ["line 4: a value in a column with no header"]
+
+
+def test_jsonl_and_cells_are_read_as_the_admin_api_reads_them() -> None:
+    """Line separators inside JSON strings are not line ends; NaN and Infinity are refused by line;
+    a value in the wrong column is not repeated (a key may have landed there); deep nesting is a
+    problem of its line, not a crash."""
+    from gateway.plugins.key_auth.bulk import read_csv, read_jsonl
+    from gateway.plugins.key_auth.cli import parse_when
+
+    rows, problems = read_jsonl('{"owner": "a", "metadata": {"n": "x\u2028y\u0085z"}}\r\n{"owner": "b"}\n'
+                                '{"owner": "c", "metadata": {"x": NaN}}\n' + "[" * 100000 + "\n")
+    assert [n for n, _ in rows] == [1, 2] and rows[0][1]["metadata"]["n"] == "x\u2028y\u0085z"
+    assert problems == ["line 3: not JSON (one object per line)", "line 4: not JSON (one object per line)"]
+    rows, problems = read_csv("owner,expires,rpm,metadata\nalice,sk-SECRET-123456,sk-SECRET-123456,\n"
+                              'bob,,,"{""x"": Infinity}"\n', parse_when)
+    assert rows == [] and "SECRET" not in " ".join(problems), problems
+    assert problems[0].startswith("line 2: expires: not a time") and problems[1].startswith("line 3: metadata")

@@ -130,6 +130,7 @@ def request_values(item: tuple[Any, ...]) -> tuple[list[Any], dict[str, Any] | N
     key_id = caller_key_id(key_id, refusal) or key_id
     if owner is None and refusal:  # (a key refused after its secret matched: revoked, expired, out of scope)
         owner = refusal.get("owner") if type(refusal.get("owner")) is str else None
+        team = refusal.get("team") if type(refusal.get("team")) is str else None
     if outcome == "client_disconnected":
         answered_by = "client_abort"
     elif rtype == "served" and outcome != "refused":  # a plugin's own API answered (2xx)

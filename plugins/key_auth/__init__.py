@@ -28,7 +28,7 @@ from gateway.plugin import Plugin, PluginConfig, Reply
 
 from .keys import (ID_LEN, KEY_ID, KEY_LEN, PREFIX, hash_secret, loose_key_id, parse_key, pepper_fingerprint,
                    secrets_match)
-from .store import LIMIT_FIELDS, KeyStore, UsageRecord, created_fields, normalise_scopes
+from .store import LIMIT_FIELDS, KeyStore, UsageRecord, created_fields, key_fields, normalise_scopes
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -521,6 +521,7 @@ class KeyAuth(Plugin):
             # (its secret matched: the refusal names the key's owner too, so the audit trail and
             # `gateway audit top --by owner` count it where it belongs)
             ctx.refusal["owner"] = entry.identity.get("owner")
+            ctx.refusal["team"] = entry.identity.get("team")
         # (a key store that is down: retried soon, as the conversation store's 503 says)
         headers = {"WWW-Authenticate": 'Bearer realm="gateway"'} if status == 401 else \
             {"Retry-After": "1"} if status == 503 else None
@@ -828,7 +829,7 @@ class KeyAuth(Plugin):
             if old["name"] == "demo":
                 await self.store.revoke(old["id"])
                 self.cache.invalidate(old["id"])
-                events.emit("key.revoked", actor="demo", key_id=old["id"])
+                events.emit("key.revoked", actor="demo", **key_fields(old))
         rec, key = await self.store.create(pepper=self.config.pepper, owner="demo", name="demo")
         events.emit("key.created", actor="demo", **created_fields(rec))
         return {"api_key": key}

@@ -25,7 +25,7 @@ from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store, limits_not_applied
 from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
-from .store import LIMIT_MAX, KeyImported, KeyRevoked, changed_values, created_fields
+from .store import LIMIT_MAX, KeyImported, KeyRevoked, changed_values, created_fields, key_fields
 
 if TYPE_CHECKING:
     from gateway.services import Services
@@ -387,7 +387,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         if rec is None:
             return _not_found(key_id)
         cache.invalidate(key_id)
-        events.emit("key.updated", actor=admin_identity(request), key_id=key_id, fields=sorted(changes),
+        events.emit("key.updated", actor=admin_identity(request), **key_fields(rec), fields=sorted(changes),
                     changes=changed_values(before, rec))
         _warn_unapplied(services, key_id, changes.get("limits") or {})
         return web.json_response(rec)
@@ -414,7 +414,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
             return _not_found(key_id)
         rec, key = res
         cache.invalidate(key_id)
-        events.emit("key.rotated", actor=admin_identity(request), key_id=key_id, grace_seconds=grace)
+        events.emit("key.rotated", actor=admin_identity(request), **key_fields(rec), grace_seconds=grace)
         return web.json_response({**rec, "key": key})
 
     async def revoke(request: web.Request) -> web.Response:
@@ -441,7 +441,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         assert key_id is not None
         cache.invalidate(key_id)
         cache.revoked_here.discard(key_id)  # (stored now: the database says so everywhere)
-        events.emit("key.revoked", actor=admin_identity(request), key_id=key_id)
+        events.emit("key.revoked", actor=admin_identity(request), **key_fields(rec))
         return web.json_response(rec)
 
     async def usage(request: web.Request) -> web.Response:

@@ -60,12 +60,15 @@ def read_jsonl(text: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
     """(line number, body) of each non-blank line, and the problems found."""
     rows: list[tuple[int, dict[str, Any]]] = []
     problems: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # (split on line feeds only: str.splitlines also splits on U+2028, U+0085 ..., which JSON
+    # holds as they are in strings)
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
-            body = json.loads(line)
-        except ValueError:
+            body = _json(line)
+        except (ValueError, RecursionError):
             problems.append(f"line {n}: not JSON (one object per line)")  # (the line may hold a key)
             continue
         if not isinstance(body, dict):
@@ -145,19 +148,19 @@ def _cell(body: dict[str, Any], col: str, cell: str, parse_when: Any) -> None:
         try:
             body.setdefault("limits", {})[col] = int(cell.strip())
         except ValueError:
-            raise ValueError(f"{col}: not a whole number: {cell[:40]!r}") from None
+            raise ValueError(f"{col}: not a whole number") from None  # (not repeated: a column mix-up may put a key here)
     elif col in ("expires_at", "expires"):
         try:
             when = parse_when(cell)
-        except Exception as e:  # (argparse's ArgumentTypeError, with the CLI's message)
-            raise ValueError(f"{col}: {e}") from None
+        except Exception:  # (argparse's ArgumentTypeError; its message repeats the value, which may be a key)
+            raise ValueError(f"{col}: not a time (use e.g. 30d, 12h, 2027-01-01, never)") from None
         body["expires_at"] = when.isoformat() if when is not None else None
     elif col in ("scope_paths", "scope_models"):
         body.setdefault("scopes", {})[col.removeprefix("scope_")] = [e for e in _ENTRIES.split(cell) if e]
     elif col == "metadata":
         try:
-            meta = json.loads(cell)
-        except ValueError:
+            meta = _json(cell)
+        except (ValueError, RecursionError):
             raise ValueError("metadata: not JSON (a JSON object, or use metadata.<name> columns)") from None
         if not isinstance(meta, dict):
             raise ValueError("metadata: not a JSON object")
@@ -167,6 +170,13 @@ def _cell(body: dict[str, Any], col: str, cell: str, parse_when: Any) -> None:
         if not name:
             raise ValueError(f"column {col!r} names no metadata entry")
         body.setdefault("metadata", {})[name] = cell
+
+
+def _json(text: str) -> Any:
+    """JSON as the admin API reads it: NaN, Infinity and numbers out of a float's range refused."""
+    from .admin import _finite, _no_constant
+
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
 
 
 def numbered(problems: list[str]) -> str:

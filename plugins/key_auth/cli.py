@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace, cfg: Any) -> int:
     from . import config_from_settings
     from .admin import CreateKey, RotateKey, UpdateKey
-    from .store import KeyImported, KeyRevoked, KeyStore, changed_values, created_fields
+    from .store import KeyImported, KeyRevoked, KeyStore, changed_values, created_fields, key_fields
 
     if args.keys_command == "import":
         rows = read_import(args)  # (before the database is opened: a file that cannot be taken changes nothing)
@@ -270,7 +270,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             rec = await store.update(args.key_id, ch, before)
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")
-            services.events.emit("key.updated", actor="cli", key_id=args.key_id, fields=sorted(ch),
+            services.events.emit("key.updated", actor="cli", **key_fields(rec), fields=sorted(ch),
                                  changes=changed_values(before, rec))
             _warn_unapplied(cfg, ch.get("limits") or {})
             return _out(args, rec)
@@ -285,13 +285,13 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 return _fail("a revoked key cannot be rotated; create a new one")
             if res is None:
                 return _fail(f"no key with id {args.key_id!r}")
-            services.events.emit("key.rotated", actor="cli", key_id=args.key_id, grace_seconds=grace)
+            services.events.emit("key.rotated", actor="cli", **key_fields(res[0]), grace_seconds=grace)
             return _out(args, {**res[0], "key": res[1]}, secret=res[1], did="rotated")
         if c == "revoke":
             rec = await store.revoke(args.key_id)
             if rec is None:
                 return _fail(f"no key with id {args.key_id!r}")
-            services.events.emit("key.revoked", actor="cli", key_id=args.key_id)
+            services.events.emit("key.revoked", actor="cli", **key_fields(rec))
             return _out(args, rec)
         if c == "usage":
             today = dt.datetime.now(dt.timezone.utc).date()

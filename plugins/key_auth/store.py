@@ -142,6 +142,12 @@ def public(row: ApiKey) -> dict[str, Any]:
     }
 
 
+def key_fields(rec: dict[str, Any]) -> dict[str, Any]:
+    """Whose key an event is about (``key.updated``, ``key.rotated``, ``key.revoked``): so that the
+    trail of an owner (``audit query --owner``) holds their offboarding too."""
+    return {"key_id": rec["id"], "owner": rec["owner"], "team": rec["team"]}
+
+
 def created_fields(rec: dict[str, Any]) -> dict[str, Any]:
     """What a ``key.created`` event records of a new key (never its secret)."""
     return {"key_id": rec["id"], "owner": rec["owner"], "name": rec["name"], "team": rec["team"],
