@@ -239,3 +239,19 @@ def test_jsonl_and_cells_are_read_as_the_admin_api_reads_them() -> None:
                               'bob,,,"{""x"": Infinity}"\n', parse_when)
     assert rows == [] and "SECRET" not in " ".join(problems), problems
     assert problems[0].startswith("line 2: expires: not a time") and problems[1].startswith("line 3: metadata")
+
+
+async def test_an_import_larger_than_the_audit_queue_records_every_key(tmp_path: Path) -> None:
+    """The audit trail's queue holds 10,000 events: an import of more lost the rest of its
+    key.created events and exited 1, though every key was made."""
+    import sqlite3
+
+    from .helpers import base_config, write_config
+
+    cfg = write_config(tmp_path / "gw.yaml", base_config("http://127.0.0.1:9", tmp_path, [
+        {"name": "key_auth"}, {"name": "audit"}], admin={"enabled": False}))
+    body = "owner,name\n" + "".join(f"u{i},n{i}\n" for i in range(10_300))
+    rc, out, err = await keys(cfg, "import", "-", "--format", "csv", stdin=body.encode())
+    assert rc == 0 and "10300 created" in err, err[-500:]
+    with sqlite3.connect(tmp_path / "gateway.db") as c:
+        assert c.execute("SELECT count(*) FROM audit_events WHERE type = 'key.created'").fetchone()[0] == 10_300

@@ -415,8 +415,12 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
             _fail("none of the keys printed above was created")
         raise
     made = [r["record"] for r in results if "record" in r]
-    for rec in made:
+    for i, rec in enumerate(made, 1):
         services.events.emit("key.created", actor="cli", **created_fields(rec))
+        if i % EVENTS_AT_ONCE == 0:
+            # (the audit trail's queue holds 10,000 events: past that, events of a large import
+            # were dropped, and the command exited 1 though every key was made)
+            await services.events.settle(60)
     skipped = len(results) - len(made)
     print(f"gateway keys: {len(made)} created" + (f", {skipped} skipped (exist already)" if skipped else ""),
           file=sys.stderr)
@@ -429,6 +433,10 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
             limits.update({f: v for f, v in item["limits"].items() if v is not None})
     _warn_unapplied(cfg, limits, whose="the imported keys' limits", dash="")
     return 0
+
+
+#: Events ``keys import`` hands to the audit trail before it waits for them to be written.
+EVENTS_AT_ONCE = 1000
 
 
 def _print_imported(args: argparse.Namespace, n: int, res: dict[str, Any]) -> None:
