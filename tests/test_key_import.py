@@ -164,3 +164,24 @@ async def test_lookups_of_tokens_are_shared_bounded_and_ride_out_a_store_failure
     assert (await call(g, LEGACY))[0] == 200
     st, body = await call(g, "sk-never-seen-before-1")
     assert st == 503 and body["error"]["code"] == "key_store_unavailable"
+
+
+async def test_a_leaked_imported_token_finds_and_revokes_its_key(make_gateway: Any, tmp_path: Path) -> None:
+    """A legacy token pasted in public: the CLI and the admin API find its key by the token's hash
+    (never echoing it), as they do for a whole gateway key; a token nobody imported is no key."""
+    g = await make_gateway([{"name": "key_auth", "config": {"imported_keys": True, "cache_ttl": 0}}])
+    st, a = await admin(g, "POST", "/keys", {"owner": "alice", "name": "legacy", "import_key": LEGACY})
+    assert (await call(g, LEGACY))[0] == 200
+    cfg = tmp_path / "gateway.yaml"
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "show", LEGACY, "--json",
+                                                 "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["id"] == a["id"], r.stderr
+    assert LEGACY not in r.stdout + r.stderr
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "keys", "show", OTHER, "-c",
+                                                 str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a key id" in r.stderr and OTHER not in r.stdout + r.stderr
+    st, rec = await admin(g, "POST", f"/keys/{LEGACY}/revoke")
+    assert st == 200 and rec["id"] == a["id"] and rec["status"] == "revoked" and LEGACY not in json.dumps(rec)
+    assert (await call(g, LEGACY))[0] == 401
+    st, e = await admin(g, "GET", f"/keys/{OTHER}")
+    assert st == 404 and OTHER not in json.dumps(e)

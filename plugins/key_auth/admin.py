@@ -24,7 +24,7 @@ from gateway.context import ANONYMOUS
 from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store, limits_not_applied
-from .keys import KEY_ID, NOT_A_KEY_ID, key_id_of
+from .keys import KEY_ID, NO_KEY_NAMED, imported_token_hash, key_id_of
 from .store import LIMIT_MAX, KeyImported, KeyRevoked, changed_values, created_fields, key_fields
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def _err(status: int, message: str, code: str, param: str | None = None) -> web.
 
 def _not_found(key_id: str) -> web.Response:
     if not KEY_ID.match(key_id):  # (never echoed: it may be a secret)
-        return _err(404, f"No API key: {NOT_A_KEY_ID}.", "key_not_found", "id")
+        return _err(404, f"No API key: {NO_KEY_NAMED}.", "key_not_found", "id")
     return _err(404, f"No API key with id {key_id!r}.", "key_not_found", "id")
 
 
@@ -261,8 +261,16 @@ def validation_message(error: Any) -> str:
     return str(error["msg"]).removeprefix("Value error, ") if error["type"] == "value_error" else str(error["msg"])
 
 
-def _key_id(request: web.Request) -> str | None:
-    return key_id_of(request.match_info["key_id"])
+async def _key_id(request: web.Request, store: Any) -> str | None:
+    """The key the path names: by its id, a whole key, or the token of an imported key (a leaked
+    one, pasted to find and revoke it: looked up by its hash, never echoed)."""
+    raw = request.match_info["key_id"]
+    key_id = key_id_of(raw)
+    if key_id is None:
+        h = imported_token_hash(raw)
+        if h is not None:
+            key_id = await store.imported_id(h)
+    return key_id
 
 
 def _date(v: str | None, default: dt.date) -> dt.date:
@@ -347,7 +355,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         return web.json_response({"object": "list", "data": data, "limit": limit, "offset": offset})
 
     async def show(request: web.Request) -> web.Response:
-        key_id = _key_id(request)
+        key_id = await _key_id(request, store)
         rec = await store.get(key_id) if key_id else None
         if rec is None:
             return _not_found(request.match_info["key_id"])
@@ -357,7 +365,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         return web.json_response(rec)
 
     async def patch(request: web.Request) -> web.Response:
-        key_id = _key_id(request)
+        key_id = await _key_id(request, store)
         if key_id is None:
             return _not_found(request.match_info["key_id"])
         body = await _body(request, UpdateKey)
@@ -393,7 +401,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         return web.json_response(rec)
 
     async def rotate(request: web.Request) -> web.Response:
-        key_id = _key_id(request)
+        key_id = await _key_id(request, store)
         if key_id is None:
             return _not_found(request.match_info["key_id"])
         body = await _body(request, RotateKey)
@@ -418,7 +426,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         return web.json_response({**rec, "key": key})
 
     async def revoke(request: web.Request) -> web.Response:
-        key_id = _key_id(request)
+        key_id = await _key_id(request, store)
         try:
             rec = await store.revoke(key_id) if key_id else None
         except DB_UNAVAILABLE as e:
@@ -445,7 +453,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         return web.json_response(rec)
 
     async def usage(request: web.Request) -> web.Response:
-        key_id = _key_id(request)
+        key_id = await _key_id(request, store)
         if key_id is None or await store.get(key_id) is None:
             return _not_found(request.match_info["key_id"])
         today = dt.datetime.now(dt.timezone.utc).date()

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import cli as core_cli
 
-from .keys import NOT_A_KEY_ID, key_id_of
+from .keys import NO_KEY_NAMED, imported_token_hash, key_id_of
 
 _UNSET: Any = object()  # an option not given (None means "clear it")
 _REL = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -175,11 +175,14 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         if isinstance(rows, str):
             return _fail(rows, code=2)  # (a file the command cannot take: a usage error, as for create)
         args.rows = rows
+    token_hash = None
     if getattr(args, "key_id", None) is not None:
         key_id = key_id_of(args.key_id)
-        if key_id is None:  # (a usage error, as argparse's: exit 2)
-            _fail(NOT_A_KEY_ID)
-            return 2
+        if key_id is None:
+            token_hash = imported_token_hash(args.key_id)  # (a leaked imported token: found by its hash)
+            if token_hash is None:  # (a usage error, as argparse's: exit 2)
+                _fail(NO_KEY_NAMED)
+                return 2
         args.key_id = key_id
     services = await core_cli.cli_services(cfg, create=args.keys_command == "create" or (
                                                args.keys_command == "import" and not args.dry_run),
@@ -188,6 +191,10 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     kcfg = config_from_settings(cfg)
     try:
         c = args.keys_command
+        if token_hash is not None:
+            args.key_id = await store.imported_id(token_hash)
+            if args.key_id is None:
+                return _fail(NO_KEY_NAMED, code=2)
         if c in ("create", "import", "rotate"):
             from .keys import pepper_fingerprint
 

@@ -97,6 +97,18 @@ def key_id_of(arg: str) -> str | None:
 
 #: Why an argument names no key (the argument itself is not repeated: it may be a secret).
 NOT_A_KEY_ID = "not a key id: an id is the 12 letters and digits after 'gw_' (a whole key is taken too)"
+#: The same where an imported key's token names its key too (key administration).
+NO_KEY_NAMED = ("not a key id, a whole key or the token of an imported key: an id is the 12 letters and digits "
+                "after 'gw_'")
+
+
+def imported_token_hash(arg: str) -> str | None:
+    """The SHA-256 (hex) an imported key is stored by, for an argument that could be its token (a
+    leaked one pasted to find and revoke its key); None for one that cannot (a gateway key, blanks)."""
+    if not 8 <= len(arg) <= 1024 or arg != arg.strip() or not arg.isprintable() or not arg.isascii() \
+            or arg.startswith(PREFIX):
+        return None
+    return hashlib.sha256(arg.encode()).hexdigest()
 
 
 def hash_secret(pepper: str, secret: str) -> str:
