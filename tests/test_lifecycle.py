@@ -454,6 +454,7 @@ def _register_failstart() -> None:
 
     class FailConfig(PluginConfig):
         fail: bool = Field(False, description="Raise in startup.")
+        hang: bool = Field(False, description="Never finish startup.")
 
     class _FailStart(Plugin):
         name = "t_lifecycle_failstart"
@@ -462,6 +463,8 @@ def _register_failstart() -> None:
         async def startup(self) -> None:
             if self.config.fail:
                 raise RuntimeError("cannot start on purpose")
+            if self.config.hang:
+                await asyncio.Event().wait()  # (a connect to a server that never answers)
             LifeRec.events.append("failstart started")
 
         async def shutdown(self) -> None:
@@ -473,28 +476,6 @@ def _register_failstart() -> None:
 _register_failstart()
 
 
-def _register_hangstart() -> None:
-    from pydantic import Field
-
-    from gateway.plugin import Plugin, PluginConfig, registry
-
-    class HangConfig(PluginConfig):
-        hang: bool = Field(False, description="Never finish startup.")
-
-    class _HangStart(Plugin):
-        name = "t_lifecycle_hangstart"
-        Config = HangConfig
-
-        async def startup(self) -> None:
-            if self.config.hang:
-                await asyncio.Event().wait()  # (a connect to a server that never answers)
-
-    registry.register(_HangStart)
-
-
-_register_hangstart()
-
-
 async def test_a_plugin_whose_startup_never_finishes_fails_the_reload_and_the_start(
         make_gateway: Any, tmp_path: Path, monkeypatch: Any) -> None:
     """A plugin's startup() that hung held the reload's answer, and every reload after it, for
@@ -504,7 +485,7 @@ async def test_a_plugin_whose_startup_never_finishes_fails_the_reload_and_the_st
 
     monkeypatch.setattr(gateway.runtime, "PLUGIN_STARTUP_TIMEOUT", 0.5, raising=False)
     g = await make_gateway([{"name": "headers", "config": {"response": {"X-Version": "1"}}},
-                            {"name": "t_lifecycle_hangstart"}])
+                            {"name": "t_lifecycle_failstart"}])
     path = Path(g.gw.cfg.path)
     async with aiohttp.ClientSession(timeout=T) as s:
         _edit(path, lambda c: (c["plugins"][1].update({"config": {"hang": True}}),
@@ -513,7 +494,7 @@ async def test_a_plugin_whose_startup_never_finishes_fails_the_reload_and_the_st
             async with s.post(g.admin_url + "/config/reload", headers=AUTH) as r:
                 assert r.status == 400
                 msg = (await r.json())["error"]["message"]
-        assert "plugin t_lifecycle_hangstart failed to start" in msg and "within 0.5s" in msg, msg
+        assert "plugin t_lifecycle_failstart failed to start" in msg and "within 0.5s" in msg, msg
         async with s.get(g.url + "/v1/models") as r:
             assert r.status == 200 and r.headers["X-Version"] == "1"
         _edit(path, lambda c: c["plugins"][1].update({"config": {"hang": False}}))
@@ -531,7 +512,7 @@ async def test_a_plugin_whose_startup_never_finishes_fails_the_reload_and_the_st
         with pytest.raises(gateway.runtime.PluginStartupTimeout, match="within 0.5s") as e:
             async with asyncio.timeout(20):
                 await gw.start()
-        assert e.value.gateway_plugin == "t_lifecycle_hangstart"  # (named by `gateway serve`'s error)
+        assert e.value.gateway_plugin == "t_lifecycle_failstart"  # (named by `gateway serve`'s error)
     finally:
         if gw.upstream is not None:
             await gw.upstream.close()
