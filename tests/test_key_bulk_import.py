@@ -255,3 +255,34 @@ async def test_an_import_larger_than_the_audit_queue_records_every_key(tmp_path:
     assert rc == 0 and "10300 created" in err, err[-500:]
     with sqlite3.connect(tmp_path / "gateway.db") as c:
         assert c.execute("SELECT count(*) FROM audit_events WHERE type = 'key.created'").fetchone()[0] == 10_300
+
+
+async def test_every_key_of_an_owner_or_a_team_is_revoked_at_once(make_gateway: Any, tmp_path: Path) -> None:
+    """Offboarding: `keys revoke --owner X` (or --team) revokes every key of theirs in one statement,
+    each recorded; a running gateway refuses them within watch_interval; a name that matches no
+    key is an error (a typo must not look like an offboarding done)."""
+    g = await make_gateway([{"name": "key_auth", "config": {"watch_interval": 0.2}}, {"name": "audit"}])
+    cfg = tmp_path / "gateway.yaml"
+    rc, out, err = await keys(cfg, "import", "-", "--format", "csv", "--json",
+                              stdin=b"owner,name,team\nalice,a1,red\nalice,a2,blue\nbob,b1,red\ncarol,c1,\n")
+    made = {m["name"]: m for m in map(json.loads, out.splitlines())}
+    assert all([await chat(g, m["key"]) == 200 for m in made.values()])
+    rc, out, err = await keys(cfg, "revoke", "--owner", "alic")
+    assert rc == 1 and "no key of owner 'alic' to revoke" in err
+    rc, out, err = await keys(cfg, "revoke", "--team", "red", "--dry-run", "--json")
+    assert rc == 0 and {k["name"] for k in json.loads(out)} == {"a1", "b1"} and "would be revoked" in err
+    assert await chat(g, made["b1"]["key"]) == 200  # (a dry run revokes nothing)
+    rc, out, err = await keys(cfg, "revoke", "--owner", "alice", "--json")
+    assert rc == 0 and {k["name"] for k in json.loads(out)} == {"a1", "a2"} and "2 key(s)" in err
+    await asyncio.sleep(1.0)
+    assert [await chat(g, made[n]["key"]) for n in ("a1", "a2", "b1", "c1")] == [401, 401, 200, 200]
+    rc, out, err = await keys(cfg, "revoke", "--team", "red", "--owner", "bob")
+    assert rc == 0 and "1 key(s)" in err
+    rc, _, err = await keys(cfg, "revoke", made["c1"]["id"], "--owner", "carol")
+    assert rc == 2
+    await g.stop()
+    rc, out, err = await keys(cfg, "list", "--json")
+    assert sorted(k["status"] for k in json.loads(out)) == ["active", "revoked", "revoked", "revoked"]
+    from .test_audit import acli
+    r = await acli(cfg, "query", "--type", "key.revoked", "--owner", "alice")
+    assert len(r.stdout.splitlines()) == 2

@@ -128,8 +128,11 @@ def add_cli(subparsers: Any) -> None:
     c = cmd("rotate", "issue a new secret (printed once); the old one works for the grace period")
     c.add_argument("key_id")
     c.add_argument("--grace", type=float, metavar="SECONDS", help="grace period (default: rotation_grace)")
-    c = cmd("revoke", "revoke a key for good")
-    c.add_argument("key_id")
+    c = cmd("revoke", "revoke a key for good (or every key of an owner or a team: --owner / --team)")
+    c.add_argument("key_id", nargs="?", help="the key (its id, the whole key, or an imported key's token)")
+    c.add_argument("--owner", help="revoke every key of this owner (offboarding), in one statement")
+    c.add_argument("--team", help="revoke every key of this team (with --owner: that owner's keys in it)")
+    c.add_argument("--dry-run", action="store_true", help="with --owner / --team: list the keys, revoke nothing")
     c = cmd("usage", "usage per day and totals")
     c.add_argument("key_id")
     c.add_argument("--from", dest="start", type=dt.date.fromisoformat, help="first day (default: 1st of this month)")
@@ -176,6 +179,12 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
             return _fail(rows, code=2)  # (a file the command cannot take: a usage error, as for create)
         args.rows = rows
     token_hash = None
+    if args.keys_command == "revoke" and (args.key_id is None) == (args.owner is None and args.team is None):
+        _fail("give a key, or --owner and/or --team (not both)")
+        return 2
+    if args.keys_command == "revoke" and args.dry_run and args.key_id is not None:
+        _fail("--dry-run goes with --owner / --team")
+        return 2
     if getattr(args, "key_id", None) is not None:
         key_id = key_id_of(args.key_id)
         if key_id is None:
@@ -294,6 +303,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
                 return _fail(f"no key with id {args.key_id!r}")
             services.events.emit("key.rotated", actor="cli", **key_fields(res[0]), grace_seconds=grace)
             return _out(args, {**res[0], "key": res[1]}, secret=res[1], did="rotated")
+        if c == "revoke" and args.key_id is None:
+            return await _revoke_all(args, store, services)
         if c == "revoke":
             rec = await store.revoke(args.key_id)
             if rec is None:
@@ -444,6 +455,28 @@ async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, ser
 
 #: Events ``keys import`` hands to the audit trail before it waits for them to be written.
 EVENTS_AT_ONCE = 1000
+
+
+async def _revoke_all(args: argparse.Namespace, store: Any, services: Any) -> int:
+    """``keys revoke --owner X / --team T``: every key not yet revoked, in one statement."""
+    from .store import key_fields
+
+    which = " and ".join(f"{k} {v!r}" for k, v in (("owner", args.owner), ("team", args.team)) if v is not None)
+    recs = await store.revoke_all(owner=args.owner, team=args.team, dry_run=args.dry_run)
+    if not recs:  # (a typo in a name must not look like an offboarding done)
+        return _fail(f"no key of {which} to revoke (none left, or a typo?)")
+    if not args.dry_run:
+        for rec in recs:
+            services.events.emit("key.revoked", actor="cli", **key_fields(rec))
+    if args.json:
+        core_cli.print_json(recs)
+    else:
+        for rec in recs:
+            name = core_cli.terminal_text(rec["name"])
+            print(f"{rec['id']}  {core_cli.terminal_text(rec['owner'])}  {name}")
+    print(f"gateway keys: {len(recs)} key(s) of {core_cli.terminal_text(which)} "
+          + ("would be revoked (dry run)" if args.dry_run else "revoked"), file=sys.stderr)
+    return 0
 
 
 def _print_imported(args: argparse.Namespace, n: int, res: dict[str, Any]) -> None:

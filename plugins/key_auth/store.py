@@ -474,6 +474,34 @@ class KeyStore:
         row = await self._change(key_id, apply)
         return public(row) if row is not None else None
 
+    async def revoke_all(self, *, owner: str | None = None, team: str | None = None,
+                         dry_run: bool = False) -> list[dict[str, Any]]:
+        """Revoke every key not yet revoked of ``owner`` and/or ``team`` (one of them at least) in one
+        statement: the keys made up to it included, all or none. Returns the keys revoked (with
+        ``dry_run``, the ones that would be), oldest first."""
+        assert owner is not None or team is not None
+        cond = [ApiKey.revoked_at.is_(None)]
+        if owner is not None:
+            cond.append(ApiKey.owner == owner)
+        if team is not None:
+            cond.append(ApiKey.team == team)
+        async with self.db.session() as s:
+            if dry_run:
+                rows = list((await s.execute(select(ApiKey).where(*cond)
+                                             .order_by(ApiKey.created_at, ApiKey.id))).scalars())
+                return [public(r) for r in rows]
+            now = utcnow()
+            ids = [r[0] for r in await s.execute(
+                update(ApiKey).where(*cond).values(revoked_at=now, prev_secret_hash=None, prev_valid_until=None,
+                                                   updated_at=now).returning(ApiKey.id)
+                .execution_options(synchronize_session=False))]
+            await s.commit()
+            if not ids:
+                return []
+            rows = list((await s.execute(select(ApiKey).where(ApiKey.id.in_(ids))
+                                         .order_by(ApiKey.created_at, ApiKey.id))).scalars())
+            return [public(r) for r in rows]
+
     # -- usage ----------------------------------------------------------------------------------------
     async def record_usage(self, records: Sequence[UsageRecord], touch: Iterable[tuple[str, dt.datetime]] = ()) -> None:
         """Add a batch of usage deltas to the daily rollups (one upsert) and move
