@@ -24,7 +24,7 @@ from gateway.context import ANONYMOUS
 from gateway.errors import error_body
 
 from . import current_config, key_cache, key_store, limits_not_applied
-from .keys import KEY_ID, NO_KEY_NAMED, imported_token_hash, key_id_of
+from .keys import KEY_ID, NO_KEY_NAMED
 from .store import LIMIT_MAX, KeyImported, KeyRevoked, changed_values, created_fields, key_fields
 
 if TYPE_CHECKING:
@@ -262,15 +262,8 @@ def validation_message(error: Any) -> str:
 
 
 async def _key_id(request: web.Request, store: Any) -> str | None:
-    """The key the path names: by its id, a whole key, or the token of an imported key (a leaked
-    one, pasted to find and revoke it: looked up by its hash, never echoed)."""
-    raw = request.match_info["key_id"]
-    key_id = key_id_of(raw)
-    if key_id is None:
-        h = imported_token_hash(raw)
-        if h is not None:
-            key_id = await store.imported_id(h)
-    return key_id
+    """The key the path names (see KeyStore.named_key_id); never echoed."""
+    return await store.named_key_id(request.match_info["key_id"])
 
 
 def _date(v: str | None, default: dt.date) -> dt.date:

@@ -178,7 +178,7 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         if isinstance(rows, str):
             return _fail(rows, code=2)  # (a file the command cannot take: a usage error, as for create)
         args.rows = rows
-    token_hash = None
+    named = None
     if args.keys_command == "revoke" and (args.key_id is None) == (args.owner is None and args.team is None):
         _fail("give a key, or --owner and/or --team (not both)")
         return 2
@@ -186,13 +186,11 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         _fail("--dry-run goes with --owner / --team")
         return 2
     if getattr(args, "key_id", None) is not None:
-        key_id = key_id_of(args.key_id)
-        if key_id is None:
-            token_hash = imported_token_hash(args.key_id)  # (a leaked imported token: found by its hash)
-            if token_hash is None:  # (a usage error, as argparse's: exit 2)
-                _fail(NO_KEY_NAMED)
-                return 2
-        args.key_id = key_id
+        # (checked before the database is opened; a leaked imported token is found by its hash then)
+        if key_id_of(args.key_id) is None and imported_token_hash(args.key_id) is None:
+            _fail(NO_KEY_NAMED)  # (a usage error, as argparse's: exit 2)
+            return 2
+        named, args.key_id = args.key_id, None
     services = await core_cli.cli_services(cfg, create=args.keys_command == "create" or (
                                                args.keys_command == "import" and not args.dry_run),
                                            writes=args.keys_command not in ("list", "show", "usage"))
@@ -200,8 +198,8 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
     kcfg = config_from_settings(cfg)
     try:
         c = args.keys_command
-        if token_hash is not None:
-            args.key_id = await store.imported_id(token_hash)
+        if named is not None:
+            args.key_id = await store.named_key_id(named)
             if args.key_id is None:
                 return _fail(NO_KEY_NAMED, code=2)
         if c in ("create", "import", "rotate"):
@@ -334,8 +332,9 @@ async def _run(args: argparse.Namespace, cfg: Any) -> int:
         await services.db.close()
 
 
-def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | str:
-    """The rows of ``keys import``'s file, checked by the admin API's rules, or what is wrong with it."""
+def read_import(args: argparse.Namespace) -> list[tuple[int, Any]] | str:
+    """The rows of ``keys import``'s file as the admin API takes them (line number, CreateKey), or
+    what is wrong with the file."""
     from . import bulk
     from .admin import CreateKey
 
@@ -354,12 +353,14 @@ def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | 
     except bulk.BadFile as e:
         return f"{args.file}: {e}"
     seen: dict[str, int] = {}
+    bodies: list[tuple[int, Any]] = []
     for n, body in rows:
-        problem = _invalid(CreateKey, body)
+        key, problem = _validated(CreateKey, body)
         if problem:
             problems.append(f"line {n}: {problem}")
             continue
-        h = CreateKey.model_validate(body).import_hash()
+        bodies.append((n, key))
+        h = key.import_hash()
         if h is not None:
             if h in seen:
                 problems.append(f"line {n}: imports the same key as line {seen[h]}")
@@ -367,20 +368,18 @@ def read_import(args: argparse.Namespace) -> list[tuple[int, dict[str, Any]]] | 
     if problems:
         problems.sort(key=lambda p: int(p.split(":")[0].removeprefix("line ")))
         return f"{args.file}: nothing was created:\n{bulk.numbered(problems)}"
-    if not rows:
+    if not bodies:
         return f"{args.file}: no keys in the file"
-    return rows
+    return bodies
 
 
 async def _import(args: argparse.Namespace, cfg: Any, kcfg: Any, store: Any, services: Any) -> int:
-    from .admin import CreateKey
     from .store import KeyImported, KeysChanged, created_fields
 
     rows = args.rows
-    bodies = [CreateKey.model_validate(b) for _, b in rows]
     items = [{"owner": b.owner, "name": b.name, "team": b.team, "metadata": b.metadata,
               "scopes": b.scopes.model_dump(), "limits": b.limits.model_dump(), "expires_at": b.expires_at,
-              "import_hash": b.import_hash()} for b in bodies]
+              "import_hash": b.import_hash()} for _, b in rows]
 
     class DryRun(Exception):
         pass
@@ -513,19 +512,24 @@ def _warn_unapplied(cfg: Any, limits: dict[str, Any], whose: str = "the key's li
               "(rate_limit applies them with key_overrides: true)")
 
 
-def _invalid(model: Any, data: dict[str, Any]) -> str | None:
-    """The first problem the admin API would report for the same values (one rule set for both), or None."""
+def _validated(model: Any, data: dict[str, Any]) -> tuple[Any, str | None]:
+    """The values as the admin API takes them (one rule set for both), or None and the first
+    problem it would report."""
     from pydantic import ValidationError
 
     from .admin import validation_message
     try:
-        model.model_validate(data)
+        return model.model_validate(data), None
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         loc = ".".join(str(p) for p in first["loc"])
         msg = "unknown field" if first["type"] == "extra_forbidden" else validation_message(first)
-        return f"{loc}: {msg}" if loc else msg
-    return None
+        return None, f"{loc}: {msg}" if loc else msg
+
+
+def _invalid(model: Any, data: dict[str, Any]) -> str | None:
+    """The first problem the admin API would report for the same values, or None."""
+    return _validated(model, data)[1]
 
 
 def _out(args: argparse.Namespace, rec: dict[str, Any], secret: str | None = None, did: str = "created") -> int:

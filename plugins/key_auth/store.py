@@ -23,7 +23,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from gateway.db import Base, Database, DatabaseError, row_chunks
 
-from .keys import format_key, hash_secret, new_key_id, new_secret
+from .keys import format_key, hash_secret, imported_token_hash, key_id_of, new_key_id, new_secret
 
 UTC = dt.timezone.utc
 LIMIT_FIELDS = ("rpm", "tpm", "daily_tokens", "monthly_tokens", "max_parallel")
@@ -142,6 +142,18 @@ def public(row: ApiKey) -> dict[str, Any]:
     }
 
 
+def _new_row(key_id: str, pepper: str, secret: str, now: dt.datetime, *, owner: str, name: str = "",
+             team: str | None = None, metadata: dict[str, Any] | None = None, scopes: Any = None,
+             limits: dict[str, int | None] | None = None, expires_at: dt.datetime | None = None,
+             import_hash: str | None = None) -> ApiKey:
+    """A new key's row (only the secret's hash is kept)."""
+    limits = limits or {}
+    return ApiKey(id=key_id, name=name, owner=owner, team=team, meta=metadata or {},
+                  scopes=normalise_scopes(scopes), secret_hash=hash_secret(pepper, secret), created_at=now,
+                  updated_at=now, expires_at=expires_at, import_hash=import_hash,
+                  **{f: limits.get(f) for f in LIMIT_FIELDS})
+
+
 def key_fields(rec: dict[str, Any]) -> dict[str, Any]:
     """Whose key an event is about (``key.updated``, ``key.rotated``, ``key.revoked``): so that the
     trail of an owner (``audit query --owner``) holds their offboarding too."""
@@ -219,10 +231,8 @@ class KeyStore:
                 key_id = new_key_id()
                 if await s.get(ApiKey, key_id) is None:
                     break
-            row = ApiKey(id=key_id, name=name, owner=owner, team=team, meta=metadata or {},
-                         scopes=normalise_scopes(scopes), secret_hash=hash_secret(pepper, secret),
-                         created_at=now, updated_at=now, expires_at=expires_at, import_hash=import_hash,
-                         **{f: limits.get(f) for f in LIMIT_FIELDS})
+            row = _new_row(key_id, pepper, secret, now, owner=owner, name=name, team=team, metadata=metadata,
+                           scopes=scopes, limits=limits, expires_at=expires_at, import_hash=import_hash)
             s.add(row)
             try:
                 await s.commit()
@@ -269,12 +279,7 @@ class KeyStore:
                     results.append({"skipped": old})
                     continue
                 secret = new_secret()
-                limits = it.get("limits") or {}
-                row = ApiKey(id=new_key_id(), name=label[1], owner=label[0], team=it.get("team"),
-                             meta=it.get("metadata") or {}, scopes=normalise_scopes(it.get("scopes")),
-                             secret_hash=hash_secret(pepper, secret), created_at=now, updated_at=now,
-                             expires_at=it.get("expires_at"), import_hash=h,
-                             **{f: limits.get(f) for f in LIMIT_FIELDS})
+                row = _new_row(new_key_id(), pepper, secret, now, **{**it, "name": label[1], "import_hash": h})
                 if label[1]:
                     planned.setdefault(label, row)
                 rows.append(row)
@@ -340,6 +345,16 @@ class KeyStore:
                     else:
                         out.setdefault((r[1], r[2]), r[0])
         return out
+
+    async def named_key_id(self, arg: str) -> str | None:
+        """The key an admin names: by its id, a whole key, or the token of an imported key (a leaked
+        one, pasted to find and revoke its key: looked up by its hash). None: no such key."""
+        key_id = key_id_of(arg)
+        if key_id is None:
+            h = imported_token_hash(arg)
+            if h is not None:
+                key_id = await self.imported_id(h)
+        return key_id
 
     async def imported_id(self, import_hash: str) -> str | None:
         """The id of the key imported with this hash, if any."""
