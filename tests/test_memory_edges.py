@@ -79,6 +79,7 @@ class Strict:
     """The backend. Its answer depends on the model asked for:
 
     * ``text``: ``answer <n>``; ``tools``: three tool calls when the last message is a user's, else text;
+      ``compact``: the same, their arguments written compactly with non-ASCII as is (as OpenAI does);
     * ``same``: always ``Yes.``; ``samecut``: a stream of all of ``Yes.`` that dies before its end;
     * ``drop``: a stream that dies after some text; ``drop0``: one that dies before any;
     * ``reason``: an answer whose completion_tokens are mostly hidden reasoning (1000 of 1005);
@@ -103,9 +104,13 @@ class Strict:
         n = len(self.seen)
         text = "Yes." if model in ("same", "samecut") else f"answer {n}"
         calls = None
-        if model == "tools" and msgs[-1]["role"] == "user":
+        if model in ("tools", "compact") and msgs[-1]["role"] == "user":
+            # (compact: arguments written as OpenAI writes them, no blanks, non-ASCII as is)
             calls = [{"id": f"call_{n}_{j}", "type": "function",
-                      "function": {"name": "weather", "arguments": json.dumps({"city": f"c{j}"})}} for j in range(3)]
+                      "function": {"name": "weather", "arguments": json.dumps({"city": f"c{j}"}) if model == "tools"
+                                   else json.dumps({"city": f"Zürich {j}", "days": j, "units": {"t": "C"}},
+                                                   separators=(",", ":"), ensure_ascii=False)}}
+                     for j in range(3)]
         prompt = count_tokens(msgs)
         completion = 3
         usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -702,3 +707,73 @@ async def test_a_full_history_client_that_edited_once_is_matched_again(make_gate
         assert len(rows) == before + 6                      # two messages a turn
         assert sizes[1] - sizes[0] == sizes[2] - sizes[1] == 2
         assert up.refused == []
+
+
+# -- tool-call arguments written out again by the client -------------------------------------------------
+def rewritten(call: dict[str, Any], **dumps: Any) -> dict[str, Any]:
+    """An answer with tool calls as LangChain sends it back: the arguments parsed and written again
+    with ``json.dumps`` (blanks after ``:`` and ``,``, non-ASCII escaped), the content empty."""
+    return {"role": "assistant", "content": "", "tool_calls": [
+        {"id": tc["id"], "type": "function", "function": {
+            "name": tc["function"]["name"], "arguments": json.dumps(json.loads(tc["function"]["arguments"]), **dumps)}}
+        for tc in call["tool_calls"]]}
+
+
+def answers(call: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "tool", "tool_call_id": tc["id"], "content": f"sunny {j}"} for j, tc in enumerate(call["tool_calls"])]
+
+
+async def test_tool_call_arguments_written_out_again_are_not_an_edit(make_gateway: Any, db: dict[str, Any]) -> None:
+    """An agent loop whose client sends tool calls back with their arguments re-serialised (blanks,
+    ``\\uXXXX`` escapes) while the backend wrote them compactly: the same answer, so the
+    conversation goes on (it forked at every step: each step a new conversation holding the whole
+    history again). A tool call whose arguments really changed is still an edit."""
+    async with strict_gateway(make_gateway, {"enabled": False}, database=db) as (g, up):
+        for stream in (False, True):
+            msgs = [SYS, user("weather in three cities?")]
+            st, cid, call = await chat(g, msgs, model="compact")
+            if stream:  # (the first answer streamed: its arguments stored as the deltas came)
+                st, cid, _ = await chat(g, msgs, model="compact", stream=True)
+                call = (await stored(g, cid))[-1][0]
+            assert st == 200 and '"city":"Zürich 0"' in call["tool_calls"][0]["function"]["arguments"]
+            for step, dumps in enumerate(({}, {"ensure_ascii": False}, {"separators": (",", ":")})):
+                back = rewritten(call, **dumps)
+                assert back["tool_calls"] != call["tool_calls"] or dumps.get("separators")
+                msgs += [back, *answers(call), user(f"and then {step}?")]
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(g.url + "/v1/chat/completions", json={"model": "compact", "messages": msgs},
+                                      headers={"X-Conversation-ID": cid}) as r:
+                        assert r.status == 200, await r.text()
+                        assert r.headers["X-Conversation-ID"] == cid and "X-Conversation-Parent-ID" not in r.headers
+                        call = (await r.json())["choices"][0]["message"]
+            rows = await stored(g, cid)
+            assert [m["role"] for m, _ in rows] == ["system", "user"] + ["assistant", "tool", "tool", "tool", "user"] * 3 \
+                + ["assistant"]
+            assert [r.position for _, r in rows] == list(range(len(rows)))
+            # the stored answers are the backend's, as it wrote them
+            assert all('"city":"Zürich' in m["tool_calls"][0]["function"]["arguments"]
+                       for m, _ in rows if m.get("tool_calls"))
+        # a real edit: another city
+        edited = rewritten(call)
+        edited["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "Bern", "days": 0, "units": {"t": "C"}})
+        st, fork, _ = await chat(g, msgs + [edited, *answers(call)], cid, model="compact")
+        assert st == 200 and fork != cid
+        assert up.refused == []
+
+
+async def test_with_memory_tool_calls_written_out_again_are_a_resent_history(make_gateway: Any) -> None:
+    """Memory on, a client that resends its whole history with re-serialised tool-call arguments
+    (LangChain): recognised as the history it is, so the backend gets each message once and
+    nothing is stored twice (the question and the tool calls went upstream twice)."""
+    async with strict_gateway(make_gateway) as (g, up):
+        msgs = [SYS, user("weather in three cities?")]
+        st, cid, call = await chat(g, msgs, model="compact")
+        for step in range(3):
+            msgs += [rewritten(call), *answers(call), user(f"and then {step}?")]
+            st, _, call = await chat(g, msgs, cid, model="compact")
+            assert st == 200 and up.refused == []
+            got = up.seen[-1]["messages"]
+            assert [m["role"] for m in got] == [m["role"] for m in msgs]
+            assert sum(m.get("content") == "weather in three cities?" for m in got) == 1
+        rows = await stored(g, cid)
+        assert len(rows) == len(msgs) + 1

@@ -223,6 +223,76 @@ def digest(m: Any) -> str:
     return hashlib.blake2b(canonical(m).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+#: How tool-call arguments are written out again by clients that parse them and send them back
+#: (separators, and whether non-ASCII is escaped): Python's ``json.dumps`` (LangChain), compact
+#: (OpenAI, ``JSON.stringify``), each with and without ``\uXXXX`` escapes.
+_ARGUMENT_FORMS = ((", ", ": ", True), (",", ":", True), (", ", ": ", False), (",", ":", False))
+
+
+def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The assistant message ``m`` with its tool calls' arguments written each way of
+    ``_ARGUMENT_FORMS`` (the parsed JSON's key order kept; arguments that are not JSON as sent),
+    the forms that differ from ``m``."""
+    calls = m.get("tool_calls")
+    parsed: list[Any] = []
+    for tc in calls:  # type: ignore[union-attr]
+        a = _fn(tc).get("arguments") if isinstance(tc, dict) else None
+        try:
+            parsed.append(json.loads(a) if isinstance(a, str) else _NOT_JSON)
+        except (ValueError, RecursionError):
+            parsed.append(_NOT_JSON)
+    if all(p is _NOT_JSON for p in parsed):
+        return []
+    out = []
+    for item, key, ascii_only in _ARGUMENT_FORMS:
+        tcs, differs = [], False
+        for tc, p in zip(calls, parsed):  # type: ignore[arg-type]
+            if p is not _NOT_JSON:
+                try:
+                    a = json.dumps(p, separators=(item, key), ensure_ascii=ascii_only)
+                except (ValueError, RecursionError):
+                    a = tc["function"]["arguments"]
+                if a != tc["function"]["arguments"]:
+                    tc = {**tc, "function": {**tc["function"], "arguments": a}}
+                    differs = True
+            tcs.append(tc)
+        if differs:
+            out.append({**m, "tool_calls": tcs})
+    return out
+
+
+_NOT_JSON = object()
+
+
+def aligned(msgs: list[Any], digests: list[str], stored: list[str]) -> list[str]:
+    """``digests`` (of ``msgs``), where a resent assistant message differs from a stored one only
+    in how its tool calls' arguments are written (blanks, ``\\uXXXX`` escapes: a client that parsed
+    them and wrote them out again, as LangChain does), with the stored message's digest: the same
+    answer, not an edit. Only messages whose digest is not stored already are tried."""
+    have: set[str] | None = None
+    out = digests
+    for i, m in enumerate(msgs):
+        if type(m) is not dict or m.get("role") != "assistant":
+            continue
+        tcs = m.get("tool_calls")
+        if not isinstance(tcs, list) or not tcs:
+            continue
+        if have is None:
+            have = set(stored)
+            if not have:
+                return digests
+        if digests[i] in have:
+            continue
+        for form in _argument_forms(m):
+            d = digest(form)
+            if d in have:
+                if out is digests:
+                    out = list(digests)
+                out[i] = d
+                break
+    return out
+
+
 def text_len(m: dict[str, Any]) -> int:
     """Characters of a message that the model reads: text content, text parts, tool-call name and
     arguments, plus the role (so an empty message still weighs something)."""
@@ -525,7 +595,7 @@ class Conversations(Plugin):
                                                  "invalid_request_error", "invalid_header", h))
                 try:
                     async with asyncio.timeout(VIEW_WAIT):
-                        cid = await self._named(owner, external, digests, memory)
+                        cid = await self._named(owner, external, msgs, digests, memory)
                 except Exception as e:
                     log.warning("conversation store unavailable (request %s): %s", ctx.request_id,
                                 type(e).__name__)
@@ -563,6 +633,7 @@ class Conversations(Plugin):
                 ctx.refusal = {"plugin": self.name, "type": "not_found", "reason": "conversation_not_found"}
                 return _not_found()
             n = v.count
+            digests = aligned(msgs, digests, v.digests)
             k = 0
             while k < n and k < len(digests) and v.digests[k] == digests[k]:
                 k += 1
@@ -675,7 +746,8 @@ class Conversations(Plugin):
             ctx.response_headers["X-Conversation-Parent-ID"] = parent_id
         return None
 
-    async def _named(self, owner: str, external: str, digests: list[str], memory: bool) -> str | None:
+    async def _named(self, owner: str, external: str, msgs: list[Any], digests: list[str], memory: bool
+                     ) -> str | None:
         """The conversation a client's name continues: of the owner's conversations of that name
         that begin with the request's first message (the 8 most recently used), the one whose
         stored messages the request's match furthest (of equals, the one holding more, then the
@@ -700,8 +772,9 @@ class Conversations(Plugin):
             v = await shared.view(c, ttl)
             if v is None or v.owner != owner:
                 continue
-            k, n = 0, min(v.count, len(digests))
-            while k < n and v.digests[k] == digests[k]:
+            mine = aligned(msgs, digests, v.digests)
+            k, n = 0, min(v.count, len(mine))
+            while k < n and v.digests[k] == mine[k]:
                 k += 1
             if k > best_k or (k == best_k and k and v.count > best_n):
                 best, best_k, best_n = c, k, v.count
