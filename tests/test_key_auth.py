@@ -579,6 +579,29 @@ async def test_usage_rollup_plain_streamed_and_cancelled(make_gateway: Any) -> N
     assert u2["totals"] == u["totals"]
 
 
+async def test_last_used_at_is_written_at_stop(make_gateway: Any, tmp_path: Path) -> None:
+    """``last_used_at`` is written at most every last_used_interval while the gateway runs; at a stop
+    the latest use of each key is written (it stayed at the first use of the interval: a key used
+    all day before a nightly restart looked unused since the morning)."""
+    g = await make_gateway(ka(last_used_interval=3600))
+    rec = await new_key(g)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    await g.plugin("key_auth").flush_usage()
+    st, first = await admin(g, "GET", f"/keys/{rec['id']}")
+    assert first["last_used_at"] is not None
+    await asyncio.sleep(1.1)
+    assert (await raw_call(g.url, bearer(rec["key"])))[0] == 200
+    await g.plugin("key_auth").flush_usage()
+    st, shown = await admin(g, "GET", f"/keys/{rec['id']}")
+    assert shown["last_used_at"] == first["last_used_at"]  # (within the interval: not written)
+    await g.stop()
+    with sqlite3.connect(tmp_path / "gateway.db") as con:
+        (last,) = con.execute("SELECT last_used_at FROM api_keys WHERE id = ?", (rec["id"],)).fetchone()
+    gap = dt.datetime.fromisoformat(str(last)).replace(tzinfo=dt.timezone.utc) - dt.datetime.fromisoformat(
+        first["last_used_at"].replace("Z", "+00:00"))
+    assert gap >= dt.timedelta(seconds=1), (last, first["last_used_at"])
+
+
 # -- store outage: fail closed ------------------------------------------------------------------------------
 async def test_a_hung_key_store_answers_503_at_store_timeout(make_gateway: Any, monkeypatch: Any) -> None:
     """A lookup against a database that does not answer, whose cancelled session then takes as long

@@ -286,3 +286,51 @@ async def test_every_key_of_an_owner_or_a_team_is_revoked_at_once(make_gateway: 
     from .test_audit import acli
     r = await acli(cfg, "query", "--type", "key.revoked", "--owner", "alice")
     assert len(r.stdout.splitlines()) == 2
+
+
+async def test_the_admin_api_revokes_every_key_of_an_owner_or_a_team(make_gateway: Any, tmp_path: Path) -> None:
+    """POST /keys/revoke: the CLI's offboarding on the admin API. The keys are refused by this
+    instance at once (not after watch_interval), each is recorded with the admin as actor, a dry run
+    revokes nothing, and a name that matches no key is a 404, not a success."""
+    g = await make_gateway([{"name": "key_auth", "config": {"watch_interval": 0, "cache_ttl": 60}}, {"name": "audit"}])
+    cfg = tmp_path / "gateway.yaml"
+    rc, out, err = await keys(cfg, "import", "-", "--format", "csv", "--json",
+                              stdin=b"owner,name,team\nalice,a1,red\nalice,a2,blue\nbob,b1,red\ncarol,c1,\n")
+    made = {m["name"]: m for m in map(json.loads, out.splitlines())}
+    assert all([await chat(g, m["key"]) == 200 for m in made.values()])  # (cached for 60 s, no watch)
+    hdr = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def revoke(body: Any) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys/revoke", headers=hdr,
+                              **({"data": body} if isinstance(body, str) else {"json": body})) as r:
+                return r.status, await r.json()
+
+    st, b = await revoke({"owner": "alic"})
+    assert st == 404 and b["error"]["code"] == "key_not_found" and "owner 'alic'" in b["error"]["message"]
+    for bad, param in (({}, None), ({"owner": ""}, "owner"), ({"owner": "alice", "dry_run": "yes"}, "dry_run"),
+                       ({"owner": "alice", "id": "x"}, "id")):
+        st, b = await revoke(bad)
+        assert st == 422 and b["error"]["param"] == param, (bad, b)
+    st, b = await revoke("[")
+    assert st == 400 and b["error"]["code"] == "invalid_json"
+    st, b = await revoke({"team": "red", "dry_run": True})
+    assert st == 200 and b["dry_run"] is True and b["revoked"] == 0
+    assert sorted(k["name"] for k in b["data"]) == ["a1", "b1"] and {k["status"] for k in b["data"]} == {"active"}
+    assert await chat(g, made["b1"]["key"]) == 200
+    st, b = await revoke({"owner": "alice"})
+    assert st == 200 and b["revoked"] == 2 and {k["status"] for k in b["data"]} == {"revoked"}
+    assert all("key" not in k and "secret_hash" not in k for k in b["data"])
+    # refused here at once: the cache entries were dropped (cache_ttl 60 s, no watch)
+    assert [await chat(g, made[n]["key"]) for n in ("a1", "a2", "b1", "c1")] == [401, 401, 200, 200]
+    st, b = await revoke({"owner": "alice"})
+    assert st == 404  # (none left)
+    st, b = await revoke({"owner": "bob", "team": "red"})
+    assert st == 200 and [k["name"] for k in b["data"]] == ["b1"]
+    assert await chat(g, made["b1"]["key"]) == 401
+    await g.stop()
+    from .test_audit import acli
+    r = await acli(cfg, "query", "--type", "key.revoked")
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(e["owner"] for e in events) == ["alice", "alice", "bob"]
+    assert {e["actor"] for e in events} == {"admin"} and {e["team"] for e in events} == {"red", "blue"}

@@ -369,6 +369,7 @@ class UsageTally:
         self.pending: dict[tuple[str, dt.date], list[int]] = {}
         self.last_seen: dict[str, float] = {}     # key id -> wall time of its latest request
         self.touched: dict[str, float] = {}       # key id -> monotonic time last_used_at was written
+        self.written: dict[str, float] = {}       # key id -> the last_seen time last written as last_used_at
         self.writer.start()
         self.task = asyncio.create_task(self._loop(), name="key_auth.usage")
 
@@ -415,19 +416,32 @@ class UsageTally:
             await self.task
         self.hand_over()
         await self.writer.close()
+        # At a stop, each key's latest use is written, however recently its last_used_at was: it
+        # would stay at the first use of the interval until the key is used again.
+        left = [(k, dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in self.last_seen.items()
+                if self.written.get(k, 0.0) < t]
+        if left:
+            try:
+                async with asyncio.timeout(10):
+                    await self.store.record_usage([], left)
+            except Exception as e:
+                log.warning("key_auth: last_used_at of %d key(s) could not be written at the stop: %s", len(left),
+                            type(e).__name__)
 
     async def _write(self, batch: list[UsageRecord]) -> None:
         mono = time.monotonic()
         keys = {r.key_id for r in batch}
-        touch = [(k, dt.datetime.fromtimestamp(self.last_seen[k], dt.timezone.utc)) for k in keys
+        touch = [(k, self.last_seen[k]) for k in keys
                  if k in self.last_seen and mono - self.touched.get(k, -1e18) >= self.cfg.last_used_interval]
-        await self.store.record_usage(batch, touch)
-        for k, _ in touch:
+        await self.store.record_usage(batch, [(k, dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in touch])
+        for k, t in touch:
             self.touched[k] = mono
+            self.written[k] = t
         if len(self.touched) > 100000:
             self.touched.clear()
         if len(self.last_seen) > 100000:
             self.last_seen.clear()
+            self.written.clear()
 
 
 #: Request fields besides "model" that name a model a backend reads (Ollama's create and copy).

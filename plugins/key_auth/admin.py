@@ -214,6 +214,19 @@ class RotateKey(_Body):
                                                     "plugin's rotation_grace).")
 
 
+class RevokeKeys(_Body):
+    owner: str | None = Field(None, min_length=1, max_length=200, description="Every key of this owner.")
+    team: str | None = Field(None, min_length=1, max_length=200,
+                             description="Every key of this team (with owner: that owner's keys in it).")
+    dry_run: bool = Field(False, strict=True, description="List the keys that would be revoked; revoke none.")
+
+    @model_validator(mode="after")
+    def _whose(self) -> "RevokeKeys":
+        if self.owner is None and self.team is None:
+            raise ValueError("give owner, team or both: whose keys to revoke")
+        return self
+
+
 def _err(status: int, message: str, code: str, param: str | None = None) -> web.Response:
     return web.Response(status=status, body=error_body(message, "invalid_request_error", code, param),
                         content_type="application/json")
@@ -445,6 +458,26 @@ def routes(services: "Services") -> list[web.RouteDef]:
         events.emit("key.revoked", actor=admin_identity(request), **key_fields(rec))
         return web.json_response(rec)
 
+    async def revoke_all(request: web.Request) -> web.Response:
+        body = await _body(request, RevokeKeys)
+        if isinstance(body, web.Response):
+            return body
+        assert isinstance(body, RevokeKeys)
+        recs = await store.revoke_all(owner=body.owner, team=body.team, dry_run=body.dry_run)
+        if not recs:  # (a typo in a name must not look like an offboarding done: as the CLI)
+            which = " and ".join(f"{k} {v!r}" for k, v in (("owner", body.owner), ("team", body.team))
+                                 if v is not None)
+            return _err(404, f"No key of {which} to revoke (none left, or a typo?).", "key_not_found",
+                        "owner" if body.owner is not None else "team")
+        if not body.dry_run:
+            actor = admin_identity(request)
+            for rec in recs:
+                cache.invalidate(rec["id"])
+                cache.revoked_here.discard(rec["id"])
+                events.emit("key.revoked", actor=actor, **key_fields(rec))
+        return web.json_response({"object": "list", "data": recs, "revoked": 0 if body.dry_run else len(recs),
+                                  "dry_run": body.dry_run})
+
     async def usage(request: web.Request) -> web.Response:
         key_id = await _key_id(request, store)
         if key_id is None or await store.get(key_id) is None:
@@ -464,6 +497,7 @@ def routes(services: "Services") -> list[web.RouteDef]:
         web.get("/keys", list_keys),
         web.get("/keys/{key_id}", show),
         web.patch("/keys/{key_id}", patch),
+        web.post("/keys/revoke", revoke_all),
         web.post("/keys/{key_id}/rotate", rotate),
         web.post("/keys/{key_id}/revoke", revoke),
         web.get("/keys/{key_id}/usage", usage),
@@ -550,6 +584,17 @@ def openapi_paths() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "properties": {
                     "object": {"const": "list"}, "data": {"type": "array", "items": _KEY},
                     "limit": {"type": "integer"}, "offset": {"type": "integer"}}}, "keys"), "400": _ERR, "401": _ERR}},
+        },
+        "/keys/revoke": {
+            "post": {"summary": "Revoke every key of an owner and/or a team, in one statement (offboarding)",
+                     "tags": ["keys"], "requestBody": _req(RevokeKeys),
+                     "description": "Keys already revoked are left as they are. None to revoke is a 404 "
+                                    "key_not_found (a typo in a name must not look like an offboarding done).",
+                     "responses": {"200": _json({"type": "object", "properties": {
+                         "object": {"const": "list"}, "data": {"type": "array", "items": _KEY},
+                         "revoked": {"type": "integer", "description": "Keys revoked (0 with dry_run)."},
+                         "dry_run": {"type": "boolean"}}}, "the keys revoked (with dry_run: that would be), "
+                                                           "oldest first"), "404": _ERR, **errs}},
         },
         "/keys/{key_id}": {
             "get": {"summary": "Show an API key", "tags": ["keys"], "parameters": [_ID],
