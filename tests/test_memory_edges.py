@@ -80,6 +80,7 @@ class Strict:
 
     * ``text``: ``answer <n>``; ``tools``: three tool calls when the last message is a user's, else text;
       ``compact``: the same, their arguments written compactly with non-ASCII as is (as OpenAI does);
+      ``golang``: the same, with ``<``, ``>`` and ``&`` escaped as well (as Go's encoding/json does);
     * ``same``: always ``Yes.``; ``samecut``: a stream of all of ``Yes.`` that dies before its end;
     * ``drop``: a stream that dies after some text; ``drop0``: one that dies before any;
     * ``reason``: an answer whose completion_tokens are mostly hidden reasoning (1000 of 1005);
@@ -104,12 +105,15 @@ class Strict:
         n = len(self.seen)
         text = "Yes." if model in ("same", "samecut") else f"answer {n}"
         calls = None
-        if model in ("tools", "compact") and msgs[-1]["role"] == "user":
-            # (compact: arguments written as OpenAI writes them, no blanks, non-ASCII as is)
+        if model in ("tools", "compact", "golang") and msgs[-1]["role"] == "user":
+            # (compact: arguments written as OpenAI writes them, no blanks, non-ASCII as is;
+            # golang: as Go's encoding/json writes them, <, > and & escaped too)
             calls = [{"id": f"call_{n}_{j}", "type": "function",
                       "function": {"name": "weather", "arguments": json.dumps({"city": f"c{j}"}) if model == "tools"
-                                   else json.dumps({"city": f"Zürich {j}", "days": j, "units": {"t": "C"}},
-                                                   separators=(",", ":"), ensure_ascii=False)}}
+                                   else json.dumps({"city": f"Zürich {j}", "days": j, "units": {"t": "C"},
+                                                    **({"if": "t < 5 & wind > 3"} if model == "golang" else {})},
+                                                   separators=(",", ":"), ensure_ascii=False).replace(
+                                       "<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")}}
                      for j in range(3)]
         prompt = count_tokens(msgs)
         completion = 3
@@ -761,19 +765,30 @@ async def test_tool_call_arguments_written_out_again_are_not_an_edit(make_gatewa
         assert up.refused == []
 
 
-async def test_with_memory_tool_calls_written_out_again_are_a_resent_history(make_gateway: Any) -> None:
+async def test_with_memory_tool_calls_written_out_again_are_a_resent_history(make_gateway: Any,
+                                                                           monkeypatch: Any) -> None:
     """Memory on, a client that resends its whole history with re-serialised tool-call arguments
-    (LangChain): recognised as the history it is, so the backend gets each message once and
-    nothing is stored twice (the question and the tool calls went upstream twice)."""
+    (LangChain), from a backend writing them as OpenAI or as Go does: recognised as the history it
+    is, so the backend gets each message once and nothing is stored twice (the question and the
+    tool calls went upstream twice). Each resent answer's other forms are made once, not again on
+    every later turn (an agent loop resends them all)."""
+    import gateway.plugins.conversations as conversations
+
+    made: list[str] = []
+    forms = conversations._argument_forms
+    monkeypatch.setattr(conversations, "_argument_forms", lambda m: made.append(m["tool_calls"][0]["id"]) or forms(m))
+    monkeypatch.setattr(conversations, "_FORM_DIGESTS", {})  # (kept process-wide: another test's are there)
     async with strict_gateway(make_gateway) as (g, up):
-        msgs = [SYS, user("weather in three cities?")]
-        st, cid, call = await chat(g, msgs, model="compact")
-        for step in range(3):
-            msgs += [rewritten(call), *answers(call), user(f"and then {step}?")]
-            st, _, call = await chat(g, msgs, cid, model="compact")
-            assert st == 200 and up.refused == []
-            got = up.seen[-1]["messages"]
-            assert [m["role"] for m in got] == [m["role"] for m in msgs]
-            assert sum(m.get("content") == "weather in three cities?" for m in got) == 1
-        rows = await stored(g, cid)
-        assert len(rows) == len(msgs) + 1
+        for model in ("compact", "golang"):
+            msgs = [SYS, user("weather in three cities?")]
+            st, cid, call = await chat(g, msgs, model=model)
+            for step in range(4):
+                msgs += [rewritten(call, ensure_ascii=False), *answers(call), user(f"and then {step}?")]
+                st, _, call = await chat(g, msgs, cid, model=model)
+                assert st == 200 and up.refused == []
+                got = up.seen[-1]["messages"]
+                assert [m["role"] for m in got] == [m["role"] for m in msgs]
+                assert sum(m.get("content") == "weather in three cities?" for m in got) == 1
+            rows = await stored(g, cid)
+            assert len(rows) == len(msgs) + 1
+        assert len(made) == len(set(made)) == 8

@@ -224,9 +224,17 @@ def digest(m: Any) -> str:
 
 
 #: How tool-call arguments are written out again by clients that parse them and send them back
-#: (separators, and whether non-ASCII is escaped): Python's ``json.dumps`` (LangChain), compact
-#: (OpenAI, ``JSON.stringify``), each with and without ``\uXXXX`` escapes.
-_ARGUMENT_FORMS = ((", ", ": ", True), (",", ":", True), (", ", ": ", False), (",", ":", False))
+#: (separators, whether non-ASCII is escaped, whether ``<>&`` are): Python's ``json.dumps``
+#: (LangChain), compact (OpenAI, ``JSON.stringify``), each with and without ``\uXXXX`` escapes, and
+#: Go's ``encoding/json`` (compact, ``<``, ``>``, ``&``, U+2028 and U+2029 escaped).
+_ARGUMENT_FORMS = ((", ", ": ", True, False), (",", ":", True, False), (", ", ": ", False, False),
+                   (",", ":", False, False), (",", ":", False, True))
+_GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                             "\u2029": "\\u2029"})
+
+#: Tool-call arguments longer than this (characters, all of a message's calls) are compared as sent
+#: only: each form is a parse and a write of the whole text, on the event loop.
+MAX_FORM_CHARS = 1 << 20
 
 
 def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,8 +243,12 @@ def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
     the forms that differ from ``m``."""
     calls = m.get("tool_calls")
     parsed: list[Any] = []
+    size = 0
     for tc in calls:  # type: ignore[union-attr]
         a = _fn(tc).get("arguments") if isinstance(tc, dict) else None
+        size += len(a) if isinstance(a, str) else 0
+        if size > MAX_FORM_CHARS:
+            return []
         try:
             parsed.append(json.loads(a) if isinstance(a, str) else _NOT_JSON)
         except (ValueError, RecursionError):
@@ -244,7 +256,7 @@ def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
     if all(p is _NOT_JSON for p in parsed):
         return []
     out = []
-    for item, key, ascii_only in _ARGUMENT_FORMS:
+    for item, key, ascii_only, go in _ARGUMENT_FORMS:
         tcs, differs = [], False
         for tc, p in zip(calls, parsed):  # type: ignore[arg-type]
             if p is not _NOT_JSON:
@@ -252,6 +264,8 @@ def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
                     a = json.dumps(p, separators=(item, key), ensure_ascii=ascii_only)
                 except (ValueError, RecursionError):
                     a = tc["function"]["arguments"]
+                if go:  # (outside strings JSON has none of these characters)
+                    a = a.translate(_GO_ESCAPES)
                 if a != tc["function"]["arguments"]:
                     tc = {**tc, "function": {**tc["function"], "arguments": a}}
                     differs = True
@@ -262,6 +276,12 @@ def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 _NOT_JSON = object()
+
+#: The digest of a resent assistant message -> the digests of its other argument forms: each
+#: message's forms are made once, not again on every later turn of an agent loop (which resends
+#: them all). A pure function of the message; emptied when full.
+_FORM_DIGESTS: dict[str, tuple[str, ...]] = {}
+FORM_DIGESTS_KEPT = 8192
 
 
 def aligned(msgs: list[Any], digests: list[str], stored: list[str]) -> list[str]:
@@ -281,10 +301,16 @@ def aligned(msgs: list[Any], digests: list[str], stored: list[str]) -> list[str]
             have = set(stored)
             if not have:
                 return digests
-        if digests[i] in have:
+        d0 = digests[i]
+        if d0 in have:
             continue
-        for form in _argument_forms(m):
-            d = digest(form)
+        forms = _FORM_DIGESTS.get(d0)
+        if forms is None:
+            forms = tuple(digest(f) for f in _argument_forms(m))
+            if len(_FORM_DIGESTS) >= FORM_DIGESTS_KEPT:
+                _FORM_DIGESTS.clear()
+            _FORM_DIGESTS[d0] = forms
+        for d in forms:
             if d in have:
                 if out is digests:
                     out = list(digests)
