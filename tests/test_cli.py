@@ -284,7 +284,7 @@ def test_cli_on_an_unmigrated_database_and_into_a_closed_pipe(tmp_path: Path, pg
     assert r.returncode == 1 and "the database has no schema yet: run `gateway db upgrade" in r.stderr, r.stderr
     r = gateway("db", "current", "-c", str(cfg))
     assert r.returncode == 0 and r.stdout.splitlines()[0] == "(no migrations applied)"
-    assert r.stdout.splitlines()[1].startswith("pending: audit_0002, ") and "run `gateway db upgrade`" in r.stdout
+    assert r.stdout.splitlines()[1].startswith("pending: audit_0003, ") and "run `gateway db upgrade`" in r.stdout
 
     class ClosedPipe:
         def write(self, _: str) -> int:

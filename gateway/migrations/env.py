@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from alembic import context
 from sqlalchemy import event, pool, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import gateway.db as gdb
@@ -37,22 +37,27 @@ LOCK_ID = 0x6761746577  # "gatew"
 def _pg_lock(connection) -> None:  # type: ignore[no-untyped-def]
     """Take the session's advisory lock (released by _run, or with the connection), saying that it
     waits and giving up after the wait the SQLite lock file allows: a migration stuck in another
-    instance must not hold this one's start-up silently for ever. The wait is the server's
-    (``lock_timeout``), not a polling loop: this runs on a daemon thread that must sit still while
-    the process exits. Committed at once: the migrations' transactions come after it."""
-    if not connection.execute(text(f"SELECT pg_try_advisory_lock({LOCK_ID})")).scalar():
-        log.warning("waiting for the migration lock (PostgreSQL advisory lock %d: another gateway or "
-                    "`gateway db upgrade` holds it)", LOCK_ID)
-        wait = gdb.MIGRATION_LOCK_WAIT
-        connection.execute(text(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}"))
-        try:
-            connection.execute(text(f"SELECT pg_advisory_lock({LOCK_ID})"))
-        except DBAPIError as e:
-            if getattr(e.orig, "sqlstate", None) != "55P03" and "lock timeout" not in str(e):
-                raise
+    instance must not hold this one's start-up silently for ever.
+
+    Tried every 0.2 s, each try a transaction of its own, never waited for inside one: a migration
+    that builds an index CONCURRENTLY (audit_0003) waits until every transaction older than it has
+    ended, so a session waiting for the lock in a transaction (``pg_advisory_lock``) and the
+    session holding it waited for each other (PostgreSQL ended one: "deadlock detected")."""
+    deadline = time.monotonic() + gdb.MIGRATION_LOCK_WAIT
+    said = False
+    while True:
+        got = connection.execute(text(f"SELECT pg_try_advisory_lock({LOCK_ID})")).scalar()
+        connection.commit()  # (the lock is the session's: it stays)
+        if got:
+            return
+        if not said:
+            said = True
+            log.warning("waiting for the migration lock (PostgreSQL advisory lock %d: another gateway or "
+                        "`gateway db upgrade` holds it)", LOCK_ID)
+        if time.monotonic() > deadline:
             raise gdb.DatabaseError(f"the migration lock (PostgreSQL advisory lock {LOCK_ID}) was held by "
-                                    f"another session for {wait:g}s; is a migration stuck?") from None
-    connection.commit()  # (the lock is the session's: it stays; the SET LOCAL ends here)
+                                    f"another session for {gdb.MIGRATION_LOCK_WAIT:g}s; is a migration stuck?")
+        time.sleep(0.2)
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
