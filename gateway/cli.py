@@ -144,6 +144,29 @@ def check_database_exists(cfg: GatewayConfig) -> None:
 #: The Services CLI commands opened in this run (main() reads what their writers did not write).
 _OPENED: list[Any] = []
 
+_NOT_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def os_identity() -> dict[str, str]:
+    """Who runs a CLI command, for its audit events (their actor is ``cli``): ``os_user``, the
+    login name (``getpass.getuser()``: $LOGNAME, $USER ..., else the account of the user id), and
+    under sudo ``sudo_user``, the one who ran sudo. Informative, not proof: the environment can
+    say anything. At most 64 characters each, control characters replaced."""
+    import getpass
+
+    def clean(v: str) -> str:
+        return _NOT_PRINTABLE.sub("\ufffd", v)[:64]
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError, ImportError):  # (a user id without an account: a container's)
+        user = f"uid {os.getuid()}" if hasattr(os, "getuid") else ""
+    out = {"os_user": clean(user)} if user else {}
+    sudo = os.environ.get("SUDO_USER")
+    if sudo:
+        out["sudo_user"] = clean(sudo)
+    return out
+
 
 async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = True,
                        records: bool | None = None) -> Any:
@@ -154,7 +177,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
     time to rebuild a table under gateways still serving the file (or lock an older one out); it
     asks for `gateway db upgrade`. ``records`` (default: ``writes``): the command records its
     action in the audit trail."""
-    from .services import Services
+    from .services import Events, Services
 
     if not create:
         check_database_exists(cfg)
@@ -186,7 +209,7 @@ async def cli_services(cfg: GatewayConfig, create: bool = False, writes: bool = 
                          + (", which migrates at start)" if auto else " with database.auto_migrate: true)")
                          + ("" if empty else "; see Upgrading in docs/configuration.md for gateways of older "
                                              "versions still running on it"))
-    services = Services(cfg, db, owns_db=True)
+    services = Services(cfg, db, owns_db=True, events=Events(stamp=os_identity()))
     _OPENED.append(services)
     services.new_database = new_database  # (the audit trail's first chain key may come with it)
     if new_database and db.file:

@@ -29,9 +29,11 @@ class Events:
     (``key.created``, ``conversation.deleted`` ...) and ``config.reloaded``. The audit plugin
     subscribes; anything may emit. Listeners must not block (enqueue and return)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stamp: dict[str, Any] | None = None) -> None:
         self._listeners: list[Listener] = []
         self._settlers: dict[Listener, Callable[[float], Awaitable[bool]]] = {}
+        #: fields every event carries (a CLI command's: who ran it), under the emitter's own
+        self.stamp = dict(stamp or {})
 
     def subscribe(self, fn: Listener, settle: Callable[[float], Awaitable[bool]] | None = None) -> Callable[[], None]:
         """Listen to events. ``settle(timeout)``, if given, waits until the events this listener
@@ -55,6 +57,8 @@ class Events:
         return all(await asyncio.gather(*(s(timeout) for s in settlers)))
 
     def emit(self, type_: str, **fields: Any) -> None:
+        if self.stamp:
+            fields = {**self.stamp, **fields}
         for fn in list(self._listeners):
             try:
                 fn(type_, fields)

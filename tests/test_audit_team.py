@@ -118,3 +118,34 @@ async def test_a_revoked_keys_refusal_and_the_key_events_name_its_owner_and_team
         assert (by_type[t]["owner"], by_type[t]["team"]) == ("bob", "beta"), by_type[t]
     r = await acli(tmp_path / "gateway.yaml", "query", "--owner", "bob", "--type", "key.revoked")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1
+
+
+async def test_cli_events_name_the_login_that_ran_them(tmp_path: Path) -> None:
+    """A CLI command's audit events (actor `cli`) say who ran it: the login name, and under sudo
+    the one who ran sudo (a revocation at 3 a.m. is traced to a person, not to "cli"). Control
+    characters in what the environment says are not recorded as such."""
+    import os
+    import subprocess
+    import sys
+
+    from .helpers import write_config
+
+    cfg = write_config(tmp_path / "g.yaml", {
+        "upstream": {"url": "http://127.0.0.1:9"}, "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'g.db'}"},
+        "plugins": [{"name": "key_auth"}, {"name": "audit"}]})
+
+    def keys(*args: str, **env: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "gateway", "keys", *args, "-c", str(cfg)], capture_output=True,
+                           text=True, timeout=60, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    made = json.loads(keys("create", "--owner", "alice", "--json", LOGNAME="ops-ann", SUDO_USER="dan\x1b[2J"))
+    env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    r = subprocess.run([sys.executable, "-m", "gateway", "keys", "revoke", made["id"], "-c", str(cfg)],
+                       capture_output=True, text=True, timeout=60, env={**env, "LOGNAME": "ops-bob"})
+    assert r.returncode == 0, r.stderr
+    q = await acli(cfg, "query", "--type", "key.created,key.revoked", "--asc")
+    created, revoked = [json.loads(line) for line in q.stdout.splitlines()]
+    assert (created["actor"], created["os_user"], created["sudo_user"]) == ("cli", "ops-ann", "dan\ufffd[2J")
+    assert (revoked["actor"], revoked["os_user"]) == ("cli", "ops-bob") and "sudo_user" not in revoked
