@@ -334,3 +334,30 @@ async def test_the_admin_api_revokes_every_key_of_an_owner_or_a_team(make_gatewa
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert sorted(e["owner"] for e in events) == ["alice", "alice", "bob"]
     assert {e["actor"] for e in events} == {"admin"} and {e["team"] for e in events} == {"red", "blue"}
+
+
+async def test_a_bulk_revoke_the_database_cannot_store_is_refused_here_at_once(make_gateway: Any, tmp_path: Path) -> None:
+    """POST /keys/revoke while the database refuses the write (another process holds SQLite's write
+    lock): as for one key, the keys found are refused by this instance at once and the answer says
+    the revocation was not stored (they all kept working, with a generic 503)."""
+    import sqlite3
+
+    path = tmp_path / "gateway.db"
+    g = await make_gateway([{"name": "key_auth", "config": {"watch_interval": 0, "cache_ttl": 60}}],
+                           database={"url": f"sqlite+aiosqlite:///{path}", "busy_timeout_ms": 300})
+    rc, out, err = await keys(tmp_path / "gateway.yaml", "import", "-", "--format", "csv", "--json",
+                              stdin=b"owner,name\nalice,a1\nalice,a2\nbob,b1\n")
+    made = {m["name"]: m for m in map(json.loads, out.splitlines())}
+    assert [await chat(g, made[n]["key"]) for n in ("a1", "a2", "b1")] == [200, 200, 200]
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(g.admin_url + "/keys/revoke", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                              json={"owner": "alice"}) as r:
+                st, b = r.status, await r.json()
+        assert st == 503 and b["error"]["code"] == "revocation_not_stored" and "2 key(s)" in b["error"]["message"]
+        assert [await chat(g, made[n]["key"]) for n in ("a1", "a2", "b1")] == [401, 401, 200]
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()

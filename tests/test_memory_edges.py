@@ -792,3 +792,46 @@ async def test_with_memory_tool_calls_written_out_again_are_a_resent_history(mak
             rows = await stored(g, cid)
             assert len(rows) == len(msgs) + 1
         assert len(made) == len(set(made)) == 8
+
+
+async def test_a_rewritten_answer_is_matched_at_its_own_position_and_stored_rows_keep_their_own_digest(
+        make_gateway: Any, monkeypatch: Any) -> None:
+    """The same tool call stored twice, written two ways (positions 2 and 5): the client's
+    re-serialised copy of the second is matched to the second (it was taken for the first, and
+    the conversation forked). A fork stores each new message under the digest of its own text.
+    A message of more tool calls than are tried is compared as sent, its forms never made (100,000
+    of them held the event loop for seconds)."""
+    import gateway.plugins.conversations as conversations
+    from gateway.plugins.conversations import digest
+
+    async with strict_gateway(make_gateway, {"enabled": False}) as (g, up):
+        def call(args: str, id_: str = "call_x") -> dict[str, Any]:
+            return {"role": "assistant", "content": None, "tool_calls": [
+                {"id": id_, "type": "function", "function": {"name": "weather", "arguments": args}}]}
+
+        tool = {"role": "tool", "tool_call_id": "call_x", "content": "sunny"}
+        msgs = [SYS, user("q1"), call('{"city": "Z\\u00fcrich"}'), tool, user("q2"), call('{"city":"Zürich"}'), tool,
+                user("q3")]
+        st, cid, a = await chat(g, msgs)
+        assert st == 200
+        again = msgs[:5] + [call('{"city": "Zürich"}')] + msgs[6:] + [a, user("q4")]
+        st, same, _ = await chat(g, again, cid)
+        assert st == 200 and same == cid
+        # an edit at position 1: a fork, storing the client's texts under their own digests
+        st, fork, _ = await chat(g, [SYS, user("q1 edited")] + again[2:], cid)
+        assert st == 200 and fork != cid
+        rows = await stored(g, fork)
+        assert all(r.digest == digest(m) for m, r in rows)
+        made: list[int] = []
+        forms = conversations._argument_forms
+        monkeypatch.setattr(conversations, "_argument_forms", lambda m: made.append(1) or forms(m))
+        many = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{j}", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+            for j in range(conversations.MAX_FORM_CALLS + 1)]}
+        results = [{"role": "tool", "tool_call_id": f"c{j}", "content": "1"} for j in range(len(many["tool_calls"]))]
+        st, cid2, a2 = await chat(g, [user("many"), many, *results])
+        relaxed = {**many, "tool_calls": [{**tc, "function": {**tc["function"], "arguments": '{"a": 1}'}}
+                                          for tc in many["tool_calls"]]}
+        st, fork2, _ = await chat(g, [user("many"), relaxed, *results, a2, user("next")], cid2)
+        assert st == 200 and fork2 != cid2 and made == []  # (compared as sent: an edit)
+        assert up.refused == []

@@ -320,8 +320,11 @@ class PurgeRefused(Exception):
 async def _anchor(conn: AsyncConnection) -> tuple[dict[str, Any] | None, bool]:
     """The anchor of the latest ``audit.purged`` event (the walk of the trail starts after it),
     and whether the last row it deleted was signed (unsigned rows cannot follow that one)."""
-    last = (await conn.execute(select(events.c.data).where(events.c.type == "audit.purged")
-                               .order_by(events.c.seq.desc()).limit(1))).scalar()
+    # (the type written into the statement, as in _key_info: a generic plan of "any type" scanned
+    # the primary key back to the newest purge, holding the append lock meanwhile)
+    last = (await conn.execute(select(events.c.data).where(
+        events.c.type == bindparam("type", "audit.purged", literal_execute=True))
+        .order_by(events.c.seq.desc()).limit(1))).scalar()
     if not last:
         return None, False
     try:

@@ -232,9 +232,20 @@ _ARGUMENT_FORMS = ((", ", ": ", True, False), (",", ":", True, False), (", ", ":
 _GO_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
                              "\u2029": "\\u2029"})
 
-#: Tool-call arguments longer than this (characters, all of a message's calls) are compared as sent
-#: only: each form is a parse and a write of the whole text, on the event loop.
+#: Forms are made (each a parse and a write of the arguments, on the event loop) for a message of at
+#: most MAX_FORM_CALLS tool calls, and for at most MAX_FORM_CHARS characters of arguments per
+#: request: past them a message is compared as sent.
+MAX_FORM_CALLS = 128
 MAX_FORM_CHARS = 1 << 20
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, unless a key is in it twice (then the text is not taken for JSON: written out
+    again it would lose one value, and another text would match the stored one)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key")
+    return d
 
 
 def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -243,14 +254,10 @@ def _argument_forms(m: dict[str, Any]) -> list[dict[str, Any]]:
     the forms that differ from ``m``."""
     calls = m.get("tool_calls")
     parsed: list[Any] = []
-    size = 0
     for tc in calls:  # type: ignore[union-attr]
         a = _fn(tc).get("arguments") if isinstance(tc, dict) else None
-        size += len(a) if isinstance(a, str) else 0
-        if size > MAX_FORM_CHARS:
-            return []
         try:
-            parsed.append(json.loads(a) if isinstance(a, str) else _NOT_JSON)
+            parsed.append(json.loads(a, object_pairs_hook=_unique_keys) if isinstance(a, str) else _NOT_JSON)
         except (ValueError, RecursionError):
             parsed.append(_NOT_JSON)
     if all(p is _NOT_JSON for p in parsed):
@@ -284,38 +291,67 @@ _FORM_DIGESTS: dict[str, tuple[str, ...]] = {}
 FORM_DIGESTS_KEPT = 8192
 
 
-def aligned(msgs: list[Any], digests: list[str], stored: list[str]) -> list[str]:
+def _forms(m: dict[str, Any], d0: str, budget: list[int]) -> tuple[str, ...]:
+    """The digests of the other forms of the assistant message ``m`` (digest ``d0``), from the memo
+    or made now, within the request's ``budget`` of argument characters (spent here)."""
+    forms = _FORM_DIGESTS.get(d0)
+    if forms is not None:
+        return forms
+    calls = m["tool_calls"]
+    if len(calls) > MAX_FORM_CALLS:
+        return ()
+    size = sum(len(a) for a in (_fn(tc).get("arguments") if isinstance(tc, dict) else None for tc in calls)
+               if isinstance(a, str))
+    if size > budget[0]:
+        return ()  # (not kept: another request has its own budget)
+    budget[0] -= size
+    forms = tuple(digest(f) for f in _argument_forms(m))
+    if len(_FORM_DIGESTS) >= FORM_DIGESTS_KEPT:
+        _FORM_DIGESTS.clear()
+    _FORM_DIGESTS[d0] = forms
+    return forms
+
+
+def aligned(msgs: list[Any], digests: list[str], stored: list[str], anywhere: bool = False) -> list[str]:
     """``digests`` (of ``msgs``), where a resent assistant message differs from a stored one only
     in how its tool calls' arguments are written (blanks, ``\\uXXXX`` escapes: a client that parsed
     them and wrote them out again, as LangChain does), with the stored message's digest: the same
-    answer, not an edit. Only messages whose digest is not stored already are tried."""
-    have: set[str] | None = None
+    answer, not an edit. By position (prefix matching): message i against stored message i, up to
+    the first message that matches it in no form. ``anywhere`` (memory: a client's messages may
+    sit at other positions than the stored ones): against any stored message, its own position's
+    first."""
     out = digests
+    have: set[str] | None = None
+    budget = [MAX_FORM_CHARS]
+    n = len(stored)
     for i, m in enumerate(msgs):
-        if type(m) is not dict or m.get("role") != "assistant":
-            continue
-        tcs = m.get("tool_calls")
-        if not isinstance(tcs, list) or not tcs:
-            continue
-        if have is None:
-            have = set(stored)
-            if not have:
-                return digests
         d0 = digests[i]
-        if d0 in have:
-            continue
-        forms = _FORM_DIGESTS.get(d0)
-        if forms is None:
-            forms = tuple(digest(f) for f in _argument_forms(m))
-            if len(_FORM_DIGESTS) >= FORM_DIGESTS_KEPT:
-                _FORM_DIGESTS.clear()
-            _FORM_DIGESTS[d0] = forms
-        for d in forms:
-            if d in have:
-                if out is digests:
-                    out = list(digests)
-                out[i] = d
+        if not anywhere:
+            if i >= n:
                 break
+            if d0 == stored[i]:
+                continue
+        tcs = m.get("tool_calls") if type(m) is dict and m.get("role") == "assistant" else None
+        if not isinstance(tcs, list) or not tcs:
+            if anywhere:
+                continue
+            break
+        if anywhere:
+            if have is None:
+                have = set(stored)
+            if d0 in have:
+                continue
+        forms = _forms(m, d0, budget)
+        if i < n and stored[i] in forms:
+            pick: str | None = stored[i]
+        elif anywhere:
+            pick = next((d for d in forms if d in have), None)  # type: ignore[operator]
+        else:
+            break
+        if pick is not None:
+            if out is digests:
+                out = list(digests)
+            out[i] = pick
     return out
 
 
@@ -659,6 +695,7 @@ class Conversations(Plugin):
                 ctx.refusal = {"plugin": self.name, "type": "not_found", "reason": "conversation_not_found"}
                 return _not_found()
             n = v.count
+            raw = digests  # (what is stored for a new message: the digest of its own text)
             digests = aligned(msgs, digests, v.digests)
             k = 0
             while k < n and k < len(digests) and v.digests[k] == digests[k]:
@@ -675,6 +712,7 @@ class Conversations(Plugin):
                 # Memory: the client sends its new messages only (see _memory_new): a resent system
                 # prompt, a resent history and a resent unanswered tail (a retry) are not stored
                 # again; no fork.
+                digests = aligned(msgs, raw, v.digests, anywhere=True)
                 s, lead_new, start, resent = self._memory_new(v, msgs, digests)
                 lead_n = s if lead_new else 0
                 r = start + len(resent)
@@ -686,13 +724,13 @@ class Conversations(Plugin):
                     # answer and the first copies out of later turns, as the upstream got them now).
                     r, stored_again = start, resent
                 new = msgs[:lead_n] + msgs[r:]
-                new_digests = digests[:lead_n] + digests[r:]
+                new_digests = raw[:lead_n] + raw[r:]
             else:
                 if k < n:
                     parent_id, fork_position = v.id, k
                     v = shared.remember(v.fork(new_id(), k))
                     create = True
-                base, new, new_digests, start = k, msgs[k:], digests[k:], k
+                base, new, new_digests, start = k, msgs[k:], raw[k:], k
             if memory and not new and not (resent or (k == n and self._unanswered(v))):
                 # Nothing new and nothing retried (no messages, or only the current system prompt, or
                 # a history with nothing after its last answer): nothing to ask the model.

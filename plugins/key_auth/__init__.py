@@ -370,6 +370,7 @@ class UsageTally:
         self.last_seen: dict[str, float] = {}     # key id -> wall time of its latest request
         self.touched: dict[str, float] = {}       # key id -> monotonic time last_used_at was written
         self.written: dict[str, float] = {}       # key id -> the last_seen time last written as last_used_at
+        self.closing = False  # (the last batches: every key's last_used_at is written, whatever the interval)
         self.writer.start()
         self.task = asyncio.create_task(self._loop(), name="key_auth.usage")
 
@@ -414,25 +415,25 @@ class UsageTally:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+        # At a stop, each key's latest use is written, however recently its last_used_at was (it
+        # would stay at the first use of the interval until the key is used again): the last
+        # batches touch every key in them, and a key with no usage left to write gets a record of
+        # nothing, so that its touch too is written within the stop's budget for the writers.
+        self.closing = True
+        handed = {k for k, _ in self.pending}
         self.hand_over()
+        for k, t in self.last_seen.items():
+            if k not in handed and self.written.get(k, 0.0) < t:
+                self.writer.put_nowait(UsageRecord(k, _utc_day(t), 0, 0, 0))
         await self.writer.close()
-        # At a stop, each key's latest use is written, however recently its last_used_at was: it
-        # would stay at the first use of the interval until the key is used again.
-        left = [(k, dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in self.last_seen.items()
-                if self.written.get(k, 0.0) < t]
-        if left:
-            try:
-                async with asyncio.timeout(10):
-                    await self.store.record_usage([], left)
-            except Exception as e:
-                log.warning("key_auth: last_used_at of %d key(s) could not be written at the stop: %s", len(left),
-                            type(e).__name__)
 
     async def _write(self, batch: list[UsageRecord]) -> None:
         mono = time.monotonic()
         keys = {r.key_id for r in batch}
+        every = 0.0 if self.closing else self.cfg.last_used_interval
         touch = [(k, self.last_seen[k]) for k in keys
-                 if k in self.last_seen and mono - self.touched.get(k, -1e18) >= self.cfg.last_used_interval]
+                 if k in self.last_seen and mono - self.touched.get(k, -1e18) >= every
+                 and self.written.get(k, 0.0) < self.last_seen[k]]
         await self.store.record_usage(batch, [(k, dt.datetime.fromtimestamp(t, dt.timezone.utc)) for k, t in touch])
         for k, t in touch:
             self.touched[k] = mono

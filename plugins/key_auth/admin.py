@@ -463,7 +463,31 @@ def routes(services: "Services") -> list[web.RouteDef]:
         if isinstance(body, web.Response):
             return body
         assert isinstance(body, RevokeKeys)
-        recs = await store.revoke_all(owner=body.owner, team=body.team, dry_run=body.dry_run)
+        try:
+            recs = await store.revoke_all(owner=body.owner, team=body.team, dry_run=body.dry_run)
+        except DB_UNAVAILABLE as e:
+            if body.dry_run:
+                raise
+            # As for one key: the keys found are refused by this process from now on, and the
+            # answer says what was and was not done (a read may work where the write did not:
+            # SQLite's file locked by another writer). Nothing found: the database's own error.
+            try:
+                found = await store.revoke_all(owner=body.owner, team=body.team, dry_run=True)
+            except DB_UNAVAILABLE:
+                raise e from None
+            if not found:
+                raise
+            for rec in found:
+                cache.revoked_here.add(rec["id"])
+                cache.invalidate(rec["id"])
+            detail = store_error(e)[0]
+            logging.getLogger("gateway.key_auth").error(
+                "%d key(s): their revocation could not be stored (%s); this instance refuses them until it "
+                "restarts, other instances do not: retry the revoke", len(found), detail)
+            return web.Response(status=503, content_type="application/json", body=error_body(
+                f"The revocation of {len(found)} key(s) could not be stored ({detail}). This instance refuses "
+                "them from now on, until it restarts; other instances and the database do not: retry the "
+                "revoke.", "server_error", "revocation_not_stored"))
         if not recs:  # (a typo in a name must not look like an offboarding done: as the CLI)
             which = " and ".join(f"{k} {v!r}" for k, v in (("owner", body.owner), ("team", body.team))
                                  if v is not None)

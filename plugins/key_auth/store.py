@@ -534,8 +534,9 @@ class KeyStore:
             from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
         async with self.db.session() as s:
             if agg:
+                # (a record of nothing only carries its key's last use: see UsageTally.close)
                 rows = [{"key_id": k, "day": d, "requests": v[0], "prompt_tokens": v[1], "completion_tokens": v[2]}
-                        for (k, d), v in sorted(agg.items())]
+                        for (k, d), v in sorted(agg.items()) if any(v)]
                 for i, n in row_chunks(len(rows)):  # a few statement sizes (see gateway.db.ROW_CHUNKS)
                     stmt = insert(t).values(rows[i:i + n])
                     ex = stmt.excluded

@@ -5,8 +5,10 @@ MAX(seq) WHERE type = ?. On PostgreSQL the driver prepares that statement, and a
 the server plans it once for any type (a generic plan): with an index on type alone it scanned
 the primary key backwards through the whole trail when the type had no row (an unsigned trail):
 0.5 to 0.9 s per audit write at a million events, the writer falling behind and a stop losing
-what it still held. On (type, seq) the newest of a type is one index probe, whatever the plan.
-The new index also serves everything the old one did (its first column is type), which goes.
+what it still held. On (type, seq) the newest of a type is one index probe once the statement
+names the type (the code writes it into the statement: a generic plan for "any type" may still
+prefer the primary key). The new index also serves everything the old one did (its first column
+is type), which goes.
 
 On PostgreSQL both are made and dropped CONCURRENTLY (audit writes go on meanwhile), outside a
 transaction; an index a cut-short build left invalid is made again. On SQLite the index on type
