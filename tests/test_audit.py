@@ -239,7 +239,7 @@ async def test_chain_detects_edited_deleted_and_inserted_rows(make_gateway, upst
     assert got["inserted"].returncode == 1 and "BROKEN at seq 9 (inserted)" in got["inserted"].stdout
 
 
-async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path):
+async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, upstream, tmp_path):
     jl = tmp_path / "audit.jsonl"
     g = await make_gateway([{"name": "audit", "config": {
         "sinks": ["database", {"type": "jsonl", "path": str(jl)}],
@@ -264,27 +264,22 @@ async def test_retention_purge_keeps_the_chain_verifiable(make_gateway, tmp_path
     assert "purge anchor" in res.stdout
     # The purge is in the other sinks too.
     assert any(json.loads(x)["type"] == "audit.purged" for x in jl.read_text().splitlines())
-    # Deleting the first row left after the purge is still caught.
-    # (a long timeout: a purge the stop cancelled may still be finishing its statement on the
-    # driver's thread, holding the write lock a moment, on a busy machine more than 5 s. BEGIN
-    # IMMEDIATE: a deferred transaction that reads first and then writes gets "database is locked"
-    # at once, without waiting, when that purge commits in between: its snapshot is stale. And
-    # tried again: the stopped gateway's last connection, closing on the driver's thread, may
-    # still be checkpointing the log, which SQLite answers with "locked" at once, not after waiting.)
-    con = sqlite3.connect(db_path, timeout=60, isolation_level=None)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            break
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-    con.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
-    con.execute("COMMIT")
-    con.close()
-    res = await acli(tmp_path / "gateway.yaml", "verify")
+    # Deleting the first row left after the purge is still caught. Done on a copy (SQLite's backup
+    # reads the file under a read transaction): the test's own write to the stopped gateway's file
+    # had to wait for the write lock, which a purge the stop cancelled, still finishing on the
+    # driver's thread, or its connection closing, held for a moment or, on a busy machine, longer
+    # than a minute (once, in a fresh-clone run, past a minute of retries).
+    copy = tmp_path / "tampered.db"
+    src, dst = sqlite3.connect(db_path), sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+        dst.execute("DELETE FROM audit_events WHERE seq = (SELECT MIN(seq) FROM audit_events)")
+        dst.commit()
+    finally:
+        src.close()
+        dst.close()
+    cfg = _config_for(tmp_path, upstream.url, copy, "tampered.yaml")
+    res = await acli(cfg, "verify")
     assert res.returncode == 1 and "(deleted)" in res.stdout
 
 
