@@ -431,25 +431,29 @@ def routes(services: "Services") -> list[web.RouteDef]:
         events.emit("key.rotated", actor=admin_identity(request), **key_fields(rec), grace_seconds=grace)
         return web.json_response({**rec, "key": key})
 
+    def not_stored(e: BaseException, ids: list[str], logged: str, said: str, which: str, todo: str) -> web.Response:
+        """A revocation the database refused (a full disk, a lock held, an outage): the keys are
+        refused by this process all the same, until it ends; the log and the answer say what was and
+        was not done, and what to do (``todo``)."""
+        for key_id in ids:
+            cache.revoked_here.add(key_id)
+            cache.invalidate(key_id)
+        detail = store_error(e)[0]
+        logging.getLogger("gateway.key_auth").error(
+            "%s could not be stored (%s); this instance refuses %s until it restarts, other instances do not: %s",
+            logged, detail, which, todo)
+        return web.Response(status=503, content_type="application/json", body=error_body(
+            f"{said} could not be stored ({detail}). This instance refuses {which} from now on, until it restarts; "
+            f"other instances and the database do not: {todo}.", "server_error", "revocation_not_stored"))
+
     async def revoke(request: web.Request) -> web.Response:
         key_id = await _key_id(request, store)
         try:
             rec = await store.revoke(key_id) if key_id else None
         except DB_UNAVAILABLE as e:
-            # The database refuses (a full disk, a lock held, an outage): the key is refused by this
-            # process all the same, until it ends; the answer says what was and was not done.
             assert key_id is not None
-            cache.revoked_here.add(key_id)
-            cache.invalidate(key_id)
-            detail = store_error(e)[0]
-            logging.getLogger("gateway.key_auth").error(
-                "key %s: its revocation could not be stored (%s); this instance refuses it until it restarts, "
-                "other instances do not: retry the revoke, or add it to key_auth's deny_keys and reload", key_id,
-                detail)
-            return web.Response(status=503, content_type="application/json", body=error_body(
-                f"The revocation could not be stored ({detail}). This instance refuses the key from now on, "
-                "until it restarts; other instances and the database do not: retry the revoke, or add the key "
-                "id to key_auth's deny_keys and reload every instance.", "server_error", "revocation_not_stored"))
+            return not_stored(e, [key_id], f"key {key_id}: its revocation", "The revocation", "the key",
+                              "retry the revoke, or add the key id to key_auth's deny_keys and reload every instance")
         if rec is None:
             return _not_found(request.match_info["key_id"])
         assert key_id is not None
@@ -477,21 +481,10 @@ def routes(services: "Services") -> list[web.RouteDef]:
                 raise e from None
             if not found:
                 raise
-            for rec in found:
-                cache.revoked_here.add(rec["id"])
-                cache.invalidate(rec["id"])
-            detail = store_error(e)[0]
-            logging.getLogger("gateway.key_auth").error(
-                "%d key(s): their revocation could not be stored (%s); this instance refuses them until it "
-                "restarts, other instances do not: retry the revoke", len(found), detail)
-            return web.Response(status=503, content_type="application/json", body=error_body(
-                f"The revocation of {len(found)} key(s) could not be stored ({detail}). This instance refuses "
-                "them from now on, until it restarts; other instances and the database do not: retry the "
-                "revoke.", "server_error", "revocation_not_stored"))
+            return not_stored(e, [rec["id"] for rec in found], f"{len(found)} key(s): their revocation",
+                              f"The revocation of {len(found)} key(s)", "them", "retry the revoke")
         if not recs:  # (a typo in a name must not look like an offboarding done: as the CLI)
-            which = " and ".join(f"{k} {v!r}" for k, v in (("owner", body.owner), ("team", body.team))
-                                 if v is not None)
-            return _err(404, f"No key of {which} to revoke (none left, or a typo?).", "key_not_found",
+            return _err(404, f"No key of {store.whose(body.owner, body.team)} to revoke (none left, or a typo?).", "key_not_found",
                         "owner" if body.owner is not None else "team")
         if not body.dry_run:
             actor = admin_identity(request)

@@ -460,7 +460,7 @@ async def _revoke_all(args: argparse.Namespace, store: Any, services: Any) -> in
     """``keys revoke --owner X / --team T``: every key not yet revoked, in one statement."""
     from .store import key_fields
 
-    which = " and ".join(f"{k} {v!r}" for k, v in (("owner", args.owner), ("team", args.team)) if v is not None)
+    which = store.whose(args.owner, args.team)
     recs = await store.revoke_all(owner=args.owner, team=args.team, dry_run=args.dry_run)
     if not recs:  # (a typo in a name must not look like an offboarding done)
         return _fail(f"no key of {which} to revoke (none left, or a typo?)")

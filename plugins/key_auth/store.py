@@ -489,6 +489,11 @@ class KeyStore:
         row = await self._change(key_id, apply)
         return public(row) if row is not None else None
 
+    @staticmethod
+    def whose(owner: str | None, team: str | None) -> str:
+        """What revoke_all's filters name, for messages: ``owner 'alice' and team 'red'``."""
+        return " and ".join(f"{k} {v!r}" for k, v in (("owner", owner), ("team", team)) if v is not None)
+
     async def revoke_all(self, *, owner: str | None = None, team: str | None = None,
                          dry_run: bool = False) -> list[dict[str, Any]]:
         """Revoke every key not yet revoked of ``owner`` and/or ``team`` (one of them at least) in one
